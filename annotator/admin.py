@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.db.models import Count
+from django.urls import reverse
+from django.utils.html import format_html
+
+from annotator.models import (
+    Annotation,
+    Dataset,
+    ImportJob,
+    LabelClass,
+    Membership,
+    Project,
+    Scan,
+)
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 1
+    autocomplete_fields = ["user"]
+
+
+class LabelClassInline(admin.TabularInline):
+    model = LabelClass
+    extra = 0
+    fields = ["name", "hotkey", "color", "order", "description"]
+
+
+@admin.register(Project)
+class ProjectAdmin(admin.ModelAdmin):
+    list_display = ["name", "scan_count", "class_count", "query_strategy", "active_model",
+                    "label_studio_project_id", "created_at"]
+    list_filter = ["query_strategy", "created_at"]
+    search_fields = ["name", "description"]
+    inlines = [MembershipInline, LabelClassInline]
+    raw_id_fields = ["active_model", "active_encoder", "created_by"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(
+            _scans=Count("scans", distinct=True), _classes=Count("label_classes", distinct=True)
+        )
+
+    @admin.display(ordering="_scans", description="scans")
+    def scan_count(self, obj):
+        return obj._scans
+
+    @admin.display(ordering="_classes", description="classes")
+    def class_count(self, obj):
+        return obj._classes
+
+
+@admin.register(Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ["user", "project", "role", "created_at"]
+    list_filter = ["role", "project"]
+    search_fields = ["user__username", "user__email", "project__name"]
+    autocomplete_fields = ["user", "project"]
+
+
+@admin.register(Dataset)
+class DatasetAdmin(admin.ModelAdmin):
+    list_display = ["name", "project", "site", "scanner", "modality", "body_part",
+                    "hflip_allowed", "scan_count"]
+    list_filter = ["project", "modality", "body_part", "hflip_allowed"]
+    search_fields = ["name", "site", "scanner", "description"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(_scans=Count("scans"))
+
+    @admin.display(ordering="_scans", description="scans")
+    def scan_count(self, obj):
+        return obj._scans
+
+
+class AnnotationInline(admin.TabularInline):
+    model = Annotation
+    extra = 0
+    fields = ["label_class", "outcome", "reader", "source", "created_at", "shown_model_version",
+              "shown_suggestion", "shown_confidence"]
+    readonly_fields = ["created_at"]
+    raw_id_fields = ["reader", "shown_model_version"]
+
+
+def _thumbnail(scan: Scan, size: int) -> str:
+    url = reverse("annotator:scan_preview", args=[scan.pk])
+    return format_html(
+        '<img src="{}" alt="scan {}" style="max-width:{}px;max-height:{}px;background:#000">',
+        url, scan.pk, size, size,
+    )
+
+
+@admin.register(Scan)
+class ScanAdmin(admin.ModelAdmin):
+    list_display = ["id", "thumbnail", "project", "dataset", "split", "file_format", "modality",
+                    "body_part", "size", "labels", "created_at"]
+    list_filter = ["project", "split", "file_format", "modality", "body_part", "dataset",
+                   "burned_in_annotation"]
+    search_fields = ["=id", "sha256", "source_name", "patient_key", "manufacturer",
+                     "manufacturer_model"]
+    readonly_fields = ["large_preview", "sha256", "file", "preview", "file_format", "width",
+                       "height", "num_frames", "bits_stored", "modality", "manufacturer",
+                       "manufacturer_model", "body_part", "photometric", "pixel_spacing",
+                       "transfer_syntax", "patient_key", "burned_in_annotation", "source_name",
+                       "created_at"]
+    list_select_related = ["project", "dataset"]
+    list_per_page = 50
+    inlines = [AnnotationInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("annotations__label_class")
+
+    @admin.display(description="preview")
+    def thumbnail(self, obj):
+        return _thumbnail(obj, 64)
+
+    @admin.display(description="preview")
+    def large_preview(self, obj):
+        return _thumbnail(obj, 512)
+
+    @admin.display(description="size")
+    def size(self, obj):
+        return f"{obj.width}x{obj.height}" + (f"x{obj.num_frames}" if obj.num_frames > 1 else "")
+
+    @admin.display(description="labels")
+    def labels(self, obj):
+        names = sorted({a.label_class.name for a in obj.annotations.all() if a.label_class})
+        return ", ".join(names) or "—"
+
+
+@admin.register(LabelClass)
+class LabelClassAdmin(admin.ModelAdmin):
+    list_display = ["name", "project", "hotkey", "swatch", "order", "label_count", "created_at"]
+    list_filter = ["project"]
+    search_fields = ["name", "description"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(_labels=Count("annotations"))
+
+    @admin.display(ordering="_labels", description="labels")
+    def label_count(self, obj):
+        return obj._labels
+
+    @admin.display(description="colour")
+    def swatch(self, obj):
+        return format_html(
+            '<span style="display:inline-block;width:1em;height:1em;background:{}"></span> {}',
+            obj.color, obj.color,
+        )
+
+
+@admin.register(Annotation)
+class AnnotationAdmin(admin.ModelAdmin):
+    list_display = ["id", "scan", "label_class", "outcome", "reader", "source", "created_at",
+                    "duration_ms", "shown_model_version", "shown_suggestion", "shown_confidence"]
+    list_filter = ["source", "outcome", "label_class__project", "label_class", "created_at"]
+    search_fields = ["=scan__id", "reader__username", "label_class__name", "external_id", "note"]
+    raw_id_fields = ["scan", "reader", "shown_model_version", "query_round", "import_job"]
+    list_select_related = ["scan", "label_class", "reader", "shown_model_version",
+                           "shown_suggestion"]
+    date_hierarchy = "created_at"
+
+
+@admin.register(ImportJob)
+class ImportJobAdmin(admin.ModelAdmin):
+    list_display = ["id", "project", "status", "dataset_name", "split", "total", "imported",
+                    "duplicates", "failed", "labels_added", "created_by", "created_at"]
+    list_filter = ["status", "project", "split", "source_is_upload"]
+    search_fields = ["source", "dataset_name", "last_error"]
+    readonly_fields = [f.name for f in ImportJob._meta.fields]

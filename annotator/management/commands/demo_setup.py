@@ -1,0 +1,75 @@
+"""Create the demo users and project and import fixtures/ (safe to run again)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+
+from annotator import services
+from annotator.models import Membership, Project
+
+DEMO_PROJECT = "Demo: chest X-ray + brain MRI"
+DATASETS = [
+    # (name, fixture folder, modality, body part, horizontal flips preserve anatomy?)
+    ("PneumoniaMNIST (Guangzhou)", "chest_xray", "CR", "CHEST", False),
+    ("Brain MRI (Bhuvaji et al.)", "brain_mri", "MR", "BRAIN", True),
+]
+
+
+class Command(BaseCommand):
+    help = "Set up the demo: users admin and clinician, a project, and the fixture scans."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--fixtures", default=str(Path(settings.BASE_DIR) / "fixtures"))
+        parser.add_argument("--keep-passwords", action="store_true",
+                            help="do not reset the demo users' passwords")
+
+    def handle(self, *args, **opts):
+        users = self._users(keep=opts["keep_passwords"])
+        project = Project.objects.filter(name=DEMO_PROJECT).first() or services.project_create(
+            name=DEMO_PROJECT,
+            description="Paediatric chest X-ray (PneumoniaMNIST) and brain MRI tumour scans "
+            "from fixtures/. Eval scans are labeled; the pool waits for clinicians.",
+            created_by=users["admin"][0],
+        )
+        services.membership_set(project=project, user=users["clinician"][0],
+                                role=Membership.Role.CLINICIAN)
+        services.membership_set(project=project, user=users["admin"][0],
+                                role=Membership.Role.ADMIN)
+        fixtures = Path(opts["fixtures"])
+        for name, folder, modality, body_part, hflip in DATASETS:
+            services.dataset_get_or_create(project=project, name=name, modality=modality,
+                                           body_part=body_part, hflip_allowed=hflip)
+            # Eval scans carry their labels (ground truth for reports); pool scans are
+            # imported unlabeled so the active-learning loop has work to do.
+            for split, layout in (("eval", "class-folders"), ("pool", "flat")):
+                call_command("import_scans", str(fixtures / folder / split), project=project.name,
+                             dataset=name, split=split, layout=layout, no_progress=True,
+                             stdout=self.stdout, stderr=self.stderr)
+        self.stdout.write("")
+        self.stdout.write(self.style.SUCCESS("Demo ready at http://127.0.0.1:8000/"))
+        for role, (user, password) in users.items():
+            shown = password or "(unchanged)"
+            self.stdout.write(f"  {role:10s} username: {user.username:10s} password: {shown}")
+
+    def _users(self, *, keep: bool):
+        User = get_user_model()
+        result = {}
+        for role, username, superuser in (("admin", "admin", True), ("clinician", "clinician", False)):
+            user, created = User.objects.get_or_create(
+                username=username, defaults={"email": f"{username}@example.org"}
+            )
+            password = None
+            if created or not keep:
+                password = secrets.token_urlsafe(9)
+                user.set_password(password)
+            user.is_staff = superuser
+            user.is_superuser = superuser
+            user.save()
+            result[role] = (user, password)
+        return result

@@ -1,0 +1,101 @@
+"""python manage.py import_scans SOURCE --project NAME [--dataset NAME] [--split pool|eval] [--labels CSV]"""
+
+from __future__ import annotations
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from annotator import services
+from annotator.models import ImportJob, Project
+
+
+class Command(BaseCommand):
+    help = (
+        "Import scans from a folder (DICOM, PNG/JPEG/TIFF, class sub-folders), a CSV "
+        "(filename,label), or a MedMNIST archive (file.npz#split). Re-running is safe: "
+        "files already imported (same content) are counted as duplicates."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("source", help="folder, file, CSV, or file.npz#split")
+        parser.add_argument("--project", required=True, help="project name")
+        parser.add_argument("--create-project", action="store_true",
+                            help="create the project if it does not exist")
+        parser.add_argument("--dataset", default="", help="dataset (site/collection) name; "
+                            "default: the source folder's name")
+        parser.add_argument("--split", default="pool", choices=["pool", "eval"])
+        parser.add_argument("--labels", default="", help="CSV of filename,label")
+        parser.add_argument("--layout", default="auto", choices=["auto", "class-folders", "flat"],
+                            help="auto: sub-folder names are labels when images sit one level "
+                            "down; flat: ignore folder names")
+        parser.add_argument("--reader", default="", help="username recorded on imported labels")
+        parser.add_argument("--no-progress", action="store_true")
+
+    def handle(self, *args, **opts):
+        project = Project.objects.filter(name=opts["project"]).first()
+        if project is None:
+            if not opts["create_project"]:
+                raise CommandError(
+                    f"No project named {opts['project']!r}. Create it in the admin, or pass "
+                    "--create-project."
+                )
+            project = services.project_create(name=opts["project"])
+            self.stdout.write(f"Created project {project.name!r}.")
+        reader = None
+        if opts["reader"]:
+            reader = get_user_model().objects.filter(username=opts["reader"]).first()
+            if reader is None:
+                raise CommandError(f"No user named {opts['reader']!r}.")
+        try:
+            job = services.import_job_create(
+                project=project,
+                source=opts["source"],
+                dataset_name=opts["dataset"],
+                split=opts["split"],
+                layout=opts["layout"],
+                labels_csv=opts["labels"],
+                created_by=reader,
+            )
+        except services.ImportRequestError as exc:
+            raise CommandError(str(exc)) from None
+
+        bar = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if opts["no_progress"]:
+                return
+            if bar is None:
+                bar = tqdm(total=total, unit="scan", desc="Importing", file=self.stderr._out)
+            bar.update(done - bar.n)
+
+        job = services.import_job_run(job_id=job.pk, progress=progress)
+        if bar is not None:
+            bar.close()
+        self._print_summary(job)
+        if job.status == ImportJob.Status.FAILED:
+            raise CommandError(job.last_error or "import failed")
+
+    def _print_summary(self, job: ImportJob) -> None:
+        w = self.stdout.write
+        w(f"Import #{job.pk} into {job.project.name!r}: {job.status}")
+        w(f"  files:       {job.total}")
+        w(f"  imported:    {job.imported}")
+        w(f"  duplicates:  {job.duplicates} (already in the project, same content)")
+        w(f"  failed:      {job.failed}")
+        if job.skipped:
+            w(f"  skipped:     {job.skipped} (not scan files: CSV, text, links)")
+        w(f"  labels:      {job.labels_added} added")
+        if job.classes_created:
+            w(self.style.WARNING(
+                f"  new classes: {', '.join(job.classes_created)} (created from the labels given)"
+            ))
+        for warning in job.warnings[:20]:
+            w(self.style.WARNING(f"  warning: {warning}"))
+        if job.errors:
+            w("  failures:")
+            for error in job.errors[:50]:
+                w(self.style.ERROR(f"    {error['name']}: {error['reason']}"))
+            if len(job.errors) > 50:
+                w(f"    ... and {len(job.errors) - 50} more (see the import in the admin)")

@@ -1,0 +1,338 @@
+"""Projects, datasets, scans, label classes and annotations (the system of record)."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.urls import reverse
+
+
+class Project(models.Model):
+    """A labeling project: its classes, datasets, active model and active-learning settings."""
+
+    class Strategy(models.TextChoices):
+        HYBRID = "hybrid", "Hybrid (uncertainty within diversity)"
+        LEAST_CONFIDENT = "least_confident", "Least confident"
+        MARGIN = "margin", "Margin"
+        ENTROPY = "entropy", "Entropy"
+        DIVERSITY = "diversity", "Diversity (clusters)"
+        RANDOM = "random", "Random"
+
+    name = models.CharField(max_length=200, unique=True)
+    description = models.TextField(blank=True)
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, through="Membership", related_name="projects", blank=True
+    )
+    active_model = models.ForeignKey(
+        "ml_backend.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Classifier whose predictions clinicians are shown.",
+    )
+    active_encoder = models.ForeignKey(
+        "ml_backend.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="SimCLRv2 encoder used for embeddings and the FAISS index.",
+    )
+    query_strategy = models.CharField(
+        max_length=32, choices=Strategy.choices, default=Strategy.HYBRID
+    )
+    query_batch_size = models.PositiveIntegerField(default=20)
+    refit_every = models.PositiveIntegerField(
+        default=5, help_text="Refit the classifier head after this many new labels."
+    )
+    gate_tolerance = models.FloatField(
+        default=0.02,
+        help_text="A new model is promoted only if no class's F1 drops by more than this.",
+    )
+    label_studio_project_id = models.PositiveIntegerField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("annotator:project_detail", args=[self.pk])
+
+    def role_of(self, user) -> str | None:
+        """The user's role in this project, 'admin' for superusers, None for outsiders."""
+        if not user.is_authenticated:
+            return None
+        if user.is_superuser:
+            return Membership.Role.ADMIN
+        membership = self.memberships.filter(user=user).first()
+        return membership.role if membership else None
+
+
+class Membership(models.Model):
+    class Role(models.TextChoices):
+        CLINICIAN = "clinician", "Clinician (labels)"
+        REVIEWER = "reviewer", "Reviewer (adjudicates)"
+        ADMIN = "admin", "Project admin"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.CLINICIAN)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "user"], name="membership_unique_user")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} — {self.role} in {self.project}"
+
+
+class Dataset(models.Model):
+    """Where scans came from: a site, scanner or collection. Drives per-site reports."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=200)
+    site = models.CharField(max_length=200, blank=True)
+    scanner = models.CharField(max_length=200, blank=True)
+    modality = models.CharField(max_length=16, blank=True, help_text="e.g. CR, DX, MR, CT")
+    body_part = models.CharField(max_length=64, blank=True, help_text="e.g. CHEST, BRAIN")
+    hflip_allowed = models.BooleanField(
+        default=False,
+        help_text="Horizontal flips are anatomy-preserving for this data (not for chest X-ray).",
+    )
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["project", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "name"], name="dataset_unique_name")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Split(models.TextChoices):
+    POOL = "pool", "Pool (queried for labels)"
+    EVAL = "eval", "Evaluation (never queried)"
+
+
+class Scan(models.Model):
+    """One image, stored content-addressed by the sha256 of the imported file."""
+
+    class Format(models.TextChoices):
+        DICOM = "dicom", "DICOM"
+        PNG = "png", "PNG"
+        JPEG = "jpeg", "JPEG"
+        TIFF = "tiff", "TIFF"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="scans")
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="scans")
+    sha256 = models.CharField(max_length=64, db_index=True)
+    file = models.FileField(max_length=255, help_text="De-identified stored copy.")
+    preview = models.FileField(max_length=255, help_text="Windowed 8-bit PNG for display.")
+    file_format = models.CharField(max_length=8, choices=Format.choices)
+    source_name = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="Path inside the import source (raster files and archives only; "
+        "never stored for DICOM, whose paths often carry patient names).",
+    )
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    num_frames = models.PositiveIntegerField(default=1)
+    bits_stored = models.PositiveSmallIntegerField(default=8)
+    modality = models.CharField(max_length=16, blank=True)
+    manufacturer = models.CharField(max_length=64, blank=True)
+    manufacturer_model = models.CharField(max_length=64, blank=True)
+    body_part = models.CharField(max_length=64, blank=True)
+    photometric = models.CharField(max_length=32, blank=True)
+    pixel_spacing = models.JSONField(null=True, blank=True, help_text="[row, column] in mm")
+    transfer_syntax = models.CharField(max_length=80, blank=True)
+    patient_key = models.CharField(
+        max_length=32, blank=True, db_index=True, help_text="Salted pseudonym of the patient."
+    )
+    burned_in_annotation = models.BooleanField(default=False)
+    split = models.CharField(max_length=8, choices=Split.choices, default=Split.POOL)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "sha256"], name="scan_unique_content")
+        ]
+        indexes = [models.Index(fields=["project", "split"], name="scan_project_split")]
+
+    def __str__(self) -> str:
+        return f"Scan {self.pk} ({self.file_format}, {self.width}x{self.height})"
+
+    def get_absolute_url(self) -> str:
+        return reverse("annotator:scan_detail", args=[self.pk])
+
+    def is_labeled(self) -> bool:
+        return self.annotations.filter(outcome=Annotation.Outcome.LABEL).exists()
+
+
+class LabelClass(models.Model):
+    """A finding / anomaly type in a project; may be added at any time."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="label_classes")
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True)
+    hotkey = models.CharField(max_length=1, blank=True)
+    color = models.CharField(max_length=7, default="#4c78a8")
+    order = models.PositiveIntegerField(default=0)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["project", "order", "name"]
+        verbose_name_plural = "label classes"
+        constraints = [
+            models.UniqueConstraint(fields=["project", "name"], name="labelclass_unique_name")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Annotation(models.Model):
+    """One reader's answer for one scan, with what the reader was shown."""
+
+    class Outcome(models.TextChoices):
+        LABEL = "label", "Labeled"
+        SKIP = "skip", "Skipped"
+        UNSURE = "unsure", "Unsure"
+
+    class Source(models.TextChoices):
+        WEB = "web", "Web UI"
+        LABEL_STUDIO = "label_studio", "Label Studio"
+        IMPORT = "import", "Import"
+        ADJUDICATION = "adjudication", "Adjudication"
+
+    scan = models.ForeignKey(Scan, on_delete=models.CASCADE, related_name="annotations")
+    label_class = models.ForeignKey(
+        LabelClass, null=True, blank=True, on_delete=models.PROTECT, related_name="annotations"
+    )
+    outcome = models.CharField(max_length=8, choices=Outcome.choices, default=Outcome.LABEL)
+    reader = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="annotations",
+    )
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.WEB)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    # What the reader was shown when answering.
+    shown_model_version = models.ForeignKey(
+        "ml_backend.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    shown_suggestion = models.ForeignKey(
+        LabelClass, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    shown_confidence = models.FloatField(null=True, blank=True)
+    shown_acquisition_score = models.FloatField(null=True, blank=True)
+    query_round = models.ForeignKey(
+        "ml_backend.QueryRound", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    external_id = models.CharField(
+        max_length=64, blank=True, help_text="Label Studio annotation id, for idempotent sync."
+    )
+    import_job = models.ForeignKey(
+        "ImportJob", null=True, blank=True, on_delete=models.SET_NULL, related_name="annotations"
+    )
+    note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(outcome="label", label_class__isnull=False) | ~Q(outcome="label"),
+                name="annotation_label_has_class",
+            ),
+            # An import gives a scan a given label once, however often it is re-run.
+            models.UniqueConstraint(
+                fields=["scan", "label_class"],
+                condition=Q(source="import"),
+                name="annotation_unique_import_label",
+            ),
+            models.UniqueConstraint(
+                fields=["source", "external_id"],
+                condition=~Q(external_id=""),
+                name="annotation_unique_external_id",
+            ),
+        ]
+        indexes = [models.Index(fields=["scan", "outcome"], name="annotation_scan_outcome")]
+
+    def __str__(self) -> str:
+        what = self.label_class.name if self.label_class_id else self.outcome
+        return f"{what} on scan {self.scan_id} by {self.reader or self.source}"
+
+
+class ImportJob(models.Model):
+    """One run of the import service (command or browser upload) and its summary."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="import_jobs")
+    source = models.TextField(help_text="Source spec (folder, CSV, file.npz#split).")
+    source_is_upload = models.BooleanField(
+        default=False, help_text="Uploaded files; deleted once the job has run."
+    )
+    dataset_name = models.CharField(max_length=200, blank=True)
+    split = models.CharField(max_length=8, choices=Split.choices, default=Split.POOL)
+    layout = models.CharField(max_length=16, default="auto")
+    labels_csv = models.TextField(blank=True)
+    default_label = models.CharField(max_length=100, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    total = models.PositiveIntegerField(default=0)
+    processed = models.PositiveIntegerField(default=0)
+    imported = models.PositiveIntegerField(default=0)
+    duplicates = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)
+    labels_added = models.PositiveIntegerField(default=0)
+    classes_created = models.JSONField(default=list, blank=True)
+    errors = models.JSONField(default=list, blank=True, help_text="[{name, reason}] per failed file")
+    warnings = models.JSONField(default=list, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"Import #{self.pk} into {self.project} ({self.status})"
+
+    def get_absolute_url(self) -> str:
+        return reverse("annotator:import_job_detail", args=[self.pk])
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.SUCCEEDED, self.Status.FAILED)

@@ -1,0 +1,70 @@
+"""Reads: what a user may see, and lists for pages."""
+
+from __future__ import annotations
+
+from django.db.models import Count, Q, QuerySet
+from django.http import Http404
+
+from annotator.models import Annotation, ImportJob, LabelClass, Membership, Project, Scan
+
+
+def project_list_for_user(user) -> QuerySet[Project]:
+    projects = Project.objects.all() if user.is_superuser else Project.objects.filter(members=user)
+    return projects.annotate(
+        scan_count=Count("scans", distinct=True),
+    ).order_by("name")
+
+
+def project_get_for_user(user, project_id: int, *, roles: tuple[str, ...] | None = None) -> Project:
+    """The project if ``user`` is a member (with one of ``roles``), else 404.
+
+    Outsiders get 404, not 403, so project ids do not leak.
+    """
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None:
+        raise Http404("No such project.")
+    role = project.role_of(user)
+    if role is None:
+        raise Http404("No such project.")
+    if roles is not None and role not in roles and role != Membership.Role.ADMIN:
+        raise Http404("No such project.")
+    return project
+
+
+def scan_get_for_user(user, scan_id: int) -> Scan:
+    scan = Scan.objects.select_related("project", "dataset").filter(pk=scan_id).first()
+    if scan is None or scan.project.role_of(user) is None:
+        raise Http404("No such scan.")
+    return scan
+
+
+def import_job_get_for_user(user, job_id: int) -> ImportJob:
+    job = ImportJob.objects.select_related("project").filter(pk=job_id).first()
+    if job is None or job.project.role_of(user) is None:
+        raise Http404("No such import.")
+    return job
+
+
+def label_class_counts(project: Project) -> QuerySet[LabelClass]:
+    return project.label_classes.annotate(
+        labels=Count("annotations", filter=Q(annotations__outcome=Annotation.Outcome.LABEL))
+    )
+
+
+def scan_list_for_project(project: Project, *, split: str | None = None) -> QuerySet[Scan]:
+    scans = project.scans.select_related("dataset").prefetch_related("annotations__label_class")
+    if split:
+        scans = scans.filter(split=split)
+    return scans.order_by("id")
+
+
+def project_stats(project: Project) -> dict:
+    scans = project.scans
+    labeled = scans.filter(annotations__outcome=Annotation.Outcome.LABEL).distinct().count()
+    return {
+        "scans": scans.count(),
+        "pool": scans.filter(split="pool").count(),
+        "eval": scans.filter(split="eval").count(),
+        "labeled": labeled,
+        "annotations": Annotation.objects.filter(scan__project=project).count(),
+    }

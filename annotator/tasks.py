@@ -1,0 +1,14 @@
+"""Celery tasks: thin wrappers that load ids and call one service."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from annotator import services
+
+
+@shared_task(name="annotator.tasks.run_import_job", acks_late=True)
+def run_import_job(job_id: int) -> str:
+    """Run an import job; a redelivered message finds the job claimed and does nothing."""
+    job = services.import_job_run(job_id=job_id)
+    return job.status if job is not None else "skipped"

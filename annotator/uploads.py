@@ -1,0 +1,55 @@
+"""Checks and staging for files uploaded through the browser."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
+
+from ml_backend.data.decode import sniff_format
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class Rejection:
+    name: str
+    reason: str
+
+
+def safe_name(name: str) -> str:
+    """A file name with no directories, no traversal and only safe characters."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = _UNSAFE.sub("_", base).lstrip(".")[:120]
+    return base or "upload"
+
+
+def check_upload(upload: UploadedFile) -> str | None:
+    """Reason to refuse ``upload`` before import, or None when it may be a scan."""
+    if upload.size == 0:
+        return "the file is empty (0 bytes)"
+    if upload.size > settings.UPLOAD_MAX_FILE_BYTES:
+        limit_mb = settings.UPLOAD_MAX_FILE_BYTES / 1024 / 1024
+        return f"the file is {upload.size / 1024 / 1024:.1f} MB; the limit is {limit_mb:.0f} MB"
+    upload.seek(0)
+    head = upload.read(4096)
+    upload.seek(0)
+    if sniff_format(head, safe_name(upload.name or "")) is None:
+        return "not a DICOM, PNG, JPEG or TIFF file (checked its content, not its name)"
+    return None
+
+
+def stage_uploads(uploads: list[UploadedFile]) -> Path:
+    """Copy accepted uploads into a fresh folder under INCOMING_ROOT; return the folder."""
+    folder = Path(settings.INCOMING_ROOT) / uuid.uuid4().hex
+    folder.mkdir(parents=True, exist_ok=False)
+    for index, upload in enumerate(uploads):
+        target = folder / f"{index:04d}_{safe_name(upload.name or 'upload')}"
+        with open(target, "wb") as handle:
+            for chunk in upload.chunks():
+                handle.write(chunk)
+    return folder

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import shutil
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.db import transaction
+from django.http import FileResponse, Http404
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods
+
+from annotator import selectors, services
+from annotator.forms import UploadForm
+from annotator.models import Scan
+from annotator.storage import media_path
+from annotator.tasks import run_import_job
+from annotator.uploads import Rejection, check_upload, stage_uploads
+
+
+@login_required
+def project_list(request):
+    projects = selectors.project_list_for_user(request.user)
+    return render(request, "annotator/project_list.html", {"projects": projects})
+
+
+@login_required
+def project_detail(request, project_id: int):
+    project = selectors.project_get_for_user(request.user, project_id)
+    split = request.GET.get("split") or None
+    if split not in (None, "pool", "eval"):
+        split = None
+    page = Paginator(selectors.scan_list_for_project(project, split=split), 48).get_page(
+        request.GET.get("page")
+    )
+    return render(request, "annotator/project_detail.html", {
+        "project": project,
+        "stats": selectors.project_stats(project),
+        "classes": selectors.label_class_counts(project),
+        "datasets": project.datasets.all(),
+        "jobs": project.import_jobs.all()[:5],
+        "page": page,
+        "split": split,
+        "role": project.role_of(request.user),
+    })
+
+
+@login_required
+def scan_detail(request, scan_id: int):
+    scan = selectors.scan_get_for_user(request.user, scan_id)
+    annotations = scan.annotations.select_related("label_class", "reader")
+    return render(request, "annotator/scan_detail.html", {"scan": scan, "annotations": annotations})
+
+
+@login_required
+def scan_preview(request, scan_id: int):
+    scan = selectors.scan_get_for_user(request.user, scan_id)
+    try:
+        handle = open(media_path(scan.preview.name), "rb")
+    except (OSError, ValueError):
+        raise Http404("The preview file is missing.") from None
+    response = FileResponse(handle, content_type="image/png")
+    response["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def upload(request, project_id: int):
+    project = selectors.project_get_for_user(request.user, project_id)
+    classes = list(project.label_classes.all())
+    if request.method == "GET":
+        form = UploadForm(label_classes=classes)
+        return render(request, "annotator/upload.html", {"project": project, "form": form})
+
+    form = UploadForm(request.POST, request.FILES, label_classes=classes)
+    rejected: list[Rejection] = []
+    if form.is_valid():
+        accepted = []
+        for upload_file in form.cleaned_data["files"]:
+            reason = check_upload(upload_file)
+            if reason:
+                rejected.append(Rejection(upload_file.name, reason))
+            else:
+                accepted.append(upload_file)
+        if accepted:
+            folder = stage_uploads(accepted)
+            try:
+                with transaction.atomic():
+                    job = services.import_job_create(
+                        project=project,
+                        source=str(folder),
+                        source_is_upload=True,
+                        dataset_name=form.cleaned_data["dataset"],
+                        split=form.cleaned_data["split"],
+                        layout="flat",
+                        default_label=form.cleaned_data["label"] or "",
+                        created_by=request.user,
+                    )
+                    transaction.on_commit(lambda: run_import_job.delay(job.pk))
+            except Exception:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            for item in rejected:
+                messages.error(request, f"{item.name}: {item.reason}")
+            return redirect(job)
+        form.add_error("files", "None of the files can be imported.")
+    status = 400
+    return render(
+        request,
+        "annotator/upload.html",
+        {"project": project, "form": form, "rejected": rejected},
+        status=status,
+    )
+
+
+@login_required
+def import_job_detail(request, job_id: int):
+    job = selectors.import_job_get_for_user(request.user, job_id)
+    return render(request, "annotator/import_job.html", {"job": job, "project": job.project})

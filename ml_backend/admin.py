@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from django.contrib import admin
+
+from ml_backend.models import (
+    Evaluation,
+    ModelVersion,
+    Prediction,
+    QueryItem,
+    QueryRound,
+    TrainingRun,
+)
+
+
+@admin.register(ModelVersion)
+class ModelVersionAdmin(admin.ModelAdmin):
+    list_display = ["version", "project", "kind", "status", "parent", "num_labels", "created_at",
+                    "promoted_at"]
+    list_filter = ["project", "kind", "status"]
+    search_fields = ["version", "status_reason", "artifact_dir"]
+    raw_id_fields = ["parent"]
+
+
+@admin.register(TrainingRun)
+class TrainingRunAdmin(admin.ModelAdmin):
+    list_display = ["id", "project", "kind", "status", "progress", "model_version", "claimed_by",
+                    "created_at", "finished_at"]
+    list_filter = ["project", "kind", "status"]
+    search_fields = ["log", "last_error", "claimed_by"]
+    raw_id_fields = ["model_version", "requested_by"]
+
+
+@admin.register(Prediction)
+class PredictionAdmin(admin.ModelAdmin):
+    list_display = ["id", "scan", "model_version", "predicted_class", "confidence", "uncertainty",
+                    "created_at"]
+    list_filter = ["model_version__project", "model_version", "predicted_class"]
+    search_fields = ["=scan__id", "model_version__version"]
+    raw_id_fields = ["scan", "model_version", "predicted_class"]
+    list_select_related = ["scan", "model_version", "predicted_class"]
+
+
+class QueryItemInline(admin.TabularInline):
+    model = QueryItem
+    extra = 0
+    raw_id_fields = ["scan"]
+
+
+@admin.register(QueryRound)
+class QueryRoundAdmin(admin.ModelAdmin):
+    list_display = ["id", "project", "strategy", "size", "model_version", "created_by",
+                    "created_at"]
+    list_filter = ["project", "strategy"]
+    search_fields = ["strategy", "model_version__version"]
+    raw_id_fields = ["model_version", "created_by"]
+    inlines = [QueryItemInline]
+
+
+@admin.register(QueryItem)
+class QueryItemAdmin(admin.ModelAdmin):
+    list_display = ["id", "query_round", "rank", "scan", "score"]
+    list_filter = ["query_round__project"]
+    search_fields = ["=scan__id", "=query_round__id"]
+    raw_id_fields = ["query_round", "scan"]
+
+
+@admin.register(Evaluation)
+class EvaluationAdmin(admin.ModelAdmin):
+    list_display = ["id", "model_version", "num_labels", "num_eval", "accuracy", "macro_f1",
+                    "macro_auc", "cohen_kappa", "ece", "created_at"]
+    list_filter = ["model_version__project"]
+    search_fields = ["model_version__version"]
+    raw_id_fields = ["model_version"]

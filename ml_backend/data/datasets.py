@@ -1,0 +1,289 @@
+"""Readers for the places scans come from. Pure: no Django.
+
+A *source spec* is one of:
+
+- a folder: every file below it (any depth). DICOM files (``.dcm`` or no
+  extension, found by content) are never labelled from folder names. PNG / JPEG
+  / TIFF files one level below the folder, when the folder has no images of its
+  own, take the sub-folder's name as their label ("class folders", as in
+  ``brain_mri/Training/<class>/``); ``layout="flat"`` turns that off.
+- a CSV file with ``filename,label`` rows, paths relative to the CSV.
+- ``file.npz#split``: a MedMNIST archive (``<split>_images`` and ``<split>_labels``).
+- a single image or DICOM file.
+
+``labels_csv`` (``filename,label``) adds or overrides labels for a folder;
+rows match a file's path relative to the folder, or its bare name when that
+is unique.
+
+The same readers serve ``manage.py import_scans`` and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ml_backend.data.decode import DICOM_EXTENSIONS, RASTER_EXTENSIONS
+
+__all__ = ["SourceError", "SourceItem", "SourceListing", "read_source", "MEDMNIST_CLASSES"]
+
+
+class SourceError(Exception):
+    """The source as a whole cannot be read (missing path, bad CSV, unknown split)."""
+
+
+# Class names of MedMNIST v2 single-label sets, by label index (from the
+# MedMNIST v2 paper's INFO table); other archives get class_0, class_1, ...
+MEDMNIST_CLASSES: dict[str, list[str]] = {
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "breastmnist": ["malignant", "normal_or_benign"],
+}
+
+SCAN_EXTENSIONS = DICOM_EXTENSIONS | RASTER_EXTENSIONS
+# Files that commonly sit beside scans and are not scans: skipped, not failed.
+_SIDECAR_EXTENSIONS = {".csv", ".txt", ".md", ".json", ".xml", ".html", ".pdf", ".db", ".ini"}
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One file-to-be-scan. ``load()`` reads its bytes lazily."""
+
+    name: str
+    label: str | None
+    load: Callable[[], bytes] = field(repr=False, compare=False)
+    digest_hint: str | None = field(default=None, compare=False)
+
+
+@dataclass
+class SourceListing:
+    items: list[SourceItem]
+    skipped: list[str] = field(default_factory=list)
+    unmatched_label_rows: list[str] = field(default_factory=list)
+    layout: str = "flat"
+    default_dataset_name: str = ""
+
+
+def read_source(
+    spec: str | os.PathLike,
+    *,
+    labels_csv: str | os.PathLike | None = None,
+    layout: str = "auto",
+    class_names: list[str] | None = None,
+) -> SourceListing:
+    """List the items of a source spec (see module docstring)."""
+    if layout not in ("auto", "class-folders", "flat"):
+        raise SourceError(f"unknown layout {layout!r}: use auto, class-folders or flat")
+    text = os.fspath(spec)
+    if "#" in text and text.split("#", 1)[0].lower().endswith(".npz"):
+        path, split = text.split("#", 1)
+        return _read_npz(Path(path), split, class_names=class_names)
+    path = Path(text)
+    if path.suffix.lower() == ".npz":
+        raise SourceError(f"{path.name}: name the split to import, e.g. {path.name}#train")
+    if not path.exists():
+        raise SourceError(f"{text}: no such file or folder")
+    if path.is_dir():
+        listing = _read_folder(path, layout=layout)
+    elif path.suffix.lower() == ".csv":
+        listing = _read_csv_source(path)
+    else:
+        listing = SourceListing(
+            items=[SourceItem(name=path.name, label=None, load=path.read_bytes)],
+            default_dataset_name=path.parent.name or "import",
+        )
+    if labels_csv is not None:
+        _apply_labels_csv(listing, Path(labels_csv))
+    return listing
+
+
+def _read_folder(root: Path, *, layout: str) -> SourceListing:
+    files: list[Path] = []
+    skipped: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            if filename.startswith("."):
+                continue
+            full = Path(dirpath) / filename
+            if full.is_symlink() or not full.is_file():
+                skipped.append(_rel(full, root))
+                continue
+            ext = full.suffix.lower() if "." in filename.lstrip(".") else ""
+            if ext in _SIDECAR_EXTENSIONS:
+                skipped.append(_rel(full, root))
+                continue
+            files.append(full)
+
+    def is_raster(p: Path) -> bool:
+        return p.suffix.lower() in RASTER_EXTENSIONS
+
+    top_level_images = any(p.parent == root and is_raster(p) for p in files)
+    class_folders = layout == "class-folders" or (
+        layout == "auto"
+        and not top_level_images
+        and any(p.parent.parent == root and is_raster(p) for p in files)
+    )
+    items = []
+    for p in files:
+        label = None
+        if class_folders and is_raster(p) and p.parent.parent == root:
+            label = p.parent.name
+        items.append(SourceItem(name=_rel(p, root), label=label, load=p.read_bytes))
+    if not items and not skipped:
+        raise SourceError(f"{root}: the folder holds no files")
+    return SourceListing(
+        items=items,
+        skipped=skipped,
+        layout="class-folders" if class_folders else "flat",
+        default_dataset_name=root.name,
+    )
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _read_label_rows(csv_path: Path) -> list[tuple[str, str]]:
+    if not csv_path.is_file():
+        raise SourceError(f"{csv_path}: labels CSV not found")
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise SourceError(f"{csv_path}: labels CSV is not UTF-8 text") from None
+    rows = []
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) < 2:
+            raise SourceError(f"{csv_path.name} line {number}: expected 'filename,label'")
+        filename, label = row[0].strip(), row[1].strip()
+        if number == 1 and filename.lower() in ("filename", "file", "path", "image"):
+            continue  # header
+        if not filename:
+            raise SourceError(f"{csv_path.name} line {number}: empty filename")
+        rows.append((filename.replace("\\", "/"), label))
+    if not rows:
+        raise SourceError(f"{csv_path}: labels CSV has no rows")
+    return rows
+
+
+def _read_csv_source(csv_path: Path) -> SourceListing:
+    base = csv_path.parent
+    items = []
+    for filename, label in _read_label_rows(csv_path):
+        target = (base / filename).resolve()
+        if base.resolve() not in target.parents:
+            raise SourceError(f"{csv_path.name}: {filename!r} points outside the CSV's folder")
+        items.append(
+            SourceItem(name=filename, label=label or None, load=_reader(target, filename))
+        )
+    return SourceListing(items=items, default_dataset_name=csv_path.stem)
+
+
+def _reader(path: Path, name: str) -> Callable[[], bytes]:
+    def load() -> bytes:
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: listed in the CSV but not found")
+        return path.read_bytes()
+
+    return load
+
+
+def _apply_labels_csv(listing: SourceListing, csv_path: Path) -> None:
+    rows = _read_label_rows(csv_path)
+    by_name = {item.name: i for i, item in enumerate(listing.items)}
+    by_base: dict[str, list[int]] = {}
+    for i, item in enumerate(listing.items):
+        by_base.setdefault(item.name.rsplit("/", 1)[-1], []).append(i)
+    for filename, label in rows:
+        index = by_name.get(filename)
+        if index is None:
+            candidates = by_base.get(filename.rsplit("/", 1)[-1], [])
+            index = candidates[0] if len(candidates) == 1 else None
+        if index is None:
+            listing.unmatched_label_rows.append(filename)
+            continue
+        item = listing.items[index]
+        listing.items[index] = SourceItem(
+            name=item.name, label=label or None, load=item.load, digest_hint=item.digest_hint
+        )
+
+
+def _read_npz(path: Path, split: str, *, class_names: list[str] | None) -> SourceListing:
+    if not path.is_file():
+        raise SourceError(f"{path}: no such file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{path.name}: not a readable .npz archive ({exc})") from None
+    splits = sorted(k[: -len("_images")] for k in archive.files if k.endswith("_images"))
+    if f"{split}_images" not in archive.files:
+        raise SourceError(
+            f"{path.name}: no split {split!r}; it has {', '.join(splits) or 'no *_images arrays'}"
+        )
+    images = archive[f"{split}_images"]
+    labels = archive[f"{split}_labels"] if f"{split}_labels" in archive.files else None
+    if images.ndim not in (3, 4):
+        raise SourceError(f"{path.name}: {split}_images has shape {images.shape}, expected (N, H, W)")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim == 2 and labels.shape[1] != 1:
+            raise SourceError(
+                f"{path.name}: {split}_labels is multi-label {labels.shape}; "
+                "import it without labels or as one CSV per finding"
+            )
+        labels = labels.reshape(-1)
+        if len(labels) != len(images):
+            raise SourceError(f"{path.name}: {len(images)} images but {len(labels)} labels")
+    stem = path.stem.lower()
+    names = class_names or MEDMNIST_CLASSES.get(stem)
+
+    def label_name(value: int) -> str:
+        if names is not None and 0 <= value < len(names):
+            return names[value]
+        return f"class_{value}"
+
+    width = len(str(len(images)))
+    items = []
+    for index in range(len(images)):
+        array = images[index]
+        digest = hashlib.sha256(
+            f"{array.dtype.str}{array.shape}".encode() + np.ascontiguousarray(array).tobytes()
+        ).hexdigest()
+        items.append(
+            SourceItem(
+                name=f"{path.name}#{split}/{index:0{width}d}",
+                label=label_name(int(labels[index])) if labels is not None else None,
+                load=_png_encoder(array),
+                digest_hint=digest,
+            )
+        )
+    return SourceListing(items=items, default_dataset_name=f"{path.stem}-{split}")
+
+
+def _png_encoder(array: np.ndarray) -> Callable[[], bytes]:
+    def load() -> bytes:
+        from PIL import Image
+
+        data = array
+        if data.dtype != np.uint8:
+            data = np.clip(data, 0, 255).astype(np.uint8)
+        image = Image.fromarray(data if data.ndim == 2 else data[..., :3])
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    return load
+
+
+def iter_arrays(listing: SourceListing) -> Iterator[tuple[SourceItem, bytes]]:
+    """Yield ``(item, bytes)``; convenience for benchmarks."""
+    for item in listing.items:
+        yield item, item.load()
