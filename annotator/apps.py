@@ -1,3 +1,5 @@
+import logging
+
 from django.apps import AppConfig
 
 
@@ -5,3 +7,10 @@ class AnnotatorConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "annotator"
     verbose_name = "Annotation"
+
+    def ready(self) -> None:
+        # pydicom resets its logger to WARNING on import and its warnings can quote
+        # element values (names, dates): keep only errors, which carry no values.
+        import pydicom  # noqa: F401
+
+        logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.base import PASSWORD, REPO
+
+
+@pytest.fixture(autouse=True)
+def isolated_storage(settings, tmp_path):
+    """Every test gets its own MEDIA_ROOT, INCOMING_ROOT and ARTIFACTS_ROOT."""
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.INCOMING_ROOT = tmp_path / "incoming"
+    settings.ARTIFACTS_ROOT = tmp_path / "artifacts"
+    for path in (settings.MEDIA_ROOT, settings.INCOMING_ROOT, settings.ARTIFACTS_ROOT):
+        path.mkdir(parents=True)
+    return tmp_path
+
+
+@pytest.fixture
+def users(db, django_user_model):
+    make = django_user_model.objects.create_user
+    return {
+        "alice": make("alice", "alice@example.org", PASSWORD),
+        "bob": make("bob", "bob@example.org", PASSWORD),
+        "charlie": make("charlie", "charlie@example.org", PASSWORD),
+        "dora": django_user_model.objects.create_superuser("dora", "dora@example.org", PASSWORD),
+    }
+
+
+@pytest.fixture
+def project(users):
+    from annotator import services
+    from annotator.models import Membership
+
+    project = services.project_create(name="Chest and brain", created_by=users["dora"])
+    services.membership_set(project=project, user=users["alice"], role=Membership.Role.CLINICIAN)
+    services.membership_set(project=project, user=users["bob"], role=Membership.Role.REVIEWER)
+    return project
+
+
+@pytest.fixture
+def other_project(users):
+    from annotator import services
+
+    return services.project_create(name="Someone else's project", created_by=None)
+
+
+def run_import(project, source, **kwargs):
+    """Create and run an import job synchronously; return the finished job."""
+    from annotator import services
+
+    job = services.import_job_create(project=project, source=str(source), **kwargs)
+    return services.import_job_run(job_id=job.pk)
+
+
+@pytest.fixture
+def celery_worker_process(transactional_db, settings, tmp_path):
+    """A real Celery worker process (solo pool) on the configured broker and test database.
+
+    Only meaningful with CELERY_BROKER_URL set (CI's PostgreSQL + Redis pass); on the
+    default SQLite run the test database is in memory and tasks run eagerly instead.
+    """
+    from django.db import connection
+
+    broker = os.environ.get("CELERY_BROKER_URL")
+    if not broker:
+        pytest.skip("no CELERY_BROKER_URL: tasks run eagerly (the CI PostgreSQL+Redis pass runs this)")
+    db = connection.settings_dict
+    if db["ENGINE"] != "django.db.backends.postgresql":
+        pytest.fail("a real worker needs a database both processes can open (PostgreSQL)")
+    database_url = (f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:"
+                    f"{db['PORT'] or 5432}/{db['NAME']}")
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "CELERY_BROKER_URL": broker,
+        "MEDIA_ROOT": str(settings.MEDIA_ROOT),
+        "INCOMING_ROOT": str(settings.INCOMING_ROOT),
+        "ARTIFACTS_ROOT": str(settings.ARTIFACTS_ROOT),
+        "DEID_SALT": settings.DEID_SALT,
+    }
+    queue = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    log = tmp_path / "worker.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "medsite", "worker", "--pool", "solo",
+         "--concurrency", "1", "-Q", queue, "--without-gossip", "--without-mingle",
+         "--without-heartbeat", "-n", f"{queue}@%h", "--loglevel", "INFO"],
+        cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"celery worker exited early:\n{log.read_text()[-3000:]}")
+        if "ready." in log.read_text():
+            break
+        time.sleep(0.3)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"celery worker did not become ready:\n{log.read_text()[-3000:]}")
+    settings.CELERY_TASK_ROUTES = {"annotator.tasks.*": {"queue": queue}}
+    from medsite.celery import app
+
+    app.conf.task_routes = {"annotator.tasks.*": {"queue": queue}}
+    app.conf.task_always_eager = False
+    try:
+        yield {"process": process, "log": log, "queue": queue}
+    finally:
+        app.conf.task_routes = {"annotator.tasks.*": {"queue": "default"}}
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
