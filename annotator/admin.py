@@ -84,6 +84,8 @@ class AnnotationInline(admin.TabularInline):
 
 
 def _thumbnail(scan: Scan, size: int) -> str:
+    if scan.pk is None:
+        return "—"
     url = reverse("annotator:scan_preview", args=[scan.pk])
     return format_html(
         '<img src="{}" alt="scan {}" style="max-width:{}px;max-height:{}px;background:#000">',
@@ -110,6 +112,10 @@ class ScanAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("annotations__label_class")
+
+    def has_add_permission(self, request):
+        # Scans enter through import (command or upload page), which de-identifies them.
+        return False
 
     @admin.display(description="preview")
     def thumbnail(self, obj):
@@ -169,3 +175,6 @@ class ImportJobAdmin(admin.ModelAdmin):
     list_filter = ["status", "project", "split", "source_is_upload"]
     search_fields = ["source", "dataset_name", "last_error"]
     readonly_fields = [f.name for f in ImportJob._meta.fields]
+
+    def has_add_permission(self, request):
+        return False

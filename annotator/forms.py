@@ -11,7 +11,13 @@ class MultipleFileInput(forms.ClearableFileInput):
 
 
 class MultipleFileField(forms.FileField):
+    """Several files; per-file checks (empty, size, type) happen in annotator.uploads."""
+
     widget = MultipleFileInput
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_empty_file", True)
+        super().__init__(*args, **kwargs)
 
     def clean(self, data, initial=None):
         single = super().clean

@@ -10,7 +10,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 
-from ml_backend.data.decode import sniff_format
+from ml_backend.data.decode import probe_raw_dicom, sniff_format
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -38,7 +38,12 @@ def check_upload(upload: UploadedFile) -> str | None:
     upload.seek(0)
     head = upload.read(4096)
     upload.seek(0)
-    if sniff_format(head, safe_name(upload.name or "")) is None:
+    kind = sniff_format(head, safe_name(upload.name or ""))
+    if kind == "dicom?":  # no 'DICM' header: accept only if it parses as an image dataset
+        data = upload.read()
+        upload.seek(0)
+        kind = "dicom" if probe_raw_dicom(data) else None
+    if kind is None:
         return "not a DICOM, PNG, JPEG or TIFF file (checked its content, not its name)"
     return None
 

@@ -105,17 +105,29 @@ def celery_worker_process(transactional_db, settings, tmp_path):
     else:
         os.killpg(process.pid, signal.SIGKILL)
         pytest.fail(f"celery worker did not become ready:\n{log.read_text()[-3000:]}")
-    settings.CELERY_TASK_ROUTES = {"annotator.tasks.*": {"queue": queue}}
     from medsite.celery import app
 
-    app.conf.task_routes = {"annotator.tasks.*": {"queue": queue}}
     app.conf.task_always_eager = False
     try:
         yield {"process": process, "log": log, "queue": queue}
     finally:
-        app.conf.task_routes = {"annotator.tasks.*": {"queue": "default"}}
+        app.conf.task_always_eager = True
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def eager_tasks():
+    """Tasks run in-process unless a test asks for ``celery_worker_process``."""
+    from medsite.celery import app
+
+    app.conf.task_always_eager = True
+    yield

@@ -43,6 +43,7 @@ __all__ = [
     "decode_scan",
     "render_preview",
     "sniff_format",
+    "probe_raw_dicom",
     "KEEP_KEYWORDS",
     "PHI_KEYWORDS",
 ]
@@ -95,6 +96,19 @@ def sniff_format(data: bytes, name: str = "") -> str | None:
         # Preamble-less ("raw") datasets exist in the wild; pydicom decides.
         return "dicom" if _looks_like_raw_dicom(data) else "dicom?"
     return None
+
+
+def probe_raw_dicom(data: bytes) -> bool:
+    """Whether header-less bytes parse as a DICOM dataset with image attributes."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+            return "Rows" in ds and "Columns" in ds
+    except Exception:  # any parse failure means "no"
+        return False
 
 
 def _extension(name: str) -> str:

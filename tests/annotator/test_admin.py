@@ -1,0 +1,69 @@
+"""Every model is in the admin, and its list, add and change pages load."""
+
+from __future__ import annotations
+
+from django.apps import apps
+from django.contrib import admin
+from django.urls import reverse
+
+from annotator.models import Annotation, Scan
+from ml_backend.models import Evaluation, ModelVersion, Prediction, QueryItem, QueryRound, TrainingRun
+from tests.base import FIXTURES, PASSWORD
+from tests.conftest import run_import
+
+
+def make_ml_rows(project, scan, label_class):
+    encoder = ModelVersion.objects.create(project=project, kind="encoder", version="enc-1",
+                                          status="active", config={"arch": "resnet18"})
+    model = ModelVersion.objects.create(project=project, kind="classifier", version="clf-1",
+                                        parent=encoder, status="active", num_labels=40)
+    TrainingRun.objects.create(project=project, kind="refit", status="succeeded", model_version=model)
+    Prediction.objects.create(scan=scan, model_version=model, probabilities={str(label_class.pk): 0.9},
+                              predicted_class=label_class, confidence=0.9, uncertainty=0.1)
+    round_ = QueryRound.objects.create(project=project, model_version=model, strategy="hybrid", size=1)
+    QueryItem.objects.create(query_round=round_, scan=scan, rank=1, score=0.5,
+                             reason={"uncertainty": 0.5})
+    Evaluation.objects.create(model_version=model, num_labels=40, num_eval=40, macro_f1=0.8,
+                              report={"per_class": {}})
+
+
+def test_every_model_is_registered():
+    for app_label in ("annotator", "ml_backend"):
+        for model in apps.get_app_config(app_label).get_models():
+            assert admin.site.is_registered(model), model
+
+
+def test_admin_pages_load_for_every_model(client, users, project):
+    run_import(project, FIXTURES / "chest_xray" / "eval" , split="eval")
+    scan = Scan.objects.first()
+    make_ml_rows(project, scan, Annotation.objects.first().label_class)
+    assert client.login(username="dora", password=PASSWORD)
+    for app_label in ("annotator", "ml_backend"):
+        for model in apps.get_app_config(app_label).get_models():
+            info = (model._meta.app_label, model._meta.model_name)
+            changelist = reverse("admin:%s_%s_changelist" % info)
+            assert client.get(changelist).status_code == 200, changelist
+            assert client.get(changelist, {"q": "a"}).status_code == 200, changelist
+            obj = model.objects.first()
+            assert obj is not None, model
+            change = reverse("admin:%s_%s_change" % info, args=[obj.pk])
+            assert client.get(change).status_code == 200, change
+            if admin.site._registry[model].has_add_permission(_request(users["dora"])):
+                add = reverse("admin:%s_%s_add" % info)
+                assert client.get(add).status_code == 200, add
+    page = client.get(reverse("admin:annotator_scan_changelist")).content.decode()
+    assert reverse("annotator:scan_preview", args=[scan.pk]) in page
+
+
+def test_admin_is_closed_to_clinicians(client, users):
+    assert client.login(username="alice", password=PASSWORD)
+    response = client.get(reverse("admin:annotator_scan_changelist"))
+    assert response.status_code == 302
+
+
+def _request(user):
+    from django.test import RequestFactory
+
+    request = RequestFactory().get("/")
+    request.user = user
+    return request

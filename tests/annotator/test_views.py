@@ -1,0 +1,159 @@
+"""Pages: login required, membership enforced (404 for outsiders), upload checks."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.urls import reverse
+
+from annotator.models import ImportJob, Scan
+from tests.base import FIXTURES, PASSWORD, png_bytes, png_header_only, pydicom_test_files
+from tests.conftest import run_import
+
+
+@pytest.fixture
+def scan(project):
+    run_import(project, FIXTURES / "chest_xray" / "eval" / "normal", layout="flat")
+    return Scan.objects.filter(project=project).first()
+
+
+@pytest.fixture
+def job(project, scan):
+    return ImportJob.objects.filter(project=project).first()
+
+
+def urls_for(project, scan, job):
+    return [
+        reverse("annotator:project_list"),
+        reverse("annotator:project_detail", args=[project.pk]),
+        reverse("annotator:upload", args=[project.pk]),
+        reverse("annotator:scan_detail", args=[scan.pk]),
+        reverse("annotator:scan_preview", args=[scan.pk]),
+        reverse("annotator:import_job_detail", args=[job.pk]),
+    ]
+
+
+def login(client, user):
+    assert client.login(username=user.username, password=PASSWORD)
+
+
+def test_every_page_requires_login(client, project, scan, job):
+    for url in urls_for(project, scan, job):
+        response = client.get(url)
+        assert response.status_code == 302, url
+        assert response["Location"].startswith(reverse("login")), url
+
+
+def test_outsider_gets_404_for_another_projects_objects(client, users, project, scan, job):
+    login(client, users["charlie"])
+    for url in urls_for(project, scan, job)[1:]:
+        assert client.get(url).status_code == 404, url
+    assert project.name not in client.get(reverse("annotator:project_list")).content.decode()
+
+
+def test_member_sees_project_scans_and_previews(client, users, project, scan, job):
+    login(client, users["alice"])
+    for url in urls_for(project, scan, job):
+        assert client.get(url).status_code == 200, url
+    page = client.get(reverse("annotator:project_detail", args=[project.pk])).content.decode()
+    assert reverse("annotator:scan_preview", args=[scan.pk]) in page
+    preview = client.get(reverse("annotator:scan_preview", args=[scan.pk]))
+    assert preview["Content-Type"] == "image/png"
+    assert b"".join(preview.streaming_content).startswith(b"\x89PNG")
+
+
+def test_media_is_not_served_from_a_public_path(client, users, scan):
+    login(client, users["alice"])
+    assert client.get(f"/media/{scan.preview.name}").status_code == 404
+    assert client.get(f"/media-not-public/{scan.preview.name}").status_code == 404
+
+
+def upload(client, project, files, **data):
+    payload = {"dataset": "ward 3 portable", "split": "pool", "label": "", **data,
+               "files": [io.BytesIO(content) for _, content in files]}
+    for handle, (name, _) in zip(payload["files"], files):
+        handle.name = name
+    return client.post(reverse("annotator:upload", args=[project.pk]), payload)
+
+
+def test_upload_imports_dicom_and_png(client, users, project, settings,
+                                      django_capture_on_commit_callbacks):
+    login(client, users["alice"])
+    ct = {p.name: p for p in pydicom_test_files()}["CT_small.dcm"].read_bytes()
+    with django_capture_on_commit_callbacks(execute=True):
+        response = upload(client, project, [("ct.dcm", ct), ("xray.png", png_bytes(seed=5))])
+    assert response.status_code == 302
+    job = ImportJob.objects.get(project=project)
+    assert response["Location"] == job.get_absolute_url()
+    job.refresh_from_db()
+    assert (job.status, job.imported, job.failed) == ("succeeded", 2, 0)
+    assert job.created_by == users["alice"]
+    assert Scan.objects.filter(project=project, dataset__name="ward 3 portable").count() == 2
+    assert list(settings.INCOMING_ROOT.iterdir()) == []   # raw uploads deleted after import
+    page = client.get(job.get_absolute_url()).content.decode()
+    assert "Succeeded" in page and "2</b> imported" in page
+
+
+def test_upload_with_label_records_it(client, users, project, django_capture_on_commit_callbacks):
+    run_import(project, FIXTURES / "chest_xray" / "eval")  # creates normal / pneumonia
+    login(client, users["alice"])
+    with django_capture_on_commit_callbacks(execute=True):
+        upload(client, project, [("a.png", png_bytes(seed=21))], label="pneumonia")
+    scan = Scan.objects.get(project=project, dataset__name="ward 3 portable")
+    annotation = scan.annotations.get()
+    assert annotation.label_class.name == "pneumonia" and annotation.reader == users["alice"]
+
+
+def test_upload_rejects_bad_files_cleanly(client, users, project, settings):
+    login(client, users["alice"])
+    settings.UPLOAD_MAX_FILE_BYTES = 10_000
+    response = upload(client, project, [
+        ("letter.dcm", b"Dear colleague, this is not DICOM at all." * 5),
+        ("empty.png", b""),
+        ("big.png", png_bytes(size=200, seed=1)),
+        ("photo.gif", b"GIF89a" + b"\x00" * 100),
+    ])
+    assert response.status_code == 400
+    text = response.content.decode()
+    assert "not a DICOM, PNG, JPEG or TIFF file" in text
+    assert "the file is empty" in text
+    assert "the limit is" in text
+    assert "None of the files can be imported" in text
+    assert Scan.objects.count() == 0 and ImportJob.objects.count() == 0
+
+
+def test_upload_mixed_imports_good_and_lists_bad(client, users, project,
+                                                 django_capture_on_commit_callbacks):
+    login(client, users["alice"])
+    with django_capture_on_commit_callbacks(execute=True):
+        response = upload(client, project, [
+            ("../../../etc/evil name.png", png_bytes(seed=9)),
+            ("notes.txt", b"hello"),
+            ("bomb.png", png_header_only(50_000, 50_000)),
+        ])
+    assert response.status_code == 302
+    job = ImportJob.objects.get(project=project)
+    job.refresh_from_db()
+    assert (job.imported, job.failed) == (1, 1)
+    assert "decompression bomb" in job.errors[0]["reason"]
+    assert "/" not in job.errors[0]["name"] and ".." not in Scan.objects.get().source_name
+    follow = client.get(response["Location"])
+    assert "notes.txt" in follow.content.decode()   # the rejection message
+
+
+def test_upload_without_files_or_for_outsider(client, users, project):
+    login(client, users["alice"])
+    response = client.post(reverse("annotator:upload", args=[project.pk]),
+                           {"dataset": "x", "split": "pool"})
+    assert response.status_code == 400 and "Choose at least one file" in response.content.decode()
+    client.logout()
+    login(client, users["charlie"])
+    assert upload(client, project, [("a.png", png_bytes())]).status_code == 404
+    assert Scan.objects.count() == 0
+
+
+def test_login_page_works(client, users):
+    response = client.post(reverse("login"), {"username": "alice", "password": PASSWORD})
+    assert response.status_code == 302
+    assert client.get(reverse("annotator:project_list")).status_code == 200

@@ -1,0 +1,23 @@
+"""The demo set-up command: users, project, fixture scans; safe to run twice."""
+
+from __future__ import annotations
+
+from django.core.management import call_command
+
+from annotator.models import Annotation, LabelClass, Membership, Project, Scan
+
+
+def test_demo_setup_is_complete_and_idempotent(db, capsys):
+    call_command("demo_setup")
+    out = capsys.readouterr().out
+    assert "admin" in out and "clinician" in out and "password:" in out
+    project = Project.objects.get()
+    assert Scan.objects.filter(project=project).count() == 390
+    assert Scan.objects.filter(split="eval").count() == 80
+    assert Annotation.objects.filter(source="import").count() == 80   # eval labels only
+    assert set(LabelClass.objects.values_list("name", flat=True)) == {
+        "normal", "pneumonia", "glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"}
+    assert Membership.objects.filter(project=project, user__username="clinician").exists()
+    assert project.datasets.count() == 2
+    call_command("demo_setup")
+    assert Scan.objects.count() == 390 and Annotation.objects.count() == 80

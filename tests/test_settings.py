@@ -1,0 +1,69 @@
+"""Settings come from the environment through typed helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from medsite.env import env_bool, env_int, env_list, env_str
+from tests.base import REPO
+
+
+def test_typed_helpers(monkeypatch):
+    monkeypatch.setenv("X_BOOL", "yes")
+    monkeypatch.setenv("X_INT", "42")
+    monkeypatch.setenv("X_LIST", "a, b,,c")
+    assert env_bool("X_BOOL") is True
+    assert env_int("X_INT", 1) == 42
+    assert env_list("X_LIST", []) == ["a", "b", "c"]
+    assert env_str("X_MISSING", "d") == "d"
+    monkeypatch.setenv("X_BOOL", "maybe")
+    with pytest.raises(ImproperlyConfigured, match="X_BOOL='maybe' is not a boolean"):
+        env_bool("X_BOOL")
+    monkeypatch.setenv("X_INT", "ten")
+    with pytest.raises(ImproperlyConfigured, match="not an integer"):
+        env_int("X_INT", 1)
+    monkeypatch.setenv("X_INT", "-1")
+    with pytest.raises(ImproperlyConfigured, match="at least 0"):
+        env_int("X_INT", 1, minimum=0)
+    with pytest.raises(ImproperlyConfigured, match="X_REQ is required"):
+        env_str("X_REQ", required=True)
+
+
+def _settings_in_subprocess(**env):
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("DEBUG", "SECRET_KEY", "DEID_SALT", "DATABASE_URL", "CELERY_BROKER_URL")}
+    code = ("import django, os; os.environ['DJANGO_SETTINGS_MODULE']='medsite.settings'; "
+            "from django.conf import settings; "
+            "print(settings.DATABASES['default']['ENGINE'], settings.CELERY_TASK_ALWAYS_EAGER)")
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**clean, **env},
+                          capture_output=True, text=True)
+
+
+def test_defaults_run_with_no_environment():
+    result = _settings_in_subprocess()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["django.db.backends.sqlite3", "True"]
+
+
+def test_broker_and_database_from_env():
+    result = _settings_in_subprocess(DATABASE_URL="postgres://u@127.0.0.1:5432/x",
+                                     CELERY_BROKER_URL="redis://127.0.0.1:6379/0")
+    assert result.stdout.split() == ["django.db.backends.postgresql", "False"], result.stderr
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"DEBUG": "0"}, "SECRET_KEY is required"),
+    ({"DEBUG": "0", "SECRET_KEY": "x" * 50}, "DEID_SALT is required"),
+    ({"DEBUG": "0", "SECRET_KEY": "x" * 50, "DEID_SALT": "short"}, "at least 16"),
+    ({"DEBUG": "perhaps"}, "not a boolean"),
+    ({"DATABASE_URL": "nonsense://"}, "DATABASE_URL"),
+])
+def test_bad_production_config_fails_at_start(env, message):
+    result = _settings_in_subprocess(**env)
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr and message in result.stderr

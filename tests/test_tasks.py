@@ -1,0 +1,42 @@
+"""Import as a Celery task: eager in-process by default, a real worker with a broker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from annotator import services
+from annotator.models import ImportJob, Scan
+from annotator.tasks import run_import_job
+from tests.base import FIXTURES
+
+
+def test_task_runs_job_and_duplicate_delivery_is_a_noop(project):
+    job = services.import_job_create(project=project, source=str(FIXTURES / "chest_xray" / "eval"))
+    assert run_import_job.apply(args=[job.pk]).get() == "succeeded"
+    assert run_import_job.apply(args=[job.pk]).get() == "skipped"   # redelivered message
+    job.refresh_from_db()
+    assert job.imported == 40 and Scan.objects.count() == 40
+
+
+@pytest.mark.worker
+def test_real_worker_runs_import(celery_worker_process, project):
+    job = services.import_job_create(project=project, source=str(FIXTURES / "brain_mri" / "eval"),
+                                     split="eval")
+    queue = celery_worker_process["queue"]
+    result = run_import_job.apply_async(args=[job.pk], queue=queue)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job.refresh_from_db()
+        if job.is_finished:
+            break
+        time.sleep(0.5)
+    log = celery_worker_process["log"].read_text()
+    assert job.status == ImportJob.Status.SUCCEEDED, log[-3000:]
+    assert job.imported == 40
+    assert Scan.objects.filter(project=project, split="eval").count() == 40
+    assert result.id in log   # the worker process, not this one, ran it
+    run_import_job.apply_async(args=[job.pk], queue=queue)   # a duplicate message: no-op
+    time.sleep(2)
+    assert Scan.objects.count() == 40
