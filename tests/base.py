@@ -9,6 +9,7 @@ dora    — site admin (superuser)
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The real data sets sit beside the checkout (CI: ../shared/data); SHARED_DATA overrides.
+SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
 PASSWORD = "correct-horse-battery-staple"
 
 

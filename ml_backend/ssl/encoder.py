@@ -1,0 +1,43 @@
+"""ResNet encoders adapted to single-channel scans of any size.
+
+Chen et al., "Big Self-Supervised Models are Strong Semi-Supervised Learners" (SimCLRv2,
+NeurIPS 2020) use ResNets; we build torchvision's (random init, no download) and change:
+
+- the stem takes 1 channel (greyscale) instead of 3;
+- for small inputs (``small_input=True``, e.g. MedMNIST at 28 px) the 7x7 stride-2 stem and the
+  max-pool are replaced by a 3x3 stride-1 convolution, as in SimCLR's CIFAR-10 setting, so a
+  28 px scan still has a 4x4 feature map before the global pool;
+- the classification layer is removed: ``forward`` returns pooled features ``(B, feature_dim)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models
+
+ARCHS = {"resnet18": (models.resnet18, 512), "resnet34": (models.resnet34, 512),
+         "resnet50": (models.resnet50, 2048)}
+
+
+class ResNetEncoder(nn.Module):
+    def __init__(self, arch: str = "resnet18", *, in_channels: int = 1, small_input: bool = False):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        if in_channels < 1:
+            raise ValueError("in_channels must be positive")
+        builder, self.feature_dim = ARCHS[arch]
+        net = builder(weights=None)
+        if small_input:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        else:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        net.fc = nn.Identity()
+        self.arch, self.in_channels, self.small_input = arch, in_channels, small_input
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, C, H, W)`` float → ``(B, feature_dim)``."""
+        return self.net(x)
