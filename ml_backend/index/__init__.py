@@ -1,0 +1,1 @@
+"""Nearest-neighbour search over scan embeddings (FAISS), keyed by Scan primary keys."""

@@ -1,0 +1,191 @@
+"""SimCLRv2 training loops on tiny real scans (seconds on a CPU): learning happens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ml_backend.data.arrays import load_images
+from ml_backend.ssl.train import (
+    DistillConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    TrainingError,
+    class_weights,
+    distill,
+    embed,
+    finetune,
+    focal_loss,
+    load_checkpoint,
+    load_classifier,
+    load_encoder_weights,
+    load_pretrained,
+    predict_proba,
+    pretrain,
+    SimCLRModel,
+)
+from tests.base import FIXTURES
+
+SIZE = 32
+TINY = dict(arch="resnet18", image_size=SIZE, small_input=False, proj_hidden_dim=64,
+            proj_out_dim=32, batch_size=32, lr=2e-3, warmup_epochs=0.5)
+
+
+def fixture_split(collection: str, split: str, classes: list[str]):
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        files = sorted((FIXTURES / collection / split / name).iterdir())
+        images.append(load_images(files, SIZE))
+        labels += [index] * len(files)
+    return np.concatenate(images), np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def brain():
+    classes = ["no_tumor", "pituitary_tumor"]
+    return fixture_split("brain_mri", "pool", classes), fixture_split("brain_mri", "eval", classes)
+
+
+@pytest.fixture(scope="module")
+def pretrained(brain, tmp_path_factory):
+    (images, _), _ = brain
+    path = tmp_path_factory.mktemp("ckpt") / "encoder.pt"
+    config = PretrainConfig(epochs=5, **{**TINY, "batch_size": 16})
+    metrics = pretrain(images, config, checkpoint_path=path, model_version="enc-test")
+    return path, config, metrics
+
+
+def fixed_pair_loss(model, images, config, seed=123) -> float:
+    """NT-Xent on the same seeded augmented pairs: comparable before and after training
+    (per-epoch training losses of a tiny set are too noisy to show progress)."""
+    from ml_backend.ssl.losses import NTXentLoss
+    from ml_backend.ssl.transforms import TwoViews
+
+    torch.manual_seed(seed)
+    two = TwoViews(config.augment_config())
+    pairs = [two(torch.from_numpy(im).unsqueeze(0).float() / 255) for im in images[:64]]
+    view_a, view_b = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+    model.train()   # batch statistics for both models; no_grad keeps weights fixed
+    with torch.no_grad():
+        return NTXentLoss(config.temperature)(model(view_a), model(view_b)).item()
+
+
+def test_pretrain_loss_falls_and_checkpoint_is_complete(brain, pretrained):
+    (images, _), _ = brain
+    path, config, metrics = pretrained
+    torch.manual_seed(config.seed)
+    untrained = SimCLRModel(config)        # the same initialisation pretrain starts from
+    trained, _ = load_pretrained(path)
+    before, after = fixed_pair_loss(untrained, images, config), fixed_pair_loss(trained, images, config)
+    assert after < before - 0.2, (before, after)
+    assert all(epoch["images_per_s"] > 0 for epoch in metrics["history"])
+    state = load_checkpoint(path)
+    assert state["model_version"] == "enc-test" and state["epoch"] == 5
+    assert state["config"]["image_size"] == SIZE and {"encoder", "head", "optimizer"} <= set(state)
+    model, loaded_config = load_pretrained(path)
+    assert loaded_config == config
+
+
+def test_pretrain_resumes_from_its_checkpoint(brain, pretrained, tmp_path):
+    (images, _), _ = brain
+    path = tmp_path / "enc.pt"
+    config = PretrainConfig(epochs=2, **TINY)
+    pretrain(images[:64], config, checkpoint_path=path)
+    again = pretrain(images[:64], config, checkpoint_path=path)   # already done: no new epochs
+    assert again["note"] == "resumed at epoch 2" and len(again["history"]) == 2
+    longer = PretrainConfig(epochs=3, **TINY)
+    with pytest.raises(TrainingError, match="different config"):
+        pretrain(images[:64], longer, checkpoint_path=path)
+
+
+def test_init_checkpoint_loads_ours_and_torchvision_style(pretrained, tmp_path):
+    path, config, _ = pretrained
+    model = SimCLRModel(config)
+    assert load_encoder_weights(model, path) == "encoder + projection head"
+    reference, _ = load_pretrained(path)
+    for a, b in zip(model.encoder.parameters(), reference.encoder.parameters()):
+        assert torch.equal(a, b)
+    import torchvision
+
+    rgb = torchvision.models.resnet18(weights=None)
+    torch.save(rgb.state_dict(), tmp_path / "resnet18.pth")
+    fresh = SimCLRModel(config)
+    assert "torchvision-style" in load_encoder_weights(fresh, tmp_path / "resnet18.pth")
+    expected = rgb.conv1.weight.sum(dim=1, keepdim=True)
+    assert torch.allclose(fresh.encoder.net.conv1.weight, expected)
+
+
+def test_non_finite_loss_stops_training(brain, tmp_path):
+    (images, _), _ = brain
+    config = PretrainConfig(epochs=1, temperature=1e-45, **TINY)
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        pretrain(images[:64], config, checkpoint_path=tmp_path / "nan.pt")
+    assert not (tmp_path / "nan.pt").exists()
+
+
+def test_finetune_from_head_layer_one_beats_chance(brain, pretrained, tmp_path):
+    (images, labels), (eval_images, eval_labels) = brain
+    path, pconfig, _ = pretrained
+    model, _ = load_pretrained(path)
+    config = FinetuneConfig(epochs=8, batch_size=32, lr=1e-3, loss="focal",
+                            class_balance="weighted_loss")
+    classifier, metrics = finetune(model, pconfig, images, labels, 2, config,
+                                   checkpoint_path=tmp_path / "clf.pt", model_version="clf-test")
+    history = [h["loss"] for h in metrics["history"]]
+    assert history[-1] < history[0]
+    assert classifier.fc.in_features == pconfig.proj_hidden_dim   # head layer 1 output
+    proba = predict_proba(classifier, eval_images, pconfig)
+    accuracy = float((proba.argmax(1) == eval_labels).mean())
+    assert accuracy >= 0.75, accuracy            # chance is 0.5 (10 + 10 eval scans)
+    reloaded, _ = load_classifier(tmp_path / "clf.pt")
+    np.testing.assert_allclose(predict_proba(reloaded, eval_images, pconfig), proba, atol=1e-5)
+
+
+def test_linear_probe_on_embeddings_beats_chance(brain, pretrained):
+    from sklearn.linear_model import LogisticRegression
+
+    (images, labels), (eval_images, eval_labels) = brain
+    path, pconfig, _ = pretrained
+    model, _ = load_pretrained(path)
+    train = embed(model.encoder, images, pconfig)
+    test = embed(model.encoder, eval_images, pconfig)
+    assert train.shape == (len(images), 512) and train.dtype == np.float32
+    probe = LogisticRegression(max_iter=2000, class_weight="balanced").fit(train, labels)
+    assert probe.score(test, eval_labels) >= 0.75
+
+
+def test_distill_trains_a_student_from_teacher_soft_labels(brain, pretrained, tmp_path):
+    (images, labels), (eval_images, eval_labels) = brain
+    path, pconfig, _ = pretrained
+    model, _ = load_pretrained(path)
+    teacher, _ = finetune(model, pconfig, images, labels, 2,
+                          FinetuneConfig(epochs=6, batch_size=32, lr=1e-3))
+    config = DistillConfig(epochs=8, batch_size=16, lr=1e-3, labeled_weight=0.2)
+    student, metrics = distill(teacher, model, pconfig, images, config, labeled=images[:20],
+                               labels=labels[:20], checkpoint_path=tmp_path / "student.pt")
+    losses = [h["loss"] for h in metrics["history"]]
+    assert losses[-1] < losses[0]
+    teacher_pred = predict_proba(teacher, images, pconfig).argmax(1)
+    student_pred = predict_proba(student, images, pconfig).argmax(1)
+    agreement = float((student_pred == teacher_pred).mean())
+    assert agreement >= 0.75, agreement    # the student learned the teacher's labels on the pool
+    assert load_checkpoint(tmp_path / "student.pt")["kind"] == "distilled"
+
+
+def test_class_weights_and_focal_loss():
+    weights = class_weights(np.array([0, 0, 0, 1]), 3)
+    assert weights[2] == 0 and weights[1] > weights[0]
+    logits = torch.tensor([[4.0, 0.0], [0.0, 0.1]])
+    targets = torch.tensor([0, 1])
+    ce = torch.nn.functional.cross_entropy(logits, targets)
+    assert focal_loss(logits, targets, gamma=0.0).item() == pytest.approx(ce.item(), rel=1e-6)
+    assert focal_loss(logits, targets, gamma=2.0) < ce   # easy examples down-weighted
+
+
+def test_finetune_checks_labels(pretrained):
+    path, pconfig, _ = pretrained
+    model, _ = load_pretrained(path)
+    images = np.zeros((4, SIZE, SIZE), np.uint8)
+    with pytest.raises(TrainingError, match="class indices"):
+        finetune(model, pconfig, images, np.array([0, 1, 2, 5]), 3, FinetuneConfig(epochs=1))
