@@ -135,8 +135,12 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 30 * 60, minimum=1)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 35 * 60, minimum=1)
+# Training runs get far longer limits than imports and predictions.
+TRAIN_TASK_SOFT_TIME_LIMIT = env_int("TRAIN_TASK_SOFT_TIME_LIMIT", 6 * 3600, minimum=1)
+TRAIN_TASK_TIME_LIMIT = env_int("TRAIN_TASK_TIME_LIMIT", 6 * 3600 + 600, minimum=1)
 CELERY_TASK_ROUTES = {
     "annotator.tasks.*": {"queue": "default"},
+    "ml_backend.tasks.*": {"queue": "train"},
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")

@@ -175,18 +175,24 @@ class Classifier(nn.Module):
 class _Images(Dataset):
     """uint8 ``(N, H, W)`` → float ``(1, H, W)`` in [0, 1], through ``transform``."""
 
-    def __init__(self, images: np.ndarray, transform, targets: np.ndarray | None = None):
+    def __init__(self, images: np.ndarray, transform, targets: np.ndarray | None = None,
+                 flip_mask: np.ndarray | None = None):
         if images.ndim != 3 or images.dtype != np.uint8:
             raise ValueError("images must be a uint8 array of shape (N, H, W)")
+        if flip_mask is not None and len(flip_mask) != len(images):
+            raise ValueError("flip_mask needs one entry per image")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.transform = transform
         self.targets = None if targets is None else torch.as_tensor(targets)
+        self.flip_mask = None if flip_mask is None else np.asarray(flip_mask, dtype=bool)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int):
         x = self.images[index].unsqueeze(0).float().div_(255.0)
+        if self.flip_mask is not None and self.flip_mask[index] and torch.rand(1).item() < 0.5:
+            x = x.flip(-1)   # only where the scan's dataset says flips preserve anatomy
         x = self.transform(x)
         if self.targets is None:
             return x
@@ -298,11 +304,14 @@ def pretrain(
     resume: bool = True,
     device: str | None = None,
     progress: Progress | None = None,
+    hflip_mask: np.ndarray | None = None,
 ) -> dict:
     """Contrastive pretraining. ``images``: ``uint8 (N, S, S)`` at ``config.image_size``.
 
-    Resumes from ``checkpoint_path`` when it exists and ``resume`` is set (same config).
-    Returns the final metrics; the checkpoint holds encoder + head.
+    ``hflip_mask`` (bool per image) allows horizontal flips per scan, e.g. per dataset;
+    without it ``config.hflip`` applies to all. Resumes from ``checkpoint_path`` when it
+    exists and ``resume`` is set (same config). Returns the final metrics; the checkpoint
+    holds encoder + head.
     """
     if len(images) < config.batch_size and len(images) < 2:
         raise TrainingError("pretraining needs at least 2 scans")
@@ -310,7 +319,10 @@ def pretrain(
     generator = _seed(config.seed)
     model = SimCLRModel(config).to(dev)
     batch_size = min(config.batch_size, len(images))
-    loader = _loader(_Images(images, TwoViews(config.augment_config())), batch_size,
+    aug = config.augment_config()
+    if hflip_mask is not None:
+        aug = replace(aug, hflip=False)   # the mask decides per image
+    loader = _loader(_Images(images, TwoViews(aug), flip_mask=hflip_mask), batch_size,
                      shuffle=True, generator=generator, drop_last=True, device=dev)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * config.epochs

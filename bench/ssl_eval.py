@@ -1,0 +1,632 @@
+"""SimCLRv2 label-efficiency benchmark: does the self-supervised encoder beat raw pixels?
+
+    python -m bench.ssl_eval --train ../shared/data/brain_mri/Training --eval split:0.2 \\
+        --labels-fraction 0.01,0.1,1.0 --seeds 3 --image-size 64 --epochs 20 \\
+        --out bench/results/brain_mri.json
+
+``--train`` / ``--eval`` take anything ``read_source`` accepts (a class-folder path,
+``file.npz#split``, a ``filename,label`` CSV). ``--eval split:F`` holds out a stratified
+fraction ``F`` of the train spec instead, grouped so that near-duplicate scans (average
+hashes within Hamming distance 4) never straddle the split.
+
+Steps: decode every scan once (cached as .npz in ``--cache-dir``), pretrain SimCLRv2 once on
+all train images (labels unused; the checkpoint is cached by data digest + config), then for
+each label fraction and seed compare, on the same stratified labeled subset:
+
+- ``pixels_logreg``   raw-pixel logistic regression (the floor to beat);
+- ``supervised``      the same network trained from random weights on the labels only;
+- ``linear_probe``    logistic regression on the frozen SimCLRv2 encoder features;
+- ``simclr_finetune`` SimCLRv2 fine-tuning from the first projection-head layer;
+- ``simclr_distill``  self-distillation of that model on all train images + the labels.
+
+Label-free numbers (kNN accuracy and k-means purity of the raw embeddings) show what the
+representation holds before any labels. Results: a table on stdout and a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import normalized_mutual_info_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ml_backend.data.arrays import to_square
+from ml_backend.data.datasets import read_source
+from ml_backend.data.decode import ScanDecodeError, decode_scan
+from ml_backend.index.faiss_index import kmeans
+from ml_backend.metrics.reports import classification_report
+from ml_backend.ssl.train import (
+    DistillConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    SimCLRModel,
+    distill,
+    embed,
+    finetune,
+    load_checkpoint,
+    load_pretrained,
+    pick_device,
+    predict_proba,
+    pretrain,
+)
+
+METHODS = ["pixels_logreg", "supervised", "linear_probe", "simclr_finetune", "simclr_distill"]
+CACHE_VERSION = "1"
+HASH_DISTANCE = 4
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# --- arguments -------------------------------------------------------------------------
+
+
+def parse_fractions(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError("label fractions must be in (0, 1]")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.ssl_eval",
+        description="SimCLRv2 vs. raw pixels and supervised training at several label fractions.")
+    parser.add_argument("--train", required=True, help="train source spec (folder, npz#split, CSV)")
+    parser.add_argument("--eval", required=True,
+                        help="eval source spec, or split:F to hold out a grouped stratified "
+                             "fraction F of --train")
+    parser.add_argument("--labels-fraction", type=parse_fractions, default=[0.01, 0.1, 1.0],
+                        help="comma-separated fractions of train labels (default 0.01,0.1,1.0)")
+    parser.add_argument("--seeds", type=int, default=3, help="labeled subsets per fraction")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--small-input", choices=["auto", "yes", "no"], default="auto",
+                        help="CIFAR-style 3x3 stem without max-pool (auto: size <= 64)")
+    parser.add_argument("--epochs", type=int, default=20, help="pretraining epochs")
+    parser.add_argument("--batch-size", type=int, default=256, help="pretraining batch size")
+    parser.add_argument("--finetune-epochs", type=int, default=30)
+    parser.add_argument("--finetune-batch-size", type=int, default=64)
+    parser.add_argument("--distill-epochs", type=int, default=10)
+    parser.add_argument("--cache-dir", default="bench/cache")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--out", default="bench/results/ssl_eval.json")
+    parser.add_argument("--max-train", type=int, default=None,
+                        help="stratified subsample of the train set")
+    parser.add_argument("--max-eval", type=int, default=None,
+                        help="stratified subsample of the eval set")
+    return parser
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def _spec_key(spec: str) -> str:
+    """The spec with its path made absolute, so the cache key does not depend on the cwd."""
+    path, sep, rest = spec.partition("#")
+    return str(Path(path).resolve()) + sep + rest
+
+
+def to_uint8_square(pixels: np.ndarray, size: int) -> np.ndarray:
+    image = Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+    return np.asarray(to_square(image, size), dtype=np.uint8)
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_spec(spec: str, image_size: int, cache_dir: Path) -> dict:
+    """Decode a source spec to ``uint8 (N, S, S)`` + string labels, cached in ``cache_dir``.
+
+    Items without a label, or that fail to decode, are skipped and counted.
+    """
+    listing = read_source(spec)
+    key = hashlib.sha256(
+        f"{CACHE_VERSION}|{_spec_key(spec)}|{len(listing.items)}|{image_size}".encode()
+    ).hexdigest()[:20]
+    path = cache_dir / f"data-{key}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as data:
+            result = {name: data[name] for name in data.files}
+        log(f"{spec}: {len(result['images'])} scans from cache {path.name}")
+        return {"images": result["images"], "labels": result["labels"], "names": result["names"],
+                "unlabeled": int(result["unlabeled"]), "failed": int(result["failed"]),
+                "cached": True}
+    started = time.perf_counter()
+    images, labels, names, unlabeled, failed = [], [], [], 0, 0
+    for item in listing.items:
+        if item.label is None:
+            unlabeled += 1
+            continue
+        try:
+            decoded = decode_scan(item.load(), name=item.name, salt="bench")
+        except (ScanDecodeError, OSError) as exc:
+            failed += 1
+            log(f"  skip {item.name}: {exc}")
+            continue
+        images.append(to_uint8_square(decoded.pixels, image_size))
+        labels.append(item.label)
+        names.append(item.name)
+    if unlabeled:
+        log(f"warning: {spec}: skipped {unlabeled} item(s) without a label")
+    if failed:
+        log(f"warning: {spec}: skipped {failed} item(s) that could not be decoded")
+    if not images:
+        raise SystemExit(f"{spec}: no labelled scans could be read")
+    result = {"images": np.stack(images), "labels": np.array(labels, dtype=str),
+              "names": np.array(names, dtype=str), "unlabeled": unlabeled, "failed": failed}
+    _atomic_savez(path, **{k: np.asarray(v) for k, v in result.items()})
+    log(f"{spec}: decoded {len(images)} scans in {time.perf_counter() - started:.1f}s "
+        f"(cached as {path.name})")
+    return {**result, "cached": False}
+
+
+def stratified_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of a stratified sample of ``count`` (at least one per class).
+
+    Per-class quotas are proportional (largest remainder), never below 1 nor above the
+    class size.
+    """
+    labels = np.asarray(labels)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(inverse)
+    count = int(min(max(count, len(classes)), len(labels)))
+    exact = sizes / sizes.sum() * count
+    quota = np.clip(np.floor(exact).astype(int), 1, sizes)
+    order = np.argsort(-(exact - np.floor(exact)), kind="stable")
+    while quota.sum() < count:
+        for c in order:
+            if quota.sum() >= count:
+                break
+            if quota[c] < sizes[c]:
+                quota[c] += 1
+    while quota.sum() > count:  # minimum-1 rule overshot: take from the largest quotas
+        c = int(np.argmax(np.where(quota > 1, quota, -1)))
+        quota[c] -= 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(inverse == c), size=quota[c], replace=False)
+              for c in range(len(classes))]
+    return np.sort(np.concatenate(chosen))
+
+
+# --- near-duplicate grouping -------------------------------------------------------------
+
+
+def average_hash(images: np.ndarray) -> np.ndarray:
+    """64-bit average hash per image: 8x8 area downscale, thresholded at its mean.
+
+    ``images``: ``uint8 (N, H, W)`` → ``uint64 (N,)``.
+    """
+    small = np.stack([np.asarray(Image.fromarray(im).resize((8, 8), Image.Resampling.BOX),
+                                 dtype=np.float32) for im in images]) if len(images) else \
+        np.zeros((0, 8, 8), np.float32)
+    bits = (small > small.mean(axis=(1, 2), keepdims=True)).reshape(len(images), 64)
+    return np.packbits(bits, axis=1).view(">u8").reshape(-1).astype(np.uint64)
+
+
+def near_duplicate_groups(images: np.ndarray, max_distance: int = HASH_DISTANCE) -> np.ndarray:
+    """Group ids ``int64 (N,)``: images whose average hashes are within ``max_distance``
+    bits are joined (union-find, so the relation is transitive)."""
+    hashes = average_hash(images)
+    n = len(hashes)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
+        return root
+
+    for start in range(0, n, 512):  # (512, N) distance blocks keep memory small
+        block = hashes[start:start + 512]
+        distance = np.bitwise_count(block[:, None] ^ hashes[None, :])
+        rows, cols = np.nonzero(distance <= max_distance)
+        rows = rows + start
+        for i, j in zip(rows[rows < cols].tolist(), cols[rows < cols].tolist()):
+            a, b = find(i), find(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    roots = np.array([find(i) for i in range(n)], dtype=np.int64)
+    return np.unique(roots, return_inverse=True)[1].astype(np.int64)
+
+
+def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, eval_idx)``: about ``fraction`` held out, stratified by label, no group
+    on both sides (one fold of ``StratifiedGroupKFold`` with ``round(1/fraction)`` folds)."""
+    if not 0 < fraction < 1:
+        raise SystemExit(f"split fraction must be in (0, 1), got {fraction}")
+    folds = max(2, round(1 / fraction))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train_idx, eval_idx = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    return np.sort(train_idx), np.sort(eval_idx)
+
+
+def load_data(args) -> dict:
+    """Train and eval arrays, class names and a description of how they were made."""
+    cache_dir = Path(args.cache_dir)
+    train = load_spec(args.train, args.image_size, cache_dir)
+    info = {"train_spec": args.train, "eval_spec": args.eval,
+            "train_unlabeled_skipped": train["unlabeled"], "train_failed": train["failed"]}
+    if args.eval.startswith("split:"):
+        try:
+            fraction = float(args.eval.split(":", 1)[1])
+        except ValueError:
+            raise SystemExit(f"--eval {args.eval!r}: expected split:FRACTION") from None
+        groups = near_duplicate_groups(train["images"])
+        train_idx, eval_idx = grouped_holdout(train["labels"], groups, fraction)
+        sizes = np.bincount(groups)
+        info.update({"split": fraction, "near_duplicate_groups": int(len(sizes)),
+                     "scans_in_duplicate_groups": int(sizes[sizes > 1].sum()),
+                     "held_out_fraction": len(eval_idx) / len(groups)})
+        log(f"split {fraction:g}: {len(sizes)} groups over {len(groups)} scans "
+            f"({info['scans_in_duplicate_groups']} in near-duplicate groups); "
+            f"{len(train_idx)} train / {len(eval_idx)} eval")
+        evaluation = {k: train[k][eval_idx] for k in ("images", "labels", "names")}
+        train = {k: train[k][train_idx] for k in ("images", "labels", "names")}
+    else:
+        evaluation = load_spec(args.eval, args.image_size, cache_dir)
+        info.update({"eval_unlabeled_skipped": evaluation["unlabeled"],
+                     "eval_failed": evaluation["failed"]})
+    class_names = sorted(set(train["labels"].tolist()))
+    if len(class_names) < 2:
+        raise SystemExit("the train set needs at least 2 classes")
+    known = np.isin(evaluation["labels"], class_names)
+    if not known.all():
+        log(f"warning: dropped {int((~known).sum())} eval scan(s) whose class is not in train")
+        evaluation = {k: evaluation[k][known] for k in ("images", "labels", "names")}
+        info["eval_unknown_class_dropped"] = int((~known).sum())
+    if args.max_train and args.max_train < len(train["labels"]):
+        keep = stratified_subset(train["labels"], args.max_train, seed=0)
+        train = {k: train[k][keep] for k in ("images", "labels", "names")}
+    if args.max_eval and args.max_eval < len(evaluation["labels"]):
+        keep = stratified_subset(evaluation["labels"], args.max_eval, seed=0)
+        evaluation = {k: evaluation[k][keep] for k in ("images", "labels", "names")}
+    index = {name: i for i, name in enumerate(class_names)}
+    y_train = np.array([index[v] for v in train["labels"]], dtype=np.int64)
+    y_eval = np.array([index[v] for v in evaluation["labels"]], dtype=np.int64)
+    info.update({"num_train": len(y_train), "num_eval": len(y_eval), "class_names": class_names,
+                 "train_counts": np.bincount(y_train, minlength=len(class_names)).tolist(),
+                 "eval_counts": np.bincount(y_eval, minlength=len(class_names)).tolist()})
+    return {"x_train": train["images"], "y_train": y_train, "x_eval": evaluation["images"],
+            "y_eval": y_eval, "class_names": class_names, "info": info}
+
+
+# --- pretraining (cached) --------------------------------------------------------------
+
+
+def pretrain_config(args) -> PretrainConfig:
+    small = {"auto": None, "yes": True, "no": False}[args.small_input]
+    return PretrainConfig(arch=args.arch, image_size=args.image_size, small_input=small,
+                          epochs=args.epochs, batch_size=args.batch_size, seed=0)
+
+
+def encoder_checkpoint_path(cache_dir: Path, images: np.ndarray, config: PretrainConfig) -> Path:
+    digest = hashlib.sha256()
+    digest.update(f"{images.dtype.str}{images.shape}".encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(json.dumps(asdict(config), sort_keys=True).encode())
+    return cache_dir / f"encoder-{digest.hexdigest()[:20]}.pt"
+
+
+def _print_pretrain_progress(event: dict) -> None:
+    if event.get("stage") == "pretrain" and event["step"] == event["steps"]:
+        log(f"  pretrain epoch {event['epoch']}/{event['epochs']}  loss {event['loss']:.4f}  "
+            f"{event['images_per_s']:.0f} images/s")
+
+
+def get_encoder(images: np.ndarray, config: PretrainConfig, cache_dir: Path,
+                device: str | None) -> tuple[SimCLRModel, dict]:
+    """Pretrain, or reuse a finished checkpoint made from the same images and config."""
+    path = encoder_checkpoint_path(cache_dir, images, config)
+    if path.exists():
+        state = load_checkpoint(path)
+        if state.get("epoch") == config.epochs and state.get("config") == asdict(config):
+            model, _ = load_pretrained(path)
+            log(f"pretrain: reusing cached encoder {path.name}")
+            return model, {"encoder_cached": True, "checkpoint": str(path), "seconds": 0.0,
+                           "images_per_s": None, "history": state.get("history", [])}
+    log(f"pretrain: {len(images)} scans, {config.epochs} epoch(s), batch {config.batch_size}, "
+        f"{config.arch} at {config.image_size}px")
+    started = time.perf_counter()
+    metrics = pretrain(images, config, checkpoint_path=path, model_version="bench-ssl-eval",
+                       device=device, progress=_print_pretrain_progress)
+    seconds = time.perf_counter() - started
+    model, _ = load_pretrained(path)
+    history = metrics["history"]
+    trained = sum(h["images_per_s"] * h["seconds"] for h in history)
+    return model, {"encoder_cached": False, "checkpoint": str(path), "seconds": seconds,
+                   "images_per_s": trained / max(sum(h["seconds"] for h in history), 1e-9),
+                   "history": history, "note": metrics.get("note", "")}
+
+
+# --- methods ---------------------------------------------------------------------------
+
+
+def logreg_proba(x_train, y_train, x_eval, num_classes: int, seed: int) -> np.ndarray:
+    """Standardised features + class-balanced logistic regression → ``(N, C)`` proba."""
+    model = make_pipeline(StandardScaler(),
+                          LogisticRegression(class_weight="balanced", max_iter=2000,
+                                             random_state=seed))
+    model.fit(x_train, y_train)
+    proba = np.zeros((len(x_eval), num_classes))
+    proba[:, model.classes_] = model.predict_proba(x_eval)
+    return proba
+
+
+def pixels(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
+                config: PretrainConfig, embeddings: dict, args) -> dict:
+    """Every method on one labeled subset: ``{method: (proba, seconds)}``."""
+    x, y = data["x_train"][subset], data["y_train"][subset]
+    num_classes = len(data["class_names"])
+    ft_config = FinetuneConfig(epochs=args.finetune_epochs, batch_size=args.finetune_batch_size,
+                               seed=seed, from_head_layer=1)
+    out = {}
+
+    def timed(name, fn):
+        started = time.perf_counter()
+        out[name] = (fn(), time.perf_counter() - started)
+
+    timed("pixels_logreg", lambda: logreg_proba(pixels(x), y, pixels(data["x_eval"]),
+                                                num_classes, seed))
+
+    def supervised():
+        torch.manual_seed(seed)
+        scratch = SimCLRModel(config)  # random weights: no pretraining
+        model, _ = finetune(scratch, config, x, y, num_classes, ft_config, device=args.device)
+        return predict_proba(model, data["x_eval"], config, device=args.device)
+
+    timed("supervised", supervised)
+    timed("linear_probe", lambda: logreg_proba(embeddings["train"][subset], y,
+                                               embeddings["eval"], num_classes, seed))
+    teacher = {}
+
+    def simclr_finetune():
+        teacher["model"], _ = finetune(encoder, config, x, y, num_classes, ft_config,
+                                       device=args.device)
+        return predict_proba(teacher["model"], data["x_eval"], config, device=args.device)
+
+    timed("simclr_finetune", simclr_finetune)
+
+    def simclr_distill():
+        d_config = DistillConfig(epochs=args.distill_epochs, batch_size=args.batch_size,
+                                 seed=seed)
+        student, _ = distill(teacher["model"], encoder, config, data["x_train"], d_config,
+                             labeled=x, labels=y, device=args.device)
+        return predict_proba(student, data["x_eval"], config, device=args.device)
+
+    timed("simclr_distill", simclr_distill)
+    return out
+
+
+def summarise(report: dict) -> dict:
+    keep = ("accuracy", "macro_f1", "weighted_f1", "cohen_kappa", "macro_auc", "macro_ap",
+            "ece", "nll", "num_samples", "confusion_matrix")
+    return {**{k: report[k] for k in keep},
+            "per_class": {name: {k: row[k] for k in ("precision", "recall", "f1", "support",
+                                                      "auc")}
+                          for name, row in report["per_class"].items()}}
+
+
+# --- label-free ------------------------------------------------------------------------
+
+
+def knn_accuracy(train_x, train_y, eval_x, eval_y, k: int = 20) -> float:
+    """Majority vote of the ``k`` nearest train vectors by cosine similarity (ties: the class
+    with the larger summed similarity)."""
+    def unit(v):
+        v = np.asarray(v, dtype=np.float32)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    k = min(k, len(train_x))
+    sims = unit(eval_x) @ unit(train_x).T
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    num_classes = int(max(train_y.max(), eval_y.max())) + 1
+    votes = np.zeros((len(eval_x), num_classes))
+    weight = np.zeros_like(votes)
+    rows = np.repeat(np.arange(len(eval_x)), k)
+    np.add.at(votes, (rows, train_y[top].ravel()), 1.0)
+    np.add.at(weight, (rows, train_y[top].ravel()), np.take_along_axis(sims, top, 1).ravel())
+    predicted = np.argmax(votes + 1e-6 * weight / (np.abs(weight).max() + 1e-12), axis=1)
+    return float((predicted == eval_y).mean())
+
+
+def cluster_purity(vectors: np.ndarray, labels: np.ndarray, k: int, seed: int = 0) -> dict:
+    _, assignments, _ = kmeans(np.ascontiguousarray(vectors, dtype=np.float32), k, seed=seed,
+                               nredo=3)
+    table = np.zeros((k, int(labels.max()) + 1))
+    np.add.at(table, (assignments, labels), 1)
+    return {"purity": float(table.max(axis=1).sum() / len(labels)),
+            "nmi": float(normalized_mutual_info_score(labels, assignments)), "k": k}
+
+
+def label_free(train_x, train_y, eval_x, eval_y, num_classes: int) -> dict:
+    return {"knn_k": 20, "knn_accuracy": knn_accuracy(train_x, train_y, eval_x, eval_y, 20),
+            "kmeans": cluster_purity(eval_x, eval_y, min(num_classes, len(eval_x)))}
+
+
+# --- aggregation and output -----------------------------------------------------------------
+
+
+def aggregate(runs: list[dict], fractions: list[float]) -> dict:
+    result = {}
+    for fraction in fractions:
+        per_method = {}
+        for method in METHODS:
+            rows = [r for r in runs if r["fraction"] == fraction and r["method"] == method]
+            stats = {"runs": len(rows)}
+            for metric in ("accuracy", "macro_f1", "macro_auc"):
+                values = [r["metrics"][metric] for r in rows if r["metrics"][metric] is not None]
+                stats[metric] = {
+                    "mean": float(np.mean(values)) if values else None,
+                    "std": float(np.std(values, ddof=1)) if len(values) > 1 else
+                    (0.0 if values else None)}
+            per_method[method] = stats
+        result[f"{fraction:g}"] = per_method
+    return result
+
+
+def _cell(stats: dict) -> str:
+    if stats["mean"] is None:
+        return "    n/a      "
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def format_table(aggregates: dict, labeled_counts: dict, label_free_rows: dict) -> str:
+    lines = [f"{'fraction':>8}  {'labels':>6}  {'method':<16}  {'accuracy':<13}  "
+             f"{'macro-F1':<13}  {'AUC':<13}"]
+    lines.append("-" * len(lines[0]))
+    for fraction, methods in aggregates.items():
+        for method, stats in methods.items():
+            lines.append(f"{fraction:>8}  {labeled_counts[fraction]:>6}  {method:<16}  "
+                         f"{_cell(stats['accuracy'])}  {_cell(stats['macro_f1'])}  "
+                         f"{_cell(stats['macro_auc'])}")
+    for name, row in label_free_rows.items():
+        lines.append(f"label-free ({name}): kNN@{row['knn_k']} accuracy "
+                     f"{row['knn_accuracy']:.3f}, k-means (k={row['kmeans']['k']}) purity "
+                     f"{row['kmeans']['purity']:.3f}, NMI {row['kmeans']['nmi']:.3f}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"torch_device": device.type, "cpu_count": os.cpu_count(),
+            "torch_num_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
+    started = time.perf_counter()
+    device = pick_device(args.device)
+    args.device = device.type
+    cache_dir = Path(args.cache_dir)
+    log(f"device {device.type}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+
+    data = load_data(args)
+    log(f"classes {data['class_names']}: {data['info']['num_train']} train / "
+        f"{data['info']['num_eval']} eval scans")
+    config = pretrain_config(args)
+    encoder, pretrain_info = get_encoder(data["x_train"], config, cache_dir, args.device)
+
+    embed_started = time.perf_counter()
+    embeddings = {"train": embed(encoder.encoder, data["x_train"], config, device=args.device),
+                  "eval": embed(encoder.encoder, data["x_eval"], config, device=args.device)}
+    embed_seconds = time.perf_counter() - embed_started
+    embedded = len(data["x_train"]) + len(data["x_eval"])
+    num_classes = len(data["class_names"])
+    label_free_rows = {
+        "simclr": label_free(embeddings["train"], data["y_train"], embeddings["eval"],
+                             data["y_eval"], num_classes),
+        "pixels": label_free(pixels(data["x_train"]), data["y_train"], pixels(data["x_eval"]),
+                             data["y_eval"], num_classes),
+    }
+
+    runs, labeled_counts = [], {}
+    for fraction in args.labels_fraction:
+        for seed in range(args.seeds):
+            count = max(num_classes, round(fraction * len(data["y_train"])))
+            subset = stratified_subset(data["y_train"], count, seed=seed)
+            labeled_counts[f"{fraction:g}"] = len(subset)
+            log(f"fraction {fraction:g}, seed {seed}: {len(subset)} labeled scans")
+            results = run_methods(data, subset, seed, encoder, config, embeddings, args)
+            for method, (proba, seconds) in results.items():
+                report = classification_report(data["y_eval"], proba, data["class_names"])
+                runs.append({"fraction": fraction, "seed": seed, "method": method,
+                             "num_labeled": len(subset), "seconds": seconds,
+                             "metrics": summarise(report)})
+                log(f"  {method:<16} acc {report['accuracy']:.3f}  "
+                    f"macro-F1 {report['macro_f1']:.3f}  ({seconds:.1f}s)")
+
+    aggregates = aggregate(runs, args.labels_fraction)
+    total_seconds = time.perf_counter() - started
+    log("")
+    log(format_table(aggregates, labeled_counts, label_free_rows))
+    log(f"pretrain {pretrain_info['seconds']:.1f}s"
+        + (" (cached encoder)" if pretrain_info["encoder_cached"] else
+           f" ({pretrain_info['images_per_s']:.0f} images/s)")
+        + f", embedding {embedded / max(embed_seconds, 1e-9):.0f} images/s, "
+        f"total {total_seconds:.1f}s")
+
+    payload = {
+        "args": {k: v for k, v in vars(args).items()},
+        "machine": machine_info(device),
+        "data": data["info"],
+        "configs": {"pretrain": asdict(config),
+                    "finetune": asdict(FinetuneConfig(epochs=args.finetune_epochs,
+                                                      batch_size=args.finetune_batch_size)),
+                    "distill": asdict(DistillConfig(epochs=args.distill_epochs,
+                                                    batch_size=args.batch_size))},
+        "encoder_cached": pretrain_info["encoder_cached"],
+        "pretrain": {k: v for k, v in pretrain_info.items() if k != "encoder_cached"},
+        "label_free": label_free_rows,
+        "runs": runs,
+        "aggregates": aggregates,
+        "labeled_counts": labeled_counts,
+        "timings": {"pretrain_seconds": pretrain_info["seconds"],
+                    "pretrain_images_per_s": pretrain_info["images_per_s"],
+                    "embed_seconds": embed_seconds,
+                    "embed_images_per_s": embedded / max(embed_seconds, 1e-9),
+                    "total_seconds": time.perf_counter() - started},
+    }
+    out = Path(args.out)
+    write_json(out, payload)
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

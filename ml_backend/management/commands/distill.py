@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand
+
+from ml_backend.management.commands._runs import add_common_arguments, get_project, run
+
+
+class Command(BaseCommand):
+    help = ("SimCLRv2 step 3: self-distillation of the active classifier (or --teacher) into a "
+            "student on the unlabeled pool; evaluated and gated like a fine-tune.")
+
+    def add_arguments(self, parser):
+        add_common_arguments(parser)
+        parser.add_argument("--teacher", type=int, default=None, help="ModelVersion id")
+        parser.add_argument("--epochs", type=int, default=10)
+        parser.add_argument("--batch-size", type=int, default=128)
+        parser.add_argument("--lr", type=float, default=3e-4)
+        parser.add_argument("--temperature", type=float, default=1.0)
+        parser.add_argument("--labeled-weight", type=float, default=0.5)
+
+    def handle(self, *args, **opts):
+        params = {"teacher": opts["teacher"], "epochs": opts["epochs"],
+                  "batch_size": opts["batch_size"], "lr": opts["lr"],
+                  "temperature": opts["temperature"], "labeled_weight": opts["labeled_weight"]}
+        run(self, project=get_project(opts["project"]), kind="distill", params=params, opts=opts)

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from annotator.models import Scan
+from ml_backend import services
+from ml_backend.ssl.train import TrainingError
+
+
+class Command(BaseCommand):
+    help = "List the scans most similar to one scan (SimCLRv2 embeddings, FAISS)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("scan_id", type=int)
+        parser.add_argument("-k", type=int, default=8)
+        parser.add_argument("--labeled-only", action="store_true")
+
+    def handle(self, *args, **opts):
+        scan = Scan.objects.filter(pk=opts["scan_id"]).first()
+        if scan is None:
+            raise CommandError(f"No scan {opts['scan_id']}.")
+        try:
+            hits = services.similar_scans(scan=scan, k=opts["k"], labeled_only=opts["labeled_only"])
+        except TrainingError as exc:
+            raise CommandError(str(exc)) from None
+        for other, score in hits:
+            labels = ", ".join(sorted({a.label_class.name for a in other.annotations.all()
+                                       if a.label_class_id})) or "unlabeled"
+            self.stdout.write(f"{other.pk:8d}  {score:.3f}  {other.dataset.name}  {labels}")

@@ -1,0 +1,1 @@
+"""Evaluation metrics over numpy arrays (pure: no Django)."""

@@ -1,0 +1,256 @@
+"""Classification reports, calibration and temperature scaling. Pure: numpy, scipy, sklearn.
+
+``classification_report`` turns true labels and predicted probabilities into one
+JSON-serialisable dict (plain ``float`` / ``int`` / ``list``; undefined values are ``None``,
+never NaN): accuracy, macro / weighted F1, Cohen's kappa, one-vs-rest AUC and average
+precision, per-class precision / recall / F1 / support / AUC / AP, the confusion matrix,
+expected calibration error with its reliability bins, and optional per-group metrics
+(e.g. per site or per data set).
+
+Classes that never occur in ``y_true`` do not raise: their AUC / AP are ``None`` and they are
+left out of the macro AUC / AP. ``macro_f1`` and ``weighted_f1`` follow sklearn's default
+label set (classes present in ``y_true`` or in the predictions), so a class that is neither
+true nor predicted anywhere does not count as a zero.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+__all__ = [
+    "classification_report",
+    "expected_calibration_error",
+    "reliability_bins",
+    "fit_temperature",
+    "negative_log_likelihood",
+]
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _clean(value):
+    """Numpy scalars → Python numbers; NaN / inf → None; recurse into dicts and lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def _check(y_true, proba) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).reshape(-1)
+    p = np.asarray(proba, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"proba must have shape (N, C), got {p.shape}")
+    if len(y) != len(p):
+        raise ValueError(f"{len(y)} labels but {len(p)} rows of probabilities")
+    if len(y) and not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.equal(np.mod(y, 1), 0)):
+            raise ValueError("y_true must hold integer class indices")
+    y = y.astype(np.int64)
+    if len(y) and (y.min() < 0 or y.max() >= p.shape[1]):
+        raise ValueError(f"y_true must hold class indices in 0..{p.shape[1] - 1}")
+    return y, p
+
+
+def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    if positive.all() or not positive.any():
+        return None
+    return float(roc_auc_score(positive, score))
+
+
+def _binary_ap(positive: np.ndarray, score: np.ndarray) -> float | None:
+    if not positive.any():
+        return None
+    return float(average_precision_score(positive, score))
+
+
+def _mean_defined(values) -> float | None:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+# --- calibration -----------------------------------------------------------------------
+
+
+def reliability_bins(y_true, proba, n_bins: int = 15) -> list[dict]:
+    """Equal-width bins over the max probability, each ``(lower, upper]`` (the first also
+    holds 0). Per bin: ``lower``, ``upper``, mean ``confidence``, ``accuracy`` (None when
+    empty) and ``count``."""
+    if n_bins < 1:
+        raise ValueError("n_bins must be >= 1")
+    y, p = _check(y_true, proba)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    confidence = p.max(axis=1) if len(p) else np.zeros(0)
+    correct = (p.argmax(axis=1) == y) if len(p) else np.zeros(0, dtype=bool)
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    bins = []
+    for b in range(n_bins):
+        members = index == b
+        count = int(members.sum())
+        bins.append({
+            "lower": float(edges[b]), "upper": float(edges[b + 1]),
+            "confidence": float(confidence[members].mean()) if count else None,
+            "accuracy": float(correct[members].mean()) if count else None,
+            "count": count,
+        })
+    return bins
+
+
+def expected_calibration_error(y_true, proba, n_bins: int = 15) -> float:
+    """ECE (Guo et al., 2017): ``sum_b |B_b|/N * |acc(B_b) - conf(B_b)|`` over ``n_bins``
+    equal-width bins of the max probability. 0.0 for no samples."""
+    bins = reliability_bins(y_true, proba, n_bins)
+    total = sum(b["count"] for b in bins)
+    if total == 0:
+        return 0.0
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"])
+                     for b in bins if b["count"]))
+
+
+def negative_log_likelihood(logits, y_true, temperature: float = 1.0) -> float:
+    """Mean NLL of ``softmax(logits / temperature)``; log-probabilities work as logits."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    if z.ndim != 2 or len(z) != len(y) or len(y) == 0:
+        raise ValueError("logits must be (N, C) with N = len(y_true) > 0")
+    log_p = log_softmax(z / temperature, axis=1)
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits_or_log_proba, y_true, *, bounds: tuple[float, float] = (0.05, 20.0)
+                    ) -> float:
+    """Temperature scaling (Guo et al., 2017): the ``T`` minimising the NLL of
+    ``softmax(z / T)`` on held-out data, searched over ``log T`` within ``bounds``.
+
+    ``z`` may be logits or log-probabilities (softmax ignores a per-row shift). Returns 1.0
+    when there is nothing to fit (no samples).
+    """
+    z = np.asarray(logits_or_log_proba, dtype=np.float64)
+    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    if len(y) == 0:
+        return 1.0
+    if z.ndim != 2 or len(z) != len(y):
+        raise ValueError("logits must be (N, C) with N = len(y_true)")
+    # -inf log-probabilities (p = 0) would make every T give inf: clip them.
+    finite = np.isfinite(z)
+    if not finite.any():
+        raise ValueError("logits hold no finite values")
+    z = np.where(finite, z, z[finite].min() - 50.0)
+    low, high = math.log(bounds[0]), math.log(bounds[1])
+    result = minimize_scalar(lambda log_t: negative_log_likelihood(z, y, math.exp(log_t)),
+                             bounds=(low, high), method="bounded",
+                             options={"xatol": 1e-4})
+    return float(math.exp(result.x))
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+def _core(y: np.ndarray, pred: np.ndarray, p: np.ndarray) -> dict:
+    """accuracy, macro_f1, macro_auc for one (sub)set."""
+    num_classes = p.shape[1]
+    if num_classes == 2:
+        macro_auc = _binary_auc(y == 1, p[:, 1])
+    else:
+        macro_auc = _mean_defined(_binary_auc(y == c, p[:, c]) for c in range(num_classes))
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "macro_auc": macro_auc,
+        "n": int(len(y)),
+    }
+
+
+def classification_report(y_true, proba, class_names: list[str], *,
+                          groups=None, n_bins: int = 15) -> dict:
+    """Every metric of one evaluation as a JSON-serialisable dict (see module docstring).
+
+    ``y_true``: int ``(N,)`` class indices; ``proba``: ``(N, C)`` probabilities with
+    ``C == len(class_names)``; ``groups``: optional ``(N,)`` group names (data set, site)
+    for ``per_group``.
+    """
+    y, p = _check(y_true, proba)
+    num_classes = p.shape[1]
+    names = [str(n) for n in class_names]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} probability columns")
+    if len(set(names)) != len(names):
+        raise ValueError("class names must be unique")
+    labels = list(range(num_classes))
+    n = len(y)
+    if n == 0:
+        return _clean({
+            "accuracy": None, "macro_f1": None, "weighted_f1": None, "cohen_kappa": None,
+            "macro_auc": None, "macro_ap": None, "nll": None,
+            "per_class": {name: {"precision": None, "recall": None, "f1": None, "support": 0,
+                                 "auc": None, "ap": None} for name in names},
+            "confusion_matrix": [[0] * num_classes for _ in labels],
+            "ece": None, "reliability": reliability_bins(y, p, n_bins),
+            "num_samples": 0, "class_names": names,
+            **({"per_group": {}} if groups is not None else {}),
+        })
+
+    pred = p.argmax(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kappa on a single class: NaN → None below
+        kappa = cohen_kappa_score(y, pred, labels=labels)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, pred, labels=labels, zero_division=0)
+    aucs = [_binary_auc(y == c, p[:, c]) for c in labels]
+    aps = [_binary_ap(y == c, p[:, c]) for c in labels]
+    core = _core(y, pred, p)
+    clipped = np.clip(p[np.arange(n), y], 1e-12, 1.0)
+
+    report = {
+        "accuracy": core["accuracy"],
+        "macro_f1": core["macro_f1"],
+        "weighted_f1": float(f1_score(y, pred, average="weighted", zero_division=0)),
+        "cohen_kappa": kappa,
+        "macro_auc": core["macro_auc"],
+        "macro_ap": _mean_defined(aps),
+        "nll": float(-np.log(clipped).mean()),
+        "per_class": {
+            name: {"precision": precision[c], "recall": recall[c], "f1": f1[c],
+                   "support": int(support[c]), "auc": aucs[c], "ap": aps[c]}
+            for c, name in enumerate(names)
+        },
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        "ece": expected_calibration_error(y, p, n_bins),
+        "reliability": reliability_bins(y, p, n_bins),
+        "num_samples": n,
+        "class_names": names,
+    }
+    if groups is not None:
+        g = np.asarray(groups).reshape(-1)
+        if len(g) != n:
+            raise ValueError(f"{len(g)} group names for {n} samples")
+        report["per_group"] = {
+            str(value): _core(y[g == value], pred[g == value], p[g == value])
+            for value in sorted(set(g.tolist()), key=str)
+        }
+    return _clean(report)

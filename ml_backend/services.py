@@ -1,0 +1,521 @@
+"""Django adapter around the pure ML core: runs, model versions, embeddings, similar scans.
+
+Commands and Celery tasks call ``training_run_create`` then ``training_run_execute``; the
+work itself lives in ``ml_backend.ssl`` / ``ml_backend.index`` / ``ml_backend.metrics``.
+A run is claimed with a conditional update (queued → running) so a duplicate delivery does
+nothing; a failed run marks itself failed and never changes the project's active models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from annotator.models import Annotation, LabelClass, Project, Scan
+from annotator.storage import media_path
+from ml_backend.data.arrays import load_images
+from ml_backend.models import Evaluation, ModelVersion, Prediction, TrainingRun
+from ml_backend.ssl import train as ssl
+from ml_backend.ssl.train import TrainingError
+
+logger = logging.getLogger(__name__)
+
+LEASE = timedelta(minutes=30)
+Progress = Callable[[dict], None]
+
+
+# --- runs ------------------------------------------------------------------------------
+
+
+def training_run_create(*, project: Project, kind: str, params: dict | None = None,
+                        requested_by=None, enqueue: bool = False) -> TrainingRun:
+    """Record a run; with ``enqueue`` the Celery task is sent once the row is committed."""
+    if kind not in TrainingRun.Kind.values:
+        raise ValueError(f"unknown run kind {kind!r}")
+    run = TrainingRun.objects.create(project=project, kind=kind, params=params or {},
+                                     requested_by=requested_by)
+    if enqueue:
+        from ml_backend.tasks import run_training
+
+        transaction.on_commit(lambda: run_training.delay(run.pk))
+    return run
+
+
+def training_run_claim(run_id: int) -> bool:
+    """Claim a queued run for this worker. Exactly one caller gets True."""
+    now = timezone.now()
+    claimed = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED).update(
+        status=TrainingRun.Status.RUNNING, started_at=now, lease_expires_at=now + LEASE,
+        claimed_by=f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}",
+    )
+    return claimed == 1
+
+
+class _RunReporter:
+    """Writes progress and log lines to the run row, at most every few seconds."""
+
+    def __init__(self, run: TrainingRun, echo: Progress | None = None, every: float = 3.0):
+        self.run, self.echo, self.every, self.last = run, echo, every, 0.0
+
+    def log(self, line: str) -> None:
+        self.run.log += f"{timezone.now():%H:%M:%S} {line}\n"
+        self.run.save(update_fields=["log"])
+
+    def __call__(self, event: dict) -> None:
+        if self.echo is not None:
+            self.echo(event)
+        fraction = _fraction(event)
+        now = time.monotonic()
+        if fraction is not None and (now - self.last >= self.every or fraction >= 1.0):
+            self.last = now
+            self.run.progress = round(fraction, 4)
+            self.run.lease_expires_at = timezone.now() + LEASE
+            self.run.save(update_fields=["progress", "lease_expires_at"])
+
+
+def _fraction(event: dict) -> float | None:
+    if "epochs" in event:
+        step = event.get("step", event.get("steps", 1))
+        steps = max(event.get("steps", 1), 1)
+        return min(1.0, (event["epoch"] - 1 + step / steps) / event["epochs"])
+    if "total" in event:
+        return min(1.0, event["done"] / max(event["total"], 1))
+    return None
+
+
+def training_run_execute(run_id: int, *, progress: Progress | None = None) -> TrainingRun | None:
+    """Claim and run one TrainingRun. Returns None when another worker has it."""
+    if not training_run_claim(run_id):
+        logger.info("training run %s already claimed or finished", run_id)
+        return None
+    run = TrainingRun.objects.select_related("project").get(pk=run_id)
+    reporter = _RunReporter(run, progress)
+    handlers = {"pretrain": _pretrain, "embed": _embed, "refit": _finetune,
+                "retrain": _finetune, "distill": _distill}
+    try:
+        handlers[run.kind](run, reporter)
+        run.status = TrainingRun.Status.SUCCEEDED
+        run.progress = 1.0
+    except TrainingError as exc:
+        run.status, run.last_error = TrainingRun.Status.FAILED, str(exc)
+    except Exception as exc:  # the run's boundary: the row must say what happened
+        logger.exception("training run %s crashed", run_id)
+        run.status = TrainingRun.Status.FAILED
+        run.last_error = f"unexpected error: {type(exc).__name__}: {exc}"
+    # run.model_version is always the version this run created (embed runs create none).
+    if run.status == TrainingRun.Status.FAILED and run.model_version is not None:
+        version = run.model_version
+        version.status = ModelVersion.Status.FAILED
+        version.status_reason = run.last_error[:2000]
+        version.save(update_fields=["status", "status_reason"])
+    run.finished_at = timezone.now()
+    run.lease_expires_at = None
+    run.save()
+    return run
+
+
+# --- model versions --------------------------------------------------------------------
+
+
+def _new_version(run: TrainingRun, kind: str, *, parent: ModelVersion | None,
+                 config: dict) -> ModelVersion:
+    prefix = "enc" if kind == ModelVersion.Kind.ENCODER else "clf"
+    version = f"p{run.project_id}-{prefix}-{run.pk}"
+    directory = Path(settings.ARTIFACTS_ROOT) / "models" / version
+    directory.mkdir(parents=True, exist_ok=True)
+    model = ModelVersion.objects.create(project=run.project, kind=kind, version=version,
+                                        parent=parent, artifact_dir=str(directory), config=config)
+    run.model_version = model
+    run.save(update_fields=["model_version"])
+    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    return model
+
+
+def model_version_activate(model: ModelVersion, *, reason: str = "") -> None:
+    """Make ``model`` the project's active encoder or classifier; retire the previous one."""
+    field = "active_encoder" if model.kind == ModelVersion.Kind.ENCODER else "active_model"
+    with transaction.atomic():
+        project = Project.objects.select_for_update().get(pk=model.project_id)
+        previous_id = getattr(project, f"{field}_id")
+        if previous_id and previous_id != model.pk:
+            ModelVersion.objects.filter(pk=previous_id).update(status=ModelVersion.Status.RETIRED)
+        model.status = ModelVersion.Status.ACTIVE
+        model.status_reason = reason or model.status_reason
+        model.promoted_at = timezone.now()
+        model.save(update_fields=["status", "status_reason", "promoted_at"])
+        setattr(project, field, model)
+        project.save(update_fields=[field])
+
+
+def _checkpoint(model: ModelVersion, name: str) -> Path:
+    return Path(model.artifact_dir) / name
+
+
+# --- images ----------------------------------------------------------------------------
+
+
+def _images_for(scans: list[Scan], size: int) -> np.ndarray:
+    """The scans' display previews at ``size`` (see ml_backend/data/arrays.py)."""
+    missing = [s.pk for s in scans if not media_path(s.preview.name).exists()]
+    if missing:
+        raise TrainingError(f"preview files missing for scans {missing[:10]}; re-import them")
+    return load_images([media_path(s.preview.name) for s in scans], size)
+
+
+def _hflip_mask(scans: list[Scan]) -> np.ndarray:
+    return np.array([s.dataset.hflip_allowed for s in scans], dtype=bool)
+
+
+# --- pretrain --------------------------------------------------------------------------
+
+
+def _pretrain(run: TrainingRun, report: _RunReporter) -> None:
+    params = dict(run.params)
+    init = params.pop("init_checkpoint", None)
+    activate = params.pop("activate", True)
+    config = ssl.PretrainConfig(**{k: v for k, v in params.items()
+                                   if k in ssl.PretrainConfig.__dataclass_fields__})
+    scans = list(Scan.objects.filter(project=run.project).select_related("dataset").order_by("pk"))
+    if len(scans) < 2:
+        raise TrainingError("pretraining needs at least 2 scans in the project")
+    parent = run.project.active_encoder if init == "active" else None
+    if init == "active":
+        if parent is None:
+            raise TrainingError("--init-checkpoint active: the project has no active encoder")
+        init = str(_checkpoint(parent, "encoder.pt"))
+    model = _new_version(run, ModelVersion.Kind.ENCODER, parent=parent,
+                         config={"pretrain": asdict(config), "init_checkpoint": init,
+                                 "num_scans": len(scans)})
+    report.log(f"pretraining {model.version} on {len(scans)} scans: {config.arch}, "
+               f"{config.image_size}px, {config.epochs} epochs")
+    images = _images_for(scans, config.image_size)
+    metrics = ssl.pretrain(images, config, checkpoint_path=_checkpoint(model, "encoder.pt"),
+                           model_version=model.version, init_checkpoint=init,
+                           progress=report, hflip_mask=_hflip_mask(scans))
+    model.metrics = {"pretrain": metrics}
+    model.status = ModelVersion.Status.READY
+    model.save(update_fields=["metrics", "status"])
+    report.log(f"final loss {metrics['final_loss']:.4f}; {metrics['note']}".rstrip("; "))
+    if activate:
+        # Embed before activating: a failure here leaves the previous encoder active.
+        _embed_with(run, model, report, full=True)
+        model_version_activate(model, reason="pretrained")
+
+
+# --- embeddings + index ----------------------------------------------------------------
+
+
+def embeddings_paths(model: ModelVersion) -> dict[str, Path]:
+    base = Path(model.artifact_dir)
+    return {"vectors": base / "embeddings.npy", "ids": base / "scan_ids.npy",
+            "index": base / "index.faiss"}
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _embed(run: TrainingRun, report: _RunReporter) -> None:
+    encoder = run.project.active_encoder
+    if encoder is None:
+        raise TrainingError("the project has no active encoder: run `manage.py pretrain` first")
+    run.params = {**run.params, "encoder": encoder.version}
+    run.save(update_fields=["params"])
+    _embed_with(run, encoder, report, full=bool(run.params.get("full")))
+
+
+def _embed_with(run: TrainingRun, encoder: ModelVersion, report: _RunReporter, *,
+                full: bool) -> None:
+    """Embed every scan not yet embedded with ``encoder`` (all of them when ``full``) and
+    add them to its FAISS index without rebuilding it."""
+    from ml_backend.index.faiss_index import VectorIndex, build_index
+
+    paths = embeddings_paths(encoder)
+    model, config = ssl.load_pretrained(_checkpoint(encoder, "encoder.pt"))
+    scans = list(Scan.objects.filter(project=run.project).order_by("pk"))
+    old_ids = np.zeros(0, np.int64)
+    old_vectors = None
+    if not full and paths["ids"].exists() and paths["index"].exists():
+        old_ids = np.load(paths["ids"])
+        old_vectors = np.load(paths["vectors"])
+    known = set(old_ids.tolist())
+    todo = [s for s in scans if s.pk not in known]
+    report.log(f"embedding {len(todo)} scans with {encoder.version} "
+               f"({len(known)} already embedded)")
+    started = time.perf_counter()
+    vectors = ssl.embed(model.encoder, _images_for(todo, config.image_size), config,
+                        progress=report) if todo else np.zeros((0, model.encoder.feature_dim),
+                                                               np.float32)
+    seconds = time.perf_counter() - started
+    ids = np.array([s.pk for s in todo], dtype=np.int64)
+    if old_vectors is not None and len(known):
+        index = VectorIndex.load(paths["index"])
+        if len(ids):
+            index.add(vectors, ids)
+        all_ids, all_vectors = np.concatenate([old_ids, ids]), np.concatenate([old_vectors, vectors])
+    else:
+        if not len(ids):
+            raise TrainingError("no scans to embed")
+        kind = run.params.get("index_kind", "auto")
+        index = build_index(vectors, ids, kind=kind)
+        all_ids, all_vectors = ids, vectors
+    _save_npy_atomic(paths["vectors"], all_vectors.astype(np.float32))
+    _save_npy_atomic(paths["ids"], all_ids)
+    index.save(paths["index"])
+    _INDEX_CACHE.pop(str(paths["index"]), None)
+    stats = {"embedded": int(len(ids)), "total": int(len(all_ids)), "index_kind": index.kind,
+             "images_per_s": round(len(ids) / seconds, 1) if len(ids) and seconds else None}
+    encoder.metrics = {**encoder.metrics, "embeddings": stats}
+    encoder.save(update_fields=["metrics"])
+    report.log(f"index {index.kind}: {len(all_ids)} vectors")
+
+
+_INDEX_CACHE: dict[str, tuple[float, object]] = {}
+
+
+def _load_index(path: Path):
+    from ml_backend.index.faiss_index import VectorIndex
+
+    mtime = path.stat().st_mtime
+    cached = _INDEX_CACHE.get(str(path))
+    if cached is None or cached[0] != mtime:
+        cached = (mtime, VectorIndex.load(path))
+        _INDEX_CACHE[str(path)] = cached
+    return cached[1]
+
+
+def similar_scans(*, scan: Scan, k: int = 8, labeled_only: bool = False) -> list[tuple[Scan, float]]:
+    """The ``k`` scans most similar to ``scan`` (cosine on SimCLRv2 embeddings), best first.
+
+    With ``labeled_only`` only scans that have a label are returned. Raises TrainingError
+    when the project has no embeddings yet.
+    """
+    encoder = scan.project.active_encoder
+    if encoder is None:
+        raise TrainingError("no active encoder for this project yet")
+    paths = embeddings_paths(encoder)
+    if not paths["index"].exists():
+        raise TrainingError("no embeddings yet: run `manage.py embed`")
+    index = _load_index(paths["index"])
+    ids = np.load(paths["ids"])
+    position = np.flatnonzero(ids == scan.pk)
+    if len(position):
+        query = np.load(paths["vectors"], mmap_mode="r")[position[0]][None].astype(np.float32)
+    else:  # a scan imported after the last embed: embed it on the fly
+        model, config = ssl.load_pretrained(_checkpoint(encoder, "encoder.pt"))
+        query = ssl.embed(model.encoder, _images_for([scan], config.image_size), config)
+    allowed = None
+    if labeled_only:
+        allowed = list(Annotation.objects.filter(
+            scan__project=scan.project, outcome=Annotation.Outcome.LABEL
+        ).values_list("scan_id", flat=True).distinct())
+        if not allowed:
+            return []
+    hits = index.search(query, k, allowed_ids=allowed, exclude_ids=[scan.pk])[0]
+    by_id = Scan.objects.in_bulk([scan_id for scan_id, _ in hits])
+    return [(by_id[scan_id], float(score)) for scan_id, score in hits if scan_id in by_id]
+
+
+# --- labels ----------------------------------------------------------------------------
+
+
+def training_labels(project: Project, *, split: str) -> tuple[list[Scan], list[int]]:
+    """One label per scan: an adjudication if any, else the most common label (latest wins
+    ties). Returns the scans and their LabelClass ids."""
+    annotations = (Annotation.objects
+                   .filter(scan__project=project, scan__split=split,
+                           outcome=Annotation.Outcome.LABEL)
+                   .order_by("created_at", "pk")
+                   .values_list("scan_id", "label_class_id", "source"))
+    votes: dict[int, list[tuple[int, str]]] = {}
+    for scan_id, class_id, source in annotations:
+        votes.setdefault(scan_id, []).append((class_id, source))
+    chosen = {}
+    for scan_id, items in votes.items():
+        adjudicated = [c for c, source in items if source == Annotation.Source.ADJUDICATION]
+        if adjudicated:
+            chosen[scan_id] = adjudicated[-1]
+            continue
+        counts = Counter(c for c, _ in items)
+        best = max(counts.values())
+        chosen[scan_id] = next(c for c, _ in reversed(items) if counts[c] == best)
+    scans = Scan.objects.in_bulk(list(chosen))
+    ordered = sorted(chosen)
+    return [scans[i] for i in ordered], [chosen[i] for i in ordered]
+
+
+# --- fine-tune and distill -------------------------------------------------------------
+
+
+def _labeled_arrays(project: Project, classes: list[int], size: int, split: str):
+    scans, class_ids = training_labels(project, split=split)
+    keep = [(s, c) for s, c in zip(scans, class_ids) if c in classes]
+    if not keep:
+        return [], np.zeros((0, size, size), np.uint8), np.zeros(0, np.int64)
+    scans = [s for s, _ in keep]
+    labels = np.array([classes.index(c) for _, c in keep], dtype=np.int64)
+    return scans, _images_for(scans, size), labels
+
+
+def _finetune(run: TrainingRun, report: _RunReporter) -> None:
+    encoder = run.project.active_encoder
+    if encoder is None:
+        raise TrainingError("the project has no active encoder: run `manage.py pretrain` first")
+    pretrained, pconfig = ssl.load_pretrained(_checkpoint(encoder, "encoder.pt"))
+    train_scans, class_ids = training_labels(run.project, split="pool")
+    classes = sorted(set(class_ids))
+    if len(classes) < 2:
+        raise TrainingError(f"fine-tuning needs labeled pool scans of at least 2 classes "
+                            f"(have {len(train_scans)} labels in {len(classes)} class(es))")
+    config = ssl.FinetuneConfig(**{k: v for k, v in run.params.items()
+                                   if k in ssl.FinetuneConfig.__dataclass_fields__})
+    names = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "name"))
+    model = _new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
+        "finetune": asdict(config), "pretrain": asdict(pconfig), "kind": "finetuned",
+        "classes": [{"id": c, "name": names[c]} for c in classes]})
+    _, images, labels = _labeled_arrays(run.project, classes, pconfig.image_size, "pool")
+    report.log(f"fine-tuning {model.version} from {encoder.version} on {len(labels)} labels, "
+               f"{len(classes)} classes, from head layer {config.from_head_layer}")
+    classifier, metrics = ssl.finetune(pretrained, pconfig, images, labels, len(classes), config,
+                                       checkpoint_path=_checkpoint(model, "classifier.pt"),
+                                       model_version=model.version, progress=report)
+    _finish_classifier(run, model, classifier, pconfig, classes, len(labels), metrics, report)
+
+
+def _distill(run: TrainingRun, report: _RunReporter) -> None:
+    teacher_version = (ModelVersion.objects.get(pk=run.params["teacher"])
+                       if run.params.get("teacher") else run.project.active_model)
+    if teacher_version is None:
+        raise TrainingError("distillation needs a fine-tuned teacher: run `manage.py finetune`")
+    encoder = teacher_version.parent
+    if encoder is None:
+        raise TrainingError(f"{teacher_version.version} has no parent encoder")
+    teacher, pconfig = ssl.load_classifier(_checkpoint(teacher_version, "classifier.pt"))
+    pretrained, _ = ssl.load_pretrained(_checkpoint(encoder, "encoder.pt"))
+    classes = [c["id"] for c in teacher_version.config["classes"]]
+    config = ssl.DistillConfig(**{k: v for k, v in run.params.items()
+                                  if k in ssl.DistillConfig.__dataclass_fields__})
+    model = _new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
+        **teacher_version.config, "kind": "distilled", "distill": asdict(config),
+        "teacher": teacher_version.version})
+    pool = list(Scan.objects.filter(project=run.project, split="pool").order_by("pk"))
+    _, labeled, labels = _labeled_arrays(run.project, classes, pconfig.image_size, "pool")
+    report.log(f"distilling {teacher_version.version} into {model.version} on {len(pool)} "
+               f"pool scans (+{len(labels)} labels)")
+    student, metrics = ssl.distill(teacher, pretrained, pconfig,
+                                   _images_for(pool, pconfig.image_size), config,
+                                   labeled=labeled, labels=labels,
+                                   checkpoint_path=_checkpoint(model, "classifier.pt"),
+                                   model_version=model.version, progress=report)
+    _finish_classifier(run, model, student, pconfig, classes, len(labels), metrics, report)
+
+
+def _finish_classifier(run, model, classifier, pconfig, classes, num_labels, metrics, report):
+    model.num_labels = num_labels
+    model.metrics = {"training": metrics}
+    model.status = ModelVersion.Status.READY
+    model.save(update_fields=["num_labels", "metrics", "status"])
+    evaluation = evaluate(model, classifier=classifier, pretrain_config=pconfig, classes=classes)
+    if evaluation is not None:
+        report.log(f"eval: accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f}"
+                   f" on {evaluation.num_eval} scans")
+    promoted, reason = gate(model, evaluation)
+    report.log(reason)
+    if promoted:
+        model_version_activate(model, reason=reason)
+        predictions_refresh(model, classifier=classifier, pretrain_config=pconfig, classes=classes)
+    else:
+        model.status_reason = reason
+        model.save(update_fields=["status_reason"])
+
+
+def evaluate(model: ModelVersion, *, classifier, pretrain_config, classes: list[int]):
+    """Score the eval split; store an Evaluation with the per-class report."""
+    from ml_backend.metrics.reports import classification_report
+
+    scans, images, labels = _labeled_arrays(model.project, classes, pretrain_config.image_size,
+                                            "eval")
+    if not scans:
+        return None
+    proba = ssl.predict_proba(classifier, images, pretrain_config)
+    names = [c["name"] for c in model.config["classes"]]
+    groups = np.array([s.dataset.name for s in Scan.objects.select_related("dataset")
+                       .filter(pk__in=[s.pk for s in scans]).order_by("pk")])
+    report = classification_report(labels, proba, names, groups=groups)
+    return Evaluation.objects.create(
+        model_version=model, num_labels=model.num_labels, num_eval=len(scans),
+        accuracy=report.get("accuracy"), macro_f1=report.get("macro_f1"),
+        macro_auc=report.get("macro_auc"), cohen_kappa=report.get("cohen_kappa"),
+        ece=report.get("ece"), report=report)
+
+
+def gate(model: ModelVersion, evaluation: Evaluation | None) -> tuple[bool, str]:
+    """Promote only if no class's F1 drops by more than the project's tolerance."""
+    project = model.project
+    active = project.active_model
+    if active is None:
+        return True, "first classifier: promoted"
+    if evaluation is None:
+        return False, "not promoted: the project has no labeled eval scans to compare on"
+    previous = active.evaluations.order_by("-created_at").first()
+    if previous is None:
+        return True, f"promoted: {active.version} has no evaluation to compare with"
+    tolerance = project.gate_tolerance
+    drops = []
+    for name, stats in previous.report.get("per_class", {}).items():
+        new = evaluation.report.get("per_class", {}).get(name)
+        if new is None or stats.get("f1") is None or new.get("f1") is None:
+            continue
+        if new["f1"] < stats["f1"] - tolerance:
+            drops.append(f"{name} F1 {stats['f1']:.3f} → {new['f1']:.3f}")
+    if drops:
+        return False, (f"not promoted: F1 dropped by more than {tolerance:.2f} against "
+                       f"{active.version} for " + "; ".join(drops))
+    return True, f"promoted: no class F1 dropped by more than {tolerance:.2f} against {active.version}"
+
+
+def predictions_refresh(model: ModelVersion, *, classifier=None, pretrain_config=None,
+                        classes: list[int] | None = None) -> int:
+    """Store the model's class probabilities for every pool scan (one row per scan)."""
+    if classifier is None:
+        classifier, pretrain_config = ssl.load_classifier(_checkpoint(model, "classifier.pt"))
+        classes = [c["id"] for c in model.config["classes"]]
+    scans = list(Scan.objects.filter(project=model.project, split="pool").order_by("pk"))
+    if not scans:
+        return 0
+    proba = ssl.predict_proba(classifier, _images_for(scans, pretrain_config.image_size),
+                              pretrain_config)
+    rows = []
+    for scan, p in zip(scans, proba):
+        best = int(p.argmax())
+        rows.append(Prediction(
+            scan=scan, model_version=model, predicted_class_id=classes[best],
+            probabilities={str(c): round(float(v), 6) for c, v in zip(classes, p)},
+            confidence=float(p[best]), uncertainty=float(1.0 - p[best])))
+    with transaction.atomic():
+        Prediction.objects.filter(model_version=model).delete()
+        Prediction.objects.bulk_create(rows, batch_size=500)
+    return len(rows)
+
+
+def model_artifacts_remove(model: ModelVersion) -> None:
+    """Delete a version's files (used by admins cleaning up failed versions)."""
+    if model.artifact_dir and Path(model.artifact_dir).is_dir():
+        shutil.rmtree(model.artifact_dir)
