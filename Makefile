@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv demo test serve migrate clean fixtures
+.PHONY: venv demo test serve migrate clean fixtures bench
 
 # The virtualenv is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -28,6 +28,17 @@ serve: venv
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Benchmarks write JSON under bench/results/ and print tables; figures go to docs/benchmarks.md.
+# Evaluation sets are arguments: point EVAL_* at a withheld split to measure on it.
+SHARED ?= ../shared/data
+BENCH_ARGS ?= --image-size 32 --small-input no --epochs 5 --batch-size 128 --finetune-epochs 10 --distill-epochs 2 --seeds 1 --labels-fraction 0.01,0.1,1.0
+PNEUMONIA_EVAL ?= $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#val
+BRAIN_EVAL ?= split:0.2
+bench: venv
+	mkdir -p bench/results
+	$(PY) -m bench.ssl_eval --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) $(BENCH_ARGS) --out bench/results/ssl_pneumoniamnist.json
+	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BENCH_ARGS) --out bench/results/ssl_brain_mri.json
 
 fixtures: venv
 	$(PY) fixtures/make_fixtures.py

@@ -8,7 +8,7 @@ from annotator.models import Annotation, LabelClass, Membership, Project, Scan
 
 
 def test_demo_setup_is_complete_and_idempotent(db, capsys):
-    call_command("demo_setup")
+    call_command("demo_setup", "--pretrain-epochs", "1", "--image-size", "48")
     out = capsys.readouterr().out
     assert "admin" in out and "clinician" in out and "password:" in out
     project = Project.objects.get()
@@ -19,5 +19,10 @@ def test_demo_setup_is_complete_and_idempotent(db, capsys):
         "normal", "pneumonia", "glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"}
     assert Membership.objects.filter(project=project, user__username="clinician").exists()
     assert project.datasets.count() == 2
-    call_command("demo_setup")
+    project.refresh_from_db()
+    encoder = project.active_encoder
+    assert encoder is not None and encoder.metrics["embeddings"]["total"] == 390
+    call_command("demo_setup")          # second run: nothing duplicated, no second pretraining
     assert Scan.objects.count() == 390 and Annotation.objects.count() == 80
+    project.refresh_from_db()
+    assert project.active_encoder == encoder

@@ -50,7 +50,7 @@ class TrainingError(Exception):
 class PretrainConfig:
     arch: str = "resnet18"
     image_size: int = 64
-    small_input: bool | None = None          # None: True when image_size <= 64
+    small_input: bool | None = None          # None: True when image_size <= 32 (MedMNIST)
     proj_hidden_dim: int = 512
     proj_out_dim: int = 128
     proj_layers: int = 3
@@ -73,7 +73,7 @@ class PretrainConfig:
 
     @property
     def uses_small_input(self) -> bool:
-        return self.image_size <= 64 if self.small_input is None else self.small_input
+        return self.image_size <= 32 if self.small_input is None else self.small_input
 
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig(size=self.image_size, hflip=self.hflip, **self.augment)
@@ -231,6 +231,36 @@ def _check_finite(loss: torch.Tensor, where: str) -> None:
                             "lower the learning rate or check the input scans")
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, config: PretrainConfig, *,
+                          device: torch.device, batch_size: int = 256) -> None:
+    """Re-estimate every BatchNorm's running mean/variance as an exact average over
+    ``images`` (deterministic eval transform).
+
+    After few optimisation steps the running statistics (momentum 0.1) still sit near their
+    initial values, so eval-mode outputs (embeddings, predictions) would be wrong; one
+    forward pass over the data fixes them without changing any weight.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(images) == 0:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None          # cumulative moving average = exact mean over batches
+    was_training = model.training
+    model.train()
+    loader = _loader(_Images(images, eval_transform(config.augment_config())),
+                     max(2, min(batch_size, len(images))), shuffle=False, generator=None,
+                     device=device)
+    for batch in loader:
+        if len(batch) > 1:             # BatchNorm1d needs more than one sample in train mode
+            model(batch.to(device))
+    for m, momentum in saved:
+        m.momentum = momentum
+    model.train(was_training)
+
+
 # --- checkpoints -----------------------------------------------------------------------
 
 
@@ -382,6 +412,13 @@ def pretrain(
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch + 1, "history": history,
         })
+    recalibrate_batchnorm(model, images, config, device=dev)
+    save_checkpoint(checkpoint_path, {
+        "kind": "simclr_encoder", "model_version": model_version, "config": asdict(config),
+        "encoder": model.encoder.state_dict(), "head": model.head.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": config.epochs, "history": history, "batchnorm_recalibrated": True,
+    })
     return {"epochs": config.epochs, "history": history, "note": note,
             "final_loss": history[-1]["loss"] if history else None, "device": dev.type}
 
@@ -529,6 +566,7 @@ def finetune(
         if progress is not None:
             progress({"stage": "finetune", "epoch": epoch + 1, "epochs": config.epochs,
                       "loss": history[-1]["loss"]})
+    recalibrate_batchnorm(model, images, pretrain_config, device=dev)
     model.eval()
     if checkpoint_path is not None:
         save_classifier(checkpoint_path, model, pretrain_config, config, num_classes,
@@ -649,6 +687,7 @@ def distill(
         if progress is not None:
             progress({"stage": "distill", "epoch": epoch + 1, "epochs": config.epochs,
                       "loss": history[-1]["loss"]})
+    recalibrate_batchnorm(student, unlabeled, pretrain_config, device=dev)
     student.eval()
     if checkpoint_path is not None:
         save_classifier(checkpoint_path, student, pretrain_config, config, num_classes,

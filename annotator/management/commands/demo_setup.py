@@ -28,6 +28,10 @@ class Command(BaseCommand):
         parser.add_argument("--fixtures", default=str(Path(settings.BASE_DIR) / "fixtures"))
         parser.add_argument("--keep-passwords", action="store_true",
                             help="do not reset the demo users' passwords")
+        parser.add_argument("--pretrain-epochs", type=int, default=4,
+                            help="epochs of the first SimCLRv2 encoder (0: skip); skipped when "
+                            "the project already has an active encoder")
+        parser.add_argument("--image-size", type=int, default=64)
 
     def handle(self, *args, **opts):
         users = self._users(keep=opts["keep_passwords"])
@@ -51,6 +55,19 @@ class Command(BaseCommand):
                 call_command("import_scans", str(fixtures / folder / split), project=project.name,
                              dataset=name, split=split, layout=layout, no_progress=True,
                              stdout=self.stdout, stderr=self.stderr)
+        project.refresh_from_db()
+        if opts["pretrain_epochs"] > 0 and project.active_encoder is None:
+            self.stdout.write(f"Pretraining a first SimCLRv2 encoder on the {project.scans.count()} "
+                              f"fixture scans ({opts['pretrain_epochs']} epochs, a few minutes on "
+                              "2 CPU cores) ...")
+            call_command("pretrain", project=project.name, epochs=opts["pretrain_epochs"],
+                         image_size=opts["image_size"], batch_size=64,
+                         stdout=self.stdout, stderr=self.stderr)
+        elif project.active_encoder is not None:
+            self.stdout.write(f"Encoder {project.active_encoder.version} is active; "
+                              "new scans are embedded incrementally.")
+            call_command("embed", project=project.name, no_progress=True,
+                         stdout=self.stdout, stderr=self.stderr)
         self.stdout.write("")
         self.stdout.write(self.style.SUCCESS("Demo ready at http://127.0.0.1:8000/"))
         for role, (user, password) in users.items():

@@ -22,11 +22,15 @@ class Command(BaseCommand):
                             "ResNet state dict), or 'active' for the project's active encoder")
         parser.add_argument("--no-activate", action="store_true",
                             help="keep the new encoder 'ready' instead of making it active")
+        parser.add_argument("--small-input", default="auto", choices=["auto", "yes", "no"],
+                            help="3x3 stride-1 stem without max-pool (auto: at 32 px and below; "
+                            "about 6x the compute of the standard stem)")
         parser.add_argument("--seed", type=int, default=0)
 
     def handle(self, *args, **opts):
         params = {"epochs": opts["epochs"], "image_size": opts["image_size"], "arch": opts["arch"],
                   "batch_size": opts["batch_size"], "lr": opts["lr"],
                   "temperature": opts["temperature"], "seed": opts["seed"],
+                  "small_input": {"auto": None, "yes": True, "no": False}[opts["small_input"]],
                   "init_checkpoint": opts["init_checkpoint"], "activate": not opts["no_activate"]}
         run(self, project=get_project(opts["project"]), kind="pretrain", params=params, opts=opts)

@@ -1,0 +1,162 @@
+"""bench.ssl_eval: one end-to-end run on the tiny brain MRI fixture, plus its helpers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import ssl_eval
+from tests.base import FIXTURES
+
+POOL = FIXTURES / "brain_mri" / "pool"
+EVAL = FIXTURES / "brain_mri" / "eval"
+FRACTIONS = ["0.5", "1"]
+
+
+def bench_args(tmp_path, out_name: str) -> list[str]:
+    # A 7x7-stem ResNet (--small-input no) keeps the run well under a minute on 2 CPU cores.
+    return ["--train", str(POOL), "--eval", str(EVAL), "--image-size", "32",
+            "--small-input", "no", "--epochs", "1", "--batch-size", "32",
+            "--finetune-epochs", "2", "--distill-epochs", "1", "--seeds", "1",
+            "--labels-fraction", "0.5,1.0", "--cache-dir", str(tmp_path / "cache"),
+            "--device", "cpu", "--out", str(tmp_path / out_name)]
+
+
+def in_unit_interval(value) -> bool:
+    return value is not None and 0.0 <= value <= 1.0
+
+
+@pytest.mark.slow
+def test_end_to_end_on_fixture_and_encoder_cache(tmp_path, capsys):
+    assert ssl_eval.main(bench_args(tmp_path, "first.json")) == 0
+    first = json.loads((tmp_path / "first.json").read_text())
+    printed = capsys.readouterr().out
+    assert "pretrain epoch 1/1" in printed and "images/s" in printed
+    assert "pixels_logreg" in printed and "label-free (simclr)" in printed
+
+    assert {"args", "machine", "data", "configs", "encoder_cached", "pretrain", "label_free",
+            "runs", "aggregates", "timings"} <= set(first)
+    assert first["encoder_cached"] is False
+    assert first["data"]["num_train"] == 160 and first["data"]["num_eval"] == 40
+    assert first["data"]["class_names"] == ["glioma_tumor", "meningioma_tumor", "no_tumor",
+                                            "pituitary_tumor"]
+    assert first["labeled_counts"] == {"0.5": 80, "1": 160}
+    assert set(first["aggregates"]) == set(FRACTIONS)
+    for fraction in FRACTIONS:
+        assert set(first["aggregates"][fraction]) == set(ssl_eval.METHODS)
+        for stats in first["aggregates"][fraction].values():
+            assert stats["runs"] == 1
+            for metric in ("accuracy", "macro_f1", "macro_auc"):
+                assert in_unit_interval(stats[metric]["mean"])
+    assert len(first["runs"]) == len(FRACTIONS) * len(ssl_eval.METHODS)
+    for run in first["runs"]:
+        metrics = run["metrics"]
+        for key in ("accuracy", "macro_f1", "macro_auc"):
+            assert in_unit_interval(metrics[key]), (run["method"], key)
+        assert set(metrics["per_class"]) == set(first["data"]["class_names"])
+        for row in metrics["per_class"].values():
+            assert all(in_unit_interval(row[k]) for k in ("precision", "recall", "f1"))
+    for name in ("simclr", "pixels"):
+        row = first["label_free"][name]
+        assert in_unit_interval(row["knn_accuracy"])
+        assert in_unit_interval(row["kmeans"]["purity"]) and row["kmeans"]["k"] == 4
+    timings = first["timings"]
+    assert timings["pretrain_seconds"] > 0 and timings["pretrain_images_per_s"] > 0
+    assert timings["embed_images_per_s"] > 0 and timings["total_seconds"] > 0
+    assert first["machine"]["torch_device"] == "cpu"
+    assert first["machine"]["torch_num_threads"] >= 1 and first["machine"]["cpu_count"] >= 1
+
+    # Second run: decoded arrays and the pretrained encoder come from the cache.
+    assert ssl_eval.main(bench_args(tmp_path, "second.json")) == 0
+    second = json.loads((tmp_path / "second.json").read_text())
+    printed = capsys.readouterr().out
+    assert "from cache" in printed and "reusing cached encoder" in printed
+    assert "pretrain epoch" not in printed
+    assert second["encoder_cached"] is True
+    assert second["timings"]["pretrain_seconds"] == 0.0
+    assert second["pretrain"]["checkpoint"] == first["pretrain"]["checkpoint"]
+    # Same encoder, same data: the label-free numbers and the pixel floor repeat exactly.
+    assert second["label_free"] == first["label_free"]
+    assert [r["metrics"]["accuracy"] for r in second["runs"] if r["method"] == "pixels_logreg"] \
+        == [r["metrics"]["accuracy"] for r in first["runs"] if r["method"] == "pixels_logreg"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def blob_image(seed: int, size: int = 32) -> np.ndarray:
+    """A smooth random 'scan': a few bright Gaussian blobs on black."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    image = np.zeros((size, size))
+    for _ in range(4):
+        cy, cx = rng.uniform(4, size - 4, 2)
+        image += rng.uniform(0.5, 1) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2)
+                                               / (2 * rng.uniform(2, 5) ** 2))
+    return np.clip(image / image.max() * 255, 0, 255).astype(np.uint8)
+
+
+def test_near_duplicate_grouping():
+    original = blob_image(1)
+    noisy = np.clip(original + np.random.default_rng(9).normal(0, 4, original.shape),
+                    0, 255).astype(np.uint8)
+    different = blob_image(2)
+    images = np.stack([original, different, noisy])
+    hashes = ssl_eval.average_hash(images)
+    assert np.bitwise_count(hashes[0] ^ hashes[2]) <= 4
+    assert np.bitwise_count(hashes[0] ^ hashes[1]) > 4
+    groups = ssl_eval.near_duplicate_groups(images)
+    assert groups[0] == groups[2]
+    assert groups[1] != groups[0]
+    # The hash alone (no thumbnail check) gives the same answer here.
+    alone = ssl_eval.near_duplicate_groups(images, min_correlation=None)
+    assert alone[0] == alone[2] != alone[1]
+
+
+def test_grouped_holdout_keeps_groups_on_one_side():
+    labels = np.repeat([0, 1, 2], 40)
+    groups = np.arange(120) // 3           # triples of "duplicates"
+    train_idx, eval_idx = ssl_eval.grouped_holdout(labels, groups, 0.2, seed=0)
+    assert not set(groups[train_idx]) & set(groups[eval_idx])
+    assert len(set(train_idx) | set(eval_idx)) == 120
+    assert 0.15 <= len(eval_idx) / 120 <= 0.25
+    assert set(labels[eval_idx]) == {0, 1, 2}
+
+
+def test_stratified_subset():
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    subset = ssl_eval.stratified_subset(labels, 10, seed=0)
+    assert len(subset) == 10 and len(set(subset)) == 10
+    counts = np.bincount(labels[subset], minlength=3)
+    assert counts.tolist() == [8, 1, 1]       # every class at least once
+    assert not np.array_equal(subset, ssl_eval.stratified_subset(labels, 10, seed=1))
+    assert len(ssl_eval.stratified_subset(labels, 1, seed=0)) == 3
+    assert len(ssl_eval.stratified_subset(labels, 1000, seed=0)) == 100
+
+
+def test_knn_accuracy_and_purity_on_separable_vectors():
+    rng = np.random.default_rng(0)
+    centers = np.eye(3, 16) * 10
+    train_y = np.repeat([0, 1, 2], 30)
+    eval_y = np.repeat([0, 1, 2], 10)
+    train_x = centers[train_y] + rng.normal(size=(90, 16))
+    eval_x = centers[eval_y] + rng.normal(size=(30, 16))
+    assert ssl_eval.knn_accuracy(train_x, train_y, eval_x, eval_y, k=20) == 1.0
+    assert ssl_eval.cluster_purity(eval_x, eval_y, 3)["purity"] == 1.0
+
+
+def test_split_eval_holds_out_whole_groups(tmp_path):
+    args = ssl_eval.build_parser().parse_args(
+        ["--train", str(POOL), "--eval", "split:0.25", "--image-size", "32",
+         "--cache-dir", str(tmp_path)])
+    data = ssl_eval.load_data(args)
+    info = data["info"]
+    assert info["num_train"] + info["num_eval"] == 160
+    assert 30 <= info["num_eval"] <= 50
+    assert set(data["y_eval"].tolist()) == {0, 1, 2, 3}
+    assert info["near_duplicate_groups"] <= 160
+    # No eval scan has a near-duplicate in train.
+    everything = np.concatenate([data["x_train"], data["x_eval"]])
+    groups = ssl_eval.near_duplicate_groups(everything)
+    assert not set(groups[:info["num_train"]]) & set(groups[info["num_train"]:])
+    assert list(tmp_path.glob("data-*.npz"))
