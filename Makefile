@@ -32,13 +32,16 @@ test: venv
 # Benchmarks write JSON under bench/results/ and print tables; figures go to docs/benchmarks.md.
 # Evaluation sets are arguments: point EVAL_* at a withheld split to measure on it.
 SHARED ?= ../shared/data
-BENCH_ARGS ?= --image-size 32 --small-input no --epochs 5 --batch-size 128 --finetune-epochs 10 --distill-epochs 2 --seeds 1 --labels-fraction 0.01,0.1,1.0
+SEEDS ?= 1
+PNEUMONIA_ARGS ?= --image-size 32 --small-input no --epochs 15 --batch-size 256 --finetune-epochs 10 --distill-epochs 2 --seeds $(SEEDS) --labels-fraction 0.01,0.1,1.0
+BRAIN_ARGS ?= --image-size 64 --epochs 10 --batch-size 128 --finetune-epochs 10 --distill-epochs 2 --seeds $(SEEDS) --labels-fraction 0.1,0.2,1.0
 PNEUMONIA_EVAL ?= $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#val
 BRAIN_EVAL ?= split:0.2
 bench: venv
 	mkdir -p bench/results
-	$(PY) -m bench.ssl_eval --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) $(BENCH_ARGS) --out bench/results/ssl_pneumoniamnist.json
-	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BENCH_ARGS) --out bench/results/ssl_brain_mri.json
+	$(PY) -m bench.throughput --sizes 28:small,32,64,128 --out bench/results/throughput.json
+	$(PY) -m bench.ssl_eval --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) $(PNEUMONIA_ARGS) --out bench/results/ssl_pneumoniamnist.json
+	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BRAIN_ARGS) --out bench/results/ssl_brain_mri.json
 
 fixtures: venv
 	$(PY) fixtures/make_fixtures.py

@@ -188,19 +188,38 @@ def _pretrain(run: TrainingRun, report: _RunReporter) -> None:
     params = dict(run.params)
     init = params.pop("init_checkpoint", None)
     activate = params.pop("activate", True)
-    config = ssl.PretrainConfig(**{k: v for k, v in params.items()
-                                   if k in ssl.PretrainConfig.__dataclass_fields__})
+    resume_version = params.pop("resume", None)
     scans = list(Scan.objects.filter(project=run.project).select_related("dataset").order_by("pk"))
     if len(scans) < 2:
         raise TrainingError("pretraining needs at least 2 scans in the project")
-    parent = run.project.active_encoder if init == "active" else None
-    if init == "active":
-        if parent is None:
-            raise TrainingError("--init-checkpoint active: the project has no active encoder")
-        init = str(_checkpoint(parent, "encoder.pt"))
-    model = _new_version(run, ModelVersion.Kind.ENCODER, parent=parent,
-                         config={"pretrain": asdict(config), "init_checkpoint": init,
-                                 "num_scans": len(scans)})
+    if resume_version:
+        model = ModelVersion.objects.filter(project=run.project, version=resume_version,
+                                            kind=ModelVersion.Kind.ENCODER).first()
+        if model is None:
+            raise TrainingError(f"no encoder {resume_version!r} in this project to resume")
+        if model.status not in (ModelVersion.Status.TRAINING, ModelVersion.Status.FAILED):
+            raise TrainingError(f"{resume_version} is {model.status}: only an unfinished or "
+                                "failed pretraining can be resumed")
+        if not _checkpoint(model, "encoder.pt").exists():
+            raise TrainingError(f"{resume_version} has no checkpoint yet: start a new run")
+        config = ssl.config_from_dict(ssl.PretrainConfig, model.config["pretrain"])
+        init = None
+        model.status = ModelVersion.Status.TRAINING
+        model.status_reason = f"resumed by run {run.pk}"
+        model.save(update_fields=["status", "status_reason"])
+        run.model_version = model
+        run.save(update_fields=["model_version"])
+    else:
+        config = ssl.PretrainConfig(**{k: v for k, v in params.items()
+                                       if k in ssl.PretrainConfig.__dataclass_fields__})
+        parent = run.project.active_encoder if init == "active" else None
+        if init == "active":
+            if parent is None:
+                raise TrainingError("--init-checkpoint active: the project has no active encoder")
+            init = str(_checkpoint(parent, "encoder.pt"))
+        model = _new_version(run, ModelVersion.Kind.ENCODER, parent=parent,
+                             config={"pretrain": asdict(config), "init_checkpoint": init,
+                                     "num_scans": len(scans)})
     report.log(f"pretraining {model.version} on {len(scans)} scans: {config.arch}, "
                f"{config.image_size}px, {config.epochs} epochs")
     images = _images_for(scans, config.image_size)

@@ -135,3 +135,30 @@ def test_pretrain_runs_on_a_real_worker(celery_worker_process, project):
     assert result.id in log
     project.refresh_from_db()
     assert project.active_encoder == run.model_version
+
+
+def test_killed_pretraining_resumes_from_its_last_epoch(project, capsys):
+    run_import(project, FIXTURES / "brain_mri" / "eval", layout="flat")   # 40 scans
+    run = services.training_run_create(project=project, kind="pretrain", params={
+        "epochs": 2, "image_size": 32, "batch_size": 16, "small_input": False})
+
+    def crash_in_epoch_two(event):
+        if event.get("stage") == "pretrain" and event["epoch"] == 2:
+            raise RuntimeError("worker lost")
+
+    failed = services.training_run_execute(run.pk, progress=crash_in_epoch_two)
+    assert failed.status == "failed" and "worker lost" in failed.last_error
+    version = failed.model_version
+    assert version.status == ModelVersion.Status.FAILED
+    project.refresh_from_db()
+    assert project.active_encoder is None
+
+    call_command("pretrain", "--project", project.name, "--resume", version.version, "--no-progress")
+    version.refresh_from_db()
+    project.refresh_from_db()
+    assert project.active_encoder == version and version.status == ModelVersion.Status.ACTIVE
+    assert version.metrics["pretrain"]["note"] == "resumed at epoch 1"
+    assert [h["epoch"] for h in version.metrics["pretrain"]["history"]] == [1, 2]
+    with pytest.raises(CommandError, match="only an unfinished or failed pretraining"):
+        call_command("pretrain", "--project", project.name, "--resume", version.version,
+                     "--no-progress")

@@ -26,11 +26,15 @@ class Command(BaseCommand):
                             help="3x3 stride-1 stem without max-pool (auto: at 32 px and below; "
                             "about 6x the compute of the standard stem)")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--resume", default=None, metavar="VERSION",
+                            help="continue an unfinished or failed encoder version from its last "
+                            "epoch checkpoint, with its own frozen config")
 
     def handle(self, *args, **opts):
         params = {"epochs": opts["epochs"], "image_size": opts["image_size"], "arch": opts["arch"],
                   "batch_size": opts["batch_size"], "lr": opts["lr"],
                   "temperature": opts["temperature"], "seed": opts["seed"],
                   "small_input": {"auto": None, "yes": True, "no": False}[opts["small_input"]],
-                  "init_checkpoint": opts["init_checkpoint"], "activate": not opts["no_activate"]}
+                  "init_checkpoint": opts["init_checkpoint"], "activate": not opts["no_activate"],
+                  "resume": opts["resume"]}
         run(self, project=get_project(opts["project"]), kind="pretrain", params=params, opts=opts)
