@@ -1,0 +1,308 @@
+"""Active-learning query strategies: plain functions in a name → function registry.
+
+Each strategy takes a ``QueryContext`` (class probabilities and/or SSL embeddings of the
+candidate scans) and ``n``, and returns a ``Selection``: candidate indices in rank order, a
+score each, and a reason each (what a clinician is told about *why this scan*).
+
+- ``least_confident`` / ``margin`` / ``entropy``: modAL's uncertainty sampling
+  (Settles, 2009), called on the stored probabilities through a tiny estimator adapter.
+- ``diversity``: k-means over embeddings, the most typical scan of each cluster.
+- ``coreset``: greedy k-centre over embeddings, away from what is labeled (Sener & Savarese 2018).
+- ``cold_start``: for zero labels; typical picks per cluster, so the first batch covers the
+  data's modes (Hacohen et al., 2022, "TypiClust").
+- ``hybrid`` (default): uncertainty within diversity — the most uncertain candidates are
+  clustered and the most uncertain scan of each cluster is taken; once classes are known the
+  batch is balanced across predicted classes.
+- ``random``: the baseline.
+
+Scans of one patient are not crowded into a batch: ``select`` skips a candidate whose
+``groups`` value (the pseudonymous patient key) already has ``max_per_group`` picks.
+Pure numpy / modAL / faiss: no Django.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from modAL.uncertainty import (
+    classifier_entropy,
+    classifier_margin,
+    classifier_uncertainty,
+    entropy_sampling,
+    margin_sampling,
+    uncertainty_sampling,
+)
+
+from ml_backend.index.faiss_index import kmeans
+
+
+@dataclass
+class QueryContext:
+    """What a strategy may look at, for ``N`` candidate scans.
+
+    proba: ``(N, C)`` predicted class probabilities (None before any model exists);
+    embeddings: ``(N, D)`` float32 SSL embeddings; labeled_embeddings: ``(L, D)`` of labeled
+    scans (coreset); groups: ``(N,)`` patient keys ("" = unknown); class_names: ``C`` names.
+    """
+
+    proba: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
+    labeled_embeddings: np.ndarray | None = None
+    groups: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)
+    seed: int = 0
+    max_per_group: int = 1
+
+    def __post_init__(self):
+        sizes = {len(a) for a in (self.proba, self.embeddings, self.groups) if a is not None}
+        if len(sizes) > 1:
+            raise ValueError("proba, embeddings and groups must describe the same candidates")
+
+    @property
+    def size(self) -> int:
+        for array in (self.proba, self.embeddings, self.groups):
+            if array is not None:
+                return len(array)
+        return 0
+
+
+@dataclass
+class Selection:
+    indices: np.ndarray
+    scores: np.ndarray
+    reasons: list[dict]
+
+
+Strategy = Callable[[QueryContext, int], Selection]
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(name: str):
+    def wrap(fn: Strategy) -> Strategy:
+        STRATEGIES[name] = fn
+        return fn
+    return wrap
+
+
+def query(name: str, context: QueryContext, n: int) -> Selection:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    if context.size == 0:
+        return Selection(np.zeros(0, np.int64), np.zeros(0), [])
+    return STRATEGIES[name](context, min(n, context.size))
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+class _Probabilities:
+    """A stand-in estimator for modAL: ``X`` holds candidate indices into stored proba."""
+
+    def __init__(self, proba: np.ndarray):
+        self.proba = proba
+
+    def predict_proba(self, X, **kwargs):
+        return self.proba[np.asarray(X, dtype=np.int64).ravel()]
+
+
+def _need(context: QueryContext, what: str) -> np.ndarray:
+    value = getattr(context, what)
+    if value is None:
+        raise ValueError(f"this strategy needs {what}")
+    return value
+
+
+def uncertainty_details(proba: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-candidate least-confidence, margin and entropy (modAL's definitions)."""
+    estimator, X = _Probabilities(proba), np.arange(len(proba))[:, None]
+    return {"uncertainty": classifier_uncertainty(estimator, X),
+            "margin": classifier_margin(estimator, X),
+            "entropy": classifier_entropy(estimator, X)}
+
+
+def select(order: np.ndarray, scores: np.ndarray, reasons: list[dict], context: QueryContext,
+           n: int) -> Selection:
+    """Take candidates in ``order`` until ``n``, at most ``max_per_group`` per patient."""
+    taken, per_group = [], {}
+    groups = context.groups
+    for index in order:
+        index = int(index)
+        if groups is not None and groups[index]:
+            count = per_group.get(groups[index], 0)
+            if count >= context.max_per_group:
+                continue
+            per_group[groups[index]] = count + 1
+        taken.append(index)
+        if len(taken) == n:
+            break
+    if len(taken) < n:  # not enough distinct patients: fill in rank order
+        rest = [int(i) for i in order if int(i) not in set(taken)]
+        taken += rest[: n - len(taken)]
+    chosen = np.array(taken, dtype=np.int64)
+    return Selection(chosen, np.asarray(scores)[chosen], [reasons[i] for i in chosen])
+
+
+def _prediction_reason(proba: np.ndarray, index: int, details: dict, names: list[str]) -> dict:
+    best = int(proba[index].argmax())
+    reason = {key: round(float(values[index]), 4) for key, values in details.items()}
+    reason["confidence"] = round(float(proba[index, best]), 4)
+    reason["predicted"] = names[best] if best < len(names) else best
+    return reason
+
+
+# --- uncertainty (modAL) ---------------------------------------------------------------
+
+
+_WHY = {"uncertainty": "least confident prediction", "margin": "smallest margin between the "
+        "top two classes", "entropy": "highest entropy over classes"}
+
+
+def _modal(sampler, measure: str):
+    def strategy(context: QueryContext, n: int) -> Selection:
+        proba = _need(context, "proba")
+        details = uncertainty_details(proba)
+        X = np.arange(len(proba))[:, None]
+        # modAL ranks; we ask for more than n so the patient rule can skip some.
+        wanted = min(len(proba), n * 4 if context.groups is not None else n)
+        ranked = np.asarray(sampler(_Probabilities(proba), X, n_instances=wanted)).ravel()
+        scores = details[measure] if measure != "margin" else -details["margin"]
+        order = list(ranked) + [i for i in np.argsort(-scores, kind="stable") if i not in set(ranked)]
+        reasons = [dict(_prediction_reason(proba, i, details, context.class_names),
+                        why=_WHY[measure]) for i in range(len(proba))]
+        return select(np.array(order), scores, reasons, context, n)
+    return strategy
+
+
+register("least_confident")(_modal(uncertainty_sampling, "uncertainty"))
+register("margin")(_modal(margin_sampling, "margin"))
+register("entropy")(_modal(entropy_sampling, "entropy"))
+
+
+@register("random")
+def random_strategy(context: QueryContext, n: int) -> Selection:
+    order = np.random.default_rng(context.seed).permutation(context.size)
+    return select(order, np.zeros(context.size), [{"why": "random"}] * context.size, context, n)
+
+
+# --- diversity -------------------------------------------------------------------------
+
+
+def _typical_per_cluster(embeddings: np.ndarray, k: int, seed: int):
+    """k-means; per cluster the member nearest its centroid, biggest clusters first."""
+    centroids, assignments, distances = kmeans(embeddings.astype(np.float32), k, seed=seed, nredo=5)
+    sizes = np.bincount(assignments, minlength=k)
+    winners = []
+    for cluster in np.argsort(-sizes, kind="stable"):
+        members = np.flatnonzero(assignments == cluster)
+        if len(members):
+            winners.extend(members[np.argsort(distances[members], kind="stable")].tolist())
+    return assignments, distances, sizes, winners
+
+
+@register("diversity")
+@register("cold_start")
+def cold_start(context: QueryContext, n: int) -> Selection:
+    """Typical scans of ``n`` clusters (TypiClust-style), so a first batch covers every mode."""
+    embeddings = _need(context, "embeddings")
+    k = min(n, len(embeddings))
+    assignments, distances, sizes, _ = _typical_per_cluster(embeddings, k, context.seed)
+    typicality = 1.0 / (1.0 + distances)
+    # Round-robin over clusters (largest first): each cluster's most typical member first.
+    by_cluster = [list(np.flatnonzero(assignments == c)[np.argsort(distances[assignments == c])])
+                  for c in np.argsort(-sizes, kind="stable")]
+    order = []
+    while any(by_cluster):
+        for members in by_cluster:
+            if members:
+                order.append(members.pop(0))
+    reasons = [{"why": "typical of its cluster", "cluster": int(assignments[i]),
+                "cluster_size": int(sizes[assignments[i]]),
+                "typicality": round(float(typicality[i]), 4)} for i in range(len(embeddings))]
+    return select(np.array(order), typicality, reasons, context, n)
+
+
+@register("coreset")
+def coreset(context: QueryContext, n: int) -> Selection:
+    """Greedy k-centre: repeatedly the candidate farthest from everything labeled or chosen."""
+    embeddings = _unit(_need(context, "embeddings"))
+    labeled = context.labeled_embeddings
+    if labeled is not None and len(labeled):
+        nearest = (1.0 - _unit(labeled) @ embeddings.T).min(axis=0)
+    else:
+        nearest = np.full(len(embeddings), np.inf)
+        nearest[0] = -1.0  # start anywhere deterministic
+    order, distance_at_pick = [], np.zeros(len(embeddings))
+    available = np.ones(len(embeddings), dtype=bool)
+    for _ in range(min(len(embeddings), n * 4 if context.groups is not None else n)):
+        masked = np.where(available, nearest, -np.inf)
+        pick = int(np.argmax(masked)) if np.isfinite(masked).any() else int(np.flatnonzero(available)[0])
+        order.append(pick)
+        distance_at_pick[pick] = 0.0 if not np.isfinite(nearest[pick]) else nearest[pick]
+        available[pick] = False
+        nearest = np.minimum(nearest, 1.0 - embeddings @ embeddings[pick])
+    order += [i for i in range(len(embeddings)) if available[i]]
+    reasons = [{"why": "far from labeled scans",
+                "distance_to_labeled": round(float(distance_at_pick[i]), 4)}
+               for i in range(len(embeddings))]
+    return select(np.array(order), distance_at_pick, reasons, context, n)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# --- hybrid ----------------------------------------------------------------------------
+
+
+@register("hybrid")
+def hybrid(context: QueryContext, n: int, *, pool_factor: int = 10) -> Selection:
+    """Uncertainty within diversity, class-balanced once a model exists; cold start before."""
+    if context.proba is None:
+        return cold_start(context, n)
+    if context.embeddings is None:
+        return STRATEGIES["entropy"](context, n)
+    proba, embeddings = context.proba, context.embeddings
+    details = uncertainty_details(proba)
+    entropy = details["entropy"]
+    candidates = np.argsort(-entropy, kind="stable")[: min(len(proba), pool_factor * n)]
+    k = min(n, len(candidates))
+    centroids, assignments, _ = kmeans(embeddings[candidates].astype(np.float32), k, nredo=5,
+                                       seed=context.seed)
+    winners = []
+    for cluster in range(k):
+        members = candidates[assignments == cluster]
+        if len(members):
+            winners.append(int(members[np.argmax(entropy[members])]))
+    winners.sort(key=lambda i: -entropy[i])
+    winners = _balance_classes(winners, candidates, proba, entropy)
+    cluster_of = {int(c): int(a) for c, a in zip(candidates, assignments)}
+    rest = [int(i) for i in np.argsort(-entropy, kind="stable") if int(i) not in set(winners)]
+    reasons = []
+    for i in range(len(proba)):
+        reason = _prediction_reason(proba, i, details, context.class_names)
+        reason["why"] = "uncertain, and unlike the other picks"
+        if i in cluster_of:
+            reason["cluster"] = cluster_of[i]
+        reasons.append(reason)
+    return select(np.array(winners + rest), entropy, reasons, context, n)
+
+
+def _balance_classes(winners: list[int], candidates: np.ndarray, proba: np.ndarray,
+                     entropy: np.ndarray) -> list[int]:
+    """Give every predicted class among the candidates at least one pick when possible."""
+    predicted = proba.argmax(axis=1)
+    present = set(predicted[winners].tolist())
+    for cls in sorted(set(predicted[candidates].tolist()) - present):
+        counts = np.bincount(predicted[winners], minlength=proba.shape[1])
+        donors = [w for w in winners if counts[predicted[w]] > 1]
+        if not donors:
+            break
+        weakest = min(donors, key=lambda w: entropy[w])
+        options = [int(c) for c in candidates if predicted[c] == cls and int(c) not in winners]
+        if options:
+            winners[winners.index(weakest)] = max(options, key=lambda c: entropy[c])
+    return sorted(winners, key=lambda i: -entropy[i])

@@ -1,0 +1,82 @@
+"""Query strategies on small synthetic pools with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ml_backend.active.strategies import STRATEGIES, QueryContext, query
+
+
+def blobs(per=30, centres=4, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    directions = np.eye(dim)[:centres] * 5
+    x = np.concatenate([d + rng.normal(0, 0.3, (per, dim)) for d in directions])
+    return x.astype(np.float32), np.repeat(np.arange(centres), per)
+
+
+def test_registry_has_every_strategy():
+    assert {"least_confident", "margin", "entropy", "diversity", "coreset", "cold_start",
+            "hybrid", "random"} <= set(STRATEGIES)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        query("nope", QueryContext(proba=np.ones((2, 2)) / 2), 1)
+
+
+def test_uncertainty_strategies_match_their_definitions():
+    rng = np.random.default_rng(1)
+    proba = rng.dirichlet([1, 1, 1], 100)
+    ctx = QueryContext(proba=proba)
+    top = np.sort(proba, axis=1)
+    least = query("least_confident", ctx, 5).indices
+    assert set(least) == set(np.argsort(proba.max(1))[:5])
+    margin = query("margin", ctx, 5).indices
+    assert set(margin) == set(np.argsort(top[:, -1] - top[:, -2])[:5])
+    entropy = query("entropy", ctx, 5)
+    h = -(proba * np.log(proba)).sum(1)
+    assert set(entropy.indices) == set(np.argsort(-h)[:5])
+    assert entropy.reasons[0]["why"] == "highest entropy over classes"
+    assert 0 <= entropy.reasons[0]["confidence"] <= 1
+
+
+def test_cold_start_covers_every_cluster():
+    x, cluster = blobs()
+    picks = query("cold_start", QueryContext(embeddings=x), 4)
+    assert sorted(cluster[picks.indices]) == [0, 1, 2, 3]
+    assert all(r["why"] == "typical of its cluster" for r in picks.reasons)
+
+
+def test_random_first_batch_often_misses_a_cluster_cold_start_never():
+    x, cluster = blobs(per=60)
+    misses = sum(len(set(cluster[query("random", QueryContext(embeddings=x, seed=s), 4).indices])) < 4
+                 for s in range(20))
+    assert misses > 0
+
+
+def test_scans_of_one_patient_are_not_crowded():
+    proba = np.tile([[0.5, 0.5]], (10, 1))
+    proba[:4] = [0.51, 0.49]              # the four most uncertain belong to one patient
+    proba[4:] = [0.7, 0.3]
+    groups = np.array(["pat-a"] * 4 + [f"pat-{i}" for i in range(6)])
+    picks = query("least_confident", QueryContext(proba=proba, groups=groups), 3)
+    assert list(groups[picks.indices]).count("pat-a") == 1
+
+
+def test_coreset_picks_far_from_labeled():
+    x, cluster = blobs()
+    labeled = np.concatenate([x[cluster == c][:5] for c in range(3)])
+    picks = query("coreset", QueryContext(embeddings=x, labeled_embeddings=labeled), 1)
+    assert cluster[picks.indices[0]] == 3
+
+
+def test_hybrid_is_uncertain_diverse_and_class_balanced():
+    x, cluster = blobs(per=40)
+    rng = np.random.default_rng(3)
+    proba = np.full((len(x), 2), 0.5)
+    proba[:, 0] = np.clip(rng.uniform(0.05, 0.95, len(x)), 0, 1)
+    proba[:, 1] = 1 - proba[:, 0]
+    picks = query("hybrid", QueryContext(proba=proba, embeddings=x, class_names=["a", "b"]), 4)
+    assert len(set(cluster[picks.indices])) >= 3            # spread over the data
+    assert set(proba[picks.indices].argmax(1)) == {0, 1}    # both predicted classes
+    h = -(proba * np.log(proba)).sum(1)
+    assert h[picks.indices].mean() > np.median(h)           # and uncertain
+    assert query("hybrid", QueryContext(embeddings=x), 4).reasons[0]["why"] == "typical of its cluster"
