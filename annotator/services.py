@@ -294,3 +294,63 @@ def _count_label(state: _JobState, outcome: tuple[str | None, bool] | None) -> N
     if new_class:
         state.classes_created.append(new_class)
     state.labels_added += int(added)
+
+
+class AnnotationError(Exception):
+    """An annotation cannot be recorded as asked (wrong project, missing class)."""
+
+
+def annotation_create(
+    *,
+    scan: Scan,
+    reader,
+    label_class: LabelClass | None = None,
+    outcome: str = Annotation.Outcome.LABEL,
+    source: str = Annotation.Source.WEB,
+    duration_ms: int | None = None,
+    shown_model_version=None,
+    shown_suggestion: LabelClass | None = None,
+    shown_confidence: float | None = None,
+    shown_acquisition_score: float | None = None,
+    query_round=None,
+    external_id: str = "",
+    note: str = "",
+) -> Annotation:
+    """Record one reader's answer and what they were shown; queue a refit when due."""
+    if outcome not in Annotation.Outcome.values:
+        raise AnnotationError(f"unknown outcome {outcome!r}")
+    if outcome == Annotation.Outcome.LABEL and label_class is None:
+        raise AnnotationError("a label needs a class (or record a skip / unsure)")
+    if label_class is not None and label_class.project_id != scan.project_id:
+        raise AnnotationError(f"class {label_class.name!r} belongs to another project")
+    annotation = Annotation.objects.create(
+        scan=scan, reader=reader, label_class=label_class, outcome=outcome, source=source,
+        duration_ms=duration_ms, shown_model_version=shown_model_version,
+        shown_suggestion=shown_suggestion, shown_confidence=shown_confidence,
+        shown_acquisition_score=shown_acquisition_score, query_round=query_round,
+        external_id=external_id, note=note)
+    if outcome == Annotation.Outcome.LABEL and scan.split == "pool":
+        project = scan.project
+        transaction.on_commit(lambda: refit_if_due(project=project))
+    return annotation
+
+
+def refit_if_due(*, project: Project):
+    """Queue a refit (a Celery task, never in the request) after ``refit_every`` new pool
+    labels since the last refit, unless one is already queued or running."""
+    from ml_backend import services as ml
+    from ml_backend.models import TrainingRun
+
+    if project.active_encoder_id is None:
+        return None
+    refits = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.REFIT)
+    if refits.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).exists():
+        return None
+    last = refits.order_by("-created_at").first()
+    new_labels = Annotation.objects.filter(scan__project=project, scan__split="pool",
+                                           outcome=Annotation.Outcome.LABEL)
+    if last is not None:
+        new_labels = new_labels.filter(created_at__gt=last.created_at)
+    if new_labels.count() < max(project.refit_every, 1):
+        return None
+    return ml.training_run_create(project=project, kind=TrainingRun.Kind.REFIT, enqueue=True)

@@ -29,7 +29,14 @@ from django.utils import timezone
 from annotator.models import Annotation, LabelClass, Project, Scan
 from annotator.storage import media_path
 from ml_backend.data.arrays import load_images
-from ml_backend.models import Evaluation, ModelVersion, Prediction, TrainingRun
+from ml_backend.models import (
+    Evaluation,
+    ModelVersion,
+    Prediction,
+    QueryItem,
+    QueryRound,
+    TrainingRun,
+)
 from ml_backend.ssl import train as ssl
 from ml_backend.ssl.train import TrainingError
 
@@ -105,7 +112,7 @@ def training_run_execute(run_id: int, *, progress: Progress | None = None) -> Tr
         return None
     run = TrainingRun.objects.select_related("project").get(pk=run_id)
     reporter = _RunReporter(run, progress)
-    handlers = {"pretrain": _pretrain, "embed": _embed, "refit": _finetune,
+    handlers = {"pretrain": _pretrain, "embed": _embed, "refit": _refit,
                 "retrain": _finetune, "distill": _distill}
     try:
         handlers[run.kind](run, reporter)
@@ -415,7 +422,8 @@ def _finetune(run: TrainingRun, report: _RunReporter) -> None:
     classifier, metrics = ssl.finetune(pretrained, pconfig, images, labels, len(classes), config,
                                        checkpoint_path=_checkpoint(model, "classifier.pt"),
                                        model_version=model.version, progress=report)
-    _finish_classifier(run, model, classifier, pconfig, classes, len(labels), metrics, report)
+    _finish_classifier(run, model, _cnn_predictor(classifier, pconfig), classes, len(labels),
+                       metrics, report)
 
 
 def _distill(run: TrainingRun, report: _RunReporter) -> None:
@@ -443,15 +451,83 @@ def _distill(run: TrainingRun, report: _RunReporter) -> None:
                                    labeled=labeled, labels=labels,
                                    checkpoint_path=_checkpoint(model, "classifier.pt"),
                                    model_version=model.version, progress=report)
-    _finish_classifier(run, model, student, pconfig, classes, len(labels), metrics, report)
+    _finish_classifier(run, model, _cnn_predictor(student, pconfig), classes, len(labels),
+                       metrics, report)
 
 
-def _finish_classifier(run, model, classifier, pconfig, classes, num_labels, metrics, report):
+Predictor = Callable[[list[Scan]], np.ndarray]
+
+
+def _cnn_predictor(classifier, pconfig) -> Predictor:
+    return lambda scans: ssl.predict_proba(classifier, _images_for(scans, pconfig.image_size),
+                                           pconfig)
+
+
+def _head_predictor(head, encoder: ModelVersion) -> Predictor:
+    return lambda scans: head.predict_proba(_vectors_for(encoder, scans))
+
+
+def predictor_for(model: ModelVersion) -> Predictor:
+    """Rebuild a classifier version's predict function from its artifacts."""
+    if model.config.get("kind") == "head":
+        from ml_backend.active.refit import LinearHead
+
+        return _head_predictor(LinearHead.load(_checkpoint(model, "head.npz")), model.parent)
+    classifier, pconfig = ssl.load_classifier(_checkpoint(model, "classifier.pt"))
+    return _cnn_predictor(classifier, pconfig)
+
+
+def _vectors_for(encoder: ModelVersion, scans: list[Scan]) -> np.ndarray:
+    paths = embeddings_paths(encoder)
+    if not paths["ids"].exists():
+        raise TrainingError(f"{encoder.version} has no embeddings: run `manage.py embed`")
+    ids = np.load(paths["ids"])
+    vectors = np.load(paths["vectors"], mmap_mode="r")
+    row = {int(scan_id): i for i, scan_id in enumerate(ids)}
+    missing = [s.pk for s in scans if s.pk not in row]
+    if missing:
+        raise TrainingError(f"scans {missing[:10]} are not embedded yet: run `manage.py embed`")
+    return np.asarray(vectors[[row[s.pk] for s in scans]], dtype=np.float32)
+
+
+def _refit(run: TrainingRun, report: _RunReporter) -> None:
+    """The fast loop: a calibrated linear head on frozen embeddings (seconds)."""
+    from ml_backend.active.refit import fit_head
+
+    started = time.perf_counter()
+    encoder = run.project.active_encoder
+    if encoder is None:
+        raise TrainingError("the project has no active encoder: run `manage.py pretrain` first")
+    _embed_with(run, encoder, report, full=False)          # new scans since the last embed
+    scans, class_ids = training_labels(run.project, split="pool")
+    if len(set(class_ids)) < 2:
+        raise TrainingError(f"a refit needs labeled pool scans of at least 2 classes "
+                            f"(have {len(scans)} labels in {len(set(class_ids))} class(es))")
+    head, info = fit_head(_vectors_for(encoder, scans), np.array(class_ids),
+                          seed=run.params.get("seed", 0))
+    classes = [int(c) for c in head.class_ids]
+    names = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "name"))
+    model = _new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
+        "kind": "head", "classes": [{"id": c, "name": names[c]} for c in classes],
+        "temperature": info["temperature"], "calibrated_on": info["calibrated_on"]})
+    head.save(_checkpoint(model, "head.npz"))
+    report.log(f"refit {model.version}: linear head on {encoder.version} embeddings, "
+               f"{len(scans)} labels, {len(classes)} classes, T={info['temperature']:.2f}")
+    _finish_classifier(run, model, _head_predictor(head, encoder), classes, len(scans),
+                       {"fit": info}, report)
+    if run.params.get("query", True) and model.status == ModelVersion.Status.ACTIVE:
+        query_round = query_round_create(project=run.project)
+        report.log(f"query round {query_round.pk}: {query_round.size} scans "
+                   f"({query_round.strategy})")
+    report.log(f"refit took {time.perf_counter() - started:.1f}s")
+
+
+def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metrics, report):
     model.num_labels = num_labels
     model.metrics = {"training": metrics}
     model.status = ModelVersion.Status.READY
     model.save(update_fields=["num_labels", "metrics", "status"])
-    evaluation = evaluate(model, classifier=classifier, pretrain_config=pconfig, classes=classes)
+    evaluation = evaluate(model, predict=predict, classes=classes)
     if evaluation is not None:
         report.log(f"eval: accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f}"
                    f" on {evaluation.num_eval} scans")
@@ -459,24 +535,27 @@ def _finish_classifier(run, model, classifier, pconfig, classes, num_labels, met
     report.log(reason)
     if promoted:
         model_version_activate(model, reason=reason)
-        predictions_refresh(model, classifier=classifier, pretrain_config=pconfig, classes=classes)
+        predictions_refresh(model, predict=predict, classes=classes)
     else:
         model.status_reason = reason
         model.save(update_fields=["status_reason"])
 
 
-def evaluate(model: ModelVersion, *, classifier, pretrain_config, classes: list[int]):
+def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int]):
     """Score the eval split; store an Evaluation with the per-class report."""
     from ml_backend.metrics.reports import classification_report
 
-    scans, images, labels = _labeled_arrays(model.project, classes, pretrain_config.image_size,
-                                            "eval")
-    if not scans:
+    scans, class_ids = training_labels(model.project, split="eval")
+    keep = [(s, classes.index(c)) for s, c in zip(scans, class_ids) if c in classes]
+    if not keep:
         return None
-    proba = ssl.predict_proba(classifier, images, pretrain_config)
+    scans = [s for s, _ in keep]
+    labels = np.array([y for _, y in keep])
+    proba = predict(scans)
     names = [c["name"] for c in model.config["classes"]]
-    groups = np.array([s.dataset.name for s in Scan.objects.select_related("dataset")
-                       .filter(pk__in=[s.pk for s in scans]).order_by("pk")])
+    datasets = dict(Scan.objects.filter(pk__in=[s.pk for s in scans])
+                    .values_list("pk", "dataset__name"))
+    groups = np.array([datasets[s.pk] for s in scans])
     report = classification_report(labels, proba, names, groups=groups)
     return Evaluation.objects.create(
         model_version=model, num_labels=model.num_labels, num_eval=len(scans),
@@ -510,17 +589,15 @@ def gate(model: ModelVersion, evaluation: Evaluation | None) -> tuple[bool, str]
     return True, f"promoted: no class F1 dropped by more than {tolerance:.2f} against {active.version}"
 
 
-def predictions_refresh(model: ModelVersion, *, classifier=None, pretrain_config=None,
+def predictions_refresh(model: ModelVersion, *, predict: Predictor | None = None,
                         classes: list[int] | None = None) -> int:
     """Store the model's class probabilities for every pool scan (one row per scan)."""
-    if classifier is None:
-        classifier, pretrain_config = ssl.load_classifier(_checkpoint(model, "classifier.pt"))
-        classes = [c["id"] for c in model.config["classes"]]
+    predict = predict or predictor_for(model)
+    classes = classes or [c["id"] for c in model.config["classes"]]
     scans = list(Scan.objects.filter(project=model.project, split="pool").order_by("pk"))
     if not scans:
         return 0
-    proba = ssl.predict_proba(classifier, _images_for(scans, pretrain_config.image_size),
-                              pretrain_config)
+    proba = predict(scans)
     rows = []
     for scan, p in zip(scans, proba):
         best = int(p.argmax())
@@ -532,6 +609,75 @@ def predictions_refresh(model: ModelVersion, *, classifier=None, pretrain_config
         Prediction.objects.filter(model_version=model).delete()
         Prediction.objects.bulk_create(rows, batch_size=500)
     return len(rows)
+
+
+# --- query rounds ----------------------------------------------------------------------
+
+
+def query_round_create(*, project: Project, n: int | None = None, strategy: str | None = None,
+                       created_by=None, neighbours: int = 3) -> QueryRound:
+    """Choose the next scans to label: unlabeled pool scans only (never eval), ranked by the
+    strategy, each with its score and reason (uncertainty, cluster, nearest labeled scans)."""
+    from ml_backend.active.strategies import QueryContext, query
+
+    project = Project.objects.select_related("active_model", "active_encoder").get(pk=project.pk)
+    strategy = strategy or project.query_strategy
+    n = n or project.query_batch_size
+    labeled_ids = set(Annotation.objects.filter(
+        scan__project=project, outcome=Annotation.Outcome.LABEL).values_list("scan_id", flat=True))
+    candidates = [s for s in Scan.objects.filter(project=project, split="pool").order_by("pk")
+                  if s.pk not in labeled_ids]
+    model, encoder = project.active_model, project.active_encoder
+    proba, class_names = None, []
+    if model is not None:
+        classes = [c["id"] for c in model.config["classes"]]
+        class_names = [c["name"] for c in model.config["classes"]]
+        stored = dict(Prediction.objects.filter(model_version=model, scan__in=candidates)
+                      .values_list("scan_id", "probabilities"))
+        if candidates and len(stored) == len(candidates):
+            proba = np.array([[stored[s.pk][str(c)] for c in classes] for s in candidates])
+    embeddings = labeled = None
+    if encoder is not None and embeddings_paths(encoder)["ids"].exists():
+        try:
+            embeddings = _vectors_for(encoder, candidates)
+            labeled_scans = list(Scan.objects.filter(pk__in=labeled_ids).order_by("pk"))
+            labeled = _vectors_for(encoder, labeled_scans) if labeled_scans else None
+        except TrainingError:
+            embeddings = labeled = None  # some scans not embedded yet: uncertainty only
+    context = QueryContext(proba=proba, embeddings=embeddings, labeled_embeddings=labeled,
+                           groups=np.array([s.patient_key for s in candidates]),
+                           class_names=class_names)
+    selection = query(strategy, context, n) if candidates else None
+    with transaction.atomic():
+        query_round = QueryRound.objects.create(
+            project=project, model_version=model, strategy=strategy, created_by=created_by,
+            size=0 if selection is None else len(selection.indices))
+        items = []
+        if selection is not None:
+            for rank, (index, score, reason) in enumerate(
+                    zip(selection.indices, selection.scores, selection.reasons), start=1):
+                scan = candidates[int(index)]
+                reason = dict(reason)
+                if labeled_ids and encoder is not None and neighbours:
+                    reason["neighbours"] = _labeled_neighbours(scan, neighbours)
+                items.append(QueryItem(query_round=query_round, scan=scan, rank=rank,
+                                       score=float(score), reason=reason))
+        QueryItem.objects.bulk_create(items)
+    return query_round
+
+
+def _labeled_neighbours(scan: Scan, k: int) -> list[dict]:
+    try:
+        hits = similar_scans(scan=scan, k=k, labeled_only=True)
+    except TrainingError:
+        return []
+    labels = {}
+    for scan_id, name in (Annotation.objects.filter(scan_id__in=[s.pk for s, _ in hits],
+                                                    outcome=Annotation.Outcome.LABEL)
+                          .values_list("scan_id", "label_class__name")):
+        labels.setdefault(scan_id, name)
+    return [{"scan": s.pk, "label": labels.get(s.pk), "similarity": round(score, 4)}
+            for s, score in hits]
 
 
 def model_artifacts_remove(model: ModelVersion) -> None:

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from ml_backend import services
+from ml_backend.active.strategies import STRATEGIES
+from ml_backend.management.commands._runs import get_project
+
+
+class Command(BaseCommand):
+    help = "Choose the next scans to label (a QueryRound), each with its score and reason."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--project", required=True)
+        parser.add_argument("--n", type=int, default=None, help="batch size (project default)")
+        parser.add_argument("--strategy", default=None, choices=sorted(STRATEGIES),
+                            help="default: the project's strategy (hybrid)")
+
+    def handle(self, *args, **opts):
+        project = get_project(opts["project"])
+        try:
+            query_round = services.query_round_create(project=project, n=opts["n"],
+                                                      strategy=opts["strategy"])
+        except ValueError as exc:
+            raise CommandError(f"{exc} (strategies that need no model: hybrid, cold_start, "
+                               "diversity, coreset, random)") from None
+        self.stdout.write(f"Query round {query_round.pk}: {query_round.size} scans by "
+                          f"{query_round.strategy}"
+                          + (f" with {query_round.model_version}" if query_round.model_version else
+                             " (no classifier yet)"))
+        for item in query_round.items.select_related("scan"):
+            reason = dict(item.reason)
+            why = reason.pop("why", "")
+            neighbours = reason.pop("neighbours", [])
+            details = ", ".join(f"{k}={v}" for k, v in reason.items())
+            near = "; ".join(f"#{n['scan']} {n['label']} ({n['similarity']:.2f})" for n in neighbours)
+            self.stdout.write(f"{item.rank:3d}. scan {item.scan_id:6d}  score {item.score:.3f}  "
+                              f"{why}  [{details}]" + (f"  nearest labeled: {near}" if near else ""))

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+from ml_backend.management.commands._runs import get_project
+from ml_backend.models import Evaluation, ModelVersion
+
+
+class Command(BaseCommand):
+    help = ("Per-class precision / recall / F1 / support, AUC, AP, kappa, calibration and the "
+            "per-dataset breakdown of a model on the eval split, plus the learning curve.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("--project", required=True)
+        parser.add_argument("--model", default=None, help="model version (default: the active one)")
+        parser.add_argument("--format", default="md", choices=["md", "json"])
+
+    def handle(self, *args, **opts):
+        project = get_project(opts["project"])
+        model = (ModelVersion.objects.filter(project=project, version=opts["model"]).first()
+                 if opts["model"] else project.active_model)
+        if model is None:
+            raise CommandError("no classifier to report on yet: label some scans and run "
+                               "`manage.py refit` (or `finetune`)")
+        evaluation = model.evaluations.order_by("-created_at").first()
+        if evaluation is None:
+            raise CommandError(f"{model.version} has no evaluation: label eval-split scans")
+        curve = [{"version": e.model_version.version, "labels": e.num_labels,
+                  "accuracy": e.accuracy, "macro_f1": e.macro_f1, "macro_auc": e.macro_auc,
+                  "status": e.model_version.status}
+                 for e in Evaluation.objects.filter(model_version__project=project)
+                 .select_related("model_version").order_by("num_labels", "created_at")]
+        if opts["format"] == "json":
+            self.stdout.write(json.dumps({"model_version": model.version, "status": model.status,
+                                          "report": evaluation.report, "learning_curve": curve},
+                                         indent=2))
+            return
+        self.stdout.write(self._markdown(model, evaluation, curve))
+
+    def _markdown(self, model, evaluation, curve) -> str:
+        r = evaluation.report
+        f = lambda v: "—" if v is None else f"{v:.3f}"
+        lines = [f"# {model.project.name}: {model.version} ({model.status})", "",
+                 f"{model.status_reason}", "",
+                 f"Eval scans: {evaluation.num_eval} · training labels: {evaluation.num_labels} · "
+                 f"accuracy {f(r.get('accuracy'))} · macro-F1 {f(r.get('macro_f1'))} · "
+                 f"macro-AUC {f(r.get('macro_auc'))} · kappa {f(r.get('cohen_kappa'))} · "
+                 f"ECE {f(r.get('ece'))}", "",
+                 "| class | precision | recall | F1 | support | AUC | AP |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, c in r.get("per_class", {}).items():
+            lines.append(f"| {name} | {f(c.get('precision'))} | {f(c.get('recall'))} | "
+                         f"{f(c.get('f1'))} | {c.get('support')} | {f(c.get('auc'))} | "
+                         f"{f(c.get('ap'))} |")
+        names = list(r.get("per_class", {}))
+        matrix = r.get("confusion_matrix") or []
+        if matrix:
+            lines += ["", "Confusion matrix (rows: truth, columns: prediction)", "",
+                      "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+            lines += [f"| {n} | " + " | ".join(str(v) for v in row) + " |"
+                      for n, row in zip(names, matrix)]
+        groups = r.get("per_group") or {}
+        if groups:
+            lines += ["", "| dataset | n | accuracy | macro-F1 |", "|---|---:|---:|---:|"]
+            lines += [f"| {g} | {v.get('n')} | {f(v.get('accuracy'))} | {f(v.get('macro_f1'))} |"
+                      for g, v in groups.items()]
+        lines += ["", "Learning curve", "", "| labels | version | accuracy | macro-F1 | status |",
+                  "|---:|---|---:|---:|---|"]
+        lines += [f"| {p['labels']} | {p['version']} | {f(p['accuracy'])} | {f(p['macro_f1'])} | "
+                  f"{p['status']} |" for p in curve]
+        return "\n".join(lines)

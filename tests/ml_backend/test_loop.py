@@ -1,0 +1,106 @@
+"""The active-learning loop on real fixture scans: label → refit (head on embeddings) →
+gated model version → predictions → next query round with reasons → report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from annotator import services as annotator_services
+from annotator.models import LabelClass, Scan
+from ml_backend import services
+from ml_backend.models import Evaluation, ModelVersion, Prediction, QueryRound, TrainingRun
+from tests.base import FIXTURES
+from tests.conftest import run_import
+
+
+@pytest.fixture
+def embedded_project(project):
+    for name in ("no_tumor", "pituitary_tumor"):
+        run_import(project, FIXTURES / "brain_mri" / "pool" / name, layout="flat", dataset_name="brain")
+        run_import(project, FIXTURES / "brain_mri" / "eval" / name, layout="flat", split="eval",
+                   default_label=name, dataset_name="brain")
+    call_command("pretrain", "--project", project.name, "--epochs", "2", "--image-size", "32",
+                 "--batch-size", "32", "--small-input", "no", "--no-progress")
+    project.refresh_from_db()
+    project.refit_every = 5
+    project.save()
+    return project
+
+
+def truth(scan: Scan) -> str:
+    return "no_tumor" if "image" in (scan.source_name or "") else "pituitary_tumor"
+
+
+def test_labels_trigger_refit_promotion_predictions_and_next_round(
+        embedded_project, users, django_capture_on_commit_callbacks, capsys):
+    project = embedded_project
+    first = services.query_round_create(project=project, n=6)
+    assert first.strategy == "hybrid" and first.size == 6 and first.model_version is None
+    assert all(item.reason["why"] == "typical of its cluster" for item in first.items.all())
+    assert not first.items.filter(scan__split="eval").exists()
+
+    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
+    items = list(first.items.select_related("scan").order_by("rank"))
+    with django_capture_on_commit_callbacks(execute=True):
+        for item in items[:4]:
+            annotator_services.annotation_create(
+                scan=item.scan, reader=users["alice"], label_class=classes[truth(item.scan)],
+                query_round=first, shown_acquisition_score=item.score, duration_ms=2100)
+    assert not TrainingRun.objects.filter(kind="refit").exists()       # 4 < refit_every
+
+    # make sure both classes are present, then the fifth label triggers the refit
+    other = Scan.objects.filter(project=project, split="pool").exclude(
+        pk__in=[i.scan_id for i in items[:4]])
+    needed = {"no_tumor", "pituitary_tumor"} - {truth(i.scan) for i in items[:4]}
+    scan = next(s for s in other if truth(s) in (needed or {"no_tumor", "pituitary_tumor"}))
+    with django_capture_on_commit_callbacks(execute=True):
+        annotator_services.annotation_create(scan=scan, reader=users["bob"],
+                                             label_class=classes[truth(scan)])
+    refit = TrainingRun.objects.get(kind="refit")
+    assert refit.status == "succeeded", refit.last_error
+    project.refresh_from_db()
+    model = project.active_model
+    assert model.config["kind"] == "head" and model.num_labels == 5
+    assert model.status == ModelVersion.Status.ACTIVE
+    evaluation = Evaluation.objects.get(model_version=model)
+    assert evaluation.num_eval == 20 and set(evaluation.report["per_class"]) == set(classes)
+    assert Prediction.objects.filter(model_version=model).count() == Scan.objects.filter(
+        project=project, split="pool").count()
+
+    second = QueryRound.objects.exclude(pk=first.pk).get()
+    assert second.model_version == model and second.size == project.query_batch_size
+    reason = second.items.first().reason
+    assert {"entropy", "confidence", "predicted", "why"} <= set(reason)
+    assert reason["neighbours"] and {"scan", "label", "similarity"} <= set(reason["neighbours"][0])
+    labeled = set(project.scans.filter(annotations__outcome="label", split="pool")
+                  .values_list("pk", flat=True))
+    assert not second.items.filter(scan__pk__in=labeled).exists()
+
+    call_command("report", "--project", project.name)
+    out = capsys.readouterr().out
+    assert "| class | precision | recall | F1 | support | AUC | AP |" in out
+    assert "Learning curve" in out and model.version in out
+    call_command("report", "--project", project.name, "--format", "json")
+    data = json.loads(capsys.readouterr().out)
+    assert data["model_version"] == model.version and data["learning_curve"][0]["labels"] == 5
+
+    call_command("query", "--project", project.name, "--n", "3", "--strategy", "entropy")
+    assert "highest entropy" in capsys.readouterr().out
+
+
+def test_annotation_checks_and_query_needs_a_model_for_uncertainty(embedded_project, users,
+                                                                   other_project):
+    project = embedded_project
+    scan = project.scans.filter(split="pool").first()
+    foreign = LabelClass.objects.create(project=other_project, name="x")
+    with pytest.raises(annotator_services.AnnotationError, match="another project"):
+        annotator_services.annotation_create(scan=scan, reader=users["alice"], label_class=foreign)
+    with pytest.raises(annotator_services.AnnotationError, match="needs a class"):
+        annotator_services.annotation_create(scan=scan, reader=users["alice"])
+    skip = annotator_services.annotation_create(scan=scan, reader=users["alice"], outcome="skip")
+    assert skip.label_class is None
+    with pytest.raises(CommandError, match="needs proba"):
+        call_command("query", "--project", project.name, "--strategy", "margin")
