@@ -138,6 +138,16 @@ CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 35 * 60, minimum=1)
 # Training runs get far longer limits than imports and predictions.
 TRAIN_TASK_SOFT_TIME_LIMIT = env_int("TRAIN_TASK_SOFT_TIME_LIMIT", 6 * 3600, minimum=1)
 TRAIN_TASK_TIME_LIMIT = env_int("TRAIN_TASK_TIME_LIMIT", 6 * 3600 + 600, minimum=1)
+# Scheduled retrain (Celery beat): every RETRAIN_EVERY_HOURS hours, projects with at least
+# RETRAIN_IF_NEW_LABELS new labels are retrained. 0 turns it off (the demo default).
+RETRAIN_EVERY_HOURS = env_int("RETRAIN_EVERY_HOURS", 0, minimum=0)
+RETRAIN_IF_NEW_LABELS = env_int("RETRAIN_IF_NEW_LABELS", 20, minimum=1)
+CELERY_BEAT_SCHEDULE = (
+    {"scheduled-retrain": {"task": "ml_backend.tasks.scheduled_retrain",
+                           "schedule": RETRAIN_EVERY_HOURS * 3600.0,
+                           "kwargs": {"if_new_labels": RETRAIN_IF_NEW_LABELS}}}
+    if RETRAIN_EVERY_HOURS else {}
+)
 CELERY_TASK_ROUTES = {
     "annotator.tasks.*": {"queue": "default"},
     "ml_backend.tasks.*": {"queue": "train"},

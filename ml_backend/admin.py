@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.contrib import admin
+from django.contrib import admin, messages
 
 from ml_backend.models import (
     Evaluation,
@@ -14,11 +14,46 @@ from ml_backend.models import (
 
 @admin.register(ModelVersion)
 class ModelVersionAdmin(admin.ModelAdmin):
-    list_display = ["version", "project", "kind", "status", "parent", "num_labels", "created_at",
-                    "promoted_at"]
+    list_display = ["version", "project", "kind", "status", "parent", "num_labels", "macro_f1",
+                    "created_at", "promoted_at"]
     list_filter = ["project", "kind", "status"]
     search_fields = ["version", "status_reason", "artifact_dir"]
     raw_id_fields = ["parent"]
+    actions = ["promote", "roll_back"]
+
+    @admin.display(description="eval macro-F1")
+    def macro_f1(self, obj):
+        evaluation = obj.evaluations.order_by("-created_at").first()
+        return "—" if evaluation is None or evaluation.macro_f1 is None else f"{evaluation.macro_f1:.3f}"
+
+    @admin.action(description="Promote to active (bypasses the gate)")
+    def promote(self, request, queryset):
+        from ml_backend import services
+
+        for model in queryset:
+            if model.status in (ModelVersion.Status.FAILED, ModelVersion.Status.TRAINING):
+                self.message_user(request, f"{model.version} is {model.status}: not promoted",
+                                  messages.ERROR)
+                continue
+            services.model_version_activate(model, reason=f"promoted by {request.user} in admin")
+            self.message_user(request, f"{model.version} is now active")
+
+    @admin.action(description="Roll back to the previously active version")
+    def roll_back(self, request, queryset):
+        from ml_backend import services
+
+        for model in queryset.filter(status=ModelVersion.Status.ACTIVE):
+            previous = (ModelVersion.objects.filter(project=model.project, kind=model.kind,
+                                                    status=ModelVersion.Status.RETIRED,
+                                                    promoted_at__isnull=False)
+                        .exclude(pk=model.pk).order_by("-promoted_at").first())
+            if previous is None:
+                self.message_user(request, f"{model.version}: no earlier version to roll back to",
+                                  messages.WARNING)
+                continue
+            services.model_version_activate(previous,
+                                            reason=f"rolled back from {model.version} by {request.user}")
+            self.message_user(request, f"{model.project}: {previous.version} is active again")
 
 
 @admin.register(TrainingRun)

@@ -684,3 +684,60 @@ def model_artifacts_remove(model: ModelVersion) -> None:
     """Delete a version's files (used by admins cleaning up failed versions)."""
     if model.artifact_dir and Path(model.artifact_dir).is_dir():
         shutil.rmtree(model.artifact_dir)
+
+
+# --- scheduled retrain -----------------------------------------------------------------
+
+
+class RetrainSkipped(Exception):
+    """A retrain was not started (one is running, or too few new labels); the message says why."""
+
+
+def runs_abandon_expired(*, project: Project | None = None) -> int:
+    """Mark running runs whose worker lease expired (a killed worker) as abandoned."""
+    runs = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING,
+                                      lease_expires_at__lt=timezone.now())
+    if project is not None:
+        runs = runs.filter(project=project)
+    count = 0
+    for run in runs:
+        run.status = TrainingRun.Status.ABANDONED
+        run.last_error = (f"worker {run.claimed_by or '?'} stopped renewing its lease "
+                          f"(expired {run.lease_expires_at:%Y-%m-%d %H:%M:%S})")
+        run.finished_at = timezone.now()
+        run.save(update_fields=["status", "last_error", "finished_at"])
+        if run.model_version_id:
+            ModelVersion.objects.filter(pk=run.model_version_id).exclude(
+                status=ModelVersion.Status.ACTIVE).update(status=ModelVersion.Status.FAILED,
+                                                         status_reason=run.last_error)
+        count += 1
+    return count
+
+
+def retrain_start(*, project: Project, if_new_labels: int = 0, params: dict | None = None,
+                  enqueue: bool = False) -> TrainingRun:
+    """Create a retrain run unless one is queued or running (a lock on the project row makes
+    two cron invocations agree), or fewer than ``if_new_labels`` labels arrived since the last
+    successful retrain. Raises RetrainSkipped with the reason."""
+    runs_abandon_expired(project=project)
+    with transaction.atomic():
+        Project.objects.select_for_update().get(pk=project.pk)
+        busy = TrainingRun.objects.filter(
+            project=project, kind=TrainingRun.Kind.RETRAIN,
+            status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).first()
+        if busy is not None:
+            raise RetrainSkipped(f"retrain run #{busy.pk} is already {busy.status} "
+                                 f"(since {busy.started_at or busy.created_at:%Y-%m-%d %H:%M})")
+        if if_new_labels:
+            last = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.RETRAIN,
+                                              status=TrainingRun.Status.SUCCEEDED
+                                              ).order_by("-created_at").first()
+            labels = Annotation.objects.filter(scan__project=project, scan__split="pool",
+                                               outcome=Annotation.Outcome.LABEL)
+            if last is not None:
+                labels = labels.filter(created_at__gt=last.created_at)
+            if labels.count() < if_new_labels:
+                raise RetrainSkipped(f"{labels.count()} new labels since the last retrain; "
+                                     f"waiting for {if_new_labels}")
+        return training_run_create(project=project, kind=TrainingRun.Kind.RETRAIN,
+                                   params=params or {}, enqueue=enqueue)

@@ -15,3 +15,19 @@ def run_training(run_id: int) -> str:
     """Run a TrainingRun; a redelivered message finds it claimed and does nothing."""
     run = services.training_run_execute(run_id)
     return run.status if run is not None else "skipped"
+
+
+@shared_task(name="ml_backend.tasks.scheduled_retrain")
+def scheduled_retrain(if_new_labels: int = 20) -> list[str]:
+    """Celery beat entry: start a retrain for every project with enough new labels."""
+    from annotator.models import Project
+
+    started = []
+    for project in Project.objects.exclude(active_encoder=None):
+        try:
+            run = services.retrain_start(project=project, if_new_labels=if_new_labels,
+                                         enqueue=True)
+        except services.RetrainSkipped:
+            continue
+        started.append(f"{project.name}: run {run.pk}")
+    return started

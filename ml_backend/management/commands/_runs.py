@@ -27,6 +27,12 @@ def add_common_arguments(parser) -> None:
 
 def run(command, *, project: Project, kind: str, params: dict, opts: dict) -> TrainingRun:
     created = services.training_run_create(project=project, kind=kind, params=params)
+    return run_existing(command, created, opts)
+
+
+def run_existing(command, created: TrainingRun, opts: dict) -> TrainingRun:
+    """Execute a created run here (progress bar) or queue it for a worker (--async)."""
+    kind = created.kind
     if opts.get("run_async"):
         from ml_backend.tasks import run_training
 

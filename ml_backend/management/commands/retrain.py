@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from ml_backend import services
+from ml_backend.management.commands._runs import get_project, run_existing
+
+
+class Command(BaseCommand):
+    help = ("Scheduled retrain (safe under cron): SimCLRv2 fine-tune from head layer 1 on all "
+            "labels, then evaluate, gate and refresh predictions. A second invocation while one "
+            "runs exits cleanly with a message.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("--project", required=True)
+        parser.add_argument("--if-new-labels", type=int, default=0,
+                            help="only retrain when at least N labels arrived since the last one")
+        parser.add_argument("--epochs", type=int, default=30)
+        parser.add_argument("--async", dest="run_async", action="store_true")
+        parser.add_argument("--no-progress", action="store_true")
+
+    def handle(self, *args, **opts):
+        project = get_project(opts["project"])
+        try:
+            run = services.retrain_start(project=project, if_new_labels=opts["if_new_labels"],
+                                         params={"epochs": opts["epochs"]})
+        except services.RetrainSkipped as exc:
+            self.stdout.write(f"Retrain skipped: {exc}.")
+            return
+        run_existing(self, run, opts)

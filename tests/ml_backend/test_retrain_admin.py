@@ -1,0 +1,66 @@
+"""Cron-safe retrain (lock, --if-new-labels, expired leases) and admin promote / roll back."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.urls import reverse
+from django.utils import timezone
+
+from annotator.models import Annotation
+from ml_backend import services
+from ml_backend.models import ModelVersion, TrainingRun
+from tests.base import FIXTURES, PASSWORD
+from tests.conftest import run_import
+
+
+def test_second_retrain_while_one_runs_exits_cleanly(project, capsys):
+    busy = TrainingRun.objects.create(project=project, kind="retrain", status="running",
+                                      started_at=timezone.now(),
+                                      lease_expires_at=timezone.now() + timedelta(minutes=10))
+    call_command("retrain", "--project", project.name)
+    assert f"Retrain skipped: retrain run #{busy.pk} is already running" in capsys.readouterr().out
+    assert TrainingRun.objects.filter(kind="retrain").count() == 1
+
+
+def test_killed_worker_lease_expires_then_retrain_may_start(project, capsys):
+    model = ModelVersion.objects.create(project=project, kind="classifier", version="half-done")
+    TrainingRun.objects.create(project=project, kind="retrain", status="running",
+                               claimed_by="host:123", model_version=model,
+                               lease_expires_at=timezone.now() - timedelta(minutes=1))
+    with pytest.raises(CommandError, match="no active encoder"):   # the new run starts and
+        call_command("retrain", "--project", project.name, "--no-progress")  # fails clearly
+    abandoned = TrainingRun.objects.get(claimed_by="host:123")
+    assert abandoned.status == "abandoned" and "stopped renewing its lease" in abandoned.last_error
+    model.refresh_from_db()
+    assert model.status == "failed"
+
+
+def test_if_new_labels_waits_for_enough_labels(project, capsys):
+    run_import(project, FIXTURES / "chest_xray" / "pool" / "normal", layout="flat",
+               default_label="normal")
+    TrainingRun.objects.create(project=project, kind="retrain", status="succeeded")
+    call_command("retrain", "--project", project.name, "--if-new-labels", "5")
+    assert "0 new labels since the last retrain; waiting for 5" in capsys.readouterr().out
+    Annotation.objects.update(created_at=timezone.now() + timedelta(seconds=5))
+    run = services.retrain_start(project=project, if_new_labels=5)
+    assert run.kind == "retrain" and run.status == "queued"
+
+
+def test_admin_promote_and_roll_back(client, users, project):
+    old = ModelVersion.objects.create(project=project, kind="classifier", version="clf-old")
+    new = ModelVersion.objects.create(project=project, kind="classifier", version="clf-new",
+                                      status="ready")
+    services.model_version_activate(old, reason="first")
+    assert client.login(username="dora", password=PASSWORD)
+    url = reverse("admin:ml_backend_modelversion_changelist")
+    client.post(url, {"action": "promote", "_selected_action": [new.pk]})
+    project.refresh_from_db()
+    old.refresh_from_db()
+    assert project.active_model == new and old.status == "retired"
+    client.post(url, {"action": "roll_back", "_selected_action": [new.pk]})
+    project.refresh_from_db()
+    assert project.active_model == old
+    assert "rolled back from clf-new by dora" in ModelVersion.objects.get(pk=old.pk).status_reason
