@@ -741,3 +741,80 @@ def retrain_start(*, project: Project, if_new_labels: int = 0, params: dict | No
                                      f"waiting for {if_new_labels}")
         return training_run_create(project=project, kind=TrainingRun.Kind.RETRAIN,
                                    params=params or {}, enqueue=enqueue)
+
+
+# --- new classes and label quality ----------------------------------------------------
+
+
+def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[dict]]:
+    """Scans to show a clinician for a new class: FAISS neighbours of its first examples
+    among unlabeled pool scans, and novelty candidates (far from every labeled scan)."""
+    project = label_class.project
+    encoder = project.active_encoder
+    if encoder is None:
+        raise TrainingError("no active encoder for this project yet")
+    paths = embeddings_paths(encoder)
+    ids = np.load(paths["ids"])
+    vectors = np.load(paths["vectors"])
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    labeled = set(Annotation.objects.filter(scan__project=project,
+                                            outcome=Annotation.Outcome.LABEL)
+                  .values_list("scan_id", flat=True))
+    pool = set(Scan.objects.filter(project=project, split="pool").values_list("pk", flat=True))
+    unlabeled = np.array([i for i, scan_id in enumerate(ids) if scan_id in pool - labeled])
+    examples = set(Annotation.objects.filter(label_class=label_class,
+                                             outcome=Annotation.Outcome.LABEL)
+                   .values_list("scan_id", flat=True))
+    example_rows = np.array([i for i, scan_id in enumerate(ids) if scan_id in examples])
+    labeled_rows = np.array([i for i, scan_id in enumerate(ids) if scan_id in labeled])
+    result = {"neighbours": [], "novel": []}
+    if len(unlabeled) == 0:
+        return result
+    if len(example_rows):
+        similarity = unit[unlabeled] @ unit[example_rows].T          # (U, E)
+        best = similarity.max(axis=1)
+        source = example_rows[similarity.argmax(axis=1)]
+        for position in np.argsort(-best)[:k]:
+            result["neighbours"].append({"scan": int(ids[unlabeled[position]]),
+                                         "similarity": round(float(best[position]), 4),
+                                         "like": int(ids[source[position]])})
+    if len(labeled_rows):
+        nearest = (unit[unlabeled] @ unit[labeled_rows].T).max(axis=1)
+        for position in np.argsort(nearest)[:k]:
+            result["novel"].append({"scan": int(ids[unlabeled[position]]),
+                                    "nearest_labeled_similarity": round(float(nearest[position]), 4)})
+    return result
+
+
+def label_quality_check(*, project: Project, created_by=None) -> QueryRound:
+    """Flag likely label errors among pool labels and queue them for re-review as a round."""
+    from ml_backend.active.quality import find_label_issues, out_of_fold_proba
+
+    encoder = project.active_encoder
+    if encoder is None:
+        raise TrainingError("no active encoder for this project yet")
+    scans, class_ids = training_labels(project, split="pool")
+    if len(set(class_ids)) < 2:
+        raise TrainingError("a label-quality check needs labels of at least 2 classes")
+    labels = np.array(class_ids)
+    try:
+        proba, classes = out_of_fold_proba(_vectors_for(encoder, scans), labels)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    y = np.searchsorted(classes, labels)
+    names = dict(LabelClass.objects.filter(pk__in=classes.tolist()).values_list("pk", "name"))
+    issues = find_label_issues(proba, y)
+    with transaction.atomic():
+        review = QueryRound.objects.create(project=project, model_version=project.active_model,
+                                           strategy="label_review", size=len(issues),
+                                           created_by=created_by)
+        QueryItem.objects.bulk_create([
+            QueryItem(query_round=review, scan=scans[issue["index"]], rank=rank,
+                      score=1.0 - issue["self_confidence"],
+                      reason={"why": "likely label error",
+                              "given": names[int(classes[issue["given"]])],
+                              "suggested": names[int(classes[issue["suggested"]])],
+                              "self_confidence": round(issue["self_confidence"], 4),
+                              "suggested_confidence": round(issue["suggested_confidence"], 4)})
+            for rank, issue in enumerate(issues, start=1)])
+    return review

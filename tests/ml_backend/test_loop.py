@@ -104,3 +104,34 @@ def test_annotation_checks_and_query_needs_a_model_for_uncertainty(embedded_proj
     assert skip.label_class is None
     with pytest.raises(CommandError, match="needs proba"):
         call_command("query", "--project", project.name, "--strategy", "margin")
+
+
+def test_new_class_candidates_and_label_quality_round(embedded_project, users, capsys):
+    project = embedded_project
+    pool = list(Scan.objects.filter(project=project, split="pool").order_by("pk"))
+    finding = LabelClass.objects.create(project=project, name="new_finding")
+    normal = LabelClass.objects.get(project=project, name="no_tumor")
+    pituitary = LabelClass.objects.get(project=project, name="pituitary_tumor")
+    for scan in pool[:2]:
+        annotator_services.annotation_create(scan=scan, reader=users["alice"], label_class=finding)
+    for scan in pool[2:14]:
+        annotator_services.annotation_create(
+            scan=scan, reader=users["alice"],
+            label_class=normal if truth(scan) == "no_tumor" else pituitary)
+    found = services.class_candidates(label_class=finding, k=5)
+    labeled = {s.pk for s in pool[:14]}
+    assert len(found["neighbours"]) == 5 and len(found["novel"]) == 5
+    for group in found.values():
+        assert not {c["scan"] for c in group} & labeled
+        assert Scan.objects.filter(pk__in=[c["scan"] for c in group], split="pool").count() == 5
+    assert {c["like"] for c in found["neighbours"]} <= {s.pk for s in pool[:2]}
+    novelty = [c["nearest_labeled_similarity"] for c in found["novel"]]
+    assert novelty == sorted(novelty)
+    call_command("candidates", "--project", project.name, "--class", "new_finding", "-k", "3")
+    assert "Like the new_finding examples" in capsys.readouterr().out
+
+    call_command("label_quality", "--project", project.name)
+    out = capsys.readouterr().out
+    review = QueryRound.objects.get(strategy="label_review")
+    assert f"Review round {review.pk}" in out
+    assert set(review.items.values_list("scan_id", flat=True)) <= labeled

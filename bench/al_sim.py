@@ -1,0 +1,578 @@
+"""Active-learning simulation: replay the labelling loop with the train labels as the oracle.
+
+    python -m bench.al_sim --train ../shared/data/pneumoniamnist/pneumoniamnist.npz#train \\
+        --eval '../shared/data/pneumoniamnist/pneumoniamnist.npz#val' \\
+        --strategies random,entropy,margin,hybrid --start 20 --step 10 --budget 200 \\
+        --seeds 5 --image-size 32 --small-input no --epochs 15 --batch-size 256 \\
+        --out bench/results/al_sim.json --plot bench/results/al_sim.png
+
+Steps:
+
+1. Decode train and eval scans (``bench.ssl_eval.load_data``, same cache) and embed them with
+   a SimCLRv2 encoder: ``--encoder PATH`` (a checkpoint from ``ml_backend.ssl.train``), or the
+   encoder ``bench.ssl_eval`` caches in ``--cache-dir`` (same key: an encoder ssl_eval already
+   pretrained on the same images with the same config is reused, else one is pretrained).
+2. For each seed and strategy: a cold start of ``--start`` scans (``cold_start`` — typical
+   scans of k-means clusters — for every strategy except ``random``, which draws at random),
+   then until ``--budget``: fit the calibrated linear head (``fit_head``) on the labeled
+   embeddings, evaluate it on the eval set, and query ``--step`` more scans from the
+   unlabeled pool with the strategy. While the labels cover only one class there is no head:
+   the point is recorded as None and the next batch comes from ``diversity`` (``random`` for
+   the random baseline).
+3. Report learning curves (mean ± std over seeds), the labels each strategy needs to reach
+   random's score at the budget (">budget" when never), and the cold-start gain over random
+   at ``--start`` labels: a table on stdout, a JSON file and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from bench.ssl_eval import (
+    get_encoder,
+    load_data,
+    log,
+    machine_info,
+    pretrain_config,
+    write_json,
+)
+from ml_backend.active.refit import fit_head
+from ml_backend.active.strategies import STRATEGIES, QueryContext, query
+from ml_backend.metrics.reports import classification_report
+from ml_backend.ssl.train import embed, load_pretrained, pick_device
+
+METRICS = ("auc", "macro_f1", "accuracy")
+TARGET_METRICS = ("auc", "macro_f1")
+BASELINE = "random"
+FALLBACK = "diversity"  # what non-random strategies query with while there is no head
+
+
+# --- arguments -------------------------------------------------------------------------
+
+
+def parse_strategies(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no strategies given")
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown strateg{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+            f"choose from {', '.join(sorted(STRATEGIES))}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError("a strategy is listed twice")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.al_sim",
+        description="Replay active learning on labelled data: learning curves per strategy.")
+    parser.add_argument("--train", required=True,
+                        help="train source spec (the pool; its labels are the oracle)")
+    parser.add_argument("--eval", required=True,
+                        help="eval source spec, or split:F to hold out a fraction of --train")
+    parser.add_argument("--strategies", type=parse_strategies,
+                        default=["random", "entropy", "margin", "hybrid"],
+                        help="comma-separated strategy names (default random,entropy,margin,"
+                             "hybrid)")
+    parser.add_argument("--start", type=int, default=20, help="cold-start labels")
+    parser.add_argument("--step", type=int, default=10, help="labels queried per round")
+    parser.add_argument("--budget", type=int, default=200, help="final number of labels")
+    parser.add_argument("--seeds", type=int, default=5, help="repetitions per strategy")
+    parser.add_argument("--encoder", default=None,
+                        help="SimCLRv2 checkpoint (ml_backend.ssl.train); default: the cached "
+                             "encoder of bench.ssl_eval, pretrained when missing")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="default 32, or the --encoder checkpoint's size")
+    parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--small-input", choices=["auto", "yes", "no"], default="auto",
+                        help="CIFAR-style 3x3 stem without max-pool (auto: size <= 64)")
+    parser.add_argument("--epochs", type=int, default=20, help="pretraining epochs")
+    parser.add_argument("--batch-size", type=int, default=256, help="pretraining batch size")
+    parser.add_argument("--cache-dir", default="bench/cache")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--max-train", type=int, default=None,
+                        help="stratified subsample of the train set")
+    parser.add_argument("--max-eval", type=int, default=None,
+                        help="stratified subsample of the eval set")
+    parser.add_argument("--out", default="bench/results/al_sim.json")
+    parser.add_argument("--plot", default=None,
+                        help="PNG of the learning curves (default: --out with .png)")
+    return parser
+
+
+def check_args(args) -> None:
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
+    if args.start < 1 or args.step < 1:
+        raise SystemExit("--start and --step must be >= 1")
+    if args.budget < args.start:
+        raise SystemExit("--budget must be >= --start")
+
+
+# --- the simulation --------------------------------------------------------------------
+
+
+def full_proba(head, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """The head's probabilities with one column per class (0 for classes it has not seen)."""
+    proba = np.zeros((len(x), num_classes), dtype=np.float32)
+    proba[:, np.asarray(head.class_ids, dtype=np.int64)] = head.predict_proba(x)
+    return proba
+
+
+def evaluate(head, x_eval: np.ndarray, y_eval: np.ndarray, class_names: list[str]) -> dict:
+    report = classification_report(y_eval, full_proba(head, x_eval, len(class_names)),
+                                   class_names)
+    # Two classes: macro_auc is the AUC of the positive (second) class.
+    return {"auc": report["macro_auc"], "macro_f1": report["macro_f1"],
+            "accuracy": report["accuracy"]}
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """A different, reproducible seed per seed and query round."""
+    return seed * 1_000_003 + round_index
+
+
+def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarray,
+             emb_eval: np.ndarray, y_eval: np.ndarray, class_names: list[str], *,
+             start: int, step: int, budget: int) -> dict:
+    """One active-learning run. Returns its points (one per refit) and queries."""
+    n_train = len(y_train)
+    budget = min(budget, n_train)
+    num_classes = len(class_names)
+    labeled: list[int] = []
+    in_pool = np.ones(n_train, dtype=bool)
+    points, queries = [], []
+    fit_seconds = query_seconds = 0.0
+
+    def take(name: str, count: int, round_index: int, proba_pool=None) -> None:
+        nonlocal query_seconds
+        pool = np.flatnonzero(in_pool)
+        count = min(count, len(pool))
+        if count < 1:
+            return
+        context = QueryContext(
+            proba=proba_pool, embeddings=emb_train[pool],
+            labeled_embeddings=emb_train[labeled] if labeled else None,
+            class_names=class_names, seed=round_seed(seed, round_index))
+        started = time.perf_counter()
+        selection = query(name, context, count)
+        query_seconds += time.perf_counter() - started
+        chosen = pool[np.asarray(selection.indices, dtype=np.int64)]
+        if len(set(chosen.tolist())) != len(chosen) or not in_pool[chosen].all():
+            raise RuntimeError(f"{name} returned a scan twice or one already labeled")
+        in_pool[chosen] = False
+        labeled.extend(int(i) for i in chosen)
+        queries.append({"round": round_index, "labels_before": len(labeled) - len(chosen),
+                        "strategy_used": name, "indices": [int(i) for i in chosen]})
+
+    take(BASELINE if strategy == BASELINE else "cold_start", start, 0)
+    round_index = 0
+    while True:
+        round_index += 1
+        rows = np.array(labeled, dtype=np.int64)
+        head = None
+        if len(np.unique(y_train[rows])) >= 2:
+            started = time.perf_counter()
+            head, _ = fit_head(emb_train[rows], y_train[rows], seed=seed)
+            fit_seconds += time.perf_counter() - started
+            point = {"labels": len(labeled), **evaluate(head, emb_eval, y_eval, class_names)}
+        else:
+            point = {"labels": len(labeled), **{m: None for m in METRICS}}
+        point["classes_labeled"] = int(len(np.unique(y_train[rows])))
+        points.append(point)
+        if len(labeled) >= budget or not in_pool.any():
+            break
+        count = min(step, budget - len(labeled))
+        if head is None:
+            take(BASELINE if strategy == BASELINE else FALLBACK, count, round_index)
+        else:
+            proba_pool = full_proba(head, emb_train[in_pool], num_classes)
+            take(strategy, count, round_index, proba_pool)
+    return {"strategy": strategy, "seed": seed, "points": points, "queries": queries,
+            "labeled_order": labeled, "fit_seconds": fit_seconds,
+            "query_seconds": query_seconds}
+
+
+# --- aggregation -----------------------------------------------------------------------
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None, int]:
+    defined = [float(v) for v in values if v is not None]
+    if not defined:
+        return None, None, 0
+    std = float(np.std(defined, ddof=1)) if len(defined) > 1 else 0.0
+    return float(np.mean(defined)), std, len(defined)
+
+
+def learning_curves(runs: list[dict], strategies: list[str]) -> dict:
+    """Per strategy: label counts and, per metric, mean / std / n (defined seeds) per count."""
+    curves = {}
+    for strategy in strategies:
+        rows = [r for r in runs if r["strategy"] == strategy]
+        counts = sorted({p["labels"] for r in rows for p in r["points"]})
+        curve = {"labels": counts, "seeds": len(rows)}
+        for metric in METRICS:
+            stats = {"mean": [], "std": [], "n": []}
+            for count in counts:
+                values = [p[metric] for r in rows for p in r["points"] if p["labels"] == count]
+                mean, std, n = _mean_std(values)
+                stats["mean"].append(mean)
+                stats["std"].append(std)
+                stats["n"].append(n)
+            curve[metric] = stats
+        curves[strategy] = curve
+    return curves
+
+
+def labels_to_reach(labels: list[int], values: list, target: float | None) -> int | None:
+    """The first label count whose value is at least ``target``; None if none is (undefined
+    values are skipped; an undefined target is never reached)."""
+    if target is None:
+        return None
+    for count, value in zip(labels, values):
+        if value is not None and value >= target - 1e-12:
+            return int(count)
+    return None
+
+
+def value_at(curve: dict, metric: str, count: int) -> float | None:
+    if count not in curve["labels"]:
+        return None
+    return curve[metric]["mean"][curve["labels"].index(count)]
+
+
+def summarise(curves: dict, start: int, budget: int) -> dict:
+    """Random's score at the budget, labels needed to reach it, and the cold-start gain."""
+    baseline = curves.get(BASELINE)
+    end = max(baseline["labels"]) if baseline and baseline["labels"] else budget
+    targets = {m: value_at(baseline, m, end) if baseline else None for m in TARGET_METRICS}
+    to_reach, gains = {}, {}
+    for strategy, curve in curves.items():
+        row = {}
+        for metric in TARGET_METRICS:
+            needed = labels_to_reach(curve["labels"], curve[metric]["mean"], targets[metric])
+            row[metric] = needed if needed is not None else f">{end}"
+            row[f"{metric}_fraction_of_budget"] = needed / end if needed is not None else None
+        to_reach[strategy] = row
+        gains[strategy] = {}
+        for metric in TARGET_METRICS:
+            mine = value_at(curve, metric, start)
+            theirs = value_at(baseline, metric, start) if baseline else None
+            gains[strategy][metric] = (mine - theirs if mine is not None and theirs is not None
+                                       else None)
+            gains[strategy][f"{metric}_at_start"] = mine
+    return {"baseline": BASELINE if baseline else None, "budget_labels": end,
+            "baseline_at_budget": targets, "labels_to_reach_baseline": to_reach,
+            "cold_start_gain": gains}
+
+
+# --- output ----------------------------------------------------------------------------
+
+
+def _cell(mean, std) -> str:
+    return "     n/a     " if mean is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def format_table(curves: dict, summary: dict, seeds: int) -> str:
+    strategies = list(curves)
+    lines = []
+    for metric, title in (("auc", "AUC"), ("macro_f1", "macro-F1")):
+        lines.append(f"{title} (mean ± std over {seeds} seed{'s' if seeds != 1 else ''})")
+        header = f"{'labels':>6}  " + "  ".join(f"{s:<13}" for s in strategies)
+        lines += [header, "-" * len(header)]
+        counts = sorted({c for curve in curves.values() for c in curve["labels"]})
+        for count in counts:
+            cells = []
+            for s in strategies:
+                curve = curves[s]
+                if count in curve["labels"]:
+                    i = curve["labels"].index(count)
+                    cells.append(_cell(curve[metric]["mean"][i], curve[metric]["std"][i]))
+                else:
+                    cells.append(" " * 13)
+            lines.append(f"{count:>6}  " + "  ".join(cells))
+        lines.append("")
+    targets = summary["baseline_at_budget"]
+    end = summary["budget_labels"]
+
+    def fmt(v, signed=False):
+        return "n/a" if v is None else (f"{v:+.3f}" if signed else f"{v:.3f}")
+
+    lines.append(f"labels to reach {BASELINE}@{end} (AUC {fmt(targets['auc'])}, "
+                 f"macro-F1 {fmt(targets['macro_f1'])}) and cold-start gain over {BASELINE}:")
+    header = (f"{'strategy':<16}  {'labels AUC':>10}  {'labels F1':>10}  "
+              f"{'gain AUC':>9}  {'gain F1':>9}")
+    lines += [header, "-" * len(header)]
+    for s in strategies:
+        reach, gain = summary["labels_to_reach_baseline"][s], summary["cold_start_gain"][s]
+        lines.append(f"{s:<16}  {str(reach['auc']):>10}  {str(reach['macro_f1']):>10}  "
+                     f"{fmt(gain['auc'], True):>9}  {fmt(gain['macro_f1'], True):>9}")
+    return "\n".join(lines)
+
+
+COLOURS = {"random": (110, 110, 110)}
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (23, 190, 207), (188, 189, 34)]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # old Pillow or no FreeType: bitmap font
+        return ImageFont.load_default()
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values covering [low, high]."""
+    if high <= low:
+        high = low + 1.0
+    raw = (high - low) / max(count, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    ticks, value = [], first
+    while value <= high + 1e-9 * step:
+        ticks.append(round(value, 10))
+        value += step
+    return ticks
+
+
+def _tick_label(value: float, step: float) -> str:
+    if step >= 1 and float(value).is_integer():
+        return str(int(value))
+    decimals = 0
+    while decimals < 6 and abs(step * 10 ** decimals - round(step * 10 ** decimals)) > 1e-6:
+        decimals += 1
+    return f"{value:.{decimals}f}"
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    box = draw.textbbox((0, 0), text, font=font)
+    return box[2] - box[0], box[3] - box[1]
+
+
+def plot_curves(curves: dict, path: Path, *, title: str = "") -> None:
+    """Two panels (AUC and macro-F1 vs labels), a line per strategy with a ±std band."""
+    width, panel_height, legend_height = 1200, 480, 50
+    height = panel_height + legend_height + (30 if title else 0)
+    top_offset = 30 if title else 0
+    image = Image.new("RGBA", (width, height), (255, 255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font, small = _font(15), _font(12)
+    colours = {}
+    for i, name in enumerate(curves):
+        colours[name] = COLOURS.get(name) or PALETTE[i % len(PALETTE)]
+    if title:
+        w, _ = _text_size(draw, title, font)
+        draw.text(((width - w) / 2, 8), title, fill="black", font=font)
+
+    all_counts = sorted({c for curve in curves.values() for c in curve["labels"]}) or [0, 1]
+    x_low, x_high = all_counts[0], all_counts[-1]
+    if x_high == x_low:
+        x_low, x_high = x_low - 1, x_high + 1
+
+    for panel, (metric, label) in enumerate((("auc", "AUC"), ("macro_f1", "macro-F1"))):
+        left = panel * width // 2 + 75
+        right = (panel + 1) * width // 2 - 25
+        top, bottom = top_offset + 35, top_offset + panel_height - 55
+        values = []
+        for curve in curves.values():
+            for mean, std in zip(curve[metric]["mean"], curve[metric]["std"]):
+                if mean is not None:
+                    values += [mean - (std or 0.0), mean + (std or 0.0)]
+        y_low, y_high = (min(values), max(values)) if values else (0.0, 1.0)
+        pad = max((y_high - y_low) * 0.08, 0.01)
+        y_low, y_high = max(0.0, y_low - pad), min(1.0, y_high + pad)
+        if y_high - y_low < 0.02:
+            y_low, y_high = max(0.0, y_low - 0.01), min(1.0, y_high + 0.01)
+        y_ticks = [t for t in nice_ticks(y_low, y_high) if y_low - 1e-9 <= t <= y_high + 1e-9]
+        x_ticks = [t for t in nice_ticks(x_low, x_high, 6) if x_low - 1e-9 <= t <= x_high + 1e-9]
+
+        def px(x, left=left, right=right):
+            return left + (x - x_low) / (x_high - x_low) * (right - left)
+
+        def py(y, top=top, bottom=bottom, y_low=y_low, y_high=y_high):
+            return bottom - (y - y_low) / (y_high - y_low) * (bottom - top)
+
+        # grid, axes, ticks
+        y_step = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else 0.1
+        for t in y_ticks:
+            y = py(t)
+            draw.line([(left, y), (right, y)], fill=(232, 232, 232))
+            text = _tick_label(t, y_step)
+            w, h = _text_size(draw, text, small)
+            draw.text((left - 8 - w, y - h / 2 - 2), text, fill="black", font=small)
+        x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1
+        for t in x_ticks:
+            x = px(t)
+            draw.line([(x, top), (x, bottom)], fill=(232, 232, 232))
+            draw.line([(x, bottom), (x, bottom + 5)], fill="black")
+            text = _tick_label(t, x_step)
+            w, _ = _text_size(draw, text, small)
+            draw.text((x - w / 2, bottom + 8), text, fill="black", font=small)
+        draw.rectangle([left, top, right, bottom], outline="black")
+        w, _ = _text_size(draw, "labels", font)
+        draw.text(((left + right) / 2 - w / 2, bottom + 28), "labels", fill="black", font=font)
+        heading = f"{label} vs labels"
+        w, _ = _text_size(draw, heading, font)
+        draw.text(((left + right) / 2 - w / 2, top - 25), heading, fill="black", font=font)
+        w, h = _text_size(draw, label, font)
+        rotated = Image.new("RGBA", (w + 6, h + 8), (255, 255, 255, 0))
+        ImageDraw.Draw(rotated).text((3, 0), label, fill="black", font=font)
+        rotated = rotated.rotate(90, expand=True)
+        image.alpha_composite(rotated, (int(left - 70), int((top + bottom) / 2 - rotated.height / 2)))
+
+        # ±std bands (translucent), then the mean lines with markers
+        band = Image.new("RGBA", image.size, (255, 255, 255, 0))
+        band_draw = ImageDraw.Draw(band)
+        for name, curve in curves.items():
+            segment = [(c, m, s) for c, m, s in zip(curve["labels"], curve[metric]["mean"],
+                                                   curve[metric]["std"]) if m is not None]
+            if len(segment) >= 2:
+                upper = [(px(c), py(min(y_high, m + s))) for c, m, s in segment]
+                lower = [(px(c), py(max(y_low, m - s))) for c, m, s in reversed(segment)]
+                band_draw.polygon(upper + lower, fill=colours[name] + (40,))
+        image.alpha_composite(band)
+        draw = ImageDraw.Draw(image)
+        for name, curve in curves.items():
+            line = []
+            for c, m in zip(curve["labels"], curve[metric]["mean"]):
+                if m is None:  # undefined point: break the line
+                    if len(line) >= 2:
+                        draw.line(line, fill=colours[name], width=3)
+                    line = []
+                    continue
+                line.append((px(c), py(m)))
+                draw.ellipse([px(c) - 3, py(m) - 3, px(c) + 3, py(m) + 3], fill=colours[name])
+            if len(line) >= 2:
+                draw.line(line, fill=colours[name], width=3)
+
+    # legend, centred under both panels
+    entries = [(name, _text_size(draw, name, font)[0]) for name in curves]
+    total = sum(30 + w + 30 for _, w in entries)
+    x, y = (width - total) / 2, top_offset + panel_height + 10
+    for name, w in entries:
+        draw.line([(x, y + 9), (x + 24, y + 9)], fill=colours[name], width=4)
+        draw.text((x + 30, y), name, fill="black", font=font)
+        x += 30 + w + 30
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        image.convert("RGB").save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def load_encoder(args, data: dict | None, cache_dir: Path):
+    """``(model, config, info)`` from ``--encoder`` or the ssl_eval encoder cache."""
+    if args.encoder:
+        model, config = load_pretrained(args.encoder)
+        log(f"encoder: {args.encoder} ({config.arch} at {config.image_size}px)")
+        return model, config, {"encoder_cached": True, "checkpoint": str(args.encoder),
+                               "seconds": 0.0, "source": "--encoder"}
+    config = pretrain_config(args)
+    model, info = get_encoder(data["x_train"], config, cache_dir, args.device)
+    return model, config, {**{k: v for k, v in info.items() if k != "history"},
+                           "source": "ssl_eval cache"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    started = time.perf_counter()
+    device = pick_device(args.device)
+    args.device = device.type
+    cache_dir = Path(args.cache_dir)
+    log(f"device {device.type}")
+
+    if args.encoder:
+        model, config, encoder_info = load_encoder(args, None, cache_dir)
+        if args.image_size not in (None, config.image_size):
+            log(f"warning: --image-size {args.image_size} ignored: the encoder was trained at "
+                f"{config.image_size}px")
+        args.image_size = config.image_size
+    else:
+        args.image_size = args.image_size or 32
+    data = load_data(args)
+    if not args.encoder:
+        model, config, encoder_info = load_encoder(args, data, cache_dir)
+    class_names = data["class_names"]
+    log(f"classes {class_names}: {len(data['y_train'])} train (pool) / "
+        f"{len(data['y_eval'])} eval scans")
+    if args.budget > len(data["y_train"]):
+        log(f"warning: --budget {args.budget} exceeds the pool; capped at "
+            f"{len(data['y_train'])}")
+
+    embed_started = time.perf_counter()
+    emb_train = embed(model.encoder, data["x_train"], config, device=args.device)
+    emb_eval = embed(model.encoder, data["x_eval"], config, device=args.device)
+    embed_seconds = time.perf_counter() - embed_started
+    log(f"embedded {len(emb_train) + len(emb_eval)} scans in {embed_seconds:.1f}s")
+
+    runs = []
+    for seed in range(args.seeds):
+        for strategy in args.strategies:
+            run_started = time.perf_counter()
+            run = simulate(strategy, seed, emb_train, data["y_train"], emb_eval, data["y_eval"],
+                           class_names, start=args.start, step=args.step, budget=args.budget)
+            run["seconds"] = time.perf_counter() - run_started
+            runs.append(run)
+            first, last = run["points"][0], run["points"][-1]
+
+            def fmt(v):
+                return "n/a" if v is None else f"{v:.3f}"
+
+            log(f"seed {seed} {strategy:<10} AUC {fmt(first['auc'])} @ {first['labels']} → "
+                f"{fmt(last['auc'])} @ {last['labels']}, macro-F1 {fmt(first['macro_f1'])} → "
+                f"{fmt(last['macro_f1'])}  ({run['seconds']:.1f}s)")
+
+    curves = learning_curves(runs, args.strategies)
+    summary = summarise(curves, args.start, min(args.budget, len(data["y_train"])))
+    log("")
+    log(format_table(curves, summary, args.seeds))
+
+    plot_path = Path(args.plot) if args.plot else Path(args.out).with_suffix(".png")
+    plot_curves(curves, plot_path, title=f"Active learning: {args.train} "
+                f"(mean ± std over {args.seeds} seeds)")
+    log(f"wrote {plot_path}")
+
+    payload = {
+        "args": vars(args),
+        "machine": machine_info(device),
+        "data": data["info"],
+        "encoder": {**encoder_info, "config": asdict(config)},
+        "strategies": args.strategies,
+        "curves": curves,
+        "summary": summary,
+        "runs": runs,
+        "plot": str(plot_path),
+        "timings": {"embed_seconds": embed_seconds,
+                    "simulate_seconds": sum(r["seconds"] for r in runs),
+                    "total_seconds": time.perf_counter() - started},
+    }
+    out = Path(args.out)
+    write_json(out, payload)
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

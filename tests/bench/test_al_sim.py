@@ -1,0 +1,127 @@
+"""bench.al_sim: one simulated active-learning run on the tiny brain MRI fixture, plus helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from bench import al_sim
+from tests.base import FIXTURES
+
+POOL = FIXTURES / "brain_mri" / "pool"
+EVAL = FIXTURES / "brain_mri" / "eval"
+STRATEGIES = ["random", "entropy", "hybrid"]
+SEEDS = 2
+COUNTS = [8, 16, 24, 32, 40]
+
+
+def in_unit_interval_or_none(value) -> bool:
+    return value is None or 0.0 <= value <= 1.0
+
+
+def test_simulation_on_fixture(tmp_path, capsys):
+    out, plot = tmp_path / "al.json", tmp_path / "al.png"
+    argv = ["--train", str(POOL), "--eval", str(EVAL), "--image-size", "32",
+            "--small-input", "no", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
+            "--start", "8", "--step", "8", "--budget", "40", "--seeds", str(SEEDS),
+            "--strategies", ",".join(STRATEGIES), "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out), "--plot", str(plot)]
+    assert al_sim.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "labels to reach random@40" in printed and "AUC (mean ± std over 2 seeds)" in printed
+
+    result = json.loads(out.read_text())
+    assert {"args", "machine", "data", "encoder", "strategies", "curves", "summary", "runs",
+            "plot", "timings"} <= set(result)
+    assert result["data"]["num_train"] == 160 and result["data"]["num_eval"] == 40
+
+    # every strategy and seed ran, with a point after every refit from 8 to 40 labels
+    assert sorted((r["strategy"], r["seed"]) for r in result["runs"]) == sorted(
+        (s, seed) for s in STRATEGIES for seed in range(SEEDS))
+    for run in result["runs"]:
+        assert [p["labels"] for p in run["points"]] == COUNTS
+        for point in run["points"]:
+            for metric in ("auc", "macro_f1", "accuracy"):
+                assert in_unit_interval_or_none(point[metric]), (run["strategy"], point)
+        # no scan is ever queried twice within a run
+        picked = [i for q in run["queries"] for i in q["indices"]]
+        assert len(picked) == 40 and len(set(picked)) == 40
+        assert picked == run["labeled_order"]
+        assert all(0 <= i < 160 for i in picked)
+        first = run["queries"][0]["strategy_used"]
+        assert first == ("random" if run["strategy"] == "random" else "cold_start")
+        # with 4 classes in 40 labels, the head exists at the budget
+        assert run["points"][-1]["auc"] is not None
+
+    # cold start is shared by every non-random strategy of one seed
+    for seed in range(SEEDS):
+        starts = {r["strategy"]: r["queries"][0]["indices"] for r in result["runs"]
+                  if r["seed"] == seed}
+        assert starts["entropy"] == starts["hybrid"]
+
+    assert set(result["curves"]) == set(STRATEGIES)
+    for curve in result["curves"].values():
+        assert curve["labels"] == COUNTS and curve["seeds"] == SEEDS
+        for metric in ("auc", "macro_f1", "accuracy"):
+            assert len(curve[metric]["mean"]) == len(COUNTS)
+            assert all(in_unit_interval_or_none(v) for v in curve[metric]["mean"])
+
+    summary = result["summary"]
+    assert summary["budget_labels"] == 40
+    assert set(summary["labels_to_reach_baseline"]) == set(STRATEGIES)
+    for row in summary["labels_to_reach_baseline"].values():
+        for metric in ("auc", "macro_f1"):
+            assert row[metric] in COUNTS or row[metric] == ">40"
+    # random reaches its own score at the budget by the budget at the latest
+    assert summary["labels_to_reach_baseline"]["random"]["auc"] in COUNTS
+    assert summary["cold_start_gain"]["random"]["auc"] in (0.0, None)
+
+    with Image.open(plot) as image:
+        image.verify()
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size[0] >= 600
+
+
+def test_labels_to_reach_on_a_hand_made_curve():
+    labels = [20, 30, 40, 50, 60]
+    values = [None, 0.70, 0.82, 0.79, 0.90]
+    assert al_sim.labels_to_reach(labels, values, 0.80) == 40
+    assert al_sim.labels_to_reach(labels, values, 0.70) == 30      # None is skipped; >= counts
+    assert al_sim.labels_to_reach(labels, values, 0.60) == 30
+    assert al_sim.labels_to_reach(labels, values, 0.90) == 60
+    assert al_sim.labels_to_reach(labels, values, 0.95) is None    # never reached
+    assert al_sim.labels_to_reach(labels, values, None) is None
+
+
+def test_summary_reports_never_reached_as_over_budget():
+    def curve(auc, f1):
+        return {"labels": [10, 20, 30], "seeds": 1,
+                "auc": {"mean": auc, "std": [0.0] * 3, "n": [1] * 3},
+                "macro_f1": {"mean": f1, "std": [0.0] * 3, "n": [1] * 3},
+                "accuracy": {"mean": f1, "std": [0.0] * 3, "n": [1] * 3}}
+
+    curves = {"random": curve([0.6, 0.7, 0.8], [0.5, 0.6, 0.7]),
+              "entropy": curve([0.7, 0.85, 0.9], [0.4, 0.5, 0.6])}
+    summary = al_sim.summarise(curves, start=10, budget=30)
+    assert summary["baseline_at_budget"] == {"auc": 0.8, "macro_f1": 0.7}
+    assert summary["labels_to_reach_baseline"]["entropy"]["auc"] == 20
+    assert summary["labels_to_reach_baseline"]["entropy"]["macro_f1"] == ">30"
+    assert summary["labels_to_reach_baseline"]["random"]["auc"] == 30
+    assert summary["cold_start_gain"]["entropy"]["auc"] == pytest.approx(0.1)
+    assert summary["cold_start_gain"]["entropy"]["macro_f1"] == pytest.approx(-0.1)
+    text = al_sim.format_table(curves, summary, seeds=1)
+    assert ">30" in text and "+0.100" in text
+
+
+def test_unknown_strategy_is_rejected():
+    with pytest.raises(SystemExit):
+        al_sim.build_parser().parse_args(["--train", "x", "--eval", "y",
+                                          "--strategies", "random,oracle"])
+
+
+def test_nice_ticks_are_round_and_cover_the_range():
+    ticks = al_sim.nice_ticks(0.62, 0.91)
+    assert ticks[0] >= 0.62 - 1e-9 and ticks[-1] <= 0.91 + 1e-9 and len(ticks) >= 3
+    assert al_sim.nice_ticks(20, 200, 6) == [40, 80, 120, 160, 200]
