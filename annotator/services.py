@@ -341,6 +341,7 @@ def refit_if_due(*, project: Project):
     from ml_backend import services as ml
     from ml_backend.models import TrainingRun
 
+    project = Project.objects.get(pk=project.pk)   # current settings, not a cached instance
     if project.active_encoder_id is None:
         return None
     refits = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.REFIT)

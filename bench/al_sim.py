@@ -397,7 +397,7 @@ def plot_curves(curves: dict, path: Path, *, title: str = "") -> None:
         y_low, y_high = max(0.0, y_low - pad), min(1.0, y_high + pad)
         if y_high - y_low < 0.02:
             y_low, y_high = max(0.0, y_low - 0.01), min(1.0, y_high + 0.01)
-        y_ticks = [t for t in nice_ticks(y_low, y_high) if y_low - 1e-9 <= t <= y_high + 1e-9]
+        y_ticks = [t for t in nice_ticks(y_low, y_high, 6) if y_low - 1e-9 <= t <= y_high + 1e-9]
         x_ticks = [t for t in nice_ticks(x_low, x_high, 6) if x_low - 1e-9 <= t <= x_high + 1e-9]
 
         def px(x, left=left, right=right):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -21,6 +22,7 @@ def in_unit_interval_or_none(value) -> bool:
     return value is None or 0.0 <= value <= 1.0
 
 
+@pytest.mark.slow
 def test_simulation_on_fixture(tmp_path, capsys):
     out, plot = tmp_path / "al.json", tmp_path / "al.png"
     argv = ["--train", str(POOL), "--eval", str(EVAL), "--image-size", "32",
@@ -84,6 +86,23 @@ def test_simulation_on_fixture(tmp_path, capsys):
         assert image.format == "PNG" and image.size[0] >= 600
 
 
+@pytest.mark.parametrize("strategy", ["random", "margin", "hybrid", "coreset"])
+def test_one_class_start_records_none_and_keeps_querying(strategy):
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 30)
+    x = (rng.normal(size=(60, 16)) + 3.0 * y[:, None]).astype(np.float32)
+    run = al_sim.simulate(strategy, 0, x, y, x, y, ["a", "b"], start=1, step=3, budget=11)
+    assert [p["labels"] for p in run["points"]] == [1, 4, 7, 10, 11]
+    first = run["points"][0]
+    assert first["classes_labeled"] == 1
+    assert first["auc"] is None and first["macro_f1"] is None and first["accuracy"] is None
+    assert run["queries"][1]["strategy_used"] == ("random" if strategy == "random"
+                                                  else "diversity")
+    assert len(set(run["labeled_order"])) == 11
+    defined = [p for p in run["points"] if p["auc"] is not None]
+    assert defined and all(0.0 <= p["auc"] <= 1.0 for p in defined)
+
+
 def test_labels_to_reach_on_a_hand_made_curve():
     labels = [20, 30, 40, 50, 60]
     values = [None, 0.70, 0.82, 0.79, 0.90]
@@ -124,4 +143,4 @@ def test_unknown_strategy_is_rejected():
 def test_nice_ticks_are_round_and_cover_the_range():
     ticks = al_sim.nice_ticks(0.62, 0.91)
     assert ticks[0] >= 0.62 - 1e-9 and ticks[-1] <= 0.91 + 1e-9 and len(ticks) >= 3
-    assert al_sim.nice_ticks(20, 200, 6) == [40, 80, 120, 160, 200]
+    assert al_sim.nice_ticks(20, 200, 6) == [50, 100, 150, 200]

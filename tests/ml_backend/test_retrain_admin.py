@@ -64,3 +64,29 @@ def test_admin_promote_and_roll_back(client, users, project):
     project.refresh_from_db()
     assert project.active_model == old
     assert "rolled back from clf-new by dora" in ModelVersion.objects.get(pk=old.pk).status_reason
+
+
+def test_refit_is_queued_after_refit_every_labels_with_current_settings(
+        project, users, django_capture_on_commit_callbacks):
+    from annotator import services as annotator_services
+    from annotator.models import LabelClass, Project, Scan
+
+    encoder = ModelVersion.objects.create(project=project, kind="encoder", version="enc-x",
+                                          status="active")
+    project.active_encoder = encoder
+    project.save()
+    run_import(project, FIXTURES / "chest_xray" / "pool" / "normal", layout="flat")
+    normal = LabelClass.objects.create(project=project, name="normal")
+    scans = list(Scan.objects.filter(project=project, split="pool").select_related("project")[:8])
+    Project.objects.filter(pk=project.pk).update(refit_every=8)   # changed after scans loaded
+    with django_capture_on_commit_callbacks(execute=True):
+        for scan in scans[:7]:
+            annotator_services.annotation_create(scan=scan, reader=users["alice"],
+                                                 label_class=normal)
+    assert not TrainingRun.objects.filter(kind="refit").exists()
+    with django_capture_on_commit_callbacks(execute=True):
+        annotator_services.annotation_create(scan=scans[7], reader=users["alice"],
+                                             label_class=normal)
+    refit = TrainingRun.objects.get(kind="refit")
+    assert refit.status == "failed"   # this fake encoder has no files: a clear error, no crash
+    assert refit.last_error
