@@ -167,6 +167,19 @@ class AnnotationAdmin(admin.ModelAdmin):
                            "shown_suggestion"]
     date_hierarchy = "created_at"
 
+    def save_model(self, request, obj, form, change):
+        """A label added here counts like one from the labeling UI: it may queue a refit."""
+        from django.db import transaction
+
+        from annotator.services import refit_if_due
+
+        if not change and obj.reader_id is None:
+            obj.reader = request.user
+        super().save_model(request, obj, form, change)
+        if not change and obj.outcome == Annotation.Outcome.LABEL and obj.scan.split == "pool":
+            project = obj.scan.project
+            transaction.on_commit(lambda: refit_if_due(project=project))
+
 
 @admin.register(ImportJob)
 class ImportJobAdmin(admin.ModelAdmin):

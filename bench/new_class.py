@@ -1,0 +1,115 @@
+"""A new anomaly type from a few labels, without a retrain and without forgetting.
+
+    python -m bench.new_class --train SPEC --eval SPEC|split:0.2 [--holdout all|NAME]
+        [--new-labels 10,20] [--seeds 5] [SimCLRv2 options as in bench.ssl_eval] --out results.json
+
+Uses the same data readers and cached SimCLRv2 encoder as ``bench.ssl_eval`` (same options →
+no new pretraining). For each held-out class H: a calibrated linear head (the loop's refit,
+``ml_backend.active.refit.fit_head``) is fit on the embeddings of every train scan of the
+other classes; then H is "added mid-project" with K random train examples (K in
+``--new-labels``, per seed) and the head is refit on old + K. Reported on the eval set:
+
+- recall (and precision, F1) of H with K labels (target: recall ≥ 0.80);
+- the old classes' macro-F1 on their own eval scans before and after adding H (forgetting;
+  target: a drop of at most 2 points);
+- precision@20 of the candidates the loop would offer for H: the nearest train scans (cosine)
+  to its K examples among all others, i.e. how many of the first 20 really are H.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+from bench.ssl_eval import build_parser, get_encoder, load_data, log, pretrain_config
+from ml_backend.active.refit import fit_head
+from ml_backend.ssl.train import embed
+
+
+def old_macro_f1(head, x, y, old: list[int]) -> float:
+    mask = np.isin(y, old)
+    pred = head.class_ids[head.predict_proba(x[mask]).argmax(1)]
+    return float(f1_score(y[mask], pred, labels=old, average="macro", zero_division=0))
+
+
+def candidates_precision(train_x, train_y, examples: np.ndarray, labeled: np.ndarray,
+                         holdout: int, top: int = 20) -> float:
+    unit = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    pool = np.setdiff1d(np.arange(len(train_y)), labeled)
+    best = (unit[pool] @ unit[examples].T).max(axis=1)
+    chosen = pool[np.argsort(-best)[:top]]
+    return float((train_y[chosen] == holdout).mean())
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument("--holdout", default="all", help="class name, or all (each in turn)")
+    parser.add_argument("--new-labels", default="10,20")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    data = load_data(args)
+    names = data["class_names"]
+    config = pretrain_config(args)
+    encoder, pre = get_encoder(data["x_train"], config, Path(args.cache_dir), args.device)
+    train_x = embed(encoder.encoder, data["x_train"], config, device=args.device)
+    eval_x = embed(encoder.encoder, data["x_eval"], config, device=args.device)
+    train_y, eval_y = data["y_train"], data["y_eval"]
+    holdouts = range(len(names)) if args.holdout == "all" else [names.index(args.holdout)]
+    ks = [int(k) for k in args.new_labels.split(",")]
+    rows = []
+    for h in holdouts:
+        old = [c for c in range(len(names)) if c != h]
+        old_rows = np.flatnonzero(train_y != h)
+        before_head, _ = fit_head(train_x[old_rows], train_y[old_rows], seed=0)
+        before = old_macro_f1(before_head, eval_x, eval_y, old)
+        new_rows = np.flatnonzero(train_y == h)
+        for k in ks:
+            for seed in range(args.seeds):
+                picks = np.random.default_rng(seed).choice(new_rows, min(k, len(new_rows)),
+                                                           replace=False)
+                rows_k = np.concatenate([old_rows, picks])
+                head, _ = fit_head(train_x[rows_k], train_y[rows_k], seed=seed)
+                pred = head.class_ids[head.predict_proba(eval_x).argmax(1)]
+                p, r, f, _ = precision_recall_fscore_support(eval_y == h, pred == h,
+                                                             average="binary", zero_division=0)
+                after = old_macro_f1(head, eval_x, eval_y, old)
+                rows.append({"holdout": names[h], "k": k, "seed": seed, "recall": float(r),
+                             "precision": float(p), "f1": float(f), "old_macro_f1_before": before,
+                             "old_macro_f1_after": after, "old_drop_points": 100 * (before - after),
+                             "candidates_precision_at_20": candidates_precision(
+                                 train_x, train_y, picks, picks, h)})
+    summary = {}
+    print(f"\n{'held-out class':>18} {'K':>3} {'recall':>13} {'precision':>13} "
+          f"{'old F1 before':>14} {'old F1 after':>13} {'drop (pts)':>11} {'cand. P@20':>11}")
+    for h in holdouts:
+        for k in ks:
+            sel = [r for r in rows if r["holdout"] == names[h] and r["k"] == k]
+            stat = lambda key: (float(np.mean([r[key] for r in sel])), float(np.std([r[key] for r in sel])))
+            summary[f"{names[h]}@{k}"] = {key: stat(key) for key in
+                                          ("recall", "precision", "old_macro_f1_after",
+                                           "old_drop_points", "candidates_precision_at_20")}
+            s = summary[f"{names[h]}@{k}"]
+            print(f"{names[h]:>18} {k:>3} {s['recall'][0]:>6.3f} ± {s['recall'][1]:.3f} "
+                  f"{s['precision'][0]:>6.3f} ± {s['precision'][1]:.3f} "
+                  f"{sel[0]['old_macro_f1_before']:>14.3f} {s['old_macro_f1_after'][0]:>13.3f} "
+                  f"{s['old_drop_points'][0]:>+11.2f} {s['candidates_precision_at_20'][0]:>11.2f}")
+    payload = {"args": vars(args), "data": data["info"], "pretrain": pre, "rows": rows,
+               "summary": summary, "seconds": time.perf_counter() - started,
+               "cpu_count": os.cpu_count()}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        os.replace(tmp, args.out)
+        log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

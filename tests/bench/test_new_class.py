@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import new_class
+from tests.base import FIXTURES
+
+
+@pytest.mark.slow
+def test_new_class_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "nc.json"
+    assert new_class.main([
+        "--train", str(FIXTURES / "brain_mri" / "pool"), "--eval", str(FIXTURES / "brain_mri" / "eval"),
+        "--image-size", "32", "--small-input", "no", "--epochs", "1", "--batch-size", "32",
+        "--seeds", "2", "--new-labels", "5,10", "--holdout", "no_tumor",
+        "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["summary"]) == {"no_tumor@5", "no_tumor@10"}
+    assert len(data["rows"]) == 4
+    for row in data["rows"]:
+        assert 0 <= row["recall"] <= 1 and 0 <= row["candidates_precision_at_20"] <= 1
+        assert 0 <= row["old_macro_f1_after"] <= 1
