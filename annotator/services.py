@@ -7,7 +7,6 @@ import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction

@@ -12,7 +12,6 @@ from django.views.decorators.http import require_http_methods
 
 from annotator import selectors, services
 from annotator.forms import UploadForm
-from annotator.models import Scan
 from annotator.storage import media_path
 from annotator.tasks import run_import_job
 from annotator.uploads import Rejection, check_upload, stage_uploads

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
 from ml_backend import services
 from ml_backend.management.commands._runs import get_project, run_existing
