@@ -513,8 +513,9 @@ def _refit(run: TrainingRun, report: _RunReporter) -> None:
     head.save(_checkpoint(model, "head.npz"))
     report.log(f"refit {model.version}: linear head on {encoder.version} embeddings, "
                f"{len(scans)} labels, {len(classes)} classes, T={info['temperature']:.2f}")
+    uncalibrated = lambda scans: head.predict_proba(_vectors_for(encoder, scans), calibrated=False)
     _finish_classifier(run, model, _head_predictor(head, encoder), classes, len(scans),
-                       {"fit": info}, report)
+                       {"fit": info}, report, uncalibrated=uncalibrated)
     if run.params.get("query", True) and model.status == ModelVersion.Status.ACTIVE:
         query_round = query_round_create(project=run.project)
         report.log(f"query round {query_round.pk}: {query_round.size} scans "
@@ -522,12 +523,13 @@ def _refit(run: TrainingRun, report: _RunReporter) -> None:
     report.log(f"refit took {time.perf_counter() - started:.1f}s")
 
 
-def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metrics, report):
+def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metrics, report, *,
+                       uncalibrated: Predictor | None = None):
     model.num_labels = num_labels
     model.metrics = {"training": metrics}
     model.status = ModelVersion.Status.READY
     model.save(update_fields=["num_labels", "metrics", "status"])
-    evaluation = evaluate(model, predict=predict, classes=classes)
+    evaluation = evaluate(model, predict=predict, classes=classes, uncalibrated=uncalibrated)
     if evaluation is not None:
         report.log(f"eval: accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f}"
                    f" on {evaluation.num_eval} scans")
@@ -541,9 +543,11 @@ def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metr
         model.save(update_fields=["status_reason"])
 
 
-def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int]):
-    """Score the eval split; store an Evaluation with the per-class report."""
-    from ml_backend.metrics.reports import classification_report
+def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int],
+             uncalibrated: Predictor | None = None):
+    """Score the eval split; store an Evaluation with the per-class report (and the ECE
+    before temperature scaling when an uncalibrated predictor is given)."""
+    from ml_backend.metrics.reports import classification_report, expected_calibration_error
 
     scans, class_ids = training_labels(model.project, split="eval")
     keep = [(s, classes.index(c)) for s, c in zip(scans, class_ids) if c in classes]
@@ -557,6 +561,9 @@ def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int]):
                     .values_list("pk", "dataset__name"))
     groups = np.array([datasets[s.pk] for s in scans])
     report = classification_report(labels, proba, names, groups=groups)
+    if uncalibrated is not None:
+        report["ece_before_scaling"] = float(expected_calibration_error(labels, uncalibrated(scans)))
+        report["temperature"] = model.config.get("temperature")
     return Evaluation.objects.create(
         model_version=model, num_labels=model.num_labels, num_eval=len(scans),
         accuracy=report.get("accuracy"), macro_f1=report.get("macro_f1"),

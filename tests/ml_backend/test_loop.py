@@ -67,6 +67,7 @@ def test_labels_trigger_refit_promotion_predictions_and_next_round(
     assert model.status == ModelVersion.Status.ACTIVE
     evaluation = Evaluation.objects.get(model_version=model)
     assert evaluation.num_eval == 20 and set(evaluation.report["per_class"]) == set(classes)
+    assert 0 <= evaluation.report["ece_before_scaling"] <= 1 and evaluation.report["temperature"]
     assert Prediction.objects.filter(model_version=model).count() == Scan.objects.filter(
         project=project, split="pool").count()
 
@@ -83,6 +84,7 @@ def test_labels_trigger_refit_promotion_predictions_and_next_round(
     out = capsys.readouterr().out
     assert "| class | precision | recall | F1 | support | AUC | AP |" in out
     assert "Learning curve" in out and model.version in out
+    assert "before temperature scaling" in out
     call_command("report", "--project", project.name, "--format", "json")
     data = json.loads(capsys.readouterr().out)
     assert data["model_version"] == model.version and data["learning_curve"][0]["labels"] == 5

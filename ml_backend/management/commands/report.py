@@ -47,7 +47,9 @@ class Command(BaseCommand):
                  f"Eval scans: {evaluation.num_eval} · training labels: {evaluation.num_labels} · "
                  f"accuracy {f(r.get('accuracy'))} · macro-F1 {f(r.get('macro_f1'))} · "
                  f"macro-AUC {f(r.get('macro_auc'))} · kappa {f(r.get('cohen_kappa'))} · "
-                 f"ECE {f(r.get('ece'))}", "",
+                 f"ECE {f(r.get('ece'))}"
+                 + (f" (before temperature scaling {f(r['ece_before_scaling'])}, "
+                    f"T={r.get('temperature') or 1:.2f})" if "ece_before_scaling" in r else ""), "",
                  "| class | precision | recall | F1 | support | AUC | AP |",
                  "|---|---:|---:|---:|---:|---:|---:|"]
         for name, c in r.get("per_class", {}).items():
