@@ -33,8 +33,8 @@ test: venv
 # Evaluation sets are arguments: point EVAL_* at a withheld split to measure on it.
 SHARED ?= ../shared/data
 SEEDS ?= 1
-PNEUMONIA_ARGS ?= --image-size 32 --small-input no --epochs 15 --batch-size 256 --finetune-epochs 10 --distill-epochs 2 --seeds $(SEEDS) --labels-fraction 0.01,0.1,1.0
-BRAIN_ARGS ?= --image-size 64 --epochs 6 --batch-size 128 --finetune-epochs 8 --distill-epochs 2 --seeds $(SEEDS) --labels-fraction 0.2,1.0
+PNEUMONIA_ARGS ?= --image-size 32 --small-input no --epochs 15 --batch-size 256 --finetune-epochs 3 --distill-epochs 1 --seeds $(SEEDS) --labels-fraction 0.01,0.1,1.0
+BRAIN_ARGS ?= --image-size 64 --epochs 6 --batch-size 128 --finetune-epochs 3 --distill-epochs 1 --seeds $(SEEDS) --labels-fraction 0.2,1.0
 PNEUMONIA_EVAL ?= $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#val
 BRAIN_EVAL ?= split:0.2
 bench: venv
@@ -43,6 +43,7 @@ bench: venv
 	$(PY) -m bench.ssl_eval --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) $(PNEUMONIA_ARGS) --out bench/results/ssl_pneumoniamnist.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BRAIN_ARGS) --out bench/results/ssl_brain_mri.json
 	$(PY) -m bench.new_class --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BRAIN_ARGS) --seeds 5 --new-labels 10,20 --out bench/results/new_class_brain_mri.json
+	$(PY) -m bench.al_sim --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) --strategies random,entropy,margin,hybrid --start 20 --step 10 --budget 200 --seeds 5 --image-size 32 --small-input no --epochs 15 --batch-size 256 --out bench/results/al_sim_pneumoniamnist.json --plot bench/results/al_sim_pneumoniamnist.png
 	$(PY) -m bench.refit_latency --source $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval-source $(PNEUMONIA_EVAL) --labels 20,50,100 --repeats 3 --out bench/results/refit_latency.json
 
 fixtures: venv
