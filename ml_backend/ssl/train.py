@@ -225,6 +225,17 @@ def _autocast(device: torch.device, enabled: bool):
                           else torch.float16, enabled=enabled and device.type == "cuda")
 
 
+def _clipped_step(loss, model, optimizer, scaler, scheduler, grad_clip: float) -> None:
+    """Backward (scaled under AMP), clip the gradient norm, step optimizer and schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
 def _check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
         raise TrainingError(f"non-finite loss ({loss.item()}) during {where}; "
@@ -553,13 +564,7 @@ def finetune(
             with _autocast(dev, config.amp):
                 loss = criterion(model(x).float(), y)
             _check_finite(loss, f"fine-tuning epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            _clipped_step(loss, model, optimizer, scaler, scheduler, config.grad_clip)
             total += loss.item() * len(x)
             seen += len(x)
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1)})
@@ -674,13 +679,7 @@ def distill(
                     supervised = F.cross_entropy(student(lx.to(dev)).float(), ly.to(dev))
                     loss = (1 - config.labeled_weight) * loss + config.labeled_weight * supervised
             _check_finite(loss, f"distillation epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            _clipped_step(loss, student, optimizer, scaler, scheduler, config.grad_clip)
             total += loss.item() * len(x)
             seen += len(x)
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1)})
