@@ -67,3 +67,18 @@ def _request(user):
     request = RequestFactory().get("/")
     request.user = user
     return request
+
+
+def test_label_added_in_admin_records_the_admin_as_reader(client, users, project):
+    from annotator.models import LabelClass
+
+    run_import(project, FIXTURES / "chest_xray" / "pool" / "normal", layout="flat")
+    scan = Scan.objects.first()
+    normal = LabelClass.objects.create(project=project, name="normal")
+    assert client.login(username="dora", password=PASSWORD)
+    response = client.post(reverse("admin:annotator_annotation_add"), {
+        "scan": scan.pk, "label_class": normal.pk, "outcome": "label", "source": "web",
+        "external_id": "", "note": ""})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    annotation = Annotation.objects.get(scan=scan)
+    assert annotation.reader == users["dora"] and annotation.label_class == normal
