@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv demo test serve migrate clean fixtures bench
+.PHONY: venv demo test serve migrate clean fixtures bench chromium
 
 # The virtualenv is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -26,8 +26,19 @@ demo: venv migrate
 serve: venv
 	$(PY) manage.py runserver $(HOST):$(PORT)
 
-test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The browser tests drive Debian's chromium package (never a downloaded browser).
+CHROMIUM_PATH ?= /usr/bin/chromium
+chromium:
+	@test -x $(CHROMIUM_PATH) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "The browser tests need Debian's chromium: sudo apt-get install -y chromium" \
+	         "(or set CHROMIUM_PATH to a Chromium binary)" >&2; exit 1; \
+	  fi; }
+
+test: venv chromium
+	CHROMIUM_PATH=$(CHROMIUM_PATH) $(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks write JSON under bench/results/ and print tables; figures go to docs/benchmarks.md.
 # Evaluation sets are arguments: point EVAL_* at a withheld split to measure on it.

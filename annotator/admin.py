@@ -13,6 +13,7 @@ from annotator.models import (
     Membership,
     Project,
     Scan,
+    ScanLease,
 )
 
 
@@ -188,6 +189,19 @@ class ImportJobAdmin(admin.ModelAdmin):
     list_filter = ["status", "project", "split", "source_is_upload"]
     search_fields = ["source", "dataset_name", "last_error"]
     readonly_fields = [f.name for f in ImportJob._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(ScanLease)
+class ScanLeaseAdmin(admin.ModelAdmin):
+    """Who has which scan open in the label page (expired rows are free to take)."""
+
+    list_display = ("scan", "user", "project", "expires_at", "created_at")
+    list_filter = ("project",)
+    search_fields = ("user__username",)
+    readonly_fields = ("project", "scan", "user", "created_at")
 
     def has_add_permission(self, request):
         return False

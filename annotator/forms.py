@@ -56,3 +56,52 @@ class UploadForm(forms.Form):
                 f"{len(files)} files chosen; at most {settings.UPLOAD_MAX_FILES} per upload."
             )
         return files
+
+
+class LabelClassForm(forms.Form):
+    """A new anomaly type, added mid-project."""
+
+    name = forms.CharField(max_length=100)
+    description = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="What a reader should look for (shown on the label page).",
+    )
+    hotkey = forms.CharField(
+        required=False, max_length=1,
+        help_text="One key that labels a scan with this class; blank picks a free digit.",
+    )
+
+    def __init__(self, *args, project, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.project = project
+
+    def clean_name(self):
+        name = " ".join(self.cleaned_data["name"].split())
+        if not name:
+            raise forms.ValidationError("A class needs a name.")
+        if self.project.label_classes.filter(name__iexact=name).exists():
+            raise forms.ValidationError(f"This project already has a class called {name!r}.")
+        return name
+
+    def clean_hotkey(self):
+        from annotator.labeling import RESERVED_KEYS, effective_hotkeys
+
+        key = (self.cleaned_data.get("hotkey") or "").strip().lower()
+        if not key:
+            return ""
+        if key in RESERVED_KEYS:
+            raise forms.ValidationError(
+                f"{key!r} is taken by the viewer (s skip, u unsure, i invert, g Grad-CAM, "
+                "r reset, +/- zoom).")
+        if not key.isalnum():
+            raise forms.ValidationError("Use a letter or a digit.")
+        used = effective_hotkeys(list(self.project.label_classes.all()))
+        if key in used.values():
+            raise forms.ValidationError(f"{key!r} already labels another class.")
+        return key
+
+
+class ClassifyForm(forms.Form):
+    file = forms.FileField(
+        help_text="One DICOM, PNG, JPEG or TIFF scan. Nothing is stored unless you add it.",
+    )

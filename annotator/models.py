@@ -51,6 +51,10 @@ class Project(models.Model):
         default=0.02,
         help_text="A new model is promoted only if no class's F1 drops by more than this.",
     )
+    clinicians_can_add_classes = models.BooleanField(
+        default=True,
+        help_text="Clinicians may add new anomaly types (reviewers and admins always may).",
+    )
     label_studio_project_id = models.PositiveIntegerField(null=True, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -253,7 +257,10 @@ class Annotation(models.Model):
         "ml_backend.QueryRound", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     external_id = models.CharField(
-        max_length=64, blank=True, help_text="Label Studio annotation id, for idempotent sync."
+        max_length=64,
+        blank=True,
+        help_text="Label Studio annotation id, or the web UI's submission id: a replayed or "
+        "double-submitted answer is stored once.",
     )
     import_job = models.ForeignKey(
         "ImportJob", null=True, blank=True, on_delete=models.SET_NULL, related_name="annotations"
@@ -336,3 +343,17 @@ class ImportJob(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.status in (self.Status.SUCCEEDED, self.Status.FAILED)
+
+
+class ScanLease(models.Model):
+    """A short hold on a scan while one reader looks at it, so two readers working through
+    the same worklist at once are not served the same scan. Expired leases are free."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="leases")
+    scan = models.OneToOneField(Scan, on_delete=models.CASCADE, related_name="lease")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    expires_at = models.DateTimeField(db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"scan {self.scan_id} held by {self.user} until {self.expires_at:%H:%M:%S}"

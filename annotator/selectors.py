@@ -68,3 +68,13 @@ def project_stats(project: Project) -> dict:
         "labeled": labeled,
         "annotations": Annotation.objects.filter(scan__project=project).count(),
     }
+
+
+def training_runs_for_project(project: Project, *, limit: int = 8):
+    """The project's running and queued ML runs first, then the latest finished ones."""
+    from ml_backend.models import TrainingRun
+
+    runs = TrainingRun.objects.filter(project=project).select_related("model_version")
+    active = list(runs.filter(status__in=["queued", "running"]).order_by("created_at"))
+    done = list(runs.exclude(status__in=["queued", "running"]).order_by("-created_at")[:limit])
+    return active + done[: max(0, limit - len(active))]

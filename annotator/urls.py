@@ -1,6 +1,6 @@
 from django.urls import path
 
-from annotator import views
+from annotator import views, views_label, views_reports, views_review
 
 app_name = "annotator"
 
@@ -8,7 +8,35 @@ urlpatterns = [
     path("", views.project_list, name="project_list"),
     path("projects/<int:project_id>/", views.project_detail, name="project_detail"),
     path("projects/<int:project_id>/upload/", views.upload, name="upload"),
+    path("projects/<int:project_id>/jobs.json", views.project_jobs, name="project_jobs"),
     path("scans/<int:scan_id>/", views.scan_detail, name="scan_detail"),
     path("scans/<int:scan_id>/preview.png", views.scan_preview, name="scan_preview"),
     path("imports/<int:job_id>/", views.import_job_detail, name="import_job_detail"),
+    # The labeling loop: worklist → next scan (leased) → label page → answer → next.
+    path("projects/<int:project_id>/worklist/", views_label.worklist, name="worklist"),
+    path("projects/<int:project_id>/next/", views_label.next_scan, name="next_scan"),
+    path("projects/<int:project_id>/query/", views_label.query_new, name="query_new"),
+    path("projects/<int:project_id>/label/<int:scan_id>/", views_label.label_page, name="label"),
+    path("projects/<int:project_id>/label/<int:scan_id>/answer/", views_label.answer,
+         name="answer"),
+    path("scans/<int:scan_id>/gradcam.png", views_label.gradcam, name="gradcam"),
+    # New anomaly types and their candidates.
+    path("projects/<int:project_id>/classes/new/", views_label.class_create, name="class_create"),
+    path("projects/<int:project_id>/classes/<int:class_id>/", views_label.class_detail,
+         name="class_detail"),
+    path("projects/<int:project_id>/classes/<int:class_id>/confirm/", views_label.class_confirm,
+         name="class_confirm"),
+    # Classify an uploaded scan.
+    path("projects/<int:project_id>/classify/", views_label.classify, name="classify"),
+    path("projects/<int:project_id>/classify/add/", views_label.classify_add, name="classify_add"),
+    # --- reports (annotator/views_reports.py) ---
+    path("projects/<int:project_id>/reports/", views_reports.reports, name="reports"),
+    path("projects/<int:project_id>/reports/<str:name>.png", views_reports.chart,
+         name="report_chart"),
+    # --- review (annotator/views_review.py) ---
+    path("projects/<int:project_id>/review/", views_review.review, name="review"),
+    path("projects/<int:project_id>/review/<int:scan_id>/adjudicate/", views_review.adjudicate,
+         name="adjudicate"),
+    path("projects/<int:project_id>/review/quality-check/", views_review.run_quality_check,
+         name="review_quality_check"),
 ]

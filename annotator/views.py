@@ -6,11 +6,11 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db import transaction
-from django.http import FileResponse, Http404
+from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
-from annotator import selectors, services
+from annotator import labeling, selectors, services
 from annotator.forms import UploadForm
 from annotator.storage import media_path
 from annotator.tasks import run_import_job
@@ -41,6 +41,28 @@ def project_detail(request, project_id: int):
         "page": page,
         "split": split,
         "role": project.role_of(request.user),
+        "jobs_running": selectors.training_runs_for_project(project),
+        "can_add_classes": labeling.can_add_classes(project, request.user),
+        "current_round": labeling.current_round(project),
+    })
+
+
+@login_required
+def project_jobs(request, project_id: int):
+    """Background work of a project (pretrain, embed, refit, retrain, imports) with progress,
+    for the project page's live panel."""
+    project = selectors.project_get_for_user(request.user, project_id)
+    runs = selectors.training_runs_for_project(project)
+    return JsonResponse({
+        "active_model": project.active_model.version if project.active_model_id else None,
+        "active_encoder": project.active_encoder.version if project.active_encoder_id else None,
+        "runs": [{"id": r.pk, "kind": r.get_kind_display(), "status": r.status,
+                  "progress": round(r.progress, 3), "error": r.last_error[-300:],
+                  "model_version": r.model_version.version if r.model_version_id else None,
+                  "started": r.started_at.isoformat() if r.started_at else None,
+                  "finished": r.finished_at.isoformat() if r.finished_at else None}
+                 for r in runs],
+        "busy": any(r.status in ("queued", "running") for r in runs),
     })
 
 

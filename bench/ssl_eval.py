@@ -612,6 +612,34 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     runs, labeled_counts = [], {}
+    out = Path(args.out)
+
+    def payload(complete: bool) -> dict:
+        return {
+            "complete": complete,
+            "args": {k: v for k, v in vars(args).items()},
+            "machine": machine_info(device),
+            "data": data["info"],
+            "configs": {"pretrain": asdict(config),
+                        "finetune": {**asdict(FinetuneConfig(epochs=args.finetune_epochs,
+                                                             batch_size=args.finetune_batch_size)),
+                                     "seed": "the run's seed"},
+                        "distill": {**asdict(DistillConfig(epochs=args.distill_epochs,
+                                                           batch_size=args.batch_size)),
+                                    "seed": "the run's seed"}},
+            "encoder_cached": pretrain_info["encoder_cached"],
+            "pretrain": {k: v for k, v in pretrain_info.items() if k != "encoder_cached"},
+            "label_free": label_free_rows,
+            "runs": runs,
+            "aggregates": aggregate(runs, args.labels_fraction),
+            "labeled_counts": labeled_counts,
+            "timings": {"pretrain_seconds": pretrain_info["seconds"],
+                        "pretrain_images_per_s": pretrain_info["images_per_s"],
+                        "embed_seconds": embed_seconds,
+                        "embed_images_per_s": embedded / max(embed_seconds, 1e-9),
+                        "total_seconds": time.perf_counter() - started},
+        }
+
     for fraction in args.labels_fraction:
         for seed in range(args.seeds):
             count = max(num_classes, round(fraction * len(data["y_train"])))
@@ -624,44 +652,22 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append({"fraction": fraction, "seed": seed, "method": method,
                              "num_labeled": len(subset), "seconds": seconds,
                              "metrics": summarise(report)})
+                auc = report["macro_auc"]
                 log(f"  {method:<16} acc {report['accuracy']:.3f}  "
-                    f"macro-F1 {report['macro_f1']:.3f}  ({seconds:.1f}s)")
+                    f"macro-F1 {report['macro_f1']:.3f}  "
+                    f"AUC {'n/a' if auc is None else f'{auc:.3f}'}  ({seconds:.1f}s)")
+            # A partial file after every seed: a long run stopped early still leaves its rows.
+            write_json(out, payload(complete=False))
 
     aggregates = aggregate(runs, args.labels_fraction)
-    total_seconds = time.perf_counter() - started
     log("")
     log(format_table(aggregates, labeled_counts, label_free_rows))
     log(f"pretrain {pretrain_info['seconds']:.1f}s"
         + (" (cached encoder)" if pretrain_info["encoder_cached"] else
            f" ({pretrain_info['images_per_s']:.0f} images/s)")
         + f", embedding {embedded / max(embed_seconds, 1e-9):.0f} images/s, "
-        f"total {total_seconds:.1f}s")
-
-    payload = {
-        "args": {k: v for k, v in vars(args).items()},
-        "machine": machine_info(device),
-        "data": data["info"],
-        "configs": {"pretrain": asdict(config),
-                    "finetune": {**asdict(FinetuneConfig(epochs=args.finetune_epochs,
-                                                         batch_size=args.finetune_batch_size)),
-                                 "seed": "the run's seed"},
-                    "distill": {**asdict(DistillConfig(epochs=args.distill_epochs,
-                                                       batch_size=args.batch_size)),
-                                "seed": "the run's seed"}},
-        "encoder_cached": pretrain_info["encoder_cached"],
-        "pretrain": {k: v for k, v in pretrain_info.items() if k != "encoder_cached"},
-        "label_free": label_free_rows,
-        "runs": runs,
-        "aggregates": aggregates,
-        "labeled_counts": labeled_counts,
-        "timings": {"pretrain_seconds": pretrain_info["seconds"],
-                    "pretrain_images_per_s": pretrain_info["images_per_s"],
-                    "embed_seconds": embed_seconds,
-                    "embed_images_per_s": embedded / max(embed_seconds, 1e-9),
-                    "total_seconds": time.perf_counter() - started},
-    }
-    out = Path(args.out)
-    write_json(out, payload)
+        f"total {time.perf_counter() - started:.1f}s")
+    write_json(out, payload(complete=True))
     log(f"wrote {out}")
     return 0
 

@@ -117,6 +117,8 @@ LOGOUT_REDIRECT_URL = "login"
 # Import limits. A decoded scan larger than IMPORT_MAX_PIXELS (width x height x
 # frames) is refused before its pixels are decoded (decompression bombs).
 IMPORT_MAX_PIXELS = env_int("IMPORT_MAX_PIXELS", 64_000_000, minimum=1)
+# How long a scan served to one reader is held back from the others (seconds).
+LABEL_LEASE_SECONDS = env_int("LABEL_LEASE_SECONDS", 300, minimum=10)
 UPLOAD_MAX_FILE_BYTES = env_int("UPLOAD_MAX_FILE_BYTES", 200 * 1024 * 1024, minimum=1)
 UPLOAD_MAX_FILES = env_int("UPLOAD_MAX_FILES", 500, minimum=1)
 PREVIEW_MAX_SIDE = env_int("PREVIEW_MAX_SIDE", 1024, minimum=32)

@@ -8,6 +8,7 @@ nothing; a failed run marks itself failed and never changes the project's active
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -825,3 +826,130 @@ def label_quality_check(*, project: Project, created_by=None) -> QueryRound:
                               "suggested_confidence": round(issue["suggested_confidence"], 4)})
             for rank, issue in enumerate(issues, start=1)])
     return review
+
+
+# --- one scan at a time: Grad-CAM and classifying an uploaded image (the clinician UI) ---
+
+_MODEL_CACHE: dict[str, tuple[float, object]] = {}
+_MODEL_CACHE_LOCK = threading.Lock()
+_MODEL_CACHE_SIZE = 6
+
+
+def _cached_load(path: Path, load):
+    """Load a checkpoint once per process (re-read when the file changes)."""
+    key, mtime = str(path), path.stat().st_mtime
+    with _MODEL_CACHE_LOCK:
+        hit = _MODEL_CACHE.get(key)
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    value = load(path)
+    with _MODEL_CACHE_LOCK:
+        _MODEL_CACHE[key] = (mtime, value)
+        while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
+            _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
+    return value
+
+
+class _Explainer:
+    """What one classifier version needs to score and explain single images."""
+
+    def __init__(self, model: ModelVersion):
+        from ml_backend.explain import head_score
+
+        self.class_ids = [c["id"] for c in model.config["classes"]]
+        if model.config.get("kind") == "head":
+            from ml_backend.active.refit import LinearHead
+
+            self.head = _cached_load(_checkpoint(model, "head.npz"), LinearHead.load)
+            simclr, self.config = _cached_load(_checkpoint(model.parent, "encoder.pt"),
+                                               ssl.load_pretrained)
+            self.encoder = simclr.encoder
+            self.score = head_score(self.head.mean, self.head.scale, self.head.coef,
+                                    self.head.intercept)
+        else:
+            self.head = None
+            classifier, self.config = _cached_load(_checkpoint(model, "classifier.pt"),
+                                                   ssl.load_classifier)
+            self.classifier = classifier
+            self.encoder = classifier.encoder
+            self.score = lambda pooled: classifier.fc(
+                classifier.head(pooled, upto=classifier.from_head_layer))
+
+    def proba(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities, exactly as the stored predictions are computed."""
+        if self.head is not None:
+            return self.head.predict_proba(ssl.embed(self.encoder, images, self.config))
+        return ssl.predict_proba(self.classifier, images, self.config)
+
+    def cam(self, image: np.ndarray, class_id: int) -> np.ndarray:
+        from ml_backend.explain import gradcam
+
+        if class_id not in self.class_ids:
+            raise TrainingError(f"class {class_id} is not one this model predicts")
+        return gradcam(self.encoder, image, self.config.augment_config(), self.score,
+                       self.class_ids.index(class_id))
+
+
+def scan_gradcam(*, scan: Scan, class_id: int, model: ModelVersion | None = None) -> bytes:
+    """An RGBA overlay PNG (the preview's size) of where ``model`` sees ``class_id`` in
+    ``scan``. Raises TrainingError when there is no model or the class is not one of its."""
+    from PIL import Image
+
+    from ml_backend.explain import overlay_png
+
+    model = model or scan.project.active_model
+    if model is None:
+        raise TrainingError("no classifier yet: label some scans first")
+    explainer = _Explainer(model)
+    image = _images_for([scan], explainer.config.image_size)[0]
+    with Image.open(media_path(scan.preview.name)) as preview:
+        width, height = preview.size
+    return overlay_png(explainer.cam(image, class_id), width, height)
+
+
+def classify_image(*, project: Project, preview_png: bytes, k: int = 6) -> dict:
+    """Score one decoded image (its display PNG) with the project's active classifier:
+    probability for every class, the Grad-CAM overlay of the predicted class, and the
+    ``k`` most similar labeled scans (FAISS, active encoder). Nothing is stored."""
+    from PIL import Image
+
+    from ml_backend.explain import overlay_png
+
+    project = Project.objects.select_related("active_model", "active_encoder").get(pk=project.pk)
+    model = project.active_model
+    if model is None:
+        raise TrainingError("this project has no classifier yet: label some scans first")
+    explainer = _Explainer(model)
+    image = load_images([preview_png], explainer.config.image_size)
+    proba = explainer.proba(image)[0]
+    names = {c["id"]: c["name"] for c in model.config["classes"]}
+    ranked = sorted(zip(explainer.class_ids, proba.tolist()), key=lambda kv: -kv[1])
+    best = ranked[0][0]
+    with Image.open(io.BytesIO(preview_png)) as preview:
+        width, height = preview.size
+    overlay = overlay_png(explainer.cam(image[0], best), width, height)
+    similar = []
+    encoder = project.active_encoder
+    if encoder is not None and embeddings_paths(encoder)["index"].exists():
+        simclr, config = _cached_load(_checkpoint(encoder, "encoder.pt"), ssl.load_pretrained)
+        vector = ssl.embed(simclr.encoder, load_images([preview_png], config.image_size), config)
+        labeled = list(Annotation.objects.filter(
+            scan__project=project, outcome=Annotation.Outcome.LABEL)
+            .values_list("scan_id", flat=True).distinct())
+        if labeled:
+            hits = _load_index(embeddings_paths(encoder)["index"]).search(
+                vector, k, allowed_ids=labeled)[0]
+            by_id = Scan.objects.in_bulk([scan_id for scan_id, _ in hits])
+            label_names: dict[int, str] = {}
+            for scan_id, name in (Annotation.objects.filter(
+                    scan_id__in=list(by_id), outcome=Annotation.Outcome.LABEL)
+                    .order_by("-created_at").values_list("scan_id", "label_class__name")):
+                label_names.setdefault(scan_id, name)
+            similar = [{"scan": by_id[i], "similarity": float(s), "label": label_names.get(i)}
+                       for i, s in hits if i in by_id]
+    return {"model": model, "predicted": {"class_id": best, "name": names[best],
+                                          "confidence": float(ranked[0][1])},
+            "probabilities": [{"class_id": cid, "name": names[cid], "p": float(p)}
+                              for cid, p in ranked],
+            "overlay_png": overlay, "similar": similar,
+            "calibrated": model.config.get("kind") == "head"}

@@ -130,3 +130,37 @@ def eager_tasks():
 
     app.conf.task_always_eager = True
     yield
+
+
+def _import_brain(project, classes=("no_tumor", "pituitary_tumor")):
+    from tests.base import FIXTURES
+
+    for name in classes:
+        run_import(project, FIXTURES / "brain_mri" / "pool" / name, layout="flat",
+                   dataset_name="brain")
+        run_import(project, FIXTURES / "brain_mri" / "eval" / name, layout="flat", split="eval",
+                   default_label=name, dataset_name="brain")
+
+
+def brain_truth(scan) -> str:
+    """Pool fixtures keep their file names: no_tumor files are 'image-*', pituitary 'p*'."""
+    return "no_tumor" if "image" in (scan.source_name or "") else "pituitary_tumor"
+
+
+@pytest.fixture
+def encoded_project(project):
+    """Brain-MRI fixture scans (2 classes, eval labeled) with a small SimCLRv2 encoder,
+    embeddings and a first (cold-start) query round."""
+    from django.core.management import call_command
+
+    from ml_backend import services as ml
+
+    _import_brain(project)
+    call_command("pretrain", "--project", project.name, "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "32", "--small-input", "no", "--no-progress")
+    project.refresh_from_db()
+    project.refit_every = 3
+    project.query_batch_size = 8
+    project.save()
+    ml.query_round_create(project=project)
+    return project

@@ -25,6 +25,9 @@ def make_ml_rows(project, scan, label_class):
                              reason={"uncertainty": 0.5})
     Evaluation.objects.create(model_version=model, num_labels=40, num_eval=40, macro_f1=0.8,
                               report={"per_class": {}})
+    from annotator.labeling import lease_acquire
+
+    assert lease_acquire(scan=scan, user=project.memberships.first().user)
 
 
 def test_every_model_is_registered():

@@ -1,0 +1,375 @@
+"""The labeling loop's reads and writes: the current worklist, short leases so two readers
+are not served the same scan, the label page's payload, and recording an answer.
+
+Views call these; they never touch the ORM for the loop themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.urls import reverse
+from django.utils import timezone
+
+from annotator.models import Annotation, LabelClass, Project, Scan, ScanLease
+from annotator.services import AnnotationError, annotation_create
+
+logger = logging.getLogger(__name__)
+
+REVIEW_STRATEGY = "label_review"
+RESERVED_KEYS = {"s", "u", "i", "g", "r", "+", "-", "=", "?", " "}
+MAX_DURATION_MS = 6 * 60 * 60 * 1000
+
+
+# --- rounds and leases -----------------------------------------------------------------
+
+
+def current_round(project: Project):
+    """The newest active-learning round (label-quality review rounds are the reviewer's)."""
+    from ml_backend.models import QueryRound
+
+    return (QueryRound.objects.filter(project=project).exclude(strategy=REVIEW_STRATEGY)
+            .order_by("-created_at", "-pk").first())
+
+
+def lease_acquire(*, scan: Scan, user) -> bool:
+    """Hold ``scan`` for ``user`` for LABEL_LEASE_SECONDS. False if another reader holds it.
+
+    A conditional update takes over an expired lease or renews one's own; otherwise the
+    unique row is created, and a concurrent creator loses on the constraint. Both are
+    atomic on SQLite and PostgreSQL.
+    """
+    now = timezone.now()
+    expires = now + timedelta(seconds=settings.LABEL_LEASE_SECONDS)
+    taken = (ScanLease.objects.filter(scan=scan)
+             .filter(Q(user=user) | Q(expires_at__lte=now))
+             .update(user=user, expires_at=expires))
+    if taken:
+        return True
+    try:
+        with transaction.atomic():
+            ScanLease.objects.create(project_id=scan.project_id, scan=scan, user=user,
+                                     expires_at=expires)
+    except IntegrityError:
+        return False
+    return True
+
+
+def lease_release(*, scan: Scan, user) -> None:
+    ScanLease.objects.filter(scan=scan, user=user).delete()
+
+
+def _held_by_others(project: Project, user) -> dict[int, str]:
+    return dict(ScanLease.objects.filter(project=project, expires_at__gt=timezone.now())
+                .exclude(user=user).values_list("scan_id", "user__username"))
+
+
+def _done_for(project: Project, user) -> tuple[set[int], set[int]]:
+    """(scans labeled by anyone, scans this user answered in any way)."""
+    rows = Annotation.objects.filter(scan__project=project).values_list(
+        "scan_id", "outcome", "reader_id")
+    labeled, mine = set(), set()
+    for scan_id, outcome, reader_id in rows:
+        if outcome == Annotation.Outcome.LABEL:
+            labeled.add(scan_id)
+        if reader_id == user.pk:
+            mine.add(scan_id)
+    return labeled, mine
+
+
+def lease_next(*, project: Project, user):
+    """The next chosen scan for ``user`` in rank order, leased to them: not labeled yet, not
+    answered by them, not held by another reader. Returns ``(scan, item)`` or ``None``."""
+    query_round = current_round(project)
+    if query_round is None:
+        return None
+    labeled, mine = _done_for(project, user)
+    held = _held_by_others(project, user)
+    items = list(query_round.items.select_related("scan").order_by("rank"))
+    open_items = [i for i in items if i.scan_id not in labeled and i.scan_id not in mine
+                  and i.scan_id not in held]
+    # a scan already leased to this user (a reload, a second tab) comes first
+    own = set(ScanLease.objects.filter(project=project, user=user, expires_at__gt=timezone.now())
+              .values_list("scan_id", flat=True))
+    open_items.sort(key=lambda i: (i.scan_id not in own, i.rank))
+    for item in open_items:
+        if lease_acquire(scan=item.scan, user=user):
+            return item.scan, item
+    return None
+
+
+# --- worklist --------------------------------------------------------------------------
+
+
+def worklist(project: Project, user) -> dict:
+    """The current round's scans in rank order with their state, and the progress numbers."""
+    from ml_backend.models import Prediction
+
+    query_round = current_round(project)
+    if query_round is None:
+        return {"round": None, "rows": [], "progress": None}
+    items = list(query_round.items.select_related("scan").order_by("rank"))
+    scan_ids = [i.scan_id for i in items]
+    answers: dict[int, list[Annotation]] = {}
+    for a in (Annotation.objects.filter(scan_id__in=scan_ids)
+              .select_related("label_class", "reader").order_by("created_at")):
+        answers.setdefault(a.scan_id, []).append(a)
+    held = dict(ScanLease.objects.filter(scan_id__in=scan_ids, expires_at__gt=timezone.now())
+                .values_list("scan_id", "user__username"))
+    predictions = {}
+    if project.active_model_id:
+        predictions = {p.scan_id: p for p in Prediction.objects.filter(
+            model_version_id=project.active_model_id, scan_id__in=scan_ids
+        ).select_related("predicted_class")}
+    rows, labeled_count, mine = [], 0, 0
+    for item in items:
+        scan_answers = answers.get(item.scan_id, [])
+        labels = [a for a in scan_answers if a.outcome == Annotation.Outcome.LABEL]
+        if labels:
+            state = "labeled"
+            labeled_count += 1
+        elif item.scan_id in held and held[item.scan_id] != user.get_username():
+            state = "held"
+        elif any(a.reader_id == user.pk for a in scan_answers):
+            state = "answered"
+        else:
+            state = "open"
+        mine += any(a.reader_id == user.pk for a in scan_answers)
+        rows.append({"item": item, "scan": item.scan, "state": state, "answers": scan_answers,
+                     "held_by": held.get(item.scan_id), "prediction": predictions.get(item.scan_id),
+                     "reason": describe_reason(item.reason, item.score)})
+    total_labels = Annotation.objects.filter(scan__project=project,
+                                             outcome=Annotation.Outcome.LABEL).count()
+    return {"round": query_round, "rows": rows, "progress": {
+        "total": len(items), "labeled": labeled_count, "remaining": len(items) - labeled_count,
+        "yours": mine, "labels_in_project": total_labels}}
+
+
+def describe_reason(reason: dict, score: float | None = None) -> dict:
+    """A query item's reason as short display strings (the UI's *why this scan*)."""
+    reason = reason or {}
+    parts = []
+    if "entropy" in reason:
+        parts.append(f"uncertainty {reason['entropy']:.2f} (entropy)")
+    if "margin" in reason:
+        parts.append(f"margin {reason['margin']:.2f}")
+    if "confidence" in reason and "predicted" in reason:
+        parts.append(f"model says {reason['predicted']} at {reason['confidence']:.0%}")
+    if "cluster" in reason:
+        size = f" of {reason['cluster_size']} scans" if "cluster_size" in reason else ""
+        parts.append(f"cluster {reason['cluster']}{size}")
+    if "typicality" in reason:
+        parts.append(f"typicality {reason['typicality']:.2f}")
+    if "distance_to_labeled" in reason:
+        parts.append(f"distance to labeled {reason['distance_to_labeled']:.2f}")
+    return {"why": reason.get("why", ""), "details": parts,
+            "score": None if score is None else round(float(score), 4),
+            "neighbours": reason.get("neighbours", [])}
+
+
+# --- the label page --------------------------------------------------------------------
+
+
+def effective_hotkeys(classes: list[LabelClass]) -> dict[int, str]:
+    """Each class's key: its own hotkey, else the next free digit 1–9, then 0."""
+    taken = {c.hotkey.lower() for c in classes if c.hotkey}
+    free = [d for d in "1234567890" if d not in taken]
+    keys = {}
+    for c in classes:
+        if c.hotkey:
+            keys[c.pk] = c.hotkey.lower()
+        elif free:
+            keys[c.pk] = free.pop(0)
+    return keys
+
+
+def _suggestion(project: Project, scan: Scan) -> dict | None:
+    """The active model's stored prediction (computed on the fly for a scan it has not seen)."""
+    from ml_backend import services as ml
+    from ml_backend.models import Prediction
+    from ml_backend.ssl.train import TrainingError
+
+    model = project.active_model
+    if model is None:
+        return None
+    classes = {c["id"]: c["name"] for c in model.config.get("classes", [])}
+    stored = Prediction.objects.filter(model_version=model, scan=scan).first()
+    if stored is not None:
+        probabilities = {int(k): float(v) for k, v in stored.probabilities.items()}
+    else:
+        try:
+            p = ml.predictor_for(model)([scan])[0]
+        except (TrainingError, OSError, ValueError) as exc:
+            logger.warning("no prediction for scan %s with %s: %s", scan.pk, model.version, exc)
+            return None
+        probabilities = {cid: float(v) for cid, v in zip(classes, p)}
+    ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])
+    best_id, best_p = ranked[0]
+    return {"model_version": model.version, "class_id": best_id,
+            "class_name": classes.get(best_id, "?"), "confidence": round(best_p, 4),
+            "calibrated": model.config.get("kind") == "head",
+            "top": [{"class_id": cid, "name": classes.get(cid, "?"), "p": round(p, 4)}
+                    for cid, p in ranked[:5]]}
+
+
+def _similar(scan: Scan, k: int = 6) -> list[dict]:
+    from ml_backend import services as ml
+    from ml_backend.ssl.train import TrainingError
+
+    try:
+        hits = ml.similar_scans(scan=scan, k=k, labeled_only=True)
+    except (TrainingError, OSError, ValueError):
+        return []
+    labels: dict[int, list[str]] = {}
+    for scan_id, name in (Annotation.objects.filter(scan_id__in=[s.pk for s, _ in hits],
+                                                    outcome=Annotation.Outcome.LABEL)
+                          .order_by("-created_at").values_list("scan_id", "label_class__name")):
+        labels.setdefault(scan_id, [])
+        if name not in labels[scan_id]:
+            labels[scan_id].append(name)
+    return [{"scan": s.pk, "similarity": round(score, 3), "labels": labels.get(s.pk, []),
+             "preview": reverse("annotator:scan_preview", args=[s.pk])} for s, score in hits]
+
+
+def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict:
+    """Everything the label page shows for one scan, as JSON-ready data."""
+    classes = list(project.label_classes.all())
+    keys = effective_hotkeys(classes)
+    suggestion = _suggestion(project, scan)
+    gradcam = None
+    if suggestion is not None:
+        gradcam = (reverse("annotator:gradcam", args=[scan.pk])
+                   + f"?class={suggestion['class_id']}")
+    progress = None
+    if item is not None:
+        wl = worklist(project, user) if user is not None else None
+        progress = wl["progress"] if wl else None
+    return {
+        "scan": {"id": scan.pk, "preview": reverse("annotator:scan_preview", args=[scan.pk]),
+                 "width": scan.width, "height": scan.height, "dataset": scan.dataset.name,
+                 "modality": scan.modality, "split": scan.split,
+                 "url": reverse("annotator:label", args=[project.pk, scan.pk]),
+                 "answer": reverse("annotator:answer", args=[project.pk, scan.pk])},
+        "item": None if item is None else {
+            "round": item.query_round_id, "rank": item.rank, "score": round(item.score, 4),
+            "reason": describe_reason(item.reason, item.score)},
+        "suggestion": suggestion,
+        "gradcam": gradcam,
+        "similar": _similar(scan),
+        "classes": [{"id": c.pk, "name": c.name, "key": keys.get(c.pk, ""), "color": c.color,
+                     "description": c.description} for c in classes],
+        "model_version": project.active_model.version if project.active_model_id else None,
+        "progress": progress,
+        "lease_seconds": settings.LABEL_LEASE_SECONDS,
+    }
+
+
+# --- answers ---------------------------------------------------------------------------
+
+
+def _optional_float(data: dict, key: str, *, low: float | None = None,
+                    high: float | None = None) -> float | None:
+    value = data.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AnnotationError(f"{key} must be a number") from None
+    if not math.isfinite(number) or (low is not None and number < low) or (
+            high is not None and number > high):
+        raise AnnotationError(f"{key} is out of range")
+    return number
+
+
+def _optional_int(data: dict, key: str) -> int | None:
+    value = data.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise AnnotationError(f"{key} must be an integer") from None
+
+
+def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[Annotation, bool]:
+    """Record a reader's answer from the label page. Returns ``(annotation, created)``.
+
+    ``data``: ``outcome`` (label / skip / unsure), ``class_id`` for a label, and what the
+    reader was shown: ``shown_model_version`` (version name), ``shown_suggestion`` (class
+    id), ``shown_confidence``, ``shown_acquisition_score``, ``query_round``, ``duration_ms``;
+    ``submission_id`` makes a double submit or a retried request a no-op.
+    Raises AnnotationError with a message for the reader.
+    """
+    from ml_backend.models import ModelVersion, QueryRound
+
+    if scan.project_id != project.pk:
+        raise AnnotationError("this scan belongs to another project")
+    outcome = str(data.get("outcome") or Annotation.Outcome.LABEL)
+    if outcome not in Annotation.Outcome.values:
+        raise AnnotationError(f"unknown outcome {outcome!r}: use label, skip or unsure")
+    label_class = None
+    class_id = _optional_int(data, "class_id")
+    if outcome == Annotation.Outcome.LABEL:
+        if class_id is None:
+            raise AnnotationError("choose a class (or skip / unsure)")
+        label_class = LabelClass.objects.filter(project=project, pk=class_id).first()
+        if label_class is None:
+            raise AnnotationError(f"unknown class {class_id} for this project; reload the page")
+    shown_model = None
+    if data.get("shown_model_version"):
+        shown_model = ModelVersion.objects.filter(
+            project=project, version=str(data["shown_model_version"])[:64]).first()
+        if shown_model is None:
+            raise AnnotationError("the model version shown is not one of this project's")
+    shown_suggestion = None
+    suggestion_id = _optional_int(data, "shown_suggestion")
+    if suggestion_id is not None:
+        shown_suggestion = LabelClass.objects.filter(project=project, pk=suggestion_id).first()
+        if shown_suggestion is None:
+            raise AnnotationError("the suggested class shown is not one of this project's")
+    query_round = None
+    round_id = _optional_int(data, "query_round")
+    if round_id is not None:
+        query_round = QueryRound.objects.filter(project=project, pk=round_id).first()
+    duration = _optional_int(data, "duration_ms")
+    if duration is not None:
+        duration = max(0, min(duration, MAX_DURATION_MS))
+    submission = str(data.get("submission_id") or "")[:64]
+    if submission:
+        existing = Annotation.objects.filter(source=Annotation.Source.WEB,
+                                             external_id=submission).first()
+        if existing is not None:
+            if existing.scan_id != scan.pk or existing.reader_id != user.pk:
+                raise AnnotationError("this submission id was used for another answer")
+            return existing, False
+    try:
+        with transaction.atomic():
+            annotation = annotation_create(
+                scan=scan, reader=user, label_class=label_class, outcome=outcome,
+                source=Annotation.Source.WEB, duration_ms=duration,
+                shown_model_version=shown_model, shown_suggestion=shown_suggestion,
+                shown_confidence=_optional_float(data, "shown_confidence", low=0, high=1),
+                shown_acquisition_score=_optional_float(data, "shown_acquisition_score"),
+                query_round=query_round, external_id=submission,
+                note=str(data.get("note") or "")[:2000])
+    except IntegrityError:
+        existing = Annotation.objects.filter(source=Annotation.Source.WEB,
+                                             external_id=submission).first() if submission else None
+        if existing is None:
+            raise
+        return existing, False
+    lease_release(scan=scan, user=user)
+    return annotation, True
+
+
+def can_add_classes(project: Project, user) -> bool:
+    role = project.role_of(user)
+    if role is None:
+        return False
+    return role != "clinician" or project.clinicians_can_add_classes

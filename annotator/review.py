@@ -1,0 +1,313 @@
+"""The reviewer's work: scans whose readers disagree, scans flagged as likely label errors,
+per-class reader agreement (Cohen's kappa), and adjudication.
+
+Reads (``disagreements``, ``agreement_by_class``, ``flagged``) and the one write
+(``adjudicate``) live together because they share one notion of a *reader*:
+
+* a reader is whoever gave a LABEL answer from the web UI or Label Studio, keyed by user
+  (``user:<id>``; an answer with no user is keyed by its source, e.g. ``label_studio``);
+* import labels count as one more reader called ``import`` (whoever ran the import): a
+  clinician who contradicts the label a data set arrived with is a disagreement a reviewer
+  should settle, and training would otherwise silently break the tie by recency;
+* adjudications are not readers: they settle disagreements and are never counted in the
+  agreement statistics;
+* only each reader's *latest* LABEL answer on a scan counts (a reader who changes their
+  mind does not disagree with themselves); skips and "unsure" answers are not answers here.
+
+An adjudication is an ``Annotation`` with ``source=adjudication``;
+``ml_backend.services.training_labels`` prefers the latest one over the readers' votes, so
+the reviewer's answer is the label training uses.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import combinations
+
+from django.db import transaction
+
+from annotator.models import Annotation, LabelClass, Membership, Project, Scan
+from annotator.services import annotation_create
+
+#: Fewer reader pairs than this and a kappa is not reported (it would mostly be noise).
+MIN_PAIRS = 5
+
+IMPORT_READER = "import"
+_READER_SOURCES = (Annotation.Source.WEB, Annotation.Source.LABEL_STUDIO, Annotation.Source.IMPORT)
+REVIEW_ROLES = (Membership.Role.REVIEWER, Membership.Role.ADMIN)
+
+
+class ReviewError(Exception):
+    """An adjudication cannot be recorded as asked (class of another project, wrong role)."""
+
+
+# --- rows shown on the review page -------------------------------------------------------
+
+
+@dataclass
+class ReaderAnswer:
+    """One reader's latest label on a scan and what they were shown when answering."""
+
+    reader_key: str
+    reader: str                   # display name: the username, or "import"
+    annotation: Annotation
+
+    @property
+    def label_class(self) -> LabelClass:
+        return self.annotation.label_class
+
+    @property
+    def created_at(self) -> datetime:
+        return self.annotation.created_at
+
+
+@dataclass
+class ReviewRow:
+    """A scan to adjudicate: the readers' answers, the current training label and the
+    active model's prediction (None when it has none for this scan)."""
+
+    scan: Scan
+    answers: list[ReaderAnswer]
+    training_label: LabelClass | None = None
+    prediction: object | None = None          # ml_backend.models.Prediction
+    last_adjudication: Annotation | None = None
+    reason: dict = field(default_factory=dict)   # flagged rows: the label_review item's reason
+    query_item: object | None = None             # flagged rows: the ml_backend QueryItem
+
+
+@dataclass
+class ClassAgreement:
+    label_class: LabelClass
+    kappa: float | None
+    reason: str                   # why kappa is None; empty otherwise
+    answers: int                  # paired answers (two per pair) that chose this class
+
+
+@dataclass
+class Agreement:
+    """Reader agreement over scans read by at least two distinct readers."""
+
+    scans: int
+    pairs: int
+    kappa: float | None           # multi-class Cohen's kappa over all pairs
+    reason: str
+    per_class: list[ClassAgreement]
+
+
+# --- shared reads ------------------------------------------------------------------------
+
+
+def _reader_key(annotation: Annotation) -> str:
+    if annotation.source == Annotation.Source.IMPORT:
+        return IMPORT_READER
+    if annotation.reader_id is not None:
+        return f"user:{annotation.reader_id}"
+    return annotation.source
+
+
+def _reader_order(key: str) -> tuple:
+    """Users by id first, then readers without a user (Label Studio), ``import`` last."""
+    if key.startswith("user:"):
+        return (0, int(key[5:]), "")
+    return (1 if key != IMPORT_READER else 2, 0, key)
+
+
+def _stamp(annotation: Annotation) -> tuple:
+    return (annotation.created_at, annotation.pk)
+
+
+def _latest_answers(project: Project, scan_ids=None
+                    ) -> tuple[dict[int, dict[str, Annotation]], dict[int, Annotation]]:
+    """Per scan: {reader key: latest LABEL answer}, and the latest adjudication."""
+    rows = (Annotation.objects
+            .filter(scan__project=project, outcome=Annotation.Outcome.LABEL)
+            .select_related("label_class", "reader", "shown_suggestion")
+            .order_by("created_at", "pk"))
+    if scan_ids is not None:
+        rows = rows.filter(scan_id__in=list(scan_ids))
+    answers: dict[int, dict[str, Annotation]] = {}
+    adjudications: dict[int, Annotation] = {}
+    for annotation in rows:
+        if annotation.source == Annotation.Source.ADJUDICATION:
+            adjudications[annotation.scan_id] = annotation
+        elif annotation.source in _READER_SOURCES:
+            answers.setdefault(annotation.scan_id, {})[_reader_key(annotation)] = annotation
+    return answers, adjudications
+
+
+def _answer_rows(by_reader: dict[str, Annotation]) -> list[ReaderAnswer]:
+    out = []
+    for key, annotation in by_reader.items():
+        name = (IMPORT_READER if key == IMPORT_READER
+                else annotation.reader.get_username() if annotation.reader_id else key)
+        out.append(ReaderAnswer(reader_key=key, reader=name, annotation=annotation))
+    return sorted(out, key=lambda a: _stamp(a.annotation))
+
+
+def _training_labels(project: Project, scan_ids: set[int]) -> dict[int, LabelClass]:
+    """The label training uses for each scan (the same function training calls)."""
+    from ml_backend.services import training_labels
+
+    splits = set(Scan.objects.filter(pk__in=scan_ids).values_list("split", flat=True))
+    chosen: dict[int, int] = {}
+    for split in splits:
+        scans, class_ids = training_labels(project, split=split)
+        chosen.update({s.pk: c for s, c in zip(scans, class_ids) if s.pk in scan_ids})
+    classes = LabelClass.objects.in_bulk(set(chosen.values()))
+    return {scan_id: classes[class_id] for scan_id, class_id in chosen.items()}
+
+
+def _predictions(project: Project, scan_ids: set[int]) -> dict[int, object]:
+    from ml_backend.models import Prediction
+
+    if project.active_model_id is None or not scan_ids:
+        return {}
+    rows = (Prediction.objects.filter(model_version_id=project.active_model_id,
+                                      scan_id__in=scan_ids)
+            .select_related("predicted_class"))
+    return {p.scan_id: p for p in rows}
+
+
+def _decorate(project: Project, rows: list[ReviewRow]) -> list[ReviewRow]:
+    ids = {row.scan.pk for row in rows}
+    labels, predictions = _training_labels(project, ids), _predictions(project, ids)
+    for row in rows:
+        row.training_label = labels.get(row.scan.pk)
+        row.prediction = predictions.get(row.scan.pk)
+    return rows
+
+
+# --- selectors ---------------------------------------------------------------------------
+
+
+def disagreements(project: Project) -> list[ReviewRow]:
+    """Scans (any split) whose readers' latest labels name different classes, unless an
+    adjudication is newer than the latest of those labels. Ordered by scan id.
+
+    Each row carries every reader's latest answer (who, class, when, what they were shown),
+    the label training currently uses for the scan and the active model's prediction.
+    """
+    answers, adjudications = _latest_answers(project)
+    open_ids = []
+    for scan_id, by_reader in answers.items():
+        if len(by_reader) < 2 or len({a.label_class_id for a in by_reader.values()}) < 2:
+            continue
+        latest = max(_stamp(a) for a in by_reader.values())
+        adjudication = adjudications.get(scan_id)
+        if adjudication is not None and _stamp(adjudication) > latest:
+            continue
+        open_ids.append(scan_id)
+    scans = Scan.objects.select_related("dataset").in_bulk(open_ids)
+    rows = [ReviewRow(scan=scans[scan_id], answers=_answer_rows(answers[scan_id]),
+                      last_adjudication=adjudications.get(scan_id))
+            for scan_id in sorted(open_ids)]
+    return _decorate(project, rows)
+
+
+def flagged(project: Project) -> list[ReviewRow]:
+    """The items of the project's latest ``label_review`` round (likely label errors from
+    ``ml_backend.services.label_quality_check``) whose scan has had no adjudication since the
+    round was created, in the round's rank order (worst first)."""
+    round_ = latest_quality_round(project)
+    if round_ is None:
+        return []
+    items = list(round_.items.select_related("scan", "scan__dataset").order_by("rank"))
+    ids = {item.scan_id for item in items}
+    answers, adjudications = _latest_answers(project, ids)
+    rows = []
+    for item in items:
+        adjudication = adjudications.get(item.scan_id)
+        if adjudication is not None and adjudication.created_at > round_.created_at:
+            continue
+        rows.append(ReviewRow(scan=item.scan, answers=_answer_rows(answers.get(item.scan_id, {})),
+                              last_adjudication=adjudication, reason=item.reason or {},
+                              query_item=item))
+    return _decorate(project, rows)
+
+
+def latest_quality_round(project: Project):
+    """The project's most recent label-quality round, or None."""
+    from ml_backend.models import QueryRound
+
+    return (QueryRound.objects.filter(project=project, strategy="label_review")
+            .order_by("-created_at", "-pk").first())
+
+
+def _kappa(a: list, b: list, labels: list) -> float | None:
+    from sklearn.metrics import cohen_kappa_score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # undefined (one label everywhere) → NaN → None
+        value = float(cohen_kappa_score(a, b, labels=labels))
+    return value if math.isfinite(value) else None
+
+
+def agreement_by_class(project: Project) -> Agreement:
+    """Cohen's kappa between readers, per class (one-vs-rest) and overall (multi-class).
+
+    Based on every scan (any split) read by at least two distinct readers: for each such
+    scan, every pair of distinct readers' latest answers is one paired observation. Within a
+    pair the rater order is fixed (users by id, then readers without a user, ``import``
+    last), so the result does not depend on query order. Kappa is None, with the reason,
+    when there are fewer than ``MIN_PAIRS`` pairs or it is undefined (a class chosen in no
+    paired answer, or in all of them).
+    """
+    answers, _ = _latest_answers(project)
+    first: list[int] = []
+    second: list[int] = []
+    scans = 0
+    for by_reader in answers.values():
+        if len(by_reader) < 2:
+            continue
+        scans += 1
+        keys = sorted(by_reader, key=_reader_order)
+        for a, b in combinations(keys, 2):
+            first.append(by_reader[a].label_class_id)
+            second.append(by_reader[b].label_class_id)
+    pairs = len(first)
+    classes = list(project.label_classes.all())
+    if pairs < MIN_PAIRS:
+        reason = (f"{pairs} reader pair{'s' if pairs != 1 else ''} on {scans} "
+                  f"scan{'s' if scans != 1 else ''}: at least {MIN_PAIRS} are needed "
+                  "(scans read by two or more readers)")
+        return Agreement(scans=scans, pairs=pairs, kappa=None, reason=reason, per_class=[
+            ClassAgreement(label_class=c, kappa=None, reason="too few reader pairs",
+                           answers=first.count(c.pk) + second.count(c.pk)) for c in classes])
+
+    per_class = []
+    for label_class in classes:
+        a = [c == label_class.pk for c in first]
+        b = [c == label_class.pk for c in second]
+        chosen = sum(a) + sum(b)
+        kappa, reason = None, ""
+        if chosen == 0:
+            reason = "no reader chose this class on a scan read twice"
+        elif chosen == 2 * pairs:
+            reason = "every paired answer is this class: kappa is undefined"
+        else:
+            kappa = _kappa(a, b, [False, True])
+            reason = "" if kappa is not None else "kappa is undefined for these answers"
+        per_class.append(ClassAgreement(label_class=label_class, kappa=kappa, reason=reason,
+                                        answers=chosen))
+    used = sorted(set(first) | set(second))
+    overall = _kappa(first, second, used) if len(used) > 1 else None
+    reason = "" if overall is not None else "every paired answer names the same class"
+    return Agreement(scans=scans, pairs=pairs, kappa=overall, reason=reason, per_class=per_class)
+
+
+# --- the write ---------------------------------------------------------------------------
+
+
+def adjudicate(*, scan: Scan, reviewer, label_class: LabelClass, note: str = "") -> Annotation:
+    """Record the reviewer's decision as an adjudication: the label training uses from now
+    on (until a reader labels the scan again and a newer disagreement opens)."""
+    if label_class.project_id != scan.project_id:
+        raise ReviewError(f"class {label_class.name!r} is not a class of this project")
+    if scan.project.role_of(reviewer) not in REVIEW_ROLES:
+        raise ReviewError("only reviewers and project admins may adjudicate")
+    with transaction.atomic():
+        return annotation_create(scan=scan, reader=reviewer, label_class=label_class,
+                                 source=Annotation.Source.ADJUDICATION, note=note.strip())

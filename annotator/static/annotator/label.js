@@ -1,0 +1,225 @@
+// The label page: a viewer (zoom, pan, brightness/contrast, invert, Grad-CAM) and answers
+// by hotkey, saved with fetch; the next scan's payload comes back in the same response, so
+// the page swaps scans without reloading. Timings are kept in window.medlabel.timings.
+(function () {
+  "use strict";
+  const $ = (id) => document.getElementById(id);
+  const root = $("labeler");
+  const csrf = (document.cookie.match(/(?:^|; )csrftoken=([^;]+)/) || [])[1] || "";
+  const view = {scale: 1, x: 0, y: 0, invert: false, cam: false};
+  const medlabel = (window.medlabel = {timings: [], saved: 0, payload: null});
+  let payload = JSON.parse($("label-payload").textContent);
+  let shownAt = performance.now();
+  let busy = false;
+  let submission = crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
+
+  function el(tag, text, cls) {
+    const node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = text;
+    if (cls) node.className = cls;
+    return node;
+  }
+
+  // --- viewer ---------------------------------------------------------------------------
+  function applyView() {
+    $("stage").style.transform = `translate(${view.x}px, ${view.y}px) scale(${view.scale})`;
+    const b = $("brightness").value / 100, c = $("contrast").value / 100;
+    $("scan-image").style.filter = `brightness(${b}) contrast(${c})` + (view.invert ? " invert(1)" : "");
+    $("zoom-level").textContent = Math.round(view.scale * 100) + "%";
+    $("cam-image").hidden = !view.cam;
+    $("toggle-cam").classList.toggle("on", view.cam);
+    $("invert").classList.toggle("on", view.invert);
+  }
+  function zoom(factor, cx, cy) {
+    const box = $("viewport").getBoundingClientRect();
+    cx = cx === undefined ? box.width / 2 : cx;
+    cy = cy === undefined ? box.height / 2 : cy;
+    const next = Math.min(16, Math.max(0.25, view.scale * factor));
+    const k = next / view.scale;
+    view.x = cx - k * (cx - view.x);
+    view.y = cy - k * (cy - view.y);
+    view.scale = next;
+    applyView();
+  }
+  function resetView() {
+    view.scale = 1; view.x = 0; view.y = 0; view.invert = false;
+    $("brightness").value = 100; $("contrast").value = 100;
+    applyView();
+  }
+  $("viewport").addEventListener("wheel", (e) => {
+    e.preventDefault();
+    const box = $("viewport").getBoundingClientRect();
+    zoom(e.deltaY < 0 ? 1.15 : 1 / 1.15, e.clientX - box.left, e.clientY - box.top);
+  }, {passive: false});
+  let drag = null;
+  $("viewport").addEventListener("pointerdown", (e) => {
+    drag = {x: e.clientX - view.x, y: e.clientY - view.y};
+    $("viewport").setPointerCapture(e.pointerId);
+  });
+  $("viewport").addEventListener("pointermove", (e) => {
+    if (!drag) return;
+    view.x = e.clientX - drag.x; view.y = e.clientY - drag.y;
+    applyView();
+  });
+  $("viewport").addEventListener("pointerup", () => { drag = null; });
+  for (const id of ["brightness", "contrast"]) $(id).addEventListener("input", applyView);
+  $("invert").addEventListener("click", () => { view.invert = !view.invert; applyView(); });
+  $("toggle-cam").addEventListener("click", () => { if (payload.gradcam) { view.cam = !view.cam; applyView(); } });
+  $("zoom-in").addEventListener("click", () => zoom(1.25));
+  $("zoom-out").addEventListener("click", () => zoom(1 / 1.25));
+  $("reset").addEventListener("click", resetView);
+
+  // --- rendering a payload ----------------------------------------------------------------
+  function render(p, measureFrom) {
+    payload = p;
+    medlabel.payload = p;
+    const img = $("scan-image");
+    img.onload = () => {
+      if (measureFrom !== undefined) {
+        const ms = performance.now() - measureFrom;
+        medlabel.timings.push(ms);
+        document.body.dataset.lastSwapMs = ms.toFixed(1);
+      }
+      document.body.dataset.scan = String(p.scan.id);
+    };
+    img.src = p.scan.preview;
+    const cam = $("cam-image");
+    cam.removeAttribute("src");
+    if (p.gradcam) cam.src = p.gradcam;
+    $("toggle-cam").disabled = !p.gradcam;
+    if (!p.gradcam) view.cam = false;
+    $("scan-id").textContent = "#" + p.scan.id;
+    $("scan-meta").textContent = [p.scan.dataset, p.scan.modality, p.scan.split].filter(Boolean).join(" · ");
+    $("model-version").textContent = p.model_version || "none yet";
+    const pr = p.progress;
+    $("progress-line").textContent = pr ? `round: ${pr.labeled} labeled, ${pr.remaining} remaining · you answered ${pr.yours} · ${pr.labels_in_project} labels in the project` : "";
+    $("held").hidden = !p.held_by;
+    $("held").textContent = p.held_by ? `${p.held_by} has this scan open; your answer is kept as a second reading.` : "";
+    // why
+    $("why").hidden = !p.item;
+    if (p.item) {
+      const r = p.item.reason;
+      $("why-text").textContent = `#${p.item.rank} in round ${p.item.round}: ${r.why || "chosen by the strategy"}`;
+      const parts = [`score ${p.item.score}`].concat(r.details);
+      if (r.neighbours && r.neighbours.length) {
+        parts.push("nearest labeled: " + r.neighbours.map((n) => `#${n.scan} ${n.label || "?"} (${n.similarity})`).join(", "));
+      }
+      $("why-details").textContent = parts.join(" · ");
+    }
+    // suggestion
+    const list = $("top-classes");
+    list.replaceChildren();
+    const s = p.suggestion;
+    if (s) {
+      $("suggestion-text").textContent = `${s.class_name} — ${(s.confidence * 100).toFixed(0)}% ${s.calibrated ? "(calibrated)" : ""}`;
+      $("suggestion-text").className = "";
+      $("suggestion-text").dataset.classId = s.class_id;
+      for (const t of s.top) {
+        const li = el("li");
+        const bar = el("span", null, "bar");
+        bar.style.width = Math.max(2, t.p * 100) + "%";
+        li.append(el("span", t.name, "bar-label"), bar, el("span", (t.p * 100).toFixed(0) + "%", "muted"));
+        list.append(li);
+      }
+    } else {
+      $("suggestion-text").textContent = "No model yet: your first labels train one.";
+      $("suggestion-text").className = "muted";
+    }
+    // classes
+    const buttons = $("class-buttons");
+    buttons.replaceChildren();
+    for (const c of p.classes) {
+      const b = el("button", null, "class-button");
+      b.type = "button";
+      b.dataset.classId = c.id;
+      b.dataset.key = c.key;
+      b.style.borderLeftColor = c.color;
+      b.title = c.description || c.name;
+      if (c.key) b.append(el("kbd", c.key), " ");
+      b.append(c.name);
+      if (s && s.class_id === c.id) b.classList.add("suggested");
+      b.addEventListener("click", () => submit({outcome: "label", class_id: c.id}));
+      buttons.append(b);
+    }
+    // similar
+    const similar = $("similar");
+    similar.replaceChildren();
+    if (!p.similar.length) similar.append(el("p", "None yet (needs embeddings and labeled scans).", "muted"));
+    for (const n of p.similar) {
+      const a = el("a", null, "thumb");
+      a.href = `/scans/${n.scan}/`;
+      a.target = "_blank";
+      const im = el("img");
+      im.src = n.preview; im.alt = "scan " + n.scan; im.loading = "lazy";
+      a.append(im, el("span", (n.labels.join(", ") || "?") + " · " + n.similarity));
+      similar.append(a);
+    }
+    $("status").textContent = "";
+    resetView();
+    shownAt = performance.now();
+    submission = crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
+  }
+
+  // --- answering --------------------------------------------------------------------------
+  async function submit(answer) {
+    if (busy) return;
+    busy = true;
+    const started = performance.now();
+    const s = payload.suggestion;
+    const body = Object.assign({
+      duration_ms: Math.round(started - shownAt),
+      shown_model_version: s ? s.model_version : "",
+      shown_suggestion: s ? s.class_id : "",
+      shown_confidence: s ? s.confidence : "",
+      shown_acquisition_score: payload.item ? payload.item.score : "",
+      query_round: payload.item ? payload.item.round : "",
+      submission_id: submission,
+    }, answer);
+    $("status").textContent = "saving…";
+    try {
+      const response = await fetch(payload.scan.answer, {
+        method: "POST", credentials: "same-origin",
+        headers: {"Content-Type": "application/json", "X-CSRFToken": csrf, Accept: "application/json"},
+        body: JSON.stringify(body),
+      });
+      const data = await response.json().catch(() => ({error: `server answered ${response.status}`}));
+      if (!response.ok) {
+        $("status").textContent = data.error || `could not save (${response.status})`;
+        $("status").className = "error";
+        return;
+      }
+      medlabel.saved += 1;
+      medlabel.lastServerMs = data.server_ms;
+      $("status").className = "muted";
+      if (data.next) {
+        history.replaceState({}, "", data.next.scan.url);
+        render(data.next, started);
+      } else {
+        window.location.href = data.worklist;
+      }
+    } catch (err) {
+      $("status").textContent = "network error: nothing was lost, try again";
+      $("status").className = "error";
+    } finally {
+      busy = false;
+    }
+  }
+  $("skip").addEventListener("click", () => submit({outcome: "skip"}));
+  $("unsure").addEventListener("click", () => submit({outcome: "unsure"}));
+
+  document.addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("input, textarea, select")) return;
+    const key = e.key.toLowerCase();
+    const c = payload.classes.find((k) => k.key && k.key === key);
+    if (c) { e.preventDefault(); submit({outcome: "label", class_id: c.id}); return; }
+    if (key === "s") submit({outcome: "skip"});
+    else if (key === "u") submit({outcome: "unsure"});
+    else if (key === "i") $("invert").click();
+    else if (key === "g") $("toggle-cam").click();
+    else if (key === "r") resetView();
+    else if (key === "+" || key === "=") zoom(1.25);
+    else if (key === "-") zoom(1 / 1.25);
+  });
+
+  render(payload);
+})();

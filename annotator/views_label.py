@@ -1,0 +1,326 @@
+"""The clinician's loop: worklist, label page (JSON answers, no reload), Grad-CAM, new
+classes with their candidates, and classifying an uploaded scan."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db import transaction
+from django.http import Http404, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
+
+from annotator import labeling, selectors, services
+from annotator.forms import ClassifyForm, LabelClassForm
+from annotator.models import Annotation, LabelClass, Scan
+from annotator.tasks import run_import_job
+from annotator.uploads import check_upload, safe_name, stage_uploads
+from ml_backend.data.decode import ScanDecodeError, decode_scan, render_preview
+from ml_backend.ssl.train import TrainingError
+
+CLASSIFY_STAGING_HOURS = 6
+
+
+@login_required
+def worklist(request, project_id: int):
+    project = selectors.project_get_for_user(request.user, project_id)
+    data = labeling.worklist(project, request.user)
+    return render(request, "annotator/worklist.html", {
+        "project": project, **data, "role": project.role_of(request.user),
+        "has_encoder": project.active_encoder_id is not None,
+    })
+
+
+@login_required
+def next_scan(request, project_id: int):
+    project = selectors.project_get_for_user(request.user, project_id)
+    found = labeling.lease_next(project=project, user=request.user)
+    if found is None:
+        messages.info(request, "No unlabeled scans left for you in this round. Ask the model "
+                               "for the next batch below.")
+        return redirect("annotator:worklist", project.pk)
+    scan, _item = found
+    return redirect("annotator:label", project.pk, scan.pk)
+
+
+@login_required
+@require_POST
+def query_new(request, project_id: int):
+    """A new round of scans chosen by the project's strategy (a selection, not training)."""
+    from ml_backend import services as ml
+
+    project = selectors.project_get_for_user(request.user, project_id)
+    try:
+        query_round = ml.query_round_create(project=project, created_by=request.user)
+    except TrainingError as exc:
+        messages.error(request, f"Could not choose scans: {exc}")
+        return redirect("annotator:worklist", project.pk)
+    if query_round.size == 0:
+        messages.info(request, "Every pool scan is labeled: import more scans to go on.")
+    else:
+        messages.success(request, f"{query_round.size} scans chosen ({query_round.strategy}).")
+    return redirect("annotator:worklist", project.pk)
+
+
+def _scan_in_project(project, scan_id: int) -> Scan:
+    scan = Scan.objects.select_related("dataset", "project").filter(
+        pk=scan_id, project=project).first()
+    if scan is None:
+        raise Http404("No such scan in this project.")
+    return scan
+
+
+def _item_for(project, scan):
+    query_round = labeling.current_round(project)
+    if query_round is None:
+        return None
+    return query_round.items.filter(scan=scan).first()
+
+
+@login_required
+@require_GET
+def label_page(request, project_id: int, scan_id: int):
+    project = selectors.project_get_for_user(request.user, project_id)
+    scan = _scan_in_project(project, scan_id)
+    item = _item_for(project, scan)
+    held_by = None
+    if not labeling.lease_acquire(scan=scan, user=request.user):
+        held_by = scan.lease.user.get_username()
+    payload = labeling.label_payload(project=project, scan=scan, item=item, user=request.user)
+    payload["held_by"] = held_by
+    if request.GET.get("format") == "json":
+        return JsonResponse(payload)
+    return render(request, "annotator/label.html", {
+        "project": project, "scan": scan, "payload": payload,
+        "can_add_classes": labeling.can_add_classes(project, request.user),
+    })
+
+
+@login_required
+@require_POST
+def answer(request, project_id: int, scan_id: int):
+    """Record an answer (JSON body or form fields) and return the next scan's payload."""
+    started = time.perf_counter()
+    project = selectors.project_get_for_user(request.user, project_id)
+    scan = _scan_in_project(project, scan_id)
+    if request.content_type == "application/json":
+        try:
+            data = json.loads(request.body or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return JsonResponse({"error": "the request body is not valid JSON"}, status=400)
+        if not isinstance(data, dict):
+            return JsonResponse({"error": "send a JSON object"}, status=400)
+    else:
+        data = request.POST.dict()
+    try:
+        annotation, created = labeling.answer_submit(project=project, scan=scan,
+                                                     user=request.user, data=data)
+    except services.AnnotationError as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+    project.refresh_from_db()
+    found = labeling.lease_next(project=project, user=request.user)
+    next_payload = None
+    if found is not None:
+        next_scan_obj, item = found
+        next_payload = labeling.label_payload(project=project, scan=next_scan_obj, item=item,
+                                              user=request.user)
+    return JsonResponse({
+        "saved": {"id": annotation.pk, "created": created, "outcome": annotation.outcome,
+                  "label": annotation.label_class.name if annotation.label_class_id else None},
+        "model_version": project.active_model.version if project.active_model_id else None,
+        "next": next_payload,
+        "worklist": reverse("annotator:worklist", args=[project.pk]),
+        "server_ms": round((time.perf_counter() - started) * 1000, 1),
+    }, status=201 if created else 200)
+
+
+@login_required
+@require_GET
+def gradcam(request, scan_id: int):
+    from ml_backend import services as ml
+
+    scan = selectors.scan_get_for_user(request.user, scan_id)
+    try:
+        class_id = int(request.GET.get("class", ""))
+    except ValueError:
+        raise Http404("Say which class: ?class=<id>.") from None
+    if not LabelClass.objects.filter(pk=class_id, project=scan.project).exists():
+        raise Http404("No such class in this project.")
+    try:
+        png = ml.scan_gradcam(scan=scan, class_id=class_id)
+    except TrainingError as exc:
+        return HttpResponse(str(exc), status=409, content_type="text/plain")
+    response = HttpResponse(png, content_type="image/png")
+    response["Cache-Control"] = "private, max-age=600"
+    return response
+
+
+# --- new anomaly types -------------------------------------------------------------------
+
+
+@login_required
+def class_create(request, project_id: int):
+    project = selectors.project_get_for_user(request.user, project_id)
+    if not labeling.can_add_classes(project, request.user):
+        raise Http404("Only reviewers and admins add classes in this project.")
+    form = LabelClassForm(request.POST or None, project=project)
+    if request.method == "POST" and form.is_valid():
+        with transaction.atomic():
+            label_class, _ = services.label_class_get_or_create(
+                project=project, name=form.cleaned_data["name"], created_by=request.user,
+                description=form.cleaned_data["description"])
+            if form.cleaned_data["hotkey"]:
+                label_class.hotkey = form.cleaned_data["hotkey"]
+                label_class.save(update_fields=["hotkey"])
+        messages.success(request, f"Class {label_class.name!r} added. Label a few examples: "
+                                  "candidates are below.")
+        return redirect("annotator:class_detail", project.pk, label_class.pk)
+    return render(request, "annotator/class_form.html", {"project": project, "form": form},
+                  status=400 if request.method == "POST" else 200)
+
+
+@login_required
+def class_detail(request, project_id: int, class_id: int):
+    from ml_backend import services as ml
+
+    project = selectors.project_get_for_user(request.user, project_id)
+    label_class = LabelClass.objects.filter(project=project, pk=class_id).first()
+    if label_class is None:
+        raise Http404("No such class in this project.")
+    examples = list(Scan.objects.filter(annotations__label_class=label_class,
+                                        annotations__outcome=Annotation.Outcome.LABEL)
+                    .distinct().order_by("-pk")[:24])
+    candidates, error = {"neighbours": [], "novel": []}, None
+    try:
+        candidates = ml.class_candidates(label_class=label_class, k=12)
+    except (TrainingError, OSError) as exc:
+        error = str(exc)
+    return render(request, "annotator/class_detail.html", {
+        "project": project, "label_class": label_class, "examples": examples,
+        "neighbours": candidates["neighbours"], "novel": candidates["novel"], "error": error,
+    })
+
+
+@login_required
+@require_POST
+def class_confirm(request, project_id: int, class_id: int):
+    """Confirm a candidate: a label of this class by this reader (JSON in, JSON out)."""
+    project = selectors.project_get_for_user(request.user, project_id)
+    label_class = LabelClass.objects.filter(project=project, pk=class_id).first()
+    if label_class is None:
+        raise Http404("No such class in this project.")
+    try:
+        scan = _scan_in_project(project, int(request.POST.get("scan", "")))
+    except ValueError:
+        return JsonResponse({"error": "say which scan"}, status=400)
+    try:
+        annotation, created = labeling.answer_submit(
+            project=project, scan=scan, user=request.user,
+            data={"outcome": "label", "class_id": label_class.pk,
+                  "submission_id": request.POST.get("submission_id", ""),
+                  "note": "confirmed as a candidate for a new class"})
+    except services.AnnotationError as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+    return JsonResponse({"saved": annotation.pk, "created": created}, status=201 if created else 200)
+
+
+# --- classify an uploaded scan -----------------------------------------------------------
+
+
+def _classify_dir() -> Path:
+    return Path(settings.INCOMING_ROOT) / "classify"
+
+
+def _clean_old_staging() -> None:
+    root = _classify_dir()
+    if not root.is_dir():
+        return
+    cutoff = time.time() - CLASSIFY_STAGING_HOURS * 3600
+    for folder in root.iterdir():
+        if folder.is_dir() and folder.stat().st_mtime < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@login_required
+def classify(request, project_id: int):
+    from ml_backend import services as ml
+
+    project = selectors.project_get_for_user(request.user, project_id)
+    form = ClassifyForm(request.POST or None, request.FILES or None)
+    context = {"project": project, "form": form}
+    if request.method != "POST":
+        return render(request, "annotator/classify.html", context)
+    if not form.is_valid():
+        return render(request, "annotator/classify.html", context, status=400)
+    upload = form.cleaned_data["file"]
+    reason = check_upload(upload)
+    if reason is None:
+        data = upload.read()
+        try:
+            decoded = decode_scan(data, name=safe_name(upload.name or ""),
+                                  salt=settings.DEID_SALT, max_pixels=settings.IMPORT_MAX_PIXELS)
+        except ScanDecodeError as exc:
+            reason = str(exc)
+    if reason is not None:
+        form.add_error("file", f"{safe_name(upload.name or 'upload')}: {reason}")
+        return render(request, "annotator/classify.html", context, status=400)
+    preview = render_preview(decoded.pixels)
+    try:
+        result = ml.classify_image(project=project, preview_png=preview)
+    except TrainingError as exc:
+        form.add_error(None, str(exc))
+        return render(request, "annotator/classify.html", context, status=409)
+    # Keep the original for "add to the pool" (import de-identifies it then); expires.
+    _clean_old_staging()
+    upload.seek(0)
+    folder = stage_uploads([upload])
+    target = _classify_dir() / folder.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(target)
+    request.session[f"classify-{project.pk}"] = target.name
+    context.update({
+        "result": result, "file_name": safe_name(upload.name or "upload"),
+        "preview_b64": base64.b64encode(preview).decode(),
+        "overlay_b64": base64.b64encode(result["overlay_png"]).decode(),
+        "warnings": decoded.warnings, "token": target.name,
+        "datasets": project.datasets.all(),
+    })
+    return render(request, "annotator/classify.html", context)
+
+
+@login_required
+@require_POST
+def classify_add(request, project_id: int):
+    """Import the last classified upload into the pool (the normal, de-identifying import)."""
+    project = selectors.project_get_for_user(request.user, project_id)
+    token = request.POST.get("token", "")
+    if not token or request.session.get(f"classify-{project.pk}") != token:
+        messages.error(request, "That upload is no longer available: classify it again.")
+        return redirect("annotator:classify", project.pk)
+    folder = _classify_dir() / token
+    if not folder.is_dir():
+        messages.error(request, "That upload expired: classify it again.")
+        return redirect("annotator:classify", project.pk)
+    staged = Path(settings.INCOMING_ROOT) / f"add-{token}"
+    folder.rename(staged)
+    dataset = (request.POST.get("dataset") or "uploads").strip()[:200] or "uploads"
+    try:
+        with transaction.atomic():
+            job = services.import_job_create(
+                project=project, source=str(staged), source_is_upload=True,
+                dataset_name=dataset, split="pool", layout="flat", created_by=request.user)
+            transaction.on_commit(lambda: run_import_job.delay(job.pk))
+    except Exception:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    request.session.pop(f"classify-{project.pk}", None)
+    messages.success(request, "The scan is being added to the pool.")
+    return redirect(job)

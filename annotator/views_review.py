@@ -1,0 +1,96 @@
+"""The reviewer's page: disagreements, likely label errors, reader agreement, adjudication.
+
+Reviewers and admins only: clinicians and outsiders get 404 (``project_get_for_user`` with
+``roles=("reviewer",)`` lets admins and superusers through).
+"""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from annotator import review as reviews
+from annotator import selectors
+from annotator.models import LabelClass
+from annotator.services import AnnotationError
+
+REVIEW_ROLES = ("reviewer",)
+
+
+class AdjudicationForm(forms.Form):
+    label_class = forms.IntegerField(min_value=1)
+    note = forms.CharField(required=False, max_length=2000)
+
+
+@login_required
+@require_GET
+def review(request, project_id: int):
+    project = selectors.project_get_for_user(request.user, project_id, roles=REVIEW_ROLES)
+    return render(request, "annotator/review.html", {
+        "project": project,
+        "role": project.role_of(request.user),
+        "classes": list(project.label_classes.all()),
+        "sections": [
+            {"id": "disagreements", "title": "Readers disagree",
+             "rows": reviews.disagreements(project),
+             "empty": "No open disagreements: every scan read twice agrees or is adjudicated."},
+            {"id": "flagged", "title": "Flagged as likely label errors",
+             "rows": reviews.flagged(project),
+             "empty": "Nothing flagged and not yet adjudicated. Run the label-quality check "
+                      "to look for likely label errors."},
+        ],
+        "quality_round": reviews.latest_quality_round(project),
+        "agreement": reviews.agreement_by_class(project),
+        "min_pairs": reviews.MIN_PAIRS,
+    })
+
+
+@login_required
+@require_POST
+def adjudicate(request, project_id: int, scan_id: int):
+    project = selectors.project_get_for_user(request.user, project_id, roles=REVIEW_ROLES)
+    scan = project.scans.select_related("project").filter(pk=scan_id).first()
+    if scan is None:
+        raise Http404("No such scan in this project.")
+    form = AdjudicationForm(request.POST)
+    label_class = None
+    if form.is_valid():
+        label_class = LabelClass.objects.filter(pk=form.cleaned_data["label_class"]).first()
+    if label_class is None:
+        messages.error(request, f"Scan {scan.pk} was not adjudicated: choose one of the "
+                                "project's classes.")
+        return redirect("annotator:review", project.pk)
+    try:
+        reviews.adjudicate(scan=scan, reviewer=request.user, label_class=label_class,
+                          note=form.cleaned_data["note"])
+    except (reviews.ReviewError, AnnotationError) as exc:
+        messages.error(request, f"Scan {scan.pk} was not adjudicated: {exc}.")
+    else:
+        messages.success(request, f"Scan {scan.pk} adjudicated as {label_class.name}: "
+                                  "training now uses this label.")
+    return redirect("annotator:review", project.pk)
+
+
+@login_required
+@require_POST
+def run_quality_check(request, project_id: int):
+    """Run the label-quality check now. It fits small linear heads on stored embeddings
+    (seconds), and its error must reach the reviewer; a QueryRound has no row to record a
+    background failure on, so it runs in the request rather than as a task."""
+    from ml_backend.services import label_quality_check
+    from ml_backend.ssl.train import TrainingError
+
+    project = selectors.project_get_for_user(request.user, project_id, roles=REVIEW_ROLES)
+    try:
+        round_ = label_quality_check(project=project, created_by=request.user)
+    except TrainingError as exc:
+        messages.error(request, f"The label-quality check did not run: {exc}.")
+    else:
+        messages.success(request, f"Label-quality check (round {round_.pk}): {round_.size} "
+                                  f"scan{'s' if round_.size != 1 else ''} flagged as likely "
+                                  "label errors.")
+    return redirect("annotator:review", project.pk)

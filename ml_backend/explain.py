@@ -1,0 +1,108 @@
+"""Grad-CAM (Selvaraju et al., ICCV 2017) for our ResNet encoders: where in the scan the
+evidence for a class lies.
+
+The class score is differentiated with respect to a convolutional feature map; the channel
+weights are the spatially averaged gradients, and the map is the
+ReLU of the weighted channel sum, upsampled to the input and min-max scaled to ``[0, 1]``. The map is the deepest
+ResNet stage that still has at least ``min_side`` cells a side: ``layer4`` at 224 px input,
+but at the 32–64 px our CPU models use, ``layer4`` is 1×1 or 2×2 and says nothing about
+*where*, so an earlier stage (``layer2`` at 64 px, 8×8) is used, as is common for
+low-resolution Grad-CAM. ``score``
+maps pooled encoder features to class logits, so the same code explains the fast linear head
+on frozen embeddings and the fine-tuned classifier. Pure: torch + numpy, no Django.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ml_backend.ssl.encoder import ResNetEncoder
+from ml_backend.ssl.transforms import eval_transform
+
+Score = Callable[[torch.Tensor], torch.Tensor]
+
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _forward_keeping(encoder: ResNetEncoder, x: torch.Tensor, min_side: int):
+    """Pooled features, and the deepest stage output with at least ``min_side`` cells."""
+    net = encoder.net
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    target = None
+    for name in STAGES:
+        x = getattr(net, name)(x)
+        if target is None or min(x.shape[2:]) >= min_side:
+            target = x
+    target.retain_grad()
+    return torch.flatten(net.avgpool(x), 1), target
+
+
+def gradcam(encoder: ResNetEncoder, image: np.ndarray, augment_config, score: Score,
+            class_index: int, *, min_side: int = 7) -> np.ndarray:
+    """A ``float32 (S, S)`` map in ``[0, 1]`` for one ``uint8 (S, S)`` image (already at the
+    model's input size). All zeros when the map is flat (no region stands out)."""
+    if image.ndim != 2 or image.dtype != np.uint8:
+        raise ValueError("gradcam expects one uint8 (S, S) image")
+    encoder.eval()
+    x = torch.from_numpy(image).float().div(255.0)[None, None]
+    x = eval_transform(augment_config)(x)
+    with torch.enable_grad():
+        pooled, features = _forward_keeping(encoder, x, min_side)
+        logits = score(pooled)
+        if not 0 <= class_index < logits.shape[1]:
+            raise ValueError(f"class index {class_index} out of range for {logits.shape[1]} classes")
+        encoder.zero_grad(set_to_none=True)
+        logits[0, class_index].backward()
+    weights = features.grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * features).sum(dim=1, keepdim=True)).detach()
+    cam = F.interpolate(cam, size=image.shape, mode="bilinear", align_corners=False)[0, 0]
+    low, high = float(cam.min()), float(cam.max())
+    if not np.isfinite(high) or high - low <= 1e-12 * max(1.0, abs(high)):
+        return np.zeros(image.shape, dtype=np.float32)
+    return ((cam - low) / (high - low)).numpy().astype(np.float32)
+
+
+def head_score(mean: np.ndarray, scale: np.ndarray, coef: np.ndarray,
+               intercept: np.ndarray) -> Score:
+    """The linear head's logits (see ``ml_backend.active.refit.LinearHead``) as torch ops."""
+    m, s = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(scale, dtype=torch.float32)
+    w = torch.as_tensor(coef, dtype=torch.float32)
+    b = torch.as_tensor(intercept, dtype=torch.float32)
+    return lambda pooled: ((pooled - m) / s) @ w.T + b
+
+
+def _jet(values: np.ndarray) -> np.ndarray:
+    """A perceptual blue → cyan → yellow → red ramp, ``(H, W)`` in [0, 1] → ``uint8 (H, W, 3)``."""
+    stops = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0],
+                      [255, 128, 0], [200, 0, 0]], dtype=np.float32)
+    position = np.clip(values, 0, 1) * (len(stops) - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, len(stops) - 1)
+    t = (position - low)[..., None]
+    return (stops[low] * (1 - t) + stops[high] * t).astype(np.uint8)
+
+
+def overlay_png(cam: np.ndarray, width: int, height: int, *, max_alpha: float = 0.55) -> bytes:
+    """An RGBA PNG of ``cam`` to lay over a ``width`` x ``height`` preview.
+
+    Our model inputs are the preview letterboxed into a square (see
+    ``ml_backend.data.arrays.to_square``): the map is scaled to that square and cropped back
+    to the preview's own rectangle. Transparency follows the map, so cold regions stay clear.
+    """
+    side = max(width, height)
+    square = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize(
+        (side, side), Image.Resampling.BILINEAR)
+    left, top = (side - width) // 2, (side - height) // 2
+    values = np.asarray(square.crop((left, top, left + width, top + height)),
+                        dtype=np.float32) / 255.0
+    rgba = np.dstack([_jet(values), (values * max_alpha * 255).astype(np.uint8)])
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
