@@ -82,17 +82,30 @@ def _done_for(project: Project, user) -> tuple[set[int], set[int]]:
     return labeled, mine
 
 
-def lease_next(*, project: Project, user):
-    """The next chosen scan for ``user`` in rank order, leased to them: not labeled yet, not
-    answered by them, not held by another reader. Returns ``(scan, item)`` or ``None``."""
+def _open_items(project: Project, user):
     query_round = current_round(project)
     if query_round is None:
-        return None
+        return []
     labeled, mine = _done_for(project, user)
     held = _held_by_others(project, user)
     items = list(query_round.items.select_related("scan").order_by("rank"))
-    open_items = [i for i in items if i.scan_id not in labeled and i.scan_id not in mine
-                  and i.scan_id not in held]
+    return [i for i in items if i.scan_id not in labeled and i.scan_id not in mine
+            and i.scan_id not in held]
+
+
+def peek_after(*, project: Project, user, scan: Scan) -> int | None:
+    """The scan ``user`` will most likely be served after ``scan`` (not leased), so the page
+    can preload its image while the reader looks at this one."""
+    for item in _open_items(project, user):
+        if item.scan_id != scan.pk:
+            return item.scan_id
+    return None
+
+
+def lease_next(*, project: Project, user):
+    """The next chosen scan for ``user`` in rank order, leased to them: not labeled yet, not
+    answered by them, not held by another reader. Returns ``(scan, item)`` or ``None``."""
+    open_items = _open_items(project, user)
     # a scan already leased to this user (a reload, a second tab) comes first
     own = set(ScanLease.objects.filter(project=project, user=user, expires_at__gt=timezone.now())
               .values_list("scan_id", flat=True))
@@ -266,7 +279,13 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
         "model_version": project.active_model.version if project.active_model_id else None,
         "progress": progress,
         "lease_seconds": settings.LABEL_LEASE_SECONDS,
+        "prefetch": _prefetch(project, user, scan) if item is not None and user else None,
     }
+
+
+def _prefetch(project: Project, user, scan: Scan) -> str | None:
+    upcoming = peek_after(project=project, user=user, scan=scan)
+    return reverse("annotator:scan_preview", args=[upcoming]) if upcoming else None
 
 
 # --- answers ---------------------------------------------------------------------------

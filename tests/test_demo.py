@@ -17,12 +17,19 @@ def test_demo_setup_is_complete_and_idempotent(db, capsys):
     assert Annotation.objects.filter(source="import").count() == 80   # eval labels only
     assert set(LabelClass.objects.values_list("name", flat=True)) == {
         "normal", "pneumonia", "glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"}
-    assert Membership.objects.filter(project=project, user__username="clinician").exists()
+    assert Membership.objects.get(project=project, user__username="clinician").role == "clinician"
+    assert Membership.objects.get(project=project, user__username="reviewer").role == "reviewer"
+    from ml_backend.models import QueryRound
+
+    first = QueryRound.objects.get(project=project)
+    assert first.size == project.query_batch_size and first.strategy == "hybrid"
+    assert not first.items.filter(scan__split="eval").exists()
     assert project.datasets.count() == 2
     project.refresh_from_db()
     encoder = project.active_encoder
     assert encoder is not None and encoder.metrics["embeddings"]["total"] == 390
     call_command("demo_setup")          # second run: nothing duplicated, no second pretraining
     assert Scan.objects.count() == 390 and Annotation.objects.count() == 80
+    assert QueryRound.objects.count() == 1        # the first worklist is kept
     project.refresh_from_db()
     assert project.active_encoder == encoder

@@ -20,6 +20,11 @@ def keys_by_class(page) -> dict[str, str]:
     return {c["name"]: c["key"] for c in payload["classes"]}
 
 
+def wait_ready(page) -> None:
+    """The label page's script has rendered its first scan."""
+    page.wait_for_function("window.medlabel && window.medlabel.payload && document.body.dataset.scan")
+
+
 def current_scan(page) -> Scan:
     page.wait_for_function("document.body.dataset.scan !== undefined")
     return Scan.objects.get(pk=int(page.evaluate("document.body.dataset.scan")))
@@ -44,7 +49,7 @@ def test_clinician_labels_by_keyboard_and_sees_the_model_improve(
     page.wait_for_selector("table.worklist")
     page.shot("1-worklist")
     page.keyboard.press("Enter")
-    page.wait_for_selector("#labeler")
+    wait_ready(page)
     assert page.inner_text("#model-version") == "none yet"
     assert "typical of its cluster" in page.inner_text("#why-text")
     page.shot("2-label-page")
@@ -126,7 +131,7 @@ def test_new_class_classify_and_reports(browser_page, encoded_project, users, tm
 
     # the new class is a button with its hotkey on the label page
     page.goto(f"/projects/{project.pk}/next/")
-    page.wait_for_selector("#labeler")
+    wait_ready(page)
     assert keys_by_class(page)["cyst"] == "c"
 
     # classify an uploaded scan

@@ -10,7 +10,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from annotator import services
+from annotator import labeling, services
 from annotator.models import Membership, Project
 
 DEMO_PROJECT = "Demo: chest X-ray + brain MRI"
@@ -22,7 +22,8 @@ DATASETS = [
 
 
 class Command(BaseCommand):
-    help = "Set up the demo: users admin and clinician, a project, and the fixture scans."
+    help = ("Set up the demo: users admin, clinician and reviewer, a project, the fixture scans, "
+            "a first encoder and a first worklist.")
 
     def add_arguments(self, parser):
         parser.add_argument("--fixtures", default=str(Path(settings.BASE_DIR) / "fixtures"))
@@ -43,6 +44,8 @@ class Command(BaseCommand):
         )
         services.membership_set(project=project, user=users["clinician"][0],
                                 role=Membership.Role.CLINICIAN)
+        services.membership_set(project=project, user=users["reviewer"][0],
+                                role=Membership.Role.REVIEWER)
         services.membership_set(project=project, user=users["admin"][0],
                                 role=Membership.Role.ADMIN)
         fixtures = Path(opts["fixtures"])
@@ -68,6 +71,13 @@ class Command(BaseCommand):
                               "new scans are embedded incrementally.")
             call_command("embed", project=project.name, no_progress=True,
                          stdout=self.stdout, stderr=self.stderr)
+        project.refresh_from_db()
+        if labeling.current_round(project) is None:
+            from ml_backend import services as ml
+
+            first = ml.query_round_create(project=project, created_by=users["admin"][0])
+            self.stdout.write(f"First worklist: {first.size} scans chosen ({first.strategy}; "
+                              "with no labels yet, typical scans of every cluster).")
         self.stdout.write("")
         self.stdout.write(self.style.SUCCESS("Demo ready at http://127.0.0.1:8000/"))
         for role, (user, password) in users.items():
@@ -77,7 +87,8 @@ class Command(BaseCommand):
     def _users(self, *, keep: bool):
         User = get_user_model()
         result = {}
-        for role, username, superuser in (("admin", "admin", True), ("clinician", "clinician", False)):
+        for role, username, superuser in (("admin", "admin", True), ("clinician", "clinician", False),
+                                          ("reviewer", "reviewer", False)):
             user, created = User.objects.get_or_create(
                 username=username, defaults={"email": f"{username}@example.org"}
             )

@@ -64,7 +64,13 @@
   $("viewport").addEventListener("pointerup", () => { drag = null; });
   for (const id of ["brightness", "contrast"]) $(id).addEventListener("input", applyView);
   $("invert").addEventListener("click", () => { view.invert = !view.invert; applyView(); });
-  $("toggle-cam").addEventListener("click", () => { if (payload.gradcam) { view.cam = !view.cam; applyView(); } });
+  $("toggle-cam").addEventListener("click", () => {
+    if (!payload.gradcam) return;
+    view.cam = !view.cam;
+    const cam = $("cam-image");
+    if (view.cam && cam.getAttribute("src") !== payload.gradcam) cam.src = payload.gradcam;
+    applyView();
+  });
   $("zoom-in").addEventListener("click", () => zoom(1.25));
   $("zoom-out").addEventListener("click", () => zoom(1 / 1.25));
   $("reset").addEventListener("click", resetView);
@@ -74,6 +80,8 @@
     payload = p;
     medlabel.payload = p;
     const img = $("scan-image");
+    // The scan itself first; the Grad-CAM overlay, the similar scans' thumbnails and the
+    // next scan's image are fetched once it is on screen, so they never delay it.
     img.onload = () => {
       if (measureFrom !== undefined) {
         const ms = performance.now() - measureFrom;
@@ -81,11 +89,15 @@
         document.body.dataset.lastSwapMs = ms.toFixed(1);
       }
       document.body.dataset.scan = String(p.scan.id);
+      if (p.gradcam && view.cam) $("cam-image").src = p.gradcam;
+      for (const thumb of document.querySelectorAll("#similar img[data-src]")) {
+        thumb.src = thumb.dataset.src;
+        thumb.removeAttribute("data-src");
+      }
+      if (p.prefetch) (new Image()).src = p.prefetch;
     };
     img.src = p.scan.preview;
-    const cam = $("cam-image");
-    cam.removeAttribute("src");
-    if (p.gradcam) cam.src = p.gradcam;
+    $("cam-image").removeAttribute("src");
     $("toggle-cam").disabled = !p.gradcam;
     if (!p.gradcam) view.cam = false;
     $("scan-id").textContent = "#" + p.scan.id;
@@ -150,7 +162,7 @@
       a.href = `/scans/${n.scan}/`;
       a.target = "_blank";
       const im = el("img");
-      im.src = n.preview; im.alt = "scan " + n.scan; im.loading = "lazy";
+      im.dataset.src = n.preview; im.alt = "scan " + n.scan;
       a.append(im, el("span", (n.labels.join(", ") || "?") + " · " + n.similarity));
       similar.append(a);
     }
