@@ -48,8 +48,9 @@ PNEUMONIA_ARGS ?= --image-size 32 --small-input no --epochs 15 --batch-size 256 
 BRAIN_ARGS ?= --image-size 64 --epochs 6 --batch-size 128 --finetune-epochs 3 --distill-epochs 1 --seeds $(SEEDS) --labels-fraction 0.2,1.0
 PNEUMONIA_EVAL ?= $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#val
 BRAIN_EVAL ?= split:0.2
-bench: venv
+bench: venv chromium
 	mkdir -p bench/results
+	$(PY) -m bench.label_latency --answers 40 --out bench/results/label_latency.json
 	$(PY) -m bench.throughput --sizes 28:small,32,64,128 --out bench/results/throughput.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) $(PNEUMONIA_ARGS) --out bench/results/ssl_pneumoniamnist.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BRAIN_ARGS) --out bench/results/ssl_brain_mri.json

@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(REPO / "fixtures" / "brain_mri" / "pool"),
                         help="class-folder tree of scans (names are the classes)")
+    parser.add_argument("--eval-source", default=str(REPO / "fixtures" / "brain_mri" / "eval"),
+                        help="labeled class-folder tree for the eval split (the gate needs it)")
     parser.add_argument("--answers", type=int, default=40)
     parser.add_argument("--refit-every", type=int, default=0)
     parser.add_argument("--chromium", default=os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
@@ -91,6 +93,8 @@ def main(argv=None) -> int:
     truth = dict(Annotation.objects.filter(scan__project=project, source="import")
                  .values_list("scan_id", "label_class_id"))
     Annotation.objects.filter(scan__project=project).delete()
+    call_command("import_scans", args.eval_source, project=project.name, split="eval",
+                 layout="class-folders", no_progress=True, stdout=devnull)
     call_command("pretrain", project=project.name, epochs=1, image_size=64, batch_size=64,
                  no_progress=True, stdout=devnull)
     reader = get_user_model().objects.create_user("reader", password=PASSWORD)
@@ -101,8 +105,9 @@ def main(argv=None) -> int:
     project.query_batch_size = args.answers + 10
     project.save()
     classes = list(LabelClass.objects.filter(project=project))
+    pool_ids = set(project.scans.filter(split="pool").values_list("pk", flat=True))
     for label_class in classes:
-        for scan_id in [s for s, c in truth.items() if c == label_class.pk][:5]:
+        for scan_id in [s for s, c in truth.items() if c == label_class.pk and s in pool_ids][:5]:
             services.annotation_create(scan=project.scans.get(pk=scan_id), reader=reader,
                                        label_class=label_class)
     call_command("refit", project=project.name, stdout=devnull)
