@@ -157,3 +157,36 @@ def test_new_class_classify_and_reports(browser_page, encoded_project, users, tm
     assert broken == []
     page.shot("3-reports")
     assert not page.js_errors, page.js_errors
+
+
+def test_reviewer_adjudicates_a_disagreement(browser_page, project, users):
+    from ml_backend.services import training_labels
+    from tests.conftest import run_import
+
+    page = browser_page
+    for name in ("no_tumor", "pituitary_tumor"):
+        run_import(project, FIXTURES / "brain_mri" / "pool" / name, layout="flat",
+                   dataset_name="brain")
+        annotator_services.label_class_get_or_create(project=project, name=name)
+    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
+    scan = project.scans.order_by("pk").first()
+    annotator_services.annotation_create(scan=scan, reader=users["alice"],
+                                         label_class=classes["no_tumor"])
+    annotator_services.annotation_create(scan=scan, reader=users["dora"],
+                                         label_class=classes["pituitary_tumor"])
+
+    login(page, "bob")
+    page.goto(project.get_absolute_url())
+    page.click("text=Review")
+    row = page.locator(f"#disagreements [data-scan='{scan.pk}']")
+    assert "alice" in row.inner_text() and "dora" in row.inner_text()
+    page.shot("1-review")
+    row.locator(f"button[data-class='{brain_truth(scan)}']").click()
+    page.wait_for_load_state()
+    assert page.locator(f"#disagreements [data-scan='{scan.pk}']").count() == 0
+    adjudication = Annotation.objects.get(scan=scan, source="adjudication")
+    assert adjudication.reader == users["bob"]
+    scans, class_ids = training_labels(project, split="pool")
+    assert dict(zip([s.pk for s in scans], class_ids))[scan.pk] == classes[brain_truth(scan)].pk
+    page.shot("2-adjudicated")
+    assert not page.js_errors, page.js_errors
