@@ -13,6 +13,7 @@ from annotator.models import (
     Membership,
     Project,
     Scan,
+    LabelStudioTask,
     ScanLease,
 )
 
@@ -202,6 +203,20 @@ class ScanLeaseAdmin(admin.ModelAdmin):
     list_filter = ("project",)
     search_fields = ("user__username",)
     readonly_fields = ("project", "scan", "user", "created_at")
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(LabelStudioTask)
+class LabelStudioTaskAdmin(admin.ModelAdmin):
+    """Scans exported to Label Studio and the prediction each task carries."""
+
+    list_display = ("ls_task_id", "scan", "project", "shown_model_version", "shown_suggestion",
+                    "shown_confidence", "url_issued_at")
+    list_filter = ("project",)
+    search_fields = ("ls_task_id",)
+    readonly_fields = [f.name for f in LabelStudioTask._meta.fields]
 
     def has_add_permission(self, request):
         return False

@@ -357,3 +357,27 @@ class ScanLease(models.Model):
 
     def __str__(self) -> str:
         return f"scan {self.scan_id} held by {self.user} until {self.expires_at:%H:%M:%S}"
+
+
+class LabelStudioTask(models.Model):
+    """A scan exported to Label Studio as a task, and what the task was shown."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="ls_tasks")
+    scan = models.ForeignKey(Scan, on_delete=models.CASCADE, related_name="ls_tasks")
+    ls_task_id = models.PositiveIntegerField(unique=True, help_text="Label Studio task id")
+    url_issued_at = models.DateTimeField(help_text="When the signed image URL was issued.")
+    shown_model_version = models.ForeignKey(
+        "ml_backend.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+", help_text="Model whose prediction the task carries.")
+    shown_suggestion = models.ForeignKey(
+        LabelClass, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    shown_confidence = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "scan"], name="lstask_unique_scan")
+        ]
+
+    def __str__(self) -> str:
+        return f"LS task {self.ls_task_id} → scan {self.scan_id}"

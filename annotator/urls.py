@@ -1,6 +1,6 @@
 from django.urls import path
 
-from annotator import views, views_label, views_reports, views_review
+from annotator import views, views_label, views_ls, views_reports, views_review
 
 app_name = "annotator"
 
@@ -29,6 +29,9 @@ urlpatterns = [
     # Classify an uploaded scan.
     path("projects/<int:project_id>/classify/", views_label.classify, name="classify"),
     path("projects/<int:project_id>/classify/add/", views_label.classify_add, name="classify_add"),
+    # Label Studio: signed image URLs and the webhook (no login; token / shared secret).
+    path("ls/image/<str:token>.png", views_ls.ls_image, name="ls_image"),
+    path("labelstudio/<int:project_id>/webhook/", views_ls.ls_webhook, name="ls_webhook"),
     # --- reports (annotator/views_reports.py) ---
     path("projects/<int:project_id>/reports/", views_reports.reports, name="reports"),
     path("projects/<int:project_id>/reports/<str:name>.png", views_reports.chart,

@@ -144,12 +144,28 @@ TRAIN_TASK_TIME_LIMIT = env_int("TRAIN_TASK_TIME_LIMIT", 6 * 3600 + 600, minimum
 # RETRAIN_IF_NEW_LABELS new labels are retrained. 0 turns it off (the demo default).
 RETRAIN_EVERY_HOURS = env_int("RETRAIN_EVERY_HOURS", 0, minimum=0)
 RETRAIN_IF_NEW_LABELS = env_int("RETRAIN_IF_NEW_LABELS", 20, minimum=1)
-CELERY_BEAT_SCHEDULE = (
-    {"scheduled-retrain": {"task": "ml_backend.tasks.scheduled_retrain",
-                           "schedule": RETRAIN_EVERY_HOURS * 3600.0,
-                           "kwargs": {"if_new_labels": RETRAIN_IF_NEW_LABELS}}}
-    if RETRAIN_EVERY_HOURS else {}
-)
+# Label Studio as a second labeling UI (README, "Label Studio"). SITE_URL is how Label
+# Studio (and its annotators' browsers) reach this site: image URLs, ML backend, webhook.
+LABEL_STUDIO_URL = env_str("LABEL_STUDIO_URL")
+LABEL_STUDIO_API_KEY = env_str("LABEL_STUDIO_API_KEY")
+LABEL_STUDIO_WEBHOOK_SECRET = env_str("LABEL_STUDIO_WEBHOOK_SECRET") or (
+    "demo-webhook-secret" if DEBUG else None)
+LABEL_STUDIO_IMAGE_URL_MAX_AGE = env_int("LABEL_STUDIO_IMAGE_URL_MAX_AGE", 7 * 24 * 3600,
+                                         minimum=60)
+LABEL_STUDIO_RECONCILE_MINUTES = env_int("LABEL_STUDIO_RECONCILE_MINUTES", 0, minimum=0)
+SITE_URL = (env_str("SITE_URL") or "http://127.0.0.1:8000").rstrip("/")
+# Optional HTTP Basic auth on the ML backend endpoints (/ml/...), as "user:password".
+ML_BACKEND_BASIC_AUTH = env_str("ML_BACKEND_BASIC_AUTH")
+
+CELERY_BEAT_SCHEDULE = {}
+if RETRAIN_EVERY_HOURS:
+    CELERY_BEAT_SCHEDULE["scheduled-retrain"] = {
+        "task": "ml_backend.tasks.scheduled_retrain", "schedule": RETRAIN_EVERY_HOURS * 3600.0,
+        "kwargs": {"if_new_labels": RETRAIN_IF_NEW_LABELS}}
+if LABEL_STUDIO_RECONCILE_MINUTES:
+    CELERY_BEAT_SCHEDULE["label-studio-reconcile"] = {
+        "task": "annotator.tasks.label_studio_reconcile_all",
+        "schedule": LABEL_STUDIO_RECONCILE_MINUTES * 60.0}
 CELERY_TASK_ROUTES = {
     "annotator.tasks.*": {"queue": "default"},
     "ml_backend.tasks.*": {"queue": "train"},

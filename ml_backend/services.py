@@ -539,9 +539,21 @@ def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metr
     if promoted:
         model_version_activate(model, reason=reason)
         predictions_refresh(model, predict=predict, classes=classes)
+        _label_studio_follow(model.project_id)
     else:
         model.status_reason = reason
         model.save(update_fields=["status_reason"])
+
+
+def _label_studio_follow(project_id: int) -> None:
+    """A linked Label Studio project gets the new predictions and model_version (its
+    least-confident ordering counts only predictions of the project's model_version)."""
+    if not settings.LABEL_STUDIO_URL or not Project.objects.filter(
+            pk=project_id, label_studio_project_id__isnull=False).exists():
+        return
+    from annotator.tasks import label_studio_push
+
+    transaction.on_commit(lambda: label_studio_push.delay(project_id))
 
 
 def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int],

@@ -16,6 +16,9 @@ from tests.conftest import run_import
 
 pytestmark = pytest.mark.django_db
 PUBLIC = {"project_list"}       # login required, but lists only the user's own projects
+# No login by design: a signed, expiring token (Label Studio's image URLs) or a shared secret
+# (Label Studio's webhook). Their refusals are tested below and in tests/label_studio.
+NO_LOGIN = {"ls_image", "ls_webhook"}
 
 
 def objects_of(project) -> dict:
@@ -24,7 +27,8 @@ def objects_of(project) -> dict:
                      dataset_name="brain")
     scan = project.scans.first()
     return {"project_id": project.pk, "scan_id": scan.pk, "job_id": job.pk,
-            "class_id": LabelClass.objects.get(project=project).pk, "name": "confusion"}
+            "class_id": LabelClass.objects.get(project=project).pk, "name": "confusion",
+            "token": "not-a-valid-token"}
 
 
 def url_for(pattern: URLPattern, ids: dict) -> str:
@@ -56,6 +60,8 @@ def test_anonymous_users_are_sent_to_login_everywhere(two_projects):
     ids, _ = two_projects
     client = Client()
     for pattern in urlpatterns:
+        if pattern.name in NO_LOGIN:
+            continue
         url = url_for(pattern, ids)
         for method in ("get", "post"):
             response = getattr(client, method)(url)
@@ -67,7 +73,7 @@ def test_outsiders_get_404_for_every_object(two_projects, users):
     ids, _ = two_projects
     charlie = client_for(users["charlie"])
     for pattern in urlpatterns:
-        if pattern.name in PUBLIC:
+        if pattern.name in PUBLIC | NO_LOGIN:
             continue
         url = url_for(pattern, ids)
         for method in ("get", "post"):
@@ -81,7 +87,7 @@ def test_members_of_one_project_get_404_for_the_other_projects_objects(two_proje
     mine, theirs = two_projects
     alice = client_for(users["alice"])        # clinician in `project` only
     for pattern in urlpatterns:
-        if pattern.name in PUBLIC:
+        if pattern.name in PUBLIC | NO_LOGIN:
             continue
         for key in pattern.pattern.converters:
             if key == "name":
@@ -102,3 +108,12 @@ def test_clinicians_do_not_reach_reviewer_pages(two_projects, users):
     assert alice.get(reverse("annotator:review", args=[ids["project_id"]])).status_code == 404
     bob = client_for(users["bob"])
     assert bob.get(reverse("annotator:review", args=[ids["project_id"]])).status_code == 200
+
+
+def test_the_no_login_routes_refuse_without_their_token_or_secret(two_projects):
+    ids, _ = two_projects
+    client = Client()
+    assert client.get(reverse("annotator:ls_image", args=["forged"])).status_code == 404
+    webhook = reverse("annotator:ls_webhook", args=[ids["project_id"]])
+    assert client.post(webhook, data="{}", content_type="application/json").status_code == 403
+    assert client.get(webhook).status_code == 405

@@ -1,0 +1,58 @@
+"""Label Studio's side doors: signed image URLs for its annotators' browsers, and the
+webhook that brings annotations back (answers at once, queues the work)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from django.http import FileResponse, Http404, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from annotator import label_studio
+from annotator.models import Project
+from annotator.storage import media_path
+from annotator.tasks import label_studio_ingest
+
+logger = logging.getLogger(__name__)
+
+
+@require_GET
+def ls_image(request, token: str):
+    """A scan's display preview for a signed, unexpired token (no login: Label Studio's
+    annotators' browsers send no cookies to this site)."""
+    scan = label_studio.scan_for_token(token)
+    if scan is None:
+        raise Http404("This image link is invalid or expired: sync the project again.")
+    try:
+        handle = open(media_path(scan.preview.name), "rb")
+    except (OSError, ValueError):
+        raise Http404("The preview file is missing.") from None
+    response = FileResponse(handle, content_type="image/png")
+    response["Cache-Control"] = "private, max-age=3600"
+    response["Access-Control-Allow-Origin"] = "*"   # Label Studio's canvas reads the pixels
+    return response
+
+
+@csrf_exempt
+@require_POST
+def ls_webhook(request, project_id: int):
+    if not label_studio.webhook_verified(request.headers.get(label_studio.WEBHOOK_HEADER)):
+        return JsonResponse({"error": "missing or wrong webhook secret"}, status=403)
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None:
+        raise Http404("No such project.")
+    try:
+        payload = json.loads(request.body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return JsonResponse({"error": "the body is not JSON"}, status=400)
+    if not isinstance(payload, dict):
+        return JsonResponse({"error": "expected a JSON object"}, status=400)
+    pairs = label_studio.annotations_in(payload)
+    for annotation, task in pairs:
+        # only what we need goes on the queue (the payload also carries the project token)
+        label_studio_ingest.delay(project.pk, {k: annotation.get(k) for k in (
+            "id", "result", "was_cancelled", "completed_by", "lead_time", "prediction", "task")},
+            {"id": task.get("id"), "data": task.get("data") or {}})
+    return JsonResponse({"queued": len(pairs), "action": payload.get("action")})

@@ -1,0 +1,157 @@
+"""The Label Studio ML backend protocol, as plain views under ``/ml/<project id>/``.
+
+Label Studio appends ``health``, ``setup``, ``predict``, ``webhook`` and ``versions`` to the
+backend URL it was given. Health and setup answer fast (Label Studio waits 1 s / 3 s) and
+load no model; predictions come from the stored pool predictions and are computed in one
+batch only for scans that have none; training is never run in a request: START_TRAINING
+queues a refit. Optional HTTP Basic auth: ML_BACKEND_BASIC_AUTH="user:password".
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+
+from django.conf import settings
+from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from annotator.models import Project, Scan
+from ml_backend.models import ModelVersion, Prediction, TrainingRun
+
+logger = logging.getLogger(__name__)
+MODEL_CLASS = "MedLabel SimCLRv2 (linear head on frozen embeddings)"
+
+
+def _authorized(request) -> bool:
+    expected = settings.ML_BACKEND_BASIC_AUTH
+    if not expected:
+        return True
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Basic "):
+        return False
+    try:
+        given = base64.b64decode(header[6:]).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(given, expected)
+
+
+def _endpoint(methods: tuple[str, ...]):
+    def wrap(view):
+        @csrf_exempt
+        def inner(request, project_id: int):
+            if request.method not in methods:
+                return JsonResponse({"error": f"use {' or '.join(methods)}"}, status=405)
+            if not _authorized(request):
+                response = JsonResponse({"error": "authentication required"}, status=401)
+                response["WWW-Authenticate"] = 'Basic realm="medlabel-ml"'
+                return response
+            project = Project.objects.select_related("active_model").filter(pk=project_id).first()
+            if project is None:
+                return JsonResponse({"error": f"no project {project_id}"}, status=404)
+            body = {}
+            if request.method == "POST":
+                try:
+                    body = json.loads(request.body or b"{}")
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return JsonResponse({"error": "the body is not JSON"}, status=400)
+                if not isinstance(body, dict):
+                    return JsonResponse({"error": "expected a JSON object"}, status=400)
+            return view(request, project, body)
+        return inner
+    return wrap
+
+
+def _version(project: Project) -> str:
+    return project.active_model.version if project.active_model_id else "none"
+
+
+@_endpoint(("GET",))
+def health(request, project, body):
+    return JsonResponse({"status": "UP", "model_class": MODEL_CLASS,
+                         "model_version": _version(project)})
+
+
+@_endpoint(("POST",))
+def setup(request, project, body):
+    return JsonResponse({"model_version": _version(project)})
+
+
+@_endpoint(("GET",))
+def versions(request, project, body):
+    names = list(ModelVersion.objects.filter(project=project, kind="classifier")
+                 .exclude(status="failed").order_by("-created_at").values_list("version", flat=True))
+    return JsonResponse({"versions": names})
+
+
+def _scan_id(task: dict) -> int | None:
+    data = task.get("data") if isinstance(task, dict) else None
+    try:
+        return int((data or {}).get("scan_id"))
+    except (TypeError, ValueError):
+        return None
+
+
+@_endpoint(("POST",))
+def predict(request, project, body):
+    """One result per task, in order: the suggested class as a Choices result and ``score``
+    = confidence (Label Studio's ascending score order then shows the least confident first)."""
+    from annotator.label_studio import prediction_json
+    from ml_backend import services
+    from ml_backend.ssl.train import TrainingError
+
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list):
+        return JsonResponse({"error": "expected {'tasks': [...]}"}, status=400)
+    model = project.active_model
+    if model is None:
+        return JsonResponse({"results": [{"result": [], "score": 0.0, "model_version": "none"}
+                                         for _ in tasks]})
+    names = {c["id"]: c["name"] for c in model.config["classes"]}
+    ids = [_scan_id(t) for t in tasks]
+    scans = Scan.objects.in_bulk([i for i in ids if i is not None])
+    scans = {i: s for i, s in scans.items() if s.project_id == project.pk}
+    stored = {p.scan_id: (p.predicted_class_id, p.confidence) for p in Prediction.objects.filter(
+        model_version=model, scan_id__in=list(scans))}
+    missing = [scans[i] for i in scans if i not in stored]
+    if missing:                      # scans without a stored prediction: one batch
+        try:
+            proba = services.predictor_for(model)(missing)
+            classes = list(names)
+            for scan, p in zip(missing, proba):
+                best = int(p.argmax())
+                stored[scan.pk] = (classes[best], float(p[best]))
+        except (TrainingError, OSError, ValueError) as exc:
+            logger.warning("predict for Label Studio: %s", exc)
+    results = []
+    for scan_id in ids:
+        if scan_id in stored and stored[scan_id][0] in names:
+            class_id, confidence = stored[scan_id]
+            results.append(prediction_json(model.version, names[class_id], confidence))
+        else:
+            results.append({"result": [], "score": 0.0, "model_version": model.version})
+    return JsonResponse({"results": results})
+
+
+@_endpoint(("POST",))
+def webhook(request, project, body):
+    """START_TRAINING queues a refit (never in the request). Annotation events are taken from
+    our own secret-carrying webhook (/labelstudio/<id>/webhook/), not from this one."""
+    action = body.get("action")
+    if action == "START_TRAINING":
+        from ml_backend import services
+
+        busy = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.REFIT,
+                                          status__in=["queued", "running"]).first()
+        if busy is not None:
+            return JsonResponse({"status": "already queued", "run": busy.pk})
+        run = services.training_run_create(project=project, kind=TrainingRun.Kind.REFIT,
+                                           params={"requested_from": "label_studio"},
+                                           enqueue=True)
+        return JsonResponse({"status": "queued", "run": run.pk}, status=201)
+    return JsonResponse({"status": "ignored", "action": action})
+

@@ -1,0 +1,150 @@
+"""Our project in a real Label Studio 1.23.2 and back: sync, predictions ordered least
+confident first, annotations through the webhook, reconciliation of a missed webhook,
+"Retrieve predictions" calling our predict, START_TRAINING queuing a refit."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from django.core.management import call_command
+
+from annotator import label_studio
+from annotator.models import Annotation, LabelClass, LabelStudioTask
+from ml_backend.models import Prediction, TrainingRun
+from tests.conftest import brain_truth
+from tests.label_studio.conftest import ADMIN_EMAIL
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def linked(encoded_project, users, live_server, label_studio_server, settings):
+    """A trained project synced to Label Studio (pool scope), alice mapped by e-mail."""
+    project = encoded_project
+    settings.SITE_URL = live_server.url
+    settings.LABEL_STUDIO_URL = label_studio_server["url"]
+    settings.LABEL_STUDIO_API_KEY = label_studio_server["token"]
+    settings.LABEL_STUDIO_WEBHOOK_SECRET = "test-webhook-secret"
+    users["alice"].email = ADMIN_EMAIL          # the Label Studio admin is alice here
+    users["alice"].save()
+    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
+    pool = list(project.scans.filter(split="pool").order_by("pk"))
+    for name in ("no_tumor", "pituitary_tumor"):
+        for scan in [s for s in pool if brain_truth(s) == name][:2]:
+            Annotation.objects.create(scan=scan, reader=users["bob"], label_class=classes[name])
+    call_command("refit", project=project.name)
+    project.refresh_from_db()
+    assert project.active_model is not None
+    project.refit_every = 1000
+    project.save()
+    call_command("labelstudio_sync", project=project.name, create=True, scope="pool")
+    project.refresh_from_db()
+    return project, label_studio.client()
+
+
+def test_round_trip_with_a_real_label_studio(linked, users):
+    project, ls = linked
+    ls_id = project.label_studio_project_id
+    model = project.active_model
+    pool_count = project.scans.filter(split="pool").count()
+
+    # tasks and predictions are visible through Label Studio's API
+    remote = ls.projects.get(id=ls_id)
+    assert remote.model_version == model.version
+    assert 'hotkey="1"' in remote.label_config and "no_tumor" in remote.label_config
+    tasks = list(ls.tasks.list(project=ls_id, fields="all"))
+    assert len(tasks) == pool_count == LabelStudioTask.objects.filter(project=project).count()
+    ours = {p.scan_id: p for p in Prediction.objects.filter(model_version=model)}
+    for task in tasks:
+        prediction = task.predictions[0]
+        assert prediction.model_version == model.version
+        assert prediction.score == pytest.approx(ours[task.data["scan_id"]].confidence, abs=1e-5)
+        assert task.data["image"].startswith(project_site := task.data["image"].split("/ls/")[0])
+    # the image URL is served to a cookie-less browser
+    import urllib.request
+
+    with urllib.request.urlopen(tasks[0].data["image"], timeout=10) as response:
+        assert response.status == 200 and response.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # ordering by prediction score puts the least confident first
+    ordered = label_studio._raw(ls, "GET", "api/tasks", params={
+        "project": ls_id, "fields": "all",
+        "query": json.dumps({"ordering": ["tasks:predictions_score"]})})
+    ordered = ordered["tasks"] if isinstance(ordered, dict) else ordered
+    scores = [t["predictions"][0]["score"] for t in ordered if t.get("predictions")]
+    assert scores[0] == pytest.approx(min(p.confidence for p in ours.values()), abs=1e-5)
+    assert scores == sorted(scores)
+    views = ls.views.list(project=ls_id)
+    assert any(v.data.get("title") == label_studio.VIEW_TITLE for v in views)
+
+    # running the sync again sends nothing new
+    again = label_studio.sync(project, scope="pool")
+    assert again["tasks_created"] == 0 and again["predictions_pushed"] == 0
+
+    # an annotation made in Label Studio arrives through the webhook
+    first = tasks[0]
+    scan = project.scans.get(pk=first.data["scan_id"])
+    choice = brain_truth(scan)
+    made = ls.annotations.create(id=first.id, lead_time=4.25, result=[{
+        "from_name": "diagnosis", "to_name": "image", "type": "choices",
+        "value": {"choices": [choice]}}])
+    got = wait_for(lambda: Annotation.objects.filter(source="label_studio",
+                                                     external_id=str(made.id)).first(),
+                   what="the webhook's annotation")
+    assert got.scan == scan and got.label_class.name == choice and got.reader == users["alice"]
+    assert got.duration_ms == 4250 and got.shown_model_version == model
+    assert got.shown_confidence == pytest.approx(ours[scan.pk].confidence, abs=1e-5)
+
+    # a missed webhook (ours switched off) is recovered by reconciliation, once
+    hook = next(h for h in ls.webhooks.list(project=ls_id) if "/labelstudio/" in h.url)
+    ls.webhooks.update(id=hook.id, url=hook.url, is_active=False)
+    second, third = tasks[1], tasks[2]
+    missed = ls.annotations.create(id=second.id, result=[{
+        "from_name": "diagnosis", "to_name": "image", "type": "choices",
+        "value": {"choices": ["pituitary_tumor"]}}])
+    skipped = ls.annotations.create(id=third.id, was_cancelled=True, result=[])
+    time.sleep(2)
+    assert not Annotation.objects.filter(external_id__in=[str(missed.id), str(skipped.id)]).exists()
+    call_command("labelstudio_reconcile", project=project.name)
+    recovered = Annotation.objects.get(source="label_studio", external_id=str(missed.id))
+    assert recovered.label_class.name == "pituitary_tumor" and recovered.reader == users["alice"]
+    assert Annotation.objects.get(external_id=str(skipped.id)).outcome == "skip"
+    before = Annotation.objects.count()
+    assert label_studio.reconcile(project)["created"] == 0       # a replay changes nothing
+    assert Annotation.objects.count() == before
+    ls.webhooks.update(id=hook.id, url=hook.url, is_active=True)
+
+    # "Retrieve predictions" in the Data Manager calls our predict: a task without any
+    eval_scan = project.scans.filter(split="eval").first()      # no stored prediction
+    created = ls.projects.import_tasks(ls_id, request=[{"data": {
+        "image": label_studio.image_url(eval_scan), "scan_id": eval_scan.pk}}],
+        return_task_ids=True)
+    new_task = created.task_ids[0]
+    label_studio._raw(ls, "POST", "api/dm/actions",
+                      params={"id": "retrieve_tasks_predictions", "project": ls_id},
+                      json={"selectedItems": {"all": False, "included": [new_task]}})
+    task = wait_for(lambda: (lambda t: t if t.predictions else None)(
+        ls.tasks.get(id=new_task)), what="predictions from our backend")
+    prediction = task.predictions[0]
+    assert prediction.model_version == model.version and 0 < prediction.score <= 1
+    assert prediction.result[0]["value"]["choices"][0] in {"no_tumor", "pituitary_tumor"}
+
+    # START_TRAINING from Label Studio queues a refit
+    backend = next(b for b in ls.ml.list(project=ls_id) if f"/ml/{project.pk}/" in b.url)
+    ls.ml.train(id=backend.id)
+    run = wait_for(lambda: TrainingRun.objects.filter(
+        project=project, kind="refit", params__requested_from="label_studio").first(),
+        what="a refit run queued by START_TRAINING")
+    assert run.status in ("queued", "running", "succeeded")
