@@ -28,6 +28,13 @@ def make_ml_rows(project, scan, label_class):
     from annotator.labeling import lease_acquire
 
     assert lease_acquire(scan=scan, user=project.memberships.first().user)
+    from django.utils import timezone
+
+    from annotator.models import LabelStudioTask
+
+    LabelStudioTask.objects.create(project=project, scan=scan, ls_task_id=17,
+                                   url_issued_at=timezone.now(), shown_model_version=model,
+                                   shown_suggestion=label_class, shown_confidence=0.9)
 
 
 def test_every_model_is_registered():
