@@ -146,8 +146,11 @@ def _task_data(scan: Scan) -> dict:
 
 
 def _scans_to_export(project: Project, scope: str) -> list[Scan]:
-    if scope == "pool":
-        return list(project.scans.filter(split="pool").select_related("dataset").order_by("pk"))
+    if scope == "pool":    # every pool scan nobody has labeled yet
+        labeled = Annotation.objects.filter(scan__project=project,
+                                            outcome=Annotation.Outcome.LABEL).values("scan_id")
+        return list(project.scans.filter(split="pool").exclude(pk__in=labeled)
+                    .select_related("dataset").order_by("pk"))
     query_round = current_round(project)
     if query_round is None:
         raise LabelStudioError("no query round yet: run `manage.py query` (or use --scope pool)")

@@ -11,7 +11,7 @@ from annotator.models import Project
 
 class Command(BaseCommand):
     help = ("Sync a project to Label Studio: labeling config from its classes, the current "
-            "query round's scans (or the whole pool) as tasks with signed image URLs and our "
+            "query round's scans (or every unlabeled pool scan) as tasks with signed image URLs and our "
             "predictions, model_version, a Data Manager tab ordered least confident first, our "
             "ML backend and a webhook. Safe to run again (only what is new is sent).")
 
@@ -20,8 +20,8 @@ class Command(BaseCommand):
         parser.add_argument("--create", action="store_true",
                             help="create the Label Studio project if it is not linked yet")
         parser.add_argument("--scope", choices=["round", "pool"], default="round",
-                            help="export the current query round's scans (default) or all "
-                            "pool scans")
+                            help="export the current query round's scans (default) or all unlabeled "
+                            "unlabeled pool scans")
         parser.add_argument("--url", default=None, help="default: LABEL_STUDIO_URL")
         parser.add_argument("--api-key", default=None, help="default: LABEL_STUDIO_API_KEY")
 
