@@ -20,8 +20,8 @@ class Command(BaseCommand):
         parser.add_argument("--create", action="store_true",
                             help="create the Label Studio project if it is not linked yet")
         parser.add_argument("--scope", choices=["round", "pool"], default="round",
-                            help="export the current query round's scans (default) or all unlabeled "
-                            "unlabeled pool scans")
+                            help="export the current query round's scans (default) or every "
+                            "unlabeled pool scan")
         parser.add_argument("--url", default=None, help="default: LABEL_STUDIO_URL")
         parser.add_argument("--api-key", default=None, help="default: LABEL_STUDIO_API_KEY")
 
