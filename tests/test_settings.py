@@ -67,3 +67,18 @@ def test_bad_production_config_fails_at_start(env, message):
     result = _settings_in_subprocess(**env)
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr and message in result.stderr
+
+
+def test_check_deploy_with_production_settings_gives_no_warnings():
+    """Issue 7: `manage.py check --deploy` is clean once DEBUG is off (secure cookies, HSTS,
+    SSL redirect behind the proxy header, CSRF on every form)."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("DEBUG", "SECRET_KEY", "DEID_SALT", "DATABASE_URL", "CELERY_BROKER_URL",
+                          "LABEL_STUDIO_WEBHOOK_SECRET")}
+    env = {**clean, "DEBUG": "0", "SECRET_KEY": "k" * 20 + "-Production-Secret-Key-0123456789",
+           "DEID_SALT": "a-long-deid-salt-for-production", "ALLOWED_HOSTS": "labels.example.org",
+           "LABEL_STUDIO_WEBHOOK_SECRET": "w" * 40}
+    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level",
+                             "WARNING"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
