@@ -7,6 +7,7 @@ from django.utils.html import format_html
 
 from annotator.models import (
     Annotation,
+    AuditEvent,
     Dataset,
     ImportJob,
     LabelClass,
@@ -220,3 +221,36 @@ class LabelStudioTaskAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """The audit trail: read-only, filterable, exportable as CSV."""
+
+    list_display = ("created_at", "actor_name", "project", "action", "object_type", "object_id",
+                    "model_version")
+    list_filter = ("action", "project", "object_type")
+    search_fields = ("actor_name", "object_id", "model_version")
+    date_hierarchy = "created_at"
+    actions = ["export_csv"]
+    readonly_fields = [f.name for f in AuditEvent._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.action(description="Export selected events as CSV")
+    def export_csv(self, request, queryset):
+        from django.http import HttpResponse
+
+        from annotator.audit import to_csv
+
+        response = HttpResponse(to_csv(queryset.select_related("project").order_by("created_at")),
+                                content_type="text/csv")
+        response["Content-Disposition"] = 'attachment; filename="medlabel-audit.csv"'
+        return response

@@ -14,3 +14,4 @@ class AnnotatorConfig(AppConfig):
         import pydicom  # noqa: F401
 
         logging.getLogger("pydicom").setLevel(logging.ERROR)
+        from annotator import audit  # noqa: F401  (signal receivers)

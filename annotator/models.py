@@ -381,3 +381,39 @@ class LabelStudioTask(models.Model):
 
     def __str__(self) -> str:
         return f"LS task {self.ls_task_id} → scan {self.scan_id}"
+
+
+class AuditEvent(models.Model):
+    """Who did what, when, to which object, with what model shown. Append-only."""
+
+    class Action(models.TextChoices):
+        ANNOTATION_CREATED = "annotation.created", "Annotation created"
+        ANNOTATION_UPDATED = "annotation.updated", "Annotation changed"
+        ANNOTATION_DELETED = "annotation.deleted", "Annotation deleted"
+        ADJUDICATED = "annotation.adjudicated", "Adjudication"
+        MODEL_PROMOTED = "model.promoted", "Model promoted"
+        MODEL_ROLLED_BACK = "model.rolled_back", "Model rolled back"
+        CLASS_CREATED = "class.created", "Class created"
+        CLASS_CHANGED = "class.changed", "Class changed"
+        CLASS_DELETED = "class.deleted", "Class deleted"
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                              on_delete=models.SET_NULL, related_name="+")
+    actor_name = models.CharField(max_length=150, blank=True,
+                                  help_text="Username at the time, or 'system' / the source.")
+    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.SET_NULL,
+                                related_name="audit_events")
+    action = models.CharField(max_length=32, choices=Action.choices, db_index=True)
+    object_type = models.CharField(max_length=32)
+    object_id = models.CharField(max_length=64)
+    model_version = models.CharField(max_length=64, blank=True,
+                                     help_text="Model version shown / promoted.")
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action} " \
+               f"{self.object_type} {self.object_id}"

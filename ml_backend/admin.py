@@ -35,7 +35,8 @@ class ModelVersionAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{model.version} is {model.status}: not promoted",
                                   messages.ERROR)
                 continue
-            services.model_version_activate(model, reason=f"promoted by {request.user} in admin")
+            services.model_version_activate(model, reason=f"promoted by {request.user} in admin",
+                                            actor=request.user)
             self.message_user(request, f"{model.version} is now active")
 
     @admin.action(description="Roll back to the previously active version")
@@ -52,7 +53,8 @@ class ModelVersionAdmin(admin.ModelAdmin):
                                   messages.WARNING)
                 continue
             services.model_version_activate(previous,
-                                            reason=f"rolled back from {model.version} by {request.user}")
+                                            reason=f"rolled back from {model.version} by {request.user}",
+                                            actor=request.user, rolled_back_from=model)
             self.message_user(request, f"{model.project}: {previous.version} is active again")
 
 

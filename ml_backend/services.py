@@ -154,8 +154,10 @@ def _new_version(run: TrainingRun, kind: str, *, parent: ModelVersion | None,
     return model
 
 
-def model_version_activate(model: ModelVersion, *, reason: str = "") -> None:
-    """Make ``model`` the project's active encoder or classifier; retire the previous one."""
+def model_version_activate(model: ModelVersion, *, reason: str = "", actor=None,
+                           rolled_back_from: ModelVersion | None = None) -> None:
+    """Make ``model`` the project's active encoder or classifier; retire the previous one.
+    Recorded in the audit trail (``actor`` None: the gate / the system)."""
     field = "active_encoder" if model.kind == ModelVersion.Kind.ENCODER else "active_model"
     with transaction.atomic():
         project = Project.objects.select_for_update().get(pk=model.project_id)
@@ -168,6 +170,17 @@ def model_version_activate(model: ModelVersion, *, reason: str = "") -> None:
         model.save(update_fields=["status", "status_reason", "promoted_at"])
         setattr(project, field, model)
         project.save(update_fields=[field])
+        from annotator import audit
+        from annotator.models import AuditEvent
+
+        previous = ModelVersion.objects.filter(pk=previous_id).values_list(
+            "version", flat=True).first() if previous_id else None
+        audit.record(
+            action=AuditEvent.Action.MODEL_ROLLED_BACK if rolled_back_from is not None
+            else AuditEvent.Action.MODEL_PROMOTED, obj_type="model_version", obj_id=model.pk,
+            project=project, actor=actor, model_version=model.version,
+            details={"kind": model.kind, "previous": previous, "reason": model.status_reason,
+                     "num_labels": model.num_labels})
 
 
 def _checkpoint(model: ModelVersion, name: str) -> Path:
