@@ -143,7 +143,13 @@ def training_run_execute(run_id: int, *, progress: Progress | None = None) -> Tr
 def _new_version(run: TrainingRun, kind: str, *, parent: ModelVersion | None,
                  config: dict) -> ModelVersion:
     prefix = "enc" if kind == ModelVersion.Kind.ENCODER else "clf"
-    version = f"p{run.project_id}-{prefix}-{run.pk}"
+    version = base = f"p{run.project_id}-{prefix}-{run.pk}"
+    suffix = 1
+    # a restored backup may already hold this name (versions keep their names across restores)
+    while ModelVersion.objects.filter(version=version).exists() or (
+            Path(settings.ARTIFACTS_ROOT) / "models" / version).exists():
+        suffix += 1
+        version = f"{base}-{suffix}"
     directory = Path(settings.ARTIFACTS_ROOT) / "models" / version
     directory.mkdir(parents=True, exist_ok=True)
     model = ModelVersion.objects.create(project=run.project, kind=kind, version=version,
