@@ -100,8 +100,9 @@ def _thumbnail(scan: Scan, size: int) -> str:
 class ScanAdmin(admin.ModelAdmin):
     list_display = ["id", "thumbnail", "project", "dataset", "split", "file_format", "modality",
                     "body_part", "size", "labels", "created_at"]
-    list_filter = ["project", "split", "file_format", "modality", "body_part", "dataset",
-                   "burned_in_annotation"]
+    list_filter = ["project", "split", "quarantined", "file_format", "modality", "body_part",
+                   "dataset", "burned_in_annotation"]
+    actions = ["release_from_quarantine"]
     search_fields = ["=id", "sha256", "source_name", "patient_key", "manufacturer",
                      "manufacturer_model"]
     readonly_fields = ["large_preview", "sha256", "file", "preview", "file_format", "width",
@@ -119,6 +120,20 @@ class ScanAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         # Scans enter through import (command or upload page), which de-identifies them.
         return False
+
+    @admin.action(description="Release from quarantine (pixels checked: no identifying text)")
+    def release_from_quarantine(self, request, queryset):
+        released = 0
+        for scan in queryset.filter(quarantined=True):
+            scan.quarantined = False
+            scan.save(update_fields=["quarantined"])
+            from annotator import audit
+
+            audit.record(action="scan.released", obj_type="scan", obj_id=scan.pk,
+                         project=scan.project, actor=request.user,
+                         details={"burned_in_annotation": scan.burned_in_annotation})
+            released += 1
+        self.message_user(request, f"{released} scan(s) released from quarantine")
 
     @admin.display(description="preview")
     def thumbnail(self, obj):

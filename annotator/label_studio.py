@@ -115,7 +115,7 @@ def scan_for_token(token: str) -> Scan | None:
                              max_age=settings.LABEL_STUDIO_IMAGE_URL_MAX_AGE)
     except signing.BadSignature:
         return None
-    return Scan.objects.filter(pk=data.get("scan")).first()
+    return Scan.objects.filter(pk=data.get("scan"), quarantined=False).first()
 
 
 def _prediction(project: Project, scan: Scan) -> dict | None:
@@ -149,13 +149,13 @@ def _scans_to_export(project: Project, scope: str) -> list[Scan]:
     if scope == "pool":    # every pool scan nobody has labeled yet
         labeled = Annotation.objects.filter(scan__project=project,
                                             outcome=Annotation.Outcome.LABEL).values("scan_id")
-        return list(project.scans.filter(split="pool").exclude(pk__in=labeled)
+        return list(project.scans.filter(split="pool", quarantined=False).exclude(pk__in=labeled)
                     .select_related("dataset").order_by("pk"))
     query_round = current_round(project)
     if query_round is None:
         raise LabelStudioError("no query round yet: run `manage.py query` (or use --scope pool)")
     return [item.scan for item in query_round.items.select_related("scan__dataset")
-            .order_by("rank")]
+            .order_by("rank") if not item.scan.quarantined]
 
 
 def sync(project: Project, *, create: bool = False, scope: str = "round", ls=None,

@@ -246,7 +246,8 @@ def _similar(scan: Scan, k: int = 6) -> list[dict]:
         if name not in labels[scan_id]:
             labels[scan_id].append(name)
     return [{"scan": s.pk, "similarity": round(score, 3), "labels": labels.get(s.pk, []),
-             "preview": reverse("annotator:scan_preview", args=[s.pk])} for s, score in hits]
+             "preview": reverse("annotator:scan_preview", args=[s.pk])} for s, score in hits
+            if not s.quarantined]
 
 
 def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict:

@@ -169,6 +169,11 @@ class Scan(models.Model):
         max_length=32, blank=True, db_index=True, help_text="Salted pseudonym of the patient."
     )
     burned_in_annotation = models.BooleanField(default=False)
+    quarantined = models.BooleanField(
+        default=False, db_index=True,
+        help_text="Held back (e.g. DICOM flags burned-in annotation: text in the pixels may "
+        "identify the patient): never queried, exported or shown to non-admins until an admin "
+        "releases it.")
     split = models.CharField(max_length=8, choices=Split.choices, default=Split.POOL)
     last_error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -396,6 +401,7 @@ class AuditEvent(models.Model):
         CLASS_CREATED = "class.created", "Class created"
         CLASS_CHANGED = "class.changed", "Class changed"
         CLASS_DELETED = "class.deleted", "Class deleted"
+        SCAN_RELEASED = "scan.released", "Scan released from quarantine"
 
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,

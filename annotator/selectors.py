@@ -32,8 +32,10 @@ def project_get_for_user(user, project_id: int, *, roles: tuple[str, ...] | None
 
 
 def scan_get_for_user(user, scan_id: int) -> Scan:
+    """The scan if ``user`` may see it, else 404. Quarantined scans: project admins only."""
     scan = Scan.objects.select_related("project", "dataset").filter(pk=scan_id).first()
-    if scan is None or scan.project.role_of(user) is None:
+    role = None if scan is None else scan.project.role_of(user)
+    if role is None or (scan.quarantined and role != Membership.Role.ADMIN):
         raise Http404("No such scan.")
     return scan
 
@@ -51,8 +53,11 @@ def label_class_counts(project: Project) -> QuerySet[LabelClass]:
     )
 
 
-def scan_list_for_project(project: Project, *, split: str | None = None) -> QuerySet[Scan]:
+def scan_list_for_project(project: Project, *, split: str | None = None,
+                          include_quarantined: bool = False) -> QuerySet[Scan]:
     scans = project.scans.select_related("dataset").prefetch_related("annotations__label_class")
+    if not include_quarantined:
+        scans = scans.filter(quarantined=False)
     if split:
         scans = scans.filter(split=split)
     return scans.order_by("id")

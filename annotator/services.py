@@ -242,6 +242,7 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 transfer_syntax=meta.get("transfer_syntax", ""),
                 patient_key=decoded.patient_key,
                 burned_in_annotation=bool(meta.get("burned_in_annotation")),
+                quarantined=bool(meta.get("burned_in_annotation")),
                 split=job.split,
             )
             outcome = (
@@ -252,6 +253,9 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
         state.imported += 1
         for note in decoded.warnings:
             state.warnings.append(f"{item.name}: {note}")
+        if scan.quarantined:
+            state.warnings.append(f"{item.name}: quarantined as scan {scan.pk} (burned-in "
+                                  "annotation): an admin must check and release it")
     except IntegrityError:
         # Another import stored the same content between our check and insert.
         state.duplicates += 1

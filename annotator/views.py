@@ -29,7 +29,9 @@ def project_detail(request, project_id: int):
     split = request.GET.get("split") or None
     if split not in (None, "pool", "eval"):
         split = None
-    page = Paginator(selectors.scan_list_for_project(project, split=split), 48).get_page(
+    role = project.role_of(request.user)
+    page = Paginator(selectors.scan_list_for_project(
+        project, split=split, include_quarantined=role == "admin"), 48).get_page(
         request.GET.get("page")
     )
     return render(request, "annotator/project_detail.html", {

@@ -72,7 +72,7 @@ def query_new(request, project_id: int):
 
 def _scan_in_project(project, scan_id: int) -> Scan:
     scan = Scan.objects.select_related("dataset", "project").filter(
-        pk=scan_id, project=project).first()
+        pk=scan_id, project=project, quarantined=False).first()
     if scan is None:
         raise Http404("No such scan in this project.")
     return scan

@@ -664,7 +664,8 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     n = n or project.query_batch_size
     labeled_ids = set(Annotation.objects.filter(
         scan__project=project, outcome=Annotation.Outcome.LABEL).values_list("scan_id", flat=True))
-    candidates = [s for s in Scan.objects.filter(project=project, split="pool").order_by("pk")
+    candidates = [s for s in Scan.objects.filter(project=project, split="pool",
+                                                 quarantined=False).order_by("pk")
                   if s.pk not in labeled_ids]
     model, encoder = project.active_model, project.active_encoder
     proba, class_names = None, []
@@ -977,7 +978,7 @@ def classify_image(*, project: Project, preview_png: bytes, k: int = 6) -> dict:
                     .order_by("-created_at").values_list("scan_id", "label_class__name")):
                 label_names.setdefault(scan_id, name)
             similar = [{"scan": by_id[i], "similarity": float(s), "label": label_names.get(i)}
-                       for i, s in hits if i in by_id]
+                       for i, s in hits if i in by_id and not by_id[i].quarantined]
     return {"model": model, "predicted": {"class_id": best, "name": names[best],
                                           "confidence": float(ranked[0][1])},
             "probabilities": [{"class_id": cid, "name": names[cid], "p": float(p)}

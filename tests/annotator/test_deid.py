@@ -95,7 +95,31 @@ def test_no_phi_in_database_media_previews_or_logs(project, tmp_path, settings, 
     assert any(name.endswith(".dcm") for name in stored)
     logs = caplog.text
 
+    # Beyond the import: a project backup, the audit CSV, the label page's data and what
+    # would go to Label Studio (task data, predictions) carry no PHI either.
+    import json
+    import tarfile
+
+    from annotator import label_studio, labeling
+    from annotator.audit import to_csv
+    from annotator.backup import export_project
+    from annotator.models import AuditEvent
+
+    archive = tmp_path / "backup.tar.gz"
+    export_project(project, archive)
+    with tarfile.open(archive) as tar:
+        manifest = tar.extractfile("manifest.json").read().decode()
+    shown = [json.dumps(labeling.label_payload(project=project, scan=scan))
+             + json.dumps(label_studio._task_data(scan))
+             for scan in Scan.objects.filter(project=project, quarantined=False)]
+    exports = {"backup manifest": manifest, "audit CSV": to_csv(AuditEvent.objects.all()),
+               "label pages and Label Studio tasks": "\n".join(shown)}
+
     leaks = []
+    for value in phi:
+        for where, text in exports.items():
+            if value in text:
+                leaks.append(f"{where}: {value!r}")
     for value in phi:
         needle = value.encode("utf-8", "ignore")
         if value in database:
