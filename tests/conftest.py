@@ -59,18 +59,11 @@ def run_import(project, source, **kwargs):
     return services.import_job_run(job_id=job.pk)
 
 
-@pytest.fixture
-def celery_worker_process(transactional_db, settings, tmp_path):
-    """A real Celery worker process (solo pool) on the configured broker and test database.
-
-    Only meaningful with CELERY_BROKER_URL set (CI's PostgreSQL + Redis pass); on the
-    default SQLite run the test database is in memory and tasks run eagerly instead.
-    """
+def start_worker(settings, tmp_path, queue: str, *, name: str = "worker"):
+    """Start a real Celery worker process (solo pool) on ``queue``; wait until it is ready."""
     from django.db import connection
 
-    broker = os.environ.get("CELERY_BROKER_URL")
-    if not broker:
-        pytest.skip("no CELERY_BROKER_URL: tasks run eagerly (the CI PostgreSQL+Redis pass runs this)")
+    broker = os.environ["CELERY_BROKER_URL"]
     db = connection.settings_dict
     if db["ENGINE"] != "django.db.backends.postgresql":
         pytest.fail("a real worker needs a database both processes can open (PostgreSQL)")
@@ -85,12 +78,11 @@ def celery_worker_process(transactional_db, settings, tmp_path):
         "ARTIFACTS_ROOT": str(settings.ARTIFACTS_ROOT),
         "DEID_SALT": settings.DEID_SALT,
     }
-    queue = f"test-{os.getpid()}-{time.monotonic_ns()}"
-    log = tmp_path / "worker.log"
+    log = tmp_path / f"{name}.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "medsite", "worker", "--pool", "solo",
          "--concurrency", "1", "-Q", queue, "--without-gossip", "--without-mingle",
-         "--without-heartbeat", "-n", f"{queue}@%h", "--loglevel", "INFO"],
+         "--without-heartbeat", "-n", f"{name}-{queue}@%h", "--loglevel", "INFO"],
         cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -99,11 +91,33 @@ def celery_worker_process(transactional_db, settings, tmp_path):
         if process.poll() is not None:
             pytest.fail(f"celery worker exited early:\n{log.read_text()[-3000:]}")
         if "ready." in log.read_text():
-            break
+            return process, log
         time.sleep(0.3)
-    else:
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail(f"celery worker did not become ready:\n{log.read_text()[-3000:]}")
+
+
+def stop_worker(process) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"celery worker did not become ready:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def celery_worker_process(transactional_db, settings, tmp_path):
+    """A real Celery worker process (solo pool) on the configured broker and test database.
+
+    Only meaningful with CELERY_BROKER_URL set (CI's PostgreSQL + Redis pass); on the
+    default SQLite run the test database is in memory and tasks run eagerly instead.
+    """
+    if not os.environ.get("CELERY_BROKER_URL"):
+        pytest.skip("no CELERY_BROKER_URL: tasks run eagerly (the CI PostgreSQL+Redis pass runs this)")
+    queue = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    process, log = start_worker(settings, tmp_path, queue)
     from medsite.celery import app
 
     app.conf.task_always_eager = False
@@ -111,11 +125,7 @@ def celery_worker_process(transactional_db, settings, tmp_path):
         yield {"process": process, "log": log, "queue": queue}
     finally:
         app.conf.task_always_eager = True
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        stop_worker(process)
 
 
 @pytest.fixture(autouse=True)
