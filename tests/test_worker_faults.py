@@ -4,6 +4,7 @@ lease expires, a redelivered message does nothing twice, and a retry succeeds.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -50,12 +51,15 @@ def test_sigkill_mid_retrain_leaves_the_active_model_serving_and_a_retry_succeed
     queue = celery_worker_process["queue"]
     worker = celery_worker_process["process"]
     run = ml.retrain_start(project=project, params={"epochs": 5000, "batch_size": 4})
+    sent = time.monotonic()
     run_training.apply_async(args=[run.pk], queue=queue)
     wait_for(lambda: TrainingRun.objects.filter(pk=run.pk, status="running", progress__gt=0)
              .exists(), 120, "the retrain to be running")
     time.sleep(1.0)
     os.killpg(worker.pid, signal.SIGKILL)                 # no goodbye, no cleanup
     worker.wait(timeout=10)
+    killed_after = time.monotonic() - sent
+    progress_at_kill = TrainingRun.objects.get(pk=run.pk).progress
 
     # the active model is untouched and still serves
     project.refresh_from_db()
@@ -98,6 +102,13 @@ def test_sigkill_mid_retrain_leaves_the_active_model_serving_and_a_retry_succeed
         stop_worker(fresh)
     retry.refresh_from_db()
     assert retry.status == "succeeded", (retry.last_error, log.read_text()[-2000:])
+    print(json.dumps({"killed_after_s": round(killed_after, 1),
+                      "progress_at_kill": progress_at_kill, "active_model_kept": active.version,
+                      "killed_run": run.status, "reason": run.last_error,
+                      "retry": retry.status, "retry_seconds": round(
+                          (retry.finished_at - retry.started_at).total_seconds(), 1),
+                      "retry_model": retry.model_version.version,
+                      "retry_model_status": retry.model_version.status}))
     assert retry.model_version.status in ("active", "ready")
     project.refresh_from_db()
     assert project.active_model in (active, retry.model_version)
