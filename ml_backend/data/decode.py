@@ -465,6 +465,15 @@ def _decode_dicom(data: bytes, *, salt: str, max_pixels: int, sure: bool = True)
         raise ScanDecodeError(
             f"DICOM pixel data is damaged or truncated ({type(exc).__name__})"
         ) from None
+    except BaseException as exc:
+        # Decoders written in Rust (pylibjpeg-rle) turn a panic on a damaged stream into
+        # pyo3's PanicException, which is not an Exception: a bad file must not stop an import.
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        raise ScanDecodeError(
+            f"compressed DICOM ({ts_name or 'unknown transfer syntax'}) is damaged: the "
+            f"decoder gave up ({type(exc).__name__})"
+        ) from None
 
     photometric = _clean_text(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)

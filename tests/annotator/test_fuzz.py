@@ -49,3 +49,14 @@ def test_storage_check_catches_an_orphan(project, settings):
     (settings.MEDIA_ROOT / "scans").mkdir(parents=True, exist_ok=True)
     (settings.MEDIA_ROOT / "scans" / "stray.dcm").write_bytes(b"x")
     assert check_storage(project) == ["orphan file scans/stray.dcm"]
+
+
+def test_a_decoder_panic_is_a_refusal_not_a_crash(project, tmp_path):
+    """Found by the 10k run: a mutated RLE DICOM makes pylibjpeg-rle panic (pyo3's
+    PanicException is a BaseException); the import refuses that file with a reason."""
+    name, data, category = make_input(5732)
+    assert category == "mutated"
+    outcome, problems = fuzz_import(project, tmp_path / "source", name, data)
+    assert outcome == "refused" and problems == []
+    job = project.import_jobs.first()
+    assert "decoder gave up" in job.errors[0]["reason"]
