@@ -4,7 +4,8 @@ Label Studio appends ``health``, ``setup``, ``predict``, ``webhook`` and ``versi
 backend URL it was given. Health and setup answer fast (Label Studio waits 1 s / 3 s) and
 load no model; predictions come from the stored pool predictions and are computed in one
 batch only for scans that have none; training is never run in a request: START_TRAINING
-queues a refit. Optional HTTP Basic auth: ML_BACKEND_BASIC_AUTH="user:password".
+queues a refit. HTTP Basic auth with ML_BACKEND_BASIC_AUTH="user:password" (required when DEBUG is off:
+without it every call is refused; open on a DEBUG development machine).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ MODEL_CLASS = "MedLabel SimCLRv2 (linear head on frozen embeddings)"
 def _authorized(request) -> bool:
     expected = settings.ML_BACKEND_BASIC_AUTH
     if not expected:
-        return True
+        # open only on a development machine; production must set ML_BACKEND_BASIC_AUTH
+        return settings.DEBUG
     header = request.headers.get("Authorization", "")
     if not header.startswith("Basic "):
         return False

@@ -117,3 +117,15 @@ def test_the_no_login_routes_refuse_without_their_token_or_secret(two_projects):
     webhook = reverse("annotator:ls_webhook", args=[ids["project_id"]])
     assert client.post(webhook, data="{}", content_type="application/json").status_code == 403
     assert client.get(webhook).status_code == 405
+
+
+def test_media_files_are_never_served_from_a_public_path(two_projects, settings):
+    from annotator.models import Scan
+
+    scan = Scan.objects.get(pk=two_projects[0]["scan_id"])
+    client = Client()
+    for name in (scan.preview.name, scan.file.name):
+        assert client.get(f"/{settings.MEDIA_URL.strip('/')}/{name}").status_code == 404
+        assert client.get(f"/{name}").status_code == 404
+    # the only ways in: the permission-checked view and Label Studio's signed URL
+    assert client.get(reverse("annotator:scan_preview", args=[scan.pk])).status_code == 302

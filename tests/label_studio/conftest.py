@@ -100,3 +100,22 @@ def label_studio_server(tmp_path_factory):
             process.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+ML_AUTH = "labelstudio:ml-backend-test-password"
+
+
+@pytest.fixture(autouse=True)
+def ml_backend_password(settings):
+    """As in production: the /ml/ endpoints need HTTP Basic auth (the sync registers it)."""
+    settings.ML_BACKEND_BASIC_AUTH = ML_AUTH
+    return ML_AUTH
+
+
+def ml_client():
+    import base64
+
+    from django.test import Client
+
+    token = base64.b64encode(ML_AUTH.encode()).decode()
+    return Client(headers={"Authorization": f"Basic {token}"})

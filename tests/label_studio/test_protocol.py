@@ -16,6 +16,7 @@ from annotator import label_studio
 from annotator.models import Annotation, LabelClass
 from ml_backend.models import Prediction, TrainingRun
 from tests.conftest import brain_truth
+from tests.label_studio.conftest import ml_client
 
 pytestmark = pytest.mark.django_db
 
@@ -38,7 +39,7 @@ def post(client, url, body, **headers):
 
 
 def test_health_setup_versions_answer_without_loading_a_model(trained):
-    client = Client()
+    client = ml_client()
     project = trained
     health = client.get(f"/ml/{project.pk}/health")
     assert health.status_code == 200 and health.json()["status"] == "UP"
@@ -63,7 +64,7 @@ def test_predict_one_result_per_task_in_order_from_stored_or_batch_predictions(t
     tasks = [{"id": 1, "data": {"scan_id": pool[0].pk}}, {"id": 2, "data": {"scan_id": "oops"}},
              {"id": 3, "data": {"scan_id": eval_scan.pk}}, {"id": 4, "data": {}},
              {"id": 5, "data": {"scan_id": foreign.pk}}, {"id": 6, "data": {"scan_id": pool[1].pk}}]
-    body = post(Client(), f"/ml/{project.pk}/predict", {"tasks": tasks}).json()
+    body = post(ml_client(), f"/ml/{project.pk}/predict", {"tasks": tasks}).json()
     results = body["results"]
     assert len(results) == len(tasks)
     stored = {p.scan_id: p for p in Prediction.objects.filter(model_version=model)}
@@ -76,7 +77,7 @@ def test_predict_one_result_per_task_in_order_from_stored_or_batch_predictions(t
     assert results[2]["result"] and 0 < results[2]["score"] <= 1     # computed in a batch
     for index in (1, 3, 4):                     # bad, missing, another project's scan
         assert results[index]["result"] == []
-    assert post(Client(), f"/ml/{project.pk}/predict", {"tasks": "x"}).status_code == 400
+    assert post(ml_client(), f"/ml/{project.pk}/predict", {"tasks": "x"}).status_code == 400
 
 
 def test_basic_auth_when_configured(trained, settings):
@@ -88,11 +89,17 @@ def test_basic_auth_when_configured(trained, settings):
     assert client.get(url, HTTP_AUTHORIZATION=bad).status_code == 401
     good = "Basic " + base64.b64encode(b"ls:s3cret").decode()
     assert client.get(url, HTTP_AUTHORIZATION=good).status_code == 200
+    # in production (DEBUG off) the endpoints are closed until a password is configured
+    settings.ML_BACKEND_BASIC_AUTH = None
+    settings.DEBUG = False
+    assert client.get(url).status_code == 401
+    assert client.post(f"/ml/{trained.pk}/predict", data="{}",
+                       content_type="application/json").status_code == 401
 
 
 def test_start_training_queues_a_refit_and_other_events_are_ignored(trained,
                                                                     django_capture_on_commit_callbacks):
-    client = Client()
+    client = ml_client()
     url = f"/ml/{trained.pk}/webhook"
     assert post(client, url, {"action": "ANNOTATION_CREATED"}).json()["status"] == "ignored"
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
