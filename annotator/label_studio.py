@@ -445,3 +445,30 @@ def annotations_in(payload: dict) -> list[tuple[dict, dict]]:
         if isinstance(annotation, dict):
             pairs.append((annotation, tasks.get(annotation.get("task"), task)))
     return pairs
+
+
+def push_config(project: Project, *, ls=None) -> bool:
+    """Send the labeling config again (a class was added or changed). True if it changed."""
+    project = Project.objects.get(pk=project.pk)
+    if not project.label_studio_project_id:
+        return False
+    ls = ls or client()
+    config = labeling_config(project)
+    remote = _call("read the project", ls.projects.get, id=project.label_studio_project_id)
+    if remote.label_config == config:
+        return False
+    _call("update the labeling config", ls.projects.update, project.label_studio_project_id,
+          label_config=config)
+    return True
+
+
+def follow_class_changes(sender, instance: LabelClass, raw: bool = False, **kwargs) -> None:
+    """post_save of a LabelClass: a linked Label Studio project gets the new config."""
+    if raw or not settings.LABEL_STUDIO_URL:
+        return
+    project_id = instance.project_id
+    if not Project.objects.filter(pk=project_id, label_studio_project_id__isnull=False).exists():
+        return
+    from annotator.tasks import label_studio_push_config
+
+    transaction.on_commit(lambda: label_studio_push_config.delay(project_id))

@@ -43,6 +43,16 @@ def label_studio_push(project_id: int) -> int:
     return label_studio.push_predictions(project) if project is not None else 0
 
 
+@shared_task(name="annotator.tasks.label_studio_push_config", acks_late=True)
+def label_studio_push_config(project_id: int) -> bool:
+    """A class was added or changed: send Label Studio the new labeling config."""
+    from annotator import label_studio
+    from annotator.models import Project
+
+    project = Project.objects.filter(pk=project_id).first()
+    return label_studio.push_config(project) if project is not None else False
+
+
 @shared_task(name="annotator.tasks.label_studio_reconcile_all")
 def label_studio_reconcile_all() -> dict:
     """Celery beat: pull every linked project's Label Studio export and fill gaps."""

@@ -90,6 +90,13 @@ def test_round_trip_with_a_real_label_studio(linked, users):
     views = ls.views.list(project=ls_id)
     assert any(v.data.get("title") == label_studio.VIEW_TITLE for v in views)
 
+    # a class added here is pushed to Label Studio's labeling config by itself
+    from annotator import services as annotator_services
+
+    annotator_services.label_class_get_or_create(project=project, name="cyst")
+    wait_for(lambda: 'value="cyst"' in ls.projects.get(id=ls_id).label_config,
+             what="the new class in Label Studio's config")
+
     # running the sync again sends nothing new
     again = label_studio.sync(project, scope="pool")
     assert again["tasks_created"] == 0 and again["predictions_pushed"] == 0
