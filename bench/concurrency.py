@@ -39,7 +39,7 @@ def login(base: str, username: str, password: str):
     import requests
 
     session = requests.Session()
-    session.get(f"{base}/accounts/login/", timeout=30)
+    session.get(f"{base}/accounts/login/", timeout=180)   # a worker loads the app first
     token = session.cookies.get("csrftoken")
     response = session.post(f"{base}/accounts/login/", timeout=30, allow_redirects=False,
                             data={"username": username, "password": password,

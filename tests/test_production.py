@@ -99,17 +99,28 @@ def test_plain_process_production_example(production):
 
     env, port, run = production["env"], production["port"], production["run"]
     base = f"http://127.0.0.1:{port}"
-    plain = requests.get(f"{base}/accounts/login/", allow_redirects=False, timeout=10)
+    # a gunicorn worker loads the app (Django, torch) on its first request: allow for a
+    # busy machine before asserting anything
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            requests.get(f"{base}/accounts/login/", headers={"X-Forwarded-Proto": "https"},
+                         timeout=60)
+            break
+        except requests.RequestException:
+            assert time.monotonic() < deadline, "gunicorn never answered"
+            time.sleep(1)
+    plain = requests.get(f"{base}/accounts/login/", allow_redirects=False, timeout=60)
     assert plain.status_code == 301 and plain.headers["Location"].startswith("https://")
     page = requests.get(f"{base}/accounts/login/", headers={"X-Forwarded-Proto": "https"},
-                        timeout=10)
+                        timeout=60)
     assert page.status_code == 200 and "csrfmiddlewaretoken" in page.text
     assert "max-age=31536000" in page.headers["Strict-Transport-Security"]
     assert page.headers["X-Frame-Options"] == "DENY"
     assert page.headers["X-Content-Type-Options"] == "nosniff"
     assert "Secure" in page.headers["Set-Cookie"] and "csrftoken" in page.headers["Set-Cookie"]
     assert requests.get(f"{base}/projects/1/", headers={"X-Forwarded-Proto": "https"},
-                        allow_redirects=False, timeout=10).status_code == 302   # login first
+                        allow_redirects=False, timeout=60).status_code == 302   # login first
 
     # an import goes to the `default` worker, a training run to the `train` worker
     logs = [run / "worker-default.log", run / "worker-train.log", run / "beat.log"]
