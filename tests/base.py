@@ -54,3 +54,17 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def media_files(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
+    """Poll ``condition`` until it returns something truthy (returned), or fail after
+    ``timeout`` seconds naming ``what``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")

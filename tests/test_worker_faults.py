@@ -20,19 +20,12 @@ from ml_backend import services as ml
 from ml_backend.models import ModelVersion, TrainingRun
 from ml_backend.ssl.train import load_classifier
 from ml_backend.tasks import run_training
+from tests.base import wait_for
 from tests.conftest import brain_truth, start_worker, stop_worker
 
 pytestmark = pytest.mark.worker
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigkill_mid_retrain_leaves_the_active_model_serving_and_a_retry_succeeds(

@@ -13,20 +13,13 @@ from django.core.management import call_command
 from annotator import label_studio
 from annotator.models import Annotation, LabelClass, LabelStudioTask
 from ml_backend.models import Prediction, TrainingRun
+from tests.base import wait_for
 from tests.conftest import brain_truth
 from tests.label_studio.conftest import ADMIN_EMAIL
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
-def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
