@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+
+from bench._server import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "concurrency-bench-password"
@@ -172,12 +173,6 @@ def make_readers(project, clients: int) -> None:
         services.membership_set(project=project, user=user, role="clinician")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -230,20 +225,14 @@ def main(argv=None) -> int:
     Annotation.objects.filter(scan__project=project).delete()   # readers label from scratch
     scans = list(project.scans.order_by("pk").values_list("pk", flat=True)[:args.scans])
     make_readers(project, args.clients)
-    port = _free_port()
+    port = free_port()
     log = open(workdir / "gunicorn.log", "wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "medsite.wsgi", "-b", f"127.0.0.1:{port}",
          "-w", str(args.workers), "--threads", str(args.threads), "--timeout", "120"],
         cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
+        wait_for_port(port)
         base = f"http://127.0.0.1:{port}"
         outcome = hammer(base, project, clients=args.clients, scans=scans,
                          webhook_secret="concurrency-secret")

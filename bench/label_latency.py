@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,14 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench._server import free_port, wait_for_port
+
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "latency-bench-password"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -118,7 +113,7 @@ def main(argv=None) -> int:
     print(f"project ready: {project.scans.count()} scans, model {project.active_model.version}",
           flush=True)
 
-    port = _free_port()
+    port = free_port()
     log = open(workdir / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}",
                                "--noreload"], cwd=REPO, env={**os.environ, **env},
@@ -126,13 +121,7 @@ def main(argv=None) -> int:
     rows = []
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
+        wait_for_port(port)
         from playwright.sync_api import sync_playwright
 
         with sync_playwright() as playwright:
