@@ -11,6 +11,7 @@ from annotator.models import (
     Dataset,
     ImportJob,
     LabelClass,
+    LabelSet,
     Membership,
     Project,
     Scan,
@@ -28,7 +29,47 @@ class MembershipInline(admin.TabularInline):
 class LabelClassInline(admin.TabularInline):
     model = LabelClass
     extra = 0
-    fields = ["name", "hotkey", "color", "order", "description"]
+    fields = ["name", "label_set", "hotkey", "color", "order", "description"]
+
+
+class LabelSetInline(admin.TabularInline):
+    model = LabelSet
+    extra = 0
+    fields = ["name", "modalities", "body_parts", "order"]
+    show_change_link = True
+
+
+@admin.register(LabelSet)
+class LabelSetAdmin(admin.ModelAdmin):
+    """Which classes apply to which scans: a scan uses the first set (by order) claiming its
+    dataset, then its modality, then its body part; a set without rules takes the rest.
+    Saving re-applies the rules to the project's scans."""
+
+    list_display = ["name", "project", "modalities", "body_parts", "order", "class_count",
+                    "scan_count"]
+    list_filter = ["project"]
+    search_fields = ["name", "description"]
+    filter_horizontal = ["datasets"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(
+            _classes=Count("classes", distinct=True), _scans=Count("scans", distinct=True))
+
+    @admin.display(ordering="_classes", description="classes")
+    def class_count(self, obj):
+        return obj._classes
+
+    @admin.display(ordering="_scans", description="scans")
+    def scan_count(self, obj):
+        return obj._scans
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        from annotator.services import label_sets_assign
+
+        moved = label_sets_assign(form.instance.project)
+        if moved:
+            self.message_user(request, f"{moved} scan(s) now use a different label set")
 
 
 @admin.register(Project)
@@ -37,7 +78,7 @@ class ProjectAdmin(admin.ModelAdmin):
                     "label_studio_project_id", "created_at"]
     list_filter = ["query_strategy", "created_at"]
     search_fields = ["name", "description"]
-    inlines = [MembershipInline, LabelClassInline]
+    inlines = [MembershipInline, LabelSetInline, LabelClassInline]
     raw_id_fields = ["active_model", "active_encoder", "created_by"]
 
     def get_queryset(self, request):
@@ -100,7 +141,8 @@ def _thumbnail(scan: Scan, size: int) -> str:
 class ScanAdmin(admin.ModelAdmin):
     list_display = ["id", "thumbnail", "project", "dataset", "split", "file_format", "modality",
                     "body_part", "size", "labels", "created_at"]
-    list_filter = ["project", "split", "quarantined", "file_format", "modality", "body_part",
+    list_filter = ["project", "label_set", "split", "quarantined", "file_format", "modality",
+                   "body_part",
                    "dataset", "burned_in_annotation"]
     actions = ["release_from_quarantine"]
     search_fields = ["=id", "sha256", "source_name", "patient_key", "manufacturer",
@@ -155,8 +197,8 @@ class ScanAdmin(admin.ModelAdmin):
 
 @admin.register(LabelClass)
 class LabelClassAdmin(admin.ModelAdmin):
-    list_display = ["name", "project", "hotkey", "swatch", "order", "label_count", "created_at"]
-    list_filter = ["project"]
+    list_display = ["name", "project", "label_set", "hotkey", "swatch", "order", "label_count", "created_at"]
+    list_filter = ["project", "label_set"]
     search_fields = ["name", "description"]
 
     def get_queryset(self, request):

@@ -25,7 +25,15 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from annotator.models import Annotation, Dataset, LabelClass, Membership, Project, Scan
+from annotator.models import (
+    Annotation,
+    Dataset,
+    LabelClass,
+    LabelSet,
+    Membership,
+    Project,
+    Scan,
+)
 from annotator.storage import media_path
 
 FORMAT = "medlabel-project-backup"
@@ -44,7 +52,8 @@ def _scan_row(scan: Scan) -> dict:
               "burned_in_annotation", "split", "last_error")
     row = {f: getattr(scan, f) for f in fields}
     row.update(dataset=scan.dataset.name, file=scan.file.name, preview=scan.preview.name,
-               created_at=scan.created_at.isoformat())
+               created_at=scan.created_at.isoformat(),
+               label_set=scan.label_set.name if scan.label_set_id else None)
     return row
 
 
@@ -69,9 +78,9 @@ def _model_rows(project: Project) -> list[dict]:
 def export_project(project: Project, out: str | Path) -> dict:
     """Write ``out`` (.tar.gz); returns counts. Written to a temp file, then moved."""
     out = Path(out)
-    scans = list(project.scans.select_related("dataset").order_by("pk"))
+    scans = list(project.scans.select_related("dataset", "label_set").order_by("pk"))
     by_id = {s.pk: s.sha256 for s in scans}
-    classes = list(project.label_classes.order_by("order", "pk"))
+    classes = list(project.label_classes.select_related("label_set").order_by("order", "pk"))
     annotations = []
     for a in (Annotation.objects.filter(scan__project=project)
               .select_related("label_class", "reader", "shown_model_version", "shown_suggestion")
@@ -98,14 +107,18 @@ def export_project(project: Project, out: str | Path) -> dict:
         "format": FORMAT, "version": VERSION, "exported_at": timezone.now().isoformat(),
         "project": {k: getattr(project, k) for k in (
             "name", "description", "query_strategy", "query_batch_size", "refit_every",
-            "gate_tolerance", "clinicians_can_add_classes")}
+            "gate_tolerance", "novelty_percentile", "clinicians_can_add_classes")}
         | {"active_model": project.active_model.version if project.active_model_id else None,
            "active_encoder": project.active_encoder.version if project.active_encoder_id else None},
         "users": users,
         "datasets": [{k: getattr(d, k) for k in ("name", "site", "scanner", "modality",
                                                   "body_part", "hflip_allowed", "description")}
                      for d in project.datasets.all()],
-        "classes": [{"id": c.pk, **{k: getattr(c, k) for k in (
+        "label_sets": [{"id": ls.pk, **{k: getattr(ls, k) for k in (
+            "name", "description", "modalities", "body_parts", "order")},
+            "datasets": [d.name for d in ls.datasets.all()]}
+            for ls in project.label_sets.order_by("order", "pk")],
+        "classes": [{"id": c.pk, "label_set": c.label_set.name, **{k: getattr(c, k) for k in (
             "name", "description", "hotkey", "color", "order")}} for c in classes],
         "scans": [_scan_row(s) for s in scans],
         "annotations": annotations,
@@ -245,15 +258,26 @@ def _restore_rows(manifest: dict, name: str, artifact_dirs: dict, log) -> Projec
         users[username] = user
     project = Project.objects.create(name=name, **{k: spec[k] for k in (
         "description", "query_strategy", "query_batch_size", "refit_every", "gate_tolerance",
-        "clinicians_can_add_classes")})
+        "clinicians_can_add_classes") if k in spec}, novelty_percentile=spec.get(
+        "novelty_percentile", 99.0))
     for username, info in manifest["users"].items():
         if info.get("role"):
             Membership.objects.create(project=project, user=users[username], role=info["role"])
     datasets = {d["name"]: Dataset.objects.create(project=project, **d)
                 for d in manifest["datasets"]}
+    label_sets, set_ids = {}, {}
+    for ls in manifest.get("label_sets") or [{"id": None, "name": "default", "datasets": []}]:
+        ls = dict(ls)
+        old, names = ls.pop("id"), ls.pop("datasets")
+        label_sets[ls["name"]] = LabelSet.objects.create(project=project, **ls)
+        label_sets[ls["name"]].datasets.add(*[datasets[n] for n in names])
+        set_ids[old] = label_sets[ls["name"]].pk
+    first_set = next(iter(label_sets.values()))
     classes, class_ids = {}, {}
     for c in manifest["classes"]:
+        c = dict(c)
         old = c.pop("id")
+        c["label_set"] = label_sets.get(c.pop("label_set", None), first_set)
         classes[c["name"]] = LabelClass.objects.create(project=project, **c)
         class_ids[old] = classes[c["name"]].pk
     scans = {}
@@ -261,12 +285,15 @@ def _restore_rows(manifest: dict, name: str, artifact_dirs: dict, log) -> Projec
         row = dict(row)
         created_at = row.pop("created_at")
         row["dataset"] = datasets[row.pop("dataset")]
+        set_name = row.pop("label_set", "") or ""
+        row["label_set"] = label_sets.get(set_name) if set_name else (
+            first_set if len(label_sets) == 1 else None)
         scan = Scan.objects.create(project=project, **row)
         Scan.objects.filter(pk=scan.pk).update(created_at=datetime.fromisoformat(created_at))
         scans[scan.sha256] = scan
     models = {}
     for m in manifest["models"]:
-        config = _remap_classes(m["config"], class_ids)
+        config = _remap_classes(m["config"], class_ids, set_ids)
         model = ModelVersion.objects.create(
             project=project, kind=m["kind"], version=m["version"], status=m["status"],
             status_reason=m["status_reason"], parent=models.get(m["parent"]),
@@ -302,21 +329,28 @@ def _restore_rows(manifest: dict, name: str, artifact_dirs: dict, log) -> Projec
     return project
 
 
-def _remap_classes(config: dict, class_ids: dict) -> dict:
+def _remap_classes(config: dict, class_ids: dict, set_ids: dict | None = None) -> dict:
     config = json.loads(json.dumps(config))
+    set_ids = {str(k): v for k, v in (set_ids or {}).items()}
     for c in config.get("classes", []) or []:
         if isinstance(c, dict) and c.get("id") in class_ids:
             c["id"] = class_ids[c["id"]]
+        if isinstance(c, dict) and str(c.get("label_set")) in set_ids:
+            c["label_set"] = set_ids[str(c["label_set"])]
+    for ls in config.get("label_sets", []) or []:
+        if isinstance(ls, dict):
+            ls["classes"] = [class_ids.get(c, c) for c in ls.get("classes", [])]
+            if str(ls.get("id")) in set_ids:
+                ls["id"] = set_ids[str(ls["id"])]
     return config
 
 
 def _remap_head(folder: Path, class_ids: dict) -> None:
-    """A linear head stores its LabelClass ids: rewrite them for this database."""
-    path = folder / "head.npz"
-    if not path.exists():
-        return
+    """A linear head stores its LabelClass ids: rewrite them for this database (one head per
+    label set, ``head-<set>.npz``; ``head.npz`` before label sets)."""
     from ml_backend.active.refit import LinearHead
 
-    head = LinearHead.load(path)
-    head.class_ids = np.array([class_ids.get(int(c), int(c)) for c in head.class_ids])
-    head.save(path)
+    for path in sorted(folder.glob("head*.npz")):
+        head = LinearHead.load(path)
+        head.class_ids = np.array([class_ids.get(int(c), int(c)) for c in head.class_ids])
+        head.save(path)

@@ -71,9 +71,23 @@ class LabelClassForm(forms.Form):
         help_text="One key that labels a scan with this class; blank picks a free digit.",
     )
 
+    label_set = forms.ModelChoiceField(
+        queryset=None, empty_label=None, required=False,
+        help_text="The kind of scan the class applies to: it is offered only for those scans.",
+    )
+
     def __init__(self, *args, project, **kwargs):
         super().__init__(*args, **kwargs)
         self.project = project
+        sets = project.label_sets.order_by("order", "pk")
+        self.fields["label_set"].queryset = sets
+        self.fields["label_set"].initial = sets.first()
+        if sets.count() <= 1:
+            self.fields["label_set"].widget = forms.HiddenInput()
+
+    def clean_label_set(self):
+        return self.cleaned_data.get("label_set") or self.fields["label_set"].queryset.first()
+        self.order_fields(["name", "label_set", "description", "hotkey"])
 
     def clean_name(self):
         name = " ".join(self.cleaned_data["name"].split())
@@ -95,13 +109,39 @@ class LabelClassForm(forms.Form):
                 "r reset, +/- zoom).")
         if not key.isalnum():
             raise forms.ValidationError("Use a letter or a digit.")
-        used = effective_hotkeys(list(self.project.label_classes.all()))
-        if key in used.values():
-            raise forms.ValidationError(f"{key!r} already labels another class.")
         return key
+
+    def clean(self):
+        from annotator.labeling import effective_hotkeys
+
+        cleaned = super().clean()
+        if cleaned.get("label_set") is None:
+            cleaned["label_set"] = self.fields["label_set"].queryset.first()
+        key, label_set = cleaned.get("hotkey"), cleaned.get("label_set")
+        if key and label_set is not None:
+            used = effective_hotkeys(list(label_set.classes.all()))
+            if key in used.values():
+                self.add_error("hotkey", f"{key!r} already labels another class of "
+                                         f"{label_set.name}.")
+        return cleaned
 
 
 class ClassifyForm(forms.Form):
     file = forms.FileField(
         help_text="One DICOM, PNG, JPEG or TIFF scan. Nothing is stored unless you add it.",
     )
+    label_set = forms.ModelChoiceField(
+        queryset=None, empty_label=None, label="Kind of scan", required=False,
+        help_text="The label set to classify it with (the classes that apply to this anatomy).",
+    )
+
+    def __init__(self, *args, project, **kwargs):
+        super().__init__(*args, **kwargs)
+        sets = project.label_sets.order_by("order", "pk")
+        self.fields["label_set"].queryset = sets
+        self.fields["label_set"].initial = sets.first()
+        if sets.count() <= 1:
+            self.fields["label_set"].widget = forms.HiddenInput()
+
+    def clean_label_set(self):
+        return self.cleaned_data.get("label_set") or self.fields["label_set"].queryset.first()

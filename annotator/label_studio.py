@@ -80,20 +80,41 @@ def _call(what: str, fn, *args, **kwargs):
 # --- what Label Studio shows ------------------------------------------------------------------
 
 
+def _multi_set(project: Project) -> bool:
+    """Several label sets with classes: each task carries its own set's choices."""
+    return project.label_sets.filter(classes__isnull=False).distinct().count() > 1
+
+
+def set_choices(label_set) -> list[dict]:
+    """The choices of one label set as Label Studio dynamic-choice options (task data)."""
+    classes = list(label_set.classes.order_by("order", "name"))
+    keys = effective_hotkeys(classes)
+    return [{"value": c.name, **({"hotkey": keys[c.pk]} if keys.get(c.pk) else {}),
+             **({"hint": c.description} if c.description else {})} for c in classes]
+
+
 def labeling_config(project: Project) -> str:
-    """Single-choice classification over a large zoomable image, one hotkey per class."""
+    """Single-choice classification over a large zoomable image, one hotkey per class. With
+    several label sets (chest X-ray, brain MRI, …) the choices are dynamic: each task lists
+    only its scan's set's classes (``$classes`` in the task data), so an annotator is never
+    offered a brain class for a chest film."""
     classes = list(project.label_classes.all())
     if not classes:
         raise LabelStudioError(f"project {project.name!r} has no classes yet: import labeled "
                                "scans or add a class first")
+    image = (f'  <Image name="{TO_NAME}" value="$image" zoom="true" zoomControl="true" '
+             f'brightnessControl="true" contrastControl="true" maxWidth="100%"/>\n')
+    if _multi_set(project):
+        return (f'<View>\n{image}  <Header value="Finding ($label_set)"/>\n'
+                f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single-radio" '
+                f'required="true" showInline="true" value="$classes"/>\n</View>')
     keys = effective_hotkeys(classes)
     choices = "\n".join(
         f"    <Choice value={quoteattr(c.name)}"
         + (f" hotkey={quoteattr(keys[c.pk])}" if keys.get(c.pk) else "")
         + (f" hint={quoteattr(c.description)}" if c.description else "") + "/>"
         for c in classes)
-    return (f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true" zoomControl="true" '
-            f'brightnessControl="true" contrastControl="true" maxWidth="100%"/>\n'
+    return (f'<View>\n{image}'
             f'  <Header value="Finding"/>\n'
             f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single-radio" '
             f'required="true" showInline="true">\n{choices}\n  </Choices>\n</View>')
@@ -138,8 +159,12 @@ def prediction_json(model_version: str, class_name: str, confidence: float) -> d
                         "value": {"choices": [class_name]}}]}
 
 
-def _task_data(scan: Scan) -> dict:
-    return {"image": image_url(scan), "scan_id": scan.pk, "dataset": scan.dataset.name}
+def _task_data(scan: Scan, *, multi_set: bool = False) -> dict:
+    data = {"image": image_url(scan), "scan_id": scan.pk, "dataset": scan.dataset.name}
+    if multi_set:
+        data["label_set"] = scan.label_set.name if scan.label_set_id else "no label set"
+        data["classes"] = set_choices(scan.label_set) if scan.label_set_id else []
+    return data
 
 
 # --- sync ----------------------------------------------------------------------------------------
@@ -167,11 +192,13 @@ def sync(project: Project, *, create: bool = False, scope: str = "round", ls=Non
     summary = {"created_project": False, "tasks_created": 0, "urls_refreshed": 0,
                "predictions_pushed": 0}
     # 1. the project and its labeling config
+    config_changed = False
     if project.label_studio_project_id:
         remote = _call("read the project", ls.projects.get, id=project.label_studio_project_id)
         if remote.label_config != config:
             _call("update the labeling config (new classes)", ls.projects.update,
                   project.label_studio_project_id, label_config=config)
+            config_changed = True
             log("labeling config updated")
     elif create:
         remote = _call("create the project", ls.projects.create, title=project.name[:50],
@@ -187,6 +214,7 @@ def sync(project: Project, *, create: bool = False, scope: str = "round", ls=Non
     ls_id = project.label_studio_project_id
 
     # 2. tasks: new scans with predictions; stale image URLs refreshed
+    multi = _multi_set(project)
     known = {t.scan_id: t for t in LabelStudioTask.objects.filter(project=project)}
     scans = _scans_to_export(project, scope)
     new = [s for s in scans if s.pk not in known]
@@ -194,7 +222,7 @@ def sync(project: Project, *, create: bool = False, scope: str = "round", ls=Non
         batch = new[start:start + 200]
         payload, shown = [], []
         for scan in batch:
-            task = {"data": _task_data(scan)}
+            task = {"data": _task_data(scan, multi_set=multi)}
             prediction = _prediction(project, scan)
             if prediction:
                 task["predictions"] = [prediction]
@@ -212,10 +240,13 @@ def sync(project: Project, *, create: bool = False, scope: str = "round", ls=Non
             for scan, task_id, prediction in zip(batch, ids, shown)])
         summary["tasks_created"] += len(batch)
     stale = timezone.now() - timedelta(seconds=settings.LABEL_STUDIO_IMAGE_URL_MAX_AGE / 2)
-    for task in LabelStudioTask.objects.filter(project=project, url_issued_at__lt=stale
-                                               ).select_related("scan__dataset"):
+    refresh = LabelStudioTask.objects.filter(project=project).select_related(
+        "scan__dataset", "scan__label_set")
+    if not multi or not config_changed:
+        refresh = refresh.filter(url_issued_at__lt=stale)
+    for task in refresh:
         _call("refresh an image URL", ls.tasks.update, id=task.ls_task_id,
-              data=_task_data(task.scan))
+              data=_task_data(task.scan, multi_set=multi))
         LabelStudioTask.objects.filter(pk=task.pk).update(url_issued_at=timezone.now())
         summary["urls_refreshed"] += 1
     summary["predictions_pushed"] = push_predictions(project, ls=ls)
@@ -365,6 +396,9 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
     if existing is not None:
         if (existing.outcome, existing.label_class_id) == (outcome, getattr(label_class, "pk", None)):
             return existing, "unchanged"
+        if label_class is not None and label_class.label_set_id != scan.label_set_id:
+            return None, (f"ignored: {label_class.name!r} does not apply to scan {scan.pk} "
+                          "(another label set)")
         existing.outcome, existing.label_class = outcome, label_class
         existing.note = (existing.note + "\n" if existing.note else "") + \
             f"updated in Label Studio {timezone.now():%Y-%m-%d %H:%M}"
@@ -455,11 +489,18 @@ def push_config(project: Project, *, ls=None) -> bool:
     ls = ls or client()
     config = labeling_config(project)
     remote = _call("read the project", ls.projects.get, id=project.label_studio_project_id)
-    if remote.label_config == config:
-        return False
-    _call("update the labeling config", ls.projects.update, project.label_studio_project_id,
-          label_config=config)
-    return True
+    changed = remote.label_config != config
+    if changed:
+        _call("update the labeling config", ls.projects.update, project.label_studio_project_id,
+              label_config=config)
+    if _multi_set(project):   # dynamic choices live in each task: give them the new classes
+        for task in LabelStudioTask.objects.filter(project=project).select_related(
+                "scan__dataset", "scan__label_set"):
+            _call("update a task's choices", ls.tasks.update, id=task.ls_task_id,
+                  data=_task_data(task.scan, multi_set=True))
+            LabelStudioTask.objects.filter(pk=task.pk).update(url_issued_at=timezone.now())
+        changed = True
+    return changed
 
 
 def follow_class_changes(sender, instance: LabelClass, raw: bool = False, **kwargs) -> None:

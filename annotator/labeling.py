@@ -201,16 +201,25 @@ def effective_hotkeys(classes: list[LabelClass]) -> dict[int, str]:
     return keys
 
 
+class ModelUnavailable(Exception):
+    """The model cannot answer for this scan; the message says why in words."""
+
+
 def _suggestion(project: Project, scan: Scan) -> dict | None:
-    """The active model's stored prediction (computed on the fly for a scan it has not seen)."""
+    """The active model's stored prediction over the classes of the scan's label set
+    (computed on the fly for a scan it has not seen). None when there is no model yet or it
+    has not learned this scan's label set; raises ModelUnavailable when it fails."""
     from ml_backend import services as ml
     from ml_backend.models import Prediction
     from ml_backend.ssl.train import TrainingError
 
     model = project.active_model
-    if model is None:
+    if model is None or scan.label_set_id is None:
         return None
     classes = {c["id"]: c["name"] for c in model.config.get("classes", [])}
+    mine = set(scan.label_set.classes.values_list("pk", flat=True))
+    if not mine & set(classes):
+        return None
     stored = Prediction.objects.filter(model_version=model, scan=scan).first()
     if stored is not None:
         probabilities = {int(k): float(v) for k, v in stored.probabilities.items()}
@@ -219,13 +228,18 @@ def _suggestion(project: Project, scan: Scan) -> dict | None:
             p = ml.predictor_for(model)([scan])[0]
         except (TrainingError, OSError, ValueError) as exc:
             logger.warning("no prediction for scan %s with %s: %s", scan.pk, model.version, exc)
-            return None
-        probabilities = {cid: float(v) for cid, v in zip(classes, p)}
+            raise ModelUnavailable(f"the model {model.version} could not score this scan: "
+                                   f"{exc}") from None
+        probabilities = {cid: float(v) for cid, v in zip(classes, p) if cid in mine}
+    probabilities = {cid: p for cid, p in probabilities.items() if cid in mine}
+    if not probabilities or max(probabilities.values()) <= 0:
+        return None
     ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])
     best_id, best_p = ranked[0]
     return {"model_version": model.version, "class_id": best_id,
             "class_name": classes.get(best_id, "?"), "confidence": round(best_p, 4),
-            "calibrated": model.config.get("kind") == "head",
+            "calibrated": model.config.get("kind") == "head"
+            or bool(model.config.get("calibrated_on")),
             "top": [{"class_id": cid, "name": classes.get(cid, "?"), "p": round(p, 4)}
                     for cid, p in ranked[:5]]}
 
@@ -235,7 +249,7 @@ def _similar(scan: Scan, k: int = 6) -> list[dict]:
     from ml_backend.ssl.train import TrainingError
 
     try:
-        hits = ml.similar_scans(scan=scan, k=k, labeled_only=True)
+        hits = ml.similar_scans(scan=scan, k=k, labeled_only=True, same_label_set=True)
     except (TrainingError, OSError, ValueError):
         return []
     labels: dict[int, list[str]] = {}
@@ -250,11 +264,42 @@ def _similar(scan: Scan, k: int = 6) -> list[dict]:
             if not s.quarantined]
 
 
+def scan_classes(scan: Scan) -> list[LabelClass]:
+    """The classes a reader may give this scan: its label set's (none without a set)."""
+    if scan.label_set_id is None:
+        return []
+    return list(LabelClass.objects.filter(label_set_id=scan.label_set_id).order_by("order", "name"))
+
+
+def model_notice(project: Project) -> str | None:
+    """Why the newest refit is not the active model, in words (None when it is)."""
+    from ml_backend.models import ModelVersion
+
+    newest = (ModelVersion.objects.filter(project=project, kind=ModelVersion.Kind.CLASSIFIER)
+              .exclude(status=ModelVersion.Status.TRAINING).order_by("-created_at").first())
+    if newest is None or newest.pk == project.active_model_id:
+        return None
+    if newest.status == ModelVersion.Status.FAILED:
+        return f"The last refit ({newest.version}) failed: {newest.status_reason[:300]}"
+    if newest.status == ModelVersion.Status.READY:
+        return f"{newest.version} was {newest.status_reason[:400]}"
+    return None
+
+
 def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict:
     """Everything the label page shows for one scan, as JSON-ready data."""
-    classes = list(project.label_classes.all())
+    from ml_backend import services as ml
+
+    classes = scan_classes(scan)
     keys = effective_hotkeys(classes)
-    suggestion = _suggestion(project, scan)
+    model_error = None
+    try:
+        suggestion = _suggestion(project, scan)
+    except ModelUnavailable as exc:
+        suggestion, model_error = None, str(exc)
+    novelty = ml.scan_novelty(scan)
+    if suggestion is not None and novelty is not None and novelty["ood"]:
+        suggestion["unreliable"] = True
     gradcam = None
     if suggestion is not None:
         gradcam = (reverse("annotator:gradcam", args=[scan.pk])
@@ -267,16 +312,21 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
         "scan": {"id": scan.pk, "preview": reverse("annotator:scan_preview", args=[scan.pk]),
                  "width": scan.width, "height": scan.height, "dataset": scan.dataset.name,
                  "modality": scan.modality, "split": scan.split,
+                 "label_set": scan.label_set.name if scan.label_set_id else None,
                  "url": reverse("annotator:label", args=[project.pk, scan.pk]),
                  "answer": reverse("annotator:answer", args=[project.pk, scan.pk])},
         "item": None if item is None else {
             "round": item.query_round_id, "rank": item.rank, "score": round(item.score, 4),
             "reason": describe_reason(item.reason, item.score)},
         "suggestion": suggestion,
+        "model_error": model_error,
+        "novelty": novelty,
+        "model_notice": model_notice(project),
         "gradcam": gradcam,
         "similar": _similar(scan),
         "classes": [{"id": c.pk, "name": c.name, "key": keys.get(c.pk, ""), "color": c.color,
                      "description": c.description} for c in classes],
+        "no_label_set": scan.label_set_id is None,
         "model_version": project.active_model.version if project.active_model_id else None,
         "progress": progress,
         "lease_seconds": settings.LABEL_LEASE_SECONDS,
@@ -341,6 +391,10 @@ def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[An
         label_class = LabelClass.objects.filter(project=project, pk=class_id).first()
         if label_class is None:
             raise AnnotationError(f"unknown class {class_id} for this project; reload the page")
+        if label_class.label_set_id != scan.label_set_id:
+            raise AnnotationError(f"{label_class.name!r} does not apply to this scan "
+                                  f"(its label set is "
+                                  f"{scan.label_set.name if scan.label_set_id else 'none'})")
     shown_model = None
     if data.get("shown_model_version"):
         shown_model = ModelVersion.objects.filter(

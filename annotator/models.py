@@ -49,7 +49,13 @@ class Project(models.Model):
     )
     gate_tolerance = models.FloatField(
         default=0.02,
-        help_text="A new model is promoted only if no class's F1 drops by more than this.",
+        help_text="A new model is held back only when it is confidently worse (95% paired "
+        "bootstrap bound on the same eval scans) than the active one by more than this F1.",
+    )
+    novelty_percentile = models.FloatField(
+        default=99.0,
+        help_text="A scan farther from its nearest project scans than this percentile of the "
+        "project's own distances is flagged as unlike the project's data.",
     )
     clinicians_can_add_classes = models.BooleanField(
         default=True,
@@ -128,6 +134,49 @@ class Dataset(models.Model):
         return self.name
 
 
+class LabelSet(models.Model):
+    """The classes that apply to one kind of scan (an anatomy / modality), e.g. chest X-ray:
+    normal, pneumonia, COVID-19; brain MRI: glioma, meningioma, pituitary, no tumour.
+
+    A scan belongs to the first set (by ``order``) whose datasets, modalities or body parts
+    match it; a set with no rules takes every scan no other set claims. A project always has
+    at least one set; a single-set project behaves as a project without sets.
+    """
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="label_sets")
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True)
+    datasets = models.ManyToManyField(Dataset, blank=True, related_name="label_sets",
+                                      help_text="Scans of these datasets use this set.")
+    modalities = models.CharField(max_length=200, blank=True,
+                                  help_text="Comma-separated DICOM modalities, e.g. CR,DX")
+    body_parts = models.CharField(max_length=200, blank=True,
+                                  help_text="Comma-separated body parts, e.g. CHEST")
+    order = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["project", "order", "pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "name"], name="labelset_unique_name")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @staticmethod
+    def _codes(text: str) -> set[str]:
+        return {part.strip().upper() for part in text.split(",") if part.strip()}
+
+    @property
+    def modality_codes(self) -> set[str]:
+        return self._codes(self.modalities)
+
+    @property
+    def body_part_codes(self) -> set[str]:
+        return self._codes(self.body_parts)
+
+
 class Split(models.TextChoices):
     POOL = "pool", "Pool (queried for labels)"
     EVAL = "eval", "Evaluation (never queried)"
@@ -175,6 +224,12 @@ class Scan(models.Model):
         "identify the patient): never queried, exported or shown to non-admins until an admin "
         "releases it.")
     split = models.CharField(max_length=8, choices=Split.choices, default=Split.POOL)
+    label_set = models.ForeignKey(
+        LabelSet, null=True, blank=True, on_delete=models.SET_NULL, related_name="scans",
+        help_text="The classes that apply to this scan (set by the label sets' rules).")
+    import_job = models.ForeignKey(
+        "ImportJob", null=True, blank=True, on_delete=models.SET_NULL, related_name="scans",
+        help_text="The import that created this scan.")
     last_error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -191,6 +246,18 @@ class Scan(models.Model):
     def get_absolute_url(self) -> str:
         return reverse("annotator:scan_detail", args=[self.pk])
 
+    def save(self, *args, **kwargs):
+        # A project with one label set: every scan uses it (the import resolves the rules of
+        # projects with several; see annotator.services.label_sets_assign).
+        if self._state.adding and self.label_set_id is None:
+            sets = list(LabelSet.objects.filter(project_id=self.project_id)[:2])
+            if len(sets) == 1:
+                self.label_set = sets[0]
+            elif not sets:
+                self.label_set = LabelSet.objects.create(project_id=self.project_id,
+                                                         name="default")
+        super().save(*args, **kwargs)
+
     def is_labeled(self) -> bool:
         return self.annotations.filter(outcome=Annotation.Outcome.LABEL).exists()
 
@@ -199,6 +266,8 @@ class LabelClass(models.Model):
     """A finding / anomaly type in a project; may be added at any time."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="label_classes")
+    label_set = models.ForeignKey(LabelSet, on_delete=models.PROTECT, related_name="classes",
+                                  help_text="The kind of scan this class applies to.")
     name = models.CharField(max_length=100)
     description = models.TextField(blank=True)
     hotkey = models.CharField(max_length=1, blank=True)
@@ -218,6 +287,14 @@ class LabelClass(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args, **kwargs):
+        if self.label_set_id is None:  # the project's first set (made if it has none)
+            first = LabelSet.objects.filter(project_id=self.project_id).order_by(
+                "order", "pk").first()
+            self.label_set = first or LabelSet.objects.create(project_id=self.project_id,
+                                                              name="default")
+        super().save(*args, **kwargs)
 
 
 class Annotation(models.Model):
@@ -317,6 +394,9 @@ class ImportJob(models.Model):
     layout = models.CharField(max_length=16, default="auto")
     labels_csv = models.TextField(blank=True)
     default_label = models.CharField(max_length=100, blank=True)
+    label_set = models.CharField(
+        max_length=100, blank=True,
+        help_text="Name of the label set the imported dataset joins (created if new).")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

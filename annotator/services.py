@@ -12,7 +12,16 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from annotator.models import Annotation, Dataset, ImportJob, LabelClass, Membership, Project, Scan
+from annotator.models import (
+    Annotation,
+    Dataset,
+    ImportJob,
+    LabelClass,
+    LabelSet,
+    Membership,
+    Project,
+    Scan,
+)
 from annotator.storage import preview_file_name, remove_if_unreferenced, scan_file_name, write_atomic
 from ml_backend.data.datasets import SourceError, SourceItem, read_source
 from ml_backend.data.decode import ScanDecodeError, decode_scan, render_preview
@@ -30,6 +39,7 @@ class ImportRequestError(Exception):
 
 def project_create(*, name: str, description: str = "", created_by=None) -> Project:
     project = Project.objects.create(name=name, description=description, created_by=created_by)
+    label_set_default(project)
     if created_by is not None:
         Membership.objects.create(project=project, user=created_by, role=Membership.Role.ADMIN)
     return project
@@ -42,10 +52,115 @@ def membership_set(*, project: Project, user, role: str) -> Membership:
     return membership
 
 
+# --- label sets ------------------------------------------------------------------------
+
+
+def label_set_default(project: Project) -> LabelSet:
+    """The project's first label set (a 'default' set is made for a project without one)."""
+    first = project.label_sets.order_by("order", "pk").first()
+    if first is None:
+        first, _ = LabelSet.objects.get_or_create(project=project, name="default")
+    return first
+
+
+def label_set_create(*, project: Project, name: str, datasets=(), modalities: str = "",
+                     body_parts: str = "", description: str = "") -> LabelSet:
+    """Add a label set (or update the rules of the one with this name) and re-assign scans.
+
+    A project made with ``project_create`` starts with an empty catch-all set named
+    'default': the first named set replaces it when it holds no classes yet."""
+    clean = " ".join(name.split())
+    if not clean or len(clean) > 100:
+        raise ValueError("a label set needs a name of 1–100 characters")
+    with transaction.atomic():
+        label_set = LabelSet.objects.filter(project=project, name__iexact=clean).first()
+        if label_set is None:
+            spare = LabelSet.objects.filter(project=project, name="default").first()
+            if (spare is not None and not spare.classes.exists()
+                    and project.label_sets.count() == 1):
+                spare.name = clean
+                label_set = spare
+            else:
+                label_set = LabelSet(project=project, name=clean,
+                                     order=project.label_sets.count())
+        label_set.modalities = modalities
+        label_set.body_parts = body_parts
+        label_set.description = description or label_set.description
+        label_set.save()
+        if datasets:
+            label_set.datasets.add(*datasets)
+        label_sets_assign(project)
+    return label_set
+
+
+def label_set_resolve(sets: list[LabelSet], *, dataset_id: int | None, modality: str = "",
+                      body_part: str = "", set_datasets: dict[int, set[int]] | None = None
+                      ) -> LabelSet | None:
+    """The set a scan belongs to: the first set (in order) claiming its dataset, then its
+    modality, then its body part; else the only set, else a set with no rules; else None."""
+    if set_datasets is None:
+        set_datasets = {s.pk: set(s.datasets.values_list("pk", flat=True)) for s in sets}
+    for label_set in sets:
+        if dataset_id in set_datasets.get(label_set.pk, ()):
+            return label_set
+    modality, body_part = (modality or "").strip().upper(), (body_part or "").strip().upper()
+    for label_set in sets:
+        if modality and modality in label_set.modality_codes:
+            return label_set
+    for label_set in sets:
+        if body_part and body_part in label_set.body_part_codes:
+            return label_set
+    if len(sets) == 1:
+        return sets[0]
+    for label_set in sets:
+        if (not set_datasets.get(label_set.pk) and not label_set.modality_codes
+                and not label_set.body_part_codes):
+            return label_set
+    return None
+
+
+class _SetResolver:
+    """Resolves scans to label sets with the project's rules read once."""
+
+    def __init__(self, project: Project):
+        self.sets = list(project.label_sets.order_by("order", "pk").prefetch_related("datasets"))
+        self.set_datasets = {s.pk: {d.pk for d in s.datasets.all()} for s in self.sets}
+        self.datasets = {d.pk: d for d in project.datasets.all()}
+
+    def __call__(self, *, dataset_id: int, modality: str = "", body_part: str = ""):
+        dataset = self.datasets.get(dataset_id)
+        return label_set_resolve(
+            self.sets, dataset_id=dataset_id, set_datasets=self.set_datasets,
+            modality=modality or (dataset.modality if dataset else ""),
+            body_part=body_part or (dataset.body_part if dataset else ""))
+
+
+def label_sets_assign(project: Project) -> int:
+    """Re-apply the label sets' rules to every scan of the project; returns scans changed."""
+    resolve = _SetResolver(project)
+    changed = 0
+    rows = Scan.objects.filter(project=project).values_list(
+        "pk", "dataset_id", "modality", "body_part", "label_set_id")
+    moves: dict[int | None, list[int]] = {}
+    for pk, dataset_id, modality, body_part, current in rows:
+        target = resolve(dataset_id=dataset_id, modality=modality, body_part=body_part)
+        target_id = target.pk if target else None
+        if target_id != current:
+            moves.setdefault(target_id, []).append(pk)
+    for target_id, pks in moves.items():
+        for start in range(0, len(pks), 1000):
+            changed += Scan.objects.filter(pk__in=pks[start:start + 1000]).update(
+                label_set_id=target_id)
+    return changed
+
+
 def label_class_get_or_create(
-    *, project: Project, name: str, created_by=None, description: str = ""
+    *, project: Project, name: str, created_by=None, description: str = "",
+    label_set: LabelSet | None = None,
 ) -> tuple[LabelClass, bool]:
-    """Find a class by name (case-insensitive) or create it with the next hotkey and colour."""
+    """Find a class by name (case-insensitive) or create it in ``label_set`` (the project's
+    first set by default) with the next hotkey free in that set and the next colour.
+    Raises ValueError when the name is taken by a class of another set."""
     clean = " ".join(name.split())
     if not clean:
         raise ValueError("a class name cannot be empty")
@@ -53,12 +168,17 @@ def label_class_get_or_create(
         raise ValueError("a class name is at most 100 characters")
     existing = LabelClass.objects.filter(project=project, name__iexact=clean).first()
     if existing is not None:
+        if label_set is not None and existing.label_set_id != label_set.pk:
+            raise ValueError(f"class {existing.name!r} belongs to the label set "
+                             f"{existing.label_set.name!r}, not {label_set.name!r}")
         return existing, False
+    label_set = label_set or label_set_default(project)
     count = LabelClass.objects.filter(project=project).count()
-    used = set(LabelClass.objects.filter(project=project).values_list("hotkey", flat=True))
+    used = set(LabelClass.objects.filter(label_set=label_set).values_list("hotkey", flat=True))
     hotkey = next((k for k in "123456789" if k not in used), "")
     label_class = LabelClass.objects.create(
         project=project,
+        label_set=label_set,
         name=clean,
         description=description,
         hotkey=hotkey,
@@ -98,9 +218,13 @@ def import_job_create(
     default_label: str = "",
     created_by=None,
     source_is_upload: bool = False,
+    label_set: str = "",
 ) -> ImportJob:
     if split not in ("pool", "eval"):
         raise ImportRequestError(f"unknown split {split!r}: use pool or eval")
+    label_set = " ".join((label_set or "").split())
+    if len(label_set) > 100:
+        raise ImportRequestError("a label set name is at most 100 characters")
     return ImportJob.objects.create(
         project=project,
         source=source,
@@ -111,6 +235,7 @@ def import_job_create(
         default_label=default_label,
         created_by=created_by,
         source_is_upload=source_is_upload,
+        label_set=label_set,
     )
 
 
@@ -138,6 +263,9 @@ def import_job_run(
             project=job.project,
             name=job.dataset_name or listing.default_dataset_name or "import",
         )
+        if job.label_set:
+            _dataset_join_label_set(job.project, dataset, job.label_set)
+        resolve = _SetResolver(job.project)
         if listing.unmatched_label_rows:
             sample = ", ".join(listing.unmatched_label_rows[:5])
             state.warnings.append(
@@ -149,7 +277,7 @@ def import_job_run(
         for index, item in enumerate(listing.items, start=1):
             if job.default_label and item.label is None:
                 item = SourceItem(item.name, job.default_label, item.load, item.digest_hint)
-            _import_item(job=job, dataset=dataset, item=item, state=state)
+            _import_item(job=job, dataset=dataset, item=item, state=state, resolve=resolve)
             if progress is not None:
                 progress(index, job.total)
             if index % 25 == 0 or index == job.total:
@@ -186,7 +314,20 @@ def _flush(job: ImportJob, state: _JobState, *, processed: int, final: bool = Fa
     job.save(update_fields=fields)
 
 
-def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _JobState) -> None:
+def _dataset_join_label_set(project: Project, dataset: Dataset, name: str) -> None:
+    """An import naming a label set: its dataset's scans use that set (made if new)."""
+    label_set = LabelSet.objects.filter(project=project, name__iexact=name).first()
+    if label_set is None:
+        label_set = label_set_create(project=project, name=name, datasets=[dataset])
+    elif not label_set.datasets.filter(pk=dataset.pk).exists():
+        label_set.datasets.add(dataset)
+    else:
+        return
+    label_sets_assign(project)
+
+
+def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _JobState,
+                 resolve: _SetResolver) -> None:
     created_files: list[str] = []
     try:
         try:
@@ -244,6 +385,9 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 burned_in_annotation=bool(meta.get("burned_in_annotation")),
                 quarantined=bool(meta.get("burned_in_annotation")),
                 split=job.split,
+                label_set=resolve(dataset_id=dataset.pk, modality=meta.get("modality", ""),
+                                  body_part=meta.get("body_part", "")),
+                import_job=job,
             )
             outcome = (
                 _add_import_label(job=job, scan=scan, label=item.label) if item.label else None
@@ -274,7 +418,8 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
 def _add_import_label(*, job: ImportJob, scan: Scan, label: str) -> tuple[str | None, bool]:
     """Give ``scan`` an import label once. Returns (new class name or None, label added)."""
     label_class, created = label_class_get_or_create(
-        project=job.project, name=label, created_by=job.created_by
+        project=job.project, name=label, created_by=job.created_by,
+        label_set=scan.label_set if scan.label_set_id else None,
     )
     _, added = Annotation.objects.get_or_create(
         scan=scan,
@@ -326,6 +471,13 @@ def annotation_create(
         raise AnnotationError("a label needs a class (or record a skip / unsure)")
     if label_class is not None and label_class.project_id != scan.project_id:
         raise AnnotationError(f"class {label_class.name!r} belongs to another project")
+    if label_class is not None and label_class.label_set_id != scan.label_set_id:
+        if scan.label_set_id is None:
+            raise AnnotationError("no label set applies to this scan: an admin must assign its "
+                                  "dataset, modality or body part to a label set")
+        raise AnnotationError(f"class {label_class.name!r} does not apply to this scan: it "
+                              f"belongs to the label set {label_class.label_set.name!r}, the "
+                              f"scan to {scan.label_set.name!r}")
     annotation = Annotation.objects.create(
         scan=scan, reader=reader, label_class=label_class, outcome=outcome, source=source,
         duration_ms=duration_ms, shown_model_version=shown_model_version,
@@ -344,17 +496,28 @@ def refit_if_due(*, project: Project):
     from ml_backend import services as ml
     from ml_backend.models import TrainingRun
 
-    project = Project.objects.get(pk=project.pk)   # current settings, not a cached instance
-    if project.active_encoder_id is None:
+    if Project.objects.filter(pk=project.pk, active_encoder__isnull=True).exists():
         return None
-    refits = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.REFIT)
-    if refits.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).exists():
-        return None
-    last = refits.order_by("-created_at").first()
-    new_labels = Annotation.objects.filter(scan__project=project, scan__split="pool",
-                                           outcome=Annotation.Outcome.LABEL)
-    if last is not None:
-        new_labels = new_labels.filter(created_at__gt=last.created_at)
-    if new_labels.count() < max(project.refit_every, 1):
-        return None
-    return ml.training_run_create(project=project, kind=TrainingRun.Kind.REFIT, enqueue=True)
+    ml.runs_abandon_expired(project=project)
+    # a refit queued long ago was never picked up (its server stopped): it must not block
+    TrainingRun.objects.filter(
+        project=project, kind=TrainingRun.Kind.REFIT, status=TrainingRun.Status.QUEUED,
+        created_at__lt=timezone.now() - settings.REFIT_QUEUED_STALE).update(
+        status=TrainingRun.Status.ABANDONED, finished_at=timezone.now(),
+        last_error="never picked up by a worker (its server or worker stopped)")
+    with transaction.atomic():
+        # the project row lock makes concurrent answers agree on one refit
+        project = Project.objects.select_for_update().get(pk=project.pk)
+        refits = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.REFIT)
+        if refits.filter(status__in=[TrainingRun.Status.QUEUED,
+                                     TrainingRun.Status.RUNNING]).exists():
+            return None
+        last = refits.order_by("-created_at").first()
+        new_labels = Annotation.objects.filter(scan__project=project, scan__split="pool",
+                                               outcome=Annotation.Outcome.LABEL)
+        if last is not None:
+            new_labels = new_labels.filter(created_at__gt=last.created_at)
+        if new_labels.count() < max(project.refit_every, 1):
+            return None
+        return ml.training_run_create(project=project, kind=TrainingRun.Kind.REFIT,
+                                      enqueue=True)

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from annotator import views, views_label, views_ls, views_reports, views_review
+from annotator import views, views_label, views_ls, views_reports, views_review, views_status
 
 app_name = "annotator"
 
@@ -20,6 +20,11 @@ urlpatterns = [
     path("projects/<int:project_id>/label/<int:scan_id>/answer/", views_label.answer,
          name="answer"),
     path("scans/<int:scan_id>/gradcam.png", views_label.gradcam, name="gradcam"),
+    # Polled by the label page while a refit runs in the background.
+    path("projects/<int:project_id>/model-status/", views_status.model_status,
+         name="model_status"),
+    path("projects/<int:project_id>/models/<int:version_id>/promote/", views.model_promote,
+         name="model_promote"),
     # New anomaly types and their candidates.
     path("projects/<int:project_id>/classes/new/", views_label.class_create, name="class_create"),
     path("projects/<int:project_id>/classes/<int:class_id>/", views_label.class_detail,

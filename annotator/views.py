@@ -8,7 +8,7 @@ from django.core.paginator import Paginator
 from django.db import transaction
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_http_methods
+from django.views.decorators.http import require_http_methods, require_POST
 
 from annotator import labeling, selectors, services
 from annotator.forms import UploadForm
@@ -34,10 +34,22 @@ def project_detail(request, project_id: int):
         project, split=split, include_quarantined=role == "admin"), 48).get_page(
         request.GET.get("page")
     )
+    from annotator.status import model_status
+
+    status = model_status(project)
+    held_back = None
+    if status["last"] and status["last"]["status"] == "ready":
+        from ml_backend.models import ModelVersion
+
+        held_back = ModelVersion.objects.filter(project=project,
+                                                version=status["last"]["version"]).first()
     return render(request, "annotator/project_detail.html", {
         "project": project,
         "stats": selectors.project_stats(project),
         "classes": selectors.label_class_counts(project),
+        "label_sets": project.label_sets.order_by("order", "pk"),
+        "model_status": status,
+        "held_back": held_back,
         "datasets": project.datasets.all(),
         "jobs": project.import_jobs.all()[:5],
         "page": page,
@@ -141,3 +153,28 @@ def upload(request, project_id: int):
 def import_job_detail(request, job_id: int):
     job = selectors.import_job_get_for_user(request.user, job_id)
     return render(request, "annotator/import_job.html", {"job": job, "project": job.project})
+
+
+@login_required
+@require_POST
+def model_promote(request, project_id: int, version_id: int):
+    """A project admin promotes a held-back classifier anyway (recorded in the audit trail)."""
+    from ml_backend import services as ml
+    from ml_backend.models import ModelVersion
+
+    project = selectors.project_get_for_user(request.user, project_id)
+    if project.role_of(request.user) != "admin":
+        raise Http404("Only a project admin promotes a model by hand.")
+    model = ModelVersion.objects.filter(project=project, pk=version_id,
+                                        kind=ModelVersion.Kind.CLASSIFIER).first()
+    if model is None:
+        raise Http404("No such classifier in this project.")
+    try:
+        ml.model_version_promote(model, actor=request.user,
+                                 reason=f"promoted anyway by {request.user.get_username()} "
+                                        f"(the gate had said: {model.status_reason[:300]})")
+    except ml.TrainingError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"{model.version} is now the active classifier.")
+    return redirect(project)

@@ -21,6 +21,7 @@ from django.views.decorators.http import require_GET, require_POST
 from annotator import labeling, selectors, services
 from annotator.forms import ClassifyForm, LabelClassForm
 from annotator.models import Annotation, LabelClass, Scan
+from annotator.status import model_status
 from annotator.tasks import run_import_job
 from annotator.uploads import check_upload, safe_name, stage_uploads
 from ml_backend.data.decode import ScanDecodeError, decode_scan, render_preview
@@ -136,6 +137,8 @@ def answer(request, project_id: int, scan_id: int):
         "saved": {"id": annotation.pk, "created": created, "outcome": annotation.outcome,
                   "label": annotation.label_class.name if annotation.label_class_id else None},
         "model_version": project.active_model.version if project.active_model_id else None,
+        # a refit this answer queued runs in the background: the page shows "Model updating…"
+        "model_status": model_status(project),
         "next": next_payload,
         "worklist": reverse("annotator:worklist", args=[project.pk]),
         "server_ms": round((time.perf_counter() - started) * 1000, 1),
@@ -176,7 +179,8 @@ def class_create(request, project_id: int):
         with transaction.atomic():
             label_class, _ = services.label_class_get_or_create(
                 project=project, name=form.cleaned_data["name"], created_by=request.user,
-                description=form.cleaned_data["description"])
+                description=form.cleaned_data["description"],
+                label_set=form.cleaned_data["label_set"])
             if form.cleaned_data["hotkey"]:
                 label_class.hotkey = form.cleaned_data["hotkey"]
                 label_class.save(update_fields=["hotkey"])
@@ -254,7 +258,7 @@ def classify(request, project_id: int):
     from ml_backend import services as ml
 
     project = selectors.project_get_for_user(request.user, project_id)
-    form = ClassifyForm(request.POST or None, request.FILES or None)
+    form = ClassifyForm(request.POST or None, request.FILES or None, project=project)
     context = {"project": project, "form": form}
     if request.method != "POST":
         return render(request, "annotator/classify.html", context)
@@ -274,7 +278,8 @@ def classify(request, project_id: int):
         return render(request, "annotator/classify.html", context, status=400)
     preview = render_preview(decoded.pixels)
     try:
-        result = ml.classify_image(project=project, preview_png=preview)
+        result = ml.classify_image(project=project, preview_png=preview,
+                                   label_set=form.cleaned_data["label_set"])
     except TrainingError as exc:
         form.add_error(None, str(exc))
         return render(request, "annotator/classify.html", context, status=409)

@@ -90,7 +90,9 @@ def run_quality_check(request, project_id: int):
     except TrainingError as exc:
         messages.error(request, f"The label-quality check did not run: {exc}.")
     else:
+        skipped = getattr(round_, "skipped", [])
         messages.success(request, f"Label-quality check (round {round_.pk}): {round_.size} "
                                   f"scan{'s' if round_.size != 1 else ''} flagged as likely "
-                                  "label errors.")
+                                  "label errors." + (f" Not checked (fewer than 2 labels): "
+                                                     f"{', '.join(skipped)}." if skipped else ""))
     return redirect("annotator:review", project.pk)

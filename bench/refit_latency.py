@@ -36,7 +36,9 @@ def main(argv=None) -> int:
     os.environ.update({
         "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}", "MEDIA_ROOT": str(workdir / "media"),
         "ARTIFACTS_ROOT": str(workdir / "artifacts"), "INCOMING_ROOT": str(workdir / "incoming"),
-        "DJANGO_SETTINGS_MODULE": "medsite.settings", "LOG_LEVEL": "WARNING"})
+        "DJANGO_SETTINGS_MODULE": "medsite.settings", "LOG_LEVEL": "WARNING",
+        # the clock runs while annotation_create refits inline (not in the background thread)
+        "ML_TASKS_IN_THREAD": "0"})
     os.environ.pop("CELERY_BROKER_URL", None)
     import django
 

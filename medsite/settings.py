@@ -7,6 +7,7 @@ and ``DEID_SALT``; see README.md ("Production").
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -80,6 +81,10 @@ def _database_from_env() -> dict:
         Path(config["NAME"]).parent.mkdir(parents=True, exist_ok=True)
         # Several threads (runserver, eager tasks) write to the demo database.
         config.setdefault("OPTIONS", {})["timeout"] = 30
+        # The refit thread and requests both write: a transaction that reads then writes
+        # must take the write lock up front, or SQLite fails it at once ("database is
+        # locked") instead of waiting out the timeout.
+        config["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
     return config
 
 
@@ -120,6 +125,8 @@ LOGOUT_REDIRECT_URL = "login"
 IMPORT_MAX_PIXELS = env_int("IMPORT_MAX_PIXELS", 64_000_000, minimum=1)
 # How long a scan served to one reader is held back from the others (seconds).
 LABEL_LEASE_SECONDS = env_int("LABEL_LEASE_SECONDS", 300, minimum=10)
+# A refit still queued after this long was never picked up (its server stopped): abandoned.
+REFIT_QUEUED_STALE = timedelta(minutes=env_int("REFIT_QUEUED_STALE_MINUTES", 15, minimum=1))
 UPLOAD_MAX_FILE_BYTES = env_int("UPLOAD_MAX_FILE_BYTES", 200 * 1024 * 1024, minimum=1)
 UPLOAD_MAX_FILES = env_int("UPLOAD_MAX_FILES", 500, minimum=1)
 PREVIEW_MAX_SIDE = env_int("PREVIEW_MAX_SIDE", 1024, minimum=32)
@@ -131,6 +138,10 @@ FILE_UPLOAD_TEMP_DIR = None  # Django's default temp dir; files are moved to INC
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL")
 CELERY_TASK_ALWAYS_EAGER = CELERY_BROKER_URL is None
 CELERY_TASK_EAGER_PROPAGATES = True
+# With no broker, training runs (refits after answers, retrains) go to one background worker
+# thread of the server (ml_backend/dispatch.py), so an answer never waits for a refit; off,
+# they run inline in the request that queued them (the test suite turns it off).
+ML_TASKS_IN_THREAD = env_bool("ML_TASKS_IN_THREAD", CELERY_TASK_ALWAYS_EAGER)
 CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND")
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

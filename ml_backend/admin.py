@@ -31,12 +31,12 @@ class ModelVersionAdmin(admin.ModelAdmin):
         from ml_backend import services
 
         for model in queryset:
-            if model.status in (ModelVersion.Status.FAILED, ModelVersion.Status.TRAINING):
-                self.message_user(request, f"{model.version} is {model.status}: not promoted",
-                                  messages.ERROR)
+            try:
+                services.model_version_promote(
+                    model, actor=request.user, reason=f"promoted by {request.user} in admin")
+            except services.TrainingError as exc:
+                self.message_user(request, f"{model.version}: {exc}", messages.ERROR)
                 continue
-            services.model_version_activate(model, reason=f"promoted by {request.user} in admin",
-                                            actor=request.user)
             self.message_user(request, f"{model.version} is now active")
 
     @admin.action(description="Roll back to the previously active version")
@@ -52,9 +52,13 @@ class ModelVersionAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{model.version}: no earlier version to roll back to",
                                   messages.WARNING)
                 continue
-            services.model_version_activate(previous,
-                                            reason=f"rolled back from {model.version} by {request.user}",
-                                            actor=request.user, rolled_back_from=model)
+            try:
+                services.model_version_promote(
+                    previous, actor=request.user, rolled_back_from=model,
+                    reason=f"rolled back from {model.version} by {request.user}")
+            except services.TrainingError as exc:
+                self.message_user(request, f"{previous.version}: {exc}", messages.ERROR)
+                continue
             self.message_user(request, f"{model.project}: {previous.version} is active again")
 
 

@@ -58,9 +58,9 @@ def training_run_create(*, project: Project, kind: str, params: dict | None = No
     run = TrainingRun.objects.create(project=project, kind=kind, params=params or {},
                                      requested_by=requested_by)
     if enqueue:
-        from ml_backend.tasks import run_training
+        from ml_backend import dispatch
 
-        transaction.on_commit(lambda: run_training.delay(run.pk))
+        transaction.on_commit(lambda: dispatch.enqueue_training_run(run.pk))
     return run
 
 
@@ -189,6 +189,21 @@ def model_version_activate(model: ModelVersion, *, reason: str = "", actor=None,
                      "num_labels": model.num_labels})
 
 
+def model_version_promote(model: ModelVersion, *, actor, reason: str = "",
+                          rolled_back_from: ModelVersion | None = None) -> None:
+    """An admin makes a classifier active by hand ("promote anyway", roll back): the same
+    consequences as a promotion by the gate — its predictions for the pool, the next
+    worklist round and Label Studio follow."""
+    if model.status in (ModelVersion.Status.FAILED, ModelVersion.Status.TRAINING):
+        raise TrainingError(f"{model.version} is {model.status}: it cannot be made active")
+    model_version_activate(model, reason=reason or f"promoted by {actor} (bypassing the gate)",
+                           actor=actor, rolled_back_from=rolled_back_from)
+    if model.kind == ModelVersion.Kind.CLASSIFIER:
+        predictions_refresh(model)
+        query_round_create(project=model.project, created_by=actor)
+        _label_studio_follow(model.project_id)
+
+
 def _checkpoint(model: ModelVersion, name: str) -> Path:
     return Path(model.artifact_dir) / name
 
@@ -269,7 +284,104 @@ def _pretrain(run: TrainingRun, report: _RunReporter) -> None:
 def embeddings_paths(model: ModelVersion) -> dict[str, Path]:
     base = Path(model.artifact_dir)
     return {"vectors": base / "embeddings.npy", "ids": base / "scan_ids.npy",
-            "index": base / "index.faiss"}
+            "index": base / "index.faiss", "novelty": base / "novelty.npy"}
+
+
+NOVELTY_K = 5
+
+
+def _novelty_update(paths: dict[str, Path], vectors: np.ndarray, *, new: int, full: bool) -> None:
+    """Each embedded scan's mean cosine distance to its k nearest other scans (leave one
+    out), aligned with ``scan_ids.npy``: the reference that novelty percentiles are read
+    against. New scans are scored against everything; a full embed recomputes all."""
+    from ml_backend.index.novelty import knn_distances
+
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if full or not paths["novelty"].exists():
+        distances = knn_distances(vectors, NOVELTY_K)
+    else:
+        old = np.load(paths["novelty"])
+        if len(old) + new != len(vectors):
+            distances = knn_distances(vectors, NOVELTY_K)
+        elif new:
+            fresh = knn_distances(vectors[len(old):], NOVELTY_K, reference=vectors[:len(old)],
+                                  exclude_self=False)
+            distances = np.concatenate([old, fresh])
+        else:
+            distances = old
+    _save_npy_atomic(paths["novelty"], np.asarray(distances, dtype=np.float32))
+
+
+def _novelty_reference(encoder: ModelVersion) -> tuple[np.ndarray, np.ndarray]:
+    """(scan ids, leave-one-out kNN distances) of the encoder's embedded scans (cached)."""
+    paths = embeddings_paths(encoder)
+    if not paths["novelty"].exists():
+        raise TrainingError(f"{encoder.version} has no novelty reference: run `manage.py embed`")
+
+    def load(path):
+        return np.load(paths["ids"]), np.load(path)
+    return _cached_load(paths["novelty"], load)
+
+
+def _novelty_verdict(distance: float, reference: np.ndarray, percentile_limit: float,
+                     set_name: str) -> dict:
+    from ml_backend.index.novelty import NoveltyModel
+
+    model = NoveltyModel(reference_distances=np.sort(reference), k=NOVELTY_K)
+    percentile = float(model.percentile(np.array([distance]))[0])
+    # at or beyond the limit (inclusive: with a few hundred reference scans the limit's own
+    # quantile is one of the reference's outliers), and not a trivially small distance
+    ood = bool(percentile >= percentile_limit and distance > model.floor)
+    words = (f"Unlike the project's {set_name} scans: farther from its nearest scans than "
+             f"{percentile:.0f}% of them are from theirs. The model has not seen scans like "
+             "this; do not trust its suggestion." if ood else
+             f"Typical of the project's {set_name} scans ({percentile:.0f}th percentile of "
+             "distance to the nearest scans).")
+    return {"distance": round(float(distance), 4), "percentile": round(percentile, 1),
+            "ood": ood, "message": words, "reference_size": int(len(reference))}
+
+
+def _set_rows(project: Project, ids: np.ndarray, label_set) -> np.ndarray:
+    members = set(Scan.objects.filter(project=project, label_set=label_set)
+                  .values_list("pk", flat=True))
+    return np.flatnonzero([int(i) in members for i in ids])
+
+
+def novelty_of_vectors(encoder: ModelVersion, vectors: np.ndarray, *, label_set,
+                       project: Project) -> list[dict]:
+    """How unlike the project's scans of ``label_set`` each vector is: its mean distance to
+    the k nearest of them, as a percentile of those scans' own leave-one-out distances."""
+    from ml_backend.index.novelty import knn_distances
+
+    ids, reference = _novelty_reference(encoder)
+    rows = _set_rows(project, ids, label_set)
+    if len(rows) < 2:
+        return [None] * len(vectors)
+    stored = np.load(embeddings_paths(encoder)["vectors"], mmap_mode="r")
+    distances = knn_distances(np.asarray(vectors, np.float32), NOVELTY_K,
+                              reference=np.asarray(stored[rows], np.float32), exclude_self=False)
+    return [_novelty_verdict(float(d), reference[rows], project.novelty_percentile,
+                             label_set.name) for d in distances]
+
+
+def scan_novelty(scan: Scan) -> dict | None:
+    """The novelty verdict of an embedded scan among its label set's scans (None when the
+    project has no encoder or the scan is not embedded yet)."""
+    encoder = scan.project.active_encoder
+    if encoder is None or scan.label_set_id is None:
+        return None
+    try:
+        ids, reference = _novelty_reference(encoder)
+    except (TrainingError, OSError):
+        return None
+    position = np.flatnonzero(ids == scan.pk)
+    if not len(position):
+        return None
+    rows = _set_rows(scan.project, ids, scan.label_set_id)
+    if len(rows) < 2:
+        return None
+    return _novelty_verdict(float(reference[position[0]]), reference[rows],
+                            scan.project.novelty_percentile, scan.label_set.name)
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -324,6 +436,7 @@ def _embed_with(run: TrainingRun, encoder: ModelVersion, report: _RunReporter, *
         all_ids, all_vectors = ids, vectors
     _save_npy_atomic(paths["vectors"], all_vectors.astype(np.float32))
     _save_npy_atomic(paths["ids"], all_ids)
+    _novelty_update(paths, all_vectors, new=len(ids), full=old_vectors is None or not len(known))
     index.save(paths["index"])
     _INDEX_CACHE.pop(str(paths["index"]), None)
     stats = {"embedded": int(len(ids)), "total": int(len(all_ids)), "index_kind": index.kind,
@@ -347,7 +460,8 @@ def _load_index(path: Path):
     return cached[1]
 
 
-def similar_scans(*, scan: Scan, k: int = 8, labeled_only: bool = False) -> list[tuple[Scan, float]]:
+def similar_scans(*, scan: Scan, k: int = 8, labeled_only: bool = False,
+                  same_label_set: bool = False) -> list[tuple[Scan, float]]:
     """The ``k`` scans most similar to ``scan`` (cosine on SimCLRv2 embeddings), best first.
 
     With ``labeled_only`` only scans that have a label are returned. Raises TrainingError
@@ -369,11 +483,16 @@ def similar_scans(*, scan: Scan, k: int = 8, labeled_only: bool = False) -> list
         query = ssl.embed(model.encoder, _images_for([scan], config.image_size), config)
     allowed = None
     if labeled_only:
-        allowed = list(Annotation.objects.filter(
-            scan__project=scan.project, outcome=Annotation.Outcome.LABEL
-        ).values_list("scan_id", flat=True).distinct())
+        labeled = Annotation.objects.filter(scan__project=scan.project,
+                                            outcome=Annotation.Outcome.LABEL)
+        if same_label_set:
+            labeled = labeled.filter(scan__label_set_id=scan.label_set_id)
+        allowed = list(labeled.values_list("scan_id", flat=True).distinct())
         if not allowed:
             return []
+    elif same_label_set:
+        allowed = list(Scan.objects.filter(project=scan.project, label_set_id=scan.label_set_id)
+                       .values_list("pk", flat=True))
     hits = index.search(query, k, allowed_ids=allowed, exclude_ids=[scan.pk])[0]
     by_id = Scan.objects.in_bulk([scan_id for scan_id, _ in hits])
     return [(by_id[scan_id], float(score)) for scan_id, score in hits if scan_id in by_id]
@@ -442,8 +561,8 @@ def _finetune(run: TrainingRun, report: _RunReporter) -> None:
     classifier, metrics = ssl.finetune(pretrained, pconfig, images, labels, len(classes), config,
                                        checkpoint_path=_checkpoint(model, "classifier.pt"),
                                        model_version=model.version, progress=report)
-    _finish_classifier(run, model, _cnn_predictor(classifier, pconfig), classes, len(labels),
-                       metrics, report)
+    _finish_classifier(run, model, _cnn_predictor(classifier, pconfig, classes), classes,
+                       len(labels), metrics, report, calibrate=True)
 
 
 def _distill(run: TrainingRun, report: _RunReporter) -> None:
@@ -471,30 +590,56 @@ def _distill(run: TrainingRun, report: _RunReporter) -> None:
                                    labeled=labeled, labels=labels,
                                    checkpoint_path=_checkpoint(model, "classifier.pt"),
                                    model_version=model.version, progress=report)
-    _finish_classifier(run, model, _cnn_predictor(student, pconfig), classes, len(labels),
-                       metrics, report)
+    _finish_classifier(run, model, _cnn_predictor(student, pconfig, classes), classes,
+                       len(labels), metrics, report, calibrate=True)
 
 
 Predictor = Callable[[list[Scan]], np.ndarray]
 
 
-def _cnn_predictor(classifier, pconfig) -> Predictor:
-    return lambda scans: ssl.predict_proba(classifier, _images_for(scans, pconfig.image_size),
-                                           pconfig)
+def _allowed_classes(scans: list[Scan], classes: list[int]) -> list[set[int]]:
+    """For each scan, the model's classes that apply to it (its label set's)."""
+    class_set = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "label_set_id"))
+    return [{c for c in classes if class_set.get(c) == s.label_set_id} for s in scans]
 
 
-def _head_predictor(head, encoder: ModelVersion) -> Predictor:
-    return lambda scans: head.predict_proba(_vectors_for(encoder, scans))
+def _cnn_predictor(classifier, pconfig, classes: list[int], temperature: float = 1.0
+                   ) -> Predictor:
+    """A network with one softmax over every class, restricted to each scan's label set."""
+    from ml_backend.active.refit import restrict_to_sets
+
+    def predict(scans: list[Scan], *, calibrated: bool = True) -> np.ndarray:
+        proba = ssl.predict_proba(classifier, _images_for(scans, pconfig.image_size), pconfig,
+                                  temperature=temperature if calibrated else 1.0)
+        return restrict_to_sets(proba, classes, _allowed_classes(scans, classes))
+    return predict
+
+
+def version_heads(model: ModelVersion):
+    """The per-label-set heads of a 'head' version (a version from before label sets has
+    one head for all its classes, in ``head.npz``)."""
+    from ml_backend.active.refit import LinearHead, SetHeads
+
+    classes = [c["id"] for c in model.config["classes"]]
+    configs = model.config.get("label_sets")
+    if configs is None:  # one head, saved before label sets existed
+        head = _cached_load(_checkpoint(model, "head.npz"), LinearHead.load)
+        set_ids = set(LabelClass.objects.filter(pk__in=classes)
+                      .values_list("label_set_id", flat=True))
+        return SetHeads(heads={set_id: head for set_id in set_ids}, class_ids=classes)
+    return SetHeads(heads={c["id"]: _cached_load(_checkpoint(model, c["head"]), LinearHead.load)
+                           for c in configs}, class_ids=classes)
 
 
 def predictor_for(model: ModelVersion) -> Predictor:
-    """Rebuild a classifier version's predict function from its artifacts."""
+    """Rebuild a classifier version's predict function from its (cached) artifacts."""
+    classes = [c["id"] for c in model.config["classes"]]
     if model.config.get("kind") == "head":
-        from ml_backend.active.refit import LinearHead
-
-        return _head_predictor(LinearHead.load(_checkpoint(model, "head.npz")), model.parent)
-    classifier, pconfig = ssl.load_classifier(_checkpoint(model, "classifier.pt"))
-    return _cnn_predictor(classifier, pconfig)
+        heads, encoder = version_heads(model), model.parent
+        return lambda scans, calibrated=True: heads.predict_proba(
+            _vectors_for(encoder, scans), [s.label_set_id for s in scans], calibrated=calibrated)
+    classifier, pconfig = _cached_load(_checkpoint(model, "classifier.pt"), ssl.load_classifier)
+    return _cnn_predictor(classifier, pconfig, classes, model.config.get("temperature") or 1.0)
 
 
 def _vectors_for(encoder: ModelVersion, scans: list[Scan]) -> np.ndarray:
@@ -510,9 +655,15 @@ def _vectors_for(encoder: ModelVersion, scans: list[Scan]) -> np.ndarray:
     return np.asarray(vectors[[row[s.pk] for s in scans]], dtype=np.float32)
 
 
+def _class_sets(project: Project) -> dict[int, int]:
+    """{class id: label set id} for the project's classes."""
+    return dict(LabelClass.objects.filter(project=project).values_list("pk", "label_set_id"))
+
+
 def _refit(run: TrainingRun, report: _RunReporter) -> None:
-    """The fast loop: a calibrated linear head on frozen embeddings (seconds)."""
-    from ml_backend.active.refit import fit_head
+    """The fast loop: one calibrated linear head per label set on frozen embeddings
+    (seconds). A set with labels of fewer than two classes gets no head yet."""
+    from ml_backend.active.refit import SetHeads, fit_head
 
     started = time.perf_counter()
     encoder = run.project.active_encoder
@@ -520,22 +671,52 @@ def _refit(run: TrainingRun, report: _RunReporter) -> None:
         raise TrainingError("the project has no active encoder: run `manage.py pretrain` first")
     _embed_with(run, encoder, report, full=False)          # new scans since the last embed
     scans, class_ids = training_labels(run.project, split="pool")
-    if len(set(class_ids)) < 2:
-        raise TrainingError(f"a refit needs labeled pool scans of at least 2 classes "
-                            f"(have {len(scans)} labels in {len(set(class_ids))} class(es))")
-    head, info = fit_head(_vectors_for(encoder, scans), np.array(class_ids),
-                          seed=run.params.get("seed", 0))
-    classes = [int(c) for c in head.class_ids]
+    class_set = _class_sets(run.project)
+    sets = {s.pk: s for s in run.project.label_sets.all()}
+    by_set: dict[int, list[int]] = {}
+    for row, class_id in enumerate(class_ids):
+        by_set.setdefault(class_set[class_id], []).append(row)
+    vectors = _vectors_for(encoder, scans) if scans else None
+    heads, set_configs, skipped = {}, [], []
+    for set_id in sorted(by_set):
+        rows = by_set[set_id]
+        labels = np.array([class_ids[r] for r in rows])
+        if len(set(labels.tolist())) < 2:
+            skipped.append(f"{sets[set_id].name}: labels of 1 class so far")
+            continue
+        head, info = fit_head(vectors[rows], labels, seed=run.params.get("seed", 0))
+        heads[set_id] = head
+        set_configs.append({"id": set_id, "name": sets[set_id].name,
+                            "classes": [int(c) for c in head.class_ids],
+                            "head": f"head-{set_id}.npz", "num_labels": len(rows),
+                            "temperature": info["temperature"],
+                            "calibrated_on": info["calibrated_on"]})
+    if not heads:
+        raise TrainingError(f"a refit needs labeled pool scans of at least 2 classes in one "
+                            f"label set (have {len(scans)} labels; "
+                            + "; ".join(skipped or ["no labels yet"]) + ")")
+    classes = [c for config in set_configs for c in config["classes"]]
     names = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "name"))
     model = _new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
-        "kind": "head", "classes": [{"id": c, "name": names[c]} for c in classes],
-        "temperature": info["temperature"], "calibrated_on": info["calibrated_on"]})
-    head.save(_checkpoint(model, "head.npz"))
-    report.log(f"refit {model.version}: linear head on {encoder.version} embeddings, "
-               f"{len(scans)} labels, {len(classes)} classes, T={info['temperature']:.2f}")
-    uncalibrated = lambda scans: head.predict_proba(_vectors_for(encoder, scans), calibrated=False)
-    _finish_classifier(run, model, _head_predictor(head, encoder), classes, len(scans),
-                       {"fit": info}, report, uncalibrated=uncalibrated)
+        "kind": "head", "label_sets": set_configs,
+        "classes": [{"id": c, "name": names[c], "label_set": class_set[c]} for c in classes],
+        "temperature": set_configs[0]["temperature"] if len(set_configs) == 1 else None,
+        "calibrated_on": sum(c["calibrated_on"] for c in set_configs)})
+    for set_id, head in heads.items():
+        head.save(_checkpoint(model, f"head-{set_id}.npz"))
+    report.log(f"refit {model.version}: linear heads on {encoder.version} embeddings, "
+               f"{len(scans)} labels; " + "; ".join(
+                   f"{c['name']}: {len(c['classes'])} classes, T={c['temperature']:.2f}"
+                   for c in set_configs) + ("; skipped " + "; ".join(skipped) if skipped else ""))
+    multi = SetHeads(heads=heads, class_ids=classes)
+
+    def predict(scans: list[Scan], *, calibrated: bool = True) -> np.ndarray:
+        return multi.predict_proba(_vectors_for(encoder, scans),
+                                   [s.label_set_id for s in scans], calibrated=calibrated)
+
+    _finish_classifier(run, model, predict, classes, len(scans),
+                       {"fit": set_configs, "skipped_sets": skipped}, report,
+                       uncalibrated=lambda scans: predict(scans, calibrated=False))
     if run.params.get("query", True) and model.status == ModelVersion.Status.ACTIVE:
         query_round = query_round_create(project=run.project)
         report.log(f"query round {query_round.pk}: {query_round.size} scans "
@@ -544,16 +725,22 @@ def _refit(run: TrainingRun, report: _RunReporter) -> None:
 
 
 def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metrics, report, *,
-                       uncalibrated: Predictor | None = None):
+                       uncalibrated: Predictor | None = None, calibrate: bool = False):
+    """Evaluate a new classifier on the eval split, compare it with the active one on the
+    same scans, and promote it (predictions, next round, Label Studio) or hold it back."""
     model.num_labels = num_labels
     model.metrics = {"training": metrics}
     model.status = ModelVersion.Status.READY
     model.save(update_fields=["num_labels", "metrics", "status"])
+    if calibrate:
+        predict, uncalibrated = _calibrate_network(model, predict, classes, report)
     evaluation = evaluate(model, predict=predict, classes=classes, uncalibrated=uncalibrated)
     if evaluation is not None:
         report.log(f"eval: accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f}"
                    f" on {evaluation.num_eval} scans")
-    promoted, reason = gate(model, evaluation)
+    promoted, reason, comparison = gate(model, evaluation, predict=predict)
+    model.metrics = {**model.metrics, "gate": comparison}
+    model.save(update_fields=["metrics"])
     report.log(reason)
     if promoted:
         model_version_activate(model, reason=reason)
@@ -562,6 +749,63 @@ def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metr
     else:
         model.status_reason = reason
         model.save(update_fields=["status_reason"])
+
+
+def _calibrate_network(model: ModelVersion, predict: Predictor, classes: list[int],
+                       report) -> tuple[Predictor, Predictor]:
+    """Temperature scaling for a fine-tuned or distilled network, as the linear heads get:
+    the temperature is fit on the labeled eval split (it changes no predicted class, so
+    accuracy, F1 and the gate are unaffected); the ECE reported after scaling is
+    cross-fitted (temperature from one half of the eval scans, ECE on the other) so it is
+    not measured on the scans the temperature was fit on."""
+    from ml_backend.metrics.reports import fit_temperature
+
+    scans, class_ids = training_labels(model.project, split="eval")
+    keep = [(s, classes.index(c)) for s, c in zip(scans, class_ids) if c in classes]
+    if len(keep) < 8:
+        model.config = {**model.config, "temperature": 1.0, "calibrated_on": 0}
+        model.save(update_fields=["config"])
+        report.log("not calibrated: fewer than 8 labeled eval scans of its classes")
+        return predict, predict
+    y = np.array([c for _, c in keep])
+    raw = predict([s for s, _ in keep], calibrated=False)
+    logits = np.log(np.clip(raw, 1e-12, 1.0))
+    temperature = float(fit_temperature(logits, y))
+    halves = np.random.default_rng(0).permutation(len(y)) % 2
+    cross = {}
+    for half in (0, 1):
+        fit, test = halves != half, halves == half
+        t = float(fit_temperature(logits[fit], y[fit])) if len(set(y[fit].tolist())) > 1 else 1.0
+        cross[half] = (t, test)
+    model.config = {**model.config, "temperature": temperature, "calibrated_on": len(y),
+                    "cross_fitted_temperatures": [cross[0][0], cross[1][0]]}
+    (Path(model.artifact_dir) / "config.json").write_text(json.dumps(model.config, indent=2,
+                                                                     default=str))
+    model.save(update_fields=["config"])
+    report.log(f"temperature scaling: T={temperature:.2f} on {len(y)} eval scans")
+    row_of = {s.pk: i for i, (s, _) in enumerate(keep)}
+
+    def calibrated(scans: list[Scan], *, calibrated: bool = True) -> np.ndarray:
+        p = predict(scans, calibrated=False)
+        if not calibrated:
+            return p
+        # eval scans get the temperature fit on the other half (honest ECE); others all
+        temps = np.array([cross[halves[row_of[s.pk]]][0] if s.pk in row_of else temperature
+                          for s in scans])
+        return _scale(p, temps)
+    return calibrated, (lambda scans, calibrated=False: predict(scans, calibrated=False))
+
+
+def _scale(proba: np.ndarray, temperature) -> np.ndarray:
+    """Re-temper probabilities: softmax(log p / T) over each row's non-zero classes."""
+    proba = np.asarray(proba, dtype=np.float64)
+    temps = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(proba),))[:, None]
+    with np.errstate(divide="ignore"):
+        z = np.where(proba > 0, np.log(np.clip(proba, 1e-300, 1.0)) / temps, -np.inf)
+    z -= np.where(np.isfinite(z.max(axis=1, keepdims=True)), z.max(axis=1, keepdims=True), 0)
+    e = np.where(np.isfinite(z), np.exp(z), 0.0)
+    total = e.sum(axis=1, keepdims=True)
+    return np.divide(e, total, out=np.zeros_like(e), where=total > 0).astype(np.float32)
 
 
 def _label_studio_follow(project_id: int) -> None:
@@ -575,26 +819,53 @@ def _label_studio_follow(project_id: int) -> None:
     transaction.on_commit(lambda: label_studio_push.delay(project_id))
 
 
+def _eval_set(project: Project):
+    """The labeled eval scans with a label set: (scans, class ids)."""
+    scans, class_ids = training_labels(project, split="eval")
+    keep = [(s, c) for s, c in zip(scans, class_ids) if s.label_set_id is not None]
+    return [s for s, _ in keep], [c for _, c in keep]
+
+
 def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int],
              uncalibrated: Predictor | None = None):
-    """Score the eval split; store an Evaluation with the per-class report (and the ECE
-    before temperature scaling when an uncalibrated predictor is given)."""
+    """Score the model on EVERY labeled eval scan (a class the model does not know yet counts
+    as missed, so versions are measured on the same scans and the learning curve is honest);
+    store an Evaluation with the per-class report, one report per label set, and the ECE
+    before temperature scaling when an uncalibrated predictor is given."""
     from ml_backend.metrics.reports import classification_report, expected_calibration_error
 
-    scans, class_ids = training_labels(model.project, split="eval")
-    keep = [(s, classes.index(c)) for s, c in zip(scans, class_ids) if c in classes]
-    if not keep:
+    scans, class_ids = _eval_set(model.project)
+    if not scans:
         return None
-    scans = [s for s, _ in keep]
-    labels = np.array([y for _, y in keep])
-    proba = predict(scans)
-    names = [c["name"] for c in model.config["classes"]]
+    all_classes = list(classes) + sorted(set(class_ids) - set(classes))
+    names_by_id = dict(LabelClass.objects.filter(pk__in=all_classes).values_list("pk", "name"))
+    names = [names_by_id[c] for c in all_classes]
+    labels = np.array([all_classes.index(c) for c in class_ids])
+    proba = _widen(predict(scans), len(all_classes))
     datasets = dict(Scan.objects.filter(pk__in=[s.pk for s in scans])
                     .values_list("pk", "dataset__name"))
     groups = np.array([datasets[s.pk] for s in scans])
     report = classification_report(labels, proba, names, groups=groups)
+    report["known_classes"] = [names_by_id[c] for c in classes]
+    report["unknown_classes"] = [names_by_id[c] for c in all_classes[len(classes):]]
+    class_set = _class_sets(model.project)
+    per_set = {}
+    for label_set in model.project.label_sets.all():
+        cols = [i for i, c in enumerate(all_classes) if class_set.get(c) == label_set.pk]
+        rows = np.flatnonzero([s.label_set_id == label_set.pk and labels[i] in cols
+                               for i, s in enumerate(scans)])
+        if not len(rows) or len(cols) < 2:
+            continue
+        y = np.searchsorted(cols, labels[rows])
+        sub = proba[np.ix_(rows, cols)]
+        per_set[label_set.name] = classification_report(y, sub, [names[c] for c in cols])
+        per_set[label_set.name]["num_eval"] = int(len(rows))
+    report["per_set"] = per_set
     if uncalibrated is not None:
-        report["ece_before_scaling"] = float(expected_calibration_error(labels, uncalibrated(scans)))
+        known = np.flatnonzero(labels < len(classes))
+        if len(known):
+            raw = _widen(uncalibrated([scans[i] for i in known]), len(all_classes))
+            report["ece_before_scaling"] = float(expected_calibration_error(labels[known], raw))
         report["temperature"] = model.config.get("temperature")
     return Evaluation.objects.create(
         model_version=model, num_labels=model.num_labels, num_eval=len(scans),
@@ -603,47 +874,102 @@ def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int],
         ece=report.get("ece"), report=report)
 
 
-def gate(model: ModelVersion, evaluation: Evaluation | None) -> tuple[bool, str]:
-    """Promote only if no class's F1 drops by more than the project's tolerance."""
-    project = model.project
+def _widen(proba: np.ndarray, width: int) -> np.ndarray:
+    """Pad probability columns with zeros for classes the model does not know."""
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.shape[1] >= width:
+        return proba
+    return np.concatenate([proba, np.zeros((len(proba), width - proba.shape[1]))], axis=1)
+
+
+def gate(model: ModelVersion, evaluation: Evaluation | None, *,
+         predict: Predictor | None = None) -> tuple[bool, str, dict]:
+    """Compare the candidate with the active classifier on the SAME labeled eval scans.
+
+    Classes only the candidate knows are reported as newly learned; a regression is a drop
+    on the shared classes that a paired bootstrap says is beyond the project's tolerance
+    (``ml_backend.metrics.gate``), not noise. Returns (promote?, the reason in words, the
+    comparison)."""
+    from ml_backend.metrics.gate import compare_models, describe
+
+    project = Project.objects.select_related("active_model").get(pk=model.project_id)
     active = project.active_model
     if active is None:
-        return True, "first classifier: promoted"
+        return True, "promoted: the first classifier of this project", {}
     if evaluation is None:
-        return False, "not promoted: the project has no labeled eval scans to compare on"
-    previous = active.evaluations.order_by("-created_at").first()
-    if previous is None:
-        return True, f"promoted: {active.version} has no evaluation to compare with"
-    tolerance = project.gate_tolerance
-    drops = []
-    for name, stats in previous.report.get("per_class", {}).items():
-        new = evaluation.report.get("per_class", {}).get(name)
-        if new is None or stats.get("f1") is None or new.get("f1") is None:
-            continue
-        if new["f1"] < stats["f1"] - tolerance:
-            drops.append(f"{name} F1 {stats['f1']:.3f} → {new['f1']:.3f}")
-    if drops:
-        return False, (f"not promoted: F1 dropped by more than {tolerance:.2f} against "
-                       f"{active.version} for " + "; ".join(drops))
-    return True, f"promoted: no class F1 dropped by more than {tolerance:.2f} against {active.version}"
+        return False, ("held back: the project has no labeled eval scans to compare it with "
+                       f"{active.version} (label some eval scans, or promote it by hand)"), {}
+    scans, class_ids = _eval_set(project)
+    candidate_classes = [c["id"] for c in model.config["classes"]]
+    active_classes = [c["id"] for c in active.config["classes"]]
+    space = sorted(set(candidate_classes) | set(active_classes))
+    keep = [i for i, c in enumerate(class_ids) if c in space]
+    if not keep:
+        return True, (f"promoted: none of the eval scans is of a class {active.version} or "
+                      "this version knows"), {}
+    scans = [scans[i] for i in keep]
+    y = np.array([space.index(class_ids[i]) for i in keep])
+    try:
+        active_proba = predictor_for(active)(scans)
+    except (TrainingError, OSError, ValueError) as exc:
+        return True, (f"promoted: the active model {active.version} cannot be scored any more "
+                      f"({exc})"), {}
+    predict = predict or predictor_for(model)
+
+    def predicted(proba: np.ndarray, known: list[int]) -> np.ndarray:
+        best = np.asarray(proba).argmax(axis=1)
+        none = np.asarray(proba).max(axis=1) <= 0            # no head for the scan's set
+        return np.where(none, len(space), np.array([space.index(known[b]) for b in best]))
+
+    names_by_id = dict(LabelClass.objects.filter(pk__in=space).values_list("pk", "name"))
+    candidate_proba = np.asarray(predict(scans))
+    # Forgetting is judged on the classes both know, with the candidate's answer among those
+    # classes (a scan the candidate now calls by a new class is that class's business: its
+    # recall and precision are reported as newly learned, from the unrestricted answers).
+    old = np.array([c in active_classes for c in candidate_classes])
+    restricted = np.where(old[None, :], candidate_proba, 0.0)
+    arguments = dict(class_names=[names_by_id[c] for c in space] + ["(no prediction)"],
+                     candidate_classes={space.index(c) for c in candidate_classes},
+                     active_classes={space.index(c) for c in active_classes},
+                     tolerance=project.gate_tolerance)
+    active_pred = predicted(active_proba, active_classes)
+    comparison = compare_models(y, predicted(restricted, candidate_classes), active_pred,
+                                **arguments)
+    if not old.all():
+        full = compare_models(y, predicted(candidate_proba, candidate_classes), active_pred,
+                              **arguments)
+        comparison["new_classes"] = full["new_classes"]
+        comparison["with_new_classes"] = {"macro_f1": full["macro_f1"],
+                                          "per_class": full["per_class"]}
+    comparison["active_version"] = active.version
+    reason = describe(comparison, candidate=model.version, active=active.version)
+    return not comparison["regression"], reason, comparison
 
 
 def predictions_refresh(model: ModelVersion, *, predict: Predictor | None = None,
                         classes: list[int] | None = None) -> int:
-    """Store the model's class probabilities for every pool scan (one row per scan)."""
+    """Store the model's class probabilities for every pool scan it can score (one row per
+    scan, over the classes of the scan's label set)."""
     predict = predict or predictor_for(model)
     classes = classes or [c["id"] for c in model.config["classes"]]
     scans = list(Scan.objects.filter(project=model.project, split="pool").order_by("pk"))
     if not scans:
         return 0
-    proba = predict(scans)
+    allowed = _allowed_classes(scans, classes)
     rows = []
-    for scan, p in zip(scans, proba):
-        best = int(p.argmax())
-        rows.append(Prediction(
-            scan=scan, model_version=model, predicted_class_id=classes[best],
-            probabilities={str(c): round(float(v), 6) for c, v in zip(classes, p)},
-            confidence=float(p[best]), uncertainty=float(1.0 - p[best])))
+    for start in range(0, len(scans), 4096):
+        chunk = scans[start:start + 4096]
+        proba = predict(chunk)
+        for offset, (scan, p) in enumerate(zip(chunk, proba)):
+            mine = allowed[start + offset]
+            if not mine or float(p.max()) <= 0:
+                continue                       # no head for this scan's label set yet
+            best = int(p.argmax())
+            rows.append(Prediction(
+                scan=scan, model_version=model, predicted_class_id=classes[best],
+                probabilities={str(c): round(float(v), 6) for c, v in zip(classes, p)
+                               if c in mine},
+                confidence=float(p[best]), uncertainty=float(1.0 - p[best])))
     with transaction.atomic():
         Prediction.objects.filter(model_version=model).delete()
         Prediction.objects.bulk_create(rows, batch_size=500)
@@ -667,6 +993,10 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     candidates = [s for s in Scan.objects.filter(project=project, split="pool",
                                                  quarantined=False).order_by("pk")
                   if s.pk not in labeled_ids]
+    # a scan can only be labeled with its label set's classes: none, nothing to ask
+    sets_with_classes = set(LabelClass.objects.filter(project=project)
+                            .values_list("label_set_id", flat=True))
+    candidates = [s for s in candidates if s.label_set_id in sets_with_classes]
     model, encoder = project.active_model, project.active_encoder
     proba, class_names = None, []
     if model is not None:
@@ -674,8 +1004,11 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
         class_names = [c["name"] for c in model.config["classes"]]
         stored = dict(Prediction.objects.filter(model_version=model, scan__in=candidates)
                       .values_list("scan_id", "probabilities"))
-        if candidates and len(stored) == len(candidates):
-            proba = np.array([[stored[s.pk][str(c)] for c in classes] for s in candidates])
+        if candidates and stored:
+            # a scan the model cannot score yet (its set has no head) is maximally uncertain
+            uniform = np.full(len(classes), 1.0 / len(classes))
+            proba = np.array([[stored[s.pk].get(str(c), 0.0) for c in classes]
+                              if s.pk in stored else uniform for s in candidates])
     embeddings = labeled = None
     if encoder is not None and embeddings_paths(encoder)["ids"].exists():
         try:
@@ -787,76 +1120,108 @@ def retrain_start(*, project: Project, if_new_labels: int = 0, params: dict | No
 
 
 def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[dict]]:
-    """Scans to show a clinician for a new class: FAISS neighbours of its first examples
-    among unlabeled pool scans, and novelty candidates (far from every labeled scan)."""
+    """Scans to show a clinician for a class (e.g. one just added): unlabeled pool scans of
+    the class's label set only, as FAISS neighbours of its labeled examples, and novelty
+    candidates (the set's scans farthest from every labeled scan)."""
     project = label_class.project
     encoder = project.active_encoder
     if encoder is None:
         raise TrainingError("no active encoder for this project yet")
     paths = embeddings_paths(encoder)
+    if not paths["index"].exists():
+        raise TrainingError("no embeddings yet: run `manage.py embed`")
     ids = np.load(paths["ids"])
-    vectors = np.load(paths["vectors"])
-    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     labeled = set(Annotation.objects.filter(scan__project=project,
                                             outcome=Annotation.Outcome.LABEL)
                   .values_list("scan_id", flat=True))
-    pool = set(Scan.objects.filter(project=project, split="pool").values_list("pk", flat=True))
-    unlabeled = np.array([i for i, scan_id in enumerate(ids) if scan_id in pool - labeled])
-    examples = set(Annotation.objects.filter(label_class=label_class,
-                                             outcome=Annotation.Outcome.LABEL)
-                   .values_list("scan_id", flat=True))
-    example_rows = np.array([i for i, scan_id in enumerate(ids) if scan_id in examples])
-    labeled_rows = np.array([i for i, scan_id in enumerate(ids) if scan_id in labeled])
+    in_set = set(Scan.objects.filter(project=project, label_set_id=label_class.label_set_id,
+                                     quarantined=False, split="pool")
+                 .values_list("pk", flat=True))
+    unlabeled = [int(i) for i in ids if int(i) in in_set and int(i) not in labeled]
     result = {"neighbours": [], "novel": []}
-    if len(unlabeled) == 0:
+    if not unlabeled:
         return result
-    if len(example_rows):
-        similarity = unit[unlabeled] @ unit[example_rows].T          # (U, E)
-        best = similarity.max(axis=1)
-        source = example_rows[similarity.argmax(axis=1)]
-        for position in np.argsort(-best)[:k]:
-            result["neighbours"].append({"scan": int(ids[unlabeled[position]]),
-                                         "similarity": round(float(best[position]), 4),
-                                         "like": int(ids[source[position]])})
-    if len(labeled_rows):
-        nearest = (unit[unlabeled] @ unit[labeled_rows].T).max(axis=1)
-        for position in np.argsort(nearest)[:k]:
-            result["novel"].append({"scan": int(ids[unlabeled[position]]),
-                                    "nearest_labeled_similarity": round(float(nearest[position]), 4)})
+    index = _load_index(paths["index"])
+    vectors = np.load(paths["vectors"], mmap_mode="r")
+    row = {int(scan_id): i for i, scan_id in enumerate(ids)}
+    examples = [s for s in Annotation.objects.filter(label_class=label_class,
+                                                     outcome=Annotation.Outcome.LABEL)
+                .values_list("scan_id", flat=True).distinct() if s in row]
+    if examples:
+        queries = np.asarray(vectors[[row[s] for s in examples]], np.float32)
+        best: dict[int, tuple[float, int]] = {}
+        for example, hits in zip(examples, index.search(queries, k, allowed_ids=unlabeled)):
+            for scan_id, score in hits:
+                if scan_id not in best or score > best[scan_id][0]:
+                    best[scan_id] = (float(score), example)
+        for scan_id, (score, like) in sorted(best.items(), key=lambda kv: -kv[1][0])[:k]:
+            result["neighbours"].append({"scan": int(scan_id), "similarity": round(score, 4),
+                                         "like": int(like)})
+    labeled_in_set = [s for s in Scan.objects.filter(
+        pk__in=labeled, label_set_id=label_class.label_set_id).values_list("pk", flat=True)
+        if s in row]
+    if labeled_in_set:
+        from ml_backend.index.novelty import knn_distances
+
+        distance = knn_distances(np.asarray(vectors[[row[s] for s in unlabeled]], np.float32),
+                                 1, reference=np.asarray(vectors[[row[s] for s in labeled_in_set]],
+                                                         np.float32), exclude_self=False)
+        for position in np.argsort(-distance)[:k]:
+            result["novel"].append({"scan": unlabeled[position],
+                                    "nearest_labeled_similarity":
+                                        round(1.0 - float(distance[position]), 4)})
     return result
 
 
 def label_quality_check(*, project: Project, created_by=None) -> QueryRound:
-    """Flag likely label errors among pool labels and queue them for re-review as a round."""
+    """Flag likely label errors among pool labels and queue them for re-review as a round.
+
+    Run per label set, on the classes with at least two labels (a class with fewer cannot be
+    cross-validated); ``round.skipped`` lists what was left out and why."""
     from ml_backend.active.quality import find_label_issues, out_of_fold_proba
 
     encoder = project.active_encoder
     if encoder is None:
         raise TrainingError("no active encoder for this project yet")
     scans, class_ids = training_labels(project, split="pool")
-    if len(set(class_ids)) < 2:
-        raise TrainingError("a label-quality check needs labels of at least 2 classes")
-    labels = np.array(class_ids)
-    try:
-        proba, classes = out_of_fold_proba(_vectors_for(encoder, scans), labels)
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from None
-    y = np.searchsorted(classes, labels)
-    names = dict(LabelClass.objects.filter(pk__in=classes.tolist()).values_list("pk", "name"))
-    issues = find_label_issues(proba, y)
+    class_set = _class_sets(project)
+    names = dict(LabelClass.objects.filter(project=project).values_list("pk", "name"))
+    counts = Counter(class_ids)
+    skipped = [f"{names[c]} ({n} label)" for c, n in sorted(counts.items()) if n < 2]
+    found, checked_sets = [], 0
+    for set_id in sorted(set(class_set.values())):
+        rows = [i for i, c in enumerate(class_ids) if class_set[c] == set_id and counts[c] >= 2]
+        if len({class_ids[i] for i in rows}) < 2:
+            continue
+        labels = np.array([class_ids[i] for i in rows])
+        try:
+            proba, classes = out_of_fold_proba(_vectors_for(encoder, [scans[i] for i in rows]),
+                                               labels)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+        checked_sets += 1
+        for issue in find_label_issues(proba, np.searchsorted(classes, labels)):
+            found.append((scans[rows[issue["index"]]], issue,
+                          names[int(classes[issue["given"]])],
+                          names[int(classes[issue["suggested"]])]))
+    if not checked_sets:
+        raise TrainingError("a label-quality check needs at least 2 labels in each of 2 classes "
+                            "of one label set" + (f" (too few: {', '.join(skipped)})"
+                                                  if skipped else ""))
+    found.sort(key=lambda row: row[1]["self_confidence"])
     with transaction.atomic():
         review = QueryRound.objects.create(project=project, model_version=project.active_model,
-                                           strategy="label_review", size=len(issues),
+                                           strategy="label_review", size=len(found),
                                            created_by=created_by)
         QueryItem.objects.bulk_create([
-            QueryItem(query_round=review, scan=scans[issue["index"]], rank=rank,
+            QueryItem(query_round=review, scan=scan, rank=rank,
                       score=1.0 - issue["self_confidence"],
-                      reason={"why": "likely label error",
-                              "given": names[int(classes[issue["given"]])],
-                              "suggested": names[int(classes[issue["suggested"]])],
+                      reason={"why": "likely label error", "given": given,
+                              "suggested": suggested,
                               "self_confidence": round(issue["self_confidence"], 4),
                               "suggested_confidence": round(issue["suggested_confidence"], 4)})
-            for rank, issue in enumerate(issues, start=1)])
+            for rank, (scan, issue, given, suggested) in enumerate(found, start=1)])
+    review.skipped = skipped
     return review
 
 
@@ -886,40 +1251,56 @@ class _Explainer:
     """What one classifier version needs to score and explain single images."""
 
     def __init__(self, model: ModelVersion):
-        from ml_backend.explain import head_score
-
         self.class_ids = [c["id"] for c in model.config["classes"]]
+        self.model = model
         if model.config.get("kind") == "head":
-            from ml_backend.active.refit import LinearHead
-
-            self.head = _cached_load(_checkpoint(model, "head.npz"), LinearHead.load)
+            self.heads = version_heads(model)
             simclr, self.config = _cached_load(_checkpoint(model.parent, "encoder.pt"),
                                                ssl.load_pretrained)
             self.encoder = simclr.encoder
-            self.score = head_score(self.head.mean, self.head.scale, self.head.coef,
-                                    self.head.intercept)
         else:
-            self.head = None
+            self.heads = None
             classifier, self.config = _cached_load(_checkpoint(model, "classifier.pt"),
                                                    ssl.load_classifier)
             self.classifier = classifier
             self.encoder = classifier.encoder
-            self.score = lambda pooled: classifier.fc(
-                classifier.head(pooled, upto=classifier.from_head_layer))
+            self.temperature = model.config.get("temperature") or 1.0
 
-    def proba(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities, exactly as the stored predictions are computed."""
-        if self.head is not None:
-            return self.head.predict_proba(ssl.embed(self.encoder, images, self.config))
-        return ssl.predict_proba(self.classifier, images, self.config)
+    def classes_of(self, label_set_id: int) -> list[int]:
+        class_set = _class_sets(self.model.project)
+        return [c for c in self.class_ids if class_set.get(c) == label_set_id]
+
+    def proba(self, images: np.ndarray, label_set_id: int) -> np.ndarray:
+        """Calibrated probabilities over the model's classes, restricted to one label set,
+        exactly as the stored predictions are computed."""
+        from ml_backend.active.refit import restrict_to_sets
+
+        if self.heads is not None:
+            return self.heads.predict_proba(ssl.embed(self.encoder, images, self.config),
+                                            [label_set_id] * len(images))
+        proba = ssl.predict_proba(self.classifier, images, self.config,
+                                  temperature=self.temperature)
+        allowed = set(self.classes_of(label_set_id))
+        return restrict_to_sets(proba, self.class_ids, [allowed] * len(images))
 
     def cam(self, image: np.ndarray, class_id: int) -> np.ndarray:
-        from ml_backend.explain import gradcam
+        from ml_backend.explain import gradcam, head_score
 
         if class_id not in self.class_ids:
             raise TrainingError(f"class {class_id} is not one this model predicts")
-        return gradcam(self.encoder, image, self.config.augment_config(), self.score,
-                       self.class_ids.index(class_id))
+        if self.heads is not None:
+            head = next((h for h in self.heads.heads.values()
+                         if class_id in [int(c) for c in h.class_ids]), None)
+            if head is None:
+                raise TrainingError(f"class {class_id} has no head in {self.model.version}")
+            score = head_score(head.mean, head.scale, head.coef, head.intercept)
+            index = [int(c) for c in head.class_ids].index(class_id)
+        else:
+            classifier = self.classifier
+            score = lambda pooled: classifier.fc(  # noqa: E731
+                classifier.head(pooled, upto=classifier.from_head_layer))
+            index = self.class_ids.index(class_id)
+        return gradcam(self.encoder, image, self.config.augment_config(), score, index)
 
 
 def scan_gradcam(*, scan: Scan, class_id: int, model: ModelVersion | None = None) -> bytes:
@@ -939,34 +1320,47 @@ def scan_gradcam(*, scan: Scan, class_id: int, model: ModelVersion | None = None
     return overlay_png(explainer.cam(image, class_id), width, height)
 
 
-def classify_image(*, project: Project, preview_png: bytes, k: int = 6) -> dict:
-    """Score one decoded image (its display PNG) with the project's active classifier:
-    probability for every class, the Grad-CAM overlay of the predicted class, and the
-    ``k`` most similar labeled scans (FAISS, active encoder). Nothing is stored."""
+def classify_image(*, project: Project, preview_png: bytes, label_set=None, k: int = 6) -> dict:
+    """Score one decoded image (its display PNG) with the project's active classifier on the
+    classes of ``label_set`` (the project's first set by default): probability for every
+    class of the set (0 for one the model has not learned yet), how unlike the project's
+    scans of that set it is (novelty), the Grad-CAM overlay of the predicted class, and the
+    ``k`` most similar labeled scans of the set. Nothing is stored."""
     from PIL import Image
 
+    from annotator.models import LabelSet
     from ml_backend.explain import overlay_png
 
     project = Project.objects.select_related("active_model", "active_encoder").get(pk=project.pk)
+    label_set = label_set or project.label_sets.order_by("order", "pk").first()
     model = project.active_model
     if model is None:
         raise TrainingError("this project has no classifier yet: label some scans first")
+    if not isinstance(label_set, LabelSet) or label_set.project_id != project.pk:
+        raise TrainingError("choose one of this project's label sets")
     explainer = _Explainer(model)
+    set_classes = list(label_set.classes.order_by("order", "name"))
+    known = set(explainer.classes_of(label_set.pk))
+    if not known:
+        raise TrainingError(f"the model has not learned the label set {label_set.name!r} yet: "
+                            "label scans of at least two of its classes")
     image = load_images([preview_png], explainer.config.image_size)
-    proba = explainer.proba(image)[0]
-    names = {c["id"]: c["name"] for c in model.config["classes"]}
-    ranked = sorted(zip(explainer.class_ids, proba.tolist()), key=lambda kv: -kv[1])
-    best = ranked[0][0]
+    proba = explainer.proba(image, label_set.pk)[0]
+    p_of = {cid: float(p) for cid, p in zip(explainer.class_ids, proba.tolist())}
+    ranked = sorted(((c.pk, c.name, p_of.get(c.pk, 0.0), c.pk in known) for c in set_classes),
+                    key=lambda row: -row[2])
+    best_id, best_name, best_p, _ = ranked[0]
     with Image.open(io.BytesIO(preview_png)) as preview:
         width, height = preview.size
-    overlay = overlay_png(explainer.cam(image[0], best), width, height)
-    similar = []
+    overlay = overlay_png(explainer.cam(image[0], best_id), width, height)
+    similar, novelty = [], None
     encoder = project.active_encoder
     if encoder is not None and embeddings_paths(encoder)["index"].exists():
         simclr, config = _cached_load(_checkpoint(encoder, "encoder.pt"), ssl.load_pretrained)
         vector = ssl.embed(simclr.encoder, load_images([preview_png], config.image_size), config)
+        novelty = novelty_of_vectors(encoder, vector, label_set=label_set, project=project)[0]
         labeled = list(Annotation.objects.filter(
-            scan__project=project, outcome=Annotation.Outcome.LABEL)
+            scan__project=project, scan__label_set=label_set, outcome=Annotation.Outcome.LABEL)
             .values_list("scan_id", flat=True).distinct())
         if labeled:
             hits = _load_index(embeddings_paths(encoder)["index"]).search(
@@ -979,9 +1373,10 @@ def classify_image(*, project: Project, preview_png: bytes, k: int = 6) -> dict:
                 label_names.setdefault(scan_id, name)
             similar = [{"scan": by_id[i], "similarity": float(s), "label": label_names.get(i)}
                        for i, s in hits if i in by_id and not by_id[i].quarantined]
-    return {"model": model, "predicted": {"class_id": best, "name": names[best],
-                                          "confidence": float(ranked[0][1])},
-            "probabilities": [{"class_id": cid, "name": names[cid], "p": float(p)}
-                              for cid, p in ranked],
-            "overlay_png": overlay, "similar": similar,
-            "calibrated": model.config.get("kind") == "head"}
+    return {"model": model, "label_set": label_set,
+            "predicted": {"class_id": best_id, "name": best_name, "confidence": best_p},
+            "probabilities": [{"class_id": cid, "name": name, "p": p, "learned": learned}
+                              for cid, name, p, learned in ranked],
+            "overlay_png": overlay, "similar": similar, "novelty": novelty,
+            "calibrated": bool(model.config.get("temperature")) or model.config.get(
+                "kind") == "head"}

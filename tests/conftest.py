@@ -134,6 +134,13 @@ def fast_password_hashing(settings):
 
 
 @pytest.fixture(autouse=True)
+def synchronous_training_runs(settings):
+    """Refits and retrains run inline in the tests (ml_backend/dispatch.py); the tests of
+    the background worker thread turn ML_TASKS_IN_THREAD on themselves."""
+    settings.ML_TASKS_IN_THREAD = False
+
+
+@pytest.fixture(autouse=True)
 def eager_tasks():
     """Tasks run in-process unless a test asks for ``celery_worker_process``."""
     from medsite.celery import app

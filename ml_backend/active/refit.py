@@ -101,3 +101,37 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
                       temperature=float(temperature), class_ids=class_ids)
     return head, {"num_labels": int(len(y)), "temperature": float(temperature),
                   "calibrated_on": calibrated_on, "classes": class_ids.tolist()}
+
+
+@dataclass
+class SetHeads:
+    """One head per label set on the same embeddings: each scan is scored by the head of its
+    own set, so a chest film is never given a brain class. ``predict_proba`` returns an
+    ``(N, len(class_ids))`` matrix whose row holds probabilities over the scan's set's
+    classes and zeros elsewhere (all zeros when its set has no head yet)."""
+
+    heads: dict[int, LinearHead]   # label set id → head
+    class_ids: list[int]           # column order of the full matrix
+
+    def predict_proba(self, x: np.ndarray, set_ids, *, calibrated: bool = True) -> np.ndarray:
+        set_ids = np.asarray(set_ids)
+        out = np.zeros((len(set_ids), len(self.class_ids)), dtype=np.float32)
+        column = {c: i for i, c in enumerate(self.class_ids)}
+        for set_id, head in self.heads.items():
+            rows = np.flatnonzero(set_ids == set_id)
+            if not len(rows):
+                continue
+            cols = [column[int(c)] for c in head.class_ids]
+            out[np.ix_(rows, cols)] = head.predict_proba(np.asarray(x)[rows],
+                                                         calibrated=calibrated)
+        return out
+
+
+def restrict_to_sets(proba: np.ndarray, class_ids: list[int], allowed: list[set[int]]) -> np.ndarray:
+    """Zero every column whose class is not allowed for that row and renormalise (a joint
+    softmax network scoring scans of several label sets). Rows with no allowed column are 0."""
+    proba = np.asarray(proba, dtype=np.float32)
+    mask = np.array([[c in row for c in class_ids] for row in allowed], dtype=np.float32)
+    out = proba * mask
+    total = out.sum(axis=1, keepdims=True)
+    return np.divide(out, total, out=np.zeros_like(out), where=total > 0)

@@ -71,7 +71,7 @@ def test_pretrain_embed_similar_finetune_distill(project, settings, capsys):
     project.refresh_from_db()
     classifier = project.active_model
     assert classifier is not None and classifier.parent == encoder
-    assert classifier.status_reason == "first classifier: promoted"
+    assert classifier.status_reason == "promoted: the first classifier of this project"
     assert {c["name"] for c in classifier.config["classes"]} == {
         "no_tumor", "pituitary_tumor", "glioma_tumor"}
     evaluation = Evaluation.objects.get(model_version=classifier)

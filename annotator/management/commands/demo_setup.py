@@ -15,9 +15,10 @@ from annotator.models import Membership, Project
 
 DEMO_PROJECT = "Demo: chest X-ray + brain MRI"
 DATASETS = [
-    # (name, fixture folder, modality, body part, horizontal flips preserve anatomy?)
-    ("PneumoniaMNIST (Guangzhou)", "chest_xray", "CR", "CHEST", False),
-    ("Brain MRI (Bhuvaji et al.)", "brain_mri", "MR", "BRAIN", True),
+    # (name, fixture folder, modality, body part, horizontal flips preserve anatomy?,
+    #  label set: the classes that apply to these scans)
+    ("PneumoniaMNIST (Guangzhou)", "chest_xray", "CR", "CHEST", False, "Chest X-ray"),
+    ("Brain MRI (Bhuvaji et al.)", "brain_mri", "MR", "BRAIN", True, "Brain MRI"),
 ]
 
 
@@ -49,9 +50,13 @@ class Command(BaseCommand):
         services.membership_set(project=project, user=users["admin"][0],
                                 role=Membership.Role.ADMIN)
         fixtures = Path(opts["fixtures"])
-        for name, folder, modality, body_part, hflip in DATASETS:
-            services.dataset_get_or_create(project=project, name=name, modality=modality,
-                                           body_part=body_part, hflip_allowed=hflip)
+        for name, folder, modality, body_part, hflip, label_set in DATASETS:
+            dataset = services.dataset_get_or_create(project=project, name=name,
+                                                     modality=modality, body_part=body_part,
+                                                     hflip_allowed=hflip)
+            # Each anatomy has its own label set: a chest film is never offered a brain class.
+            services.label_set_create(project=project, name=label_set, datasets=[dataset],
+                                      body_parts=body_part)
             # Eval scans carry their labels (ground truth for reports); pool scans are
             # imported unlabeled so the active-learning loop has work to do.
             for split, layout in (("eval", "class-folders"), ("pool", "flat")):

@@ -30,6 +30,9 @@ class Command(BaseCommand):
                             help="auto: sub-folder names are labels when images sit one level "
                             "down; flat: ignore folder names")
         parser.add_argument("--reader", default="", help="username recorded on imported labels")
+        parser.add_argument("--label-set", default="",
+                            help="label set (e.g. 'chest X-ray') the dataset's scans use; made "
+                            "if new. Its classes are the only ones offered for these scans")
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **opts):
@@ -56,6 +59,7 @@ class Command(BaseCommand):
                 layout=opts["layout"],
                 labels_csv=opts["labels"],
                 created_by=reader,
+                label_set=opts["label_set"],
             )
         except services.ImportRequestError as exc:
             raise CommandError(str(exc)) from None

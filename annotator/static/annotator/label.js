@@ -1,6 +1,8 @@
 // The label page: a viewer (zoom, pan, brightness/contrast, invert, Grad-CAM) and answers
 // by hotkey, saved with fetch; the next scan's payload comes back in the same response, so
 // the page swaps scans without reloading. Timings are kept in window.medlabel.timings.
+// A refit the answer queued runs in the background: the answer never waits for it; the status
+// line says "Model updating…", polls model-status every 2 s meanwhile, then says what came of it.
 (function () {
   "use strict";
   const $ = (id) => document.getElementById(id);
@@ -118,13 +120,25 @@
       }
       $("why-details").textContent = parts.join(" · ");
     }
-    // suggestion
+    // suggestion; a scan unlike anything the model was trained on (novelty.ood) gets a
+    // warning, and the suggestion is shown as not confident
     const list = $("top-classes");
     list.replaceChildren();
     const s = p.suggestion;
+    const novelty = p.novelty;
+    const ood = !!(novelty && novelty.ood);
+    const warning = $("novelty-warning");
+    warning.hidden = !ood;
+    warning.textContent = ood ? (novelty.message || "This scan is unlike the scans the model was trained on.") : "";
+    if (ood && typeof novelty.percentile === "number") warning.title = `novelty percentile ${novelty.percentile}`;
+    else warning.removeAttribute("title");
+    $("suggestion-card").classList.toggle("not-confident", ood && !!s);
+    $("suggestion-caution").hidden = !(ood && s);
+    $("model-notice").hidden = !p.model_notice;
+    $("model-notice").textContent = p.model_notice || "";
     if (s) {
-      $("suggestion-text").textContent = `${s.class_name} — ${(s.confidence * 100).toFixed(0)}% ${s.calibrated ? "(calibrated)" : ""}`;
-      $("suggestion-text").className = "";
+      $("suggestion-text").textContent = (ood ? "not confident: " : "") + `${s.class_name} — ${(s.confidence * 100).toFixed(0)}% ${s.calibrated ? "(calibrated)" : ""}`;
+      $("suggestion-text").className = ood ? "not-confident" : "";
       $("suggestion-text").dataset.classId = s.class_id;
       for (const t of s.top) {
         const li = el("li");
@@ -149,7 +163,7 @@
       b.title = c.description || c.name;
       if (c.key) b.append(el("kbd", c.key), " ");
       b.append(c.name);
-      if (s && s.class_id === c.id) b.classList.add("suggested");
+      if (s && !ood && s.class_id === c.id) b.classList.add("suggested");
       b.addEventListener("click", () => submit({outcome: "label", class_id: c.id}));
       buttons.append(b);
     }
@@ -172,6 +186,84 @@
     submission = crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
   }
 
+  // --- model status ----------------------------------------------------------------------
+  const statusUrl = root.dataset.modelStatus;
+  const POLL_MS = 2000;
+  let pollTimer = null;
+  let pollFailures = 0;
+  let statusIssued = 0;      // each status request (a poll or an answer) gets a number, and
+  let statusApplied = 0;     // an older "not updating" never overrides a newer status
+  let watching = false;      // "Model updating…" is on screen: say what came of it after
+  let baseline;              // newest finished classifier when the update started
+  let lastSeen;              // newest finished classifier seen (undefined: not asked yet)
+
+  function outcome(st, before) {
+    const last = st.last, run = st.last_run;
+    if (last && last.version !== before) {
+      if (last.status === "active") return [`Model ${last.version} is now active`, "promoted"];
+      if (last.status === "ready") {
+        const reason = (last.reason || "").replace(/^not promoted:\s*/i, "") || "no reason given";
+        const streak = st.held_back_in_a_row > 1 ? ` (${st.held_back_in_a_row} in a row)` : "";
+        return [`${last.version} was held back: ${reason}${streak}`, "held-back"];
+      }
+      if (last.status === "failed") return [`${last.version} failed: ${last.reason || "see the run's log"}`, "failed"];
+    }
+    if (run && (run.status === "failed" || run.status === "abandoned")) {
+      return [`Model update failed: ${run.error || run.status}`, "failed"];
+    }
+    return [st.model_version ? `Model update finished; ${st.model_version} stays active` : "Model update finished", ""];
+  }
+
+  function showModelStatus(st, seq) {
+    if (!st || (!st.updating && seq < statusApplied)) return;
+    statusApplied = Math.max(statusApplied, seq);
+    medlabel.modelStatus = st;
+    const line = $("model-status");
+    const last = st.last ? st.last.version : null;
+    if (st.updating) {
+      if (!watching) baseline = lastSeen === undefined ? last : lastSeen;
+      watching = true;
+      const r = st.run;
+      let detail = "";
+      if (r) detail = r.status === "running" && r.progress > 0 ? ` (${r.kind}, ${Math.round(r.progress * 100)}%)` : ` (${r.kind}${r.status === "queued" ? ", queued" : ""})`;
+      line.textContent = "Model updating…" + detail;
+      line.className = "model-status updating";
+      schedulePoll();
+    } else {
+      stopPolling();
+      if (watching || (lastSeen !== undefined && last !== lastSeen)) {
+        const [text, kind] = outcome(st, watching ? baseline : lastSeen);
+        line.textContent = text;
+        line.className = "model-status " + kind;
+      }
+      watching = false;
+    }
+    lastSeen = last;
+  }
+
+  function schedulePoll() {
+    if (pollTimer === null && statusUrl) pollTimer = setTimeout(poll, POLL_MS);
+  }
+  function stopPolling() {
+    if (pollTimer !== null) clearTimeout(pollTimer);
+    pollTimer = null;
+  }
+  async function poll() {
+    pollTimer = null;
+    const seq = ++statusIssued;
+    try {
+      const response = await fetch(statusUrl, {credentials: "same-origin", cache: "no-store",
+                                               headers: {Accept: "application/json"}});
+      if (!response.ok) throw new Error(`server answered ${response.status}`);
+      const st = await response.json();
+      pollFailures = 0;
+      showModelStatus(st, seq);
+    } catch (err) {
+      pollFailures += 1;
+      if (pollFailures < 5) schedulePoll();    // a hiccup: try again; after 5, the next answer says
+    }
+  }
+
   // --- answering --------------------------------------------------------------------------
   async function submit(answer) {
     if (busy) return;
@@ -188,6 +280,7 @@
       submission_id: submission,
     }, answer);
     $("status").textContent = "saving…";
+    const statusSeq = ++statusIssued;
     try {
       const response = await fetch(payload.scan.answer, {
         method: "POST", credentials: "same-origin",
@@ -202,6 +295,8 @@
       }
       medlabel.saved += 1;
       medlabel.lastServerMs = data.server_ms;
+      medlabel.lastUpdating = !!(data.model_status && data.model_status.updating);
+      showModelStatus(data.model_status, statusSeq);
       $("status").className = "muted";
       if (data.next) {
         history.replaceState({}, "", data.next.scan.url);
@@ -234,4 +329,5 @@
   });
 
   render(payload);
+  if (statusUrl) poll();     // a refit may already be running (another reader's answers)
 })();

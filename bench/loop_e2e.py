@@ -1,0 +1,989 @@
+"""The product's active-learning loop end to end: import, pretrain, worklist, refits, gate.
+
+    python -m bench.loop_e2e --train ../shared/data/brain_mri/Training --eval split:0.2 \\
+        --budget 200 --step 10 --seeds 3 --strategies worklist,random \\
+        --pretrain-epochs 4 --image-size 64 --save-encoder /tmp/brain_enc.pt \\
+        --out bench/results/loop_e2e_brain.json --plot bench/results/loop_e2e_brain.png
+
+    # a mixed project: one label set per --train source, one --eval per --train (same order)
+    python -m bench.loop_e2e --train '../shared/data/pneumoniamnist/pneumoniamnist.npz#train' \\
+        --train ../shared/data/brain_mri/Training \\
+        --eval '../shared/data/pneumoniamnist/pneumoniamnist.npz#val' --eval split:0.2 \\
+        --label-sets "chest X-ray" "brain MRI" --max-pool-per-source 1500 ...
+
+Unlike ``bench.al_sim`` (the library replayed on arrays), this drives the product itself,
+in-process, on a throw-away SQLite database and media / artifact folders in a temp dir:
+
+1. A real project (``project_create``), one label set per ``--train`` source with all its
+   classes made up front. ``--gate-eval-per-class`` scans per class of each train source
+   (whole near-duplicate groups, so no group straddles) are imported LABELED with
+   ``split="eval"``: the project's own eval set, which the promotion gate uses. The rest
+   (``--max-pool-per-source``: a stratified subset) is imported UNLABELED as the pool through
+   ``import_job_create`` + ``import_job_run``; the oracle (sha256 of each file → its class)
+   is kept aside. ``--eval`` sets are never imported: they are decoded with the import's
+   pipeline (``decode_scan`` + ``render_preview``, then ``load_images``) and scored offline.
+   ``--eval split:F`` holds out the grouped fraction F of that train source exactly as
+   ``bench.ssl_eval`` / ``bench.al_sim`` do (same groups, same seed), kept out of the pool
+   and of the gate eval.
+2. An encoder: a pretraining run in the project (``training_run_create(kind="pretrain")`` +
+   ``training_run_execute``: it also embeds every scan and activates), or
+   ``--encoder-checkpoint`` (an ``encoder.pt``: a ModelVersion + a full ``embed`` run).
+3. Per seed and strategy, on the same project (reset in between: pool annotations,
+   classifiers, predictions, query rounds and refit runs deleted; encoder and embeddings
+   kept), ``refit_every = query_batch_size = --step``. ``worklist``: the first round is the
+   product's cold start; reader1 answers the current round in rank order through the
+   label page's own helpers (``lease_next``, the suggestion ``_suggestion`` shows, then
+   ``annotation_create`` with what was shown); the refit is queued by ``annotation_create``
+   itself and runs inline (``ML_TASKS_IN_THREAD=0``, eager Celery); a promoted refit makes
+   the next round, and when a round runs out first (a refit held back or failed) the bench
+   asks ``query_round_create`` for a new one. ``random``: the same, answering seeded random
+   unlabeled pool scans. ``--second-reader-error e``: reader2 labels every scan too, with a
+   wrong class of the scan's label set with probability e.
+4. After every ``--step`` labels: the ACTIVE model's macro-F1 / accuracy / macro AUC (one vs
+   rest) / ECE on ``--eval`` (per label set and overall; a set the model has no head for
+   yet counts as missed), refits promoted / held back / failed, the newest held-back reason,
+   step and refit wall times. At the end of each run the offline linear probe (``fit_head``
+   per label set on the same labeled scans' stored embeddings) is scored the same way, and
+   every stored Prediction is checked for a class outside its scan's label set.
+
+Output: JSON (written after every run), a PNG of macro-F1 against labels (±sd over seeds,
+one panel per label set for a mixed project), and markdown tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPORT_COUNTS = (10, 20, 50, 100, 150, 200)
+STRATEGIES = ("worklist", "random")
+METRICS = ("macro_f1", "accuracy", "macro_auc", "ece")
+DROP_LIMIT = 0.05
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- arguments -------------------------------------------------------------------------
+
+
+def parse_strategies(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STRATEGIES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"strategies: a comma-separated list of {', '.join(STRATEGIES)} (got {text!r})")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.loop_e2e",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--train", action="append", required=True,
+                   help="a labeled source spec (repeat for a mixed project: one label set each)")
+    p.add_argument("--eval", action="append", required=True,
+                   help="evaluation spec for the --train of the same position, or split:F")
+    p.add_argument("--label-sets", nargs="+", default=None,
+                   help="label set names, one per --train (default: the project's one set)")
+    p.add_argument("--budget", type=int, default=200, help="labels per run")
+    p.add_argument("--step", type=int, default=10,
+                   help="refit_every and query_batch_size; a point is recorded every step")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--strategies", type=parse_strategies, default=list(STRATEGIES))
+    p.add_argument("--pretrain-epochs", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128, help="pretraining batch size")
+    p.add_argument("--small-input", choices=["auto", "yes", "no"], default="auto")
+    p.add_argument("--encoder-checkpoint", default=None,
+                   help="an encoder.pt from an earlier run (skips pretraining)")
+    p.add_argument("--save-encoder", default=None, help="copy the encoder checkpoint here")
+    p.add_argument("--second-reader-error", type=float, default=None,
+                   help="reader2 labels every scan too, wrong with this probability")
+    p.add_argument("--gate-eval-per-class", type=int, default=10,
+                   help="labeled eval scans per class (the project's eval split for the gate)")
+    p.add_argument("--max-pool-per-source", type=int, default=None,
+                   help="stratified subset of each source's pool")
+    p.add_argument("--query-strategy", default=None,
+                   help="the project's query strategy (default: the product's default)")
+    p.add_argument("--gate-tolerance", type=float, default=None,
+                   help="the project's gate tolerance (default: the product's default)")
+    p.add_argument("--cache-dir", default="bench/cache", help="decoded-array cache (ssl_eval's)")
+    p.add_argument("--workdir", default=None, help="default: a temp folder, removed at the end")
+    p.add_argument("--keep-workdir", action="store_true")
+    p.add_argument("--out", default="bench/results/loop_e2e.json")
+    p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
+    return p
+
+
+def check_args(args) -> None:
+    if len(args.eval) != len(args.train):
+        raise SystemExit("give one --eval per --train (same order; split:F for a hold-out)")
+    if args.label_sets is not None and len(args.label_sets) != len(args.train):
+        raise SystemExit("give one --label-sets name per --train")
+    if args.label_sets is not None and len({n.lower() for n in args.label_sets}) != len(
+            args.label_sets):
+        raise SystemExit("--label-sets names must differ")
+    if args.step < 1 or args.budget < args.step or args.seeds < 1:
+        raise SystemExit("need --step >= 1, --budget >= --step, --seeds >= 1")
+    if args.second_reader_error is not None and not 0 <= args.second_reader_error <= 1:
+        raise SystemExit("--second-reader-error is a probability")
+    if args.gate_eval_per_class < 1:
+        raise SystemExit("--gate-eval-per-class must be >= 1 (the gate needs an eval split)")
+    if args.encoder_checkpoint and not Path(args.encoder_checkpoint).is_file():
+        raise SystemExit(f"--encoder-checkpoint {args.encoder_checkpoint}: no such file")
+
+
+# --- data: pool, gate eval and offline eval per source ----------------------------------
+
+
+@dataclass
+class Source:
+    index: int
+    spec: str
+    eval_spec: str
+    set_name: str | None
+    class_names: list[str]
+    gate: list = field(default_factory=list)      # (SourceItem, label)
+    pool: list = field(default_factory=list)
+    evaluation: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+def pick_gate(labels: np.ndarray, groups: np.ndarray, candidates: np.ndarray, per_class: int,
+              seed: int = 0) -> np.ndarray:
+    """Indices (into ``labels``) of about ``per_class`` scans per class, taken as whole
+    near-duplicate groups from ``candidates`` (a group never straddles gate eval and pool)."""
+    rng = np.random.default_rng(seed)
+    cand_groups = groups[candidates]
+    members: dict[int, list[int]] = {}
+    for idx, g in zip(candidates.tolist(), cand_groups.tolist()):
+        members.setdefault(int(g), []).append(int(idx))
+    chosen: set[int] = set()
+    counts: Counter = Counter()
+    for cls in sorted(set(labels[candidates].tolist())):
+        options = sorted({int(g) for idx, g in zip(candidates, cand_groups)
+                          if labels[idx] == cls} - chosen)
+        order = [options[i] for i in rng.permutation(len(options))]
+        # singletons / small groups first, so the per-class count is met closely
+        order.sort(key=lambda g: len(members[g]) > max(1, per_class - counts[cls]))
+        for g in order:
+            if counts[cls] >= per_class:
+                break
+            if g in chosen:
+                continue
+            chosen.add(g)
+            counts.update(labels[members[g]].tolist())
+    return np.array(sorted(i for g in chosen for i in members[g]), dtype=np.int64)
+
+
+def prepare_sources(args, group_size: int) -> list[Source]:
+    from bench.ssl_eval import grouped_holdout, load_spec, near_duplicate_groups, \
+        stratified_subset
+    from ml_backend.data.datasets import read_source
+
+    sources = []
+    for i, (spec, eval_spec) in enumerate(zip(args.train, args.eval)):
+        listing = read_source(spec)
+        by_name = {item.name: item for item in listing.items}
+        data = load_spec(spec, group_size, Path(args.cache_dir))
+        names, labels = data["names"], data["labels"]
+        groups = near_duplicate_groups(data["images"])
+        sizes = np.bincount(groups)
+        info = {"spec": spec, "eval_spec": eval_spec, "decoded": int(len(names)),
+                "unlabeled_skipped": int(data["unlabeled"]), "failed": int(data["failed"]),
+                "grouping_image_size": group_size, "near_duplicate_groups": int(len(sizes)),
+                "scans_in_duplicate_groups": int(sizes[sizes > 1].sum()),
+                "largest_group": int(sizes.max())}
+        class_names = sorted(set(labels.tolist()))
+        if eval_spec.startswith("split:"):
+            try:
+                fraction = float(eval_spec.split(":", 1)[1])
+            except ValueError:
+                raise SystemExit(f"--eval {eval_spec!r}: expected split:FRACTION") from None
+            train_idx, eval_idx = grouped_holdout(labels, groups, fraction)
+            evaluation = [(by_name[names[j]], str(labels[j])) for j in eval_idx]
+            info["split"] = fraction
+        else:
+            train_idx = np.arange(len(names))
+            evaluation = [(item, item.label) for item in read_source(eval_spec).items
+                          if item.label is not None]
+        unknown = [lab for _, lab in evaluation if lab not in class_names]
+        if unknown:
+            log(f"warning: {eval_spec}: {len(unknown)} eval scans of classes not in {spec} "
+                "dropped")
+            evaluation = [(it, lab) for it, lab in evaluation if lab in class_names]
+        gate_idx = pick_gate(labels, groups, train_idx, args.gate_eval_per_class)
+        pool_idx = np.setdiff1d(train_idx, gate_idx)
+        info["pool_before_subset"] = int(len(pool_idx))
+        if args.max_pool_per_source and args.max_pool_per_source < len(pool_idx):
+            keep = stratified_subset(labels[pool_idx], args.max_pool_per_source, seed=0)
+            pool_idx = pool_idx[keep]
+        set_name = args.label_sets[i] if args.label_sets else None
+        source = Source(index=i, spec=spec, eval_spec=eval_spec, set_name=set_name,
+                        class_names=class_names,
+                        gate=[(by_name[names[j]], str(labels[j])) for j in gate_idx],
+                        pool=[(by_name[names[j]], str(labels[j])) for j in pool_idx],
+                        evaluation=evaluation, info=info)
+        info.update({"classes": class_names,
+                     "gate_eval": dict(Counter(lab for _, lab in source.gate)),
+                     "pool": dict(Counter(lab for _, lab in source.pool)),
+                     "eval": dict(Counter(lab for _, lab in source.evaluation))})
+        log(f"source {i} {spec}: {len(sizes)} near-duplicate groups over {len(names)} scans; "
+            f"pool {len(source.pool)}, gate eval {len(source.gate)}, eval "
+            f"{len(source.evaluation)} ({eval_spec})")
+        sources.append(source)
+    return sources
+
+
+def _extension(data: bytes, name: str) -> str:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return ".png"
+    if data[:3] == b"\xff\xd8\xff":
+        return ".jpg"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return ".tif"
+    suffix = Path(name.split("#")[-1]).suffix.lower()
+    return suffix if suffix and len(suffix) <= 5 else ".dcm"
+
+
+def write_items(entries, folder: Path, *, class_folders: bool) -> tuple[dict, int]:
+    """Write the items' bytes (flat, or one folder per class). Returns ({sha256: label},
+    number of sha collisions with a different label)."""
+    oracle, conflicts = {}, 0
+    for k, (item, label) in enumerate(entries):
+        data = item.load()
+        target = (folder / label) if class_folders else folder
+        target.mkdir(parents=True, exist_ok=True)
+        (target / f"{k:05d}{_extension(data, item.name)}").write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        if sha in oracle and oracle[sha] != label:
+            conflicts += 1
+        oracle.setdefault(sha, label)
+    return oracle, conflicts
+
+
+def eval_previews(entries, folder: Path) -> tuple[list[Path], list[str], int]:
+    """Decode eval items exactly as the import does (decode_scan + render_preview)."""
+    from django.conf import settings
+
+    from ml_backend.data.decode import ScanDecodeError, decode_scan, render_preview
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, labels, failed = [], [], 0
+    for k, (item, label) in enumerate(entries):
+        try:
+            decoded = decode_scan(item.load(), name=item.name, salt=settings.DEID_SALT,
+                                  max_pixels=settings.IMPORT_MAX_PIXELS)
+            png = render_preview(decoded.pixels, max_side=settings.PREVIEW_MAX_SIDE)
+        except (ScanDecodeError, OSError, ValueError):
+            failed += 1
+            continue
+        path = folder / f"{k:05d}.png"
+        path.write_bytes(png)
+        paths.append(path)
+        labels.append(label)
+    return paths, labels, failed
+
+
+# --- metrics ---------------------------------------------------------------------------
+
+
+def score(y: np.ndarray, proba: np.ndarray, names: list[str]) -> dict:
+    """classification_report's headline numbers; a row with no probability anywhere (no
+    head for its label set yet) is a missed prediction, never a guess of class 0."""
+    from sklearn.metrics import f1_score
+
+    from ml_backend.metrics.reports import classification_report
+
+    report = classification_report(y, proba, names)
+    result = {"macro_f1": report["macro_f1"], "accuracy": report["accuracy"],
+              "macro_auc": report["macro_auc"], "ece": report["ece"], "n": int(len(y))}
+    none = proba.max(axis=1) <= 0
+    if none.any():
+        pred = np.where(none, -1, proba.argmax(axis=1))
+        used = sorted(set(y.tolist()) | set(pred[pred >= 0].tolist()))
+        result["accuracy"] = float(np.mean(pred == y))
+        result["macro_f1"] = float(f1_score(y, pred, labels=used, average="macro",
+                                            zero_division=0))
+    result["no_prediction"] = int(none.sum())
+    result["recall"] = {n: round(float(report["per_class"][n]["recall"] or 0.0), 4)
+                        for n in names}
+    return result
+
+
+@dataclass
+class EvalSet:
+    name: str            # the label set's name
+    set_id: int
+    class_ids: list[int]
+    class_names: list[str]
+    y: np.ndarray
+    vectors: np.ndarray | None = None
+    paths: list = field(default_factory=list)
+
+
+def score_heads(heads, evals: list[EvalSet]) -> dict:
+    """Score a SetHeads on every eval set: per label set and overall (all classes)."""
+    all_ids = [c for ev in evals for c in ev.class_ids]
+    all_names = [n for ev in evals for n in ev.class_names]
+    column = {c: i for i, c in enumerate(heads.class_ids)}
+    blocks, ys, result = [], [], {"per_set": {}}
+    offset = 0
+    for ev in evals:
+        proba = heads.predict_proba(ev.vectors, [ev.set_id] * len(ev.y))
+        mine = np.zeros((len(ev.y), len(ev.class_ids)), dtype=np.float64)
+        for j, c in enumerate(ev.class_ids):
+            if c in column:
+                mine[:, j] = proba[:, column[c]]
+        result["per_set"][ev.name] = score(ev.y, mine, ev.class_names)
+        wide = np.zeros((len(ev.y), len(all_ids)))
+        wide[:, offset:offset + len(ev.class_ids)] = mine
+        blocks.append(wide)
+        ys.append(ev.y + offset)
+        offset += len(ev.class_ids)
+    result["overall"] = score(np.concatenate(ys), np.concatenate(blocks), all_names)
+    return result
+
+
+def _mean_sd(values) -> dict:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return {"mean": None, "sd": None, "n": 0}
+    sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return {"mean": float(np.mean(vals)), "sd": sd, "n": len(vals)}
+
+
+def _metric(point: dict, scope: str, metric: str):
+    block = point.get("active")
+    if not block:
+        return None
+    data = block["overall"] if scope == "overall" else block["per_set"].get(scope)
+    return None if data is None else data.get(metric)
+
+
+def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget: int) -> dict:
+    curves = {}
+    for strategy in strategies:
+        rows = [r for r in runs if r["strategy"] == strategy]
+        counts = sorted({p["labels"] for r in rows for p in r["points"]})
+        curve = {"labels": counts, "seeds": len(rows)}
+        for scope in scopes:
+            curve[scope] = {}
+            for metric in METRICS:
+                stats = [_mean_sd([_metric(p, scope, metric) for r in rows for p in r["points"]
+                                   if p["labels"] == c]) for c in counts]
+                curve[scope][metric] = {k: [s[k] for s in stats] for k in ("mean", "sd", "n")}
+        curves[strategy] = curve
+    summary = {"curves": curves, "budget": budget}
+    if "worklist" in curves and "random" in curves:
+        saved = {}
+        for scope in scopes:
+            rnd = curves["random"][scope]["macro_f1"]["mean"]
+            target = rnd[-1] if rnd else None
+            reach = None
+            wl = curves["worklist"]
+            for c, m in zip(wl["labels"], wl[scope]["macro_f1"]["mean"]):
+                if target is not None and m is not None and m >= target - 1e-12:
+                    reach = c
+                    break
+            saved[scope] = {"random_final_macro_f1": target, "worklist_labels_to_reach": reach,
+                            "labels_saved": None if reach is None else budget - reach}
+        summary["labels_saved"] = saved
+    finals = {}
+    for strategy in strategies:
+        rows = [r for r in runs if r["strategy"] == strategy]
+        finals[strategy] = {"runs": len(rows)}
+        for scope in scopes:
+            finals[strategy][scope] = {
+                "active": _mean_sd([_metric(r["points"][-1], scope, "macro_f1") for r in rows]),
+                "probe": _mean_sd([(r["probe"]["overall"] if scope == "overall"
+                                    else r["probe"]["per_set"].get(scope, {})).get("macro_f1")
+                                   if r.get("probe") else None for r in rows]),
+                "probe_true_labels": _mean_sd([
+                    (r["probe_true_labels"]["overall"] if scope == "overall"
+                     else r["probe_true_labels"]["per_set"].get(scope, {})).get("macro_f1")
+                    if r.get("probe_true_labels") else None for r in rows])}
+        finals[strategy]["held_back_refits"] = [r["refits"]["held_back"] for r in rows]
+        finals[strategy]["failed_refits"] = [r["refits"]["failed"] for r in rows]
+        finals[strategy]["promoted_refits"] = [r["refits"]["promoted"] for r in rows]
+        finals[strategy]["max_drop"] = [r["max_drop"] for r in rows]
+        finals[strategy]["fell_more_than_limit"] = [r["fell_more_than_limit"] for r in rows]
+        finals[strategy]["seconds"] = [r["seconds"] for r in rows]
+    summary["final"] = finals
+    summary["wrong_set_predictions"] = sum(r["wrong_set"]["predicted_class"] for r in runs)
+    summary["wrong_set_probability_keys"] = sum(r["wrong_set"]["probability_keys"] for r in runs)
+    summary["wrong_set_suggestions_shown"] = sum(r["suggestions"]["wrong_set"] for r in runs)
+    summary["predictions_checked"] = sum(r["wrong_set"]["checked"] for r in runs)
+    summary["any_drop_over_limit"] = any(r["fell_more_than_limit"] for r in runs)
+    worklists = [r["labeled_order_digest"] for r in runs if r["strategy"] == "worklist"]
+    summary["worklist_runs_identical"] = len(set(worklists)) <= 1 if worklists else None
+    return summary
+
+
+# --- tables and plot -------------------------------------------------------------------
+
+
+def _cell(stats: dict | None, digits: int = 3) -> str:
+    if not stats or stats.get("mean") is None:
+        return "—"
+    if stats.get("n", 1) > 1:
+        return f"{stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f}"
+
+
+def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
+    curves, lines = summary["curves"], []
+    for scope in scopes:
+        lines.append(f"\n**{scope}** — active model on --eval, mean ± sd over seeds")
+        head = "| labels | " + " | ".join(f"{s} macro-F1" for s in strategies) + " | " + \
+            " | ".join(f"{s} AUC" for s in strategies) + " | " + \
+            " | ".join(f"{s} ECE" for s in strategies) + " |"
+        lines += [head, "|---:|" + "---:|" * (3 * len(strategies))]
+        counts = sorted({c for s in strategies for c in curves[s]["labels"]})
+        shown = [c for c in counts if c in REPORT_COUNTS] or counts
+        if counts and counts[-1] not in shown:
+            shown.append(counts[-1])
+        for c in shown:
+            cells = []
+            for metric in ("macro_f1", "macro_auc", "ece"):
+                for s in strategies:
+                    cv = curves[s]
+                    if c in cv["labels"]:
+                        k = cv["labels"].index(c)
+                        m = cv[scope][metric]
+                        cells.append(_cell({"mean": m["mean"][k], "sd": m["sd"][k],
+                                            "n": m["n"][k]}))
+                    else:
+                        cells.append("—")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines.append(f"\n**At {summary['budget']} labels: the active model vs the offline linear "
+                 "probe on the same labels** (macro-F1)")
+    lines += ["| strategy | scope | active model | offline probe | probe on true labels | "
+              "refits promoted / held back / failed (per run) |", "|---|---|---:|---:|---:|---|"]
+    for s in strategies:
+        f = summary["final"][s]
+        refits = ", ".join(f"{a}/{b}/{c}" for a, b, c in zip(
+            f["promoted_refits"], f["held_back_refits"], f["failed_refits"]))
+        for scope in scopes:
+            lines.append(f"| {s} | {scope} | {_cell(f[scope]['active'])} | "
+                         f"{_cell(f[scope]['probe'])} | {_cell(f[scope]['probe_true_labels'])} "
+                         f"| {refits} |")
+    if "labels_saved" in summary:
+        lines.append("\n**Labels the worklist needs to reach random's final macro-F1**")
+        for scope, row in summary["labels_saved"].items():
+            target = row["random_final_macro_f1"]
+            reach = row["worklist_labels_to_reach"]
+            lines.append(f"- {scope}: random@{summary['budget']} = "
+                         f"{'—' if target is None else f'{target:.3f}'}; worklist reaches it at "
+                         f"{reach if reach is not None else '>' + str(summary['budget'])} labels")
+    lines.append(f"\nLargest drop of the active model's macro-F1 between steps: "
+                 + "; ".join(f"{s}: " + ", ".join(f"{d:+.3f}" if d is not None else "—"
+                                                  for d in summary["final"][s]["max_drop"])
+                             for s in strategies)
+                 + f" (any over {DROP_LIMIT}: {summary['any_drop_over_limit']})")
+    lines.append(f"Stored predictions whose class is outside the scan's label set: "
+                 f"{summary['wrong_set_predictions']} of {summary['predictions_checked']} "
+                 f"(probability keys outside the set: {summary['wrong_set_probability_keys']}; "
+                 f"suggestions shown from another set: {summary['wrong_set_suggestions_shown']})")
+    return "\n".join(lines)
+
+
+def plot(path: Path, summary: dict, strategies: list[str], scopes: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = scopes if len(scopes) > 1 else ["overall"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    colours = {"worklist": "#4c78a8", "random": "#e45756"}
+    for ax, scope in zip(axes[0], panels):
+        for s in strategies:
+            cv = summary["curves"][s]
+            x = np.array(cv["labels"], dtype=float)
+            m = np.array([np.nan if v is None else v for v in cv[scope]["macro_f1"]["mean"]])
+            sd = np.array([0.0 if v is None else v for v in cv[scope]["macro_f1"]["sd"]])
+            ax.plot(x, m, marker="o", ms=3, color=colours.get(s), label=f"{s} (active model)")
+            ax.fill_between(x, m - sd, m + sd, color=colours.get(s), alpha=0.2)
+            probe = summary["final"][s][scope]["probe"]
+            if probe["mean"] is not None:
+                ax.errorbar([summary["budget"] * (1 + 0.015 * (1 if s == "random" else -1))],
+                            [probe["mean"]], yerr=[probe["sd"] or 0], fmt="x",
+                            color=colours.get(s), label=f"{s}: offline probe at the budget")
+        ax.set_title(f"{scope}: macro-F1 on --eval")
+        ax.set_xlabel("labels")
+        ax.set_ylabel("macro-F1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    started_all = time.perf_counter()
+    out = Path(args.out)
+    plot_path = Path(args.plot) if args.plot else out.with_suffix(".png")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="loop-e2e-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.update({
+        "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
+        "MEDIA_ROOT": str(workdir / "media"), "ARTIFACTS_ROOT": str(workdir / "artifacts"),
+        "INCOMING_ROOT": str(workdir / "incoming"), "LOG_LEVEL": "WARNING", "DEBUG": "1",
+        "ML_TASKS_IN_THREAD": "0"})
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "medsite.settings")
+    os.environ.pop("CELERY_BROKER_URL", None)
+    try:
+        return _run(args, workdir, out, plot_path, started_all)
+    finally:
+        if not args.keep_workdir and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) -> int:
+    import django
+
+    django.setup()
+    import torch
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    from django.db import transaction
+    from django.utils import timezone
+
+    from annotator import labeling
+    from annotator import services as annotator_services
+    from annotator.models import Annotation, LabelClass, Membership, Project, Scan, ScanLease
+    from ml_backend import services as ml
+    from ml_backend.active.refit import SetHeads, fit_head
+    from ml_backend.data.arrays import load_images
+    from ml_backend.models import ModelVersion, Prediction, QueryRound, TrainingRun
+    from ml_backend.ssl.train import embed, load_pretrained
+
+    try:
+        from ml_backend import dispatch
+    except ImportError:  # pragma: no cover - older trees
+        dispatch = None
+
+    timings: dict[str, float] = {}
+    if args.encoder_checkpoint:
+        _, ckpt_config = load_pretrained(args.encoder_checkpoint)
+        group_size = ckpt_config.image_size
+    else:
+        group_size = args.image_size
+
+    # 1. data ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    sources = prepare_sources(args, group_size)
+    timings["prepare_sources_s"] = time.perf_counter() - t0
+
+    call_command("migrate", verbosity=0)
+    User = get_user_model()
+    importer = User.objects.create_user("importer")
+    reader1 = User.objects.create_user("reader1")
+    reader2 = User.objects.create_user("reader2")
+    project = annotator_services.project_create(name="loop-e2e", created_by=importer)
+    for reader in (reader1, reader2):
+        annotator_services.membership_set(project=project, user=reader,
+                                          role=Membership.Role.CLINICIAN)
+
+    set_of_source, classes = {}, {}
+    for src in sources:
+        label_set = (annotator_services.label_set_create(project=project, name=src.set_name)
+                     if src.set_name else annotator_services.label_set_default(project))
+        set_of_source[src.index] = label_set
+        for name in src.class_names:
+            classes[name], _ = annotator_services.label_class_get_or_create(
+                project=project, name=name, label_set=label_set)
+
+    oracle: dict[str, str] = {}
+    import_info = []
+    t0 = time.perf_counter()
+    for src in sources:
+        tag = src.set_name or f"source {src.index}"
+        gate_dir, pool_dir = workdir / f"src{src.index}" / "gate", workdir / f"src{src.index}" / "pool"
+        write_items(src.gate, gate_dir, class_folders=True)
+        pool_oracle, conflicts = write_items(src.pool, pool_dir, class_folders=False)
+        src.info["pool_sha_label_conflicts"] = conflicts
+        for sha, label in pool_oracle.items():
+            oracle.setdefault(sha, label)
+        # the labeled eval split first: a pool file identical to one of them is then a
+        # duplicate (not imported), never a pool scan that inherits the eval label
+        for split, folder, layout in (("eval", gate_dir, "class-folders"),
+                                      ("pool", pool_dir, "flat")):
+            job = annotator_services.import_job_create(
+                project=project, source=str(folder), dataset_name=f"{tag} {split}",
+                split=split, layout=layout, label_set=src.set_name or "", created_by=importer)
+            job = annotator_services.import_job_run(job_id=job.pk)
+            row = {"source": src.index, "split": split, "status": job.status,
+                   "imported": job.imported, "duplicates": job.duplicates, "failed": job.failed,
+                   "labels_added": job.labels_added, "errors": job.errors[:5]}
+            import_info.append(row)
+            log(f"import {tag} {split}: {job.status}, {job.imported} imported, "
+                f"{job.duplicates} duplicates, {job.failed} failed, {job.labels_added} labels")
+            if job.status != "succeeded":
+                raise SystemExit(f"import failed: {job.last_error}")
+    timings["import_s"] = time.perf_counter() - t0
+    leaked = Annotation.objects.filter(scan__project=project, scan__split="pool").count()
+    if leaked:
+        raise SystemExit(f"{leaked} pool scans came in labeled: the oracle would leak")
+
+    pool = list(Scan.objects.filter(project=project, split="pool").order_by("pk"))
+    pool_by_id = {s.pk: s for s in pool}
+    truth: dict[int, LabelClass] = {}
+    for scan in pool:
+        label = oracle.get(scan.sha256)
+        if label is None:
+            raise SystemExit(f"scan {scan.pk} ({scan.source_name}) is not in the oracle")
+        truth[scan.pk] = classes[label]
+        if truth[scan.pk].label_set_id != scan.label_set_id:
+            raise SystemExit(f"scan {scan.pk} is in the wrong label set")
+    set_classes = {ls.pk: list(LabelClass.objects.filter(label_set=ls).order_by("order", "pk"))
+                   for ls in set_of_source.values()}
+    log(f"project ready: {len(pool)} pool scans, "
+        f"{Scan.objects.filter(project=project, split='eval').count()} labeled eval scans, "
+        f"label sets {[ls.name for ls in set_of_source.values()]}")
+
+    # 2. encoder ------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    if args.encoder_checkpoint:
+        _, config = load_pretrained(args.encoder_checkpoint)
+        version = f"p{project.pk}-enc-imported"
+        directory = Path(settings.ARTIFACTS_ROOT) / "models" / version
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(args.encoder_checkpoint, directory / "encoder.pt")
+        encoder = ModelVersion.objects.create(
+            project=project, kind=ModelVersion.Kind.ENCODER, version=version,
+            artifact_dir=str(directory), status=ModelVersion.Status.READY,
+            config={"pretrain": asdict(config), "init_checkpoint": None,
+                    "imported_from": str(Path(args.encoder_checkpoint).resolve())})
+        ml.model_version_activate(encoder, reason="imported checkpoint (bench.loop_e2e)")
+        run = ml.training_run_create(project=project, kind="embed", params={"full": True})
+        run = ml.training_run_execute(run.pk)
+        if run.status != TrainingRun.Status.SUCCEEDED:
+            raise SystemExit(f"embed run failed: {run.last_error}")
+        encoder_info = {"source": "checkpoint", "path": str(args.encoder_checkpoint)}
+    else:
+        params = {"epochs": args.pretrain_epochs, "image_size": args.image_size,
+                  "batch_size": args.batch_size}
+        if args.small_input != "auto":
+            params["small_input"] = args.small_input == "yes"
+        run = ml.training_run_create(project=project, kind="pretrain", params=params)
+        last = [0.0]
+
+        def progress(event: dict) -> None:
+            if time.perf_counter() - last[0] > 30:
+                last[0] = time.perf_counter()
+                log("  pretrain " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else
+                                              f"{k}={v}" for k, v in event.items()))
+        log(f"pretraining: {params} on "
+            f"{Scan.objects.filter(project=project).count()} scans")
+        run = ml.training_run_execute(run.pk, progress=progress)
+        if run.status != TrainingRun.Status.SUCCEEDED:
+            raise SystemExit(f"pretraining failed: {run.last_error}")
+        encoder_info = {"source": "pretrain run", "params": params}
+    project.refresh_from_db()
+    encoder = project.active_encoder
+    checkpoint = Path(encoder.artifact_dir) / "encoder.pt"
+    timings["encoder_s"] = time.perf_counter() - t0
+    encoder_info.update({"version": encoder.version, "metrics": encoder.metrics,
+                         "seconds": timings["encoder_s"]})
+    if args.save_encoder:
+        Path(args.save_encoder).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(checkpoint, args.save_encoder)
+        encoder_info["saved_to"] = str(Path(args.save_encoder).resolve())
+    log(f"encoder {encoder.version} ready in {timings['encoder_s']:.0f}s: {checkpoint}"
+        + (f" (copied to {args.save_encoder}; reuse with --encoder-checkpoint)"
+           if args.save_encoder else ""))
+
+    # 3. the offline eval sets, embedded once with the active encoder ---------------------
+    t0 = time.perf_counter()
+    simclr, pconfig = load_pretrained(checkpoint)
+    evals: list[EvalSet] = []
+    for src in sources:
+        label_set = set_of_source[src.index]
+        paths, labels, failed = eval_previews(src.evaluation, workdir / f"eval{src.index}")
+        src.info["eval_decode_failed"] = failed
+        cls = [c for c in set_classes[label_set.pk] if c.name in src.class_names]
+        names = [c.name for c in cls]
+        ev = EvalSet(name=label_set.name, set_id=label_set.pk, class_ids=[c.pk for c in cls],
+                     class_names=names, y=np.array([names.index(lab) for lab in labels]),
+                     paths=paths)
+        ev.vectors = embed(simclr.encoder, load_images(paths, pconfig.image_size), pconfig)
+        evals.append(ev)
+    timings["eval_embed_s"] = time.perf_counter() - t0
+    scopes = ["overall"] + ([ev.name for ev in evals] if len(evals) > 1 else [])
+    log(f"eval sets embedded in {timings['eval_embed_s']:.0f}s: "
+        + ", ".join(f"{ev.name} {len(ev.y)}" for ev in evals))
+
+    config = {"args": vars(args), "argv": sys.argv, "cpu_count": os.cpu_count(),
+              "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+              "torch": torch.__version__, "sources": [s.info for s in sources],
+              "imports": import_info, "encoder": encoder_info,
+              "project_defaults": {}, "pool_scans": len(pool)}
+    runs: list[dict] = []
+
+    def save(complete: bool) -> dict:
+        payload = {"config": config, "timings": {**timings,
+                                                  "total_s": time.perf_counter() - started_all},
+                   "complete": complete, "runs": runs}
+        if runs:
+            payload["summary"] = summarise(runs, args.strategies, scopes, args.budget)
+        write_json(out, payload)
+        return payload
+
+    # 4. the loop -------------------------------------------------------------------------
+    score_cache: dict[int, dict] = {}
+
+    def score_model(model) -> dict:
+        if model.pk not in score_cache:
+            score_cache[model.pk] = score_heads(ml.version_heads(model), evals)
+        return score_cache[model.pk]
+
+    def reset(project: Project) -> Project:
+        Annotation.objects.filter(scan__project=project, scan__split="pool").delete()
+        ScanLease.objects.filter(project=project).delete()
+        QueryRound.objects.filter(project=project).delete()
+        Project.objects.filter(pk=project.pk).update(active_model=None)
+        for model in ModelVersion.objects.filter(project=project,
+                                                 kind=ModelVersion.Kind.CLASSIFIER):
+            ml.model_artifacts_remove(model)
+            model.delete()                      # predictions and evaluations cascade
+        TrainingRun.objects.filter(project=project).exclude(
+            kind__in=["pretrain", "embed"]).delete()
+        project = Project.objects.get(pk=project.pk)
+        project.refit_every = args.step
+        project.query_batch_size = args.step
+        if args.query_strategy:
+            project.query_strategy = args.query_strategy
+        if args.gate_tolerance is not None:
+            project.gate_tolerance = args.gate_tolerance
+        project.save()
+        config["project_defaults"] = {"query_strategy": project.query_strategy,
+                                      "gate_tolerance": project.gate_tolerance,
+                                      "refit_every": project.refit_every,
+                                      "query_batch_size": project.query_batch_size}
+        return project
+
+    def idle() -> None:
+        if dispatch is not None and hasattr(dispatch, "wait_idle"):
+            dispatch.wait_idle(1800)
+
+    def suggestion_for(project: Project, scan: Scan):
+        try:
+            return labeling._suggestion(project, scan)
+        except labeling.ModelUnavailable:
+            return None
+
+    def answer(project: Project, scan: Scan, reader, label_class: LabelClass, item, stats):
+        project.refresh_from_db()
+        shown = suggestion_for(project, scan)
+        suggested = None
+        if shown is not None:
+            suggested = LabelClass.objects.filter(pk=shown["class_id"]).first()
+            stats["shown"] += 1
+            stats["correct"] += int(shown["class_id"] == truth[scan.pk].pk)
+            if suggested is not None and suggested.label_set_id != scan.label_set_id:
+                stats["wrong_set"] += 1
+        with transaction.atomic():   # the answer view's request transaction
+            annotator_services.annotation_create(
+                scan=scan, reader=reader, label_class=label_class,
+                shown_model_version=project.active_model, shown_suggestion=suggested,
+                shown_confidence=None if shown is None else shown["confidence"],
+                shown_acquisition_score=None if item is None else item.score,
+                query_round=None if item is None else item.query_round)
+        labeling.lease_release(scan=scan, user=reader)
+        idle()
+
+    def refit_state(project: Project, since) -> dict:
+        versions = list(ModelVersion.objects.filter(project=project,
+                                                    kind=ModelVersion.Kind.CLASSIFIER)
+                        .order_by("created_at", "pk"))
+        held = [v for v in versions if v.promoted_at is None
+                and v.status == ModelVersion.Status.READY]
+        refit_runs = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.REFIT)
+        return {"runs": refit_runs.count(),
+                "promoted": sum(v.promoted_at is not None for v in versions),
+                "held_back": len(held),
+                "failed": refit_runs.filter(status=TrainingRun.Status.FAILED).count(),
+                "newest_held_back_reason": held[-1].status_reason if held else None,
+                "newest_failure": (refit_runs.filter(status=TrainingRun.Status.FAILED)
+                                   .order_by("-created_at").values_list("last_error", flat=True)
+                                   .first()),
+                "refit_seconds_this_step": sum(
+                    (r.finished_at - r.started_at).total_seconds()
+                    for r in refit_runs.filter(finished_at__gte=since)
+                    if r.started_at and r.finished_at),
+                "refits_this_step": refit_runs.filter(created_at__gte=since).count()}
+
+    def one_run(strategy: str, seed: int) -> dict:
+        project = reset(Project.objects.get(pk=project_pk))
+        rng = random.Random(seed)
+        noise = random.Random(1_000_003 + seed)
+        unlabeled = [s.pk for s in pool]
+        labeled: list[int] = []
+        points, stats = [], {"shown": 0, "correct": 0, "wrong_set": 0}
+        noise_stats = {"second_reader_labels": 0, "second_reader_wrong": 0}
+        manual_rounds = 0
+        run_started = time.perf_counter()
+        step_started, step_since = time.perf_counter(), timezone.now()
+        if strategy == "worklist":
+            ml.query_round_create(project=project)           # the product's cold start
+        while len(labeled) < args.budget and unlabeled:
+            item = None
+            if strategy == "worklist":
+                got = labeling.lease_next(project=project, user=reader1)
+                if got is None:          # the round ran out before a promoted refit
+                    ml.query_round_create(project=project)
+                    manual_rounds += 1
+                    got = labeling.lease_next(project=project, user=reader1)
+                    if got is None:
+                        break
+                scan, item = got
+                unlabeled.remove(scan.pk)
+            else:
+                scan = pool_by_id[unlabeled.pop(rng.randrange(len(unlabeled)))]
+            answer(project, scan, reader1, truth[scan.pk], item, stats)
+            labeled.append(scan.pk)
+            if args.second_reader_error is not None:
+                given = truth[scan.pk]
+                if noise.random() < args.second_reader_error:
+                    others = [c for c in set_classes[scan.label_set_id] if c.pk != given.pk]
+                    given = noise.choice(others)
+                    noise_stats["second_reader_wrong"] += 1
+                noise_stats["second_reader_labels"] += 1
+                answer(project, scan, reader2, given, None, {"shown": 0, "correct": 0,
+                                                             "wrong_set": 0})
+            if len(labeled) % args.step == 0 or len(labeled) == args.budget:
+                project.refresh_from_db()
+                model = project.active_model
+                state = refit_state(project, step_since)
+                evaluation = (model.evaluations.order_by("-created_at").first()
+                              if model is not None else None)
+                point = {"labels": len(labeled),
+                         "annotations": Annotation.objects.filter(
+                             scan__project=project, scan__split="pool").count(),
+                         "active_version": model.version if model else None,
+                         "active_num_labels": model.num_labels if model else None,
+                         "active": score_model(model) if model else None,
+                         "gate_eval_macro_f1": evaluation.macro_f1 if evaluation else None,
+                         "step_seconds": time.perf_counter() - step_started,
+                         "manual_rounds": manual_rounds,
+                         "suggestions_shown": stats["shown"],
+                         "suggestions_correct": stats["correct"], **state}
+                points.append(point)
+                f1 = _metric(point, "overall", "macro_f1")
+                log(f"  {strategy} seed {seed}: {len(labeled)} labels, active "
+                    f"{point['active_version']}, macro-F1 "
+                    f"{'—' if f1 is None else f'{f1:.3f}'}, refits {state['promoted']} promoted"
+                    f" / {state['held_back']} held back / {state['failed']} failed, step "
+                    f"{point['step_seconds']:.1f}s (refit {state['refit_seconds_this_step']:.1f}s)")
+                step_started, step_since = time.perf_counter(), timezone.now()
+        project.refresh_from_db()
+        seconds = time.perf_counter() - run_started
+
+        # the offline probe on the same labels (the product's vote resolution) and on the
+        # oracle's labels of the same scans
+        scans, class_ids = ml.training_labels(project, split="pool")
+        probe = probe_true = None
+        if scans:
+            vectors = ml._vectors_for(encoder, scans)
+
+            def fit(labels_by_row):
+                heads, ids = {}, []
+                for set_id in sorted({s.label_set_id for s in scans}):
+                    rows = [i for i, s in enumerate(scans) if s.label_set_id == set_id]
+                    y = np.array([labels_by_row[i] for i in rows])
+                    if len(set(y.tolist())) < 2:
+                        continue
+                    head, _ = fit_head(vectors[rows], y, seed=0)
+                    heads[set_id] = head
+                    ids += [int(c) for c in head.class_ids]
+                return score_heads(SetHeads(heads=heads, class_ids=ids), evals) if heads else None
+
+            probe = fit(class_ids)
+            probe_true = fit([truth[s.pk].pk for s in scans])
+
+        # every stored prediction: is its class (and every probability key) of the scan's set?
+        class_set = dict(LabelClass.objects.filter(project=project)
+                         .values_list("pk", "label_set_id"))
+        wrong = {"checked": 0, "predicted_class": 0, "probability_keys": 0}
+        for scan_set, predicted, probabilities in Prediction.objects.filter(
+                scan__project=project).values_list("scan__label_set_id", "predicted_class_id",
+                                                   "probabilities").iterator():
+            wrong["checked"] += 1
+            wrong["predicted_class"] += int(class_set.get(predicted) != scan_set)
+            wrong["probability_keys"] += int(any(class_set.get(int(k)) != scan_set
+                                                 for k in probabilities))
+        drops = []
+        values = [_metric(p, "overall", "macro_f1") for p in points]
+        defined = [v for v in values if v is not None]
+        for a, b in zip(defined, defined[1:]):
+            drops.append(a - b)
+        max_drop = max(drops) if drops else None
+        final_state = refit_state(project, timezone.now())
+        return {"strategy": strategy, "seed": seed, "points": points, "seconds": seconds,
+                "probe": probe, "probe_true_labels": probe_true,
+                "probe_labels": len(scans), "wrong_set": wrong, "suggestions": stats,
+                "second_reader": noise_stats if args.second_reader_error is not None else None,
+                "refits": {k: final_state[k] for k in ("runs", "promoted", "held_back",
+                                                       "failed")},
+                "held_back_reasons": list(ModelVersion.objects.filter(
+                    project=project, kind=ModelVersion.Kind.CLASSIFIER, promoted_at=None,
+                    status=ModelVersion.Status.READY).order_by("created_at")
+                    .values_list("version", "status_reason")),
+                "final_active_version": project.active_model.version
+                if project.active_model else None,
+                "max_drop": max_drop,
+                "fell_more_than_limit": bool(max_drop is not None and max_drop > DROP_LIMIT),
+                "manual_rounds": manual_rounds,
+                "labeled_order_digest": hashlib.sha256(
+                    ",".join(map(str, labeled)).encode()).hexdigest()[:16]}
+
+    project_pk = project.pk
+    for seed in range(args.seeds):
+        for strategy in args.strategies:
+            log(f"run: {strategy}, seed {seed}")
+            result = one_run(strategy, seed)
+            runs.append(result)
+            payload = save(complete=False)
+            log(f"run {strategy} seed {seed} done in {result['seconds']:.0f}s; JSON: {out}")
+            plot(plot_path, payload["summary"], args.strategies, scopes)
+
+    payload = save(complete=True)
+    plot(plot_path, payload["summary"], args.strategies, scopes)
+    print(tables(payload["summary"], args.strategies, scopes), flush=True)
+    log(f"done in {time.perf_counter() - started_all:.0f}s: {out}, {plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Where a TrainingRun's work goes once its row is committed.
+
+* A real broker: the Celery task ``run_training`` on the ``train`` queue (a worker runs it).
+* No broker (eager Celery: the demo, a laptop) and ``settings.ML_TASKS_IN_THREAD``: one
+  process-wide worker thread ("ml-worker-0") runs the queued runs one at a time, so a refit
+  never holds up the request that triggered it. The page polls the run's row for progress.
+* No broker and ``ML_TASKS_IN_THREAD`` off (the test suite, benchmarks that want synchronous
+  refits): the eager task runs inline, in the caller, as before.
+
+``wait_idle`` lets tests and benchmarks wait for the thread's queue to drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+
+from django.conf import settings
+from django.db import connections
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+_pending: dict[Future, int] = {}        # submitted, not finished yet → run id
+
+
+def enqueue_training_run(run_id: int) -> None:
+    """Start TrainingRun ``run_id``: send the Celery task, or hand it to the worker thread."""
+    from ml_backend.tasks import run_training
+
+    # The Celery app's own flag, not only the setting: it is what ``.delay`` obeys (tests
+    # with a real worker switch it off at run time).
+    eager = run_training.app.conf.task_always_eager
+    if not eager or not getattr(settings, "ML_TASKS_IN_THREAD", False):
+        run_training.delay(run_id)
+        return
+    executor = _pool()
+    with _lock:
+        future = executor.submit(_job, run_id)
+        _pending[future] = run_id
+    future.add_done_callback(_forget)
+
+
+def wait_idle(timeout: float) -> bool:
+    """Wait until every run handed to the worker thread has finished. False on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with _lock:
+            pending = [future for future in _pending if not future.done()]
+        if not pending:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        wait_futures(pending, timeout=left)
+
+
+def shutdown(*, wait: bool = True) -> None:
+    """Stop the worker thread: runs not started yet are cancelled and marked abandoned (so
+    the project is not left "updating" and can refit again); the one running finishes."""
+    global _executor
+    with _lock:
+        executor, _executor = _executor, None
+        pending = list(_pending.items())
+    if executor is None:
+        return
+    queued = [run_id for future, run_id in pending if future.cancel()]
+    executor.shutdown(wait=wait, cancel_futures=True)
+    if queued:
+        _abandon(queued)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ml-worker")
+            # Before the interpreter joins the pool's thread at exit (which would first run
+            # every queued job): threading's exit hooks run before atexit's.
+            register = getattr(threading, "_register_atexit", None)
+            if register is not None:
+                register(shutdown)
+            else:  # pragma: no cover - CPython < 3.9
+                import atexit
+
+                atexit.register(shutdown)
+        return _executor
+
+
+def _job(run_id: int) -> None:
+    from ml_backend import services
+
+    try:
+        # training_run_execute marks the run failed itself; anything escaping it is logged.
+        services.training_run_execute(run_id)
+    except Exception:
+        logger.exception("training run %s failed in the background worker thread", run_id)
+    finally:
+        connections.close_all()
+
+
+def _forget(future: Future) -> None:
+    with _lock:
+        _pending.pop(future, None)
+
+
+def _abandon(run_ids: list[int]) -> None:
+    from django.utils import timezone
+
+    from ml_backend.models import TrainingRun
+
+    try:
+        TrainingRun.objects.filter(pk__in=run_ids, status=TrainingRun.Status.QUEUED).update(
+            status=TrainingRun.Status.ABANDONED, finished_at=timezone.now(),
+            last_error="the server stopped before this run started")
+    except Exception:  # at exit the database may be gone already
+        logger.warning("training runs %s were queued when the server stopped", run_ids)

@@ -1,0 +1,97 @@
+"""bench.loop_e2e: the product's loop end to end on the tiny fixtures, in a subprocess.
+
+The bench makes its own Django database (SQLite in a temp dir), so it runs as
+``python -m bench.loop_e2e`` in a child process, not inside the test database."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.base import FIXTURES, REPO
+
+CHEST, BRAIN = FIXTURES / "chest_xray", FIXTURES / "brain_mri"
+SETS = ["chest X-ray", "brain MRI"]
+
+
+def run_bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "MEDIA_ROOT", "ARTIFACTS_ROOT", "INCOMING_ROOT",
+                        "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE")}
+    result = subprocess.run([sys.executable, "-m", "bench.loop_e2e", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def finite_unit(value) -> bool:
+    return value is not None and math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+@pytest.mark.slow
+def test_loop_on_fixtures_mixed_project_then_saved_encoder(tmp_path):
+    out, png, encoder = tmp_path / "loop.json", tmp_path / "loop.png", tmp_path / "enc.pt"
+    common = ["--budget", "20", "--step", "10", "--seeds", "1", "--gate-eval-per-class", "2",
+              "--cache-dir", str(tmp_path / "cache")]
+    printed = run_bench(
+        "--train", str(CHEST / "pool"), "--train", str(BRAIN / "pool"),
+        "--eval", str(CHEST / "eval"), "--eval", str(BRAIN / "eval"), "--label-sets", *SETS,
+        "--strategies", "worklist,random", "--pretrain-epochs", "1", "--image-size", "32",
+        "--small-input", "no", "--batch-size", "64", "--second-reader-error", "0.2",
+        "--save-encoder", str(encoder), "--out", str(out), "--plot", str(png), *common).stdout
+    assert "active model vs the offline linear probe" in printed and "| 20 |" in printed
+    assert png.stat().st_size > 0 and encoder.stat().st_size > 0
+
+    result = json.loads(out.read_text())
+    assert result["complete"] is True
+    assert [s["pool"] for s in result["config"]["sources"]] == [
+        {"normal": 58, "pneumonia": 88}, {c: 38 for c in ("glioma_tumor", "meningioma_tumor",
+                                                           "no_tumor", "pituitary_tumor")}]
+    assert {r["split"]: r["labels_added"] for r in result["config"]["imports"]
+            if r["source"] == 0} == {"eval": 4, "pool": 0}     # the pool comes in unlabeled
+    assert sorted((r["strategy"], r["seed"]) for r in result["runs"]) == [
+        ("random", 0), ("worklist", 0)]
+    for run in result["runs"]:
+        points = run["points"]
+        assert [p["labels"] for p in points] == [10, 20]
+        # two readers: every scan has two pool annotations, and refits count annotations
+        assert [p["annotations"] for p in points] == [20, 40]
+        assert run["second_reader"]["second_reader_labels"] == 20
+        assert points[-1]["active_version"] is not None
+        for point in points:
+            if point["active"] is None:
+                continue
+            for scope in ["overall", *SETS]:
+                block = (point["active"]["overall"] if scope == "overall"
+                         else point["active"]["per_set"][scope])
+                for metric in ("macro_f1", "accuracy", "macro_auc", "ece"):
+                    assert finite_unit(block[metric]), (run["strategy"], scope, metric, block)
+        assert finite_unit(run["probe"]["overall"]["macro_f1"])
+        assert run["refits"]["promoted"] >= 1
+        assert run["wrong_set"]["checked"] > 0 and run["wrong_set"]["predicted_class"] == 0
+        assert run["suggestions"]["wrong_set"] == 0
+
+    summary = result["summary"]
+    for strategy in ("worklist", "random"):
+        curve = summary["curves"][strategy]
+        assert curve["labels"] == [10, 20] and curve["seeds"] == 1
+        assert set(curve) >= {"overall", *SETS}
+        assert finite_unit(curve["overall"]["macro_f1"]["mean"][-1])
+    assert set(summary["labels_saved"]) == {"overall", *SETS}
+    assert summary["wrong_set_predictions"] == 0
+
+    # the saved encoder is reused: no pretraining, a full embed run instead
+    out2 = tmp_path / "reuse.json"
+    run_bench("--train", str(BRAIN / "pool"), "--eval", str(BRAIN / "eval"),
+              "--strategies", "worklist", "--encoder-checkpoint", str(encoder),
+              "--out", str(out2), *common)
+    reused = json.loads(out2.read_text())
+    assert reused["config"]["encoder"]["source"] == "checkpoint"
+    assert reused["config"]["encoder"]["metrics"]["embeddings"]["total"] == 160
+    assert [p["labels"] for p in reused["runs"][0]["points"]] == [10, 20]
+    assert finite_unit(reused["runs"][0]["points"][-1]["active"]["overall"]["macro_f1"])

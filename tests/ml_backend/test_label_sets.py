@@ -1,0 +1,285 @@
+"""Label sets per anatomy, a fair promotion gate and out-of-distribution warnings, on a
+project that holds chest X-rays and brain MRIs (the demo's shape)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from django.core.management import call_command
+from django.urls import reverse
+
+from annotator import labeling, services
+from annotator.models import Annotation, LabelClass, LabelSet, Scan
+from tests.base import FIXTURES, PASSWORD
+from tests.conftest import run_import
+
+CHEST, BRAIN = "Chest X-ray", "Brain MRI"
+
+
+def _two_sets(project, *, brain_classes=("no_tumor", "pituitary_tumor"), pools=True):
+    """Chest (normal, pneumonia) and brain scans in one project, eval labeled; the pool is
+    imported one class folder at a time so each pool scan's truth is known by its job."""
+    truth: dict[int, str] = {}
+    for folder, label_set, dataset, classes in (
+            ("chest_xray", CHEST, "chest", ("normal", "pneumonia")),
+            ("brain_mri", BRAIN, "brain", brain_classes)):
+        for name in classes:
+            run_import(project, FIXTURES / folder / "eval" / name, layout="flat", split="eval",
+                       default_label=name, dataset_name=dataset, label_set=label_set)
+            if pools:
+                job = run_import(project, FIXTURES / folder / "pool" / name, layout="flat",
+                                 dataset_name=dataset, label_set=label_set)
+                truth.update({pk: name for pk in job.scans.values_list("pk", flat=True)})
+    return truth
+
+
+def test_each_scan_gets_its_anatomy_label_set_and_only_its_classes(project, users):
+    _two_sets(project, pools=False)
+    sets = {s.name: s for s in project.label_sets.all()}
+    assert set(sets) == {CHEST, BRAIN}       # the empty 'default' set became the first one
+    chest_classes = set(sets[CHEST].classes.values_list("name", flat=True))
+    assert chest_classes == {"normal", "pneumonia"}
+    assert set(sets[BRAIN].classes.values_list("name", flat=True)) == {"no_tumor",
+                                                                      "pituitary_tumor"}
+    assert not Scan.objects.filter(project=project, label_set=None).exists()
+    chest_scan = Scan.objects.filter(project=project, dataset__name="chest").first()
+    assert chest_scan.label_set == sets[CHEST]
+
+    # the label page offers the chest classes only, with hotkeys counted per set
+    payload = labeling.label_payload(project=project, scan=chest_scan)
+    assert {c["name"] for c in payload["classes"]} == chest_classes
+    assert {c["key"] for c in payload["classes"]} == {"1", "2"}
+    brain_scan = Scan.objects.filter(project=project, dataset__name="brain").first()
+    assert {c["key"] for c in labeling.label_payload(project=project, scan=brain_scan)
+            ["classes"]} == {"1", "2"}
+
+    # a brain class cannot be given to a chest film, through any path
+    glioma, _ = services.label_class_get_or_create(project=project, name="glioma_tumor",
+                                                   label_set=sets[BRAIN])
+    with pytest.raises(services.AnnotationError, match="does not apply"):
+        services.annotation_create(scan=chest_scan, reader=users["alice"], label_class=glioma)
+    with pytest.raises(services.AnnotationError, match="does not apply"):
+        labeling.answer_submit(project=project, scan=chest_scan, user=users["alice"],
+                               data={"outcome": "label", "class_id": glioma.pk})
+    # a class name belongs to one set
+    with pytest.raises(ValueError, match="belongs to the label set"):
+        services.label_class_get_or_create(project=project, name="Glioma_Tumor",
+                                           label_set=sets[CHEST])
+
+    # moving a dataset to another set re-assigns its scans
+    sets[BRAIN].datasets.remove(chest_scan.dataset)
+    sets[CHEST].datasets.clear()
+    sets[CHEST].body_parts = ""
+    sets[CHEST].save()
+    LabelSet.objects.filter(pk=sets[BRAIN].pk).update(modalities="", body_parts="")
+    sets[BRAIN].datasets.add(chest_scan.dataset)
+    assert services.label_sets_assign(project) > 0
+    chest_scan.refresh_from_db()
+    assert chest_scan.label_set_id == sets[BRAIN].pk
+
+
+def test_class_form_chooses_a_set_and_checks_hotkeys_within_it(client, project, users):
+    _two_sets(project, pools=False)
+    brain = project.label_sets.get(name=BRAIN)
+    client.login(username="dora", password=PASSWORD)
+    url = reverse("annotator:class_create", args=[project.pk])
+    page = client.get(url)
+    assert BRAIN in page.content.decode() and CHEST in page.content.decode()
+    taken = client.post(url, {"name": "meningioma_tumor", "label_set": brain.pk, "hotkey": "1"})
+    assert taken.status_code == 400 and "already labels another class" in taken.content.decode()
+    created = client.post(url, {"name": "meningioma_tumor", "label_set": brain.pk,
+                                "hotkey": "3"})
+    assert created.status_code == 302
+    assert LabelClass.objects.get(name="meningioma_tumor").label_set == brain
+
+
+@pytest.fixture
+def mixed_project(project, users):
+    """Two label sets with a small encoder and a first refit from 6 labels per class."""
+    from ml_backend import services as ml
+
+    truth = _two_sets(project)
+    call_command("pretrain", "--project", project.name, "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "32", "--small-input", "no", "--no-progress")
+    project.refresh_from_db()
+    project.refit_every = 1000        # refits are started by the test
+    project.save()
+    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
+    for name in ("normal", "pneumonia", "no_tumor", "pituitary_tumor"):
+        for pk in [pk for pk, t in sorted(truth.items()) if t == name][:6]:
+            services.annotation_create(scan=Scan.objects.get(pk=pk), reader=users["alice"],
+                                       label_class=classes[name])
+    run = ml.training_run_create(project=project, kind="refit")
+    ml.training_run_execute(run.pk)
+    project.refresh_from_db()
+    assert project.active_model is not None, run.refresh_from_db() or run.last_error
+    project.truth = truth
+    return project
+
+
+def test_heads_per_set_never_suggest_a_class_of_another_set(mixed_project, users):
+    from ml_backend.models import Prediction
+
+    project = mixed_project
+    model = project.active_model
+    assert {s["name"] for s in model.config["label_sets"]} == {CHEST, BRAIN}
+    class_set = dict(LabelClass.objects.filter(project=project)
+                     .values_list("pk", "label_set_id"))
+    predictions = list(Prediction.objects.filter(model_version=model).select_related("scan"))
+    assert len(predictions) == Scan.objects.filter(project=project, split="pool").count()
+    wrong = [p for p in predictions if class_set[p.predicted_class_id] != p.scan.label_set_id
+             or any(class_set[int(c)] != p.scan.label_set_id for c in p.probabilities)]
+    assert wrong == []
+    for p in predictions[:20]:
+        assert abs(sum(p.probabilities.values()) - 1.0) < 1e-3
+    # the label page's suggestion comes from the scan's own set
+    chest = Scan.objects.filter(project=project, split="pool", dataset__name="chest").first()
+    payload = labeling.label_payload(project=project, scan=chest, user=users["alice"])
+    assert payload["suggestion"]["class_name"] in {"normal", "pneumonia"}
+    assert {t["name"] for t in payload["suggestion"]["top"]} <= {"normal", "pneumonia"}
+    assert payload["novelty"] is not None and 0 <= payload["novelty"]["percentile"] <= 100
+    # reports: one per label set, every eval scan counted
+    evaluation = model.evaluations.latest("created_at")
+    assert set(evaluation.report["per_set"]) == {CHEST, BRAIN}
+    assert evaluation.num_eval == Scan.objects.filter(project=project, split="eval").count()
+
+
+def test_classify_lists_the_set_and_flags_a_scan_from_another_anatomy(mixed_project):
+    from ml_backend import services as ml
+
+    project = mixed_project
+    brain = project.label_sets.get(name=BRAIN)
+    chest = project.label_sets.get(name=CHEST)
+    chest_png = next((FIXTURES / "chest_xray" / "eval" / "pneumonia").iterdir()).read_bytes()
+    from ml_backend.data.decode import decode_scan, render_preview
+
+    preview = render_preview(decode_scan(chest_png, name="x.png", salt="s",
+                                         max_pixels=10**7).pixels)
+    as_brain = ml.classify_image(project=project, preview_png=preview, label_set=brain)
+    assert {p["name"] for p in as_brain["probabilities"]} == set(
+        brain.classes.values_list("name", flat=True))
+    assert as_brain["novelty"]["ood"], as_brain["novelty"]
+    as_chest = ml.classify_image(project=project, preview_png=preview, label_set=chest)
+    assert not as_chest["novelty"]["ood"], as_chest["novelty"]
+    assert as_chest["predicted"]["name"] in {"normal", "pneumonia"}
+
+
+def test_a_new_class_is_newly_learned_not_a_regression(mixed_project, users):
+    from ml_backend import services as ml
+
+    project = mixed_project
+    brain = project.label_sets.get(name=BRAIN)
+    glioma, _ = services.label_class_get_or_create(project=project, name="glioma_tumor",
+                                                   label_set=brain)
+    job = run_import(project, FIXTURES / "brain_mri" / "pool" / "glioma_tumor", layout="flat",
+                     dataset_name="brain")
+    run_import(project, FIXTURES / "brain_mri" / "eval" / "glioma_tumor", layout="flat",
+               split="eval", default_label="glioma_tumor", dataset_name="brain")
+    for scan in job.scans.order_by("pk")[:8]:
+        services.annotation_create(scan=scan, reader=users["alice"], label_class=glioma)
+    first = project.active_model
+    run = ml.training_run_create(project=project, kind="refit")
+    ml.training_run_execute(run.pk)
+    run.refresh_from_db()
+    candidate = run.model_version
+    gate = candidate.metrics["gate"]
+    assert [c["name"] for c in gate["new_classes"]] == ["glioma_tumor"]
+    assert "glioma_tumor" not in gate["regressions"]
+    assert gate["num_shared_scans"] > 0 and gate["active_version"] == first.version
+    assert candidate.status_reason.startswith("promoted"), candidate.status_reason
+    assert "newly learned: glioma_tumor" in candidate.status_reason
+    # the same eval scans for both versions: every labeled eval scan is counted each time
+    assert candidate.evaluations.get().num_eval == first.evaluations.get().num_eval + 10
+
+
+def test_a_real_regression_is_held_back_in_words_and_an_admin_can_promote_it(
+        mixed_project, users, client):
+    from ml_backend import services as ml
+    from ml_backend.models import ModelVersion
+
+    project = mixed_project
+    active = project.active_model
+    # a candidate that always answers the first class of each set: a large, real drop
+    run = ml.training_run_create(project=project, kind="refit", params={"query": False})
+    ml.training_run_execute(run.pk)
+    run.refresh_from_db()
+    candidate = run.model_version
+    classes = [c["id"] for c in candidate.config["classes"]]
+    allowed = ml._allowed_classes
+
+    def constant(scans, calibrated=True):
+        out = np.zeros((len(scans), len(classes)), np.float32)
+        for row, ok in enumerate(allowed(scans, classes)):
+            out[row, classes.index(min(ok))] = 1.0
+        return out
+
+    evaluation = ml.evaluate(candidate, predict=constant, classes=classes)
+    promoted, reason, comparison = ml.gate(candidate, evaluation, predict=constant)
+    assert not promoted and reason.startswith("held back:"), reason
+    assert comparison["regression"] and comparison["regressions"]
+    assert "F1 fell from" in reason and "scans" in reason
+    ModelVersion.objects.filter(pk=candidate.pk).update(status="ready", status_reason=reason)
+
+    # the project page says so and offers the admin "promote anyway"; a clinician cannot
+    url = reverse("annotator:model_promote", args=[project.pk, candidate.pk])
+    client.login(username="alice", password=PASSWORD)
+    page = client.get(reverse("annotator:project_detail", args=[project.pk])).content.decode()
+    assert "held back" in page and "promote-anyway" not in page
+    assert client.post(url).status_code == 404
+    client.login(username="dora", password=PASSWORD)
+    page = client.get(reverse("annotator:project_detail", args=[project.pk])).content.decode()
+    assert "promote-anyway" in page
+    assert client.post(url).status_code == 302
+    project.refresh_from_db()
+    assert project.active_model_id == candidate.pk
+    assert ModelVersion.objects.get(pk=active.pk).status == "retired"
+    assert "promoted anyway by dora" in ModelVersion.objects.get(pk=candidate.pk).status_reason
+    assert candidate.predictions.count() > 0          # predictions followed the promotion
+
+
+def test_noise_on_a_small_class_is_not_a_regression(mixed_project):
+    """A candidate that differs from the active model on one eval scan is promoted: the gate
+    asks whether the drop is beyond noise, not whether F1 moved by 0.02."""
+    from ml_backend import services as ml
+
+    project = mixed_project
+    active = project.active_model
+    classes = [c["id"] for c in active.config["classes"]]
+    base = ml.predictor_for(active)
+    eval_scans = {s.pk for s in Scan.objects.filter(project=project, split="eval")}
+    flipped = sorted(eval_scans)[0]
+
+    def one_off(scans, calibrated=True):
+        proba = base(scans).copy()
+        for row, scan in enumerate(scans):
+            if scan.pk == flipped:
+                nonzero = np.flatnonzero(proba[row] > 0)
+                best = int(proba[row].argmax())
+                other = next(int(c) for c in nonzero if c != best)
+                proba[row, [best, other]] = proba[row, [other, best]]
+        return proba
+
+    run = ml.training_run_create(project=project, kind="refit", params={"query": False})
+    ml.training_run_execute(run.pk)
+    run.refresh_from_db()
+    candidate = run.model_version
+    evaluation = ml.evaluate(candidate, predict=one_off, classes=classes)
+    promoted, reason, _ = ml.gate(candidate, evaluation, predict=one_off)
+    assert promoted, reason
+
+
+def test_a_queued_refit_blocks_a_second_one(mixed_project, users):
+    """One refit at a time: with a refit queued, a due trigger queues nothing more."""
+    from ml_backend.models import TrainingRun
+
+    project = mixed_project
+    project.refit_every = 1
+    project.save()
+    scan = Scan.objects.filter(project=project, split="pool", label_set__name=CHEST).exclude(
+        annotations__outcome=Annotation.Outcome.LABEL).first()
+    services.annotation_create(scan=scan, reader=users["bob"],
+                               label_class=LabelClass.objects.get(name="normal"))
+    before = TrainingRun.objects.filter(project=project, kind="refit").count()
+    TrainingRun.objects.create(project=project, kind="refit", status="queued")
+    assert services.refit_if_due(project=project) is None
+    assert TrainingRun.objects.filter(project=project, kind="refit").count() == before + 1
