@@ -295,7 +295,38 @@ def import_job_run(
         _flush(job, state, processed=job.processed, final=True)
         if job.source_is_upload:
             shutil.rmtree(job.source, ignore_errors=True)
+    if job.status == ImportJob.Status.SUCCEEDED and state.imported:
+        _novelty_warning(job)
     return job
+
+
+def _novelty_warning(job: ImportJob) -> None:
+    """Flag an import whose scans are unlike the project's (another anatomy, site or
+    modality than its label set expects) in the import report."""
+    from ml_backend import services as ml
+
+    try:
+        summary = ml.import_novelty_check(job)
+    except Exception as exc:  # the import itself succeeded: say why the check did not run
+        logger.warning("novelty check of import %s failed: %s", job.pk, exc)
+        summary = {"error": f"the novelty check did not run ({type(exc).__name__})"}
+    if not summary:
+        return
+    if "error" in summary:
+        job.warnings = [*job.warnings, summary["error"]]
+    elif summary["unlike"]:
+        share = summary["unlike"] / max(summary["checked"], 1)
+        expected = max(0.0, 1.0 - summary["percentile"] / 100.0)
+        words = (f"{summary['unlike']} of {summary['checked']} new scans ({share:.0%}) are "
+                 f"unlike the project's scans of their label set (beyond its "
+                 f"{summary['percentile']:.0f}th percentile of distance to the nearest scans)")
+        if share > max(3 * expected, 0.05):
+            words = ("Unusual import: " + words + ". Check that these scans belong to this "
+                     "project and label set; the model's suggestions for them are not "
+                     "reliable.")
+        job.warnings = [*job.warnings, words + f" Scans: {summary['scan_ids']}."]
+    job.novelty = summary
+    job.save(update_fields=["warnings"])
 
 
 def _flush(job: ImportJob, state: _JobState, *, processed: int, final: bool = False) -> None:

@@ -170,11 +170,15 @@ def model_promote(request, project_id: int, version_id: int):
     if model is None:
         raise Http404("No such classifier in this project.")
     try:
-        ml.model_version_promote(model, actor=request.user,
-                                 reason=f"promoted anyway by {request.user.get_username()} "
-                                        f"(the gate had said: {model.status_reason[:300]})")
+        warning = ml.model_version_promote(
+            model, actor=request.user,
+            reason=f"promoted anyway by {request.user.get_username()} "
+                   f"(the gate had said: {model.status_reason[:300]})")
     except ml.TrainingError as exc:
         messages.error(request, str(exc))
     else:
-        messages.success(request, f"{model.version} is now the active classifier.")
+        if warning:
+            messages.warning(request, warning)
+        else:
+            messages.success(request, f"{model.version} is now the active classifier.")
     return redirect(project)

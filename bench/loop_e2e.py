@@ -60,6 +60,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -115,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--second-reader-error", type=float, default=None,
                    help="reader2 labels every scan too, wrong with this probability")
     p.add_argument("--gate-eval-per-class", type=int, default=10,
-                   help="labeled eval scans per class (the project's eval split for the gate)")
-    p.add_argument("--max-pool-per-source", type=int, default=None,
-                   help="stratified subset of each source's pool")
+                   help="labeled eval scans per class (the project's eval split for the "
+                        "gate); whole near-duplicate groups, so a class may get a few more")
+    p.add_argument("--max-pool-per-source", type=int, nargs="+", default=None,
+                   help="stratified subset of each source's pool: one value for all, or one "
+                        "per --train (0: no limit)")
     p.add_argument("--query-strategy", default=None,
                    help="the project's query strategy (default: the product's default)")
     p.add_argument("--gate-tolerance", type=float, default=None,
@@ -142,6 +145,8 @@ def check_args(args) -> None:
         raise SystemExit("need --step >= 1, --budget >= --step, --seeds >= 1")
     if args.second_reader_error is not None and not 0 <= args.second_reader_error <= 1:
         raise SystemExit("--second-reader-error is a probability")
+    if args.max_pool_per_source and len(args.max_pool_per_source) not in (1, len(args.train)):
+        raise SystemExit("--max-pool-per-source: one value, or one per --train")
     if args.gate_eval_per_class < 1:
         raise SystemExit("--gate-eval-per-class must be >= 1 (the gate needs an eval split)")
     if args.encoder_checkpoint and not Path(args.encoder_checkpoint).is_file():
@@ -191,6 +196,12 @@ def pick_gate(labels: np.ndarray, groups: np.ndarray, candidates: np.ndarray, pe
     return np.array(sorted(i for g in chosen for i in members[g]), dtype=np.int64)
 
 
+def _pool_cap(values: list[int] | None, index: int) -> int | None:
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values[index]
+
+
 def prepare_sources(args, group_size: int) -> list[Source]:
     from bench.ssl_eval import grouped_holdout, load_spec, near_duplicate_groups, \
         stratified_subset
@@ -230,8 +241,9 @@ def prepare_sources(args, group_size: int) -> list[Source]:
         gate_idx = pick_gate(labels, groups, train_idx, args.gate_eval_per_class)
         pool_idx = np.setdiff1d(train_idx, gate_idx)
         info["pool_before_subset"] = int(len(pool_idx))
-        if args.max_pool_per_source and args.max_pool_per_source < len(pool_idx):
-            keep = stratified_subset(labels[pool_idx], args.max_pool_per_source, seed=0)
+        cap = _pool_cap(args.max_pool_per_source, i)
+        if cap and cap < len(pool_idx):
+            keep = stratified_subset(labels[pool_idx], cap, seed=0)
             pool_idx = pool_idx[keep]
         set_name = args.label_sets[i] if args.label_sets else None
         source = Source(index=i, spec=spec, eval_spec=eval_spec, set_name=set_name,
@@ -424,6 +436,8 @@ def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget
         finals[strategy]["max_drop"] = [r["max_drop"] for r in rows]
         finals[strategy]["fell_more_than_limit"] = [r["fell_more_than_limit"] for r in rows]
         finals[strategy]["seconds"] = [r["seconds"] for r in rows]
+        finals[strategy]["labels_per_set"] = [r["points"][-1].get("labels_per_set")
+                                              for r in rows if r["points"]]
     summary["final"] = finals
     summary["wrong_set_predictions"] = sum(r["wrong_set"]["predicted_class"] for r in runs)
     summary["wrong_set_probability_keys"] = sum(r["wrong_set"]["probability_keys"] for r in runs)
@@ -483,6 +497,10 @@ def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
             lines.append(f"| {s} | {scope} | {_cell(f[scope]['active'])} | "
                          f"{_cell(f[scope]['probe'])} | {_cell(f[scope]['probe_true_labels'])} "
                          f"| {refits} |")
+    if len(scopes) > 1:
+        lines.append("\nLabels per label set at the budget (per run): " + "; ".join(
+            f"{s}: " + ", ".join(str(x) for x in summary["final"][s]["labels_per_set"])
+            for s in strategies))
     if "labels_saved" in summary:
         lines.append("\n**Labels the worklist needs to reach random's final macro-F1**")
         for scope, row in summary["labels_saved"].items():
@@ -491,7 +509,8 @@ def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
             lines.append(f"- {scope}: random@{summary['budget']} = "
                          f"{'—' if target is None else f'{target:.3f}'}; worklist reaches it at "
                          f"{reach if reach is not None else '>' + str(summary['budget'])} labels")
-    lines.append(f"\nLargest drop of the active model's macro-F1 between steps: "
+    lines.append(f"\nLargest fall of the active model's macro-F1 between steps (positive = "
+                 "fell, negative = it only rose): "
                  + "; ".join(f"{s}: " + ", ".join(f"{d:+.3f}" if d is not None else "—"
                                                   for d in summary["final"][s]["max_drop"])
                              for s in strategies)
@@ -561,6 +580,7 @@ def main(argv=None) -> int:
         "ML_TASKS_IN_THREAD": "0"})
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "medsite.settings")
     os.environ.pop("CELERY_BROKER_URL", None)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a kill still cleans up
     try:
         return _run(args, workdir, out, plot_path, started_all)
     finally:
@@ -629,7 +649,8 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
     t0 = time.perf_counter()
     for src in sources:
         tag = src.set_name or f"source {src.index}"
-        gate_dir, pool_dir = workdir / f"src{src.index}" / "gate", workdir / f"src{src.index}" / "pool"
+        gate_dir = workdir / f"src{src.index}" / "gate"
+        pool_dir = workdir / f"src{src.index}" / "pool"
         write_items(src.gate, gate_dir, class_folders=True)
         pool_oracle, conflicts = write_items(src.pool, pool_dir, class_folders=False)
         src.info["pool_sha_label_conflicts"] = conflicts
@@ -850,6 +871,7 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
         noise = random.Random(1_000_003 + seed)
         unlabeled = [s.pk for s in pool]
         labeled: list[int] = []
+        per_set: Counter = Counter()
         points, stats = [], {"shown": 0, "correct": 0, "wrong_set": 0}
         noise_stats = {"second_reader_labels": 0, "second_reader_wrong": 0}
         manual_rounds = 0
@@ -873,6 +895,7 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                 scan = pool_by_id[unlabeled.pop(rng.randrange(len(unlabeled)))]
             answer(project, scan, reader1, truth[scan.pk], item, stats)
             labeled.append(scan.pk)
+            per_set[set_names[scan.label_set_id]] += 1
             if args.second_reader_error is not None:
                 given = truth[scan.pk]
                 if noise.random() < args.second_reader_error:
@@ -888,7 +911,7 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                 state = refit_state(project, step_since)
                 evaluation = (model.evaluations.order_by("-created_at").first()
                               if model is not None else None)
-                point = {"labels": len(labeled),
+                point = {"labels": len(labeled), "labels_per_set": dict(per_set),
                          "annotations": Annotation.objects.filter(
                              scan__project=project, scan__split="pool").count(),
                          "active_version": model.version if model else None,
@@ -969,6 +992,7 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                     ",".join(map(str, labeled)).encode()).hexdigest()[:16]}
 
     project_pk = project.pk
+    set_names = {ls.pk: ls.name for ls in set_of_source.values()}
     for seed in range(args.seeds):
         for strategy in args.strategies:
             log(f"run: {strategy}, seed {seed}")

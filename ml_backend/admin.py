@@ -32,12 +32,13 @@ class ModelVersionAdmin(admin.ModelAdmin):
 
         for model in queryset:
             try:
-                services.model_version_promote(
+                warning = services.model_version_promote(
                     model, actor=request.user, reason=f"promoted by {request.user} in admin")
             except services.TrainingError as exc:
                 self.message_user(request, f"{model.version}: {exc}", messages.ERROR)
                 continue
-            self.message_user(request, f"{model.version} is now active")
+            self.message_user(request, warning or f"{model.version} is now active",
+                              messages.WARNING if warning else messages.INFO)
 
     @admin.action(description="Roll back to the previously active version")
     def roll_back(self, request, queryset):
@@ -53,13 +54,14 @@ class ModelVersionAdmin(admin.ModelAdmin):
                                   messages.WARNING)
                 continue
             try:
-                services.model_version_promote(
+                warning = services.model_version_promote(
                     previous, actor=request.user, rolled_back_from=model,
                     reason=f"rolled back from {model.version} by {request.user}")
             except services.TrainingError as exc:
                 self.message_user(request, f"{previous.version}: {exc}", messages.ERROR)
                 continue
-            self.message_user(request, f"{model.project}: {previous.version} is active again")
+            self.message_user(request, warning or f"{model.project}: {previous.version} is "
+                              "active again", messages.WARNING if warning else messages.INFO)
 
 
 @admin.register(TrainingRun)

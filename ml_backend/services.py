@@ -190,18 +190,29 @@ def model_version_activate(model: ModelVersion, *, reason: str = "", actor=None,
 
 
 def model_version_promote(model: ModelVersion, *, actor, reason: str = "",
-                          rolled_back_from: ModelVersion | None = None) -> None:
+                          rolled_back_from: ModelVersion | None = None) -> str | None:
     """An admin makes a classifier active by hand ("promote anyway", roll back): the same
     consequences as a promotion by the gate — its predictions for the pool, the next
-    worklist round and Label Studio follow."""
+    worklist round and Label Studio follow. Returns a warning in words when the version is
+    active but its pool predictions could not be refreshed."""
     if model.status in (ModelVersion.Status.FAILED, ModelVersion.Status.TRAINING):
         raise TrainingError(f"{model.version} is {model.status}: it cannot be made active")
     model_version_activate(model, reason=reason or f"promoted by {actor} (bypassing the gate)",
                            actor=actor, rolled_back_from=rolled_back_from)
-    if model.kind == ModelVersion.Kind.CLASSIFIER:
+    if model.kind != ModelVersion.Kind.CLASSIFIER:
+        return None
+    try:
         predictions_refresh(model)
         query_round_create(project=model.project, created_by=actor)
+    except (TrainingError, OSError, KeyError, ValueError) as exc:
+        # the version is active (an admin may need to roll back in a hurry); say what is stale
+        logger.warning("%s is active but its pool predictions were not refreshed: %s",
+                       model.version, exc)
+        return (f"{model.version} is active, but its predictions for the pool could not be "
+                f"computed ({type(exc).__name__}: {exc}); the worklist keeps the last round")
+    finally:
         _label_studio_follow(model.project_id)
+    return None
 
 
 def _checkpoint(model: ModelVersion, name: str) -> Path:
@@ -362,6 +373,29 @@ def novelty_of_vectors(encoder: ModelVersion, vectors: np.ndarray, *, label_set,
                               reference=np.asarray(stored[rows], np.float32), exclude_self=False)
     return [_novelty_verdict(float(d), reference[rows], project.novelty_percentile,
                              label_set.name) for d in distances]
+
+
+def import_novelty_check(job) -> dict | None:
+    """After an import into a project that has an encoder: embed the new scans and count
+    those unlike the project's scans of their label set. Returns a summary (None when there
+    is nothing to check); the import report shows it."""
+    encoder = Project.objects.get(pk=job.project_id).active_encoder
+    if encoder is None or not embeddings_paths(encoder)["index"].exists():
+        return None
+    scans = list(job.scans.select_related("label_set", "project").exclude(label_set=None))
+    if not scans:
+        return None
+    run = training_run_create(project=job.project, kind=TrainingRun.Kind.EMBED,
+                              params={"import_job": job.pk})
+    training_run_execute(run.pk)
+    run.refresh_from_db()
+    if run.status != TrainingRun.Status.SUCCEEDED:
+        return {"error": f"the new scans could not be embedded: {run.last_error[:300]}"}
+    verdicts = [(scan, scan_novelty(scan)) for scan in scans]
+    unlike = [scan.pk for scan, verdict in verdicts if verdict and verdict["ood"]]
+    checked = sum(1 for _, verdict in verdicts if verdict is not None)
+    return {"checked": checked, "unlike": len(unlike), "scan_ids": unlike[:50],
+            "percentile": job.project.novelty_percentile}
 
 
 def scan_novelty(scan: Scan) -> dict | None:
@@ -996,7 +1030,8 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     # a scan can only be labeled with its label set's classes: none, nothing to ask
     sets_with_classes = set(LabelClass.objects.filter(project=project)
                             .values_list("label_set_id", flat=True))
-    candidates = [s for s in candidates if s.label_set_id in sets_with_classes]
+    candidates = [s for s in candidates if s.label_set_id is not None and (
+        s.label_set_id in sets_with_classes or not sets_with_classes)]
     model, encoder = project.active_model, project.active_encoder
     proba, class_names = None, []
     if model is not None:

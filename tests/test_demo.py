@@ -25,6 +25,15 @@ def test_demo_setup_is_complete_and_idempotent(db, capsys):
     assert first.size == project.query_batch_size and first.strategy == "hybrid"
     assert not first.items.filter(scan__split="eval").exists()
     assert project.datasets.count() == 2
+    # one label set per anatomy: chest films are offered chest classes only
+    sets = {s.name: set(s.classes.values_list("name", flat=True))
+            for s in project.label_sets.all()}
+    assert sets == {"Chest X-ray": {"normal", "pneumonia"},
+                    "Brain MRI": {"glioma_tumor", "meningioma_tumor", "no_tumor",
+                                  "pituitary_tumor"}}
+    assert not Scan.objects.filter(project=project, label_set=None).exists()
+    assert not Scan.objects.filter(dataset__body_part="CHEST",
+                                   label_set__name="Brain MRI").exists()
     project.refresh_from_db()
     encoder = project.active_encoder
     assert encoder is not None and encoder.metrics["embeddings"]["total"] == 390

@@ -72,7 +72,8 @@ def test_every_change_is_recorded_and_exported(encoded_project, users,
     cyst = LabelClass.objects.get(project=project, name="cyst")
     assert AuditEvent.objects.get(action="class.created", object_id=str(cyst.pk)).actor == users["alice"]
     change = reverse("admin:annotator_labelclass_change", args=[cyst.pk])
-    form = {"project": project.pk, "name": "arachnoid cyst", "description": "", "hotkey": "c",
+    form = {"project": project.pk, "label_set": cyst.label_set_id, "name": "arachnoid cyst",
+            "description": "", "hotkey": "c",
             "color": cyst.color, "order": cyst.order}
     assert dora.post(change, form).status_code == 302
     changed = AuditEvent.objects.get(action="class.changed", object_id=str(cyst.pk))

@@ -26,7 +26,12 @@ def objects_of(project) -> dict:
     job = run_import(project, folder, layout="flat", default_label="no_tumor",
                      dataset_name="brain")
     scan = project.scans.first()
+    from ml_backend.models import ModelVersion
+
+    version = ModelVersion.objects.create(project=project, kind="classifier", status="ready",
+                                          version=f"held-back-{project.pk}")
     return {"project_id": project.pk, "scan_id": scan.pk, "job_id": job.pk,
+            "version_id": version.pk,
             "class_id": LabelClass.objects.get(project=project).pk, "name": "confusion",
             "token": "not-a-valid-token"}
 

@@ -3,8 +3,13 @@ project that holds chest X-rays and brain MRIs (the demo's shape)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.urls import reverse
 
@@ -93,15 +98,41 @@ def test_class_form_chooses_a_set_and_checks_hotkeys_within_it(client, project, 
     assert LabelClass.objects.get(name="meningioma_tumor").label_set == brain
 
 
+_ENCODER: dict[str, Path] = {}
+
+
+def _encoder(project) -> None:
+    """A small SimCLRv2 encoder for the project: pretrained once per test session (1 epoch,
+    32 px), then registered and embedded again for each test's fresh project."""
+    from ml_backend import services as ml
+    from ml_backend.models import ModelVersion
+
+    if "checkpoint" not in _ENCODER:
+        call_command("pretrain", "--project", project.name, "--epochs", "1", "--image-size",
+                     "32", "--batch-size", "32", "--small-input", "no", "--no-progress")
+        project.refresh_from_db()
+        keep = Path(tempfile.mkdtemp(prefix="test-encoder-")) / "encoder.pt"
+        shutil.copy(Path(project.active_encoder.artifact_dir) / "encoder.pt", keep)
+        _ENCODER["checkpoint"] = keep
+        return
+    folder = Path(settings.ARTIFACTS_ROOT) / "models" / f"p{project.pk}-enc-cached"
+    folder.mkdir(parents=True)
+    shutil.copy(_ENCODER["checkpoint"], folder / "encoder.pt")
+    encoder = ModelVersion.objects.create(project=project, kind="encoder", status="ready",
+                                          version=folder.name, artifact_dir=str(folder))
+    ml.model_version_activate(encoder, reason="test encoder")
+    run = ml.training_run_create(project=project, kind="embed", params={"full": True})
+    assert ml.training_run_execute(run.pk).status == "succeeded"
+    project.refresh_from_db()
+
+
 @pytest.fixture
 def mixed_project(project, users):
     """Two label sets with a small encoder and a first refit from 6 labels per class."""
     from ml_backend import services as ml
 
     truth = _two_sets(project)
-    call_command("pretrain", "--project", project.name, "--epochs", "1", "--image-size", "32",
-                 "--batch-size", "32", "--small-input", "no", "--no-progress")
-    project.refresh_from_db()
+    _encoder(project)
     project.refit_every = 1000        # refits are started by the test
     project.save()
     classes = {c.name: c for c in LabelClass.objects.filter(project=project)}

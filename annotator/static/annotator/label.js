@@ -147,10 +147,20 @@
         li.append(el("span", t.name, "bar-label"), bar, el("span", (t.p * 100).toFixed(0) + "%", "muted"));
         list.append(li);
       }
+    } else if (p.model_error) {
+      // the model could not answer: say so in words (the reason is in the server log too)
+      $("suggestion-text").textContent = `No suggestion: ${p.model_error}`;
+      $("suggestion-text").className = "error";
+    } else if (p.model_version) {
+      $("suggestion-text").textContent = `The model has not learned the ${p.scan.label_set || "this scan's"} classes yet: label scans of at least two of them.`;
+      $("suggestion-text").className = "muted";
     } else {
       $("suggestion-text").textContent = "No model yet: your first labels train one.";
       $("suggestion-text").className = "muted";
     }
+    $("label-set").textContent = p.no_label_set
+      ? "No label set applies to this scan: an admin must assign its dataset to one."
+      : (p.scan.label_set ? `Classes of ${p.scan.label_set}` : "");
     // classes
     const buttons = $("class-buttons");
     buttons.replaceChildren();
