@@ -1,0 +1,68 @@
+"""A project with two label sets in a real Label Studio 1.23.2: each task offers only its
+scan's set's classes (dynamic choices), and an answer from another set is refused."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.management import call_command
+
+from annotator import label_studio
+from annotator.models import Annotation, LabelStudioTask
+from tests.label_studio.conftest import ADMIN_EMAIL
+from tests.ml_backend.test_label_sets import BRAIN, CHEST, _two_sets
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+def test_each_task_offers_only_its_label_sets_classes(project, users, live_server,
+                                                      label_studio_server, settings):
+    settings.SITE_URL = live_server.url
+    settings.LABEL_STUDIO_URL = label_studio_server["url"]
+    settings.LABEL_STUDIO_API_KEY = label_studio_server["token"]
+    settings.LABEL_STUDIO_WEBHOOK_SECRET = "test-webhook-secret"
+    users["alice"].email = ADMIN_EMAIL
+    users["alice"].save()
+    _two_sets(project)
+    call_command("labelstudio_sync", project=project.name, create=True, scope="pool")
+    project.refresh_from_db()
+    ls = label_studio.client()
+    ls_id = project.label_studio_project_id
+    remote = ls.projects.get(id=ls_id)
+    assert 'value="$classes"' in remote.label_config
+    assert "glioma" not in remote.label_config           # no class is listed for every task
+
+    tasks = {t.data["scan_id"]: t for t in ls.tasks.list(project=ls_id, fields="all")}
+    linked = {t.scan_id: t.scan for t in LabelStudioTask.objects.filter(
+        project=project).select_related("scan__label_set")}
+    assert set(tasks) == set(linked)
+    for scan_id, task in tasks.items():
+        offered = {c["value"] for c in task.data["classes"]}
+        expected = set(linked[scan_id].label_set.classes.values_list("name", flat=True))
+        assert offered == expected, (linked[scan_id].label_set.name, offered)
+        assert task.data["label_set"] == linked[scan_id].label_set.name
+        assert {c.get("hotkey") for c in task.data["classes"]} <= {"1", "2", "3", "4"}
+
+    chest = next(s for s in linked.values() if s.label_set.name == CHEST)
+    brain = next(s for s in linked.values() if s.label_set.name == BRAIN)
+    right = ls.annotations.create(id=tasks[chest.pk].id, result=[{
+        "from_name": "diagnosis", "to_name": "image", "type": "choices",
+        "value": {"choices": ["pneumonia"]}}])
+    wrong = ls.annotations.create(id=tasks[brain.pk].id, result=[{
+        "from_name": "diagnosis", "to_name": "image", "type": "choices",
+        "value": {"choices": ["normal"]}}])             # forced through the API
+    call_command("labelstudio_reconcile", project=project.name)
+    got = Annotation.objects.get(source="label_studio", external_id=str(right.id))
+    assert got.scan == chest and got.label_class.name == "pneumonia"
+    assert not Annotation.objects.filter(source="label_studio",
+                                         external_id=str(wrong.id)).exists()
+
+    # a class added to one set reaches that set's tasks, and only those
+    from annotator import services
+
+    brain_set = brain.label_set
+    services.label_class_get_or_create(project=project, name="glioma_tumor",
+                                       label_set=brain_set)
+    label_studio.push_config(project, ls=ls)
+    after = {t.data["scan_id"]: {c["value"] for c in t.data["classes"]}
+             for t in ls.tasks.list(project=ls_id, fields="all")}
+    assert "glioma_tumor" in after[brain.pk] and "glioma_tumor" not in after[chest.pk]
