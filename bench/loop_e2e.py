@@ -439,6 +439,16 @@ def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget
         finals[strategy]["labels_per_set"] = [r["points"][-1].get("labels_per_set")
                                               for r in rows if r["points"]]
     summary["final"] = finals
+    checks = []          # each step whose newest refit was held back: right to hold it back?
+    for r in runs:
+        for point in r["points"]:
+            if point.get("newest") and point.get("active"):
+                checks.append({"strategy": r["strategy"], "seed": r["seed"],
+                               "labels": point["labels"], "held_back": point["newest_version"],
+                               "active": point["active_version"],
+                               "held_back_macro_f1": point["newest"]["overall"]["macro_f1"],
+                               "active_macro_f1": point["active"]["overall"]["macro_f1"]})
+    summary["held_back_checks"] = checks
     summary["wrong_set_predictions"] = sum(r["wrong_set"]["predicted_class"] for r in runs)
     summary["wrong_set_probability_keys"] = sum(r["wrong_set"]["probability_keys"] for r in runs)
     summary["wrong_set_suggestions_shown"] = sum(r["suggestions"]["wrong_set"] for r in runs)
@@ -497,6 +507,14 @@ def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
             lines.append(f"| {s} | {scope} | {_cell(f[scope]['active'])} | "
                          f"{_cell(f[scope]['probe'])} | {_cell(f[scope]['probe_true_labels'])} "
                          f"| {refits} |")
+    checks = summary.get("held_back_checks") or []
+    if checks:
+        worse = sum(c["held_back_macro_f1"] < c["active_macro_f1"] for c in checks)
+        lines.append(f"\nSteps whose newest refit was held back by the gate: {len(checks)}; the "
+                     f"held-back version was worse on --eval than the active one in {worse}: "
+                     + ", ".join(f"{c['strategy']}/{c['seed']}@{c['labels']} "
+                                 f"{c['held_back_macro_f1']:.3f} vs {c['active_macro_f1']:.3f}"
+                                 for c in checks[:12]))
     if len(scopes) > 1:
         lines.append("\nLabels per label set at the budget (per run): " + "; ".join(
             f"{s}: " + ", ".join(str(x) for x in summary["final"][s]["labels_per_set"])
@@ -911,12 +929,21 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                 state = refit_state(project, step_since)
                 evaluation = (model.evaluations.order_by("-created_at").first()
                               if model is not None else None)
+                newest = (ModelVersion.objects.filter(
+                    project=project, kind=ModelVersion.Kind.CLASSIFIER,
+                    status__in=[ModelVersion.Status.READY, ModelVersion.Status.ACTIVE,
+                                ModelVersion.Status.RETIRED])
+                    .order_by("-created_at", "-pk").first())
                 point = {"labels": len(labeled), "labels_per_set": dict(per_set),
                          "annotations": Annotation.objects.filter(
                              scan__project=project, scan__split="pool").count(),
                          "active_version": model.version if model else None,
                          "active_num_labels": model.num_labels if model else None,
                          "active": score_model(model) if model else None,
+                         # the newest refit, promoted or held back: was holding it back right?
+                         "newest_version": newest.version if newest else None,
+                         "newest": (score_model(newest) if newest is not None
+                                    and newest.pk != getattr(model, "pk", None) else None),
                          "gate_eval_macro_f1": evaluation.macro_f1 if evaluation else None,
                          "step_seconds": time.perf_counter() - step_started,
                          "manual_rounds": manual_rounds,

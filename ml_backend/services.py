@@ -764,8 +764,7 @@ def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metr
     same scans, and promote it (predictions, next round, Label Studio) or hold it back."""
     model.num_labels = num_labels
     model.metrics = {"training": metrics}
-    model.status = ModelVersion.Status.READY
-    model.save(update_fields=["num_labels", "metrics", "status"])
+    model.save(update_fields=["num_labels", "metrics"])   # still "training" until gated
     if calibrate:
         predict, uncalibrated = _calibrate_network(model, predict, classes, report)
     evaluation = evaluate(model, predict=predict, classes=classes, uncalibrated=uncalibrated)
@@ -774,15 +773,13 @@ def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metr
                    f" on {evaluation.num_eval} scans")
     promoted, reason, comparison = gate(model, evaluation, predict=predict)
     model.metrics = {**model.metrics, "gate": comparison}
-    model.save(update_fields=["metrics"])
+    model.status, model.status_reason = ModelVersion.Status.READY, reason
+    model.save(update_fields=["metrics", "status", "status_reason"])
     report.log(reason)
     if promoted:
         model_version_activate(model, reason=reason)
         predictions_refresh(model, predict=predict, classes=classes)
         _label_studio_follow(model.project_id)
-    else:
-        model.status_reason = reason
-        model.save(update_fields=["status_reason"])
 
 
 def _calibrate_network(model: ModelVersion, predict: Predictor, classes: list[int],

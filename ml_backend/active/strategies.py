@@ -117,11 +117,17 @@ def _need(context: QueryContext, what: str) -> np.ndarray:
 
 
 def uncertainty_details(proba: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-candidate least-confidence, margin and entropy (modAL's definitions)."""
+    """Per-candidate least-confidence, margin and entropy (modAL's definitions).
+
+    Entropy is divided by the log of the number of classes the row spreads over (its
+    non-zero columns): in a project with label sets a 4-class brain MRI and a 2-class chest
+    film are then equally uncertain at 1.0, and neither anatomy crowds the other out of the
+    worklist. With one label set this is a constant factor and changes no ranking."""
     estimator, X = _Probabilities(proba), np.arange(len(proba))[:, None]
+    classes = np.maximum((np.asarray(proba) > 0).sum(axis=1), 2)
     return {"uncertainty": classifier_uncertainty(estimator, X),
             "margin": classifier_margin(estimator, X),
-            "entropy": classifier_entropy(estimator, X)}
+            "entropy": classifier_entropy(estimator, X) / np.log(classes)}
 
 
 def select(order: np.ndarray, scores: np.ndarray, reasons: list[dict], context: QueryContext,

@@ -231,6 +231,8 @@ def describe(result: dict, *, candidate: str, active: str) -> str:
     if result["new_classes"]:
         learned = ", ".join(
             f"{row['name']} (recall {_num(row['recall'])}, precision {_num(row['precision'])}, "
-            f"{row['support']} scans)" for row in result["new_classes"])
+            f"{row['support']} scans)" if row["support"] else
+            f"{row['name']} (no labeled eval scans yet to measure it)"
+            for row in result["new_classes"])
         text += f"; newly learned: {learned}"
     return text
