@@ -295,43 +295,50 @@ def _pretrain(run: TrainingRun, report: _RunReporter) -> None:
 def embeddings_paths(model: ModelVersion) -> dict[str, Path]:
     base = Path(model.artifact_dir)
     return {"vectors": base / "embeddings.npy", "ids": base / "scan_ids.npy",
-            "index": base / "index.faiss", "novelty": base / "novelty.npy"}
+            "index": base / "index.faiss"}
 
 
 NOVELTY_K = 5
+NOVELTY_REFERENCE_MAX = 5000
+_NOVELTY_CACHE: dict[tuple, dict] = {}
 
 
-def _novelty_update(paths: dict[str, Path], vectors: np.ndarray, *, new: int, full: bool) -> None:
-    """Each embedded scan's mean cosine distance to its k nearest other scans (leave one
-    out), aligned with ``scan_ids.npy``: the reference that novelty percentiles are read
-    against. New scans are scored against everything; a full embed recomputes all."""
+def _novelty_reference(encoder: ModelVersion, label_set_id: int, *,
+                       exclude_ids=()) -> dict | None:
+    """The scans a novelty score is read against: the label set's embedded scans (a seeded
+    sample of at most NOVELTY_REFERENCE_MAX), their vectors and their leave-one-out mean
+    cosine distances to their k nearest within that reference. Distances of new scans are
+    measured against the same reference, so both sides of the comparison match. Cached per
+    embeddings file and set membership; ``exclude_ids`` (e.g. the scans of the import being
+    checked) gives an uncached reference without them."""
     from ml_backend.index.novelty import knn_distances
 
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if full or not paths["novelty"].exists():
-        distances = knn_distances(vectors, NOVELTY_K)
-    else:
-        old = np.load(paths["novelty"])
-        if len(old) + new != len(vectors):
-            distances = knn_distances(vectors, NOVELTY_K)
-        elif new:
-            fresh = knn_distances(vectors[len(old):], NOVELTY_K, reference=vectors[:len(old)],
-                                  exclude_self=False)
-            distances = np.concatenate([old, fresh])
-        else:
-            distances = old
-    _save_npy_atomic(paths["novelty"], np.asarray(distances, dtype=np.float32))
-
-
-def _novelty_reference(encoder: ModelVersion) -> tuple[np.ndarray, np.ndarray]:
-    """(scan ids, leave-one-out kNN distances) of the encoder's embedded scans (cached)."""
     paths = embeddings_paths(encoder)
-    if not paths["novelty"].exists():
-        raise TrainingError(f"{encoder.version} has no novelty reference: run `manage.py embed`")
-
-    def load(path):
-        return np.load(paths["ids"]), np.load(path)
-    return _cached_load(paths["novelty"], load)
+    if not paths["ids"].exists():
+        return None
+    members = Scan.objects.filter(project_id=encoder.project_id, label_set_id=label_set_id)
+    if exclude_ids:
+        members = members.exclude(pk__in=list(exclude_ids))
+    member_ids = set(members.values_list("pk", flat=True))
+    key = (str(paths["ids"]), paths["ids"].stat().st_mtime_ns, label_set_id, len(member_ids),
+           max(member_ids, default=0))
+    if not exclude_ids and key in _NOVELTY_CACHE:
+        return _NOVELTY_CACHE[key]
+    ids = np.load(paths["ids"])
+    rows = np.flatnonzero([int(i) in member_ids for i in ids])
+    if len(rows) < 2:
+        return None
+    if len(rows) > NOVELTY_REFERENCE_MAX:
+        rows = np.sort(np.random.default_rng(0).choice(rows, NOVELTY_REFERENCE_MAX,
+                                                       replace=False))
+    vectors = np.asarray(np.load(paths["vectors"], mmap_mode="r")[rows], np.float32)
+    reference = {"ids": ids[rows], "vectors": vectors,
+                 "distances": np.sort(knn_distances(vectors, NOVELTY_K))}
+    if not exclude_ids:
+        while len(_NOVELTY_CACHE) >= 16:
+            _NOVELTY_CACHE.pop(next(iter(_NOVELTY_CACHE)))
+        _NOVELTY_CACHE[key] = reference
+    return reference
 
 
 def _novelty_verdict(distance: float, reference: np.ndarray, percentile_limit: float,
@@ -352,33 +359,27 @@ def _novelty_verdict(distance: float, reference: np.ndarray, percentile_limit: f
             "ood": ood, "message": words, "reference_size": int(len(reference))}
 
 
-def _set_rows(project: Project, ids: np.ndarray, label_set) -> np.ndarray:
-    members = set(Scan.objects.filter(project=project, label_set=label_set)
-                  .values_list("pk", flat=True))
-    return np.flatnonzero([int(i) in members for i in ids])
-
-
 def novelty_of_vectors(encoder: ModelVersion, vectors: np.ndarray, *, label_set,
-                       project: Project) -> list[dict]:
-    """How unlike the project's scans of ``label_set`` each vector is: its mean distance to
-    the k nearest of them, as a percentile of those scans' own leave-one-out distances."""
+                       project: Project, exclude_ids=()) -> list[dict | None]:
+    """How unlike the project's scans of ``label_set`` each vector is: its mean cosine
+    distance to the k nearest of them, as a percentile of those scans' own leave-one-out
+    distances (ml_backend/index/novelty.py)."""
     from ml_backend.index.novelty import knn_distances
 
-    ids, reference = _novelty_reference(encoder)
-    rows = _set_rows(project, ids, label_set)
-    if len(rows) < 2:
+    reference = _novelty_reference(encoder, label_set.pk, exclude_ids=exclude_ids)
+    if reference is None:
         return [None] * len(vectors)
-    stored = np.load(embeddings_paths(encoder)["vectors"], mmap_mode="r")
     distances = knn_distances(np.asarray(vectors, np.float32), NOVELTY_K,
-                              reference=np.asarray(stored[rows], np.float32), exclude_self=False)
-    return [_novelty_verdict(float(d), reference[rows], project.novelty_percentile,
+                              reference=reference["vectors"], exclude_self=False)
+    return [_novelty_verdict(float(d), reference["distances"], project.novelty_percentile,
                              label_set.name) for d in distances]
 
 
 def import_novelty_check(job) -> dict | None:
     """After an import into a project that has an encoder: embed the new scans and count
-    those unlike the project's scans of their label set. Returns a summary (None when there
-    is nothing to check); the import report shows it."""
+    those unlike the scans their label set held before this import (so a whole site of
+    mislabeled scans cannot vouch for itself). Returns a summary (None when there is
+    nothing to check); the import report shows it."""
     encoder = Project.objects.get(pk=job.project_id).active_encoder
     if encoder is None or not embeddings_paths(encoder)["index"].exists():
         return None
@@ -391,31 +392,39 @@ def import_novelty_check(job) -> dict | None:
     run.refresh_from_db()
     if run.status != TrainingRun.Status.SUCCEEDED:
         return {"error": f"the new scans could not be embedded: {run.last_error[:300]}"}
-    verdicts = [(scan, scan_novelty(scan)) for scan in scans]
-    unlike = [scan.pk for scan, verdict in verdicts if verdict and verdict["ood"]]
-    checked = sum(1 for _, verdict in verdicts if verdict is not None)
-    return {"checked": checked, "unlike": len(unlike), "scan_ids": unlike[:50],
+    new_ids = [s.pk for s in scans]
+    unlike, checked = [], 0
+    for label_set in {s.label_set for s in scans}:
+        mine = [s for s in scans if s.label_set_id == label_set.pk]
+        verdicts = novelty_of_vectors(encoder, _vectors_for(encoder, mine), label_set=label_set,
+                                      project=job.project, exclude_ids=new_ids)
+        checked += sum(v is not None for v in verdicts)
+        unlike += [s.pk for s, v in zip(mine, verdicts) if v and v["ood"]]
+    return {"checked": checked, "unlike": len(unlike), "scan_ids": sorted(unlike)[:50],
             "percentile": job.project.novelty_percentile}
 
 
 def scan_novelty(scan: Scan) -> dict | None:
-    """The novelty verdict of an embedded scan among its label set's scans (None when the
-    project has no encoder or the scan is not embedded yet)."""
+    """The novelty verdict of an embedded scan among the other scans of its label set (None
+    when the project has no encoder or the scan is not embedded yet)."""
     encoder = scan.project.active_encoder
     if encoder is None or scan.label_set_id is None:
         return None
     try:
-        ids, reference = _novelty_reference(encoder)
+        reference = _novelty_reference(encoder, scan.label_set_id)
+        if reference is None:
+            return None
+        vector = _vectors_for(encoder, [scan])
     except (TrainingError, OSError):
         return None
-    position = np.flatnonzero(ids == scan.pk)
-    if not len(position):
+    from ml_backend.index.novelty import knn_distances
+
+    others = reference["vectors"][reference["ids"] != scan.pk]
+    if len(others) < 1:
         return None
-    rows = _set_rows(scan.project, ids, scan.label_set_id)
-    if len(rows) < 2:
-        return None
-    return _novelty_verdict(float(reference[position[0]]), reference[rows],
-                            scan.project.novelty_percentile, scan.label_set.name)
+    distance = float(knn_distances(vector, NOVELTY_K, reference=others, exclude_self=False)[0])
+    return _novelty_verdict(distance, reference["distances"], scan.project.novelty_percentile,
+                            scan.label_set.name)
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -470,7 +479,6 @@ def _embed_with(run: TrainingRun, encoder: ModelVersion, report: _RunReporter, *
         all_ids, all_vectors = ids, vectors
     _save_npy_atomic(paths["vectors"], all_vectors.astype(np.float32))
     _save_npy_atomic(paths["ids"], all_ids)
-    _novelty_update(paths, all_vectors, new=len(ids), full=old_vectors is None or not len(known))
     index.save(paths["index"])
     _INDEX_CACHE.pop(str(paths["index"]), None)
     stats = {"embedded": int(len(ids)), "total": int(len(all_ids)), "index_kind": index.kind,

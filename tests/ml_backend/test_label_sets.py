@@ -195,6 +195,23 @@ def test_classify_lists_the_set_and_flags_a_scan_from_another_anatomy(mixed_proj
     assert as_chest["predicted"]["name"] in {"normal", "pneumonia"}
 
 
+def test_an_import_unlike_its_label_set_is_flagged_in_its_report(mixed_project, tmp_path):
+    """Chest films imported as if they were brain MRIs (a mislabeled site): the import
+    embeds them and its report says they are unlike the set's scans."""
+    from PIL import Image
+
+    folder = tmp_path / "site2"
+    folder.mkdir()
+    for path in sorted((FIXTURES / "chest_xray" / "pool" / "pneumonia").iterdir())[:12]:
+        with Image.open(path) as image:        # new content (mirrored), still a chest film
+            image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / path.name)
+    job = run_import(mixed_project, folder, layout="flat", dataset_name="brain site 2",
+                     label_set=BRAIN)
+    assert job.imported == 12
+    flagged = [w for w in job.warnings if "unlike the project's scans of their label set" in w]
+    assert flagged and flagged[0].startswith("Unusual import"), job.warnings
+
+
 def test_a_new_class_is_newly_learned_not_a_regression(mixed_project, users):
     from ml_backend import services as ml
 
