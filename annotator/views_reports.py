@@ -173,7 +173,9 @@ def _draw(project: Project, model: ModelVersion | None, name: str) -> bytes | No
     if name == "reliability" and report.get("reliability"):
         return charts.reliability_png(report["reliability"], report.get("ece"),
                                       report.get("ece_before_scaling"),
-                                      temperature=report.get("temperature"))
+                                      temperature=report.get("temperature")
+                                      if isinstance(report.get("temperature"), (int, float))
+                                      else None)
     if name == "per_site" and report.get("per_group"):
         return charts.per_site_png(report["per_group"])
     return None
@@ -247,9 +249,22 @@ def _page(project: Project, model: ModelVersion | None) -> dict:
     ]
     if "ece_before_scaling" in report:
         summary.append(("ECE before temperature scaling", _fmt(report["ece_before_scaling"])))
-        summary.append(("Temperature T", "—" if temperature is None else f"{temperature:.2f}"))
+        if isinstance(temperature, dict):     # one head per label set
+            shown = " · ".join(f"{name} {t:.2f}" for name, t in temperature.items())
+        else:
+            shown = "—" if temperature is None else f"{temperature:.2f}"
+        summary.append(("Temperature T", shown))
     summary.append(("NLL", _fmt(report.get("nll"))))
+    per_set = [{"name": name, "n": r.get("num_eval"), "accuracy": _fmt(r.get("accuracy")),
+                "macro_f1": _fmt(r.get("macro_f1")), "macro_auc": _fmt(r.get("macro_auc")),
+                "ece": _fmt(r.get("ece")),
+                "classes": ", ".join(r.get("class_names") or list(r.get("per_class", {})))}
+               for name, r in (report.get("per_set") or {}).items()]
+    gate = (model.metrics or {}).get("gate") if model is not None else None
     return {
+        "per_set": per_set if len(per_set) > 1 else [],
+        "unknown_classes": report.get("unknown_classes") or [],
+        "gate": gate or None,
         "project": project,
         "model": model,
         "models": ModelVersion.objects.filter(project=project, kind=ModelVersion.Kind.CLASSIFIER)

@@ -906,6 +906,9 @@ def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int],
             raw = _widen(uncalibrated([scans[i] for i in known]), len(all_classes))
             report["ece_before_scaling"] = float(expected_calibration_error(labels[known], raw))
         report["temperature"] = model.config.get("temperature")
+        if report["temperature"] is None and model.config.get("label_sets"):
+            report["temperature"] = {c["name"]: c["temperature"]
+                                     for c in model.config["label_sets"]}
     return Evaluation.objects.create(
         model_version=model, num_labels=model.num_labels, num_eval=len(scans),
         accuracy=report.get("accuracy"), macro_f1=report.get("macro_f1"),
