@@ -173,6 +173,13 @@ def test_heads_per_set_never_suggest_a_class_of_another_set(mixed_project, users
     evaluation = model.evaluations.latest("created_at")
     assert set(evaluation.report["per_set"]) == {CHEST, BRAIN}
     assert evaluation.num_eval == Scan.objects.filter(project=project, split="eval").count()
+    from django.test import Client
+
+    client = Client()
+    client.force_login(users["alice"])
+    page = client.get(reverse("annotator:reports", args=[project.pk])).content.decode()
+    assert 'id="per-set"' in page and CHEST in page and BRAIN in page
+    assert "promoted: the first classifier" in page
 
 
 def test_classify_lists_the_set_and_flags_a_scan_from_another_anatomy(mixed_project):
