@@ -548,7 +548,8 @@ def refit_if_due(*, project: Project):
                                                outcome=Annotation.Outcome.LABEL)
         if last is not None:
             new_labels = new_labels.filter(created_at__gt=last.created_at)
-        if new_labels.count() < max(project.refit_every, 1):
+        # new labeled SCANS: a second reading of a scan does not bring a refit closer
+        if new_labels.values("scan_id").distinct().count() < max(project.refit_every, 1):
             return None
         return ml.training_run_create(project=project, kind=TrainingRun.Kind.REFIT,
                                       enqueue=True)

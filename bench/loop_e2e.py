@@ -9,7 +9,7 @@
     python -m bench.loop_e2e --train '../shared/data/pneumoniamnist/pneumoniamnist.npz#train' \\
         --train ../shared/data/brain_mri/Training \\
         --eval '../shared/data/pneumoniamnist/pneumoniamnist.npz#val' --eval split:0.2 \\
-        --label-sets "chest X-ray" "brain MRI" --max-pool-per-source 1500 ...
+        --label-sets "chest X-ray" "brain MRI" --max-pool-per-source 1500 0 ...
 
 Unlike ``bench.al_sim`` (the library replayed on arrays), this drives the product itself,
 in-process, on a throw-away SQLite database and media / artifact folders in a temp dir:

@@ -449,15 +449,18 @@ def _embed_with(run: TrainingRun, encoder: ModelVersion, report: _RunReporter, *
     from ml_backend.index.faiss_index import VectorIndex, build_index
 
     paths = embeddings_paths(encoder)
-    model, config = ssl.load_pretrained(_checkpoint(encoder, "encoder.pt"))
     scans = list(Scan.objects.filter(project=run.project).order_by("pk"))
     old_ids = np.zeros(0, np.int64)
     old_vectors = None
     if not full and paths["ids"].exists() and paths["index"].exists():
         old_ids = np.load(paths["ids"])
-        old_vectors = np.load(paths["vectors"])
+        old_vectors = np.load(paths["vectors"], mmap_mode="r")
     known = set(old_ids.tolist())
     todo = [s for s in scans if s.pk not in known]
+    if not todo and old_vectors is not None and len(known):
+        report.log(f"embedding 0 scans with {encoder.version} ({len(known)} already embedded)")
+        return            # nothing new: the vectors and the index stay as they are
+    model, config = _cached_load(_checkpoint(encoder, "encoder.pt"), ssl.load_pretrained)
     report.log(f"embedding {len(todo)} scans with {encoder.version} "
                f"({len(known)} already embedded)")
     started = time.perf_counter()
@@ -1050,7 +1053,10 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
         if candidates and stored:
             # a scan the model cannot score yet (its set has no head) is maximally uncertain
             uniform = np.full(len(classes), 1.0 / len(classes))
-            proba = np.array([[stored[s.pk].get(str(c), 0.0) for c in classes]
+            # a class of the scan's set keeps a non-zero column even when its stored
+            # probability rounded to 0 (the strategies count a row's classes by them)
+            proba = np.array([[max(stored[s.pk][str(c)], 1e-9) if str(c) in stored[s.pk]
+                               else 0.0 for c in classes]
                               if s.pk in stored else uniform for s in candidates])
     embeddings = labeled = None
     if encoder is not None and embeddings_paths(encoder)["ids"].exists():

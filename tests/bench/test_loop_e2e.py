@@ -59,6 +59,8 @@ def test_loop_on_fixtures_mixed_project_then_saved_encoder(tmp_path):
     for run in result["runs"]:
         points = run["points"]
         assert [p["labels"] for p in points] == [10, 20]
+        assert [sum(p["labels_per_set"].values()) for p in points] == [10, 20]
+        assert set(points[-1]["labels_per_set"]) <= set(SETS)
         # two readers: every scan has two pool annotations, and refits count annotations
         assert [p["annotations"] for p in points] == [20, 40]
         assert run["second_reader"]["second_reader_labels"] == 20
@@ -84,6 +86,10 @@ def test_loop_on_fixtures_mixed_project_then_saved_encoder(tmp_path):
         assert finite_unit(curve["overall"]["macro_f1"]["mean"][-1])
     assert set(summary["labels_saved"]) == {"overall", *SETS}
     assert summary["wrong_set_predictions"] == 0
+    # a refit the gate held back is scored too (none need be held back on this tiny run)
+    assert isinstance(summary["held_back_checks"], list)
+    assert all(p["newest"] is None or finite_unit(p["newest"]["overall"]["macro_f1"])
+               for run in result["runs"] for p in run["points"])
 
     # the saved encoder is reused: no pretraining, a full embed run instead
     out2 = tmp_path / "reuse.json"
