@@ -104,6 +104,9 @@ def main(argv=None) -> int:
                   "ML_TASKS_IN_THREAD": "0" if args.inline_refits else "1"}
     import django
 
+    # the run table is read between key presses, while Playwright's sync API keeps an event
+    # loop in this thread; those reads are plain synchronous ORM calls
+    os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     django.setup()
     from django.contrib.auth import get_user_model
     from django.core.management import call_command

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from annotator.models import Annotation, LabelClass, Project, Scan
@@ -1069,7 +1070,7 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     context = QueryContext(proba=proba, embeddings=embeddings, labeled_embeddings=labeled,
                            groups=np.array([s.patient_key for s in candidates]),
                            class_names=class_names)
-    selection = query(strategy, context, n) if candidates else None
+    selection = _query_per_label_set(strategy, context, n, candidates) if candidates else None
     with transaction.atomic():
         query_round = QueryRound.objects.create(
             project=project, model_version=model, strategy=strategy, created_by=created_by,
@@ -1086,6 +1087,45 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
                                        score=float(score), reason=reason))
         QueryItem.objects.bulk_create(items)
     return query_round
+
+
+def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan]):
+    """One strategy run per label set, each given a share of the round in proportion to its
+    number of classes (at least one pick each), interleaved by rank: with several label sets
+    how many labels each anatomy gets is a decision, not a side effect of the score (an easy
+    2-class set would otherwise take the round from a hard 4-class one, or the reverse).
+    With one set this is exactly ``query(strategy, context, n)``."""
+    from dataclasses import replace
+
+    from ml_backend.active.strategies import Selection, query
+
+    set_ids = np.array([s.label_set_id for s in candidates])
+    present = sorted(set(set_ids.tolist()))
+    if len(present) < 2:
+        return query(strategy, context, n)
+    weight = dict(LabelClass.objects.filter(label_set_id__in=present).values("label_set_id")
+                  .annotate(k=Count("pk")).values_list("label_set_id", "k"))
+    weights = np.array([max(weight.get(i, 0), 1) for i in present], dtype=float)
+    available = np.array([(set_ids == i).sum() for i in present])
+    shares = np.minimum(np.maximum(1, np.floor(n * weights / weights.sum())).astype(int),
+                        available)
+    while shares.sum() < min(n, available.sum()):        # hand out what rounding left
+        room = np.flatnonzero(shares < available)
+        shares[room[np.argmax(weights[room] / (shares[room] + 1))]] += 1
+    picks = []
+    for set_id, share in zip(present, shares):
+        rows = np.flatnonzero(set_ids == set_id)
+        sub = replace(context,
+                      proba=None if context.proba is None else context.proba[rows],
+                      embeddings=None if context.embeddings is None else context.embeddings[rows],
+                      groups=None if context.groups is None else context.groups[rows])
+        chosen = query(strategy, sub, int(share))
+        picks.append([(int(rows[i]), float(score), reason) for i, score, reason in
+                      zip(chosen.indices, chosen.scores, chosen.reasons)])
+    merged = [pick for position in range(max(map(len, picks)))
+              for per_set in picks if position < len(per_set) for pick in [per_set[position]]]
+    return Selection(indices=np.array([p[0] for p in merged], dtype=np.int64),
+                     scores=np.array([p[1] for p in merged]), reasons=[p[2] for p in merged])
 
 
 def _labeled_neighbours(scan: Scan, k: int) -> list[dict]:

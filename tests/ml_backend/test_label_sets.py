@@ -173,6 +173,18 @@ def test_heads_per_set_never_suggest_a_class_of_another_set(mixed_project, users
     evaluation = model.evaluations.latest("created_at")
     assert set(evaluation.report["per_set"]) == {CHEST, BRAIN}
     assert evaluation.num_eval == Scan.objects.filter(project=project, split="eval").count()
+    # the worklist gives each label set a share of the round by its number of classes
+    from ml_backend import services as ml
+
+    LabelClass.objects.create(project=project, name="glioma_tumor",
+                              label_set=project.label_sets.get(name=BRAIN))
+    round_ = ml.query_round_create(project=project, n=10)    # 2 chest : 3 brain classes
+    per_set = {}
+    for item in round_.items.select_related("scan__label_set"):
+        per_set[item.scan.label_set.name] = per_set.get(item.scan.label_set.name, 0) + 1
+    assert per_set == {CHEST: 4, BRAIN: 6}, per_set
+    ranks = [i.scan.label_set.name for i in round_.items.order_by("rank")][:4]
+    assert set(ranks) == {CHEST, BRAIN}            # interleaved, not one set then the other
     from django.test import Client
 
     client = Client()
