@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,7 +79,8 @@ def _pool() -> ThreadPoolExecutor:
     global _executor
     with _lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ml-worker")
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ml-worker",
+                                           initializer=_lower_priority)
             # Before the interpreter joins the pool's thread at exit (which would first run
             # every queued job): threading's exit hooks run before atexit's.
             register = getattr(threading, "_register_atexit", None)
@@ -91,12 +93,25 @@ def _pool() -> ThreadPoolExecutor:
         return _executor
 
 
+def _lower_priority() -> None:
+    """The worker thread yields the CPU to the threads serving readers: a lower scheduling
+    priority for this thread (Linux nice values are per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+    except (AttributeError, OSError):   # not Linux, or not permitted: same priority then
+        pass
+
+
 def _job(run_id: int) -> None:
     from ml_backend import services
 
+    from threadpoolctl import threadpool_limits
+
     try:
         # training_run_execute marks the run failed itself; anything escaping it is logged.
-        services.training_run_execute(run_id)
+        # One BLAS / OpenMP thread while it runs, so a core stays free for the readers.
+        with threadpool_limits(1):
+            services.training_run_execute(run_id)
     except Exception:
         logger.exception("training run %s failed in the background worker thread", run_id)
     finally:
