@@ -58,7 +58,25 @@ class UploadForm(forms.Form):
         return files
 
 
-class LabelClassForm(forms.Form):
+class _LabelSetChoice(forms.Form):
+    """A choice of the project's label sets; hidden when there is only one, and the first
+    set when none is chosen."""
+
+    label_set = forms.ModelChoiceField(queryset=None, empty_label=None, required=False)
+
+    def __init__(self, *args, project, **kwargs):
+        super().__init__(*args, **kwargs)
+        sets = project.label_sets.order_by("order", "pk")
+        self.fields["label_set"].queryset = sets
+        self.fields["label_set"].initial = sets.first()
+        if sets.count() <= 1:
+            self.fields["label_set"].widget = forms.HiddenInput()
+
+    def clean_label_set(self):
+        return self.cleaned_data.get("label_set") or self.fields["label_set"].queryset.first()
+
+
+class LabelClassForm(_LabelSetChoice):
     """A new anomaly type, added mid-project."""
 
     name = forms.CharField(max_length=100)
@@ -71,22 +89,11 @@ class LabelClassForm(forms.Form):
         help_text="One key that labels a scan with this class; blank picks a free digit.",
     )
 
-    label_set = forms.ModelChoiceField(
-        queryset=None, empty_label=None, required=False,
-        help_text="The kind of scan the class applies to: it is offered only for those scans.",
-    )
-
     def __init__(self, *args, project, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, project=project, **kwargs)
         self.project = project
-        sets = project.label_sets.order_by("order", "pk")
-        self.fields["label_set"].queryset = sets
-        self.fields["label_set"].initial = sets.first()
-        if sets.count() <= 1:
-            self.fields["label_set"].widget = forms.HiddenInput()
-
-    def clean_label_set(self):
-        return self.cleaned_data.get("label_set") or self.fields["label_set"].queryset.first()
+        self.fields["label_set"].help_text = ("The kind of scan the class applies to: it is "
+                                              "offered only for those scans.")
         self.order_fields(["name", "label_set", "description", "hotkey"])
 
     def clean_name(self):
@@ -98,7 +105,7 @@ class LabelClassForm(forms.Form):
         return name
 
     def clean_hotkey(self):
-        from annotator.labeling import RESERVED_KEYS, effective_hotkeys
+        from annotator.labeling import RESERVED_KEYS
 
         key = (self.cleaned_data.get("hotkey") or "").strip().lower()
         if not key:
@@ -115,8 +122,6 @@ class LabelClassForm(forms.Form):
         from annotator.labeling import effective_hotkeys
 
         cleaned = super().clean()
-        if cleaned.get("label_set") is None:
-            cleaned["label_set"] = self.fields["label_set"].queryset.first()
         key, label_set = cleaned.get("hotkey"), cleaned.get("label_set")
         if key and label_set is not None:
             used = effective_hotkeys(list(label_set.classes.all()))
@@ -126,22 +131,14 @@ class LabelClassForm(forms.Form):
         return cleaned
 
 
-class ClassifyForm(forms.Form):
+class ClassifyForm(_LabelSetChoice):
     file = forms.FileField(
         help_text="One DICOM, PNG, JPEG or TIFF scan. Nothing is stored unless you add it.",
     )
-    label_set = forms.ModelChoiceField(
-        queryset=None, empty_label=None, label="Kind of scan", required=False,
-        help_text="The label set to classify it with (the classes that apply to this anatomy).",
-    )
 
     def __init__(self, *args, project, **kwargs):
-        super().__init__(*args, **kwargs)
-        sets = project.label_sets.order_by("order", "pk")
-        self.fields["label_set"].queryset = sets
-        self.fields["label_set"].initial = sets.first()
-        if sets.count() <= 1:
-            self.fields["label_set"].widget = forms.HiddenInput()
-
-    def clean_label_set(self):
-        return self.cleaned_data.get("label_set") or self.fields["label_set"].queryset.first()
+        super().__init__(*args, project=project, **kwargs)
+        self.fields["label_set"].label = "Kind of scan"
+        self.fields["label_set"].help_text = ("The label set to classify it with (the classes "
+                                              "that apply to this anatomy).")
+        self.order_fields(["file", "label_set"])
