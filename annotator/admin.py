@@ -229,16 +229,13 @@ class AnnotationAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         """A label added here counts like one from the labeling UI: it may queue a refit."""
-        from django.db import transaction
-
-        from annotator.services import refit_if_due
+        from annotator.services import label_saved
 
         if not change and obj.reader_id is None:
             obj.reader = request.user
         super().save_model(request, obj, form, change)
-        if not change and obj.outcome == Annotation.Outcome.LABEL and obj.scan.split == "pool":
-            project = obj.scan.project
-            transaction.on_commit(lambda: refit_if_due(project=project))
+        if not change:
+            label_saved(obj)
 
 
 @admin.register(ImportJob)

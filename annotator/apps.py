@@ -22,3 +22,7 @@ class AnnotatorConfig(AppConfig):
 
         post_save.connect(label_studio.follow_class_changes, sender=LabelClass,
                           dispatch_uid="label_studio_follow_class_changes")
+        from ml_backend.signals import classifier_published
+
+        classifier_published.connect(label_studio.follow_new_classifier,
+                                     dispatch_uid="label_studio_follow_new_classifier")

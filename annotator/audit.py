@@ -17,6 +17,7 @@ from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
 from annotator.models import Annotation, AuditEvent, LabelClass
+from ml_backend.signals import model_activated
 
 _actor: contextvars.ContextVar = contextvars.ContextVar("audit_actor", default=None)
 CLASS_FIELDS = ("name", "description", "hotkey", "color", "order")
@@ -157,3 +158,13 @@ def to_csv(events) -> str:
                          e.project.name if e.project_id else "", e.action, e.object_type,
                          e.object_id, e.model_version, json.dumps(e.details, sort_keys=True)])
     return buffer.getvalue()
+
+
+@receiver(model_activated, dispatch_uid="audit_model_activated")
+def _model_activated(sender, *, model, project, previous, actor, rolled_back, **kwargs):
+    """A model version became active (the gate, a promotion by hand, a rollback)."""
+    record(action=AuditEvent.Action.MODEL_ROLLED_BACK if rolled_back
+           else AuditEvent.Action.MODEL_PROMOTED, obj_type="model_version", obj_id=model.pk,
+           project=project, actor=actor, model_version=model.version,
+           details={"kind": model.kind, "previous": previous, "reason": model.status_reason,
+                    "num_labels": model.num_labels})

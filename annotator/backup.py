@@ -166,7 +166,7 @@ def import_project(archive: str | Path, *, name: str | None = None, embed: bool 
                    log=lambda line: None) -> Project:
     """Restore an archive made by ``export_project``. All rows in one transaction; files are
     copied first and removed again if the rows cannot be written."""
-    from ml_backend.models import Evaluation, ModelVersion
+    from ml_backend.models import ModelVersion
 
     archive = Path(archive)
     if not archive.is_file():

@@ -26,10 +26,10 @@ from django.utils import timezone
 from annotator.labeling import current_round, effective_hotkeys
 from annotator.models import Annotation, LabelClass, LabelStudioTask, Project, Scan
 from annotator.services import AnnotationError, annotation_create
+from ml_backend.label_studio_protocol import FROM_NAME, TO_NAME, prediction_json
 
 logger = logging.getLogger(__name__)
 
-FROM_NAME, TO_NAME = "diagnosis", "image"
 VIEW_TITLE = "Least confident first"
 SIGNER_SALT = "annotator.label_studio.image"
 WEBHOOK_HEADER = "X-MedLabel-Secret"
@@ -151,12 +151,6 @@ def _prediction(project: Project, scan: Scan) -> dict | None:
     if stored is None or stored.predicted_class is None:
         return None
     return prediction_json(model.version, stored.predicted_class.name, stored.confidence)
-
-
-def prediction_json(model_version: str, class_name: str, confidence: float) -> dict:
-    return {"model_version": model_version, "score": round(float(confidence), 6),
-            "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-                        "value": {"choices": [class_name]}}]}
 
 
 def _task_data(scan: Scan, *, multi_set: bool = False) -> dict:
@@ -513,3 +507,15 @@ def follow_class_changes(sender, instance: LabelClass, raw: bool = False, **kwar
     from annotator.tasks import label_studio_push_config
 
     transaction.on_commit(lambda: label_studio_push_config.delay(project_id))
+
+
+def follow_new_classifier(sender, *, project_id: int, **kwargs) -> None:
+    """``classifier_published``: a linked Label Studio project gets the new predictions and
+    model_version (its least-confident ordering counts only predictions of the project's
+    model_version), as a task once the promotion is committed."""
+    if not settings.LABEL_STUDIO_URL or not Project.objects.filter(
+            pk=project_id, label_studio_project_id__isnull=False).exists():
+        return
+    from annotator.tasks import label_studio_push
+
+    transaction.on_commit(lambda: label_studio_push.delay(project_id))

@@ -18,6 +18,9 @@ from django.utils import timezone
 
 from annotator.models import Annotation, LabelClass, Project, Scan, ScanLease
 from annotator.services import AnnotationError, annotation_create
+from ml_backend.errors import ModelUnavailable, TrainingError
+from ml_backend.models import ModelVersion, Prediction, QueryRound
+from ml_backend.services import embeddings, inference
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +34,6 @@ MAX_DURATION_MS = 6 * 60 * 60 * 1000
 
 def current_round(project: Project):
     """The newest active-learning round (label-quality review rounds are the reviewer's)."""
-    from ml_backend.models import QueryRound
-
     return (QueryRound.objects.filter(project=project).exclude(strategy=REVIEW_STRATEGY)
             .order_by("-created_at", "-pk").first())
 
@@ -121,8 +122,6 @@ def lease_next(*, project: Project, user):
 
 def worklist(project: Project, user) -> dict:
     """The current round's scans in rank order with their state, and the progress numbers."""
-    from ml_backend.models import Prediction
-
     query_round = current_round(project)
     if query_round is None:
         return {"round": None, "rows": [], "progress": None}
@@ -201,18 +200,10 @@ def effective_hotkeys(classes: list[LabelClass]) -> dict[int, str]:
     return keys
 
 
-class ModelUnavailable(Exception):
-    """The model cannot answer for this scan; the message says why in words."""
-
-
 def _suggestion(project: Project, scan: Scan) -> dict | None:
     """The active model's stored prediction over the classes of the scan's label set
     (computed on the fly for a scan it has not seen). None when there is no model yet or it
     has not learned this scan's label set; raises ModelUnavailable when it fails."""
-    from ml_backend import services as ml
-    from ml_backend.models import Prediction
-    from ml_backend.ssl.train import TrainingError
-
     model = project.active_model
     if model is None or scan.label_set_id is None:
         return None
@@ -225,7 +216,7 @@ def _suggestion(project: Project, scan: Scan) -> dict | None:
         probabilities = {int(k): float(v) for k, v in stored.probabilities.items()}
     else:
         try:
-            p = ml.predictor_for(model)([scan])[0]
+            p = inference.predictor_for(model)([scan])[0]
         except (TrainingError, OSError, ValueError) as exc:
             logger.warning("no prediction for scan %s with %s: %s", scan.pk, model.version, exc)
             raise ModelUnavailable(f"the model {model.version} could not score this scan: "
@@ -244,14 +235,19 @@ def _suggestion(project: Project, scan: Scan) -> dict | None:
                     for cid, p in ranked[:5]]}
 
 
-def _similar(scan: Scan, k: int = 6) -> list[dict]:
-    from ml_backend import services as ml
-    from ml_backend.ssl.train import TrainingError
-
+def _similar(scan: Scan, k: int = 6) -> tuple[list[dict], str | None]:
+    """The most similar labeled scans of the scan's label set, and why there are none when
+    the search failed (no encoder or no embeddings yet is not a failure: an empty list)."""
     try:
-        hits = ml.similar_scans(scan=scan, k=k, labeled_only=True, same_label_set=True)
-    except (TrainingError, OSError, ValueError):
-        return []
+        hits = embeddings.similar_scans(scan=scan, k=k, labeled_only=True, same_label_set=True)
+    except ModelUnavailable as exc:
+        logger.warning("similar scans for scan %s: %s", scan.pk, exc)
+        return [], f"Similar scans are unavailable: {exc}"
+    except TrainingError:
+        return [], None
+    except (OSError, ValueError) as exc:
+        logger.warning("similar scans for scan %s failed: %s", scan.pk, exc)
+        return [], f"Similar scans are unavailable: {type(exc).__name__}: {exc}"
     labels: dict[int, list[str]] = {}
     for scan_id, name in (Annotation.objects.filter(scan_id__in=[s.pk for s, _ in hits],
                                                     outcome=Annotation.Outcome.LABEL)
@@ -261,7 +257,7 @@ def _similar(scan: Scan, k: int = 6) -> list[dict]:
             labels[scan_id].append(name)
     return [{"scan": s.pk, "similarity": round(score, 3), "labels": labels.get(s.pk, []),
              "preview": reverse("annotator:scan_preview", args=[s.pk])} for s, score in hits
-            if not s.quarantined]
+            if not s.quarantined], None
 
 
 def scan_classes(scan: Scan) -> list[LabelClass]:
@@ -273,8 +269,6 @@ def scan_classes(scan: Scan) -> list[LabelClass]:
 
 def model_notice(project: Project) -> str | None:
     """Why the newest refit is not the active model, in words (None when it is)."""
-    from ml_backend.models import ModelVersion
-
     newest = (ModelVersion.objects.filter(project=project, kind=ModelVersion.Kind.CLASSIFIER)
               .exclude(status=ModelVersion.Status.TRAINING).order_by("-created_at").first())
     if newest is None or newest.pk == project.active_model_id:
@@ -288,8 +282,6 @@ def model_notice(project: Project) -> str | None:
 
 def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict:
     """Everything the label page shows for one scan, as JSON-ready data."""
-    from ml_backend import services as ml
-
     classes = scan_classes(scan)
     keys = effective_hotkeys(classes)
     model_error = None
@@ -297,9 +289,10 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
         suggestion = _suggestion(project, scan)
     except ModelUnavailable as exc:
         suggestion, model_error = None, str(exc)
-    novelty = ml.scan_novelty(scan)
+    novelty = embeddings.scan_novelty(scan)
     if suggestion is not None and novelty is not None and novelty["ood"]:
         suggestion["unreliable"] = True
+    similar, similar_error = _similar(scan)
     gradcam = None
     if suggestion is not None:
         gradcam = (reverse("annotator:gradcam", args=[scan.pk])
@@ -323,7 +316,8 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
         "novelty": novelty,
         "model_notice": model_notice(project),
         "gradcam": gradcam,
-        "similar": _similar(scan),
+        "similar": similar,
+        "similar_error": similar_error,
         "classes": [{"id": c.pk, "name": c.name, "key": keys.get(c.pk, ""), "color": c.color,
                      "description": c.description} for c in classes],
         "no_label_set": scan.label_set_id is None,
@@ -376,8 +370,6 @@ def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[An
     ``submission_id`` makes a double submit or a retried request a no-op.
     Raises AnnotationError with a message for the reader.
     """
-    from ml_backend.models import ModelVersion, QueryRound
-
     if scan.project_id != project.pk:
         raise AnnotationError("this scan belongs to another project")
     outcome = str(data.get("outcome") or Annotation.Outcome.LABEL)

@@ -15,7 +15,7 @@ Reads (``disagreements``, ``agreement_by_class``, ``flagged``) and the one write
   mind does not disagree with themselves); skips and "unsure" answers are not answers here.
 
 An adjudication is an ``Annotation`` with ``source=adjudication``;
-``ml_backend.services.training_labels`` prefers the latest one over the readers' votes, so
+``annotator.selectors.training_labels`` prefers the latest one over the readers' votes, so
 the reviewer's answer is the label training uses.
 """
 
@@ -149,7 +149,7 @@ def _answer_rows(by_reader: dict[str, Annotation]) -> list[ReaderAnswer]:
 
 def _training_labels(project: Project, scan_ids: set[int]) -> dict[int, LabelClass]:
     """The label training uses for each scan (the same function training calls)."""
-    from ml_backend.services import training_labels
+    from annotator.selectors import training_labels
 
     splits = set(Scan.objects.filter(pk__in=scan_ids).values_list("split", flat=True))
     chosen: dict[int, int] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404
 
@@ -83,3 +85,35 @@ def training_runs_for_project(project: Project, *, limit: int = 8):
     active = list(runs.filter(status__in=["queued", "running"]).order_by("created_at"))
     done = list(runs.exclude(status__in=["queued", "running"]).order_by("-created_at")[:limit])
     return active + done[: max(0, limit - len(active))]
+
+
+def training_labels(project: Project, *, split: str) -> tuple[list[Scan], list[int]]:
+    """The label each labeled scan of ``split`` adds up to, as the models train and are
+    evaluated on it: an adjudication if any, else the most common label (the latest wins
+    ties). Returns the scans and their LabelClass ids, by scan id."""
+    annotations = (Annotation.objects
+                   .filter(scan__project=project, scan__split=split,
+                           outcome=Annotation.Outcome.LABEL)
+                   .order_by("created_at", "pk")
+                   .values_list("scan_id", "label_class_id", "source"))
+    votes: dict[int, list[tuple[int, str]]] = {}
+    for scan_id, class_id, source in annotations:
+        votes.setdefault(scan_id, []).append((class_id, source))
+    chosen = {}
+    for scan_id, items in votes.items():
+        adjudicated = [c for c, source in items if source == Annotation.Source.ADJUDICATION]
+        if adjudicated:
+            chosen[scan_id] = adjudicated[-1]
+            continue
+        counts = Counter(c for c, _ in items)
+        best = max(counts.values())
+        chosen[scan_id] = next(c for c, _ in reversed(items) if counts[c] == best)
+    scans = Scan.objects.in_bulk(list(chosen))
+    ordered = sorted(chosen)
+    return [scans[i] for i in ordered], [chosen[i] for i in ordered]
+
+
+def class_label_sets(project) -> dict[int, int]:
+    """{class id: label set id} for the project's classes (``project``: a Project or its id)."""
+    return dict(LabelClass.objects.filter(project_id=getattr(project, "pk", project))
+                .values_list("pk", "label_set_id"))

@@ -25,6 +25,7 @@ from annotator.models import (
 from annotator.storage import preview_file_name, remove_if_unreferenced, scan_file_name, write_atomic
 from ml_backend.data.datasets import SourceError, SourceItem, read_source
 from ml_backend.data.decode import ScanDecodeError, decode_scan, render_preview
+from ml_backend.services import runs
 
 logger = logging.getLogger(__name__)
 
@@ -515,41 +516,14 @@ def annotation_create(
         shown_suggestion=shown_suggestion, shown_confidence=shown_confidence,
         shown_acquisition_score=shown_acquisition_score, query_round=query_round,
         external_id=external_id, note=note)
-    if outcome == Annotation.Outcome.LABEL and scan.split == "pool":
-        project = scan.project
-        transaction.on_commit(lambda: refit_if_due(project=project))
+    label_saved(annotation)
     return annotation
 
 
-def refit_if_due(*, project: Project):
-    """Queue a refit (a Celery task, never in the request) after ``refit_every`` new pool
-    labels since the last refit, unless one is already queued or running."""
-    from ml_backend import services as ml
-    from ml_backend.models import TrainingRun
-
-    if Project.objects.filter(pk=project.pk, active_encoder__isnull=True).exists():
-        return None
-    ml.runs_abandon_expired(project=project)
-    # a refit queued long ago was never picked up (its server stopped): it must not block
-    TrainingRun.objects.filter(
-        project=project, kind=TrainingRun.Kind.REFIT, status=TrainingRun.Status.QUEUED,
-        created_at__lt=timezone.now() - settings.REFIT_QUEUED_STALE).update(
-        status=TrainingRun.Status.ABANDONED, finished_at=timezone.now(),
-        last_error="never picked up by a worker (its server or worker stopped)")
-    with transaction.atomic():
-        # the project row lock makes concurrent answers agree on one refit
-        project = Project.objects.select_for_update().get(pk=project.pk)
-        refits = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.REFIT)
-        if refits.filter(status__in=[TrainingRun.Status.QUEUED,
-                                     TrainingRun.Status.RUNNING]).exists():
-            return None
-        last = refits.order_by("-created_at").first()
-        new_labels = Annotation.objects.filter(scan__project=project, scan__split="pool",
-                                               outcome=Annotation.Outcome.LABEL)
-        if last is not None:
-            new_labels = new_labels.filter(created_at__gt=last.created_at)
-        # new labeled SCANS: a second reading of a scan does not bring a refit closer
-        if new_labels.values("scan_id").distinct().count() < max(project.refit_every, 1):
-            return None
-        return ml.training_run_create(project=project, kind=TrainingRun.Kind.REFIT,
-                                      enqueue=True)
+def label_saved(annotation: Annotation) -> None:
+    """What a new label sets going, wherever it was made (the label page, the admin, an
+    import, Label Studio): once committed, a refit if one is due (the ML adapter's one
+    trigger, ``refit_start_if_due``)."""
+    if annotation.outcome == Annotation.Outcome.LABEL and annotation.scan.split == "pool":
+        project = annotation.scan.project
+        transaction.on_commit(lambda: runs.refit_start_if_due(project=project))

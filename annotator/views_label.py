@@ -25,7 +25,7 @@ from annotator.status import model_status
 from annotator.tasks import run_import_job
 from annotator.uploads import check_upload, safe_name, stage_uploads
 from ml_backend.data.decode import ScanDecodeError, decode_scan, render_preview
-from ml_backend.ssl.train import TrainingError
+from ml_backend.errors import TrainingError
 
 CLASSIFY_STAGING_HOURS = 6
 

@@ -197,7 +197,7 @@ def _draw_map(project: Project, model: ModelVersion | None, *, by_prediction: bo
         title = f"Pool by prediction of {model.version} ({encoder.version} embeddings, PCA)"
         unlabeled = "no prediction"
     else:
-        scans, class_ids = ml.training_labels(project, split="pool")
+        scans, class_ids = selectors.training_labels(project, split="pool")
         chosen = {s.pk: c for s, c in zip(scans, class_ids)}
         title = (f"Pool by label: {sum(int(s) in chosen for s in scan_ids)} of {len(scan_ids)} "
                  f"labeled ({encoder.version} embeddings, PCA)")

@@ -82,7 +82,7 @@ def run_quality_check(request, project_id: int):
     (seconds), and its error must reach the reviewer; a QueryRound has no row to record a
     background failure on, so it runs in the request rather than as a task."""
     from ml_backend.services import label_quality_check
-    from ml_backend.ssl.train import TrainingError
+    from ml_backend.errors import TrainingError
 
     project = selectors.project_get_for_user(request.user, project_id, roles=REVIEW_ROLES)
     try:

@@ -617,7 +617,7 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
     from django.db import transaction
     from django.utils import timezone
 
-    from annotator import labeling
+    from annotator import labeling, selectors
     from annotator import services as annotator_services
     from annotator.models import Annotation, LabelClass, Membership, Project, Scan, ScanLease
     from ml_backend import services as ml
@@ -962,10 +962,10 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
 
         # the offline probe on the same labels (the product's vote resolution) and on the
         # oracle's labels of the same scans
-        scans, class_ids = ml.training_labels(project, split="pool")
+        scans, class_ids = selectors.training_labels(project, split="pool")
         probe = probe_true = None
         if scans:
-            vectors = ml._vectors_for(encoder, scans)
+            vectors = ml.vectors_for(encoder, scans)
 
             def fit(labels_by_row):
                 heads, ids = {}, []

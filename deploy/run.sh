@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A production deployment as plain processes on one machine (no container engine):
-# gunicorn behind your TLS proxy, Celery workers by queue (imports on `default`, training on
-# `train` — put that one on a GPU host), and Celery beat for scheduled work.
+# gunicorn behind your TLS proxy, Celery workers by queue — `default` (imports, Label Studio
+# sync), `refit` (the seconds-long refits and embeddings readers wait for), `train`
+# (pretraining, fine-tuning, distillation: put that one on a GPU host) — and Celery beat.
 #
 #   deploy/run.sh start | stop | status
 #
@@ -38,13 +39,15 @@ case "${1:-}" in
       --threads 4 --timeout 120 --access-logfile -
     start_one worker-default "$PY" -m celery -A medsite worker -Q default -c 2 -n "default@%h" \
       --loglevel INFO
+    start_one worker-refit "$PY" -m celery -A medsite worker -Q refit -c 1 -n "refit@%h" \
+      --loglevel INFO
     start_one worker-train "$PY" -m celery -A medsite worker -Q train -c 1 -n "train@%h" \
       --loglevel INFO
     start_one beat "$PY" -m celery -A medsite beat --loglevel INFO \
       --schedule "$RUN_DIR/celerybeat-schedule"
     ;;
   stop)
-    for name in beat worker-train worker-default web; do
+    for name in beat worker-train worker-refit worker-default web; do
       if [ -f "$RUN_DIR/$name.pid" ]; then
         kill "$(cat "$RUN_DIR/$name.pid")" 2>/dev/null || true
         rm -f "$RUN_DIR/$name.pid"
@@ -53,7 +56,7 @@ case "${1:-}" in
     done
     ;;
   status)
-    for name in web worker-default worker-train beat; do
+    for name in web worker-default worker-refit worker-train beat; do
       if [ -f "$RUN_DIR/$name.pid" ] && kill -0 "$(cat "$RUN_DIR/$name.pid")" 2>/dev/null; then
         echo "$name running (pid $(cat "$RUN_DIR/$name.pid"))"
       else

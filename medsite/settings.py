@@ -134,7 +134,11 @@ DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES
 FILE_UPLOAD_TEMP_DIR = None  # Django's default temp dir; files are moved to INCOMING_ROOT.
 
 # Celery: with no broker configured every task runs eagerly in-process (demo,
-# laptop). With a broker, tasks go to workers by queue: default, predict, train.
+# laptop). With a broker, tasks go to workers by queue (deploy/run.sh starts one of each):
+# `default` imports and Label Studio sync; `refit` the seconds-long ML runs a reader waits
+# for (refits with their predictions and next round, embeddings of new scans); `train` the
+# long ones (pretraining, fine-tuning, distillation: minutes to hours, a GPU host). A refit
+# never waits behind a pretraining.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL")
 CELERY_TASK_ALWAYS_EAGER = CELERY_BROKER_URL is None
 CELERY_TASK_EAGER_PROPAGATES = True
@@ -182,6 +186,13 @@ CELERY_TASK_ROUTES = {
     "annotator.tasks.*": {"queue": "default"},
     "ml_backend.tasks.*": {"queue": "train"},
 }
+# Which queue a training run goes to, by its kind (ml_backend/dispatch.py).
+ML_RUN_QUEUES = {"refit": "refit", "embed": "refit", "pretrain": "train", "retrain": "train",
+                 "distill": "train"}
+# Loaded models, heads, embeddings and indexes kept per process (ml_backend/services/inference.py).
+ML_CACHE_SIZE = env_int("ML_CACHE_SIZE", 12, minimum=1)
+# DataLoader worker processes for training and embedding (0: in the training process).
+ML_DATALOADER_WORKERS = env_int("MEDLABEL_DATALOADER_WORKERS", 0, minimum=0)
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
 LOG_FILE = env_str("LOG_FILE")

@@ -29,15 +29,27 @@ _executor: ThreadPoolExecutor | None = None
 _pending: dict[Future, int] = {}        # submitted, not finished yet → run id
 
 
+def queue_for(kind: str) -> str:
+    """The Celery queue of a run kind: refits and embeddings on ``refit``, so a refit never
+    waits behind an hours-long pretraining on ``train`` (settings.ML_RUN_QUEUES)."""
+    return settings.ML_RUN_QUEUES.get(kind, "train")
+
+
 def enqueue_training_run(run_id: int) -> None:
-    """Start TrainingRun ``run_id``: send the Celery task, or hand it to the worker thread."""
+    """Start TrainingRun ``run_id``: send the Celery task to its kind's queue, or hand it to
+    the worker thread."""
+    from ml_backend.models import TrainingRun
     from ml_backend.tasks import run_training
 
     # The Celery app's own flag, not only the setting: it is what ``.delay`` obeys (tests
     # with a real worker switch it off at run time).
     eager = run_training.app.conf.task_always_eager
-    if not eager or not getattr(settings, "ML_TASKS_IN_THREAD", False):
-        run_training.delay(run_id)
+    if eager and not getattr(settings, "ML_TASKS_IN_THREAD", False):
+        run_training.delay(run_id)          # inline, in this process
+        return
+    if not eager:
+        kind = TrainingRun.objects.filter(pk=run_id).values_list("kind", flat=True).first()
+        run_training.apply_async(args=[run_id], queue=queue_for(kind or ""))
         return
     executor = _pool()
     with _lock:

@@ -21,7 +21,10 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from annotator.models import Project, Scan
-from ml_backend.models import ModelVersion, Prediction, TrainingRun
+from ml_backend.errors import TrainingError
+from ml_backend.label_studio_protocol import prediction_json
+from ml_backend.models import ModelVersion, Prediction
+from ml_backend.services import inference, runs
 
 logger = logging.getLogger(__name__)
 MODEL_CLASS = "MedLabel SimCLRv2 (linear head on frozen embeddings)"
@@ -102,10 +105,6 @@ def _scan_id(task: dict) -> int | None:
 def predict(request, project, body):
     """One result per task, in order: the suggested class as a Choices result and ``score``
     = confidence (Label Studio's ascending score order then shows the least confident first)."""
-    from annotator.label_studio import prediction_json
-    from ml_backend import services
-    from ml_backend.ssl.train import TrainingError
-
     tasks = body.get("tasks")
     if not isinstance(tasks, list):
         return JsonResponse({"error": "expected {'tasks': [...]}"}, status=400)
@@ -122,13 +121,17 @@ def predict(request, project, body):
     missing = [scans[i] for i in scans if i not in stored]
     if missing:                      # scans without a stored prediction: one batch
         try:
-            proba = services.predictor_for(model)(missing)
-            classes = list(names)
-            for scan, p in zip(missing, proba):
+            proba = inference.predictor_for(model)(missing)
+        except (TrainingError, OSError, ValueError) as exc:
+            # an error Label Studio shows (it reports a failed ML backend call), not silence
+            logger.warning("predict for Label Studio with %s failed: %s", model.version, exc)
+            return JsonResponse({"error": f"the model {model.version} could not score "
+                                          f"{len(missing)} of the tasks: {exc}"}, status=503)
+        classes = list(names)
+        for scan, p in zip(missing, proba):
+            if float(p.max()) > 0:            # a scan whose label set has no head: no answer
                 best = int(p.argmax())
                 stored[scan.pk] = (classes[best], float(p[best]))
-        except (TrainingError, OSError, ValueError) as exc:
-            logger.warning("predict for Label Studio: %s", exc)
     results = []
     for scan_id in ids:
         if scan_id in stored and stored[scan_id][0] in names:
@@ -145,15 +148,14 @@ def webhook(request, project, body):
     our own secret-carrying webhook (/labelstudio/<id>/webhook/), not from this one."""
     action = body.get("action")
     if action == "START_TRAINING":
-        from ml_backend import services
-
-        busy = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.REFIT,
-                                          status__in=["queued", "running"]).first()
+        run = runs.refit_start_if_due(project=project, force=True,
+                                      params={"requested_from": "label_studio"})
+        if run is not None:
+            return JsonResponse({"status": "queued", "run": run.pk}, status=201)
+        busy = runs.refit_busy(project)
         if busy is not None:
             return JsonResponse({"status": "already queued", "run": busy.pk})
-        run = services.training_run_create(project=project, kind=TrainingRun.Kind.REFIT,
-                                           params={"requested_from": "label_studio"},
-                                           enqueue=True)
-        return JsonResponse({"status": "queued", "run": run.pk}, status=201)
+        return JsonResponse({"error": "the project has no encoder yet: pretrain one first "
+                                      "(`manage.py pretrain`)"}, status=409)
     return JsonResponse({"status": "ignored", "action": action})
 

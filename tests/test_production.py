@@ -1,5 +1,5 @@
 """The production example in README runs as plain processes on one machine: deploy/run.sh
-starts gunicorn, a Celery worker per queue (default, train) and beat on PostgreSQL + Redis
+starts gunicorn, a Celery worker per queue (default, refit, train) and beat on PostgreSQL + Redis
 with DEBUG off; the site answers with secure headers, and work reaches both queues."""
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def test_plain_process_production_example(production):
                         allow_redirects=False, timeout=60).status_code == 302   # login first
 
     # an import goes to the `default` worker, a training run to the `train` worker
-    logs = [run / "worker-default.log", run / "worker-train.log", run / "beat.log"]
+    logs = [run / "worker-default.log", run / "worker-refit.log", run / "worker-train.log",
+            run / "beat.log"]
     job_id = manage(env, (
         "from annotator import services; from annotator.tasks import run_import_job; "
         "p = services.project_create(name='prod'); "
@@ -138,12 +139,21 @@ def test_plain_process_production_example(production):
         "enqueue=True); print(r.pk)"))
     wait_for(env, f"from ml_backend.models import TrainingRun; print(TrainingRun.objects.get(pk={run_id}).status)",
              "succeeded", 240, logs)
+    # an embedding run (like a refit) goes to the `refit` worker, never behind training
+    embed_id = manage(env, (
+        "from annotator.models import Project; from ml_backend import services as ml; "
+        "r = ml.training_run_create(project=Project.objects.get(name='prod'), kind='embed', "
+        "enqueue=True); print(r.pk)"))
+    wait_for(env, f"from ml_backend.models import TrainingRun; print(TrainingRun.objects.get(pk={embed_id}).status)",
+             "succeeded", 120, logs)
     default_log = (run / "worker-default.log").read_text()
+    refit_log = (run / "worker-refit.log").read_text()
     train_log = (run / "worker-train.log").read_text()
     assert "Task annotator.tasks.run_import_job[" in default_log
     assert "Task ml_backend.tasks.run_training[" in train_log
+    assert "Task ml_backend.tasks.run_training[" in refit_log
     assert "Task ml_backend.tasks.run_training[" not in default_log
     status = subprocess.run(["bash", "deploy/run.sh", "status"], cwd=REPO, env=env,
                             capture_output=True, text=True).stdout
-    assert status.count("running (pid") == 4, status
+    assert status.count("running (pid") == 5, status
     assert "beat: Starting" in (run / "beat.log").read_text()

@@ -75,7 +75,7 @@ def test_sigkill_mid_retrain_leaves_the_active_model_serving_and_a_retry_succeed
     if run.model_version_id:
         version = ModelVersion.objects.get(pk=run.model_version_id)
         assert version.status == "failed"
-        checkpoint = ml._checkpoint(version, "classifier.pt")
+        checkpoint = ml.checkpoint_path(version, "classifier.pt")
         if checkpoint.exists():               # written atomically: whole, or not there
             load_classifier(checkpoint)
 

@@ -1,14 +1,15 @@
-"""Likely label errors among existing labels, confident-learning style (Northcutt et al., 2021).
+"""Likely label errors among existing labels: confident learning (Northcutt et al., 2021) via cleanlab.
 
-Out-of-fold probabilities come from heads that never saw the example. Class ``j``'s threshold
-``t_j`` is the mean out-of-fold probability of ``j`` over examples labeled ``j``. An example
-labeled ``y`` is flagged when some other class ``j`` has ``p_j >= t_j`` and ``p_j > p_y``: the
-model is as confident it is ``j`` as it typically is about true ``j`` examples. Pure.
+Out-of-fold probabilities come from heads that never saw the example. cleanlab's confident joint
+then flags an example labeled ``y`` when another class ``j`` is at least as probable as the mean
+out-of-fold probability of ``j`` over examples labeled ``j`` (and the model does not still
+favour ``y``). Pure.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from cleanlab.filter import find_label_issues as _cleanlab_label_issues
 from sklearn.model_selection import StratifiedKFold
 
 from ml_backend.active.refit import fit_head
@@ -31,16 +32,20 @@ def out_of_fold_proba(x: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed
 
 
 def find_label_issues(proba: np.ndarray, y: np.ndarray) -> list[dict]:
-    """Indices of likely mislabeled examples, worst (lowest self-confidence) first."""
-    thresholds = np.array([proba[y == j, j].mean() if (y == j).any() else 1.0
-                           for j in range(proba.shape[1])])
+    """Likely mislabeled examples, worst (lowest self-confidence) first; ``suggested`` is the
+    most probable other class."""
+    y = np.asarray(y)
+    # "confident_learning": off-diagonals of the confident joint (per-class mean thresholds);
+    # n_jobs=1: no process pool forked from a web or worker thread.
+    ranked = _cleanlab_label_issues(y, proba, filter_by="confident_learning",
+                                    return_indices_ranked_by="self_confidence", n_jobs=1)
     issues = []
-    for i, (row, given) in enumerate(zip(proba, y)):
-        others = [j for j in range(len(row)) if j != given and row[j] >= thresholds[j]
-                  and row[j] > row[given]]
-        if others:
-            suggested = max(others, key=lambda j: row[j])
-            issues.append({"index": i, "given": int(given), "suggested": int(suggested),
-                           "self_confidence": float(row[given]),
-                           "suggested_confidence": float(row[suggested])})
-    return sorted(issues, key=lambda issue: issue["self_confidence"])
+    for i in ranked:
+        given = int(y[i])
+        others = proba[i].copy()
+        others[given] = -np.inf
+        suggested = int(np.argmax(others))
+        issues.append({"index": int(i), "given": given, "suggested": suggested,
+                       "self_confidence": float(proba[i, given]),
+                       "suggested_confidence": float(proba[i, suggested])})
+    return issues

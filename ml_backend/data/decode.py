@@ -1,7 +1,8 @@
 """Decode DICOM / PNG / JPEG / TIFF bytes into a display-ready greyscale array.
 
 Pure functions: no Django, no settings, no logging of element values. The
-caller passes limits and the de-identification salt explicitly.
+caller passes limits and the de-identification salt explicitly; what is kept
+is de-identified by ``ml_backend.data.deid``.
 
 What ``decode_scan`` returns for a file:
 
@@ -10,32 +11,37 @@ What ``decode_scan`` returns for a file:
   VOI (WindowCenter/Width, LINEAR / LINEAR_EXACT / SIGMOID, or VOI LUT
   Sequence; percentile window when absent), then MONOCHROME1 inversion. A
   multi-frame image contributes its middle frame. Colour images become luma.
-- ``stored_bytes``: what may be kept on disk. DICOM is rewritten from a
-  whitelist of technical attributes (see ``KEEP_KEYWORDS``) with fresh UIDs, so
-  every attribute of the DICOM PS3.15 Annex E Basic Profile (names, IDs, dates,
-  addresses, accession numbers, institutions, physicians, private tags, ...)
-  is dropped; PNG and TIFF are re-encoded losslessly as PNG without text
-  chunks; JPEG keeps its entropy-coded data but loses APP1-APP15 and COM
-  segments (EXIF, XMP, comments), so it is not re-compressed.
+- ``stored_bytes``: what may be kept on disk, de-identified (``deid``): DICOM
+  rewritten from a whitelist of technical attributes with fresh UIDs; PNG and
+  TIFF re-encoded losslessly as PNG without text chunks; JPEG without its
+  APP1-APP15 and COM segments, not re-compressed.
 - ``meta``: only modality, manufacturer, model, body part, photometric
   interpretation, pixel spacing, bits stored, frame count, transfer syntax,
   and the burned-in-annotation flag.
-- ``patient_key``: HMAC-SHA256 of the DICOM PatientID (+ issuer) under the
-  caller's salt — same patient, same key; the ID itself never leaves here.
+- ``patient_key``: a keyed hash of the DICOM PatientID (+ issuer) under the
+  caller's salt (``deid.patient_pseudonym``); the ID itself never leaves here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import io
-import re
 import struct
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+
+from ml_backend.data.deid import (
+    KEEP_KEYWORDS,  # re-exported
+    PHI_KEYWORDS,  # re-exported
+    DeidentificationError,
+    clean_text,
+    deidentified_dicom,
+    patient_pseudonym,
+    png_without_metadata,
+    strip_jpeg_metadata,
+)
 
 __all__ = [
     "DecodedScan",
@@ -182,7 +188,10 @@ def _decode_raster(data: bytes, *, kind: str, max_pixels: int) -> DecodedScan:
 
     pixels, bits = _raster_to_unit(image)
     if kind == "jpeg":
-        stored, ext = _strip_jpeg_metadata(data), ".jpg"
+        try:
+            stored, ext = strip_jpeg_metadata(data), ".jpg"
+        except DeidentificationError as exc:
+            raise ScanDecodeError(str(exc)) from None
     else:
         stored, ext = _encode_png_lossless(image), ".png"
     meta = {
@@ -221,34 +230,7 @@ def _encode_png_lossless(image: Image.Image) -> bytes:
     if image.mode == "F":
         array = _percentile_window(np.asarray(image, dtype=np.float32))
         image = Image.fromarray((array * 65535).round().astype(np.uint16))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
-    return buffer.getvalue()
-
-
-_JPEG_DROP = {0xFE} | set(range(0xE1, 0xEE)) | {0xEF}  # COM, APP1..APP13, APP15 (APP14 = Adobe colour)
-
-
-def _strip_jpeg_metadata(data: bytes) -> bytes:
-    """Copy a JPEG without EXIF/XMP/comment segments; the image data is untouched."""
-    out = bytearray(data[:2])
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            break
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0xDA:  # start of scan: the rest is image data
-            out += data[pos:]
-            return bytes(out)
-        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
-        segment = data[pos : pos + 2 + length]
-        if marker not in _JPEG_DROP:
-            out += segment
-        pos += 2 + length
-    raise ScanDecodeError("JPEG structure is damaged (no start-of-scan segment)")
+    return png_without_metadata(image)
 
 
 def _percentile_window(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
@@ -265,132 +247,6 @@ def _percentile_window(array: np.ndarray, low: float = 0.5, high: float = 99.5) 
 
 
 # --- DICOM -----------------------------------------------------------------
-
-# The only attributes copied into the stored (de-identified) DICOM. Everything
-# else — every Basic Profile attribute, every private tag, every sequence that
-# is not a LUT — is dropped by construction.
-KEEP_KEYWORDS = (
-    "SOPClassUID",
-    "Modality",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "BodyPartExamined",
-    "ImageType",
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "PlanarConfiguration",
-    "NumberOfFrames",
-    "Rows",
-    "Columns",
-    "PixelSpacing",
-    "ImagerPixelSpacing",
-    "SliceThickness",
-    "BitsAllocated",
-    "BitsStored",
-    "HighBit",
-    "PixelRepresentation",
-    "WindowCenter",
-    "WindowWidth",
-    "VOILUTFunction",
-    "VOILUTSequence",
-    "RescaleIntercept",
-    "RescaleSlope",
-    "RescaleType",
-    "ModalityLUTSequence",
-    "PresentationLUTShape",
-    "RedPaletteColorLookupTableDescriptor",
-    "GreenPaletteColorLookupTableDescriptor",
-    "BluePaletteColorLookupTableDescriptor",
-    "RedPaletteColorLookupTableData",
-    "GreenPaletteColorLookupTableData",
-    "BluePaletteColorLookupTableData",
-    "SegmentedRedPaletteColorLookupTableData",
-    "SegmentedGreenPaletteColorLookupTableData",
-    "SegmentedBluePaletteColorLookupTableData",
-    "LossyImageCompression",
-    "LossyImageCompressionRatio",
-    "LossyImageCompressionMethod",
-    "BurnedInAnnotation",
-)
-
-# Attributes of the PS3.15 Annex E Basic Application Level Confidentiality
-# Profile that hold identifying values most often (the profile lists ~300; the
-# whitelist above drops all of them). Used by tests and by log scrubbing.
-PHI_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "OtherPatientIDs",
-    "OtherPatientNames",
-    "OtherPatientIDsSequence",
-    "PatientBirthDate",
-    "PatientBirthTime",
-    "PatientBirthName",
-    "PatientMotherBirthName",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "PatientAge",
-    "PatientSex",
-    "PatientSize",
-    "PatientWeight",
-    "EthnicGroup",
-    "Occupation",
-    "MilitaryRank",
-    "MedicalRecordLocator",
-    "PatientComments",
-    "AdditionalPatientHistory",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "SeriesDate",
-    "AcquisitionDate",
-    "ContentDate",
-    "StudyTime",
-    "SeriesTime",
-    "AcquisitionTime",
-    "ContentTime",
-    "AcquisitionDateTime",
-    "InstitutionName",
-    "InstitutionAddress",
-    "InstitutionalDepartmentName",
-    "ReferringPhysicianName",
-    "ReferringPhysicianAddress",
-    "ReferringPhysicianTelephoneNumbers",
-    "PerformingPhysicianName",
-    "NameOfPhysiciansReadingStudy",
-    "PhysiciansOfRecord",
-    "OperatorsName",
-    "RequestingPhysician",
-    "ScheduledPerformingPhysicianName",
-    "StationName",
-    "DeviceSerialNumber",
-    "StudyDescription",
-    "SeriesDescription",
-    "ProtocolName",
-    "RequestAttributesSequence",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "FrameOfReferenceUID",
-    "ImageComments",
-    "DerivationDescription",
-)
-
-_SAFE_TEXT = re.compile(r"[^\w .,:;()/+\-]")
-
-
-def _clean_text(value: object, limit: int = 64) -> str:
-    """A short, printable version of a technical string attribute."""
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = "\\".join(str(v) for v in value)
-    return _SAFE_TEXT.sub("", str(value)).strip()[:limit]
-
-
-def _pseudonym(salt: str, *parts: str) -> str:
-    message = "\x1f".join(parts).encode("utf-8")
-    return hmac.new(salt.encode("utf-8"), message, hashlib.sha256).hexdigest()[:32]
 
 
 def _decode_dicom(data: bytes, *, salt: str, max_pixels: int, sure: bool = True) -> DecodedScan:
@@ -412,7 +268,7 @@ def _decode_dicom(data: bytes, *, salt: str, max_pixels: int, sure: bool = True)
             "(is it a different file type with a .dcm name?)"
         )
     if "PixelData" not in ds:
-        sop = _clean_text(ds.get("SOPClassUID", ""))
+        sop = clean_text(ds.get("SOPClassUID", ""))
         what = ""
         if sop:
             try:
@@ -435,7 +291,7 @@ def _decode_dicom(data: bytes, *, salt: str, max_pixels: int, sure: bool = True)
         )
 
     transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    ts_name = _clean_text(getattr(transfer_syntax, "name", "") or "", 80)
+    ts_name = clean_text(getattr(transfer_syntax, "name", "") or "", 80)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -459,7 +315,7 @@ def _decode_dicom(data: bytes, *, salt: str, max_pixels: int, sure: bool = True)
         ) or type(exc).__name__
         raise ScanDecodeError(
             f"compressed DICOM ({ts_name or 'unknown transfer syntax'}) could not be decoded "
-            f"by any installed decoder: {_clean_text(reasons, 300)}"
+            f"by any installed decoder: {clean_text(reasons, 300)}"
         ) from None
     except Exception as exc:  # truncated/mutated pixel data raises many types
         raise ScanDecodeError(
@@ -475,7 +331,7 @@ def _decode_dicom(data: bytes, *, salt: str, max_pixels: int, sure: bool = True)
             f"decoder gave up ({type(exc).__name__})"
         ) from None
 
-    photometric = _clean_text(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    photometric = clean_text(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     frame = raw
     if frames > 1 and raw.ndim >= 3 and raw.shape[0] == frames:
@@ -485,23 +341,23 @@ def _decode_dicom(data: bytes, *, salt: str, max_pixels: int, sure: bool = True)
     if pixels.shape[:2] != (rows, cols):
         raise ScanDecodeError("DICOM pixel data does not match its declared Rows/Columns")
 
-    patient_id = _raw_text(ds.get("PatientID"))
-    issuer = _raw_text(ds.get("IssuerOfPatientID"))
-    patient_key = _pseudonym(salt, "patient", issuer, patient_id) if patient_id else ""
-
-    stored = _deidentified_dicom(ds, raw, salt=salt, patient_key=patient_key)
+    patient_key = patient_pseudonym(ds, salt=salt)
+    try:
+        stored = deidentified_dicom(ds, raw, salt=salt, patient_key=patient_key)
+    except DeidentificationError as exc:
+        raise ScanDecodeError(str(exc)) from None
 
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     meta = {
-        "modality": _clean_text(ds.get("Modality")),
-        "manufacturer": _clean_text(ds.get("Manufacturer")),
-        "manufacturer_model": _clean_text(ds.get("ManufacturerModelName")),
-        "body_part": _clean_text(ds.get("BodyPartExamined")),
+        "modality": clean_text(ds.get("Modality")),
+        "manufacturer": clean_text(ds.get("Manufacturer")),
+        "manufacturer_model": clean_text(ds.get("ManufacturerModelName")),
+        "body_part": clean_text(ds.get("BodyPartExamined")),
         "photometric": photometric,
         "pixel_spacing": _spacing(spacing),
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
         "transfer_syntax": ts_name,
-        "burned_in_annotation": _clean_text(ds.get("BurnedInAnnotation", "")).upper() == "YES",
+        "burned_in_annotation": clean_text(ds.get("BurnedInAnnotation", "")).upper() == "YES",
     }
     notes = []
     if meta["burned_in_annotation"]:
@@ -518,12 +374,6 @@ def _decode_dicom(data: bytes, *, salt: str, max_pixels: int, sure: bool = True)
         patient_key=patient_key,
         warnings=notes,
     )
-
-
-def _raw_text(value: object) -> str:
-    if value is None:
-        return ""
-    return str(value).strip()
 
 
 def _spacing(value: object) -> list[float] | None:
@@ -549,7 +399,7 @@ def _dicom_to_unit(ds, frame: np.ndarray, *, photometric: str, samples: int) -> 
 
     values = apply_modality_lut(frame, ds).astype(np.float32)
     center, width = _first_number(ds.get("WindowCenter")), _first_number(ds.get("WindowWidth"))
-    function = _clean_text(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
+    function = clean_text(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
     if center is not None and width is not None and width > 0:
         unit = _window(values, center, width, function)
     elif "VOILUTSequence" in ds:
@@ -589,80 +439,6 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
     return (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]).astype(np.float32)
-
-
-def _deidentified_dicom(ds, raw: np.ndarray, *, salt: str, patient_key: str) -> bytes:
-    """Write a new DICOM holding only ``KEEP_KEYWORDS``, new UIDs, and the pseudonym."""
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    original_uid = _raw_text(ds.get("SOPInstanceUID")) or hashlib.sha256(raw.tobytes()).hexdigest()
-    new = Dataset()
-    for keyword in KEEP_KEYWORDS:
-        if keyword in ds and keyword != "PixelData":
-            new[keyword] = ds[keyword]
-    new.SOPInstanceUID = generate_uid(entropy_srcs=[salt, "sop", original_uid])
-    new.StudyInstanceUID = generate_uid(
-        entropy_srcs=[salt, "study", _raw_text(ds.get("StudyInstanceUID")) or original_uid]
-    )
-    new.SeriesInstanceUID = generate_uid(
-        entropy_srcs=[salt, "series", _raw_text(ds.get("SeriesInstanceUID")) or original_uid]
-    )
-    if "SOPClassUID" not in new:
-        new.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
-    new.PatientIdentityRemoved = "YES"
-    new.DeidentificationMethod = "medsite: PS3.15 Basic Profile via attribute whitelist"
-    new.PatientID = patient_key[:16] if patient_key else ""
-    new.PatientName = "ANONYMOUS"
-
-    transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = new.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = new.SOPInstanceUID
-    compressed = bool(transfer_syntax) and transfer_syntax.is_compressed and not transfer_syntax.is_deflated
-    try:
-        if compressed:
-            meta.TransferSyntaxUID = transfer_syntax
-            new.PixelData = ds.PixelData
-            new["PixelData"].VR = "OB"
-            new.file_meta = meta
-        else:
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            new.file_meta = meta
-            photometric = _clean_text(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-            if photometric.startswith("YBR") and raw.ndim >= 3 and raw.shape[-1] == 3:
-                photometric = "RGB"  # pixel_array already converted YBR to RGB
-            new.PhotometricInterpretation = photometric
-            if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
-                new.PlanarConfiguration = 0  # pixel_array is (rows, cols, samples)
-            new.PixelData = _pixel_bytes(raw, bits_allocated=int(ds.BitsAllocated))
-            new["PixelData"].VR = "OB" if int(ds.BitsAllocated) <= 8 else "OW"
-        buffer = io.BytesIO()
-        new.save_as(buffer, enforce_file_format=True)
-    except Exception as exc:  # pydicom raises many types when a dataset is unusual
-        raise ScanDecodeError(
-            f"cannot write a de-identified copy of this DICOM ({type(exc).__name__})"
-        ) from None
-    # Re-read to prove the stored copy is valid DICOM.
-    check = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
-    if "PixelData" not in check:
-        raise ScanDecodeError("de-identified copy lost its pixel data")
-    return buffer.getvalue()
-
-
-def _pixel_bytes(raw: np.ndarray, *, bits_allocated: int) -> bytes:
-    """Native little-endian Pixel Data for an uncompressed copy (even length)."""
-    from pydicom.pixels import pack_bits
-
-    if bits_allocated == 1:
-        payload = pack_bits(raw)
-    else:
-        little = raw.dtype.newbyteorder("<") if raw.dtype.itemsize > 1 else raw.dtype
-        payload = np.ascontiguousarray(raw, dtype=little).tobytes()
-    if len(payload) % 2:
-        payload += b"\x00"
-    return payload
 
 
 # --- previews --------------------------------------------------------------

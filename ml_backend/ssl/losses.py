@@ -1,10 +1,23 @@
-"""NT-Xent, the normalized temperature-scaled cross-entropy of SimCLR (Chen et al., 2020, eq. 1)."""
+"""The losses of SimCLRv2's three steps.
+
+- ``NTXentLoss``: the normalized temperature-scaled cross-entropy of SimCLR (Chen et al.,
+  2020, eq. 1), for pretraining;
+- ``supervised_loss``: (class-weighted, label-smoothed) cross-entropy or ``focal_loss`` for
+  fine-tuning, with ``class_weights`` against class imbalance;
+- ``soft_target_loss``: cross-entropy to a teacher's softened probabilities, for
+  self-distillation (SimCLRv2, eq. 2).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ml_backend.ssl.config import FinetuneConfig
 
 
 class NTXentLoss(nn.Module):
@@ -31,3 +44,39 @@ class NTXentLoss(nn.Module):
         logits.fill_diagonal_(float("-inf"))       # a view is not its own candidate
         targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
         return F.cross_entropy(logits, targets)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over present classes; absent classes get 0."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / (counts > 0).sum(), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def focal_loss(logits, targets, *, gamma: float, weight=None, label_smoothing: float = 0.0):
+    """Lin et al. (2017): ``(1 - p_t)^gamma`` times the (weighted) cross-entropy."""
+    ce = F.cross_entropy(logits, targets, weight=weight, reduction="none",
+                         label_smoothing=label_smoothing)
+    p_t = torch.softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
+    return ((1 - p_t) ** gamma * ce).mean()
+
+
+def supervised_loss(config: FinetuneConfig, weight: torch.Tensor | None = None
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss(logits, targets)`` as ``config`` asks: cross-entropy or focal loss, with class
+    ``weight`` and ``config.label_smoothing``."""
+    def compute(logits, targets):
+        if config.loss == "focal":
+            return focal_loss(logits, targets, gamma=config.focal_gamma, weight=weight,
+                              label_smoothing=config.label_smoothing)
+        return F.cross_entropy(logits, targets, weight=weight,
+                               label_smoothing=config.label_smoothing)
+    return compute
+
+
+def soft_target_loss(logits: torch.Tensor, soft_targets: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """Mean cross-entropy between ``soft_targets`` (probabilities ``(B, C)``) and
+    ``softmax(logits / temperature)``."""
+    log_p = F.log_softmax(logits / temperature, dim=1)
+    return -(soft_targets * log_p).sum(dim=1).mean()

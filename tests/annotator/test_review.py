@@ -13,8 +13,9 @@ from sklearn.metrics import cohen_kappa_score
 from annotator import review, services
 from annotator.models import Annotation, LabelClass, Membership, Scan
 from ml_backend.models import QueryItem, QueryRound
-from ml_backend.services import label_quality_check, training_labels
-from ml_backend.ssl.train import TrainingError
+from annotator.selectors import training_labels
+from ml_backend.services import label_quality_check
+from ml_backend.errors import TrainingError
 from tests.base import FIXTURES, PASSWORD
 from tests.conftest import run_import
 

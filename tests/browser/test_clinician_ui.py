@@ -160,7 +160,7 @@ def test_new_class_classify_and_reports(browser_page, encoded_project, users, tm
 
 
 def test_reviewer_adjudicates_a_disagreement(browser_page, project, users):
-    from ml_backend.services import training_labels
+    from annotator.selectors import training_labels
     from tests.conftest import run_import
 
     page = browser_page

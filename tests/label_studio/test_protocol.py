@@ -8,14 +8,13 @@ import json
 from unittest import mock
 
 import pytest
-from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 
 from annotator import label_studio
 from annotator.models import Annotation, LabelClass
 from ml_backend.models import Prediction, TrainingRun
-from tests.conftest import brain_truth
+from tests.factories import trained_project
 from tests.label_studio.conftest import ml_client
 
 pytestmark = pytest.mark.django_db
@@ -23,15 +22,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def trained(encoded_project, users):
-    project = encoded_project
-    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
-    pool = list(project.scans.filter(split="pool").order_by("pk"))
-    for name in ("no_tumor", "pituitary_tumor"):
-        for scan in [s for s in pool if brain_truth(s) == name][:2]:
-            Annotation.objects.create(scan=scan, reader=users["bob"], label_class=classes[name])
-    call_command("refit", project=project.name)
-    project.refresh_from_db()
-    return project
+    return trained_project(encoded_project, users["bob"])
 
 
 def post(client, url, body, **headers):

@@ -9,6 +9,7 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from django.test import Client
@@ -99,21 +100,37 @@ def test_with_the_thread_off_the_eager_task_runs_inline(monkeypatch, settings):
     assert calls == [(5, threading.current_thread())]
 
 
-def test_with_a_broker_the_celery_task_is_sent(monkeypatch, settings):
+@pytest.mark.django_db
+def test_with_a_broker_each_run_goes_to_its_queue_and_a_refit_never_waits_for_training(
+        monkeypatch, settings, project):
+    """Refits and embeddings go to the ``refit`` queue, pretraining / fine-tuning /
+    distillation to ``train``: a worker busy for hours with a pretraining never holds up a
+    refit (deploy/run.sh starts one worker per queue)."""
     from medsite.celery import app
+    from ml_backend.models import TrainingRun
     from ml_backend.tasks import run_training
 
     settings.ML_TASKS_IN_THREAD = True
     sent = []
-    monkeypatch.setattr(run_training, "delay", lambda run_id: sent.append(run_id))
+    monkeypatch.setattr(run_training, "apply_async",
+                        lambda args, queue: sent.append((args[0], queue)))
     monkeypatch.setattr(services, "training_run_execute",
                         lambda *a, **kw: pytest.fail("must not run here"))
+    runs = {kind: TrainingRun.objects.create(project=project, kind=kind)
+            for kind in ("pretrain", "refit", "embed", "retrain", "distill")}
     app.conf.task_always_eager = False          # as with a real worker (conftest's fixture)
     try:
-        dispatch.enqueue_training_run(9)
+        for run in runs.values():
+            dispatch.enqueue_training_run(run.pk)
     finally:
         app.conf.task_always_eager = True
-    assert sent == [9] and dispatch.wait_idle(1)
+    queues = {run_id: queue for run_id, queue in sent}
+    assert queues == {runs["pretrain"].pk: "train", runs["retrain"].pk: "train",
+                      runs["distill"].pk: "train", runs["refit"].pk: "refit",
+                      runs["embed"].pk: "refit"}
+    assert dispatch.wait_idle(1)
+    script = (Path(__file__).resolve().parents[2] / "deploy" / "run.sh").read_text()
+    assert "-Q refit" in script and "-Q train" in script
 
 
 @pytest.mark.django_db(transaction=True)

@@ -272,7 +272,7 @@ def test_a_real_regression_is_held_back_in_words_and_an_admin_can_promote_it(
     run.refresh_from_db()
     candidate = run.model_version
     classes = [c["id"] for c in candidate.config["classes"]]
-    allowed = ml._allowed_classes
+    allowed = ml.allowed_classes
 
     def constant(scans, calibrated=True):
         out = np.zeros((len(scans), len(classes)), np.float32)
@@ -337,6 +337,7 @@ def test_noise_on_a_small_class_is_not_a_regression(mixed_project):
 
 def test_a_queued_refit_blocks_a_second_one(mixed_project, users):
     """One refit at a time: with a refit queued, a due trigger queues nothing more."""
+    from ml_backend import services as ml
     from ml_backend.models import TrainingRun
 
     project = mixed_project
@@ -348,5 +349,5 @@ def test_a_queued_refit_blocks_a_second_one(mixed_project, users):
                                label_class=LabelClass.objects.get(name="normal"))
     before = TrainingRun.objects.filter(project=project, kind="refit").count()
     TrainingRun.objects.create(project=project, kind="refit", status="queued")
-    assert services.refit_if_due(project=project) is None
+    assert ml.refit_start_if_due(project=project) is None
     assert TrainingRun.objects.filter(project=project, kind="refit").count() == before + 1

@@ -180,7 +180,8 @@
     // similar
     const similar = $("similar");
     similar.replaceChildren();
-    if (!p.similar.length) similar.append(el("p", "None yet (needs embeddings and labeled scans).", "muted"));
+    if (p.similar_error) similar.append(el("p", p.similar_error, "warning"));
+    else if (!p.similar.length) similar.append(el("p", "None yet (needs embeddings and labeled scans).", "muted"));
     for (const n of p.similar) {
       const a = el("a", null, "thumb");
       a.href = `/scans/${n.scan}/`;

@@ -4,7 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from ml_backend import services
 from ml_backend.management.commands._runs import get_project
-from ml_backend.ssl.train import TrainingError
+from ml_backend.errors import TrainingError
 
 
 class Command(BaseCommand):

@@ -1,0 +1,20 @@
+"""The small domain exceptions the web app catches.
+
+A leaf module: it imports nothing (no Django, no torch), so the pure core raises these and a
+view can catch them without loading a model library.
+"""
+
+
+class TrainingError(Exception):
+    """Training or inference cannot go on: no model yet, scans not embedded, a non-finite
+    loss, bad data, an incompatible checkpoint. The message says what to do."""
+
+
+class ModelUnavailable(TrainingError):
+    """The project's model could not answer for a scan (missing or unreadable artifacts);
+    the message is shown to the user in words, the cause is logged."""
+
+
+class RetrainSkipped(Exception):
+    """A retrain or refit was not started (one is running, or too few new labels); the
+    message says why."""

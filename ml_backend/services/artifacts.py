@@ -1,0 +1,75 @@
+"""Where a model version's files live, and the scans' images as training arrays.
+
+A version owns one folder under ``ARTIFACTS_ROOT/models/<version>/``: ``config.json`` (the
+explicit config saved with every checkpoint), its checkpoint(s) or heads, and for an
+encoder the embeddings (``embeddings.npy``, ``scan_ids.npy``) and the FAISS index."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+
+from annotator.models import Scan
+from annotator.storage import media_path
+from ml_backend.data.arrays import load_images
+from ml_backend.errors import TrainingError
+from ml_backend.models import ModelVersion, TrainingRun
+
+
+def checkpoint_path(model: ModelVersion, name: str) -> Path:
+    return Path(model.artifact_dir) / name
+
+
+def embeddings_paths(model: ModelVersion) -> dict[str, Path]:
+    base = Path(model.artifact_dir)
+    return {"vectors": base / "embeddings.npy", "ids": base / "scan_ids.npy",
+            "index": base / "index.faiss"}
+
+
+def images_for(scans: list[Scan], size: int) -> np.ndarray:
+    """The scans' display previews at ``size`` (see ml_backend/data/arrays.py)."""
+    missing = [s.pk for s in scans if not media_path(s.preview.name).exists()]
+    if missing:
+        raise TrainingError(f"preview files missing for scans {missing[:10]}; re-import them")
+    return load_images([media_path(s.preview.name) for s in scans], size)
+
+
+def hflip_mask(scans: list[Scan]) -> np.ndarray:
+    return np.array([s.dataset.hflip_allowed for s in scans], dtype=bool)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def model_artifacts_remove(model: ModelVersion) -> None:
+    """Delete a version's files (used by admins cleaning up failed versions)."""
+    if model.artifact_dir and Path(model.artifact_dir).is_dir():
+        shutil.rmtree(model.artifact_dir)
+
+
+def new_version(run: TrainingRun, kind: str, *, parent: ModelVersion | None,
+                 config: dict) -> ModelVersion:
+    prefix = "enc" if kind == ModelVersion.Kind.ENCODER else "clf"
+    version = base = f"p{run.project_id}-{prefix}-{run.pk}"
+    suffix = 1
+    # a restored backup may already hold this name (versions keep their names across restores)
+    while ModelVersion.objects.filter(version=version).exists() or (
+            Path(settings.ARTIFACTS_ROOT) / "models" / version).exists():
+        suffix += 1
+        version = f"{base}-{suffix}"
+    directory = Path(settings.ARTIFACTS_ROOT) / "models" / version
+    directory.mkdir(parents=True, exist_ok=True)
+    model = ModelVersion.objects.create(project=run.project, kind=kind, version=version,
+                                        parent=parent, artifact_dir=str(directory), config=config)
+    run.model_version = model
+    run.save(update_fields=["model_version"])
+    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    return model

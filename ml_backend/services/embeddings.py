@@ -1,0 +1,233 @@
+"""Embedding-space answers: similar scans, class candidates, novelty (how unlike a scan is
+of the project's scans of its label set). Vectors and indexes come from ``inference.cache``;
+search goes through ``ml_backend.index``."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from annotator.models import Annotation, LabelClass, Project, Scan
+from annotator.storage import media_path
+from ml_backend.errors import TrainingError
+from ml_backend.models import ModelVersion, TrainingRun
+from ml_backend.services.artifacts import embeddings_paths
+from ml_backend.services.inference import (
+    cache,
+    embed_images,
+    embedding_table,
+    vector_index,
+    vectors_for,
+)
+from ml_backend.services.runs import training_run_create, training_run_execute
+
+logger = logging.getLogger(__name__)
+
+NOVELTY_K = 5
+NOVELTY_REFERENCE_MAX = 5000
+
+
+def _novelty_reference(encoder: ModelVersion, label_set_id: int, *,
+                       exclude_ids=()) -> dict | None:
+    """The scans a novelty score is read against: the label set's embedded scans (a seeded
+    sample of at most NOVELTY_REFERENCE_MAX), their vectors and their leave-one-out mean
+    cosine distances to their k nearest within that reference. Distances of new scans are
+    measured against the same reference, so both sides of the comparison match. Kept in
+    the inference cache per encoder, embeddings file and set membership; ``exclude_ids``
+    (e.g. the scans of the import being checked) gives an uncached reference without them."""
+    from ml_backend.index.novelty import knn_distances
+
+    paths = embeddings_paths(encoder)
+    if not paths["ids"].exists():
+        return None
+    members = Scan.objects.filter(project_id=encoder.project_id, label_set_id=label_set_id)
+    if exclude_ids:
+        members = members.exclude(pk__in=list(exclude_ids))
+    member_ids = set(members.values_list("pk", flat=True))
+
+    def build(_path) -> dict | None:
+        table = embedding_table(encoder)
+        rows = np.flatnonzero([int(i) in member_ids for i in table.ids])
+        if len(rows) < 2:
+            return None
+        if len(rows) > NOVELTY_REFERENCE_MAX:
+            rows = np.sort(np.random.default_rng(0).choice(rows, NOVELTY_REFERENCE_MAX,
+                                                           replace=False))
+        vectors = np.asarray(table.vectors[rows], np.float32)
+        return {"ids": table.ids[rows], "vectors": vectors,
+                "distances": np.sort(knn_distances(vectors, NOVELTY_K))}
+
+    if exclude_ids:
+        return build(None)
+    stamp = (paths["ids"].stat().st_mtime_ns, len(member_ids), max(member_ids, default=0))
+    return cache.get(encoder, f"novelty:{label_set_id}", build, stamp=stamp)
+
+
+def _novelty_verdict(distance: float, reference: np.ndarray, percentile_limit: float,
+                     set_name: str) -> dict:
+    from ml_backend.index.novelty import NoveltyModel
+
+    model = NoveltyModel(reference_distances=np.sort(reference), k=NOVELTY_K)
+    percentile = float(model.percentile(np.array([distance]))[0])
+    # at or beyond the limit (inclusive: with a few hundred reference scans the limit's own
+    # quantile is one of the reference's outliers), and not a trivially small distance
+    ood = bool(percentile >= percentile_limit and distance > model.floor)
+    words = (f"Unlike the project's {set_name} scans: farther from its nearest scans than "
+             f"{percentile:.0f}% of them are from theirs. The model has not seen scans like "
+             "this; do not trust its suggestion." if ood else
+             f"Typical of the project's {set_name} scans ({percentile:.0f}th percentile of "
+             "distance to the nearest scans).")
+    return {"distance": round(float(distance), 4), "percentile": round(percentile, 1),
+            "ood": ood, "message": words, "reference_size": int(len(reference))}
+
+
+def novelty_of_vectors(encoder: ModelVersion, vectors: np.ndarray, *, label_set,
+                       project: Project, exclude_ids=()) -> list[dict | None]:
+    """How unlike the project's scans of ``label_set`` each vector is: its mean cosine
+    distance to the k nearest of them, as a percentile of those scans' own leave-one-out
+    distances (ml_backend/index/novelty.py)."""
+    from ml_backend.index.novelty import knn_distances
+
+    reference = _novelty_reference(encoder, label_set.pk, exclude_ids=exclude_ids)
+    if reference is None:
+        return [None] * len(vectors)
+    distances = knn_distances(np.asarray(vectors, np.float32), NOVELTY_K,
+                              reference=reference["vectors"], exclude_self=False)
+    return [_novelty_verdict(float(d), reference["distances"], project.novelty_percentile,
+                             label_set.name) for d in distances]
+
+
+def import_novelty_check(job) -> dict | None:
+    """After an import into a project that has an encoder: embed the new scans and count
+    those unlike the scans their label set held before this import (so a whole site of
+    mislabeled scans cannot vouch for itself). Returns a summary (None when there is
+    nothing to check); the import report shows it."""
+    encoder = Project.objects.get(pk=job.project_id).active_encoder
+    if encoder is None or not embeddings_paths(encoder)["index"].exists():
+        return None
+    scans = list(job.scans.select_related("label_set", "project").exclude(label_set=None))
+    if not scans:
+        return None
+    run = training_run_create(project=job.project, kind=TrainingRun.Kind.EMBED,
+                              params={"import_job": job.pk})
+    training_run_execute(run.pk)
+    run.refresh_from_db()
+    if run.status != TrainingRun.Status.SUCCEEDED:
+        return {"error": f"the new scans could not be embedded: {run.last_error[:300]}"}
+    new_ids = [s.pk for s in scans]
+    unlike, checked = [], 0
+    for label_set in {s.label_set for s in scans}:
+        mine = [s for s in scans if s.label_set_id == label_set.pk]
+        verdicts = novelty_of_vectors(encoder, vectors_for(encoder, mine), label_set=label_set,
+                                      project=job.project, exclude_ids=new_ids)
+        checked += sum(v is not None for v in verdicts)
+        unlike += [s.pk for s, v in zip(mine, verdicts) if v and v["ood"]]
+    return {"checked": checked, "unlike": len(unlike), "scan_ids": sorted(unlike)[:50],
+            "percentile": job.project.novelty_percentile}
+
+
+def scan_novelty(scan: Scan) -> dict | None:
+    """The novelty verdict of an embedded scan among the other scans of its label set (None
+    when the project has no encoder or the scan is not embedded yet)."""
+    encoder = scan.project.active_encoder
+    if encoder is None or scan.label_set_id is None:
+        return None
+    try:
+        reference = _novelty_reference(encoder, scan.label_set_id)
+        if reference is None:
+            return None
+        vector = vectors_for(encoder, [scan])
+    except (TrainingError, OSError):
+        return None
+    from ml_backend.index.novelty import knn_distances
+
+    others = reference["vectors"][reference["ids"] != scan.pk]
+    if len(others) < 1:
+        return None
+    distance = float(knn_distances(vector, NOVELTY_K, reference=others, exclude_self=False)[0])
+    return _novelty_verdict(distance, reference["distances"], scan.project.novelty_percentile,
+                            scan.label_set.name)
+
+
+def similar_scans(*, scan: Scan, k: int = 8, labeled_only: bool = False,
+                  same_label_set: bool = False) -> list[tuple[Scan, float]]:
+    """The ``k`` scans most similar to ``scan`` (cosine on SimCLRv2 embeddings), best first.
+
+    With ``labeled_only`` only scans that have a label are returned. Raises TrainingError
+    when the project has no embeddings yet.
+    """
+    encoder = scan.project.active_encoder
+    if encoder is None:
+        raise TrainingError("no active encoder for this project yet")
+    index = vector_index(encoder)
+    table = embedding_table(encoder)
+    if scan.pk in table.row:
+        query = table.of([scan.pk])
+    else:  # a scan imported after the last embed: embed it on the fly
+        query = embed_images(encoder, [media_path(scan.preview.name)])
+    allowed = None
+    if labeled_only:
+        labeled = Annotation.objects.filter(scan__project=scan.project,
+                                            outcome=Annotation.Outcome.LABEL)
+        if same_label_set:
+            labeled = labeled.filter(scan__label_set_id=scan.label_set_id)
+        allowed = list(labeled.values_list("scan_id", flat=True).distinct())
+        if not allowed:
+            return []
+    elif same_label_set:
+        allowed = list(Scan.objects.filter(project=scan.project, label_set_id=scan.label_set_id)
+                       .values_list("pk", flat=True))
+    hits = index.search(query, k, allowed_ids=allowed, exclude_ids=[scan.pk])[0]
+    by_id = Scan.objects.in_bulk([scan_id for scan_id, _ in hits])
+    return [(by_id[scan_id], float(score)) for scan_id, score in hits if scan_id in by_id]
+
+
+def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[dict]]:
+    """Scans to show a clinician for a class (e.g. one just added): unlabeled pool scans of
+    the class's label set only, as FAISS neighbours of its labeled examples, and novelty
+    candidates (the set's scans farthest from every labeled scan)."""
+    project = label_class.project
+    encoder = project.active_encoder
+    if encoder is None:
+        raise TrainingError("no active encoder for this project yet")
+    index = vector_index(encoder)
+    table = embedding_table(encoder)
+    ids, vectors, row = table.ids, table.vectors, table.row
+    labeled = set(Annotation.objects.filter(scan__project=project,
+                                            outcome=Annotation.Outcome.LABEL)
+                  .values_list("scan_id", flat=True))
+    in_set = set(Scan.objects.filter(project=project, label_set_id=label_class.label_set_id,
+                                     quarantined=False, split="pool")
+                 .values_list("pk", flat=True))
+    unlabeled = [int(i) for i in ids if int(i) in in_set and int(i) not in labeled]
+    result = {"neighbours": [], "novel": []}
+    if not unlabeled:
+        return result
+    examples = [s for s in Annotation.objects.filter(label_class=label_class,
+                                                     outcome=Annotation.Outcome.LABEL)
+                .values_list("scan_id", flat=True).distinct() if s in row]
+    if examples:
+        queries = np.asarray(vectors[[row[s] for s in examples]], np.float32)
+        best: dict[int, tuple[float, int]] = {}
+        for example, hits in zip(examples, index.search(queries, k, allowed_ids=unlabeled)):
+            for scan_id, score in hits:
+                if scan_id not in best or score > best[scan_id][0]:
+                    best[scan_id] = (float(score), example)
+        for scan_id, (score, like) in sorted(best.items(), key=lambda kv: -kv[1][0])[:k]:
+            result["neighbours"].append({"scan": int(scan_id), "similarity": round(score, 4),
+                                         "like": int(like)})
+    labeled_in_set = [s for s in Scan.objects.filter(
+        pk__in=labeled, label_set_id=label_class.label_set_id).values_list("pk", flat=True)
+        if s in row]
+    if labeled_in_set:
+        from ml_backend.index.novelty import knn_distances
+
+        distance = knn_distances(np.asarray(vectors[[row[s] for s in unlabeled]], np.float32),
+                                 1, reference=np.asarray(vectors[[row[s] for s in labeled_in_set]],
+                                                         np.float32), exclude_self=False)
+        for position in np.argsort(-distance)[:k]:
+            result["novel"].append({"scan": unlabeled[position],
+                                    "nearest_labeled_similarity":
+                                        round(1.0 - float(distance[position]), 4)})
+    return result

@@ -1,0 +1,347 @@
+"""Answers from a model version, one scan or image at a time, through ONE bounded cache.
+
+Suggestions on the label page, similar scans, class candidates, novelty, Grad-CAM,
+classifying an uploaded image and Label Studio's ``/ml/predict`` all load a version's
+checkpoint, heads, embeddings and FAISS index through ``cache``: keyed by model version and
+artifact, bounded (``ML_CACHE_SIZE`` entries, least recently used first out), re-read when
+the file changes. A linear-head version answers from stored embeddings with numpy alone;
+torch is imported only when a network has to run (a fine-tuned classifier, Grad-CAM, an
+image that was never embedded).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+
+from annotator.models import Annotation, LabelClass, LabelSet, Project, Scan
+from annotator.selectors import class_label_sets
+from annotator.storage import media_path
+from ml_backend.data.arrays import load_images
+from ml_backend.errors import ModelUnavailable, TrainingError
+from ml_backend.models import ModelVersion
+from ml_backend.services.artifacts import checkpoint_path, embeddings_paths, images_for
+
+Predictor = Callable[[list[Scan]], np.ndarray]
+
+
+def _ssl():
+    """The SimCLRv2 core (imports torch): only where a network runs."""
+    from ml_backend.ssl import train
+
+    return train
+
+
+class ModelCache:
+    """Loaded artifacts of model versions, keyed by (version, artifact name), least recently
+    used first out. An entry is re-read when its file changes (an encoder's embeddings and
+    index grow as scans are embedded). Thread-safe; loading happens outside the lock."""
+
+    def __init__(self, size: int):
+        self.size = max(int(size), 1)
+        self._entries: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.counts: Counter = Counter()
+
+    def get(self, model: ModelVersion, name: str, load: Callable[[Path], Any], *,
+            stamp: Any = None) -> Any:
+        """The artifact ``name`` of ``model`` (a file under its folder, loaded by ``load``).
+        A derived entry passes its own ``stamp``: it is rebuilt when the stamp changes."""
+        path = checkpoint_path(model, name)
+        if stamp is None:
+            try:
+                stamp = path.stat().st_mtime_ns
+            except FileNotFoundError:
+                raise ModelUnavailable(f"{model.version} has no {name} (its files are missing: "
+                                       "restore them or train a new version)") from None
+        key = (model.pk, model.version, str(model.artifact_dir), name)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] == stamp:
+                self._entries.move_to_end(key)
+                self.counts["hits"] += 1
+                return hit[1]
+        try:
+            value = load(path)
+        except ModelUnavailable:
+            raise
+        except Exception as exc:   # a damaged or foreign file: the caller says so in words
+            raise ModelUnavailable(f"{model.version}: {name} could not be read "
+                                   f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+        with self._lock:
+            self.counts["loads"] += 1
+            self.counts[f"loads:{name.split(':')[0]}"] += 1
+            self._entries[key] = (stamp, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.counts.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+cache = ModelCache(getattr(settings, "ML_CACHE_SIZE", 12))
+
+
+# --- the artifacts, loaded once -------------------------------------------------------------
+
+
+def encoder_network(encoder: ModelVersion):
+    """(SimCLR model, its PretrainConfig) of an encoder version."""
+    return cache.get(encoder, "encoder.pt", lambda path: _ssl().load_pretrained(path))
+
+
+def classifier_network(model: ModelVersion):
+    """(network, PretrainConfig) of a fine-tuned or distilled classifier version."""
+    return cache.get(model, "classifier.pt", lambda path: _ssl().load_classifier(path))
+
+
+def vector_index(encoder: ModelVersion):
+    """The FAISS index of an encoder's embeddings."""
+    from ml_backend.index.faiss_index import VectorIndex
+
+    if not embeddings_paths(encoder)["index"].exists():
+        raise TrainingError("no embeddings yet: run `manage.py embed`")
+    return cache.get(encoder, "index.faiss", VectorIndex.load)
+
+
+@dataclass(frozen=True)
+class EmbeddingTable:
+    ids: np.ndarray                 # scan ids, one per row
+    vectors: np.ndarray             # (N, D) float32, memory-mapped
+    row: dict[int, int]             # scan id -> row
+
+    def of(self, scan_ids: list[int]) -> np.ndarray:
+        return np.asarray(self.vectors[[self.row[i] for i in scan_ids]], dtype=np.float32)
+
+
+def embedding_table(encoder: ModelVersion) -> EmbeddingTable:
+    """The encoder's stored embeddings (re-read when ``scan_ids.npy``, written last, changes)."""
+    paths = embeddings_paths(encoder)
+    if not paths["ids"].exists():
+        raise TrainingError(f"{encoder.version} has no embeddings: run `manage.py embed`")
+
+    def load(ids_path: Path) -> EmbeddingTable:
+        ids = np.load(ids_path)
+        vectors = np.load(paths["vectors"], mmap_mode="r")
+        if len(vectors) < len(ids):
+            raise ModelUnavailable(f"{encoder.version}: embeddings and scan ids disagree "
+                                   "(re-run `manage.py embed --full`)")
+        return EmbeddingTable(ids=ids, vectors=vectors,
+                              row={int(scan_id): i for i, scan_id in enumerate(ids)})
+    return cache.get(encoder, "scan_ids.npy", load)
+
+
+def vectors_for(encoder: ModelVersion, scans: list[Scan]) -> np.ndarray:
+    table = embedding_table(encoder)
+    missing = [s.pk for s in scans if s.pk not in table.row]
+    if missing:
+        raise TrainingError(f"scans {missing[:10]} are not embedded yet: run `manage.py embed`")
+    return table.of([s.pk for s in scans])
+
+
+def embed_images(encoder: ModelVersion, images_png_or_paths: list) -> np.ndarray:
+    """Embed images that have no stored vector (an upload, a scan imported since the last
+    embed) with the encoder's network."""
+    simclr, config = encoder_network(encoder)
+    return _ssl().embed(simclr.encoder, load_images(images_png_or_paths, config.image_size),
+                        config)
+
+
+# --- predictors ---------------------------------------------------------------------------
+
+
+def allowed_classes(scans: list[Scan], classes: list[int]) -> list[set[int]]:
+    """For each scan, the model's classes that apply to it (its label set's)."""
+    class_set = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "label_set_id"))
+    return [{c for c in classes if class_set.get(c) == s.label_set_id} for s in scans]
+
+
+def cnn_predictor(classifier, pconfig, classes: list[int], temperature: float = 1.0
+                  ) -> Predictor:
+    """A network with one softmax over every class, restricted to each scan's label set."""
+    from ml_backend.active.refit import restrict_to_sets
+
+    def predict(scans: list[Scan], *, calibrated: bool = True) -> np.ndarray:
+        proba = _ssl().predict_proba(classifier, images_for(scans, pconfig.image_size), pconfig,
+                                     temperature=temperature if calibrated else 1.0)
+        return restrict_to_sets(proba, classes, allowed_classes(scans, classes))
+    return predict
+
+
+def version_heads(model: ModelVersion):
+    """The per-label-set heads of a 'head' version (a version from before label sets has
+    one head for all its classes, in ``head.npz``)."""
+    from ml_backend.active.refit import LinearHead, SetHeads
+
+    classes = [c["id"] for c in model.config["classes"]]
+    configs = model.config.get("label_sets")
+    if configs is None:  # one head, saved before label sets existed
+        head = cache.get(model, "head.npz", LinearHead.load)
+        set_ids = set(LabelClass.objects.filter(pk__in=classes)
+                      .values_list("label_set_id", flat=True))
+        return SetHeads(heads={set_id: head for set_id in set_ids}, class_ids=classes)
+    return SetHeads(heads={c["id"]: cache.get(model, c["head"], LinearHead.load)
+                           for c in configs}, class_ids=classes)
+
+
+def predictor_for(model: ModelVersion) -> Predictor:
+    """A classifier version's predict function, from its cached artifacts."""
+    classes = [c["id"] for c in model.config["classes"]]
+    if model.config.get("kind") == "head":
+        heads, encoder = version_heads(model), model.parent
+        return lambda scans, calibrated=True: heads.predict_proba(
+            vectors_for(encoder, scans), [s.label_set_id for s in scans], calibrated=calibrated)
+    classifier, pconfig = classifier_network(model)
+    return cnn_predictor(classifier, pconfig, classes, model.config.get("temperature") or 1.0)
+
+
+# --- one scan at a time: Grad-CAM and classifying an uploaded image (the clinician UI) ------
+
+
+class _Explainer:
+    """What one classifier version needs to score and explain single images."""
+
+    def __init__(self, model: ModelVersion):
+        self.class_ids = [c["id"] for c in model.config["classes"]]
+        self.model = model
+        if model.config.get("kind") == "head":
+            self.heads = version_heads(model)
+            simclr, self.config = encoder_network(model.parent)
+            self.encoder = simclr.encoder
+        else:
+            self.heads = None
+            classifier, self.config = classifier_network(model)
+            self.classifier = classifier
+            self.encoder = classifier.encoder
+            self.temperature = model.config.get("temperature") or 1.0
+
+    def classes_of(self, label_set_id: int) -> list[int]:
+        class_set = class_label_sets(self.model.project_id)
+        return [c for c in self.class_ids if class_set.get(c) == label_set_id]
+
+    def proba(self, images: np.ndarray, label_set_id: int) -> np.ndarray:
+        """Calibrated probabilities over the model's classes, restricted to one label set,
+        exactly as the stored predictions are computed."""
+        from ml_backend.active.refit import restrict_to_sets
+
+        if self.heads is not None:
+            return self.heads.predict_proba(_ssl().embed(self.encoder, images, self.config),
+                                            [label_set_id] * len(images))
+        proba = _ssl().predict_proba(self.classifier, images, self.config,
+                                  temperature=self.temperature)
+        allowed = set(self.classes_of(label_set_id))
+        return restrict_to_sets(proba, self.class_ids, [allowed] * len(images))
+
+    def cam(self, image: np.ndarray, class_id: int) -> np.ndarray:
+        from ml_backend.explain import gradcam, head_score
+
+        if class_id not in self.class_ids:
+            raise TrainingError(f"class {class_id} is not one this model predicts")
+        if self.heads is not None:
+            head = next((h for h in self.heads.heads.values()
+                         if class_id in [int(c) for c in h.class_ids]), None)
+            if head is None:
+                raise TrainingError(f"class {class_id} has no head in {self.model.version}")
+            score = head_score(head.mean, head.scale, head.coef, head.intercept)
+            index = [int(c) for c in head.class_ids].index(class_id)
+        else:
+            classifier = self.classifier
+            score = lambda pooled: classifier.fc(  # noqa: E731
+                classifier.head(pooled, upto=classifier.from_head_layer))
+            index = self.class_ids.index(class_id)
+        return gradcam(self.encoder, image, self.config.augment_config(), score, index)
+
+
+def scan_gradcam(*, scan: Scan, class_id: int, model: ModelVersion | None = None) -> bytes:
+    """An RGBA overlay PNG (the preview's size) of where ``model`` sees ``class_id`` in
+    ``scan``. Raises TrainingError when there is no model or the class is not one of its."""
+    from PIL import Image
+
+    from ml_backend.explain import overlay_png
+
+    model = model or scan.project.active_model
+    if model is None:
+        raise TrainingError("no classifier yet: label some scans first")
+    explainer = _Explainer(model)
+    image = images_for([scan], explainer.config.image_size)[0]
+    with Image.open(media_path(scan.preview.name)) as preview:
+        width, height = preview.size
+    return overlay_png(explainer.cam(image, class_id), width, height)
+
+
+def classify_image(*, project: Project, preview_png: bytes, label_set=None, k: int = 6) -> dict:
+    """Score one decoded image (its display PNG) with the project's active classifier on the
+    classes of ``label_set`` (the project's first set by default): probability for every
+    class of the set (0 for one the model has not learned yet), how unlike the project's
+    scans of that set it is (novelty), the Grad-CAM overlay of the predicted class, and the
+    ``k`` most similar labeled scans of the set. Nothing is stored."""
+    from PIL import Image
+
+    from ml_backend.explain import overlay_png
+
+    project = Project.objects.select_related("active_model", "active_encoder").get(pk=project.pk)
+    label_set = label_set or project.label_sets.order_by("order", "pk").first()
+    model = project.active_model
+    if model is None:
+        raise TrainingError("this project has no classifier yet: label some scans first")
+    if not isinstance(label_set, LabelSet) or label_set.project_id != project.pk:
+        raise TrainingError("choose one of this project's label sets")
+    explainer = _Explainer(model)
+    set_classes = list(label_set.classes.order_by("order", "name"))
+    known = set(explainer.classes_of(label_set.pk))
+    if not known:
+        raise TrainingError(f"the model has not learned the label set {label_set.name!r} yet: "
+                            "label scans of at least two of its classes")
+    image = load_images([preview_png], explainer.config.image_size)
+    proba = explainer.proba(image, label_set.pk)[0]
+    p_of = {cid: float(p) for cid, p in zip(explainer.class_ids, proba.tolist())}
+    ranked = sorted(((c.pk, c.name, p_of.get(c.pk, 0.0), c.pk in known) for c in set_classes),
+                    key=lambda row: -row[2])
+    best_id, best_name, best_p, _ = ranked[0]
+    with Image.open(io.BytesIO(preview_png)) as preview:
+        width, height = preview.size
+    overlay = overlay_png(explainer.cam(image[0], best_id), width, height)
+    similar, novelty = [], None
+    encoder = project.active_encoder
+    if encoder is not None and embeddings_paths(encoder)["index"].exists():
+        simclr, config = encoder_network(encoder)
+        vector = _ssl().embed(simclr.encoder, load_images([preview_png], config.image_size), config)
+        from ml_backend.services.embeddings import novelty_of_vectors
+
+        novelty = novelty_of_vectors(encoder, vector, label_set=label_set, project=project)[0]
+        labeled = list(Annotation.objects.filter(
+            scan__project=project, scan__label_set=label_set, outcome=Annotation.Outcome.LABEL)
+            .values_list("scan_id", flat=True).distinct())
+        if labeled:
+            hits = vector_index(encoder).search(
+                vector, k, allowed_ids=labeled)[0]
+            by_id = Scan.objects.in_bulk([scan_id for scan_id, _ in hits])
+            label_names: dict[int, str] = {}
+            for scan_id, name in (Annotation.objects.filter(
+                    scan_id__in=list(by_id), outcome=Annotation.Outcome.LABEL)
+                    .order_by("-created_at").values_list("scan_id", "label_class__name")):
+                label_names.setdefault(scan_id, name)
+            similar = [{"scan": by_id[i], "similarity": float(s), "label": label_names.get(i)}
+                       for i, s in hits if i in by_id and not by_id[i].quarantined]
+    return {"model": model, "label_set": label_set,
+            "predicted": {"class_id": best_id, "name": best_name, "confidence": best_p},
+            "probabilities": [{"class_id": cid, "name": name, "p": p, "learned": learned}
+                              for cid, name, p, learned in ranked],
+            "overlay_png": overlay, "similar": similar, "novelty": novelty,
+            "calibrated": bool(model.config.get("temperature")) or model.config.get(
+                "kind") == "head"}

@@ -1,0 +1,189 @@
+"""What to label next: query rounds (a strategy run per label set) and the label-quality
+check (likely label errors, queued for re-review)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+from django.db import transaction
+from django.db.models import Count
+
+from annotator.models import Annotation, LabelClass, Project, Scan
+from annotator.selectors import class_label_sets, training_labels
+from ml_backend.errors import TrainingError
+from ml_backend.models import Prediction, QueryItem, QueryRound
+from ml_backend.services.artifacts import embeddings_paths
+from ml_backend.services.embeddings import similar_scans
+from ml_backend.services.inference import vectors_for
+
+logger = logging.getLogger(__name__)
+
+def query_round_create(*, project: Project, n: int | None = None, strategy: str | None = None,
+                       created_by=None, neighbours: int = 3) -> QueryRound:
+    """Choose the next scans to label: unlabeled pool scans only (never eval), ranked by the
+    strategy, each with its score and reason (uncertainty, cluster, nearest labeled scans)."""
+    from ml_backend.active.strategies import QueryContext
+
+    project = Project.objects.select_related("active_model", "active_encoder").get(pk=project.pk)
+    strategy = strategy or project.query_strategy
+    n = n or project.query_batch_size
+    labeled_ids = set(Annotation.objects.filter(
+        scan__project=project, outcome=Annotation.Outcome.LABEL).values_list("scan_id", flat=True))
+    candidates = [s for s in Scan.objects.filter(project=project, split="pool",
+                                                 quarantined=False).order_by("pk")
+                  if s.pk not in labeled_ids]
+    # a scan can only be labeled with its label set's classes: none, nothing to ask
+    sets_with_classes = set(LabelClass.objects.filter(project=project)
+                            .values_list("label_set_id", flat=True))
+    candidates = [s for s in candidates if s.label_set_id is not None and (
+        s.label_set_id in sets_with_classes or not sets_with_classes)]
+    model, encoder = project.active_model, project.active_encoder
+    proba, class_names = None, []
+    if model is not None:
+        classes = [c["id"] for c in model.config["classes"]]
+        class_names = [c["name"] for c in model.config["classes"]]
+        stored = dict(Prediction.objects.filter(model_version=model, scan__in=candidates)
+                      .values_list("scan_id", "probabilities"))
+        if candidates and stored:
+            # a scan the model cannot score yet (its set has no head) is maximally uncertain
+            uniform = np.full(len(classes), 1.0 / len(classes))
+            # a class of the scan's set keeps a non-zero column even when its stored
+            # probability rounded to 0 (the strategies count a row's classes by them)
+            proba = np.array([[max(stored[s.pk][str(c)], 1e-9) if str(c) in stored[s.pk]
+                               else 0.0 for c in classes]
+                              if s.pk in stored else uniform for s in candidates])
+    embeddings = labeled = None
+    if encoder is not None and embeddings_paths(encoder)["ids"].exists():
+        try:
+            embeddings = vectors_for(encoder, candidates)
+            labeled_scans = list(Scan.objects.filter(pk__in=labeled_ids).order_by("pk"))
+            labeled = vectors_for(encoder, labeled_scans) if labeled_scans else None
+        except TrainingError:
+            embeddings = labeled = None  # some scans not embedded yet: uncertainty only
+    context = QueryContext(proba=proba, embeddings=embeddings, labeled_embeddings=labeled,
+                           groups=np.array([s.patient_key for s in candidates]),
+                           class_names=class_names)
+    selection = _query_per_label_set(strategy, context, n, candidates) if candidates else None
+    with transaction.atomic():
+        query_round = QueryRound.objects.create(
+            project=project, model_version=model, strategy=strategy, created_by=created_by,
+            size=0 if selection is None else len(selection.indices))
+        items = []
+        if selection is not None:
+            for rank, (index, score, reason) in enumerate(
+                    zip(selection.indices, selection.scores, selection.reasons), start=1):
+                scan = candidates[int(index)]
+                reason = dict(reason)
+                if labeled_ids and encoder is not None and neighbours:
+                    reason["neighbours"] = _labeled_neighbours(scan, neighbours)
+                items.append(QueryItem(query_round=query_round, scan=scan, rank=rank,
+                                       score=float(score), reason=reason))
+        QueryItem.objects.bulk_create(items)
+    return query_round
+
+
+def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan]):
+    """One strategy run per label set, each given a share of the round in proportion to its
+    number of classes (at least one pick each), interleaved by rank: with several label sets
+    how many labels each anatomy gets is a decision, not a side effect of the score (an easy
+    2-class set would otherwise take the round from a hard 4-class one, or the reverse).
+    With one set this is exactly ``query(strategy, context, n)``."""
+    from dataclasses import replace
+
+    from ml_backend.active.strategies import Selection, query
+
+    set_ids = np.array([s.label_set_id for s in candidates])
+    present = sorted(set(set_ids.tolist()))
+    if len(present) < 2:
+        return query(strategy, context, n)
+    weight = dict(LabelClass.objects.filter(label_set_id__in=present).values("label_set_id")
+                  .annotate(k=Count("pk")).values_list("label_set_id", "k"))
+    weights = np.array([max(weight.get(i, 0), 1) for i in present], dtype=float)
+    available = np.array([(set_ids == i).sum() for i in present])
+    shares = np.minimum(np.maximum(1, np.floor(n * weights / weights.sum())).astype(int),
+                        available)
+    while shares.sum() < min(n, available.sum()):        # hand out what rounding left
+        room = np.flatnonzero(shares < available)
+        shares[room[np.argmax(weights[room] / (shares[room] + 1))]] += 1
+    picks = []
+    for set_id, share in zip(present, shares):
+        rows = np.flatnonzero(set_ids == set_id)
+        sub = replace(context,
+                      proba=None if context.proba is None else context.proba[rows],
+                      embeddings=None if context.embeddings is None else context.embeddings[rows],
+                      groups=None if context.groups is None else context.groups[rows])
+        chosen = query(strategy, sub, int(share))
+        picks.append([(int(rows[i]), float(score), reason) for i, score, reason in
+                      zip(chosen.indices, chosen.scores, chosen.reasons)])
+    merged = [pick for position in range(max(map(len, picks)))
+              for per_set in picks if position < len(per_set) for pick in [per_set[position]]]
+    return Selection(indices=np.array([p[0] for p in merged], dtype=np.int64),
+                     scores=np.array([p[1] for p in merged]), reasons=[p[2] for p in merged])
+
+
+def _labeled_neighbours(scan: Scan, k: int) -> list[dict]:
+    try:
+        hits = similar_scans(scan=scan, k=k, labeled_only=True)
+    except TrainingError:
+        return []
+    labels = {}
+    for scan_id, name in (Annotation.objects.filter(scan_id__in=[s.pk for s, _ in hits],
+                                                    outcome=Annotation.Outcome.LABEL)
+                          .values_list("scan_id", "label_class__name")):
+        labels.setdefault(scan_id, name)
+    return [{"scan": s.pk, "label": labels.get(s.pk), "similarity": round(score, 4)}
+            for s, score in hits]
+
+
+def label_quality_check(*, project: Project, created_by=None) -> QueryRound:
+    """Flag likely label errors among pool labels and queue them for re-review as a round.
+
+    Run per label set, on the classes with at least two labels (a class with fewer cannot be
+    cross-validated); ``round.skipped`` lists what was left out and why."""
+    from ml_backend.active.quality import find_label_issues, out_of_fold_proba
+
+    encoder = project.active_encoder
+    if encoder is None:
+        raise TrainingError("no active encoder for this project yet")
+    scans, class_ids = training_labels(project, split="pool")
+    class_set = class_label_sets(project)
+    names = dict(LabelClass.objects.filter(project=project).values_list("pk", "name"))
+    counts = Counter(class_ids)
+    skipped = [f"{names[c]} ({n} label)" for c, n in sorted(counts.items()) if n < 2]
+    found, checked_sets = [], 0
+    for set_id in sorted(set(class_set.values())):
+        rows = [i for i, c in enumerate(class_ids) if class_set[c] == set_id and counts[c] >= 2]
+        if len({class_ids[i] for i in rows}) < 2:
+            continue
+        labels = np.array([class_ids[i] for i in rows])
+        try:
+            proba, classes = out_of_fold_proba(vectors_for(encoder, [scans[i] for i in rows]),
+                                               labels)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+        checked_sets += 1
+        for issue in find_label_issues(proba, np.searchsorted(classes, labels)):
+            found.append((scans[rows[issue["index"]]], issue,
+                          names[int(classes[issue["given"]])],
+                          names[int(classes[issue["suggested"]])]))
+    if not checked_sets:
+        raise TrainingError("a label-quality check needs at least 2 labels in each of 2 classes "
+                            "of one label set" + (f" (too few: {', '.join(skipped)})"
+                                                  if skipped else ""))
+    found.sort(key=lambda row: row[1]["self_confidence"])
+    with transaction.atomic():
+        review = QueryRound.objects.create(project=project, model_version=project.active_model,
+                                           strategy="label_review", size=len(found),
+                                           created_by=created_by)
+        QueryItem.objects.bulk_create([
+            QueryItem(query_round=review, scan=scan, rank=rank,
+                      score=1.0 - issue["self_confidence"],
+                      reason={"why": "likely label error", "given": given,
+                              "suggested": suggested,
+                              "self_confidence": round(issue["self_confidence"], 4),
+                              "suggested_confidence": round(issue["suggested_confidence"], 4)})
+            for rank, (scan, issue, given, suggested) in enumerate(found, start=1)])
+    review.skipped = skipped
+    return review

@@ -1,0 +1,207 @@
+"""Training runs: create, claim (exactly once), execute with a lease, abandon, and the ONE
+place a retrain or a refit is started (a lock on the project row makes concurrent callers
+agree). Imports no torch: the handlers are looked up when a run executes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from annotator.models import Annotation, Project
+from ml_backend.errors import RetrainSkipped, TrainingError
+from ml_backend.models import ModelVersion, TrainingRun
+
+logger = logging.getLogger(__name__)
+
+LEASE = timedelta(minutes=30)
+
+
+Progress = Callable[[dict], None]
+
+
+def training_run_create(*, project: Project, kind: str, params: dict | None = None,
+                        requested_by=None, enqueue: bool = False) -> TrainingRun:
+    """Record a run; with ``enqueue`` the Celery task is sent once the row is committed."""
+    if kind not in TrainingRun.Kind.values:
+        raise ValueError(f"unknown run kind {kind!r}")
+    run = TrainingRun.objects.create(project=project, kind=kind, params=params or {},
+                                     requested_by=requested_by)
+    if enqueue:
+        from ml_backend import dispatch
+
+        transaction.on_commit(lambda: dispatch.enqueue_training_run(run.pk))
+    return run
+
+
+def training_run_claim(run_id: int) -> bool:
+    """Claim a queued run for this worker. Exactly one caller gets True."""
+    now = timezone.now()
+    claimed = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED).update(
+        status=TrainingRun.Status.RUNNING, started_at=now, lease_expires_at=now + LEASE,
+        claimed_by=f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}",
+    )
+    return claimed == 1
+
+
+class RunReporter:
+    """Writes progress and log lines to the run row, at most every few seconds."""
+
+    def __init__(self, run: TrainingRun, echo: Progress | None = None, every: float = 3.0):
+        self.run, self.echo, self.every, self.last = run, echo, every, 0.0
+
+    def log(self, line: str) -> None:
+        self.run.log += f"{timezone.now():%H:%M:%S} {line}\n"
+        self.run.save(update_fields=["log"])
+
+    def __call__(self, event: dict) -> None:
+        if self.echo is not None:
+            self.echo(event)
+        fraction = _fraction(event)
+        now = time.monotonic()
+        if fraction is not None and (now - self.last >= self.every or fraction >= 1.0):
+            self.last = now
+            self.run.progress = round(fraction, 4)
+            self.run.lease_expires_at = timezone.now() + LEASE
+            self.run.save(update_fields=["progress", "lease_expires_at"])
+
+
+def _fraction(event: dict) -> float | None:
+    if "epochs" in event:
+        step = event.get("step", event.get("steps", 1))
+        steps = max(event.get("steps", 1), 1)
+        return min(1.0, (event["epoch"] - 1 + step / steps) / event["epochs"])
+    if "total" in event:
+        return min(1.0, event["done"] / max(event["total"], 1))
+    return None
+
+
+def training_run_execute(run_id: int, *, progress: Progress | None = None) -> TrainingRun | None:
+    """Claim and run one TrainingRun. Returns None when another worker has it."""
+    if not training_run_claim(run_id):
+        logger.info("training run %s already claimed or finished", run_id)
+        return None
+    from ml_backend.services.training import HANDLERS   # torch: only in a process that trains
+
+    run = TrainingRun.objects.select_related("project").get(pk=run_id)
+    reporter = RunReporter(run, progress)
+    try:
+        HANDLERS[run.kind](run, reporter)
+        run.status = TrainingRun.Status.SUCCEEDED
+        run.progress = 1.0
+    except TrainingError as exc:
+        run.status, run.last_error = TrainingRun.Status.FAILED, str(exc)
+    except Exception as exc:  # the run's boundary: the row must say what happened
+        logger.exception("training run %s crashed", run_id)
+        run.status = TrainingRun.Status.FAILED
+        run.last_error = f"unexpected error: {type(exc).__name__}: {exc}"
+    # run.model_version is always the version this run created (embed runs create none).
+    if run.status == TrainingRun.Status.FAILED and run.model_version is not None:
+        version = run.model_version
+        version.status = ModelVersion.Status.FAILED
+        version.status_reason = run.last_error[:2000]
+        version.save(update_fields=["status", "status_reason"])
+    run.finished_at = timezone.now()
+    run.lease_expires_at = None
+    run.save()
+    return run
+
+
+def runs_abandon_expired(*, project: Project | None = None) -> int:
+    """Mark running runs whose worker lease expired (a killed worker) as abandoned."""
+    runs = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING,
+                                      lease_expires_at__lt=timezone.now())
+    if project is not None:
+        runs = runs.filter(project=project)
+    count = 0
+    for run in runs:
+        run.status = TrainingRun.Status.ABANDONED
+        run.last_error = (f"worker {run.claimed_by or '?'} stopped renewing its lease "
+                          f"(expired {run.lease_expires_at:%Y-%m-%d %H:%M:%S})")
+        run.finished_at = timezone.now()
+        run.save(update_fields=["status", "last_error", "finished_at"])
+        if run.model_version_id:
+            ModelVersion.objects.filter(pk=run.model_version_id).exclude(
+                status=ModelVersion.Status.ACTIVE).update(status=ModelVersion.Status.FAILED,
+                                                         status_reason=run.last_error)
+        count += 1
+    return count
+
+
+def retrain_start(*, project: Project, if_new_labels: int = 0, params: dict | None = None,
+                  enqueue: bool = False) -> TrainingRun:
+    """Create a retrain run unless one is queued or running (a lock on the project row makes
+    two cron invocations agree), or fewer than ``if_new_labels`` labels arrived since the last
+    successful retrain. Raises RetrainSkipped with the reason."""
+    runs_abandon_expired(project=project)
+    with transaction.atomic():
+        Project.objects.select_for_update().get(pk=project.pk)
+        busy = TrainingRun.objects.filter(
+            project=project, kind=TrainingRun.Kind.RETRAIN,
+            status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).first()
+        if busy is not None:
+            raise RetrainSkipped(f"retrain run #{busy.pk} is already {busy.status} "
+                                 f"(since {busy.started_at or busy.created_at:%Y-%m-%d %H:%M})")
+        if if_new_labels:
+            last = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.RETRAIN,
+                                              status=TrainingRun.Status.SUCCEEDED
+                                              ).order_by("-created_at").first()
+            labels = Annotation.objects.filter(scan__project=project, scan__split="pool",
+                                               outcome=Annotation.Outcome.LABEL)
+            if last is not None:
+                labels = labels.filter(created_at__gt=last.created_at)
+            if labels.count() < if_new_labels:
+                raise RetrainSkipped(f"{labels.count()} new labels since the last retrain; "
+                                     f"waiting for {if_new_labels}")
+        return training_run_create(project=project, kind=TrainingRun.Kind.RETRAIN,
+                                   params=params or {}, enqueue=enqueue)
+
+
+def refit_start_if_due(*, project: Project, force: bool = False,
+                       params: dict | None = None) -> TrainingRun | None:
+    """THE way a refit starts (after labels in the UI, the admin, Label Studio's webhook or
+    its "start training"): queue one — as a task after commit, never in the request — once
+    ``refit_every`` newly labeled pool scans arrived since the last refit (``force``: now),
+    unless one is already queued or running. A lock on the project row makes concurrent
+    callers agree on one run; a refit queued so long ago that no worker took it does not
+    block. Returns the new run, or None (no encoder yet, not due, or one is busy)."""
+    if Project.objects.filter(pk=project.pk, active_encoder__isnull=True).exists():
+        return None
+    runs_abandon_expired(project=project)
+    TrainingRun.objects.filter(
+        project=project, kind=TrainingRun.Kind.REFIT, status=TrainingRun.Status.QUEUED,
+        created_at__lt=timezone.now() - settings.REFIT_QUEUED_STALE).update(
+        status=TrainingRun.Status.ABANDONED, finished_at=timezone.now(),
+        last_error="never picked up by a worker (its server or worker stopped)")
+    with transaction.atomic():
+        project = Project.objects.select_for_update().get(pk=project.pk)
+        refits = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.REFIT)
+        if refits.filter(status__in=[TrainingRun.Status.QUEUED,
+                                     TrainingRun.Status.RUNNING]).exists():
+            return None
+        if not force:
+            last = refits.order_by("-created_at").first()
+            new_labels = Annotation.objects.filter(scan__project=project, scan__split="pool",
+                                                   outcome=Annotation.Outcome.LABEL)
+            if last is not None:
+                new_labels = new_labels.filter(created_at__gt=last.created_at)
+            # new labeled SCANS: a second reading of a scan does not bring a refit closer
+            if new_labels.values("scan_id").distinct().count() < max(project.refit_every, 1):
+                return None
+        return training_run_create(project=project, kind=TrainingRun.Kind.REFIT,
+                                   params=params or {}, enqueue=True)
+
+
+def refit_busy(project: Project) -> TrainingRun | None:
+    """The project's queued or running refit, if any."""
+    return TrainingRun.objects.filter(
+        project=project, kind=TrainingRun.Kind.REFIT,
+        status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).first()

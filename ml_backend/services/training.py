@@ -1,0 +1,367 @@
+"""The run handlers: pretrain, embed, refit (linear heads), fine-tune, distill.
+
+Each takes a claimed TrainingRun and its reporter; the work itself is the pure core's
+(``ml_backend.ssl``, ``ml_backend.active.refit``). A new classifier is evaluated and gated
+by ``versions`` before it can become active. torch is imported here (this module runs
+models); web requests never import it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+
+from annotator.models import LabelClass, Project, Scan
+from annotator.selectors import class_label_sets, training_labels
+from ml_backend.errors import TrainingError
+from ml_backend.models import ModelVersion, TrainingRun
+from ml_backend.services.artifacts import (
+    checkpoint_path,
+    embeddings_paths,
+    hflip_mask,
+    images_for,
+    new_version,
+    save_npy_atomic,
+)
+from ml_backend.services.inference import Predictor, cnn_predictor, encoder_network, vectors_for
+from ml_backend.services.queries import query_round_create
+from ml_backend.services.runs import RunReporter
+from ml_backend.services.versions import evaluate, gate, model_version_activate, publish
+from ml_backend.ssl import train as ssl
+
+logger = logging.getLogger(__name__)
+
+
+def _workers() -> int:
+    """DataLoader worker processes (settings.ML_DATALOADER_WORKERS; the core reads no
+    environment)."""
+    return settings.ML_DATALOADER_WORKERS
+
+def _pretrain(run: TrainingRun, report: RunReporter) -> None:
+    params = dict(run.params)
+    init = params.pop("init_checkpoint", None)
+    activate = params.pop("activate", True)
+    resume_version = params.pop("resume", None)
+    scans = list(Scan.objects.filter(project=run.project).select_related("dataset").order_by("pk"))
+    if len(scans) < 2:
+        raise TrainingError("pretraining needs at least 2 scans in the project")
+    if resume_version:
+        model = ModelVersion.objects.filter(project=run.project, version=resume_version,
+                                            kind=ModelVersion.Kind.ENCODER).first()
+        if model is None:
+            raise TrainingError(f"no encoder {resume_version!r} in this project to resume")
+        if model.status not in (ModelVersion.Status.TRAINING, ModelVersion.Status.FAILED):
+            raise TrainingError(f"{resume_version} is {model.status}: only an unfinished or "
+                                "failed pretraining can be resumed")
+        if not checkpoint_path(model, "encoder.pt").exists():
+            raise TrainingError(f"{resume_version} has no checkpoint yet: start a new run")
+        config = ssl.config_from_dict(ssl.PretrainConfig, model.config["pretrain"])
+        init = None
+        model.status = ModelVersion.Status.TRAINING
+        model.status_reason = f"resumed by run {run.pk}"
+        model.save(update_fields=["status", "status_reason"])
+        run.model_version = model
+        run.save(update_fields=["model_version"])
+    else:
+        config = ssl.PretrainConfig(**{k: v for k, v in params.items()
+                                       if k in ssl.PretrainConfig.__dataclass_fields__})
+        parent = run.project.active_encoder if init == "active" else None
+        if init == "active":
+            if parent is None:
+                raise TrainingError("--init-checkpoint active: the project has no active encoder")
+            init = str(checkpoint_path(parent, "encoder.pt"))
+        model = new_version(run, ModelVersion.Kind.ENCODER, parent=parent,
+                             config={"pretrain": asdict(config), "init_checkpoint": init,
+                                     "num_scans": len(scans)})
+    report.log(f"pretraining {model.version} on {len(scans)} scans: {config.arch}, "
+               f"{config.image_size}px, {config.epochs} epochs")
+    images = images_for(scans, config.image_size)
+    metrics = ssl.pretrain(images, config, checkpoint_path=checkpoint_path(model, "encoder.pt"),
+                           model_version=model.version, init_checkpoint=init,
+                           progress=report, hflip_mask=hflip_mask(scans), workers=_workers())
+    model.metrics = {"pretrain": metrics}
+    model.status = ModelVersion.Status.READY
+    model.save(update_fields=["metrics", "status"])
+    report.log(f"final loss {metrics['final_loss']:.4f}; {metrics['note']}".rstrip("; "))
+    if activate:
+        # Embed before activating: a failure here leaves the previous encoder active.
+        embed_with(run, model, report, full=True)
+        model_version_activate(model, reason="pretrained")
+
+
+def _embed(run: TrainingRun, report: RunReporter) -> None:
+    encoder = run.project.active_encoder
+    if encoder is None:
+        raise TrainingError("the project has no active encoder: run `manage.py pretrain` first")
+    run.params = {**run.params, "encoder": encoder.version}
+    run.save(update_fields=["params"])
+    embed_with(run, encoder, report, full=bool(run.params.get("full")))
+
+
+def embed_with(run: TrainingRun, encoder: ModelVersion, report: RunReporter, *,
+                full: bool) -> None:
+    """Embed every scan not yet embedded with ``encoder`` (all of them when ``full``) and
+    add them to its FAISS index without rebuilding it."""
+    from ml_backend.index.faiss_index import VectorIndex, build_index
+
+    paths = embeddings_paths(encoder)
+    scans = list(Scan.objects.filter(project=run.project).order_by("pk"))
+    old_ids = np.zeros(0, np.int64)
+    old_vectors = None
+    if not full and paths["ids"].exists() and paths["index"].exists():
+        old_ids = np.load(paths["ids"])
+        old_vectors = np.load(paths["vectors"], mmap_mode="r")
+    known = set(old_ids.tolist())
+    todo = [s for s in scans if s.pk not in known]
+    if not todo and old_vectors is not None and len(known):
+        report.log(f"embedding 0 scans with {encoder.version} ({len(known)} already embedded)")
+        return            # nothing new: the vectors and the index stay as they are
+    model, config = encoder_network(encoder)
+    report.log(f"embedding {len(todo)} scans with {encoder.version} "
+               f"({len(known)} already embedded)")
+    started = time.perf_counter()
+    vectors = ssl.embed(model.encoder, images_for(todo, config.image_size), config,
+                        progress=report, workers=_workers()) if todo else np.zeros((0, model.encoder.feature_dim),
+                                                               np.float32)
+    seconds = time.perf_counter() - started
+    ids = np.array([s.pk for s in todo], dtype=np.int64)
+    if old_vectors is not None and len(known):
+        index = VectorIndex.load(paths["index"])
+        if len(ids):
+            index.add(vectors, ids)
+        all_ids, all_vectors = np.concatenate([old_ids, ids]), np.concatenate([old_vectors, vectors])
+    else:
+        if not len(ids):
+            raise TrainingError("no scans to embed")
+        kind = run.params.get("index_kind", "auto")
+        index = build_index(vectors, ids, kind=kind)
+        all_ids, all_vectors = ids, vectors
+    save_npy_atomic(paths["vectors"], all_vectors.astype(np.float32))
+    save_npy_atomic(paths["ids"], all_ids)
+    index.save(paths["index"])
+    stats = {"embedded": int(len(ids)), "total": int(len(all_ids)), "index_kind": index.kind,
+             "images_per_s": round(len(ids) / seconds, 1) if len(ids) and seconds else None}
+    encoder.metrics = {**encoder.metrics, "embeddings": stats}
+    encoder.save(update_fields=["metrics"])
+    report.log(f"index {index.kind}: {len(all_ids)} vectors")
+
+
+def _labeled_arrays(project: Project, classes: list[int], size: int, split: str):
+    scans, class_ids = training_labels(project, split=split)
+    keep = [(s, c) for s, c in zip(scans, class_ids) if c in classes]
+    if not keep:
+        return [], np.zeros((0, size, size), np.uint8), np.zeros(0, np.int64)
+    scans = [s for s, _ in keep]
+    labels = np.array([classes.index(c) for _, c in keep], dtype=np.int64)
+    return scans, images_for(scans, size), labels
+
+
+def _finetune(run: TrainingRun, report: RunReporter) -> None:
+    encoder = run.project.active_encoder
+    if encoder is None:
+        raise TrainingError("the project has no active encoder: run `manage.py pretrain` first")
+    pretrained, pconfig = ssl.load_pretrained(checkpoint_path(encoder, "encoder.pt"))
+    train_scans, class_ids = training_labels(run.project, split="pool")
+    classes = sorted(set(class_ids))
+    if len(classes) < 2:
+        raise TrainingError(f"fine-tuning needs labeled pool scans of at least 2 classes "
+                            f"(have {len(train_scans)} labels in {len(classes)} class(es))")
+    config = ssl.FinetuneConfig(**{k: v for k, v in run.params.items()
+                                   if k in ssl.FinetuneConfig.__dataclass_fields__})
+    names = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "name"))
+    model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
+        "finetune": asdict(config), "pretrain": asdict(pconfig), "kind": "finetuned",
+        "classes": [{"id": c, "name": names[c]} for c in classes]})
+    _, images, labels = _labeled_arrays(run.project, classes, pconfig.image_size, "pool")
+    report.log(f"fine-tuning {model.version} from {encoder.version} on {len(labels)} labels, "
+               f"{len(classes)} classes, from head layer {config.from_head_layer}")
+    classifier, metrics = ssl.finetune(pretrained, pconfig, images, labels, len(classes), config,
+                                       checkpoint_path=checkpoint_path(model, "classifier.pt"),
+                                       model_version=model.version, progress=report,
+                                       workers=_workers())
+    _finish_classifier(run, model, cnn_predictor(classifier, pconfig, classes), classes,
+                       len(labels), metrics, report, calibrate=True)
+
+
+def _distill(run: TrainingRun, report: RunReporter) -> None:
+    teacher_version = (ModelVersion.objects.get(pk=run.params["teacher"])
+                       if run.params.get("teacher") else run.project.active_model)
+    if teacher_version is None:
+        raise TrainingError("distillation needs a fine-tuned teacher: run `manage.py finetune`")
+    encoder = teacher_version.parent
+    if encoder is None:
+        raise TrainingError(f"{teacher_version.version} has no parent encoder")
+    teacher, pconfig = ssl.load_classifier(checkpoint_path(teacher_version, "classifier.pt"))
+    pretrained, _ = ssl.load_pretrained(checkpoint_path(encoder, "encoder.pt"))
+    classes = [c["id"] for c in teacher_version.config["classes"]]
+    config = ssl.DistillConfig(**{k: v for k, v in run.params.items()
+                                  if k in ssl.DistillConfig.__dataclass_fields__})
+    model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
+        **teacher_version.config, "kind": "distilled", "distill": asdict(config),
+        "teacher": teacher_version.version})
+    pool = list(Scan.objects.filter(project=run.project, split="pool").order_by("pk"))
+    _, labeled, labels = _labeled_arrays(run.project, classes, pconfig.image_size, "pool")
+    report.log(f"distilling {teacher_version.version} into {model.version} on {len(pool)} "
+               f"pool scans (+{len(labels)} labels)")
+    student, metrics = ssl.distill(teacher, pretrained, pconfig,
+                                   images_for(pool, pconfig.image_size), config,
+                                   labeled=labeled, labels=labels,
+                                   checkpoint_path=checkpoint_path(model, "classifier.pt"),
+                                   model_version=model.version, progress=report,
+                                   workers=_workers())
+    _finish_classifier(run, model, cnn_predictor(student, pconfig, classes), classes,
+                       len(labels), metrics, report, calibrate=True)
+
+
+def _refit(run: TrainingRun, report: RunReporter) -> None:
+    """The fast loop: one calibrated linear head per label set on frozen embeddings
+    (seconds). A set with labels of fewer than two classes gets no head yet."""
+    from ml_backend.active.refit import SetHeads, fit_head
+
+    started = time.perf_counter()
+    encoder = run.project.active_encoder
+    if encoder is None:
+        raise TrainingError("the project has no active encoder: run `manage.py pretrain` first")
+    embed_with(run, encoder, report, full=False)          # new scans since the last embed
+    scans, class_ids = training_labels(run.project, split="pool")
+    class_set = class_label_sets(run.project)
+    sets = {s.pk: s for s in run.project.label_sets.all()}
+    by_set: dict[int, list[int]] = {}
+    for row, class_id in enumerate(class_ids):
+        by_set.setdefault(class_set[class_id], []).append(row)
+    vectors = vectors_for(encoder, scans) if scans else None
+    heads, set_configs, skipped = {}, [], []
+    for set_id in sorted(by_set):
+        rows = by_set[set_id]
+        labels = np.array([class_ids[r] for r in rows])
+        if len(set(labels.tolist())) < 2:
+            skipped.append(f"{sets[set_id].name}: labels of 1 class so far")
+            continue
+        head, info = fit_head(vectors[rows], labels, seed=run.params.get("seed", 0))
+        heads[set_id] = head
+        set_configs.append({"id": set_id, "name": sets[set_id].name,
+                            "classes": [int(c) for c in head.class_ids],
+                            "head": f"head-{set_id}.npz", "num_labels": len(rows),
+                            "temperature": info["temperature"],
+                            "calibrated_on": info["calibrated_on"]})
+    if not heads:
+        raise TrainingError(f"a refit needs labeled pool scans of at least 2 classes in one "
+                            f"label set (have {len(scans)} labels; "
+                            + "; ".join(skipped or ["no labels yet"]) + ")")
+    classes = [c for config in set_configs for c in config["classes"]]
+    names = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "name"))
+    model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
+        "kind": "head", "label_sets": set_configs,
+        "classes": [{"id": c, "name": names[c], "label_set": class_set[c]} for c in classes],
+        "temperature": set_configs[0]["temperature"] if len(set_configs) == 1 else None,
+        "calibrated_on": sum(c["calibrated_on"] for c in set_configs)})
+    for set_id, head in heads.items():
+        head.save(checkpoint_path(model, f"head-{set_id}.npz"))
+    report.log(f"refit {model.version}: linear heads on {encoder.version} embeddings, "
+               f"{len(scans)} labels; " + "; ".join(
+                   f"{c['name']}: {len(c['classes'])} classes, T={c['temperature']:.2f}"
+                   for c in set_configs) + ("; skipped " + "; ".join(skipped) if skipped else ""))
+    multi = SetHeads(heads=heads, class_ids=classes)
+
+    def predict(scans: list[Scan], *, calibrated: bool = True) -> np.ndarray:
+        return multi.predict_proba(vectors_for(encoder, scans),
+                                   [s.label_set_id for s in scans], calibrated=calibrated)
+
+    _finish_classifier(run, model, predict, classes, len(scans),
+                       {"fit": set_configs, "skipped_sets": skipped}, report,
+                       uncalibrated=lambda scans: predict(scans, calibrated=False))
+    if run.params.get("query", True) and model.status == ModelVersion.Status.ACTIVE:
+        query_round = query_round_create(project=run.project)
+        report.log(f"query round {query_round.pk}: {query_round.size} scans "
+                   f"({query_round.strategy})")
+    report.log(f"refit took {time.perf_counter() - started:.1f}s")
+
+
+def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metrics, report, *,
+                       uncalibrated: Predictor | None = None, calibrate: bool = False):
+    """Evaluate a new classifier on the eval split, compare it with the active one on the
+    same scans, and promote it (predictions, next round, Label Studio) or hold it back."""
+    model.num_labels = num_labels
+    model.metrics = {"training": metrics}
+    model.save(update_fields=["num_labels", "metrics"])   # still "training" until gated
+    if calibrate:
+        predict, uncalibrated = _calibrate_network(model, predict, classes, report)
+    evaluation = evaluate(model, predict=predict, classes=classes, uncalibrated=uncalibrated)
+    if evaluation is not None:
+        report.log(f"eval: accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f}"
+                   f" on {evaluation.num_eval} scans")
+    promoted, reason, comparison = gate(model, evaluation, predict=predict)
+    model.metrics = {**model.metrics, "gate": comparison}
+    model.status, model.status_reason = ModelVersion.Status.READY, reason
+    model.save(update_fields=["metrics", "status", "status_reason"])
+    report.log(reason)
+    if promoted:
+        publish(model, predict=predict, classes=classes)
+
+
+def _calibrate_network(model: ModelVersion, predict: Predictor, classes: list[int],
+                       report) -> tuple[Predictor, Predictor]:
+    """Temperature scaling for a fine-tuned or distilled network, as the linear heads get:
+    the temperature is fit on the labeled eval split (it changes no predicted class, so
+    accuracy, F1 and the gate are unaffected); the ECE reported after scaling is
+    cross-fitted (temperature from one half of the eval scans, ECE on the other) so it is
+    not measured on the scans the temperature was fit on."""
+    from ml_backend.metrics.reports import fit_temperature
+
+    scans, class_ids = training_labels(model.project, split="eval")
+    keep = [(s, classes.index(c)) for s, c in zip(scans, class_ids) if c in classes]
+    if len(keep) < 8:
+        model.config = {**model.config, "temperature": 1.0, "calibrated_on": 0}
+        model.save(update_fields=["config"])
+        report.log("not calibrated: fewer than 8 labeled eval scans of its classes")
+        return predict, predict
+    y = np.array([c for _, c in keep])
+    raw = predict([s for s, _ in keep], calibrated=False)
+    logits = np.log(np.clip(raw, 1e-12, 1.0))
+    temperature = float(fit_temperature(logits, y))
+    halves = np.random.default_rng(0).permutation(len(y)) % 2
+    cross = {}
+    for half in (0, 1):
+        fit, test = halves != half, halves == half
+        t = float(fit_temperature(logits[fit], y[fit])) if len(set(y[fit].tolist())) > 1 else 1.0
+        cross[half] = (t, test)
+    model.config = {**model.config, "temperature": temperature, "calibrated_on": len(y),
+                    "cross_fitted_temperatures": [cross[0][0], cross[1][0]]}
+    (Path(model.artifact_dir) / "config.json").write_text(json.dumps(model.config, indent=2,
+                                                                     default=str))
+    model.save(update_fields=["config"])
+    report.log(f"temperature scaling: T={temperature:.2f} on {len(y)} eval scans")
+    row_of = {s.pk: i for i, (s, _) in enumerate(keep)}
+
+    def calibrated(scans: list[Scan], *, calibrated: bool = True) -> np.ndarray:
+        p = predict(scans, calibrated=False)
+        if not calibrated:
+            return p
+        # eval scans get the temperature fit on the other half (honest ECE); others all
+        temps = np.array([cross[halves[row_of[s.pk]]][0] if s.pk in row_of else temperature
+                          for s in scans])
+        return _scale(p, temps)
+    return calibrated, (lambda scans, calibrated=False: predict(scans, calibrated=False))
+
+
+def _scale(proba: np.ndarray, temperature) -> np.ndarray:
+    """Re-temper probabilities: softmax(log p / T) over each row's non-zero classes."""
+    proba = np.asarray(proba, dtype=np.float64)
+    temps = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(proba),))[:, None]
+    with np.errstate(divide="ignore"):
+        z = np.where(proba > 0, np.log(np.clip(proba, 1e-300, 1.0)) / temps, -np.inf)
+    z -= np.where(np.isfinite(z.max(axis=1, keepdims=True)), z.max(axis=1, keepdims=True), 0)
+    e = np.where(np.isfinite(z), np.exp(z), 0.0)
+    total = e.sum(axis=1, keepdims=True)
+    return np.divide(e, total, out=np.zeros_like(e), where=total > 0).astype(np.float32)
+
+
+# The handler of each run kind (``runs.training_run_execute`` looks them up when a run
+# executes, so creating or claiming a run never imports torch).
+HANDLERS = {"pretrain": _pretrain, "embed": _embed, "refit": _refit, "retrain": _finetune,
+            "distill": _distill}

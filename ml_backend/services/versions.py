@@ -1,0 +1,246 @@
+"""Model versions: evaluate on the labeled eval scans, gate against the active version on
+the same scans, activate / promote, and store the active classifier's pool predictions.
+
+Activation sends ``ml_backend.signals.model_activated`` (the audit trail records it) and a
+published classifier sends ``classifier_published`` (Label Studio follows); the receivers
+live in the app that owns them."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from django.db import transaction
+from django.utils import timezone
+
+from annotator.models import LabelClass, Project, Scan
+from annotator.selectors import class_label_sets, training_labels
+from ml_backend import signals
+from ml_backend.errors import TrainingError
+from ml_backend.models import Evaluation, ModelVersion, Prediction
+from ml_backend.services.inference import Predictor, allowed_classes, predictor_for
+from ml_backend.services.queries import query_round_create
+
+logger = logging.getLogger(__name__)
+
+def model_version_activate(model: ModelVersion, *, reason: str = "", actor=None,
+                           rolled_back_from: ModelVersion | None = None) -> None:
+    """Make ``model`` the project's active encoder or classifier; retire the previous one.
+    Sends ``model_activated`` (the audit trail records it; ``actor`` None: the gate / the
+    system)."""
+    field = "active_encoder" if model.kind == ModelVersion.Kind.ENCODER else "active_model"
+    with transaction.atomic():
+        project = Project.objects.select_for_update().get(pk=model.project_id)
+        previous_id = getattr(project, f"{field}_id")
+        if previous_id and previous_id != model.pk:
+            ModelVersion.objects.filter(pk=previous_id).update(status=ModelVersion.Status.RETIRED)
+        model.status = ModelVersion.Status.ACTIVE
+        model.status_reason = reason or model.status_reason
+        model.promoted_at = timezone.now()
+        model.save(update_fields=["status", "status_reason", "promoted_at"])
+        setattr(project, field, model)
+        project.save(update_fields=[field])
+        previous = ModelVersion.objects.filter(pk=previous_id).values_list(
+            "version", flat=True).first() if previous_id else None
+        # the audit trail records it (annotator's receiver), in this transaction
+        signals.model_activated.send(sender=ModelVersion, model=model, project=project,
+                                     previous=previous, actor=actor,
+                                     rolled_back=rolled_back_from is not None)
+
+
+def model_version_promote(model: ModelVersion, *, actor, reason: str = "",
+                          rolled_back_from: ModelVersion | None = None) -> str | None:
+    """An admin makes a classifier active by hand ("promote anyway", roll back): the same
+    consequences as a promotion by the gate — its predictions for the pool, the next
+    worklist round and Label Studio follow. Returns a warning in words when the version is
+    active but its pool predictions could not be refreshed."""
+    if model.status in (ModelVersion.Status.FAILED, ModelVersion.Status.TRAINING):
+        raise TrainingError(f"{model.version} is {model.status}: it cannot be made active")
+    model_version_activate(model, reason=reason or f"promoted by {actor} (bypassing the gate)",
+                           actor=actor, rolled_back_from=rolled_back_from)
+    if model.kind != ModelVersion.Kind.CLASSIFIER:
+        return None
+    try:
+        predictions_refresh(model)
+        query_round_create(project=model.project, created_by=actor)
+    except (TrainingError, OSError, KeyError, ValueError) as exc:
+        # the version is active (an admin may need to roll back in a hurry); say what is stale
+        logger.warning("%s is active but its pool predictions were not refreshed: %s",
+                       model.version, exc)
+        return (f"{model.version} is active, but its predictions for the pool could not be "
+                f"computed ({type(exc).__name__}: {exc}); the worklist keeps the last round")
+    finally:
+        signals.classifier_published.send(sender=ModelVersion, model=model,
+                                          project_id=model.project_id)
+    return None
+
+
+def publish(model: ModelVersion, *, predict: Predictor, classes: list[int]) -> None:
+    """The gate promoted ``model``: make it active, store its pool predictions, and tell
+    the predictions' consumers (``classifier_published``)."""
+    model_version_activate(model, reason=model.status_reason)
+    try:
+        predictions_refresh(model, predict=predict, classes=classes)
+    finally:
+        signals.classifier_published.send(sender=ModelVersion, model=model,
+                                          project_id=model.project_id)
+
+
+def eval_set(project: Project):
+    """The labeled eval scans with a label set: (scans, class ids)."""
+    scans, class_ids = training_labels(project, split="eval")
+    keep = [(s, c) for s, c in zip(scans, class_ids) if s.label_set_id is not None]
+    return [s for s, _ in keep], [c for _, c in keep]
+
+
+def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int],
+             uncalibrated: Predictor | None = None):
+    """Score the model on EVERY labeled eval scan (a class the model does not know yet counts
+    as missed, so versions are measured on the same scans and the learning curve is honest);
+    store an Evaluation with the per-class report, one report per label set, and the ECE
+    before temperature scaling when an uncalibrated predictor is given."""
+    from ml_backend.metrics.reports import classification_report, expected_calibration_error
+
+    scans, class_ids = eval_set(model.project)
+    if not scans:
+        return None
+    all_classes = list(classes) + sorted(set(class_ids) - set(classes))
+    names_by_id = dict(LabelClass.objects.filter(pk__in=all_classes).values_list("pk", "name"))
+    names = [names_by_id[c] for c in all_classes]
+    labels = np.array([all_classes.index(c) for c in class_ids])
+    proba = _widen(predict(scans), len(all_classes))
+    datasets = dict(Scan.objects.filter(pk__in=[s.pk for s in scans])
+                    .values_list("pk", "dataset__name"))
+    groups = np.array([datasets[s.pk] for s in scans])
+    report = classification_report(labels, proba, names, groups=groups)
+    report["known_classes"] = [names_by_id[c] for c in classes]
+    report["unknown_classes"] = [names_by_id[c] for c in all_classes[len(classes):]]
+    class_set = class_label_sets(model.project)
+    per_set = {}
+    for label_set in model.project.label_sets.all():
+        cols = [i for i, c in enumerate(all_classes) if class_set.get(c) == label_set.pk]
+        rows = np.flatnonzero([s.label_set_id == label_set.pk and labels[i] in cols
+                               for i, s in enumerate(scans)])
+        if not len(rows) or len(cols) < 2:
+            continue
+        y = np.searchsorted(cols, labels[rows])
+        sub = proba[np.ix_(rows, cols)]
+        per_set[label_set.name] = classification_report(y, sub, [names[c] for c in cols])
+        per_set[label_set.name]["num_eval"] = int(len(rows))
+    report["per_set"] = per_set
+    if uncalibrated is not None:
+        known = np.flatnonzero(labels < len(classes))
+        if len(known):
+            raw = _widen(uncalibrated([scans[i] for i in known]), len(all_classes))
+            report["ece_before_scaling"] = float(expected_calibration_error(labels[known], raw))
+        report["temperature"] = model.config.get("temperature")
+        if report["temperature"] is None and model.config.get("label_sets"):
+            report["temperature"] = {c["name"]: c["temperature"]
+                                     for c in model.config["label_sets"]}
+    return Evaluation.objects.create(
+        model_version=model, num_labels=model.num_labels, num_eval=len(scans),
+        accuracy=report.get("accuracy"), macro_f1=report.get("macro_f1"),
+        macro_auc=report.get("macro_auc"), cohen_kappa=report.get("cohen_kappa"),
+        ece=report.get("ece"), report=report)
+
+
+def _widen(proba: np.ndarray, width: int) -> np.ndarray:
+    """Pad probability columns with zeros for classes the model does not know."""
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.shape[1] >= width:
+        return proba
+    return np.concatenate([proba, np.zeros((len(proba), width - proba.shape[1]))], axis=1)
+
+
+def gate(model: ModelVersion, evaluation: Evaluation | None, *,
+         predict: Predictor | None = None) -> tuple[bool, str, dict]:
+    """Compare the candidate with the active classifier on the SAME labeled eval scans.
+
+    Classes only the candidate knows are reported as newly learned; a regression is a drop
+    on the shared classes that a paired bootstrap says is beyond the project's tolerance
+    (``ml_backend.metrics.gate``), not noise. Returns (promote?, the reason in words, the
+    comparison)."""
+    from ml_backend.metrics.gate import compare_models, describe
+
+    project = Project.objects.select_related("active_model").get(pk=model.project_id)
+    active = project.active_model
+    if active is None:
+        return True, "promoted: the first classifier of this project", {}
+    if evaluation is None:
+        return False, ("held back: the project has no labeled eval scans to compare it with "
+                       f"{active.version} (label some eval scans, or promote it by hand)"), {}
+    scans, class_ids = eval_set(project)
+    candidate_classes = [c["id"] for c in model.config["classes"]]
+    active_classes = [c["id"] for c in active.config["classes"]]
+    space = sorted(set(candidate_classes) | set(active_classes))
+    keep = [i for i, c in enumerate(class_ids) if c in space]
+    if not keep:
+        return True, (f"promoted: none of the eval scans is of a class {active.version} or "
+                      "this version knows"), {}
+    scans = [scans[i] for i in keep]
+    y = np.array([space.index(class_ids[i]) for i in keep])
+    try:
+        active_proba = predictor_for(active)(scans)
+    except (TrainingError, OSError, ValueError) as exc:
+        return True, (f"promoted: the active model {active.version} cannot be scored any more "
+                      f"({exc})"), {}
+    predict = predict or predictor_for(model)
+
+    def predicted(proba: np.ndarray, known: list[int]) -> np.ndarray:
+        best = np.asarray(proba).argmax(axis=1)
+        none = np.asarray(proba).max(axis=1) <= 0            # no head for the scan's set
+        return np.where(none, len(space), np.array([space.index(known[b]) for b in best]))
+
+    names_by_id = dict(LabelClass.objects.filter(pk__in=space).values_list("pk", "name"))
+    candidate_proba = np.asarray(predict(scans))
+    # Forgetting is judged on the classes both know, with the candidate's answer among those
+    # classes (a scan the candidate now calls by a new class is that class's business: its
+    # recall and precision are reported as newly learned, from the unrestricted answers).
+    old = np.array([c in active_classes for c in candidate_classes])
+    restricted = np.where(old[None, :], candidate_proba, 0.0)
+    arguments = dict(class_names=[names_by_id[c] for c in space] + ["(no prediction)"],
+                     candidate_classes={space.index(c) for c in candidate_classes},
+                     active_classes={space.index(c) for c in active_classes},
+                     tolerance=project.gate_tolerance)
+    active_pred = predicted(active_proba, active_classes)
+    comparison = compare_models(y, predicted(restricted, candidate_classes), active_pred,
+                                **arguments)
+    if not old.all():
+        full = compare_models(y, predicted(candidate_proba, candidate_classes), active_pred,
+                              **arguments)
+        comparison["new_classes"] = full["new_classes"]
+        comparison["with_new_classes"] = {"macro_f1": full["macro_f1"],
+                                          "per_class": full["per_class"]}
+    comparison["active_version"] = active.version
+    reason = describe(comparison, candidate=model.version, active=active.version)
+    return not comparison["regression"], reason, comparison
+
+
+def predictions_refresh(model: ModelVersion, *, predict: Predictor | None = None,
+                        classes: list[int] | None = None) -> int:
+    """Store the model's class probabilities for every pool scan it can score (one row per
+    scan, over the classes of the scan's label set)."""
+    predict = predict or predictor_for(model)
+    classes = classes or [c["id"] for c in model.config["classes"]]
+    scans = list(Scan.objects.filter(project=model.project, split="pool").order_by("pk"))
+    if not scans:
+        return 0
+    allowed = allowed_classes(scans, classes)
+    rows = []
+    for start in range(0, len(scans), 4096):
+        chunk = scans[start:start + 4096]
+        proba = predict(chunk)
+        for offset, (scan, p) in enumerate(zip(chunk, proba)):
+            mine = allowed[start + offset]
+            if not mine or float(p.max()) <= 0:
+                continue                       # no head for this scan's label set yet
+            best = int(p.argmax())
+            rows.append(Prediction(
+                scan=scan, model_version=model, predicted_class_id=classes[best],
+                probabilities={str(c): round(float(v), 6) for c, v in zip(classes, p)
+                               if c in mine},
+                confidence=float(p[best]), uncertainty=float(1.0 - p[best])))
+    with transaction.atomic():
+        Prediction.objects.filter(model_version=model).delete()
+        Prediction.objects.bulk_create(rows, batch_size=500)
+    return len(rows)

@@ -1,0 +1,18 @@
+"""What the ML adapter tells the rest of the site, without importing it.
+
+``ml_backend`` never imports the web app's behaviour (audit, Label Studio, tasks); the app
+that owns a reaction connects a receiver in its ``AppConfig.ready``:
+
+- ``model_activated`` — a version became the project's active encoder or classifier, sent
+  inside the transaction that activated it (a receiver that writes, e.g. the audit row,
+  commits or rolls back with it). Arguments: ``model``, ``project``, ``previous`` (version
+  name or None), ``actor`` (None: the gate or the system), ``rolled_back`` (bool).
+- ``classifier_published`` — the active classifier's pool predictions were refreshed (or
+  could not be): consumers of predictions follow (Label Studio). Arguments: ``model``,
+  ``project_id``.
+"""
+
+from django.dispatch import Signal
+
+model_activated = Signal()
+classifier_published = Signal()

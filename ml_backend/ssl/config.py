@@ -1,0 +1,100 @@
+"""The frozen run configurations of SimCLRv2's three steps, and their round trip to dicts.
+
+Imports no torch: the web app and the Django adapter read, validate and store configs
+without loading a model library. A checkpoint stores ``asdict(config)``; ``config_from_dict``
+rebuilds the dataclass from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # transforms imports torch; load it only when augment_config() is called
+    from ml_backend.ssl.transforms import AugmentConfig
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    arch: str = "resnet18"
+    image_size: int = 64
+    small_input: bool | None = None          # None: True when image_size <= 32 (MedMNIST)
+    proj_hidden_dim: int = 512
+    proj_out_dim: int = 128
+    proj_layers: int = 3
+    temperature: float = 0.2
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    amp: bool = True                          # only takes effect on a GPU
+    hflip: bool = False
+    augment: dict = field(default_factory=dict)   # overrides of AugmentConfig fields
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("epochs must be >= 1 and batch_size >= 2")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ValueError("lr and temperature must be positive")
+
+    @property
+    def uses_small_input(self) -> bool:
+        return self.image_size <= 32 if self.small_input is None else self.small_input
+
+    def augment_config(self) -> AugmentConfig:
+        from ml_backend.ssl.transforms import AugmentConfig
+
+        return AugmentConfig(size=self.image_size, hflip=self.hflip, **self.augment)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"                 # cosine | onecycle
+    grad_clip: float = 1.0
+    loss: str = "ce"                          # ce | focal
+    focal_gamma: float = 2.0
+    class_balance: str = "weighted_loss"      # weighted_loss | sampler | none
+    from_head_layer: int = 1                  # SimCLRv2: fine-tune from the first head layer
+    label_smoothing: float = 0.0
+    augment: bool = True
+    seed: int = 0
+    amp: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "onecycle"):
+            raise ValueError("schedule must be cosine or onecycle")
+        if self.loss not in ("ce", "focal"):
+            raise ValueError("loss must be ce or focal")
+        if self.class_balance not in ("weighted_loss", "sampler", "none"):
+            raise ValueError("class_balance must be weighted_loss, sampler or none")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch_size and lr must be positive")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    temperature: float = 1.0                  # softening of the teacher's logits
+    labeled_weight: float = 0.5               # alpha in (1-a)*distill + a*labeled CE
+    grad_clip: float = 1.0
+    seed: int = 0
+    amp: bool = True
+
+    def __post_init__(self):
+        if self.temperature <= 0 or not 0 <= self.labeled_weight <= 1:
+            raise ValueError("temperature must be positive and labeled_weight in [0, 1]")
+
+
+def config_from_dict(cls, data: dict):
+    """Rebuild a config dataclass from a checkpoint's dict, ignoring unknown keys."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names})
