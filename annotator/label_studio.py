@@ -382,11 +382,21 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
         outcome = Annotation.Outcome.LABEL
     reader, email = _reader(annotation.get("completed_by"), emails, ls)
     lead = annotation.get("lead_time")
-    duration = int(float(lead) * 1000) if isinstance(lead, (int, float)) and lead >= 0 else None
+    duration = (int(float(lead) * 1000) if isinstance(lead, (int, float))
+                and not isinstance(lead, bool) and 0 <= lead <= 6 * 3600 else None)
     shown = _shown_from(project, scan, annotation.get("prediction"))
     external = str(ls_id)
+    if len(external) > 64 or isinstance(ls_id, (dict, list, bool)):
+        return None, "ignored: the annotation id is not a Label Studio id"
     existing = Annotation.objects.filter(source=Annotation.Source.LABEL_STUDIO,
-                                         external_id=external).first()
+                                         external_id=external).select_related("scan").first()
+    if existing is not None and existing.scan.project_id != project.pk:
+        # the same Label Studio id ingested for another project: never rewrite that one
+        logger.warning("Label Studio annotation %s for project %s belongs to project %s: "
+                       "refused", external, project.pk, existing.scan.project_id)
+        return None, f"ignored: annotation {external} belongs to another project"
+    if existing is not None and scan.quarantined:
+        return None, f"ignored: scan {scan.pk} is quarantined"
     if existing is not None:
         if (existing.outcome, existing.label_class_id) == (outcome, getattr(label_class, "pk", None)):
             return existing, "unchanged"
@@ -406,8 +416,10 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
                 external_id=external, note="" if reader else f"Label Studio user {email or '?'}",
                 **shown)
     except IntegrityError:   # the same event delivered twice at once
-        return Annotation.objects.get(source=Annotation.Source.LABEL_STUDIO,
-                                      external_id=external), "unchanged"
+        again = Annotation.objects.filter(source=Annotation.Source.LABEL_STUDIO,
+                                          external_id=external, scan__project=project).first()
+        return (again, "unchanged") if again else (
+            None, f"ignored: annotation {external} belongs to another project")
     except AnnotationError as exc:
         return None, f"ignored: {exc}"
     return created, "created"
@@ -417,7 +429,8 @@ def _shown_from(project: Project, scan: Scan, prediction: dict | None) -> dict:
     """What the annotator was shown: the prediction Label Studio attached, else ours."""
     from ml_backend.models import ModelVersion
 
-    if isinstance(prediction, dict) and prediction.get("model_version"):
+    if (isinstance(prediction, dict) and isinstance(prediction.get("model_version"), str)
+            and len(prediction["model_version"]) <= 64):
         name = _choice(prediction.get("result"))
         return {"shown_model_version": ModelVersion.objects.filter(
                     project=project, version=prediction["model_version"]).first(),
@@ -454,10 +467,15 @@ def reconcile(project: Project, *, ls=None) -> dict:
 
 
 def webhook_verified(secret_header: str | None) -> bool:
+    """The shared secret, compared as bytes in constant time (any header value, ASCII or
+    not, is a yes or a no, never an error)."""
     import hmac
 
     expected = settings.LABEL_STUDIO_WEBHOOK_SECRET
-    return bool(expected and secret_header and hmac.compare_digest(secret_header, expected))
+    if not expected or not secret_header:
+        return False
+    return hmac.compare_digest(secret_header.encode("utf-8", "surrogateescape"),
+                               expected.encode("utf-8"))
 
 
 def annotations_in(payload: dict) -> list[tuple[dict, dict]]:

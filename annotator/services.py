@@ -22,9 +22,19 @@ from annotator.models import (
     Project,
     Scan,
 )
-from annotator.storage import preview_file_name, remove_if_unreferenced, scan_file_name, write_atomic
+from annotator.storage import (
+    preview_file_name,
+    remove_if_unreferenced,
+    scan_file_name,
+    write_atomic,
+)
 from ml_backend.data.datasets import SourceError, SourceItem, read_source
-from ml_backend.data.decode import ScanDecodeError, decode_scan, render_preview
+from ml_backend.data.decode import (
+    ScanDecodeError,
+    decode_scan,
+    render_preview,
+    sniff_format,
+)
 from ml_backend.services import runs
 
 logger = logging.getLogger(__name__)
@@ -268,9 +278,10 @@ def import_job_run(
             _dataset_join_label_set(job.project, dataset, job.label_set)
         resolve = _SetResolver(job.project)
         if listing.unmatched_label_rows:
-            sample = ", ".join(listing.unmatched_label_rows[:5])
+            shown = [n for n in listing.unmatched_label_rows if _name_is_showable(n)][:5]
             state.warnings.append(
-                f"{len(listing.unmatched_label_rows)} labels CSV rows matched no file (e.g. {sample})"
+                f"{len(listing.unmatched_label_rows)} labels CSV rows matched no file"
+                + (f" (e.g. {', '.join(shown)})" if shown else "")
             )
         job.total = len(listing.items)
         job.skipped = len(listing.skipped)
@@ -278,7 +289,8 @@ def import_job_run(
         for index, item in enumerate(listing.items, start=1):
             if job.default_label and item.label is None:
                 item = SourceItem(item.name, job.default_label, item.load, item.digest_hint)
-            _import_item(job=job, dataset=dataset, item=item, state=state, resolve=resolve)
+            _import_item(job=job, dataset=dataset, item=item, state=state, resolve=resolve,
+                         number=index)
             if progress is not None:
                 progress(index, job.total)
             if index % 25 == 0 or index == job.total:
@@ -358,9 +370,32 @@ def _dataset_join_label_set(project: Project, dataset: Dataset, name: str) -> No
     label_sets_assign(project)
 
 
+_SHOWABLE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def _name_is_showable(name: str) -> bool:
+    """A file name may be stored and shown only when it names a raster image; a DICOM's
+    name (or a name we cannot place) often carries the patient's name, so it never is."""
+    return name.lower().endswith(_SHOWABLE_EXTENSIONS) and not name.lower().endswith(".dcm")
+
+
+def _file_ref(number: int, item: SourceItem, data: bytes | None, sha: str | None) -> str:
+    """How a warning or an error names a file: its sequence number in the import and its
+    content hash; the name only for a raster image (sniffed from the content, not the name)."""
+    ref = f"file {number}"
+    if sha:
+        ref += f" (sha256 {sha[:12]})"
+    if data is not None and _name_is_showable(item.name) and sniff_format(
+            data[:4096], item.name) in ("png", "jpeg", "tiff"):
+        ref += f" {item.name[-120:]}"
+    return ref
+
+
 def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _JobState,
-                 resolve: _SetResolver) -> None:
+                 resolve: _SetResolver, number: int = 0) -> None:
     created_files: list[str] = []
+    data: bytes | None = None
+    sha: str | None = None
     try:
         try:
             data = item.load()
@@ -371,6 +406,7 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 f"file is {len(data):,} bytes, above the limit of {settings.UPLOAD_MAX_FILE_BYTES:,}"
             )
         sha = item.digest_hint or hashlib.sha256(data).hexdigest()
+        ref = _file_ref(number, item, data, sha)
         existing = Scan.objects.filter(project=job.project, sha256=sha).first()
         if existing is not None:
             state.duplicates += 1
@@ -383,7 +419,7 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
         decoded = decode_scan(
             data, name=item.name, salt=settings.DEID_SALT, max_pixels=settings.IMPORT_MAX_PIXELS
         )
-        del data  # the raw bytes may hold PHI; only de-identified bytes go further
+        data = None  # the raw bytes may hold PHI; only de-identified bytes go further
         preview = render_preview(decoded.pixels, max_side=settings.PREVIEW_MAX_SIDE)
         file_name = scan_file_name(sha, decoded.stored_ext)
         preview_name = preview_file_name(sha)
@@ -428,20 +464,21 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
         created_files.clear()  # committed: the files now belong to the row
         state.imported += 1
         for note in decoded.warnings:
-            state.warnings.append(f"{item.name}: {note}")
+            state.warnings.append(f"{ref}: {note}")
         if scan.quarantined:
-            state.warnings.append(f"{item.name}: quarantined as scan {scan.pk} (burned-in "
+            state.warnings.append(f"{ref}: quarantined as scan {scan.pk} (burned-in "
                                   "annotation): an admin must check and release it")
     except IntegrityError:
         # Another import stored the same content between our check and insert.
         state.duplicates += 1
     except (ScanDecodeError, ValueError) as exc:
         state.failed += 1
-        state.errors.append({"name": item.name, "reason": str(exc)})
+        state.errors.append({"name": _file_ref(number, item, data, sha), "reason": str(exc)})
     except Exception as exc:  # one bad file never aborts the batch
         logger.warning("import of one file failed: %s", type(exc).__name__)
         state.failed += 1
-        state.errors.append({"name": item.name, "reason": f"unexpected error ({type(exc).__name__})"})
+        state.errors.append({"name": _file_ref(number, item, data, sha),
+                             "reason": f"unexpected error ({type(exc).__name__})"})
     finally:
         for name in created_files:
             remove_if_unreferenced(name)
@@ -499,6 +536,16 @@ def annotation_create(
     """Record one reader's answer and what they were shown; queue a refit when due."""
     if outcome not in Annotation.Outcome.values:
         raise AnnotationError(f"unknown outcome {outcome!r}")
+    if scan.quarantined:
+        raise AnnotationError(f"scan {scan.pk} is quarantined (it may show burned-in patient "
+                              "details): an admin must check and release it before it is read")
+    if len(external_id or "") > 64:
+        raise AnnotationError("an external id is at most 64 characters")
+    if duration_ms is not None and not 0 <= duration_ms <= 6 * 3600 * 1000:
+        duration_ms = None             # a reading time beyond 6 h is not a reading time
+    if shown_confidence is not None and not (
+            isinstance(shown_confidence, (int, float)) and 0 <= shown_confidence <= 1):
+        shown_confidence = None
     if outcome == Annotation.Outcome.LABEL and label_class is None:
         raise AnnotationError("a label needs a class (or record a skip / unsure)")
     if label_class is not None and label_class.project_id != scan.project_id:

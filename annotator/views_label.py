@@ -4,7 +4,6 @@ classes with their candidates, and classifying an uploaded scan."""
 from __future__ import annotations
 
 import base64
-import json
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from annotator.models import Annotation, LabelClass, Scan
 from annotator.status import model_status
 from annotator.tasks import run_import_job
 from annotator.uploads import check_upload, safe_name, stage_uploads
+from medsite import jsonbody
 from ml_backend.data.decode import ScanDecodeError, decode_scan, render_preview
 from ml_backend.errors import TrainingError
 
@@ -114,11 +114,9 @@ def answer(request, project_id: int, scan_id: int):
     scan = _scan_in_project(project, scan_id)
     if request.content_type == "application/json":
         try:
-            data = json.loads(request.body or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return JsonResponse({"error": "the request body is not valid JSON"}, status=400)
-        if not isinstance(data, dict):
-            return JsonResponse({"error": "send a JSON object"}, status=400)
+            data = jsonbody.parse_json(request.body, expect=dict)
+        except jsonbody.BodyError as exc:
+            return JsonResponse({"error": str(exc)}, status=exc.status)
     else:
         data = request.POST.dict()
     try:

@@ -3,7 +3,6 @@ webhook that brings annotations back (answers at once, queues the work)."""
 
 from __future__ import annotations
 
-import json
 import logging
 
 from django.http import FileResponse, Http404, JsonResponse
@@ -14,6 +13,7 @@ from annotator import label_studio
 from annotator.models import Project
 from annotator.storage import media_path
 from annotator.tasks import label_studio_ingest
+from medsite import jsonbody
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,18 @@ def ls_webhook(request, project_id: int):
     if project is None:
         raise Http404("No such project.")
     try:
-        payload = json.loads(request.body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return JsonResponse({"error": "the body is not JSON"}, status=400)
-    if not isinstance(payload, dict):
-        return JsonResponse({"error": "expected a JSON object"}, status=400)
+        payload = jsonbody.parse_json(request.body, expect=dict)
+    except jsonbody.BodyError as exc:
+        return JsonResponse({"error": str(exc)}, status=exc.status)
+    sent_for = payload.get("project")
+    sent_for = sent_for.get("id") if isinstance(sent_for, dict) else None
+    if sent_for is not None and sent_for != project.label_studio_project_id:
+        # another Label Studio project's event sent to this project's webhook: refused
+        logger.warning("Label Studio webhook for project %s carried Label Studio project %r "
+                       "(linked: %r): refused", project.pk, str(sent_for)[:20],
+                       project.label_studio_project_id)
+        return JsonResponse({"error": "this event is for another Label Studio project"},
+                            status=409)
     pairs = label_studio.annotations_in(payload)
     for annotation, task in pairs:
         # only what we need goes on the queue (the payload also carries the project token)

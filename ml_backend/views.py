@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 import logging
 
 from django.conf import settings
@@ -21,6 +20,7 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from annotator.models import Project, Scan
+from medsite import jsonbody
 from ml_backend.errors import TrainingError
 from ml_backend.label_studio_protocol import prediction_json
 from ml_backend.models import ModelVersion, Prediction
@@ -39,10 +39,11 @@ def _authorized(request) -> bool:
     if not header.startswith("Basic "):
         return False
     try:
-        given = base64.b64decode(header[6:]).decode()
-    except (binascii.Error, UnicodeDecodeError):
+        given = base64.b64decode(header[6:].encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
         return False
-    return hmac.compare_digest(given, expected)
+    # bytes against bytes: a non-ASCII user or password is a plain "no", never an error
+    return hmac.compare_digest(given, expected.encode("utf-8"))
 
 
 def _endpoint(methods: tuple[str, ...]):
@@ -61,11 +62,9 @@ def _endpoint(methods: tuple[str, ...]):
             body = {}
             if request.method == "POST":
                 try:
-                    body = json.loads(request.body or b"{}")
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    return JsonResponse({"error": "the body is not JSON"}, status=400)
-                if not isinstance(body, dict):
-                    return JsonResponse({"error": "expected a JSON object"}, status=400)
+                    body = jsonbody.parse_json(request.body, expect=dict, empty={})
+                except jsonbody.BodyError as exc:
+                    return JsonResponse({"error": str(exc)}, status=exc.status)
             return view(request, project, body)
         return inner
     return wrap

@@ -65,7 +65,14 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     context = QueryContext(proba=proba, embeddings=embeddings, labeled_embeddings=labeled,
                            groups=np.array([s.patient_key for s in candidates]),
                            class_names=class_names)
-    selection = _query_per_label_set(strategy, context, n, candidates) if candidates else None
+    try:
+        selection = _query_per_label_set(strategy, context, n, candidates) if candidates else None
+    except ValueError as exc:        # e.g. a strategy that needs embeddings, and none yet
+        needs = ("pretrain an encoder first (`manage.py pretrain`, or the demo's first model), "
+                 "or use the 'random' strategy until then" if encoder is None or embeddings is None
+                 else "choose another strategy")
+        raise TrainingError(f"the {strategy!r} strategy cannot choose scans here ({exc}): "
+                            f"{needs}") from None
     with transaction.atomic():
         query_round = QueryRound.objects.create(
             project=project, model_version=model, strategy=strategy, created_by=created_by,

@@ -113,6 +113,8 @@ def webhook_payload(scan, annotation_id: int, choice: str | None, **extra) -> di
 def test_webhook_checks_the_secret_and_upserts_idempotently(trained, users, settings):
     settings.LABEL_STUDIO_WEBHOOK_SECRET = "the-secret"
     project = trained
+    project.label_studio_project_id = 7              # the Label Studio project it is linked to
+    project.save(update_fields=["label_studio_project_id"])
     client = Client()
     url = reverse("annotator:ls_webhook", args=[project.pk])
     scan = project.scans.filter(split="pool").last()
