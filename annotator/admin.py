@@ -12,10 +12,10 @@ from annotator.models import (
     ImportJob,
     LabelClass,
     LabelSet,
+    LabelStudioTask,
     Membership,
     Project,
     Scan,
-    LabelStudioTask,
     ScanLease,
 )
 

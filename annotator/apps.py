@@ -16,8 +16,10 @@ class AnnotatorConfig(AppConfig):
         logging.getLogger("pydicom").setLevel(logging.ERROR)
         from django.db.models.signals import post_save
 
-        from annotator import audit  # noqa: F401  (signal receivers)
-        from annotator import label_studio
+        from annotator import (
+            audit,  # noqa: F401  (signal receivers)
+            label_studio,
+        )
         from annotator.models import LabelClass
 
         post_save.connect(label_studio.follow_class_changes, sender=LabelClass,

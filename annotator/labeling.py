@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from annotator.models import Annotation, LabelClass, Project, Scan, ScanLease
 from annotator.services import AnnotationError, annotation_create
+from medsite import jsonbody
 from ml_backend.errors import ModelUnavailable, TrainingError
 from ml_backend.models import ModelVersion, Prediction, QueryRound
 from ml_backend.services import embeddings, inference
@@ -355,10 +356,10 @@ def _optional_int(data: dict, key: str) -> int | None:
     value = data.get(key)
     if value in (None, ""):
         return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise AnnotationError(f"{key} must be an integer") from None
+    number = jsonbody.db_id(value)
+    if number is None:
+        raise AnnotationError(f"{key} must be a positive whole number (an id)")
+    return number
 
 
 def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[Annotation, bool]:

@@ -7,7 +7,14 @@ from collections import Counter
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404
 
-from annotator.models import Annotation, ImportJob, LabelClass, Membership, Project, Scan
+from annotator.models import (
+    Annotation,
+    ImportJob,
+    LabelClass,
+    Membership,
+    Project,
+    Scan,
+)
 
 
 def project_list_for_user(user) -> QuerySet[Project]:

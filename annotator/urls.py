@@ -1,6 +1,7 @@
 from django.urls import path
 
-from annotator import views, views_label, views_ls, views_reports, views_review, views_status
+from annotator import views, views_label, views_reports, views_review, views_status
+from annotator.label_studio import views as views_ls
 
 app_name = "annotator"
 

@@ -81,8 +81,8 @@ def run_quality_check(request, project_id: int):
     """Run the label-quality check now. It fits small linear heads on stored embeddings
     (seconds), and its error must reach the reviewer; a QueryRound has no row to record a
     background failure on, so it runs in the request rather than as a task."""
-    from ml_backend.services import label_quality_check
     from ml_backend.errors import TrainingError
+    from ml_backend.services import label_quality_check
 
     project = selectors.project_get_for_user(request.user, project_id, roles=REVIEW_ROLES)
     try:

@@ -1,6 +1,8 @@
 """One parser for every JSON request body (the answer endpoint, the Label Studio webhook,
-the ML-backend endpoints): a size limit, a nesting limit, bounded numbers, no NaN or
-Infinity, and a top-level type — so an odd body is a clear 4xx with a reason, never a 500.
+the ML-backend endpoints): a size limit, a nesting limit, numbers of at most 40 characters
+and finite, no NaN or Infinity, and a top-level type (a field's range is checked where it is
+read: ``number()``, ``db_id()``, or the service that stores it) — so an odd body is a clear
+4xx with a reason, never a 500.
 
     try:
         body = parse_json(request.body, expect=dict)
@@ -11,13 +13,14 @@ Infinity, and a top-level type — so an odd body is a clear 4xx with a reason, 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
 MAX_BYTES = 1_000_000          # a label, a webhook event or a predict call is far smaller
 MAX_DEPTH = 32                 # Label Studio's payloads nest about 6 deep
 MAX_NUMBER_CHARS = 40          # a 40-digit integer is already beyond every column we have
-MAX_ABS_NUMBER = 1e15          # seconds, ids, scores: anything larger is not a real value
+MAX_ABS_NUMBER = 1e15          # the default bound of ``number()`` fields (seconds, ids, scores)
 
 _STRING = re.compile(r'"(?:\\.|[^"\\])*"', re.S)
 
@@ -34,7 +37,7 @@ def _number(text: str, kind: type):
     if len(text) > MAX_NUMBER_CHARS:
         raise BodyError(f"a number of {len(text)} characters is not accepted")
     value = kind(text)
-    if value != value or abs(value) > MAX_ABS_NUMBER:        # NaN or out of range
+    if kind is float and not math.isfinite(value):          # 1e400 → inf
         raise BodyError(f"the number {text[:20]} is out of range")
     return value
 
@@ -117,3 +120,20 @@ def text(value: Any, *, name: str, max_length: int, default: str = "") -> str:
     if len(value) > max_length:
         raise BodyError(f"{name} is longer than {max_length} characters")
     return value
+
+
+DB_ID_MAX = 2**63 - 1          # PostgreSQL bigint (every primary key here)
+
+
+def db_id(value: Any) -> int | None:
+    """A row id from a request: a positive whole number a bigint column can hold (an int or
+    its decimal string), else None — so a lookup never overflows the database."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 19:
+        value = int(value.strip())
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)
+    if isinstance(value, int) and 0 < value <= DB_ID_MAX:
+        return value
+    return None

@@ -94,10 +94,7 @@ def versions(request, project, body):
 
 def _scan_id(task: dict) -> int | None:
     data = task.get("data") if isinstance(task, dict) else None
-    try:
-        return int((data or {}).get("scan_id"))
-    except (TypeError, ValueError):
-        return None
+    return jsonbody.db_id((data or {}).get("scan_id") if isinstance(data, dict) else None)
 
 
 @_endpoint(("POST",))

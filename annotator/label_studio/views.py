@@ -9,10 +9,10 @@ from django.http import FileResponse, Http404, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from annotator import label_studio
+from annotator.label_studio import config, inbound
+from annotator.label_studio.tasks import label_studio_ingest
 from annotator.models import Project
 from annotator.storage import media_path
-from annotator.tasks import label_studio_ingest
 from medsite import jsonbody
 
 logger = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 def ls_image(request, token: str):
     """A scan's display preview for a signed, unexpired token (no login: Label Studio's
     annotators' browsers send no cookies to this site)."""
-    scan = label_studio.scan_for_token(token)
+    scan = config.scan_for_token(token)
     if scan is None:
         raise Http404("This image link is invalid or expired: sync the project again.")
     try:
@@ -38,7 +38,7 @@ def ls_image(request, token: str):
 @csrf_exempt
 @require_POST
 def ls_webhook(request, project_id: int):
-    if not label_studio.webhook_verified(request.headers.get(label_studio.WEBHOOK_HEADER)):
+    if not inbound.webhook_verified(request.headers.get(inbound.WEBHOOK_HEADER)):
         return JsonResponse({"error": "missing or wrong webhook secret"}, status=403)
     project = Project.objects.filter(pk=project_id).first()
     if project is None:
@@ -46,6 +46,7 @@ def ls_webhook(request, project_id: int):
     try:
         payload = jsonbody.parse_json(request.body, expect=dict)
     except jsonbody.BodyError as exc:
+        logger.warning("Label Studio webhook for project %s refused: %s", project.pk, exc)
         return JsonResponse({"error": str(exc)}, status=exc.status)
     sent_for = payload.get("project")
     sent_for = sent_for.get("id") if isinstance(sent_for, dict) else None
@@ -56,10 +57,11 @@ def ls_webhook(request, project_id: int):
                        project.label_studio_project_id)
         return JsonResponse({"error": "this event is for another Label Studio project"},
                             status=409)
-    pairs = label_studio.annotations_in(payload)
+    pairs = inbound.annotations_in(payload)
     for annotation, task in pairs:
         # only what we need goes on the queue (the payload also carries the project token)
         label_studio_ingest.delay(project.pk, {k: annotation.get(k) for k in (
             "id", "result", "was_cancelled", "completed_by", "lead_time", "prediction", "task")},
-            {"id": task.get("id"), "data": task.get("data") or {}})
+            {"id": task.get("id"), "data": task.get("data") if isinstance(task.get("data"), dict)
+             else {}})
     return JsonResponse({"queued": len(pairs), "action": payload.get("action")})

@@ -1,0 +1,180 @@
+"""Label Studio's annotations back to us: the secret-checked webhook payload, and one
+annotation upserted as ours (idempotent by its Label Studio id, scoped by project)."""
+
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from annotator.models import Annotation, LabelClass, LabelStudioTask, Project, Scan
+from annotator.services import AnnotationError, annotation_create
+from medsite import jsonbody
+from ml_backend.label_studio_protocol import FROM_NAME
+from ml_backend.models import ModelVersion
+
+logger = logging.getLogger(__name__)
+
+
+WEBHOOK_HEADER = "X-MedLabel-Secret"
+
+
+ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+
+
+def _choice(result: list) -> str | None:
+    for item in result if isinstance(result, list) else []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("from_name") == FROM_NAME and item.get("type") == "choices":
+            value = item.get("value") if isinstance(item.get("value"), dict) else {}
+            choices = value.get("choices")
+            if isinstance(choices, list) and choices and isinstance(choices[0], str):
+                return choices[0][:100]
+    return None
+
+
+def _reader(completed_by, emails: dict[int, str], ls=None):
+    """Our user for a Label Studio annotator, matched by e-mail (None if there is none)."""
+    email = None
+    if isinstance(completed_by, dict):
+        email = completed_by.get("email")
+        email = email[:254] if isinstance(email, str) else None
+    elif isinstance(completed_by, int) and not isinstance(completed_by, bool) and (
+            0 < completed_by <= 2**31 - 1):
+        if completed_by not in emails and ls is not None:
+            try:
+                emails[completed_by] = ls.users.get(id=completed_by).email or ""
+            except Exception as exc:
+                logger.warning("Label Studio user %s not readable: %s", completed_by, exc)
+                emails[completed_by] = ""
+        email = emails.get(completed_by)
+    if not email:
+        return None, ""
+    return get_user_model().objects.filter(email__iexact=email).first(), email
+
+
+def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
+           emails: dict | None = None) -> tuple[Annotation | None, str]:
+    """Upsert one Label Studio annotation as ours. Idempotent by its Label Studio id.
+
+    Returns ``(annotation, outcome)`` with outcome one of created / updated / unchanged /
+    ignored (with the reason)."""
+    emails = {} if emails is None else emails
+    ls_id = annotation.get("id")
+    if ls_id is None:
+        return None, "ignored: the annotation has no id"
+    data = task.get("data") or {}
+    data = data if isinstance(data, dict) else {}
+    scan_id, task_id = jsonbody.db_id(data.get("scan_id")), jsonbody.db_id(task.get("id"))
+    scan = Scan.objects.filter(pk=scan_id, project=project).first() if scan_id else None
+    if scan is None and task_id is not None and task_id <= 2**31 - 1:
+        linked = LabelStudioTask.objects.filter(project=project, ls_task_id=task_id).first()
+        scan = linked.scan if linked else None
+    if scan is None:
+        return None, f"ignored: task {str(task.get('id'))[:24]} is not one of {project.name!r}'s scans"
+    if annotation.get("was_cancelled"):
+        outcome, label_class = Annotation.Outcome.SKIP, None
+    else:
+        name = _choice(annotation.get("result"))
+        if name is None:
+            return None, f"ignored: annotation {ls_id} has no {FROM_NAME!r} choice"
+        label_class = LabelClass.objects.filter(project=project, name=name).first()
+        if label_class is None:
+            return None, f"ignored: unknown class {name!r} (sync the labeling config)"
+        outcome = Annotation.Outcome.LABEL
+    reader, email = _reader(annotation.get("completed_by"), emails, ls)
+    lead = annotation.get("lead_time")
+    duration = (int(float(lead) * 1000) if isinstance(lead, (int, float))
+                and not isinstance(lead, bool) and 0 <= lead <= 6 * 3600 else None)
+    shown = _shown_from(project, scan, annotation.get("prediction"))
+    external = str(ls_id)
+    if len(external) > 64 or isinstance(ls_id, (dict, list, bool)):
+        return None, "ignored: the annotation id is not a Label Studio id"
+    existing = Annotation.objects.filter(source=Annotation.Source.LABEL_STUDIO,
+                                         external_id=external).select_related("scan").first()
+    if existing is not None and existing.scan.project_id != project.pk:
+        # the same Label Studio id ingested for another project: never rewrite that one
+        logger.warning("Label Studio annotation %s for project %s belongs to project %s: "
+                       "refused", external, project.pk, existing.scan.project_id)
+        return None, f"ignored: annotation {external} belongs to another project"
+    if existing is not None and scan.quarantined:
+        return None, f"ignored: scan {scan.pk} is quarantined"
+    if existing is not None:
+        if (existing.outcome, existing.label_class_id) == (outcome, getattr(label_class, "pk", None)):
+            return existing, "unchanged"
+        if label_class is not None and label_class.label_set_id != scan.label_set_id:
+            return None, (f"ignored: {label_class.name!r} does not apply to scan {scan.pk} "
+                          "(another label set)")
+        existing.outcome, existing.label_class = outcome, label_class
+        existing.note = (existing.note + "\n" if existing.note else "") + \
+            f"updated in Label Studio {timezone.now():%Y-%m-%d %H:%M}"
+        existing.save(update_fields=["outcome", "label_class", "note"])
+        return existing, "updated"
+    try:
+        with transaction.atomic():
+            created = annotation_create(
+                scan=scan, reader=reader, label_class=label_class, outcome=outcome,
+                source=Annotation.Source.LABEL_STUDIO, duration_ms=duration,
+                external_id=external, note="" if reader else f"Label Studio user {email or '?'}",
+                **shown)
+    except IntegrityError:   # the same event delivered twice at once
+        again = Annotation.objects.filter(source=Annotation.Source.LABEL_STUDIO,
+                                          external_id=external, scan__project=project).first()
+        return (again, "unchanged") if again else (
+            None, f"ignored: annotation {external} belongs to another project")
+    except AnnotationError as exc:
+        return None, f"ignored: {exc}"
+    return created, "created"
+
+
+def _shown_from(project: Project, scan: Scan, prediction: dict | None) -> dict:
+    """What the annotator was shown: the prediction Label Studio attached, else ours."""
+    if (isinstance(prediction, dict) and isinstance(prediction.get("model_version"), str)
+            and len(prediction["model_version"]) <= 64):
+        name = _choice(prediction.get("result"))
+        return {"shown_model_version": ModelVersion.objects.filter(
+                    project=project, version=prediction["model_version"]).first(),
+                "shown_suggestion": LabelClass.objects.filter(project=project, name=name).first()
+                if name else None,
+                "shown_confidence": prediction.get("score")}
+    task = LabelStudioTask.objects.filter(project=project, scan=scan).first()
+    if task is None:
+        return {}
+    return {"shown_model_version": task.shown_model_version,
+            "shown_suggestion": task.shown_suggestion,
+            "shown_confidence": task.shown_confidence}
+
+
+def webhook_verified(secret_header: str | None) -> bool:
+    """The shared secret, compared as bytes in constant time (any header value, ASCII or
+    not, is a yes or a no, never an error)."""
+    import hmac
+
+    expected = settings.LABEL_STUDIO_WEBHOOK_SECRET
+    if not expected or not secret_header:
+        return False
+    return hmac.compare_digest(secret_header.encode("utf-8", "surrogateescape"),
+                               expected.encode("utf-8"))
+
+
+def annotations_in(payload: dict) -> list[tuple[dict, dict]]:
+    """``(annotation, task)`` pairs in a webhook payload (single or bulk actions)."""
+    if payload.get("action") not in ANNOTATION_ACTIONS:
+        return []
+    def listed(key: str) -> list[dict]:
+        value = payload.get(key)
+        return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+    task = payload.get("task") if isinstance(payload.get("task"), dict) else {}
+    if isinstance(payload.get("annotation"), dict):
+        return [(payload["annotation"], task)]
+    tasks = {t.get("id"): t for t in listed("tasks") if isinstance(t.get("id"), (int, str))}
+    pairs = []
+    for annotation in listed("annotations"):
+        key = annotation.get("task")
+        pairs.append((annotation, tasks.get(key, task) if isinstance(key, (int, str)) else task))
+    return pairs
