@@ -115,9 +115,9 @@ def _lower_priority() -> None:
 
 
 def _job(run_id: int) -> None:
-    from ml_backend import services
-
     from threadpoolctl import threadpool_limits
+
+    from ml_backend import services
 
     try:
         # training_run_execute marks the run failed itself; anything escaping it is logged.

@@ -89,7 +89,9 @@ def training_run_execute(run_id: int, *, progress: Progress | None = None) -> Tr
     if not training_run_claim(run_id):
         logger.info("training run %s already claimed or finished", run_id)
         return None
-    from ml_backend.services.training import HANDLERS   # torch: only in a process that trains
+    from ml_backend.services.training import (
+        HANDLERS,  # torch: only in a process that trains
+    )
 
     run = TrainingRun.objects.select_related("project").get(pk=run_id)
     reporter = RunReporter(run, progress)

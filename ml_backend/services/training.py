@@ -28,7 +28,12 @@ from ml_backend.services.artifacts import (
     new_version,
     save_npy_atomic,
 )
-from ml_backend.services.inference import Predictor, cnn_predictor, encoder_network, vectors_for
+from ml_backend.services.inference import (
+    Predictor,
+    cnn_predictor,
+    encoder_network,
+    vectors_for,
+)
 from ml_backend.services.queries import query_round_create
 from ml_backend.services.runs import RunReporter
 from ml_backend.services.versions import evaluate, gate, model_version_activate, publish

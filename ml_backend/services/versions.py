@@ -99,7 +99,10 @@ def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int],
     as missed, so versions are measured on the same scans and the learning curve is honest);
     store an Evaluation with the per-class report, one report per label set, and the ECE
     before temperature scaling when an uncalibrated predictor is given."""
-    from ml_backend.metrics.reports import classification_report, expected_calibration_error
+    from ml_backend.metrics.reports import (
+        classification_report,
+        expected_calibration_error,
+    )
 
     scans, class_ids = eval_set(model.project)
     if not scans:

@@ -4,8 +4,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from annotator.models import LabelClass
 from ml_backend import services
-from ml_backend.management.commands._runs import get_project
 from ml_backend.errors import TrainingError
+from ml_backend.management.commands._runs import get_project
 
 
 class Command(BaseCommand):

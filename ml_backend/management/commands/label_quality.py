@@ -3,8 +3,8 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from ml_backend import services
-from ml_backend.management.commands._runs import get_project
 from ml_backend.errors import TrainingError
+from ml_backend.management.commands._runs import get_project
 
 
 class Command(BaseCommand):
