@@ -28,6 +28,7 @@ from annotator.storage import (
     scan_file_name,
     write_atomic,
 )
+from annotator.uploads import name_may_be_shown
 from ml_backend.data.datasets import SourceError, SourceItem, read_source
 from ml_backend.data.decode import (
     ScanDecodeError,
@@ -278,7 +279,7 @@ def import_job_run(
             _dataset_join_label_set(job.project, dataset, job.label_set)
         resolve = _SetResolver(job.project)
         if listing.unmatched_label_rows:
-            shown = [n for n in listing.unmatched_label_rows if _name_is_showable(n)][:5]
+            shown = [n for n in listing.unmatched_label_rows if name_may_be_shown(n)][:5]
             state.warnings.append(
                 f"{len(listing.unmatched_label_rows)} labels CSV rows matched no file"
                 + (f" (e.g. {', '.join(shown)})" if shown else "")
@@ -370,22 +371,13 @@ def _dataset_join_label_set(project: Project, dataset: Dataset, name: str) -> No
     label_sets_assign(project)
 
 
-_SHOWABLE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
-
-def _name_is_showable(name: str) -> bool:
-    """A file name may be stored and shown only when it names a raster image; a DICOM's
-    name (or a name we cannot place) often carries the patient's name, so it never is."""
-    return name.lower().endswith(_SHOWABLE_EXTENSIONS) and not name.lower().endswith(".dcm")
-
-
 def _file_ref(number: int, item: SourceItem, data: bytes | None, sha: str | None) -> str:
     """How a warning or an error names a file: its sequence number in the import and its
-    content hash; the name only for a raster image (sniffed from the content, not the name)."""
+    content hash; the name only for a raster image (by its extension and its content)."""
     ref = f"file {number}"
     if sha:
         ref += f" (sha256 {sha[:12]})"
-    if data is not None and _name_is_showable(item.name) and sniff_format(
+    if data and name_may_be_shown(item.name, data) and sniff_format(
             data[:4096], item.name) in ("png", "jpeg", "tiff"):
         ref += f" {item.name[-120:]}"
     return ref

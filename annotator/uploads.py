@@ -10,7 +10,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 
-from ml_backend.data.decode import probe_raw_dicom, sniff_format
+from ml_backend.data.decode import DICOM_EXTENSIONS, probe_raw_dicom, sniff_format
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -26,6 +26,22 @@ def safe_name(name: str) -> str:
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     base = _UNSAFE.sub("_", base).lstrip(".")[:120]
     return base or "upload"
+
+
+def name_may_be_shown(name: str, data: bytes = b"") -> bool:
+    """A DICOM's file name often carries the patient's name: never stored or shown. A name
+    is shown only when neither its extension (``.dcm``, ``.dicom``, ``.dic`` or none) nor
+    its content says DICOM."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    extension = Path(base).suffix.lower()
+    if extension in DICOM_EXTENSIONS:
+        return False
+    return not (data and sniff_format(data[:4096], base) in ("dicom", "dicom?"))
+
+
+def shown_file_name(name: str, data: bytes = b"") -> str:
+    """How a page or a message names an uploaded file (see ``name_may_be_shown``)."""
+    return safe_name(name) if name_may_be_shown(name, data) else "the DICOM file (name not shown)"
 
 
 def check_upload(upload: UploadedFile) -> str | None:
@@ -53,7 +69,13 @@ def stage_uploads(uploads: list[UploadedFile]) -> Path:
     folder = Path(settings.INCOMING_ROOT) / uuid.uuid4().hex
     folder.mkdir(parents=True, exist_ok=False)
     for index, upload in enumerate(uploads):
-        target = folder / f"{index:04d}_{safe_name(upload.name or 'upload')}"
+        upload.seek(0)
+        head = upload.read(4096)
+        upload.seek(0)
+        # staged DICOM files are numbered, never named (the name may be the patient's)
+        shown = name_may_be_shown(upload.name or "", head)
+        target = folder / (f"{index:04d}_{safe_name(upload.name or 'upload')}" if shown
+                           else f"{index:04d}.dcm")
         with open(target, "wb") as handle:
             for chunk in upload.chunks():
                 handle.write(chunk)

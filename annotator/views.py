@@ -14,7 +14,7 @@ from annotator import labeling, selectors, services
 from annotator.forms import UploadForm
 from annotator.storage import media_path
 from annotator.tasks import run_import_job
-from annotator.uploads import Rejection, check_upload, stage_uploads
+from annotator.uploads import Rejection, check_upload, shown_file_name, stage_uploads
 
 
 @login_required
@@ -115,7 +115,10 @@ def upload(request, project_id: int):
         for upload_file in form.cleaned_data["files"]:
             reason = check_upload(upload_file)
             if reason:
-                rejected.append(Rejection(upload_file.name, reason))
+                upload_file.seek(0)
+                head = upload_file.read(4096)
+                upload_file.seek(0)
+                rejected.append(Rejection(shown_file_name(upload_file.name or "", head), reason))
             else:
                 accepted.append(upload_file)
         if accepted:

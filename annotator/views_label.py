@@ -22,7 +22,7 @@ from annotator.forms import ClassifyForm, LabelClassForm
 from annotator.models import Annotation, LabelClass, Scan
 from annotator.status import model_status
 from annotator.tasks import run_import_job
-from annotator.uploads import check_upload, safe_name, stage_uploads
+from annotator.uploads import check_upload, safe_name, shown_file_name, stage_uploads
 from medsite import jsonbody
 from ml_backend.data.decode import ScanDecodeError, decode_scan, render_preview
 from ml_backend.errors import TrainingError
@@ -264,15 +264,20 @@ def classify(request, project_id: int):
         return render(request, "annotator/classify.html", context, status=400)
     upload = form.cleaned_data["file"]
     reason = check_upload(upload)
+    data = b""
     if reason is None:
         data = upload.read()
         try:
             decoded = decode_scan(data, name=safe_name(upload.name or ""),
-                                  salt=settings.DEID_SALT, max_pixels=settings.IMPORT_MAX_PIXELS)
+                                  salt=settings.DEID_SALT, max_pixels=settings.IMPORT_MAX_PIXELS,
+                                  request_max_pixels=settings.CLASSIFY_MAX_PIXELS,
+                                  keep_copy=False)     # looked at, not kept: no stored copy
         except ScanDecodeError as exc:
             reason = str(exc)
+    # a DICOM's file name often carries the patient's name: it is never shown
+    shown_name = shown_file_name(upload.name or "", data)
     if reason is not None:
-        form.add_error("file", f"{safe_name(upload.name or 'upload')}: {reason}")
+        form.add_error("file", f"{shown_name}: {reason}")
         return render(request, "annotator/classify.html", context, status=400)
     preview = render_preview(decoded.pixels)
     try:
@@ -290,7 +295,7 @@ def classify(request, project_id: int):
     folder.rename(target)
     request.session[f"classify-{project.pk}"] = target.name
     context.update({
-        "result": result, "file_name": safe_name(upload.name or "upload"),
+        "result": result, "file_name": shown_name,
         "preview_b64": base64.b64encode(preview).decode(),
         "overlay_b64": base64.b64encode(result["overlay_png"]).decode(),
         "warnings": decoded.warnings, "token": target.name,

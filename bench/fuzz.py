@@ -2,7 +2,8 @@
 row, no orphan file, and a reason for every refusal.
 
     python -m bench.fuzz --inputs 10000 [--target both|import|upload] [--seed 0] \
-        [--out bench/results/fuzz.json]
+        [--bombs N] [--out bench/results/fuzz.json]
+    python -m bench.fuzz --decode-only [--max-pixels 64000000] [--out ...]
 
 Each input is generated from a seed (``make_input``): truncated and byte-mutated DICOM (from
 pydicom's bundled test files and our fixtures), DICOM with huge declared dimensions or odd
@@ -12,6 +13,16 @@ files, zip / tar / gzip archives (and a zip bomb) under scan names, and hostile 
 (``../`` traversal, backslashes, absolute paths, control and right-to-left characters,
 reserved device names, 300-character names). The same generator drives the fast test in the
 suite (tests/annotator/test_fuzz.py, fewer inputs).
+
+Decode bombs (``decode_bomb_corpus``, ``make_bomb_input``) follow the inputs, through every
+target: deflated DICOM inflating to 64 MiB - 1 GiB, encapsulated JPEG / JPEG-LS / JPEG 2000
+frames declaring 20,000-60,000 squared under a 64 x 64 header, truncated JPEGs declaring 8000 x
+8000, TIFFs with 5,000-50,000 page directories, directory loops or pages without dimensions,
+frame and page counts over the budget. The summary reports the slowest refusal and the
+process's peak RSS. ``--decode-only`` skips Django: each bomb, each large valid scan and each
+of pydicom's bundled files is decoded in its own child process, which reports its time and
+peak RSS (VmHWM, reset at the start), and the run fails unless every bomb is refused in under
+a second and every valid scan decodes.
 
 After every input the invariants are checked: the import job finished (never crashed), every
 file is either a Scan with both its files on disk or a failure with a non-empty reason, the
@@ -78,6 +89,553 @@ def _tiff_header(width: int, height: int) -> bytes:
     body = struct.pack("<H", len(entries)) + b"".join(
         struct.pack("<HHII", tag, kind, count, value) for tag, kind, count, value in entries)
     return b"II*\x00" + struct.pack("<I", 24) + b"\x00" * 16 + body + b"\x00\x00\x00\x00"
+
+
+# --- decode bombs: small files whose decoding would cost gigabytes or minutes ------------
+#
+# Each builder makes one file in memory (no pydicom compression, no large buffer): the
+# classes an independent probe found (deflated DICOM that inflates to a gigabyte, an
+# encapsulated frame larger than Rows/Columns, a truncated JPEG declaring 8000 x 8000, a TIFF
+# with tens of thousands of directories or one without dimensions) and their neighbours.
+# tests/ml_backend/test_decode_bombs.py draws their parameters with hypothesis; the decode
+# benchmark (``--decode-only``) runs each file in a child process and reports time and RSS.
+
+DEFLATED_TS = "1.2.840.10008.1.2.1.99"
+_JPEG_TS = {"jpeg": "1.2.840.10008.1.2.4.50", "jpeg-lossless": "1.2.840.10008.1.2.4.70",
+            "jpeg-ls": "1.2.840.10008.1.2.4.80", "j2k": "1.2.840.10008.1.2.4.90",
+            "htj2k": "1.2.840.10008.1.2.4.201"}
+
+
+def _bomb_dataset(rows: int, cols: int, *, frames: int = 1, bits: int = 8, samples: int = 1):
+    """A minimal image dataset (no Pixel Data yet) with its file meta."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.Modality, ds.PatientID = "OT", "BOMB-0001"
+    ds.SamplesPerPixel = samples
+    ds.PhotometricInterpretation = "MONOCHROME2" if samples == 1 else "RGB"
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    if frames != 1:
+        ds.NumberOfFrames = frames
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    return ds
+
+
+def _dicom_bytes(ds, transfer_syntax: str) -> bytes:
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _explicit_le(ds) -> bytes:
+    """``ds`` (no file meta) encoded as Explicit VR Little Endian."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _long_element(tag: int, vr: bytes, length: int) -> bytes:
+    return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, length)
+
+
+def _deflate_segment(data: bytes) -> bytes:
+    """Raw deflate of ``data``, flushed to a byte boundary with no back-reference out of it:
+    such segments can be concatenated (and repeated) into one stream."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+
+
+def _deflate_zeros(count: int, noise: int = 0) -> bytes:
+    """A deflate segment of ``count`` mostly-zero bytes built without ever holding them:
+    one flushed MiB, repeated. ``noise`` random bytes per MiB lower the ratio from ~1000:1
+    (none) to ~300:1 (1,000) or ~30:1 (30,000)."""
+    unit = 1 << 20
+    full, rest = divmod(count, unit)
+    block = bytearray(unit)
+    if noise:
+        rng = random.Random(noise)
+        for _ in range(noise):
+            block[rng.randrange(unit)] = rng.randrange(1, 256)
+    return _deflate_segment(bytes(block)) * full + (_deflate_segment(bytes(block[:rest])) if rest
+                                                    else b"")
+
+
+def deflate_bomb(inflated_mib: int, *, where: str = "trailing", rows: int = 64,
+                 cols: int = 64, noise: int = 0) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM (transfer syntax 1.2.840.10008.1.2.1.99)
+    of a ``rows`` x ``cols`` 8-bit image whose dataset inflates to ``inflated_mib`` MiB more
+    than the image needs, as zeros: after the pixels (``trailing``, a Data Set Trailing
+    Padding element), before them (``header``, a private OB element), inside them
+    (``pixels``: Pixel Data longer than Rows x Columns) or, with ``dims``, a Pixel Data whose
+    declared Rows x Columns (``rows``, ``cols``) is itself that large. ``noise``: random
+    bytes per MiB of filler, for ratios below deflate's ~1000:1."""
+    from pydicom.filewriter import write_file_meta_info
+
+    extra = inflated_mib << 20
+    if where == "dims":                               # 8-bit pixels, rows x cols bytes
+        rows = cols = max(1, int((extra ** 0.5)))
+    ds = _bomb_dataset(rows, cols)
+    ds.file_meta.TransferSyntaxUID = DEFLATED_TS
+    pixel_bytes = rows * cols + (rows * cols) % 2
+    parts = [_deflate_segment(_explicit_le(ds))]
+    if where == "header":
+        from pydicom.dataset import Dataset
+
+        private = Dataset()
+        private.add_new(0x00290010, "LO", "BOMB")
+        parts += [_deflate_segment(_explicit_le(private) + _long_element(0x00291010, b"OB", extra)),
+                  _deflate_zeros(extra, noise)]
+    if where in ("pixels",):
+        parts += [_deflate_segment(_long_element(0x7FE00010, b"OB", pixel_bytes + extra)),
+                  _deflate_zeros(pixel_bytes + extra, noise)]
+    elif where == "dims":
+        parts += [_deflate_segment(_long_element(0x7FE00010, b"OB", pixel_bytes)),
+                  _deflate_zeros(pixel_bytes)]
+    else:
+        parts += [_deflate_segment(_long_element(0x7FE00010, b"OB", pixel_bytes)
+                                   + bytes(range(256)) * (pixel_bytes // 256)
+                                   + bytes(pixel_bytes % 256))]
+    if where == "trailing":
+        parts += [_deflate_segment(_long_element(0xFFFCFFFC, b"OB", extra)),
+                  _deflate_zeros(extra, noise)]
+    meta = io.BytesIO()
+    meta.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    return meta.getvalue() + b"".join(parts) + b"\x03\x00"   # an empty final block ends it
+
+
+def deflated_dicom(rows: int = 64, cols: int = 64, *, seed: int = 0) -> bytes:
+    """A valid deflated DICOM (written by pydicom) of a random 8-bit image."""
+    import numpy as np
+
+    ds = _bomb_dataset(rows, cols)
+    rng = np.random.default_rng(seed)
+    ds.PixelData = rng.integers(0, 255, (rows, cols), dtype=np.uint8).tobytes()
+    return _dicom_bytes(ds, DEFLATED_TS)
+
+
+def jpeg_sof(width: int, height: int, *, marker: int = 0xC0, components: int = 1,
+             precision: int = 8) -> bytes:
+    """A JPEG (``marker`` 0xC0-0xCF) or JPEG-LS (0xF7) stream that is little more than its
+    frame header: the size is declared, the data to fill it is absent."""
+    comps = b"".join(bytes([i + 1, 0x11, 0]) for i in range(components))
+    sof = bytes([0xFF, marker]) + struct.pack(">HBHHB", 8 + len(comps), precision, height,
+                                              width, components) + comps
+    sos = b"\xff\xda" + struct.pack(">HB", 6 + 2 * components, components) + b"".join(
+        bytes([i + 1, 0]) for i in range(components)) + b"\x00\x3f\x00"
+    return b"\xff\xd8" + sof + sos + b"\x00" * 32 + b"\xff\xd9"
+
+
+def j2k_siz(width: int, height: int, *, components: int = 1, tile: tuple[int, int] | None = None,
+            jp2: bool = False) -> bytes:
+    """A JPEG 2000 codestream (or a JP2 file with ``jp2``) that declares ``width`` x
+    ``height`` in its SIZ marker and holds nothing else of the image."""
+    tile_w, tile_h = tile or (width, height)
+    siz = struct.pack(">HHIIIIIIIIH", 38 + 3 * components, 0, width, height, 0, 0, tile_w,
+                      tile_h, 0, 0, components) + b"\x07\x01\x01" * components
+    cod = b"\xff\x52" + struct.pack(">HBHBBBBBBB", 12, 0, 0, 1, 0, 5, 4, 4, 0, 1)
+    qcd = b"\xff\x5c" + struct.pack(">HB", 4, 0x40) + b"\x48"
+    stream = b"\xff\x4f\xff\x51" + siz + cod + qcd + b"\xff\xd9"
+    if not jp2:
+        return stream
+    signature = struct.pack(">I4s", 12, b"jP  ") + b"\r\n\x87\n"
+    ftyp = struct.pack(">I4s4sI4s", 20, b"ftyp", b"jp2 ", 0, b"jp2 ")
+    return signature + ftyp + struct.pack(">I4s", 8 + len(stream), b"jp2c") + stream
+
+
+def real_jpeg(width: int, height: int, *, seed: int = 0, progressive: bool = False,
+              mode: str = "L") -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    shape = (height, width) if mode == "L" else (height, width, 3)
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, progressive=progressive)
+    return buffer.getvalue()
+
+
+def real_j2k(width: int, height: int, *, seed: int = 0) -> bytes:
+    """A JPEG 2000 codestream (Pillow / OpenJPEG, lossless) of a random 8-bit image."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width),
+                                                                 dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG2000", no_jp2=True, irreversible=False)
+    return buffer.getvalue()
+
+
+def patched_j2k(width: int, height: int, *, jp2: bool = False) -> bytes:
+    """A real 16 x 16 JPEG 2000 codestream whose SIZ marker is patched to declare ``width``
+    x ``height`` (one tile): tables and all, what a decoder sets out to fill."""
+    stream = bytearray(real_j2k(16, 16))
+    struct.pack_into(">II", stream, 8, width, height)          # Xsiz, Ysiz
+    struct.pack_into(">II", stream, 24, width, height)         # XTsiz, YTsiz
+    if not jp2:
+        return bytes(stream)
+    signature = struct.pack(">I4s", 12, b"jP  ") + b"\r\n\x87\n"
+    ftyp = struct.pack(">I4s4sI4s", 20, b"ftyp", b"jp2 ", 0, b"jp2 ")
+    return signature + ftyp + struct.pack(">I4s", 8 + len(stream), b"jp2c") + bytes(stream)
+
+
+def _jpeg_sof_offset(data: bytes) -> int:
+    pos = 2
+    while pos + 4 <= len(data):
+        marker = data[pos + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return pos
+        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+    raise ValueError("no SOF")
+
+
+def truncated_jpeg(width: int = 8000, height: int = 8000, *, keep: int = 333,
+                   progressive: bool = False, seed: int = 0) -> bytes:
+    """A real (Pillow-encoded, 16 x 16) JPEG whose frame header is patched to declare
+    ``width`` x ``height`` and which is cut after ``keep`` bytes (never before its first
+    scan starts): tables and all, what a decoder accepts and fills with grey."""
+    data = bytearray(real_jpeg(16, 16, seed=seed, progressive=progressive))
+    sof = _jpeg_sof_offset(bytes(data))
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    sos = bytes(data).find(b"\xff\xda")
+    return bytes(data[:max(keep, sos + 16)])
+
+
+def dicom_encapsulated(frames_data: list[bytes], *, rows: int, cols: int, codec: str = "jpeg",
+                       number_of_frames: int | None = None, samples: int = 1,
+                       bot: bool = True) -> bytes:
+    """A DICOM whose Pixel Data encapsulates ``frames_data`` under ``codec``'s transfer
+    syntax, with Rows/Columns as given (whatever the frames themselves declare)."""
+    from pydicom.encaps import encapsulate
+
+    ds = _bomb_dataset(rows, cols, frames=number_of_frames or len(frames_data), samples=samples)
+    if samples == 3:
+        ds.PhotometricInterpretation = "YBR_FULL_422" if codec == "jpeg" else "RGB"
+    ds.PixelData = encapsulate(frames_data, has_bot=bot)
+    ds["PixelData"].VR = "OB"
+    return _dicom_bytes(ds, _JPEG_TS[codec])
+
+
+def frame_mismatch(codec: str = "jpeg", width: int = 20000, height: int = 20000, *,
+                   rows: int = 64, cols: int = 64) -> bytes:
+    """A 1 KB DICOM whose header says ``rows`` x ``cols`` but whose encapsulated frame
+    declares ``width`` x ``height`` (a JPEG SOF, JPEG-LS SOF55 or JPEG 2000 SIZ)."""
+    if codec == "jpeg":                              # real tables, patched size, cut short
+        frame = truncated_jpeg(width, height, keep=1000)
+    elif codec == "jpeg-lossless":
+        frame = jpeg_sof(width, height, marker=0xC3)
+    elif codec == "jpeg-ls":
+        frame = jpeg_sof(width, height, marker=0xF7)
+    elif codec == "jpeg-real":                       # a complete JPEG of another size
+        frame, codec = real_jpeg(width, height), "jpeg"
+    else:
+        frame = patched_j2k(width, height, jp2=codec == "jp2")
+        codec = "j2k" if codec == "jp2" else codec
+    return dicom_encapsulated([frame], rows=rows, cols=cols, codec=codec)
+
+
+def j2k_many_tiles(size: int = 256, tile: int = 1) -> bytes:
+    """A DICOM whose JPEG 2000 frame has the right size but ``size / tile`` squared tiles
+    (OpenJPEG allocates per-tile state for each)."""
+    return dicom_encapsulated([j2k_siz(size, size, tile=(tile, tile))], rows=size, cols=size,
+                              codec="j2k")
+
+
+def dicom_frames(frames: int, *, rows: int = 64, cols: int = 64, pixel_frames: int = 1) -> bytes:
+    """A native DICOM declaring ``frames`` frames of ``rows`` x ``cols`` but holding only
+    ``pixel_frames`` frames of pixel data."""
+    ds = _bomb_dataset(rows, cols, frames=frames)
+    ds.PixelData = bytes(rows * cols * pixel_frames + (rows * cols * pixel_frames) % 2)
+    return _dicom_bytes(ds, "1.2.840.10008.1.2.1")
+
+
+def dicom_jpeg_frames(count: int = 5000, size: int = 8) -> bytes:
+    """An encapsulated JPEG DICOM of ``count`` tiny frames (each decoded on its own)."""
+    return dicom_encapsulated([real_jpeg(size, size)] * count, rows=size, cols=size)
+
+
+def dicom_excess_frames(count: int = 5000, size: int = 8) -> bytes:
+    """An encapsulated JPEG DICOM declaring two frames whose Pixel Data (no offset table)
+    holds ``count``: pydicom splits them at the JPEG end markers and, by default, decodes
+    and returns the excess frames too."""
+    frame = real_jpeg(size, size)
+    return dicom_encapsulated([frame] * count, rows=size, cols=size, number_of_frames=2,
+                              bot=False)
+
+
+def tiff_chain(pages: int, *, width: int = 8, height: int = 8, loop_to: int | None = None,
+               no_dims_at: int | None = None, big_endian: bool = False) -> bytes:
+    """A TIFF with ``pages`` directories (one shared 8-bit strip), chained in order;
+    ``loop_to``: the last one points back to directory ``loop_to``; ``no_dims_at``: that
+    directory has no ImageWidth / ImageLength."""
+    order = ">" if big_endian else "<"
+    strip_offset, strip = 8, bytes(width * height)
+    first = 8 + len(strip) + len(strip) % 2
+    ifd_size = lambda entries: 2 + 12 * entries + 4                       # noqa: E731
+    offsets, position = [], first
+    layouts = []
+    for index in range(pages):
+        tags = [(256, 4, width), (257, 4, height)] if index != no_dims_at else []
+        tags += [(258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, strip_offset),
+                 (277, 3, 1), (278, 4, height), (279, 4, len(strip))]
+        layouts.append(tags)
+        offsets.append(position)
+        position += ifd_size(len(tags))
+    out = bytearray((b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(order + "I", first))
+    out += strip + b"\x00" * (len(strip) % 2)
+    for index, tags in enumerate(layouts):
+        out += struct.pack(order + "H", len(tags))
+        for tag, kind, value in tags:
+            packed = struct.pack(order + "H", value) + b"\x00\x00" if kind == 3 else \
+                struct.pack(order + "I", value)
+            out += struct.pack(order + "HHI", tag, kind, 1) + packed
+        if index + 1 < pages:
+            following = offsets[index + 1]
+        else:
+            following = offsets[loop_to] if loop_to is not None else 0
+        out += struct.pack(order + "I", following)
+    return bytes(out)
+
+
+def png_truncated(width: int = 8000, height: int = 8000) -> bytes:
+    """A PNG declaring ``width`` x ``height`` with a few bytes of image data."""
+    return _png_header(width, height)
+
+
+BOMB_CATEGORIES = ["deflate_bomb", "frame_mismatch", "truncated_jpeg", "tiff_many_ifds",
+                   "tiff_loop", "tiff_no_dims", "frames_over_budget", "excess_frames",
+                   "truncated_png", "j2k_tiles"]
+
+
+def decode_bomb_corpus() -> list[tuple[str, bytes, str]]:
+    """``(name, bytes, category)`` for every class above with the probe's figures; every
+    one must be refused (with IMPORT_MAX_PIXELS = 64,000,000) in under a second."""
+    corpus = []
+    for mib in (64, 256, 1024):
+        for where in ("trailing", "header", "pixels"):
+            corpus.append((f"deflate-{where}-{mib}MiB.dcm", deflate_bomb(mib, where=where),
+                           "deflate_bomb"))
+    corpus.append(("deflate-dims-512MiB.dcm", deflate_bomb(512, where="dims"), "deflate_bomb"))
+    for codec in ("jpeg", "jpeg-lossless", "jpeg-ls", "j2k", "jp2", "htj2k"):
+        corpus.append((f"mismatch-{codec}-20000.dcm", frame_mismatch(codec), "frame_mismatch"))
+    corpus.append(("mismatch-jpeg-60000.dcm", frame_mismatch("jpeg", 60000, 60000),
+                   "frame_mismatch"))
+    corpus.append(("mismatch-jpeg-real-512.dcm", frame_mismatch("jpeg-real", 512, 512),
+                   "frame_mismatch"))
+    corpus.append(("j2k-65536-tiles.dcm", j2k_many_tiles(256, 1), "j2k_tiles"))
+    corpus.append(("truncated-8000.jpg", truncated_jpeg(8000, 8000), "truncated_jpeg"))
+    corpus.append(("truncated-8000-progressive.jpg",
+                   truncated_jpeg(8000, 8000, progressive=True), "truncated_jpeg"))
+    corpus.append(("truncated-4000x16000.jpg", truncated_jpeg(16000, 4000, keep=2000),
+                   "truncated_jpeg"))
+    corpus.append(("truncated-8000-in-dicom.dcm", dicom_encapsulated(
+        [truncated_jpeg(8000, 8000)], rows=8000, cols=8000), "truncated_jpeg"))
+    for pages in (5_000, 50_000):
+        corpus.append((f"tiff-{pages}-ifds.tif", tiff_chain(pages), "tiff_many_ifds"))
+    corpus.append(("tiff-loop-self.tif", tiff_chain(1, loop_to=0), "tiff_loop"))
+    corpus.append(("tiff-loop-3.tif", tiff_chain(3, loop_to=1, big_endian=True), "tiff_loop"))
+    corpus.append(("tiff-no-dims-first.tif", tiff_chain(1, no_dims_at=0), "tiff_no_dims"))
+    corpus.append(("tiff-no-dims-third.tif", tiff_chain(4, no_dims_at=2), "tiff_no_dims"))
+    corpus.append(("tiff-100-pages-of-1000x1000.tif", tiff_chain(100, width=1000, height=1000),
+                   "frames_over_budget"))
+    corpus.append(("dicom-100000-frames.dcm", dicom_frames(100_000), "frames_over_budget"))
+    corpus.append(("dicom-5000-jpeg-frames.dcm", dicom_jpeg_frames(5_000), "frames_over_budget"))
+    corpus.append(("truncated-8000.png", png_truncated(8000, 8000), "truncated_png"))
+    return corpus
+
+
+def make_bomb_input(seed: int) -> tuple[str, bytes, str]:
+    """One randomised decode bomb (``(name, bytes, category)``), deterministic per seed."""
+    rng = random.Random(seed)
+    category = rng.choice(BOMB_CATEGORIES)
+    if category == "deflate_bomb":
+        where = rng.choice(["trailing", "header", "pixels", "dims"])
+        # "dims" declares sqrt(mib) squared pixels: 40 MiB would be a blank image within the
+        # 64M budget (decoded, bounded by the budget), so dims bombs start at 100 MiB
+        mib = rng.choice([100, 300] if where == "dims" else [40, 100, 300])
+        return f"deflate-{where}.dcm", deflate_bomb(mib, where=where), category
+    if category == "frame_mismatch":
+        codec = rng.choice(["jpeg", "jpeg-lossless", "jpeg-ls", "j2k", "jp2", "htj2k"])
+        side = rng.choice([65, 1000, 20000, 65535])
+        return "mismatch.dcm", frame_mismatch(codec, side, rng.choice([side, 64])), category
+    if category == "truncated_jpeg":
+        side = rng.choice([3000, 8000])
+        return "cut.jpg", truncated_jpeg(side, side, keep=rng.randrange(200, 4000),
+                                         progressive=rng.random() < 0.5, seed=seed), category
+    if category == "tiff_many_ifds":
+        return "pages.tif", tiff_chain(rng.choice([4_097, 20_000])), category
+    if category == "tiff_loop":
+        pages = rng.randrange(1, 20)
+        return "loop.tif", tiff_chain(pages, loop_to=rng.randrange(pages)), category
+    if category == "tiff_no_dims":
+        pages = rng.randrange(1, 20)
+        return "nodims.tif", tiff_chain(pages, no_dims_at=rng.randrange(pages)), category
+    if category == "frames_over_budget":
+        return "frames.dcm", dicom_frames(rng.choice([20_000, 10**6])), category
+    if category == "excess_frames":
+        return "excess.dcm", dicom_excess_frames(rng.choice([4_097, 6_000])), category
+    if category == "truncated_png":
+        return "cut.png", png_truncated(rng.choice([3000, 8000]), 8000), category
+    return "tiles.dcm", j2k_many_tiles(256, rng.choice([1, 2])), category
+
+
+def valid_corpus(side: int = 4096) -> list[tuple[str, bytes, str]]:
+    """Large valid scans (``side`` x ``side``, smooth content plus noise) that must still
+    decode: where the decode benchmark measures peak memory per pixel."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.add.outer(np.arange(side), np.arange(side)) * (3000.0 / (2 * side))
+    grey16 = (ramp + rng.normal(0, 30, (side, side))).clip(0, 4095).astype(np.uint16)
+    grey8 = (grey16 >> 4).astype(np.uint8)
+
+    def raster(array, fmt, **options):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=fmt, **options)
+        return buffer.getvalue()
+
+    ct = _bomb_dataset(side, side, bits=16)
+    ct.BitsStored, ct.HighBit = 12, 11
+    ct.RescaleSlope, ct.RescaleIntercept = 1, -1024
+    ct.WindowCenter, ct.WindowWidth = 40, 400
+    ct.PixelData = grey16.tobytes()
+    plain = _bomb_dataset(side, side, bits=16)
+    plain.BitsStored, plain.HighBit = 12, 11
+    plain.PixelData = grey16.tobytes()
+    deflated = _bomb_dataset(side, side)
+    deflated.PixelData = grey8.tobytes()
+    return [
+        (f"ct-{side}-16bit-window.dcm", _dicom_bytes(ct, "1.2.840.10008.1.2.1"), "dicom"),
+        (f"mr-{side}-16bit-percentile.dcm", _dicom_bytes(plain, "1.2.840.10008.1.2.1"), "dicom"),
+        (f"deflated-{side}-8bit.dcm", _dicom_bytes(deflated, DEFLATED_TS), "dicom"),
+        (f"grey-{side}.jpg", raster(grey8, "JPEG", quality=90), "jpeg"),
+        (f"rgb-{side}.jpg", raster(np.stack([grey8, grey8[::-1], grey8.T], -1), "JPEG",
+                                   quality=90), "jpeg"),
+        (f"grey16-{side}.png", raster(grey16, "PNG"), "png"),
+        (f"grey-{side}.tif", raster(grey8, "TIFF"), "tiff"),
+    ]
+
+
+def _memory_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _decode_in_child(connection, name: str, data: bytes, max_pixels: int) -> None:
+    """Decode one file in a forked child: outcome, seconds and peak RSS above the start."""
+    from ml_backend.data.decode import ScanDecodeError, decode_scan
+
+    try:  # reset this process's peak RSS (VmHWM) to its current RSS
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+    start_kib = _memory_kib("VmRSS")
+    started = time.perf_counter()
+    try:
+        decoded = decode_scan(data, name=name, salt="bench-salt-0123456789", max_pixels=max_pixels)
+        outcome, detail = "decoded", f"{decoded.width}x{decoded.height}"
+        pixels = decoded.width * decoded.height * decoded.num_frames
+    except ScanDecodeError as exc:
+        outcome, detail, pixels = "refused", str(exc), 0
+    except BaseException as exc:  # noqa: BLE001 - what escapes is the finding
+        outcome, detail, pixels = "error", f"{type(exc).__name__}: {exc}"[:300], 0
+    seconds = time.perf_counter() - started
+    peak_kib = _memory_kib("VmHWM")
+    connection.send({"outcome": outcome, "detail": detail, "seconds": round(seconds, 4),
+                     "peak_rss_mb": round(peak_kib / 1024, 1),
+                     "peak_above_start_mb": round(max(0, peak_kib - start_kib) / 1024, 1),
+                     "pixels": pixels})
+    connection.close()
+
+
+def decode_bench(*, max_pixels: int = 64_000_000, timeout: float = 120.0,
+                 side: int = 4096) -> dict:
+    """Every decode bomb and every valid scan (ours and pydicom's bundled files), each in
+    a forked child process so its time and peak RSS are its own."""
+    import multiprocessing
+    import warnings
+
+    import pydicom
+
+    from ml_backend.data.decode import decode_scan
+
+    warnings.filterwarnings("ignore")
+    for name, data, _category in valid_corpus(64):   # load decoders and plugins before forking
+        decode_scan(data, name=name, salt="bench-salt-0123456789")
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    bundled = [(p.name, p.read_bytes(), "pydicom") for p in sorted(folder.iterdir())
+               if p.suffix == ".dcm" and p.stat().st_size < 30_000_000]
+    groups = {"bomb": decode_bomb_corpus(), "valid": valid_corpus(side), "pydicom": bundled}
+    context = multiprocessing.get_context("fork")
+    results: dict[str, list[dict]] = {}
+    for group, corpus in groups.items():
+        results[group] = []
+        for name, data, category in corpus:
+            receive, send = context.Pipe(duplex=False)
+            child = context.Process(target=_decode_in_child, args=(send, name, data, max_pixels))
+            child.start()
+            send.close()
+            row = {"name": name, "category": category, "bytes": len(data)}
+            if receive.poll(timeout):
+                row.update(receive.recv())
+            else:
+                row.update(outcome="timeout", detail=f"over {timeout:.0f} s")
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+                child.join()
+            if "outcome" in row and row["outcome"] not in ("decoded", "refused", "error",
+                                                            "timeout"):
+                row["outcome"] = "died"
+            results[group].append(row)
+            print(f"{group:7s} {name[:40]:40s} {len(data):>11,} B  {row['outcome']:8s} "
+                  f"{row.get('seconds', float('nan')):7.3f} s  "
+                  f"{row.get('peak_above_start_mb', float('nan')):7.1f} MB  "
+                  f"{row['detail'][:70]}", flush=True)
+    bombs = results["bomb"]
+    refused = [r for r in bombs if r["outcome"] == "refused"]
+    slowest = max(bombs, key=lambda r: r.get("seconds", 1e9))
+    hungriest = max(bombs, key=lambda r: r.get("peak_above_start_mb", 1e9))
+    valid = [r for r in results["valid"] + results["pydicom"] if r["outcome"] == "decoded"]
+    per_pixel = {r["name"]: round(r["peak_above_start_mb"] * 2**20 / r["pixels"], 1)
+                 for r in results["valid"] if r["outcome"] == "decoded" and r["pixels"]}
+    summary = {
+        "max_pixels": max_pixels,
+        "bombs": len(bombs), "bombs_refused": len(refused),
+        "bombs_not_refused": [r["name"] for r in bombs if r["outcome"] != "refused"],
+        "worst_refusal_s": slowest.get("seconds"), "worst_refusal": slowest["name"],
+        "peak_rss_above_start_mb": hungriest.get("peak_above_start_mb"),
+        "peak_rss_file": hungriest["name"],
+        "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in bombs),
+        "valid_decoded": len([r for r in results["valid"] if r["outcome"] == "decoded"]),
+        "valid": len(results["valid"]),
+        "pydicom_decoded": len([r for r in results["pydicom"] if r["outcome"] == "decoded"]),
+        "pydicom_files": len(results["pydicom"]),
+        "errors": [r["name"] for group in results.values() for r in group
+                   if r["outcome"] in ("error", "timeout", "died")],
+        "valid_peak_bytes_per_pixel": per_pixel,
+        "valid_seconds": {r["name"]: r["seconds"] for r in results["valid"] if "seconds" in r},
+        "worst_valid_s": max((r["seconds"] for r in valid), default=None),
+    }
+    return {"summary": summary, "files": results}
 
 
 def _dicom_variant(rng: random.Random) -> bytes:
@@ -298,7 +856,24 @@ def main(argv=None) -> int:
     parser.add_argument("--target", choices=["both", "import", "upload"], default="both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--bombs", type=int, default=None,
+                        help="randomised decode bombs (make_bomb_input) run after the inputs, "
+                             "besides the fixed bomb corpus (default: inputs / 10)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only decode_scan on the bomb corpus and valid scans, each file in "
+                             "a child process (time, peak RSS); no Django")
+    parser.add_argument("--max-pixels", type=int, default=64_000_000)
     args = parser.parse_args(argv)
+    if args.decode_only:
+        result = decode_bench(max_pixels=args.max_pixels)
+        print(json.dumps(result["summary"], indent=2))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        s = result["summary"]
+        ok = (s["bombs_refused"] == s["bombs"] and not s["errors"]
+              and s["valid_decoded"] == s["valid"] and s["worst_refusal_s"] < 1.0)
+        return 0 if ok else 1
 
     workdir = Path(tempfile.mkdtemp(prefix="fuzz-"))
     os.environ.update({
@@ -336,18 +911,49 @@ def main(argv=None) -> int:
     outcomes, categories, failures = Counter(), Counter(), []
     targets = ["import", "upload"] if args.target == "both" else [args.target]
     count = 0
-    for i in range(args.inputs):
-        name, data, category = make_input(args.seed * 1_000_003 + i)
+    worst = {"seconds": 0.0}
+    worst_bomb = {"seconds": 0.0}
+    bombs = args.inputs // 10 if args.bombs is None else args.bombs
+    fixed = decode_bomb_corpus()
+
+    def inputs():
+        for i in range(args.inputs):
+            yield (args.seed * 1_000_003 + i, *make_input(args.seed * 1_000_003 + i))
+        for index, (name, data, category) in enumerate(fixed):   # each through every target
+            for _ in targets:
+                yield (f"corpus:{index}", name, data, f"bomb:{category}")
+        for j in range(bombs):
+            seed = 7_000_000 + args.seed * 1_000_003 + j
+            name, data, category = make_bomb_input(seed)
+            yield (f"bomb:{seed}", name, data, f"bomb:{category}")
+
+    import resource
+
+    raised = {"mb": 0.0}
+    for i, (seed, name, data, category) in enumerate(inputs()):
         target = targets[i % len(targets)]
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        began = time.perf_counter()
         if target == "import":
             outcome, problems = fuzz_import(project, folder, name, data)
         else:
             outcome, problems = fuzz_upload(client, project, name, data)
+        seconds = time.perf_counter() - began
+        if outcome == "refused" and seconds > worst["seconds"]:
+            worst = {"seconds": round(seconds, 3), "seed": seed, "target": target,
+                     "category": category, "name": name[:80]}
+        if category.startswith("bomb:") and seconds > worst_bomb["seconds"]:
+            worst_bomb = {"seconds": round(seconds, 3), "seed": seed, "target": target,
+                          "outcome": outcome, "category": category, "name": name[:80]}
+        grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+        if grew > raised["mb"]:   # the input that raised the process's peak RSS the most
+            raised = {"mb": round(grew, 1), "seed": seed, "target": target, "outcome": outcome,
+                      "category": category, "name": name[:80], "bytes": len(data)}
         count += 1
         outcomes[f"{target}:{outcome}"] += 1
         categories[category] += 1
         if problems:
-            failures.append({"seed": args.seed * 1_000_003 + i, "target": target,
+            failures.append({"seed": seed, "target": target,
                              "name": name[:80], "category": category, "problems": problems[:5]})
             print(f"FAIL seed {failures[-1]['seed']} ({target}, {category}): {problems[:2]}",
                   flush=True)
@@ -357,7 +963,13 @@ def main(argv=None) -> int:
     summary = {"inputs": count, "failures": len(failures), "server_errors": sum(
         1 for f in failures if any("crash" in p or "answered 5" in p for p in f["problems"])),
         "outcomes": dict(outcomes), "categories": dict(categories),
-        "seconds": round(time.perf_counter() - started, 1), "first_failures": failures[:20]}
+        "seconds": round(time.perf_counter() - started, 1),
+        # the slowest refusal (import job or upload request, end to end) and this process's
+        # peak RSS over the whole run (each input runs in this one process)
+        "worst_refusal": worst, "slowest_bomb": worst_bomb,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_raised_most_by": raised,
+        "first_failures": failures[:20]}
     print(json.dumps({k: v for k, v in summary.items() if k != "first_failures"}, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,8 @@ REFIT_QUEUED_STALE = timedelta(minutes=env_int("REFIT_QUEUED_STALE_MINUTES", 15,
 UPLOAD_MAX_FILE_BYTES = env_int("UPLOAD_MAX_FILE_BYTES", 200 * 1024 * 1024, minimum=1)
 UPLOAD_MAX_FILES = env_int("UPLOAD_MAX_FILES", 500, minimum=1)
 PREVIEW_MAX_SIDE = env_int("PREVIEW_MAX_SIDE", 1024, minimum=32)
+# A single image decoded inside a web request (the classify page): a smaller budget than imports.
+CLASSIFY_MAX_PIXELS = env_int("CLASSIFY_MAX_PIXELS", 16_000_000, minimum=1)
 DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES
 FILE_UPLOAD_TEMP_DIR = None  # Django's default temp dir; files are moved to INCOMING_ROOT.
 

@@ -12,9 +12,9 @@ What ``decode_scan`` returns for a file:
   Sequence; percentile window when absent), then MONOCHROME1 inversion. A
   multi-frame image contributes its middle frame. Colour images become luma.
 - ``stored_bytes``: what may be kept on disk, de-identified (``deid``): DICOM
-  rewritten from a whitelist of technical attributes with fresh UIDs; PNG and
-  TIFF re-encoded losslessly as PNG without text chunks; JPEG without its
-  APP1-APP15 and COM segments, not re-compressed.
+  rewritten, uncompressed, from a whitelist of technical attributes with fresh
+  UIDs; PNG and TIFF re-encoded losslessly as a PNG of pixels only; JPEG
+  reduced to the segments decoding needs, not re-compressed.
 - ``meta``: only modality, manufacturer, model, body part, photometric
   interpretation, pixel spacing, bits stored, frame count, transfer syntax,
   and the burned-in-annotation flag.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,9 +110,14 @@ def probe_raw_dicom(data: bytes) -> bool:
     import pydicom
 
     try:
+        header = _undeflate(data, budget=None)  # a deflated dataset: its header only
+    except ScanDecodeError:
+        return False
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+            source = io.BytesIO(data if header is None else header)
+            ds = pydicom.dcmread(source, force=True, stop_before_pixels=True)
             return "Rows" in ds and "Columns" in ds
     except Exception:  # any parse failure means "no"
         return False
@@ -134,14 +140,543 @@ def _looks_like_raw_dicom(data: bytes) -> bool:
     return group_le in (0x0002, 0x0008) or group_be in (0x0002, 0x0008)
 
 
+# --- what a file will cost, checked before anything large is allocated --------------------
+#
+# A few hundred bytes can declare gigabytes: a deflated DICOM inflates ~1000:1, a JPEG or
+# JPEG 2000 frame inside a DICOM declares its own size whatever Rows/Columns say, a cut
+# JPEG still makes the decoder allocate (and fill with grey) the size it declares, and a
+# TIFF can chain tens of thousands of directories. Each is checked against the pixel budget
+# from the file's own headers, in time linear in the header bytes, before pydicom or Pillow
+# sees the file; what slips past still meets the budget check on the decoded size.
+
+MAX_FRAMES = 4096
+"""Most frames in an encapsulated (compressed) DICOM or pages in a TIFF. Decoders spend
+time per frame and Pillow's page count is quadratic, so a file of many tiny frames costs
+minutes whatever its pixel count; real multi-frame scans stay far below this."""
+
+_DEFLATED_TS = "1.2.840.10008.1.2.1.99"
+_DEFLATE_HEADER_LIMIT = 32 << 20   # inflated bytes allowed before the Pixel Data element
+_DEFLATE_TRAILER_SLACK = 1 << 20   # and after the bytes the declared image needs
+_DEFLATE_BYTES_PER_PIXEL = 4       # cap when the inflated header cannot be walked
+_INFLATE_CHUNK = 1 << 20
+_JPEG_PIXELS_PER_BYTE = 1024       # Huffman JPEG: >= 1 bit per 8x8 block, so >= pixels / 512 bytes
+_DEFLATE_MAX_RATIO = 1032          # zlib's ceiling (258-byte matches in 2 bits)
+_JPEG_MAX_SEGMENTS = 4096
+_J2K_MAX_TILES = 4096
+_TIFF_MAX_ENTRIES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """The pixel budget of one ``decode_scan`` call and how to word a refusal."""
+
+    pixels: int
+    note: str = ""
+
+    def refuse(self, what: str, count: int, *, bomb: bool = True) -> None:
+        if count > self.pixels:
+            raise ScanDecodeError(
+                f"{what}, above the limit of {self.pixels:,} pixels{self.note}"
+                + (" (possible decompression bomb)" if bomb else "")
+            )
+
+
+def _budget(max_pixels: int, request_max_pixels: int | None) -> _Budget:
+    if request_max_pixels is not None and request_max_pixels < max_pixels:
+        return _Budget(
+            max(1, int(request_max_pixels)),
+            " for an image decoded in a web request (import larger scans instead)",
+        )
+    return _Budget(max(1, int(max_pixels)))
+
+
+def _reason(exc: BaseException, limit: int = 200) -> str:
+    """A library's own words for a failure, without the object reprs some of them contain."""
+    text = clean_text(str(exc).split(" <", 1)[0], limit)
+    return text or type(exc).__name__
+
+
+# JPEG / JPEG-LS / JPEG 2000 frame headers --------------------------------------------------
+
+# SOF0-3, 5-7, 9-11, 13-15; JPEG-LS SOF55 (0xF7); hierarchical DHP (0xDE) sizes the frames.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7, 0xDE}
+_HUFFMAN_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7})
+
+
+@dataclass(frozen=True)
+class _Codestream:
+    codec: str
+    width: int
+    height: int
+    components: int
+    min_bytes: int = 0  # the fewest bytes a complete stream of this size can have
+    scan_bytes: int = 0  # bytes from the first scan on (entropy-coded data and after)
+    tiles: int = 1
+
+    def check_complete(self) -> None:
+        """Refuse a stream far smaller than any complete one of its declared size: a
+        Huffman-coded JPEG spends at least a bit per 8x8 block (pixels / 512 bytes), so
+        below pixels / 1024 it is cut short, and the decoder would still allocate (and fill
+        with grey) the whole declared image."""
+        if self.scan_bytes < self.min_bytes:
+            raise ScanDecodeError(
+                f"{self.codec} holds {self.scan_bytes:,} bytes of image data, far too few for "
+                f"the {self.width}x{self.height} pixels it declares: the file is truncated "
+                "or hostile"
+            )
+
+
+def _jpeg_codestream(data: bytes) -> _Codestream:
+    """Frame header of a JPEG or JPEG-LS stream: its markers up to the first scan."""
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        raise ScanDecodeError("not a JPEG stream (no start-of-image marker)")
+    pos, sof, segments = 2, None, 0
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:  # junk between segments: decoders skip to the next marker
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        if marker == 0xD9:
+            break
+        segments += 1
+        if segments > _JPEG_MAX_SEGMENTS:
+            raise ScanDecodeError(
+                f"JPEG has more than {_JPEG_MAX_SEGMENTS:,} segments before its image data "
+                "(damaged or hostile)"
+            )
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2:
+            raise ScanDecodeError("JPEG structure is damaged (a segment of length < 2)")
+        if marker in _SOF_MARKERS and sof is None and pos + 10 <= n:
+            _precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
+            sof = (marker, width, height, components)
+        if marker == 0xDA:
+            if sof is None:
+                break
+            marker, width, height, components = sof
+            if width == 0 or height == 0:
+                raise ScanDecodeError(
+                    f"JPEG declares an empty or deferred size ({width}x{height}); "
+                    "a height given later by a DNL marker is not supported"
+                )
+            codec = "JPEG-LS" if marker == 0xF7 else "JPEG"
+            minimum = 0
+            if marker in _HUFFMAN_SOF:  # arithmetic coding and JPEG-LS can go below a bit a block
+                minimum = -(-width * height // _JPEG_PIXELS_PER_BYTE)
+            return _Codestream(codec, width, height, components, minimum, scan_bytes=n - pos)
+        pos += 2 + length
+    if sof is None:
+        raise ScanDecodeError("JPEG has no frame header (SOF) before its image data")
+    raise ScanDecodeError("JPEG ends before its image data starts (truncated)")
+
+
+def _j2k_codestream(data: bytes) -> _Codestream:
+    """Image and tile size from a JPEG 2000 codestream's SIZ marker (or a JP2 file's)."""
+    start = 0
+    if data[4:8] == b"jP  ":  # a JP2 wrapper: the codestream is in the jp2c box
+        start = data.find(b"\xff\x4f\xff\x51", 0, 1 << 20)
+        if start < 0:
+            raise ScanDecodeError("JPEG 2000 file has no codestream header (SIZ marker)")
+    if data[start : start + 4] != b"\xff\x4f\xff\x51" or len(data) < start + 42:
+        raise ScanDecodeError("JPEG 2000 stream is damaged (no SIZ marker after its start)")
+    (_lsiz, _rsiz, xsiz, ysiz, xo, yo, xt, yt, xto, yto, components) = struct.unpack_from(
+        ">HHIIIIIIIIH", data, start + 4
+    )
+    width, height = xsiz - xo, ysiz - yo
+    if width <= 0 or height <= 0 or xt == 0 or yt == 0 or xto > xo or yto > yo:
+        raise ScanDecodeError(
+            f"JPEG 2000 stream declares an invalid image or tile size ({width}x{height})"
+        )
+    tiles = -(-(xsiz - xto) // xt) * -(-(ysiz - yto) // yt)
+    return _Codestream("JPEG 2000", width, height, components, tiles=tiles)
+
+
+def _frame_codestream(frame: bytes) -> _Codestream | None:
+    if frame[:2] == b"\xff\xd8":
+        return _jpeg_codestream(frame)
+    if frame[:4] == b"\xff\x4f\xff\x51" or frame[4:8] == b"jP  ":
+        return _j2k_codestream(frame)
+    return None
+
+
+def _check_encapsulated(ds, *, rows: int, cols: int, frames: int, samples: int,
+                        transfer_syntax, ts_name: str) -> None:
+    """Each frame's own header (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ) against
+    Rows/Columns/SamplesPerPixel, and its size against what a complete stream needs.
+    Frames are split exactly as pydicom's decoders will split them."""
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import (
+        JPEG2000TransferSyntaxes,
+        JPEGLSTransferSyntaxes,
+        JPEGTransferSyntaxes,
+    )
+
+    if frames > MAX_FRAMES:
+        raise ScanDecodeError(
+            f"compressed DICOM declares {frames:,} frames, above the limit of {MAX_FRAMES:,} "
+            "frames in one file"
+        )
+    expected = {
+        **{uid: "JPEG" for uid in JPEGTransferSyntaxes},
+        **{uid: "JPEG-LS" for uid in JPEGLSTransferSyntaxes},
+        **{uid: "JPEG 2000" for uid in JPEG2000TransferSyntaxes},
+    }.get(transfer_syntax)
+    extended = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    what = f"compressed DICOM ({ts_name or 'unknown transfer syntax'})"
+    try:
+        encoded = generate_frames(ds.PixelData, number_of_frames=frames, extended_offsets=extended)
+        for index in range(frames):
+            frame = next(encoded, None)
+            if frame is None:
+                return  # fewer frames than declared: the decoder reports it
+            label = f"frame {index + 1:,}" if frames > 1 else "its image"
+            info = _frame_codestream(frame)
+            if info is None:
+                if expected is None:
+                    return  # RLE (sized by Rows/Columns) or a codec no installed decoder reads
+                raise ScanDecodeError(f"{what}: {label} is not a {expected} stream")
+            if (info.width, info.height) != (cols, rows):
+                raise ScanDecodeError(
+                    f"{what}: {label} is encoded as {info.width}x{info.height} pixels but the "
+                    f"header declares {cols}x{rows} (Columns x Rows); refused (possible "
+                    "decompression bomb)"
+                )
+            if info.components != samples:
+                raise ScanDecodeError(
+                    f"{what}: {label} has {info.components} colour components but the header "
+                    f"declares {samples} (Samples per Pixel)"
+                )
+            if info.tiles > _J2K_MAX_TILES:
+                raise ScanDecodeError(
+                    f"{what}: {label} is cut into {info.tiles:,} tiles, above the limit of "
+                    f"{_J2K_MAX_TILES:,} (damaged or hostile)"
+                )
+            info.check_complete()
+    except ScanDecodeError as exc:
+        if str(exc).startswith(what):
+            raise
+        raise ScanDecodeError(f"{what}: {str(exc)}") from None
+    except Exception as exc:  # a damaged item structure raises assorted types
+        raise ScanDecodeError(
+            f"{what}: the encapsulated pixel data is damaged ({_reason(exc)})"
+        ) from None
+
+
+# Deflated DICOM ------------------------------------------------------------------------------
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+_GEOMETRY_TAGS = {0x00280010: "rows", 0x00280011: "cols", 0x00280008: "frames",
+                  0x00280002: "samples", 0x00280100: "bits"}
+
+
+class _NeedMore(Exception):
+    """The inflated bytes so far end inside the element being read."""
+
+
+class _Unwalkable(Exception):
+    """The inflated dataset is not plain Explicit VR Little Endian."""
+
+
+def _element_header(buf, pos: int) -> tuple[int, int, int, bytes]:
+    if pos + 8 > len(buf):
+        raise _NeedMore
+    group, element = struct.unpack_from("<HH", buf, pos)
+    tag = group << 16 | element
+    if group == 0xFFFE:  # items and delimiters: tag and a 4-byte length
+        return tag, struct.unpack_from("<I", buf, pos + 4)[0], 8, b""
+    vr = bytes(buf[pos + 4 : pos + 6])
+    if not (vr.isalpha() and vr.isupper()):
+        raise _Unwalkable
+    if vr in _LONG_VRS:
+        if pos + 12 > len(buf):
+            raise _NeedMore
+        return tag, struct.unpack_from("<I", buf, pos + 8)[0], 12, vr
+    return tag, struct.unpack_from("<H", buf, pos + 6)[0], 8, vr
+
+
+def _skip_sequence(buf, pos: int, depth: int) -> int:
+    """Position after the Sequence Delimitation Item of an undefined-length value at ``pos``."""
+    if depth > 32:
+        raise _Unwalkable
+    while True:
+        tag, length, header, _vr = _element_header(buf, pos)
+        pos += header
+        if tag == 0xFFFEE0DD:
+            return pos
+        if tag != 0xFFFEE000:
+            raise _Unwalkable
+        if length != 0xFFFFFFFF:
+            pos += length
+            continue
+        while True:  # an item of undefined length: elements up to its delimiter
+            tag, length, header, _vr = _element_header(buf, pos)
+            pos += header
+            if tag == 0xFFFEE00D:
+                break
+            pos = _skip_sequence(buf, pos, depth + 1) if length == 0xFFFFFFFF else pos + length
+
+
+class _PixelDataWalker:
+    """Walks the top-level elements of an Explicit VR Little Endian dataset as it grows
+    (values are skipped by their length, not read), resuming where the bytes ran out, up
+    to the Pixel Data element; records Rows, Columns, frames, samples and bits on the way."""
+
+    def __init__(self, start: int):
+        self.pos = start
+        self.geometry: dict[str, int] = {}
+
+    def walk(self, buf) -> tuple[int, int]:
+        """``(offset of the pixel value, its length)``; raises _NeedMore or _Unwalkable."""
+        while True:
+            pos = self.pos
+            tag, length, header, vr = _element_header(buf, pos)
+            if tag in _PIXEL_TAGS:
+                return pos + header, length
+            if tag >> 16 == 0xFFFE:
+                raise _Unwalkable
+            if length == 0xFFFFFFFF:
+                self.pos = _skip_sequence(buf, pos + header, 0)
+                continue
+            if tag in _GEOMETRY_TAGS:
+                if pos + header + length > len(buf):
+                    raise _NeedMore
+                value = bytes(buf[pos + header : pos + header + length])
+                try:
+                    number = struct.unpack("<H", value[:2])[0] if vr == b"US" else int(
+                        value.strip(b" \x00") or b"1")
+                except (struct.error, ValueError):
+                    raise _Unwalkable from None
+                self.geometry[_GEOMETRY_TAGS[tag]] = number
+            self.pos = pos + header + length
+
+
+def _undeflate(data: bytes, *, budget: _Budget | None) -> bytes | None:
+    """A Deflated Explicit VR Little Endian DICOM as the same file in Explicit VR Little
+    Endian, inflated in chunks under a cap, or None when ``data`` is not deflated.
+
+    pydicom inflates the whole dataset in one call, however large it becomes; here the
+    dataset is inflated a chunk at a time while its top-level elements are walked. Once the
+    Pixel Data element is reached, its Rows/Columns/frames are checked against ``budget``
+    and the cap becomes what that image needs plus 1 MiB; until then at most 32 MiB of
+    header may inflate. With ``budget`` None only the header is wanted: inflation stops at
+    the Pixel Data element (the result is cut there).
+    """
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+
+    fp = io.BytesIO(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            read_preamble(fp, True)
+            head_end = fp.tell()
+            meta = _read_file_meta_info(fp)
+            body_start = fp.tell()
+            transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")
+    except Exception:  # an unreadable header: pydicom's own read reports it
+        return None
+    if transfer_syntax != _DEFLATED_TS:
+        return None
+    try:
+        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        header = io.BytesIO()
+        header.write(data[:head_end])
+        write_file_meta_info(header, meta, enforce_standard=False)
+    except Exception as exc:
+        raise ScanDecodeError(
+            f"deflated DICOM has an unreadable header ({_reason(exc)})"
+        ) from None
+
+    out = bytearray(header.getvalue())
+    base = len(out)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    source: bytes | memoryview = memoryview(data)[body_start:]
+    absolute = _DEFLATE_HEADER_LIMIT + _DEFLATE_BYTES_PER_PIXEL * (budget.pixels if budget else 0)
+    limit, located, next_walk, image = base + _DEFLATE_HEADER_LIMIT, False, base + (64 << 10), ""
+    walker = _PixelDataWalker(base)
+    while True:
+        try:
+            chunk = inflater.decompress(source, min(_INFLATE_CHUNK, limit + 1 - len(out)))
+        except zlib.error as exc:
+            raise ScanDecodeError(f"deflated DICOM is damaged ({_reason(exc)})") from None
+        source = inflater.unconsumed_tail
+        out += chunk
+        finished = inflater.eof or not (source or chunk)
+        if not located and (finished or len(out) >= next_walk or len(out) > limit):
+            next_walk = 2 * len(out)
+            try:
+                value_at, _length = walker.walk(out)
+                geometry = walker.geometry
+            except _NeedMore:
+                pass
+            except _Unwalkable:
+                located, limit = True, base + absolute
+                if budget is None:
+                    return bytes(out)
+            else:
+                located = True
+                if budget is None:
+                    return bytes(out)
+                rows, cols = geometry.get("rows", 0), geometry.get("cols", 0)
+                frames = geometry.get("frames", 1) or 1
+                if rows and cols:
+                    budget.refuse(f"DICOM declares {cols}x{rows} pixels x {frames} frames",
+                                  rows * cols * frames, bomb=False)
+                    bits = geometry.get("bits", 16) or 16
+                    samples = geometry.get("samples", 1) or 1
+                    needed = -(-rows * cols * frames * samples * bits // 8)
+                    limit = value_at + needed + _DEFLATE_TRAILER_SLACK
+                    image = f", more than its {cols}x{rows}" + (
+                        f"x{frames}" if frames > 1 else "") + " image needs"
+                else:
+                    limit = base + absolute
+        if len(out) > limit:
+            if not located:
+                raise ScanDecodeError(
+                    f"deflated DICOM inflates to more than {_DEFLATE_HEADER_LIMIT >> 20} MiB "
+                    "before its pixel data (possible decompression bomb)"
+                )
+            raise ScanDecodeError(
+                f"deflated DICOM inflates to more than {(limit - base) / 2**20:,.1f} MiB"
+                f"{image} (possible decompression bomb)"
+            )
+        if finished:
+            return bytes(out)
+
+
+# TIFF and PNG ---------------------------------------------------------------------------------
+
+
+def _tiff_pages(data: bytes) -> list[tuple[int, int]]:
+    """``(width, height)`` of every page, from the directory chain walked once (Pillow's
+    page count re-walks it per page), with loop detection and a cap on pages and entries."""
+    order = "<" if data[:2] == b"II" else ">"
+    entry = np.dtype([("tag", order + "u2"), ("type", order + "u2"), ("count", order + "u4"),
+                      ("value", "V4")])
+    (offset,) = struct.unpack_from(order + "I", data, 4)
+    seen: set[int] = set()
+    pages: list[tuple[int, int]] = []
+    entries_seen = 0
+    while offset:
+        page = len(pages) + 1
+        if offset in seen:
+            raise ScanDecodeError(
+                f"TIFF page directories loop back on themselves at page {page:,} "
+                "(damaged or hostile file)"
+            )
+        if page > MAX_FRAMES:
+            raise ScanDecodeError(
+                f"TIFF has more than {MAX_FRAMES:,} pages, above the limit for one file"
+            )
+        seen.add(offset)
+        if offset + 2 > len(data):
+            if pages:
+                break  # a dangling pointer after the last page: the pages before it stand
+            raise ScanDecodeError("TIFF is truncated: its first page directory is missing")
+        (count,) = struct.unpack_from(order + "H", data, offset)
+        end = offset + 2 + 12 * count
+        if end + 4 > len(data):
+            if pages:
+                break
+            raise ScanDecodeError("TIFF is truncated: its first page directory is cut short")
+        entries_seen += count
+        if entries_seen > _TIFF_MAX_ENTRIES:
+            raise ScanDecodeError(
+                "TIFF page directories hold too many entries (damaged or hostile)"
+            )
+        table = np.frombuffer(data, dtype=entry, count=count, offset=offset + 2)
+        size = [_tiff_number(table, tag, order) for tag in (256, 257)]
+        if None in size:
+            raise ScanDecodeError(
+                f"TIFF page {page:,} does not declare its width and height (damaged file)"
+            )
+        if size[0] <= 0 or size[1] <= 0:
+            raise ScanDecodeError(
+                f"TIFF page {page:,} declares an empty image ({size[0]}x{size[1]})"
+            )
+        pages.append((size[0], size[1]))
+        (offset,) = struct.unpack_from(order + "I", data, end)
+    if not pages:
+        raise ScanDecodeError("TIFF has no pages")
+    return pages
+
+
+def _tiff_number(table: np.ndarray, tag: int, order: str) -> int | None:
+    hits = np.flatnonzero(table["tag"] == tag)
+    if not hits.size:
+        return None
+    item = table[hits[0]]
+    raw = item["value"].tobytes()
+    if int(item["type"]) == 3:
+        return struct.unpack(order + "H", raw[:2])[0]
+    if int(item["type"]) == 4:
+        return struct.unpack(order + "I", raw)[0]
+    return None
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def _check_png(data: bytes, budget: _Budget) -> None:
+    """The declared size against the budget, and the compressed image data against what
+    deflate (at most ~1032:1) needs to hold it."""
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        return  # Pillow explains what is wrong
+    width, height, depth, colour = struct.unpack_from(">IIBB", data, 16)
+    if width == 0 or height == 0:
+        raise ScanDecodeError(f"PNG declares an empty image ({width}x{height})")
+    budget.refuse(f"PNG declares {width}x{height} pixels", width * height)
+    raw = height * (1 + -(-width * _PNG_CHANNELS.get(colour, 1) * max(depth, 1) // 8))
+    needed = -(-raw // _DEFLATE_MAX_RATIO)
+    total, pos = 0, 8
+    while pos + 8 <= len(data) and total < needed:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IDAT":
+            total += min(length, len(data) - pos - 8)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if total < needed:
+        raise ScanDecodeError(
+            f"PNG holds {total:,} bytes of image data, too few for the {width}x{height} pixels "
+            "it declares: the file is truncated (or a decompression bomb)"
+        )
+
+
 def decode_scan(
     data: bytes,
     *,
     name: str = "",
     salt: str,
     max_pixels: int = 64_000_000,
+    request_max_pixels: int | None = None,
+    keep_copy: bool = True,
 ) -> DecodedScan:
-    """Decode one file's bytes. Raises ``ScanDecodeError`` with a clear reason."""
+    """Decode one file's bytes. Raises ``ScanDecodeError`` with a clear reason.
+
+    ``max_pixels`` bounds width x height x frames (TIFF: the pixels of all pages) of what
+    will be decoded, checked from the file's own headers before any large allocation: an
+    encapsulated frame's JPEG / JPEG-LS / JPEG 2000 header must match Rows/Columns, a
+    deflated DICOM is inflated under a cap derived from it, every TIFF page is counted.
+    ``request_max_pixels``: a smaller budget for decoding a single image inside a web
+    request (the classify page); a refusal under it says so. ``keep_copy=False``: no stored
+    copy is made (``stored_bytes`` empty) — for an image that is only looked at, never kept.
+    Any failure of pydicom or Pillow becomes a ``ScanDecodeError``.
+    """
     if not data:
         raise ScanDecodeError("empty file (0 bytes)")
     kind = sniff_format(data, name)
@@ -150,44 +685,79 @@ def decode_scan(
             "unsupported or unrecognised file type: expected DICOM, PNG, JPEG or TIFF "
             "(checked the file's content, not its name)"
         )
-    if kind in ("dicom", "dicom?"):
-        return _decode_dicom(data, salt=salt, max_pixels=max_pixels, sure=kind == "dicom")
-    return _decode_raster(data, kind=kind, max_pixels=max_pixels)
+    budget = _budget(max_pixels, request_max_pixels)
+    try:
+        if kind in ("dicom", "dicom?"):
+            return _decode_dicom(data, salt=salt, budget=budget, sure=kind == "dicom",
+                                 keep_copy=keep_copy)
+        return _decode_raster(data, kind=kind, budget=budget, keep_copy=keep_copy)
+    except ScanDecodeError:
+        raise
+    except DeidentificationError as exc:
+        raise ScanDecodeError(str(exc)) from None
+    except MemoryError:
+        raise ScanDecodeError("not enough memory to decode this image") from None
+    except Exception as exc:  # a library failing on hostile input: a refusal, never a crash
+        label = "DICOM" if kind.startswith("dicom") else kind.upper()
+        raise ScanDecodeError(f"{label} file could not be decoded ({type(exc).__name__})") from None
 
 
 # --- rasters ---------------------------------------------------------------
 
 
-def _decode_raster(data: bytes, *, kind: str, max_pixels: int) -> DecodedScan:
+def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
+                   keep_copy: bool = True) -> DecodedScan:
+    # The file's own headers first: the size a JPEG declares (and whether its data could
+    # hold it), every TIFF page (Pillow would re-walk the page chain per page), a PNG's
+    # size against its compressed data.
+    pages = None
+    if kind == "jpeg":
+        info = _jpeg_codestream(data)
+        budget.refuse(f"JPEG declares {info.width}x{info.height} pixels", info.width * info.height)
+        info.check_complete()
+    elif kind == "tiff":
+        pages = _tiff_pages(data)
+        total = sum(w * h for w, h in pages)
+        budget.refuse(
+            f"TIFF declares {pages[0][0]}x{pages[0][1]} pixels"
+            + (f" x {len(pages)} pages ({total:,} pixels in all)" if len(pages) > 1 else ""),
+            total,
+        )
+    elif kind == "png":
+        _check_png(data, budget)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
-            frames = int(getattr(image, "n_frames", 1) or 1)
+            frames = len(pages) if pages is not None else int(getattr(image, "n_frames", 1) or 1)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ScanDecodeError(
                 "image dimensions are too large to be a scan (possible decompression bomb)"
             ) from None
-        except (OSError, ValueError, SyntaxError, struct.error) as exc:
-            raise ScanDecodeError(f"not a readable {kind.upper()} image: {exc}") from None
+        except Exception as exc:  # Pillow raises assorted types on hostile input
+            raise ScanDecodeError(f"not a readable {kind.upper()} image: {_reason(exc)}") from None
         if width <= 0 or height <= 0:
             raise ScanDecodeError(f"{kind.upper()} declares an empty image ({width}x{height})")
-        if width * height * frames > max_pixels:
-            raise ScanDecodeError(
+        if pages is None:
+            budget.refuse(
                 f"{kind.upper()} declares {width}x{height} pixels"
-                f"{f' x {frames} frames' if frames > 1 else ''}, above the limit of "
-                f"{max_pixels:,} pixels (possible decompression bomb)"
+                f"{f' x {frames} frames' if frames > 1 else ''}",
+                width * height * frames,
             )
         try:
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ScanDecodeError("image is too large to decode (possible decompression bomb)")
-        except (OSError, ValueError, SyntaxError, struct.error, EOFError) as exc:
-            raise ScanDecodeError(f"{kind.upper()} image data is damaged: {exc}") from None
+        except Exception as exc:
+            raise ScanDecodeError(
+                f"{kind.upper()} image data is damaged: {_reason(exc)}"
+            ) from None
 
     pixels, bits = _raster_to_unit(image)
-    if kind == "jpeg":
+    if not keep_copy:
+        stored, ext = b"", ""
+    elif kind == "jpeg":
         try:
             stored, ext = strip_jpeg_metadata(data), ".jpg"
         except DeidentificationError as exc:
@@ -211,14 +781,17 @@ def _decode_raster(data: bytes, *, kind: str, max_pixels: int) -> DecodedScan:
 
 
 def _raster_to_unit(image: Image.Image) -> tuple[np.ndarray, int]:
+    # One float32 array, scaled in place: Pillow's copy of the pixels (tobytes) plus 4
+    # bytes a pixel, and the percentile pass's 4 for 16-bit images.
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float32)
+        array = np.array(image, dtype=np.float32)
         bits = 16 if mode.startswith("I;16") else 32
-        return _percentile_window(array), bits
+        return _percentile_window(array, in_place=True), bits
     if mode != "L":
         image = image.convert("L")
-    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = np.array(image, dtype=np.float32)
+    np.divide(array, 255.0, out=array)
     return array, 8
 
 
@@ -233,34 +806,59 @@ def _encode_png_lossless(image: Image.Image) -> bytes:
     return png_without_metadata(image)
 
 
-def _percentile_window(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    finite = array[np.isfinite(array)]
+def _percentile_window(
+    array: np.ndarray, low: float = 0.5, high: float = 99.5, *, in_place: bool = False
+) -> np.ndarray:
+    """``array`` mapped so its ``low`` / ``high`` percentiles become 0 / 1, as float32.
+    ``in_place``: ``array`` is a float32 array of the caller's to overwrite (no copy);
+    the percentiles themselves need one temporary copy (0 / 100 need none)."""
+    if not (in_place and array.dtype == np.float32 and array.flags.writeable):
+        array = np.array(array, dtype=np.float32)
+    finite_mask = np.isfinite(array)
+    finite = array if finite_mask.all() else array[finite_mask]
+    del finite_mask
     if finite.size == 0:
-        return np.zeros(array.shape, dtype=np.float32)
-    lo, hi = np.percentile(finite, [low, high])
+        array[...] = 0.0
+        return array
+    if low <= 0.0 and high >= 100.0:
+        lo, hi = float(finite.min()), float(finite.max())
+    else:
+        lo, hi = (float(v) for v in np.percentile(finite, [low, high]))
     if hi <= lo:
         lo, hi = float(finite.min()), float(finite.max())
+    del finite
     if hi <= lo:
-        return np.zeros(array.shape, dtype=np.float32)
-    out = (array - lo) / (hi - lo)
-    return np.clip(np.nan_to_num(out), 0.0, 1.0).astype(np.float32)
+        array[...] = 0.0
+        return array
+    np.subtract(array, lo, out=array)
+    np.divide(array, hi - lo, out=array)
+    np.nan_to_num(array, copy=False)
+    np.clip(array, 0.0, 1.0, out=array)
+    return array
 
 
 # --- DICOM -----------------------------------------------------------------
 
 
-def _decode_dicom(data: bytes, *, salt: str, max_pixels: int, sure: bool = True) -> DecodedScan:
+def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
+                  keep_copy: bool = True) -> DecodedScan:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    # A deflated dataset is inflated here, under a cap, not by pydicom (which would
+    # inflate all of it at once): pydicom reads the same file as Explicit VR LE.
+    inflated = _undeflate(data, budget=budget)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            ds = pydicom.dcmread(io.BytesIO(data if inflated is None else inflated), force=True)
+            if inflated is not None:
+                ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, struct.error) as exc:
         raise ScanDecodeError(f"not a readable DICOM file: {type(exc).__name__}") from None
     except Exception as exc:  # pydicom raises assorted types on hostile input
         raise ScanDecodeError(f"not a readable DICOM file: {type(exc).__name__}") from None
+    del inflated  # the dataset holds its own copy of every value
 
     if "PixelData" not in ds and not sure:
         raise ScanDecodeError(
@@ -284,17 +882,25 @@ def _decode_dicom(data: bytes, *, salt: str, max_pixels: int, sure: bool = True)
         raise ScanDecodeError("DICOM image is missing Rows/Columns") from None
     if rows <= 0 or cols <= 0 or frames <= 0:
         raise ScanDecodeError(f"DICOM declares an empty image ({cols}x{rows}x{frames})")
-    if rows * cols * frames > max_pixels:
-        raise ScanDecodeError(
-            f"DICOM declares {cols}x{rows} pixels x {frames} frames, above the limit of "
-            f"{max_pixels:,} pixels"
-        )
+    budget.refuse(f"DICOM declares {cols}x{rows} pixels x {frames} frames", rows * cols * frames,
+                  bomb=False)
 
     transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = clean_text(getattr(transfer_syntax, "name", "") or "", 80)
     try:
+        encapsulated = bool(transfer_syntax) and transfer_syntax.is_compressed and not (
+            transfer_syntax.is_deflated)
+        samples_declared = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):  # not a transfer syntax pydicom knows: it cannot decode it
+        encapsulated, samples_declared = False, 1
+    if encapsulated:  # the size each frame will really decode to, before the decoder runs
+        _check_encapsulated(ds, rows=rows, cols=cols, frames=frames, samples=samples_declared,
+                            transfer_syntax=transfer_syntax, ts_name=ts_name)
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # frames beyond Number of Frames are not decoded (pydicom's default is to add them)
+            ds.pixel_array_options(allow_excess_frames=False)
             raw = ds.pixel_array
     except NotImplementedError:
         raise ScanDecodeError(
@@ -337,13 +943,22 @@ def _decode_dicom(data: bytes, *, salt: str, max_pixels: int, sure: bool = True)
     if frames > 1 and raw.ndim >= 3 and raw.shape[0] == frames:
         frame = raw[frames // 2]
 
-    pixels = _dicom_to_unit(ds, frame, photometric=photometric, samples=samples)
+    try:
+        pixels = _dicom_to_unit(ds, frame, photometric=photometric, samples=samples)
+    except MemoryError:
+        raise
+    except Exception as exc:  # LUTs and rescale values come from the file
+        raise ScanDecodeError(
+            f"DICOM pixel values cannot be mapped to grey levels ({type(exc).__name__}): check "
+            "its Modality LUT, Rescale, VOI LUT and palette elements"
+        ) from None
     if pixels.shape[:2] != (rows, cols):
         raise ScanDecodeError("DICOM pixel data does not match its declared Rows/Columns")
 
     patient_key = patient_pseudonym(ds, salt=salt)
     try:
-        stored = deidentified_dicom(ds, raw, salt=salt, patient_key=patient_key)
+        stored = deidentified_dicom(ds, raw, salt=salt, patient_key=patient_key) if keep_copy \
+            else b""
     except DeidentificationError as exc:
         raise ScanDecodeError(str(exc)) from None
 
@@ -391,25 +1006,38 @@ def _spacing(value: object) -> list[float] | None:
 def _dicom_to_unit(ds, frame: np.ndarray, *, photometric: str, samples: int) -> np.ndarray:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
+    # One float32 array (4 bytes a pixel) is made from the stored frame and every later
+    # step (rescale, window, inversion) works in place on it; the percentile window needs
+    # one temporary copy more. pydicom's rescale would make a float64 copy (8 bytes a pixel).
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(frame, ds).astype(np.float32)
-        return _percentile_window(_luma(rgb), 0.0, 100.0)
+        return _percentile_window(_luma(apply_color_lut(frame, ds)), 0.0, 100.0, in_place=True)
     if samples == 3 or frame.ndim == 3:
-        return _percentile_window(_luma(frame.astype(np.float32)), 0.0, 100.0)
+        return _percentile_window(_luma(frame), 0.0, 100.0, in_place=True)
 
-    values = apply_modality_lut(frame, ds).astype(np.float32)
+    if "ModalityLUTSequence" in ds:
+        values = apply_modality_lut(frame, ds).astype(np.float32)
+    else:
+        values = frame.astype(np.float32)
+        if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+            slope = _first_number(ds.get("RescaleSlope"))
+            intercept = _first_number(ds.get("RescaleIntercept"))
+            if slope is not None and slope != 1.0:
+                np.multiply(values, slope, out=values)
+            if intercept:
+                np.add(values, intercept, out=values)
     center, width = _first_number(ds.get("WindowCenter")), _first_number(ds.get("WindowWidth"))
     function = clean_text(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
     if center is not None and width is not None and width > 0:
         unit = _window(values, center, width, function)
     elif "VOILUTSequence" in ds:
+        del values
         lut = apply_voi_lut(frame, ds, prefer_lut=True).astype(np.float32)
-        unit = _percentile_window(lut, 0.0, 100.0)
+        unit = _percentile_window(lut, 0.0, 100.0, in_place=True)
     else:
-        unit = _percentile_window(values)
+        unit = _percentile_window(values, in_place=True)
     if photometric == "MONOCHROME1":
-        unit = 1.0 - unit
-    return unit.astype(np.float32)
+        np.subtract(1.0, unit, out=unit)
+    return unit
 
 
 def _first_number(value: object) -> float | None:
@@ -425,20 +1053,43 @@ def _first_number(value: object) -> float | None:
 
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """VOI windowing per DICOM PS3.3 C.11.2.1.2, mapped to [0, 1]."""
+    """VOI windowing per DICOM PS3.3 C.11.2.1.2, mapped to [0, 1], in place on the float32
+    ``values`` (which it returns)."""
+    out = values
     if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+        np.subtract(out, center, out=out)
+        np.multiply(out, -4.0, out=out)
+        np.divide(out, width, out=out)
+        with np.errstate(over="ignore"):
+            np.exp(out, out=out)
+        np.add(out, 1.0, out=out)
+        np.divide(1.0, out, out=out)
+        return out
     if function == "LINEAR_EXACT":
-        out = (values - center) / width + 0.5
+        np.subtract(out, center, out=out)
+        np.divide(out, width, out=out)
     else:  # LINEAR
         if width < 1:
             width = 1.0
-        out = (values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+        np.subtract(out, center - 0.5, out=out)
+        np.divide(out, max(width - 1.0, 1e-6), out=out)
+    np.add(out, 0.5, out=out)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
-    return (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]).astype(np.float32)
+    """Rec. 601 luma of an ``(..., 3)`` array as float32, one channel at a time (8 bytes a
+    pixel, not a float copy of all three channels)."""
+    out = rgb[..., 0].astype(np.float32)
+    np.multiply(out, 0.299, out=out)
+    channel = rgb[..., 1].astype(np.float32)
+    np.multiply(channel, 0.587, out=channel)
+    np.add(out, channel, out=out)
+    channel[...] = rgb[..., 2]
+    np.multiply(channel, 0.114, out=channel)
+    np.add(out, channel, out=out)
+    return out
 
 
 # --- previews --------------------------------------------------------------

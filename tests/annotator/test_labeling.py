@@ -104,7 +104,7 @@ def test_bad_answers_are_refused_with_a_reason_and_write_nothing(encoded_project
     cases = [
         ({"outcome": "label"}, "choose a class"),
         ({"outcome": "label", "class_id": foreign.pk}, "unknown class"),
-        ({"outcome": "label", "class_id": "x"}, "must be an integer"),
+        ({"outcome": "label", "class_id": "x"}, "must be a positive whole number"),
         ({"outcome": "maybe"}, "unknown outcome"),
         ({"outcome": "skip", "shown_confidence": 7}, "out of range"),
         ({"outcome": "skip", "shown_model_version": "clf-999"}, "model version"),
