@@ -119,7 +119,7 @@ class LabelClassForm(_LabelSetChoice):
         return key
 
     def clean(self):
-        from annotator.labeling import effective_hotkeys
+        from annotator.label_page import effective_hotkeys
 
         cleaned = super().clean()
         key, label_set = cleaned.get("hotkey"), cleaned.get("label_set")

@@ -1,5 +1,7 @@
 """The labeling loop's reads and writes: the current worklist, short leases so two readers
-are not served the same scan, the label page's payload, and recording an answer.
+are not served the same scan, and recording an answer (``answer_submit`` parses the label
+page's request and calls ``annotation_create``). What the label page shows for a scan is
+``annotator/label_page.py``.
 
 Views call these; they never touch the ORM for the loop themselves.
 """
@@ -13,15 +15,12 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
-from django.urls import reverse
 from django.utils import timezone
 
 from annotator.models import Annotation, LabelClass, Project, Scan, ScanLease
 from annotator.services import AnnotationError, annotation_create
 from medsite import jsonbody
-from ml_backend.errors import ModelUnavailable, TrainingError
 from ml_backend.models import ModelVersion, Prediction, QueryRound
-from ml_backend.services import embeddings, inference
 
 logger = logging.getLogger(__name__)
 
@@ -183,155 +182,6 @@ def describe_reason(reason: dict, score: float | None = None) -> dict:
     return {"why": reason.get("why", ""), "details": parts,
             "score": None if score is None else round(float(score), 4),
             "neighbours": reason.get("neighbours", [])}
-
-
-# --- the label page --------------------------------------------------------------------
-
-
-def effective_hotkeys(classes: list[LabelClass]) -> dict[int, str]:
-    """Each class's key: its own hotkey, else the next free digit 1–9, then 0."""
-    taken = {c.hotkey.lower() for c in classes if c.hotkey}
-    free = [d for d in "1234567890" if d not in taken]
-    keys = {}
-    for c in classes:
-        if c.hotkey:
-            keys[c.pk] = c.hotkey.lower()
-        elif free:
-            keys[c.pk] = free.pop(0)
-    return keys
-
-
-def _suggestion(project: Project, scan: Scan) -> dict | None:
-    """The active model's stored prediction over the classes of the scan's label set
-    (computed on the fly for a scan it has not seen). None when there is no model yet or it
-    has not learned this scan's label set; raises ModelUnavailable when it fails."""
-    model = project.active_model
-    if model is None or scan.label_set_id is None:
-        return None
-    classes = {c["id"]: c["name"] for c in model.config.get("classes", [])}
-    mine = set(scan.label_set.classes.values_list("pk", flat=True))
-    if not mine & set(classes):
-        return None
-    stored = Prediction.objects.filter(model_version=model, scan=scan).first()
-    if stored is not None:
-        probabilities = {int(k): float(v) for k, v in stored.probabilities.items()}
-    else:
-        try:
-            p = inference.predictor_for(model)([scan])[0]
-        except (TrainingError, OSError, ValueError) as exc:
-            logger.warning("no prediction for scan %s with %s: %s", scan.pk, model.version, exc)
-            raise ModelUnavailable(f"the model {model.version} could not score this scan: "
-                                   f"{exc}") from None
-        probabilities = {cid: float(v) for cid, v in zip(classes, p) if cid in mine}
-    probabilities = {cid: p for cid, p in probabilities.items() if cid in mine}
-    if not probabilities or max(probabilities.values()) <= 0:
-        return None
-    ranked = sorted(probabilities.items(), key=lambda kv: -kv[1])
-    best_id, best_p = ranked[0]
-    return {"model_version": model.version, "class_id": best_id,
-            "class_name": classes.get(best_id, "?"), "confidence": round(best_p, 4),
-            "calibrated": model.config.get("kind") == "head"
-            or bool(model.config.get("calibrated_on")),
-            "top": [{"class_id": cid, "name": classes.get(cid, "?"), "p": round(p, 4)}
-                    for cid, p in ranked[:5]]}
-
-
-def _similar(scan: Scan, k: int = 6) -> tuple[list[dict], str | None]:
-    """The most similar labeled scans of the scan's label set, and why there are none when
-    the search failed (no encoder or no embeddings yet is not a failure: an empty list)."""
-    try:
-        hits = embeddings.similar_scans(scan=scan, k=k, labeled_only=True, same_label_set=True)
-    except ModelUnavailable as exc:
-        logger.warning("similar scans for scan %s: %s", scan.pk, exc)
-        return [], f"Similar scans are unavailable: {exc}"
-    except TrainingError:
-        return [], None
-    except (OSError, ValueError) as exc:
-        logger.warning("similar scans for scan %s failed: %s", scan.pk, exc)
-        return [], f"Similar scans are unavailable: {type(exc).__name__}: {exc}"
-    labels: dict[int, list[str]] = {}
-    for scan_id, name in (Annotation.objects.filter(scan_id__in=[s.pk for s, _ in hits],
-                                                    outcome=Annotation.Outcome.LABEL)
-                          .order_by("-created_at").values_list("scan_id", "label_class__name")):
-        labels.setdefault(scan_id, [])
-        if name not in labels[scan_id]:
-            labels[scan_id].append(name)
-    return [{"scan": s.pk, "similarity": round(score, 3), "labels": labels.get(s.pk, []),
-             "preview": reverse("annotator:scan_preview", args=[s.pk])} for s, score in hits
-            if not s.quarantined], None
-
-
-def scan_classes(scan: Scan) -> list[LabelClass]:
-    """The classes a reader may give this scan: its label set's (none without a set)."""
-    if scan.label_set_id is None:
-        return []
-    return list(LabelClass.objects.filter(label_set_id=scan.label_set_id).order_by("order", "name"))
-
-
-def model_notice(project: Project) -> str | None:
-    """Why the newest refit is not the active model, in words (None when it is)."""
-    newest = (ModelVersion.objects.filter(project=project, kind=ModelVersion.Kind.CLASSIFIER)
-              .exclude(status=ModelVersion.Status.TRAINING).order_by("-created_at").first())
-    if newest is None or newest.pk == project.active_model_id:
-        return None
-    if newest.status == ModelVersion.Status.FAILED:
-        return f"The last refit ({newest.version}) failed: {newest.status_reason[:300]}"
-    if newest.status == ModelVersion.Status.READY:
-        return f"{newest.version} was {newest.status_reason[:400]}"
-    return None
-
-
-def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict:
-    """Everything the label page shows for one scan, as JSON-ready data."""
-    classes = scan_classes(scan)
-    keys = effective_hotkeys(classes)
-    model_error = None
-    try:
-        suggestion = _suggestion(project, scan)
-    except ModelUnavailable as exc:
-        suggestion, model_error = None, str(exc)
-    novelty = embeddings.scan_novelty(scan)
-    if suggestion is not None and novelty is not None and novelty["ood"]:
-        suggestion["unreliable"] = True
-    similar, similar_error = _similar(scan)
-    gradcam = None
-    if suggestion is not None:
-        gradcam = (reverse("annotator:gradcam", args=[scan.pk])
-                   + f"?class={suggestion['class_id']}")
-    progress = None
-    if item is not None:
-        wl = worklist(project, user) if user is not None else None
-        progress = wl["progress"] if wl else None
-    return {
-        "scan": {"id": scan.pk, "preview": reverse("annotator:scan_preview", args=[scan.pk]),
-                 "width": scan.width, "height": scan.height, "dataset": scan.dataset.name,
-                 "modality": scan.modality, "split": scan.split,
-                 "label_set": scan.label_set.name if scan.label_set_id else None,
-                 "url": reverse("annotator:label", args=[project.pk, scan.pk]),
-                 "answer": reverse("annotator:answer", args=[project.pk, scan.pk])},
-        "item": None if item is None else {
-            "round": item.query_round_id, "rank": item.rank, "score": round(item.score, 4),
-            "reason": describe_reason(item.reason, item.score)},
-        "suggestion": suggestion,
-        "model_error": model_error,
-        "novelty": novelty,
-        "model_notice": model_notice(project),
-        "gradcam": gradcam,
-        "similar": similar,
-        "similar_error": similar_error,
-        "classes": [{"id": c.pk, "name": c.name, "key": keys.get(c.pk, ""), "color": c.color,
-                     "description": c.description} for c in classes],
-        "no_label_set": scan.label_set_id is None,
-        "model_version": project.active_model.version if project.active_model_id else None,
-        "progress": progress,
-        "lease_seconds": settings.LABEL_LEASE_SECONDS,
-        "prefetch": _prefetch(project, user, scan) if item is not None and user else None,
-    }
-
-
-def _prefetch(project: Project, user, scan: Scan) -> str | None:
-    upcoming = peek_after(project=project, user=user, scan=scan)
-    return reverse("annotator:scan_preview", args=[upcoming]) if upcoming else None
 
 
 # --- answers ---------------------------------------------------------------------------

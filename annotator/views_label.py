@@ -17,6 +17,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from annotator import label_page as page_content
 from annotator import labeling, selectors, services
 from annotator.forms import ClassifyForm, LabelClassForm
 from annotator.models import Annotation, LabelClass, Scan
@@ -95,7 +96,7 @@ def label_page(request, project_id: int, scan_id: int):
     held_by = None
     if not labeling.lease_acquire(scan=scan, user=request.user):
         held_by = scan.lease.user.get_username()
-    payload = labeling.label_payload(project=project, scan=scan, item=item, user=request.user)
+    payload = page_content.label_payload(project=project, scan=scan, item=item, user=request.user)
     payload["held_by"] = held_by
     if request.GET.get("format") == "json":
         return JsonResponse(payload)
@@ -129,7 +130,7 @@ def answer(request, project_id: int, scan_id: int):
     next_payload = None
     if found is not None:
         next_scan_obj, item = found
-        next_payload = labeling.label_payload(project=project, scan=next_scan_obj, item=item,
+        next_payload = page_content.label_payload(project=project, scan=next_scan_obj, item=item,
                                               user=request.user)
     return JsonResponse({
         "saved": {"id": annotation.pk, "created": created, "outcome": annotation.outcome,

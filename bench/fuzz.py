@@ -38,6 +38,7 @@ import io
 import json
 import os
 import random
+import re
 import struct
 import sys
 import tarfile
@@ -847,13 +848,770 @@ def fuzz_upload(client, project, name: str, data: bytes,
     return outcome, problems + check_storage(project)
 
 
+# --- a throwaway Django project ---------------------------------------------------------------
+
+
+def setup_django(workdir: Path, *, log_level: str = "ERROR", extra_env: dict | None = None) -> None:
+    """Settings for a throwaway SQLite project under ``workdir`` (``FUZZ_DATABASE_URL``
+    overrides the database), production-like (``DEBUG=0``); migrate it."""
+    os.environ.update({
+        "DATABASE_URL": os.environ.get("FUZZ_DATABASE_URL", f"sqlite:///{workdir / 'db.sqlite3'}"),
+        "MEDIA_ROOT": str(workdir / "media"), "ARTIFACTS_ROOT": str(workdir / "artifacts"),
+        "INCOMING_ROOT": str(workdir / "incoming"), "DJANGO_SETTINGS_MODULE": "medsite.settings",
+        "LOG_LEVEL": log_level,
+        # production settings: the error pages users get, not Django's debug pages
+        "DEBUG": "0", "SECRET_KEY": "fuzz-" + "x" * 50, "DEID_SALT": "fuzz-deid-salt-0123456789",
+        "ALLOWED_HOSTS": "testserver", "SECURE_SSL_REDIRECT": "0",
+        "SESSION_COOKIE_SECURE": "0", "CSRF_COOKIE_SECURE": "0", **(extra_env or {})})
+    for name in ("CELERY_BROKER_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
+        os.environ.pop(name, None)
+    import warnings
+
+    import django
+
+    warnings.filterwarnings("ignore")
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# --- hostile requests (--target requests) ----------------------------------------------------
+#
+# Every JSON endpoint through Django's test client on a throwaway project: the label page's
+# answer (a member's session), the Label Studio webhook (shared secret), the ML backend's
+# predict / webhook / setup (HTTP Basic). Bodies: the suite's classes (bench/hostile.py,
+# tests/test_hostile_requests.py), valid requests with one odd field, bodies at the size
+# limit; then non-ASCII credentials and secrets, and Label Studio annotation ids replayed
+# through another project's webhook.
+
+ML_AUTH = "labelstudio:fuzz-ml-backend-password"
+WEBHOOK_SECRET = "fuzz-webhook-secret-0123456789"
+_WRITE = re.compile(
+    r'^\s*(?:INSERT\s+(?:OR\s+\w+\s+)?INTO|UPDATE|DELETE\s+FROM|REPLACE\s+INTO)\s+"?([\w.]+)"?',
+    re.I)
+
+
+class WriteLog:
+    """A database execute wrapper: every INSERT / UPDATE / DELETE with its table and row
+    count, and every text parameter PostgreSQL refuses (a NUL character; ``\\u0000`` in a
+    jsonb value). On SQLite (``emulate_postgres``) such a statement raises the
+    ``DataError`` psycopg raises, so a SQLite run shows PostgreSQL's answer to it."""
+
+    def __init__(self, *, emulate_postgres: bool = True):
+        self.emulate = emulate_postgres
+        self.writes: list[tuple[str, int]] = []
+        self.postgres_refusals: list[str] = []
+
+    def reset(self) -> None:
+        self.writes, self.postgres_refusals = [], []
+
+    @staticmethod
+    def _refused(params) -> str | None:
+        rows = params if isinstance(params, (list, tuple)) else [params]
+        for value in rows:
+            if isinstance(value, (list, tuple)):
+                found = WriteLog._refused(value)
+                if found:
+                    return found
+            elif isinstance(value, str):
+                if "\x00" in value:
+                    return "PostgreSQL text fields cannot contain NUL (0x00) bytes"
+                if value[:1] in "{[" and "\\u0000" in value:
+                    return "unsupported Unicode escape sequence (\\u0000 in a jsonb value)"
+        return None
+
+    def __call__(self, execute, sql, params, many, context):
+        from django.db import connection
+        from django.db.utils import DataError
+
+        reason = self._refused(params) if params else None
+        if reason:
+            self.postgres_refusals.append(f"{reason}: {sql[:80]}")
+            if self.emulate and connection.vendor != "postgresql":
+                raise DataError(reason)
+        result = execute(sql, params, many, context)
+        match = _WRITE.match(sql)
+        if match:
+            rowcount = getattr(context.get("cursor"), "rowcount", None)
+            if rowcount is None or rowcount < 0 or (rowcount == 0 and match.group(0)[
+                    :10].upper().lstrip().startswith("INSERT")):
+                # sqlite3 reports no count for INSERT ... RETURNING: count what was sent
+                rowcount = len(params) if many else 1
+            self.writes.append((match.group(1), rowcount))
+        return result
+
+
+def _brain_scans(project, workdir: Path, per_class: int = 3) -> dict[int, str]:
+    """A few brain-MRI fixture scans (pool, unlabeled) and labeled eval scans, as the
+    suite's ``_import_brain``; returns {pool scan id: true class}."""
+    import shutil
+
+    from annotator import services
+
+    truth = {}
+    for name in ("no_tumor", "pituitary_tumor"):
+        for split in ("pool", "eval"):
+            folder = workdir / f"brain-{project.pk}-{split}-{name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in sorted((REPO / "fixtures" / "brain_mri" / split / name).iterdir())[:per_class]:
+                shutil.copy(path, folder / path.name)
+            job = services.import_job_create(project=project, source=str(folder), layout="flat",
+                                             dataset_name="brain", split=split,
+                                             default_label=name if split == "eval" else "")
+            services.import_job_run(job_id=job.pk)
+            if split == "pool":
+                truth.update({s.pk: name for s in project.scans.filter(import_job=job)})
+    return truth
+
+
+def _fake_classifier(project) -> None:
+    """An active classifier with a stored prediction for every scan (no artifacts are
+    needed: predict answers from stored predictions)."""
+    from ml_backend.models import ModelVersion, Prediction
+
+    classes = list(project.label_classes.order_by("pk"))
+    model = ModelVersion.objects.create(
+        project=project, kind="classifier", version=f"fuzz-clf-{project.pk}-{time.time_ns()}",
+        status="active", config={"classes": [{"id": c.pk, "name": c.name} for c in classes]})
+    for index, scan in enumerate(project.scans.order_by("pk")):
+        best = classes[index % len(classes)]
+        Prediction.objects.create(scan=scan, model_version=model, predicted_class=best,
+                                  probabilities={str(best.pk): 0.8}, confidence=0.8,
+                                  uncertainty=0.2)
+    project.active_model = model
+    project.save(update_fields=["active_model"])
+
+
+class RequestRecorder:
+    """Sends requests, times them and checks each answer: no 5xx, nothing written by a
+    refusal (a 4xx), and what PostgreSQL would refuse."""
+
+    def __init__(self):
+        import traceback
+
+        from django.db import connection
+
+        self.connection, self.traceback = connection, traceback
+        self.log = WriteLog()
+        self.statuses: Counter = Counter()
+        self.by_endpoint: dict[str, Counter] = {}
+        self.times: list[float] = []
+        self.worst = {"seconds": 0.0}
+        self.server_errors: list[dict] = []
+        self.refused_writes: list[dict] = []
+        self.accepted_writes: Counter = Counter()
+        self.postgres_refusals: list[dict] = []
+        self.count = 0
+
+    def send(self, client, method: str, path: str, endpoint: str, category: str,
+             body: bytes | str = b"", content_type: str = "application/json", **headers):
+        self.log.reset()
+        began = time.perf_counter()
+        error = None
+        with self.connection.execute_wrapper(self.log):
+            try:
+                if method == "GET":
+                    response = client.get(path, **headers)
+                else:
+                    response = client.generic(method, path, body, content_type=content_type,
+                                              **headers)
+                status = response.status_code
+            except Exception as exc:       # the test client re-raises a view's exception
+                response, status = None, 500
+                error = "".join(self.traceback.format_exception(exc)[-6:])[-2000:]
+        seconds = time.perf_counter() - began
+        self.count += 1
+        self.times.append(seconds)
+        self.statuses[status] += 1
+        self.by_endpoint.setdefault(endpoint, Counter())[status] += 1
+        raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
+        row = {"endpoint": endpoint, "category": category, "status": status,
+               "seconds": round(seconds, 4), "body": repr(raw[:160])[:240],
+               "body_bytes": len(raw)}
+        if seconds > self.worst["seconds"]:
+            self.worst = dict(row)
+        if status >= 500:
+            row["answer"] = (response.content[:300].decode("utf-8", "replace")
+                             if response is not None else "")
+            row["traceback"] = error or ""
+            self.server_errors.append(row)
+        written = sum(count for _, count in self.log.writes)
+        if written and 400 <= status < 500:
+            self.refused_writes.append(dict(row, writes=self.log.writes[:10]))
+        elif written:
+            for table, count in self.log.writes:
+                self.accepted_writes[f"{endpoint}:{table}"] += count
+        if self.log.postgres_refusals:
+            self.postgres_refusals.append(dict(row, refusals=self.log.postgres_refusals[:3],
+                                               traceback=error or ""))
+        return response, status
+
+    def summary(self) -> dict:
+        ordered = sorted(self.times)
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0
+        return {"requests": self.count, "status_codes": {str(k): v for k, v in sorted(
+                    self.statuses.items())},
+                "by_endpoint": {e: {str(k): v for k, v in sorted(c.items())}
+                                for e, c in self.by_endpoint.items()},
+                "server_errors": len(self.server_errors),
+                "rows_written_by_refused_requests": sum(
+                    sum(n for _, n in r["writes"]) for r in self.refused_writes),
+                "rows_written_by_accepted_requests": dict(self.accepted_writes),
+                "postgres_would_refuse": len(self.postgres_refusals),
+                "worst_seconds": round(ordered[-1], 4) if ordered else 0.0,
+                "p99_seconds": round(p99, 4),
+                "median_seconds": round(ordered[len(ordered) // 2], 4) if ordered else 0.0,
+                "slowest": self.worst}
+
+
+def _basic(credentials: str) -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(credentials.encode("utf-8", "surrogatepass")).decode()
+
+
+def _wsgi(text: str) -> str:
+    """A header value as a WSGI server hands it to Django: the UTF-8 bytes read as Latin-1."""
+    return text.encode("utf-8", "surrogatepass").decode("latin-1")
+
+
+def _ls_event(scan_id: int, annotation_id, choice: str, ls_project, *, bulk: bool = False) -> dict:
+    annotation = {"id": annotation_id, "lead_time": 2.0,
+                  "completed_by": {"email": "fuzz-reader@example.org"},
+                  "result": [{"from_name": "diagnosis", "to_name": "image", "type": "choices",
+                              "value": {"choices": [choice]}}]}
+    task = {"id": 900, "data": {"scan_id": scan_id}}
+    event = {"action": "ANNOTATIONS_CREATED" if bulk else "ANNOTATION_CREATED"}
+    if ls_project is not None:
+        event["project"] = {"id": ls_project}
+    if bulk:
+        event.update(annotations=[dict(annotation, task=900)], tasks=[task])
+    else:
+        event.update(annotation=annotation, task=task)
+    return event
+
+
+def requests_bench(*, inputs: int, seed: int, workdir: Path) -> dict:
+    """The hostile-request run; returns the summary (see the module's docstring)."""
+    import base64
+    import random
+
+    from django.contrib.auth import get_user_model
+    from django.test import Client, override_settings
+
+    from annotator import services
+    from annotator.models import Annotation, LabelClass
+    from bench import hostile
+    from medsite import jsonbody
+
+    started = time.perf_counter()
+    stamp = time.time_ns()
+    a = services.project_create(name=f"fuzz-requests-a-{stamp}")
+    b = services.project_create(name=f"fuzz-requests-b-{stamp}")
+    truth_a, truth_b = _brain_scans(a, workdir), _brain_scans(b, workdir)
+    for project, ls_id in ((a, 7), (b, 8)):
+        project.label_studio_project_id = ls_id
+        project.save(update_fields=["label_studio_project_id"])
+    _fake_classifier(b)
+    member = get_user_model().objects.create_user(f"fuzz-member-{stamp}", "fuzz-reader@example.org",
+                                                  password="fuzz-pass-1")
+    services.membership_set(project=a, user=member, role="clinician")
+    logged_in, anonymous = Client(), Client()
+    logged_in.force_login(member)
+    classes_a = {c.name: c for c in LabelClass.objects.filter(project=a)}
+    rng = random.Random(seed)
+    recorder = RequestRecorder()
+    basic = {"HTTP_AUTHORIZATION": _basic(ML_AUTH)}
+    secret = {"HTTP_X_MEDLABEL_SECRET": WEBHOOK_SECRET}
+    ml_endpoints = ("predict", "ml_webhook", "setup")
+    ml_path = {"predict": "predict", "ml_webhook": "webhook", "setup": "setup"}
+    categories: Counter = Counter()
+    next_id = [10_000]
+
+    def ids_for(project_scans: dict, other_scans: dict) -> dict:
+        scan_id = rng.choice(sorted(project_scans))
+        next_id[0] += 1
+        return {"scan_id": scan_id, "other_scan_id": rng.choice(sorted(other_scans)),
+                "class_id": classes_a[truth_a[scan_id]].pk if scan_id in truth_a else 0,
+                "class_name": project_scans[scan_id], "annotation_id": next_id[0],
+                "ls_project": 7, "model_version": "none"}
+
+    def send(endpoint: str, category: str, body, *, project=None, content_type="application/json"):
+        categories[category] += 1
+        if endpoint == "answer":
+            scan_id = rng.choice(sorted(truth_a))
+            return recorder.send(logged_in, "POST", f"/projects/{a.pk}/label/{scan_id}/answer/",
+                                 endpoint, category, body, content_type)
+        if endpoint == "ls_webhook":
+            project = project or (a if rng.random() < 0.8 else b)
+            return recorder.send(anonymous, "POST", f"/labelstudio/{project.pk}/webhook/",
+                                 endpoint, category, body, content_type, **secret)
+        project = project or rng.choice([a, b])
+        return recorder.send(anonymous, "POST", f"/ml/{project.pk}/{ml_path[endpoint]}",
+                             endpoint, category, body, content_type, **basic)
+
+    # 0. warm-up, not counted: the first request of each kind loads code a running server
+    #    has loaded long before (the Label Studio SDK on a numeric completed_by: ~1 s once)
+    cold = RequestRecorder()
+    warm_scan = min(truth_a)
+    warm_event = _ls_event(warm_scan, 1, truth_a[warm_scan], 7)
+    warm_event["annotation"]["completed_by"] = 5
+    for path, body, client_, headers in (
+            (f"/labelstudio/{a.pk}/webhook/", json.dumps(warm_event), anonymous, secret),
+            (f"/projects/{a.pk}/label/{warm_scan}/answer/", '{"outcome": "skip"}', logged_in, {}),
+            (f"/ml/{b.pk}/predict", '{"tasks": [{"id": 1, "data": {"scan_id": %d}}]}'
+             % min(truth_b), anonymous, basic),
+            (f"/ml/{a.pk}/webhook", '{"action": "x"}', anonymous, basic),
+            (f"/ml/{a.pk}/setup", "{}", anonymous, basic)):
+        cold.send(client_, "POST", path, "warm-up", "warm-up", body, **headers)
+    Annotation.objects.filter(scan__project=a).delete()
+
+    # 1. hostile bodies: the suite's classes to every endpoint; one odd field in a valid
+    #    request to its own endpoint; bodies at the size limit; form-encoded answers
+    for _ in range(inputs):
+        roll = rng.random()
+        if roll < 0.45:
+            category, body = hostile.hostile_body(rng)
+            for endpoint in ("answer", "ls_webhook", *ml_endpoints):
+                send(endpoint, category, body)
+        elif roll < 0.9:
+            endpoint = rng.choice(["answer", "answer", "ls_webhook", "ls_webhook", "predict",
+                                   "ml_webhook", "setup"])
+            project_scans, other = (truth_a, truth_b) if endpoint in ("answer", "ls_webhook") \
+                or rng.random() < 0.5 else (truth_b, truth_a)
+            category, body = hostile.structured_body(rng, endpoint, ids_for(project_scans, other))
+            send(endpoint, category, body, project=a if project_scans is truth_a else b)
+        elif roll < 0.95:
+            category, body = hostile.oversized_body(rng, jsonbody.MAX_BYTES)
+            send(rng.choice(["answer", "ls_webhook", *ml_endpoints]), category, body)
+        else:
+            from urllib.parse import quote
+
+            value = rng.choice(["%00", "%ED%A0%80", "%FF%FE", quote("\u202e1"), "9" * 50,
+                                "1e400", "-1", "", "%C0%AF", quote("é" * 200)])
+            field_name = rng.choice(["class_id", "outcome", "duration_ms", "shown_confidence",
+                                     "submission_id", "query_round", "shown_model_version"])
+            body = f"outcome=label&class_id={classes_a['no_tumor'].pk}&{field_name}={value}"
+            send("answer", f"form:{field_name}", body,
+                 content_type=rng.choice(["application/x-www-form-urlencoded", "text/plain"]))
+
+    # 2. credentials and secrets: non-ASCII, control characters, surrogates, as sent by a
+    #    client (base64 of UTF-8), not base64 at all, or as a WSGI server decodes them
+    wrongly_accepted, rightly_refused, auth_checks = [], 0, 0
+    for _ in range(max(20, inputs // 5)):
+        user, password = hostile.hostile_text(rng, 12), hostile.hostile_text(rng, 12)
+        credentials = rng.choice([f"{user}:{password}", f"{ML_AUTH}{user}",
+                                  ML_AUTH[:-1] + password[:1], f"{user}:{ML_AUTH.split(':')[1]}"])
+        given = hostile.hostile_text(rng, 40, surrogates=False)
+        given = rng.choice([given, WEBHOOK_SECRET + given, WEBHOOK_SECRET[:-1] + given[:1],
+                            given + WEBHOOK_SECRET])
+        headers = [("b64", _basic(credentials)), ("raw", "Basic " + credentials),
+                   ("wsgi", _wsgi("Basic " + credentials)),
+                   ("scheme", rng.choice(["basic ", "Bearer ", "Basic  ", "Basic\t", "Basic "])
+                    + base64.b64encode(credentials.encode("utf-8", "surrogatepass")).decode()
+                    + rng.choice(["", "=", "==", " ", "\u00e9", "\x00"]))]
+        for form, header in headers:
+            expect_ok = credentials == ML_AUTH and form in ("b64", "wsgi") and header == _basic(ML_AUTH)
+            for method, name in (("GET", "health"), ("POST", "predict")):
+                _, status = recorder.send(anonymous, method, f"/ml/{a.pk}/{name}",
+                                          f"auth:{name}", f"auth:{form}", b"{}",
+                                          HTTP_AUTHORIZATION=header)
+                auth_checks += 1
+                if 200 <= status < 300 and not expect_ok:
+                    wrongly_accepted.append({"form": form, "header": repr(header)[:120],
+                                             "status": status})
+                rightly_refused += status == 401
+        for form, value in (("raw", given), ("wsgi", _wsgi(given))):
+            _, status = recorder.send(anonymous, "POST", f"/labelstudio/{a.pk}/webhook/",
+                                      "auth:ls_webhook", f"secret:{form}", b"{}",
+                                      HTTP_X_MEDLABEL_SECRET=value)
+            auth_checks += 1
+            if 200 <= status < 300 and value != WEBHOOK_SECRET:
+                wrongly_accepted.append({"form": form, "secret": repr(value)[:120],
+                                         "status": status})
+            rightly_refused += status == 403
+    right = {"ml": recorder.send(anonymous, "GET", f"/ml/{a.pk}/health", "auth:health", "auth:right",
+                                 **basic)[1],
+             "webhook": recorder.send(anonymous, "POST", f"/labelstudio/{a.pk}/webhook/",
+                                      "auth:ls_webhook", "secret:right", b"{}", **secret)[1]}
+    # configured credentials that are themselves non-ASCII
+    unicode_auth, unicode_secret = "ärztin:pässwört-秘密", "geheim-ß-秘密-🔐"
+    with override_settings(ML_BACKEND_BASIC_AUTH=unicode_auth,
+                           LABEL_STUDIO_WEBHOOK_SECRET=unicode_secret):
+        right["ml_non_ascii_b64_utf8"] = recorder.send(
+            anonymous, "GET", f"/ml/{a.pk}/health", "auth:health", "auth:non-ascii",
+            HTTP_AUTHORIZATION=_basic(unicode_auth))[1]
+        right["webhook_non_ascii_as_str"] = recorder.send(
+            anonymous, "POST", f"/labelstudio/{a.pk}/webhook/", "auth:ls_webhook",
+            "secret:non-ascii", b"{}", HTTP_X_MEDLABEL_SECRET=unicode_secret)[1]
+        right["webhook_non_ascii_as_wsgi_latin1"] = recorder.send(
+            anonymous, "POST", f"/labelstudio/{a.pk}/webhook/", "auth:ls_webhook",
+            "secret:non-ascii-wsgi", b"{}", HTTP_X_MEDLABEL_SECRET=_wsgi(unicode_secret))[1]
+
+    # 3. a Label Studio annotation id replayed through the other project's webhook
+    rewrites, replays, replay_setup_failures = [], 0, []
+    scan_a, scan_b = min(truth_a), min(truth_b)
+    annotation_ids = [41, 10**6, 2**31 + 5] + [rng.choice([rng.randrange(1, 2**31),
+                                                          rng.randrange(2**31, 2**62)])
+                                               for _ in range(max(0, inputs // 30 - 3))]
+    for annotation_id in annotation_ids:
+        truth = truth_a[scan_a]
+        other = "pituitary_tumor" if truth == "no_tumor" else "no_tumor"
+        _, status = recorder.send(anonymous, "POST", f"/labelstudio/{a.pk}/webhook/",
+                                  "ls_webhook", "replay:original",
+                                  json.dumps(_ls_event(scan_a, annotation_id, truth, 7)), **secret)
+        stored = Annotation.objects.filter(source="label_studio",
+                                           external_id=str(annotation_id)).first()
+        if status != 200 or stored is None:
+            replay_setup_failures.append({"id": annotation_id, "status": status})
+            continue
+        before = (stored.scan_id, stored.label_class_id, stored.outcome, stored.reader_id,
+                  stored.note, stored.duration_ms)
+        on_a_before = Annotation.objects.filter(scan__project=a).count()
+        for scan_id in (scan_a, scan_b):
+            for ls_project in (8, 7, None, "8"):
+                for sent_id in (annotation_id, str(annotation_id)):
+                    for bulk in (False, True):
+                        recorder.send(anonymous, "POST", f"/labelstudio/{b.pk}/webhook/",
+                                      "ls_webhook", "replay:other-project", json.dumps(
+                                          _ls_event(scan_id, sent_id, other, ls_project,
+                                                    bulk=bulk)), **secret)
+                        replays += 1
+        stored.refresh_from_db()
+        after = (stored.scan_id, stored.label_class_id, stored.outcome, stored.reader_id,
+                 stored.note, stored.duration_ms)
+        in_b = Annotation.objects.filter(scan__project=b, source="label_studio",
+                                         external_id=str(annotation_id)).count()
+        on_a_after = Annotation.objects.filter(scan__project=a).count()
+        if after != before or in_b or on_a_after != on_a_before:
+            rewrites.append({"id": annotation_id, "before": repr(before), "after": repr(after),
+                             "copies_in_b": in_b, "new_on_a": on_a_after - on_a_before})
+
+    summary = recorder.summary()
+    summary.update({
+        "inputs": inputs, "seconds": round(time.perf_counter() - started, 1),
+        "categories": dict(categories.most_common()),
+        "auth": {"checks": auth_checks, "refused": rightly_refused,
+                 "wrongly_accepted": len(wrongly_accepted), "right_credentials": right,
+                 "first_wrongly_accepted": wrongly_accepted[:10]},
+        "replay": {"annotation_ids": len(annotation_ids), "replayed_requests": replays,
+                   "cross_project_rewrites": len(rewrites), "rewrites": rewrites[:10],
+                   "setup_failures": replay_setup_failures[:10]},
+        "warm_up": {"requests": cold.count, "worst_seconds": cold.summary()["worst_seconds"],
+                    "server_errors": len(cold.server_errors),
+                    "statuses": {str(k): v for k, v in cold.statuses.items()}},
+        "peak_rss_mb": _peak_rss_mb(),
+        "first_server_errors": recorder.server_errors[:25] + cold.server_errors[:5],
+        "first_refused_writes": recorder.refused_writes[:10],
+        "first_postgres_refusals": recorder.postgres_refusals[:10],
+    })
+    # distinct server errors by (endpoint, exception line): the findings, deduplicated
+    kinds: Counter = Counter()
+    for row in recorder.server_errors:
+        last = (row.get("traceback") or "").strip().splitlines()[-1:] or [row.get("answer", "")]
+        kinds[f"{row['endpoint']}: {last[0][:160]}"] += 1
+    summary["server_error_kinds"] = dict(kinds.most_common())
+    return summary
+
+
+# --- PHI markers end to end (--target phi) ----------------------------------------------------
+#
+# Files with a unique marker in every container (bench/hostile.py: phi_corpus), imported
+# through the import service (a folder, a labels CSV with unmatched rows, a CSV source, a
+# single-file source) and the upload view; then every marker is searched for (plain, UTF-16,
+# NUL-stripped, inflated) in the database dump, every file under MEDIA_ROOT, ARTIFACTS_ROOT
+# and INCOMING_ROOT, the logs, a project backup, Label Studio payloads and the pages.
+
+
+def phi_write(folder: Path, files) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in files:
+        path = folder / item.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(item.data)
+
+
+def phi_import(project, files, workdir: Path, rng) -> tuple[list, list]:
+    """Import ``files`` through the import service, as a folder (with a labels CSV naming
+    DICOM files that are not there) and through the other source kinds (a CSV source
+    listing a present and a missing DICOM, one DICOM file as the source, a path that does not
+    exist). Returns (jobs, extra plants: markers only in names)."""
+    from annotator import services
+    from bench.hostile import PhiFile, new_marker
+
+    jobs, extra = [], []
+    source = workdir / "phi-source"
+    phi_write(source, files)
+    unmatched = [new_marker(rng) for _ in range(3)]
+    labels = workdir / "phi-labels.csv"
+    dicom = next(f for f in files if f.kind == "dicom_lut_sequences")
+    labels.write_text("filename,label\n" + f"{dicom.name},no_tumor\n"
+                      + f"{unmatched[0]}UnmatchedRow^Doe.dcm,no_tumor\n"
+                      + f"{unmatched[1]}UnmatchedNoExtension,no_tumor\n"
+                      + f"sub/{unmatched[2]}UnmatchedInSub.dicom,pituitary_tumor\n")
+    extra += [PhiFile(f"{m}{label}", b"", "labels_csv_unmatched_row", m, [], [label])
+              for m, label in zip(unmatched, ("UnmatchedRow^Doe.dcm", "UnmatchedNoExtension",
+                                              "UnmatchedInSub.dicom"))]
+    job = services.import_job_create(project=project, source=str(source), layout="flat",
+                                     dataset_name="phi", labels_csv=str(labels))
+    jobs.append(services.import_job_run(job_id=job.pk))
+    # a CSV source: one listed DICOM present, one missing
+    listed = workdir / "phi-csv-source"
+    listed.mkdir(parents=True, exist_ok=True)
+    present, missing = new_marker(rng), new_marker(rng)
+    (listed / f"{present}ListedPresent.dcm").write_bytes(
+        next(f for f in files if f.kind == "dicom_named_png").data)
+    (listed / "list.csv").write_text(f"filename,label\n{present}ListedPresent.dcm,\n"
+                                     f"{missing}ListedMissing^Doe.dcm,\n")
+    extra += [PhiFile(f"{present}ListedPresent.dcm", b"", "csv_source_listed_dicom", present,
+                      [], ["ListedPresent.dcm"]),
+              PhiFile(f"{missing}ListedMissing^Doe.dcm", b"", "csv_source_missing_dicom",
+                      missing, [], ["ListedMissing^Doe.dcm"])]
+    job = services.import_job_create(project=project, source=str(listed / "list.csv"),
+                                     dataset_name="phi-csv")
+    jobs.append(services.import_job_run(job_id=job.pk))
+    # one DICOM file as the source, and a DICOM path that does not exist
+    single, absent = new_marker(rng), new_marker(rng)
+    one = workdir / "phi-single" / f"{single}SingleFile^Doe.dcm"
+    one.parent.mkdir(parents=True, exist_ok=True)
+    one.write_bytes(next(f for f in files if f.kind == "dicom_jpeg_frames").data)
+    extra += [PhiFile(one.name, b"", "single_file_source", single, [], ["SingleFile^Doe.dcm"]),
+              PhiFile(f"{absent}AbsentFile^Doe.dcm", b"", "missing_file_source", absent, [],
+                      ["AbsentFile^Doe.dcm"])]
+    for path in (one, workdir / "phi-single" / f"{absent}AbsentFile^Doe.dcm"):
+        job = services.import_job_create(project=project, source=str(path),
+                                         dataset_name="phi-single")
+        jobs.append(services.import_job_run(job_id=job.pk))
+    return jobs, extra
+
+
+def phi_upload(client, project, files, rng, commit_scope=None) -> tuple[list, list]:
+    """Post ``files`` to the upload view in one request (plus a DICOM-named junk file and an
+    empty one, refused by the page), follow the redirect, then post only refusals (a 400
+    page listing them). Returns ([(where, page bytes)], extra plants)."""
+    import contextlib
+
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.urls import reverse
+
+    from bench.hostile import PhiFile, new_marker
+
+    junk, empty = new_marker(rng), new_marker(rng)
+    extra = [PhiFile(f"{junk}UploadJunk^Doe.dcm", b"not a scan, just text\n" * 8,
+                     "upload_refused_junk", junk, [], ["UploadJunk^Doe.dcm"], expect="refused"),
+             PhiFile(f"{empty}UploadEmpty^Doe.dcm", b"", "upload_refused_empty", empty, [],
+                     ["UploadEmpty^Doe.dcm"], expect="refused")]
+    url = reverse("annotator:upload", args=[project.pk])
+    pages = []
+
+    def post(items):
+        uploads = [SimpleUploadedFile(item.name.rsplit("/", 1)[-1], item.data,
+                                      "application/octet-stream") for item in items]
+        with (commit_scope or contextlib.nullcontext)():
+            return client.post(url, {"dataset": "phi-upload", "split": "pool", "label": "",
+                                     "files": uploads})
+
+    response = post(list(files) + extra)
+    pages.append((f"upload answer ({response.status_code})", response.content))
+    if response.status_code == 302:
+        followed = client.get(response["Location"])
+        pages.append((f"upload redirect {response['Location']}", followed.content))
+    response = post(extra)
+    pages.append((f"upload refusal page ({response.status_code})", response.content))
+    return pages, extra
+
+
+def phi_locations(projects, client, *, logs: dict[str, str], workdir: Path):
+    """``(where, data, inflate)`` for every place a marker must not be (``logs``: name →
+    captured log text)."""
+    import io as _io
+    import tarfile as _tarfile
+
+    from django.conf import settings
+    from django.contrib.sessions.models import Session
+    from django.core.management import call_command
+
+    from annotator.backup import export_project
+    from annotator.label_studio import LabelStudioError, _task_data, labeling_config
+    from annotator.models import ImportJob, Scan
+
+    dump = _io.StringIO()
+    call_command("dumpdata", stdout=dump)
+    yield "database dump (dumpdata)", dump.getvalue(), False
+    sessions = [json.dumps(s.get_decoded(), default=str) for s in Session.objects.all()]
+    yield "database: decoded sessions", "\n".join(sessions), False
+    for root_name in ("MEDIA_ROOT", "ARTIFACTS_ROOT", "INCOMING_ROOT"):
+        root = Path(getattr(settings, root_name))
+        paths = sorted(p for p in root.rglob("*")) if root.exists() else []
+        yield f"{root_name} file names", "\n".join(p.relative_to(root).as_posix()
+                                                   for p in paths), False
+        for path in paths:
+            if path.is_file():
+                yield f"{root_name}/{path.relative_to(root).as_posix()}", path.read_bytes(), True
+    for name, text in logs.items():
+        yield name, text, False
+    for project in projects:
+        archive = workdir / f"phi-backup-{project.pk}.tar.gz"
+        export_project(project, archive)
+        with _tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            yield f"backup {archive.name}: member names", "\n".join(m.name for m in members), False
+            for member in members:
+                if member.isfile():
+                    yield (f"backup {archive.name}: {member.name}",
+                           tar.extractfile(member).read(), True)
+        try:
+            yield f"Label Studio labeling_config({project.pk})", labeling_config(project), False
+        except LabelStudioError as exc:
+            yield f"Label Studio labeling_config({project.pk}) refused", str(exc), False
+        scans = list(Scan.objects.filter(project=project).order_by("pk"))
+        yield (f"Label Studio task data ({len(scans)} scans of project {project.pk})",
+               "\n".join(json.dumps(_task_data(s)) + json.dumps(_task_data(s, multi_set=True))
+                         for s in scans), False)
+        pages = [f"/projects/{project.pk}/", f"/projects/{project.pk}/?split=pool",
+                 f"/projects/{project.pk}/jobs.json", f"/projects/{project.pk}/worklist/",
+                 f"/projects/{project.pk}/upload/"]
+        pages += [f"/imports/{job.pk}/" for job in ImportJob.objects.filter(project=project)]
+        for scan in scans:
+            pages += [f"/scans/{scan.pk}/", f"/projects/{project.pk}/label/{scan.pk}/?format=json",
+                      f"/projects/{project.pk}/label/{scan.pk}/"]
+        for path in pages:
+            try:
+                response = client.get(path)
+                yield f"page {path} ({response.status_code})", response.content, False
+            except Exception as exc:      # a page that crashes is reported, not a stop
+                yield f"page {path} (raised {type(exc).__name__}: {exc})", b"", False
+
+
+def phi_search(plants, projects, client, *, logs: dict[str, str], workdir: Path) -> dict:
+    """Search every location for every plant's marker; ``hits`` must be empty."""
+    from bench.hostile import marker_hits
+
+    markers = sorted({p.marker for p in plants})
+    owner = {}
+    for plant in plants:
+        owner.setdefault(plant.marker, plant)
+    hits, places, page_errors = [], 0, []
+    for where, data, inflate in phi_locations(projects, client, logs=logs, workdir=workdir):
+        places += 1
+        if where.startswith("page ") and ("raised" in where or "(5" in where):
+            page_errors.append(where)
+        for hit in marker_hits(markers, data, where, inflate=inflate):
+            plant = owner[hit["marker"]]
+            hit.update(kind=plant.kind, file=plant.name[:100])
+            hits.append(hit)
+    return {"places_searched": places, "hits": hits, "page_errors": page_errors}
+
+
+def phi_bench(*, rounds: int, seed: int, workdir: Path) -> dict:
+    import logging
+    import random
+
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from annotator import services
+    from bench.hostile import marker_hits, phi_corpus, planted_missing
+
+    records: list[tuple[int, str]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            try:
+                records.append((record.levelno, self.format(record)))
+            except Exception:   # noqa: BLE001 - a record that cannot be formatted
+                records.append((record.levelno, repr(record.__dict__)))
+
+    root = logging.getLogger()
+    capture = Capture(logging.DEBUG)
+    capture.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for handler in list(root.handlers):      # the console stays quiet; everything is captured
+        root.removeHandler(handler)
+    root.addHandler(capture)
+    root.setLevel(logging.DEBUG)
+    logging.captureWarnings(True)
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    stamp = time.time_ns()
+    project = services.project_create(name=f"fuzz-phi-{stamp}")
+    admin = get_user_model().objects.create_user(f"phi-admin-{stamp}", password="fuzz-pass-1")
+    services.membership_set(project=project, user=admin, role="admin")
+    client = Client()
+    client.force_login(admin)
+    _brain_scans(project, workdir, per_class=2)        # classes, so the pages have them
+
+    imported = phi_corpus(rng, repeat=rounds)
+    uploaded = phi_corpus(rng, repeat=rounds)
+    bad = {f.name: planted_missing(f) for f in imported + uploaded if planted_missing(f)}
+    timings = {}
+    began = time.perf_counter()
+    jobs, extra_import = phi_import(project, imported, workdir, rng)
+    timings["import_s"] = round(time.perf_counter() - began, 2)
+    began = time.perf_counter()
+    upload_pages, extra_upload = phi_upload(client, project, uploaded, rng)
+    timings["upload_s"] = round(time.perf_counter() - began, 2)
+    plants = imported + uploaded + extra_import + extra_upload
+    # production logs at INFO (LOG_LEVEL); DEBUG records are searched on their own, so a
+    # hit says which level lets it through
+    logs = {"logs (INFO and above)": "\n".join(t for level, t in records if level >= logging.INFO),
+            "logs (DEBUG records)": "\n".join(t for level, t in records if level < logging.INFO)}
+    began = time.perf_counter()
+    result = phi_search(plants, [project], client, logs=logs, workdir=workdir)
+    for where, page in upload_pages:
+        for hit in marker_hits(sorted({p.marker for p in plants}), page, f"page {where}",
+                               inflate=False):
+            owner = next(p for p in plants if p.marker == hit["marker"])
+            hit.update(kind=owner.kind, file=owner.name[:100])
+            result["hits"].append(hit)
+    timings["search_s"] = round(time.perf_counter() - began, 2)
+    from annotator.models import ImportJob, Scan
+
+    all_jobs = list(ImportJob.objects.filter(project=project).order_by("pk"))
+    by_kind: Counter = Counter()
+    for hit in result["hits"]:
+        by_kind[f"{hit['kind']} @ {hit['where'].split(' (')[0][:60]}"] += 1
+    return {
+        "rounds": rounds, "files": len(imported) + len(uploaded),
+        "containers": dict(Counter(f.kind for f in imported + uploaded)),
+        "markers_planted": sum(len(p.labels) + len(p.name_labels) for p in plants),
+        "distinct_markers": len({p.marker for p in plants}),
+        "builder_failures": bad,
+        "jobs": [{"id": j.pk, "status": j.status, "total": j.total, "imported": j.imported,
+                  "duplicates": j.duplicates, "failed": j.failed, "last_error_chars":
+                  len(j.last_error)} for j in all_jobs],
+        "scans": Scan.objects.filter(project=project).count(),
+        "places_searched": result["places_searched"] + len(upload_pages),
+        "markers_found": len(result["hits"]),
+        "found_by_kind_and_place": dict(by_kind.most_common()),
+        "hits": result["hits"][:200],
+        "page_errors": result["page_errors"],
+        "log_records": len(records),
+        "log_records_below_info": sum(1 for level, _ in records if level < logging.INFO),
+        "seconds": round(time.perf_counter() - started, 1), **timings,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
 # --- the long run ----------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inputs", type=int, default=10000)
-    parser.add_argument("--target", choices=["both", "import", "upload"], default="both")
+    parser.add_argument("--target", choices=["both", "import", "upload", "requests", "phi"],
+                        default="both",
+                        help="requests: hostile JSON bodies, credentials and webhook replays "
+                             "against every JSON endpoint; phi: the PHI-marker corpus end to end")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="phi: rounds of the marker corpus (each: every container, fresh "
+                             "markers) through the import service and again through uploads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     parser.add_argument("--bombs", type=int, default=None,
@@ -876,31 +1634,41 @@ def main(argv=None) -> int:
         return 0 if ok else 1
 
     workdir = Path(tempfile.mkdtemp(prefix="fuzz-"))
-    os.environ.update({
-        "DATABASE_URL": os.environ.get("FUZZ_DATABASE_URL", f"sqlite:///{workdir / 'db.sqlite3'}"),
-        "MEDIA_ROOT": str(workdir / "media"), "ARTIFACTS_ROOT": str(workdir / "artifacts"),
-        "INCOMING_ROOT": str(workdir / "incoming"), "DJANGO_SETTINGS_MODULE": "medsite.settings",
-        "LOG_LEVEL": "ERROR",
-        # production settings: the error pages users get, not Django's debug pages
-        "DEBUG": "0", "SECRET_KEY": "fuzz-" + "x" * 50, "DEID_SALT": "fuzz-deid-salt-0123456789",
-        "ALLOWED_HOSTS": "testserver", "SECURE_SSL_REDIRECT": "0",
-        "SESSION_COOKIE_SECURE": "0", "CSRF_COOKIE_SECURE": "0"})
-    os.environ.pop("CELERY_BROKER_URL", None)
+    if args.target in ("requests", "phi"):
+        extra = {"ML_BACKEND_BASIC_AUTH": ML_AUTH, "LABEL_STUDIO_WEBHOOK_SECRET": WEBHOOK_SECRET}
+        setup_django(workdir, log_level="DEBUG" if args.target == "phi" else "ERROR",
+                     extra_env=extra)
+        if args.target == "requests":
+            import logging
+
+            logging.disable(logging.CRITICAL)     # refusals are counted, not logged
+            result = requests_bench(inputs=args.inputs, seed=args.seed, workdir=workdir)
+            ok = not (result["server_errors"] or result["warm_up"]["server_errors"]
+                      or result["rows_written_by_refused_requests"]
+                      or result["replay"]["cross_project_rewrites"]
+                      or result["auth"]["wrongly_accepted"] or result["postgres_would_refuse"]
+                      or result["worst_seconds"] > 1.0)
+            shown = {k: v for k, v in result.items() if not k.startswith("first_")}
+        else:
+            result = phi_bench(rounds=args.rounds, seed=args.seed, workdir=workdir)
+            ok = not (result["markers_found"] or result["builder_failures"]
+                      or result["page_errors"])
+            shown = {k: v for k, v in result.items() if k != "hits"}
+            shown["first_hits"] = result["hits"][:15]
+        print(json.dumps(shown, indent=2, default=str))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+        return 0 if ok else 1
     import logging
-    import warnings
 
-    import django
-
-    warnings.filterwarnings("ignore")
     logging.disable(logging.CRITICAL)      # refusals are counted below, not logged
-    django.setup()
+    setup_django(workdir)
     from django.contrib.auth import get_user_model
-    from django.core.management import call_command
     from django.test import Client
 
     from annotator import services
 
-    call_command("migrate", verbosity=0)
     project = services.project_create(name=f"fuzz-{time.time_ns()}")
     user = get_user_model().objects.create_user(f"fuzzer-{time.time_ns()}", password="fuzz-pass-1")
     services.membership_set(project=project, user=user, role="clinician")

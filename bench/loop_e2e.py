@@ -617,7 +617,8 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
     from django.db import transaction
     from django.utils import timezone
 
-    from annotator import labeling, selectors
+    from annotator import label_page, labeling, selectors
+    from ml_backend.errors import ModelUnavailable
     from annotator import services as annotator_services
     from annotator.models import Annotation, LabelClass, Membership, Project, Scan, ScanLease
     from ml_backend import services as ml
@@ -838,8 +839,8 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
 
     def suggestion_for(project: Project, scan: Scan):
         try:
-            return labeling._suggestion(project, scan)
-        except labeling.ModelUnavailable:
+            return label_page._suggestion(project, scan)
+        except ModelUnavailable:
             return None
 
     def answer(project: Project, scan: Scan, reader, label_class: LabelClass, item, stats):

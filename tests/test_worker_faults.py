@@ -14,7 +14,7 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from annotator import labeling
+from annotator import label_page
 from annotator.models import Annotation, LabelClass
 from ml_backend import services as ml
 from ml_backend.models import ModelVersion, TrainingRun
@@ -58,7 +58,7 @@ def test_sigkill_mid_retrain_leaves_the_active_model_serving_and_a_retry_succeed
     project.refresh_from_db()
     assert project.active_model == active
     assert ml.predictor_for(active)(pool[:3]).shape == (3, 2)
-    payload = labeling.label_payload(project=project, scan=pool[-1])
+    payload = label_page.label_payload(project=project, scan=pool[-1])
     assert payload["suggestion"]["model_version"] == active.version
     run.refresh_from_db()
     assert run.status == "running"                        # nobody told the database yet

@@ -11,7 +11,7 @@ from django.core import signing
 from django.urls import reverse
 
 from annotator.label_studio.api import LabelStudioError
-from annotator.labeling import effective_hotkeys
+from annotator.label_page import effective_hotkeys
 from annotator.models import Project, Scan
 from ml_backend.label_studio_protocol import FROM_NAME, TO_NAME, prediction_json
 from ml_backend.models import Prediction

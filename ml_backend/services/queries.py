@@ -70,7 +70,8 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     except ValueError as exc:        # e.g. a strategy that needs embeddings, and none yet
         needs = ("pretrain an encoder first (`manage.py pretrain`, or the demo's first model), "
                  "or use the 'random' strategy until then" if encoder is None or embeddings is None
-                 else "choose another strategy")
+                 else "label scans of two classes first so a model exists, or choose a "
+                 "strategy that needs none" if proba is None else "choose another strategy")
         raise TrainingError(f"the {strategy!r} strategy cannot choose scans here ({exc}): "
                             f"{needs}") from None
     with transaction.atomic():

@@ -100,7 +100,7 @@ def test_no_phi_in_database_media_previews_or_logs(project, tmp_path, settings, 
     import json
     import tarfile
 
-    from annotator import label_studio, labeling
+    from annotator import label_page, label_studio
     from annotator.audit import to_csv
     from annotator.backup import export_project
     from annotator.models import AuditEvent
@@ -109,7 +109,7 @@ def test_no_phi_in_database_media_previews_or_logs(project, tmp_path, settings, 
     export_project(project, archive)
     with tarfile.open(archive) as tar:
         manifest = tar.extractfile("manifest.json").read().decode()
-    shown = [json.dumps(labeling.label_payload(project=project, scan=scan))
+    shown = [json.dumps(label_page.label_payload(project=project, scan=scan))
              + json.dumps(label_studio._task_data(scan))
              for scan in Scan.objects.filter(project=project, quarantined=False)]
     exports = {"backup manifest": manifest, "audit CSV": to_csv(AuditEvent.objects.all()),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from django.utils import timezone
 
-from annotator import labeling
+from annotator import label_page
 from annotator import services as annotator_services
 from ml_backend.models import ModelVersion, QueryItem, QueryRound, TrainingRun
 from tests.base import FIXTURES
@@ -108,7 +108,7 @@ def test_novelty_warning_and_model_notice(browser_page, round_project, users, mo
     model = ModelVersion.objects.create(project=project, kind="classifier", version="clf-3",
                                         status="active", promoted_at=timezone.now())
     classes = list(project.label_classes.order_by("pk"))
-    real_payload = labeling.label_payload
+    real_payload = label_page.label_payload
     flags = {"ood": True}
 
     def payload_with_novelty(**kwargs):
@@ -124,7 +124,7 @@ def test_novelty_warning_and_model_notice(browser_page, round_project, users, mo
             payload["model_notice"] = "clf-4 was held back: F1 dropped for no_tumor"
         return payload
 
-    monkeypatch.setattr(labeling, "label_payload", payload_with_novelty)
+    monkeypatch.setattr(label_page, "label_payload", payload_with_novelty)
     login(page, "alice")
     page.goto(f"/projects/{project.pk}/next/")
     wait_ready(page)

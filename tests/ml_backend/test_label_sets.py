@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.urls import reverse
 
-from annotator import labeling, services
+from annotator import label_page, labeling, services
 from annotator.models import Annotation, LabelClass, LabelSet, Scan
 from tests.base import FIXTURES, PASSWORD
 from tests.conftest import run_import
@@ -51,11 +51,11 @@ def test_each_scan_gets_its_anatomy_label_set_and_only_its_classes(project, user
     assert chest_scan.label_set == sets[CHEST]
 
     # the label page offers the chest classes only, with hotkeys counted per set
-    payload = labeling.label_payload(project=project, scan=chest_scan)
+    payload = label_page.label_payload(project=project, scan=chest_scan)
     assert {c["name"] for c in payload["classes"]} == chest_classes
     assert {c["key"] for c in payload["classes"]} == {"1", "2"}
     brain_scan = Scan.objects.filter(project=project, dataset__name="brain").first()
-    assert {c["key"] for c in labeling.label_payload(project=project, scan=brain_scan)
+    assert {c["key"] for c in label_page.label_payload(project=project, scan=brain_scan)
             ["classes"]} == {"1", "2"}
 
     # a brain class cannot be given to a chest film, through any path
@@ -165,7 +165,7 @@ def test_heads_per_set_never_suggest_a_class_of_another_set(mixed_project, users
         assert abs(sum(p.probabilities.values()) - 1.0) < 1e-3
     # the label page's suggestion comes from the scan's own set
     chest = Scan.objects.filter(project=project, split="pool", dataset__name="chest").first()
-    payload = labeling.label_payload(project=project, scan=chest, user=users["alice"])
+    payload = label_page.label_payload(project=project, scan=chest, user=users["alice"])
     assert payload["suggestion"]["class_name"] in {"normal", "pneumonia"}
     assert {t["name"] for t in payload["suggestion"]["top"]} <= {"normal", "pneumonia"}
     assert payload["novelty"] is not None and 0 <= payload["novelty"]["percentile"] <= 100

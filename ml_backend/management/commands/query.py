@@ -21,7 +21,7 @@ class Command(BaseCommand):
         try:
             query_round = services.query_round_create(project=project, n=opts["n"],
                                                       strategy=opts["strategy"])
-        except ValueError as exc:
+        except (ValueError, services.TrainingError) as exc:
             raise CommandError(f"{exc} (strategies that need no model: hybrid, cold_start, "
                                "diversity, coreset, random)") from None
         self.stdout.write(f"Query round {query_round.pk}: {query_round.size} scans by "
