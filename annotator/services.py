@@ -7,6 +7,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -306,12 +307,27 @@ def import_job_run(
         job.last_error = f"unexpected error: {type(exc).__name__}: {exc}"
     finally:
         job.finished_at = timezone.now()
+        _forget_source_name(job)
         _flush(job, state, processed=job.processed, final=True)
         if job.source_is_upload:
             shutil.rmtree(job.source, ignore_errors=True)
     if job.status == ImportJob.Status.SUCCEEDED and state.imported:
         _novelty_warning(job)
     return job
+
+
+def _forget_source_name(job: ImportJob) -> None:
+    """A source that names one DICOM file (or a path that does not exist, without a raster
+    extension) keeps only its folder once the job has read it: a DICOM's file name may be the
+    patient's. Folders, CSV listings and MedMNIST archives keep their path."""
+    path = Path((job.source or "").split("#", 1)[0])
+    if (not path.name or path.is_dir() or path.suffix.lower() in (".csv", ".npz")
+            or name_may_be_shown(path.name)):
+        return
+    kept = str(path.parent / "(file name not kept)")
+    job.source = kept
+    if job.last_error:
+        job.last_error = job.last_error.replace(str(path), kept).replace(path.name, "(file)")
 
 
 def _novelty_warning(job: ImportJob) -> None:
@@ -355,7 +371,7 @@ def _flush(job: ImportJob, state: _JobState, *, processed: int, final: bool = Fa
     fields = ["processed", "imported", "duplicates", "failed", "labels_added", "errors",
               "warnings", "classes_created"]
     if final:
-        fields += ["status", "last_error", "finished_at"]
+        fields += ["status", "last_error", "finished_at", "source"]
     job.save(update_fields=fields)
 
 
@@ -391,8 +407,10 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
     try:
         try:
             data = item.load()
-        except OSError as exc:
-            raise ScanDecodeError(f"cannot read file: {exc.strerror or exc}") from None
+        except OSError as exc:   # the reason only: a message may quote the file's name
+            reason = exc.strerror or (exc.args[0] if exc.args and isinstance(exc.args[0], str)
+                                      else "unreadable")
+            raise ScanDecodeError(f"cannot read file: {reason}") from None
         if len(data) > settings.UPLOAD_MAX_FILE_BYTES:
             raise ScanDecodeError(
                 f"file is {len(data):,} bytes, above the limit of {settings.UPLOAD_MAX_FILE_BYTES:,}"

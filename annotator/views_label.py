@@ -120,6 +120,10 @@ def answer(request, project_id: int, scan_id: int):
             return JsonResponse({"error": str(exc)}, status=exc.status)
     else:
         data = request.POST.dict()
+        try:
+            jsonbody.check_text(data)
+        except jsonbody.BodyError as exc:
+            return JsonResponse({"error": str(exc)}, status=exc.status)
     try:
         annotation, created = labeling.answer_submit(project=project, scan=scan,
                                                      user=request.user, data=data)

@@ -4,6 +4,8 @@ row, no orphan file, and a reason for every refusal.
     python -m bench.fuzz --inputs 10000 [--target both|import|upload] [--seed 0] \
         [--bombs N] [--out bench/results/fuzz.json]
     python -m bench.fuzz --decode-only [--max-pixels 64000000] [--out ...]
+    python -m bench.fuzz --target requests --inputs 300 [--out bench/results/fuzz-requests.json]
+    python -m bench.fuzz --target phi --rounds 3 [--out bench/results/fuzz-phi.json]
 
 Each input is generated from a seed (``make_input``): truncated and byte-mutated DICOM (from
 pydicom's bundled test files and our fixtures), DICOM with huge declared dimensions or odd
@@ -28,6 +30,27 @@ After every input the invariants are checked: the import job finished (never cra
 file is either a Scan with both its files on disk or a failure with a non-empty reason, the
 media folder holds exactly the files the Scan rows reference, and the upload view answered
 302 or 400 (never 5xx) with the reason on the page and nothing left in the staging folder.
+
+``--target requests`` (``requests_bench``): hostile JSON bodies (bench/hostile.py, the classes
+tests/test_hostile_requests.py draws with hypothesis, plus valid requests with one odd field,
+every text field once with a NUL and once with a lone surrogate, bodies at the size limit,
+form-encoded answers) against every JSON endpoint — the label page's answer (a member's
+session), the Label Studio webhook (shared secret), the ML backend's predict / webhook / setup
+(HTTP Basic) — then non-ASCII credentials and secrets, and Label Studio annotation ids replayed
+through another project's webhook. Reports requests, status codes, server errors (with the
+project frames of each traceback), rows written by refused requests (an execute wrapper
+counts every INSERT / UPDATE / DELETE), cross-project rewrites, worst and p99 time. On SQLite,
+a text parameter PostgreSQL refuses (NUL) raises psycopg's ``DataError``, so the run shows
+PostgreSQL's answer.
+
+``--target phi`` (``phi_bench``): the PHI-marker corpus (``phi_corpus``: a unique marker in
+every container tests/ml_backend/test_deid_markers.py plants, and in DICOM file names)
+through the import service (a folder with a labels CSV, a CSV source, a single file, a
+missing path) and the upload view; every marker is then searched for (plain, UTF-16,
+NUL-stripped, inside any zlib / gzip stream) in the database dump, every file under
+MEDIA_ROOT / ARTIFACTS_ROOT / INCOMING_ROOT, the logs (INFO and above, and DEBUG records on
+their own), a project backup, Label Studio payloads and the pages. The fast version is
+tests/test_phi_end_to_end.py.
 """
 
 from __future__ import annotations
@@ -960,7 +983,8 @@ def _brain_scans(project, workdir: Path, per_class: int = 3) -> dict[int, str]:
         for split in ("pool", "eval"):
             folder = workdir / f"brain-{project.pk}-{split}-{name}"
             folder.mkdir(parents=True, exist_ok=True)
-            for path in sorted((REPO / "fixtures" / "brain_mri" / split / name).iterdir())[:per_class]:
+            fixtures = sorted((REPO / "fixtures" / "brain_mri" / split / name).iterdir())
+            for path in fixtures[:per_class]:
                 shutil.copy(path, folder / path.name)
             job = services.import_job_create(project=project, source=str(folder), layout="flat",
                                              dataset_name="brain", split=split,
@@ -991,7 +1015,7 @@ def _fake_classifier(project) -> None:
 
 class RequestRecorder:
     """Sends requests, times them and checks each answer: no 5xx, nothing written by a
-    refusal (a 4xx), and what PostgreSQL would refuse."""
+    refusal (a 4xx, or a 5xx), and what PostgreSQL would refuse."""
 
     def __init__(self):
         import traceback
@@ -1002,6 +1026,7 @@ class RequestRecorder:
         self.log = WriteLog()
         self.statuses: Counter = Counter()
         self.by_endpoint: dict[str, Counter] = {}
+        self.by_category: dict[str, Counter] = {}
         self.times: list[float] = []
         self.worst = {"seconds": 0.0}
         self.server_errors: list[dict] = []
@@ -1009,6 +1034,14 @@ class RequestRecorder:
         self.accepted_writes: Counter = Counter()
         self.postgres_refusals: list[dict] = []
         self.count = 0
+
+    def _where(self, exc: BaseException) -> str:
+        """The exception and the project's own frames it passed through (not Django's)."""
+        frames = [f"{Path(f.filename).relative_to(REPO)}:{f.lineno} {f.name}: {f.line}"
+                  for f in self.traceback.extract_tb(exc.__traceback__)
+                  if str(REPO) in f.filename and "/.venv/" not in f.filename
+                  and "bench/fuzz.py" not in f.filename]
+        return "\n".join(frames[-8:] + [f"{type(exc).__module__}.{type(exc).__name__}: {exc}"])
 
     def send(self, client, method: str, path: str, endpoint: str, category: str,
              body: bytes | str = b"", content_type: str = "application/json", **headers):
@@ -1025,12 +1058,13 @@ class RequestRecorder:
                 status = response.status_code
             except Exception as exc:       # the test client re-raises a view's exception
                 response, status = None, 500
-                error = "".join(self.traceback.format_exception(exc)[-6:])[-2000:]
+                error = self._where(exc)
         seconds = time.perf_counter() - began
         self.count += 1
         self.times.append(seconds)
         self.statuses[status] += 1
         self.by_endpoint.setdefault(endpoint, Counter())[status] += 1
+        self.by_category.setdefault(category, Counter())[status] += 1
         raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
         row = {"endpoint": endpoint, "category": category, "status": status,
                "seconds": round(seconds, 4), "body": repr(raw[:160])[:240],
@@ -1043,7 +1077,7 @@ class RequestRecorder:
             row["traceback"] = error or ""
             self.server_errors.append(row)
         written = sum(count for _, count in self.log.writes)
-        if written and 400 <= status < 500:
+        if written and status >= 400:        # a refusal or a server error: nothing kept
             self.refused_writes.append(dict(row, writes=self.log.writes[:10]))
         elif written:
             for table, count in self.log.writes:
@@ -1060,6 +1094,8 @@ class RequestRecorder:
                     self.statuses.items())},
                 "by_endpoint": {e: {str(k): v for k, v in sorted(c.items())}
                                 for e, c in self.by_endpoint.items()},
+                "by_category": {e: {str(k): v for k, v in sorted(c.items())}
+                                for e, c in sorted(self.by_category.items())},
                 "server_errors": len(self.server_errors),
                 "rows_written_by_refused_requests": sum(
                     sum(n for _, n in r["writes"]) for r in self.refused_writes),
@@ -1202,6 +1238,18 @@ def requests_bench(*, inputs: int, seed: int, workdir: Path) -> dict:
             send("answer", f"form:{field_name}", body,
                  content_type=rng.choice(["application/x-www-form-urlencoded", "text/plain"]))
 
+    # 1b. every text field once with a NUL and once with a lone surrogate (what neither
+    #     PostgreSQL nor SQLite can store), deterministically
+    for endpoint, keys in hostile.TEXT_FIELDS.items():
+        for key in keys:
+            for value in hostile.UNSTORABLE:
+                project_scans, other = (truth_a, truth_b) if endpoint != "predict" \
+                    else (truth_b, truth_a)
+                category, body = hostile.structured_body(
+                    rng, endpoint, ids_for(project_scans, other), key=key, value=value)
+                send(endpoint, category.replace("structured:", "unstorable:"), body,
+                     project=a if project_scans is truth_a else b)
+
     # 2. credentials and secrets: non-ASCII, control characters, surrogates, as sent by a
     #    client (base64 of UTF-8), not base64 at all, or as a WSGI server decodes them
     wrongly_accepted, rightly_refused, auth_checks = [], 0, 0
@@ -1218,7 +1266,8 @@ def requests_bench(*, inputs: int, seed: int, workdir: Path) -> dict:
                     + base64.b64encode(credentials.encode("utf-8", "surrogatepass")).decode()
                     + rng.choice(["", "=", "==", " ", "\u00e9", "\x00"]))]
         for form, header in headers:
-            expect_ok = credentials == ML_AUTH and form in ("b64", "wsgi") and header == _basic(ML_AUTH)
+            expect_ok = (credentials == ML_AUTH and form in ("b64", "wsgi")
+                         and header == _basic(ML_AUTH))
             for method, name in (("GET", "health"), ("POST", "predict")):
                 _, status = recorder.send(anonymous, method, f"/ml/{a.pk}/{name}",
                                           f"auth:{name}", f"auth:{form}", b"{}",
@@ -1237,8 +1286,8 @@ def requests_bench(*, inputs: int, seed: int, workdir: Path) -> dict:
                 wrongly_accepted.append({"form": form, "secret": repr(value)[:120],
                                          "status": status})
             rightly_refused += status == 403
-    right = {"ml": recorder.send(anonymous, "GET", f"/ml/{a.pk}/health", "auth:health", "auth:right",
-                                 **basic)[1],
+    right = {"ml": recorder.send(anonymous, "GET", f"/ml/{a.pk}/health", "auth:health",
+                                 "auth:right", **basic)[1],
              "webhook": recorder.send(anonymous, "POST", f"/labelstudio/{a.pk}/webhook/",
                                       "auth:ls_webhook", "secret:right", b"{}", **secret)[1]}
     # configured credentials that are themselves non-ASCII
@@ -1315,8 +1364,9 @@ def requests_bench(*, inputs: int, seed: int, workdir: Path) -> dict:
     # distinct server errors by (endpoint, exception line): the findings, deduplicated
     kinds: Counter = Counter()
     for row in recorder.server_errors:
-        last = (row.get("traceback") or "").strip().splitlines()[-1:] or [row.get("answer", "")]
-        kinds[f"{row['endpoint']}: {last[0][:160]}"] += 1
+        lines = (row.get("traceback") or "").strip().splitlines()
+        origin = lines[-2].split(" ", 1)[0] if len(lines) > 1 else "?"
+        kinds[f"{row['endpoint']} at {origin}: {(lines or [''])[-1][:120]}"] += 1
     summary["server_error_kinds"] = dict(kinds.most_common())
     return summary
 
@@ -1339,10 +1389,9 @@ def phi_write(folder: Path, files) -> None:
 
 
 def phi_import(project, files, workdir: Path, rng) -> tuple[list, list]:
-    """Import ``files`` through the import service, as a folder (with a labels CSV naming
-    DICOM files that are not there) and through the other source kinds (a CSV source
-    listing a present and a missing DICOM, one DICOM file as the source, a path that does not
-    exist). Returns (jobs, extra plants: markers only in names)."""
+    """Import ``files`` through the import service as a folder, with a labels CSV that
+    names DICOM files which are not there (a warning counts them). Returns (jobs, extra
+    plants: markers only in names)."""
     from annotator import services
     from bench.hostile import PhiFile, new_marker
 
@@ -1362,16 +1411,27 @@ def phi_import(project, files, workdir: Path, rng) -> tuple[list, list]:
     job = services.import_job_create(project=project, source=str(source), layout="flat",
                                      dataset_name="phi", labels_csv=str(labels))
     jobs.append(services.import_job_run(job_id=job.pk))
-    # a CSV source: one listed DICOM present, one missing
+    return jobs, extra
+
+
+def phi_import_sources(project, workdir: Path, rng) -> tuple[list, list]:
+    """The other source kinds, each with a DICOM name carrying a marker (and fresh DICOMs
+    with their own plants, so they are imported, not duplicates): a CSV source listing a
+    present and a missing DICOM, one DICOM file as the source, and a DICOM path that does
+    not exist. Returns (jobs, plants)."""
+    from annotator import services
+    from bench.hostile import PhiFile, new_marker, phi_dicom_jpeg_frames, phi_dicom_plain
+
+    jobs, extra = [], []
     listed = workdir / "phi-csv-source"
     listed.mkdir(parents=True, exist_ok=True)
     present, missing = new_marker(rng), new_marker(rng)
-    (listed / f"{present}ListedPresent.dcm").write_bytes(
-        next(f for f in files if f.kind == "dicom_named_png").data)
+    data, labels = phi_dicom_plain(present, rng, size=10)
+    (listed / f"{present}ListedPresent.dcm").write_bytes(data)
     (listed / "list.csv").write_text(f"filename,label\n{present}ListedPresent.dcm,\n"
                                      f"{missing}ListedMissing^Doe.dcm,\n")
-    extra += [PhiFile(f"{present}ListedPresent.dcm", b"", "csv_source_listed_dicom", present,
-                      [], ["ListedPresent.dcm"]),
+    extra += [PhiFile(f"{present}ListedPresent.dcm", data, "csv_source_listed_dicom", present,
+                      labels, ["ListedPresent.dcm"]),
               PhiFile(f"{missing}ListedMissing^Doe.dcm", b"", "csv_source_missing_dicom",
                       missing, [], ["ListedMissing^Doe.dcm"])]
     job = services.import_job_create(project=project, source=str(listed / "list.csv"),
@@ -1381,8 +1441,10 @@ def phi_import(project, files, workdir: Path, rng) -> tuple[list, list]:
     single, absent = new_marker(rng), new_marker(rng)
     one = workdir / "phi-single" / f"{single}SingleFile^Doe.dcm"
     one.parent.mkdir(parents=True, exist_ok=True)
-    one.write_bytes(next(f for f in files if f.kind == "dicom_jpeg_frames").data)
-    extra += [PhiFile(one.name, b"", "single_file_source", single, [], ["SingleFile^Doe.dcm"]),
+    data, labels = phi_dicom_jpeg_frames(single, rng, frames=1)
+    one.write_bytes(data)
+    extra += [PhiFile(one.name, data, "single_file_source", single, labels,
+                      ["SingleFile^Doe.dcm"]),
               PhiFile(f"{absent}AbsentFile^Doe.dcm", b"", "missing_file_source", absent, [],
                       ["AbsentFile^Doe.dcm"])]
     for path in (one, workdir / "phi-single" / f"{absent}AbsentFile^Doe.dcm"):
@@ -1553,6 +1615,9 @@ def phi_bench(*, rounds: int, seed: int, workdir: Path) -> dict:
     timings = {}
     began = time.perf_counter()
     jobs, extra_import = phi_import(project, imported, workdir, rng)
+    more_jobs, extra_sources = phi_import_sources(project, workdir, rng)
+    jobs += more_jobs
+    extra_import += extra_sources
     timings["import_s"] = round(time.perf_counter() - began, 2)
     began = time.perf_counter()
     upload_pages, extra_upload = phi_upload(client, project, uploaded, rng)
@@ -1576,7 +1641,8 @@ def phi_bench(*, rounds: int, seed: int, workdir: Path) -> dict:
     all_jobs = list(ImportJob.objects.filter(project=project).order_by("pk"))
     by_kind: Counter = Counter()
     for hit in result["hits"]:
-        by_kind[f"{hit['kind']} @ {hit['where'].split(' (')[0][:60]}"] += 1
+        where = hit["where"] if hit["where"].startswith("logs") else hit["where"].split(" (")[0]
+        by_kind[f"{hit['kind']} @ {where[:60]}"] += 1
     return {
         "rounds": rounds, "files": len(imported) + len(uploaded),
         "containers": dict(Counter(f.kind for f in imported + uploaded)),

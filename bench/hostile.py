@@ -141,25 +141,41 @@ def hostile_body(rng: random.Random) -> tuple[str, str | bytes]:
             return "binary", raw
 
 
-def structured_body(rng: random.Random, endpoint: str, ids: dict) -> tuple[str, str]:
+# the text fields of each endpoint: where NUL and lone surrogates are each tried once
+TEXT_FIELDS = {
+    "answer": ["outcome", "shown_model_version", "submission_id", "note", "class_id",
+               "shown_suggestion", "query_round", "duration_ms"],
+    "ls_webhook": ["annotation.id", "annotation.choice", "annotation.email",
+                   "annotation.model_version", "annotation.lead_time", "task.id",
+                   "task.scan_id", "action", "project.id"],
+    "predict": ["id", "scan_id"],
+    "ml_webhook": ["action", "project"],
+}
+UNSTORABLE = ['"a\\u0000b"', '"\\ud800"']
+
+
+def structured_body(rng: random.Random, endpoint: str, ids: dict, *, key: str | None = None,
+                    value: str | None = None) -> tuple[str, str]:
     """``(class, body)``: a valid request for ``endpoint`` (``answer``, ``ls_webhook``,
-    ``predict``, ``ml_webhook``, ``setup``) with one field replaced by an odd value. ``ids``:
-    ``class_id``, ``class_name``, ``scan_id``, ``other_scan_id`` (another project's),
-    ``model_version``, ``ls_project``, ``annotation_id`` (fresh per call)."""
-    value = rng.choice(ODD_VALUES + EXTRA_VALUES + [hostile_number(rng)])
+    ``predict``, ``ml_webhook``, ``setup``) with one field (``key``, else drawn) replaced by
+    an odd value (``value``, else drawn). ``ids``: ``class_id``, ``class_name``,
+    ``scan_id``, ``other_scan_id`` (another project's), ``model_version``, ``ls_project``,
+    ``annotation_id`` (fresh per call)."""
+    value = value or rng.choice(ODD_VALUES + EXTRA_VALUES + [hostile_number(rng)])
     if endpoint == "answer":
         body = {"outcome": '"label"', "class_id": str(ids["class_id"]),
                 "duration_ms": "1200", "shown_confidence": "0.7",
                 "submission_id": json.dumps(f"fuzz-{ids['annotation_id']}")}
-        key = rng.choice(["outcome", "class_id", "duration_ms", "shown_confidence",
-                          "shown_acquisition_score", "shown_model_version", "shown_suggestion",
-                          "query_round", "submission_id", "note", "scan_id"])
+        key = key or rng.choice(["outcome", "class_id", "duration_ms", "shown_confidence",
+                                 "shown_acquisition_score", "shown_model_version",
+                                 "shown_suggestion", "query_round", "submission_id", "note",
+                                 "scan_id"])
         body[key] = value
         return f"structured:answer.{key}", "{" + ", ".join(
             f'"{k}": {v}' for k, v in body.items()) + "}"
     if endpoint in ("predict", "setup"):
         task = {"id": "1", "data": {"scan_id": str(ids[rng.choice(["scan_id", "other_scan_id"])])}}
-        key = rng.choice(["id", "scan_id", "data", "task", "extra"])
+        key = key or rng.choice(["id", "scan_id", "data", "task", "extra"])
         if key == "id":
             task["id"] = value
         elif key == "scan_id":
@@ -173,7 +189,7 @@ def structured_body(rng: random.Random, endpoint: str, ids: dict) -> tuple[str, 
         return (f"structured:{endpoint}.{key}",
                 f'{{"tasks": [{", ".join(many)}], "model_version": "x"{extra}}}')
     if endpoint == "ml_webhook":
-        key = rng.choice(["action", "project", "annotation"])
+        key = key or rng.choice(["action", "project", "annotation"])
         fields = {"action": '"ANNOTATION_CREATED"', "project": '{"id": 7}',
                   "annotation": '{"id": 1}'}
         fields[key] = value
@@ -187,11 +203,11 @@ def structured_body(rng: random.Random, endpoint: str, ids: dict) -> tuple[str, 
                   "prediction": '{"model_version": "none", "score": 0.5, "result": []}'}
     task = {"id": str(900 + ids["annotation_id"]), "scan_id": str(ids["scan_id"])}
     top = {"action": '"ANNOTATION_CREATED"', "project": f'{{"id": {ids["ls_project"]}}}'}
-    key = rng.choice(["annotation.id", "annotation.lead_time", "annotation.result",
-                      "annotation.completed_by", "annotation.was_cancelled",
-                      "annotation.prediction", "annotation.choice", "annotation.email",
-                      "annotation.score", "annotation.model_version", "task.id",
-                      "task.scan_id", "action", "project", "project.id"])
+    key = key or rng.choice(["annotation.id", "annotation.lead_time", "annotation.result",
+                             "annotation.completed_by", "annotation.was_cancelled",
+                             "annotation.prediction", "annotation.choice", "annotation.email",
+                             "annotation.score", "annotation.model_version", "task.id",
+                             "task.scan_id", "action", "project", "project.id"])
     where, _, name = key.partition(".")
     if key == "annotation.choice":
         annotation["result"] = (f'[{{"from_name": "diagnosis", "to_name": "image", "type": '

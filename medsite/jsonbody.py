@@ -89,11 +89,32 @@ def parse_json(raw: bytes | str | None, *, expect: type | tuple[type, ...] | Non
         raise
     except (json.JSONDecodeError, ValueError, RecursionError, OverflowError) as exc:
         raise BodyError(f"the body is not valid JSON ({type(exc).__name__})") from None
+    check_text(value)
     if expect is not None and not isinstance(value, expect):
         names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
         words = {"dict": "a JSON object", "list": "a JSON array"}
         raise BodyError(f"send {words.get(names, names)}, not {type(value).__name__}")
     return value
+
+
+def check_text(value: Any) -> None:
+    """Refuse text no database column can hold: a NUL (PostgreSQL refuses it) or a lone
+    surrogate (not encodable as UTF-8), in any key or string value, at any depth."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise BodyError("text with a NUL character is not accepted")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BodyError("text with an unpaired surrogate is not accepted") from None
 
 
 def number(value: Any, *, name: str, minimum: float | None = None,

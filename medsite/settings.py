@@ -212,7 +212,10 @@ LOGGING = {
     },
     "root": {"handlers": ["console", *(["file"] if LOG_FILE else [])], "level": LOG_LEVEL},
     # pydicom logs element values on some parse warnings: keep it quiet.
-    "loggers": {"pydicom": {"level": "ERROR", "propagate": True}},
+    # pydicom logs element values on some parse warnings, Pillow every TIFF / EXIF tag value
+    # at DEBUG: keep both quiet whatever LOG_LEVEL says (the values may be PHI).
+    "loggers": {"pydicom": {"level": "ERROR", "propagate": True},
+                "PIL": {"level": "INFO", "propagate": True}},
 }
 
 if not DEBUG:

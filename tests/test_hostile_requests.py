@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from annotator import services
 from annotator.models import Annotation, LabelClass, Membership
+from bench import hostile
 from medsite import jsonbody
 from ml_backend.models import TrainingRun
 from tests.base import PASSWORD
@@ -30,55 +31,33 @@ FUZZ = hsettings(max_examples=30, deadline=None, derandomize=True,
                                         HealthCheck.too_slow])
 
 
-# --- generators -----------------------------------------------------------------------------
+# --- generators (plain-Python classes in bench/hostile.py; bench.fuzz --target requests
+#     draws from the same ones) ------------------------------------------------------------
 
 
-def _nested(depth: int, leaf: str = "1") -> str:
-    return "[" * depth + leaf + "]" * depth
-
+_nested = hostile.nested
+_is_utf8_object = hostile.is_utf8_object
 
 hostile_numbers = st.one_of(
-    st.sampled_from(["1e400", "-1e400", "NaN", "Infinity", "-Infinity", "1e16", "9" * 5000,
-                     "-" + "9" * 41, "1" + "0" * 60 + ".5"]),
-    st.integers(min_value=41, max_value=6000).map(lambda n: "7" * n),
-    st.integers(min_value=309, max_value=5000).map(lambda e: f"1e{e}"),
+    st.sampled_from(hostile.FIXED_NUMBERS),
+    st.integers(*hostile.LONG_DIGITS).map(hostile.long_digits),
+    st.integers(*hostile.BIG_EXPONENTS).map(hostile.big_exponent),
 )
 
 # values the parser accepts but no field should: they reach the endpoints' own checks
-odd_values = st.sampled_from(['"x"', '[1]', '{"a": 1}', "9" * 30, "-5", "0", "true", "1e300",
-                              "1e16", "12345678901234567890", '"' + "9" * 40 + '"', "null",
-                              '"\\u0000"', '"' + "x" * 5000 + '"'])
+odd_values = st.sampled_from(hostile.ODD_VALUES)
 
 hostile_bodies = st.one_of(
-    odd_values.map(lambda v: f'{{"outcome": "label", "class_id": {v}, "duration_ms": {v}, '
-                             f'"shown_confidence": {v}, "query_round": {v}}}'),
-    odd_values.map(lambda v: f'{{"tasks": [{{"id": {v}, "data": {{"scan_id": {v}}}}}]}}'),
-    odd_values.map(lambda v: f'{{"tasks": {v}}}'),
-    odd_values.map(lambda v: '{"action": "ANNOTATION_CREATED", "project": {"id": 7}, '
-                             f'"annotation": {{"id": {v}, "lead_time": {v}, "result": {v}, '
-                             f'"completed_by": {v}, "prediction": {v}}}, '
-                             f'"task": {{"id": {v}, "data": {{"scan_id": {v}}}}}}}'),
-    odd_values.map(lambda v: f'{{"action": "ANNOTATIONS_CREATED", "project": {{"id": 7}}, '
-                             f'"annotation": {v}, "task": {v}, "annotations": {v}}}'),
+    *[odd_values.map(template) for template in hostile.ODD_VALUE_TEMPLATES],
     # an odd number where the endpoint expects one (or anywhere in the object)
-    hostile_numbers.map(lambda n: f'{{"outcome": "label", "class_id": {n}, "duration_ms": {n}}}'),
-    hostile_numbers.map(lambda n: f'{{"tasks": [{{"id": {n}, "data": {{"scan_id": {n}}}}}]}}'),
-    hostile_numbers.map(lambda n: '{"action": "ANNOTATION_CREATED", "annotation": '
-                                  f'{{"id": 1, "lead_time": {n}}}, "task": {{"id": {n}}}}}'),
+    *[hostile_numbers.map(template) for template in hostile.NUMBER_TEMPLATES],
     # deep nesting (arrays and objects), far beyond any real payload
-    st.integers(min_value=33, max_value=100_000).map(_nested),
-    st.integers(min_value=33, max_value=20_000).map(lambda d: '{"a":' * d + "1" + "}" * d),
+    st.integers(*hostile.NESTED_ARRAYS).map(_nested),
+    st.integers(*hostile.NESTED_OBJECTS).map(hostile.nested_objects),
     # not an object, not JSON, not UTF-8, empty
-    st.sampled_from(["[]", '"text"', "42", "null", "{", '{"a": }', "\x00", "", "   "]),
+    st.sampled_from(hostile.NOT_OBJECTS),
     st.binary(min_size=1, max_size=64).filter(lambda b: not _is_utf8_object(b)),
 )
-
-
-def _is_utf8_object(raw: bytes) -> bool:
-    try:
-        return isinstance(json.loads(raw.decode("utf-8")), dict)
-    except (UnicodeDecodeError, ValueError):
-        return False
 
 
 # --- the parser itself ----------------------------------------------------------------------

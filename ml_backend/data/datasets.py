@@ -190,7 +190,8 @@ def _read_csv_source(csv_path: Path) -> SourceListing:
 def _reader(path: Path, name: str) -> Callable[[], bytes]:
     def load() -> bytes:
         if not path.is_file():
-            raise FileNotFoundError(f"{name}: listed in the CSV but not found")
+            # no name in the message: a DICOM's name may be the patient's
+            raise FileNotFoundError("listed in the labels CSV but not found")
         return path.read_bytes()
 
     return load
