@@ -1,7 +1,8 @@
 """Save an answer → next scan on screen: the label page's latency in a real browser.
 
     python -m bench.label_latency [--source fixtures/brain_mri/pool] [--answers 40] \
-        [--refit-every 0] [--inline-refits] [--out bench/results/label_latency.json]
+        [--refit-every 0] [--worker process|thread] [--inline-refits] \
+        [--out bench/results/label_latency.json]
 
 Builds a throwaway project (SQLite and media in a temp folder), imports ``--source`` (a class
 folder tree: the class names are the oracle), pretrains a small encoder (1 epoch, 64 px),
@@ -82,6 +83,9 @@ def main(argv=None) -> int:
                         help="labeled class-folder tree for the eval split (the gate needs it)")
     parser.add_argument("--answers", type=int, default=40)
     parser.add_argument("--refit-every", type=int, default=0)
+    parser.add_argument("--worker", choices=["process", "thread"], default="process",
+                        help="the server's background worker for refits: a spawned process "
+                             "(ML_TASKS_IN_PROCESS=1, the default) or a thread of the server")
     parser.add_argument("--inline-refits", action="store_true",
                         help="run refits inside the answer request (ML_TASKS_IN_THREAD=0)")
     parser.add_argument("--drain-timeout", type=float, default=300.0,
@@ -101,7 +105,8 @@ def main(argv=None) -> int:
     # this process builds the project with synchronous runs; the server gets its own mode
     os.environ["ML_TASKS_IN_THREAD"] = "0"
     server_env = {**os.environ, **env,
-                  "ML_TASKS_IN_THREAD": "0" if args.inline_refits else "1"}
+                  "ML_TASKS_IN_THREAD": "0" if args.inline_refits else "1",
+                  "ML_TASKS_IN_PROCESS": "1" if args.worker == "process" else "0"}
     import django
 
     # the run table is read between key presses, while Playwright's sync API keeps an event
@@ -231,7 +236,7 @@ def main(argv=None) -> int:
     swap = _summary([r["swap_ms"] for r in rows])
     swap_during = _summary([r["swap_ms"] for r in during])
     result = {"args": vars(args), "cpu_count": os.cpu_count(), "scans": project.scans.count(),
-              "mode": "inline" if args.inline_refits else "background thread",
+              "mode": "inline" if args.inline_refits else f"background {args.worker}",
               "rows": rows,
               "swap_ms": swap,
               "swap_ms_quiet": _summary([r["swap_ms"] for r in quiet]),

@@ -148,6 +148,10 @@ CELERY_TASK_EAGER_PROPAGATES = True
 # thread of the server (ml_backend/dispatch.py), so an answer never waits for a refit; off,
 # they run inline in the request that queued them (the test suite turns it off).
 ML_TASKS_IN_THREAD = env_bool("ML_TASKS_IN_THREAD", CELERY_TASK_ALWAYS_EAGER)
+# ...in one background worker PROCESS (spawned once, keeps its models loaded) rather than a
+# thread: no shared interpreter lock with the threads serving readers, which is what keeps
+# the label page fast while refits run (docs/benchmarks.md "Refits in the background").
+ML_TASKS_IN_PROCESS = env_bool("ML_TASKS_IN_PROCESS", True)
 CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND")
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

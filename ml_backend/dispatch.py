@@ -53,7 +53,8 @@ def enqueue_training_run(run_id: int) -> None:
         return
     executor = _pool()
     with _lock:
-        future = executor.submit(_job, run_id)
+        job = _job if isinstance(executor, ThreadPoolExecutor) else _child_job
+        future = executor.submit(job, run_id)
         _pending[future] = run_id
     future.add_done_callback(_forget)
 
@@ -87,9 +88,48 @@ def shutdown(*, wait: bool = True) -> None:
         _abandon(queued)
 
 
-def _pool() -> ThreadPoolExecutor:
+def _child_start() -> None:
+    """A worker process (ML_TASKS_IN_PROCESS): lower priority, Django set up once; it keeps
+    its loaded models between runs."""
+    try:
+        os.nice(15)
+    except OSError:
+        pass
+    import django
+
+    django.setup()
+
+
+def _child_job(run_id: int) -> None:
+    from threadpoolctl import threadpool_limits
+
+    from ml_backend import services
+
+    try:
+        with threadpool_limits(1):
+            services.training_run_execute(run_id)
+    except Exception:
+        logger.exception("training run %s failed in the background worker process", run_id)
+    finally:
+        connections.close_all()
+
+
+def _pool():
     global _executor
     with _lock:
+        if _executor is None and getattr(settings, "ML_TASKS_IN_PROCESS", False):
+            # a process of its own: the refit's Python does not share the server's
+            # interpreter lock (measured in docs/benchmarks.md); spawned, so no server
+            # thread or connection is inherited
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            _executor = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_child_start)
+            register = getattr(threading, "_register_atexit", None)
+            if register is not None:
+                register(shutdown)
         if _executor is None:
             _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ml-worker",
                                            initializer=_lower_priority)

@@ -138,6 +138,9 @@ def synchronous_training_runs(settings):
     """Refits and retrains run inline in the tests (ml_backend/dispatch.py); the tests of
     the background worker thread turn ML_TASKS_IN_THREAD on themselves."""
     settings.ML_TASKS_IN_THREAD = False
+    # a spawned worker process could not see the test database: the background tests use
+    # the thread (the process mode is measured by bench.label_latency on a real database)
+    settings.ML_TASKS_IN_PROCESS = False
 
 
 @pytest.fixture(autouse=True)
