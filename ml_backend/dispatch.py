@@ -53,8 +53,7 @@ def enqueue_training_run(run_id: int) -> None:
         return
     executor = _pool()
     with _lock:
-        job = _job if isinstance(executor, ThreadPoolExecutor) else _child_job
-        future = executor.submit(job, run_id)
+        future = executor.submit(_job, run_id)   # a thread or the worker process alike
         _pending[future] = run_id
     future.add_done_callback(_forget)
 
@@ -98,20 +97,17 @@ def _child_start() -> None:
     import django
 
     django.setup()
+    # The server may be stopped without running its exit hooks (SIGTERM, a killed reloader):
+    # the worker follows its parent instead of living on as an orphan.
+    parent = os.getppid()
 
+    def follow_parent() -> None:
+        while True:
+            time.sleep(2)
+            if os.getppid() != parent:
+                os._exit(0)
 
-def _child_job(run_id: int) -> None:
-    from threadpoolctl import threadpool_limits
-
-    from ml_backend import services
-
-    try:
-        with threadpool_limits(1):
-            services.training_run_execute(run_id)
-    except Exception:
-        logger.exception("training run %s failed in the background worker process", run_id)
-    finally:
-        connections.close_all()
+    threading.Thread(target=follow_parent, name="follow-parent", daemon=True).start()
 
 
 def _pool():
@@ -165,7 +161,7 @@ def _job(run_id: int) -> None:
         with threadpool_limits(1):
             services.training_run_execute(run_id)
     except Exception:
-        logger.exception("training run %s failed in the background worker thread", run_id)
+        logger.exception("training run %s failed in the background worker", run_id)
     finally:
         connections.close_all()
 
