@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv demo test serve migrate clean fixtures bench chromium
+.PHONY: venv demo test serve migrate clean fixtures bench chromium starter-encoder
 
 # The virtualenv is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -48,6 +48,12 @@ PNEUMONIA_ARGS ?= --image-size 32 --small-input no --epochs 15 --batch-size 256 
 BRAIN_ARGS ?= --image-size 64 --epochs 6 --batch-size 128 --finetune-epochs 3 --distill-epochs 1 --seeds $(SEEDS) --labels-fraction 0.2,1.0
 PNEUMONIA_EVAL ?= $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#val
 BRAIN_EVAL ?= split:0.2
+# The shipped starter encoder (ml_backend/starter/): SimCLRv2 on every public train scan in
+# $(SHARED), in the background on a 2-core CPU (about an hour); resumable (.cache/starter/).
+STARTER_ARGS ?= --epochs 25 --workers 2
+starter-encoder: venv
+	$(PY) -m ml_backend.ssl.starter --data $(SHARED) $(STARTER_ARGS)
+
 bench: venv chromium
 	mkdir -p bench/results
 	$(PY) -m bench.label_latency --answers 40 --out bench/results/label_latency.json

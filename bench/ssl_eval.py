@@ -57,6 +57,7 @@ from ml_backend.ssl.train import (
     distill,
     embed,
     finetune,
+    config_from_dict,
     load_checkpoint,
     load_pretrained,
     pick_device,
@@ -102,7 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
     parser.add_argument("--small-input", choices=["auto", "yes", "no"], default="auto",
                         help="CIFAR-style 3x3 stem without max-pool (auto: size <= 64)")
-    parser.add_argument("--epochs", type=int, default=20, help="pretraining epochs")
+    parser.add_argument("--epochs", type=int, default=20,
+                        help="pretraining epochs (0 with --init-checkpoint: that encoder as is)")
+    parser.add_argument("--init-checkpoint", default=None,
+                        help="start pretraining from this encoder (e.g. the shipped starter, "
+                             "ml_backend/starter/simclr-resnet18-64px.pt); with --epochs 0 it "
+                             "is evaluated as is, at its own image size and stem")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--batch-size", type=int, default=256, help="pretraining batch size")
     parser.add_argument("--finetune-epochs", type=int, default=30)
     parser.add_argument("--finetune-batch-size", type=int, default=64)
@@ -362,6 +370,10 @@ def load_data(args) -> dict:
 
 
 def pretrain_config(args) -> PretrainConfig:
+    if args.epochs == 0:
+        if not args.init_checkpoint:
+            raise SystemExit("--epochs 0 needs --init-checkpoint (the encoder to evaluate)")
+        return config_from_dict(PretrainConfig, load_checkpoint(args.init_checkpoint)["config"])
     small = {"auto": None, "yes": True, "no": False}[args.small_input]
     return PretrainConfig(arch=args.arch, image_size=args.image_size, small_input=small,
                           epochs=args.epochs, batch_size=args.batch_size, seed=0)
@@ -382,9 +394,19 @@ def _print_pretrain_progress(event: dict) -> None:
 
 
 def get_encoder(images: np.ndarray, config: PretrainConfig, cache_dir: Path,
-                device: str | None) -> tuple[SimCLRModel, dict]:
-    """Pretrain, or reuse a finished checkpoint made from the same images and config."""
+                device: str | None, init: str | None = None,
+                epochs: int | None = None) -> tuple[SimCLRModel, dict]:
+    """Pretrain (from ``init`` when given), or reuse a finished checkpoint made from the same
+    images, config and initial encoder; ``epochs == 0``: ``init`` as is."""
+    if epochs == 0:
+        model, _ = load_pretrained(init)
+        log(f"pretrain: none; evaluating {init} as is")
+        return model, {"encoder_cached": False, "checkpoint": str(init), "seconds": 0.0,
+                       "images_per_s": None, "history": [], "init_checkpoint": str(init)}
     path = encoder_checkpoint_path(cache_dir, images, config)
+    if init:
+        digest = hashlib.sha256(Path(init).read_bytes()).hexdigest()[:12]
+        path = path.with_name(path.stem + f"-from-{digest}.pt")
     if path.exists():
         state = load_checkpoint(path)
         if state.get("epoch") == config.epochs and state.get("config") == asdict(config):
@@ -396,7 +418,7 @@ def get_encoder(images: np.ndarray, config: PretrainConfig, cache_dir: Path,
         f"{config.arch} at {config.image_size}px")
     started = time.perf_counter()
     metrics = pretrain(images, config, checkpoint_path=path, model_version="bench-ssl-eval",
-                       device=device, progress=_print_pretrain_progress)
+                       device=device, progress=_print_pretrain_progress, init_checkpoint=init)
     seconds = time.perf_counter() - started
     model, _ = load_pretrained(path)
     history = metrics["history"]
@@ -433,7 +455,13 @@ def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
                                seed=seed, from_head_layer=1)
     out = {}
 
+    wanted = set(args.methods.split(",")) if getattr(args, "methods", None) else set(METHODS)
+    if "simclr_distill" in wanted:
+        wanted.add("simclr_finetune")          # the student needs its teacher
+
     def timed(name, fn):
+        if name not in wanted:
+            return
         started = time.perf_counter()
         out[name] = (fn(), time.perf_counter() - started)
 
@@ -524,6 +552,8 @@ def aggregate(runs: list[dict], fractions: list[float]) -> dict:
         per_method = {}
         for method in METHODS:
             rows = [r for r in runs if r["fraction"] == fraction and r["method"] == method]
+            if not rows:
+                continue                        # not asked for (--methods)
             stats = {"runs": len(rows)}
             for metric in ("accuracy", "macro_f1", "macro_auc"):
                 values = [r["metrics"][metric] for r in rows if r["metrics"][metric] is not None]
@@ -592,11 +622,16 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(args.cache_dir)
     log(f"device {device.type}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
 
+    bad = set(args.methods.split(",")) - set(METHODS)
+    if bad:
+        raise SystemExit(f"--methods: unknown {sorted(bad)}; choose from {', '.join(METHODS)}")
+    config = pretrain_config(args)
+    args.image_size = config.image_size          # --epochs 0: the checkpoint's own size
     data = load_data(args)
     log(f"classes {data['class_names']}: {data['info']['num_train']} train / "
         f"{data['info']['num_eval']} eval scans")
-    config = pretrain_config(args)
-    encoder, pretrain_info = get_encoder(data["x_train"], config, cache_dir, args.device)
+    encoder, pretrain_info = get_encoder(data["x_train"], config, cache_dir, args.device,
+                                         init=args.init_checkpoint, epochs=args.epochs)
 
     embed_started = time.perf_counter()
     embeddings = {"train": embed(encoder.encoder, data["x_train"], config, device=args.device),
@@ -664,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     log(format_table(aggregates, labeled_counts, label_free_rows))
     log(f"pretrain {pretrain_info['seconds']:.1f}s"
         + (" (cached encoder)" if pretrain_info["encoder_cached"] else
+           " (none: the encoder as is)" if pretrain_info["images_per_s"] is None else
            f" ({pretrain_info['images_per_s']:.0f} images/s)")
         + f", embedding {embedded / max(embed_seconds, 1e-9):.0f} images/s, "
         f"total {time.perf_counter() - started:.1f}s")

@@ -199,6 +199,10 @@ ML_RUN_QUEUES = {"refit": "refit", "embed": "refit", "pretrain": "train", "retra
 ML_CACHE_SIZE = env_int("ML_CACHE_SIZE", 12, minimum=1)
 # DataLoader worker processes for training and embedding (0: in the training process).
 ML_DATALOADER_WORKERS = env_int("MEDLABEL_DATALOADER_WORKERS", 0, minimum=0)
+# The shipped starter encoder new projects pretrain from (ml_backend/starter/, rebuilt by
+# `make starter-encoder`); empty: every project pretrains from scratch.
+STARTER_ENCODER = env_str("MEDLABEL_STARTER_ENCODER",
+                          str(BASE_DIR / "ml_backend" / "starter" / "simclr-resnet18-64px.pt"))
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
 LOG_FILE = env_str("LOG_FILE")

@@ -22,6 +22,10 @@ Method (:func:`compare_models`):
   candidate is worse by more than the tolerance. ``lower`` (macro) is the ``alpha`` quantile.
 - An exact McNemar test (binomial test on the discordant scans) of per-scan correctness on
   the shared scans is reported as information only, with the accuracies on those scans.
+- ``detectable_drop`` = tolerance + the half-width of the macro-F1 delta's bootstrap
+  interval: roughly the smallest fall the split can tell from noise. Above ``WEAK_GATE``
+  :func:`describe` says so and asks for more eval scans (20 eval scans cannot guard against
+  a 0.05 fall; ``docs/benchmarks.md``, PneumoniaMNIST).
 - New classes report the candidate's recall, precision (over all scans predicted as the
   class) and F1; they never count as a regression. A dropped class with eval support does.
 
@@ -187,9 +191,17 @@ def compare_models(y_true, pred_candidate, pred_active, *, class_names: list[str
         "regression": bool(regressions),
         "regressions": regressions,
         "tolerance": float(tolerance),
+        # the smallest fall in macro-F1 this eval split can tell from noise: the tolerance
+        # plus the bootstrap interval's half-width (wide on a few dozen scans)
+        "detectable_drop": (None if macro_upper is None else
+                            float(tolerance + (macro_upper - macro_lower) / 2)),
         "alpha": float(alpha),
         "n_boot": n_boot,
     }
+
+
+# A gate that cannot see a macro-F1 drop smaller than this says so in its reason.
+WEAK_GATE = 0.10
 
 
 def _signed(value: float) -> str:
@@ -235,4 +247,9 @@ def describe(result: dict, *, candidate: str, active: str) -> str:
             f"{row['name']} (no labeled eval scans yet to measure it)"
             for row in result["new_classes"])
         text += f"; newly learned: {learned}"
+    detectable = result.get("detectable_drop")
+    if detectable is not None and detectable > WEAK_GATE:
+        text += (f". Note: on {result['num_shared_scans']} shared eval scans only a macro-F1 "
+                 f"drop larger than {detectable:.2f} can be told from noise; label more eval "
+                 "scans to make this check stronger")
     return text

@@ -47,11 +47,86 @@ def _workers() -> int:
     environment)."""
     return settings.ML_DATALOADER_WORKERS
 
+def starter_encoder() -> tuple[Path, dict] | None:
+    """The shipped starter encoder (settings.STARTER_ENCODER) and its data card, or None."""
+    from ml_backend.ssl.starter import read_card
+
+    path = Path(settings.STARTER_ENCODER) if settings.STARTER_ENCODER else None
+    card = read_card(path) if path else None
+    return (path, card) if card else None
+
+
+def _starter_for(config, start_from: str, report: RunReporter) -> tuple[Path, dict] | None:
+    """The starter when ``start_from`` allows it and it fits ``config`` (same architecture
+    and stem; the image size may differ). ``start_from="starter"`` insists."""
+    if start_from == "scratch":
+        return None
+    found = starter_encoder()
+    if found is None:
+        if start_from == "starter":
+            raise TrainingError("no starter encoder is shipped (settings.STARTER_ENCODER): "
+                                "build it with `make starter-encoder` or use --from scratch")
+        report.log("no starter encoder shipped: pretraining from scratch")
+        return None
+    path, card = found
+    starter_config = ssl.config_from_dict(ssl.PretrainConfig, card["config"])
+    if config is None:
+        return found
+    if (starter_config.arch, starter_config.uses_small_input) != (config.arch,
+                                                                 config.uses_small_input):
+        why = (f"the starter encoder is a {starter_config.arch} with the "
+               f"{'small' if starter_config.uses_small_input else 'standard'} stem; this run asks "
+               f"for a {config.arch} with the "
+               f"{'small' if config.uses_small_input else 'standard'} stem")
+        if start_from == "starter":
+            raise TrainingError(f"{why}: use --from scratch")
+        report.log(f"{why}: pretraining from scratch")
+        return None
+    return found
+
+
+def _starter_summary(path: Path, card: dict) -> dict:
+    return {"file": path.name, "sha256": card.get("file", {}).get("sha256"),
+            "built": card.get("built"), "scans": card.get("scans"), "epochs": card.get("epochs")}
+
+
+def _adopt_starter(run: TrainingRun, report: RunReporter, scans: list[Scan],
+                   starter: tuple[Path, dict], activate: bool) -> None:
+    """``--epochs 0``: the starter encoder as shipped becomes the project's encoder (no
+    training; its scans are embedded)."""
+    import shutil
+
+    path, card = starter
+    config = ssl.config_from_dict(ssl.PretrainConfig, card["config"])
+    model = new_version(run, ModelVersion.Kind.ENCODER, parent=None,
+                        config={"pretrain": asdict(config), "init_checkpoint": str(path),
+                                "start_from": "starter", "starter": _starter_summary(path, card),
+                                "num_scans": len(scans)})
+    target = checkpoint_path(model, "encoder.pt")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.copyfile(path, tmp)
+    tmp.replace(target)
+    model.metrics = {"pretrain": {"epochs": 0, "history": card.get("history", []),
+                                  "note": "the shipped starter encoder, used as is",
+                                  "final_loss": card.get("final_loss"), "device": "cpu"}}
+    model.status = ModelVersion.Status.READY
+    model.save(update_fields=["metrics", "status"])
+    report.log(f"{model.version}: the starter encoder as shipped ({card.get('scans')} public "
+               f"scans, {card.get('epochs')} epochs, built {card.get('built')}); no training")
+    if activate:
+        embed_with(run, model, report, full=True)
+        model_version_activate(model, reason="starter encoder")
+
+
 def _pretrain(run: TrainingRun, report: RunReporter) -> None:
     params = dict(run.params)
     init = params.pop("init_checkpoint", None)
     activate = params.pop("activate", True)
     resume_version = params.pop("resume", None)
+    start_from = params.pop("start_from", "auto")
+    if start_from not in ("auto", "starter", "scratch"):
+        raise TrainingError(f"start_from must be auto, starter or scratch, not {start_from!r}")
     scans = list(Scan.objects.filter(project=run.project).select_related("dataset").order_by("pk"))
     if len(scans) < 2:
         raise TrainingError("pretraining needs at least 2 scans in the project")
@@ -73,6 +148,12 @@ def _pretrain(run: TrainingRun, report: RunReporter) -> None:
         run.model_version = model
         run.save(update_fields=["model_version"])
     else:
+        if params.get("epochs") == 0:
+            if init is not None or start_from == "scratch":
+                raise TrainingError("--epochs 0 adopts the shipped starter encoder as is; "
+                                    "it cannot be combined with --init-checkpoint or --from scratch")
+            starter = _starter_for(None, "starter", report)
+            return _adopt_starter(run, report, scans, starter, activate)
         config = ssl.PretrainConfig(**{k: v for k, v in params.items()
                                        if k in ssl.PretrainConfig.__dataclass_fields__})
         parent = run.project.active_encoder if init == "active" else None
@@ -80,9 +161,16 @@ def _pretrain(run: TrainingRun, report: RunReporter) -> None:
             if parent is None:
                 raise TrainingError("--init-checkpoint active: the project has no active encoder")
             init = str(checkpoint_path(parent, "encoder.pt"))
+        starter = None if init else _starter_for(config, start_from, report)
+        extra = {}
+        if starter is not None:
+            init = str(starter[0])
+            extra = {"starter": _starter_summary(*starter)}
         model = new_version(run, ModelVersion.Kind.ENCODER, parent=parent,
                              config={"pretrain": asdict(config), "init_checkpoint": init,
-                                     "num_scans": len(scans)})
+                                     "start_from": ("starter" if starter else
+                                                    "checkpoint" if init else "scratch"),
+                                     "num_scans": len(scans), **extra})
     report.log(f"pretraining {model.version} on {len(scans)} scans: {config.arch}, "
                f"{config.image_size}px, {config.epochs} epochs")
     images = images_for(scans, config.image_size)

@@ -23,6 +23,8 @@ from ml_backend.services.queries import query_round_create
 
 logger = logging.getLogger(__name__)
 
+WRITE_BATCH = 250      # prediction rows per transaction
+
 def model_version_activate(model: ModelVersion, *, reason: str = "", actor=None,
                            rolled_back_from: ModelVersion | None = None) -> None:
     """Make ``model`` the project's active encoder or classifier; retire the previous one.
@@ -76,12 +78,17 @@ def model_version_promote(model: ModelVersion, *, actor, reason: str = "",
 
 
 def publish(model: ModelVersion, *, predict: Predictor, classes: list[int]) -> None:
-    """The gate promoted ``model``: make it active, store its pool predictions, and tell
-    the predictions' consumers (``classifier_published``)."""
-    model_version_activate(model, reason=model.status_reason)
+    """The gate promoted ``model``: store its pool predictions, make it active, and tell
+    the predictions' consumers (``classifier_published``).
+
+    The predictions are written *before* activation: readers only read the active model's,
+    so they never see a half-written set, and the rows can go in short transactions that
+    let a reader's answer write between them (on SQLite one long transaction held the
+    database's write lock for the whole pool while answers waited)."""
     try:
         predictions_refresh(model, predict=predict, classes=classes)
     finally:
+        model_version_activate(model, reason=model.status_reason)
         signals.classifier_published.send(sender=ModelVersion, model=model,
                                           project_id=model.project_id)
 
@@ -222,7 +229,8 @@ def gate(model: ModelVersion, evaluation: Evaluation | None, *,
 def predictions_refresh(model: ModelVersion, *, predict: Predictor | None = None,
                         classes: list[int] | None = None) -> int:
     """Store the model's class probabilities for every pool scan it can score (one row per
-    scan, over the classes of the scan's label set)."""
+    scan, over the classes of the scan's label set), in transactions of ``WRITE_BATCH`` rows
+    (see ``publish``)."""
     predict = predict or predictor_for(model)
     classes = classes or [c["id"] for c in model.config["classes"]]
     scans = list(Scan.objects.filter(project=model.project, split="pool").order_by("pk"))
@@ -243,7 +251,8 @@ def predictions_refresh(model: ModelVersion, *, predict: Predictor | None = None
                 probabilities={str(c): round(float(v), 6) for c, v in zip(classes, p)
                                if c in mine},
                 confidence=float(p[best]), uncertainty=float(1.0 - p[best])))
-    with transaction.atomic():
-        Prediction.objects.filter(model_version=model).delete()
-        Prediction.objects.bulk_create(rows, batch_size=500)
+    Prediction.objects.filter(model_version=model).delete()
+    for start in range(0, len(rows), WRITE_BATCH):
+        with transaction.atomic():
+            Prediction.objects.bulk_create(rows[start:start + WRITE_BATCH])
     return len(rows)

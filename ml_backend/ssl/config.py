@@ -29,9 +29,11 @@ class PretrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     seed: int = 0
-    amp: bool = True                          # only takes effect on a GPU
+    amp: bool = True                          # float16 on a GPU
     hflip: bool = False
     augment: dict = field(default_factory=dict)   # overrides of AugmentConfig fields
+    cpu_bf16: bool = True                     # bf16 autocast on a CPU with native bf16
+    channels_last: bool = True                # NHWC tensors (faster convolutions on CPU)
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 2:

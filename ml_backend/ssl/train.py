@@ -136,7 +136,10 @@ def pretrain(
     checkpoint_path = Path(checkpoint_path)
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
-        if state.get("config") != asdict(config):
+        stored, current = state.get("config") or {}, asdict(config)
+        # a key the stored config lacks was added later with a default: not a difference
+        if any(stored.get(key, value) != value for key, value in current.items()) or \
+                set(stored) - set(current):
             raise TrainingError(f"{checkpoint_path} was made with a different config; "
                                 "remove it or pass resume=False")
         model.encoder.load_state_dict(state["encoder"])
@@ -147,18 +150,19 @@ def pretrain(
         note = f"resumed at epoch {start_epoch}"
     elif init_checkpoint:
         note = "initialised from " + load_encoder_weights(model, init_checkpoint)
-    model.to(dev)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(dev, memory_format=memory_format)
 
     def step_loss(batch):
         view_a, view_b = (view.to(dev, non_blocking=True) for view in batch)
-        z = model(torch.cat([view_a, view_b]))
+        z = model(torch.cat([view_a, view_b]).contiguous(memory_format=memory_format))
         return criterion(*z.float().chunk(2)), len(view_a)
 
     for epoch in range(start_epoch, config.epochs):
         result = train_one_epoch(
             model, loader, step_loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
             device=dev, amp=config.amp, where=f"pretraining epoch {epoch + 1}",
-            progress=progress,
+            progress=progress, cpu_bf16=config.cpu_bf16,
             event={"stage": "pretrain", "epoch": epoch + 1, "epochs": config.epochs})
         history.append({"epoch": epoch + 1, "loss": result["loss"],
                         "images_per_s": result["images_per_s"], "seconds": result["seconds"]})

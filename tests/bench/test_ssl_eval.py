@@ -160,3 +160,27 @@ def test_split_eval_holds_out_whole_groups(tmp_path):
     groups = ssl_eval.near_duplicate_groups(everything)
     assert not set(groups[:info["num_train"]]) & set(groups[info["num_train"]:])
     assert list(tmp_path.glob("data-*.npz"))
+
+
+def test_an_encoder_evaluated_as_is_with_a_subset_of_methods(tmp_path, capsys):
+    """--epochs 0 --init-checkpoint: the encoder is evaluated at its own size, no pretraining;
+    --methods runs only what is asked (the teacher comes with the distilled student)."""
+    from ml_backend.ssl.config import PretrainConfig
+    from ml_backend.ssl.train import pretrain
+
+    images = np.stack([blob_image(seed, 40) for seed in range(16)])
+    encoder = tmp_path / "encoder.pt"
+    pretrain(images, PretrainConfig(image_size=40, small_input=False, epochs=1, batch_size=8),
+             checkpoint_path=encoder)
+    args = bench_args(tmp_path, "as-is.json")
+    args[args.index("--epochs") + 1] = "0"
+    args += ["--init-checkpoint", str(encoder), "--methods", "pixels_logreg,linear_probe",
+             "--labels-fraction", "1.0"]
+    assert ssl_eval.main(args) == 0
+    result = json.loads((tmp_path / "as-is.json").read_text())
+    assert result["configs"]["pretrain"]["image_size"] == 40      # the checkpoint's, not 32
+    assert result["pretrain"]["init_checkpoint"] == str(encoder)
+    assert set(result["aggregates"]["1"]) == {"pixels_logreg", "linear_probe"}
+    assert "pretrain epoch" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown"):
+        ssl_eval.main(args + ["--methods", "pixels_logreg,nonsense"])

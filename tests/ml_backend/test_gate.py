@@ -173,3 +173,20 @@ def test_timing_sanity_500_scans():
     elapsed = time.perf_counter() - start
     print(f"compare_models N=500, 6 classes, 1000 resamples: {elapsed * 1000:.1f} ms")
     assert result["n_boot"] == 1000 and len(result["per_class"]) == 6
+
+
+def test_a_small_eval_split_says_how_large_a_drop_it_can_see():
+    """20 eval scans cannot guard against a 0.05 fall; the reason says so in words, and a
+    split ten times larger does not need the note."""
+    notes = {}
+    for per_class in (10, 100):
+        y = balanced_labels({0: per_class, 1: per_class})
+        active = make_predictions(y, 0.85, [0, 1], seed=3)
+        candidate = make_predictions(y, 0.85, [0, 1], seed=4)
+        result = run(y, candidate, active, cand=(0, 1), act=(0, 1))
+        notes[per_class] = (result["detectable_drop"],
+                            describe(result, candidate="clf-4", active="clf-3"))
+    small, large = notes[10], notes[100]
+    assert small[0] > 0.10 > large[0] > 0.02
+    assert f"only a macro-F1 drop larger than {small[0]:.2f}" in small[1]
+    assert "label more eval scans" in small[1] and "told from noise" not in large[1]

@@ -30,9 +30,11 @@ class Command(BaseCommand):
         parser.add_argument("--fixtures", default=str(Path(settings.BASE_DIR) / "fixtures"))
         parser.add_argument("--keep-passwords", action="store_true",
                             help="do not reset the demo users' passwords")
-        parser.add_argument("--pretrain-epochs", type=int, default=4,
-                            help="epochs of the first SimCLRv2 encoder (0: skip); skipped when "
-                            "the project already has an active encoder")
+        parser.add_argument("--pretrain-epochs", type=int, default=None,
+                            help="epochs of SimCLRv2 pretraining on the fixtures, continuing from "
+                            "the shipped starter encoder (default 0: the starter as shipped, "
+                            "only embedding; 4 from scratch when no starter is shipped); "
+                            "-1: no encoder; skipped when the project already has one")
         parser.add_argument("--image-size", type=int, default=64)
 
     def handle(self, *args, **opts):
@@ -64,11 +66,21 @@ class Command(BaseCommand):
                              dataset=name, split=split, layout=layout, no_progress=True,
                              stdout=self.stdout, stderr=self.stderr)
         project.refresh_from_db()
-        if opts["pretrain_epochs"] > 0 and project.active_encoder is None:
-            self.stdout.write(f"Pretraining a first SimCLRv2 encoder on the {project.scans.count()} "
-                              f"fixture scans ({opts['pretrain_epochs']} epochs, a few minutes on "
-                              "2 CPU cores) ...")
-            call_command("pretrain", project=project.name, epochs=opts["pretrain_epochs"],
+        epochs = opts["pretrain_epochs"]
+        if epochs is None:
+            from ml_backend.services.training import starter_encoder
+
+            epochs = 0 if starter_encoder() else 4
+        if epochs >= 0 and project.active_encoder is None:
+            if epochs == 0:
+                self.stdout.write(f"Embedding the {project.scans.count()} fixture scans with the "
+                                  "shipped starter encoder (pretrained on public chest X-ray and "
+                                  "brain MRI scans; see ml_backend/starter/) ...")
+            else:
+                self.stdout.write(f"Pretraining a SimCLRv2 encoder on the "
+                                  f"{project.scans.count()} fixture scans ({epochs} epochs, "
+                                  "from the starter encoder when one is shipped) ...")
+            call_command("pretrain", project=project.name, epochs=epochs,
                          image_size=opts["image_size"], batch_size=64,
                          stdout=self.stdout, stderr=self.stderr)
         elif project.active_encoder is not None:

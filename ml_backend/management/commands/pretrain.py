@@ -1,17 +1,26 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from ml_backend.management.commands._runs import add_common_arguments, get_project, run
 
 
 class Command(BaseCommand):
-    help = ("SimCLRv2 contrastive pretraining on every scan of a project (labels unused); "
+    help = ("SimCLRv2 contrastive pretraining on every scan of a project (labels unused), "
+            "continuing from the shipped starter encoder by default; "
             "registers an encoder ModelVersion, activates it, and embeds + indexes all scans.")
 
     def add_arguments(self, parser):
         add_common_arguments(parser)
-        parser.add_argument("--epochs", type=int, default=10)
+        parser.add_argument("--epochs", type=int, default=None,
+                            help="default: 3 when starting from the shipped starter encoder, "
+                            "10 from scratch; 0: use the starter encoder as shipped (no "
+                            "training, only embedding)")
+        parser.add_argument("--from", dest="start_from", default="auto",
+                            choices=["auto", "starter", "scratch"],
+                            help="auto (default): continue from the shipped starter encoder "
+                            "(ml_backend/starter/) when it fits --arch and the stem, else from "
+                            "scratch; starter: insist; scratch: random initial weights")
         parser.add_argument("--image-size", type=int, default=64)
         parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
         parser.add_argument("--batch-size", type=int, default=128)
@@ -31,7 +40,16 @@ class Command(BaseCommand):
                             "epoch checkpoint, with its own frozen config")
 
     def handle(self, *args, **opts):
-        params = {"epochs": opts["epochs"], "image_size": opts["image_size"], "arch": opts["arch"],
+        epochs = opts["epochs"]
+        if epochs is None:
+            epochs = 10 if opts["start_from"] == "scratch" or opts["init_checkpoint"] else 3
+            if opts["start_from"] == "auto" and not opts["init_checkpoint"]:
+                from ml_backend.services.training import starter_encoder
+
+                epochs = 3 if starter_encoder() else 10
+        if epochs < 0:
+            raise CommandError("--epochs must be 0 or more")
+        params = {"epochs": epochs, "start_from": opts["start_from"], "image_size": opts["image_size"], "arch": opts["arch"],
                   "batch_size": opts["batch_size"], "lr": opts["lr"],
                   "temperature": opts["temperature"], "seed": opts["seed"],
                   "small_input": {"auto": None, "yes": True, "no": False}[opts["small_input"]],

@@ -1,0 +1,256 @@
+"""The starter encoder: one SimCLRv2 encoder pretrained on every public scan we have, shipped
+with the project so a new project (and the demo) starts from it instead of from noise.
+
+Pure core: no Django. ``build`` decodes the sources with the import pipeline's own decoder
+(``decode_scan``; greyscale, padded to a square, resized), pretrains with ``ssl.pretrain``
+(resumable, one checkpoint per epoch in ``work_dir``), then writes
+
+- ``out`` (``*.pt``): an encoder checkpoint in half precision (``kind="simclr_encoder"``,
+  ``config``, ``encoder``, ``head``, ``history``, ``batchnorm_recalibrated``, ``starter``: the
+  card below), loadable by ``load_pretrained`` / ``load_encoder_weights`` like any of ours;
+- ``out`` with ``.json``: the data card (what it saw, how long, the loss curve, the exact
+  command, the file's sha256).
+
+Rebuild it with ``make starter-encoder`` (= ``python -m ml_backend.ssl.starter``). Only the
+train splits are used: PneumoniaMNIST's val, NIH's val and every official test split stay out,
+so the benchmarks that evaluate on them are not transductive. Brain MRI's Training folder is
+used whole (its official Testing folder is withheld), so a grouped split of Training that a
+benchmark holds out *was* seen here, without labels; the card says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ml_backend.data.arrays import to_square
+from ml_backend.data.datasets import read_source
+from ml_backend.data.decode import ScanDecodeError, decode_scan
+from ml_backend.errors import TrainingError
+from ml_backend.ssl.config import PretrainConfig
+
+FORMAT = "starter-encoder/1"
+
+
+@dataclass(frozen=True)
+class StarterSource:
+    name: str            # what a reader of the data card sees
+    spec: str            # relative to the data root: a folder, ``file.npz#split`` or ``labels.csv#split``
+    hflip: bool          # whether a left-right flip keeps the anatomy plausible
+
+
+# Chest films are never flipped (the heart's side matters); brain MRI slices may be.
+DEFAULT_SOURCES = (
+    StarterSource("chest X-ray, PneumoniaMNIST train (MedMNIST v2, 28 px)",
+                  "pneumoniamnist/pneumoniamnist.npz#train", hflip=False),
+    StarterSource("chest X-ray, NIH ChestX-ray14 subset train (64 px)",
+                  "nih_cxr14_subset/labels.csv#train", hflip=False),
+    StarterSource("brain MRI, Training folder (Bhuvaji et al., mostly 512 px)",
+                  "brain_mri/Training", hflip=True),
+)
+
+# The recipe: the project's default SimCLRv2 settings at 64 px (the demo's and the product's
+# default size), standard ResNet-18 stem.
+DEFAULT_CONFIG = PretrainConfig(arch="resnet18", image_size=64, epochs=20, batch_size=128,
+                                lr=1e-3, temperature=0.2, warmup_epochs=1.0, seed=0)
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "starter" / "simclr-resnet18-64px.pt"
+
+
+def _log(message: str) -> None:
+    print(f"[starter {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _split_csv_files(csv_path: Path, split: str) -> list[Path]:
+    """Files listed in a ChestX-ray14-style CSV (``Image Index``, ``split``) for one split;
+    the images sit in ``images/`` beside the CSV (or beside the CSV itself)."""
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "split" not in rows[0]:
+        raise TrainingError(f"{csv_path}: expected a 'split' column")
+    name_key = next((k for k in ("Image Index", "filename", "path") if k in rows[0]), None)
+    if name_key is None:
+        raise TrainingError(f"{csv_path}: expected an 'Image Index' or 'filename' column")
+    folder = csv_path.parent / "images"
+    folder = folder if folder.is_dir() else csv_path.parent
+    return [folder / row[name_key] for row in rows if row["split"].strip() == split]
+
+
+def _raw_items(root: Path, spec: str) -> list[tuple[str, callable]]:
+    path, _, split = spec.partition("#")
+    if path.lower().endswith(".csv") and split:
+        return [(p.name, p.read_bytes) for p in _split_csv_files(root / path, split)]
+    listing = read_source(str(root / spec))
+    return [(item.name, item.load) for item in listing.items]
+
+
+def to_uint8(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Decoded pixels (float in [0, 1], greyscale) → ``uint8 (size, size)``, as training sees
+    the import's 8-bit preview."""
+    image = Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+    return np.asarray(to_square(image, size), dtype=np.uint8)
+
+
+def load_sources(root: Path, sources=DEFAULT_SOURCES, *, size: int) -> dict:
+    """Decode every source: ``images uint8 (N, size, size)``, ``hflip bool (N,)``, and per
+    source ``{name, spec, scans, failed, sha256}`` (the hash of its decoded pixels)."""
+    images, flips, card = [], [], []
+    for source in sources:
+        started, decoded, failed = time.perf_counter(), [], 0
+        for name, load in _raw_items(root, source.spec):
+            try:
+                scan = decode_scan(load(), name=name, salt="starter")
+            except (ScanDecodeError, OSError):
+                failed += 1
+                continue
+            decoded.append(to_uint8(scan.pixels, size))
+        if not decoded:
+            raise TrainingError(f"{source.spec}: no scan could be read under {root}")
+        stack = np.stack(decoded)
+        images.append(stack)
+        flips.append(np.full(len(stack), source.hflip))
+        card.append({"name": source.name, "spec": source.spec, "scans": len(stack),
+                     "failed": failed, "hflip": source.hflip,
+                     "sha256_pixels": hashlib.sha256(stack.tobytes()).hexdigest()})
+        _log(f"{source.spec}: {len(stack)} scans ({failed} unreadable) in "
+             f"{time.perf_counter() - started:.0f}s")
+    return {"images": np.concatenate(images), "hflip": np.concatenate(flips), "sources": card}
+
+
+def _cached_sources(root: Path, sources, size: int, work_dir: Path) -> dict:
+    key = hashlib.sha256(json.dumps([asdict(s) for s in sources] + [size, str(root.resolve())])
+                         .encode()).hexdigest()[:16]
+    path = work_dir / f"sources-{key}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as data:
+            return {"images": data["images"], "hflip": data["hflip"],
+                    "sources": json.loads(str(data["card"]))}
+    data = load_sources(root, sources, size=size)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with tmp.open("wb") as handle:
+        np.savez(handle, images=data["images"], hflip=data["hflip"],
+                 card=np.array(json.dumps(data["sources"])))
+    tmp.replace(path)
+    return data
+
+
+def half_precision(state: dict) -> dict:
+    """Floating tensors to float16 (BatchNorm counters stay integers)."""
+    return {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def export(pretrain_checkpoint: Path, out: Path, card: dict) -> dict:
+    """Write the shipped file (half precision, no optimizer state) and its card."""
+    from ml_backend.ssl.checkpoints import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(pretrain_checkpoint)
+    if not state.get("batchnorm_recalibrated"):
+        raise TrainingError(f"{pretrain_checkpoint}: pretraining has not finished")
+    card = {**card, "format": FORMAT, "epochs": state["epoch"], "history": state["history"],
+            "pretrain_seconds": round(sum(h.get("seconds", 0) for h in state["history"]), 1)}
+    save_checkpoint(out, {
+        "kind": "simclr_encoder", "model_version": "starter", "config": state["config"],
+        "encoder": half_precision(state["encoder"]), "head": half_precision(state["head"]),
+        "epoch": state["epoch"], "history": state["history"], "batchnorm_recalibrated": True,
+        "starter": card,
+    })
+    card["file"] = {"name": out.name, "bytes": out.stat().st_size,
+                    "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def read_card(path: Path) -> dict | None:
+    """The starter's data card, or None when no starter is shipped at ``path``."""
+    card = Path(path).with_suffix(".json")
+    if not Path(path).is_file() or not card.is_file():
+        return None
+    return json.loads(card.read_text())
+
+
+def build(root: Path, out: Path, *, config: PretrainConfig = DEFAULT_CONFIG,
+          sources=DEFAULT_SOURCES, work_dir: Path, workers: int = 0,
+          device: str | None = None, command: str = "") -> dict:
+    from ml_backend.ssl.train import pretrain
+
+    started = time.perf_counter()
+    data = _cached_sources(root, sources, config.image_size, work_dir)
+    _log(f"pretraining on {len(data['images'])} scans: {config.arch}, {config.image_size}px, "
+         f"{config.epochs} epochs, batch {config.batch_size}")
+    last = {"t": 0.0}
+
+    def progress(event: dict) -> None:
+        now = time.perf_counter()
+        if now - last["t"] > 60 or event.get("step") == event.get("steps"):
+            last["t"] = now
+            _log(f"epoch {event.get('epoch')}/{event.get('epochs')} step "
+                 f"{event.get('step')}/{event.get('steps')} loss {event.get('loss', 0):.4f} "
+                 f"{event.get('images_per_s', 0):.1f} img/s")
+
+    checkpoint = work_dir / f"pretrain-{hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:12]}.pt"
+    result = pretrain(data["images"], config, checkpoint_path=checkpoint, model_version="starter",
+                      hflip_mask=data["hflip"], workers=workers, device=device,
+                      progress=progress)
+    import torch
+
+    card = {
+        "what": "SimCLRv2 encoder (ResNet + 3-layer projection head) pretrained without labels "
+                "on the public scans below, shipped as the starting point of every new project",
+        "sources": data["sources"], "scans": int(len(data["images"])),
+        "config": asdict(config), "device": result["device"],
+        "seconds_this_invocation": round(time.perf_counter() - started, 1),
+        "final_loss": result["final_loss"],
+        "built": time.strftime("%Y-%m-%d"), "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "command": command or "make starter-encoder",
+        "not_seen": ["PneumoniaMNIST val and test", "NIH ChestX-ray14 val and test",
+                     "brain MRI Testing folder"],
+        "note": "brain MRI Training was used whole: a benchmark split held out of Training "
+                "was seen here without labels",
+    }
+    card = export(checkpoint, out, card)
+    _log(f"wrote {out} ({card['file']['bytes'] / 1e6:.1f} MB) and {out.with_suffix('.json').name}")
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"),
+                        help="the folder holding pneumoniamnist/, nih_cxr14_subset/, brain_mri/")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--work-dir", type=Path, default=Path(".cache/starter"),
+                        help="decoded sources and the resumable pretraining checkpoint")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_CONFIG.epochs)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_CONFIG.batch_size)
+    parser.add_argument("--image-size", type=int, default=DEFAULT_CONFIG.image_size)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=int, default=DEFAULT_CONFIG.seed)
+    args = parser.parse_args(argv)
+    config = PretrainConfig(**{**asdict(DEFAULT_CONFIG), "epochs": args.epochs,
+                               "batch_size": args.batch_size, "image_size": args.image_size,
+                               "seed": args.seed})
+    command = "python -m ml_backend.ssl.starter " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    try:
+        build(args.data, args.out, config=config, work_dir=args.work_dir, workers=args.workers,
+              device=args.device, command=command.strip())
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The starter encoder: built by the pure core, shipped in half precision with a data card,
+and the point every new project's pretraining starts from (``pretrain --from``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from django.conf import settings as django_settings
+from django.core.management import call_command
+
+from ml_backend.models import ModelVersion, TrainingRun
+from ml_backend.services.artifacts import embeddings_paths
+from ml_backend.ssl import starter
+from ml_backend.ssl.checkpoints import load_checkpoint, load_pretrained
+from ml_backend.ssl.config import PretrainConfig
+from tests.base import FIXTURES
+from tests.conftest import _import_brain
+
+TINY = PretrainConfig(image_size=32, small_input=False, epochs=1, batch_size=32, seed=0)
+SOURCES = (starter.StarterSource("brain MRI fixtures", "brain_mri/pool", hflip=True),
+           starter.StarterSource("chest X-ray fixtures", "chest_xray/pool", hflip=False))
+
+
+@pytest.fixture(scope="module")
+def tiny_starter(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("starter")
+    out = folder / "tiny-starter.pt"
+    starter.build(FIXTURES, out, config=TINY, sources=SOURCES, work_dir=folder / "work",
+                  command="pytest")
+    return out
+
+
+def test_build_writes_a_half_precision_encoder_and_its_card(tiny_starter):
+    state = load_checkpoint(tiny_starter)
+    assert state["kind"] == "simclr_encoder" and state["batchnorm_recalibrated"]
+    floats = [v for v in state["encoder"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    assert "optimizer" not in state            # nothing a project does not need is shipped
+    card = json.loads(tiny_starter.with_suffix(".json").read_text())
+    assert [s["scans"] for s in card["sources"]] == [160, 150]
+    assert card["scans"] == 310 and card["epochs"] == 1 and len(card["history"]) == 1
+    assert card["file"]["sha256"] == hashlib.sha256(tiny_starter.read_bytes()).hexdigest()
+    assert card["command"] == "pytest" and card["config"]["image_size"] == 32
+    model, config = load_pretrained(tiny_starter)     # fp16 weights load into fp32 models
+    assert config == TINY and next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        features = model.encoder(torch.rand(2, 1, 32, 32))
+    assert torch.isfinite(features).all()
+
+
+def test_build_refuses_a_source_with_no_readable_scan(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a scan")
+    with pytest.raises(starter.TrainingError, match="no scan could be read"):
+        starter.load_sources(tmp_path, (starter.StarterSource("x", "empty", False),), size=32)
+
+
+def _pretrain_run(project) -> TrainingRun:
+    return TrainingRun.objects.filter(project=project, kind="pretrain").latest("pk")
+
+
+def test_epochs_zero_adopts_the_starter_as_shipped(project, settings, tiny_starter):
+    settings.STARTER_ENCODER = str(tiny_starter)
+    _import_brain(project)
+    call_command("pretrain", "--project", project.name, "--epochs", "0", "--no-progress")
+    project.refresh_from_db()
+    encoder = project.active_encoder
+    assert encoder is not None and encoder.config["start_from"] == "starter"
+    assert encoder.config["starter"]["sha256"] == hashlib.sha256(
+        tiny_starter.read_bytes()).hexdigest()
+    assert encoder.metrics["pretrain"]["epochs"] == 0
+    # the project's vectors are the starter's own embeddings of its scans
+    vectors = np.load(embeddings_paths(encoder)["vectors"])
+    assert vectors.shape == (project.scans.count(), 512) and np.isfinite(vectors).all()
+
+
+def test_pretraining_continues_from_the_starter_by_default(project, settings, tiny_starter):
+    settings.STARTER_ENCODER = str(tiny_starter)
+    _import_brain(project)
+    call_command("pretrain", "--project", project.name, "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "32", "--small-input", "no", "--no-progress")
+    encoder = ModelVersion.objects.get(project=project, kind="encoder")
+    assert encoder.config["start_from"] == "starter"
+    assert encoder.config["init_checkpoint"] == str(tiny_starter)
+    assert "initialised from encoder" in encoder.metrics["pretrain"]["note"]
+
+
+def test_from_scratch_and_a_starter_that_does_not_fit(project, settings, tiny_starter):
+    settings.STARTER_ENCODER = str(tiny_starter)
+    _import_brain(project)
+    common = ["--project", project.name, "--epochs", "1", "--image-size", "32",
+              "--batch-size", "32", "--no-progress", "--no-activate"]
+    call_command("pretrain", *common, "--small-input", "no", "--from", "scratch")
+    assert ModelVersion.objects.get(project=project).config["start_from"] == "scratch"
+    # the small stem does not fit the starter's standard stem: auto says so and starts fresh
+    call_command("pretrain", *common, "--small-input", "yes")
+    run = _pretrain_run(project)
+    assert run.model_version.config["start_from"] == "scratch"
+    assert "standard stem" in run.log
+    # ...and --from starter refuses, in words
+    with pytest.raises(Exception):
+        call_command("pretrain", *common, "--small-input", "yes", "--from", "starter")
+    run = _pretrain_run(project)
+    assert run.status == TrainingRun.Status.FAILED and "--from scratch" in run.last_error
+
+
+def test_no_starter_shipped_means_scratch_and_epochs_zero_is_refused(project, settings):
+    settings.STARTER_ENCODER = ""
+    _import_brain(project)
+    with pytest.raises(Exception):
+        call_command("pretrain", "--project", project.name, "--epochs", "0", "--no-progress")
+    run = _pretrain_run(project)
+    assert run.status == TrainingRun.Status.FAILED and "make starter-encoder" in run.last_error
+
+
+def test_the_shipped_starter_loads_and_matches_its_card():
+    path = Path(django_settings.BASE_DIR) / "ml_backend" / "starter" / "simclr-resnet18-64px.pt"
+    card = starter.read_card(path)
+    assert card is not None, "the starter encoder and its card are shipped in the repository"
+    assert path.stat().st_size <= 26 * 1024 * 1024
+    assert card["file"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert {s["spec"] for s in card["sources"]} >= {"brain_mri/Training",
+                                                   "pneumoniamnist/pneumoniamnist.npz#train"}
+    model, config = load_pretrained(path)
+    assert (config.arch, config.image_size) == ("resnet18", 64)
+    with torch.no_grad():
+        features = model.encoder(torch.rand(4, 1, 64, 64))
+    assert features.shape == (4, 512) and torch.isfinite(features).all()
