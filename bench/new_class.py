@@ -46,59 +46,89 @@ def candidates_precision(train_x, train_y, examples: np.ndarray, labeled: np.nda
     return float((train_y[chosen] == holdout).mean())
 
 
+def head_options(name: str) -> dict:
+    """``fit_head`` options of a --heads entry."""
+    if name == "linear":
+        return {"prototype_n0": 0.0}
+    if name == "product":
+        from ml_backend.active.refit import PRODUCT_PROTOTYPE_N0
+
+        return {"prototype_n0": PRODUCT_PROTOTYPE_N0}
+    if name.startswith("blend:"):
+        return {"prototype_n0": float(name.split(":", 1)[1])}
+    raise SystemExit(f"--heads: unknown head {name!r} (linear, product or blend:N0)")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     parser.description = __doc__.splitlines()[0]
     parser.add_argument("--holdout", default="all", help="class name, or all (each in turn)")
     parser.add_argument("--new-labels", default="10,20")
+    parser.add_argument("--heads", default="linear",
+                        help="comma-separated heads to compare: linear (the refit's head "
+                             "without prototypes), blend:N0 (linear + nearest-class-mean, "
+                             "w_c = N0 / (N0 + n_c)), product (what the refit fits today)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    config = pretrain_config(args)
+    args.image_size = config.image_size
     data = load_data(args)
     names = data["class_names"]
-    config = pretrain_config(args)
-    encoder, pre = get_encoder(data["x_train"], config, Path(args.cache_dir), args.device)
+    encoder, pre = get_encoder(data["x_train"], config, Path(args.cache_dir), args.device,
+                               init=args.init_checkpoint, epochs=args.epochs)
     train_x = embed(encoder.encoder, data["x_train"], config, device=args.device)
     eval_x = embed(encoder.encoder, data["x_eval"], config, device=args.device)
     train_y, eval_y = data["y_train"], data["y_eval"]
     holdouts = range(len(names)) if args.holdout == "all" else [names.index(args.holdout)]
     ks = [int(k) for k in args.new_labels.split(",")]
+    heads = {name: head_options(name) for name in args.heads.split(",")}
     rows = []
-    for h in holdouts:
-        old = [c for c in range(len(names)) if c != h]
-        old_rows = np.flatnonzero(train_y != h)
-        before_head, _ = fit_head(train_x[old_rows], train_y[old_rows], seed=0)
-        before = old_macro_f1(before_head, eval_x, eval_y, old)
-        new_rows = np.flatnonzero(train_y == h)
-        for k in ks:
-            for seed in range(args.seeds):
-                picks = np.random.default_rng(seed).choice(new_rows, min(k, len(new_rows)),
-                                                           replace=False)
-                rows_k = np.concatenate([old_rows, picks])
-                head, _ = fit_head(train_x[rows_k], train_y[rows_k], seed=seed)
-                pred = head.class_ids[head.predict_proba(eval_x).argmax(1)]
-                p, r, f, _ = precision_recall_fscore_support(eval_y == h, pred == h,
-                                                             average="binary", zero_division=0)
-                after = old_macro_f1(head, eval_x, eval_y, old)
-                rows.append({"holdout": names[h], "k": k, "seed": seed, "recall": float(r),
-                             "precision": float(p), "f1": float(f), "old_macro_f1_before": before,
-                             "old_macro_f1_after": after, "old_drop_points": 100 * (before - after),
-                             "candidates_precision_at_20": candidates_precision(
-                                 train_x, train_y, picks, picks, h)})
+    for head_name, options in heads.items():
+        for h in holdouts:
+            old = [c for c in range(len(names)) if c != h]
+            old_rows = np.flatnonzero(train_y != h)
+            before_head, _ = fit_head(train_x[old_rows], train_y[old_rows], seed=0, **options)
+            before = old_macro_f1(before_head, eval_x, eval_y, old)
+            new_rows = np.flatnonzero(train_y == h)
+            for k in ks:
+                for seed in range(args.seeds):
+                    picks = np.random.default_rng(seed).choice(new_rows, min(k, len(new_rows)),
+                                                               replace=False)
+                    rows_k = np.concatenate([old_rows, picks])
+                    head, _ = fit_head(train_x[rows_k], train_y[rows_k], seed=seed, **options)
+                    pred = head.class_ids[head.predict_proba(eval_x).argmax(1)]
+                    p, r, f, _ = precision_recall_fscore_support(
+                        eval_y == h, pred == h, average="binary", zero_division=0)
+                    after = old_macro_f1(head, eval_x, eval_y, old)
+                    rows.append({"head": head_name, "holdout": names[h], "k": k, "seed": seed,
+                                 "recall": float(r), "precision": float(p), "f1": float(f),
+                                 "old_macro_f1_before": before, "old_macro_f1_after": after,
+                                 "old_drop_points": 100 * (before - after),
+                                 "candidates_precision_at_20": candidates_precision(
+                                     train_x, train_y, picks, picks, h)})
     summary = {}
-    print(f"\n{'held-out class':>18} {'K':>3} {'recall':>13} {'precision':>13} "
+    print(f"\n{'head':>10} {'held-out class':>18} {'K':>3} {'recall':>13} {'precision':>13} "
           f"{'old F1 before':>14} {'old F1 after':>13} {'drop (pts)':>11} {'cand. P@20':>11}")
-    for h in holdouts:
-        for k in ks:
-            sel = [r for r in rows if r["holdout"] == names[h] and r["k"] == k]
-            stat = lambda key: (float(np.mean([r[key] for r in sel])), float(np.std([r[key] for r in sel])))
-            summary[f"{names[h]}@{k}"] = {key: stat(key) for key in
-                                          ("recall", "precision", "old_macro_f1_after",
-                                           "old_drop_points", "candidates_precision_at_20")}
-            s = summary[f"{names[h]}@{k}"]
-            print(f"{names[h]:>18} {k:>3} {s['recall'][0]:>6.3f} ± {s['recall'][1]:.3f} "
-                  f"{s['precision'][0]:>6.3f} ± {s['precision'][1]:.3f} "
-                  f"{sel[0]['old_macro_f1_before']:>14.3f} {s['old_macro_f1_after'][0]:>13.3f} "
-                  f"{s['old_drop_points'][0]:>+11.2f} {s['candidates_precision_at_20'][0]:>11.2f}")
+    for head_name in heads:
+        for h in holdouts:
+            for k in ks:
+                sel = [r for r in rows if r["holdout"] == names[h] and r["k"] == k
+                       and r["head"] == head_name]
+
+                def stat(key, sel=sel):
+                    return (float(np.mean([r[key] for r in sel])),
+                            float(np.std([r[key] for r in sel])))
+
+                key = f"{names[h]}@{k}" if len(heads) == 1 else f"{head_name}|{names[h]}@{k}"
+                summary[key] = {name: stat(name) for name in
+                                ("recall", "precision", "old_macro_f1_after",
+                                 "old_drop_points", "candidates_precision_at_20")}
+                s = summary[key]
+                print(f"{head_name:>10} {names[h]:>18} {k:>3} {s['recall'][0]:>6.3f} ± "
+                      f"{s['recall'][1]:.3f} {s['precision'][0]:>6.3f} ± {s['precision'][1]:.3f} "
+                      f"{sel[0]['old_macro_f1_before']:>14.3f} {s['old_macro_f1_after'][0]:>13.3f} "
+                      f"{s['old_drop_points'][0]:>+11.2f} "
+                      f"{s['candidates_precision_at_20'][0]:>11.2f}")
     payload = {"args": vars(args), "data": data["info"], "pretrain": pre, "rows": rows,
                "summary": summary, "seconds": time.perf_counter() - started,
                "cpu_count": os.cpu_count()}

@@ -49,6 +49,7 @@ from ml_backend.data.datasets import read_source
 from ml_backend.data.decode import ScanDecodeError, decode_scan
 from ml_backend.index.faiss_index import kmeans
 from ml_backend.metrics.reports import classification_report
+from ml_backend.ssl.config import SSL_METHODS
 from ml_backend.ssl.train import (
     DistillConfig,
     FinetuneConfig,
@@ -109,8 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start pretraining from this encoder (e.g. the shipped starter, "
                              "ml_backend/starter/simclr-resnet18-64px.pt); with --epochs 0 it "
                              "is evaluated as is, at its own image size and stem")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="pretraining on a CPU: bf16 autocast where the CPU has native bf16 "
+                             "(the product's default), or float32")
+    parser.add_argument("--methods", default="simclr",
+                        help=f"self-supervised methods to compare, comma-separated, of "
+                             f"{','.join(SSL_METHODS)} (same data, epochs, batch and seeds; "
+                             "with several, one JSON per method: OUT-METHOD.json)")
+    parser.add_argument("--evaluations", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (the pixel floor "
+                             "and supervised rows run with the first method only)")
     parser.add_argument("--batch-size", type=int, default=256, help="pretraining batch size")
     parser.add_argument("--finetune-epochs", type=int, default=30)
     parser.add_argument("--finetune-batch-size", type=int, default=64)
@@ -376,7 +385,9 @@ def pretrain_config(args) -> PretrainConfig:
         return config_from_dict(PretrainConfig, load_checkpoint(args.init_checkpoint)["config"])
     small = {"auto": None, "yes": True, "no": False}[args.small_input]
     return PretrainConfig(arch=args.arch, image_size=args.image_size, small_input=small,
-                          epochs=args.epochs, batch_size=args.batch_size, seed=0)
+                          epochs=args.epochs, batch_size=args.batch_size, seed=0,
+                          method=getattr(args, "method", "simclr"),
+                          cpu_bf16=getattr(args, "precision", "bf16") == "bf16")
 
 
 def encoder_checkpoint_path(cache_dir: Path, images: np.ndarray, config: PretrainConfig) -> Path:
@@ -455,7 +466,8 @@ def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
                                seed=seed, from_head_layer=1)
     out = {}
 
-    wanted = set(args.methods.split(",")) if getattr(args, "methods", None) else set(METHODS)
+    wanted = (set(args.evaluations.split(",")) if getattr(args, "evaluations", None)
+              else set(METHODS))
     if "simclr_distill" in wanted:
         wanted.add("simclr_finetune")          # the student needs its teacher
 
@@ -553,7 +565,7 @@ def aggregate(runs: list[dict], fractions: list[float]) -> dict:
         for method in METHODS:
             rows = [r for r in runs if r["fraction"] == fraction and r["method"] == method]
             if not rows:
-                continue                        # not asked for (--methods)
+                continue                        # not asked for (--evaluations)
             stats = {"runs": len(rows)}
             for metric in ("accuracy", "macro_f1", "macro_auc"):
                 values = [r["metrics"][metric] for r in rows if r["metrics"][metric] is not None]
@@ -622,14 +634,37 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(args.cache_dir)
     log(f"device {device.type}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
 
-    bad = set(args.methods.split(",")) - set(METHODS)
+    bad = set(args.evaluations.split(",")) - set(METHODS)
     if bad:
-        raise SystemExit(f"--methods: unknown {sorted(bad)}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"--evaluations: unknown {sorted(bad)}; choose from "
+                         f"{', '.join(METHODS)}")
+    methods = args.methods.split(",")
+    bad = set(methods) - set(SSL_METHODS)
+    if bad:
+        raise SystemExit(f"--methods: unknown {sorted(bad)}; choose from {', '.join(SSL_METHODS)}")
+    args.method = methods[0]
     config = pretrain_config(args)
     args.image_size = config.image_size          # --epochs 0: the checkpoint's own size
     data = load_data(args)
     log(f"classes {data['class_names']}: {data['info']['num_train']} train / "
         f"{data['info']['num_eval']} eval scans")
+    out = Path(args.out)
+    evaluations = args.evaluations
+    for index, method in enumerate(methods):
+        args.method = method
+        if index == 1:      # the pixel floor and supervised training do not depend on the method
+            args.evaluations = ",".join(m for m in evaluations.split(",")
+                                        if m not in ("pixels_logreg", "supervised"))
+        path = out if len(methods) == 1 else out.with_name(f"{out.stem}-{method}{out.suffix}")
+        run_method(args, data, pretrain_config(args), cache_dir, device, path, started)
+    args.evaluations = evaluations
+    return 0
+
+
+def run_method(args, data: dict, config: PretrainConfig, cache_dir: Path, device, out: Path,
+               started: float) -> None:
+    """Pretrain (or reuse) one method's encoder and run every evaluation on it."""
+    log(f"method {config.method}")
     encoder, pretrain_info = get_encoder(data["x_train"], config, cache_dir, args.device,
                                          init=args.init_checkpoint, epochs=args.epochs)
 
@@ -640,14 +675,13 @@ def main(argv: list[str] | None = None) -> int:
     embedded = len(data["x_train"]) + len(data["x_eval"])
     num_classes = len(data["class_names"])
     label_free_rows = {
-        "simclr": label_free(embeddings["train"], data["y_train"], embeddings["eval"],
-                             data["y_eval"], num_classes),
+        config.method: label_free(embeddings["train"], data["y_train"], embeddings["eval"],
+                                  data["y_eval"], num_classes),
         "pixels": label_free(pixels(data["x_train"]), data["y_train"], pixels(data["x_eval"]),
                              data["y_eval"], num_classes),
     }
 
     runs, labeled_counts = [], {}
-    out = Path(args.out)
 
     def payload(complete: bool) -> dict:
         return {
@@ -705,7 +739,6 @@ def main(argv: list[str] | None = None) -> int:
         f"total {time.perf_counter() - started:.1f}s")
     write_json(out, payload(complete=True))
     log(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,9 +17,33 @@ from sklearn.model_selection import StratifiedKFold
 from ml_backend.metrics.reports import fit_temperature
 
 
+# Cosine logits of the prototype component: kappa * cos(scan, class mean).
+PROTOTYPE_KAPPA = 10.0
+# The refit's n0 (``fit_head(prototype_n0=...)``): chosen with bench.new_class, see
+# docs/benchmarks.md "A new anomaly type from a few labels".
+PRODUCT_PROTOTYPE_N0 = 0.0
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
 @dataclass
 class LinearHead:
-    """``proba = softmax(((x - mean) / scale) @ coef.T + intercept) / temperature)``."""
+    """``proba = softmax(blend(z) / temperature)`` with ``z = ((x - mean) / scale) @ coef.T +
+    intercept``.
+
+    With ``prototypes`` (unit class means of the standardised, unit-length embeddings) the
+    head blends, per class, its linear log-probabilities with those of a nearest-class-mean
+    classifier: ``(1 - w_c) log p_linear + w_c log p_prototype``, ``w_c = n0 / (n0 + n_c)``
+    (``blend``). A class with a few labels leans on its prototype, which generalises from
+    20 examples where a linear boundary hugs them; a class with hundreds keeps its linear
+    boundary."""
 
     coef: np.ndarray          # (C, D)
     intercept: np.ndarray     # (C,)
@@ -27,12 +51,25 @@ class LinearHead:
     scale: np.ndarray         # (D,)
     temperature: float
     class_ids: np.ndarray     # (C,) LabelClass ids (or any labels), in column order
+    prototypes: np.ndarray | None = None    # (C, D) unit vectors
+    blend: np.ndarray | None = None         # (C,) weight of the prototype per class
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        """The linear part's logits (what explanations attribute)."""
         return ((x - self.mean) / self.scale) @ self.coef.T + self.intercept
 
+    def raw_logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits before temperature scaling (blended when the head has prototypes)."""
+        x = np.asarray(x, dtype=np.float64)
+        z = self.logits(x)
+        if self.prototypes is None:
+            return z
+        cosine = _unit((x - self.mean) / self.scale) @ self.prototypes.T
+        w = self.blend[None, :]
+        return (1 - w) * _log_softmax(z) + w * _log_softmax(PROTOTYPE_KAPPA * cosine)
+
     def predict_proba(self, x: np.ndarray, *, calibrated: bool = True) -> np.ndarray:
-        z = self.logits(np.asarray(x, dtype=np.float64))
+        z = self.raw_logits(x)
         if calibrated:
             z = z / self.temperature
         z -= z.max(axis=1, keepdims=True)
@@ -42,27 +79,34 @@ class LinearHead:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         tmp = path.with_name(f".tmp-{path.name}")
+        extra = {} if self.prototypes is None else {"prototypes": self.prototypes,
+                                                     "blend": self.blend}
         with open(tmp, "wb") as handle:
             np.savez(handle, coef=self.coef, intercept=self.intercept, mean=self.mean,
                      scale=self.scale, temperature=np.array(self.temperature),
-                     class_ids=self.class_ids)
+                     class_ids=self.class_ids, **extra)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> LinearHead:
         with np.load(path, allow_pickle=False) as data:
+            has = "prototypes" in data.files
             return cls(coef=data["coef"], intercept=data["intercept"], mean=data["mean"],
                        scale=data["scale"], temperature=float(data["temperature"]),
-                       class_ids=data["class_ids"])
+                       class_ids=data["class_ids"],
+                       prototypes=data["prototypes"] if has else None,
+                       blend=data["blend"] if has else None)
 
 
 def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0,
-             folds: int = 4, min_calibration: int = 8) -> tuple[LinearHead, dict]:
+             folds: int = 4, min_calibration: int = 8,
+             prototype_n0: float = 0.0) -> tuple[LinearHead, dict]:
     """Fit on embeddings ``x (N, D)`` and labels ``(N,)`` (any hashable ids, ≥ 2 distinct).
 
     With enough labels the temperature is fit on out-of-fold logits (``folds``-fold,
     stratified: every label calibrates once, from a head that did not see it), then the head
-    is refit on all labels. Returns the head and fit details.
+    is refit on all labels. ``prototype_n0 > 0`` adds the nearest-class-mean component (see
+    ``LinearHead``) with ``w_c = n0 / (n0 + n_c)``. Returns the head and fit details.
     """
     x = np.asarray(x, dtype=np.float64)
     labels = np.asarray(labels)
@@ -75,9 +119,24 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
     scale = x.std(axis=0)
     scale[scale < 1e-8] = 1.0
 
-    def train(rows: np.ndarray) -> LogisticRegression:
-        model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
-        return model.fit((x[rows] - mean) / scale, y[rows])
+    def build(rows: np.ndarray) -> LinearHead:
+        standardised = (x[rows] - mean) / scale
+        model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000,
+                                   random_state=seed).fit(standardised, y[rows])
+        coef, intercept = model.coef_, model.intercept_
+        if coef.shape[0] == 1:  # binary: expand to two symmetric logits
+            coef = np.concatenate([-coef / 2, coef / 2])
+            intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+        head = LinearHead(coef=coef, intercept=intercept, mean=mean, scale=scale,
+                          temperature=1.0, class_ids=class_ids)
+        if prototype_n0 > 0:
+            unit = _unit(standardised)
+            counts = np.bincount(y[rows], minlength=len(class_ids)).astype(np.float64)
+            sums = np.zeros((len(class_ids), x.shape[1]))
+            np.add.at(sums, y[rows], unit)
+            head.prototypes = _unit(sums)
+            head.blend = prototype_n0 / (prototype_n0 + counts)
+        return head
 
     counts = np.bincount(y)
     temperature, calibrated_on = 1.0, 0
@@ -85,22 +144,14 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
     if len(y) >= min_calibration and k >= 2:
         out_of_fold = np.zeros((len(y), len(class_ids)))
         for fit_rows, cal_rows in StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y):
-            partial = train(fit_rows)
-            z = partial.decision_function((x[cal_rows] - mean) / scale)
-            if z.ndim == 1:  # binary: sklearn gives one logit
-                z = np.stack([-z / 2, z / 2], axis=1)
-            out_of_fold[cal_rows] = z
+            out_of_fold[cal_rows] = build(fit_rows).raw_logits(x[cal_rows])
         temperature = fit_temperature(out_of_fold, y)
         calibrated_on = len(y)
-    model = train(np.arange(len(y)))
-    coef, intercept = model.coef_, model.intercept_
-    if coef.shape[0] == 1:  # binary: expand to two symmetric logits
-        coef = np.concatenate([-coef / 2, coef / 2])
-        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-    head = LinearHead(coef=coef, intercept=intercept, mean=mean, scale=scale,
-                      temperature=float(temperature), class_ids=class_ids)
+    head = build(np.arange(len(y)))
+    head.temperature = float(temperature)
     return head, {"num_labels": int(len(y)), "temperature": float(temperature),
-                  "calibrated_on": calibrated_on, "classes": class_ids.tolist()}
+                  "calibrated_on": calibrated_on, "classes": class_ids.tolist(),
+                  "prototype_n0": float(prototype_n0)}
 
 
 @dataclass

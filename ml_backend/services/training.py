@@ -314,7 +314,7 @@ def _distill(run: TrainingRun, report: RunReporter) -> None:
 def _refit(run: TrainingRun, report: RunReporter) -> None:
     """The fast loop: one calibrated linear head per label set on frozen embeddings
     (seconds). A set with labels of fewer than two classes gets no head yet."""
-    from ml_backend.active.refit import SetHeads, fit_head
+    from ml_backend.active.refit import PRODUCT_PROTOTYPE_N0, SetHeads, fit_head
 
     started = time.perf_counter()
     encoder = run.project.active_encoder
@@ -335,7 +335,8 @@ def _refit(run: TrainingRun, report: RunReporter) -> None:
         if len(set(labels.tolist())) < 2:
             skipped.append(f"{sets[set_id].name}: labels of 1 class so far")
             continue
-        head, info = fit_head(vectors[rows], labels, seed=run.params.get("seed", 0))
+        head, info = fit_head(vectors[rows], labels, seed=run.params.get("seed", 0),
+                              prototype_n0=PRODUCT_PROTOTYPE_N0)
         heads[set_id] = head
         set_configs.append({"id": set_id, "name": sets[set_id].name,
                             "classes": [int(c) for c in head.class_ids],

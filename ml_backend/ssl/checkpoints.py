@@ -54,6 +54,9 @@ def save_encoder_checkpoint(path: str | Path, model: SimCLRModel, config: Pretra
                             history: list, **extra) -> None:
     """The pretraining checkpoint (resumable: optimizer and schedule included); ``extra``
     adds keys such as ``batchnorm_recalibrated=True``."""
+    if config.method != "simclr":
+        # momentum networks, predictor, prototypes: everything a resumed run needs
+        extra = {"method_state": model.state_dict(), **extra}
     save_checkpoint(path, {
         "kind": "simclr_encoder", "model_version": model_version, "config": asdict(config),
         "encoder": model.encoder.state_dict(), "head": model.head.state_dict(),
@@ -69,7 +72,8 @@ def load_pretrained(path: str | Path) -> tuple[SimCLRModel, PretrainConfig]:
     config = config_from_dict(PretrainConfig, state["config"])
     model = SimCLRModel(config)
     model.encoder.load_state_dict(state["encoder"])
-    model.head.load_state_dict(state["head"])
+    if config.method == "simclr":       # other methods' heads are not SimCLRv2's: unused
+        model.head.load_state_dict(state["head"])
     return model.eval(), config
 
 
@@ -86,7 +90,7 @@ def load_encoder_weights(model: SimCLRModel, path: str | Path) -> str:
             try:
                 model.head.load_state_dict(state["head"])
             except RuntimeError:
-                return "encoder (head shape differs: new head)"
+                return "encoder (a new head: the saved one does not fit)"
             return "encoder + projection head"
         return "encoder"
     state = state.get("state_dict", state)

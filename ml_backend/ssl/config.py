@@ -14,6 +14,9 @@ if TYPE_CHECKING:   # transforms imports torch; load it only when augment_config
     from ml_backend.ssl.transforms import AugmentConfig
 
 
+SSL_METHODS = ("simclr", "moco", "byol", "swav", "dino")
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     arch: str = "resnet18"
@@ -34,12 +37,22 @@ class PretrainConfig:
     augment: dict = field(default_factory=dict)   # overrides of AugmentConfig fields
     cpu_bf16: bool = True                     # bf16 autocast on a CPU with native bf16
     channels_last: bool = True                # NHWC tensors (faster convolutions on CPU)
+    method: str = "simclr"                    # one of SSL_METHODS (ml_backend/ssl/methods.py)
+    momentum: float = 0.99                    # moco / byol / dino: start of the EMA schedule
+    queue_size: int = 4096                    # moco: negatives kept (capped at half the data)
+    prototypes: int = 64                      # swav
+    frozen_prototype_steps: int = 100         # swav: prototypes fixed for the first steps
+    dino_out_dim: int = 1024                  # dino: output dimension of the head
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
         if self.lr <= 0 or self.temperature <= 0:
             raise ValueError("lr and temperature must be positive")
+        if self.method not in SSL_METHODS:
+            raise ValueError(f"method must be one of {', '.join(SSL_METHODS)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError("momentum must be in [0, 1)")
 
     @property
     def uses_small_input(self) -> bool:

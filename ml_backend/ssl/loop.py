@@ -87,6 +87,7 @@ def train_one_epoch(
     progress: Progress | None = None,
     event: dict | None = None,
     cpu_bf16: bool = False,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns ``loss`` (mean per image), ``images``, ``seconds``
     and ``images_per_s``.
@@ -111,6 +112,8 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if after_step is not None:
+            after_step(step)          # e.g. a momentum network follows the weights
         seen += images
         total += loss.item() * images
         if progress is not None and event is not None:

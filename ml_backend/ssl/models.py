@@ -34,6 +34,8 @@ class Classifier(nn.Module):
         if num_classes < 2:
             raise ValueError("a classifier needs at least 2 classes")
         base = SimCLRModel(pretrain_config)
+        if pretrain_config.method != "simclr":
+            from_head_layer = 0     # only SimCLRv2's projection head is kept with the encoder
         if not 0 <= from_head_layer <= base.head.num_layers:
             raise ValueError(f"from_head_layer must be in 0..{base.head.num_layers}")
         self.encoder = base.encoder

@@ -112,11 +112,13 @@ def pretrain(
     ``progress`` gets ``{stage, epoch, epochs, step, steps, loss, images_per_s}`` every step.
     Returns ``{epochs, history, note, final_loss, device}``.
     """
+    from ml_backend.ssl.methods import build_method
+
     if len(images) < 2:
         raise TrainingError("pretraining needs at least 2 scans")
     dev = pick_device(device)
     generator = seed_everything(config.seed)
-    model = SimCLRModel(config).to(dev)
+    method = build_method(config, num_images=len(images))
     batch_size = min(config.batch_size, len(images))
     aug = config.augment_config()
     if hflip_mask is not None:
@@ -125,13 +127,7 @@ def pretrain(
                          shuffle=True, generator=generator, drop_last=True, device=dev,
                          workers=workers)
     steps_per_epoch = len(loader)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    scheduler = _warmup_cosine(optimizer, max(1, int(config.warmup_epochs * steps_per_epoch)),
-                               steps_per_epoch * config.epochs)
-    criterion = NTXentLoss(config.temperature)
-    scaler = new_scaler(dev, config.amp)
-    start_epoch, history, note = 0, [], ""
+    start_epoch, history, note, state = 0, [], "", None
 
     checkpoint_path = Path(checkpoint_path)
     if resume and checkpoint_path.exists():
@@ -142,34 +138,53 @@ def pretrain(
                 set(stored) - set(current):
             raise TrainingError(f"{checkpoint_path} was made with a different config; "
                                 "remove it or pass resume=False")
-        model.encoder.load_state_dict(state["encoder"])
-        model.head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        method.start()
+        if "method_state" in state:
+            method.load_state_dict(state["method_state"])
+        else:
+            method.encoder.load_state_dict(state["encoder"])
+            method.head.load_state_dict(state["head"])
         start_epoch, history = state["epoch"], list(state.get("history", []))
         note = f"resumed at epoch {start_epoch}"
-    elif init_checkpoint:
-        note = "initialised from " + load_encoder_weights(model, init_checkpoint)
+    else:
+        if init_checkpoint:
+            note = "initialised from " + load_encoder_weights(method, init_checkpoint)
+        method.start()                      # momentum networks start from the same weights
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model.to(dev, memory_format=memory_format)
+    method.to(dev, memory_format=memory_format)
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad],
+                                  lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = _warmup_cosine(optimizer, max(1, int(config.warmup_epochs * steps_per_epoch)),
+                               steps_per_epoch * config.epochs)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    scaler = new_scaler(dev, config.amp)
+    total_steps = steps_per_epoch * config.epochs
+    current_epoch = {"epoch": start_epoch}
 
     def step_loss(batch):
-        view_a, view_b = (view.to(dev, non_blocking=True) for view in batch)
-        z = model(torch.cat([view_a, view_b]).contiguous(memory_format=memory_format))
-        return criterion(*z.float().chunk(2)), len(view_a)
+        view_a, view_b = (view.to(dev, non_blocking=True).contiguous(memory_format=memory_format)
+                          for view in batch)
+        return method.loss(view_a, view_b, epoch=current_epoch["epoch"]), len(view_a)
 
     for epoch in range(start_epoch, config.epochs):
+        current_epoch["epoch"] = epoch
+        first_step = epoch * steps_per_epoch
         result = train_one_epoch(
-            model, loader, step_loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+            method, loader, step_loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
             device=dev, amp=config.amp, where=f"pretraining epoch {epoch + 1}",
             progress=progress, cpu_bf16=config.cpu_bf16,
+            after_step=lambda step, first=first_step: method.after_step(first + step,
+                                                                       total_steps),
             event={"stage": "pretrain", "epoch": epoch + 1, "epochs": config.epochs})
         history.append({"epoch": epoch + 1, "loss": result["loss"],
                         "images_per_s": result["images_per_s"], "seconds": result["seconds"]})
-        save_encoder_checkpoint(checkpoint_path, model, config, optimizer, scheduler,
+        save_encoder_checkpoint(checkpoint_path, method, config, optimizer, scheduler,
                                 model_version=model_version, epoch=epoch + 1, history=history)
-    recalibrate_batchnorm(model, images, config, device=dev, workers=workers)
-    save_encoder_checkpoint(checkpoint_path, model, config, optimizer, scheduler,
+    model = method
+    recalibrate_batchnorm(method.projection(), images, config, device=dev, workers=workers)
+    save_encoder_checkpoint(checkpoint_path, method, config, optimizer, scheduler,
                             model_version=model_version, epoch=config.epochs, history=history,
                             batchnorm_recalibrated=True)
     return {"epochs": config.epochs, "history": history, "note": note,

@@ -164,7 +164,7 @@ def test_split_eval_holds_out_whole_groups(tmp_path):
 
 def test_an_encoder_evaluated_as_is_with_a_subset_of_methods(tmp_path, capsys):
     """--epochs 0 --init-checkpoint: the encoder is evaluated at its own size, no pretraining;
-    --methods runs only what is asked (the teacher comes with the distilled student)."""
+    --evaluations runs only what is asked (the teacher comes with the distilled student)."""
     from ml_backend.ssl.config import PretrainConfig
     from ml_backend.ssl.train import pretrain
 
@@ -174,7 +174,7 @@ def test_an_encoder_evaluated_as_is_with_a_subset_of_methods(tmp_path, capsys):
              checkpoint_path=encoder)
     args = bench_args(tmp_path, "as-is.json")
     args[args.index("--epochs") + 1] = "0"
-    args += ["--init-checkpoint", str(encoder), "--methods", "pixels_logreg,linear_probe",
+    args += ["--init-checkpoint", str(encoder), "--evaluations", "pixels_logreg,linear_probe",
              "--labels-fraction", "1.0"]
     assert ssl_eval.main(args) == 0
     result = json.loads((tmp_path / "as-is.json").read_text())
@@ -183,4 +183,24 @@ def test_an_encoder_evaluated_as_is_with_a_subset_of_methods(tmp_path, capsys):
     assert set(result["aggregates"]["1"]) == {"pixels_logreg", "linear_probe"}
     assert "pretrain epoch" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown"):
-        ssl_eval.main(args + ["--methods", "pixels_logreg,nonsense"])
+        ssl_eval.main(args + ["--evaluations", "pixels_logreg,nonsense"])
+
+
+@pytest.mark.slow
+def test_several_ssl_methods_on_the_same_data(tmp_path):
+    """--methods simclr,byol: one JSON per method, same data and seeds; the pixel floor runs
+    once (with the first method)."""
+    args = bench_args(tmp_path, "methods.json") + [
+        "--methods", "simclr,byol", "--evaluations", "pixels_logreg,linear_probe",
+        "--labels-fraction", "1.0"]
+    assert ssl_eval.main(args) == 0
+    simclr = json.loads((tmp_path / "methods-simclr.json").read_text())
+    byol = json.loads((tmp_path / "methods-byol.json").read_text())
+    assert simclr["configs"]["pretrain"]["method"] == "simclr"
+    assert byol["configs"]["pretrain"]["method"] == "byol"
+    assert set(simclr["aggregates"]["1"]) == {"pixels_logreg", "linear_probe"}
+    assert set(byol["aggregates"]["1"]) == {"linear_probe"}
+    assert set(byol["label_free"]) == {"byol", "pixels"}
+    assert simclr["pretrain"]["checkpoint"] != byol["pretrain"]["checkpoint"]
+    with pytest.raises(SystemExit, match="unknown"):
+        ssl_eval.main(bench_args(tmp_path, "x.json") + ["--methods", "simclr,barlow"])

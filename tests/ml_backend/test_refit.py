@@ -47,3 +47,30 @@ def test_few_labels_skip_calibration_and_one_class_is_refused():
     assert info["calibrated_on"] == 0 and head.temperature == 1.0
     with pytest.raises(ValueError, match="at least 2 classes"):
         fit_head(x[:3], np.array([1, 1, 1]))
+
+
+def test_prototypes_let_a_class_with_few_labels_be_predicted(tmp_path):
+    """A class with 8 labels beside two with 400: the linear head hugs its 8 examples, the
+    nearest-class-mean component generalises to the rest of its cluster; a head with
+    prototypes round-trips through its .npz and an old head without them still loads."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 64)) * 0.5
+    def sample(c, n):
+        return centres[c] + rng.normal(size=(n, 64))
+    x = np.concatenate([sample(0, 400), sample(1, 400), sample(2, 8)])
+    y = np.array([0] * 400 + [1] * 400 + [2] * 8)
+    test_x, test_y = np.concatenate([sample(2, 200), sample(0, 200)]), np.array([2] * 200 + [0] * 200)
+    recall = {}
+    for n0 in (0.0, 50.0):
+        head, info = fit_head(x, y, prototype_n0=n0)
+        pred = head.class_ids[head.predict_proba(test_x).argmax(1)]
+        recall[n0] = float((pred[test_y == 2] == 2).mean())
+        assert float((pred[test_y == 0] == 0).mean()) > 0.9       # the big class keeps its scans
+        assert info["prototype_n0"] == n0
+    assert recall[50.0] > recall[0.0] + 0.05, recall
+    head.save(tmp_path / "head.npz")
+    again = LinearHead.load(tmp_path / "head.npz")
+    assert np.allclose(again.predict_proba(test_x), head.predict_proba(test_x))
+    plain, _ = fit_head(x, y)
+    plain.save(tmp_path / "plain.npz")
+    assert LinearHead.load(tmp_path / "plain.npz").prototypes is None

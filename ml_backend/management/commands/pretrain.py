@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from ml_backend.management.commands._runs import add_common_arguments, get_project, run
+from ml_backend.ssl.config import SSL_METHODS
 
 
 class Command(BaseCommand):
@@ -23,6 +24,10 @@ class Command(BaseCommand):
                             "scratch; starter: insist; scratch: random initial weights")
         parser.add_argument("--image-size", type=int, default=64)
         parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+        parser.add_argument("--method", default="simclr", choices=list(SSL_METHODS),
+                            help="self-supervised method (ml_backend/ssl/methods.py): SimCLRv2 "
+                            "(default), MoCo v2, BYOL, SwAV or DINO; one training loop, heads "
+                            "and losses from lightly")
         parser.add_argument("--batch-size", type=int, default=128)
         parser.add_argument("--lr", type=float, default=1e-3)
         parser.add_argument("--temperature", type=float, default=0.2)
@@ -50,6 +55,7 @@ class Command(BaseCommand):
         if epochs < 0:
             raise CommandError("--epochs must be 0 or more")
         params = {"epochs": epochs, "start_from": opts["start_from"], "image_size": opts["image_size"], "arch": opts["arch"],
+                  "method": opts["method"],
                   "batch_size": opts["batch_size"], "lr": opts["lr"],
                   "temperature": opts["temperature"], "seed": opts["seed"],
                   "small_input": {"auto": None, "yes": True, "no": False}[opts["small_input"]],
