@@ -62,7 +62,6 @@ from ml_backend.ssl.loop import (
     train_one_epoch,
 )
 from ml_backend.ssl.losses import (
-    NTXentLoss,
     class_weights,
     focal_loss,
     soft_target_loss,
@@ -182,7 +181,6 @@ def pretrain(
                         "images_per_s": result["images_per_s"], "seconds": result["seconds"]})
         save_encoder_checkpoint(checkpoint_path, method, config, optimizer, scheduler,
                                 model_version=model_version, epoch=epoch + 1, history=history)
-    model = method
     recalibrate_batchnorm(method.projection(), images, config, device=dev, workers=workers)
     save_encoder_checkpoint(checkpoint_path, method, config, optimizer, scheduler,
                             model_version=model_version, epoch=config.epochs, history=history,
