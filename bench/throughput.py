@@ -23,9 +23,10 @@ from ml_backend.ssl.losses import NTXentLoss
 from ml_backend.ssl.train import PretrainConfig, SimCLRModel
 
 
-def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 10,
+                  dtype: torch.dtype = torch.float32) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     _sync(device)
@@ -50,17 +51,31 @@ def _flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def measure(size: int, small: bool, args, device: torch.device) -> dict:
+RECIPES = {
+    # name: (bf16 autocast on a CPU with native bf16, channels-last tensors)
+    "fp32": (False, False),            # before issue 14: plain float32, NCHW
+    "bf16-cl": (True, True),           # the pretraining default since (PretrainConfig)
+}
+
+
+def measure(size: int, small: bool, args, device: torch.device, recipe: str = "fp32") -> dict:
+    from ml_backend.ssl.loop import autocast
+
+    bf16, channels_last = RECIPES[recipe]
     config = PretrainConfig(arch=args.arch, image_size=size, small_input=small,
-                            batch_size=args.batch_size)
-    model = SimCLRModel(config).to(device)
+                            batch_size=args.batch_size, cpu_bf16=bf16,
+                            channels_last=channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = SimCLRModel(config).to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     criterion = NTXentLoss(0.2)
-    views = torch.rand(2 * args.batch_size, 1, size, size, device=device)
+    views = torch.rand(2 * args.batch_size, 1, size, size, device=device).contiguous(
+        memory_format=memory_format)
 
     def train_step():
-        z = model(views)
-        loss = criterion(*z.chunk(2))
+        with autocast(device, True, cpu_bf16=bf16):
+            z = model(views)
+            loss = criterion(*z.float().chunk(2))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -88,6 +103,7 @@ def measure(size: int, small: bool, args, device: torch.device) -> dict:
     _sync(device)
     embed_s = (time.perf_counter() - start) / args.steps
     return {
+        "recipe": recipe,
         "size": size, "small_input": small, "arch": args.arch, "batch_size": args.batch_size,
         "pretrain_images_per_s": args.batch_size / train_s,
         "pretrain_gflop_per_image": train_flops / args.batch_size / 1e9,
@@ -106,6 +122,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--recipes", default="fp32,bf16-cl",
+                        help=f"comma list of {', '.join(RECIPES)} (pretraining precision and "
+                             "memory layout; embedding stays float32)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -114,23 +133,28 @@ def main(argv=None) -> int:
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "processor": platform.processor() or platform.machine(),
                "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-               "matmul_gflops_fp32": peak}
+               "matmul_gflops_fp32": peak,
+               "matmul_gflops_bf16": matmul_gflops(device, dtype=torch.bfloat16)}
     print(f"{device.type}: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
           f"float32 matmul {peak:.1f} GFLOP/s")
     rows = []
-    header = (f"{'input':>10} {'pretrain img/s':>15} {'GFLOP/img':>10} {'% of matmul':>12} "
-              f"{'embed img/s':>12} {'% of matmul':>12}")
+    print(f"bf16 matmul {machine['matmul_gflops_bf16']:.1f} GFLOP/s")
+    header = (f"{'recipe':>8} {'input':>10} {'pretrain img/s':>15} {'GFLOP/img':>10} "
+              f"{'% of fp32 matmul':>16} {'embed img/s':>12} {'% of matmul':>12}")
     print(header)
     for item in args.sizes.split(","):
         size_text, _, flag = item.partition(":")
-        row = measure(int(size_text), flag == "small", args, device)
-        rows.append(row)
-        label = f"{row['size']}px{' small' if row['small_input'] else ''}"
-        print(f"{label:>10} {row['pretrain_images_per_s']:>15.1f} "
-              f"{row['pretrain_gflop_per_image']:>10.2f} "
-              f"{100 * row['pretrain_gflops_achieved'] / peak:>11.0f}% "
-              f"{row['embed_images_per_s']:>12.1f} "
-              f"{100 * row['embed_gflops_achieved'] / peak:>11.0f}%")
+        for recipe in args.recipes.split(","):
+            if recipe not in RECIPES:
+                raise SystemExit(f"--recipes: unknown {recipe!r}; use {', '.join(RECIPES)}")
+            row = measure(int(size_text), flag == "small", args, device, recipe)
+            rows.append(row)
+            label = f"{row['size']}px{' small' if row['small_input'] else ''}"
+            print(f"{recipe:>8} {label:>10} {row['pretrain_images_per_s']:>15.1f} "
+                  f"{row['pretrain_gflop_per_image']:>10.2f} "
+                  f"{100 * row['pretrain_gflops_achieved'] / peak:>15.0f}% "
+                  f"{row['embed_images_per_s']:>12.1f} "
+                  f"{100 * row['embed_gflops_achieved'] / peak:>11.0f}%")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"machine": machine, "rows": rows}, handle, indent=2)

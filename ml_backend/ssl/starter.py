@@ -168,7 +168,51 @@ def export(pretrain_checkpoint: Path, out: Path, card: dict) -> dict:
     card["file"] = {"name": out.name, "bytes": out.stat().st_size,
                     "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    (out.parent / "README.md").write_text(card_markdown(card))
     return card
+
+
+def card_markdown(card: dict) -> str:
+    """The data card as the README beside the shipped file (rewritten by every rebuild)."""
+    config = card["config"]
+    lines = [
+        "# The starter encoder (data card)", "",
+        f"`{card['file']['name']}` ({card['file']['bytes'] / 1e6:.1f} MB, half precision, "
+        f"sha256 `{card['file']['sha256'][:16]}…`): {card['what']}.", "",
+        "New projects start from it: `manage.py pretrain` continues from it on the project's "
+        "own scans (`--from scratch` to start from random weights), `pretrain --epochs 0` and "
+        "`make demo` use it as is. Settings: `STARTER_ENCODER` (env "
+        "`MEDLABEL_STARTER_ENCODER`, empty to disable).", "",
+        "## What it saw", "",
+        "| source | scans | unreadable | left-right flips |", "|---|---:|---:|---|",
+        *[f"| {s['name']} (`{s['spec']}`) | {s['scans']:,} | {s['failed']} | "
+          f"{'yes' if s['hflip'] else 'no'} |" for s in card["sources"]],
+        f"| **all** | **{card['scans']:,}** | | |", "",
+        "Never seen: " + "; ".join(card["not_seen"]) + ". " + card["note"][0].upper()
+        + card["note"][1:] + ".", "",
+        "No labels were used. Every scan went through the import pipeline's own decoder "
+        "(`decode_scan`), greyscale, padded to a square and resized to "
+        f"{config['image_size']} px.", "",
+        "## How it was trained", "",
+        f"- Method: {config.get('method', 'simclr')} (`ml_backend/ssl/`), {config['arch']}, "
+        f"{'small' if config.get('small_input') else 'standard'} stem, {config['image_size']} px, "
+        f"{card['epochs']} epochs, batch {config['batch_size']}, AdamW lr {config['lr']}, "
+        f"temperature {config['temperature']}, seed {config['seed']}; bf16 autocast "
+        f"{'on' if config.get('cpu_bf16') else 'off'}, channels-last "
+        f"{'on' if config.get('channels_last') else 'off'}.",
+        f"- Built {card['built']} on {card['device']} ({card['threads']} threads, torch "
+        f"{card['torch']}): {card['pretrain_seconds'] / 60:.0f} min of training.",
+        f"- Rebuild exactly: `{card['command']}` (`make starter-encoder`); the same seed, config "
+        "and data give the same weights up to floating-point differences between machines and "
+        "thread counts.", "",
+        "## Loss (NT-Xent per image, mean over each epoch)", "",
+        "| epoch | loss | images/s |", "|---:|---:|---:|",
+        *[f"| {h['epoch']} | {h['loss']:.3f} | {h['images_per_s']:.0f} |"
+          for h in card["history"]], "",
+        "How it compares with raw pixels and with pretraining on one dataset alone: "
+        "`docs/benchmarks.md`, *The starter encoder*.", "",
+    ]
+    return "\n".join(lines)
 
 
 def read_card(path: Path) -> dict | None:
