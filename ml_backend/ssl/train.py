@@ -102,7 +102,9 @@ def pretrain(
     hflip_mask: np.ndarray | None = None,
     workers: int = 0,
 ) -> dict:
-    """Contrastive pretraining. ``images``: ``uint8 (N, S, S)`` at ``config.image_size``.
+    """Self-supervised pretraining with ``config.method`` (SimCLRv2 by default; MoCo v2, BYOL,
+    SwAV, DINO: ``ml_backend/ssl/methods.py``), one loop for all. ``images``: ``uint8 (N, S, S)``
+    at ``config.image_size``.
 
     Writes ``checkpoint_path`` after every epoch and resumes from it when it exists (same
     config required; ``resume=False`` starts over). ``init_checkpoint``: start from one of
