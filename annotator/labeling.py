@@ -117,6 +117,37 @@ def lease_next(*, project: Project, user):
     return None
 
 
+def lease_next_or_new_round(*, project: Project, user):
+    """``lease_next``; when the round has nothing left for ``user`` and unlabeled pool scans
+    remain, the model chooses the next batch at once (as "Choose the next scans" on the
+    worklist would) and the first of it is leased, so a reader who outpaces the refits keeps
+    labeling instead of landing on an exhausted worklist. Returns ``(scan, item, new_round)``
+    or ``None``."""
+    found = lease_next(project=project, user=user)
+    if found is not None:
+        return (*found, False)
+    from ml_backend import services as ml
+    from ml_backend.errors import TrainingError
+
+    with transaction.atomic():
+        # one reader makes the round; the others wait for it here, then lease from it
+        Project.objects.select_for_update().get(pk=project.pk)
+        found = lease_next(project=project, user=user)
+        if found is not None:
+            return (*found, False)
+        unlabeled = (Scan.objects.filter(project=project, split="pool", quarantined=False)
+                     .exclude(annotations__outcome=Annotation.Outcome.LABEL).exists())
+        if not unlabeled:
+            return None
+        try:
+            ml.query_round_create(project=project, created_by=user)
+        except (TrainingError, ValueError) as exc:
+            logger.warning("no next round for %s: %s", project, exc)
+            return None
+    found = lease_next(project=project, user=user)
+    return None if found is None else (*found, True)
+
+
 # --- worklist --------------------------------------------------------------------------
 
 

@@ -44,12 +44,14 @@ def worklist(request, project_id: int):
 @login_required
 def next_scan(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id)
-    found = labeling.lease_next(project=project, user=request.user)
+    found = labeling.lease_next_or_new_round(project=project, user=request.user)
     if found is None:
-        messages.info(request, "No unlabeled scans left for you in this round. Ask the model "
-                               "for the next batch below.")
+        messages.info(request, "No unlabeled scans left for you: every pool scan is labeled "
+                               "or held by another reader.")
         return redirect("annotator:worklist", project.pk)
-    scan, _item = found
+    scan, _item, new_round = found
+    if new_round:
+        messages.info(request, "The round was done: the model chose the next batch.")
     return redirect("annotator:label", project.pk, scan.pk)
 
 
@@ -130,10 +132,10 @@ def answer(request, project_id: int, scan_id: int):
     except services.AnnotationError as exc:
         return JsonResponse({"error": str(exc)}, status=400)
     project.refresh_from_db()
-    found = labeling.lease_next(project=project, user=request.user)
-    next_payload = None
+    found = labeling.lease_next_or_new_round(project=project, user=request.user)
+    next_payload, new_round = None, False
     if found is not None:
-        next_scan_obj, item = found
+        next_scan_obj, item, new_round = found
         next_payload = page_content.label_payload(project=project, scan=next_scan_obj, item=item,
                                               user=request.user)
     return JsonResponse({
@@ -143,6 +145,8 @@ def answer(request, project_id: int, scan_id: int):
         # a refit this answer queued runs in the background: the page shows "Model updating…"
         "model_status": model_status(project),
         "next": next_payload,
+        # the round was done and the model chose the next batch for this answer
+        "new_round": new_round,
         "worklist": reverse("annotator:worklist", args=[project.pk]),
         "server_ms": round((time.perf_counter() - started) * 1000, 1),
     }, status=201 if created else 200)

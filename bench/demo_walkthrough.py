@@ -1,14 +1,15 @@
 """The demo as a new user meets it: `make demo`'s setup, then a clinician labels 30 scans in a
 real browser while the model refits behind them.
 
-    python -m bench.demo_walkthrough [--answers 30] [--out bench/results/demo_walkthrough.json]
+    python -m bench.demo_walkthrough [--answers 30] [--think-ms 1500] \
+        [--out bench/results/demo_walkthrough.json]
 
 In a throw-away folder (SQLite, media, artifacts): ``manage.py migrate`` and ``manage.py
 demo_setup`` exactly as ``make demo`` runs them (the shipped starter encoder embeds the
 fixtures; no pretraining), then ``manage.py runserver`` with the demo's defaults (no broker:
 refits in the server's background worker process). Debian's Chromium (Playwright) logs in as
-``clinician``, opens the worklist and answers ``--answers`` scans by hotkey with the scan's
-true class (the fixture folder it came from, matched by sha256). Per answer it records what
+``clinician``, opens the worklist and answers ``--answers`` scans by hotkey, each after
+looking at it for ``--think-ms``, with the scan's true class (the fixture folder it came from, matched by sha256). Per answer it records what
 the page offered (the classes and the model's suggestion, checked against the scan's own
 label set), the key press → next scan time and the model status line. At the end: every
 refit the answers queued, promoted or held back, with the reason the project shows.
@@ -46,6 +47,8 @@ def fixture_truth(root: Path) -> dict[str, tuple[str, str]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--answers", type=int, default=30)
+    parser.add_argument("--think-ms", type=int, default=1500,
+                        help="the reader looks at each scan this long before answering")
     parser.add_argument("--drain-timeout", type=float, default=300.0)
     parser.add_argument("--chromium", default=os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
     parser.add_argument("--workdir", default=None)
@@ -126,26 +129,49 @@ def main(argv=None) -> int:
                 suggestion = payload.get("suggestion") or {}
                 suggested = suggestion.get("class_name")
                 key = next(c["key"] for c in payload["classes"] if c["name"] == true_class)
+                page.wait_for_timeout(args.think_ms)
                 before = page.evaluate("window.medlabel.timings.length")
                 busy_before = busy()
+                pressed = time.perf_counter()
                 page.keyboard.press(key)
-                page.wait_for_function(f"window.medlabel.timings.length > {before}",
-                                       timeout=120_000)
+                # the next scan swaps in place; at the end of a round the page moves on to
+                # the worklist instead (what a reader sees then is recorded, then /next/)
+                page.wait_for_function(
+                    f"!window.medlabel || window.medlabel.timings.length > {before}",
+                    timeout=120_000)
+                left = page.evaluate("!window.medlabel")
+                if left:
+                    page.wait_for_load_state()
+                    landed = {"url": page.url.replace(base, ""),
+                              "text": page.inner_text("main")[:300] if page.query_selector(
+                                  "main") else ""}
+                    page.goto(f"{base}/projects/{project.pk}/next/")
+                    page.wait_for_function("window.medlabel && document.body.dataset.scan",
+                                           timeout=120_000)
                 rows.append({
+                    "left_label_page": landed if left else None,
                     "answer": index + 1, "scan": scan_id, "label_set": label_set,
                     "shown_label_set": payload["scan"]["label_set"], "truth": true_class,
                     "offered": offered, "suggested": suggested,
                     "suggested_p": suggestion.get("confidence"),
                     "suggestion_unreliable": bool(suggestion.get("unreliable")),
                     "suggestion_right": suggested == true_class if suggested else None,
-                    "swap_ms": page.evaluate(
-                        "window.medlabel.timings[window.medlabel.timings.length-1]"),
+                    "swap_ms": (round((time.perf_counter() - pressed) * 1000, 1) if left else
+                                page.evaluate("window.medlabel.timings[window.medlabel.timings"
+                                              ".length-1]")),
                     "refit_running": busy_before or page.evaluate(
                         "window.medlabel.lastUpdating === true"),
                     "status_line": page.inner_text("#model-status")})
+                print(f"answer {index + 1}: {label_set} {true_class}, suggested {suggested}, "
+                      f"{rows[-1]['swap_ms']} ms{' (left the page)' if left else ''}; "
+                      f"{rows[-1]['status_line'][:100]!r}", flush=True)
             if _wait(lambda: not busy(), args.drain_timeout):
-                page.reload()
-                page.wait_for_function("window.medlabel && document.body.dataset.scan")
+                try:
+                    page.wait_for_function(
+                        "!document.getElementById('model-status').textContent"
+                        ".startsWith('Model updating')", timeout=15_000)
+                except Exception:
+                    pass
                 final_line = page.inner_text("#model-status")
             browser.close()
     finally:

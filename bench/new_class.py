@@ -87,7 +87,10 @@ def main(argv=None) -> int:
         for h in holdouts:
             old = [c for c in range(len(names)) if c != h]
             old_rows = np.flatnonzero(train_y != h)
-            before_head, _ = fit_head(train_x[old_rows], train_y[old_rows], seed=0, **options)
+            # folds=0: no temperature fit — scaling every logit by one temperature does not
+            # change the argmax, so recall, precision and F1 are the same (and 5x faster)
+            before_head, _ = fit_head(train_x[old_rows], train_y[old_rows], seed=0, folds=0,
+                                      **options)
             before = old_macro_f1(before_head, eval_x, eval_y, old)
             new_rows = np.flatnonzero(train_y == h)
             for k in ks:
@@ -95,7 +98,8 @@ def main(argv=None) -> int:
                     picks = np.random.default_rng(seed).choice(new_rows, min(k, len(new_rows)),
                                                                replace=False)
                     rows_k = np.concatenate([old_rows, picks])
-                    head, _ = fit_head(train_x[rows_k], train_y[rows_k], seed=seed, **options)
+                    head, _ = fit_head(train_x[rows_k], train_y[rows_k], seed=seed, folds=0,
+                                       **options)
                     pred = head.class_ids[head.predict_proba(eval_x).argmax(1)]
                     p, r, f, _ = precision_recall_fscore_support(
                         eval_y == h, pred == h, average="binary", zero_division=0)

@@ -253,3 +253,35 @@ def test_job_progress_endpoint(encoded_project, users):
     assert data["runs"][0]["status"] == "succeeded" and data["runs"][0]["progress"] == 1.0
     assert client_for(users["charlie"]).get(
         reverse("annotator:project_jobs", args=[encoded_project.pk])).status_code == 404
+
+
+def test_a_reader_who_finishes_the_round_gets_the_next_batch_at_once(encoded_project, users):
+    """The round (8 scans) runs out before any refit: the last answer comes back with the
+    first scan of a new round the model chose, not with an exhausted worklist."""
+    from ml_backend.models import QueryRound
+
+    project = encoded_project
+    project.refit_every = 1000
+    project.save()
+    alice = client_for(users["alice"])
+    by_name = classes(project)
+    first_round = labeling.current_round(project)
+    payload = alice.get(reverse("annotator:next_scan", args=[project.pk]), follow=True)
+    assert payload.status_code == 200
+    scan_id = labeling.lease_next(project=project, user=users["alice"])[0].pk
+    answered = []
+    for _ in range(first_round.items.count()):
+        scan = Scan.objects.get(pk=scan_id)
+        answered.append(scan.pk)
+        body = post_json(alice, reverse("annotator:answer", args=[project.pk, scan.pk]),
+                         {"outcome": "label", "class_id": by_name[brain_truth(scan)].pk}).json()
+        assert body["next"] is not None
+        scan_id = body["next"]["scan"]["id"]
+    assert body["new_round"] is True
+    newest = labeling.current_round(project)
+    assert newest.pk != first_round.pk and QueryRound.objects.filter(project=project).count() == 2
+    assert scan_id not in answered
+    assert newest.items.filter(scan_id=scan_id).exists()
+    # and /next/ leases from the new round too
+    response = alice.get(reverse("annotator:next_scan", args=[project.pk]))
+    assert response.status_code == 302 and "/label/" in response["Location"]
