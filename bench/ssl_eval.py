@@ -355,6 +355,14 @@ def load_data(args) -> dict:
     if len(class_names) < 2:
         raise SystemExit("the train set needs at least 2 classes")
     known = np.isin(evaluation["labels"], class_names)
+    if not known.any():
+        # before any training: a withheld split saved under another name once lost all its
+        # scans here and crashed after a 25-minute pretraining
+        raise SystemExit(
+            f"--eval {args.eval}: none of its {len(known)} scans has a class of --train "
+            f"(train: {', '.join(class_names)}; eval: "
+            f"{', '.join(sorted(set(evaluation['labels'].tolist()))[:10])}). For a MedMNIST "
+            "archive named otherwise, name the set: FILE.npz#test?set=pneumoniamnist")
     if not known.all():
         log(f"warning: dropped {int((~known).sum())} eval scan(s) whose class is not in train")
         evaluation = {k: evaluation[k][known] for k in ("images", "labels", "names")}

@@ -32,7 +32,8 @@ import numpy as np
 
 from ml_backend.data.decode import DICOM_EXTENSIONS, RASTER_EXTENSIONS
 
-__all__ = ["SourceError", "SourceItem", "SourceListing", "read_source", "MEDMNIST_CLASSES"]
+__all__ = ["SourceError", "SourceItem", "SourceListing", "read_source", "MEDMNIST_CLASSES",
+           "medmnist_classes"]
 
 
 class SourceError(Exception):
@@ -44,7 +45,35 @@ class SourceError(Exception):
 MEDMNIST_CLASSES: dict[str, list[str]] = {
     "pneumoniamnist": ["normal", "pneumonia"],
     "breastmnist": ["malignant", "normal_or_benign"],
+    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature_granulocytes",
+                   "lymphocyte", "monocyte", "neutrophil", "platelet"],
+    "pathmnist": ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth_muscle",
+                  "normal_colon_mucosa", "cancer_associated_stroma",
+                  "colorectal_adenocarcinoma_epithelium"],
+    "dermamnist": ["actinic_keratoses_and_intraepithelial_carcinoma", "basal_cell_carcinoma",
+                   "benign_keratosis_like_lesions", "dermatofibroma", "melanoma",
+                   "melanocytic_nevi", "vascular_lesions"],
+    "octmnist": ["choroidal_neovascularization", "diabetic_macular_edema", "drusen", "normal"],
+    "retinamnist": ["grade_0", "grade_1", "grade_2", "grade_3", "grade_4"],
+    "tissuemnist": ["collecting_duct_connecting_tubule", "distal_convoluted_tubule",
+                    "glomerular_endothelial_cells", "interstitial_endothelial_cells",
+                    "leukocytes", "podocytes", "proximal_tubule_segments",
+                    "thick_ascending_limb"],
+    **{name: ["bladder", "femur_left", "femur_right", "heart", "kidney_left", "kidney_right",
+              "liver", "lung_left", "lung_right", "pancreas", "spleen"]
+       for name in ("organamnist", "organcmnist", "organsmnist")},
 }
+
+
+def medmnist_classes(name: str) -> list[str] | None:
+    """The MedMNIST class names for an archive's name: an exact set name, or a file named
+    after one (``pneumoniamnist_test.npz``, ``bloodmnist_pbc.npz``): the longest set name the
+    stem starts with."""
+    stem = name.lower()
+    if stem in MEDMNIST_CLASSES:
+        return MEDMNIST_CLASSES[stem]
+    matches = [key for key in MEDMNIST_CLASSES if stem.startswith(key)]
+    return MEDMNIST_CLASSES[max(matches, key=len)] if matches else None
 
 SCAN_EXTENSIONS = DICOM_EXTENSIONS | RASTER_EXTENSIONS
 # Files that commonly sit beside scans and are not scans: skipped, not failed.
@@ -83,6 +112,17 @@ def read_source(
     text = os.fspath(spec)
     if "#" in text and text.split("#", 1)[0].lower().endswith(".npz"):
         path, split = text.split("#", 1)
+        split, _, query = split.partition("?")
+        if query:
+            key, _, value = query.partition("=")
+            if key != "set" or not value:
+                raise SourceError(f"{text}: after '?' only set=NAME is understood "
+                                  "(e.g. file.npz#test?set=pneumoniamnist)")
+            names = medmnist_classes(value)
+            if names is None:
+                raise SourceError(f"{text}: unknown MedMNIST set {value!r}; known: "
+                                  f"{', '.join(sorted(MEDMNIST_CLASSES))}")
+            class_names = class_names or names
         return _read_npz(Path(path), split, class_names=class_names)
     path = Path(text)
     if path.suffix.lower() == ".npz":
@@ -243,8 +283,7 @@ def _read_npz(path: Path, split: str, *, class_names: list[str] | None) -> Sourc
         labels = labels.reshape(-1)
         if len(labels) != len(images):
             raise SourceError(f"{path.name}: {len(images)} images but {len(labels)} labels")
-    stem = path.stem.lower()
-    names = class_names or MEDMNIST_CLASSES.get(stem)
+    names = class_names or medmnist_classes(path.stem)
 
     def label_name(value: int) -> str:
         if names is not None and 0 <= value < len(names):

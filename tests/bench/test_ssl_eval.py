@@ -204,3 +204,26 @@ def test_several_ssl_methods_on_the_same_data(tmp_path):
     assert simclr["pretrain"]["checkpoint"] != byol["pretrain"]["checkpoint"]
     with pytest.raises(SystemExit, match="unknown"):
         ssl_eval.main(bench_args(tmp_path, "x.json") + ["--methods", "simclr,barlow"])
+
+
+def test_an_eval_set_with_no_train_class_stops_before_any_training(tmp_path, capsys):
+    """A withheld split whose labels read class_0 / class_1 shares no class with train: the
+    bench says so at once instead of pretraining and then crashing."""
+    rng = np.random.default_rng(0)
+    train = tmp_path / "pneumoniamnist.npz"
+    np.savez(train, train_images=(rng.random((12, 28, 28)) * 255).astype(np.uint8),
+             train_labels=np.array([[0], [1]] * 6))
+    withheld = tmp_path / "withheld.npz"
+    np.savez(withheld, test_images=(rng.random((4, 28, 28)) * 255).astype(np.uint8),
+             test_labels=np.array([[0], [1]] * 2))
+    args = ["--train", f"{train}#train", "--eval", f"{withheld}#test", "--epochs", "1",
+            "--seeds", "1", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "x.json")]
+    with pytest.raises(SystemExit, match="none of its 4 scans has a class of --train"):
+        ssl_eval.main(args)
+    assert "pretrain" not in capsys.readouterr().out
+    # naming the set fixes it
+    args[3] = f"{withheld}#test?set=pneumoniamnist"
+    args += ["--evaluations", "pixels_logreg", "--labels-fraction", "1.0", "--image-size", "32",
+             "--small-input", "no", "--batch-size", "4"]
+    assert ssl_eval.main(args) == 0

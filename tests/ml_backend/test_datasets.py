@@ -66,3 +66,27 @@ def test_npz_errors_are_clear(tmp_path):
         read_source(path)
     with pytest.raises(SourceError, match="no such file or folder"):
         read_source(tmp_path / "nope")
+
+
+def test_medmnist_names_for_a_file_named_otherwise(tmp_path):
+    """A withheld split saved as pneumoniamnist_test.npz, the colour set bloodmnist_pbc.npz,
+    or any name with #split?set=NAME get MedMNIST's class names, not class_0, class_1."""
+    arrays = dict(test_images=np.zeros((3, 8, 8), np.uint8),
+                  test_labels=np.array([[0], [1], [1]]))
+    named = tmp_path / "pneumoniamnist_test.npz"
+    np.savez(named, **arrays)
+    assert [i.label for i in read_source(f"{named}#test").items] == [
+        "normal", "pneumonia", "pneumonia"]
+    other = tmp_path / "withheld.npz"
+    np.savez(other, **arrays)
+    assert read_source(f"{other}#test").items[0].label == "class_0"
+    assert read_source(f"{other}#test?set=pneumoniamnist").items[1].label == "pneumonia"
+    assert read_source(f"{other}#test?set=bloodmnist").items[0].label == "basophil"
+    with pytest.raises(SourceError, match="unknown MedMNIST set 'chestxray'"):
+        read_source(f"{other}#test?set=chestxray")
+    with pytest.raises(SourceError, match="only set=NAME"):
+        read_source(f"{other}#test?names=a")
+    blood = SHARED_DATA / "bloodmnist_pbc" / "bloodmnist_pbc.npz"
+    assert read_source(f"{blood}#val").items[0].label in {
+        "basophil", "eosinophil", "erythroblast", "immature_granulocytes", "lymphocyte",
+        "monocyte", "neutrophil", "platelet"}
