@@ -1,6 +1,13 @@
 from django.urls import path
 
-from annotator import views, views_label, views_reports, views_review, views_status
+from annotator import (
+    views,
+    views_clusters,
+    views_label,
+    views_reports,
+    views_review,
+    views_status,
+)
 from annotator.label_studio import views as views_ls
 
 app_name = "annotator"
@@ -38,6 +45,10 @@ urlpatterns = [
     # Label Studio: signed image URLs and the webhook (no login; token / shared secret).
     path("ls/image/<str:token>.png", views_ls.ls_image, name="ls_image"),
     path("labelstudio/<int:project_id>/webhook/", views_ls.ls_webhook, name="ls_webhook"),
+    # --- the label-free view (annotator/views_clusters.py) ---
+    path("projects/<int:project_id>/clusters/", views_clusters.clusters, name="clusters"),
+    path("projects/<int:project_id>/clusters/map.png", views_clusters.clusters_map,
+         name="clusters_map"),
     # --- reports (annotator/views_reports.py) ---
     path("projects/<int:project_id>/reports/", views_reports.reports, name="reports"),
     path("projects/<int:project_id>/reports/<str:name>.png", views_reports.chart,

@@ -5,7 +5,7 @@
 - ``versions``: evaluate, gate, activate / promote, pool predictions.
 - ``inference``: the one bounded cache of loaded models and indexes; predictors, Grad-CAM,
   classifying an uploaded image.
-- ``embeddings``: similar scans, class candidates, novelty.
+- ``embeddings``: similar scans, class candidates, novelty, clusters (the label-free view).
 - ``queries``: query rounds and the label-quality check.
 - ``artifacts``: where a version's files live.
 
@@ -29,7 +29,7 @@ _EXPORTS = {
                   "vector_index", "encoder_network", "classifier_network", "allowed_classes",
                   "scan_gradcam", "classify_image", "Predictor"],
     "embeddings": ["similar_scans", "class_candidates", "scan_novelty", "novelty_of_vectors",
-                   "import_novelty_check"],
+                   "import_novelty_check", "scan_clusters"],
     "queries": ["query_round_create", "label_quality_check"],
     "artifacts": ["embeddings_paths", "checkpoint_path", "images_for",
                   "model_artifacts_remove"],

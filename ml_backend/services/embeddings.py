@@ -231,3 +231,78 @@ def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[
                                     "nearest_labeled_similarity":
                                         round(1.0 - float(distance[position]), 4)})
     return result
+
+
+CLUSTER_MAX_POINTS = 20000
+CLUSTER_TYPICAL = 6
+
+
+def scan_clusters(*, project: Project, k: int = 8, label_set_id: int | None = None) -> dict:
+    """The label-free view: the project's embedded scans (optionally one label set's) in
+    ``k`` clusters (cosine k-means on the active encoder's embeddings), each with its size,
+    its ``CLUSTER_TYPICAL`` most typical scans (nearest its centroid), how its scans are
+    labeled so far, the datasets they come from, and every scan's cluster (for the map).
+    Kept in the inference cache per embeddings file, k and set. Raises TrainingError with no
+    encoder or embeddings."""
+    from ml_backend.index.faiss_index import kmeans
+
+    encoder = project.active_encoder
+    if encoder is None:
+        raise TrainingError("no encoder yet: run `manage.py pretrain` (or --epochs 0 for the "
+                            "starter encoder) to see the scans' clusters")
+    table = embedding_table(encoder)
+    scans = Scan.objects.filter(project=project, quarantined=False)
+    if label_set_id is not None:
+        scans = scans.filter(label_set_id=label_set_id)
+    members = set(scans.values_list("pk", flat=True))
+
+    def build(_path) -> dict:
+        rows = np.flatnonzero([int(i) in members for i in table.ids])
+        if len(rows) > CLUSTER_MAX_POINTS:
+            rows = np.sort(np.random.default_rng(0).choice(rows, CLUSTER_MAX_POINTS,
+                                                           replace=False))
+        if len(rows) < max(k, 2):
+            raise TrainingError(f"{len(rows)} embedded scans: too few for {k} clusters")
+        vectors = np.asarray(table.vectors[rows], np.float32)
+        centroids, assignment, distance = kmeans(vectors, k, seed=0, nredo=3)
+        return {"ids": np.asarray(table.ids[rows], np.int64), "assignment": assignment,
+                "distance": distance, "k": k}
+
+    stamp = (embeddings_paths(encoder)["ids"].stat().st_mtime_ns, len(members),
+             max(members, default=0))
+    found = cache.get(encoder, f"clusters:{k}:{label_set_id}", build, stamp=stamp)
+    ids, assignment, distance = found["ids"], found["assignment"], found["distance"]
+    labels = dict(Annotation.objects.filter(scan_id__in=ids.tolist(),
+                                            outcome=Annotation.Outcome.LABEL,
+                                            label_class__isnull=False)
+                  .order_by("created_at").values_list("scan_id", "label_class__name"))
+    datasets = dict(Scan.objects.filter(pk__in=ids.tolist())
+                    .values_list("pk", "dataset__name"))
+    clusters = []
+    for c in range(k):
+        rows = np.flatnonzero(assignment == c)
+        if not len(rows):
+            continue
+        typical = rows[np.argsort(distance[rows])[:CLUSTER_TYPICAL]]
+        counts: dict[str, int] = {}
+        for scan_id in ids[rows].tolist():
+            name = labels.get(scan_id)
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+        sources: dict[str, int] = {}
+        for scan_id in ids[rows].tolist():
+            sources[datasets.get(scan_id, "?")] = sources.get(datasets.get(scan_id, "?"), 0) + 1
+        labeled = sum(counts.values())
+        top = max(counts.items(), key=lambda kv: kv[1]) if counts else None
+        clusters.append({
+            "cluster": c + 1, "size": int(len(rows)),
+            "typical": [int(ids[r]) for r in typical],
+            "labels": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+            "labeled": labeled,
+            "purity": round(top[1] / labeled, 3) if top else None,
+            "majority": top[0] if top else None,
+            "datasets": dict(sorted(sources.items(), key=lambda kv: -kv[1])),
+        })
+    clusters.sort(key=lambda c: -c["size"])
+    return {"encoder": encoder.version, "k": k, "scans": int(len(ids)), "clusters": clusters,
+            "assignment": {int(i): int(a) + 1 for i, a in zip(ids, assignment)}}
