@@ -209,14 +209,15 @@ def class_detail(request, project_id: int, class_id: int):
     examples = list(Scan.objects.filter(annotations__label_class=label_class,
                                         annotations__outcome=Annotation.Outcome.LABEL)
                     .distinct().order_by("-pk")[:24])
-    candidates, error = {"neighbours": [], "novel": []}, None
+    candidates, error = {"neighbours": [], "novel": [], "propagated": []}, None
     try:
         candidates = ml.class_candidates(label_class=label_class, k=12)
     except (TrainingError, OSError) as exc:
         error = str(exc)
     return render(request, "annotator/class_detail.html", {
         "project": project, "label_class": label_class, "examples": examples,
-        "neighbours": candidates["neighbours"], "novel": candidates["novel"], "error": error,
+        "neighbours": candidates["neighbours"], "novel": candidates["novel"],
+        "propagated": candidates["propagated"], "error": error,
     })
 
 

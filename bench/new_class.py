@@ -13,7 +13,9 @@ other classes; then H is "added mid-project" with K random train examples (K in
 - the old classes' macro-F1 on their own eval scans before and after adding H (forgetting;
   target: a drop of at most 2 points);
 - precision@20 of the candidates the loop would offer for H: the nearest train scans (cosine)
-  to its K examples among all others, i.e. how many of the first 20 really are H.
+  to its K examples among all others, i.e. how many of the first 20 really are H;
+- (*) the same with K labeled scans of every old class too, by nearest neighbours and by
+  label propagation over the k-NN graph (what the class page offers), on the same pool.
 """
 
 from __future__ import annotations
@@ -44,6 +46,29 @@ def candidates_precision(train_x, train_y, examples: np.ndarray, labeled: np.nda
     best = (unit[pool] @ unit[examples].T).max(axis=1)
     chosen = pool[np.argsort(-best)[:top]]
     return float((train_y[chosen] == holdout).mean())
+
+
+def propagated_precision(train_x, train_y, picks: np.ndarray, holdout: int, *, seed: int,
+                         top: int = 20) -> tuple[float, float]:
+    """P@``top`` of the candidates for the new class, two ways over the same pool, when a
+    clinician has labeled its K ``picks`` and K scans of each old class: nearest neighbours
+    of the picks (cosine) and label propagation over the k-NN graph
+    (``ml_backend.active.propagation``). Returns ``(nearest, propagated)``."""
+    from ml_backend.active.propagation import UNLABELED, propagate
+
+    rng = np.random.default_rng(seed)
+    seeds = [picks] + [rng.choice(np.flatnonzero(train_y == c), len(picks), replace=False)
+                       for c in np.unique(train_y) if c != holdout]
+    seeds = np.concatenate(seeds)
+    labels = np.full(len(train_y), UNLABELED)
+    labels[seeds] = train_y[seeds]
+    pool = np.setdiff1d(np.arange(len(train_y)), seeds)
+    proba = propagate(train_x, labels)
+    by_propagation = pool[np.argsort(-proba[pool, holdout])[:top]]
+    unit = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    by_neighbour = pool[np.argsort(-(unit[pool] @ unit[picks].T).max(axis=1))[:top]]
+    return (float((train_y[by_neighbour] == holdout).mean()),
+            float((train_y[by_propagation] == holdout).mean()))
 
 
 def head_options(name: str) -> dict:
@@ -109,10 +134,15 @@ def main(argv=None) -> int:
                                  "old_macro_f1_before": before, "old_macro_f1_after": after,
                                  "old_drop_points": 100 * (before - after),
                                  "candidates_precision_at_20": candidates_precision(
-                                     train_x, train_y, picks, picks, h)})
+                                     train_x, train_y, picks, picks, h),
+                                 **dict(zip(("candidates_p20_nearest_vs_k_per_class",
+                                             "candidates_p20_propagated"),
+                                            propagated_precision(train_x, train_y, picks, h,
+                                                                 seed=seed)))})
     summary = {}
     print(f"\n{'head':>10} {'held-out class':>18} {'K':>3} {'recall':>13} {'precision':>13} "
-          f"{'old F1 before':>14} {'old F1 after':>13} {'drop (pts)':>11} {'cand. P@20':>11}")
+          f"{'old F1 before':>14} {'old F1 after':>13} {'drop (pts)':>11} {'cand. P@20':>11} "
+          f"{'NN P@20*':>9} {'LP P@20*':>9}")
     for head_name in heads:
         for h in holdouts:
             for k in ks:
@@ -126,13 +156,17 @@ def main(argv=None) -> int:
                 key = f"{names[h]}@{k}" if len(heads) == 1 else f"{head_name}|{names[h]}@{k}"
                 summary[key] = {name: stat(name) for name in
                                 ("recall", "precision", "old_macro_f1_after",
-                                 "old_drop_points", "candidates_precision_at_20")}
+                                 "old_drop_points", "candidates_precision_at_20",
+                                 "candidates_p20_nearest_vs_k_per_class",
+                                 "candidates_p20_propagated")}
                 s = summary[key]
                 print(f"{head_name:>10} {names[h]:>18} {k:>3} {s['recall'][0]:>6.3f} ± "
                       f"{s['recall'][1]:.3f} {s['precision'][0]:>6.3f} ± {s['precision'][1]:.3f} "
                       f"{sel[0]['old_macro_f1_before']:>14.3f} {s['old_macro_f1_after'][0]:>13.3f} "
                       f"{s['old_drop_points'][0]:>+11.2f} "
-                      f"{s['candidates_precision_at_20'][0]:>11.2f}")
+                      f"{s['candidates_precision_at_20'][0]:>11.2f} "
+                      f"{s['candidates_p20_nearest_vs_k_per_class'][0]:>9.2f} "
+                      f"{s['candidates_p20_propagated'][0]:>9.2f}")
     payload = {"args": vars(args), "data": data["info"], "pretrain": pre, "rows": rows,
                "summary": summary, "seconds": time.perf_counter() - started,
                "cpu_count": os.cpu_count()}

@@ -185,8 +185,10 @@ def similar_scans(*, scan: Scan, k: int = 8, labeled_only: bool = False,
 
 def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[dict]]:
     """Scans to show a clinician for a class (e.g. one just added): unlabeled pool scans of
-    the class's label set only, as FAISS neighbours of its labeled examples, and novelty
-    candidates (the set's scans farthest from every labeled scan)."""
+    the class's label set only, as FAISS neighbours of its labeled examples, as the scans
+    label propagation over the k-NN graph gives the class (once the set has labels of two
+    classes), and novelty candidates (the set's scans farthest from every labeled scan).
+    Candidates, never labels: a clinician confirms each."""
     project = label_class.project
     encoder = project.active_encoder
     if encoder is None:
@@ -201,9 +203,10 @@ def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[
                                      quarantined=False, split="pool")
                  .values_list("pk", flat=True))
     unlabeled = [int(i) for i in ids if int(i) in in_set and int(i) not in labeled]
-    result = {"neighbours": [], "novel": []}
+    result = {"neighbours": [], "novel": [], "propagated": []}
     if not unlabeled:
         return result
+    result["propagated"] = _propagated_candidates(label_class, in_set, labeled, table, k)
     examples = [s for s in Annotation.objects.filter(label_class=label_class,
                                                      outcome=Annotation.Outcome.LABEL)
                 .values_list("scan_id", flat=True).distinct() if s in row]
@@ -231,6 +234,50 @@ def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[
                                     "nearest_labeled_similarity":
                                         round(1.0 - float(distance[position]), 4)})
     return result
+
+
+PROPAGATION_MAX_POINTS = 20000
+
+
+def _propagated_candidates(label_class: LabelClass, in_set: set[int], labeled: set[int],
+                           table, k: int) -> list[dict]:
+    """Unlabeled pool scans of the class's set ranked by label propagation over the k-NN
+    graph of the set's embeddings (``ml_backend.active.propagation``), seeded by every
+    labeled scan of the set; each with its propagated probability of the class. Empty until
+    the set has labels of two classes."""
+    from annotator.selectors import training_labels
+    from ml_backend.active.propagation import UNLABELED, propagate
+
+    seeds = {}
+    for split in ("pool", "eval"):          # every resolved label of the set seeds the graph
+        scans, class_ids = training_labels(label_class.project, split=split)
+        seeds.update({s.pk: c for s, c in zip(scans, class_ids)
+                      if s.label_set_id == label_class.label_set_id and s.pk in table.row})
+    if label_class.pk not in seeds.values() or len(set(seeds.values())) < 2:
+        return []
+    nodes = [int(i) for i in table.ids if int(i) in in_set or int(i) in seeds]
+    if len(nodes) > PROPAGATION_MAX_POINTS:
+        rng = np.random.default_rng(0)
+        others = [n for n in nodes if n not in seeds]
+        nodes = list(seeds) + rng.choice(others, PROPAGATION_MAX_POINTS - len(seeds),
+                                         replace=False).tolist()
+    classes = sorted(set(seeds.values()))
+    labels = np.array([classes.index(seeds[n]) if n in seeds else UNLABELED for n in nodes])
+    try:
+        proba = propagate(table.of(nodes), labels, k=min(10, len(nodes) - 1))
+    except ValueError:
+        return []
+    column = classes.index(label_class.pk)
+    order = np.argsort(-proba[:, column])
+    found = []
+    for position in order:
+        scan_id = nodes[position]
+        if scan_id in seeds or scan_id in labeled or scan_id not in in_set:
+            continue
+        found.append({"scan": scan_id, "probability": round(float(proba[position, column]), 4)})
+        if len(found) == k:
+            break
+    return found
 
 
 CLUSTER_MAX_POINTS = 20000

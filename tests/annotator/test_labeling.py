@@ -285,3 +285,30 @@ def test_a_reader_who_finishes_the_round_gets_the_next_batch_at_once(encoded_pro
     # and /next/ leases from the new round too
     response = alice.get(reverse("annotator:next_scan", args=[project.pk]))
     assert response.status_code == 302 and "/label/" in response["Location"]
+
+
+def test_label_propagation_offers_candidates_never_labels(encoded_project, users):
+    from ml_backend import services as ml
+
+    project = encoded_project
+    by_name = classes(project)
+    pool = list(project.scans.filter(split="pool").order_by("pk"))
+    for name in ("no_tumor", "pituitary_tumor"):
+        for scan in [s for s in pool if brain_truth(s) == name][:3]:
+            labeling.answer_submit(project=project, scan=scan, user=users["alice"],
+                                   data={"outcome": "label", "class_id": by_name[name].pk})
+    before = Annotation.objects.count()
+    found = ml.class_candidates(label_class=by_name["pituitary_tumor"], k=10)
+    propagated = found["propagated"]
+    labeled = set(Annotation.objects.filter(outcome="label").values_list("scan_id", flat=True))
+    assert len(propagated) == 10 and Annotation.objects.count() == before
+    assert all(c["scan"] not in labeled for c in propagated)
+    assert all(Scan.objects.get(pk=c["scan"]).split == "pool" for c in propagated)
+    probabilities = [c["probability"] for c in propagated]
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < probabilities[-1] <= 1
+    right = sum(brain_truth(Scan.objects.get(pk=c["scan"])) == "pituitary_tumor"
+                for c in propagated)
+    print("propagated candidates right:", right, "of 10")
+    page = client_for(users["alice"]).get(reverse("annotator:class_detail",
+                                                  args=[project.pk, by_name["pituitary_tumor"].pk]))
+    assert b'id="propagated"' in page.content and page.content.count(b"p 0.") >= 10
