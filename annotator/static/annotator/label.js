@@ -312,6 +312,8 @@
       if (data.next) {
         history.replaceState({}, "", data.next.scan.url);
         render(data.next, started);
+        // the round was done: the model chose the next batch, and this scan is its first
+        if (data.new_round) $("status").textContent = "Round done: the model chose the next batch.";
       } else {
         window.location.href = data.worklist;
       }
