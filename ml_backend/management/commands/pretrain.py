@@ -27,7 +27,8 @@ class Command(BaseCommand):
         parser.add_argument("--method", default="simclr", choices=list(SSL_METHODS),
                             help="self-supervised method (ml_backend/ssl/methods.py): SimCLRv2 "
                             "(default), MoCo v2, BYOL, SwAV or DINO; one training loop, heads "
-                            "and losses from lightly")
+                            "and losses from lightly. MoCo does not converge yet "
+                            "(docs/benchmarks.md): prefer the others")
         parser.add_argument("--batch-size", type=int, default=128)
         parser.add_argument("--lr", type=float, default=1e-3)
         parser.add_argument("--temperature", type=float, default=0.2)
