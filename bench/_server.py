@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 
 
@@ -22,3 +24,37 @@ def wait_for_port(port: int, timeout: float = 60.0) -> None:
         except OSError:
             time.sleep(0.3)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def start_runserver(repo, env: dict, log_path) -> tuple[subprocess.Popen, str]:
+    """``manage.py runserver`` on a free loopback port with ``env``, its output to
+    ``log_path``; returns the process and its base URL once it listens."""
+    port = free_port()
+    log = open(log_path, "wb")
+    server = subprocess.Popen([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}",
+                               "--noreload"], cwd=repo, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+    except RuntimeError:
+        server.terminate()
+        raise
+    return server, f"http://127.0.0.1:{port}"
+
+
+def open_label_page(playwright, *, chromium: str, base: str, username: str, password: str,
+                    project_id: int):
+    """Debian's Chromium (headless, never a downloaded browser), logged in as ``username``,
+    on the project's next scan to label. Returns ``(browser, page)``."""
+    browser = playwright.chromium.launch(
+        executable_path=chromium,
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{base}/accounts/login/")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda url: "/accounts/login/" not in url)
+    page.goto(f"{base}/projects/{project_id}/next/")
+    page.wait_for_function("window.medlabel && document.body.dataset.scan")
+    return browser, page

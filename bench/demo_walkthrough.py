@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._server import free_port, wait_for_port
+from bench._server import open_label_page, start_runserver
 from bench.label_latency import _summary, _wait
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,31 +96,16 @@ def main(argv=None) -> int:
         return TrainingRun.objects.filter(project=project, status__in=["queued", "running"]
                                           ).exists()
 
-    port = free_port()
-    log = open(workdir / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}",
-                               "--noreload"], cwd=REPO, env=server_env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    server, base = start_runserver(REPO, server_env, workdir / "server.log")
     rows, final_line = [], ""
     served_from = time.time()
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_port(port)
         from playwright.sync_api import sync_playwright
 
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=args.chromium,
-                args=["--headless", "--no-sandbox", "--disable-gpu",
-                      "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{base}/accounts/login/")
-            page.fill("input[name=username]", "clinician")
-            page.fill("input[name=password]", PASSWORD)
-            page.click("button[type=submit]")
-            page.wait_for_url(lambda url: "/accounts/login/" not in url)
-            page.goto(f"{base}/projects/{project.pk}/next/")
-            page.wait_for_function("window.medlabel && document.body.dataset.scan")
+            browser, page = open_label_page(playwright, chromium=args.chromium, base=base,
+                                            username="clinician", password=PASSWORD,
+                                            project_id=project.pk)
             for index in range(args.answers):
                 payload = page.evaluate("window.medlabel.payload")
                 scan_id = payload["scan"]["id"]

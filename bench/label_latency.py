@@ -33,13 +33,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench._server import free_port, wait_for_port
+from bench._server import open_label_page, start_runserver
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "latency-bench-password"
@@ -164,30 +163,15 @@ def main(argv=None) -> int:
     from django.utils import timezone
 
     served_from = timezone.now()        # refits after this one were queued by answers
-    port = free_port()
-    log = open(workdir / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}",
-                               "--noreload"], cwd=REPO, env=server_env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    server, base = start_runserver(REPO, server_env, workdir / "server.log")
     rows = []
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_port(port)
         from playwright.sync_api import sync_playwright
 
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=args.chromium,
-                args=["--headless", "--no-sandbox", "--disable-gpu",
-                      "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{base}/accounts/login/")
-            page.fill("input[name=username]", "reader")
-            page.fill("input[name=password]", PASSWORD)
-            page.click("button[type=submit]")
-            page.wait_for_url(lambda url: "/accounts/login/" not in url)
-            page.goto(f"{base}/projects/{project.pk}/next/")
-            page.wait_for_function("window.medlabel && document.body.dataset.scan")
+            browser, page = open_label_page(playwright, chromium=args.chromium, base=base,
+                                            username="reader", password=PASSWORD,
+                                            project_id=project.pk)
             for index in range(args.answers):
                 payload = page.evaluate("window.medlabel.payload")
                 scan_id = payload["scan"]["id"]
