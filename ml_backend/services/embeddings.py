@@ -262,10 +262,21 @@ def _propagated_candidates(label_class: LabelClass, in_set: set[int], labeled: s
         nodes = list(seeds) + rng.choice(others, PROPAGATION_MAX_POINTS - len(seeds),
                                          replace=False).tolist()
     classes = sorted(set(seeds.values()))
-    labels = np.array([classes.index(seeds[n]) if n in seeds else UNLABELED for n in nodes])
-    try:
-        proba = propagate(table.of(nodes), labels, k=min(10, len(nodes) - 1))
-    except ValueError:
+
+    def build(_path):
+        labels = np.array([classes.index(seeds[n]) if n in seeds else UNLABELED
+                           for n in nodes])
+        try:
+            return propagate(table.of(nodes), labels, k=min(10, len(nodes) - 1))
+        except ValueError:
+            return None
+
+    # one propagation serves every class of the set until the embeddings or labels change
+    encoder = label_class.project.active_encoder
+    stamp = (embeddings_paths(encoder)["ids"].stat().st_mtime_ns,
+             hash(tuple(sorted(seeds.items()))), len(nodes))
+    proba = cache.get(encoder, f"propagation:{label_class.label_set_id}", build, stamp=stamp)
+    if proba is None:
         return []
     column = classes.index(label_class.pk)
     order = np.argsort(-proba[:, column])
@@ -332,13 +343,12 @@ def scan_clusters(*, project: Project, k: int = 8, label_set_id: int | None = No
             continue
         typical = rows[np.argsort(distance[rows])[:CLUSTER_TYPICAL]]
         counts: dict[str, int] = {}
-        for scan_id in ids[rows].tolist():
-            name = labels.get(scan_id)
-            if name is not None:
-                counts[name] = counts.get(name, 0) + 1
         sources: dict[str, int] = {}
         for scan_id in ids[rows].tolist():
-            sources[datasets.get(scan_id, "?")] = sources.get(datasets.get(scan_id, "?"), 0) + 1
+            if scan_id in labels:
+                counts[labels[scan_id]] = counts.get(labels[scan_id], 0) + 1
+            source = datasets.get(scan_id, "?")
+            sources[source] = sources.get(source, 0) + 1
         labeled = sum(counts.values())
         top = max(counts.items(), key=lambda kv: kv[1]) if counts else None
         clusters.append({

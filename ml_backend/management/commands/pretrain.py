@@ -47,12 +47,13 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         epochs = opts["epochs"]
-        if epochs is None:
-            epochs = 10 if opts["start_from"] == "scratch" or opts["init_checkpoint"] else 3
-            if opts["start_from"] == "auto" and not opts["init_checkpoint"]:
-                from ml_backend.services.training import starter_encoder
+        if epochs is None:          # a few epochs on top of the starter, more from scratch
+            from ml_backend.services.training import starter_encoder
 
-                epochs = 3 if starter_encoder() else 10
+            from_starter = not opts["init_checkpoint"] and (
+                opts["start_from"] == "starter"
+                or (opts["start_from"] == "auto" and starter_encoder() is not None))
+            epochs = 3 if from_starter else 10
         if epochs < 0:
             raise CommandError("--epochs must be 0 or more")
         params = {"epochs": epochs, "start_from": opts["start_from"], "image_size": opts["image_size"], "arch": opts["arch"],
