@@ -1,0 +1,73 @@
+"""The refit head with and without its nearest-class-mean component when EVERY class has few
+labels (the start of every project), on an encoder's frozen embeddings.
+
+    python -m bench.head_prototypes --train SPEC --eval SPEC \
+        [--encoder ml_backend/starter/simclr-resnet18-64px.pt] [--fractions 0.01,0.1] \
+        [--n0 0,50] [--seeds 3] [--out results.json]
+
+For each labeled fraction and seed: a stratified subset of --train, ``fit_head`` with
+``prototype_n0`` in --n0 (0 = the product's linear head), macro-F1 and AUC on --eval.
+(``bench.new_class`` measures the other case: one class with few labels beside many.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import f1_score, roc_auc_score
+
+from bench.ssl_eval import load_spec, log, stratified_subset
+from ml_backend.active.refit import fit_head
+from ml_backend.ssl.train import embed, load_pretrained
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--eval", required=True)
+    parser.add_argument("--encoder", default="ml_backend/starter/simclr-resnet18-64px.pt")
+    parser.add_argument("--fractions", default="0.01,0.1")
+    parser.add_argument("--n0", default="0,50")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--cache-dir", default="bench/cache")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    model, config = load_pretrained(args.encoder)
+    data = {}
+    for name, spec in (("train", args.train), ("eval", args.eval)):
+        loaded = load_spec(spec, config.image_size, Path(args.cache_dir))
+        data[name] = (embed(model.encoder, loaded["images"], config), loaded["labels"])
+    names = sorted(set(data["train"][1].tolist()))
+    y_train = np.array([names.index(v) for v in data["train"][1]])
+    keep = np.isin(data["eval"][1], names)
+    x_eval = data["eval"][0][keep]
+    y_eval = np.array([names.index(v) for v in data["eval"][1][keep]])
+    rows = []
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        for n0 in (float(v) for v in args.n0.split(",")):
+            for seed in range(args.seeds):
+                subset = stratified_subset(y_train, round(fraction * len(y_train)), seed)
+                head, _ = fit_head(data["train"][0][subset], y_train[subset], seed=seed,
+                                   prototype_n0=n0)
+                proba = head.predict_proba(x_eval)
+                auc = (roc_auc_score(y_eval, proba[:, 1]) if len(names) == 2 else
+                       roc_auc_score(y_eval, proba, multi_class="ovr"))
+                rows.append({"fraction": fraction, "n0": n0, "seed": seed,
+                             "labels": int(len(subset)),
+                             "macro_f1": float(f1_score(y_eval, proba.argmax(1), average="macro")),
+                             "auc": float(auc)})
+            sel = [r for r in rows if r["fraction"] == fraction and r["n0"] == n0]
+            log(f"{fraction:g} ({sel[0]['labels']} labels), n0 {n0:g}: macro-F1 "
+                f"{np.mean([r['macro_f1'] for r in sel]):.3f}, AUC "
+                f"{np.mean([r['auc'] for r in sel]):.3f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
