@@ -11,6 +11,7 @@ from annotator.models import (
     Dataset,
     ImportJob,
     LabelClass,
+    FindingAnswer,
     LabelSet,
     LabelStudioTask,
     Membership,
@@ -35,7 +36,7 @@ class LabelClassInline(admin.TabularInline):
 class LabelSetInline(admin.TabularInline):
     model = LabelSet
     extra = 0
-    fields = ["name", "modalities", "body_parts", "order"]
+    fields = ["name", "kind", "uncertain_policy", "modalities", "body_parts", "order"]
     show_change_link = True
 
 
@@ -45,9 +46,9 @@ class LabelSetAdmin(admin.ModelAdmin):
     dataset, then its modality, then its body part; a set without rules takes the rest.
     Saving re-applies the rules to the project's scans."""
 
-    list_display = ["name", "project", "modalities", "body_parts", "order", "class_count",
-                    "scan_count"]
-    list_filter = ["project"]
+    list_display = ["name", "project", "kind", "uncertain_policy", "modalities", "body_parts",
+                    "order", "class_count", "scan_count"]
+    list_filter = ["project", "kind"]
     search_fields = ["name", "description"]
     filter_horizontal = ["datasets"]
 
@@ -216,10 +217,31 @@ class LabelClassAdmin(admin.ModelAdmin):
         )
 
 
+class FindingAnswerInline(admin.TabularInline):
+    """A findings answer's per-finding states (present / absent / uncertain)."""
+
+    model = FindingAnswer
+    extra = 0
+    fields = ["finding", "state"]
+    raw_id_fields = ["finding"]
+
+
 @admin.register(Annotation)
 class AnnotationAdmin(admin.ModelAdmin):
-    list_display = ["id", "scan", "label_class", "outcome", "reader", "source", "created_at",
-                    "duration_ms", "shown_model_version", "shown_suggestion", "shown_confidence"]
+    list_display = ["id", "scan", "label_class", "outcome", "findings_summary", "reader",
+                    "source", "created_at", "duration_ms", "shown_model_version",
+                    "shown_suggestion", "shown_confidence"]
+    inlines = [FindingAnswerInline]
+
+    @admin.display(description="findings")
+    def findings_summary(self, obj):
+        if obj.outcome != Annotation.Outcome.FINDINGS:
+            return ""
+        answers = list(obj.findings.select_related("finding"))
+        shown = [f"{a.finding.name}{'?' if a.state == 'uncertain' else ''}" for a in answers
+                 if a.state != FindingAnswer.State.ABSENT]
+        return ", ".join(shown) or "no finding"
+
     list_filter = ["source", "outcome", "label_class__project", "label_class", "created_at"]
     search_fields = ["=scan__id", "reader__username", "label_class__name", "external_id", "note"]
     raw_id_fields = ["scan", "reader", "shown_model_version", "query_round", "import_job"]

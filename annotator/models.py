@@ -143,9 +143,26 @@ class LabelSet(models.Model):
     at least one set; a single-set project behaves as a project without sets.
     """
 
+    class Kind(models.TextChoices):
+        SINGLE = "single", "Single label (one class per scan)"
+        MULTI = "multi", "Findings (any subset per scan, or no finding)"
+
+    class UncertainPolicy(models.TextChoices):
+        IGNORE = "ignore", "Ignore in training (default)"
+        ZEROS = "zeros", "Treat as absent (U-Zeros)"
+        ONES = "ones", "Treat as present (U-Ones)"
+
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="label_sets")
     name = models.CharField(max_length=100)
     description = models.TextField(blank=True)
+    kind = models.CharField(
+        max_length=8, choices=Kind.choices, default=Kind.SINGLE,
+        help_text="Single label: each scan gets one class. Findings: the reader marks each "
+        "finding present, absent or uncertain; 'no finding' is stated explicitly.")
+    uncertain_policy = models.CharField(
+        max_length=8, choices=UncertainPolicy.choices, default=UncertainPolicy.IGNORE,
+        help_text="Findings sets: how uncertain answers enter training (recorded with each "
+        "model version).")
     datasets = models.ManyToManyField(Dataset, blank=True, related_name="label_sets",
                                       help_text="Scans of these datasets use this set.")
     modalities = models.CharField(max_length=200, blank=True,
@@ -163,6 +180,10 @@ class LabelSet(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def is_multi(self) -> bool:
+        return self.kind == self.Kind.MULTI
 
     @staticmethod
     def _codes(text: str) -> set[str]:
@@ -302,6 +323,7 @@ class Annotation(models.Model):
 
     class Outcome(models.TextChoices):
         LABEL = "label", "Labeled"
+        FINDINGS = "findings", "Findings"     # a findings set's answer: see FindingAnswer
         SKIP = "skip", "Skipped"
         UNSURE = "unsure", "Unsure"
 
@@ -335,6 +357,9 @@ class Annotation(models.Model):
     )
     shown_confidence = models.FloatField(null=True, blank=True)
     shown_acquisition_score = models.FloatField(null=True, blank=True)
+    shown_scores = models.JSONField(
+        null=True, blank=True,
+        help_text="Findings sets: {finding id: probability} the reader was shown.")
     query_round = models.ForeignKey(
         "ml_backend.QueryRound", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -373,6 +398,31 @@ class Annotation(models.Model):
     def __str__(self) -> str:
         what = self.label_class.name if self.label_class_id else self.outcome
         return f"{what} on scan {self.scan_id} by {self.reader or self.source}"
+
+
+class FindingAnswer(models.Model):
+    """One finding of a findings answer (``Annotation.outcome == "findings"``): present,
+    absent or uncertain. A finding the reader left unanswered has no row; "no finding" is an
+    answer whose every finding is absent (``Annotation`` then holds ``note`` as usual)."""
+
+    class State(models.TextChoices):
+        PRESENT = "present", "Present"
+        ABSENT = "absent", "Absent"
+        UNCERTAIN = "uncertain", "Uncertain"
+
+    annotation = models.ForeignKey(Annotation, on_delete=models.CASCADE, related_name="findings")
+    finding = models.ForeignKey(LabelClass, on_delete=models.PROTECT, related_name="answers")
+    state = models.CharField(max_length=10, choices=State.choices)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["annotation", "finding"],
+                                    name="findinganswer_unique_finding"),
+        ]
+        indexes = [models.Index(fields=["finding", "state"], name="findinganswer_state")]
+
+    def __str__(self) -> str:
+        return f"{self.finding.name}: {self.state}"
 
 
 class ImportJob(models.Model):

@@ -58,7 +58,9 @@ def import_job_get_for_user(user, job_id: int) -> ImportJob:
 
 def label_class_counts(project: Project) -> QuerySet[LabelClass]:
     return project.label_classes.annotate(
-        labels=Count("annotations", filter=Q(annotations__outcome=Annotation.Outcome.LABEL))
+        labels=Count("annotations", filter=Q(annotations__outcome=Annotation.Outcome.LABEL),
+                     distinct=True),
+        present=Count("answers", filter=Q(answers__state="present"), distinct=True),
     )
 
 

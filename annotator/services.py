@@ -11,6 +11,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from annotator.models import (
@@ -30,7 +31,8 @@ from annotator.storage import (
     write_atomic,
 )
 from annotator.uploads import name_may_be_shown
-from ml_backend.data.datasets import SourceError, SourceItem, read_source
+from ml_backend.data.datasets import SourceError, SourceItem, SourceListing, read_source
+from ml_backend.data.findings import is_findings_source, read_findings_source
 from ml_backend.data.decode import (
     ScanDecodeError,
     decode_scan,
@@ -77,14 +79,21 @@ def label_set_default(project: Project) -> LabelSet:
 
 
 def label_set_create(*, project: Project, name: str, datasets=(), modalities: str = "",
-                     body_parts: str = "", description: str = "") -> LabelSet:
+                     body_parts: str = "", description: str = "", kind: str | None = None,
+                     uncertain_policy: str | None = None) -> LabelSet:
     """Add a label set (or update the rules of the one with this name) and re-assign scans.
 
     A project made with ``project_create`` starts with an empty catch-all set named
-    'default': the first named set replaces it when it holds no classes yet."""
+    'default': the first named set replaces it when it holds no classes yet.
+    ``kind``: ``single`` (one class per scan, the default) or ``multi`` (findings); it is
+    chosen at creation and can change only while the set holds no answers."""
     clean = " ".join(name.split())
     if not clean or len(clean) > 100:
         raise ValueError("a label set needs a name of 1–100 characters")
+    if kind is not None and kind not in LabelSet.Kind.values:
+        raise ValueError(f"a label set's kind is single or multi, not {kind!r}")
+    if uncertain_policy is not None and uncertain_policy not in LabelSet.UncertainPolicy.values:
+        raise ValueError("the uncertain-label policy is ignore, zeros or ones")
     with transaction.atomic():
         label_set = LabelSet.objects.filter(project=project, name__iexact=clean).first()
         if label_set is None:
@@ -99,6 +108,15 @@ def label_set_create(*, project: Project, name: str, datasets=(), modalities: st
         label_set.modalities = modalities
         label_set.body_parts = body_parts
         label_set.description = description or label_set.description
+        if kind is not None and kind != label_set.kind:
+            if label_set.pk and Annotation.objects.filter(
+                    Q(label_class__label_set=label_set) | Q(findings__finding__label_set=label_set)
+            ).exists():
+                raise ValueError(f"the label set {label_set.name!r} already holds answers: its "
+                                 "kind (single label or findings) can no longer change")
+            label_set.kind = kind
+        if uncertain_policy is not None:
+            label_set.uncertain_policy = uncertain_policy
         label_set.save()
         if datasets:
             label_set.datasets.add(*datasets)
@@ -269,14 +287,22 @@ def import_job_run(
     job = ImportJob.objects.select_related("project", "created_by").get(pk=job_id)
     state = _JobState()
     try:
-        listing = read_source(
-            job.source, labels_csv=job.labels_csv or None, layout=job.layout
-        )
+        findings = None
+        if is_findings_source(job.source):     # several findings per scan (CSV, npz)
+            findings = read_findings_source(job.source)
+            listing = SourceListing(items=findings.items,
+                                    default_dataset_name=findings.default_dataset_name)
+        else:
+            listing = read_source(
+                job.source, labels_csv=job.labels_csv or None, layout=job.layout
+            )
         dataset = dataset_get_or_create(
             project=job.project,
             name=job.dataset_name or listing.default_dataset_name or "import",
         )
-        if job.label_set:
+        if findings is not None:
+            findings = _findings_import_setup(job, dataset, findings, state)
+        elif job.label_set:
             _dataset_join_label_set(job.project, dataset, job.label_set)
         resolve = _SetResolver(job.project)
         if listing.unmatched_label_rows:
@@ -292,7 +318,8 @@ def import_job_run(
             if job.default_label and item.label is None:
                 item = SourceItem(item.name, job.default_label, item.load, item.digest_hint)
             _import_item(job=job, dataset=dataset, item=item, state=state, resolve=resolve,
-                         number=index)
+                         number=index,
+                         findings=None if findings is None else (findings, index - 1))
             if progress is not None:
                 progress(index, job.total)
             if index % 25 == 0 or index == job.total:
@@ -399,8 +426,61 @@ def _file_ref(number: int, item: SourceItem, data: bytes | None, sha: str | None
     return ref
 
 
+def _findings_import_setup(job: ImportJob, dataset: Dataset, listing, state: _JobState):
+    """A findings import: its dataset joins a findings label set (``job.label_set`` or
+    'findings', made if new), whose findings are the source's columns. Returns
+    ``(label set, {column: LabelClass}, targets)``."""
+    name = job.label_set or "findings"
+    label_set = LabelSet.objects.filter(project=job.project, name__iexact=name).first()
+    try:
+        label_set = label_set_create(project=job.project, name=name, datasets=[dataset],
+                                     kind=LabelSet.Kind.MULTI,
+                                     **({} if label_set is None else {
+                                         "modalities": label_set.modalities,
+                                         "body_parts": label_set.body_parts}))
+    except ValueError as exc:
+        raise SourceError(f"{exc} (import into another label set with --label-set)") from None
+    classes = {}
+    for column, finding in enumerate(listing.findings):
+        try:
+            label_class, created = label_class_get_or_create(
+                project=job.project, name=finding, created_by=job.created_by,
+                label_set=label_set)
+        except ValueError as exc:
+            raise SourceError(f"finding {finding!r}: {exc}") from None
+        if created:
+            state.classes_created.append(label_class.name)
+        classes[column] = label_class
+    state.warnings.append(
+        f"findings source ({listing.layout}): {len(listing.findings)} findings into the "
+        f"label set {label_set.name!r}" + "".join(f"; {note}" for note in listing.notes))
+    return label_set, classes, listing.targets
+
+
+def _add_import_findings(*, job: ImportJob, scan: Scan, findings, row: int) -> bool:
+    """Give ``scan`` the source's findings once (a re-run adds nothing). True if added."""
+    from annotator.findings import findings_answer_create
+
+    label_set, classes, targets = findings
+    if scan.label_set_id != label_set.pk:
+        return False
+    if Annotation.objects.filter(scan=scan, source=Annotation.Source.IMPORT,
+                                 outcome=Annotation.Outcome.FINDINGS).exists():
+        return False
+    states = {}
+    for column, value in enumerate(targets[row]):
+        if value == value:                       # NaN: unanswered
+            states[classes[column].pk] = {1.0: "present", 0.0: "absent", -1.0: "uncertain"}[
+                float(value)]
+    if not states:
+        return False
+    findings_answer_create(scan=scan, reader=job.created_by, states=states,
+                           source=Annotation.Source.IMPORT, import_job=job)
+    return True
+
+
 def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _JobState,
-                 resolve: _SetResolver, number: int = 0) -> None:
+                 resolve: _SetResolver, number: int = 0, findings=None) -> None:
     created_files: list[str] = []
     data: bytes | None = None
     sha: str | None = None
@@ -424,6 +504,10 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 with transaction.atomic():
                     outcome = _add_import_label(job=job, scan=existing, label=item.label)
                 _count_label(state, outcome)
+            if findings is not None:
+                added = _add_import_findings(job=job, scan=existing, findings=findings[0],
+                                             row=findings[1])
+                state.labels_added += int(added)
             return
 
         decoded = decode_scan(
@@ -470,6 +554,9 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
             outcome = (
                 _add_import_label(job=job, scan=scan, label=item.label) if item.label else None
             )
+            if findings is not None and _add_import_findings(
+                    job=job, scan=scan, findings=findings[0], row=findings[1]):
+                outcome = (None, True)
         _count_label(state, outcome)
         created_files.clear()  # committed: the files now belong to the row
         state.imported += 1

@@ -16,7 +16,7 @@ each label fraction and seed compare, on the same stratified labeled subset:
 - ``pixels_logreg``   raw-pixel logistic regression (the floor to beat);
 - ``supervised``      the same network trained from random weights on the labels only;
 - ``linear_probe``    logistic regression on the frozen SimCLRv2 encoder features;
-- ``simclr_finetune`` SimCLRv2 fine-tuning from the first projection-head layer;
+- ``simclr_finetune`` SimCLRv2 step 2, LP-FT by default (see --finetune-* options);
 - ``simclr_distill``  self-distillation of that model on all train images + the labels.
 
 Label-free numbers (kNN accuracy and k-means purity of the raw embeddings) show what the
@@ -32,7 +32,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,8 @@ from ml_backend.data.datasets import read_source
 from ml_backend.data.decode import ScanDecodeError, decode_scan
 from ml_backend.index.faiss_index import kmeans
 from ml_backend.metrics.reports import classification_report
-from ml_backend.ssl.config import SSL_METHODS
+from ml_backend.data.findings import is_findings_source
+from ml_backend.ssl.config import BATCHNORM_MODES, SSL_METHODS
 from ml_backend.ssl.train import (
     DistillConfig,
     FinetuneConfig,
@@ -123,7 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256, help="pretraining batch size")
     parser.add_argument("--finetune-epochs", type=int, default=30)
     parser.add_argument("--finetune-batch-size", type=int, default=64)
+    parser.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr,
+                        help="fine-tuning learning rate of the last layer")
+    parser.add_argument("--finetune-head-init", choices=["probe", "random"],
+                        default=FinetuneConfig.head_init,
+                        help="probe: LP-FT (fit the last layer on frozen features first); "
+                             "random: plain SimCLRv2 step 2")
+    parser.add_argument("--finetune-backbone-lr-scale", type=float,
+                        default=FinetuneConfig.backbone_lr_scale,
+                        help="encoder learning rate = lr * this (fine-tuning and distillation)")
+    parser.add_argument("--finetune-batchnorm", choices=list(BATCHNORM_MODES),
+                        default=FinetuneConfig.batchnorm,
+                        help="BatchNorm statistics while fine-tuning and distilling: the "
+                             "encoder's, kept (default); set on the labeled scans, then kept; "
+                             "or updated by every batch")
+    parser.add_argument("--finetune-from-head-layer", type=int,
+                        default=FinetuneConfig.from_head_layer,
+                        help="0: the encoder's output; 1: SimCLRv2's first projection layer")
+    parser.add_argument("--finetune-augment", choices=["yes", "no"],
+                        default="yes" if FinetuneConfig.augment else "no",
+                        help="light crops/affine/intensity while fine-tuning")
+    parser.add_argument("--distill-augment", choices=["yes", "no"],
+                        default="yes" if DistillConfig.augment else "no",
+                        help="the same augmentation on the student's inputs while distilling "
+                             "(the teacher's soft labels come from clean scans)")
     parser.add_argument("--distill-epochs", type=int, default=10)
+    parser.add_argument("--student-init", choices=["teacher", "pretrained"],
+                        default=DistillConfig.student_init,
+                        help="the distilled student starts as its teacher, or from the "
+                             "pretrained encoder with a random last layer")
     parser.add_argument("--cache-dir", default="bench/cache")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when available, else cpu")
@@ -134,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dup-min-correlation", type=float, default=MIN_CORRELATION,
                         help="split:F only: minimum 32x32 thumbnail correlation that confirms "
                              "a hash match (default 0.95; -1 trusts the hash alone)")
+    parser.add_argument("--uncertain", choices=["ignore", "zeros", "ones"], default="ignore",
+                        help="findings sources: uncertain train answers are left out of the "
+                             "fit (default), read as absent (U-Zeros) or present (U-Ones)")
+    parser.add_argument("--min-positives", type=int, default=5,
+                        help="findings sources: a second macro AUC over the findings with at "
+                             "least this many eval positives (default 5)")
     parser.add_argument("--max-train", type=int, default=None,
                         help="stratified subsample of the train set")
     parser.add_argument("--max-eval", type=int, default=None,
@@ -465,13 +500,29 @@ def pixels(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 
+def finetune_config(args, seed: int = 0) -> FinetuneConfig:
+    return FinetuneConfig(epochs=args.finetune_epochs, batch_size=args.finetune_batch_size,
+                          seed=seed, from_head_layer=args.finetune_from_head_layer,
+                          lr=args.finetune_lr, augment=args.finetune_augment == "yes",
+                          head_init=args.finetune_head_init,
+                          backbone_lr_scale=args.finetune_backbone_lr_scale,
+                          batchnorm=args.finetune_batchnorm)
+
+
+def distill_config(args, seed: int = 0) -> DistillConfig:
+    return DistillConfig(epochs=args.distill_epochs, batch_size=args.batch_size, seed=seed,
+                         lr=args.finetune_lr, student_init=args.student_init,
+                         augment=args.distill_augment == "yes",
+                         backbone_lr_scale=args.finetune_backbone_lr_scale,
+                         batchnorm=args.finetune_batchnorm)
+
+
 def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
                 config: PretrainConfig, embeddings: dict, args) -> dict:
     """Every method on one labeled subset: ``{method: (proba, seconds)}``."""
     x, y = data["x_train"][subset], data["y_train"][subset]
     num_classes = len(data["class_names"])
-    ft_config = FinetuneConfig(epochs=args.finetune_epochs, batch_size=args.finetune_batch_size,
-                               seed=seed, from_head_layer=1)
+    ft_config = finetune_config(args, seed)
     out = {}
 
     wanted = (set(args.evaluations.split(",")) if getattr(args, "evaluations", None)
@@ -490,8 +541,10 @@ def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
 
     def supervised():
         torch.manual_seed(seed)
-        scratch = SimCLRModel(config)  # random weights: no pretraining
-        model, _ = finetune(scratch, config, x, y, num_classes, ft_config, device=args.device)
+        scratch = SimCLRModel(config)  # random weights: no pretraining, plain training
+        plain = replace(ft_config, head_init="random", backbone_lr_scale=1.0,
+                        batchnorm="train")
+        model, _ = finetune(scratch, config, x, y, num_classes, plain, device=args.device)
         return predict_proba(model, data["x_eval"], config, device=args.device)
 
     timed("supervised", supervised)
@@ -507,8 +560,7 @@ def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
     timed("simclr_finetune", simclr_finetune)
 
     def simclr_distill():
-        d_config = DistillConfig(epochs=args.distill_epochs, batch_size=args.batch_size,
-                                 seed=seed)
+        d_config = distill_config(args, seed)
         student, _ = distill(teacher["model"], encoder, config, data["x_train"], d_config,
                              labeled=x, labels=y, device=args.device)
         return predict_proba(student, data["x_eval"], config, device=args.device)
@@ -651,6 +703,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"--methods: unknown {sorted(bad)}; choose from {', '.join(SSL_METHODS)}")
     args.method = methods[0]
+    if is_findings_source(args.train):      # several findings per scan: bench.findings_eval
+        from bench.findings_eval import run_findings
+
+        return run_findings(args, cache_dir, device, started)
     config = pretrain_config(args)
     args.image_size = config.image_size          # --epochs 0: the checkpoint's own size
     data = load_data(args)
@@ -698,11 +754,9 @@ def run_method(args, data: dict, config: PretrainConfig, cache_dir: Path, device
             "machine": machine_info(device),
             "data": data["info"],
             "configs": {"pretrain": asdict(config),
-                        "finetune": {**asdict(FinetuneConfig(epochs=args.finetune_epochs,
-                                                             batch_size=args.finetune_batch_size)),
+                        "finetune": {**asdict(finetune_config(args)),
                                      "seed": "the run's seed"},
-                        "distill": {**asdict(DistillConfig(epochs=args.distill_epochs,
-                                                           batch_size=args.batch_size)),
+                        "distill": {**asdict(distill_config(args)),
                                     "seed": "the run's seed"}},
             "encoder_cached": pretrain_info["encoder_cached"],
             "pretrain": {k: v for k, v in pretrain_info.items() if k != "encoder_cached"},

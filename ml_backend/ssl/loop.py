@@ -88,6 +88,7 @@ def train_one_epoch(
     event: dict | None = None,
     cpu_bf16: bool = False,
     after_step: Callable[[int], None] | None = None,
+    frozen_batchnorm: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns ``loss`` (mean per image), ``images``, ``seconds``
     and ``images_per_s``.
@@ -96,8 +97,14 @@ def train_one_epoch(
     batch)``; it runs under autocast. ``where`` names the epoch in the non-finite loss error.
     ``grad_clip``: clip the gradient norm to it (None: no clipping). With ``progress`` and
     ``event``, every step reports ``{**event, "step", "steps", "loss", "images_per_s"}``.
+    ``frozen_batchnorm``: BatchNorm layers stay in eval mode (their running statistics are
+    used and kept; their affine weights still learn).
     """
     model.train()
+    if frozen_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     started, seen, total = time.perf_counter(), 0, 0.0
     steps = len(loader)
     for step, batch in enumerate(loader, start=1):

@@ -80,3 +80,31 @@ def soft_target_loss(logits: torch.Tensor, soft_targets: torch.Tensor,
     ``softmax(logits / temperature)``."""
     log_p = F.log_softmax(logits / temperature, dim=1)
     return -(soft_targets * log_p).sum(dim=1).mean()
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, *,
+               pos_weight: torch.Tensor | None = None, focal_gamma: float = 0.0
+               ) -> torch.Tensor:
+    """Binary cross-entropy per (scan, finding), averaged over the known answers only:
+    ``targets`` holds 1 / 0 (or soft probabilities) and NaN where the answer is unknown.
+    ``pos_weight`` (F,) up-weights each finding's positives; ``focal_gamma > 0`` multiplies
+    each term by ``(1 - p_t)^gamma`` (binary focal loss, Lin et al. 2017)."""
+    known = ~torch.isnan(targets)
+    y = torch.where(known, targets, torch.zeros_like(targets))
+    loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight,
+                                              reduction="none")
+    if focal_gamma > 0:
+        p = torch.sigmoid(logits)
+        p_t = p * y + (1 - p) * (1 - y)
+        loss = (1 - p_t) ** focal_gamma * loss
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def findings_pos_weight(targets: np.ndarray, cap: float = 50.0) -> torch.Tensor:
+    """Per finding ``negatives / positives`` among the known answers (1 where a finding has
+    no known positive), capped: the multi-label counterpart of class-balanced weights."""
+    t = np.asarray(targets, dtype=np.float64)
+    positives = np.nansum(t == 1, axis=0)
+    negatives = np.nansum(t == 0, axis=0)
+    weight = np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0)
+    return torch.tensor(np.clip(weight, 1.0 / cap, cap), dtype=torch.float32)

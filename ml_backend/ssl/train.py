@@ -244,6 +244,61 @@ def _classifier_from(pretrained: SimCLRModel, pretrain_config: PretrainConfig,
     return model
 
 
+@torch.no_grad()
+def _features(model: Classifier, images: np.ndarray, pretrain_config: PretrainConfig,
+              device: torch.device, workers: int = 0) -> np.ndarray:
+    """The classifier's frozen input to its last layer, ``float32 (N, D)`` (eval mode)."""
+    model.eval()
+    loader = make_loader(ImageArray(images, eval_transform(pretrain_config.augment_config())),
+                         256, shuffle=False, generator=None, device=device, workers=workers)
+    return np.concatenate([model.features(x.to(device)).float().cpu().numpy() for x in loader])
+
+
+def fit_probe_layer(model: Classifier, features: np.ndarray, labels: np.ndarray,
+                    num_classes: int, *, c: float = 0.5, balanced: bool = True,
+                    seed: int = 0) -> None:
+    """LP-FT's first step: set ``model.fc`` to a class-balanced, L2-regularised logistic
+    regression fitted on the frozen ``features`` (standardised inside the fit; the scaling
+    is folded back into the layer's weights). Classes without a label get a bias far below
+    the others, as a randomly initialised layer would never predict them either."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean = features.mean(axis=0)
+    scale = features.std(axis=0) + 1e-6
+    present = np.unique(labels)
+    weight = np.zeros((num_classes, features.shape[1]), np.float64)
+    bias = np.full(num_classes, -10.0)
+    if len(present) >= 2:
+        fit = LogisticRegression(C=c, class_weight="balanced" if balanced else None,
+                                 max_iter=2000, random_state=seed)
+        fit.fit((features - mean) / scale, labels)
+        coef, intercept = fit.coef_, fit.intercept_
+        if len(fit.classes_) == 2:          # one logit for the pair: split it symmetrically
+            coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+            intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+        for row, cls in enumerate(fit.classes_):
+            weight[cls] = coef[row] / scale
+            bias[cls] = intercept[row] - float((coef[row] * mean / scale).sum())
+    else:                                    # one class only: nothing to separate
+        bias[present] = 0.0
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.as_tensor(weight, dtype=model.fc.weight.dtype))
+        model.fc.bias.copy_(torch.as_tensor(bias, dtype=model.fc.bias.dtype))
+
+
+def _param_groups(model: Classifier, lr: float, backbone_lr_scale: float):
+    """The last layer at ``lr``; encoder and kept head layers at ``lr * backbone_lr_scale``
+    (scale 0 freezes them: a linear probe trained by gradient)."""
+    last = list(model.fc.parameters())
+    ids = {id(p) for p in last}
+    backbone = [p for p in model.parameters() if id(p) not in ids]
+    if backbone_lr_scale == 0:
+        for p in backbone:
+            p.requires_grad_(False)
+        return [{"params": last, "lr": lr}]
+    return [{"params": last, "lr": lr}, {"params": backbone, "lr": lr * backbone_lr_scale}]
+
+
 def _light_augmentation(pretrain_config: PretrainConfig):
     """Milder than pretraining's views: large crops, less noise and blur."""
     return augmentation(replace(pretrain_config.augment_config(), crop_scale=(0.7, 1.0),
@@ -278,6 +333,12 @@ def finetune(
     generator = seed_everything(config.seed)
     model = _classifier_from(pretrained, pretrain_config, num_classes, config.from_head_layer)
     model.to(dev)
+    if config.batchnorm == "recalibrated":   # statistics of these scans, then fixed
+        recalibrate_batchnorm(model, images, pretrain_config, device=dev, workers=workers)
+    if config.head_init == "probe":
+        fit_probe_layer(model, _features(model, images, pretrain_config, dev, workers),
+                        labels, num_classes, c=config.probe_c,
+                        balanced=config.class_balance != "none", seed=config.seed)
     transform = _light_augmentation(pretrain_config) if config.augment \
         else eval_transform(pretrain_config.augment_config())
     dataset = ImageArray(images, transform, labels)
@@ -292,8 +353,8 @@ def finetune(
     batch_size = min(config.batch_size, len(labels))
     loader = make_loader(dataset, batch_size, shuffle=True, generator=generator, sampler=sampler,
                          drop_last=len(labels) > batch_size, device=dev, workers=workers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.lr, config.backbone_lr_scale),
+                                  lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _schedule(optimizer, config, len(loader) * config.epochs)
     criterion = supervised_loss(config, weight)
     scaler = new_scaler(dev, config.amp)
@@ -307,12 +368,15 @@ def finetune(
         result = train_one_epoch(
             model, loader, step_loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
             device=dev, amp=config.amp, where=f"fine-tuning epoch {epoch + 1}",
-            grad_clip=config.grad_clip)
+            grad_clip=config.grad_clip, frozen_batchnorm=config.batchnorm != "train")
         history.append({"epoch": epoch + 1, "loss": result["loss"]})
         if progress is not None:
             progress({"stage": "finetune", "epoch": epoch + 1, "epochs": config.epochs,
                       "loss": history[-1]["loss"]})
-    recalibrate_batchnorm(model, images, pretrain_config, device=dev, workers=workers)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if config.batchnorm == "train":
+        recalibrate_batchnorm(model, images, pretrain_config, device=dev, workers=workers)
     model.eval()
     if checkpoint_path is not None:
         save_classifier(checkpoint_path, model, pretrain_config, config, num_classes,
@@ -369,8 +433,11 @@ def distill(
     soft = torch.from_numpy(predict_proba(teacher, unlabeled, pretrain_config, device=device,
                                           temperature=config.temperature, workers=workers))
     student = _classifier_from(pretrained, pretrain_config, num_classes, teacher.from_head_layer)
+    if config.student_init == "teacher":      # start where the teacher ended, then refine
+        student.load_state_dict(teacher.state_dict())
     student.to(dev)
-    transform = _light_augmentation(pretrain_config)
+    transform = _light_augmentation(pretrain_config) if config.augment \
+        else eval_transform(pretrain_config.augment_config())
     loader = make_loader(ImageArray(unlabeled, transform, soft),
                          min(config.batch_size, len(unlabeled)), shuffle=True,
                          generator=generator, drop_last=len(unlabeled) > config.batch_size,
@@ -381,8 +448,8 @@ def distill(
                                      min(config.batch_size, len(labeled)), shuffle=True,
                                      generator=generator, device=dev, workers=workers)
         labeled_iter = cycle(labeled_loader)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(student, config.lr, config.backbone_lr_scale),
+                                  lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(len(loader) * config.epochs, 1))
     scaler = new_scaler(dev, config.amp)
@@ -401,12 +468,15 @@ def distill(
         result = train_one_epoch(
             student, loader, step_loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
             device=dev, amp=config.amp, where=f"distillation epoch {epoch + 1}",
-            grad_clip=config.grad_clip)
+            grad_clip=config.grad_clip, frozen_batchnorm=config.batchnorm != "train")
         history.append({"epoch": epoch + 1, "loss": result["loss"]})
         if progress is not None:
             progress({"stage": "distill", "epoch": epoch + 1, "epochs": config.epochs,
                       "loss": history[-1]["loss"]})
-    recalibrate_batchnorm(student, unlabeled, pretrain_config, device=dev, workers=workers)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if config.batchnorm == "train":
+        recalibrate_batchnorm(student, unlabeled, pretrain_config, device=dev, workers=workers)
     student.eval()
     if checkpoint_path is not None:
         save_classifier(checkpoint_path, student, pretrain_config, config, num_classes,

@@ -131,7 +131,7 @@ def test_finetune_from_head_layer_one_beats_chance(brain, pretrained, tmp_path):
     path, pconfig, _ = pretrained
     model, _ = load_pretrained(path)
     config = FinetuneConfig(epochs=8, batch_size=32, lr=1e-3, loss="focal",
-                            class_balance="weighted_loss")
+                            class_balance="weighted_loss", from_head_layer=1)
     classifier, metrics = finetune(model, pconfig, images, labels, 2, config,
                                    checkpoint_path=tmp_path / "clf.pt", model_version="clf-test")
     history = [h["loss"] for h in metrics["history"]]
@@ -191,3 +191,127 @@ def test_finetune_checks_labels(pretrained):
     images = np.zeros((4, SIZE, SIZE), np.uint8)
     with pytest.raises(TrainingError, match="class indices"):
         finetune(model, pconfig, images, np.array([0, 1, 2, 5]), 3, FinetuneConfig(epochs=1))
+
+
+def test_probe_layer_is_the_logistic_regression_on_frozen_features(brain, pretrained):
+    """LP-FT's first step: the classifier's last layer, before any gradient step, predicts
+    exactly what scikit-learn's standardised, class-balanced logistic regression does."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from ml_backend.ssl.train import _classifier_from, _features, fit_probe_layer
+
+    (images, labels), (eval_images, _) = brain
+    path, pconfig, _ = pretrained
+    model, _ = load_pretrained(path)
+    for num_classes, y in ((2, labels), (3, np.where(np.arange(len(labels)) % 3 == 0, 2, labels))):
+        classifier = _classifier_from(model, pconfig, num_classes, 1)
+        device = torch.device("cpu")
+        features = _features(classifier, images, pconfig, device)
+        fit_probe_layer(classifier, features, y, num_classes, c=0.5)
+        reference = make_pipeline(StandardScaler(), LogisticRegression(
+            C=0.5, class_weight="balanced", max_iter=2000, random_state=0)).fit(features, y)
+        eval_features = _features(classifier, eval_images, pconfig, device)
+        expected = reference.predict_proba(eval_features)
+        got = predict_proba(classifier, eval_images, pconfig)
+        np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+def test_probe_layer_leaves_an_unlabelled_class_unpredicted(brain, pretrained):
+    from ml_backend.ssl.train import _classifier_from, _features, fit_probe_layer
+
+    (images, labels), _ = brain
+    path, pconfig, _ = pretrained
+    model, _ = load_pretrained(path)
+    classifier = _classifier_from(model, pconfig, 3, 1)
+    fit_probe_layer(classifier, _features(classifier, images, pconfig, torch.device("cpu")),
+                    labels, 3)
+    assert predict_proba(classifier, images, pconfig)[:, 2].max() < 1e-3
+
+
+def test_frozen_encoder_and_batchnorm_keep_what_pretraining_learned(brain, pretrained):
+    """backbone_lr_scale 0 trains the last layer only; frozen BatchNorm keeps its statistics
+    through the epochs (they are set once on these scans, before fine-tuning)."""
+    from ml_backend.ssl.loop import recalibrate_batchnorm
+
+    (images, labels), _ = brain
+    path, pconfig, _ = pretrained
+    model, _ = load_pretrained(path)
+    config = FinetuneConfig(epochs=2, batch_size=16, lr=1e-2, backbone_lr_scale=0.0,
+                            batchnorm="recalibrated", augment=True)
+    classifier, _ = finetune(model, pconfig, images, labels, 2, config)
+    reference, _ = load_pretrained(path)
+    recalibrate_batchnorm(reference, images, pconfig, device=torch.device("cpu"))
+    for (name, got), expected in zip(classifier.encoder.state_dict().items(),
+                                     reference.encoder.state_dict().values()):
+        torch.testing.assert_close(got, expected, msg=name)
+    assert all(p.requires_grad for p in classifier.parameters())   # usable afterwards
+
+    trained, _ = finetune(model, pconfig, images, labels, 2,
+                          FinetuneConfig(epochs=2, batch_size=16, lr=1e-2,
+                                         backbone_lr_scale=1.0, batchnorm="train"))
+    moved = [name for (name, got), expected in zip(trained.encoder.state_dict().items(),
+                                                   reference.encoder.state_dict().values())
+             if name.endswith("running_mean") and not torch.allclose(got, expected)]
+    assert moved                                   # a trained BatchNorm does move
+
+
+def test_student_starts_as_its_teacher(brain, pretrained):
+    (images, labels), _ = brain
+    path, pconfig, _ = pretrained
+    model, _ = load_pretrained(path)
+    teacher, _ = finetune(model, pconfig, images, labels, 2,
+                          FinetuneConfig(epochs=1, batch_size=32))
+    # a learning rate of ~0: the student stays its teacher, BatchNorm statistics included
+    student, _ = distill(teacher, model, pconfig, images,
+                         DistillConfig(epochs=1, batch_size=16, lr=1e-12, student_init="teacher"))
+    np.testing.assert_allclose(predict_proba(student, images, pconfig),
+                               predict_proba(teacher, images, pconfig), atol=1e-4)
+
+
+def test_new_finetune_options_are_checked():
+    with pytest.raises(ValueError, match="head_init"):
+        FinetuneConfig(head_init="zeros")
+    with pytest.raises(ValueError, match="backbone_lr_scale"):
+        FinetuneConfig(backbone_lr_scale=2.0)
+    with pytest.raises(ValueError, match="batchnorm"):
+        FinetuneConfig(batchnorm="frozen")
+    with pytest.raises(ValueError, match="student_init"):
+        DistillConfig(student_init="scratch")
+
+
+def test_findings_finetune_and_distill_learn_two_findings_with_unknown_answers(brain, pretrained,
+                                                                               tmp_path):
+    """Two findings on the brain fixtures: "tumour" (pituitary) and a finding nobody answered
+    for half the scans; the masked BCE ignores the unknowns and the model ranks both."""
+    from sklearn.metrics import roc_auc_score
+
+    from ml_backend.ssl.findings import distill_findings, finetune_findings, predict_findings
+    from ml_backend.ssl.losses import masked_bce
+
+    (images, labels), (eval_images, eval_labels) = brain
+    path, pconfig, _ = pretrained
+    model, _ = load_pretrained(path)
+    targets = np.stack([labels, 1 - labels], axis=1).astype(np.float32)
+    targets[::2, 1] = np.nan
+    config = FinetuneConfig(epochs=4, batch_size=16, lr=1e-3)
+    clf, metrics = finetune_findings(model, pconfig, images, targets, config,
+                                     checkpoint_path=tmp_path / "f.pt")
+    proba = predict_findings(clf, eval_images, pconfig)
+    assert proba.shape == (len(eval_images), 2)
+    assert roc_auc_score(eval_labels, proba[:, 0]) >= 0.8
+    assert roc_auc_score(1 - eval_labels, proba[:, 1]) >= 0.8
+    assert load_checkpoint(tmp_path / "f.pt")["kind"] == "finetuned-findings"
+    student, _ = distill_findings(clf, model, pconfig, images,
+                                  DistillConfig(epochs=1, batch_size=16, lr=1e-4),
+                                  labeled=images, targets=targets)
+    assert roc_auc_score(eval_labels, predict_findings(student, eval_images, pconfig)[:, 0]) >= 0.8
+    # unknown answers add nothing: the loss with them equals the loss over the known ones
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    y = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    known = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, 0.5, 3.0]), torch.tensor([1.0, 0.0, 1.0]))
+    assert masked_bce(logits, y).item() == pytest.approx(known.item(), rel=1e-6)
+    with pytest.raises(TrainingError, match="policy"):
+        finetune_findings(model, pconfig, images[:4], np.full((4, 2), -1.0), config)

@@ -32,7 +32,10 @@ class Command(BaseCommand):
         parser.add_argument("--reader", default="", help="username recorded on imported labels")
         parser.add_argument("--label-set", default="",
                             help="label set (e.g. 'chest X-ray') the dataset's scans use; made "
-                            "if new. Its classes are the only ones offered for these scans")
+                            "if new. Its classes are the only ones offered for these scans. A "
+                            "findings source (NIH 'Finding Labels' CSV, CheXpert-style or 0/1 "
+                            "CSV, ChestMNIST-style npz; SOURCE#split picks a CSV's split rows) "
+                            "goes into a findings set of this name (default 'findings')")
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **opts):

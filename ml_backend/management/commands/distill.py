@@ -17,9 +17,13 @@ class Command(BaseCommand):
         parser.add_argument("--lr", type=float, default=3e-4)
         parser.add_argument("--temperature", type=float, default=1.0)
         parser.add_argument("--labeled-weight", type=float, default=0.5)
+        parser.add_argument("--student-init", default="teacher", choices=["teacher", "pretrained"],
+                            help="the student starts as its teacher (default) or from the "
+                                 "pretrained encoder with a random last layer")
 
     def handle(self, *args, **opts):
         params = {"teacher": opts["teacher"], "epochs": opts["epochs"],
                   "batch_size": opts["batch_size"], "lr": opts["lr"],
-                  "temperature": opts["temperature"], "labeled_weight": opts["labeled_weight"]}
+                  "temperature": opts["temperature"], "labeled_weight": opts["labeled_weight"],
+                  "student_init": opts["student_init"]}
         run(self, project=get_project(opts["project"]), kind="distill", params=params, opts=opts)

@@ -18,12 +18,28 @@ class Command(BaseCommand):
         parser.add_argument("--loss", default="ce", choices=["ce", "focal"])
         parser.add_argument("--class-balance", default="weighted_loss",
                             choices=["weighted_loss", "sampler", "none"])
-        parser.add_argument("--from-head-layer", type=int, default=1)
+        parser.add_argument("--from-head-layer", type=int, default=0,
+                            help="0 (default): from the encoder's output; 1: from SimCLRv2's "
+                                 "first projection layer")
+        parser.add_argument("--augment", action="store_true",
+                            help="light crops/affine/intensity while training (off by default: "
+                                 "it cost macro-F1 on a new-site hold-out)")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--head-init", default="probe", choices=["probe", "random"],
+                            help="probe (default): LP-FT, the last layer fitted on the frozen "
+                                 "features first; random: plain SimCLRv2 step 2")
+        parser.add_argument("--backbone-lr-scale", type=float, default=0.1,
+                            help="encoder learning rate = --lr * this (0 freezes it)")
+        parser.add_argument("--batchnorm", default="pretrained",
+                            choices=["pretrained", "recalibrated", "train"],
+                            help="BatchNorm statistics: the encoder's, kept (default); set on "
+                                 "the labeled scans, then kept; or updated by every batch")
 
     def handle(self, *args, **opts):
         params = {"epochs": opts["epochs"], "batch_size": opts["batch_size"], "lr": opts["lr"],
                   "schedule": opts["schedule"], "loss": opts["loss"],
                   "class_balance": opts["class_balance"],
-                  "from_head_layer": opts["from_head_layer"], "seed": opts["seed"]}
+                  "from_head_layer": opts["from_head_layer"], "seed": opts["seed"],
+                  "head_init": opts["head_init"], "backbone_lr_scale": opts["backbone_lr_scale"],
+                  "batchnorm": opts["batchnorm"], "augment": opts["augment"]}
         run(self, project=get_project(opts["project"]), kind="retrain", params=params, opts=opts)
