@@ -122,7 +122,7 @@ def _latest_per_reader(label_set: LabelSet, split: str | None):
 def findings_targets(label_set: LabelSet, *, split: str = "pool"
                      ) -> tuple[list[Scan], list[LabelClass], np.ndarray]:
     """What the models train and are evaluated on: per scan and finding, the adjudicated
-    state if any, else the majority of the readers' latest answers (a tie between present and
+    state if that finding was adjudicated, else the majority of the readers' latest answers (a tie between present and
     absent counts as uncertain). Returns the scans (by id), the findings and ``(N, F)``
     targets: 1 present, 0 absent, -1 uncertain (before the set's policy), NaN unanswered."""
     findings = findings_for_set(label_set)
@@ -132,13 +132,14 @@ def findings_targets(label_set: LabelSet, *, split: str = "pool"
     targets = np.full((len(scan_ids), len(findings)), np.nan)
     for row, scan_id in enumerate(scan_ids):
         readers = latest[scan_id]
-        if "adjudication" in readers:
-            votes = {fid: [state] for fid, state in readers["adjudication"][2].items()}
-        else:
-            votes = defaultdict(list)
-            for _, _, answered in readers.values():
+        adjudicated = readers.get("adjudication", (None, None, {}))[2]
+        votes = defaultdict(list)
+        for key, (_, _, answered) in readers.items():
+            if key != "adjudication":
                 for fid, state in answered.items():
                     votes[fid].append(state)
+        for fid, state in adjudicated.items():      # per finding: the adjudication decides
+            votes[fid] = [state]
         for fid, states in votes.items():
             if fid not in column:
                 continue

@@ -22,6 +22,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from ml_backend.metrics.reports import _clean, _mean_defined
 
 __all__ = ["UNCERTAIN", "binary_reliability", "check_findings", "choose_thresholds",
+           "compare_findings",
            "findings_report", "uncertain_policy"]
 
 UNCERTAIN = -1.0               # the value an uncertain answer carries before a policy applies
@@ -196,3 +197,35 @@ def choose_thresholds(y_true, proba, *, method: str = "f1", target_sensitivity: 
             sensitivity = tp / positive.sum()
             out[f] = float(candidates[int(np.argmax(sensitivity >= target_sensitivity))])
     return out
+
+
+def compare_findings(y_true, proba_candidate, proba_active, finding_names: list[str], *,
+                     tolerance: float = 0.05, min_positives: int = 5) -> dict:
+    """The findings gate: both versions scored on the SAME evaluation scans. A finding with
+    at least ``min_positives`` known positives and as many negatives regresses when the
+    candidate's AUC is lower than the active version's by more than ``tolerance``; findings
+    with fewer are reported, not judged (their AUC is noise). ``promote`` is False on any
+    regression. ``proba_active`` may have NaN columns: findings the active version lacks
+    (reported as newly learned)."""
+    y, p = check_findings(y_true, proba_candidate)
+    q = np.asarray(proba_active, dtype=np.float64)
+    if q.shape != p.shape:
+        raise ValueError("both versions must score the same scans and findings")
+    rows, regressions = {}, []
+    for f, name in enumerate(finding_names):
+        known = ~np.isnan(y[:, f])
+        positive = y[known, f] == 1
+        judged = int(positive.sum()) >= min_positives and int((~positive).sum()) >= min_positives
+        new = bool(np.isnan(q[known, f]).any()) or not known.any()
+        candidate = _auc(positive, p[known, f])
+        active = None if new else _auc(positive, q[known, f])
+        delta = None if candidate is None or active is None else candidate - active
+        status = ("new" if new and candidate is not None else
+                  "not judged" if not judged or delta is None else
+                  "regressed" if delta < -tolerance else "kept")
+        if status == "regressed":
+            regressions.append(name)
+        rows[name] = {"positives": int(positive.sum()), "candidate_auc": candidate,
+                      "active_auc": active, "delta": delta, "status": status}
+    return _clean({"promote": not regressions, "regressed": regressions,
+                   "tolerance": tolerance, "min_positives": min_positives, "per_finding": rows})

@@ -34,6 +34,11 @@ from ml_backend.services.inference import (
     encoder_network,
     vectors_for,
 )
+from ml_backend.services.findings import (
+    findings_gate,
+    fit_findings_sets,
+    save_findings_heads,
+)
 from ml_backend.services.queries import query_round_create
 from ml_backend.services.runs import RunReporter
 from ml_backend.services.versions import evaluate, gate, model_version_activate, publish
@@ -343,9 +348,11 @@ def _refit(run: TrainingRun, report: RunReporter) -> None:
                             "head": f"head-{set_id}.npz", "num_labels": len(rows),
                             "temperature": info["temperature"],
                             "calibrated_on": info["calibrated_on"]})
-    if not heads:
+    findings_fits = fit_findings_sets(run.project, encoder, seed=run.params.get("seed", 0),
+                                      report=report)
+    if not heads and not findings_fits:
         raise TrainingError(f"a refit needs labeled pool scans of at least 2 classes in one "
-                            f"label set (have {len(scans)} labels; "
+                            f"label set, or findings answers (have {len(scans)} labels; "
                             + "; ".join(skipped or ["no labels yet"]) + ")")
     classes = [c for config in set_configs for c in config["classes"]]
     names = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "name"))
@@ -353,9 +360,17 @@ def _refit(run: TrainingRun, report: RunReporter) -> None:
         "kind": "head", "label_sets": set_configs,
         "classes": [{"id": c, "name": names[c], "label_set": class_set[c]} for c in classes],
         "temperature": set_configs[0]["temperature"] if len(set_configs) == 1 else None,
-        "calibrated_on": sum(c["calibrated_on"] for c in set_configs)})
+        "calibrated_on": sum(c["calibrated_on"] for c in set_configs),
+        "findings_sets": [entry["config"] for entry in findings_fits]})
     for set_id, head in heads.items():
         head.save(checkpoint_path(model, f"head-{set_id}.npz"))
+    save_findings_heads(model, findings_fits)
+    findings_verdict = findings_gate(model, findings_fits, run.project.active_model)
+    findings_metrics = {entry["label_set"].name: entry["report"] for entry in findings_fits}
+    if not heads:            # a findings-only project: the findings gate decides
+        _finish_findings_only(run, model, findings_verdict, findings_metrics, report)
+        report.log(f"refit took {time.perf_counter() - started:.1f}s")
+        return
     report.log(f"refit {model.version}: linear heads on {encoder.version} embeddings, "
                f"{len(scans)} labels; " + "; ".join(
                    f"{c['name']}: {len(c['classes'])} classes, T={c['temperature']:.2f}"
@@ -367,8 +382,10 @@ def _refit(run: TrainingRun, report: RunReporter) -> None:
                                    [s.label_set_id for s in scans], calibrated=calibrated)
 
     _finish_classifier(run, model, predict, classes, len(scans),
-                       {"fit": set_configs, "skipped_sets": skipped}, report,
-                       uncalibrated=lambda scans: predict(scans, calibrated=False))
+                       {"fit": set_configs, "skipped_sets": skipped,
+                        **({"findings": findings_metrics} if findings_metrics else {})}, report,
+                       uncalibrated=lambda scans: predict(scans, calibrated=False),
+                       findings=findings_verdict if findings_fits else None)
     if run.params.get("query", True) and model.status == ModelVersion.Status.ACTIVE:
         query_round = query_round_create(project=run.project)
         report.log(f"query round {query_round.pk}: {query_round.size} scans "
@@ -376,8 +393,26 @@ def _refit(run: TrainingRun, report: RunReporter) -> None:
     report.log(f"refit took {time.perf_counter() - started:.1f}s")
 
 
+def _finish_findings_only(run, model, verdict, findings_metrics: dict, report) -> None:
+    """Gate and promote a version that holds findings heads only."""
+    promote, reason, comparison = verdict
+    active = run.project.active_model
+    model.num_labels = sum(e["num_scans"] for e in model.config["findings_sets"])
+    model.metrics = {"training": {"findings": findings_metrics}, "findings_gate": comparison}
+    if promote:
+        reason = ("promoted: the first classifier of this project" if active is None else
+                  f"promoted: no finding's AUC dropped beyond the tolerance against "
+                  f"{active.version}")
+    model.status, model.status_reason = ModelVersion.Status.READY, reason
+    model.save(update_fields=["num_labels", "metrics", "status", "status_reason"])
+    report.log(reason)
+    if promote:
+        model_version_activate(model, reason=reason)
+
+
 def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metrics, report, *,
-                       uncalibrated: Predictor | None = None, calibrate: bool = False):
+                       uncalibrated: Predictor | None = None, calibrate: bool = False,
+                       findings: tuple[bool, str, dict] | None = None):
     """Evaluate a new classifier on the eval split, compare it with the active one on the
     same scans, and promote it (predictions, next round, Label Studio) or hold it back."""
     model.num_labels = num_labels
@@ -390,6 +425,10 @@ def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metr
         report.log(f"eval: accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f}"
                    f" on {evaluation.num_eval} scans")
     promoted, reason, comparison = gate(model, evaluation, predict=predict)
+    if findings is not None:         # the project's findings sets are gated too
+        model.metrics = {**model.metrics, "findings_gate": findings[2]}
+        if promoted and not findings[0]:
+            promoted, reason = False, f"{findings[1]} (classes: {reason})"
     model.metrics = {**model.metrics, "gate": comparison}
     model.status, model.status_reason = ModelVersion.Status.READY, reason
     model.save(update_fields=["metrics", "status", "status_reason"])

@@ -1,0 +1,152 @@
+"""Findings label sets in the fast refit: one calibrated binary head per finding on the
+frozen embeddings (``ml_backend.active.findings``), thresholds chosen per finding on the
+labeled eval scans, a per-finding report, and the findings gate (the candidate and the
+active version scored on the same eval scans, per-finding AUC compared).
+
+A version's findings heads sit beside its class heads: ``findings-<set id>.npz`` in its
+artifact folder, described in ``config["findings_sets"]``; the per-finding eval report and
+the comparison are in ``metrics["findings"]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from annotator.findings import findings_targets
+from annotator.models import LabelSet, Scan
+from ml_backend.errors import TrainingError
+from ml_backend.models import ModelVersion
+from ml_backend.services.artifacts import checkpoint_path
+from ml_backend.services.inference import vectors_for
+
+__all__ = ["findings_head", "findings_proba", "fit_findings_sets", "save_findings_heads"]
+
+# Thresholds: the F1-optimal point on the eval split needs this many eval positives of the
+# finding; below, the finding keeps 0.5 on its calibrated probability.
+MIN_THRESHOLD_POSITIVES = 3
+
+
+def _multi_sets(project) -> list[LabelSet]:
+    return list(project.label_sets.filter(kind=LabelSet.Kind.MULTI).order_by("order", "pk"))
+
+
+def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=None) -> list[dict]:
+    """Fit every findings set that has answers on pool scans (at least one finding seen
+    present and absent). Returns one entry per fitted set: ``label_set``, ``head``,
+    ``config`` (saved with the version), ``eval`` (targets, scans) and ``report``."""
+    from ml_backend.active.findings import fit_findings_head
+    from ml_backend.metrics.findings import choose_thresholds, findings_report, uncertain_policy
+
+    fitted = []
+    for label_set in _multi_sets(project):
+        scans, findings, raw = findings_targets(label_set, split="pool")
+        if not scans:
+            continue
+        targets = uncertain_policy(raw, label_set.uncertain_policy)
+        learnable = [f.name for i, f in enumerate(findings)
+                     if np.nansum(targets[:, i] == 1) and np.nansum(targets[:, i] == 0)]
+        if not learnable:
+            if report is not None:
+                report.log(f"{label_set.name}: no finding seen both present and absent yet")
+            continue
+        ids = np.array([f.pk for f in findings])
+        head, details = fit_findings_head(vectors_for(encoder, scans), targets, ids, seed=seed)
+        eval_scans, _, eval_raw = findings_targets(label_set, split="eval")
+        eval_targets = uncertain_policy(eval_raw, "ignore")    # uncertain never scores a model
+        names = [f.name for f in findings]
+        result = None
+        if eval_scans:
+            proba = head.predict_proba(vectors_for(encoder, eval_scans))
+            enough = np.nansum(eval_targets == 1, axis=0) >= MIN_THRESHOLD_POSITIVES
+            chosen = choose_thresholds(eval_targets, proba, method="f1")
+            head.thresholds = np.where(enough, chosen, 0.5)
+            result = findings_report(eval_targets, proba, names, thresholds=head.thresholds)
+        config = {"id": label_set.pk, "name": label_set.name, "head": f"findings-{label_set.pk}.npz",
+                  "findings": [{"id": f.pk, "name": f.name} for f in findings],
+                  "uncertain_policy": label_set.uncertain_policy,
+                  "num_scans": len(scans), "learnable": learnable,
+                  "thresholds": {n: float(t) for n, t in zip(names, head.thresholds)},
+                  "threshold_rule": f"F1-optimal on the eval split (findings with >= "
+                                    f"{MIN_THRESHOLD_POSITIVES} eval positives), else 0.5",
+                  "fit": details["findings"]}
+        fitted.append({"label_set": label_set, "head": head, "config": config,
+                       "eval": (eval_scans, eval_targets), "report": result})
+        if report is not None:
+            macro = result["macro_auc"] if result else None
+            report.log(f"{label_set.name}: findings heads on {len(scans)} scans, "
+                       f"{len(learnable)} of {len(findings)} findings learnable; eval macro AUC "
+                       + (f"{macro:.3f}" if macro is not None else "n/a"))
+    return fitted
+
+
+def save_findings_heads(model: ModelVersion, fitted: list[dict]) -> None:
+    for entry in fitted:
+        entry["head"].save(checkpoint_path(model, entry["config"]["head"]))
+
+
+def findings_head(model: ModelVersion | None, label_set_id: int):
+    """The version's findings head for a set, or None."""
+    from ml_backend.active.findings import FindingsHead
+
+    if model is None:
+        return None
+    for entry in (model.config or {}).get("findings_sets", []):
+        if entry["id"] == label_set_id:
+            path = Path(checkpoint_path(model, entry["head"]))
+            return FindingsHead.load(path) if path.exists() else None
+    return None
+
+
+def findings_proba(model: ModelVersion, label_set: LabelSet, scans: list[Scan],
+                   finding_ids: list[int]) -> np.ndarray | None:
+    """``(N, len(finding_ids))`` calibrated probabilities from the version's head for the set
+    (NaN columns for findings it does not know), or None without a head."""
+    head = findings_head(model, label_set.pk)
+    if head is None:
+        return None
+    encoder = model.parent
+    if encoder is None:
+        raise TrainingError(f"{model.version} has no parent encoder")
+    proba = head.predict_proba(vectors_for(encoder, scans))
+    column = {int(i): c for c, i in enumerate(head.finding_ids)}
+    out = np.full((len(scans), len(finding_ids)), np.nan)
+    for j, fid in enumerate(finding_ids):
+        if fid in column:
+            out[:, j] = proba[:, column[fid]]
+    return out
+
+
+def findings_gate(candidate: ModelVersion, fitted: list[dict], active: ModelVersion | None
+                  ) -> tuple[bool, str, dict]:
+    """Per set, the candidate and the active version on the same eval scans; any judged
+    finding whose AUC drops beyond the tolerance holds the candidate back."""
+    from ml_backend.metrics.findings import compare_findings
+
+    results, held = {}, []
+    for entry in fitted:
+        label_set, (scans, targets) = entry["label_set"], entry["eval"]
+        names = [f["name"] for f in entry["config"]["findings"]]
+        ids = [f["id"] for f in entry["config"]["findings"]]
+        if not scans:
+            results[label_set.name] = {"note": "no labeled eval scans: not compared"}
+            continue
+        try:
+            active_proba = (findings_proba(active, label_set, scans, ids)
+                            if active is not None else None)
+        except (TrainingError, OSError, ValueError) as exc:
+            results[label_set.name] = {"note": f"the active version cannot be scored ({exc})"}
+            continue
+        if active_proba is None:
+            results[label_set.name] = {"note": "the active version has no findings head for "
+                                               "this set: newly learned"}
+            continue
+        candidate_proba = entry["head"].predict_proba(vectors_for(candidate.parent, scans))
+        comparison = compare_findings(targets, candidate_proba, active_proba, names)
+        results[label_set.name] = comparison
+        held += [f"{label_set.name}: {name}" for name in comparison["regressed"]]
+    if held:
+        return False, ("held back: per-finding AUC dropped beyond the tolerance on "
+                       + ", ".join(held)), results
+    return True, "", results
