@@ -210,6 +210,9 @@ def describe_reason(reason: dict, score: float | None = None) -> dict:
         parts.append(f"typicality {reason['typicality']:.2f}")
     if "distance_to_labeled" in reason:
         parts.append(f"distance to labeled {reason['distance_to_labeled']:.2f}")
+    if reason.get("unsure"):
+        parts.append("unsure about " + ", ".join(
+            f"{u['name']} ({u['probability']:.0%})" for u in reason["unsure"]))
     return {"why": reason.get("why", ""), "details": parts,
             "score": None if score is None else round(float(score), 4),
             "neighbours": reason.get("neighbours", [])}

@@ -191,3 +191,43 @@ def unsure_findings(row: np.ndarray, names: list[str], *, thresholds=None, limit
     order = np.argsort(distance, kind="stable")[:limit]
     return [{"name": names[i], "probability": float(p[i]), "threshold": float(t[i])}
             for i in order]
+
+
+# What a project's query strategy means on a findings set: the uncertainty strategies score
+# a scan over all its findings; the diversity and cold-start strategies need no change.
+FINDINGS_STRATEGY_FOR = {"entropy": "mean_entropy", "least_confident": "max_entropy",
+                         "margin": "max_entropy", "hybrid": "cardinality"}
+_FINDINGS_WHY = {"mean_entropy": "most unsure over its findings (mean binary entropy)",
+                 "max_entropy": "most unsure about one finding (max binary entropy)",
+                 "cardinality": "unsure, and an unusual number of findings expected "
+                                "(label-cardinality inconsistency)"}
+
+
+def query_findings(strategy: str, proba: np.ndarray, names: list[str], n: int, *,
+                   thresholds=None, mean_cardinality: float | None = None,
+                   groups: np.ndarray | None = None, max_per_group: int = 1):
+    """Rank candidate scans of a findings set by ``FINDINGS_STRATEGY_FOR[strategy]`` (or a
+    findings score named directly). Returns ``(indices, scores, reasons)``; each reason names
+    the findings the model is least sure of. At most ``max_per_group`` scans per patient
+    first, then the rest in rank order."""
+    measure = FINDINGS_STRATEGY_FOR.get(strategy, strategy)
+    scores = findings_scores(proba, measure, mean_cardinality=mean_cardinality)
+    order = np.argsort(-scores, kind="stable")
+    taken, per_group = [], {}
+    for i in order:
+        key = None if groups is None else groups[i]
+        if key:
+            if per_group.get(key, 0) >= max_per_group:
+                continue
+            per_group[key] = per_group.get(key, 0) + 1
+        taken.append(int(i))
+        if len(taken) == n:
+            break
+    if len(taken) < n:
+        rest = [int(i) for i in order if int(i) not in set(taken)]
+        taken += rest[: n - len(taken)]
+    reasons = [{"why": _FINDINGS_WHY[measure], "findings_score": round(float(scores[i]), 4),
+                "unsure": [{**u, "probability": round(u["probability"], 4)}
+                           for u in unsure_findings(proba[i], names, thresholds=thresholds)]}
+               for i in taken]
+    return np.array(taken, dtype=np.int64), scores[taken], reasons

@@ -30,7 +30,9 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     strategy = strategy or project.query_strategy
     n = n or project.query_batch_size
     labeled_ids = set(Annotation.objects.filter(
-        scan__project=project, outcome=Annotation.Outcome.LABEL).values_list("scan_id", flat=True))
+        scan__project=project, outcome__in=[Annotation.Outcome.LABEL,
+                                            Annotation.Outcome.FINDINGS])
+        .values_list("scan_id", flat=True))
     candidates = [s for s in Scan.objects.filter(project=project, split="pool",
                                                  quarantined=False).order_by("pk")
                   if s.pk not in labeled_ids]
@@ -65,8 +67,10 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     context = QueryContext(proba=proba, embeddings=embeddings, labeled_embeddings=labeled,
                            groups=np.array([s.patient_key for s in candidates]),
                            class_names=class_names)
+    findings = _findings_contexts(model, candidates, embeddings)
     try:
-        selection = _query_per_label_set(strategy, context, n, candidates) if candidates else None
+        selection = (_query_per_label_set(strategy, context, n, candidates, findings)
+                     if candidates else None)
     except ValueError as exc:        # e.g. a strategy that needs embeddings, and none yet
         needs = ("pretrain an encoder first (`manage.py pretrain`, or the demo's first model), "
                  "or use the 'random' strategy until then" if encoder is None or embeddings is None
@@ -92,7 +96,47 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     return query_round
 
 
-def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan]):
+def _findings_contexts(model, candidates: list[Scan], embeddings) -> dict[int, dict]:
+    """For each findings set among the candidates whose active version has a findings head:
+    the per-finding probabilities of its candidates, the finding names and thresholds."""
+    from annotator.models import LabelSet
+    from ml_backend.services.findings import findings_head
+
+    if model is None or embeddings is None:
+        return {}
+    set_ids = np.array([s.label_set_id for s in candidates])
+    out = {}
+    for label_set in LabelSet.objects.filter(pk__in=set(set_ids.tolist()),
+                                             kind=LabelSet.Kind.MULTI):
+        head = findings_head(model, label_set.pk)
+        if head is None:
+            continue
+        entry = next(e for e in model.config["findings_sets"] if e["id"] == label_set.pk)
+        names = {f["id"]: f["name"] for f in entry["findings"]}
+        rows = np.flatnonzero(set_ids == label_set.pk)
+        out[label_set.pk] = {"proba": head.predict_proba(embeddings[rows]),
+                             "names": [names.get(int(i), str(i)) for i in head.finding_ids],
+                             "thresholds": head.thresholds}
+    return out
+
+
+def _query_set(strategy: str, context, n: int, findings: dict | None):
+    """One set's pick: a findings set with a head scores its scans over all findings (for the
+    uncertainty strategies); everything else runs the strategy as is."""
+    from ml_backend.active.findings import FINDINGS_STRATEGY_FOR, query_findings
+    from ml_backend.active.strategies import Selection, query
+
+    if findings is not None and strategy in FINDINGS_STRATEGY_FOR:
+        indices, scores, reasons = query_findings(
+            strategy, findings["proba"], findings["names"], min(n, len(findings["proba"])),
+            thresholds=findings["thresholds"], groups=context.groups,
+            max_per_group=context.max_per_group)
+        return Selection(indices=indices, scores=scores, reasons=reasons)
+    return query(strategy, context, n)
+
+
+def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
+                         findings: dict[int, dict] | None = None):
     """One strategy run per label set, each given a share of the round in proportion to its
     number of classes (at least one pick each), interleaved by rank: with several label sets
     how many labels each anatomy gets is a decision, not a side effect of the score (an easy
@@ -100,12 +144,13 @@ def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan])
     With one set this is exactly ``query(strategy, context, n)``."""
     from dataclasses import replace
 
-    from ml_backend.active.strategies import Selection, query
+    from ml_backend.active.strategies import Selection
 
+    findings = findings or {}
     set_ids = np.array([s.label_set_id for s in candidates])
     present = sorted(set(set_ids.tolist()))
     if len(present) < 2:
-        return query(strategy, context, n)
+        return _query_set(strategy, context, n, findings.get(present[0]) if present else None)
     weight = dict(LabelClass.objects.filter(label_set_id__in=present).values("label_set_id")
                   .annotate(k=Count("pk")).values_list("label_set_id", "k"))
     weights = np.array([max(weight.get(i, 0), 1) for i in present], dtype=float)
@@ -122,7 +167,7 @@ def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan])
                       proba=None if context.proba is None else context.proba[rows],
                       embeddings=None if context.embeddings is None else context.embeddings[rows],
                       groups=None if context.groups is None else context.groups[rows])
-        chosen = query(strategy, sub, int(share))
+        chosen = _query_set(strategy, sub, int(share), findings.get(set_id))
         picks.append([(int(rows[i]), float(score), reason) for i, score, reason in
                       zip(chosen.indices, chosen.scores, chosen.reasons)])
     merged = [pick for position in range(max(map(len, picks)))

@@ -25,16 +25,19 @@ FINDINGS = ["glioma_tumor", "meningioma_tumor", "pituitary_tumor"]
 
 
 def _findings_csv(tmp_path, split: str, per_class: int | None = None):
+    """Every fixture scan of ``split``; the first ``per_class`` of each class answered, the
+    rest listed with blank answers (imported unlabeled, for the worklist)."""
     folder = tmp_path / split
     rows = ["filename," + ",".join(FINDINGS)]
     for name in FINDINGS + ["no_tumor"]:
-        files = sorted((FIXTURES / "brain_mri" / split / name).iterdir())[:per_class]
-        for path in files:
+        files = sorted((FIXTURES / "brain_mri" / split / name).iterdir())
+        for number, path in enumerate(files):
             target = folder / f"{name}-{path.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
-            rows.append(f"{target.name}," + ",".join("1" if f == name else "0"
-                                                    for f in FINDINGS))
+            answered = per_class is None or number < per_class
+            rows.append(f"{target.name}," + ",".join(
+                ("1" if f == name else "0") if answered else "" for f in FINDINGS))
     (folder / "findings.csv").write_text("\n".join(rows) + "\n")
     return folder / "findings.csv"
 
@@ -102,3 +105,26 @@ def test_findings_gate_holds_back_a_regressed_finding(findings_project, users):
     assert gate["per_finding"]["pituitary_tumor"]["status"] == "regressed"
     assert gate["per_finding"]["meningioma_tumor"]["status"] in ("kept", "not judged")
     assert np.isfinite(gate["per_finding"]["pituitary_tumor"]["delta"])
+
+
+def test_worklist_asks_about_the_findings_the_model_is_unsure_of(findings_project, users):
+    from annotator.labeling import describe_reason
+    from ml_backend.models import QueryRound
+    from ml_backend.services import query_round_create
+
+    project = findings_project
+    project.query_strategy = "entropy"
+    project.save()
+    call_command("refit", project=project.name)
+    round_ = query_round_create(project=project, n=6)
+    assert QueryRound.objects.filter(pk=round_.pk).exists() and round_.size == 6
+    items = list(round_.items.order_by("rank"))
+    answered = set(Annotation.objects.filter(outcome="findings").values_list("scan_id",
+                                                                             flat=True))
+    assert not {item.scan_id for item in items} & answered      # never an answered scan
+    scores = [item.score for item in items]
+    assert scores == sorted(scores, reverse=True)
+    reason = items[0].reason
+    assert reason["why"].startswith("most unsure over its findings")
+    assert {u["name"] for u in reason["unsure"]} <= set(FINDINGS)
+    assert "unsure about" in " ".join(describe_reason(reason, items[0].score)["details"])
