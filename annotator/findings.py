@@ -91,7 +91,8 @@ def findings_answer_create(
         FindingAnswer.objects.bulk_create(
             [FindingAnswer(annotation=annotation, finding_id=k, state=v)
              for k, v in sorted(states.items())])
-    label_saved(annotation)
+    if source != Annotation.Source.IMPORT:     # imports queue no refit (as class imports)
+        label_saved(annotation)
     return annotation
 
 

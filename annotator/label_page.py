@@ -69,6 +69,45 @@ def _suggestion(project: Project, scan: Scan) -> dict | None:
                     for cid, p in ranked[:5]]}
 
 
+# Keys of a findings set: digits first, then letters the page does not use otherwise
+# (s skip, u unsure, i invert, g Grad-CAM, r reset); 0 means "no finding".
+FINDING_KEYS = "123456789abcdefhjklmnopqtvwxyz"
+
+
+def finding_hotkeys(findings: list[LabelClass]) -> dict[int, str]:
+    taken = {c.hotkey.lower() for c in findings if c.hotkey and c.hotkey.lower() in FINDING_KEYS}
+    free = [k for k in FINDING_KEYS if k not in taken]
+    keys = {}
+    for c in findings:
+        hotkey = c.hotkey.lower() if c.hotkey else ""
+        if hotkey in FINDING_KEYS and hotkey not in keys.values():
+            keys[c.pk] = hotkey
+        elif free:
+            keys[c.pk] = free.pop(0)
+    return keys
+
+
+def _findings_suggestion(project: Project, scan: Scan, findings: list[LabelClass]) -> dict | None:
+    """The active version's per-finding probabilities for the scan, with the thresholds
+    saved with it; None when it has no findings head for the scan's set."""
+    from ml_backend.services.findings import findings_head
+
+    model = project.active_model
+    head = findings_head(model, scan.label_set_id) if model is not None else None
+    if head is None:
+        return None
+    try:
+        vector = inference.vectors_for(model.parent, [scan])
+    except TrainingError:
+        vector = inference.embed_images(model.parent, [scan.preview.path])
+    proba = head.predict_proba(vector)[0]
+    column = {int(i): j for j, i in enumerate(head.finding_ids)}
+    scores = {f.pk: (round(float(proba[column[f.pk]]), 4),
+                     round(float(head.thresholds[column[f.pk]]), 4))
+              for f in findings if f.pk in column}
+    return {"model_version": model.version, "scores": scores}
+
+
 def _similar(scan: Scan, k: int = 6) -> tuple[list[dict], str | None]:
     """The most similar labeled scans of the scan's label set, and why there are none when
     the search failed (no encoder or no embeddings yet is not a failure: an empty list)."""
@@ -117,11 +156,17 @@ def model_notice(project: Project) -> str | None:
 def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict:
     """Everything the label page shows for one scan, as JSON-ready data."""
     classes = scan_classes(scan)
-    keys = effective_hotkeys(classes)
+    findings_mode = scan.label_set_id is not None and scan.label_set.is_multi
+    keys = finding_hotkeys(classes) if findings_mode else effective_hotkeys(classes)
     model_error = None
+    findings_suggestion = None
     try:
-        suggestion = _suggestion(project, scan)
-    except ModelUnavailable as exc:
+        if findings_mode:
+            suggestion = None
+            findings_suggestion = _findings_suggestion(project, scan, classes)
+        else:
+            suggestion = _suggestion(project, scan)
+    except (ModelUnavailable, OSError, ValueError) as exc:
         suggestion, model_error = None, str(exc)
     novelty = embeddings.scan_novelty(scan)
     if suggestion is not None and novelty is not None and novelty["ood"]:
@@ -155,6 +200,9 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
         "classes": [{"id": c.pk, "name": c.name, "key": keys.get(c.pk, ""), "color": c.color,
                      "description": c.description} for c in classes],
         "no_label_set": scan.label_set_id is None,
+        "findings_mode": findings_mode,
+        "findings": _findings_rows(classes, keys, findings_suggestion) if findings_mode else [],
+        "findings_model": findings_suggestion["model_version"] if findings_suggestion else None,
         "model_version": project.active_model.version if project.active_model_id else None,
         "progress": progress,
         "lease_seconds": settings.LABEL_LEASE_SECONDS,
@@ -167,3 +215,17 @@ def _prefetch(project: Project, user, scan: Scan) -> str | None:
     return reverse("annotator:scan_preview", args=[upcoming]) if upcoming else None
 
 
+
+
+def _findings_rows(findings: list[LabelClass], keys: dict[int, str],
+                   suggestion: dict | None) -> list[dict]:
+    """A findings set's rows: each finding with its key, the model's probability and
+    threshold, and whether the page preselects it (probability at or above the threshold)."""
+    scores = suggestion["scores"] if suggestion else {}
+    rows = []
+    for f in findings:
+        p, threshold = scores.get(f.pk, (None, None))
+        rows.append({"id": f.pk, "name": f.name, "key": keys.get(f.pk, ""), "color": f.color,
+                     "description": f.description, "p": p, "threshold": threshold,
+                     "preselected": p is not None and p >= threshold})
+    return rows

@@ -76,7 +76,7 @@ def _done_for(project: Project, user) -> tuple[set[int], set[int]]:
         "scan_id", "outcome", "reader_id")
     labeled, mine = set(), set()
     for scan_id, outcome, reader_id in rows:
-        if outcome == Annotation.Outcome.LABEL:
+        if outcome in (Annotation.Outcome.LABEL, Annotation.Outcome.FINDINGS):
             labeled.add(scan_id)
         if reader_id == user.pk:
             mine.add(scan_id)
@@ -136,7 +136,7 @@ def lease_next_or_new_round(*, project: Project, user):
         if found is not None:
             return (*found, False)
         unlabeled = (Scan.objects.filter(project=project, split="pool", quarantined=False)
-                     .exclude(annotations__outcome=Annotation.Outcome.LABEL).exists())
+                     .exclude(annotations__outcome__in=Annotation.LABELLING).exists())
         if not unlabeled:
             return None
         try:
@@ -172,7 +172,7 @@ def worklist(project: Project, user) -> dict:
     rows, labeled_count, mine = [], 0, 0
     for item in items:
         scan_answers = answers.get(item.scan_id, [])
-        labels = [a for a in scan_answers if a.outcome == Annotation.Outcome.LABEL]
+        labels = [a for a in scan_answers if a.outcome in Annotation.LABELLING]
         if labels:
             state = "labeled"
             labeled_count += 1
@@ -187,7 +187,7 @@ def worklist(project: Project, user) -> dict:
                      "held_by": held.get(item.scan_id), "prediction": predictions.get(item.scan_id),
                      "reason": describe_reason(item.reason, item.score)})
     total_labels = Annotation.objects.filter(scan__project=project,
-                                             outcome=Annotation.Outcome.LABEL).count()
+                                             outcome__in=Annotation.LABELLING).count()
     return {"round": query_round, "rows": rows, "progress": {
         "total": len(items), "labeled": labeled_count, "remaining": len(items) - labeled_count,
         "yours": mine, "labels_in_project": total_labels}}
@@ -258,6 +258,8 @@ def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[An
     if scan.project_id != project.pk:
         raise AnnotationError("this scan belongs to another project")
     outcome = str(data.get("outcome") or Annotation.Outcome.LABEL)
+    if outcome == Annotation.Outcome.FINDINGS:
+        return _findings_submit(project=project, scan=scan, user=user, data=data)
     if outcome not in Annotation.Outcome.values:
         raise AnnotationError(f"unknown outcome {outcome!r}: use label, skip or unsure")
     label_class = None
@@ -309,6 +311,60 @@ def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[An
                 shown_acquisition_score=_optional_float(data, "shown_acquisition_score"),
                 query_round=query_round, external_id=submission,
                 note=str(data.get("note") or "")[:2000])
+    except IntegrityError:
+        existing = Annotation.objects.filter(source=Annotation.Source.WEB,
+                                             external_id=submission).first() if submission else None
+        if existing is None:
+            raise
+        return existing, False
+    lease_release(scan=scan, user=user)
+    return annotation, True
+
+
+def _findings_submit(*, project: Project, scan: Scan, user, data: dict
+                     ) -> tuple[Annotation, bool]:
+    """A findings answer from the label page: ``findings`` ({finding id: present / absent /
+    uncertain}), or ``no_finding``; ``shown_scores`` ({finding id: probability}) with the
+    rest of what the reader was shown, as for a class."""
+    from annotator.findings import findings_answer_create
+
+    raw = data.get("findings") or {}
+    if not isinstance(raw, dict):
+        raise AnnotationError("findings must map finding ids to present, absent or uncertain")
+    try:
+        states = {int(k): str(v) for k, v in raw.items()}
+        shown = data.get("shown_scores") or {}
+        shown = {int(k): float(v) for k, v in shown.items()} if isinstance(shown, dict) else {}
+    except (TypeError, ValueError):
+        raise AnnotationError("finding ids are numbers and scores are probabilities") from None
+    shown_model = None
+    if data.get("shown_model_version"):
+        shown_model = ModelVersion.objects.filter(
+            project=project, version=str(data["shown_model_version"])[:64]).first()
+        if shown_model is None:
+            raise AnnotationError("the model version shown is not one of this project's")
+    round_id = _optional_int(data, "query_round")
+    query_round = (QueryRound.objects.filter(project=project, pk=round_id).first()
+                   if round_id is not None else None)
+    duration = _optional_int(data, "duration_ms")
+    if duration is not None:
+        duration = max(0, min(duration, MAX_DURATION_MS))
+    submission = str(data.get("submission_id") or "")[:64]
+    if submission:
+        existing = Annotation.objects.filter(source=Annotation.Source.WEB,
+                                             external_id=submission).first()
+        if existing is not None:
+            if existing.scan_id != scan.pk or existing.reader_id != user.pk:
+                raise AnnotationError("this submission id was used for another answer")
+            return existing, False
+    try:
+        annotation = findings_answer_create(
+            scan=scan, reader=user, states=states, no_finding=bool(data.get("no_finding")),
+            source=Annotation.Source.WEB, duration_ms=duration, shown_model_version=shown_model,
+            shown_scores=shown or None,
+            shown_acquisition_score=_optional_float(data, "shown_acquisition_score"),
+            query_round=query_round, external_id=submission,
+            note=str(data.get("note") or "")[:2000])
     except IntegrityError:
         existing = Annotation.objects.filter(source=Annotation.Source.WEB,
                                              external_id=submission).first() if submission else None

@@ -333,6 +333,9 @@ class Annotation(models.Model):
         IMPORT = "import", "Import"
         ADJUDICATION = "adjudication", "Adjudication"
 
+    # The outcomes that label a scan (a class, or a findings answer); skip / unsure do not.
+    LABELLING = ("label", "findings")
+
     scan = models.ForeignKey(Scan, on_delete=models.CASCADE, related_name="annotations")
     label_class = models.ForeignKey(
         LabelClass, null=True, blank=True, on_delete=models.PROTECT, related_name="annotations"

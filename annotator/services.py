@@ -668,6 +668,6 @@ def label_saved(annotation: Annotation) -> None:
     """What a new label sets going, wherever it was made (the label page, the admin, an
     import, Label Studio): once committed, a refit if one is due (the ML adapter's one
     trigger, ``refit_start_if_due``)."""
-    if annotation.outcome == Annotation.Outcome.LABEL and annotation.scan.split == "pool":
+    if annotation.outcome in Annotation.LABELLING and annotation.scan.split == "pool":
         project = annotation.scan.project
         transaction.on_commit(lambda: runs.refit_start_if_due(project=project))

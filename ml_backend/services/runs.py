@@ -192,7 +192,7 @@ def refit_start_if_due(*, project: Project, force: bool = False,
         if not force:
             last = refits.order_by("-created_at").first()
             new_labels = Annotation.objects.filter(scan__project=project, scan__split="pool",
-                                                   outcome=Annotation.Outcome.LABEL)
+                                                   outcome__in=Annotation.LABELLING)
             if last is not None:
                 new_labels = new_labels.filter(created_at__gt=last.created_at)
             # new labeled SCANS: a second reading of a scan does not bring a refit closer

@@ -14,6 +14,9 @@
   let shownAt = performance.now();
   let busy = false;
   let submission = crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
+  // findings sets: {finding id: "present" | "uncertain"}; unmarked findings are absent
+  let marks = {};
+  const NEXT_MARK = {undefined: "present", present: "uncertain", uncertain: undefined};
 
   function el(tag, text, cls) {
     const node = document.createElement(tag);
@@ -161,10 +164,26 @@
     $("label-set").textContent = p.no_label_set
       ? "No label set applies to this scan: an admin must assign its dataset to one."
       : (p.scan.label_set ? `Classes of ${p.scan.label_set}` : "");
-    // classes
+    // findings (several per scan) or classes (one per scan)
+    const findingsMode = !!p.findings_mode;
+    $("findings-panel").hidden = !findingsMode;
+    $("class-buttons").hidden = findingsMode;
+    marks = {};
+    if (findingsMode) {
+      for (const f of p.findings) if (f.preselected) marks[f.id] = "present";
+      renderFindings();
+      if (p.findings_model) {
+        $("suggestion-text").textContent = `Findings at or above their thresholds are preselected (${p.findings_model}).`;
+        $("suggestion-text").className = "";
+      } else if (!p.model_error) {
+        $("suggestion-text").textContent = "No findings model yet: your first answers train one.";
+        $("suggestion-text").className = "muted";
+      }
+      $("label-set").textContent = p.scan.label_set ? `Findings of ${p.scan.label_set}` : "";
+    }
     const buttons = $("class-buttons");
     buttons.replaceChildren();
-    for (const c of p.classes) {
+    for (const c of findingsMode ? [] : p.classes) {
       const b = el("button", null, "class-button");
       b.type = "button";
       b.dataset.classId = c.id;
@@ -196,6 +215,52 @@
     shownAt = performance.now();
     submission = crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
   }
+
+  function renderFindings() {
+    const list = $("findings-list");
+    list.replaceChildren();
+    for (const f of payload.findings) {
+      const li = el("li", null, "finding " + (marks[f.id] || "unmarked"));
+      li.dataset.findingId = f.id;
+      li.dataset.state = marks[f.id] || "absent";
+      li.style.borderLeftColor = f.color;
+      li.title = (f.description || f.name) + (f.threshold !== null && f.threshold !== undefined ? ` · preselected at ${(f.threshold * 100).toFixed(0)}% and above` : "");
+      if (f.key) li.append(el("kbd", f.key), " ");
+      li.append(el("span", f.name, "finding-name"));
+      li.append(el("span", marks[f.id] || "", "finding-state"));
+      if (f.p !== null && f.p !== undefined) {
+        const bar = el("span", null, "bar");
+        bar.style.width = Math.max(2, f.p * 100) + "%";
+        li.append(bar, el("span", `${(f.p * 100).toFixed(0)}% (≥${(f.threshold * 100).toFixed(0)}%)`, "muted"));
+      }
+      li.addEventListener("click", () => toggleFinding(f.id));
+      list.append(li);
+    }
+  }
+  function toggleFinding(id) {
+    const next = NEXT_MARK[marks[id]];
+    if (next) marks[id] = next; else delete marks[id];
+    renderFindings();
+  }
+  function findingsAnswer(noFinding) {
+    const scores = {};
+    for (const f of payload.findings) if (f.p !== null && f.p !== undefined) scores[f.id] = f.p;
+    const shown = {shown_model_version: payload.findings_model || "", shown_scores: scores};
+    if (noFinding) return Object.assign({outcome: "findings", no_finding: true}, shown);
+    const findings = {};
+    for (const f of payload.findings) findings[f.id] = marks[f.id] || "absent";
+    return Object.assign({outcome: "findings", findings: findings}, shown);
+  }
+  function saveFindings() {
+    if (!Object.keys(marks).length) {
+      $("status").textContent = "Nothing is marked: press 0 to record \"no finding\".";
+      $("status").className = "error";
+      return;
+    }
+    submit(findingsAnswer(false));
+  }
+  $("findings-save").addEventListener("click", saveFindings);
+  $("no-finding").addEventListener("click", () => submit(findingsAnswer(true)));
 
   // --- model status ----------------------------------------------------------------------
   const statusUrl = root.dataset.modelStatus;
@@ -330,7 +395,13 @@
   document.addEventListener("keydown", (e) => {
     if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("input, textarea, select")) return;
     const key = e.key.toLowerCase();
-    const c = payload.classes.find((k) => k.key && k.key === key);
+    if (payload.findings_mode) {
+      const f = payload.findings.find((k) => k.key && k.key === key);
+      if (f) { e.preventDefault(); toggleFinding(f.id); return; }
+      if (key === "enter") { e.preventDefault(); saveFindings(); return; }
+      if (key === "0") { e.preventDefault(); submit(findingsAnswer(true)); return; }
+    }
+    const c = payload.findings_mode ? null : payload.classes.find((k) => k.key && k.key === key);
     if (c) { e.preventDefault(); submit({outcome: "label", class_id: c.id}); return; }
     if (key === "s") submit({outcome: "skip"});
     else if (key === "u") submit({outcome: "unsure"});
