@@ -128,3 +128,18 @@ def test_worklist_asks_about_the_findings_the_model_is_unsure_of(findings_projec
     assert reason["why"].startswith("most unsure over its findings")
     assert {u["name"] for u in reason["unsure"]} <= set(FINDINGS)
     assert "unsure about" in " ".join(describe_reason(reason, items[0].score)["details"])
+
+
+def test_report_command_prints_the_per_finding_table(findings_project, capsys):
+    import json
+
+    call_command("refit", project=findings_project.name)
+    capsys.readouterr()
+    call_command("report", "--project", findings_project.name)
+    out = capsys.readouterr().out
+    assert "## Findings: brain findings" in out and "| pituitary_tumor |" in out
+    assert "sensitivity | specificity" in out and "Findings learning curve" in out
+    call_command("report", "--project", findings_project.name, "--format", "json")
+    data = json.loads(capsys.readouterr().out)
+    per = data["findings"]["brain findings"]["per_finding"]
+    assert set(per) == set(FINDINGS) and data["findings_curve"][0]["macro_auc"] > 0.8

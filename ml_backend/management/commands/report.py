@@ -25,6 +25,18 @@ class Command(BaseCommand):
             raise CommandError("no classifier to report on yet: label some scans and run "
                                "`manage.py refit` (or `finetune`)")
         evaluation = model.evaluations.order_by("-created_at").first()
+        findings = _findings_reports(model)
+        if evaluation is None and findings:       # a findings-only version
+            if opts["format"] == "json":
+                self.stdout.write(json.dumps({"model_version": model.version,
+                                              "status": model.status, "findings": findings,
+                                              "findings_curve": _findings_curve(project)},
+                                             indent=2))
+            else:
+                self.stdout.write("\n".join(
+                    [f"# {model.project.name}: {model.version} ({model.status})", "",
+                     model.status_reason, ""] + _findings_markdown(findings, project)))
+            return
         if evaluation is None:
             raise CommandError(f"{model.version} has no evaluation: label eval-split scans")
         curve = [{"version": e.model_version.version, "labels": e.num_labels,
@@ -34,10 +46,15 @@ class Command(BaseCommand):
                  .select_related("model_version").order_by("num_labels", "created_at")]
         if opts["format"] == "json":
             self.stdout.write(json.dumps({"model_version": model.version, "status": model.status,
-                                          "report": evaluation.report, "learning_curve": curve},
+                                          "report": evaluation.report, "learning_curve": curve,
+                                          **({"findings": findings,
+                                              "findings_curve": _findings_curve(project)}
+                                             if findings else {})},
                                          indent=2))
             return
         self.stdout.write(self._markdown(model, evaluation, curve))
+        if findings:
+            self.stdout.write("\n".join([""] + _findings_markdown(findings, project)))
 
     def _markdown(self, model, evaluation, curve) -> str:
         r = evaluation.report
@@ -73,3 +90,55 @@ class Command(BaseCommand):
         lines += [f"| {p['labels']} | {p['version']} | {f(p['accuracy'])} | {f(p['macro_f1'])} | "
                   f"{p['status']} |" for p in curve]
         return "\n".join(lines)
+
+
+def _findings_reports(model: ModelVersion) -> dict:
+    """{findings set name: per-finding eval report} saved with the version (None: no eval)."""
+    return {name: report for name, report in
+            ((model.metrics or {}).get("training", {}).get("findings") or {}).items()}
+
+
+def _findings_curve(project) -> list[dict]:
+    rows = []
+    for version in ModelVersion.objects.filter(project=project,
+                                               kind=ModelVersion.Kind.CLASSIFIER
+                                               ).order_by("created_at"):
+        for name, report in _findings_reports(version).items():
+            entry = next((e for e in (version.config or {}).get("findings_sets", [])
+                          if e["name"] == name), {})
+            rows.append({"version": version.version, "set": name,
+                         "scans": entry.get("num_scans"), "status": version.status,
+                         "macro_auc": report.get("macro_auc") if report else None,
+                         "per_finding_auc": {n: r.get("auc") for n, r in
+                                             (report or {}).get("per_finding", {}).items()}})
+    return rows
+
+
+def _findings_markdown(findings: dict, project) -> list[str]:
+    f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = []
+    for name, report in findings.items():
+        lines += [f"## Findings: {name}", ""]
+        if not report:
+            lines += ["No labeled eval scans of this set: no per-finding evaluation.", ""]
+            continue
+        lines += [f"Eval scans: {report['num_scans']} · macro AUC {f(report['macro_auc'])} · "
+                  f"micro AUC {f(report['micro_auc'])} · any-finding AUC "
+                  f"{f(report['any_finding_auc'])} · macro AP {f(report['macro_ap'])} · "
+                  f"macro F1 {f(report['macro_f1'])} · micro F1 {f(report['micro_f1'])} · "
+                  f"macro ECE {f(report['macro_ece'])}", "",
+                  "| finding | prevalence | AUC | AP | threshold | sensitivity | specificity "
+                  "| PPV | F1 | ECE |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for finding, row in report["per_finding"].items():
+            lines.append(f"| {finding} | {f(row['prevalence'])} ({row['positives']}) | "
+                         f"{f(row['auc'])} | {f(row['ap'])} | {f(row['threshold'])} | "
+                         f"{f(row['sensitivity'])} | {f(row['specificity'])} | "
+                         f"{f(row['ppv'])} | {f(row['f1'])} | {f(row['ece'])} |")
+        lines.append("")
+    curve = _findings_curve(project)
+    if curve:
+        lines += ["Findings learning curve (macro AUC per version)", "",
+                  "| set | scans | version | macro AUC | status |", "|---|---:|---|---:|---|"]
+        lines += [f"| {c['set']} | {c['scans']} | {c['version']} | {f(c['macro_auc'])} | "
+                  f"{c['status']} |" for c in curve]
+    return lines
