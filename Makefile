@@ -48,6 +48,8 @@ PNEUMONIA_ARGS ?= --image-size 32 --small-input no --epochs 15 --batch-size 256 
 BRAIN_ARGS ?= --image-size 64 --epochs 6 --batch-size 128 --finetune-epochs 3 --distill-epochs 1 --seeds $(SEEDS) --labels-fraction 0.2,1.0
 PNEUMONIA_EVAL ?= $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#val
 BRAIN_EVAL ?= split:0.2
+NIH_EVAL ?= $(SHARED)/nih_cxr14_subset/labels.csv\#val
+STARTER ?= ml_backend/starter/simclr-resnet18-64px.pt
 # The shipped starter encoder (ml_backend/starter/): SimCLRv2 on every public train scan in
 # $(SHARED), in the background on a 2-core CPU (about an hour); resumable (.cache/starter/).
 STARTER_ARGS ?= --epochs 25 --workers 2
@@ -60,6 +62,7 @@ bench: venv chromium
 	$(PY) -m bench.throughput --sizes 28:small,32,64,128 --out bench/results/throughput.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) $(PNEUMONIA_ARGS) --out bench/results/ssl_pneumoniamnist.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BRAIN_ARGS) --out bench/results/ssl_brain_mri.json
+	$(PY) -m bench.ssl_eval --train $(SHARED)/nih_cxr14_subset/labels.csv\#train --eval $(NIH_EVAL) --init-checkpoint $(STARTER) --epochs 0 --labels-fraction 0.2,1.0 --seeds $(SEEDS) --finetune-epochs 10 --distill-epochs 3 --out bench/results/findings_nih.json
 	$(PY) -m bench.new_class --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BRAIN_ARGS) --seeds 5 --new-labels 10,20 --out bench/results/new_class_brain_mri.json
 	$(PY) -m bench.al_sim --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) --strategies random,entropy,margin,hybrid --start 20 --step 10 --budget 200 --seeds 5 --image-size 32 --small-input no --epochs 15 --batch-size 256 --out bench/results/al_sim_pneumoniamnist.json --plot bench/results/al_sim_pneumoniamnist.png
 	$(PY) -m bench.refit_latency --source $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval-source $(PNEUMONIA_EVAL) --labels 20,50,100 --repeats 3 --out bench/results/refit_latency.json

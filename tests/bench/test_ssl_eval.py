@@ -227,3 +227,28 @@ def test_an_eval_set_with_no_train_class_stops_before_any_training(tmp_path, cap
     args += ["--evaluations", "pixels_logreg", "--labels-fraction", "1.0", "--image-size", "32",
              "--small-input", "no", "--batch-size", "4"]
     assert ssl_eval.main(args) == 0
+
+
+@pytest.mark.slow
+def test_a_findings_source_reports_per_finding_auc_for_every_method(tmp_path, capsys):
+    """--train given as a multi-label CSV: bench.ssl_eval runs the findings path (the brain
+    fixtures read as three findings), per-finding AUC and macro AUC for every method."""
+    from tests.ml_backend.test_findings_refit import FINDINGS, _findings_csv
+
+    train, evaluation = _findings_csv(tmp_path, "pool"), _findings_csv(tmp_path, "eval")
+    out = tmp_path / "findings.json"
+    assert ssl_eval.main([
+        "--train", str(train), "--eval", str(evaluation), "--epochs", "0",
+        "--init-checkpoint", "ml_backend/starter/simclr-resnet18-64px.pt",
+        "--finetune-epochs", "1", "--distill-epochs", "1", "--seeds", "1",
+        "--labels-fraction", "1.0", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+        "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "findings" and result["findings"] == FINDINGS
+    methods = {key.split("/")[1] for key in result["aggregates"]}
+    assert methods == {"pixels_logreg", "supervised", "linear_probe", "simclr_finetune",
+                       "simclr_distill"}
+    probe = result["aggregates"]["1/linear_probe"]
+    assert set(probe["per_finding_auc"]) == set(FINDINGS)
+    assert probe["macro_auc"]["mean"] > 0.7
+    assert "macro AUC" in capsys.readouterr().out
