@@ -176,6 +176,12 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
     if suggestion is not None:
         gradcam = (reverse("annotator:gradcam", args=[scan.pk])
                    + f"?class={suggestion['class_id']}")
+    findings_rows = (_findings_rows(classes, keys, findings_suggestion, scan)
+                     if findings_mode else [])
+    if findings_suggestion is not None:    # the most probable finding's map first
+        top = max((r for r in findings_rows if r["p"] is not None), key=lambda r: r["p"],
+                  default=None)
+        gradcam = top["gradcam"] if top else None
     progress = None
     if item is not None:
         wl = worklist(project, user) if user is not None else None
@@ -201,7 +207,7 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
                      "description": c.description} for c in classes],
         "no_label_set": scan.label_set_id is None,
         "findings_mode": findings_mode,
-        "findings": _findings_rows(classes, keys, findings_suggestion) if findings_mode else [],
+        "findings": findings_rows,
         "findings_model": findings_suggestion["model_version"] if findings_suggestion else None,
         "model_version": project.active_model.version if project.active_model_id else None,
         "progress": progress,
@@ -218,7 +224,7 @@ def _prefetch(project: Project, user, scan: Scan) -> str | None:
 
 
 def _findings_rows(findings: list[LabelClass], keys: dict[int, str],
-                   suggestion: dict | None) -> list[dict]:
+                   suggestion: dict | None, scan: Scan) -> list[dict]:
     """A findings set's rows: each finding with its key, the model's probability and
     threshold, and whether the page preselects it (probability at or above the threshold)."""
     scores = suggestion["scores"] if suggestion else {}
@@ -227,5 +233,7 @@ def _findings_rows(findings: list[LabelClass], keys: dict[int, str],
         p, threshold = scores.get(f.pk, (None, None))
         rows.append({"id": f.pk, "name": f.name, "key": keys.get(f.pk, ""), "color": f.color,
                      "description": f.description, "p": p, "threshold": threshold,
-                     "preselected": p is not None and p >= threshold})
+                     "preselected": p is not None and p >= threshold,
+                     "gradcam": (reverse("annotator:gradcam", args=[scan.pk]) + f"?class={f.pk}"
+                                 if p is not None else None)})
     return rows

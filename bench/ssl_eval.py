@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the same augmentation on the student's inputs while distilling "
                              "(the teacher's soft labels come from clean scans)")
     parser.add_argument("--distill-epochs", type=int, default=10)
+    parser.add_argument("--teacher-views", type=int, default=DistillConfig.teacher_views,
+                        help="the teacher's soft labels averaged over the clean scan and N-1 "
+                             "lightly augmented views")
+    parser.add_argument("--distill-temperature", type=float, default=DistillConfig.temperature)
+    parser.add_argument("--labeled-weight", type=float, default=DistillConfig.labeled_weight)
     parser.add_argument("--student-init", choices=["teacher", "pretrained"],
                         default=DistillConfig.student_init,
                         help="the distilled student starts as its teacher, or from the "
@@ -512,6 +517,9 @@ def finetune_config(args, seed: int = 0) -> FinetuneConfig:
 def distill_config(args, seed: int = 0) -> DistillConfig:
     return DistillConfig(epochs=args.distill_epochs, batch_size=args.batch_size, seed=seed,
                          lr=args.finetune_lr, student_init=args.student_init,
+                         teacher_views=args.teacher_views,
+                         temperature=args.distill_temperature,
+                         labeled_weight=args.labeled_weight,
                          augment=args.distill_augment == "yes",
                          backbone_lr_scale=args.finetune_backbone_lr_scale,
                          batchnorm=args.finetune_batchnorm)

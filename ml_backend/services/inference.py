@@ -250,9 +250,13 @@ class _Explainer:
     def cam(self, image: np.ndarray, class_id: int) -> np.ndarray:
         from ml_backend.explain import gradcam, head_score
 
-        if class_id not in self.class_ids:
+        finding = self._finding_head(class_id) if class_id not in self.class_ids else None
+        if finding is not None:            # a finding: its own binary head's logit
+            head, index = finding
+            score = head_score(head.mean, head.scale, head.coef, head.intercept)
+        elif class_id not in self.class_ids:
             raise TrainingError(f"class {class_id} is not one this model predicts")
-        if self.heads is not None:
+        elif self.heads is not None:
             head = next((h for h in self.heads.heads.values()
                          if class_id in [int(c) for c in h.class_ids]), None)
             if head is None:
@@ -265,6 +269,17 @@ class _Explainer:
                 classifier.head(pooled, upto=classifier.from_head_layer))
             index = self.class_ids.index(class_id)
         return gradcam(self.encoder, image, self.config.augment_config(), score, index)
+
+    def _finding_head(self, finding_id: int):
+        """``(findings head, column)`` of a finding the version learned, else None."""
+        from ml_backend.services.findings import findings_head
+
+        for entry in self.model.config.get("findings_sets", []):
+            if any(f["id"] == finding_id for f in entry["findings"]):
+                head = findings_head(self.model, entry["id"])
+                ids = [int(i) for i in head.finding_ids] if head is not None else []
+                return (head, ids.index(finding_id)) if finding_id in ids else None
+        return None
 
 
 def scan_gradcam(*, scan: Scan, class_id: int, model: ModelVersion | None = None) -> bytes:

@@ -126,6 +126,8 @@ class DistillConfig:
     amp: bool = True
     student_init: str = "teacher"             # teacher | pretrained (random last layer)
     augment: bool = False                     # light augmentation of the unlabeled scans
+    teacher_views: int = 1                    # soft labels averaged over the clean scan and
+                                              # teacher_views - 1 lightly augmented views
     backbone_lr_scale: float = 0.1
     batchnorm: str = "pretrained"             # as FinetuneConfig.batchnorm (the teacher's)
 
@@ -134,6 +136,8 @@ class DistillConfig:
             raise ValueError("temperature must be positive and labeled_weight in [0, 1]")
         if self.batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm must be one of {', '.join(BATCHNORM_MODES)}")
+        if not 1 <= self.teacher_views <= 32:
+            raise ValueError("teacher_views must be in 1..32")
         if self.student_init not in ("teacher", "pretrained"):
             raise ValueError("student_init must be teacher or pretrained")
         if not 0 <= self.backbone_lr_scale <= 1:

@@ -401,6 +401,29 @@ def predict_proba(model: Classifier, images: np.ndarray, config: PretrainConfig,
 # --- step 3: distill -------------------------------------------------------------------
 
 
+@torch.no_grad()
+def _teacher_targets(teacher: Classifier, images: np.ndarray, pretrain_config: PretrainConfig,
+                     config: DistillConfig, *, device=None, workers: int = 0) -> np.ndarray:
+    """The teacher's softened probabilities, averaged over the clean scan and
+    ``teacher_views - 1`` lightly augmented views (a test-time-augmented teacher is a better
+    teacher than its single pass, which is what lets a student of the same size beat it)."""
+    clean = predict_proba(teacher, images, pretrain_config, device=device,
+                          temperature=config.temperature, workers=workers)
+    if config.teacher_views <= 1:
+        return clean
+    dev = pick_device(device)
+    teacher = teacher.to(dev).eval()
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    total = clean.astype(np.float64)
+    transform = _light_augmentation(pretrain_config)
+    for _ in range(config.teacher_views - 1):
+        loader = make_loader(ImageArray(images, transform), 256, shuffle=False,
+                             generator=generator, device=dev, workers=workers)
+        total += np.concatenate([torch.softmax(teacher(x.to(dev)).float() / config.temperature,
+                                               dim=1).cpu().numpy() for x in loader])
+    return (total / config.teacher_views).astype(np.float32)
+
+
 def distill(
     teacher: Classifier,
     pretrained: SimCLRModel,
@@ -430,8 +453,8 @@ def distill(
     dev = pick_device(device)
     generator = seed_everything(config.seed)
     num_classes = teacher.fc.out_features
-    soft = torch.from_numpy(predict_proba(teacher, unlabeled, pretrain_config, device=device,
-                                          temperature=config.temperature, workers=workers))
+    soft = torch.from_numpy(_teacher_targets(teacher, unlabeled, pretrain_config, config,
+                                             device=device, workers=workers))
     student = _classifier_from(pretrained, pretrain_config, num_classes, teacher.from_head_layer)
     if config.student_init == "teacher":      # start where the teacher ended, then refine
         student.load_state_dict(teacher.state_dict())

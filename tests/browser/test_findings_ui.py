@@ -30,6 +30,11 @@ def test_findings_by_keyboard(browser_page, project, users, tmp_path):
     assert names == ["glioma_tumor", "meningioma_tumor", "pituitary_tumor"]
     assert page.locator("li.finding .muted").first.inner_text().endswith("%)")  # p + threshold
     page.shot("findings")
+    # Grad-CAM per finding: the overlay of the most probable finding, then of the one pressed
+    page.keyboard.press("g")
+    page.wait_for_function("document.getElementById('cam-image').naturalWidth > 0")
+    assert "class=" in page.locator("#cam-image").get_attribute("src")
+    page.keyboard.press("g")
 
     # scan 1: clear the preselection, glioma present, pituitary uncertain, save with Enter
     first = int(page.evaluate("document.body.dataset.scan"))

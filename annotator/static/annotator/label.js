@@ -241,6 +241,13 @@
     const next = NEXT_MARK[marks[id]];
     if (next) marks[id] = next; else delete marks[id];
     renderFindings();
+    // Grad-CAM follows the finding the reader is working on
+    const f = payload.findings.find((k) => k.id === id);
+    if (f && f.gradcam) {
+      payload.gradcam = f.gradcam;
+      $("toggle-cam").disabled = false;
+      if (view.cam) $("cam-image").src = f.gradcam;
+    }
   }
   function findingsAnswer(noFinding) {
     const scores = {};
