@@ -647,6 +647,10 @@ def annotation_create(
         raise AnnotationError("a label needs a class (or record a skip / unsure)")
     if label_class is not None and label_class.project_id != scan.project_id:
         raise AnnotationError(f"class {label_class.name!r} belongs to another project")
+    if label_class is not None and label_class.label_set.is_multi:
+        raise AnnotationError(f"{label_class.name!r} is a finding of the findings set "
+                              f"{label_class.label_set.name!r}: record it as a findings answer "
+                              "(present / absent / uncertain), not as the scan's one class")
     if label_class is not None and label_class.label_set_id != scan.label_set_id:
         if scan.label_set_id is None:
             raise AnnotationError("no label set applies to this scan: an admin must assign its "

@@ -148,7 +148,8 @@ def run_findings(args, cache_dir: Path, device, started: float) -> int:
     y_train = uncertain_policy(y_train_raw, args.uncertain)
     y_eval = uncertain_policy(y_eval_raw, "ignore")      # uncertain never scores the model
     log(f"findings ({train['layout']}): {len(names)}; {len(y_train)} train / {len(y_eval)} eval "
-        f"scans; eval positives {dict(zip(names, np.nansum(y_eval == 1, axis=0).astype(int)))}")
+        f"scans; eval positives "
+        f"{dict(zip(names, np.nansum(y_eval == 1, axis=0).astype(int).tolist()))}")
     encoder, pretrain_info = get_encoder(train["images"], config, cache_dir, args.device,
                                          init=args.init_checkpoint, epochs=args.epochs)
     features = {

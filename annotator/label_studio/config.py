@@ -41,6 +41,12 @@ def labeling_config(project: Project) -> str:
     only its scan's set's classes (``$classes`` in the task data), so an annotator is never
     offered a brain class for a chest film."""
     classes = list(project.label_classes.all())
+    findings_sets = sorted({c.label_set.name for c in classes if c.label_set.is_multi})
+    if findings_sets:
+        raise LabelStudioError(
+            f"project {project.name!r} has findings label sets ({', '.join(findings_sets)}): "
+            "Label Studio sync handles single-label sets only so far; label findings on our "
+            "label page")
     if not classes:
         raise LabelStudioError(f"project {project.name!r} has no classes yet: import labeled "
                                "scans or add a class first")

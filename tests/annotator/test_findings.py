@@ -152,3 +152,16 @@ def test_project_page_and_admin_show_the_findings_set(client, project, users, tm
     change = client.get(f"/admin/annotator/annotation/{annotation.pk}/change/")
     assert change.status_code == 200 and "Pleural Effusion" in change.content.decode()
     assert "Edema, Pleural Effusion?" in client.get("/admin/annotator/annotation/").content.decode()
+
+
+def test_a_finding_is_never_recorded_as_a_scans_one_class(project, users, tmp_path):
+    from annotator.label_studio.api import LabelStudioError
+    from annotator.label_studio.config import labeling_config
+
+    run_import(project, _chexpert_folder(tmp_path))
+    scan = Scan.objects.filter(label_set__name="findings").first()
+    with pytest.raises(AnnotationError, match="record it as a findings answer"):
+        services.annotation_create(scan=scan, reader=users["alice"],
+                                   label_class=LabelClass.objects.get(name="Edema"))
+    with pytest.raises(LabelStudioError, match="findings label sets"):
+        labeling_config(project)
