@@ -226,6 +226,26 @@ class FindingAnswerInline(admin.TabularInline):
     raw_id_fields = ["finding"]
 
 
+@admin.register(FindingAnswer)
+class FindingAnswerAdmin(admin.ModelAdmin):
+    """Each finding of each findings answer: filter by finding and state (e.g. every
+    uncertain Effusion), open the answer for who, when and what the reader was shown."""
+
+    list_display = ["id", "annotation", "finding", "state", "reader", "created_at"]
+    list_filter = ["state", "finding__label_set", "finding"]
+    search_fields = ["=annotation__scan__id", "finding__name", "annotation__reader__username"]
+    raw_id_fields = ["annotation", "finding"]
+    list_select_related = ["annotation__reader", "finding"]
+
+    @admin.display(ordering="annotation__reader__username")
+    def reader(self, obj):
+        return obj.annotation.reader
+
+    @admin.display(ordering="annotation__created_at")
+    def created_at(self, obj):
+        return obj.annotation.created_at
+
+
 @admin.register(Annotation)
 class AnnotationAdmin(admin.ModelAdmin):
     list_display = ["id", "scan", "label_class", "outcome", "findings_summary", "reader",

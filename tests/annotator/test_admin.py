@@ -47,6 +47,7 @@ def test_admin_pages_load_for_every_model(client, users, project):
     run_import(project, FIXTURES / "chest_xray" / "eval" , split="eval")
     scan = Scan.objects.first()
     make_ml_rows(project, scan, Annotation.objects.first().label_class)
+    _findings_row(project, scan)
     assert client.login(username="dora", password=PASSWORD)
     for app_label in ("annotator", "ml_backend"):
         for model in apps.get_app_config(app_label).get_models():
@@ -63,6 +64,16 @@ def test_admin_pages_load_for_every_model(client, users, project):
                 assert client.get(add).status_code == 200, add
     page = client.get(reverse("admin:annotator_scan_changelist")).content.decode()
     assert reverse("annotator:scan_preview", args=[scan.pk]) in page
+
+
+def _findings_row(project, scan):
+    """A findings answer (and its FindingAnswer) so every admin page has a row to show."""
+    from annotator.models import FindingAnswer, LabelClass, LabelSet
+
+    findings = LabelSet.objects.create(project=project, name="chest findings", kind="multi")
+    effusion = LabelClass.objects.create(project=project, name="Effusion", label_set=findings)
+    answer = Annotation.objects.create(scan=scan, outcome="findings", source="web")
+    FindingAnswer.objects.create(annotation=answer, finding=effusion, state="present")
 
 
 def test_admin_is_closed_to_clinicians(client, users):
@@ -88,7 +99,9 @@ def test_label_added_in_admin_records_the_admin_as_reader(client, users, project
     assert client.login(username="dora", password=PASSWORD)
     response = client.post(reverse("admin:annotator_annotation_add"), {
         "scan": scan.pk, "label_class": normal.pk, "outcome": "label", "source": "web",
-        "external_id": "", "note": ""})
+        "external_id": "", "note": "",
+        # the findings inline (empty for a class label)
+        "findings-TOTAL_FORMS": "0", "findings-INITIAL_FORMS": "0"})
     assert response.status_code == 302, response.content.decode()[:2000]
     annotation = Annotation.objects.get(scan=scan)
     assert annotation.reader == users["dora"] and annotation.label_class == normal
