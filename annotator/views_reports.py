@@ -280,5 +280,52 @@ def _page(project: Project, model: ModelVersion | None) -> dict:
         "embedded": embedded,
         "has_predictions": has_predictions,
         "has_reliability": bool(report.get("reliability")),
+        "findings": _findings_sections(project, model),
         "model_query": f"?{urlencode({'model': model.version})}" if model else "",
     }
+
+
+def _findings_sections(project: Project, model: ModelVersion | None) -> list[dict]:
+    """The version's findings sets: per-finding eval report, the findings gate and the macro
+    AUC of every version that had a findings head for the set (its learning curve)."""
+    if model is None:
+        return []
+    metrics = model.metrics or {}
+    reports = (metrics.get("training") or {}).get("findings") or {}
+    gates = metrics.get("findings_gate") or {}
+    history = list(ModelVersion.objects.filter(project=project, kind=ModelVersion.Kind.CLASSIFIER)
+                   .order_by("created_at", "pk"))
+    sections = []
+    for name, report in reports.items():
+        rows = [{"name": finding, **{k: _fmt(r.get(k)) for k in (
+                    "prevalence", "auc", "ap", "threshold", "sensitivity", "specificity", "ppv",
+                    "f1", "ece")}, "positives": r.get("positives")}
+                for finding, r in ((report or {}).get("per_finding") or {}).items()]
+        gate = gates.get(name) or {}
+        curve = []
+        for version in history:
+            other = ((version.metrics or {}).get("training") or {}).get("findings") or {}
+            if name in other:
+                entry = next((e for e in (version.config or {}).get("findings_sets", [])
+                              if e["name"] == name), {})
+                curve.append({"version": version.version, "scans": entry.get("num_scans"),
+                              "macro_auc": _fmt((other[name] or {}).get("macro_auc")),
+                              "status": version.get_status_display()})
+        sections.append({
+            "name": name, "report": report, "rows": rows,
+            "summary": [] if not report else [
+                ("Eval scans", report.get("num_scans")),
+                ("Macro AUC", _fmt(report.get("macro_auc"))),
+                ("Micro AUC", _fmt(report.get("micro_auc"))),
+                ("Any-finding AUC", _fmt(report.get("any_finding_auc"))),
+                ("Macro AP", _fmt(report.get("macro_ap"))),
+                ("Macro F1", _fmt(report.get("macro_f1"))),
+                ("Micro F1", _fmt(report.get("micro_f1"))),
+                ("Macro ECE", _fmt(report.get("macro_ece")))],
+            "gate": [{"name": finding, "candidate": _fmt(g.get("candidate_auc")),
+                      "active": _fmt(g.get("active_auc")), "delta": _fmt(g.get("delta")),
+                      "status": g.get("status")}
+                     for finding, g in (gate.get("per_finding") or {}).items()],
+            "gate_note": gate.get("note", ""),
+            "curve": curve})
+    return sections

@@ -143,3 +143,13 @@ def test_report_command_prints_the_per_finding_table(findings_project, capsys):
     data = json.loads(capsys.readouterr().out)
     per = data["findings"]["brain findings"]["per_finding"]
     assert set(per) == set(FINDINGS) and data["findings_curve"][0]["macro_auc"] > 0.8
+
+
+def test_reports_page_shows_findings(findings_project, client, users):
+    call_command("refit", project=findings_project.name)
+    client.force_login(users["alice"])
+    page = client.get(f"/projects/{findings_project.pk}/reports/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "Findings: brain findings" in html and "Any-finding AUC" in html
+    assert "<td>pituitary_tumor</td>" in html and "No evaluation for" not in html
