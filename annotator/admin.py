@@ -36,7 +36,8 @@ class LabelClassInline(admin.TabularInline):
 class LabelSetInline(admin.TabularInline):
     model = LabelSet
     extra = 0
-    fields = ["name", "kind", "uncertain_policy", "modalities", "body_parts", "order"]
+    fields = ["name", "kind", "uncertain_policy", "threshold_rule", "target_sensitivity",
+              "modalities", "body_parts", "order"]
     show_change_link = True
 
 

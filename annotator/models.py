@@ -163,6 +163,15 @@ class LabelSet(models.Model):
         max_length=8, choices=UncertainPolicy.choices, default=UncertainPolicy.IGNORE,
         help_text="Findings sets: how uncertain answers enter training (recorded with each "
         "model version).")
+    threshold_rule = models.CharField(
+        max_length=12, choices=[("f1", "Best F1 per finding"),
+                                ("sensitivity", "Target sensitivity per finding")],
+        default="f1",
+        help_text="Findings sets: how each finding's decision threshold is chosen on the eval "
+        "split at every refit (saved with the version).")
+    target_sensitivity = models.FloatField(
+        default=0.9, help_text="Findings sets with the target-sensitivity rule: the share of "
+        "eval positives each finding's threshold must catch (0–1).")
     datasets = models.ManyToManyField(Dataset, blank=True, related_name="label_sets",
                                       help_text="Scans of these datasets use this set.")
     modalities = models.CharField(max_length=200, blank=True,

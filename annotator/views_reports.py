@@ -311,8 +311,11 @@ def _findings_sections(project: Project, model: ModelVersion | None) -> list[dic
                 curve.append({"version": version.version, "scans": entry.get("num_scans"),
                               "macro_auc": _fmt((other[name] or {}).get("macro_auc")),
                               "status": version.get_status_display()})
+        own = next((e for e in (model.config or {}).get("findings_sets", [])
+                    if e["name"] == name), {})
         sections.append({
             "name": name, "report": report, "rows": rows,
+            "threshold_rule": own.get("threshold_rule", ""),
             "summary": [] if not report else [
                 ("Eval scans", report.get("num_scans")),
                 ("Macro AUC", _fmt(report.get("macro_auc"))),

@@ -60,7 +60,9 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
         if eval_scans:
             proba = head.predict_proba(vectors_for(encoder, eval_scans))
             enough = np.nansum(eval_targets == 1, axis=0) >= MIN_THRESHOLD_POSITIVES
-            chosen = choose_thresholds(eval_targets, proba, method="f1")
+            target = min(max(float(label_set.target_sensitivity), 0.01), 1.0)
+            chosen = choose_thresholds(eval_targets, proba, method=label_set.threshold_rule,
+                                       target_sensitivity=target)
             head.thresholds = np.where(enough, chosen, 0.5)
             result = findings_report(eval_targets, proba, names, thresholds=head.thresholds)
         config = {"id": label_set.pk, "name": label_set.name, "head": f"findings-{label_set.pk}.npz",
@@ -68,8 +70,11 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
                   "uncertain_policy": label_set.uncertain_policy,
                   "num_scans": len(scans), "learnable": learnable,
                   "thresholds": {n: float(t) for n, t in zip(names, head.thresholds)},
-                  "threshold_rule": f"F1-optimal on the eval split (findings with >= "
-                                    f"{MIN_THRESHOLD_POSITIVES} eval positives), else 0.5",
+                  "threshold_rule": (
+                      "F1-optimal" if label_set.threshold_rule == "f1" else
+                      f"the highest with sensitivity >= {label_set.target_sensitivity:g}")
+                  + f" on the eval split (findings with >= {MIN_THRESHOLD_POSITIVES} eval "
+                    "positives), else 0.5",
                   "fit": details["findings"]}
         fitted.append({"label_set": label_set, "head": head, "config": config,
                        "eval": (eval_scans, eval_targets), "report": result})

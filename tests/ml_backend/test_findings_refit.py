@@ -153,3 +153,17 @@ def test_reports_page_shows_findings(findings_project, client, users):
     html = page.content.decode()
     assert "Findings: brain findings" in html and "Any-finding AUC" in html
     assert "<td>pituitary_tumor</td>" in html and "No evaluation for" not in html
+
+
+def test_thresholds_by_a_target_sensitivity_set_on_the_label_set(findings_project):
+    project = findings_project
+    label_set = LabelSet.objects.get(project=project, name="brain findings")
+    label_set.threshold_rule, label_set.target_sensitivity = "sensitivity", 0.95
+    label_set.save()
+    call_command("refit", project=project.name)
+    project.refresh_from_db()
+    entry = project.active_model.config["findings_sets"][0]
+    assert "sensitivity >= 0.95" in entry["threshold_rule"]
+    report = project.active_model.metrics["training"]["findings"]["brain findings"]
+    for finding in FINDINGS:            # 10 eval positives each: the target holds on eval
+        assert report["per_finding"][finding]["sensitivity"] >= 0.95
