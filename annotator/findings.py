@@ -182,3 +182,46 @@ def findings_agreement(label_set: LabelSet, reader_a, reader_b) -> dict:
                                            if pairs else None),
                              "kappa": kappa}
     return out
+
+
+def findings_agreement_all(label_set: LabelSet, *, min_pairs: int | None = None) -> dict:
+    """Cohen's kappa per finding over every pair of distinct readers on every scan read by
+    two or more (each reader's latest findings answer; imports count as a reader,
+    adjudications do not), as the review page reports classes. Per finding: ``pairs``,
+    ``agreement`` (share of pairs giving the same state), ``kappa`` (present / absent /
+    uncertain as three categories) and ``reason`` when kappa is not reported."""
+    from itertools import combinations
+
+    from sklearn.metrics import cohen_kappa_score
+
+    from annotator.review import MIN_PAIRS
+
+    min_pairs = MIN_PAIRS if min_pairs is None else min_pairs
+    latest = _latest_per_reader(label_set, None)
+    findings = findings_for_set(label_set)
+    pairs: dict[int, list[tuple[str, str]]] = {f.pk: [] for f in findings}
+    scans = 0
+    for readers in latest.values():
+        keys = sorted(k for k in readers if k != "adjudication")
+        if len(keys) < 2:
+            continue
+        scans += 1
+        for a, b in combinations(keys, 2):
+            for fid in pairs:
+                if fid in readers[a][2] and fid in readers[b][2]:
+                    pairs[fid].append((readers[a][2][fid], readers[b][2][fid]))
+    out = {"scans": scans, "per_finding": []}
+    for finding in findings:
+        rows = pairs[finding.pk]
+        kappa, reason = None, ""
+        if len(rows) < min_pairs:
+            reason = f"{len(rows)} reader pair{'s' if len(rows) != 1 else ''}: at least " \
+                     f"{min_pairs} are needed"
+        elif len({x for row in rows for x in row}) < 2:
+            reason = "every paired answer gives the same state: kappa is undefined"
+        else:
+            kappa = float(cohen_kappa_score([r[0] for r in rows], [r[1] for r in rows]))
+        out["per_finding"].append({
+            "finding": finding, "pairs": len(rows), "kappa": kappa, "reason": reason,
+            "agreement": (sum(x == y for x, y in rows) / len(rows)) if rows else None})
+    return out

@@ -268,7 +268,7 @@ def agreement_by_class(project: Project) -> Agreement:
             first.append(by_reader[a].label_class_id)
             second.append(by_reader[b].label_class_id)
     pairs = len(first)
-    classes = list(project.label_classes.all())
+    classes = list(project.label_classes.exclude(label_set__kind="multi"))   # findings: apart
     if pairs < MIN_PAIRS:
         reason = (f"{pairs} reader pair{'s' if pairs != 1 else ''} on {scans} "
                   f"scan{'s' if scans != 1 else ''}: at least {MIN_PAIRS} are needed "

@@ -15,6 +15,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from annotator import review as reviews
 from annotator import selectors
+from annotator.findings import findings_agreement_all
 from annotator.models import LabelClass
 from annotator.services import AnnotationError
 
@@ -45,6 +46,9 @@ def review(request, project_id: int):
         ],
         "quality_round": reviews.latest_quality_round(project),
         "agreement": reviews.agreement_by_class(project),
+        "findings_agreement": [
+            {"label_set": label_set, **findings_agreement_all(label_set)}
+            for label_set in project.label_sets.filter(kind="multi").order_by("order", "pk")],
         "min_pairs": reviews.MIN_PAIRS,
     })
 

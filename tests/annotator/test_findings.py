@@ -165,3 +165,26 @@ def test_a_finding_is_never_recorded_as_a_scans_one_class(project, users, tmp_pa
                                    label_class=LabelClass.objects.get(name="Edema"))
     with pytest.raises(LabelStudioError, match="findings label sets"):
         labeling_config(project)
+
+
+def test_review_page_reports_kappa_per_finding(client, project, users, tmp_path):
+    from annotator.findings import findings_agreement_all
+
+    run_import(project, _chexpert_folder(tmp_path))
+    findings_set = LabelSet.objects.get(project=project, name="findings")
+    edema = LabelClass.objects.get(name="Edema")
+    scans = list(Scan.objects.filter(label_set=findings_set).order_by("pk"))
+    for number, scan in enumerate(scans):
+        for reader, state in ((users["alice"], "present" if number % 2 else "absent"),
+                              (users["bob"], "present" if number in (1, 2) else "absent")):
+            findings_answer_create(scan=scan, reader=reader, states={edema.pk: state})
+    # scans 0–2: alice, bob and the import (3 pairs each); scan 3 had no import answer (1)
+    result = findings_agreement_all(findings_set, min_pairs=2)
+    edema_row = next(r for r in result["per_finding"] if r["finding"] == edema)
+    assert result["scans"] == 4 and edema_row["pairs"] == 3 * 3 + 1
+    assert edema_row["kappa"] is not None and 0 <= edema_row["agreement"] <= 1
+    client.force_login(users["bob"])
+    page = client.get(f"/projects/{project.pk}/review/").content.decode()
+    assert "Reader agreement per finding: findings" in page
+    assert 'data-kappa-finding="Edema"' in page
+    assert 'data-kappa-class="Edema"' not in page           # findings are not classes there
