@@ -90,20 +90,16 @@ def finding_hotkeys(findings: list[LabelClass]) -> dict[int, str]:
 def _findings_suggestion(project: Project, scan: Scan, findings: list[LabelClass]) -> dict | None:
     """The active version's per-finding probabilities for the scan, with the thresholds
     saved with it; None when it has no findings head for the scan's set."""
-    from ml_backend.services.findings import findings_head
+    from ml_backend.services.findings import findings_scorer
 
     model = project.active_model
-    head = findings_head(model, scan.label_set_id) if model is not None else None
-    if head is None:
+    scorer = findings_scorer(model, scan.label_set_id)
+    if scorer is None:
         return None
-    try:
-        vector = inference.vectors_for(model.parent, [scan])
-    except TrainingError:
-        vector = inference.embed_images(model.parent, [scan.preview.path])
-    proba = head.predict_proba(vector)[0]
-    column = {int(i): j for j, i in enumerate(head.finding_ids)}
+    proba = scorer.predict([scan])[0]
+    column = {int(i): j for j, i in enumerate(scorer.finding_ids)}
     scores = {f.pk: (round(float(proba[column[f.pk]]), 4),
-                     round(float(head.thresholds[column[f.pk]]), 4))
+                     round(float(scorer.thresholds[column[f.pk]]), 4))
               for f in findings if f.pk in column}
     return {"model_version": model.version, "scores": scores}
 

@@ -21,7 +21,8 @@ from ml_backend.models import ModelVersion
 from ml_backend.services.artifacts import checkpoint_path
 from ml_backend.services.inference import vectors_for
 
-__all__ = ["findings_head", "findings_proba", "fit_findings_sets", "save_findings_heads"]
+__all__ = ["FindingsScorer", "findings_head", "findings_proba", "findings_scorer",
+           "fit_findings_sets", "save_findings_heads"]
 
 # Thresholds: the F1-optimal point on the eval split needs this many eval positives of the
 # finding; below, the finding keeps 0.5 on its calibrated probability.
@@ -98,24 +99,71 @@ def findings_head(model: ModelVersion | None, label_set_id: int):
     if model is None:
         return None
     for entry in (model.config or {}).get("findings_sets", []):
-        if entry["id"] == label_set_id:
+        if entry["id"] == label_set_id and "head" in entry:
             path = Path(checkpoint_path(model, entry["head"]))
             return FindingsHead.load(path) if path.exists() else None
     return None
 
 
-def findings_proba(model: ModelVersion, label_set: LabelSet, scans: list[Scan],
-                   finding_ids: list[int]) -> np.ndarray | None:
-    """``(N, len(finding_ids))`` calibrated probabilities from the version's head for the set
-    (NaN columns for findings it does not know), or None without a head."""
-    head = findings_head(model, label_set.pk)
+class FindingsScorer:
+    """What a version knows of one findings set, whatever it is (refit heads on embeddings,
+    or a fine-tuned network): ``finding_ids``, ``thresholds`` and ``predict(scans)`` →
+    ``(N, F)`` probabilities in ``finding_ids`` order."""
+
+    def __init__(self, finding_ids, thresholds, predict):
+        self.finding_ids = np.asarray(finding_ids)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.predict = predict
+
+
+def findings_scorer(model: ModelVersion | None, label_set_id: int) -> FindingsScorer | None:
+    """The version's scorer for a findings set, or None when it has none."""
+    if model is None:
+        return None
+    entry = next((e for e in (model.config or {}).get("findings_sets", [])
+                  if e["id"] == label_set_id), None)
+    if entry is None:
+        return None
+    if "net" in entry:                     # a fine-tuned findings network
+        from ml_backend.services.artifacts import images_for
+        from ml_backend.ssl.findings import predict_findings
+        from ml_backend.ssl.train import load_classifier
+
+        path = Path(checkpoint_path(model, entry["net"]))
+        if not path.exists():
+            return None
+        network, pconfig = load_classifier(path)
+        ids = [f["id"] for f in entry["findings"]]
+        thresholds = [entry["thresholds"].get(f["name"], 0.5) for f in entry["findings"]]
+        return FindingsScorer(ids, thresholds, lambda scans: predict_findings(
+            network, images_for(scans, pconfig.image_size), pconfig))
+    head = findings_head(model, label_set_id)
     if head is None:
         return None
     encoder = model.parent
     if encoder is None:
         raise TrainingError(f"{model.version} has no parent encoder")
-    proba = head.predict_proba(vectors_for(encoder, scans))
-    column = {int(i): c for c, i in enumerate(head.finding_ids)}
+
+    def predict(scans: list[Scan]) -> np.ndarray:
+        try:
+            vectors = vectors_for(encoder, scans)
+        except TrainingError:            # a scan imported since the last embed
+            from ml_backend.services.inference import embed_images
+
+            vectors = embed_images(encoder, [s.preview.path for s in scans])
+        return head.predict_proba(vectors)
+    return FindingsScorer(head.finding_ids, head.thresholds, predict)
+
+
+def findings_proba(model: ModelVersion, label_set: LabelSet, scans: list[Scan],
+                   finding_ids: list[int]) -> np.ndarray | None:
+    """``(N, len(finding_ids))`` calibrated probabilities from the version for the set (NaN
+    columns for findings it does not know), or None when it has nothing for the set."""
+    scorer = findings_scorer(model, label_set.pk)
+    if scorer is None:
+        return None
+    proba = scorer.predict(scans)
+    column = {int(i): c for c, i in enumerate(scorer.finding_ids)}
     out = np.full((len(scans), len(finding_ids)), np.nan)
     for j, fid in enumerate(finding_ids):
         if fid in column:
@@ -147,7 +195,8 @@ def findings_gate(candidate: ModelVersion, fitted: list[dict], active: ModelVers
             results[label_set.name] = {"note": "the active version has no findings head for "
                                                "this set: newly learned"}
             continue
-        candidate_proba = entry["head"].predict_proba(vectors_for(candidate.parent, scans))
+        candidate_proba = (entry["head"].predict_proba(vectors_for(candidate.parent, scans))
+                           if entry.get("head") is not None else entry["predict"](scans))
         comparison = compare_findings(targets, candidate_proba, active_proba, names)
         results[label_set.name] = comparison
         held += [f"{label_set.name}: {name}" for name in comparison["regressed"]]

@@ -219,7 +219,17 @@ class _Explainer:
     def __init__(self, model: ModelVersion):
         self.class_ids = [c["id"] for c in model.config["classes"]]
         self.model = model
-        if model.config.get("kind") == "head":
+        self.finding_ids: list[int] = []
+        if model.config.get("kind") == "finetuned-findings":   # one findings network
+            from ml_backend.ssl.train import load_classifier
+
+            entry = model.config["findings_sets"][0]
+            self.heads = None
+            self.classifier, self.config = cache.get(model, entry["net"], load_classifier)
+            self.encoder = self.classifier.encoder
+            self.finding_ids = [f["id"] for f in entry["findings"]]
+            self.temperature = 1.0
+        elif model.config.get("kind") == "head":
             self.heads = version_heads(model)
             simclr, self.config = encoder_network(model.parent)
             self.encoder = simclr.encoder
@@ -251,7 +261,12 @@ class _Explainer:
         from ml_backend.explain import gradcam, head_score
 
         finding = self._finding_head(class_id) if class_id not in self.class_ids else None
-        if finding is not None:            # a finding: its own binary head's logit
+        if class_id in self.finding_ids:   # a finding of a fine-tuned findings network
+            classifier = self.classifier
+            score = lambda pooled: classifier.fc(  # noqa: E731
+                classifier.head(pooled, upto=classifier.from_head_layer))
+            index = self.finding_ids.index(class_id)
+        elif finding is not None:          # a finding: its own binary head's logit
             head, index = finding
             score = head_score(head.mean, head.scale, head.coef, head.intercept)
         elif class_id not in self.class_ids:

@@ -67,7 +67,7 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     context = QueryContext(proba=proba, embeddings=embeddings, labeled_embeddings=labeled,
                            groups=np.array([s.patient_key for s in candidates]),
                            class_names=class_names)
-    findings = _findings_contexts(model, candidates, embeddings)
+    findings = _findings_contexts(model, candidates)
     try:
         selection = (_query_per_label_set(strategy, context, n, candidates, findings)
                      if candidates else None)
@@ -96,27 +96,27 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     return query_round
 
 
-def _findings_contexts(model, candidates: list[Scan], embeddings) -> dict[int, dict]:
+def _findings_contexts(model, candidates: list[Scan]) -> dict[int, dict]:
     """For each findings set among the candidates whose active version has a findings head:
     the per-finding probabilities of its candidates, the finding names and thresholds."""
     from annotator.models import LabelSet
-    from ml_backend.services.findings import findings_head
+    from ml_backend.services.findings import findings_scorer
 
-    if model is None or embeddings is None:
+    if model is None:
         return {}
     set_ids = np.array([s.label_set_id for s in candidates])
     out = {}
     for label_set in LabelSet.objects.filter(pk__in=set(set_ids.tolist()),
                                              kind=LabelSet.Kind.MULTI):
-        head = findings_head(model, label_set.pk)
-        if head is None:
+        scorer = findings_scorer(model, label_set.pk)
+        if scorer is None:
             continue
         entry = next(e for e in model.config["findings_sets"] if e["id"] == label_set.pk)
         names = {f["id"]: f["name"] for f in entry["findings"]}
         rows = np.flatnonzero(set_ids == label_set.pk)
-        out[label_set.pk] = {"proba": head.predict_proba(embeddings[rows]),
-                             "names": [names.get(int(i), str(i)) for i in head.finding_ids],
-                             "thresholds": head.thresholds}
+        out[label_set.pk] = {"proba": scorer.predict([candidates[i] for i in rows]),
+                             "names": [names.get(int(i), str(i)) for i in scorer.finding_ids],
+                             "thresholds": scorer.thresholds}
     return out
 
 

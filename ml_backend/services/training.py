@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from django.conf import settings
 
-from annotator.models import LabelClass, Project, Scan
+from annotator.models import Annotation, LabelClass, Project, Scan
 from annotator.selectors import class_label_sets, training_labels
 from ml_backend.errors import TrainingError
 from ml_backend.models import ModelVersion, TrainingRun
@@ -259,10 +259,80 @@ def _labeled_arrays(project: Project, classes: list[int], size: int, split: str)
     return scans, images_for(scans, size), labels
 
 
+def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVersion) -> None:
+    """SimCLRv2 step 2 for a findings set: per-finding sigmoid outputs, masked BCE (the set's
+    uncertain-label policy applied), thresholds chosen on the eval split, the findings gate.
+    Only in a project whose labels are all findings: the project has one active version, and
+    a network version does not carry another set's class heads."""
+    from annotator.findings import findings_targets
+    from annotator.models import LabelSet
+    from ml_backend.metrics.findings import choose_thresholds, findings_report, uncertain_policy
+    from ml_backend.ssl.findings import finetune_findings, predict_findings
+
+    label_set = LabelSet.objects.filter(project=run.project, pk=run.params["findings_set"]).first()
+    if label_set is None or not label_set.is_multi:
+        raise TrainingError("--label-set must name one of the project's findings sets")
+    if Annotation.objects.filter(scan__project=run.project,
+                                 outcome=Annotation.Outcome.LABEL).exists():
+        raise TrainingError("this project also has class labels: fine-tune findings networks "
+                            "in a findings-only project (its refit heads cover both kinds)")
+    scans, findings, raw = findings_targets(label_set, split="pool")
+    targets = uncertain_policy(raw, label_set.uncertain_policy)
+    if not scans or not any(np.nansum(targets[:, i] == 1) and np.nansum(targets[:, i] == 0)
+                            for i in range(len(findings))):
+        raise TrainingError(f"{label_set.name}: no finding seen both present and absent on "
+                            "pool scans yet")
+    pretrained, pconfig = ssl.load_pretrained(checkpoint_path(encoder, "encoder.pt"))
+    config = ssl.FinetuneConfig(**{k: v for k, v in run.params.items()
+                                   if k in ssl.FinetuneConfig.__dataclass_fields__})
+    names = [f.name for f in findings]
+    entry = {"id": label_set.pk, "name": label_set.name, "net": f"findings-net-{label_set.pk}.pt",
+             "findings": [{"id": f.pk, "name": f.name} for f in findings],
+             "uncertain_policy": label_set.uncertain_policy, "num_scans": len(scans)}
+    model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
+        "kind": "finetuned-findings", "classes": [], "label_sets": [],
+        "finetune": asdict(config), "pretrain": asdict(pconfig), "findings_sets": [entry]})
+    report.log(f"fine-tuning {model.version} from {encoder.version} on {len(scans)} scans of "
+               f"{label_set.name} ({len(findings)} findings, uncertain: "
+               f"{label_set.uncertain_policy})")
+    network, metrics = finetune_findings(
+        pretrained, pconfig, images_for(scans, pconfig.image_size), targets, config,
+        checkpoint_path=checkpoint_path(model, entry["net"]), model_version=model.version,
+        progress=report, workers=_workers())
+    eval_scans, _, eval_raw = findings_targets(label_set, split="eval")
+    eval_targets = uncertain_policy(eval_raw, "ignore")
+    result, thresholds = None, np.full(len(findings), 0.5)
+    predict = (lambda some: predict_findings(network, images_for(some, pconfig.image_size),
+                                             pconfig))
+    if eval_scans:
+        from ml_backend.services.findings import MIN_THRESHOLD_POSITIVES
+
+        proba = predict(eval_scans)
+        chosen = choose_thresholds(eval_targets, proba, method=label_set.threshold_rule,
+                                   target_sensitivity=label_set.target_sensitivity)
+        thresholds = np.where(np.nansum(eval_targets == 1, axis=0) >= MIN_THRESHOLD_POSITIVES,
+                              chosen, 0.5)
+        result = findings_report(eval_targets, proba, names, thresholds=thresholds)
+    entry["thresholds"] = {n: float(t) for n, t in zip(names, thresholds)}
+    model.config = {**model.config, "findings_sets": [entry]}
+    model.save(update_fields=["config"])
+    (Path(model.artifact_dir) / "config.json").write_text(json.dumps(model.config, indent=2,
+                                                                     default=str))
+    fitted = [{"label_set": label_set, "head": None, "predict": predict, "config": entry,
+               "eval": (eval_scans, eval_targets), "report": result}]
+    verdict = findings_gate(model, fitted, run.project.active_model)
+    _finish_findings_only(run, model, verdict, {label_set.name: result}, report)
+    model.metrics = {**model.metrics, "finetune": metrics}
+    model.save(update_fields=["metrics"])
+
+
 def _finetune(run: TrainingRun, report: RunReporter) -> None:
     encoder = run.project.active_encoder
     if encoder is None:
         raise TrainingError("the project has no active encoder: run `manage.py pretrain` first")
+    if run.params.get("findings_set"):
+        _finetune_findings(run, report, encoder)
+        return
     pretrained, pconfig = ssl.load_pretrained(checkpoint_path(encoder, "encoder.pt"))
     train_scans, class_ids = training_labels(run.project, split="pool")
     classes = sorted(set(class_ids))

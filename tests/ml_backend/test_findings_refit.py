@@ -167,3 +167,43 @@ def test_thresholds_by_a_target_sensitivity_set_on_the_label_set(findings_projec
     report = project.active_model.metrics["training"]["findings"]["brain findings"]
     for finding in FINDINGS:            # 10 eval positives each: the target holds on eval
         assert report["per_finding"][finding]["sensitivity"] >= 0.95
+
+
+def test_finetune_a_findings_network_and_serve_it(findings_project, users):
+    """`finetune --label-set` trains per-finding sigmoid outputs on the findings set; the
+    version carries its thresholds and per-finding report, and the label page and the
+    worklist score scans with it."""
+    from annotator.label_page import label_payload
+    from ml_backend.services import query_round_create
+
+    project = findings_project
+    call_command("finetune", "--project", project.name, "--label-set", "brain findings",
+                 "--epochs", "2", "--batch-size", "16", "--no-progress")
+    project.refresh_from_db()
+    model = project.active_model
+    assert model.config["kind"] == "finetuned-findings" and model.status == "active"
+    entry = model.config["findings_sets"][0]
+    assert entry["net"].endswith(".pt") and set(entry["thresholds"]) == set(FINDINGS)
+    report = model.metrics["training"]["findings"]["brain findings"]
+    assert report["macro_auc"] > 0.7
+    scan = project.scans.filter(split="pool").exclude(annotations__outcome="findings").first()
+    payload = label_payload(project=project, scan=scan)
+    assert payload["findings_model"] == model.version
+    assert all(row["p"] is not None for row in payload["findings"])
+    assert query_round_create(project=project, n=3).size == 3
+    from ml_backend.services.inference import scan_gradcam
+
+    pituitary = LabelClass.objects.get(name="pituitary_tumor")
+    assert scan_gradcam(scan=scan, class_id=pituitary.pk)[:4] == b"\x89PNG"
+    with pytest.raises(Exception, match="not a findings label set"):
+        call_command("finetune", "--project", project.name, "--label-set", "nope")
+
+
+def test_grad_cam_of_a_refit_finding(findings_project):
+    from ml_backend.services.inference import scan_gradcam
+
+    call_command("refit", project=findings_project.name)
+    findings_project.refresh_from_db()
+    scan = findings_project.scans.filter(split="eval").first()
+    glioma = LabelClass.objects.get(name="glioma_tumor")
+    assert scan_gradcam(scan=scan, class_id=glioma.pk)[:4] == b"\x89PNG"

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from ml_backend.management.commands._runs import add_common_arguments, get_project, run
 
@@ -21,6 +21,9 @@ class Command(BaseCommand):
         parser.add_argument("--from-head-layer", type=int, default=0,
                             help="0 (default): from the encoder's output; 1: from SimCLRv2's "
                                  "first projection layer")
+        parser.add_argument("--label-set", default="",
+                            help="a findings label set: fine-tune a network with one sigmoid "
+                                 "output per finding (masked BCE; findings-only projects)")
         parser.add_argument("--augment", action="store_true",
                             help="light crops/affine/intensity while training (off by default: "
                                  "it cost macro-F1 on a new-site hold-out)")
@@ -42,4 +45,11 @@ class Command(BaseCommand):
                   "from_head_layer": opts["from_head_layer"], "seed": opts["seed"],
                   "head_init": opts["head_init"], "backbone_lr_scale": opts["backbone_lr_scale"],
                   "batchnorm": opts["batchnorm"], "augment": opts["augment"]}
-        run(self, project=get_project(opts["project"]), kind="retrain", params=params, opts=opts)
+        project = get_project(opts["project"])
+        if opts["label_set"]:
+            label_set = project.label_sets.filter(name__iexact=opts["label_set"]).first()
+            if label_set is None or not label_set.is_multi:
+                raise CommandError(f"{opts['label_set']!r} is not a findings label set of "
+                                   f"{project.name!r} (class sets fine-tune without --label-set)")
+            params["findings_set"] = label_set.pk
+        run(self, project=project, kind="retrain", params=params, opts=opts)
