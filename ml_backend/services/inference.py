@@ -220,7 +220,7 @@ class _Explainer:
         self.class_ids = [c["id"] for c in model.config["classes"]]
         self.model = model
         self.finding_ids: list[int] = []
-        if model.config.get("kind") == "finetuned-findings":   # one findings network
+        if model.config.get("kind") in ("finetuned-findings", "distilled-findings"):
             from ml_backend.ssl.train import load_classifier
 
             entry = model.config["findings_sets"][0]

@@ -266,8 +266,8 @@ def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVers
     a network version does not carry another set's class heads."""
     from annotator.findings import findings_targets
     from annotator.models import LabelSet
-    from ml_backend.metrics.findings import choose_thresholds, findings_report, uncertain_policy
-    from ml_backend.ssl.findings import finetune_findings, predict_findings
+    from ml_backend.metrics.findings import uncertain_policy
+    from ml_backend.ssl.findings import finetune_findings
 
     label_set = LabelSet.objects.filter(project=run.project, pk=run.params["findings_set"]).first()
     if label_set is None or not label_set.is_multi:
@@ -285,7 +285,6 @@ def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVers
     pretrained, pconfig = ssl.load_pretrained(checkpoint_path(encoder, "encoder.pt"))
     config = ssl.FinetuneConfig(**{k: v for k, v in run.params.items()
                                    if k in ssl.FinetuneConfig.__dataclass_fields__})
-    names = [f.name for f in findings]
     entry = {"id": label_set.pk, "name": label_set.name, "net": f"findings-net-{label_set.pk}.pt",
              "findings": [{"id": f.pk, "name": f.name} for f in findings],
              "uncertain_policy": label_set.uncertain_policy, "num_scans": len(scans)}
@@ -299,9 +298,20 @@ def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVers
         pretrained, pconfig, images_for(scans, pconfig.image_size), targets, config,
         checkpoint_path=checkpoint_path(model, entry["net"]), model_version=model.version,
         progress=report, workers=_workers())
+    _finish_findings_network(run, model, entry, label_set, network, pconfig, metrics, report)
+
+
+def _finish_findings_network(run, model, entry, label_set, network, pconfig, metrics,
+                             report) -> None:
+    """Thresholds and per-finding report on the eval split, the findings gate, promotion."""
+    from annotator.findings import findings_targets
+    from ml_backend.metrics.findings import choose_thresholds, findings_report, uncertain_policy
+    from ml_backend.ssl.findings import predict_findings
+
+    names = [f["name"] for f in entry["findings"]]
     eval_scans, _, eval_raw = findings_targets(label_set, split="eval")
     eval_targets = uncertain_policy(eval_raw, "ignore")
-    result, thresholds = None, np.full(len(findings), 0.5)
+    result, thresholds = None, np.full(len(names), 0.5)
     predict = (lambda some: predict_findings(network, images_for(some, pconfig.image_size),
                                              pconfig))
     if eval_scans:
@@ -322,7 +332,7 @@ def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVers
                "eval": (eval_scans, eval_targets), "report": result}]
     verdict = findings_gate(model, fitted, run.project.active_model)
     _finish_findings_only(run, model, verdict, {label_set.name: result}, report)
-    model.metrics = {**model.metrics, "finetune": metrics}
+    model.metrics = {**model.metrics, model.config["kind"]: metrics}
     model.save(update_fields=["metrics"])
 
 
@@ -356,6 +366,43 @@ def _finetune(run: TrainingRun, report: RunReporter) -> None:
                        len(labels), metrics, report, calibrate=True)
 
 
+def _distill_findings(run: TrainingRun, report: RunReporter, teacher_version: ModelVersion,
+                      encoder: ModelVersion) -> None:
+    """SimCLRv2 step 3 for a findings network: the student matches the teacher's per-finding
+    probabilities on every pool scan of the set, plus the masked BCE on its answers."""
+    from annotator.findings import findings_targets
+    from annotator.models import LabelSet
+    from ml_backend.metrics.findings import uncertain_policy
+    from ml_backend.ssl.findings import distill_findings
+
+    source = teacher_version.config["findings_sets"][0]
+    label_set = LabelSet.objects.get(pk=source["id"])
+    teacher, pconfig = ssl.load_classifier(checkpoint_path(teacher_version, source["net"]))
+    pretrained, _ = ssl.load_pretrained(checkpoint_path(encoder, "encoder.pt"))
+    config = ssl.DistillConfig(**{k: v for k, v in run.params.items()
+                                  if k in ssl.DistillConfig.__dataclass_fields__})
+    scans, findings, raw = findings_targets(label_set, split="pool")
+    known_ids = [f["id"] for f in source["findings"]]
+    if [f.pk for f in findings] != known_ids:
+        raise TrainingError(f"{label_set.name}'s findings changed since "
+                            f"{teacher_version.version}: fine-tune a new teacher first")
+    pool = list(Scan.objects.filter(project=run.project, split="pool", label_set=label_set,
+                                    quarantined=False).order_by("pk"))
+    entry = {**source, "num_scans": len(scans)}
+    model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
+        **teacher_version.config, "kind": "distilled-findings", "distill": asdict(config),
+        "teacher": teacher_version.version, "findings_sets": [entry]})
+    report.log(f"distilling {teacher_version.version} into {model.version} on {len(pool)} pool "
+               f"scans of {label_set.name} (+{len(scans)} answered)")
+    student, metrics = distill_findings(
+        teacher, pretrained, pconfig, images_for(pool, pconfig.image_size), config,
+        labeled=images_for(scans, pconfig.image_size) if scans else None,
+        targets=uncertain_policy(raw, label_set.uncertain_policy) if scans else None,
+        checkpoint_path=checkpoint_path(model, entry["net"]), model_version=model.version,
+        progress=report, workers=_workers())
+    _finish_findings_network(run, model, entry, label_set, student, pconfig, metrics, report)
+
+
 def _distill(run: TrainingRun, report: RunReporter) -> None:
     teacher_version = (ModelVersion.objects.get(pk=run.params["teacher"])
                        if run.params.get("teacher") else run.project.active_model)
@@ -364,6 +411,9 @@ def _distill(run: TrainingRun, report: RunReporter) -> None:
     encoder = teacher_version.parent
     if encoder is None:
         raise TrainingError(f"{teacher_version.version} has no parent encoder")
+    if teacher_version.config.get("kind") in ("finetuned-findings", "distilled-findings"):
+        _distill_findings(run, report, teacher_version, encoder)
+        return
     teacher, pconfig = ssl.load_classifier(checkpoint_path(teacher_version, "classifier.pt"))
     pretrained, _ = ssl.load_pretrained(checkpoint_path(encoder, "encoder.pt"))
     classes = [c["id"] for c in teacher_version.config["classes"]]

@@ -197,6 +197,14 @@ def test_finetune_a_findings_network_and_serve_it(findings_project, users):
     assert scan_gradcam(scan=scan, class_id=pituitary.pk)[:4] == b"\x89PNG"
     with pytest.raises(Exception, match="not a findings label set"):
         call_command("finetune", "--project", project.name, "--label-set", "nope")
+    # step 3: the distilled student of the findings network, gated and served the same way
+    call_command("distill", "--project", project.name, "--epochs", "1", "--batch-size", "32",
+                 "--no-progress")
+    student = ModelVersion.objects.filter(project=project).order_by("-pk").first()
+    assert student.config["kind"] == "distilled-findings"
+    assert student.config["teacher"] == model.version
+    assert student.metrics["training"]["findings"]["brain findings"]["macro_auc"] > 0.7
+    assert student.status in ("active", "ready")
 
 
 def test_grad_cam_of_a_refit_finding(findings_project):
