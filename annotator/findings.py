@@ -9,25 +9,14 @@ has (reader, time, duration, model version and the per-finding scores shown).
 
 from __future__ import annotations
 
-from collections import defaultdict
-
-import numpy as np
 from django.db import transaction
 
-from annotator.models import Annotation, FindingAnswer, LabelClass, LabelSet, Scan
+from annotator.models import Annotation, FindingAnswer, LabelSet, Scan
+from annotator.selectors import latest_findings_per_reader, findings_for_set, findings_targets
 from annotator.services import AnnotationError, label_saved
 
-__all__ = ["STATE_VALUE", "findings_agreement", "findings_answer_create", "findings_for_set",
-           "findings_targets"]
-
-# How a state enters a target matrix (ml_backend.metrics.findings: 1, 0, -1 uncertain).
-STATE_VALUE = {FindingAnswer.State.PRESENT: 1.0, FindingAnswer.State.ABSENT: 0.0,
-               FindingAnswer.State.UNCERTAIN: -1.0}
-
-
-def findings_for_set(label_set: LabelSet) -> list[LabelClass]:
-    """The set's findings in display order."""
-    return list(label_set.classes.order_by("order", "name"))
+__all__ = ["findings_agreement", "findings_agreement_all", "findings_answer_create",
+           "findings_for_set", "findings_targets"]
 
 
 def findings_answer_create(
@@ -96,74 +85,12 @@ def findings_answer_create(
     return annotation
 
 
-def _latest_per_reader(label_set: LabelSet, split: str | None):
-    """``{scan id: {reader key: (source, {finding id: state})}}`` from each reader's latest
-    findings answer (imports count as one reader; adjudications as their own key)."""
-    answers = (FindingAnswer.objects
-               .filter(annotation__scan__label_set=label_set,
-                       annotation__outcome=Annotation.Outcome.FINDINGS)
-               .order_by("annotation__created_at", "annotation_id"))
-    if split is not None:
-        answers = answers.filter(annotation__scan__split=split)
-    latest: dict[int, dict[str, tuple[int, str, dict]]] = defaultdict(dict)
-    # one row per (annotation, finding), oldest answer first
-    for scan_id, annotation_id, reader_id, source, finding_id, state in answers.values_list(
-            "annotation__scan_id", "annotation_id", "annotation__reader_id",
-            "annotation__source", "finding_id", "state"):
-        key = "adjudication" if source == Annotation.Source.ADJUDICATION else (
-            "import" if source == Annotation.Source.IMPORT else f"reader-{reader_id}")
-        held = latest[scan_id].get(key)
-        if held is None or held[0] != annotation_id:    # rows come oldest first: a newer
-            held = (annotation_id, source, {})          # answer replaces the older one
-            latest[scan_id][key] = held
-        held[2][finding_id] = state
-    return latest
-
-
-def findings_targets(label_set: LabelSet, *, split: str = "pool"
-                     ) -> tuple[list[Scan], list[LabelClass], np.ndarray]:
-    """What the models train and are evaluated on: per scan and finding, the adjudicated
-    state if that finding was adjudicated, else the majority of the readers' latest answers (a tie between present and
-    absent counts as uncertain). Returns the scans (by id), the findings and ``(N, F)``
-    targets: 1 present, 0 absent, -1 uncertain (before the set's policy), NaN unanswered."""
-    findings = findings_for_set(label_set)
-    column = {f.pk: i for i, f in enumerate(findings)}
-    latest = _latest_per_reader(label_set, split)
-    scan_ids = sorted(latest)
-    targets = np.full((len(scan_ids), len(findings)), np.nan)
-    for row, scan_id in enumerate(scan_ids):
-        readers = latest[scan_id]
-        adjudicated = readers.get("adjudication", (None, None, {}))[2]
-        votes = defaultdict(list)
-        for key, (_, _, answered) in readers.items():
-            if key != "adjudication":
-                for fid, state in answered.items():
-                    votes[fid].append(state)
-        for fid, state in adjudicated.items():      # per finding: the adjudication decides
-            votes[fid] = [state]
-        for fid, states in votes.items():
-            if fid not in column:
-                continue
-            present = states.count(FindingAnswer.State.PRESENT)
-            absent = states.count(FindingAnswer.State.ABSENT)
-            uncertain = states.count(FindingAnswer.State.UNCERTAIN)
-            if present > max(absent, uncertain):
-                value = 1.0
-            elif absent > max(present, uncertain):
-                value = 0.0
-            else:
-                value = -1.0
-            targets[row, column[fid]] = value
-    scans = Scan.objects.in_bulk(scan_ids)
-    return [scans[i] for i in scan_ids], findings, targets
-
-
 def findings_agreement(label_set: LabelSet, reader_a, reader_b) -> dict:
     """Cohen's kappa per finding between two readers, over the scans both answered for that
     finding (their latest answers; present / absent / uncertain as three categories)."""
     from sklearn.metrics import cohen_kappa_score
 
-    latest = _latest_per_reader(label_set, None)
+    latest = latest_findings_per_reader(label_set, None)
     key_a, key_b = f"reader-{reader_a.pk}", f"reader-{reader_b.pk}"
     out = {}
     for finding in findings_for_set(label_set):
@@ -197,7 +124,7 @@ def findings_agreement_all(label_set: LabelSet, *, min_pairs: int | None = None)
     from annotator.review import MIN_PAIRS
 
     min_pairs = MIN_PAIRS if min_pairs is None else min_pairs
-    latest = _latest_per_reader(label_set, None)
+    latest = latest_findings_per_reader(label_set, None)
     findings = findings_for_set(label_set)
     pairs: dict[int, list[tuple[str, str]]] = {f.pk: [] for f in findings}
     scans = 0

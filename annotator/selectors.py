@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 
+import numpy as np
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404
 
 from annotator.models import (
     Annotation,
+    FindingAnswer,
     ImportJob,
     LabelClass,
+    LabelSet,
     Membership,
     Project,
     Scan,
@@ -126,3 +129,75 @@ def class_label_sets(project) -> dict[int, int]:
     """{class id: label set id} for the project's classes (``project``: a Project or its id)."""
     return dict(LabelClass.objects.filter(project_id=getattr(project, "pk", project))
                 .values_list("pk", "label_set_id"))
+
+
+# --- findings sets (reads; the ML adapter trains on findings_targets) ----------------------
+
+
+def findings_for_set(label_set: LabelSet) -> list[LabelClass]:
+    """The set's findings in display order."""
+    return list(label_set.classes.order_by("order", "name"))
+
+
+def latest_findings_per_reader(label_set: LabelSet, split: str | None):
+    """``{scan id: {reader key: (source, {finding id: state})}}`` from each reader's latest
+    findings answer (imports count as one reader; adjudications as their own key)."""
+    answers = (FindingAnswer.objects
+               .filter(annotation__scan__label_set=label_set,
+                       annotation__outcome=Annotation.Outcome.FINDINGS)
+               .order_by("annotation__created_at", "annotation_id"))
+    if split is not None:
+        answers = answers.filter(annotation__scan__split=split)
+    latest: dict[int, dict[str, tuple[int, str, dict]]] = defaultdict(dict)
+    # one row per (annotation, finding), oldest answer first
+    for scan_id, annotation_id, reader_id, source, finding_id, state in answers.values_list(
+            "annotation__scan_id", "annotation_id", "annotation__reader_id",
+            "annotation__source", "finding_id", "state"):
+        key = "adjudication" if source == Annotation.Source.ADJUDICATION else (
+            "import" if source == Annotation.Source.IMPORT else f"reader-{reader_id}")
+        held = latest[scan_id].get(key)
+        if held is None or held[0] != annotation_id:    # rows come oldest first: a newer
+            held = (annotation_id, source, {})          # answer replaces the older one
+            latest[scan_id][key] = held
+        held[2][finding_id] = state
+    return latest
+
+
+def findings_targets(label_set: LabelSet, *, split: str = "pool"
+                     ) -> tuple[list[Scan], list[LabelClass], np.ndarray]:
+    """What the models train and are evaluated on: per scan and finding, the adjudicated
+    state if that finding was adjudicated, else the majority of the readers' latest answers (a tie between present and
+    absent counts as uncertain). Returns the scans (by id), the findings and ``(N, F)``
+    targets: 1 present, 0 absent, -1 uncertain (before the set's policy), NaN unanswered."""
+    findings = findings_for_set(label_set)
+    column = {f.pk: i for i, f in enumerate(findings)}
+    latest = latest_findings_per_reader(label_set, split)
+    scan_ids = sorted(latest)
+    targets = np.full((len(scan_ids), len(findings)), np.nan)
+    for row, scan_id in enumerate(scan_ids):
+        readers = latest[scan_id]
+        adjudicated = readers.get("adjudication", (None, None, {}))[2]
+        votes = defaultdict(list)
+        for key, (_, _, answered) in readers.items():
+            if key != "adjudication":
+                for fid, state in answered.items():
+                    votes[fid].append(state)
+        for fid, state in adjudicated.items():      # per finding: the adjudication decides
+            votes[fid] = [state]
+        for fid, states in votes.items():
+            if fid not in column:
+                continue
+            present = states.count(FindingAnswer.State.PRESENT)
+            absent = states.count(FindingAnswer.State.ABSENT)
+            uncertain = states.count(FindingAnswer.State.UNCERTAIN)
+            if present > max(absent, uncertain):
+                value = 1.0
+            elif absent > max(present, uncertain):
+                value = 0.0
+            else:
+                value = -1.0
+            targets[row, column[fid]] = value
+    scans = Scan.objects.in_bulk(scan_ids)
+    return [scans[i] for i in scan_ids], findings, targets
+
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from annotator.findings import findings_targets
+from annotator.selectors import findings_targets
 from annotator.models import LabelSet, Scan
 from ml_backend.errors import TrainingError
 from ml_backend.models import ModelVersion

@@ -264,7 +264,7 @@ def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVers
     uncertain-label policy applied), thresholds chosen on the eval split, the findings gate.
     Only in a project whose labels are all findings: the project has one active version, and
     a network version does not carry another set's class heads."""
-    from annotator.findings import findings_targets
+    from annotator.selectors import findings_targets
     from annotator.models import LabelSet
     from ml_backend.metrics.findings import uncertain_policy
     from ml_backend.ssl.findings import finetune_findings
@@ -304,7 +304,7 @@ def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVers
 def _finish_findings_network(run, model, entry, label_set, network, pconfig, metrics,
                              report) -> None:
     """Thresholds and per-finding report on the eval split, the findings gate, promotion."""
-    from annotator.findings import findings_targets
+    from annotator.selectors import findings_targets
     from ml_backend.metrics.findings import choose_thresholds, findings_report, uncertain_policy
     from ml_backend.ssl.findings import predict_findings
 
@@ -370,7 +370,7 @@ def _distill_findings(run: TrainingRun, report: RunReporter, teacher_version: Mo
                       encoder: ModelVersion) -> None:
     """SimCLRv2 step 3 for a findings network: the student matches the teacher's per-finding
     probabilities on every pool scan of the set, plus the masked BCE on its answers."""
-    from annotator.findings import findings_targets
+    from annotator.selectors import findings_targets
     from annotator.models import LabelSet
     from ml_backend.metrics.findings import uncertain_policy
     from ml_backend.ssl.findings import distill_findings
