@@ -206,9 +206,14 @@ def class_detail(request, project_id: int, class_id: int):
     label_class = LabelClass.objects.filter(project=project, pk=class_id).first()
     if label_class is None:
         raise Http404("No such class in this project.")
-    examples = list(Scan.objects.filter(annotations__label_class=label_class,
-                                        annotations__outcome=Annotation.Outcome.LABEL)
-                    .distinct().order_by("-pk")[:24])
+    if label_class.label_set.is_multi:     # a finding: the scans read with it present
+        examples = list(Scan.objects.filter(annotations__findings__finding=label_class,
+                                            annotations__findings__state="present")
+                        .distinct().order_by("-pk")[:24])
+    else:
+        examples = list(Scan.objects.filter(annotations__label_class=label_class,
+                                            annotations__outcome=Annotation.Outcome.LABEL)
+                        .distinct().order_by("-pk")[:24])
     candidates, error = {"neighbours": [], "novel": [], "propagated": []}, None
     try:
         candidates = ml.class_candidates(label_class=label_class, k=12)
@@ -233,12 +238,16 @@ def class_confirm(request, project_id: int, class_id: int):
         scan = _scan_in_project(project, int(request.POST.get("scan", "")))
     except ValueError:
         return JsonResponse({"error": "say which scan"}, status=400)
+    if label_class.label_set.is_multi:     # a finding: present on this scan, others unread
+        data = {"outcome": "findings", "findings": {label_class.pk: "present"},
+                "note": "confirmed as a candidate for a new finding"}
+    else:
+        data = {"outcome": "label", "class_id": label_class.pk,
+                "note": "confirmed as a candidate for a new class"}
     try:
         annotation, created = labeling.answer_submit(
             project=project, scan=scan, user=request.user,
-            data={"outcome": "label", "class_id": label_class.pk,
-                  "submission_id": request.POST.get("submission_id", ""),
-                  "note": "confirmed as a candidate for a new class"})
+            data={**data, "submission_id": request.POST.get("submission_id", "")})
     except services.AnnotationError as exc:
         return JsonResponse({"error": str(exc)}, status=400)
     return JsonResponse({"saved": annotation.pk, "created": created}, status=201 if created else 200)

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from annotator.models import Annotation, LabelClass, Project, Scan
+from annotator.models import Annotation, FindingAnswer, LabelClass, Project, Scan
 from annotator.storage import media_path
 from ml_backend.errors import TrainingError
 from ml_backend.models import ModelVersion, TrainingRun
@@ -197,7 +197,7 @@ def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[
     table = embedding_table(encoder)
     ids, vectors, row = table.ids, table.vectors, table.row
     labeled = set(Annotation.objects.filter(scan__project=project,
-                                            outcome=Annotation.Outcome.LABEL)
+                                            outcome__in=Annotation.LABELLING)
                   .values_list("scan_id", flat=True))
     in_set = set(Scan.objects.filter(project=project, label_set_id=label_class.label_set_id,
                                      quarantined=False, split="pool")
@@ -206,10 +206,14 @@ def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[
     result = {"neighbours": [], "novel": [], "propagated": []}
     if not unlabeled:
         return result
-    result["propagated"] = _propagated_candidates(label_class, in_set, labeled, table, k)
-    examples = [s for s in Annotation.objects.filter(label_class=label_class,
-                                                     outcome=Annotation.Outcome.LABEL)
-                .values_list("scan_id", flat=True).distinct() if s in row]
+    finding = label_class.label_set.is_multi
+    if not finding:    # label propagation spreads one class per scan: not for findings
+        result["propagated"] = _propagated_candidates(label_class, in_set, labeled, table, k)
+    examples = [s for s in (
+        FindingAnswer.objects.filter(finding=label_class, state=FindingAnswer.State.PRESENT)
+        .values_list("annotation__scan_id", flat=True).distinct() if finding else
+        Annotation.objects.filter(label_class=label_class, outcome=Annotation.Outcome.LABEL)
+        .values_list("scan_id", flat=True).distinct()) if s in row]
     if examples:
         queries = np.asarray(vectors[[row[s] for s in examples]], np.float32)
         best: dict[int, tuple[float, int]] = {}

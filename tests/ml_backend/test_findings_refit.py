@@ -215,3 +215,46 @@ def test_grad_cam_of_a_refit_finding(findings_project):
     scan = findings_project.scans.filter(split="eval").first()
     glioma = LabelClass.objects.get(name="glioma_tumor")
     assert scan_gradcam(scan=scan, class_id=glioma.pk)[:4] == b"\x89PNG"
+
+
+def test_a_finding_added_mid_project_gets_candidates_and_is_learned(findings_project, client,
+                                                                    users):
+    """The new-anomaly flow for findings: a reviewer adds a finding to the set, confirms two
+    candidates as present, the class page lists the nearest unread scans, and the next refit
+    has a head for the new finding."""
+    from annotator import services
+
+    project = findings_project
+    label_set = LabelSet.objects.get(project=project, name="brain findings")
+    new, _ = services.label_class_get_or_create(project=project, name="mass_effect",
+                                                label_set=label_set, created_by=users["bob"])
+    unread = list(project.scans.filter(split="pool").exclude(annotations__outcome="findings")
+                  .order_by("pk"))
+    client.force_login(users["bob"])
+    for scan in unread[:3]:
+        response = client.post(f"/projects/{project.pk}/classes/{new.pk}/confirm/",
+                               {"scan": scan.pk})
+        assert response.status_code == 201, response.content
+    answer = Annotation.objects.filter(scan=unread[0], reader=users["bob"]).get()
+    assert answer.outcome == "findings"
+    assert list(answer.findings.values_list("finding__name", "state")) == [("mass_effect",
+                                                                            "present")]
+    page = client.get(f"/projects/{project.pk}/classes/{new.pk}/").content.decode()
+    assert page.count(f"/scans/{unread[0].pk}/") >= 1          # an example of the finding
+    from ml_backend.services import class_candidates
+
+    candidates = class_candidates(label_class=new, k=5)
+    assert len(candidates["neighbours"]) == 5 and candidates["propagated"] == []
+    assert not {c["scan"] for c in candidates["neighbours"]} & {s.pk for s in unread[:3]}
+    # scans read for other findings say nothing about mass_effect (unknown, not absent); it is
+    # learnable once it has absent answers too
+    for scan in unread[3:6]:
+        client.post(f"/projects/{project.pk}/classes/{new.pk}/confirm/", {"scan": scan.pk})
+    from annotator.findings import findings_answer_create
+
+    for scan in unread[6:12]:
+        findings_answer_create(scan=scan, reader=users["alice"], no_finding=True)
+    call_command("refit", project=project.name)
+    project.refresh_from_db()
+    entry = project.active_model.config["findings_sets"][0]
+    assert "mass_effect" in entry["learnable"]
