@@ -39,6 +39,8 @@ CHARTS = {
     "embedding_labels": "Pool embedding map coloured by label",
     "embedding_predictions": "Pool embedding map coloured by prediction",
 }
+# Linked from each finding's row rather than shown on the page: ?set=<set>&finding=<name>.
+FINDING_CHART = "finding_reliability"
 MAX_MAP_POINTS = 5000
 
 
@@ -52,11 +54,13 @@ def reports(request, project_id: int):
 @login_required
 def chart(request, project_id: int, name: str):
     project = selectors.project_get_for_user(request.user, project_id)
-    if name not in CHARTS:
+    if name not in CHARTS and name != FINDING_CHART:
         raise Http404("No such chart.")
     model = _selected_model(project, request.GET.get("model"))
     try:
-        png = _draw(project, model, name)
+        png = (_draw_finding_reliability(model, request.GET.get("set", ""),
+                                         request.GET.get("finding", ""))
+               if name == FINDING_CHART else _draw(project, model, name))
     except (OSError, ValueError) as error:      # unreadable artifacts, inconsistent report
         logger.exception("report chart %s of project %s failed", name, project.pk)
         raise Http404(f"The {name} chart could not be drawn: {error}") from error
@@ -181,6 +185,21 @@ def _draw(project: Project, model: ModelVersion | None, name: str) -> bytes | No
     return None
 
 
+def _draw_finding_reliability(model: ModelVersion | None, set_name: str, finding: str
+                              ) -> bytes | None:
+    """One finding's reliability diagram: per probability bin, how often the finding is
+    present against the mean predicted probability."""
+    reports = (((model.metrics or {}).get("training") or {}).get("findings") or {}) if model \
+        else {}
+    row = ((reports.get(set_name) or {}).get("per_finding") or {}).get(finding)
+    if not row or not row.get("reliability"):
+        return None
+    bins = [{**b, "accuracy": b.get("frequency")} for b in row["reliability"]]
+    return charts.reliability_png(bins, row.get("ece"), title=f"{finding}",
+                                  y_label="share present",
+                                  x_label="predicted probability of the finding")
+
+
 def _draw_map(project: Project, model: ModelVersion | None, *, by_prediction: bool
               ) -> bytes | None:
     encoder = _encoder_for(project, model)
@@ -297,7 +316,9 @@ def _findings_sections(project: Project, model: ModelVersion | None) -> list[dic
                    .order_by("created_at", "pk"))
     sections = []
     for name, report in reports.items():
-        rows = [{"name": finding, **{k: _fmt(r.get(k)) for k in (
+        rows = [{"name": finding, "chart": "?" + urlencode({"model": model.version, "set": name,
+                                                             "finding": finding}),
+                 **{k: _fmt(r.get(k)) for k in (
                     "prevalence", "auc", "ap", "threshold", "sensitivity", "specificity", "ppv",
                     "f1", "ece")}, "positives": r.get("positives")}
                 for finding, r in ((report or {}).get("per_finding") or {}).items()]

@@ -144,7 +144,9 @@ def learning_curve_png(points: Sequence[Mapping], *, highlight: str | None = Non
 
 
 def reliability_png(bins: Sequence[Mapping], ece: float | None,
-                    ece_before: float | None = None, *, temperature: float | None = None) -> bytes:
+                    ece_before: float | None = None, *, temperature: float | None = None,
+                    title: str = "Reliability diagram", y_label: str = "accuracy",
+                    x_label: str = "confidence (max class probability)") -> bytes:
     """Reliability diagram (Guo et al., 2017): per confidence bin, the accuracy (bar) against
     the mean confidence (the diagonal is perfect calibration); the gap to the diagonal is
     shaded; below, how many eval scans fall in each bin.
@@ -176,13 +178,13 @@ def reliability_png(bins: Sequence[Mapping], ece: float | None,
                 linewidths=2, zorder=3, label="mean confidence")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
-    top.set_ylabel("accuracy")
+    top.set_ylabel(y_label)
     parts = [f"ECE {ece:.3f}" if ece is not None else "ECE —"]
     if ece_before is not None:
         parts.append(f"before scaling {ece_before:.3f}")
     if temperature is not None:
         parts.append(f"T = {temperature:.2f}")
-    top.set_title("Reliability diagram: " + ", ".join(parts), fontsize=10)
+    top.set_title(f"{title}: " + ", ".join(parts), fontsize=10)
     top.legend(loc="upper left", fontsize=8)
     top.grid(True, alpha=0.3)
 
@@ -192,7 +194,7 @@ def reliability_png(bins: Sequence[Mapping], ece: float | None,
             bottom.text(c, n, str(n), ha="center", va="bottom", fontsize=7)
     bottom.set_ylim(0, max(1, counts.max(initial=0)) * 1.35)
     bottom.set_ylabel("scans")
-    bottom.set_xlabel("confidence (max class probability)")
+    bottom.set_xlabel(x_label)
     return _png(figure)
 
 

@@ -153,6 +153,15 @@ def test_reports_page_shows_findings(findings_project, client, users):
     html = page.content.decode()
     assert "Findings: brain findings" in html and "Any-finding AUC" in html
     assert "<td>pituitary_tumor</td>" in html and "No evaluation for" not in html
+    import re
+
+    links = re.findall(r'href="([^"]*finding_reliability[^"]*)"', html)
+    assert len(links) == 3
+    chart = client.get(links[0].replace("&amp;", "&"))
+    assert chart.status_code == 200 and chart.content[:4] == b"\x89PNG"
+    missing = client.get(f"/projects/{findings_project.pk}/reports/finding_reliability.png"
+                         "?set=brain+findings&finding=nope")
+    assert missing.status_code == 404
 
 
 def test_thresholds_by_a_target_sensitivity_set_on_the_label_set(findings_project):
