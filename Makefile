@@ -20,7 +20,7 @@ migrate: venv
 	$(PY) manage.py migrate --noinput
 
 demo: venv migrate
-	$(PY) manage.py demo_setup
+	$(PY) manage.py demo_setup --url http://$(HOST):$(PORT)/
 	$(PY) manage.py runserver $(HOST):$(PORT)
 
 serve: venv

@@ -37,7 +37,10 @@ def test_demo_setup_is_complete_and_idempotent(db, capsys):
     project.refresh_from_db()
     encoder = project.active_encoder
     assert encoder is not None and encoder.metrics["embeddings"]["total"] == 390
-    call_command("demo_setup")          # second run: nothing duplicated, no second pretraining
+    capsys.readouterr()
+    # second run: nothing duplicated, no second pretraining; the URL make demo serves at
+    call_command("demo_setup", "--url", "http://127.0.0.1:8011/")
+    assert "Demo ready at http://127.0.0.1:8011/" in capsys.readouterr().out
     assert Scan.objects.count() == 390 and Annotation.objects.count() == 80
     assert QueryRound.objects.count() == 1        # the first worklist is kept
     project.refresh_from_db()

@@ -36,6 +36,9 @@ class Command(BaseCommand):
                             "only embedding; 4 from scratch when no starter is shipped); "
                             "-1: no encoder; skipped when the project already has one")
         parser.add_argument("--image-size", type=int, default=64)
+        parser.add_argument("--url", default="http://127.0.0.1:8000/",
+                            help="where the demo will be served, for the last line (make demo "
+                                 "passes its HOST and PORT)")
 
     def handle(self, *args, **opts):
         users = self._users(keep=opts["keep_passwords"])
@@ -96,7 +99,7 @@ class Command(BaseCommand):
             self.stdout.write(f"First worklist: {first.size} scans chosen ({first.strategy}; "
                               "with no labels yet, typical scans of every cluster).")
         self.stdout.write("")
-        self.stdout.write(self.style.SUCCESS("Demo ready at http://127.0.0.1:8000/"))
+        self.stdout.write(self.style.SUCCESS(f"Demo ready at {opts['url']}"))
         for role, (user, password) in users.items():
             shown = password or "(unchanged)"
             self.stdout.write(f"  {role:10s} username: {user.username:10s} password: {shown}")
