@@ -274,51 +274,18 @@ def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[An
             raise AnnotationError(f"{label_class.name!r} does not apply to this scan "
                                   f"(its label set is "
                                   f"{scan.label_set.name if scan.label_set_id else 'none'})")
-    shown_model = None
-    if data.get("shown_model_version"):
-        shown_model = ModelVersion.objects.filter(
-            project=project, version=str(data["shown_model_version"])[:64]).first()
-        if shown_model is None:
-            raise AnnotationError("the model version shown is not one of this project's")
     shown_suggestion = None
     suggestion_id = _optional_int(data, "shown_suggestion")
     if suggestion_id is not None:
         shown_suggestion = LabelClass.objects.filter(project=project, pk=suggestion_id).first()
         if shown_suggestion is None:
             raise AnnotationError("the suggested class shown is not one of this project's")
-    query_round = None
-    round_id = _optional_int(data, "query_round")
-    if round_id is not None:
-        query_round = QueryRound.objects.filter(project=project, pk=round_id).first()
-    duration = _optional_int(data, "duration_ms")
-    if duration is not None:
-        duration = max(0, min(duration, MAX_DURATION_MS))
-    submission = str(data.get("submission_id") or "")[:64]
-    if submission:
-        existing = Annotation.objects.filter(source=Annotation.Source.WEB,
-                                             external_id=submission).first()
-        if existing is not None:
-            if existing.scan_id != scan.pk or existing.reader_id != user.pk:
-                raise AnnotationError("this submission id was used for another answer")
-            return existing, False
-    try:
-        with transaction.atomic():
-            annotation = annotation_create(
-                scan=scan, reader=user, label_class=label_class, outcome=outcome,
-                source=Annotation.Source.WEB, duration_ms=duration,
-                shown_model_version=shown_model, shown_suggestion=shown_suggestion,
-                shown_confidence=_optional_float(data, "shown_confidence", low=0, high=1),
-                shown_acquisition_score=_optional_float(data, "shown_acquisition_score"),
-                query_round=query_round, external_id=submission,
-                note=str(data.get("note") or "")[:2000])
-    except IntegrityError:
-        existing = Annotation.objects.filter(source=Annotation.Source.WEB,
-                                             external_id=submission).first() if submission else None
-        if existing is None:
-            raise
-        return existing, False
-    lease_release(scan=scan, user=user)
-    return annotation, True
+    return _record_once(project=project, scan=scan, user=user, data=data,
+                        create=lambda **shown: annotation_create(
+                            scan=scan, reader=user, label_class=label_class, outcome=outcome,
+                            shown_suggestion=shown_suggestion,
+                            shown_confidence=_optional_float(data, "shown_confidence",
+                                                             low=0, high=1), **shown))
 
 
 def _findings_submit(*, project: Project, scan: Scan, user, data: dict
@@ -337,6 +304,19 @@ def _findings_submit(*, project: Project, scan: Scan, user, data: dict
         shown = {int(k): float(v) for k, v in shown.items()} if isinstance(shown, dict) else {}
     except (TypeError, ValueError):
         raise AnnotationError("finding ids are numbers and scores are probabilities") from None
+    return _record_once(project=project, scan=scan, user=user, data=data,
+                        create=lambda **common: findings_answer_create(
+                            scan=scan, reader=user, states=states,
+                            no_finding=bool(data.get("no_finding")),
+                            shown_scores=shown or None, **common))
+
+
+def _record_once(*, project: Project, scan: Scan, user, data: dict, create
+                 ) -> tuple[Annotation, bool]:
+    """What every answer from the label page shares: the model version, round, reading time
+    and acquisition score the reader was shown, checked; ``submission_id`` making a replayed
+    or double-submitted request a no-op; the lease released once saved. ``create(**fields)``
+    records the answer itself (a class, or findings)."""
     shown_model = None
     if data.get("shown_model_version"):
         shown_model = ModelVersion.objects.filter(
@@ -350,24 +330,26 @@ def _findings_submit(*, project: Project, scan: Scan, user, data: dict
     if duration is not None:
         duration = max(0, min(duration, MAX_DURATION_MS))
     submission = str(data.get("submission_id") or "")[:64]
-    if submission:
-        existing = Annotation.objects.filter(source=Annotation.Source.WEB,
-                                             external_id=submission).first()
-        if existing is not None:
-            if existing.scan_id != scan.pk or existing.reader_id != user.pk:
-                raise AnnotationError("this submission id was used for another answer")
-            return existing, False
+
+    def replayed() -> Annotation | None:
+        return Annotation.objects.filter(source=Annotation.Source.WEB,
+                                         external_id=submission).first() if submission else None
+
+    existing = replayed()
+    if existing is not None:
+        if existing.scan_id != scan.pk or existing.reader_id != user.pk:
+            raise AnnotationError("this submission id was used for another answer")
+        return existing, False
     try:
-        annotation = findings_answer_create(
-            scan=scan, reader=user, states=states, no_finding=bool(data.get("no_finding")),
-            source=Annotation.Source.WEB, duration_ms=duration, shown_model_version=shown_model,
-            shown_scores=shown or None,
-            shown_acquisition_score=_optional_float(data, "shown_acquisition_score"),
-            query_round=query_round, external_id=submission,
-            note=str(data.get("note") or "")[:2000])
-    except IntegrityError:
-        existing = Annotation.objects.filter(source=Annotation.Source.WEB,
-                                             external_id=submission).first() if submission else None
+        with transaction.atomic():
+            annotation = create(
+                source=Annotation.Source.WEB, duration_ms=duration,
+                shown_model_version=shown_model,
+                shown_acquisition_score=_optional_float(data, "shown_acquisition_score"),
+                query_round=query_round, external_id=submission,
+                note=str(data.get("note") or "")[:2000])
+    except IntegrityError:       # the same submission saved by a concurrent request
+        existing = replayed()
         if existing is None:
             raise
         return existing, False

@@ -26,7 +26,6 @@ from ml_backend.ssl.loop import (
     pick_device,
     recalibrate_batchnorm,
     seed_everything,
-    train_one_epoch,
 )
 from ml_backend.ssl.losses import findings_pos_weight, masked_bce
 from ml_backend.ssl.models import Classifier, SimCLRModel
@@ -36,6 +35,7 @@ from ml_backend.ssl.train import (
     _light_augmentation,
     _param_groups,
     _schedule,
+    run_epochs,
 )
 from ml_backend.ssl.transforms import eval_transform
 
@@ -128,18 +128,9 @@ def finetune_findings(
         x, y = batch[0].to(dev), batch[1].to(dev)
         return masked_bce(model(x).float(), y, pos_weight=pos_weight, focal_gamma=gamma), len(x)
 
-    history = []
-    for epoch in range(config.epochs):
-        result = train_one_epoch(
-            model, loader, step_loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-            device=dev, amp=config.amp, where=f"fine-tuning epoch {epoch + 1}",
-            grad_clip=config.grad_clip, frozen_batchnorm=config.batchnorm != "train")
-        history.append({"epoch": epoch + 1, "loss": result["loss"]})
-        if progress is not None:
-            progress({"stage": "finetune", "epoch": epoch + 1, "epochs": config.epochs,
-                      "loss": history[-1]["loss"]})
-    for p in model.parameters():
-        p.requires_grad_(True)
+    history = run_epochs(model, loader, step_loss, config, optimizer=optimizer,
+                         scheduler=scheduler, scaler=scaler, device=dev, stage="finetune",
+                         progress=progress)
     if config.batchnorm == "train":
         recalibrate_batchnorm(model, images, pretrain_config, device=dev, workers=workers)
     model.eval()
@@ -219,18 +210,9 @@ def distill_findings(
             loss = (1 - config.labeled_weight) * loss + config.labeled_weight * supervised
         return loss, len(x)
 
-    history = []
-    for epoch in range(config.epochs):
-        result = train_one_epoch(
-            student, loader, step_loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-            device=dev, amp=config.amp, where=f"distillation epoch {epoch + 1}",
-            grad_clip=config.grad_clip, frozen_batchnorm=config.batchnorm != "train")
-        history.append({"epoch": epoch + 1, "loss": result["loss"]})
-        if progress is not None:
-            progress({"stage": "distill", "epoch": epoch + 1, "epochs": config.epochs,
-                      "loss": history[-1]["loss"]})
-    for p in student.parameters():
-        p.requires_grad_(True)
+    history = run_epochs(student, loader, step_loss, config, optimizer=optimizer,
+                         scheduler=scheduler, scaler=scaler, device=dev, stage="distill",
+                         progress=progress)
     if config.batchnorm == "train":
         recalibrate_batchnorm(student, unlabeled, pretrain_config, device=dev, workers=workers)
     student.eval()

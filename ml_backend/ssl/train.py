@@ -299,6 +299,29 @@ def _param_groups(model: Classifier, lr: float, backbone_lr_scale: float):
     return [{"params": last, "lr": lr}, {"params": backbone, "lr": lr * backbone_lr_scale}]
 
 
+def run_epochs(model: nn.Module, loader, step_loss, config, *, optimizer, scheduler, scaler,
+               device: torch.device, stage: str, progress: Progress | None = None) -> list[dict]:
+    """The epochs of fine-tuning or distillation (``config``: a FinetuneConfig or
+    DistillConfig): BatchNorm frozen unless ``config.batchnorm == "train"``, ``progress`` told
+    ``{stage, epoch, epochs, loss}`` after each; every parameter trainable again at the end
+    (a frozen encoder, ``backbone_lr_scale=0``, must not stay frozen in the saved model).
+    Returns the history ``[{epoch, loss}]``."""
+    what = "fine-tuning" if stage == "finetune" else "distillation"
+    history = []
+    for epoch in range(config.epochs):
+        result = train_one_epoch(
+            model, loader, step_loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+            device=device, amp=config.amp, where=f"{what} epoch {epoch + 1}",
+            grad_clip=config.grad_clip, frozen_batchnorm=config.batchnorm != "train")
+        history.append({"epoch": epoch + 1, "loss": result["loss"]})
+        if progress is not None:
+            progress({"stage": stage, "epoch": epoch + 1, "epochs": config.epochs,
+                      "loss": history[-1]["loss"]})
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return history
+
+
 def _light_augmentation(pretrain_config: PretrainConfig):
     """Milder than pretraining's views: large crops, less noise and blur."""
     return augmentation(replace(pretrain_config.augment_config(), crop_scale=(0.7, 1.0),
@@ -363,18 +386,9 @@ def finetune(
         x, y = batch[0].to(dev), batch[1].to(dev)
         return criterion(model(x).float(), y), len(x)
 
-    history = []
-    for epoch in range(config.epochs):
-        result = train_one_epoch(
-            model, loader, step_loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-            device=dev, amp=config.amp, where=f"fine-tuning epoch {epoch + 1}",
-            grad_clip=config.grad_clip, frozen_batchnorm=config.batchnorm != "train")
-        history.append({"epoch": epoch + 1, "loss": result["loss"]})
-        if progress is not None:
-            progress({"stage": "finetune", "epoch": epoch + 1, "epochs": config.epochs,
-                      "loss": history[-1]["loss"]})
-    for p in model.parameters():
-        p.requires_grad_(True)
+    history = run_epochs(model, loader, step_loss, config, optimizer=optimizer,
+                         scheduler=scheduler, scaler=scaler, device=dev, stage="finetune",
+                         progress=progress)
     if config.batchnorm == "train":
         recalibrate_batchnorm(model, images, pretrain_config, device=dev, workers=workers)
     model.eval()
@@ -486,18 +500,9 @@ def distill(
             loss = (1 - config.labeled_weight) * loss + config.labeled_weight * supervised
         return loss, len(x)
 
-    history = []
-    for epoch in range(config.epochs):
-        result = train_one_epoch(
-            student, loader, step_loss, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-            device=dev, amp=config.amp, where=f"distillation epoch {epoch + 1}",
-            grad_clip=config.grad_clip, frozen_batchnorm=config.batchnorm != "train")
-        history.append({"epoch": epoch + 1, "loss": result["loss"]})
-        if progress is not None:
-            progress({"stage": "distill", "epoch": epoch + 1, "epochs": config.epochs,
-                      "loss": history[-1]["loss"]})
-    for p in student.parameters():
-        p.requires_grad_(True)
+    history = run_epochs(student, loader, step_loss, config, optimizer=optimizer,
+                         scheduler=scheduler, scaler=scaler, device=dev, stage="distill",
+                         progress=progress)
     if config.batchnorm == "train":
         recalibrate_batchnorm(student, unlabeled, pretrain_config, device=dev, workers=workers)
     student.eval()
