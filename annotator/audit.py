@@ -77,6 +77,11 @@ def _annotation_saved(sender, instance: Annotation, created: bool, raw: bool = F
         action = AuditEvent.Action.ANNOTATION_UPDATED
         details = {**_annotation_details(instance),
                    "before": getattr(instance, "_audit_before", None)}
+        if instance.outcome == Annotation.Outcome.FINDINGS:   # a findings answer changed
+            details["findings"] = {f.finding.name: f.state
+                                   for f in instance.findings.select_related("finding")}
+            if getattr(instance, "_audit_findings_before", None) is not None:
+                details["findings_before"] = instance._audit_findings_before
     actor = _actor.get() or (instance.reader if instance.reader_id else None)
     record(action=action, obj_type="annotation", obj_id=instance.pk,
            project=instance.scan.project, actor=actor,

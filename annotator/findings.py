@@ -16,7 +16,8 @@ from annotator.selectors import latest_findings_per_reader, findings_for_set, fi
 from annotator.services import AnnotationError, label_saved
 
 __all__ = ["findings_agreement", "findings_agreement_all", "findings_answer_create",
-           "findings_for_set", "findings_targets"]
+           "findings_answer_replace", "findings_for_set", "findings_states",
+           "findings_states_from_names", "findings_targets"]
 
 
 def findings_answer_create(
@@ -82,6 +83,57 @@ def findings_answer_create(
              for k, v in sorted(states.items())])
     if source != Annotation.Source.IMPORT:     # imports queue no refit (as class imports)
         label_saved(annotation)
+    return annotation
+
+
+def findings_states_from_names(label_set: LabelSet, present: list[str], uncertain: list[str],
+                               *, no_finding: bool = False) -> dict[int, str]:
+    """A whole findings answer from finding names (an external tool's choices): the named
+    present and uncertain findings, every other finding of the set absent. A finding named
+    as both present and uncertain is uncertain; "no finding" with a present or uncertain
+    finding, or a name the set does not have, is refused (AnnotationError)."""
+    findings = {f.name: f for f in findings_for_set(label_set)}
+    unknown = sorted((set(present) | set(uncertain)) - set(findings))
+    if unknown:
+        raise AnnotationError(f"{', '.join(map(repr, unknown[:5]))} "
+                              f"{'is not a finding' if len(unknown) == 1 else 'are not findings'}"
+                              f" of the label set {label_set.name!r}")
+    if no_finding and (present or uncertain):
+        raise AnnotationError(f"'no finding' together with {', '.join(sorted(set(present) | set(uncertain)))}")
+    if not (no_finding or present or uncertain):
+        raise AnnotationError("mark at least one finding, or state 'no finding'")
+    states = {f.pk: FindingAnswer.State.ABSENT for f in findings.values()}
+    states.update({findings[n].pk: FindingAnswer.State.PRESENT for n in present})
+    states.update({findings[n].pk: FindingAnswer.State.UNCERTAIN for n in uncertain})
+    return states
+
+
+def findings_states(annotation: Annotation) -> dict[int, str]:
+    """A findings answer's states by finding id."""
+    return dict(annotation.findings.values_list("finding_id", "state"))
+
+
+def findings_answer_replace(annotation: Annotation, states: dict[int, str], *,
+                            note: str = "") -> Annotation:
+    """Replace a findings answer's findings (a reader changed it in an external tool):
+    atomic, the answer keeps its id, reader and audit fields; ``note`` is appended."""
+    if annotation.outcome != Annotation.Outcome.FINDINGS:
+        raise AnnotationError(f"annotation {annotation.pk} is not a findings answer")
+    findings = {c.pk for c in findings_for_set(annotation.scan.label_set)}
+    if set(states) - findings or any(v not in FindingAnswer.State.values
+                                     for v in states.values()):
+        raise AnnotationError("the new findings do not fit the scan's findings set")
+    with transaction.atomic():
+        annotation._audit_findings_before = {
+            f.finding.name: f.state for f in annotation.findings.select_related("finding")}
+        annotation.findings.all().delete()
+        FindingAnswer.objects.bulk_create(
+            [FindingAnswer(annotation=annotation, finding_id=k, state=v)
+             for k, v in sorted(states.items())])
+        if note:
+            annotation.note = (annotation.note + "\n" if annotation.note else "") + note
+        annotation.save(update_fields=["note"])
+    label_saved(annotation)
     return annotation
 
 

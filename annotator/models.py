@@ -519,6 +519,9 @@ class LabelStudioTask(models.Model):
     shown_suggestion = models.ForeignKey(
         LabelClass, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     shown_confidence = models.FloatField(null=True, blank=True)
+    shown_scores = models.JSONField(
+        null=True, blank=True,
+        help_text="Findings tasks: the probability shown per finding id (as annotations keep).")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

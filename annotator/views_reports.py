@@ -324,13 +324,17 @@ def _findings_sections(project: Project, model: ModelVersion | None) -> list[dic
                 for finding, r in ((report or {}).get("per_finding") or {}).items()]
         gate = gates.get(name) or {}
         curve = []
+        columns = [r["name"] for r in rows]
         for version in history:
             other = ((version.metrics or {}).get("training") or {}).get("findings") or {}
             if name in other:
                 entry = next((e for e in (version.config or {}).get("findings_sets", [])
                               if e["name"] == name), {})
+                per = (other[name] or {}).get("per_finding") or {}
                 curve.append({"version": version.version, "scans": entry.get("num_scans"),
                               "macro_auc": _fmt((other[name] or {}).get("macro_auc")),
+                              "per_finding": [_fmt((per.get(f) or {}).get("auc"))
+                                              for f in columns],
                               "status": version.get_status_display()})
         own = next((e for e in (model.config or {}).get("findings_sets", [])
                     if e["name"] == name), {})
@@ -351,5 +355,5 @@ def _findings_sections(project: Project, model: ModelVersion | None) -> list[dic
                       "status": g.get("status")}
                      for finding, g in (gate.get("per_finding") or {}).items()],
             "gate_note": gate.get("note", ""),
-            "curve": curve})
+            "curve": curve, "curve_columns": columns})
     return sections

@@ -22,9 +22,10 @@ from django.views.decorators.csrf import csrf_exempt
 from annotator.models import Project, Scan
 from medsite import jsonbody
 from ml_backend.errors import TrainingError
-from ml_backend.label_studio_protocol import prediction_json
+from ml_backend.label_studio_protocol import findings_prediction_json, prediction_json
 from ml_backend.models import ModelVersion, Prediction
 from ml_backend.services import inference, runs
+from ml_backend.services.findings import findings_predictions
 
 logger = logging.getLogger(__name__)
 MODEL_CLASS = "MedLabel SimCLRv2 (linear head on frozen embeddings)"
@@ -100,7 +101,9 @@ def _scan_id(task: dict) -> int | None:
 @_endpoint(("POST",))
 def predict(request, project, body):
     """One result per task, in order: the suggested class as a Choices result and ``score``
-    = confidence (Label Studio's ascending score order then shows the least confident first)."""
+    = confidence (Label Studio's ascending score order then shows the least confident first);
+    for a findings scan, the findings above their thresholds with every finding's
+    probability, and ``score`` = how sure the model is of the whole answer."""
     tasks = body.get("tasks")
     if not isinstance(tasks, list):
         return JsonResponse({"error": "expected {'tasks': [...]}"}, status=400)
@@ -108,10 +111,18 @@ def predict(request, project, body):
     if model is None:
         return JsonResponse({"results": [{"result": [], "score": 0.0, "model_version": "none"}
                                          for _ in tasks]})
-    names = {c["id"]: c["name"] for c in model.config["classes"]}
+    names = {c["id"]: c["name"] for c in model.config.get("classes", [])}
     ids = [_scan_id(t) for t in tasks]
-    scans = Scan.objects.in_bulk([i for i in ids if i is not None])
+    scans = Scan.objects.select_related("label_set").in_bulk([i for i in ids if i is not None])
     scans = {i: s for i, s in scans.items() if s.project_id == project.pk}
+    findings = {i: s for i, s in scans.items() if s.label_set_id and s.label_set.is_multi}
+    scans = {i: s for i, s in scans.items() if i not in findings}
+    try:
+        scored = findings_predictions(model, list(findings.values())) if findings else {}
+    except (TrainingError, OSError, ValueError) as exc:
+        logger.warning("findings predict for Label Studio with %s failed: %s", model.version, exc)
+        return JsonResponse({"error": f"the model {model.version} could not score the "
+                                      f"findings of {len(findings)} tasks: {exc}"}, status=503)
     stored = {p.scan_id: (p.predicted_class_id, p.confidence) for p in Prediction.objects.filter(
         model_version=model, scan_id__in=list(scans))}
     missing = [scans[i] for i in scans if i not in stored]
@@ -130,7 +141,9 @@ def predict(request, project, body):
                 stored[scan.pk] = (classes[best], float(p[best]))
     results = []
     for scan_id in ids:
-        if scan_id in stored and stored[scan_id][0] in names:
+        if scan_id in scored:
+            results.append(findings_prediction_json(model.version, *scored[scan_id]))
+        elif scan_id in stored and stored[scan_id][0] in names:
             class_id, confidence = stored[scan_id]
             results.append(prediction_json(model.version, names[class_id], confidence))
         else:

@@ -10,10 +10,16 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from annotator.findings import (
+    findings_answer_create,
+    findings_answer_replace,
+    findings_states,
+    findings_states_from_names,
+)
 from annotator.models import Annotation, LabelClass, LabelStudioTask, Project, Scan
 from annotator.services import AnnotationError, annotation_create
 from medsite import jsonbody
-from ml_backend.label_studio_protocol import FROM_NAME
+from ml_backend.label_studio_protocol import FINDINGS_NAME, FROM_NAME, NO_FINDING, UNCERTAIN_NAME
 from ml_backend.models import ModelVersion
 
 logger = logging.getLogger(__name__)
@@ -25,16 +31,34 @@ WEBHOOK_HEADER = "X-MedLabel-Secret"
 ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 
 
-def _choice(result: list) -> str | None:
+def _choices(result: list, from_name: str) -> list[str]:
+    """The choices of one control in a Label Studio result (strings only, deduplicated)."""
+    out: list[str] = []
     for item in result if isinstance(result, list) else []:
         if not isinstance(item, dict):
             continue
-        if item.get("from_name") == FROM_NAME and item.get("type") == "choices":
+        if item.get("from_name") == from_name and item.get("type") == "choices":
             value = item.get("value") if isinstance(item.get("value"), dict) else {}
             choices = value.get("choices")
-            if isinstance(choices, list) and choices and isinstance(choices[0], str):
-                return choices[0][:100]
-    return None
+            if isinstance(choices, list):
+                out += [c[:100] for c in choices[:200] if isinstance(c, str) and c[:100] not in out]
+    return out
+
+
+def _choice(result: list) -> str | None:
+    choices = _choices(result, FROM_NAME)
+    return choices[0] if choices else None
+
+
+def _findings_states(scan: Scan, result) -> dict[int, str]:
+    """A Label Studio findings answer as states per finding id (AnnotationError if it is not
+    one: nothing ticked, an unknown finding, "No finding" with a finding)."""
+    present = _choices(result, FINDINGS_NAME)
+    no_finding = any(c.lower() == NO_FINDING.lower() for c in present)
+    present = [c for c in present if c.lower() != NO_FINDING.lower()]
+    uncertain = _choices(result, UNCERTAIN_NAME)
+    present = [c for c in present if c not in uncertain]   # ticked in both: uncertain
+    return findings_states_from_names(scan.label_set, present, uncertain, no_finding=no_finding)
 
 
 def _reader(completed_by, emails: dict[int, str], ls=None):
@@ -76,8 +100,16 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
         scan = linked.scan if linked else None
     if scan is None:
         return None, f"ignored: task {str(task.get('id'))[:24]} is not one of {project.name!r}'s scans"
+    findings_scan = scan.label_set_id is not None and scan.label_set.is_multi
+    states = None
     if annotation.get("was_cancelled"):
         outcome, label_class = Annotation.Outcome.SKIP, None
+    elif findings_scan:
+        try:
+            states = _findings_states(scan, annotation.get("result"))
+        except AnnotationError as exc:
+            return None, f"ignored: annotation {ls_id}: {exc}"
+        outcome, label_class = Annotation.Outcome.FINDINGS, None
     else:
         name = _choice(annotation.get("result"))
         if name is None:
@@ -90,7 +122,7 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
     lead = annotation.get("lead_time")
     duration = (int(float(lead) * 1000) if isinstance(lead, (int, float))
                 and not isinstance(lead, bool) and 0 <= lead <= 6 * 3600 else None)
-    shown = _shown_from(project, scan, annotation.get("prediction"))
+    shown = _shown_from(project, scan, annotation.get("prediction"), findings=findings_scan)
     external = str(ls_id)
     if len(external) > 64 or isinstance(ls_id, (dict, list, bool)):
         return None, "ignored: the annotation id is not a Label Studio id"
@@ -103,6 +135,9 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
         return None, f"ignored: annotation {external} belongs to another project"
     if existing is not None and scan.quarantined:
         return None, f"ignored: scan {scan.pk} is quarantined"
+    if existing is not None and (states is not None
+                                 or existing.outcome == Annotation.Outcome.FINDINGS):
+        return _update_findings(existing, outcome, states)
     if existing is not None:
         if (existing.outcome, existing.label_class_id) == (outcome, getattr(label_class, "pk", None)):
             return existing, "unchanged"
@@ -116,11 +151,20 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
         return existing, "updated"
     try:
         with transaction.atomic():
+            if states is not None:
+                created = findings_answer_create(
+                    scan=scan, reader=reader, states=states,
+                    source=Annotation.Source.LABEL_STUDIO, duration_ms=duration,
+                    external_id=external,
+                    note="" if reader else f"Label Studio user {email or '?'}",
+                    shown_model_version=shown.get("shown_model_version"),
+                    shown_scores=shown.get("shown_scores"))
+                return created, "created"
             created = annotation_create(
                 scan=scan, reader=reader, label_class=label_class, outcome=outcome,
                 source=Annotation.Source.LABEL_STUDIO, duration_ms=duration,
                 external_id=external, note="" if reader else f"Label Studio user {email or '?'}",
-                **shown)
+                **{k: v for k, v in shown.items() if k != "shown_scores"})
     except IntegrityError:   # the same event delivered twice at once
         again = Annotation.objects.filter(source=Annotation.Source.LABEL_STUDIO,
                                           external_id=external, scan__project=project).first()
@@ -131,8 +175,36 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
     return created, "created"
 
 
-def _shown_from(project: Project, scan: Scan, prediction: dict | None) -> dict:
-    """What the annotator was shown: the prediction Label Studio attached, else ours."""
+def _update_findings(existing: Annotation, outcome: str, states: dict[int, str] | None
+                     ) -> tuple[Annotation | None, str]:
+    """A findings answer changed in Label Studio: its findings replaced (or, when it was a
+    skip, the skip replaced by the answer's findings)."""
+    stamp = f"updated in Label Studio {timezone.now():%Y-%m-%d %H:%M}"
+    if states is None:          # a findings answer turned into a skip
+        if existing.outcome == outcome:
+            return existing, "unchanged"
+        with transaction.atomic():
+            existing.findings.all().delete()
+            existing.outcome = outcome
+            existing.note = (existing.note + "\n" if existing.note else "") + stamp
+            existing.save(update_fields=["outcome", "note"])
+        return existing, "updated"
+    if existing.outcome == Annotation.Outcome.FINDINGS and findings_states(existing) == states:
+        return existing, "unchanged"
+    with transaction.atomic():
+        if existing.outcome != Annotation.Outcome.FINDINGS:
+            existing.outcome = Annotation.Outcome.FINDINGS
+            existing.save(update_fields=["outcome"])
+        findings_answer_replace(existing, states, note=stamp)
+    return existing, "updated"
+
+
+def _shown_from(project: Project, scan: Scan, prediction: dict | None, *,
+                findings: bool = False) -> dict:
+    """What the annotator was shown: the prediction Label Studio attached, else ours. For a
+    findings scan: the model and its probability per finding id."""
+    if findings:
+        return _shown_findings(project, scan, prediction)
     if (isinstance(prediction, dict) and isinstance(prediction.get("model_version"), str)
             and len(prediction["model_version"]) <= 64):
         name = _choice(prediction.get("result"))
@@ -147,6 +219,30 @@ def _shown_from(project: Project, scan: Scan, prediction: dict | None) -> dict:
     return {"shown_model_version": task.shown_model_version,
             "shown_suggestion": task.shown_suggestion,
             "shown_confidence": task.shown_confidence}
+
+
+def _shown_findings(project: Project, scan: Scan, prediction) -> dict:
+    if (isinstance(prediction, dict) and isinstance(prediction.get("model_version"), str)
+            and len(prediction["model_version"]) <= 64):
+        model = ModelVersion.objects.filter(project=project,
+                                            version=prediction["model_version"]).first()
+        scores = {}
+        for item in prediction.get("result") if isinstance(prediction.get("result"), list) else []:
+            if isinstance(item, dict) and item.get("from_name") == FINDINGS_NAME and isinstance(
+                    item.get("scores"), dict):
+                scores = item["scores"]
+        ids = dict(LabelClass.objects.filter(label_set=scan.label_set,
+                                             name__in=[str(k)[:100] for k in scores])
+                   .values_list("name", "pk"))
+        return {"shown_model_version": model,
+                "shown_scores": {ids[k]: float(v) for k, v in scores.items()
+                                 if k in ids and isinstance(v, (int, float))
+                                 and not isinstance(v, bool) and 0 <= v <= 1} or None}
+    task = LabelStudioTask.objects.filter(project=project, scan=scan).first()
+    if task is None:
+        return {}
+    return {"shown_model_version": task.shown_model_version,
+            "shown_scores": {int(k): v for k, v in (task.shown_scores or {}).items()} or None}
 
 
 def webhook_verified(secret_header: str | None) -> bool:

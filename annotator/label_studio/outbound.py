@@ -14,13 +14,14 @@ from django.utils import timezone
 from annotator.label_studio.api import LabelStudioError, _call, _raw, client
 from annotator.label_studio.config import (
     _multi_set,
-    _prediction,
     _task_data,
     labeling_config,
+    predictions_for,
 )
 from annotator.label_studio.inbound import WEBHOOK_HEADER, ingest
 from annotator.labeling import current_round
 from annotator.models import Annotation, LabelClass, LabelStudioTask, Project, Scan
+from ml_backend.label_studio_protocol import FINDINGS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ VIEW_TITLE = "Least confident first"
 def _scans_to_export(project: Project, scope: str) -> list[Scan]:
     if scope == "pool":    # every pool scan nobody has labeled yet
         labeled = Annotation.objects.filter(scan__project=project,
-                                            outcome=Annotation.Outcome.LABEL).values("scan_id")
+                                            outcome__in=Annotation.LABELLING).values("scan_id")
         return list(project.scans.filter(split="pool", quarantined=False).exclude(pk__in=labeled)
                     .select_related("dataset").order_by("pk"))
     query_round = current_round(project)
@@ -79,9 +80,10 @@ def sync(project: Project, *, create: bool = False, scope: str = "round", ls=Non
     for start in range(0, len(new), 200):
         batch = new[start:start + 200]
         payload, shown = [], []
+        predictions = predictions_for(project, batch)
         for scan in batch:
             task = {"data": _task_data(scan, multi_set=multi)}
-            prediction = _prediction(project, scan)
+            prediction = predictions.get(scan.pk)
             if prediction:
                 task["predictions"] = [prediction]
             payload.append(task)
@@ -148,12 +150,22 @@ def sync(project: Project, *, create: bool = False, scope: str = "round", ls=Non
 
 
 def _shown_fields(project: Project, prediction: dict | None) -> dict:
+    """What a task shows: the model, and its suggested class and confidence (single-label) or
+    its probability per finding id (findings)."""
     if not prediction:
-        return {"shown_model_version": None, "shown_suggestion": None, "shown_confidence": None}
-    name = prediction["result"][0]["value"]["choices"][0]
+        return {"shown_model_version": None, "shown_suggestion": None, "shown_confidence": None,
+                "shown_scores": None}
+    item = prediction["result"][0]
+    if item["from_name"] == FINDINGS_NAME:
+        ids = dict(LabelClass.objects.filter(project=project, name__in=list(item["scores"]))
+                   .values_list("name", "pk"))
+        return {"shown_model_version": project.active_model, "shown_suggestion": None,
+                "shown_confidence": prediction["score"],
+                "shown_scores": {str(ids[n]): p for n, p in item["scores"].items() if n in ids}}
+    name = item["value"]["choices"][0]
     return {"shown_model_version": project.active_model,
             "shown_suggestion": LabelClass.objects.filter(project=project, name=name).first(),
-            "shown_confidence": prediction["score"]}
+            "shown_confidence": prediction["score"], "shown_scores": None}
 
 
 def push_predictions(project: Project, *, ls=None) -> int:
@@ -166,11 +178,14 @@ def push_predictions(project: Project, *, ls=None) -> int:
         return 0
     ls = ls or client()
     behind = list(LabelStudioTask.objects.filter(project=project).exclude(
-        shown_model_version=model).select_related("scan"))
+        shown_model_version=model).select_related("scan__label_set"))
     pushed = []
     rows = []
+    predictions = {}
+    for start in range(0, len(behind), 500):
+        predictions.update(predictions_for(project, [t.scan for t in behind[start:start + 500]]))
     for task in behind:
-        prediction = _prediction(project, task.scan)
+        prediction = predictions.get(task.scan_id)
         if prediction is None:
             continue
         rows.append({"task": task.ls_task_id, **prediction})
@@ -181,7 +196,8 @@ def push_predictions(project: Project, *, ls=None) -> int:
     for task, prediction in pushed:
         for key, value in _shown_fields(project, prediction).items():
             setattr(task, key, value)
-        task.save(update_fields=["shown_model_version", "shown_suggestion", "shown_confidence"])
+        task.save(update_fields=["shown_model_version", "shown_suggestion", "shown_confidence",
+                                 "shown_scores"])
     _call("set the project's model_version", ls.projects.update,
           project.label_studio_project_id, model_version=model.version)
     return len(pushed)

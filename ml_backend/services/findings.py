@@ -21,7 +21,8 @@ from ml_backend.models import ModelVersion
 from ml_backend.services.artifacts import checkpoint_path
 from ml_backend.services.inference import vectors_for
 
-__all__ = ["FindingsScorer", "findings_head", "findings_proba", "findings_scorer",
+__all__ = ["FindingsScorer", "findings_head", "findings_predictions", "findings_proba",
+           "findings_scorer",
            "fit_findings_sets", "save_findings_heads"]
 
 # Thresholds: the F1-optimal point on the eval split needs this many eval positives of the
@@ -168,6 +169,33 @@ def findings_proba(model: ModelVersion, label_set: LabelSet, scans: list[Scan],
     for j, fid in enumerate(finding_ids):
         if fid in column:
             out[:, j] = proba[:, column[fid]]
+    return out
+
+
+def findings_predictions(model: ModelVersion | None, scans: list[Scan]
+                         ) -> dict[int, tuple[dict[str, float], dict[str, float]]]:
+    """Per scan of a findings set: ``({finding name: probability}, {finding name: threshold})``
+    from the version, scored in one batch per set. Scans of single-label sets, and sets the
+    version has nothing for, are left out; a set that cannot be scored raises."""
+    from annotator.models import LabelClass
+
+    out: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
+    by_set: dict[int, list[Scan]] = {}
+    for scan in scans:
+        if scan.label_set_id is not None and scan.label_set.is_multi:
+            by_set.setdefault(scan.label_set_id, []).append(scan)
+    for set_id, members in by_set.items():
+        scorer = findings_scorer(model, set_id)
+        if scorer is None:
+            continue
+        proba = scorer.predict(members)
+        names = dict(LabelClass.objects.filter(pk__in=[int(i) for i in scorer.finding_ids])
+                     .values_list("pk", "name"))
+        thresholds = {names[int(i)]: float(t)
+                      for i, t in zip(scorer.finding_ids, scorer.thresholds) if int(i) in names}
+        for scan, row in zip(members, proba):
+            out[scan.pk] = ({names[int(i)]: float(p) for i, p in zip(scorer.finding_ids, row)
+                             if int(i) in names}, thresholds)
     return out
 
 

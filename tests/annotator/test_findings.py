@@ -155,7 +155,6 @@ def test_project_page_and_admin_show_the_findings_set(client, project, users, tm
 
 
 def test_a_finding_is_never_recorded_as_a_scans_one_class(project, users, tmp_path):
-    from annotator.label_studio.api import LabelStudioError
     from annotator.label_studio.config import labeling_config
 
     run_import(project, _chexpert_folder(tmp_path))
@@ -163,8 +162,9 @@ def test_a_finding_is_never_recorded_as_a_scans_one_class(project, users, tmp_pa
     with pytest.raises(AnnotationError, match="record it as a findings answer"):
         services.annotation_create(scan=scan, reader=users["alice"],
                                    label_class=LabelClass.objects.get(name="Edema"))
-    with pytest.raises(LabelStudioError, match="findings label sets"):
-        labeling_config(project)
+    config = labeling_config(project)       # Label Studio asks for findings, not one class
+    assert 'name="findings"' in config and 'choice="multiple"' in config
+    assert 'name="diagnosis"' not in config
 
 
 def test_review_page_reports_kappa_per_finding(client, project, users, tmp_path):

@@ -155,6 +155,14 @@ def test_reports_page_shows_findings(findings_project, client, users):
     assert "<td>pituitary_tumor</td>" in html and "No evaluation for" not in html
     import re
 
+    # the learning curve per finding: this version's AUC of each finding in its row
+    findings_project.refresh_from_db()
+    per = findings_project.active_model.metrics["training"]["findings"]["brain findings"]["per_finding"]
+    curve = html.split('class="grid report-table findings-curve"')[1].split("</table>")[0]
+    assert "<th>glioma_tumor AUC</th>" in curve
+    for finding in FINDINGS:
+        assert f"<td>{per[finding]['auc']:.3f}</td>" in curve
+
     links = re.findall(r'href="([^"]*finding_reliability[^"]*)"', html)
     assert len(links) == 3
     chart = client.get(links[0].replace("&amp;", "&"))
