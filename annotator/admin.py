@@ -19,6 +19,7 @@ from annotator.models import (
     Scan,
     ScanLease,
 )
+from annotator.services import colour_mode_locked
 
 
 class MembershipInline(admin.TabularInline):
@@ -76,12 +77,19 @@ class LabelSetAdmin(admin.ModelAdmin):
 
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
-    list_display = ["name", "scan_count", "class_count", "query_strategy", "active_model",
-                    "label_studio_project_id", "created_at"]
-    list_filter = ["query_strategy", "created_at"]
+    list_display = ["name", "scan_count", "class_count", "colour_mode", "query_strategy",
+                    "active_model", "label_studio_project_id", "created_at"]
+    list_filter = ["query_strategy", "colour_mode", "created_at"]
     search_fields = ["name", "description"]
     inlines = [MembershipInline, LabelSetInline, LabelClassInline]
     raw_id_fields = ["active_model", "active_encoder", "created_by"]
+
+    def get_readonly_fields(self, request, obj=None):
+        """Grey or colour is fixed once a model exists: its networks take 1 or 3 channels."""
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and colour_mode_locked(obj):
+            fields.append("colour_mode")
+        return fields
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(
@@ -108,8 +116,9 @@ class MembershipAdmin(admin.ModelAdmin):
 @admin.register(Dataset)
 class DatasetAdmin(admin.ModelAdmin):
     list_display = ["name", "project", "site", "scanner", "modality", "body_part",
-                    "hflip_allowed", "scan_count"]
-    list_filter = ["project", "modality", "body_part", "hflip_allowed"]
+                    "hflip_allowed", "colour_mode", "scan_count"]
+    list_filter = ["project", "modality", "body_part", "hflip_allowed", "colour_mode"]
+    readonly_fields = ["colour_mode", "colour_note"]
     search_fields = ["name", "site", "scanner", "description"]
 
     def get_queryset(self, request):
@@ -144,7 +153,7 @@ class ScanAdmin(admin.ModelAdmin):
     list_display = ["id", "thumbnail", "project", "dataset", "split", "file_format", "modality",
                     "body_part", "size", "labels", "created_at"]
     list_filter = ["project", "label_set", "split", "quarantined", "file_format", "modality",
-                   "body_part",
+                   "body_part", "colour",
                    "dataset", "burned_in_annotation"]
     actions = ["release_from_quarantine"]
     search_fields = ["=id", "sha256", "source_name", "patient_key", "manufacturer",

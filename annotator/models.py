@@ -62,6 +62,13 @@ class Project(models.Model):
         help_text="Clinicians may add new anomaly types (reviewers and admins always may).",
     )
     label_studio_project_id = models.PositiveIntegerField(null=True, blank=True)
+    colour_mode = models.CharField(
+        max_length=8, blank=True, default="",
+        choices=[("", "Not decided yet (the first import decides)"),
+                 ("grey", "Greyscale (models see one channel)"),
+                 ("colour", "Colour (models see RGB)")],
+        help_text="Greyscale (X-ray, CT, MR) or colour (H&E, blood smears, dermatology). The "
+        "first imported scan decides; an admin may change it until the project has a model.")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -69,6 +76,11 @@ class Project(models.Model):
 
     class Meta:
         ordering = ["name"]
+
+    @property
+    def channels(self) -> int:
+        """Input channels of this project's models: 3 for colour, 1 otherwise."""
+        return 3 if self.colour_mode == "colour" else 1
 
     def __str__(self) -> str:
         return self.name
@@ -121,6 +133,13 @@ class Dataset(models.Model):
         default=False,
         help_text="Horizontal flips are anatomy-preserving for this data (not for chest X-ray).",
     )
+    colour_mode = models.CharField(
+        max_length=8, blank=True, default="",
+        choices=[("", "No scans yet"), ("grey", "Greyscale"), ("colour", "Colour"),
+                 ("mixed", "Mixed")],
+        help_text="What its imported scans are, decided per file at import.")
+    colour_note = models.CharField(max_length=300, blank=True,
+                                   help_text="Why: what the import saw in the files.")
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -235,6 +254,8 @@ class Scan(models.Model):
     )
     width = models.PositiveIntegerField()
     height = models.PositiveIntegerField()
+    colour = models.BooleanField(
+        default=False, help_text="The file carries colour (its preview is RGB).")
     num_frames = models.PositiveIntegerField(default=1)
     bits_stored = models.PositiveSmallIntegerField(default=8)
     modality = models.CharField(max_length=16, blank=True)

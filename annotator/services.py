@@ -236,6 +236,10 @@ class _JobState:
     errors: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     classes_created: list[str] = field(default_factory=list)
+    # colour decisions: {(colour or grey, why): count}; what decided the project's mode
+    colour: dict = field(default_factory=dict)
+    colour_into_grey: int = 0
+    colour_decided: str = ""
 
 
 def import_job_create(
@@ -324,6 +328,7 @@ def import_job_run(
                 progress(index, job.total)
             if index % 25 == 0 or index == job.total:
                 _flush(job, state, processed=index)
+        _colour_report(job, dataset, state)
         job.status = ImportJob.Status.SUCCEEDED
     except SourceError as exc:
         job.status = ImportJob.Status.FAILED
@@ -341,6 +346,72 @@ def import_job_run(
     if job.status == ImportJob.Status.SUCCEEDED and state.imported:
         _novelty_warning(job)
     return job
+
+
+def colour_mode_locked(project: Project) -> bool:
+    """Whether the project's colour mode can no longer change: it has a model (encoder or
+    classifier), whose networks take its number of channels."""
+    from ml_backend.models import ModelVersion
+
+    return ModelVersion.objects.filter(project=project).exclude(status="failed").exists()
+
+
+def project_colour_mode_set(project: Project, mode: str) -> Project:
+    """An admin's choice of greyscale or colour, before the project has any model."""
+    if mode not in ("grey", "colour"):
+        raise ImportRequestError("a project is grey or colour")
+    if project.colour_mode != mode and colour_mode_locked(project):
+        raise ImportRequestError(
+            f"{project.name!r} already has a model built for "
+            f"{'colour' if project.channels == 3 else 'greyscale'} input: start a new project "
+            "to change it")
+    Project.objects.filter(pk=project.pk).update(colour_mode=mode)
+    project.colour_mode = mode
+    return project
+
+
+def _count_colour(job: ImportJob, state: _JobState, is_colour: bool, reason: str) -> None:
+    """Tally one imported scan's colour; the project's first scan decides its mode."""
+    key = ("colour" if is_colour else "grey", reason or "not stated")
+    state.colour[key] = state.colour.get(key, 0) + 1
+    project = job.project
+    if not project.colour_mode:
+        mode = "colour" if is_colour else "grey"
+        if Project.objects.filter(pk=project.pk, colour_mode="").update(colour_mode=mode):
+            state.colour_decided = (f"The project is {mode}: its first scan ({reason}) decided. "
+                                    "An admin may change this until the project has a model.")
+        project.refresh_from_db(fields=["colour_mode"])
+    if is_colour and project.colour_mode == "grey":
+        state.colour_into_grey += 1
+
+
+def _colour_report(job: ImportJob, dataset: Dataset, state: _JobState) -> None:
+    """The import report's colour lines, and the dataset's colour mode and why."""
+    if not state.colour:
+        return
+    counts = {"colour": 0, "grey": 0}
+    for (mode, _), n in state.colour.items():
+        counts[mode] += n
+    reasons = "; ".join(f"{n} {why}" for (mode, why), n in sorted(
+        state.colour.items(), key=lambda kv: -kv[1])[:4])
+    words = f"Colour: {counts['colour']} colour scan(s), {counts['grey']} greyscale ({reasons})."
+    if state.colour_decided:
+        words += " " + state.colour_decided
+    state.warnings.append(words)
+    if state.colour_into_grey:
+        state.warnings.append(
+            f"{state.colour_into_grey} colour scan(s) entered a greyscale project: they are shown "
+            "in colour, but its models see them as grey (luma). If colour matters here, an "
+            "admin can switch the project to colour before it has a model.")
+    mode = "mixed" if counts["colour"] and counts["grey"] else (
+        "colour" if counts["colour"] else "grey")
+    previous = dataset.colour_mode
+    if previous and previous != mode:
+        mode = "mixed"
+    Dataset.objects.filter(pk=dataset.pk).update(colour_mode=mode, colour_note=reasons[:300])
+    if job.project.colour_mode == "colour" and counts["grey"]:
+        state.warnings.append(f"{counts['grey']} greyscale scan(s) in a colour project: their "
+                              "grey is repeated on the three channels the models see.")
 
 
 def _forget_source_name(job: ImportJob) -> None:
@@ -514,6 +585,7 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
             data, name=item.name, salt=settings.DEID_SALT, max_pixels=settings.IMPORT_MAX_PIXELS
         )
         data = None  # the raw bytes may hold PHI; only de-identified bytes go further
+        is_colour = decoded.meta.get("colour") == "colour"
         preview = render_preview(decoded.pixels, max_side=settings.PREVIEW_MAX_SIDE)
         file_name = scan_file_name(sha, decoded.stored_ext)
         preview_name = preview_file_name(sha)
@@ -534,6 +606,7 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 source_name="" if decoded.file_format == "dicom" else item.name[:255],
                 width=decoded.width,
                 height=decoded.height,
+                colour=is_colour,
                 num_frames=decoded.num_frames,
                 bits_stored=meta.get("bits_stored") or 8,
                 modality=meta.get("modality", "")[:16],
@@ -560,6 +633,7 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
         _count_label(state, outcome)
         created_files.clear()  # committed: the files now belong to the row
         state.imported += 1
+        _count_colour(job, state, is_colour, meta.get("colour_reason", ""))
         for note in decoded.warnings:
             state.warnings.append(f"{ref}: {note}")
         if scan.quarantined:

@@ -44,7 +44,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ml_backend.data.arrays import to_square
+from ml_backend.data.arrays import as_channels, to_square
 from ml_backend.data.datasets import read_source
 from ml_backend.data.decode import ScanDecodeError, decode_scan
 from ml_backend.index.faiss_index import kmeans
@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated fractions of train labels (default 0.01,0.1,1.0)")
     parser.add_argument("--seeds", type=int, default=3, help="labeled subsets per fraction")
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", choices=["auto", "1", "3"], default="auto",
+                        help="model input: 3 = colour (RGB), 1 = greyscale (colour sources "
+                        "become luma; run both to measure what colour is worth); auto = the "
+                        "train source's own")
+    parser.add_argument("--colour-augment", choices=["stain", "jitter", "none"], default="stain",
+                        help="colour input only: H&E stain (HED) jitter plus bounded "
+                        "hue/saturation, the bounded jitter alone, or none")
     parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
     parser.add_argument("--small-input", choices=["auto", "yes", "no"], default="auto",
                         help="CIFAR-style 3x3 stem without max-pool (auto: size <= 64)")
@@ -190,9 +197,23 @@ def _spec_key(spec: str) -> str:
     return str(Path(path).resolve()) + sep + rest
 
 
-def to_uint8_square(pixels: np.ndarray, size: int) -> np.ndarray:
+def to_uint8_square(pixels: np.ndarray, size: int, channels: int = 1) -> np.ndarray:
+    """A decoded ``[0, 1]`` image (grey or RGB) as ``uint8 (S, S)`` (``channels=1``: colour
+    becomes luma) or ``(S, S, 3)`` (``channels=3``: grey is replicated)."""
     image = Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8))
-    return np.asarray(to_square(image, size), dtype=np.uint8)
+    return np.asarray(to_square(image, size, channels), dtype=np.uint8)
+
+
+def source_channels(spec: str) -> int:
+    """3 when the source's first decodable labelled item is colour, else 1 (``--channels
+    auto``)."""
+    for item in read_source(spec).items[:20]:
+        try:
+            decoded = decode_scan(item.load(), name=item.name, salt="bench")
+        except (ScanDecodeError, OSError):
+            continue
+        return 3 if decoded.meta.get("colour") == "colour" else 1
+    return 1
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
@@ -207,14 +228,16 @@ def _atomic_savez(path: Path, **arrays) -> None:
         raise
 
 
-def load_spec(spec: str, image_size: int, cache_dir: Path) -> dict:
-    """Decode a source spec to ``uint8 (N, S, S)`` + string labels, cached in ``cache_dir``.
+def load_spec(spec: str, image_size: int, cache_dir: Path, channels: int = 1) -> dict:
+    """Decode a source spec to ``uint8 (N, S, S)`` (``channels=1``) or ``(N, S, S, 3)``
+    (``channels=3``) + string labels, cached in ``cache_dir``.
 
     Items without a label, or that fail to decode, are skipped and counted.
     """
     listing = read_source(spec)
+    colour_key = "" if channels == 1 else f"|c{channels}"
     key = hashlib.sha256(
-        f"{CACHE_VERSION}|{_spec_key(spec)}|{len(listing.items)}|{image_size}".encode()
+        f"{CACHE_VERSION}|{_spec_key(spec)}|{len(listing.items)}|{image_size}{colour_key}".encode()
     ).hexdigest()[:20]
     path = cache_dir / f"data-{key}.npz"
     if path.exists():
@@ -236,7 +259,7 @@ def load_spec(spec: str, image_size: int, cache_dir: Path) -> dict:
             failed += 1
             log(f"  skip {item.name}: {exc}")
             continue
-        images.append(to_uint8_square(decoded.pixels, image_size))
+        images.append(to_uint8_square(decoded.pixels, image_size, channels))
         labels.append(item.label)
         names.append(item.name)
     if unlabeled:
@@ -287,8 +310,9 @@ def stratified_subset(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
 def average_hash(images: np.ndarray) -> np.ndarray:
     """64-bit average hash per image: 8x8 area downscale, thresholded at its mean.
 
-    ``images``: ``uint8 (N, H, W)`` → ``uint64 (N,)``.
+    ``images``: ``uint8 (N, H, W)`` (or ``(N, H, W, 3)``, hashed on its luma) → ``uint64 (N,)``.
     """
+    images = as_channels(images, 1) if images.ndim == 4 else images
     small = np.stack([np.asarray(Image.fromarray(im).resize((8, 8), Image.Resampling.BOX),
                                  dtype=np.float32) for im in images]) if len(images) else \
         np.zeros((0, 8, 8), np.float32)
@@ -299,6 +323,7 @@ def average_hash(images: np.ndarray) -> np.ndarray:
 def _unit_thumbnails(images: np.ndarray, side: int = 32) -> np.ndarray:
     """Zero-mean, unit-norm ``float32 (N, side*side)`` thumbnails: their dot products are
     Pearson correlations."""
+    images = as_channels(images, 1) if images.ndim == 4 else images
     side = min(side, images.shape[1]) if len(images) else side
     thumbs = np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.Resampling.BOX),
                                   dtype=np.float32) for im in images]).reshape(len(images), -1)
@@ -366,7 +391,8 @@ def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float,
 def load_data(args) -> dict:
     """Train and eval arrays, class names and a description of how they were made."""
     cache_dir = Path(args.cache_dir)
-    train = load_spec(args.train, args.image_size, cache_dir)
+    channels = resolve_channels(args)
+    train = load_spec(args.train, args.image_size, cache_dir, channels)
     info = {"train_spec": args.train, "eval_spec": args.eval,
             "train_unlabeled_skipped": train["unlabeled"], "train_failed": train["failed"]}
     if args.eval.startswith("split:"):
@@ -388,7 +414,7 @@ def load_data(args) -> dict:
         evaluation = {k: train[k][eval_idx] for k in ("images", "labels", "names")}
         train = {k: train[k][train_idx] for k in ("images", "labels", "names")}
     else:
-        evaluation = load_spec(args.eval, args.image_size, cache_dir)
+        evaluation = load_spec(args.eval, args.image_size, cache_dir, channels)
         info.update({"eval_unlabeled_skipped": evaluation["unlabeled"],
                      "eval_failed": evaluation["failed"]})
     class_names = sorted(set(train["labels"].tolist()))
@@ -417,6 +443,7 @@ def load_data(args) -> dict:
     y_train = np.array([index[v] for v in train["labels"]], dtype=np.int64)
     y_eval = np.array([index[v] for v in evaluation["labels"]], dtype=np.int64)
     info.update({"num_train": len(y_train), "num_eval": len(y_eval), "class_names": class_names,
+                 "channels": channels,
                  "train_counts": np.bincount(y_train, minlength=len(class_names)).tolist(),
                  "eval_counts": np.bincount(y_eval, minlength=len(class_names)).tolist()})
     return {"x_train": train["images"], "y_train": y_train, "x_eval": evaluation["images"],
@@ -424,6 +451,15 @@ def load_data(args) -> dict:
 
 
 # --- pretraining (cached) --------------------------------------------------------------
+
+
+def resolve_channels(args) -> int:
+    """``--channels``: 1, 3, or auto (the train source's own: colour keeps colour)."""
+    choice = getattr(args, "channels", "1")
+    if choice == "auto":
+        choice = args.channels = str(source_channels(args.train))
+        log(f"--channels auto: {choice} ({'colour' if choice == '3' else 'grey'} train source)")
+    return int(choice)
 
 
 def pretrain_config(args) -> PretrainConfig:
@@ -435,7 +471,9 @@ def pretrain_config(args) -> PretrainConfig:
     return PretrainConfig(arch=args.arch, image_size=args.image_size, small_input=small,
                           epochs=args.epochs, batch_size=args.batch_size, seed=0,
                           method=getattr(args, "method", "simclr"),
-                          cpu_bf16=getattr(args, "precision", "bf16") == "bf16")
+                          cpu_bf16=getattr(args, "precision", "bf16") == "bf16",
+                          channels=resolve_channels(args),
+                          colour_augment=getattr(args, "colour_augment", "stain"))
 
 
 def encoder_checkpoint_path(cache_dir: Path, images: np.ndarray, config: PretrainConfig) -> Path:

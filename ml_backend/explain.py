@@ -46,12 +46,15 @@ def _forward_keeping(encoder: ResNetEncoder, x: torch.Tensor, min_side: int):
 
 def gradcam(encoder: ResNetEncoder, image: np.ndarray, augment_config, score: Score,
             class_index: int, *, min_side: int = 7) -> np.ndarray:
-    """A ``float32 (S, S)`` map in ``[0, 1]`` for one ``uint8 (S, S)`` image (already at the
-    model's input size). All zeros when the map is flat (no region stands out)."""
-    if image.ndim != 2 or image.dtype != np.uint8:
-        raise ValueError("gradcam expects one uint8 (S, S) image")
+    """A ``float32 (S, S)`` map in ``[0, 1]`` for one ``uint8 (S, S)`` greyscale or
+    ``(S, S, 3)`` colour image (already at the model's input size). All zeros when the map is
+    flat (no region stands out)."""
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3
+                                                           and image.shape[2] == 3)):
+        raise ValueError("gradcam expects one uint8 (S, S) or (S, S, 3) image")
     encoder.eval()
-    x = torch.from_numpy(image).float().div(255.0)[None, None]
+    x = torch.from_numpy(image).float().div(255.0)
+    x = (x.permute(2, 0, 1) if image.ndim == 3 else x[None])[None]
     x = eval_transform(augment_config)(x)
     with torch.enable_grad():
         pooled, features = _forward_keeping(encoder, x, min_side)
@@ -62,10 +65,10 @@ def gradcam(encoder: ResNetEncoder, image: np.ndarray, augment_config, score: Sc
         logits[0, class_index].backward()
     weights = features.grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * features).sum(dim=1, keepdim=True)).detach()
-    cam = F.interpolate(cam, size=image.shape, mode="bilinear", align_corners=False)[0, 0]
+    cam = F.interpolate(cam, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     low, high = float(cam.min()), float(cam.max())
     if not np.isfinite(high) or high - low <= 1e-12 * max(1.0, abs(high)):
-        return np.zeros(image.shape, dtype=np.float32)
+        return np.zeros(image.shape[:2], dtype=np.float32)
     return ((cam - low) / (high - low)).numpy().astype(np.float32)
 
 

@@ -6,11 +6,18 @@ is de-identified by ``ml_backend.data.deid``.
 
 What ``decode_scan`` returns for a file:
 
-- ``pixels``: float32 array ``(H, W)`` in ``[0, 1]``, 1.0 = bright on screen. For
-  DICOM: modality LUT (RescaleSlope/Intercept or Modality LUT Sequence), then
-  VOI (WindowCenter/Width, LINEAR / LINEAR_EXACT / SIGMOID, or VOI LUT
-  Sequence; percentile window when absent), then MONOCHROME1 inversion. A
-  multi-frame image contributes its middle frame. Colour images become luma.
+- ``pixels``: float32 array ``(H, W)`` in ``[0, 1]``, 1.0 = bright on screen, or
+  ``(H, W, 3)`` RGB for a colour image. For greyscale DICOM: modality LUT
+  (RescaleSlope/Intercept or Modality LUT Sequence), then VOI (WindowCenter/Width,
+  LINEAR / LINEAR_EXACT / SIGMOID, or VOI LUT Sequence; percentile window when
+  absent), then MONOCHROME1 inversion. A multi-frame image contributes its middle
+  frame. Colour is kept where the source is colour: RGB / RGBA / palette PNG, JPEG,
+  TIFF; DICOM RGB, YBR_* (converted to RGB) and PALETTE COLOR. A colour-encoded
+  image whose channels agree (greyscale saved as RGB, like most MRI exported to
+  JPEG) is detected and kept as one grey channel. ``meta["colour"]`` says which
+  (``"colour"`` / ``"grey"``) and ``meta["colour_reason"]`` why. Colour images above
+  ``COLOUR_MAX_SIDE`` are reduced for display and training (the stored copy keeps
+  every pixel).
 - ``stored_bytes``: what may be kept on disk, de-identified (``deid``): DICOM
   rewritten, uncompressed, from a whitelist of technical attributes with fresh
   UIDs; PNG and TIFF re-encoded losslessly as a PNG of pixels only; JPEG
@@ -54,6 +61,23 @@ __all__ = [
     "KEEP_KEYWORDS",
     "PHI_KEYWORDS",
 ]
+
+
+# Colour detection: a colour-encoded image is grey when, over a sample of its pixels, the
+# channels differ by at most this much (8-bit levels) at the 99.5th percentile: JPEG's chroma
+# noise on a grey picture stays within a few levels, stained tissue differs by tens.
+GREY_CHANNEL_TOLERANCE = 6
+# Colour pixels are decoded to at most this side (a whole-slide image is not a scan here).
+COLOUR_MAX_SIDE = 4096
+
+
+def colour_decision(rgb: np.ndarray, *, max_value: float = 255.0) -> bool:
+    """Whether an ``(H, W, 3)`` image carries colour (its channels differ beyond JPEG noise),
+    judged on at most ~262k pixels (a strided sample)."""
+    step = max(1, int(np.ceil(np.sqrt(rgb.shape[0] * rgb.shape[1] / 262_144))))
+    sample = rgb[::step, ::step].astype(np.float32) * (255.0 / max_value)
+    spread = sample.max(axis=-1) - sample.min(axis=-1)
+    return bool(np.percentile(spread, 99.5) > GREY_CHANNEL_TOLERANCE)
 
 
 class ScanDecodeError(Exception):
@@ -754,7 +778,11 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
                 f"{kind.upper()} image data is damaged: {_reason(exc)}"
             ) from None
 
-    pixels, bits = _raster_to_unit(image)
+    pixels, bits, colour, colour_reason, reduced = _raster_to_unit(image)
+    notes = []
+    if reduced:
+        notes.append(f"colour image reduced to {COLOUR_MAX_SIDE} px on its longest side for "
+                     "display and training (the stored copy keeps every pixel)")
     if not keep_copy:
         stored, ext = b"", ""
     elif kind == "jpeg":
@@ -765,8 +793,11 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
     else:
         stored, ext = _encode_png_lossless(image), ".png"
     meta = {
-        "photometric": "RGB" if image.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else "MONOCHROME2",
+        "photometric": "RGB" if image.mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr")
+        else "MONOCHROME2",
         "bits_stored": bits,
+        "colour": "colour" if colour else "grey",
+        "colour_reason": colour_reason,
     }
     return DecodedScan(
         pixels=pixels,
@@ -777,22 +808,45 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
         height=height,
         num_frames=frames,
         meta=meta,
+        warnings=notes,
     )
 
 
-def _raster_to_unit(image: Image.Image) -> tuple[np.ndarray, int]:
-    # One float32 array, scaled in place: Pillow's copy of the pixels (tobytes) plus 4
-    # bytes a pixel, and the percentile pass's 4 for 16-bit images.
+COLOUR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _raster_to_unit(image: Image.Image) -> tuple[np.ndarray, int, bool, str, bool]:
+    """``(pixels, bits, colour, reason, reduced)``. One float32 array, scaled in place:
+    Pillow's copy of the pixels plus 4 bytes a pixel (12 for colour, after reducing a colour
+    image beyond COLOUR_MAX_SIDE), and the percentile pass's 4 for 16-bit images."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.array(image, dtype=np.float32)
         bits = 16 if mode.startswith("I;16") else 32
-        return _percentile_window(array, in_place=True), bits
-    if mode != "L":
+        return (_percentile_window(array, in_place=True), bits, False,
+                f"{bits}-bit greyscale {mode}", False)
+    reduced = False
+    if mode in COLOUR_MODES:
+        source = {"P": "palette", "PA": "palette"}.get(mode, mode)
+        if mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        rgb = image.convert("RGB")
+        if colour_decision(np.asarray(rgb)):
+            if max(rgb.size) > COLOUR_MAX_SIDE:
+                rgb.thumbnail((COLOUR_MAX_SIDE, COLOUR_MAX_SIDE), Image.Resampling.LANCZOS)
+                reduced = True
+            array = np.array(rgb, dtype=np.float32)
+            np.divide(array, 255.0, out=array)
+            return array, 8, True, f"{source} image with distinct colour channels", reduced
+        reason = f"{source} image whose channels agree: greyscale stored as colour"
+        image = rgb
+    else:
+        reason = f"greyscale ({mode})"
+    if image.mode != "L":
         image = image.convert("L")
     array = np.array(image, dtype=np.float32)
     np.divide(array, 255.0, out=array)
-    return array, 8
+    return array, 8, False, reason, reduced
 
 
 def _encode_png_lossless(image: Image.Image) -> bytes:
@@ -944,7 +998,8 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         frame = raw[frames // 2]
 
     try:
-        pixels = _dicom_to_unit(ds, frame, photometric=photometric, samples=samples)
+        pixels, colour_reason = _dicom_to_unit(ds, frame, photometric=photometric,
+                                               samples=samples)
     except MemoryError:
         raise
     except Exception as exc:  # LUTs and rescale values come from the file
@@ -973,6 +1028,8 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
         "transfer_syntax": ts_name,
         "burned_in_annotation": clean_text(ds.get("BurnedInAnnotation", "")).upper() == "YES",
+        "colour": "colour" if pixels.ndim == 3 else "grey",
+        "colour_reason": colour_reason,
     }
     notes = []
     if meta["burned_in_annotation"]:
@@ -1003,16 +1060,42 @@ def _spacing(value: object) -> list[float] | None:
     return numbers
 
 
-def _dicom_to_unit(ds, frame: np.ndarray, *, photometric: str, samples: int) -> np.ndarray:
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+def _dicom_colour(rgb: np.ndarray, max_value: float, source: str) -> tuple[np.ndarray, str]:
+    """An RGB frame as ``[0, 1]`` colour, or as grey when its channels agree."""
+    if colour_decision(rgb, max_value=max_value):
+        array = rgb.astype(np.float32)
+        np.divide(array, max_value, out=array)
+        np.clip(array, 0.0, 1.0, out=array)
+        return array, f"DICOM {source} with distinct colour channels"
+    grey = _luma(rgb)
+    np.divide(grey, max_value, out=grey)
+    np.clip(grey, 0.0, 1.0, out=grey)
+    return grey, f"DICOM {source} whose channels agree: greyscale stored as colour"
+
+
+def _dicom_to_unit(ds, frame: np.ndarray, *, photometric: str, samples: int
+                   ) -> tuple[np.ndarray, str]:
+    """``(pixels, colour reason)``: grey ``(H, W)`` or RGB ``(H, W, 3)`` in ``[0, 1]``."""
+    from pydicom.pixels import apply_color_lut
 
     # One float32 array (4 bytes a pixel) is made from the stored frame and every later
     # step (rescale, window, inversion) works in place on it; the percentile window needs
     # one temporary copy more. pydicom's rescale would make a float64 copy (8 bytes a pixel).
     if photometric == "PALETTE COLOR":
-        return _percentile_window(_luma(apply_color_lut(frame, ds)), 0.0, 100.0, in_place=True)
+        rgb = apply_color_lut(frame, ds)       # 8- or 16-bit palette entries
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 16]
+        entry_bits = int(descriptor[2]) if len(descriptor) > 2 else 16
+        return _dicom_colour(rgb, 255.0 if entry_bits == 8 else 65535.0, "PALETTE COLOR")
     if samples == 3 or frame.ndim == 3:
-        return _percentile_window(_luma(frame), 0.0, 100.0, in_place=True)
+        # pydicom returns YBR_* as RGB (its default conversion); values use BitsStored
+        bits = int(ds.get("BitsStored", 8) or 8)
+        max_value = float(2 ** min(max(bits, 1), 32) - 1)
+        return _dicom_colour(frame, max_value, photometric or "RGB")
+    return _dicom_grey(ds, frame, photometric=photometric), f"DICOM {photometric or 'MONOCHROME2'}"
+
+
+def _dicom_grey(ds, frame: np.ndarray, *, photometric: str) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if "ModalityLUTSequence" in ds:
         values = apply_modality_lut(frame, ds).astype(np.float32)
@@ -1096,12 +1179,14 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def render_preview(pixels: np.ndarray, *, max_side: int = 1024) -> bytes:
-    """8-bit greyscale PNG of a ``[0, 1]`` image, longest side at most ``max_side``."""
-    if pixels.ndim != 2:
-        raise ValueError(f"expected a 2-D image, got shape {pixels.shape}")
+    """8-bit PNG of a ``[0, 1]`` image (greyscale ``(H, W)`` or RGB ``(H, W, 3)``), longest
+    side at most ``max_side``."""
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
+        raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {pixels.shape}")
     if max_side < 1:
         raise ValueError("max_side must be positive")
-    image = Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8), mode="L")
+    image = Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8),
+                            mode="L" if pixels.ndim == 2 else "RGB")
     longest = max(image.size)
     if longest > max_side:
         scale = max_side / longest

@@ -31,12 +31,13 @@ def embeddings_paths(model: ModelVersion) -> dict[str, Path]:
             "index": base / "index.faiss"}
 
 
-def images_for(scans: list[Scan], size: int) -> np.ndarray:
-    """The scans' display previews at ``size`` (see ml_backend/data/arrays.py)."""
+def images_for(scans: list[Scan], size: int, channels: int = 1) -> np.ndarray:
+    """The scans' display previews at ``size`` with ``channels`` (1: greyscale ``(N, S, S)``,
+    3: RGB ``(N, S, S, 3)``; see ml_backend/data/arrays.py)."""
     missing = [s.pk for s in scans if not media_path(s.preview.name).exists()]
     if missing:
         raise TrainingError(f"preview files missing for scans {missing[:10]}; re-import them")
-    return load_images([media_path(s.preview.name) for s in scans], size)
+    return load_images([media_path(s.preview.name) for s in scans], size, channels)
 
 
 def hflip_mask(scans: list[Scan]) -> np.ndarray:

@@ -137,7 +137,7 @@ def findings_scorer(model: ModelVersion | None, label_set_id: int) -> FindingsSc
         ids = [f["id"] for f in entry["findings"]]
         thresholds = [entry["thresholds"].get(f["name"], 0.5) for f in entry["findings"]]
         return FindingsScorer(ids, thresholds, lambda scans: predict_findings(
-            network, images_for(scans, pconfig.image_size), pconfig))
+            network, images_for(scans, pconfig.image_size, pconfig.channels), pconfig))
     head = findings_head(model, label_set_id)
     if head is None:
         return None

@@ -158,7 +158,7 @@ def embed_images(encoder: ModelVersion, images_png_or_paths: list) -> np.ndarray
     """Embed images that have no stored vector (an upload, a scan imported since the last
     embed) with the encoder's network."""
     simclr, config = encoder_network(encoder)
-    return _ssl().embed(simclr.encoder, load_images(images_png_or_paths, config.image_size),
+    return _ssl().embed(simclr.encoder, load_images(images_png_or_paths, config.image_size, config.channels),
                         config)
 
 
@@ -177,7 +177,7 @@ def cnn_predictor(classifier, pconfig, classes: list[int], temperature: float = 
     from ml_backend.active.refit import restrict_to_sets
 
     def predict(scans: list[Scan], *, calibrated: bool = True) -> np.ndarray:
-        proba = _ssl().predict_proba(classifier, images_for(scans, pconfig.image_size), pconfig,
+        proba = _ssl().predict_proba(classifier, images_for(scans, pconfig.image_size, pconfig.channels), pconfig,
                                      temperature=temperature if calibrated else 1.0)
         return restrict_to_sets(proba, classes, allowed_classes(scans, classes))
     return predict
@@ -308,7 +308,7 @@ def scan_gradcam(*, scan: Scan, class_id: int, model: ModelVersion | None = None
     if model is None:
         raise TrainingError("no classifier yet: label some scans first")
     explainer = _Explainer(model)
-    image = images_for([scan], explainer.config.image_size)[0]
+    image = images_for([scan], explainer.config.image_size, explainer.config.channels)[0]
     with Image.open(media_path(scan.preview.name)) as preview:
         width, height = preview.size
     return overlay_png(explainer.cam(image, class_id), width, height)
@@ -337,7 +337,7 @@ def classify_image(*, project: Project, preview_png: bytes, label_set=None, k: i
     if not known:
         raise TrainingError(f"the model has not learned the label set {label_set.name!r} yet: "
                             "label scans of at least two of its classes")
-    image = load_images([preview_png], explainer.config.image_size)
+    image = load_images([preview_png], explainer.config.image_size, explainer.config.channels)
     proba = explainer.proba(image, label_set.pk)[0]
     p_of = {cid: float(p) for cid, p in zip(explainer.class_ids, proba.tolist())}
     ranked = sorted(((c.pk, c.name, p_of.get(c.pk, 0.0), c.pk in known) for c in set_classes),
@@ -350,7 +350,7 @@ def classify_image(*, project: Project, preview_png: bytes, label_set=None, k: i
     encoder = project.active_encoder
     if encoder is not None and embeddings_paths(encoder)["index"].exists():
         simclr, config = encoder_network(encoder)
-        vector = _ssl().embed(simclr.encoder, load_images([preview_png], config.image_size), config)
+        vector = _ssl().embed(simclr.encoder, load_images([preview_png], config.image_size, config.channels), config)
         from ml_backend.services.embeddings import novelty_of_vectors
 
         novelty = novelty_of_vectors(encoder, vector, label_set=label_set, project=project)[0]

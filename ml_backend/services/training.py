@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,15 +103,27 @@ def _adopt_starter(run: TrainingRun, report: RunReporter, scans: list[Scan],
 
     path, card = starter
     config = ssl.config_from_dict(ssl.PretrainConfig, card["config"])
+    channels = run.project.channels
+    if channels != config.channels:      # a colour project adopting the greyscale starter
+        config = replace(config, channels=channels)
     model = new_version(run, ModelVersion.Kind.ENCODER, parent=None,
                         config={"pretrain": asdict(config), "init_checkpoint": str(path),
                                 "start_from": "starter", "starter": _starter_summary(path, card),
                                 "num_scans": len(scans)})
     target = checkpoint_path(model, "encoder.pt")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.copyfile(path, tmp)
-    tmp.replace(target)
+    if channels != ssl.config_from_dict(ssl.PretrainConfig, card["config"]).channels:
+        from ml_backend.ssl.checkpoints import inflate_encoder_checkpoint
+
+        # each colour channel gets a third of the grey filter: a grey scan replicated to RGB
+        # gives the starter's features; pretraining on the project's scans learns colour
+        inflate_encoder_checkpoint(path, target, channels)
+        report.log(f"the greyscale starter's first convolution spread over {channels} "
+                   "channels for this colour project; pretrain on its scans to learn colour")
+    else:
+        tmp = target.with_name(f".tmp-{target.name}")
+        shutil.copyfile(path, tmp)
+        tmp.replace(target)
     model.metrics = {"pretrain": {"epochs": 0, "history": card.get("history", []),
                                   "note": "the shipped starter encoder, used as is",
                                   "final_loss": card.get("final_loss"), "device": "cpu"}}
@@ -159,6 +171,8 @@ def _pretrain(run: TrainingRun, report: RunReporter) -> None:
                                     "it cannot be combined with --init-checkpoint or --from scratch")
             starter = _starter_for(None, "starter", report)
             return _adopt_starter(run, report, scans, starter, activate)
+        # the project decides greyscale or colour input, not a run parameter
+        params["channels"] = run.project.channels
         config = ssl.PretrainConfig(**{k: v for k, v in params.items()
                                        if k in ssl.PretrainConfig.__dataclass_fields__})
         parent = run.project.active_encoder if init == "active" else None
@@ -178,7 +192,7 @@ def _pretrain(run: TrainingRun, report: RunReporter) -> None:
                                      "num_scans": len(scans), **extra})
     report.log(f"pretraining {model.version} on {len(scans)} scans: {config.arch}, "
                f"{config.image_size}px, {config.epochs} epochs")
-    images = images_for(scans, config.image_size)
+    images = images_for(scans, config.image_size, config.channels)
     metrics = ssl.pretrain(images, config, checkpoint_path=checkpoint_path(model, "encoder.pt"),
                            model_version=model.version, init_checkpoint=init,
                            progress=report, hflip_mask=hflip_mask(scans), workers=_workers())
@@ -223,7 +237,7 @@ def embed_with(run: TrainingRun, encoder: ModelVersion, report: RunReporter, *,
     report.log(f"embedding {len(todo)} scans with {encoder.version} "
                f"({len(known)} already embedded)")
     started = time.perf_counter()
-    vectors = ssl.embed(model.encoder, images_for(todo, config.image_size), config,
+    vectors = ssl.embed(model.encoder, images_for(todo, config.image_size, config.channels), config,
                         progress=report, workers=_workers()) if todo else np.zeros((0, model.encoder.feature_dim),
                                                                np.float32)
     seconds = time.perf_counter() - started
@@ -249,14 +263,16 @@ def embed_with(run: TrainingRun, encoder: ModelVersion, report: RunReporter, *,
     report.log(f"index {index.kind}: {len(all_ids)} vectors")
 
 
-def _labeled_arrays(project: Project, classes: list[int], size: int, split: str):
+def _labeled_arrays(project: Project, classes: list[int], size: int, split: str,
+                    channels: int = 1):
     scans, class_ids = training_labels(project, split=split)
     keep = [(s, c) for s, c in zip(scans, class_ids) if c in classes]
     if not keep:
-        return [], np.zeros((0, size, size), np.uint8), np.zeros(0, np.int64)
+        shape = (0, size, size) if channels == 1 else (0, size, size, 3)
+        return [], np.zeros(shape, np.uint8), np.zeros(0, np.int64)
     scans = [s for s, _ in keep]
     labels = np.array([classes.index(c) for _, c in keep], dtype=np.int64)
-    return scans, images_for(scans, size), labels
+    return scans, images_for(scans, size, channels), labels
 
 
 def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVersion) -> None:
@@ -295,7 +311,7 @@ def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVers
                f"{label_set.name} ({len(findings)} findings, uncertain: "
                f"{label_set.uncertain_policy})")
     network, metrics = finetune_findings(
-        pretrained, pconfig, images_for(scans, pconfig.image_size), targets, config,
+        pretrained, pconfig, images_for(scans, pconfig.image_size, pconfig.channels), targets, config,
         checkpoint_path=checkpoint_path(model, entry["net"]), model_version=model.version,
         progress=report, workers=_workers())
     _finish_findings_network(run, model, entry, label_set, network, pconfig, metrics, report)
@@ -312,7 +328,7 @@ def _finish_findings_network(run, model, entry, label_set, network, pconfig, met
     eval_scans, _, eval_raw = findings_targets(label_set, split="eval")
     eval_targets = uncertain_policy(eval_raw, "ignore")
     result, thresholds = None, np.full(len(names), 0.5)
-    predict = (lambda some: predict_findings(network, images_for(some, pconfig.image_size),
+    predict = (lambda some: predict_findings(network, images_for(some, pconfig.image_size, pconfig.channels),
                                              pconfig))
     if eval_scans:
         from ml_backend.services.findings import MIN_THRESHOLD_POSITIVES
@@ -355,7 +371,8 @@ def _finetune(run: TrainingRun, report: RunReporter) -> None:
     model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
         "finetune": asdict(config), "pretrain": asdict(pconfig), "kind": "finetuned",
         "classes": [{"id": c, "name": names[c]} for c in classes]})
-    _, images, labels = _labeled_arrays(run.project, classes, pconfig.image_size, "pool")
+    _, images, labels = _labeled_arrays(run.project, classes, pconfig.image_size, "pool",
+                                           pconfig.channels)
     report.log(f"fine-tuning {model.version} from {encoder.version} on {len(labels)} labels, "
                f"{len(classes)} classes, from head layer {config.from_head_layer}")
     classifier, metrics = ssl.finetune(pretrained, pconfig, images, labels, len(classes), config,
@@ -395,8 +412,8 @@ def _distill_findings(run: TrainingRun, report: RunReporter, teacher_version: Mo
     report.log(f"distilling {teacher_version.version} into {model.version} on {len(pool)} pool "
                f"scans of {label_set.name} (+{len(scans)} answered)")
     student, metrics = distill_findings(
-        teacher, pretrained, pconfig, images_for(pool, pconfig.image_size), config,
-        labeled=images_for(scans, pconfig.image_size) if scans else None,
+        teacher, pretrained, pconfig, images_for(pool, pconfig.image_size, pconfig.channels), config,
+        labeled=images_for(scans, pconfig.image_size, pconfig.channels) if scans else None,
         targets=uncertain_policy(raw, label_set.uncertain_policy) if scans else None,
         checkpoint_path=checkpoint_path(model, entry["net"]), model_version=model.version,
         progress=report, workers=_workers())
@@ -423,11 +440,12 @@ def _distill(run: TrainingRun, report: RunReporter) -> None:
         **teacher_version.config, "kind": "distilled", "distill": asdict(config),
         "teacher": teacher_version.version})
     pool = list(Scan.objects.filter(project=run.project, split="pool").order_by("pk"))
-    _, labeled, labels = _labeled_arrays(run.project, classes, pconfig.image_size, "pool")
+    _, labeled, labels = _labeled_arrays(run.project, classes, pconfig.image_size, "pool",
+                                           pconfig.channels)
     report.log(f"distilling {teacher_version.version} into {model.version} on {len(pool)} "
                f"pool scans (+{len(labels)} labels)")
     student, metrics = ssl.distill(teacher, pretrained, pconfig,
-                                   images_for(pool, pconfig.image_size), config,
+                                   images_for(pool, pconfig.image_size, pconfig.channels), config,
                                    labeled=labeled, labels=labels,
                                    checkpoint_path=checkpoint_path(model, "classifier.pt"),
                                    model_version=model.version, progress=report,

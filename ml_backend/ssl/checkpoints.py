@@ -80,27 +80,40 @@ def load_pretrained(path: str | Path) -> tuple[SimCLRModel, PretrainConfig]:
 def load_encoder_weights(model: SimCLRModel, path: str | Path) -> str:
     """Start from a saved encoder: one of ours, or a torchvision ResNet state dict on disk.
 
-    Returns a short description of what was loaded. 3-channel first convolutions are summed
-    over channels (the usual greyscale adaptation); the classification layer is ignored.
+    Returns a short description of what was loaded. The first convolution is adapted to the
+    model's input: 3-channel weights are summed over channels for a greyscale model (the
+    usual greyscale adaptation) and kept as they are for a colour one; 1-channel weights
+    (our greyscale starter) are spread over three channels for a colour model (each a third,
+    so a grey image replicated to RGB gives the same features as before). The
+    classification layer is ignored.
     """
     state = load_checkpoint(path)
     if "encoder" in state:  # ours
-        model.encoder.load_state_dict(state["encoder"])
+        encoder_state = dict(state["encoder"])
+        stem = "net.conv1.weight"
+        adapted = ""
+        if stem in encoder_state:
+            encoder_state[stem] = adapt_stem(encoder_state[stem], model.encoder.in_channels)
+            if encoder_state[stem] is not state["encoder"][stem]:
+                adapted = (f" (first convolution adapted from "
+                           f"{state['encoder'][stem].shape[1]} to "
+                           f"{model.encoder.in_channels} channels)")
+        model.encoder.load_state_dict(encoder_state)
         if "head" in state:
             try:
                 model.head.load_state_dict(state["head"])
             except RuntimeError:
-                return "encoder (a new head: the saved one does not fit)"
-            return "encoder + projection head"
-        return "encoder"
+                return "encoder (a new head: the saved one does not fit)" + adapted
+            return "encoder + projection head" + adapted
+        return "encoder" + adapted
     state = state.get("state_dict", state)
     mapped = {}
     for key, value in state.items():
         key = key.removeprefix("module.").removeprefix("encoder.").removeprefix("net.")
         if key.startswith("fc."):
             continue
-        if key == "conv1.weight" and value.shape[1] == 3:
-            value = value.sum(dim=1, keepdim=True)
+        if key == "conv1.weight":
+            value = adapt_stem(value, model.encoder.in_channels)
         mapped[key] = value
     own = model.encoder.net.state_dict()
     usable = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
@@ -109,6 +122,35 @@ def load_encoder_weights(model: SimCLRModel, path: str | Path) -> str:
                             f"({len(usable)} of {len(own)} tensors match)")
     model.encoder.net.load_state_dict(usable, strict=False)
     return f"torchvision-style weights ({len(usable)}/{len(own)} tensors)"
+
+
+def adapt_stem(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """A first-convolution weight ``(out, c, k, k)`` for ``channels`` input channels: kept
+    when it fits, summed (3 → 1), or spread as thirds (1 → 3)."""
+    have = weight.shape[1]
+    if have == channels:
+        return weight
+    if have == 3 and channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    if have == 1 and channels == 3:
+        return weight.repeat(1, 3, 1, 1) / 3.0
+    raise TrainingError(f"cannot adapt a {have}-channel first convolution to {channels} channels")
+
+
+def inflate_encoder_checkpoint(source: str | Path, target: str | Path, channels: int) -> None:
+    """Copy an encoder checkpoint with its first convolution adapted to ``channels`` and its
+    config saying so (a colour project adopting the greyscale starter as is). The optimizer
+    state, which no longer fits the stem, is left out."""
+    state = load_checkpoint(source)
+    if "encoder" not in state or "config" not in state:
+        raise TrainingError(f"{source} is not a SimCLR encoder checkpoint")
+    stem = "net.conv1.weight"
+    state["encoder"] = {**state["encoder"], stem: adapt_stem(state["encoder"][stem], channels)}
+    state["config"] = {**state["config"], "channels": channels}
+    state.pop("optimizer", None)
+    state.pop("scheduler", None)
+    state.pop("method_state", None)
+    save_checkpoint(target, state)
 
 
 # --- classifier checkpoints ------------------------------------------------------------

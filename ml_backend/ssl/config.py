@@ -15,6 +15,11 @@ if TYPE_CHECKING:   # transforms imports torch; load it only when augment_config
 
 
 SSL_METHODS = ("simclr", "moco", "byol", "swav", "dino")
+# Colour augmentations of a 3-channel (colour) project: "stain" = H&E stain jitter in HED
+# space (Tellez et al. 2018) plus bounded hue/saturation jitter, for stained tissue and
+# smears; "jitter" = bounded hue/saturation jitter only (photographs: skin, fundus,
+# endoscopy); "none". Greyscale projects never get colour augmentations.
+COLOUR_AUGMENTS = ("stain", "jitter", "none")
 BATCHNORM_MODES = ("pretrained", "recalibrated", "train")
 
 
@@ -44,8 +49,14 @@ class PretrainConfig:
     prototypes: int = 64                      # swav
     frozen_prototype_steps: int = 100         # swav: prototypes fixed for the first steps
     dino_out_dim: int = 1024                  # dino: output dimension of the head
+    channels: int = 1                         # 1 greyscale, 3 colour (RGB) input
+    colour_augment: str = "stain"             # colour projects only: one of COLOUR_AUGMENTS
 
     def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError("channels must be 1 (greyscale) or 3 (colour)")
+        if self.colour_augment not in COLOUR_AUGMENTS:
+            raise ValueError(f"colour_augment must be one of {', '.join(COLOUR_AUGMENTS)}")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
         if self.lr <= 0 or self.temperature <= 0:
@@ -62,7 +73,9 @@ class PretrainConfig:
     def augment_config(self) -> AugmentConfig:
         from ml_backend.ssl.transforms import AugmentConfig
 
-        return AugmentConfig(size=self.image_size, hflip=self.hflip, **self.augment)
+        colour = self.colour_augment if self.channels == 3 else "none"
+        return AugmentConfig(**{"size": self.image_size, "hflip": self.hflip,
+                                "channels": self.channels, "colour": colour, **self.augment})
 
 
 @dataclass(frozen=True)

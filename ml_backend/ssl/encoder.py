@@ -3,7 +3,8 @@
 Chen et al., "Big Self-Supervised Models are Strong Semi-Supervised Learners" (SimCLRv2,
 NeurIPS 2020) use ResNets; we build torchvision's (random init, no download) and change:
 
-- the stem takes 1 channel (greyscale) instead of 3;
+- the stem takes 1 channel for greyscale projects (X-ray, CT, MR) and 3 for colour ones
+  (H&E, blood smears, dermatology): ``in_channels``;
 - for small inputs (``small_input=True``, e.g. MedMNIST at 28 px) the 7x7 stride-2 stem and the
   max-pool are replaced by a 3x3 stride-1 convolution, as in SimCLR's CIFAR-10 setting, so a
   28 px scan still has a 4x4 feature map before the global pool;

@@ -11,11 +11,13 @@ from ml_backend.ssl.heads import ProjectionHead
 
 
 class SimCLRModel(nn.Module):
-    """Encoder + projection head of ``config``: ``(B, 1, S, S)`` → ``(B, proj_out_dim)``."""
+    """Encoder + projection head of ``config``: ``(B, C, S, S)`` → ``(B, proj_out_dim)``
+    (``C = config.channels``: 1 greyscale, 3 colour)."""
 
     def __init__(self, config: PretrainConfig):
         super().__init__()
-        self.encoder = ResNetEncoder(config.arch, small_input=config.uses_small_input)
+        self.encoder = ResNetEncoder(config.arch, in_channels=config.channels,
+                                     small_input=config.uses_small_input)
         self.head = ProjectionHead(self.encoder.feature_dim, config.proj_hidden_dim,
                                    config.proj_out_dim, config.proj_layers)
 
@@ -26,7 +28,7 @@ class SimCLRModel(nn.Module):
 class Classifier(nn.Module):
     """Encoder + the first ``from_head_layer`` projection layers + a linear layer.
 
-    ``forward``: ``(B, 1, S, S)`` → logits ``(B, num_classes)``.
+    ``forward``: ``(B, C, S, S)`` → logits ``(B, num_classes)``.
     """
 
     def __init__(self, pretrain_config: PretrainConfig, num_classes: int, from_head_layer: int = 1):

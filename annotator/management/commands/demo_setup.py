@@ -20,6 +20,14 @@ DATASETS = [
     ("PneumoniaMNIST (Guangzhou)", "chest_xray", "CR", "CHEST", False, "Chest X-ray"),
     ("Brain MRI (Bhuvaji et al.)", "brain_mri", "MR", "BRAIN", True, "Brain MRI"),
 ]
+# A colour project beside it: blood-smear microscopy, where colour tells the cells apart.
+COLOUR_PROJECT = "Demo: blood smear (colour)"
+COLOUR_DATASETS = [
+    ("PBC blood cells (Barcelona)", "blood_smear", "XC", "BLOOD", True, "Blood cells"),
+]
+# The colour project's encoder: the greyscale starter spread over RGB, then this many epochs
+# on its 64 smears so it sees colour (seconds on a CPU).
+COLOUR_PRETRAIN_EPOCHS = 3
 
 
 class Command(BaseCommand):
@@ -42,12 +50,33 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         users = self._users(keep=opts["keep_passwords"])
-        project = Project.objects.filter(name=DEMO_PROJECT).first() or services.project_create(
-            name=DEMO_PROJECT,
+        epochs = opts["pretrain_epochs"]
+        if epochs is None:
+            from ml_backend.services.training import starter_encoder
+
+            epochs = 0 if starter_encoder() else 4
+        self._project(
+            DEMO_PROJECT, DATASETS, users, opts, epochs=epochs,
             description="Paediatric chest X-ray (PneumoniaMNIST) and brain MRI tumour scans "
-            "from fixtures/. Eval scans are labeled; the pool waits for clinicians.",
-            created_by=users["admin"][0],
-        )
+            "from fixtures/. Eval scans are labeled; the pool waits for clinicians.")
+        self._project(
+            COLOUR_PROJECT, COLOUR_DATASETS, users, opts, colour="colour",
+            epochs=COLOUR_PRETRAIN_EPOCHS if epochs >= 0 else epochs,
+            description="Peripheral blood-cell microscopy (PBC, CellaVision) from fixtures/, "
+            "in colour: eosinophil granules are orange-red, basophil granules dark purple. "
+            "Eval scans are labeled; the pool waits for clinicians.")
+        self.stdout.write("")
+        self.stdout.write(self.style.SUCCESS(f"Demo ready at {opts['url']}"))
+        for role, (user, password) in users.items():
+            shown = password or "(unchanged)"
+            self.stdout.write(f"  {role:10s} username: {user.username:10s} password: {shown}")
+
+    def _project(self, name: str, datasets: list, users: dict, opts: dict, *, epochs: int,
+                 description: str, colour: str = "") -> Project:
+        project = Project.objects.filter(name=name).first() or services.project_create(
+            name=name, description=description, created_by=users["admin"][0])
+        if colour and not project.colour_mode:
+            services.project_colour_mode_set(project, colour)
         services.membership_set(project=project, user=users["clinician"][0],
                                 role=Membership.Role.CLINICIAN)
         services.membership_set(project=project, user=users["reviewer"][0],
@@ -55,8 +84,8 @@ class Command(BaseCommand):
         services.membership_set(project=project, user=users["admin"][0],
                                 role=Membership.Role.ADMIN)
         fixtures = Path(opts["fixtures"])
-        for name, folder, modality, body_part, hflip, label_set in DATASETS:
-            dataset = services.dataset_get_or_create(project=project, name=name,
+        for dataset_name, folder, modality, body_part, hflip, label_set in datasets:
+            dataset = services.dataset_get_or_create(project=project, name=dataset_name,
                                                      modality=modality, body_part=body_part,
                                                      hflip_allowed=hflip)
             # Each anatomy has its own label set: a chest film is never offered a brain class.
@@ -66,28 +95,23 @@ class Command(BaseCommand):
             # imported unlabeled so the active-learning loop has work to do.
             for split, layout in (("eval", "class-folders"), ("pool", "flat")):
                 call_command("import_scans", str(fixtures / folder / split), project=project.name,
-                             dataset=name, split=split, layout=layout, no_progress=True,
+                             dataset=dataset_name, split=split, layout=layout, no_progress=True,
                              stdout=self.stdout, stderr=self.stderr)
         project.refresh_from_db()
-        epochs = opts["pretrain_epochs"]
-        if epochs is None:
-            from ml_backend.services.training import starter_encoder
-
-            epochs = 0 if starter_encoder() else 4
         if epochs >= 0 and project.active_encoder is None:
             if epochs == 0:
-                self.stdout.write(f"Embedding the {project.scans.count()} fixture scans with the "
-                                  "shipped starter encoder (pretrained on public chest X-ray and "
-                                  "brain MRI scans; see ml_backend/starter/) ...")
+                self.stdout.write(f"{name}: embedding the {project.scans.count()} fixture scans "
+                                  "with the shipped starter encoder (pretrained on public chest "
+                                  "X-ray and brain MRI scans; see ml_backend/starter/) ...")
             else:
-                self.stdout.write(f"Pretraining a SimCLRv2 encoder on the "
+                self.stdout.write(f"{name}: pretraining a SimCLRv2 encoder on the "
                                   f"{project.scans.count()} fixture scans ({epochs} epochs, "
                                   "from the starter encoder when one is shipped) ...")
             call_command("pretrain", project=project.name, epochs=epochs,
                          image_size=opts["image_size"], batch_size=64,
                          stdout=self.stdout, stderr=self.stderr)
         elif project.active_encoder is not None:
-            self.stdout.write(f"Encoder {project.active_encoder.version} is active; "
+            self.stdout.write(f"{name}: encoder {project.active_encoder.version} is active; "
                               "new scans are embedded incrementally.")
             call_command("embed", project=project.name, no_progress=True,
                          stdout=self.stdout, stderr=self.stderr)
@@ -96,13 +120,9 @@ class Command(BaseCommand):
             from ml_backend import services as ml
 
             first = ml.query_round_create(project=project, created_by=users["admin"][0])
-            self.stdout.write(f"First worklist: {first.size} scans chosen ({first.strategy}; "
+            self.stdout.write(f"{name}: first worklist of {first.size} scans ({first.strategy}; "
                               "with no labels yet, typical scans of every cluster).")
-        self.stdout.write("")
-        self.stdout.write(self.style.SUCCESS(f"Demo ready at {opts['url']}"))
-        for role, (user, password) in users.items():
-            shown = password or "(unchanged)"
-            self.stdout.write(f"  {role:10s} username: {user.username:10s} password: {shown}")
+        return project
 
     def _users(self, *, keep: bool):
         User = get_user_model()

@@ -40,6 +40,11 @@ class Command(BaseCommand):
         parser.add_argument("--small-input", default="auto", choices=["auto", "yes", "no"],
                             help="3x3 stride-1 stem without max-pool (auto: at 32 px and below; "
                             "about 6x the compute of the standard stem)")
+        parser.add_argument("--colour-augment", default="stain",
+                            choices=["stain", "jitter", "none"],
+                            help="colour projects only: H&E stain jitter in HED space plus "
+                            "bounded hue/saturation (stain: tissue, smears), the bounded "
+                            "hue/saturation jitter alone (jitter: photographs), or none")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--resume", default=None, metavar="VERSION",
                             help="continue an unfinished or failed encoder version from its last "
@@ -61,6 +66,7 @@ class Command(BaseCommand):
                   "batch_size": opts["batch_size"], "lr": opts["lr"],
                   "temperature": opts["temperature"], "seed": opts["seed"],
                   "small_input": {"auto": None, "yes": True, "no": False}[opts["small_input"]],
+                  "colour_augment": opts["colour_augment"],
                   "init_checkpoint": opts["init_checkpoint"], "activate": not opts["no_activate"],
                   "resume": opts["resume"]}
         run(self, project=get_project(opts["project"]), kind="pretrain", params=params, opts=opts)
