@@ -182,8 +182,17 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
     if item is not None:
         wl = worklist(project, user) if user is not None else None
         progress = wl["progress"] if wl else None
+    yours = None
+    if user is not None:
+        mine = (Annotation.objects.filter(scan=scan, reader=user).order_by("-created_at", "-pk")
+                .select_related("label_class").first())
+        if mine is not None:
+            yours = {"id": mine.pk, "outcome": mine.outcome,
+                     "label": mine.label_class.name if mine.label_class_id else None}
     return {
+        "yours": yours,
         "scan": {"id": scan.pk, "preview": reverse("annotator:scan_preview", args=[scan.pk]),
+                 "window": window_info(scan), "colour": scan.colour,
                  "width": scan.width, "height": scan.height, "dataset": scan.dataset.name,
                  "modality": scan.modality, "split": scan.split,
                  "label_set": scan.label_set.name if scan.label_set_id else None,
@@ -210,6 +219,31 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
         "lease_seconds": settings.LABEL_LEASE_SECONDS,
         "prefetch": _prefetch(project, user, scan) if item is not None and user else None,
     }
+
+
+# Window presets (centre, width) in Hounsfield units, as radiology viewers ship them.
+CT_PRESETS = [("Brain", 40, 80), ("Subdural", 75, 215), ("Stroke", 40, 40),
+              ("Lung", -600, 1500), ("Mediastinum", 50, 350), ("Abdomen", 40, 400),
+              ("Liver", 60, 160), ("Bone", 400, 1800)]
+
+
+def window_info(scan: Scan) -> dict | None:
+    """Window/level for a greyscale scan: its stored values' range, the default window, the
+    presets of its modality, and the URL that renders any window from the stored file."""
+    display = scan.display or {}
+    if scan.colour or "window" not in display:
+        return None
+    low, high = display["value_range"]
+    presets = [{"name": "Default", "center": display["window"][0],
+                "width": display["window"][1]},
+               {"name": "Full range", "center": (low + high) / 2,
+                "width": max(high - low, 1.0)}]
+    if scan.modality.upper() == "CT":
+        presets += [{"name": n, "center": c, "width": w} for n, c, w in CT_PRESETS]
+    return {"center": display["window"][0], "width": display["window"][1],
+            "range": [low, high], "presets": presets,
+            "units": "HU" if scan.modality.upper() == "CT" else "",
+            "url": reverse("annotator:scan_window", args=[scan.pk])}
 
 
 def _prefetch(project: Project, user, scan: Scan) -> str | None:

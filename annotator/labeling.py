@@ -362,3 +362,24 @@ def can_add_classes(project: Project, user) -> bool:
     if role is None:
         return False
     return role != "clinician" or project.clinicians_can_add_classes
+
+
+UNDO_WINDOW = timedelta(minutes=30)
+
+
+def answer_undo(*, project: Project, annotation_id: int, user) -> Scan:
+    """Take back the reader's last answer in this project (a slip of the key): only their
+    own, only from the label page, only their latest one, within UNDO_WINDOW. The row is
+    deleted (the audit log keeps what it was) and its scan is returned to be read again."""
+    latest = (Annotation.objects.filter(scan__project=project, reader=user)
+              .order_by("-created_at", "-pk").select_related("scan").first())
+    if latest is None or latest.pk != annotation_id:
+        raise AnnotationError("only your last answer in this project can be undone")
+    if latest.source != Annotation.Source.WEB:
+        raise AnnotationError("only answers given on the label page can be undone here")
+    if timezone.now() - latest.created_at > UNDO_WINDOW:
+        raise AnnotationError(f"answers older than {int(UNDO_WINDOW.total_seconds() // 60)} "
+                              "minutes are kept: answer the scan again instead")
+    scan = latest.scan
+    latest.delete()
+    return scan

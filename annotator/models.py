@@ -256,6 +256,11 @@ class Scan(models.Model):
     height = models.PositiveIntegerField()
     colour = models.BooleanField(
         default=False, help_text="The file carries colour (its preview is RGB).")
+    display = models.JSONField(
+        null=True, blank=True,
+        help_text="Greyscale scans: the stored values' range and default window "
+        "({'window': [centre, width], 'value_range': [min, max]}, in the file's units, e.g. HU), "
+        "for window/level on the label page.")
     num_frames = models.PositiveIntegerField(default=1)
     bits_stored = models.PositiveSmallIntegerField(default=8)
     modality = models.CharField(max_length=16, blank=True)

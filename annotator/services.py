@@ -607,6 +607,8 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 width=decoded.width,
                 height=decoded.height,
                 colour=is_colour,
+                display=({"window": meta["window"], "value_range": meta["value_range"]}
+                         if "window" in meta and not is_colour else None),
                 num_frames=decoded.num_frames,
                 bits_stored=meta.get("bits_stored") or 8,
                 modality=meta.get("modality", "")[:16],

@@ -27,7 +27,10 @@ urlpatterns = [
     path("projects/<int:project_id>/label/<int:scan_id>/", views_label.label_page, name="label"),
     path("projects/<int:project_id>/label/<int:scan_id>/answer/", views_label.answer,
          name="answer"),
+    path("projects/<int:project_id>/answers/<int:annotation_id>/undo/", views_label.answer_undo,
+         name="answer_undo"),
     path("scans/<int:scan_id>/gradcam.png", views_label.gradcam, name="gradcam"),
+    path("scans/<int:scan_id>/window.png", views_label.scan_window, name="scan_window"),
     # Polled by the label page while a refit runs in the background.
     path("projects/<int:project_id>/model-status/", views_status.model_status,
          name="model_status"),

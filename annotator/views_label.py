@@ -18,7 +18,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from annotator import label_page as page_content
-from annotator import labeling, selectors, services
+from annotator import labeling, selectors, services, storage
 from annotator.forms import ClassifyForm, LabelClassForm
 from annotator.models import Annotation, LabelClass, Scan
 from annotator.status import model_status
@@ -150,6 +150,56 @@ def answer(request, project_id: int, scan_id: int):
         "worklist": reverse("annotator:worklist", args=[project.pk]),
         "server_ms": round((time.perf_counter() - started) * 1000, 1),
     }, status=201 if created else 200)
+
+
+@login_required
+@require_POST
+def answer_undo(request, project_id: int, annotation_id: int):
+    """Take back the reader's last answer; the page then shows that scan again."""
+    project = selectors.project_get_for_user(request.user, project_id)
+    try:
+        scan = labeling.answer_undo(project=project, annotation_id=annotation_id,
+                                    user=request.user)
+    except services.AnnotationError as exc:
+        return JsonResponse({"error": str(exc)}, status=409)
+    return JsonResponse({"undone": annotation_id,
+                         "scan_url": reverse("annotator:label", args=[project.pk, scan.pk])})
+
+
+WINDOW_LIMIT = 1e7       # values beyond any modality's units (HU, 16-bit counts)
+
+
+@login_required
+@require_GET
+def scan_window(request, scan_id: int):
+    """The scan rendered from its stored (de-identified) file with the window
+    ``?center=&width=`` on its own values: HU for CT, the 16-bit values of a 16-bit PNG."""
+    scan = selectors.scan_get_for_user(request.user, scan_id)
+    if scan.colour:
+        return HttpResponse("a colour scan has no window: use brightness and contrast",
+                            status=400, content_type="text/plain")
+    try:
+        center, width = float(request.GET["center"]), float(request.GET["width"])
+    except (KeyError, ValueError):
+        return HttpResponse("give ?center=…&width=… as numbers", status=400,
+                            content_type="text/plain")
+    if not (abs(center) < WINDOW_LIMIT and 0 < width < WINDOW_LIMIT):
+        return HttpResponse("the window needs |centre| and width below 10 million, width > 0",
+                            status=400, content_type="text/plain")
+    try:
+        with open(storage.media_path(scan.file.name), "rb") as handle:
+            data = handle.read()
+        decoded = decode_scan(data, salt=settings.DEID_SALT, keep_copy=False,
+                              max_pixels=settings.IMPORT_MAX_PIXELS, window=(center, width))
+    except (OSError, ValueError):
+        raise Http404("The stored file is missing.") from None
+    except ScanDecodeError as exc:
+        return HttpResponse(f"the stored file cannot be windowed: {exc}", status=409,
+                            content_type="text/plain")
+    response = HttpResponse(render_preview(decoded.pixels, max_side=settings.PREVIEW_MAX_SIDE),
+                            content_type="image/png")
+    response["Cache-Control"] = "private, max-age=3600"
+    return response
 
 
 @login_required

@@ -689,6 +689,7 @@ def decode_scan(
     max_pixels: int = 64_000_000,
     request_max_pixels: int | None = None,
     keep_copy: bool = True,
+    window: tuple[float, float] | None = None,
 ) -> DecodedScan:
     """Decode one file's bytes. Raises ``ScanDecodeError`` with a clear reason.
 
@@ -699,8 +700,17 @@ def decode_scan(
     ``request_max_pixels``: a smaller budget for decoding a single image inside a web
     request (the classify page); a refusal under it says so. ``keep_copy=False``: no stored
     copy is made (``stored_bytes`` empty) — for an image that is only looked at, never kept.
+    ``window=(center, width)``: a greyscale image is windowed linearly on its own values
+    (DICOM: after the modality LUT, in its units, e.g. HU; rasters: their stored 8- or
+    16-bit values) instead of by its default; colour images ignore it. ``meta["window"]``
+    (the default window) and ``meta["value_range"]`` describe a greyscale image's values.
     Any failure of pydicom or Pillow becomes a ``ScanDecodeError``.
     """
+    if window is not None:
+        center, width = (float(v) for v in window)
+        if not (np.isfinite(center) and np.isfinite(width) and width > 0):
+            raise ScanDecodeError("a window needs a finite centre and a positive width")
+        window = (center, width)
     if not data:
         raise ScanDecodeError("empty file (0 bytes)")
     kind = sniff_format(data, name)
@@ -713,8 +723,9 @@ def decode_scan(
     try:
         if kind in ("dicom", "dicom?"):
             return _decode_dicom(data, salt=salt, budget=budget, sure=kind == "dicom",
-                                 keep_copy=keep_copy)
-        return _decode_raster(data, kind=kind, budget=budget, keep_copy=keep_copy)
+                                 keep_copy=keep_copy, window=window)
+        return _decode_raster(data, kind=kind, budget=budget, keep_copy=keep_copy,
+                              window=window)
     except ScanDecodeError:
         raise
     except DeidentificationError as exc:
@@ -730,7 +741,7 @@ def decode_scan(
 
 
 def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
-                   keep_copy: bool = True) -> DecodedScan:
+                   keep_copy: bool = True, window=None) -> DecodedScan:
     # The file's own headers first: the size a JPEG declares (and whether its data could
     # hold it), every TIFF page (Pillow would re-walk the page chain per page), a PNG's
     # size against its compressed data.
@@ -778,7 +789,9 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
                 f"{kind.upper()} image data is damaged: {_reason(exc)}"
             ) from None
 
-    pixels, bits, colour, colour_reason, reduced = _raster_to_unit(image)
+    values: dict = {}
+    pixels, bits, colour, colour_reason, reduced = _raster_to_unit(image, window=window,
+                                                                   values=values)
     notes = []
     if reduced:
         notes.append(f"colour image reduced to {COLOUR_MAX_SIDE} px on its longest side for "
@@ -798,6 +811,7 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
         "bits_stored": bits,
         "colour": "colour" if colour else "grey",
         "colour_reason": colour_reason,
+        **values,
     }
     return DecodedScan(
         pixels=pixels,
@@ -815,16 +829,21 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
 COLOUR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
 
 
-def _raster_to_unit(image: Image.Image) -> tuple[np.ndarray, int, bool, str, bool]:
+def _raster_to_unit(image: Image.Image, *, window=None, values: dict | None = None
+                    ) -> tuple[np.ndarray, int, bool, str, bool]:
     """``(pixels, bits, colour, reason, reduced)``. One float32 array, scaled in place:
     Pillow's copy of the pixels plus 4 bytes a pixel (12 for colour, after reducing a colour
-    image beyond COLOUR_MAX_SIDE), and the percentile pass's 4 for 16-bit images."""
+    image beyond COLOUR_MAX_SIDE), and the percentile pass's 4 for 16-bit images.
+    ``values`` receives a greyscale image's default window and value range."""
+    values = {} if values is None else values
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.array(image, dtype=np.float32)
         bits = 16 if mode.startswith("I;16") else 32
-        return (_percentile_window(array, in_place=True), bits, False,
-                f"{bits}-bit greyscale {mode}", False)
+        _describe_values(array, values)
+        unit = (_window(array, window[0], window[1], "LINEAR") if window is not None
+                else _percentile_window(array, in_place=True))
+        return unit, bits, False, f"{bits}-bit greyscale {mode}", False
     reduced = False
     if mode in COLOUR_MODES:
         source = {"P": "palette", "PA": "palette"}.get(mode, mode)
@@ -845,8 +864,24 @@ def _raster_to_unit(image: Image.Image) -> tuple[np.ndarray, int, bool, str, boo
     if image.mode != "L":
         image = image.convert("L")
     array = np.array(image, dtype=np.float32)
+    values.update({"window": [127.5, 255.0], "value_range": [0.0, 255.0]})
+    if window is not None:
+        return _window(array, window[0], window[1], "LINEAR"), 8, False, reason, reduced
     np.divide(array, 255.0, out=array)
     return array, 8, False, reason, reduced
+
+
+def _describe_values(values: np.ndarray, out: dict, window=None) -> None:
+    """A greyscale image's value range and its default window (the file's, else the
+    0.5–99.5 percentile one), in its own units, rounded for display."""
+    step = max(1, int(np.ceil(np.sqrt(values.size / 262_144))))
+    sample = values[::step, ::step]
+    low, high = float(np.min(values)), float(np.max(values))
+    if window is None:
+        p_low, p_high = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+        window = ((p_low + p_high) / 2, max(p_high - p_low, 1e-3))
+    out["window"] = [round(float(window[0]), 3), round(float(window[1]), 3)]
+    out["value_range"] = [round(low, 3), round(high, 3)]
 
 
 def _encode_png_lossless(image: Image.Image) -> bytes:
@@ -895,7 +930,7 @@ def _percentile_window(
 
 
 def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
-                  keep_copy: bool = True) -> DecodedScan:
+                  keep_copy: bool = True, window=None) -> DecodedScan:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -998,8 +1033,9 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         frame = raw[frames // 2]
 
     try:
+        values: dict = {}
         pixels, colour_reason = _dicom_to_unit(ds, frame, photometric=photometric,
-                                               samples=samples)
+                                               samples=samples, window=window, values=values)
     except MemoryError:
         raise
     except Exception as exc:  # LUTs and rescale values come from the file
@@ -1030,6 +1066,7 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         "burned_in_annotation": clean_text(ds.get("BurnedInAnnotation", "")).upper() == "YES",
         "colour": "colour" if pixels.ndim == 3 else "grey",
         "colour_reason": colour_reason,
+        **values,
     }
     notes = []
     if meta["burned_in_annotation"]:
@@ -1073,8 +1110,8 @@ def _dicom_colour(rgb: np.ndarray, max_value: float, source: str) -> tuple[np.nd
     return grey, f"DICOM {source} whose channels agree: greyscale stored as colour"
 
 
-def _dicom_to_unit(ds, frame: np.ndarray, *, photometric: str, samples: int
-                   ) -> tuple[np.ndarray, str]:
+def _dicom_to_unit(ds, frame: np.ndarray, *, photometric: str, samples: int, window=None,
+                   values: dict | None = None) -> tuple[np.ndarray, str]:
     """``(pixels, colour reason)``: grey ``(H, W)`` or RGB ``(H, W, 3)`` in ``[0, 1]``."""
     from pydicom.pixels import apply_color_lut
 
@@ -1091,10 +1128,14 @@ def _dicom_to_unit(ds, frame: np.ndarray, *, photometric: str, samples: int
         bits = int(ds.get("BitsStored", 8) or 8)
         max_value = float(2 ** min(max(bits, 1), 32) - 1)
         return _dicom_colour(frame, max_value, photometric or "RGB")
-    return _dicom_grey(ds, frame, photometric=photometric), f"DICOM {photometric or 'MONOCHROME2'}"
+    return (_dicom_grey(ds, frame, photometric=photometric, window=window, info=values),
+            f"DICOM {photometric or 'MONOCHROME2'}")
 
 
-def _dicom_grey(ds, frame: np.ndarray, *, photometric: str) -> np.ndarray:
+def _dicom_grey(ds, frame: np.ndarray, *, photometric: str, window=None,
+                info: dict | None = None) -> np.ndarray:
+    """Modality LUT, then the VOI window (``window`` when given, linear, in modality units),
+    then MONOCHROME1 inversion; ``info`` receives the default window and value range."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if "ModalityLUTSequence" in ds:
@@ -1110,7 +1151,12 @@ def _dicom_grey(ds, frame: np.ndarray, *, photometric: str) -> np.ndarray:
                 np.add(values, intercept, out=values)
     center, width = _first_number(ds.get("WindowCenter")), _first_number(ds.get("WindowWidth"))
     function = clean_text(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
-    if center is not None and width is not None and width > 0:
+    has_window = center is not None and width is not None and width > 0
+    _describe_values(values, {} if info is None else info,
+                     (center, width) if has_window else None)
+    if window is not None:
+        unit = _window(values, window[0], window[1], "LINEAR")
+    elif has_window:
         unit = _window(values, center, width, function)
     elif "VOILUTSequence" in ds:
         del values

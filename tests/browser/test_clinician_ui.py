@@ -78,7 +78,8 @@ def test_clinician_labels_by_keyboard_and_sees_the_model_improve(
         "(() => { const c = document.getElementById('cam-image');"
         " return !c.hidden && c.complete && c.naturalWidth > 0; })()")
     page.keyboard.press("+")
-    assert page.inner_text("#zoom-level") == "125%"
+    assert page.inner_text("#zoom-level") == "125% of fit"
+    assert "px, shown at" in page.inner_text("#native-size")
     page.shot("3-suggestion-gradcam")
     swap_ms = page.evaluate("window.medlabel.timings")
     assert len(swap_ms) == 3 and all(ms > 0 for ms in swap_ms)

@@ -8,7 +8,7 @@
   const $ = (id) => document.getElementById(id);
   const root = $("labeler");
   const csrf = (document.cookie.match(/(?:^|; )csrftoken=([^;]+)/) || [])[1] || "";
-  const view = {scale: 1, x: 0, y: 0, invert: false, cam: false};
+  const view = {scale: 1, x: 0, y: 0, invert: false, cam: false, window: null};
   const medlabel = (window.medlabel = {timings: [], saved: 0, payload: null});
   let payload = JSON.parse($("label-payload").textContent);
   let shownAt = performance.now();
@@ -26,20 +26,66 @@
   }
 
   // --- viewer ---------------------------------------------------------------------------
+  // How many screen pixels one pixel of the scan (its stored size) takes at fit (scale 1).
+  function fitFactor() {
+    const box = $("viewport").getBoundingClientRect();
+    const w = payload.scan.width || 1, h = payload.scan.height || 1;
+    return Math.min(box.width / w, box.height / h);
+  }
   function applyView() {
     $("stage").style.transform = `translate(${view.x}px, ${view.y}px) scale(${view.scale})`;
     const b = $("brightness").value / 100, c = $("contrast").value / 100;
-    $("scan-image").style.filter = `brightness(${b}) contrast(${c})` + (view.invert ? " invert(1)" : "");
-    $("zoom-level").textContent = Math.round(view.scale * 100) + "%";
+    const img = $("scan-image");
+    img.style.filter = `brightness(${b}) contrast(${c})` + (view.invert ? " invert(1)" : "");
+    const shown = fitFactor() * view.scale;
+    // a tiny scan blown up is shown as its pixels (crisp), not as a smooth blur
+    img.classList.toggle("pixelated", shown >= 2);
+    $("cam-image").classList.toggle("pixelated", shown >= 2);
+    $("zoom-level").textContent = view.scale === 1 ? "fit" : Math.round(view.scale * 100) + "% of fit";
+    const times = shown >= 10 ? shown.toFixed(0) : shown.toFixed(shown >= 1 ? 1 : 2);
+    $("native-size").textContent = `${payload.scan.width}×${payload.scan.height} px, shown at ${times}×`;
     $("cam-image").hidden = !view.cam;
-    $("toggle-cam").classList.toggle("on", view.cam);
-    $("invert").classList.toggle("on", view.invert);
+    $("cam-image").style.opacity = $("cam-opacity").value / 100;
+    $("cam-opacity-label").hidden = !view.cam;
+    $("cam-legend").hidden = !view.cam;
+    for (const [id, on] of [["toggle-cam", view.cam], ["invert", view.invert]]) {
+      $(id).classList.toggle("on", on);
+      $(id).setAttribute("aria-pressed", on ? "true" : "false");
+    }
+    const w = view.window;
+    $("window-readout").textContent = w ? `W ${fmt(w.width)} L ${fmt(w.center)}${payload.scan.window.units ? " " + payload.scan.window.units : ""}` : "";
+  }
+  function fmt(v) { return Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(1); }
+  // --- window / level from the stored values (greyscale scans) ----------------------------
+  let windowTimer = null;
+  function windowUrl(w) {
+    return `${payload.scan.window.url}?center=${encodeURIComponent(w.center.toFixed(3))}&width=${encodeURIComponent(w.width.toFixed(3))}`;
+  }
+  function setWindow(w, {now = false} = {}) {
+    const info = payload.scan.window;
+    if (!info) return;
+    const span = Math.max(info.range[1] - info.range[0], 1);
+    view.window = {center: Math.min(info.range[1] + span, Math.max(info.range[0] - span, w.center)),
+                   width: Math.min(span * 4, Math.max(span / 1000, w.width))};
+    applyView();
+    clearTimeout(windowTimer);
+    // the server renders the window from the stored file: at most one request every 120 ms
+    windowTimer = setTimeout(() => { $("scan-image").src = windowUrl(view.window); }, now ? 0 : 120);
+  }
+  function zoomNative() {
+    // one stored pixel per screen pixel, centred
+    const box = $("viewport").getBoundingClientRect();
+    const next = 1 / fitFactor();
+    view.scale = Math.min(64, Math.max(0.05, next));
+    view.x = box.width / 2 * (1 - view.scale);
+    view.y = box.height / 2 * (1 - view.scale);
+    applyView();
   }
   function zoom(factor, cx, cy) {
     const box = $("viewport").getBoundingClientRect();
     cx = cx === undefined ? box.width / 2 : cx;
     cy = cy === undefined ? box.height / 2 : cy;
-    const next = Math.min(16, Math.max(0.25, view.scale * factor));
+    const next = Math.min(64, Math.max(0.25, view.scale * factor));
     const k = next / view.scale;
     view.x = cx - k * (cx - view.x);
     view.y = cy - k * (cy - view.y);
@@ -49,6 +95,11 @@
   function resetView() {
     view.scale = 1; view.x = 0; view.y = 0; view.invert = false;
     $("brightness").value = 100; $("contrast").value = 100;
+    const info = payload.scan.window;
+    const wasWindowed = view.window !== null;
+    view.window = info ? {center: info.center, width: info.width} : null;
+    if (info) $("window-preset").value = "0";
+    if (wasWindowed && info) $("scan-image").src = payload.scan.preview;   // the default window
     applyView();
   }
   $("viewport").addEventListener("wheel", (e) => {
@@ -56,29 +107,102 @@
     const box = $("viewport").getBoundingClientRect();
     zoom(e.deltaY < 0 ? 1.15 : 1 / 1.15, e.clientX - box.left, e.clientY - box.top);
   }, {passive: false});
+  // left-drag pans; right-drag changes the window (greyscale scans): horizontal = width,
+  // vertical = level, as in radiology viewers
   let drag = null;
+  $("viewport").addEventListener("contextmenu", (e) => e.preventDefault());
   $("viewport").addEventListener("pointerdown", (e) => {
-    drag = {x: e.clientX - view.x, y: e.clientY - view.y};
+    if (e.button === 2 && payload.scan.window && view.window) {
+      drag = {mode: "window", x: e.clientX, y: e.clientY, start: Object.assign({}, view.window)};
+    } else {
+      drag = {mode: "pan", x: e.clientX - view.x, y: e.clientY - view.y};
+    }
     $("viewport").setPointerCapture(e.pointerId);
   });
   $("viewport").addEventListener("pointermove", (e) => {
     if (!drag) return;
+    if (drag.mode === "window") {
+      const info = payload.scan.window;
+      const perPixel = Math.max(info.range[1] - info.range[0], 1) / 500;
+      setWindow({center: drag.start.center + (e.clientY - drag.y) * perPixel,
+                 width: drag.start.width + (e.clientX - drag.x) * perPixel});
+      return;
+    }
     view.x = e.clientX - drag.x; view.y = e.clientY - drag.y;
     applyView();
   });
   $("viewport").addEventListener("pointerup", () => { drag = null; });
-  for (const id of ["brightness", "contrast"]) $(id).addEventListener("input", applyView);
+  // every control hands the keyboard back to the page, so hotkeys keep working after it
+  function giveBackFocus(e) { if (e.currentTarget && e.currentTarget.blur) e.currentTarget.blur(); }
+  for (const id of ["brightness", "contrast", "cam-opacity"]) {
+    $(id).addEventListener("input", applyView);
+    $(id).addEventListener("change", giveBackFocus);
+    $(id).addEventListener("pointerup", giveBackFocus);
+  }
+  $("window-preset").addEventListener("change", (e) => {
+    const preset = payload.scan.window && payload.scan.window.presets[Number(e.target.value)];
+    if (preset) setWindow({center: preset.center, width: preset.width}, {now: true});
+    giveBackFocus(e);
+  });
   $("invert").addEventListener("click", () => { view.invert = !view.invert; applyView(); });
   $("toggle-cam").addEventListener("click", () => {
     if (!payload.gradcam) return;
     view.cam = !view.cam;
     const cam = $("cam-image");
-    if (view.cam && cam.getAttribute("src") !== payload.gradcam) cam.src = payload.gradcam;
+    if (view.cam && cam.getAttribute("src") !== payload.gradcam) {
+      $("cam-progress").hidden = false;         // the map takes a moment: say so
+      cam.src = payload.gradcam;
+    }
     applyView();
+  });
+  $("cam-image").addEventListener("load", () => { $("cam-progress").hidden = true; });
+  $("cam-image").addEventListener("error", () => {
+    $("cam-progress").hidden = true;
+    if (view.cam) { view.cam = false; applyView(); say("The Grad-CAM map could not be computed for this scan.", "error"); }
   });
   $("zoom-in").addEventListener("click", () => zoom(1.25));
   $("zoom-out").addEventListener("click", () => zoom(1 / 1.25));
+  $("zoom-native").addEventListener("click", zoomNative);
   $("reset").addEventListener("click", resetView);
+  for (const button of document.querySelectorAll(".viewer-tools button")) {
+    button.addEventListener("click", giveBackFocus);
+  }
+  function say(text, cls) {
+    $("status").textContent = text;
+    $("status").className = cls || "muted";
+  }
+
+  // --- previous scan and undo ------------------------------------------------------------
+  const answered = [];        // this visit's answers, newest last: {id, url}
+  function updateHistoryButtons() {
+    $("back").disabled = !answered.length;
+    $("undo").disabled = !answered.length;
+  }
+  function goBack() {
+    const last = answered[answered.length - 1];
+    if (!last) { say("No previous scan yet: this is the first one you read here."); return; }
+    window.location.href = last.url;
+  }
+  async function undoLast() {
+    const last = answered[answered.length - 1];
+    if (!last || busy) { if (!last) say("Nothing to undo: you have not answered a scan here yet."); return; }
+    busy = true;
+    try {
+      const response = await fetch(root.dataset.undo.replace("0/undo/", `${last.id}/undo/`), {
+        method: "POST", credentials: "same-origin",
+        headers: {"X-CSRFToken": csrf, Accept: "application/json"}});
+      const data = await response.json().catch(() => ({error: `server answered ${response.status}`}));
+      if (!response.ok) { say(data.error || "could not undo", "error"); return; }
+      answered.pop();
+      window.location.href = data.scan_url;
+    } catch (err) {
+      say("network error: nothing was changed, try again", "error");
+    } finally {
+      busy = false;
+    }
+  }
+  $("back").addEventListener("click", goBack);
+  $("undo").addEventListener("click", undoLast);
 
   // --- rendering a payload ----------------------------------------------------------------
   function render(p, measureFrom) {
@@ -102,7 +226,22 @@
       if (p.prefetch) (new Image()).src = p.prefetch;
     };
     img.src = p.scan.preview;
+    view.window = null;
+    const info = p.scan.window;
+    $("window-tools").hidden = !info;
+    const presets = $("window-preset");
+    presets.replaceChildren();
+    if (info) {
+      info.presets.forEach((preset, i) => {
+        const option = el("option", `${preset.name} (W ${fmt(preset.width)} L ${fmt(preset.center)})`);
+        option.value = String(i);
+        presets.append(option);
+      });
+    }
+    $("yours").hidden = !p.yours;
+    $("yours").textContent = p.yours ? `You answered this scan before: ${p.yours.label || p.yours.outcome}. A new answer replaces it in training.` : "";
     $("cam-image").removeAttribute("src");
+    $("cam-progress").hidden = true;
     $("toggle-cam").disabled = !p.gradcam;
     if (!p.gradcam) view.cam = false;
     $("scan-id").textContent = "#" + p.scan.id;
@@ -377,6 +516,8 @@
         return;
       }
       medlabel.saved += 1;
+      answered.push({id: data.saved.id, url: payload.scan.url});
+      updateHistoryButtons();
       medlabel.lastServerMs = data.server_ms;
       medlabel.lastUpdating = !!(data.model_status && data.model_status.updating);
       showModelStatus(data.model_status, statusSeq);
@@ -399,8 +540,18 @@
   $("skip").addEventListener("click", () => submit({outcome: "skip"}));
   $("unsure").addEventListener("click", () => submit({outcome: "unsure"}));
 
+  function keyHelp() {
+    const answers = payload.findings_mode
+      ? "finding keys toggle present / uncertain, Enter saves, 0 no finding"
+      : (payload.classes.filter((c) => c.key).map((c) => c.key).join(" ") || "no class keys") + " answer";
+    return `${answers}; s skip, u unsure, g Grad-CAM, i invert, n 1:1, r reset, + − zoom, ← previous scan, Backspace undo`;
+  }
   document.addEventListener("keydown", (e) => {
-    if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("input, textarea, select")) return;
+    // typing in a text field is not a hotkey; a slider or button never keeps the keys
+    if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("input:not([type=range]), textarea, select")) return;
+    if (e.target.closest("input[type=range], button")) e.target.blur();
+    if (e.key === "ArrowLeft") { e.preventDefault(); goBack(); return; }
+    if (e.key === "Backspace") { e.preventDefault(); undoLast(); return; }
     const key = e.key.toLowerCase();
     if (payload.findings_mode) {
       const f = payload.findings.find((k) => k.key && k.key === key);
@@ -415,8 +566,14 @@
     else if (key === "i") $("invert").click();
     else if (key === "g") $("toggle-cam").click();
     else if (key === "r") resetView();
+    else if (key === "n") zoomNative();
     else if (key === "+" || key === "=") zoom(1.25);
     else if (key === "-") zoom(1 / 1.25);
+    else if (key === "?" || key === "h") say("Keys: " + keyHelp() + ".");
+    else if (e.key.length === 1 && e.key !== " ") {
+      // a key that does nothing says so, and what would work
+      say(`"${e.key}" does nothing here. Keys: ${keyHelp()}.`, "error");
+    }
   });
 
   render(payload);
