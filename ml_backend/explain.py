@@ -10,6 +10,14 @@ but at the 32–64 px our CPU models use, ``layer4`` is 1×1 or 2×2 and says no
 low-resolution Grad-CAM. ``score``
 maps pooled encoder features to class logits, so the same code explains the fast linear head
 on frozen embeddings and the fine-tuned classifier. Pure: torch + numpy, no Django.
+
+``method="layercam"`` (the default for the label page) is LayerCAM (Jiang et al., "LayerCAM:
+Exploring Hierarchical Class Activation Maps for Localization", IEEE TIP 2021): each cell is
+weighted by its own positive gradient instead of the channel's average, which keeps shallow
+stages meaningful, and the maps of ``layer1`` and ``layer2`` (16×16 and 8×8 at 64 px) are
+each scaled to ``[0, 1]`` and averaged at the input size. That is twice Grad-CAM's resolution
+at our input sizes, without running the encoder at a size it was not trained for.
+``method="gradcam"`` is the plain map of one stage.
 """
 
 from __future__ import annotations
@@ -33,22 +41,41 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 def _forward_keeping(encoder: ResNetEncoder, x: torch.Tensor, min_side: int):
     """Pooled features, and the deepest stage output with at least ``min_side`` cells."""
+    pooled, stages = _forward_stages(encoder, x)
+    target = stages[0]
+    for stage in stages:
+        if min(stage.shape[2:]) >= min_side:
+            target = stage
+    return pooled, target
+
+
+def _forward_stages(encoder: ResNetEncoder, x: torch.Tensor):
+    """Pooled features and every stage's output (gradients kept)."""
     net = encoder.net
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    target = None
+    stages = []
     for name in STAGES:
         x = getattr(net, name)(x)
-        if target is None or min(x.shape[2:]) >= min_side:
-            target = x
-    target.retain_grad()
-    return torch.flatten(net.avgpool(x), 1), target
+        x.retain_grad()
+        stages.append(x)
+    return torch.flatten(net.avgpool(x), 1), stages
+
+
+def _unit(cam: torch.Tensor) -> torch.Tensor | None:
+    low, high = float(cam.min()), float(cam.max())
+    if not np.isfinite(high) or high - low <= 1e-12 * max(1.0, abs(high)):
+        return None
+    return (cam - low) / (high - low)
 
 
 def gradcam(encoder: ResNetEncoder, image: np.ndarray, augment_config, score: Score,
-            class_index: int, *, min_side: int = 7) -> np.ndarray:
+            class_index: int, *, min_side: int = 7, method: str = "gradcam",
+            stages: tuple[int, ...] = (0, 1)) -> np.ndarray:
     """A ``float32 (S, S)`` map in ``[0, 1]`` for one ``uint8 (S, S)`` greyscale or
     ``(S, S, 3)`` colour image (already at the model's input size). All zeros when the map is
-    flat (no region stands out)."""
+    flat (no region stands out). ``method``: ``gradcam`` or ``layercam`` (module docstring)."""
+    if method not in ("gradcam", "layercam"):
+        raise ValueError("method must be gradcam or layercam")
     if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3
                                                            and image.shape[2] == 3)):
         raise ValueError("gradcam expects one uint8 (S, S) or (S, S, 3) image")
@@ -57,12 +84,30 @@ def gradcam(encoder: ResNetEncoder, image: np.ndarray, augment_config, score: Sc
     x = (x.permute(2, 0, 1) if image.ndim == 3 else x[None])[None]
     x = eval_transform(augment_config)(x)
     with torch.enable_grad():
-        pooled, features = _forward_keeping(encoder, x, min_side)
+        pooled, outputs = _forward_stages(encoder, x)
         logits = score(pooled)
         if not 0 <= class_index < logits.shape[1]:
             raise ValueError(f"class index {class_index} out of range for {logits.shape[1]} classes")
         encoder.zero_grad(set_to_none=True)
         logits[0, class_index].backward()
+    if method == "layercam":
+        maps = []
+        for stage in [outputs[i] for i in stages]:   # layer1 and layer2 by default
+            cam = (F.relu(stage.grad) * stage).sum(dim=1, keepdim=True).detach()
+            cam = F.interpolate(F.relu(cam), size=image.shape[:2], mode="bilinear",
+                                align_corners=False)[0, 0]
+            unit = _unit(cam)
+            if unit is not None:
+                maps.append(unit)
+        if not maps:
+            return np.zeros(image.shape[:2], dtype=np.float32)
+        fused = _unit(torch.stack(maps).mean(dim=0))
+        return (np.zeros(image.shape[:2], dtype=np.float32) if fused is None
+                else fused.numpy().astype(np.float32))
+    features = outputs[0]
+    for stage in outputs:
+        if min(stage.shape[2:]) >= min_side:
+            features = stage
     weights = features.grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * features).sum(dim=1, keepdim=True)).detach()
     cam = F.interpolate(cam, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]

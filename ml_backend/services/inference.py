@@ -12,6 +12,7 @@ image that was never embedded).
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -257,7 +258,7 @@ class _Explainer:
         allowed = set(self.classes_of(label_set_id))
         return restrict_to_sets(proba, self.class_ids, [allowed] * len(images))
 
-    def cam(self, image: np.ndarray, class_id: int) -> np.ndarray:
+    def cam(self, image: np.ndarray, class_id: int, method: str = "layercam") -> np.ndarray:
         from ml_backend.explain import gradcam, head_score
 
         finding = self._finding_head(class_id) if class_id not in self.class_ids else None
@@ -283,7 +284,8 @@ class _Explainer:
             score = lambda pooled: classifier.fc(  # noqa: E731
                 classifier.head(pooled, upto=classifier.from_head_layer))
             index = self.class_ids.index(class_id)
-        return gradcam(self.encoder, image, self.config.augment_config(), score, index)
+        return gradcam(self.encoder, image, self.config.augment_config(), score, index,
+                       method=method)
 
     def _finding_head(self, finding_id: int):
         """``(findings head, column)`` of a finding the version learned, else None."""
@@ -299,7 +301,9 @@ class _Explainer:
 
 def scan_gradcam(*, scan: Scan, class_id: int, model: ModelVersion | None = None) -> bytes:
     """An RGBA overlay PNG (the preview's size) of where ``model`` sees ``class_id`` in
-    ``scan``. Raises TrainingError when there is no model or the class is not one of its."""
+    ``scan`` (LayerCAM, see ml_backend/explain.py). Cached per scan, class and model version
+    in the version's artifact folder: a version never changes, so neither does its map.
+    Raises TrainingError when there is no model or the class is not one of its."""
     from PIL import Image
 
     from ml_backend.explain import overlay_png
@@ -307,11 +311,19 @@ def scan_gradcam(*, scan: Scan, class_id: int, model: ModelVersion | None = None
     model = model or scan.project.active_model
     if model is None:
         raise TrainingError("no classifier yet: label some scans first")
+    cached = Path(model.artifact_dir) / "cam" / f"{scan.pk}-{int(class_id)}.png"
+    if cached.exists():
+        return cached.read_bytes()
     explainer = _Explainer(model)
     image = images_for([scan], explainer.config.image_size, explainer.config.channels)[0]
     with Image.open(media_path(scan.preview.name)) as preview:
         width, height = preview.size
-    return overlay_png(explainer.cam(image, class_id), width, height)
+    png = overlay_png(explainer.cam(image, class_id), width, height)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".tmp-{os.getpid()}-{cached.name}")
+    tmp.write_bytes(png)
+    tmp.replace(cached)
+    return png
 
 
 def classify_image(*, project: Project, preview_png: bytes, label_set=None, k: int = 6) -> dict:
