@@ -213,9 +213,49 @@ def describe_reason(reason: dict, score: float | None = None) -> dict:
     if reason.get("unsure"):
         parts.append("unsure about " + ", ".join(
             f"{u['name']} ({u['probability']:.0%})" for u in reason["unsure"]))
-    return {"why": reason.get("why", ""), "details": parts,
+    return {"why": reason.get("why", ""), "details": parts, "words": plain_reason(reason),
             "score": None if score is None else round(float(score), 4),
             "neighbours": reason.get("neighbours", [])}
+
+
+def plain_reason(reason: dict) -> str:
+    """Why this scan, in a clinician's words (the numbers stay in ``details``, on hover)."""
+    sentences = []
+    why = reason.get("why", "")
+    predicted, confidence = reason.get("predicted"), reason.get("confidence")
+    second, second_p = reason.get("runner_up"), reason.get("runner_up_p")
+    if why == "likely label error":
+        sentences.append(f"Its label ({reason.get('given', '?')}) may be wrong: the model and "
+                         "the scans most like it disagree with it.")
+    elif reason.get("unsure"):
+        names = [u["name"] for u in reason["unsure"]]
+        sentences.append("The model is unsure whether this scan shows "
+                         + (", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1
+                            else names[0]) + ".")
+    elif predicted is not None and confidence is not None:
+        if second is not None and second_p is not None and confidence - second_p < 0.2:
+            sentences.append(f"The model can't decide between {predicted} "
+                             f"({confidence:.0%}) and {second} ({second_p:.0%}).")
+        elif confidence < 0.6:
+            sentences.append(f"The model is unsure: it leans to {predicted}, at only "
+                             f"{confidence:.0%}.")
+        else:
+            sentences.append(f"The model says {predicted} ({confidence:.0%}); among the scans "
+                             "left, this answer teaches it the most.")
+    if why == "typical of its cluster":
+        size = reason.get("cluster_size")
+        sentences.append("A typical scan of a group of " + (f"{size} " if size else "")
+                         + "similar scans: one answer here tells the model about all of them.")
+    elif why == "far from labeled scans":
+        sentences.append("Few scans like this one have been labeled yet.")
+    elif why == "uncertain, and unlike the other picks":
+        sentences.append("It is also unlike the other scans chosen in this round.")
+    elif why == "random":
+        sentences.append("Picked at random: a check on what the model does not know it "
+                         "gets wrong.")
+    if not sentences:
+        sentences.append(why.capitalize() + "." if why else "Chosen by the project's strategy.")
+    return " ".join(sentences)
 
 
 # --- answers ---------------------------------------------------------------------------

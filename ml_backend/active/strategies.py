@@ -157,6 +157,10 @@ def _prediction_reason(proba: np.ndarray, index: int, details: dict, names: list
     reason = {key: round(float(values[index]), 4) for key, values in details.items()}
     reason["confidence"] = round(float(proba[index, best]), 4)
     reason["predicted"] = names[best] if best < len(names) else best
+    if proba.shape[1] > 1:            # the class it hesitates with, for plain words
+        second = int(np.argsort(proba[index])[-2])
+        reason["runner_up"] = names[second] if second < len(names) else second
+        reason["runner_up_p"] = round(float(proba[index, second]), 4)
     return reason
 
 

@@ -60,7 +60,8 @@ def test_worklist_next_label_answer_and_the_next_payload(encoded_project, users)
     alice = client_for(users["alice"])
     page = alice.get(reverse("annotator:worklist", args=[project.pk]))
     assert page.status_code == 200
-    assert b"typical of its cluster" in page.content and b"Start labeling" in page.content
+    assert b"A typical scan of a group of" in page.content and b"Start labeling" in page.content
+    assert b"typical of its cluster" in page.content     # the strategy's term, on hover
 
     response = alice.get(reverse("annotator:next_scan", args=[project.pk]))
     assert response.status_code == 302
@@ -312,3 +313,25 @@ def test_label_propagation_offers_candidates_never_labels(encoded_project, users
     page = client_for(users["alice"]).get(reverse("annotator:class_detail",
                                                   args=[project.pk, by_name["pituitary_tumor"].pk]))
     assert b'id="propagated"' in page.content and page.content.count(b"p 0.") >= 10
+
+
+def test_reasons_in_plain_words():
+    from annotator.labeling import plain_reason
+
+    assert plain_reason({"why": "smallest margin", "predicted": "glioma_tumor",
+                         "confidence": 0.48, "runner_up": "meningioma_tumor",
+                         "runner_up_p": 0.41}) == (
+        "The model can't decide between glioma_tumor (48%) and meningioma_tumor (41%).")
+    assert "Few scans like this one" in plain_reason({"why": "far from labeled scans",
+                                                      "distance_to_labeled": 0.8})
+    assert "group of 14 similar scans" in plain_reason({"why": "typical of its cluster",
+                                                        "cluster": 19, "cluster_size": 14})
+    words = plain_reason({"why": "uncertain, and unlike the other picks",
+                          "predicted": "normal", "confidence": 0.55, "runner_up": "pneumonia",
+                          "runner_up_p": 0.45})
+    assert "can't decide between normal (55%) and pneumonia (45%)" in words
+    assert "unlike the other scans" in words
+    assert "whether this scan shows Effusion or Edema" in plain_reason(
+        {"unsure": [{"name": "Effusion", "probability": 0.5}, {"name": "Edema",
+                                                              "probability": 0.4}]})
+    assert "may be wrong" in plain_reason({"why": "likely label error", "given": "normal"})

@@ -51,7 +51,8 @@ def test_clinician_labels_by_keyboard_and_sees_the_model_improve(
     page.keyboard.press("Enter")
     wait_ready(page)
     assert page.inner_text("#model-version") == "none yet"
-    assert "typical of its cluster" in page.inner_text("#why-text")
+    assert "A typical scan of a group of" in page.inner_text("#why-text")
+    assert "typical of its cluster" in page.get_attribute("#why-text", "title")
     page.shot("2-label-page")
 
     seen = []

@@ -255,12 +255,13 @@
     $("why").hidden = !p.item;
     if (p.item) {
       const r = p.item.reason;
-      $("why-text").textContent = `#${p.item.rank} in round ${p.item.round}: ${r.why || "chosen by the strategy"}`;
-      const parts = [`score ${p.item.score}`].concat(r.details);
-      if (r.neighbours && r.neighbours.length) {
-        parts.push("nearest labeled: " + r.neighbours.map((n) => `#${n.scan} ${n.label || "?"} (${n.similarity})`).join(", "));
-      }
-      $("why-details").textContent = parts.join(" · ");
+      $("why-text").textContent = r.words || r.why || "Chosen by the project's strategy.";
+      // the numbers behind the words, on hover (and for screen readers, as a description)
+      const parts = [`#${p.item.rank} in round ${p.item.round}`, `${r.why || "strategy"} score ${p.item.score}`].concat(r.details);
+      $("why-text").title = parts.join(" · ");
+      const near = (r.neighbours || []).map((n) => `#${n.scan} ${n.label || "?"}`);
+      $("why-details").textContent = near.length ? "Most similar labeled scans: " + near.join(", ") + "." : "";
+      $("why-details").title = (r.neighbours || []).map((n) => `#${n.scan} similarity ${n.similarity}`).join(", ");
     }
     // suggestion; a scan unlike anything the model was trained on (novelty.ood) gets a
     // warning, and the suggestion is shown as not confident
