@@ -36,13 +36,22 @@ class UploadForm(forms.Form):
         help_text="Site, scanner or collection these scans come from.",
     )
     split = forms.ChoiceField(choices=Split.choices, initial=Split.POOL)
+    modality = forms.ChoiceField(
+        required=False, choices=(),
+        help_text="For PNG, JPEG and TIFF files, which do not say (DICOM files do).")
+    body_part = forms.CharField(
+        required=False, max_length=64,
+        help_text="Likewise, e.g. CHEST, BRAIN, BLOOD: it picks the label set that applies.")
     label = forms.ChoiceField(
         required=False,
         help_text="Optional: a class every uploaded scan is known to show.",
     )
 
     def __init__(self, *args, label_classes=(), **kwargs):
+        from annotator.services import MODALITY_CHOICES
+
         super().__init__(*args, **kwargs)
+        self.fields["modality"].choices = MODALITY_CHOICES
         self.fields["label"].choices = [("", "— no label —")] + [
             (c.name, c.name) for c in label_classes
         ]

@@ -517,6 +517,19 @@ class ImportJob(models.Model):
     def is_finished(self) -> bool:
         return self.status in (self.Status.SUCCEEDED, self.Status.FAILED)
 
+    @property
+    def headline(self) -> str:
+        """The job's outcome in words: a run that imported nothing does not say "Succeeded"."""
+        if self.status != self.Status.SUCCEEDED:
+            return self.get_status_display()
+        if self.imported:
+            return f"{self.imported} scan{'s' if self.imported != 1 else ''} imported"
+        if self.duplicates and not self.failed:
+            return "Nothing new: every file was already in the project"
+        if self.failed:
+            return "Nothing imported: no file could be read"
+        return "Nothing imported: the source had no scans"
+
 
 class ScanLease(models.Model):
     """A short hold on a scan while one reader looks at it, so two readers working through

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import logging
 import shutil
 from collections.abc import Callable
@@ -225,6 +226,40 @@ def dataset_get_or_create(*, project: Project, name: str, **fields) -> Dataset:
     return dataset
 
 
+MODALITY_CHOICES = [("", "— from the files (DICOM) —"), ("CR", "CR: computed radiography"),
+                    ("DX", "DX: digital X-ray"), ("CT", "CT"), ("MR", "MR"),
+                    ("US", "US: ultrasound"), ("MG", "MG: mammography"),
+                    ("SM", "SM: slide microscopy (histopathology)"),
+                    ("XC", "XC: photograph (dermatology, smears)"),
+                    ("ES", "ES: endoscopy"), ("OP", "OP: ophthalmic photograph"),
+                    ("OT", "OT: other")]
+
+
+def dataset_acquisition_set(*, project: Project, name: str, modality: str = "",
+                            body_part: str = "") -> Dataset:
+    """The modality and body part of a dataset's scans, for files that do not say (PNG,
+    JPEG, TIFF): its scans get them at import when their own header has none."""
+    modality = " ".join((modality or "").split()).upper()[:16]
+    body_part = " ".join((body_part or "").split()).upper()[:64]
+    dataset = dataset_get_or_create(project=project, name=name, modality=modality,
+                                    body_part=body_part)
+    changed = {k: v for k, v in (("modality", modality), ("body_part", body_part))
+               if v and getattr(dataset, k) != v}
+    if changed:
+        Dataset.objects.filter(pk=dataset.pk).update(**changed)
+        for key, value in changed.items():
+            setattr(dataset, key, value)
+    return dataset
+
+
+_UPLOAD_PREFIX = re.compile(r"^\d{4}_")
+
+
+def shown_item_name(job: ImportJob, name: str) -> str:
+    """An imported file's name as the user gave it (uploads are staged as ``NNNN_name``)."""
+    return _UPLOAD_PREFIX.sub("", name) if job.source_is_upload else name
+
+
 @dataclass
 class _JobState:
     """Counters kept while a job runs; flushed to its ImportJob row."""
@@ -290,6 +325,7 @@ def import_job_run(
         return None
     job = ImportJob.objects.select_related("project", "created_by").get(pk=job_id)
     state = _JobState()
+    dataset, dataset_existed = None, True
     try:
         findings = None
         if is_findings_source(job.source):     # several findings per scan (CSV, npz)
@@ -300,10 +336,9 @@ def import_job_run(
             listing = read_source(
                 job.source, labels_csv=job.labels_csv or None, layout=job.layout
             )
-        dataset = dataset_get_or_create(
-            project=job.project,
-            name=job.dataset_name or listing.default_dataset_name or "import",
-        )
+        dataset_name = job.dataset_name or listing.default_dataset_name or "import"
+        dataset_existed = Dataset.objects.filter(project=job.project, name=dataset_name).exists()
+        dataset = dataset_get_or_create(project=job.project, name=dataset_name)
         if findings is not None:
             findings = _findings_import_setup(job, dataset, findings, state)
         elif job.label_set:
@@ -340,6 +375,8 @@ def import_job_run(
     finally:
         job.finished_at = timezone.now()
         _forget_source_name(job)
+        if dataset is not None and not dataset_existed and not state.imported:
+            _drop_empty_dataset(dataset, job, state)
         _flush(job, state, processed=job.processed, final=True)
         if job.source_is_upload:
             shutil.rmtree(job.source, ignore_errors=True)
@@ -368,6 +405,21 @@ def project_colour_mode_set(project: Project, mode: str) -> Project:
     Project.objects.filter(pk=project.pk).update(colour_mode=mode)
     project.colour_mode = mode
     return project
+
+
+def _drop_empty_dataset(dataset: Dataset, job: ImportJob, state: _JobState) -> None:
+    """A job that made a dataset and imported nothing into it leaves no empty dataset."""
+    if dataset.scans.exists() or ImportJob.objects.filter(
+            project=job.project, dataset_name=dataset.name).exclude(pk=job.pk).exclude(
+            status__in=[ImportJob.Status.SUCCEEDED, ImportJob.Status.FAILED]).exists():
+        return
+    try:
+        with transaction.atomic():
+            dataset.delete()
+    except IntegrityError:
+        return
+    state.warnings.append(f"Nothing was imported, so the dataset {dataset.name!r} this import "
+                          "created was removed again.")
 
 
 def _count_colour(job: ImportJob, state: _JobState, is_colour: bool, reason: str) -> None:
@@ -493,7 +545,7 @@ def _file_ref(number: int, item: SourceItem, data: bytes | None, sha: str | None
         ref += f" (sha256 {sha[:12]})"
     if data and name_may_be_shown(item.name, data) and sniff_format(
             data[:4096], item.name) in ("png", "jpeg", "tiff"):
-        ref += f" {item.name[-120:]}"
+        ref += f" {_UPLOAD_PREFIX.sub('', item.name)[-120:]}"
     return ref
 
 
@@ -603,7 +655,8 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 file=file_name,
                 preview=preview_name,
                 file_format=decoded.file_format,
-                source_name="" if decoded.file_format == "dicom" else item.name[:255],
+                source_name=("" if decoded.file_format == "dicom"
+                             else shown_item_name(job, item.name)[:255]),
                 width=decoded.width,
                 height=decoded.height,
                 colour=is_colour,
@@ -611,10 +664,10 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                          if "window" in meta and not is_colour else None),
                 num_frames=decoded.num_frames,
                 bits_stored=meta.get("bits_stored") or 8,
-                modality=meta.get("modality", "")[:16],
+                modality=(meta.get("modality") or dataset.modality or "")[:16],
                 manufacturer=meta.get("manufacturer", ""),
                 manufacturer_model=meta.get("manufacturer_model", ""),
-                body_part=meta.get("body_part", ""),
+                body_part=meta.get("body_part") or dataset.body_part or "",
                 photometric=meta.get("photometric", ""),
                 pixel_spacing=meta.get("pixel_spacing"),
                 transfer_syntax=meta.get("transfer_syntax", ""),
@@ -622,8 +675,9 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 burned_in_annotation=bool(meta.get("burned_in_annotation")),
                 quarantined=bool(meta.get("burned_in_annotation")),
                 split=job.split,
-                label_set=resolve(dataset_id=dataset.pk, modality=meta.get("modality", ""),
-                                  body_part=meta.get("body_part", "")),
+                label_set=resolve(dataset_id=dataset.pk,
+                                  modality=meta.get("modality") or dataset.modality or "",
+                                  body_part=meta.get("body_part") or dataset.body_part or ""),
                 import_job=job,
             )
             outcome = (

@@ -125,6 +125,11 @@ def upload(request, project_id: int):
             folder = stage_uploads(accepted)
             try:
                 with transaction.atomic():
+                    if form.cleaned_data["modality"] or form.cleaned_data["body_part"]:
+                        services.dataset_acquisition_set(
+                            project=project, name=form.cleaned_data["dataset"],
+                            modality=form.cleaned_data["modality"],
+                            body_part=form.cleaned_data["body_part"])
                     job = services.import_job_create(
                         project=project,
                         source=str(folder),

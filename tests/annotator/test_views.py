@@ -92,7 +92,35 @@ def test_upload_imports_dicom_and_png(client, users, project, settings,
     assert Scan.objects.filter(project=project, dataset__name="ward 3 portable").count() == 2
     assert list(settings.INCOMING_ROOT.iterdir()) == []   # raw uploads deleted after import
     page = client.get(job.get_absolute_url()).content.decode()
-    assert "Succeeded" in page and "2</b> imported" in page
+    assert "2 scans imported" in page and "2</b> imported" in page
+    png = Scan.objects.get(project=project, file_format="png")
+    assert png.source_name == "xray.png"                 # as the user named it, no prefix
+    assert Scan.objects.get(project=project, file_format="dicom").modality == "CT"
+
+
+def test_upload_says_what_it_is_and_leaves_nothing_behind(client, users, project,
+                                                         django_capture_on_commit_callbacks):
+    login(client, users["alice"])
+    with django_capture_on_commit_callbacks(execute=True):
+        upload(client, project, [("film.png", png_bytes(seed=7))], modality="DX",
+               body_part="chest")
+    scan = Scan.objects.get(project=project)
+    assert (scan.modality, scan.body_part) == ("DX", "CHEST")     # PNG: from the form
+    # the same file again: nothing new, and the title says so instead of "Succeeded"
+    with django_capture_on_commit_callbacks(execute=True):
+        response = upload(client, project, [("film.png", png_bytes(seed=7))])
+    page = client.get(response["Location"]).content.decode()
+    assert "Nothing new: every file was already in the project" in page
+    # a file that passes the first checks but cannot be decoded: no empty dataset stays
+    with django_capture_on_commit_callbacks(execute=True):
+        response = upload(client, project, [("broken.png", png_header_only(64, 64))],
+                          dataset="night shift")
+    job = ImportJob.objects.order_by("-pk").first()
+    job.refresh_from_db()
+    assert job.failed == 1 and job.headline == "Nothing imported: no file could be read"
+    assert not project.datasets.filter(name="night shift").exists()
+    assert any("was removed again" in w for w in job.warnings)
+    assert "0001_" not in job.errors[0]["name"]
 
 
 def test_upload_with_label_records_it(client, users, project, django_capture_on_commit_callbacks):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
@@ -25,6 +27,11 @@ class Command(BaseCommand):
         parser.add_argument("--dataset", default="", help="dataset (site/collection) name; "
                             "default: the source folder's name")
         parser.add_argument("--split", default="pool", choices=["pool", "eval"])
+        parser.add_argument("--modality", default="",
+                            help="DICOM modality code of the dataset's scans (CR, DX, CT, MR, "
+                            "US, SM, XC, ...), for files that do not carry one (PNG, JPEG, TIFF)")
+        parser.add_argument("--body-part", default="",
+                            help="body part of the dataset's scans (CHEST, BRAIN, ...), likewise")
         parser.add_argument("--labels", default="", help="CSV of filename,label")
         parser.add_argument("--layout", default="auto", choices=["auto", "class-folders", "flat"],
                             help="auto: sub-folder names are labels when images sit one level "
@@ -53,6 +60,10 @@ class Command(BaseCommand):
             reader = get_user_model().objects.filter(username=opts["reader"]).first()
             if reader is None:
                 raise CommandError(f"No user named {opts['reader']!r}.")
+        if opts["modality"] or opts["body_part"]:
+            services.dataset_acquisition_set(
+                project=project, name=opts["dataset"] or Path(opts["source"].split("#")[0]).name,
+                modality=opts["modality"], body_part=opts["body_part"])
         try:
             job = services.import_job_create(
                 project=project,
