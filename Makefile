@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv demo test serve migrate clean fixtures bench chromium starter-encoder
+.PHONY: venv demo test serve migrate clean fixtures bench chromium axe starter-encoder
 
 # The virtualenv is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -37,7 +37,13 @@ chromium:
 	         "(or set CHROMIUM_PATH to a Chromium binary)" >&2; exit 1; \
 	  fi; }
 
-test: venv chromium
+# axe-core (accessibility rules) for the browser tests, from npm, pinned.
+AXE_VERSION ?= 4.11.0
+axe:
+	@test -f .cache/axe/node_modules/axe-core/axe.min.js || \
+	  npm install --prefix .cache/axe axe-core@$(AXE_VERSION) --no-audit --no-fund --silent
+
+test: venv chromium axe
 	CHROMIUM_PATH=$(CHROMIUM_PATH) $(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks write JSON under bench/results/ and print tables; figures go to docs/benchmarks.md.

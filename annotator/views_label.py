@@ -157,6 +157,8 @@ def answer(request, project_id: int, scan_id: int):
 def answer_undo(request, project_id: int, annotation_id: int):
     """Take back the reader's last answer; the page then shows that scan again."""
     project = selectors.project_get_for_user(request.user, project_id)
+    if not Annotation.objects.filter(pk=annotation_id, scan__project=project).exists():
+        raise Http404("No such answer in this project.")
     try:
         scan = labeling.answer_undo(project=project, annotation_id=annotation_id,
                                     user=request.user)

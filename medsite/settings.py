@@ -222,7 +222,10 @@ LOGGING = {
     # pydicom logs element values on some parse warnings: keep it quiet.
     # pydicom logs element values on some parse warnings, Pillow every TIFF / EXIF tag value
     # at DEBUG: keep both quiet whatever LOG_LEVEL says (the values may be PHI).
-    "loggers": {"pydicom": {"level": "ERROR", "propagate": True},
+    # faiss's loader says at INFO that the AVX512 build is absent before it loads AVX2 (or the
+    # generic build): expected on most CPUs, and not a failure
+    "loggers": {"faiss.loader": {"level": "WARNING", "propagate": True},
+                "pydicom": {"level": "ERROR", "propagate": True},
                 "PIL": {"level": "INFO", "propagate": True}},
 }
 

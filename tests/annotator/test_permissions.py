@@ -30,8 +30,9 @@ def objects_of(project) -> dict:
 
     version = ModelVersion.objects.create(project=project, kind="classifier", status="ready",
                                           version=f"held-back-{project.pk}")
+    annotation = scan.annotations.first()
     return {"project_id": project.pk, "scan_id": scan.pk, "job_id": job.pk,
-            "version_id": version.pk,
+            "version_id": version.pk, "annotation_id": annotation.pk,
             "class_id": LabelClass.objects.get(project=project).pk, "name": "confusion",
             "token": "not-a-valid-token"}
 

@@ -85,7 +85,8 @@ class Command(BaseCommand):
             if opts["no_progress"]:
                 return
             if bar is None:
-                bar = tqdm(total=total, unit="scan", desc="Importing", file=self.stderr._out)
+                bar = tqdm(total=total, initial=done, unit="scan", desc="Importing",
+                           file=self.stderr._out)
             bar.update(done - bar.n)
 
         job = services.import_job_run(job_id=job.pk, progress=progress)

@@ -550,6 +550,10 @@
   document.addEventListener("keydown", (e) => {
     // typing in a text field is not a hotkey; a slider or button never keeps the keys
     if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("input:not([type=range]), textarea, select")) return;
+    // Enter or Space on a focused button presses it (keyboard-only use); any other key on a
+    // slider or button is a hotkey for the page
+    if (e.target.closest("button, a") && (e.key === "Enter" || e.key === " ")) return;
+    if (e.target.closest("input[type=range]") && e.key.startsWith("Arrow")) return;
     if (e.target.closest("input[type=range], button")) e.target.blur();
     if (e.key === "ArrowLeft") { e.preventDefault(); goBack(); return; }
     if (e.key === "Backspace") { e.preventDefault(); undoLast(); return; }

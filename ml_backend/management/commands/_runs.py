@@ -55,7 +55,10 @@ def run_existing(command, created: TrainingRun, opts: dict) -> TrainingRun:
         if bar is None or bar.total != total or bar.desc != event["stage"]:
             if bar is not None:
                 bar.close()
-            bar = tqdm(total=total, desc=event["stage"], unit=unit, file=command.stderr._out)
+            # start the bar where the run is: a rate counts only what happens after it is
+            # drawn (a first event of 4,000 scans done at once is not "4,000,000 scan/s")
+            bar = tqdm(total=total, initial=done, desc=event["stage"], unit=unit,
+                       file=command.stderr._out)
         bar.update(done - bar.n)
         bar.set_postfix({k: f"{event[k]:.3g}" for k in ("loss", "images_per_s") if k in event})
 
