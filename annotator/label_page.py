@@ -12,7 +12,7 @@ import logging
 from django.conf import settings
 from django.urls import reverse
 
-from annotator.labeling import describe_reason, peek_after, worklist
+from annotator.labeling import describe_reason, peek_after, second_reading, worklist
 from annotator.models import Annotation, LabelClass, Project, Scan
 from ml_backend.errors import ModelUnavailable, TrainingError
 from ml_backend.models import ModelVersion, Prediction
@@ -156,8 +156,12 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
     keys = finding_hotkeys(classes) if findings_mode else effective_hotkeys(classes)
     model_error = None
     findings_suggestion = None
+    # a second reader (or a reviewer) reads blind: no model, no other readings (no anchoring)
+    blinded = user is not None and second_reading(project, scan, user)
     try:
-        if findings_mode:
+        if blinded:
+            suggestion = None
+        elif findings_mode:
             suggestion = None
             findings_suggestion = _findings_suggestion(project, scan, classes)
         else:
@@ -168,6 +172,8 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
     if suggestion is not None and novelty is not None and novelty["ood"]:
         suggestion["unreliable"] = True
     similar, similar_error = _similar(scan)
+    if blinded:                      # their labels are other readers' answers
+        similar = [{**n, "labels": []} for n in similar]
     gradcam = None
     if suggestion is not None:
         gradcam = (reverse("annotator:gradcam", args=[scan.pk])
@@ -190,6 +196,10 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
             yours = {"id": mine.pk, "outcome": mine.outcome,
                      "label": mine.label_class.name if mine.label_class_id else None}
     return {
+        "blinded": ("Blind reading: another reader has read this scan"
+                    if project.role_of(user) != "reviewer" else "Blind reading as reviewer")
+        + ", so the model's suggestion and other readers' answers are hidden until you answer."
+        if blinded else None,
         "yours": yours,
         "scan": {"id": scan.pk, "preview": reverse("annotator:scan_preview", args=[scan.pk]),
                  "window": window_info(scan), "colour": scan.colour,
@@ -200,7 +210,7 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
                  "answer": reverse("annotator:answer", args=[project.pk, scan.pk])},
         "item": None if item is None else {
             "round": item.query_round_id, "rank": item.rank, "score": round(item.score, 4),
-            "reason": describe_reason(item.reason, item.score)},
+            "reason": _blind(describe_reason(item.reason, item.score), blinded)},
         "suggestion": suggestion,
         "model_error": model_error,
         "novelty": novelty,
@@ -244,6 +254,14 @@ def window_info(scan: Scan) -> dict | None:
             "range": [low, high], "presets": presets,
             "units": "HU" if scan.modality.upper() == "CT" else "",
             "url": reverse("annotator:scan_window", args=[scan.pk])}
+
+
+def _blind(reason: dict, blinded: bool) -> dict:
+    """A reason without other readers' labels (the nearest labeled scans') when blind."""
+    if not blinded:
+        return reason
+    return {**reason, "words": "Chosen for another reading; the model's view is hidden.",
+            "details": [], "neighbours": [{**n, "label": None} for n in reason["neighbours"]]}
 
 
 def _prefetch(project: Project, user, scan: Scan) -> str | None:

@@ -70,17 +70,40 @@ def _held_by_others(project: Project, user) -> dict[int, str]:
                 .exclude(user=user).values_list("scan_id", "user__username"))
 
 
+def readings(project: Project, scan_ids=None) -> dict[int, set[str]]:
+    """Who has read each scan (a label or findings answer; adjudications are not readings):
+    ``{scan id: {reader key}}``."""
+    rows = Annotation.objects.filter(scan__project=project, outcome__in=Annotation.LABELLING)
+    if scan_ids is not None:
+        rows = rows.filter(scan_id__in=scan_ids)
+    out: dict[int, set[str]] = {}
+    for scan_id, reader_id, source, pk in rows.exclude(
+            source=Annotation.Source.ADJUDICATION).values_list(
+            "scan_id", "reader_id", "source", "pk"):
+        out.setdefault(scan_id, set()).add(f"reader-{reader_id}" if reader_id
+                                           else f"{source}-{pk}")
+    return out
+
+
 def _done_for(project: Project, user) -> tuple[set[int], set[int]]:
-    """(scans labeled by anyone, scans this user answered in any way)."""
-    rows = Annotation.objects.filter(scan__project=project).values_list(
-        "scan_id", "outcome", "reader_id")
-    labeled, mine = set(), set()
-    for scan_id, outcome, reader_id in rows:
-        if outcome in (Annotation.Outcome.LABEL, Annotation.Outcome.FINDINGS):
-            labeled.add(scan_id)
-        if reader_id == user.pk:
-            mine.add(scan_id)
-    return labeled, mine
+    """(scans read by as many readers as the project asks for, scans this user answered in
+    any way)."""
+    needed = max(1, project.readers_per_scan)
+    done = {scan_id for scan_id, who in readings(project).items() if len(who) >= needed}
+    mine = set(Annotation.objects.filter(scan__project=project, reader=user)
+               .values_list("scan_id", flat=True))
+    return done, mine
+
+
+def second_reading(project: Project, scan: Scan, user) -> bool:
+    """Whether ``user`` reads ``scan`` after someone else did, or as a reviewer: then, with
+    ``blind_second_readers``, the model and the other readings are hidden from them."""
+    if not project.blind_second_readers:
+        return False
+    if project.role_of(user) == "reviewer":
+        return True
+    return (Annotation.objects.filter(scan=scan, outcome__in=Annotation.LABELLING)
+            .exclude(reader=user).exclude(source=Annotation.Source.IMPORT).exists())
 
 
 def _open_items(project: Project, user):
@@ -170,20 +193,24 @@ def worklist(project: Project, user) -> dict:
             model_version_id=project.active_model_id, scan_id__in=scan_ids
         ).select_related("predicted_class")}
     rows, labeled_count, mine = [], 0, 0
+    needed = max(1, project.readers_per_scan)
+    read_by = readings(project, scan_ids)
     for item in items:
         scan_answers = answers.get(item.scan_id, [])
-        labels = [a for a in scan_answers if a.outcome in Annotation.LABELLING]
-        if labels:
+        if len(read_by.get(item.scan_id, ())) >= needed:
             state = "labeled"
             labeled_count += 1
-        elif item.scan_id in held and held[item.scan_id] != user.get_username():
-            state = "held"
         elif any(a.reader_id == user.pk for a in scan_answers):
             state = "answered"
+        elif item.scan_id in held and held[item.scan_id] != user.get_username():
+            state = "held"
+        elif read_by.get(item.scan_id):
+            state = "second"           # read, but by fewer readers than the project asks for
         else:
             state = "open"
         mine += any(a.reader_id == user.pk for a in scan_answers)
         rows.append({"item": item, "scan": item.scan, "state": state, "answers": scan_answers,
+                     "readings": len(read_by.get(item.scan_id, ())), "needed": needed,
                      "held_by": held.get(item.scan_id), "prediction": predictions.get(item.scan_id),
                      "reason": describe_reason(item.reason, item.score)})
     total_labels = Annotation.objects.filter(scan__project=project,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
@@ -62,6 +63,19 @@ class Project(models.Model):
         help_text="Clinicians may add new anomaly types (reviewers and admins always may).",
     )
     label_studio_project_id = models.PositiveIntegerField(null=True, blank=True)
+    readers_per_scan = models.PositiveSmallIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(3)],
+        help_text="Double reading: the worklist serves each chosen scan to this many different "
+        "readers (1–3) before it counts as read; agreement (kappa) needs 2.")
+    blind_second_readers = models.BooleanField(
+        default=True,
+        help_text="Second readers and reviewers see neither the model's suggestion nor other "
+        "readers' answers while they read (no anchoring).")
+    disagreement_rule = models.CharField(
+        max_length=12, default="majority",
+        choices=[("majority", "Majority: the most common reading trains; a tie is held out"),
+                 ("hold_out", "Hold out: any disagreement is left out of training")],
+        help_text="What trains while readers disagree and no reviewer has adjudicated.")
     colour_mode = models.CharField(
         max_length=8, blank=True, default="",
         choices=[("", "Not decided yet (the first import decides)"),

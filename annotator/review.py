@@ -311,3 +311,68 @@ def adjudicate(*, scan: Scan, reviewer, label_class: LabelClass, note: str = "")
     with transaction.atomic():
         return annotation_create(scan=scan, reader=reviewer, label_class=label_class,
                                  source=Annotation.Source.ADJUDICATION, note=note.strip())
+
+
+# --- readers dashboard (project admins) ---------------------------------------------------
+
+
+@dataclass
+class ReaderStats:
+    reader: str
+    answers: int = 0
+    labels: int = 0
+    skips: int = 0
+    unsure: int = 0
+    median_seconds: float | None = None
+    per_hour: float | None = None
+    adjudicated: int = 0
+    agree_adjudication: float | None = None
+    shown_suggestion: int = 0
+    took_suggestion: float | None = None
+    last: datetime | None = None
+
+
+def reader_stats(project: Project) -> list[ReaderStats]:
+    """Per reader (web and Label Studio answers): how much, how fast, and how often their
+    latest label agrees with the reviewer's adjudication of the same scan. ``per_hour`` is
+    answers per hour of reading time (the time each answer took on screen, summed), not per
+    hour on the clock; ``took_suggestion`` is the share of labels given with a model
+    suggestion on screen that matched it (a high share with low adjudication agreement is a
+    sign of anchoring)."""
+    rows = list(Annotation.objects.filter(scan__project=project,
+                                          source__in=(Annotation.Source.WEB,
+                                                      Annotation.Source.LABEL_STUDIO))
+                .select_related("reader").order_by("created_at", "pk"))
+    adjudicated = {}
+    for a in Annotation.objects.filter(scan__project=project,
+                                       source=Annotation.Source.ADJUDICATION).order_by(
+            "created_at", "pk"):
+        adjudicated[a.scan_id] = a.label_class_id
+    by_reader: dict[str, list[Annotation]] = {}
+    for a in rows:
+        name = a.reader.get_username() if a.reader_id else a.get_source_display()
+        by_reader.setdefault(name, []).append(a)
+    out = []
+    for name, answers in sorted(by_reader.items()):
+        stats = ReaderStats(reader=name, answers=len(answers), last=answers[-1].created_at)
+        stats.labels = sum(a.outcome in Annotation.LABELLING for a in answers)
+        stats.skips = sum(a.outcome == Annotation.Outcome.SKIP for a in answers)
+        stats.unsure = sum(a.outcome == Annotation.Outcome.UNSURE for a in answers)
+        durations = sorted(a.duration_ms for a in answers if a.duration_ms)
+        if durations:
+            stats.median_seconds = durations[len(durations) // 2] / 1000
+            stats.per_hour = len(durations) / (sum(durations) / 3_600_000)
+        latest = {a.scan_id: a for a in answers if a.outcome == Annotation.Outcome.LABEL}
+        judged = [a for scan_id, a in latest.items() if scan_id in adjudicated]
+        stats.adjudicated = len(judged)
+        if judged:
+            stats.agree_adjudication = sum(a.label_class_id == adjudicated[a.scan_id]
+                                           for a in judged) / len(judged)
+        shown = [a for a in answers if a.outcome == Annotation.Outcome.LABEL
+                 and a.shown_suggestion_id]
+        stats.shown_suggestion = len(shown)
+        if shown:
+            stats.took_suggestion = sum(a.label_class_id == a.shown_suggestion_id
+                                        for a in shown) / len(shown)
+        out.append(stats)
+    return out

@@ -101,28 +101,48 @@ def training_runs_for_project(project: Project, *, limit: int = 8):
 
 def training_labels(project: Project, *, split: str) -> tuple[list[Scan], list[int]]:
     """The label each labeled scan of ``split`` adds up to, as the models train and are
-    evaluated on it: an adjudication if any, else the most common label (the latest wins
-    ties). Returns the scans and their LabelClass ids, by scan id."""
+    evaluated on it: an adjudication if any; else each reader's latest label is one vote and
+    the project's ``disagreement_rule`` decides — ``majority``: the most common label, a tie
+    held out; ``hold_out``: readers who disagree hold the scan out until it is adjudicated.
+    Returns the scans and their LabelClass ids, by scan id."""
     annotations = (Annotation.objects
                    .filter(scan__project=project, scan__split=split,
                            outcome=Annotation.Outcome.LABEL)
                    .order_by("created_at", "pk")
-                   .values_list("scan_id", "label_class_id", "source"))
-    votes: dict[int, list[tuple[int, str]]] = {}
-    for scan_id, class_id, source in annotations:
-        votes.setdefault(scan_id, []).append((class_id, source))
-    chosen = {}
-    for scan_id, items in votes.items():
-        adjudicated = [c for c, source in items if source == Annotation.Source.ADJUDICATION]
-        if adjudicated:
-            chosen[scan_id] = adjudicated[-1]
+                   .values_list("scan_id", "label_class_id", "source", "reader_id", "pk"))
+    rule = (project.disagreement_rule if isinstance(project, Project)
+            else Project.objects.values_list("disagreement_rule", flat=True).get(pk=project))
+    votes: dict[int, dict[str, int]] = {}
+    adjudicated: dict[int, int] = {}
+    for scan_id, class_id, source, reader_id, pk in annotations:
+        if source == Annotation.Source.ADJUDICATION:
+            adjudicated[scan_id] = class_id
             continue
-        counts = Counter(c for c, _ in items)
-        best = max(counts.values())
-        chosen[scan_id] = next(c for c, _ in reversed(items) if counts[c] == best)
+        # one vote per reader (their latest); an import or a reader-less answer votes alone
+        key = f"reader-{reader_id}" if reader_id else f"{source}-{pk}"
+        votes.setdefault(scan_id, {})[key] = class_id
+    chosen = dict(adjudicated)
+    for scan_id, by_reader in votes.items():
+        if scan_id in chosen:
+            continue
+        counts = Counter(by_reader.values())
+        ranked = counts.most_common()
+        if len(ranked) == 1:
+            chosen[scan_id] = ranked[0][0]
+        elif rule == "majority" and ranked[0][1] > ranked[1][1]:
+            chosen[scan_id] = ranked[0][0]
+        # else: a tie, or any disagreement under hold_out, waits for adjudication
     scans = Scan.objects.in_bulk(list(chosen))
     ordered = sorted(chosen)
     return [scans[i] for i in ordered], [chosen[i] for i in ordered]
+
+
+def held_out_disagreements(project: Project, *, split: str = "pool") -> int:
+    """How many labeled scans of ``split`` the disagreement rule keeps out of training."""
+    labeled = (Annotation.objects.filter(scan__project=project, scan__split=split,
+                                         outcome=Annotation.Outcome.LABEL)
+               .values("scan_id").distinct().count())
+    return labeled - len(training_labels(project, split=split)[0])
 
 
 def class_label_sets(project) -> dict[int, int]:

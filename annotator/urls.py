@@ -58,6 +58,7 @@ urlpatterns = [
          name="report_chart"),
     # --- review (annotator/views_review.py) ---
     path("projects/<int:project_id>/review/", views_review.review, name="review"),
+    path("projects/<int:project_id>/readers/", views_review.readers, name="readers"),
     path("projects/<int:project_id>/review/<int:scan_id>/adjudicate/", views_review.adjudicate,
          name="adjudicate"),
     path("projects/<int:project_id>/review/quality-check/", views_review.run_quality_check,

@@ -32,6 +32,7 @@ class AdjudicationForm(forms.Form):
 def review(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id, roles=REVIEW_ROLES)
     return render(request, "annotator/review.html", {
+        "held_out": selectors.held_out_disagreements(project),
         "project": project,
         "role": project.role_of(request.user),
         "classes": list(project.label_classes.all()),
@@ -100,3 +101,14 @@ def run_quality_check(request, project_id: int):
                                   "label errors." + (f" Not checked (fewer than 2 labels): "
                                                      f"{', '.join(skipped)}." if skipped else ""))
     return redirect("annotator:review", project.pk)
+
+
+@login_required
+@require_GET
+def readers(request, project_id: int):
+    """The project admin's per-reader dashboard."""
+    project = selectors.project_get_for_user(request.user, project_id, roles=())
+    if project.role_of(request.user) != "admin":
+        raise Http404("Only a project admin sees the readers' dashboard.")
+    return render(request, "annotator/readers.html", {
+        "project": project, "readers": reviews.reader_stats(project)})

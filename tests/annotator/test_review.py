@@ -93,7 +93,7 @@ def test_disagreements_list_only_open_conflicts_between_readers(project, users, 
     first = rows[s[0].pk]
     assert [(a.reader, a.label_class.name) for a in first.answers] == [("alice", "normal"),
                                                                        ("carol", "glioma")]
-    assert first.training_label == classes["glioma"]          # a tie: the latest vote wins
+    assert first.training_label is None       # a tie: held out until adjudicated (majority)
     assert first.prediction is None and first.last_adjudication is None
     assert [(a.reader, a.label_class.name) for a in rows[s[3].pk].answers] == [
         ("import", "glioma"), ("alice", "normal")]
@@ -101,7 +101,7 @@ def test_disagreements_list_only_open_conflicts_between_readers(project, users, 
     assert reopened.last_adjudication.label_class == classes["glioma"]
     assert reopened.training_label == classes["glioma"]       # still the adjudication
     assert {a.label_class.name for a in reopened.answers} == {"pituitary", "glioma"}
-    assert rows[eval_scan.pk].training_label == classes["meningioma"]
+    assert rows[eval_scan.pk].training_label is None          # a tie again
 
 
 def test_bob_adjudicates_through_the_page_and_training_uses_his_label(
@@ -111,7 +111,7 @@ def test_bob_adjudicates_through_the_page_and_training_uses_his_label(
     label(scan, alice, classes["normal"], shown_suggestion=classes["glioma"],
           shown_confidence=0.71)
     label(scan, carol, classes["glioma"])
-    assert chosen(project, scan) == classes["glioma"].pk      # the tie goes to the latest vote
+    assert chosen(project, scan) is None         # a tie trains nothing until adjudicated
 
     login(client, bob)
     page = client.get(reverse("annotator:review", args=[project.pk]))
@@ -120,6 +120,10 @@ def test_bob_adjudicates_through_the_page_and_training_uses_his_label(
     assert f'data-scan="{scan.pk}"' in html and 'id="disagreements"' in html
     assert reverse("annotator:scan_preview", args=[scan.pk]) in html
     assert reverse("annotator:adjudicate", args=[project.pk, scan.pk]) in html
+    assert "was shown glioma" not in html        # blind review by default: no anchoring
+    project.blind_second_readers = False
+    project.save()
+    html = client.get(reverse("annotator:review", args=[project.pk])).content.decode()
     assert 'data-class="normal"' in html and "was shown glioma (0.71)" in html
     assert 'data-reader="alice"' in html and 'data-reader="carol"' in html
 
@@ -335,11 +339,13 @@ def test_quality_check_from_the_page_flags_label_errors_for_review(client, embed
     project = embedded_project
     normal = LabelClass.objects.get(project=project, name="no_tumor")
     pituitary = LabelClass.objects.get(project=project, name="pituitary_tumor")
-    # alice mislabels a few pituitary scans as normal: the latest vote wins the tie
+    # alice and charlie mislabel a few pituitary scans as normal: a majority of two readers
+    # against the import trains the wrong label
     wrong = list(Scan.objects.filter(project=project, annotations__label_class=pituitary)
                  .order_by("pk"))[:6]
     for scan in wrong:
         label(scan, users["alice"], normal)
+        label(scan, users["charlie"], normal)
 
     login(client, users["bob"])
     url = reverse("annotator:review", args=[project.pk])

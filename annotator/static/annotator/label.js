@@ -277,8 +277,8 @@
     else warning.removeAttribute("title");
     $("suggestion-card").classList.toggle("not-confident", ood && !!s);
     $("suggestion-caution").hidden = !(ood && s);
-    $("model-notice").hidden = !p.model_notice;
-    $("model-notice").textContent = p.model_notice || "";
+    $("model-notice").hidden = !(p.model_notice || p.blinded);
+    $("model-notice").textContent = p.blinded || p.model_notice || "";
     if (s) {
       $("suggestion-text").textContent = (ood ? "not confident: " : "") + `${s.class_name} — ${(s.confidence * 100).toFixed(0)}% ${s.calibrated ? "(calibrated)" : ""}`;
       $("suggestion-text").className = ood ? "not-confident" : "";
@@ -294,6 +294,9 @@
       // the model could not answer: say so in words (the reason is in the server log too)
       $("suggestion-text").textContent = `No suggestion: ${p.model_error}`;
       $("suggestion-text").className = "error";
+    } else if (p.blinded) {
+      $("suggestion-text").textContent = "Hidden for a blind reading.";
+      $("suggestion-text").className = "muted";
     } else if (p.model_version) {
       $("suggestion-text").textContent = `The model has not learned the ${p.scan.label_set || "this scan's"} classes yet: label scans of at least two of them.`;
       $("suggestion-text").className = "muted";
