@@ -138,3 +138,30 @@ def test_ct_window_presets_and_right_drag(browser_page, project, users, tmp_path
     assert page.evaluate("document.getElementById('scan-image').naturalWidth") == 128
     page.shot("ct-window")
     assert not page.js_errors, page.js_errors
+
+
+def test_compare_with_similar_labeled_scans(browser_page, encoded_project, users):
+    from annotator import services
+    from annotator.models import LabelClass
+
+    page, project = browser_page, encoded_project
+    label = LabelClass.objects.filter(project=project).first()
+    pool = list(project.scans.filter(split="pool").order_by("pk"))
+    for scan in pool[:4]:
+        services.annotation_create(scan=scan, reader=users["bob"], label_class=label)
+    target = pool[-1]
+    login(page, "alice")
+    page.goto(f"/projects/{project.pk}/label/{target.pk}/")
+    _ready(page)
+    similar = page.evaluate("window.medlabel.payload.similar")
+    assert similar, "the encoded project should offer similar labeled scans"
+    page.keyboard.press("c")
+    page.wait_for_function(
+        f"document.getElementById('scan-image').src.endsWith('/scans/{similar[0]['scan']}/preview.png')")
+    note = page.inner_text("#compare-note")
+    assert f"similar scan #{similar[0]['scan']}" in note and "Esc" in note
+    page.keyboard.press("Escape")
+    page.wait_for_function(
+        f"document.getElementById('scan-image').src.endsWith('/scans/{target.pk}/preview.png')")
+    assert page.is_hidden("#compare-note")
+    assert not page.js_errors, page.js_errors

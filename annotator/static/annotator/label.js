@@ -172,6 +172,36 @@
     $("status").className = cls || "muted";
   }
 
+  // --- compare with the most similar labeled scans (same zoom, window and sliders) ---------
+  let compareIndex = -1;
+  function compareNext() {
+    const list = payload.similar || [];
+    if (!list.length) { say("No similar labeled scans to compare with yet."); return; }
+    compareIndex = compareIndex + 1 >= list.length ? -1 : compareIndex + 1;
+    showCompared();
+  }
+  function compareEnd() { if (compareIndex >= 0) { compareIndex = -1; showCompared(); } }
+  function windowChanged() {
+    const info = payload.scan.window;
+    return !!(info && view.window && (view.window.center !== info.center || view.window.width !== info.width));
+  }
+  function showCompared() {
+    const img = $("scan-image"), note = $("compare-note");
+    if (compareIndex < 0) {
+      img.src = windowChanged() ? windowUrl(view.window) : payload.scan.preview;
+      note.hidden = true;
+      note.textContent = "";
+      return;
+    }
+    const n = payload.similar[compareIndex];
+    // the same window where there is one; a scan that has none falls back to its preview
+    img.onerror = () => { img.onerror = null; img.src = n.preview; };
+    img.src = windowChanged() ? `/scans/${n.scan}/window.png?center=${view.window.center.toFixed(3)}&width=${view.window.width.toFixed(3)}` : n.preview;
+    note.hidden = false;
+    note.textContent = `Comparing: similar scan #${n.scan}` + (n.labels.length ? ` (${n.labels.join(", ")})` : "") +
+      ` · similarity ${n.similarity} · ${compareIndex + 1} of ${payload.similar.length} — c: next, Esc: back to this scan`;
+  }
+
   // --- previous scan and undo ------------------------------------------------------------
   const answered = [];        // this visit's answers, newest last: {id, url}
   function updateHistoryButtons() {
@@ -212,6 +242,7 @@
     // The scan itself first; the Grad-CAM overlay, the similar scans' thumbnails and the
     // next scan's image are fetched once it is on screen, so they never delay it.
     img.onload = () => {
+      img.onload = null;        // once: a window or a comparison reloads the image later
       if (measureFrom !== undefined) {
         const ms = performance.now() - measureFrom;
         medlabel.timings.push(ms);
@@ -226,6 +257,8 @@
       if (p.prefetch) (new Image()).src = p.prefetch;
     };
     img.src = p.scan.preview;
+    compareIndex = -1;
+    $("compare-note").hidden = true;
     view.window = null;
     const info = p.scan.window;
     $("window-tools").hidden = !info;
@@ -548,7 +581,7 @@
     const answers = payload.findings_mode
       ? "finding keys toggle present / uncertain, Enter saves, 0 no finding"
       : (payload.classes.filter((c) => c.key).map((c) => c.key).join(" ") || "no class keys") + " answer";
-    return `${answers}; s skip, u unsure, g Grad-CAM, i invert, n 1:1, r reset, + − zoom, ← previous scan, Backspace undo`;
+    return `${answers}; s skip, u unsure, g heat map, c compare with similar scans, i invert, n 1:1, r reset, + − zoom, ← previous scan, Backspace undo`;
   }
   document.addEventListener("keydown", (e) => {
     // typing in a text field is not a hotkey; a slider or button never keeps the keys
@@ -575,6 +608,8 @@
     else if (key === "g") $("toggle-cam").click();
     else if (key === "r") resetView();
     else if (key === "n") zoomNative();
+    else if (key === "c") compareNext();
+    else if (e.key === "Escape") compareEnd();
     else if (key === "+" || key === "=") zoom(1.25);
     else if (key === "-") zoom(1 / 1.25);
     else if (key === "?" || key === "h") say("Keys: " + keyHelp() + ".");
