@@ -35,6 +35,7 @@ def findings_answer_create(
     external_id: str = "",
     note: str = "",
     import_job=None,
+    shown_preselected: bool | None = None,
 ) -> Annotation:
     """Record one reader's findings for ``scan``: ``states`` maps finding (LabelClass) ids to
     ``present`` / ``absent`` / ``uncertain``; findings left out are unanswered, except with
@@ -77,7 +78,7 @@ def findings_answer_create(
             duration_ms=duration_ms, shown_model_version=shown_model_version,
             shown_scores=shown_scores, shown_acquisition_score=shown_acquisition_score,
             query_round=query_round, external_id=external_id, note=note,
-            import_job=import_job)
+            import_job=import_job, shown_preselected=shown_preselected)
         FindingAnswer.objects.bulk_create(
             [FindingAnswer(annotation=annotation, finding_id=k, state=v)
              for k, v in sorted(states.items())])

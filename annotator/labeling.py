@@ -352,7 +352,9 @@ def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[An
                             scan=scan, reader=user, label_class=label_class, outcome=outcome,
                             shown_suggestion=shown_suggestion,
                             shown_confidence=_optional_float(data, "shown_confidence",
-                                                             low=0, high=1), **shown))
+                                                             low=0, high=1),
+                            # the label page shows a suggestion but never preselects a class
+                            shown_preselected=False, **shown))
 
 
 def _findings_submit(*, project: Project, scan: Scan, user, data: dict
@@ -375,7 +377,9 @@ def _findings_submit(*, project: Project, scan: Scan, user, data: dict
                         create=lambda **common: findings_answer_create(
                             scan=scan, reader=user, states=states,
                             no_finding=bool(data.get("no_finding")),
-                            shown_scores=shown or None, **common))
+                            shown_scores=shown or None,
+                            # findings at or above their thresholds start ticked
+                            shown_preselected=bool(shown), **common))
 
 
 def _record_once(*, project: Project, scan: Scan, user, data: dict, create

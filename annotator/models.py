@@ -71,6 +71,10 @@ class Project(models.Model):
         default=True,
         help_text="Second readers and reviewers see neither the model's suggestion nor other "
         "readers' answers while they read (no anchoring).")
+    label_studio_prelabel = models.BooleanField(
+        default=False,
+        help_text="Let Label Studio preselect the model's answer in each task (pre-labelling). "
+        "Off by default: a missed key would store the model's guess as the reader's.")
     disagreement_rule = models.CharField(
         max_length=12, default="majority",
         choices=[("majority", "Majority: the most common reading trains; a tie is held out"),
@@ -409,6 +413,10 @@ class Annotation(models.Model):
     )
     shown_confidence = models.FloatField(null=True, blank=True)
     shown_acquisition_score = models.FloatField(null=True, blank=True)
+    shown_preselected = models.BooleanField(
+        null=True, blank=True,
+        help_text="Whether the model's answer was already selected when the reader answered "
+        "(Label Studio pre-labelling, preselected findings); empty when not known.")
     shown_scores = models.JSONField(
         null=True, blank=True,
         help_text="Findings sets: {finding id: probability} the reader was shown.")

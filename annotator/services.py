@@ -759,6 +759,7 @@ def annotation_create(
     query_round=None,
     external_id: str = "",
     note: str = "",
+    shown_preselected: bool | None = None,
 ) -> Annotation:
     """Record one reader's answer and what they were shown; queue a refit when due."""
     if outcome not in Annotation.Outcome.values:
@@ -793,7 +794,7 @@ def annotation_create(
         duration_ms=duration_ms, shown_model_version=shown_model_version,
         shown_suggestion=shown_suggestion, shown_confidence=shown_confidence,
         shown_acquisition_score=shown_acquisition_score, query_round=query_round,
-        external_id=external_id, note=note)
+        external_id=external_id, note=note, shown_preselected=shown_preselected)
     label_saved(annotation)
     return annotation
 

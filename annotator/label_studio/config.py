@@ -90,8 +90,10 @@ def labeling_config(project: Project) -> str:
     if clashing:
         raise LabelStudioError(f"a class is named {clashing[0]!r}, which Label Studio's "
                                "findings control uses for the empty set: rename it")
+    # the image never pushes the answer below the fold (65% of the window's height at most)
     image = (f'  <Image name="{TO_NAME}" value="$image" zoom="true" zoomControl="true" '
-             f'brightnessControl="true" contrastControl="true" maxWidth="100%"/>\n')
+             f'brightnessControl="true" contrastControl="true" maxWidth="100%" '
+             f'maxHeight="65vh"/>\n')
     sets = _sets(project)
     has_single = any(not s.is_multi for s in sets)
     has_findings = any(s.is_multi for s in sets)

@@ -158,12 +158,16 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
                     external_id=external,
                     note="" if reader else f"Label Studio user {email or '?'}",
                     shown_model_version=shown.get("shown_model_version"),
-                    shown_scores=shown.get("shown_scores"))
+                    shown_scores=shown.get("shown_scores"),
+                    shown_preselected=project.label_studio_prelabel and bool(
+                        shown.get("shown_model_version")))
                 return created, "created"
             created = annotation_create(
                 scan=scan, reader=reader, label_class=label_class, outcome=outcome,
                 source=Annotation.Source.LABEL_STUDIO, duration_ms=duration,
                 external_id=external, note="" if reader else f"Label Studio user {email or '?'}",
+                shown_preselected=project.label_studio_prelabel and bool(
+                    shown.get("shown_suggestion")),
                 **{k: v for k, v in shown.items() if k != "shown_scores"})
     except IntegrityError:   # the same event delivered twice at once
         again = Annotation.objects.filter(source=Annotation.Source.LABEL_STUDIO,

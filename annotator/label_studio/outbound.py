@@ -59,10 +59,17 @@ def sync(project: Project, *, create: bool = False, scope: str = "round", ls=Non
                   project.label_studio_project_id, label_config=config)
             config_changed = True
             log("labeling config updated")
+        if bool(getattr(remote, "show_collab_predictions", False)) != project.label_studio_prelabel:
+            _call("set pre-labelling", ls.projects.update, project.label_studio_project_id,
+                  show_collab_predictions=project.label_studio_prelabel)
+            log(f"pre-labelling {'on' if project.label_studio_prelabel else 'off'}")
     elif create:
+        # pre-labelling off unless the project asks for it: a preselected model answer and
+        # a missed key would store the model's guess as the reader's
         remote = _call("create the project", ls.projects.create, title=project.name[:50],
                        description=project.description[:500] or "Synced from MedLabel",
-                       label_config=config, show_skip_button=True)
+                       label_config=config, show_skip_button=True,
+                       show_collab_predictions=project.label_studio_prelabel)
         Project.objects.filter(pk=project.pk).update(label_studio_project_id=remote.id)
         project.label_studio_project_id = remote.id
         summary["created_project"] = True

@@ -51,6 +51,9 @@ def test_findings_round_trip_with_a_real_label_studio(findings_project, users,  
     ls = label_studio.client()
     ls_id = project.label_studio_project_id
 
+    # pre-labelling is off (no model answer preselected), the image leaves room for the answer
+    remote = ls.projects.get(id=ls_id)
+    assert remote.show_collab_predictions is False and 'maxHeight="65vh"' in remote.label_config
     # the config: findings present (multiple, hotkeys 1-3, No finding on 0) and uncertain
     config = ls.projects.get(id=ls_id).label_config
     assert 'name="findings"' in config and 'name="uncertain"' in config
@@ -94,6 +97,7 @@ def test_findings_round_trip_with_a_real_label_studio(findings_project, users,  
     got = Annotation.objects.get(source="label_studio", external_id=str(both.id))
     assert got.outcome == "findings" and got.reader == users["alice"]
     assert got.duration_ms == 3500 and got.shown_model_version == model
+    assert got.shown_preselected is False
     assert {names[k]: v for k, v in findings_states(got).items()} == {
         "glioma_tumor": "present", "meningioma_tumor": "uncertain", "pituitary_tumor": "absent"}
     shown = {names[int(k)]: v for k, v in got.shown_scores.items()}
@@ -115,6 +119,12 @@ def test_findings_round_trip_with_a_real_label_studio(findings_project, users,  
                                       action="annotation.updated").latest("pk")
     assert event.details["findings_before"]["meningioma_tumor"] == "uncertain"
     assert event.details["findings"]["pituitary_tumor"] == "present"
+
+    # a project that wants pre-labelling gets it at the next sync
+    project.label_studio_prelabel = True
+    project.save()
+    label_studio.sync(project, scope="pool")
+    assert ls.projects.get(id=ls_id).show_collab_predictions is True
 
     # "Retrieve predictions" calls our predict, which answers findings scans too
     response = ml_client().post(f"/ml/{project.pk}/predict",
