@@ -109,7 +109,8 @@ def predict(request, project, body):
         return JsonResponse({"error": "expected {'tasks': [...]}"}, status=400)
     model = project.active_model
     if model is None:
-        return JsonResponse({"results": [{"result": [], "score": 0.0, "model_version": "none"}
+        # no score: an unscored task must not sort first in the least-confident tab
+        return JsonResponse({"results": [{"result": [], "model_version": "none"}
                                          for _ in tasks]})
     names = {c["id"]: c["name"] for c in model.config.get("classes", [])}
     ids = [_scan_id(t) for t in tasks]
@@ -147,7 +148,7 @@ def predict(request, project, body):
             class_id, confidence = stored[scan_id]
             results.append(prediction_json(model.version, names[class_id], confidence))
         else:
-            results.append({"result": [], "score": 0.0, "model_version": model.version})
+            results.append({"result": [], "model_version": model.version})   # unscored
     return JsonResponse({"results": results})
 
 

@@ -68,6 +68,7 @@ def test_predict_one_result_per_task_in_order_from_stored_or_batch_predictions(t
     assert results[2]["result"] and 0 < results[2]["score"] <= 1     # computed in a batch
     for index in (1, 3, 4):                     # bad, missing, another project's scan
         assert results[index]["result"] == []
+        assert "score" not in results[index]    # unscored: never sorted first as "0.0"
     assert post(ml_client(), f"/ml/{project.pk}/predict", {"tasks": "x"}).status_code == 400
 
 
