@@ -25,8 +25,12 @@ def label_brain_scans(project, reader, *, per_class: int = 2,
 
 
 def trained_project(project, reader, *, per_class: int = 2):
-    """An encoded project with a few labels and a refit classifier (linear heads)."""
+    """An encoded project with a few labels and a refit classifier (linear heads). Reading
+    is not blind here (the tests look at what the model shows on scans ``reader`` labeled;
+    blind second reading has its own tests in tests/annotator/test_double_reading.py)."""
     label_brain_scans(project, reader, per_class=per_class)
     call_command("refit", project=project.name)
     project.refresh_from_db()
+    project.blind_second_readers = False
+    project.save(update_fields=["blind_second_readers"])
     return project
