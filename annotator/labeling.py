@@ -215,9 +215,14 @@ def worklist(project: Project, user) -> dict:
                      "reason": describe_reason(item.reason, item.score)})
     total_labels = Annotation.objects.filter(scan__project=project,
                                              outcome__in=Annotation.LABELLING).count()
+    # the reader's own count runs across rounds: a refit that chooses the next round does
+    # not reset what they have done
+    yours_total = Annotation.objects.filter(scan__project=project, reader=user,
+                                            outcome__in=Annotation.LABELLING).count()
     return {"round": query_round, "rows": rows, "progress": {
         "total": len(items), "labeled": labeled_count, "remaining": len(items) - labeled_count,
-        "yours": mine, "labels_in_project": total_labels}}
+        "yours": mine, "yours_total": yours_total, "round_number": query_round.pk,
+        "labels_in_project": total_labels}}
 
 
 def describe_reason(reason: dict, score: float | None = None) -> dict:

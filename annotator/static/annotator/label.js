@@ -281,7 +281,7 @@
     $("scan-meta").textContent = [p.scan.dataset, p.scan.modality, p.scan.split].filter(Boolean).join(" · ");
     $("model-version").textContent = p.model_version || "none yet";
     const pr = p.progress;
-    $("progress-line").textContent = pr ? `round: ${pr.labeled} labeled, ${pr.remaining} remaining · you answered ${pr.yours} · ${pr.labels_in_project} labels in the project` : "";
+    $("progress-line").textContent = pr ? `this round (#${pr.round_number}): ${pr.labeled} of ${pr.total} read · your labels in the project: ${pr.yours_total} · all labels: ${pr.labels_in_project}` : "";
     $("held").hidden = !p.held_by;
     $("held").textContent = p.held_by ? `${p.held_by} has this scan open; your answer is kept as a second reading.` : "";
     // why
