@@ -18,6 +18,7 @@ class AnnotatorConfig(AppConfig):
 
         from annotator import (
             audit,  # noqa: F401  (signal receivers)
+            checks,  # noqa: F401  (start-up checks)
             label_studio,
         )
         from annotator.models import LabelClass

@@ -135,6 +135,15 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
         return None, f"ignored: annotation {external} belongs to another project"
     if existing is not None and scan.quarantined:
         return None, f"ignored: scan {scan.pk} is quarantined"
+    if existing is not None and existing.reader_id is None and reader is not None:
+        # the reader was unknown when it first arrived (no API key then): fill it in
+        existing.reader = reader
+        existing.note = (existing.note + "\n" if existing.note else "") + \
+            f"reader matched by e-mail {timezone.now():%Y-%m-%d %H:%M}"
+        existing.save(update_fields=["reader", "note"])
+        if (existing.outcome, existing.label_class_id) == (
+                outcome, getattr(label_class, "pk", None)) and states is None:
+            return existing, "updated"
     if existing is not None and (states is not None
                                  or existing.outcome == Annotation.Outcome.FINDINGS):
         return _update_findings(existing, outcome, states)

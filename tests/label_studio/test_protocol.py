@@ -175,3 +175,35 @@ def test_labeling_config_has_every_class_with_its_hotkey(trained):
     image = root.find("Image")
     assert image.get("zoom") == "true" and image.get("value") == "$image"
     assert root.find("Choices").get("choice") == "single-radio"
+
+
+def test_a_missing_reader_is_filled_in_later_and_settings_are_checked(trained, users,
+                                                                      settings):
+    """An annotation that arrived without its reader (no API key on that server) gets it
+    when the webhook or reconciliation sees it again with the reader's e-mail; and the
+    start-up check refuses a Label Studio link without the key or the secret."""
+    from django.core.checks import run_checks
+
+    from annotator import label_studio
+
+    project = trained
+    scan = project.scans.filter(split="pool").last()
+    anonymous = webhook_payload(scan, 51, "no_tumor")
+    anonymous["annotation"]["completed_by"] = 3          # an id only: no key to look it up
+    got, outcome = label_studio.ingest(project, annotation=anonymous["annotation"],
+                                       task=anonymous["task"])
+    assert outcome == "created" and got.reader is None
+    again = webhook_payload(scan, 51, "no_tumor")        # now with the reader's e-mail
+    got, outcome = label_studio.ingest(project, annotation=again["annotation"],
+                                       task=again["task"])
+    got.refresh_from_db()
+    assert outcome == "updated" and got.reader == users["alice"]
+    assert "reader matched by e-mail" in got.note
+
+    settings.LABEL_STUDIO_URL = "http://labelstudio.internal:8080"
+    settings.LABEL_STUDIO_API_KEY = ""
+    settings.LABEL_STUDIO_WEBHOOK_SECRET = ""
+    ids = {m.id for m in run_checks()}
+    assert {"medlabel.E001", "medlabel.E002"} <= ids
+    settings.LABEL_STUDIO_API_KEY, settings.LABEL_STUDIO_WEBHOOK_SECRET = "key", "secret"
+    assert not {"medlabel.E001", "medlabel.E002"} & {m.id for m in run_checks()}

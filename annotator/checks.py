@@ -1,0 +1,35 @@
+"""Start-up checks (``manage.py check``, every ``runserver`` and worker start): settings that
+would lose data quietly are refused or flagged here, in words."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+
+@register()
+def label_studio_settings(app_configs, **kwargs):
+    """A site linked to Label Studio needs the API key (to name each annotation's reader:
+    without it the webhook's annotations arrive with no reader) and the webhook secret (to
+    accept the webhook at all)."""
+    if not settings.LABEL_STUDIO_URL:
+        return []
+    problems = []
+    if not settings.LABEL_STUDIO_API_KEY:
+        problems.append(Error(
+            "LABEL_STUDIO_URL is set but LABEL_STUDIO_API_KEY is not",
+            hint="Set LABEL_STUDIO_API_KEY (Label Studio → Account & Settings → access token) "
+                 "on every web server and worker: without it annotations from Label Studio "
+                 "arrive without their reader, and agreement and audit lose who answered.",
+            id="medlabel.E001"))
+    if not settings.LABEL_STUDIO_WEBHOOK_SECRET:
+        problems.append(Error(
+            "LABEL_STUDIO_URL is set but LABEL_STUDIO_WEBHOOK_SECRET is not",
+            hint="Set the same LABEL_STUDIO_WEBHOOK_SECRET on the server that ran "
+                 "`labelstudio_sync` and on every web server: the webhook proves itself with it, "
+                 "and without it every Label Studio annotation is refused.",
+            id="medlabel.E002"))
+    if settings.LABEL_STUDIO_URL and not settings.SITE_URL:
+        problems.append(Warning("SITE_URL is empty", hint="Label Studio reaches images, the ML "
+                                "backend and the webhook at SITE_URL.", id="medlabel.W001"))
+    return problems
