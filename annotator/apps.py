@@ -25,7 +25,9 @@ class AnnotatorConfig(AppConfig):
 
         post_save.connect(label_studio.follow_class_changes, sender=LabelClass,
                           dispatch_uid="label_studio_follow_class_changes")
-        from ml_backend.signals import classifier_published
+        from ml_backend.signals import classifier_published, round_created
 
         classifier_published.connect(label_studio.follow_new_classifier,
                                      dispatch_uid="label_studio_follow_new_classifier")
+        round_created.connect(label_studio.follow_new_round,
+                              dispatch_uid="label_studio_follow_new_round")

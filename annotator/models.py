@@ -71,6 +71,10 @@ class Project(models.Model):
         default=True,
         help_text="Second readers and reviewers see neither the model's suggestion nor other "
         "readers' answers while they read (no anchoring).")
+    label_studio_push_rounds = models.BooleanField(
+        default=True,
+        help_text="Push each new worklist round to the linked Label Studio project as it is "
+        "chosen, so its annotators always have the current scans.")
     label_studio_prelabel = models.BooleanField(
         default=False,
         help_text="Let Label Studio preselect the model's answer in each task (pre-labelling). "

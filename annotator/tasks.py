@@ -12,6 +12,7 @@ from annotator.label_studio.tasks import (  # noqa: F401
     label_studio_ingest,
     label_studio_push,
     label_studio_push_config,
+    label_studio_push_round,
     label_studio_reconcile_all,
 )
 

@@ -10,9 +10,13 @@ that owns a reaction connects a receiver in its ``AppConfig.ready``:
 - ``classifier_published`` — the active classifier's pool predictions were refreshed (or
   could not be): consumers of predictions follow (Label Studio). Arguments: ``model``,
   ``project_id``.
+- ``round_created`` — a new query round (the worklist's next scans) exists, sent once its
+  transaction committed: Label Studio gets its tasks. Arguments: ``query_round``,
+  ``project_id``.
 """
 
 from django.dispatch import Signal
 
 model_activated = Signal()
 classifier_published = Signal()
+round_created = Signal()

@@ -45,11 +45,16 @@ from annotator.label_studio.outbound import (
     reconcile,
     sync,
 )
-from annotator.label_studio.receivers import follow_class_changes, follow_new_classifier
+from annotator.label_studio.receivers import (
+    follow_class_changes,
+    follow_new_classifier,
+    follow_new_round,
+)
 
 __all__ = [
     "ANNOTATION_ACTIONS", "LabelStudioError", "VIEW_TITLE", "WEBHOOK_HEADER", "annotations_in",
-    "client", "follow_class_changes", "follow_new_classifier", "image_token", "image_url",
+    "client", "follow_class_changes", "follow_new_classifier", "follow_new_round", "image_token",
+    "image_url",
     "ingest", "labeling_config", "push_config", "push_predictions", "reconcile",
     "scan_for_token", "set_choices", "sync", "webhook_verified", "_call", "_raw",
     "_scans_to_export", "_task_data",

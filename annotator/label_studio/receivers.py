@@ -8,7 +8,11 @@ import logging
 from django.conf import settings
 from django.db import transaction
 
-from annotator.label_studio.tasks import label_studio_push, label_studio_push_config
+from annotator.label_studio.tasks import (
+    label_studio_push,
+    label_studio_push_config,
+    label_studio_push_round,
+)
 from annotator.models import LabelClass, Project
 
 logger = logging.getLogger(__name__)
@@ -32,3 +36,13 @@ def follow_new_classifier(sender, *, project_id: int, **kwargs) -> None:
             pk=project_id, label_studio_project_id__isnull=False).exists():
         return
     transaction.on_commit(lambda: label_studio_push.delay(project_id))
+
+
+def follow_new_round(sender, *, project_id: int, **kwargs) -> None:
+    """``round_created``: a linked Label Studio project (with ``label_studio_push_rounds``)
+    gets the round's scans as tasks, in the background."""
+    if not settings.LABEL_STUDIO_URL or not Project.objects.filter(
+            pk=project_id, label_studio_project_id__isnull=False,
+            label_studio_push_rounds=True).exists():
+        return
+    label_studio_push_round.delay(project_id)

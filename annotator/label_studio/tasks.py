@@ -33,6 +33,16 @@ def label_studio_push(project_id: int) -> int:
     return outbound.push_predictions(project) if project is not None else 0
 
 
+@shared_task(name="annotator.tasks.label_studio_push_round", acks_late=True)
+def label_studio_push_round(project_id: int) -> dict:
+    """A new worklist round: its scans become Label Studio tasks (a sync of the round;
+    what is there already is not sent again)."""
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None or not project.label_studio_project_id:
+        return {}
+    return outbound.sync(project, scope="round")
+
+
 @shared_task(name="annotator.tasks.label_studio_push_config", acks_late=True)
 def label_studio_push_config(project_id: int) -> bool:
     """A class was added or changed: send Label Studio the new labeling config."""

@@ -93,6 +93,11 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
                 items.append(QueryItem(query_round=query_round, scan=scan, rank=rank,
                                        score=float(score), reason=reason))
         QueryItem.objects.bulk_create(items)
+        if query_round.size:
+            from ml_backend import signals
+
+            transaction.on_commit(lambda: signals.round_created.send(
+                sender=QueryRound, query_round=query_round, project_id=project.pk))
     return query_round
 
 

@@ -66,3 +66,38 @@ def test_each_task_offers_only_its_label_sets_classes(project, users, live_serve
     after = {t.data["scan_id"]: {c["value"] for c in t.data["classes"]}
              for t in ls.tasks.list(project=ls_id, fields="all")}
     assert "glioma_tumor" in after[brain.pk] and "glioma_tumor" not in after[chest.pk]
+
+
+def test_a_new_round_reaches_label_studio_by_itself(encoded_project, users, live_server,
+                                                    label_studio_server, settings):
+    """Linked with the current round only: when the next round is chosen, its scans become
+    Label Studio tasks without a manual sync (and not when the project opts out)."""
+    from annotator.models import LabelClass
+    from ml_backend import services as ml
+
+    project = encoded_project
+    settings.SITE_URL = live_server.url
+    settings.LABEL_STUDIO_URL = label_studio_server["url"]
+    settings.LABEL_STUDIO_API_KEY = label_studio_server["token"]
+    settings.LABEL_STUDIO_WEBHOOK_SECRET = "test-webhook-secret"
+    call_command("labelstudio_sync", project=project.name, create=True, scope="round")
+    project.refresh_from_db()
+    ls = label_studio.client()
+    first = set(LabelStudioTask.objects.filter(project=project).values_list("scan_id", flat=True))
+    assert first and len(first) == project.query_batch_size
+    label_class = LabelClass.objects.filter(project=project).first()
+    for scan_id in first:                    # the round is read: the next one is chosen
+        Annotation.objects.create(scan_id=scan_id, reader=users["bob"], label_class=label_class)
+    new_round = ml.query_round_create(project=project, strategy="random")
+    expected = first | set(new_round.items.values_list("scan_id", flat=True))
+    remote = {t.data["scan_id"] for t in ls.tasks.list(project=project.label_studio_project_id,
+                                                       fields="all")}
+    assert remote == expected and len(expected) > len(first)
+    # a project that opts out keeps its tasks as they are
+    project.label_studio_push_rounds = False
+    project.save()
+    Annotation.objects.bulk_create([Annotation(scan_id=s, reader=users["bob"],
+                                               label_class=label_class)
+                                    for s in expected - first])
+    ml.query_round_create(project=project, strategy="random")
+    assert LabelStudioTask.objects.filter(project=project).count() == len(expected)
