@@ -10,7 +10,7 @@ import pytest
 
 from annotator import labeling, selectors, services
 from annotator.label_page import label_payload
-from annotator.models import Annotation, LabelClass, Membership
+from annotator.models import LabelClass, Membership
 from ml_backend import services as ml
 from tests.annotator.test_labeling import client_for
 from tests.base import PASSWORD
