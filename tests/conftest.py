@@ -162,6 +162,19 @@ def _import_brain(project, classes=("no_tumor", "pituitary_tumor")):
                    default_label=name, dataset_name="brain")
 
 
+def import_glioma_round(project, *, n: int | None = None):
+    """Two labeled eval classes (glioma, no tumour), the glioma pool folder unlabeled, and a
+    random first round (no encoder needed): a label page to open in a few seconds."""
+    from ml_backend import services as ml
+    from tests.base import FIXTURES
+
+    for cls in ("glioma_tumor", "no_tumor"):
+        run_import(project, FIXTURES / "brain_mri" / "eval" / cls, split="eval",
+                   default_label=cls, layout="flat")
+    run_import(project, FIXTURES / "brain_mri" / "pool" / "glioma_tumor", layout="flat")
+    return ml.query_round_create(project=project, strategy="random", n=n)
+
+
 def brain_truth(scan) -> str:
     """Pool fixtures keep their file names: no_tumor files are 'image-*', pituitary 'p*'."""
     return "no_tumor" if "image" in (scan.source_name or "") else "pituitary_tumor"

@@ -11,11 +11,9 @@ import pytest
 from annotator import labeling, selectors, services
 from annotator.label_page import label_payload
 from annotator.models import LabelClass, Membership
-from ml_backend import services as ml
 from tests.annotator.test_labeling import client_for
 from tests.base import PASSWORD
-from tests.conftest import run_import
-from tests.base import FIXTURES
+from tests.conftest import import_glioma_round
 
 pytestmark = pytest.mark.django_db
 
@@ -29,14 +27,10 @@ def erin(django_user_model, project):
 
 @pytest.fixture
 def read_twice(project):
-    for cls in ("glioma_tumor", "no_tumor"):
-        run_import(project, FIXTURES / "brain_mri" / "eval" / cls, split="eval",
-                   default_label=cls, layout="flat")
-    run_import(project, FIXTURES / "brain_mri" / "pool" / "glioma_tumor", layout="flat")
     project.readers_per_scan = 2
     project.refit_every = 1000
     project.save()
-    ml.query_round_create(project=project, strategy="random", n=4)
+    import_glioma_round(project, n=4)
     return project
 
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 from annotator.models import Scan
-from ml_backend import services as ml
-from tests.base import FIXTURES, REPO
+from tests.base import REPO
 from tests.browser.conftest import login
 from tests.browser.test_clinician_ui import wait_ready
-from tests.conftest import run_import
+from tests.conftest import import_glioma_round
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -48,11 +47,7 @@ def serious_violations(page) -> list[str]:
 
 @pytest.fixture
 def site(project, users):
-    for cls in ("glioma_tumor", "no_tumor"):
-        run_import(project, FIXTURES / "brain_mri" / "eval" / cls, split="eval",
-                   default_label=cls, layout="flat")
-    run_import(project, FIXTURES / "brain_mri" / "pool" / "glioma_tumor", layout="flat")
-    ml.query_round_create(project=project, strategy="random")
+    import_glioma_round(project)
     return project
 
 

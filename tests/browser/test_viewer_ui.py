@@ -14,18 +14,9 @@ from ml_backend import services as ml
 from tests.base import FIXTURES, pydicom_test_files
 from tests.browser.conftest import login
 from tests.browser.test_clinician_ui import current_scan, keys_by_class, wait_ready
-from tests.conftest import run_import
+from tests.conftest import import_glioma_round, run_import
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
-
-
-def _project_with_round(project):
-    for cls in ("glioma_tumor", "no_tumor"):
-        run_import(project, FIXTURES / "brain_mri" / "eval" / cls, split="eval",
-                   default_label=cls, layout="flat")
-    run_import(project, FIXTURES / "brain_mri" / "pool" / "glioma_tumor", layout="flat")
-    ml.query_round_create(project=project, strategy="random")
-    return project
 
 
 def _ready(page):
@@ -45,7 +36,7 @@ def _in_view(page, selector: str) -> bool:
 def test_answer_buttons_fit_and_keys_survive_the_sliders(browser_page, project, users, size):
     page = browser_page
     page.set_viewport_size({"width": size[0], "height": size[1]})
-    _project_with_round(project)
+    import_glioma_round(project)
     login(page, "alice")
     page.goto(f"/projects/{project.pk}/worklist/")
     page.wait_for_selector("table.worklist")

@@ -102,6 +102,16 @@ def label_studio_server(tmp_path_factory):
             os.killpg(process.pid, signal.SIGKILL)
 
 
+@pytest.fixture
+def linked_settings(settings, live_server, label_studio_server):
+    """This site linked to the real Label Studio server, as an operator configures it."""
+    settings.SITE_URL = live_server.url
+    settings.LABEL_STUDIO_URL = label_studio_server["url"]
+    settings.LABEL_STUDIO_API_KEY = label_studio_server["token"]
+    settings.LABEL_STUDIO_WEBHOOK_SECRET = "test-webhook-secret"
+    return settings
+
+
 ML_AUTH = "labelstudio:ml-backend-test-password"
 
 

@@ -31,17 +31,12 @@ def _answer(present=(), uncertain=()):
 
 
 def test_findings_round_trip_with_a_real_label_studio(findings_project, users,  # noqa: F811
-                                                      live_server, label_studio_server,
-                                                      settings):
+                                                      linked_settings):
     project = findings_project
     call_command("refit", project=project.name)
     project.refresh_from_db()
     model = project.active_model
     assert model is not None and model.config["findings_sets"]
-    settings.SITE_URL = live_server.url
-    settings.LABEL_STUDIO_URL = label_studio_server["url"]
-    settings.LABEL_STUDIO_API_KEY = label_studio_server["token"]
-    settings.LABEL_STUDIO_WEBHOOK_SECRET = "test-webhook-secret"
     users["alice"].email = ADMIN_EMAIL
     users["alice"].save()
     project.refit_every = 1000

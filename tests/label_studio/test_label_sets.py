@@ -14,12 +14,7 @@ from tests.ml_backend.test_label_sets import BRAIN, CHEST, _two_sets
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
-def test_each_task_offers_only_its_label_sets_classes(project, users, live_server,
-                                                      label_studio_server, settings):
-    settings.SITE_URL = live_server.url
-    settings.LABEL_STUDIO_URL = label_studio_server["url"]
-    settings.LABEL_STUDIO_API_KEY = label_studio_server["token"]
-    settings.LABEL_STUDIO_WEBHOOK_SECRET = "test-webhook-secret"
+def test_each_task_offers_only_its_label_sets_classes(project, users, linked_settings):
     users["alice"].email = ADMIN_EMAIL
     users["alice"].save()
     _two_sets(project)
@@ -68,18 +63,13 @@ def test_each_task_offers_only_its_label_sets_classes(project, users, live_serve
     assert "glioma_tumor" in after[brain.pk] and "glioma_tumor" not in after[chest.pk]
 
 
-def test_a_new_round_reaches_label_studio_by_itself(encoded_project, users, live_server,
-                                                    label_studio_server, settings):
+def test_a_new_round_reaches_label_studio_by_itself(encoded_project, users, linked_settings):
     """Linked with the current round only: when the next round is chosen, its scans become
     Label Studio tasks without a manual sync (and not when the project opts out)."""
     from annotator.models import LabelClass
     from ml_backend import services as ml
 
     project = encoded_project
-    settings.SITE_URL = live_server.url
-    settings.LABEL_STUDIO_URL = label_studio_server["url"]
-    settings.LABEL_STUDIO_API_KEY = label_studio_server["token"]
-    settings.LABEL_STUDIO_WEBHOOK_SECRET = "test-webhook-secret"
     call_command("labelstudio_sync", project=project.name, create=True, scope="round")
     project.refresh_from_db()
     ls = label_studio.client()

@@ -23,13 +23,9 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture
-def linked(encoded_project, users, live_server, label_studio_server, settings):
+def linked(encoded_project, users, linked_settings):
     """A trained project synced to Label Studio (pool scope), alice mapped by e-mail."""
     project = encoded_project
-    settings.SITE_URL = live_server.url
-    settings.LABEL_STUDIO_URL = label_studio_server["url"]
-    settings.LABEL_STUDIO_API_KEY = label_studio_server["token"]
-    settings.LABEL_STUDIO_WEBHOOK_SECRET = "test-webhook-secret"
     users["alice"].email = ADMIN_EMAIL          # the Label Studio admin is alice here
     users["alice"].save()
     classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
