@@ -18,6 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from annotator.models import Annotation, LabelClass, Project, Scan, ScanLease
+from annotator.selectors import reader_key
 from annotator.services import AnnotationError, annotation_create
 from medsite import jsonbody
 from ml_backend.models import ModelVersion, Prediction, QueryRound
@@ -80,8 +81,7 @@ def readings(project: Project, scan_ids=None) -> dict[int, set[str]]:
     for scan_id, reader_id, source, pk in rows.exclude(
             source=Annotation.Source.ADJUDICATION).values_list(
             "scan_id", "reader_id", "source", "pk"):
-        out.setdefault(scan_id, set()).add(f"reader-{reader_id}" if reader_id
-                                           else f"{source}-{pk}")
+        out.setdefault(scan_id, set()).add(reader_key(reader_id, source, pk))
     return out
 
 

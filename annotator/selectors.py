@@ -99,6 +99,12 @@ def training_runs_for_project(project: Project, *, limit: int = 8):
     return active + done[: max(0, limit - len(active))]
 
 
+def reader_key(reader_id: int | None, source: str, annotation_id: int) -> str:
+    """Who gave an answer, for counting readings and votes: the user, or, for an answer with
+    no user (an import, an unmatched Label Studio annotator), that answer alone."""
+    return f"reader-{reader_id}" if reader_id else f"{source}-{annotation_id}"
+
+
 def training_labels(project: Project, *, split: str) -> tuple[list[Scan], list[int]]:
     """The label each labeled scan of ``split`` adds up to, as the models train and are
     evaluated on it: an adjudication if any; else each reader's latest label is one vote and
@@ -119,8 +125,7 @@ def training_labels(project: Project, *, split: str) -> tuple[list[Scan], list[i
             adjudicated[scan_id] = class_id
             continue
         # one vote per reader (their latest); an import or a reader-less answer votes alone
-        key = f"reader-{reader_id}" if reader_id else f"{source}-{pk}"
-        votes.setdefault(scan_id, {})[key] = class_id
+        votes.setdefault(scan_id, {})[reader_key(reader_id, source, pk)] = class_id
     chosen = dict(adjudicated)
     for scan_id, by_reader in votes.items():
         if scan_id in chosen:
