@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv demo test serve migrate clean fixtures bench chromium axe starter-encoder
+.PHONY: venv demo test serve migrate clean fixtures bench chromium axe starter-encoder starter-encoder-colour
 
 # The virtualenv is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -61,6 +61,10 @@ STARTER ?= ml_backend/starter/simclr-resnet18-64px.pt
 STARTER_ARGS ?= --epochs 25 --workers 2
 starter-encoder: venv
 	$(PY) -m ml_backend.ssl.starter --data $(SHARED) $(STARTER_ARGS)
+# The colour starter (colour projects): RGB, on bloodmnist_pbc/ and lc25000_lung/ (~40 min).
+STARTER_COLOUR_ARGS ?= --epochs 30 --workers 2
+starter-encoder-colour: venv
+	$(PY) -m ml_backend.ssl.starter --colour --data $(SHARED) $(STARTER_COLOUR_ARGS)
 
 bench: venv chromium
 	mkdir -p bench/results

@@ -7,6 +7,7 @@ and ``DEID_SALT``; see README.md ("Production").
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -201,8 +202,13 @@ ML_CACHE_SIZE = env_int("ML_CACHE_SIZE", 12, minimum=1)
 ML_DATALOADER_WORKERS = env_int("MEDLABEL_DATALOADER_WORKERS", 0, minimum=0)
 # The shipped starter encoder new projects pretrain from (ml_backend/starter/, rebuilt by
 # `make starter-encoder`); empty: every project pretrains from scratch.
-STARTER_ENCODER = env_str("MEDLABEL_STARTER_ENCODER",
-                          str(BASE_DIR / "ml_backend" / "starter" / "simclr-resnet18-64px.pt"))
+STARTER_ENCODER = os.environ.get(
+    "MEDLABEL_STARTER_ENCODER", str(BASE_DIR / "ml_backend" / "starter" / "simclr-resnet18-64px.pt"))
+# ...and colour projects' (`make starter-encoder-colour`); empty or missing: colour projects
+# start from the greyscale one, its first convolution spread over R, G and B.
+STARTER_ENCODER_COLOUR = os.environ.get(
+    "MEDLABEL_STARTER_ENCODER_COLOUR",
+    str(BASE_DIR / "ml_backend" / "starter" / "simclr-resnet18-rgb-64px.pt"))
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
 LOG_FILE = env_str("LOG_FILE")

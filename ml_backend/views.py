@@ -23,7 +23,7 @@ from annotator.models import Project, Scan
 from medsite import jsonbody
 from ml_backend.errors import TrainingError
 from ml_backend.label_studio_protocol import findings_prediction_json, prediction_json
-from ml_backend.models import ModelVersion, Prediction
+from ml_backend.models import ModelVersion, Prediction, TrainingRun
 from ml_backend.services import inference, runs
 from ml_backend.services.findings import findings_predictions
 
@@ -75,10 +75,23 @@ def _version(project: Project) -> str:
     return project.active_model.version if project.active_model_id else "none"
 
 
+def _training(project: Project) -> dict | None:
+    """The project's latest training run, for Label Studio's operators (the ML backend
+    protocol has no training-status call: ``health`` and START_TRAINING's answer carry it)."""
+    run = TrainingRun.objects.filter(project=project).order_by("-created_at").first()
+    if run is None:
+        return None
+    return {"run": run.pk, "kind": run.kind, "status": run.status,
+            "progress": round(float(run.progress or 0), 3),
+            "model_version": run.model_version.version if run.model_version_id else None,
+            "created_at": run.created_at.isoformat(),
+            "finished_at": run.finished_at.isoformat() if run.finished_at else None}
+
+
 @_endpoint(("GET",))
 def health(request, project, body):
     return JsonResponse({"status": "UP", "model_class": MODEL_CLASS,
-                         "model_version": _version(project)})
+                         "model_version": _version(project), "training": _training(project)})
 
 
 @_endpoint(("POST",))
@@ -160,11 +173,16 @@ def webhook(request, project, body):
     if action == "START_TRAINING":
         run = runs.refit_start_if_due(project=project, force=True,
                                       params={"requested_from": "label_studio"})
+        where = f"{settings.SITE_URL}{project.get_absolute_url()}"
         if run is not None:
-            return JsonResponse({"status": "queued", "run": run.pk}, status=201)
+            return JsonResponse({"status": "queued", "run": run.pk, "model_version": _version(
+                project), "message": f"refit run {run.pk} queued; its progress is on {where} "
+                "and in this backend's /health"}, status=201)
         busy = runs.refit_busy(project)
         if busy is not None:
-            return JsonResponse({"status": "already queued", "run": busy.pk})
+            return JsonResponse({"status": "already queued", "run": busy.pk,
+                                 "message": f"refit run {busy.pk} is {busy.status}; its "
+                                 f"progress is on {where}"})
         return JsonResponse({"error": "the project has no encoder yet: pretrain one first "
                                       "(`manage.py pretrain`)"}, status=409)
     return JsonResponse({"status": "ignored", "action": action})

@@ -49,7 +49,7 @@ def sync(project: Project, *, create: bool = False, scope: str = "round", ls=Non
     project = Project.objects.select_related("active_model").get(pk=project.pk)
     config = labeling_config(project)
     summary = {"created_project": False, "tasks_created": 0, "urls_refreshed": 0,
-               "predictions_pushed": 0}
+               "predictions_with_new_tasks": 0, "predictions_pushed": 0}
     # 1. the project and its labeling config
     config_changed = False
     if project.label_studio_project_id:
@@ -106,6 +106,7 @@ def sync(project: Project, *, create: bool = False, scope: str = "round", ls=Non
                             **_shown_fields(project, prediction))
             for scan, task_id, prediction in zip(batch, ids, shown)])
         summary["tasks_created"] += len(batch)
+        summary["predictions_with_new_tasks"] += sum(1 for p in shown if p)
     stale = timezone.now() - timedelta(seconds=settings.LABEL_STUDIO_IMAGE_URL_MAX_AGE / 2)
     refresh = LabelStudioTask.objects.filter(project=project).select_related(
         "scan__dataset", "scan__label_set")
@@ -117,8 +118,14 @@ def sync(project: Project, *, create: bool = False, scope: str = "round", ls=Non
         LabelStudioTask.objects.filter(pk=task.pk).update(url_issued_at=timezone.now())
         summary["urls_refreshed"] += 1
     summary["predictions_pushed"] = push_predictions(project, ls=ls)
-    log(f"{summary['tasks_created']} tasks created, {summary['urls_refreshed']} image URLs "
-        f"refreshed, {summary['predictions_pushed']} predictions pushed")
+    log(f"{summary['tasks_created']} tasks created ({summary['predictions_with_new_tasks']} "
+        f"with our prediction), {summary['urls_refreshed']} image URLs refreshed, "
+        f"{summary['predictions_pushed']} predictions pushed to earlier tasks")
+    if project.active_model is None:
+        log("no predictions yet: the project has no classifier. Label a few scans of each "
+            "class (here or in Label Studio), then refit (`manage.py refit`, or Start "
+            "training on Label Studio's model card); the new model's predictions reach "
+            "Label Studio by themselves")
 
     # 3. the Data Manager tab ordered by prediction score (least confident first)
     views = _call("list Data Manager tabs", ls.views.list, project=ls_id)

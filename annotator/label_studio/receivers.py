@@ -8,6 +8,7 @@ import logging
 from django.conf import settings
 from django.db import transaction
 
+from annotator import background
 from annotator.label_studio.tasks import (
     label_studio_push,
     label_studio_push_config,
@@ -25,7 +26,7 @@ def follow_class_changes(sender, instance: LabelClass, raw: bool = False, **kwar
     project_id = instance.project_id
     if not Project.objects.filter(pk=project_id, label_studio_project_id__isnull=False).exists():
         return
-    transaction.on_commit(lambda: label_studio_push_config.delay(project_id))
+    transaction.on_commit(lambda: background.send(label_studio_push_config, project_id))
 
 
 def follow_new_classifier(sender, *, project_id: int, **kwargs) -> None:
@@ -35,7 +36,7 @@ def follow_new_classifier(sender, *, project_id: int, **kwargs) -> None:
     if not settings.LABEL_STUDIO_URL or not Project.objects.filter(
             pk=project_id, label_studio_project_id__isnull=False).exists():
         return
-    transaction.on_commit(lambda: label_studio_push.delay(project_id))
+    transaction.on_commit(lambda: background.send(label_studio_push, project_id))
 
 
 def follow_new_round(sender, *, project_id: int, **kwargs) -> None:
@@ -45,4 +46,4 @@ def follow_new_round(sender, *, project_id: int, **kwargs) -> None:
             pk=project_id, label_studio_project_id__isnull=False,
             label_studio_push_rounds=True).exists():
         return
-    label_studio_push_round.delay(project_id)
+    background.send(label_studio_push_round, project_id)

@@ -9,6 +9,7 @@ from django.http import FileResponse, Http404, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from annotator import background
 from annotator.label_studio import config, inbound
 from annotator.label_studio.tasks import label_studio_ingest
 from annotator.models import Project
@@ -60,7 +61,7 @@ def ls_webhook(request, project_id: int):
     pairs = inbound.annotations_in(payload)
     for annotation, task in pairs:
         # only what we need goes on the queue (the payload also carries the project token)
-        label_studio_ingest.delay(project.pk, {k: annotation.get(k) for k in (
+        background.send(label_studio_ingest, project.pk, {k: annotation.get(k) for k in (
             "id", "result", "was_cancelled", "completed_by", "lead_time", "prediction", "task")},
             {"id": task.get("id"), "data": task.get("data") if isinstance(task.get("data"), dict)
              else {}})

@@ -52,21 +52,31 @@ def _workers() -> int:
     environment)."""
     return settings.ML_DATALOADER_WORKERS
 
-def starter_encoder() -> tuple[Path, dict] | None:
-    """The shipped starter encoder (settings.STARTER_ENCODER) and its data card, or None."""
+def starter_encoder(channels: int = 1) -> tuple[Path, dict] | None:
+    """The shipped starter encoder and its data card, or None: for a colour project
+    (``channels=3``) the colour starter (settings.STARTER_ENCODER_COLOUR) where one is
+    shipped, else the greyscale one (settings.STARTER_ENCODER), whose first convolution is
+    then spread over the three channels."""
     from ml_backend.ssl.starter import read_card
 
-    path = Path(settings.STARTER_ENCODER) if settings.STARTER_ENCODER else None
-    card = read_card(path) if path else None
-    return (path, card) if card else None
+    candidates = [settings.STARTER_ENCODER]
+    if channels == 3:
+        candidates.insert(0, getattr(settings, "STARTER_ENCODER_COLOUR", None))
+    for candidate in candidates:
+        path = Path(candidate) if candidate else None
+        card = read_card(path) if path else None
+        if card:
+            return path, card
+    return None
 
 
-def _starter_for(config, start_from: str, report: RunReporter) -> tuple[Path, dict] | None:
+def _starter_for(config, start_from: str, report: RunReporter,
+                 channels: int = 1) -> tuple[Path, dict] | None:
     """The starter when ``start_from`` allows it and it fits ``config`` (same architecture
     and stem; the image size may differ). ``start_from="starter"`` insists."""
     if start_from == "scratch":
         return None
-    found = starter_encoder()
+    found = starter_encoder(config.channels if config is not None else channels)
     if found is None:
         if start_from == "starter":
             raise TrainingError("no starter encoder is shipped (settings.STARTER_ENCODER): "
@@ -169,7 +179,7 @@ def _pretrain(run: TrainingRun, report: RunReporter) -> None:
             if init is not None or start_from == "scratch":
                 raise TrainingError("--epochs 0 adopts the shipped starter encoder as is; "
                                     "it cannot be combined with --init-checkpoint or --from scratch")
-            starter = _starter_for(None, "starter", report)
+            starter = _starter_for(None, "starter", report, channels=run.project.channels)
             return _adopt_starter(run, report, scans, starter, activate)
         # the project decides greyscale or colour input, not a run parameter
         params["channels"] = run.project.channels

@@ -59,12 +59,27 @@ DEFAULT_SOURCES = (
                   "brain_mri/Training", hflip=True),
 )
 
+# The colour starter (colour projects: histopathology, blood smears): every public colour
+# train image, RGB. Smears and tissue tiles have no handedness, so both may be flipped.
+COLOUR_SOURCES = (
+    StarterSource("blood smear, BloodMNIST-PBC train (Acevedo et al. 2020, 28 px rebuild)",
+                  "bloodmnist_pbc/bloodmnist_pbc.npz#train", hflip=True),
+    StarterSource("lung H&E, LC25000 lung train (Borkowski et al. 2019, 224 px)",
+                  "lc25000_lung/train", hflip=True),
+)
+
 # The recipe: the project's default SimCLRv2 settings at 64 px (the demo's and the product's
 # default size), standard ResNet-18 stem.
 DEFAULT_CONFIG = PretrainConfig(arch="resnet18", image_size=64, epochs=20, batch_size=128,
                                 lr=1e-3, temperature=0.2, warmup_epochs=1.0, seed=0)
+# The colour one: the same, on 3 channels, with the colour projects' default colour
+# augmentation (H&E stain jitter in HED space + bounded hue; ssl/transforms.py).
+COLOUR_CONFIG = PretrainConfig(**{**asdict(DEFAULT_CONFIG), "channels": 3,
+                                  "colour_augment": "stain"})
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "starter" / "simclr-resnet18-64px.pt"
+STARTER_DIR = Path(__file__).resolve().parent.parent / "starter"
+DEFAULT_OUT = STARTER_DIR / "simclr-resnet18-64px.pt"
+COLOUR_OUT = STARTER_DIR / "simclr-resnet18-rgb-64px.pt"
 
 
 def _log(message: str) -> None:
@@ -94,16 +109,18 @@ def _raw_items(root: Path, spec: str) -> list[tuple[str, callable]]:
     return [(item.name, item.load) for item in listing.items]
 
 
-def to_uint8(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Decoded pixels (float in [0, 1], greyscale) → ``uint8 (size, size)``, as training sees
-    the import's 8-bit preview."""
+def to_uint8(pixels: np.ndarray, size: int, channels: int = 1) -> np.ndarray:
+    """Decoded pixels (float in [0, 1], ``(H, W)`` grey or ``(H, W, 3)`` RGB) → ``uint8
+    (size, size)`` (``channels=1``: colour becomes luma) or ``(size, size, 3)`` (grey is
+    replicated), as training sees the import's 8-bit preview."""
     image = Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8))
-    return np.asarray(to_square(image, size), dtype=np.uint8)
+    return np.asarray(to_square(image, size, channels), dtype=np.uint8)
 
 
-def load_sources(root: Path, sources=DEFAULT_SOURCES, *, size: int) -> dict:
-    """Decode every source: ``images uint8 (N, size, size)``, ``hflip bool (N,)``, and per
-    source ``{name, spec, scans, failed, sha256}`` (the hash of its decoded pixels)."""
+def load_sources(root: Path, sources=DEFAULT_SOURCES, *, size: int, channels: int = 1) -> dict:
+    """Decode every source: ``images uint8 (N, size, size)`` (or ``(N, size, size, 3)`` with
+    ``channels=3``), ``hflip bool (N,)``, and per source ``{name, spec, scans, failed,
+    sha256}`` (the hash of its decoded pixels)."""
     images, flips, card = [], [], []
     for source in sources:
         started, decoded, failed = time.perf_counter(), [], 0
@@ -113,7 +130,7 @@ def load_sources(root: Path, sources=DEFAULT_SOURCES, *, size: int) -> dict:
             except (ScanDecodeError, OSError):
                 failed += 1
                 continue
-            decoded.append(to_uint8(scan.pixels, size))
+            decoded.append(to_uint8(scan.pixels, size, channels))
         if not decoded:
             raise TrainingError(f"{source.spec}: no scan could be read under {root}")
         stack = np.stack(decoded)
@@ -127,15 +144,16 @@ def load_sources(root: Path, sources=DEFAULT_SOURCES, *, size: int) -> dict:
     return {"images": np.concatenate(images), "hflip": np.concatenate(flips), "sources": card}
 
 
-def _cached_sources(root: Path, sources, size: int, work_dir: Path) -> dict:
-    key = hashlib.sha256(json.dumps([asdict(s) for s in sources] + [size, str(root.resolve())])
+def _cached_sources(root: Path, sources, size: int, work_dir: Path, channels: int = 1) -> dict:
+    keyed = [asdict(s) for s in sources] + [size, str(root.resolve())]
+    key = hashlib.sha256(json.dumps(keyed + ([channels] if channels != 1 else []))
                          .encode()).hexdigest()[:16]
     path = work_dir / f"sources-{key}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as data:
             return {"images": data["images"], "hflip": data["hflip"],
                     "sources": json.loads(str(data["card"]))}
-    data = load_sources(root, sources, size=size)
+    data = load_sources(root, sources, size=size, channels=channels)
     work_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     with tmp.open("wb") as handle:
@@ -168,7 +186,7 @@ def export(pretrain_checkpoint: Path, out: Path, card: dict) -> dict:
     card["file"] = {"name": out.name, "bytes": out.stat().st_size,
                     "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-    (out.parent / "README.md").write_text(card_markdown(card))
+    out.with_suffix(".md").write_text(card_markdown(card))
     return card
 
 
@@ -176,13 +194,17 @@ def card_markdown(card: dict) -> str:
     """The data card as the README beside the shipped file (rewritten by every rebuild)."""
     config = card["config"]
     lines = [
-        "# The starter encoder (data card)", "",
+        f"# The {'colour ' if config.get('channels', 1) == 3 else ''}starter encoder "
+        "(data card)", "",
         f"`{card['file']['name']}` ({card['file']['bytes'] / 1e6:.1f} MB, half precision, "
         f"sha256 `{card['file']['sha256'][:16]}…`): {card['what']}.", "",
         "New projects start from it: `manage.py pretrain` continues from it on the project's "
         "own scans (`--from scratch` to start from random weights), `pretrain --epochs 0` and "
-        "`make demo` use it as is. Settings: `STARTER_ENCODER` (env "
-        "`MEDLABEL_STARTER_ENCODER`, empty to disable).", "",
+        "`make demo` use it as is. Settings: "
+        + ("`STARTER_ENCODER_COLOUR` (env `MEDLABEL_STARTER_ENCODER_COLOUR`, empty to "
+           "disable), for colour projects." if config.get("channels", 1) == 3 else
+           "`STARTER_ENCODER` (env `MEDLABEL_STARTER_ENCODER`, empty to disable), for "
+           "greyscale projects."), "",
         "## What it saw", "",
         "| source | scans | unreadable | left-right flips |", "|---|---:|---:|---|",
         *[f"| {s['name']} (`{s['spec']}`) | {s['scans']:,} | {s['failed']} | "
@@ -191,8 +213,10 @@ def card_markdown(card: dict) -> str:
         "Never seen: " + "; ".join(card["not_seen"]) + ". " + card["note"][0].upper()
         + card["note"][1:] + ".", "",
         "No labels were used. Every scan went through the import pipeline's own decoder "
-        "(`decode_scan`), greyscale, padded to a square and resized to "
-        f"{config['image_size']} px.", "",
+        f"(`decode_scan`), {'in colour (RGB)' if config.get('channels', 1) == 3 else 'greyscale'}"
+        f", padded to a square and resized to {config['image_size']} px"
+        + (f"; colour augmentation `{config.get('colour_augment')}`"
+           if config.get("channels", 1) == 3 else "") + ".", "",
         "## How it was trained", "",
         f"- Method: {config.get('method', 'simclr')} (`ml_backend/ssl/`), {config['arch']}, "
         f"{'small' if config.get('small_input') else 'standard'} stem, {config['image_size']} px, "
@@ -202,7 +226,8 @@ def card_markdown(card: dict) -> str:
         f"{'on' if config.get('channels_last') else 'off'}.",
         f"- Built {card['built']} on {card['device']} ({card['threads']} threads, torch "
         f"{card['torch']}): {card['pretrain_seconds'] / 60:.0f} min of training.",
-        f"- Rebuild exactly: `{card['command']}` (`make starter-encoder`); the same seed, config "
+        f"- Rebuild exactly: `{card['command']}` (`make starter-encoder"
+        f"{'-colour' if config.get('channels', 1) == 3 else ''}`); the same seed, config "
         "and data give the same weights up to floating-point differences between machines and "
         "thread counts.", "",
         "## Loss (NT-Xent per image, mean over each epoch)", "",
@@ -223,13 +248,24 @@ def read_card(path: Path) -> dict | None:
     return json.loads(card.read_text())
 
 
+GREY_NOT_SEEN = (["PneumoniaMNIST val and test", "NIH ChestX-ray14 val and test",
+                  "brain MRI Testing folder"],
+                 "brain MRI Training was used whole: a benchmark split held out of Training "
+                 "was seen here without labels")
+COLOUR_NOT_SEEN = (["BloodMNIST-PBC val and test", "LC25000 lung's withheld test images"],
+                   "LC25000's images are rotated and flipped copies of 250 originals per class, "
+                   "so its withheld test images have near-duplicates among the train images "
+                   "seen here (without labels)")
+
+
 def build(root: Path, out: Path, *, config: PretrainConfig = DEFAULT_CONFIG,
           sources=DEFAULT_SOURCES, work_dir: Path, workers: int = 0,
-          device: str | None = None, command: str = "") -> dict:
+          device: str | None = None, command: str = "",
+          not_seen: tuple[list[str], str] = GREY_NOT_SEEN) -> dict:
     from ml_backend.ssl.train import pretrain
 
     started = time.perf_counter()
-    data = _cached_sources(root, sources, config.image_size, work_dir)
+    data = _cached_sources(root, sources, config.image_size, work_dir, config.channels)
     _log(f"pretraining on {len(data['images'])} scans: {config.arch}, {config.image_size}px, "
          f"{config.epochs} epochs, batch {config.batch_size}")
     last = {"t": 0.0}
@@ -258,10 +294,7 @@ def build(root: Path, out: Path, *, config: PretrainConfig = DEFAULT_CONFIG,
         "built": time.strftime("%Y-%m-%d"), "torch": str(torch.__version__),
         "threads": torch.get_num_threads(), "machine": platform.machine(),
         "command": command or "make starter-encoder",
-        "not_seen": ["PneumoniaMNIST val and test", "NIH ChestX-ray14 val and test",
-                     "brain MRI Testing folder"],
-        "note": "brain MRI Training was used whole: a benchmark split held out of Training "
-                "was seen here without labels",
+        "not_seen": not_seen[0], "note": not_seen[1],
     }
     card = export(checkpoint, out, card)
     _log(f"wrote {out} ({card['file']['bytes'] / 1e6:.1f} MB) and {out.with_suffix('.json').name}")
@@ -272,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"),
                         help="the folder holding pneumoniamnist/, nih_cxr14_subset/, brain_mri/")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--colour", action="store_true",
+                        help="the colour starter: RGB, on bloodmnist_pbc/ and lc25000_lung/ "
+                        f"(default --out {COLOUR_OUT.name})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default: {DEFAULT_OUT.name} (--colour: {COLOUR_OUT.name}) in "
+                        f"{STARTER_DIR}")
     parser.add_argument("--work-dir", type=Path, default=Path(".cache/starter"),
                         help="decoded sources and the resumable pretraining checkpoint")
     parser.add_argument("--epochs", type=int, default=DEFAULT_CONFIG.epochs)
@@ -282,14 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=DEFAULT_CONFIG.seed)
     args = parser.parse_args(argv)
-    config = PretrainConfig(**{**asdict(DEFAULT_CONFIG), "epochs": args.epochs,
+    base = COLOUR_CONFIG if args.colour else DEFAULT_CONFIG
+    config = PretrainConfig(**{**asdict(base), "epochs": args.epochs,
                                "batch_size": args.batch_size, "image_size": args.image_size,
                                "seed": args.seed})
+    out = args.out or (COLOUR_OUT if args.colour else DEFAULT_OUT)
     command = "python -m ml_backend.ssl.starter " + " ".join(
         argv if argv is not None else sys.argv[1:])
     try:
-        build(args.data, args.out, config=config, work_dir=args.work_dir, workers=args.workers,
-              device=args.device, command=command.strip())
+        build(args.data, out, config=config, work_dir=args.work_dir, workers=args.workers,
+              device=args.device, command=command.strip(),
+              sources=COLOUR_SOURCES if args.colour else DEFAULT_SOURCES,
+              not_seen=COLOUR_NOT_SEEN if args.colour else GREY_NOT_SEEN)
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -99,7 +99,13 @@ def test_start_training_queues_a_refit_and_other_events_are_ignored(trained,
     assert response.status_code == 201 and len(callbacks) == 1     # sent after commit
     run = TrainingRun.objects.get(pk=response.json()["run"])
     assert (run.kind, run.status) == ("refit", "queued")
-    assert post(client, url, {"action": "START_TRAINING"}).json()["status"] == "already queued"
+    assert f"refit run {run.pk} queued" in response.json()["message"]
+    again = post(client, url, {"action": "START_TRAINING"}).json()
+    assert again["status"] == "already queued" and again["run"] == run.pk
+    # the protocol has no training-status call: health carries the latest run
+    health = client.get(f"/ml/{trained.pk}/health").json()
+    assert health["status"] == "UP" and health["training"]["run"] == run.pk
+    assert health["training"]["status"] == "queued" and health["training"]["kind"] == "refit"
 
 
 def webhook_payload(scan, annotation_id: int, choice: str | None, **extra) -> dict:
@@ -109,6 +115,49 @@ def webhook_payload(scan, annotation_id: int, choice: str | None, **extra) -> di
             "task": {"id": 900 + annotation_id, "data": {"scan_id": scan.pk}},
             "annotation": {"id": annotation_id, "result": result, "lead_time": 1.5,
                            "completed_by": {"id": 3, "email": "ALICE@example.org"}, **extra}}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_webhook_is_answered_before_the_ingest_runs_without_a_broker(trained, users, settings,
+                                                                     monkeypatch):
+    """No broker, background threads on (the demo, `make serve`): the webhook returns while
+    the ingest is still held back, and the annotation arrives once it is let go."""
+    import threading
+
+    from annotator import background
+    from annotator.label_studio import inbound
+
+    settings.LABEL_STUDIO_WEBHOOK_SECRET = "the-secret"
+    settings.ML_TASKS_IN_THREAD = True
+    settings.ML_TASKS_IN_PROCESS = False
+    project = trained
+    project.label_studio_project_id = 7
+    project.refit_every = 1000
+    project.save(update_fields=["label_studio_project_id", "refit_every"])
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    real_ingest = inbound.ingest
+
+    def held_ingest(*args, **kwargs):
+        started.set()
+        release.wait(30)                 # an inline ingest would hold the response this long
+        try:
+            return real_ingest(*args, **kwargs)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(inbound, "ingest", held_ingest)
+    scan = project.scans.filter(split="pool").last()
+    response = post(Client(), reverse("annotator:ls_webhook", args=[project.pk]),
+                    webhook_payload(scan, 61, "no_tumor"), HTTP_X_MEDLABEL_SECRET="the-secret")
+    answered_while_held = not finished.is_set()
+    assert response.status_code == 200 and response.json()["queued"] == 1
+    assert started.wait(10), "the ingest never started in the background"
+    assert answered_while_held
+    assert not Annotation.objects.filter(external_id="61").exists()
+    release.set()
+    assert background.wait_idle(30)
+    got = Annotation.objects.get(source="label_studio", external_id="61")
+    assert got.reader == users["alice"] and got.label_class.name == "no_tumor"
 
 
 def test_webhook_checks_the_secret_and_upserts_idempotently(trained, users, settings):

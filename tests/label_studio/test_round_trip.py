@@ -158,3 +158,67 @@ def test_round_trip_with_a_real_label_studio(linked, users):
              what="Label Studio's model_version to follow ours")
     refreshed = ls.tasks.get(id=tasks[5].id)
     assert new_model.version in {p.model_version for p in refreshed.predictions}
+
+
+def test_promote_and_roll_back_keep_label_studio_in_sync(linked, users):
+    """A classifier the gate held back, promoted anyway from the project page, then rolled
+    back in Django admin: each time Label Studio gets the active version's predictions and
+    model_version, and the next sync succeeds (it used to fail with Label Studio's HTTP 400
+    "Model version doesn't exist")."""
+    from django.test import Client
+    from django.urls import reverse
+
+    from ml_backend.models import ModelVersion
+
+    project, ls = linked
+    ls_id = project.label_studio_project_id
+    first = project.active_model
+    project.gate_tolerance = 0.02
+    project.save(update_fields=["gate_tolerance"])
+    # a reader who swapped the two classes: the refit learns them backwards, the gate holds
+    # it back (it is confidently worse on the labeled eval scans)
+    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
+    Annotation.objects.filter(scan__project=project, scan__split="pool").delete()
+    swapped = {"no_tumor": "pituitary_tumor", "pituitary_tumor": "no_tumor"}
+    pool = list(project.scans.filter(split="pool").order_by("pk"))
+    for truth, wrong in swapped.items():
+        for scan in [s for s in pool if brain_truth(s) == truth][:4]:
+            Annotation.objects.create(scan=scan, reader=users["bob"], label_class=classes[wrong])
+    call_command("refit", project=project.name)
+    held = ModelVersion.objects.filter(project=project, kind="classifier").latest("created_at")
+    project.refresh_from_db()
+    assert held != first and held.status == "ready" and project.active_model == first, \
+        held.status_reason
+    assert not Prediction.objects.filter(model_version=held).exists()
+
+    # the project's admin promotes it anyway, from the project page
+    admin = Client()
+    admin.force_login(users["dora"])
+    response = admin.post(reverse("annotator:model_promote", args=[project.pk, held.pk]))
+    assert response.status_code == 302
+    project.refresh_from_db()
+    assert project.active_model == held and Prediction.objects.filter(model_version=held).exists()
+    wait_for(lambda: ls.projects.get(id=ls_id).model_version == held.version,
+             what="Label Studio's model_version after the promotion")
+    call_command("labelstudio_sync", project=project.name, scope="pool")   # no HTTP 400
+    versions = {p.model_version for t in ls.tasks.list(project=ls_id, fields="all")
+                for p in t.predictions}
+    assert held.version in versions
+
+    # and rolls it back in Django admin
+    response = admin.post(reverse("admin:ml_backend_modelversion_changelist"),
+                          {"action": "roll_back", "_selected_action": [held.pk]})
+    assert response.status_code == 302
+    project.refresh_from_db()
+    assert project.active_model == first
+    wait_for(lambda: ls.projects.get(id=ls_id).model_version == first.version,
+             what="Label Studio's model_version after the roll-back")
+    summary = label_studio.sync(project, scope="pool")
+    assert summary["tasks_created"] == 0
+    ordered = label_studio._raw(ls, "GET", "api/tasks", params={
+        "project": ls_id, "fields": "all",
+        "query": json.dumps({"ordering": ["tasks:predictions_score"]})})
+    ordered = ordered["tasks"] if isinstance(ordered, dict) else ordered
+    shown = [[p for p in t["predictions"] if p["model_version"] == first.version]
+             for t in ordered]
+    assert all(shown), "every task carries the active version's prediction"

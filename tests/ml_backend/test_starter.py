@@ -131,3 +131,32 @@ def test_the_shipped_starter_loads_and_matches_its_card():
     with torch.no_grad():
         features = model.encoder(torch.rand(4, 1, 64, 64))
     assert features.shape == (4, 512) and torch.isfinite(features).all()
+
+
+def test_the_colour_starter_is_built_in_rgb_and_chosen_for_colour_projects(tmp_path, settings,
+                                                                             tiny_starter):
+    """``--colour``: RGB sources stay RGB; a colour project gets the colour starter where one
+    is shipped, the greyscale one (spread over RGB) where none is."""
+    from ml_backend.services.training import starter_encoder
+
+    config = PretrainConfig(**{**TINY.__dict__, "channels": 3, "colour_augment": "stain"})
+    out = tmp_path / "tiny-rgb.pt"
+    sources = (starter.StarterSource("blood smears", "blood_smear/pool", hflip=True),)
+    starter.build(FIXTURES, out, config=config, sources=sources, work_dir=tmp_path / "work",
+                  command="pytest --colour", not_seen=starter.COLOUR_NOT_SEEN)
+    card = starter.read_card(out)
+    assert card["config"]["channels"] == 3 and card["scans"] == 48
+    assert "LC25000" in card["note"]
+    markdown = out.with_suffix(".md").read_text()
+    assert "colour starter encoder" in markdown and "in colour (RGB)" in markdown
+    model, loaded = load_pretrained(out)
+    assert loaded.channels == 3 and model.encoder.in_channels == 3
+    data = starter.load_sources(FIXTURES, sources, size=32, channels=3)
+    assert data["images"].shape == (48, 32, 32, 3)
+    assert np.abs(data["images"][..., 0].astype(int) - data["images"][..., 2]).mean() > 5
+
+    settings.STARTER_ENCODER = str(tiny_starter)
+    settings.STARTER_ENCODER_COLOUR = str(out)
+    assert starter_encoder(3)[0] == out and starter_encoder(1)[0] == tiny_starter
+    settings.STARTER_ENCODER_COLOUR = ""
+    assert starter_encoder(3)[0] == tiny_starter      # spread over RGB when adopted

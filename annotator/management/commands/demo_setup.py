@@ -25,9 +25,18 @@ COLOUR_PROJECT = "Demo: blood smear (colour)"
 COLOUR_DATASETS = [
     ("PBC blood cells (Barcelona)", "blood_smear", "XC", "BLOOD", True, "Blood cells"),
 ]
-# The colour project's encoder: the greyscale starter spread over RGB, then this many epochs
-# on its 64 smears so it sees colour (seconds on a CPU).
+# The colour project's encoder without a colour starter shipped: the greyscale starter spread
+# over RGB, then this many epochs on its 64 smears so it sees colour (seconds on a CPU).
 COLOUR_PRETRAIN_EPOCHS = 3
+
+
+def _colour_starter_shipped() -> bool:
+    """Whether a colour starter encoder (3 channels) is shipped: the colour demo then uses
+    it as is, like the greyscale demo uses its own."""
+    from ml_backend.services.training import starter_encoder
+
+    found = starter_encoder(3)
+    return bool(found) and found[1].get("config", {}).get("channels") == 3
 
 
 class Command(BaseCommand):
@@ -61,7 +70,8 @@ class Command(BaseCommand):
             "from fixtures/. Eval scans are labeled; the pool waits for clinicians.")
         self._project(
             COLOUR_PROJECT, COLOUR_DATASETS, users, opts, colour="colour",
-            epochs=COLOUR_PRETRAIN_EPOCHS if epochs >= 0 else epochs,
+            epochs=epochs if epochs < 0 else (
+                0 if epochs == 0 and _colour_starter_shipped() else COLOUR_PRETRAIN_EPOCHS),
             description="Peripheral blood-cell microscopy (PBC, CellaVision) from fixtures/, "
             "in colour: eosinophil granules are orange-red, basophil granules dark purple. "
             "Eval scans are labeled; the pool waits for clinicians.")

@@ -38,4 +38,6 @@ class Command(BaseCommand):
         project.refresh_from_db()
         self.stdout.write(self.style.SUCCESS(
             f"Label Studio project {project.label_studio_project_id} in sync: "
-            f"{summary['tasks_created']} new tasks, {summary['predictions_pushed']} predictions"))
+            f"{summary['tasks_created']} new tasks ({summary['predictions_with_new_tasks']} with "
+            f"our prediction), {summary['predictions_pushed']} predictions pushed to earlier "
+            "tasks"))
