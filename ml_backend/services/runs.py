@@ -114,6 +114,17 @@ def training_run_execute(run_id: int, *, progress: Progress | None = None) -> Tr
     run.finished_at = timezone.now()
     run.lease_expires_at = None
     run.save()
+    if run.kind == TrainingRun.Kind.REFIT and run.status == TrainingRun.Status.SUCCEEDED:
+        # labels that arrived while it ran (a Label Studio batch, a fast reader) bring the
+        # next refit now rather than at the next answer, which may never come
+        try:
+            follow = refit_start_if_due(project=run.project)
+        except Exception:   # noqa: BLE001 - the finished run stays as it is
+            logger.exception("could not queue the refit after run %s", run.pk)
+        else:
+            if follow is not None:
+                logger.info("refit run %s queued after run %s: labels arrived while it ran",
+                            follow.pk, run.pk)
     return run
 
 
@@ -194,7 +205,9 @@ def refit_start_if_due(*, project: Project, force: bool = False,
             new_labels = Annotation.objects.filter(scan__project=project, scan__split="pool",
                                                    outcome__in=Annotation.LABELLING)
             if last is not None:
-                new_labels = new_labels.filter(created_at__gt=last.created_at)
+                # a refit reads the labels once it has started: what came before is in it
+                new_labels = new_labels.filter(
+                    created_at__gt=last.started_at or last.created_at)
             # new labeled SCANS: a second reading of a scan does not bring a refit closer
             if new_labels.values("scan_id").distinct().count() < max(project.refit_every, 1):
                 return None

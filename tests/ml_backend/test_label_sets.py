@@ -351,3 +351,50 @@ def test_a_queued_refit_blocks_a_second_one(mixed_project, users):
     TrainingRun.objects.create(project=project, kind="refit", status="queued")
     assert ml.refit_start_if_due(project=project) is None
     assert TrainingRun.objects.filter(project=project, kind="refit").count() == before + 1
+
+
+def test_labels_that_arrive_during_a_refit_bring_the_next_one_when_it_ends(mixed_project, users,
+                                                                          monkeypatch):
+    """A Label Studio batch lands while a refit runs (after it read the labels): when it
+    ends, the next refit is queued for those labels at once, not at some later answer that
+    may never come. Labels it did read bring no second refit."""
+    from ml_backend import services as ml
+    from ml_backend.models import TrainingRun
+    from ml_backend.services import training
+
+    project = mixed_project
+    project.refit_every = 3
+    project.save()
+    fresh = [pk for pk, t in sorted(project.truth.items()) if t in ("normal", "pneumonia")
+             and not Annotation.objects.filter(scan_id=pk).exists()]
+    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
+
+    def label(pks):
+        for pk in pks:
+            Annotation.objects.create(scan_id=pk, reader=users["bob"],
+                                      label_class=classes[project.truth[pk]])
+
+    # labels before the run starts are in it: no follow-up
+    run = ml.training_run_create(project=project, kind="refit")
+    label(fresh[:3])
+    ml.training_run_execute(run.pk)
+    assert not TrainingRun.objects.filter(project=project, kind="refit", pk__gt=run.pk).exists()
+
+    # labels that land while it runs, after it read the labels: a follow-up is queued
+    real_refit = training.HANDLERS["refit"]
+
+    def refit_then_labels_arrive(run, report):
+        real_refit(run, report)
+        label(fresh[3:6])
+
+    monkeypatch.setitem(training.HANDLERS, "refit", refit_then_labels_arrive)
+    second = ml.training_run_create(project=project, kind="refit")
+    ml.training_run_execute(second.pk)
+    monkeypatch.setitem(training.HANDLERS, "refit", real_refit)
+    second.refresh_from_db()
+    later = TrainingRun.objects.filter(project=project, kind="refit", pk__gt=second.pk)
+    assert later.count() == 1 and later.get().status == "queued"
+    follow = ml.training_run_execute(later.get().pk)
+    assert follow.status == "succeeded"
+    assert follow.model_version.num_labels == second.model_version.num_labels + 3
+    assert TrainingRun.objects.filter(project=project, kind="refit").latest("pk") == follow
