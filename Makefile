@@ -69,6 +69,7 @@ starter-encoder-colour: venv
 bench: venv chromium
 	mkdir -p bench/results
 	$(PY) -m bench.label_latency --answers 40 --out bench/results/label_latency.json
+	$(PY) -m bench.webhook_latency --annotations 30 --out bench/results/webhook_latency.json
 	$(PY) -m bench.throughput --sizes 28:small,32,64,128 --out bench/results/throughput.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) $(PNEUMONIA_ARGS) --out bench/results/ssl_pneumoniamnist.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BRAIN_ARGS) --out bench/results/ssl_brain_mri.json
