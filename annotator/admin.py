@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin
+from django.db import models as db_models
 from django.db.models import Count
 from django.urls import reverse
 from django.utils.html import format_html
@@ -28,17 +30,30 @@ class MembershipInline(admin.TabularInline):
     autocomplete_fields = ["user"]
 
 
+# Inline rows sized to fit a 1280-pixel screen (the project page is edited on laptops).
+COMPACT = {
+    db_models.TextField: {"widget": forms.Textarea(attrs={"rows": 2, "cols": 32})},
+    db_models.CharField: {"widget": forms.TextInput(attrs={"size": 14})},
+    db_models.FloatField: {"widget": forms.NumberInput(attrs={"style": "width: 5em"})},
+    db_models.IntegerField: {"widget": forms.NumberInput(attrs={"style": "width: 4em"})},
+    db_models.PositiveSmallIntegerField: {"widget": forms.NumberInput(
+        attrs={"style": "width: 4em"})},
+}
+
+
 class LabelClassInline(admin.TabularInline):
     model = LabelClass
     extra = 0
     fields = ["name", "label_set", "hotkey", "color", "order", "description"]
+    formfield_overrides = COMPACT
 
 
-class LabelSetInline(admin.TabularInline):
+class LabelSetInline(admin.StackedInline):
+    """Stacked: a set has too many settings for one table row on a laptop screen."""
     model = LabelSet
     extra = 0
-    fields = ["name", "kind", "uncertain_policy", "threshold_rule", "target_sensitivity",
-              "modalities", "body_parts", "order"]
+    fields = ["name", ("kind", "order"), ("uncertain_policy", "threshold_rule",
+                                          "target_sensitivity"), ("modalities", "body_parts")]
     show_change_link = True
 
 
@@ -83,6 +98,9 @@ class ProjectAdmin(admin.ModelAdmin):
     search_fields = ["name", "description"]
     inlines = [MembershipInline, LabelSetInline, LabelClassInline]
     raw_id_fields = ["active_model", "active_encoder", "created_by"]
+
+    class Media:
+        css = {"all": ["annotator/admin.css"]}
 
     def get_readonly_fields(self, request, obj=None):
         """Grey or colour is fixed once a model exists: its networks take 1 or 3 channels."""

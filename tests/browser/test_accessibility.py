@@ -58,7 +58,8 @@ def test_every_page_is_free_of_serious_violations(browser_page, site, users):
     pages = {"alice": ["/", f"/projects/{project.pk}/", f"/projects/{project.pk}/worklist/",
                        f"/projects/{project.pk}/label/{scan.pk}/", f"/scans/{scan.pk}/",
                        f"/projects/{project.pk}/upload/", f"/imports/{job.pk}/",
-                       f"/projects/{project.pk}/reports/", f"/projects/{project.pk}/classify/"],
+                       f"/projects/{project.pk}/reports/", f"/projects/{project.pk}/classify/",
+                       f"/projects/{project.pk}/clusters/"],
              "bob": [f"/projects/{project.pk}/review/"]}
     found = {}
     for user, urls in pages.items():
