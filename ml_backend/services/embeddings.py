@@ -207,8 +207,8 @@ def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[
     if not unlabeled:
         return result
     finding = label_class.label_set.is_multi
-    if not finding:    # label propagation spreads one class per scan: not for findings
-        result["propagated"] = _propagated_candidates(label_class, in_set, labeled, table, k)
+    # a class: one propagation over the set's classes; a finding: present against absent
+    result["propagated"] = _propagated_candidates(label_class, in_set, labeled, table, k)
     examples = [s for s in (
         FindingAnswer.objects.filter(finding=label_class, state=FindingAnswer.State.PRESENT)
         .values_list("annotation__scan_id", flat=True).distinct() if finding else
@@ -243,21 +243,41 @@ def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[
 PROPAGATION_MAX_POINTS = 20000
 
 
-def _propagated_candidates(label_class: LabelClass, in_set: set[int], labeled: set[int],
-                           table, k: int) -> list[dict]:
-    """Unlabeled pool scans of the class's set ranked by label propagation over the k-NN
-    graph of the set's embeddings (``ml_backend.active.propagation``), seeded by every
-    labeled scan of the set; each with its propagated probability of the class. Empty until
-    the set has labels of two classes."""
-    from annotator.selectors import training_labels
-    from ml_backend.active.propagation import UNLABELED, propagate
+def _propagation_seeds(label_class: LabelClass, table) -> tuple[dict[int, int], int, str]:
+    """What seeds the graph: ``{scan id: class}``, the class to rank by, and the cache key.
+    A single-label set: every resolved label of the set (each scan's class). A finding: each
+    scan read for it, present (1) or absent (0); uncertain and unread scans stay unlabeled."""
+    from annotator.selectors import findings_targets, training_labels
 
-    seeds = {}
+    seeds: dict[int, int] = {}
+    if label_class.label_set.is_multi:
+        for split in ("pool", "eval"):
+            scans, findings, targets = findings_targets(label_class.label_set, split=split)
+            column = next((i for i, f in enumerate(findings) if f.pk == label_class.pk), None)
+            if column is None:
+                continue
+            for scan, value in zip(scans, targets[:, column]):
+                if value in (0.0, 1.0) and scan.pk in table.row:
+                    seeds[scan.pk] = int(value)
+        return seeds, 1, f"propagation:finding:{label_class.pk}"
     for split in ("pool", "eval"):          # every resolved label of the set seeds the graph
         scans, class_ids = training_labels(label_class.project, split=split)
         seeds.update({s.pk: c for s, c in zip(scans, class_ids)
                       if s.label_set_id == label_class.label_set_id and s.pk in table.row})
-    if label_class.pk not in seeds.values() or len(set(seeds.values())) < 2:
+    return seeds, label_class.pk, f"propagation:{label_class.label_set_id}"
+
+
+def _propagated_candidates(label_class: LabelClass, in_set: set[int], labeled: set[int],
+                           table, k: int) -> list[dict]:
+    """Unlabeled pool scans of the class's set ranked by label propagation over the k-NN
+    graph of the set's embeddings (``ml_backend.active.propagation``), seeded by every
+    labeled scan of the set; each with its propagated probability of the class (of the
+    finding being present, for a finding). Empty until the set has labels of two classes
+    (a finding: scans read with it present and with it absent)."""
+    from ml_backend.active.propagation import UNLABELED, propagate
+
+    seeds, target, cache_key = _propagation_seeds(label_class, table)
+    if target not in seeds.values() or len(set(seeds.values())) < 2:
         return []
     nodes = [int(i) for i in table.ids if int(i) in in_set or int(i) in seeds]
     if len(nodes) > PROPAGATION_MAX_POINTS:
@@ -279,10 +299,10 @@ def _propagated_candidates(label_class: LabelClass, in_set: set[int], labeled: s
     encoder = label_class.project.active_encoder
     stamp = (embeddings_paths(encoder)["ids"].stat().st_mtime_ns,
              hash(tuple(sorted(seeds.items()))), len(nodes))
-    proba = cache.get(encoder, f"propagation:{label_class.label_set_id}", build, stamp=stamp)
+    proba = cache.get(encoder, cache_key, build, stamp=stamp)
     if proba is None:
         return []
-    column = classes.index(label_class.pk)
+    column = classes.index(target)
     order = np.argsort(-proba[:, column])
     found = []
     for position in order:

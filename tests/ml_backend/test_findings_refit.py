@@ -271,6 +271,11 @@ def test_a_finding_added_mid_project_gets_candidates_and_is_learned(findings_pro
 
     for scan in unread[6:12]:
         findings_answer_create(scan=scan, reader=users["alice"], no_finding=True)
+    # with scans read present and absent, label propagation ranks the unread ones too
+    spread = class_candidates(label_class=new, k=5)["propagated"]
+    assert len(spread) == 5 and not {c["scan"] for c in spread} & {s.pk for s in unread[:12]}
+    assert all(0 <= c["probability"] <= 1 for c in spread)
+    assert spread == sorted(spread, key=lambda c: -c["probability"])
     call_command("refit", project=project.name)
     project.refresh_from_db()
     entry = project.active_model.config["findings_sets"][0]
