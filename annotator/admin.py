@@ -174,13 +174,15 @@ class ScanAdmin(admin.ModelAdmin):
                    "body_part", "colour",
                    "dataset", "burned_in_annotation"]
     actions = ["release_from_quarantine"]
-    search_fields = ["=id", "sha256", "source_name", "patient_key", "manufacturer",
+    search_fields = ["=id", "sha256", "source_name", "patient_key", "=study_key", "=series_key",
+                     "manufacturer",
                      "manufacturer_model"]
     readonly_fields = ["large_preview", "sha256", "file", "preview", "file_format", "width",
                        "height", "num_frames", "bits_stored", "modality", "manufacturer",
                        "manufacturer_model", "body_part", "photometric", "pixel_spacing",
-                       "transfer_syntax", "patient_key", "burned_in_annotation", "source_name",
-                       "created_at"]
+                       "transfer_syntax", "patient_key", "study_key", "series_key",
+                       "series_number", "instance_number", "slice_position", "slice_spacing",
+                       "burned_in_annotation", "source_name", "created_at"]
     list_select_related = ["project", "dataset"]
     list_per_page = 50
     inlines = [AnnotationInline]

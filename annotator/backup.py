@@ -49,7 +49,8 @@ def _scan_row(scan: Scan) -> dict:
     fields = ("sha256", "file_format", "source_name", "width", "height", "num_frames",
               "bits_stored", "modality", "manufacturer", "manufacturer_model", "body_part",
               "photometric", "pixel_spacing", "transfer_syntax", "patient_key",
-              "burned_in_annotation", "split", "last_error")
+              "study_key", "series_key", "series_number", "instance_number", "slice_position",
+              "slice_spacing", "burned_in_annotation", "split", "last_error")
     row = {f: getattr(scan, f) for f in fields}
     row.update(dataset=scan.dataset.name, file=scan.file.name, preview=scan.preview.name,
                created_at=scan.created_at.isoformat(),

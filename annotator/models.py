@@ -295,6 +295,19 @@ class Scan(models.Model):
     patient_key = models.CharField(
         max_length=32, blank=True, db_index=True, help_text="Salted pseudonym of the patient."
     )
+    study_key = models.CharField(
+        max_length=32, blank=True, db_index=True,
+        help_text="Salted pseudonym of the DICOM study (its UID is never stored).")
+    series_key = models.CharField(
+        max_length=32, blank=True, db_index=True,
+        help_text="Salted pseudonym of the DICOM series (its UID is never stored).")
+    series_number = models.IntegerField(null=True, blank=True)
+    instance_number = models.IntegerField(null=True, blank=True)
+    slice_position = models.FloatField(
+        null=True, blank=True,
+        help_text="Position of the slice along its series (mm; comparable within a series).")
+    slice_spacing = models.FloatField(
+        null=True, blank=True, help_text="Spacing between slices, or slice thickness (mm).")
     burned_in_annotation = models.BooleanField(default=False)
     quarantined = models.BooleanField(
         default=False, db_index=True,
@@ -505,6 +518,11 @@ class ImportJob(models.Model):
     )
     dataset_name = models.CharField(max_length=200, blank=True)
     split = models.CharField(max_length=8, choices=Split.choices, default=Split.POOL)
+    eval_fraction = models.FloatField(
+        null=True, blank=True,
+        help_text="Automatic split (`--split auto:F`): about this share of the patients (of the "
+        "studies where no patient is known, else of the files) go to eval, whole; a patient "
+        "already in the project keeps its side. Empty: every scan goes to `split`.")
     layout = models.CharField(max_length=16, default="auto")
     labels_csv = models.TextField(blank=True)
     default_label = models.CharField(max_length=100, blank=True)

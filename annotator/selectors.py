@@ -226,3 +226,35 @@ def findings_targets(label_set: LabelSet, *, split: str = "pool"
     return [scans[i] for i in scan_ids], findings, targets
 
 
+def patients_in_both_splits(project: Project) -> dict[str, int]:
+    """How far eval is from patient-disjoint: the patients (and, for scans without a patient
+    key, the studies) with scans in both eval and pool, and the eval scans they hold."""
+    scans = Scan.objects.filter(project=project)
+    counts = {}
+    for field_name, word in (("patient_key", "patients"), ("study_key", "studies")):
+        keyed = scans.exclude(**{field_name: ""})
+        if word == "studies":
+            keyed = keyed.filter(patient_key="")
+        both = set(keyed.filter(split="eval").values_list(field_name, flat=True)) & set(
+            keyed.filter(split="pool").values_list(field_name, flat=True))
+        counts[word] = len(both)
+        counts[f"eval_scans_{word}"] = keyed.filter(split="eval", **{
+            f"{field_name}__in": both}).count() if both else 0
+    return counts
+
+
+def patient_overlap_words(project: Project) -> str:
+    """A warning in words when eval shares patients (or studies) with the pool; ``""``
+    when it does not."""
+    counts = patients_in_both_splits(project)
+    singular = {"patients": "patient", "studies": "study"}
+    parts = [f"{counts[w]} {singular[w] if counts[w] == 1 else w}"
+             for w in ("patients", "studies") if counts[w]]
+    if not parts:
+        return ""
+    held = counts["eval_scans_patients"] + counts["eval_scans_studies"]
+    verb = "has" if counts["patients"] + counts["studies"] == 1 else "have"
+    return (f"Eval is not patient-disjoint: {' and '.join(parts)} {verb} scans in both eval and "
+            f"the pool ({held} eval scan(s)), so eval figures may flatter the model. Import "
+            "with --split auto:0.2 to keep whole patients on one side.")
+

@@ -24,6 +24,7 @@ from annotator.models import (
     Membership,
     Project,
     Scan,
+    Split,
 )
 from annotator.storage import (
     preview_file_name,
@@ -277,6 +278,48 @@ class _JobState:
     colour_decided: str = ""
 
 
+def parse_split(split: str) -> tuple[str, float | None]:
+    """``pool``, ``eval`` or ``auto:F`` (F in (0, 1), default 0.2: whole patients to eval)
+    → (split, eval fraction or None)."""
+    text = (split or "").strip().lower()
+    if text in ("pool", "eval"):
+        return text, None
+    if text == "auto" or text.startswith("auto:"):
+        raw = text.partition(":")[2] or "0.2"
+        try:
+            fraction = float(raw)
+        except ValueError:
+            fraction = -1.0
+        if not 0 < fraction < 1:
+            raise ImportRequestError(f"auto:{raw}: the eval share must be a number between 0 "
+                                     "and 1, e.g. auto:0.2")
+        return "pool", fraction
+    raise ImportRequestError(f"unknown split {split!r}: use pool, eval or auto:0.2 (whole "
+                             "patients to eval)")
+
+
+def auto_split(job: ImportJob, *, patient_key: str, study_key: str, sha256: str) -> str:
+    """The side of an automatic split (``job.eval_fraction``) for one scan: whole patients
+    (studies where the patient is unknown; single files where neither is) go to eval or to
+    the pool together. A patient or study already in the project keeps its side, so later
+    imports never split one across eval and pool."""
+    for field_name, key in (("patient_key", patient_key), ("study_key", study_key)):
+        if key:
+            sides = set(Scan.objects.filter(project=job.project, **{field_name: key})
+                        .values_list("split", flat=True))
+            if len(sides) == 1:
+                return sides.pop()
+            if sides:           # already on both sides (imported by hand): eval wins
+                return Split.EVAL
+            break
+    from ml_backend.data.deid import group_bucket
+
+    group = (f"patient:{patient_key}" if patient_key else f"study:{study_key}" if study_key
+             else f"file:{sha256}")
+    return (Split.EVAL if group_bucket(settings.DEID_SALT, group) < job.eval_fraction
+            else Split.POOL)
+
+
 def import_job_create(
     *,
     project: Project,
@@ -290,8 +333,7 @@ def import_job_create(
     source_is_upload: bool = False,
     label_set: str = "",
 ) -> ImportJob:
-    if split not in ("pool", "eval"):
-        raise ImportRequestError(f"unknown split {split!r}: use pool or eval")
+    split, eval_fraction = parse_split(split)
     label_set = " ".join((label_set or "").split())
     if len(label_set) > 100:
         raise ImportRequestError("a label set name is at most 100 characters")
@@ -300,6 +342,7 @@ def import_job_create(
         source=source,
         dataset_name=dataset_name,
         split=split,
+        eval_fraction=eval_fraction,
         layout=layout,
         labels_csv=labels_csv,
         default_label=default_label,
@@ -364,6 +407,7 @@ def import_job_run(
             if index % 25 == 0 or index == job.total:
                 _flush(job, state, processed=index)
         _colour_report(job, dataset, state)
+        _split_report(job, state)
         job.status = ImportJob.Status.SUCCEEDED
     except SourceError as exc:
         job.status = ImportJob.Status.FAILED
@@ -435,6 +479,28 @@ def _count_colour(job: ImportJob, state: _JobState, is_colour: bool, reason: str
         project.refresh_from_db(fields=["colour_mode"])
     if is_colour and project.colour_mode == "grey":
         state.colour_into_grey += 1
+
+
+def _split_report(job: ImportJob, state: _JobState) -> None:
+    """An automatic split's line in the import report: how many scans and patients went to
+    eval and to the pool, and how the groups were formed."""
+    if job.eval_fraction is None:
+        return
+    scans = Scan.objects.filter(import_job=job)
+    parts = []
+    for side in (Split.EVAL, Split.POOL):
+        mine = scans.filter(split=side)
+        patients = mine.exclude(patient_key="").values("patient_key").distinct().count()
+        studies = mine.filter(patient_key="").exclude(study_key="").values(
+            "study_key").distinct().count()
+        files = mine.filter(patient_key="", study_key="").count()
+        groups = ", ".join(f"{n} {word}" for n, word in ((patients, "patient(s)"),
+                                                           (studies, "study(ies)"),
+                                                           (files, "single file(s)")) if n)
+        parts.append(f"{mine.count()} scan(s) to {side}" + (f" ({groups})" if groups else ""))
+    state.warnings.append(
+        f"Automatic split (about {job.eval_fraction:.0%} to eval, whole patients): "
+        + "; ".join(parts) + ". A patient already in the project kept its side.")
 
 
 def _colour_report(job: ImportJob, dataset: Dataset, state: _JobState) -> None:
@@ -672,9 +738,17 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 pixel_spacing=meta.get("pixel_spacing"),
                 transfer_syntax=meta.get("transfer_syntax", ""),
                 patient_key=decoded.patient_key,
+                study_key=meta.get("study_key", ""),
+                series_key=meta.get("series_key", ""),
+                series_number=meta.get("series_number"),
+                instance_number=meta.get("instance_number"),
+                slice_position=meta.get("slice_position"),
+                slice_spacing=meta.get("slice_spacing"),
                 burned_in_annotation=bool(meta.get("burned_in_annotation")),
                 quarantined=bool(meta.get("burned_in_annotation")),
-                split=job.split,
+                split=(job.split if job.eval_fraction is None else auto_split(
+                    job, patient_key=decoded.patient_key,
+                    study_key=meta.get("study_key", ""), sha256=sha)),
                 label_set=resolve(dataset_id=dataset.pk,
                                   modality=meta.get("modality") or dataset.modality or "",
                                   body_part=meta.get("body_part") or dataset.body_part or ""),

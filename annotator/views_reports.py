@@ -281,6 +281,7 @@ def _page(project: Project, model: ModelVersion | None) -> dict:
                for name, r in (report.get("per_set") or {}).items()]
     gate = (model.metrics or {}).get("gate") if model is not None else None
     return {
+        "patient_overlap": selectors.patient_overlap_words(project),
         "per_set": per_set if len(per_set) > 1 else [],
         "unknown_classes": report.get("unknown_classes") or [],
         "gate": gate or None,

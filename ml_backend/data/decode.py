@@ -24,7 +24,9 @@ What ``decode_scan`` returns for a file:
   reduced to the segments decoding needs, not re-compressed.
 - ``meta``: only modality, manufacturer, model, body part, photometric
   interpretation, pixel spacing, bits stored, frame count, transfer syntax,
-  and the burned-in-annotation flag.
+  the burned-in-annotation flag, and for DICOM the study and series pseudonyms (keyed
+  hashes of the UIDs, ``deid.study_series_pseudonyms``), series and instance numbers,
+  the slice position along the series and the slice spacing (mm).
 - ``patient_key``: a keyed hash of the DICOM PatientID (+ issuer) under the
   caller's salt (``deid.patient_pseudonym``); the ID itself never leaves here.
 """
@@ -47,6 +49,7 @@ from ml_backend.data.deid import (
     clean_text,
     deidentified_dicom,
     patient_pseudonym,
+    study_series_pseudonyms,
     png_without_metadata,
     strip_jpeg_metadata,
 )
@@ -1054,7 +1057,14 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         raise ScanDecodeError(str(exc)) from None
 
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    study_key, series_key = study_series_pseudonyms(ds, salt=salt)
     meta = {
+        "study_key": study_key,
+        "series_key": series_key,
+        "series_number": _integer(ds.get("SeriesNumber")),
+        "instance_number": _integer(ds.get("InstanceNumber")),
+        "slice_position": _slice_position(ds),
+        "slice_spacing": _positive(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")),
         "modality": clean_text(ds.get("Modality")),
         "manufacturer": clean_text(ds.get("Manufacturer")),
         "manufacturer_model": clean_text(ds.get("ManufacturerModelName")),
@@ -1083,6 +1093,44 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         patient_key=patient_key,
         warnings=notes,
     )
+
+
+def _integer(value: object) -> int | None:
+    """A DICOM IS value as an int, or None (absent or not a number)."""
+    try:
+        number = int(float(str(value).strip())) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return number if number is not None and abs(number) < 2 ** 31 else None
+
+
+def _positive(value: object) -> float | None:
+    try:
+        number = float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return number if number is not None and np.isfinite(number) and number > 0 else None
+
+
+def _slice_position(ds) -> float | None:
+    """Where the slice sits along the series: the projection of ImagePositionPatient on the
+    slice normal (from ImageOrientationPatient), else SliceLocation; None for projection
+    images. In mm, comparable within one series only."""
+    try:
+        position = [float(v) for v in ds.get("ImagePositionPatient") or []]
+        orientation = [float(v) for v in ds.get("ImageOrientationPatient") or []]
+        if len(position) == 3 and len(orientation) == 6:
+            normal = np.cross(orientation[:3], orientation[3:])
+            value = float(np.dot(normal, position))
+            if np.isfinite(value):
+                return round(value, 4)
+        location = ds.get("SliceLocation")
+        if location not in (None, ""):
+            value = float(location)
+            return round(value, 4) if np.isfinite(value) else None
+    except (TypeError, ValueError):
+        return None
+    return None
 
 
 def _spacing(value: object) -> list[float] | None:

@@ -43,9 +43,11 @@ __all__ = [
     "PHI_KEYWORDS",
     "clean_text",
     "deidentified_dicom",
+    "group_bucket",
     "patient_pseudonym",
     "png_without_metadata",
     "strip_jpeg_metadata",
+    "study_series_pseudonyms",
 ]
 
 
@@ -204,6 +206,23 @@ def patient_pseudonym(ds, *, salt: str) -> str:
     patient_id = _raw_text(ds.get("PatientID"))
     issuer = _raw_text(ds.get("IssuerOfPatientID"))
     return _pseudonym(salt, "patient", issuer, patient_id) if patient_id else ""
+
+
+def study_series_pseudonyms(ds, *, salt: str) -> tuple[str, str]:
+    """Keyed hashes of the StudyInstanceUID and SeriesInstanceUID (``""`` where absent):
+    scans of one study or series share a key, and the UIDs themselves never leave here."""
+    study = _raw_text(ds.get("StudyInstanceUID"))
+    series = _raw_text(ds.get("SeriesInstanceUID"))
+    return (_pseudonym(salt, "study", study) if study else "",
+            _pseudonym(salt, "series", series) if series else "")
+
+
+def group_bucket(salt: str, key: str) -> float:
+    """A stable number in [0, 1) for a group key (a patient, a study, a file): the same key
+    always lands in the same bucket, so an automatic eval split keeps whole patients on one
+    side across imports."""
+    digest = _pseudonym(salt, "split", key)
+    return int(digest[:12], 16) / float(16 ** 12)
 
 
 def deidentified_dicom(ds, raw: np.ndarray, *, salt: str, patient_key: str) -> bytes:

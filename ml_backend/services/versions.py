@@ -14,7 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from annotator.models import LabelClass, Project, Scan
-from annotator.selectors import class_label_sets, training_labels
+from annotator.selectors import class_label_sets, patient_overlap_words, training_labels
 from ml_backend import signals
 from ml_backend.errors import TrainingError
 from ml_backend.models import Evaluation, ModelVersion, Prediction
@@ -223,6 +223,10 @@ def gate(model: ModelVersion, evaluation: Evaluation | None, *,
                                           "per_class": full["per_class"]}
     comparison["active_version"] = active.version
     reason = describe(comparison, candidate=model.version, active=active.version)
+    overlap = patient_overlap_words(project)
+    if overlap:
+        comparison["patient_overlap"] = overlap
+        reason = f"{reason} {overlap}"
     return not comparison["regression"], reason, comparison
 
 

@@ -1,4 +1,4 @@
-"""python manage.py import_scans SOURCE --project NAME [--dataset NAME] [--split pool|eval] [--labels CSV]"""
+"""python manage.py import_scans SOURCE --project NAME [--dataset NAME] [--split pool|eval|auto:0.2] [--labels CSV]"""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ class Command(BaseCommand):
                             help="create the project if it does not exist")
         parser.add_argument("--dataset", default="", help="dataset (site/collection) name; "
                             "default: the source folder's name")
-        parser.add_argument("--split", default="pool", choices=["pool", "eval"])
+        parser.add_argument("--split", default="pool",
+                            help="pool (default), eval, or auto:F — about a share F of the "
+                            "patients to eval, each patient (study, where no patient is known; "
+                            "file, where neither is) wholly on one side, e.g. auto:0.2")
         parser.add_argument("--modality", default="",
                             help="DICOM modality code of the dataset's scans (CR, DX, CT, MR, "
                             "US, SM, XC, ...), for files that do not carry one (PNG, JPEG, TIFF)")
@@ -46,6 +49,10 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **opts):
+        try:
+            services.parse_split(opts["split"])       # refused before anything is made
+        except services.ImportRequestError as exc:
+            raise CommandError(str(exc)) from None
         project = Project.objects.filter(name=opts["project"]).first()
         if project is None:
             if not opts["create_project"]:

@@ -1,0 +1,123 @@
+"""Studies and series kept as pseudonymous keys, and an automatic eval split that keeps whole
+patients on one side (issue 19), on DICOM files made from pydicom's real CT slice."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from django.core.management import CommandError, call_command
+from django.urls import reverse
+
+from annotator.models import ImportJob, Scan
+from tests.base import pydicom_test_files
+from tests.conftest import run_import
+
+
+def write_series(folder, *, patients: int, slices: int, seed: int = 0,
+                 first_patient: int = 0) -> dict[str, dict]:
+    """CT_small.dcm rewritten as ``patients`` patients with one study and one series of
+    ``slices`` slices each (distinct pixels, positions 5 mm apart). Returns the identities
+    written, by file name."""
+    source = {p.name: p for p in pydicom_test_files()}["CT_small.dcm"]
+    rng = np.random.default_rng(seed)
+    written = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in range(first_patient, first_patient + patients):
+        study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        for s in range(slices):
+            ds = pydicom.dcmread(source)
+            pixels = ds.pixel_array.astype(np.int16) + rng.integers(0, 40, ds.pixel_array.shape,
+                                                                    dtype=np.int16)
+            ds.PixelData = pixels.tobytes()
+            ds.PatientID = f"PAT-{p:04d}"
+            ds.PatientName = f"Doe^Patient{p}"
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPInstanceUID = pydicom.uid.generate_uid()
+            ds.SeriesNumber, ds.InstanceNumber = 3, s + 1
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.ImagePositionPatient = [-158.0, -179.0, -20.0 + 5.0 * s]
+            ds.SliceThickness = 5
+            name = f"p{p:03d}-s{s:02d}.dcm"
+            buffer = io.BytesIO()
+            ds.save_as(buffer)
+            (folder / name).write_bytes(buffer.getvalue())
+            written[name] = {"patient": ds.PatientID, "study": study, "series": series,
+                             "slice": s}
+    return written
+
+
+def test_study_and_series_keys_are_pseudonymous_and_slices_keep_their_order(project, tmp_path):
+    written = write_series(tmp_path / "ct", patients=2, slices=4)
+    job = run_import(project, tmp_path / "ct", layout="flat")
+    assert job.status == ImportJob.Status.SUCCEEDED and job.imported == 8
+    scans = list(Scan.objects.filter(project=project))
+    uids = {v["study"] for v in written.values()} | {v["series"] for v in written.values()}
+    for scan in scans:
+        assert len(scan.study_key) == 32 and len(scan.series_key) == 32
+        assert scan.study_key not in uids and scan.series_key not in uids
+        assert scan.study_key != scan.series_key and scan.patient_key
+        assert scan.series_number == 3 and scan.slice_spacing == pytest.approx(5.0)
+    # one key per patient's study and series; the slices of a series in position order
+    assert len({s.series_key for s in scans}) == 2 == len({s.study_key for s in scans})
+    for key in {s.series_key for s in scans}:
+        series = sorted((s for s in scans if s.series_key == key), key=lambda s: s.slice_position)
+        assert [s.instance_number for s in series] == [1, 2, 3, 4]
+        assert np.diff([s.slice_position for s in series]) == pytest.approx([5.0] * 3)
+    # no UID is stored anywhere in the row
+    for scan in Scan.objects.filter(project=project).values():
+        assert not any(str(value) in uids for value in scan.values())
+
+
+def test_auto_split_keeps_whole_patients_on_one_side_across_imports(project, tmp_path):
+    write_series(tmp_path / "first", patients=20, slices=2)
+    job = run_import(project, tmp_path / "first", layout="flat", split="auto:0.3")
+    assert job.eval_fraction == pytest.approx(0.3) and job.imported == 40
+    sides = {}
+    for key, split in Scan.objects.values_list("patient_key", "split"):
+        sides.setdefault(key, set()).add(split)
+    assert all(len(s) == 1 for s in sides.values()), "a patient split across eval and pool"
+    in_eval = sum(s == {"eval"} for s in sides.values())
+    assert 1 <= in_eval <= 12                      # about 30% of 20 patients
+    report = " ".join(job.warnings)
+    assert "Automatic split (about 30% to eval, whole patients)" in report
+    assert f"({in_eval} patient(s))" in report
+    # new slices of the same patients, imported later, follow their patients
+    write_series(tmp_path / "second", patients=20, slices=1, seed=1)
+    run_import(project, tmp_path / "second", layout="flat", split="auto:0.3")
+    after = {}
+    for key, split in Scan.objects.values_list("patient_key", "split"):
+        after.setdefault(key, set()).add(split)
+    assert after == sides
+    # files without a patient or study (PNG) are split one by one, deterministically
+    from annotator.selectors import patients_in_both_splits
+
+    assert patients_in_both_splits(project)["patients"] == 0
+
+
+def test_auto_split_is_checked_before_anything_is_made(project, tmp_path):
+    with pytest.raises(CommandError, match="between 0 and 1"):
+        call_command("import_scans", str(tmp_path), "--project", "new one", "--create-project",
+                     "--split", "auto:1.5")
+    with pytest.raises(CommandError, match="auto:0.2"):
+        call_command("import_scans", str(tmp_path), "--project", project.name,
+                     "--split", "sideways")
+    from annotator.models import Project
+
+    assert not Project.objects.filter(name="new one").exists()
+
+
+def test_reports_warn_when_eval_and_pool_share_a_patient(project, tmp_path, client, users):
+    write_series(tmp_path / "ct", patients=2, slices=2)
+    run_import(project, tmp_path / "ct", layout="flat")          # every slice to the pool
+    one = Scan.objects.order_by("pk").first()
+    Scan.objects.filter(pk=one.pk).update(split="eval")           # a patient on both sides
+    from annotator.selectors import patient_overlap_words
+
+    words = patient_overlap_words(project)
+    assert "1 patient has scans in both eval and the pool (1 eval scan(s))" in words
+    client.force_login(users["alice"])
+    page = client.get(reverse("annotator:reports", args=[project.pk])).content.decode()
+    assert "Eval is not patient-disjoint" in page and "--split auto:0.2" in page
