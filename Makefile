@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv demo test serve migrate clean fixtures bench chromium axe starter-encoder starter-encoder-colour
+.PHONY: venv demo test serve migrate clean fixtures bench chromium axe orthanc starter-encoder starter-encoder-colour
 
 # The virtualenv is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -43,8 +43,19 @@ axe:
 	@test -f .cache/axe/node_modules/axe-core/axe.min.js || \
 	  npm install --prefix .cache/axe axe-core@$(AXE_VERSION) --no-audit --no-fund --silent
 
-test: venv chromium axe
-	CHROMIUM_PATH=$(CHROMIUM_PATH) $(PY) -m pytest $(PYTEST_ARGS)
+# The PACS tests start a real Orthanc with its DICOMweb plugin (Debian packages).
+ORTHANC_PATH ?= /usr/sbin/Orthanc
+orthanc:
+	@test -x $(ORTHANC_PATH) -a -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; \
+	  else \
+	    echo "The PACS tests need Orthanc: sudo apt-get install -y orthanc orthanc-dicomweb" \
+	         "(or set ORTHANC_PATH)" >&2; exit 1; \
+	  fi; }
+
+test: venv chromium axe orthanc
+	CHROMIUM_PATH=$(CHROMIUM_PATH) ORTHANC_PATH=$(ORTHANC_PATH) $(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks write JSON under bench/results/ and print tables; figures go to docs/benchmarks.md.
 # Evaluation sets are arguments: point EVAL_* at a withheld split to measure on it.

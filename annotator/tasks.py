@@ -22,3 +22,25 @@ def run_import_job(job_id: int) -> str:
     """Run an import job; a redelivered message finds the job claimed and does nothing."""
     job = services.import_job_run(job_id=job_id)
     return job.status if job is not None else "skipped"
+
+
+@shared_task(name="annotator.tasks.pacs_pull_scheduled")
+def pacs_pull_scheduled() -> dict:
+    """Celery beat: pull the PACS studies matching PACS_PULL_QUERY that are not here yet
+    into PACS_PULL_PROJECT (annotator/pacs.py; idempotent, so an overlap does no harm)."""
+    from django.conf import settings
+
+    from annotator import pacs
+    from annotator.models import Project
+
+    project = Project.objects.filter(name=settings.PACS_PULL_PROJECT).first()
+    if project is None or not settings.PACS_DICOMWEB_URL:
+        return {"error": f"no project {settings.PACS_PULL_PROJECT!r} or no PACS_DICOMWEB_URL"}
+    try:
+        summary = pacs.pacs_pull(project=project, url=settings.PACS_DICOMWEB_URL,
+                                 query=settings.PACS_PULL_QUERY)
+    except pacs.PacsError as exc:
+        return {"error": str(exc)}
+    return {"pulled": summary.studies_pulled, "imported": summary.imported,
+            "words": summary.words()}
+

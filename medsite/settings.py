@@ -167,6 +167,16 @@ TRAIN_TASK_TIME_LIMIT = env_int("TRAIN_TASK_TIME_LIMIT", 6 * 3600 + 600, minimum
 # RETRAIN_IF_NEW_LABELS new labels are retrained. 0 turns it off (the demo default).
 RETRAIN_EVERY_HOURS = env_int("RETRAIN_EVERY_HOURS", 0, minimum=0)
 RETRAIN_IF_NEW_LABELS = env_int("RETRAIN_IF_NEW_LABELS", 20, minimum=1)
+# A PACS over DICOMweb (`manage.py pacs_pull`; README "Connect your PACS"): the default
+# server URL and HTTP Basic credentials (from the environment only, never the command line).
+PACS_DICOMWEB_URL = env_str("PACS_DICOMWEB_URL")
+PACS_USERNAME = env_str("PACS_USERNAME")
+PACS_PASSWORD = env_str("PACS_PASSWORD") or ""
+# Scheduled pull (Celery beat): every PACS_PULL_MINUTES, the studies matching PACS_PULL_QUERY
+# (e.g. "Modality=CR") that are not here yet go into the project PACS_PULL_PROJECT.
+PACS_PULL_MINUTES = env_int("PACS_PULL_MINUTES", 0, minimum=0)
+PACS_PULL_PROJECT = env_str("PACS_PULL_PROJECT")
+PACS_PULL_QUERY = env_str("PACS_PULL_QUERY") or ""
 # Label Studio as a second labeling UI (README, "Label Studio"). SITE_URL is how Label
 # Studio (and its annotators' browsers) reach this site: image URLs, ML backend, webhook.
 LABEL_STUDIO_URL = env_str("LABEL_STUDIO_URL")
@@ -189,6 +199,9 @@ if LABEL_STUDIO_RECONCILE_MINUTES:
     CELERY_BEAT_SCHEDULE["label-studio-reconcile"] = {
         "task": "annotator.tasks.label_studio_reconcile_all",
         "schedule": LABEL_STUDIO_RECONCILE_MINUTES * 60.0}
+if PACS_PULL_MINUTES and PACS_PULL_PROJECT and PACS_DICOMWEB_URL:
+    CELERY_BEAT_SCHEDULE["pacs-pull"] = {
+        "task": "annotator.tasks.pacs_pull_scheduled", "schedule": PACS_PULL_MINUTES * 60.0}
 CELERY_TASK_ROUTES = {
     "annotator.tasks.*": {"queue": "default"},
     "ml_backend.tasks.*": {"queue": "train"},

@@ -47,6 +47,7 @@ __all__ = [
     "patient_pseudonym",
     "png_without_metadata",
     "strip_jpeg_metadata",
+    "study_pseudonym",
     "study_series_pseudonyms",
 ]
 
@@ -213,8 +214,14 @@ def study_series_pseudonyms(ds, *, salt: str) -> tuple[str, str]:
     scans of one study or series share a key, and the UIDs themselves never leave here."""
     study = _raw_text(ds.get("StudyInstanceUID"))
     series = _raw_text(ds.get("SeriesInstanceUID"))
-    return (_pseudonym(salt, "study", study) if study else "",
+    return (study_pseudonym(study, salt=salt) if study else "",
             _pseudonym(salt, "series", series) if series else "")
+
+
+def study_pseudonym(study_uid: str, *, salt: str) -> str:
+    """The study key of a StudyInstanceUID (what ``study_series_pseudonyms`` gives its
+    scans): how a PACS pull recognises a study it already has without storing the UID."""
+    return _pseudonym(salt, "study", str(study_uid).strip())
 
 
 def group_bucket(salt: str, key: str) -> float:

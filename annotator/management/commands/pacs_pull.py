@@ -1,0 +1,54 @@
+"""python manage.py pacs_pull --project NAME [--dicomweb URL] [--query "Modality=CR&StudyDate=20240101-20241231"]"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from annotator import pacs, services
+from annotator.models import Project
+
+
+class Command(BaseCommand):
+    help = ("Pull studies from a PACS over DICOMweb: find them with QIDO-RS (--query), retrieve "
+            "them with WADO-RS and import them like a folder, de-identified at ingest. Studies "
+            "already here are skipped, so running it again (or on a schedule) fetches only new "
+            "ones. Credentials: PACS_USERNAME / PACS_PASSWORD in the environment.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("--project", required=True)
+        parser.add_argument("--dicomweb", default=None,
+                            help="the server's DICOMweb root, e.g. http://pacs:8042/dicom-web "
+                            "(default: PACS_DICOMWEB_URL)")
+        parser.add_argument("--query", default="",
+                            help="QIDO-RS study filters, e.g. 'Modality=CR&StudyDate="
+                            "20240101-20241231' (ModalitiesInStudy, StudyDate, StudyDescription, "
+                            "...); default: every study")
+        parser.add_argument("--limit", type=int, default=None, help="at most this many studies")
+        parser.add_argument("--dataset", default="", help="dataset name (default: PACS <host>)")
+        parser.add_argument("--split", default="pool", help="pool, eval or auto:0.2 (whole "
+                            "patients to eval, as import_scans)")
+        parser.add_argument("--reader", default="", help="username recorded as the importer")
+
+    def handle(self, *args, **opts):
+        url = opts["dicomweb"] or settings.PACS_DICOMWEB_URL
+        if not url:
+            raise CommandError("no DICOMweb server: pass --dicomweb URL or set PACS_DICOMWEB_URL")
+        project = Project.objects.filter(name=opts["project"]).first()
+        if project is None:
+            raise CommandError(f"no project named {opts['project']!r}")
+        reader = None
+        if opts["reader"]:
+            reader = get_user_model().objects.filter(username=opts["reader"]).first()
+            if reader is None:
+                raise CommandError(f"no user named {opts['reader']!r}")
+        try:
+            summary = pacs.pacs_pull(project=project, url=url, query=opts["query"],
+                                     dataset_name=opts["dataset"], split=opts["split"],
+                                     created_by=reader, limit=opts["limit"],
+                                     log=self.stdout.write)
+        except (pacs.PacsError, services.ImportRequestError) as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(self.style.SUCCESS(f"PACS pull into {project.name!r}: "
+                                             f"{summary.words()}"))
