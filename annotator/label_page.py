@@ -207,7 +207,11 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
                  "modality": scan.modality, "split": scan.split,
                  "label_set": scan.label_set.name if scan.label_set_id else None,
                  "url": reverse("annotator:label", args=[project.pk, scan.pk]),
-                 "answer": reverse("annotator:answer", args=[project.pk, scan.pk])},
+                 "answer": reverse("annotator:answer", args=[project.pk, scan.pk]),
+                 # a series imported as one scan: its frames, in position order (mm)
+                 "frames": scan.num_frames if scan.file_format == "dicom" else 1,
+                 "slices": scan.slices,
+                 "render": reverse("annotator:scan_window", args=[scan.pk])},
         "item": None if item is None else {
             "round": item.query_round_id, "rank": item.rank, "score": round(item.score, 4),
             "reason": _blind(describe_reason(item.reason, item.score), blinded)},

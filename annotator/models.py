@@ -63,6 +63,13 @@ class Project(models.Model):
         help_text="Clinicians may add new anomaly types (reviewers and admins always may).",
     )
     label_studio_project_id = models.PositiveIntegerField(null=True, blank=True)
+    dicom_grouping = models.CharField(
+        max_length=8, default="image",
+        choices=[("image", "Per image: each DICOM file (each slice) is a scan"),
+                 ("series", "Per series: the slices of a CT/MR series are one scan")],
+        help_text="How DICOM imports become scans. Per series: the slices are stacked in "
+        "position order into one scan (its preview and the model use the middle slice; the "
+        "label page scrolls through all of them).")
     readers_per_scan = models.PositiveSmallIntegerField(
         default=1, validators=[MinValueValidator(1), MaxValueValidator(3)],
         help_text="Double reading: the worklist serves each chosen scan to this many different "
@@ -308,6 +315,11 @@ class Scan(models.Model):
         help_text="Position of the slice along its series (mm; comparable within a series).")
     slice_spacing = models.FloatField(
         null=True, blank=True, help_text="Spacing between slices, or slice thickness (mm).")
+    slices = models.JSONField(
+        null=True, blank=True,
+        help_text="A series imported as one scan: each frame's position along the series "
+        "(mm, in frame order; null where unknown). The preview and the models use the middle "
+        "frame; the label page pages through all.")
     burned_in_annotation = models.BooleanField(default=False)
     quarantined = models.BooleanField(
         default=False, db_index=True,

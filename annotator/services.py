@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import logging
 import shutil
@@ -276,6 +277,8 @@ class _JobState:
     colour: dict = field(default_factory=dict)
     colour_into_grey: int = 0
     colour_decided: str = ""
+    series_stacked: int = 0       # series imported as one scan each, and their slices
+    series_slices: int = 0
 
 
 def parse_split(split: str) -> tuple[str, float | None]:
@@ -396,18 +399,35 @@ def import_job_run(
         job.total = len(listing.items)
         job.skipped = len(listing.skipped)
         job.save(update_fields=["total", "skipped"])
-        for index, item in enumerate(listing.items, start=1):
+        items = list(enumerate(listing.items, start=1))
+        done = 0
+        if job.project.dicom_grouping == "series" and findings is None:
+            groups, items = _series_groups(items)
+            for group in groups:
+                _import_series(job=job, dataset=dataset, group=group, state=state,
+                               resolve=resolve)
+                done += len(group)
+                if progress is not None:
+                    progress(done, job.total)
+                _flush(job, state, processed=done)
+        for index, item in items:
             if job.default_label and item.label is None:
                 item = SourceItem(item.name, job.default_label, item.load, item.digest_hint)
             _import_item(job=job, dataset=dataset, item=item, state=state, resolve=resolve,
                          number=index,
                          findings=None if findings is None else (findings, index - 1))
+            done += 1
             if progress is not None:
-                progress(index, job.total)
-            if index % 25 == 0 or index == job.total:
-                _flush(job, state, processed=index)
+                progress(done, job.total)
+            if done % 25 == 0 or done == job.total:
+                _flush(job, state, processed=done)
         _colour_report(job, dataset, state)
         _split_report(job, state)
+        if state.series_stacked:
+            state.warnings.append(
+                f"DICOM per series (project setting): {state.series_slices} slices became "
+                f"{state.series_stacked} scan(s), one per series, slices in position order; "
+                "the middle slice is the preview and what the model sees.")
         job.status = ImportJob.Status.SUCCEEDED
     except SourceError as exc:
         job.status = ImportJob.Status.FAILED
@@ -668,8 +688,107 @@ def _add_import_findings(*, job: ImportJob, scan: Scan, findings, row: int) -> b
     return True
 
 
+def _series_groups(items: list[tuple[int, SourceItem]]):
+    """A project that imports DICOM per series: the numbered items grouped by their series
+    (read from each file's header; the UID stays in memory), in groups of two or more
+    single-frame slices. Returns (groups, the other items)."""
+    import pydicom
+
+    from ml_backend.data.decode import sniff_format
+
+    by_series: dict[str, list[tuple[int, SourceItem]]] = {}
+    others = []
+    for number, item in items:
+        uid = None
+        try:
+            data = item.load()
+            if (sniff_format(data, item.name) or "").startswith("dicom"):
+                ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+                if int(ds.get("NumberOfFrames", 1) or 1) == 1 and "Rows" in ds:
+                    uid = str(ds.get("SeriesInstanceUID", "") or "").strip() or None
+        except Exception:  # noqa: BLE001 - the file's own import reports why it fails
+            uid = None
+        data = None
+        if uid is None:
+            others.append((number, item))
+        else:
+            by_series.setdefault(uid, []).append((number, item))
+    groups = []
+    for group in by_series.values():
+        if len(group) > 1:
+            groups.append(group)
+        else:
+            others.extend(group)
+    return groups, sorted(others, key=lambda pair: pair[0])
+
+
+def _import_series(*, job: ImportJob, dataset: Dataset, group: list[tuple[int, SourceItem]],
+                   state: _JobState, resolve: _SetResolver) -> None:
+    """One series' slices as one scan: each slice decoded (so de-identified) on its own,
+    then the de-identified slices stacked in position order (``ml_backend.data.series``).
+    Slices that cannot be stacked are imported one by one, with the reason in the report;
+    a slice that cannot be read is reported and the rest is stacked."""
+    from dataclasses import replace
+
+    from ml_backend.data.series import SeriesError, stack_series
+
+    slices, digests = [], []
+    for number, item in group:
+        try:
+            data = item.load()
+            digest = hashlib.sha256(data).hexdigest()
+            decoded = decode_scan(data, name=item.name, salt=settings.DEID_SALT,
+                                  max_pixels=settings.IMPORT_MAX_PIXELS)
+        except (OSError, ScanDecodeError) as exc:
+            state.failed += 1
+            state.errors.append({"name": f"file {number}",
+                                 "reason": str(exc) if isinstance(exc, ScanDecodeError)
+                                 else "cannot read file"})
+            continue
+        finally:
+            data = None
+        slices.append(replace(decoded, pixels=None))     # the stored copy is what stacks
+        digests.append(digest)
+    if not slices:
+        return
+    first = slices[0]
+    rows, cols = first.height, first.width
+    try:
+        if rows * cols * len(slices) > settings.IMPORT_MAX_PIXELS:
+            raise SeriesError(f"{len(slices)} slices of {cols}x{rows} are above the import "
+                              f"limit of {settings.IMPORT_MAX_PIXELS:,} pixels")
+        stack = stack_series(slices, digests)
+    except SeriesError as exc:
+        state.warnings.append(f"a series of {len(group)} files was imported slice by slice: "
+                              f"{exc}")
+        for number, item in group:
+            _import_item(job=job, dataset=dataset, item=item, state=state, resolve=resolve,
+                         number=number)
+        return
+    middle = len(stack.positions) // 2
+    overrides = {
+        "patient_key": first.patient_key,
+        "meta": {"study_key": first.meta.get("study_key", ""),
+                 "series_key": first.meta.get("series_key", ""),
+                 "series_number": first.meta.get("series_number"),
+                 "instance_number": None,
+                 "slice_position": stack.positions[middle],
+                 "slice_spacing": stack.spacing or first.meta.get("slice_spacing"),
+                 "slices": stack.positions},
+    }
+    label = next((item.label for _, item in group if item.label), None) or (
+        job.default_label or None)
+    item = SourceItem(f"series of {len(slices)} slices", label, lambda: stack.data,
+                      stack.digest)
+    _import_item(job=job, dataset=dataset, item=item, state=state, resolve=resolve,
+                 number=group[0][0], overrides=overrides)
+    state.series_stacked += 1
+    state.series_slices += len(slices)
+
+
 def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _JobState,
-                 resolve: _SetResolver, number: int = 0, findings=None) -> None:
+                 resolve: _SetResolver, number: int = 0, findings=None,
+                 overrides: dict | None = None) -> None:
     created_files: list[str] = []
     data: bytes | None = None
     sha: str | None = None
@@ -703,6 +822,9 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
             data, name=item.name, salt=settings.DEID_SALT, max_pixels=settings.IMPORT_MAX_PIXELS
         )
         data = None  # the raw bytes may hold PHI; only de-identified bytes go further
+        if overrides:   # a stacked series: the identity of its original slices
+            decoded.patient_key = overrides["patient_key"]
+            decoded.meta.update(overrides["meta"])
         is_colour = decoded.meta.get("colour") == "colour"
         preview = render_preview(decoded.pixels, max_side=settings.PREVIEW_MAX_SIDE)
         file_name = scan_file_name(sha, decoded.stored_ext)
@@ -744,6 +866,7 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 instance_number=meta.get("instance_number"),
                 slice_position=meta.get("slice_position"),
                 slice_spacing=meta.get("slice_spacing"),
+                slices=meta.get("slices"),
                 burned_in_annotation=bool(meta.get("burned_in_annotation")),
                 quarantined=bool(meta.get("burned_in_annotation")),
                 split=(job.split if job.eval_fraction is None else auto_split(

@@ -175,24 +175,42 @@ WINDOW_LIMIT = 1e7       # values beyond any modality's units (HU, 16-bit counts
 @require_GET
 def scan_window(request, scan_id: int):
     """The scan rendered from its stored (de-identified) file with the window
-    ``?center=&width=`` on its own values: HU for CT, the 16-bit values of a 16-bit PNG."""
+    ``?center=&width=`` on its own values (HU for CT, the 16-bit values of a 16-bit PNG),
+    and/or one frame ``?frame=k`` of a series imported as one scan (0 = the first slice in
+    position order)."""
     scan = selectors.scan_get_for_user(request.user, scan_id)
-    if scan.colour:
-        return HttpResponse("a colour scan has no window: use brightness and contrast",
-                            status=400, content_type="text/plain")
-    try:
-        center, width = float(request.GET["center"]), float(request.GET["width"])
-    except (KeyError, ValueError):
-        return HttpResponse("give ?center=…&width=… as numbers", status=400,
-                            content_type="text/plain")
-    if not (abs(center) < WINDOW_LIMIT and 0 < width < WINDOW_LIMIT):
-        return HttpResponse("the window needs |centre| and width below 10 million, width > 0",
+    window, frame = None, None
+    if "frame" in request.GET:
+        try:
+            frame = int(request.GET["frame"])
+        except ValueError:
+            frame = -1
+        if not 0 <= frame < max(scan.num_frames, 1):
+            return HttpResponse(f"frame must be a whole number from 0 to "
+                                f"{max(scan.num_frames, 1) - 1}", status=400,
+                                content_type="text/plain")
+    if "center" in request.GET or "width" in request.GET:
+        if scan.colour:
+            return HttpResponse("a colour scan has no window: use brightness and contrast",
+                                status=400, content_type="text/plain")
+        try:
+            center, width = float(request.GET["center"]), float(request.GET["width"])
+        except (KeyError, ValueError):
+            return HttpResponse("give ?center=…&width=… as numbers", status=400,
+                                content_type="text/plain")
+        if not (abs(center) < WINDOW_LIMIT and 0 < width < WINDOW_LIMIT):
+            return HttpResponse("the window needs |centre| and width below 10 million, "
+                                "width > 0", status=400, content_type="text/plain")
+        window = (center, width)
+    if window is None and frame is None:
+        return HttpResponse("give ?center=…&width=… (a window) and/or ?frame=… (a slice)",
                             status=400, content_type="text/plain")
     try:
         with open(storage.media_path(scan.file.name), "rb") as handle:
             data = handle.read()
         decoded = decode_scan(data, salt=settings.DEID_SALT, keep_copy=False,
-                              max_pixels=settings.IMPORT_MAX_PIXELS, window=(center, width))
+                              max_pixels=settings.IMPORT_MAX_PIXELS, window=window,
+                              frame=frame if scan.num_frames > 1 else None)
     except (OSError, ValueError):
         raise Http404("The stored file is missing.") from None
     except ScanDecodeError as exc:

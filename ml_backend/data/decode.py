@@ -693,6 +693,7 @@ def decode_scan(
     request_max_pixels: int | None = None,
     keep_copy: bool = True,
     window: tuple[float, float] | None = None,
+    frame: int | None = None,
 ) -> DecodedScan:
     """Decode one file's bytes. Raises ``ScanDecodeError`` with a clear reason.
 
@@ -707,6 +708,8 @@ def decode_scan(
     (DICOM: after the modality LUT, in its units, e.g. HU; rasters: their stored 8- or
     16-bit values) instead of by its default; colour images ignore it. ``meta["window"]``
     (the default window) and ``meta["value_range"]`` describe a greyscale image's values.
+    ``frame``: which frame of a multi-frame DICOM (a stacked series) ``pixels`` shows,
+    counted from 0; default the middle one, the representative slice the models see.
     Any failure of pydicom or Pillow becomes a ``ScanDecodeError``.
     """
     if window is not None:
@@ -726,7 +729,7 @@ def decode_scan(
     try:
         if kind in ("dicom", "dicom?"):
             return _decode_dicom(data, salt=salt, budget=budget, sure=kind == "dicom",
-                                 keep_copy=keep_copy, window=window)
+                                 keep_copy=keep_copy, window=window, frame=frame)
         return _decode_raster(data, kind=kind, budget=budget, keep_copy=keep_copy,
                               window=window)
     except ScanDecodeError:
@@ -933,7 +936,7 @@ def _percentile_window(
 
 
 def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
-                  keep_copy: bool = True, window=None) -> DecodedScan:
+                  keep_copy: bool = True, window=None, frame: int | None = None) -> DecodedScan:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -1031,9 +1034,13 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
 
     photometric = clean_text(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    frame = raw
+    chosen = frames // 2 if frame is None else int(frame)
+    if frame is not None and not 0 <= chosen < frames:
+        raise ScanDecodeError(f"frame {chosen} asked of an image with {frames} frame(s)")
     if frames > 1 and raw.ndim >= 3 and raw.shape[0] == frames:
-        frame = raw[frames // 2]
+        frame = raw[chosen]
+    else:
+        frame = raw
 
     try:
         values: dict = {}

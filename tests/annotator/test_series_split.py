@@ -121,3 +121,55 @@ def test_reports_warn_when_eval_and_pool_share_a_patient(project, tmp_path, clie
     client.force_login(users["alice"])
     page = client.get(reverse("annotator:reports", args=[project.pk])).content.decode()
     assert "Eval is not patient-disjoint" in page and "--split auto:0.2" in page
+
+
+def test_a_series_becomes_one_scan_with_its_slices_in_order(project, tmp_path, client, users):
+    from annotator.storage import media_path
+    from ml_backend.data.decode import decode_scan
+
+    project.dicom_grouping = "series"
+    project.save(update_fields=["dicom_grouping"])
+    written = write_series(tmp_path / "ct", patients=2, slices=5)
+    # shuffle the file order on disk: the stack follows the positions, not the names
+    for path in list((tmp_path / "ct").glob("*.dcm")):
+        path.rename(path.with_name(f"x{hash(path.name) % 997:03d}-{path.name}"))
+    job = run_import(project, tmp_path / "ct", layout="flat")
+    assert job.status == "succeeded" and job.total == 10 and job.imported == 2, job.errors
+    assert "10 slices became 2 scan(s)" in " ".join(job.warnings)
+    scans = list(Scan.objects.filter(project=project))
+    for scan in scans:
+        assert scan.num_frames == 5 and scan.slices == sorted(scan.slices)
+        assert np.diff(scan.slices) == pytest.approx([5.0] * 4)
+        assert scan.slice_position == scan.slices[2] and scan.slice_spacing == pytest.approx(5)
+        assert scan.study_key and scan.series_key and scan.patient_key
+    # the stored stack is de-identified and holds every slice; each frame decodes on its own
+    stored = media_path(scans[0].file.name).read_bytes()
+    assert b"Doe^Patient" not in stored and b"PAT-0" not in stored
+    frames = [decode_scan(stored, salt="x", frame=k).pixels for k in range(5)]
+    assert all(f.shape == frames[0].shape for f in frames)
+    assert len({f.tobytes() for f in frames}) == 5
+    with pytest.raises(Exception, match="frame 5 asked of an image with 5 frame"):
+        decode_scan(stored, salt="x", frame=5)
+    # a second import of the same files finds the same series: nothing new
+    again = run_import(project, tmp_path / "ct", layout="flat")
+    assert again.imported == 0 and Scan.objects.filter(project=project).count() == 2
+    # the keys are those of a per-image import of the same files
+    keys = {(s.patient_key, s.study_key, s.series_key) for s in scans}
+    other = project.__class__.objects.create(name="per image")
+    run_import(other, tmp_path / "ct", layout="flat")
+    assert {(s.patient_key, s.study_key, s.series_key)
+            for s in Scan.objects.filter(project=other)} == keys
+
+
+def test_slices_that_cannot_share_a_stack_are_imported_one_by_one(project, tmp_path):
+    project.dicom_grouping = "series"
+    project.save(update_fields=["dicom_grouping"])
+    write_series(tmp_path / "ct", patients=1, slices=3)
+    odd = sorted((tmp_path / "ct").glob("*.dcm"))[1]
+    ds = pydicom.dcmread(odd)
+    ds.RescaleIntercept = -1000 if float(ds.get("RescaleIntercept", 0)) != -1000 else 0
+    ds.save_as(odd)
+    job = run_import(project, tmp_path / "ct", layout="flat")
+    report = " ".join(job.warnings)
+    assert job.imported == 3, job.errors
+    assert "imported slice by slice: its slices differ in RescaleIntercept" in report

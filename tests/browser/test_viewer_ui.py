@@ -156,3 +156,48 @@ def test_compare_with_similar_labeled_scans(browser_page, encoded_project, users
         f"document.getElementById('scan-image').src.endsWith('/scans/{target.pk}/preview.png')")
     assert page.is_hidden("#compare-note")
     assert not page.js_errors, page.js_errors
+
+
+def test_a_series_scrolls_slice_by_slice(browser_page, project, users, tmp_path):
+    """A CT series imported as one scan: ↑/↓ and the wheel page through its slices in
+    position order, each rendered from the stored values, the readout saying where."""
+    from annotator import services as annotator_services
+    from tests.annotator.test_series_split import write_series
+
+    page = browser_page
+    project.dicom_grouping = "series"
+    project.save(update_fields=["dicom_grouping"])
+    write_series(tmp_path / "ct", patients=1, slices=5)
+    run_import(project, tmp_path / "ct", dataset_name="CT", layout="flat")
+    annotator_services.label_class_get_or_create(project=project, name="normal")
+    scan = Scan.objects.get(project=project)
+    login(page, "alice")
+    page.goto(f"/projects/{project.pk}/label/{scan.pk}/")
+    _ready(page)
+    assert page.inner_text("#slice-readout") == "slice 3 / 5 · -10.0 mm"   # the middle one
+
+    def shown() -> tuple[str, str]:
+        page.wait_for_function("""() => { const i = document.getElementById('scan-image');
+            return i.complete && i.naturalWidth > 0; }""")
+        return (page.inner_text("#slice-readout"),
+                page.evaluate("document.getElementById('scan-image').src"))
+
+    for _ in range(4):
+        page.keyboard.press("ArrowUp")                # up to the first slice (and no further)
+    readouts = [shown()]
+    for _ in range(4):
+        page.keyboard.press("ArrowDown")
+        readouts.append(shown())
+    assert [r for r, _ in readouts] == [f"slice {k} / 5 · {-20.0 + 5 * (k - 1):.1f} mm"
+                                        for k in range(1, 6)]
+    sources = [s for _, s in readouts]
+    assert "frame=0" in sources[0] and "frame=4" in sources[4]
+    assert sources[2].endswith("/preview.png") or "frame=" not in sources[2]
+    # the wheel scrolls too (Ctrl + wheel would zoom)
+    box = page.locator("#viewport").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, -120)
+    page.wait_for_function("document.getElementById('slice-readout').textContent.startsWith('slice 4 / 5')")
+    assert page.inner_text("#zoom-level") == "fit"          # the wheel did not zoom
+    page.shot("series-slices")
+    assert not page.js_errors, page.js_errors

@@ -8,7 +8,7 @@
   const $ = (id) => document.getElementById(id);
   const root = $("labeler");
   const csrf = (document.cookie.match(/(?:^|; )csrftoken=([^;]+)/) || [])[1] || "";
-  const view = {scale: 1, x: 0, y: 0, invert: false, cam: false, window: null};
+  const view = {scale: 1, x: 0, y: 0, invert: false, cam: false, window: null, frame: null};
   const medlabel = (window.medlabel = {timings: [], saved: 0, payload: null});
   let payload = JSON.parse($("label-payload").textContent);
   let shownAt = performance.now();
@@ -58,9 +58,46 @@
   function fmt(v) { return Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(1); }
   // --- window / level from the stored values (greyscale scans) ----------------------------
   let windowTimer = null;
-  function windowUrl(w) {
-    return `${payload.scan.window.url}?center=${encodeURIComponent(w.center.toFixed(3))}&width=${encodeURIComponent(w.width.toFixed(3))}`;
+  // what the viewer shows: the preview (the default window of the representative slice), or
+  // the server's rendering of another slice and/or another window from the stored values
+  function middleFrame() { return Math.floor((payload.scan.frames || 1) / 2); }
+  function imageUrl(w) {
+    const params = [];
+    const frames = payload.scan.frames || 1;
+    if (frames > 1 && view.frame !== null && view.frame !== middleFrame()) params.push(`frame=${view.frame}`);
+    if (w && windowChanged()) params.push(`center=${encodeURIComponent(w.center.toFixed(3))}`, `width=${encodeURIComponent(w.width.toFixed(3))}`);
+    return params.length ? `${payload.scan.render}?${params.join("&")}` : payload.scan.preview;
   }
+  function windowUrl(w) { return imageUrl(w); }
+  // --- slices of a series imported as one scan: wheel, ↑/↓ or PageUp/PageDown ----------------
+  function sliceReadout() {
+    const frames = payload.scan.frames || 1;
+    $("slice-readout").hidden = frames < 2;
+    if (frames < 2) return;
+    const k = view.frame === null ? middleFrame() : view.frame;
+    const where = payload.scan.slices && payload.scan.slices[k] !== null && payload.scan.slices[k] !== undefined
+      ? ` · ${payload.scan.slices[k].toFixed(1)} mm` : "";
+    $("slice-readout").textContent = `slice ${k + 1} / ${frames}${where}`;
+  }
+  function showSlice(k) {
+    const frames = payload.scan.frames || 1;
+    if (frames < 2) { say("This scan has one image: there are no other slices."); return; }
+    view.frame = Math.max(0, Math.min(frames - 1, k));
+    sliceReadout();
+    $("scan-image").src = imageUrl(view.window);
+    // the neighbours next, so scrolling on is immediate
+    for (const n of [view.frame - 1, view.frame + 1]) {
+      if (n >= 0 && n < frames) {
+        const keep = view.frame; view.frame = n;
+        (new Image()).src = imageUrl(view.window);
+        view.frame = keep;
+      }
+    }
+  }
+  function stepSlice(delta) {
+    showSlice((view.frame === null ? middleFrame() : view.frame) + delta);
+  }
+  medlabel.showSlice = showSlice;
   function setWindow(w, {now = false} = {}) {
     const info = payload.scan.window;
     if (!info) return;
@@ -99,11 +136,20 @@
     const wasWindowed = view.window !== null;
     view.window = info ? {center: info.center, width: info.width} : null;
     if (info) $("window-preset").value = "0";
-    if (wasWindowed && info) $("scan-image").src = payload.scan.preview;   // the default window
+    if ((wasWindowed && info) || view.frame !== null) {     // the default window, middle slice
+      view.frame = null;
+      sliceReadout();
+      $("scan-image").src = payload.scan.preview;
+    }
     applyView();
   }
   $("viewport").addEventListener("wheel", (e) => {
     e.preventDefault();
+    // a series scrolls through its slices (Ctrl + wheel zooms); a single image zooms
+    if ((payload.scan.frames || 1) > 1 && !e.ctrlKey && !e.metaKey) {
+      stepSlice(e.deltaY > 0 ? 1 : -1);
+      return;
+    }
     const box = $("viewport").getBoundingClientRect();
     zoom(e.deltaY < 0 ? 1.15 : 1 / 1.15, e.clientX - box.left, e.clientY - box.top);
   }, {passive: false});
@@ -188,7 +234,7 @@
   function showCompared() {
     const img = $("scan-image"), note = $("compare-note");
     if (compareIndex < 0) {
-      img.src = windowChanged() ? windowUrl(view.window) : payload.scan.preview;
+      img.src = imageUrl(view.window);
       note.hidden = true;
       note.textContent = "";
       return;
@@ -260,6 +306,8 @@
     compareIndex = -1;
     $("compare-note").hidden = true;
     view.window = null;
+    view.frame = null;
+    sliceReadout();
     const info = p.scan.window;
     $("window-tools").hidden = !info;
     const presets = $("window-preset");
@@ -581,7 +629,8 @@
     const answers = payload.findings_mode
       ? "finding keys toggle present / uncertain, Enter saves, 0 no finding"
       : (payload.classes.filter((c) => c.key).map((c) => c.key).join(" ") || "no class keys") + " answer";
-    return `${answers}; s skip, u unsure, g heat map, c compare with similar scans, i invert, n 1:1, r reset, + − zoom, ← previous scan, Backspace undo`;
+    const slices = (payload.scan.frames || 1) > 1 ? ", ↑ ↓ or the wheel: slices (Ctrl + wheel zooms)" : "";
+    return `${answers}; s skip, u unsure, g heat map, c compare with similar scans, i invert, n 1:1, r reset, + − zoom${slices}, ← previous scan, Backspace undo`;
   }
   document.addEventListener("keydown", (e) => {
     // typing in a text field is not a hotkey; a slider or button never keeps the keys
@@ -593,6 +642,8 @@
     if (e.target.closest("input[type=range], button")) e.target.blur();
     if (e.key === "ArrowLeft") { e.preventDefault(); goBack(); return; }
     if (e.key === "Backspace") { e.preventDefault(); undoLast(); return; }
+    if (e.key === "ArrowDown" || e.key === "PageDown") { e.preventDefault(); stepSlice(1); return; }
+    if (e.key === "ArrowUp" || e.key === "PageUp") { e.preventDefault(); stepSlice(-1); return; }
     const key = e.key.toLowerCase();
     if (payload.findings_mode) {
       const f = payload.findings.find((k) => k.key && k.key === key);
