@@ -33,3 +33,15 @@ def label_studio_settings(app_configs, **kwargs):
         problems.append(Warning("SITE_URL is empty", hint="Label Studio reaches images, the ML "
                                 "backend and the webhook at SITE_URL.", id="medlabel.W001"))
     return problems
+
+
+@register()
+def linkage_key(app_configs, **kwargs):
+    """A linkage key protects patients' identifiers: a short one is refused."""
+    key = getattr(settings, "LINKAGE_KEY", None)
+    if key and len(key) < 32:
+        return [Error("LINKAGE_KEY is too short to protect patient identifiers",
+                      hint="Use a Fernet key (python -c \"from cryptography.fernet import "
+                           "Fernet; print(Fernet.generate_key().decode())\") or another random "
+                           "secret of at least 32 characters.", id="medlabel.E003")]
+    return []

@@ -663,3 +663,36 @@ class AuditEvent(models.Model):
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action} " \
                f"{self.object_type} {self.object_id}"
+
+
+class DicomLinkage(models.Model):
+    """The honest-broker linkage of one DICOM scan: its original identifiers (patient, study,
+    series and SOP instance UIDs, the patient module), encrypted with LINKAGE_KEY
+    (annotator/linkage.py). Kept only when the key is set at import; read only to send a
+    structured report back to the PACS. Never shown (not in the admin), exported, logged or
+    backed up; without the key the ciphertext is useless."""
+
+    scan = models.OneToOneField(Scan, on_delete=models.CASCADE, related_name="linkage")
+    token = models.TextField(help_text="Fernet token (AES-128-CBC + HMAC-SHA256) of the "
+                             "identifiers, as JSON.")
+    key_id = models.CharField(max_length=16, help_text="Which key encrypted it (a hash of the "
+                              "key, not the key).")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"linkage of scan {self.scan_id}"
+
+
+class PacsReport(models.Model):
+    """A structured report this site sent to the PACS for one scan: what it said and when, so
+    a report is sent again only when the scan's result changes. ``sop_instance_uid`` is the
+    report's own UID (made here, not a patient's)."""
+
+    scan = models.ForeignKey(Scan, on_delete=models.CASCADE, related_name="pacs_reports")
+    result = models.CharField(max_length=400, help_text="The label or findings reported.")
+    model_version = models.CharField(max_length=64, blank=True)
+    sop_instance_uid = models.CharField(max_length=64)
+    sent_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-sent_at"]

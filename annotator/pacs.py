@@ -149,3 +149,181 @@ def pacs_pull(*, project: Project, url: str, query: str = "", dataset_name: str 
         log(f"study {number}/{len(studies)}: {len(instances)} instances → import #{job.pk}: "
             f"{job.imported} imported, {job.duplicates} duplicates, {job.failed} failed")
     return summary
+
+
+# --- a PACS, out: results as DICOM structured reports ---------------------------------------
+
+@dataclass
+class PushSummary:
+    candidates: int = 0
+    sent: int = 0
+    unchanged: int = 0
+    no_linkage: int = 0
+    no_result: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def words(self) -> str:
+        text = (f"{self.sent} report(s) sent, {self.unchanged} unchanged since the last push, "
+                f"{self.no_result} scan(s) without a result yet, {self.no_linkage} without a "
+                "linkage (imported before LINKAGE_KEY was set, or not DICOM)")
+        return text + (f"; errors: {'; '.join(self.errors[:3])}" if self.errors else "")
+
+
+def scan_results(project: Project) -> dict[int, dict]:
+    """Each scan's result as the project stands: ``{scan id: {"result": words, "codes":
+    [(code, meaning)], "role": reader role}}`` — the adjudicated label or the training label
+    (the readers' majority), or for a findings set the findings present ("no finding" when
+    every finding was read absent). Scans with no settled result are left out."""
+    from annotator.models import Annotation, LabelClass, Membership
+    from annotator.selectors import findings_targets, training_labels
+
+    names = dict(LabelClass.objects.filter(project=project).values_list("pk", "name"))
+    adjudicated = set(Annotation.objects.filter(
+        scan__project=project, source=Annotation.Source.ADJUDICATION).values_list(
+        "scan_id", flat=True))
+    roles = dict(Membership.objects.filter(project=project).values_list("user_id", "role"))
+    readers: dict[int, set[str]] = {}
+    for scan_id, reader_id, source in Annotation.objects.filter(
+            scan__project=project, outcome__in=Annotation.LABELLING).values_list(
+            "scan_id", "reader_id", "source"):
+        role = "import" if source == Annotation.Source.IMPORT else roles.get(reader_id, "reader")
+        readers.setdefault(scan_id, set()).add(role)
+    results = {}
+    for split in ("pool", "eval"):
+        scans, class_ids = training_labels(project, split=split)
+        for scan, class_id in zip(scans, class_ids):
+            results[scan.pk] = {"result": names[class_id], "codes": [(names[class_id],
+                                                                      names[class_id])]}
+        for label_set in project.label_sets.filter(kind="multi"):
+            set_scans, findings, targets = findings_targets(label_set, split=split)
+            for scan, row in zip(set_scans, targets):
+                present = [f.name for f, v in zip(findings, row) if v == 1]
+                if present:
+                    results[scan.pk] = {"result": ", ".join(present),
+                                        "codes": [(n, n) for n in present]}
+                elif len(row) and all(v == 0 for v in row):
+                    results[scan.pk] = {"result": "no finding",
+                                        "codes": [("no_finding", "No finding")]}
+    for scan_id, result in results.items():
+        result["role"] = ("reviewer (adjudicated)" if scan_id in adjudicated else
+                          " and ".join(sorted(readers.get(scan_id, {"reader"}))))
+    return results
+
+
+def structured_report(identifiers: dict, result: dict, *, suggestion: tuple | None,
+                      model_version: str, series_uid: str):
+    """A DICOM Comprehensive SR (``highdicom``) for one scan, filed in the original study of
+    the original patient: the result and who settled it (a role, never a name), the model's
+    suggestion and confidence and its version, and a reference to the image it is about."""
+    import highdicom as hd
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    evidence = Dataset()
+    for keyword in ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+                    "PatientSex", "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime",
+                    "AccessionNumber", "ReferringPhysicianName", "SeriesInstanceUID",
+                    "SOPInstanceUID", "SOPClassUID", "Modality"):
+        setattr(evidence, keyword, identifiers.get(keyword, ""))
+    ours = "99MEDLABEL"
+    items = [hd.sr.CodeContentItem(
+        name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
+        value=hd.sr.CodedConcept(code[:16], ours, meaning[:64]),
+        relationship_type="CONTAINS") for code, meaning in result["codes"]]
+    items.append(hd.sr.TextContentItem(
+        name=hd.sr.CodedConcept("READROLE", ours, "Reader role"), value=result["role"],
+        relationship_type="CONTAINS"))
+    if suggestion is not None:
+        name, confidence = suggestion
+        items.append(hd.sr.TextContentItem(
+            name=hd.sr.CodedConcept("MLSUGGEST", ours, "Model suggestion"), value=name,
+            relationship_type="CONTAINS"))
+        items.append(hd.sr.NumContentItem(
+            name=hd.sr.CodedConcept("MLCONF", ours, "Model confidence"),
+            value=round(float(confidence), 4),
+            unit=hd.sr.CodedConcept("1", "UCUM", "no units"), relationship_type="CONTAINS"))
+    if model_version:
+        items.append(hd.sr.TextContentItem(
+            name=hd.sr.CodedConcept("111001", "DCM", "Algorithm Name"),
+            value="MedLabel (SimCLRv2 encoder, active-learning classifier)",
+            relationship_type="CONTAINS"))
+        items.append(hd.sr.TextContentItem(
+            name=hd.sr.CodedConcept("111003", "DCM", "Algorithm Version"), value=model_version,
+            relationship_type="CONTAINS"))
+    if identifiers.get("SOPInstanceUID") and identifiers.get("SOPClassUID"):
+        items.append(hd.sr.CompositeContentItem(
+            name=hd.sr.CodedConcept("260753009", "SCT", "Source"),
+            referenced_sop_class_uid=identifiers["SOPClassUID"],
+            referenced_sop_instance_uid=identifiers["SOPInstanceUID"],
+            relationship_type="CONTAINS"))
+    root = hd.sr.ContainerContentItem(
+        name=hd.sr.CodedConcept("18748-4", "LN", "Diagnostic imaging report"), template_id=None)
+    root.ContentSequence = items
+    return hd.sr.ComprehensiveSR(
+        evidence=[evidence], content=root, series_instance_uid=series_uid, series_number=990,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="MedLabel",
+        series_description="MedLabel results", is_complete=True, is_final=False)
+
+
+def pacs_push(*, project: Project, url: str, client=None,
+              log: Callable[[str], None] = lambda line: None) -> PushSummary:
+    """Send each scan's result to the PACS as a structured report in its original study
+    (STOW-RS), once per result: a scan whose result or model version has not changed since
+    its last report is not sent again."""
+    from pydicom.uid import generate_uid
+    from requests.exceptions import RequestException
+
+    from annotator.linkage import LinkageError, linkage_enabled, linkage_read
+    from annotator.models import PacsReport
+
+    if not linkage_enabled():
+        raise PacsError("LINKAGE_KEY is not set: without the honest-broker linkage the "
+                        "original studies are unknown, so no report can be sent back")
+    client = client or client_for(url)
+    model = project.active_model
+    version = model.version if model is not None else ""
+    suggestions = {}
+    if model is not None:
+        from ml_backend.models import Prediction
+
+        suggestions = {scan_id: (name, conf) for scan_id, name, conf in Prediction.objects
+                       .filter(model_version=model).values_list(
+                           "scan_id", "predicted_class__name", "confidence")}
+    results = scan_results(project)
+    summary = PushSummary()
+    series_per_study: dict[str, str] = {}
+    scans = Scan.objects.filter(project=project, file_format="dicom", quarantined=False)
+    for scan in scans.order_by("pk"):
+        summary.candidates += 1
+        result = results.get(scan.pk)
+        if result is None:
+            summary.no_result += 1
+            continue
+        last = PacsReport.objects.filter(scan=scan).first()
+        if last is not None and last.result == result["result"][:400] and \
+                last.model_version == version:
+            summary.unchanged += 1
+            continue
+        try:
+            identifiers = linkage_read(scan)
+        except LinkageError as exc:
+            summary.no_linkage += 1
+            if "another key" in str(exc):
+                summary.errors.append(str(exc))
+            continue
+        study = identifiers.get("StudyInstanceUID", "")
+        series_uid = series_per_study.setdefault(study, generate_uid())
+        report = structured_report(identifiers, result, suggestion=suggestions.get(scan.pk),
+                                   model_version=version, series_uid=series_uid)
+        try:
+            client.store_instances(datasets=[report])
+        except (RequestException, OSError, ValueError) as exc:
+            summary.errors.append(f"scan {scan.pk}: the PACS refused the report "
+                                  f"({type(exc).__name__})")
+            continue
+        PacsReport.objects.create(scan=scan, result=result["result"][:400],
+                                  model_version=version,
+                                  sop_instance_uid=str(report.SOPInstanceUID))
+        summary.sent += 1
+        log(f"scan {scan.pk}: {result['result']} ({result['role']}) sent")
+    return summary

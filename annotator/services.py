@@ -730,7 +730,8 @@ def _import_series(*, job: ImportJob, dataset: Dataset, group: list[tuple[int, S
     a slice that cannot be read is reported and the rest is stacked."""
     from dataclasses import replace
 
-    from ml_backend.data.series import SeriesError, stack_series
+    from annotator.linkage import linkage_enabled
+    from ml_backend.data.series import SeriesError, slice_order, stack_series
 
     slices, digests = [], []
     for number, item in group:
@@ -738,7 +739,8 @@ def _import_series(*, job: ImportJob, dataset: Dataset, group: list[tuple[int, S
             data = item.load()
             digest = hashlib.sha256(data).hexdigest()
             decoded = decode_scan(data, name=item.name, salt=settings.DEID_SALT,
-                                  max_pixels=settings.IMPORT_MAX_PIXELS)
+                                  max_pixels=settings.IMPORT_MAX_PIXELS,
+                                  linkage=linkage_enabled())
         except (OSError, ScanDecodeError) as exc:
             state.failed += 1
             state.errors.append({"name": f"file {number}",
@@ -766,7 +768,10 @@ def _import_series(*, job: ImportJob, dataset: Dataset, group: list[tuple[int, S
                          number=number)
         return
     middle = len(stack.positions) // 2
+    representative = slices[slice_order(slices)[middle]]
     overrides = {
+        # the report sent back to the PACS references the representative slice
+        "linkage": representative.linkage,
         "patient_key": first.patient_key,
         "meta": {"study_key": first.meta.get("study_key", ""),
                  "series_key": first.meta.get("series_key", ""),
@@ -818,13 +823,17 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 state.labels_added += int(added)
             return
 
+        from annotator.linkage import linkage_enabled, linkage_store
+
         decoded = decode_scan(
-            data, name=item.name, salt=settings.DEID_SALT, max_pixels=settings.IMPORT_MAX_PIXELS
+            data, name=item.name, salt=settings.DEID_SALT, max_pixels=settings.IMPORT_MAX_PIXELS,
+            linkage=linkage_enabled() and not overrides,
         )
         data = None  # the raw bytes may hold PHI; only de-identified bytes go further
         if overrides:   # a stacked series: the identity of its original slices
             decoded.patient_key = overrides["patient_key"]
             decoded.meta.update(overrides["meta"])
+            decoded.linkage = overrides.get("linkage")
         is_colour = decoded.meta.get("colour") == "colour"
         preview = render_preview(decoded.pixels, max_side=settings.PREVIEW_MAX_SIDE)
         file_name = scan_file_name(sha, decoded.stored_ext)
@@ -877,6 +886,9 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                                   body_part=meta.get("body_part") or dataset.body_part or ""),
                 import_job=job,
             )
+            if decoded.linkage:       # encrypted at once, in the scan's own transaction
+                linkage_store(scan, decoded.linkage)
+            decoded.linkage = None
             outcome = (
                 _add_import_label(job=job, scan=scan, label=item.label) if item.label else None
             )

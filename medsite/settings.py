@@ -172,6 +172,12 @@ RETRAIN_IF_NEW_LABELS = env_int("RETRAIN_IF_NEW_LABELS", 20, minimum=1)
 PACS_DICOMWEB_URL = env_str("PACS_DICOMWEB_URL")
 PACS_USERNAME = env_str("PACS_USERNAME")
 PACS_PASSWORD = env_str("PACS_PASSWORD") or ""
+# The honest-broker linkage (annotator/linkage.py): with a key, a DICOM's original patient
+# and study identifiers are kept, encrypted, so results can go back to the PACS as structured
+# reports (`manage.py pacs_push`). Without it nothing is kept and nothing can be sent back.
+# A Fernet key (`python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key()
+# .decode())"`) or any long random secret; keep it out of backups and stable.
+LINKAGE_KEY = env_str("LINKAGE_KEY")
 # Scheduled pull (Celery beat): every PACS_PULL_MINUTES, the studies matching PACS_PULL_QUERY
 # (e.g. "Modality=CR") that are not here yet go into the project PACS_PULL_PROJECT.
 PACS_PULL_MINUTES = env_int("PACS_PULL_MINUTES", 0, minimum=0)

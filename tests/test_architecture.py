@@ -154,3 +154,23 @@ def test_the_urlconf_admin_and_plain_commands_do_not_import_torch():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "HEAVY []" in out.stdout, out.stdout[-2000:]
+
+
+def test_only_the_pacs_push_decrypts_the_linkage():
+    """The honest-broker linkage is read (decrypted) by the PACS push alone, and never
+    registered in the admin nor written to a backup."""
+    readers = []
+    for path in _sources():
+        if path.name == "linkage.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "annotator.linkage":
+                if any(alias.name == "linkage_read" for alias in node.names):
+                    readers.append(_module_name(path))
+            if isinstance(node, ast.Attribute) and node.attr == "linkage_read":
+                readers.append(_module_name(path))
+    assert sorted(set(readers)) == ["annotator.pacs"]
+    for name in ("admin.py", "backup.py"):
+        source = (ROOT / "annotator" / name).read_text()
+        assert "DicomLinkage" not in source and "linkage" not in source.lower(), name

@@ -110,6 +110,31 @@ def test_no_marker_in_the_database_files_logs_backup_label_studio_or_pages(
     assert _where(result["hits"]) == []
 
 
+def test_with_the_linkage_kept_and_series_stacked_no_marker_leaks_either(
+        project, admin_client, tmp_path, caplog, settings, django_capture_on_commit_callbacks):
+    """The same corpus with an honest-broker linkage kept (LINKAGE_KEY) and DICOM series
+    stacked into one scan: the linkage rows exist, and still no marker is found anywhere,
+    the database dump (with the encrypted linkage) and the backup included."""
+    from annotator.models import DicomLinkage
+
+    settings.LINKAGE_KEY = "a-linkage-key-for-the-phi-test-" * 2
+    project.dicom_grouping = "series"
+    project.save(update_fields=["dicom_grouping"])
+    caplog.set_level(logging.INFO)
+    rng = random.Random(SEED + 3)
+    _brain_scans(project, tmp_path / "brain", per_class=1)
+    imported = phi_corpus(rng, small=True)
+    jobs, extra = phi_import(project, imported, tmp_path, rng)
+    assert jobs[0].imported >= 1
+    assert DicomLinkage.objects.filter(scan__project=project).exists(), \
+        "no linkage was kept: the test would prove nothing about it"
+    result = phi_search(imported + extra, [project], admin_client,
+                        logs={"logs": _by_level(caplog)["logs (INFO and above)"]},
+                        workdir=tmp_path)
+    assert result["page_errors"] == []
+    assert _where(result["hits"]) == []
+
+
 def test_no_marker_in_debug_logs(project, admin_client, tmp_path, caplog, imported_everywhere):
     plants = imported_everywhere["plants"]
     debug = _by_level(caplog)["logs (DEBUG records)"]

@@ -99,6 +99,18 @@ class DecodedScan:
     meta: dict = field(default_factory=dict)
     patient_key: str = ""
     warnings: list[str] = field(default_factory=list)
+    # DICOM only, and only when asked (``decode_scan(linkage=True)``): the original
+    # identifiers a report sent back to the PACS needs (LINKAGE_FIELDS). PHI: the caller
+    # encrypts it at once (annotator/linkage.py) and never logs, shows or stores it in clear.
+    linkage: dict | None = field(default=None, repr=False)
+
+
+# What an honest-broker linkage keeps of the original DICOM: enough for a structured report
+# to be filed next to the original study, for the original patient.
+LINKAGE_FIELDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+                  "PatientSex", "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime",
+                  "AccessionNumber", "ReferringPhysicianName", "SeriesInstanceUID",
+                  "SOPInstanceUID", "SOPClassUID", "Modality")
 
 
 # --- format sniffing -------------------------------------------------------
@@ -694,6 +706,7 @@ def decode_scan(
     keep_copy: bool = True,
     window: tuple[float, float] | None = None,
     frame: int | None = None,
+    linkage: bool = False,
 ) -> DecodedScan:
     """Decode one file's bytes. Raises ``ScanDecodeError`` with a clear reason.
 
@@ -708,6 +721,8 @@ def decode_scan(
     (DICOM: after the modality LUT, in its units, e.g. HU; rasters: their stored 8- or
     16-bit values) instead of by its default; colour images ignore it. ``meta["window"]``
     (the default window) and ``meta["value_range"]`` describe a greyscale image's values.
+    ``linkage=True``: a DICOM's original identifiers come back in ``DecodedScan.linkage``
+    (for the encrypted honest-broker table; nothing else may read them).
     ``frame``: which frame of a multi-frame DICOM (a stacked series) ``pixels`` shows,
     counted from 0; default the middle one, the representative slice the models see.
     Any failure of pydicom or Pillow becomes a ``ScanDecodeError``.
@@ -728,8 +743,10 @@ def decode_scan(
     budget = _budget(max_pixels, request_max_pixels)
     try:
         if kind in ("dicom", "dicom?"):
-            return _decode_dicom(data, salt=salt, budget=budget, sure=kind == "dicom",
-                                 keep_copy=keep_copy, window=window, frame=frame)
+            decoded = _decode_dicom(data, salt=salt, budget=budget, sure=kind == "dicom",
+                                    keep_copy=keep_copy, window=window, frame=frame,
+                                    linkage=linkage)
+            return decoded
         return _decode_raster(data, kind=kind, budget=budget, keep_copy=keep_copy,
                               window=window)
     except ScanDecodeError:
@@ -936,7 +953,8 @@ def _percentile_window(
 
 
 def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
-                  keep_copy: bool = True, window=None, frame: int | None = None) -> DecodedScan:
+                  keep_copy: bool = True, window=None, frame: int | None = None,
+                  linkage: bool = False) -> DecodedScan:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -1099,7 +1117,18 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         meta=meta,
         patient_key=patient_key,
         warnings=notes,
+        linkage=_linkage(ds) if linkage else None,
     )
+
+
+def _linkage(ds) -> dict:
+    """The original identifiers of LINKAGE_FIELDS as plain strings (absent ones left out)."""
+    found = {}
+    for keyword in LINKAGE_FIELDS:
+        value = ds.get(keyword)
+        if value is not None and str(value).strip():
+            found[keyword] = str(value).strip()
+    return found
 
 
 def _integer(value: object) -> int | None:

@@ -1,0 +1,36 @@
+"""python manage.py pacs_push --project NAME [--dicomweb URL]"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from annotator import pacs
+from annotator.models import Project
+
+
+class Command(BaseCommand):
+    help = ("Send results back to the PACS as DICOM structured reports (STOW-RS), each in its "
+            "original study: the adjudicated or majority label (or the findings present), the "
+            "reader's role (no names), the model's suggestion, confidence and version. Needs "
+            "LINKAGE_KEY (set before the scans were imported); a scan is sent again only when "
+            "its result or the model changed.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("--project", required=True)
+        parser.add_argument("--dicomweb", default=None,
+                            help="the server's DICOMweb root (default: PACS_DICOMWEB_URL)")
+
+    def handle(self, *args, **opts):
+        url = opts["dicomweb"] or settings.PACS_DICOMWEB_URL
+        if not url:
+            raise CommandError("no DICOMweb server: pass --dicomweb URL or set PACS_DICOMWEB_URL")
+        project = Project.objects.filter(name=opts["project"]).first()
+        if project is None:
+            raise CommandError(f"no project named {opts['project']!r}")
+        try:
+            summary = pacs.pacs_push(project=project, url=url, log=self.stdout.write)
+        except pacs.PacsError as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(self.style.SUCCESS(f"PACS push from {project.name!r}: "
+                                             f"{summary.words()}"))

@@ -1,0 +1,153 @@
+"""A real Orthanc PACS, out: with LINKAGE_KEY set, studies pulled from Orthanc keep an
+encrypted honest-broker linkage; labeled scans go back as DICOM structured reports into
+their original studies (read back from Orthanc and checked), once per result; without the
+key nothing is kept and nothing can be sent; the linkage never shows an identifier in clear."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from annotator import services
+from annotator.models import Annotation, DicomLinkage, PacsReport, Scan
+from tests.annotator.test_series_split import write_series
+from tests.pacs.conftest import orthanc_delete_all, orthanc_store
+
+pytestmark = [pytest.mark.django_db]
+
+KEY = "k" * 12 + "a-long-random-linkage-secret-for-tests"
+
+
+@pytest.fixture
+def pulled(orthanc_server, project, tmp_path, settings, users):
+    """Two CT studies in Orthanc, pulled into the project with the linkage on."""
+    settings.LINKAGE_KEY = KEY
+    orthanc_delete_all(orthanc_server)
+    written = write_series(tmp_path / "ct", patients=2, slices=2, first_patient=70)
+    for path in sorted((tmp_path / "ct").glob("*.dcm")):
+        orthanc_store(orthanc_server, path.read_bytes())
+    call_command("pacs_pull", "--project", project.name, "--dicomweb",
+                 orthanc_server["dicomweb"])
+    yield orthanc_server, written
+    orthanc_delete_all(orthanc_server)
+
+
+def _sr_in_orthanc(server) -> list[dict]:
+    """Every SR instance Orthanc holds, as its simplified tags."""
+    found = []
+    with urllib.request.urlopen(f"{server['url']}/instances?expand", timeout=10) as response:
+        instances = json.loads(response.read())
+    for instance in instances:
+        with urllib.request.urlopen(f"{server['url']}/instances/{instance['ID']}/simplified-tags",
+                                    timeout=10) as response:
+            tags = json.loads(response.read())
+        if tags.get("Modality") == "SR":
+            found.append(tags)
+    return found
+
+
+def test_results_go_back_as_structured_reports_in_their_studies(pulled, project, users,
+                                                                 capsys):
+    server, written = pulled
+    scans = list(Scan.objects.filter(project=project).order_by("pk"))
+    assert len(scans) == 4 and DicomLinkage.objects.filter(scan__project=project).count() == 4
+    # the linkage holds no identifier in clear
+    identifiers = {v["patient"] for v in written.values()} | {v["study"] for v in written.values()}
+    for token in DicomLinkage.objects.values_list("token", flat=True):
+        assert not any(i in token for i in identifiers) and "Doe" not in token
+
+    normal, _ = services.label_class_get_or_create(project=project, name="normal")
+    nodule, _ = services.label_class_get_or_create(project=project, name="nodule")
+    services.annotation_create(scan=scans[0], reader=users["alice"], label_class=normal)
+    services.annotation_create(scan=scans[1], reader=users["alice"], label_class=normal)
+    services.annotation_create(scan=scans[1], reader=users["bob"], label_class=nodule,
+                               source=Annotation.Source.ADJUDICATION)
+    call_command("pacs_push", "--project", project.name, "--dicomweb", server["dicomweb"])
+    out = capsys.readouterr().out
+    assert "2 report(s) sent" in out and "2 scan(s) without a result yet" in out
+
+    reports = _sr_in_orthanc(server)
+    assert len(reports) == 2
+    studies = {v["study"] for v in written.values()}
+    patients = {v["patient"] for v in written.values()}
+    for tags in reports:
+        assert tags["StudyInstanceUID"] in studies          # filed in the original study
+        assert tags["PatientID"] in patients                # of the original patient
+    # the content, read back from Orthanc as DICOM
+    import io
+
+    import pydicom
+
+    sop = PacsReport.objects.get(scan=scans[1]).sop_instance_uid
+    with urllib.request.urlopen(f"{server['url']}/tools/find", data=json.dumps({
+            "Level": "Instance", "Query": {"SOPInstanceUID": sop}}).encode(),
+            timeout=10) as response:
+        orthanc_id = json.loads(response.read())[0]
+    with urllib.request.urlopen(f"{server['url']}/instances/{orthanc_id}/file",
+                                timeout=10) as response:
+        sr = pydicom.dcmread(io.BytesIO(response.read()))
+    said = {item.ConceptNameCodeSequence[0].CodeMeaning: (
+        str(item.get("TextValue", "")) or (item.ConceptCodeSequence[0].CodeMeaning
+                                           if "ConceptCodeSequence" in item else ""))
+        for item in sr.ContentSequence}
+    assert said["Finding"] == "nodule" and said["Reader role"] == "reviewer (adjudicated)"
+    assert "Source" in said                                 # the image it is about
+    assert not any(n in str(v) for v in said.values() for n in ("alice", "bob"))
+
+    # nothing changed: nothing sent again; a changed result is sent once more
+    call_command("pacs_push", "--project", project.name, "--dicomweb", server["dicomweb"])
+    assert "0 report(s) sent, 2 unchanged" in capsys.readouterr().out
+    services.annotation_create(scan=scans[0], reader=users["bob"], label_class=nodule,
+                               source=Annotation.Source.ADJUDICATION)
+    call_command("pacs_push", "--project", project.name, "--dicomweb", server["dicomweb"])
+    assert "1 report(s) sent, 1 unchanged" in capsys.readouterr().out
+    assert len(_sr_in_orthanc(server)) == 3
+
+
+def test_without_the_key_nothing_is_kept_or_sent(orthanc_server, project, tmp_path, settings):
+    settings.LINKAGE_KEY = None
+    orthanc_delete_all(orthanc_server)
+    write_series(tmp_path / "ct", patients=1, slices=2, first_patient=80)
+    for path in sorted((tmp_path / "ct").glob("*.dcm")):
+        orthanc_store(orthanc_server, path.read_bytes())
+    call_command("pacs_pull", "--project", project.name, "--dicomweb",
+                 orthanc_server["dicomweb"])
+    assert Scan.objects.filter(project=project).count() == 2
+    assert not DicomLinkage.objects.exists()
+    with pytest.raises(CommandError, match="LINKAGE_KEY is not set"):
+        call_command("pacs_push", "--project", project.name, "--dicomweb",
+                     orthanc_server["dicomweb"])
+    # a key set later does not invent a linkage for scans imported without one
+    settings.LINKAGE_KEY = KEY
+    from annotator import pacs
+
+    summary = pacs.pacs_push(project=project, url=orthanc_server["dicomweb"])
+    assert summary.sent == 0
+    orthanc_delete_all(orthanc_server)
+
+
+def test_a_linkage_made_with_another_key_cannot_be_read(project, settings, tmp_path):
+    from annotator.linkage import LinkageError, linkage_read, linkage_store
+    from tests.conftest import run_import
+
+    settings.LINKAGE_KEY = KEY
+    write_series(tmp_path / "ct", patients=1, slices=1, first_patient=90)
+    run_import(project, tmp_path / "ct", layout="flat")
+    scan = Scan.objects.get(project=project)
+    assert linkage_read(scan)["PatientID"] == "PAT-0090"
+    settings.LINKAGE_KEY = "another-key-" * 4
+    with pytest.raises(LinkageError, match="encrypted with another key"):
+        linkage_read(scan)
+    assert linkage_store(scan, {}) is None
+
+
+def test_a_short_linkage_key_is_refused_at_start_up(settings):
+    from django.core.checks import run_checks
+
+    settings.LINKAGE_KEY = "short"
+    assert "medlabel.E003" in {m.id for m in run_checks()}
+    settings.LINKAGE_KEY = KEY
+    assert "medlabel.E003" not in {m.id for m in run_checks()}
