@@ -35,7 +35,10 @@ class UploadForm(forms.Form):
         initial="uploads",
         help_text="Site, scanner or collection these scans come from.",
     )
-    split = forms.ChoiceField(choices=Split.choices, initial=Split.POOL)
+    split = forms.ChoiceField(
+        choices=[*Split.choices, ("auto:0.2", "Automatic: about 20% of the patients to eval, "
+                                              "each patient wholly on one side")],
+        initial=Split.POOL)
     modality = forms.ChoiceField(
         required=False, choices=(),
         help_text="For PNG, JPEG and TIFF files, which do not say (DICOM files do).")

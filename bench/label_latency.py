@@ -95,6 +95,11 @@ def main(argv=None) -> int:
                              "reader marks the scan's finding, or presses 0 for no finding")
     parser.add_argument("--no-finding", default="no_tumor",
                         help="--findings: the class folder that means 'no finding'")
+    parser.add_argument("--series", type=int, default=0, metavar="SLICES",
+                        help="read CT series instead: a project importing DICOM per series, "
+                        "with synthetic CT series of this many slices each (bench/dicom_series.py, "
+                        "from pydicom's real CT slice) in two class folders; the label page "
+                        "shows the middle slice and scrolls the others")
     parser.add_argument("--chromium", default=os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None)
@@ -135,6 +140,18 @@ def main(argv=None) -> int:
     project = services.project_create(name="latency")
     if args.findings:
         return _findings_run(args, project, workdir, server_env, devnull)
+    if args.series:
+        from bench.dicom_series import write_series
+
+        per_class = (args.answers + 10) // 2 + 6
+        for split, root, offset in (("pool", workdir / "series-pool", 0),
+                                    ("eval", workdir / "series-eval", 500)):
+            for k, name in enumerate(("normal", "lesion")):
+                write_series(root / name, patients=per_class if split == "pool" else 6,
+                             slices=args.series, seed=k, first_patient=offset + 100 * k)
+        args.source, args.eval_source = str(workdir / "series-pool"), str(workdir / "series-eval")
+        project.dicom_grouping = "series"
+        project.save(update_fields=["dicom_grouping"])
     call_command("import_scans", args.source, project=project.name, layout="class-folders",
                  no_progress=True, stdout=devnull)
     # the oracle: keep the folder labels aside, then remove them so the pool is unlabeled

@@ -3,7 +3,6 @@ patients on one side (issue 19), on DICOM files made from pydicom's real CT slic
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pydicom
@@ -12,41 +11,8 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 
 from annotator.models import ImportJob, Scan
-from tests.base import pydicom_test_files
+from bench.dicom_series import write_series
 from tests.conftest import run_import
-
-
-def write_series(folder, *, patients: int, slices: int, seed: int = 0,
-                 first_patient: int = 0) -> dict[str, dict]:
-    """CT_small.dcm rewritten as ``patients`` patients with one study and one series of
-    ``slices`` slices each (distinct pixels, positions 5 mm apart). Returns the identities
-    written, by file name."""
-    source = {p.name: p for p in pydicom_test_files()}["CT_small.dcm"]
-    rng = np.random.default_rng(seed)
-    written = {}
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in range(first_patient, first_patient + patients):
-        study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-        for s in range(slices):
-            ds = pydicom.dcmread(source)
-            pixels = ds.pixel_array.astype(np.int16) + rng.integers(0, 40, ds.pixel_array.shape,
-                                                                    dtype=np.int16)
-            ds.PixelData = pixels.tobytes()
-            ds.PatientID = f"PAT-{p:04d}"
-            ds.PatientName = f"Doe^Patient{p}"
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.SOPInstanceUID = pydicom.uid.generate_uid()
-            ds.SeriesNumber, ds.InstanceNumber = 3, s + 1
-            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-            ds.ImagePositionPatient = [-158.0, -179.0, -20.0 + 5.0 * s]
-            ds.SliceThickness = 5
-            name = f"p{p:03d}-s{s:02d}.dcm"
-            buffer = io.BytesIO()
-            ds.save_as(buffer)
-            (folder / name).write_bytes(buffer.getvalue())
-            written[name] = {"patient": ds.PatientID, "study": study, "series": series,
-                             "slice": s}
-    return written
 
 
 def test_study_and_series_keys_are_pseudonymous_and_slices_keep_their_order(project, tmp_path):
@@ -129,7 +95,7 @@ def test_a_series_becomes_one_scan_with_its_slices_in_order(project, tmp_path, c
 
     project.dicom_grouping = "series"
     project.save(update_fields=["dicom_grouping"])
-    written = write_series(tmp_path / "ct", patients=2, slices=5)
+    write_series(tmp_path / "ct", patients=2, slices=5)
     # shuffle the file order on disk: the stack follows the positions, not the names
     for path in list((tmp_path / "ct").glob("*.dcm")):
         path.rename(path.with_name(f"x{hash(path.name) % 997:03d}-{path.name}"))

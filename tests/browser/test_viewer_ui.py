@@ -162,7 +162,7 @@ def test_a_series_scrolls_slice_by_slice(browser_page, project, users, tmp_path)
     """A CT series imported as one scan: ↑/↓ and the wheel page through its slices in
     position order, each rendered from the stored values, the readout saying where."""
     from annotator import services as annotator_services
-    from tests.annotator.test_series_split import write_series
+    from bench.dicom_series import write_series
 
     page = browser_page
     project.dicom_grouping = "series"

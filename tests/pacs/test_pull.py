@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from annotator.models import ImportJob, Scan
 from ml_backend.data.deid import study_pseudonym
-from tests.annotator.test_series_split import write_series
+from bench.dicom_series import write_series
 from tests.base import media_files, pydicom_test_files
 from tests.pacs.conftest import orthanc_delete_all, orthanc_store
 

@@ -13,7 +13,7 @@ from django.core.management import CommandError, call_command
 
 from annotator import services
 from annotator.models import Annotation, DicomLinkage, PacsReport, Scan
-from tests.annotator.test_series_split import write_series
+from bench.dicom_series import write_series
 from tests.pacs.conftest import orthanc_delete_all, orthanc_store
 
 pytestmark = [pytest.mark.django_db]
