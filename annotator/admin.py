@@ -17,6 +17,7 @@ from annotator.models import (
     LabelSet,
     LabelStudioTask,
     Membership,
+    PacsReport,
     Project,
     Scan,
     ScanLease,
@@ -380,3 +381,17 @@ class AuditEventAdmin(admin.ModelAdmin):
                                 content_type="text/csv")
         response["Content-Disposition"] = 'attachment; filename="medlabel-audit.csv"'
         return response
+
+
+@admin.register(PacsReport)
+class PacsReportAdmin(admin.ModelAdmin):
+    """What was sent back to the PACS (`manage.py pacs_push`), read-only."""
+
+    list_display = ["scan", "result", "model_version", "sent_at"]
+    list_filter = ["scan__project", "model_version"]
+    search_fields = ["=scan__id", "result", "sop_instance_uid"]
+    readonly_fields = ["scan", "result", "model_version", "sop_instance_uid", "sent_at"]
+
+    def has_add_permission(self, request):
+        return False
+
