@@ -2,6 +2,7 @@ from django.urls import path
 
 from annotator import (
     views,
+    views_account,
     views_clusters,
     views_label,
     views_reports,
@@ -14,6 +15,7 @@ app_name = "annotator"
 
 urlpatterns = [
     path("", views.project_list, name="project_list"),
+    path("account/", views_account.account, name="account"),
     path("projects/<int:project_id>/", views.project_detail, name="project_detail"),
     path("projects/<int:project_id>/upload/", views.upload, name="upload"),
     path("projects/<int:project_id>/jobs.json", views.project_jobs, name="project_jobs"),

@@ -38,6 +38,10 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "annotator",
     "ml_backend",
 ]
@@ -195,6 +199,38 @@ LABEL_STUDIO_RECONCILE_MINUTES = env_int("LABEL_STUDIO_RECONCILE_MINUTES", 0, mi
 SITE_URL = (env_str("SITE_URL") or "http://127.0.0.1:8000").rstrip("/")
 # Optional HTTP Basic auth on the ML backend endpoints (/ml/...), as "user:password".
 ML_BACKEND_BASIC_AUTH = env_str("ML_BACKEND_BASIC_AUTH")
+
+# The REST API (annotator/api/, README "API"): per-user tokens or the browser session,
+# pages of API_PAGE_SIZE, throttled per user, errors as problem JSON.
+API_PAGE_SIZE = env_int("API_PAGE_SIZE", 50, minimum=1)
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": API_PAGE_SIZE,
+    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle",
+                                 "rest_framework.throttling.AnonRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"user": env_str("API_THROTTLE_USER") or "5000/hour",
+                               "anon": env_str("API_THROTTLE_ANON") or "60/hour"},
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "annotator.api.errors.problem_handler",
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer",
+                                 "rest_framework.renderers.BrowsableAPIRenderer"],
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "MedLabel API",
+    "DESCRIPTION": "Active-learning annotation of medical scans: projects, scans, classes and "
+                   "findings, answers, the worklist, model versions, predictions and training "
+                   "runs. Authenticate with `Authorization: Token <your token>`.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",          # served from this site, no CDN
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
 
 CELERY_BEAT_SCHEDULE = {}
 if RETRAIN_EVERY_HOURS:

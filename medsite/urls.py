@@ -4,6 +4,7 @@ from django.http import HttpResponse
 from django.urls import include, path
 from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 # The site's icon (a scan frame), for the pages that do not link one (Django admin): a
 # browser asks for /favicon.ico on every site, and a 404 there is noise in its console.
@@ -24,5 +25,8 @@ urlpatterns = [
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("ml/", include("ml_backend.urls")),
+    path("api/v1/", include("annotator.api.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("", include("annotator.urls")),
 ]

@@ -1,0 +1,31 @@
+"""Errors as problem JSON (RFC 9457): ``{"type", "title", "status", "detail"}`` with a
+message a person can act on, for every API error (validation, auth, 404, throttling)."""
+
+from __future__ import annotations
+
+from rest_framework.views import exception_handler
+
+
+def problem_handler(exc, context):
+    response = exception_handler(exc, context)
+    if response is None:
+        return None
+    data = response.data
+    if isinstance(data, dict) and set(data) == {"detail"}:
+        detail = str(data["detail"])
+        fields = None
+    else:
+        fields = data
+        detail = "; ".join(f"{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                           for k, v in (data.items() if isinstance(data, dict) else
+                                        [("request", data)]))
+    title = {400: "Bad request", 401: "Not signed in", 403: "Not allowed", 404: "Not found",
+             405: "Method not allowed", 409: "Conflict", 415: "Unsupported media type",
+             429: "Too many requests"}.get(response.status_code, "Error")
+    body = {"type": "about:blank", "title": title, "status": response.status_code,
+            "detail": detail}
+    if fields is not None:
+        body["errors"] = fields
+    response.data = body
+    response.content_type = "application/problem+json"
+    return response

@@ -1,0 +1,121 @@
+"""The REST API as a script uses it: a token, the projects it may see, scans with filters,
+the worklist, an answer recorded exactly as on the label page, models, runs, a refit; another
+project's ids are 404; errors are problem JSON; the OpenAPI schema and its docs are served."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+from rest_framework.authtoken.models import Token
+
+from annotator.models import Annotation, LabelClass
+from ml_backend.models import TrainingRun
+from tests.conftest import brain_truth
+
+pytestmark = pytest.mark.django_db
+
+
+def api(user) -> Client:
+    token, _ = Token.objects.get_or_create(user=user)
+    return Client(HTTP_AUTHORIZATION=f"Token {token.key}")
+
+
+def test_a_token_sees_its_projects_and_nothing_else(project, other_project, users):
+    alice = api(users["alice"])
+    listed = alice.get("/api/v1/projects/").json()
+    assert [p["name"] for p in listed["results"]] == [project.name]
+    assert listed["results"][0]["role"] == "clinician"
+    for url in (f"/api/v1/projects/{other_project.pk}/", f"/api/v1/projects/{other_project.pk}/scans/",
+                f"/api/v1/projects/{other_project.pk}/annotations/"):
+        response = alice.get(url)
+        assert response.status_code == 404, url
+        assert response["Content-Type"] == "application/problem+json"
+        assert response.json()["status"] == 404 and response.json()["detail"]
+    anonymous = Client().get("/api/v1/projects/")
+    assert anonymous.status_code == 401 and anonymous.json()["title"] == "Not signed in"
+    bad = Client(HTTP_AUTHORIZATION="Token nope").get("/api/v1/projects/")
+    assert bad.status_code == 401
+    assert api(users["charlie"]).get(f"/api/v1/projects/{project.pk}/").status_code == 404
+
+
+def test_scans_worklist_and_an_answer_recorded_as_on_the_label_page(encoded_project, users):
+    project = encoded_project
+    alice = api(users["alice"])
+    scans = alice.get(f"/api/v1/projects/{project.pk}/scans/", {"split": "pool"}).json()
+    assert scans["count"] == project.scans.filter(split="pool").count()
+    assert {s["split"] for s in scans["results"]} == {"pool"}
+    assert alice.get(f"/api/v1/projects/{project.pk}/scans/", {"split": "x"}).status_code == 400
+    worklist = alice.get(f"/api/v1/projects/{project.pk}/worklist/").json()
+    assert worklist["round"] and len(worklist["items"]) == project.query_batch_size
+    first = worklist["items"][0]
+    assert first["state"] == "open" and first["why"] and first["rank"] == 1
+
+    scan_id = first["scan"]["id"]
+    scan = project.scans.get(pk=scan_id)
+    truth = LabelClass.objects.get(project=project, name=brain_truth(scan))
+    body = {"scan": scan_id, "outcome": "label", "class_id": truth.pk, "duration_ms": 2300,
+            "submission_id": "script-1"}
+    made = alice.post(f"/api/v1/projects/{project.pk}/annotations/", body,
+                      content_type="application/json")
+    assert made.status_code == 201, made.content
+    annotation = Annotation.objects.get(pk=made.json()["id"])
+    assert (annotation.reader, annotation.label_class, annotation.duration_ms) == (
+        users["alice"], truth, 2300)
+    again = alice.post(f"/api/v1/projects/{project.pk}/annotations/", body,
+                       content_type="application/json")          # a retried request
+    assert again.status_code == 200 and again.json()["id"] == annotation.pk
+    labeled = alice.get(f"/api/v1/projects/{project.pk}/scans/", {"labeled": "true",
+                                                                   "split": "pool"}).json()
+    assert scan_id in {s["id"] for s in labeled["results"]}
+    wrong = alice.post(f"/api/v1/projects/{project.pk}/annotations/",
+                       {"scan": scan_id, "outcome": "label", "class_id": 999999},
+                       content_type="application/json")
+    assert wrong.status_code == 400 and "unknown class" in wrong.json()["detail"]
+    missing = alice.post(f"/api/v1/projects/{project.pk}/annotations/",
+                         {"scan": 10 ** 9, "outcome": "skip"}, content_type="application/json")
+    assert missing.status_code == 404
+    listed = alice.get(f"/api/v1/projects/{project.pk}/annotations/").json()
+    assert annotation.pk in {a["id"] for a in listed["results"]}
+
+
+def test_models_runs_and_a_refit_queued(encoded_project, users):
+    project = encoded_project
+    bob = api(users["bob"])
+    models = bob.get(f"/api/v1/projects/{project.pk}/models/").json()["results"]
+    assert models[0]["kind"] == "encoder" and models[0]["status"] == "active"
+    started = bob.post(f"/api/v1/projects/{project.pk}/refit/")
+    assert started.status_code == 201, started.content
+    run = TrainingRun.objects.get(pk=started.json()["run"])
+    assert run.kind == "refit" and run.params["requested_from"] == "api"
+    again = bob.post(f"/api/v1/projects/{project.pk}/refit/")
+    assert again.status_code == 200 and again.json()["run"] == run.pk
+    runs = bob.get(f"/api/v1/projects/{project.pk}/runs/").json()["results"]
+    assert runs[0]["id"] == run.pk and runs[0]["status"] == "queued"
+    assert bob.get(f"/api/v1/projects/{project.pk}/predictions/").json()["count"] == 0
+    assert bob.get(f"/api/v1/projects/{project.pk}/predictions/",
+                   {"version": "nope"}).status_code == 404
+
+
+def test_the_schema_and_its_docs_are_served_without_a_cdn(users):
+    client = Client()
+    client.force_login(users["alice"])
+    schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert schema.status_code == 200
+    paths = schema.json()["paths"]
+    for path in ("/api/v1/projects/", "/api/v1/projects/{project_id}/annotations/",
+                 "/api/v1/projects/{project_id}/worklist/", "/api/v1/projects/{project_id}/refit/"):
+        assert path in paths, path
+    docs = client.get("/api/docs/").content.decode()
+    assert "swagger-ui" in docs and "cdn." not in docs and "jsdelivr" not in docs
+
+
+def test_the_account_page_makes_and_revokes_a_token(client, users):
+    client.force_login(users["alice"])
+    assert "You have no token" in client.get("/account/").content.decode()
+    client.post("/account/", {"action": "token"})
+    page = client.get("/account/").content.decode()
+    key = Token.objects.get(user=users["alice"]).key
+    assert key in page                                   # shown once …
+    assert key not in client.get("/account/").content.decode()   # … and not again
+    client.post("/account/", {"action": "revoke"})
+    assert not Token.objects.filter(user=users["alice"]).exists()
