@@ -56,6 +56,8 @@ urlpatterns = [
          name="clusters_map"),
     # --- reports (annotator/views_reports.py) ---
     path("projects/<int:project_id>/reports/", views_reports.reports, name="reports"),
+    path("projects/<int:project_id>/export/labels/", views_reports.export_labels,
+         name="export_labels"),
     path("projects/<int:project_id>/reports/<str:name>.png", views_reports.chart,
          name="report_chart"),
     # --- review (annotator/views_review.py) ---

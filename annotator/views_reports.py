@@ -21,6 +21,7 @@ import numpy as np
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
 from django.shortcuts import render
+from django.views.decorators.http import require_GET
 
 from annotator import selectors
 from annotator.models import LabelClass, Project
@@ -358,3 +359,28 @@ def _findings_sections(project: Project, model: ModelVersion | None) -> list[dic
             "gate_note": gate.get("note", ""),
             "curve": curve, "curve_columns": columns})
     return sections
+
+
+@login_required
+@require_GET
+def export_labels(request, project_id: int):
+    """The labels as a download: ``?format=csv|jsonl&split=all|pool|eval&adjudicated=1``
+    (the `export_labels` command also writes an image folder)."""
+    from annotator import exports
+
+    project = selectors.project_get_for_user(request.user, project_id)
+    fmt = request.GET.get("format", "csv")
+    if fmt not in ("csv", "jsonl"):
+        return HttpResponse("format must be csv or jsonl (the image folder is made by "
+                            "`manage.py export_labels --format imagefolder`)", status=400,
+                            content_type="text/plain")
+    try:
+        rows = exports.label_rows(project, split=request.GET.get("split", "all"),
+                                  adjudicated_only=request.GET.get("adjudicated") == "1")
+    except exports.ExportError as exc:
+        return HttpResponse(str(exc), status=400, content_type="text/plain")
+    body = exports.as_csv(rows) if fmt == "csv" else exports.as_jsonl(rows)
+    response = HttpResponse(body, content_type="text/csv" if fmt == "csv"
+                            else "application/x-ndjson")
+    response["Content-Disposition"] = f'attachment; filename="labels-project-{project.pk}.{fmt}"'
+    return response

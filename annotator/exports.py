@@ -1,0 +1,142 @@
+"""Labels leave the building: one row per scan with its final label (or findings), every
+reader's answer, their agreement, and what each reader was shown (model version and score).
+
+Formats: ``csv`` and ``jsonl`` (``label_rows``), and ``imagefolder`` — one folder per split
+and class with each scan's de-identified preview PNG, which torchvision's ``ImageFolder`` or
+timm read as they are. Quarantined scans are never exported. Reads only: no row changes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+from annotator.models import Annotation, FindingAnswer, LabelClass, Project, Scan
+from annotator.selectors import findings_targets, training_labels
+
+FORMATS = ("csv", "jsonl", "imagefolder")
+CSV_FIELDS = ["scan", "split", "dataset", "label_set", "kind", "label", "findings",
+              "adjudicated", "readers", "agreement", "answers", "patient_key", "study_key",
+              "modality", "width", "height", "sha256"]
+
+
+class ExportError(Exception):
+    """The export cannot be made as asked; ``str(exc)`` says why."""
+
+
+def label_rows(project: Project, *, split: str = "all", adjudicated_only: bool = False
+               ) -> list[dict]:
+    """One dict per scan with a final result (the training label / the findings the models
+    train on, the same rules as training), in scan order."""
+    if split not in ("all", "pool", "eval"):
+        raise ExportError("split must be all, pool or eval")
+    splits = ("pool", "eval") if split == "all" else (split,)
+    final: dict[int, dict] = {}
+    for part in splits:
+        scans, class_ids = training_labels(project, split=part)
+        names = dict(LabelClass.objects.filter(project=project).values_list("pk", "name"))
+        for scan, class_id in zip(scans, class_ids):
+            final[scan.pk] = {"kind": "class", "label": names.get(class_id), "findings": None}
+        for label_set in project.label_sets.filter(kind="multi"):
+            set_scans, findings, targets = findings_targets(label_set, split=part)
+            for scan, row in zip(set_scans, targets):
+                states = {f.name: ("present" if v == 1 else "absent" if v == 0 else "uncertain")
+                          for f, v in zip(findings, row) if v == v}      # NaN: unread
+                if states:
+                    final[scan.pk] = {"kind": "findings", "label": None, "findings": states}
+    adjudicated = set(Annotation.objects.filter(
+        scan__project=project, source=Annotation.Source.ADJUDICATION).values_list(
+        "scan_id", flat=True))
+    if adjudicated_only:
+        final = {k: v for k, v in final.items() if k in adjudicated}
+    scans = Scan.objects.filter(pk__in=list(final), quarantined=False).select_related(
+        "dataset", "label_set").order_by("pk")
+    answers: dict[int, list[dict]] = {}
+    annotations = (Annotation.objects.filter(scan_id__in=list(final))
+                   .select_related("reader", "label_class", "shown_model_version",
+                                   "shown_suggestion").order_by("created_at", "pk"))
+    finding_states: dict[int, dict] = {}
+    for annotation_id, name, state in FindingAnswer.objects.filter(
+            annotation__scan_id__in=list(final)).values_list(
+            "annotation_id", "finding__name", "state"):
+        finding_states.setdefault(annotation_id, {})[name] = state
+    for a in annotations:
+        answers.setdefault(a.scan_id, []).append({
+            "reader": a.reader.username if a.reader_id else a.source,
+            "source": a.source, "outcome": a.outcome,
+            "label": a.label_class.name if a.label_class_id else None,
+            "findings": finding_states.get(a.pk),
+            "at": a.created_at.isoformat(timespec="seconds"),
+            "duration_ms": a.duration_ms,
+            "shown_model_version": a.shown_model_version.version if a.shown_model_version_id
+            else None,
+            "shown_suggestion": a.shown_suggestion.name if a.shown_suggestion_id else None,
+            "shown_confidence": a.shown_confidence})
+    rows = []
+    for scan in scans:
+        result = final[scan.pk]
+        given = [x for x in answers.get(scan.pk, []) if x["outcome"] in ("label", "findings")
+                 and x["source"] != Annotation.Source.ADJUDICATION]
+        if result["kind"] == "class":
+            agreeing = sum(x["label"] == result["label"] for x in given)
+        else:
+            agreeing = sum(x["findings"] is not None and all(
+                x["findings"].get(name, "absent") == state
+                for name, state in result["findings"].items()) for x in given)
+        rows.append({
+            "scan": scan.pk, "split": scan.split, "dataset": scan.dataset.name,
+            "label_set": scan.label_set.name if scan.label_set_id else None,
+            "kind": result["kind"], "label": result["label"], "findings": result["findings"],
+            "adjudicated": scan.pk in adjudicated, "readers": len(given),
+            "agreement": round(agreeing / len(given), 4) if given else None,
+            "answers": answers.get(scan.pk, []), "patient_key": scan.patient_key,
+            "study_key": scan.study_key, "modality": scan.modality, "width": scan.width,
+            "height": scan.height, "sha256": scan.sha256, "_preview": scan.preview.name})
+    return rows
+
+
+def as_csv(rows: list[dict]) -> str:
+    """CSV: nested fields (findings, answers) as JSON in their cell."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "findings": json.dumps(row["findings"]) if row["findings"]
+                         else "", "answers": json.dumps(row["answers"])})
+    return out.getvalue()
+
+
+def as_jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}) + "\n"
+                   for row in rows)
+
+
+def write_imagefolder(rows: list[dict], out: Path) -> dict[str, int]:
+    """``out/<split>/<class>/<scan id>.png`` from each scan's de-identified preview (single
+    label scans only: a findings scan has no one class folder); plus ``labels.csv`` with the
+    full rows. Returns the count per class."""
+    from annotator.storage import media_path
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} is not empty: export into a new folder")
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row["kind"] != "class" or not row["label"]:
+            continue
+        folder = out / row["split"] / _safe(row["label"])
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(media_path(row["_preview"]), folder / f"{row['scan']}.png")
+        counts[row["label"]] = counts.get(row["label"], 0) + 1
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "labels.csv").write_text(as_csv(rows))
+    return counts
+
+
+def _safe(name: str) -> str:
+    """A class name as a folder name (no separators, no dot-only names)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_ ." else "_" for c in name).strip(" .")
+    return cleaned or "class"

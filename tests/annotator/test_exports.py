@@ -1,0 +1,91 @@
+"""Label exports as a training script wants them: CSV / JSON lines rows with the final label,
+every reader's answer, agreement and what each was shown; an image folder torchvision reads;
+the same as a download; quarantined scans never leave."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from annotator import services
+from annotator.models import Annotation, LabelClass, Scan
+from tests.base import FIXTURES
+from tests.conftest import run_import
+
+
+@pytest.fixture
+def read_project(project, users):
+    for name in ("no_tumor", "pituitary_tumor"):
+        run_import(project, FIXTURES / "brain_mri" / "pool" / name, layout="flat",
+                   dataset_name="brain")
+        services.label_class_get_or_create(project=project, name=name)
+    run_import(project, FIXTURES / "brain_mri" / "eval" / "no_tumor", split="eval",
+               default_label="no_tumor", layout="flat")
+    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
+    pool = list(project.scans.filter(split="pool").order_by("pk"))
+    services.annotation_create(scan=pool[0], reader=users["alice"],
+                               label_class=classes["no_tumor"], duration_ms=1200)
+    services.annotation_create(scan=pool[1], reader=users["alice"],
+                               label_class=classes["no_tumor"])
+    services.annotation_create(scan=pool[1], reader=users["dora"],
+                               label_class=classes["pituitary_tumor"])
+    services.annotation_create(scan=pool[1], reader=users["bob"],
+                               label_class=classes["pituitary_tumor"],
+                               source=Annotation.Source.ADJUDICATION)
+    Scan.objects.filter(pk=pool[2].pk).update(quarantined=True)
+    services.annotation_create(scan=pool[2], reader=users["alice"],
+                               label_class=classes["no_tumor"])
+    project.pool = pool
+    return project
+
+
+def test_csv_and_jsonl_rows(read_project, tmp_path):
+    project, pool = read_project, read_project.pool
+    call_command("export_labels", "--project", project.name, "--format", "jsonl",
+                 "--out", str(tmp_path / "labels.jsonl"))
+    rows = {r["scan"]: r for r in map(json.loads,
+                                      (tmp_path / "labels.jsonl").read_text().splitlines())}
+    assert rows[pool[0].pk]["label"] == "no_tumor" and rows[pool[0].pk]["agreement"] == 1.0
+    assert rows[pool[0].pk]["answers"][0]["duration_ms"] == 1200
+    disputed = rows[pool[1].pk]
+    assert disputed["label"] == "pituitary_tumor" and disputed["adjudicated"] is True
+    assert disputed["readers"] == 2 and disputed["agreement"] == 0.5
+    assert {a["reader"] for a in disputed["answers"]} == {"alice", "dora", "bob"}
+    assert pool[2].pk not in rows                                  # quarantined: never
+    evals = [r for r in rows.values() if r["split"] == "eval"]
+    assert evals and all(r["label"] == "no_tumor" for r in evals)
+    call_command("export_labels", "--project", project.name, "--format", "csv",
+                 "--out", str(tmp_path / "labels.csv"), "--split", "pool", "--adjudicated")
+    table = list(csv.DictReader(io.StringIO((tmp_path / "labels.csv").read_text())))
+    assert [int(r["scan"]) for r in table] == [pool[1].pk]
+    assert json.loads(table[0]["answers"])[0]["label"] == "no_tumor"
+
+
+def test_an_image_folder_torchvision_reads(read_project, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    call_command("export_labels", "--project", read_project.name, "--format", "imagefolder",
+                 "--out", str(tmp_path / "images"))
+    pool = ImageFolder(str(tmp_path / "images" / "pool"))
+    assert pool.classes == ["no_tumor", "pituitary_tumor"] and len(pool) == 2
+    image, target = pool[0]
+    assert image.size[0] > 0 and pool.classes[target] in ("no_tumor", "pituitary_tumor")
+    assert (tmp_path / "images" / "labels.csv").exists()
+    with pytest.raises(CommandError, match="not empty"):
+        call_command("export_labels", "--project", read_project.name, "--format",
+                     "imagefolder", "--out", str(tmp_path / "images"))
+
+
+def test_the_download_is_for_members_only(read_project, client, users):
+    client.force_login(users["alice"])
+    url = f"/projects/{read_project.pk}/export/labels/"
+    response = client.get(url, {"format": "csv"})
+    assert response.status_code == 200 and "attachment" in response["Content-Disposition"]
+    assert response.content.decode().startswith("scan,split,dataset")
+    assert client.get(url, {"format": "xml"}).status_code == 400
+    client.force_login(users["charlie"])
+    assert client.get(url, {"format": "csv"}).status_code == 404
