@@ -1,0 +1,143 @@
+"""Classifiers that leave the building: one self-contained network per label set, image in,
+calibrated class probabilities out, as ONNX (checked with onnxruntime) or TorchScript. Pure:
+no Django.
+
+Input ``image``: ``float32 (N, C, S, S)`` in ``[0, 1]`` — the scan's 8-bit preview (a DICOM
+already windowed), padded to a square with black, resized to ``S`` (bilinear) and divided by
+255; ``C`` is 1 (greyscale) or 3 (RGB). The network normalises with the training mean and
+standard deviation itself, then runs the encoder and the head:
+
+* a refit version (``LinearHead`` on frozen embeddings): ``softmax((((f - mean) / scale)
+  @ coef.T + intercept) / T)``;
+* a fine-tuned or distilled network: ``softmax(logits / T)``.
+
+Output ``probabilities``: ``float32 (N, K)`` over the label set's classes, in the order the
+model card lists.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ExportError(Exception):
+    """The model cannot be exported as asked; ``str(exc)`` says why."""
+
+
+class _Normalise(nn.Module):
+    def __init__(self, mean: float, std: float, channels: int):
+        super().__init__()
+        self.register_buffer("mean", torch.full((1, channels, 1, 1), float(mean)))
+        self.register_buffer("std", torch.full((1, channels, 1, 1), float(std)))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class _LinearHead(nn.Module):
+    """A ``LinearHead`` (ml_backend.active.refit) as torch: standardise, linear, /T, softmax."""
+
+    def __init__(self, head):
+        super().__init__()
+        if getattr(head, "prototypes", None) is not None:
+            raise ExportError("this head blends a nearest-class-mean component, which the "
+                              "export does not carry yet: refit without it to export")
+        self.register_buffer("mean", torch.as_tensor(np.asarray(head.mean, np.float32)))
+        self.register_buffer("scale", torch.as_tensor(np.asarray(head.scale, np.float32)))
+        coef = np.asarray(head.coef, np.float32)
+        intercept = np.asarray(head.intercept, np.float32)
+        if coef.shape[0] == 1 and len(head.class_ids) == 2:   # a binary logistic regression
+            coef = np.concatenate([-coef / 2, coef / 2])
+            intercept = np.concatenate([-intercept / 2, intercept / 2])
+        self.linear = nn.Linear(coef.shape[1], coef.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.as_tensor(coef))
+            self.linear.bias.copy_(torch.as_tensor(intercept))
+        self.temperature = float(head.temperature)
+
+    def forward(self, features):
+        z = self.linear((features - self.mean) / self.scale)
+        return torch.softmax(z / self.temperature, dim=-1)
+
+
+class ExportedClassifier(nn.Module):
+    """``image (N, C, S, S) in [0, 1]`` → ``probabilities (N, K)``."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, *, mean: float, std: float,
+                 channels: int):
+        super().__init__()
+        self.normalise = _Normalise(mean, std, channels)
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, image):
+        return self.head(self.encoder(self.normalise(image)))
+
+
+class _Softmax(nn.Module):
+    def __init__(self, classifier: nn.Module, temperature: float):
+        super().__init__()
+        self.classifier = classifier
+        self.temperature = float(temperature)
+
+    def forward(self, x):
+        return torch.softmax(self.classifier(x).float() / self.temperature, dim=-1)
+
+
+def head_network(encoder: nn.Module, head, config) -> ExportedClassifier:
+    """Encoder + refit head of one label set (``config``: the encoder's PretrainConfig)."""
+    augment = config.augment_config()
+    return ExportedClassifier(encoder, _LinearHead(head), mean=augment.mean, std=augment.std,
+                              channels=config.channels).eval()
+
+
+def cnn_network(classifier: nn.Module, config, temperature: float) -> ExportedClassifier:
+    """A fine-tuned / distilled classifier network with its temperature."""
+    augment = config.augment_config()
+    return ExportedClassifier(nn.Identity(), _Softmax(classifier, temperature),
+                              mean=augment.mean, std=augment.std,
+                              channels=config.channels).eval()
+
+
+def write(network: ExportedClassifier, path: Path, *, fmt: str, size: int,
+          channels: int) -> Path:
+    """Write ``network`` as ONNX (opset 17, dynamic batch) or TorchScript (traced)."""
+    network = network.float().eval()
+    example = torch.rand(2, channels, size, size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        if fmt == "onnx":
+            buffer = io.BytesIO()
+            torch.onnx.export(network, (example,), buffer, input_names=["image"],
+                              output_names=["probabilities"],
+                              dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+            path.write_bytes(buffer.getvalue())
+        elif fmt == "torchscript":
+            torch.jit.trace(network, example).save(str(path))
+        else:
+            raise ExportError(f"unknown format {fmt!r}: use onnx or torchscript")
+    return path
+
+
+def check(network: ExportedClassifier, path: Path, images: np.ndarray, *, fmt: str) -> float:
+    """The largest difference between PyTorch and the written file (onnxruntime for ONNX) on
+    ``images`` (``float32 (N, C, S, S)`` in [0, 1])."""
+    x = torch.as_tensor(np.ascontiguousarray(images, dtype=np.float32))
+    with torch.no_grad():
+        expected = network.float().eval()(x).numpy()
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(["probabilities"], {"image": x.numpy()})[0]
+    else:
+        with torch.no_grad():
+            got = torch.jit.load(str(path))(x).numpy()
+    return float(np.abs(got - expected).max())

@@ -1,0 +1,69 @@
+"""A classifier leaves the building: ONNX per label set that onnxruntime runs with the same
+probabilities as the product's own predictions (within 1e-4) on real scans, TorchScript too,
+and a model card with the evaluation, lineage and limitations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from django.core.management import CommandError, call_command
+
+from tests.factories import trained_project
+
+
+@pytest.fixture
+def trained(encoded_project, users):
+    return trained_project(encoded_project, users["bob"])
+
+
+def test_onnx_matches_the_products_predictions_on_real_scans(trained, tmp_path):
+    import onnxruntime
+
+    from ml_backend.services.artifacts import images_for
+    from ml_backend.services.inference import predictor_for
+
+    project = trained
+    model = project.active_model
+    call_command("export_model", "--project", project.name, "--format", "onnx",
+                 "--out", str(tmp_path / "onnx"))
+    card = json.loads((tmp_path / "onnx" / "model-card.json").read_text())
+    assert card["model"] == model.version and card["evaluation"]["eval_scans"] > 0
+    assert card["lineage"][0]["version"] == model.version
+    assert card["lineage"][1]["version"] == model.parent.version
+    entry = card["files"][0]
+    assert entry["max_difference"] <= 1e-4 and entry["checked_on_scans"] > 0
+    markdown = (tmp_path / "onnx" / "model-card.md").read_text()
+    assert "## Limitations" in markdown and "Not a medical device" in markdown
+    # run it as a deployment would, against what the product itself predicts
+    scans = list(project.scans.filter(split="eval").order_by("pk")[:12])
+    pconfig = model.parent.config["pretrain"]
+    images = images_for(scans, pconfig["image_size"], 1).astype(np.float32)[:, None] / 255.0
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / entry["file"]),
+                                           providers=["CPUExecutionProvider"])
+    got = session.run(["probabilities"], {"image": images})[0]
+    expected = predictor_for(model)(scans)
+    names = {c["id"]: c["name"] for c in model.config["classes"]}
+    columns = [[names[c] for c in [c["id"] for c in model.config["classes"]]].index(n)
+               for n in entry["classes"]]
+    np.testing.assert_allclose(got, expected[:, columns], atol=1e-4)
+
+
+def test_torchscript_and_clear_refusals(trained, tmp_path):
+    import torch
+
+    project = trained
+    call_command("export_model", "--project", project.name, "--format", "torchscript",
+                 "--out", str(tmp_path / "ts"))
+    card = json.loads((tmp_path / "ts" / "model-card.json").read_text())
+    network = torch.jit.load(str(tmp_path / "ts" / card["files"][0]["file"]))
+    size = card["files"][0]["input"]["shape"][2]
+    out = network(torch.rand(3, 1, size, size))
+    assert out.shape == (3, len(card["files"][0]["classes"]))
+    assert torch.allclose(out.sum(dim=1), torch.ones(3), atol=1e-5)
+    with pytest.raises(CommandError, match="not empty"):
+        call_command("export_model", "--project", project.name, "--out", str(tmp_path / "ts"))
+    with pytest.raises(CommandError, match="is an encoder"):
+        call_command("export_model", "--project", project.name, "--model-version",
+                     project.active_encoder.version, "--out", str(tmp_path / "enc"))
