@@ -11,8 +11,8 @@ from ml_backend.models import Evaluation, ModelVersion, Prediction, TrainingRun
 
 class ProjectSerializer(serializers.ModelSerializer):
     role = serializers.SerializerMethodField(help_text="Your role in this project.")
-    active_model = serializers.SlugRelatedField(slug_field="version", read_only=True)
-    active_encoder = serializers.SlugRelatedField(slug_field="version", read_only=True)
+    active_model = serializers.SlugRelatedField(slug_field="version", read_only=True, allow_null=True)
+    active_encoder = serializers.SlugRelatedField(slug_field="version", read_only=True, allow_null=True)
 
     class Meta:
         model = Project
@@ -31,7 +31,7 @@ class DatasetSerializer(serializers.ModelSerializer):
 
 
 class LabelClassSerializer(serializers.ModelSerializer):
-    label_set = serializers.CharField(source="label_set.name", read_only=True, default=None)
+    label_set = serializers.CharField(source="label_set.name", read_only=True, default=None, allow_null=True)
     kind = serializers.SerializerMethodField(help_text="class (single label) or finding")
 
     class Meta:
@@ -45,7 +45,7 @@ class LabelClassSerializer(serializers.ModelSerializer):
 
 class ScanSerializer(serializers.ModelSerializer):
     dataset = serializers.CharField(source="dataset.name", read_only=True)
-    label_set = serializers.CharField(source="label_set.name", read_only=True, default=None)
+    label_set = serializers.CharField(source="label_set.name", read_only=True, default=None, allow_null=True)
     preview = serializers.SerializerMethodField(help_text="URL of the scan's preview PNG.")
 
     class Meta:
@@ -62,10 +62,10 @@ class ScanSerializer(serializers.ModelSerializer):
 
 
 class AnnotationSerializer(serializers.ModelSerializer):
-    reader = serializers.CharField(source="reader.username", read_only=True, default=None)
-    label = serializers.CharField(source="label_class.name", read_only=True, default=None)
-    shown_model_version = serializers.SlugRelatedField(slug_field="version", read_only=True)
-    shown_suggestion = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    reader = serializers.CharField(source="reader.username", read_only=True, default=None, allow_null=True)
+    label = serializers.CharField(source="label_class.name", read_only=True, default=None, allow_null=True)
+    shown_model_version = serializers.SlugRelatedField(slug_field="version", read_only=True, allow_null=True)
+    shown_suggestion = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
 
     class Meta:
         model = Annotation
@@ -115,7 +115,7 @@ class EvaluationSerializer(serializers.ModelSerializer):
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
-    parent = serializers.SlugRelatedField(slug_field="version", read_only=True)
+    parent = serializers.SlugRelatedField(slug_field="version", read_only=True, allow_null=True)
     evaluation = serializers.SerializerMethodField()
 
     class Meta:
@@ -129,7 +129,7 @@ class ModelVersionSerializer(serializers.ModelSerializer):
 
 
 class TrainingRunSerializer(serializers.ModelSerializer):
-    model_version = serializers.SlugRelatedField(slug_field="version", read_only=True)
+    model_version = serializers.SlugRelatedField(slug_field="version", read_only=True, allow_null=True)
 
     class Meta:
         model = TrainingRun
@@ -138,8 +138,8 @@ class TrainingRunSerializer(serializers.ModelSerializer):
 
 
 class PredictionSerializer(serializers.ModelSerializer):
-    model_version = serializers.SlugRelatedField(slug_field="version", read_only=True)
-    predicted_class = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    model_version = serializers.SlugRelatedField(slug_field="version", read_only=True, allow_null=True)
+    predicted_class = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
 
     class Meta:
         model = Prediction

@@ -1,22 +1,49 @@
-from django.urls import path
+from django.http import JsonResponse
+from django.urls import path, re_path, register_converter
 
 from annotator.api import views
+
+
+class SignedInt:
+    """Ids as the schema types them (any integer): a negative one reaches the view and gets
+    the API's 404, not the site's HTML page."""
+
+    regex = "-?[0-9]{1,18}"
+
+    def to_python(self, value: str) -> int:
+        return int(value)
+
+    def to_url(self, value: int) -> str:
+        return str(value)
+
+
+register_converter(SignedInt, "id")
+
+
+def not_found(request, rest: str = ""):
+    response = JsonResponse({"type": "about:blank", "title": "Not found", "status": 404,
+                             "detail": "no such API path: see /api/schema/ or /api/docs/"},
+                            status=404)
+    response["Content-Type"] = "application/problem+json"
+    return response
+
 
 app_name = "api"
 
 urlpatterns = [
     path("projects/", views.ProjectList.as_view(), name="projects"),
-    path("projects/<int:project_id>/", views.ProjectDetail.as_view(), name="project"),
-    path("projects/<int:project_id>/datasets/", views.DatasetList.as_view(), name="datasets"),
-    path("projects/<int:project_id>/classes/", views.ClassList.as_view(), name="classes"),
-    path("projects/<int:project_id>/scans/", views.ScanList.as_view(), name="scans"),
-    path("projects/<int:project_id>/worklist/", views.Worklist.as_view(), name="worklist"),
-    path("projects/<int:project_id>/annotations/", views.AnnotationList.as_view(),
+    path("projects/<id:project_id>/", views.ProjectDetail.as_view(), name="project"),
+    path("projects/<id:project_id>/datasets/", views.DatasetList.as_view(), name="datasets"),
+    path("projects/<id:project_id>/classes/", views.ClassList.as_view(), name="classes"),
+    path("projects/<id:project_id>/scans/", views.ScanList.as_view(), name="scans"),
+    path("projects/<id:project_id>/worklist/", views.Worklist.as_view(), name="worklist"),
+    path("projects/<id:project_id>/annotations/", views.AnnotationList.as_view(),
          name="annotations"),
-    path("projects/<int:project_id>/models/", views.ModelList.as_view(), name="models"),
-    path("projects/<int:project_id>/predictions/", views.PredictionList.as_view(),
+    path("projects/<id:project_id>/models/", views.ModelList.as_view(), name="models"),
+    path("projects/<id:project_id>/predictions/", views.PredictionList.as_view(),
          name="predictions"),
-    path("projects/<int:project_id>/runs/", views.RunList.as_view(), name="runs"),
-    path("projects/<int:project_id>/refit/", views.RefitStart.as_view(), name="refit"),
-    path("scans/<int:scan_id>/", views.ScanDetail.as_view(), name="scan"),
+    path("projects/<id:project_id>/runs/", views.RunList.as_view(), name="runs"),
+    path("projects/<id:project_id>/refit/", views.RefitStart.as_view(), name="refit"),
+    path("scans/<id:scan_id>/", views.ScanDetail.as_view(), name="scan"),
+    re_path(r"^(?P<rest>.*)$", not_found),      # any other path under /api/v1/: problem JSON
 ]

@@ -1,0 +1,33 @@
+"""The OpenAPI schema's common parts: every operation documents its errors as problem JSON
+(annotator/api/errors.py), so a client (and the schema-driven tests) know every answer."""
+
+from __future__ import annotations
+
+PROBLEM = {
+    "type": "object",
+    "description": "An error, as RFC 9457 problem details, with a message a person can act on.",
+    "properties": {
+        "type": {"type": "string"}, "title": {"type": "string"},
+        "status": {"type": "integer"}, "detail": {"type": "string"},
+        "errors": {"type": "object", "additionalProperties": True,
+                   "description": "Per field, what is wrong (validation errors only)."}},
+    "required": ["title", "status", "detail"],
+}
+ERRORS = {"400": "The request is not valid: `detail` says why.",
+          "401": "No or a wrong token (`Authorization: Token …`).",
+          "403": "Not allowed for your role.",
+          "404": "No such object among your projects' objects.",
+          "429": "Too many requests: wait and try again."}
+
+
+def add_problem_responses(result, generator, request, public):
+    """drf-spectacular post-processing hook: the Problem schema and the error responses."""
+    result.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM
+    reference = {"$ref": "#/components/schemas/Problem"}
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for code, words in ERRORS.items():
+                responses.setdefault(code, {"description": words, "content": {
+                    "application/problem+json": {"schema": reference}}})
+    return result
