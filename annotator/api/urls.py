@@ -44,6 +44,8 @@ urlpatterns = [
          name="predictions"),
     path("projects/<id:project_id>/runs/", views.RunList.as_view(), name="runs"),
     path("projects/<id:project_id>/refit/", views.RefitStart.as_view(), name="refit"),
+    path("projects/<id:project_id>/retrain/", views.RetrainStart.as_view(), name="retrain"),
+    path("projects/<id:project_id>/query/", views.QueryStart.as_view(), name="query"),
     path("scans/<id:scan_id>/", views.ScanDetail.as_view(), name="scan"),
     re_path(r"^(?P<rest>.*)$", not_found),      # any other path under /api/v1/: problem JSON
 ]

@@ -8,7 +8,7 @@ from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import generics, serializers, status
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -229,3 +229,46 @@ class RefitStart(ProjectScoped, APIView):
         return Response({"type": "about:blank", "title": "Conflict", "status": 409,
                          "detail": "the project has no encoder yet: pretrain one first"},
                         status=409, content_type="application/problem+json")
+
+
+class RetrainStart(ProjectScoped, APIView):
+    """Start a retrain (fine-tune the network on every label) now: queued. A project admin or
+    reviewer only (hours of compute)."""
+
+    @extend_schema(request=None, responses={201: s.RefitSerializer, 409: OpenApiTypes.OBJECT})
+    def post(self, request, project_id: int):
+        from ml_backend import services as ml
+
+        project = self.project()
+        if project.role_of(request.user) not in ("admin", "reviewer"):
+            raise PermissionDenied("a retrain takes hours of compute: a project admin or "
+                                   "reviewer starts it")
+        try:
+            run = ml.retrain_start(project=project, params={"requested_from": "api"},
+                                   enqueue=True)
+        except (ml.RetrainSkipped, ml.TrainingError) as exc:
+            return Response({"type": "about:blank", "title": "Conflict", "status": 409,
+                             "detail": str(exc)}, status=409,
+                            content_type="application/problem+json")
+        return Response({"run": run.pk, "status": run.status,
+                         "message": f"retrain run {run.pk} queued"}, status=201)
+
+
+class QueryStart(ProjectScoped, APIView):
+    """Choose the next round of scans to read now (the worklist's "choose the next scans")."""
+
+    @extend_schema(request=None, responses={201: inline_serializer("NewRound", {
+        "round": serializers.IntegerField(), "size": serializers.IntegerField(),
+        "strategy": serializers.CharField()}), 409: OpenApiTypes.OBJECT})
+    def post(self, request, project_id: int):
+        from ml_backend import services as ml
+
+        project = self.project()
+        try:
+            new_round = ml.query_round_create(project=project, created_by=request.user)
+        except ml.TrainingError as exc:
+            return Response({"type": "about:blank", "title": "Conflict", "status": 409,
+                             "detail": str(exc)}, status=409,
+                            content_type="application/problem+json")
+        return Response({"round": new_round.pk, "size": new_round.size,
+                         "strategy": new_round.strategy}, status=201)

@@ -92,6 +92,15 @@ def test_models_runs_and_a_refit_queued(encoded_project, users):
     runs = bob.get(f"/api/v1/projects/{project.pk}/runs/").json()["results"]
     assert runs[0]["id"] == run.pk and runs[0]["status"] == "queued"
     assert bob.get(f"/api/v1/projects/{project.pk}/predictions/").json()["count"] == 0
+    # a retrain: reviewers and admins only; the next round: anyone in the project
+    refused = api(users["alice"]).post(f"/api/v1/projects/{project.pk}/retrain/")
+    assert refused.status_code == 403 and "reviewer" in refused.json()["detail"]
+    retrain = bob.post(f"/api/v1/projects/{project.pk}/retrain/")
+    assert retrain.status_code == 201 and TrainingRun.objects.get(
+        pk=retrain.json()["run"]).kind == "retrain"
+    assert bob.post(f"/api/v1/projects/{project.pk}/retrain/").status_code == 409  # one at a time
+    new_round = api(users["alice"]).post(f"/api/v1/projects/{project.pk}/query/")
+    assert new_round.status_code == 201 and new_round.json()["size"] > 0
     assert bob.get(f"/api/v1/projects/{project.pk}/predictions/",
                    {"version": "nope"}).status_code == 404
 

@@ -118,18 +118,24 @@ def test_no_starter_shipped_means_scratch_and_epochs_zero_is_refused(project, se
     assert run.status == TrainingRun.Status.FAILED and "make starter-encoder" in run.last_error
 
 
-def test_the_shipped_starter_loads_and_matches_its_card():
-    path = Path(django_settings.BASE_DIR) / "ml_backend" / "starter" / "simclr-resnet18-64px.pt"
+@pytest.mark.parametrize("name,channels,sources", [
+    ("simclr-resnet18-64px.pt", 1, {"brain_mri/Training",
+                                    "pneumoniamnist/pneumoniamnist.npz#train"}),
+    ("simclr-resnet18-rgb-64px.pt", 3, {"bloodmnist_pbc/bloodmnist_pbc.npz#train",
+                                        "lc25000_lung/train"}),
+])
+def test_the_shipped_starters_load_and_match_their_cards(name, channels, sources):
+    path = Path(django_settings.BASE_DIR) / "ml_backend" / "starter" / name
     card = starter.read_card(path)
-    assert card is not None, "the starter encoder and its card are shipped in the repository"
+    assert card is not None, f"{name} and its card are shipped in the repository"
     assert path.stat().st_size <= 26 * 1024 * 1024
     assert card["file"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert {s["spec"] for s in card["sources"]} >= {"brain_mri/Training",
-                                                   "pneumoniamnist/pneumoniamnist.npz#train"}
+    assert {s["spec"] for s in card["sources"]} >= sources
+    assert path.with_suffix(".md").is_file()
     model, config = load_pretrained(path)
-    assert (config.arch, config.image_size) == ("resnet18", 64)
+    assert (config.arch, config.image_size, config.channels) == ("resnet18", 64, channels)
     with torch.no_grad():
-        features = model.encoder(torch.rand(4, 1, 64, 64))
+        features = model.encoder(torch.rand(4, channels, 64, 64))
     assert features.shape == (4, 512) and torch.isfinite(features).all()
 
 
