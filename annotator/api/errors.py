@@ -29,3 +29,12 @@ def problem_handler(exc, context):
     response.data = body
     response.content_type = "application/problem+json"
     return response
+
+
+def problem(status: int, detail: str, title: str = "Conflict"):
+    """A problem-JSON response from a view (for answers that are not exceptions)."""
+    from rest_framework.response import Response
+
+    return Response({"type": "about:blank", "title": title, "status": status,
+                     "detail": detail}, status=status, content_type="application/problem+json")
+

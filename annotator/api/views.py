@@ -14,6 +14,7 @@ from rest_framework.views import APIView
 
 from annotator import labeling, selectors, services
 from annotator.api import serializers as s
+from annotator.api.errors import problem
 from annotator.models import Annotation, LabelClass, Project, Scan
 from ml_backend.models import ModelVersion, Prediction, TrainingRun
 
@@ -226,9 +227,7 @@ class RefitStart(ProjectScoped, APIView):
         if busy is not None:
             return Response({"run": busy.pk, "status": busy.status,
                              "message": f"refit run {busy.pk} is already {busy.status}"})
-        return Response({"type": "about:blank", "title": "Conflict", "status": 409,
-                         "detail": "the project has no encoder yet: pretrain one first"},
-                        status=409, content_type="application/problem+json")
+        return problem(409, "the project has no encoder yet: pretrain one first")
 
 
 class RetrainStart(ProjectScoped, APIView):
@@ -247,9 +246,7 @@ class RetrainStart(ProjectScoped, APIView):
             run = ml.retrain_start(project=project, params={"requested_from": "api"},
                                    enqueue=True)
         except (ml.RetrainSkipped, ml.TrainingError) as exc:
-            return Response({"type": "about:blank", "title": "Conflict", "status": 409,
-                             "detail": str(exc)}, status=409,
-                            content_type="application/problem+json")
+            return problem(409, str(exc))
         return Response({"run": run.pk, "status": run.status,
                          "message": f"retrain run {run.pk} queued"}, status=201)
 
@@ -267,8 +264,6 @@ class QueryStart(ProjectScoped, APIView):
         try:
             new_round = ml.query_round_create(project=project, created_by=request.user)
         except ml.TrainingError as exc:
-            return Response({"type": "about:blank", "title": "Conflict", "status": 409,
-                             "detail": str(exc)}, status=409,
-                            content_type="application/problem+json")
+            return problem(409, str(exc))
         return Response({"round": new_round.pk, "size": new_round.size,
                          "strategy": new_round.strategy}, status=201)
