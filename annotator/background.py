@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 
 from django.conf import settings
 from django.db import connections
@@ -66,13 +64,6 @@ def _forget(future: Future) -> None:
 
 def wait_idle(timeout: float) -> bool:
     """Wait until every task handed to the thread has finished. False on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with _lock:
-            pending = [f for f in _pending if not f.done()]
-        if not pending:
-            return True
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        wait_futures(pending, timeout=left)
+    from ml_backend.dispatch import wait_all
+
+    return wait_all(_lock, _pending, timeout)

@@ -60,16 +60,22 @@ def enqueue_training_run(run_id: int) -> None:
 
 def wait_idle(timeout: float) -> bool:
     """Wait until every run handed to the worker thread has finished. False on timeout."""
+    return wait_all(_lock, _pending, timeout)
+
+
+def wait_all(lock: threading.Lock, pending, timeout: float) -> bool:
+    """Wait until every future in ``pending`` (a set or dict read under ``lock``; new ones
+    may join while waiting) is done. False on timeout. Also annotator/background.py's."""
     deadline = time.monotonic() + timeout
     while True:
-        with _lock:
-            pending = [future for future in _pending if not future.done()]
-        if not pending:
+        with lock:
+            waiting = [future for future in pending if not future.done()]
+        if not waiting:
             return True
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        wait_futures(pending, timeout=left)
+        wait_futures(waiting, timeout=left)
 
 
 def shutdown(*, wait: bool = True) -> None:
