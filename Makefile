@@ -72,7 +72,8 @@ STARTER ?= ml_backend/starter/simclr-resnet18-64px.pt
 STARTER_ARGS ?= --epochs 25 --workers 2
 starter-encoder: venv
 	$(PY) -m ml_backend.ssl.starter --data $(SHARED) $(STARTER_ARGS)
-# The colour starter (colour projects): RGB, on bloodmnist_pbc/ and lc25000_lung/ (~40 min).
+# The colour starter (colour projects): RGB, on bloodmnist_pbc/ and lc25000_lung/ (about 40 min
+# on an idle 2-core CPU; the shipped one took 107 min beside other work).
 STARTER_COLOUR_ARGS ?= --epochs 30 --workers 2
 starter-encoder-colour: venv
 	$(PY) -m ml_backend.ssl.starter --colour --data $(SHARED) $(STARTER_COLOUR_ARGS)
