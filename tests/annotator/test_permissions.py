@@ -15,7 +15,7 @@ from tests.base import FIXTURES, PASSWORD
 from tests.conftest import run_import
 
 pytestmark = pytest.mark.django_db
-PUBLIC = {"project_list"}       # login required, but lists only the user's own projects
+PUBLIC = {"project_list", "account"}   # login required; only the user's own projects and token
 # No login by design: a signed, expiring token (Label Studio's image URLs) or a shared secret
 # (Label Studio's webhook). Their refusals are tested below and in tests/label_studio.
 NO_LOGIN = {"ls_image", "ls_webhook"}
