@@ -74,6 +74,35 @@ def _wait(condition, timeout: float) -> bool:
     return True
 
 
+def _series_truth(project, roots) -> dict[int, int]:
+    """Scan id → class id for the synthetic series (class = the folder its patient was
+    written to), with eval scans labeled by import-like annotations."""
+    import pydicom
+    from django.conf import settings as django_settings
+
+    from annotator import services
+    from annotator.models import Annotation, LabelClass
+    from ml_backend.data.deid import patient_pseudonym
+
+    classes = {}
+    for root in roots:
+        for folder in sorted(Path(root).iterdir()):
+            label_class, _ = services.label_class_get_or_create(project=project,
+                                                                 name=folder.name)
+            for path in sorted(folder.glob("*.dcm"))[:1000]:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                classes[patient_pseudonym(ds, salt=django_settings.DEID_SALT)] = label_class.pk
+    truth = {}
+    for scan in project.scans.all():
+        if scan.patient_key in classes:
+            truth[scan.pk] = classes[scan.patient_key]
+            if scan.split == "eval":
+                Annotation.objects.get_or_create(
+                    scan=scan, source="import", label_class_id=classes[scan.patient_key])
+    assert LabelClass.objects.filter(project=project).count() == 2 and truth
+    return truth
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(REPO / "fixtures" / "brain_mri" / "pool"),
@@ -162,6 +191,10 @@ def main(argv=None) -> int:
     Annotation.objects.filter(scan__project=project).delete()
     call_command("import_scans", args.eval_source, project=project.name, split="eval",
                  layout="class-folders", no_progress=True, stdout=devnull)
+    if args.series:
+        # folder names never label DICOM (their paths may carry names): the oracle comes
+        # from the generator's patients instead, matched by their pseudonymous keys
+        truth = _series_truth(project, (workdir / "series-pool", workdir / "series-eval"))
     call_command("pretrain", project=project.name, epochs=1, image_size=64, batch_size=64,
                  no_progress=True, stdout=devnull)
     reader = get_user_model().objects.create_user("reader", password=PASSWORD)
