@@ -27,8 +27,19 @@ def api_schema(db, encoded_project, other_project, users):
     for scan in project.scans.filter(split="pool").order_by("pk")[:3]:
         services.annotation_create(scan=scan, reader=users["alice"], label_class=label_class)
     Token.objects.create(user=users["alice"], key=TOKEN)
-    return schemathesis.openapi.from_wsgi("/api/schema/?format=json", WSGIHandler(),
-                                          headers=HEADERS)
+    # a WSGI request closes "old" database connections when it ends, which would close the
+    # test's own (PostgreSQL); Django's test client holds these signals off the same way
+    from django.core.signals import request_finished, request_started
+    from django.db import close_old_connections
+
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        yield schemathesis.openapi.from_wsgi("/api/schema/?format=json", WSGIHandler(),
+                                             headers=HEADERS)
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
 
 
 def test_every_operation_conforms_to_its_schema(api_schema):
