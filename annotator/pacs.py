@@ -171,42 +171,34 @@ class PushSummary:
 
 def scan_results(project: Project) -> dict[int, dict]:
     """Each scan's result as the project stands: ``{scan id: {"result": words, "codes":
-    [(code, meaning)], "role": reader role}}`` — the adjudicated label or the training label
-    (the readers' majority), or for a findings set the findings present ("no finding" when
-    every finding was read absent). Scans with no settled result are left out."""
-    from annotator.models import Annotation, LabelClass, Membership
-    from annotator.selectors import findings_targets, training_labels
+    [(code, meaning)], "role": reader role}}``, from the label export's rows (the same rules
+    as training: the adjudication, else the readers' majority; for a findings set the
+    findings present, "no finding" when every finding read is absent). Scans with no settled
+    result are left out; roles, never names."""
+    from annotator.exports import label_rows
+    from annotator.models import Annotation, Membership
 
-    names = dict(LabelClass.objects.filter(project=project).values_list("pk", "name"))
-    adjudicated = set(Annotation.objects.filter(
-        scan__project=project, source=Annotation.Source.ADJUDICATION).values_list(
-        "scan_id", flat=True))
-    roles = dict(Membership.objects.filter(project=project).values_list("user_id", "role"))
-    readers: dict[int, set[str]] = {}
-    for scan_id, reader_id, source in Annotation.objects.filter(
-            scan__project=project, outcome__in=Annotation.LABELLING).values_list(
-            "scan_id", "reader_id", "source"):
-        role = "import" if source == Annotation.Source.IMPORT else roles.get(reader_id, "reader")
-        readers.setdefault(scan_id, set()).add(role)
+    roles = dict(Membership.objects.filter(project=project).values_list("user__username",
+                                                                        "role"))
     results = {}
-    for split in ("pool", "eval"):
-        scans, class_ids = training_labels(project, split=split)
-        for scan, class_id in zip(scans, class_ids):
-            results[scan.pk] = {"result": names[class_id], "codes": [(names[class_id],
-                                                                      names[class_id])]}
-        for label_set in project.label_sets.filter(kind="multi"):
-            set_scans, findings, targets = findings_targets(label_set, split=split)
-            for scan, row in zip(set_scans, targets):
-                present = [f.name for f, v in zip(findings, row) if v == 1]
-                if present:
-                    results[scan.pk] = {"result": ", ".join(present),
-                                        "codes": [(n, n) for n in present]}
-                elif len(row) and all(v == 0 for v in row):
-                    results[scan.pk] = {"result": "no finding",
-                                        "codes": [("no_finding", "No finding")]}
-    for scan_id, result in results.items():
-        result["role"] = ("reviewer (adjudicated)" if scan_id in adjudicated else
-                          " and ".join(sorted(readers.get(scan_id, {"reader"}))))
+    for row in label_rows(project):
+        if row["kind"] == "class":
+            words, codes = row["label"], [(row["label"], row["label"])]
+        else:
+            present = [name for name, state in row["findings"].items() if state == "present"]
+            if present:
+                words, codes = ", ".join(present), [(n, n) for n in present]
+            elif all(state == "absent" for state in row["findings"].values()):
+                words, codes = "no finding", [("no_finding", "No finding")]
+            else:
+                continue                    # only uncertain findings: nothing settled
+        readers = {"import" if a["source"] == Annotation.Source.IMPORT
+                   else roles.get(a["reader"], "reader") for a in row["answers"]
+                   if a["outcome"] in Annotation.LABELLING
+                   and a["source"] != Annotation.Source.ADJUDICATION}
+        results[row["scan"]] = {"result": words, "codes": codes, "role": (
+            "reviewer (adjudicated)" if row["adjudicated"]
+            else " and ".join(sorted(readers or {"reader"})))}
     return results
 
 
