@@ -55,6 +55,18 @@ class PullSummary:
         return text + (f"; errors: {'; '.join(self.errors[:3])}" if self.errors else "")
 
 
+def command_target(project_name: str, url: str | None) -> tuple[Project, str]:
+    """The project and DICOMweb URL a ``pacs_pull`` / ``pacs_push`` names (``--dicomweb`` or
+    PACS_DICOMWEB_URL); PacsError in words when either is missing."""
+    url = url or settings.PACS_DICOMWEB_URL
+    if not url:
+        raise PacsError("no DICOMweb server: pass --dicomweb URL or set PACS_DICOMWEB_URL")
+    project = Project.objects.filter(name=project_name).first()
+    if project is None:
+        raise PacsError(f"no project named {project_name!r}")
+    return project, url
+
+
 def parse_query(query: str) -> dict[str, str]:
     """``"Modality=CR&StudyDate=20240101-20241231"`` → QIDO-RS study search filters. Keys are
     DICOM keywords or tags (``Modality`` is asked as ``ModalitiesInStudy``); a value may be a

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from annotator import pacs, services
-from annotator.models import Project
 
 
 class Command(BaseCommand):
@@ -32,12 +30,10 @@ class Command(BaseCommand):
         parser.add_argument("--reader", default="", help="username recorded as the importer")
 
     def handle(self, *args, **opts):
-        url = opts["dicomweb"] or settings.PACS_DICOMWEB_URL
-        if not url:
-            raise CommandError("no DICOMweb server: pass --dicomweb URL or set PACS_DICOMWEB_URL")
-        project = Project.objects.filter(name=opts["project"]).first()
-        if project is None:
-            raise CommandError(f"no project named {opts['project']!r}")
+        try:
+            project, url = pacs.command_target(opts["project"], opts["dicomweb"])
+        except pacs.PacsError as exc:
+            raise CommandError(str(exc)) from None
         reader = None
         if opts["reader"]:
             reader = get_user_model().objects.filter(username=opts["reader"]).first()

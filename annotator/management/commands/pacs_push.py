@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from annotator import pacs
-from annotator.models import Project
 
 
 class Command(BaseCommand):
@@ -22,12 +20,10 @@ class Command(BaseCommand):
                             help="the server's DICOMweb root (default: PACS_DICOMWEB_URL)")
 
     def handle(self, *args, **opts):
-        url = opts["dicomweb"] or settings.PACS_DICOMWEB_URL
-        if not url:
-            raise CommandError("no DICOMweb server: pass --dicomweb URL or set PACS_DICOMWEB_URL")
-        project = Project.objects.filter(name=opts["project"]).first()
-        if project is None:
-            raise CommandError(f"no project named {opts['project']!r}")
+        try:
+            project, url = pacs.command_target(opts["project"], opts["dicomweb"])
+        except pacs.PacsError as exc:
+            raise CommandError(str(exc)) from None
         try:
             summary = pacs.pacs_push(project=project, url=url, log=self.stdout.write)
         except pacs.PacsError as exc:
