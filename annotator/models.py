@@ -559,6 +559,10 @@ class ImportJob(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    chunks_total = models.PositiveIntegerField(
+        default=0, help_text="Chunks the files were split into for workers (0: one pass).")
+    dataset_created = models.BooleanField(
+        default=False, help_text="The job made its dataset (removed again if nothing lands).")
 
     class Meta:
         ordering = ["-created_at"]
@@ -585,6 +589,44 @@ class ImportJob(models.Model):
         if self.failed:
             return "Nothing imported: no file could be read"
         return "Nothing imported: the source had no scans"
+
+
+class ImportChunk(models.Model):
+    """A slice of an import job's files (``start`` to ``stop`` in the source listing) that
+    any worker may take: chunks of one job run in parallel on as many workers as there are,
+    each claimed once (again only when its lease ran out: a lost worker), and the last one
+    to finish writes the job's report."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+
+    job = models.ForeignKey(ImportJob, on_delete=models.CASCADE, related_name="chunks")
+    index = models.PositiveIntegerField()
+    start = models.PositiveIntegerField()
+    stop = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    attempts = models.PositiveIntegerField(default=0)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    processed = models.PositiveIntegerField(default=0)
+    imported = models.PositiveIntegerField(default=0)
+    duplicates = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    labels_added = models.PositiveIntegerField(default=0)
+    report = models.JSONField(
+        default=dict, blank=True,
+        help_text="errors, warnings, classes created and colour tallies of this chunk.")
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "index"],
+                                               name="importchunk_unique_index")]
+
+    def __str__(self) -> str:
+        return f"chunk {self.index} of import #{self.job_id} ({self.status})"
 
 
 class ScanLease(models.Model):

@@ -9,16 +9,18 @@ import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from annotator.models import (
     Annotation,
     Dataset,
+    ImportChunk,
     ImportJob,
     LabelClass,
     LabelSet,
@@ -210,16 +212,23 @@ def label_class_get_or_create(
     count = LabelClass.objects.filter(project=project).count()
     used = set(LabelClass.objects.filter(label_set=label_set).values_list("hotkey", flat=True))
     hotkey = next((k for k in "123456789" if k not in used), "")
-    label_class = LabelClass.objects.create(
-        project=project,
-        label_set=label_set,
-        name=clean,
-        description=description,
-        hotkey=hotkey,
-        color=_PALETTE[count % len(_PALETTE)],
-        order=count,
-        created_by=created_by,
-    )
+    try:
+        with transaction.atomic():     # a savepoint: another worker may make it first
+            label_class = LabelClass.objects.create(
+                project=project,
+                label_set=label_set,
+                name=clean,
+                description=description,
+                hotkey=hotkey,
+                color=_PALETTE[count % len(_PALETTE)],
+                order=count,
+                created_by=created_by,
+            )
+    except IntegrityError:
+        existing = LabelClass.objects.filter(project=project, name__iexact=clean).first()
+        if existing is None or existing.label_set_id != label_set.pk:
+            raise
+        return existing, False          # an import chunk on another worker made it just now
     return label_class, True
 
 
@@ -279,6 +288,29 @@ class _JobState:
     colour_decided: str = ""
     series_stacked: int = 0       # series imported as one scan each, and their slices
     series_slices: int = 0
+
+    def to_report(self) -> dict:
+        """What an import chunk keeps of its state (JSON) for the job's final report."""
+        return {"errors": self.errors, "warnings": self.warnings,
+                "classes_created": self.classes_created,
+                "colour": [[mode, why, n] for (mode, why), n in self.colour.items()],
+                "colour_into_grey": self.colour_into_grey, "colour_decided": self.colour_decided}
+
+    def merge(self, chunk) -> None:
+        """Add an import chunk's counters and report (``ImportChunk``) to this state."""
+        self.imported += chunk.imported
+        self.duplicates += chunk.duplicates
+        self.failed += chunk.failed
+        self.labels_added += chunk.labels_added
+        report = chunk.report or {}
+        self.errors += report.get("errors", [])
+        self.warnings += report.get("warnings", [])
+        self.classes_created += [c for c in report.get("classes_created", [])
+                                 if c not in self.classes_created]
+        for mode, why, n in report.get("colour", []):
+            self.colour[(mode, why)] = self.colour.get((mode, why), 0) + n
+        self.colour_into_grey += report.get("colour_into_grey", 0)
+        self.colour_decided = self.colour_decided or report.get("colour_decided", "")
 
 
 def parse_split(split: str) -> tuple[str, float | None]:
@@ -355,13 +387,24 @@ def import_job_create(
     )
 
 
+def import_chunking_pays() -> bool:
+    """Whether a large import is split into chunks for workers: only with a broker (and so
+    worker processes, on this machine or others) to take them; in-process tasks would run
+    the chunks one after another anyway."""
+    return bool(settings.IMPORT_CHUNK_SIZE) and not settings.CELERY_TASK_ALWAYS_EAGER
+
+
 def import_job_run(
-    *, job_id: int, progress: Callable[[int, int], None] | None = None
+    *, job_id: int, progress: Callable[[int, int], None] | None = None,
+    chunked: bool | None = None,
 ) -> ImportJob | None:
     """Run a queued import job. A second delivery of the same job does nothing.
 
     Every file is imported in its own transaction; a failing file is recorded
-    in ``job.errors`` and the batch goes on.
+    in ``job.errors`` and the batch goes on. An import of more than ``IMPORT_CHUNK_SIZE``
+    files (``chunked``; by default when a broker is configured) is split into chunks that
+    workers import in parallel (``import_chunk_run``); the job then returns still running
+    and the last chunk to finish completes it (``import_job_wait`` follows it).
     """
     claimed = ImportJob.objects.filter(pk=job_id, status=ImportJob.Status.QUEUED).update(
         status=ImportJob.Status.RUNNING, started_at=timezone.now()
@@ -372,6 +415,7 @@ def import_job_run(
     job = ImportJob.objects.select_related("project", "created_by").get(pk=job_id)
     state = _JobState()
     dataset, dataset_existed = None, True
+    handed_off = False          # the chunks finish the job
     try:
         findings = None
         if is_findings_source(job.source):     # several findings per scan (CSV, npz)
@@ -399,6 +443,14 @@ def import_job_run(
         job.total = len(listing.items)
         job.skipped = len(listing.skipped)
         job.save(update_fields=["total", "skipped"])
+        if chunked is None:
+            chunked = import_chunking_pays()
+        if (chunked and findings is None and job.project.dicom_grouping != "series"
+                and job.total > settings.IMPORT_CHUNK_SIZE):
+            _import_chunks_plan(job, dataset, created=not dataset_existed, state=state)
+            handed_off = True
+            job.refresh_from_db()          # in-process tasks have already finished it
+            return job
         items = list(enumerate(listing.items, start=1))
         done = 0
         if job.project.dicom_grouping == "series" and findings is None:
@@ -411,10 +463,8 @@ def import_job_run(
                     progress(done, job.total)
                 _flush(job, state, processed=done)
         for index, item in items:
-            if job.default_label and item.label is None:
-                item = SourceItem(item.name, job.default_label, item.load, item.digest_hint)
-            _import_item(job=job, dataset=dataset, item=item, state=state, resolve=resolve,
-                         number=index,
+            _import_item(job=job, dataset=dataset, item=_with_default_label(job, item),
+                         state=state, resolve=resolve, number=index,
                          findings=None if findings is None else (findings, index - 1))
             done += 1
             if progress is not None:
@@ -437,16 +487,154 @@ def import_job_run(
         job.status = ImportJob.Status.FAILED
         job.last_error = f"unexpected error: {type(exc).__name__}: {exc}"
     finally:
-        job.finished_at = timezone.now()
-        _forget_source_name(job)
-        if dataset is not None and not dataset_existed and not state.imported:
-            _drop_empty_dataset(dataset, job, state)
-        _flush(job, state, processed=job.processed, final=True)
-        if job.source_is_upload:
-            shutil.rmtree(job.source, ignore_errors=True)
+        if not handed_off:
+            _import_job_close(job, dataset, state, dataset_created=not dataset_existed)
     if job.status == ImportJob.Status.SUCCEEDED and state.imported:
         _novelty_warning(job)
     return job
+
+
+def _with_default_label(job: ImportJob, item: SourceItem) -> SourceItem:
+    if job.default_label and item.label is None:
+        return SourceItem(item.name, job.default_label, item.load, item.digest_hint)
+    return item
+
+
+def _import_job_close(job: ImportJob, dataset: Dataset | None, state: _JobState, *,
+                      dataset_created: bool) -> None:
+    """The end of a job (its status set): forget a DICOM file's name, drop a dataset it
+    made and left empty, write its report, remove the staged upload."""
+    job.finished_at = timezone.now()
+    _forget_source_name(job)
+    if dataset is not None and dataset_created and not state.imported:
+        _drop_empty_dataset(dataset, job, state)
+    _flush(job, state, processed=job.processed, final=True)
+    if job.source_is_upload:
+        shutil.rmtree(job.source, ignore_errors=True)
+
+
+# --- chunks: one import on many workers --------------------------------------------------
+
+
+def _import_chunks_plan(job: ImportJob, dataset: Dataset, *, created: bool,
+                        state: _JobState) -> None:
+    """Split ``job``'s files into chunks of ``IMPORT_CHUNK_SIZE`` and queue one task per
+    chunk (after this transaction commits)."""
+    from annotator import tasks
+
+    size = settings.IMPORT_CHUNK_SIZE
+    with transaction.atomic():
+        chunks = ImportChunk.objects.bulk_create(
+            ImportChunk(job=job, index=number, start=start, stop=min(start + size, job.total))
+            for number, start in enumerate(range(0, job.total, size)))
+        job.dataset_name = dataset.name     # the chunks find the dataset by name
+        job.dataset_created = created
+        job.chunks_total = len(chunks)
+        job.warnings = state.warnings       # what reading the source found
+        job.save(update_fields=["dataset_name", "dataset_created", "chunks_total", "warnings"])
+    ids = list(ImportChunk.objects.filter(job=job).values_list("pk", flat=True))
+    logger.info("import job %s: %s files in %s chunks", job.pk, job.total, len(ids))
+    for chunk_id in ids:
+        tasks.run_import_chunk.apply_async(args=[chunk_id], queue=settings.IMPORT_QUEUE)
+
+
+def import_chunk_run(*, chunk_id: int) -> ImportChunk | None:
+    """Import one chunk of a job's files. A chunk is claimed once; a second delivery does
+    nothing unless its lease ran out (its worker was lost), and a re-run counts the scans
+    its first attempt already stored as imported. The chunk that finishes last writes the
+    job's report and marks it done."""
+    now = timezone.now()
+    lease = now + timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
+    claimed = ImportChunk.objects.filter(pk=chunk_id).filter(
+        Q(status=ImportChunk.Status.QUEUED)
+        | Q(status=ImportChunk.Status.RUNNING, lease_expires_at__lt=now)
+    ).update(status=ImportChunk.Status.RUNNING, lease_expires_at=lease,
+             attempts=F("attempts") + 1, started_at=now)
+    if claimed != 1:
+        logger.info("import chunk %s already claimed or done; nothing to do", chunk_id)
+        return None
+    chunk = ImportChunk.objects.select_related("job__project", "job__created_by").get(pk=chunk_id)
+    job = chunk.job
+    state = _JobState()
+    done = 0
+    try:
+        listing = read_source(job.source, labels_csv=job.labels_csv or None, layout=job.layout)
+        if len(listing.items) != job.total:
+            raise SourceError(f"the source changed while it was imported ({len(listing.items)} "
+                              f"files now, {job.total} when the import began)")
+        dataset = Dataset.objects.get(project=job.project, name=job.dataset_name)
+        resolve = _SetResolver(job.project)
+        for index in range(chunk.start, chunk.stop):
+            _import_item(job=job, dataset=dataset,
+                         item=_with_default_label(job, listing.items[index]), state=state,
+                         resolve=resolve, number=index + 1, rerun=chunk.attempts > 1)
+            done += 1
+            if done % 25 == 0:
+                _chunk_save(chunk, state, done)
+    except Exception as exc:   # the chunk's boundary: its files not read say why; never lost
+        if not isinstance(exc, (SourceError, Dataset.DoesNotExist)):
+            logger.exception("import chunk %s crashed", chunk_id)
+        left = (chunk.stop - chunk.start) - done
+        state.failed += left
+        state.errors.append({"name": f"files {chunk.start + done + 1} to {chunk.stop}",
+                             "reason": (str(exc) if isinstance(exc, SourceError) else
+                                        f"not imported ({type(exc).__name__}: {exc})")[:500]})
+        done += left
+    _chunk_finish(chunk, state, done)
+    return chunk
+
+
+def _chunk_save(chunk: ImportChunk, state: _JobState, done: int, *,
+                status: str | None = None) -> None:
+    fields = {"processed": done, "imported": state.imported, "duplicates": state.duplicates,
+              "failed": state.failed, "labels_added": state.labels_added}
+    if status:
+        fields.update(status=status, report=state.to_report(), finished_at=timezone.now())
+    ImportChunk.objects.filter(pk=chunk.pk).update(**fields)
+    totals = ImportChunk.objects.filter(job_id=chunk.job_id).aggregate(
+        **{name: Sum(name) for name in ("processed", "imported", "duplicates", "failed",
+                                        "labels_added")})
+    ImportJob.objects.filter(pk=chunk.job_id).update(
+        **{name: value or 0 for name, value in totals.items()})
+
+
+def _chunk_finish(chunk: ImportChunk, state: _JobState, done: int) -> None:
+    """Record a finished chunk; the last one of its job closes the job (under a lock on the
+    job's row, so exactly one chunk does)."""
+    with transaction.atomic():
+        job = ImportJob.objects.select_for_update().select_related("project").get(
+            pk=chunk.job_id)
+        _chunk_save(chunk, state, done, status=ImportChunk.Status.DONE)
+        if (job.status != ImportJob.Status.RUNNING
+                or job.chunks.exclude(status=ImportChunk.Status.DONE).exists()):
+            return
+        job.refresh_from_db()
+        total = _JobState(warnings=list(job.warnings))
+        for part in job.chunks.order_by("index"):
+            total.merge(part)
+        dataset = Dataset.objects.filter(project=job.project, name=job.dataset_name).first()
+        if dataset is not None:
+            _colour_report(job, dataset, total)
+        _split_report(job, total)
+        job.status = ImportJob.Status.SUCCEEDED
+        _import_job_close(job, dataset, total, dataset_created=job.dataset_created)
+    if total.imported:
+        transaction.on_commit(lambda: _novelty_warning(job))
+
+
+def import_job_wait(job: ImportJob, *, progress: Callable[[int, int], None] | None = None,
+                    poll: float = 1.0, timeout: float | None = None) -> ImportJob:
+    """Follow a job whose chunks run on workers until it is done (or ``timeout`` s)."""
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job.refresh_from_db()
+        if progress is not None:
+            progress(job.processed, job.total)
+        if job.is_finished or (deadline is not None and time.monotonic() > deadline):
+            return job
+        time.sleep(poll)
 
 
 def colour_mode_locked(project: Project) -> bool:
@@ -793,7 +981,7 @@ def _import_series(*, job: ImportJob, dataset: Dataset, group: list[tuple[int, S
 
 def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _JobState,
                  resolve: _SetResolver, number: int = 0, findings=None,
-                 overrides: dict | None = None) -> None:
+                 overrides: dict | None = None, rerun: bool = False) -> None:
     created_files: list[str] = []
     data: bytes | None = None
     sha: str | None = None
@@ -811,6 +999,17 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
         sha = item.digest_hint or hashlib.sha256(data).hexdigest()
         ref = _file_ref(number, item, data, sha)
         existing = Scan.objects.filter(project=job.project, sha256=sha).first()
+        if existing is not None and rerun and existing.import_job_id == job.pk:
+            state.imported += 1      # stored by this chunk's first attempt (its worker was lost)
+            stored = existing.annotations.filter(source=Annotation.Source.IMPORT).select_related(
+                "label_class").first() if item.label else None
+            if stored is not None:
+                state.labels_added += 1
+                made = stored.label_class
+                if (made is not None and job.started_at and made.created_at >= job.started_at
+                        and made.name not in state.classes_created):
+                    state.classes_created.append(made.name)   # the lost report named it
+            return
         if existing is not None:
             state.duplicates += 1
             if item.label:

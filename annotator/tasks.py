@@ -24,6 +24,13 @@ def run_import_job(job_id: int) -> str:
     return job.status if job is not None else "skipped"
 
 
+@shared_task(name="annotator.tasks.run_import_chunk", acks_late=True)
+def run_import_chunk(chunk_id: int) -> str:
+    """Import one chunk of a large import; any number of workers take chunks in parallel."""
+    chunk = services.import_chunk_run(chunk_id=chunk_id)
+    return "skipped" if chunk is None else f"chunk {chunk.index} of import {chunk.job_id}"
+
+
 @shared_task(name="annotator.tasks.pacs_pull_scheduled")
 def pacs_pull_scheduled() -> dict:
     """Celery beat: pull the PACS studies matching PACS_PULL_QUERY that are not here yet

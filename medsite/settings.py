@@ -132,6 +132,10 @@ IMPORT_MAX_PIXELS = env_int("IMPORT_MAX_PIXELS", 64_000_000, minimum=1)
 LABEL_LEASE_SECONDS = env_int("LABEL_LEASE_SECONDS", 300, minimum=10)
 # A refit still queued after this long was never picked up (its server stopped): abandoned.
 REFIT_QUEUED_STALE = timedelta(minutes=env_int("REFIT_QUEUED_STALE_MINUTES", 15, minimum=1))
+# An import of more files than this is split into chunks of this many that Celery workers
+# import in parallel (only with a broker; 0: never split).
+IMPORT_CHUNK_SIZE = env_int("IMPORT_CHUNK_SIZE", 1000, minimum=0)
+IMPORT_QUEUE = env_str("IMPORT_QUEUE") or "default"
 UPLOAD_MAX_FILE_BYTES = env_int("UPLOAD_MAX_FILE_BYTES", 200 * 1024 * 1024, minimum=1)
 UPLOAD_MAX_FILES = env_int("UPLOAD_MAX_FILES", 500, minimum=1)
 PREVIEW_MAX_SIDE = env_int("PREVIEW_MAX_SIDE", 1024, minimum=32)

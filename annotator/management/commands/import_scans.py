@@ -97,6 +97,10 @@ class Command(BaseCommand):
             bar.update(done - bar.n)
 
         job = services.import_job_run(job_id=job.pk, progress=progress)
+        if job is not None and not job.is_finished:    # chunks on the workers: follow them
+            if not opts["no_progress"]:
+                self.stderr.write(f"{job.chunks_total} chunks queued for the Celery workers")
+            job = services.import_job_wait(job, progress=progress)
         if bar is not None:
             bar.close()
         self._print_summary(job)
