@@ -511,6 +511,23 @@ def _import_job_close(job: ImportJob, dataset: Dataset | None, state: _JobState,
     _flush(job, state, processed=job.processed, final=True)
     if job.source_is_upload:
         shutil.rmtree(job.source, ignore_errors=True)
+    if state.imported >= ANALYZE_AFTER_IMPORTS:
+        _refresh_planner_statistics()
+
+
+# A large import changes the scan table's statistics at once; PostgreSQL's autovacuum
+# catches up only later, and until then its planner may think a project has 2 scans
+# (issue 21: a query round took 40x longer on fresh statistics than on stale ones).
+ANALYZE_AFTER_IMPORTS = 1000
+
+
+def _refresh_planner_statistics() -> None:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE annotator_scan, annotator_annotation, annotator_scanlease")
 
 
 # --- chunks: one import on many workers --------------------------------------------------

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from itertools import zip_longest
+
 import numpy as np
 from modAL.uncertainty import (
     classifier_entropy,
@@ -130,9 +132,11 @@ def uncertainty_details(proba: np.ndarray) -> dict[str, np.ndarray]:
             "entropy": classifier_entropy(estimator, X) / np.log(classes)}
 
 
-def select(order: np.ndarray, scores: np.ndarray, reasons: list[dict], context: QueryContext,
+def select(order: np.ndarray, scores: np.ndarray, reasons, context: QueryContext,
            n: int) -> Selection:
-    """Take candidates in ``order`` until ``n``, at most ``max_per_group`` per patient."""
+    """Take candidates in ``order`` until ``n``, at most ``max_per_group`` per patient.
+    ``reasons``: a list, or a function of a candidate's index (only the chosen few are asked:
+    a pool holds 100,000s of candidates)."""
     taken, per_group = [], {}
     groups = context.groups
     for index in order:
@@ -146,10 +150,12 @@ def select(order: np.ndarray, scores: np.ndarray, reasons: list[dict], context: 
         if len(taken) == n:
             break
     if len(taken) < n:  # not enough distinct patients: fill in rank order
-        rest = [int(i) for i in order if int(i) not in set(taken)]
+        done = set(taken)
+        rest = [int(i) for i in order if int(i) not in done]
         taken += rest[: n - len(taken)]
     chosen = np.array(taken, dtype=np.int64)
-    return Selection(chosen, np.asarray(scores)[chosen], [reasons[i] for i in chosen])
+    why = reasons if callable(reasons) else reasons.__getitem__
+    return Selection(chosen, np.asarray(scores)[chosen], [why(int(i)) for i in chosen])
 
 
 def _prediction_reason(proba: np.ndarray, index: int, details: dict, names: list[str]) -> dict:
@@ -180,10 +186,11 @@ def _modal(sampler, measure: str):
         wanted = min(len(proba), n * 4 if context.groups is not None else n)
         ranked = np.asarray(sampler(_Probabilities(proba), X, n_instances=wanted)).ravel()
         scores = details[measure] if measure != "margin" else -details["margin"]
-        order = list(ranked) + [i for i in np.argsort(-scores, kind="stable") if i not in set(ranked)]
-        reasons = [dict(_prediction_reason(proba, i, details, context.class_names),
-                        why=_WHY[measure]) for i in range(len(proba))]
-        return select(np.array(order), scores, reasons, context, n)
+        first = set(ranked.tolist())
+        order = list(ranked) + [i for i in np.argsort(-scores, kind="stable") if i not in first]
+        return select(np.array(order), scores, lambda i: dict(
+            _prediction_reason(proba, i, details, context.class_names), why=_WHY[measure]),
+            context, n)
     return strategy
 
 
@@ -195,7 +202,7 @@ register("entropy")(_modal(entropy_sampling, "entropy"))
 @register("random")
 def random_strategy(context: QueryContext, n: int) -> Selection:
     order = np.random.default_rng(context.seed).permutation(context.size)
-    return select(order, np.zeros(context.size), [{"why": "random"}] * context.size, context, n)
+    return select(order, np.zeros(context.size), lambda i: {"why": "random"}, context, n)
 
 
 # --- diversity -------------------------------------------------------------------------
@@ -224,15 +231,11 @@ def cold_start(context: QueryContext, n: int) -> Selection:
     # Round-robin over clusters (largest first): each cluster's most typical member first.
     by_cluster = [list(np.flatnonzero(assignments == c)[np.argsort(distances[assignments == c])])
                   for c in np.argsort(-sizes, kind="stable")]
-    order = []
-    while any(by_cluster):
-        for members in by_cluster:
-            if members:
-                order.append(members.pop(0))
-    reasons = [{"why": "typical of its cluster", "cluster": int(assignments[i]),
-                "cluster_size": int(sizes[assignments[i]]),
-                "typicality": round(float(typicality[i]), 4)} for i in range(len(embeddings))]
-    return select(np.array(order), typicality, reasons, context, n)
+    order = [i for rank in zip_longest(*by_cluster) for i in rank if i is not None]
+    return select(np.array(order), typicality, lambda i: {
+        "why": "typical of its cluster", "cluster": int(assignments[i]),
+        "cluster_size": int(sizes[assignments[i]]),
+        "typicality": round(float(typicality[i]), 4)}, context, n)
 
 
 @register("coreset")
@@ -255,10 +258,9 @@ def coreset(context: QueryContext, n: int) -> Selection:
         available[pick] = False
         nearest = np.minimum(nearest, 1.0 - embeddings @ embeddings[pick])
     order += [i for i in range(len(embeddings)) if available[i]]
-    reasons = [{"why": "far from labeled scans",
-                "distance_to_labeled": round(float(distance_at_pick[i]), 4)}
-               for i in range(len(embeddings))]
-    return select(np.array(order), distance_at_pick, reasons, context, n)
+    return select(np.array(order), distance_at_pick, lambda i: {
+        "why": "far from labeled scans",
+        "distance_to_labeled": round(float(distance_at_pick[i]), 4)}, context, n)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -290,15 +292,17 @@ def hybrid(context: QueryContext, n: int, *, pool_factor: int = 10) -> Selection
     winners.sort(key=lambda i: -entropy[i])
     winners = _balance_classes(winners, candidates, proba, entropy)
     cluster_of = {int(c): int(a) for c, a in zip(candidates, assignments)}
-    rest = [int(i) for i in np.argsort(-entropy, kind="stable") if int(i) not in set(winners)]
-    reasons = []
-    for i in range(len(proba)):
-        reason = _prediction_reason(proba, i, details, context.class_names)
-        reason["why"] = "uncertain, and unlike the other picks"
+    picked = set(winners)
+    rest = [int(i) for i in np.argsort(-entropy, kind="stable") if int(i) not in picked]
+
+    def reason(i: int) -> dict:
+        out = _prediction_reason(proba, i, details, context.class_names)
+        out["why"] = "uncertain, and unlike the other picks"
         if i in cluster_of:
-            reason["cluster"] = cluster_of[i]
-        reasons.append(reason)
-    return select(np.array(winners + rest), entropy, reasons, context, n)
+            out["cluster"] = cluster_of[i]
+        return out
+
+    return select(np.array(winners + rest), entropy, reason, context, n)
 
 
 def _balance_classes(winners: list[int], candidates: np.ndarray, proba: np.ndarray,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from django.db.models import Count, Max
 
 from annotator.models import Annotation, FindingAnswer, LabelClass, Project, Scan
 from annotator.storage import media_path
@@ -44,9 +45,9 @@ def _novelty_reference(encoder: ModelVersion, label_set_id: int, *,
     members = Scan.objects.filter(project_id=encoder.project_id, label_set_id=label_set_id)
     if exclude_ids:
         members = members.exclude(pk__in=list(exclude_ids))
-    member_ids = set(members.values_list("pk", flat=True))
 
     def build(_path) -> dict | None:
+        member_ids = set(members.values_list("pk", flat=True))
         table = embedding_table(encoder)
         rows = np.flatnonzero([int(i) in member_ids for i in table.ids])
         if len(rows) < 2:
@@ -60,7 +61,9 @@ def _novelty_reference(encoder: ModelVersion, label_set_id: int, *,
 
     if exclude_ids:
         return build(None)
-    stamp = (paths["ids"].stat().st_mtime_ns, len(member_ids), max(member_ids, default=0))
+    # the set's membership by its size and newest scan (one aggregate, not 100,000 ids a call)
+    size = members.order_by().aggregate(n=Count("pk"), last=Max("pk"))
+    stamp = (paths["ids"].stat().st_mtime_ns, size["n"], size["last"] or 0)
     return cache.get(encoder, f"novelty:{label_set_id}", build, stamp=stamp)
 
 
@@ -172,15 +175,37 @@ def similar_scans(*, scan: Scan, k: int = 8, labeled_only: bool = False,
                                             outcome=Annotation.Outcome.LABEL)
         if same_label_set:
             labeled = labeled.filter(scan__label_set_id=scan.label_set_id)
-        allowed = list(labeled.values_list("scan_id", flat=True).distinct())
+        allowed = list(labeled.order_by().values_list("scan_id", flat=True).distinct())
         if not allowed:
             return []
     elif same_label_set:
         allowed = list(Scan.objects.filter(project=scan.project, label_set_id=scan.label_set_id)
                        .values_list("pk", flat=True))
-    hits = index.search(query, k, allowed_ids=allowed, exclude_ids=[scan.pk])[0]
+    if allowed is not None and len(allowed) <= SMALL_ALLOWED:
+        hits = _search_among(table, query[0], allowed, k, exclude=scan.pk)
+    else:
+        hits = index.search(query, k, allowed_ids=allowed, exclude_ids=[scan.pk])[0]
     by_id = Scan.objects.in_bulk([scan_id for scan_id, _ in hits])
     return [(by_id[scan_id], float(score)) for scan_id, score in hits if scan_id in by_id]
+
+
+# Up to this many allowed scans (e.g. the labeled ones) a search reads their vectors
+# directly instead of filtering the whole index (which visits every vector of the pool).
+SMALL_ALLOWED = 20000
+
+
+def _search_among(table, query: np.ndarray, allowed: list[int], k: int, *,
+                  exclude: int) -> list[tuple[int, float]]:
+    """The ``k`` allowed scans most similar to ``query`` (cosine), best first."""
+    ids = np.array([i for i in set(allowed) if i in table.row and i != exclude], np.int64)
+    if not len(ids):
+        return []
+    vectors = np.asarray(table.of(ids.tolist()), np.float32)
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    q = np.asarray(query, np.float32)
+    scores = vectors @ (q / max(float(np.linalg.norm(q)), 1e-12))
+    top = np.argsort(-scores, kind="stable")[:k]
+    return [(int(ids[i]), float(scores[i])) for i in top]
 
 
 def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[dict]]:

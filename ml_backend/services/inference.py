@@ -166,6 +166,30 @@ def embed_images(encoder: ModelVersion, images_png_or_paths: list) -> np.ndarray
 # --- predictors ---------------------------------------------------------------------------
 
 
+class ScanRef:
+    """A scan as a whole-pool pass reads it: id, label set, patient and preview file (what
+    heads, networks and strategies need), not a model instance: a pool can hold 100,000s,
+    and instantiating them costs more than the model's work."""
+
+    __slots__ = ("pk", "label_set_id", "patient_key", "preview")
+
+    class _File:
+        __slots__ = ("name",)
+
+        def __init__(self, name: str):
+            self.name = name
+
+    def __init__(self, pk: int, label_set_id: int | None, patient_key: str, preview: str):
+        self.pk, self.label_set_id, self.patient_key = pk, label_set_id, patient_key
+        self.preview = ScanRef._File(preview)
+
+
+def scan_refs(queryset) -> list[ScanRef]:
+    """``queryset``'s scans (in its order) as ``ScanRef``."""
+    return [ScanRef(*row) for row in queryset.values_list("pk", "label_set_id", "patient_key",
+                                                          "preview")]
+
+
 def allowed_classes(scans: list[Scan], classes: list[int]) -> list[set[int]]:
     """For each scan, the model's classes that apply to it (its label set's)."""
     class_set = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "label_set_id"))

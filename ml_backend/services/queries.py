@@ -15,8 +15,12 @@ from annotator.selectors import class_label_sets, training_labels
 from ml_backend.errors import TrainingError
 from ml_backend.models import Prediction, QueryItem, QueryRound
 from ml_backend.services.artifacts import embeddings_paths
-from ml_backend.services.embeddings import similar_scans
-from ml_backend.services.inference import vectors_for
+from ml_backend.services.inference import (
+    embedding_table,
+    scan_refs,
+    vector_index,
+    vectors_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +36,11 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     labeled_ids = set(Annotation.objects.filter(
         scan__project=project, outcome__in=[Annotation.Outcome.LABEL,
                                             Annotation.Outcome.FINDINGS])
-        .values_list("scan_id", flat=True))
-    candidates = [s for s in Scan.objects.filter(project=project, split="pool",
-                                                 quarantined=False).order_by("pk")
-                  if s.pk not in labeled_ids]
+        .order_by().values_list("scan_id", flat=True))
+    # the pool can hold 100,000s of scans: only the columns a strategy reads, no models
+    candidates = [ref for ref in scan_refs(Scan.objects.filter(
+        project=project, split="pool", quarantined=False).order_by("pk"))
+        if ref.pk not in labeled_ids]
     # a scan can only be labeled with its label set's classes: none, nothing to ask
     sets_with_classes = set(LabelClass.objects.filter(project=project)
                             .values_list("label_set_id", flat=True))
@@ -46,7 +51,8 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     if model is not None:
         classes = [c["id"] for c in model.config["classes"]]
         class_names = [c["name"] for c in model.config["classes"]]
-        stored = dict(Prediction.objects.filter(model_version=model, scan__in=candidates)
+        # the whole pool's rows (no IN list of 100,000 ids); labeled scans' are not used
+        stored = dict(Prediction.objects.filter(model_version=model).order_by()
                       .values_list("scan_id", "probabilities"))
         if candidates and stored:
             # a scan the model cannot score yet (its set has no head) is maximally uncertain
@@ -84,13 +90,15 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
             size=0 if selection is None else len(selection.indices))
         items = []
         if selection is not None:
-            for rank, (index, score, reason) in enumerate(
-                    zip(selection.indices, selection.scores, selection.reasons), start=1):
-                scan = candidates[int(index)]
+            chosen = [candidates[int(index)] for index in selection.indices]
+            near = (_labeled_neighbours(encoder, chosen, labeled_ids, neighbours)
+                    if labeled_ids and encoder is not None and neighbours else {})
+            for rank, (scan, score, reason) in enumerate(
+                    zip(chosen, selection.scores, selection.reasons), start=1):
                 reason = dict(reason)
-                if labeled_ids and encoder is not None and neighbours:
-                    reason["neighbours"] = _labeled_neighbours(scan, neighbours)
-                items.append(QueryItem(query_round=query_round, scan=scan, rank=rank,
+                if scan.pk in near:
+                    reason["neighbours"] = near[scan.pk]
+                items.append(QueryItem(query_round=query_round, scan_id=scan.pk, rank=rank,
                                        score=float(score), reason=reason))
         QueryItem.objects.bulk_create(items)
         if query_round.size:
@@ -181,18 +189,27 @@ def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
                      scores=np.array([p[1] for p in merged]), reasons=[p[2] for p in merged])
 
 
-def _labeled_neighbours(scan: Scan, k: int) -> list[dict]:
+def _labeled_neighbours(encoder, scans: list[Scan], labeled_ids: set[int],
+                        k: int) -> dict[int, list[dict]]:
+    """For each chosen scan, its ``k`` most similar labeled scans and their labels: one
+    search for the whole round and one query for the labels (not one each per scan)."""
     try:
-        hits = similar_scans(scan=scan, k=k, labeled_only=True)
+        table = embedding_table(encoder)
+        index = vector_index(encoder)
     except TrainingError:
-        return []
-    labels = {}
-    for scan_id, name in (Annotation.objects.filter(scan_id__in=[s.pk for s, _ in hits],
-                                                    outcome=Annotation.Outcome.LABEL)
-                          .values_list("scan_id", "label_class__name")):
+        return {}
+    embedded = [s for s in scans if s.pk in table.row]
+    labeled = np.array(sorted(i for i in labeled_ids if i in table.row), np.int64)
+    if not embedded or not len(labeled):
+        return {}
+    hits = index.search(table.of([s.pk for s in embedded]), k, allowed_ids=labeled)
+    labels: dict[int, str] = {}
+    for scan_id, name in (Annotation.objects.filter(
+            scan_id__in={i for row in hits for i, _ in row}, outcome=Annotation.Outcome.LABEL)
+            .order_by("-created_at").values_list("scan_id", "label_class__name")):
         labels.setdefault(scan_id, name)
-    return [{"scan": s.pk, "label": labels.get(s.pk), "similarity": round(score, 4)}
-            for s, score in hits]
+    return {scan.pk: [{"scan": i, "label": labels.get(i), "similarity": round(score, 4)}
+                      for i, score in row] for scan, row in zip(embedded, hits)}
 
 
 def label_quality_check(*, project: Project, created_by=None) -> QueryRound:

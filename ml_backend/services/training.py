@@ -474,6 +474,7 @@ def _refit(run: TrainingRun, report: RunReporter) -> None:
     if encoder is None:
         raise TrainingError("the project has no active encoder: run `manage.py pretrain` first")
     embed_with(run, encoder, report, full=False)          # new scans since the last embed
+    timings = {"embed_new_s": time.perf_counter() - started}
     scans, class_ids = training_labels(run.project, split="pool")
     class_set = class_label_sets(run.project)
     sets = {s.pk: s for s in run.project.label_sets.all()}
@@ -524,6 +525,7 @@ def _refit(run: TrainingRun, report: RunReporter) -> None:
                    f"{c['name']}: {len(c['classes'])} classes, T={c['temperature']:.2f}"
                    for c in set_configs) + ("; skipped " + "; ".join(skipped) if skipped else ""))
     multi = SetHeads(heads=heads, class_ids=classes)
+    timings["fit_s"] = time.perf_counter() - started - sum(timings.values())
 
     def predict(scans: list[Scan], *, calibrated: bool = True) -> np.ndarray:
         return multi.predict_proba(vectors_for(encoder, scans),
@@ -533,12 +535,18 @@ def _refit(run: TrainingRun, report: RunReporter) -> None:
                        {"fit": set_configs, "skipped_sets": skipped,
                         **({"findings": findings_metrics} if findings_metrics else {})}, report,
                        uncalibrated=lambda scans: predict(scans, calibrated=False),
-                       findings=findings_verdict if findings_fits else None)
+                       findings=findings_verdict if findings_fits else None, timings=timings)
     if run.params.get("query", True) and model.status == ModelVersion.Status.ACTIVE:
+        mark = time.perf_counter()
         query_round = query_round_create(project=run.project)
+        timings["query_s"] = time.perf_counter() - mark
         report.log(f"query round {query_round.pk}: {query_round.size} scans "
                    f"({query_round.strategy})")
-    report.log(f"refit took {time.perf_counter() - started:.1f}s")
+    timings["total_s"] = time.perf_counter() - started
+    model.metrics = {**model.metrics, "timings": {k: round(v, 3) for k, v in timings.items()}}
+    model.save(update_fields=["metrics"])
+    report.log(f"refit took {timings['total_s']:.1f}s (" + ", ".join(
+        f"{k[:-2]} {v:.2f}" for k, v in timings.items() if k != "total_s") + ")")
 
 
 def _finish_findings_only(run, model, verdict, findings_metrics: dict, report) -> None:
@@ -560,7 +568,8 @@ def _finish_findings_only(run, model, verdict, findings_metrics: dict, report) -
 
 def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metrics, report, *,
                        uncalibrated: Predictor | None = None, calibrate: bool = False,
-                       findings: tuple[bool, str, dict] | None = None):
+                       findings: tuple[bool, str, dict] | None = None,
+                       timings: dict | None = None):
     """Evaluate a new classifier on the eval split, compare it with the active one on the
     same scans, and promote it (predictions, next round, Label Studio) or hold it back."""
     model.num_labels = num_labels
@@ -568,11 +577,16 @@ def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metr
     model.save(update_fields=["num_labels", "metrics"])   # still "training" until gated
     if calibrate:
         predict, uncalibrated = _calibrate_network(model, predict, classes, report)
+    timings = {} if timings is None else timings
+    mark = time.perf_counter()
     evaluation = evaluate(model, predict=predict, classes=classes, uncalibrated=uncalibrated)
+    timings["evaluate_s"] = time.perf_counter() - mark
     if evaluation is not None:
         report.log(f"eval: accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f}"
                    f" on {evaluation.num_eval} scans")
+    mark = time.perf_counter()
     promoted, reason, comparison = gate(model, evaluation, predict=predict)
+    timings["gate_s"] = time.perf_counter() - mark
     if findings is not None:         # the project's findings sets are gated too
         model.metrics = {**model.metrics, "findings_gate": findings[2]}
         if promoted and not findings[0]:
@@ -582,7 +596,9 @@ def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metr
     model.save(update_fields=["metrics", "status", "status_reason"])
     report.log(reason)
     if promoted:
+        mark = time.perf_counter()
         publish(model, predict=predict, classes=classes)
+        timings["publish_s"] = time.perf_counter() - mark
 
 
 def _calibrate_network(model: ModelVersion, predict: Predictor, classes: list[int],

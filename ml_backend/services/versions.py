@@ -18,7 +18,7 @@ from annotator.selectors import class_label_sets, patient_overlap_words, trainin
 from ml_backend import signals
 from ml_backend.errors import TrainingError
 from ml_backend.models import Evaluation, ModelVersion, Prediction
-from ml_backend.services.inference import Predictor, allowed_classes, predictor_for
+from ml_backend.services.inference import Predictor, allowed_classes, predictor_for, scan_refs
 from ml_backend.services.queries import query_round_create
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def predictions_refresh(model: ModelVersion, *, predict: Predictor | None = None
     (see ``publish``)."""
     predict = predict or predictor_for(model)
     classes = classes or [c["id"] for c in model.config["classes"]]
-    scans = list(Scan.objects.filter(project=model.project, split="pool").order_by("pk"))
+    scans = scan_refs(Scan.objects.filter(project=model.project, split="pool").order_by("pk"))
     if not scans:
         return 0
     allowed = allowed_classes(scans, classes)
@@ -250,13 +250,38 @@ def predictions_refresh(model: ModelVersion, *, predict: Predictor | None = None
             if not mine or float(p.max()) <= 0:
                 continue                       # no head for this scan's label set yet
             best = int(p.argmax())
-            rows.append(Prediction(
-                scan=scan, model_version=model, predicted_class_id=classes[best],
-                probabilities={str(c): round(float(v), 6) for c, v in zip(classes, p)
-                               if c in mine},
-                confidence=float(p[best]), uncertainty=float(1.0 - p[best])))
+            rows.append((scan.pk, classes[best],
+                         {str(c): round(float(v), 6) for c, v in zip(classes, p) if c in mine},
+                         float(p[best])))
     Prediction.objects.filter(model_version=model).delete()
-    for start in range(0, len(rows), WRITE_BATCH):
-        with transaction.atomic():
-            Prediction.objects.bulk_create(rows[start:start + WRITE_BATCH])
+    _write_predictions(model, rows)
     return len(rows)
+
+
+def _write_predictions(model: ModelVersion, rows: list[tuple]) -> None:
+    """Store ``(scan id, class id, probabilities, confidence)`` rows of a version that is
+    not active yet. PostgreSQL: one COPY (100,000 rows in about a second; issue 21);
+    elsewhere (SQLite) short transactions of ``WRITE_BATCH`` rows, so a reader's answer can
+    write between them."""
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        import json
+
+        now = timezone.now()
+        table = Prediction._meta.db_table
+        with transaction.atomic(), connection.cursor() as cursor:
+            with cursor.cursor.copy(
+                    f"COPY {table} (scan_id, model_version_id, predicted_class_id, "
+                    "probabilities, confidence, uncertainty, created_at) FROM STDIN") as copy:
+                for scan_id, class_id, proba, confidence in rows:
+                    copy.write_row((scan_id, model.pk, class_id, json.dumps(proba), confidence,
+                                    1.0 - confidence, now))
+        return
+    objects = [Prediction(scan_id=scan_id, model_version=model, predicted_class_id=class_id,
+                          probabilities=proba, confidence=confidence,
+                          uncertainty=1.0 - confidence)
+               for scan_id, class_id, proba, confidence in rows]
+    for start in range(0, len(objects), WRITE_BATCH):
+        with transaction.atomic():
+            Prediction.objects.bulk_create(objects[start:start + WRITE_BATCH])
