@@ -315,8 +315,9 @@ def _restore_rows(manifest: dict, name: str, artifact_dirs: dict, log) -> Projec
     for a in manifest["annotations"]:
         a = dict(a)
         times.append(datetime.fromisoformat(a.pop("created_at")))
+        scan = scans[a.pop("scan")]
         rows.append(Annotation(
-            scan=scans[a.pop("scan")], label_class=classes.get(a.pop("label")),
+            scan=scan, project_id=scan.project_id, label_class=classes.get(a.pop("label")),
             reader=users.get(a.pop("reader")),
             shown_model_version=models.get(a.pop("shown_model_version")),
             shown_suggestion=classes.get(a.pop("shown_suggestion")), **a))

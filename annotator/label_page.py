@@ -12,7 +12,7 @@ import logging
 from django.conf import settings
 from django.urls import reverse
 
-from annotator.labeling import describe_reason, peek_after, second_reading, worklist
+from annotator.labeling import describe_reason, peek_after, round_progress, second_reading
 from annotator.models import Annotation, LabelClass, Project, Scan
 from ml_backend.errors import ModelUnavailable, TrainingError
 from ml_backend.models import ModelVersion, Prediction
@@ -185,9 +185,8 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
                   default=None)
         gradcam = top["gradcam"] if top else None
     progress = None
-    if item is not None:
-        wl = worklist(project, user) if user is not None else None
-        progress = wl["progress"] if wl else None
+    if item is not None and user is not None:
+        progress = round_progress(project, user, item.query_round)
     yours = None
     if user is not None:
         mine = (Annotation.objects.filter(scan=scan, reader=user).order_by("-created_at", "-pk")

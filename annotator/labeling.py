@@ -74,9 +74,9 @@ def _held_by_others(project: Project, user) -> dict[int, str]:
 def readings(project: Project, scan_ids=None) -> dict[int, set[str]]:
     """Who has read each scan (a label or findings answer; adjudications are not readings):
     ``{scan id: {reader key}}``."""
-    rows = Annotation.objects.filter(scan__project=project, outcome__in=Annotation.LABELLING)
-    if scan_ids is not None:
-        rows = rows.filter(scan_id__in=scan_ids)
+    rows = Annotation.objects.filter(outcome__in=Annotation.LABELLING).order_by()
+    rows = (rows.filter(project=project) if scan_ids is None
+            else rows.filter(scan_id__in=list(scan_ids), project=project))
     out: dict[int, set[str]] = {}
     for scan_id, reader_id, source, pk in rows.exclude(
             source=Annotation.Source.ADJUDICATION).values_list(
@@ -85,13 +85,15 @@ def readings(project: Project, scan_ids=None) -> dict[int, set[str]]:
     return out
 
 
-def _done_for(project: Project, user) -> tuple[set[int], set[int]]:
-    """(scans read by as many readers as the project asks for, scans this user answered in
-    any way)."""
+def _done_for(project: Project, user, scan_ids: list[int]) -> tuple[set[int], set[int]]:
+    """Among ``scan_ids`` (a round's): (scans read by as many readers as the project asks
+    for, scans this user answered in any way). Only those scans' answers are read: a
+    project's whole history of answers grows without bound (issue 21)."""
     needed = max(1, project.readers_per_scan)
-    done = {scan_id for scan_id, who in readings(project).items() if len(who) >= needed}
-    mine = set(Annotation.objects.filter(scan__project=project, reader=user)
-               .values_list("scan_id", flat=True))
+    done = {scan_id for scan_id, who in readings(project, scan_ids).items()
+            if len(who) >= needed}
+    mine = set(Annotation.objects.filter(scan_id__in=scan_ids, reader=user)
+               .order_by().values_list("scan_id", flat=True))
     return done, mine
 
 
@@ -110,17 +112,20 @@ def _open_items(project: Project, user):
     query_round = current_round(project)
     if query_round is None:
         return []
-    labeled, mine = _done_for(project, user)
-    held = _held_by_others(project, user)
     items = list(query_round.items.select_related("scan").order_by("rank"))
+    labeled, mine = _done_for(project, user, [i.scan_id for i in items])
+    held = _held_by_others(project, user)
     return [i for i in items if i.scan_id not in labeled and i.scan_id not in mine
             and i.scan_id not in held]
 
 
 def peek_after(*, project: Project, user, scan: Scan) -> int | None:
     """The scan ``user`` will most likely be served after ``scan`` (not leased), so the page
-    can preload its image while the reader looks at this one."""
-    for item in _open_items(project, user):
+    can preload its image while the reader looks at this one. Right after ``lease_next`` on
+    the same project object (an answer serving the next scan) its list is reused."""
+    known = getattr(project, "_open_items_for", None)
+    items = known[1] if known and known[0] == user.pk else _open_items(project, user)
+    for item in items:
         if item.scan_id != scan.pk:
             return item.scan_id
     return None
@@ -130,6 +135,7 @@ def lease_next(*, project: Project, user):
     """The next chosen scan for ``user`` in rank order, leased to them: not labeled yet, not
     answered by them, not held by another reader. Returns ``(scan, item)`` or ``None``."""
     open_items = _open_items(project, user)
+    project._open_items_for = (user.pk, open_items)     # for peek_after in this request
     # a scan already leased to this user (a reload, a second tab) comes first
     own = set(ScanLease.objects.filter(project=project, user=user, expires_at__gt=timezone.now())
               .values_list("scan_id", flat=True))
@@ -195,6 +201,7 @@ def worklist(project: Project, user) -> dict:
     rows, labeled_count, mine = [], 0, 0
     needed = max(1, project.readers_per_scan)
     read_by = readings(project, scan_ids)
+    progress = round_progress(project, user, query_round, scan_ids, read_by=read_by)
     for item in items:
         scan_answers = answers.get(item.scan_id, [])
         if len(read_by.get(item.scan_id, ())) >= needed:
@@ -213,16 +220,29 @@ def worklist(project: Project, user) -> dict:
                      "readings": len(read_by.get(item.scan_id, ())), "needed": needed,
                      "held_by": held.get(item.scan_id), "prediction": predictions.get(item.scan_id),
                      "reason": describe_reason(item.reason, item.score)})
-    total_labels = Annotation.objects.filter(scan__project=project,
+    return {"round": query_round, "rows": rows, "progress": progress}
+
+
+def round_progress(project: Project, user, query_round, scan_ids: list[int] | None = None, *,
+                   read_by: dict | None = None) -> dict:
+    """The progress numbers of a round for ``user`` (the worklist's and the label page's),
+    from counts alone: the label page asks on every answer."""
+    if scan_ids is None:
+        scan_ids = list(query_round.items.order_by("rank").values_list("scan_id", flat=True))
+    needed = max(1, project.readers_per_scan)
+    read_by = readings(project, scan_ids) if read_by is None else read_by
+    labeled = sum(len(read_by.get(i, ())) >= needed for i in scan_ids)
+    mine = Annotation.objects.filter(scan_id__in=scan_ids, reader=user).order_by().values(
+        "scan_id").distinct().count()
+    total_labels = Annotation.objects.filter(project=project,
                                              outcome__in=Annotation.LABELLING).count()
     # the reader's own count runs across rounds: a refit that chooses the next round does
     # not reset what they have done
-    yours_total = Annotation.objects.filter(scan__project=project, reader=user,
+    yours_total = Annotation.objects.filter(project=project, reader=user,
                                             outcome__in=Annotation.LABELLING).count()
-    return {"round": query_round, "rows": rows, "progress": {
-        "total": len(items), "labeled": labeled_count, "remaining": len(items) - labeled_count,
-        "yours": mine, "yours_total": yours_total, "round_number": query_round.pk,
-        "labels_in_project": total_labels}}
+    return {"total": len(scan_ids), "labeled": labeled, "remaining": len(scan_ids) - labeled,
+            "yours": mine, "yours_total": yours_total, "round_number": query_round.pk,
+            "labels_in_project": total_labels}
 
 
 def describe_reason(reason: dict, score: float | None = None) -> dict:
@@ -447,7 +467,7 @@ def answer_undo(*, project: Project, annotation_id: int, user) -> Scan:
     """Take back the reader's last answer in this project (a slip of the key): only their
     own, only from the label page, only their latest one, within UNDO_WINDOW. The row is
     deleted (the audit log keeps what it was) and its scan is returned to be read again."""
-    latest = (Annotation.objects.filter(scan__project=project, reader=user)
+    latest = (Annotation.objects.filter(project=project, reader=user)
               .order_by("-created_at", "-pk").select_related("scan").first())
     if latest is None or latest.pk != annotation_id:
         raise AnnotationError("only your last answer in this project can be undone")

@@ -85,7 +85,7 @@ def project_stats(project: Project) -> dict:
         "pool": scans.filter(split="pool").count(),
         "eval": scans.filter(split="eval").count(),
         "labeled": labeled,
-        "annotations": Annotation.objects.filter(scan__project=project).count(),
+        "annotations": Annotation.objects.filter(project=project).count(),
     }
 
 

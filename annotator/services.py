@@ -288,6 +288,7 @@ class _JobState:
     colour_decided: str = ""
     series_stacked: int = 0       # series imported as one scan each, and their slices
     series_slices: int = 0
+    scan_ids: list = field(default_factory=list)   # the scans this run stored
 
     def to_report(self) -> dict:
         """What an import chunk keeps of its state (JSON) for the job's final report."""
@@ -588,6 +589,7 @@ def import_chunk_run(*, chunk_id: int) -> ImportChunk | None:
             done += 1
             if done % 25 == 0:
                 _chunk_save(chunk, state, done)
+        _embed_chunk(job, chunk, state.scan_ids)
     except Exception as exc:   # the chunk's boundary: its files not read say why; never lost
         if not isinstance(exc, (SourceError, Dataset.DoesNotExist)):
             logger.exception("import chunk %s crashed", chunk_id)
@@ -599,6 +601,24 @@ def import_chunk_run(*, chunk_id: int) -> ImportChunk | None:
         done += left
     _chunk_finish(chunk, state, done)
     return chunk
+
+
+def _embed_chunk(job: ImportJob, chunk: ImportChunk, scan_ids: list[int]) -> None:
+    """A project with an encoder: embed the chunk's new scans here, on this worker (the end
+    of the import merges them into the index; what fails here is computed there)."""
+    project = job.project
+    project.refresh_from_db(fields=["active_encoder"])
+    if not scan_ids or project.active_encoder is None:
+        return
+    from ml_backend import services as ml
+
+    try:
+        ml.embed_part(project.active_encoder, list(Scan.objects.filter(pk__in=scan_ids)
+                                                  .order_by("pk")),
+                      name=f"import{job.pk}-{chunk.index}")
+    except Exception as exc:   # the import stands; the merge embeds these scans itself
+        logger.warning("import %s chunk %s: embedding left to the merge (%s: %s)", job.pk,
+                       chunk.index, type(exc).__name__, str(exc)[:200])
 
 
 def _chunk_save(chunk: ImportChunk, state: _JobState, done: int, *,
@@ -1114,6 +1134,7 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
         _count_label(state, outcome)
         created_files.clear()  # committed: the files now belong to the row
         state.imported += 1
+        state.scan_ids.append(scan.pk)
         _count_colour(job, state, is_colour, meta.get("colour_reason", ""))
         for note in decoded.warnings:
             state.warnings.append(f"{ref}: {note}")

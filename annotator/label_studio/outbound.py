@@ -31,7 +31,7 @@ VIEW_TITLE = "Least confident first"
 
 def _scans_to_export(project: Project, scope: str) -> list[Scan]:
     if scope == "pool":    # every pool scan nobody has labeled yet
-        labeled = Annotation.objects.filter(scan__project=project,
+        labeled = Annotation.objects.filter(project=project,
                                             outcome__in=Annotation.LABELLING).values("scan_id")
         return list(project.scans.filter(split="pool", quarantined=False).exclude(pk__in=labeled)
                     .select_related("dataset").order_by("pk"))

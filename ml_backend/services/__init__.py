@@ -22,7 +22,7 @@ _EXPORTS = {
     "runs": ["training_run_create", "training_run_claim", "training_run_execute",
              "runs_abandon_expired", "retrain_start", "refit_start_if_due", "refit_busy",
              "RunReporter", "LEASE"],
-    "training": ["embed_with", "HANDLERS"],
+    "training": ["embed_with", "embed_part", "HANDLERS"],
     "versions": ["model_version_activate", "model_version_promote", "evaluate", "gate",
                  "predictions_refresh", "publish", "eval_set"],
     "inference": ["cache", "predictor_for", "version_heads", "vectors_for", "embedding_table",

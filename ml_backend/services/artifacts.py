@@ -28,7 +28,10 @@ def checkpoint_path(model: ModelVersion, name: str) -> Path:
 def embeddings_paths(model: ModelVersion) -> dict[str, Path]:
     base = Path(model.artifact_dir)
     return {"vectors": base / "embeddings.npy", "ids": base / "scan_ids.npy",
-            "index": base / "index.faiss"}
+            "index": base / "index.faiss",
+            # vectors computed elsewhere (an import chunk on any worker) for the next embed
+            # to merge: ``<name>.npz`` with ``ids`` and ``vectors``
+            "parts": base / "parts"}
 
 
 def images_for(scans: list[Scan], size: int, channels: int = 1) -> np.ndarray:

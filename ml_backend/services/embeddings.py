@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from django.db.models import Count, Max
 
 from annotator.models import Annotation, FindingAnswer, LabelClass, Project, Scan
 from annotator.storage import media_path
@@ -61,9 +60,11 @@ def _novelty_reference(encoder: ModelVersion, label_set_id: int, *,
 
     if exclude_ids:
         return build(None)
-    # the set's membership by its size and newest scan (one aggregate, not 100,000 ids a call)
-    size = members.order_by().aggregate(n=Count("pk"), last=Max("pk"))
-    stamp = (paths["ids"].stat().st_mtime_ns, size["n"], size["last"] or 0)
+    # rebuilt when the embeddings change (every embed of new scans) or a newer scan joins
+    # the set: its newest member is one index lookup, where its size or its ids would read
+    # every one of 100,000s of rows on each label page (issue 21)
+    last = members.order_by("-pk").values_list("pk", flat=True).first()
+    stamp = (paths["ids"].stat().st_mtime_ns, last or 0)
     return cache.get(encoder, f"novelty:{label_set_id}", build, stamp=stamp)
 
 
@@ -171,7 +172,7 @@ def similar_scans(*, scan: Scan, k: int = 8, labeled_only: bool = False,
         query = embed_images(encoder, [media_path(scan.preview.name)])
     allowed = None
     if labeled_only:
-        labeled = Annotation.objects.filter(scan__project=scan.project,
+        labeled = Annotation.objects.filter(project_id=scan.project_id,
                                             outcome=Annotation.Outcome.LABEL)
         if same_label_set:
             labeled = labeled.filter(scan__label_set_id=scan.label_set_id)
@@ -221,7 +222,7 @@ def class_candidates(*, label_class: LabelClass, k: int = 20) -> dict[str, list[
     index = vector_index(encoder)
     table = embedding_table(encoder)
     ids, vectors, row = table.ids, table.vectors, table.row
-    labeled = set(Annotation.objects.filter(scan__project=project,
+    labeled = set(Annotation.objects.filter(project=project,
                                             outcome__in=Annotation.LABELLING)
                   .values_list("scan_id", flat=True))
     in_set = set(Scan.objects.filter(project=project, label_set_id=label_class.label_set_id,

@@ -12,7 +12,7 @@ from django.db.models import Count
 
 from annotator.models import Annotation, LabelClass, Project, Scan
 from annotator.selectors import class_label_sets, training_labels
-from ml_backend.errors import TrainingError
+from ml_backend.errors import ModelUnavailable, TrainingError
 from ml_backend.models import Prediction, QueryItem, QueryRound
 from ml_backend.services.artifacts import embeddings_paths
 from ml_backend.services.inference import (
@@ -34,7 +34,7 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     strategy = strategy or project.query_strategy
     n = n or project.query_batch_size
     labeled_ids = set(Annotation.objects.filter(
-        scan__project=project, outcome__in=[Annotation.Outcome.LABEL,
+        project=project, outcome__in=[Annotation.Outcome.LABEL,
                                             Annotation.Outcome.FINDINGS])
         .order_by().values_list("scan_id", flat=True))
     # the pool can hold 100,000s of scans: only the columns a strategy reads, no models
@@ -51,17 +51,8 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     if model is not None:
         classes = [c["id"] for c in model.config["classes"]]
         class_names = [c["name"] for c in model.config["classes"]]
-        # the whole pool's rows (no IN list of 100,000 ids); labeled scans' are not used
-        stored = dict(Prediction.objects.filter(model_version=model).order_by()
-                      .values_list("scan_id", "probabilities"))
-        if candidates and stored:
-            # a scan the model cannot score yet (its set has no head) is maximally uncertain
-            uniform = np.full(len(classes), 1.0 / len(classes))
-            # a class of the scan's set keeps a non-zero column even when its stored
-            # probability rounded to 0 (the strategies count a row's classes by them)
-            proba = np.array([[max(stored[s.pk][str(c)], 1e-9) if str(c) in stored[s.pk]
-                               else 0.0 for c in classes]
-                              if s.pk in stored else uniform for s in candidates])
+        if candidates:
+            proba = _candidate_proba(model, classes, candidates)
     embeddings = labeled = None
     if encoder is not None and embeddings_paths(encoder)["ids"].exists():
         try:
@@ -107,6 +98,34 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
             transaction.on_commit(lambda: signals.round_created.send(
                 sender=QueryRound, query_round=query_round, project_id=project.pk))
     return query_round
+
+
+def _candidate_proba(model, classes: list[int], candidates) -> np.ndarray | None:
+    """The stored pool probabilities of ``candidates`` over ``classes``, or None when the
+    version stored none. A scan the model cannot score yet (its set has no head) is
+    maximally uncertain (uniform); a class of the scan's set keeps a non-zero column even
+    when its probability rounded to 0 (the strategies count a row's classes by them)."""
+    from ml_backend.services.inference import cache
+    from ml_backend.services.versions import POOL_PREDICTIONS
+
+    ids = np.array([c.pk for c in candidates], np.int64)
+    uniform = np.full(len(classes), 1.0 / len(classes))
+    try:      # the array file (written with the rows since issue 21): no JSON to decode
+        table = cache.get(model, POOL_PREDICTIONS, lambda path: dict(np.load(path)))
+    except ModelUnavailable:
+        table = None
+    if table is not None and table["proba"].shape[1] == len(classes):
+        if not len(table["ids"]):
+            return None
+        at = np.clip(np.searchsorted(table["ids"], ids), 0, len(table["ids"]) - 1)
+        found = table["ids"][at] == ids
+        return np.where(found[:, None], table["proba"][at].astype(np.float64), uniform)
+    stored = dict(Prediction.objects.filter(model_version=model).order_by()
+                  .values_list("scan_id", "probabilities"))
+    if not stored:
+        return None
+    return np.array([[max(stored[s.pk][str(c)], 1e-9) if str(c) in stored[s.pk] else 0.0
+                      for c in classes] if s.pk in stored else uniform for s in candidates])
 
 
 def _findings_contexts(model, candidates: list[Scan]) -> dict[int, dict]:

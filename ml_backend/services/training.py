@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -225,33 +226,77 @@ def _embed(run: TrainingRun, report: RunReporter) -> None:
     embed_with(run, encoder, report, full=bool(run.params.get("full")))
 
 
+def embed_part(encoder: ModelVersion, scans: list, name: str) -> int:
+    """Embed ``scans`` with ``encoder`` into a part file that the next embed of the project
+    merges instead of computing them again: each chunk of a large import embeds its own
+    scans on its own worker, so the embedding spreads over the workers like the files do.
+    Nothing to do before the encoder has embeddings (the first embed builds them all)."""
+    paths = embeddings_paths(encoder)
+    if not scans or not paths["ids"].exists():
+        return 0
+    model, config = encoder_network(encoder)
+    vectors = ssl.embed(model.encoder, images_for(scans, config.image_size, config.channels),
+                        config, workers=_workers())
+    paths["parts"].mkdir(exist_ok=True)
+    tmp = paths["parts"] / f".tmp-{name}.npz"
+    np.savez(tmp, ids=np.array([s.pk for s in scans], np.int64),
+             vectors=np.asarray(vectors, np.float32))
+    os.replace(tmp, paths["parts"] / f"{name}.npz")
+    return len(scans)
+
+
+def _embedded_parts(paths: dict, wanted: set[int]) -> tuple[dict[int, np.ndarray], list[Path]]:
+    """Vectors of ``wanted`` scans found in part files, and the part files read."""
+    found: dict[int, np.ndarray] = {}
+    read = []
+    for part in sorted(paths["parts"].glob("*.npz")) if paths["parts"].is_dir() else []:
+        if part.name.startswith(".tmp-"):
+            continue
+        try:
+            with np.load(part) as data:
+                for scan_id, vector in zip(data["ids"].tolist(), data["vectors"]):
+                    if scan_id in wanted:
+                        found[scan_id] = vector
+        except (OSError, ValueError, KeyError) as exc:   # damaged: computed again instead
+            logger.warning("embedding part %s unreadable: %s", part.name, exc)
+        read.append(part)
+    return found, read
+
+
 def embed_with(run: TrainingRun, encoder: ModelVersion, report: RunReporter, *,
                 full: bool) -> None:
     """Embed every scan not yet embedded with ``encoder`` (all of them when ``full``) and
-    add them to its FAISS index without rebuilding it."""
+    add them to its FAISS index without rebuilding it. Vectors an import chunk already
+    computed (``embed_part``) are merged, not computed again."""
     from ml_backend.index.faiss_index import VectorIndex, build_index
+    from ml_backend.services.inference import ScanRef, scan_refs
 
     paths = embeddings_paths(encoder)
-    scans = list(Scan.objects.filter(project=run.project).order_by("pk"))
+    scans = scan_refs(Scan.objects.filter(project=run.project).order_by("pk"))
     old_ids = np.zeros(0, np.int64)
     old_vectors = None
     if not full and paths["ids"].exists() and paths["index"].exists():
         old_ids = np.load(paths["ids"])
         old_vectors = np.load(paths["vectors"], mmap_mode="r")
     known = set(old_ids.tolist())
-    todo = [s for s in scans if s.pk not in known]
+    todo: list[ScanRef] = [s for s in scans if s.pk not in known]
     if not todo and old_vectors is not None and len(known):
         report.log(f"embedding 0 scans with {encoder.version} ({len(known)} already embedded)")
         return            # nothing new: the vectors and the index stay as they are
     model, config = encoder_network(encoder)
-    report.log(f"embedding {len(todo)} scans with {encoder.version} "
-               f"({len(known)} already embedded)")
+    ready, parts = _embedded_parts(paths, {s.pk for s in todo}) if not full else ({}, [])
+    rest = [s for s in todo if s.pk not in ready]
+    report.log(f"embedding {len(rest)} scans with {encoder.version} ({len(known)} already "
+               f"embedded" + (f", {len(ready)} by import chunks" if ready else "") + ")")
     started = time.perf_counter()
-    vectors = ssl.embed(model.encoder, images_for(todo, config.image_size, config.channels), config,
-                        progress=report, workers=_workers()) if todo else np.zeros((0, model.encoder.feature_dim),
-                                                               np.float32)
+    vectors = ssl.embed(model.encoder, images_for(rest, config.image_size, config.channels),
+                        config, progress=report, workers=_workers()) if rest else np.zeros(
+        (0, model.encoder.feature_dim), np.float32)
     seconds = time.perf_counter() - started
-    ids = np.array([s.pk for s in todo], dtype=np.int64)
+    if ready:
+        vectors = np.concatenate([np.stack(list(ready.values())).astype(np.float32),
+                                  np.asarray(vectors, np.float32)])
+    ids = np.array(list(ready) + [s.pk for s in rest], dtype=np.int64)
     if old_vectors is not None and len(known):
         index = VectorIndex.load(paths["index"])
         if len(ids):
@@ -266,8 +311,11 @@ def embed_with(run: TrainingRun, encoder: ModelVersion, report: RunReporter, *,
     save_npy_atomic(paths["vectors"], all_vectors.astype(np.float32))
     save_npy_atomic(paths["ids"], all_ids)
     index.save(paths["index"])
+    for part in parts:          # merged: the vectors file holds them now
+        part.unlink(missing_ok=True)
     stats = {"embedded": int(len(ids)), "total": int(len(all_ids)), "index_kind": index.kind,
-             "images_per_s": round(len(ids) / seconds, 1) if len(ids) and seconds else None}
+             "from_import_chunks": len(ready),
+             "images_per_s": round(len(rest) / seconds, 1) if len(rest) and seconds else None}
     encoder.metrics = {**encoder.metrics, "embeddings": stats}
     encoder.save(update_fields=["metrics"])
     report.log(f"index {index.kind}: {len(all_ids)} vectors")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from django.contrib.auth import get_user_model
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
@@ -46,6 +47,11 @@ class Command(BaseCommand):
                             "findings source (NIH 'Finding Labels' CSV, CheXpert-style or 0/1 "
                             "CSV, ChestMNIST-style npz; SOURCE#split picks a CSV's split rows) "
                             "goes into a findings set of this name (default 'findings')")
+        parser.add_argument("--on-workers", action="store_true",
+                            help="split a large import (more than IMPORT_CHUNK_SIZE files) into "
+                            "chunks for the Celery workers, on as many machines as run them, "
+                            "and follow their progress here (needs CELERY_BROKER_URL and "
+                            "running workers); by default this process imports every file")
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **opts):
@@ -96,7 +102,11 @@ class Command(BaseCommand):
                            file=self.stderr._out)
             bar.update(done - bar.n)
 
-        job = services.import_job_run(job_id=job.pk, progress=progress)
+        if opts["on_workers"] and settings.CELERY_TASK_ALWAYS_EAGER:
+            raise CommandError("--on-workers needs a broker (CELERY_BROKER_URL) and running "
+                               "Celery workers")
+        job = services.import_job_run(job_id=job.pk, progress=progress,
+                                      chunked=bool(opts["on_workers"]))
         if job is not None and not job.is_finished:    # chunks on the workers: follow them
             if not opts["no_progress"]:
                 self.stderr.write(f"{job.chunks_total} chunks queued for the Celery workers")
