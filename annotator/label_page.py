@@ -15,7 +15,7 @@ from django.urls import reverse
 from annotator.labeling import describe_reason, peek_after, round_progress, second_reading
 from annotator.models import Annotation, LabelClass, Project, Scan
 from ml_backend.errors import ModelUnavailable, TrainingError
-from ml_backend.models import ModelVersion, Prediction
+from ml_backend.models import ModelVersion, Prediction, QueryRound
 from ml_backend.services import embeddings, inference
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def effective_hotkeys(classes: list[LabelClass]) -> dict[int, str]:
     return keys
 
 
-def _suggestion(project: Project, scan: Scan) -> dict | None:
+def _suggestion(project: Project, scan: Scan, set_classes: list | None = None) -> dict | None:
     """The active model's stored prediction over the classes of the scan's label set
     (computed on the fly for a scan it has not seen). None when there is no model yet or it
     has not learned this scan's label set; raises ModelUnavailable when it fails."""
@@ -42,7 +42,8 @@ def _suggestion(project: Project, scan: Scan) -> dict | None:
     if model is None or scan.label_set_id is None:
         return None
     classes = {c["id"]: c["name"] for c in model.config.get("classes", [])}
-    mine = set(scan.label_set.classes.values_list("pk", flat=True))
+    mine = ({c.pk for c in set_classes} if set_classes is not None
+            else set(scan.label_set.classes.values_list("pk", flat=True)))
     if not mine & set(classes):
         return None
     stored = Prediction.objects.filter(model_version=model, scan=scan).first()
@@ -165,7 +166,7 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
             suggestion = None
             findings_suggestion = _findings_suggestion(project, scan, classes)
         else:
-            suggestion = _suggestion(project, scan)
+            suggestion = _suggestion(project, scan, classes)
     except (ModelUnavailable, OSError, ValueError) as exc:
         suggestion, model_error = None, str(exc)
     novelty = embeddings.scan_novelty(scan)
@@ -186,7 +187,7 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
         gradcam = top["gradcam"] if top else None
     progress = None
     if item is not None and user is not None:
-        progress = round_progress(project, user, item.query_round)
+        progress = round_progress(project, user, QueryRound(pk=item.query_round_id))
     yours = None
     if user is not None:
         mine = (Annotation.objects.filter(scan=scan, reader=user).order_by("-created_at", "-pk")

@@ -14,14 +14,14 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from annotator.models import Annotation, LabelClass, Project, Scan, ScanLease
 from annotator.selectors import reader_key
 from annotator.services import AnnotationError, annotation_create
 from medsite import jsonbody
-from ml_backend.models import ModelVersion, Prediction, QueryRound
+from ml_backend.models import ModelVersion, Prediction, QueryItem, QueryRound
 
 logger = logging.getLogger(__name__)
 
@@ -228,21 +228,21 @@ def round_progress(project: Project, user, query_round, scan_ids: list[int] | No
     """The progress numbers of a round for ``user`` (the worklist's and the label page's),
     from counts alone: the label page asks on every answer."""
     if scan_ids is None:
-        scan_ids = list(query_round.items.order_by("rank").values_list("scan_id", flat=True))
+        scan_ids = list(QueryItem.objects.filter(query_round_id=query_round.pk)
+                        .order_by("rank").values_list("scan_id", flat=True))
     needed = max(1, project.readers_per_scan)
     read_by = readings(project, scan_ids) if read_by is None else read_by
     labeled = sum(len(read_by.get(i, ())) >= needed for i in scan_ids)
     mine = Annotation.objects.filter(scan_id__in=scan_ids, reader=user).order_by().values(
         "scan_id").distinct().count()
-    total_labels = Annotation.objects.filter(project=project,
-                                             outcome__in=Annotation.LABELLING).count()
     # the reader's own count runs across rounds: a refit that chooses the next round does
     # not reset what they have done
-    yours_total = Annotation.objects.filter(project=project, reader=user,
-                                            outcome__in=Annotation.LABELLING).count()
+    counts = Annotation.objects.filter(project=project, outcome__in=Annotation.LABELLING
+                                       ).aggregate(total=Count("pk"),
+                                                   yours=Count("pk", filter=Q(reader=user)))
     return {"total": len(scan_ids), "labeled": labeled, "remaining": len(scan_ids) - labeled,
-            "yours": mine, "yours_total": yours_total, "round_number": query_round.pk,
-            "labels_in_project": total_labels}
+            "yours": mine, "yours_total": counts["yours"], "round_number": query_round.pk,
+            "labels_in_project": counts["total"]}
 
 
 def describe_reason(reason: dict, score: float | None = None) -> dict:

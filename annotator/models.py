@@ -123,8 +123,11 @@ class Project(models.Model):
             return None
         if user.is_superuser:
             return Membership.Role.ADMIN
-        membership = self.memberships.filter(user=user).first()
-        return membership.role if membership else None
+        known = self.__dict__.setdefault("_roles", {})   # asked several times a request
+        if user.pk not in known:
+            membership = self.memberships.filter(user=user).first()
+            known[user.pk] = membership.role if membership else None
+        return known[user.pk]
 
 
 class Membership(models.Model):
@@ -341,7 +344,11 @@ class Scan(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["project", "sha256"], name="scan_unique_content")
         ]
-        indexes = [models.Index(fields=["project", "split"], name="scan_project_split")]
+        indexes = [models.Index(fields=["project", "split"], name="scan_project_split"),
+                   # whole-patient splits look a patient (or study) up for every imported
+                   # scan, and the reports intersect eval's patients with the pool's
+                   models.Index(fields=["project", "patient_key"], name="scan_project_patient"),
+                   models.Index(fields=["project", "study_key"], name="scan_project_study")]
 
     def __str__(self) -> str:
         return f"Scan {self.pk} ({self.file_format}, {self.width}x{self.height})"

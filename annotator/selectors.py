@@ -78,14 +78,20 @@ def scan_list_for_project(project: Project, *, split: str | None = None,
 
 
 def project_stats(project: Project) -> dict:
-    scans = project.scans
-    labeled = scans.filter(annotations__outcome=Annotation.Outcome.LABEL).distinct().count()
+    """The project page's numbers: one pass over the scans (one aggregate, not a count
+    each) and the labeled scans from the answers' side (issue 21)."""
+    counts = Scan.objects.filter(project=project).aggregate(
+        scans=Count("pk"), pool=Count("pk", filter=Q(split="pool")),
+        eval=Count("pk", filter=Q(split="eval")),
+        visible=Count("pk", filter=Q(quarantined=False)),
+        visible_pool=Count("pk", filter=Q(quarantined=False, split="pool")),
+        visible_eval=Count("pk", filter=Q(quarantined=False, split="eval")))
+    answers = Annotation.objects.filter(project=project).order_by()
     return {
-        "scans": scans.count(),
-        "pool": scans.filter(split="pool").count(),
-        "eval": scans.filter(split="eval").count(),
-        "labeled": labeled,
-        "annotations": Annotation.objects.filter(project=project).count(),
+        **counts,
+        "labeled": answers.filter(outcome=Annotation.Outcome.LABEL).values("scan_id")
+        .distinct().count(),
+        "annotations": answers.count(),
     }
 
 
@@ -235,8 +241,10 @@ def patients_in_both_splits(project: Project) -> dict[str, int]:
         keyed = scans.exclude(**{field_name: ""})
         if word == "studies":
             keyed = keyed.filter(patient_key="")
-        both = set(keyed.filter(split="eval").values_list(field_name, flat=True)) & set(
-            keyed.filter(split="pool").values_list(field_name, flat=True))
+        # the database intersects: only shared keys travel, not a key per pool scan
+        both = set(keyed.filter(split="pool", **{f"{field_name}__in": keyed.filter(
+            split="eval").values(field_name)}).order_by().values_list(
+            field_name, flat=True).distinct())
         counts[word] = len(both)
         counts[f"eval_scans_{word}"] = keyed.filter(split="eval", **{
             f"{field_name}__in": both}).count() if both else 0

@@ -7,6 +7,7 @@ import io
 import re
 import logging
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -576,7 +577,7 @@ def import_chunk_run(*, chunk_id: int) -> ImportChunk | None:
     state = _JobState()
     done = 0
     try:
-        listing = read_source(job.source, labels_csv=job.labels_csv or None, layout=job.layout)
+        listing = _chunk_listing(job)
         if len(listing.items) != job.total:
             raise SourceError(f"the source changed while it was imported ({len(listing.items)} "
                               f"files now, {job.total} when the import began)")
@@ -601,6 +602,22 @@ def import_chunk_run(*, chunk_id: int) -> ImportChunk | None:
         done += left
     _chunk_finish(chunk, state, done)
     return chunk
+
+
+_LISTINGS: OrderedDict = OrderedDict()     # job id -> its source listing, in this process
+
+
+def _chunk_listing(job: ImportJob) -> SourceListing:
+    """The job's source listing, read once per worker process and job: listing a folder of
+    100,000 files takes seconds, and a job has hundreds of chunks (the count check in
+    ``import_chunk_run`` still catches a source that changed)."""
+    listing = _LISTINGS.get(job.pk)
+    if listing is None:
+        listing = read_source(job.source, labels_csv=job.labels_csv or None, layout=job.layout)
+        _LISTINGS[job.pk] = listing
+        while len(_LISTINGS) > 2:
+            _LISTINGS.popitem(last=False)
+    return listing
 
 
 def _embed_chunk(job: ImportJob, chunk: ImportChunk, scan_ids: list[int]) -> None:

@@ -6,6 +6,10 @@ from __future__ import annotations
 from annotator.models import Project
 
 
+# the newest classifier versions the status reads (held back in a row counts within them)
+RECENT_VERSIONS = 50
+
+
 def model_status(project: Project) -> dict:
     """``updating``: a training run (refit, retrain, distill, pretrain, embed) is queued or
     running, described by ``run`` (the running one first, else the next queued).
@@ -16,24 +20,30 @@ def model_status(project: Project) -> dict:
     makes a version)."""
     from ml_backend.models import ModelVersion, TrainingRun
 
-    runs = TrainingRun.objects.filter(project=project)
-    busy = runs.filter(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING])
-    run = (busy.filter(status=TrainingRun.Status.RUNNING).order_by("-started_at", "-pk").first()
-           or busy.order_by("created_at", "pk").first())
-    finished = (runs.exclude(finished_at=None).select_related("model_version")
+    # three queries, not one per question: the label page asks on every answer
+    busy = list(TrainingRun.objects.filter(
+        project=project, status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING])
+        .only("pk", "kind", "status", "progress", "started_at", "created_at")
+        .order_by("created_at", "pk"))
+    running = sorted((r for r in busy if r.status == TrainingRun.Status.RUNNING),
+                     key=lambda r: (r.started_at is not None, r.started_at, r.pk), reverse=True)
+    run = running[0] if running else (busy[0] if busy else None)
+    finished = (TrainingRun.objects.filter(project=project).exclude(finished_at=None)
+                .select_related("model_version").defer("log", "params")
                 .order_by("-finished_at", "-pk").first())
-
-    classifiers = ModelVersion.objects.filter(project=project,
-                                              kind=ModelVersion.Kind.CLASSIFIER)
-    active = classifiers.filter(pk=project.active_model_id).values_list(
-        "version", flat=True).first() if project.active_model_id else None
-    last = (classifiers.exclude(status=ModelVersion.Status.TRAINING)
-            .order_by("-created_at", "-pk").first())
-    promoted_at = (classifiers.exclude(promoted_at=None).order_by("-promoted_at")
-                   .values_list("promoted_at", flat=True).first())
-    held_back = classifiers.filter(status=ModelVersion.Status.READY)
-    if promoted_at is not None:
-        held_back = held_back.filter(created_at__gt=promoted_at)
+    recent = list(ModelVersion.objects.filter(project=project, kind=ModelVersion.Kind.CLASSIFIER)
+                  .order_by("-created_at", "-pk")
+                  .values("pk", "version", "status", "status_reason", "promoted_at",
+                          "created_at")[:RECENT_VERSIONS])
+    active = next((v["version"] for v in recent if v["pk"] == project.active_model_id), None)
+    if active is None and project.active_model_id:          # an old version rolled back to
+        active = ModelVersion.objects.filter(pk=project.active_model_id).values_list(
+            "version", flat=True).first()
+    last = next((v for v in recent if v["status"] != ModelVersion.Status.TRAINING), None)
+    promoted = [v["promoted_at"] for v in recent if v["promoted_at"] is not None]
+    promoted_at = max(promoted) if promoted else None
+    held_back = sum(1 for v in recent if v["status"] == ModelVersion.Status.READY
+                    and (promoted_at is None or v["created_at"] > promoted_at))
 
     return {
         "updating": run is not None,
@@ -42,8 +52,9 @@ def model_status(project: Project) -> dict:
             "progress": round(run.progress or 0.0, 3)},
         "model_version": active,
         "last": None if last is None else {
-            "version": last.version, "status": last.status, "reason": last.status_reason},
-        "held_back_in_a_row": held_back.count(),
+            "version": last["version"], "status": last["status"],
+            "reason": last["status_reason"]},
+        "held_back_in_a_row": held_back,
         "last_run": None if finished is None else {
             "id": finished.pk, "kind": finished.kind, "status": finished.status,
             "error": finished.last_error[:500],

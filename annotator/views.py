@@ -30,10 +30,13 @@ def project_detail(request, project_id: int):
     if split not in (None, "pool", "eval"):
         split = None
     role = project.role_of(request.user)
-    page = Paginator(selectors.scan_list_for_project(
-        project, split=split, include_quarantined=role == "admin"), 48).get_page(
-        request.GET.get("page")
-    )
+    stats = selectors.project_stats(project)
+    paginator = Paginator(selectors.scan_list_for_project(
+        project, split=split, include_quarantined=role == "admin"), 48)
+    # the count is in the stats' one pass over the scans: no second count of 100,000s
+    paginator.count = stats[("" if role == "admin" else "visible_") + (split or "scans")
+                            if role == "admin" or split else "visible"]
+    page = paginator.get_page(request.GET.get("page"))
     from annotator.status import model_status
 
     status = model_status(project)
@@ -45,7 +48,7 @@ def project_detail(request, project_id: int):
                                                 version=status["last"]["version"]).first()
     return render(request, "annotator/project_detail.html", {
         "project": project,
-        "stats": selectors.project_stats(project),
+        "stats": stats,
         "classes": selectors.label_class_counts(project),
         "label_sets": project.label_sets.order_by("order", "pk"),
         "model_status": status,

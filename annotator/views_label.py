@@ -138,12 +138,13 @@ def answer(request, project_id: int, scan_id: int):
         next_scan_obj, item, new_round = found
         next_payload = page_content.label_payload(project=project, scan=next_scan_obj, item=item,
                                               user=request.user)
+    status = model_status(project)
     return JsonResponse({
         "saved": {"id": annotation.pk, "created": created, "outcome": annotation.outcome,
                   "label": annotation.label_class.name if annotation.label_class_id else None},
-        "model_version": project.active_model.version if project.active_model_id else None,
+        "model_version": status["model_version"],
         # a refit this answer queued runs in the background: the page shows "Model updating…"
-        "model_status": model_status(project),
+        "model_status": status,
         "next": next_payload,
         # the round was done and the model chose the next batch for this answer
         "new_round": new_round,

@@ -177,6 +177,24 @@ def import_embedding(job) -> dict:
     raise SystemExit(f"the embedding of import {job.pk} did not finish")
 
 
+def embed_throughput(project, count: int) -> dict:
+    """The encoder on ``count`` pool scans in this process (previews read from storage,
+    the network on the CPU): what each import chunk pays for its scans."""
+    from annotator.models import Scan
+    from ml_backend.services.artifacts import images_for
+    from ml_backend.services.inference import encoder_network
+    from ml_backend.ssl import train as ssl
+
+    encoder = project.active_encoder
+    model, config = encoder_network(encoder)
+    scans = list(Scan.objects.filter(project=project, split="pool").order_by("-pk")[:count])
+    started = time.perf_counter()
+    ssl.embed(model.encoder, images_for(scans, config.image_size, config.channels), config)
+    seconds = time.perf_counter() - started
+    return {"scans": len(scans), "seconds": round(seconds, 2),
+            "images_per_s": round(len(scans) / seconds, 1)}
+
+
 def embed_new(project) -> tuple[float, int]:
     from ml_backend.models import TrainingRun
     from ml_backend.services.runs import training_run_create, training_run_execute
@@ -276,8 +294,8 @@ def answers(client, project, truth: dict, classes: dict, count: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,30000,100000")
-    parser.add_argument("--source", required=True, help="images the pool scans are made from")
-    parser.add_argument("--eval-source", required=True, help="labeled eval scans (as they are)")
+    parser.add_argument("--source", help="images the pool scans are made from")
+    parser.add_argument("--eval-source", help="labeled eval scans (as they are)")
     parser.add_argument("--side", type=int, default=64, help="side of the made scans in px")
     parser.add_argument("--probe", type=int, default=1000,
                         help="scans imported with 1 and with 2 workers at each size")
@@ -289,7 +307,14 @@ def main(argv=None) -> int:
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--workdir", default=None, help="default: a temp folder, removed after")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--table", default=None, metavar="FILE",
+                        help="print the docs' table of a result file and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
+    if not args.source or not args.eval_source:
+        parser.error("--source and --eval-source are required")
     sizes = sorted(int(s) for s in args.sizes.split(","))
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scale-"))
@@ -381,6 +406,8 @@ def main(argv=None) -> int:
                 f"{job.imported / seconds:.0f} scans/s, embedding {embedding['images_per_s']}/s")
         seconds, embedded = embed_new(project)        # anything the imports left: none
         row["embed_left"] = {"scans": embedded, "seconds": round(seconds, 1)}
+        row["embed"] = embed_throughput(project, args.probe)
+        log(f"{size}: embedding alone {row['embed']['images_per_s']} images/s")
 
         pool = Scan.objects.filter(project=project, split="pool")
         classes = {c.name: c.pk for c in LabelClass.objects.filter(project=project)}
@@ -426,9 +453,15 @@ def main(argv=None) -> int:
 
 
 METRICS = {
-    "import scans/s (1 worker)": lambda r: r["import"]["1_workers"]["seconds"] / r["import"]["1_workers"]["scans"],
+    # per-scan costs: a slope of 0 means each scan costs the same in a bigger project
+    "import s per scan (1 worker)": lambda r: (r["import"]["1_workers"]["seconds"]
+                                               / r["import"]["1_workers"]["scans"]),
+    "import s per scan (2 workers)": lambda r: (r["import"]["2_workers"]["seconds"]
+                                                / r["import"]["2_workers"]["scans"]),
+    "embedding s per scan (1 process)": lambda r: r["embed"]["seconds"] / r["embed"]["scans"],
+    # whole-project costs: 1.0 is linear
     "refit s": lambda r: r["refit"]["seconds"],
-    "refit: predictions s": lambda r: r["refit"]["parts"].get("publish_s"),
+    "refit: predictions + activation s": lambda r: r["refit"]["parts"].get("publish_s"),
     "query s": lambda r: r["query"]["median_s"],
     "answer p95 ms": lambda r: r["answer"]["p95_ms"],
     "worklist ms": lambda r: r["pages"]["worklist"]["median_ms"],
@@ -437,6 +470,26 @@ METRICS = {
     "database MB": lambda r: r["database_mb"],
     "artifacts MB": lambda r: r["artifacts_mb"],
 }
+
+
+def table(path: str) -> str:
+    """The docs' table of a result file (``--table FILE``)."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    growth = _growth(rows)
+    lines = ["| cost | " + " | ".join(f"{r['size']:,} scans" for r in rows) + " | slopes |",
+             "|---|" + "---:|" * len(rows) + "---|"]
+    for name, read in METRICS.items():
+        values = []
+        for r in rows:
+            try:
+                value = read(r)
+            except (KeyError, TypeError, ZeroDivisionError):
+                value = None
+            values.append("–" if value is None else f"{value * 1000:.2f} ms" if "per scan" in name
+                          else f"{value:g}")
+        lines.append(f"| {name} | " + " | ".join(values) + " | "
+                     + ", ".join("–" if g is None else f"{g:.2f}" for g in growth[name]) + " |")
+    return "\n".join(lines)
 
 
 def _growth(rows: list[dict]) -> dict:

@@ -172,11 +172,13 @@ def similar_scans(*, scan: Scan, k: int = 8, labeled_only: bool = False,
         query = embed_images(encoder, [media_path(scan.preview.name)])
     allowed = None
     if labeled_only:
-        labeled = Annotation.objects.filter(project_id=scan.project_id,
-                                            outcome=Annotation.Outcome.LABEL)
-        if same_label_set:
-            labeled = labeled.filter(scan__label_set_id=scan.label_set_id)
-        allowed = list(labeled.order_by().values_list("scan_id", flat=True).distinct())
+        allowed = list(Annotation.objects.filter(project_id=scan.project_id,
+                                                 outcome=Annotation.Outcome.LABEL)
+                       .order_by().values_list("scan_id", flat=True).distinct())
+        if same_label_set and allowed:
+            # the labeled scans' set from their own rows (a join would hash every scan)
+            allowed = list(Scan.objects.filter(pk__in=allowed, label_set_id=scan.label_set_id)
+                           .values_list("pk", flat=True))
         if not allowed:
             return []
     elif same_label_set:

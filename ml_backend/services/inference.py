@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from django.conf import settings
@@ -166,28 +166,33 @@ def embed_images(encoder: ModelVersion, images_png_or_paths: list) -> np.ndarray
 # --- predictors ---------------------------------------------------------------------------
 
 
-class ScanRef:
+class _PreviewFile:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+class ScanRef(NamedTuple):
     """A scan as a whole-pool pass reads it: id, label set, patient and preview file (what
     heads, networks and strategies need), not a model instance: a pool can hold 100,000s,
-    and instantiating them costs more than the model's work."""
+    and instantiating them costs more than the model's work (issue 21)."""
 
-    __slots__ = ("pk", "label_set_id", "patient_key", "preview")
+    pk: int
+    label_set_id: int | None
+    patient_key: str
+    preview_name: str
 
-    class _File:
-        __slots__ = ("name",)
-
-        def __init__(self, name: str):
-            self.name = name
-
-    def __init__(self, pk: int, label_set_id: int | None, patient_key: str, preview: str):
-        self.pk, self.label_set_id, self.patient_key = pk, label_set_id, patient_key
-        self.preview = ScanRef._File(preview)
+    @property
+    def preview(self) -> _PreviewFile:       # as ``Scan.preview.name`` reads
+        return _PreviewFile(self.preview_name)
 
 
 def scan_refs(queryset) -> list[ScanRef]:
     """``queryset``'s scans (in its order) as ``ScanRef``."""
-    return [ScanRef(*row) for row in queryset.values_list("pk", "label_set_id", "patient_key",
-                                                          "preview")]
+    make = ScanRef._make
+    return [make(row) for row in queryset.values_list("pk", "label_set_id", "patient_key",
+                                                      "preview")]
 
 
 def allowed_classes(scans: list[Scan], classes: list[int]) -> list[set[int]]:
