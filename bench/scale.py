@@ -71,9 +71,10 @@ def write_scans(images: np.ndarray, labels: list[str], start: int, count: int, f
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(12345).permutation(len(images))  # sources list by class
     for number in range(start, start + count):
         rng = np.random.default_rng(number)
-        base = number % len(images)
+        base = int(order[number % len(images)])
         image = images[base]
         h, w = image.shape
         crop = rng.uniform(0.8, 1.0)
@@ -159,6 +160,23 @@ def import_folder(project, folder: Path, *, chunked: bool = True) -> tuple[float
     if job.status != "succeeded" or job.failed:
         raise SystemExit(f"import {job.pk} {job.status}: {job.last_error} {job.errors[:3]}")
     return seconds, job
+
+
+def import_with_workers(env: dict, project, images, labels, truth: dict, start: int,
+                        count: int, folder: Path, *, workers: int, side: int) -> dict:
+    """``count`` new scans written to ``folder`` and imported by a Celery worker with
+    ``workers`` processes (started for this import and stopped after it)."""
+    write_scans(images, labels, start, count, folder, side, truth)
+    worker = Worker(env, workers, folder.parent / f"worker-{workers}.log")
+    try:
+        seconds, job = import_folder(project, folder)
+        embedding = import_embedding(job)
+    finally:
+        worker.stop()
+    shutil.rmtree(folder)
+    return {"scans": job.imported, "seconds": round(seconds, 2),
+            "scans_per_s": round(job.imported / seconds, 1), "chunks": job.chunks_total,
+            "embedding": embedding}
 
 
 def import_embedding(job) -> dict:
@@ -372,38 +390,23 @@ def main(argv=None) -> int:
         project.refresh_from_db()
         grow = size - made - 2 * args.probe
         if grow > 0:
-            folder = write_scans(images, labels, made, grow, workdir / f"grow-{size}",
-                                 args.side, truth)
+            row["grow"] = import_with_workers(env, project, images, labels, truth, made, grow,
+                                              workdir / f"grow-{size}", workers=2,
+                                              side=args.side)
             made += grow
-            worker = Worker(env, 2, workdir / "worker-grow.log")
-            try:
-                seconds, job = import_folder(project, folder)
-                embedding = import_embedding(job)
-            finally:
-                worker.stop()
-            shutil.rmtree(folder)
-            row["grow"] = {"scans": job.imported, "seconds": round(seconds, 1),
-                           "scans_per_s": round(job.imported / seconds, 1),
-                           "chunks": job.chunks_total, "embedding": embedding}
-            log(f"{size}: grew by {job.imported} scans in {seconds:.0f}s, embedded in "
-                f"{embedding['seconds']:.0f}s")
+            log(f"{size}: grew by {row['grow']['scans']} scans in {row['grow']['seconds']:.0f}s, "
+                f"embedded in {row['grow']['embedding']['seconds']:.0f}s")
         row["import"] = {}
         for workers in (1, 2):
-            folder = write_scans(images, labels, made, args.probe,
-                                 workdir / f"probe-{size}-{workers}", args.side, truth)
+            part = import_with_workers(env, project, images, labels, truth, made, args.probe,
+                                       workdir / f"probe-{size}-{workers}", workers=workers,
+                                       side=args.side)
             made += args.probe
-            worker = Worker(env, workers, workdir / f"worker-{workers}.log")
-            try:
-                seconds, job = import_folder(project, folder)
-                embedding = import_embedding(job)
-            finally:
-                worker.stop()
-            shutil.rmtree(folder)
-            row["import"][f"{workers}_workers"] = {
-                "scans": job.imported, "seconds": round(seconds, 2),
-                "scans_per_s": round(job.imported / seconds, 1), "embedding": embedding}
+            row["import"][f"{workers}_workers"] = part
+            embedding = part["embedding"]
+            job_rate = part["scans_per_s"]
             log(f"{size}: import probe with {workers} worker(s): "
-                f"{job.imported / seconds:.0f} scans/s, embedding {embedding['images_per_s']}/s")
+                f"{job_rate:.0f} scans/s, embedding {embedding['images_per_s']}/s")
         seconds, embedded = embed_new(project)        # anything the imports left: none
         row["embed_left"] = {"scans": embedded, "seconds": round(seconds, 1)}
         row["embed"] = embed_throughput(project, args.probe)
