@@ -11,6 +11,7 @@ from annotator.models import (
     Annotation,
     AuditEvent,
     Dataset,
+    ImportChunk,
     ImportJob,
     LabelClass,
     FindingAnswer,
@@ -318,6 +319,21 @@ class ImportJobAdmin(admin.ModelAdmin):
     list_filter = ["status", "project", "split", "source_is_upload"]
     search_fields = ["source", "dataset_name", "last_error"]
     readonly_fields = [f.name for f in ImportJob._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(ImportChunk)
+class ImportChunkAdmin(admin.ModelAdmin):
+    """The chunks of a large import on the workers (README "Scaling out"): which ran, how
+    often (a lost worker's chunk runs again), and what each imported."""
+
+    list_display = ["id", "job", "index", "start", "stop", "status", "attempts", "processed",
+                    "imported", "duplicates", "failed", "finished_at"]
+    list_filter = ["status"]
+    search_fields = ["job__source", "job__dataset_name"]
+    readonly_fields = [f.name for f in ImportChunk._meta.fields]
 
     def has_add_permission(self, request):
         return False

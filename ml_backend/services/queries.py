@@ -108,6 +108,8 @@ def _candidate_proba(model, classes: list[int], candidates) -> np.ndarray | None
     from ml_backend.services.inference import cache
     from ml_backend.services.versions import POOL_PREDICTIONS
 
+    if not classes:                 # a findings-only version: no class probabilities
+        return None
     ids = np.array([c.pk for c in candidates], np.int64)
     uniform = np.full(len(classes), 1.0 / len(classes))
     try:      # the array file (written with the rows since issue 21): no JSON to decode
