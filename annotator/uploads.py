@@ -80,3 +80,47 @@ def stage_uploads(uploads: list[UploadedFile]) -> Path:
             for chunk in upload.chunks():
                 handle.write(chunk)
     return folder
+
+
+def upload_import_start(*, project, user, cleaned: dict) -> tuple[object | None, list[Rejection]]:
+    """Import files a person uploaded (the upload page and the API, after ``UploadForm``
+    validated ``cleaned``): each file checked by content, the accepted ones staged and one
+    import job queued for them (run after the commit). Returns ``(job, rejected)``; the job
+    is None when no file can be imported. The staged folder is removed if the job cannot be
+    created, so nothing is left half-made."""
+    import shutil
+
+    from django.db import transaction
+
+    from annotator import services
+    from annotator.tasks import run_import_job
+
+    accepted, rejected = [], []
+    for upload in cleaned["files"]:
+        reason = check_upload(upload)
+        if reason:
+            upload.seek(0)
+            head = upload.read(4096)
+            upload.seek(0)
+            rejected.append(Rejection(shown_file_name(upload.name or "", head), reason))
+        else:
+            accepted.append(upload)
+    if not accepted:
+        return None, rejected
+    folder = stage_uploads(accepted)
+    try:
+        with transaction.atomic():
+            if cleaned.get("modality") or cleaned.get("body_part"):
+                services.dataset_acquisition_set(
+                    project=project, name=cleaned["dataset"],
+                    modality=cleaned.get("modality") or "",
+                    body_part=cleaned.get("body_part") or "")
+            job = services.import_job_create(
+                project=project, source=str(folder), source_is_upload=True,
+                dataset_name=cleaned["dataset"], split=cleaned["split"], layout="flat",
+                default_label=cleaned.get("label") or "", created_by=user)
+            transaction.on_commit(lambda: run_import_job.delay(job.pk))
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return job, rejected

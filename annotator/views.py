@@ -1,20 +1,16 @@
 from __future__ import annotations
 
-import shutil
-
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.db import transaction
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from annotator import labeling, selectors, services
+from annotator import labeling, selectors
 from annotator.forms import UploadForm
 from annotator.storage import media_path
-from annotator.tasks import run_import_job
-from annotator.uploads import Rejection, check_upload, shown_file_name, stage_uploads
+from annotator.uploads import Rejection, upload_import_start
 
 
 @login_required
@@ -114,39 +110,9 @@ def upload(request, project_id: int):
     form = UploadForm(request.POST, request.FILES, label_classes=classes)
     rejected: list[Rejection] = []
     if form.is_valid():
-        accepted = []
-        for upload_file in form.cleaned_data["files"]:
-            reason = check_upload(upload_file)
-            if reason:
-                upload_file.seek(0)
-                head = upload_file.read(4096)
-                upload_file.seek(0)
-                rejected.append(Rejection(shown_file_name(upload_file.name or "", head), reason))
-            else:
-                accepted.append(upload_file)
-        if accepted:
-            folder = stage_uploads(accepted)
-            try:
-                with transaction.atomic():
-                    if form.cleaned_data["modality"] or form.cleaned_data["body_part"]:
-                        services.dataset_acquisition_set(
-                            project=project, name=form.cleaned_data["dataset"],
-                            modality=form.cleaned_data["modality"],
-                            body_part=form.cleaned_data["body_part"])
-                    job = services.import_job_create(
-                        project=project,
-                        source=str(folder),
-                        source_is_upload=True,
-                        dataset_name=form.cleaned_data["dataset"],
-                        split=form.cleaned_data["split"],
-                        layout="flat",
-                        default_label=form.cleaned_data["label"] or "",
-                        created_by=request.user,
-                    )
-                    transaction.on_commit(lambda: run_import_job.delay(job.pk))
-            except Exception:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
+        job, rejected = upload_import_start(project=project, user=request.user,
+                                            cleaned=form.cleaned_data)
+        if job is not None:
             for item in rejected:
                 messages.error(request, f"{item.name}: {item.reason}")
             return redirect(job)

@@ -220,6 +220,9 @@ REST_FRAMEWORK = {
                                "anon": env_str("API_THROTTLE_ANON") or "60/hour"},
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "annotator.api.errors.problem_handler",
+    # ?format= is ours (labels: csv / jsonl, models: onnx / torchscript), not DRF's renderer
+    # switch; the Accept header still picks one
+    "URL_FORMAT_OVERRIDE": None,
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer",
                                  "rest_framework.renderers.BrowsableAPIRenderer"],
 }

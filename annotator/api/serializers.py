@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from annotator.models import Annotation, Dataset, LabelClass, Project, Scan
+from annotator.models import Annotation, Dataset, ImportJob, LabelClass, Project, Scan
 from ml_backend.models import Evaluation, ModelVersion, Prediction, TrainingRun
 
 
@@ -66,21 +66,53 @@ class AnnotationSerializer(serializers.ModelSerializer):
     label = serializers.CharField(source="label_class.name", read_only=True, default=None, allow_null=True)
     shown_model_version = serializers.SlugRelatedField(slug_field="version", read_only=True, allow_null=True)
     shown_suggestion = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+    findings = serializers.SerializerMethodField(
+        help_text="A findings answer: each finding answered, by name: present, absent or "
+                  "uncertain (null for a class answer).")
+    shown_scores = serializers.SerializerMethodField(
+        help_text="A findings answer: the probability per finding the reader was shown.")
 
     class Meta:
         model = Annotation
-        fields = ["id", "scan", "outcome", "label", "reader", "source", "created_at",
-                  "duration_ms", "shown_model_version", "shown_suggestion", "shown_confidence",
-                  "shown_preselected", "query_round"]
+        fields = ["id", "scan", "outcome", "label", "findings", "reader", "source",
+                  "created_at", "duration_ms", "shown_model_version", "shown_suggestion",
+                  "shown_confidence", "shown_scores", "shown_preselected", "query_round"]
+
+    def get_findings(self, annotation) -> dict[str, str] | None:
+        if annotation.outcome != Annotation.Outcome.FINDINGS:
+            return None
+        return {f.finding.name: f.state for f in annotation.findings.all()}
+
+    def get_shown_scores(self, annotation) -> dict[str, float] | None:
+        if not annotation.shown_scores:
+            return None
+        names = {f.finding_id: f.finding.name for f in annotation.findings.all()}
+        return {names.get(int(k), str(k)): float(v) for k, v in annotation.shown_scores.items()}
 
 
 class AnswerSerializer(serializers.Serializer):
-    """A reader's answer, as the label page sends it."""
+    """A reader's answer, as the label page sends it: a class (``outcome=label``), findings
+    (``outcome=findings``, for a scan of a findings set), skip or unsure."""
 
     scan = serializers.IntegerField(help_text="The scan's id (in this project).")
-    outcome = serializers.ChoiceField(choices=["label", "skip", "unsure"], default="label")
+    outcome = serializers.ChoiceField(choices=["label", "findings", "skip", "unsure"],
+                                      default="label",
+                                      help_text="label (one class), findings (several "
+                                      "findings, for a scan of a findings set), skip or unsure.")
     class_id = serializers.IntegerField(required=False, allow_null=True,
                                         help_text="The class, for outcome=label.")
+    findings = serializers.DictField(
+        child=serializers.ChoiceField(choices=["present", "absent", "uncertain"]),
+        required=False, allow_empty=True,
+        help_text="For outcome=findings: finding (its id or name) → present, absent or "
+                  "uncertain. Findings left out are unanswered.")
+    no_finding = serializers.BooleanField(
+        required=False, default=False,
+        help_text="For outcome=findings: no finding at all (every finding of the set absent).")
+    shown_scores = serializers.DictField(
+        child=serializers.FloatField(min_value=0, max_value=1), required=False,
+        help_text="For outcome=findings: finding (id or name) → the probability the reader "
+                  "was shown.")
     duration_ms = serializers.IntegerField(required=False, allow_null=True, min_value=0)
     shown_model_version = serializers.CharField(required=False, allow_blank=True,
                                                 help_text="The model version whose suggestion "
@@ -151,3 +183,42 @@ class RefitSerializer(serializers.Serializer):
     run = serializers.IntegerField(allow_null=True)
     status = serializers.CharField()
     message = serializers.CharField()
+
+
+class ImportJobSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField(help_text="The import's page on the site.")
+
+    class Meta:
+        model = ImportJob
+        fields = ["id", "status", "dataset_name", "split", "total", "processed", "imported",
+                  "duplicates", "failed", "skipped", "labels_added", "classes_created",
+                  "errors", "warnings", "last_error", "created_at", "started_at",
+                  "finished_at", "url"]
+
+    def get_url(self, job) -> str:
+        return job.get_absolute_url()
+
+
+class RejectedFileSerializer(serializers.Serializer):
+    name = serializers.CharField(help_text="The file's name (a DICOM's is never shown).")
+    reason = serializers.CharField()
+
+
+class UploadSerializer(serializers.Serializer):
+    """Scans to import (multipart/form-data), checked and de-identified exactly as the
+    upload page's."""
+
+    files = serializers.ListField(child=serializers.FileField(),
+                                  help_text="DICOM (.dcm or none), PNG, JPEG or TIFF files.")
+    dataset = serializers.CharField(default="uploads", help_text="Site, scanner or collection.")
+    split = serializers.ChoiceField(choices=["pool", "eval", "auto:0.2"], default="pool")
+    modality = serializers.CharField(required=False, help_text="For PNG / JPEG / TIFF, e.g. CR.")
+    body_part = serializers.CharField(required=False, help_text="e.g. CHEST, BRAIN, BLOOD.")
+    label = serializers.CharField(required=False, help_text="A class every file shows.")
+
+
+class UploadResultSerializer(ImportJobSerializer):
+    rejected = RejectedFileSerializer(many=True, read_only=True)
+
+    class Meta(ImportJobSerializer.Meta):
+        fields = ImportJobSerializer.Meta.fields + ["rejected"]

@@ -3,19 +3,26 @@ the caller's projects, each write through the service the UI uses."""
 
 from __future__ import annotations
 
+import json
+import re
+
 from django.db.models import Exists, OuterRef
-from django.http import Http404
+from django.http import FileResponse, Http404, HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import generics, serializers, status
 from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from annotator import labeling, selectors, services
 from annotator.api import serializers as s
 from annotator.api.errors import problem
-from annotator.models import Annotation, LabelClass, Project, Scan
+from annotator.forms import UploadForm
+from annotator.models import Annotation, ImportJob, LabelClass, Project, Scan
+from annotator.uploads import upload_import_start
 from ml_backend.models import ModelVersion, Prediction, TrainingRun
 
 
@@ -136,6 +143,11 @@ class Worklist(ProjectScoped, APIView):
                          "items": s.WorklistItemSerializer(data["rows"], many=True).data})
 
 
+@extend_schema(parameters=[
+    OpenApiParameter("scan", int, description="only this scan's answers"),
+    OpenApiParameter("reader", str, description="only this reader's answers (username)"),
+    OpenApiParameter("outcome", str, enum=["label", "findings", "skip", "unsure"]),
+])
 class AnnotationList(ProjectScoped, generics.ListCreateAPIView):
     """Every answer in the project (GET), or a new answer (POST) — recorded exactly as one
     given on the label page: the same checks, audit fields, readers policy and refits."""
@@ -146,7 +158,22 @@ class AnnotationList(ProjectScoped, generics.ListCreateAPIView):
     def get_queryset(self):
         return (Annotation.objects.filter(scan__project=self.project())
                 .select_related("reader", "label_class", "shown_model_version",
-                                "shown_suggestion").order_by("pk"))
+                                "shown_suggestion")
+                .prefetch_related("findings__finding").order_by("pk"))
+
+    def filter_queryset(self, queryset):
+        query = self.request.query_params
+        if query.get("scan"):
+            if not re.fullmatch(r"-?[0-9]{1,18}", query["scan"]):
+                raise ValidationError({"scan": "a scan id (a whole number)"})
+            queryset = queryset.filter(scan_id=int(query["scan"]))
+        if query.get("reader"):
+            queryset = queryset.filter(reader__username=query["reader"])
+        if query.get("outcome"):
+            if query["outcome"] not in Annotation.Outcome.values:
+                raise ValidationError({"outcome": "use " + ", ".join(Annotation.Outcome.values)})
+            queryset = queryset.filter(outcome=query["outcome"])
+        return queryset
 
     @extend_schema(request=s.AnswerSerializer, responses={201: s.AnnotationSerializer,
                                                           200: s.AnnotationSerializer})
@@ -158,6 +185,11 @@ class AnnotationList(ProjectScoped, generics.ListCreateAPIView):
         scan = Scan.objects.filter(project=project, pk=data.pop("scan")).first()
         if scan is None or (scan.quarantined and project.role_of(request.user) != "admin"):
             raise Http404("No such scan in this project.")
+        if "outcome" not in request.data and (data.get("findings") or data.get("no_finding")):
+            data["outcome"] = "findings"
+        if data["outcome"] == "findings":
+            for key in ("findings", "shown_scores"):
+                data[key] = _finding_ids(scan, data.get(key) or {}, key)
         try:
             annotation, created = labeling.answer_submit(project=project, scan=scan,
                                                          user=request.user, data=data)
@@ -165,6 +197,160 @@ class AnnotationList(ProjectScoped, generics.ListCreateAPIView):
             raise ValidationError({"answer": str(exc)}) from None
         return Response(s.AnnotationSerializer(annotation).data,
                         status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+def _finding_ids(scan: Scan, by_key: dict, field: str) -> dict[int, object]:
+    """Findings named by id or by name (as a script knows them) → by id. Ids are checked by
+    the answer service; an unknown name is refused here, with the set's findings."""
+    from annotator.selectors import findings_for_set
+
+    if scan.label_set_id is None or not scan.label_set.is_multi:
+        raise ValidationError({field: f"scan {scan.pk} takes one class, not findings "
+                                      "(use outcome=label with class_id)"})
+    findings = {f.name: f.pk for f in findings_for_set(scan.label_set)}
+    out = {}
+    for key, value in by_key.items():
+        key = str(key)
+        if re.fullmatch(r"-?[0-9]{1,18}", key):
+            out[int(key)] = value
+        elif key in findings:
+            out[findings[key]] = value
+        else:
+            raise ValidationError({field: f"{key!r} is not a finding of {scan.label_set.name!r}"
+                                          f" (its findings: {', '.join(findings)})"})
+    return out
+
+
+class _Download(BaseRenderer):
+    """A file the view makes itself; errors (dicts) still go out as JSON."""
+
+    charset = None
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        return data if isinstance(data, (bytes, str)) else json.dumps(data).encode()
+
+
+class CsvRenderer(_Download):
+    media_type, format = "text/csv", "csv"
+
+
+class JsonLinesRenderer(_Download):
+    media_type, format = "application/x-ndjson", "jsonl"
+
+
+class ZipRenderer(_Download):
+    media_type, format = "application/zip", "zip"
+
+
+@extend_schema(parameters=[
+    OpenApiParameter("format", str, enum=["csv", "jsonl"], description="csv (default) or "
+                     "JSON lines; the image folder layout is `manage.py export_labels`"),
+    OpenApiParameter("split", str, enum=["all", "pool", "eval"]),
+    OpenApiParameter("adjudicated", bool, description="true: only scans whose label is "
+                     "settled (agreed by the readers needed, or adjudicated)"),
+], responses={(200, "text/csv"): OpenApiTypes.STR,
+              (200, "application/x-ndjson"): OpenApiTypes.STR})
+class LabelExport(ProjectScoped, APIView):
+    """The labels, one row per scan: the final label or findings, every reader's answer,
+    agreement, and what each reader was shown (the reports page's download)."""
+
+    renderer_classes = [JSONRenderer, CsvRenderer, JsonLinesRenderer]
+
+    def get(self, request, project_id: int):
+        from annotator import exports
+
+        query = request.query_params
+        fmt = query.get("format") or "csv"
+        if fmt not in ("csv", "jsonl"):
+            raise ValidationError({"format": "use csv or jsonl (the image folder layout is "
+                                             "made by `manage.py export_labels`)"})
+        split = query.get("split") or "all"
+        if split not in ("all", "pool", "eval"):
+            raise ValidationError({"split": "use all, pool or eval"})
+        try:
+            rows = exports.label_rows(self.project(), split=split,
+                                      adjudicated_only=query.get("adjudicated") == "true")
+        except exports.ExportError as exc:
+            raise ValidationError({"request": str(exc)}) from None
+        body = exports.as_csv(rows) if fmt == "csv" else exports.as_jsonl(rows)
+        response = HttpResponse(body, content_type="text/csv" if fmt == "csv"
+                                else "application/x-ndjson")
+        response["Content-Disposition"] = (f'attachment; filename="labels-project-'
+                                           f'{project_id}.{fmt}"')
+        return response
+
+
+class ImportList(ProjectScoped, generics.ListAPIView):
+    """Imports into the project, newest first (GET), or new scans uploaded (POST,
+    multipart/form-data): each file checked by its content and de-identified exactly as on
+    the upload page; the import runs in the background — follow it at /imports/<id>/."""
+
+    serializer_class = s.ImportJobSerializer
+    parser_classes = [MultiPartParser, FormParser]
+
+    def get_queryset(self):
+        return ImportJob.objects.filter(project=self.project()).order_by("-created_at", "-pk")
+
+    @extend_schema(request={"multipart/form-data": s.UploadSerializer},
+                   responses={202: s.UploadResultSerializer})
+    def post(self, request, project_id: int):
+        project = self.project()
+        fields = request.POST.copy()          # the schema's defaults, as the page's
+        fields.setdefault("dataset", "uploads")
+        fields.setdefault("split", "pool")
+        form = UploadForm(fields, request.FILES, label_classes=list(project.label_classes.all()))
+        if not form.is_valid():
+            raise ValidationError({k: [str(e) for e in v] for k, v in form.errors.items()})
+        job, rejected = upload_import_start(project=project, user=request.user,
+                                            cleaned=form.cleaned_data)
+        refused = [{"name": r.name, "reason": r.reason} for r in rejected]
+        if job is None:
+            raise ValidationError({"files": ["none of the files can be imported: " + "; ".join(
+                f"{r['name']}: {r['reason']}" for r in refused)]})
+        return Response({**s.ImportJobSerializer(job).data, "rejected": refused},
+                        status=status.HTTP_202_ACCEPTED)
+
+
+class ImportDetail(generics.RetrieveAPIView):
+    """One import: status, counts and per-file errors (it runs in the background)."""
+
+    serializer_class = s.ImportJobSerializer
+
+    def get_object(self):
+        return selectors.import_job_get_for_user(self.request.user, self.kwargs["job_id"])
+
+
+@extend_schema(parameters=[OpenApiParameter("format", str, enum=["onnx", "torchscript"],
+                                            description="onnx (default) or torchscript")],
+               responses={(200, "application/zip"): OpenApiTypes.BINARY,
+                          409: OpenApiTypes.OBJECT})
+class ModelExport(ProjectScoped, APIView):
+    """A classifier version as a zip: one network per label set (classes or findings),
+    image in, calibrated probabilities out, checked against PyTorch on the project's own
+    scans, with its model card (Markdown and JSON). A project admin or reviewer only."""
+
+    renderer_classes = [JSONRenderer, ZipRenderer]
+
+    def get(self, request, project_id: int, version: str):
+        from ml_backend.errors import TrainingError
+        from ml_backend.services.export import model_export_archive
+
+        project = self.project()
+        if project.role_of(request.user) not in ("admin", "reviewer"):
+            raise PermissionDenied("a model leaves the project only with a project admin or "
+                                   "reviewer")
+        model = ModelVersion.objects.filter(project=project, version=version).first()
+        if model is None:
+            raise Http404(f"No model version {version!r} in this project.")
+        fmt = request.query_params.get("format") or "onnx"
+        if fmt not in ("onnx", "torchscript"):
+            raise ValidationError({"format": "use onnx or torchscript"})
+        try:
+            path = model_export_archive(model, fmt=fmt)
+        except TrainingError as exc:
+            return problem(409, str(exc))
+        return FileResponse(open(path, "rb"), as_attachment=True, filename=path.name,
+                            content_type="application/zip")
 
 
 class ModelList(ProjectScoped, generics.ListAPIView):

@@ -15,24 +15,19 @@ from ml_backend.errors import TrainingError
 from ml_backend.models import ModelVersion
 from ml_backend.services.artifacts import images_for
 from ml_backend.services.inference import classifier_network, encoder_network, version_heads
+from ml_backend.ssl import export as core
 
 CHECK_SCANS = 16          # real scans each exported file is checked on
 TOLERANCE = 1e-4
 
 
 def model_export(model: ModelVersion, *, fmt: str, out: Path) -> dict:
-    """Write ``out/<version>-<label set>.<onnx|pt>`` per label set and ``out/model-card.md``
-    / ``.json``. Returns the card. Raises TrainingError with the reason when the version
-    cannot be exported (an encoder, a findings network, a prototype head, a check that
-    fails)."""
-    from ml_backend.ssl import export as core
-
+    """Write ``out/<version>-<label set>.<onnx|pt>`` per label set (classes and findings
+    sets alike) and ``out/model-card.md`` / ``.json``. Returns the card. Raises
+    TrainingError with the reason when the version cannot be exported (an encoder, a
+    prototype head, a check that fails)."""
     if model.kind != ModelVersion.Kind.CLASSIFIER:
         raise TrainingError(f"{model.version} is an encoder: export a classifier version")
-    kind = model.config.get("kind")
-    if kind in ("finetuned-findings", "distilled-findings") or model.config.get("findings_sets"):
-        raise TrainingError(f"{model.version} scores findings: the export covers single-label "
-                            "classifiers for now")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise TrainingError(f"{out} is not empty: export into a new folder")
@@ -40,27 +35,15 @@ def model_export(model: ModelVersion, *, fmt: str, out: Path) -> dict:
     if ext is None:
         raise TrainingError(f"unknown format {fmt!r}: use onnx or torchscript")
     names = dict(LabelClass.objects.filter(project=model.project).values_list("pk", "name"))
-    class_ids = [c["id"] for c in model.config["classes"]]
-    networks = []                        # (label set or None, class ids, network, config)
-    if kind == "head":
-        simclr, config = encoder_network(model.parent)
-        heads = version_heads(model)
-        for set_id, head in heads.heads.items():
-            try:
-                network = core.head_network(simclr.encoder, head, config)
-            except core.ExportError as exc:
-                raise TrainingError(str(exc)) from None
-            networks.append((LabelSet.objects.filter(pk=set_id).first(),
-                             [int(c) for c in head.class_ids], network, config))
-    else:
-        classifier, config = classifier_network(model)
-        network = core.cnn_network(classifier, config, model.config.get("temperature") or 1.0)
-        networks.append((None, class_ids, network, config))
+    networks = _class_networks(model) + _findings_networks(model)
+    if not networks:
+        raise TrainingError(f"{model.version} holds no classifier or findings network")
     files = []
-    for label_set, ids, network, config in networks:
+    for net in networks:
+        label_set, config = net["label_set"], net["config"]
         stem = f"{model.version}-{_slug(label_set.name) if label_set else 'all'}"
-        path = core.write(network, out / f"{stem}.{ext}", fmt=fmt, size=config.image_size,
-                          channels=config.channels)
+        path = core.write(net["network"], out / f"{stem}.{ext}", fmt=fmt,
+                          size=config.image_size, channels=config.channels)
         scans = list(Scan.objects.filter(project=model.project, quarantined=False, **(
             {"label_set": label_set} if label_set else {})).order_by("pk")[:CHECK_SCANS])
         difference = None
@@ -68,21 +51,118 @@ def model_export(model: ModelVersion, *, fmt: str, out: Path) -> dict:
             images = images_for(scans, config.image_size, config.channels).astype(np.float32)
             images = images / 255.0
             images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
-            difference = core.check(network, path, images, fmt=fmt)
+            difference = core.check(net["network"], path, images, fmt=fmt)
             if difference > TOLERANCE:
                 raise TrainingError(f"{path.name} differs from PyTorch by {difference:.2e} "
                                     f"(above {TOLERANCE}) on the project's scans")
-        files.append({"file": path.name, "label_set": label_set.name if label_set else None,
-                      "classes": [names.get(c, str(c)) for c in ids],
-                      "checked_on_scans": len(scans), "max_difference": difference,
-                      "input": {"name": "image", "shape": ["N", config.channels,
-                                                           config.image_size, config.image_size],
-                                "dtype": "float32", "range": [0, 1]},
-                      "output": {"name": "probabilities", "shape": ["N", len(ids)]}})
+        labels = [names.get(c, str(c)) for c in net["ids"]]
+        entry = {"file": path.name, "label_set": label_set.name if label_set else None,
+                 "kind": net["kind"], "classes": labels,
+                 "checked_on_scans": len(scans), "max_difference": difference,
+                 "input": {"name": "image", "shape": ["N", config.channels,
+                                                      config.image_size, config.image_size],
+                           "dtype": "float32", "range": [0, 1]},
+                 "output": {"name": "probabilities", "shape": ["N", len(net["ids"])],
+                            "meaning": "one probability per finding, independent (a scan may "
+                                       "show several); present at or above its threshold"
+                            if net["kind"] == "findings" else
+                            "class probabilities (they sum to one)"}}
+        if net["kind"] == "findings":
+            entry["thresholds"] = {n: float(net["thresholds"].get(n, 0.5)) for n in labels}
+            entry["threshold_rule"] = net.get("threshold_rule") or ""
+        files.append(entry)
     card = _card(model, fmt, files)
     (out / "model-card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     (out / "model-card.md").write_text(_card_markdown(card))
     return card
+
+
+def model_export_archive(model: ModelVersion, *, fmt: str) -> Path:
+    """The version exported as one zip (networks + model card), made once per version,
+    format and status (a version never changes; its status may) and kept in its artifact
+    folder; written under a temporary name and renamed, so a reader never sees half a file."""
+    import os
+    import shutil
+    import tempfile
+    import zipfile
+
+    if fmt not in ("onnx", "torchscript"):
+        raise TrainingError(f"unknown format {fmt!r}: use onnx or torchscript")
+    folder = Path(model.artifact_dir) / "exports"
+    target = folder / f"{model.version}-{fmt}-{model.status}.zip"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
+    try:
+        model_export(model, fmt=fmt, out=work / "files")
+        partial = work / "archive.zip"
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted((work / "files").iterdir()):
+                archive.write(path, f"{model.version}/{path.name}")
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _class_networks(model: ModelVersion) -> list[dict]:
+    """The version's single-label networks: one per label set for refit heads, one for a
+    fine-tuned or distilled classifier."""
+    kind = model.config.get("kind")
+    class_ids = [c["id"] for c in model.config.get("classes") or []]
+    if not class_ids:
+        return []
+    if kind == "head":
+        simclr, config = encoder_network(model.parent)
+        sets = {s.pk: s for s in LabelSet.objects.filter(project=model.project)}
+        found = []
+        for set_id, head in version_heads(model).heads.items():
+            try:
+                network = core.head_network(simclr.encoder, head, config)
+            except core.ExportError as exc:
+                raise TrainingError(str(exc)) from None
+            found.append({"label_set": sets.get(set_id), "kind": "classes", "config": config,
+                          "ids": [int(c) for c in head.class_ids], "network": network})
+        return found
+    classifier, config = classifier_network(model)
+    return [{"label_set": None, "kind": "classes", "config": config, "ids": class_ids,
+             "network": core.cnn_network(classifier, config,
+                                         model.config.get("temperature") or 1.0)}]
+
+
+def _findings_networks(model: ModelVersion) -> list[dict]:
+    """The version's findings sets: refit heads over its encoder, or a fine-tuned /
+    distilled findings network; each with the thresholds the product uses."""
+    from ml_backend.services.artifacts import checkpoint_path
+    from ml_backend.services.findings import findings_head
+    from ml_backend.ssl.train import load_classifier
+
+    found = []
+    for entry in model.config.get("findings_sets") or []:
+        label_set = LabelSet.objects.filter(pk=entry["id"], project=model.project).first()
+        ids = [int(f["id"]) for f in entry["findings"]]
+        common = {"label_set": label_set, "kind": "findings",
+                  "thresholds": entry.get("thresholds") or {},
+                  "threshold_rule": entry.get("threshold_rule")}
+        if "net" in entry:
+            path = Path(checkpoint_path(model, entry["net"]))
+            if not path.exists():
+                raise TrainingError(f"{model.version}: the {entry['name']} network's file is "
+                                    "missing")
+            classifier, config = load_classifier(path)
+            found.append({**common, "config": config, "ids": ids,
+                          "network": core.findings_cnn_network(classifier, config)})
+            continue
+        head = findings_head(model, entry["id"])
+        if head is None:
+            raise TrainingError(f"{model.version}: the {entry['name']} findings head's file "
+                                "is missing")
+        simclr, config = encoder_network(model.parent)
+        found.append({**common, "config": config,
+                      "ids": [int(i) for i in head.finding_ids],
+                      "network": core.findings_head_network(simclr.encoder, head, config)})
+    return found
 
 
 def _slug(name: str) -> str:
@@ -120,6 +200,7 @@ def _card(model: ModelVersion, fmt: str, files: list[dict]) -> dict:
             "ece_before_scaling": report.get("ece_before_scaling"),
             "per_class": report.get("per_class"), "per_set": report.get("per_set"),
             "per_site": report.get("per_group")},
+        "findings_evaluation": _findings_evaluation(model, files),
         "preprocessing": "the scan's 8-bit preview as the site shows it (a DICOM windowed by "
                          "its default window), padded to a square with black, resized to the "
                          "input size (bilinear), divided by 255; greyscale has 1 channel, "
@@ -132,9 +213,32 @@ def _card(model: ModelVersion, fmt: str, files: list[dict]) -> dict:
             "on other sites, scanners or populations is unknown and often lower.",
             "Each file scores only its label set's classes: give it scans of that anatomy "
             "and modality only.",
-            "Probabilities are calibrated by temperature on this project's labels; "
-            "recalibrate before relying on them elsewhere."],
+            "Probabilities are calibrated on this project's labels (temperature scaling "
+            "for classes, Platt scaling per finding for refit findings heads; a fine-tuned "
+            "findings network's sigmoids are not recalibrated), and findings thresholds "
+            "were chosen on its eval split: recalibrate and rechoose them before relying on "
+            "them elsewhere."],
     }
+
+
+def _findings_evaluation(model: ModelVersion, files: list[dict]) -> dict | None:
+    """Per findings set: the eval split's per-finding report the version was gated on (AUC,
+    AP, sensitivity / specificity / PPV at the threshold, ECE), without the chart bins."""
+    sets = [f["label_set"] for f in files if f["kind"] == "findings"]
+    if not sets:
+        return None
+    reports = ((model.metrics or {}).get("training") or {}).get("findings") or {}
+    out = {}
+    for name in sets:
+        report = reports.get(name) or {}
+        out[name] = {
+            "eval_scans": report.get("num_scans"),
+            "macro_auc": report.get("macro_auc"),
+            "per_finding": {finding: {k: v for k, v in (row or {}).items()
+                                      if k != "reliability"}
+                            for finding, row in (report.get("per_finding") or {}).items()},
+        } if report else None
+    return out
 
 
 def _card_markdown(card: dict) -> str:
@@ -149,14 +253,24 @@ def _card_markdown(card: dict) -> str:
         lines.append(f"| `{f['file']}` | {f['label_set'] or 'all'} | {', '.join(f['classes'])} "
                      f"| `image` {shape} in [0, 1] | {f['checked_on_scans']} scans | {diff} |")
     lines += ["", "Output `probabilities`: one row per image over the classes in the order "
-              "listed.", "", "## Preprocessing", "", card["preprocessing"], "",
+              "listed. For a single-label set they sum to one; for a findings set each is "
+              "that finding's own probability (a scan may show several), and the product "
+              "calls a finding present at or above its threshold:", ""]
+    for f in card["files"]:
+        if f["kind"] == "findings":
+            lines.append(f"- {f['label_set']}: " + ", ".join(
+                f"{n} ≥ {t:.3f}" for n, t in f["thresholds"].items())
+                + (f" ({f['threshold_rule']})" if f.get("threshold_rule") else ""))
+    lines += ["", "## Preprocessing", "", card["preprocessing"], "",
               "## Training", "", f"- Labels: {card['training']['labels']}",
               f"- Encoder: {card['training']['encoder']} (started from "
               f"{card['training']['encoder_started_from']})",
               f"- Lineage: {' ← '.join(n['version'] for n in card['lineage'])}", ""]
     evaluation = card["evaluation"]
     lines += ["## Evaluation (this project's eval split)", ""]
-    if evaluation is None:
+    if not any(f["kind"] == "classes" for f in card["files"]):
+        pass                             # findings only: their sections follow
+    elif evaluation is None:
         lines.append("No evaluation: the project had no labeled eval scans.")
     else:
         lines.append(f"{evaluation['eval_scans']} eval scans: accuracy {_f(evaluation['accuracy'])}, "
@@ -170,6 +284,19 @@ def _card_markdown(card: dict) -> str:
             for name, m in per_class.items():
                 lines.append(f"| {name} | {_f(m.get('precision'))} | {_f(m.get('recall'))} | "
                              f"{_f(m.get('f1'))} | {_f(m.get('auc'))} | {m.get('support', '')} |")
+    for set_name, report in (card.get("findings_evaluation") or {}).items():
+        lines += ["", f"### Findings: {set_name}", ""]
+        if not report:
+            lines.append("No per-finding evaluation: the set had no labeled eval scans.")
+            continue
+        lines += [f"Macro AUC {_f(report['macro_auc'])}.", "",
+                  "| finding | prevalence | AUC | AP | threshold | sensitivity | specificity "
+                  "| PPV | positives |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, m in report["per_finding"].items():
+            lines.append(f"| {name} | {_f(m.get('prevalence'))} | {_f(m.get('auc'))} | "
+                         f"{_f(m.get('ap'))} | {_f(m.get('threshold'))} | "
+                         f"{_f(m.get('sensitivity'))} | {_f(m.get('specificity'))} | "
+                         f"{_f(m.get('ppv'))} | {m.get('positives', '')} |")
     lines += ["", "## Intended use", "", card["intended_use"], "", "## Limitations", ""]
     lines += [f"- {item}" for item in card["limitations"]]
     return "\n".join(lines) + "\n"

@@ -9,10 +9,15 @@ standard deviation itself, then runs the encoder and the head:
 
 * a refit version (``LinearHead`` on frozen embeddings): ``softmax((((f - mean) / scale)
   @ coef.T + intercept) / T)``;
-* a fine-tuned or distilled network: ``softmax(logits / T)``.
+* a fine-tuned or distilled network: ``softmax(logits / T)``;
+* a findings set's refit heads (``FindingsHead``): ``sigmoid(a * ((((f - mean) / scale)
+  @ coef.T + intercept)) + b)``, one calibrated probability per finding;
+* a fine-tuned findings network: ``sigmoid(logits)``.
 
-Output ``probabilities``: ``float32 (N, K)`` over the label set's classes, in the order the
-model card lists.
+Output ``probabilities``: ``float32 (N, K)`` over the label set's classes (they sum to one),
+or over a findings set's findings (independent: each is that finding's probability, and the
+model card gives the threshold at or above which the product calls it present), in the
+order the model card lists.
 """
 
 from __future__ import annotations
@@ -65,6 +70,37 @@ class _LinearHead(nn.Module):
         return torch.softmax(z / self.temperature, dim=-1)
 
 
+class _FindingsHead(nn.Module):
+    """A ``FindingsHead`` (ml_backend.active.findings) as torch: standardise, one linear
+    logit per finding, Platt calibration, independent sigmoids."""
+
+    def __init__(self, head):
+        super().__init__()
+        as_tensor = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
+        self.register_buffer("mean", as_tensor(head.mean))
+        self.register_buffer("scale", as_tensor(head.scale))
+        self.register_buffer("platt_a", as_tensor(head.platt_a))
+        self.register_buffer("platt_b", as_tensor(head.platt_b))
+        coef = np.asarray(head.coef, np.float32)
+        self.linear = nn.Linear(coef.shape[1], coef.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.as_tensor(coef))
+            self.linear.bias.copy_(as_tensor(head.intercept))
+
+    def forward(self, features):
+        z = self.linear((features - self.mean) / self.scale)
+        return torch.sigmoid(self.platt_a * z + self.platt_b)
+
+
+class _Sigmoid(nn.Module):
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x):
+        return torch.sigmoid(self.classifier(x).float())
+
+
 class ExportedClassifier(nn.Module):
     """``image (N, C, S, S) in [0, 1]`` → ``probabilities (N, K)``."""
 
@@ -102,6 +138,20 @@ def cnn_network(classifier: nn.Module, config, temperature: float) -> ExportedCl
     return ExportedClassifier(nn.Identity(), _Softmax(classifier, temperature),
                               mean=augment.mean, std=augment.std,
                               channels=config.channels).eval()
+
+
+def findings_head_network(encoder: nn.Module, head, config) -> ExportedClassifier:
+    """Encoder + a findings set's refit heads: one independent probability per finding."""
+    augment = config.augment_config()
+    return ExportedClassifier(encoder, _FindingsHead(head), mean=augment.mean,
+                              std=augment.std, channels=config.channels).eval()
+
+
+def findings_cnn_network(classifier: nn.Module, config) -> ExportedClassifier:
+    """A fine-tuned / distilled findings network: independent sigmoids per finding."""
+    augment = config.augment_config()
+    return ExportedClassifier(nn.Identity(), _Sigmoid(classifier), mean=augment.mean,
+                              std=augment.std, channels=config.channels).eval()
 
 
 def write(network: ExportedClassifier, path: Path, *, fmt: str, size: int,

@@ -280,3 +280,76 @@ def test_a_finding_added_mid_project_gets_candidates_and_is_learned(findings_pro
     project.refresh_from_db()
     entry = project.active_model.config["findings_sets"][0]
     assert "mass_effect" in entry["learnable"]
+
+
+def _onnx_findings(path, scans, size: int) -> np.ndarray:
+    import onnxruntime
+
+    from ml_backend.services.artifacts import images_for
+
+    images = images_for(scans, size, 1).astype(np.float32)[:, None] / 255.0
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["probabilities"], {"image": images})[0]
+
+
+def test_findings_heads_export_as_onnx_with_their_thresholds(findings_project, tmp_path):
+    """A refit version's findings heads leave the building: the ONNX file gives the same
+    per-finding probabilities as the product (within 1e-4) on real scans, and the model card
+    carries each finding's threshold and eval report."""
+    import json
+
+    from ml_backend.services.findings import findings_scorer
+
+    project = findings_project
+    call_command("refit", project=project.name)
+    project.refresh_from_db()
+    model = project.active_model
+    call_command("export_model", "--project", project.name, "--format", "onnx",
+                 "--out", str(tmp_path / "onnx"))
+    card = json.loads((tmp_path / "onnx" / "model-card.json").read_text())
+    [entry] = card["files"]
+    assert entry["kind"] == "findings" and entry["label_set"] == "brain findings"
+    assert entry["classes"] == FINDINGS and entry["max_difference"] <= 1e-4
+    assert entry["thresholds"] == pytest.approx(model.config["findings_sets"][0]["thresholds"])
+    evaluation = card["findings_evaluation"]["brain findings"]
+    assert evaluation["eval_scans"] == 40 and evaluation["macro_auc"] > 0.8
+    assert "reliability" not in evaluation["per_finding"]["glioma_tumor"]
+    markdown = (tmp_path / "onnx" / "model-card.md").read_text()
+    assert "### Findings: brain findings" in markdown and "glioma_tumor ≥" in markdown
+    label_set = LabelSet.objects.get(project=project, name="brain findings")
+    scans = list(project.scans.filter(split="eval").order_by("pk")[:12])
+    scorer = findings_scorer(model, label_set.pk)
+    got = _onnx_findings(tmp_path / "onnx" / entry["file"], scans, entry["input"]["shape"][2])
+    np.testing.assert_allclose(got, scorer.predict(scans), atol=1e-4)
+
+
+def test_a_fine_tuned_findings_network_exports_as_onnx_and_torchscript(findings_project,
+                                                                       tmp_path):
+    import json
+
+    import torch
+
+    from ml_backend.services.findings import findings_scorer
+
+    project = findings_project
+    call_command("finetune", "--project", project.name, "--label-set", "brain findings",
+                 "--epochs", "1", "--batch-size", "16", "--no-progress")
+    project.refresh_from_db()
+    model = project.active_model
+    assert model.config["kind"] == "finetuned-findings"
+    call_command("export_model", "--project", project.name, "--out", str(tmp_path / "onnx"))
+    card = json.loads((tmp_path / "onnx" / "model-card.json").read_text())
+    [entry] = card["files"]
+    assert entry["kind"] == "findings" and set(entry["thresholds"]) == set(FINDINGS)
+    label_set = LabelSet.objects.get(project=project, name="brain findings")
+    scans = list(project.scans.filter(split="pool").order_by("pk")[:10])
+    got = _onnx_findings(tmp_path / "onnx" / entry["file"], scans, entry["input"]["shape"][2])
+    np.testing.assert_allclose(got, findings_scorer(model, label_set.pk).predict(scans),
+                               atol=1e-4)
+    call_command("export_model", "--project", project.name, "--format", "torchscript",
+                 "--out", str(tmp_path / "ts"))
+    card = json.loads((tmp_path / "ts" / "model-card.json").read_text())
+    network = torch.jit.load(str(tmp_path / "ts" / card["files"][0]["file"]))
+    size = card["files"][0]["input"]["shape"][2]
+    out = network(torch.rand(2, 1, size, size))
+    assert out.shape == (2, 3) and bool(((out >= 0) & (out <= 1)).all())
