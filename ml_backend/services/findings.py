@@ -34,15 +34,19 @@ def _multi_sets(project) -> list[LabelSet]:
     return list(project.label_sets.filter(kind=LabelSet.Kind.MULTI).order_by("order", "pk"))
 
 
-def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=None) -> list[dict]:
+def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=None,
+                      skip=frozenset()) -> list[dict]:
     """Fit every findings set that has answers on pool scans (at least one finding seen
-    present and absent). Returns one entry per fitted set: ``label_set``, ``head``,
-    ``config`` (saved with the version), ``eval`` (targets, scans) and ``report``."""
+    present and absent), but the sets in ``skip``. Returns one entry per fitted set:
+    ``label_set``, ``head``, ``config`` (saved with the version), ``eval`` (targets, scans)
+    and ``report``."""
     from ml_backend.active.findings import fit_findings_head
     from ml_backend.metrics.findings import choose_thresholds, findings_report, uncertain_policy
 
     fitted = []
     for label_set in _multi_sets(project):
+        if label_set.pk in skip:
+            continue
         scans, findings, raw = findings_targets(label_set, split="pool")
         if not scans:
             continue
@@ -89,8 +93,11 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
 
 
 def save_findings_heads(model: ModelVersion, fitted: list[dict]) -> None:
+    """Save each fitted set's heads in the version's folder (a set scored by a findings
+    network has its network file there instead)."""
     for entry in fitted:
-        entry["head"].save(checkpoint_path(model, entry["config"]["head"]))
+        if entry.get("head") is not None:
+            entry["head"].save(checkpoint_path(model, entry["config"]["head"]))
 
 
 def findings_head(model: ModelVersion | None, label_set_id: int):

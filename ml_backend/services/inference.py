@@ -290,6 +290,13 @@ class _Explainer:
     def cam(self, image: np.ndarray, class_id: int, method: str = "layercam") -> np.ndarray:
         from ml_backend.explain import gradcam, head_score
 
+        network = self._finding_network(class_id) if class_id not in self.class_ids else None
+        if network is not None:            # a finding scored by a network beside class heads
+            classifier, config, index = network
+            score = lambda pooled: classifier.fc(  # noqa: E731
+                classifier.head(pooled, upto=classifier.from_head_layer))
+            return gradcam(classifier.encoder, image, config.augment_config(), score, index,
+                           method=method)
         finding = self._finding_head(class_id) if class_id not in self.class_ids else None
         if class_id in self.finding_ids:   # a finding of a fine-tuned findings network
             classifier = self.classifier
@@ -315,6 +322,20 @@ class _Explainer:
             index = self.class_ids.index(class_id)
         return gradcam(self.encoder, image, self.config.augment_config(), score, index,
                        method=method)
+
+    def _finding_network(self, finding_id: int):
+        """``(network, its config, column)`` of a finding scored by a findings network in a
+        version that also holds class heads (a mixed project), else None."""
+        if self.finding_ids:               # a findings-network version: handled by cam()
+            return None
+        from ml_backend.ssl.train import load_classifier
+
+        for entry in self.model.config.get("findings_sets", []):
+            ids = [f["id"] for f in entry["findings"]]
+            if "net" in entry and finding_id in ids:
+                classifier, config = cache.get(self.model, entry["net"], load_classifier)
+                return classifier, config, ids.index(finding_id)
+        return None
 
     def _finding_head(self, finding_id: int):
         """``(findings head, column)`` of a finding the version learned, else None."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -346,10 +347,7 @@ def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVers
     label_set = LabelSet.objects.filter(project=run.project, pk=run.params["findings_set"]).first()
     if label_set is None or not label_set.is_multi:
         raise TrainingError("--label-set must name one of the project's findings sets")
-    if Annotation.objects.filter(scan__project=run.project,
-                                 outcome=Annotation.Outcome.LABEL).exists():
-        raise TrainingError("this project also has class labels: fine-tune findings networks "
-                            "in a findings-only project (its refit heads cover both kinds)")
+    mixed = _has_class_labels(run.project)
     scans, findings, raw = findings_targets(label_set, split="pool")
     targets = uncertain_policy(raw, label_set.uncertain_policy)
     if not scans or not any(np.nansum(targets[:, i] == 1) and np.nansum(targets[:, i] == 0)
@@ -372,25 +370,36 @@ def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVers
         pretrained, pconfig, images_for(scans, pconfig.image_size, pconfig.channels), targets, config,
         checkpoint_path=checkpoint_path(model, entry["net"]), model_version=model.version,
         progress=report, workers=_workers())
+    if mixed:       # the project's class sets keep their heads beside the network
+        _refit(run, report, model=model, networks={label_set.pk: (entry, network, pconfig)},
+               network_metrics={"finetuned-findings": metrics})
+        return
     _finish_findings_network(run, model, entry, label_set, network, pconfig, metrics, report)
 
 
-def _finish_findings_network(run, model, entry, label_set, network, pconfig, metrics,
-                             report) -> None:
-    """Thresholds and per-finding report on the eval split, the findings gate, promotion."""
+def _has_class_labels(project: Project) -> bool:
+    return Annotation.objects.filter(scan__project=project,
+                                     outcome=Annotation.Outcome.LABEL).exists()
+
+
+def _network_fit(label_set, entry: dict, network, pconfig) -> dict:
+    """A findings network scored as a refit scores its heads: per-finding thresholds chosen
+    on the eval split (F1 or the set's target sensitivity; 0.5 for a finding with too few
+    eval positives), the per-finding report, and what the findings gate needs."""
     from annotator.selectors import findings_targets
     from ml_backend.metrics.findings import choose_thresholds, findings_report, uncertain_policy
+    from ml_backend.services.findings import MIN_THRESHOLD_POSITIVES
     from ml_backend.ssl.findings import predict_findings
 
     names = [f["name"] for f in entry["findings"]]
     eval_scans, _, eval_raw = findings_targets(label_set, split="eval")
     eval_targets = uncertain_policy(eval_raw, "ignore")
     result, thresholds = None, np.full(len(names), 0.5)
-    predict = (lambda some: predict_findings(network, images_for(some, pconfig.image_size, pconfig.channels),
-                                             pconfig))
-    if eval_scans:
-        from ml_backend.services.findings import MIN_THRESHOLD_POSITIVES
 
+    def predict(some: list[Scan]) -> np.ndarray:
+        return predict_findings(network, images_for(some, pconfig.image_size, pconfig.channels),
+                                pconfig)
+    if eval_scans:
         proba = predict(eval_scans)
         chosen = choose_thresholds(eval_targets, proba, method=label_set.threshold_rule,
                                    target_sensitivity=label_set.target_sensitivity)
@@ -398,12 +407,65 @@ def _finish_findings_network(run, model, entry, label_set, network, pconfig, met
                               chosen, 0.5)
         result = findings_report(eval_targets, proba, names, thresholds=thresholds)
     entry["thresholds"] = {n: float(t) for n, t in zip(names, thresholds)}
+    return {"label_set": label_set, "head": None, "predict": predict, "config": entry,
+            "eval": (eval_scans, eval_targets), "report": result}
+
+
+def _carried_networks(project: Project, fitted: list[dict], report, *, fresh=frozenset()
+                      ) -> tuple[list[dict], dict]:
+    """The active version's findings networks, where they still score their set better than
+    the refit's new heads (macro AUC on the same eval scans) — so a refit for new labels
+    neither drops a fine-tuned network nor is held back by it. A network whose set gained or
+    lost a finding since is not carried. Returns the fits to use and ``{set id: source
+    file}`` for the carried networks."""
+    from annotator.models import LabelSet
+    from annotator.selectors import findings_for_set
+
+    active = project.active_model
+    entries = [e for e in ((active.config or {}).get("findings_sets") or [])
+               if "net" in e and e["id"] not in fresh] if active is not None else []
+    if not entries:
+        return fitted, {}
+    by_set = {f["label_set"].pk: f for f in fitted}
+    sources = {}
+    for entry in entries:
+        label_set = LabelSet.objects.filter(pk=entry["id"], project=project).first()
+        source = Path(checkpoint_path(active, entry["net"]))
+        if label_set is None or not source.exists():
+            continue
+        if [f.pk for f in findings_for_set(label_set)] != [f["id"] for f in entry["findings"]]:
+            report.log(f"{label_set.name}: the findings changed since {active.version}'s "
+                       "network: refit heads only (fine-tune again to use a network)")
+            continue
+        network, pconfig = ssl.load_classifier(source)
+        carried = _network_fit(label_set, {**entry}, network, pconfig)
+        head = by_set.get(label_set.pk)
+        head_auc = ((head or {}).get("report") or {}).get("macro_auc")
+        net_auc = (carried["report"] or {}).get("macro_auc")
+        if head is not None and head_auc is not None and (net_auc is None or head_auc > net_auc):
+            report.log(f"{label_set.name}: the refit heads (macro AUC {head_auc:.3f}) replace "
+                       f"{active.version}'s network ({_f3(net_auc)})")
+            continue
+        report.log(f"{label_set.name}: keeping {active.version}'s network (macro AUC "
+                   f"{_f3(net_auc)}; heads {_f3(head_auc)})")
+        by_set[label_set.pk] = carried
+        sources[label_set.pk] = source
+    return [by_set[k] for k in sorted(by_set)], sources
+
+
+def _f3(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _finish_findings_network(run, model, entry, label_set, network, pconfig, metrics,
+                             report) -> None:
+    """Thresholds and per-finding report on the eval split, the findings gate, promotion."""
+    fitted = [_network_fit(label_set, entry, network, pconfig)]
     model.config = {**model.config, "findings_sets": [entry]}
     model.save(update_fields=["config"])
     (Path(model.artifact_dir) / "config.json").write_text(json.dumps(model.config, indent=2,
                                                                      default=str))
-    fitted = [{"label_set": label_set, "head": None, "predict": predict, "config": entry,
-               "eval": (eval_scans, eval_targets), "report": result}]
+    result = fitted[0]["report"]
     verdict = findings_gate(model, fitted, run.project.active_model)
     _finish_findings_only(run, model, verdict, {label_set.name: result}, report)
     model.metrics = {**model.metrics, model.config["kind"]: metrics}
@@ -450,7 +512,12 @@ def _distill_findings(run: TrainingRun, report: RunReporter, teacher_version: Mo
     from ml_backend.metrics.findings import uncertain_policy
     from ml_backend.ssl.findings import distill_findings
 
-    source = teacher_version.config["findings_sets"][0]
+    networks = [e for e in teacher_version.config["findings_sets"] if "net" in e]
+    wanted = run.params.get("findings_set")
+    source = next((e for e in networks if not wanted or e["id"] == wanted), None)
+    if source is None:
+        raise TrainingError(f"{teacher_version.version} has no findings network for that set: "
+                            "fine-tune one first")
     label_set = LabelSet.objects.get(pk=source["id"])
     teacher, pconfig = ssl.load_classifier(checkpoint_path(teacher_version, source["net"]))
     pretrained, _ = ssl.load_pretrained(checkpoint_path(encoder, "encoder.pt"))
@@ -475,6 +542,10 @@ def _distill_findings(run: TrainingRun, report: RunReporter, teacher_version: Mo
         targets=uncertain_policy(raw, label_set.uncertain_policy) if scans else None,
         checkpoint_path=checkpoint_path(model, entry["net"]), model_version=model.version,
         progress=report, workers=_workers())
+    if _has_class_labels(run.project):   # a mixed project: class heads beside the student
+        _refit(run, report, model=model, networks={label_set.pk: (entry, student, pconfig)},
+               network_metrics={"distilled-findings": metrics})
+        return
     _finish_findings_network(run, model, entry, label_set, student, pconfig, metrics, report)
 
 
@@ -486,9 +557,15 @@ def _distill(run: TrainingRun, report: RunReporter) -> None:
     encoder = teacher_version.parent
     if encoder is None:
         raise TrainingError(f"{teacher_version.version} has no parent encoder")
-    if teacher_version.config.get("kind") in ("finetuned-findings", "distilled-findings"):
+    kind = teacher_version.config.get("kind")
+    networks = [e for e in teacher_version.config.get("findings_sets") or [] if "net" in e]
+    if kind in ("finetuned-findings", "distilled-findings") or networks:
         _distill_findings(run, report, teacher_version, encoder)
         return
+    if kind == "head":
+        raise TrainingError(f"{teacher_version.version} is a refit (linear heads on the "
+                            "encoder): distil a fine-tuned network — run `manage.py "
+                            "finetune` first, or name one with --teacher")
     teacher, pconfig = ssl.load_classifier(checkpoint_path(teacher_version, "classifier.pt"))
     pretrained, _ = ssl.load_pretrained(checkpoint_path(encoder, "encoder.pt"))
     classes = [c["id"] for c in teacher_version.config["classes"]]
@@ -512,9 +589,16 @@ def _distill(run: TrainingRun, report: RunReporter) -> None:
                        len(labels), metrics, report, calibrate=True)
 
 
-def _refit(run: TrainingRun, report: RunReporter) -> None:
+def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None = None,
+           networks: dict | None = None, network_metrics: dict | None = None) -> None:
     """The fast loop: one calibrated linear head per label set on frozen embeddings
-    (seconds). A set with labels of fewer than two classes gets no head yet."""
+    (seconds). A set with labels of fewer than two classes gets no head yet.
+
+    ``networks`` (``{findings set id: (entry, network, PretrainConfig)}``): findings networks
+    just fine-tuned or distilled into ``model`` (already created), which score their sets in
+    this version instead of heads; the project's other sets get their heads as in any
+    refit. The active version's own findings networks are carried over where they still
+    beat the new heads (``_carried_networks``)."""
     from ml_backend.active.refit import PRODUCT_PROTOTYPE_N0, SetHeads, fit_head
 
     started = time.perf_counter()
@@ -545,27 +629,52 @@ def _refit(run: TrainingRun, report: RunReporter) -> None:
                             "head": f"head-{set_id}.npz", "num_labels": len(rows),
                             "temperature": info["temperature"],
                             "calibrated_on": info["calibrated_on"]})
+    networks = networks or {}
     findings_fits = fit_findings_sets(run.project, encoder, seed=run.params.get("seed", 0),
-                                      report=report)
+                                      report=report, skip=set(networks))
+    for set_id, (entry, network, pconfig) in networks.items():
+        findings_fits.append(_network_fit(run.project.label_sets.get(pk=set_id), entry,
+                                          network, pconfig))
+    findings_fits, carried = _carried_networks(run.project, findings_fits, report,
+                                               fresh=set(networks))
     if not heads and not findings_fits:
         raise TrainingError(f"a refit needs labeled pool scans of at least 2 classes in one "
                             f"label set, or findings answers (have {len(scans)} labels; "
                             + "; ".join(skipped or ["no labels yet"]) + ")")
     classes = [c for config in set_configs for c in config["classes"]]
     names = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "name"))
-    model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
+    config = {
         "kind": "head", "label_sets": set_configs,
         "classes": [{"id": c, "name": names[c], "label_set": class_set[c]} for c in classes],
         "temperature": set_configs[0]["temperature"] if len(set_configs) == 1 else None,
         "calibrated_on": sum(c["calibrated_on"] for c in set_configs),
-        "findings_sets": [entry["config"] for entry in findings_fits]})
+        "findings_sets": [entry["config"] for entry in findings_fits]}
+    if model is None:
+        model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config=config)
+    else:            # a findings network's run: its training config stays beside the heads
+        model.config = {**{k: v for k, v in model.config.items() if k in (
+            "finetune", "distill", "pretrain", "teacher")}, **config,
+            "findings_networks": sorted(e["config"]["name"] for e in findings_fits
+                                        if e.get("head") is None)}
+        model.save(update_fields=["config"])
+        (Path(model.artifact_dir) / "config.json").write_text(
+            json.dumps(model.config, indent=2, default=str))
     for set_id, head in heads.items():
         head.save(checkpoint_path(model, f"head-{set_id}.npz"))
     save_findings_heads(model, findings_fits)
+    for set_id, source in carried.items():
+        target = Path(checkpoint_path(model, source.name))
+        try:
+            os.link(source, target)          # a version never changes: one file, two names
+        except OSError:
+            shutil.copy2(source, target)
     findings_verdict = findings_gate(model, findings_fits, run.project.active_model)
     findings_metrics = {entry["label_set"].name: entry["report"] for entry in findings_fits}
     if not heads:            # a findings-only project: the findings gate decides
         _finish_findings_only(run, model, findings_verdict, findings_metrics, report)
+        if network_metrics:
+            model.metrics = {**model.metrics, **network_metrics}
+            model.save(update_fields=["metrics"])
         report.log(f"refit took {time.perf_counter() - started:.1f}s")
         return
     report.log(f"refit {model.version}: linear heads on {encoder.version} embeddings, "
@@ -591,7 +700,8 @@ def _refit(run: TrainingRun, report: RunReporter) -> None:
         report.log(f"query round {query_round.pk}: {query_round.size} scans "
                    f"({query_round.strategy})")
     timings["total_s"] = time.perf_counter() - started
-    model.metrics = {**model.metrics, "timings": {k: round(v, 3) for k, v in timings.items()}}
+    model.metrics = {**model.metrics, **(network_metrics or {}),
+                     "timings": {k: round(v, 3) for k, v in timings.items()}}
     model.save(update_fields=["metrics"])
     report.log(f"refit took {timings['total_s']:.1f}s (" + ", ".join(
         f"{k[:-2]} {v:.2f}" for k, v in timings.items() if k != "total_s") + ")")

@@ -7,6 +7,7 @@ findings gate holds back a version whose finding regressed."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,3 +354,72 @@ def test_a_fine_tuned_findings_network_exports_as_onnx_and_torchscript(findings_
     size = card["files"][0]["input"]["shape"][2]
     out = network(torch.rand(2, 1, size, size))
     assert out.shape == (2, 3) and bool(((out >= 0) & (out <= 1)).all())
+
+
+def test_findings_networks_beside_class_heads_in_a_mixed_project(findings_project, users,
+                                                                tmp_path):
+    """A chest single-label set beside the brain findings set: fine-tuning (and distilling)
+    the findings network gives a version with the chest class heads beside the network; a
+    later refit keeps the network where it still beats the new heads, so the loop neither
+    drops it nor stalls on it."""
+    import json
+
+    from ml_backend import services as ml
+    from ml_backend.services.findings import findings_scorer
+    from ml_backend.services.inference import predictor_for, scan_gradcam
+
+    project = findings_project
+    for name in ("normal", "pneumonia"):
+        for split in ("eval", "pool"):
+            run_import(project, FIXTURES / "chest_xray" / split / name, layout="flat",
+                       split=split, default_label=name, dataset_name="chest",
+                       label_set="chest x-ray")
+    call_command("refit", project=project.name)
+    project.refresh_from_db()
+    assert project.active_model.config["kind"] == "head"
+    call_command("finetune", "--project", project.name, "--label-set", "brain findings",
+                 "--epochs", "2", "--batch-size", "16", "--no-progress")
+    model = ModelVersion.objects.filter(project=project).order_by("-pk").first()
+    assert model.config["kind"] == "head" and model.config["findings_networks"] == [
+        "brain findings"]
+    assert "finetune" in model.config and model.metrics["finetuned-findings"]
+    assert [s["name"] for s in model.config["label_sets"]] == ["chest x-ray"]
+    [entry] = model.config["findings_sets"]
+    assert entry["net"] and set(entry["thresholds"]) == set(FINDINGS)
+    chest = list(project.scans.filter(label_set__name="chest x-ray", split="eval")[:4])
+    brain = list(project.scans.filter(label_set__name="brain findings", split="eval")[:4])
+    proba = predictor_for(model)(chest)
+    assert proba.shape[0] == 4 and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+    findings_set = LabelSet.objects.get(project=project, name="brain findings")
+    assert findings_scorer(model, findings_set.pk).predict(brain).shape == (4, 3)
+    glioma = LabelClass.objects.get(project=project, name="glioma_tumor")
+    assert scan_gradcam(scan=brain[0], class_id=glioma.pk, model=model)[:4] == b"\x89PNG"
+    assert model.metrics["training"]["findings"]["brain findings"]["macro_auc"] > 0.6
+    call_command("export_model", "--project", project.name, "--model-version", model.version,
+                 "--out", str(tmp_path / "mixed"))
+    card = json.loads((tmp_path / "mixed" / "model-card.json").read_text())
+    assert sorted((f["label_set"], f["kind"]) for f in card["files"]) == [
+        ("brain findings", "findings"), ("chest x-ray", "classes")]
+
+    # the network made active by hand; the next refit keeps whichever scores the set better
+    if project.active_model_id != model.pk:
+        ml.model_version_promote(model, actor=users["dora"], reason="test: promoted by hand")
+    project.refresh_from_db()
+    assert project.active_model == model
+    net_auc = model.metrics["training"]["findings"]["brain findings"]["macro_auc"]
+    call_command("refit", project=project.name)
+    refit = ModelVersion.objects.filter(project=project).order_by("-pk").first()
+    [carried] = refit.config["findings_sets"]
+    refit_auc = refit.metrics["training"]["findings"]["brain findings"]["macro_auc"]
+    assert refit_auc >= net_auc - 1e-9           # never worse than the network it replaces
+    if "net" in carried:
+        assert (Path(refit.artifact_dir) / carried["net"]).exists()
+        assert refit.status == "active"
+    # distilling the network in a mixed project: the student sits beside the class heads too
+    project.refresh_from_db()
+    call_command("distill", "--project", project.name, "--teacher", model.pk,
+                 "--epochs", "1", "--batch-size", "32", "--no-progress")
+    student = ModelVersion.objects.filter(project=project).order_by("-pk").first()
+    assert student.config["kind"] == "head" and student.config["teacher"] == model.version
+    assert student.config["findings_networks"] == ["brain findings"]
+    assert [s["name"] for s in student.config["label_sets"]] == ["chest x-ray"]
