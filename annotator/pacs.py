@@ -121,7 +121,8 @@ def pacs_pull(*, project: Project, url: str, query: str = "", dataset_name: str 
         raise PacsError(f"the PACS at {url} did not answer the study query "
                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
     summary.studies_found = len(studies)
-    log(f"{len(studies)} studies match {filters or 'everything'}")
+    log(f"{len(studies)} {'study matches' if len(studies) == 1 else 'studies match'} "
+        f"{filters or 'everything'}")
     dataset_name = dataset_name or f"PACS {urllib.parse.urlsplit(url).hostname or 'pull'}"
     for number, study in enumerate(studies, start=1):
         uid = _value(study, STUDY_UID)
