@@ -17,6 +17,17 @@ def run_training(run_id: int) -> str:
     return run.status if run is not None else "skipped"
 
 
+@shared_task(name="ml_backend.tasks.spread_help", acks_late=True,
+             soft_time_limit=settings.TRAIN_TASK_SOFT_TIME_LIMIT,
+             time_limit=settings.TRAIN_TASK_TIME_LIMIT)
+def spread_help(model_id: int, name: str) -> int:
+    """Help a run with its chunks (ml_backend/services/spread.py): compute the ones nobody
+    has claimed; nothing when the run has finished them."""
+    from ml_backend.services.spread import work_on
+
+    return work_on(model_id, name)
+
+
 @shared_task(name="ml_backend.tasks.scheduled_retrain")
 def scheduled_retrain(if_new_labels: int = 20) -> list[str]:
     """Celery beat entry: start a retrain for every project with enough new labels."""

@@ -201,14 +201,26 @@ def allowed_classes(scans: list[Scan], classes: list[int]) -> list[set[int]]:
     return [{c for c in classes if class_set.get(c) == s.label_set_id} for s in scans]
 
 
-def cnn_predictor(classifier, pconfig, classes: list[int], temperature: float = 1.0
-                  ) -> Predictor:
-    """A network with one softmax over every class, restricted to each scan's label set."""
+def cnn_predictor(classifier, pconfig, classes: list[int], temperature: float = 1.0, *,
+                  model: ModelVersion | None = None) -> Predictor:
+    """A network with one softmax over every class, restricted to each scan's label set.
+    With the ``model`` version whose saved network it is, a long list (the whole pool) is
+    scored in chunks every train worker helps with (ml_backend/services/spread.py)."""
     from ml_backend.active.refit import restrict_to_sets
 
     def predict(scans: list[Scan], *, calibrated: bool = True) -> np.ndarray:
-        proba = _ssl().predict_proba(classifier, images_for(scans, pconfig.image_size, pconfig.channels), pconfig,
-                                     temperature=temperature if calibrated else 1.0)
+        t = temperature if calibrated else 1.0
+        if model is not None and settings.SPREAD_CHUNK_SIZE and \
+                len(scans) > settings.SPREAD_CHUNK_SIZE:
+            from ml_backend.services.spread import spread
+
+            raw = np.clip(spread(model, "predict", scans).astype(np.float64), 1e-30, 1.0)
+            proba = raw ** (1.0 / t)                 # softmax(z / T) from softmax(z)
+            proba = (proba / proba.sum(axis=1, keepdims=True)).astype(np.float32)
+        else:
+            proba = _ssl().predict_proba(classifier, images_for(scans, pconfig.image_size,
+                                                                pconfig.channels), pconfig,
+                                         temperature=t)
         return restrict_to_sets(proba, classes, allowed_classes(scans, classes))
     return predict
 
@@ -237,7 +249,8 @@ def predictor_for(model: ModelVersion) -> Predictor:
         return lambda scans, calibrated=True: heads.predict_proba(
             vectors_for(encoder, scans), [s.label_set_id for s in scans], calibrated=calibrated)
     classifier, pconfig = classifier_network(model)
-    return cnn_predictor(classifier, pconfig, classes, model.config.get("temperature") or 1.0)
+    return cnn_predictor(classifier, pconfig, classes, model.config.get("temperature") or 1.0,
+                         model=model)
 
 
 # --- one scan at a time: Grad-CAM and classifying an uploaded image (the clinician UI) ------

@@ -290,9 +290,14 @@ def embed_with(run: TrainingRun, encoder: ModelVersion, report: RunReporter, *,
     report.log(f"embedding {len(rest)} scans with {encoder.version} ({len(known)} already "
                f"embedded" + (f", {len(ready)} by import chunks" if ready else "") + ")")
     started = time.perf_counter()
-    vectors = ssl.embed(model.encoder, images_for(rest, config.image_size, config.channels),
-                        config, progress=report, workers=_workers()) if rest else np.zeros(
-        (0, model.encoder.feature_dim), np.float32)
+    if settings.SPREAD_CHUNK_SIZE and len(rest) > settings.SPREAD_CHUNK_SIZE:
+        from ml_backend.services.spread import spread     # every train worker helps
+
+        vectors = spread(encoder, "embed", rest, report=report)
+    else:
+        vectors = ssl.embed(model.encoder, images_for(rest, config.image_size, config.channels),
+                            config, progress=report, workers=_workers()) if rest else np.zeros(
+            (0, model.encoder.feature_dim), np.float32)
     seconds = time.perf_counter() - started
     if ready:
         vectors = np.concatenate([np.stack(list(ready.values())).astype(np.float32),
@@ -499,8 +504,8 @@ def _finetune(run: TrainingRun, report: RunReporter) -> None:
                                        checkpoint_path=checkpoint_path(model, "classifier.pt"),
                                        model_version=model.version, progress=report,
                                        workers=_workers())
-    _finish_classifier(run, model, cnn_predictor(classifier, pconfig, classes), classes,
-                       len(labels), metrics, report, calibrate=True)
+    _finish_classifier(run, model, cnn_predictor(classifier, pconfig, classes, model=model),
+                       classes, len(labels), metrics, report, calibrate=True)
 
 
 def _distill_findings(run: TrainingRun, report: RunReporter, teacher_version: ModelVersion,
@@ -585,8 +590,8 @@ def _distill(run: TrainingRun, report: RunReporter) -> None:
                                    checkpoint_path=checkpoint_path(model, "classifier.pt"),
                                    model_version=model.version, progress=report,
                                    workers=_workers())
-    _finish_classifier(run, model, cnn_predictor(student, pconfig, classes), classes,
-                       len(labels), metrics, report, calibrate=True)
+    _finish_classifier(run, model, cnn_predictor(student, pconfig, classes, model=model),
+                       classes, len(labels), metrics, report, calibrate=True)
 
 
 def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None = None,
