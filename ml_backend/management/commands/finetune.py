@@ -23,7 +23,8 @@ class Command(BaseCommand):
                                  "first projection layer")
         parser.add_argument("--label-set", default="",
                             help="a findings label set: fine-tune a network with one sigmoid "
-                                 "output per finding (masked BCE; findings-only projects)")
+                                 "output per finding (masked BCE); in a project that also has "
+                                 "class sets, the version keeps fresh class heads beside it")
         parser.add_argument("--augment", action="store_true",
                             help="light crops/affine/intensity while training (off by default: "
                                  "it cost macro-F1 on a new-site hold-out)")
