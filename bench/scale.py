@@ -119,6 +119,22 @@ class Worker:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
 
+def bench_env(database_url: str, broker: str, workdir: Path, name: str, **extra: str) -> dict:
+    """The environment of a benchmark's throwaway site and its worker processes: its own
+    database, broker, storage folders and secrets; tasks on real workers, plain HTTP."""
+    return {**os.environ,
+            "DATABASE_URL": database_url, "CELERY_BROKER_URL": broker,
+            "MEDIA_ROOT": str(workdir / "media"), "ARTIFACTS_ROOT": str(workdir / "artifacts"),
+            "INCOMING_ROOT": str(workdir / "incoming"),
+            "DJANGO_SETTINGS_MODULE": "medsite.settings", "LOG_LEVEL": "WARNING",
+            "DEBUG": "0", "SECRET_KEY": f"bench-{name}-secret-key-0123456789abcdef",
+            "DEID_SALT": f"bench-{name}-salt-0123456789", "ML_TASKS_IN_THREAD": "0",
+            "ML_TASKS_IN_PROCESS": "0",
+            # plain HTTP on localhost (TLS ends at the reverse proxy in a deployment)
+            "SESSION_COOKIE_SECURE": "0", "CSRF_COOKIE_SECURE": "0", "SECURE_SSL_REDIRECT": "0",
+            **extra}
+
+
 def _database(url_base: str, name: str) -> str:
     import psycopg
 
@@ -337,19 +353,9 @@ def main(argv=None) -> int:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ,
-           "DATABASE_URL": _database(args.database, "medlabel_scale"),
-           "CELERY_BROKER_URL": args.broker, "MEDIA_ROOT": str(workdir / "media"),
-           "ARTIFACTS_ROOT": str(workdir / "artifacts"),
-           "INCOMING_ROOT": str(workdir / "incoming"),
-           "DJANGO_SETTINGS_MODULE": "medsite.settings", "LOG_LEVEL": "WARNING",
-           "DEBUG": "0", "SECRET_KEY": "bench-scale-secret-key-0123456789abcdef",
-           "DEID_SALT": "bench-scale-salt-0123456789", "ML_TASKS_IN_THREAD": "0",
-           # plain HTTP on localhost (TLS ends at the reverse proxy in a deployment)
-           "SESSION_COOKIE_SECURE": "0", "CSRF_COOKIE_SECURE": "0", "SECURE_SSL_REDIRECT": "0",
-           "ML_TASKS_IN_PROCESS": "0",
-           # chunks of 250 files, so a 1,000-scan probe gives two workers work to share
-           "IMPORT_CHUNK_SIZE": os.environ.get("IMPORT_CHUNK_SIZE", "250")}
+    env = bench_env(_database(args.database, "medlabel_scale"), args.broker, workdir, "scale",
+                    # chunks of 250 files, so a 1,000-scan probe gives two workers work to share
+                    IMPORT_CHUNK_SIZE=os.environ.get("IMPORT_CHUNK_SIZE", "250"))
     os.environ.update(env)
     import redis
 

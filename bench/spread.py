@@ -27,20 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.scale import Worker, _database, load_source, write_scans
+from bench.scale import Worker, _database, bench_env, load_source, write_scans
 
 
 def _configure(args, workdir: Path) -> dict:
-    env = {**os.environ,
-           "DATABASE_URL": _database(args.database, "medlabel_spread"),
-           "CELERY_BROKER_URL": args.broker, "MEDIA_ROOT": str(workdir / "media"),
-           "ARTIFACTS_ROOT": str(workdir / "artifacts"),
-           "INCOMING_ROOT": str(workdir / "incoming"),
-           "DJANGO_SETTINGS_MODULE": "medsite.settings", "LOG_LEVEL": "WARNING",
-           "DEBUG": "0", "SECRET_KEY": "bench-spread-secret-key-0123456789abcdef",
-           "DEID_SALT": "bench-spread-salt-0123456789", "ML_TASKS_IN_THREAD": "0",
-           "SESSION_COOKIE_SECURE": "0", "CSRF_COOKIE_SECURE": "0", "SECURE_SSL_REDIRECT": "0",
-           "IMPORT_CHUNK_SIZE": "0", "SPREAD_CHUNK_SIZE": str(args.chunk)}
+    env = bench_env(_database(args.database, "medlabel_spread"), args.broker, workdir, "spread",
+                    IMPORT_CHUNK_SIZE="0", SPREAD_CHUNK_SIZE=str(args.chunk))
     os.environ.update(env)
     return env
 
