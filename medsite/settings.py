@@ -245,6 +245,9 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {"ImportStatusEnum": "annotator.models.ImportJob.Status",
+                            "ScanSplitEnum": "annotator.models.Split",
+                            "UploadSplitEnum": ["pool", "eval", "auto:0.2"]},
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
                              "annotator.api.schema.add_problem_responses"],
 }

@@ -118,6 +118,18 @@ def test_the_schema_and_its_docs_are_served_without_a_cdn(users):
     assert "swagger-ui" in docs and "cdn." not in docs and "jsdelivr" not in docs
 
 
+def test_the_schema_is_valid_openapi_without_a_warning(tmp_path):
+    from django.core.management import call_command
+
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file",
+                 str(tmp_path / "schema.yaml"))
+    text = (tmp_path / "schema.yaml").read_text()
+    for path in ("/api/v1/projects/{project_id}/imports/", "/api/v1/imports/{job_id}/",
+                 "/api/v1/projects/{project_id}/labels/",
+                 "/api/v1/projects/{project_id}/models/{version}/export/"):
+        assert path in text, path
+
+
 def test_the_account_page_makes_and_revokes_a_token(client, users):
     client.force_login(users["alice"])
     assert "You have no token" in client.get("/account/").content.decode()
