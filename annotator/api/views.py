@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFilesSent
 from django.db.models import Exists, OuterRef
 from django.http import FileResponse, Http404, HttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -295,7 +297,14 @@ class ImportList(ProjectScoped, generics.ListAPIView):
                    responses={202: s.UploadResultSerializer})
     def post(self, request, project_id: int):
         project = self.project()
-        fields = request.POST.copy()          # the schema's defaults, as the page's
+        try:
+            fields = request.POST.copy()      # the schema's defaults, as the page's
+        except TooManyFilesSent:
+            raise ValidationError({"files": f"at most {settings.UPLOAD_MAX_FILES} files per "
+                                            "upload: send them in several"}) from None
+        except RequestDataTooBig:
+            raise ValidationError({"files": "the request is too large: send the files in "
+                                            "several uploads"}) from None
         fields.setdefault("dataset", "uploads")
         fields.setdefault("split", "pool")
         form = UploadForm(fields, request.FILES, label_classes=list(project.label_classes.all()))

@@ -124,6 +124,15 @@ def test_a_script_uploads_scans_and_follows_the_import(project, users, settings,
     assert ImportJob.objects.filter(project=project).count() == 1
     assert list(settings.INCOMING_ROOT.iterdir()) == []
     assert alice.post(f"{base}/imports/", {"dataset": "x"}).status_code == 400
+    settings.UPLOAD_MAX_FILES = settings.DATA_UPLOAD_MAX_NUMBER_FILES = 3
+    many = []
+    for number in range(4):
+        handle = io.BytesIO(png_bytes(seed=number))
+        handle.name = f"{number}.png"
+        many.append(handle)
+    too_many = alice.post(f"{base}/imports/", {"files": many})
+    assert too_many.status_code == 400 and too_many["Content-Type"] == "application/problem+json"
+    assert "at most 3 files" in too_many.json()["detail"]
     outsider = api(users["charlie"])
     assert outsider.get(f"/api/v1/imports/{body['id']}/").status_code == 404
     assert outsider.post(f"{base}/imports/", {"files": files[:1]}).status_code == 404
