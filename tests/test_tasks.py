@@ -40,3 +40,22 @@ def test_real_worker_runs_import(celery_worker_process, project):
     run_import_job.apply_async(args=[job.pk], queue=queue)   # a duplicate message: no-op
     time.sleep(2)
     assert Scan.objects.count() == 40
+
+
+def test_a_workers_processes_share_the_machines_cores(monkeypatch):
+    """`celery worker -c N`: each process gives torch cores // N threads (at least one),
+    unless OMP_NUM_THREADS says otherwise."""
+    from types import SimpleNamespace
+
+    from medsite import celery as celery_app
+
+    monkeypatch.setattr(celery_app.os, "cpu_count", lambda: 8)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    celery_app._share_the_cores(sender=SimpleNamespace(concurrency=2))
+    assert celery_app.os.environ["OMP_NUM_THREADS"] == "4"
+    assert celery_app.os.environ["MKL_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")          # set by the operator: kept
+    celery_app._share_the_cores(sender=SimpleNamespace(concurrency=8))
+    assert celery_app.os.environ["OMP_NUM_THREADS"] == "3"
+    assert celery_app.threads_per_process(16, cpus=8) == 1
