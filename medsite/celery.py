@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from celery import Celery
@@ -27,6 +28,9 @@ def _share_the_cores(sender=None, **kwargs) -> None:
     imports it). A prefork worker of N processes otherwise runs N × cores threads."""
     if os.environ.get("OMP_NUM_THREADS"):
         return
-    threads = str(threads_per_process(getattr(sender, "concurrency", 1) or 1))
+    concurrency = getattr(sender, "concurrency", 1) or 1
+    threads = str(threads_per_process(concurrency))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = threads
+    logging.getLogger(__name__).info("%s process(es), %s torch thread(s) each",
+                                     concurrency, threads)
