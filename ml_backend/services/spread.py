@@ -137,12 +137,21 @@ def work_on(model_id: int, name: str) -> int:
     if plan is None:
         return 0
     for index in range(len(plan["chunks"])):
-        if _chunk_file(folder, index).exists() or not _claim(folder, index, plan["lease_s"]):
-            continue
         try:
-            _compute(model, plan, folder, index)
+            if _chunk_file(folder, index).exists() or not _claim(folder, index,
+                                                                 plan["lease_s"]):
+                continue
         except FileNotFoundError:          # the coordinator finished and cleaned up
             return done
+        try:
+            _compute(model, plan, folder, index)
+        except FileNotFoundError:
+            return done
+        except Exception:
+            # give the chunk back at once (the coordinator retakes it and reports the
+            # error if it fails there too) rather than after the lease
+            (folder / f"chunk-{index:05d}.claim").unlink(missing_ok=True)
+            raise
         done += 1
     return done
 

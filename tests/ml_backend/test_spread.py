@@ -63,6 +63,24 @@ def test_a_lost_workers_chunk_is_taken_over(encoded_project, settings, monkeypat
                                                           chunk_size=0), atol=1e-5)
 
 
+def test_a_helper_that_fails_gives_its_chunk_back_at_once(encoded_project, monkeypatch):
+    import json
+
+    encoder = encoded_project.active_encoder
+    folder = spread_module._folder(encoder, "embed-test")
+    folder.mkdir(parents=True)
+    (folder / "plan.json").write_text(json.dumps({"work": "embed", "chunks": [[1], [2]],
+                                                  "lease_s": 900}))
+
+    def broken(model, plan, folder, index):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(spread_module, "_compute", broken)
+    with pytest.raises(RuntimeError):
+        spread_module.work_on(encoder.pk, "embed-test")
+    assert not list(folder.glob("*.claim"))        # not held until the lease runs out
+    assert spread_module.work_on(encoder.pk, "gone") == 0    # a finished plan: nothing
+
+
 def test_a_fine_tuned_networks_pool_scores_in_chunks_equal_one_pass(encoded_project, users,
                                                                   settings):
     from annotator.models import Scan
