@@ -496,9 +496,22 @@ def table(path: str) -> str:
                 value = None
             values.append("–" if value is None else f"{value * 1000:.2f} ms" if "per scan" in name
                           else f"{value:g}")
+        whole = _whole_range(rows, read) if len(rows) > 2 else None
         lines.append(f"| {name} | " + " | ".join(values) + " | "
-                     + ", ".join("–" if g is None else f"{g:.2f}" for g in growth[name]) + " |")
+                     + ", ".join("–" if g is None else f"{g:.2f}" for g in growth[name])
+                     + ("" if whole is None else
+                        f" ({rows[0]['size'] // 1000}k→{rows[-1]['size'] // 1000}k: {whole:.2f})")
+                     + " |")
     return "\n".join(lines)
+
+
+def _whole_range(rows: list[dict], read) -> float | None:
+    """The slope from the smallest to the largest size: one noisy middle size (a page cache
+    warm at one size and cold at the next) moves a single step's slope a lot."""
+    try:
+        return slope((rows[0]["size"], read(rows[0])), (rows[-1]["size"], read(rows[-1])))
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
 
 
 def _growth(rows: list[dict]) -> dict:
