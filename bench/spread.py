@@ -32,7 +32,8 @@ from bench.scale import Worker, _database, bench_env, load_source, write_scans
 
 def _configure(args, workdir: Path) -> dict:
     env = bench_env(_database(args.database, "medlabel_spread"), args.broker, workdir, "spread",
-                    IMPORT_CHUNK_SIZE="0", SPREAD_CHUNK_SIZE=str(args.chunk))
+                    IMPORT_CHUNK_SIZE="0", SPREAD_CHUNK_SIZE=str(args.chunk),
+                    SPREAD_HELPERS="8")
     os.environ.update(env)
     return env
 

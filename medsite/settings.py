@@ -137,11 +137,13 @@ REFIT_QUEUED_STALE = timedelta(minutes=env_int("REFIT_QUEUED_STALE_MINUTES", 15,
 IMPORT_CHUNK_SIZE = env_int("IMPORT_CHUNK_SIZE", 1000, minimum=0)
 IMPORT_QUEUE = env_str("IMPORT_QUEUE") or "default"
 # Embedding a whole project and scoring the pool with a fine-tuned network go in chunks of
-# this many scans that every worker of SPREAD_QUEUE helps with (ml_backend/services/spread.py): up
-# to SPREAD_HELPERS helper tasks are queued per job; a chunk claimed longer than
-# SPREAD_LEASE_S seconds without a result is taken over. 0 turns it off.
+# this many scans that every worker of SPREAD_QUEUE helps with (ml_backend/services/spread.py):
+# up to SPREAD_HELPERS helper tasks are queued per job (0, the default: no split — on one
+# machine a second process only competes for its cores; set it when workers on other
+# machines can help); a chunk claimed longer than SPREAD_LEASE_S seconds without a result
+# is taken over.
 SPREAD_CHUNK_SIZE = env_int("SPREAD_CHUNK_SIZE", 2000, minimum=0)
-SPREAD_HELPERS = env_int("SPREAD_HELPERS", 8, minimum=0)
+SPREAD_HELPERS = env_int("SPREAD_HELPERS", 0, minimum=0)
 SPREAD_LEASE_S = env_int("SPREAD_LEASE_S", 900, minimum=10)
 SPREAD_QUEUE = env_str("SPREAD_QUEUE") or "train"
 UPLOAD_MAX_FILE_BYTES = env_int("UPLOAD_MAX_FILE_BYTES", 200 * 1024 * 1024, minimum=1)

@@ -13,7 +13,10 @@ order once every chunk's file exists, then removes the plan's folder. So:
   its own worker would have to serve);
 - each chunk is idempotent (computing it twice writes the same rows), so a duplicate
   helper, a redelivered task or a taken-over lease costs time, never correctness;
-- without a broker (demo, tests: tasks run in-process) no helper is queued.
+- without a broker (demo, tests: tasks run in-process) no helper is queued;
+- with ``SPREAD_HELPERS`` 0 (the default) nothing is split at all: measured on one 2-core
+  machine, a second process made these jobs 1.3x slower (docs/benchmarks.md); set it where
+  workers on other machines can help.
 
 Pure bookkeeping here; what a chunk computes is a named function (``WORK``) of the version
 and the scans, so helpers need only ids.
@@ -159,12 +162,15 @@ def work_on(model_id: int, name: str) -> int:
 def spread(model: ModelVersion, work: str, scans: list, *, report=None,
            chunk_size: int | None = None, helpers: int | None = None) -> np.ndarray:
     """``WORK[work](model, scans)`` for every scan, computed in chunks by this process and
-    any worker that takes a helper task; rows in ``scans`` order. Small inputs (one chunk)
-    are computed here directly."""
+    any worker that takes a helper task; rows in ``scans`` order. Small inputs (one chunk),
+    and any input when no helper may be asked (``SPREAD_HELPERS`` 0, the default: on one
+    machine a second process only competes for the same cores), are computed here in one
+    pass."""
     chunk_size = int(chunk_size or settings.SPREAD_CHUNK_SIZE)
+    helpers = int(settings.SPREAD_HELPERS if helpers is None else helpers)
     if not scans:
         return WORK[work](model, [])
-    if chunk_size <= 0 or len(scans) <= chunk_size:
+    if chunk_size <= 0 or len(scans) <= chunk_size or helpers <= 0:
         return WORK[work](model, scans)
     ids = [int(s.pk) for s in scans]
     chunks = [ids[i:i + chunk_size] for i in range(0, len(ids), chunk_size)]
@@ -185,10 +191,10 @@ def spread(model: ModelVersion, work: str, scans: list, *, report=None,
     return rows
 
 
-def _queue_helpers(model: ModelVersion, name: str, chunks: int, helpers: int | None) -> int:
+def _queue_helpers(model: ModelVersion, name: str, chunks: int, helpers: int) -> int:
     if settings.CELERY_TASK_ALWAYS_EAGER:
         return 0                           # no broker: nobody else to share with
-    count = min(chunks - 1, int(settings.SPREAD_HELPERS if helpers is None else helpers))
+    count = min(chunks - 1, helpers)
     if count <= 0:
         return 0
     from ml_backend.tasks import spread_help

@@ -32,7 +32,11 @@ def test_a_chunked_embedding_equals_one_pass(encoded_project, settings):
     project = encoded_project
     settings.SPREAD_CHUNK_SIZE = 0
     ids, once = _embed_full(project)
-    settings.SPREAD_CHUNK_SIZE = 16                  # 100 scans: 7 chunks
+    settings.SPREAD_CHUNK_SIZE = 16                  # 100 scans: 7 chunks …
+    _embed_full(project)
+    run = TrainingRun.objects.filter(project=project, kind="embed").order_by("-pk").first()
+    assert "chunks" not in run.log                   # … but no helpers allowed: one pass
+    settings.SPREAD_HELPERS = 4
     ids_chunked, chunked = _embed_full(project)
     assert ids.tolist() == ids_chunked.tolist() and len(ids) == 100
     np.testing.assert_allclose(chunked, once, atol=1e-5)
@@ -57,7 +61,7 @@ def test_a_lost_workers_chunk_is_taken_over(encoded_project, settings, monkeypat
     monkeypatch.setattr(spread_module, "_queue_helpers", helper_claims_and_dies)
     scans = scan_refs(Scan.objects.filter(project=project).order_by("pk")[:40])
     started = time.monotonic()
-    rows = spread_module.spread(encoder, "embed", scans, chunk_size=10)
+    rows = spread_module.spread(encoder, "embed", scans, chunk_size=10, helpers=1)
     assert claimed["ok"] and time.monotonic() - started >= 1.0   # it waited for the lease
     np.testing.assert_allclose(rows, spread_module.spread(encoder, "embed", scans,
                                                           chunk_size=0), atol=1e-5)
@@ -99,7 +103,7 @@ def test_a_fine_tuned_networks_pool_scores_in_chunks_equal_one_pass(encoded_proj
     pool = list(Scan.objects.filter(project=project, split="pool").order_by("pk"))
     settings.SPREAD_CHUNK_SIZE = 0
     once = predictor_for(model)(pool)
-    settings.SPREAD_CHUNK_SIZE = 12
+    settings.SPREAD_CHUNK_SIZE, settings.SPREAD_HELPERS = 12, 2
     chunked = predictor_for(model)(pool)
     np.testing.assert_allclose(chunked, once, atol=1e-5)
     raw = predictor_for(model)(pool, calibrated=False)
@@ -117,7 +121,7 @@ def test_two_worker_processes_share_one_embedding(celery_worker_process, encoded
     ids, once = _embed_full(project)
     settings.SPREAD_QUEUE = celery_worker_process["queue"]
     settings.CELERY_TASK_ALWAYS_EAGER = False
-    settings.SPREAD_CHUNK_SIZE = 10
+    settings.SPREAD_CHUNK_SIZE, settings.SPREAD_HELPERS = 10, 8
     second, _ = start_worker(settings, tmp_path, settings.SPREAD_QUEUE, name="second")
     try:
         ids_chunked, chunked = _embed_full(project)
