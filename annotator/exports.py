@@ -114,6 +114,19 @@ def as_jsonl(rows: list[dict]) -> str:
                    for row in rows)
 
 
+def label_download(project: Project, *, fmt: str, split: str = "all",
+                   adjudicated_only: bool = False) -> tuple[str, str, str]:
+    """The labels as one file to download (the reports page and the API): ``(body, content
+    type, file name)`` for ``fmt`` csv or jsonl. Raises ExportError with what to ask."""
+    if fmt not in ("csv", "jsonl"):
+        raise ExportError("format must be csv or jsonl (the image folder is made by "
+                          "`manage.py export_labels --format imagefolder`)")
+    rows = label_rows(project, split=split, adjudicated_only=adjudicated_only)
+    if fmt == "csv":
+        return as_csv(rows), "text/csv", f"labels-project-{project.pk}.csv"
+    return as_jsonl(rows), "application/x-ndjson", f"labels-project-{project.pk}.jsonl"
+
+
 def write_imagefolder(rows: list[dict], out: Path) -> dict[str, int]:
     """``out/<split>/<class>/<scan id>.png`` from each scan's de-identified preview (single
     label scans only: a findings scan has no one class folder); plus ``labels.csv`` with the

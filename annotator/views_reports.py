@@ -369,18 +369,12 @@ def export_labels(request, project_id: int):
     from annotator import exports
 
     project = selectors.project_get_for_user(request.user, project_id)
-    fmt = request.GET.get("format", "csv")
-    if fmt not in ("csv", "jsonl"):
-        return HttpResponse("format must be csv or jsonl (the image folder is made by "
-                            "`manage.py export_labels --format imagefolder`)", status=400,
-                            content_type="text/plain")
     try:
-        rows = exports.label_rows(project, split=request.GET.get("split", "all"),
-                                  adjudicated_only=request.GET.get("adjudicated") == "1")
+        body, content_type, name = exports.label_download(
+            project, fmt=request.GET.get("format", "csv"), split=request.GET.get("split", "all"),
+            adjudicated_only=request.GET.get("adjudicated") == "1")
     except exports.ExportError as exc:
         return HttpResponse(str(exc), status=400, content_type="text/plain")
-    body = exports.as_csv(rows) if fmt == "csv" else exports.as_jsonl(rows)
-    response = HttpResponse(body, content_type="text/csv" if fmt == "csv"
-                            else "application/x-ndjson")
-    response["Content-Disposition"] = f'attachment; filename="labels-project-{project.pk}.{fmt}"'
+    response = HttpResponse(body, content_type=content_type)
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
     return response

@@ -262,23 +262,14 @@ class LabelExport(ProjectScoped, APIView):
         from annotator import exports
 
         query = request.query_params
-        fmt = query.get("format") or "csv"
-        if fmt not in ("csv", "jsonl"):
-            raise ValidationError({"format": "use csv or jsonl (the image folder layout is "
-                                             "made by `manage.py export_labels`)"})
-        split = query.get("split") or "all"
-        if split not in ("all", "pool", "eval"):
-            raise ValidationError({"split": "use all, pool or eval"})
         try:
-            rows = exports.label_rows(self.project(), split=split,
-                                      adjudicated_only=query.get("adjudicated") == "true")
+            body, content_type, name = exports.label_download(
+                self.project(), fmt=query.get("format") or "csv", split=query.get("split") or "all",
+                adjudicated_only=query.get("adjudicated") == "true")
         except exports.ExportError as exc:
             raise ValidationError({"request": str(exc)}) from None
-        body = exports.as_csv(rows) if fmt == "csv" else exports.as_jsonl(rows)
-        response = HttpResponse(body, content_type="text/csv" if fmt == "csv"
-                                else "application/x-ndjson")
-        response["Content-Disposition"] = (f'attachment; filename="labels-project-'
-                                           f'{project_id}.{fmt}"')
+        response = HttpResponse(body, content_type=content_type)
+        response["Content-Disposition"] = f'attachment; filename="{name}"'
         return response
 
 

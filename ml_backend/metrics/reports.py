@@ -142,6 +142,18 @@ def negative_log_likelihood(logits, y_true, temperature: float = 1.0) -> float:
     return float(-log_p[np.arange(len(y)), y].mean())
 
 
+def retemper(proba: np.ndarray, temperature) -> np.ndarray:
+    """Re-temper probabilities: softmax(log p / T) over each row's non-zero classes."""
+    proba = np.asarray(proba, dtype=np.float64)
+    temps = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(proba),))[:, None]
+    with np.errstate(divide="ignore"):
+        z = np.where(proba > 0, np.log(np.clip(proba, 1e-300, 1.0)) / temps, -np.inf)
+    z -= np.where(np.isfinite(z.max(axis=1, keepdims=True)), z.max(axis=1, keepdims=True), 0)
+    e = np.where(np.isfinite(z), np.exp(z), 0.0)
+    total = e.sum(axis=1, keepdims=True)
+    return np.divide(e, total, out=np.zeros_like(e), where=total > 0).astype(np.float32)
+
+
 def fit_temperature(logits_or_log_proba, y_true, *, bounds: tuple[float, float] = (0.05, 20.0)
                     ) -> float:
     """Temperature scaling (Guo et al., 2017): the ``T`` minimising the NLL of

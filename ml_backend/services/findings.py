@@ -41,7 +41,7 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
     ``label_set``, ``head``, ``config`` (saved with the version), ``eval`` (targets, scans)
     and ``report``."""
     from ml_backend.active.findings import fit_findings_head
-    from ml_backend.metrics.findings import choose_thresholds, findings_report, uncertain_policy
+    from ml_backend.metrics.findings import uncertain_policy
 
     fitted = []
     for label_set in _multi_sets(project):
@@ -64,13 +64,9 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
         names = [f.name for f in findings]
         result = None
         if eval_scans:
-            proba = head.predict_proba(vectors_for(encoder, eval_scans))
-            enough = np.nansum(eval_targets == 1, axis=0) >= MIN_THRESHOLD_POSITIVES
-            target = min(max(float(label_set.target_sensitivity), 0.01), 1.0)
-            chosen = choose_thresholds(eval_targets, proba, method=label_set.threshold_rule,
-                                       target_sensitivity=target)
-            head.thresholds = np.where(enough, chosen, 0.5)
-            result = findings_report(eval_targets, proba, names, thresholds=head.thresholds)
+            head.thresholds, result = eval_thresholds(
+                label_set, eval_targets, head.predict_proba(vectors_for(encoder, eval_scans)),
+                names)
         config = {"id": label_set.pk, "name": label_set.name, "head": f"findings-{label_set.pk}.npz",
                   "findings": [{"id": f.pk, "name": f.name} for f in findings],
                   "uncertain_policy": label_set.uncertain_policy,
@@ -90,6 +86,21 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
                        f"{len(learnable)} of {len(findings)} findings learnable; eval macro AUC "
                        + (f"{macro:.3f}" if macro is not None else "n/a"))
     return fitted
+
+
+def eval_thresholds(label_set: LabelSet, eval_targets: np.ndarray, proba: np.ndarray,
+                    names: list[str]) -> tuple[np.ndarray, dict]:
+    """A findings model's thresholds, chosen on the labeled eval scans by the set's rule (F1,
+    or its target sensitivity), 0.5 for a finding with too few eval positives; and the
+    per-finding report at those thresholds. Heads and networks alike."""
+    from ml_backend.metrics.findings import choose_thresholds, findings_report
+
+    enough = np.nansum(eval_targets == 1, axis=0) >= MIN_THRESHOLD_POSITIVES
+    target = min(max(float(label_set.target_sensitivity), 0.01), 1.0)
+    chosen = choose_thresholds(eval_targets, proba, method=label_set.threshold_rule,
+                               target_sensitivity=target)
+    thresholds = np.where(enough, chosen, 0.5)
+    return thresholds, findings_report(eval_targets, proba, names, thresholds=thresholds)
 
 
 def save_findings_heads(model: ModelVersion, fitted: list[dict]) -> None:

@@ -214,9 +214,9 @@ def cnn_predictor(classifier, pconfig, classes: list[int], temperature: float = 
                 len(scans) > settings.SPREAD_CHUNK_SIZE:
             from ml_backend.services.spread import spread
 
-            raw = np.clip(spread(model, "predict", scans).astype(np.float64), 1e-30, 1.0)
-            proba = raw ** (1.0 / t)                 # softmax(z / T) from softmax(z)
-            proba = (proba / proba.sum(axis=1, keepdims=True)).astype(np.float32)
+            from ml_backend.metrics.reports import retemper
+
+            proba = retemper(spread(model, "predict", scans), t)  # softmax(z / T) from softmax(z)
         else:
             proba = _ssl().predict_proba(classifier, images_for(scans, pconfig.image_size,
                                                                 pconfig.channels), pconfig,

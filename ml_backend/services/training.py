@@ -392,8 +392,8 @@ def _network_fit(label_set, entry: dict, network, pconfig) -> dict:
     on the eval split (F1 or the set's target sensitivity; 0.5 for a finding with too few
     eval positives), the per-finding report, and what the findings gate needs."""
     from annotator.selectors import findings_targets
-    from ml_backend.metrics.findings import choose_thresholds, findings_report, uncertain_policy
-    from ml_backend.services.findings import MIN_THRESHOLD_POSITIVES
+    from ml_backend.metrics.findings import uncertain_policy
+    from ml_backend.services.findings import eval_thresholds
     from ml_backend.ssl.findings import predict_findings
 
     names = [f["name"] for f in entry["findings"]]
@@ -405,12 +405,7 @@ def _network_fit(label_set, entry: dict, network, pconfig) -> dict:
         return predict_findings(network, images_for(some, pconfig.image_size, pconfig.channels),
                                 pconfig)
     if eval_scans:
-        proba = predict(eval_scans)
-        chosen = choose_thresholds(eval_targets, proba, method=label_set.threshold_rule,
-                                   target_sensitivity=label_set.target_sensitivity)
-        thresholds = np.where(np.nansum(eval_targets == 1, axis=0) >= MIN_THRESHOLD_POSITIVES,
-                              chosen, 0.5)
-        result = findings_report(eval_targets, proba, names, thresholds=thresholds)
+        thresholds, result = eval_thresholds(label_set, eval_targets, predict(eval_scans), names)
     entry["thresholds"] = {n: float(t) for n, t in zip(names, thresholds)}
     return {"label_set": label_set, "head": None, "predict": predict, "config": entry,
             "eval": (eval_scans, eval_targets), "report": result}
@@ -771,7 +766,7 @@ def _calibrate_network(model: ModelVersion, predict: Predictor, classes: list[in
     accuracy, F1 and the gate are unaffected); the ECE reported after scaling is
     cross-fitted (temperature from one half of the eval scans, ECE on the other) so it is
     not measured on the scans the temperature was fit on."""
-    from ml_backend.metrics.reports import fit_temperature
+    from ml_backend.metrics.reports import fit_temperature, retemper
 
     scans, class_ids = training_labels(model.project, split="eval")
     keep = [(s, classes.index(c)) for s, c in zip(scans, class_ids) if c in classes]
@@ -805,20 +800,8 @@ def _calibrate_network(model: ModelVersion, predict: Predictor, classes: list[in
         # eval scans get the temperature fit on the other half (honest ECE); others all
         temps = np.array([cross[halves[row_of[s.pk]]][0] if s.pk in row_of else temperature
                           for s in scans])
-        return _scale(p, temps)
+        return retemper(p, temps)
     return calibrated, (lambda scans, calibrated=False: predict(scans, calibrated=False))
-
-
-def _scale(proba: np.ndarray, temperature) -> np.ndarray:
-    """Re-temper probabilities: softmax(log p / T) over each row's non-zero classes."""
-    proba = np.asarray(proba, dtype=np.float64)
-    temps = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(proba),))[:, None]
-    with np.errstate(divide="ignore"):
-        z = np.where(proba > 0, np.log(np.clip(proba, 1e-300, 1.0)) / temps, -np.inf)
-    z -= np.where(np.isfinite(z.max(axis=1, keepdims=True)), z.max(axis=1, keepdims=True), 0)
-    e = np.where(np.isfinite(z), np.exp(z), 0.0)
-    total = e.sum(axis=1, keepdims=True)
-    return np.divide(e, total, out=np.zeros_like(e), where=total > 0).astype(np.float32)
 
 
 # The handler of each run kind (``runs.training_run_execute`` looks them up when a run
