@@ -12,7 +12,13 @@ import logging
 from django.conf import settings
 from django.urls import reverse
 
-from annotator.labeling import describe_reason, peek_after, round_progress, second_reading
+from annotator.labeling import (
+    blind_reason,
+    describe_reason,
+    peek_after,
+    round_progress,
+    second_reading,
+)
 from annotator.models import Annotation, LabelClass, Project, Scan
 from ml_backend.errors import ModelUnavailable, TrainingError
 from ml_backend.models import ModelVersion, Prediction, QueryRound
@@ -214,7 +220,8 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
                  "render": reverse("annotator:scan_window", args=[scan.pk])},
         "item": None if item is None else {
             "round": item.query_round_id, "rank": item.rank, "score": round(item.score, 4),
-            "reason": _blind(describe_reason(item.reason, item.score), blinded)},
+            "reason": (blind_reason(describe_reason(item.reason, item.score)) if blinded
+                       else describe_reason(item.reason, item.score))},
         "suggestion": suggestion,
         "model_error": model_error,
         "novelty": novelty,
@@ -258,14 +265,6 @@ def window_info(scan: Scan) -> dict | None:
             "range": [low, high], "presets": presets,
             "units": "HU" if scan.modality.upper() == "CT" else "",
             "url": reverse("annotator:scan_window", args=[scan.pk])}
-
-
-def _blind(reason: dict, blinded: bool) -> dict:
-    """A reason without other readers' labels (the nearest labeled scans') when blind."""
-    if not blinded:
-        return reason
-    return {**reason, "words": "Chosen for another reading; the model's view is hidden.",
-            "details": [], "neighbours": [{**n, "label": None} for n in reason["neighbours"]]}
 
 
 def _prefetch(project: Project, user, scan: Scan) -> str | None:

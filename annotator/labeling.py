@@ -18,7 +18,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from annotator.models import Annotation, LabelClass, Project, Scan, ScanLease
-from annotator.selectors import reader_key
+from annotator.selectors import reader_key, reads_blind
 from annotator.services import AnnotationError, annotation_create
 from medsite import jsonbody
 from ml_backend.models import ModelVersion, Prediction, QueryItem, QueryRound
@@ -199,6 +199,7 @@ def worklist(project: Project, user) -> dict:
             model_version_id=project.active_model_id, scan_id__in=scan_ids
         ).select_related("predicted_class")}
     rows, labeled_count, mine = [], 0, 0
+    blind = reads_blind(project, user)
     needed = max(1, project.readers_per_scan)
     read_by = readings(project, scan_ids)
     progress = round_progress(project, user, query_round, scan_ids, read_by=read_by)
@@ -215,11 +216,19 @@ def worklist(project: Project, user) -> dict:
             state = "second"           # read, but by fewer readers than the project asks for
         else:
             state = "open"
-        mine += any(a.reader_id == user.pk for a in scan_answers)
+        answered = any(a.reader_id == user.pk for a in scan_answers)
+        mine += answered
+        prediction, reason = predictions.get(item.scan_id), describe_reason(item.reason, item.score)
+        hidden = 0
+        if blind and not answered and read_by.get(item.scan_id):
+            # read by someone else, not yet by this reader: no model, no other answers
+            prediction, reason = None, blind_reason(reason)
+            shown = [a for a in scan_answers if a.source == Annotation.Source.IMPORT]
+            hidden, scan_answers = len(scan_answers) - len(shown), shown
         rows.append({"item": item, "scan": item.scan, "state": state, "answers": scan_answers,
                      "readings": len(read_by.get(item.scan_id, ())), "needed": needed,
-                     "held_by": held.get(item.scan_id), "prediction": predictions.get(item.scan_id),
-                     "reason": describe_reason(item.reason, item.score)})
+                     "held_by": held.get(item.scan_id), "prediction": prediction,
+                     "reason": reason, "hidden": hidden})
     return {"round": query_round, "rows": rows, "progress": progress}
 
 
@@ -243,6 +252,13 @@ def round_progress(project: Project, user, query_round, scan_ids: list[int] | No
     return {"total": len(scan_ids), "labeled": labeled, "remaining": len(scan_ids) - labeled,
             "yours": mine, "yours_total": counts["yours"], "round_number": query_round.pk,
             "labels_in_project": counts["total"]}
+
+
+def blind_reason(reason: dict) -> dict:
+    """A worklist reason as a blind second reader sees it: without other readers' labels
+    (the nearest labeled scans') and without the model's view."""
+    return {**reason, "words": "Chosen for another reading; the model's view is hidden.",
+            "details": [], "neighbours": [{**n, "label": None} for n in reason["neighbours"]]}
 
 
 def describe_reason(reason: dict, score: float | None = None) -> dict:

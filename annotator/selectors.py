@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 import numpy as np
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet
 from django.http import Http404
 
 from annotator.models import (
@@ -67,9 +67,71 @@ def label_class_counts(project: Project) -> QuerySet[LabelClass]:
     )
 
 
+BLIND_DOWNLOAD = ("Blind reading: this project hides other readers' answers from its readers, "
+                  "so the labels download (every reader's answer) is for its reviewers and "
+                  "admins.")
+
+
+def reads_blind(project: Project, user) -> bool:
+    """Whether ``user`` reads ``project`` blind everywhere, not only on the label page: a
+    reader in a project with blind second readers. Admins run the project and reviewers
+    adjudicate (their review page shows the readers' answers), so both see everything."""
+    return bool(project.blind_second_readers) and project.role_of(user) == Membership.Role.CLINICIAN
+
+
+def answers_visible(project: Project, user, answers: QuerySet[Annotation]) -> QuerySet[Annotation]:
+    """``answers`` as ``user`` may see them: for a blind reader, other readers' answers on a
+    scan only once they have answered it themselves. Imported labels stay visible (no
+    reader gave them, and a scan imported with a label is read first, not second)."""
+    if not reads_blind(project, user):
+        return answers
+    answered = Annotation.objects.filter(scan=OuterRef("scan"), reader=user)
+    return answers.filter(Q(reader=user) | Q(source=Annotation.Source.IMPORT)
+                          | Q(Exists(answered)))
+
+
+def hidden_answers_count(project: Project, user, scan: Scan) -> int:
+    """How many of ``scan``'s answers blind reading hides from ``user`` (0 for most)."""
+    if not reads_blind(project, user):
+        return 0
+    everything = Annotation.objects.filter(scan=scan)
+    return everything.count() - answers_visible(project, user, everything).count()
+
+
+def read_blind_scan_ids(project: Project, user, scan_ids) -> set[int]:
+    """Among ``scan_ids``, the scans ``user`` would read second and has not answered: the
+    model's view of them is hidden from a blind reader, as on the label page."""
+    if not reads_blind(project, user):
+        return set()
+    scan_ids = list(scan_ids)
+    others = set(Annotation.objects.filter(scan_id__in=scan_ids, outcome__in=Annotation.LABELLING)
+                 .exclude(reader=user).exclude(source=Annotation.Source.IMPORT)
+                 .values_list("scan_id", flat=True))
+    mine = set(Annotation.objects.filter(scan_id__in=others, reader=user)
+               .values_list("scan_id", flat=True))
+    return others - mine
+
+
+def predictions_visible(project: Project, user, predictions: QuerySet) -> QuerySet:
+    """``predictions`` (any model's, one row per scan) less, for a blind reader, those of
+    scans another reader has read and they have not: a second reading sees no model."""
+    if not reads_blind(project, user):
+        return predictions
+    read_by_others = (Annotation.objects.filter(scan=OuterRef("scan"),
+                                                outcome__in=Annotation.LABELLING)
+                      .exclude(reader=user).exclude(source=Annotation.Source.IMPORT))
+    answered = Annotation.objects.filter(scan=OuterRef("scan"), reader=user)
+    return predictions.exclude(Q(Exists(read_by_others)) & ~Q(Exists(answered)))
+
+
 def scan_list_for_project(project: Project, *, split: str | None = None,
-                          include_quarantined: bool = False) -> QuerySet[Scan]:
-    scans = project.scans.select_related("dataset").prefetch_related("annotations__label_class")
+                          include_quarantined: bool = False, user=None) -> QuerySet[Scan]:
+    """The project's scans with their answers (those ``user`` may see, when given)."""
+    answers = Annotation.objects.select_related("label_class")
+    if user is not None:
+        answers = answers_visible(project, user, answers)
+    scans = project.scans.select_related("dataset").prefetch_related(
+        Prefetch("annotations", queryset=answers))
     if not include_quarantined:
         scans = scans.filter(quarantined=False)
     if split:

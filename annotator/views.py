@@ -28,7 +28,7 @@ def project_detail(request, project_id: int):
     role = project.role_of(request.user)
     stats = selectors.project_stats(project)
     paginator = Paginator(selectors.scan_list_for_project(
-        project, split=split, include_quarantined=role == "admin"), 48)
+        project, split=split, include_quarantined=role == "admin", user=request.user), 48)
     # the count is in the stats' one pass over the scans: no second count of 100,000s
     paginator.count = stats[("" if role == "admin" else "visible_") + (split or "scans")
                             if role == "admin" or split else "visible"]
@@ -82,8 +82,12 @@ def project_jobs(request, project_id: int):
 @login_required
 def scan_detail(request, scan_id: int):
     scan = selectors.scan_get_for_user(request.user, scan_id)
-    annotations = scan.annotations.select_related("label_class", "reader")
-    return render(request, "annotator/scan_detail.html", {"scan": scan, "annotations": annotations})
+    # a blind reader sees other readers' answers once they have answered the scan themselves
+    annotations = selectors.answers_visible(
+        scan.project, request.user, scan.annotations.select_related("label_class", "reader"))
+    return render(request, "annotator/scan_detail.html", {
+        "scan": scan, "annotations": annotations,
+        "hidden": selectors.hidden_answers_count(scan.project, request.user, scan)})
 
 
 @login_required

@@ -49,7 +49,8 @@ MAX_MAP_POINTS = 5000
 def reports(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id)
     model = _selected_model(project, request.GET.get("model"))
-    return render(request, "annotator/reports.html", _page(project, model))
+    return render(request, "annotator/reports.html",
+                  {**_page(project, model), "blind": selectors.reads_blind(project, request.user)})
 
 
 @login_required
@@ -369,6 +370,8 @@ def export_labels(request, project_id: int):
     from annotator import exports
 
     project = selectors.project_get_for_user(request.user, project_id)
+    if selectors.reads_blind(project, request.user):
+        return HttpResponse(selectors.BLIND_DOWNLOAD, status=403, content_type="text/plain")
     try:
         body, content_type, name = exports.label_download(
             project, fmt=request.GET.get("format", "csv"), split=request.GET.get("split", "all"),

@@ -151,17 +151,21 @@ class Worklist(ProjectScoped, APIView):
     OpenApiParameter("outcome", str, enum=["label", "findings", "skip", "unsure"]),
 ])
 class AnnotationList(ProjectScoped, generics.ListCreateAPIView):
-    """Every answer in the project (GET), or a new answer (POST) — recorded exactly as one
-    given on the label page: the same checks, audit fields, readers policy and refits."""
+    """Every answer in the project (GET; a reader in a blind-reading project sees other
+    readers' answers on a scan once they have answered it), or a new answer (POST) —
+    recorded exactly as one given on the label page: the same checks, audit fields, readers
+    policy and refits."""
 
     def get_serializer_class(self):
         return s.AnswerSerializer if self.request.method == "POST" else s.AnnotationSerializer
 
     def get_queryset(self):
-        return (Annotation.objects.filter(scan__project=self.project())
-                .select_related("reader", "label_class", "shown_model_version",
-                                "shown_suggestion")
-                .prefetch_related("findings__finding").order_by("pk"))
+        # a blind reader: other readers' answers only on scans they have answered themselves
+        return selectors.answers_visible(
+            self.project(), self.request.user,
+            Annotation.objects.filter(scan__project=self.project())
+            .select_related("reader", "label_class", "shown_model_version", "shown_suggestion")
+            .prefetch_related("findings__finding").order_by("pk"))
 
     def filter_queryset(self, queryset):
         query = self.request.query_params
@@ -262,6 +266,8 @@ class LabelExport(ProjectScoped, APIView):
         from annotator import exports
 
         query = request.query_params
+        if selectors.reads_blind(self.project(), request.user):
+            raise PermissionDenied(selectors.BLIND_DOWNLOAD)
         try:
             body, content_type, name = exports.label_download(
                 self.project(), fmt=query.get("format") or "csv", split=query.get("split") or "all",
@@ -367,7 +373,8 @@ class ModelList(ProjectScoped, generics.ListAPIView):
 @extend_schema(parameters=[OpenApiParameter(
     "version", str, description="model version (default: the active classifier)")])
 class PredictionList(ProjectScoped, generics.ListAPIView):
-    """A classifier's stored predictions for the pool."""
+    """A classifier's stored predictions for the pool (for a reader in a blind-reading
+    project, not those of scans another reader has read and they have not)."""
 
     serializer_class = s.PredictionSerializer
 
@@ -380,8 +387,11 @@ class PredictionList(ProjectScoped, generics.ListAPIView):
             if version:
                 raise Http404(f"No model version {version!r} in this project.")
             return Prediction.objects.none()
-        return Prediction.objects.filter(model_version=model).select_related(
-            "model_version", "predicted_class").order_by("scan_id")
+        # a blind reader sees no model on a scan they would read second (as on the label page)
+        return selectors.predictions_visible(
+            project, self.request.user,
+            Prediction.objects.filter(model_version=model).select_related(
+                "model_version", "predicted_class").order_by("scan_id"))
 
 
 class RunList(ProjectScoped, generics.ListAPIView):

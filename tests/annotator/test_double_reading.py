@@ -124,3 +124,96 @@ def test_readers_dashboard_for_the_project_admin(read_twice, users, erin):
     page = client_for(users["dora"]).get(f"/projects/{project.pk}/readers/")
     assert page.status_code == 200 and 'data-reader="erin"' in page.content.decode()
     assert "100% <span class=\"muted\">of 2</span>" in page.content.decode()
+
+
+def _answers(client, scan) -> str:
+    """The scan page's answers section."""
+    from django.urls import reverse
+
+    page = client.get(reverse("annotator:scan_detail", args=[scan.pk])).content.decode()
+    start = page.index("<h2>Annotations</h2>")
+    return page[start:page.index("</section>", start)]
+
+
+def _rows(response) -> list[dict]:
+    data = response.json()
+    return data["results"] if isinstance(data, dict) else data
+
+
+def _readings(response) -> list[dict]:
+    """The answers readers gave (imported labels stay visible to everyone)."""
+    return [a for a in _rows(response) if a["source"] != "import"]
+
+
+def test_a_blind_reader_sees_no_other_answer_or_model_anywhere_until_they_answer(
+        read_twice, users, erin):
+    """Blind reading holds beyond the label page: the scan page, the project page, the
+    worklist, the API's answers and predictions, the labels download. Reviewers and admins
+    see everything; once erin has answered, she sees the other reading."""
+    from django.urls import reverse
+
+    from ml_backend.models import ModelVersion, Prediction
+
+    project = read_twice
+    glioma = LabelClass.objects.get(project=project, name="glioma_tumor")
+    items = labeling.current_round(project).items.select_related("scan").order_by("rank")
+    read, fresh = [item.scan for item in items[:2]]
+    services.annotation_create(scan=read, reader=users["alice"], label_class=glioma)
+    model = ModelVersion.objects.create(project=project, kind="classifier",
+                                        version="clf-blind", status="active")
+    for scan in (read, fresh):
+        Prediction.objects.create(scan=scan, model_version=model, confidence=0.9,
+                                  uncertainty=0.1, predicted_class=glioma,
+                                  probabilities={str(glioma.pk): 0.9})
+    project.active_model = model
+    project.save()
+    erin_web = client_for(erin)
+    answers_url = f"/api/v1/projects/{project.pk}/annotations/"
+    predictions_url = f"/api/v1/projects/{project.pk}/predictions/"
+
+    # the scan page: alice's reading is hidden, and the page says so
+    page = _answers(erin_web, read)
+    assert "glioma_tumor" not in page and "alice" not in page
+    assert "1 answer by other readers hidden: blind reading" in page
+    # the project page's thumbnail of the scan shows no label
+    page = erin_web.get(reverse("annotator:project_detail", args=[project.pk])).content.decode()
+    thumb = page[page.index(f'title="Scan {read.pk}"'):]
+    assert "class-chip" not in thumb[:thumb.index("</a>")]
+    # the API: neither alice's answer nor the model's view of the scan erin reads second
+    assert _readings(erin_web.get(answers_url)) == []
+    assert _readings(erin_web.get(answers_url, {"scan": read.pk})) == []
+    assert [p["scan"] for p in _rows(erin_web.get(predictions_url))] == [fresh.pk]
+    # the worklist: no model and no answers on it
+    rows = {r["scan"].pk: r for r in labeling.worklist(project, erin)["rows"]}
+    assert rows[read.pk]["prediction"] is None and rows[read.pk]["answers"] == []
+    assert rows[fresh.pk]["prediction"] is not None        # first reading: the model shows
+    page = erin_web.get(reverse("annotator:worklist", args=[project.pk])).content.decode()
+    row = page[page.index(f'data-scan="{read.pk}"'):]
+    row = row[:row.index("</tr>")]
+    assert "hidden (blind reading)" in row and "glioma_tumor" not in row
+    # the labels download holds every reader's answer: refused, with the reason
+    refused = erin_web.get(reverse("annotator:export_labels", args=[project.pk]))
+    assert refused.status_code == 403 and b"Blind reading" in refused.content
+    refused = erin_web.get(f"/api/v1/projects/{project.pk}/labels/")
+    assert refused.status_code == 403 and "Blind reading" in refused.json()["detail"]
+    # the reviewer (bob) and the admin (dora) see alice's answer and may download
+    for who in ("bob", "dora"):
+        web = client_for(users[who])
+        assert [a["reader"] for a in _readings(web.get(answers_url))] == ["alice"]
+        assert len(_rows(web.get(predictions_url))) == 2
+        assert web.get(reverse("annotator:export_labels", args=[project.pk])).status_code == 200
+
+    # erin answers: now she sees the other reading, and the model's view of the scan
+    services.annotation_create(scan=read, reader=erin, label_class=glioma)
+    assert sorted(a["reader"] for a in _readings(erin_web.get(answers_url))) == ["alice", "erin"]
+    assert {p["scan"] for p in _rows(erin_web.get(predictions_url))} == {read.pk, fresh.pk}
+    page = _answers(erin_web, read)
+    assert "alice" in page and "glioma_tumor" in page and "hidden: blind reading" not in page
+
+    # a project that does not read blind hides nothing
+    services.annotation_create(scan=fresh, reader=users["alice"], label_class=glioma)
+    assert _readings(erin_web.get(answers_url, {"scan": fresh.pk})) == []
+    project.blind_second_readers = False
+    project.save()
+    visible = _readings(erin_web.get(answers_url, {"scan": fresh.pk}))
+    assert [a["reader"] for a in visible] == ["alice"]
