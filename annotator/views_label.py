@@ -235,6 +235,10 @@ def gradcam(request, scan_id: int):
         raise Http404("Say which class: ?class=<id>.") from None
     if not LabelClass.objects.filter(pk=class_id, project=scan.project).exists():
         raise Http404("No such class in this project.")
+    if scan.pk in selectors.read_blind_scan_ids(scan.project, request.user, [scan.pk]):
+        return HttpResponse("Blind reading: another reader has read this scan, so the model's "
+                            "view of it is hidden until you have answered it.", status=403,
+                            content_type="text/plain")
     try:
         png = ml.scan_gradcam(scan=scan, class_id=class_id)
     except TrainingError as exc:

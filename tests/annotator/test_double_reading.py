@@ -191,6 +191,9 @@ def test_a_blind_reader_sees_no_other_answer_or_model_anywhere_until_they_answer
     row = page[page.index(f'data-scan="{read.pk}"'):]
     row = row[:row.index("</tr>")]
     assert "hidden (blind reading)" in row and "glioma_tumor" not in row
+    # nor the model's heat map of it
+    refused = erin_web.get(reverse("annotator:gradcam", args=[read.pk]), {"class": glioma.pk})
+    assert refused.status_code == 403 and b"Blind reading" in refused.content
     # the labels download holds every reader's answer: refused, with the reason
     refused = erin_web.get(reverse("annotator:export_labels", args=[project.pk]))
     assert refused.status_code == 403 and b"Blind reading" in refused.content
