@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"self-supervised methods to compare, comma-separated, of "
                              f"{','.join(SSL_METHODS)} (same data, epochs, batch and seeds; "
                              "with several, one JSON per method: OUT-METHOD.json)")
+    parser.add_argument("--queue-size", type=int, default=PretrainConfig.queue_size,
+                        help="moco: the queue of negatives (MoCo v2); 0: MoCo v3's symmetric "
+                             "in-batch loss")
     parser.add_argument("--evaluations", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} (the pixel floor "
                              "and supervised rows run with the first method only)")
@@ -471,6 +474,7 @@ def pretrain_config(args) -> PretrainConfig:
     return PretrainConfig(arch=args.arch, image_size=args.image_size, small_input=small,
                           epochs=args.epochs, batch_size=args.batch_size, seed=0,
                           method=getattr(args, "method", "simclr"),
+                          queue_size=getattr(args, "queue_size", PretrainConfig.queue_size),
                           cpu_bf16=getattr(args, "precision", "bf16") == "bf16",
                           channels=resolve_channels(args),
                           colour_augment=getattr(args, "colour_augment", "stain"))

@@ -45,7 +45,8 @@ class PretrainConfig:
     channels_last: bool = True                # NHWC tensors (faster convolutions on CPU)
     method: str = "simclr"                    # one of SSL_METHODS (ml_backend/ssl/methods.py)
     momentum: float = 0.99                    # moco / byol / dino: start of the EMA schedule
-    queue_size: int = 4096                    # moco: negatives kept (capped at half the data)
+    queue_size: int = 4096                    # moco: negatives kept (capped at half the
+    #                                           data); 0: MoCo v3's in-batch symmetric loss
     prototypes: int = 64                      # swav
     frozen_prototype_steps: int = 100         # swav: prototypes fixed for the first steps
     dino_out_dim: int = 1024                  # dino: output dimension of the head
@@ -65,6 +66,8 @@ class PretrainConfig:
             raise ValueError(f"method must be one of {', '.join(SSL_METHODS)}")
         if not 0 <= self.momentum < 1:
             raise ValueError("momentum must be in [0, 1)")
+        if self.queue_size < 0:
+            raise ValueError("queue_size must be 0 (in-batch negatives) or positive")
 
     @property
     def uses_small_input(self) -> bool:

@@ -5,7 +5,12 @@
   loss as ``lightly.loss.NTXentLoss`` without a memory bank; kept so that every checkpoint
   written before keeps its meaning).
 - ``moco``: MoCo v2 — a momentum key encoder and a queue of negatives
-  (``lightly.loss.NTXentLoss(memory_bank_size=...)``, ``MoCoProjectionHead``).
+  (``lightly.loss.NTXentLoss(memory_bank_size=...)``, ``MoCoProjectionHead``); with
+  ``queue_size=0``, MoCo v3's symmetric loss instead: each view's query against the key
+  encoder's keys of the other view, the batch's other keys as negatives (no queue). On short
+  CPU budgets the queue does not train: the key encoder is still close to its random start,
+  its keys of different scans are nearly parallel, and a queue full of them holds the loss at
+  log(queue + 1) (docs/benchmarks.md, "MoCo: why the queue does not train here").
 - ``byol``: BYOL — online projector + predictor against a momentum target
   (``BYOLProjectionHead``, ``BYOLPredictionHead``, ``NegativeCosineSimilarity``).
 - ``swav``: SwAV — online clustering into prototypes with Sinkhorn assignments
@@ -115,6 +120,10 @@ class MoCo(_Momentum):
         self.encoder = SimCLRModel(config).encoder
         self.head = MoCoProjectionHead(self.encoder.feature_dim, config.proj_hidden_dim,
                                        config.proj_out_dim)
+        self.temperature = config.temperature
+        if config.queue_size == 0:                 # MoCo v3's in-batch symmetric loss
+            self.queue_size, self.criterion = 0, None
+            return
         # a queue longer than half the data would hold stale copies of the batch's own scans
         queue = max(config.batch_size, min(config.queue_size, num_images // 2))
         self.queue_size = queue
@@ -122,9 +131,21 @@ class MoCo(_Momentum):
                                        memory_bank_size=(queue, config.proj_out_dim))
 
     def loss(self, view_a, view_b, *, epoch):
+        if self.criterion is None:
+            both = torch.cat([view_a, view_b])
+            q_a, q_b = self.head(self.encoder(both)).float().chunk(2)
+            k_a, k_b = self.teacher(both).float().chunk(2)
+            return self._contrast(q_a, k_b) + self._contrast(q_b, k_a)
         query = self.head(self.encoder(view_a)).float()
         key = self.teacher(view_b).float()
         return self.criterion(query, key)
+
+    def _contrast(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """MoCo v3's loss: cross-entropy of each query against every key of the batch, its
+        own scan's key the target, scaled by 2 τ as in the paper."""
+        logits = F.normalize(query, dim=1) @ F.normalize(key, dim=1).T / self.temperature
+        target = torch.arange(len(query), device=query.device)
+        return F.cross_entropy(logits, target) * 2 * self.temperature
 
 
 class BYOL(_Momentum):

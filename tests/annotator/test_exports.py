@@ -83,6 +83,15 @@ def test_an_image_folder_torchvision_reads(read_project, tmp_path):
 def test_the_download_is_for_members_only(read_project, client, users):
     client.force_login(users["alice"])
     url = f"/projects/{read_project.pk}/export/labels/"
+    # a reader of a blind-reading project (the default) may not see the other readers'
+    # answers, so not the download either; its reviewer may
+    refused = client.get(url, {"format": "csv"})
+    assert refused.status_code == 403 and b"Blind reading" in refused.content
+    client.force_login(users["bob"])
+    assert client.get(url, {"format": "csv"}).status_code == 200
+    read_project.blind_second_readers = False
+    read_project.save()
+    client.force_login(users["alice"])
     response = client.get(url, {"format": "csv"})
     assert response.status_code == 200 and "attachment" in response["Content-Disposition"]
     assert response.content.decode().startswith("scan,split,dataset")

@@ -56,6 +56,24 @@ def test_momentum_networks_follow_the_online_ones():
     assert all(torch.allclose(m, t + 0.5) for m, t in zip(moved, teacher))
 
 
+def test_moco_without_a_queue_uses_moco_v3s_symmetric_in_batch_loss(tmp_path):
+    config = PretrainConfig(image_size=32, small_input=False, epochs=1, batch_size=16,
+                            method="moco", queue_size=0, temperature=0.5)
+    method = build_method(config, num_images=48)
+    assert method.queue_size == 0 and method.criterion is None    # no memory bank
+    # the contrast: each query against every key, its own the target, scaled by 2 tau
+    keys = torch.eye(4, 8)
+    expected = np.log(1 + 3 * np.exp(-1 / 0.5)) * 2 * 0.5
+    assert method._contrast(keys * 3.0, keys).item() == pytest.approx(expected, rel=1e-5)
+    # keys that do not match their queries cost more than ones that do
+    assert method._contrast(keys, keys.roll(1, dims=0)).item() > expected
+    result = pretrain(_images(), config, checkpoint_path=tmp_path / "moco-v3.pt")
+    assert np.isfinite(result["history"][0]["loss"])
+    assert load_checkpoint(tmp_path / "moco-v3.pt")["config"]["queue_size"] == 0
+    with pytest.raises(ValueError, match="queue_size"):
+        PretrainConfig(method="moco", queue_size=-1)
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="method must be one of"):
         PretrainConfig(method="barlow")

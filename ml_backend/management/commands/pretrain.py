@@ -27,8 +27,11 @@ class Command(BaseCommand):
         parser.add_argument("--method", default="simclr", choices=list(SSL_METHODS),
                             help="self-supervised method (ml_backend/ssl/methods.py): SimCLRv2 "
                             "(default), MoCo v2, BYOL, SwAV or DINO; one training loop, heads "
-                            "and losses from lightly. MoCo does not converge yet "
-                            "(docs/benchmarks.md): prefer the others")
+                            "and losses from lightly. MoCo with its queue does not train in "
+                            "short CPU runs (docs/benchmarks.md): use --queue-size 0")
+        parser.add_argument("--queue-size", type=int, default=4096,
+                            help="moco: negatives kept in the queue (MoCo v2); 0: MoCo v3's "
+                            "symmetric loss with the batch's keys as negatives, no queue")
         parser.add_argument("--batch-size", type=int, default=128)
         parser.add_argument("--lr", type=float, default=1e-3)
         parser.add_argument("--temperature", type=float, default=0.2)
@@ -62,7 +65,7 @@ class Command(BaseCommand):
         if epochs < 0:
             raise CommandError("--epochs must be 0 or more")
         params = {"epochs": epochs, "start_from": opts["start_from"], "image_size": opts["image_size"], "arch": opts["arch"],
-                  "method": opts["method"],
+                  "method": opts["method"], "queue_size": opts["queue_size"],
                   "batch_size": opts["batch_size"], "lr": opts["lr"],
                   "temperature": opts["temperature"], "seed": opts["seed"],
                   "small_input": {"auto": None, "yes": True, "no": False}[opts["small_input"]],
