@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{','.join(SSL_METHODS)} (same data, epochs, batch and seeds; "
                              "with several, one JSON per method: OUT-METHOD.json)")
     parser.add_argument("--queue-size", type=int, default=PretrainConfig.queue_size,
-                        help="moco: the queue of negatives (MoCo v2); 0: MoCo v3's symmetric "
-                             "in-batch loss")
+                        help="moco: 0 (default) = MoCo v3's symmetric in-batch loss; N = "
+                             "MoCo v2's queue of N negatives")
     parser.add_argument("--evaluations", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} (the pixel floor "
                              "and supervised rows run with the first method only)")

@@ -45,8 +45,9 @@ class PretrainConfig:
     channels_last: bool = True                # NHWC tensors (faster convolutions on CPU)
     method: str = "simclr"                    # one of SSL_METHODS (ml_backend/ssl/methods.py)
     momentum: float = 0.99                    # moco / byol / dino: start of the EMA schedule
-    queue_size: int = 4096                    # moco: negatives kept (capped at half the
-    #                                           data); 0: MoCo v3's in-batch symmetric loss
+    queue_size: int = 0                       # moco: 0 = MoCo v3's in-batch symmetric loss;
+    #                                           N > 0 = MoCo v2's queue of N negatives (capped
+    #                                           at half the data; does not train in short runs)
     prototypes: int = 64                      # swav
     frozen_prototype_steps: int = 100         # swav: prototypes fixed for the first steps
     dino_out_dim: int = 1024                  # dino: output dimension of the head

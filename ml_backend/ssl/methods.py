@@ -4,13 +4,13 @@
   its first layer, which lightly's SimCLR head does not expose) and our NT-Xent (the same
   loss as ``lightly.loss.NTXentLoss`` without a memory bank; kept so that every checkpoint
   written before keeps its meaning).
-- ``moco``: MoCo v2 — a momentum key encoder and a queue of negatives
-  (``lightly.loss.NTXentLoss(memory_bank_size=...)``, ``MoCoProjectionHead``); with
-  ``queue_size=0``, MoCo v3's symmetric loss instead: each view's query against the key
-  encoder's keys of the other view, the batch's other keys as negatives (no queue). On short
-  CPU budgets the queue does not train: the key encoder is still close to its random start,
-  its keys of different scans are nearly parallel, and a queue full of them holds the loss at
-  log(queue + 1) (docs/benchmarks.md, "MoCo: why the queue does not train here").
+- ``moco``: a momentum key encoder (``MoCoProjectionHead``) with, by default
+  (``queue_size=0``), MoCo v3's symmetric loss: each view's query against the key encoder's
+  keys of the other view, the batch's other keys as negatives. ``queue_size > 0`` is MoCo
+  v2's queue of negatives (``lightly.loss.NTXentLoss(memory_bank_size=...)``), which does not
+  train in short CPU runs: the key encoder is still close to its random start, its keys of
+  different scans are nearly parallel, and a queue full of them holds the loss near
+  log(queue + 1) (docs/benchmarks.md, "Self-supervised methods side by side").
 - ``byol``: BYOL — online projector + predictor against a momentum target
   (``BYOLProjectionHead``, ``BYOLPredictionHead``, ``NegativeCosineSimilarity``).
 - ``swav``: SwAV — online clustering into prototypes with Sinkhorn assignments

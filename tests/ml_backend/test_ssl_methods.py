@@ -56,9 +56,9 @@ def test_momentum_networks_follow_the_online_ones():
     assert all(torch.allclose(m, t + 0.5) for m, t in zip(moved, teacher))
 
 
-def test_moco_without_a_queue_uses_moco_v3s_symmetric_in_batch_loss(tmp_path):
+def test_moco_is_v3s_symmetric_in_batch_loss_unless_a_queue_is_asked_for(tmp_path):
     config = PretrainConfig(image_size=32, small_input=False, epochs=1, batch_size=16,
-                            method="moco", queue_size=0, temperature=0.5)
+                            method="moco", temperature=0.5)
     method = build_method(config, num_images=48)
     assert method.queue_size == 0 and method.criterion is None    # no memory bank
     # the contrast: each query against every key, its own the target, scaled by 2 tau
@@ -72,6 +72,12 @@ def test_moco_without_a_queue_uses_moco_v3s_symmetric_in_batch_loss(tmp_path):
     assert load_checkpoint(tmp_path / "moco-v3.pt")["config"]["queue_size"] == 0
     with pytest.raises(ValueError, match="queue_size"):
         PretrainConfig(method="moco", queue_size=-1)
+    # MoCo v2: a queue of negatives, capped at half the data
+    v2 = PretrainConfig(image_size=32, small_input=False, epochs=1, batch_size=16,
+                        method="moco", queue_size=4096)
+    assert build_method(v2, num_images=48).queue_size == 24
+    result = pretrain(_images(), v2, checkpoint_path=tmp_path / "moco-v2.pt")
+    assert np.isfinite(result["history"][0]["loss"])
 
 
 def test_unknown_method_is_refused():

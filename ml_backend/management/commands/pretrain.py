@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from ml_backend.management.commands._runs import add_common_arguments, get_project, run
-from ml_backend.ssl.config import SSL_METHODS
+from ml_backend.ssl.config import SSL_METHODS, PretrainConfig
 
 
 class Command(BaseCommand):
@@ -27,11 +27,11 @@ class Command(BaseCommand):
         parser.add_argument("--method", default="simclr", choices=list(SSL_METHODS),
                             help="self-supervised method (ml_backend/ssl/methods.py): SimCLRv2 "
                             "(default), MoCo v2, BYOL, SwAV or DINO; one training loop, heads "
-                            "and losses from lightly. MoCo with its queue does not train in "
-                            "short CPU runs (docs/benchmarks.md): use --queue-size 0")
-        parser.add_argument("--queue-size", type=int, default=4096,
-                            help="moco: negatives kept in the queue (MoCo v2); 0: MoCo v3's "
-                            "symmetric loss with the batch's keys as negatives, no queue")
+                            "and losses from lightly")
+        parser.add_argument("--queue-size", type=int, default=PretrainConfig.queue_size,
+                            help="moco: 0 (default) = MoCo v3's symmetric loss with the "
+                            "batch's keys as negatives; N = MoCo v2's queue of N negatives "
+                            "(does not train in short CPU runs: docs/benchmarks.md)")
         parser.add_argument("--batch-size", type=int, default=128)
         parser.add_argument("--lr", type=float, default=1e-3)
         parser.add_argument("--temperature", type=float, default=0.2)
