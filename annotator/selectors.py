@@ -98,30 +98,31 @@ def hidden_answers_count(project: Project, user, scan: Scan) -> int:
     return everything.count() - answers_visible(project, user, everything).count()
 
 
+def _unread_second_reading(user, scan=OuterRef("scan")) -> Q:
+    """Scans another reader has read (imports aside) and ``user`` has not answered yet: what a
+    blind reader reads second, so sees no model for (as on the label page)."""
+    read_by_others = (Annotation.objects.filter(scan=scan, outcome__in=Annotation.LABELLING)
+                      .exclude(reader=user).exclude(source=Annotation.Source.IMPORT))
+    answered = Annotation.objects.filter(scan=scan, reader=user)
+    return Q(Exists(read_by_others)) & ~Q(Exists(answered))
+
+
 def read_blind_scan_ids(project: Project, user, scan_ids) -> set[int]:
-    """Among ``scan_ids``, the scans ``user`` would read second and has not answered: the
-    model's view of them is hidden from a blind reader, as on the label page."""
+    """Among ``scan_ids``, the scans whose model view is hidden from ``user`` (a blind reader
+    who would read them second)."""
     if not reads_blind(project, user):
         return set()
-    scan_ids = list(scan_ids)
-    others = set(Annotation.objects.filter(scan_id__in=scan_ids, outcome__in=Annotation.LABELLING)
-                 .exclude(reader=user).exclude(source=Annotation.Source.IMPORT)
-                 .values_list("scan_id", flat=True))
-    mine = set(Annotation.objects.filter(scan_id__in=others, reader=user)
-               .values_list("scan_id", flat=True))
-    return others - mine
+    return set(Scan.objects.filter(pk__in=list(scan_ids))
+               .filter(_unread_second_reading(user, OuterRef("pk")))
+               .values_list("pk", flat=True))
 
 
 def predictions_visible(project: Project, user, predictions: QuerySet) -> QuerySet:
     """``predictions`` (any model's, one row per scan) less, for a blind reader, those of
-    scans another reader has read and they have not: a second reading sees no model."""
+    scans they would read second."""
     if not reads_blind(project, user):
         return predictions
-    read_by_others = (Annotation.objects.filter(scan=OuterRef("scan"),
-                                                outcome__in=Annotation.LABELLING)
-                      .exclude(reader=user).exclude(source=Annotation.Source.IMPORT))
-    answered = Annotation.objects.filter(scan=OuterRef("scan"), reader=user)
-    return predictions.exclude(Q(Exists(read_by_others)) & ~Q(Exists(answered)))
+    return predictions.exclude(_unread_second_reading(user))
 
 
 def scan_list_for_project(project: Project, *, split: str | None = None,
