@@ -45,7 +45,7 @@ from bench.ssl_eval import (
     pretrain_config,
     write_json,
 )
-from ml_backend.active.refit import fit_head
+from ml_backend.active.refit import PRODUCT_BALANCE, PRODUCT_PROTOTYPE_N0, fit_head
 from ml_backend.active.strategies import STRATEGIES, QueryContext, query
 from ml_backend.metrics.reports import classification_report
 from ml_backend.ssl.train import embed, load_pretrained, pick_device
@@ -185,7 +185,9 @@ def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarra
         head = None
         if len(np.unique(y_train[rows])) >= 2:
             started = time.perf_counter()
-            head, _ = fit_head(emb_train[rows], y_train[rows], seed=seed)
+            # the refit's head as the product fits it
+            head, _ = fit_head(emb_train[rows], y_train[rows], seed=seed,
+                               prototype_n0=PRODUCT_PROTOTYPE_N0, balance=PRODUCT_BALANCE)
             fit_seconds += time.perf_counter() - started
             point = {"labels": len(labeled), **evaluate(head, emb_eval, y_eval, class_names)}
         else:

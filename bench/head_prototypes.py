@@ -1,12 +1,14 @@
-"""The refit head with and without its nearest-class-mean component when EVERY class has few
-labels (the start of every project), on an encoder's frozen embeddings.
+"""The refit head with and without its nearest-class-mean component and its balance
+correction when EVERY class has few labels (the start of every project), on an encoder's
+frozen embeddings.
 
     python -m bench.head_prototypes --train SPEC --eval SPEC \
         [--encoder ml_backend/starter/simclr-resnet18-64px.pt] [--fractions 0.01,0.1] \
-        [--n0 0,50] [--seeds 3] [--out results.json]
+        [--n0 0,50] [--balance 0] [--seeds 3] [--out results.json]
 
 For each labeled fraction and seed: a stratified subset of --train, ``fit_head`` with
-``prototype_n0`` in --n0 (0 = the product's linear head), macro-F1 and AUC on --eval.
+``prototype_n0`` in --n0 and ``balance`` in --balance (0, 0 = the linear head without
+either), macro-F1, accuracy and AUC on --eval.
 (``bench.new_class`` measures the other case: one class with few labels beside many.)
 """
 
@@ -31,6 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder", default="ml_backend/starter/simclr-resnet18-64px.pt")
     parser.add_argument("--fractions", default="0.01,0.1")
     parser.add_argument("--n0", default="0,50")
+    parser.add_argument("--balance", default="0",
+                        help="comma-separated fit_head(balance=...) values")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cache-dir", default="bench/cache")
     parser.add_argument("--out", default=None)
@@ -47,22 +51,28 @@ def main(argv=None) -> int:
     y_eval = np.array([names.index(v) for v in data["eval"][1][keep]])
     rows = []
     for fraction in (float(f) for f in args.fractions.split(",")):
-        for n0 in (float(v) for v in args.n0.split(",")):
+        for n0, balance in ((float(v), float(b)) for v in args.n0.split(",")
+                            for b in args.balance.split(",")):
             for seed in range(args.seeds):
                 subset = stratified_subset(y_train, round(fraction * len(y_train)), seed)
                 head, _ = fit_head(data["train"][0][subset], y_train[subset], seed=seed,
-                                   prototype_n0=n0)
+                                   prototype_n0=n0, balance=balance)
                 proba = head.predict_proba(x_eval)
                 auc = (roc_auc_score(y_eval, proba[:, 1]) if len(names) == 2 else
                        roc_auc_score(y_eval, proba, multi_class="ovr"))
-                rows.append({"fraction": fraction, "n0": n0, "seed": seed,
+                rows.append({"fraction": fraction, "n0": n0, "balance": balance, "seed": seed,
                              "labels": int(len(subset)),
                              "macro_f1": float(f1_score(y_eval, proba.argmax(1), average="macro")),
+                             "accuracy": float((proba.argmax(1) == y_eval).mean()),
                              "auc": float(auc)})
-            sel = [r for r in rows if r["fraction"] == fraction and r["n0"] == n0]
-            log(f"{fraction:g} ({sel[0]['labels']} labels), n0 {n0:g}: macro-F1 "
-                f"{np.mean([r['macro_f1'] for r in sel]):.3f}, AUC "
-                f"{np.mean([r['auc'] for r in sel]):.3f}")
+            sel = [r for r in rows if r["fraction"] == fraction and r["n0"] == n0
+                   and r["balance"] == balance]
+
+            def stat(key, sel=sel):
+                return f"{np.mean([r[key] for r in sel]):.3f} ± {np.std([r[key] for r in sel]):.3f}"
+
+            log(f"{fraction:g} ({sel[0]['labels']} labels), n0 {n0:g}, balance {balance:g}: "
+                f"macro-F1 {stat('macro_f1')}, accuracy {stat('accuracy')}, AUC {stat('auc')}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

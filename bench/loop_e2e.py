@@ -622,7 +622,7 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
     from annotator import services as annotator_services
     from annotator.models import Annotation, LabelClass, Membership, Project, Scan, ScanLease
     from ml_backend import services as ml
-    from ml_backend.active.refit import SetHeads, fit_head
+    from ml_backend.active.refit import PRODUCT_PROTOTYPE_N0, SetHeads, fit_head
     from ml_backend.data.arrays import load_images
     from ml_backend.models import ModelVersion, Prediction, QueryRound, TrainingRun
     from ml_backend.ssl.train import embed, load_pretrained
@@ -975,7 +975,9 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                     y = np.array([labels_by_row[i] for i in rows])
                     if len(set(y.tolist())) < 2:
                         continue
-                    head, _ = fit_head(vectors[rows], y, seed=0)
+                    head, _ = fit_head(vectors[rows], y, seed=0,
+                                       prototype_n0=PRODUCT_PROTOTYPE_N0,
+                                       balance=settings.REFIT_BALANCE)
                     heads[set_id] = head
                     ids += [int(c) for c in head.class_ids]
                 return score_heads(SetHeads(heads=heads, class_ids=ids), evals) if heads else None

@@ -14,7 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from medsite.env import env_bool, env_int, env_list, env_path, env_str
+from medsite.env import env_bool, env_float, env_int, env_list, env_path, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -277,6 +277,10 @@ ML_RUN_QUEUES = {"refit": "refit", "embed": "refit", "pretrain": "train", "retra
 ML_CACHE_SIZE = env_int("ML_CACHE_SIZE", 12, minimum=1)
 # DataLoader worker processes for training and embedding (0: in the training process).
 ML_DATALOADER_WORKERS = env_int("MEDLABEL_DATALOADER_WORKERS", 0, minimum=0)
+# How much of the class-balanced logit offsets (fit on out-of-fold logits) a refit head applies:
+# 0 = the classes' own counts decide, 1 = the full balanced-error correction; the default is
+# the same as ml_backend.active.refit.PRODUCT_BALANCE (docs/benchmarks.md, "Balancing the head").
+REFIT_BALANCE = env_float("MEDLABEL_REFIT_BALANCE", 0.5, minimum=0.0, maximum=1.0)
 # The shipped starter encoder new projects pretrain from (ml_backend/starter/, rebuilt by
 # `make starter-encoder`); empty: every project pretrains from scratch.
 STARTER_ENCODER = os.environ.get(

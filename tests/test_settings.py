@@ -9,7 +9,7 @@ import sys
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from medsite.env import env_bool, env_int, env_list, env_str
+from medsite.env import env_bool, env_float, env_int, env_list, env_str
 from tests.base import REPO
 
 
@@ -32,6 +32,14 @@ def test_typed_helpers(monkeypatch):
         env_int("X_INT", 1, minimum=0)
     with pytest.raises(ImproperlyConfigured, match="X_REQ is required"):
         env_str("X_REQ", required=True)
+    monkeypatch.setenv("X_FLOAT", "0.25")
+    assert env_float("X_FLOAT", 0.5, minimum=0.0, maximum=1.0) == 0.25
+    assert env_float("X_FLOAT_MISSING", 0.5) == 0.5
+    for bad, message in (("half", "not a number"), ("1.5", r"within \[0.0, 1.0\]"),
+                         ("nan", "within")):
+        monkeypatch.setenv("X_FLOAT", bad)
+        with pytest.raises(ImproperlyConfigured, match=message):
+            env_float("X_FLOAT", 0.5, minimum=0.0, maximum=1.0)
 
 
 def _settings_in_subprocess(**env):

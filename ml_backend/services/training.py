@@ -622,13 +622,15 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
             skipped.append(f"{sets[set_id].name}: labels of 1 class so far")
             continue
         head, info = fit_head(vectors[rows], labels, seed=run.params.get("seed", 0),
-                              prototype_n0=PRODUCT_PROTOTYPE_N0)
+                              prototype_n0=PRODUCT_PROTOTYPE_N0,
+                              balance=settings.REFIT_BALANCE)
         heads[set_id] = head
         set_configs.append({"id": set_id, "name": sets[set_id].name,
                             "classes": [int(c) for c in head.class_ids],
                             "head": f"head-{set_id}.npz", "num_labels": len(rows),
                             "temperature": info["temperature"],
-                            "calibrated_on": info["calibrated_on"]})
+                            "calibrated_on": info["calibrated_on"],
+                            "balance": info["balance"], "bias": info["bias"]})
     networks = networks or {}
     findings_fits = fit_findings_sets(run.project, encoder, seed=run.params.get("seed", 0),
                                       report=report, skip=set(networks))

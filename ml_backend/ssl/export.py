@@ -59,6 +59,8 @@ class _LinearHead(nn.Module):
         if coef.shape[0] == 1 and len(head.class_ids) == 2:   # a binary logistic regression
             coef = np.concatenate([-coef / 2, coef / 2])
             intercept = np.concatenate([-intercept / 2, intercept / 2])
+        if getattr(head, "bias", None) is not None:   # the balance offsets (raw-logit units)
+            intercept = intercept + np.asarray(head.bias, np.float32)
         self.linear = nn.Linear(coef.shape[1], coef.shape[0])
         with torch.no_grad():
             self.linear.weight.copy_(torch.as_tensor(coef))

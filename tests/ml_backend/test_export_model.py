@@ -67,3 +67,21 @@ def test_torchscript_and_clear_refusals(trained, tmp_path):
     with pytest.raises(CommandError, match="is an encoder"):
         call_command("export_model", "--project", project.name, "--model-version",
                      project.active_encoder.version, "--out", str(tmp_path / "enc"))
+
+
+def test_exported_head_carries_the_balance_offsets():
+    """A refit head with balance offsets (a class with few labels beside many) gives the
+    same probabilities as torch in the export as in the product."""
+    import torch
+
+    from ml_backend.active.refit import fit_head
+    from ml_backend.ssl.export import _LinearHead
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 32)) * 0.4
+    y = np.array([0] * 300 + [1] * 300 + [2] * 12)
+    x = (centres[y] + rng.normal(size=(len(y), 32))).astype(np.float32)
+    head, info = fit_head(x, y, balance=1.0)
+    assert head.bias is not None and abs(head.bias).max() > 0.5, info["bias"]
+    got = _LinearHead(head)(torch.as_tensor(x[:50])).detach().numpy()
+    np.testing.assert_allclose(got, head.predict_proba(x[:50]), atol=1e-5)

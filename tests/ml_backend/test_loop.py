@@ -64,6 +64,9 @@ def test_labels_trigger_refit_promotion_predictions_and_next_round(
     project.refresh_from_db()
     model = project.active_model
     assert model.config["kind"] == "head" and model.num_labels == 5
+    # the head's balance share is recorded; 5 labels are too few for out-of-fold offsets
+    (fit,) = model.config["label_sets"]
+    assert fit["balance"] == 0.5 and fit["bias"] is None and fit["calibrated_on"] == 0
     assert model.status == ModelVersion.Status.ACTIVE
     evaluation = Evaluation.objects.get(model_version=model)
     assert evaluation.num_eval == 20 and set(evaluation.report["per_class"]) == set(classes)

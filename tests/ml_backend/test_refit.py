@@ -74,3 +74,60 @@ def test_prototypes_let_a_class_with_few_labels_be_predicted(tmp_path):
     plain, _ = fit_head(x, y)
     plain.save(tmp_path / "plain.npz")
     assert LinearHead.load(tmp_path / "plain.npz").prototypes is None
+
+
+def test_balance_lets_a_rare_class_be_predicted_and_leaves_balanced_data_alone(tmp_path):
+    """A class with 12 labels beside two with 400, in 64 dimensions: the linear head hugs
+    its 12 examples (separable), so it rarely predicts the class on new scans. The
+    class-balanced offsets fit on out-of-fold logits raise its recall; the big classes keep
+    their scans; the offsets round-trip through the head's .npz; on balanced data the
+    offsets stay near zero."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(3, 64)) * 0.35
+
+    def sample(c, n):
+        return centres[c] + rng.normal(size=(n, 64))
+
+    x = np.concatenate([sample(0, 400), sample(1, 400), sample(2, 12)])
+    y = np.array([0] * 400 + [1] * 400 + [2] * 12)
+    test_x = np.concatenate([sample(2, 300), sample(0, 300), sample(1, 300)])
+    test_y = np.array([2] * 300 + [0] * 300 + [1] * 300)
+    recall, kept = {}, {}
+    for balance in (0.0, 1.0):
+        head, info = fit_head(x, y, balance=balance)
+        pred = head.class_ids[head.predict_proba(test_x).argmax(1)]
+        recall[balance] = float((pred[test_y == 2] == 2).mean())
+        kept[balance] = float((pred[test_y != 2] == test_y[test_y != 2]).mean())
+        assert info["balance"] == balance
+    assert info["bias"][2] > info["bias"][0] + 0.5 and info["bias"][0] == 0.0, info["bias"]
+    assert recall[1.0] > recall[0.0] + 0.15, recall
+    assert kept[1.0] > 0.8, kept
+    head.save(tmp_path / "head.npz")
+    again = LinearHead.load(tmp_path / "head.npz")
+    np.testing.assert_allclose(again.bias, head.bias)
+    np.testing.assert_allclose(again.predict_proba(test_x), head.predict_proba(test_x), atol=1e-6)
+    # balanced classes: nothing to correct
+    xb, labels = data(n=600)
+    _, info = fit_head(xb, labels, balance=1.0)
+    assert max(abs(b) for b in info["bias"]) < 0.5, info["bias"]
+    # too few labels for out-of-fold logits: no offsets, as no temperature
+    head, info = fit_head(*data(n=6), balance=1.0)
+    assert head.bias is None and info["bias"] is None
+    with pytest.raises(ValueError, match="balance"):
+        fit_head(xb, labels, balance=1.5)
+
+
+def test_balanced_bias_matches_the_known_shift():
+    """Logits of a calibrated model under a 9:1 prior, held out: the class-balanced offsets
+    undo the prior (about log 9 for the rare class, relative to the common one)."""
+    from ml_backend.metrics.reports import fit_balanced_bias
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 9000 + [1] * 1000)
+    score = rng.normal(np.where(y == 1, 1.0, -1.0), 1.0)      # N(±1, 1): LLR = 2 s
+    logits = np.stack([np.zeros_like(score), 2 * score + np.log(1 / 9)], axis=1)
+    bias = fit_balanced_bias(logits, y)
+    assert bias[0] == 0.0 and abs(bias[1] - np.log(9)) < 0.25, bias
+    with pytest.raises(ValueError):
+        fit_balanced_bias(logits[:, :1].ravel(), y)
+    assert not fit_balanced_bias(logits, np.zeros(len(y), dtype=int)).any()
