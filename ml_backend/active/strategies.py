@@ -10,9 +10,9 @@ score each, and a reason each (what a clinician is told about *why this scan*).
 - ``coreset``: greedy k-centre over embeddings, away from what is labeled (Sener & Savarese 2018).
 - ``cold_start``: for zero labels; typical picks per cluster, so the first batch covers the
   data's modes (Hacohen et al., 2022, "TypiClust").
-- ``hybrid`` (default): uncertainty within diversity — the most uncertain candidates are
-  clustered and the most uncertain scan of each cluster is taken; once classes are known the
-  batch is balanced across predicted classes.
+- ``hybrid`` (default): uncertainty within diversity — the most uncertain candidates (by
+  margin: 1 − (p1 − p2)) are clustered and the most uncertain scan of each cluster is taken;
+  once classes are known the batch is balanced across predicted classes.
 - ``random``: the baseline.
 
 Scans of one patient are not crowded into a batch: ``select`` skips a candidate whose
@@ -272,15 +272,23 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 @register("hybrid")
 def hybrid(context: QueryContext, n: int, *, pool_factor: int = 10) -> Selection:
-    """Uncertainty within diversity, class-balanced once a model exists; cold start before."""
+    """Uncertainty within diversity, class-balanced once a model exists; cold start before.
+
+    Uncertainty is the margin's, ``1 - (p1 - p2)``, not the entropy: with more than two
+    classes entropy favours scans spread thinly over every class (often unlike anything the
+    head could learn from), margin the scans between the two classes the head confuses. On
+    brain MRI (4 classes, starter embeddings, ``bench.al_sim``, 3 seeds) that took hybrid from
+    0.725 to 0.763 macro-F1 at 200 labels (random 0.713, plain margin 0.752); with two
+    classes both rank scans alike. Margin lies in [0, 1] whatever the number of classes, so
+    label sets of different sizes compete fairly in one worklist."""
     if context.proba is None:
         return cold_start(context, n)
     if context.embeddings is None:
-        return STRATEGIES["entropy"](context, n)
+        return STRATEGIES["margin"](context, n)
     proba, embeddings = context.proba, context.embeddings
     details = uncertainty_details(proba)
-    entropy = details["entropy"]
-    candidates = np.argsort(-entropy, kind="stable")[: min(len(proba), pool_factor * n)]
+    unsure = 1.0 - details["margin"]
+    candidates = np.argsort(-unsure, kind="stable")[: min(len(proba), pool_factor * n)]
     k = min(n, len(candidates))
     centroids, assignments, _ = kmeans(embeddings[candidates].astype(np.float32), k, nredo=5,
                                        seed=context.seed)
@@ -288,12 +296,12 @@ def hybrid(context: QueryContext, n: int, *, pool_factor: int = 10) -> Selection
     for cluster in range(k):
         members = candidates[assignments == cluster]
         if len(members):
-            winners.append(int(members[np.argmax(entropy[members])]))
-    winners.sort(key=lambda i: -entropy[i])
-    winners = _balance_classes(winners, candidates, proba, entropy)
+            winners.append(int(members[np.argmax(unsure[members])]))
+    winners.sort(key=lambda i: -unsure[i])
+    winners = _balance_classes(winners, candidates, proba, unsure)
     cluster_of = {int(c): int(a) for c, a in zip(candidates, assignments)}
     picked = set(winners)
-    rest = [int(i) for i in np.argsort(-entropy, kind="stable") if int(i) not in picked]
+    rest = [int(i) for i in np.argsort(-unsure, kind="stable") if int(i) not in picked]
 
     def reason(i: int) -> dict:
         out = _prediction_reason(proba, i, details, context.class_names)
@@ -302,11 +310,11 @@ def hybrid(context: QueryContext, n: int, *, pool_factor: int = 10) -> Selection
             out["cluster"] = cluster_of[i]
         return out
 
-    return select(np.array(winners + rest), entropy, reason, context, n)
+    return select(np.array(winners + rest), unsure, reason, context, n)
 
 
 def _balance_classes(winners: list[int], candidates: np.ndarray, proba: np.ndarray,
-                     entropy: np.ndarray) -> list[int]:
+                     unsure: np.ndarray) -> list[int]:
     """Give every predicted class among the candidates at least one pick when possible."""
     predicted = proba.argmax(axis=1)
     present = set(predicted[winners].tolist())
@@ -315,8 +323,8 @@ def _balance_classes(winners: list[int], candidates: np.ndarray, proba: np.ndarr
         donors = [w for w in winners if counts[predicted[w]] > 1]
         if not donors:
             break
-        weakest = min(donors, key=lambda w: entropy[w])
+        weakest = min(donors, key=lambda w: unsure[w])
         options = [int(c) for c in candidates if predicted[c] == cls and int(c) not in winners]
         if options:
-            winners[winners.index(weakest)] = max(options, key=lambda c: entropy[c])
-    return sorted(winners, key=lambda i: -entropy[i])
+            winners[winners.index(weakest)] = max(options, key=lambda c: unsure[c])
+    return sorted(winners, key=lambda i: -unsure[i])

@@ -205,8 +205,12 @@ def test_signed_image_urls_expire_and_cannot_be_forged(trained, settings):
     response = client.get(path)
     assert response.status_code == 200 and response["Content-Type"] == "image/png"
     other = trained.scans.last()
-    forged = path.replace(label_studio.image_token(scan), label_studio.image_token(other)[:-2] + "xx")
-    assert client.get(forged).status_code == 404
+    # the token as issued (signing again could land in the next second: another timestamp)
+    issued = path.rsplit("/", 1)[-1].removesuffix(".png")
+    forged = path.replace(issued, label_studio.image_token(other)[:-2] + "xx")
+    assert forged != path and client.get(forged).status_code == 404
+    tampered = path.replace(issued, issued[:-2] + ("AA" if issued[-2:] != "AA" else "BB"))
+    assert client.get(tampered).status_code == 404
     settings.LABEL_STUDIO_IMAGE_URL_MAX_AGE = 60
     with mock.patch("django.core.signing.time.time", return_value=__import__("time").time() + 120):
         assert client.get(path).status_code == 404

@@ -61,6 +61,22 @@ def test_scans_of_one_patient_are_not_crowded():
     assert list(groups[picks.indices]).count("pat-a") == 1
 
 
+def test_hybrid_ranks_by_margin_with_more_than_two_classes():
+    """Four classes: scans torn between two classes (0.49 / 0.47) are what the head needs,
+    not scans spread thinly over all four (0.30 / 0.25 / 0.25 / 0.20), which have the higher
+    entropy. Hybrid takes the first kind from every cluster; the entropy strategy would not."""
+    x, cluster = blobs(per=10)
+    torn = np.array([0.49, 0.47, 0.02, 0.02])
+    spread = np.array([0.30, 0.25, 0.25, 0.20])
+    proba = np.tile(spread, (len(x), 1))
+    torn_rows = np.array([np.flatnonzero(cluster == c)[3] for c in range(4)])
+    proba[torn_rows] = torn
+    picks = query("hybrid", QueryContext(proba=proba, embeddings=x, class_names=list("abcd")), 4)
+    assert sorted(picks.indices.tolist()) == sorted(torn_rows.tolist())
+    assert picks.reasons[0]["why"] == "uncertain, and unlike the other picks"
+    assert not set(query("entropy", QueryContext(proba=proba), 4).indices) & set(torn_rows)
+
+
 def test_coreset_picks_far_from_labeled():
     x, cluster = blobs()
     labeled = np.concatenate([x[cluster == c][:5] for c in range(3)])
