@@ -159,12 +159,14 @@ def select(order: np.ndarray, scores: np.ndarray, reasons, context: QueryContext
 
 
 def _prediction_reason(proba: np.ndarray, index: int, details: dict, names: list[str]) -> dict:
-    best = int(proba[index].argmax())
+    # one stable order, so a tie (0.5 / 0.5) names two different classes, not one twice
+    order = np.argsort(-np.asarray(proba[index]), kind="stable")
+    best = int(order[0])
     reason = {key: round(float(values[index]), 4) for key, values in details.items()}
     reason["confidence"] = round(float(proba[index, best]), 4)
     reason["predicted"] = names[best] if best < len(names) else best
     if proba.shape[1] > 1:            # the class it hesitates with, for plain words
-        second = int(np.argsort(proba[index])[-2])
+        second = int(order[1])
         reason["runner_up"] = names[second] if second < len(names) else second
         reason["runner_up_p"] = round(float(proba[index, second]), 4)
     return reason

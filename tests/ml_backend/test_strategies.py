@@ -96,3 +96,12 @@ def test_hybrid_is_uncertain_diverse_and_class_balanced():
     h = -(proba * np.log(proba)).sum(1)
     assert h[picks.indices].mean() > np.median(h)           # and uncertain
     assert query("hybrid", QueryContext(embeddings=x), 4).reasons[0]["why"] == "typical of its cluster"
+
+
+def test_a_tie_names_two_different_classes():
+    """A head torn 50 / 50 (early, on few labels) must say which two classes, not one twice."""
+    proba = np.zeros((6, 6))
+    proba[:, 2] = proba[:, 4] = 0.5
+    for name in ("margin", "entropy", "least_confident"):
+        for reason in query(name, QueryContext(proba=proba, class_names=list("abcdef")), 6).reasons:
+            assert {reason["predicted"], reason["runner_up"]} == {"c", "e"}, reason
