@@ -14,6 +14,13 @@ other classes; then H is "added mid-project" with K random train examples (K in
   target: a drop of at most 2 points);
 - precision@20 of the candidates the loop would offer for H: the nearest train scans (cosine)
   to its K examples among all others, i.e. how many of the first 20 really are H;
+- the ceiling: the same head fit on *every* train label, the held-out class included — its
+  recall there is what the encoder and head allow with all labels, against which the K-label
+  recall is read;
+- with ``--old-labels-fraction F < 1``, only that share of each old class is labeled and the
+  rest joins the unlabeled pool with the new class's unlabeled scans, as in a project; the
+  ``selftrain:TAU`` head then adds the pool scans the head itself predicts with calibrated
+  probability ≥ TAU as pseudo-labels and refits once (self-training);
 - (*) the same with K labeled scans of every old class too, by nearest neighbours and by
   label propagation over the k-NN graph (what the class page offers), on the same pool.
 """
@@ -84,10 +91,30 @@ def head_options(name: str) -> dict:
                 "folds": 4 if PRODUCT_BALANCE > 0 else 0}
     if name.startswith("blend:"):
         return {"prototype_n0": float(name.split(":", 1)[1]), "folds": 0}
+    if name.startswith("selftrain:"):
+        from ml_backend.active.refit import PRODUCT_BALANCE
+
+        return {"balance": PRODUCT_BALANCE, "folds": 4,
+                "selftrain": float(name.split(":", 1)[1])}
     if name.startswith("balance:"):
         return {"balance": float(name.split(":", 1)[1]), "folds": 4}
-    raise SystemExit(f"--heads: unknown head {name!r} (linear, product, blend:N0 or "
-                     "balance:B)")
+    raise SystemExit(f"--heads: unknown head {name!r} (linear, product, blend:N0, "
+                     "balance:B or selftrain:TAU)")
+
+
+def fit(x, y, pool_x, *, seed: int, selftrain: float | None = None, **options):
+    """``fit_head`` on ``(x, y)``; with ``selftrain`` TAU, once more with the ``pool_x`` scans
+    it predicts at calibrated probability ≥ TAU added as pseudo-labels. Returns the head and
+    the number of pseudo-labels."""
+    head, _ = fit_head(x, y, seed=seed, **options)
+    if selftrain is None or not len(pool_x):
+        return head, 0
+    proba = head.predict_proba(pool_x)
+    keep = proba.max(axis=1) >= selftrain
+    pseudo = head.class_ids[proba.argmax(axis=1)][keep]
+    head, _ = fit_head(np.concatenate([x, pool_x[keep]]), np.concatenate([y, pseudo]),
+                       seed=seed, **options)
+    return head, int(keep.sum())
 
 
 def main(argv=None) -> int:
@@ -100,8 +127,15 @@ def main(argv=None) -> int:
                              "without prototypes or balance), blend:N0 (linear + "
                              "nearest-class-mean, w_c = N0 / (N0 + n_c)), balance:B "
                              "(linear + B x the class-balanced out-of-fold offsets), product "
-                             "(what the refit fits today)")
+                             "(what the refit fits today), selftrain:TAU (product + one round "
+                             "of self-training on the pool at confidence TAU; see "
+                             "--old-labels-fraction)")
+    parser.add_argument("--old-labels-fraction", type=float, default=1.0,
+                        help="share of each old class's train scans that is labeled (the rest "
+                             "is unlabeled pool, with the new class's unlabeled scans); 1 = all")
     args = parser.parse_args(argv)
+    if not 0 < args.old_labels_fraction <= 1:
+        raise SystemExit("--old-labels-fraction must be in (0, 1]")
     started = time.perf_counter()
     config = pretrain_config(args)
     args.image_size = config.image_size
@@ -115,12 +149,25 @@ def main(argv=None) -> int:
     holdouts = range(len(names)) if args.holdout == "all" else [names.index(args.holdout)]
     ks = [int(k) for k in args.new_labels.split(",")]
     heads = {name: head_options(name) for name in args.heads.split(",")}
-    rows = []
+    rows, ceiling = [], {}
     for head_name, options in heads.items():
+        plain = {k: v for k, v in options.items() if k != "selftrain"}
+        full, _ = fit_head(train_x, train_y, seed=0, **plain)
+        full_pred = full.class_ids[full.predict_proba(eval_x).argmax(1)]
+        for h in holdouts:
+            p, r, _, _ = precision_recall_fscore_support(eval_y == h, full_pred == h,
+                                                         average="binary", zero_division=0)
+            ceiling[f"{head_name}|{names[h]}"] = {"recall": float(r), "precision": float(p)}
         for h in holdouts:
             old = [c for c in range(len(names)) if c != h]
             old_rows = np.flatnonzero(train_y != h)
-            before_head, _ = fit_head(train_x[old_rows], train_y[old_rows], seed=0, **options)
+            if args.old_labels_fraction < 1:
+                pick_old = np.random.default_rng(10_000 + h)
+                old_rows = np.sort(np.concatenate([
+                    pick_old.choice(np.flatnonzero(train_y == c),
+                                    max(1, round(args.old_labels_fraction * (train_y == c).sum())),
+                                    replace=False) for c in old]))
+            before_head, _ = fit_head(train_x[old_rows], train_y[old_rows], seed=0, **plain)
             before = old_macro_f1(before_head, eval_x, eval_y, old)
             new_rows = np.flatnonzero(train_y == h)
             for k in ks:
@@ -128,7 +175,9 @@ def main(argv=None) -> int:
                     picks = np.random.default_rng(seed).choice(new_rows, min(k, len(new_rows)),
                                                                replace=False)
                     rows_k = np.concatenate([old_rows, picks])
-                    head, _ = fit_head(train_x[rows_k], train_y[rows_k], seed=seed, **options)
+                    pool = np.setdiff1d(np.arange(len(train_y)), rows_k)
+                    head, pseudo = fit(train_x[rows_k], train_y[rows_k], train_x[pool],
+                                       seed=seed, **options)
                     pred = head.class_ids[head.predict_proba(eval_x).argmax(1)]
                     p, r, f, _ = precision_recall_fscore_support(
                         eval_y == h, pred == h, average="binary", zero_division=0)
@@ -137,6 +186,8 @@ def main(argv=None) -> int:
                                  "recall": float(r), "precision": float(p), "f1": float(f),
                                  "old_macro_f1_before": before, "old_macro_f1_after": after,
                                  "old_drop_points": 100 * (before - after),
+                                 "pseudo_labels": pseudo,
+                                 "ceiling_recall": ceiling[f"{head_name}|{names[h]}"]["recall"],
                                  "candidates_precision_at_20": candidates_precision(
                                      train_x, train_y, picks, picks, h),
                                  **dict(zip(("candidates_p20_nearest_vs_k_per_class",
@@ -146,7 +197,7 @@ def main(argv=None) -> int:
     summary = {}
     print(f"\n{'head':>10} {'held-out class':>18} {'K':>3} {'recall':>13} {'precision':>13} "
           f"{'old F1 before':>14} {'old F1 after':>13} {'drop (pts)':>11} {'cand. P@20':>11} "
-          f"{'NN P@20*':>9} {'LP P@20*':>9}")
+          f"{'NN P@20*':>9} {'LP P@20*':>9} {'all-label recall':>16}")
     for head_name in heads:
         for h in holdouts:
             for k in ks:
@@ -162,17 +213,19 @@ def main(argv=None) -> int:
                                 ("recall", "precision", "old_macro_f1_after",
                                  "old_drop_points", "candidates_precision_at_20",
                                  "candidates_p20_nearest_vs_k_per_class",
-                                 "candidates_p20_propagated")}
+                                 "candidates_p20_propagated", "pseudo_labels")}
                 s = summary[key]
+                s["ceiling_recall"] = ceiling[f"{head_name}|{names[h]}"]["recall"]
                 print(f"{head_name:>10} {names[h]:>18} {k:>3} {s['recall'][0]:>6.3f} ± "
                       f"{s['recall'][1]:.3f} {s['precision'][0]:>6.3f} ± {s['precision'][1]:.3f} "
                       f"{sel[0]['old_macro_f1_before']:>14.3f} {s['old_macro_f1_after'][0]:>13.3f} "
                       f"{s['old_drop_points'][0]:>+11.2f} "
                       f"{s['candidates_precision_at_20'][0]:>11.2f} "
                       f"{s['candidates_p20_nearest_vs_k_per_class'][0]:>9.2f} "
-                      f"{s['candidates_p20_propagated'][0]:>9.2f}")
+                      f"{s['candidates_p20_propagated'][0]:>9.2f} "
+                      f"{s['ceiling_recall']:>16.3f}")
     payload = {"args": vars(args), "data": data["info"], "pretrain": pre, "rows": rows,
-               "summary": summary, "seconds": time.perf_counter() - started,
+               "summary": summary, "ceiling": ceiling, "seconds": time.perf_counter() - started,
                "cpu_count": os.cpu_count()}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from bench import new_class
@@ -41,3 +42,42 @@ def test_heads_are_compared_on_the_same_picks(tmp_path):
     assert linear["candidates_precision_at_20"] == blend["candidates_precision_at_20"]
     with pytest.raises(SystemExit, match="unknown head"):
         new_class.head_options("forest")
+
+
+def test_self_training_adds_the_confident_pool_scans_as_pseudo_labels():
+    rng = np.random.default_rng(0)
+    centres = np.array([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]])
+    x = np.concatenate([c + rng.normal(size=(30, 2)) for c in centres])
+    y = np.repeat([0, 1, 2], 30)
+    labeled = np.r_[0:10, 30:40, 60:70]
+    pool = np.setdiff1d(np.arange(90), labeled)
+    options = new_class.head_options("selftrain:0.9")
+    head, pseudo = new_class.fit(x[labeled], y[labeled], x[pool], seed=0, **options)
+    # well-separated clusters: most of the pool is confident, and the refit still separates them
+    assert 30 <= pseudo <= len(pool)
+    assert (head.class_ids[head.predict_proba(x).argmax(1)] == y).mean() > 0.95
+    _, none = new_class.fit(x[labeled], y[labeled], x[pool], seed=0,
+                            **new_class.head_options("product"))
+    assert none == 0
+    # a threshold no probability reaches adds nothing
+    _, nothing = new_class.fit(x[labeled], y[labeled], x[pool], seed=0,
+                               **{**options, "selftrain": 1.01})
+    assert nothing == 0
+
+
+@pytest.mark.slow
+def test_a_partly_labeled_project_with_self_training_and_the_ceiling(tmp_path):
+    out = tmp_path / "semi.json"
+    assert new_class.main(fixture_args(tmp_path, out) + [
+        "--seeds", "1", "--new-labels", "5", "--old-labels-fraction", "0.5",
+        "--heads", "product,selftrain:0.6"]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["summary"]) == {"product|no_tumor@5", "selftrain:0.6|no_tumor@5"}
+    assert set(data["ceiling"]) == {"product|no_tumor", "selftrain:0.6|no_tumor"}
+    product, selftrain = (next(r for r in data["rows"] if r["head"] == h)
+                          for h in ("product", "selftrain:0.6"))
+    assert product["pseudo_labels"] == 0 and selftrain["pseudo_labels"] >= 0
+    assert 0 <= product["ceiling_recall"] <= 1
+    assert product["ceiling_recall"] == data["ceiling"]["product|no_tumor"]["recall"]
+    with pytest.raises(SystemExit, match="old-labels-fraction"):
+        new_class.main(fixture_args(tmp_path, out) + ["--old-labels-fraction", "0"])
