@@ -21,6 +21,10 @@ other classes; then H is "added mid-project" with K random train examples (K in
   rest joins the unlabeled pool with the new class's unlabeled scans, as in a project; the
   ``selftrain:TAU`` head then adds the pool scans the head itself predicts with calibrated
   probability ≥ TAU as pseudo-labels and refits once (self-training);
+- with ``--confirm-rounds R``, the class page's workflow after the first K: R rounds in which a
+  clinician reviews the ``top`` nearest unlabeled scans to the class's labeled examples and
+  labels each correctly (the new class, or its own old class), then the head is refit —
+  recall, precision and forgetting after each round, with how many clinician answers it took;
 - (*) the same with K labeled scans of every old class too, by nearest neighbours and by
   label propagation over the k-NN graph (what the class page offers), on the same pool.
 """
@@ -78,6 +82,60 @@ def propagated_precision(train_x, train_y, picks: np.ndarray, holdout: int, *, s
             float((train_y[by_propagation] == holdout).mean()))
 
 
+REVIEW_ORDERS = ("nearest", "diverse", "random", "margin")
+
+
+def confirm_candidates(train_x, train_y, labeled: np.ndarray, holdout: int, *, rounds: int,
+                       top: int = 20, order: str = "nearest", seed: int = 0,
+                       fit_labeled=None):
+    """The class page's review, simulated: per round, ``top`` unlabeled scans are labeled
+    with their true class. ``order``: ``nearest`` — the scans nearest (cosine, best over the
+    class's labeled examples) to the ``holdout`` class, as the class page lists them;
+    ``diverse`` — from the ``5 × top`` nearest, ``top`` picked farthest-first (each the
+    candidate farthest from the class's examples and the picks so far), so a round does not spend
+    itself on near-copies of one example; ``random`` — any ``top`` of the pool; ``margin`` —
+    the ``top`` with the smallest gap between the two most probable classes of the head
+    ``fit_labeled(rows)`` fits on the labels so far (uncertainty sampling, as the worklist
+    ranks within a label set, without its diversity step). Yields
+    ``(labeled rows so far, new-class scans found this round)`` after each round; stops early
+    when the pool is empty."""
+    if order not in REVIEW_ORDERS:
+        raise ValueError(f"order must be one of {REVIEW_ORDERS}")
+    unit = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
+    labeled = np.asarray(labeled)
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        pool = np.setdiff1d(np.arange(len(train_y)), labeled)
+        if not len(pool):
+            return
+        examples = labeled[train_y[labeled] == holdout]
+        if order == "random":
+            chosen = rng.choice(pool, min(top, len(pool)), replace=False)
+        elif order == "margin":
+            proba = np.sort(fit_labeled(labeled).predict_proba(train_x[pool]), axis=1)
+            chosen = pool[np.argsort(proba[:, -1] - proba[:, -2], kind="stable")[:top]]
+        else:
+            ranked = pool[np.argsort(-(unit[pool] @ unit[examples].T).max(axis=1))]
+            chosen = ranked[:top] if order == "nearest" else farthest_first(
+                unit, ranked[:5 * top], examples, top)
+        labeled = np.concatenate([labeled, chosen])
+        yield labeled, int((train_y[chosen] == holdout).sum())
+
+
+def farthest_first(unit: np.ndarray, candidates: np.ndarray, anchors: np.ndarray,
+                   count: int) -> np.ndarray:
+    """``count`` of ``candidates`` picked greedily, each the one with the lowest best cosine
+    to the ``anchors`` and to those already picked (k-centre over unit vectors)."""
+    closest = (unit[candidates] @ unit[anchors].T).max(axis=1)
+    picked = []
+    for _ in range(min(count, len(candidates))):
+        best = int(np.argmin(closest))
+        picked.append(candidates[best])
+        closest = np.maximum(closest, unit[candidates] @ unit[candidates[best]])
+        closest[best] = np.inf
+    return np.array(picked, dtype=candidates.dtype)
+
+
 def head_options(name: str) -> dict:
     """``fit_head`` options of a --heads entry. Heads with a balance correction need the
     out-of-fold step (4 folds); the others skip it (``folds=0``: one temperature for every
@@ -133,6 +191,14 @@ def main(argv=None) -> int:
     parser.add_argument("--old-labels-fraction", type=float, default=1.0,
                         help="share of each old class's train scans that is labeled (the rest "
                              "is unlabeled pool, with the new class's unlabeled scans); 1 = all")
+    parser.add_argument("--confirm-rounds", type=int, default=0,
+                        help="after the first K, rounds of reviewing the 20 nearest candidates "
+                             "for the new class (each answered correctly), refitting after each")
+    parser.add_argument("--review-order", choices=REVIEW_ORDERS, default="nearest",
+                        help="which 20 a review round shows: the nearest to the class's "
+                             "examples (the class page), a farthest-first spread of the 100 "
+                             "nearest, random scans of the pool, or the smallest margin of the "
+                             "head fit so far (uncertainty)")
     args = parser.parse_args(argv)
     if not 0 < args.old_labels_fraction <= 1:
         raise SystemExit("--old-labels-fraction must be in (0, 1]")
@@ -175,14 +241,34 @@ def main(argv=None) -> int:
                     picks = np.random.default_rng(seed).choice(new_rows, min(k, len(new_rows)),
                                                                replace=False)
                     rows_k = np.concatenate([old_rows, picks])
-                    pool = np.setdiff1d(np.arange(len(train_y)), rows_k)
-                    head, pseudo = fit(train_x[rows_k], train_y[rows_k], train_x[pool],
-                                       seed=seed, **options)
-                    pred = head.class_ids[head.predict_proba(eval_x).argmax(1)]
-                    p, r, f, _ = precision_recall_fscore_support(
-                        eval_y == h, pred == h, average="binary", zero_division=0)
-                    after = old_macro_f1(head, eval_x, eval_y, old)
-                    rows.append({"head": head_name, "holdout": names[h], "k": k, "seed": seed,
+
+                    def refit(labeled, seed=seed, h=h, old=old):
+                        """Fit on ``labeled`` rows (the rest is the pool); the new class's
+                        precision, recall, F1, the old classes' macro-F1 and the pseudo-labels."""
+                        pool = np.setdiff1d(np.arange(len(train_y)), labeled)
+                        head, pseudo = fit(train_x[labeled], train_y[labeled], train_x[pool],
+                                           seed=seed, **options)
+                        pred = head.class_ids[head.predict_proba(eval_x).argmax(1)]
+                        p, r, f, _ = precision_recall_fscore_support(
+                            eval_y == h, pred == h, average="binary", zero_division=0)
+                        return p, r, f, old_macro_f1(head, eval_x, eval_y, old), pseudo
+
+                    p, r, f, after, pseudo = refit(rows_k)
+                    reviewed = []
+                    for number, (labeled, found) in enumerate(confirm_candidates(
+                            train_x, train_y, rows_k, h, rounds=args.confirm_rounds,
+                            order=args.review_order, seed=seed,
+                            fit_labeled=lambda rows, seed=seed: fit_head(
+                                train_x[rows], train_y[rows], seed=seed, **plain)[0]),
+                            start=1):
+                        p_r, r_r, _, after_r, _ = refit(labeled)
+                        reviewed.append({
+                            "round": number, "answers": len(picks) + len(labeled) - len(rows_k),
+                            "found": found,
+                            "new_labels": int((train_y[labeled] == h).sum()),
+                            "recall": float(r_r), "precision": float(p_r),
+                            "old_drop_points": 100 * (before - after_r)})
+                    rows.append({"confirm_rounds": reviewed,"head": head_name, "holdout": names[h], "k": k, "seed": seed,
                                  "recall": float(r), "precision": float(p), "f1": float(f),
                                  "old_macro_f1_before": before, "old_macro_f1_after": after,
                                  "old_drop_points": 100 * (before - after),
@@ -224,6 +310,29 @@ def main(argv=None) -> int:
                       f"{s['candidates_p20_nearest_vs_k_per_class'][0]:>9.2f} "
                       f"{s['candidates_p20_propagated'][0]:>9.2f} "
                       f"{s['ceiling_recall']:>16.3f}")
+    if args.confirm_rounds > 0:
+        print("\nAfter reviewing candidates (rounds of 20; recall / precision / old drop, "
+              "new-class labels so far; mean over seeds)")
+        for head_name in heads:
+            for h in holdouts:
+                for k in ks:
+                    sel = [r for r in rows if r["holdout"] == names[h] and r["k"] == k
+                           and r["head"] == head_name]
+                    key = f"{names[h]}@{k}" if len(heads) == 1 else f"{head_name}|{names[h]}@{k}"
+                    per_round = []
+                    for number in range(1, args.confirm_rounds + 1):
+                        done = [r["confirm_rounds"][number - 1] for r in sel
+                                if len(r["confirm_rounds"]) >= number]
+                        if not done:
+                            break
+                        per_round.append({name: float(np.mean([d[name] for d in done]))
+                                          for name in ("answers", "new_labels", "recall",
+                                                       "precision", "old_drop_points")})
+                    summary[key]["after_review"] = per_round
+                    cells = "  ".join(f"{d['answers']:.0f}: {d['recall']:.2f} / "
+                                      f"{d['precision']:.2f} / {d['old_drop_points']:+.1f} "
+                                      f"({d['new_labels']:.0f})" for d in per_round)
+                    print(f"{head_name:>10} {names[h]:>18} {k:>3}  {cells}")
     payload = {"args": vars(args), "data": data["info"], "pretrain": pre, "rows": rows,
                "summary": summary, "ceiling": ceiling, "seconds": time.perf_counter() - started,
                "cpu_count": os.cpu_count()}

@@ -81,3 +81,76 @@ def test_a_partly_labeled_project_with_self_training_and_the_ceiling(tmp_path):
     assert product["ceiling_recall"] == data["ceiling"]["product|no_tumor"]["recall"]
     with pytest.raises(SystemExit, match="old-labels-fraction"):
         new_class.main(fixture_args(tmp_path, out) + ["--old-labels-fraction", "0"])
+
+
+def test_reviewing_candidates_labels_the_nearest_scans_with_their_true_class():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(size=(40, 4)) + [5, 0, 0, 0],
+                        rng.normal(size=(40, 4)) + [0, 5, 0, 0]])
+    y = np.repeat([0, 1], 40)
+    labeled = np.array([0, 1, 40, 41])
+    rounds = list(new_class.confirm_candidates(x, y, labeled, 1, rounds=5, top=20))
+    # 76 unlabeled scans: rounds of 20, 20, 20, 16, then the pool is empty
+    assert [len(rows) for rows, _ in rounds] == [24, 44, 64, 80]
+    first_rows, found = rounds[0]
+    # the 20 nearest to class 1's examples are class 1 (well-separated clusters)
+    assert found == 20 and set(y[first_rows[4:]]) == {1}
+    assert len(set(rounds[-1][0].tolist())) == 80
+
+
+@pytest.mark.slow
+def test_the_review_rounds_are_reported(tmp_path):
+    out = tmp_path / "review.json"
+    assert new_class.main(fixture_args(tmp_path, out) + [
+        "--seeds", "1", "--new-labels", "3", "--confirm-rounds", "2"]) == 0
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert [r["round"] for r in row["confirm_rounds"]] == [1, 2]
+    assert [r["answers"] for r in row["confirm_rounds"]] == [23, 43]
+    assert all(3 <= r["new_labels"] <= 43 and 0 <= r["recall"] <= 1
+               for r in row["confirm_rounds"])
+    assert len(data["summary"]["no_tumor@3"]["after_review"]) == 2
+
+
+def test_review_orders_spread_or_draw_their_picks():
+    rng = np.random.default_rng(2)
+    # class 1: a tight clump of near-copies by its example, and a spread-out remainder
+    clump = np.array([5.0, 0, 0]) + 0.01 * rng.normal(size=(30, 3))
+    spread = np.array([5.0, 0, 0]) + 2.0 * rng.normal(size=(30, 3))
+    other = np.array([-5.0, 0, 0]) + rng.normal(size=(40, 3))
+    x = np.concatenate([clump, spread, other])
+    y = np.repeat([1, 1, 0], [30, 30, 40])
+    labeled = np.array([0, 60])
+    (nearest, _), = new_class.confirm_candidates(x, y, labeled, 1, rounds=1, top=10)
+    (diverse, _), = new_class.confirm_candidates(x, y, labeled, 1, rounds=1, top=10,
+                                                 order="diverse")
+    (drawn, _), = new_class.confirm_candidates(x, y, labeled, 1, rounds=1, top=10,
+                                               order="random", seed=3)
+    # nearest spends the round on the clump; diverse leaves it for the spread-out scans
+    assert set(nearest[2:]) <= set(range(30))
+    assert len(set(diverse[2:]) - set(range(30))) >= 5
+    assert len(set(drawn[2:])) == 10 and not set(drawn[2:]) & set(labeled)
+    with pytest.raises(ValueError, match="order"):
+        next(new_class.confirm_candidates(x, y, labeled, 1, rounds=1, order="best"))
+
+
+def test_the_margin_order_asks_about_the_scans_between_the_classes():
+    from ml_backend.active.refit import fit_head
+
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(size=(50, 2)) + [3, 0], rng.normal(size=(50, 2)) - [3, 0]])
+    y = np.repeat([1, 0], 50)
+    labeled = np.array([0, 1, 2, 50, 51, 52])
+    fitted = []
+
+    def fit_labeled(rows):
+        fitted.append(len(rows))
+        return fit_head(x[rows], y[rows], folds=0)[0]
+
+    (rows, _), (rows2, _) = new_class.confirm_candidates(
+        x, y, labeled, 1, rounds=2, top=10, order="margin", fit_labeled=fit_labeled)
+    assert fitted == [6, 16]            # refit on the labels so far before each round
+    picked = x[rows[6:], 0]
+    # the ten asked about first lie nearer the boundary (x = 0) than the pool does on average
+    pool = np.setdiff1d(np.arange(100), labeled)
+    assert np.abs(picked).mean() < 0.8 * np.abs(x[pool, 0]).mean()
