@@ -189,6 +189,9 @@ def test_new_class_by_a_clinician_with_candidates_and_confirm(encoded_project, u
     page = alice.get(response["Location"])
     assert b"Examples so far (1)" in page.content
     assert b"Looks like its examples" in page.content
+    # the page says where the next labels teach the new class most: the worklist
+    hint = page.content.split(b'id="review-hint"', 1)[1].split(b"</p>", 1)[0]
+    assert reverse("annotator:worklist", args=[project.pk]).encode() in hint
 
     # a project can reserve new classes for reviewers and admins
     project.clinicians_can_add_classes = False
