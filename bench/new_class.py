@@ -21,10 +21,11 @@ other classes; then H is "added mid-project" with K random train examples (K in
   rest joins the unlabeled pool with the new class's unlabeled scans, as in a project; the
   ``selftrain:TAU`` head then adds the pool scans the head itself predicts with calibrated
   probability ≥ TAU as pseudo-labels and refits once (self-training);
-- with ``--confirm-rounds R``, the class page's workflow after the first K: R rounds in which a
-  clinician reviews the ``top`` nearest unlabeled scans to the class's labeled examples and
-  labels each correctly (the new class, or its own old class), then the head is refit —
-  recall, precision and forgetting after each round, with how many clinician answers it took;
+- with ``--confirm-rounds R``, what happens after the first K: R rounds in which a clinician
+  answers 20 unlabeled scans correctly (the new class, or its own old class) and the head is
+  refit — recall, precision and forgetting after each round, with how many answers it took.
+  ``--review-order`` picks the 20: the nearest to the class's examples (the class page's
+  list), a spread of them, random scans, or the head's least certain (the worklist's way);
 - (*) the same with K labeled scans of every old class too, by nearest neighbours and by
   label propagation over the k-NN graph (what the class page offers), on the same pool.
 """
@@ -192,8 +193,8 @@ def main(argv=None) -> int:
                         help="share of each old class's train scans that is labeled (the rest "
                              "is unlabeled pool, with the new class's unlabeled scans); 1 = all")
     parser.add_argument("--confirm-rounds", type=int, default=0,
-                        help="after the first K, rounds of reviewing the 20 nearest candidates "
-                             "for the new class (each answered correctly), refitting after each")
+                        help="after the first K, rounds of 20 answered scans (chosen by "
+                             "--review-order, each answered correctly), refitting after each")
     parser.add_argument("--review-order", choices=REVIEW_ORDERS, default="nearest",
                         help="which 20 a review round shows: the nearest to the class's "
                              "examples (the class page), a farthest-first spread of the 100 "
