@@ -159,10 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the same augmentation on the student's inputs while distilling "
                              "(the teacher's soft labels come from clean scans)")
     parser.add_argument("--distill-epochs", type=int, default=10)
+    parser.add_argument("--distill-pool", choices=["train", "train+eval"], default="train",
+                        help="the scans whose teacher soft labels the student learns: the "
+                             "train scans, or the train and eval scans (never the eval "
+                             "labels) -- transductive, as the product distils on the "
+                             "project's whole pool, the scans it will predict included")
     parser.add_argument("--teacher-views", type=int, default=DistillConfig.teacher_views,
                         help="the teacher's soft labels averaged over the clean scan and N-1 "
                              "lightly augmented views")
     parser.add_argument("--distill-temperature", type=float, default=DistillConfig.temperature)
+    parser.add_argument("--teacher-temperature", type=float, default=None,
+                        help="the teacher's temperature for its soft labels (default: "
+                             "--distill-temperature); lower sharpens them")
     parser.add_argument("--labeled-weight", type=float, default=DistillConfig.labeled_weight)
     parser.add_argument("--student-init", choices=["teacher", "pretrained"],
                         default=DistillConfig.student_init,
@@ -561,6 +569,7 @@ def distill_config(args, seed: int = 0) -> DistillConfig:
                          lr=args.finetune_lr, student_init=args.student_init,
                          teacher_views=args.teacher_views,
                          temperature=args.distill_temperature,
+                         teacher_temperature=getattr(args, "teacher_temperature", None),
                          labeled_weight=args.labeled_weight,
                          augment=args.distill_augment == "yes",
                          backbone_lr_scale=args.finetune_backbone_lr_scale,
@@ -611,7 +620,10 @@ def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
 
     def simclr_distill():
         d_config = distill_config(args, seed)
-        student, _ = distill(teacher["model"], encoder, config, data["x_train"], d_config,
+        pool = data["x_train"]
+        if getattr(args, "distill_pool", "train") == "train+eval":
+            pool = np.concatenate([pool, data["x_eval"]])
+        student, _ = distill(teacher["model"], encoder, config, pool, d_config,
                              labeled=x, labels=y, device=args.device)
         return predict_proba(student, data["x_eval"], config, device=args.device)
 

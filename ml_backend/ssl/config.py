@@ -137,6 +137,9 @@ class DistillConfig:
     lr: float = 3e-4
     weight_decay: float = 1e-4
     temperature: float = 1.0                  # softening of the teacher's logits
+    teacher_temperature: float | None = None  # the teacher's own, when it differs: < temperature
+                                              # sharpens its soft labels (a student that starts
+                                              # as its teacher only moves when they do)
     labeled_weight: float = 0.5               # alpha in (1-a)*distill + a*labeled CE
     grad_clip: float = 1.0
     seed: int = 0
@@ -151,6 +154,8 @@ class DistillConfig:
     def __post_init__(self):
         if self.temperature <= 0 or not 0 <= self.labeled_weight <= 1:
             raise ValueError("temperature must be positive and labeled_weight in [0, 1]")
+        if self.teacher_temperature is not None and self.teacher_temperature <= 0:
+            raise ValueError("teacher_temperature must be positive (or None: temperature)")
         if self.batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm must be one of {', '.join(BATCHNORM_MODES)}")
         if not 1 <= self.teacher_views <= 32:

@@ -421,8 +421,9 @@ def _teacher_targets(teacher: Classifier, images: np.ndarray, pretrain_config: P
     """The teacher's softened probabilities, averaged over the clean scan and
     ``teacher_views - 1`` lightly augmented views (a test-time-augmented teacher is a better
     teacher than its single pass, which is what lets a student of the same size beat it)."""
+    temperature = config.teacher_temperature or config.temperature
     clean = predict_proba(teacher, images, pretrain_config, device=device,
-                          temperature=config.temperature, workers=workers)
+                          temperature=temperature, workers=workers)
     if config.teacher_views <= 1:
         return clean
     dev = pick_device(device)
@@ -433,7 +434,7 @@ def _teacher_targets(teacher: Classifier, images: np.ndarray, pretrain_config: P
     for _ in range(config.teacher_views - 1):
         loader = make_loader(ImageArray(images, transform), 256, shuffle=False,
                              generator=generator, device=dev, workers=workers)
-        total += np.concatenate([torch.softmax(teacher(x.to(dev)).float() / config.temperature,
+        total += np.concatenate([torch.softmax(teacher(x.to(dev)).float() / temperature,
                                                dim=1).cpu().numpy() for x in loader])
     return (total / config.teacher_views).astype(np.float32)
 

@@ -186,6 +186,41 @@ def test_an_encoder_evaluated_as_is_with_a_subset_of_methods(tmp_path, capsys):
         ssl_eval.main(args + ["--evaluations", "pixels_logreg,nonsense"])
 
 
+def test_the_student_can_learn_the_teachers_soft_labels_on_the_eval_scans_too(tmp_path,
+                                                                               monkeypatch):
+    """--distill-pool train+eval: the student's unlabeled pool is every train and eval scan
+    (as the product distils on the whole project); the eval labels never reach it; the
+    teacher's temperature is passed through."""
+    from ml_backend.ssl.config import PretrainConfig
+    from ml_backend.ssl.train import pretrain
+
+    images = np.stack([blob_image(seed, 40) for seed in range(16)])
+    encoder = tmp_path / "encoder.pt"
+    pretrain(images, PretrainConfig(image_size=40, small_input=False, epochs=1, batch_size=8),
+             checkpoint_path=encoder)
+    seen = []
+    real = ssl_eval.distill
+
+    def recording(teacher, encoder_model, config, unlabeled, d_config, **kwargs):
+        seen.append((len(unlabeled), len(kwargs["labeled"]), d_config.teacher_temperature))
+        return real(teacher, encoder_model, config, unlabeled, d_config, **kwargs)
+
+    monkeypatch.setattr(ssl_eval, "distill", recording)
+    args = bench_args(tmp_path, "pool.json")
+    args[args.index("--epochs") + 1] = "0"
+    args += ["--init-checkpoint", str(encoder), "--evaluations", "simclr_distill",
+             "--labels-fraction", "0.5"]
+    assert ssl_eval.main(args + ["--distill-pool", "train+eval",
+                                 "--teacher-temperature", "0.5"]) == 0
+    assert ssl_eval.main(args) == 0
+    train, held = (sum(f.is_file() for f in folder.rglob("*")) for folder in (POOL, EVAL))
+    assert seen[0][0] == train + held and seen[0][2] == 0.5
+    assert seen[1][0] == train and seen[1][2] is None
+    assert seen[0][1] == seen[1][1] < train                      # the labels: train's only
+    result = json.loads((tmp_path / "pool.json").read_text())
+    assert result["args"]["distill_pool"] == "train"
+
+
 @pytest.mark.slow
 def test_several_ssl_methods_on_the_same_data(tmp_path):
     """--methods simclr,byol: one JSON per method, same data and seeds; the pixel floor runs

@@ -270,6 +270,28 @@ def test_student_starts_as_its_teacher(brain, pretrained):
                                predict_proba(teacher, images, pconfig), atol=1e-4)
 
 
+def test_a_cooler_teacher_sharpens_the_soft_labels_and_moves_its_student(brain, pretrained):
+    """teacher_temperature < temperature: the targets are the teacher's probabilities made
+    more confident (same argmax), so a student that starts as its teacher has a gradient."""
+    from ml_backend.ssl.train import _teacher_targets
+
+    (images, labels), _ = brain
+    path, pconfig, _ = pretrained
+    model, _ = load_pretrained(path)
+    teacher, _ = finetune(model, pconfig, images, labels, 2,
+                          FinetuneConfig(epochs=1, batch_size=32))
+    plain = _teacher_targets(teacher, images, pconfig, DistillConfig())
+    sharp = _teacher_targets(teacher, images, pconfig, DistillConfig(teacher_temperature=0.5))
+    np.testing.assert_array_equal(sharp.argmax(1), plain.argmax(1))
+    assert (sharp.max(1) >= plain.max(1) - 1e-6).all() and (sharp.max(1) > plain.max(1)).any()
+    student, _ = distill(teacher, model, pconfig, images,
+                         DistillConfig(epochs=1, batch_size=16, lr=1e-3, labeled_weight=0,
+                                       teacher_temperature=0.5))
+    moved = np.abs(predict_proba(student, images, pconfig)
+                   - predict_proba(teacher, images, pconfig)).max()
+    assert moved > 1e-3
+
+
 def test_new_finetune_options_are_checked():
     with pytest.raises(ValueError, match="head_init"):
         FinetuneConfig(head_init="zeros")
@@ -279,6 +301,8 @@ def test_new_finetune_options_are_checked():
         FinetuneConfig(batchnorm="frozen")
     with pytest.raises(ValueError, match="student_init"):
         DistillConfig(student_init="scratch")
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        DistillConfig(teacher_temperature=0)
 
 
 def test_findings_finetune_and_distill_learn_two_findings_with_unknown_answers(brain, pretrained,
