@@ -90,6 +90,26 @@ def parse_fractions(text: str) -> list[float]:
     return values
 
 
+def parse_augment_override(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` of ``--augment``: a number, a pair ``a,b`` or yes/no, checked against
+    AugmentConfig's fields."""
+    from ml_backend.ssl.transforms import AugmentConfig
+
+    name, sep, value = text.partition("=")
+    if not sep or name not in AugmentConfig.__dataclass_fields__ or name in ("size", "channels",
+                                                                              "colour"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE with FIELD an "
+                                         "augmentation setting, e.g. brightness=0")
+    try:
+        if value.lower() in ("yes", "no"):
+            return name, value.lower() == "yes"
+        parts = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value must be a number, a pair a,b "
+                                         "or yes/no") from None
+    return name, parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.ssl_eval",
@@ -109,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--colour-augment", choices=["stain", "jitter", "none"], default="stain",
                         help="colour input only: H&E stain (HED) jitter plus bounded "
                         "hue/saturation, the bounded jitter alone, or none")
+    parser.add_argument("--augment", action="append", default=[], metavar="FIELD=VALUE",
+                        type=parse_augment_override,
+                        help="pretraining augmentation override, repeatable, e.g. "
+                             "brightness=0 contrast=1,1 gamma=1,1 (fields of AugmentConfig)")
     parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
     parser.add_argument("--small-input", choices=["auto", "yes", "no"], default="auto",
                         help="CIFAR-style 3x3 stem without max-pool (auto: size <= 64)")
@@ -485,7 +509,8 @@ def pretrain_config(args) -> PretrainConfig:
                           queue_size=getattr(args, "queue_size", PretrainConfig.queue_size),
                           cpu_bf16=getattr(args, "precision", "bf16") == "bf16",
                           channels=resolve_channels(args),
-                          colour_augment=getattr(args, "colour_augment", "stain"))
+                          colour_augment=getattr(args, "colour_augment", "stain"),
+                          augment=dict(getattr(args, "augment", None) or []))
 
 
 def encoder_checkpoint_path(cache_dir: Path, images: np.ndarray, config: PretrainConfig) -> Path:

@@ -287,3 +287,20 @@ def test_a_findings_source_reports_per_finding_auc_for_every_method(tmp_path, ca
     assert set(probe["per_finding_auc"]) == set(FINDINGS)
     assert probe["macro_auc"]["mean"] > 0.7
     assert "macro AUC" in capsys.readouterr().out
+
+
+def test_augmentation_overrides_reach_the_pretraining_config():
+    """--augment FIELD=VALUE (repeatable) overrides the pretraining augmentation, is saved in
+    the config (so the encoder cache tells the variants apart), and refuses unknown fields."""
+    base = ["--train", str(POOL), "--eval", str(EVAL), "--channels", "1"]
+    args = ssl_eval.build_parser().parse_args(base + [
+        "--augment", "brightness=0", "--augment", "contrast=1,1", "--augment", "hflip=yes"])
+    config = ssl_eval.pretrain_config(args)
+    augment = config.augment_config()
+    assert (augment.brightness, augment.contrast, augment.hflip) == (0.0, (1.0, 1.0), True)
+    assert augment.gamma == (0.7, 1.4)                           # untouched fields keep theirs
+    plain = ssl_eval.pretrain_config(ssl_eval.build_parser().parse_args(base))
+    assert plain.augment == {} and config.augment != plain.augment
+    for bad in ("bogus=1", "brightness", "size=32", "contrast=a,b"):
+        with pytest.raises(SystemExit):
+            ssl_eval.build_parser().parse_args(base + ["--augment", bad])
