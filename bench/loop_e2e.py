@@ -527,7 +527,7 @@ def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
             lines.append(f"- {scope}: random@{summary['budget']} = "
                          f"{'—' if target is None else f'{target:.3f}'}; worklist reaches it at "
                          f"{reach if reach is not None else '>' + str(summary['budget'])} labels")
-    lines.append(f"\nLargest fall of the active model's macro-F1 between steps (positive = "
+    lines.append("\nLargest fall of the active model's macro-F1 between steps (positive = "
                  "fell, negative = it only rose): "
                  + "; ".join(f"{s}: " + ", ".join(f"{d:+.3f}" if d is not None else "—"
                                                   for d in summary["final"][s]["max_drop"])
