@@ -84,10 +84,13 @@ def test_pretrain_embed_similar_finetune_distill(project, settings, capsys):
     assert Prediction.objects.filter(model_version=classifier).count() == Scan.objects.filter(
         split="pool").count()
 
+    with pytest.raises(CommandError, match="teacher-temperature must be positive"):
+        call_command("distill", "--project", project.name, "--teacher-temperature", "0")
     call_command("distill", "--project", project.name, "--epochs", "1", "--batch-size", "32",
-                 "--no-progress")
+                 "--teacher-temperature", "0.5", "--no-progress")
     student = ModelVersion.objects.filter(kind="classifier").latest("pk")
     assert student.config["kind"] == "distilled" and student.config["teacher"] == classifier.version
+    assert student.config["distill"]["teacher_temperature"] == 0.5   # saved with the version
     assert student.status in ("active", "ready") and student.status_reason
     assert Evaluation.objects.filter(model_version=student).exists()
 
