@@ -84,10 +84,14 @@ def test_pretrain_embed_similar_finetune_distill(project, settings, capsys):
     assert Prediction.objects.filter(model_version=classifier).count() == Scan.objects.filter(
         split="pool").count()
 
-    with pytest.raises(CommandError, match="teacher-temperature must be positive"):
+    with pytest.raises(CommandError, match="teacher_temperature must be positive"):
         call_command("distill", "--project", project.name, "--teacher-temperature", "0")
+    with pytest.raises(CommandError, match="temperature must be positive"):
+        call_command("distill", "--project", project.name, "--temperature", "-1")
+    runs_before = TrainingRun.objects.count()
     call_command("distill", "--project", project.name, "--epochs", "1", "--batch-size", "32",
                  "--teacher-temperature", "0.5", "--no-progress")
+    assert TrainingRun.objects.count() == runs_before + 1   # the refused ones queued nothing
     student = ModelVersion.objects.filter(kind="classifier").latest("pk")
     assert student.config["kind"] == "distilled" and student.config["teacher"] == classifier.version
     assert student.config["distill"]["teacher_temperature"] == 0.5   # saved with the version

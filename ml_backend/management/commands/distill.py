@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from ml_backend.management.commands._runs import add_common_arguments, get_project, run
+from ml_backend.ssl.config import DistillConfig
 
 
 class Command(BaseCommand):
@@ -26,12 +27,15 @@ class Command(BaseCommand):
                                  "pretrained encoder with a random last layer")
 
     def handle(self, *args, **opts):
-        if opts["teacher_temperature"] is not None and not opts["teacher_temperature"] > 0:
-            raise CommandError("--teacher-temperature must be positive")
         params = {"teacher": opts["teacher"], "epochs": opts["epochs"],
                   "batch_size": opts["batch_size"], "lr": opts["lr"],
                   "temperature": opts["temperature"], "labeled_weight": opts["labeled_weight"],
                   "student_init": opts["student_init"]}
         if opts["teacher_temperature"] is not None:
             params["teacher_temperature"] = opts["teacher_temperature"]
+        try:    # refused here, before a run is queued, by the checks the run itself applies
+            DistillConfig(**{k: v for k, v in params.items()
+                             if k in DistillConfig.__dataclass_fields__})
+        except ValueError as exc:
+            raise CommandError(f"invalid distillation settings: {exc}") from None
         run(self, project=get_project(opts["project"]), kind="distill", params=params, opts=opts)
