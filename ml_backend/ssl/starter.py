@@ -34,10 +34,10 @@ import numpy as np
 from PIL import Image
 
 from ml_backend.data.arrays import to_square
-from ml_backend.data.datasets import read_source
+from ml_backend.data.datasets import SourceError, read_source
 from ml_backend.data.decode import ScanDecodeError, decode_scan
 from ml_backend.errors import TrainingError
-from ml_backend.ssl.config import PretrainConfig
+from ml_backend.ssl.config import SSL_METHODS, PretrainConfig
 
 FORMAT = "starter-encoder/1"
 
@@ -77,6 +77,9 @@ DEFAULT_CONFIG = PretrainConfig(arch="resnet18", image_size=64, epochs=20, batch
 COLOUR_CONFIG = PretrainConfig(**{**asdict(DEFAULT_CONFIG), "channels": 3,
                                   "colour_augment": "stain"})
 
+METHOD_NAMES = {"simclr": "SimCLRv2", "moco": "MoCo", "byol": "BYOL", "swav": "SwAV",
+                "dino": "DINO"}
+
 STARTER_DIR = Path(__file__).resolve().parent.parent / "starter"
 DEFAULT_OUT = STARTER_DIR / "simclr-resnet18-64px.pt"
 COLOUR_OUT = STARTER_DIR / "simclr-resnet18-rgb-64px.pt"
@@ -103,9 +106,12 @@ def _split_csv_files(csv_path: Path, split: str) -> list[Path]:
 
 def _raw_items(root: Path, spec: str) -> list[tuple[str, callable]]:
     path, _, split = spec.partition("#")
-    if path.lower().endswith(".csv") and split:
-        return [(p.name, p.read_bytes) for p in _split_csv_files(root / path, split)]
-    listing = read_source(str(root / spec))
+    try:
+        if path.lower().endswith(".csv") and split:
+            return [(p.name, p.read_bytes) for p in _split_csv_files(root / path, split)]
+        listing = read_source(str(root / spec))
+    except (SourceError, OSError) as exc:
+        raise TrainingError(f"{spec}: cannot be read under {root} ({exc})") from exc
     return [(item.name, item.load) for item in listing.items]
 
 
@@ -161,6 +167,47 @@ def _cached_sources(root: Path, sources, size: int, work_dir: Path, channels: in
                  card=np.array(json.dumps(data["sources"])))
     tmp.replace(path)
     return data
+
+
+def save_decoded(root: Path, sources, *, size: int, path: Path, channels: int = 1) -> dict:
+    """Decode every source once and write ``path`` (npz: ``images``, ``hflip``, ``card``),
+    so a machine that lacks the scans (a rented GPU) can train from the pixels alone
+    (``build(decoded=path)``). Returns the per-source card."""
+    data = load_sources(root, sources, size=size, channels=channels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with tmp.open("wb") as handle:
+        np.savez_compressed(handle, images=data["images"], hflip=data["hflip"],
+                            card=np.array(json.dumps(data["sources"])))
+    tmp.replace(path)
+    return data["sources"]
+
+
+def read_decoded(path: Path, sources, *, size: int, channels: int = 1) -> dict:
+    """The pixels ``save_decoded`` wrote, checked: the same sources in the same order, the
+    training size and channels, and each source's pixels hashing to what its card says."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images, hflip = data["images"], data["hflip"]
+            card = json.loads(str(data["card"]))
+    except (OSError, KeyError, ValueError) as exc:
+        raise TrainingError(f"{path}: not a decoded-sources file ({exc})") from exc
+    if [c["spec"] for c in card] != [s.spec for s in sources]:
+        raise TrainingError(f"{path} holds {[c['spec'] for c in card]}, expected "
+                            f"{[s.spec for s in sources]}")
+    shape = (size, size) if channels == 1 else (size, size, 3)
+    if images.dtype != np.uint8 or images.shape[1:] != shape or len(hflip) != len(images):
+        raise TrainingError(f"{path}: images {images.dtype} {images.shape[1:]}, expected uint8 "
+                            f"{shape} (decode again at --image-size {size})")
+    start = 0
+    for entry in card:
+        chunk = images[start:start + entry["scans"]]
+        if hashlib.sha256(chunk.tobytes()).hexdigest() != entry["sha256_pixels"]:
+            raise TrainingError(f"{path}: the pixels of {entry['spec']} do not match its card")
+        start += entry["scans"]
+    if start != len(images):
+        raise TrainingError(f"{path}: {len(images)} images, the card counts {start}")
+    return {"images": images, "hflip": hflip.astype(bool), "sources": card}
 
 
 def half_precision(state: dict) -> dict:
@@ -221,16 +268,22 @@ def card_markdown(card: dict) -> str:
         f"- Method: {config.get('method', 'simclr')} (`ml_backend/ssl/`), {config['arch']}, "
         f"{'small' if config.get('small_input') else 'standard'} stem, {config['image_size']} px, "
         f"{card['epochs']} epochs, batch {config['batch_size']}, AdamW lr {config['lr']}, "
-        f"temperature {config['temperature']}, seed {config['seed']}; bf16 autocast "
+        f"temperature {config['temperature']}, seed {config['seed']}; CPU bf16 autocast "
         f"{'on' if config.get('cpu_bf16') else 'off'}, channels-last "
         f"{'on' if config.get('channels_last') else 'off'}.",
-        f"- Built {card['built']} on {card['device']} ({card['threads']} threads, torch "
-        f"{card['torch']}): {card['pretrain_seconds'] / 60:.0f} min of training.",
+        f"- Built {card['built']} on {card['device']}"
+        + (f" ({card['gpu']}, fp16 autocast" if card.get("gpu") else f" ({card['threads']} threads")
+        + f", torch {card['torch']}): {card['pretrain_seconds'] / 60:.0f} min of training.",
+        *([f"- Decoded first, where the scans are: `{card['decode_command']}`; then trained "
+           "from that file's pixels (each source's hash checked) with the command below."]
+          if card.get("decode_command") else []),
         f"- Rebuild exactly: `{card['command']}` (`make starter-encoder"
-        f"{'-colour' if config.get('channels', 1) == 3 else ''}`); the same seed, config "
-        "and data give the same weights up to floating-point differences between machines and "
-        "thread counts.", "",
-        "## Loss (NT-Xent per image, mean over each epoch)", "",
+        f"{'-colour' if config.get('channels', 1) == 3 else ''}` runs the same recipe"
+        + (" on the CPU, with its own defaults" if card.get("gpu") else "")
+        + "); the same seed, config and data give the same weights up to floating-point "
+        "differences between machines and thread counts.", "",
+        "## Loss (" + ("NT-Xent per image" if config.get("method", "simclr") == "simclr"
+                       else f"{config.get('method')}'s loss") + ", mean over each epoch)", "",
         "| epoch | loss | images/s |", "|---:|---:|---:|",
         *[f"| {h['epoch']} | {h['loss']:.3f} | {h['images_per_s']:.0f} |"
           for h in card["history"]], "",
@@ -261,11 +314,17 @@ COLOUR_NOT_SEEN = (["BloodMNIST-PBC val and test", "LC25000 lung's withheld test
 def build(root: Path, out: Path, *, config: PretrainConfig = DEFAULT_CONFIG,
           sources=DEFAULT_SOURCES, work_dir: Path, workers: int = 0,
           device: str | None = None, command: str = "",
-          not_seen: tuple[list[str], str] = GREY_NOT_SEEN) -> dict:
+          not_seen: tuple[list[str], str] = GREY_NOT_SEEN, decoded: Path | None = None,
+          decode_command: str = "") -> dict:
+    """Pretrain the starter on ``sources`` under ``root`` (or on the pixels ``decoded`` holds,
+    written by ``save_decoded``) and export it to ``out`` with its data card."""
     from ml_backend.ssl.train import pretrain
 
     started = time.perf_counter()
-    data = _cached_sources(root, sources, config.image_size, work_dir, config.channels)
+    if decoded is not None:
+        data = read_decoded(decoded, sources, size=config.image_size, channels=config.channels)
+    else:
+        data = _cached_sources(root, sources, config.image_size, work_dir, config.channels)
     _log(f"pretraining on {len(data['images'])} scans: {config.arch}, {config.image_size}px, "
          f"{config.epochs} epochs, batch {config.batch_size}")
     last = {"t": 0.0}
@@ -285,8 +344,9 @@ def build(root: Path, out: Path, *, config: PretrainConfig = DEFAULT_CONFIG,
     import torch
 
     card = {
-        "what": "SimCLRv2 encoder (ResNet + 3-layer projection head) pretrained without labels "
-                "on the public scans below, shipped as the starting point of every new project",
+        "what": f"{METHOD_NAMES.get(config.method, config.method)} encoder (ResNet + projection "
+                "head) pretrained without labels on the public scans below, shipped as the "
+                "starting point of every new project",
         "sources": data["sources"], "scans": int(len(data["images"])),
         "config": asdict(config), "device": result["device"],
         "seconds_this_invocation": round(time.perf_counter() - started, 1),
@@ -296,6 +356,10 @@ def build(root: Path, out: Path, *, config: PretrainConfig = DEFAULT_CONFIG,
         "command": command or "make starter-encoder",
         "not_seen": not_seen[0], "note": not_seen[1],
     }
+    if torch.cuda.is_available() and result["device"] == "cuda":
+        card["gpu"] = torch.cuda.get_device_name(0)
+    if decoded is not None:
+        card["decode_command"] = decode_command or "python -m ml_backend.ssl.starter --save-decoded"
     card = export(checkpoint, out, card)
     _log(f"wrote {out} ({card['file']['bytes'] / 1e6:.1f} MB) and {out.with_suffix('.json').name}")
     return card
@@ -319,19 +383,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=DEFAULT_CONFIG.seed)
+    parser.add_argument("--method", choices=SSL_METHODS, default=DEFAULT_CONFIG.method,
+                        help="the self-supervised method (ml_backend/ssl/methods.py)")
+    parser.add_argument("--lr", type=float, default=DEFAULT_CONFIG.lr)
+    parser.add_argument("--warmup-epochs", type=float, default=DEFAULT_CONFIG.warmup_epochs)
+    parser.add_argument("--save-decoded", type=Path, default=None, metavar="FILE",
+                        help="only decode the sources under --data into FILE (npz) and stop: "
+                        "carry FILE to a machine without the scans (a GPU) and train there "
+                        "with --decoded FILE")
+    parser.add_argument("--decoded", type=Path, default=None, metavar="FILE",
+                        help="train from the pixels --save-decoded wrote (checked against "
+                        "each source's hash) instead of decoding --data")
+    parser.add_argument("--decode-command", default="",
+                        help="with --decoded: the command that wrote FILE, for the data card")
     args = parser.parse_args(argv)
     base = COLOUR_CONFIG if args.colour else DEFAULT_CONFIG
+    sources = COLOUR_SOURCES if args.colour else DEFAULT_SOURCES
     config = PretrainConfig(**{**asdict(base), "epochs": args.epochs,
                                "batch_size": args.batch_size, "image_size": args.image_size,
-                               "seed": args.seed})
+                               "seed": args.seed, "lr": args.lr, "method": args.method,
+                               "warmup_epochs": args.warmup_epochs})
     out = args.out or (COLOUR_OUT if args.colour else DEFAULT_OUT)
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--decode-command" in given:            # said on the card's line of its own
+        at = given.index("--decode-command")
+        del given[at:at + 2]
     command = "python -m ml_backend.ssl.starter " + " ".join(
-        argv if argv is not None else sys.argv[1:])
+        a if a and " " not in a else repr(a) for a in given)
     try:
+        if args.save_decoded is not None:
+            card = save_decoded(args.data, sources, size=config.image_size,
+                                path=args.save_decoded, channels=config.channels)
+            _log(f"wrote {args.save_decoded}: {sum(c['scans'] for c in card)} scans")
+            return 0
         build(args.data, out, config=config, work_dir=args.work_dir, workers=args.workers,
-              device=args.device, command=command.strip(),
-              sources=COLOUR_SOURCES if args.colour else DEFAULT_SOURCES,
-              not_seen=COLOUR_NOT_SEEN if args.colour else GREY_NOT_SEEN)
+              device=args.device, command=command.strip(), sources=sources,
+              not_seen=COLOUR_NOT_SEEN if args.colour else GREY_NOT_SEEN,
+              decoded=args.decoded, decode_command=args.decode_command)
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -118,6 +118,8 @@ def pretrain(
     if len(images) < 2:
         raise TrainingError("pretraining needs at least 2 scans")
     dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True       # fixed shapes: let cuDNN pick its kernels
     generator = seed_everything(config.seed)
     method = build_method(config, num_images=len(images))
     batch_size = min(config.batch_size, len(images))

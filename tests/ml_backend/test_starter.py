@@ -60,6 +60,47 @@ def test_build_refuses_a_source_with_no_readable_scan(tmp_path):
         starter.load_sources(tmp_path, (starter.StarterSource("x", "empty", False),), size=32)
 
 
+def test_decoded_pixels_travel_to_a_machine_without_the_scans(tmp_path):
+    """--save-decoded where the scans are, --decoded where they are not (a rented GPU): the
+    same pixels, refused when a source is missing, resized or altered."""
+    decoded = tmp_path / "decoded.npz"
+    assert starter.main(["--data", str(FIXTURES), "--save-decoded", str(decoded),
+                         "--image-size", "32"]) == 1           # the default sources are absent
+    assert not decoded.exists()
+    card = starter.save_decoded(FIXTURES, SOURCES, size=32, path=decoded)
+    assert [c["scans"] for c in card] == [160, 150]
+    data = starter.read_decoded(decoded, SOURCES, size=32)
+    fresh = starter.load_sources(FIXTURES, SOURCES, size=32)
+    assert np.array_equal(data["images"], fresh["images"])
+    assert np.array_equal(data["hflip"], fresh["hflip"]) and data["hflip"][:160].all()
+    with pytest.raises(starter.TrainingError, match="expected"):
+        starter.read_decoded(decoded, SOURCES[:1], size=32)
+    with pytest.raises(starter.TrainingError, match="--image-size 64"):
+        starter.read_decoded(decoded, SOURCES, size=64)
+    images = data["images"].copy()
+    images[200, 0, 0] ^= 1                                      # one pixel of a chest scan
+    np.savez(decoded, images=images, hflip=data["hflip"],
+             card=np.array(json.dumps(data["sources"])))
+    with pytest.raises(starter.TrainingError, match="chest_xray/pool do not match"):
+        starter.read_decoded(decoded, SOURCES, size=32)
+    decoded.write_bytes(b"not an npz")
+    with pytest.raises(starter.TrainingError, match="not a decoded-sources file"):
+        starter.read_decoded(decoded, SOURCES, size=32)
+
+
+def test_a_starter_built_from_decoded_pixels_says_how(tmp_path):
+    decoded = tmp_path / "decoded.npz"
+    starter.save_decoded(FIXTURES, SOURCES, size=32, path=decoded)
+    out = tmp_path / "from-decoded.pt"
+    card = starter.build(tmp_path / "no-scans-here", out, config=TINY, sources=SOURCES,
+                         work_dir=tmp_path / "work", decoded=decoded, command="train",
+                         decode_command="decode")
+    assert card["scans"] == 310 and card["decode_command"] == "decode"
+    markdown = out.with_suffix(".md").read_text()
+    assert "Decoded first, where the scans are: `decode`" in markdown
+    assert "Rebuild exactly: `train`" in markdown
+
+
 def _pretrain_run(project) -> TrainingRun:
     return TrainingRun.objects.filter(project=project, kind="pretrain").latest("pk")
 
