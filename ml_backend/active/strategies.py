@@ -222,22 +222,69 @@ def _typical_per_cluster(embeddings: np.ndarray, k: int, seed: int):
     return assignments, distances, sizes, winners
 
 
+def _covered_clusters(embeddings: np.ndarray, assignments: np.ndarray,
+                      labeled: np.ndarray | None, k: int) -> tuple[np.ndarray, int]:
+    """Per cluster, whether a labeled scan lies inside it (no farther from its centroid than
+    its own farthest member), and how many labeled scans lie inside one. Labeled scans of
+    another anatomy lie far outside every cluster of these candidates and cover none."""
+    covered = np.zeros(k, dtype=bool)
+    if labeled is None or not len(labeled):
+        return covered, 0
+    x = embeddings.astype(np.float64)
+    centroids = np.stack([x[assignments == c].mean(axis=0) if (assignments == c).any()
+                          else np.full(x.shape[1], np.inf) for c in range(k)])
+    radius = np.array([((x[assignments == c] - centroids[c]) ** 2).sum(axis=1).max()
+                       if (assignments == c).any() else -1.0 for c in range(k)])
+    present = np.isfinite(centroids).all(axis=1)
+    centroids = np.where(present[:, None], centroids, 0.0)
+    lab = np.asarray(labeled, dtype=np.float64)
+    d2 = ((lab ** 2).sum(axis=1)[:, None] - 2.0 * lab @ centroids.T
+          + (centroids ** 2).sum(axis=1)[None, :])
+    d2[:, ~present] = np.inf
+    nearest = d2.argmin(axis=1)
+    inside = d2[np.arange(len(lab)), nearest] <= radius[nearest] + 1e-9
+    covered[nearest[inside]] = True
+    return covered, int(inside.sum())
+
+
 @register("diversity")
 @register("cold_start")
 def cold_start(context: QueryContext, n: int) -> Selection:
-    """Typical scans of ``n`` clusters (TypiClust-style), so a first batch covers every mode."""
+    """Typical scans of ``n`` clusters (TypiClust-style), so a first batch covers every mode.
+
+    Clusters that already hold a labeled scan come last (TypiClust picks from the clusters
+    the labeled set does not cover): before a label set has a model, e.g. when its first
+    labels were all one class, the next picks go to the modes nobody has labeled yet,
+    where the other classes are, instead of again to the mode already seen."""
     embeddings = _need(context, "embeddings")
     k = min(n, len(embeddings))
     assignments, distances, sizes, _ = _typical_per_cluster(embeddings, k, context.seed)
+    covered, inside = _covered_clusters(embeddings, assignments, context.labeled_embeddings, k)
+    if inside and k < len(embeddings):
+        # as TypiClust: n + |labeled| clusters, so the labeled modes do not swallow the
+        # budget's (only the labeled scans among these candidates count)
+        k = min(n + inside, len(embeddings))
+        assignments, distances, sizes, _ = _typical_per_cluster(embeddings, k, context.seed)
+        covered, _ = _covered_clusters(embeddings, assignments, context.labeled_embeddings, k)
     typicality = 1.0 / (1.0 + distances)
-    # Round-robin over clusters (largest first): each cluster's most typical member first.
+    # Round-robin over clusters (uncovered first, largest first): each cluster's most
+    # typical member first.
+    ranked = sorted(range(k), key=lambda c: (bool(covered[c]), -int(sizes[c]), c))
     by_cluster = [list(np.flatnonzero(assignments == c)[np.argsort(distances[assignments == c])])
-                  for c in np.argsort(-sizes, kind="stable")]
+                  for c in ranked]
     order = [i for rank in zip_longest(*by_cluster) for i in rank if i is not None]
     return select(np.array(order), typicality, lambda i: {
-        "why": "typical of its cluster", "cluster": int(assignments[i]),
+        "why": ("typical of its cluster, which holds a labeled scan already"
+                if covered[assignments[i]] else "typical of its cluster"),
+        "cluster": int(assignments[i]),
         "cluster_size": int(sizes[assignments[i]]),
         "typicality": round(float(typicality[i]), 4)}, context, n)
+
+
+def _no_model_here(proba: np.ndarray | None) -> bool:
+    """No probabilities, or the same for every class on every row: the scans' label set has
+    no head yet (``services.queries`` gives such scans a uniform row)."""
+    return proba is None or not len(proba) or bool(np.all(np.ptp(proba, axis=1) < 1e-9))
 
 
 @register("coreset")
@@ -283,6 +330,8 @@ def hybrid(context: QueryContext, n: int, *, pool_factor: int = 10) -> Selection
     0.725 to 0.763 macro-F1 at 200 labels (random 0.713, plain margin 0.752); with two
     classes both rank scans alike. Margin lies in [0, 1] whatever the number of classes, so
     label sets of different sizes compete fairly in one worklist."""
+    if _no_model_here(context.proba) and context.embeddings is not None:
+        return cold_start(context, n)      # uniform rows: uncertainty cannot rank them
     if context.proba is None:
         return cold_start(context, n)
     if context.embeddings is None:

@@ -45,6 +45,37 @@ def test_cold_start_covers_every_cluster():
     assert all(r["why"] == "typical of its cluster" for r in picks.reasons)
 
 
+def test_cold_start_goes_first_to_the_modes_no_labeled_scan_covers():
+    """Before a set has a model (its first labels were all one class): the next picks come
+    from the clusters nobody labeled, not again from the labeled one; labeled scans of
+    another anatomy, far from every candidate, cover nothing."""
+    x, cluster = blobs(per=40, centres=4, dim=16)
+    labeled = x[cluster == 0][:3]                       # three labels, all from mode 0
+    elsewhere = np.full((5, 16), -40.0, np.float32)     # another label set's scans
+    picks = query("cold_start", QueryContext(
+        embeddings=x, labeled_embeddings=np.concatenate([labeled, elsewhere])), 3)
+    assert sorted(cluster[picks.indices]) == [1, 2, 3]
+    assert all(r["why"] == "typical of its cluster" for r in picks.reasons)
+    every = query("cold_start", QueryContext(embeddings=x, labeled_embeddings=labeled), len(x))
+    said = {r["why"] for i, r in zip(every.indices, every.reasons) if cluster[i] == 0}
+    assert "typical of its cluster, which holds a labeled scan already" in said
+    only_elsewhere = query("cold_start", QueryContext(embeddings=x, labeled_embeddings=elsewhere), 4)
+    assert sorted(cluster[only_elsewhere.indices]) == [0, 1, 2, 3]
+
+
+def test_hybrid_on_a_set_without_a_head_is_a_cold_start_not_the_first_scans():
+    """A set with no head gets uniform rows (services.queries): margin cannot rank them, so
+    hybrid must not fall back on the candidates' order."""
+    x, cluster = blobs(per=40, centres=4, dim=16)
+    order = np.argsort(cluster, kind="stable")[::-1].copy()   # mode 3 first in pk order
+    x, cluster = x[order], cluster[order]
+    uniform = np.full((len(x), 6), 1 / 6)
+    labeled = x[cluster == 3][:3]
+    picks = query("hybrid", QueryContext(proba=uniform, embeddings=x,
+                                         labeled_embeddings=labeled), 3)
+    assert sorted(cluster[picks.indices]) == [0, 1, 2]
+
+
 def test_random_first_batch_often_misses_a_cluster_cold_start_never():
     x, cluster = blobs(per=60)
     misses = sum(len(set(cluster[query("random", QueryContext(embeddings=x, seed=s), 4).indices])) < 4
