@@ -279,7 +279,8 @@ def card_markdown(card: dict) -> str:
           if card.get("decode_command") else []),
         f"- Rebuild exactly: `{card['command']}` (`make starter-encoder"
         f"{'-colour' if config.get('channels', 1) == 3 else ''}` runs the same recipe"
-        + (" on the CPU, with its own defaults" if card.get("gpu") else "")
+        + (" from the scans directly, on a GPU where there is one, else on the CPU: about "
+           "2 h on 2 cores" if card.get("gpu") else "")
         + "); the same seed, config and data give the same weights up to floating-point "
         "differences between machines and thread counts.", "",
         "## Loss (" + ("NT-Xent per image" if config.get("method", "simclr") == "simclr"
