@@ -102,6 +102,22 @@ def _starter_for(config, start_from: str, report: RunReporter,
     return found
 
 
+# What a method's head is made of (not run parameters): taken from the starter with its method.
+_METHOD_FIELDS = ("method", "momentum", "prototypes", "frozen_prototype_steps", "dino_out_dim",
+                  "proj_hidden_dim", "proj_out_dim", "proj_layers")
+
+
+def _method_to_continue(init, start_from: str, channels: int) -> dict:
+    """No method asked for: continuing from the starter continues its method (a DINO starter
+    goes on with DINO, its head included); anything else trains SimCLRv2."""
+    found = None if init or start_from == "scratch" else starter_encoder(channels)
+    if found is None:
+        return {"method": "simclr"}
+    stored = found[1].get("config") or {}
+    return {key: stored[key] for key in _METHOD_FIELDS if key in stored} | {
+        "method": stored.get("method", "simclr")}
+
+
 def _starter_summary(path: Path, card: dict) -> dict:
     return {"file": path.name, "sha256": card.get("file", {}).get("sha256"),
             "built": card.get("built"), "scans": card.get("scans"), "epochs": card.get("epochs")}
@@ -185,6 +201,9 @@ def _pretrain(run: TrainingRun, report: RunReporter) -> None:
             return _adopt_starter(run, report, scans, starter, activate)
         # the project decides greyscale or colour input, not a run parameter
         params["channels"] = run.project.channels
+        inferred = params.get("method") is None
+        if inferred:
+            params.update(_method_to_continue(init, start_from, run.project.channels))
         config = ssl.PretrainConfig(**{k: v for k, v in params.items()
                                        if k in ssl.PretrainConfig.__dataclass_fields__})
         parent = run.project.active_encoder if init == "active" else None
@@ -193,6 +212,11 @@ def _pretrain(run: TrainingRun, report: RunReporter) -> None:
                 raise TrainingError("--init-checkpoint active: the project has no active encoder")
             init = str(checkpoint_path(parent, "encoder.pt"))
         starter = None if init else _starter_for(config, start_from, report)
+        if inferred and starter is None and config.method != "simclr":
+            # the starter's method was taken for a run that cannot start from it: the default
+            config = ssl.PretrainConfig(**{**asdict(config), **{
+                key: ssl.PretrainConfig.__dataclass_fields__[key].default
+                for key in _METHOD_FIELDS}, "method": "simclr"})
         extra = {}
         if starter is not None:
             init = str(starter[0])

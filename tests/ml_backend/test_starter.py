@@ -150,6 +150,32 @@ def test_from_scratch_and_a_starter_that_does_not_fit(project, settings, tiny_st
     assert run.status == TrainingRun.Status.FAILED and "--from scratch" in run.last_error
 
 
+def test_pretraining_continues_the_starters_own_method_unless_told(project, settings,
+                                                                    tmp_path):
+    """A DINO starter (a site's choice: docs/benchmarks.md) goes on with DINO, its head
+    included; --method says otherwise; a run that cannot start from it trains SimCLRv2."""
+    dino = tmp_path / "dino-starter.pt"
+    starter.build(FIXTURES, dino, config=PretrainConfig(**{**TINY.__dict__, "method": "dino"}),
+                  sources=SOURCES[:1], work_dir=tmp_path / "work", command="pytest")
+    settings.STARTER_ENCODER = str(dino)
+    _import_brain(project)
+    common = ["--project", project.name, "--epochs", "1", "--image-size", "32",
+              "--batch-size", "32", "--no-progress", "--no-activate"]
+    call_command("pretrain", *common, "--small-input", "no")
+    encoder = _pretrain_run(project).model_version
+    assert encoder.config["start_from"] == "starter"
+    assert encoder.config["pretrain"]["method"] == "dino"
+    assert "encoder + projection head" in encoder.metrics["pretrain"]["note"]
+    call_command("pretrain", *common, "--small-input", "no", "--method", "simclr")
+    encoder = _pretrain_run(project).model_version
+    assert encoder.config["pretrain"]["method"] == "simclr"
+    assert "a new head" in encoder.metrics["pretrain"]["note"]
+    call_command("pretrain", *common, "--small-input", "yes")       # the stem does not fit
+    encoder = _pretrain_run(project).model_version
+    assert encoder.config["start_from"] == "scratch"
+    assert encoder.config["pretrain"]["method"] == "simclr"
+
+
 def test_no_starter_shipped_means_scratch_and_epochs_zero_is_refused(project, settings):
     settings.STARTER_ENCODER = ""
     _import_brain(project)

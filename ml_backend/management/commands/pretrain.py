@@ -24,10 +24,11 @@ class Command(BaseCommand):
                             "scratch; starter: insist; scratch: random initial weights")
         parser.add_argument("--image-size", type=int, default=64)
         parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
-        parser.add_argument("--method", default="simclr", choices=list(SSL_METHODS),
-                            help="self-supervised method (ml_backend/ssl/methods.py): SimCLRv2 "
-                            "(default), MoCo v2, BYOL, SwAV or DINO; one training loop, heads "
-                            "and losses from lightly")
+        parser.add_argument("--method", default=None, choices=list(SSL_METHODS),
+                            help="self-supervised method (ml_backend/ssl/methods.py): SimCLRv2, "
+                            "MoCo v2/v3, BYOL, SwAV or DINO; one training loop, heads and "
+                            "losses from lightly. Default: the starter encoder's own method "
+                            "when continuing from it (its head then continues too), else simclr")
         parser.add_argument("--queue-size", type=int, default=PretrainConfig.queue_size,
                             help="moco: 0 (default) = MoCo v3's symmetric loss with the "
                             "batch's keys as negatives; N = MoCo v2's queue of N negatives "
