@@ -313,7 +313,9 @@ def plain_reason(reason: dict) -> str:
     if why == "typical of its cluster":
         size = reason.get("cluster_size")
         sentences.append("A typical scan of a group of " + (f"{size} " if size else "")
-                         + "similar scans: one answer here tells the model about all of them.")
+                         + "similar scans: one answer here tells the model about all of them"
+                         + (" (one of them is labeled already)."
+                            if reason.get("labeled_in_cluster") else "."))
     elif why == "far from labeled scans":
         sentences.append("Few scans like this one have been labeled yet.")
     elif why == "uncertain, and unlike the other picks":

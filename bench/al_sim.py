@@ -46,7 +46,7 @@ from bench.ssl_eval import (
     write_json,
 )
 from ml_backend.active.refit import PRODUCT_BALANCE, PRODUCT_PROTOTYPE_N0, fit_head
-from ml_backend.active.strategies import STRATEGIES, QueryContext, query
+from ml_backend.active.strategies import PRODUCT_TYPICAL_BELOW, STRATEGIES, QueryContext, query
 from ml_backend.metrics.reports import classification_report
 from ml_backend.ssl.train import embed, load_pretrained, pick_device
 
@@ -63,7 +63,8 @@ def parse_strategies(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise argparse.ArgumentTypeError("no strategies given")
-    unknown = [n for n in names if n not in STRATEGIES]
+    # ``hybrid@T``: hybrid with typical picks below T labeled scans per class
+    unknown = [n for n in names if strategy_spec(n)[0] not in STRATEGIES]
     if unknown:
         raise argparse.ArgumentTypeError(
             f"unknown strateg{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
@@ -71,6 +72,17 @@ def parse_strategies(text: str) -> list[str]:
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError("a strategy is listed twice")
     return names
+
+
+def strategy_spec(name: str) -> tuple[str, int]:
+    """``hybrid@10`` → ("hybrid", 10): the strategy and its ``typical_below``; a plain name
+    runs as the product runs it (``PRODUCT_TYPICAL_BELOW`` for hybrid)."""
+    base, _, below = name.partition("@")
+    if below:
+        if not below.isdigit():
+            raise argparse.ArgumentTypeError(f"{name}: expected NAME@N with N a whole number")
+        return base, int(below)
+    return base, PRODUCT_TYPICAL_BELOW
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +160,7 @@ def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarra
              emb_eval: np.ndarray, y_eval: np.ndarray, class_names: list[str], *,
              start: int, step: int, budget: int) -> dict:
     """One active-learning run. Returns its points (one per refit) and queries."""
+    label, (strategy, typical_below) = strategy, strategy_spec(strategy)
     n_train = len(y_train)
     budget = min(budget, n_train)
     num_classes = len(class_names)
@@ -165,7 +178,8 @@ def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarra
         context = QueryContext(
             proba=proba_pool, embeddings=emb_train[pool],
             labeled_embeddings=emb_train[labeled] if labeled else None,
-            class_names=class_names, seed=round_seed(seed, round_index))
+            class_names=class_names, seed=round_seed(seed, round_index),
+            typical_below=typical_below)
         started = time.perf_counter()
         selection = query(name, context, count)
         query_seconds += time.perf_counter() - started
@@ -202,7 +216,7 @@ def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarra
         else:
             proba_pool = full_proba(head, emb_train[in_pool], num_classes)
             take(strategy, count, round_index, proba_pool)
-    return {"strategy": strategy, "seed": seed, "points": points, "queries": queries,
+    return {"strategy": label, "seed": seed, "points": points, "queries": queries,
             "labeled_order": labeled, "fit_seconds": fit_seconds,
             "query_seconds": query_seconds}
 

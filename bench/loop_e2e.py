@@ -788,7 +788,9 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
               "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
               "torch": torch.__version__, "sources": [s.info for s in sources],
               "imports": import_info, "encoder": encoder_info,
-              "project_defaults": {}, "pool_scans": len(pool)}
+              "project_defaults": {}, "pool_scans": len(pool),
+              "settings": {name: getattr(settings, name, None) for name in (
+                  "REFIT_BALANCE", "QUERY_TYPICAL_BELOW", "STARTER_ENCODER")}}
     runs: list[dict] = []
 
     def save(complete: bool) -> dict:

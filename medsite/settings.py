@@ -281,6 +281,10 @@ ML_DATALOADER_WORKERS = env_int("MEDLABEL_DATALOADER_WORKERS", 0, minimum=0)
 # 0 = the classes' own counts decide, 1 = the full balanced-error correction; the default is
 # the same as ml_backend.active.refit.PRODUCT_BALANCE (docs/benchmarks.md, "Balancing the head").
 REFIT_BALANCE = env_float("MEDLABEL_REFIT_BALANCE", 0.5, minimum=0.0, maximum=1.0)
+# The hybrid worklist picks typical scans (TypiClust) while a label set has fewer labeled scans
+# than this per class, and the most uncertain after; 0: uncertainty as soon as a head exists.
+# The default is ml_backend.active.strategies.PRODUCT_TYPICAL_BELOW (docs/benchmarks.md).
+QUERY_TYPICAL_BELOW = env_int("MEDLABEL_QUERY_TYPICAL_BELOW", 10, minimum=0)
 # The shipped starter encoder new projects pretrain from (ml_backend/starter/, rebuilt by
 # `make starter-encoder`); empty: every project pretrains from scratch.
 STARTER_ENCODER = os.environ.get(

@@ -7,6 +7,7 @@ import logging
 from collections import Counter
 
 import numpy as np
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Count
 
@@ -53,20 +54,25 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
         class_names = [c["name"] for c in model.config["classes"]]
         if candidates:
             proba = _candidate_proba(model, classes, candidates)
-    embeddings = labeled = None
+    embeddings = labeled = labeled_sets = None
     if encoder is not None and embeddings_paths(encoder)["ids"].exists():
         try:
             embeddings = vectors_for(encoder, candidates)
-            labeled_scans = list(Scan.objects.filter(pk__in=labeled_ids).order_by("pk"))
+            # what the heads learn from: labeled pool scans (eval labels only measure them)
+            labeled_scans = list(Scan.objects.filter(pk__in=labeled_ids, split="pool")
+                                 .order_by("pk"))
             labeled = vectors_for(encoder, labeled_scans) if labeled_scans else None
+            labeled_sets = np.array([s.label_set_id or 0 for s in labeled_scans])
         except TrainingError:
-            embeddings = labeled = None  # some scans not embedded yet: uncertainty only
+            embeddings = labeled = labeled_sets = None  # not embedded yet: uncertainty only
     context = QueryContext(proba=proba, embeddings=embeddings, labeled_embeddings=labeled,
                            groups=np.array([s.patient_key for s in candidates]),
-                           class_names=class_names)
+                           class_names=class_names,
+                           typical_below=settings.QUERY_TYPICAL_BELOW)
     findings = _findings_contexts(model, candidates)
     try:
-        selection = (_query_per_label_set(strategy, context, n, candidates, findings)
+        selection = (_query_per_label_set(strategy, context, n, candidates, findings,
+                                          labeled_sets=labeled_sets)
                      if candidates else None)
     except ValueError as exc:        # e.g. a strategy that needs embeddings, and none yet
         needs = ("pretrain an encoder first (`manage.py pretrain`, or the demo's first model), "
@@ -170,7 +176,8 @@ def _query_set(strategy: str, context, n: int, findings: dict | None):
 
 
 def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
-                         findings: dict[int, dict] | None = None):
+                         findings: dict[int, dict] | None = None, *,
+                         labeled_sets: np.ndarray | None = None):
     """One strategy run per label set, each given a share of the round in proportion to its
     number of classes (at least one pick each), interleaved by rank: with several label sets
     how many labels each anatomy gets is a decision, not a side effect of the score (an easy
@@ -183,7 +190,18 @@ def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
     findings = findings or {}
     set_ids = np.array([s.label_set_id for s in candidates])
     present = sorted(set(set_ids.tolist()))
+
+    def own_labeled(set_id):
+        """The labeled scans of this set only: how many a set has, and which modes they
+        cover, is the set's own (another anatomy's labels teach this one's head nothing)."""
+        if context.labeled_embeddings is None or labeled_sets is None:
+            return context.labeled_embeddings
+        mine = context.labeled_embeddings[labeled_sets == set_id]
+        return mine if len(mine) else None
+
     if len(present) < 2:
+        if present:
+            context = replace(context, labeled_embeddings=own_labeled(present[0]))
         return _query_set(strategy, context, n, findings.get(present[0]) if present else None)
     weight = dict(LabelClass.objects.filter(label_set_id__in=present).values("label_set_id")
                   .annotate(k=Count("pk")).values_list("label_set_id", "k"))
@@ -200,7 +218,8 @@ def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
         sub = replace(context,
                       proba=None if context.proba is None else context.proba[rows],
                       embeddings=None if context.embeddings is None else context.embeddings[rows],
-                      groups=None if context.groups is None else context.groups[rows])
+                      groups=None if context.groups is None else context.groups[rows],
+                      labeled_embeddings=own_labeled(set_id))
         chosen = _query_set(strategy, sub, int(share), findings.get(set_id))
         picks.append([(int(rows[i]), float(score), reason) for i, score, reason in
                       zip(chosen.indices, chosen.scores, chosen.reasons)])

@@ -329,6 +329,8 @@ def test_reasons_in_plain_words():
                                                       "distance_to_labeled": 0.8})
     assert "group of 14 similar scans" in plain_reason({"why": "typical of its cluster",
                                                         "cluster": 19, "cluster_size": 14})
+    assert "one of them is labeled already" in plain_reason({
+        "why": "typical of its cluster", "cluster_size": 14, "labeled_in_cluster": True})
     words = plain_reason({"why": "uncertain, and unlike the other picks",
                           "predicted": "normal", "confidence": 0.55, "runner_up": "pneumonia",
                           "runner_up_p": 0.45})

@@ -398,3 +398,30 @@ def test_labels_that_arrive_during_a_refit_bring_the_next_one_when_it_ends(mixed
     assert follow.status == "succeeded"
     assert follow.model_version.num_labels == second.model_version.num_labels + 3
     assert TrainingRun.objects.filter(project=project, kind="refit").latest("pk") == follow
+
+
+def test_each_set_counts_its_own_labels_for_typical_picks(mixed_project, users, settings):
+    """QUERY_TYPICAL_BELOW: a set with few labels per class gets typical picks (TypiClust),
+    one past it the hybrid's uncertain ones; each set counts its own labels, not the other
+    anatomy's."""
+    from ml_backend import services as ml
+
+    project = mixed_project
+    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
+    labeled = set(Annotation.objects.filter(project=project).values_list("scan_id", flat=True))
+    more = [pk for pk, t in sorted(project.truth.items())
+            if t == "no_tumor" and pk not in labeled][:4]
+    for pk in more:                         # brain: 16 labels over 2 classes; chest: 12
+        services.annotation_create(scan=Scan.objects.get(pk=pk), reader=users["alice"],
+                                   label_class=classes["no_tumor"])
+    settings.QUERY_TYPICAL_BELOW = 7        # below 14 labels for a 2-class set: typical
+    round_ = ml.query_round_create(project=project, n=10)
+    why = {}
+    for item in round_.items.select_related("scan__label_set"):
+        why.setdefault(item.scan.label_set.name, set()).add(item.reason["why"])
+    assert all(w.startswith("typical of its cluster") for w in why[CHEST]), why
+    assert why[BRAIN] == {"uncertain, and unlike the other picks"}, why
+    settings.QUERY_TYPICAL_BELOW = 0
+    round_ = ml.query_round_create(project=project, n=10)
+    assert {i.reason["why"] for i in round_.items.all()} == {
+        "uncertain, and unlike the other picks"}

@@ -56,9 +56,10 @@ def test_cold_start_goes_first_to_the_modes_no_labeled_scan_covers():
         embeddings=x, labeled_embeddings=np.concatenate([labeled, elsewhere])), 3)
     assert sorted(cluster[picks.indices]) == [1, 2, 3]
     assert all(r["why"] == "typical of its cluster" for r in picks.reasons)
+    assert not any(r["labeled_in_cluster"] for r in picks.reasons)
     every = query("cold_start", QueryContext(embeddings=x, labeled_embeddings=labeled), len(x))
-    said = {r["why"] for i, r in zip(every.indices, every.reasons) if cluster[i] == 0}
-    assert "typical of its cluster, which holds a labeled scan already" in said
+    assert any(r["labeled_in_cluster"] for i, r in zip(every.indices, every.reasons)
+               if cluster[i] == 0)
     only_elsewhere = query("cold_start", QueryContext(embeddings=x, labeled_embeddings=elsewhere), 4)
     assert sorted(cluster[only_elsewhere.indices]) == [0, 1, 2, 3]
 
@@ -136,3 +137,24 @@ def test_a_tie_names_two_different_classes():
     for name in ("margin", "entropy", "least_confident"):
         for reason in query(name, QueryContext(proba=proba, class_names=list("abcdef")), 6).reasons:
             assert {reason["predicted"], reason["runner_up"]} == {"c", "e"}, reason
+
+
+def test_the_products_typical_threshold_is_the_benchmarked_one():
+    """settings.QUERY_TYPICAL_BELOW defaults to what bench.al_sim runs as the product."""
+    from django.conf import settings
+
+    from ml_backend.active.strategies import PRODUCT_TYPICAL_BELOW
+
+    assert settings.QUERY_TYPICAL_BELOW == PRODUCT_TYPICAL_BELOW == 10
+
+
+def test_hybrid_picks_typical_scans_below_its_threshold_per_class():
+    x, cluster = blobs(per=40, centres=4, dim=16)
+    proba = np.tile([[0.6, 0.4, 0.0]], (len(x), 1))       # a 2-class set's rows
+    proba[::7] = [0.5, 0.5, 0.0]
+    few = QueryContext(proba=proba, embeddings=x, labeled_embeddings=x[:19], typical_below=10)
+    assert query("hybrid", few, 4).reasons[0]["why"].startswith("typical of its cluster")
+    enough = QueryContext(proba=proba, embeddings=x, labeled_embeddings=x[:20], typical_below=10)
+    assert query("hybrid", enough, 4).reasons[0]["why"] == "uncertain, and unlike the other picks"
+    off = QueryContext(proba=proba, embeddings=x, labeled_embeddings=x[:19], typical_below=0)
+    assert query("hybrid", off, 4).reasons[0]["why"] == "uncertain, and unlike the other picks"
