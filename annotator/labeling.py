@@ -316,6 +316,9 @@ def plain_reason(reason: dict) -> str:
                          + "similar scans: one answer here tells the model about all of them"
                          + (" (one of them is labeled already)."
                             if reason.get("labeled_in_cluster") else "."))
+    elif why == "no model for its label set yet: unlike the other picks":
+        sentences.append("No model for this scan's classes yet (its labels so far are all one "
+                         "class): a scan unlike the other picks, to find the others.")
     elif why == "far from labeled scans":
         sentences.append("Few scans like this one have been labeled yet.")
     elif why == "uncertain, and unlike the other picks":

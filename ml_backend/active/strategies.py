@@ -342,11 +342,10 @@ def hybrid(context: QueryContext, n: int, *, pool_factor: int = 10) -> Selection
     (``cold_start``): on the starter's embeddings that beat uncertainty from the first
     labels on chest X-ray (macro-F1 0.909 against 0.883 at 50 labels) and at 200 labels on
     brain MRI (0.798 against 0.786); docs/benchmarks.md, "A set's first labels"."""
-    if _no_model_here(context.proba) and context.embeddings is not None:
-        return cold_start(context, n)      # uniform rows: uncertainty cannot rank them
     if context.proba is None:
         return cold_start(context, n)
-    if context.typical_below and context.embeddings is not None:
+    headless = _no_model_here(context.proba)   # uniform rows: this set has no head yet
+    if context.typical_below and context.embeddings is not None and not headless:
         # with a handful of labels per class a head's uncertainty is mostly noise, and typical
         # scans teach more (Hacohen et al., ICML 2022: TypiClust in the low-budget regime)
         labeled = 0 if context.labeled_embeddings is None else len(context.labeled_embeddings)
@@ -358,7 +357,14 @@ def hybrid(context: QueryContext, n: int, *, pool_factor: int = 10) -> Selection
     proba, embeddings = context.proba, context.embeddings
     details = uncertainty_details(proba)
     unsure = 1.0 - details["margin"]
-    candidates = np.argsort(-unsure, kind="stable")[: min(len(proba), pool_factor * n)]
+    if headless:
+        # every row alike: a seeded random sample to diversify, never the candidates' first
+        # rows (import order can be class order). A cold start on the clusters no labeled
+        # scan covers did worse here on chest films (docs/benchmarks.md, "A set's first labels")
+        order = np.random.default_rng(context.seed).permutation(len(proba))
+    else:
+        order = np.argsort(-unsure, kind="stable")
+    candidates = order[: min(len(proba), pool_factor * n)]
     k = min(n, len(candidates))
     centroids, assignments, _ = kmeans(embeddings[candidates].astype(np.float32), k, nredo=5,
                                        seed=context.seed)
@@ -368,12 +374,16 @@ def hybrid(context: QueryContext, n: int, *, pool_factor: int = 10) -> Selection
         if len(members):
             winners.append(int(members[np.argmax(unsure[members])]))
     winners.sort(key=lambda i: -unsure[i])
-    winners = _balance_classes(winners, candidates, proba, unsure)
+    if not headless:
+        winners = _balance_classes(winners, candidates, proba, unsure)
     cluster_of = {int(c): int(a) for c, a in zip(candidates, assignments)}
     picked = set(winners)
-    rest = [int(i) for i in np.argsort(-unsure, kind="stable") if int(i) not in picked]
+    rest = [int(i) for i in order if int(i) not in picked]
 
     def reason(i: int) -> dict:
+        if headless:
+            return {"why": "no model for its label set yet: unlike the other picks",
+                    **({"cluster": cluster_of[i]} if i in cluster_of else {})}
         out = _prediction_reason(proba, i, details, context.class_names)
         out["why"] = "uncertain, and unlike the other picks"
         if i in cluster_of:

@@ -329,6 +329,8 @@ def test_reasons_in_plain_words():
                                                       "distance_to_labeled": 0.8})
     assert "group of 14 similar scans" in plain_reason({"why": "typical of its cluster",
                                                         "cluster": 19, "cluster_size": 14})
+    assert "No model for this scan's classes yet" in plain_reason({
+        "why": "no model for its label set yet: unlike the other picks", "cluster": 2})
     assert "one of them is labeled already" in plain_reason({
         "why": "typical of its cluster", "cluster_size": 14, "labeled_in_cluster": True})
     words = plain_reason({"why": "uncertain, and unlike the other picks",

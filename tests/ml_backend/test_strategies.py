@@ -64,17 +64,21 @@ def test_cold_start_goes_first_to_the_modes_no_labeled_scan_covers():
     assert sorted(cluster[only_elsewhere.indices]) == [0, 1, 2, 3]
 
 
-def test_hybrid_on_a_set_without_a_head_is_a_cold_start_not_the_first_scans():
+def test_hybrid_on_a_set_without_a_head_is_diverse_not_the_first_scans():
     """A set with no head gets uniform rows (services.queries): margin cannot rank them, so
-    hybrid must not fall back on the candidates' order."""
+    hybrid must not fall back on the candidates' order (an import made class by class puts
+    one class first); it spreads a seeded random sample over clusters instead."""
     x, cluster = blobs(per=40, centres=4, dim=16)
     order = np.argsort(cluster, kind="stable")[::-1].copy()   # mode 3 first in pk order
     x, cluster = x[order], cluster[order]
     uniform = np.full((len(x), 6), 1 / 6)
-    labeled = x[cluster == 3][:3]
-    picks = query("hybrid", QueryContext(proba=uniform, embeddings=x,
-                                         labeled_embeddings=labeled), 3)
-    assert sorted(cluster[picks.indices]) == [0, 1, 2]
+    for seed in range(5):
+        picks = query("hybrid", QueryContext(proba=uniform, embeddings=x, seed=seed,
+                                             labeled_embeddings=x[cluster == 3][:3],
+                                             typical_below=10), 4)
+        assert len(set(cluster[picks.indices])) >= 3, cluster[picks.indices]
+        assert {r["why"] for r in picks.reasons} == {
+            "no model for its label set yet: unlike the other picks"}
 
 
 def test_random_first_batch_often_misses_a_cluster_cold_start_never():
