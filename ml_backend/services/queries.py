@@ -68,7 +68,10 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     context = QueryContext(proba=proba, embeddings=embeddings, labeled_embeddings=labeled,
                            groups=np.array([s.patient_key for s in candidates]),
                            class_names=class_names,
-                           typical_below=settings.QUERY_TYPICAL_BELOW)
+                           typical_below=settings.QUERY_TYPICAL_BELOW,
+                           # a new draw each round (reproducible): a fixed seed would draw
+                           # the same sample of a headless set round after round
+                           seed=len(labeled_ids))
     findings = _findings_contexts(model, candidates)
     try:
         selection = (_query_per_label_set(strategy, context, n, candidates, findings,
