@@ -81,7 +81,7 @@ class Selection:
 
 
 # The product's hybrid: typical picks while a label set has fewer labeled scans than this per
-# class (settings.QUERY_TYPICAL_BELOW; measured in docs/benchmarks.md, "A set's first labels").
+# class (settings.QUERY_TYPICAL_BELOW; measured in docs/benchmarks.md, "A label set's first labels").
 PRODUCT_TYPICAL_BELOW = 10
 
 Strategy = Callable[[QueryContext, int], Selection]
@@ -361,7 +361,7 @@ def hybrid(context: QueryContext, n: int, *, pool_factor: int = 10) -> Selection
     if headless:
         # every row alike: a seeded random sample to diversify, never the candidates' first
         # rows (import order can be class order). A cold start on the clusters no labeled
-        # scan covers did worse here on chest films (docs/benchmarks.md, "A set's first labels")
+        # scan covers did worse here on chest films (docs/benchmarks.md, "A label set's first labels")
         order = np.random.default_rng(context.seed).permutation(len(proba))
     else:
         order = np.argsort(-unsure, kind="stable")
