@@ -160,13 +160,18 @@ def _cached_sources(root: Path, sources, size: int, work_dir: Path, channels: in
             return {"images": data["images"], "hflip": data["hflip"],
                     "sources": json.loads(str(data["card"]))}
     data = load_sources(root, sources, size=size, channels=channels)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    _write_sources(path, data)
+    return data
+
+
+def _write_sources(path: Path, data: dict) -> None:
+    """Decoded sources to ``path`` (npz: ``images``, ``hflip``, ``card``), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     with tmp.open("wb") as handle:
-        np.savez(handle, images=data["images"], hflip=data["hflip"],
-                 card=np.array(json.dumps(data["sources"])))
+        np.savez_compressed(handle, images=data["images"], hflip=data["hflip"],
+                            card=np.array(json.dumps(data["sources"])))
     tmp.replace(path)
-    return data
 
 
 def save_decoded(root: Path, sources, *, size: int, path: Path, channels: int = 1) -> dict:
@@ -174,12 +179,7 @@ def save_decoded(root: Path, sources, *, size: int, path: Path, channels: int = 
     so a machine that lacks the scans (a rented GPU) can train from the pixels alone
     (``build(decoded=path)``). Returns the per-source card."""
     data = load_sources(root, sources, size=size, channels=channels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with tmp.open("wb") as handle:
-        np.savez_compressed(handle, images=data["images"], hflip=data["hflip"],
-                            card=np.array(json.dumps(data["sources"])))
-    tmp.replace(path)
+    _write_sources(path, data)
     return data["sources"]
 
 
