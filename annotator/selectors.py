@@ -140,6 +140,13 @@ def scan_list_for_project(project: Project, *, split: str | None = None,
     return scans.order_by("id")
 
 
+def eval_labeled_count(project: Project) -> int:
+    """Eval-split scans with at least one label: what a first classifier is scored on."""
+    return (Annotation.objects.filter(project=project, scan__split="eval",
+                                      outcome=Annotation.Outcome.LABEL)
+            .order_by().values("scan_id").distinct().count())
+
+
 def project_stats(project: Project) -> dict:
     """The project page's numbers: one pass over the scans (one aggregate, not a count
     each) and the labeled scans from the answers' side (issue 21)."""

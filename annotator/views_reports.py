@@ -49,8 +49,10 @@ MAX_MAP_POINTS = 5000
 def reports(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id)
     model = _selected_model(project, request.GET.get("model"))
+    extra = {"eval_labeled": selectors.eval_labeled_count(project)} if model is None else {}
     return render(request, "annotator/reports.html",
-                  {**_page(project, model), "blind": selectors.reads_blind(project, request.user)})
+                  {**_page(project, model), **extra,
+                   "blind": selectors.reads_blind(project, request.user)})
 
 
 @login_required

@@ -117,6 +117,9 @@ def test_reports_page_and_charts_through_the_loop(client, users, project):
     assert response.status_code == 200
     html = response.content.decode()
     assert "No classifier yet" in html and "manage.py refit" in html
+    eval_labeled = Scan.objects.filter(project=project, split="eval").count()
+    assert f"{eval_labeled} labeled eval scans will score it" in html   # not "import some"
+    assert "--split eval" not in html
     assert set(chart_images(html)) == {"embedding_labels"}
     fetch_charts(client, html)
 
@@ -183,6 +186,7 @@ def test_empty_project_explains_what_to_do(client, users, project):
     assert response.status_code == 200
     html = response.content.decode()
     assert "No classifier yet" in html and "manage.py pretrain" in html
+    assert "--split eval" in html              # no labeled eval scans: say how to get them
     assert "No evaluated model versions yet" in html and "No encoder yet" in html
     assert chart_images(html) == {}
     for name in CHARTS:                       # nothing to draw: 404, not a broken image or 500
