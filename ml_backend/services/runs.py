@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from annotator.models import Annotation, Project
@@ -185,7 +186,8 @@ def refit_start_if_due(*, project: Project, force: bool = False,
     ``refit_every`` newly labeled pool scans arrived since the last refit (``force``: now),
     unless one is already queued or running. A lock on the project row makes concurrent
     callers agree on one run; a refit queued so long ago that no worker took it does not
-    block. Returns the new run, or None (no encoder yet, not due, or one is busy)."""
+    block. Returns the new run, or None (no encoder yet, not due, one is busy, or the labels
+    so far are of one class per label set: a refit would have nothing to fit)."""
     if Project.objects.filter(pk=project.pk, active_encoder__isnull=True).exists():
         return None
     runs_abandon_expired(project=project)
@@ -211,8 +213,23 @@ def refit_start_if_due(*, project: Project, force: bool = False,
             # new labeled SCANS: a second reading of a scan does not bring a refit closer
             if new_labels.values("scan_id").distinct().count() < max(project.refit_every, 1):
                 return None
+            if not _refit_has_something_to_fit(project):
+                return None
         return training_run_create(project=project, kind=TrainingRun.Kind.REFIT,
                                    params=params or {}, enqueue=True)
+
+
+def _refit_has_something_to_fit(project: Project) -> bool:
+    """Whether a refit could fit anything: labeled pool scans of at least two classes of one
+    label set, or findings answers. Until then the labels wait and no refit is queued (one
+    would only fail, and show the clinician a failed job for labeling too little)."""
+    pool = Annotation.objects.filter(scan__project=project, scan__split="pool").order_by()
+    if pool.filter(outcome=Annotation.Outcome.FINDINGS).exists():
+        return True
+    return (pool.filter(outcome=Annotation.Outcome.LABEL, label_class__isnull=False)
+            .values("label_class__label_set")
+            .annotate(classes=Count("label_class", distinct=True))
+            .filter(classes__gte=2).exists())
 
 
 def refit_busy(project: Project) -> TrainingRun | None:

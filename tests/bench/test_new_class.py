@@ -44,6 +44,27 @@ def test_heads_are_compared_on_the_same_picks(tmp_path):
         new_class.head_options("forest")
 
 
+def test_head_entries_parse_strength_and_the_shared_covariance_head():
+    assert new_class.head_options("balance:0.5@0.2") == {"balance": 0.5, "folds": 4, "c": 0.2}
+    assert new_class.head_options("lda:auto") == {"lda": "auto"}
+    with pytest.raises(SystemExit, match="not lda"):
+        new_class.head_options("lda:0.5@0.1")
+    # three classes sharing one elongated covariance; the third has 5 labels beside 200 each
+    rng = np.random.default_rng(0)
+    spread = np.array([[3.0, 0.0], [0.0, 0.4]])
+    centres = np.array([[0.0, 0.0], [0.0, 2.5], [0.0, -2.5]])
+    x = np.concatenate([c + rng.normal(size=(n, 2)) @ spread for c, n in zip(centres, (200, 200, 5))])
+    y = np.repeat([0, 1, 2], (200, 200, 5))
+    test = np.concatenate([c + rng.normal(size=(300, 2)) @ spread for c in centres])
+    truth = np.repeat([0, 1, 2], 300)
+    head = new_class.fit_one(x, y, seed=0, **new_class.head_options("lda:0.0"))
+    assert list(head.class_ids) == [0, 1, 2]
+    proba = head.predict_proba(test)
+    assert np.allclose(proba.sum(1), 1)
+    # the 5-label class borrows the shared spread: most of its test points are found
+    assert (proba.argmax(1)[truth == 2] == 2).mean() > 0.7
+
+
 def test_self_training_adds_the_confident_pool_scans_as_pseudo_labels():
     rng = np.random.default_rng(0)
     centres = np.array([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]])

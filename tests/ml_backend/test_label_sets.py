@@ -353,6 +353,31 @@ def test_a_queued_refit_blocks_a_second_one(mixed_project, users):
     assert TrainingRun.objects.filter(project=project, kind="refit").count() == before + 1
 
 
+def test_no_refit_is_queued_while_every_set_has_labels_of_one_class(encoded_project, users):
+    """A clinician's first answers all of one class: a refit could fit nothing, so none is
+    queued (it would only show a failed job); the first label of a second class brings it."""
+    from ml_backend import services as ml
+    from ml_backend.models import TrainingRun
+    from tests.conftest import brain_truth
+
+    project = encoded_project
+    project.refit_every = 2
+    project.save()
+    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
+    pool = list(Scan.objects.filter(project=project, split="pool").order_by("pk"))
+    by_class = {n: [s for s in pool if brain_truth(s) == n] for n in classes}
+    for scan in by_class["no_tumor"][:3]:
+        services.annotation_create(scan=scan, reader=users["alice"],
+                                   label_class=classes["no_tumor"])
+    assert ml.refit_start_if_due(project=project) is None
+    assert not TrainingRun.objects.filter(project=project, kind="refit").exists()
+    services.annotation_create(scan=by_class["pituitary_tumor"][0], reader=users["alice"],
+                               label_class=classes["pituitary_tumor"])
+    ml.refit_start_if_due(project=project)
+    assert TrainingRun.objects.filter(project=project, kind="refit").count() == 1
+    assert ml.refit_start_if_due(project=project, force=True) is None    # one at a time
+
+
 def test_labels_that_arrive_during_a_refit_bring_the_next_one_when_it_ends(mixed_project, users,
                                                                           monkeypatch):
     """A Label Studio batch lands while a refit runs (after it read the labels): when it
