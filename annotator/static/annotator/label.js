@@ -382,7 +382,7 @@
       $("suggestion-text").textContent = `The model has not learned the ${p.scan.label_set || "this scan's"} classes yet: label scans of at least two of them.`;
       $("suggestion-text").className = "muted";
     } else {
-      $("suggestion-text").textContent = "No model yet: your first labels train one.";
+      $("suggestion-text").textContent = "No model yet: the first one trains once a label set has labels of two classes.";
       $("suggestion-text").className = "muted";
     }
     $("label-set").textContent = p.no_label_set
