@@ -77,6 +77,7 @@ def test_refit_is_queued_after_refit_every_labels_with_current_settings(
     project.save()
     run_import(project, FIXTURES / "chest_xray" / "pool" / "normal", layout="flat")
     normal = LabelClass.objects.create(project=project, name="normal")
+    pneumonia = LabelClass.objects.create(project=project, name="pneumonia")
     scans = list(Scan.objects.filter(project=project, split="pool").select_related("project")[:8])
     Project.objects.filter(pk=project.pk).update(refit_every=8)   # changed after scans loaded
     with django_capture_on_commit_callbacks(execute=True):
@@ -85,8 +86,10 @@ def test_refit_is_queued_after_refit_every_labels_with_current_settings(
                                                  label_class=normal)
     assert not TrainingRun.objects.filter(kind="refit").exists()
     with django_capture_on_commit_callbacks(execute=True):
+        # the 8th label, of a second class: a refit has something to fit (one class alone
+        # queues none: test_label_sets)
         annotator_services.annotation_create(scan=scans[7], reader=users["alice"],
-                                             label_class=normal)
+                                             label_class=pneumonia)
     refit = TrainingRun.objects.get(kind="refit")
     assert refit.status == "failed"   # this fake encoder has no files: a clear error, no crash
     assert refit.last_error
