@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from ml_backend.ssl.loop import cpu_has_bf16
 from ml_backend.ssl.losses import NTXentLoss
 from ml_backend.ssl.train import PretrainConfig, SimCLRModel
 
@@ -129,16 +130,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     peak = matmul_gflops(device)
+    # bf16 only where the hardware computes it: emulated (AVX2-only CPUs) it runs at ~1
+    # GFLOP/s, so the 2048-wide matmul would take minutes and measure nothing the recipes use
+    # (autocast stays off there too: ml_backend.ssl.loop.autocast)
+    native_bf16 = device.type == "cuda" or cpu_has_bf16()
     machine = {"device": device.type, "cpu_count": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "processor": platform.processor() or platform.machine(),
                "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
                "matmul_gflops_fp32": peak,
-               "matmul_gflops_bf16": matmul_gflops(device, dtype=torch.bfloat16)}
+               "native_bf16": native_bf16,
+               "matmul_gflops_bf16": (matmul_gflops(device, dtype=torch.bfloat16)
+                                      if native_bf16 else None)}
     print(f"{device.type}: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
           f"float32 matmul {peak:.1f} GFLOP/s")
     rows = []
-    print(f"bf16 matmul {machine['matmul_gflops_bf16']:.1f} GFLOP/s")
+    print(f"bf16 matmul {machine['matmul_gflops_bf16']:.1f} GFLOP/s" if native_bf16 else
+          "bf16: not native on this CPU (emulated, not measured; the bf16-cl recipe runs "
+          "float32 with channels-last here)")
     header = (f"{'recipe':>8} {'input':>10} {'pretrain img/s':>15} {'GFLOP/img':>10} "
               f"{'% of fp32 matmul':>16} {'embed img/s':>12} {'% of matmul':>12}")
     print(header)
