@@ -280,8 +280,13 @@ def test_concurrent_triggers_queue_exactly_one_refit(encoded_project, users, mon
     project.save(update_fields=["refit_every"])
     labeled = set(Annotation.objects.filter(scan__project=project).values_list("scan_id",
                                                                                 flat=True))
-    scans = [s for s in project.scans.filter(split="pool").order_by("pk")
-             if s.pk not in labeled][:8]
+    fresh = [s for s in project.scans.filter(split="pool").order_by("pk") if s.pk not in labeled]
+    by_class = {}
+    for scan in fresh:
+        by_class.setdefault(brain_truth(scan), []).append(scan)
+    # four of each class: labels of one class alone queue no refit (it would fit nothing)
+    scans = [scan for pair in zip(*(found[:4] for found in by_class.values())) for scan in pair]
+    assert len(scans) == 8
     classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
     readers = [users["alice"], users["bob"]]
     _concurrently(len(scans), lambda i: services.annotation_create(
