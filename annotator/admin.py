@@ -287,12 +287,7 @@ class AnnotationAdmin(admin.ModelAdmin):
 
     @admin.display(description="findings")
     def findings_summary(self, obj):
-        if obj.outcome != Annotation.Outcome.FINDINGS:
-            return ""
-        answers = list(obj.findings.select_related("finding"))
-        shown = [f"{a.finding.name}{'?' if a.state == 'uncertain' else ''}" for a in answers
-                 if a.state != FindingAnswer.State.ABSENT]
-        return ", ".join(shown) or "no finding"
+        return obj.findings_text()
 
     list_filter = ["source", "outcome", "label_class__project", "label_class", "created_at"]
     search_fields = ["=scan__id", "reader__username", "label_class__name", "external_id", "note"]
@@ -300,6 +295,9 @@ class AnnotationAdmin(admin.ModelAdmin):
     list_select_related = ["scan", "label_class", "reader", "shown_model_version",
                            "shown_suggestion"]
     date_hierarchy = "created_at"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("findings__finding")
 
     def save_model(self, request, obj, form, change):
         """A label added here counts like one from the labeling UI: it may queue a refit."""

@@ -505,6 +505,15 @@ class Annotation(models.Model):
         what = self.label_class.name if self.label_class_id else self.outcome
         return f"{what} on scan {self.scan_id} by {self.reader or self.source}"
 
+    def findings_text(self) -> str:
+        """A findings answer in a few words: its present findings, uncertain ones with "?",
+        or "no finding"; "" for any other answer. Uses prefetched ``findings__finding``."""
+        if self.outcome != Annotation.Outcome.FINDINGS:
+            return ""
+        shown = [f"{a.finding.name}{'?' if a.state == FindingAnswer.State.UNCERTAIN else ''}"
+                 for a in self.findings.all() if a.state != FindingAnswer.State.ABSENT]
+        return ", ".join(shown) or "no finding"
+
 
 class FindingAnswer(models.Model):
     """One finding of a findings answer (``Annotation.outcome == "findings"``): present,

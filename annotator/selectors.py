@@ -128,7 +128,8 @@ def predictions_visible(project: Project, user, predictions: QuerySet) -> QueryS
 def scan_list_for_project(project: Project, *, split: str | None = None,
                           include_quarantined: bool = False, user=None) -> QuerySet[Scan]:
     """The project's scans with their answers (those ``user`` may see, when given)."""
-    answers = Annotation.objects.select_related("label_class")
+    answers = Annotation.objects.select_related("label_class").prefetch_related(
+        "findings__finding")
     if user is not None:
         answers = answers_visible(project, user, answers)
     scans = project.scans.select_related("dataset").prefetch_related(
@@ -141,9 +142,10 @@ def scan_list_for_project(project: Project, *, split: str | None = None,
 
 
 def eval_labeled_count(project: Project) -> int:
-    """Eval-split scans with at least one label: what a first classifier is scored on."""
+    """Eval-split scans with at least one label or findings answer: what a first classifier
+    (or findings model) is scored on."""
     return (Annotation.objects.filter(project=project, scan__split="eval",
-                                      outcome=Annotation.Outcome.LABEL)
+                                      outcome__in=Annotation.LABELLING)
             .order_by().values("scan_id").distinct().count())
 
 
@@ -159,7 +161,7 @@ def project_stats(project: Project) -> dict:
     answers = Annotation.objects.filter(project=project).order_by()
     return {
         **counts,
-        "labeled": answers.filter(outcome=Annotation.Outcome.LABEL).values("scan_id")
+        "labeled": answers.filter(outcome__in=Annotation.LABELLING).values("scan_id")
         .distinct().count(),
         "annotations": answers.count(),
     }

@@ -154,6 +154,21 @@ def test_project_page_and_admin_show_the_findings_set(client, project, users, tm
     assert "Edema, Pleural Effusion?" in client.get("/admin/annotator/annotation/").content.decode()
 
 
+def test_a_findings_only_project_counts_its_answers_as_labels(client, project, users, tmp_path):
+    labels = np.zeros((6, 14), np.uint8)
+    labels[0, [0, 2]] = 1
+    images = np.random.default_rng(2).integers(0, 255, (6, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "chestmnist.npz", test_images=images, test_labels=labels)
+    run_import(project, f"{tmp_path}/chestmnist.npz#test", split="eval")
+    client.force_login(users["alice"])
+    page = client.get(f"/projects/{project.pk}/").content.decode()
+    assert "<b>6</b> labeled" in page                 # findings answers are labels too
+    assert "Atelectasis, Effusion</b>" in page and page.count("no finding</b>") == 5
+    reports = client.get(f"/projects/{project.pk}/reports/").content.decode()
+    assert "6 labeled eval scans will score it" in reports
+    assert "--split eval" not in reports                # not "import some eval labels"
+
+
 def test_a_finding_is_never_recorded_as_a_scans_one_class(project, users, tmp_path):
     from annotator.label_studio.config import labeling_config
 
