@@ -38,7 +38,8 @@ from annotator.storage import media_path
 
 FORMAT = "medlabel-project-backup"
 VERSION = 1
-SKIP_ARTIFACTS = {"embeddings.npy", "scan_ids.npy", "index.faiss", "index.faiss.ids.npy"}
+SKIP_ARTIFACTS = {"embeddings.npy", "thumbs.npy", "scan_ids.npy", "index.faiss",
+                  "index.faiss.ids.npy"}
 
 
 class BackupError(Exception):

@@ -346,18 +346,23 @@ class EvalSet:
     class_names: list[str]
     y: np.ndarray
     vectors: np.ndarray | None = None
+    thumbs: np.ndarray | None = None     # what a head with a pixel block reads beside them
     paths: list = field(default_factory=list)
 
 
-def score_heads(heads, evals: list[EvalSet]) -> dict:
-    """Score a SetHeads on every eval set: per label set and overall (all classes)."""
+def score_heads(heads, evals: list[EvalSet], pixels: dict | None = None) -> dict:
+    """Score a SetHeads on every eval set: per label set and overall (all classes).
+    ``pixels``: the version's pixel block (its config's ``pixels``), if its heads read one."""
+    from ml_backend.active.features import head_inputs
+
     all_ids = [c for ev in evals for c in ev.class_ids]
     all_names = [n for ev in evals for n in ev.class_names]
     column = {c: i for i, c in enumerate(heads.class_ids)}
     blocks, ys, result = [], [], {"per_set": {}}
     offset = 0
     for ev in evals:
-        proba = heads.predict_proba(ev.vectors, [ev.set_id] * len(ev.y))
+        proba = heads.predict_proba(head_inputs(ev.vectors, ev.thumbs if pixels else None),
+                                    [ev.set_id] * len(ev.y))
         mine = np.zeros((len(ev.y), len(ev.class_ids)), dtype=np.float64)
         for j, c in enumerate(ev.class_ids):
             if c in column:
@@ -622,6 +627,7 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
     from annotator import services as annotator_services
     from annotator.models import Annotation, LabelClass, Membership, Project, Scan, ScanLease
     from ml_backend import services as ml
+    from ml_backend.active.features import PIXEL_SIDE, block_weights, thumbnails
     from ml_backend.active.refit import PRODUCT_PROTOTYPE_N0, SetHeads, fit_head
     from ml_backend.data.arrays import load_images
     from ml_backend.models import ModelVersion, Prediction, QueryRound, TrainingRun
@@ -777,7 +783,9 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
         ev = EvalSet(name=label_set.name, set_id=label_set.pk, class_ids=[c.pk for c in cls],
                      class_names=names, y=np.array([names.index(lab) for lab in labels]),
                      paths=paths)
-        ev.vectors = embed(simclr.encoder, load_images(paths, pconfig.image_size), pconfig)
+        images = load_images(paths, pconfig.image_size, pconfig.channels)
+        ev.vectors = embed(simclr.encoder, images, pconfig)
+        ev.thumbs = thumbnails(images, PIXEL_SIDE)
         evals.append(ev)
     timings["eval_embed_s"] = time.perf_counter() - t0
     scopes = ["overall"] + ([ev.name for ev in evals] if len(evals) > 1 else [])
@@ -807,7 +815,8 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
 
     def score_model(model) -> dict:
         if model.pk not in score_cache:
-            score_cache[model.pk] = score_heads(ml.version_heads(model), evals)
+            score_cache[model.pk] = score_heads(ml.version_heads(model), evals,
+                                                model.config.get("pixels"))
         return score_cache[model.pk]
 
     def reset(project: Project) -> Project:
@@ -968,7 +977,13 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
         scans, class_ids = selectors.training_labels(project, split="pool")
         probe = probe_true = None
         if scans:
-            vectors = ml.vectors_for(encoder, scans)
+            # the product's head inputs: the embedding and, as the refit does, the thumbnail
+            pixels = ({"side": PIXEL_SIDE, "weight": settings.REFIT_PIXEL_WEIGHT}
+                      if settings.REFIT_PIXEL_WEIGHT > 0 else None)
+            vectors = ml.head_inputs_for(encoder, scans, pixels)
+            dim = ml.embedding_table(encoder).vectors.shape[1]
+            weights = (block_weights(dim, vectors.shape[1] - dim, settings.REFIT_PIXEL_WEIGHT)
+                       if pixels else None)
 
             def fit(labels_by_row):
                 heads, ids = {}, []
@@ -979,10 +994,11 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                         continue
                     head, _ = fit_head(vectors[rows], y, seed=0,
                                        prototype_n0=PRODUCT_PROTOTYPE_N0,
-                                       balance=settings.REFIT_BALANCE)
+                                       balance=settings.REFIT_BALANCE, feature_weights=weights)
                     heads[set_id] = head
                     ids += [int(c) for c in head.class_ids]
-                return score_heads(SetHeads(heads=heads, class_ids=ids), evals) if heads else None
+                return (score_heads(SetHeads(heads=heads, class_ids=ids), evals, pixels)
+                        if heads else None)
 
             probe = fit(class_ids)
             probe_true = fit([truth[s.pk].pk for s in scans])

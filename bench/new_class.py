@@ -40,7 +40,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from bench.ssl_eval import build_parser, get_encoder, load_data, log, pretrain_config
+from bench.ssl_eval import (build_parser, get_encoder, hybrid_pixels, load_data, log,
+                            pretrain_config)
+from ml_backend.active.features import block_weights, head_inputs, thumbnails
 from ml_backend.active.refit import fit_head
 from ml_backend.ssl.train import embed
 
@@ -88,7 +90,7 @@ REVIEW_ORDERS = ("nearest", "diverse", "random", "margin")
 
 def confirm_candidates(train_x, train_y, labeled: np.ndarray, holdout: int, *, rounds: int,
                        top: int = 20, order: str = "nearest", seed: int = 0,
-                       fit_labeled=None):
+                       fit_labeled=None, head_x=None):
     """The class page's review, simulated: per round, ``top`` unlabeled scans are labeled
     with their true class. ``order``: ``nearest`` — the scans nearest (cosine, best over the
     class's labeled examples) to the ``holdout`` class, as the class page lists them;
@@ -99,7 +101,8 @@ def confirm_candidates(train_x, train_y, labeled: np.ndarray, holdout: int, *, r
     ``fit_labeled(rows)`` fits on the labels so far (uncertainty sampling, as the worklist
     ranks within a label set, without its diversity step). Yields
     ``(labeled rows so far, new-class scans found this round)`` after each round; stops early
-    when the pool is empty."""
+    when the pool is empty. ``head_x``: what ``fit_labeled``'s head reads (``train_x``
+    unless given)."""
     if order not in REVIEW_ORDERS:
         raise ValueError(f"order must be one of {REVIEW_ORDERS}")
     unit = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
@@ -113,7 +116,8 @@ def confirm_candidates(train_x, train_y, labeled: np.ndarray, holdout: int, *, r
         if order == "random":
             chosen = rng.choice(pool, min(top, len(pool)), replace=False)
         elif order == "margin":
-            proba = np.sort(fit_labeled(labeled).predict_proba(train_x[pool]), axis=1)
+            head_x = train_x if head_x is None else head_x
+            proba = np.sort(fit_labeled(labeled).predict_proba(head_x[pool]), axis=1)
             chosen = pool[np.argsort(proba[:, -1] - proba[:, -2], kind="stable")[:top]]
         else:
             ranked = pool[np.argsort(-(unit[pool] @ unit[examples].T).max(axis=1))]
@@ -157,12 +161,18 @@ class SharedCovarianceHead:
 
 
 def head_options(name: str) -> dict:
-    """``fit_head`` options of a --heads entry (``NAME[@C]``: ``@C`` sets the logistic
-    head's inverse L2 strength, 1 by default). Heads with a balance correction need the
+    """``fit_head`` options of a --heads entry (``NAME[+px][@C]``: ``+px`` fits it on the
+    embedding and a pixel thumbnail side by side, as ``--hybrid-pixels`` says; ``@C`` sets
+    the logistic head's inverse L2 strength, 1 by default). Heads with a balance correction need the
     out-of-fold step (4 folds); the others skip it (``folds=0``: one temperature for every
     logit cannot change an argmax, so recall, precision and F1 are the same, 5x faster)."""
     name, _, strength = name.partition("@")
-    options = _head_options(name)
+    pixels = name.endswith("+px")
+    options = _head_options(name.removesuffix("+px"))
+    if pixels:
+        if "lda" in options:
+            raise SystemExit("--heads: +px applies to the logistic heads, not lda")
+        options["pixels"] = True
     if strength:
         if "lda" in options:
             raise SystemExit("--heads: @C applies to the logistic heads, not lda")
@@ -230,7 +240,9 @@ def main(argv=None) -> int:
                              "of self-training on the pool at confidence TAU; see "
                              "--old-labels-fraction), lda:S (linear discriminant analysis: "
                              "a covariance shared by every class, shrinkage S or auto, "
-                             "uniform priors); NAME@C sets a logistic head's C (default 1)")
+                             "uniform priors); NAME+px: on the embedding and a pixel thumbnail "
+                             "(--hybrid-pixels SIDE:WEIGHT); NAME@C sets a logistic head's C "
+                             "(default 1)")
     parser.add_argument("--old-labels-fraction", type=float, default=1.0,
                         help="share of each old class's train scans that is labeled (the rest "
                              "is unlabeled pool, with the new class's unlabeled scans); 1 = all")
@@ -255,14 +267,24 @@ def main(argv=None) -> int:
     train_x = embed(encoder.encoder, data["x_train"], config, device=args.device)
     eval_x = embed(encoder.encoder, data["x_eval"], config, device=args.device)
     train_y, eval_y = data["y_train"], data["y_eval"]
+    side, weight = hybrid_pixels(args)
+    hybrid = (head_inputs(train_x, thumbnails(data["x_train"], side)),
+              head_inputs(eval_x, thumbnails(data["x_eval"], side)))
+    pixel_weights = block_weights(train_x.shape[1], hybrid[0].shape[1] - train_x.shape[1],
+                                  weight)
     holdouts = range(len(names)) if args.holdout == "all" else [names.index(args.holdout)]
     ks = [int(k) for k in args.new_labels.split(",")]
     heads = {name: head_options(name) for name in args.heads.split(",")}
     rows, ceiling = [], {}
     for head_name, options in heads.items():
+        # the heads read hx / ex (the embedding, or it and the thumbnail); the candidates
+        # the class page offers stay nearest neighbours in the embedding (train_x)
+        hx, ex = hybrid if options.pop("pixels", False) else (train_x, eval_x)
+        if hx is not train_x:
+            options["feature_weights"] = pixel_weights
         plain = {k: v for k, v in options.items() if k != "selftrain"}
-        full = fit_one(train_x, train_y, seed=0, **plain)
-        full_pred = full.class_ids[full.predict_proba(eval_x).argmax(1)]
+        full = fit_one(hx, train_y, seed=0, **plain)
+        full_pred = full.class_ids[full.predict_proba(ex).argmax(1)]
         for h in holdouts:
             p, r, _, _ = precision_recall_fscore_support(eval_y == h, full_pred == h,
                                                          average="binary", zero_division=0)
@@ -276,8 +298,8 @@ def main(argv=None) -> int:
                     pick_old.choice(np.flatnonzero(train_y == c),
                                     max(1, round(args.old_labels_fraction * (train_y == c).sum())),
                                     replace=False) for c in old]))
-            before_head = fit_one(train_x[old_rows], train_y[old_rows], seed=0, **plain)
-            before = old_macro_f1(before_head, eval_x, eval_y, old)
+            before_head = fit_one(hx[old_rows], train_y[old_rows], seed=0, **plain)
+            before = old_macro_f1(before_head, ex, eval_y, old)
             new_rows = np.flatnonzero(train_y == h)
             for k in ks:
                 for seed in range(args.seeds):
@@ -285,24 +307,24 @@ def main(argv=None) -> int:
                                                                replace=False)
                     rows_k = np.concatenate([old_rows, picks])
 
-                    def refit(labeled, seed=seed, h=h, old=old):
+                    def refit(labeled, seed=seed, h=h, old=old, hx=hx, ex=ex):
                         """Fit on ``labeled`` rows (the rest is the pool); the new class's
                         precision, recall, F1, the old classes' macro-F1 and the pseudo-labels."""
                         pool = np.setdiff1d(np.arange(len(train_y)), labeled)
-                        head, pseudo = fit(train_x[labeled], train_y[labeled], train_x[pool],
+                        head, pseudo = fit(hx[labeled], train_y[labeled], hx[pool],
                                            seed=seed, **options)
-                        pred = head.class_ids[head.predict_proba(eval_x).argmax(1)]
+                        pred = head.class_ids[head.predict_proba(ex).argmax(1)]
                         p, r, f, _ = precision_recall_fscore_support(
                             eval_y == h, pred == h, average="binary", zero_division=0)
-                        return p, r, f, old_macro_f1(head, eval_x, eval_y, old), pseudo
+                        return p, r, f, old_macro_f1(head, ex, eval_y, old), pseudo
 
                     p, r, f, after, pseudo = refit(rows_k)
                     reviewed = []
                     for number, (labeled, found) in enumerate(confirm_candidates(
                             train_x, train_y, rows_k, h, rounds=args.confirm_rounds,
-                            order=args.review_order, seed=seed,
-                            fit_labeled=lambda rows, seed=seed: fit_one(
-                                train_x[rows], train_y[rows], seed=seed, **plain)),
+                            order=args.review_order, seed=seed, head_x=hx,
+                            fit_labeled=lambda rows, seed=seed, hx=hx: fit_one(
+                                hx[rows], train_y[rows], seed=seed, **plain)),
                             start=1):
                         p_r, r_r, _, after_r, _ = refit(labeled)
                         reviewed.append({

@@ -16,6 +16,9 @@ each label fraction and seed compare, on the same stratified labeled subset:
 - ``pixels_logreg``   raw-pixel logistic regression (the floor to beat);
 - ``supervised``      the same network trained from random weights on the labels only;
 - ``linear_probe``    logistic regression on the frozen SimCLRv2 encoder features;
+- ``hybrid_probe``    the refit's head (``fit_head`` with ``features.block_weights``, no
+                      calibration) on those features and a 16 x 16 thumbnail of the pixels
+                      side by side (``--hybrid-pixels SIDE:WEIGHT``);
 - ``simclr_finetune`` SimCLRv2 step 2, LP-FT by default (see --finetune-* options);
 - ``simclr_distill``  self-distillation of that model on all train images + the labels.
 
@@ -44,6 +47,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ml_backend.active.features import (PIXEL_SIDE, PIXEL_WEIGHT, block_weights, head_inputs,
+                                        thumbnails)
+from ml_backend.active.refit import fit_head
 from ml_backend.data.arrays import as_channels, to_square
 from ml_backend.data.datasets import read_source
 from ml_backend.data.decode import ScanDecodeError, decode_scan
@@ -67,7 +73,8 @@ from ml_backend.ssl.train import (
     pretrain,
 )
 
-METHODS = ["pixels_logreg", "supervised", "linear_probe", "simclr_finetune", "simclr_distill"]
+METHODS = ["pixels_logreg", "supervised", "linear_probe", "hybrid_probe", "simclr_finetune",
+           "simclr_distill"]
 CACHE_VERSION = "1"
 HASH_DISTANCE = 4
 MIN_CORRELATION = 0.95
@@ -155,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--evaluations", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} (the pixel floor "
                              "and supervised rows run with the first method only)")
+    parser.add_argument("--hybrid-pixels", default=None, metavar="SIDE:WEIGHT",
+                        help="hybrid_probe's pixel block: thumbnail side and weight against the "
+                             "embedding (default: the refit's, ml_backend.active.features)")
     parser.add_argument("--batch-size", type=int, default=256, help="pretraining batch size")
     parser.add_argument("--finetune-epochs", type=int, default=30)
     parser.add_argument("--finetune-batch-size", type=int, default=64)
@@ -580,6 +590,19 @@ def pixels(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 
+def hybrid_pixels(args) -> tuple[int, float]:
+    """``--hybrid-pixels SIDE:WEIGHT`` → (side, weight)."""
+    text = getattr(args, "hybrid_pixels", None) or f"{PIXEL_SIDE}:{PIXEL_WEIGHT:g}"
+    try:
+        side, weight = text.split(":")
+        side, weight = int(side), float(weight)
+    except ValueError:
+        raise SystemExit(f"--hybrid-pixels {text!r}: expected SIDE:WEIGHT, e.g. 16:1") from None
+    if side < 1 or weight <= 0:
+        raise SystemExit("--hybrid-pixels: SIDE >= 1 and WEIGHT > 0")
+    return side, weight
+
+
 def finetune_config(args, seed: int = 0) -> FinetuneConfig:
     return FinetuneConfig(epochs=args.finetune_epochs, batch_size=args.finetune_batch_size,
                           seed=seed, from_head_layer=args.finetune_from_head_layer,
@@ -641,6 +664,18 @@ def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
                                        device=args.device)
         return predict_proba(teacher["model"], data["x_eval"], config, device=args.device)
 
+    def hybrid_probe():
+        side, weight = hybrid_pixels(args)
+        train_x = head_inputs(embeddings["train"][subset], thumbnails(x, side))
+        head, _ = fit_head(train_x, y, seed=seed, folds=0, feature_weights=block_weights(
+            embeddings["train"].shape[1], train_x.shape[1] - embeddings["train"].shape[1],
+            weight))
+        proba = np.zeros((len(data["x_eval"]), num_classes))
+        proba[:, head.class_ids] = head.predict_proba(
+            head_inputs(embeddings["eval"], thumbnails(data["x_eval"], side)), calibrated=False)
+        return proba
+
+    timed("hybrid_probe", hybrid_probe)
     timed("simclr_finetune", simclr_finetune)
 
     def simclr_distill():

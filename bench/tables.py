@@ -10,6 +10,7 @@ import sys
 
 NAMES = {"pixels_logreg": "raw pixels + logreg (floor)", "supervised": "supervised from scratch",
          "linear_probe": "SimCLRv2 linear probe",
+         "hybrid_probe": "embedding + 16 px thumbnail (the refit's head)",
          "simclr_finetune": "SimCLRv2 fine-tuned (head layer 1)",
          "simclr_distill": "distilled student"}
 

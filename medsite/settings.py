@@ -281,6 +281,10 @@ ML_DATALOADER_WORKERS = env_int("MEDLABEL_DATALOADER_WORKERS", 0, minimum=0)
 # 0 = the classes' own counts decide, 1 = the full balanced-error correction; the default is
 # the same as ml_backend.active.refit.PRODUCT_BALANCE (docs/benchmarks.md, "Balancing the head").
 REFIT_BALANCE = env_float("MEDLABEL_REFIT_BALANCE", 0.5, minimum=0.0, maximum=1.0)
+# The refit head's pixel block: a 16 x 16 thumbnail of each scan beside its embedding, with
+# this weight against it (ml_backend/active/features.py; docs/benchmarks.md "A head on the
+# embedding and the pixels"). 0: the embedding alone, as before.
+REFIT_PIXEL_WEIGHT = env_float("MEDLABEL_REFIT_PIXEL_WEIGHT", 1.0, minimum=0.0, maximum=10.0)
 # The hybrid worklist picks typical scans (TypiClust) while a label set has fewer labeled scans
 # than this per class, and the most uncertain after; 0: uncertainty as soon as a head exists.
 # The default is ml_backend.active.strategies.PRODUCT_TYPICAL_BELOW (docs/benchmarks.md).

@@ -115,7 +115,8 @@ class LinearHead:
 
 def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0,
              folds: int = 4, min_calibration: int = 8,
-             prototype_n0: float = 0.0, balance: float = 0.0) -> tuple[LinearHead, dict]:
+             prototype_n0: float = 0.0, balance: float = 0.0,
+             feature_weights: np.ndarray | None = None) -> tuple[LinearHead, dict]:
     """Fit on embeddings ``x (N, D)`` and labels ``(N,)`` (any hashable ids, ≥ 2 distinct).
 
     With enough labels the temperature is fit on out-of-fold logits (``folds``-fold,
@@ -127,7 +128,10 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
     hundreds is predicted as often as its held-out scans say it should be, not only where
     its few examples lie (0 = off, 1 = the full balanced-error correction; it needs the
     out-of-fold step, so nothing changes below ``min_calibration`` labels or with
-    ``folds < 2``). Returns the head and fit details.
+    ``folds < 2``). ``feature_weights (D,)`` (> 0) multiply the standardised features
+    before the fit (they are folded into the head's ``scale``): a block of features weighted
+    up is regularised less (``features.block_weights``: the embedding and a pixel thumbnail
+    side by side). Returns the head and fit details.
     """
     if not 0.0 <= balance <= 1.0:
         raise ValueError("balance must be within [0, 1]")
@@ -141,6 +145,11 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
     scale[scale < 1e-8] = 1.0
+    if feature_weights is not None:
+        feature_weights = np.asarray(feature_weights, dtype=np.float64)
+        if feature_weights.shape != scale.shape or not (feature_weights > 0).all():
+            raise ValueError(f"feature_weights: {scale.shape[0]} positive weights needed")
+        scale = scale / feature_weights
 
     def build(rows: np.ndarray) -> LinearHead:
         standardised = (x[rows] - mean) / scale

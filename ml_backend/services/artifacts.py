@@ -29,6 +29,9 @@ def embeddings_paths(model: ModelVersion) -> dict[str, Path]:
     base = Path(model.artifact_dir)
     return {"vectors": base / "embeddings.npy", "ids": base / "scan_ids.npy",
             "index": base / "index.faiss",
+            # each scan's thumbnail (float32, ``features.PIXEL_SIDE`` squared x channels), the
+            # same rows as the vectors: what a refit head reads beside them
+            "thumbs": base / "thumbs.npy",
             # vectors computed elsewhere (an import chunk on any worker) for the next embed
             # to merge: ``<name>.npz`` with ``ids`` and ``vectors``
             "parts": base / "parts"}

@@ -119,7 +119,8 @@ def _class_networks(model: ModelVersion) -> list[dict]:
         found = []
         for set_id, head in version_heads(model).heads.items():
             try:
-                network = core.head_network(simclr.encoder, head, config)
+                network = core.head_network(simclr.encoder, head, config,
+                                            (model.config.get("pixels") or {}).get("side"))
             except core.ExportError as exc:
                 raise TrainingError(str(exc)) from None
             found.append({"label_set": sets.get(set_id), "kind": "classes", "config": config,

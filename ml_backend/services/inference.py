@@ -125,9 +125,13 @@ class EmbeddingTable:
     ids: np.ndarray                 # scan ids, one per row
     vectors: np.ndarray             # (N, D) float32, memory-mapped
     row: dict[int, int]             # scan id -> row
+    thumbs: np.ndarray | None = None    # (N, P) float32, memory-mapped; None before them
 
     def of(self, scan_ids: list[int]) -> np.ndarray:
         return np.asarray(self.vectors[[self.row[i] for i in scan_ids]], dtype=np.float32)
+
+    def thumbs_of(self, scan_ids: list[int]) -> np.ndarray:
+        return np.asarray(self.thumbs[[self.row[i] for i in scan_ids]], dtype=np.float32)
 
 
 def embedding_table(encoder: ModelVersion) -> EmbeddingTable:
@@ -142,7 +146,12 @@ def embedding_table(encoder: ModelVersion) -> EmbeddingTable:
         if len(vectors) < len(ids):
             raise ModelUnavailable(f"{encoder.version}: embeddings and scan ids disagree "
                                    "(re-run `manage.py embed --full`)")
-        return EmbeddingTable(ids=ids, vectors=vectors,
+        thumbs = None
+        if paths["thumbs"].exists():
+            thumbs = np.load(paths["thumbs"], mmap_mode="r")
+            if len(thumbs) < len(ids):          # from before the last embed: not trusted
+                thumbs = None
+        return EmbeddingTable(ids=ids, vectors=vectors, thumbs=thumbs,
                               row={int(scan_id): i for i, scan_id in enumerate(ids)})
     return cache.get(encoder, "scan_ids.npy", load)
 
@@ -153,6 +162,39 @@ def vectors_for(encoder: ModelVersion, scans: list[Scan]) -> np.ndarray:
     if missing:
         raise TrainingError(f"scans {missing[:10]} are not embedded yet: run `manage.py embed`")
     return table.of([s.pk for s in scans])
+
+
+def head_inputs_for(encoder: ModelVersion, scans: list[Scan], pixels: dict | None
+                    ) -> np.ndarray:
+    """What a refit head of a version reads for ``scans``: the stored embeddings, and their
+    thumbnails beside them when the version's heads were fit with a pixel block
+    (``pixels``: the version config's ``{"side", "weight"}``, or None)."""
+    from ml_backend.active.features import head_inputs
+
+    vectors = vectors_for(encoder, scans)
+    if not pixels:
+        return vectors
+    table = embedding_table(encoder)
+    if table.thumbs is None:
+        raise TrainingError(f"{encoder.version} has no scan thumbnails yet: run "
+                            "`manage.py embed`")
+    return head_inputs(vectors, table.thumbs_of([s.pk for s in scans]))
+
+
+def embedding_rows(network, images: np.ndarray, config, **kwargs) -> np.ndarray:
+    """``float32 (N, D + P)``: each image's embedding, then its thumbnail
+    (``features.thumbnails``) — one array, so a chunk computed on any worker carries both
+    (``spread``); ``split_rows`` takes them apart."""
+    from ml_backend.active.features import PIXEL_SIDE, thumbnails
+
+    vectors = np.asarray(_ssl().embed(network.encoder, images, config, **kwargs), np.float32)
+    return np.hstack([vectors, thumbnails(images, PIXEL_SIDE)])
+
+
+def split_rows(rows: np.ndarray, feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``embedding_rows`` → (vectors, thumbnails), both float32."""
+    rows = np.asarray(rows, np.float32)
+    return rows[:, :feature_dim], rows[:, feature_dim:]
 
 
 def embed_images(encoder: ModelVersion, images_png_or_paths: list) -> np.ndarray:
@@ -246,8 +288,10 @@ def predictor_for(model: ModelVersion) -> Predictor:
     classes = [c["id"] for c in model.config["classes"]]
     if model.config.get("kind") == "head":
         heads, encoder = version_heads(model), model.parent
+        pixels = model.config.get("pixels")
         return lambda scans, calibrated=True: heads.predict_proba(
-            vectors_for(encoder, scans), [s.label_set_id for s in scans], calibrated=calibrated)
+            head_inputs_for(encoder, scans, pixels), [s.label_set_id for s in scans],
+            calibrated=calibrated)
     classifier, pconfig = classifier_network(model)
     return cnn_predictor(classifier, pconfig, classes, model.config.get("temperature") or 1.0,
                          model=model)
@@ -276,6 +320,7 @@ class _Explainer:
             self.heads = version_heads(model)
             simclr, self.config = encoder_network(model.parent)
             self.encoder = simclr.encoder
+            self.pixels = model.config.get("pixels")
         else:
             self.heads = None
             classifier, self.config = classifier_network(model)
@@ -293,8 +338,12 @@ class _Explainer:
         from ml_backend.active.refit import restrict_to_sets
 
         if self.heads is not None:
-            return self.heads.predict_proba(_ssl().embed(self.encoder, images, self.config),
-                                            [label_set_id] * len(images))
+            from ml_backend.active.features import head_inputs, thumbnails
+
+            x = _ssl().embed(self.encoder, images, self.config)
+            if self.pixels:
+                x = head_inputs(x, thumbnails(images, self.pixels["side"]))
+            return self.heads.predict_proba(x, [label_set_id] * len(images))
         proba = _ssl().predict_proba(self.classifier, images, self.config,
                                   temperature=self.temperature)
         allowed = set(self.classes_of(label_set_id))
@@ -326,7 +375,10 @@ class _Explainer:
                          if class_id in [int(c) for c in h.class_ids]), None)
             if head is None:
                 raise TrainingError(f"class {class_id} has no head in {self.model.version}")
-            score = head_score(head.mean, head.scale, head.coef, head.intercept)
+            # the embedding's part of the logit: a pixel block adds a constant per image,
+            # which no map of the encoder's features can show
+            d = self.encoder.feature_dim
+            score = head_score(head.mean[:d], head.scale[:d], head.coef[:, :d], head.intercept)
             index = [int(c) for c in head.class_ids].index(class_id)
         else:
             classifier = self.classifier

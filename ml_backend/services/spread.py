@@ -45,14 +45,13 @@ POLL_S = 0.5
 
 
 def _embed_rows(model: ModelVersion, scans: list) -> np.ndarray:
+    """Embeddings and thumbnails, side by side (``inference.embedding_rows``)."""
     from ml_backend.services.artifacts import images_for
-    from ml_backend.services.inference import encoder_network
-    from ml_backend.ssl import train as ssl
+    from ml_backend.services.inference import embedding_rows, encoder_network
 
     network, config = encoder_network(model)
-    return np.asarray(ssl.embed(network.encoder, images_for(scans, config.image_size,
-                                                            config.channels), config),
-                      np.float32)
+    return embedding_rows(network, images_for(scans, config.image_size, config.channels),
+                          config)
 
 
 def _predict_rows(model: ModelVersion, scans: list) -> np.ndarray:

@@ -33,8 +33,9 @@ from ml_backend.services.artifacts import (
 from ml_backend.services.inference import (
     Predictor,
     cnn_predictor,
+    embedding_table,
     encoder_network,
-    vectors_for,
+    head_inputs_for,
 )
 from ml_backend.services.findings import (
     findings_gate,
@@ -256,89 +257,133 @@ def embed_part(encoder: ModelVersion, scans: list, name: str) -> int:
     merges instead of computing them again: each chunk of a large import embeds its own
     scans on its own worker, so the embedding spreads over the workers like the files do.
     Nothing to do before the encoder has embeddings (the first embed builds them all)."""
+    from ml_backend.services.inference import embedding_rows, split_rows
+
     paths = embeddings_paths(encoder)
     if not scans or not paths["ids"].exists():
         return 0
     model, config = encoder_network(encoder)
-    vectors = ssl.embed(model.encoder, images_for(scans, config.image_size, config.channels),
-                        config, workers=_workers())
+    vectors, thumbs = split_rows(embedding_rows(
+        model, images_for(scans, config.image_size, config.channels), config,
+        workers=_workers()), model.encoder.feature_dim)
     paths["parts"].mkdir(exist_ok=True)
     tmp = paths["parts"] / f".tmp-{name}.npz"
-    np.savez(tmp, ids=np.array([s.pk for s in scans], np.int64),
-             vectors=np.asarray(vectors, np.float32))
+    np.savez(tmp, ids=np.array([s.pk for s in scans], np.int64), vectors=vectors,
+             thumbs=thumbs)
     os.replace(tmp, paths["parts"] / f"{name}.npz")
     return len(scans)
 
 
-def _embedded_parts(paths: dict, wanted: set[int]) -> tuple[dict[int, np.ndarray], list[Path]]:
-    """Vectors of ``wanted`` scans found in part files, and the part files read."""
-    found: dict[int, np.ndarray] = {}
+def _embedded_parts(paths: dict, wanted: set[int]
+                    ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], list[Path]]:
+    """``{scan id: (vector, thumbnail)}`` of ``wanted`` scans found in part files, and the
+    part files read (a part from before thumbnails is read and computed again)."""
+    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     read = []
     for part in sorted(paths["parts"].glob("*.npz")) if paths["parts"].is_dir() else []:
         if part.name.startswith(".tmp-"):
             continue
         try:
             with np.load(part) as data:
-                for scan_id, vector in zip(data["ids"].tolist(), data["vectors"]):
-                    if scan_id in wanted:
-                        found[scan_id] = vector
+                if "thumbs" in data.files:
+                    for scan_id, vector, thumb in zip(data["ids"].tolist(), data["vectors"],
+                                                      data["thumbs"]):
+                        if scan_id in wanted:
+                            found[scan_id] = (vector, thumb)
         except (OSError, ValueError, KeyError) as exc:   # damaged: computed again instead
             logger.warning("embedding part %s unreadable: %s", part.name, exc)
         read.append(part)
     return found, read
 
 
+def _thumbs_of(ids: np.ndarray, config) -> np.ndarray:
+    """Thumbnails of the scans ``ids`` (in that order) from their previews, a thousand at a
+    time; a scan deleted since it was embedded gets zeros (its row is never read)."""
+    from ml_backend.active.features import PIXEL_SIDE, thumbnails
+    from ml_backend.services.inference import scan_refs
+
+    out = np.zeros((len(ids), PIXEL_SIDE * PIXEL_SIDE * config.channels), np.float32)
+    for start in range(0, len(ids), 1000):
+        chunk = [int(i) for i in ids[start:start + 1000]]
+        refs = {r.pk: r for r in scan_refs(Scan.objects.filter(pk__in=chunk))}
+        rows = [k for k, i in enumerate(chunk) if i in refs]
+        if rows:
+            images = images_for([refs[chunk[k]] for k in rows], config.image_size,
+                                config.channels)
+            out[start + np.array(rows)] = thumbnails(images, PIXEL_SIDE)
+    return out
+
+
 def embed_with(run: TrainingRun, encoder: ModelVersion, report: RunReporter, *,
-                full: bool) -> None:
+               full: bool) -> None:
     """Embed every scan not yet embedded with ``encoder`` (all of them when ``full``) and
-    add them to its FAISS index without rebuilding it. Vectors an import chunk already
-    computed (``embed_part``) are merged, not computed again."""
+    add them to its FAISS index without rebuilding it; each scan's thumbnail is stored with
+    its vector (what a refit head reads beside it). Vectors an import chunk already
+    computed (``embed_part``) are merged, not computed again. Vectors stored before
+    thumbnails existed get theirs from the previews once."""
+    from ml_backend.active.features import PIXEL_SIDE
     from ml_backend.index.faiss_index import VectorIndex, build_index
-    from ml_backend.services.inference import ScanRef, scan_refs
+    from ml_backend.services.inference import ScanRef, embedding_rows, scan_refs, split_rows
 
     paths = embeddings_paths(encoder)
     scans = scan_refs(Scan.objects.filter(project=run.project).order_by("pk"))
     old_ids = np.zeros(0, np.int64)
-    old_vectors = None
+    old_vectors = old_thumbs = None
     if not full and paths["ids"].exists() and paths["index"].exists():
         old_ids = np.load(paths["ids"])
         old_vectors = np.load(paths["vectors"], mmap_mode="r")
+        if paths["thumbs"].exists():
+            old_thumbs = np.load(paths["thumbs"], mmap_mode="r")
+            if len(old_thumbs) != len(old_ids):
+                old_thumbs = None
     known = set(old_ids.tolist())
     todo: list[ScanRef] = [s for s in scans if s.pk not in known]
+    model, config = encoder_network(encoder)
+    if old_vectors is not None and len(known) and old_thumbs is None:
+        report.log(f"thumbnails for the {len(known)} scans embedded before them")
+        old_thumbs = _thumbs_of(old_ids, config)
+        save_npy_atomic(paths["thumbs"], old_thumbs)
+        save_npy_atomic(paths["ids"], old_ids)      # written last: readers reload the table
     if not todo and old_vectors is not None and len(known):
         report.log(f"embedding 0 scans with {encoder.version} ({len(known)} already embedded)")
         return            # nothing new: the vectors and the index stay as they are
-    model, config = encoder_network(encoder)
     ready, parts = _embedded_parts(paths, {s.pk for s in todo}) if not full else ({}, [])
     rest = [s for s in todo if s.pk not in ready]
     report.log(f"embedding {len(rest)} scans with {encoder.version} ({len(known)} already "
                f"embedded" + (f", {len(ready)} by import chunks" if ready else "") + ")")
     started = time.perf_counter()
+    dim = model.encoder.feature_dim
     if settings.SPREAD_CHUNK_SIZE and len(rest) > settings.SPREAD_CHUNK_SIZE:
         from ml_backend.services.spread import spread     # every train worker helps
 
-        vectors = spread(encoder, "embed", rest, report=report)
+        rows = spread(encoder, "embed", rest, report=report)
+    elif rest:
+        rows = embedding_rows(model, images_for(rest, config.image_size, config.channels),
+                              config, progress=report, workers=_workers())
     else:
-        vectors = ssl.embed(model.encoder, images_for(rest, config.image_size, config.channels),
-                            config, progress=report, workers=_workers()) if rest else np.zeros(
-            (0, model.encoder.feature_dim), np.float32)
+        rows = np.zeros((0, dim + PIXEL_SIDE * PIXEL_SIDE * config.channels), np.float32)
+    vectors, thumbs = split_rows(rows, dim)
     seconds = time.perf_counter() - started
     if ready:
-        vectors = np.concatenate([np.stack(list(ready.values())).astype(np.float32),
-                                  np.asarray(vectors, np.float32)])
+        vectors = np.concatenate([np.stack([v for v, _ in ready.values()]).astype(np.float32),
+                                  vectors])
+        thumbs = np.concatenate([np.stack([t for _, t in ready.values()]).astype(np.float32),
+                                 thumbs])
     ids = np.array(list(ready) + [s.pk for s in rest], dtype=np.int64)
     if old_vectors is not None and len(known):
         index = VectorIndex.load(paths["index"])
         if len(ids):
             index.add(vectors, ids)
         all_ids, all_vectors = np.concatenate([old_ids, ids]), np.concatenate([old_vectors, vectors])
+        all_thumbs = np.concatenate([old_thumbs, thumbs]) if len(ids) else np.asarray(old_thumbs)
     else:
         if not len(ids):
             raise TrainingError("no scans to embed")
         kind = run.params.get("index_kind", "auto")
         index = build_index(vectors, ids, kind=kind)
-        all_ids, all_vectors = ids, vectors
+        all_ids, all_vectors, all_thumbs = ids, vectors, thumbs
     save_npy_atomic(paths["vectors"], all_vectors.astype(np.float32))
+    save_npy_atomic(paths["thumbs"], np.asarray(all_thumbs, np.float32))
     save_npy_atomic(paths["ids"], all_ids)
     index.save(paths["index"])
     for part in parts:          # merged: the vectors file holds them now
@@ -623,6 +668,7 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
     this version instead of heads; the project's other sets get their heads as in any
     refit. The active version's own findings networks are carried over where they still
     beat the new heads (``_carried_networks``)."""
+    from ml_backend.active.features import PIXEL_SIDE, block_weights
     from ml_backend.active.refit import PRODUCT_PROTOTYPE_N0, SetHeads, fit_head
 
     started = time.perf_counter()
@@ -637,7 +683,15 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
     by_set: dict[int, list[int]] = {}
     for row, class_id in enumerate(class_ids):
         by_set.setdefault(class_set[class_id], []).append(row)
-    vectors = vectors_for(encoder, scans) if scans else None
+    # the heads read the embedding and, unless MEDLABEL_REFIT_PIXEL_WEIGHT is 0, each scan's
+    # thumbnail beside it (ml_backend/active/features.py)
+    weight = settings.REFIT_PIXEL_WEIGHT
+    pixels = {"side": PIXEL_SIDE, "weight": weight} if weight > 0 else None
+    vectors = head_inputs_for(encoder, scans, pixels) if scans else None
+    feature_weights = None
+    if vectors is not None and pixels:
+        dim = embedding_table(encoder).vectors.shape[1]
+        feature_weights = block_weights(dim, vectors.shape[1] - dim, weight)
     heads, set_configs, skipped = {}, [], []
     for set_id in sorted(by_set):
         rows = by_set[set_id]
@@ -647,7 +701,7 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
             continue
         head, info = fit_head(vectors[rows], labels, seed=run.params.get("seed", 0),
                               prototype_n0=PRODUCT_PROTOTYPE_N0,
-                              balance=settings.REFIT_BALANCE)
+                              balance=settings.REFIT_BALANCE, feature_weights=feature_weights)
         heads[set_id] = head
         set_configs.append({"id": set_id, "name": sets[set_id].name,
                             "classes": [int(c) for c in head.class_ids],
@@ -670,7 +724,7 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
     classes = [c for config in set_configs for c in config["classes"]]
     names = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "name"))
     config = {
-        "kind": "head", "label_sets": set_configs,
+        "kind": "head", "label_sets": set_configs, "pixels": pixels,
         "classes": [{"id": c, "name": names[c], "label_set": class_set[c]} for c in classes],
         "temperature": set_configs[0]["temperature"] if len(set_configs) == 1 else None,
         "calibrated_on": sum(c["calibrated_on"] for c in set_configs),
@@ -703,7 +757,8 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
             model.save(update_fields=["metrics"])
         report.log(f"refit took {time.perf_counter() - started:.1f}s")
         return
-    report.log(f"refit {model.version}: linear heads on {encoder.version} embeddings, "
+    report.log(f"refit {model.version}: linear heads on {encoder.version} embeddings"
+               + (f" and {PIXEL_SIDE} px thumbnails (weight {weight:g})" if pixels else "") + ", "
                f"{len(scans)} labels; " + "; ".join(
                    f"{c['name']}: {len(c['classes'])} classes, T={c['temperature']:.2f}"
                    for c in set_configs) + ("; skipped " + "; ".join(skipped) if skipped else ""))
@@ -711,7 +766,7 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
     timings["fit_s"] = time.perf_counter() - started - sum(timings.values())
 
     def predict(scans: list[Scan], *, calibrated: bool = True) -> np.ndarray:
-        return multi.predict_proba(vectors_for(encoder, scans),
+        return multi.predict_proba(head_inputs_for(encoder, scans, pixels),
                                    [s.label_set_id for s in scans], calibrated=calibrated)
 
     _finish_classifier(run, model, predict, classes, len(scans),

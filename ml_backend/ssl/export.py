@@ -8,7 +8,8 @@ already windowed), padded to a square with black, resized to ``S`` (bilinear) an
 standard deviation itself, then runs the encoder and the head:
 
 * a refit version (``LinearHead`` on frozen embeddings): ``softmax((((f - mean) / scale)
-  @ coef.T + intercept) / T)``;
+  @ coef.T + intercept) / T)``, where ``f`` is the encoder's features followed, for a head
+  with a pixel block, by the image area-averaged to ``side`` x ``side`` (channels last);
 * a fine-tuned or distilled network: ``softmax(logits / T)``;
 * a findings set's refit heads (``FindingsHead``): ``sigmoid(a * ((((f - mean) / scale)
   @ coef.T + intercept)) + b)``, one calibrated probability per finding;
@@ -107,14 +108,19 @@ class ExportedClassifier(nn.Module):
     """``image (N, C, S, S) in [0, 1]`` → ``probabilities (N, K)``."""
 
     def __init__(self, encoder: nn.Module, head: nn.Module, *, mean: float, std: float,
-                 channels: int):
+                 channels: int, pixel_side: int | None = None):
         super().__init__()
         self.normalise = _Normalise(mean, std, channels)
         self.encoder = encoder
         self.head = head
+        self.pixel_side = pixel_side
 
     def forward(self, image):
-        return self.head(self.encoder(self.normalise(image)))
+        features = self.encoder(self.normalise(image))
+        if self.pixel_side:   # the head's pixel block (ml_backend.active.features)
+            small = nn.functional.adaptive_avg_pool2d(image, self.pixel_side)
+            features = torch.cat([features, small.permute(0, 2, 3, 1).flatten(1)], dim=1)
+        return self.head(features)
 
 
 class _Softmax(nn.Module):
@@ -127,11 +133,13 @@ class _Softmax(nn.Module):
         return torch.softmax(self.classifier(x).float() / self.temperature, dim=-1)
 
 
-def head_network(encoder: nn.Module, head, config) -> ExportedClassifier:
-    """Encoder + refit head of one label set (``config``: the encoder's PretrainConfig)."""
+def head_network(encoder: nn.Module, head, config,
+                 pixel_side: int | None = None) -> ExportedClassifier:
+    """Encoder + refit head of one label set (``config``: the encoder's PretrainConfig;
+    ``pixel_side``: the head's pixel block, when it reads one)."""
     augment = config.augment_config()
     return ExportedClassifier(encoder, _LinearHead(head), mean=augment.mean, std=augment.std,
-                              channels=config.channels).eval()
+                              channels=config.channels, pixel_side=pixel_side).eval()
 
 
 def cnn_network(classifier: nn.Module, config, temperature: float) -> ExportedClassifier:

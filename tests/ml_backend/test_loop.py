@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 
@@ -144,3 +145,55 @@ def test_new_class_candidates_and_label_quality_round(embedded_project, users, c
     review = QueryRound.objects.get(strategy="label_review")
     assert f"Review round {review.pk}" in out
     assert set(review.items.values_list("scan_id", flat=True)) <= labeled
+
+
+def test_refit_heads_read_each_scans_thumbnail_beside_its_embedding(embedded_project, users,
+                                                                    settings, capsys):
+    """The refit's heads read the embedding and a 16 px thumbnail stored beside it; stored
+    predictions, the version's predictor and classifying an upload agree; an encoder
+    embedded before thumbnails gets them once; weight 0 is the embedding alone."""
+    from ml_backend.active.features import PIXEL_SIDE
+    from ml_backend.services.artifacts import embeddings_paths
+
+    project = embedded_project
+    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
+    pool = list(Scan.objects.filter(project=project, split="pool").order_by("pk"))
+    picked = [s for s in pool if truth(s) == "no_tumor"][:5] + \
+        [s for s in pool if truth(s) == "pituitary_tumor"][:5]
+    for scan in picked:                     # no commit callbacks: no refit is queued
+        annotator_services.annotation_create(scan=scan, reader=users["alice"],
+                                             label_class=classes[truth(scan)])
+    call_command("refit", "--project", project.name, "--no-query")
+    project.refresh_from_db()
+    model, encoder = project.active_model, project.active_encoder
+    assert model.config["pixels"] == {"side": PIXEL_SIDE, "weight": 1.0}
+    assert "16 px thumbnails (weight 1)" in capsys.readouterr().out
+    dim = services.embedding_table(encoder).vectors.shape[1]
+    head = services.version_heads(model).heads[pool[0].label_set_id]
+    assert head.coef.shape == (2, dim + PIXEL_SIDE * PIXEL_SIDE)
+    paths = embeddings_paths(encoder)
+    thumbs, ids = np.load(paths["thumbs"]), np.load(paths["ids"])
+    assert thumbs.shape == (len(ids), 256) and thumbs.dtype == np.float32
+    assert 0 <= thumbs.min() and thumbs.max() <= 1 and thumbs.std() > 0.01
+    stored = {p.scan_id: p.probabilities for p in Prediction.objects.filter(model_version=model)}
+    again = services.predictor_for(model)(pool)
+    column = {c: i for i, c in enumerate(c["id"] for c in model.config["classes"])}
+    for scan, row in zip(pool, again):
+        for class_id, p in stored[scan.pk].items():
+            assert row[column[int(class_id)]] == pytest.approx(p, abs=1e-5)
+    result = services.classify_image(project=project, preview_png=pool[0].preview.read())
+    by_name = {p["name"]: p["p"] for p in result["probabilities"]}
+    p_stored = stored[pool[0].pk]
+    for name, label_class in classes.items():
+        assert by_name[name] == pytest.approx(p_stored[str(label_class.pk)], abs=1e-3)
+
+    paths["thumbs"].unlink()               # an encoder embedded before thumbnails existed
+    call_command("refit", "--project", project.name, "--no-query")
+    assert "thumbnails for the" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(paths["thumbs"]), thumbs, atol=1e-6)
+
+    settings.REFIT_PIXEL_WEIGHT = 0.0
+    call_command("refit", "--project", project.name, "--no-query")
+    latest = ModelVersion.objects.filter(project=project, kind="classifier").latest("pk")
+    assert latest.config["pixels"] is None
+    assert services.version_heads(latest).heads[pool[0].label_set_id].coef.shape == (2, dim)

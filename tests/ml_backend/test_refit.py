@@ -131,3 +131,57 @@ def test_balanced_bias_matches_the_known_shift():
     with pytest.raises(ValueError):
         fit_balanced_bias(logits[:, :1].ravel(), y)
     assert not fit_balanced_bias(logits, np.zeros(len(y), dtype=int)).any()
+
+
+def test_thumbnails_average_blocks_and_fall_back_to_a_box_filter():
+    from ml_backend.active.features import thumbnails
+
+    images = np.zeros((2, 64, 64), np.uint8)
+    images[0, :32, :32] = 255                         # the top-left quarter white
+    images[1] = np.arange(64, dtype=np.uint8)[None, :] * 4
+    small = thumbnails(images, 16)
+    assert small.shape == (2, 256) and small.dtype == np.float32
+    grid = small[0].reshape(16, 16)
+    assert grid[:8, :8].min() == 1.0 and grid[8:].max() == 0.0 and grid[:, 8:].max() == 0.0
+    # a block's mean, unrounded: columns 0..3 of the ramp are 0, 4, 8, 12 → 6 / 255
+    assert small[1].reshape(16, 16)[0, 0] == pytest.approx(6 / 255, abs=1e-7)
+    colour = np.zeros((1, 60, 60, 3), np.uint8)       # 60 is not a multiple of 16
+    colour[..., 2] = 255
+    rgb = thumbnails(colour, 16).reshape(16, 16, 3)
+    assert rgb[..., 2].min() == 1.0 and rgb[..., :2].max() == 0.0
+    assert thumbnails(np.zeros((0, 64, 64), np.uint8)).shape == (0, 256)
+    with pytest.raises(ValueError, match="uint8"):
+        thumbnails(np.zeros((1, 64, 64), np.float32))
+
+
+def test_block_weights_and_a_head_on_the_embedding_and_the_pixels(tmp_path):
+    """A pixel block weighted up is regularised less; the weights live in the head's
+    ``scale``, so a saved head predicts the same; a block that alone carries the class
+    lets the hybrid head beat the embedding-only one."""
+    from ml_backend.active.features import block_weights, head_inputs
+
+    weights = block_weights(512, 128, 1.0)
+    assert weights.shape == (640,) and weights[:512].tolist() == [1.0] * 512
+    assert weights[512] == pytest.approx(2.0)                       # sqrt(512 / 128)
+    assert block_weights(512, 0).shape == (512,)
+    with pytest.raises(ValueError):
+        block_weights(512, 128, 0.0)
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    embedding = rng.normal(0, 1, (400, 32)) + y[:, None] * 0.15     # a weak signal
+    pixels = np.clip(rng.normal(0.5, 0.1, (400, 16)) + y[:, None] * 0.08, 0, 1)   # a strong one
+    x = head_inputs(embedding, pixels.astype(np.float32))
+    assert x.shape == (400, 48)
+    w = block_weights(32, 16, 1.0)
+    hybrid, _ = fit_head(x[:200], y[:200], feature_weights=w)
+    alone, _ = fit_head(embedding[:200], y[:200])
+    accuracy = lambda head, v: (head.class_ids[head.predict_proba(v).argmax(1)] == y[200:]).mean()
+    assert accuracy(hybrid, x[200:]) > accuracy(alone, embedding[200:]) + 0.1
+    plain, _ = fit_head(x[:200], y[:200])
+    assert not np.allclose(plain.scale, hybrid.scale)
+    np.testing.assert_allclose(hybrid.scale[32:] * w[32:], plain.scale[32:])
+    hybrid.save(tmp_path / "hybrid.npz")
+    np.testing.assert_allclose(LinearHead.load(tmp_path / "hybrid.npz").predict_proba(x[200:]),
+                               hybrid.predict_proba(x[200:]), atol=1e-6)
+    with pytest.raises(ValueError, match="positive"):
+        fit_head(x[:200], y[:200], feature_weights=np.ones(47))
