@@ -628,7 +628,12 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
     from annotator.models import Annotation, LabelClass, Membership, Project, Scan, ScanLease
     from ml_backend import services as ml
     from ml_backend.active.features import PIXEL_SIDE, block_weights, thumbnails
-    from ml_backend.active.refit import PRODUCT_PROTOTYPE_N0, SetHeads, fit_head
+    from ml_backend.active.refit import (
+        PRODUCT_PROTOTYPE_N0,
+        SetHeads,
+        fit_head,
+        fit_head_choosing_block,
+    )
     from ml_backend.data.arrays import load_images
     from ml_backend.models import ModelVersion, Prediction, QueryRound, TrainingRun
     from ml_backend.ssl.train import embed, load_pretrained
@@ -992,9 +997,11 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                     y = np.array([labels_by_row[i] for i in rows])
                     if len(set(y.tolist())) < 2:
                         continue
-                    head, _ = fit_head(vectors[rows], y, seed=0,
-                                       prototype_n0=PRODUCT_PROTOTYPE_N0,
-                                       balance=settings.REFIT_BALANCE, feature_weights=weights)
+                    options = {"seed": 0, "prototype_n0": PRODUCT_PROTOTYPE_N0,
+                               "balance": settings.REFIT_BALANCE}
+                    head, _ = (fit_head_choosing_block(vectors[rows], y, embedding_dim=dim,
+                                                       feature_weights=weights, **options)
+                               if pixels else fit_head(vectors[rows], y, **options))
                     heads[set_id] = head
                     ids += [int(c) for c in head.class_ids]
                 return (score_heads(SetHeads(heads=heads, class_ids=ids), evals, pixels)

@@ -43,7 +43,7 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 from bench.ssl_eval import (build_parser, get_encoder, hybrid_pixels, load_data, log,
                             pretrain_config)
 from ml_backend.active.features import block_weights, head_inputs, thumbnails
-from ml_backend.active.refit import fit_head
+from ml_backend.active.refit import fit_head, fit_head_choosing_block
 from ml_backend.ssl.train import embed
 
 
@@ -161,18 +161,20 @@ class SharedCovarianceHead:
 
 
 def head_options(name: str) -> dict:
-    """``fit_head`` options of a --heads entry (``NAME[+px][@C]``: ``+px`` fits it on the
-    embedding and a pixel thumbnail side by side, as ``--hybrid-pixels`` says; ``@C`` sets
-    the logistic head's inverse L2 strength, 1 by default). Heads with a balance correction need the
+    """``fit_head`` options of a --heads entry (``NAME[+px|+auto][@C]``: ``+px`` fits it on
+    the embedding and a pixel thumbnail side by side, as ``--hybrid-pixels`` says; ``+auto``
+    as the refit does, with the thumbnail only where it predicts the labels better out of
+    fold (``fit_head_choosing_block``); ``@C`` sets the logistic head's inverse L2
+    strength, 1 by default). Heads with a balance correction need the
     out-of-fold step (4 folds); the others skip it (``folds=0``: one temperature for every
     logit cannot change an argmax, so recall, precision and F1 are the same, 5x faster)."""
     name, _, strength = name.partition("@")
-    pixels = name.endswith("+px")
-    options = _head_options(name.removesuffix("+px"))
+    pixels = "auto" if name.endswith("+auto") else name.endswith("+px")
+    options = _head_options(name.removesuffix("+px").removesuffix("+auto"))
     if pixels:
         if "lda" in options:
-            raise SystemExit("--heads: +px applies to the logistic heads, not lda")
-        options["pixels"] = True
+            raise SystemExit("--heads: +px and +auto apply to the logistic heads, not lda")
+        options["pixels"] = pixels
     if strength:
         if "lda" in options:
             raise SystemExit("--heads: @C applies to the logistic heads, not lda")
@@ -204,10 +206,14 @@ def _head_options(name: str) -> dict:
                      "balance:B, selftrain:TAU or lda:S, each optionally @C)")
 
 
-def fit_one(x, y, *, seed: int, lda=None, **options):
-    """The head a --heads entry names, fit on ``(x, y)``."""
+def fit_one(x, y, *, seed: int, lda=None, embedding_dim=None, **options):
+    """The head a --heads entry names, fit on ``(x, y)`` (with ``embedding_dim``: the
+    refit's choice of the pixel block, ``x`` holding the embedding and the thumbnail)."""
     if lda is not None:
         return SharedCovarianceHead(x, y, lda)
+    if embedding_dim is not None:
+        return fit_head_choosing_block(x, y, seed=seed, embedding_dim=embedding_dim,
+                                       **options)[0]
     return fit_head(x, y, seed=seed, **options)[0]
 
 
@@ -279,9 +285,12 @@ def main(argv=None) -> int:
     for head_name, options in heads.items():
         # the heads read hx / ex (the embedding, or it and the thumbnail); the candidates
         # the class page offers stay nearest neighbours in the embedding (train_x)
-        hx, ex = hybrid if options.pop("pixels", False) else (train_x, eval_x)
-        if hx is not train_x:
+        pixels = options.pop("pixels", False)
+        hx, ex = hybrid if pixels else (train_x, eval_x)
+        if pixels:
             options["feature_weights"] = pixel_weights
+        if pixels == "auto":
+            options["embedding_dim"] = train_x.shape[1]
         plain = {k: v for k, v in options.items() if k != "selftrain"}
         full = fit_one(hx, train_y, seed=0, **plain)
         full_pred = full.class_ids[full.predict_proba(ex).argmax(1)]

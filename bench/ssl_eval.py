@@ -19,6 +19,9 @@ each label fraction and seed compare, on the same stratified labeled subset:
 - ``hybrid_probe``    the refit's head (``fit_head`` with ``features.block_weights``, no
                       calibration) on those features and a 16 x 16 thumbnail of the pixels
                       side by side (``--hybrid-pixels SIDE:WEIGHT``);
+- ``refit_head``      the refit's head exactly as the product fits it: balanced, calibrated,
+                      and keeping the thumbnail only where it predicts the labels better out
+                      of fold (``fit_head_choosing_block``);
 - ``simclr_finetune`` SimCLRv2 step 2, LP-FT by default (see --finetune-* options);
 - ``simclr_distill``  self-distillation of that model on all train images + the labels.
 
@@ -49,7 +52,12 @@ from sklearn.preprocessing import StandardScaler
 
 from ml_backend.active.features import (PIXEL_SIDE, PIXEL_WEIGHT, block_weights, head_inputs,
                                         thumbnails)
-from ml_backend.active.refit import fit_head
+from ml_backend.active.refit import (
+    PRODUCT_BALANCE,
+    PRODUCT_PROTOTYPE_N0,
+    fit_head,
+    fit_head_choosing_block,
+)
 from ml_backend.data.arrays import as_channels, to_square
 from ml_backend.data.datasets import read_source
 from ml_backend.data.decode import ScanDecodeError, decode_scan
@@ -73,8 +81,8 @@ from ml_backend.ssl.train import (
     pretrain,
 )
 
-METHODS = ["pixels_logreg", "supervised", "linear_probe", "hybrid_probe", "simclr_finetune",
-           "simclr_distill"]
+METHODS = ["pixels_logreg", "supervised", "linear_probe", "hybrid_probe", "refit_head",
+           "simclr_finetune", "simclr_distill"]
 CACHE_VERSION = "1"
 HASH_DISTANCE = 4
 MIN_CORRELATION = 0.95
@@ -664,18 +672,26 @@ def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
                                        device=args.device)
         return predict_proba(teacher["model"], data["x_eval"], config, device=args.device)
 
-    def hybrid_probe():
+    def hybrid_head(product: bool):
         side, weight = hybrid_pixels(args)
         train_x = head_inputs(embeddings["train"][subset], thumbnails(x, side))
-        head, _ = fit_head(train_x, y, seed=seed, folds=0, feature_weights=block_weights(
-            embeddings["train"].shape[1], train_x.shape[1] - embeddings["train"].shape[1],
-            weight))
+        dim = embeddings["train"].shape[1]
+        weights = block_weights(dim, train_x.shape[1] - dim, weight)
+        if product:
+            head, _ = fit_head_choosing_block(train_x, y, seed=seed, embedding_dim=dim,
+                                              feature_weights=weights,
+                                              prototype_n0=PRODUCT_PROTOTYPE_N0,
+                                              balance=PRODUCT_BALANCE)
+        else:
+            head, _ = fit_head(train_x, y, seed=seed, folds=0, feature_weights=weights)
         proba = np.zeros((len(data["x_eval"]), num_classes))
         proba[:, head.class_ids] = head.predict_proba(
-            head_inputs(embeddings["eval"], thumbnails(data["x_eval"], side)), calibrated=False)
+            head_inputs(embeddings["eval"], thumbnails(data["x_eval"], side)),
+            calibrated=product)
         return proba
 
-    timed("hybrid_probe", hybrid_probe)
+    timed("hybrid_probe", lambda: hybrid_head(False))
+    timed("refit_head", lambda: hybrid_head(True))
     timed("simclr_finetune", simclr_finetune)
 
     def simclr_distill():
@@ -820,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"--evaluations: unknown {sorted(bad)}; choose from "
                          f"{', '.join(METHODS)}")
+    hybrid_pixels(args)                       # a bad --hybrid-pixels: refused before any work
     methods = args.methods.split(",")
     bad = set(methods) - set(SSL_METHODS)
     if bad:

@@ -10,7 +10,8 @@ import sys
 
 NAMES = {"pixels_logreg": "raw pixels + logreg (floor)", "supervised": "supervised from scratch",
          "linear_probe": "SimCLRv2 linear probe",
-         "hybrid_probe": "embedding + 16 px thumbnail (the refit's head)",
+         "hybrid_probe": "embedding + 16 px thumbnail",
+         "refit_head": "the refit's head (thumbnail where it helps out of fold)",
          "simclr_finetune": "SimCLRv2 fine-tuned (head layer 1)",
          "simclr_distill": "distilled student"}
 

@@ -14,9 +14,15 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from ml_backend.metrics.reports import fit_balanced_bias, fit_temperature
+from ml_backend.metrics.reports import (
+    fit_balanced_bias,
+    fit_temperature,
+    negative_log_likelihood,
+)
 
 
+# The standardising scale of a feature a head ignores (``_pad``): anything / 1e12 is ~0.
+IGNORED_SCALE = 1e12
 # Cosine logits of the prototype component: kappa * cos(scan, class mean).
 PROTOTYPE_KAPPA = 10.0
 # The refit's n0 (``fit_head(prototype_n0=...)``): chosen with bench.new_class, see
@@ -171,7 +177,7 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
         return head
 
     counts = np.bincount(y)
-    temperature, calibrated_on, bias = 1.0, 0, None
+    temperature, calibrated_on, bias, oof_nll = 1.0, 0, None, None
     k = min(folds, int(counts.min()))
     if len(y) >= min_calibration and k >= 2:
         out_of_fold = np.zeros((len(y), len(class_ids)))
@@ -183,13 +189,49 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
             out_of_fold = out_of_fold + bias[None, :]
         temperature = fit_temperature(out_of_fold, y)
         calibrated_on = len(y)
+        oof_nll = negative_log_likelihood(out_of_fold, y, temperature)
     head = build(np.arange(len(y)))
     head.temperature = float(temperature)
     head.bias = bias
     return head, {"num_labels": int(len(y)), "temperature": float(temperature),
                   "calibrated_on": calibrated_on, "classes": class_ids.tolist(),
                   "prototype_n0": float(prototype_n0), "balance": float(balance),
-                  "bias": None if bias is None else [float(b) for b in bias]}
+                  "bias": None if bias is None else [float(b) for b in bias],
+                  "out_of_fold_nll": oof_nll}
+
+
+def _pad(head: LinearHead, extra: int) -> LinearHead:
+    """``head`` reading ``extra`` more features it ignores (zero weights, standardised to
+    ~0), so heads with and without a pixel block read the same inputs."""
+    if not extra:
+        return head
+    head.coef = np.concatenate([head.coef, np.zeros((head.coef.shape[0], extra))], axis=1)
+    head.mean = np.concatenate([head.mean, np.zeros(extra)])
+    head.scale = np.concatenate([head.scale, np.full(extra, IGNORED_SCALE)])
+    if head.prototypes is not None:
+        head.prototypes = np.concatenate(
+            [head.prototypes, np.zeros((head.prototypes.shape[0], extra))], axis=1)
+    return head
+
+
+def fit_head_choosing_block(x: np.ndarray, labels: np.ndarray, *, embedding_dim: int,
+                            feature_weights: np.ndarray, **options
+                            ) -> tuple[LinearHead, dict]:
+    """``fit_head`` twice — on the embedding (``x[:, :embedding_dim]``) alone and on all of
+    ``x`` with ``feature_weights`` (the embedding and a pixel block) — and keep the one whose
+    out-of-fold predictions of these labels have the lower negative log-likelihood at their
+    fitted temperature. The embedding alone is kept while there are too few labels to
+    calibrate out of fold (nothing says the pixels help yet). The head returned always
+    reads all of ``x`` (without the block, it ignores it). ``info["pixels"]`` says which
+    was kept, ``info["out_of_fold_nll_alone"]`` / ``["out_of_fold_nll_pixels"]`` why."""
+    x = np.asarray(x, dtype=np.float64)
+    alone, info = fit_head(x[:, :embedding_dim], labels, **options)
+    both, both_info = fit_head(x, labels, feature_weights=feature_weights, **options)
+    nll_alone, nll_both = info["out_of_fold_nll"], both_info["out_of_fold_nll"]
+    use = nll_alone is not None and nll_both is not None and nll_both < nll_alone - 1e-6
+    head, chosen = (both, both_info) if use else (_pad(alone, x.shape[1] - embedding_dim), info)
+    return head, {**chosen, "pixels": bool(use), "out_of_fold_nll_alone": nll_alone,
+                  "out_of_fold_nll_pixels": nll_both}
 
 
 @dataclass

@@ -669,7 +669,12 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
     refit. The active version's own findings networks are carried over where they still
     beat the new heads (``_carried_networks``)."""
     from ml_backend.active.features import PIXEL_SIDE, block_weights
-    from ml_backend.active.refit import PRODUCT_PROTOTYPE_N0, SetHeads, fit_head
+    from ml_backend.active.refit import (
+        PRODUCT_PROTOTYPE_N0,
+        SetHeads,
+        fit_head,
+        fit_head_choosing_block,
+    )
 
     started = time.perf_counter()
     encoder = run.project.active_encoder
@@ -684,11 +689,12 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
     for row, class_id in enumerate(class_ids):
         by_set.setdefault(class_set[class_id], []).append(row)
     # the heads read the embedding and, unless MEDLABEL_REFIT_PIXEL_WEIGHT is 0, each scan's
-    # thumbnail beside it (ml_backend/active/features.py)
+    # thumbnail beside it (ml_backend/active/features.py); each set's head keeps the
+    # thumbnail only where it predicts the set's own labels better out of fold
     weight = settings.REFIT_PIXEL_WEIGHT
     pixels = {"side": PIXEL_SIDE, "weight": weight} if weight > 0 else None
     vectors = head_inputs_for(encoder, scans, pixels) if scans else None
-    feature_weights = None
+    feature_weights = dim = None
     if vectors is not None and pixels:
         dim = embedding_table(encoder).vectors.shape[1]
         feature_weights = block_weights(dim, vectors.shape[1] - dim, weight)
@@ -699,16 +705,23 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
         if len(set(labels.tolist())) < 2:
             skipped.append(f"{sets[set_id].name}: labels of 1 class so far")
             continue
-        head, info = fit_head(vectors[rows], labels, seed=run.params.get("seed", 0),
-                              prototype_n0=PRODUCT_PROTOTYPE_N0,
-                              balance=settings.REFIT_BALANCE, feature_weights=feature_weights)
+        options = {"seed": run.params.get("seed", 0), "prototype_n0": PRODUCT_PROTOTYPE_N0,
+                   "balance": settings.REFIT_BALANCE}
+        if feature_weights is None:
+            head, info = fit_head(vectors[rows], labels, **options)
+        else:
+            head, info = fit_head_choosing_block(vectors[rows], labels, embedding_dim=dim,
+                                                 feature_weights=feature_weights, **options)
         heads[set_id] = head
         set_configs.append({"id": set_id, "name": sets[set_id].name,
                             "classes": [int(c) for c in head.class_ids],
                             "head": f"head-{set_id}.npz", "num_labels": len(rows),
                             "temperature": info["temperature"],
                             "calibrated_on": info["calibrated_on"],
-                            "balance": info["balance"], "bias": info["bias"]})
+                            "balance": info["balance"], "bias": info["bias"],
+                            "pixels": info.get("pixels", False),
+                            "out_of_fold_nll": {k: info.get(f"out_of_fold_nll_{k}") for k in
+                                                ("alone", "pixels")}})
     networks = networks or {}
     findings_fits = fit_findings_sets(run.project, encoder, seed=run.params.get("seed", 0),
                                       report=report, skip=set(networks))
@@ -758,9 +771,11 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
         report.log(f"refit took {time.perf_counter() - started:.1f}s")
         return
     report.log(f"refit {model.version}: linear heads on {encoder.version} embeddings"
-               + (f" and {PIXEL_SIDE} px thumbnails (weight {weight:g})" if pixels else "") + ", "
+               + (f" and {PIXEL_SIDE} px thumbnails (weight {weight:g}) where they help" if pixels
+                  else "") + ", "
                f"{len(scans)} labels; " + "; ".join(
                    f"{c['name']}: {len(c['classes'])} classes, T={c['temperature']:.2f}"
+                   + (", with the thumbnail" if c["pixels"] else "")
                    for c in set_configs) + ("; skipped " + "; ".join(skipped) if skipped else ""))
     multi = SetHeads(heads=heads, class_ids=classes)
     timings["fit_s"] = time.perf_counter() - started - sum(timings.values())

@@ -46,6 +46,10 @@ def test_heads_are_compared_on_the_same_picks(tmp_path):
 
 def test_head_entries_parse_strength_and_the_shared_covariance_head():
     assert new_class.head_options("balance:0.5@0.2") == {"balance": 0.5, "folds": 4, "c": 0.2}
+    assert new_class.head_options("linear+px@2") == {"prototype_n0": 0.0, "folds": 0,
+                                                     "pixels": True, "c": 2.0}
+    with pytest.raises(SystemExit, match="not lda"):
+        new_class.head_options("lda:0.5+px")
     assert new_class.head_options("lda:auto") == {"lda": "auto"}
     with pytest.raises(SystemExit, match="not lda"):
         new_class.head_options("lda:0.5@0.1")
@@ -123,7 +127,8 @@ def test_reviewing_candidates_labels_the_nearest_scans_with_their_true_class():
 def test_the_review_rounds_are_reported(tmp_path):
     out = tmp_path / "review.json"
     assert new_class.main(fixture_args(tmp_path, out) + [
-        "--seeds", "1", "--new-labels", "3", "--confirm-rounds", "2"]) == 0
+        "--seeds", "1", "--new-labels", "3", "--confirm-rounds", "2",
+        "--heads", "linear+px", "--review-order", "margin"]) == 0
     data = json.loads(out.read_text())
     (row,) = data["rows"]
     assert [r["round"] for r in row["confirm_rounds"]] == [1, 2]

@@ -174,13 +174,17 @@ def test_an_encoder_evaluated_as_is_with_a_subset_of_methods(tmp_path, capsys):
              checkpoint_path=encoder)
     args = bench_args(tmp_path, "as-is.json")
     args[args.index("--epochs") + 1] = "0"
-    args += ["--init-checkpoint", str(encoder), "--evaluations", "pixels_logreg,linear_probe",
-             "--labels-fraction", "1.0"]
+    args += ["--init-checkpoint", str(encoder), "--evaluations",
+             "pixels_logreg,linear_probe,hybrid_probe", "--labels-fraction", "1.0"]
     assert ssl_eval.main(args) == 0
     result = json.loads((tmp_path / "as-is.json").read_text())
     assert result["configs"]["pretrain"]["image_size"] == 40      # the checkpoint's, not 32
     assert result["pretrain"]["init_checkpoint"] == str(encoder)
-    assert set(result["aggregates"]["1"]) == {"pixels_logreg", "linear_probe"}
+    assert set(result["aggregates"]["1"]) == {"pixels_logreg", "linear_probe", "hybrid_probe"}
+    hybrid = result["aggregates"]["1"]["hybrid_probe"]
+    assert 0 <= hybrid["macro_f1"]["mean"] <= 1 and hybrid["macro_auc"]["mean"] is not None
+    with pytest.raises(SystemExit, match="SIDE:WEIGHT"):
+        ssl_eval.main(args + ["--hybrid-pixels", "16"])
     assert "pretrain epoch" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown"):
         ssl_eval.main(args + ["--evaluations", "pixels_logreg,nonsense"])

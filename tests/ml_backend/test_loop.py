@@ -167,6 +167,8 @@ def test_refit_heads_read_each_scans_thumbnail_beside_its_embedding(embedded_pro
     project.refresh_from_db()
     model, encoder = project.active_model, project.active_encoder
     assert model.config["pixels"] == {"side": PIXEL_SIDE, "weight": 1.0}
+    (fit,) = model.config["label_sets"]          # kept where it beats the embedding alone
+    assert isinstance(fit["pixels"], bool) and set(fit["out_of_fold_nll"]) == {"alone", "pixels"}
     assert "16 px thumbnails (weight 1)" in capsys.readouterr().out
     dim = services.embedding_table(encoder).vectors.shape[1]
     head = services.version_heads(model).heads[pool[0].label_set_id]

@@ -185,3 +185,40 @@ def test_block_weights_and_a_head_on_the_embedding_and_the_pixels(tmp_path):
                                hybrid.predict_proba(x[200:]), atol=1e-6)
     with pytest.raises(ValueError, match="positive"):
         fit_head(x[:200], y[:200], feature_weights=np.ones(47))
+
+
+def test_the_refit_keeps_the_pixel_block_only_where_it_helps_out_of_fold(tmp_path):
+    from ml_backend.active.features import block_weights, head_inputs
+    from ml_backend.active.refit import fit_head_choosing_block
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 300)
+    w = block_weights(32, 16, 1.0)
+    weak = rng.normal(0, 1, (300, 32)) + y[:, None] * 0.15
+    strong_pixels = np.clip(rng.normal(0.5, 0.1, (300, 16)) + y[:, None] * 0.08, 0, 1)
+    x = head_inputs(weak, strong_pixels)
+    head, info = fit_head_choosing_block(x[:200], y[:200], embedding_dim=32, feature_weights=w,
+                                         balance=0.5)
+    assert info["pixels"] and info["out_of_fold_nll_pixels"] < info["out_of_fold_nll_alone"]
+    assert np.abs(head.coef[:, 32:]).sum() > 0
+
+    rng = np.random.default_rng(0)         # an embedding that carries the class, noise pixels
+    y = rng.integers(0, 2, 300)
+    strong = rng.normal(0, 1, (300, 32)) + y[:, None] * 0.5
+    noise = rng.uniform(0, 1, (300, 64))
+    x = head_inputs(strong, noise)
+    w = block_weights(32, 64, 1.0)
+    head, info = fit_head_choosing_block(x[:200], y[:200], embedding_dim=32, feature_weights=w,
+                                         balance=0.5)
+    assert not info["pixels"]
+    assert head.coef.shape == (2, 96) and not head.coef[:, 32:].any()   # reads x, ignores it
+    alone, _ = fit_head(strong[:200], y[:200], balance=0.5)
+    np.testing.assert_allclose(head.predict_proba(x[200:]), alone.predict_proba(strong[200:]),
+                               atol=1e-6)
+    head.save(tmp_path / "padded.npz")
+    np.testing.assert_allclose(LinearHead.load(tmp_path / "padded.npz").predict_proba(x[200:]),
+                               alone.predict_proba(strong[200:]), atol=1e-6)
+    # too few labels to judge out of fold: the embedding alone
+    few = np.array([0, 1, 0, 1, 0, 1])
+    head, info = fit_head_choosing_block(x[:6], few, embedding_dim=32, feature_weights=w)
+    assert not info["pixels"] and info["out_of_fold_nll_pixels"] is None
