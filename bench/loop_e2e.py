@@ -999,8 +999,9 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                         continue
                     options = {"seed": 0, "prototype_n0": PRODUCT_PROTOTYPE_N0,
                                "balance": settings.REFIT_BALANCE}
-                    head, _ = (fit_head_choosing_block(vectors[rows], y, embedding_dim=dim,
-                                                       feature_weights=weights, **options)
+                    head, _ = (fit_head_choosing_block(
+                        vectors[rows], y, embedding_dim=dim, feature_weights=weights,
+                        always=settings.REFIT_PIXELS == "always", **options)
                                if pixels else fit_head(vectors[rows], y, **options))
                     heads[set_id] = head
                     ids += [int(c) for c in head.class_ids]

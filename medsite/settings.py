@@ -285,6 +285,13 @@ REFIT_BALANCE = env_float("MEDLABEL_REFIT_BALANCE", 0.5, minimum=0.0, maximum=1.
 # this weight against it (ml_backend/active/features.py; docs/benchmarks.md "A head on the
 # embedding and the pixels"). 0: the embedding alone, as before.
 REFIT_PIXEL_WEIGHT = env_float("MEDLABEL_REFIT_PIXEL_WEIGHT", 1.0, minimum=0.0, maximum=10.0)
+# auto: each label set's head keeps the thumbnail only where it predicts the set's own labels
+# better out of fold; always: every head reads it (docs/benchmarks.md, "A head on the
+# embedding and the pixels", compares them).
+REFIT_PIXELS = env_str("MEDLABEL_REFIT_PIXELS", "auto")
+if REFIT_PIXELS not in ("auto", "always"):
+    raise ImproperlyConfigured(f"MEDLABEL_REFIT_PIXELS={REFIT_PIXELS!r}: use auto or always "
+                               "(MEDLABEL_REFIT_PIXEL_WEIGHT=0 turns the thumbnail off)")
 # The hybrid worklist picks typical scans (TypiClust) while a label set has fewer labeled scans
 # than this per class, and the most uncertain after; 0: uncertainty as soon as a head exists.
 # The default is ml_backend.active.strategies.PRODUCT_TYPICAL_BELOW (docs/benchmarks.md).

@@ -215,7 +215,7 @@ def _pad(head: LinearHead, extra: int) -> LinearHead:
 
 
 def fit_head_choosing_block(x: np.ndarray, labels: np.ndarray, *, embedding_dim: int,
-                            feature_weights: np.ndarray, **options
+                            feature_weights: np.ndarray, always: bool = False, **options
                             ) -> tuple[LinearHead, dict]:
     """``fit_head`` twice — on the embedding (``x[:, :embedding_dim]``) alone and on all of
     ``x`` with ``feature_weights`` (the embedding and a pixel block) — and keep the one whose
@@ -223,8 +223,13 @@ def fit_head_choosing_block(x: np.ndarray, labels: np.ndarray, *, embedding_dim:
     fitted temperature. The embedding alone is kept while there are too few labels to
     calibrate out of fold (nothing says the pixels help yet). The head returned always
     reads all of ``x`` (without the block, it ignores it). ``info["pixels"]`` says which
-    was kept, ``info["out_of_fold_nll_alone"]`` / ``["out_of_fold_nll_pixels"]`` why."""
+    was kept, ``info["out_of_fold_nll_alone"]`` / ``["out_of_fold_nll_pixels"]`` why.
+    ``always``: no choice, the block is kept (one fit)."""
     x = np.asarray(x, dtype=np.float64)
+    if always:
+        head, info = fit_head(x, labels, feature_weights=feature_weights, **options)
+        return head, {**info, "pixels": True, "out_of_fold_nll_alone": None,
+                      "out_of_fold_nll_pixels": info["out_of_fold_nll"]}
     alone, info = fit_head(x[:, :embedding_dim], labels, **options)
     both, both_info = fit_head(x, labels, feature_weights=feature_weights, **options)
     nll_alone, nll_both = info["out_of_fold_nll"], both_info["out_of_fold_nll"]

@@ -711,7 +711,9 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
             head, info = fit_head(vectors[rows], labels, **options)
         else:
             head, info = fit_head_choosing_block(vectors[rows], labels, embedding_dim=dim,
-                                                 feature_weights=feature_weights, **options)
+                                                 feature_weights=feature_weights,
+                                                 always=settings.REFIT_PIXELS == "always",
+                                                 **options)
         heads[set_id] = head
         set_configs.append({"id": set_id, "name": sets[set_id].name,
                             "classes": [int(c) for c in head.class_ids],

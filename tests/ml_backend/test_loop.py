@@ -194,6 +194,12 @@ def test_refit_heads_read_each_scans_thumbnail_beside_its_embedding(embedded_pro
     assert "thumbnails for the" in capsys.readouterr().out
     np.testing.assert_allclose(np.load(paths["thumbs"]), thumbs, atol=1e-6)
 
+    settings.REFIT_PIXELS = "always"         # no out-of-fold choice: every head reads it
+    call_command("refit", "--project", project.name, "--no-query")
+    latest = ModelVersion.objects.filter(project=project, kind="classifier").latest("pk")
+    assert latest.config["label_sets"][0]["pixels"] is True
+    assert "with the thumbnail" in capsys.readouterr().out
+
     settings.REFIT_PIXEL_WEIGHT = 0.0
     call_command("refit", "--project", project.name, "--no-query")
     latest = ModelVersion.objects.filter(project=project, kind="classifier").latest("pk")

@@ -222,3 +222,16 @@ def test_the_refit_keeps_the_pixel_block_only_where_it_helps_out_of_fold(tmp_pat
     few = np.array([0, 1, 0, 1, 0, 1])
     head, info = fit_head_choosing_block(x[:6], few, embedding_dim=32, feature_weights=w)
     assert not info["pixels"] and info["out_of_fold_nll_pixels"] is None
+
+
+def test_always_keeps_the_pixel_block_without_a_choice():
+    from ml_backend.active.features import block_weights, head_inputs
+    from ml_backend.active.refit import fit_head_choosing_block
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)
+    x = head_inputs(rng.normal(0, 1, (120, 8)) + y[:, None], rng.uniform(0, 1, (120, 4)))
+    head, info = fit_head_choosing_block(x, y, embedding_dim=8, always=True,
+                                         feature_weights=block_weights(8, 4))
+    assert info["pixels"] and info["out_of_fold_nll_alone"] is None
+    assert np.abs(head.coef[:, 8:]).sum() > 0
