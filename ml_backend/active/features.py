@@ -22,7 +22,9 @@ import numpy as np
 from PIL import Image
 
 # The refit's pixel block (chosen with bench.ssl_eval --evaluations hybrid_probe and
-# bench.new_class --pixels: docs/benchmarks.md, "A head on the embedding and the pixels").
+# --hybrid-pixels, and bench.new_class --heads NAME+px: docs/benchmarks.md, "A head on the
+# embedding and the pixels"). medsite/settings.py's MEDLABEL_REFIT_PIXEL_WEIGHT defaults to
+# PIXEL_WEIGHT.
 PIXEL_SIDE = 16
 # The pixel block's weight against the embedding's once both are standardised and scaled to
 # the same total variance (1: equal shares; 0: no pixel block, the embedding alone).

@@ -338,15 +338,15 @@ def embed_with(run: TrainingRun, encoder: ModelVersion, report: RunReporter, *,
                 old_thumbs = None
     known = set(old_ids.tolist())
     todo: list[ScanRef] = [s for s in scans if s.pk not in known]
-    model, config = encoder_network(encoder)
-    if old_vectors is not None and len(known) and old_thumbs is None:
+    if old_vectors is not None and len(known) and old_thumbs is None:   # once per encoder
         report.log(f"thumbnails for the {len(known)} scans embedded before them")
-        old_thumbs = _thumbs_of(old_ids, config)
+        old_thumbs = _thumbs_of(old_ids, encoder_network(encoder)[1])
         save_npy_atomic(paths["thumbs"], old_thumbs)
         save_npy_atomic(paths["ids"], old_ids)      # written last: readers reload the table
     if not todo and old_vectors is not None and len(known):
         report.log(f"embedding 0 scans with {encoder.version} ({len(known)} already embedded)")
         return            # nothing new: the vectors and the index stay as they are
+    model, config = encoder_network(encoder)        # torch and the network: only from here
     ready, parts = _embedded_parts(paths, {s.pk for s in todo}) if not full else ({}, [])
     rest = [s for s in todo if s.pk not in ready]
     report.log(f"embedding {len(rest)} scans with {encoder.version} ({len(known)} already "
