@@ -454,6 +454,10 @@ def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget
                                "held_back_macro_f1": point["newest"]["overall"]["macro_f1"],
                                "active_macro_f1": point["active"]["overall"]["macro_f1"]})
     summary["held_back_checks"] = checks
+    summary["pixel_choices"] = [
+        {"strategy": r["strategy"], "seed": r["seed"],
+         "steps": [{"labels": p["labels"], "sets": p.get("active_pixels")} for p in r["points"]]}
+        for r in runs]
     summary["wrong_set_predictions"] = sum(r["wrong_set"]["predicted_class"] for r in runs)
     summary["wrong_set_probability_keys"] = sum(r["wrong_set"]["probability_keys"] for r in runs)
     summary["wrong_set_suggestions_shown"] = sum(r["suggestions"]["wrong_set"] for r in runs)
@@ -473,6 +477,25 @@ def _cell(stats: dict | None, digits: int = 3) -> str:
     if stats.get("n", 1) > 1:
         return f"{stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f}"
     return f"{stats['mean']:.{digits}f}"
+
+
+def pixel_choice_lines(summary: dict) -> list[str]:
+    """``strategy/seed set: k of n`` — the steps whose active head for ``set`` read the
+    thumbnail, of the steps where that set had a head, and the label counts where it did."""
+    lines = []
+    for run in summary.get("pixel_choices") or []:
+        counts: dict = {}
+        for step in run["steps"]:
+            for name, used in (step["sets"] or {}).items():
+                entry = counts.setdefault(name, [0, 0, []])
+                entry[1] += 1
+                if used:
+                    entry[0] += 1
+                    entry[2].append(step["labels"])
+        for name, (used, total, where) in counts.items():
+            at = f" (at {', '.join(map(str, where))} labels)" if used and used < total else ""
+            lines.append(f"{run['strategy']}/{run['seed']} {name}: {used} of {total}{at}")
+    return lines
 
 
 def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
@@ -524,6 +547,10 @@ def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
         lines.append("\nLabels per label set at the budget (per run): " + "; ".join(
             f"{s}: " + ", ".join(str(x) for x in summary["final"][s]["labels_per_set"])
             for s in strategies))
+    choices = pixel_choice_lines(summary)
+    if choices:
+        lines.append("\nThe active model's heads that kept the thumbnail (label set: steps "
+                     "with it / steps with a head, per run): " + "; ".join(choices))
     if "labels_saved" in summary:
         lines.append("\n**Labels the worklist needs to reach random's final macro-F1**")
         for scope, row in summary["labels_saved"].items():
@@ -735,13 +762,15 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
             project=project, kind=ModelVersion.Kind.ENCODER, version=version,
             artifact_dir=str(directory), status=ModelVersion.Status.READY,
             config={"pretrain": asdict(config), "init_checkpoint": None,
-                    "imported_from": str(Path(args.encoder_checkpoint).resolve())})
+                    "imported_from": str(Path(args.encoder_checkpoint).resolve()),
+                    "embed_scales": list(settings.EMBED_SCALES)})
         ml.model_version_activate(encoder, reason="imported checkpoint (bench.loop_e2e)")
         run = ml.training_run_create(project=project, kind="embed", params={"full": True})
         run = ml.training_run_execute(run.pk)
         if run.status != TrainingRun.Status.SUCCEEDED:
             raise SystemExit(f"embed run failed: {run.last_error}")
-        encoder_info = {"source": "checkpoint", "path": str(args.encoder_checkpoint)}
+        encoder_info = {"source": "checkpoint", "path": str(args.encoder_checkpoint),
+                        "embed_scales": list(settings.EMBED_SCALES)}
     else:
         params = {"epochs": args.pretrain_epochs, "image_size": args.image_size,
                   "batch_size": args.batch_size}
@@ -900,6 +929,14 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                     if r.started_at and r.finished_at),
                 "refits_this_step": refit_runs.filter(created_at__gte=since).count()}
 
+    def pixel_choices(model) -> dict | None:
+        """Per label set of ``model``: did its head keep the thumbnail (the refit's
+        out-of-fold choice, ``label_sets[].pixels`` of the version's config)?"""
+        if model is None:
+            return None
+        return {entry["name"]: bool(entry.get("pixels"))
+                for entry in (model.config or {}).get("label_sets", [])}
+
     def one_run(strategy: str, seed: int) -> dict:
         project = reset(Project.objects.get(pk=project_pk))
         rng = random.Random(seed)
@@ -957,6 +994,7 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                          "active_version": model.version if model else None,
                          "active_num_labels": model.num_labels if model else None,
                          "active": score_model(model) if model else None,
+                         "active_pixels": pixel_choices(model),
                          # the newest refit, promoted or held back: was holding it back right?
                          "newest_version": newest.version if newest else None,
                          "newest": (score_model(newest) if newest is not None

@@ -40,11 +40,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from bench.ssl_eval import (build_parser, get_encoder, hybrid_pixels, load_data, log,
+from bench.ssl_eval import (build_parser, embed_sets, get_encoder, hybrid_pixels, load_data, log,
                             pretrain_config)
 from ml_backend.active.features import block_weights, head_inputs, thumbnails
 from ml_backend.active.refit import fit_head, fit_head_choosing_block
-from ml_backend.ssl.train import embed
 
 
 def old_macro_f1(head, x, y, old: list[int]) -> float:
@@ -270,8 +269,8 @@ def main(argv=None) -> int:
     names = data["class_names"]
     encoder, pre = get_encoder(data["x_train"], config, Path(args.cache_dir), args.device,
                                init=args.init_checkpoint, epochs=args.epochs)
-    train_x = embed(encoder.encoder, data["x_train"], config, device=args.device)
-    eval_x = embed(encoder.encoder, data["x_eval"], config, device=args.device)
+    embedded = embed_sets(encoder, data, config, args)
+    train_x, eval_x = embedded["train"], embedded["eval"]
     train_y, eval_y = data["y_train"], data["y_eval"]
     side, weight = hybrid_pixels(args)
     hybrid = (head_inputs(train_x, thumbnails(data["x_train"], side)),

@@ -65,6 +65,7 @@ from ml_backend.index.faiss_index import kmeans
 from ml_backend.metrics.reports import classification_report
 from ml_backend.data.findings import is_findings_source
 from ml_backend.ssl.config import BATCHNORM_MODES, SSL_METHODS
+from ml_backend.ssl.encoder import MultiScaleEncoder
 from ml_backend.ssl.train import (
     DistillConfig,
     FinetuneConfig,
@@ -218,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                         default=DistillConfig.student_init,
                         help="the distilled student starts as its teacher, or from the "
                              "pretrained encoder with a random last layer")
+    parser.add_argument("--embed-scales", default="1",
+                        help="the embedding reads each scan at these multiples of the "
+                             "encoder's size, side by side (the product's "
+                             "MEDLABEL_EMBED_SCALES, default there 1,2): linear_probe, "
+                             "hybrid_probe, refit_head and the label-free rows")
     parser.add_argument("--cache-dir", default="bench/cache")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when available, else cpu")
@@ -446,6 +452,13 @@ def load_data(args) -> dict:
     cache_dir = Path(args.cache_dir)
     channels = resolve_channels(args)
     train = load_spec(args.train, args.image_size, cache_dir, channels)
+    big = args.image_size * embed_scales(args)[-1]
+    keys = ("images", "labels", "names")
+    if big != args.image_size:
+        # the same scans at the largest embedding size, decoded from the source (not the
+        # small images enlarged: the finer view is the point), selected with the same indices
+        keys += ("images_big",)
+        train["images_big"] = _same_scans(train, load_spec(args.train, big, cache_dir, channels))
     info = {"train_spec": args.train, "eval_spec": args.eval,
             "train_unlabeled_skipped": train["unlabeled"], "train_failed": train["failed"]}
     if args.eval.startswith("split:"):
@@ -464,10 +477,13 @@ def load_data(args) -> dict:
         log(f"split {fraction:g}: {len(sizes)} groups over {len(groups)} scans "
             f"({info['scans_in_duplicate_groups']} in near-duplicate groups); "
             f"{len(train_idx)} train / {len(eval_idx)} eval")
-        evaluation = {k: train[k][eval_idx] for k in ("images", "labels", "names")}
-        train = {k: train[k][train_idx] for k in ("images", "labels", "names")}
+        evaluation = {k: train[k][eval_idx] for k in keys}
+        train = {k: train[k][train_idx] for k in keys}
     else:
         evaluation = load_spec(args.eval, args.image_size, cache_dir, channels)
+        if big != args.image_size:
+            evaluation["images_big"] = _same_scans(
+                evaluation, load_spec(args.eval, big, cache_dir, channels))
         info.update({"eval_unlabeled_skipped": evaluation["unlabeled"],
                      "eval_failed": evaluation["failed"]})
     class_names = sorted(set(train["labels"].tolist()))
@@ -484,14 +500,14 @@ def load_data(args) -> dict:
             "archive named otherwise, name the set: FILE.npz#test?set=pneumoniamnist")
     if not known.all():
         log(f"warning: dropped {int((~known).sum())} eval scan(s) whose class is not in train")
-        evaluation = {k: evaluation[k][known] for k in ("images", "labels", "names")}
+        evaluation = {k: evaluation[k][known] for k in keys}
         info["eval_unknown_class_dropped"] = int((~known).sum())
     if args.max_train and args.max_train < len(train["labels"]):
         keep = stratified_subset(train["labels"], args.max_train, seed=0)
-        train = {k: train[k][keep] for k in ("images", "labels", "names")}
+        train = {k: train[k][keep] for k in keys}
     if args.max_eval and args.max_eval < len(evaluation["labels"]):
         keep = stratified_subset(evaluation["labels"], args.max_eval, seed=0)
-        evaluation = {k: evaluation[k][keep] for k in ("images", "labels", "names")}
+        evaluation = {k: evaluation[k][keep] for k in keys}
     index = {name: i for i, name in enumerate(class_names)}
     y_train = np.array([index[v] for v in train["labels"]], dtype=np.int64)
     y_eval = np.array([index[v] for v in evaluation["labels"]], dtype=np.int64)
@@ -500,7 +516,26 @@ def load_data(args) -> dict:
                  "train_counts": np.bincount(y_train, minlength=len(class_names)).tolist(),
                  "eval_counts": np.bincount(y_eval, minlength=len(class_names)).tolist()})
     return {"x_train": train["images"], "y_train": y_train, "x_eval": evaluation["images"],
-            "y_eval": y_eval, "class_names": class_names, "info": info}
+            "y_eval": y_eval, "class_names": class_names, "info": info,
+            "x_train_big": train.get("images_big"), "x_eval_big": evaluation.get("images_big")}
+
+
+def embed_scales(args) -> tuple[int, ...]:
+    """``--embed-scales``: the sizes the encoder's embeddings read each scan at, as
+    multiples of its training size (the product's MEDLABEL_EMBED_SCALES)."""
+    from ml_backend.ssl.encoder import check_scales
+
+    try:
+        return check_scales(str(getattr(args, "embed_scales", "1")).split(","))
+    except ValueError as exc:
+        raise SystemExit(f"--embed-scales: {exc}") from None
+
+
+def _same_scans(small: dict, big: dict) -> np.ndarray:
+    """``big``'s images in ``small``'s order (both decoded from one source)."""
+    if len(big["names"]) != len(small["names"]) or (big["names"] != small["names"]).any():
+        raise SystemExit("the source decoded to different scans at two sizes")
+    return big["images"]
 
 
 # --- pretraining (cached) --------------------------------------------------------------
@@ -837,6 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--evaluations: unknown {sorted(bad)}; choose from "
                          f"{', '.join(METHODS)}")
     hybrid_pixels(args)                       # a bad --hybrid-pixels: refused before any work
+    embed_scales(args)                        # and a bad --embed-scales
     methods = args.methods.split(",")
     bad = set(methods) - set(SSL_METHODS)
     if bad:
@@ -845,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     if is_findings_source(args.train):      # several findings per scan: bench.findings_eval
         from bench.findings_eval import run_findings
 
+        if embed_scales(args) != (1,):
+            raise SystemExit("--embed-scales: not measured for findings sources yet")
         return run_findings(args, cache_dir, device, started)
     config = pretrain_config(args)
     args.image_size = config.image_size          # --epochs 0: the checkpoint's own size
@@ -864,6 +902,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def embed_sets(encoder: SimCLRModel, data: dict, config: PretrainConfig, args) -> dict:
+    """``{"train", "eval"}`` embeddings, read at ``--embed-scales`` as the product does."""
+    scales = embed_scales(args)
+    if scales == (1,):
+        return {"train": embed(encoder.encoder, data["x_train"], config, device=args.device),
+                "eval": embed(encoder.encoder, data["x_eval"], config, device=args.device)}
+    reader = MultiScaleEncoder(encoder.encoder, scales).eval()
+    big = replace(config, image_size=config.image_size * scales[-1],
+                  small_input=config.uses_small_input)
+    out = {"train": embed(reader, data["x_train_big"], big, device=args.device),
+           "eval": embed(reader, data["x_eval_big"], big, device=args.device)}
+    log(f"embeddings at {', '.join(str(config.image_size * s) for s in scales)} px: "
+        f"{out['train'].shape[1]} features")
+    return out
+
+
 def run_method(args, data: dict, config: PretrainConfig, cache_dir: Path, device, out: Path,
                started: float) -> None:
     """Pretrain (or reuse) one method's encoder and run every evaluation on it."""
@@ -872,8 +926,7 @@ def run_method(args, data: dict, config: PretrainConfig, cache_dir: Path, device
                                          init=args.init_checkpoint, epochs=args.epochs)
 
     embed_started = time.perf_counter()
-    embeddings = {"train": embed(encoder.encoder, data["x_train"], config, device=args.device),
-                  "eval": embed(encoder.encoder, data["x_eval"], config, device=args.device)}
+    embeddings = embed_sets(encoder, data, config, args)
     embed_seconds = time.perf_counter() - embed_started
     embedded = len(data["x_train"]) + len(data["x_eval"])
     num_classes = len(data["class_names"])

@@ -292,6 +292,21 @@ REFIT_PIXELS = env_str("MEDLABEL_REFIT_PIXELS", "auto")
 if REFIT_PIXELS not in ("auto", "always"):
     raise ImproperlyConfigured(f"MEDLABEL_REFIT_PIXELS={REFIT_PIXELS!r}: use auto or always "
                                "(MEDLABEL_REFIT_PIXEL_WEIGHT=0 turns the thumbnail off)")
+# The sizes a new encoder version embeds each scan at, as multiples of the size it was trained
+# at, its pooled features side by side (ml_backend/ssl/encoder.py MultiScaleEncoder): "1,2"
+# reads the 64 px starter at 64 and 128 px (docs/benchmarks.md, "One encoder read at two
+# sizes"); "1": the training size alone, as before. Recorded on each encoder version when it
+# is made (its config's embed_scales), so a change applies to encoders made after it.
+_scales = env_str("MEDLABEL_EMBED_SCALES", "1,2")
+try:
+    EMBED_SCALES = sorted({int(v) for v in _scales.split(",") if v.strip()})
+except ValueError:
+    raise ImproperlyConfigured(f"MEDLABEL_EMBED_SCALES={_scales!r}: whole numbers, "
+                               "comma-separated, e.g. 1,2") from None
+if not EMBED_SCALES or EMBED_SCALES[0] < 1 or EMBED_SCALES[-1] > 8 or any(
+        EMBED_SCALES[-1] % v for v in EMBED_SCALES):
+    raise ImproperlyConfigured(f"MEDLABEL_EMBED_SCALES={_scales!r}: scales between 1 and 8, "
+                               "each dividing the largest, e.g. 1,2 or 1,2,4")
 # The hybrid worklist picks typical scans (TypiClust) while a label set has fewer labeled scans
 # than this per class, and the most uncertain after; 0: uncertainty as soon as a head exists.
 # The default is ml_backend.active.strategies.PRODUCT_TYPICAL_BELOW (docs/benchmarks.md).

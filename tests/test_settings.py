@@ -70,6 +70,8 @@ def test_broker_and_database_from_env():
     ({"DEBUG": "0", "SECRET_KEY": "x" * 50, "DEID_SALT": "short"}, "at least 16"),
     ({"DEBUG": "perhaps"}, "not a boolean"),
     ({"DATABASE_URL": "nonsense://"}, "DATABASE_URL"),
+    ({"MEDLABEL_EMBED_SCALES": "1,3,2"}, "each dividing the largest"),
+    ({"MEDLABEL_EMBED_SCALES": "one"}, "MEDLABEL_EMBED_SCALES"),
 ])
 def test_bad_production_config_fails_at_start(env, message):
     result = _settings_in_subprocess(**env)

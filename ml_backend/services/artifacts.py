@@ -74,6 +74,11 @@ def new_version(run: TrainingRun, kind: str, *, parent: ModelVersion | None,
         version = f"{base}-{suffix}"
     directory = Path(settings.ARTIFACTS_ROOT) / "models" / version
     directory.mkdir(parents=True, exist_ok=True)
+    if kind == ModelVersion.Kind.ENCODER:
+        # the sizes it embeds scans at, fixed for its life: its vectors and every head fit
+        # on them depend on it (inference.encoder_network)
+        config = {**config, "embed_scales": config.get("embed_scales",
+                                                       list(settings.EMBED_SCALES))}
     model = ModelVersion.objects.create(project=run.project, kind=kind, version=version,
                                         parent=parent, artifact_dir=str(directory), config=config)
     run.model_version = model

@@ -101,9 +101,19 @@ cache = ModelCache(getattr(settings, "ML_CACHE_SIZE", 12))
 # --- the artifacts, loaded once -------------------------------------------------------------
 
 
+def embed_scales(encoder: ModelVersion) -> tuple[int, ...]:
+    """The sizes ``encoder`` embeds scans at, as multiples of its training size (its
+    config's ``embed_scales``; an encoder made before them embeds at its training size)."""
+    return tuple((encoder.config or {}).get("embed_scales") or (1,))
+
+
 def encoder_network(encoder: ModelVersion):
-    """(SimCLR model, its PretrainConfig) of an encoder version."""
-    return cache.get(encoder, "encoder.pt", lambda path: _ssl().load_pretrained(path))
+    """(SimCLR model, its PretrainConfig) of an encoder version, as it embeds scans: read at
+    each of its ``embed_scales`` (the config's image size is then the largest: what
+    ``images_for`` loads)."""
+    scales = embed_scales(encoder)
+    return cache.get(encoder, "encoder.pt",
+                     lambda path: _ssl().load_pretrained(path, scales=scales))
 
 
 def classifier_network(model: ModelVersion):
@@ -360,6 +370,7 @@ class _Explainer:
             return gradcam(classifier.encoder, image, config.augment_config(), score, index,
                            method=method)
         finding = self._finding_head(class_id) if class_id not in self.class_ids else None
+        encoder = self.encoder
         if class_id in self.finding_ids:   # a finding of a fine-tuned findings network
             classifier = self.classifier
             score = lambda pooled: classifier.fc(  # noqa: E731
@@ -367,7 +378,9 @@ class _Explainer:
             index = self.finding_ids.index(class_id)
         elif finding is not None:          # a finding: its own binary head's logit
             head, index = finding
-            score = head_score(head.mean, head.scale, head.coef, head.intercept)
+            encoder, block = self._cam_encoder()
+            score = head_score(head.mean[block], head.scale[block], head.coef[:, block],
+                               head.intercept)
         elif class_id not in self.class_ids:
             raise TrainingError(f"class {class_id} is not one this model predicts")
         elif self.heads is not None:
@@ -375,18 +388,29 @@ class _Explainer:
                          if class_id in [int(c) for c in h.class_ids]), None)
             if head is None:
                 raise TrainingError(f"class {class_id} has no head in {self.model.version}")
-            # the embedding's part of the logit: a pixel block adds a constant per image,
-            # which no map of the encoder's features can show
-            d = self.encoder.feature_dim
-            score = head_score(head.mean[:d], head.scale[:d], head.coef[:, :d], head.intercept)
+            # the embedding's part of the logit (of its largest view, when it reads several
+            # sizes): a pixel block adds a constant per image, which no map can show
+            encoder, block = self._cam_encoder()
+            score = head_score(head.mean[block], head.scale[block], head.coef[:, block],
+                               head.intercept)
             index = [int(c) for c in head.class_ids].index(class_id)
         else:
             classifier = self.classifier
             score = lambda pooled: classifier.fc(  # noqa: E731
                 classifier.head(pooled, upto=classifier.from_head_layer))
             index = self.class_ids.index(class_id)
-        return gradcam(self.encoder, image, self.config.augment_config(), score, index,
+        return gradcam(encoder, image, self.config.augment_config(), score, index,
                        method=method)
+
+    def _cam_encoder(self):
+        """(the encoder a map of a linear head is drawn through, the head's columns it
+        feeds): a multi-scale encoder's largest view — the scan at the size it is loaded
+        at — and that view's block of the embedding."""
+        from ml_backend.ssl.encoder import MultiScaleEncoder
+
+        if isinstance(self.encoder, MultiScaleEncoder):
+            return self.encoder.inner, self.encoder.block(self.encoder.scales[-1])
+        return self.encoder, slice(0, self.encoder.feature_dim)
 
     def _finding_network(self, finding_id: int):
         """``(network, its config, column)`` of a finding scored by a findings network in a

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from ml_backend.errors import TrainingError
 from ml_backend.ssl.config import PretrainConfig, config_from_dict
+from ml_backend.ssl.encoder import MultiScaleEncoder, check_scales
 from ml_backend.ssl.models import Classifier, SimCLRModel
 
 
@@ -65,7 +66,22 @@ def save_encoder_checkpoint(path: str | Path, model: SimCLRModel, config: Pretra
     })
 
 
-def load_pretrained(path: str | Path) -> tuple[SimCLRModel, PretrainConfig]:
+def load_pretrained(path: str | Path, *, scales=(1,)) -> tuple[SimCLRModel, PretrainConfig]:
+    """The encoder checkpoint at ``path`` and its config. ``scales`` other than ``(1,)``:
+    the model's encoder reads each scan at those multiples of its training size
+    (``encoder.MultiScaleEncoder``) and the config returned asks for the largest
+    (``image_size * max(scales)``, the stem of the training size kept): what the product
+    embeds with; pretraining and fine-tuning load it at ``(1,)``."""
+    model, config = _load_pretrained(path)
+    scales = check_scales(scales)
+    if scales == (1,):
+        return model, config
+    model.encoder = MultiScaleEncoder(model.encoder, scales)
+    return model.eval(), replace(config, image_size=config.image_size * scales[-1],
+                                 small_input=config.uses_small_input)
+
+
+def _load_pretrained(path: str | Path) -> tuple[SimCLRModel, PretrainConfig]:
     state = load_checkpoint(path)
     if "encoder" not in state or "config" not in state:
         raise TrainingError(f"{path} is not a SimCLR encoder checkpoint")

@@ -42,3 +42,47 @@ class ResNetEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, C, H, W)`` float → ``(B, feature_dim)``."""
         return self.net(x)
+
+
+def check_scales(scales) -> tuple[int, ...]:
+    """``scales`` as a sorted tuple of distinct positive integers, each dividing the largest
+    (so every view is an exact average-pool of the largest); raises ``ValueError``."""
+    try:
+        out = tuple(sorted({int(s) for s in scales}))
+    except (TypeError, ValueError):
+        raise ValueError(f"embedding scales must be whole numbers, got {scales!r}") from None
+    if not out or out[0] < 1 or out[-1] > 8:
+        raise ValueError(f"embedding scales must be between 1 and 8, got {scales!r}")
+    if any(out[-1] % s for s in out):
+        raise ValueError(f"each embedding scale must divide the largest ({out[-1]}), "
+                         f"got {scales!r}")
+    return out
+
+
+class MultiScaleEncoder(nn.Module):
+    """One encoder read at several sizes of the same scan, its pooled features side by side.
+
+    The input is the scan at ``base * max(scales)`` pixels (``base``: the size the encoder
+    was trained at); scale ``s`` sees it average-pooled by ``max(scales) // s``, so scale 1
+    is the scan at the training size and scale 2 the same scan at twice the size, where the
+    encoder's filters cover finer structure. ``forward`` → ``(B, feature_dim * len(scales))``,
+    the scales in increasing order. No weights of its own: it is a way of reading a
+    pretrained encoder (test-time multi-scale features), not a new network to train."""
+
+    def __init__(self, encoder: nn.Module, scales):
+        super().__init__()
+        self.scales = check_scales(scales)
+        self.inner = encoder
+        self.feature_dim = encoder.feature_dim * len(self.scales)
+        self.in_channels = encoder.in_channels
+
+    def block(self, scale: int) -> slice:
+        """The feature columns of ``scale``."""
+        d = self.inner.feature_dim
+        k = self.scales.index(scale)
+        return slice(k * d, (k + 1) * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top = self.scales[-1]
+        views = [x if s == top else nn.functional.avg_pool2d(x, top // s) for s in self.scales]
+        return torch.cat([self.inner(v) for v in views], dim=1)

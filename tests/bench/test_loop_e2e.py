@@ -65,6 +65,9 @@ def test_loop_on_fixtures_mixed_project_then_saved_encoder(tmp_path):
         assert [p["annotations"] for p in points] == [20, 40]
         assert run["second_reader"]["second_reader_labels"] == 20
         assert points[-1]["active_version"] is not None
+        # which of the active model's set heads kept the thumbnail, per step
+        assert set(points[-1]["active_pixels"]) <= set(SETS)
+        assert all(isinstance(v, bool) for v in points[-1]["active_pixels"].values())
         for point in points:
             if point["active"] is None:
                 continue
@@ -86,6 +89,9 @@ def test_loop_on_fixtures_mixed_project_then_saved_encoder(tmp_path):
         assert finite_unit(curve["overall"]["macro_f1"]["mean"][-1])
     assert set(summary["labels_saved"]) == {"overall", *SETS}
     assert summary["wrong_set_predictions"] == 0
+    assert sorted((c["strategy"], [s["labels"] for s in c["steps"]])
+                  for c in summary["pixel_choices"]) == [("random", [10, 20]),
+                                                         ("worklist", [10, 20])]
     # a refit the gate held back is scored too (none need be held back on this tiny run)
     assert isinstance(summary["held_back_checks"], list)
     assert all(p["newest"] is None or finite_unit(p["newest"]["overall"]["macro_f1"])

@@ -60,7 +60,9 @@ def test_colour_project_pretrains_embeds_refits_and_explains_in_colour(colour_pr
     from ml_backend.services.inference import encoder_network
 
     network, config = encoder_network(encoder)
-    assert network.encoder.net.conv1.weight.shape[1] == 3 and config.channels == 3
+    # the encoder embeds each scan at 32 and 64 px (embed_scales 1,2), one network
+    assert network.encoder.inner.net.conv1.weight.shape[1] == 3 and config.channels == 3
+    assert network.encoder.scales == (1, 2) and config.image_size == 64
     assert encoder.metrics["embeddings"]["total"] == 64
     classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
     for scan in project.scans.filter(split="pool").order_by("pk"):

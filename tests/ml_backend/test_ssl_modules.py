@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ml_backend.ssl.encoder import ResNetEncoder
+from ml_backend.ssl.encoder import MultiScaleEncoder, ResNetEncoder, check_scales
 from ml_backend.ssl.heads import ProjectionHead
 from ml_backend.ssl.losses import NTXentLoss
 from ml_backend.ssl.transforms import AugmentConfig, TwoViews, augmentation, eval_transform
@@ -75,6 +75,34 @@ def test_encoder_takes_greyscale_of_any_size(arch, size, small, dim):
         features = encoder(torch.rand(2, 1, size, size))
     assert features.shape == (2, dim) and encoder.feature_dim == dim
     assert encoder.net.conv1.in_channels == 1
+
+
+def test_a_multi_scale_encoder_reads_the_scan_at_each_size_with_one_network():
+    torch.manual_seed(0)
+    inner = ResNetEncoder("resnet18", small_input=False).eval()
+    reader = MultiScaleEncoder(inner, [2, 1]).eval()
+    assert reader.scales == (1, 2) and reader.feature_dim == 1024
+    assert sum(p.numel() for p in reader.parameters()) == sum(p.numel() for p in inner.parameters())
+    x = torch.rand(3, 1, 64, 64)                  # the scan at twice the training size (32)
+    with torch.no_grad():
+        features = reader(x)
+        small = inner(torch.nn.functional.avg_pool2d(x, 2))
+        large = inner(x)
+    assert features.shape == (3, 1024)
+    # scale 1 first (the scan averaged down to 32 px), then scale 2 (the full 64 px)
+    torch.testing.assert_close(features[:, reader.block(1)], small)
+    torch.testing.assert_close(features[:, reader.block(2)], large)
+    assert not torch.allclose(small, large)       # two different views, not one repeated
+
+
+@pytest.mark.parametrize("scales,message", [([], "between 1 and 8"), ([0, 1], "between 1 and 8"),
+                                            ([1, 16], "between 1 and 8"),
+                                            ([2, 3], "divide the largest"),
+                                            (["a"], "whole numbers")])
+def test_embedding_scales_are_checked(scales, message):
+    with pytest.raises(ValueError, match=message):
+        check_scales(scales)
+    assert check_scales(["4", 1, 2, 2]) == (1, 2, 4)
 
 
 def test_encoder_rejects_unknown_arch():
