@@ -806,7 +806,8 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
 
     # 3. the offline eval sets, embedded once with the active encoder ---------------------
     t0 = time.perf_counter()
-    simclr, pconfig = load_pretrained(checkpoint)
+    # as the product embeds with it: at each of the encoder's embed_scales
+    simclr, pconfig = ml.encoder_network(encoder)
     evals: list[EvalSet] = []
     for src in sources:
         label_set = set_of_source[src.index]

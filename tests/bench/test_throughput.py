@@ -22,3 +22,18 @@ def test_recipes_are_measured_side_by_side(tmp_path):
         assert machine["matmul_gflops_bf16"] is None
     for row in result["rows"]:
         assert row["pretrain_images_per_s"] > 0 and row["pretrain_gflop_per_image"] > 0
+
+
+def test_embedding_at_two_sizes_is_measured_at_the_larger_one(tmp_path):
+    out = tmp_path / "throughput.json"
+    assert throughput.main(["--sizes", "32", "--steps", "1", "--batch-size", "4",
+                            "--recipes", "fp32", "--embed-scales", "1,2",
+                            "--out", str(out)]) == 0
+    one = json.loads(out.read_text())["rows"][0]
+    assert one["embed_scales"] == [1, 2]
+    # the 64 px pass costs about four times the 32 px one: five passes' worth of FLOPs
+    assert throughput.main(["--sizes", "32", "--steps", "1", "--batch-size", "4",
+                            "--recipes", "fp32", "--out", str(out)]) == 0
+    single = json.loads(out.read_text())["rows"][0]
+    assert single["embed_scales"] == [1]
+    assert 4.0 < one["embed_gflop_per_image"] / single["embed_gflop_per_image"] < 6.0
