@@ -67,6 +67,9 @@ PNEUMONIA_EVAL ?= $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#val
 BRAIN_EVAL ?= split:0.2
 NIH_EVAL ?= $(SHARED)/nih_cxr14_subset/labels.csv\#val
 STARTER ?= ml_backend/starter/simclr-resnet18-64px.pt
+# what the product does with no pretraining of its own: the shipped starter read at 64 and
+# 128 px (MEDLABEL_EMBED_SCALES) under the refit's head, beside the pixel floor and the probe
+PRODUCT_HEAD_ARGS ?= --init-checkpoint $(STARTER) --epochs 0 --embed-scales 1,2 --seeds $(SEEDS) --evaluations pixels_logreg,linear_probe,hybrid_probe,refit_head
 # The shipped starter encoder (ml_backend/starter/): SimCLRv2 on every public train scan in
 # $(SHARED), 175 epochs at batch 512. The shipped one took 5 min on one GPU (H200); on a
 # 2-core CPU the same recipe takes about 2 h (run it in the background; resumable from
@@ -93,6 +96,9 @@ bench: venv chromium
 	$(PY) -m bench.throughput --sizes 28:small,32,64,128 --out bench/results/throughput.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) $(PNEUMONIA_ARGS) --out bench/results/ssl_pneumoniamnist.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BRAIN_ARGS) --out bench/results/ssl_brain_mri.json
+	$(PY) -m bench.ssl_eval --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) $(PRODUCT_HEAD_ARGS) --labels-fraction 0.01,0.1,1.0 --out bench/results/product_head_pneumoniamnist.json
+	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(PRODUCT_HEAD_ARGS) --labels-fraction 0.2,1.0 --out bench/results/product_head_brain_mri.json
+	$(PY) -m bench.new_class --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) --init-checkpoint $(STARTER) --epochs 0 --embed-scales 1,2 --seeds $(SEEDS) --new-labels 20 --heads product,product+auto,balance:1 --out bench/results/new_class_brain_mri_product.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/nih_cxr14_subset/labels.csv\#train --eval $(NIH_EVAL) --init-checkpoint $(STARTER) --epochs 0 --labels-fraction 0.2,1.0 --seeds $(SEEDS) --finetune-epochs 10 --distill-epochs 3 --out bench/results/findings_nih.json
 	$(PY) -m bench.new_class --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BRAIN_ARGS) --seeds 5 --new-labels 10,20 --out bench/results/new_class_brain_mri.json
 	$(PY) -m bench.al_sim --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) --strategies random,entropy,margin,hybrid --start 20 --step 10 --budget 200 --seeds 5 --image-size 32 --small-input no --epochs 15 --batch-size 256 --out bench/results/al_sim_pneumoniamnist.json --plot bench/results/al_sim_pneumoniamnist.png
