@@ -19,6 +19,7 @@ uses 5). Uncertain answers follow ``--uncertain`` (ignore, zeros, ones).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,7 @@ def _macro(report: dict, names: list[str], y_eval: np.ndarray, min_positives: in
 def run_findings(args, cache_dir: Path, device, started: float) -> int:
     from bench.ssl_eval import (
         embed,
+        embed_scales,
         get_encoder,
         log,
         machine_info,
@@ -152,12 +154,27 @@ def run_findings(args, cache_dir: Path, device, started: float) -> int:
         f"{dict(zip(names, np.nansum(y_eval == 1, axis=0).astype(int).tolist()))}")
     encoder, pretrain_info = get_encoder(train["images"], config, cache_dir, args.device,
                                          init=args.init_checkpoint, epochs=args.epochs)
-    features = {
-        "linear_probe": (embed(encoder.encoder, train["images"], config, device=args.device),
-                         embed(encoder.encoder, evaluation["images"], config,
-                               device=args.device)),
-        "pixels_logreg": (pixels(train["images"]), pixels(evaluation["images"])),
-    }
+    scales = embed_scales(args)
+    if scales == (1,):
+        probe = (embed(encoder.encoder, train["images"], config, device=args.device),
+                 embed(encoder.encoder, evaluation["images"], config, device=args.device))
+    else:       # as the product embeds: the scans at the largest size, every scale read
+        from ml_backend.ssl.encoder import MultiScaleEncoder
+
+        size = config.image_size * scales[-1]
+        big = replace(config, image_size=size, small_input=config.uses_small_input)
+        reader = MultiScaleEncoder(encoder.encoder, scales).eval()
+        larger = [load_findings(spec, size, cache_dir) for spec in (args.train, args.eval)]
+        for small, large in zip((train, evaluation), larger):
+            if len(large["images"]) != len(small["images"]) or not np.array_equal(
+                    large["targets"], small["targets"], equal_nan=True):
+                raise SystemExit("the findings source decoded to different scans at two sizes")
+        probe = tuple(embed(reader, large["images"], big, device=args.device)
+                      for large in larger)
+        log(f"embeddings at {', '.join(str(config.image_size * s) for s in scales)} px: "
+            f"{probe[0].shape[1]} features")
+    features = {"linear_probe": probe,
+                "pixels_logreg": (pixels(train["images"]), pixels(evaluation["images"]))}
     wanted = [m for m in FINDINGS_METHODS if m in args.evaluations.split(",")]
     if "simclr_distill" in wanted and "simclr_finetune" not in wanted:
         wanted.insert(wanted.index("simclr_distill"), "simclr_finetune")   # the teacher

@@ -881,8 +881,6 @@ def main(argv: list[str] | None = None) -> int:
     if is_findings_source(args.train):      # several findings per scan: bench.findings_eval
         from bench.findings_eval import run_findings
 
-        if embed_scales(args) != (1,):
-            raise SystemExit("--embed-scales: not measured for findings sources yet")
         return run_findings(args, cache_dir, device, started)
     config = pretrain_config(args)
     args.image_size = config.image_size          # --epochs 0: the checkpoint's own size

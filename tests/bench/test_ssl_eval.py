@@ -293,6 +293,31 @@ def test_a_findings_source_reports_per_finding_auc_for_every_method(tmp_path, ca
     assert "macro AUC" in capsys.readouterr().out
 
 
+def test_findings_and_classes_read_the_encoder_at_two_sizes(tmp_path, capsys):
+    """--embed-scales 1,2: the probe's features are the encoder's at 64 and 128 px, side by
+    side (the product's MEDLABEL_EMBED_SCALES), for a findings source and a class source."""
+    from tests.ml_backend.test_findings_refit import _findings_csv
+
+    train, evaluation = _findings_csv(tmp_path, "pool"), _findings_csv(tmp_path, "eval")
+    common = ["--epochs", "0", "--init-checkpoint", "ml_backend/starter/simclr-resnet18-64px.pt",
+              "--seeds", "1", "--labels-fraction", "1.0", "--cache-dir", str(tmp_path / "cache"),
+              "--device", "cpu", "--embed-scales", "1,2"]
+    out = tmp_path / "findings.json"
+    assert ssl_eval.main(["--train", str(train), "--eval", str(evaluation),
+                          "--evaluations", "linear_probe", "--out", str(out), *common]) == 0
+    assert json.loads(out.read_text())["aggregates"]["1/linear_probe"]["macro_auc"]["mean"] > 0.7
+    out = tmp_path / "classes.json"
+    assert ssl_eval.main(["--train", str(POOL), "--eval", str(EVAL), "--evaluations",
+                          "linear_probe,refit_head", "--out", str(out), *common]) == 0
+    result = json.loads(out.read_text())
+    assert result["args"]["embed_scales"] == "1,2"
+    assert result["aggregates"]["1"]["refit_head"]["macro_f1"]["mean"] > 0.7
+    assert capsys.readouterr().out.count("embeddings at 64, 128 px: 1024 features") == 2
+    with pytest.raises(SystemExit, match="divide the largest"):
+        ssl_eval.main(["--train", str(POOL), "--eval", str(EVAL), "--out", str(out),
+                       *common[:-1], "2,3"])
+
+
 def test_augmentation_overrides_reach_the_pretraining_config():
     """--augment FIELD=VALUE (repeatable) overrides the pretraining augmentation, is saved in
     the config (so the encoder cache tells the variants apart), and refuses unknown fields."""
