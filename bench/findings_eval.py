@@ -19,7 +19,6 @@ uses 5). Uncertain answers follow ``--uncertain`` (ignore, zeros, ones).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -159,11 +158,10 @@ def run_findings(args, cache_dir: Path, device, started: float) -> int:
         probe = (embed(encoder.encoder, train["images"], config, device=args.device),
                  embed(encoder.encoder, evaluation["images"], config, device=args.device))
     else:       # as the product embeds: the scans at the largest size, every scale read
-        from ml_backend.ssl.encoder import MultiScaleEncoder
+        from ml_backend.ssl.encoder import at_scales
 
-        size = config.image_size * scales[-1]
-        big = replace(config, image_size=size, small_input=config.uses_small_input)
-        reader = MultiScaleEncoder(encoder.encoder, scales).eval()
+        reader, big = at_scales(encoder.encoder, config, scales)
+        size = big.image_size
         larger = [load_findings(spec, size, cache_dir) for spec in (args.train, args.eval)]
         for small, large in zip((train, evaluation), larger):
             if len(large["images"]) != len(small["images"]) or not np.array_equal(

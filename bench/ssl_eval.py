@@ -64,8 +64,8 @@ from ml_backend.data.decode import ScanDecodeError, decode_scan
 from ml_backend.index.faiss_index import kmeans
 from ml_backend.metrics.reports import classification_report
 from ml_backend.data.findings import is_findings_source
-from ml_backend.ssl.config import BATCHNORM_MODES, SSL_METHODS
-from ml_backend.ssl.encoder import MultiScaleEncoder
+from ml_backend.ssl.config import BATCHNORM_MODES, SSL_METHODS, check_scales
+from ml_backend.ssl.encoder import at_scales
 from ml_backend.ssl.train import (
     DistillConfig,
     FinetuneConfig,
@@ -523,8 +523,6 @@ def load_data(args) -> dict:
 def embed_scales(args) -> tuple[int, ...]:
     """``--embed-scales``: the sizes the encoder's embeddings read each scan at, as
     multiples of its training size (the product's MEDLABEL_EMBED_SCALES)."""
-    from ml_backend.ssl.encoder import check_scales
-
     try:
         return check_scales(str(getattr(args, "embed_scales", "1")).split(","))
     except ValueError as exc:
@@ -906,9 +904,7 @@ def embed_sets(encoder: SimCLRModel, data: dict, config: PretrainConfig, args) -
     if scales == (1,):
         return {"train": embed(encoder.encoder, data["x_train"], config, device=args.device),
                 "eval": embed(encoder.encoder, data["x_eval"], config, device=args.device)}
-    reader = MultiScaleEncoder(encoder.encoder, scales).eval()
-    big = replace(config, image_size=config.image_size * scales[-1],
-                  small_input=config.uses_small_input)
+    reader, big = at_scales(encoder.encoder, config, scales)
     out = {"train": embed(reader, data["x_train_big"], big, device=args.device),
            "eval": embed(reader, data["x_eval_big"], big, device=args.device)}
     log(f"embeddings at {', '.join(str(config.image_size * s) for s in scales)} px: "

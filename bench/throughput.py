@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from ml_backend.ssl.encoder import MultiScaleEncoder, check_scales
+from ml_backend.ssl.config import check_scales
+from ml_backend.ssl.encoder import MultiScaleEncoder
 from ml_backend.ssl.loop import cpu_has_bf16
 from ml_backend.ssl.losses import NTXentLoss
 from ml_backend.ssl.train import PretrainConfig, SimCLRModel

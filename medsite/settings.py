@@ -15,6 +15,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from medsite.env import env_bool, env_float, env_int, env_list, env_path, env_str
+from ml_backend.ssl.config import check_scales  # dataclasses only: no torch here
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -299,14 +300,11 @@ if REFIT_PIXELS not in ("auto", "always"):
 # is made (its config's embed_scales), so a change applies to encoders made after it.
 _scales = env_str("MEDLABEL_EMBED_SCALES", "1,2")
 try:
-    EMBED_SCALES = sorted({int(v) for v in _scales.split(",") if v.strip()})
-except ValueError:
-    raise ImproperlyConfigured(f"MEDLABEL_EMBED_SCALES={_scales!r}: whole numbers, "
-                               "comma-separated, e.g. 1,2") from None
-if not EMBED_SCALES or EMBED_SCALES[0] < 1 or EMBED_SCALES[-1] > 8 or any(
-        EMBED_SCALES[-1] % v for v in EMBED_SCALES):
-    raise ImproperlyConfigured(f"MEDLABEL_EMBED_SCALES={_scales!r}: scales between 1 and 8, "
-                               "each dividing the largest, e.g. 1,2 or 1,2,4")
+    EMBED_SCALES = list(check_scales([v for v in _scales.split(",") if v.strip()]))
+except ValueError as exc:
+    raise ImproperlyConfigured(f"MEDLABEL_EMBED_SCALES={_scales!r}: whole numbers between 1 "
+                               f"and 8, each dividing the largest, e.g. 1,2 or 1,2,4 ({exc})"
+                               ) from None
 # The hybrid worklist picks typical scans (TypiClust) while a label set has fewer labeled scans
 # than this per class, and the most uncertain after; 0: uncertainty as soon as a head exists.
 # The default is ml_backend.active.strategies.PRODUCT_TYPICAL_BELOW (docs/benchmarks.md).

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ml_backend.errors import TrainingError
 from ml_backend.ssl.config import PretrainConfig, config_from_dict
-from ml_backend.ssl.encoder import MultiScaleEncoder, check_scales
+from ml_backend.ssl.encoder import at_scales
 from ml_backend.ssl.models import Classifier, SimCLRModel
 
 
@@ -73,12 +73,8 @@ def load_pretrained(path: str | Path, *, scales=(1,)) -> tuple[SimCLRModel, Pret
     (``image_size * max(scales)``, the stem of the training size kept): what the product
     embeds with; pretraining and fine-tuning load it at ``(1,)``."""
     model, config = _load_pretrained(path)
-    scales = check_scales(scales)
-    if scales == (1,):
-        return model, config
-    model.encoder = MultiScaleEncoder(model.encoder, scales)
-    return model.eval(), replace(config, image_size=config.image_size * scales[-1],
-                                 small_input=config.uses_small_input)
+    model.encoder, config = at_scales(model.encoder, config, scales)
+    return model, config
 
 
 def _load_pretrained(path: str | Path) -> tuple[SimCLRModel, PretrainConfig]:

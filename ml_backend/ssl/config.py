@@ -170,3 +170,18 @@ def config_from_dict(cls, data: dict):
     """Rebuild a config dataclass from a checkpoint's dict, ignoring unknown keys."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names})
+
+
+def check_scales(scales) -> tuple[int, ...]:
+    """``scales`` as a sorted tuple of distinct positive integers, each dividing the largest
+    (so every view is an exact average-pool of the largest); raises ``ValueError``."""
+    try:
+        out = tuple(sorted({int(s) for s in scales}))
+    except (TypeError, ValueError):
+        raise ValueError(f"embedding scales must be whole numbers, got {scales!r}") from None
+    if not out or out[0] < 1 or out[-1] > 8:
+        raise ValueError(f"embedding scales must be between 1 and 8, got {scales!r}")
+    if any(out[-1] % s for s in out):
+        raise ValueError(f"each embedding scale must divide the largest ({out[-1]}), "
+                         f"got {scales!r}")
+    return out

@@ -13,9 +13,13 @@ NeurIPS 2020) use ResNets; we build torchvision's (random init, no download) and
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from torchvision import models
+
+from ml_backend.ssl.config import PretrainConfig, check_scales
 
 ARCHS = {"resnet18": (models.resnet18, 512), "resnet34": (models.resnet34, 512),
          "resnet50": (models.resnet50, 2048)}
@@ -42,21 +46,6 @@ class ResNetEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, C, H, W)`` float → ``(B, feature_dim)``."""
         return self.net(x)
-
-
-def check_scales(scales) -> tuple[int, ...]:
-    """``scales`` as a sorted tuple of distinct positive integers, each dividing the largest
-    (so every view is an exact average-pool of the largest); raises ``ValueError``."""
-    try:
-        out = tuple(sorted({int(s) for s in scales}))
-    except (TypeError, ValueError):
-        raise ValueError(f"embedding scales must be whole numbers, got {scales!r}") from None
-    if not out or out[0] < 1 or out[-1] > 8:
-        raise ValueError(f"embedding scales must be between 1 and 8, got {scales!r}")
-    if any(out[-1] % s for s in out):
-        raise ValueError(f"each embedding scale must divide the largest ({out[-1]}), "
-                         f"got {scales!r}")
-    return out
 
 
 class MultiScaleEncoder(nn.Module):
@@ -86,3 +75,16 @@ class MultiScaleEncoder(nn.Module):
         top = self.scales[-1]
         views = [x if s == top else nn.functional.avg_pool2d(x, top // s) for s in self.scales]
         return torch.cat([self.inner(v) for v in views], dim=1)
+
+
+def at_scales(encoder: nn.Module, config: PretrainConfig, scales
+              ) -> tuple[nn.Module, PretrainConfig]:
+    """``encoder`` and its ``config`` as they embed scans read at ``scales``: unchanged for
+    ``(1,)``, else a ``MultiScaleEncoder`` and the config of its input (the largest size; the
+    stem of the training size kept)."""
+    scales = check_scales(scales)
+    if scales == (1,):
+        return encoder, config
+    return (MultiScaleEncoder(encoder, scales).eval(),
+            replace(config, image_size=config.image_size * scales[-1],
+                    small_input=config.uses_small_input))
