@@ -36,11 +36,21 @@ def ssl_table(payload: dict) -> str:
     free = payload.get("label_free", {})
     if free:
         lines.append("")
-        lines.append("| label-free view | kNN@20 accuracy | k-means purity | NMI |")
-        lines.append("|---|---:|---:|---:|")
+        view = next((row["kmeans_view"]["k"] for row in free.values() if "kmeans_view" in row),
+                    None)
+        head = "| label-free view | kNN@20 accuracy | k-means purity | NMI |"
+        if view:
+            head += f" purity, k = {view} | NMI, k = {view} |"
+        lines.append(head)
+        lines.append("|---|---:|---:|---:|" + ("---:|---:|" if view else ""))
         for name, row in free.items():
-            lines.append(f"| {name} | {row['knn_accuracy']:.3f} | {row['kmeans']['purity']:.3f} | "
-                         f"{row['kmeans']['nmi']:.3f} |")
+            line = (f"| {name} | {row['knn_accuracy']:.3f} | {row['kmeans']['purity']:.3f} | "
+                    f"{row['kmeans']['nmi']:.3f} |")
+            if view:
+                other = row.get("kmeans_view")
+                line += (f" {other['purity']:.3f} | {other['nmi']:.3f} |" if other
+                         else " | |")
+            lines.append(line)
     return "\n".join(lines)
 
 

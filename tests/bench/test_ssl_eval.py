@@ -143,6 +143,14 @@ def test_knn_accuracy_and_purity_on_separable_vectors():
     eval_x = centers[eval_y] + rng.normal(size=(30, 16))
     assert ssl_eval.knn_accuracy(train_x, train_y, eval_x, eval_y, k=20) == 1.0
     assert ssl_eval.cluster_purity(eval_x, eval_y, 3)["purity"] == 1.0
+    row = ssl_eval.label_free(train_x, train_y, eval_x, eval_y, 3, view_k=6)
+    assert row["kmeans"]["k"] == 3 and row["kmeans"]["seeds"] == ssl_eval.CLUSTER_SEEDS
+    assert row["kmeans"]["purity"] == 1.0 and row["kmeans"]["purity_std"] == 0.0
+    # six clusters split the three blobs: each cluster still holds one class
+    assert row["kmeans_view"]["k"] == 6 and row["kmeans_view"]["purity"] == 1.0
+    assert row["kmeans_view"]["nmi"] < row["kmeans"]["nmi"]
+    assert "kmeans_view" not in ssl_eval.label_free(train_x, train_y, eval_x, eval_y, 3,
+                                                    view_k=3)
 
 
 def test_split_eval_holds_out_whole_groups(tmp_path):
