@@ -821,8 +821,10 @@ def aggregate(runs: list[dict], fractions: list[float]) -> dict:
             if not rows:
                 continue                        # not asked for (--evaluations)
             stats = {"runs": len(rows)}
-            for metric in ("accuracy", "macro_f1", "macro_auc"):
-                values = [r["metrics"][metric] for r in rows if r["metrics"][metric] is not None]
+            # ece / nll: the calibration of the probabilities a reader would be shown
+            for metric in ("accuracy", "macro_f1", "macro_auc", "ece", "nll"):
+                values = [r["metrics"].get(metric) for r in rows
+                          if r["metrics"].get(metric) is not None]
                 stats[metric] = {
                     "mean": float(np.mean(values)) if values else None,
                     "std": float(np.std(values, ddof=1)) if len(values) > 1 else

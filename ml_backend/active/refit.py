@@ -34,6 +34,12 @@ PRODUCT_PROTOTYPE_N0 = 0.0
 # recall at 20 labels with the old classes within 2 points; 1.0 raises it further at the
 # cost of the old classes.
 PRODUCT_BALANCE = 0.5
+# The range the out-of-fold temperature is searched in. It may soften a head (T > 1), never
+# sharpen it: a head fit on a handful of labels that it all predicts right out of fold would
+# otherwise get T -> 0.05 and show 0.99-1.00 on scans it gets wrong. With hundreds of labels
+# the fitted T is 1.5-2.5 on every set measured, so the floor only binds on few labels
+# (docs/benchmarks.md, "Suggestions on a few labels: the temperature only softens").
+TEMPERATURE_BOUNDS = (1.0, 20.0)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -126,8 +132,9 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
     """Fit on embeddings ``x (N, D)`` and labels ``(N,)`` (any hashable ids, ≥ 2 distinct).
 
     With enough labels the temperature is fit on out-of-fold logits (``folds``-fold,
-    stratified: every label calibrates once, from a head that did not see it), then the head
-    is refit on all labels. ``prototype_n0 > 0`` adds the nearest-class-mean component (see
+    stratified: every label calibrates once, from a head that did not see it; within
+    ``TEMPERATURE_BOUNDS``: it softens, never sharpens), then the head is refit on all
+    labels. ``prototype_n0 > 0`` adds the nearest-class-mean component (see
     ``LinearHead``) with ``w_c = n0 / (n0 + n_c)``. ``balance > 0`` adds ``balance`` times
     the class-balanced offsets fit on the same out-of-fold logits
     (``metrics.reports.fit_balanced_bias``): a class with 20 labels beside classes with
@@ -187,7 +194,7 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
             # offsets in raw-logit units; the temperature below is fit on the corrected logits
             bias = balance * fit_balanced_bias(out_of_fold, y)
             out_of_fold = out_of_fold + bias[None, :]
-        temperature = fit_temperature(out_of_fold, y)
+        temperature = fit_temperature(out_of_fold, y, bounds=TEMPERATURE_BOUNDS)
         calibrated_on = len(y)
         oof_nll = negative_log_likelihood(out_of_fold, y, temperature)
     head = build(np.arange(len(y)))

@@ -48,8 +48,9 @@ def test_end_to_end_on_fixture_and_encoder_cache(tmp_path, capsys):
         assert set(first["aggregates"][fraction]) == set(ssl_eval.METHODS)
         for stats in first["aggregates"][fraction].values():
             assert stats["runs"] == 1
-            for metric in ("accuracy", "macro_f1", "macro_auc"):
+            for metric in ("accuracy", "macro_f1", "macro_auc", "ece"):
                 assert in_unit_interval(stats[metric]["mean"])
+            assert stats["nll"]["mean"] >= 0
     assert len(first["runs"]) == len(FRACTIONS) * len(ssl_eval.METHODS)
     for run in first["runs"]:
         metrics = run["metrics"]

@@ -41,6 +41,25 @@ def test_binary_head_and_temperature_scaling_improves_calibration():
     assert nll(calibrated) < nll(raw)
 
 
+def test_a_few_labels_all_right_out_of_fold_never_sharpen_the_head():
+    from ml_backend.active import refit
+    from ml_backend.metrics.reports import fit_temperature
+
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 6)
+    x = rng.normal(0, 1, (12, 40)) + y[:, None] * 3.0     # 12 labels, all separable
+    head, info = fit_head(x, y, seed=0)
+    assert info["calibrated_on"] == 12 and info["temperature"] == pytest.approx(1.0, abs=1e-3)
+    assert refit.TEMPERATURE_BOUNDS[0] == 1.0
+    # unbounded, the same out-of-fold logits would have sharpened it
+    out_of_fold = np.zeros((12, 2))
+    from sklearn.model_selection import StratifiedKFold
+    for fit_rows, cal_rows in StratifiedKFold(4, shuffle=True, random_state=0).split(x, y):
+        part, _ = fit_head(x[fit_rows], y[fit_rows], folds=0)
+        out_of_fold[cal_rows] = part.raw_logits(x[cal_rows])
+    assert fit_temperature(out_of_fold, y) < 0.5
+
+
 def test_few_labels_skip_calibration_and_one_class_is_refused():
     x, labels = data(n=6)
     head, info = fit_head(x, labels)
