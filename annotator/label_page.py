@@ -70,8 +70,7 @@ def _suggestion(project: Project, scan: Scan, set_classes: list | None = None) -
     best_id, best_p = ranked[0]
     return {"model_version": model.version, "class_id": best_id,
             "class_name": classes.get(best_id, "?"), "confidence": round(best_p, 4),
-            "calibrated": model.config.get("kind") == "head"
-            or bool(model.config.get("calibrated_on")),
+            "calibrated": inference.is_calibrated(model, scan.label_set_id),
             "top": [{"class_id": cid, "name": classes.get(cid, "?"), "p": round(p, 4)}
                     for cid, p in ranked[:5]]}
 

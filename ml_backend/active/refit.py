@@ -36,8 +36,8 @@ PRODUCT_PROTOTYPE_N0 = 0.0
 PRODUCT_BALANCE = 0.5
 # The range the out-of-fold temperature is searched in. It may soften a head (T > 1), never
 # sharpen it: a head fit on a handful of labels that it all predicts right out of fold would
-# otherwise get T -> 0.05 and show 0.99-1.00 on scans it gets wrong. With hundreds of labels
-# the fitted T is 1.5-2.5 on every set measured, so the floor only binds on few labels
+# otherwise get T -> 0.05 and show 0.99-1.00 on scans it gets wrong. With 100-1,200 labels
+# the fitted T was 1.7-2.4 on chest films and brain MRI, so the floor only binds on few labels
 # (docs/benchmarks.md, "Suggestions on a few labels: the temperature only softens").
 TEMPERATURE_BOUNDS = (1.0, 20.0)
 

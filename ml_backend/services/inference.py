@@ -174,6 +174,18 @@ def vectors_for(encoder: ModelVersion, scans: list[Scan]) -> np.ndarray:
     return table.of([s.pk for s in scans])
 
 
+def is_calibrated(model: ModelVersion, label_set_id: int | None) -> bool:
+    """Whether the probabilities ``model`` gives a scan of this label set were calibrated: a
+    refit head only once its set had enough labels for the out-of-fold temperature (below
+    that it keeps T = 1, and its 0.99 means little); a network once temperature-scaled."""
+    config = model.config or {}
+    if config.get("kind") == "head":
+        entry = next((e for e in config.get("label_sets", []) if e.get("id") == label_set_id),
+                     None)
+        return bool(entry and entry.get("calibrated_on"))
+    return bool(config.get("temperature") or config.get("calibrated_on"))
+
+
 def head_inputs_for(encoder: ModelVersion, scans: list[Scan], pixels: dict | None
                     ) -> np.ndarray:
     """What a refit head of a version reads for ``scans``: the stored embeddings, and their
@@ -524,5 +536,4 @@ def classify_image(*, project: Project, preview_png: bytes, label_set=None, k: i
             "probabilities": [{"class_id": cid, "name": name, "p": p, "learned": learned}
                               for cid, name, p, learned in ranked],
             "overlay_png": overlay, "similar": similar, "novelty": novelty,
-            "calibrated": bool(model.config.get("temperature")) or model.config.get(
-                "kind") == "head"}
+            "calibrated": is_calibrated(model, label_set.pk)}

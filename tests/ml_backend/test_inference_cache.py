@@ -126,3 +126,17 @@ def test_a_broken_index_is_said_on_the_label_page(trained, users):
     payload = _label_json(alice, project, project.scans.filter(split="pool").first())
     assert payload["similar"] == []
     assert payload["similar_error"] and "unavailable" in payload["similar_error"]
+
+
+def test_calibrated_means_this_label_sets_head_was_calibrated():
+    from ml_backend.models import ModelVersion
+
+    head = ModelVersion(config={"kind": "head", "label_sets": [
+        {"id": 1, "calibrated_on": 40, "temperature": 1.6},
+        {"id": 2, "calibrated_on": 0, "temperature": 1.0}]})
+    assert inference.is_calibrated(head, 1)
+    assert not inference.is_calibrated(head, 2)      # too few labels for a temperature yet
+    assert not inference.is_calibrated(head, 3)      # a set the version never learned
+    assert inference.is_calibrated(ModelVersion(config={"kind": "finetuned",
+                                                        "temperature": 1.3}), 1)
+    assert not inference.is_calibrated(ModelVersion(config={"kind": "finetuned"}), 1)

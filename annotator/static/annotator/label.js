@@ -361,7 +361,7 @@
     $("model-notice").hidden = !(p.model_notice || p.blinded);
     $("model-notice").textContent = p.blinded || p.model_notice || "";
     if (s) {
-      $("suggestion-text").textContent = (ood ? "not confident: " : "") + `${s.class_name} — ${(s.confidence * 100).toFixed(0)}% ${s.calibrated ? "(calibrated)" : ""}`;
+      $("suggestion-text").textContent = (ood ? "not confident: " : "") + `${s.class_name} — ${(s.confidence * 100).toFixed(0)}% ${s.calibrated ? "(calibrated)" : "(not calibrated yet)"}`;
       $("suggestion-text").className = ood ? "not-confident" : "";
       $("suggestion-text").dataset.classId = s.class_id;
       for (const t of s.top) {
