@@ -194,7 +194,7 @@ def run_findings(args, cache_dir: Path, device, started: float) -> int:
                                         if k != "per_finding"},
                              "per_finding": {n: {k: report["per_finding"][n][k] for k in (
                                  "positives", "auc", "ap", "sensitivity", "specificity",
-                                 "ppv", "f1", "ece")} for n in names},
+                                 "ppv", "f1", "ece", "log_loss")} for n in names},
                              **macro})
                 log(f"  {method:14s} macro AUC {report['macro_auc'] or float('nan'):.3f} "
                     f"(≥{args.min_positives} positives: "
@@ -215,17 +215,20 @@ def run_findings(args, cache_dir: Path, device, started: float) -> int:
                 "macro_auc": stat(r["report"]["macro_auc"] for r in chosen),
                 "macro_auc_min_positives": stat(r["macro_auc_min_positives"] for r in chosen),
                 "any_finding_auc": stat(r["report"]["any_finding_auc"] for r in chosen),
+                "macro_ece": stat(r["report"].get("macro_ece") for r in chosen),
+                "macro_log_loss": stat(r["report"].get("macro_log_loss") for r in chosen),
                 "per_finding_auc": {n: stat(r["per_finding"][n]["auc"] for r in chosen)
                                     for n in names}}
     print("\nfraction  labels  method          macro AUC      macro AUC (≥"
-          f"{args.min_positives} pos)  any-finding AUC")
+          f"{args.min_positives} pos)  any-finding AUC  macro ECE  macro log-loss")
     for key, row in aggregates.items():
         fraction, method = key.split("/")
 
         def cell(s):
             return f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "n/a"
         print(f"{fraction:>8}  {row['labels']:6d}  {method:14s}  {cell(row['macro_auc'])}  "
-              f"{cell(row['macro_auc_min_positives'])}         {cell(row['any_finding_auc'])}")
+              f"{cell(row['macro_auc_min_positives'])}         {cell(row['any_finding_auc'])}"
+              f"  {cell(row['macro_ece'])}  {cell(row['macro_log_loss'])}")
     out = Path(args.out)
     write_json(out, {
         "complete": True, "kind": "findings", "args": dict(vars(args)),

@@ -40,6 +40,9 @@ PRODUCT_BALANCE = 0.5
 # the fitted T was 1.7-2.4 on chest films and brain MRI, so the floor only binds on few labels
 # (docs/benchmarks.md, "Suggestions on a few labels: the temperature only softens").
 TEMPERATURE_BOUNDS = (1.0, 20.0)
+# Below this many held-out labels the few-label softening (``_few_label_temperature``) holds
+# each out on its own (one fit per label); above it, stratified folds.
+FEW_LABELS_LEAVE_ONE_OUT = 12
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -144,7 +147,9 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
     ``folds < 2``). ``feature_weights (D,)`` (> 0) multiply the standardised features
     before the fit (they are folded into the head's ``scale``): a block of features weighted
     up is regularised less (``features.block_weights``: the embedding and a pixel thumbnail
-    side by side). Returns the head and fit details.
+    side by side). Below ``min_calibration`` labels, or while a class has one label, the
+    head is still softened by the labels it can hold out (``_few_label_temperature``:
+    ``info["softened_on"]``) but counts as not calibrated. Returns the head and fit details.
     """
     if not 0.0 <= balance <= 1.0:
         raise ValueError("balance must be within [0, 1]")
@@ -185,6 +190,7 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
 
     counts = np.bincount(y)
     temperature, calibrated_on, bias, oof_nll = 1.0, 0, None, None
+    softened_on = 0
     k = min(folds, int(counts.min()))
     if len(y) >= min_calibration and k >= 2:
         out_of_fold = np.zeros((len(y), len(class_ids)))
@@ -197,14 +203,50 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
         temperature = fit_temperature(out_of_fold, y, bounds=TEMPERATURE_BOUNDS)
         calibrated_on = len(y)
         oof_nll = negative_log_likelihood(out_of_fold, y, temperature)
+    elif folds >= 2:
+        temperature, softened_on = _few_label_temperature(build, x, y, folds=folds, seed=seed)
     head = build(np.arange(len(y)))
     head.temperature = float(temperature)
     head.bias = bias
     return head, {"num_labels": int(len(y)), "temperature": float(temperature),
-                  "calibrated_on": calibrated_on, "classes": class_ids.tolist(),
+                  "calibrated_on": calibrated_on, "softened_on": softened_on,
+                  "classes": class_ids.tolist(),
                   "prototype_n0": float(prototype_n0), "balance": float(balance),
                   "bias": None if bias is None else [float(b) for b in bias],
                   "out_of_fold_nll": oof_nll}
+
+
+def _few_label_temperature(build, x: np.ndarray, y: np.ndarray, *, folds: int, seed: int
+                           ) -> tuple[float, int]:
+    """The softening a head on too few labels for the out-of-fold calibration still gets:
+    below ``min_calibration`` labels, or while a class has a single label.
+
+    The labels of every class with at least two are held out in turn — one at a time below
+    ``FEW_LABELS_LEAVE_ONE_OUT`` of them, else in stratified folds — from a head fit on all
+    the others (a class with one label stays in every fit, so each fit knows every class);
+    the temperature minimising their log-loss within ``TEMPERATURE_BOUNDS`` softens the
+    head. It never sharpens it, so where the held-out labels are all right it stays at 1.
+    A singleton class cannot be held out, and a handful of labels calibrate little: the head
+    still counts as not calibrated (``calibrated_on = 0``) and gets no balance offsets or
+    out-of-fold log-loss. Returns ``(temperature, labels held out)``; ``(1.0, 0)`` when no
+    class has two labels."""
+    counts = np.bincount(y)
+    eligible = np.flatnonzero(counts[y] >= 2)
+    if len(eligible) < 2:
+        return 1.0, 0
+    if len(eligible) <= FEW_LABELS_LEAVE_ONE_OUT:
+        splits = [eligible[[i]] for i in range(len(eligible))]
+    else:
+        k = max(2, min(folds, int(counts[counts >= 2].min())))
+        splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
+        splits = [eligible[held] for _, held in splitter.split(x[eligible], y[eligible])]
+    out_of_fold = np.zeros((len(eligible), len(counts)))
+    position = {int(r): i for i, r in enumerate(eligible)}
+    for held in splits:
+        rows = np.setdiff1d(np.arange(len(y)), held)
+        out_of_fold[[position[int(r)] for r in held]] = build(rows).raw_logits(x[held])
+    temperature = fit_temperature(out_of_fold, y[eligible], bounds=TEMPERATURE_BOUNDS)
+    return temperature, int(len(eligible))
 
 
 def _pad(head: LinearHead, extra: int) -> LinearHead:

@@ -72,6 +72,16 @@ def _ratio(num: float, den: float) -> float | None:
     return float(num / den) if den else None
 
 
+def binary_log_loss(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """Mean binary log-loss (nats) of one finding's probabilities, clipped to [1e-7, 1 - 1e-7]
+    so a confident wrong 0 or 1 costs about 16, not infinity."""
+    if not len(score):
+        return None
+    p = np.clip(np.asarray(score, np.float64), 1e-7, 1 - 1e-7)
+    positive = np.asarray(positive, bool)
+    return float(-np.where(positive, np.log(p), np.log1p(-p)).mean())
+
+
 def binary_reliability(positive: np.ndarray, score: np.ndarray, n_bins: int = 10
                        ) -> tuple[float, list[dict]]:
     """ECE of one finding's probability (equal-width bins of the probability itself,
@@ -129,7 +139,8 @@ def findings_report(y_true, proba, finding_names: list[str], *,
             "prevalence": _ratio(positive.sum(), len(positive)),
             "auc": _auc(positive, score), "ap": _ap(positive, score),
             "threshold": float(t[f]), **_at_threshold(positive, score, t[f]),
-            "ece": ece if len(score) else None, "reliability": bins,
+            "ece": ece if len(score) else None,
+            "log_loss": binary_log_loss(positive, score), "reliability": bins,
         }
         pooled_pos.append(positive)
         pooled_score.append(score)
@@ -156,6 +167,7 @@ def findings_report(y_true, proba, finding_names: list[str], *,
         "macro_sensitivity": _mean_defined(r["sensitivity"] for r in rows),
         "macro_specificity": _mean_defined(r["specificity"] for r in rows),
         "macro_ece": _mean_defined(r["ece"] for r in rows),
+        "macro_log_loss": _mean_defined(r["log_loss"] for r in rows),
         "micro_auc": _auc(pos, score) if len(pos) else None,
         "micro_ap": _ap(pos, score) if len(pos) else None,
         "micro_f1": micro.get("f1"), "micro_ppv": micro.get("ppv"),

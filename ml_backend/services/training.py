@@ -720,6 +720,7 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
                             "head": f"head-{set_id}.npz", "num_labels": len(rows),
                             "temperature": info["temperature"],
                             "calibrated_on": info["calibrated_on"],
+                            "softened_on": info.get("softened_on", 0),
                             "balance": info["balance"], "bias": info["bias"],
                             "pixels": info.get("pixels", False),
                             "out_of_fold_nll": {k: info.get(f"out_of_fold_nll_{k}") for k in

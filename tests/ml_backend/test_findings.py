@@ -99,6 +99,25 @@ def test_head_learns_two_findings_from_few_labels_and_is_calibrated(tmp_path):
     np.testing.assert_array_equal(again.predict(x[test]), proba >= head.thresholds)
 
 
+def test_platt_slope_softens_never_sharpens_nor_reverses():
+    from ml_backend.active.findings import PLATT_SLOPE_BOUNDS, _platt
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    clean = (2 * y - 1) * 1.0 + rng.normal(0, 1, 400)   # the true log-odds are 2 * clean
+    # logits too soft: the unbounded fit would sharpen them (slope 20); bounded at 1
+    a, b = _platt(clean / 10, y)
+    assert a == pytest.approx(PLATT_SLOPE_BOUNDS[1])
+    # logits too sharp: softened, as before (about 2 / 10)
+    a, _ = _platt(clean * 10, y)
+    assert 0.12 < a < 0.3
+    # logits that rank the wrong way: never reversed; the floor keeps the ranking
+    a, b = _platt(-clean, y)
+    assert a == pytest.approx(PLATT_SLOPE_BOUNDS[0])
+    p = 1 / (1 + np.exp(-(a * -clean + b)))
+    assert abs(p.mean() - y.mean()) < 0.05 and p.max() - p.min() < 0.2
+
+
 def test_head_ignores_unknown_answers_and_handles_a_finding_never_seen():
     x, y = _two_findings(300, seed=2)
     y = np.concatenate([y, np.zeros((300, 1))], axis=1)   # a third finding, never present

@@ -63,9 +63,49 @@ def test_a_few_labels_all_right_out_of_fold_never_sharpen_the_head():
 def test_few_labels_skip_calibration_and_one_class_is_refused():
     x, labels = data(n=6)
     head, info = fit_head(x, labels)
-    assert info["calibrated_on"] == 0 and head.temperature == 1.0
+    assert info["calibrated_on"] == 0 and head.temperature >= 1.0
+    assert info["bias"] is None and info["out_of_fold_nll"] is None
     with pytest.raises(ValueError, match="at least 2 classes"):
         fit_head(x[:3], np.array([1, 1, 1]))
+    # folds=0 turns every held-out step off
+    head, info = fit_head(x, labels, folds=0)
+    assert head.temperature == 1.0 and info["softened_on"] == 0
+
+
+def test_a_handful_of_labels_that_mislead_are_softened_not_called_calibrated():
+    """Six labels, two of a class that sits in two places: held out one at a time, each
+    label is predicted confidently wrong, so the head is softened (T > 1), but it still
+    counts as not calibrated."""
+    rng = np.random.default_rng(1)
+    centre = rng.normal(0, 1, (3, 30)) * 4
+    # class 0 at centres 0 and 1, class 1 at centre 2 and near centre 1, class 2 at 2
+    x = np.stack([centre[0], centre[1], centre[2], centre[1] + 0.3, centre[2] + 0.3,
+                  centre[0] + 0.3]) + rng.normal(0, 0.2, (6, 30))
+    y = np.array([0, 0, 1, 1, 2, 2])
+    head, info = fit_head(x, y)
+    assert info["calibrated_on"] == 0 and info["softened_on"] == 6
+    assert head.temperature > 1.5
+    unsoftened = head.predict_proba(x, calibrated=False).max(axis=1)
+    assert (head.predict_proba(x).max(axis=1) < unsoftened).all()
+
+
+def test_a_class_with_one_label_stays_in_every_fit_while_the_others_soften_the_head():
+    x, labels = data(n=300, seed=3)
+    keep = np.concatenate([np.flatnonzero(labels != 307), np.flatnonzero(labels == 307)[:1]])
+    x, labels = x[keep], labels[keep]
+    head, info = fit_head(x, labels)
+    assert list(head.class_ids) == [101, 205, 307]
+    assert info["calibrated_on"] == 0 and info["softened_on"] == len(labels) - 1
+    assert info["temperature"] >= 1.0 and info["bias"] is None
+    # a singleton class's scan is still predicted as that class by the final head
+    assert head.class_ids[head.predict_proba(x[-1:]).argmax()] == 307
+
+
+def test_no_class_with_two_labels_leaves_the_head_as_it_is():
+    x, labels = data(n=300, seed=4)
+    rows = [int(np.flatnonzero(labels == c)[0]) for c in (101, 205, 307)]
+    head, info = fit_head(x[rows], labels[rows])
+    assert head.temperature == 1.0 and info["softened_on"] == 0
 
 
 def test_prototypes_let_a_class_with_few_labels_be_predicted(tmp_path):
