@@ -16,8 +16,8 @@ from sklearn.model_selection import StratifiedKFold
 
 from ml_backend.metrics.reports import (
     fit_balanced_bias,
-    fit_temperature,
     negative_log_likelihood,
+    posterior_temperature,
 )
 
 
@@ -34,11 +34,14 @@ PRODUCT_PROTOTYPE_N0 = 0.0
 # recall at 20 labels with the old classes within 2 points; 1.0 raises it further at the
 # cost of the old classes.
 PRODUCT_BALANCE = 0.5
-# The range the out-of-fold temperature is searched in. It may soften a head (T > 1), never
-# sharpen it: a head fit on a handful of labels that it all predicts right out of fold would
-# otherwise get T -> 0.05 and show 0.99-1.00 on scans it gets wrong. With 100-1,200 labels
-# the fitted T was 1.7-2.4 on chest films and brain MRI, so the floor only binds on few labels
-# (docs/benchmarks.md, "Suggestions on a few labels: the temperature only softens").
+# The range of the held-out temperature, and its log-uniform prior
+# (``metrics.reports.posterior_temperature``: the posterior mean of log T given the held-out
+# labels). It may soften a head (T > 1), never sharpen it: a head fit on a handful of labels
+# that it all predicts right out of fold would otherwise get T -> 0.05 and show 0.99-1.00 on
+# scans it gets wrong. With no label to hold out the head gets the prior's centre,
+# sqrt(20) = 4.5; with 100-1,200 labels T was 1.5-2.4 on chest films and brain MRI, where the
+# posterior is sharp and equals the maximum-likelihood fit (docs/benchmarks.md, "Suggestions
+# on a few labels").
 TEMPERATURE_BOUNDS = (1.0, 20.0)
 # Below this many held-out labels the few-label softening (``_few_label_temperature``) holds
 # each out on its own (one fit per label); above it, stratified folds.
@@ -135,9 +138,9 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
     """Fit on embeddings ``x (N, D)`` and labels ``(N,)`` (any hashable ids, ≥ 2 distinct).
 
     With enough labels the temperature is fit on out-of-fold logits (``folds``-fold,
-    stratified: every label calibrates once, from a head that did not see it; within
-    ``TEMPERATURE_BOUNDS``: it softens, never sharpens), then the head is refit on all
-    labels. ``prototype_n0 > 0`` adds the nearest-class-mean component (see
+    stratified: every label calibrates once, from a head that did not see it; the posterior
+    mean over ``TEMPERATURE_BOUNDS``: it softens, never sharpens), then the head is refit on
+    all labels. ``prototype_n0 > 0`` adds the nearest-class-mean component (see
     ``LinearHead``) with ``w_c = n0 / (n0 + n_c)``. ``balance > 0`` adds ``balance`` times
     the class-balanced offsets fit on the same out-of-fold logits
     (``metrics.reports.fit_balanced_bias``): a class with 20 labels beside classes with
@@ -200,7 +203,7 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
             # offsets in raw-logit units; the temperature below is fit on the corrected logits
             bias = balance * fit_balanced_bias(out_of_fold, y)
             out_of_fold = out_of_fold + bias[None, :]
-        temperature = fit_temperature(out_of_fold, y, bounds=TEMPERATURE_BOUNDS)
+        temperature = posterior_temperature(out_of_fold, y, bounds=TEMPERATURE_BOUNDS)
         calibrated_on = len(y)
         oof_nll = negative_log_likelihood(out_of_fold, y, temperature)
     elif folds >= 2:
@@ -224,16 +227,17 @@ def _few_label_temperature(build, x: np.ndarray, y: np.ndarray, *, folds: int, s
     The labels of every class with at least two are held out in turn — one at a time below
     ``FEW_LABELS_LEAVE_ONE_OUT`` of them, else in stratified folds — from a head fit on all
     the others (a class with one label stays in every fit, so each fit knows every class);
-    the temperature minimising their log-loss within ``TEMPERATURE_BOUNDS`` softens the
-    head. It never sharpens it, so where the held-out labels are all right it stays at 1.
-    A singleton class cannot be held out, and a handful of labels calibrate little: the head
-    still counts as not calibrated (``calibrated_on = 0``) and gets no balance offsets or
-    out-of-fold log-loss. Returns ``(temperature, labels held out)``; ``(1.0, 0)`` when no
-    class has two labels."""
+    the posterior mean temperature given their held-out logits (``posterior_temperature``
+    over ``TEMPERATURE_BOUNDS``) softens the head: a few labels rule out little, so it
+    softens even when they are all right. A singleton class cannot be held out, and a
+    handful of labels calibrate little: the head still counts as not calibrated
+    (``calibrated_on = 0``) and gets no balance offsets or out-of-fold log-loss. Returns
+    ``(temperature, labels held out)``; with no class of two labels, the prior's centre."""
     counts = np.bincount(y)
     eligible = np.flatnonzero(counts[y] >= 2)
-    if len(eligible) < 2:
-        return 1.0, 0
+    if len(eligible) < 2:       # nothing to hold out: the prior's centre
+        return posterior_temperature(np.zeros((0, len(counts))), [],
+                                     bounds=TEMPERATURE_BOUNDS), 0
     if len(eligible) <= FEW_LABELS_LEAVE_ONE_OUT:
         splits = [eligible[[i]] for i in range(len(eligible))]
     else:
@@ -245,7 +249,7 @@ def _few_label_temperature(build, x: np.ndarray, y: np.ndarray, *, folds: int, s
     for held in splits:
         rows = np.setdiff1d(np.arange(len(y)), held)
         out_of_fold[[position[int(r)] for r in held]] = build(rows).raw_logits(x[held])
-    temperature = fit_temperature(out_of_fold, y[eligible], bounds=TEMPERATURE_BOUNDS)
+    temperature = posterior_temperature(out_of_fold, y[eligible], bounds=TEMPERATURE_BOUNDS)
     return temperature, int(len(eligible))
 
 

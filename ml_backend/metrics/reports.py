@@ -180,6 +180,34 @@ def fit_temperature(logits_or_log_proba, y_true, *, bounds: tuple[float, float] 
     return float(math.exp(result.x))
 
 
+def posterior_temperature(logits_or_log_proba, y_true, *, bounds: tuple[float, float],
+                          grid: int = 121) -> float:
+    """The temperature a handful of held-out labels support: ``exp`` of the posterior mean
+    of ``log T`` under a log-uniform prior over ``bounds`` and the held-out likelihood of
+    ``softmax(z / T)``.
+
+    With hundreds of held-out labels the likelihood is sharp and this is the maximum-likelihood
+    ``fit_temperature``; with a few it is not, and a point estimate swings between the ends
+    of the range (2 of 2 right: no softening; 1 of 2 wrong: the most): the posterior mean
+    weighs every temperature the labels do not rule out. With no held-out label at all it is
+    the prior's centre, the geometric mean of ``bounds``."""
+    low, high = math.log(bounds[0]), math.log(bounds[1])
+    log_t = np.linspace(low, high, grid)
+    z = np.asarray(logits_or_log_proba, dtype=np.float64)
+    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    if len(y) == 0:
+        return float(math.exp((low + high) / 2))
+    if z.ndim != 2 or len(z) != len(y):
+        raise ValueError("logits must be (N, C) with N = len(y_true)")
+    finite = np.isfinite(z)
+    if not finite.any():
+        raise ValueError("logits hold no finite values")
+    z = np.where(finite, z, z[finite].min() - 50.0)
+    log_lik = np.array([-negative_log_likelihood(z, y, math.exp(t)) * len(y) for t in log_t])
+    weight = np.exp(log_lik - log_lik.max())
+    return float(math.exp((weight * log_t).sum() / weight.sum()))
+
+
 def fit_balanced_bias(logits, y_true, *, max_abs: float = 10.0) -> np.ndarray:
     """Per-class logit offsets minimising the *class-balanced* NLL of held-out logits: each
     class weighs the same whatever its count.

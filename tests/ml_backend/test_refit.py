@@ -49,7 +49,8 @@ def test_a_few_labels_all_right_out_of_fold_never_sharpen_the_head():
     y = np.repeat([0, 1], 6)
     x = rng.normal(0, 1, (12, 40)) + y[:, None] * 3.0     # 12 labels, all separable
     head, info = fit_head(x, y, seed=0)
-    assert info["calibrated_on"] == 12 and info["temperature"] == pytest.approx(1.0, abs=1e-3)
+    # 12 right answers rule out the softest temperatures, not a little softening
+    assert info["calibrated_on"] == 12 and 1.0 <= info["temperature"] < 2.0
     assert refit.TEMPERATURE_BOUNDS[0] == 1.0
     # unbounded, the same out-of-fold logits would have sharpened it
     out_of_fold = np.zeros((12, 2))
@@ -105,7 +106,30 @@ def test_no_class_with_two_labels_leaves_the_head_as_it_is():
     x, labels = data(n=300, seed=4)
     rows = [int(np.flatnonzero(labels == c)[0]) for c in (101, 205, 307)]
     head, info = fit_head(x[rows], labels[rows])
-    assert head.temperature == 1.0 and info["softened_on"] == 0
+    # nothing to hold out: the centre of the prior over TEMPERATURE_BOUNDS, sqrt(1 * 20)
+    assert head.temperature == pytest.approx(20 ** 0.5, rel=1e-6)
+    assert info["softened_on"] == 0 and info["calibrated_on"] == 0
+
+
+def test_the_posterior_temperature_is_the_fitted_one_on_many_labels_and_softer_on_few():
+    from ml_backend.metrics.reports import fit_temperature, posterior_temperature
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 2000)
+    z = rng.normal(0, 1, (2000, 3)) + np.eye(3)[y] * 2.0
+    z_sharp = z * 4                                   # overconfident: T about 4 fits
+    fitted = fit_temperature(z_sharp, y, bounds=(1.0, 20.0))
+    assert posterior_temperature(z_sharp, y, bounds=(1.0, 20.0)) == pytest.approx(fitted,
+                                                                                  rel=0.03)
+    # three right answers: a point estimate says 1, the posterior still softens
+    right = np.flatnonzero(z_sharp.argmax(1) == y)[:3]
+    assert fit_temperature(z_sharp[right], y[right], bounds=(1.0, 20.0)) < 1.01
+    few = posterior_temperature(z_sharp[right], y[right], bounds=(1.0, 20.0))
+    many = posterior_temperature(z_sharp[np.flatnonzero(z_sharp.argmax(1) == y)[:300]],
+                                 y[z_sharp.argmax(1) == y][:300], bounds=(1.0, 20.0))
+    assert many < few < 20 ** 0.5
+    assert posterior_temperature(np.zeros((0, 3)), [], bounds=(1.0, 20.0)) == \
+        pytest.approx(20 ** 0.5)
 
 
 def test_prototypes_let_a_class_with_few_labels_be_predicted(tmp_path):
