@@ -76,9 +76,10 @@ def test_self_training_adds_the_confident_pool_scans_as_pseudo_labels():
     y = np.repeat([0, 1, 2], 30)
     labeled = np.r_[0:10, 30:40, 60:70]
     pool = np.setdiff1d(np.arange(90), labeled)
-    options = new_class.head_options("selftrain:0.9")
+    options = new_class.head_options("selftrain:0.85")
     head, pseudo = new_class.fit(x[labeled], y[labeled], x[pool], seed=0, **options)
     # well-separated clusters: most of the pool is confident, and the refit still separates them
+    # (30 right answers out of fold leave the posterior temperature a little above 1)
     assert 30 <= pseudo <= len(pool)
     assert (head.class_ids[head.predict_proba(x).argmax(1)] == y).mean() > 0.95
     _, none = new_class.fit(x[labeled], y[labeled], x[pool], seed=0,
