@@ -154,6 +154,21 @@ def retemper(proba: np.ndarray, temperature) -> np.ndarray:
     return np.divide(e, total, out=np.zeros_like(e), where=total > 0).astype(np.float32)
 
 
+def _held_out(logits_or_log_proba, y_true) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out logits ``(N, C)`` and labels ``(N,)`` checked for a temperature fit, with
+    -inf log-probabilities (p = 0, which would make every T give inf) clipped."""
+    z = np.asarray(logits_or_log_proba, dtype=np.float64)
+    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    if len(y) == 0:
+        return z, y
+    if z.ndim != 2 or len(z) != len(y):
+        raise ValueError("logits must be (N, C) with N = len(y_true)")
+    finite = np.isfinite(z)
+    if not finite.any():
+        raise ValueError("logits hold no finite values")
+    return np.where(finite, z, z[finite].min() - 50.0), y
+
+
 def fit_temperature(logits_or_log_proba, y_true, *, bounds: tuple[float, float] = (0.05, 20.0)
                     ) -> float:
     """Temperature scaling (Guo et al., 2017): the ``T`` minimising the NLL of
@@ -162,17 +177,9 @@ def fit_temperature(logits_or_log_proba, y_true, *, bounds: tuple[float, float] 
     ``z`` may be logits or log-probabilities (softmax ignores a per-row shift). Returns 1.0
     when there is nothing to fit (no samples).
     """
-    z = np.asarray(logits_or_log_proba, dtype=np.float64)
-    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    z, y = _held_out(logits_or_log_proba, y_true)
     if len(y) == 0:
         return 1.0
-    if z.ndim != 2 or len(z) != len(y):
-        raise ValueError("logits must be (N, C) with N = len(y_true)")
-    # -inf log-probabilities (p = 0) would make every T give inf: clip them.
-    finite = np.isfinite(z)
-    if not finite.any():
-        raise ValueError("logits hold no finite values")
-    z = np.where(finite, z, z[finite].min() - 50.0)
     low, high = math.log(bounds[0]), math.log(bounds[1])
     result = minimize_scalar(lambda log_t: negative_log_likelihood(z, y, math.exp(log_t)),
                              bounds=(low, high), method="bounded",
@@ -193,16 +200,9 @@ def posterior_temperature(logits_or_log_proba, y_true, *, bounds: tuple[float, f
     the prior's centre, the geometric mean of ``bounds``."""
     low, high = math.log(bounds[0]), math.log(bounds[1])
     log_t = np.linspace(low, high, grid)
-    z = np.asarray(logits_or_log_proba, dtype=np.float64)
-    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    z, y = _held_out(logits_or_log_proba, y_true)
     if len(y) == 0:
         return float(math.exp((low + high) / 2))
-    if z.ndim != 2 or len(z) != len(y):
-        raise ValueError("logits must be (N, C) with N = len(y_true)")
-    finite = np.isfinite(z)
-    if not finite.any():
-        raise ValueError("logits hold no finite values")
-    z = np.where(finite, z, z[finite].min() - 50.0)
     log_lik = np.array([-negative_log_likelihood(z, y, math.exp(t)) * len(y) for t in log_t])
     weight = np.exp(log_lik - log_lik.max())
     return float(math.exp((weight * log_t).sum() / weight.sum()))
