@@ -38,7 +38,11 @@ in-process, on a throw-away SQLite database and media / artifact folders in a te
    the next round, and when a round runs out first (a refit held back or failed) the bench
    asks ``query_round_create`` for a new one. ``random``: the same, answering seeded random
    unlabeled pool scans. ``--second-reader-error e``: reader2 labels every scan too, with a
-   wrong class of the scan's label set with probability e.
+   wrong class of the scan's label set with probability e. ``--vary-gate``: seed s > 0
+   draws its own gate eval scans (``pick_gate`` with seed s, whole near-duplicate groups)
+   among the project's scans and returns the rest to the pool, as another project of the
+   same sources would have them (seed 0 keeps the first draw); without it the worklist
+   is one deterministic path and its seeds only vary ``random``.
 4. After every ``--step`` labels: the ACTIVE model's macro-F1 / accuracy / macro AUC (one vs
    rest) / ECE on ``--eval`` (per label set and overall; a set the model has no head for
    yet counts as missed), refits promoted / held back / failed, the newest held-back reason,
@@ -118,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-eval-per-class", type=int, default=10,
                    help="labeled eval scans per class (the project's eval split for the "
                         "gate); whole near-duplicate groups, so a class may get a few more")
+    p.add_argument("--vary-gate", action="store_true",
+                   help="each seed >= 1 draws its own gate eval scans among the project's "
+                        "scans (the rest back in the pool): the worklist's spread over "
+                        "projects, not one deterministic path")
     p.add_argument("--max-pool-per-source", type=int, nargs="+", default=None,
                    help="stratified subset of each source's pool: one value for all, or one "
                         "per --train (0: no limit)")
@@ -167,6 +175,8 @@ class Source:
     pool: list = field(default_factory=list)
     evaluation: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    # --vary-gate: per seed s >= 1, the names of its gate eval scans, drawn among gate + pool
+    gates: dict = field(default_factory=dict)
 
 
 def pick_gate(labels: np.ndarray, groups: np.ndarray, candidates: np.ndarray, per_class: int,
@@ -246,11 +256,15 @@ def prepare_sources(args, group_size: int) -> list[Source]:
             keep = stratified_subset(labels[pool_idx], cap, seed=0)
             pool_idx = pool_idx[keep]
         set_name = args.label_sets[i] if args.label_sets else None
+        project_idx = np.concatenate([gate_idx, pool_idx])
+        gates = {seed: [names[j] for j in pick_gate(labels, groups, project_idx,
+                                                    args.gate_eval_per_class, seed=seed)]
+                 for seed in range(1, args.seeds)} if args.vary_gate else {}
         source = Source(index=i, spec=spec, eval_spec=eval_spec, set_name=set_name,
                         class_names=class_names,
                         gate=[(by_name[names[j]], str(labels[j])) for j in gate_idx],
                         pool=[(by_name[names[j]], str(labels[j])) for j in pool_idx],
-                        evaluation=evaluation, info=info)
+                        evaluation=evaluation, info=info, gates=gates)
         info.update({"classes": class_names,
                      "gate_eval": dict(Counter(lab for _, lab in source.gate)),
                      "pool": dict(Counter(lab for _, lab in source.pool)),
@@ -708,7 +722,9 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
         tag = src.set_name or f"source {src.index}"
         gate_dir = workdir / f"src{src.index}" / "gate"
         pool_dir = workdir / f"src{src.index}" / "pool"
-        write_items(src.gate, gate_dir, class_folders=True)
+        gate_oracle, _ = write_items(src.gate, gate_dir, class_folders=True)
+        for sha, label in gate_oracle.items():
+            oracle.setdefault(sha, label)
         pool_oracle, conflicts = write_items(src.pool, pool_dir, class_folders=False)
         src.info["pool_sha_label_conflicts"] = conflicts
         for sha, label in pool_oracle.items():
@@ -734,16 +750,24 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
     if leaked:
         raise SystemExit(f"{leaked} pool scans came in labeled: the oracle would leak")
 
-    pool = list(Scan.objects.filter(project=project, split="pool").order_by("pk"))
-    pool_by_id = {s.pk: s for s in pool}
+    every_scan = list(Scan.objects.filter(project=project).order_by("pk"))
+    pool = [scan for scan in every_scan if scan.split == "pool"]
+    pool_by_id = {s.pk: s for s in every_scan}
     truth: dict[int, LabelClass] = {}
-    for scan in pool:
+    for scan in every_scan:
         label = oracle.get(scan.sha256)
         if label is None:
             raise SystemExit(f"scan {scan.pk} ({scan.source_name}) is not in the oracle")
         truth[scan.pk] = classes[label]
         if truth[scan.pk].label_set_id != scan.label_set_id:
             raise SystemExit(f"scan {scan.pk} is in the wrong label set")
+    # --vary-gate: the sha256s of each seed's gate eval scans (seed 0: as imported)
+    items = {src.index: {item.name: item for item, _ in src.gate + src.pool} for src in sources}
+    gate_shas = {seed: {hashlib.sha256(items[src.index][name].load()).hexdigest()
+                        for src in sources for name in src.gates[seed]}
+                 for seed in range(1, args.seeds) if args.vary_gate}
+    gate_shas[0] = set(Scan.objects.filter(project=project, split="eval")
+                       .values_list("sha256", flat=True))
     set_classes = {ls.pk: list(LabelClass.objects.filter(label_set=ls).order_by("order", "pk"))
                    for ls in set_of_source.values()}
     log(f"project ready: {len(pool)} pool scans, "
@@ -854,8 +878,20 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                                                 model.config.get("pixels"))
         return score_cache[model.pk]
 
-    def reset(project: Project) -> Project:
+    def reset(project: Project, seed: int = 0) -> Project:
+        if args.vary_gate:          # this seed's gate eval scans, labeled; the rest pool
+            wanted = gate_shas[seed]
+            Scan.objects.filter(project=project).exclude(sha256__in=wanted).update(split="pool")
+            Scan.objects.filter(project=project, sha256__in=wanted).update(split="eval")
         Annotation.objects.filter(scan__project=project, scan__split="pool").delete()
+        if args.vary_gate:          # a scan back in the gate keeps only its true label
+            Annotation.objects.filter(scan__project=project, scan__split="eval").exclude(
+                source=Annotation.Source.IMPORT).delete()
+            for scan in Scan.objects.filter(project=project, split="eval",
+                                            annotations__isnull=True):
+                Annotation.objects.create(scan=scan, label_class=truth[scan.pk],
+                                          source=Annotation.Source.IMPORT,
+                                          outcome=Annotation.Outcome.LABEL, reader=importer)
         ScanLease.objects.filter(project=project).delete()
         QueryRound.objects.filter(project=project).delete()
         Project.objects.filter(pk=project.pk).update(active_model=None)
@@ -939,9 +975,10 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                 for entry in (model.config or {}).get("label_sets", [])}
 
     def one_run(strategy: str, seed: int) -> dict:
-        project = reset(Project.objects.get(pk=project_pk))
+        project = reset(Project.objects.get(pk=project_pk), seed)
         rng = random.Random(seed)
         noise = random.Random(1_000_003 + seed)
+        pool = list(Scan.objects.filter(project=project, split="pool").order_by("pk"))
         unlabeled = [s.pk for s in pool]
         labeled: list[int] = []
         per_set: Counter = Counter()
@@ -1084,7 +1121,10 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                 "fell_more_than_limit": bool(max_drop is not None and max_drop > DROP_LIMIT),
                 "manual_rounds": manual_rounds,
                 "labeled_order_digest": hashlib.sha256(
-                    ",".join(map(str, labeled)).encode()).hexdigest()[:16]}
+                    ",".join(map(str, labeled)).encode()).hexdigest()[:16],
+                "gate_eval_digest": hashlib.sha256(",".join(sorted(
+                    Scan.objects.filter(project=project, split="eval")
+                    .values_list("sha256", flat=True))).encode()).hexdigest()[:16]}
 
     project_pk = project.pk
     set_names = {ls.pk: ls.name for ls in set_of_source.values()}

@@ -26,6 +26,10 @@ other classes; then H is "added mid-project" with K random train examples (K in
   refit — recall, precision and forgetting after each round, with how many answers it took.
   ``--review-order`` picks the 20: the nearest to the class's examples (the class page's
   list), a spread of them, random scans, or the head's least certain (the worklist's way);
+- ``--heads finetuned``: instead of a head on the frozen embeddings, the network fine-tuned
+  (LP-FT, ``ml_backend.ssl.train.finetune`` with the ``--finetune-*`` options, as a scheduled
+  retrain does) on the labels — the old classes' before the new class, old + K after, every
+  train label for the ceiling — predicting the eval scans itself;
 - (*) the same with K labeled scans of every old class too, by nearest neighbours and by
   label propagation over the k-NN graph (what the class page offers), on the same pool.
 """
@@ -40,8 +44,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from bench.ssl_eval import (build_parser, embed_sets, get_encoder, hybrid_pixels, load_data, log,
-                            pretrain_config)
+from bench.ssl_eval import (build_parser, embed_sets, finetune_config, get_encoder, hybrid_pixels,
+                            load_data, log, pretrain_config)
 from ml_backend.active.features import block_weights, head_inputs, thumbnails
 from ml_backend.active.refit import fit_head, fit_head_choosing_block
 
@@ -205,9 +209,15 @@ def _head_options(name: str) -> dict:
                      "balance:B, selftrain:TAU or lda:S, each optionally @C)")
 
 
-def fit_one(x, y, *, seed: int, lda=None, embedding_dim=None, **options):
+def fit_one(x, y, *, seed: int, lda=None, embedding_dim=None, finetuned=None, **options):
     """The head a --heads entry names, fit on ``(x, y)`` (with ``embedding_dim``: the
-    refit's choice of the pixel block, ``x`` holding the embedding and the thumbnail)."""
+    refit's choice of the pixel block, ``x`` holding the embedding and the thumbnail; with
+    ``finetuned``: ``x`` holds train row indices, and the network is fine-tuned on them)."""
+    if finetuned is not None:
+        from dataclasses import replace
+
+        return FinetunedHead(rows=np.asarray(x).ravel(), **{
+            **finetuned, "ft_config": replace(finetuned["ft_config"], seed=seed)})
     if lda is not None:
         return SharedCovarianceHead(x, y, lda)
     if embedding_dim is not None:
@@ -231,6 +241,25 @@ def fit(x, y, pool_x, *, seed: int, selftrain: float | None = None, **options):
     return head, int(keep.sum())
 
 
+class FinetunedHead:
+    """The network ``ml_backend.ssl.train.finetune`` makes of the encoder on the labeled
+    ``rows`` of ``images`` (classes remapped to ``0..n-1``, mapped back in ``class_ids``), as
+    a head: ``predict_proba`` takes row indices of the ``images`` it was built for
+    (``bench.new_class`` passes the eval set's)."""
+
+    def __init__(self, encoder, config, images, labels, rows, eval_images, ft_config, device):
+        from ml_backend.ssl.train import finetune, predict_proba
+
+        self.class_ids = np.unique(labels[rows])
+        local = np.searchsorted(self.class_ids, labels[rows])
+        model, _ = finetune(encoder, config, images[rows], local, len(self.class_ids),
+                            ft_config, device=device)
+        self.proba = predict_proba(model, eval_images, config, device=device)
+
+    def predict_proba(self, rows):
+        return self.proba[np.asarray(rows).ravel()]
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     parser.description = __doc__.splitlines()[0]
@@ -247,7 +276,8 @@ def main(argv=None) -> int:
                              "a covariance shared by every class, shrinkage S or auto, "
                              "uniform priors); NAME+px: on the embedding and a pixel thumbnail "
                              "(--hybrid-pixels SIDE:WEIGHT); NAME@C sets a logistic head's C "
-                             "(default 1)")
+                             "(default 1); finetuned: the network fine-tuned on the labels "
+                             "(--finetune-* options; set --finetune-epochs, 30 by default)")
     parser.add_argument("--old-labels-fraction", type=float, default=1.0,
                         help="share of each old class's train scans that is labeled (the rest "
                              "is unlabeled pool, with the new class's unlabeled scans); 1 = all")
@@ -279,13 +309,25 @@ def main(argv=None) -> int:
                                   weight)
     holdouts = range(len(names)) if args.holdout == "all" else [names.index(args.holdout)]
     ks = [int(k) for k in args.new_labels.split(",")]
-    heads = {name: head_options(name) for name in args.heads.split(",")}
+    heads = {name: {"finetuned": True} if name == "finetuned" else head_options(name)
+             for name in args.heads.split(",")}
+    if "finetuned" in heads and args.confirm_rounds:
+        raise SystemExit("--confirm-rounds applies to the heads on the embeddings, not finetuned")
+    eval_rows = np.arange(len(eval_y))[:, None]
     rows, ceiling = [], {}
     for head_name, options in heads.items():
         # the heads read hx / ex (the embedding, or it and the thumbnail); the candidates
         # the class page offers stay nearest neighbours in the embedding (train_x)
         pixels = options.pop("pixels", False)
         hx, ex = hybrid if pixels else (train_x, eval_x)
+        if options.pop("finetuned", False):
+            # the "features" are row indices: the head fine-tunes on the train images of
+            # the rows it is given and predicts the eval images (row indices of eval_x)
+            hx, ex = np.arange(len(train_y))[:, None], eval_rows
+            options["finetuned"] = dict(encoder=encoder, config=config,
+                                        images=data["x_train"], labels=train_y,
+                                        eval_images=data["x_eval"], device=args.device,
+                                        ft_config=finetune_config(args))
         if pixels:
             options["feature_weights"] = pixel_weights
         if pixels == "auto":

@@ -97,13 +97,20 @@ def test_loop_on_fixtures_mixed_project_then_saved_encoder(tmp_path):
     assert all(p["newest"] is None or finite_unit(p["newest"]["overall"]["macro_f1"])
                for run in result["runs"] for p in run["points"])
 
-    # the saved encoder is reused: no pretraining, a full embed run instead
+    # the saved encoder is reused: no pretraining, a full embed run instead; with
+    # --vary-gate the second seed is another project: its own gate eval, its own path
     out2 = tmp_path / "reuse.json"
     run_bench("--train", str(BRAIN / "pool"), "--eval", str(BRAIN / "eval"),
               "--strategies", "worklist", "--encoder-checkpoint", str(encoder),
-              "--out", str(out2), *common)
+              "--out", str(out2), "--vary-gate", *common[:5], "2", *common[6:])
     reused = json.loads(out2.read_text())
     assert reused["config"]["encoder"]["source"] == "checkpoint"
     assert reused["config"]["encoder"]["metrics"]["embeddings"]["total"] == 160
-    assert [p["labels"] for p in reused["runs"][0]["points"]] == [10, 20]
-    assert finite_unit(reused["runs"][0]["points"][-1]["active"]["overall"]["macro_f1"])
+    assert len(reused["runs"]) == 2
+    for run in reused["runs"]:
+        assert [p["labels"] for p in run["points"]] == [10, 20]
+        assert finite_unit(run["points"][-1]["active"]["overall"]["macro_f1"])
+        assert run["wrong_set"]["predicted_class"] == 0
+    first, second = reused["runs"]
+    assert first["gate_eval_digest"] != second["gate_eval_digest"]
+    assert reused["summary"]["worklist_runs_identical"] is False

@@ -183,3 +183,20 @@ def test_the_margin_order_asks_about_the_scans_between_the_classes():
     # the ten asked about first lie nearer the boundary (x = 0) than the pool does on average
     pool = np.setdiff1d(np.arange(100), labeled)
     assert np.abs(picked).mean() < 0.8 * np.abs(x[pool, 0]).mean()
+
+
+@pytest.mark.slow
+def test_the_finetuned_network_is_a_head_beside_the_embedding_heads(tmp_path):
+    out = tmp_path / "ft.json"
+    assert new_class.main(fixture_args(tmp_path, out) + [
+        "--seeds", "1", "--new-labels", "5", "--heads", "finetuned,linear",
+        "--finetune-epochs", "1"]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["summary"]) == {"finetuned|no_tumor@5", "linear|no_tumor@5"}
+    tuned = next(r for r in data["rows"] if r["head"] == "finetuned")
+    assert 0 <= tuned["recall"] <= 1 and 0 <= tuned["old_macro_f1_before"] <= 1
+    assert 0 <= data["ceiling"]["finetuned|no_tumor"]["recall"] <= 1
+    with pytest.raises(SystemExit, match="not finetuned"):
+        new_class.main(fixture_args(tmp_path, out) + ["--heads", "finetuned",
+                                                      "--confirm-rounds", "1"])
+
