@@ -12,7 +12,7 @@ NAMES = {"pixels_logreg": "raw pixels + logreg (floor)", "supervised": "supervis
          "linear_probe": "SimCLRv2 linear probe",
          "hybrid_probe": "embedding + 16 px thumbnail",
          "refit_head": "the refit's head (thumbnail where it helps out of fold)",
-         "simclr_finetune": "SimCLRv2 fine-tuned (head layer 1)",
+         "simclr_finetune": "SimCLRv2 fine-tuned (LP-FT)",
          "simclr_distill": "distilled student"}
 
 

@@ -6,8 +6,9 @@ from ml_backend.management.commands._runs import add_common_arguments, get_proje
 
 
 class Command(BaseCommand):
-    help = ("SimCLRv2 step 2: fine-tune the active encoder from projection-head layer 1 on the "
-            "labeled pool scans; evaluate on the eval split; promote if no class regresses.")
+    help = ("SimCLRv2 step 2: fine-tune the active encoder on the labeled pool scans (LP-FT "
+            "from the encoder's output by default); evaluate on the eval split; promote if no "
+            "class regresses.")
 
     def add_arguments(self, parser):
         add_common_arguments(parser)

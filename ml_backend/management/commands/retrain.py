@@ -7,9 +7,9 @@ from ml_backend.management.commands._runs import get_project, run_existing
 
 
 class Command(BaseCommand):
-    help = ("Scheduled retrain (safe under cron): SimCLRv2 fine-tune from head layer 1 on all "
-            "labels, then evaluate, gate and refresh predictions. A second invocation while one "
-            "runs exits cleanly with a message.")
+    help = ("Scheduled retrain (safe under cron): SimCLRv2 fine-tune (finetune's defaults: "
+            "LP-FT from the encoder's output) on all labels, then evaluate, gate and refresh "
+            "predictions. A second invocation while one runs exits cleanly with a message.")
 
     def add_arguments(self, parser):
         parser.add_argument("--project", required=True)
