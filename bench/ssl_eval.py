@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune-augment", choices=["yes", "no"],
                         default="yes" if FinetuneConfig.augment else "no",
                         help="light crops/affine/intensity while fine-tuning")
+    parser.add_argument("--finetune-class-balance", choices=["weighted_loss", "sampler", "none"],
+                        default=FinetuneConfig.class_balance,
+                        help="a rare class while fine-tuning: inverse-frequency loss weights "
+                             "(default), a sampler that draws classes evenly, or neither")
     parser.add_argument("--distill-augment", choices=["yes", "no"],
                         default="yes" if DistillConfig.augment else "no",
                         help="the same augmentation on the student's inputs while distilling "
@@ -650,7 +654,9 @@ def finetune_config(args, seed: int = 0) -> FinetuneConfig:
                           lr=args.finetune_lr, augment=args.finetune_augment == "yes",
                           head_init=args.finetune_head_init,
                           backbone_lr_scale=args.finetune_backbone_lr_scale,
-                          batchnorm=args.finetune_batchnorm)
+                          batchnorm=args.finetune_batchnorm,
+                          class_balance=getattr(args, "finetune_class_balance",
+                                                FinetuneConfig.class_balance))
 
 
 def distill_config(args, seed: int = 0) -> DistillConfig:
