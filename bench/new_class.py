@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -214,8 +215,6 @@ def fit_one(x, y, *, seed: int, lda=None, embedding_dim=None, finetuned=None, **
     refit's choice of the pixel block, ``x`` holding the embedding and the thumbnail; with
     ``finetuned``: ``x`` holds train row indices, and the network is fine-tuned on them)."""
     if finetuned is not None:
-        from dataclasses import replace
-
         return FinetunedHead(rows=np.asarray(x).ravel(), **{
             **finetuned, "ft_config": replace(finetuned["ft_config"], seed=seed)})
     if lda is not None:

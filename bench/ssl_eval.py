@@ -655,8 +655,7 @@ def finetune_config(args, seed: int = 0) -> FinetuneConfig:
                           head_init=args.finetune_head_init,
                           backbone_lr_scale=args.finetune_backbone_lr_scale,
                           batchnorm=args.finetune_batchnorm,
-                          class_balance=getattr(args, "finetune_class_balance",
-                                                FinetuneConfig.class_balance))
+                          class_balance=args.finetune_class_balance)
 
 
 def distill_config(args, seed: int = 0) -> DistillConfig:
