@@ -130,6 +130,9 @@ def _macro(report: dict, names: list[str], y_eval: np.ndarray, min_positives: in
 
 
 def run_findings(args, cache_dir: Path, device, started: float) -> int:
+    if args.finetune_input_scale != 1:
+        raise SystemExit("--finetune-input-scale: the findings networks are measured at the "
+                         "encoder's size here (1)")
     from bench.ssl_eval import (
         embed,
         embed_scales,

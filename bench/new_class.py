@@ -46,7 +46,7 @@ import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from bench.ssl_eval import (build_parser, embed_sets, finetune_config, get_encoder, hybrid_pixels,
-                            load_data, log, pretrain_config)
+                            load_data, log, network_arrays, pretrain_config)
 from ml_backend.active.features import block_weights, head_inputs, thumbnails
 from ml_backend.active.refit import fit_head, fit_head_choosing_block
 
@@ -246,14 +246,15 @@ class FinetunedHead:
     a head: ``predict_proba`` takes row indices of the ``images`` it was built for
     (``bench.new_class`` passes the eval set's)."""
 
-    def __init__(self, encoder, config, images, labels, rows, eval_images, ft_config, device):
+    def __init__(self, encoder, config, network, images, labels, rows, eval_images, ft_config,
+                 device):
         from ml_backend.ssl.train import finetune, predict_proba
 
         self.class_ids = np.unique(labels[rows])
         local = np.searchsorted(self.class_ids, labels[rows])
         model, _ = finetune(encoder, config, images[rows], local, len(self.class_ids),
                             ft_config, device=device)
-        self.proba = predict_proba(model, eval_images, config, device=device)
+        self.proba = predict_proba(model, eval_images, network, device=device)
 
     def predict_proba(self, rows):
         return self.proba[np.asarray(rows).ravel()]
@@ -323,9 +324,10 @@ def main(argv=None) -> int:
             # the "features" are row indices: the head fine-tunes on the train images of
             # the rows it is given and predicts the eval images (row indices of eval_x)
             hx, ex = np.arange(len(train_y))[:, None], eval_rows
-            options["finetuned"] = dict(encoder=encoder, config=config,
-                                        images=data["x_train"], labels=train_y,
-                                        eval_images=data["x_eval"], device=args.device,
+            net, net_train, net_eval = network_arrays(data, config, finetune_config(args))
+            options["finetuned"] = dict(encoder=encoder, config=config, network=net,
+                                        images=net_train, labels=train_y,
+                                        eval_images=net_eval, device=args.device,
                                         ft_config=finetune_config(args))
         if pixels:
             options["feature_weights"] = pixel_weights

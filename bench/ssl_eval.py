@@ -64,7 +64,7 @@ from ml_backend.data.decode import ScanDecodeError, decode_scan
 from ml_backend.index.faiss_index import kmeans
 from ml_backend.metrics.reports import classification_report
 from ml_backend.data.findings import is_findings_source
-from ml_backend.ssl.config import BATCHNORM_MODES, SSL_METHODS, check_scales
+from ml_backend.ssl.config import BATCHNORM_MODES, SSL_METHODS, check_scales, network_config
 from ml_backend.ssl.encoder import at_scales
 from ml_backend.ssl.train import (
     DistillConfig,
@@ -197,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune-augment", choices=["yes", "no"],
                         default="yes" if FinetuneConfig.augment else "no",
                         help="light crops/affine/intensity while fine-tuning")
+    parser.add_argument("--finetune-input-scale", type=int, choices=[1, 2, 3, 4],
+                        default=FinetuneConfig.input_scale,
+                        help="the fine-tuned network (and its student) reads each scan at this "
+                             "multiple of the encoder's training size (the product's "
+                             "`finetune --input-scale`)")
     parser.add_argument("--finetune-class-balance", choices=["weighted_loss", "sampler", "none"],
                         default=FinetuneConfig.class_balance,
                         help="a rare class while fine-tuning: inverse-frequency loss weights "
@@ -457,12 +462,16 @@ def load_data(args) -> dict:
     channels = resolve_channels(args)
     train = load_spec(args.train, args.image_size, cache_dir, channels)
     big = args.image_size * embed_scales(args)[-1]
-    keys = ("images", "labels", "names")
-    if big != args.image_size:
-        # the same scans at the largest embedding size, decoded from the source (not the
-        # small images enlarged: the finer view is the point), selected with the same indices
-        keys += ("images_big",)
-        train["images_big"] = _same_scans(train, load_spec(args.train, big, cache_dir, channels))
+    # the sizes besides the encoder's that something reads: the largest embedding size and
+    # the fine-tuned network's (--finetune-input-scale)
+    other = sorted({big, args.image_size * getattr(args, "finetune_input_scale", 1)}
+                   - {args.image_size})
+    keys = ("images", "labels", "names") + tuple(f"images_{size}" for size in other)
+    for size in other:
+        # the same scans at the larger size, decoded from the source (not the small images
+        # enlarged: the finer view is the point), selected with the same indices
+        train[f"images_{size}"] = _same_scans(train, load_spec(args.train, size, cache_dir,
+                                                               channels))
     info = {"train_spec": args.train, "eval_spec": args.eval,
             "train_unlabeled_skipped": train["unlabeled"], "train_failed": train["failed"]}
     if args.eval.startswith("split:"):
@@ -485,9 +494,9 @@ def load_data(args) -> dict:
         train = {k: train[k][train_idx] for k in keys}
     else:
         evaluation = load_spec(args.eval, args.image_size, cache_dir, channels)
-        if big != args.image_size:
-            evaluation["images_big"] = _same_scans(
-                evaluation, load_spec(args.eval, big, cache_dir, channels))
+        for size in other:
+            evaluation[f"images_{size}"] = _same_scans(
+                evaluation, load_spec(args.eval, size, cache_dir, channels))
         info.update({"eval_unlabeled_skipped": evaluation["unlabeled"],
                      "eval_failed": evaluation["failed"]})
     class_names = sorted(set(train["labels"].tolist()))
@@ -519,9 +528,22 @@ def load_data(args) -> dict:
                  "channels": channels,
                  "train_counts": np.bincount(y_train, minlength=len(class_names)).tolist(),
                  "eval_counts": np.bincount(y_eval, minlength=len(class_names)).tolist()})
+    at = {args.image_size: (train["images"], evaluation["images"]),
+          **{size: (train[f"images_{size}"], evaluation[f"images_{size}"]) for size in other}}
     return {"x_train": train["images"], "y_train": y_train, "x_eval": evaluation["images"],
             "y_eval": y_eval, "class_names": class_names, "info": info,
-            "x_train_big": train.get("images_big"), "x_eval_big": evaluation.get("images_big")}
+            "x_train_big": at[big][0], "x_eval_big": at[big][1], "at_size": at}
+
+
+def network_arrays(data: dict, config: PretrainConfig, ft_config: FinetuneConfig
+                   ) -> tuple[PretrainConfig, np.ndarray, np.ndarray]:
+    """The fine-tuned network's config and the train / eval scans at its size
+    (``--finetune-input-scale`` times the encoder's)."""
+    net = network_config(config, ft_config.input_scale)
+    if net.image_size not in data["at_size"]:
+        raise SystemExit(f"no scans loaded at {net.image_size} px: pass the same "
+                         "--finetune-input-scale to load_data's args")
+    return (net, *data["at_size"][net.image_size])
 
 
 def embed_scales(args) -> tuple[int, ...]:
@@ -655,7 +677,8 @@ def finetune_config(args, seed: int = 0) -> FinetuneConfig:
                           head_init=args.finetune_head_init,
                           backbone_lr_scale=args.finetune_backbone_lr_scale,
                           batchnorm=args.finetune_batchnorm,
-                          class_balance=args.finetune_class_balance)
+                          class_balance=args.finetune_class_balance,
+                          input_scale=args.finetune_input_scale)
 
 
 def distill_config(args, seed: int = 0) -> DistillConfig:
@@ -696,7 +719,7 @@ def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
         torch.manual_seed(seed)
         scratch = SimCLRModel(config)  # random weights: no pretraining, plain training
         plain = replace(ft_config, head_init="random", backbone_lr_scale=1.0,
-                        batchnorm="train")
+                        batchnorm="train", input_scale=1)
         model, _ = finetune(scratch, config, x, y, num_classes, plain, device=args.device)
         return predict_proba(model, data["x_eval"], config, device=args.device)
 
@@ -705,10 +728,12 @@ def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
                                                embeddings["eval"], num_classes, seed))
     teacher = {}
 
+    net, net_train, net_eval = network_arrays(data, config, ft_config)
+
     def simclr_finetune():
-        teacher["model"], _ = finetune(encoder, config, x, y, num_classes, ft_config,
-                                       device=args.device)
-        return predict_proba(teacher["model"], data["x_eval"], config, device=args.device)
+        teacher["model"], _ = finetune(encoder, config, net_train[subset], y, num_classes,
+                                       ft_config, device=args.device)
+        return predict_proba(teacher["model"], net_eval, net, device=args.device)
 
     def hybrid_head(product: bool):
         side, weight = hybrid_pixels(args)
@@ -734,12 +759,12 @@ def run_methods(data: dict, subset: np.ndarray, seed: int, encoder: SimCLRModel,
 
     def simclr_distill():
         d_config = distill_config(args, seed)
-        pool = data["x_train"]
+        pool = net_train     # the student reads at its teacher's size
         if getattr(args, "distill_pool", "train") == "train+eval":
-            pool = np.concatenate([pool, data["x_eval"]])
-        student, _ = distill(teacher["model"], encoder, config, pool, d_config,
-                             labeled=x, labels=y, device=args.device)
-        return predict_proba(student, data["x_eval"], config, device=args.device)
+            pool = np.concatenate([pool, net_eval])
+        student, _ = distill(teacher["model"], encoder, net, pool, d_config,
+                             labeled=net_train[subset], labels=y, device=args.device)
+        return predict_proba(student, net_eval, net, device=args.device)
 
     timed("simclr_distill", simclr_distill)
     return out

@@ -434,14 +434,18 @@ def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVers
     entry = {"id": label_set.pk, "name": label_set.name, "net": f"findings-net-{label_set.pk}.pt",
              "findings": [{"id": f.pk, "name": f.name} for f in findings],
              "uncertain_policy": label_set.uncertain_policy, "num_scans": len(scans)}
+    pretrained_config, pconfig = pconfig, ssl.network_config(pconfig, config.input_scale)
     model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
         "kind": "finetuned-findings", "classes": [], "label_sets": [],
-        "finetune": asdict(config), "pretrain": asdict(pconfig), "findings_sets": [entry]})
+        "finetune": asdict(config), "pretrain": asdict(pretrained_config),
+        "input_size": pconfig.image_size, "findings_sets": [entry]})
     report.log(f"fine-tuning {model.version} from {encoder.version} on {len(scans)} scans of "
                f"{label_set.name} ({len(findings)} findings, uncertain: "
                f"{label_set.uncertain_policy})")
+    # pconfig is now the network's: its size is the encoder's times input_scale
     network, metrics = finetune_findings(
-        pretrained, pconfig, images_for(scans, pconfig.image_size, pconfig.channels), targets, config,
+        pretrained, pretrained_config, images_for(scans, pconfig.image_size, pconfig.channels),
+        targets, config,
         checkpoint_path=checkpoint_path(model, entry["net"]), model_version=model.version,
         progress=report, workers=_workers())
     if mixed:       # the project's class sets keep their heads beside the network
@@ -557,18 +561,21 @@ def _finetune(run: TrainingRun, report: RunReporter) -> None:
     config = ssl.FinetuneConfig(**{k: v for k, v in run.params.items()
                                    if k in ssl.FinetuneConfig.__dataclass_fields__})
     names = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "name"))
+    network = ssl.network_config(pconfig, config.input_scale)
     model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
         "finetune": asdict(config), "pretrain": asdict(pconfig), "kind": "finetuned",
+        "input_size": network.image_size,
         "classes": [{"id": c, "name": names[c]} for c in classes]})
-    _, images, labels = _labeled_arrays(run.project, classes, pconfig.image_size, "pool",
-                                           pconfig.channels)
+    _, images, labels = _labeled_arrays(run.project, classes, network.image_size, "pool",
+                                           network.channels)
     report.log(f"fine-tuning {model.version} from {encoder.version} on {len(labels)} labels, "
-               f"{len(classes)} classes, from head layer {config.from_head_layer}")
+               f"{len(classes)} classes, from head layer {config.from_head_layer}, scans read "
+               f"at {network.image_size} px")
     classifier, metrics = ssl.finetune(pretrained, pconfig, images, labels, len(classes), config,
                                        checkpoint_path=checkpoint_path(model, "classifier.pt"),
                                        model_version=model.version, progress=report,
                                        workers=_workers())
-    _finish_classifier(run, model, cnn_predictor(classifier, pconfig, classes, model=model),
+    _finish_classifier(run, model, cnn_predictor(classifier, network, classes, model=model),
                        classes, len(labels), metrics, report, calibrate=True)
 
 

@@ -7,7 +7,7 @@ rebuilds the dataclass from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:   # transforms imports torch; load it only when augment_config() is called
@@ -112,10 +112,17 @@ class FinetuneConfig:
     # every batch update them (re-estimated on the labeled scans at the end)
     batchnorm: str = "pretrained"
     probe_c: float = 0.5                      # inverse L2 strength of the probe fit
+    # the network reads each scan at this multiple of the encoder's training size (the
+    # encoder's stem kept; ``network_config``): at 2 the 64 px starter fine-tunes on 128 px
+    # scans, whose detail the training size averages away (docs/benchmarks.md, "Fine-tuning
+    # at twice the size"); it costs about 4x the compute of 1
+    input_scale: int = 1
 
     def __post_init__(self):
         if self.batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm must be one of {', '.join(BATCHNORM_MODES)}")
+        if self.input_scale not in (1, 2, 3, 4):
+            raise ValueError("input_scale must be 1, 2, 3 or 4")
         if self.head_init not in ("probe", "random"):
             raise ValueError("head_init must be probe or random")
         if not 0 <= self.backbone_lr_scale <= 1 or self.probe_c <= 0:
@@ -185,3 +192,15 @@ def check_scales(scales) -> tuple[int, ...]:
         raise ValueError(f"each embedding scale must divide the largest ({out[-1]}), "
                          f"got {scales!r}")
     return out
+
+
+def network_config(pretrain_config: PretrainConfig, input_scale: int = 1) -> PretrainConfig:
+    """The config of a network fine-tuned from an encoder of ``pretrain_config`` that reads
+    scans at ``input_scale`` times the encoder's training size: the size changes, the stem
+    the encoder was trained with stays (a 64 px encoder's stem is not the small-input one,
+    whatever size it reads). Saved with the network's checkpoint, so everything that loads
+    it (inference, distillation, export, Grad-CAM) reads scans at that size."""
+    if input_scale == 1:
+        return pretrain_config
+    return replace(pretrain_config, image_size=pretrain_config.image_size * input_scale,
+                   small_input=pretrain_config.uses_small_input)

@@ -35,6 +35,7 @@ from ml_backend.ssl.train import (
     _light_augmentation,
     _param_groups,
     _schedule,
+    network_input,
     run_epochs,
 )
 from ml_backend.ssl.transforms import eval_transform
@@ -100,6 +101,7 @@ def finetune_findings(
 ) -> tuple[Classifier, dict]:
     """Fine-tune the pretrained encoder into ``F`` sigmoid outputs (module docstring)."""
     targets = _check_targets(images, targets)
+    pretrain_config = network_input(pretrain_config, config, images)
     n_findings = targets.shape[1]
     dev = pick_device(device)
     generator = seed_everything(config.seed)

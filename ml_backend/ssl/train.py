@@ -49,6 +49,7 @@ from ml_backend.ssl.config import (
     DistillConfig,
     FinetuneConfig,
     PretrainConfig,
+    network_config,
     config_from_dict,
 )
 from ml_backend.ssl.images import ImageArray, make_loader
@@ -330,6 +331,18 @@ def _light_augmentation(pretrain_config: PretrainConfig):
                                 noise_p=0.2, blur_p=0.2))
 
 
+def network_input(pretrain_config: PretrainConfig, config: FinetuneConfig,
+                  images: np.ndarray) -> PretrainConfig:
+    """The network's config (``network_config`` at ``config.input_scale``), checking that
+    ``images`` were loaded at its size: a mismatch is a caller's mistake that would
+    otherwise train at one size and predict at another."""
+    net = network_config(pretrain_config, config.input_scale)
+    if len(images) and images.shape[1] != net.image_size:
+        raise TrainingError(f"fine-tuning at input_scale {config.input_scale} reads scans at "
+                            f"{net.image_size} px; these are {images.shape[1]} px")
+    return net
+
+
 def finetune(
     pretrained: SimCLRModel,
     pretrain_config: PretrainConfig,
@@ -346,12 +359,16 @@ def finetune(
 ) -> tuple[Classifier, dict]:
     """SimCLRv2 step 2. ``labels``: int64 ``(N,)`` class indices in ``0..num_classes-1``.
 
+    ``images`` are at the network's size: ``network_config(pretrain_config,
+    config.input_scale).image_size`` (the encoder's size times ``input_scale``); the
+    checkpoint keeps that config, so the network reads every later scan at that size.
     ``progress`` gets ``{stage: "finetune", epoch, epochs, loss}`` after every epoch.
     Returns the classifier (eval mode) and ``{history, final_loss}``.
     """
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(images) or len(labels) == 0:
         raise TrainingError("fine-tuning needs as many labels as images, and at least one")
+    pretrain_config = network_input(pretrain_config, config, images)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise TrainingError("labels must be class indices in 0..num_classes-1")
     dev = pick_device(device)

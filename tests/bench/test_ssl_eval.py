@@ -215,7 +215,8 @@ def test_the_student_can_learn_the_teachers_soft_labels_on_the_eval_scans_too(tm
     real = ssl_eval.distill
 
     def recording(teacher, encoder_model, config, unlabeled, d_config, **kwargs):
-        seen.append((len(unlabeled), len(kwargs["labeled"]), d_config.teacher_temperature))
+        seen.append((len(unlabeled), len(kwargs["labeled"]), d_config.teacher_temperature,
+                     unlabeled.shape[1], config.image_size))
         return real(teacher, encoder_model, config, unlabeled, d_config, **kwargs)
 
     monkeypatch.setattr(ssl_eval, "distill", recording)
@@ -230,8 +231,15 @@ def test_the_student_can_learn_the_teachers_soft_labels_on_the_eval_scans_too(tm
     assert seen[0][0] == train + held and seen[0][2] == 0.5
     assert seen[1][0] == train and seen[1][2] is None
     assert seen[0][1] == seen[1][1] < train                      # the labels: train's only
+    assert seen[0][3:] == seen[1][3:] == (40, 40)
     result = json.loads((tmp_path / "pool.json").read_text())
     assert result["args"]["distill_pool"] == "train"
+    # --finetune-input-scale 2: the teacher and its student read the scans at 80 px
+    assert ssl_eval.main(args + ["--finetune-input-scale", "2"]) == 0
+    assert seen[2][3:] == (80, 80)
+    result = json.loads((tmp_path / "pool.json").read_text())
+    assert result["configs"]["finetune"]["input_scale"] == 2
+    assert result["aggregates"]["0.5"]["simclr_distill"]["macro_f1"]["mean"] is not None
 
 
 @pytest.mark.slow

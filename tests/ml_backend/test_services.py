@@ -90,11 +90,14 @@ def test_pretrain_embed_similar_finetune_distill(project, settings, capsys):
     for name in ("no_tumor", "pituitary_tumor"):
         run_import(project, FIXTURES / "brain_mri" / "pool" / name, layout="flat",
                    default_label=name, dataset_name="brain")
+    # at twice the encoder's size: the network learns and predicts on 64 px scans
     call_command("finetune", "--project", project.name, "--epochs", "3", "--batch-size", "32",
-                 "--no-progress")
+                 "--input-scale", "2", "--no-progress")
     project.refresh_from_db()
     classifier = project.active_model
     assert classifier is not None and classifier.parent == encoder
+    assert classifier.config["input_size"] == 64 and classifier.config["finetune"]["input_scale"] == 2
+    assert "scans read at 64 px" in TrainingRun.objects.filter(kind="retrain").latest("pk").log
     assert classifier.status_reason == "promoted: the first classifier of this project"
     assert {c["name"] for c in classifier.config["classes"]} == {
         "no_tumor", "pituitary_tumor", "glioma_tumor"}
@@ -117,6 +120,10 @@ def test_pretrain_embed_similar_finetune_distill(project, settings, capsys):
     assert student.config["distill"]["teacher_temperature"] == 0.5   # saved with the version
     assert student.status in ("active", "ready") and student.status_reason
     assert Evaluation.objects.filter(model_version=student).exists()
+    # the student reads at its teacher's size
+    from ml_backend.services.artifacts import checkpoint_path
+    from ml_backend.ssl.checkpoints import load_classifier
+    assert load_classifier(checkpoint_path(student, "classifier.pt"))[1].image_size == 64
 
 
 def test_failed_runs_leave_active_models_untouched(project, settings):

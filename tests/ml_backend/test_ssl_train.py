@@ -32,11 +32,11 @@ TINY = dict(arch="resnet18", image_size=SIZE, small_input=False, proj_hidden_dim
             proj_out_dim=32, batch_size=32, lr=2e-3, warmup_epochs=0.5)
 
 
-def fixture_split(collection: str, split: str, classes: list[str]):
+def fixture_split(collection: str, split: str, classes: list[str], size: int = SIZE):
     images, labels = [], []
     for index, name in enumerate(classes):
         files = sorted((FIXTURES / collection / split / name).iterdir())
-        images.append(load_images(files, SIZE))
+        images.append(load_images(files, size))
         labels += [index] * len(files)
     return np.concatenate(images), np.array(labels)
 
@@ -292,7 +292,41 @@ def test_a_cooler_teacher_sharpens_the_soft_labels_and_moves_its_student(brain, 
     assert moved > 1e-3
 
 
+def test_finetune_at_twice_the_size_reads_and_keeps_that_size(brain, pretrained, tmp_path):
+    """``input_scale=2``: the network learns and predicts on scans at twice the encoder's
+    size with the encoder's stem; its checkpoint says so, so a reload, and a student
+    distilled from it, read at that size; scans at the encoder's size are refused."""
+    from ml_backend.ssl.config import network_config
+
+    (images, labels), (_, eval_labels) = brain
+    path, pconfig, _ = pretrained
+    model, _ = load_pretrained(path)
+    config = FinetuneConfig(epochs=6, batch_size=32, lr=1e-3, input_scale=2)
+    with pytest.raises(TrainingError, match=f"reads scans at {2 * SIZE} px; these are {SIZE} px"):
+        finetune(model, pconfig, images, labels, 2, config)
+    big = network_config(pconfig, 2)
+    assert (big.image_size, big.uses_small_input) == (2 * SIZE, pconfig.uses_small_input)
+    assert network_config(pconfig, 1) is pconfig
+    classes = ["no_tumor", "pituitary_tumor"]
+    big_images, big_labels = fixture_split("brain_mri", "pool", classes, 2 * SIZE)
+    big_eval, _ = fixture_split("brain_mri", "eval", classes, 2 * SIZE)
+    assert np.array_equal(big_labels, labels)
+    finetune(model, pconfig, big_images, labels, 2, config,
+             checkpoint_path=tmp_path / "clf.pt")
+    reloaded, saved = load_classifier(tmp_path / "clf.pt")
+    assert saved.image_size == 2 * SIZE and saved.uses_small_input == pconfig.uses_small_input
+    proba = predict_proba(reloaded, big_eval, saved)
+    assert float((proba.argmax(1) == eval_labels).mean()) >= 0.75
+    student, _ = distill(reloaded, model, saved, big_images,
+                         DistillConfig(epochs=1, batch_size=16, lr=1e-4),
+                         labeled=big_images[:8], labels=labels[:8],
+                         checkpoint_path=tmp_path / "student.pt")
+    assert load_classifier(tmp_path / "student.pt")[1].image_size == 2 * SIZE
+
+
 def test_new_finetune_options_are_checked():
+    with pytest.raises(ValueError, match="input_scale"):
+        FinetuneConfig(input_scale=0)
     with pytest.raises(ValueError, match="head_init"):
         FinetuneConfig(head_init="zeros")
     with pytest.raises(ValueError, match="backbone_lr_scale"):
