@@ -545,6 +545,13 @@ def _finish_findings_network(run, model, entry, label_set, network, pconfig, met
     model.save(update_fields=["metrics"])
 
 
+# A class network (`finetune`, the scheduled `retrain`) reads scans at twice its encoder's
+# size unless the run says otherwise: +0.03-0.04 macro-F1 on brain MRI (docs/benchmarks.md,
+# "Fine-tuning at twice the size"), at about 4x the compute. Findings networks keep the
+# encoder's size (FinetuneConfig's default, 1): not measured at two sizes.
+CLASS_NETWORK_INPUT_SCALE = 2
+
+
 def _finetune(run: TrainingRun, report: RunReporter) -> None:
     encoder = run.project.active_encoder
     if encoder is None:
@@ -558,8 +565,9 @@ def _finetune(run: TrainingRun, report: RunReporter) -> None:
     if len(classes) < 2:
         raise TrainingError(f"fine-tuning needs labeled pool scans of at least 2 classes "
                             f"(have {len(train_scans)} labels in {len(classes)} class(es))")
-    config = ssl.FinetuneConfig(**{k: v for k, v in run.params.items()
-                                   if k in ssl.FinetuneConfig.__dataclass_fields__})
+    config = ssl.FinetuneConfig(**{"input_scale": CLASS_NETWORK_INPUT_SCALE,
+                                   **{k: v for k, v in run.params.items()
+                                      if k in ssl.FinetuneConfig.__dataclass_fields__}})
     names = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "name"))
     network = ssl.network_config(pconfig, config.input_scale)
     model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={

@@ -90,9 +90,10 @@ def test_pretrain_embed_similar_finetune_distill(project, settings, capsys):
     for name in ("no_tumor", "pituitary_tumor"):
         run_import(project, FIXTURES / "brain_mri" / "pool" / name, layout="flat",
                    default_label=name, dataset_name="brain")
-    # at twice the encoder's size: the network learns and predicts on 64 px scans
+    # a class network reads at twice the encoder's size by default: it learns and predicts
+    # on 64 px scans
     call_command("finetune", "--project", project.name, "--epochs", "3", "--batch-size", "32",
-                 "--input-scale", "2", "--no-progress")
+                 "--no-progress")
     project.refresh_from_db()
     classifier = project.active_model
     assert classifier is not None and classifier.parent == encoder

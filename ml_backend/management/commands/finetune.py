@@ -35,11 +35,12 @@ class Command(BaseCommand):
                                  "features first; random: plain SimCLRv2 step 2")
         parser.add_argument("--backbone-lr-scale", type=float, default=0.1,
                             help="encoder learning rate = --lr * this (0 freezes it)")
-        parser.add_argument("--input-scale", type=int, default=1, choices=[1, 2, 3, 4],
+        parser.add_argument("--input-scale", type=int, default=None, choices=[1, 2, 3, 4],
                             help="read each scan at this multiple of the encoder's training "
-                                 "size (2: the 64 px starter fine-tunes and predicts at 128 px; "
-                                 "about 4x the compute; see docs/benchmarks.md, \"Fine-tuning "
-                                 "at twice the size\")")
+                                 "size: 2 for class sets by default (the 64 px starter "
+                                 "fine-tunes and predicts at 128 px, about 4x the compute of "
+                                 "1), 1 for a findings set; see docs/benchmarks.md, "
+                                 "\"Fine-tuning at twice the size\"")
         parser.add_argument("--batchnorm", default="pretrained",
                             choices=["pretrained", "recalibrated", "train"],
                             help="BatchNorm statistics: the encoder's, kept (default); set on "
@@ -51,8 +52,9 @@ class Command(BaseCommand):
                   "class_balance": opts["class_balance"],
                   "from_head_layer": opts["from_head_layer"], "seed": opts["seed"],
                   "head_init": opts["head_init"], "backbone_lr_scale": opts["backbone_lr_scale"],
-                  "batchnorm": opts["batchnorm"], "augment": opts["augment"],
-                  "input_scale": opts["input_scale"]}
+                  "batchnorm": opts["batchnorm"], "augment": opts["augment"]}
+        if opts["input_scale"] is not None:
+            params["input_scale"] = opts["input_scale"]
         project = get_project(opts["project"])
         if opts["label_set"]:
             label_set = project.label_sets.filter(name__iexact=opts["label_set"]).first()
