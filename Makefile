@@ -70,6 +70,9 @@ STARTER ?= ml_backend/starter/simclr-resnet18-64px.pt
 # what the product does with no pretraining of its own: the shipped starter read at 64 and
 # 128 px (MEDLABEL_EMBED_SCALES) under the refit's head, beside the pixel floor and the probe
 PRODUCT_HEAD_ARGS ?= --init-checkpoint $(STARTER) --epochs 0 --embed-scales 1,2 --seeds $(SEEDS) --evaluations pixels_logreg,linear_probe,hybrid_probe,refit_head
+# the product's fine-tuned network and its student (the starter, LP-FT, 10 epochs, reading at
+# twice the encoder's size as `finetune` does for class networks)
+PRODUCT_FINETUNE_ARGS ?= --init-checkpoint $(STARTER) --epochs 0 --seeds $(SEEDS) --finetune-epochs 10 --distill-epochs 3 --finetune-input-scale 2 --evaluations pixels_logreg,supervised,linear_probe,simclr_finetune,simclr_distill
 # The shipped starter encoder (ml_backend/starter/): SimCLRv2 on every public train scan in
 # $(SHARED), 175 epochs at batch 512. The shipped one took 5 min on one GPU (H200); on a
 # 2-core CPU the same recipe takes about 2 h (run it in the background; resumable from
@@ -98,6 +101,8 @@ bench: venv chromium
 	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BRAIN_ARGS) --out bench/results/ssl_brain_mri.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) $(PRODUCT_HEAD_ARGS) --labels-fraction 0.01,0.1,1.0 --out bench/results/product_head_pneumoniamnist.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(PRODUCT_HEAD_ARGS) --labels-fraction 0.2,1.0 --out bench/results/product_head_brain_mri.json
+	$(PY) -m bench.ssl_eval --train $(SHARED)/pneumoniamnist/pneumoniamnist.npz\#train --eval $(PNEUMONIA_EVAL) $(PRODUCT_FINETUNE_ARGS) --labels-fraction 0.01,0.1 --out bench/results/product_finetune_pneumoniamnist.json
+	$(PY) -m bench.ssl_eval --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(PRODUCT_FINETUNE_ARGS) --labels-fraction 0.2,1.0 --out bench/results/product_finetune_brain_mri.json
 	$(PY) -m bench.new_class --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) --init-checkpoint $(STARTER) --epochs 0 --embed-scales 1,2 --seeds $(SEEDS) --new-labels 20 --heads product,product+auto,balance:1 --out bench/results/new_class_brain_mri_product.json
 	$(PY) -m bench.ssl_eval --train $(SHARED)/nih_cxr14_subset/labels.csv\#train --eval $(NIH_EVAL) --init-checkpoint $(STARTER) --epochs 0 --labels-fraction 0.2,1.0 --seeds $(SEEDS) --finetune-epochs 10 --distill-epochs 3 --out bench/results/findings_nih.json
 	$(PY) -m bench.new_class --train $(SHARED)/brain_mri/Training --eval $(BRAIN_EVAL) $(BRAIN_ARGS) --seeds 5 --new-labels 10,20 --out bench/results/new_class_brain_mri.json
