@@ -324,11 +324,12 @@ def main(argv=None) -> int:
             # the "features" are row indices: the head fine-tunes on the train images of
             # the rows it is given and predicts the eval images (row indices of eval_x)
             hx, ex = np.arange(len(train_y))[:, None], eval_rows
-            net, net_train, net_eval = network_arrays(data, config, finetune_config(args))
+            ft_config = finetune_config(args)
+            net, net_train, net_eval = network_arrays(data, config, ft_config)
             options["finetuned"] = dict(encoder=encoder, config=config, network=net,
                                         images=net_train, labels=train_y,
                                         eval_images=net_eval, device=args.device,
-                                        ft_config=finetune_config(args))
+                                        ft_config=ft_config)
         if pixels:
             options["feature_weights"] = pixel_weights
         if pixels == "auto":

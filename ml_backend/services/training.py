@@ -434,25 +434,25 @@ def _finetune_findings(run: TrainingRun, report: RunReporter, encoder: ModelVers
     entry = {"id": label_set.pk, "name": label_set.name, "net": f"findings-net-{label_set.pk}.pt",
              "findings": [{"id": f.pk, "name": f.name} for f in findings],
              "uncertain_policy": label_set.uncertain_policy, "num_scans": len(scans)}
-    pretrained_config, pconfig = pconfig, ssl.network_config(pconfig, config.input_scale)
+    net_config = ssl.network_config(pconfig, config.input_scale)
     model = new_version(run, ModelVersion.Kind.CLASSIFIER, parent=encoder, config={
         "kind": "finetuned-findings", "classes": [], "label_sets": [],
-        "finetune": asdict(config), "pretrain": asdict(pretrained_config),
-        "input_size": pconfig.image_size, "findings_sets": [entry]})
+        "finetune": asdict(config), "pretrain": asdict(pconfig),
+        "input_size": net_config.image_size, "findings_sets": [entry]})
     report.log(f"fine-tuning {model.version} from {encoder.version} on {len(scans)} scans of "
                f"{label_set.name} ({len(findings)} findings, uncertain: "
                f"{label_set.uncertain_policy})")
-    # pconfig is now the network's: its size is the encoder's times input_scale
     network, metrics = finetune_findings(
-        pretrained, pretrained_config, images_for(scans, pconfig.image_size, pconfig.channels),
+        pretrained, pconfig, images_for(scans, net_config.image_size, net_config.channels),
         targets, config,
         checkpoint_path=checkpoint_path(model, entry["net"]), model_version=model.version,
         progress=report, workers=_workers())
     if mixed:       # the project's class sets keep their heads beside the network
-        _refit(run, report, model=model, networks={label_set.pk: (entry, network, pconfig)},
+        _refit(run, report, model=model, networks={label_set.pk: (entry, network, net_config)},
                network_metrics={"finetuned-findings": metrics})
         return
-    _finish_findings_network(run, model, entry, label_set, network, pconfig, metrics, report)
+    _finish_findings_network(run, model, entry, label_set, network, net_config, metrics,
+                             report)
 
 
 def _has_class_labels(project: Project) -> bool:

@@ -13,13 +13,12 @@ NeurIPS 2020) use ResNets; we build torchvision's (random init, no download) and
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import torch
 from torch import nn
 from torchvision import models
 
-from ml_backend.ssl.config import PretrainConfig, check_scales
+from ml_backend.ssl.config import PretrainConfig, check_scales, network_config
 
 ARCHS = {"resnet18": (models.resnet18, 512), "resnet34": (models.resnet34, 512),
          "resnet50": (models.resnet50, 2048)}
@@ -85,6 +84,4 @@ def at_scales(encoder: nn.Module, config: PretrainConfig, scales
     scales = check_scales(scales)
     if scales == (1,):
         return encoder, config
-    return (MultiScaleEncoder(encoder, scales).eval(),
-            replace(config, image_size=config.image_size * scales[-1],
-                    small_input=config.uses_small_input))
+    return MultiScaleEncoder(encoder, scales).eval(), network_config(config, scales[-1])
