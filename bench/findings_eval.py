@@ -27,6 +27,7 @@ from ml_backend.active.findings import fit_findings_head
 from ml_backend.data.decode import ScanDecodeError, decode_scan
 from ml_backend.data.findings import read_findings_source
 from ml_backend.metrics.findings import findings_report, uncertain_policy
+from ml_backend.ssl.config import network_config
 
 FINDINGS_METHODS = ["pixels_logreg", "supervised", "linear_probe", "simclr_finetune",
                     "simclr_distill"]
@@ -88,7 +89,10 @@ def _subset(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def _method_proba(method, args, config, encoder, features, x_train, x_eval, y_train, rows,
-                  names, seed, teacher) -> np.ndarray:
+                  names, seed, teacher, network) -> np.ndarray:
+    """``network``: the fine-tuned network's config and the train / eval scans at its size
+    (``--finetune-input-scale`` times the encoder's); the scratch baseline reads at the
+    encoder's size, as for classes."""
     from dataclasses import replace
 
     import torch
@@ -105,19 +109,21 @@ def _method_proba(method, args, config, encoder, features, x_train, x_eval, y_tr
     ft_config = finetune_config(args, seed)
     if method == "supervised":
         torch.manual_seed(seed)
-        plain = replace(ft_config, head_init="random", backbone_lr_scale=1.0, batchnorm="train")
+        plain = replace(ft_config, head_init="random", backbone_lr_scale=1.0, batchnorm="train",
+                        input_scale=1)
         model, _ = finetune_findings(SimCLRModel(config), config, x_train[rows], y_train[rows],
                                      plain, device=args.device)
         return predict_findings(model, x_eval, config, device=args.device)
+    net, net_train, net_eval = network
     if method == "simclr_finetune":
-        teacher["model"], _ = finetune_findings(encoder, config, x_train[rows], y_train[rows],
+        teacher["model"], _ = finetune_findings(encoder, config, net_train[rows], y_train[rows],
                                                 ft_config, device=args.device)
-        return predict_findings(teacher["model"], x_eval, config, device=args.device)
-    if method == "simclr_distill":
-        student, _ = distill_findings(teacher["model"], encoder, config, x_train,
-                                      distill_config(args, seed), labeled=x_train[rows],
+        return predict_findings(teacher["model"], net_eval, net, device=args.device)
+    if method == "simclr_distill":         # the student reads at its teacher's size
+        student, _ = distill_findings(teacher["model"], encoder, net, net_train,
+                                      distill_config(args, seed), labeled=net_train[rows],
                                       targets=y_train[rows], device=args.device)
-        return predict_findings(student, x_eval, config, device=args.device)
+        return predict_findings(student, net_eval, net, device=args.device)
     raise ValueError(method)
 
 
@@ -129,10 +135,19 @@ def _macro(report: dict, names: list[str], y_eval: np.ndarray, min_positives: in
             "findings_min_positives": kept}
 
 
+def _at_size(train: dict, evaluation: dict, specs: tuple[str, str], size: int,
+             cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The same train and eval scans decoded from their sources at ``size`` px (not the
+    small images enlarged), checked to be the same scans in the same order."""
+    larger = [load_findings(spec, size, cache_dir) for spec in specs]
+    for small, large in zip((train, evaluation), larger):
+        if len(large["images"]) != len(small["images"]) or not np.array_equal(
+                large["targets"], small["targets"], equal_nan=True):
+            raise SystemExit("the findings source decoded to different scans at two sizes")
+    return larger[0]["images"], larger[1]["images"]
+
+
 def run_findings(args, cache_dir: Path, device, started: float) -> int:
-    if args.finetune_input_scale != 1:
-        raise SystemExit("--finetune-input-scale: the findings networks are measured at the "
-                         "encoder's size here (1)")
     from bench.ssl_eval import (
         embed,
         embed_scales,
@@ -164,16 +179,16 @@ def run_findings(args, cache_dir: Path, device, started: float) -> int:
         from ml_backend.ssl.encoder import at_scales
 
         reader, big = at_scales(encoder.encoder, config, scales)
-        size = big.image_size
-        larger = [load_findings(spec, size, cache_dir) for spec in (args.train, args.eval)]
-        for small, large in zip((train, evaluation), larger):
-            if len(large["images"]) != len(small["images"]) or not np.array_equal(
-                    large["targets"], small["targets"], equal_nan=True):
-                raise SystemExit("the findings source decoded to different scans at two sizes")
-        probe = tuple(embed(reader, large["images"], big, device=args.device)
-                      for large in larger)
+        larger = _at_size(train, evaluation, (args.train, args.eval), big.image_size, cache_dir)
+        probe = tuple(embed(reader, images, big, device=args.device) for images in larger)
         log(f"embeddings at {', '.join(str(config.image_size * s) for s in scales)} px: "
             f"{probe[0].shape[1]} features")
+    net = network_config(config, args.finetune_input_scale)
+    network = (net, train["images"], evaluation["images"])
+    if net.image_size != config.image_size:
+        network = (net, *_at_size(train, evaluation, (args.train, args.eval), net.image_size,
+                                  cache_dir))
+        log(f"fine-tuned networks read the scans at {net.image_size} px")
     features = {"linear_probe": probe,
                 "pixels_logreg": (pixels(train["images"]), pixels(evaluation["images"]))}
     wanted = [m for m in FINDINGS_METHODS if m in args.evaluations.split(",")]
@@ -188,7 +203,8 @@ def run_findings(args, cache_dir: Path, device, started: float) -> int:
             for method in wanted:
                 t0 = time.perf_counter()
                 proba = _method_proba(method, args, config, encoder, features, train["images"],
-                                      evaluation["images"], y_train, rows, names, seed, teacher)
+                                      evaluation["images"], y_train, rows, names, seed, teacher,
+                                      network)
                 report = findings_report(y_eval, proba, names)
                 macro = _macro(report, names, y_eval, args.min_positives)
                 runs.append({"fraction": fraction, "seed": seed, "labels": int(len(rows)),

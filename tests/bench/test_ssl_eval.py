@@ -335,6 +335,44 @@ def test_findings_and_classes_read_the_encoder_at_two_sizes(tmp_path, capsys):
                        *common[:-1], "2,3"])
 
 
+def test_findings_networks_read_at_twice_the_encoders_size(tmp_path, capsys, monkeypatch):
+    """--finetune-input-scale 2 on a findings source: the fine-tuned network and its student
+    learn and predict on the scans decoded at 128 px; the scratch baseline stays at 64."""
+    from ml_backend.ssl import findings
+    from tests.ml_backend.test_findings_refit import _findings_csv
+
+    seen = []
+    for name in ("finetune_findings", "distill_findings", "predict_findings"):
+        real = getattr(findings, name)
+
+        def recording(*args, _real=real, _name=name, **kwargs):
+            images = args[2] if _name == "finetune_findings" else args[1] \
+                if _name == "predict_findings" else args[3]
+            config = args[1] if _name == "finetune_findings" else args[2]
+            seen.append((_name, images.shape[1], config.image_size))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(findings, name, recording)
+    train, evaluation = _findings_csv(tmp_path, "pool"), _findings_csv(tmp_path, "eval")
+    out = tmp_path / "findings.json"
+    assert ssl_eval.main([
+        "--train", str(train), "--eval", str(evaluation), "--epochs", "0",
+        "--init-checkpoint", "ml_backend/starter/simclr-resnet18-64px.pt",
+        "--evaluations", "supervised,simclr_distill", "--finetune-input-scale", "2",
+        "--finetune-epochs", "1", "--distill-epochs", "1", "--seeds", "1",
+        "--labels-fraction", "1.0", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+        "--out", str(out)]) == 0
+    assert "fine-tuned networks read the scans at 128 px" in capsys.readouterr().out
+    # scratch: trained on 64 px scans (its config is the encoder's; the network checks them)
+    assert seen[0] == ("finetune_findings", 64, 64) and seen[1] == ("predict_findings", 64, 64)
+    assert seen[2] == ("finetune_findings", 128, 64)           # the encoder's config, 2x scans
+    assert [s[1:] for s in seen[3:]] == [(128, 128)] * (len(seen) - 3)
+    assert {s[0] for s in seen[3:]} == {"predict_findings", "distill_findings"}
+    result = json.loads(out.read_text())
+    assert result["args"]["finetune_input_scale"] == 2
+    assert result["aggregates"]["1/simclr_distill"]["macro_auc"]["mean"] is not None
+
+
 def test_augmentation_overrides_reach_the_pretraining_config():
     """--augment FIELD=VALUE (repeatable) overrides the pretraining augmentation, is saved in
     the config (so the encoder cache tells the variants apart), and refuses unknown fields."""
