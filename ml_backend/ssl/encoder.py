@@ -13,7 +13,6 @@ NeurIPS 2020) use ResNets; we build torchvision's (random init, no download) and
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torchvision import models
