@@ -4,11 +4,17 @@ frozen embeddings.
 
     python -m bench.head_prototypes --train SPEC --eval SPEC \
         [--encoder ml_backend/starter/simclr-resnet18-64px.pt] [--fractions 0.01,0.1] \
-        [--n0 0,50] [--balance 0] [--seeds 3] [--out results.json]
+        [--n0 0,50] [--balance 0,0.5,shares] [--embed-scales 1,2] [--seeds 3] \
+        [--keep CLASS:SHARE] [--out results.json]
 
 For each labeled fraction and seed: a stratified subset of --train, ``fit_head`` with
 ``prototype_n0`` in --n0 and ``balance`` in --balance (0, 0 = the linear head without
-either), macro-F1, accuracy and AUC on --eval.
+either; ``shares`` = balance 1 with the offsets fit for the project's class shares, EM over
+the labeled subset and the rest of --train as the unlabeled pool, ``fit_head(pool_x=...)``),
+macro-F1, accuracy and AUC on --eval; the embeddings read
+each scan at --embed-scales, as the product's MEDLABEL_EMBED_SCALES. ``--keep CLASS:SHARE``
+keeps a random SHARE of that class's scans in --train and --eval alike (a project where it
+is rare, e.g. a finding in a screening population).
 (``bench.new_class`` measures the other case: one class with few labels beside many.)
 """
 
@@ -21,9 +27,28 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score, roc_auc_score
 
-from bench.ssl_eval import load_spec, log, stratified_subset
+from bench.ssl_eval import embed_scales, load_spec, log, stratified_subset
 from ml_backend.active.refit import fit_head
+from ml_backend.ssl.encoder import at_scales
 from ml_backend.ssl.train import embed, load_pretrained
+
+
+def kept_rows(labels: np.ndarray, keep: str, *, seed: int) -> np.ndarray:
+    """Sorted rows left after ``--keep CLASS:SHARE`` subsamples one class of ``labels``."""
+    name, _, share = keep.rpartition(":")
+    try:
+        share = float(share)
+    except ValueError:
+        share = -1.0
+    if not name or not 0 < share <= 1:
+        raise SystemExit(f"--keep {keep!r}: expected CLASS:SHARE with SHARE in (0, 1]")
+    labels = np.asarray(labels).astype(str)
+    rows = np.flatnonzero(labels == name)
+    if not len(rows):
+        raise SystemExit(f"--keep: no scan of class {name!r} (have {sorted(set(labels))})")
+    chosen = np.random.default_rng(seed).choice(rows, max(1, round(share * len(rows))),
+                                                replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(labels != name), chosen]))
 
 
 def main(argv=None) -> int:
@@ -34,16 +59,34 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", default="0.01,0.1")
     parser.add_argument("--n0", default="0,50")
     parser.add_argument("--balance", default="0",
-                        help="comma-separated fit_head(balance=...) values")
+                        help="comma-separated fit_head(balance=...) values, or shares "
+                             "(balance 1 for the project's class shares, by EM)")
+    parser.add_argument("--embed-scales", default="1",
+                        help="sizes each scan is embedded at, as multiples of the encoder's")
+    parser.add_argument("--keep", default=None,
+                        help="CLASS:SHARE: keep that share of one class's scans in train and "
+                             "eval (the class made rare in the project)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cache-dir", default="bench/cache")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    balances = args.balance.split(",")
+    for value in balances:
+        if value != "shares":
+            try:
+                float(value)
+            except ValueError:
+                raise SystemExit(f"--balance: {value!r} is neither a number nor shares") from None
     model, config = load_pretrained(args.encoder)
+    reader, read_config = at_scales(model.encoder, config, embed_scales(args))
     data = {}
     for name, spec in (("train", args.train), ("eval", args.eval)):
-        loaded = load_spec(spec, config.image_size, Path(args.cache_dir))
-        data[name] = (embed(model.encoder, loaded["images"], config), loaded["labels"])
+        loaded = load_spec(spec, read_config.image_size, Path(args.cache_dir))
+        images, labels = loaded["images"], np.asarray(loaded["labels"])
+        if args.keep:
+            keep = kept_rows(labels, args.keep, seed=0 if name == "train" else 1)
+            images, labels = images[keep], labels[keep]
+        data[name] = (embed(reader, images, read_config), labels)
     names = sorted(set(data["train"][1].tolist()))
     y_train = np.array([names.index(v) for v in data["train"][1]])
     keep = np.isin(data["eval"][1], names)
@@ -51,12 +94,16 @@ def main(argv=None) -> int:
     y_eval = np.array([names.index(v) for v in data["eval"][1][keep]])
     rows = []
     for fraction in (float(f) for f in args.fractions.split(",")):
-        for n0, balance in ((float(v), float(b)) for v in args.n0.split(",")
-                            for b in args.balance.split(",")):
+        for n0, balance in ((float(v), b if b == "shares" else float(b))
+                            for v in args.n0.split(",") for b in balances):
             for seed in range(args.seeds):
                 subset = stratified_subset(y_train, round(fraction * len(y_train)), seed)
-                head, _ = fit_head(data["train"][0][subset], y_train[subset], seed=seed,
-                                   prototype_n0=n0, balance=balance)
+                x_train = data["train"][0]
+                pool = np.delete(x_train, subset, axis=0) if balance == "shares" else None
+                head, _ = fit_head(x_train[subset], y_train[subset], seed=seed,
+                                   prototype_n0=n0,
+                                   balance=1.0 if balance == "shares" else balance,
+                                   pool_x=pool)
                 proba = head.predict_proba(x_eval)
                 auc = (roc_auc_score(y_eval, proba[:, 1]) if len(names) == 2 else
                        roc_auc_score(y_eval, proba, multi_class="ovr"))
@@ -71,7 +118,7 @@ def main(argv=None) -> int:
             def stat(key, sel=sel):
                 return f"{np.mean([r[key] for r in sel]):.3f} ± {np.std([r[key] for r in sel]):.3f}"
 
-            log(f"{fraction:g} ({sel[0]['labels']} labels), n0 {n0:g}, balance {balance:g}: "
+            log(f"{fraction:g} ({sel[0]['labels']} labels), n0 {n0:g}, balance {balance}: "
                 f"macro-F1 {stat('macro_f1')}, accuracy {stat('accuracy')}, AUC {stat('auc')}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -203,17 +203,24 @@ def _head_options(name: str) -> dict:
                 "selftrain": float(name.split(":", 1)[1])}
     if name.startswith("balance:"):
         return {"balance": float(name.split(":", 1)[1]), "folds": 4}
+    if name == "shares":
+        return {"balance": 1.0, "folds": 4, "shares": True}
     if name.startswith("lda:"):
         value = name.split(":", 1)[1]
         return {"lda": value if value == "auto" else float(value)}
     raise SystemExit(f"--heads: unknown head {name!r} (linear, product, blend:N0, "
-                     "balance:B, selftrain:TAU or lda:S, each optionally @C)")
+                     "balance:B, shares, selftrain:TAU or lda:S, each optionally @C)")
 
 
-def fit_one(x, y, *, seed: int, lda=None, embedding_dim=None, finetuned=None, **options):
+def fit_one(x, y, *, seed: int, lda=None, embedding_dim=None, finetuned=None, shares=False,
+            pool_x=None, **options):
     """The head a --heads entry names, fit on ``(x, y)`` (with ``embedding_dim``: the
     refit's choice of the pixel block, ``x`` holding the embedding and the thumbnail; with
-    ``finetuned``: ``x`` holds train row indices, and the network is fine-tuned on them)."""
+    ``finetuned``: ``x`` holds train row indices, and the network is fine-tuned on them;
+    with ``shares``: its offsets are fit for the class shares EM estimates over ``(x, y)``
+    and the unlabeled ``pool_x``, ``fit_head(pool_x=...)``; none given: the labels')."""
+    if shares:        # the offsets fit for the project's shares (fit_head(pool_x=...))
+        options["pool_x"] = np.zeros((0, np.asarray(x).shape[1])) if pool_x is None else pool_x
     if finetuned is not None:
         return FinetunedHead(rows=np.asarray(x).ravel(), **{
             **finetuned, "ft_config": replace(finetuned["ft_config"], seed=seed)})
@@ -229,7 +236,7 @@ def fit(x, y, pool_x, *, seed: int, selftrain: float | None = None, **options):
     """``fit_head`` on ``(x, y)``; with ``selftrain`` TAU, once more with the ``pool_x`` scans
     it predicts at calibrated probability ≥ TAU added as pseudo-labels. Returns the head and
     the number of pseudo-labels."""
-    head = fit_one(x, y, seed=seed, **options)
+    head = fit_one(x, y, seed=seed, pool_x=pool_x, **options)
     if selftrain is None or not len(pool_x):
         return head, 0
     proba = head.predict_proba(pool_x)
@@ -269,7 +276,9 @@ def main(argv=None) -> int:
                         help="comma-separated heads to compare: linear (the refit's head "
                              "without prototypes or balance), blend:N0 (linear + "
                              "nearest-class-mean, w_c = N0 / (N0 + n_c)), balance:B "
-                             "(linear + B x the class-balanced out-of-fold offsets), product "
+                             "(linear + B x the class-balanced out-of-fold offsets), shares "
+                             "(balance:1 with the offsets fit for the project's class shares, "
+                             "EM over the labeled and pool scans), product "
                              "(what the refit fits today), selftrain:TAU (product + one round "
                              "of self-training on the pool at confidence TAU; see "
                              "--old-labels-fraction), lda:S (linear discriminant analysis: "

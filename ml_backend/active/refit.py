@@ -7,7 +7,7 @@ Pure: numpy + sklearn. A head is saved as an ``.npz`` of plain arrays (no pickle
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +134,8 @@ class LinearHead:
 def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0,
              folds: int = 4, min_calibration: int = 8,
              prototype_n0: float = 0.0, balance: float = 0.0,
-             feature_weights: np.ndarray | None = None) -> tuple[LinearHead, dict]:
+             feature_weights: np.ndarray | None = None,
+             pool_x: np.ndarray | None = None) -> tuple[LinearHead, dict]:
     """Fit on embeddings ``x (N, D)`` and labels ``(N,)`` (any hashable ids, ≥ 2 distinct).
 
     With enough labels the temperature is fit on out-of-fold logits (``folds``-fold,
@@ -150,7 +151,11 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
     ``folds < 2``). ``feature_weights (D,)`` (> 0) multiply the standardised features
     before the fit (they are folded into the head's ``scale``): a block of features weighted
     up is regularised less (``features.block_weights``: the embedding and a pixel thumbnail
-    side by side). Below ``min_calibration`` labels, or while a class has one label, the
+    side by side). ``pool_x (M, D)``: the project's unlabeled scans; the offsets are then
+    fit for the project's class shares (``project_shares``, EM over the pool from the head
+    with the class-balanced offsets; ``info["shares"]``) instead of equal shares, so a class
+    is predicted as often as the project holds it (a rare finding stays rare, a new class
+    whose unlabeled scans are many is predicted often). Below ``min_calibration`` labels, or while a class has one label, the
     head is still softened by the labels it can hold out (``_few_label_temperature``:
     ``info["softened_on"]``) but counts as not calibrated. Returns the head and fit details.
     """
@@ -192,7 +197,8 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
         return head
 
     counts = np.bincount(y)
-    temperature, calibrated_on, bias, oof_nll = 1.0, 0, None, None
+    temperature, calibrated_on, bias, oof_nll, shares = 1.0, 0, None, None, None
+    full = None                      # the head on every label, once it is fit
     softened_on = 0
     k = min(folds, int(counts.min()))
     if len(y) >= min_calibration and k >= 2:
@@ -201,14 +207,23 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
             out_of_fold[cal_rows] = build(fit_rows).raw_logits(x[cal_rows])
         if balance > 0:
             # offsets in raw-logit units; the temperature below is fit on the corrected logits
-            bias = balance * fit_balanced_bias(out_of_fold, y)
+            bias = fit_balanced_bias(out_of_fold, y)
+            if pool_x is not None:
+                # the project's class shares (EM over the pool, from the head with the
+                # equal-shares offsets), then offsets fit for those shares
+                full = build(np.arange(len(y)))
+                equal = replace(full, bias=bias, temperature=posterior_temperature(
+                    out_of_fold + bias[None, :], y, bounds=TEMPERATURE_BOUNDS))
+                shares, _ = project_shares(equal, y, pool_x)
+                bias = fit_balanced_bias(out_of_fold, y, shares=shares)
+            bias = balance * bias
             out_of_fold = out_of_fold + bias[None, :]
         temperature = posterior_temperature(out_of_fold, y, bounds=TEMPERATURE_BOUNDS)
         calibrated_on = len(y)
         oof_nll = negative_log_likelihood(out_of_fold, y, temperature)
     elif folds >= 2:
         temperature, softened_on = _few_label_temperature(build, x, y, folds=folds, seed=seed)
-    head = build(np.arange(len(y)))
+    head = full if full is not None else build(np.arange(len(y)))
     head.temperature = float(temperature)
     head.bias = bias
     return head, {"num_labels": int(len(y)), "temperature": float(temperature),
@@ -216,7 +231,53 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
                   "classes": class_ids.tolist(),
                   "prototype_n0": float(prototype_n0), "balance": float(balance),
                   "bias": None if bias is None else [float(b) for b in bias],
+                  "shares": None if shares is None else [float(v) for v in shares],
                   "out_of_fold_nll": oof_nll}
+
+
+def project_shares(head: LinearHead, y: np.ndarray, pool_x: np.ndarray, *,
+                   max_iter: int = 200, tol: float = 1e-6, floor: float = 1e-3
+                   ) -> tuple[np.ndarray, dict]:
+    """The project's class shares ``(C,)``: the labeled scans' counts (``y``: column indices
+    of ``head``) plus the unlabeled ``pool_x`` scans' expected ones, the pool's own shares
+    found by EM (Saerens, Latinne & Decaestecker, Neural Computation 2002) over the pool
+    alone (the labeled scans were chosen, not drawn).
+
+    ``head`` must be calibrated for equal class shares (``fit_head(balance=1)``: offsets and
+    temperature fit on out-of-fold logits under the class-balanced NLL — bias-corrected
+    temperature scaling, which Alexandari et al., ICML 2020, found EM needs). Each pool
+    scan's posterior under shares ``q`` is ``p(c | x) * q_c`` renormalised, and ``q`` is
+    their mean, iterated to a fixed point. A class with 20 labels whose unlabeled scans are
+    a quarter of the project gets about a quarter, not the 1 % its labels say. Floored at
+    ``floor`` and renormalised; with no pool, the labels' shares. Returns the shares and
+    ``{"shares", "iterations", "pool"}``."""
+    c = len(head.class_ids)
+    y = np.asarray(y, dtype=np.int64).reshape(-1)
+    labeled = np.bincount(y, minlength=c).astype(np.float64)
+    pool_x = np.asarray(pool_x, dtype=np.float64)
+    if pool_x.size == 0:
+        pool_x = pool_x.reshape(0, head.mean.shape[0])
+    if pool_x.ndim != 2 or pool_x.shape[1] != head.mean.shape[0]:
+        raise ValueError(f"pool_x must be (M, {head.mean.shape[0]}), not {pool_x.shape}")
+    total = len(y) + len(pool_x)
+    if total == 0:
+        raise ValueError("no scans to estimate the class shares from")
+    pool_shares, iterations = np.full(c, 1.0 / c), 0
+    if len(pool_x):
+        base = head.predict_proba(pool_x, calibrated=True).astype(np.float64)
+        for iterations in range(1, max_iter + 1):
+            weighted = base * pool_shares[None, :]
+            weighted /= np.maximum(weighted.sum(axis=1, keepdims=True), 1e-300)
+            new = weighted.mean(axis=0)
+            done = np.abs(new - pool_shares).max() < tol
+            pool_shares = new
+            if done:
+                break
+    shares = (labeled + len(pool_x) * pool_shares) / total
+    shares = np.maximum(shares, floor)
+    shares /= shares.sum()
+    return shares, {"shares": [float(v) for v in shares], "iterations": int(iterations),
+                    "pool": int(len(pool_x))}
 
 
 def _few_label_temperature(build, x: np.ndarray, y: np.ndarray, *, folds: int, seed: int
@@ -279,12 +340,16 @@ def fit_head_choosing_block(x: np.ndarray, labels: np.ndarray, *, embedding_dim:
     was kept, ``info["out_of_fold_nll_alone"]`` / ``["out_of_fold_nll_pixels"]`` why.
     ``always``: no choice, the block is kept (one fit)."""
     x = np.asarray(x, dtype=np.float64)
+    pool_x = options.pop("pool_x", None)
     if always:
-        head, info = fit_head(x, labels, feature_weights=feature_weights, **options)
+        head, info = fit_head(x, labels, feature_weights=feature_weights, pool_x=pool_x,
+                              **options)
         return head, {**info, "pixels": True, "out_of_fold_nll_alone": None,
                       "out_of_fold_nll_pixels": info["out_of_fold_nll"]}
-    alone, info = fit_head(x[:, :embedding_dim], labels, **options)
-    both, both_info = fit_head(x, labels, feature_weights=feature_weights, **options)
+    alone, info = fit_head(x[:, :embedding_dim], labels, **options,
+                           pool_x=None if pool_x is None else np.asarray(pool_x)[:, :embedding_dim])
+    both, both_info = fit_head(x, labels, feature_weights=feature_weights, pool_x=pool_x,
+                               **options)
     nll_alone, nll_both = info["out_of_fold_nll"], both_info["out_of_fold_nll"]
     use = nll_alone is not None and nll_both is not None and nll_both < nll_alone - 1e-6
     head, chosen = (both, both_info) if use else (_pad(alone, x.shape[1] - embedding_dim), info)

@@ -208,7 +208,8 @@ def posterior_temperature(logits_or_log_proba, y_true, *, bounds: tuple[float, f
     return float(math.exp((weight * log_t).sum() / weight.sum()))
 
 
-def fit_balanced_bias(logits, y_true, *, max_abs: float = 10.0) -> np.ndarray:
+def fit_balanced_bias(logits, y_true, *, max_abs: float = 10.0,
+                      shares: np.ndarray | None = None) -> np.ndarray:
     """Per-class logit offsets minimising the *class-balanced* NLL of held-out logits: each
     class weighs the same whatever its count.
 
@@ -219,7 +220,9 @@ def fit_balanced_bias(logits, y_true, *, max_abs: float = 10.0) -> np.ndarray:
     shift (Menon et al., ICLR 2021), but estimated from the data. The balanced NLL of
     ``softmax(z / t + b)`` is minimised over ``t`` and ``b`` (``b`` = 0 for the first class
     present, and for classes with no held-out scan); returns ``t * b``, the offsets in the
-    units of ``z``, ``(C,)``."""
+    units of ``z``, ``(C,)``. ``shares (C,)``: weigh each class by its share of a target
+    population instead of equally (the NLL expected on scans drawn with those shares; equal
+    shares are the class-balanced NLL)."""
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(y_true).reshape(-1).astype(np.int64)
     if z.ndim != 2 or len(z) != len(y):
@@ -229,7 +232,13 @@ def fit_balanced_bias(logits, y_true, *, max_abs: float = 10.0) -> np.ndarray:
     present = np.flatnonzero(counts > 0)
     if len(present) < 2:
         return np.zeros(c)
-    weight = 1.0 / counts[y]
+    if shares is None:
+        weight = 1.0 / counts[y]
+    else:
+        shares = np.asarray(shares, dtype=np.float64).reshape(-1)
+        if shares.shape != (c,) or (shares < 0).any() or shares.sum() <= 0:
+            raise ValueError(f"shares must be {c} non-negative numbers, not all 0")
+        weight = shares[y] / counts[y]
     weight /= weight.sum()
     free = present[1:]                      # the first present class is the reference
     rows = np.arange(len(y))

@@ -91,6 +91,24 @@ def test_self_training_adds_the_confident_pool_scans_as_pseudo_labels():
     assert nothing == 0
 
 
+def test_the_shares_head_reads_the_pool_it_is_given_and_the_labels_without_one():
+    """--heads shares: balance 1 with the offsets fit for the project's shares, the pool
+    passed by ``fit``; the same head fit without a pool (the bench's "before" and ceiling
+    heads) takes the labels' shares."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(3, 16)) * 0.6
+    x = np.concatenate([c + rng.normal(size=(n, 16)) for c, n in zip(centres, (150, 150, 10))])
+    y = np.repeat([0, 1, 2], (150, 150, 10))
+    pool = centres[2] + rng.normal(size=(150, 16))
+    options = new_class.head_options("shares")
+    assert options == {"balance": 1.0, "folds": 4, "shares": True}
+    with_pool, _ = new_class.fit(x, y, pool, seed=0, **options)
+    without = new_class.fit_one(x, y, seed=0, **options)
+    test = centres[2] + rng.normal(size=(200, 16))
+    found = [(h.predict_proba(test).argmax(1) == 2).mean() for h in (with_pool, without)]
+    assert found[0] > found[1] + 0.2, found
+
+
 @pytest.mark.slow
 def test_a_partly_labeled_project_with_self_training_and_the_ceiling(tmp_path):
     out = tmp_path / "semi.json"

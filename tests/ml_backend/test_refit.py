@@ -200,6 +200,52 @@ def test_balance_lets_a_rare_class_be_predicted_and_leaves_balanced_data_alone(t
         fit_head(xb, labels, balance=1.5)
 
 
+def test_offsets_for_the_project_shares_follow_the_pool_not_the_labels(tmp_path):
+    """A class with 12 labels whose unlabeled scans are a third of the project: EM over the
+    pool finds its share near a third, and the head fit for the project's shares predicts it
+    far more often than one fit for the labels' shares (2 %, no pool). Where the pool is
+    mostly the big classes, its share stays small and the big classes keep more of their
+    scans than under equal shares. A pool of the wrong width is refused."""
+    from ml_backend.active.refit import project_shares
+
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(3, 32)) * 0.45
+
+    def sample(c, n):
+        return centres[c] + rng.normal(size=(n, 32))
+
+    x = np.concatenate([sample(0, 300), sample(1, 300), sample(2, 12)])
+    y = np.array([0] * 300 + [1] * 300 + [2] * 12)
+    test_x = np.concatenate([sample(0, 300), sample(1, 300), sample(2, 300)])
+    test_y = np.repeat([0, 1, 2], 300)
+
+    def scores(head):
+        pred = head.class_ids[head.predict_proba(test_x).argmax(1)]
+        return (float((pred[test_y == 2] == 2).mean()),
+                float((pred[test_y != 2] == test_y[test_y != 2]).mean()))
+
+    equal, _ = fit_head(x, y, balance=1.0)
+    common, info = fit_head(x, y, balance=1.0, pool_x=sample(2, 300))
+    assert 0.22 < info["shares"][2] < 0.42, info["shares"]      # 312 of 912: 0.34
+    labels_only, info = fit_head(x, y, balance=1.0, pool_x=np.zeros((0, 32)))
+    np.testing.assert_allclose(info["shares"], np.bincount(y) / len(y), atol=1e-9)
+    assert scores(common)[0] > scores(labels_only)[0] + 0.2, (scores(common),
+                                                              scores(labels_only))
+    rare, info = fit_head(x, y, balance=1.0,
+                          pool_x=np.concatenate([sample(0, 300), sample(1, 300)]))
+    assert info["shares"][2] < 0.05, info["shares"]
+    assert scores(rare)[1] > scores(equal)[1] and scores(rare)[0] < scores(common)[0]
+    assert fit_head(x, y, balance=1.0)[1]["shares"] is None
+    common.save(tmp_path / "head.npz")
+    np.testing.assert_allclose(LinearHead.load(tmp_path / "head.npz").predict_proba(test_x),
+                               common.predict_proba(test_x), atol=1e-6)
+    shares, info = project_shares(equal, np.array([0, 1, 1]), np.zeros((0, 32)))
+    np.testing.assert_allclose(shares, [1 / 3, 2 / 3, 0.0], atol=2e-3)   # floored, renormalised
+    assert info == {"shares": list(shares), "iterations": 0, "pool": 0}
+    with pytest.raises(ValueError, match="pool_x must be"):
+        fit_head(x, y, balance=1.0, pool_x=np.zeros((5, 31)))
+
+
 def test_balanced_bias_matches_the_known_shift():
     """Logits of a calibrated model under a 9:1 prior, held out: the class-balanced offsets
     undo the prior (about log 9 for the rare class, relative to the common one)."""
@@ -211,6 +257,11 @@ def test_balanced_bias_matches_the_known_shift():
     logits = np.stack([np.zeros_like(score), 2 * score + np.log(1 / 9)], axis=1)
     bias = fit_balanced_bias(logits, y)
     assert bias[0] == 0.0 and abs(bias[1] - np.log(9)) < 0.25, bias
+    # for the population's own shares there is nothing to undo; for 1:1 the full log 9
+    assert abs(fit_balanced_bias(logits, y, shares=np.array([0.9, 0.1]))[1]) < 0.25
+    np.testing.assert_allclose(fit_balanced_bias(logits, y, shares=np.array([1.0, 1.0])), bias)
+    with pytest.raises(ValueError, match="shares"):
+        fit_balanced_bias(logits, y, shares=np.array([1.0, -1.0]))
     with pytest.raises(ValueError):
         fit_balanced_bias(logits[:, :1].ravel(), y)
     assert not fit_balanced_bias(logits, np.zeros(len(y), dtype=int)).any()
