@@ -159,28 +159,39 @@ def test_prototypes_let_a_class_with_few_labels_be_predicted(tmp_path):
     assert LinearHead.load(tmp_path / "plain.npz").prototypes is None
 
 
+def rare_class_data(seed: int, dim: int, spread: float, big: int):
+    """Two classes of ``big`` labels and one of 12, Gaussian around random centres: the
+    sampler (class, count) and the labeled ``x, y``."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, dim)) * spread
+
+    def sample(c, n):
+        return centres[c] + rng.normal(size=(n, dim))
+
+    x = np.concatenate([sample(0, big), sample(1, big), sample(2, 12)])
+    return sample, x, np.array([0] * big + [1] * big + [2] * 12)
+
+
+def found_and_kept(head, test_x, test_y) -> tuple[float, float]:
+    """Recall of class 2, and the share of the other classes' scans kept in their class."""
+    pred = head.class_ids[head.predict_proba(test_x).argmax(1)]
+    return (float((pred[test_y == 2] == 2).mean()),
+            float((pred[test_y != 2] == test_y[test_y != 2]).mean()))
+
+
 def test_balance_lets_a_rare_class_be_predicted_and_leaves_balanced_data_alone(tmp_path):
     """A class with 12 labels beside two with 400, in 64 dimensions: the linear head hugs
     its 12 examples (separable), so it rarely predicts the class on new scans. The
     class-balanced offsets fit on out-of-fold logits raise its recall; the big classes keep
     their scans; the offsets round-trip through the head's .npz; on balanced data the
     offsets stay near zero."""
-    rng = np.random.default_rng(1)
-    centres = rng.normal(size=(3, 64)) * 0.35
-
-    def sample(c, n):
-        return centres[c] + rng.normal(size=(n, 64))
-
-    x = np.concatenate([sample(0, 400), sample(1, 400), sample(2, 12)])
-    y = np.array([0] * 400 + [1] * 400 + [2] * 12)
+    sample, x, y = rare_class_data(1, 64, 0.35, 400)
     test_x = np.concatenate([sample(2, 300), sample(0, 300), sample(1, 300)])
     test_y = np.array([2] * 300 + [0] * 300 + [1] * 300)
     recall, kept = {}, {}
     for balance in (0.0, 1.0):
         head, info = fit_head(x, y, balance=balance)
-        pred = head.class_ids[head.predict_proba(test_x).argmax(1)]
-        recall[balance] = float((pred[test_y == 2] == 2).mean())
-        kept[balance] = float((pred[test_y != 2] == test_y[test_y != 2]).mean())
+        recall[balance], kept[balance] = found_and_kept(head, test_x, test_y)
         assert info["balance"] == balance
     assert info["bias"][2] > info["bias"][0] + 0.5 and info["bias"][0] == 0.0, info["bias"]
     assert recall[1.0] > recall[0.0] + 0.15, recall
@@ -208,21 +219,12 @@ def test_offsets_for_the_project_shares_follow_the_pool_not_the_labels(tmp_path)
     scans than under equal shares. A pool of the wrong width is refused."""
     from ml_backend.active.refit import project_shares
 
-    rng = np.random.default_rng(2)
-    centres = rng.normal(size=(3, 32)) * 0.45
-
-    def sample(c, n):
-        return centres[c] + rng.normal(size=(n, 32))
-
-    x = np.concatenate([sample(0, 300), sample(1, 300), sample(2, 12)])
-    y = np.array([0] * 300 + [1] * 300 + [2] * 12)
+    sample, x, y = rare_class_data(2, 32, 0.45, 300)
     test_x = np.concatenate([sample(0, 300), sample(1, 300), sample(2, 300)])
     test_y = np.repeat([0, 1, 2], 300)
 
     def scores(head):
-        pred = head.class_ids[head.predict_proba(test_x).argmax(1)]
-        return (float((pred[test_y == 2] == 2).mean()),
-                float((pred[test_y != 2] == test_y[test_y != 2]).mean()))
+        return found_and_kept(head, test_x, test_y)
 
     equal, _ = fit_head(x, y, balance=1.0)
     common, info = fit_head(x, y, balance=1.0, pool_x=sample(2, 300))
