@@ -5,7 +5,7 @@ frozen embeddings.
     python -m bench.head_prototypes --train SPEC --eval SPEC \
         [--encoder ml_backend/starter/simclr-resnet18-64px.pt] [--fractions 0.01,0.1] \
         [--n0 0,50] [--balance 0,0.5,shares] [--embed-scales 1,2] [--seeds 3] \
-        [--keep CLASS:SHARE] [--out results.json]
+        [--keep CLASS:SHARE [--weigh-eval]] [--out results.json]
 
 For each labeled fraction and seed: a stratified subset of --train, ``fit_head`` with
 ``prototype_n0`` in --n0 and ``balance`` in --balance (0, 0 = the linear head without
@@ -14,7 +14,10 @@ the labeled subset and the rest of --train as the unlabeled pool, ``fit_head(poo
 macro-F1, accuracy and AUC on --eval; the embeddings read
 each scan at --embed-scales, as the product's MEDLABEL_EMBED_SCALES. ``--keep CLASS:SHARE``
 keeps a random SHARE of that class's scans in --train and --eval alike (a project where it
-is rare, e.g. a finding in a screening population).
+is rare, e.g. a finding in a screening population); with ``--weigh-eval`` the eval set is
+kept whole and each of its scans weighed so that its classes have the train set's shares
+(label shift: a class's scans look the same whatever its share), so the rare class is
+scored on all its eval scans rather than on the few a subsample would keep.
 (``bench.new_class`` measures the other case: one class with few labels beside many.)
 """
 
@@ -51,6 +54,19 @@ def kept_rows(labels: np.ndarray, keep: str, *, seed: int) -> np.ndarray:
     return np.sort(np.concatenate([np.flatnonzero(labels != name), chosen]))
 
 
+def share_weights(y: np.ndarray, target_counts: np.ndarray) -> np.ndarray:
+    """Per-scan weights ``(N,)`` that give the classes of ``y`` the shares of
+    ``target_counts``, the weights summing to ``N``."""
+    y = np.asarray(y)
+    target = np.asarray(target_counts, dtype=np.float64)
+    have = np.bincount(y, minlength=len(target)).astype(np.float64)
+    if (have[target > 0] == 0).any():
+        raise SystemExit("--weigh-eval: a class of the train set has no eval scan")
+    per_class = np.divide(target / target.sum(), have / have.sum(),
+                          out=np.zeros_like(target), where=have > 0)
+    return per_class[y]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", required=True)
@@ -66,10 +82,15 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", default=None,
                         help="CLASS:SHARE: keep that share of one class's scans in train and "
                              "eval (the class made rare in the project)")
+    parser.add_argument("--weigh-eval", action="store_true",
+                        help="with --keep: weigh the whole eval set to the kept train shares "
+                             "instead of subsampling it")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cache-dir", default="bench/cache")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.weigh_eval and not args.keep:
+        raise SystemExit("--weigh-eval weighs the eval set to --keep's shares: give --keep")
     balances = args.balance.split(",")
     for value in balances:
         if value != "shares":
@@ -83,7 +104,7 @@ def main(argv=None) -> int:
     for name, spec in (("train", args.train), ("eval", args.eval)):
         loaded = load_spec(spec, read_config.image_size, Path(args.cache_dir))
         images, labels = loaded["images"], np.asarray(loaded["labels"])
-        if args.keep:
+        if args.keep and not (name == "eval" and args.weigh_eval):
             keep = kept_rows(labels, args.keep, seed=0 if name == "train" else 1)
             images, labels = images[keep], labels[keep]
         data[name] = (embed(reader, images, read_config), labels)
@@ -92,6 +113,8 @@ def main(argv=None) -> int:
     keep = np.isin(data["eval"][1], names)
     x_eval = data["eval"][0][keep]
     y_eval = np.array([names.index(v) for v in data["eval"][1][keep]])
+    weights = (share_weights(y_eval, np.bincount(y_train, minlength=len(names)))
+               if args.weigh_eval else None)
     rows = []
     for fraction in (float(f) for f in args.fractions.split(",")):
         for n0, balance in ((float(v), b if b == "shares" else float(b))
@@ -109,8 +132,10 @@ def main(argv=None) -> int:
                        roc_auc_score(y_eval, proba, multi_class="ovr"))
                 rows.append({"fraction": fraction, "n0": n0, "balance": balance, "seed": seed,
                              "labels": int(len(subset)),
-                             "macro_f1": float(f1_score(y_eval, proba.argmax(1), average="macro")),
-                             "accuracy": float((proba.argmax(1) == y_eval).mean()),
+                             "macro_f1": float(f1_score(y_eval, proba.argmax(1), average="macro",
+                                                        sample_weight=weights)),
+                             "accuracy": float(np.average(proba.argmax(1) == y_eval,
+                                                          weights=weights)),
                              "auc": float(auc)})
             sel = [r for r in rows if r["fraction"] == fraction and r["n0"] == n0
                    and r["balance"] == balance]

@@ -54,3 +54,27 @@ def test_keep_makes_one_class_rare_and_refuses_what_it_cannot_do():
             head_prototypes.kept_rows(labels, bad, seed=0)
     with pytest.raises(SystemExit, match="no scan of class 'effusion'"):
         head_prototypes.kept_rows(labels, "effusion:0.5", seed=0)
+
+
+def test_the_eval_weighed_to_the_train_shares(tmp_path):
+    """--weigh-eval: the eval set kept whole, its classes weighed to the kept train shares;
+    without --keep it is refused."""
+    import numpy as np
+    import pytest
+
+    weights = head_prototypes.share_weights(np.array([0, 0, 1, 1, 1, 1]), np.array([90, 10]))
+    np.testing.assert_allclose(weights, [2.7, 2.7, 0.15, 0.15, 0.15, 0.15])
+    assert abs(weights.sum() - 6) < 1e-9
+    assert weights[:2].sum() / weights.sum() == pytest.approx(0.9)
+    with pytest.raises(SystemExit, match="no eval scan"):
+        head_prototypes.share_weights(np.array([0, 0]), np.array([5, 5]))
+    out = tmp_path / "weighed.json"
+    common = ["--train", str(FIXTURES / "brain_mri" / "pool"),
+              "--eval", str(FIXTURES / "brain_mri" / "eval"), "--fractions", "0.5",
+              "--n0", "0", "--seeds", "1", "--cache-dir", str(tmp_path / "cache")]
+    assert head_prototypes.main([*common, "--keep", "no_tumor:0.3", "--weigh-eval",
+                                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and 0 <= rows[0]["macro_f1"] <= 1
+    with pytest.raises(SystemExit, match="give --keep"):
+        head_prototypes.main([*common, "--weigh-eval"])
