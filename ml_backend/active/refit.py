@@ -151,12 +151,13 @@ def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0
     ``folds < 2``). ``feature_weights (D,)`` (> 0) multiply the standardised features
     before the fit (they are folded into the head's ``scale``): a block of features weighted
     up is regularised less (``features.block_weights``: the embedding and a pixel thumbnail
-    side by side). ``pool_x (M, D)``: the project's unlabeled scans; the offsets are then
-    fit for the project's class shares (``project_shares``, EM over the pool from the head
-    with the class-balanced offsets; ``info["shares"]``) instead of equal shares, so a class
-    is predicted as often as the project holds it (a rare finding stays rare, a new class
-    whose unlabeled scans are many is predicted often). Below ``min_calibration`` labels, or while a class has one label, the
-    head is still softened by the labels it can hold out (``_few_label_temperature``:
+    side by side). ``pool_x (M, D)``: the project's unlabeled scans; with ``balance > 0``
+    and the out-of-fold step, the offsets are then fit for the project's class shares
+    (``project_shares``, EM over the pool from the head with the class-balanced offsets;
+    ``info["shares"]``) instead of equal shares, so a class is predicted as often as the
+    project holds it (a rare finding stays rare, a new class whose unlabeled scans are many
+    is predicted often). Below ``min_calibration`` labels, or while a class has one label,
+    the head is still softened by the labels it can hold out (``_few_label_temperature``:
     ``info["softened_on"]``) but counts as not calibrated. Returns the head and fit details.
     """
     if not 0.0 <= balance <= 1.0:
