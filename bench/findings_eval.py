@@ -150,6 +150,7 @@ def _at_size(train: dict, evaluation: dict, specs: tuple[str, str], size: int,
 def run_findings(args, cache_dir: Path, device, started: float) -> int:
     from bench.ssl_eval import (
         embed,
+        embed_layers,
         embed_scales,
         get_encoder,
         log,
@@ -171,18 +172,18 @@ def run_findings(args, cache_dir: Path, device, started: float) -> int:
         f"{dict(zip(names, np.nansum(y_eval == 1, axis=0).astype(int).tolist()))}")
     encoder, pretrain_info = get_encoder(train["images"], config, cache_dir, args.device,
                                          init=args.init_checkpoint, epochs=args.epochs)
-    scales = embed_scales(args)
-    if scales == (1,):
+    scales, layers = embed_scales(args), embed_layers(args)
+    if scales == (1,) and layers == (4,):
         probe = (embed(encoder.encoder, train["images"], config, device=args.device),
                  embed(encoder.encoder, evaluation["images"], config, device=args.device))
     else:       # as the product embeds: the scans at the largest size, every scale read
         from ml_backend.ssl.encoder import at_scales
 
-        reader, big = at_scales(encoder.encoder, config, scales)
+        reader, big = at_scales(encoder.encoder, config, scales, layers)
         larger = _at_size(train, evaluation, (args.train, args.eval), big.image_size, cache_dir)
         probe = tuple(embed(reader, images, big, device=args.device) for images in larger)
-        log(f"embeddings at {', '.join(str(config.image_size * s) for s in scales)} px: "
-            f"{probe[0].shape[1]} features")
+        log(f"embeddings at {', '.join(str(config.image_size * s) for s in scales)} px, "
+            f"stages {','.join(map(str, layers))}: {probe[0].shape[1]} features")
     net = network_config(config, args.finetune_input_scale)
     network = (net, train["images"], evaluation["images"])
     if net.image_size != config.image_size:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score, roc_auc_score
 
-from bench.ssl_eval import embed_scales, load_spec, log, stratified_subset
+from bench.ssl_eval import embed_layers, embed_scales, load_spec, log, stratified_subset
 from ml_backend.active.refit import fit_head
 from ml_backend.ssl.encoder import at_scales
 from ml_backend.ssl.train import embed, load_pretrained
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
                              "(balance 1 for the project's class shares, by EM)")
     parser.add_argument("--embed-scales", default="1",
                         help="sizes each scan is embedded at, as multiples of the encoder's")
+    parser.add_argument("--embed-layers", default="4",
+                        help="the encoder's stages pooled into the embedding (e.g. 3,4)")
     parser.add_argument("--keep", default=None,
                         help="CLASS:SHARE: keep that share of one class's scans in train and "
                              "eval (the class made rare in the project)")
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
             except ValueError:
                 raise SystemExit(f"--balance: {value!r} is neither a number nor shares") from None
     model, config = load_pretrained(args.encoder)
-    reader, read_config = at_scales(model.encoder, config, embed_scales(args))
+    reader, read_config = at_scales(model.encoder, config, embed_scales(args),
+                                    embed_layers(args))
     data = {}
     for name, spec in (("train", args.train), ("eval", args.eval)):
         loaded = load_spec(spec, read_config.image_size, Path(args.cache_dir))

@@ -787,14 +787,16 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
             artifact_dir=str(directory), status=ModelVersion.Status.READY,
             config={"pretrain": asdict(config), "init_checkpoint": None,
                     "imported_from": str(Path(args.encoder_checkpoint).resolve()),
-                    "embed_scales": list(settings.EMBED_SCALES)})
+                    "embed_scales": list(settings.EMBED_SCALES),
+                    "embed_layers": list(settings.EMBED_LAYERS)})
         ml.model_version_activate(encoder, reason="imported checkpoint (bench.loop_e2e)")
         run = ml.training_run_create(project=project, kind="embed", params={"full": True})
         run = ml.training_run_execute(run.pk)
         if run.status != TrainingRun.Status.SUCCEEDED:
             raise SystemExit(f"embed run failed: {run.last_error}")
         encoder_info = {"source": "checkpoint", "path": str(args.encoder_checkpoint),
-                        "embed_scales": list(settings.EMBED_SCALES)}
+                        "embed_scales": list(settings.EMBED_SCALES),
+                        "embed_layers": list(settings.EMBED_LAYERS)}
     else:
         params = {"epochs": args.pretrain_epochs, "image_size": args.image_size,
                   "batch_size": args.batch_size}

@@ -64,7 +64,8 @@ from ml_backend.data.decode import ScanDecodeError, decode_scan
 from ml_backend.index.faiss_index import kmeans
 from ml_backend.metrics.reports import classification_report
 from ml_backend.data.findings import is_findings_source
-from ml_backend.ssl.config import BATCHNORM_MODES, SSL_METHODS, check_scales, network_config
+from ml_backend.ssl.config import (BATCHNORM_MODES, SSL_METHODS, check_layers, check_scales,
+                                    network_config)
 from ml_backend.ssl.encoder import at_scales
 from ml_backend.ssl.train import (
     DistillConfig,
@@ -233,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "encoder's size, side by side (the product's "
                              "MEDLABEL_EMBED_SCALES, default there 1,2): linear_probe, "
                              "hybrid_probe, refit_head and the label-free rows")
+    parser.add_argument("--embed-layers", default="4",
+                        help="the encoder's residual stages pooled into the embedding at "
+                             "each size, side by side (the product's MEDLABEL_EMBED_LAYERS, "
+                             "default there 3,4; 4: the encoder's output alone)")
     parser.add_argument("--cache-dir", default="bench/cache")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when available, else cpu")
@@ -553,6 +558,15 @@ def embed_scales(args) -> tuple[int, ...]:
         return check_scales(str(getattr(args, "embed_scales", "1")).split(","))
     except ValueError as exc:
         raise SystemExit(f"--embed-scales: {exc}") from None
+
+
+def embed_layers(args) -> tuple[int, ...]:
+    """``--embed-layers``: the encoder's residual stages each embedding pools (the
+    product's MEDLABEL_EMBED_LAYERS)."""
+    try:
+        return check_layers(str(getattr(args, "embed_layers", "4")).split(","))
+    except ValueError as exc:
+        raise SystemExit(f"--embed-layers: {exc}") from None
 
 
 def _same_scans(small: dict, big: dict) -> np.ndarray:
@@ -928,6 +942,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{', '.join(METHODS)}")
     hybrid_pixels(args)                       # a bad --hybrid-pixels: refused before any work
     embed_scales(args)                        # and a bad --embed-scales
+    embed_layers(args)                        # or --embed-layers
     methods = args.methods.split(",")
     bad = set(methods) - set(SSL_METHODS)
     if bad:
@@ -956,16 +971,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def embed_sets(encoder: SimCLRModel, data: dict, config: PretrainConfig, args) -> dict:
-    """``{"train", "eval"}`` embeddings, read at ``--embed-scales`` as the product does."""
-    scales = embed_scales(args)
-    if scales == (1,):
+    """``{"train", "eval"}`` embeddings, read at ``--embed-scales`` from ``--embed-layers``
+    as the product does."""
+    scales, layers = embed_scales(args), embed_layers(args)
+    if scales == (1,) and layers == (4,):
         return {"train": embed(encoder.encoder, data["x_train"], config, device=args.device),
                 "eval": embed(encoder.encoder, data["x_eval"], config, device=args.device)}
-    reader, big = at_scales(encoder.encoder, config, scales)
+    reader, big = at_scales(encoder.encoder, config, scales, layers)
     out = {"train": embed(reader, data["x_train_big"], big, device=args.device),
            "eval": embed(reader, data["x_eval_big"], big, device=args.device)}
-    log(f"embeddings at {', '.join(str(config.image_size * s) for s in scales)} px: "
-        f"{out['train'].shape[1]} features")
+    log(f"embeddings at {', '.join(str(config.image_size * s) for s in scales)} px, "
+        f"stages {','.join(map(str, layers))}: {out['train'].shape[1]} features")
     return out
 
 

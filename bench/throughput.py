@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ml_backend.ssl.config import check_scales
+from ml_backend.ssl.config import check_layers, check_scales
 from ml_backend.ssl.encoder import MultiScaleEncoder
 from ml_backend.ssl.loop import cpu_has_bf16
 from ml_backend.ssl.losses import NTXentLoss
@@ -84,7 +84,9 @@ def measure(size: int, small: bool, args, device: torch.device, recipe: str = "f
         optimizer.step()
 
     scales = check_scales(str(args.embed_scales).split(","))
-    reader = model.encoder if scales == (1,) else MultiScaleEncoder(model.encoder, scales)
+    layers = check_layers(str(args.embed_layers).split(","))
+    reader = (model.encoder if scales == (1,) and layers == (4,)
+              else MultiScaleEncoder(model.encoder, scales, layers))
     # what the product embeds: the scan at size x the largest scale, every scale read from it
     embed_views = torch.rand(args.batch_size, 1, size * scales[-1], size * scales[-1],
                              device=device).contiguous(memory_format=memory_format)
@@ -118,6 +120,7 @@ def measure(size: int, small: bool, args, device: torch.device, recipe: str = "f
         "pretrain_gflop_per_image": train_flops / args.batch_size / 1e9,
         "pretrain_gflops_achieved": train_flops / train_s / 1e9,
         "embed_scales": list(scales),
+        "embed_layers": list(layers),
         "embed_images_per_s": args.batch_size / embed_s,
         "embed_gflop_per_image": embed_flops / args.batch_size / 1e9,
         "embed_gflops_achieved": embed_flops / embed_s / 1e9,
@@ -138,12 +141,19 @@ def main(argv=None) -> int:
     parser.add_argument("--embed-scales", default="1",
                         help="embedding rows read each image at these multiples of SIZE, "
                              "side by side (the product's MEDLABEL_EMBED_SCALES, e.g. 1,2)")
+    parser.add_argument("--embed-layers", default="4",
+                        help="the encoder's stages pooled at each size (the product's "
+                             "MEDLABEL_EMBED_LAYERS, e.g. 3,4)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     try:
         check_scales(args.embed_scales.split(","))
     except ValueError as exc:
         raise SystemExit(f"--embed-scales: {exc}") from None
+    try:
+        check_layers(args.embed_layers.split(","))
+    except ValueError as exc:
+        raise SystemExit(f"--embed-layers: {exc}") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     peak = matmul_gflops(device)
     # bf16 only where the hardware computes it: emulated (AVX2-only CPUs) it runs at ~1

@@ -15,7 +15,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from medsite.env import env_bool, env_float, env_int, env_list, env_path, env_str
-from ml_backend.ssl.config import check_scales  # dataclasses only: no torch here
+from ml_backend.ssl.config import check_layers, check_scales  # dataclasses only: no torch here
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -305,6 +305,17 @@ except ValueError as exc:
     raise ImproperlyConfigured(f"MEDLABEL_EMBED_SCALES={_scales!r}: whole numbers between 1 "
                                f"and 8, each dividing the largest, e.g. 1,2 or 1,2,4 ({exc})"
                                ) from None
+# The encoder's residual stages a new encoder version pools into each scan's embedding, at
+# every one of its EMBED_SCALES (ml_backend/ssl/encoder.py MultiScaleEncoder): "3,4" adds the
+# third stage's pooled output beside the encoder's own (docs/benchmarks.md, "The encoder's
+# third stage beside its output"); "4": the output alone, as before. Recorded on each encoder
+# version when it is made (its config's embed_layers), like the scales.
+_layers = env_str("MEDLABEL_EMBED_LAYERS", "3,4")
+try:
+    EMBED_LAYERS = list(check_layers([v for v in _layers.split(",") if v.strip()]))
+except ValueError as exc:
+    raise ImproperlyConfigured(f"MEDLABEL_EMBED_LAYERS={_layers!r}: the encoder's stages "
+                               f"1 to 4, 4 among them, e.g. 4 or 3,4 ({exc})") from None
 # The hybrid worklist picks typical scans (TypiClust) while a label set has fewer labeled scans
 # than this per class, and the most uncertain after; 0: uncertainty as soon as a head exists.
 # The default is ml_backend.active.strategies.PRODUCT_TYPICAL_BELOW (docs/benchmarks.md).

@@ -72,6 +72,8 @@ def test_broker_and_database_from_env():
     ({"DATABASE_URL": "nonsense://"}, "DATABASE_URL"),
     ({"MEDLABEL_EMBED_SCALES": "1,3,2"}, "each dividing the largest"),
     ({"MEDLABEL_EMBED_SCALES": "one"}, "MEDLABEL_EMBED_SCALES"),
+    ({"MEDLABEL_EMBED_LAYERS": "2,3"}, "include 4"),
+    ({"MEDLABEL_EMBED_LAYERS": "4,5"}, "MEDLABEL_EMBED_LAYERS"),
 ])
 def test_bad_production_config_fails_at_start(env, message):
     result = _settings_in_subprocess(**env)

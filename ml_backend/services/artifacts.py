@@ -75,10 +75,11 @@ def new_version(run: TrainingRun, kind: str, *, parent: ModelVersion | None,
     directory = Path(settings.ARTIFACTS_ROOT) / "models" / version
     directory.mkdir(parents=True, exist_ok=True)
     if kind == ModelVersion.Kind.ENCODER:
-        # the sizes it embeds scans at, fixed for its life: its vectors and every head fit
-        # on them depend on it (inference.encoder_network)
-        config = {**config, "embed_scales": config.get("embed_scales",
-                                                       list(settings.EMBED_SCALES))}
+        # the sizes it embeds scans at and the stages it pools, fixed for its life: its
+        # vectors and every head fit on them depend on them (inference.encoder_network)
+        config = {**config,
+                  "embed_scales": config.get("embed_scales", list(settings.EMBED_SCALES)),
+                  "embed_layers": config.get("embed_layers", list(settings.EMBED_LAYERS))}
     model = ModelVersion.objects.create(project=run.project, kind=kind, version=version,
                                         parent=parent, artifact_dir=str(directory), config=config)
     run.model_version = model

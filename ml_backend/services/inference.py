@@ -107,13 +107,19 @@ def embed_scales(encoder: ModelVersion) -> tuple[int, ...]:
     return tuple((encoder.config or {}).get("embed_scales") or (1,))
 
 
+def embed_layers(encoder: ModelVersion) -> tuple[int, ...]:
+    """The residual stages ``encoder`` pools into its embeddings (its config's
+    ``embed_layers``; an encoder made before them pools its output alone: ``(4,)``)."""
+    return tuple((encoder.config or {}).get("embed_layers") or (4,))
+
+
 def encoder_network(encoder: ModelVersion):
     """(SimCLR model, its PretrainConfig) of an encoder version, as it embeds scans: read at
     each of its ``embed_scales`` (the config's image size is then the largest: what
-    ``images_for`` loads)."""
-    scales = embed_scales(encoder)
+    ``images_for`` loads), pooled from each of its ``embed_layers``."""
+    scales, layers = embed_scales(encoder), embed_layers(encoder)
     return cache.get(encoder, "encoder.pt",
-                     lambda path: _ssl().load_pretrained(path, scales=scales))
+                     lambda path: _ssl().load_pretrained(path, scales=scales, layers=layers))
 
 
 def classifier_network(model: ModelVersion):
@@ -417,11 +423,12 @@ class _Explainer:
     def _cam_encoder(self):
         """(the encoder a map of a linear head is drawn through, the head's columns it
         feeds): a multi-scale encoder's largest view — the scan at the size it is loaded
-        at — and that view's block of the embedding."""
+        at — and that view's block of the encoder's output (stage 4; the columns of other
+        stages pooled beside it do not enter the map)."""
         from ml_backend.ssl.encoder import MultiScaleEncoder
 
         if isinstance(self.encoder, MultiScaleEncoder):
-            return self.encoder.inner, self.encoder.block(self.encoder.scales[-1])
+            return self.encoder.inner, self.encoder.block(self.encoder.scales[-1], 4)
         return self.encoder, slice(0, self.encoder.feature_dim)
 
     def _finding_network(self, finding_id: int):

@@ -66,14 +66,16 @@ def save_encoder_checkpoint(path: str | Path, model: SimCLRModel, config: Pretra
     })
 
 
-def load_pretrained(path: str | Path, *, scales=(1,)) -> tuple[SimCLRModel, PretrainConfig]:
+def load_pretrained(path: str | Path, *, scales=(1,), layers=(4,)
+                    ) -> tuple[SimCLRModel, PretrainConfig]:
     """The encoder checkpoint at ``path`` and its config. ``scales`` other than ``(1,)``:
     the model's encoder reads each scan at those multiples of its training size
     (``encoder.MultiScaleEncoder``) and the config returned asks for the largest
-    (``image_size * max(scales)``, the stem of the training size kept): what the product
-    embeds with; pretraining and fine-tuning load it at ``(1,)``."""
+    (``image_size * max(scales)``, the stem of the training size kept); ``layers`` other
+    than ``(4,)``: it pools those residual stages too. What the product embeds with;
+    pretraining and fine-tuning load it at ``(1,)`` and ``(4,)``."""
     model, config = _load_pretrained(path)
-    model.encoder, config = at_scales(model.encoder, config, scales)
+    model.encoder, config = at_scales(model.encoder, config, scales, layers)
     return model, config
 
 

@@ -194,6 +194,20 @@ def check_scales(scales) -> tuple[int, ...]:
     return out
 
 
+def check_layers(layers) -> tuple[int, ...]:
+    """``layers`` (the encoder's residual stages an embedding pools, 1–4) as a sorted tuple
+    of distinct integers that holds 4, the encoder's output (the stage class maps are drawn
+    through); raises ``ValueError``."""
+    try:
+        out = tuple(sorted({int(v) for v in layers}))
+    except (TypeError, ValueError):
+        raise ValueError(f"embedding layers must be whole numbers, got {layers!r}") from None
+    if not out or out[0] < 1 or out[-1] != 4:
+        raise ValueError(f"embedding layers must be between 1 and 4 and include 4, got "
+                         f"{layers!r}")
+    return out
+
+
 def network_config(pretrain_config: PretrainConfig, input_scale: int = 1) -> PretrainConfig:
     """The config of a network fine-tuned from an encoder of ``pretrain_config`` that reads
     scans at ``input_scale`` times the encoder's training size: the size changes, the stem

@@ -17,10 +17,13 @@ import torch
 from torch import nn
 from torchvision import models
 
-from ml_backend.ssl.config import PretrainConfig, check_scales, network_config
+from ml_backend.ssl.config import PretrainConfig, check_layers, check_scales, network_config
 
 ARCHS = {"resnet18": (models.resnet18, 512), "resnet34": (models.resnet34, 512),
          "resnet50": (models.resnet50, 2048)}
+# the channels of each residual stage's output (layer1 … layer4), per architecture
+LAYER_DIMS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
+              "resnet50": (256, 512, 1024, 2048)}
 
 
 class ResNetEncoder(nn.Module):
@@ -45,42 +48,68 @@ class ResNetEncoder(nn.Module):
         """``x``: ``(B, C, H, W)`` float → ``(B, feature_dim)``."""
         return self.net(x)
 
+    def pooled(self, x: torch.Tensor, layers) -> list[torch.Tensor]:
+        """The globally average-pooled output of each residual stage in ``layers`` (1–4, in
+        that order): ``[(B, LAYER_DIMS[arch][l - 1]) for l in layers]``. Stage 4's is what
+        ``forward`` returns."""
+        net, wanted, out = self.net, set(layers), {}
+        h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        for number, stage in enumerate((net.layer1, net.layer2, net.layer3, net.layer4), 1):
+            h = stage(h)
+            if number in wanted:
+                out[number] = torch.flatten(net.avgpool(h), 1)
+            if number >= max(wanted):
+                break
+        return [out[number] for number in sorted(wanted)]
+
 
 class MultiScaleEncoder(nn.Module):
-    """One encoder read at several sizes of the same scan, its pooled features side by side.
+    """One encoder read at several sizes of the same scan, and at several of its stages, the
+    pooled features side by side.
 
     The input is the scan at ``base * max(scales)`` pixels (``base``: the size the encoder
     was trained at); scale ``s`` sees it average-pooled by ``max(scales) // s``, so scale 1
     is the scan at the training size and scale 2 the same scan at twice the size, where the
-    encoder's filters cover finer structure. ``forward`` → ``(B, feature_dim * len(scales))``,
-    the scales in increasing order. No weights of its own: it is a way of reading a
-    pretrained encoder (test-time multi-scale features), not a new network to train."""
+    encoder's filters cover finer structure. At each scale the output of each residual
+    stage in ``layers`` is average-pooled over the image (stage 4 alone: the encoder's own
+    output; ``(3, 4)`` adds stage 3's, which keeps more of the scan's local texture).
+    ``forward`` → ``(B, sum of the stages' widths * len(scales))``: per scale in increasing
+    order, its stages in increasing order. No weights of its own: it is a way of reading a
+    pretrained encoder (test-time multi-scale, multi-stage features), not a new network to
+    train."""
 
-    def __init__(self, encoder: nn.Module, scales):
+    def __init__(self, encoder: nn.Module, scales, layers=(4,)):
         super().__init__()
         self.scales = check_scales(scales)
+        self.layers = check_layers(layers)
         self.inner = encoder
-        self.feature_dim = encoder.feature_dim * len(self.scales)
+        dims = LAYER_DIMS[encoder.arch]
+        self.widths = [dims[layer - 1] for layer in self.layers]
+        self.feature_dim = sum(self.widths) * len(self.scales)
         self.in_channels = encoder.in_channels
 
-    def block(self, scale: int) -> slice:
-        """The feature columns of ``scale``."""
-        d = self.inner.feature_dim
-        k = self.scales.index(scale)
-        return slice(k * d, (k + 1) * d)
+    def block(self, scale: int, layer: int = 4) -> slice:
+        """The feature columns of stage ``layer`` read at ``scale``."""
+        per_scale = sum(self.widths)
+        k, j = self.scales.index(scale), self.layers.index(layer)
+        start = k * per_scale + sum(self.widths[:j])
+        return slice(start, start + self.widths[j])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top = self.scales[-1]
         views = [x if s == top else nn.functional.avg_pool2d(x, top // s) for s in self.scales]
-        return torch.cat([self.inner(v) for v in views], dim=1)
+        if self.layers == (4,):
+            return torch.cat([self.inner(v) for v in views], dim=1)
+        return torch.cat([f for v in views for f in self.inner.pooled(v, self.layers)], dim=1)
 
 
-def at_scales(encoder: nn.Module, config: PretrainConfig, scales
+def at_scales(encoder: nn.Module, config: PretrainConfig, scales, layers=(4,)
               ) -> tuple[nn.Module, PretrainConfig]:
-    """``encoder`` and its ``config`` as they embed scans read at ``scales``: unchanged for
-    ``(1,)``, else a ``MultiScaleEncoder`` and the config of its input (the largest size; the
-    stem of the training size kept)."""
-    scales = check_scales(scales)
-    if scales == (1,):
+    """``encoder`` and its ``config`` as they embed scans read at ``scales`` from its stages
+    ``layers``: unchanged for ``(1,)`` and ``(4,)``, else a ``MultiScaleEncoder`` and the
+    config of its input (the largest size; the stem of the training size kept)."""
+    scales, layers = check_scales(scales), check_layers(layers)
+    if scales == (1,) and layers == (4,):
         return encoder, config
-    return MultiScaleEncoder(encoder, scales).eval(), network_config(config, scales[-1])
+    return (MultiScaleEncoder(encoder, scales, layers).eval(),
+            network_config(config, scales[-1]))

@@ -329,7 +329,17 @@ def test_findings_and_classes_read_the_encoder_at_two_sizes(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["args"]["embed_scales"] == "1,2"
     assert result["aggregates"]["1"]["refit_head"]["macro_f1"]["mean"] > 0.7
-    assert capsys.readouterr().out.count("embeddings at 64, 128 px: 1024 features") == 2
+    assert capsys.readouterr().out.count("embeddings at 64, 128 px, stages 4: 1024 features") == 2
+    # the third stage pooled beside the output at each size (the product's
+    # MEDLABEL_EMBED_LAYERS=3,4): 256 + 512 features per size
+    assert ssl_eval.main(["--train", str(POOL), "--eval", str(EVAL), "--evaluations",
+                          "linear_probe", "--embed-layers", "3,4", "--out", str(out),
+                          *common]) == 0
+    assert json.loads(out.read_text())["args"]["embed_layers"] == "3,4"
+    assert "embeddings at 64, 128 px, stages 3,4: 1536 features" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="include 4"):
+        ssl_eval.main(["--train", str(POOL), "--eval", str(EVAL), "--out", str(out),
+                       "--embed-layers", "2,3", *common])
     with pytest.raises(SystemExit, match="divide the largest"):
         ssl_eval.main(["--train", str(POOL), "--eval", str(EVAL), "--out", str(out),
                        *common[:-1], "2,3"])

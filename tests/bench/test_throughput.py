@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import throughput
 
 
@@ -37,3 +39,12 @@ def test_embedding_at_two_sizes_is_measured_at_the_larger_one(tmp_path):
     single = json.loads(out.read_text())["rows"][0]
     assert single["embed_scales"] == [1]
     assert 4.0 < one["embed_gflop_per_image"] / single["embed_gflop_per_image"] < 6.0
+    # the third stage pooled beside the output costs no arithmetic of note: it is computed
+    # on the way to the output either way
+    assert throughput.main(["--sizes", "32", "--steps", "1", "--batch-size", "4",
+                            "--recipes", "fp32", "--embed-scales", "1,2", "--embed-layers", "3,4",
+                            "--out", str(out)]) == 0
+    layers = json.loads(out.read_text())["rows"][0]
+    assert layers["embed_layers"] == [3, 4]
+    assert layers["embed_gflop_per_image"] == pytest.approx(one["embed_gflop_per_image"],
+                                                            rel=0.01)

@@ -42,6 +42,7 @@ def test_onnx_matches_the_products_predictions_on_real_scans(trained, tmp_path):
     # embeds each scan at both (its embed_scales)
     size = entry["input"]["shape"][2]
     assert model.parent.config["embed_scales"] == [1, 2]
+    assert model.parent.config["embed_layers"] == [3, 4]       # and pools two stages
     assert size == 2 * model.parent.config["pretrain"]["image_size"]
     images = images_for(scans, size, 1).astype(np.float32)[:, None] / 255.0
     session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / entry["file"]),

@@ -30,16 +30,17 @@ def brain_project(project, classes=("no_tumor", "pituitary_tumor")):
 
 def test_an_encoder_embeds_at_the_scales_it_was_made_with(project, settings):
     settings.EMBED_SCALES = [1]                     # MEDLABEL_EMBED_SCALES=1: one size
+    settings.EMBED_LAYERS = [4]                     # MEDLABEL_EMBED_LAYERS=4: its output
     brain_project(project)
     call_command("pretrain", "--project", project.name, *TINY)
     project.refresh_from_db()
     encoder = project.active_encoder
-    assert encoder.config["embed_scales"] == [1]
+    assert encoder.config["embed_scales"] == [1] and encoder.config["embed_layers"] == [4]
     paths = services.embeddings_paths(encoder)
     assert np.load(paths["vectors"]).shape == (100, 512)
-    # a later change of the setting leaves this encoder's vectors (and every head fit on
+    # a later change of the settings leaves this encoder's vectors (and every head fit on
     # them) alone: it applies to encoders made after it
-    settings.EMBED_SCALES = [1, 2]
+    settings.EMBED_SCALES, settings.EMBED_LAYERS = [1, 2], [3, 4]
     call_command("embed", "--project", project.name, "--full")
     assert np.load(paths["vectors"]).shape == (100, 512)
     scan = Scan.objects.filter(split="pool").first()
@@ -58,9 +59,10 @@ def test_pretrain_embed_similar_finetune_distill(project, settings, capsys):
     paths = services.embeddings_paths(encoder)
     ids = np.load(paths["ids"])
     assert sorted(ids.tolist()) == sorted(Scan.objects.values_list("pk", flat=True))
-    # read at 32 and 64 px (the default embed_scales 1,2): 512 features each, side by side
-    assert encoder.config["embed_scales"] == [1, 2]
-    assert np.load(paths["vectors"]).shape == (100, 1024)
+    # read at 32 and 64 px (the default embed_scales 1,2), each pooled from the third
+    # stage and the output (embed_layers 3,4): 256 + 512 features per size, side by side
+    assert encoder.config["embed_scales"] == [1, 2] and encoder.config["embed_layers"] == [3, 4]
+    assert np.load(paths["vectors"]).shape == (100, 1536)
     out = capsys.readouterr().out
     assert "succeeded" in out and encoder.version in out
 

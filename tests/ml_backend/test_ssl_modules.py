@@ -95,6 +95,28 @@ def test_a_multi_scale_encoder_reads_the_scan_at_each_size_with_one_network():
     assert not torch.allclose(small, large)       # two different views, not one repeated
 
 
+def test_a_multi_scale_encoder_pools_the_stages_it_is_asked_for():
+    torch.manual_seed(0)
+    inner = ResNetEncoder("resnet18", small_input=False).eval()
+    reader = MultiScaleEncoder(inner, [1, 2], layers=[4, 3]).eval()
+    assert reader.layers == (3, 4) and reader.feature_dim == (256 + 512) * 2
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        features = reader(x)
+        small = torch.nn.functional.avg_pool2d(x, 2)
+        net = inner.net
+        stage3 = net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))))
+    assert features.shape == (2, 1536)
+    # per size, the third stage's average then the output; the output's block is what the
+    # encoder alone returns (what Grad-CAM draws the map through)
+    torch.testing.assert_close(features[:, reader.block(1)], inner(small))
+    torch.testing.assert_close(features[:, reader.block(2, 4)], inner(x))
+    torch.testing.assert_close(features[:, reader.block(2, 3)], stage3.mean((2, 3)))
+    assert reader.block(1, 3) == slice(0, 256) and reader.block(2, 4) == slice(1024, 1536)
+    with pytest.raises(ValueError, match="include 4"):
+        MultiScaleEncoder(inner, [1], layers=[2, 3])
+
+
 @pytest.mark.parametrize("scales,message", [([], "between 1 and 8"), ([0, 1], "between 1 and 8"),
                                             ([1, 16], "between 1 and 8"),
                                             ([2, 3], "divide the largest"),

@@ -116,10 +116,10 @@ def test_epochs_zero_adopts_the_starter_as_shipped(project, settings, tiny_start
         tiny_starter.read_bytes()).hexdigest()
     assert encoder.metrics["pretrain"]["epochs"] == 0
     # the project's vectors are the starter's own embeddings of its scans, read at its size
-    # and at twice it (embed_scales), side by side
+    # and at twice it (embed_scales), its third stage and its output (embed_layers), side by side
     vectors = np.load(embeddings_paths(encoder)["vectors"])
-    assert encoder.config["embed_scales"] == [1, 2]
-    assert vectors.shape == (project.scans.count(), 1024) and np.isfinite(vectors).all()
+    assert encoder.config["embed_scales"] == [1, 2] and encoder.config["embed_layers"] == [3, 4]
+    assert vectors.shape == (project.scans.count(), 1536) and np.isfinite(vectors).all()
 
 
 def test_pretraining_continues_from_the_starter_by_default(project, settings, tiny_starter):
