@@ -58,8 +58,6 @@ class ResNetEncoder(nn.Module):
             h = stage(h)
             if number in wanted:
                 out[number] = torch.flatten(net.avgpool(h), 1)
-            if number >= max(wanted):
-                break
         return [out[number] for number in sorted(wanted)]
 
 
@@ -98,8 +96,6 @@ class MultiScaleEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top = self.scales[-1]
         views = [x if s == top else nn.functional.avg_pool2d(x, top // s) for s in self.scales]
-        if self.layers == (4,):
-            return torch.cat([self.inner(v) for v in views], dim=1)
         return torch.cat([f for v in views for f in self.inner.pooled(v, self.layers)], dim=1)
 
 
