@@ -22,6 +22,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
+from ml_backend.active.threads import one_blas_thread
+
 __all__ = ["FindingsHead", "FINDINGS_STRATEGIES", "fit_findings_head", "findings_scores",
            "unsure_findings"]
 
@@ -133,6 +135,7 @@ def _platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return a, _offset(a * z, y, start)[0]
 
 
+@one_blas_thread
 def fit_findings_head(x: np.ndarray, targets: np.ndarray, finding_ids, *, c: float = 0.5,
                       seed: int = 0, folds: int = 4, min_calibration: int = 2
                       ) -> tuple[FindingsHead, dict]:

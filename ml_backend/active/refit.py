@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
+from ml_backend.active.threads import one_blas_thread
 from ml_backend.metrics.reports import (
     fit_balanced_bias,
     negative_log_likelihood,
@@ -131,6 +132,7 @@ class LinearHead:
                        bias=data["bias"] if "bias" in data.files else None)
 
 
+@one_blas_thread
 def fit_head(x: np.ndarray, labels: np.ndarray, *, c: float = 1.0, seed: int = 0,
              folds: int = 4, min_calibration: int = 8,
              prototype_n0: float = 0.0, balance: float = 0.0,
@@ -329,6 +331,7 @@ def _pad(head: LinearHead, extra: int) -> LinearHead:
     return head
 
 
+@one_blas_thread
 def fit_head_choosing_block(x: np.ndarray, labels: np.ndarray, *, embedding_dim: int,
                             feature_weights: np.ndarray, always: bool = False, **options
                             ) -> tuple[LinearHead, dict]:

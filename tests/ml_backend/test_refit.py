@@ -371,3 +371,44 @@ def test_always_keeps_the_pixel_block_without_a_choice():
                                          feature_weights=block_weights(8, 4))
     assert info["pixels"] and info["out_of_fold_nll_alone"] is None
     assert np.abs(head.coef[:, 8:]).sum() > 0
+
+
+def _blas_threads() -> set[int]:
+    from threadpoolctl import threadpool_info
+
+    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+
+@pytest.mark.parametrize("fit", ["head", "choosing_block", "findings"])
+def test_the_refit_fits_on_one_blas_thread_and_gives_the_rest_back(monkeypatch, fit):
+    """The heads' logistic regressions are small; OpenBLAS's threads made a 200-label head
+    8x slower on 2 cores (ml_backend/active/threads.py). Each fit runs on one thread, and
+    the process's BLAS threads are what they were afterwards."""
+    from threadpoolctl import threadpool_limits
+
+    from ml_backend.active import findings, refit
+    from ml_backend.active.features import block_weights, head_inputs
+
+    seen = []
+    real = refit.LogisticRegression.fit
+
+    def spy(self, *args, **kwargs):
+        seen.append(_blas_threads())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(refit.LogisticRegression, "fit", spy)
+    x, labels = data(120)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        if fit == "head":
+            refit.fit_head(x, labels, balance=0.5)
+        elif fit == "choosing_block":
+            rng = np.random.default_rng(1)
+            refit.fit_head_choosing_block(head_inputs(x, rng.uniform(0, 1, (120, 4))), labels,
+                                          embedding_dim=8, feature_weights=block_weights(8, 4))
+        else:
+            targets = (np.array([101, 205, 307])[:, None] == labels[None, :]).T[:, :2]
+            findings.fit_findings_head(x, targets.astype(np.float32), np.array([1, 2]))
+        after = _blas_threads()
+    assert len(seen) >= 5 and all(threads == {1} for threads in seen)
+    assert after == before == {2}
