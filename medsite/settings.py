@@ -163,6 +163,10 @@ FILE_UPLOAD_TEMP_DIR = None  # Django's default temp dir; files are moved to INC
 # never waits behind a pretraining.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL")
 CELERY_TASK_ALWAYS_EAGER = CELERY_BROKER_URL is None
+if CELERY_TASK_ALWAYS_EAGER:
+    # Celery's eager path still acquires a producer; kombu's in-memory transport keeps it
+    # from building an AMQP connection (and kombu from warning "No hostname was supplied")
+    CELERY_BROKER_URL = "memory://localhost/"
 CELERY_TASK_EAGER_PROPAGATES = True
 # With no broker, training runs (refits after answers, retrains) go to one background worker
 # thread of the server (ml_backend/dispatch.py), so an answer never waits for a refit; off,

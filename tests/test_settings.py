@@ -58,6 +58,25 @@ def test_defaults_run_with_no_environment():
     assert result.stdout.split() == ["django.db.backends.sqlite3", "True"]
 
 
+def test_with_no_broker_tasks_run_here_and_nothing_dials_a_broker():
+    """The demo has no broker: a task queued runs in this process, and Celery's eager path
+    gets kombu's in-memory transport, not an AMQP connection to localhost (whose "No
+    hostname was supplied" warning used to greet every first refit)."""
+    clean = {k: v for k, v in os.environ.items() if k != "CELERY_BROKER_URL"}
+    code = ("import django, logging, os\n"
+            "os.environ['DJANGO_SETTINGS_MODULE'] = 'medsite.settings'\n"
+            "django.setup()\nlogging.basicConfig(level=logging.WARNING)\n"
+            "from celery import shared_task\nfrom medsite.celery import app\n"
+            "@shared_task(name='probe')\ndef probe():\n    return 42\n"
+            "print(probe.delay().get(), app.connection_for_write().as_uri())\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    answer, broker = result.stdout.split()
+    assert answer == "42" and broker.startswith("memory://"), result.stdout
+    assert "No hostname" not in result.stderr, result.stderr
+
+
 def test_broker_and_database_from_env():
     result = _settings_in_subprocess(DATABASE_URL="postgres://u@127.0.0.1:5432/x",
                                      CELERY_BROKER_URL="redis://127.0.0.1:6379/0")
