@@ -52,6 +52,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ml_backend.active.features import (PIXEL_SIDE, PIXEL_WEIGHT, block_weights, head_inputs,
                                         thumbnails)
+from ml_backend.active.threads import one_blas_thread
 from ml_backend.active.refit import (
     PRODUCT_BALANCE,
     PRODUCT_PROTOTYPE_N0,
@@ -656,6 +657,7 @@ def get_encoder(images: np.ndarray, config: PretrainConfig, cache_dir: Path,
 # --- methods ---------------------------------------------------------------------------
 
 
+@one_blas_thread
 def logreg_proba(x_train, y_train, x_eval, num_classes: int, seed: int) -> np.ndarray:
     """Standardised features + class-balanced logistic regression → ``(N, C)`` proba."""
     model = make_pipeline(StandardScaler(),
