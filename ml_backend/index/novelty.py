@@ -31,7 +31,7 @@ import numpy as np
 DEFAULT_FLOOR = 0.02   # cosine distance below which nothing is called novel
 FORMAT = 1
 
-__all__ = ["DEFAULT_FLOOR", "NoveltyModel", "fit_novelty", "knn_distances"]
+__all__ = ["DEFAULT_FLOOR", "NoveltyModel", "ReferenceIndex", "fit_novelty", "knn_distances"]
 
 
 def _normalise(vectors: np.ndarray, *, name: str) -> np.ndarray:
@@ -83,6 +83,47 @@ def knn_distances(vectors: np.ndarray, k: int = 5, *, reference: np.ndarray | No
         out[start:stop] = distances.mean(axis=1)
     return out
 
+
+
+class ReferenceIndex:
+    """Reference rows normalised and indexed once, for scoring one scan at a time.
+
+    ``knn_distances(vector, k, reference=...)`` normalises and indexes its reference on
+    every call. That is right for an import's batch, and too slow for the label page,
+    which scores one scan per answer against up to 5,000 vectors of 1,536 numbers (about
+    100 MB of copies per answer). ``distances`` returns what ``knn_distances`` gives with
+    the rows whose ids are in ``exclude_ids`` taken out of the reference."""
+
+    def __init__(self, vectors: np.ndarray, ids) -> None:
+        base = _normalise(vectors, name="reference")
+        self.ids = np.asarray(ids).reshape(-1)
+        if len(self.ids) != len(base):
+            raise ValueError(f"{len(self.ids)} ids for {len(base)} reference rows")
+        self.index = faiss.IndexFlatIP(base.shape[1])
+        self.index.add(base)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def distances(self, vectors: np.ndarray, k: int = 5, *, exclude_ids=()) -> np.ndarray:
+        """Mean cosine distance of each row of ``vectors`` to its ``k`` nearest reference
+        rows, leaving out the rows whose ids are in ``exclude_ids`` (e.g. the scan itself).
+        ``k`` is clipped to the rows left; with none the distance is ``+inf``."""
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        queries = _normalise(vectors, name="vectors")
+        if queries.shape[1] != self.index.d:
+            raise ValueError(f"dimension mismatch: {queries.shape[1]} vs {self.index.d}")
+        excluded = np.isin(self.ids, np.asarray(list(exclude_ids)))
+        k = min(int(k), len(self.ids) - int(excluded.sum()))
+        if k < 1 or len(queries) == 0:
+            return np.full(len(queries), np.inf)
+        sims, rows = self.index.search(queries, k + int(excluded.sum()))
+        out = np.empty(len(queries), dtype=np.float64)
+        for i in range(len(queries)):
+            keep = [s for s, r in zip(sims[i], rows[i]) if r >= 0 and not excluded[r]][:k]
+            out[i] = np.clip(1.0 - np.asarray(keep, np.float64), 0.0, 2.0).mean()
+        return out
 
 @dataclass
 class NoveltyModel:

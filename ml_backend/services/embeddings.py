@@ -36,7 +36,7 @@ def _novelty_reference(encoder: ModelVersion, label_set_id: int, *,
     measured against the same reference, so both sides of the comparison match. Kept in
     the inference cache per encoder, embeddings file and set membership; ``exclude_ids``
     (e.g. the scans of the import being checked) gives an uncached reference without them."""
-    from ml_backend.index.novelty import knn_distances
+    from ml_backend.index.novelty import ReferenceIndex, knn_distances
 
     paths = embeddings_paths(encoder)
     if not paths["ids"].exists():
@@ -55,7 +55,9 @@ def _novelty_reference(encoder: ModelVersion, label_set_id: int, *,
             rows = np.sort(np.random.default_rng(0).choice(rows, NOVELTY_REFERENCE_MAX,
                                                            replace=False))
         vectors = np.asarray(table.vectors[rows], np.float32)
+        # "index": the same rows normalised and indexed once, for one scan at a time
         return {"ids": table.ids[rows], "vectors": vectors,
+                "index": ReferenceIndex(vectors, table.ids[rows]),
                 "distances": np.sort(knn_distances(vectors, NOVELTY_K))}
 
     if exclude_ids:
@@ -144,12 +146,11 @@ def scan_novelty(scan: Scan) -> dict | None:
         vector = vectors_for(encoder, [scan])
     except (TrainingError, OSError):
         return None
-    from ml_backend.index.novelty import knn_distances
-
-    others = reference["vectors"][reference["ids"] != scan.pk]
-    if len(others) < 1:
+    # the scan's own row is left out of the reference (searched once per answer, not rebuilt)
+    distance = float(reference["index"].distances(np.asarray(vector, np.float32), NOVELTY_K,
+                                                   exclude_ids=[scan.pk])[0])
+    if not np.isfinite(distance):
         return None
-    distance = float(knn_distances(vector, NOVELTY_K, reference=others, exclude_self=False)[0])
     return _novelty_verdict(distance, reference["distances"], scan.project.novelty_percentile,
                             scan.label_set.name)
 

@@ -132,3 +132,36 @@ def test_rejects_bad_input():
         knn_distances(np.ones((3, 4)), 2, reference=np.ones((3, 5)))
     with pytest.raises(ValueError):
         fit_novelty(np.zeros((0, 4)))
+
+
+def test_reference_index_matches_knn_distances_with_the_excluded_rows_taken_out():
+    """The label page scores one scan per answer against an index built once; it must give
+    what rebuilding the reference without the scan gives, duplicates included."""
+    from ml_backend.index.novelty import ReferenceIndex
+
+    a, b = centers()
+    vectors = np.concatenate([cluster(a, 300, seed=1), cluster(b, 200, seed=2)])
+    vectors[10] = vectors[11]                        # an exact duplicate pair
+    ids = np.arange(1000, 1500)
+    reference = ReferenceIndex(vectors, ids)
+    assert len(reference) == 500
+    for row in (0, 10, 11, 350, 499):
+        others = vectors[ids != ids[row]]
+        expected = knn_distances(vectors[[row]], 5, reference=others, exclude_self=False)
+        got = reference.distances(vectors[[row]], 5, exclude_ids=[ids[row]])
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+        np.testing.assert_allclose(got, brute_force(vectors[[row]], 5, reference=others),
+                                   atol=1e-5)
+    assert reference.distances(vectors[[10]], 1, exclude_ids=[1010])[0] < 1e-6  # its twin
+    outsider = cluster(-a, 3, seed=3)
+    np.testing.assert_allclose(reference.distances(outsider, 5),
+                               knn_distances(outsider, 5, reference=vectors, exclude_self=False),
+                               atol=1e-6)
+    one = ReferenceIndex(vectors[:1], ids[:1])
+    assert np.isinf(one.distances(vectors[:1], 5, exclude_ids=[1000])).all()
+    assert one.distances(vectors[1:2], 5)[0] == pytest.approx(
+        float(brute_force(vectors[1:2], 1, reference=vectors[:1])[0]), abs=1e-5)
+    with pytest.raises(ValueError, match="dimension"):
+        reference.distances(np.ones((1, 3), np.float32))
+    with pytest.raises(ValueError, match="ids"):
+        ReferenceIndex(vectors, ids[:5])
