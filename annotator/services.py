@@ -7,6 +7,7 @@ import io
 import re
 import logging
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
@@ -652,11 +653,33 @@ def _chunk_save(chunk: ImportChunk, state: _JobState, done: int, *,
         **{name: value or 0 for name, value in totals.items()})
 
 
-def _chunk_finish(chunk: ImportChunk, state: _JobState, done: int) -> None:
-    """Record a finished chunk; the last one of its job closes the job (under a lock on the
-    job's row, so exactly one chunk does)."""
+# PostgreSQL's codes for a transaction it rolled back to break a deadlock or a serialisation
+# conflict: the work is safe to try again.
+_TRANSIENT_SQLSTATES = {"40P01", "40001"}
+
+
+def _chunk_finish(chunk: ImportChunk, state: _JobState, done: int, *, attempts: int = 4) -> None:
+    """Record a finished chunk; the last one of its job closes the job. A transaction the
+    database rolled back to break a deadlock between two chunks finishing at once is tried
+    again: a chunk left "running" would stall its job until its lease ran out."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _chunk_finish_once(chunk, state, done)
+        except OperationalError as exc:
+            code = getattr(exc.__cause__, "sqlstate", None)
+            if code not in _TRANSIENT_SQLSTATES or attempt == attempts:
+                raise
+            logger.warning("import chunk %s: finishing it was rolled back (%s), attempt %d of "
+                           "%d", chunk.pk, code, attempt, attempts)
+            time.sleep(0.05 * attempt)
+
+
+def _chunk_finish_once(chunk: ImportChunk, state: _JobState, done: int) -> None:
+    """Under a lock on the job's row alone (``of=("self",)``: the project's row is read,
+    not locked, so nothing else that locks the project can deadlock with it), so exactly
+    one chunk closes the job."""
     with transaction.atomic():
-        job = ImportJob.objects.select_for_update().select_related("project").get(
+        job = ImportJob.objects.select_for_update(of=("self",)).select_related("project").get(
             pk=chunk.job_id)
         _chunk_save(chunk, state, done, status=ImportChunk.Status.DONE)
         if (job.status != ImportJob.Status.RUNNING
@@ -679,7 +702,6 @@ def _chunk_finish(chunk: ImportChunk, state: _JobState, done: int) -> None:
 def import_job_wait(job: ImportJob, *, progress: Callable[[int, int], None] | None = None,
                     poll: float = 1.0, timeout: float | None = None) -> ImportJob:
     """Follow a job whose chunks run on workers until it is done (or ``timeout`` s)."""
-    import time
 
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:

@@ -94,6 +94,45 @@ def test_a_chunk_is_claimed_once_and_a_lost_workers_chunk_runs_again(project, se
     assert job.finished_at is not None and Scan.objects.filter(project=project).count() == 40
 
 
+def test_a_chunk_whose_finish_the_database_rolls_back_for_a_deadlock_finishes_anyway(
+        project, settings, monkeypatch, caplog):
+    """Two chunks finishing at once on PostgreSQL deadlocked once in the scale benchmark
+    (100,000 scans): the loser's chunk stayed "running" and its job stalled until the lease
+    ran out. The database's transient rollbacks are now tried again; other errors are not."""
+    import psycopg
+    from django.db import OperationalError
+
+    from annotator import tasks
+
+    settings.IMPORT_CHUNK_SIZE = 20
+    queued = []
+    monkeypatch.setattr(tasks.run_import_chunk, "apply_async",
+                        lambda args, queue=None: queued.append(args[0]))
+    job = services.import_job_run(job_id=_job(project).pk, chunked=True)
+    real, calls = services._chunk_finish_once, []
+
+    def deadlocks_once(chunk, state, done):
+        calls.append(chunk.pk)
+        if len(calls) == 1:
+            raise OperationalError("deadlock detected") from psycopg.errors.DeadlockDetected()
+        return real(chunk, state, done)
+
+    monkeypatch.setattr(services, "_chunk_finish_once", deadlocks_once)
+    for chunk_id in queued:
+        services.import_chunk_run(chunk_id=chunk_id)
+    job.refresh_from_db()
+    assert calls == [queued[0], queued[0], queued[1]]
+    assert _report(job) == ("succeeded", 40, 40, 40, 0, 0, 40, ["normal", "pneumonia"])
+    assert "rolled back (40P01), attempt 1 of 4" in caplog.text
+
+    def fails(chunk, state, done):
+        raise OperationalError("the server closed the connection")
+
+    monkeypatch.setattr(services, "_chunk_finish_once", fails)
+    with pytest.raises(OperationalError, match="closed"):
+        services._chunk_finish(ImportChunk.objects.get(pk=queued[0]), services._JobState(), 20)
+
+
 def test_a_source_that_changes_under_a_chunk_fails_its_files_with_the_reason(
         project, settings, monkeypatch, tmp_path):
     from annotator import tasks
