@@ -84,7 +84,6 @@ def knn_distances(vectors: np.ndarray, k: int = 5, *, reference: np.ndarray | No
     return out
 
 
-
 class ReferenceIndex:
     """Reference rows normalised and indexed once, for scoring one scan at a time.
 
@@ -124,6 +123,7 @@ class ReferenceIndex:
             keep = [s for s, r in zip(sims[i], rows[i]) if r >= 0 and not excluded[r]][:k]
             out[i] = np.clip(1.0 - np.asarray(keep, np.float64), 0.0, 2.0).mean()
         return out
+
 
 @dataclass
 class NoveltyModel:

@@ -55,9 +55,9 @@ def _novelty_reference(encoder: ModelVersion, label_set_id: int, *,
             rows = np.sort(np.random.default_rng(0).choice(rows, NOVELTY_REFERENCE_MAX,
                                                            replace=False))
         vectors = np.asarray(table.vectors[rows], np.float32)
-        # "index": the same rows normalised and indexed once, for one scan at a time
-        return {"ids": table.ids[rows], "vectors": vectors,
-                "index": ReferenceIndex(vectors, table.ids[rows]),
+        # "index": the rows normalised and indexed once (a label page scores one scan per
+        # answer against it); "distances": their own leave-one-out distances
+        return {"index": ReferenceIndex(vectors, table.ids[rows]),
                 "distances": np.sort(knn_distances(vectors, NOVELTY_K))}
 
     if exclude_ids:
@@ -93,13 +93,10 @@ def novelty_of_vectors(encoder: ModelVersion, vectors: np.ndarray, *, label_set,
     """How unlike the project's scans of ``label_set`` each vector is: its mean cosine
     distance to the k nearest of them, as a percentile of those scans' own leave-one-out
     distances (ml_backend/index/novelty.py)."""
-    from ml_backend.index.novelty import knn_distances
-
     reference = _novelty_reference(encoder, label_set.pk, exclude_ids=exclude_ids)
     if reference is None:
         return [None] * len(vectors)
-    distances = knn_distances(np.asarray(vectors, np.float32), NOVELTY_K,
-                              reference=reference["vectors"], exclude_self=False)
+    distances = reference["index"].distances(np.asarray(vectors, np.float32), NOVELTY_K)
     return [_novelty_verdict(float(d), reference["distances"], project.novelty_percentile,
                              label_set.name) for d in distances]
 
