@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
 
 from bench.ssl_eval import embed_layers, embed_scales, load_spec, log, stratified_subset
 from ml_backend.active.refit import fit_head
@@ -52,6 +52,17 @@ def kept_rows(labels: np.ndarray, keep: str, *, seed: int) -> np.ndarray:
     chosen = np.random.default_rng(seed).choice(rows, max(1, round(share * len(rows))),
                                                 replace=False)
     return np.sort(np.concatenate([np.flatnonzero(labels != name), chosen]))
+
+
+def per_class(y_true: np.ndarray, y_pred: np.ndarray, names: list[str],
+              weights: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """``{class: {precision, recall, f1, support}}`` on the eval set (weighed as its
+    macro-F1 is); a class never predicted has precision 0."""
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=range(len(names)), sample_weight=weights, zero_division=0)
+    return {name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                   "f1": float(f1[i]), "support": float(support[i])}
+            for i, name in enumerate(names)}
 
 
 def share_weights(y: np.ndarray, target_counts: np.ndarray) -> np.ndarray:
@@ -139,15 +150,23 @@ def main(argv=None) -> int:
                                                         sample_weight=weights)),
                              "accuracy": float(np.average(proba.argmax(1) == y_eval,
                                                           weights=weights)),
-                             "auc": float(auc)})
+                             "auc": float(auc),
+                             "per_class": per_class(y_eval, proba.argmax(1), names, weights)})
             sel = [r for r in rows if r["fraction"] == fraction and r["n0"] == n0
                    and r["balance"] == balance]
 
             def stat(key, sel=sel):
                 return f"{np.mean([r[key] for r in sel]):.3f} ± {np.std([r[key] for r in sel]):.3f}"
 
+            rare = ""
+            if args.keep:
+                kept = args.keep.rpartition(":")[0]
+                rare = "; {}: recall {:.3f}, precision {:.3f}, F1 {:.3f}".format(kept, *(
+                    np.mean([r["per_class"][kept][k] for r in sel])
+                    for k in ("recall", "precision", "f1")))
             log(f"{fraction:g} ({sel[0]['labels']} labels), n0 {n0:g}, balance {balance}: "
-                f"macro-F1 {stat('macro_f1')}, accuracy {stat('accuracy')}, AUC {stat('auc')}")
+                f"macro-F1 {stat('macro_f1')}, accuracy {stat('accuracy')}, AUC {stat('auc')}"
+                + rare)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

@@ -34,6 +34,7 @@ writes everything as JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -300,13 +301,18 @@ def answers(client, project, truth: dict, classes: dict, count: int) -> dict:
 
     response = client.get(reverse("annotator:next_scan", args=[project.pk]))
     scan_id = int(response["Location"].rstrip("/").split("/")[-1])
-    wall, server, queries, round_answers = [], [], [], []
+    wall, server, queries, round_answers, each = [], [], [], [], []
     for number in range(count + 1):              # the first one warms this process's caches
         scan = Scan.objects.get(pk=scan_id)
         label = classes[truth[scan.source_name]]
         url = reverse("annotator:answer", args=[project.pk, scan_id])
+        # what else was going on, read outside the timing: the database's autovacuum
+        # workers, and this process's full garbage collections during the answer
+        vacuums = _autovacuums()
+        full_gcs = gc.get_stats()[2]["collections"]
         seconds, n, response = _timed(client.post, url, data=json.dumps(
             {"outcome": "label", "class_id": label}), content_type="application/json")
+        full_gcs = gc.get_stats()[2]["collections"] - full_gcs
         if response.status_code not in (200, 201):
             raise SystemExit(f"answer: HTTP {response.status_code} {response.content[:300]}")
         body = response.json()
@@ -316,13 +322,27 @@ def answers(client, project, truth: dict, classes: dict, count: int) -> dict:
             wall.append(seconds * 1000)
             server.append(body["server_ms"])
             queries.append(n)
+            each.append({"ms": round(seconds * 1000, 1), "server_ms": body["server_ms"],
+                         "queries": n, "full_gc": full_gcs, "autovacuum": vacuums})
         if not body["next"]:
             break
         scan_id = body["next"]["scan"]["id"]
     return {"answers": len(wall), "median_ms": round(statistics.median(wall), 1),
             "p95_ms": round(_p(wall, 0.95), 1), "server_p95_ms": round(_p(server, 0.95), 1),
             "queries_max": max(queries), "queries_median": statistics.median(queries),
-            "new_round_ms": round_answers}
+            "new_round_ms": round_answers, "each": each}
+
+
+def _autovacuums() -> list[str]:
+    """The tables PostgreSQL's autovacuum workers are on right now (empty elsewhere)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT query FROM pg_stat_activity WHERE backend_type = "
+                       "'autovacuum worker'")
+        return [row[0] for row in cursor.fetchall()]
 
 
 def main(argv=None) -> int:

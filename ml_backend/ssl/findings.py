@@ -17,12 +17,10 @@ import numpy as np
 import torch
 
 from ml_backend.errors import TrainingError
-from ml_backend.ssl.checkpoints import save_classifier
 from ml_backend.ssl.config import DistillConfig, FinetuneConfig, PretrainConfig
 from ml_backend.ssl.images import ImageArray, make_loader
 from ml_backend.ssl.loop import (
     Progress,
-    new_scaler,
     pick_device,
     recalibrate_batchnorm,
     seed_everything,
@@ -33,10 +31,8 @@ from ml_backend.ssl.train import (
     _classifier_from,
     _features,
     _light_augmentation,
-    _param_groups,
-    _schedule,
     network_input,
-    run_epochs,
+    train_network,
 )
 from ml_backend.ssl.transforms import eval_transform
 
@@ -121,25 +117,15 @@ def finetune_findings(
     pos_weight = (findings_pos_weight(targets).to(dev)
                   if config.class_balance == "weighted_loss" else None)
     gamma = config.focal_gamma if config.loss == "focal" else 0.0
-    optimizer = torch.optim.AdamW(_param_groups(model, config.lr, config.backbone_lr_scale),
-                                  lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = _schedule(optimizer, config, len(loader) * config.epochs)
-    scaler = new_scaler(dev, config.amp)
 
     def step_loss(batch):
         x, y = batch[0].to(dev), batch[1].to(dev)
         return masked_bce(model(x).float(), y, pos_weight=pos_weight, focal_gamma=gamma), len(x)
 
-    history = run_epochs(model, loader, step_loss, config, optimizer=optimizer,
-                         scheduler=scheduler, scaler=scaler, device=dev, stage="finetune",
-                         progress=progress)
-    if config.batchnorm == "train":
-        recalibrate_batchnorm(model, images, pretrain_config, device=dev, workers=workers)
-    model.eval()
-    if checkpoint_path is not None:
-        save_classifier(checkpoint_path, model, pretrain_config, config, n_findings,
-                        model_version=model_version, history=history, kind="finetuned-findings")
-    return model, {"history": history, "final_loss": history[-1]["loss"]}
+    return train_network(model, loader, step_loss, config, pretrain_config, bn_images=images,
+                         stage="finetune", kind="finetuned-findings", device=dev,
+                         progress=progress, workers=workers, checkpoint_path=checkpoint_path,
+                         model_version=model_version)
 
 
 @torch.no_grad()
@@ -197,11 +183,6 @@ def distill_findings(
             ImageArray(labeled, transform, _check_targets(labeled, targets)),
             min(config.batch_size, len(labeled)), shuffle=True, generator=generator,
             device=dev, workers=workers))
-    optimizer = torch.optim.AdamW(_param_groups(student, config.lr, config.backbone_lr_scale),
-                                  lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(len(loader) * config.epochs, 1))
-    scaler = new_scaler(dev, config.amp)
 
     def step_loss(batch):
         x, target = batch[0].to(dev), batch[1].to(dev)
@@ -212,13 +193,7 @@ def distill_findings(
             loss = (1 - config.labeled_weight) * loss + config.labeled_weight * supervised
         return loss, len(x)
 
-    history = run_epochs(student, loader, step_loss, config, optimizer=optimizer,
-                         scheduler=scheduler, scaler=scaler, device=dev, stage="distill",
-                         progress=progress)
-    if config.batchnorm == "train":
-        recalibrate_batchnorm(student, unlabeled, pretrain_config, device=dev, workers=workers)
-    student.eval()
-    if checkpoint_path is not None:
-        save_classifier(checkpoint_path, student, pretrain_config, config, n_findings,
-                        model_version=model_version, history=history, kind="distilled-findings")
-    return student, {"history": history, "final_loss": history[-1]["loss"]}
+    return train_network(student, loader, step_loss, config, pretrain_config,
+                         bn_images=unlabeled, stage="distill", kind="distilled-findings",
+                         device=dev, progress=progress, workers=workers,
+                         checkpoint_path=checkpoint_path, model_version=model_version)

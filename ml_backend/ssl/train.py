@@ -231,10 +231,14 @@ def embed(
 # --- step 2: fine-tune -----------------------------------------------------------------
 
 
-def _schedule(optimizer, config: FinetuneConfig, total_steps: int):
-    if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
-                                                   total_steps=max(total_steps, 1))
+def _schedule(optimizer, config: FinetuneConfig | DistillConfig, total_steps: int):
+    """Cosine decay over ``total_steps`` (distillation always), or one cycle. One cycle
+    peaks each parameter group at its own rate, so the encoder keeps its
+    ``backbone_lr_scale`` (a single ``max_lr`` would lift it to the last layer's)."""
+    if getattr(config, "schedule", "cosine") == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=max(total_steps, 1))
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
 
 
@@ -325,6 +329,33 @@ def run_epochs(model: nn.Module, loader, step_loss, config, *, optimizer, schedu
     return history
 
 
+def train_network(model: Classifier, loader, step_loss, config: FinetuneConfig | DistillConfig,
+                  pretrain_config: PretrainConfig, *, bn_images: np.ndarray, stage: str,
+                  kind: str, device: torch.device, progress: Progress | None = None,
+                  workers: int = 0, checkpoint_path: str | Path | None = None,
+                  model_version: str = "") -> tuple[Classifier, dict]:
+    """What fine-tuning and distillation share once their loader and loss are set (classes
+    and findings alike): AdamW with the last layer at ``lr`` and the encoder at ``lr *
+    backbone_lr_scale``, the schedule over every step, the epochs (``run_epochs``),
+    BatchNorm statistics re-estimated on ``bn_images`` where the epochs trained them, eval
+    mode, and the checkpoint (``kind``) when ``checkpoint_path`` is given. Returns the model
+    and ``{history, final_loss}``."""
+    optimizer = torch.optim.AdamW(_param_groups(model, config.lr, config.backbone_lr_scale),
+                                  lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = _schedule(optimizer, config, len(loader) * config.epochs)
+    scaler = new_scaler(device, config.amp)
+    history = run_epochs(model, loader, step_loss, config, optimizer=optimizer,
+                         scheduler=scheduler, scaler=scaler, device=device, stage=stage,
+                         progress=progress)
+    if config.batchnorm == "train":
+        recalibrate_batchnorm(model, bn_images, pretrain_config, device=device, workers=workers)
+    model.eval()
+    if checkpoint_path is not None:
+        save_classifier(checkpoint_path, model, pretrain_config, config, model.fc.out_features,
+                        model_version=model_version, history=history, kind=kind)
+    return model, {"history": history, "final_loss": history[-1]["loss"]}
+
+
 def _light_augmentation(pretrain_config: PretrainConfig):
     """Milder than pretraining's views: large crops, less noise and blur."""
     return augmentation(replace(pretrain_config.augment_config(), crop_scale=(0.7, 1.0),
@@ -395,26 +426,16 @@ def finetune(
     batch_size = min(config.batch_size, len(labels))
     loader = make_loader(dataset, batch_size, shuffle=True, generator=generator, sampler=sampler,
                          drop_last=len(labels) > batch_size, device=dev, workers=workers)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.lr, config.backbone_lr_scale),
-                                  lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = _schedule(optimizer, config, len(loader) * config.epochs)
     criterion = supervised_loss(config, weight)
-    scaler = new_scaler(dev, config.amp)
 
     def step_loss(batch):
         x, y = batch[0].to(dev), batch[1].to(dev)
         return criterion(model(x).float(), y), len(x)
 
-    history = run_epochs(model, loader, step_loss, config, optimizer=optimizer,
-                         scheduler=scheduler, scaler=scaler, device=dev, stage="finetune",
-                         progress=progress)
-    if config.batchnorm == "train":
-        recalibrate_batchnorm(model, images, pretrain_config, device=dev, workers=workers)
-    model.eval()
-    if checkpoint_path is not None:
-        save_classifier(checkpoint_path, model, pretrain_config, config, num_classes,
-                        model_version=model_version, history=history, kind="finetuned")
-    return model, {"history": history, "final_loss": history[-1]["loss"]}
+    return train_network(model, loader, step_loss, config, pretrain_config, bn_images=images,
+                         stage="finetune", kind="finetuned", device=dev, progress=progress,
+                         workers=workers, checkpoint_path=checkpoint_path,
+                         model_version=model_version)
 
 
 @torch.no_grad()
@@ -505,11 +526,6 @@ def distill(
                                      min(config.batch_size, len(labeled)), shuffle=True,
                                      generator=generator, device=dev, workers=workers)
         labeled_iter = cycle(labeled_loader)
-    optimizer = torch.optim.AdamW(_param_groups(student, config.lr, config.backbone_lr_scale),
-                                  lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(len(loader) * config.epochs, 1))
-    scaler = new_scaler(dev, config.amp)
 
     def step_loss(batch):
         x, target = batch[0].to(dev), batch[1].to(dev)
@@ -520,13 +536,7 @@ def distill(
             loss = (1 - config.labeled_weight) * loss + config.labeled_weight * supervised
         return loss, len(x)
 
-    history = run_epochs(student, loader, step_loss, config, optimizer=optimizer,
-                         scheduler=scheduler, scaler=scaler, device=dev, stage="distill",
-                         progress=progress)
-    if config.batchnorm == "train":
-        recalibrate_batchnorm(student, unlabeled, pretrain_config, device=dev, workers=workers)
-    student.eval()
-    if checkpoint_path is not None:
-        save_classifier(checkpoint_path, student, pretrain_config, config, num_classes,
-                        model_version=model_version, history=history, kind="distilled")
-    return student, {"history": history, "final_loss": history[-1]["loss"]}
+    return train_network(student, loader, step_loss, config, pretrain_config,
+                         bn_images=unlabeled, stage="distill", kind="distilled", device=dev,
+                         progress=progress, workers=workers, checkpoint_path=checkpoint_path,
+                         model_version=model_version)

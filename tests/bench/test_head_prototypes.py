@@ -76,5 +76,22 @@ def test_the_eval_weighed_to_the_train_shares(tmp_path):
                                  "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and 0 <= rows[0]["macro_f1"] <= 1
+    per = rows[0]["per_class"]
+    assert set(per) == {"glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"}
+    assert np.mean([c["f1"] for c in per.values()]) == pytest.approx(rows[0]["macro_f1"])
     with pytest.raises(SystemExit, match="give --keep"):
         head_prototypes.main([*common, "--weigh-eval"])
+
+
+def test_per_class_figures_weigh_as_the_macro_f1_does():
+    import numpy as np
+    import pytest
+
+    y_true, y_pred = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0])
+    per = head_prototypes.per_class(y_true, y_pred, ["a", "b", "c"])
+    assert per["a"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert per["b"]["precision"] == pytest.approx(2 / 3) and per["b"]["recall"] == 1.0
+    assert per["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1.0}
+    weighed = head_prototypes.per_class(y_true, y_pred, ["a", "b", "c"],
+                                        np.array([1, 1, 1, 1, 3.0]))
+    assert weighed["c"]["support"] == 3.0 and weighed["a"]["precision"] == pytest.approx(0.25)

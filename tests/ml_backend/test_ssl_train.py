@@ -339,6 +339,28 @@ def test_new_finetune_options_are_checked():
         DistillConfig(teacher_temperature=0)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_the_schedule_keeps_the_encoders_smaller_learning_rate(schedule):
+    """backbone_lr_scale holds at every step of either schedule: one cycle used to peak
+    every parameter group at the last layer's rate, the encoder's included."""
+    from ml_backend.ssl.train import _param_groups, _schedule
+
+    model = torch.nn.Module()
+    model.encoder, model.fc = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    config = FinetuneConfig(lr=1e-2, backbone_lr_scale=0.1, schedule=schedule)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.lr, config.backbone_lr_scale),
+                                  lr=config.lr)
+    scheduler = _schedule(optimizer, config, total_steps=20)
+    peaks = [0.0, 0.0]
+    for _ in range(20):
+        last, encoder = (group["lr"] for group in optimizer.param_groups)
+        assert encoder == pytest.approx(0.1 * last, rel=1e-6)
+        peaks = [max(peaks[0], last), max(peaks[1], encoder)]
+        optimizer.step()
+        scheduler.step()
+    assert peaks[0] == pytest.approx(1e-2, rel=0.05) and peaks[1] == pytest.approx(1e-3, rel=0.05)
+
+
 def test_findings_finetune_and_distill_learn_two_findings_with_unknown_answers(brain, pretrained,
                                                                                tmp_path):
     """Two findings on the brain fixtures: "tumour" (pituitary) and a finding nobody answered
