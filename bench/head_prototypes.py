@@ -116,7 +116,9 @@ def main(argv=None) -> int:
                                     embed_layers(args))
     data = {}
     for name, spec in (("train", args.train), ("eval", args.eval)):
-        loaded = load_spec(spec, read_config.image_size, Path(args.cache_dir))
+        # the encoder's own channels: a colour starter reads RGB, a greyscale one luma
+        loaded = load_spec(spec, read_config.image_size, Path(args.cache_dir),
+                           channels=read_config.channels)
         images, labels = loaded["images"], np.asarray(loaded["labels"])
         if args.keep and not (name == "eval" and args.weigh_eval):
             keep = kept_rows(labels, args.keep, seed=0 if name == "train" else 1)

@@ -95,3 +95,19 @@ def test_per_class_figures_weigh_as_the_macro_f1_does():
     weighed = head_prototypes.per_class(y_true, y_pred, ["a", "b", "c"],
                                         np.array([1, 1, 1, 1, 3.0]))
     assert weighed["c"]["support"] == 3.0 and weighed["a"]["precision"] == pytest.approx(0.25)
+
+
+def test_a_colour_encoder_reads_its_scans_in_colour(tmp_path):
+    """The colour starter gets RGB arrays (it would refuse greyscale ones), and --keep's
+    rare class has its own recall / precision in every row."""
+    out = tmp_path / "blood.json"
+    assert head_prototypes.main([
+        "--train", str(FIXTURES / "blood_smear" / "pool"),
+        "--eval", str(FIXTURES / "blood_smear" / "eval"),
+        "--encoder", "ml_backend/starter/simclr-resnet18-rgb-64px.pt", "--fractions", "1.0",
+        "--n0", "0", "--balance", "0,shares", "--seeds", "1", "--keep", "basophil:0.5",
+        "--weigh-eval", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["balance"] for r in rows] == [0.0, "shares"]
+    assert all(0 <= r["per_class"]["basophil"]["recall"] <= 1 for r in rows)
+    assert all(r["per_class"]["basophil"]["support"] > 0 for r in rows)
