@@ -14,7 +14,12 @@ class AnnotatorConfig(AppConfig):
         import pydicom  # noqa: F401
 
         logging.getLogger("pydicom").setLevel(logging.ERROR)
+        from django.core.signals import request_finished
         from django.db.models.signals import post_save
+
+        from medsite import gcfreeze
+
+        request_finished.connect(gcfreeze.on_request_finished, dispatch_uid="medsite_gc_freeze")
 
         from annotator import (
             audit,  # noqa: F401  (signal receivers)

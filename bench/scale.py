@@ -330,7 +330,10 @@ def answers(client, project, truth: dict, classes: dict, count: int) -> dict:
     return {"answers": len(wall), "median_ms": round(statistics.median(wall), 1),
             "p95_ms": round(_p(wall, 0.95), 1), "server_p95_ms": round(_p(server, 0.95), 1),
             "queries_max": max(queries), "queries_median": statistics.median(queries),
-            "new_round_ms": round_answers, "each": each}
+            "new_round_ms": round_answers, "each": each,
+            # the process's garbage collector at the end: objects it walks in a full
+            # collection, and those frozen out of it (medsite/gcfreeze.py)
+            "gc_tracked": len(gc.get_objects()), "gc_frozen": gc.get_freeze_count()}
 
 
 def _autovacuums() -> list[str]:

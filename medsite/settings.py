@@ -278,6 +278,10 @@ CELERY_TASK_ROUTES = {
 # Which queue a training run goes to, by its kind (ml_backend/dispatch.py).
 ML_RUN_QUEUES = {"refit": "refit", "embed": "refit", "pretrain": "train", "retrain": "train",
                  "distill": "train"}
+# After a request that imported this many modules (torch, scikit-learn: the ML code the web
+# process loads lazily), collect once and freeze what is left, so that later full garbage
+# collections skip those long-lived objects (medsite/gcfreeze.py). 0: off.
+GC_FREEZE_NEW_MODULES = env_int("MEDLABEL_GC_FREEZE_MODULES", 50, minimum=0)
 # Loaded models, heads, embeddings and indexes kept per process (ml_backend/services/inference.py).
 ML_CACHE_SIZE = env_int("ML_CACHE_SIZE", 12, minimum=1)
 # DataLoader worker processes for training and embedding (0: in the training process).

@@ -129,6 +129,14 @@ def celery_worker_process(transactional_db, settings, tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def no_gc_freeze(settings):
+    """The test process imports and drops far more than a web process: freezing its objects
+    would keep every test's cyclic garbage for the rest of the run (tests/test_gcfreeze.py
+    turns it on)."""
+    settings.GC_FREEZE_NEW_MODULES = 0
+
+
+@pytest.fixture(autouse=True)
 def fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
