@@ -272,7 +272,7 @@ def pages(client, project, *, repeats: int) -> dict:
                       ("reports", reverse("annotator:reports", args=[project.pk]))):
         times, queries = [], []
         for _ in range(repeats):
-            seconds, count, response = _timed(client.get, url)
+            seconds, count, response, _ = _timed(client.get, url)
             if response.status_code != 200:
                 raise SystemExit(f"{name} page: HTTP {response.status_code}")
             times.append(seconds * 1000)
@@ -290,7 +290,8 @@ def _timed(call, *args, **kwargs):
         started = time.perf_counter()
         response = call(*args, **kwargs)
         seconds = time.perf_counter() - started
-    return seconds, len(captured.captured_queries), response
+    db_ms = sum(float(q["time"]) for q in captured.captured_queries) * 1000
+    return seconds, len(captured.captured_queries), response, db_ms
 
 
 def answers(client, project, truth: dict, classes: dict, count: int) -> dict:
@@ -310,7 +311,7 @@ def answers(client, project, truth: dict, classes: dict, count: int) -> dict:
         # workers, and this process's full garbage collections during the answer
         vacuums = _autovacuums()
         full_gcs = gc.get_stats()[2]["collections"]
-        seconds, n, response = _timed(client.post, url, data=json.dumps(
+        seconds, n, response, db_ms = _timed(client.post, url, data=json.dumps(
             {"outcome": "label", "class_id": label}), content_type="application/json")
         full_gcs = gc.get_stats()[2]["collections"] - full_gcs
         if response.status_code not in (200, 201):
@@ -323,7 +324,8 @@ def answers(client, project, truth: dict, classes: dict, count: int) -> dict:
             server.append(body["server_ms"])
             queries.append(n)
             each.append({"ms": round(seconds * 1000, 1), "server_ms": body["server_ms"],
-                         "queries": n, "full_gc": full_gcs, "autovacuum": vacuums})
+                         "queries": n, "db_ms": round(db_ms, 1), "full_gc": full_gcs,
+                         "autovacuum": vacuums})
         if not body["next"]:
             break
         scan_id = body["next"]["scan"]["id"]
