@@ -7,7 +7,9 @@ garbage collector's freeze (medsite/gcfreeze.py) off and on.
 
 It runs on the project ``bench.scale`` built and kept (its ``--workdir`` and its database
 ``medlabel_scale``; nothing is built again). Each run is a fresh process, as a web worker
-is: it loads the ML modules the way the label page's process does the first time an answer
+is, after a refit in a process of its own (as a worker runs it, so the labels of the runs
+before are in the model, as in a project that refits every few answers): it loads the ML
+modules the way the label page's process does the first time an answer
 starts a new query round (one ``query_round_create``), then times ``--answers`` answers →
 next scan through the real view (``bench.scale.answers``: each answer with the full
 garbage collections that ran inside it), with ``MEDLABEL_GC_FREEZE_MODULES`` 0 (off) or
@@ -31,6 +33,19 @@ from pathlib import Path
 from bench.scale import ROOT, _p, answers, bench_env
 
 SETTINGS = {"off": "0", "on": "50"}
+
+
+def refit_child(args) -> dict:
+    """A refit in a process of its own, as a worker runs it: the labels so far are then in the
+    active model, so an answer's "is a refit due" reads only the labels since (a project
+    refits every few answers; without it every earlier run's answers would count)."""
+    import django
+
+    django.setup()
+    from annotator.models import Project
+    from bench.scale import refit
+
+    return refit(Project.objects.get(name=args.project))
 
 
 def child(args) -> dict:
@@ -86,26 +101,23 @@ def main(argv=None) -> int:
     parser.add_argument("--answers", type=int, default=300, help="answers per run")
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--child", choices=sorted(SETTINGS), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=[*sorted(SETTINGS), "refit"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     if not (workdir / "artifacts").is_dir():
         parser.error(f"{workdir}: not a workdir bench.scale kept (no artifacts folder)")
     if args.child:
         os.environ.update(bench_env(f"{args.database}/medlabel_scale", args.broker, workdir,
-                                    "scale", MEDLABEL_GC_FREEZE_MODULES=SETTINGS[args.child]))
-        print(json.dumps(child(args)))
+                                    "scale", MEDLABEL_GC_FREEZE_MODULES=SETTINGS.get(
+                                        args.child, SETTINGS["on"])))
+        print(json.dumps(refit_child(args) if args.child == "refit" else child(args)))
         return 0
 
     runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     for repeat in range(args.repeats):
         for name in (("off", "on") if repeat % 2 == 0 else ("on", "off")):
-            done = subprocess.run(
-                [sys.executable, "-m", "bench.answer_gc", "--child", name, *argv_of(args)],
-                cwd=ROOT, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"run {name} failed:\n{done.stderr[-3000:]}")
-            run = json.loads(done.stdout.strip().splitlines()[-1])
+            _run_child("refit", args)
+            run = _run_child(name, args)
             runs[name].append(run)
             print(f"[{time.strftime('%H:%M:%S')}] freeze {name}: median {run['median_ms']} ms, "
                   f"p95 {run['p95_ms']} ms, full collections in "
@@ -119,6 +131,15 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def _run_child(name: str, args) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.answer_gc", "--child", name, *argv_of(args)],
+        cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"run {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def argv_of(args) -> list[str]:
