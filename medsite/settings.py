@@ -284,6 +284,10 @@ ML_RUN_QUEUES = {"refit": "refit", "embed": "refit", "pretrain": "train", "retra
 GC_FREEZE_NEW_MODULES = env_int("MEDLABEL_GC_FREEZE_MODULES", 50, minimum=0)
 # Loaded models, heads, embeddings and indexes kept per process (ml_backend/services/inference.py).
 ML_CACHE_SIZE = env_int("ML_CACHE_SIZE", 12, minimum=1)
+# Unit vectors of the labeled scans the label page's "similar scans" scores on every answer,
+# kept per encoder in each web process (ml_backend/index/unit_rows.py): at most this many MB
+# (64 MB: about 10,000 labeled scans at 1,536 numbers each); beyond it they are read each time.
+ML_SIMILAR_CACHE_MB = env_int("MEDLABEL_SIMILAR_CACHE_MB", 64, minimum=0)
 # DataLoader worker processes for training and embedding (0: in the training process).
 ML_DATALOADER_WORKERS = env_int("MEDLABEL_DATALOADER_WORKERS", 0, minimum=0)
 # How much of the class-balanced logit offsets (fit on out-of-fold logits) a refit head applies:

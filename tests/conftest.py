@@ -129,6 +129,17 @@ def celery_worker_process(transactional_db, settings, tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def fresh_labeled_scans():
+    """The process keeps each project's labeled scans by project id (similar scans); a
+    rolled-back test database hands the same ids to the next test's projects."""
+    from ml_backend.services.embeddings import labeled_scans
+
+    labeled_scans._kept.clear()
+    yield
+    labeled_scans._kept.clear()
+
+
+@pytest.fixture(autouse=True)
 def no_gc_freeze(settings):
     """The test process imports and drops far more than a web process: freezing its objects
     would keep every test's cyclic garbage for the rest of the run (tests/test_gcfreeze.py

@@ -5,6 +5,7 @@ search goes through ``ml_backend.index``."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 
@@ -170,13 +171,8 @@ def similar_scans(*, scan: Scan, k: int = 8, labeled_only: bool = False,
         query = embed_images(encoder, [media_path(scan.preview.name)])
     allowed = None
     if labeled_only:
-        allowed = list(Annotation.objects.filter(project_id=scan.project_id,
-                                                 outcome=Annotation.Outcome.LABEL)
-                       .order_by().values_list("scan_id", flat=True).distinct())
-        if same_label_set and allowed:
-            # the labeled scans' set from their own rows (a join would hash every scan)
-            allowed = list(Scan.objects.filter(pk__in=allowed, label_set_id=scan.label_set_id)
-                           .values_list("pk", flat=True))
+        allowed = labeled_scans.of(scan.project_id,
+                                   scan.label_set_id if same_label_set else ANY_SET)
         if not allowed:
             return []
     elif same_label_set:
@@ -187,7 +183,64 @@ def similar_scans(*, scan: Scan, k: int = 8, labeled_only: bool = False,
     else:
         hits = index.search(query, k, allowed_ids=allowed, exclude_ids=[scan.pk])[0]
     by_id = Scan.objects.in_bulk([scan_id for scan_id, _ in hits])
-    return [(by_id[scan_id], float(score)) for scan_id, score in hits if scan_id in by_id]
+    return [(by_id[scan_id], float(score)) for scan_id, score in hits if scan_id in by_id
+            and (not same_label_set or by_id[scan_id].label_set_id == scan.label_set_id)]
+
+
+ANY_SET = object()
+
+
+class LabeledScans:
+    """The scans of a project that carry a label, by label set, kept in the process and
+    brought up to date on every call from the label annotations added since (the label
+    page's "similar scans" asks on every answer; reading them all each time grew with the
+    labels: docs/benchmarks.md, "The label page at 100,000 scans: what grew with the
+    labels"). Each call reads the annotations past the highest primary key seen and counts
+    the project's label annotations; when the count is not the kept one plus the new rows
+    (an answer taken back, a label changed to "unsure", a transaction that committed late)
+    the whole list is read again. A display aid only: the hits are checked against their
+    own rows (``similar_scans``)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        # project id -> (highest annotation pk, label annotations, {label set id: scan ids})
+        self._kept: dict[int, tuple[int, int, dict[int | None, set[int]]]] = {}
+
+    def of(self, project_id: int, label_set_id) -> list[int]:
+        """Labeled scans of the label set (``ANY_SET``: of every set)."""
+        labels = Annotation.objects.filter(project_id=project_id,
+                                           outcome=Annotation.Outcome.LABEL).order_by()
+        with self._lock:
+            kept = self._kept.get(project_id)
+        if kept is not None:
+            top, count, by_set = kept
+            new = list(labels.filter(pk__gt=top)
+                       .values_list("pk", "scan_id", "scan__label_set_id"))
+            if labels.count() == count + len(new):
+                by_set = {k: set(v) for k, v in by_set.items()} if new else by_set
+                for pk, scan_id, set_id in new:
+                    by_set.setdefault(set_id, set()).add(scan_id)
+                kept = (max([top, *(pk for pk, _, _ in new)]), count + len(new), by_set)
+            else:
+                kept = None
+        if kept is None:
+            rows = list(labels.values_list("pk", "scan_id"))
+            sets = dict(Scan.objects.filter(pk__in={scan_id for _, scan_id in rows})
+                        .values_list("pk", "label_set_id"))
+            by_set: dict[int | None, set[int]] = {}
+            for _, scan_id in rows:
+                if scan_id in sets:
+                    by_set.setdefault(sets[scan_id], set()).add(scan_id)
+            kept = (max((pk for pk, _ in rows), default=0), len(rows), by_set)
+        with self._lock:
+            self._kept[project_id] = kept
+        by_set = kept[2]
+        if label_set_id is ANY_SET:
+            return sorted(set().union(*by_set.values())) if by_set else []
+        return sorted(by_set.get(label_set_id, ()))
+
+
+labeled_scans = LabeledScans()
 
 
 # Up to this many allowed scans (e.g. the labeled ones) a search reads their vectors
@@ -201,10 +254,14 @@ def _search_among(table, query: np.ndarray, allowed: list[int], k: int, *,
     ids = np.array([i for i in set(allowed) if i in table.row and i != exclude], np.int64)
     if not len(ids):
         return []
-    vectors = np.asarray(table.of(ids.tolist()), np.float32)
-    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     q = np.asarray(query, np.float32)
-    scores = vectors @ (q / max(float(np.linalg.norm(q)), 1e-12))
+    # the same labeled scans every answer: their unit vectors are kept in the process
+    scores = (table.unit.scores(np.array([table.row[i] for i in ids.tolist()], np.int64), q)
+              if table.unit is not None else None)
+    if scores is None:                      # more rows than the cache may hold: read them
+        vectors = np.asarray(table.of(ids.tolist()), np.float32)
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        scores = vectors @ (q / max(float(np.linalg.norm(q)), 1e-12))
     top = np.argsort(-scores, kind="stable")[:k]
     return [(int(ids[i]), float(scores[i])) for i in top]
 

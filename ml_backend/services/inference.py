@@ -28,6 +28,7 @@ from annotator.selectors import class_label_sets
 from annotator.storage import media_path
 from ml_backend.data.arrays import load_images
 from ml_backend.errors import ModelUnavailable, TrainingError
+from ml_backend.index.unit_rows import UnitRows
 from ml_backend.models import ModelVersion
 from ml_backend.services.artifacts import checkpoint_path, embeddings_paths, images_for
 
@@ -142,6 +143,8 @@ class EmbeddingTable:
     vectors: np.ndarray             # (N, D) float32, memory-mapped
     row: dict[int, int]             # scan id -> row
     thumbs: np.ndarray | None = None    # (N, P) float32, memory-mapped; None before them
+    # unit-length copies of the rows searches score again and again (the labeled scans)
+    unit: UnitRows | None = None
 
     def of(self, scan_ids: list[int]) -> np.ndarray:
         return np.asarray(self.vectors[[self.row[i] for i in scan_ids]], dtype=np.float32)
@@ -168,7 +171,9 @@ def embedding_table(encoder: ModelVersion) -> EmbeddingTable:
             if len(thumbs) < len(ids):          # from before the last embed: not trusted
                 thumbs = None
         return EmbeddingTable(ids=ids, vectors=vectors, thumbs=thumbs,
-                              row={int(scan_id): i for i, scan_id in enumerate(ids)})
+                              row={int(scan_id): i for i, scan_id in enumerate(ids)},
+                              unit=UnitRows(vectors, max_bytes=settings.ML_SIMILAR_CACHE_MB
+                                            * 2 ** 20))
     return cache.get(encoder, "scan_ids.npy", load)
 
 

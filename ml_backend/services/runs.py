@@ -210,8 +210,10 @@ def refit_start_if_due(*, project: Project, force: bool = False,
                 # a refit reads the labels once it has started: what came before is in it
                 new_labels = new_labels.filter(
                     created_at__gt=last.started_at or last.created_at)
-            # new labeled SCANS: a second reading of a scan does not bring a refit closer
-            if new_labels.values("scan_id").distinct().count() < max(project.refit_every, 1):
+            # new labeled SCANS: a second reading of a scan does not bring a refit closer;
+            # counting stops at refit_every (each answer asks; the labels since may be many)
+            due = max(project.refit_every, 1)
+            if new_labels.values("scan_id").distinct()[:due].count() < due:
                 return None
             if not _refit_has_something_to_fit(project):
                 return None
