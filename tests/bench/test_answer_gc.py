@@ -34,6 +34,9 @@ def test_a_run_answers_through_the_view_and_records_the_collector(encoded_projec
     assert summary["max_ms"] == 500.0
 
 
-def test_it_refuses_a_folder_bench_scale_did_not_keep(tmp_path):
+def test_it_refuses_a_folder_bench_scale_did_not_keep(tmp_path, capsys):
+    empty = tmp_path / "not-a-workdir"          # (tmp_path itself holds the tests' artifacts)
+    empty.mkdir()
     with pytest.raises(SystemExit):
-        answer_gc.main(["--workdir", str(tmp_path)])
+        answer_gc.main(["--workdir", str(empty)])
+    assert "not a workdir bench.scale kept" in capsys.readouterr().err
