@@ -1,7 +1,8 @@
 """The label-free view: what the data holds before anything is labeled.
 
 The project's embedded scans in k clusters (cosine k-means on the active encoder's
-SimCLRv2 embeddings, ``ml_backend.services.scan_clusters``), each with its most typical
+SimCLRv2 embeddings and each scan's 16 x 16 thumbnail, standardised side by side,
+``ml_backend.services.scan_clusters``), each with its most typical
 scans, its size, the datasets it draws on and how its scans are labeled so far; and a map
 of the scans coloured by cluster. A clinician sees the main kinds of scan (and the odd ones
 out) at a glance, and can start labeling from a cluster's typical scans.
@@ -71,10 +72,12 @@ def clusters_map(request, project_id: int):
     except (ml.TrainingError, ml.ModelUnavailable) as exc:
         raise Http404(str(exc)) from None
     ids = list(result["assignment"])
-    xy, kept = charts.pca_2d(table.of(ids), max_points=5000, seed=0, normalize=True)
+    # the map shows what was clustered (the embedding and the thumbnail, standardised)
+    vectors, inputs = ml.cluster_vectors(table, ids)
+    xy, kept = charts.pca_2d(vectors, max_points=5000, seed=0, normalize=True)
     labels = [result["assignment"][ids[i]] - 1 for i in kept]
     names = [f"cluster {c + 1}" for c in range(k)]
-    title = (f"{len(kept)} scans in {k} clusters ({result['encoder']} embeddings, PCA"
+    title = (f"{len(kept)} scans in {k} clusters ({result['encoder']} {inputs}, PCA"
              + (f"; {label_set.name}" if label_set else "") + ")")
     png = charts.embedding_map_png(xy, labels, names, title,
                                    colors=[charts.class_color(i) for i in range(k)])

@@ -855,6 +855,25 @@ def label_free(train_x, train_y, eval_x, eval_y, num_classes: int, view_k: int =
     return row
 
 
+def label_free_with_thumbnails(embeddings: dict, data: dict, num_classes: int) -> dict:
+    """The product's cluster view clusters the embedding and each scan's 16 px thumbnail side
+    by side, standardised over the project's scans (``features.cluster_inputs``): that row,
+    standardised over the train and eval scans together (one project), and beside it the
+    standardised thumbnail alone, the floor that input has to beat besides the raw pixels."""
+    from ml_backend.active.features import PIXEL_SIDE, cluster_inputs, thumbnails
+
+    count = len(data["x_train"])
+    thumbs = np.concatenate([thumbnails(data["x_train"], PIXEL_SIDE),
+                             thumbnails(data["x_eval"], PIXEL_SIDE)]).astype(np.float64)
+    both = cluster_inputs(np.concatenate([embeddings["train"], embeddings["eval"]]), thumbs)
+    spread = thumbs.std(axis=0)
+    spread[spread < 1e-8] = 1.0
+    alone = ((thumbs - thumbs.mean(axis=0)) / spread).astype(np.float32)
+    return {name: label_free(x[:count], data["y_train"], x[count:], data["y_eval"], num_classes)
+            for name, x in (("embedding+thumbnail (cluster view)", both),
+                            ("thumbnail, standardised", alone))}
+
+
 # --- aggregation and output -----------------------------------------------------------------
 
 
@@ -1004,6 +1023,7 @@ def run_method(args, data: dict, config: PretrainConfig, cache_dir: Path, device
                                   data["y_eval"], num_classes),
         "pixels": label_free(pixels(data["x_train"]), data["y_train"], pixels(data["x_eval"]),
                              data["y_eval"], num_classes),
+        **label_free_with_thumbnails(embeddings, data, num_classes),
     }
 
     runs, labeled_counts = [], {}

@@ -305,6 +305,12 @@ REFIT_PIXELS = env_str("MEDLABEL_REFIT_PIXELS", "auto")
 if REFIT_PIXELS not in ("auto", "always"):
     raise ImproperlyConfigured(f"MEDLABEL_REFIT_PIXELS={REFIT_PIXELS!r}: use auto or always "
                                "(MEDLABEL_REFIT_PIXEL_WEIGHT=0 turns the thumbnail off)")
+# The cluster view (annotator "Clusters", services.embeddings.scan_clusters) clusters the
+# embedding and the same thumbnail side by side, standardised, the thumbnail at this weight
+# (ml_backend/active/features.py cluster_inputs; docs/benchmarks.md "Label-free: the embedding
+# and the pixels together"). 0: the embedding alone, as before.
+CLUSTER_PIXEL_WEIGHT = env_float("MEDLABEL_CLUSTER_PIXEL_WEIGHT", 1.0, minimum=0.0,
+                                 maximum=10.0)
 # The sizes a new encoder version embeds each scan at, as multiples of the size it was trained
 # at, its pooled features side by side (ml_backend/ssl/encoder.py MultiScaleEncoder): "1,2"
 # reads the 64 px starter at 64 and 128 px (docs/benchmarks.md, "One encoder read at two

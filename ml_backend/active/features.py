@@ -78,3 +78,36 @@ def block_weights(embedding_dim: int, pixel_dim: int,
                          "(no pixel block: pixel_dim 0)")
     pixel = pixel_weight * np.sqrt(embedding_dim / pixel_dim) if pixel_dim else 0.0
     return np.concatenate([np.ones(embedding_dim), np.full(pixel_dim, pixel)])
+
+
+def cluster_inputs(vectors: np.ndarray, thumbs: np.ndarray | None,
+                   pixel_weight: float = PIXEL_WEIGHT) -> np.ndarray:
+    """What the label-free view clusters: the embedding and the thumbnail side by side, each
+    feature standardised over the given rows, the thumbnail weighted by ``block_weights`` (at
+    ``pixel_weight`` 1 both blocks carry the same total variance), as float32 ``(N, D + P)``
+    for cosine k-means. Without thumbnails or at ``pixel_weight`` 0: the embedding as it is.
+
+    Why: at the cluster view's k = 8 this sorts scans by class better than either block alone
+    on chest films, brain MRI and blood smears — the embedding separates what the pixels
+    blur, the pixels keep the brightness and contrast the self-supervised augmentations taught
+    the embedding to ignore (docs/benchmarks.md, "Label-free: the embedding and the pixels
+    together")."""
+    vectors = np.asarray(vectors)
+    if thumbs is None or pixel_weight == 0:
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    if pixel_weight < 0:
+        raise ValueError("pixel_weight must be at least 0")
+    thumbs = np.asarray(thumbs)
+    if len(thumbs) != len(vectors):
+        raise ValueError("one thumbnail per embedding")
+    # float32 and in place: the view clusters up to 20,000 scans inside a web process
+    both = np.hstack([vectors.astype(np.float32, copy=False),
+                      thumbs.astype(np.float32, copy=False)])
+    mean = both.mean(axis=0, dtype=np.float64)
+    spread = both.std(axis=0, dtype=np.float64)
+    spread[spread < 1e-6] = 1.0             # a constant feature stays 0, not inf
+    scale = block_weights(vectors.shape[1], both.shape[1] - vectors.shape[1],
+                          pixel_weight) / spread
+    both -= mean.astype(np.float32)
+    both *= scale.astype(np.float32)
+    return both

@@ -30,7 +30,7 @@ _EXPORTS = {
                   "vector_index", "encoder_network", "classifier_network", "allowed_classes",
                   "scan_gradcam", "classify_image", "Predictor"],
     "embeddings": ["similar_scans", "class_candidates", "scan_novelty", "novelty_of_vectors",
-                   "import_novelty_check", "scan_clusters"],
+                   "import_novelty_check", "scan_clusters", "cluster_vectors"],
     "queries": ["query_round_create", "label_quality_check"],
     "artifacts": ["embeddings_paths", "checkpoint_path", "images_for",
                   "model_artifacts_remove"],

@@ -8,6 +8,7 @@ import logging
 import threading
 
 import numpy as np
+from django.conf import settings
 
 from annotator.models import Annotation, FindingAnswer, LabelClass, Project, Scan
 from annotator.storage import media_path
@@ -404,7 +405,8 @@ CLUSTER_TYPICAL = 6
 
 def scan_clusters(*, project: Project, k: int = 8, label_set_id: int | None = None) -> dict:
     """The label-free view: the project's embedded scans (optionally one label set's) in
-    ``k`` clusters (cosine k-means on the active encoder's embeddings), each with its size,
+    ``k`` clusters (cosine k-means on the active encoder's embeddings and the scans'
+    thumbnails, ``cluster_vectors``), each with its size,
     its ``CLUSTER_TYPICAL`` most typical scans (nearest its centroid), how its scans are
     labeled so far, the datasets they come from, and every scan's cluster (for the map).
     Kept in the inference cache per embeddings file, k and set. Raises TrainingError with no
@@ -428,14 +430,16 @@ def scan_clusters(*, project: Project, k: int = 8, label_set_id: int | None = No
                                                            replace=False))
         if len(rows) < max(k, 2):
             raise TrainingError(f"{len(rows)} embedded scans: too few for {k} clusters")
-        vectors = np.asarray(table.vectors[rows], np.float32)
+        ids = np.asarray(table.ids[rows], np.int64)
+        vectors, inputs = cluster_vectors(table, ids.tolist())
         centroids, assignment, distance = kmeans(vectors, k, seed=0, nredo=3)
-        return {"ids": np.asarray(table.ids[rows], np.int64), "assignment": assignment,
-                "distance": distance, "k": k}
+        return {"ids": ids, "assignment": assignment, "distance": distance, "k": k,
+                "inputs": inputs}
 
     stamp = (embeddings_paths(encoder)["ids"].stat().st_mtime_ns, len(members),
              max(members, default=0))
-    found = cache.get(encoder, f"clusters:{k}:{label_set_id}", build, stamp=stamp)
+    found = cache.get(encoder, f"clusters:{k}:{label_set_id}:{settings.CLUSTER_PIXEL_WEIGHT:g}",
+                      build, stamp=stamp)
     ids, assignment, distance = found["ids"], found["assignment"], found["distance"]
     labels = dict(Annotation.objects.filter(scan_id__in=ids.tolist(),
                                             outcome=Annotation.Outcome.LABEL,
@@ -469,4 +473,21 @@ def scan_clusters(*, project: Project, k: int = 8, label_set_id: int | None = No
         })
     clusters.sort(key=lambda c: -c["size"])
     return {"encoder": encoder.version, "k": k, "scans": int(len(ids)), "clusters": clusters,
+            "inputs": found.get("inputs", "embeddings"),
             "assignment": {int(i): int(a) + 1 for i, a in zip(ids, assignment)}}
+
+
+def cluster_vectors(table, scan_ids: list[int]) -> tuple[np.ndarray, str]:
+    """What the cluster view clusters and maps for ``scan_ids`` (rows of the encoder's
+    ``EmbeddingTable``): the embedding and the scan's thumbnail side by side, standardised
+    over these scans, the thumbnail at ``settings.CLUSTER_PIXEL_WEIGHT``
+    (``features.cluster_inputs``); the embedding alone where the table has no thumbnails
+    yet or the weight is 0. Returns the vectors and a short description for the page."""
+    from ml_backend.active.features import cluster_inputs
+
+    weight = float(settings.CLUSTER_PIXEL_WEIGHT)
+    vectors = table.of(scan_ids)
+    if table.thumbs is None or weight == 0:
+        return cluster_inputs(vectors, None), "embeddings"
+    return (cluster_inputs(vectors, table.thumbs_of(scan_ids), weight),
+            "embeddings and thumbnails")

@@ -30,6 +30,8 @@ def test_clusters_page_map_and_what_each_cluster_holds(encoded_project, users):
                                    label_class=classes[brain_truth(scan)])
         labeled.append(scan.pk)
     result = ml.scan_clusters(project=project, k=4)
+    # the embedding and each scan's thumbnail, side by side (features.cluster_inputs)
+    assert result["inputs"] == "embeddings and thumbnails"
     embedded = project.scans.count()
     assert result["scans"] == embedded and len(result["assignment"]) == embedded
     assert sum(c["size"] for c in result["clusters"]) == embedded
@@ -66,3 +68,13 @@ def test_without_an_encoder_the_page_says_what_to_do(project, users):
     page = client_for(users["alice"]).get(reverse("annotator:clusters", args=[project.pk]))
     assert page.status_code == 200
     assert b'id="clusters-error"' in page.content and b"pretrain" in page.content
+
+
+def test_the_pixel_weight_zero_clusters_the_embedding_alone(encoded_project, users, settings):
+    settings.CLUSTER_PIXEL_WEIGHT = 0.0
+    result = ml.scan_clusters(project=encoded_project, k=4)
+    assert result["inputs"] == "embeddings"
+    assert sum(c["size"] for c in result["clusters"]) == encoded_project.scans.count()
+    page = client_for(users["alice"]).get(
+        reverse("annotator:clusters", args=[encoded_project.pk]) + "?k=4")
+    assert b"embeddings of" in page.content and b"thumbnails of" not in page.content

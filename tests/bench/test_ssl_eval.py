@@ -59,7 +59,8 @@ def test_end_to_end_on_fixture_and_encoder_cache(tmp_path, capsys):
         assert set(metrics["per_class"]) == set(first["data"]["class_names"])
         for row in metrics["per_class"].values():
             assert all(in_unit_interval(row[k]) for k in ("precision", "recall", "f1"))
-    for name in ("simclr", "pixels"):
+    for name in ("simclr", "pixels", "embedding+thumbnail (cluster view)",
+                 "thumbnail, standardised"):
         row = first["label_free"][name]
         assert in_unit_interval(row["knn_accuracy"])
         assert in_unit_interval(row["kmeans"]["purity"]) and row["kmeans"]["k"] == 4
@@ -256,7 +257,8 @@ def test_several_ssl_methods_on_the_same_data(tmp_path):
     assert byol["configs"]["pretrain"]["method"] == "byol"
     assert set(simclr["aggregates"]["1"]) == {"pixels_logreg", "linear_probe"}
     assert set(byol["aggregates"]["1"]) == {"linear_probe"}
-    assert set(byol["label_free"]) == {"byol", "pixels"}
+    assert set(byol["label_free"]) == {"byol", "pixels", "embedding+thumbnail (cluster view)",
+                                       "thumbnail, standardised"}
     assert simclr["pretrain"]["checkpoint"] != byol["pretrain"]["checkpoint"]
     with pytest.raises(SystemExit, match="unknown"):
         ssl_eval.main(bench_args(tmp_path, "x.json") + ["--methods", "simclr,barlow"])

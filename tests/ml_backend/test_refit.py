@@ -412,3 +412,43 @@ def test_the_refit_fits_on_one_blas_thread_and_gives_the_rest_back(monkeypatch, 
         after = _blas_threads()
     assert len(seen) >= 5 and all(threads == {1} for threads in seen)
     assert after == before == {2}
+
+
+def test_cluster_inputs_stand_both_blocks_side_by_side_and_find_what_only_pixels_show():
+    from ml_backend.active.features import block_weights, cluster_inputs
+    from ml_backend.index.faiss_index import kmeans
+
+    rng = np.random.default_rng(0)
+    n = 400
+    site = rng.integers(0, 2, n)              # what the embedding sees: two sites, far apart
+    finding = rng.integers(0, 2, n)           # what only the pixels show: a brighter scan
+    vectors = rng.normal(0, 0.3, (n, 32))
+    vectors[:, :30] += 1.5 * site[:, None]
+    vectors[:, 30] += 4.0                     # a large offset standardising removes
+    thumbs = rng.normal(0.4, 0.02, (n, 16)) + 0.2 * finding[:, None]
+    thumbs[:, 3] = 0.5                        # a constant pixel: stays finite
+    # no thumbnails (or weight 0): the embedding as it is, as float32
+    alone = cluster_inputs(vectors, None)
+    assert alone.dtype == np.float32 and np.allclose(alone, vectors, atol=1e-6)
+    assert np.allclose(cluster_inputs(vectors, thumbs, 0.0), vectors, atol=1e-6)
+    both = cluster_inputs(vectors, thumbs)
+    assert both.shape == (n, 48) and both.dtype == np.float32 and np.isfinite(both).all()
+    assert np.allclose(both.mean(axis=0), 0, atol=1e-5)
+    # at weight 1 the blocks carry the same total variance (the constant pixel carries none)
+    assert np.isclose(both[:, :32].var(axis=0).sum(), 32, rtol=1e-4)
+    pixel_share = block_weights(32, 16, 1.0)[-1] ** 2
+    assert np.isclose(both[:, 32:].var(axis=0).sum(), 15 * pixel_share, rtol=1e-4)
+    with pytest.raises(ValueError):
+        cluster_inputs(vectors, thumbs, -1.0)
+    with pytest.raises(ValueError):
+        cluster_inputs(vectors, thumbs[:10])
+
+    def purity(x, truth):
+        _, assignment, _ = kmeans(np.ascontiguousarray(x, np.float32), 4, seed=0, nredo=3)
+        table = np.zeros((4, 4))
+        np.add.at(table, (assignment, truth), 1)
+        return table.max(axis=1).sum() / n
+
+    truth = 2 * site + finding                # four kinds of scan
+    assert purity(both, truth) > 0.95
+    assert purity(vectors, truth) < 0.75      # the embedding alone mixes the finding
