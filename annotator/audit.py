@@ -17,6 +17,7 @@ from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
 from annotator.models import Annotation, AuditEvent, LabelClass
+from annotator.spreadsheet import csv_row
 from ml_backend.signals import model_activated
 
 _actor: contextvars.ContextVar = contextvars.ContextVar("audit_actor", default=None)
@@ -159,9 +160,11 @@ def to_csv(events) -> str:
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
     for e in events:
-        writer.writerow([e.created_at.isoformat(), e.actor_name,
-                         e.project.name if e.project_id else "", e.action, e.object_type,
-                         e.object_id, e.model_version, json.dumps(e.details, sort_keys=True)])
+        # names (a user's, a project's, a model's) never run as spreadsheet formulas
+        writer.writerow(csv_row([e.created_at.isoformat(), e.actor_name,
+                                 e.project.name if e.project_id else "", e.action,
+                                 e.object_type, e.object_id, e.model_version,
+                                 json.dumps(e.details, sort_keys=True)]))
     return buffer.getvalue()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from annotator.models import Annotation, FindingAnswer, LabelClass, Project, Scan
 from annotator.selectors import findings_targets, training_labels
+from annotator.spreadsheet import csv_cell
 
 FORMATS = ("csv", "jsonl", "imagefolder")
 CSV_FIELDS = ["scan", "split", "dataset", "label_set", "kind", "label", "findings",
@@ -99,13 +100,16 @@ def label_rows(project: Project, *, split: str = "all", adjudicated_only: bool =
 
 
 def as_csv(rows: list[dict]) -> str:
-    """CSV: nested fields (findings, answers) as JSON in their cell."""
+    """CSV: nested fields (findings, answers) as JSON in their cell; text that a spreadsheet
+    would run as a formula (a class or data set named ``=HYPERLINK(...)``) is neutralised
+    with a leading ``'`` (``annotator.spreadsheet``)."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "findings": json.dumps(row["findings"]) if row["findings"]
-                         else "", "answers": json.dumps(row["answers"])})
+        cells = {**row, "findings": json.dumps(row["findings"]) if row["findings"] else "",
+                 "answers": json.dumps(row["answers"])}
+        writer.writerow({field: csv_cell(cells.get(field)) for field in CSV_FIELDS})
     return out.getvalue()
 
 

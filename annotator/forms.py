@@ -3,7 +3,7 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 
-from annotator.models import Split
+from annotator.models import Split, hotkey_error
 
 
 class MultipleFileInput(forms.ClearableFileInput):
@@ -117,17 +117,10 @@ class LabelClassForm(_LabelSetChoice):
         return name
 
     def clean_hotkey(self):
-        from annotator.labeling import RESERVED_KEYS
-
         key = (self.cleaned_data.get("hotkey") or "").strip().lower()
-        if not key:
-            return ""
-        if key in RESERVED_KEYS:
-            raise forms.ValidationError(
-                f"{key!r} is taken by the viewer (s skip, u unsure, i invert, g Grad-CAM, "
-                "r reset, +/- zoom).")
-        if not key.isalnum():
-            raise forms.ValidationError("Use a letter or a digit.")
+        problem = hotkey_error(key)
+        if problem:
+            raise forms.ValidationError(problem)
         return key
 
     def clean(self):
@@ -135,7 +128,10 @@ class LabelClassForm(_LabelSetChoice):
 
         cleaned = super().clean()
         key, label_set = cleaned.get("hotkey"), cleaned.get("label_set")
-        if key and label_set is not None:
+        if key and label_set is not None and label_set.is_multi \
+                and hotkey_error(key, findings=True):
+            self.add_error("hotkey", hotkey_error(key, findings=True))
+        elif key and label_set is not None:
             used = effective_hotkeys(list(label_set.classes.all()))
             if key in used.values():
                 self.add_error("hotkey", f"{key!r} already labels another class of "

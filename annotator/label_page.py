@@ -16,10 +16,12 @@ from annotator.labeling import (
     blind_reason,
     describe_reason,
     peek_after,
+    reasons_for_reader,
     round_progress,
     second_reading,
 )
-from annotator.models import Annotation, LabelClass, Project, Scan
+from annotator.models import VIEWER_KEYS, Annotation, LabelClass, Project, Scan, hotkey_error
+from annotator.selectors import visible_label_names
 from ml_backend.errors import ModelUnavailable, TrainingError
 from ml_backend.models import ModelVersion, Prediction, QueryRound
 from ml_backend.services import embeddings, inference
@@ -27,14 +29,20 @@ from ml_backend.services import embeddings, inference
 logger = logging.getLogger(__name__)
 
 
+def _own_key(c: LabelClass) -> str:
+    """A class's own hotkey, unless the label page binds that key itself (one saved before
+    ``hotkey_error`` checked it): it would answer instead of zooming, comparing, ..."""
+    return c.hotkey.lower() if c.hotkey and not hotkey_error(c.hotkey) else ""
+
+
 def effective_hotkeys(classes: list[LabelClass]) -> dict[int, str]:
     """Each class's key: its own hotkey, else the next free digit 1–9, then 0."""
-    taken = {c.hotkey.lower() for c in classes if c.hotkey}
+    taken = {_own_key(c) for c in classes} - {""}
     free = [d for d in "1234567890" if d not in taken]
     keys = {}
     for c in classes:
-        if c.hotkey:
-            keys[c.pk] = c.hotkey.lower()
+        if _own_key(c):
+            keys[c.pk] = _own_key(c)
         elif free:
             keys[c.pk] = free.pop(0)
     return keys
@@ -76,8 +84,10 @@ def _suggestion(project: Project, scan: Scan, set_classes: list | None = None) -
 
 
 # Keys of a findings set: digits first, then letters the page does not use otherwise
-# (s skip, u unsure, i invert, g Grad-CAM, r reset); 0 means "no finding".
-FINDING_KEYS = "123456789abcdefhjklmnopqtvwxyz"
+# (VIEWER_KEYS: s skip, u unsure, i invert, g Grad-CAM, r reset, n 1:1, c compare, h help);
+# 0 means "no finding".
+FINDING_KEYS = "123456789" + "".join(k for k in "abcdefghijklmnopqrstuvwxyz"
+                                     if k not in VIEWER_KEYS)
 
 
 def finding_hotkeys(findings: list[LabelClass]) -> dict[int, str]:
@@ -110,8 +120,9 @@ def _findings_suggestion(project: Project, scan: Scan, findings: list[LabelClass
     return {"model_version": model.version, "scores": scores}
 
 
-def _similar(scan: Scan, k: int = 6) -> tuple[list[dict], str | None]:
-    """The most similar labeled scans of the scan's label set, and why there are none when
+def _similar(scan: Scan, k: int = 6, user=None) -> tuple[list[dict], str | None]:
+    """The most similar labeled scans of the scan's label set with their labels as ``user``
+    may see them (blind reading: ``selectors.answers_visible``), and why there are none when
     the search failed (no encoder or no embeddings yet is not a failure: an empty list)."""
     try:
         hits = embeddings.similar_scans(scan=scan, k=k, labeled_only=True, same_label_set=True)
@@ -123,13 +134,7 @@ def _similar(scan: Scan, k: int = 6) -> tuple[list[dict], str | None]:
     except (OSError, ValueError) as exc:
         logger.warning("similar scans for scan %s failed: %s", scan.pk, exc)
         return [], f"Similar scans are unavailable: {type(exc).__name__}: {exc}"
-    labels: dict[int, list[str]] = {}
-    for scan_id, name in (Annotation.objects.filter(scan_id__in=[s.pk for s, _ in hits],
-                                                    outcome=Annotation.Outcome.LABEL)
-                          .order_by("-created_at").values_list("scan_id", "label_class__name")):
-        labels.setdefault(scan_id, [])
-        if name not in labels[scan_id]:
-            labels[scan_id].append(name)
+    labels = visible_label_names(scan.project, user, [s.pk for s, _ in hits])
     return [{"scan": s.pk, "similarity": round(score, 3), "labels": labels.get(s.pk, []),
              "preview": reverse("annotator:scan_preview", args=[s.pk])} for s, score in hits
             if not s.quarantined], None
@@ -177,7 +182,7 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
     novelty = embeddings.scan_novelty(scan)
     if suggestion is not None and novelty is not None and novelty["ood"]:
         suggestion["unreliable"] = True
-    similar, similar_error = _similar(scan)
+    similar, similar_error = _similar(scan, user=user)
     if blinded:                      # their labels are other readers' answers
         similar = [{**n, "labels": []} for n in similar]
     gradcam = None
@@ -220,7 +225,9 @@ def label_payload(*, project: Project, scan: Scan, item=None, user=None) -> dict
         "item": None if item is None else {
             "round": item.query_round_id, "rank": item.rank, "score": round(item.score, 4),
             "reason": (blind_reason(describe_reason(item.reason, item.score)) if blinded
-                       else describe_reason(item.reason, item.score))},
+                       else describe_reason(item.reason, item.score) if user is None
+                       else reasons_for_reader(project, user, [
+                           describe_reason(item.reason, item.score)])[0])},
         "suggestion": suggestion,
         "model_error": model_error,
         "novelty": novelty,

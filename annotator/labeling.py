@@ -18,7 +18,12 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from annotator.models import Annotation, LabelClass, Project, Scan, ScanLease
-from annotator.selectors import reader_key, reads_blind
+from annotator.selectors import (
+    eval_answer_refusal,
+    reader_key,
+    reads_blind,
+    visible_label_names,
+)
 from annotator.services import AnnotationError, annotation_create
 from medsite import jsonbody
 from ml_backend.models import ModelVersion, Prediction, QueryItem, QueryRound
@@ -26,8 +31,10 @@ from ml_backend.models import ModelVersion, Prediction, QueryItem, QueryRound
 logger = logging.getLogger(__name__)
 
 REVIEW_STRATEGY = "label_review"
-RESERVED_KEYS = {"s", "u", "i", "g", "r", "+", "-", "=", "?", " "}
 MAX_DURATION_MS = 6 * 60 * 60 * 1000
+# The same answer again by the same reader on the same scan within this time, with no
+# submission id (a double click, a script retrying), is stored once.
+REPEAT_WINDOW = timedelta(minutes=10)
 
 
 # --- rounds and leases -----------------------------------------------------------------
@@ -39,31 +46,77 @@ def current_round(project: Project):
             .order_by("-created_at", "-pk").first())
 
 
+class AnswerRefused(AnnotationError):
+    """The reader may not answer this scan at all (not a mistake in the answer): 403."""
+
+    status = 403
+
+
 def lease_acquire(*, scan: Scan, user) -> bool:
     """Hold ``scan`` for ``user`` for LABEL_LEASE_SECONDS. False if another reader holds it.
 
     A conditional update takes over an expired lease or renews one's own; otherwise the
     unique row is created, and a concurrent creator loses on the constraint. Both are
-    atomic on SQLite and PostgreSQL.
+    atomic on SQLite and PostgreSQL. A reader holds at most LABEL_LEASES_PER_READER scans
+    of a project: taking one releases their oldest beyond that (``_leases_trim``).
     """
     now = timezone.now()
     expires = now + timedelta(seconds=settings.LABEL_LEASE_SECONDS)
-    taken = (ScanLease.objects.filter(scan=scan)
+    taken = (ScanLease.objects.filter(scan_id=scan.pk)
              .filter(Q(user=user) | Q(expires_at__lte=now))
              .update(user=user, expires_at=expires))
-    if taken:
-        return True
-    try:
-        with transaction.atomic():
-            ScanLease.objects.create(project_id=scan.project_id, scan=scan, user=user,
-                                     expires_at=expires)
-    except IntegrityError:
-        return False
+    if not taken:
+        try:
+            with transaction.atomic():
+                # by id: a failed create must not leave this user's unsaved lease cached on
+                # ``scan`` (``scan.lease``) for the caller to read as the holder
+                ScanLease.objects.create(project_id=scan.project_id, scan_id=scan.pk, user=user,
+                                         expires_at=expires)
+        except IntegrityError:
+            return False
+    _leases_trim(project_id=scan.project_id, user=user, keep=scan.pk)
     return True
+
+
+def _leases_trim(*, project_id: int, user, keep: int) -> None:
+    """Release ``user``'s leases in the project beyond LABEL_LEASES_PER_READER, oldest taken
+    first (a lease's expiry is when it was taken or renewed, plus the lease time), never
+    ``keep`` (the scan just taken)."""
+    others = (ScanLease.objects.filter(project_id=project_id, user=user).exclude(scan_id=keep)
+              .order_by("-expires_at", "-pk").values_list("pk", flat=True))
+    beyond = list(others[max(0, settings.LABEL_LEASES_PER_READER - 1):])
+    if beyond:
+        ScanLease.objects.filter(pk__in=beyond).delete()
+
+
+def lease_holder(*, scan: Scan) -> str | None:
+    """Who holds ``scan`` now (their username), read from the database; None when free."""
+    return (ScanLease.objects.filter(scan_id=scan.pk, expires_at__gt=timezone.now())
+            .values_list("user__username", flat=True).first())
 
 
 def lease_release(*, scan: Scan, user) -> None:
     ScanLease.objects.filter(scan=scan, user=user).delete()
+
+
+def nothing_left_words(project: Project, user) -> str:
+    """Why ``lease_next`` found no scan for ``user``: the round's scans left for them are all
+    held by other readers (for now), or there is nothing left to read."""
+    query_round = current_round(project)
+    held = 0
+    if query_round is not None:
+        scan_ids = list(query_round.items.filter(scan__split="pool", scan__quarantined=False)
+                        .values_list("scan_id", flat=True))
+        labeled, mine = _done_for(project, user, scan_ids)
+        held = len(set(_held_by_others(project, user)) & (set(scan_ids) - labeled - mine))
+    if held:
+        minutes = max(1, round(settings.LABEL_LEASE_SECONDS / 60))
+        return (f"No scan is free for you right now: the {held} scan{'s' if held != 1 else ''} "
+                f"left for you in this round {'are' if held != 1 else 'is'} held by other "
+                f"readers ({held} scan{'s' if held != 1 else ''} leased). A lease ends when "
+                f"they answer or after {minutes} minute{'s' if minutes != 1 else ''}: try "
+                "again shortly.")
+    return "No unlabeled scans left for you: every pool scan is labeled or answered by you."
 
 
 def _held_by_others(project: Project, user) -> dict[int, str]:
@@ -108,11 +161,18 @@ def second_reading(project: Project, scan: Scan, user) -> bool:
             .exclude(reader=user).exclude(source=Annotation.Source.IMPORT).exists())
 
 
+def _round_items(query_round):
+    """A round's items in rank order, eval scans left out: eval is never queried, so a scan
+    moved to eval after the round was chosen is not served (nor shown) any more."""
+    return list(query_round.items.filter(scan__split="pool").select_related("scan")
+                .order_by("rank"))
+
+
 def _open_items(project: Project, user):
     query_round = current_round(project)
     if query_round is None:
         return []
-    items = list(query_round.items.select_related("scan").order_by("rank"))
+    items = _round_items(query_round)
     labeled, mine = _done_for(project, user, [i.scan_id for i in items])
     held = _held_by_others(project, user)
     return [i for i in items if i.scan_id not in labeled and i.scan_id not in mine
@@ -185,7 +245,7 @@ def worklist(project: Project, user) -> dict:
     query_round = current_round(project)
     if query_round is None:
         return {"round": None, "rows": [], "progress": None}
-    items = list(query_round.items.select_related("scan").order_by("rank"))
+    items = _round_items(query_round)
     scan_ids = [i.scan_id for i in items]
     answers: dict[int, list[Annotation]] = {}
     for a in (Annotation.objects.filter(scan_id__in=scan_ids)
@@ -229,6 +289,10 @@ def worklist(project: Project, user) -> dict:
                      "readings": len(read_by.get(item.scan_id, ())), "needed": needed,
                      "held_by": held.get(item.scan_id), "prediction": prediction,
                      "reason": reason, "hidden": hidden})
+    if blind:           # the nearest labeled scans' labels: only answers this reader may see
+        for row, reason in zip(rows, reasons_for_reader(project, user,
+                                                        [r["reason"] for r in rows])):
+            row["reason"] = reason
     return {"round": query_round, "rows": rows, "progress": progress}
 
 
@@ -237,7 +301,8 @@ def round_progress(project: Project, user, query_round, scan_ids: list[int] | No
     """The progress numbers of a round for ``user`` (the worklist's and the label page's),
     from counts alone: the label page asks on every answer."""
     if scan_ids is None:
-        scan_ids = list(QueryItem.objects.filter(query_round_id=query_round.pk)
+        scan_ids = list(QueryItem.objects.filter(query_round_id=query_round.pk,
+                                                 scan__split="pool")
                         .order_by("rank").values_list("scan_id", flat=True))
     needed = max(1, project.readers_per_scan)
     read_by = readings(project, scan_ids) if read_by is None else read_by
@@ -252,6 +317,19 @@ def round_progress(project: Project, user, query_round, scan_ids: list[int] | No
     return {"total": len(scan_ids), "labeled": labeled, "remaining": len(scan_ids) - labeled,
             "yours": mine, "yours_total": counts["yours"], "round_number": query_round.pk,
             "labels_in_project": counts["total"]}
+
+
+def reasons_for_reader(project: Project, user, reasons: list[dict]) -> list[dict]:
+    """``describe_reason`` outputs as ``user`` may see them: for a blind reader each nearest
+    labeled scan keeps only a label from an answer they may see (their own, an import, any on
+    a scan they have answered: ``selectors.answers_visible``), else none. The label stored
+    with the round is whoever's answer was latest then."""
+    if not reads_blind(project, user):
+        return reasons
+    ids = {n["scan"] for r in reasons for n in r.get("neighbours", ())}
+    names = visible_label_names(project, user, ids) if ids else {}
+    return [{**r, "neighbours": [{**n, "label": (names.get(n["scan"]) or [None])[0]}
+                                 for n in r.get("neighbours", ())]} for r in reasons]
 
 
 def blind_reason(reason: dict) -> dict:
@@ -365,11 +443,16 @@ def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[An
     ``data``: ``outcome`` (label / skip / unsure), ``class_id`` for a label, and what the
     reader was shown: ``shown_model_version`` (version name), ``shown_suggestion`` (class
     id), ``shown_confidence``, ``shown_acquisition_score``, ``query_round``, ``duration_ms``;
-    ``submission_id`` makes a double submit or a retried request a no-op.
-    Raises AnnotationError with a message for the reader.
+    ``submission_id`` makes a double submit or a retried request a no-op, and so does the
+    same answer again within REPEAT_WINDOW without one (``_record_once``).
+    Raises AnnotationError with a message for the reader (AnswerRefused, status 403, when
+    they may not answer the scan at all: an eval scan and not a reviewer or admin).
     """
     if scan.project_id != project.pk:
         raise AnnotationError("this scan belongs to another project")
+    refusal = eval_answer_refusal(project, scan, user)
+    if refusal is not None:
+        raise AnswerRefused(refusal)
     outcome = str(data.get("outcome") or Annotation.Outcome.LABEL)
     if outcome == Annotation.Outcome.FINDINGS:
         return _findings_submit(project=project, scan=scan, user=user, data=data)
@@ -428,12 +511,32 @@ def _findings_submit(*, project: Project, scan: Scan, user, data: dict
                             shown_preselected=bool(shown), **common))
 
 
+class _Repeat(Exception):
+    """The answer just made repeats ``previous``: roll it back and return that one."""
+
+    def __init__(self, previous: Annotation):
+        super().__init__(previous.pk)
+        self.previous = previous
+
+
+def _findings_of(annotation: Annotation) -> dict[int, str]:
+    return dict(annotation.findings.values_list("finding_id", "state"))
+
+
+def _same_answer(a: Annotation, b: Annotation) -> bool:
+    """Whether ``b`` says what ``a`` said: outcome, class, findings and note."""
+    return ((a.outcome, a.label_class_id, a.note) == (b.outcome, b.label_class_id, b.note)
+            and (a.outcome != Annotation.Outcome.FINDINGS or _findings_of(a) == _findings_of(b)))
+
+
 def _record_once(*, project: Project, scan: Scan, user, data: dict, create
                  ) -> tuple[Annotation, bool]:
     """What every answer from the label page shares: the model version, round, reading time
     and acquisition score the reader was shown, checked; ``submission_id`` making a replayed
-    or double-submitted request a no-op; the lease released once saved. ``create(**fields)``
-    records the answer itself (a class, or findings)."""
+    or double-submitted request a no-op, and without one, the same answer as the reader's
+    latest on the scan given within REPEAT_WINDOW (a double click, a retried request) stored
+    once, that earlier answer returned; the lease released once saved.
+    ``create(**fields)`` records the answer itself (a class, or findings)."""
     shown_model = None
     if data.get("shown_model_version"):
         shown_model = ModelVersion.objects.filter(
@@ -459,12 +562,26 @@ def _record_once(*, project: Project, scan: Scan, user, data: dict, create
         return existing, False
     try:
         with transaction.atomic():
+            # one answer on a scan at a time (PostgreSQL): two copies of a double submit
+            # cannot both find no earlier answer and both be stored
+            Scan.objects.select_for_update().filter(pk=scan.pk).values_list("pk").first()
+            previous = None if submission else (
+                Annotation.objects.filter(scan=scan, reader=user, source=Annotation.Source.WEB,
+                                          created_at__gte=timezone.now() - REPEAT_WINDOW)
+                .order_by("-created_at", "-pk").first())
             annotation = create(
                 source=Annotation.Source.WEB, duration_ms=duration,
                 shown_model_version=shown_model,
                 shown_acquisition_score=_optional_float(data, "shown_acquisition_score"),
                 query_round=query_round, external_id=submission,
                 note=str(data.get("note") or "")[:2000])
+            if previous is not None and _same_answer(previous, annotation):
+                # made and compared as stored (a findings answer's states), then undone:
+                # its refit trigger and audit row go with the rolled-back transaction
+                raise _Repeat(previous)
+    except _Repeat as repeat:
+        lease_release(scan=scan, user=user)
+        return repeat.previous, False
     except IntegrityError:       # the same submission saved by a concurrent request
         existing = replayed()
         if existing is None:

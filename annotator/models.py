@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
@@ -372,6 +373,35 @@ class Scan(models.Model):
         return self.annotations.filter(outcome=Annotation.Outcome.LABEL).exists()
 
 
+# Keys the label page binds itself (annotator/static/annotator/label.js): it looks a class's
+# key up before its own, so a class on one of these would save a label instead.
+VIEWER_KEYS = {
+    "s": "skip", "u": "unsure", "i": "invert", "g": "the Grad-CAM heat map",
+    "r": "reset the view", "n": "1:1 zoom", "c": "compare with similar scans", "h": "help",
+    "?": "help", "+": "zoom in", "=": "zoom in", "-": "zoom out", " ": "press a button",
+}
+# ... and in a findings set (several findings per scan), 0 answers "no finding".
+FINDINGS_SET_KEYS = {"0": "no finding"}
+
+
+def hotkey_error(key: str, *, findings: bool = False) -> str | None:
+    """Why ``key`` cannot be a class's hotkey (None when it can): one ASCII letter or digit
+    that the label page does not use itself. ``findings``: the class is a finding of a
+    findings set, where 0 means "no finding"."""
+    key = (key or "").lower()
+    if not key:
+        return None
+    if key in VIEWER_KEYS:
+        return (f"{key!r} is the label page's key for {VIEWER_KEYS[key]}: choose another "
+                "letter or digit.")
+    if findings and key in FINDINGS_SET_KEYS:
+        return (f"{key!r} answers {FINDINGS_SET_KEYS[key]!r} on a findings set's label page: "
+                "choose another letter or digit.")
+    if len(key) != 1 or not (key.isascii() and key.isalnum()):
+        return f"{key!r} is not a key to press: use one letter a-z or digit 0-9."
+    return None
+
+
 class LabelClass(models.Model):
     """A finding / anomaly type in a project; may be added at any time."""
 
@@ -397,6 +427,15 @@ class LabelClass(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self):
+        """The hotkey is one the label page leaves free (the admin; the class form checks the
+        same with ``hotkey_error``)."""
+        self.hotkey = (self.hotkey or "").lower()
+        problem = hotkey_error(self.hotkey, findings=self.label_set_id is not None
+                               and self.label_set.is_multi)
+        if problem:
+            raise ValidationError({"hotkey": problem})
 
     def save(self, *args, **kwargs):
         if self.label_set_id is None:  # the project's first set (made if it has none)

@@ -59,12 +59,48 @@ def import_job_get_for_user(user, job_id: int) -> ImportJob:
     return job
 
 
+def latest_of_each_reader(answers: QuerySet[Annotation]) -> QuerySet[Annotation]:
+    """``answers`` less those that a newer answer with the same outcome by the same reader on
+    the same scan replaces: each reader's latest vote, as training counts them (an
+    adjudication apart from the readings; an answer with no reader, an import, counts alone)."""
+    newer = (Annotation.objects.filter(scan=OuterRef("scan"), reader=OuterRef("reader"),
+                                       outcome=OuterRef("outcome"))
+             .filter(Q(created_at__gt=OuterRef("created_at"))
+                     | Q(created_at=OuterRef("created_at"), pk__gt=OuterRef("pk"))))
+    adjudication = Annotation.Source.ADJUDICATION
+    return answers.filter(
+        (Q(source=adjudication) & ~Q(Exists(newer.filter(source=adjudication))))
+        | (~Q(source=adjudication) & ~Q(Exists(newer.exclude(source=adjudication)))))
+
+
 def label_class_counts(project: Project) -> QuerySet[LabelClass]:
+    """The project's classes with ``labels`` (and, for findings, ``present``): each reader's
+    latest answer on a scan counted once, so a double submit or a changed mind is not
+    counted twice."""
+    labels = latest_of_each_reader(Annotation.objects.filter(
+        project=project, outcome=Annotation.Outcome.LABEL))
+    findings = latest_of_each_reader(Annotation.objects.filter(
+        project=project, outcome=Annotation.Outcome.FINDINGS))
     return project.label_classes.annotate(
-        labels=Count("annotations", filter=Q(annotations__outcome=Annotation.Outcome.LABEL),
+        labels=Count("annotations", filter=Q(annotations__in=labels.values("pk")),
                      distinct=True),
-        present=Count("answers", filter=Q(answers__state="present"), distinct=True),
+        present=Count("answers", filter=Q(answers__state="present",
+                                          answers__annotation__in=findings.values("pk")),
+                      distinct=True),
     )
+
+
+def class_examples(project: Project, label_class: LabelClass, user) -> QuerySet[Scan]:
+    """The scans read as ``label_class`` (a finding: read with it present) in answers
+    ``user`` may see (``answers_visible``), newest scan first: the class page's examples."""
+    if label_class.label_set.is_multi:
+        answers = Annotation.objects.filter(findings__finding=label_class,
+                                            findings__state=FindingAnswer.State.PRESENT)
+    else:
+        answers = Annotation.objects.filter(label_class=label_class,
+                                            outcome=Annotation.Outcome.LABEL)
+    answers = answers_visible(project, user, answers.filter(project=project))
+    return Scan.objects.filter(pk__in=answers.values("scan_id")).order_by("-pk")
 
 
 BLIND_DOWNLOAD = ("Blind reading: this project hides other readers' answers from its readers, "
@@ -90,12 +126,61 @@ def answers_visible(project: Project, user, answers: QuerySet[Annotation]) -> Qu
                           | Q(Exists(answered)))
 
 
+def visible_label_names(project: Project, user, scan_ids) -> dict[int, list[str]]:
+    """``{scan id: [class name, ...]}``: each scan's labels, newest first and each once, from
+    the answers ``user`` may see (``answers_visible``; ``user`` None: every answer)."""
+    answers = Annotation.objects.filter(scan_id__in=list(scan_ids),
+                                        outcome=Annotation.Outcome.LABEL)
+    if user is not None:
+        answers = answers_visible(project, user, answers)
+    names: dict[int, list[str]] = {}
+    for scan_id, name in answers.order_by("-created_at", "-pk").values_list(
+            "scan_id", "label_class__name"):
+        shown = names.setdefault(scan_id, [])
+        if name not in shown:
+            shown.append(name)
+    return names
+
+
 def hidden_answers_count(project: Project, user, scan: Scan) -> int:
     """How many of ``scan``'s answers blind reading hides from ``user`` (0 for most)."""
     if not reads_blind(project, user):
         return 0
     everything = Annotation.objects.filter(scan=scan)
     return everything.count() - answers_visible(project, user, everything).count()
+
+
+EVAL_ROLES = (Membership.Role.REVIEWER, Membership.Role.ADMIN)
+EVAL_ANSWER_REFUSED = ("Scan {scan} is in the evaluation split: its labels are the fixed test "
+                       "set every model is scored on (labeled once, never queried), so only "
+                       "the project's reviewers and admins may read it here. Nothing was "
+                       "saved.")
+EVAL_UPLOAD_REFUSED = ("Only the project's reviewers and admins add scans to the evaluation "
+                       "split (eval or an automatic split): its labels are the fixed test set "
+                       "every model is scored on. Upload into the pool instead.")
+
+
+def may_change_eval(project: Project, user) -> bool:
+    """Whether ``user`` may label eval scans or add scans to eval: the project's reviewers
+    and admins (eval is labeled once, at import or by them; readers' answers would move the
+    scores every model is compared on)."""
+    return project.role_of(user) in EVAL_ROLES
+
+
+def eval_answer_refusal(project: Project, scan: Scan, user) -> str | None:
+    """Why ``user`` may not read or answer ``scan`` on the label page (an eval scan and not a
+    reviewer or admin), or None."""
+    if scan.split == "eval" and not may_change_eval(project, user):
+        return EVAL_ANSWER_REFUSED.format(scan=scan.pk)
+    return None
+
+
+def eval_upload_refusal(project: Project, user, split: str) -> str | None:
+    """Why ``user`` may not upload into ``split`` (eval, or ``auto:F``, which sends some
+    patients to eval), or None."""
+    if split != "pool" and not may_change_eval(project, user):
+        return EVAL_UPLOAD_REFUSED
+    return None
 
 
 def _unread_second_reading(user, scan=OuterRef("scan")) -> Q:

@@ -248,16 +248,39 @@ MODALITY_CHOICES = [("", "— from the files (DICOM) —"), ("CR", "CR: computed
                     ("OT", "OT: other")]
 
 
+class DatasetMismatch(ImportRequestError):
+    """An import names an existing dataset with another modality or body part than the
+    dataset's; ``str(exc)`` names the dataset's values, ``fields`` the fields that differ."""
+
+    def __init__(self, message: str, fields: list[str]):
+        super().__init__(message)
+        self.fields = fields
+
+
 def dataset_acquisition_set(*, project: Project, name: str, modality: str = "",
                             body_part: str = "") -> Dataset:
     """The modality and body part of a dataset's scans, for files that do not say (PNG,
-    JPEG, TIFF): its scans get them at import when their own header has none."""
+    JPEG, TIFF): its scans get them at import when their own header has none.
+
+    An empty value keeps the dataset's, and a dataset without one gets the given value; an
+    existing dataset's value is never replaced by another (that would give its later imports
+    another anatomy's classes): DatasetMismatch says what the dataset holds. An admin changes
+    a dataset in the admin."""
     modality = " ".join((modality or "").split()).upper()[:16]
     body_part = " ".join((body_part or "").split()).upper()[:64]
     dataset = dataset_get_or_create(project=project, name=name, modality=modality,
                                     body_part=body_part)
-    changed = {k: v for k, v in (("modality", modality), ("body_part", body_part))
-               if v and getattr(dataset, k) != v}
+    given = (("modality", modality), ("body_part", body_part))
+    differ = [k for k, v in given if v and getattr(dataset, k) and getattr(dataset, k) != v]
+    if differ:
+        held = ", ".join(f"{k.replace('_', ' ')} {getattr(dataset, k) or '(none)'}"
+                         for k, _ in given)
+        asked = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in given if v)
+        raise DatasetMismatch(
+            f"the dataset {dataset.name!r} holds scans of {held}, not {asked}: leave modality "
+            "and body part empty to keep the dataset's, or name another dataset (an admin can "
+            "change a dataset's values)", differ)
+    changed = {k: v for k, v in given if v and getattr(dataset, k) != v}
     if changed:
         Dataset.objects.filter(pk=dataset.pk).update(**changed)
         for key, value in changed.items():
@@ -1061,6 +1084,7 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
     created_files: list[str] = []
     data: bytes | None = None
     sha: str | None = None
+    ref: str | None = None     # named while the raw bytes are at hand (they go after decoding)
     try:
         try:
             data = item.load()
@@ -1185,11 +1209,12 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
         state.duplicates += 1
     except (ScanDecodeError, ValueError) as exc:
         state.failed += 1
-        state.errors.append({"name": _file_ref(number, item, data, sha), "reason": str(exc)})
+        state.errors.append({"name": ref or _file_ref(number, item, data, sha),
+                             "reason": str(exc)})
     except Exception as exc:  # one bad file never aborts the batch
         logger.warning("import of one file failed: %s", type(exc).__name__)
         state.failed += 1
-        state.errors.append({"name": _file_ref(number, item, data, sha),
+        state.errors.append({"name": ref or _file_ref(number, item, data, sha),
                              "reason": f"unexpected error ({type(exc).__name__})"})
     finally:
         for name in created_files:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,78 @@ def stage_uploads(uploads: list[UploadedFile]) -> Path:
             for chunk in upload.chunks():
                 handle.write(chunk)
     return folder
+
+
+# --- the classify page's upload, kept for "add it to the pool" ----------------------------
+
+CLASSIFY_STAGING_HOURS = 6
+
+
+class StagingRefused(Exception):
+    """The classified upload cannot be kept for adding; ``str(exc)`` says why."""
+
+
+def classify_staging_dir() -> Path:
+    return Path(settings.INCOMING_ROOT) / "classify"
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:        # another request removed it just now
+            pass
+    return total
+
+
+def classify_stage(upload: UploadedFile, *, user_id: int, project_id: int) -> str:
+    """Keep a classified upload (it may hold PHI until imported) so the classify page can add
+    it to the pool; returns its token, the folder's name under ``classify_staging_dir``.
+
+    One folder per user and project: classifying again removes the user's earlier ones (the
+    session keeps only the newest token, the one ``classify_add`` accepts). Folders older
+    than CLASSIFY_STAGING_HOURS go, and the oldest others while all kept uploads would pass
+    CLASSIFY_STAGING_MAX_BYTES. Raises StagingRefused when this upload alone is larger."""
+    cap = settings.CLASSIFY_STAGING_MAX_BYTES
+    if upload.size > cap:
+        raise StagingRefused(
+            f"it is {upload.size / 1024 / 1024:.1f} MB and the classify page keeps at most "
+            f"{cap / 1024 / 1024:.0f} MB of uploads waiting to be added: import it on the "
+            "upload page instead")
+    root = classify_staging_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    mine = f"u{user_id}-p{project_id}-"
+    cutoff = time.time() - CLASSIFY_STAGING_HOURS * 3600
+    kept = []
+    for folder in root.iterdir():
+        try:
+            modified = folder.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if not folder.is_dir():
+            continue
+        if folder.name.startswith(mine) or modified < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            kept.append((modified, folder.name, _folder_bytes(folder)))
+    total = sum(size for _, _, size in kept)
+    for _, name, size in sorted(kept):                    # the oldest first
+        if total + upload.size <= cap:
+            break
+        shutil.rmtree(root / name, ignore_errors=True)
+        total -= size
+    staged = stage_uploads([upload])
+    target = root / f"{mine}{staged.name}"
+    staged.rename(target)
+    return target.name
+
+
+def classify_staged(token: str) -> Path | None:
+    """The folder of a token ``classify_stage`` returned (the caller checked it is the
+    session's), or None when it is gone (expired, or replaced by a newer upload)."""
+    folder = classify_staging_dir() / token
+    return folder if token and "/" not in token and folder.is_dir() else None
 
 
 def upload_import_start(*, project, user, cleaned: dict) -> tuple[object | None, list[Rejection]]:

@@ -5,21 +5,23 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
-from annotator import labeling, selectors
+from annotator import labeling, selectors, services
 from annotator.forms import UploadForm
 from annotator.storage import media_path
 from annotator.uploads import Rejection, upload_import_start
 
 
 @login_required
+@require_safe
 def project_list(request):
     projects = selectors.project_list_for_user(request.user)
     return render(request, "annotator/project_list.html", {"projects": projects})
 
 
 @login_required
+@require_safe
 def project_detail(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id)
     split = request.GET.get("split") or None
@@ -61,6 +63,7 @@ def project_detail(request, project_id: int):
 
 
 @login_required
+@require_safe
 def project_jobs(request, project_id: int):
     """Background work of a project (pretrain, embed, refit, retrain, imports) with progress,
     for the project page's live panel."""
@@ -80,6 +83,7 @@ def project_jobs(request, project_id: int):
 
 
 @login_required
+@require_safe
 def scan_detail(request, scan_id: int):
     scan = selectors.scan_get_for_user(request.user, scan_id)
     # a blind reader sees other readers' answers once they have answered the scan themselves
@@ -91,6 +95,7 @@ def scan_detail(request, scan_id: int):
 
 
 @login_required
+@require_safe
 def scan_preview(request, scan_id: int):
     scan = selectors.scan_get_for_user(request.user, scan_id)
     try:
@@ -103,24 +108,36 @@ def scan_preview(request, scan_id: int):
 
 
 @login_required
-@require_http_methods(["GET", "POST"])
+@require_http_methods(["GET", "HEAD", "POST"])
 def upload(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id)
     classes = list(project.label_classes.all())
-    if request.method == "GET":
+    if request.method != "POST":         # GET, HEAD
         form = UploadForm(label_classes=classes)
         return render(request, "annotator/upload.html", {"project": project, "form": form})
 
     form = UploadForm(request.POST, request.FILES, label_classes=classes)
     rejected: list[Rejection] = []
+    refusal = form.is_valid() and selectors.eval_upload_refusal(
+        project, request.user, form.cleaned_data["split"])
+    if refusal:                         # eval: the project's reviewers and admins only
+        form.add_error("split", refusal)
+        return render(request, "annotator/upload.html", {"project": project, "form": form},
+                      status=403)
     if form.is_valid():
-        job, rejected = upload_import_start(project=project, user=request.user,
-                                            cleaned=form.cleaned_data)
+        try:
+            job, rejected = upload_import_start(project=project, user=request.user,
+                                                cleaned=form.cleaned_data)
+        except services.DatasetMismatch as exc:      # nothing kept, the dataset unchanged
+            reason = str(exc)
+            form.add_error("dataset", reason[0].upper() + reason[1:] + ".")
+            job = None
         if job is not None:
             for item in rejected:
                 messages.error(request, f"{item.name}: {item.reason}")
             return redirect(job)
-        form.add_error("files", "None of the files can be imported.")
+        if not form.has_error("dataset"):
+            form.add_error("files", "None of the files can be imported.")
     status = 400
     return render(
         request,
@@ -131,6 +148,7 @@ def upload(request, project_id: int):
 
 
 @login_required
+@require_safe
 def import_job_detail(request, job_id: int):
     job = selectors.import_job_get_for_user(request.user, job_id)
     return render(request, "annotator/import_job.html", {"job": job, "project": job.project})

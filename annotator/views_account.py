@@ -11,7 +11,7 @@ from annotator import selectors
 
 
 @login_required
-@require_http_methods(["GET", "POST"])
+@require_http_methods(["GET", "HEAD", "POST"])
 def account(request):
     """GET: the page. POST ``action=token``: make a token (or replace the one there is: the old
     one stops working at once); ``action=revoke``: delete it."""

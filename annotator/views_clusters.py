@@ -15,6 +15,7 @@ import logging
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
 from django.shortcuts import render
+from django.views.decorators.http import require_safe
 
 from annotator import selectors
 from ml_backend import charts
@@ -44,6 +45,7 @@ def _options(request, project) -> tuple[int, object]:
 
 
 @login_required
+@require_safe
 def clusters(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id)
     k, label_set = _options(request, project)

@@ -11,24 +11,32 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from annotator import label_page as page_content
 from annotator import labeling, selectors, services, storage
+from annotator.auth import login_required_json
 from annotator.forms import ClassifyForm, LabelClassForm
 from annotator.models import Annotation, LabelClass, Scan
 from annotator.status import model_status
 from annotator.tasks import run_import_job
-from annotator.uploads import check_upload, safe_name, shown_file_name, stage_uploads
+from annotator.uploads import (
+    StagingRefused,
+    check_upload,
+    classify_stage,
+    classify_staged,
+    safe_name,
+    shown_file_name,
+)
 from medsite import jsonbody
 from ml_backend.data.decode import ScanDecodeError, decode_scan, render_preview
 from ml_backend.errors import TrainingError
 
-CLASSIFY_STAGING_HOURS = 6
 
 
 @login_required
@@ -46,8 +54,7 @@ def next_scan(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id)
     found = labeling.lease_next_or_new_round(project=project, user=request.user)
     if found is None:
-        messages.info(request, "No unlabeled scans left for you: every pool scan is labeled "
-                               "or held by another reader.")
+        messages.info(request, labeling.nothing_left_words(project, request.user))
         return redirect("annotator:worklist", project.pk)
     scan, _item, new_round = found
     if new_round:
@@ -89,15 +96,20 @@ def _item_for(project, scan):
     return query_round.items.filter(scan=scan).first()
 
 
-@login_required
+@login_required_json
 @require_GET
 def label_page(request, project_id: int, scan_id: int):
     project = selectors.project_get_for_user(request.user, project_id)
     scan = _scan_in_project(project, scan_id)
+    refusal = selectors.eval_answer_refusal(project, scan, request.user)
+    if refusal is not None:
+        if request.GET.get("format") == "json":
+            return JsonResponse({"error": refusal}, status=403)
+        raise PermissionDenied(refusal)
     item = _item_for(project, scan)
     held_by = None
     if not labeling.lease_acquire(scan=scan, user=request.user):
-        held_by = scan.lease.user.get_username()
+        held_by = labeling.lease_holder(scan=scan)
     payload = page_content.label_payload(project=project, scan=scan, item=item, user=request.user)
     payload["held_by"] = held_by
     if request.GET.get("format") == "json":
@@ -108,7 +120,7 @@ def label_page(request, project_id: int, scan_id: int):
     })
 
 
-@login_required
+@login_required_json
 @require_POST
 def answer(request, project_id: int, scan_id: int):
     """Record an answer (JSON body or form fields) and return the next scan's payload."""
@@ -129,8 +141,8 @@ def answer(request, project_id: int, scan_id: int):
     try:
         annotation, created = labeling.answer_submit(project=project, scan=scan,
                                                      user=request.user, data=data)
-    except services.AnnotationError as exc:
-        return JsonResponse({"error": str(exc)}, status=400)
+    except services.AnnotationError as exc:       # AnswerRefused: 403
+        return JsonResponse({"error": str(exc)}, status=getattr(exc, "status", 400))
     project.refresh_from_db()
     found = labeling.lease_next_or_new_round(project=project, user=request.user)
     next_payload, new_round = None, False
@@ -138,6 +150,8 @@ def answer(request, project_id: int, scan_id: int):
         next_scan_obj, item, new_round = found
         next_payload = page_content.label_payload(project=project, scan=next_scan_obj, item=item,
                                               user=request.user)
+    else:                 # the page goes to the worklist, which says why
+        messages.info(request, labeling.nothing_left_words(project, request.user))
     status = model_status(project)
     return JsonResponse({
         "saved": {"id": annotation.pk, "created": created, "outcome": annotation.outcome,
@@ -153,7 +167,7 @@ def answer(request, project_id: int, scan_id: int):
     }, status=201 if created else 200)
 
 
-@login_required
+@login_required_json
 @require_POST
 def answer_undo(request, project_id: int, annotation_id: int):
     """Take back the reader's last answer; the page then shows that scan again."""
@@ -252,6 +266,7 @@ def gradcam(request, scan_id: int):
 
 
 @login_required
+@require_http_methods(["GET", "HEAD", "POST"])
 def class_create(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id)
     if not labeling.can_add_classes(project, request.user):
@@ -281,19 +296,18 @@ def class_detail(request, project_id: int, class_id: int):
     label_class = LabelClass.objects.filter(project=project, pk=class_id).first()
     if label_class is None:
         raise Http404("No such class in this project.")
-    if label_class.label_set.is_multi:     # a finding: the scans read with it present
-        examples = list(Scan.objects.filter(annotations__findings__finding=label_class,
-                                            annotations__findings__state="present")
-                        .distinct().order_by("-pk")[:24])
-    else:
-        examples = list(Scan.objects.filter(annotations__label_class=label_class,
-                                            annotations__outcome=Annotation.Outcome.LABEL)
-                        .distinct().order_by("-pk")[:24])
+    # the scans read as this class in answers the user may see (blind reading)
+    visible = selectors.class_examples(project, label_class, request.user)
+    examples = list(visible[:24])
     candidates, error = {"neighbours": [], "novel": [], "propagated": []}, None
     try:
         candidates = ml.class_candidates(label_class=label_class, k=12)
     except (TrainingError, OSError) as exc:
         error = str(exc)
+    if selectors.reads_blind(project, request.user):    # "like #245": an example of theirs?
+        seen = set(visible.values_list("pk", flat=True))
+        candidates["neighbours"] = [c if c.get("like") in seen else {**c, "like": None}
+                                    for c in candidates["neighbours"]]
     return render(request, "annotator/class_detail.html", {
         "project": project, "label_class": label_class, "examples": examples,
         "neighbours": candidates["neighbours"], "novel": candidates["novel"],
@@ -301,7 +315,7 @@ def class_detail(request, project_id: int, class_id: int):
     })
 
 
-@login_required
+@login_required_json
 @require_POST
 def class_confirm(request, project_id: int, class_id: int):
     """Confirm a candidate: a label of this class by this reader (JSON in, JSON out)."""
@@ -323,29 +337,16 @@ def class_confirm(request, project_id: int, class_id: int):
         annotation, created = labeling.answer_submit(
             project=project, scan=scan, user=request.user,
             data={**data, "submission_id": request.POST.get("submission_id", "")})
-    except services.AnnotationError as exc:
-        return JsonResponse({"error": str(exc)}, status=400)
+    except services.AnnotationError as exc:       # AnswerRefused: 403
+        return JsonResponse({"error": str(exc)}, status=getattr(exc, "status", 400))
     return JsonResponse({"saved": annotation.pk, "created": created}, status=201 if created else 200)
 
 
 # --- classify an uploaded scan -----------------------------------------------------------
 
 
-def _classify_dir() -> Path:
-    return Path(settings.INCOMING_ROOT) / "classify"
-
-
-def _clean_old_staging() -> None:
-    root = _classify_dir()
-    if not root.is_dir():
-        return
-    cutoff = time.time() - CLASSIFY_STAGING_HOURS * 3600
-    for folder in root.iterdir():
-        if folder.is_dir() and folder.stat().st_mtime < cutoff:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 @login_required
+@require_http_methods(["GET", "HEAD", "POST"])
 def classify(request, project_id: int):
     from ml_backend import services as ml
 
@@ -380,19 +381,25 @@ def classify(request, project_id: int):
     except TrainingError as exc:
         form.add_error(None, str(exc))
         return render(request, "annotator/classify.html", context, status=409)
-    # Keep the original for "add to the pool" (import de-identifies it then); expires.
-    _clean_old_staging()
-    upload.seek(0)
-    folder = stage_uploads([upload])
-    target = _classify_dir() / folder.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    folder.rename(target)
-    request.session[f"classify-{project.pk}"] = target.name
+    # the similar labeled scans, with the labels this reader may see (blind reading hides
+    # other readers' answers on scans they have not read: such a scan is left out)
+    visible = selectors.visible_label_names(project, request.user,
+                                            [s["scan"].pk for s in result["similar"]])
+    result["similar"] = [{**s, "label": visible[s["scan"].pk][0]} for s in result["similar"]
+                         if visible.get(s["scan"].pk)]
+    # Keep the original for "add to the pool" (import de-identifies it then): one per user
+    # and project, expires, a cap on all kept.
+    try:
+        token = classify_stage(upload, user_id=request.user.pk, project_id=project.pk)
+    except StagingRefused as exc:
+        token = None
+        context["not_kept"] = f"This scan cannot be added to the pool from here: {exc}."
+    request.session[f"classify-{project.pk}"] = token
     context.update({
         "result": result, "file_name": shown_name,
         "preview_b64": base64.b64encode(preview).decode(),
         "overlay_b64": base64.b64encode(result["overlay_png"]).decode(),
-        "warnings": decoded.warnings, "token": target.name,
+        "warnings": decoded.warnings, "token": token,
         "datasets": project.datasets.all(),
     })
     return render(request, "annotator/classify.html", context)
@@ -407,9 +414,10 @@ def classify_add(request, project_id: int):
     if not token or request.session.get(f"classify-{project.pk}") != token:
         messages.error(request, "That upload is no longer available: classify it again.")
         return redirect("annotator:classify", project.pk)
-    folder = _classify_dir() / token
-    if not folder.is_dir():
-        messages.error(request, "That upload expired: classify it again.")
+    folder = classify_staged(token)
+    if folder is None:
+        messages.error(request, "That upload is no longer kept (it expired, or you classified "
+                                "another scan since): classify it again.")
         return redirect("annotator:classify", project.pk)
     staged = Path(settings.INCOMING_ROOT) / f"add-{token}"
     folder.rename(staged)

@@ -21,7 +21,7 @@ import numpy as np
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
 from django.shortcuts import render
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 from annotator import selectors
 from annotator.models import LabelClass, Project
@@ -46,6 +46,7 @@ MAX_MAP_POINTS = 5000
 
 
 @login_required
+@require_safe
 def reports(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id)
     model = _selected_model(project, request.GET.get("model"))
@@ -56,6 +57,7 @@ def reports(request, project_id: int):
 
 
 @login_required
+@require_safe
 def chart(request, project_id: int, name: str):
     project = selectors.project_get_for_user(request.user, project_id)
     if name not in CHARTS and name != FINDING_CHART:
@@ -365,7 +367,7 @@ def _findings_sections(project: Project, model: ModelVersion | None) -> list[dic
 
 
 @login_required
-@require_GET
+@require_safe
 def export_labels(request, project_id: int):
     """The labels as a download: ``?format=csv|jsonl&split=all|pool|eval&adjudicated=1``
     (the `export_labels` command also writes an image folder)."""

@@ -11,7 +11,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from annotator import review as reviews
 from annotator import selectors
@@ -22,13 +22,18 @@ from annotator.services import AnnotationError
 REVIEW_ROLES = ("reviewer",)
 
 
+NOTE_MAX_CHARS = 2000
+
+
 class AdjudicationForm(forms.Form):
     label_class = forms.IntegerField(min_value=1)
-    note = forms.CharField(required=False, max_length=2000)
+    note = forms.CharField(required=False, max_length=NOTE_MAX_CHARS, error_messages={
+        "max_length": f"the note is too long: %(show_value)s characters, the limit is "
+                      f"{NOTE_MAX_CHARS:,}"})
 
 
 @login_required
-@require_GET
+@require_safe
 def review(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id, roles=REVIEW_ROLES)
     return render(request, "annotator/review.html", {
@@ -63,6 +68,10 @@ def adjudicate(request, project_id: int, scan_id: int):
         raise Http404("No such scan in this project.")
     form = AdjudicationForm(request.POST)
     label_class = None
+    if "note" in form.errors:            # the class may be fine: say what is wrong
+        messages.error(request, f"Scan {scan.pk} was not adjudicated: "
+                                f"{' '.join(form.errors['note'])}.")
+        return redirect("annotator:review", project.pk)
     if form.is_valid():
         label_class = LabelClass.objects.filter(pk=form.cleaned_data["label_class"]).first()
     if label_class is None:
@@ -104,7 +113,7 @@ def run_quality_check(request, project_id: int):
 
 
 @login_required
-@require_GET
+@require_safe
 def readers(request, project_id: int):
     """The project admin's per-reader dashboard."""
     project = selectors.project_get_for_user(request.user, project_id, roles=())

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from django.contrib.auth.decorators import login_required
 from django.http import JsonResponse
 from django.views.decorators.http import require_GET
 
 from annotator import selectors
+from annotator.auth import login_required_json
 from annotator.status import model_status as project_model_status
 
 
-@login_required
+@login_required_json
 @require_GET
 def model_status(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id)

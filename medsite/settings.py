@@ -131,6 +131,9 @@ LOGOUT_REDIRECT_URL = "login"
 IMPORT_MAX_PIXELS = env_int("IMPORT_MAX_PIXELS", 64_000_000, minimum=1)
 # How long a scan served to one reader is held back from the others (seconds).
 LABEL_LEASE_SECONDS = env_int("LABEL_LEASE_SECONDS", 300, minimum=10)
+# How many scans one reader may hold at once in a project (the scan on screen, a second tab):
+# taking another releases their oldest, so a script or link prefetch cannot lock others out.
+LABEL_LEASES_PER_READER = env_int("LABEL_LEASES_PER_READER", 2, minimum=1)
 # A refit still queued after this long was never picked up (its server stopped): abandoned.
 REFIT_QUEUED_STALE = timedelta(minutes=env_int("REFIT_QUEUED_STALE_MINUTES", 15, minimum=1))
 # An import of more files than this is split into chunks of this many that Celery workers
@@ -152,6 +155,10 @@ UPLOAD_MAX_FILES = env_int("UPLOAD_MAX_FILES", 500, minimum=1)
 PREVIEW_MAX_SIDE = env_int("PREVIEW_MAX_SIDE", 1024, minimum=32)
 # A single image decoded inside a web request (the classify page): a smaller budget than imports.
 CLASSIFY_MAX_PIXELS = env_int("CLASSIFY_MAX_PIXELS", 16_000_000, minimum=1)
+# The classify page keeps each upload for "add it to the pool" (one per user and project, 6 h);
+# all kept together stay under this many bytes, the oldest dropped first.
+CLASSIFY_STAGING_MAX_BYTES = env_int("CLASSIFY_STAGING_MAX_BYTES", 1024 * 1024 * 1024,
+                                     minimum=1)
 DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES
 FILE_UPLOAD_TEMP_DIR = None  # Django's default temp dir; files are moved to INCOMING_ROOT.
 

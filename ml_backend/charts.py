@@ -21,6 +21,7 @@ __all__ = [
     "confusion_matrix_png",
     "embedding_map_png",
     "learning_curve_png",
+    "literal",
     "pca_2d",
     "per_site_png",
     "reliability_png",
@@ -53,6 +54,26 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def literal(text: object) -> str:
+    """``text`` escaped so matplotlib draws it as typed: every ``$`` becomes ``\\$``.
+
+    Matplotlib reads a string with an even number of unescaped ``$`` as mathtext, so a class,
+    data set or finding name such as ``T$_{1$ weighted`` would be set as maths or fail to
+    parse (the chart could not be drawn). With every ``$`` escaped no string is mathtext:
+    matplotlib unescapes the ``\\$`` and draws ``_``, ``^``, ``{`` and ``\\`` as they are.
+    Every user-supplied text on a chart (titles, tick labels, legend entries) goes through
+    here.
+    """
+    return str(text).replace("$", r"\$")
+
+
+def _legend(ax, handles: list, labels: list[str], **kwargs) -> None:
+    """A legend from explicit handles and labels: matplotlib drops automatic entries whose
+    label starts with ``_``, which a class name may."""
+    if handles:
+        ax.legend(handles, [literal(label) for label in labels], **kwargs)
+
+
 def _finite(value) -> float:
     return float("nan") if value is None else float(value)
 
@@ -64,7 +85,7 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], class_names: Sequence[
     """Counts with rows = truth and columns = prediction; cells shaded by the row fraction
     (recall) so small classes stay readable, each cell annotated with its count."""
     counts = np.asarray(matrix, dtype=np.int64)
-    names = [str(n) for n in class_names]
+    names = [literal(n) for n in class_names]
     k = len(names)
     if counts.shape != (k, k):
         raise ValueError(f"confusion matrix must be {k}x{k} for {k} class names, "
@@ -126,7 +147,7 @@ def learning_curve_png(points: Sequence[Mapping], *, highlight: str | None = Non
                linewidths=1.4, label="not promoted")
     if highlight is not None:
         ax.scatter([], [], facecolors="none", edgecolors="#1d2430", s=150, linewidths=1.2,
-                   label=f"selected ({highlight})")
+                   label=literal(f"selected ({highlight})"))
     ax.set_ylim(0.0, 1.05)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(x):
@@ -178,13 +199,13 @@ def reliability_png(bins: Sequence[Mapping], ece: float | None,
                 linewidths=2, zorder=3, label="mean confidence")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
-    top.set_ylabel(y_label)
+    top.set_ylabel(literal(y_label))
     parts = [f"ECE {ece:.3f}" if ece is not None else "ECE —"]
     if ece_before is not None:
         parts.append(f"before scaling {ece_before:.3f}")
     if temperature is not None:
         parts.append(f"T = {temperature:.2f}")
-    top.set_title(f"{title}: " + ", ".join(parts), fontsize=10)
+    top.set_title(literal(f"{title}: " + ", ".join(parts)), fontsize=10)
     top.legend(loc="upper left", fontsize=8)
     top.grid(True, alpha=0.3)
 
@@ -194,7 +215,7 @@ def reliability_png(bins: Sequence[Mapping], ece: float | None,
             bottom.text(c, n, str(n), ha="center", va="bottom", fontsize=7)
     bottom.set_ylim(0, max(1, counts.max(initial=0)) * 1.35)
     bottom.set_ylabel("scans")
-    bottom.set_xlabel(x_label)
+    bottom.set_xlabel(literal(x_label))
     return _png(figure)
 
 
@@ -223,7 +244,8 @@ def per_site_png(groups: Mapping[str, Mapping]) -> bytes:
                     "n/a" if np.isnan(value) else f"{value:.2f}", va="center",
                     ha="left" if np.isnan(value) else "right", fontsize=7,
                     color="#1d2430" if np.isnan(value) else "white")
-    ax.set_yticks(y, [f"{n}\n(n={groups[n].get('n', 0)})" for n in names], fontsize=8)
+    ax.set_yticks(y, [f"{literal(n)}\n(n={groups[n].get('n', 0)})" for n in names],
+                  fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("score on the eval split")
@@ -298,21 +320,23 @@ def embedding_map_png(xy: np.ndarray, labels: Sequence[int], names: Sequence[str
     ax = figure.add_subplot()
     size = 14 if len(points) <= 1000 else 6
     grey = classes == UNLABELED
+    handles, entries = [], []
     if grey.any():
-        ax.scatter(points[grey, 0], points[grey, 1], s=size, color=GREY, alpha=0.5,
-                   linewidths=0, label=f"{unlabeled_name} ({int(grey.sum())})", rasterized=True)
+        handles.append(ax.scatter(points[grey, 0], points[grey, 1], s=size, color=GREY,
+                                  alpha=0.5, linewidths=0, rasterized=True))
+        entries.append(f"{unlabeled_name} ({int(grey.sum())})")
     for index, name in enumerate(names):
         members = classes == index
         if not members.any():
             continue
-        ax.scatter(points[members, 0], points[members, 1], s=size * 1.6,
-                   color=colors[index] if colors else class_color(index), alpha=0.85,
-                   linewidths=0.3, edgecolors="white", label=f"{name} ({int(members.sum())})")
+        handles.append(ax.scatter(points[members, 0], points[members, 1], s=size * 1.6,
+                                  color=colors[index] if colors else class_color(index),
+                                  alpha=0.85, linewidths=0.3, edgecolors="white"))
+        entries.append(f"{name} ({int(members.sum())})")
     ax.set_xlabel("principal component 1")
     ax.set_ylabel("principal component 2")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(literal(title), fontsize=10)
     ax.grid(True, alpha=0.2)
-    if len(points):
-        ax.legend(loc="best", fontsize=7, markerscale=1.5, framealpha=0.85)
+    _legend(ax, handles, entries, loc="best", fontsize=7, markerscale=1.5, framealpha=0.85)
     return _png(figure)
 

@@ -72,6 +72,17 @@ class ClassList(ProjectScoped, generics.ListAPIView):
             "label_set").order_by("label_set__order", "order", "name")
 
 
+def query_flag(query, name: str) -> bool | None:
+    """A true/false query parameter: None when absent or empty; anything else than true or
+    false is refused (a filter that is silently ignored returns what was not asked for)."""
+    value = query.get(name)
+    if not value:
+        return None
+    if value not in ("true", "false"):
+        raise ValidationError({name: f"use true or false, not {value[:40]!r}"})
+    return value == "true"
+
+
 @extend_schema(parameters=[
     OpenApiParameter("split", str, enum=["pool", "eval"]),
     OpenApiParameter("labeled", bool, description="only scans with (true) or without (false) "
@@ -100,12 +111,13 @@ class ScanList(ProjectScoped, generics.ListAPIView):
             scans = scans.filter(dataset__name=query["dataset"])
         if query.get("modality"):
             scans = scans.filter(modality=query["modality"].upper())
-        if query.get("labeled") in ("true", "false"):
-            labeled = Annotation.objects.filter(scan=OuterRef("pk"),
-                                                outcome__in=Annotation.LABELLING)
-            scans = scans.filter(Exists(labeled)) if query["labeled"] == "true" else \
-                scans.exclude(Exists(labeled))
-        if query.get("disagreement") == "true":
+        labeled = query_flag(query, "labeled")
+        if labeled is not None:
+            answered = Annotation.objects.filter(scan=OuterRef("pk"),
+                                                 outcome__in=Annotation.LABELLING)
+            scans = scans.filter(Exists(answered)) if labeled else \
+                scans.exclude(Exists(answered))
+        if query_flag(query, "disagreement"):
             scans = scans.filter(pk__in=self._disagreeing(project))
         return scans.order_by("pk")
 
@@ -199,6 +211,8 @@ class AnnotationList(ProjectScoped, generics.ListCreateAPIView):
         try:
             annotation, created = labeling.answer_submit(project=project, scan=scan,
                                                          user=request.user, data=data)
+        except labeling.AnswerRefused as exc:      # e.g. an eval scan, and not a reviewer
+            raise PermissionDenied(str(exc)) from None
         except services.AnnotationError as exc:
             raise ValidationError({"answer": str(exc)}) from None
         return Response(s.AnnotationSerializer(annotation).data,
@@ -271,7 +285,7 @@ class LabelExport(ProjectScoped, APIView):
         try:
             body, content_type, name = exports.label_download(
                 self.project(), fmt=query.get("format") or "csv", split=query.get("split") or "all",
-                adjudicated_only=query.get("adjudicated") == "true")
+                adjudicated_only=bool(query_flag(query, "adjudicated")))
         except exports.ExportError as exc:
             raise ValidationError({"request": str(exc)}) from None
         response = HttpResponse(body, content_type=content_type)
@@ -307,8 +321,14 @@ class ImportList(ProjectScoped, generics.ListAPIView):
         form = UploadForm(fields, request.FILES, label_classes=list(project.label_classes.all()))
         if not form.is_valid():
             raise ValidationError({k: [str(e) for e in v] for k, v in form.errors.items()})
-        job, rejected = upload_import_start(project=project, user=request.user,
-                                            cleaned=form.cleaned_data)
+        refusal = selectors.eval_upload_refusal(project, request.user, form.cleaned_data["split"])
+        if refusal is not None:
+            raise PermissionDenied(refusal)
+        try:
+            job, rejected = upload_import_start(project=project, user=request.user,
+                                                cleaned=form.cleaned_data)
+        except services.DatasetMismatch as exc:      # nothing kept, the dataset unchanged
+            raise ValidationError({"dataset": [str(exc)]}) from None
         refused = [{"name": r.name, "reason": r.reason} for r in rejected]
         if job is None:
             raise ValidationError({"files": ["none of the files can be imported: " + "; ".join(

@@ -73,7 +73,7 @@ def test_every_change_is_recorded_and_exported(encoded_project, users,
     assert AuditEvent.objects.get(action="class.created", object_id=str(cyst.pk)).actor == users["alice"]
     change = reverse("admin:annotator_labelclass_change", args=[cyst.pk])
     form = {"project": project.pk, "label_set": cyst.label_set_id, "name": "arachnoid cyst",
-            "description": "", "hotkey": "c",
+            "description": "", "hotkey": "y",
             "color": cyst.color, "order": cyst.order}
     assert dora.post(change, form).status_code == 302
     changed = AuditEvent.objects.get(action="class.changed", object_id=str(cyst.pk))

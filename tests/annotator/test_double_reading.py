@@ -220,3 +220,59 @@ def test_a_blind_reader_sees_no_other_answer_or_model_anywhere_until_they_answer
     project.save()
     visible = _readings(erin_web.get(answers_url, {"scan": fresh.pk}))
     assert [a["reader"] for a in visible] == ["alice"]
+
+
+def test_a_blind_reader_sees_no_other_readers_label_on_the_class_page_or_beside_a_scan(
+        read_twice, users, erin, monkeypatch):
+    """Beyond the scan page and the API: the class page's examples, the label page's similar
+    scans and the nearest labeled scans of a worklist reason name other readers' labels only
+    once the blind reader has answered those scans; imported labels, reviewers and admins
+    see them as before."""
+    from django.urls import reverse
+
+    from ml_backend.services import embeddings
+
+    project = read_twice
+    glioma = LabelClass.objects.get(project=project, name="glioma_tumor")
+    items = list(labeling.current_round(project).items.select_related("scan").order_by("rank"))
+    read, fresh = items[0].scan, items[1].scan
+    imported = project.scans.filter(split="eval", annotations__label_class=glioma).first()
+    services.annotation_create(scan=read, reader=users["alice"], label_class=glioma)
+    # the FAISS search is not what is tested: its hits are the read scan and an imported one
+    monkeypatch.setattr(embeddings, "similar_scans",
+                        lambda **kwargs: [(read, 0.93), (imported, 0.91)])
+    # the round says why: the nearest labeled scan, with the label it had then
+    items[1].reason = {"why": "far from labeled scans", "neighbours": [
+        {"scan": read.pk, "label": "glioma_tumor", "similarity": 0.93}]}
+    items[1].save(update_fields=["reason"])
+    class_url = reverse("annotator:class_detail", args=[project.pk, glioma.pk])
+    label_url = reverse("annotator:label", args=[project.pk, fresh.pk]) + "?format=json"
+
+    def seen_by(user) -> dict:
+        web = client_for(user)
+        examples = {s.pk for s in web.get(class_url).context["examples"]}
+        payload = web.get(label_url).json()
+        worklist = {r["scan"].pk: r for r in labeling.worklist(project, user)["rows"]}
+        return {"example": read.pk in examples, "imported": imported.pk in examples,
+                "similar": {n["scan"]: n["labels"] for n in payload["similar"]},
+                "why": [n["label"] for n in payload["item"]["reason"]["neighbours"]],
+                "worklist": [n["label"] for n in worklist[fresh.pk]["reason"]["neighbours"]]}
+
+    erin_sees = seen_by(erin)
+    assert not erin_sees["example"] and erin_sees["imported"]
+    assert erin_sees["similar"] == {read.pk: [], imported.pk: ["glioma_tumor"]}
+    assert erin_sees["why"] == [None] and erin_sees["worklist"] == [None]
+    for who in ("alice", "bob", "dora"):          # the reader herself, the reviewer, the admin
+        sees = seen_by(users[who])
+        assert sees["example"] and sees["imported"] and sees["worklist"] == ["glioma_tumor"]
+        if who == "bob":        # a reviewer reads blind on the label page (as before)
+            assert sees["similar"] == {read.pk: [], imported.pk: []} and sees["why"] == [None]
+        else:
+            assert sees["similar"] == {read.pk: ["glioma_tumor"], imported.pk: ["glioma_tumor"]}
+            assert sees["why"] == ["glioma_tumor"], who
+    # once erin has read the scan herself, alice's label shows beside it too
+    normal = LabelClass.objects.get(project=project, name="no_tumor")
+    services.annotation_create(scan=read, reader=erin, label_class=normal)
+    erin_sees = seen_by(erin)
+    assert erin_sees["example"] and erin_sees["why"] == ["no_tumor"]
+    assert erin_sees["similar"][read.pk] == ["no_tumor", "glioma_tumor"]

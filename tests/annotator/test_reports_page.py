@@ -325,3 +325,60 @@ def test_charts_module_is_pure_and_avoids_pyplot():
                 if name.split(".")[0] in ("django", "annotator", "medsite")
                 or name.startswith("ml_backend.")}
     assert "matplotlib.pyplot" not in imported
+
+
+HOSTILE_NAMES = ["T$_{1$ weighted", "ward $x^{$", "a $b$ c", "_hidden_{x}^2", "back\\slash \\$5"]
+
+
+def drawn_texts(monkeypatch) -> list:
+    """Patch the charts' PNG writer to keep each figure; returns the list they go into."""
+    kept = []
+    real = charts._png
+
+    def keep(figure):
+        kept.append(figure)
+        return real(figure)
+
+    monkeypatch.setattr(charts, "_png", keep)
+    return kept
+
+
+def shown(figure) -> list[tuple[str, object]]:
+    """What each text of ``figure`` draws: ``(string after mathtext preprocessing, is_math)``."""
+    from matplotlib.text import Text
+
+    return [t._preprocess_math(t.get_text()) for t in figure.findobj(Text) if t.get_text()]
+
+
+def assert_drawn_literally(figure, names) -> None:
+    texts = shown(figure)
+    assert not [s for s, math in texts if math], "no user text may be set as mathtext"
+    for name in names:
+        assert any(name in s for s, _ in texts), f"{name!r} is not drawn as typed"
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_charts_draw_user_names_literally(monkeypatch, name):
+    """Class, data set and finding names with $, _, ^, {, \\ are drawn as typed, never as
+    mathtext (an odd number of $ used to fail: 'the chart could not be drawn')."""
+    figures = drawn_texts(monkeypatch)
+    names = [name, "plain", f"{name} again"]
+    report = classification_report(np.array([0, 1, 2, 0, 1, 2]), np.eye(3)[[0, 1, 2, 1, 1, 2]],
+                                   names, groups=np.array([name, "site-b"] * 3))
+    assert_png(charts.confusion_matrix_png(report["confusion_matrix"], names))
+    assert_png(charts.per_site_png(report["per_group"]))
+    assert_png(charts.reliability_png(report["reliability"], report["ece"], title=name,
+                                      y_label=f"share {name}", x_label=f"p({name})"))
+    xy = np.random.default_rng(1).normal(size=(9, 2))
+    assert_png(charts.embedding_map_png(xy, [charts.UNLABELED, 0, 1, 2, 0, 1, 2, 0, 0], names,
+                                        f"Pool by label {name}", unlabeled_name=name))
+    points = [{"version": name, "labels": 5, "accuracy": 0.5, "macro_f1": 0.4,
+               "macro_auc": None, "promoted": True}]
+    assert_png(charts.learning_curve_png(points, highlight=name))
+    confusion, per_site, reliability, embedding, curve = figures
+    assert_drawn_literally(confusion, names)
+    assert_drawn_literally(per_site, [name])
+    assert_drawn_literally(reliability, [name, f"share {name}", f"p({name})"])
+    assert_drawn_literally(embedding, [f"Pool by label {name}", f"{name} (1)", f"{name} (4)",
+                                       f"{name} again (2)"])
+    assert_drawn_literally(curve, [f"selected ({name})"])

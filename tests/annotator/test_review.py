@@ -226,6 +226,22 @@ def test_bad_classes_and_scans_are_refused_without_writing(client, project, othe
         review.adjudicate(scan=scans[0], reviewer=users["bob"], label_class=foreign)
 
 
+def test_a_note_over_the_limit_is_named_as_the_problem(client, project, users, scans, classes):
+    login(client, users["bob"])
+    url = reverse("annotator:adjudicate", args=[project.pk, scans[0].pk])
+    response = client.post(url, {"label_class": classes["normal"].pk, "note": "x" * 2001})
+    assert response.status_code == 302
+    assert messages_of(response) == [
+        f"Scan {scans[0].pk} was not adjudicated: the note is too long: 2001 characters, "
+        "the limit is 2,000."]
+    assert not Annotation.objects.filter(source=Annotation.Source.ADJUDICATION).exists()
+    # a bad class with a fine note is still named as such; at the limit it is saved
+    response = client.post(url, {"label_class": 987654, "note": "x"})
+    assert any("choose one of the project's classes" in m for m in messages_of(response))
+    client.post(url, {"label_class": classes["normal"].pk, "note": "x" * 2000})
+    assert Annotation.objects.get(source=Annotation.Source.ADJUDICATION).note == "x" * 2000
+
+
 # --- agreement ---------------------------------------------------------------------------
 
 

@@ -52,6 +52,30 @@ def test_outsider_gets_404_for_another_projects_objects(client, users, project, 
     assert project.name not in client.get(reverse("annotator:project_list")).content.decode()
 
 
+@pytest.mark.parametrize("name, args", [
+    ("project_list", ()), ("project_detail", ("project",)), ("project_jobs", ("project",)),
+    ("upload", ("project",)), ("scan_detail", ("scan",)), ("scan_preview", ("scan",)),
+    ("import_job_detail", ("job",)), ("class_create", ("project",)),
+    ("classify", ("project",)), ("clusters", ("project",)), ("reports", ("project",)),
+    ("export_labels", ("project",)), ("review", ("project",)), ("readers", ("project",)),
+    ("account", ()),
+])
+def test_pages_answer_get_and_head_and_refuse_other_methods(client, users, project, scan, job,
+                                                            name, args):
+    """PUT, DELETE, TRACE or PROPFIND on a page used to run it as a GET (200); HEAD is a GET
+    without the body wherever GET is allowed."""
+    login(client, users["dora"])
+    url = reverse(f"annotator:{name}",
+                  args=[{"project": project, "scan": scan, "job": job}[a].pk for a in args])
+    got = client.get(url)
+    assert got.status_code in (200, 404), (url, got.status_code)      # 404: nothing to show
+    assert client.head(url).status_code == got.status_code, url
+    for method in ("PUT", "DELETE", "TRACE", "PROPFIND", "PATCH"):
+        refused = client.generic(method, url)
+        assert refused.status_code == 405, (method, url)
+        assert "GET" in refused["Allow"] and "HEAD" in refused["Allow"]
+
+
 def test_member_sees_project_scans_and_previews(client, users, project, scan, job):
     login(client, users["alice"])
     for url in urls_for(project, scan, job):
@@ -121,6 +145,27 @@ def test_upload_says_what_it_is_and_leaves_nothing_behind(client, users, project
     assert not project.datasets.filter(name="night shift").exists()
     assert any("was removed again" in w for w in job.warnings)
     assert "0001_" not in job.errors[0]["name"]
+
+
+def test_upload_into_an_existing_dataset_keeps_its_modality_and_body_part(
+        client, users, project, settings, django_capture_on_commit_callbacks):
+    login(client, users["alice"])
+    with django_capture_on_commit_callbacks(execute=True):
+        upload(client, project, [("film.png", png_bytes(seed=8))], modality="CR",
+               body_part="chest")
+    response = upload(client, project, [("head.png", png_bytes(seed=9))], modality="MR",
+                      body_part="BRAIN")
+    assert response.status_code == 400
+    errors = response.context["form"].errors
+    assert errors["dataset"] == [
+        "The dataset 'ward 3 portable' holds scans of modality CR, body part CHEST, not "
+        "modality MR, body part BRAIN: leave modality and body part empty to keep the "
+        "dataset's, or name another dataset (an admin can change a dataset's values)."]
+    assert "files" not in errors
+    dataset = project.datasets.get(name="ward 3 portable")
+    assert (dataset.modality, dataset.body_part) == ("CR", "CHEST")
+    assert ImportJob.objects.filter(project=project).count() == 1
+    assert list(settings.INCOMING_ROOT.iterdir()) == []
 
 
 def test_upload_with_label_records_it(client, users, project, django_capture_on_commit_callbacks):

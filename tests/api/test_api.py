@@ -78,6 +78,38 @@ def test_scans_worklist_and_an_answer_recorded_as_on_the_label_page(encoded_proj
     assert annotation.pk in {a["id"] for a in listed["results"]}
 
 
+def test_unknown_filter_values_are_refused_not_ignored(project, users):
+    """?labeled=maybe used to list every scan as if no filter were asked for."""
+    from annotator import services
+    from tests.base import FIXTURES
+    from tests.conftest import run_import
+
+    run_import(project, FIXTURES / "brain_mri" / "pool" / "no_tumor", layout="flat")
+    scan = project.scans.order_by("pk").first()
+    label_class, _ = services.label_class_get_or_create(project=project, name="no_tumor")
+    services.annotation_create(scan=scan, reader=users["alice"], label_class=label_class)
+    alice = api(users["alice"])
+    url = f"/api/v1/projects/{project.pk}/scans/"
+    total = project.scans.count()
+    for name, value in (("labeled", "maybe"), ("labeled", "1"), ("labeled", "True"),
+                        ("disagreement", "yes"), ("split", "x")):
+        refused = alice.get(url, {name: value})
+        assert refused.status_code == 400, (name, value)
+        assert refused["Content-Type"] == "application/problem+json"
+        assert name in refused.json()["errors"], (name, value)
+    assert "use true or false, not 'maybe'" in alice.get(url, {"labeled": "maybe"}).json()[
+        "detail"]
+    assert [s["id"] for s in alice.get(url, {"labeled": "true"}).json()["results"]] == [scan.pk]
+    assert alice.get(url, {"labeled": "false"}).json()["count"] == total - 1
+    assert alice.get(url, {"labeled": ""}).json()["count"] == total        # empty: no filter
+    assert alice.get(url, {"disagreement": "false"}).json()["count"] == total
+    client = api(users["bob"])                                              # the reviewer
+    export = f"/api/v1/projects/{project.pk}/labels/"
+    refused = client.get(export, {"adjudicated": "maybe"})
+    assert refused.status_code == 400 and "adjudicated" in refused.json()["detail"]
+    assert client.get(export, {"adjudicated": "false"}).status_code == 200
+
+
 def test_models_runs_and_a_refit_queued(encoded_project, users):
     project = encoded_project
     bob = api(users["bob"])

@@ -189,3 +189,51 @@ def test_findings_answers_by_name_or_id(findings_project, users):  # noqa: F811
     by_scan = alice.get(f"{base}/annotations/", {"scan": open_scans[0].pk}).json()
     assert [a["id"] for a in by_scan["results"]] == [answer["id"]]
     assert alice.get(f"{base}/annotations/", {"scan": "x"}).status_code == 400
+
+
+def test_an_upload_cannot_change_an_existing_datasets_modality_or_body_part(
+        project, users, settings, django_capture_on_commit_callbacks):
+    """Any clinician uploads; a dataset's modality and body part decide its later imports'
+    label set, so an upload naming other values is refused (problem JSON), not obeyed."""
+    from annotator import services
+    from annotator.models import Dataset
+
+    services.dataset_acquisition_set(project=project, name="PneumoniaMNIST (Guangzhou)",
+                                     modality="CR", body_part="CHEST")
+    alice = api(users["alice"])
+    base = f"/api/v1/projects/{project.pk}"
+
+    def post(**fields):
+        handle = io.BytesIO(png_bytes(seed=len(fields) + 40))
+        handle.name = "film.png"
+        with django_capture_on_commit_callbacks(execute=True):
+            return alice.post(f"{base}/imports/", {"files": [handle], "split": "pool",
+                                                  "dataset": "PneumoniaMNIST (Guangzhou)",
+                                                  **fields})
+
+    refused = post(modality="MR", body_part="BRAIN")
+    assert refused.status_code == 400 and refused["Content-Type"] == "application/problem+json"
+    detail = refused.json()["detail"]
+    assert "holds scans of modality CR, body part CHEST, not modality MR, body part BRAIN" \
+        in detail and "leave modality and body part empty" in detail
+    assert list(refused.json()["errors"]) == ["dataset"]
+    assert post(body_part="brain").status_code == 400                  # one field is enough
+    dataset = Dataset.objects.get(project=project, name="PneumoniaMNIST (Guangzhou)")
+    assert (dataset.modality, dataset.body_part) == ("CR", "CHEST")
+    assert not ImportJob.objects.filter(project=project).exists()
+    assert list(settings.INCOMING_ROOT.iterdir()) == []                # nothing kept
+    # empty fields keep the dataset's; the same values are no change
+    assert post().status_code == 202
+    assert post(modality="CR", body_part="Chest ").status_code == 202
+    assert Scan.objects.filter(dataset=dataset).count() == 2
+    assert set(Scan.objects.filter(dataset=dataset).values_list("modality", "body_part")) == {
+        ("CR", "CHEST")}
+    # a dataset without a body part yet gets one
+    services.dataset_acquisition_set(project=project, name="ward 7", modality="DX")
+    handle = io.BytesIO(png_bytes(seed=77))
+    handle.name = "w7.png"
+    with django_capture_on_commit_callbacks(execute=True):
+        filled = alice.post(f"{base}/imports/", {"files": [handle], "dataset": "ward 7",
+                                                "modality": "DX", "body_part": "CHEST"})
+    assert filled.status_code == 202
+    assert Dataset.objects.get(project=project, name="ward 7").body_part == "CHEST"

@@ -114,7 +114,7 @@ def test_new_class_classify_and_reports(browser_page, encoded_project, users, tm
     page.click("#add-class")
     page.fill("input[name=name]", "cyst")
     page.fill("textarea[name=description]", "round, fluid-filled")
-    page.fill("input[name=hotkey]", "c")
+    page.fill("input[name=hotkey]", "y")
     page.click("#class-form button[type=submit]")
     page.wait_for_selector("text=Unlike anything labeled")
     page.shot("1-new-class")
@@ -134,7 +134,7 @@ def test_new_class_classify_and_reports(browser_page, encoded_project, users, tm
     # the new class is a button with its hotkey on the label page
     page.goto(f"/projects/{project.pk}/next/")
     wait_ready(page)
-    assert keys_by_class(page)["cyst"] == "c"
+    assert keys_by_class(page)["cyst"] == "y"
 
     # classify an uploaded scan
     page.goto(f"/projects/{project.pk}/classify/")

@@ -58,7 +58,10 @@ def test_each_scan_gets_its_anatomy_label_set_and_only_its_classes(project, user
     assert {c["key"] for c in label_page.label_payload(project=project, scan=brain_scan)
             ["classes"]} == {"1", "2"}
 
-    # a brain class cannot be given to a chest film, through any path
+    # a brain class cannot be given to a chest film, through any path (a pool film: an
+    # eval film is refused to a reader before its classes are looked at)
+    Scan.objects.filter(pk=chest_scan.pk).update(split="pool")
+    chest_scan.refresh_from_db()
     glioma, _ = services.label_class_get_or_create(project=project, name="glioma_tumor",
                                                    label_set=sets[BRAIN])
     with pytest.raises(services.AnnotationError, match="does not apply"):
@@ -450,3 +453,58 @@ def test_each_set_counts_its_own_labels_for_typical_picks(mixed_project, users, 
     round_ = ml.query_round_create(project=project, n=10)
     assert {i.reason["why"] for i in round_.items.all()} == {
         "uncertain, and unlike the other picks"}
+
+
+@pytest.mark.parametrize("key, used_for", [
+    ("n", "1:1 zoom"), ("c", "compare with similar scans"), ("h", "help"), ("?", "help"),
+    ("s", "skip"), ("u", "unsure"), ("i", "invert"), ("g", "Grad-CAM"), ("r", "reset"),
+    ("+", "zoom in"), ("=", "zoom in"), ("-", "zoom out"), ("N", "1:1 zoom"),
+])
+def test_class_hotkeys_leave_the_label_pages_own_keys_free(client, project, users, key,
+                                                          used_for):
+    """label.js looks a class's key up before its own: a class on n, c or h would save a
+    label where the reader meant to zoom, compare or ask for help."""
+    client.force_login(users["dora"])
+    url = reverse("annotator:class_create", args=[project.pk])
+    refused = client.post(url, {"name": "cyst", "hotkey": key})
+    assert refused.status_code == 400
+    assert used_for in refused.content.decode()
+    assert not LabelClass.objects.filter(name="cyst").exists()
+
+
+def test_class_hotkeys_are_ascii_letters_or_digits_and_0_is_no_finding(client, project, users):
+    client.force_login(users["dora"])
+    url = reverse("annotator:class_create", args=[project.pk])
+    for key in ("\u0663", "\u00e9", "\u2460", "!"):          # Arabic-Indic 3, é, ①, !
+        refused = client.post(url, {"name": "cyst", "hotkey": key})
+        assert refused.status_code == 400, key
+        assert "use one letter a-z or digit 0-9" in refused.content.decode()
+    findings = LabelSet.objects.create(project=project, name="Chest findings", kind="multi",
+                                       order=5)
+    zero = client.post(url, {"name": "effusion", "label_set": findings.pk, "hotkey": "0"})
+    assert zero.status_code == 400 and "no finding" in zero.content.decode()
+    assert client.post(url, {"name": "effusion", "label_set": findings.pk,
+                             "hotkey": "7"}).status_code == 302
+    assert client.post(url, {"name": "cyst", "hotkey": "0"}).status_code == 302   # single set
+    assert LabelClass.objects.get(name="cyst").hotkey == "0"
+
+
+def test_admin_checks_class_hotkeys_too_and_old_reserved_keys_are_not_used(client, project,
+                                                                            users):
+    cyst = LabelClass.objects.create(project=project, name="cyst", hotkey="c")   # saved before
+    other = LabelClass.objects.create(project=project, name="edema", hotkey="q")
+    keys = label_page.effective_hotkeys([cyst, other])
+    assert keys[other.pk] == "q" and keys[cyst.pk] == "1"     # a free digit, not compare
+    assert not set("chn") & set(label_page.FINDING_KEYS)
+    client.force_login(users["dora"])
+    change = reverse("admin:annotator_labelclass_change", args=[cyst.pk])
+    form = {"project": project.pk, "label_set": cyst.label_set_id, "name": "cyst",
+            "description": "", "color": cyst.color, "order": cyst.order}
+    refused = client.post(change, {**form, "hotkey": "h"})
+    assert refused.status_code == 200 and "label page&#x27;s key for help" in \
+        refused.content.decode()
+    refused = client.post(change, {**form, "hotkey": "\u0663"})
+    assert refused.status_code == 200 and "use one letter a-z" in refused.content.decode()
+    assert client.post(change, {**form, "hotkey": "K"}).status_code == 302
+    cyst.refresh_from_db()
+    assert cyst.hotkey == "k"

@@ -74,9 +74,13 @@ class Command(BaseCommand):
             if reader is None:
                 raise CommandError(f"No user named {opts['reader']!r}.")
         if opts["modality"] or opts["body_part"]:
-            services.dataset_acquisition_set(
-                project=project, name=opts["dataset"] or Path(opts["source"].split("#")[0]).name,
-                modality=opts["modality"], body_part=opts["body_part"])
+            try:
+                services.dataset_acquisition_set(
+                    project=project,
+                    name=opts["dataset"] or Path(opts["source"].split("#")[0]).name,
+                    modality=opts["modality"], body_part=opts["body_part"])
+            except services.DatasetMismatch as exc:
+                raise CommandError(str(exc)) from None
         try:
             job = services.import_job_create(
                 project=project,

@@ -7,7 +7,8 @@
   "use strict";
   const $ = (id) => document.getElementById(id);
   const root = $("labeler");
-  const csrf = (document.cookie.match(/(?:^|; )csrftoken=([^;]+)/) || [])[1] || "";
+  // read on each request: signing in again (another tab) gives a new token
+  const csrf = () => (document.cookie.match(/(?:^|; )csrftoken=([^;]+)/) || [])[1] || "";
   const view = {scale: 1, x: 0, y: 0, invert: false, cam: false, window: null, frame: null};
   const medlabel = (window.medlabel = {timings: [], saved: 0, payload: null});
   let payload = JSON.parse($("label-payload").textContent);
@@ -217,6 +218,25 @@
     $("status").textContent = text;
     $("status").className = cls || "muted";
   }
+  // A signed-out session: the JSON endpoints answer 401 with the reason and the sign-in page
+  // (a redirect to that page, which fetch follows, is read the same way).
+  function sessionEnded(response) {
+    if (response.status === 401) return true;
+    return !!(response.redirected && root.dataset.login &&
+              new URL(response.url, location.href).pathname === root.dataset.login);
+  }
+  function saySignIn(data) {
+    const status = $("status");
+    status.replaceChildren();
+    status.className = "error";
+    status.append((data && data.error) || "Your session has ended: sign in again, then repeat what you did. Nothing was saved.", " ");
+    const link = el("a", "Sign in again");
+    link.href = ((data && data.login) || root.dataset.login || "/accounts/login/") +
+      "?next=" + encodeURIComponent(location.pathname + location.search);
+    link.id = "sign-in-again";
+    status.append(link);
+    stopPolling();
+  }
 
   // --- compare with the most similar labeled scans (same zoom, window and sliders) ---------
   let compareIndex = -1;
@@ -266,8 +286,9 @@
     try {
       const response = await fetch(root.dataset.undo.replace("0/undo/", `${last.id}/undo/`), {
         method: "POST", credentials: "same-origin",
-        headers: {"X-CSRFToken": csrf, Accept: "application/json"}});
+        headers: {"X-CSRFToken": csrf(), Accept: "application/json"}});
       const data = await response.json().catch(() => ({error: `server answered ${response.status}`}));
+      if (sessionEnded(response)) { saySignIn(response.status === 401 ? data : null); return; }
       if (!response.ok) { say(data.error || "could not undo", "error"); return; }
       answered.pop();
       window.location.href = data.scan_url;
@@ -561,6 +582,10 @@
     try {
       const response = await fetch(statusUrl, {credentials: "same-origin", cache: "no-store",
                                                headers: {Accept: "application/json"}});
+      if (sessionEnded(response)) {
+        saySignIn(response.status === 401 ? await response.json().catch(() => null) : null);
+        return;
+      }
       if (!response.ok) throw new Error(`server answered ${response.status}`);
       const st = await response.json();
       pollFailures = 0;
@@ -591,10 +616,11 @@
     try {
       const response = await fetch(payload.scan.answer, {
         method: "POST", credentials: "same-origin",
-        headers: {"Content-Type": "application/json", "X-CSRFToken": csrf, Accept: "application/json"},
+        headers: {"Content-Type": "application/json", "X-CSRFToken": csrf(), Accept: "application/json"},
         body: JSON.stringify(body),
       });
       const data = await response.json().catch(() => ({error: `server answered ${response.status}`}));
+      if (sessionEnded(response)) { saySignIn(response.status === 401 ? data : null); return; }
       if (!response.ok) {
         $("status").textContent = data.error || `could not save (${response.status})`;
         $("status").className = "error";
