@@ -79,7 +79,7 @@ def clusters_map(request, project_id: int):
     xy, kept = charts.pca_2d(vectors, max_points=5000, seed=0, normalize=True)
     labels = [result["assignment"][ids[i]] - 1 for i in kept]
     names = [f"cluster {c + 1}" for c in range(k)]
-    title = (f"{len(kept)} scans in {k} clusters ({result['encoder']} {inputs}, PCA"
+    title = (f"{len(kept)} scans in {k} clusters\n({result['encoder']} {inputs}, PCA"
              + (f"; {label_set.name}" if label_set else "") + ")")
     png = charts.embedding_map_png(xy, labels, names, title,
                                    colors=[charts.class_color(i) for i in range(k)])
