@@ -38,6 +38,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from bench.ssl_eval import (
+    embed_layers,
+    embed_scales,
+    embed_sets,
     get_encoder,
     load_data,
     log,
@@ -45,10 +48,11 @@ from bench.ssl_eval import (
     pretrain_config,
     write_json,
 )
+from ml_backend.active.features import PIXEL_SIDE, PIXEL_WEIGHT, thumbnails
 from ml_backend.active.refit import PRODUCT_BALANCE, PRODUCT_PROTOTYPE_N0, fit_head
 from ml_backend.active.strategies import PRODUCT_TYPICAL_BELOW, STRATEGIES, QueryContext, query
 from ml_backend.metrics.reports import classification_report
-from ml_backend.ssl.train import embed, load_pretrained, pick_device
+from ml_backend.ssl.train import load_pretrained, pick_device
 
 METRICS = ("auc", "macro_f1", "accuracy")
 TARGET_METRICS = ("auc", "macro_f1")
@@ -63,7 +67,8 @@ def parse_strategies(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise argparse.ArgumentTypeError("no strategies given")
-    # ``hybrid@T``: hybrid with typical picks below T labeled scans per class
+    # ``hybrid@T``: hybrid with typical picks below T labeled scans per class; ``+px``: the
+    # typical picks cluster the embedding and the thumbnail side by side
     unknown = [n for n in names if strategy_spec(n)[0] not in STRATEGIES]
     if unknown:
         raise argparse.ArgumentTypeError(
@@ -74,15 +79,19 @@ def parse_strategies(text: str) -> list[str]:
     return names
 
 
-def strategy_spec(name: str) -> tuple[str, int]:
-    """``hybrid@10`` → ("hybrid", 10): the strategy and its ``typical_below``; a plain name
-    runs as the product runs it (``PRODUCT_TYPICAL_BELOW`` for hybrid)."""
-    base, _, below = name.partition("@")
+def strategy_spec(name: str) -> tuple[str, int, bool]:
+    """``hybrid@10+px`` → ("hybrid", 10, True): the strategy, its ``typical_below`` and
+    whether its typical picks cluster the embedding and a 16 px thumbnail side by side
+    (``features.cluster_inputs``, what the cluster view clusters) instead of the embedding
+    alone; a plain name runs as the product runs it (``PRODUCT_TYPICAL_BELOW`` for hybrid,
+    the embedding alone)."""
+    pixels = name.endswith("+px")
+    base, _, below = name.removesuffix("+px").partition("@")
     if below:
         if not below.isdigit():
             raise argparse.ArgumentTypeError(f"{name}: expected NAME@N with N a whole number")
-        return base, int(below)
-    return base, PRODUCT_TYPICAL_BELOW
+        return base, int(below), pixels
+    return base, PRODUCT_TYPICAL_BELOW, pixels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CIFAR-style 3x3 stem without max-pool (auto: size <= 64)")
     parser.add_argument("--epochs", type=int, default=20, help="pretraining epochs")
     parser.add_argument("--batch-size", type=int, default=256, help="pretraining batch size")
+    parser.add_argument("--embed-scales", default="1",
+                        help="the embedding reads each scan at these multiples of the "
+                             "encoder's size, side by side (the product's "
+                             "MEDLABEL_EMBED_SCALES, default there 1,2)")
+    parser.add_argument("--embed-layers", default="4",
+                        help="the encoder's residual stages pooled into the embedding at "
+                             "each size (the product's MEDLABEL_EMBED_LAYERS, default there "
+                             "3,4; 4: the encoder's output alone)")
     parser.add_argument("--cache-dir", default="bench/cache")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when available, else cpu")
@@ -131,6 +148,8 @@ def check_args(args) -> None:
         raise SystemExit("--start and --step must be >= 1")
     if args.budget < args.start:
         raise SystemExit("--budget must be >= --start")
+    embed_scales(args)                        # a bad --embed-scales or --embed-layers fails
+    embed_layers(args)                        # here, before any decoding
 
 
 # --- the simulation --------------------------------------------------------------------
@@ -158,9 +177,14 @@ def round_seed(seed: int, round_index: int) -> int:
 
 def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarray,
              emb_eval: np.ndarray, y_eval: np.ndarray, class_names: list[str], *,
-             start: int, step: int, budget: int) -> dict:
-    """One active-learning run. Returns its points (one per refit) and queries."""
-    label, (strategy, typical_below) = strategy, strategy_spec(strategy)
+             start: int, step: int, budget: int, thumbs_train: np.ndarray | None = None) -> dict:
+    """One active-learning run. Returns its points (one per refit) and queries.
+    ``thumbs_train``: the train scans' thumbnails, which a ``+px`` strategy's typical picks
+    cluster beside the embedding (standardised over the pool and the labeled scans, as the
+    product's worklist would over its candidates and labeled scans)."""
+    label, (strategy, typical_below, pixels) = strategy, strategy_spec(strategy)
+    if pixels and thumbs_train is None:
+        raise ValueError(f"{label}: needs the train scans' thumbnails")
     n_train = len(y_train)
     budget = min(budget, n_train)
     num_classes = len(class_names)
@@ -179,7 +203,10 @@ def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarra
             proba=proba_pool, embeddings=emb_train[pool],
             labeled_embeddings=emb_train[labeled] if labeled else None,
             class_names=class_names, seed=round_seed(seed, round_index),
-            typical_below=typical_below)
+            typical_below=typical_below,
+            thumbs=thumbs_train[pool] if pixels else None,
+            labeled_thumbs=thumbs_train[labeled] if pixels and labeled else None,
+            typical_pixel_weight=PIXEL_WEIGHT if pixels else 0.0)
         started = time.perf_counter()
         selection = query(name, context, count)
         query_seconds += time.perf_counter() - started
@@ -525,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"warning: --image-size {args.image_size} ignored: the encoder was trained at "
                 f"{config.image_size}px")
         args.image_size = config.image_size
+        args.channels = str(config.channels)      # a colour encoder reads the scans in colour
     else:
         args.image_size = args.image_size or 32
     data = load_data(args)
@@ -538,8 +566,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(data['y_train'])}")
 
     embed_started = time.perf_counter()
-    emb_train = embed(model.encoder, data["x_train"], config, device=args.device)
-    emb_eval = embed(model.encoder, data["x_eval"], config, device=args.device)
+    embeddings = embed_sets(model, data, config, args)
+    emb_train, emb_eval = embeddings["train"], embeddings["eval"]
+    thumbs_train = (thumbnails(data["x_train"], PIXEL_SIDE)
+                    if any(strategy_spec(s)[2] for s in args.strategies) else None)
     embed_seconds = time.perf_counter() - embed_started
     log(f"embedded {len(emb_train) + len(emb_eval)} scans in {embed_seconds:.1f}s")
 
@@ -548,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         for strategy in args.strategies:
             run_started = time.perf_counter()
             run = simulate(strategy, seed, emb_train, data["y_train"], emb_eval, data["y_eval"],
-                           class_names, start=args.start, step=args.step, budget=args.budget)
+                           class_names, start=args.start, step=args.step, budget=args.budget,
+                           thumbs_train=thumbs_train)
             run["seconds"] = time.perf_counter() - run_started
             runs.append(run)
             first, last = run["points"][0], run["points"][-1]

@@ -37,6 +37,7 @@ from modAL.uncertainty import (
     uncertainty_sampling,
 )
 
+from ml_backend.active.features import cluster_inputs
 from ml_backend.index.faiss_index import kmeans
 
 
@@ -47,6 +48,9 @@ class QueryContext:
     proba: ``(N, C)`` predicted class probabilities (None before any model exists);
     embeddings: ``(N, D)`` float32 SSL embeddings; labeled_embeddings: ``(L, D)`` of labeled
     scans (coreset); groups: ``(N,)`` patient keys ("" = unknown); class_names: ``C`` names.
+    thumbs / labeled_thumbs: ``(N, P)`` / ``(L, P)`` pixel thumbnails of the candidates and
+    the labeled scans; with ``typical_pixel_weight`` > 0 the typical picks (``cold_start``)
+    cluster them beside the embeddings, as the cluster view does (``features.cluster_inputs``).
     """
 
     proba: np.ndarray | None = None
@@ -59,11 +63,19 @@ class QueryContext:
     # hybrid: typical picks (TypiClust) while fewer than this many labeled scans per class
     # are known; uncertainty after (0: uncertainty as soon as a model exists)
     typical_below: int = 0
+    thumbs: np.ndarray | None = None
+    labeled_thumbs: np.ndarray | None = None
+    typical_pixel_weight: float = 0.0
 
     def __post_init__(self):
-        sizes = {len(a) for a in (self.proba, self.embeddings, self.groups) if a is not None}
+        sizes = {len(a) for a in (self.proba, self.embeddings, self.groups, self.thumbs)
+                 if a is not None}
         if len(sizes) > 1:
-            raise ValueError("proba, embeddings and groups must describe the same candidates")
+            raise ValueError("proba, embeddings, groups and thumbs must describe the same "
+                             "candidates")
+        if (self.labeled_embeddings is not None and self.labeled_thumbs is not None
+                and len(self.labeled_thumbs) != len(self.labeled_embeddings)):
+            raise ValueError("labeled_thumbs must describe the labeled scans")
 
     @property
     def size(self) -> int:
@@ -254,6 +266,25 @@ def _covered_clusters(embeddings: np.ndarray, assignments: np.ndarray,
     return covered, int(inside.sum())
 
 
+def _typical_inputs(context: QueryContext) -> tuple[np.ndarray, np.ndarray | None]:
+    """What the typical picks cluster, for the candidates and the labeled scans: the
+    embeddings, or (``typical_pixel_weight`` > 0 and thumbnails for every row) the embedding
+    and the thumbnail side by side, standardised over the candidates and labeled scans
+    together (``features.cluster_inputs``, what the cluster view clusters). On brain MRI the
+    first 10-30 labels picked so teach the head more (docs/benchmarks.md, "Typical picks on
+    the embedding and the pixels")."""
+    embeddings, labeled = _need(context, "embeddings"), context.labeled_embeddings
+    weight = float(context.typical_pixel_weight or 0.0)
+    if (weight <= 0 or context.thumbs is None
+            or (labeled is not None and context.labeled_thumbs is None)):
+        return embeddings, labeled
+    rows = embeddings if labeled is None else np.concatenate([embeddings, labeled])
+    thumbs = (context.thumbs if labeled is None
+              else np.concatenate([context.thumbs, context.labeled_thumbs]))
+    joined = cluster_inputs(rows, thumbs, weight)
+    return joined[:len(embeddings)], (None if labeled is None else joined[len(embeddings):])
+
+
 @register("diversity")
 @register("cold_start")
 def cold_start(context: QueryContext, n: int) -> Selection:
@@ -263,16 +294,16 @@ def cold_start(context: QueryContext, n: int) -> Selection:
     the labeled set does not cover): before a label set has a model, e.g. when its first
     labels were all one class, the next picks go to the modes nobody has labeled yet,
     where the other classes are, instead of again to the mode already seen."""
-    embeddings = _need(context, "embeddings")
+    embeddings, labeled = _typical_inputs(context)
     k = min(n, len(embeddings))
     assignments, distances, sizes, _ = _typical_per_cluster(embeddings, k, context.seed)
-    covered, inside = _covered_clusters(embeddings, assignments, context.labeled_embeddings, k)
+    covered, inside = _covered_clusters(embeddings, assignments, labeled, k)
     if inside and k < len(embeddings):
         # as TypiClust: n + |labeled| clusters, so the labeled modes do not swallow the
         # budget's (only the labeled scans among these candidates count)
         k = min(n + inside, len(embeddings))
         assignments, distances, sizes, _ = _typical_per_cluster(embeddings, k, context.seed)
-        covered, _ = _covered_clusters(embeddings, assignments, context.labeled_embeddings, k)
+        covered, _ = _covered_clusters(embeddings, assignments, labeled, k)
     typicality = 1.0 / (1.0 + distances)
     # Round-robin over clusters (uncovered first, largest first): each cluster's most
     # typical member first.

@@ -54,7 +54,7 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
         class_names = [c["name"] for c in model.config["classes"]]
         if candidates:
             proba = _candidate_proba(model, classes, candidates)
-    embeddings = labeled = labeled_sets = None
+    embeddings = labeled = labeled_sets = thumbs = labeled_thumbs = None
     if encoder is not None and embeddings_paths(encoder)["ids"].exists():
         try:
             embeddings = vectors_for(encoder, candidates)
@@ -63,12 +63,17 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
                                  .order_by("pk"))
             labeled = vectors_for(encoder, labeled_scans) if labeled_scans else None
             labeled_sets = np.array([s.label_set_id or 0 for s in labeled_scans])
+            thumbs, labeled_thumbs = _typical_thumbs(encoder, strategy, candidates,
+                                                     labeled_scans)
         except TrainingError:
             embeddings = labeled = labeled_sets = None  # not embedded yet: uncertainty only
+            thumbs = labeled_thumbs = None
     context = QueryContext(proba=proba, embeddings=embeddings, labeled_embeddings=labeled,
                            groups=np.array([s.patient_key for s in candidates]),
                            class_names=class_names,
                            typical_below=settings.QUERY_TYPICAL_BELOW,
+                           thumbs=thumbs, labeled_thumbs=labeled_thumbs,
+                           typical_pixel_weight=float(settings.CLUSTER_PIXEL_WEIGHT),
                            # a new draw each round (reproducible): a fixed seed would draw
                            # the same sample of a headless set round after round
                            seed=len(labeled_ids))
@@ -178,6 +183,23 @@ def _query_set(strategy: str, context, n: int, findings: dict | None):
     return query(strategy, context, n)
 
 
+# the strategies that take typical picks (cold_start), and so may read the thumbnails
+TYPICAL_STRATEGIES = {"hybrid", "cold_start", "diversity"}
+
+
+def _typical_thumbs(encoder, strategy: str, candidates: list[Scan], labeled_scans: list[Scan]):
+    """The thumbnails the typical picks cluster beside the embeddings, as the cluster view
+    does (``settings.CLUSTER_PIXEL_WEIGHT`` > 0, a strategy that takes typical picks, and a
+    thumbnail stored for every scan): ``(candidates', labeled scans')``, else ``(None, None)``."""
+    if strategy not in TYPICAL_STRATEGIES or not settings.CLUSTER_PIXEL_WEIGHT:
+        return None, None
+    table = embedding_table(encoder)
+    if table.thumbs is None:
+        return None, None
+    return (table.thumbs_of([s.pk for s in candidates]),
+            table.thumbs_of([s.pk for s in labeled_scans]) if labeled_scans else None)
+
+
 def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
                          findings: dict[int, dict] | None = None, *,
                          labeled_sets: np.ndarray | None = None):
@@ -194,17 +216,23 @@ def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
     set_ids = np.array([s.label_set_id for s in candidates])
     present = sorted(set(set_ids.tolist()))
 
-    def own_labeled(set_id):
+    def own_labeled(set_id, rows=None):
         """The labeled scans of this set only: how many a set has, and which modes they
         cover, is the set's own (another anatomy's labels teach this one's head nothing)."""
+        rows = context.labeled_embeddings if rows is None else rows
         if context.labeled_embeddings is None or labeled_sets is None:
-            return context.labeled_embeddings
-        mine = context.labeled_embeddings[labeled_sets == set_id]
+            return rows
+        mine = rows[labeled_sets == set_id]
         return mine if len(mine) else None
+
+    def own_thumbs(set_id):
+        return (None if context.labeled_thumbs is None
+                else own_labeled(set_id, context.labeled_thumbs))
 
     if len(present) < 2:
         if present:
-            context = replace(context, labeled_embeddings=own_labeled(present[0]))
+            context = replace(context, labeled_embeddings=own_labeled(present[0]),
+                              labeled_thumbs=own_thumbs(present[0]))
         return _query_set(strategy, context, n, findings.get(present[0]) if present else None)
     weight = dict(LabelClass.objects.filter(label_set_id__in=present).values("label_set_id")
                   .annotate(k=Count("pk")).values_list("label_set_id", "k"))
@@ -222,7 +250,9 @@ def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
                       proba=None if context.proba is None else context.proba[rows],
                       embeddings=None if context.embeddings is None else context.embeddings[rows],
                       groups=None if context.groups is None else context.groups[rows],
-                      labeled_embeddings=own_labeled(set_id))
+                      thumbs=None if context.thumbs is None else context.thumbs[rows],
+                      labeled_embeddings=own_labeled(set_id),
+                      labeled_thumbs=own_thumbs(set_id))
         chosen = _query_set(strategy, sub, int(share), findings.get(set_id))
         picks.append([(int(rows[i]), float(score), reason) for i, score, reason in
                       zip(chosen.indices, chosen.scores, chosen.reasons)])

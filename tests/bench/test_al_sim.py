@@ -103,6 +103,25 @@ def test_one_class_start_records_none_and_keeps_querying(strategy):
     assert defined and all(0.0 <= p["auc"] <= 1.0 for p in defined)
 
 
+def test_typical_picks_on_the_joined_input():
+    """``hybrid+px``: the typical picks cluster the embedding and the thumbnail side by side.
+    Here only the thumbnails hold the classes (the embedding is noise), so its first batch
+    covers both classes in every seed, and the strategy parses with and without ``@T``."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    x = rng.normal(size=(80, 8)).astype(np.float32)
+    thumbs = (rng.normal(0, 0.05, (80, 16)) + 0.8 * y[:, None]).astype(np.float32)
+    assert al_sim.strategy_spec("hybrid@5+px") == ("hybrid", 5, True)
+    assert al_sim.strategy_spec("hybrid") == ("hybrid", al_sim.PRODUCT_TYPICAL_BELOW, False)
+    assert al_sim.parse_strategies("random,hybrid+px") == ["random", "hybrid+px"]
+    for seed in range(3):
+        run = al_sim.simulate("hybrid+px", seed, x, y, x, y, ["a", "b"], start=2, step=2,
+                              budget=6, thumbs_train=thumbs)
+        assert sorted(y[run["queries"][0]["indices"]]) == [0, 1]
+    with pytest.raises(ValueError, match="thumbnails"):
+        al_sim.simulate("hybrid+px", 0, x, y, x, y, ["a", "b"], start=2, step=2, budget=6)
+
+
 def test_labels_to_reach_on_a_hand_made_curve():
     labels = [20, 30, 40, 50, 60]
     values = [None, 0.70, 0.82, 0.79, 0.90]

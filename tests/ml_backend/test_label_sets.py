@@ -14,7 +14,7 @@ from django.core.management import call_command
 from django.urls import reverse
 
 from annotator import label_page, labeling, services
-from annotator.models import Annotation, LabelClass, LabelSet, Scan
+from annotator.models import Annotation, LabelClass, LabelSet, Project, Scan
 from tests.base import FIXTURES, PASSWORD
 from tests.conftest import run_import
 
@@ -453,6 +453,37 @@ def test_each_set_counts_its_own_labels_for_typical_picks(mixed_project, users, 
     round_ = ml.query_round_create(project=project, n=10)
     assert {i.reason["why"] for i in round_.items.all()} == {
         "uncertain, and unlike the other picks"}
+
+
+def test_typical_picks_read_the_thumbnails_the_cluster_view_clusters(mixed_project, settings):
+    """The typical picks cluster what the Clusters view clusters: the embedding and each
+    scan's stored thumbnail (CLUSTER_PIXEL_WEIGHT > 0), for the strategies that take them;
+    the embedding alone at weight 0 or for an uncertainty strategy. Each set's typical picks
+    stay its own scans."""
+    from ml_backend import services as ml
+    from ml_backend.services import queries
+    from ml_backend.services.inference import embedding_table
+
+    project = Project.objects.select_related("active_encoder").get(pk=mixed_project.pk)
+    encoder = project.active_encoder
+    scans = list(Scan.objects.filter(project=project, split="pool").order_by("pk"))
+    table = embedding_table(encoder)
+    assert table.thumbs is not None
+    thumbs, labeled = queries._typical_thumbs(encoder, "hybrid", scans[:7], scans[7:9])
+    assert thumbs.shape == (7, table.thumbs.shape[1]) and labeled.shape[0] == 2
+    assert np.array_equal(thumbs, table.thumbs_of([s.pk for s in scans[:7]]))
+    assert queries._typical_thumbs(encoder, "hybrid", scans[:7], [])[1] is None
+    assert queries._typical_thumbs(encoder, "margin", scans[:7], scans[7:9]) == (None, None)
+    settings.CLUSTER_PIXEL_WEIGHT = 0.0
+    assert queries._typical_thumbs(encoder, "hybrid", scans[:7], scans[7:9]) == (None, None)
+
+    settings.CLUSTER_PIXEL_WEIGHT = 1.0
+    settings.QUERY_TYPICAL_BELOW = 50       # every set still takes typical picks
+    round_ = ml.query_round_create(project=project, n=10)
+    items = list(round_.items.select_related("scan__label_set"))
+    assert len(items) == 10
+    assert all(i.reason["why"] == "typical of its cluster" for i in items)
+    assert {i.scan.label_set.name for i in items} == {CHEST, BRAIN}
 
 
 @pytest.mark.parametrize("key, used_for", [

@@ -64,6 +64,32 @@ def test_cold_start_goes_first_to_the_modes_no_labeled_scan_covers():
     assert sorted(cluster[only_elsewhere.indices]) == [0, 1, 2, 3]
 
 
+def test_cold_start_clusters_the_thumbnails_beside_the_embeddings():
+    """With ``typical_pixel_weight`` the typical picks cluster the embedding and the thumbnail
+    side by side (the cluster view's input): modes only the thumbnails hold are each covered,
+    a labeled scan covers its mode in that space too, and weight 0 (or no thumbnails) is the
+    embedding alone."""
+    thumbs, cluster = blobs(per=30, centres=4, dim=16)
+    flat = np.random.default_rng(3).normal(0, 0.01, thumbs.shape).astype(np.float32)
+    picks = query("cold_start", QueryContext(embeddings=flat, thumbs=thumbs,
+                                             typical_pixel_weight=1.0), 4)
+    assert sorted(cluster[picks.indices]) == [0, 1, 2, 3]
+    labeled = np.flatnonzero(cluster == 2)[:2]
+    covered = query("cold_start", QueryContext(
+        embeddings=flat, labeled_embeddings=flat[labeled], thumbs=thumbs,
+        labeled_thumbs=thumbs[labeled], typical_pixel_weight=1.0), 3)
+    assert sorted(cluster[covered.indices]) == [0, 1, 3]
+    alone = [sorted(cluster[query("cold_start", QueryContext(
+        embeddings=flat, thumbs=thumbs, typical_pixel_weight=0.0, seed=seed), 4).indices])
+        for seed in range(5)]
+    assert any(a != [0, 1, 2, 3] for a in alone)      # the embedding alone sees no modes
+    with pytest.raises(ValueError, match="same candidates"):
+        QueryContext(embeddings=flat, thumbs=thumbs[:10])
+    with pytest.raises(ValueError, match="labeled scans"):
+        QueryContext(embeddings=flat, labeled_embeddings=flat[:2], thumbs=thumbs,
+                     labeled_thumbs=thumbs[:3])
+
+
 def test_hybrid_on_a_set_without_a_head_is_diverse_not_the_first_scans():
     """A set with no head gets uniform rows (services.queries): margin cannot rank them, so
     hybrid must not fall back on the candidates' order (an import made class by class puts
