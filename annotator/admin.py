@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db import models as db_models
 from django.db.models import Count
 from django.urls import reverse
@@ -22,8 +23,16 @@ from annotator.models import (
     Project,
     Scan,
     ScanLease,
+    hotkey_error,
 )
-from annotator.services import colour_mode_locked
+from annotator.services import (
+    colour_mode_locked,
+    label_class_hotkey_problem,
+    label_class_set_change_problem,
+)
+from ml_backend import services as ml
+from ml_backend.models import ModelVersion
+from ml_backend.services.artifacts import model_version_files_problem
 
 
 class MembershipInline(admin.TabularInline):
@@ -43,16 +52,138 @@ COMPACT = {
 }
 
 
+class LabelClassAdminForm(forms.ModelForm):
+    """A class in the admin: only its project's label sets; a class that has labels keeps
+    its set (``label_class_set_change_problem``); its hotkey is free in the set it will be
+    in (``label_class_hotkey_problem``), whichever set that is."""
+
+    # the inline's formset checks the keys of all its rows together (a swap is fine)
+    hotkeys_checked_by_formset = False
+
+    class Meta:
+        model = LabelClass
+        fields = "__all__"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "label_set" in self.fields and self.instance.project_id is not None:
+            self.fields["label_set"].queryset = LabelSet.objects.filter(
+                project_id=self.instance.project_id)
+
+    def clean(self):
+        cleaned = super().clean()
+        if "label_set" in self.errors or "project" in self.errors:
+            return cleaned
+        project = cleaned.get("project") or (self.instance.project
+                                             if self.instance.project_id else None)
+        label_set = cleaned.get("label_set", self.instance.label_set
+                                if self.instance.label_set_id else None)
+        if project is None or label_set is None:
+            return cleaned
+        probe = LabelClass(pk=self.instance.pk, project=project)
+        problem = label_class_set_change_problem(probe, label_set)
+        if problem:
+            self.add_error("label_set" if "label_set" in self.fields else None, problem)
+            return cleaned
+        key = (cleaned.get("hotkey") or "").strip().lower()
+        # a key the label page keeps is the model's own check (LabelClass.clean); here: one
+        # key per set, in the set the class will be in
+        if not self.hotkeys_checked_by_formset and hotkey_error(
+                key, findings=label_set.is_multi) is None:
+            problem = label_class_hotkey_problem(label_set=label_set, hotkey=key,
+                                                 label_class=probe)
+            if problem:
+                self.add_error("hotkey" if "hotkey" in self.fields else None, problem)
+        return cleaned
+
+
+class LabelClassInlineForm(LabelClassAdminForm):
+    hotkeys_checked_by_formset = True
+
+
+class LabelClassInlineFormSet(forms.BaseInlineFormSet):
+    """Each hotkey once per label set, over the project's classes as they will be after
+    this save (so two rows may swap their keys)."""
+
+    def clean(self):
+        super().clean()
+        if any(self.errors) or self.instance.pk is None:
+            return
+        final = {c.pk: (c.label_set_id, (c.hotkey or "").lower(), c.name)
+                 for c in LabelClass.objects.filter(project=self.instance)}
+        added = []
+        for form in self.forms:
+            if not hasattr(form, "cleaned_data") or not form.cleaned_data:
+                continue
+            if self.can_delete and self._should_delete_form(form):
+                final.pop(form.instance.pk, None)
+                continue
+            data = form.cleaned_data
+            label_set = data.get("label_set")
+            entry = (label_set.pk if label_set else None,
+                     (data.get("hotkey") or "").strip().lower(), data.get("name"))
+            if form.instance.pk:
+                final[form.instance.pk] = entry
+            else:
+                added.append(entry)
+        seen: dict[tuple, str] = {}
+        names = dict(LabelSet.objects.filter(project=self.instance).values_list("pk", "name"))
+        for set_id, key, name in [*final.values(), *added]:
+            if not key:
+                continue
+            if (set_id, key) in seen:
+                raise ValidationError(
+                    f"{seen[set_id, key]!r} and {name!r} would both answer to {key!r} in "
+                    f"{names.get(set_id, 'one label set')!r}: give one of them another key.")
+            seen[set_id, key] = name
+
+
 class LabelClassInline(admin.TabularInline):
     model = LabelClass
+    form = LabelClassInlineForm
+    formset = LabelClassInlineFormSet
     extra = 0
     fields = ["name", "label_set", "hotkey", "color", "order", "description"]
     formfield_overrides = COMPACT
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        """Only this project's label sets (a new project has none to offer yet)."""
+        if db_field.name == "label_set":
+            project_id = request.resolver_match.kwargs.get("object_id") \
+                if request.resolver_match else None
+            kwargs["queryset"] = LabelSet.objects.filter(
+                project_id=project_id if str(project_id or "").isdigit() else None)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+
+class LabelSetAdminForm(forms.ModelForm):
+    """A set's kind (single label or findings) changes only while it holds no answers
+    (the rule ``label_set_create`` keeps)."""
+
+    class Meta:
+        model = LabelSet
+        fields = "__all__"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "datasets" in self.fields and self.instance.project_id is not None:
+            self.fields["datasets"].queryset = Dataset.objects.filter(
+                project_id=self.instance.project_id)
+
+    def clean_kind(self):
+        kind = self.cleaned_data.get("kind")
+        if self.instance.pk and kind != self.instance.kind and Annotation.objects.filter(
+                db_models.Q(label_class__label_set=self.instance)
+                | db_models.Q(findings__finding__label_set=self.instance)).exists():
+            raise ValidationError(f"{self.instance.name!r} already holds answers: its kind "
+                                  "(single label or findings) can no longer change.")
+        return kind
 
 
 class LabelSetInline(admin.StackedInline):
     """Stacked: a set has too many settings for one table row on a laptop screen."""
     model = LabelSet
+    form = LabelSetAdminForm
     extra = 0
     fields = ["name", ("kind", "order"), ("uncertain_policy", "threshold_rule",
                                           "target_sensitivity"), ("modalities", "body_parts")]
@@ -70,6 +201,12 @@ class LabelSetAdmin(admin.ModelAdmin):
     list_filter = ["project", "kind"]
     search_fields = ["name", "description"]
     filter_horizontal = ["datasets"]
+    form = LabelSetAdminForm
+
+    def get_readonly_fields(self, request, obj=None):
+        """A set stays in its project (its classes, scans and answers are that project's)."""
+        fields = list(super().get_readonly_fields(request, obj))
+        return fields + ["project"] if obj is not None else fields
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(
@@ -92,14 +229,56 @@ class LabelSetAdmin(admin.ModelAdmin):
             self.message_user(request, f"{moved} scan(s) now use a different label set")
 
 
+class ProjectAdminForm(forms.ModelForm):
+    """The active classifier and encoder: only this project's versions of that kind are
+    offered, and one is accepted only with the files it needs
+    (``model_version_files_problem``); a new project has none to offer."""
+
+    ACTIVE = {"active_model": ModelVersion.Kind.CLASSIFIER,
+              "active_encoder": ModelVersion.Kind.ENCODER}
+
+    class Meta:
+        model = Project
+        fields = "__all__"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, kind in self.ACTIVE.items():
+            if name not in self.fields:
+                continue
+            field = self.fields[name]
+            field.queryset = ModelVersion.objects.filter(
+                project_id=self.instance.pk, kind=kind).exclude(
+                status__in=[ModelVersion.Status.FAILED, ModelVersion.Status.TRAINING]
+            ).order_by("-created_at", "-pk") if self.instance.pk else ModelVersion.objects.none()
+            field.error_messages["invalid_choice"] = (
+                f"Choose one of this project's {kind} versions (not failed, not training): "
+                f"a version of another project, or another kind, cannot be its {name}.")
+
+    def clean(self):
+        cleaned = super().clean()
+        for name, kind in self.ACTIVE.items():
+            model = cleaned.get(name)
+            if model is None or name not in self.changed_data:
+                continue
+            if model.project_id != self.instance.pk or model.kind != kind:
+                self.add_error(name, f"{model.version} is not a {kind} of this project.")
+                continue
+            problem = model_version_files_problem(model)
+            if problem:
+                self.add_error(name, problem)
+        return cleaned
+
+
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
+    form = ProjectAdminForm
     list_display = ["name", "scan_count", "class_count", "colour_mode", "query_strategy",
                     "active_model", "label_studio_project_id", "created_at"]
     list_filter = ["query_strategy", "colour_mode", "created_at"]
     search_fields = ["name", "description"]
     inlines = [MembershipInline, LabelSetInline, LabelClassInline]
-    raw_id_fields = ["active_model", "active_encoder", "created_by"]
+    raw_id_fields = ["created_by"]
 
     class Media:
         css = {"all": ["annotator/admin.css"]}
@@ -123,6 +302,36 @@ class ProjectAdmin(admin.ModelAdmin):
     @admin.display(ordering="_classes", description="classes")
     def class_count(self, obj):
         return obj._classes
+
+    def save_model(self, request, obj, form, change):
+        """A new active encoder or classifier chosen here is made active as a promotion
+        would (its status, the previous one retired, the audit trail, the pool's
+        predictions and the next round); clearing one just clears it."""
+        chosen = {name: form.cleaned_data[name] for name in ProjectAdminForm.ACTIVE
+                  if change and name in form.changed_data and form.cleaned_data.get(name)}
+        if chosen:          # saved as they were; the promotion below sets them
+            stored = Project.objects.filter(pk=obj.pk).values(*[f"{n}_id" for n in chosen])[0]
+            for key, value in stored.items():
+                setattr(obj, key, value)
+        super().save_model(request, obj, form, change)
+        for name in ("active_encoder", "active_model"):
+            if name not in chosen:
+                continue
+            model = chosen[name]
+            try:
+                warning = ml.model_version_promote(
+                    model, actor=request.user,
+                    reason=f"made the {name.replace('_', ' ')} by {request.user} in the admin")
+            except ml.TrainingError as exc:
+                self.message_user(request, f"{model.version}: {exc}", messages.ERROR)
+                continue
+            if warning:
+                self.message_user(request, warning, messages.WARNING)
+            else:
+                self.message_user(request, f"{model.version} is now the project's "
+                                           f"{name.replace('_', ' ')}")
+        if chosen:
+            obj.refresh_from_db()
 
 
 @admin.register(Membership)
@@ -230,9 +439,15 @@ class ScanAdmin(admin.ModelAdmin):
 
 @admin.register(LabelClass)
 class LabelClassAdmin(admin.ModelAdmin):
+    form = LabelClassAdminForm
     list_display = ["name", "project", "label_set", "hotkey", "swatch", "order", "label_count", "created_at"]
     list_filter = ["project", "label_set"]
     search_fields = ["name", "description"]
+
+    def get_readonly_fields(self, request, obj=None):
+        """A class stays in its project (its answers, models and sets are that project's)."""
+        fields = list(super().get_readonly_fields(request, obj))
+        return fields + ["project"] if obj is not None else fields
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(_labels=Count("annotations"))

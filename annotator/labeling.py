@@ -437,6 +437,52 @@ def _optional_int(data: dict, key: str) -> int | None:
     return number
 
 
+def _optional_duration(data: dict) -> int | None:
+    """``duration_ms``: the reading time in whole milliseconds, 0 or more (a number, or its
+    digits as form text); a reading longer than MAX_DURATION_MS (a tab left open) is stored as
+    MAX_DURATION_MS, a value beyond any clock (over ``jsonbody.MAX_ABS_NUMBER``) refused."""
+    value = data.get("duration_ms")
+    if value in (None, ""):
+        return None
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 16:
+        value = int(value.strip())
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or not float(value).is_integer()
+            or not 0 <= value <= jsonbody.MAX_ABS_NUMBER):
+        raise AnnotationError("duration_ms must be the reading time in whole milliseconds "
+                              f"(from 0 to {jsonbody.MAX_ABS_NUMBER:.0e}), not "
+                              f"{str(value)[:40]!r}")
+    return min(int(value), MAX_DURATION_MS)
+
+
+def _shown_suggestion(project: Project, scan: Scan, data: dict):
+    """The class the reader was shown as the model's suggestion (``shown_suggestion``), checked
+    against what a suggestion can be: a class of the scan's own label set, made by a
+    classifier of this project named in ``shown_model_version`` (the label page sends both).
+    None when none was shown; AnnotationError otherwise — the audit trail must not record a
+    suggestion no model could have made (a brain class on a chest film, no model at all)."""
+    suggestion_id = _optional_int(data, "shown_suggestion")
+    if suggestion_id is None:
+        return None
+    suggestion = (LabelClass.objects.filter(project=project, pk=suggestion_id)
+                  .select_related("label_set").first())
+    if suggestion is None:
+        raise AnnotationError("the suggested class shown is not one of this project's")
+    if scan.label_set_id is None or suggestion.label_set_id != scan.label_set_id:
+        raise AnnotationError(
+            f"the suggested class shown ({suggestion.name!r}) is not a class of this scan's "
+            f"label set ({scan.label_set.name if scan.label_set_id else 'none'}): no model "
+            "suggests it here")
+    if not data.get("shown_model_version"):
+        raise AnnotationError("a shown suggestion needs the model version that made it "
+                              "(shown_model_version)")
+    if not ModelVersion.objects.filter(project=project, kind=ModelVersion.Kind.CLASSIFIER,
+                                       version=str(data["shown_model_version"])[:64]).exists():
+        raise AnnotationError("the model version shown is not one of this project's "
+                              "classifiers: only a classifier makes a suggestion")
+    return suggestion
+
+
 def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[Annotation, bool]:
     """Record a reader's answer from the label page. Returns ``(annotation, created)``.
 
@@ -470,12 +516,7 @@ def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[An
             raise AnnotationError(f"{label_class.name!r} does not apply to this scan "
                                   f"(its label set is "
                                   f"{scan.label_set.name if scan.label_set_id else 'none'})")
-    shown_suggestion = None
-    suggestion_id = _optional_int(data, "shown_suggestion")
-    if suggestion_id is not None:
-        shown_suggestion = LabelClass.objects.filter(project=project, pk=suggestion_id).first()
-        if shown_suggestion is None:
-            raise AnnotationError("the suggested class shown is not one of this project's")
+    shown_suggestion = _shown_suggestion(project, scan, data)
     return _record_once(project=project, scan=scan, user=user, data=data,
                         create=lambda **shown: annotation_create(
                             scan=scan, reader=user, label_class=label_class, outcome=outcome,
@@ -546,19 +587,21 @@ def _record_once(*, project: Project, scan: Scan, user, data: dict, create
     round_id = _optional_int(data, "query_round")
     query_round = (QueryRound.objects.filter(project=project, pk=round_id).first()
                    if round_id is not None else None)
-    duration = _optional_int(data, "duration_ms")
-    if duration is not None:
-        duration = max(0, min(duration, MAX_DURATION_MS))
+    duration = _optional_duration(data)
     submission = str(data.get("submission_id") or "")[:64]
 
     def replayed() -> Annotation | None:
-        return Annotation.objects.filter(source=Annotation.Source.WEB,
-                                         external_id=submission).first() if submission else None
+        # a submission id is the reader's own key, in this project: another reader (or this
+        # one in another project) may use the same id for their own answers
+        return Annotation.objects.filter(
+            source=Annotation.Source.WEB, reader=user, project=project,
+            external_id=submission).first() if submission else None
 
     existing = replayed()
     if existing is not None:
-        if existing.scan_id != scan.pk or existing.reader_id != user.pk:
-            raise AnnotationError("this submission id was used for another answer")
+        if existing.scan_id != scan.pk:
+            raise AnnotationError(f"you used the submission id {submission!r} for your answer "
+                                  f"on scan {existing.scan_id}: send a new id for a new answer")
         return existing, False
     try:
         with transaction.atomic():

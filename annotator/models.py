@@ -526,10 +526,18 @@ class Annotation(models.Model):
                 condition=Q(source="import"),
                 name="annotation_unique_import_label",
             ),
+            # A Label Studio annotation (or any other source's id) is stored once ...
             models.UniqueConstraint(
                 fields=["source", "external_id"],
-                condition=~Q(external_id=""),
+                condition=~Q(external_id="") & ~Q(source="web"),
                 name="annotation_unique_external_id",
+            ),
+            # ... a web answer's submission id is the client's own key: one answer per id
+            # for each reader in each project (two readers' scripts may pick the same ids)
+            models.UniqueConstraint(
+                fields=["reader", "project", "external_id"],
+                condition=Q(source="web") & ~Q(external_id=""),
+                name="annotation_unique_submission",
             ),
         ]
         indexes = [models.Index(fields=["scan", "outcome"], name="annotation_scan_outcome"),

@@ -15,13 +15,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import IntegrityError, OperationalError, transaction
+from django.db import DataError, DatabaseError, IntegrityError, OperationalError, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from annotator.models import (
     Annotation,
     Dataset,
+    FindingAnswer,
     ImportChunk,
     ImportJob,
     LabelClass,
@@ -30,6 +31,7 @@ from annotator.models import (
     Project,
     Scan,
     Split,
+    hotkey_error,
 )
 from annotator.storage import (
     preview_file_name,
@@ -37,7 +39,7 @@ from annotator.storage import (
     scan_file_name,
     write_atomic,
 )
-from annotator.uploads import name_may_be_shown
+from annotator.uploads import HIDDEN_NAME, name_may_be_shown
 from ml_backend.data.datasets import SourceError, SourceItem, SourceListing, read_source
 from ml_backend.data.findings import is_findings_source, read_findings_source
 from ml_backend.data.decode import (
@@ -46,6 +48,8 @@ from ml_backend.data.decode import (
     render_preview,
     sniff_format,
 )
+from ml_backend.data.deid import file_name_identifiers, identifier_reason
+from ml_backend.models import ModelVersion, Prediction
 from ml_backend.services import runs
 
 logger = logging.getLogger(__name__)
@@ -234,6 +238,115 @@ def label_class_get_or_create(
     return label_class, True
 
 
+def label_class_uses(label_class: LabelClass) -> dict[str, int]:
+    """What refers to ``label_class`` (only the kinds that do, with their counts): answers
+    giving it, findings answers stating it, suggestions shown and predictions made with it,
+    and classifier versions that learned it. A class that has any of these belongs to the
+    scans of its label set for good."""
+    if label_class.pk is None:
+        return {}
+    pk = label_class.pk
+    uses = {
+        "answers": Annotation.objects.filter(label_class_id=pk).count(),
+        "findings answers": FindingAnswer.objects.filter(finding_id=pk).count(),
+        "shown suggestions": Annotation.objects.filter(shown_suggestion_id=pk).count(),
+        "predictions": Prediction.objects.filter(predicted_class_id=pk).count(),
+        "model versions": sum(
+            1 for config in ModelVersion.objects.filter(
+                project_id=label_class.project_id, kind=ModelVersion.Kind.CLASSIFIER
+            ).values_list("config", flat=True).iterator()
+            if pk in _learned_ids(config)),
+    }
+    return {what: n for what, n in uses.items() if n}
+
+
+def _learned_ids(config) -> set[int]:
+    """The class and finding ids a classifier version's config names."""
+    if not isinstance(config, dict):
+        return set()
+    ids = {c.get("id") for c in config.get("classes") or [] if isinstance(c, dict)}
+    for entry in config.get("findings_sets") or []:
+        if isinstance(entry, dict):
+            ids |= {f.get("id") for f in entry.get("findings") or [] if isinstance(f, dict)}
+    return ids
+
+
+def label_class_set_change_problem(label_class: LabelClass, label_set: LabelSet | None
+                                   ) -> str | None:
+    """Why ``label_class`` cannot belong to ``label_set`` (None when it may): a set of another
+    project, or a move out of its set once anything refers to the class (its answers were
+    given on the scans of that set; a model learned it for them)."""
+    if label_set is None:
+        return None
+    if label_class.project_id is not None and label_set.project_id != label_class.project_id:
+        return (f"the label set {label_set.name!r} belongs to another project: choose one of "
+                "this project's label sets")
+    if label_class.pk is None:
+        return None
+    stored = LabelClass.objects.filter(pk=label_class.pk).select_related("label_set").first()
+    if stored is None or stored.label_set_id == label_set.pk:
+        return None
+    uses = label_class_uses(stored)
+    if not uses:
+        return None
+    said = ", ".join(f"{n} {what}" for what, n in uses.items())
+    return (f"{stored.name!r} cannot move from {stored.label_set.name!r} to "
+            f"{label_set.name!r}: it already has {said} on {stored.label_set.name!r} scans. "
+            f"Add a new class to {label_set.name!r} instead.")
+
+
+def label_class_hotkey_problem(*, label_set: LabelSet, hotkey: str,
+                               label_class: LabelClass | None = None) -> str | None:
+    """Why ``hotkey`` cannot be this class's key in ``label_set`` (None when it can): a key
+    the label page keeps for itself (``hotkey_error``), or one another class of that set
+    already has (the label page would answer both with one key)."""
+    key = (hotkey or "").strip().lower()
+    if not key:
+        return None
+    problem = hotkey_error(key, findings=label_set.is_multi)
+    if problem:
+        return problem
+    others = LabelClass.objects.filter(label_set=label_set, hotkey__iexact=key)
+    if label_class is not None and label_class.pk is not None:
+        others = others.exclude(pk=label_class.pk)
+    taken = others.values_list("name", flat=True).first()
+    if taken is not None:
+        return (f"{key!r} already labels {taken!r} in {label_set.name!r}: choose another "
+                "letter or digit.")
+    return None
+
+
+def label_class_update(*, label_class: LabelClass, **fields) -> LabelClass:
+    """Change a class (name, description, hotkey, colour, order, label set) after the same
+    checks the forms make: a class that has labels keeps its label set, and its hotkey is
+    free in its (new) set. Raises ValueError with the reason; nothing is saved then."""
+    allowed = {"name", "description", "hotkey", "color", "order", "label_set"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"a class has no field(s) {', '.join(sorted(unknown))}")
+    with transaction.atomic():
+        label_class = LabelClass.objects.select_for_update().get(pk=label_class.pk)
+        label_set = fields.get("label_set", label_class.label_set)
+        problem = label_class_set_change_problem(label_class, label_set)
+        hotkey = (fields.get("hotkey", label_class.hotkey) or "").strip().lower()
+        problem = problem or label_class_hotkey_problem(label_set=label_set, hotkey=hotkey,
+                                                        label_class=label_class)
+        if problem:
+            raise ValueError(problem)
+        if "name" in fields:
+            name = " ".join(str(fields["name"]).split())
+            if not name or len(name) > 100:
+                raise ValueError("a class name is 1–100 characters")
+            if LabelClass.objects.filter(project_id=label_class.project_id,
+                                         name__iexact=name).exclude(pk=label_class.pk).exists():
+                raise ValueError(f"this project already has a class called {name!r}")
+            fields["name"] = name
+        for name, value in {**fields, "hotkey": hotkey, "label_set": label_set}.items():
+            setattr(label_class, name, value)
+        label_class.save()
+    return label_class
+
+
 def dataset_get_or_create(*, project: Project, name: str, **fields) -> Dataset:
     dataset, created = Dataset.objects.get_or_create(project=project, name=name, defaults=fields)
     return dataset
@@ -296,6 +409,17 @@ def shown_item_name(job: ImportJob, name: str) -> str:
     return _UPLOAD_PREFIX.sub("", name) if job.source_is_upload else name
 
 
+def _hidden_name_reason(job: ImportJob, name: str, data: bytes | None) -> str | None:
+    """Why an imported file's name is not stored (None: it is stored as ``source_name``):
+    a DICOM's never is; a raster's is not when it or its folders look like they carry
+    identifiers (``deid.file_name_identifiers``), or when the upload page already hid it."""
+    if not name_may_be_shown(name, data or b""):
+        return file_name_identifiers(shown_item_name(job, name)) or "DICOM"
+    if job.source_is_upload and Path(shown_item_name(job, name)).stem == HIDDEN_NAME:
+        return "hidden when uploaded"
+    return None
+
+
 @dataclass
 class _JobState:
     """Counters kept while a job runs; flushed to its ImportJob row."""
@@ -314,13 +438,16 @@ class _JobState:
     series_stacked: int = 0       # series imported as one scan each, and their slices
     series_slices: int = 0
     scan_ids: list = field(default_factory=list)   # the scans this run stored
+    names_hidden: int = 0         # raster names not stored: they look like identifiers
+    labels_hidden: int = 0        # labels not used: they look like identifiers
 
     def to_report(self) -> dict:
         """What an import chunk keeps of its state (JSON) for the job's final report."""
         return {"errors": self.errors, "warnings": self.warnings,
                 "classes_created": self.classes_created,
                 "colour": [[mode, why, n] for (mode, why), n in self.colour.items()],
-                "colour_into_grey": self.colour_into_grey, "colour_decided": self.colour_decided}
+                "colour_into_grey": self.colour_into_grey, "colour_decided": self.colour_decided,
+                "names_hidden": self.names_hidden, "labels_hidden": self.labels_hidden}
 
     def merge(self, chunk) -> None:
         """Add an import chunk's counters and report (``ImportChunk``) to this state."""
@@ -337,6 +464,8 @@ class _JobState:
             self.colour[(mode, why)] = self.colour.get((mode, why), 0) + n
         self.colour_into_grey += report.get("colour_into_grey", 0)
         self.colour_decided = self.colour_decided or report.get("colour_decided", "")
+        self.names_hidden += report.get("names_hidden", 0)
+        self.labels_hidden += report.get("labels_hidden", 0)
 
 
 def parse_split(split: str) -> tuple[str, float | None]:
@@ -452,7 +581,7 @@ def import_job_run(
             listing = read_source(
                 job.source, labels_csv=job.labels_csv or None, layout=job.layout
             )
-        dataset_name = job.dataset_name or listing.default_dataset_name or "import"
+        dataset_name = job.dataset_name or _default_dataset_name(listing, state)
         dataset_existed = Dataset.objects.filter(project=job.project, name=dataset_name).exists()
         dataset = dataset_get_or_create(project=job.project, name=dataset_name)
         if findings is not None:
@@ -499,6 +628,7 @@ def import_job_run(
                 _flush(job, state, processed=done)
         _colour_report(job, dataset, state)
         _split_report(job, state)
+        _names_report(state)
         if state.series_stacked:
             state.warnings.append(
                 f"DICOM per series (project setting): {state.series_slices} slices became "
@@ -518,6 +648,19 @@ def import_job_run(
     if job.status == ImportJob.Status.SUCCEEDED and state.imported:
         _novelty_warning(job)
     return job
+
+
+def _default_dataset_name(listing: SourceListing, state: _JobState) -> str:
+    """The dataset an import names none for: the source's folder or file name, unless it
+    looks like it carries identifiers (DICOM exports are often named after the patient)."""
+    name = listing.default_dataset_name or "import"
+    reason = identifier_reason(name, file_name=True)
+    if reason is None:
+        return name
+    state.warnings.append(f"The source's name was not used as the dataset's name: it looks "
+                          f"like it carries patient identifiers ({reason}); the dataset is "
+                          "'import' (name one with --dataset).")
+    return "import"
 
 
 def _with_default_label(job: ImportJob, item: SourceItem) -> SourceItem:
@@ -716,6 +859,7 @@ def _chunk_finish_once(chunk: ImportChunk, state: _JobState, done: int) -> None:
         if dataset is not None:
             _colour_report(job, dataset, total)
         _split_report(job, total)
+        _names_report(total)
         job.status = ImportJob.Status.SUCCEEDED
         _import_job_close(job, dataset, total, dataset_created=job.dataset_created)
     if total.imported:
@@ -810,6 +954,23 @@ def _split_report(job: ImportJob, state: _JobState) -> None:
         + "; ".join(parts) + ". A patient already in the project kept its side.")
 
 
+def _names_report(state: _JobState) -> None:
+    """The import report's line on names not kept: raster file names (and labels) that look
+    like they carry patient identifiers are stored as no name, as DICOM names always are."""
+    if state.names_hidden:
+        state.warnings.append(
+            f"{state.names_hidden} image file name(s) not kept: they (or their folders) look "
+            "like they carry patient identifiers (a number of 6 or more digits, a date, a "
+            "person's name as Last^First, or a word such as MRN, DOB, PID, SSN, patient or "
+            "name), so those scans are stored with no name, as DICOM files are. Their scan "
+            "numbers identify them.")
+    if state.labels_hidden:
+        state.warnings.append(
+            f"{state.labels_hidden} label(s) not used: a class folder or CSV label looked like "
+            "it carries patient identifiers (a long number, a date or a word such as MRN); "
+            "those scans were imported without a label.")
+
+
 def _colour_report(job: ImportJob, dataset: Dataset, state: _JobState) -> None:
     """The import report's colour lines, and the dataset's colour mode and why."""
     if not state.colour:
@@ -842,15 +1003,32 @@ def _colour_report(job: ImportJob, dataset: Dataset, state: _JobState) -> None:
 def _forget_source_name(job: ImportJob) -> None:
     """A source that names one DICOM file (or a path that does not exist, without a raster
     extension) keeps only its folder once the job has read it: a DICOM's file name may be the
-    patient's. Folders, CSV listings and MedMNIST archives keep their path."""
-    path = Path((job.source or "").split("#", 1)[0])
-    if (not path.name or path.is_dir() or path.suffix.lower() in (".csv", ".npz")
-            or name_may_be_shown(path.name)):
+    patient's. Folders, CSV listings and MedMNIST archives keep their path, less any folder
+    or file name in it that looks like it carries identifiers (``deid.identifier_reason``:
+    a PACS export's folders are often named after the patient)."""
+    if job.source_is_upload:
+        return                  # our own staging folder (numbered names), removed next
+    raw, hash_mark, fragment = (job.source or "").partition("#")
+    path = Path(raw)
+    parts = list(path.parts)
+    forgotten = []
+    if parts and not (not path.name or path.is_dir() or path.suffix.lower() in (".csv", ".npz")
+                      or name_may_be_shown(path.name)):
+        forgotten.append(parts[-1])
+        parts[-1] = "(file name not kept)"
+    for index, part in enumerate(parts):
+        if part != path.anchor and not part.startswith("(") and identifier_reason(
+                part, file_name=True):
+            forgotten.append(part)
+            parts[index] = "(name not kept)"
+    if not forgotten:
         return
-    kept = str(path.parent / "(file name not kept)")
+    kept = str(Path(*parts)) + (hash_mark + fragment if hash_mark else "")
     job.source = kept
     if job.last_error:
-        job.last_error = job.last_error.replace(str(path), kept).replace(path.name, "(file)")
+        job.last_error = job.last_error.replace(raw, kept.partition("#")[0])
+        for part in forgotten:
+            job.last_error = job.last_error.replace(part, "(name not kept)")
 
 
 def _novelty_warning(job: ImportJob) -> None:
@@ -1098,6 +1276,10 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
             )
         sha = item.digest_hint or hashlib.sha256(data).hexdigest()
         ref = _file_ref(number, item, data, sha)
+        hidden = _hidden_name_reason(job, item.name, data)
+        if item.label and identifier_reason(item.label) is not None:
+            state.labels_hidden += 1      # a class folder named after its patient
+            item = SourceItem(item.name, None, item.load, item.digest_hint)
         existing = Scan.objects.filter(project=job.project, sha256=sha).first()
         if existing is not None and rerun and existing.import_job_id == job.pk:
             state.imported += 1      # stored by this chunk's first attempt (its worker was lost)
@@ -1151,7 +1333,7 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 file=file_name,
                 preview=preview_name,
                 file_format=decoded.file_format,
-                source_name=("" if decoded.file_format == "dicom"
+                source_name=("" if decoded.file_format == "dicom" or hidden
                              else shown_item_name(job, item.name)[:255]),
                 width=decoded.width,
                 height=decoded.height,
@@ -1197,6 +1379,8 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
         _count_label(state, outcome)
         created_files.clear()  # committed: the files now belong to the row
         state.imported += 1
+        if hidden and decoded.file_format != "dicom":
+            state.names_hidden += 1
         state.scan_ids.append(scan.pk)
         _count_colour(job, state, is_colour, meta.get("colour_reason", ""))
         for note in decoded.warnings:
@@ -1204,9 +1388,20 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
         if scan.quarantined:
             state.warnings.append(f"{ref}: quarantined as scan {scan.pk} (burned-in "
                                   "annotation): an admin must check and release it")
-    except IntegrityError:
-        # Another import stored the same content between our check and insert.
-        state.duplicates += 1
+    except IntegrityError as exc:
+        if sha and Scan.objects.filter(project=job.project, sha256=sha).exists():
+            # Another import stored the same content between our check and insert.
+            state.duplicates += 1
+        else:          # not a duplicate: the row broke another rule of the table
+            logger.warning("import of one file could not be stored: %s", type(exc).__name__)
+            state.failed += 1
+            state.errors.append({"name": ref or _file_ref(number, item, data, sha),
+                                 "reason": _not_stored_reason(exc)})
+    except DataError as exc:   # a value the database cannot hold (PostgreSQL: NaN in JSON)
+        logger.warning("import of one file could not be stored: %s", type(exc).__name__)
+        state.failed += 1
+        state.errors.append({"name": ref or _file_ref(number, item, data, sha),
+                             "reason": _not_stored_reason(exc)})
     except (ScanDecodeError, ValueError) as exc:
         state.failed += 1
         state.errors.append({"name": ref or _file_ref(number, item, data, sha),
@@ -1219,6 +1414,15 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
     finally:
         for name in created_files:
             remove_if_unreferenced(name)
+
+
+def _not_stored_reason(exc: DatabaseError) -> str:
+    """Why a decoded file was not stored, in words. The database's own message is not
+    quoted: it can repeat the row's values."""
+    kind = type(exc).__name__
+    return (f"could not be stored: the database refused the scan's record ({kind}: a value "
+            "it cannot hold, such as a non-finite number); it is not a duplicate, and nothing "
+            "of it was kept")
 
 
 def _add_import_label(*, job: ImportJob, scan: Scan, label: str) -> tuple[str | None, bool]:

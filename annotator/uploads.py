@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 
 from ml_backend.data.decode import DICOM_EXTENSIONS, probe_raw_dicom, sniff_format
+from ml_backend.data.deid import file_name_identifiers
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -30,20 +31,33 @@ def safe_name(name: str) -> str:
     return base or "upload"
 
 
+# How a staged upload whose name is hidden is named (``NNNN_`` + this + its extension): the
+# import stores it with no name and counts it among the hidden ones.
+HIDDEN_NAME = "name-not-kept"
+
+
 def name_may_be_shown(name: str, data: bytes = b"") -> bool:
-    """A DICOM's file name often carries the patient's name: never stored or shown. A name
-    is shown only when neither its extension (``.dcm``, ``.dicom``, ``.dic`` or none) nor
-    its content says DICOM."""
+    """Whether a file's name may be stored and shown. A DICOM's file name often carries the
+    patient's name: never (by its extension, ``.dcm``, ``.dicom``, ``.dic`` or none, or its
+    content). Nor a raster's whose name or folders look like they carry identifiers
+    (``deid.file_name_identifiers``: a number of 6+ digits, a date, MRN, DOB, ...)."""
+    return not _dicom_by_name_or_content(name, data) and file_name_identifiers(name) is None
+
+
+def _dicom_by_name_or_content(name: str, data: bytes = b"") -> bool:
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    extension = Path(base).suffix.lower()
-    if extension in DICOM_EXTENSIONS:
-        return False
-    return not (data and sniff_format(data[:4096], base) in ("dicom", "dicom?"))
+    if Path(base).suffix.lower() in DICOM_EXTENSIONS:
+        return True
+    return bool(data) and sniff_format(data[:4096], base) in ("dicom", "dicom?")
 
 
 def shown_file_name(name: str, data: bytes = b"") -> str:
     """How a page or a message names an uploaded file (see ``name_may_be_shown``)."""
-    return safe_name(name) if name_may_be_shown(name, data) else "the DICOM file (name not shown)"
+    if name_may_be_shown(name, data):
+        return safe_name(name)
+    if _dicom_by_name_or_content(name, data):
+        return "the DICOM file (name not shown)"
+    return "an image file (name not shown: it looks like it carries patient identifiers)"
 
 
 def check_upload(upload: UploadedFile) -> str | None:
@@ -74,10 +88,16 @@ def stage_uploads(uploads: list[UploadedFile]) -> Path:
         upload.seek(0)
         head = upload.read(4096)
         upload.seek(0)
-        # staged DICOM files are numbered, never named (the name may be the patient's)
-        shown = name_may_be_shown(upload.name or "", head)
-        target = folder / (f"{index:04d}_{safe_name(upload.name or 'upload')}" if shown
-                           else f"{index:04d}.dcm")
+        # staged DICOM files are numbered, never named (the name may be the patient's); an
+        # image whose name looks like it carries identifiers keeps only its extension
+        name = upload.name or "upload"
+        if name_may_be_shown(name, head):
+            target = folder / f"{index:04d}_{safe_name(name)}"
+        elif _dicom_by_name_or_content(name, head):
+            target = folder / f"{index:04d}.dcm"
+        else:
+            extension = Path(safe_name(name)).suffix.lower()
+            target = folder / f"{index:04d}_{HIDDEN_NAME}{extension}"
         with open(target, "wb") as handle:
             for chunk in upload.chunks():
                 handle.write(chunk)

@@ -49,6 +49,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # a control character in the URL, a body over DATA_UPLOAD_MAX_MEMORY_SIZE: a clear 400 /
+    # 413 (problem JSON on the API) before anything reads the request (medsite/middleware.py)
+    "medsite.middleware.RequestGuardMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -242,6 +245,11 @@ REST_FRAMEWORK = {
                                "anon": env_str("API_THROTTLE_ANON") or "60/hour"},
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "annotator.api.errors.problem_handler",
+    # JSON bodies through the site's one JSON parser (medsite/jsonbody.py): its size, nesting
+    # and number limits, a clear 400 / 413 instead of a RecursionError
+    "DEFAULT_PARSER_CLASSES": ["annotator.api.parsers.JSONBodyParser",
+                               "rest_framework.parsers.FormParser",
+                               "rest_framework.parsers.MultiPartParser"],
     # ?format= is ours (labels: csv / jsonl, models: onnx / torchscript), not DRF's renderer
     # switch; the Accept header still picks one
     "URL_FORMAT_OVERRIDE": None,

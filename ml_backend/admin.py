@@ -21,6 +21,15 @@ class ModelVersionAdmin(admin.ModelAdmin):
     raw_id_fields = ["parent"]
     actions = ["promote", "roll_back"]
 
+    def get_readonly_fields(self, request, obj=None):
+        """What a version is (its project, kind, files, config, encoder) is fixed once it
+        exists: edited, it would be another project's model, or an encoder read as a
+        classifier. It becomes active through the actions (promote, roll back)."""
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None:
+            fields += ["project", "kind", "version", "parent", "artifact_dir", "config"]
+        return fields
+
     @admin.display(description="eval macro-F1")
     def macro_f1(self, obj):
         evaluation = obj.evaluations.order_by("-created_at").first()
@@ -28,9 +37,12 @@ class ModelVersionAdmin(admin.ModelAdmin):
 
     @admin.action(description="Promote to active (bypasses the gate)")
     def promote(self, request, queryset):
+        """Each selected version is made active (a classifier as the project's model, an
+        encoder as its encoder); one without the files it needs, or that failed or is still
+        training, is refused in words and nothing changes for it."""
         from ml_backend import services
 
-        for model in queryset:
+        for model in queryset.select_related("project", "parent"):
             try:
                 warning = services.model_version_promote(
                     model, actor=request.user, reason=f"promoted by {request.user} in admin")

@@ -34,3 +34,29 @@ def trained_project(project, reader, *, per_class: int = 2):
     project.blind_second_readers = False
     project.save(update_fields=["blind_second_readers"])
     return project
+
+
+def model_version_with_files(project, version: str, *, kind: str = "classifier",
+                             status: str = "ready", classes=(), parent=None):
+    """A model version row with the files it needs present (empty placeholders: enough for
+    the checks that look for them; loading them fails, as a damaged file would): an
+    encoder's ``encoder.pt``, a fine-tuned classifier's ``classifier.pt`` over ``classes``
+    (LabelClass rows)."""
+    from pathlib import Path
+
+    from django.conf import settings
+
+    from ml_backend.models import ModelVersion
+
+    folder = Path(settings.ARTIFACTS_ROOT) / "models" / version
+    folder.mkdir(parents=True)
+    if kind == "encoder":
+        (folder / "encoder.pt").write_bytes(b"")
+        config = {}
+    else:
+        (folder / "classifier.pt").write_bytes(b"")
+        config = {"kind": "finetuned", "classes": [
+            {"id": c.pk, "name": c.name, "label_set": c.label_set_id} for c in classes]}
+    return ModelVersion.objects.create(project=project, kind=kind, version=version,
+                                       status=status, parent=parent, artifact_dir=str(folder),
+                                       config=config)

@@ -20,7 +20,8 @@ def problem_handler(exc, context):
                            for k, v in (data.items() if isinstance(data, dict) else
                                         [("request", data)]))
     title = {400: "Bad request", 401: "Not signed in", 403: "Not allowed", 404: "Not found",
-             405: "Method not allowed", 409: "Conflict", 415: "Unsupported media type",
+             405: "Method not allowed", 409: "Conflict", 413: "Content too large",
+             415: "Unsupported media type",
              429: "Too many requests"}.get(response.status_code, "Error")
     body = {"type": "about:blank", "title": title, "status": response.status_code,
             "detail": detail}

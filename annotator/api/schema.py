@@ -18,6 +18,8 @@ ERRORS = {"400": "The request is not valid: `detail` says why.",
           "403": "Not allowed for your role.",
           "404": "No such object among your projects' objects.",
           "429": "Too many requests: wait and try again."}
+# an operation with a body: a JSON body over 1 MB, any body over DATA_UPLOAD_MAX_MEMORY_SIZE
+TOO_LARGE = {"413": "The body is too large: `detail` gives the limit."}
 
 
 def add_problem_responses(result, generator, request, public):
@@ -27,7 +29,8 @@ def add_problem_responses(result, generator, request, public):
     for operations in result.get("paths", {}).values():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
-            for code, words in ERRORS.items():
+            codes = dict(ERRORS, **(TOO_LARGE if "requestBody" in operation else {}))
+            for code, words in codes.items():
                 responses.setdefault(code, {"description": words, "content": {
                     "application/problem+json": {"schema": reference}}})
     return result

@@ -113,16 +113,25 @@ class AnswerSerializer(serializers.Serializer):
         child=serializers.FloatField(min_value=0, max_value=1), required=False,
         help_text="For outcome=findings: finding (id or name) → the probability the reader "
                   "was shown.")
-    duration_ms = serializers.IntegerField(required=False, allow_null=True, min_value=0)
+    duration_ms = serializers.IntegerField(
+        required=False, allow_null=True, min_value=0,
+        error_messages={"invalid": "the reading time in whole milliseconds (0 or more)",
+                        "min_value": "the reading time in whole milliseconds (0 or more)"},
+        help_text="How long the reader took, in milliseconds (a longer reading than 6 hours "
+                  "is stored as 6 hours).")
     shown_model_version = serializers.CharField(required=False, allow_blank=True,
                                                 help_text="The model version whose suggestion "
                                                 "the reader saw, if any.")
-    shown_suggestion = serializers.IntegerField(required=False, allow_null=True,
-                                                help_text="The class suggested to the reader.")
+    shown_suggestion = serializers.IntegerField(
+        required=False, allow_null=True,
+        help_text="The class the model suggested to the reader: a class of the scan's label "
+                  "set, with the classifier that suggested it in shown_model_version.")
     shown_confidence = serializers.FloatField(required=False, allow_null=True, min_value=0,
                                               max_value=1)
     submission_id = serializers.CharField(required=False, max_length=64,
-                                          help_text="Makes a retried request a no-op.")
+                                          help_text="Your key for this answer (unique among "
+                                          "your answers in this project): a retried request "
+                                          "with it is a no-op.")
 
 
 class WorklistItemSerializer(serializers.Serializer):

@@ -349,7 +349,7 @@ class ImportDetail(generics.RetrieveAPIView):
 @extend_schema(parameters=[OpenApiParameter("format", str, enum=["onnx", "torchscript"],
                                             description="onnx (default) or torchscript")],
                responses={(200, "application/zip"): OpenApiTypes.BINARY,
-                          409: OpenApiTypes.OBJECT})
+                          409: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT})
 class ModelExport(ProjectScoped, APIView):
     """A classifier version as a zip: one network per label set (classes or findings),
     image in, calibrated probabilities out, checked against PyTorch on the project's own
@@ -359,7 +359,7 @@ class ModelExport(ProjectScoped, APIView):
 
     def get(self, request, project_id: int, version: str):
         from ml_backend.errors import TrainingError
-        from ml_backend.services.export import model_export_archive
+        from ml_backend.services.export import ExportBusy, model_export_archive
 
         project = self.project()
         if project.role_of(request.user) not in ("admin", "reviewer"):
@@ -373,6 +373,10 @@ class ModelExport(ProjectScoped, APIView):
             raise ValidationError({"format": "use onnx or torchscript"})
         try:
             path = model_export_archive(model, fmt=fmt)
+        except ExportBusy as exc:       # another request is making this very file
+            response = problem(503, str(exc), title="Export in progress")
+            response["Retry-After"] = "10"
+            return response
         except TrainingError as exc:
             return problem(409, str(exc))
         return FileResponse(open(path, "rb"), as_attachment=True, filename=path.name,

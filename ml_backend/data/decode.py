@@ -10,12 +10,15 @@ What ``decode_scan`` returns for a file:
   ``(H, W, 3)`` RGB for a colour image. For greyscale DICOM: modality LUT
   (RescaleSlope/Intercept or Modality LUT Sequence), then VOI (WindowCenter/Width,
   LINEAR / LINEAR_EXACT / SIGMOID, or VOI LUT Sequence; percentile window when
-  absent), then MONOCHROME1 inversion. A multi-frame image contributes its middle
-  frame. Colour is kept where the source is colour: RGB / RGBA / palette PNG, JPEG,
-  TIFF; DICOM RGB, YBR_* (converted to RGB) and PALETTE COLOR. A colour-encoded
-  image whose channels agree (greyscale saved as RGB, like most MRI exported to
-  JPEG) is detected and kept as one grey channel. ``meta["colour"]`` says which
-  (``"colour"`` / ``"grey"``) and ``meta["colour_reason"]`` why. Colour images above
+  absent), then MONOCHROME1 inversion; Float and Double Float Pixel Data (parametric
+  maps) too. A multi-frame image contributes its middle frame. Non-finite values (a
+  rescale to infinity, NaN pixels) are refused. A TIFF is its first page when the other
+  pages are smaller (thumbnails, pyramid levels); a stack of full-size pages is refused.
+  Colour is kept where the source is colour: RGB / RGBA / palette PNG, JPEG, TIFF;
+  DICOM RGB, YBR_* (converted to RGB) and PALETTE COLOR. A colour-encoded image whose
+  channels agree (greyscale saved as RGB, like most MRI exported to JPEG) is detected
+  and kept as one grey channel. ``meta["colour"]`` says which (``"colour"`` /
+  ``"grey"``) and ``meta["colour_reason"]`` why. Colour images above
   ``COLOUR_MAX_SIDE`` are reduced for display and training (the stored copy keeps
   every pixel).
 - ``stored_bytes``: what may be kept on disk, de-identified (``deid``): DICOM
@@ -48,7 +51,9 @@ from ml_backend.data.deid import (
     DeidentificationError,
     clean_text,
     deidentified_dicom,
+    kept_text,
     patient_pseudonym,
+    photometric_of,
     study_series_pseudonyms,
     png_without_metadata,
     strip_jpeg_metadata,
@@ -417,6 +422,8 @@ def _check_encapsulated(ds, *, rows: int, cols: int, frames: int, samples: int,
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                        b"UR", b"UT", b"UV"})
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+# Pixel Data, and the float kinds parametric maps use (PS3.3 C.7.6.3.1.4)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _GEOMETRY_TAGS = {0x00280010: "rows", 0x00280011: "cols", 0x00280008: "frames",
                   0x00280002: "samples", 0x00280100: "bits"}
 
@@ -812,10 +819,10 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
                 f"{kind.upper()} image data is damaged: {_reason(exc)}"
             ) from None
 
+    notes = _pages_note(kind, pages, frames)
     values: dict = {}
     pixels, bits, colour, colour_reason, reduced = _raster_to_unit(image, window=window,
                                                                    values=values)
-    notes = []
     if reduced:
         notes.append(f"colour image reduced to {COLOUR_MAX_SIDE} px on its longest side for "
                      "display and training (the stored copy keeps every pixel)")
@@ -843,10 +850,38 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
         stored_ext=ext,
         width=width,
         height=height,
-        num_frames=frames,
+        num_frames=1,            # the stored copy holds one image (``_pages_note``)
         meta=meta,
         warnings=notes,
     )
+
+
+def _pages_note(kind: str, pages: list[tuple[int, int]] | None, frames: int) -> list[str]:
+    """A raster holding more than one image: what was imported of it, or a refusal.
+
+    A TIFF whose later pages are all smaller than the first (the thumbnails and pyramid
+    levels of a slide or a camera image, a slide's label and overview images) is its first,
+    full-resolution page, and the report says the others were not kept. A TIFF with another
+    page as large as the first is a stack (slices, channels, time points, focal planes): its
+    first page alone would stand for the whole under one label, so it is refused with what
+    to do instead. An animated PNG is its first (default) frame, with a note."""
+    if kind == "tiff" and pages is not None and len(pages) > 1:
+        (width, height), rest = pages[0], pages[1:]
+        large = sum(1 for w, h in rest if w * h >= width * height or w > width or h > height)
+        if large:
+            raise ScanDecodeError(
+                f"multi-page TIFF: {len(pages):,} pages, {large + 1:,} of them full-size images "
+                f"({width}x{height} first): a stack of slices, channels or time points cannot "
+                "be imported as one image, and its first page alone would misrepresent it. "
+                "Save each page as its own TIFF or PNG file (or a CT/MR series as DICOM) "
+                "and import those")
+        return [f"multi-page TIFF: only the first, full-resolution page ({width}x{height}) "
+                f"was imported; its {len(rest):,} smaller page(s) (thumbnails, pyramid levels "
+                "or a slide's label and overview images) were not kept"]
+    if frames > 1:
+        return [f"{kind.upper()} holds {frames:,} frames (animated): only its first frame "
+                "was imported"]
+    return []
 
 
 COLOUR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
@@ -864,7 +899,10 @@ def _raster_to_unit(image: Image.Image, *, window=None, values: dict | None = No
         array = np.array(image, dtype=np.float32)
         bits = 16 if mode.startswith("I;16") else 32
         _describe_values(array, values)
-        unit = (_window(array, window[0], window[1], "LINEAR") if window is not None
+        # float values (mode F) are windowed exactly: LINEAR's 1-unit minimum width would
+        # flatten a map whose values span less than one unit
+        unit = (_window(array, window[0], window[1],
+                        "LINEAR_EXACT" if mode == "F" else "LINEAR") if window is not None
                 else _percentile_window(array, in_place=True))
         return unit, bits, False, f"{bits}-bit greyscale {mode}", False
     reduced = False
@@ -900,10 +938,20 @@ def _describe_values(values: np.ndarray, out: dict, window=None) -> None:
     step = max(1, int(np.ceil(np.sqrt(values.size / 262_144))))
     sample = values[::step, ::step]
     low, high = float(np.min(values)), float(np.max(values))
+    if not (np.isfinite(low) and np.isfinite(high)):   # NaN spreads to min and max
+        raise ScanDecodeError(
+            "the image holds non-finite pixel values (NaN or infinity, or beyond the float "
+            "range): they cannot be windowed, shown or stored")
     if window is None:
-        p_low, p_high = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+        with np.errstate(over="ignore", invalid="ignore"):
+            p_low, p_high = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
         window = ((p_low + p_high) / 2, max(p_high - p_low, 1e-3))
-    out["window"] = [round(float(window[0]), 3), round(float(window[1]), 3)]
+    described = [float(window[0]), float(window[1]), low, high]
+    if not all(np.isfinite(v) for v in described):
+        raise ScanDecodeError(
+            "the image's window or value range is not finite (its values span more than "
+            "the float range): refused, as it cannot be windowed or shown")
+    out["window"] = [round(described[0], 3), round(described[1], 3)]
     out["value_range"] = [round(low, 3), round(high, 3)]
 
 
@@ -973,20 +1021,23 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         raise ScanDecodeError(f"not a readable DICOM file: {type(exc).__name__}") from None
     del inflated  # the dataset holds its own copy of every value
 
-    if "PixelData" not in ds and not sure:
+    has_pixels = any(keyword in ds for keyword in _PIXEL_KEYWORDS)
+    if not has_pixels and not sure:
         raise ScanDecodeError(
             "not a DICOM file: no 'DICM' header and no image elements "
             "(is it a different file type with a .dcm name?)"
         )
-    if "PixelData" not in ds:
+    if not has_pixels:
         sop = clean_text(ds.get("SOPClassUID", ""))
         what = ""
         if sop:
-            try:
-                what = f" ({pydicom.uid.UID(sop).name})"
+            try:   # named only when the standard defines it (an unknown UID is not echoed)
+                uid = pydicom.uid.UID(sop)
+                what = f" ({uid.name})" if uid.type else ""
             except Exception:  # an unknown UID name is not an error
                 what = ""
-        raise ScanDecodeError(f"DICOM object has no image (no Pixel Data){what}")
+        raise ScanDecodeError(f"DICOM object has no image (no Pixel Data, Float Pixel Data "
+                              f"or Double Float Pixel Data){what}")
 
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
@@ -1050,8 +1101,8 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
             f"decoder gave up ({type(exc).__name__})"
         ) from None
 
-    photometric = clean_text(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = photometric_of(ds, samples=samples)   # a made-up value is never kept
     chosen = frames // 2 if frame is None else int(frame)
     if frame is not None and not 0 <= chosen < frames:
         raise ScanDecodeError(f"frame {chosen} asked of an image with {frames} frame(s)")
@@ -1064,7 +1115,7 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         values: dict = {}
         pixels, colour_reason = _dicom_to_unit(ds, frame, photometric=photometric,
                                                samples=samples, window=window, values=values)
-    except MemoryError:
+    except (MemoryError, ScanDecodeError):
         raise
     except Exception as exc:  # LUTs and rescale values come from the file
         raise ScanDecodeError(
@@ -1090,13 +1141,15 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         "instance_number": _integer(ds.get("InstanceNumber")),
         "slice_position": _slice_position(ds),
         "slice_spacing": _positive(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")),
-        "modality": clean_text(ds.get("Modality")),
-        "manufacturer": clean_text(ds.get("Manufacturer")),
-        "manufacturer_model": clean_text(ds.get("ManufacturerModelName")),
-        "body_part": clean_text(ds.get("BodyPartExamined")),
+        # the values the de-identified copy keeps (``deid.kept_value``), nothing else
+        "modality": kept_text(ds, "Modality"),
+        "manufacturer": kept_text(ds, "Manufacturer"),
+        "manufacturer_model": kept_text(ds, "ManufacturerModelName"),
+        "body_part": kept_text(ds, "BodyPartExamined"),
         "photometric": photometric,
         "pixel_spacing": _spacing(spacing),
-        "bits_stored": int(ds.get("BitsStored", 0) or 0),
+        "bits_stored": (raw.dtype.itemsize * 8 if raw.dtype.kind == "f"
+                        else int(ds.get("BitsStored", 0) or 0)),
         "transfer_syntax": ts_name,
         "burned_in_annotation": clean_text(ds.get("BurnedInAnnotation", "")).upper() == "YES",
         "colour": "colour" if pixels.ndim == 3 else "grey",
@@ -1227,19 +1280,27 @@ def _dicom_grey(ds, frame: np.ndarray, *, photometric: str, window=None,
     else:
         values = frame.astype(np.float32)
         if "RescaleSlope" in ds and "RescaleIntercept" in ds:
-            slope = _first_number(ds.get("RescaleSlope"))
-            intercept = _first_number(ds.get("RescaleIntercept"))
-            if slope is not None and slope != 1.0:
-                np.multiply(values, slope, out=values)
-            if intercept:
-                np.add(values, intercept, out=values)
+            slope = _rescale_number(ds, "RescaleSlope")
+            intercept = _rescale_number(ds, "RescaleIntercept")
+            with np.errstate(over="ignore", invalid="ignore"):
+                if slope is not None and slope != 1.0:
+                    np.multiply(values, slope, out=values)
+                if intercept:
+                    np.add(values, intercept, out=values)
+            if not (np.isfinite(values.min()) and np.isfinite(values.max())):
+                raise ScanDecodeError(
+                    "DICOM has a non-finite rescale slope/intercept: RescaleSlope x stored value "
+                    "+ RescaleIntercept is beyond any finite number for its pixels (refused: "
+                    "its values cannot be windowed, shown or stored)")
     center, width = _first_number(ds.get("WindowCenter")), _first_number(ds.get("WindowWidth"))
     function = clean_text(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
     has_window = center is not None and width is not None and width > 0
     _describe_values(values, {} if info is None else info,
                      (center, width) if has_window else None)
     if window is not None:
-        unit = _window(values, window[0], window[1], "LINEAR")
+        # float pixel data (parametric maps) is windowed exactly (PS3.3 C.11.2.1.3.2)
+        unit = _window(values, window[0], window[1],
+                       "LINEAR_EXACT" if frame.dtype.kind == "f" else "LINEAR")
     elif has_window:
         unit = _window(values, center, width, function)
     elif "VOILUTSequence" in ds:
@@ -1251,6 +1312,25 @@ def _dicom_grey(ds, frame: np.ndarray, *, photometric: str, window=None,
     if photometric == "MONOCHROME1":
         np.subtract(1.0, unit, out=unit)
     return unit
+
+
+def _rescale_number(ds, keyword: str) -> float | None:
+    """RescaleSlope / RescaleIntercept as a float (None when absent or not a number);
+    an infinite or NaN value is refused, not ignored."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0]
+        number = float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if not np.isfinite(number):
+        raise ScanDecodeError(
+            f"DICOM has a non-finite rescale slope/intercept ({keyword} is infinite or not a "
+            "number): its pixel values cannot be computed")
+    return number
 
 
 def _first_number(value: object) -> float | None:

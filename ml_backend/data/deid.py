@@ -7,9 +7,12 @@ de-identification salt explicitly.
   UIDs (``deidentified_dicom``), so every attribute of the DICOM PS3.15 Annex E Basic Profile
   (names, IDs, dates, addresses, accession numbers, institutions, physicians, private tags,
   ...) is dropped. Each element is copied fresh, only with its dictionary VR; the two LUT
-  sequences' items are rebuilt from their own whitelist (``ITEM_KEYWORDS``). Pixels are
-  always written uncompressed from the decoded array, never as the original encapsulated
-  stream (whose JPEG frames can hold comments and EXIF).
+  sequences' items are rebuilt from their own whitelist (``ITEM_KEYWORDS``). A kept
+  attribute keeps only values its rule allows (``kept_value``): coded ones only terms the
+  standard defines (ImageType, Modality, Body Part Examined, ...), free text (Manufacturer,
+  model name) only when it does not look like an identifier, numbers only when finite.
+  Pixels are always written uncompressed from the decoded array, never as the original
+  encapsulated stream (whose JPEG frames can hold comments and EXIF).
 - PNG and TIFF become a PNG of pixels only (``png_without_metadata``): no text chunks, no
   EXIF, no ICC profile.
 - JPEG keeps only what decoding needs (``strip_jpeg_metadata``): tables, frame and scan
@@ -19,6 +22,9 @@ de-identification salt explicitly.
 - ``patient_pseudonym``: HMAC-SHA256 of the DICOM PatientID (+ issuer) under the caller's
   salt — same patient, same key; the ID itself never leaves here.
 - ``clean_text``: a short printable version of a technical attribute, for metadata.
+- ``file_name_identifiers`` / ``identifier_reason``: whether a raster's file name (or a
+  free-text value) looks like it carries a patient's identifiers (a number of 6+ digits, a
+  date, MRN, DOB, ...); the import then stores no name, as for DICOM.
 
 Failures raise ``DeidentificationError``; ``str(exc)`` is a reason a user can act on.
 """
@@ -43,8 +49,13 @@ __all__ = [
     "PHI_KEYWORDS",
     "clean_text",
     "deidentified_dicom",
+    "file_name_identifiers",
     "group_bucket",
+    "identifier_reason",
+    "kept_text",
+    "kept_value",
     "patient_pseudonym",
+    "photometric_of",
     "png_without_metadata",
     "strip_jpeg_metadata",
     "study_pseudonym",
@@ -276,7 +287,10 @@ def _whitelisted(source, keywords):
         if element is None or not _vr_fits(element):
             continue
         if element.VR != "SQ":
-            new.add(DataElement(element.tag, element.VR, element.value, already_converted=True))
+            value = kept_value(keyword, element.value)
+            if value is not None:
+                new.add(DataElement(element.tag, element.VR, value,
+                                    already_converted=value is element.value))
             continue
         if keyword not in ITEM_KEYWORDS:
             continue
@@ -306,12 +320,24 @@ def _set_identity(new, ds, raw: np.ndarray, *, salt: str, patient_key: str) -> N
     new.SeriesInstanceUID = generate_uid(
         entropy_srcs=[salt, "series", _raw_text(ds.get("SeriesInstanceUID")) or original_uid]
     )
+    if "SOPClassUID" in new and not _known_sop_class(new.SOPClassUID):
+        del new.SOPClassUID  # a UID the standard does not define can carry digits of an ID
     if "SOPClassUID" not in new:
         new.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
     new.PatientIdentityRemoved = "YES"
     new.DeidentificationMethod = "medsite: PS3.15 Basic Profile via attribute whitelist"
     new.PatientID = patient_key[:16] if patient_key else ""
     new.PatientName = "ANONYMOUS"
+
+
+def _known_sop_class(uid) -> bool:
+    """Whether ``uid`` is a SOP class of the DICOM standard (pydicom's UID dictionary)."""
+    from pydicom.uid import UID
+
+    try:
+        return UID(str(uid)).type == "SOP Class"
+    except Exception:  # not a UID at all
+        return False
 
 
 # Transfer syntaxes that always lose information, with their PS3.16 CID 7201 method.
@@ -340,14 +366,34 @@ def _set_pixels(new, ds, raw: np.ndarray) -> None:
     meta.MediaStorageSOPInstanceUID = new.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     new.file_meta = meta
-    photometric = clean_text(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = photometric_of(ds, samples=samples)
     if photometric.startswith("YBR") and raw.ndim >= 3 and raw.shape[-1] == 3:
         photometric = "RGB"  # pixel_array already converted YBR to RGB
     new.PhotometricInterpretation = photometric
-    if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
+    if samples > 1:
         new.PlanarConfiguration = 0  # pixel_array is (rows, cols, samples)
+    if raw.dtype.kind == "f":  # Float / Double Float Pixel Data (parametric maps)
+        double = raw.dtype.itemsize == 8
+        for keyword in ("BitsStored", "HighBit", "PixelRepresentation"):
+            if keyword in new:  # not allowed beside float pixel data (PS3.3 C.7.6.3)
+                delattr(new, keyword)
+        new.BitsAllocated = 64 if double else 32
+        payload = np.ascontiguousarray(raw, dtype="<f8" if double else "<f4").tobytes()
+        setattr(new, "DoubleFloatPixelData" if double else "FloatPixelData", payload)
+        return
     new.PixelData = _pixel_bytes(raw, bits_allocated=int(ds.BitsAllocated))
     new["PixelData"].VR = "OB" if int(ds.BitsAllocated) <= 8 else "OW"
+
+
+def photometric_of(ds, *, samples: int = 1) -> str:
+    """The dataset's Photometric Interpretation when the standard defines it, else what
+    its samples per pixel imply (MONOCHROME2 or RGB): a made-up value is never kept."""
+    value = kept_value("PhotometricInterpretation",
+                       clean_text(ds.get("PhotometricInterpretation", "")).upper() or None)
+    if isinstance(value, str) and value:
+        return value
+    return "MONOCHROME2" if samples == 1 else "RGB"
 
 
 def _check_copy(data: bytes, raw: np.ndarray) -> None:
@@ -378,6 +424,253 @@ def _pixel_bytes(raw: np.ndarray, *, bits_allocated: int) -> bytes:
     if len(payload) % 2:
         payload += b"\x00"
     return payload
+
+
+# --- what a kept DICOM attribute may hold --------------------------------------------------
+#
+# The whitelist decides which attributes are kept; these rules decide which values. A coded
+# attribute (CS) keeps only terms the DICOM standard defines for it, so a site (or anyone)
+# cannot carry a name or an ID through it; a free-text one (Manufacturer, model name) is
+# dropped when it looks like it holds identifiers (``identifier_reason``); a number is kept
+# only when it is a finite number.
+
+# PS3.3 C.7.3.1.1.1 (Modality), defined terms current and retired.
+MODALITIES = frozenset("""
+    ANN AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DMS DG DOC DX ECG EEG EMG EOG EPS ES FID GM
+    HC HD IO IOL IVOCT IVUS KER KO LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS
+    OT PA PLAN POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD
+    RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC
+    AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF
+""".split())
+
+# PS3.16 Annex L (Body Part Examined), compared without spaces, hyphens and underscores.
+BODY_PARTS = frozenset("""
+    ABDOMEN ABDOMENPELVIS ACETABULUM ACJOINT ADRENAL AMNIOTICFLUID ANKLE ANUS AORTA APPENDIX
+    ARM ARTERY AXILLA BACK BILEDUCT BLADDER BRAIN BRAINSTEM BREAST BRONCHUS BUTTOCK CALCANEUS
+    CALF CAROTID CEREBELLUM CERVIX CHEEK CHEST CHESTABDOMEN CHESTABDPELVIS CHOROIDPLEXUS
+    CIRCLEOFWILLIS CLAVICLE COCCYX COLON CORNEA CORONARYARTERY CSPINE CTSPINE DIAPHRAGM
+    DUODENUM EAR ELBOW ENDOMETRIUM ESOPHAGUS EXTREMITY EYE EYELID FACE FEMUR FIBULA FINGER FOOT
+    FOREARM GALLBLADDER HAND HEAD HEADNECK HEART HIP HUMERUS IAC ILEUM ILIUM JAW JEJUNUM KIDNEY
+    KNEE LARYNX LEG LIVER LOWERLIMB LSPINE LSSPINE LUNG LYMPHNODE MANDIBLE MAXILLA MEDIASTINUM
+    MOUTH NASOPHARYNX NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NECKCHESTABDPELVIS NOSE
+    ORBIT OVARY PANCREAS PAROTID PATELLA PELVIS PENIS PERINEUM PHARYNX PITUITARY PLACENTA
+    PROSTATE RADIUS RADIUSULNA RECTUM RIB SACRUM SCALP SCAPULA SCLERA SCROTUM SELLA SHOULDER
+    SIJOINT SKULL SPINALCORD SPINE SPLEEN SSPINE STERNUM STOMACH SUBMANDIBULAR TESTIS THALAMUS
+    THIGH THUMB THYMUS THYROID TIBIA TIBIAFIBULA TLSPINE TMJ TOE TONGUE TOOTH TRACHEA TSPINE
+    ULNA UPPERLIMB URETER URETHRA UTERUS VAGINA VEIN VULVA WHOLEBODY WRIST ZYGOMA
+""".split())
+
+# ImageType (0008,0008): value 1 and 2 are enumerated (PS3.3 C.7.6.1.1.2); values 3 on are
+# kept while each is a term the standard defines for some IOD (C.7.6.1.1.2, C.8.2.1.1.1 CT,
+# C.8.4.1 NM, C.8.5.5 US, C.8.7.10 XA, C.8.8.2 RT Image, C.8.16.1 enhanced image flavour and
+# derived pixel contrast, C.8.12.4 whole slide), and cut at the first one that is not.
+IMAGE_TYPE_TERMS = frozenset({
+    "", "OTHER", "MIXED", "NONE", "AXIAL", "LOCALIZER", "VOLUME", "LABEL", "OVERVIEW",
+    "THUMBNAIL", "RESAMPLED", "STATIC", "DYNAMIC", "GATED", "WHOLE BODY", "TOMO",
+    "GATED TOMO", "RECON TOMO", "RECON GATED TOMO", "EMISSION", "TRANSMISSION",
+    "SINGLE PLANE", "BIPLANE A", "BIPLANE B", "DRR", "PORTAL", "SIMULATOR", "RADIOGRAPH",
+    "BLANK", "FLUENCE", "ANGIO", "CARDIAC", "CARDIAC_GATED", "CARDRESP_GATED", "FLUOROSCOPY",
+    "MOTION", "PERFUSION", "PRE_CONTRAST", "POST_CONTRAST", "RESP_GATED", "REST", "STRESS",
+    "NON_PARALLEL", "PARALLEL", "WHOLE_BODY", "ATTENUATION", "DIFFUSION", "FLOW_ENCODED",
+    "FLUID_ATTENUATED", "FMRI", "MAX_IP", "MIN_IP", "METABOLITE_MAP", "MULTIECHO",
+    "PROTON_DENSITY", "REALTIME", "STIR", "T1", "T2", "T2_STAR", "TOF", "VELOCITY", "ADDITION",
+    "DIVISION", "MASKED", "MAXIMUM", "MEAN", "MINIMUM", "MULTIPLICATION", "STD_DEVIATION",
+    "SUBTRACTION", "QUANTITY", "FILTERED", "MEDIAN", "ENHANCED", "MPR", "MIP", "MINIP",
+    "CURVED_MPR", "VOLUME_RENDER", "SURFACE_RENDER", "PROJECTION", "ABDOMINAL", "BREAST",
+    "CHEST", "ENDOCAVITARY", "ENDORECTAL", "ENDOVAGINAL", "EPICARDIAL", "FETAL HEART",
+    "GYNECOLOGY", "INTRACARDIAC", "INTRAOPERATIVE", "INTRAVASCULAR", "MUSCULOSKELETAL",
+    "NEUROLOGY", "OBSTETRICAL", "OPHTHALMIC", "PEDIATRIC", "PELVIC", "RETROPERITONEAL",
+    "SCROTAL", "SMALL PARTS", "TEE", "THYROID", "TRANSCRANIAL", "TRANSESOPHAGEAL",
+    "TRANSRECTAL", "TRANSTHORACIC", "TRANSVAGINAL", "UROLOGY", "VASCULAR", "CARDIOLOGY",
+})
+
+# Rescale Type and an item's Modality LUT Type (PS3.3 C.11.1.1.2): defined terms.
+_LUT_TYPES = frozenset({"OD", "HU", "US", "MGML", "Z_EFF", "ED", "EDW", "HU_MOD", "PCT",
+                        "CM2", "CM-1", "MM-1", "PSU"})
+
+DEFINED_TERMS = {
+    "Modality": MODALITIES,
+    "BodyPartExamined": BODY_PARTS,
+    "PhotometricInterpretation": frozenset({
+        "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL",
+        "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB"}),
+    "VOILUTFunction": frozenset({"LINEAR", "LINEAR_EXACT", "SIGMOID"}),
+    "PresentationLUTShape": frozenset({"IDENTITY", "INVERSE"}),
+    "LossyImageCompression": frozenset({"00", "01"}),
+    "LossyImageCompressionMethod": frozenset({
+        "ISO_10918_1", "ISO_14495_1", "ISO_15444_1", "ISO_15444_15", "ISO_13818_2",
+        "ISO_14496_10", "ISO_23008_2", "ISO_18181_1"}),
+    "BurnedInAnnotation": frozenset({"YES", "NO"}),
+    "RescaleType": _LUT_TYPES,
+    "ModalityLUTType": _LUT_TYPES,
+}
+FREE_TEXT = ("Manufacturer", "ManufacturerModelName")
+NUMBERS = ("PixelSpacing", "ImagerPixelSpacing", "SliceThickness", "WindowCenter",
+           "WindowWidth", "RescaleIntercept", "RescaleSlope", "LossyImageCompressionRatio")
+
+
+def _values(value) -> list:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return list(value)
+    return [value]
+
+
+def _term(keyword: str, value: object) -> str:
+    text = str(value).strip().upper()
+    if keyword == "BodyPartExamined":
+        text = re.sub(r"[\s_-]+", "", text)
+    return text
+
+
+def kept_value(keyword: str, value):
+    """What the de-identified copy may hold of a whitelisted attribute's ``value``: the
+    value (coded terms in their standard spelling), or None when it must be dropped. A
+    keyword with no rule here (binary values, counts, LUT data) is kept as it is."""
+    if value is None:
+        return None
+    if keyword == "ImageType":
+        kept = []
+        for position, item in enumerate(_values(value)):
+            if not isinstance(item, str):
+                break
+            term = item.strip().upper()
+            allowed = ({"ORIGINAL", "DERIVED"} if position == 0 else
+                       {"PRIMARY", "SECONDARY"} if position == 1 else IMAGE_TYPE_TERMS)
+            if term not in allowed:
+                break
+            kept.append(term)
+        while kept and not kept[-1]:
+            kept.pop()
+        return None if len(kept) < 2 else kept
+    if keyword in DEFINED_TERMS:
+        items = _values(value)
+        if not items or not all(isinstance(v, str) for v in items):
+            return None
+        terms = [_term(keyword, v) for v in items]
+        if not all(term in DEFINED_TERMS[keyword] for term in terms):
+            return None
+        return terms if len(terms) > 1 else terms[0]
+    if keyword in FREE_TEXT:
+        if not isinstance(value, str) or identifier_reason(value) is not None:
+            return None
+        return value
+    if keyword in NUMBERS:
+        try:
+            finite = all(np.isfinite(float(v)) for v in _values(value))
+        except (TypeError, ValueError):
+            return None
+        return value if finite and _values(value) else None
+    return value
+
+
+def kept_text(ds, keyword: str, limit: int = 64) -> str:
+    """A whitelisted attribute of ``ds`` as the de-identified copy keeps it (``kept_value``),
+    as short printable text for metadata; ``""`` when absent or dropped."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a value pydicom cannot convert is not kept
+        return ""
+    return clean_text(kept_value(keyword, value) if value not in (None, "") else "", limit)
+
+
+# --- file names and free text that may carry identifiers ------------------------------------
+#
+# A raster file's name (and the folders above it) is chosen by whoever exported it, and an
+# export often names a file after its patient: ``Doe_John_MRN987654_DOB19650312.png``. A
+# person's name alone cannot be told from any other word, so the rule looks for what travels
+# with one: a long number, a date, or a word that names an identifier. It is deliberately
+# wide (a 6-digit image number is hidden as an MRN would be): a hidden name costs a label on
+# a page, a shown one a patient's identity.
+
+_ID_WORDS = frozenset({
+    "mrn", "dob", "pid", "ssn", "nhs", "empi", "medrec", "patient", "patientid", "patid",
+    "pat", "birth", "birthdate", "dateofbirth", "born", "accession", "accno", "name",
+    "surname", "forename", "firstname", "lastname", "fname", "lname",
+})
+_MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
+          r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)(?![a-z])")
+# A number of 6 or more digits once its leading zeros are dropped (an MRN, an accession
+# number, a compact date, a phone number); ``0001234`` is a counter, ``987654`` is not.
+_LONG_NUMBER = re.compile(r"(?<!\d)0*[1-9]\d{5,}(?!\d)")
+_SIX_DIGITS = re.compile(r"(?<!\d)\d{6}(?!\d)")
+# Dates with separators: 1965-03-12, 1965_3_12, 12.03.1965, 03-12-1965, 12.03.65; and with
+# a month's name: 12Mar1965, 12-Mar-65, Mar 12 1965.
+_DATE_YMD = re.compile(r"(?<!\d)(\d{4})([-_. ])(\d{1,2})\2(\d{1,2})(?!\d)")
+_DATE_DMY = re.compile(r"(?<!\d)(\d{1,2})([-_. ])(\d{1,2})\2(\d{4})(?!\d)")
+_DATE_SHORT = re.compile(r"(?<!\d)(\d{2})([-.])(\d{2})\2(\d{2})(?!\d)")
+_DATE_NAMED = re.compile(rf"(?<![a-z])(?:\d{{1,2}}[-_. ]?{_MONTH}[-_. ]?\d{{2,4}}|"
+                         rf"{_MONTH}[-_. ]?\d{{1,2}}(?:st|nd|rd|th)?[-_., ]+\d{{4}})(?!\d)",
+                         re.IGNORECASE)
+# A DICOM person name (Doe^John); in a file name also "Doe, John".
+_PERSON_NAME = re.compile(r"[A-Za-z]\^[A-Za-z]")
+_PERSON_NAME_COMMA = re.compile(r"[A-Za-z]{2},\s*[A-Za-z]{2}")
+_WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+
+
+def _valid_date(year: int, month: int, day: int, *, short: bool = False) -> bool:
+    """A plausible date: a real month and day; a 4-digit year between 1880 and 2100."""
+    return 1 <= month <= 12 and 1 <= day <= 31 and (short or 1880 <= year <= 2100)
+
+
+def _short_date(digits: str) -> bool:
+    """Whether six digits read as a date: YYMMDD, DDMMYY or MMDDYY (``00`` first is a
+    counter's padding, ``000123``, though it could be a YYMMDD of the year 2000)."""
+    if digits.startswith("00"):
+        return False
+    a, b, c = int(digits[:2]), int(digits[2:4]), int(digits[4:])
+    return any(_valid_date(y, m, d, short=True) for y, m, d in ((a, b, c), (c, b, a), (c, a, b)))
+
+
+def identifier_reason(text: str, *, file_name: bool = False) -> str | None:
+    """Why ``text`` (a file name or path, or a free-text attribute) may carry a patient's
+    identifiers, in words, or None. Looks for a number of 6+ digits (leading zeros not
+    counted) or six digits that read as a date, a date with separators or a month's name,
+    a person name written ``Last^First`` (in a ``file_name`` also ``Last, First``), and
+    words that name an identifier (MRN, DOB, PID, SSN, NHS, patient, birth, accession,
+    name, ...), also inside camel case (``PatientName``) or glued to digits
+    (``MRN987654``)."""
+    if not text:
+        return None
+    if _LONG_NUMBER.search(text):
+        return "a number of 6 or more digits (an MRN, accession number or date?)"
+    if any(_short_date(m.group()) for m in _SIX_DIGITS.finditer(text)):
+        return "six digits that read as a date"
+    for match in _DATE_YMD.finditer(text):
+        if _valid_date(int(match[1]), int(match[3]), int(match[4])):
+            return "a date"
+    for match in _DATE_DMY.finditer(text):
+        day, month, year = int(match[1]), int(match[3]), int(match[4])
+        if _valid_date(year, month, day) or _valid_date(year, day, month):
+            return "a date"
+    for match in _DATE_SHORT.finditer(text):
+        if _short_date(match[1] + match[3] + match[4]):
+            return "a date"
+    if _DATE_NAMED.search(text):
+        return "a date"
+    if _PERSON_NAME.search(text) or (file_name and _PERSON_NAME_COMMA.search(text)):
+        return "a person's name (Last^First or Last, First)"
+    words = {word.lower() for word in _WORDS.findall(text)}
+    found = sorted(words & _ID_WORDS)
+    if found:
+        return f"the word {found[0].upper()!s} (an identifier's label)"
+    return None
+
+
+# Generated item names: an archive's images are named ``archive.npz#split/index`` by the
+# import (the index is ours, not the file's); only the archive's own name is checked.
+_ARCHIVE_ITEM = re.compile(r"^(?P<archive>.*\.npz)#[\w-]+/\d+$", re.IGNORECASE)
+
+
+def file_name_identifiers(name: str) -> str | None:
+    """Why a raster file's name or path (``folder/file.png``, every part of it) may carry
+    identifiers (``identifier_reason``), or None. The extension is not checked."""
+    text = name.replace("\\", "/")
+    archive = _ARCHIVE_ITEM.match(text)
+    if archive:
+        text = archive["archive"]
+    head, _, last = text.rpartition("/")
+    stem = last.rsplit(".", 1)[0] if "." in last.lstrip(".") else last
+    return identifier_reason(f"{head}/{stem}" if head else stem, file_name=True)
 
 
 # --- rasters ---------------------------------------------------------------

@@ -68,6 +68,9 @@ def stack_series(slices: list[DecodedScan], digests: list[str]) -> SeriesStack:
             if not stored or slices[index].file_format != "dicom":
                 raise SeriesError("only DICOM slices can be stacked")
             datasets.append(pydicom.dcmread(io.BytesIO(stored)))
+    if any("PixelData" not in ds for ds in datasets):
+        raise SeriesError("only slices of integer pixel data can be stacked (a slice holds "
+                          "float pixel data)")
     first = datasets[0]
     if int(first.get("NumberOfFrames", 1) or 1) != 1:
         raise SeriesError("a slice is itself a multi-frame image")

@@ -86,3 +86,51 @@ def new_version(run: TrainingRun, kind: str, *, parent: ModelVersion | None,
     run.save(update_fields=["model_version"])
     (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
     return model
+
+
+def model_version_files_problem(model: ModelVersion) -> str | None:
+    """Why ``model`` cannot be put in use (None when it can), from its config and the files
+    it needs, without loading any of them: an encoder its ``encoder.pt``; a classifier its
+    classes (or findings sets) and, by kind, its heads with its encoder's checkpoint, its
+    network, its findings heads or networks. A version restored without its files, or a
+    record that is not a usable classifier, is refused in words before it is active."""
+    if not model.artifact_dir or not Path(model.artifact_dir).is_dir():
+        return (f"{model.version} has no files here (its folder {model.artifact_dir or '—'} "
+                "is missing): restore them or train a new version")
+    missing = []
+    config = model.config if isinstance(model.config, dict) else {}
+    if model.kind == ModelVersion.Kind.ENCODER:
+        if not checkpoint_path(model, "encoder.pt").is_file():
+            missing.append("encoder.pt")
+    else:
+        classes = config.get("classes")
+        findings = config.get("findings_sets") or []
+        if not isinstance(classes, list) or not isinstance(findings, list) or (
+                not classes and not findings):
+            return (f"{model.version} is not a usable classifier: its config names no "
+                    "classes or findings sets")
+        if config.get("kind") == "head":         # heads read its encoder's embeddings
+            encoder = model.parent
+            if encoder is None or encoder.kind != ModelVersion.Kind.ENCODER:
+                return (f"{model.version} is a head on an encoder, but its encoder is gone: "
+                        "train a new version")
+            if not encoder.artifact_dir or not checkpoint_path(encoder,
+                                                               "encoder.pt").is_file():
+                missing.append(f"its encoder {encoder.version}'s encoder.pt")
+            if classes:
+                sets = config.get("label_sets")
+                names = (["head.npz"] if sets is None else
+                         [entry.get("head", "") if isinstance(entry, dict) else ""
+                          for entry in sets])
+                missing += [n or "a head" for n in names
+                            if not n or not checkpoint_path(model, n).is_file()]
+        elif classes and not checkpoint_path(model, "classifier.pt").is_file():
+            missing.append("classifier.pt")
+        for entry in findings:
+            name = (entry.get("net") or entry.get("head")) if isinstance(entry, dict) else None
+            if not name or not checkpoint_path(model, name).is_file():
+                missing.append(name or "a findings head")
+    if missing:
+        return (f"{model.version} is missing {', '.join(missing[:5])}: restore its files or "
+                "train a new version")
+    return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,11 @@ def model_export(model: ModelVersion, *, fmt: str, out: Path) -> dict:
     for net in networks:
         label_set, config = net["label_set"], net["config"]
         stem = f"{model.version}-{_slug(label_set.name) if label_set else 'all'}"
-        path = core.write(net["network"], out / f"{stem}.{ext}", fmt=fmt,
-                          size=config.image_size, channels=config.channels)
+        try:
+            path = core.write(net["network"], out / f"{stem}.{ext}", fmt=fmt,
+                              size=config.image_size, channels=config.channels)
+        except core.ExportError as exc:
+            raise TrainingError(f"{model.version}: {exc}") from None
         scans = list(Scan.objects.filter(project=model.project, quarantined=False, **(
             {"label_set": label_set} if label_set else {})).order_by("pk")[:CHECK_SCANS])
         difference = None
@@ -51,7 +55,11 @@ def model_export(model: ModelVersion, *, fmt: str, out: Path) -> dict:
             images = images_for(scans, config.image_size, config.channels).astype(np.float32)
             images = images / 255.0
             images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
-            difference = core.check(net["network"], path, images, fmt=fmt)
+            try:
+                difference = core.check(net["network"], path, images, fmt=fmt)
+            except (RuntimeError, ValueError) as exc:   # the written file does not run
+                raise TrainingError(f"{path.name} was written but does not run "
+                                    f"({type(exc).__name__}: {str(exc)[:200]})") from None
             if difference > TOLERANCE:
                 raise TrainingError(f"{path.name} differs from PyTorch by {difference:.2e} "
                                     f"(above {TOLERANCE}) on the project's scans")
@@ -77,22 +85,55 @@ def model_export(model: ModelVersion, *, fmt: str, out: Path) -> dict:
     return card
 
 
-def model_export_archive(model: ModelVersion, *, fmt: str) -> Path:
+class ExportBusy(TrainingError):
+    """Another request (any thread or process) is exporting this version in this format
+    right now and did not finish within the wait; ``str(exc)`` says to try again."""
+
+
+EXPORT_WAIT_SECONDS = 60.0   # how long a second request for the same export waits for it
+
+
+def model_export_archive(model: ModelVersion, *, fmt: str, wait: float | None = None) -> Path:
     """The version exported as one zip (networks + model card), made once per version,
     format and status (a version never changes; its status may) and kept in its artifact
-    folder; written under a temporary name and renamed, so a reader never sees half a file."""
+    folder; written under a temporary name and renamed, so a reader never sees half a file.
+
+    One export of a version and format at a time, across threads and processes: a lock file
+    in the version's export folder (``flock``). A second request waits up to ``wait``
+    seconds (default ``EXPORT_WAIT_SECONDS``) for the first and then serves the file it
+    made; past that it raises ``ExportBusy``. Raises TrainingError with the reason when the
+    version cannot be exported."""
+    if fmt not in ("onnx", "torchscript"):
+        raise TrainingError(f"unknown format {fmt!r}: use onnx or torchscript")
+    if not model.artifact_dir:
+        raise TrainingError(f"{model.version} has no files (no artifact folder): nothing to "
+                            "export")
+    folder = Path(model.artifact_dir) / "exports"
+    target = folder / f"{model.version}-{fmt}-{model.status}.zip"
+    if target.exists():
+        return target
+    if model.kind != ModelVersion.Kind.CLASSIFIER:      # before making any folder
+        raise TrainingError(f"{model.version} is an encoder: export a classifier version")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _export_lock(folder / f".{model.version}-{fmt}.lock",
+                          wait=EXPORT_WAIT_SECONDS if wait is None else wait,
+                          what=f"{model.version} ({fmt})"):
+            if target.exists():         # the request we waited for made it
+                return target
+            _export_zip(model, fmt=fmt, folder=folder, target=target)
+    except OSError as exc:              # disk full, a read-only folder: said, not a 500
+        raise TrainingError(f"{model.version} could not be exported: {exc.strerror or exc} "
+                            f"({folder})") from None
+    return target
+
+
+def _export_zip(model: ModelVersion, *, fmt: str, folder: Path, target: Path) -> None:
     import os
     import shutil
     import tempfile
     import zipfile
 
-    if fmt not in ("onnx", "torchscript"):
-        raise TrainingError(f"unknown format {fmt!r}: use onnx or torchscript")
-    folder = Path(model.artifact_dir) / "exports"
-    target = folder / f"{model.version}-{fmt}-{model.status}.zip"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
     try:
         model_export(model, fmt=fmt, out=work / "files")
@@ -103,7 +144,30 @@ def model_export_archive(model: ModelVersion, *, fmt: str) -> Path:
         os.replace(partial, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return target
+
+
+@contextmanager
+def _export_lock(path: Path, *, wait: float, what: str):
+    """Hold an exclusive ``flock`` on ``path`` (waiting up to ``wait`` seconds). Each call
+    opens the file itself, so two threads of one process exclude each other as two
+    processes do; the lock goes with the process if it dies."""
+    import fcntl
+
+    deadline = time.monotonic() + max(wait, 0.0)
+    with open(path, "a+b") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ExportBusy(f"{what} is being exported by another request right "
+                                     "now: try again in a moment") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _class_networks(model: ModelVersion) -> list[dict]:

@@ -300,12 +300,32 @@ def cnn_predictor(classifier, pconfig, classes: list[int], temperature: float = 
     return predict
 
 
+def classifier_classes(model: ModelVersion) -> list[dict]:
+    """The classes a classifier version scores, in its output order (its config's
+    ``classes``: ``{"id", "name", ...}``; empty for a findings-only version). Raises
+    ModelUnavailable in words when the version is not a usable classifier: an encoder made
+    the active model, a config without its classes."""
+    config = model.config if isinstance(model.config, dict) else {}
+    classes = config.get("classes")
+    if model.kind != ModelVersion.Kind.CLASSIFIER:
+        raise ModelUnavailable(f"{model.version} is an encoder, not a classifier: it cannot "
+                               "suggest classes (an admin makes one of the project's "
+                               "classifier versions active)")
+    if not isinstance(classes, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("id"), int) for c in classes) or (
+            not classes and not config.get("findings_sets")):
+        raise ModelUnavailable(f"{model.version}'s config does not list its classes: it "
+                               "cannot be used (an admin makes another classifier version "
+                               "active, or refit)")
+    return classes
+
+
 def version_heads(model: ModelVersion):
     """The per-label-set heads of a 'head' version (a version from before label sets has
     one head for all its classes, in ``head.npz``)."""
     from ml_backend.active.refit import LinearHead, SetHeads
 
-    classes = [c["id"] for c in model.config["classes"]]
+    classes = [c["id"] for c in classifier_classes(model)]
     configs = model.config.get("label_sets")
     if configs is None:  # one head, saved before label sets existed
         head = cache.get(model, "head.npz", LinearHead.load)
@@ -318,7 +338,7 @@ def version_heads(model: ModelVersion):
 
 def predictor_for(model: ModelVersion) -> Predictor:
     """A classifier version's predict function, from its cached artifacts."""
-    classes = [c["id"] for c in model.config["classes"]]
+    classes = [c["id"] for c in classifier_classes(model)]
     if model.config.get("kind") == "head":
         heads, encoder = version_heads(model), model.parent
         pixels = model.config.get("pixels")
@@ -337,7 +357,7 @@ class _Explainer:
     """What one classifier version needs to score and explain single images."""
 
     def __init__(self, model: ModelVersion):
-        self.class_ids = [c["id"] for c in model.config["classes"]]
+        self.class_ids = [c["id"] for c in classifier_classes(model)]
         self.model = model
         self.finding_ids: list[int] = []
         if model.config.get("kind") in ("finetuned-findings", "distilled-findings"):

@@ -17,6 +17,7 @@ from ml_backend.errors import ModelUnavailable, TrainingError
 from ml_backend.models import Prediction, QueryItem, QueryRound
 from ml_backend.services.artifacts import embeddings_paths
 from ml_backend.services.inference import (
+    classifier_classes,
     embedding_table,
     scan_refs,
     vector_index,
@@ -50,8 +51,9 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
     model, encoder = project.active_model, project.active_encoder
     proba, class_names = None, []
     if model is not None:
-        classes = [c["id"] for c in model.config["classes"]]
-        class_names = [c["name"] for c in model.config["classes"]]
+        entries = classifier_classes(model)    # ModelUnavailable, in words, if unusable
+        classes = [c["id"] for c in entries]
+        class_names = [str(c.get("name", c["id"])) for c in entries]
         if candidates:
             proba = _candidate_proba(model, classes, candidates)
     embeddings = labeled = labeled_sets = thumbs = labeled_thumbs = None

@@ -18,6 +18,7 @@ from annotator.selectors import class_label_sets, patient_overlap_words, trainin
 from ml_backend import signals
 from ml_backend.errors import TrainingError
 from ml_backend.models import Evaluation, ModelVersion, Prediction
+from ml_backend.services.artifacts import model_version_files_problem
 from ml_backend.services.inference import Predictor, predictor_for, scan_refs
 from ml_backend.services.queries import query_round_create
 
@@ -58,6 +59,9 @@ def model_version_promote(model: ModelVersion, *, actor, reason: str = "",
     active but its pool predictions could not be refreshed."""
     if model.status in (ModelVersion.Status.FAILED, ModelVersion.Status.TRAINING):
         raise TrainingError(f"{model.version} is {model.status}: it cannot be made active")
+    problem = model_version_files_problem(model)   # e.g. restored without its files
+    if problem:
+        raise TrainingError(f"{problem}; it was not made active")
     model_version_activate(model, reason=reason or f"promoted by {actor} (bypassing the gate)",
                            actor=actor, rolled_back_from=rolled_back_from)
     if model.kind != ModelVersion.Kind.CLASSIFIER:

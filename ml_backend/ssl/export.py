@@ -24,6 +24,7 @@ order the model card lists.
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,13 @@ from torch import nn
 
 class ExportError(Exception):
     """The model cannot be exported as asked; ``str(exc)`` says why."""
+
+
+# torch.jit.trace (and the ONNX exporter, which traces) keeps the module being traced in a
+# process-wide table (``torch.jit._trace._trace_module_map``): two threads tracing at once
+# overwrite each other's and fail ("Graphs differed across invocations"). One trace at a
+# time per process; processes do not share it.
+_TRACE_LOCK = threading.Lock()
 
 
 class _Normalise(nn.Module):
@@ -171,18 +179,25 @@ def write(network: ExportedClassifier, path: Path, *, fmt: str, size: int,
     example = torch.rand(2, channels, size, size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        if fmt == "onnx":
-            buffer = io.BytesIO()
-            torch.onnx.export(network, (example,), buffer, input_names=["image"],
-                              output_names=["probabilities"],
-                              dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-                              opset_version=17, dynamo=False)
-            path.write_bytes(buffer.getvalue())
-        elif fmt == "torchscript":
-            torch.jit.trace(network, example).save(str(path))
-        else:
-            raise ExportError(f"unknown format {fmt!r}: use onnx or torchscript")
+    if fmt not in ("onnx", "torchscript"):
+        raise ExportError(f"unknown format {fmt!r}: use onnx or torchscript")
+    buffer = io.BytesIO()
+    try:
+        with _TRACE_LOCK, torch.no_grad():
+            if fmt == "onnx":
+                torch.onnx.export(network, (example,), buffer, input_names=["image"],
+                                  output_names=["probabilities"],
+                                  dynamic_axes={"image": {0: "batch"},
+                                                "probabilities": {0: "batch"}},
+                                  opset_version=17, dynamo=False)
+            else:
+                torch.jit.save(torch.jit.trace(network, example), buffer)
+    except (torch.jit.TracingCheckError, RuntimeError, AssertionError) as exc:
+        # the network does not trace the same way twice, or the exporter refuses an op (or
+        # trips on its own state): say so in words, not with the tracer's graph dump
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ExportError(f"the network could not be traced for {fmt} ({first})") from exc
+    path.write_bytes(buffer.getvalue())
     return path
 
 

@@ -252,13 +252,22 @@ def test_tiff_page_without_dimensions(case):
     refuse(data, "nodims.tif", match=f"page {at + 1:,} does not declare its width and height")
 
 
-def test_tiff_pages_up_to_the_cap_still_decode():
-    decoded = decode_scan(fuzz.tiff_chain(3, width=20, height=10), name="three.tif", salt=SALT)
-    assert decoded.num_frames == 3 and decoded.pixels.shape == (10, 20)
+def test_tiff_pages_up_to_the_cap_are_judged_fast():
+    """Up to the cap, a TIFF's pages are walked, not refused as a bomb: a stack of full-size
+    pages is refused for what it is (one page would misrepresent it), fast, whatever its
+    page count; a first page followed by smaller ones (a pyramid) decodes as that page
+    (tests/annotator/test_import_hostile.py imports both)."""
+    refuse(fuzz.tiff_chain(3, width=20, height=10), "three.tif", match="multi-page TIFF: 3 pages")
     started = time.perf_counter()
-    decoded = decode_scan(fuzz.tiff_chain(MAX_FRAMES), name="many.tif", salt=SALT)
-    assert decoded.num_frames == MAX_FRAMES
+    refuse(fuzz.tiff_chain(MAX_FRAMES), "many.tif", match=f"{MAX_FRAMES:,} pages")
     assert time.perf_counter() - started < SECONDS
+    buffer = io.BytesIO()
+    base = Image.fromarray(np.arange(40 * 20, dtype=np.uint8).reshape(20, 40))
+    base.save(buffer, format="TIFF", save_all=True,
+              append_images=[base.resize((20, 10)), base.resize((10, 5))])
+    decoded = decode_scan(buffer.getvalue(), name="pyramid.tif", salt=SALT)
+    assert decoded.num_frames == 1 and decoded.pixels.shape == (20, 40)
+    assert "only the first, full-resolution page (40x20)" in decoded.warnings[0]
 
 
 def test_pillow_type_error_on_a_page_is_a_refusal_with_a_reason(monkeypatch):

@@ -50,9 +50,12 @@ def test_if_new_labels_waits_for_enough_labels(project, capsys):
 
 
 def test_admin_promote_and_roll_back(client, users, project):
-    old = ModelVersion.objects.create(project=project, kind="classifier", version="clf-old")
-    new = ModelVersion.objects.create(project=project, kind="classifier", version="clf-new",
-                                      status="ready")
+    from annotator.services import label_class_get_or_create
+    from tests.factories import model_version_with_files
+
+    normal, _ = label_class_get_or_create(project=project, name="normal")
+    old = model_version_with_files(project, "clf-old", status="training", classes=[normal])
+    new = model_version_with_files(project, "clf-new", classes=[normal])
     services.model_version_activate(old, reason="first")
     assert client.login(username="dora", password=PASSWORD)
     url = reverse("admin:ml_backend_modelversion_changelist")

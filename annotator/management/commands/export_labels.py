@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
@@ -30,11 +33,15 @@ class Command(BaseCommand):
         project = Project.objects.filter(name=opts["project"]).first()
         if project is None:
             raise CommandError(f"no project named {opts['project']!r}")
+        folder = opts["format"] == "imagefolder"
+        if opts["out"] == "-" and folder:
+            raise CommandError("an image folder cannot go to stdout: give --out a new folder")
+        out = None if opts["out"] == "-" else _checked_out(Path(opts["out"]), folder=folder)
         try:
             rows = exports.label_rows(project, split=opts["split"],
                                       adjudicated_only=opts["adjudicated"])
-            if opts["format"] == "imagefolder":
-                counts = exports.write_imagefolder(rows, Path(opts["out"]))
+            if folder:
+                counts = _write_folder(rows, out)
                 self.stdout.write(self.style.SUCCESS(
                     f"{sum(counts.values())} images in {len(counts)} class folders under "
                     f"{opts['out']} (+ labels.csv with all {len(rows)} rows)"))
@@ -42,8 +49,73 @@ class Command(BaseCommand):
             text = exports.as_csv(rows) if opts["format"] == "csv" else exports.as_jsonl(rows)
         except exports.ExportError as exc:
             raise CommandError(str(exc)) from None
-        if opts["out"] == "-":
+        if out is None:
             self.stdout.write(text, ending="")
             return
-        Path(opts["out"]).write_text(text)
+        _write_file(out, text)
         self.stdout.write(self.style.SUCCESS(f"{len(rows)} scans written to {opts['out']}"))
+
+
+def _checked_out(out: Path, *, folder: bool) -> Path:
+    """``--out`` checked before anything is read or written: its folder exists; a file is
+    not a folder; an image folder is new or empty."""
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise CommandError(f"{parent} is not an existing folder: make it first, or give "
+                           "--out a path in one")
+    if folder:
+        if out.exists() and not out.is_dir():
+            raise CommandError(f"{out} is a file, not a folder: give --out a new folder for "
+                               "the image folder")
+        if out.is_dir() and any(out.iterdir()):
+            raise CommandError(f"{out} is not empty: export into a new folder")
+    elif out.is_dir():
+        raise CommandError(f"{out} is a folder: give --out a file name (or - for stdout)")
+    return out
+
+
+def _write_file(out: Path, text: str) -> None:
+    """Written under a temporary name beside ``out`` and renamed: a failed write leaves no
+    half file (and an earlier file at ``out`` as it was)."""
+    partial = None
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=out.absolute().parent, prefix=f".{out.name}.",
+                                         suffix=".partial", delete=False,
+                                         encoding="utf-8") as handle:
+            partial = Path(handle.name)
+            handle.write(text)
+        os.chmod(partial, 0o666 & ~_umask())        # as a plain write would make it
+        os.replace(partial, out)
+    except OSError as exc:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        raise CommandError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+def _write_folder(rows: list[dict], out: Path) -> dict[str, int]:
+    """The image folder made in a temporary folder beside ``out`` and renamed into place:
+    a failure leaves nothing behind."""
+    try:
+        work = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.partial-"))
+    except OSError as exc:
+        raise CommandError(f"cannot write under {out.absolute().parent}: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        os.chmod(work, 0o777 & ~_umask())          # as a plain mkdir would make it
+        counts = exports.write_imagefolder(rows, work)
+        if out.is_dir():
+            out.rmdir()                  # empty (checked): the finished folder takes its place
+        os.replace(work, out)
+        return counts
+    except OSError as exc:
+        raise CommandError(f"cannot write the image folder {out}: {exc.strerror or exc}"
+                           ) from None
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -8,8 +8,10 @@ from annotator.backup import BackupError, import_project
 
 
 class Command(BaseCommand):
-    help = ("Restore a project archive (e.g. on a fresh database). Users missing here are "
-            "created without a password; embeddings are rebuilt with the active encoder.")
+    help = ("Restore a project archive (e.g. on a fresh database). The whole archive is "
+            "checked first: a problem refuses it, naming the problem, with nothing written. "
+            "Users missing here are created without a password; embeddings are rebuilt with "
+            "the active encoder.")
 
     def add_arguments(self, parser):
         parser.add_argument("archive")
@@ -18,9 +20,15 @@ class Command(BaseCommand):
                             help="skip re-embedding (run `embed --full` later)")
 
     def handle(self, *args, **opts):
+        def log(line: str) -> None:
+            if line.startswith("warning:"):
+                self.stdout.write(self.style.WARNING(line))
+            else:
+                self.stdout.write(line)
+
         try:
             project = import_project(opts["archive"], name=opts["name"],
-                                     embed=not opts["no_embed"], log=self.stdout.write)
+                                     embed=not opts["no_embed"], log=log)
         except BackupError as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(self.style.SUCCESS(f"project {project.name!r} restored"))

@@ -3,12 +3,31 @@ enqueue to Celery with --async."""
 
 from __future__ import annotations
 
+import argparse
+
 from django.core.management.base import CommandError
 from tqdm import tqdm
 
 from annotator.models import Project
 from ml_backend import services
 from ml_backend.models import TrainingRun
+
+
+def int_between(low: int, high: int):
+    """An argparse ``type``: a whole number from ``low`` to ``high``, or a usage error that
+    says so (``manage.py`` prints it; ``call_command`` raises it as a CommandError)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {low} to {high}")
+        return value
+
+    parse.__name__ = f"whole number {low}-{high}"
+    return parse
 
 
 def get_project(name: str) -> Project:

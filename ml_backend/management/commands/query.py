@@ -4,7 +4,9 @@ from django.core.management.base import BaseCommand, CommandError
 
 from ml_backend import services
 from ml_backend.active.strategies import STRATEGIES
-from ml_backend.management.commands._runs import get_project
+from ml_backend.management.commands._runs import get_project, int_between
+
+MAX_N = 10_000     # scans in one round
 
 
 class Command(BaseCommand):
@@ -12,7 +14,8 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--project", required=True)
-        parser.add_argument("--n", type=int, default=None, help="batch size (project default)")
+        parser.add_argument("--n", type=int_between(1, MAX_N), default=None,
+                            help=f"batch size, 1 to {MAX_N} (default: the project's)")
         parser.add_argument("--strategy", default=None, choices=sorted(STRATEGIES),
                             help="default: the project's strategy (hybrid)")
 

@@ -21,9 +21,20 @@ class Command(BaseCommand):
         project = get_project(opts["project"])
         model = (ModelVersion.objects.filter(project=project, version=opts["model"]).first()
                  if opts["model"] else project.active_model)
+        if model is None and opts["model"]:
+            known = list(ModelVersion.objects.filter(
+                project=project, kind=ModelVersion.Kind.CLASSIFIER).order_by(
+                "-created_at", "-pk").values_list("version", flat=True)[:20])
+            raise CommandError(
+                f"no model version {opts['model']!r} in {project.name!r}: "
+                + (f"its classifier versions (newest first) are {', '.join(known)}"
+                   if known else "it has no classifier versions yet"))
         if model is None:
             raise CommandError("no classifier to report on yet: label some scans and run "
                                "`manage.py refit` (or `finetune`)")
+        if model.kind != ModelVersion.Kind.CLASSIFIER:
+            raise CommandError(f"{model.version} is an encoder: a report is on a classifier "
+                               "version (leave out --model for the active one)")
         evaluation = model.evaluations.order_by("-created_at").first()
         findings = _findings_reports(model)
         if evaluation is None and findings:       # a findings-only version

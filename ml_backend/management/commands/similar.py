@@ -5,14 +5,18 @@ from django.core.management.base import BaseCommand, CommandError
 from annotator.models import Scan
 from ml_backend import services
 from ml_backend.errors import TrainingError
+from ml_backend.management.commands._runs import int_between
+
+MAX_K = 1000
 
 
 class Command(BaseCommand):
     help = "List the scans most similar to one scan (SimCLRv2 embeddings, FAISS)."
 
     def add_arguments(self, parser):
-        parser.add_argument("scan_id", type=int)
-        parser.add_argument("-k", type=int, default=8)
+        parser.add_argument("scan_id", type=int_between(1, 2 ** 63 - 1))
+        parser.add_argument("-k", type=int_between(1, MAX_K), default=8,
+                            help=f"how many similar scans (1 to {MAX_K}; default 8)")
         parser.add_argument("--labeled-only", action="store_true")
 
     def handle(self, *args, **opts):
