@@ -1317,23 +1317,17 @@ def _dicom_grey(ds, frame: np.ndarray, *, photometric: str, window=None,
 def _rescale_number(ds, keyword: str) -> float | None:
     """RescaleSlope / RescaleIntercept as a float (None when absent or not a number);
     an infinite or NaN value is refused, not ignored."""
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    try:
-        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-            value = value[0]
-        number = float(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if not np.isfinite(number):
+    number = _first_number(ds.get(keyword), finite_only=False)
+    if number is not None and not np.isfinite(number):
         raise ScanDecodeError(
             f"DICOM has a non-finite rescale slope/intercept ({keyword} is infinite or not a "
             "number): its pixel values cannot be computed")
     return number
 
 
-def _first_number(value: object) -> float | None:
+def _first_number(value: object, *, finite_only: bool = True) -> float | None:
+    """A DICOM value (or the first of several) as a float; None when absent, not a number,
+    or (``finite_only``) infinite or NaN."""
     if value is None or value == "":
         return None
     try:
@@ -1342,7 +1336,7 @@ def _first_number(value: object) -> float | None:
         number = float(value)
     except (TypeError, ValueError, IndexError):
         return None
-    return number if np.isfinite(number) else None
+    return number if np.isfinite(number) or not finite_only else None
 
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
