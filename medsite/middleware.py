@@ -10,7 +10,11 @@ Django's HTML error page.
 - a ``Content-Length`` that is not a number: 400;
 - a body larger than DATA_UPLOAD_MAX_MEMORY_SIZE (multipart uploads aside: Django bounds
   their form fields and the upload views their files): 413, before it is read — and the
-  same answer when Django raises ``RequestDataTooBig`` further in (a body with no length).
+  same answer when Django raises ``RequestDataTooBig`` further in (a body with no length);
+- a multipart POST is parsed here, once (the CSRF check would parse it next, where a form
+  field over that size, more files than DATA_UPLOAD_MAX_NUMBER_FILES or a broken body
+  becomes Django's bare 400 page): 413 for a field too large, 400 with the reason for the
+  rest. The parsed form and files stay on the request for the view (DRF reads them too).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import re
 from urllib.parse import unquote_plus
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, TooManyFilesSent
+from django.http.multipartparser import MultiPartParserError
 from django.http import HttpResponse, JsonResponse
 
 # Unicode's control characters (category Cc): C0, DEL and C1
@@ -54,6 +59,22 @@ def _too_big(request) -> HttpResponse:
                                  "accepted here")
 
 
+def _parse_form(request) -> HttpResponse | None:
+    """Parse a multipart POST now; the refusal when it cannot be read."""
+    try:
+        request.POST  # noqa: B018 (reading it parses the body, files included)
+    except RequestDataTooBig:
+        return refusal(request, 413, "a form field is larger than the "
+                                     f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes accepted "
+                                     "here (files aside)")
+    except TooManyFilesSent:
+        return refusal(request, 400, f"at most {settings.DATA_UPLOAD_MAX_NUMBER_FILES} files "
+                                     "per upload: send them in several")
+    except MultiPartParserError as exc:
+        return refusal(request, 400, f"the multipart body cannot be read ({exc})")
+    return None
+
+
 class RequestGuardMiddleware:
     """See the module's docstring. Placed right after SecurityMiddleware: nothing else
     (sessions, CSRF, authentication, a view) reads a refused request."""
@@ -84,6 +105,9 @@ class RequestGuardMiddleware:
             multipart = request.META.get("CONTENT_TYPE", "").startswith("multipart/")
             if limit is not None and not multipart and int(length) > limit:
                 return _too_big(request)
+        if request.method == "POST" and request.META.get("CONTENT_TYPE", "").startswith(
+                "multipart/form-data"):
+            return _parse_form(request)
         return None
 
     def process_exception(self, request, exception):

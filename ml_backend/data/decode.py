@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from ml_backend.data.deid import (
+    DEFINED_TERMS,
     KEEP_KEYWORDS,  # re-exported
     PHI_KEYWORDS,  # re-exported
     DeidentificationError,
@@ -1057,6 +1058,7 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         samples_declared = int(ds.get("SamplesPerPixel", 1) or 1)
     except (TypeError, ValueError):  # not a transfer syntax pydicom knows: it cannot decode it
         encapsulated, samples_declared = False, 1
+    photometric_notes = _check_photometric(ds, samples_declared)
     if encapsulated:  # the size each frame will really decode to, before the decoder runs
         _check_encapsulated(ds, rows=rows, cols=cols, frames=frames, samples=samples_declared,
                             transfer_syntax=transfer_syntax, ts_name=ts_name)
@@ -1156,7 +1158,7 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         "colour_reason": colour_reason,
         **values,
     }
-    notes = []
+    notes = photometric_notes
     if meta["burned_in_annotation"]:
         notes.append("DICOM flags burned-in annotation: text in the pixels may identify the patient")
     return DecodedScan(
@@ -1172,6 +1174,40 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         warnings=notes,
         linkage=_linkage(ds) if linkage else None,
     )
+
+
+# Samples per pixel each Photometric Interpretation takes (PS3.3 C.7.6.3.1.2)
+_PHOTOMETRIC_SAMPLES = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "ARGB": 4,
+                        "CMYK": 4}
+
+
+def _check_photometric(ds, samples: int) -> list[str]:
+    """How the file says its pixels are coded, checked before any decoder reads them (a
+    decoder's own failure reads like damage). Absent: read as MONOCHROME2 or RGB from the
+    samples per pixel, with a warning; a value the standard does not define, or one that
+    disagrees with the samples per pixel: refused with that reason (the value itself is not
+    echoed: a made-up one may carry anything)."""
+    declared = clean_text(ds.get("PhotometricInterpretation", "") or "").upper()
+    if not declared:
+        inferred = {1: "MONOCHROME2", 3: "RGB"}.get(samples)
+        if inferred is None:
+            raise ScanDecodeError(
+                f"DICOM image has no Photometric Interpretation and {samples} samples per "
+                "pixel: cannot tell how its pixels are coded")
+        ds.PhotometricInterpretation = inferred
+        return [f"DICOM has no Photometric Interpretation: read as {inferred} from its "
+                f"{samples} sample(s) per pixel (check the image is not inverted)"]
+    defined = DEFINED_TERMS["PhotometricInterpretation"]
+    if declared not in defined:
+        raise ScanDecodeError(
+            "DICOM Photometric Interpretation is not a value the standard defines ("
+            + ", ".join(sorted(defined)) + "): cannot tell how its pixels are coded")
+    needed = _PHOTOMETRIC_SAMPLES.get(declared, 3)
+    if samples != needed:
+        raise ScanDecodeError(
+            f"DICOM Photometric Interpretation {declared} takes {needed} sample(s) per pixel, "
+            f"but this file declares {samples}: its pixels cannot be read consistently")
+    return []
 
 
 def _linkage(ds) -> dict:

@@ -34,7 +34,10 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
 
     project = Project.objects.select_related("active_model", "active_encoder").get(pk=project.pk)
     strategy = strategy or project.query_strategy
-    n = n or project.query_batch_size
+    if n is None:
+        n = project.query_batch_size
+    elif n < 1:                      # 0 is not "the default": a caller asked for nothing
+        raise ValueError(f"a query round takes at least one scan (asked for {n})")
     labeled_ids = set(Annotation.objects.filter(
         project=project, outcome__in=[Annotation.Outcome.LABEL,
                                             Annotation.Outcome.FINDINGS])

@@ -17,7 +17,7 @@ from django.test import Client
 from rest_framework.authtoken.models import Token
 
 from annotator import services
-from annotator.models import Annotation, AuditEvent, Membership
+from annotator.models import Annotation, AuditEvent, ImportJob, Membership
 from ml_backend.models import ModelVersion
 from tests.base import FIXTURES, PASSWORD
 from tests.conftest import run_import
@@ -209,6 +209,39 @@ def test_a_body_over_the_upload_limit_is_a_413_in_the_callers_shape(project, use
                          HTTP_AUTHORIZATION=signed)
     assert hook.status_code == 413 and "at most 1000000" in hook.json()["error"]
     assert not Annotation.objects.exists()
+
+
+def test_a_multipart_form_that_cannot_be_read_is_refused_with_its_reason(project, users,
+                                                                        settings):
+    """A form field over DATA_UPLOAD_MAX_MEMORY_SIZE, too many files or a broken body: the
+    CSRF check of a page would parse it and answer Django's bare 400 page; the guard parses
+    it first and says why, in the caller's shape."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from tests.base import png_bytes
+
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    page = Client(enforce_csrf_checks=True)
+    assert page.login(username=users["dora"].username, password=PASSWORD)
+    page.get(f"/projects/{project.pk}/upload/")
+    token = page.cookies["csrftoken"].value
+    upload = f"/projects/{project.pk}/upload/"
+    field = page.post(upload, {"csrfmiddlewaretoken": token, "dataset": "x" * (limit + 10)})
+    assert field.status_code == 413 and field["Content-Type"].startswith("text/plain")
+    assert f"{limit:,} bytes" in field.content.decode()
+    problem = api(users["alice"]).post(f"/api/v1/projects/{project.pk}/imports/",
+                                       {"dataset": "x" * (limit + 10)})
+    assert_problem(problem, 413, "form field")
+    settings.DATA_UPLOAD_MAX_NUMBER_FILES = 2
+    files = [SimpleUploadedFile(f"{n}.png", png_bytes(seed=n), content_type="image/png")
+             for n in range(3)]
+    many = page.post(upload, {"csrfmiddlewaretoken": token, "files": files})
+    assert many.status_code == 400 and "at most 2 files" in many.content.decode()
+    broken = page.generic("POST", upload, b"--x\r\nnot a part",
+                          content_type="multipart/form-data")        # no boundary
+    assert broken.status_code == 400 and "multipart" in broken.content.decode()
+    assert not ImportJob.objects.filter(project=project).exists()
+    assert list(settings.INCOMING_ROOT.iterdir()) == []
 
 
 def test_a_multipart_upload_is_not_refused_by_the_body_limit(project, users, settings):

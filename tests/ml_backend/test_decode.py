@@ -48,6 +48,34 @@ def test_monochrome1_is_inverted():
     assert mono2[0, 0] < mono2[0, -1]  # brighter values are brighter on screen
 
 
+def test_photometric_interpretation_is_checked_before_the_pixels_are_read():
+    """Absent: read as MONOCHROME2 with a warning; made up or at odds with the samples per
+    pixel: refused with that reason, not as damaged pixel data."""
+    ramp = _ramp()
+
+    def declared(value: str | None) -> bytes:
+        ds = pydicom.dcmread(io.BytesIO(_dicom(ramp)))
+        if value is None:
+            del ds.PhotometricInterpretation
+        else:
+            ds.PhotometricInterpretation = value
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        return buffer.getvalue()
+
+    read = decode_scan(declared(None), salt=SALT)
+    np.testing.assert_allclose(read.pixels, decode_scan(_dicom(ramp), salt=SALT).pixels)
+    assert read.meta["photometric"] == "MONOCHROME2"
+    assert any("no Photometric Interpretation" in note for note in read.warnings)
+    stored = pydicom.dcmread(io.BytesIO(read.stored_bytes))
+    assert stored.PhotometricInterpretation == "MONOCHROME2"
+    with pytest.raises(ScanDecodeError, match="not a value the standard defines") as made_up:
+        decode_scan(declared("DOE^JANE"), salt=SALT)
+    assert "DOE" not in str(made_up.value)          # an unknown value is not echoed
+    with pytest.raises(ScanDecodeError, match="RGB takes 3 sample"):
+        decode_scan(declared("RGB"), salt=SALT)
+
+
 def test_rescale_slope_intercept_then_window():
     # Stored 0..3000, slope 2, intercept -1000 -> -1000..5000. Window centre 2000, width 2001
     # (LINEAR) maps 1000 -> 0 and 3000 -> 1; stored 1000 -> 1000 -> 0.0, stored 2000 -> 3000 -> 1.0.

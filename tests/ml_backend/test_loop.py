@@ -114,6 +114,11 @@ def test_annotation_checks_and_query_needs_a_model_for_uncertainty(embedded_proj
     assert skip.label_class is None
     with pytest.raises(CommandError, match="needs proba"):
         call_command("query", "--project", project.name, "--strategy", "margin")
+    # a round of no scans is refused, not read as "the project's batch size"
+    rounds = QueryRound.objects.filter(project=project).count()
+    with pytest.raises(ValueError, match="at least one scan"):
+        services.query_round_create(project=project, n=0, strategy="random")
+    assert QueryRound.objects.filter(project=project).count() == rounds
 
 
 def test_new_class_candidates_and_label_quality_round(embedded_project, users, capsys):
