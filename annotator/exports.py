@@ -9,6 +9,7 @@ timm read as they are. Quarantined scans are never exported. Reads only: no row 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import shutil
@@ -64,7 +65,13 @@ def label_rows(project: Project, *, split: str = "all", adjudicated_only: bool =
             annotation__scan_id__in=list(final)).values_list(
             "annotation_id", "finding__name", "state"):
         finding_states.setdefault(annotation_id, {})[name] = state
+    # who gave each answer: a reader counts once per outcome on a scan, with their latest
+    # answer (``selectors.latest_of_each_reader``: two tabs, a changed mind); an answer with
+    # no reader (an import) counts alone
+    givers: dict[int, list[tuple]] = {}
     for a in annotations:
+        givers.setdefault(a.scan_id, []).append(
+            (a.reader_id, a.outcome) if a.reader_id else ("answer", a.pk))
         answers.setdefault(a.scan_id, []).append({
             "reader": a.reader.username if a.reader_id else a.source,
             "source": a.source, "outcome": a.outcome,
@@ -79,8 +86,11 @@ def label_rows(project: Project, *, split: str = "all", adjudicated_only: bool =
     rows = []
     for scan in scans:
         result = final[scan.pk]
-        given = [x for x in answers.get(scan.pk, []) if x["outcome"] in ("label", "findings")
-                 and x["source"] != Annotation.Source.ADJUDICATION]
+        latest = {giver: x for giver, x in zip(givers.get(scan.pk, []),
+                                                answers.get(scan.pk, []))
+                  if x["outcome"] in ("label", "findings")
+                  and x["source"] != Annotation.Source.ADJUDICATION}
+        given = list(latest.values())            # in time order: a later answer replaces
         if result["kind"] == "class":
             agreeing = sum(x["label"] == result["label"] for x in given)
         else:
@@ -132,25 +142,47 @@ def label_download(project: Project, *, fmt: str, split: str = "all",
 
 
 def write_imagefolder(rows: list[dict], out: Path) -> dict[str, int]:
-    """``out/<split>/<class>/<scan id>.png`` from each scan's de-identified preview (single
-    label scans only: a findings scan has no one class folder); plus ``labels.csv`` with the
-    full rows. Returns the count per class."""
+    """``out/<split>/<class folder>/<scan id>.png`` from each scan's de-identified preview
+    (single label scans only: a findings scan has no one class folder); ``classes.csv``
+    with each folder's class (``folder_names``); ``labels.csv`` with the full rows. Returns
+    the count per class."""
     from annotator.storage import media_path
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty: export into a new folder")
+    labelled = [row for row in rows if row["kind"] == "class" and row["label"]]
+    folders = folder_names(row["label"] for row in labelled)
     counts: dict[str, int] = {}
-    for row in rows:
-        if row["kind"] != "class" or not row["label"]:
-            continue
-        folder = out / row["split"] / _safe(row["label"])
+    for row in labelled:
+        folder = out / row["split"] / folders[row["label"]]
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(media_path(row["_preview"]), folder / f"{row['scan']}.png")
         counts[row["label"]] = counts.get(row["label"], 0) + 1
     out.mkdir(parents=True, exist_ok=True)
+    mapping = io.StringIO()
+    writer = csv.writer(mapping)
+    writer.writerow(["folder", "class"])
+    for name, folder in sorted(folders.items(), key=lambda item: item[1]):
+        writer.writerow([folder, csv_cell(name)])
+    (out / "classes.csv").write_text(mapping.getvalue())
     (out / "labels.csv").write_text(as_csv(rows))
     return counts
+
+
+def folder_names(names) -> dict[str, str]:
+    """Each class name's folder: the name with separators and odd characters as ``_``; two
+    classes whose folders would be one (``a/b`` and ``a:b``, or names differing only in case
+    on a case-blind file system) each get a short digest of their own name instead, so a
+    training script's ImageFolder never merges two classes."""
+    names = sorted(set(names))
+    plain = {name: _safe(name) for name in names}
+    taken: dict[str, int] = {}
+    for folder in plain.values():
+        taken[folder.casefold()] = taken.get(folder.casefold(), 0) + 1
+    return {name: folder if taken[folder.casefold()] == 1
+            else f"{folder}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+            for name, folder in plain.items()}
 
 
 def _safe(name: str) -> str:

@@ -628,7 +628,11 @@ def _record_once(*, project: Project, scan: Scan, user, data: dict, create
     except IntegrityError:       # the same submission saved by a concurrent request
         existing = replayed()
         if existing is None:
-            raise
+            # what the answer refers to went while it was saved: the class (or a finding)
+            # deleted in the admin, the round or the model version removed
+            raise AnnotationError("the answer could not be stored: its class, a finding or "
+                                  "what you were shown was removed meanwhile; reload the "
+                                  "page") from None
         return existing, False
     lease_release(scan=scan, user=user)
     return annotation, True

@@ -4,7 +4,9 @@ checked against PyTorch on the project's own scans (onnxruntime for ONNX), and a
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -306,26 +308,39 @@ def _findings_evaluation(model: ModelVersion, files: list[dict]) -> dict | None:
     return out
 
 
+def _md(text) -> str:
+    """A name (project, class, finding, label set) as Markdown text that stays text: one
+    line, HTML escaped (a viewer that renders HTML runs none), and the characters that
+    would split a table cell or start a link, code or emphasis escaped."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return re.sub(r"([\\`*\[\]|])", r"\\\1", text)
+
+
 def _card_markdown(card: dict) -> str:
-    lines = [f"# Model card: {card['model']} ({card['project']})", "",
+    lines = [f"# Model card: {_md(card['model'])} ({_md(card['project'])})", "",
              f"Exported {card['exported']} as {card['format']}; status **{card['status']}** "
-             f"({card['status_reason'] or 'no reason recorded'}).", "",
+             f"({_md(card['status_reason'] or 'no reason recorded')}).", "",
              "## Files", "", "| file | label set | classes | input | checked on | max diff |",
-             "|---|---|---|---|---:|---:|"]
+             "|---|---|---:|---|---:|---:|"]
     for f in card["files"]:
         shape = "×".join(str(x) for x in f["input"]["shape"])
         diff = "—" if f["max_difference"] is None else f"{f['max_difference']:.1e}"
-        lines.append(f"| `{f['file']}` | {f['label_set'] or 'all'} | {', '.join(f['classes'])} "
+        lines.append(f"| `{f['file']}` | {_md(f['label_set'] or 'all')} | {len(f['classes'])} "
                      f"| `image` {shape} in [0, 1] | {f['checked_on_scans']} scans | {diff} |")
-    lines += ["", "Output `probabilities`: one row per image over the classes in the order "
-              "listed. For a single-label set they sum to one; for a findings set each is "
-              "that finding's own probability (a scan may show several), and the product "
-              "calls a finding present at or above its threshold:", ""]
+    lines += ["", "Output `probabilities`: one row per image, one column per class in the "
+              "order below (column 0 first; `model-card.json` lists the same names). For a "
+              "single-label set they sum to one; for a findings set each is that finding's "
+              "own probability (a scan may show several), and the product calls a finding "
+              "present at or above its threshold."]
     for f in card["files"]:
-        if f["kind"] == "findings":
-            lines.append(f"- {f['label_set']}: " + ", ".join(
-                f"{n} ≥ {t:.3f}" for n, t in f["thresholds"].items())
-                + (f" ({f['threshold_rule']})" if f.get("threshold_rule") else ""))
+        lines += ["", f"`{f['file']}` ({_md(f['label_set'] or 'all')}):", ""]
+        thresholds = (f.get("thresholds") or {}) if f["kind"] == "findings" else {}
+        for column, name in enumerate(f["classes"]):
+            cut = thresholds.get(name)
+            lines.append(f"- column {column}: {_md(name)}"
+                         + ("" if cut is None else f" ≥ {cut:.3f}"))
+        if f["kind"] == "findings" and f.get("threshold_rule"):
+            lines += ["", f"Thresholds: {_md(f['threshold_rule'])}."]
     lines += ["", "## Preprocessing", "", card["preprocessing"], "",
               "## Training", "", f"- Labels: {card['training']['labels']}",
               f"- Encoder: {card['training']['encoder']} (started from "
@@ -347,10 +362,10 @@ def _card_markdown(card: dict) -> str:
             lines += ["", "| class | precision | recall | F1 | AUC | support |",
                       "|---|---:|---:|---:|---:|---:|"]
             for name, m in per_class.items():
-                lines.append(f"| {name} | {_f(m.get('precision'))} | {_f(m.get('recall'))} | "
+                lines.append(f"| {_md(name)} | {_f(m.get('precision'))} | {_f(m.get('recall'))} | "
                              f"{_f(m.get('f1'))} | {_f(m.get('auc'))} | {m.get('support', '')} |")
     for set_name, report in (card.get("findings_evaluation") or {}).items():
-        lines += ["", f"### Findings: {set_name}", ""]
+        lines += ["", f"### Findings: {_md(set_name)}", ""]
         if not report:
             lines.append("No per-finding evaluation: the set had no labeled eval scans.")
             continue
@@ -358,7 +373,7 @@ def _card_markdown(card: dict) -> str:
                   "| finding | prevalence | AUC | AP | threshold | sensitivity | specificity "
                   "| PPV | positives |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, m in report["per_finding"].items():
-            lines.append(f"| {name} | {_f(m.get('prevalence'))} | {_f(m.get('auc'))} | "
+            lines.append(f"| {_md(name)} | {_f(m.get('prevalence'))} | {_f(m.get('auc'))} | "
                          f"{_f(m.get('ap'))} | {_f(m.get('threshold'))} | "
                          f"{_f(m.get('sensitivity'))} | {_f(m.get('specificity'))} | "
                          f"{_f(m.get('ppv'))} | {m.get('positives', '')} |")

@@ -149,3 +149,42 @@ def test_the_audit_csv_neutralises_formulas(db, users):
     rows = list(csv.reader(io.StringIO(to_csv(AuditEvent.objects.all()))))
     assert rows[1][1] == "'=cmd|' /C calc'!A0" and rows[1][6] == "'-2+3"
     assert json.loads(rows[1][7]) == {"name": FORMULA}
+
+
+def test_a_reader_who_answers_twice_counts_once(read_project, users):
+    """Two tabs, or a changed mind: the reader's latest answer is their reading; the rows'
+    readers and agreement count readers, not answers (every answer stays in ``answers``)."""
+    from annotator.exports import label_rows
+
+    project, pool = read_project, read_project.pool
+    classes = {c.name: c for c in LabelClass.objects.filter(project=project)}
+    services.annotation_create(scan=pool[0], reader=users["alice"],
+                               label_class=classes["pituitary_tumor"])
+    services.annotation_create(scan=pool[0], reader=users["dora"],
+                               label_class=classes["pituitary_tumor"])
+    row = {r["scan"]: r for r in label_rows(project)}[pool[0].pk]
+    assert len(row["answers"]) == 3
+    assert row["readers"] == 2 and row["agreement"] == 1.0
+    assert row["label"] == "pituitary_tumor"
+
+
+def test_classes_whose_folder_names_would_meet_keep_their_own_folders(read_project, users,
+                                                                        tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    project, pool = read_project, read_project.pool
+    slash, _ = services.label_class_get_or_create(project=project, name="a/b")
+    colon, _ = services.label_class_get_or_create(project=project, name="a:b")
+    services.annotation_create(scan=pool[0], reader=users["dora"], label_class=slash)
+    services.annotation_create(scan=pool[0], reader=users["alice"], label_class=slash)
+    services.annotation_create(scan=pool[1], reader=users["bob"], label_class=colon,
+                               source=Annotation.Source.ADJUDICATION)
+    out = tmp_path / "images"
+    call_command("export_labels", "--project", project.name, "--format", "imagefolder",
+                 "--out", str(out), "--split", "pool")
+    folders = sorted(p.name for p in (out / "pool").iterdir())
+    assert len(folders) == 2 and all(name.startswith("a_b~") for name in folders)
+    mapping = dict(csv.reader(io.StringIO((out / "classes.csv").read_text())))
+    assert sorted(mapping.values()) == ["a/b", "a:b", "class"]        # "class": the header
+    pool_set = ImageFolder(str(out / "pool"))
+    assert {mapping[pool_set.classes[t]] for _, t in pool_set.samples} == {"a/b", "a:b"}

@@ -90,3 +90,38 @@ def test_exported_head_carries_the_balance_offsets():
     assert head.bias is not None and abs(head.bias).max() > 0.5, info["bias"]
     got = _LinearHead(head)(torch.as_tensor(x[:50])).detach().numpy()
     np.testing.assert_allclose(got, head.predict_proba(x[:50]), atol=1e-5)
+
+
+def test_the_model_card_keeps_odd_names_as_text():
+    """Class, finding and label-set names go into the Markdown card as text: a ``|`` does
+    not add a table cell, HTML is escaped, and the output columns are one name per line
+    (a comma in a name is not a second class)."""
+    from ml_backend.services.export import _card_markdown
+
+    odd = ["+cmd|' /C calc'!A0", "<img src=x onerror=alert(1)>", "effusion, left"]
+    card = {
+        "model": "p1-clf-3", "project": "Chest </script><script>x()</script>",
+        "exported": "2026-12-07", "format": "onnx", "status": "active",
+        "status_reason": None,
+        "files": [{"file": "chest.onnx", "label_set": "chest | set", "classes": odd,
+                   "kind": "classes", "input": {"shape": [1, 1, 128, 128]},
+                   "max_difference": 1e-6, "checked_on_scans": 12}],
+        "preprocessing": "grey, 128 px", "intended_use": "research",
+        "training": {"labels": 40, "encoder": "p1-enc-1", "encoder_started_from": "starter"},
+        "lineage": [{"version": "p1-clf-3"}], "limitations": ["not a medical device"],
+        "evaluation": {"eval_scans": 20, "accuracy": 0.9, "macro_f1": 0.8, "macro_auc": 0.9,
+                       "ece": 0.05, "ece_before_scaling": 0.1,
+                       "per_class": {name: {"precision": 0.5, "recall": 0.5, "f1": 0.5,
+                                            "auc": 0.5, "support": 3} for name in odd}},
+    }
+    markdown = _card_markdown(card)
+    assert "<img" not in markdown and "<script>" not in markdown
+    assert "&lt;img src=x onerror=alert(1)&gt;" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")
+            and "precision" not in line and "file" not in line]
+    # every table row has its header's cells: an escaped | is not a cell boundary
+    assert rows and all(line.replace("\\|", "").count("|") == 7 for line in rows)
+    columns = [line for line in markdown.splitlines() if line.startswith("- column ")]
+    assert columns == ["- column 0: +cmd\\|' /C calc'!A0",
+                       "- column 1: &lt;img src=x onerror=alert(1)&gt;",
+                       "- column 2: effusion, left"]
