@@ -11,9 +11,8 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import Http404, HttpResponse, HttpResponseForbidden, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -105,7 +104,8 @@ def label_page(request, project_id: int, scan_id: int):
     if refusal is not None:
         if request.GET.get("format") == "json":
             return JsonResponse({"error": refusal}, status=403)
-        raise PermissionDenied(refusal)
+        # the reason in words, not an exception (whose traceback the log would print)
+        return HttpResponseForbidden(refusal, content_type="text/plain; charset=utf-8")
     item = _item_for(project, scan)
     held_by = None
     if not labeling.lease_acquire(scan=scan, user=request.user):
