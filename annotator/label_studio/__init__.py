@@ -10,9 +10,11 @@ through that webhook (``ingest``), and ``reconcile`` pulls the export to fill an
 Label Studio sends each event once without retrying. Facts: ../shared/docs/LABEL_STUDIO.md.
 
 - ``api``: the SDK client and our calls to it (errors → ``LabelStudioError``)
-- ``config``: the labeling config, signed image URLs, task data
+- ``config``: the labeling config, signed image URLs, task data, and which scans may be
+  tasks (``task_scans``: pool, out of quarantine — the only scans an answer may land on)
 - ``outbound``: create/update the project, export tasks, push predictions and config, reconcile
 - ``inbound``: the webhook payload and one annotation upserted as ours, scoped by project
+  (its task scans only; credited only to a member matched by e-mail)
 - ``views``: the signed image URL and the webhook endpoints (no login)
 - ``tasks``: the Celery tasks; ``receivers``: follow class changes and new classifiers
 

@@ -8,11 +8,12 @@ from xml.sax.saxutils import quoteattr
 
 from django.conf import settings
 from django.core import signing
+from django.db.models import QuerySet
 from django.urls import reverse
 
 from annotator.label_studio.api import LabelStudioError
 from annotator.label_page import effective_hotkeys, finding_hotkeys
-from annotator.models import Project, Scan
+from annotator.models import Project, Scan, Split
 from annotator.selectors import findings_for_set
 from ml_backend.label_studio_protocol import (
     FINDINGS_NAME,
@@ -139,6 +140,31 @@ def labeling_config(project: Project) -> str:
             f'  <Header value="Finding"/>\n'
             f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single-radio" '
             f'required="true" showInline="true">\n{choices}\n  </Choices>\n</View>')
+
+
+# The one rule of which scans may be Label Studio tasks, and so the only scans an answer
+# from Label Studio may land on (the export and the webhook both read it): the project's pool
+# scans out of quarantine. Eval scans are labeled once, at import or by reviewers and admins
+# on the label page (a reader's answer would move the scores every model is compared on);
+# a quarantined scan is shown to project admins only until one releases it.
+def task_scans(project: Project) -> QuerySet[Scan]:
+    """The scans of ``project`` that may be Label Studio tasks."""
+    return project.scans.filter(split=Split.POOL, quarantined=False)
+
+
+def task_refusal(project: Project, scan: Scan) -> str | None:
+    """Why ``scan`` may not be a Label Studio task of ``project`` (nor take an answer from
+    one), or None. The same rule as ``task_scans``, for one scan."""
+    if scan.project_id != project.pk:
+        return f"scan {scan.pk} is not one of {project.name!r}'s scans"
+    if scan.quarantined:
+        return (f"scan {scan.pk} is quarantined (it may show burned-in patient details): "
+                "it is not read until a project admin releases it")
+    if scan.split != Split.POOL:
+        return (f"scan {scan.pk} is an eval scan: its labels are the fixed test set every "
+                "model is scored on, never a Label Studio task (reviewers and admins "
+                "label it on the label page)")
+    return None
 
 
 def image_token(scan: Scan) -> str:

@@ -8,6 +8,7 @@ import logging
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from annotator.findings import (
@@ -16,6 +17,7 @@ from annotator.findings import (
     findings_states,
     findings_states_from_names,
 )
+from annotator.label_studio.config import task_refusal
 from annotator.models import Annotation, LabelClass, LabelStudioTask, Project, Scan
 from annotator.services import AnnotationError, annotation_create
 from medsite import jsonbody
@@ -61,8 +63,9 @@ def _findings_states(scan: Scan, result) -> dict[int, str]:
     return findings_states_from_names(scan.label_set, present, uncertain, no_finding=no_finding)
 
 
-def _reader(completed_by, emails: dict[int, str], ls=None):
-    """Our user for a Label Studio annotator, matched by e-mail (None if there is none)."""
+def _email(completed_by, emails: dict[int, str], ls=None) -> str:
+    """The e-mail of a Label Studio annotator ('' if none is known): from the payload, or by
+    their Label Studio id through the API (cached in ``emails``)."""
     email = None
     if isinstance(completed_by, dict):
         email = completed_by.get("email")
@@ -76,30 +79,132 @@ def _reader(completed_by, emails: dict[int, str], ls=None):
                 logger.warning("Label Studio user %s not readable: %s", completed_by, exc)
                 emails[completed_by] = ""
         email = emails.get(completed_by)
+    return (email or "").strip()
+
+
+def _reader(project: Project, completed_by, emails: dict[int, str], ls=None):
+    """Our reader for a Label Studio annotator: the one active user with a role in ``project``
+    (a member, or a site admin, as on the label page) whose e-mail it is.
+
+    Returns ``(user or None, e-mail or '', why nobody is credited or '')``. Anyone else, a
+    user of another project included, is never credited: the answer is kept as an unknown
+    reader's, as when Label Studio sends no e-mail."""
+    email = _email(completed_by, emails, ls)
     if not email:
-        return None, ""
-    return get_user_model().objects.filter(email__iexact=email).first(), email
+        return None, "", ""
+    members = list(get_user_model().objects.filter(email__iexact=email, is_active=True)
+                   .filter(Q(memberships__project=project) | Q(is_superuser=True))
+                   .distinct().order_by("pk")[:2])
+    if len(members) == 1:
+        return members[0], email, ""
+    if members:
+        return None, email, "more than one member has this e-mail, not credited"
+    return None, email, f"not a member of {project.name!r}, not credited"
+
+
+def _external_id(annotation: dict) -> tuple[str, str]:
+    """The Label Studio id of an annotation as we store it, or '' and why it is not one."""
+    ls_id = annotation.get("id")
+    if ls_id is None:
+        return "", "the annotation has no id"
+    if isinstance(ls_id, (dict, list, bool)) or len(str(ls_id)) > 64 or not str(ls_id):
+        return "", "the annotation id is not a Label Studio id"
+    return str(ls_id), ""
+
+
+def _scan_of(project: Project, task: dict) -> tuple[Scan | None, str]:
+    """The scan a Label Studio task stands for, or None and why the task may take no answer.
+
+    A task we exported is matched on its task id (``LabelStudioTask``), and its data's
+    scan_id, when it has one, must agree; another task is matched on its scan_id, unless
+    that scan was exported as another task. Either way the scan must be one that may be a
+    Label Studio task at all (``config.task_refusal``: this project's, pool, not
+    quarantined), the rule the export chooses its scans by."""
+    data = task.get("data") if isinstance(task.get("data"), dict) else {}
+    scan_id, task_id = jsonbody.db_id(data.get("scan_id")), jsonbody.db_id(task.get("id"))
+    label = str(task.get("id"))[:24]
+    linked = (LabelStudioTask.objects.filter(ls_task_id=task_id).select_related("scan").first()
+              if task_id is not None and task_id <= 2**31 - 1 else None)
+    if linked is not None and linked.project_id != project.pk:
+        return None, f"task {label} is a Label Studio task of another project"
+    if linked is not None:
+        if scan_id is not None and scan_id != linked.scan_id:
+            return None, (f"task {label} is the task of scan {linked.scan_id}, but its data "
+                          f"names scan {scan_id}")
+        scan = linked.scan
+    else:
+        scan = Scan.objects.filter(pk=scan_id, project=project).first() if scan_id else None
+        if scan is None:
+            return None, f"task {label} is not one of {project.name!r}'s scans"
+        exported = (LabelStudioTask.objects.filter(project=project, scan=scan)
+                    .values_list("ls_task_id", flat=True).first())
+        if exported is not None:
+            return None, (f"task {label} is not the task of scan {scan.pk} (that is task "
+                          f"{exported})")
+    reason = task_refusal(project, scan)
+    return (None, reason) if reason else (scan, "")
+
+
+def _target(project: Project, annotation: dict, task: dict
+            ) -> tuple[str, Scan | None, Annotation | None, str]:
+    """Where an annotation would go, read only: ``(external id, scan, the answer stored
+    for it already or None, '')``, or ``('', None, None, why it is refused)``."""
+    external, reason = _external_id(annotation)
+    if reason:
+        return "", None, None, reason
+    scan, reason = _scan_of(project, task)
+    if scan is None:
+        return "", None, None, reason
+    existing = Annotation.objects.filter(source=Annotation.Source.LABEL_STUDIO,
+                                         external_id=external).select_related("scan").first()
+    if existing is not None and existing.scan.project_id != project.pk:
+        # the same Label Studio id ingested for another project: never rewrite that one
+        logger.warning("Label Studio annotation %s for project %s belongs to project %s: "
+                       "refused", external, project.pk, existing.scan.project_id)
+        return "", None, None, f"annotation {external} belongs to another project"
+    if existing is not None and existing.scan_id != scan.pk:
+        return "", None, None, (f"annotation {external} was stored for scan "
+                                f"{existing.scan_id}, not scan {scan.pk}")
+    return external, scan, existing, ""
+
+
+def _echo(value):
+    """A payload's id as the webhook's answer repeats it (an int or a short string)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return value[:64] if isinstance(value, str) else None
+
+
+def webhook_screen(project: Project, payload: dict) -> tuple[list[tuple[dict, dict]], list[dict]]:
+    """A webhook payload's ``(annotation, task)`` pairs split into those to ingest and those
+    refused now, each refusal ``{"annotation", "task", "reason"}`` (what needs no call to
+    Label Studio: the annotation's id and the scan it would land on). ``ingest`` checks it
+    all again, since a scan may change in between."""
+    accepted, refused = [], []
+    for annotation, task in annotations_in(payload):
+        reason = _target(project, annotation, task)[3]
+        if not reason:
+            accepted.append((annotation, task))
+            continue
+        logger.warning("Label Studio annotation %s for project %s refused: %s",
+                       str(annotation.get("id"))[:24], project.pk, reason)
+        refused.append({"annotation": _echo(annotation.get("id")),
+                        "task": _echo(task.get("id")), "reason": reason})
+    return accepted, refused
 
 
 def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
            emails: dict | None = None) -> tuple[Annotation | None, str]:
     """Upsert one Label Studio annotation as ours. Idempotent by its Label Studio id.
 
-    Returns ``(annotation, outcome)`` with outcome one of created / updated / unchanged /
-    ignored (with the reason)."""
+    Only on a scan that may be a Label Studio task (``_scan_of``), credited only to one of
+    the project's readers (``_reader``). Returns ``(annotation, outcome)`` with outcome one
+    of created / updated / unchanged / ignored (with the reason); an ignored one wrote
+    nothing."""
     emails = {} if emails is None else emails
-    ls_id = annotation.get("id")
-    if ls_id is None:
-        return None, "ignored: the annotation has no id"
-    data = task.get("data") or {}
-    data = data if isinstance(data, dict) else {}
-    scan_id, task_id = jsonbody.db_id(data.get("scan_id")), jsonbody.db_id(task.get("id"))
-    scan = Scan.objects.filter(pk=scan_id, project=project).first() if scan_id else None
-    if scan is None and task_id is not None and task_id <= 2**31 - 1:
-        linked = LabelStudioTask.objects.filter(project=project, ls_task_id=task_id).first()
-        scan = linked.scan if linked else None
+    external, scan, existing, reason = _target(project, annotation, task)
     if scan is None:
-        return None, f"ignored: task {str(task.get('id'))[:24]} is not one of {project.name!r}'s scans"
+        return None, f"ignored: {reason}"
     findings_scan = scan.label_set_id is not None and scan.label_set.is_multi
     states = None
     if annotation.get("was_cancelled"):
@@ -108,64 +213,36 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
         try:
             states = _findings_states(scan, annotation.get("result"))
         except AnnotationError as exc:
-            return None, f"ignored: annotation {ls_id}: {exc}"
+            return None, f"ignored: annotation {external}: {exc}"
         outcome, label_class = Annotation.Outcome.FINDINGS, None
     else:
         name = _choice(annotation.get("result"))
         if name is None:
-            return None, f"ignored: annotation {ls_id} has no {FROM_NAME!r} choice"
+            return None, f"ignored: annotation {external} has no {FROM_NAME!r} choice"
         label_class = LabelClass.objects.filter(project=project, name=name).first()
         if label_class is None:
             return None, f"ignored: unknown class {name!r} (sync the labeling config)"
         outcome = Annotation.Outcome.LABEL
-    reader, email = _reader(annotation.get("completed_by"), emails, ls)
+    reader, email, uncredited = _reader(project, annotation.get("completed_by"), emails, ls)
+    if uncredited:
+        logger.warning("Label Studio annotation %s on scan %s of project %s: its annotator "
+                       "is %s", external, scan.pk, project.pk, uncredited)
+    if existing is not None:
+        return _update(existing, outcome=outcome, label_class=label_class, states=states,
+                       reader=reader)
     lead = annotation.get("lead_time")
     duration = (int(float(lead) * 1000) if isinstance(lead, (int, float))
                 and not isinstance(lead, bool) and 0 <= lead <= 6 * 3600 else None)
     shown = _shown_from(project, scan, annotation.get("prediction"), findings=findings_scan)
-    external = str(ls_id)
-    if len(external) > 64 or isinstance(ls_id, (dict, list, bool)):
-        return None, "ignored: the annotation id is not a Label Studio id"
-    existing = Annotation.objects.filter(source=Annotation.Source.LABEL_STUDIO,
-                                         external_id=external).select_related("scan").first()
-    if existing is not None and existing.scan.project_id != project.pk:
-        # the same Label Studio id ingested for another project: never rewrite that one
-        logger.warning("Label Studio annotation %s for project %s belongs to project %s: "
-                       "refused", external, project.pk, existing.scan.project_id)
-        return None, f"ignored: annotation {external} belongs to another project"
-    if existing is not None and scan.quarantined:
-        return None, f"ignored: scan {scan.pk} is quarantined"
-    if existing is not None and existing.reader_id is None and reader is not None:
-        # the reader was unknown when it first arrived (no API key then): fill it in
-        existing.reader = reader
-        existing.note = (existing.note + "\n" if existing.note else "") + \
-            f"reader matched by e-mail {timezone.now():%Y-%m-%d %H:%M}"
-        existing.save(update_fields=["reader", "note"])
-        if (existing.outcome, existing.label_class_id) == (
-                outcome, getattr(label_class, "pk", None)) and states is None:
-            return existing, "updated"
-    if existing is not None and (states is not None
-                                 or existing.outcome == Annotation.Outcome.FINDINGS):
-        return _update_findings(existing, outcome, states)
-    if existing is not None:
-        if (existing.outcome, existing.label_class_id) == (outcome, getattr(label_class, "pk", None)):
-            return existing, "unchanged"
-        if label_class is not None and label_class.label_set_id != scan.label_set_id:
-            return None, (f"ignored: {label_class.name!r} does not apply to scan {scan.pk} "
-                          "(another label set)")
-        existing.outcome, existing.label_class = outcome, label_class
-        existing.note = (existing.note + "\n" if existing.note else "") + \
-            f"updated in Label Studio {timezone.now():%Y-%m-%d %H:%M}"
-        existing.save(update_fields=["outcome", "label_class", "note"])
-        return existing, "updated"
+    note = "" if reader else f"Label Studio user {email or '?'}" + (
+        f": {uncredited}" if uncredited else "")
     try:
         with transaction.atomic():
             if states is not None:
                 created = findings_answer_create(
                     scan=scan, reader=reader, states=states,
                     source=Annotation.Source.LABEL_STUDIO, duration_ms=duration,
-                    external_id=external,
-                    note="" if reader else f"Label Studio user {email or '?'}",
+                    external_id=external, note=note,
                     shown_model_version=shown.get("shown_model_version"),
                     shown_scores=shown.get("shown_scores"),
                     shown_preselected=project.label_studio_prelabel and bool(
@@ -174,7 +251,7 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
             created = annotation_create(
                 scan=scan, reader=reader, label_class=label_class, outcome=outcome,
                 source=Annotation.Source.LABEL_STUDIO, duration_ms=duration,
-                external_id=external, note="" if reader else f"Label Studio user {email or '?'}",
+                external_id=external, note=note,
                 shown_preselected=project.label_studio_prelabel and bool(
                     shown.get("shown_suggestion")),
                 **{k: v for k, v in shown.items() if k != "shown_scores"})
@@ -186,6 +263,44 @@ def ingest(project: Project, *, annotation: dict, task: dict, ls=None,
     except AnnotationError as exc:
         return None, f"ignored: {exc}"
     return created, "created"
+
+
+def _update(existing: Annotation, *, outcome: str, label_class: LabelClass | None,
+            states: dict[int, str] | None, reader) -> tuple[Annotation | None, str]:
+    """An annotation seen again (an update, a replay, reconciliation): its answer changed,
+    and its reader filled in when it was unknown and is now matched. All of it or, when the
+    change is refused, none of it."""
+    scan = existing.scan
+    findings = states is not None or existing.outcome == Annotation.Outcome.FINDINGS
+    changed = (existing.outcome, existing.label_class_id) != (outcome,
+                                                              getattr(label_class, "pk", None))
+    if (not findings and changed and label_class is not None
+            and label_class.label_set_id != scan.label_set_id):
+        return None, (f"ignored: {label_class.name!r} does not apply to scan {scan.pk} "
+                      "(another label set)")
+    fill = existing.reader_id is None and reader is not None
+    try:
+        with transaction.atomic():
+            if fill:
+                # the reader was unknown when it first arrived (no API key then): fill it in
+                existing.reader = reader
+                existing.note = (existing.note + "\n" if existing.note else "") + \
+                    f"reader matched by e-mail {timezone.now():%Y-%m-%d %H:%M}"
+                existing.save(update_fields=["reader", "note"])
+            if findings:
+                _, result = _update_findings(existing, outcome, states)
+            elif not changed:
+                result = "unchanged"
+            else:
+                existing.outcome, existing.label_class = outcome, label_class
+                existing.note = (existing.note + "\n" if existing.note else "") + \
+                    f"updated in Label Studio {timezone.now():%Y-%m-%d %H:%M}"
+                existing.save(update_fields=["outcome", "label_class", "note"])
+                result = "updated"
+    except AnnotationError as exc:
+        existing.refresh_from_db()
+        return None, f"ignored: {exc}"
+    return existing, "updated" if fill else result
 
 
 def _update_findings(existing: Annotation, outcome: str, states: dict[int, str] | None

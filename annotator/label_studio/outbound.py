@@ -17,6 +17,8 @@ from annotator.label_studio.config import (
     _task_data,
     labeling_config,
     predictions_for,
+    task_refusal,
+    task_scans,
 )
 from annotator.label_studio.inbound import WEBHOOK_HEADER, ingest
 from annotator.labeling import current_round
@@ -30,16 +32,18 @@ VIEW_TITLE = "Least confident first"
 
 
 def _scans_to_export(project: Project, scope: str) -> list[Scan]:
-    if scope == "pool":    # every pool scan nobody has labeled yet
+    """The scans to make tasks of, among those that may be tasks at all (``task_scans``: the
+    webhook takes answers on those only)."""
+    if scope == "pool":    # every task scan nobody has labeled yet
         labeled = Annotation.objects.filter(project=project,
                                             outcome__in=Annotation.LABELLING).values("scan_id")
-        return list(project.scans.filter(split="pool", quarantined=False).exclude(pk__in=labeled)
+        return list(task_scans(project).exclude(pk__in=labeled)
                     .select_related("dataset").order_by("pk"))
     query_round = current_round(project)
     if query_round is None:
         raise LabelStudioError("no query round yet: run `manage.py query` (or use --scope pool)")
     return [item.scan for item in query_round.items.select_related("scan__dataset")
-            .order_by("rank") if not item.scan.quarantined]
+            .order_by("rank") if task_refusal(project, item.scan) is None]
 
 
 def sync(project: Project, *, create: bool = False, scope: str = "round", ls=None,

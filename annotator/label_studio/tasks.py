@@ -4,10 +4,14 @@ them where it always did and routes them to the ``default`` queue)."""
 
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
 
 from annotator.label_studio import api, inbound, outbound
 from annotator.models import Project
+
+logger = logging.getLogger(__name__)
 
 
 @shared_task(name="annotator.tasks.label_studio_ingest", acks_late=True)
@@ -23,6 +27,9 @@ def label_studio_ingest(project_id: int, annotation: dict, task: dict) -> str:
         except api.LabelStudioError:
             ls = None   # not configured here: the reader stays unknown, reconcile fills it
     _, outcome = inbound.ingest(project, annotation=annotation, task=task, ls=ls)
+    if outcome.startswith("ignored"):     # the record of a refusal, where no one sees the result
+        logger.warning("Label Studio annotation %s for project %s %s",
+                       str(annotation.get("id"))[:24], project.pk, outcome)
     return outcome
 
 

@@ -58,11 +58,13 @@ def ls_webhook(request, project_id: int):
                        project.label_studio_project_id)
         return JsonResponse({"error": "this event is for another Label Studio project"},
                             status=409)
-    pairs = inbound.annotations_in(payload)
+    # refused now, with their reasons: what may not land on this project's task scans
+    pairs, refused = inbound.webhook_screen(project, payload)
     for annotation, task in pairs:
         # only what we need goes on the queue (the payload also carries the project token)
         background.send(label_studio_ingest, project.pk, {k: annotation.get(k) for k in (
             "id", "result", "was_cancelled", "completed_by", "lead_time", "prediction", "task")},
             {"id": task.get("id"), "data": task.get("data") if isinstance(task.get("data"), dict)
              else {}})
-    return JsonResponse({"queued": len(pairs), "action": payload.get("action")})
+    return JsonResponse({"queued": len(pairs), "refused": refused,
+                         "action": payload.get("action")})

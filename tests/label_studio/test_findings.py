@@ -159,7 +159,8 @@ def test_mixed_project_offers_findings_or_classes_per_task(findings_project,  # 
     settings.LABEL_STUDIO_API_KEY = label_studio_server["token"]
     ls = label_studio.client()
     remote = ls.projects.create(title="mixed sets", label_config=config)
-    chest_scan = project.scans.filter(label_set__name="brain findings").last()
+    # a pool scan: only those may be Label Studio tasks (an eval scan's answer is refused)
+    chest_scan = project.scans.filter(label_set__name="brain findings", split="pool").last()
     chest_scan.label_set = chest
     chest_scan.save(update_fields=["label_set"])
     created = ls.projects.import_tasks(remote.id, request=[
