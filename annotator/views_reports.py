@@ -179,7 +179,8 @@ def _draw(project: Project, model: ModelVersion | None, name: str) -> bytes | No
     evaluation = _evaluation(model)
     report = (evaluation.report if evaluation else None) or {}
     if name == "confusion" and report.get("confusion_matrix"):
-        return charts.confusion_matrix_png(report["confusion_matrix"], report["class_names"])
+        return charts.confusion_matrix_png(report["confusion_matrix"], report["class_names"],
+                                           no_prediction=report.get("no_prediction"))
     if name == "reliability" and report.get("reliability"):
         return charts.reliability_png(report["reliability"], report.get("ece"),
                                       report.get("ece_before_scaling"),
@@ -248,10 +249,17 @@ def _page(project: Project, model: ModelVersion | None) -> dict:
                   "support": report["per_class"][n].get("support")}
                  for n in names if n in report.get("per_class", {})]
     matrix = report.get("confusion_matrix") or []
-    confusion = [{"name": n, "cells": [{"count": v, "diagonal": i == j} for j, v in enumerate(row)],
-                  "total": sum(row)} for i, (n, row) in enumerate(zip(names, matrix))]
+    # Eval scans the version gave no prediction (no head for their label set): their own
+    # column, never a class's (ml_backend.metrics.reports, "No prediction").
+    missing = report.get("no_prediction") or [0] * len(matrix)
+    no_prediction = sum(missing)
+    confusion = [{"name": n, "cells": [{"count": v, "diagonal": i == j} for j, v in enumerate(row)]
+                  + ([{"count": missing[i], "diagonal": False}] if no_prediction else []),
+                  "total": sum(row) + missing[i]}
+                 for i, (n, row) in enumerate(zip(names, matrix))]
     sites = [{"name": g, "n": v.get("n"), "accuracy": _fmt(v.get("accuracy")),
-              "macro_f1": _fmt(v.get("macro_f1")), "macro_auc": _fmt(v.get("macro_auc"))}
+              "macro_f1": _fmt(v.get("macro_f1")), "macro_auc": _fmt(v.get("macro_auc")),
+              "no_prediction": v.get("no_prediction", 0)}
              for g, v in (report.get("per_group") or {}).items()]
     curve = _learning_curve(project)
     for point in curve:
@@ -282,14 +290,18 @@ def _page(project: Project, model: ModelVersion | None) -> dict:
     summary.append(("NLL", _fmt(report.get("nll"))))
     per_set = [{"name": name, "n": r.get("num_eval"), "accuracy": _fmt(r.get("accuracy")),
                 "macro_f1": _fmt(r.get("macro_f1")), "macro_auc": _fmt(r.get("macro_auc")),
-                "ece": _fmt(r.get("ece")),
+                "ece": _fmt(r.get("ece")), "no_prediction": r.get("num_no_prediction", 0),
                 "classes": ", ".join(r.get("class_names") or list(r.get("per_class", {})))}
                for name, r in (report.get("per_set") or {}).items()]
+    unknown = report.get("unknown_classes") or []
     gate = (model.metrics or {}).get("gate") if model is not None else None
     return {
         "patient_overlap": selectors.patient_overlap_words(project),
         "per_set": per_set if len(per_set) > 1 else [],
-        "unknown_classes": report.get("unknown_classes") or [],
+        "unknown_classes": unknown,
+        "unknown_scans": sum((report.get("per_class", {}).get(n) or {}).get("support") or 0
+                             for n in unknown),
+        "no_prediction": no_prediction,
         "gate": gate or None,
         "project": project,
         "model": model,

@@ -30,6 +30,8 @@ __all__ = [
 FIGSIZE = (5.0, 4.0)
 DPI = 100
 UNLABELED = -1
+# The confusion matrix's column for eval scans the model gave no prediction (not learned).
+NO_PREDICTION = "no prediction (not learned)"
 GREY = "#b8bec8"
 # Colour-blind friendly (Okabe-Ito), then tab10 for the rest.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442",
@@ -81,30 +83,43 @@ def _finite(value) -> float:
 # --- confusion matrix -------------------------------------------------------------------
 
 
-def confusion_matrix_png(matrix: Sequence[Sequence[int]], class_names: Sequence[str]) -> bytes:
+def confusion_matrix_png(matrix: Sequence[Sequence[int]], class_names: Sequence[str], *,
+                         no_prediction: Sequence[int] | None = None) -> bytes:
     """Counts with rows = truth and columns = prediction; cells shaded by the row fraction
-    (recall) so small classes stay readable, each cell annotated with its count."""
+    (recall) so small classes stay readable, each cell annotated with its count.
+
+    ``no_prediction``: per true class, the scans the model gave no prediction (no head for
+    their label set yet: the report's ``no_prediction``). When any, they get a last column
+    of their own, "no prediction", never a class's column."""
     counts = np.asarray(matrix, dtype=np.int64)
     names = [literal(n) for n in class_names]
     k = len(names)
     if counts.shape != (k, k):
         raise ValueError(f"confusion matrix must be {k}x{k} for {k} class names, "
                          f"got {counts.shape}")
+    columns = list(names)
+    if no_prediction is not None and any(no_prediction):
+        extra = np.asarray(no_prediction, dtype=np.int64).reshape(-1)
+        if extra.shape != (k,):
+            raise ValueError(f"no_prediction must hold {k} counts, got {extra.shape}")
+        counts = np.concatenate([counts, extra[:, None]], axis=1)
+        columns.append(NO_PREDICTION)
     totals = counts.sum(axis=1, keepdims=True)
     fraction = np.divide(counts, totals, out=np.zeros(counts.shape, float), where=totals > 0)
-    size = min(9.0, max(4.0, 2.5 + 0.6 * k))
+    size = min(9.0, max(4.0, 2.5 + 0.6 * len(columns)))
     figure = _figure((size + 0.8, size))
     ax = figure.add_subplot()
     image = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    ax.set_xticks(range(k), names, rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right",
+                  rotation_mode="anchor")
     ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"Confusion matrix ({int(counts.sum())} eval scans)")
     fontsize = 10 if k <= 6 else 8
     for i in range(k):
-        for j in range(k):
+        for j in range(len(columns)):
             ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=fontsize,
                     color="white" if fraction[i, j] > 0.55 else "#1d2430")
     return _png(figure)

@@ -8,9 +8,21 @@ expected calibration error with its reliability bins, and optional per-group met
 (e.g. per site or per data set).
 
 Classes that never occur in ``y_true`` do not raise: their AUC / AP are ``None`` and they are
-left out of the macro AUC / AP. ``macro_f1`` and ``weighted_f1`` follow sklearn's default
-label set (classes present in ``y_true`` or in the predictions), so a class that is neither
-true nor predicted anywhere does not count as a zero.
+left out of the macro AUC / AP. ``macro_f1`` and ``weighted_f1`` average over the classes
+present in ``y_true`` or in the predictions, so a class that is neither true nor predicted
+anywhere does not count as a zero.
+
+**No prediction.** A row of ``proba`` with no probability anywhere (all zeros: the model has
+no head for the scan's label set yet, or none of its classes applies to the scan) is *no
+prediction*, never a guess of class 0 (``predicted_classes``). Such a scan counts as a miss
+everywhere a score counts scans: it is wrong for accuracy and kappa, lowers the recall (and
+so the F1) of its true class, and lowers no other class's precision, overall and in
+``per_group`` alike. The confusion matrix keeps its ``C x C`` shape over the predicted
+classes; the scans with no prediction are counted per true class in ``no_prediction``
+(``num_no_prediction`` in all), so a row of the matrix plus its ``no_prediction`` is the
+class's support. Calibration (ECE, the reliability bins, NLL) measures the probabilities a
+model gave: it is over the scans with a prediction only (``None`` when there are none).
+AUC / AP rank every scan; a scan with no prediction scores 0 for every class.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from sklearn.metrics import (
 
 __all__ = [
     "classification_report",
+    "predicted_classes",
     "expected_calibration_error",
     "reliability_bins",
     "fit_temperature",
@@ -94,16 +107,38 @@ def _mean_defined(values) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
+def predicted_classes(proba) -> np.ndarray:
+    """The predicted class index per row of ``proba (N, C)``, or ``-1`` where the row holds
+    no probability at all (no prediction: the model has no head for that scan's label set),
+    never the ``argmax`` of a row of zeros, which would be class 0."""
+    p = np.asarray(proba, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"proba must have shape (N, C), got {p.shape}")
+    if not len(p):
+        return np.zeros(0, dtype=np.int64)
+    return np.where(p.max(axis=1) > 0, p.argmax(axis=1), -1).astype(np.int64)
+
+
+def _f1(y: np.ndarray, pred: np.ndarray, average: str) -> float:
+    """F1 averaged over the classes true or predicted; a scan with no prediction (-1) is a
+    miss for its class, not a class of its own."""
+    used = sorted(set(y.tolist()) | set(pred[pred >= 0].tolist()))
+    return float(f1_score(y, pred, labels=used, average=average, zero_division=0))
+
+
 # --- calibration -----------------------------------------------------------------------
 
 
 def reliability_bins(y_true, proba, n_bins: int = 15) -> list[dict]:
     """Equal-width bins over the max probability, each ``(lower, upper]`` (the first also
     holds 0). Per bin: ``lower``, ``upper``, mean ``confidence``, ``accuracy`` (None when
-    empty) and ``count``."""
+    empty) and ``count``. Rows with no prediction (no probability at all) have no confidence
+    to calibrate and are in no bin."""
     if n_bins < 1:
         raise ValueError("n_bins must be >= 1")
     y, p = _check(y_true, proba)
+    answered = predicted_classes(p) >= 0
+    y, p = y[answered], p[answered]
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     confidence = p.max(axis=1) if len(p) else np.zeros(0)
     correct = (p.argmax(axis=1) == y) if len(p) else np.zeros(0, dtype=bool)
@@ -123,7 +158,8 @@ def reliability_bins(y_true, proba, n_bins: int = 15) -> list[dict]:
 
 def expected_calibration_error(y_true, proba, n_bins: int = 15) -> float:
     """ECE (Guo et al., 2017): ``sum_b |B_b|/N * |acc(B_b) - conf(B_b)|`` over ``n_bins``
-    equal-width bins of the max probability. 0.0 for no samples."""
+    equal-width bins of the max probability, over the rows with a prediction. 0.0 for no
+    samples."""
     bins = reliability_bins(y_true, proba, n_bins)
     total = sum(b["count"] for b in bins)
     if total == 0:
@@ -269,30 +305,51 @@ def fit_balanced_bias(logits, y_true, *, max_abs: float = 10.0,
 # --- the report ------------------------------------------------------------------------
 
 
-def _core(y: np.ndarray, pred: np.ndarray, p: np.ndarray) -> dict:
-    """accuracy, macro_f1, macro_auc for one (sub)set."""
+def _class_aucs(y: np.ndarray, p: np.ndarray, applies: np.ndarray | None, score=None
+                ) -> list[float | None]:
+    """Each class's one-vs-rest AUC (or ``score``, e.g. AP) over the scans it applies to
+    (``applies[:, c]``; all scans when None): a scan of another label set, which can never
+    be that class and scores 0 on it, is not an easy negative that lifts the figure."""
+    score = score or _binary_auc
+    out = []
+    for c in range(p.shape[1]):
+        rows = slice(None) if applies is None else applies[:, c]
+        out.append(score(y[rows] == c, p[rows, c]))
+    return out
+
+
+def _core(y: np.ndarray, pred: np.ndarray, p: np.ndarray,
+          applies: np.ndarray | None = None) -> dict:
+    """accuracy, macro_f1, macro_auc for one (sub)set; ``pred`` is ``predicted_classes``
+    (-1: no prediction, a miss); ``applies`` as in ``classification_report``."""
     num_classes = p.shape[1]
-    if num_classes == 2:
+    if num_classes == 2 and applies is None:
         macro_auc = _binary_auc(y == 1, p[:, 1])
     else:
-        macro_auc = _mean_defined(_binary_auc(y == c, p[:, c]) for c in range(num_classes))
+        macro_auc = _mean_defined(_class_aucs(y, p, applies))
     return {
         "accuracy": float(accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "macro_f1": _f1(y, pred, "macro"),
         "macro_auc": macro_auc,
         "n": int(len(y)),
+        "no_prediction": int((pred < 0).sum()),
     }
 
 
 def classification_report(y_true, proba, class_names: list[str], *,
-                          groups=None, n_bins: int = 15) -> dict:
+                          groups=None, n_bins: int = 15, applies=None) -> dict:
     """Every metric of one evaluation as a JSON-serialisable dict (see module docstring).
 
     ``y_true``: int ``(N,)`` class indices; ``proba``: ``(N, C)`` probabilities with
     ``C == len(class_names)``; ``groups``: optional ``(N,)`` group names (data set, site)
-    for ``per_group``.
+    for ``per_group``; ``applies``: optional boolean ``(N, C)``, whether class ``c`` applies
+    to scan ``i`` (its label set): each class's AUC and AP are over those scans only.
     """
     y, p = _check(y_true, proba)
+    if applies is not None:
+        applies = np.asarray(applies, dtype=bool)
+        if applies.shape != p.shape:
+            raise ValueError(f"applies is {applies.shape}, the probabilities {p.shape}")
     num_classes = p.shape[1]
     names = [str(n) for n in class_names]
     if len(names) != num_classes:
@@ -306,39 +363,50 @@ def classification_report(y_true, proba, class_names: list[str], *,
             "accuracy": None, "macro_f1": None, "weighted_f1": None, "cohen_kappa": None,
             "macro_auc": None, "macro_ap": None, "nll": None,
             "per_class": {name: {"precision": None, "recall": None, "f1": None, "support": 0,
-                                 "auc": None, "ap": None} for name in names},
+                                 "auc": None, "ap": None, "no_prediction": 0}
+                          for name in names},
             "confusion_matrix": [[0] * num_classes for _ in labels],
+            "no_prediction": [0] * num_classes, "num_no_prediction": 0,
             "ece": None, "reliability": reliability_bins(y, p, n_bins),
             "num_samples": 0, "class_names": names,
             **({"per_group": {}} if groups is not None else {}),
         })
 
-    pred = p.argmax(axis=1)
+    pred = predicted_classes(p)
+    answered = pred >= 0
+    # "no prediction" is one more column for the confusion matrix and kappa (a disagreement
+    # with every class), and a miss for recall; it is no class for precision or the F1 mean.
+    none = num_classes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kappa on a single class: NaN → None below
-        kappa = cohen_kappa_score(y, pred, labels=labels)
+        kappa = cohen_kappa_score(y, np.where(answered, pred, none), labels=labels + [none])
     precision, recall, f1, support = precision_recall_fscore_support(
         y, pred, labels=labels, zero_division=0)
-    aucs = [_binary_auc(y == c, p[:, c]) for c in labels]
-    aps = [_binary_ap(y == c, p[:, c]) for c in labels]
-    core = _core(y, pred, p)
-    clipped = np.clip(p[np.arange(n), y], 1e-12, 1.0)
+    aucs = _class_aucs(y, p, applies)
+    aps = _class_aucs(y, p, applies, score=_binary_ap)
+    core = _core(y, pred, p, applies)
+    matrix = confusion_matrix(y, np.where(answered, pred, none),
+                              labels=labels + [none])[:none]     # no true "no prediction"
+    clipped = np.clip(p[np.arange(n), y][answered], 1e-12, 1.0)
 
     report = {
         "accuracy": core["accuracy"],
         "macro_f1": core["macro_f1"],
-        "weighted_f1": float(f1_score(y, pred, average="weighted", zero_division=0)),
+        "weighted_f1": _f1(y, pred, "weighted"),
         "cohen_kappa": kappa,
         "macro_auc": core["macro_auc"],
         "macro_ap": _mean_defined(aps),
-        "nll": float(-np.log(clipped).mean()),
+        "nll": float(-np.log(clipped).mean()) if len(clipped) else None,
         "per_class": {
             name: {"precision": precision[c], "recall": recall[c], "f1": f1[c],
-                   "support": int(support[c]), "auc": aucs[c], "ap": aps[c]}
+                   "support": int(support[c]), "auc": aucs[c], "ap": aps[c],
+                   "no_prediction": int(matrix[c, none])}
             for c, name in enumerate(names)
         },
-        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
-        "ece": expected_calibration_error(y, p, n_bins),
+        "confusion_matrix": matrix[:, :none].tolist(),
+        "no_prediction": matrix[:, none].tolist(),
+        "num_no_prediction": int((~answered).sum()),
+        "ece": expected_calibration_error(y, p, n_bins) if answered.any() else None,
         "reliability": reliability_bins(y, p, n_bins),
         "num_samples": n,
         "class_names": names,
@@ -348,7 +416,8 @@ def classification_report(y_true, proba, class_names: list[str], *,
         if len(g) != n:
             raise ValueError(f"{len(g)} group names for {n} samples")
         report["per_group"] = {
-            str(value): _core(y[g == value], pred[g == value], p[g == value])
+            str(value): _core(y[g == value], pred[g == value], p[g == value],
+                              None if applies is None else applies[g == value])
             for value in sorted(set(g.tolist()), key=str)
         }
     return _clean(report)

@@ -127,7 +127,13 @@ def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int],
     """Score the model on EVERY labeled eval scan (a class the model does not know yet counts
     as missed, so versions are measured on the same scans and the learning curve is honest);
     store an Evaluation with the per-class report, one report per label set, and the ECE
-    before temperature scaling when an uncalibrated predictor is given."""
+    before temperature scaling when an uncalibrated predictor is given.
+
+    Each scan is scored over its own label set's classes only. A scan of a label set the
+    model has no head for gets no probability at all: it is *no prediction* (the report's
+    ``no_prediction`` column, ``ml_backend.metrics.reports``), a miss for its class's recall
+    and for accuracy in the overall, per-set and per-site figures alike, never a class of
+    another set."""
     from ml_backend.metrics.reports import (
         classification_report,
         expected_calibration_error,
@@ -140,14 +146,16 @@ def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int],
     names_by_id = dict(LabelClass.objects.filter(pk__in=all_classes).values_list("pk", "name"))
     names = [names_by_id[c] for c in all_classes]
     labels = np.array([all_classes.index(c) for c in class_ids])
-    proba = _widen(predict(scans), len(all_classes))
+    class_set = class_label_sets(model.project)
+    own_set = np.array([[class_set.get(c) == s.label_set_id for c in all_classes]
+                        for s in scans])
+    proba = np.where(own_set, _widen(predict(scans), len(all_classes)), 0.0)
     datasets = dict(Scan.objects.filter(pk__in=[s.pk for s in scans])
                     .values_list("pk", "dataset__name"))
     groups = np.array([datasets[s.pk] for s in scans])
-    report = classification_report(labels, proba, names, groups=groups)
+    report = classification_report(labels, proba, names, groups=groups, applies=own_set)
     report["known_classes"] = [names_by_id[c] for c in classes]
     report["unknown_classes"] = [names_by_id[c] for c in all_classes[len(classes):]]
-    class_set = class_label_sets(model.project)
     per_set = {}
     for label_set in model.project.label_sets.all():
         cols = [i for i, c in enumerate(all_classes) if class_set.get(c) == label_set.pk]

@@ -22,6 +22,7 @@ from ml_backend.metrics.reports import (
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
+    predicted_classes,
     reliability_bins,
 )
 
@@ -171,3 +172,107 @@ def test_bad_shapes_raise():
         classification_report(np.array([0, 2]), np.ones((2, 2)) / 2, ["a", "b"])
     with pytest.raises(ValueError):
         classification_report(np.array([0, 1]), np.ones((2, 2)) / 2, ["a"])
+
+
+# --- a label set the model has not learned: no prediction, never another set's class ----
+
+CHEST = ["normal", "pneumonia"]
+BRAIN = ["glioma", "meningioma", "no_tumor", "pituitary"]
+
+
+def chest_only_model(seed=0):
+    """The demo's shape: 40 chest and 40 brain eval scans; the model learned the chest set
+    only, so (as SetHeads and restrict_to_sets do) a brain scan's row has no probability."""
+    rng = np.random.default_rng(seed)
+    y = np.concatenate([np.repeat([0, 1], 20), np.repeat([2, 3, 4, 5], 10)])
+    proba = np.zeros((80, 6))
+    pneumonia = rng.uniform(0.05, 0.95, 40)
+    pneumonia[20:] = np.clip(pneumonia[20:] + 0.3, 0, 0.99)      # better than chance
+    proba[:40, 0], proba[:40, 1] = 1 - pneumonia, pneumonia
+    groups = np.array(["chest"] * 40 + ["brain"] * 40)
+    return y, proba, groups
+
+
+def test_predicted_classes_give_no_prediction_for_a_row_of_zeros():
+    proba = np.array([[0.2, 0.8], [0.0, 0.0], [1.0, 0.0]])
+    assert predicted_classes(proba).tolist() == [1, -1, 0]
+    assert predicted_classes(np.zeros((0, 3))).tolist() == []
+
+
+def test_an_unlearned_label_set_is_no_prediction_and_counted_as_missed():
+    y, proba, groups = chest_only_model()
+    report = classification_report(y, proba, CHEST + BRAIN, groups=groups)
+    matrix = np.array(report["confusion_matrix"])
+    # no brain scan is shown as predicted to be a chest class (or any class)
+    assert matrix.shape == (6, 6)
+    assert matrix[2:].sum() == 0, matrix
+    assert report["no_prediction"] == [0, 0, 10, 10, 10, 10]
+    assert report["num_no_prediction"] == 40
+    for c, name in enumerate(CHEST + BRAIN):
+        row = report["per_class"][name]
+        assert matrix[c].sum() + row["no_prediction"] == row["support"]
+    # chest figures are those of the chest scans alone: no brain scan lowers their precision
+    chest_pred = proba[:40, :2].argmax(1)
+    precision, recall, _, _ = precision_recall_fscore_support(y[:40], chest_pred)
+    for c, name in enumerate(CHEST):
+        assert report["per_class"][name]["precision"] == pytest.approx(precision[c])
+        assert report["per_class"][name]["recall"] == pytest.approx(recall[c])
+    # brain scans are misses: recall 0 for their class, wrong for accuracy, in the F1 mean
+    for name in BRAIN:
+        assert report["per_class"][name]["recall"] == 0.0
+        assert report["per_class"][name]["no_prediction"] == 10
+    assert report["accuracy"] == pytest.approx((chest_pred == y[:40]).sum() / 80)
+    assert report["macro_f1"] == pytest.approx(f1_score(y[:40], chest_pred, labels=[0, 1],
+                                                        average="macro") * 2 / 6)
+    with_none = np.concatenate([chest_pred, np.full(40, 6)])
+    assert report["cohen_kappa"] == pytest.approx(
+        cohen_kappa_score(y, with_none, labels=list(range(7))))
+    # calibration is over the answers given
+    assert report["ece"] == pytest.approx(expected_calibration_error(y[:40], proba[:40]))
+    assert sum(b["count"] for b in report["reliability"]) == 40
+    assert report["nll"] == pytest.approx(negative_log_likelihood(
+        np.log(np.clip(proba[:40, :2], 1e-12, 1)), y[:40]), rel=1e-6)
+    assert report["per_group"]["brain"]["no_prediction"] == 40
+    json.dumps(report, allow_nan=False)
+
+
+def test_per_set_and_per_site_agree_on_the_same_scans():
+    """The per-label-set table scores a set on its own columns; the per-site table slices
+    the overall report: for the same scans they are the same numbers."""
+    y, proba, groups = chest_only_model(seed=4)
+    overall = classification_report(y, proba, CHEST + BRAIN, groups=groups)
+    chest = classification_report(y[:40], proba[:40, :2], CHEST)
+    brain = classification_report(y[40:] - 2, proba[40:, 2:], BRAIN)
+    for name, per_set in (("chest", chest), ("brain", brain)):
+        site = overall["per_group"][name]
+        for key in ("accuracy", "macro_f1", "macro_auc"):
+            assert site[key] == pytest.approx(per_set[key]), (name, key)
+        assert site["no_prediction"] == per_set["num_no_prediction"]
+    assert brain["accuracy"] == 0.0 and brain["macro_f1"] == 0.0
+    assert brain["confusion_matrix"] == [[0] * 4] * 4            # not all in "glioma"
+    assert brain["no_prediction"] == [10] * 4
+    assert brain["ece"] is None and brain["nll"] is None
+    assert all(b["count"] == 0 for b in brain["reliability"])
+    json.dumps(brain, allow_nan=False)
+
+
+def test_a_class_auc_is_over_the_scans_it_applies_to():
+    """Brain scans score 0 on the chest classes: counted as negatives they would be easy
+    ones and lift the chest classes' AUC. With ``applies`` (the scan's label set) each
+    class's AUC and AP are over its own set's scans, as the per-set table has them."""
+    y, proba, groups = chest_only_model(seed=2)
+    applies = np.zeros_like(proba, dtype=bool)
+    applies[:40, :2] = True
+    applies[40:, 2:] = True
+    lifted = classification_report(y, proba, CHEST + BRAIN, groups=groups)
+    honest = classification_report(y, proba, CHEST + BRAIN, groups=groups, applies=applies)
+    chest = classification_report(y[:40], proba[:40, :2], CHEST)
+    for name in CHEST:
+        assert honest["per_class"][name]["auc"] == pytest.approx(chest["per_class"][name]["auc"])
+        assert honest["per_class"][name]["ap"] == pytest.approx(chest["per_class"][name]["ap"])
+        assert lifted["per_class"][name]["auc"] > chest["per_class"][name]["auc"]
+    # the brain classes, with no score at all on their scans, are at chance (0.5)
+    assert honest["macro_auc"] == pytest.approx((sum(
+        chest["per_class"][name]["auc"] for name in CHEST) + 4 * 0.5) / 6)
+    with pytest.raises(ValueError, match="applies"):
+        classification_report(y, proba, CHEST + BRAIN, applies=applies[:, :2])

@@ -7,6 +7,10 @@ from django.core.management.base import BaseCommand, CommandError
 from ml_backend.management.commands._runs import get_project
 from ml_backend.models import Evaluation, ModelVersion
 
+# The confusion matrix's column for eval scans given no prediction (as ml_backend.charts
+# labels it; not imported, so that this command does not load matplotlib).
+NO_PREDICTION = "no prediction (not learned)"
+
 
 class Command(BaseCommand):
     help = ("Per-class precision / recall / F1 / support, AUC, AP, kappa, calibration and the "
@@ -86,15 +90,36 @@ class Command(BaseCommand):
                          f"{f(c.get('ap'))} |")
         names = list(r.get("per_class", {}))
         matrix = r.get("confusion_matrix") or []
+        missing = r.get("no_prediction") or [0] * len(matrix)
+        unknown = r.get("unknown_classes") or []
+        if unknown or any(missing):
+            lines += ["", (f"Not learned yet by {model.version}: {', '.join(unknown)}. " if unknown
+                           else "") + "These eval scans are counted as missed (wrong for "
+                      "accuracy and kappa, recall 0 for their class) in every table below."
+                      + (f" {sum(missing)} of them are of a label set {model.version} has no "
+                         "head for: no prediction at all (the confusion matrix's last column, "
+                         "never a class of another label set), and left out of ECE and NLL."
+                         if any(missing) else "")]
         if matrix:
+            columns = names + ([NO_PREDICTION] if any(missing) else [])
             lines += ["", "Confusion matrix (rows: truth, columns: prediction)", "",
-                      "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-            lines += [f"| {n} | " + " | ".join(str(v) for v in row) + " |"
-                      for n, row in zip(names, matrix)]
+                      "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+            lines += [f"| {n} | " + " | ".join(str(v) for v in row
+                                                + ([missing[i]] if any(missing) else [])) + " |"
+                      for i, (n, row) in enumerate(zip(names, matrix))]
+        per_set = r.get("per_set") or {}
+        if len(per_set) > 1:
+            lines += ["", "| label set | n | accuracy | macro-F1 | macro-AUC | no prediction |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            lines += [f"| {s} | {v.get('num_eval')} | {f(v.get('accuracy'))} | "
+                      f"{f(v.get('macro_f1'))} | {f(v.get('macro_auc'))} | "
+                      f"{v.get('num_no_prediction', 0)} |" for s, v in per_set.items()]
         groups = r.get("per_group") or {}
         if groups:
-            lines += ["", "| dataset | n | accuracy | macro-F1 |", "|---|---:|---:|---:|"]
-            lines += [f"| {g} | {v.get('n')} | {f(v.get('accuracy'))} | {f(v.get('macro_f1'))} |"
+            lines += ["", "| dataset | n | accuracy | macro-F1 | macro-AUC | no prediction |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            lines += [f"| {g} | {v.get('n')} | {f(v.get('accuracy'))} | {f(v.get('macro_f1'))} | "
+                      f"{f(v.get('macro_auc'))} | {v.get('no_prediction', 0)} |"
                       for g, v in groups.items()]
         lines += ["", "Learning curve", "", "| labels | version | accuracy | macro-F1 | status |",
                   "|---:|---|---:|---:|---|"]
