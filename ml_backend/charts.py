@@ -8,7 +8,12 @@ Inputs are the plain lists and dicts of ``ml_backend.metrics.reports.classificat
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
+import pickle
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -69,11 +74,69 @@ def literal(text: object) -> str:
     return str(text).replace("$", r"\$")
 
 
+LABEL_CHARS = 28     # a tick label or legend entry longer than this is cut, with "…"
+
+
+def cut(text: object, limit: int = LABEL_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with "…": a 200-character class name must not
+    squeeze the plot into a corner (the page's tables carry the full names)."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def short(text: object, limit: int = LABEL_CHARS) -> str:
+    """A tick label: ``literal(cut(text))``."""
+    return literal(cut(text, limit))
+
+
 def _legend(ax, handles: list, labels: list[str], **kwargs) -> None:
     """A legend from explicit handles and labels: matplotlib drops automatic entries whose
-    label starts with ``_``, which a class name may."""
+    label starts with ``_``, which a class name may. Cut each name before adding a count."""
     if handles:
         ax.legend(handles, [literal(label) for label in labels], **kwargs)
+
+
+# Drawn charts, kept per process by what they were drawn from: a page reload, or every
+# reader of the project opening the reports page, draws each chart once (matplotlib takes
+# 0.5-2 s a chart). Bounded in entries and bytes; the key is the inputs themselves, so a new
+# model, label or scan is a new chart and nothing has to be invalidated.
+_DRAWN: OrderedDict[bytes, bytes] = OrderedDict()
+_DRAWN_LOCK = threading.Lock()
+DRAWN_MAX_ENTRIES = 64
+DRAWN_MAX_BYTES = 32 * 1024 * 1024
+
+
+def _remembered(draw):
+    @functools.wraps(draw)
+    def cached(*args, **kwargs):
+        try:
+            key = hashlib.sha256(draw.__name__.encode() + pickle.dumps(
+                (args, sorted(kwargs.items())), protocol=5)).digest()
+        except (pickle.PicklingError, TypeError, AttributeError):
+            return draw(*args, **kwargs)           # an input that cannot be keyed: draw
+        with _DRAWN_LOCK:
+            if key in _DRAWN:
+                _DRAWN.move_to_end(key)
+                return _DRAWN[key]
+        value = draw(*args, **kwargs)
+        for part in value if isinstance(value, tuple) else (value,):
+            if isinstance(part, np.ndarray):
+                part.flags.writeable = False       # shared by every caller from now on
+        with _DRAWN_LOCK:
+            _DRAWN[key] = value
+            while len(_DRAWN) > DRAWN_MAX_ENTRIES or (
+                    len(_DRAWN) > 1 and sum(map(_nbytes, _DRAWN.values())) > DRAWN_MAX_BYTES):
+                _DRAWN.popitem(last=False)
+        return value
+
+    cached.uncached = draw
+    return cached
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, tuple):
+        return sum(map(_nbytes, value))
+    return int(getattr(value, "nbytes", None) or len(value))
 
 
 def _finite(value) -> float:
@@ -83,6 +146,7 @@ def _finite(value) -> float:
 # --- confusion matrix -------------------------------------------------------------------
 
 
+@_remembered
 def confusion_matrix_png(matrix: Sequence[Sequence[int]], class_names: Sequence[str], *,
                          no_prediction: Sequence[int] | None = None) -> bytes:
     """Counts with rows = truth and columns = prediction; cells shaded by the row fraction
@@ -92,7 +156,7 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], class_names: Sequence[
     their label set yet: the report's ``no_prediction``). When any, they get a last column
     of their own, "no prediction", never a class's column."""
     counts = np.asarray(matrix, dtype=np.int64)
-    names = [literal(n) for n in class_names]
+    names = [short(n) for n in class_names]
     k = len(names)
     if counts.shape != (k, k):
         raise ValueError(f"confusion matrix must be {k}x{k} for {k} class names, "
@@ -128,6 +192,7 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], class_names: Sequence[
 # --- learning curve ---------------------------------------------------------------------
 
 
+@_remembered
 def learning_curve_png(points: Sequence[Mapping], *, highlight: str | None = None) -> bytes:
     """Macro-F1, accuracy and macro-AUC against the number of training labels.
 
@@ -179,6 +244,7 @@ def learning_curve_png(points: Sequence[Mapping], *, highlight: str | None = Non
 # --- calibration ------------------------------------------------------------------------
 
 
+@_remembered
 def reliability_png(bins: Sequence[Mapping], ece: float | None,
                     ece_before: float | None = None, *, temperature: float | None = None,
                     title: str = "Reliability diagram", y_label: str = "accuracy",
@@ -237,6 +303,7 @@ def reliability_png(bins: Sequence[Mapping], ece: float | None,
 # --- per site ---------------------------------------------------------------------------
 
 
+@_remembered
 def per_site_png(groups: Mapping[str, Mapping]) -> bytes:
     """Accuracy, macro-F1 and macro-AUC per data set / site (``per_group`` of the report),
     horizontal bars labelled with the number of eval scans."""
@@ -259,7 +326,7 @@ def per_site_png(groups: Mapping[str, Mapping]) -> bytes:
                     "n/a" if np.isnan(value) else f"{value:.2f}", va="center",
                     ha="left" if np.isnan(value) else "right", fontsize=7,
                     color="#1d2430" if np.isnan(value) else "white")
-    ax.set_yticks(y, [f"{literal(n)}\n(n={groups[n].get('n', 0)})" for n in names],
+    ax.set_yticks(y, [f"{short(n)}\n(n={groups[n].get('n', 0)})" for n in names],
                   fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
@@ -273,6 +340,7 @@ def per_site_png(groups: Mapping[str, Mapping]) -> bytes:
 # --- embeddings -------------------------------------------------------------------------
 
 
+@_remembered
 def pca_2d(vectors: np.ndarray, *, max_points: int = 5000, seed: int = 0,
            normalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Project ``(N, D)`` vectors onto their first two principal components (PCA by an
@@ -317,6 +385,7 @@ def pca_2d(vectors: np.ndarray, *, max_points: int = 5000, seed: int = 0,
     return xy, rows
 
 
+@_remembered
 def embedding_map_png(xy: np.ndarray, labels: Sequence[int], names: Sequence[str],
                       title: str, *, colors: Sequence[str] | None = None,
                       unlabeled_name: str = "unlabeled") -> bytes:
@@ -347,7 +416,7 @@ def embedding_map_png(xy: np.ndarray, labels: Sequence[int], names: Sequence[str
         handles.append(ax.scatter(points[members, 0], points[members, 1], s=size * 1.6,
                                   color=colors[index] if colors else class_color(index),
                                   alpha=0.85, linewidths=0.3, edgecolors="white"))
-        entries.append(f"{name} ({int(members.sum())})")
+        entries.append(f"{cut(name)} ({int(members.sum())})")
     ax.set_xlabel("principal component 1")
     ax.set_ylabel("principal component 2")
     ax.set_title(literal(title), fontsize=10)

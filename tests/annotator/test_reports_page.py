@@ -332,8 +332,11 @@ HOSTILE_NAMES = ["T$_{1$ weighted", "ward $x^{$", "a $b$ c", "_hidden_{x}^2", "b
 
 def drawn_texts(monkeypatch) -> list:
     """Patch the charts' PNG writer to keep each figure; returns the list they go into."""
+    from collections import OrderedDict
+
     kept = []
     real = charts._png
+    monkeypatch.setattr(charts, "_DRAWN", OrderedDict())     # every chart drawn anew
 
     def keep(figure):
         kept.append(figure)
@@ -382,3 +385,31 @@ def test_charts_draw_user_names_literally(monkeypatch, name):
     assert_drawn_literally(embedding, [f"Pool by label {name}", f"{name} (1)", f"{name} (4)",
                                        f"{name} again (2)"])
     assert_drawn_literally(curve, [f"selected ({name})"])
+
+
+def test_a_chart_is_drawn_once_per_input_and_long_names_are_cut(monkeypatch):
+    """A reload (or a second reader) gets the chart drawn before, the same bytes; a new
+    input is a new chart; the memo is bounded; a 200-character class name is cut on the
+    axes (the tables carry it whole)."""
+    from collections import OrderedDict
+
+    monkeypatch.setattr(charts, "_DRAWN", OrderedDict())
+    monkeypatch.setattr(charts, "DRAWN_MAX_ENTRIES", 3)
+    figures = drawn_texts(monkeypatch)
+    monkeypatch.setattr(charts, "_DRAWN", OrderedDict())
+    long_name = "pneumonia " + "x" * 190
+    names = [long_name, "normal"]
+    first = charts.confusion_matrix_png([[3, 1], [0, 4]], names)
+    again = charts.confusion_matrix_png([[3, 1], [0, 4]], names)
+    assert again is first and len(figures) == 1
+    other = charts.confusion_matrix_png([[3, 1], [1, 3]], names)
+    assert other != first and len(figures) == 2
+    texts = [text for text, _ in shown(figures[0])]
+    assert long_name not in " ".join(texts)
+    assert any(t.startswith("pneumonia xxx") and t.endswith("…") and len(t) <= 28
+               for t in texts)
+    for n in range(4):                                      # bounded: the oldest goes
+        charts.confusion_matrix_png([[n, 1], [1, 1]], names)
+    assert len(charts._DRAWN) == 3
+    xy, rows = charts.pca_2d(np.random.default_rng(0).normal(size=(40, 6)))
+    assert not xy.flags.writeable and not rows.flags.writeable   # shared: read-only
