@@ -79,14 +79,18 @@ def parse_strategies(text: str) -> list[str]:
     return names
 
 
-def strategy_spec(name: str) -> tuple[str, int, bool]:
+def strategy_spec(name: str) -> tuple[str, int, bool | str]:
     """``hybrid@10+px`` → ("hybrid", 10, True): the strategy, its ``typical_below`` and
     whether its typical picks cluster the embedding and a 16 px thumbnail side by side
     (``features.cluster_inputs``, what the cluster view clusters) instead of the embedding
-    alone; a plain name runs as the product runs it (``PRODUCT_TYPICAL_BELOW`` for hybrid,
-    the embedding alone)."""
-    pixels = name.endswith("+px")
-    base, _, below = name.removesuffix("+px").partition("@")
+    alone — ``+px1`` ("first") for the first batch only, before any label; a plain name runs
+    as the product runs it (``PRODUCT_TYPICAL_BELOW`` for hybrid, the embedding alone)."""
+    pixels: bool | str = False
+    if name.endswith("+px1"):
+        pixels, name = "first", name.removesuffix("+px1")
+    elif name.endswith("+px"):
+        pixels, name = True, name.removesuffix("+px")
+    base, _, below = name.partition("@")
     if below:
         if not below.isdigit():
             raise argparse.ArgumentTypeError(f"{name}: expected NAME@N with N a whole number")
@@ -199,14 +203,15 @@ def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarra
         count = min(count, len(pool))
         if count < 1:
             return
+        joined = bool(pixels) and (pixels is True or not labeled)   # "first": no label yet
         context = QueryContext(
             proba=proba_pool, embeddings=emb_train[pool],
             labeled_embeddings=emb_train[labeled] if labeled else None,
             class_names=class_names, seed=round_seed(seed, round_index),
             typical_below=typical_below,
-            thumbs=thumbs_train[pool] if pixels else None,
-            labeled_thumbs=thumbs_train[labeled] if pixels and labeled else None,
-            typical_pixel_weight=PIXEL_WEIGHT if pixels else 0.0)
+            thumbs=thumbs_train[pool] if joined else None,
+            labeled_thumbs=thumbs_train[labeled] if joined and labeled else None,
+            typical_pixel_weight=PIXEL_WEIGHT if joined else 0.0)
         started = time.perf_counter()
         selection = query(name, context, count)
         query_seconds += time.perf_counter() - started

@@ -112,12 +112,18 @@ def test_typical_picks_on_the_joined_input():
     x = rng.normal(size=(80, 8)).astype(np.float32)
     thumbs = (rng.normal(0, 0.05, (80, 16)) + 0.8 * y[:, None]).astype(np.float32)
     assert al_sim.strategy_spec("hybrid@5+px") == ("hybrid", 5, True)
+    assert al_sim.strategy_spec("hybrid+px1") == ("hybrid", al_sim.PRODUCT_TYPICAL_BELOW,
+                                                   "first")
     assert al_sim.strategy_spec("hybrid") == ("hybrid", al_sim.PRODUCT_TYPICAL_BELOW, False)
     assert al_sim.parse_strategies("random,hybrid+px") == ["random", "hybrid+px"]
     for seed in range(3):
         run = al_sim.simulate("hybrid+px", seed, x, y, x, y, ["a", "b"], start=2, step=2,
                               budget=6, thumbs_train=thumbs)
         assert sorted(y[run["queries"][0]["indices"]]) == [0, 1]
+        # ``+px1``: the same first batch, then the embedding alone
+        first_only = al_sim.simulate("hybrid+px1", seed, x, y, x, y, ["a", "b"], start=2,
+                                     step=2, budget=6, thumbs_train=thumbs)
+        assert first_only["queries"][0]["indices"] == run["queries"][0]["indices"]
     with pytest.raises(ValueError, match="thumbnails"):
         al_sim.simulate("hybrid+px", 0, x, y, x, y, ["a", "b"], start=2, step=2, budget=6)
 
