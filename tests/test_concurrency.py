@@ -11,9 +11,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.base import FIXTURES, REPO
 
 
+@pytest.mark.engine          # its server runs on this run's database (PostgreSQL in CI's 2nd pass)
 def test_concurrent_readers_lose_and_duplicate_nothing(tmp_path):
     url = os.environ.get("DATABASE_URL", "")
     if url.startswith("postgres"):
