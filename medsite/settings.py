@@ -326,6 +326,12 @@ if REFIT_PIXELS not in ("auto", "always"):
 # and the pixels together"). 0: the embedding alone, as before.
 CLUSTER_PIXEL_WEIGHT = env_float("MEDLABEL_CLUSTER_PIXEL_WEIGHT", 1.0, minimum=0.0,
                                  maximum=10.0)
+# The worklist's typical picks cluster that same joined input for a label set's first batch
+# only (no label in the set yet), then the embedding alone: the first batch gains on brain MRI
+# and blood smears, later typical batches on the joined input cost brain MRI 1.4 points of
+# macro-F1 over the curve (docs/benchmarks.md, "The first batch only"). 0: every typical
+# batch on the joined input.
+QUERY_TYPICAL_PIXELS_FIRST_ONLY = env_bool("MEDLABEL_QUERY_TYPICAL_PIXELS_FIRST_ONLY", True)
 # The sizes a new encoder version embeds each scan at, as multiples of the size it was trained
 # at, its pooled features side by side (ml_backend/ssl/encoder.py MultiScaleEncoder): "1,2"
 # reads the 64 px starter at 64 and 128 px (docs/benchmarks.md, "One encoder read at two

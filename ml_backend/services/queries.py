@@ -234,10 +234,18 @@ def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
         return (None if context.labeled_thumbs is None
                 else own_labeled(set_id, context.labeled_thumbs))
 
+    def first_batch(set_id) -> bool:
+        """Whether the set has no label yet: its typical picks may read the thumbnails
+        (``settings.QUERY_TYPICAL_PIXELS_FIRST_ONLY``; otherwise always)."""
+        return (not settings.QUERY_TYPICAL_PIXELS_FIRST_ONLY
+                or context.labeled_embeddings is None or own_labeled(set_id) is None)
+
     if len(present) < 2:
         if present:
+            joined = first_batch(present[0])
             context = replace(context, labeled_embeddings=own_labeled(present[0]),
-                              labeled_thumbs=own_thumbs(present[0]))
+                              labeled_thumbs=own_thumbs(present[0]) if joined else None,
+                              thumbs=context.thumbs if joined else None)
         return _query_set(strategy, context, n, findings.get(present[0]) if present else None)
     weight = dict(LabelClass.objects.filter(label_set_id__in=present).values("label_set_id")
                   .annotate(k=Count("pk")).values_list("label_set_id", "k"))
@@ -251,13 +259,15 @@ def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
     picks = []
     for set_id, share in zip(present, shares):
         rows = np.flatnonzero(set_ids == set_id)
+        joined = first_batch(set_id)
         sub = replace(context,
                       proba=None if context.proba is None else context.proba[rows],
                       embeddings=None if context.embeddings is None else context.embeddings[rows],
                       groups=None if context.groups is None else context.groups[rows],
-                      thumbs=None if context.thumbs is None else context.thumbs[rows],
+                      thumbs=None if context.thumbs is None or not joined
+                      else context.thumbs[rows],
                       labeled_embeddings=own_labeled(set_id),
-                      labeled_thumbs=own_thumbs(set_id))
+                      labeled_thumbs=own_thumbs(set_id) if joined else None)
         chosen = _query_set(strategy, sub, int(share), findings.get(set_id))
         picks.append([(int(rows[i]), float(score), reason) for i, score, reason in
                       zip(chosen.indices, chosen.scores, chosen.reasons)])

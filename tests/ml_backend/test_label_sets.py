@@ -539,3 +539,43 @@ def test_admin_checks_class_hotkeys_too_and_old_reserved_keys_are_not_used(clien
     assert client.post(change, {**form, "hotkey": "K"}).status_code == 302
     cyst.refresh_from_db()
     assert cyst.hotkey == "k"
+
+
+def test_the_thumbnails_join_a_sets_first_batch_only(settings, monkeypatch):
+    """QUERY_TYPICAL_PIXELS_FIRST_ONLY: a set with no label yet clusters the embedding and
+    the thumbnail for its typical picks; once it has labels, the embedding alone (every
+    typical batch on the joined input with the setting off)."""
+    from types import SimpleNamespace
+
+    from ml_backend.active.strategies import QueryContext, Selection
+    from ml_backend.services import queries
+
+    seen = []
+
+    def spy(strategy, context, n, findings):
+        seen.append(context)
+        return Selection(indices=np.arange(n), scores=np.zeros(n), reasons=[{}] * n)
+
+    monkeypatch.setattr(queries, "_query_set", spy)
+    rng = np.random.default_rng(0)
+    candidates = [SimpleNamespace(label_set_id=7) for _ in range(6)]
+
+    def run(labeled: bool):
+        context = QueryContext(
+            proba=None, embeddings=rng.normal(size=(6, 4)),
+            labeled_embeddings=rng.normal(size=(2, 4)) if labeled else None,
+            thumbs=rng.normal(size=(6, 3)),
+            labeled_thumbs=rng.normal(size=(2, 3)) if labeled else None,
+            typical_pixel_weight=1.0)
+        queries._query_per_label_set("hybrid", context, 2, candidates,
+                                     labeled_sets=np.array([7, 7]) if labeled else None)
+        return seen[-1]
+
+    settings.QUERY_TYPICAL_PIXELS_FIRST_ONLY = True
+    assert run(labeled=False).thumbs is not None                # the first batch: joined
+    later = run(labeled=True)
+    assert later.thumbs is None and later.labeled_thumbs is None
+    assert later.labeled_embeddings is not None
+    settings.QUERY_TYPICAL_PIXELS_FIRST_ONLY = False
+    always = run(labeled=True)
+    assert always.thumbs is not None and always.labeled_thumbs is not None
