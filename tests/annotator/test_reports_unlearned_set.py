@@ -162,7 +162,7 @@ def test_reports_page_chart_and_command_show_no_cross_set_prediction(client, use
     markdown = out.getvalue()
     assert "| no prediction (not learned) |" in markdown and "counted as missed" in markdown
     for name in BRAIN_CLASSES:
-        assert f"| {name} | 0 | 0 | 0 | 0 | 0 | 0 | 2 |" in markdown
+        assert f"| {name} | 0 | 0 | 0 | 0 | 0 | 0 | 2 |" in markdown, markdown
     assert f"| {BRAIN} | {n_brain} | 0.000 | 0.000 |" in markdown
     assert f"| brain | {n_brain} | 0.000 | 0.000 |" in markdown
 

@@ -84,11 +84,17 @@ class Command(BaseCommand):
                     f"T={r.get('temperature') or 1:.2f})" if "ece_before_scaling" in r else ""), "",
                  "| class | precision | recall | F1 | support | AUC | AP |",
                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, c in r.get("per_class", {}).items():
+        # the matrix's order is class_names: a stored report's per_class mapping comes back
+        # from PostgreSQL's jsonb with its keys reordered (by length), so never read the
+        # order from it
+        per_class = r.get("per_class", {})
+        names = [n for n in (r.get("class_names") or list(per_class)) if n in per_class] \
+            or list(per_class)
+        for name in names:
+            c = per_class[name]
             lines.append(f"| {name} | {f(c.get('precision'))} | {f(c.get('recall'))} | "
                          f"{f(c.get('f1'))} | {c.get('support')} | {f(c.get('auc'))} | "
                          f"{f(c.get('ap'))} |")
-        names = list(r.get("per_class", {}))
         matrix = r.get("confusion_matrix") or []
         missing = r.get("no_prediction") or [0] * len(matrix)
         unknown = r.get("unknown_classes") or []
