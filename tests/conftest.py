@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -232,16 +233,33 @@ def _uses_the_database(item) -> bool:
             or bool(DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))))
 
 
+# The tests that start real servers of their own (Label Studio, Chromium, Orthanc) are the
+# slowest of the suite: CI runs them once, in its PostgreSQL + Redis pass (the deployment
+# they stand for), and its SQLite pass leaves them out with ``-m "not real_server"``.
+REAL_SERVER_FOLDERS = ("browser", "label_studio", "pacs")
+
+
+def _starts_real_servers(item) -> bool:
+    parts = Path(str(item.fspath)).parts
+    return "tests" in parts and any(folder in parts for folder in REAL_SERVER_FOLDERS)
+
+
 def pytest_collection_modifyitems(config, items):
-    """``MEDLABEL_TESTS_DATABASE_ONLY=1`` (set by ``.ci/run`` for its PostgreSQL + Redis
-    pass only): run just the tests that touch the suite's database or its Celery broker.
-    The rest (the pure-ML core, the benchmarks' own tests, the production example that
-    starts its own PostgreSQL database in either pass) ran in the SQLite pass on the same
-    code and would run identically again. ``make test`` alone runs everything."""
+    """Marks the real-server tests ``real_server``. With ``MEDLABEL_TESTS_DATABASE_ONLY=1``
+    (set by ``.ci/run`` for its PostgreSQL + Redis pass only) runs just the tests that touch
+    the suite's database or its Celery broker, and the real-server ones. The rest (the
+    pure-ML core, the benchmarks' own tests, the production example that starts its own
+    PostgreSQL database in either pass) ran in the SQLite pass on the same code and would
+    run identically again. ``make test`` alone runs everything."""
+    for item in items:
+        if _starts_real_servers(item):
+            item.add_marker(pytest.mark.real_server)
     if os.environ.get("MEDLABEL_TESTS_DATABASE_ONLY") != "1":
         return
-    kept = [item for item in items if _uses_the_database(item)]
-    dropped = [item for item in items if not _uses_the_database(item)]
+    kept = [item for item in items
+            if _uses_the_database(item) or item.get_closest_marker("real_server")]
+    kept_ids = {id(item) for item in kept}
+    dropped = [item for item in items if id(item) not in kept_ids]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
