@@ -329,14 +329,17 @@ def eval_previews(entries, folder: Path) -> tuple[list[Path], list[str], int]:
 # --- metrics ---------------------------------------------------------------------------
 
 
-def score(y: np.ndarray, proba: np.ndarray, names: list[str]) -> dict:
+def score(y: np.ndarray, proba: np.ndarray, names: list[str], applies=None) -> dict:
     """classification_report's headline numbers; a row with no probability anywhere (no
-    head for its label set yet) is a missed prediction, never a guess of class 0."""
+    head for its label set yet) is a missed prediction, never a guess of class 0.
+    ``applies`` (boolean, like ``proba``): the classes of each scan's own label set, so a
+    class's AUC is over its own set's scans (as the product's reports score it), not lifted
+    by another anatomy's scans as easy negatives."""
     from sklearn.metrics import f1_score
 
     from ml_backend.metrics.reports import classification_report
 
-    report = classification_report(y, proba, names)
+    report = classification_report(y, proba, names, applies=applies)
     result = {"macro_f1": report["macro_f1"], "accuracy": report["accuracy"],
               "macro_auc": report["macro_auc"], "ece": report["ece"], "n": int(len(y))}
     none = proba.max(axis=1) <= 0
@@ -372,7 +375,7 @@ def score_heads(heads, evals: list[EvalSet], pixels: dict | None = None) -> dict
     all_ids = [c for ev in evals for c in ev.class_ids]
     all_names = [n for ev in evals for n in ev.class_names]
     column = {c: i for i, c in enumerate(heads.class_ids)}
-    blocks, ys, result = [], [], {"per_set": {}}
+    blocks, ys, masks, result = [], [], [], {"per_set": {}}
     offset = 0
     for ev in evals:
         proba = heads.predict_proba(head_inputs(ev.vectors, ev.thumbs if pixels else None),
@@ -385,9 +388,13 @@ def score_heads(heads, evals: list[EvalSet], pixels: dict | None = None) -> dict
         wide = np.zeros((len(ev.y), len(all_ids)))
         wide[:, offset:offset + len(ev.class_ids)] = mine
         blocks.append(wide)
+        mask = np.zeros(wide.shape, dtype=bool)
+        mask[:, offset:offset + len(ev.class_ids)] = True
+        masks.append(mask)
         ys.append(ev.y + offset)
         offset += len(ev.class_ids)
-    result["overall"] = score(np.concatenate(ys), np.concatenate(blocks), all_names)
+    result["overall"] = score(np.concatenate(ys), np.concatenate(blocks), all_names,
+                              applies=np.concatenate(masks))
     return result
 
 

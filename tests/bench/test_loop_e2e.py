@@ -118,3 +118,33 @@ def test_loop_on_fixtures_mixed_project_then_saved_encoder(tmp_path):
     first, second = reused["runs"]
     assert first["gate_eval_digest"] != second["gate_eval_digest"]
     assert reused["summary"]["worklist_runs_identical"] is False
+
+
+def test_overall_auc_is_over_each_class_own_label_sets_scans():
+    """Another anatomy's scans score 0 on a class: as easy negatives they would lift its AUC.
+    The overall score ranks each class among its own set's scans only, as the reports do."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from bench.loop_e2e import score
+
+    # set A (classes a0, a1): a0's probability ranks A's scans no better than chance
+    y_a = np.array([0, 0, 1, 1])
+    p_a0 = np.array([0.6, 0.4, 0.6, 0.4])
+    # set B (classes b0, b1): a perfect head
+    y_b = np.array([0, 1, 0, 1])
+    proba = np.zeros((8, 4))
+    proba[:4, 0], proba[:4, 1] = p_a0, 1 - p_a0
+    proba[4:, 2], proba[4:, 3] = 1 - y_b, y_b
+    y = np.concatenate([y_a, y_b + 2])
+    applies = np.zeros((8, 4), dtype=bool)
+    applies[:4, :2] = True
+    applies[4:, 2:] = True
+    names = ["a0", "a1", "b0", "b1"]
+
+    lifted = score(y, proba, names)
+    own = score(y, proba, names, applies=applies)
+    assert own["macro_auc"] == pytest.approx(
+        np.mean([roc_auc_score(y_a == 0, p_a0), roc_auc_score(y_a == 1, 1 - p_a0), 1.0, 1.0]))
+    assert own["macro_auc"] == pytest.approx(0.75)
+    assert lifted["macro_auc"] > own["macro_auc"]
