@@ -23,6 +23,7 @@ class AnnotatorConfig(AppConfig):
 
         from annotator import (
             audit,  # noqa: F401  (signal receivers)
+            auth,  # noqa: F401  (a password change revokes the API token)
             checks,  # noqa: F401  (start-up checks)
             label_studio,
         )

@@ -18,7 +18,7 @@ from django.dispatch import receiver
 
 from annotator.models import Annotation, AuditEvent, LabelClass
 from annotator.spreadsheet import csv_row
-from ml_backend.signals import model_activated
+from ml_backend.signals import model_activated, model_not_activated
 
 _actor: contextvars.ContextVar = contextvars.ContextVar("audit_actor", default=None)
 CLASS_FIELDS = ("name", "description", "hotkey", "color", "order")
@@ -176,3 +176,13 @@ def _model_activated(sender, *, model, project, previous, actor, rolled_back, **
            project=project, actor=actor, model_version=model.version,
            details={"kind": model.kind, "previous": previous, "reason": model.status_reason,
                     "num_labels": model.num_labels})
+
+
+@receiver(model_not_activated, dispatch_uid="audit_model_not_activated")
+def _model_not_activated(sender, *, model, project, chosen, chosen_by, active, **kwargs):
+    """A run's version passed its gate but was kept, not activated: a person chose the
+    active version while the run ran."""
+    record(action=AuditEvent.Action.MODEL_NOT_ACTIVATED, obj_type="model_version",
+           obj_id=model.pk, project=project, model_version=model.version,
+           details={"kind": model.kind, "reason": model.status_reason, "chosen": chosen,
+                    "chosen_by": chosen_by, "active": active, "num_labels": model.num_labels})

@@ -1,15 +1,31 @@
 """Signing in for the pages' JSON endpoints: a request from a page's script whose session has
 ended (signed out, expired) gets 401 with a reason and the sign-in URL, not a redirect to the
-login page that ``fetch`` follows and cannot read."""
+login page that ``fetch`` follows and cannot read.
+
+Also the site's side of django-axes (settings ``AXES_*``): the client's address behind the
+proxy, the 429 page of a refused sign-in; and the API tokens a password change revokes."""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import math
 from functools import wraps
 
+from axes.handlers.proxy import AxesProxyHandler
+from axes.helpers import get_client_username, get_cool_off, get_failure_limit
 from django.conf import settings
+from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.views import redirect_to_login
+from django.db.models import Max, Sum
+from django.db.models.signals import post_save
+from django.dispatch import receiver
 from django.http import JsonResponse
-from django.shortcuts import resolve_url
+from django.shortcuts import render, resolve_url
+from django.utils import timezone
+from rest_framework.authtoken.models import Token
+
+log = logging.getLogger(__name__)
 
 SESSION_ENDED = ("Your session has ended (you were signed out or it timed out): sign in "
                  "again, then repeat what you did. Nothing was saved from this request.")
@@ -41,3 +57,70 @@ def login_required_json(view):
         return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
 
     return checked
+
+
+def client_ip(request) -> str | None:
+    """The client's address for counting failed sign-ins (``AXES_CLIENT_IP_CALLABLE``): with
+    ``LOGIN_PROXY_COUNT`` = n proxies in front, the n-th address from the right of
+    X-Forwarded-For (the one our outermost proxy saw; what a client puts to its left is
+    ignored, so it cannot pick its own address); otherwise, with no such header or where that
+    entry is not an IP address, the socket's address."""
+    count = settings.LOGIN_PROXY_COUNT
+    forwarded = [a.strip() for a in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")
+                 if a.strip()]
+    if count and forwarded:
+        try:
+            return str(ipaddress.ip_address(forwarded[-min(count, len(forwarded))]))
+        except ValueError:
+            pass
+    return request.META.get("REMOTE_ADDR")
+
+
+def _lockout_minutes_left(request, credentials) -> int:
+    """Minutes until the refused username / address may sign in again: the cool-off after the
+    last failure counted against whichever of them reached the limit."""
+    cool_off = get_cool_off(request)
+    handler = AxesProxyHandler.get_implementation()
+    limit = get_failure_limit(request, credentials)
+    ends = []
+    for attempts in getattr(handler, "get_user_attempts", lambda *a: [])(request, credentials):
+        totals = attempts.aggregate(failures=Sum("failures_since_start"),
+                                    last=Max("attempt_time"))
+        if (totals["failures"] or 0) >= limit and totals["last"] is not None:
+            ends.append(totals["last"] + cool_off)
+    seconds = ((max(ends) - timezone.now()).total_seconds() if ends
+               else cool_off.total_seconds())
+    return max(1, math.ceil(seconds / 60))
+
+
+def lockout_response(request, original_response=None, credentials=None):
+    """A sign-in refused for too many failures (``AXES_LOCKOUT_CALLABLE``): 429 with the reason
+    and when to try again, on the login page (or as JSON for a script), and Retry-After."""
+    minutes = _lockout_minutes_left(request, credentials)
+    message = (f"Too many failed sign-ins; try again in {minutes} minute"
+               f"{'' if minutes == 1 else 's'} (or ask an admin to clear the lock).")
+    if wants_json(request):
+        response = JsonResponse({"error": message, "retry_after_minutes": minutes},
+                                status=429)
+    else:
+        form = AuthenticationForm(request, initial={
+            "username": get_client_username(request, credentials) or ""})
+        response = render(request, "registration/login.html", {
+            "form": form, "lockout": message,
+            "next": request.POST.get("next") or request.GET.get("next", "")}, status=429)
+    response["Retry-After"] = str(minutes * 60)
+    return response
+
+
+@receiver(post_save, sender=settings.AUTH_USER_MODEL,
+          dispatch_uid="annotator_revoke_tokens_on_password_change")
+def revoke_tokens_on_password_change(sender, instance, raw: bool = False, **kwargs):
+    """A changed password revokes the user's API token (README "API"), whatever changed it:
+    the site's page, the admin, ``manage.py changepassword``, ``set_password`` + ``save``.
+    ``set_password`` keeps the new password on the user until the save that stores it (the
+    hook Django's own ``password_changed`` runs from); a hash upgraded at sign-in does not."""
+    if raw or getattr(instance, "_password", None) is None:
+        return
+    revoked, _ = Token.objects.filter(user=instance).delete()
+    if revoked:
+        log.info("password of user %s changed: API token revoked", instance.pk)

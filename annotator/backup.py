@@ -50,7 +50,13 @@ from annotator.models import (
     Project,
     Scan,
 )
-from annotator.storage import media_path, preview_file_name, scan_file_name
+from annotator.storage import (
+    OutPathError,
+    media_path,
+    out_path_check,
+    preview_file_name,
+    scan_file_name,
+)
 from ml_backend.models import Evaluation, ModelVersion
 
 FORMAT = "medlabel-project-backup"
@@ -170,8 +176,13 @@ def _model_rows(project: Project) -> list[dict]:
 
 def export_project(project: Project, out: str | Path) -> dict:
     """Write ``out`` (.tar.gz); returns counts (and ``warnings``). Written to a temp file,
-    then moved."""
-    out = Path(out)
+    then moved. ``out`` may be new or an existing regular file (replaced whole), in an
+    existing folder: anything else (a folder, a link, a device, a fifo) is refused first,
+    with the reason, as BackupError (``storage.out_path_check``)."""
+    try:
+        out = out_path_check(out)
+    except OutPathError as exc:
+        raise BackupError(str(exc)) from None
     warnings: list[str] = []
     scans = list(project.scans.select_related("dataset", "label_set").order_by("pk"))
     by_id = {s.pk: s.sha256 for s in scans}
@@ -227,8 +238,10 @@ def export_project(project: Project, out: str | Path) -> dict:
         "annotations": annotations,
         "models": models_,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".tar.gz")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.absolute().parent, prefix=".tmp-", suffix=".tar.gz")
+    except OSError as exc:
+        raise BackupError(f"cannot write {out}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         with tarfile.open(tmp, "w:gz") as tar:
@@ -255,7 +268,16 @@ def export_project(project: Project, out: str | Path) -> dict:
                             and path.name not in SKIP_ARTIFACTS:
                         tar.add(path, arcname=f"artifacts/{m.version}/"
                                 f"{path.relative_to(folder).as_posix()}", recursive=False)
+        out_path_check(out)             # again: nothing put a link or a folder there since
         os.replace(tmp, out)
+    except OutPathError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise BackupError(str(exc)) from None
+    except OSError as exc:              # a full disk: said, and no half archive left
+        Path(tmp).unlink(missing_ok=True)
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise BackupError(f"the archive {out} was not written: {exc.strerror or exc}{where}"
+                          ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

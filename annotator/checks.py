@@ -6,6 +6,8 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
+from annotator import pacs
+
 
 @register()
 def label_studio_settings(app_configs, **kwargs):
@@ -44,4 +46,21 @@ def linkage_key(app_configs, **kwargs):
                       hint="Use a Fernet key (python -c \"from cryptography.fernet import "
                            "Fernet; print(Fernet.generate_key().decode())\") or another random "
                            "secret of at least 32 characters.", id="medlabel.E003")]
+    return []
+
+
+@register()
+def pacs_pull_query(app_configs, **kwargs):
+    """The scheduled PACS pull's PACS_PULL_QUERY, checked as ``pacs_pull --query`` is: a
+    typo'd key or a key without a value would otherwise pull more than was meant, every
+    PACS_PULL_MINUTES (unset means every study, on purpose)."""
+    if not settings.PACS_PULL_MINUTES or settings.PACS_PULL_QUERY is None:
+        return []
+    try:
+        pacs.parse_query(settings.PACS_PULL_QUERY)
+    except pacs.PacsError as exc:
+        return [Error(f"PACS_PULL_QUERY: {exc}",
+                      hint="Give study filters as DICOM keywords with values, each once, e.g. "
+                           "PACS_PULL_QUERY='Modality=CR&StudyDate=20240101-', or unset it to "
+                           "pull every study.", id="medlabel.E004")]
     return []

@@ -9,6 +9,9 @@ has (reader, time, duration, model version and the per-finding scores shown).
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from django.db import transaction
 
 from annotator.models import Annotation, FindingAnswer, LabelSet, Scan
@@ -68,8 +71,18 @@ def findings_answer_create(
     if duration_ms is not None and not 0 <= duration_ms <= 6 * 3600 * 1000:
         duration_ms = None
     if shown_scores is not None:
+        # as a class's shown_confidence: a probability from 0 to 1, else refused; a score of
+        # a finding the set does not have is dropped
+        for k, v in shown_scores.items():
+            if (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                    or not math.isfinite(v) or not 0 <= v <= 1):
+                raise AnnotationError(f"the probability shown for finding {k} is out of range "
+                                      f"(a number from 0 to 1, not {str(v)[:40]!r})")
+        given = bool(shown_scores)
         shown_scores = {str(int(k)): float(v) for k, v in shown_scores.items()
-                        if int(k) in findings and 0 <= float(v) <= 1}
+                        if int(k) in findings}
+        if given and not shown_scores and shown_preselected:
+            shown_preselected = False   # none of the scores was this set's: nothing preselected
     if len(external_id or "") > 64:
         raise AnnotationError("an external id is at most 64 characters")
     with transaction.atomic():

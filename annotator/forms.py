@@ -59,6 +59,15 @@ class UploadForm(forms.Form):
             (c.name, c.name) for c in label_classes
         ]
 
+    def clean_dataset(self):
+        from annotator.services import dataset_name_refusal
+
+        name = self.cleaned_data["dataset"]
+        refusal = dataset_name_refusal(name)
+        if refusal is not None:
+            raise forms.ValidationError(refusal[0].upper() + refusal[1:] + ".")
+        return name
+
     def clean_files(self):
         files = self.cleaned_data["files"]
         if not files:

@@ -537,19 +537,38 @@ def _findings_submit(*, project: Project, scan: Scan, user, data: dict
     raw = data.get("findings") or {}
     if not isinstance(raw, dict):
         raise AnnotationError("findings must map finding ids to present, absent or uncertain")
+    no_finding = data.get("no_finding", False)
+    if no_finding is None:
+        no_finding = False
+    if not isinstance(no_finding, bool):     # "false" is a true string: only JSON true/false
+        raise AnnotationError(f"no_finding must be true or false (JSON), not "
+                              f"{str(no_finding)[:40]!r}")
     try:
-        states = {int(k): str(v) for k, v in raw.items()}
+        states = _by_finding_id(raw, "findings", str)
         shown = data.get("shown_scores") or {}
-        shown = {int(k): float(v) for k, v in shown.items()} if isinstance(shown, dict) else {}
+        shown = _by_finding_id(shown, "shown_scores", float) if isinstance(shown, dict) else {}
     except (TypeError, ValueError):
         raise AnnotationError("finding ids are numbers and scores are probabilities") from None
     return _record_once(project=project, scan=scan, user=user, data=data,
                         create=lambda **common: findings_answer_create(
                             scan=scan, reader=user, states=states,
-                            no_finding=bool(data.get("no_finding")),
+                            no_finding=no_finding,
                             shown_scores=shown or None,
                             # findings at or above their thresholds start ticked
                             shown_preselected=bool(shown), **common))
+
+
+def _by_finding_id(raw: dict, field: str, value) -> dict[int, object]:
+    """``{finding id: value}`` from a JSON object's keys; two keys naming one finding
+    (``"13"`` and ``"013"``) are refused, never one silently kept."""
+    out: dict[int, object] = {}
+    for key, item in raw.items():
+        finding = int(key)
+        if finding in out:
+            raise AnnotationError(f"{field} names finding {finding} twice ({key!r} and an "
+                                  "earlier key): give each finding once")
+        out[finding] = value(item)
+    return out
 
 
 class _Repeat(Exception):

@@ -60,6 +60,28 @@ def linkage_store(scan: Scan, identifiers: dict) -> DicomLinkage | None:
     return link
 
 
+def linkage_seal(identifiers: dict | None) -> dict | None:
+    """``identifiers`` encrypted as ``linkage_store`` keeps them (``{"token", "key_id"}``),
+    for a de-identified copy that waits on disk before its import (the classify page's);
+    None without a key or identifiers. Only ``linkage_store_sealed`` takes it."""
+    from cryptography.fernet import Fernet
+
+    if not linkage_enabled() or not identifiers:
+        return None
+    token = Fernet(_key_material()).encrypt(json.dumps(identifiers, sort_keys=True).encode())
+    return {"token": token.decode("ascii"), "key_id": key_id()}
+
+
+def linkage_store_sealed(scan: Scan, sealed: dict | None) -> DicomLinkage | None:
+    """Keep for ``scan`` what ``linkage_seal`` encrypted, as it is (nothing is decrypted)."""
+    if not sealed or not sealed.get("token"):
+        return None
+    link, _ = DicomLinkage.objects.update_or_create(
+        scan=scan, defaults={"token": str(sealed["token"]),
+                             "key_id": str(sealed.get("key_id", ""))[:16]})
+    return link
+
+
 def linkage_read(scan: Scan) -> dict:
     """The original identifiers of ``scan`` — for the PACS push only."""
     from cryptography.fernet import Fernet, InvalidToken

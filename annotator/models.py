@@ -753,6 +753,7 @@ class AuditEvent(models.Model):
         ADJUDICATED = "annotation.adjudicated", "Adjudication"
         MODEL_PROMOTED = "model.promoted", "Model promoted"
         MODEL_ROLLED_BACK = "model.rolled_back", "Model rolled back"
+        MODEL_NOT_ACTIVATED = "model.not_activated", "Model kept, not activated"
         CLASS_CREATED = "class.created", "Class created"
         CLASS_CHANGED = "class.changed", "Class changed"
         CLASS_DELETED = "class.deleted", "Class deleted"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
+from pydicom.datadict import dictionary_has_tag, keyword_for_tag, tag_for_keyword
 
 from annotator.models import ImportJob, Project, Scan
 
@@ -67,18 +68,57 @@ def command_target(project_name: str, url: str | None) -> tuple[Project, str]:
     return project, url
 
 
-def parse_query(query: str) -> dict[str, str]:
+EMPTY_QUERY = ("the query is empty: give study filters such as 'Modality=CR', or leave the "
+               "query out (no --query; PACS_PULL_QUERY unset) to pull every study")
+
+
+def parse_query(query: str | None) -> dict[str, str]:
     """``"Modality=CR&StudyDate=20240101-20241231"`` → QIDO-RS study search filters. Keys are
-    DICOM keywords or tags (``Modality`` is asked as ``ModalitiesInStudy``); a value may be a
-    range or a wildcard, as QIDO-RS allows."""
-    filters = {}
-    for key, value in urllib.parse.parse_qsl(query or "", keep_blank_values=False,
+    DICOM keywords or tags (pydicom's data dictionary; ``Modality`` is asked as
+    ``ModalitiesInStudy``); a value may be a range or a wildcard, as QIDO-RS allows.
+
+    ``None`` (no query given) asks for every study. A query that is given must say what it
+    filters: an empty or blank one (an unset shell variable), a key without a value
+    (``Modality=``), a key that is not a DICOM keyword (``Modalty``) and a key given twice
+    (``Modality=CR&Modality=MR``, where only the last would count) are refused with a
+    PacsError that names them, never sent as a wider query than was meant."""
+    if query is None:
+        return {}
+    if not query.strip():
+        raise PacsError(EMPTY_QUERY)
+    filters: dict[str, str] = {}
+    asked: dict[str, str] = {}          # the attribute each filter asks for → the key given
+    problems = []
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True,
                                              strict_parsing=False):
-        key = key.strip()
-        if not key.replace("_", "").isalnum():
-            raise PacsError(f"query key {key[:40]!r} is not a DICOM keyword or tag")
+        key, value = key.strip(), value.strip()
+        if not key:
+            problems.append(f"a filter has no key (={value[:40]!r})")
+            continue
+        if len(key) == 8 and all(c in "0123456789abcdefABCDEF" for c in key) \
+                and dictionary_has_tag(int(key, 16)):
+            keyword = keyword_for_tag(int(key, 16)) or key
+        elif key.isidentifier() and tag_for_keyword(key) is not None:
+            keyword = key
+        else:
+            problems.append(f"query key {key[:40]!r} is not a DICOM keyword or tag")
+            continue
+        if not value:
+            problems.append(f"{key} has no value")
+            continue
         # a study-level query: "Modality" means the study holds a series of that modality
-        filters["ModalitiesInStudy" if key == "Modality" else key] = value.strip()
+        keyword = "ModalitiesInStudy" if keyword == "Modality" else keyword
+        if keyword in asked:
+            problems.append(f"{key} is given twice (only the last would count): name each key "
+                            "once" if asked[keyword] == key else
+                            f"{asked[keyword]} and {key} ask for the same attribute: name it once")
+            continue
+        asked[keyword] = key
+        filters["ModalitiesInStudy" if key == "Modality" else key] = value
+    if problems:
+        raise PacsError(f"query {query[:200]!r} refused: {'; '.join(problems)}")
+    if not filters:
+        raise PacsError(EMPTY_QUERY)
     return filters
 
 
@@ -100,11 +140,12 @@ def _value(result: dict, tag: str):
     return values[0] if values else None
 
 
-def pacs_pull(*, project: Project, url: str, query: str = "", dataset_name: str = "",
+def pacs_pull(*, project: Project, url: str, query: str | None = None, dataset_name: str = "",
               split: str = "pool", created_by=None, limit: int | None = None,
               log: Callable[[str], None] = lambda line: None, client=None) -> PullSummary:
     """Find the studies matching ``query`` on the DICOMweb server at ``url`` and import
-    every study not already here, one import job per study (so each has its report)."""
+    every study not already here, one import job per study (so each has its report).
+    ``query=None`` asks for every study; a given query is checked first (``parse_query``)."""
     from requests.exceptions import RequestException
 
     from annotator import services
@@ -124,6 +165,9 @@ def pacs_pull(*, project: Project, url: str, query: str = "", dataset_name: str 
     log(f"{len(studies)} {'study matches' if len(studies) == 1 else 'studies match'} "
         f"{filters or 'everything'}")
     dataset_name = dataset_name or f"PACS {urllib.parse.urlsplit(url).hostname or 'pull'}"
+    refusal = services.dataset_name_refusal(dataset_name)   # before any study is retrieved
+    if refusal is not None:
+        raise PacsError(refusal)
     for number, study in enumerate(studies, start=1):
         uid = _value(study, STUDY_UID)
         if not uid:

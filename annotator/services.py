@@ -39,7 +39,7 @@ from annotator.storage import (
     scan_file_name,
     write_atomic,
 )
-from annotator.uploads import HIDDEN_NAME, name_may_be_shown
+from annotator.uploads import HIDDEN_NAME, name_may_be_shown, staged_identities
 from ml_backend.data.datasets import SourceError, SourceItem, SourceListing, read_source
 from ml_backend.data.findings import is_findings_source, read_findings_source
 from ml_backend.data.decode import (
@@ -347,6 +347,18 @@ def label_class_update(*, label_class: LabelClass, **fields) -> LabelClass:
     return label_class
 
 
+def dataset_name_refusal(name: str) -> str | None:
+    """Why a dataset name someone typed (upload page, API, ``import_scans --dataset``) is
+    refused, or None: one that looks like it carries a patient's identifiers, by the rule for
+    file and folder names (``deid.identifier_reason``: ``ward MRN987654``, a date, Doe^John).
+    A dataset's name is shown on every page, report and export."""
+    reason = identifier_reason(name or "", file_name=True)
+    if reason is None:
+        return None
+    return (f"the dataset name looks like it carries patient identifiers ({reason}); "
+            "name the site, scanner or collection instead")
+
+
 def dataset_get_or_create(*, project: Project, name: str, **fields) -> Dataset:
     dataset, created = Dataset.objects.get_or_create(project=project, name=name, defaults=fields)
     return dataset
@@ -527,6 +539,9 @@ def import_job_create(
     label_set = " ".join((label_set or "").split())
     if len(label_set) > 100:
         raise ImportRequestError("a label set name is at most 100 characters")
+    refusal = dataset_name_refusal(dataset_name)
+    if refusal is not None:
+        raise ImportRequestError(refusal)
     return ImportJob.objects.create(
         project=project,
         source=source,
@@ -595,6 +610,8 @@ def import_job_run(
                 f"{len(listing.unmatched_label_rows)} labels CSV rows matched no file"
                 + (f" (e.g. {', '.join(shown)})" if shown else "")
             )
+        # a classify page's copy: the identity of the upload it was de-identified from
+        staged = staged_identities(job.source) if job.source_is_upload else {}
         job.total = len(listing.items)
         job.skipped = len(listing.skipped)
         job.save(update_fields=["total", "skipped"])
@@ -620,7 +637,8 @@ def import_job_run(
         for index, item in items:
             _import_item(job=job, dataset=dataset, item=_with_default_label(job, item),
                          state=state, resolve=resolve, number=index,
-                         findings=None if findings is None else (findings, index - 1))
+                         findings=None if findings is None else (findings, index - 1),
+                         overrides=staged.get(item.name))
             done += 1
             if progress is not None:
                 progress(done, job.total)
@@ -1128,6 +1146,12 @@ def _findings_import_setup(job: ImportJob, dataset: Dataset, listing, state: _Jo
     state.warnings.append(
         f"findings source ({listing.layout}): {len(listing.findings)} findings into the "
         f"label set {label_set.name!r}" + "".join(f"; {note}" for note in listing.notes))
+    if listing.hidden:          # as a class label that looks like an identifier (_names_report)
+        state.warnings.append(
+            f"{listing.hidden} label(s) not used: a finding name ('Finding Labels' entry or "
+            "finding column) looked like it carries patient identifiers (a long number, a "
+            "date, Last^First or a word such as MRN); no finding was made for it and its "
+            "answers were not stored.")
     return label_set, classes, listing.targets
 
 
@@ -1274,7 +1298,8 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
             raise ScanDecodeError(
                 f"file is {len(data):,} bytes, above the limit of {settings.UPLOAD_MAX_FILE_BYTES:,}"
             )
-        sha = item.digest_hint or hashlib.sha256(data).hexdigest()
+        sha = (item.digest_hint or (overrides or {}).get("sha256")
+               or hashlib.sha256(data).hexdigest())
         ref = _file_ref(number, item, data, sha)
         hidden = _hidden_name_reason(job, item.name, data)
         if item.label and identifier_reason(item.label) is not None:
@@ -1304,17 +1329,18 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 state.labels_added += int(added)
             return
 
-        from annotator.linkage import linkage_enabled, linkage_store
+        from annotator.linkage import linkage_enabled, linkage_store, linkage_store_sealed
 
         decoded = decode_scan(
             data, name=item.name, salt=settings.DEID_SALT, max_pixels=settings.IMPORT_MAX_PIXELS,
             linkage=linkage_enabled() and not overrides,
         )
         data = None  # the raw bytes may hold PHI; only de-identified bytes go further
-        if overrides:   # a stacked series: the identity of its original slices
+        if overrides:   # a stacked series, a classify page's copy: the originals' identity
             decoded.patient_key = overrides["patient_key"]
             decoded.meta.update(overrides["meta"])
             decoded.linkage = overrides.get("linkage")
+            decoded.file_format = overrides.get("file_format") or decoded.file_format
         is_colour = decoded.meta.get("colour") == "colour"
         preview = render_preview(decoded.pixels, max_side=settings.PREVIEW_MAX_SIDE)
         file_name = scan_file_name(sha, decoded.stored_ext)
@@ -1369,6 +1395,8 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
             )
             if decoded.linkage:       # encrypted at once, in the scan's own transaction
                 linkage_store(scan, decoded.linkage)
+            elif overrides and overrides.get("linkage_sealed"):
+                linkage_store_sealed(scan, overrides["linkage_sealed"])
             decoded.linkage = None
             outcome = (
                 _add_import_label(job=job, scan=scan, label=item.label) if item.label else None

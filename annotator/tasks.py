@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
 
 from annotator import services
@@ -16,6 +18,8 @@ from annotator.label_studio.tasks import (  # noqa: F401
     label_studio_reconcile_all,
 )
 
+logger = logging.getLogger(__name__)
+
 
 @shared_task(name="annotator.tasks.run_import_job", acks_late=True)
 def run_import_job(job_id: int) -> str:
@@ -29,6 +33,16 @@ def run_import_chunk(chunk_id: int) -> str:
     """Import one chunk of a large import; any number of workers take chunks in parallel."""
     chunk = services.import_chunk_run(chunk_id=chunk_id)
     return "skipped" if chunk is None else f"chunk {chunk.index} of import {chunk.job_id}"
+
+
+@shared_task(name="annotator.tasks.incoming_sweep")
+def incoming_sweep() -> dict:
+    """Celery beat: remove what waits in INCOMING_ROOT past its time (a classify page's copy
+    after CLASSIFY_STAGING_HOURS, an upload no import reads; ``uploads.incoming_sweep``).
+    Safe to run twice: what is gone is gone."""
+    from annotator.uploads import incoming_sweep as sweep
+
+    return sweep()
 
 
 @shared_task(name="annotator.tasks.pacs_pull_scheduled")
@@ -46,7 +60,8 @@ def pacs_pull_scheduled() -> dict:
     try:
         summary = pacs.pacs_pull(project=project, url=settings.PACS_DICOMWEB_URL,
                                  query=settings.PACS_PULL_QUERY)
-    except pacs.PacsError as exc:
+    except pacs.PacsError as exc:       # a bad PACS_PULL_QUERY is refused before any request
+        logger.error("scheduled PACS pull into %r refused: %s", settings.PACS_PULL_PROJECT, exc)
         return {"error": str(exc)}
     return {"pulled": summary.studies_pulled, "imported": summary.imported,
             "words": summary.words()}

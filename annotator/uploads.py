@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -12,7 +13,14 @@ from pathlib import Path
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 
-from ml_backend.data.decode import DICOM_EXTENSIONS, probe_raw_dicom, sniff_format
+from ml_backend.data.decode import (
+    DICOM_EXTENSIONS,
+    DecodedScan,
+    ScanDecodeError,
+    decode_scan,
+    probe_raw_dicom,
+    sniff_format,
+)
 from ml_backend.data.deid import file_name_identifiers
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -80,33 +88,51 @@ def check_upload(upload: UploadedFile) -> str | None:
     return None
 
 
+def _staged_file_name(index: int, name: str, *, dicom: bool) -> str:
+    """A staged file's name: a DICOM is numbered, never named (the name may be the
+    patient's); an image whose name looks like it carries identifiers keeps only its
+    extension."""
+    if dicom:
+        return f"{index:04d}.dcm"
+    if name_may_be_shown(name):
+        return f"{index:04d}_{safe_name(name)}"
+    return f"{index:04d}_{HIDDEN_NAME}{Path(safe_name(name)).suffix.lower()}"
+
+
 def stage_uploads(uploads: list[UploadedFile]) -> Path:
-    """Copy accepted uploads into a fresh folder under INCOMING_ROOT; return the folder."""
+    """Copy accepted uploads into a fresh folder under INCOMING_ROOT; return the folder.
+    A copy that fails half-way (a full disk) leaves nothing behind."""
     folder = Path(settings.INCOMING_ROOT) / uuid.uuid4().hex
     folder.mkdir(parents=True, exist_ok=False)
-    for index, upload in enumerate(uploads):
-        upload.seek(0)
-        head = upload.read(4096)
-        upload.seek(0)
-        # staged DICOM files are numbered, never named (the name may be the patient's); an
-        # image whose name looks like it carries identifiers keeps only its extension
-        name = upload.name or "upload"
-        if name_may_be_shown(name, head):
-            target = folder / f"{index:04d}_{safe_name(name)}"
-        elif _dicom_by_name_or_content(name, head):
-            target = folder / f"{index:04d}.dcm"
-        else:
-            extension = Path(safe_name(name)).suffix.lower()
-            target = folder / f"{index:04d}_{HIDDEN_NAME}{extension}"
-        with open(target, "wb") as handle:
-            for chunk in upload.chunks():
-                handle.write(chunk)
+    try:
+        for index, upload in enumerate(uploads):
+            upload.seek(0)
+            head = upload.read(4096)
+            upload.seek(0)
+            name = upload.name or "upload"
+            target = folder / _staged_file_name(
+                index, name, dicom=_dicom_by_name_or_content(name, head))
+            with open(target, "wb") as handle:
+                for chunk in upload.chunks():
+                    handle.write(chunk)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
 
 
 # --- the classify page's upload, kept for "add it to the pool" ----------------------------
 
 CLASSIFY_STAGING_HOURS = 6
+# A folder or file under INCOMING_ROOT that no queued or running import reads (a request
+# that died between staging its files and queuing their import) goes after this long.
+INCOMING_ORPHAN_HOURS = 1
+# Beside a classify page's de-identified copy: what the copy no longer says and a direct
+# import of the upload would store (its sha256, the patient, study and series keys, the
+# sealed linkage). Only pseudonyms and technical values: no identifier.
+STAGED_IDENTITY = ".identity.json"
+_IDENTITY_META = ("study_key", "series_key", "series_number", "instance_number",
+                  "slice_position", "slice_spacing", "transfer_syntax")
 
 
 class StagingRefused(Exception):
@@ -127,45 +153,135 @@ def _folder_bytes(folder: Path) -> int:
     return total
 
 
-def classify_stage(upload: UploadedFile, *, user_id: int, project_id: int) -> str:
-    """Keep a classified upload (it may hold PHI until imported) so the classify page can add
-    it to the pool; returns its token, the folder's name under ``classify_staging_dir``.
+def _modified(path: Path) -> float | None:
+    try:
+        return path.lstat().st_mtime
+    except FileNotFoundError:            # another request removed it just now
+        return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def incoming_sweep(*, now: float | None = None) -> dict[str, int]:
+    """Remove what waits in INCOMING_ROOT past its time; safe to run any number of times
+    (Celery beat runs it, and every upload and classify first). Goes: a classify page's
+    copy older than CLASSIFY_STAGING_HOURS, and anything else no queued or running import
+    reads that is older than INCOMING_ORPHAN_HOURS (an upload whose request died before its
+    import was queued, a folder an import could not remove). Returns what it removed."""
+    from annotator.models import ImportJob
+
+    root = Path(settings.INCOMING_ROOT)
+    removed = {"classify": 0, "orphaned": 0}
+    if not root.is_dir():
+        return removed
+    now = time.time() if now is None else now
+    staging = classify_staging_dir()
+    if staging.is_dir():
+        for entry in staging.iterdir():
+            modified = _modified(entry)
+            if modified is not None and modified < now - CLASSIFY_STAGING_HOURS * 3600:
+                _remove(entry)
+                removed["classify"] += 1
+    active = [os.path.abspath(source.partition("#")[0]) for source in ImportJob.objects.filter(
+        status__in=[ImportJob.Status.QUEUED, ImportJob.Status.RUNNING],
+    ).values_list("source", flat=True)]
+    for entry in root.iterdir():
+        path = os.path.abspath(entry)
+        if entry == staging or any(a == path or a.startswith(path + os.sep) for a in active):
+            continue
+        modified = _modified(entry)
+        if modified is not None and modified < now - INCOMING_ORPHAN_HOURS * 3600:
+            _remove(entry)
+            removed["orphaned"] += 1
+    return removed
+
+
+def classify_decode(data: bytes, *, name: str) -> tuple[DecodedScan, str | None]:
+    """Decode a classify page's upload once, with the de-identified copy an import would
+    store (``stored_bytes``, all that ``classify_stage`` keeps) and, with LINKAGE_KEY, its
+    original identifiers for the encrypted linkage. Returns ``(decoded, not_kept)``:
+    ``not_kept`` says why no copy could be made (the scan is still classified, not kept).
+    Raises ScanDecodeError when the file cannot be read at all."""
+    from annotator.linkage import linkage_enabled
+
+    options = {"name": safe_name(name), "salt": settings.DEID_SALT,
+               "max_pixels": settings.IMPORT_MAX_PIXELS,
+               "request_max_pixels": settings.CLASSIFY_MAX_PIXELS}
+    try:
+        return decode_scan(data, keep_copy=True, linkage=linkage_enabled(), **options), None
+    except ScanDecodeError as exc:
+        not_kept = str(exc)
+    # looked at, not kept (raises when the file cannot be read at all)
+    return decode_scan(data, keep_copy=False, **options), not_kept
+
+
+def classify_stage(decoded: DecodedScan, *, name: str, sha256: str, user_id: int,
+                   project_id: int) -> str:
+    """Keep the de-identified copy of a classified upload (``decoded.stored_bytes``, from
+    ``classify_decode``; never the upload itself) so the classify page can add it to the
+    pool; returns its token, the folder's name under ``classify_staging_dir``. Beside it,
+    STAGED_IDENTITY: what the import then stores as a direct import of the upload would
+    (the upload's sha256, so a duplicate is known; its pseudonyms; its linkage, encrypted).
 
     One folder per user and project: classifying again removes the user's earlier ones (the
     session keeps only the newest token, the one ``classify_add`` accepts). Folders older
-    than CLASSIFY_STAGING_HOURS go, and the oldest others while all kept uploads would pass
-    CLASSIFY_STAGING_MAX_BYTES. Raises StagingRefused when this upload alone is larger."""
+    than CLASSIFY_STAGING_HOURS go (``incoming_sweep``, which also runs on a schedule), and
+    the oldest others while all kept copies would pass CLASSIFY_STAGING_MAX_BYTES. Raises
+    StagingRefused when this copy alone is larger."""
+    import json
+
+    from annotator.linkage import linkage_seal
+
+    data = decoded.stored_bytes
+    if not data:
+        raise StagingRefused("no de-identified copy of it was made")
     cap = settings.CLASSIFY_STAGING_MAX_BYTES
-    if upload.size > cap:
+    if len(data) > cap:
         raise StagingRefused(
-            f"it is {upload.size / 1024 / 1024:.1f} MB and the classify page keeps at most "
+            f"it is {len(data) / 1024 / 1024:.1f} MB and the classify page keeps at most "
             f"{cap / 1024 / 1024:.0f} MB of uploads waiting to be added: import it on the "
             "upload page instead")
+    incoming_sweep()
     root = classify_staging_dir()
     root.mkdir(parents=True, exist_ok=True)
     mine = f"u{user_id}-p{project_id}-"
-    cutoff = time.time() - CLASSIFY_STAGING_HOURS * 3600
     kept = []
     for folder in root.iterdir():
-        try:
-            modified = folder.stat().st_mtime
-        except FileNotFoundError:
+        modified = _modified(folder)
+        if modified is None or not folder.is_dir():
             continue
-        if not folder.is_dir():
-            continue
-        if folder.name.startswith(mine) or modified < cutoff:
+        if folder.name.startswith(mine):
             shutil.rmtree(folder, ignore_errors=True)
         else:
             kept.append((modified, folder.name, _folder_bytes(folder)))
     total = sum(size for _, _, size in kept)
-    for _, name, size in sorted(kept):                    # the oldest first
-        if total + upload.size <= cap:
+    for _, old, size in sorted(kept):                     # the oldest first
+        if total + len(data) <= cap:
             break
-        shutil.rmtree(root / name, ignore_errors=True)
+        shutil.rmtree(root / old, ignore_errors=True)
         total -= size
-    staged = stage_uploads([upload])
-    target = root / f"{mine}{staged.name}"
-    staged.rename(target)
+    file_name = _staged_file_name(0, name or "upload", dicom=decoded.file_format == "dicom"
+                                  or _dicom_by_name_or_content(name or "upload"))
+    identity = {file_name: {
+        "sha256": sha256, "patient_key": decoded.patient_key,
+        "file_format": decoded.file_format,
+        "meta": {key: decoded.meta[key] for key in _IDENTITY_META if key in decoded.meta},
+        "linkage_sealed": linkage_seal(decoded.linkage)}}
+    staged = Path(settings.INCOMING_ROOT) / uuid.uuid4().hex
+    staged.mkdir(parents=True, exist_ok=False)
+    try:
+        (staged / file_name).write_bytes(data)
+        (staged / STAGED_IDENTITY).write_text(json.dumps(identity, default=float))
+        target = root / f"{mine}{staged.name}"
+        staged.rename(target)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return target.name
 
 
@@ -174,6 +290,27 @@ def classify_staged(token: str) -> Path | None:
     session's), or None when it is gone (expired, or replaced by a newer upload)."""
     folder = classify_staging_dir() / token
     return folder if token and "/" not in token and folder.is_dir() else None
+
+
+def classify_claim(folder: Path, token: str) -> Path:
+    """Move a kept copy out of ``classify_staging_dir`` for its import, marked as new (its
+    import, not yet committed, reads it: ``incoming_sweep`` leaves a new folder alone)."""
+    claimed = Path(settings.INCOMING_ROOT) / f"add-{token}"
+    folder.rename(claimed)
+    os.utime(claimed)
+    return claimed
+
+
+def staged_identities(source: str) -> dict[str, dict]:
+    """What ``classify_stage`` wrote beside its copy (STAGED_IDENTITY), by file name: the
+    import's ``overrides`` for it. Empty for any other staged upload."""
+    import json
+
+    try:
+        identities = json.loads((Path(source) / STAGED_IDENTITY).read_text())
+    except (OSError, ValueError):
+        return {}
+    return identities if isinstance(identities, dict) else {}
 
 
 def upload_import_start(*, project, user, cleaned: dict) -> tuple[object | None, list[Rejection]]:
@@ -189,6 +326,7 @@ def upload_import_start(*, project, user, cleaned: dict) -> tuple[object | None,
     from annotator import services
     from annotator.tasks import run_import_job
 
+    incoming_sweep()
     accepted, rejected = [], []
     for upload in cleaned["files"]:
         reason = check_upload(upload)

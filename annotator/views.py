@@ -172,7 +172,7 @@ def model_promote(request, project_id: int, version_id: int):
         warning = ml.model_version_promote(
             model, actor=request.user,
             reason=f"promoted anyway by {request.user.get_username()} "
-                   f"(the gate had said: {model.status_reason[:300]})")
+                   f"(the gate had said: {ml.gate_verdict(model.status_reason)[:300]})")
     except ml.TrainingError as exc:
         messages.error(request, str(exc))
     else:

@@ -4,9 +4,9 @@ classes with their candidates, and classifying an uploaded scan."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import shutil
 import time
-from pathlib import Path
 
 from django.conf import settings
 from django.contrib import messages
@@ -27,9 +27,10 @@ from annotator.tasks import run_import_job
 from annotator.uploads import (
     StagingRefused,
     check_upload,
+    classify_claim,
+    classify_decode,
     classify_stage,
     classify_staged,
-    safe_name,
     shown_file_name,
 )
 from medsite import jsonbody
@@ -183,6 +184,7 @@ def answer_undo(request, project_id: int, annotation_id: int):
                          "scan_url": reverse("annotator:label", args=[project.pk, scan.pk])})
 
 
+PLAIN_TEXT = "text/plain; charset=utf-8"   # a reason in words ("…", "×") reads as written
 WINDOW_LIMIT = 1e7       # values beyond any modality's units (HU, 16-bit counts)
 
 
@@ -203,23 +205,23 @@ def scan_window(request, scan_id: int):
         if not 0 <= frame < max(scan.num_frames, 1):
             return HttpResponse(f"frame must be a whole number from 0 to "
                                 f"{max(scan.num_frames, 1) - 1}", status=400,
-                                content_type="text/plain")
+                                content_type=PLAIN_TEXT)
     if "center" in request.GET or "width" in request.GET:
         if scan.colour:
             return HttpResponse("a colour scan has no window: use brightness and contrast",
-                                status=400, content_type="text/plain")
+                                status=400, content_type=PLAIN_TEXT)
         try:
             center, width = float(request.GET["center"]), float(request.GET["width"])
         except (KeyError, ValueError):
             return HttpResponse("give ?center=…&width=… as numbers", status=400,
-                                content_type="text/plain")
+                                content_type=PLAIN_TEXT)
         if not (abs(center) < WINDOW_LIMIT and 0 < width < WINDOW_LIMIT):
             return HttpResponse("the window needs |centre| and width below 10 million, "
-                                "width > 0", status=400, content_type="text/plain")
+                                "width > 0", status=400, content_type=PLAIN_TEXT)
         window = (center, width)
     if window is None and frame is None:
         return HttpResponse("give ?center=…&width=… (a window) and/or ?frame=… (a slice)",
-                            status=400, content_type="text/plain")
+                            status=400, content_type=PLAIN_TEXT)
     try:
         with open(storage.media_path(scan.file.name), "rb") as handle:
             data = handle.read()
@@ -230,7 +232,7 @@ def scan_window(request, scan_id: int):
         raise Http404("The stored file is missing.") from None
     except ScanDecodeError as exc:
         return HttpResponse(f"the stored file cannot be windowed: {exc}", status=409,
-                            content_type="text/plain")
+                            content_type=PLAIN_TEXT)
     response = HttpResponse(render_preview(decoded.pixels, max_side=settings.PREVIEW_MAX_SIDE),
                             content_type="image/png")
     response["Cache-Control"] = "private, max-age=3600"
@@ -252,11 +254,11 @@ def gradcam(request, scan_id: int):
     if scan.pk in selectors.read_blind_scan_ids(scan.project, request.user, [scan.pk]):
         return HttpResponse("Blind reading: another reader has read this scan, so the model's "
                             "view of it is hidden until you have answered it.", status=403,
-                            content_type="text/plain")
+                            content_type=PLAIN_TEXT)
     try:
         png = ml.scan_gradcam(scan=scan, class_id=class_id)
     except TrainingError as exc:
-        return HttpResponse(str(exc), status=409, content_type="text/plain")
+        return HttpResponse(str(exc), status=409, content_type=PLAIN_TEXT)
     response = HttpResponse(png, content_type="image/png")
     response["Cache-Control"] = "private, max-age=600"
     return response
@@ -362,11 +364,8 @@ def classify(request, project_id: int):
     data = b""
     if reason is None:
         data = upload.read()
-        try:
-            decoded = decode_scan(data, name=safe_name(upload.name or ""),
-                                  salt=settings.DEID_SALT, max_pixels=settings.IMPORT_MAX_PIXELS,
-                                  request_max_pixels=settings.CLASSIFY_MAX_PIXELS,
-                                  keep_copy=False)     # looked at, not kept: no stored copy
+        try:      # with the de-identified copy an import would store: all that is kept
+            decoded, not_kept = classify_decode(data, name=upload.name or "")
         except ScanDecodeError as exc:
             reason = str(exc)
     # a DICOM's file name often carries the patient's name: it is never shown
@@ -387,13 +386,17 @@ def classify(request, project_id: int):
                                             [s["scan"].pk for s in result["similar"]])
     result["similar"] = [{**s, "label": visible[s["scan"].pk][0]} for s in result["similar"]
                          if visible.get(s["scan"].pk)]
-    # Keep the original for "add to the pool" (import de-identifies it then): one per user
-    # and project, expires, a cap on all kept.
+    # Keep the de-identified copy (never the upload) for "add to the pool": one per user and
+    # project, expires, a cap on all kept.
     try:
-        token = classify_stage(upload, user_id=request.user.pk, project_id=project.pk)
+        if not_kept:
+            raise StagingRefused(not_kept)
+        token = classify_stage(decoded, name=upload.name or "", user_id=request.user.pk,
+                               sha256=hashlib.sha256(data).hexdigest(), project_id=project.pk)
     except StagingRefused as exc:
         token = None
         context["not_kept"] = f"This scan cannot be added to the pool from here: {exc}."
+    decoded.linkage = data = None
     request.session[f"classify-{project.pk}"] = token
     context.update({
         "result": result, "file_name": shown_name,
@@ -419,9 +422,13 @@ def classify_add(request, project_id: int):
         messages.error(request, "That upload is no longer kept (it expired, or you classified "
                                 "another scan since): classify it again.")
         return redirect("annotator:classify", project.pk)
-    staged = Path(settings.INCOMING_ROOT) / f"add-{token}"
-    folder.rename(staged)
     dataset = (request.POST.get("dataset") or "uploads").strip()[:200] or "uploads"
+    refusal = services.dataset_name_refusal(dataset)
+    if refusal is not None:         # the copy stays kept until it expires
+        messages.error(request, f"{refusal[0].upper()}{refusal[1:]}: classify the scan again "
+                                "and name another dataset.")
+        return redirect("annotator:classify", project.pk)
+    staged = classify_claim(folder, token)
     try:
         with transaction.atomic():
             job = services.import_job_create(

@@ -31,6 +31,8 @@ from ml_backend.models import Evaluation, ModelVersion, Prediction
 
 logger = logging.getLogger(__name__)
 
+PLAIN_TEXT = "text/plain; charset=utf-8"   # a reason in words ("…", "×") reads as written
+
 # The charts one URL each serves: name → what it shows.
 CHARTS = {
     "confusion": "Confusion matrix",
@@ -387,18 +389,18 @@ def export_labels(request, project_id: int):
 
     project = selectors.project_get_for_user(request.user, project_id)
     if selectors.reads_blind(project, request.user):
-        return HttpResponse(selectors.BLIND_DOWNLOAD, status=403, content_type="text/plain")
+        return HttpResponse(selectors.BLIND_DOWNLOAD, status=403, content_type=PLAIN_TEXT)
     # a filter silently ignored would download what was not asked for (as the API refuses it)
     adjudicated = request.GET.get("adjudicated") or ""
     if adjudicated not in ("", "0", "1", "false", "true"):
         return HttpResponse(f"adjudicated: use 1 (true) or 0 (false), not {adjudicated[:40]!r}",
-                            status=400, content_type="text/plain")
+                            status=400, content_type=PLAIN_TEXT)
     try:
         body, content_type, name = exports.label_download(
             project, fmt=request.GET.get("format", "csv"), split=request.GET.get("split", "all"),
             adjudicated_only=adjudicated in ("1", "true"))
     except exports.ExportError as exc:
-        return HttpResponse(str(exc), status=400, content_type="text/plain")
+        return HttpResponse(str(exc), status=400, content_type=PLAIN_TEXT)
     response = HttpResponse(body, content_type=content_type)
     response["Content-Disposition"] = f'attachment; filename="{name}"'
     return response

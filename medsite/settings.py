@@ -41,6 +41,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "axes",   # failed sign-ins per username and client IP (LOGIN_FAILURE_LIMIT below)
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "annotator",
@@ -59,6 +60,8 @@ MIDDLEWARE = [
     "annotator.audit.AuditActorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # last: turns a sign-in refused for too many failures into the 429 page (annotator/auth.py)
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "medsite.urls"
@@ -128,6 +131,25 @@ INCOMING_ROOT = env_path("INCOMING_ROOT", VAR_DIR / "incoming")
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "annotator:project_list"
 LOGOUT_REDIRECT_URL = "login"
+# Failed sign-ins (the login page, the admin's; django-axes): after LOGIN_FAILURE_LIMIT failures
+# for one username, or from one client IP, each within LOGIN_LOCKOUT_MINUTES of the last, that
+# username / IP is refused (429, "try again in N minutes") until LOGIN_LOCKOUT_MINUTES after
+# its last counted failure; tries while refused do not extend it. An admin clears one with
+# `manage.py axes_reset_username NAME` / `axes_reset_ip IP` or in the admin (Access attempts).
+# Behind a reverse proxy every request comes from the proxy, so the client is read from
+# X-Forwarded-For: LOGIN_PROXY_COUNT is the number of proxies in front of gunicorn that append
+# to it (production, DEBUG=0, is behind one TLS proxy: 1; 0: the socket's address).
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend",
+                           "django.contrib.auth.backends.ModelBackend"]
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"   # shared by every web process
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_LOCKOUT_CALLABLE = "annotator.auth.lockout_response"
+AXES_CLIENT_IP_CALLABLE = "annotator.auth.client_ip"
+AXES_VERBOSE = False   # no "AXES: BEGIN" line at every start; failures are still logged
+LOGIN_PROXY_COUNT = env_int("LOGIN_PROXY_COUNT", 0 if DEBUG else 1, minimum=0)
 
 # Import limits. A decoded scan larger than IMPORT_MAX_PIXELS (width x height x
 # frames) is refused before its pixels are decoded (decompression bombs).
@@ -212,10 +234,15 @@ PACS_PASSWORD = env_str("PACS_PASSWORD") or ""
 # .decode())"`) or any long random secret; keep it out of backups and stable.
 LINKAGE_KEY = env_str("LINKAGE_KEY")
 # Scheduled pull (Celery beat): every PACS_PULL_MINUTES, the studies matching PACS_PULL_QUERY
-# (e.g. "Modality=CR") that are not here yet go into the project PACS_PULL_PROJECT.
+# (e.g. "Modality=CR") that are not here yet go into the project PACS_PULL_PROJECT. Unset:
+# every study; set but blank (an unset shell variable) is refused, not read as "every study";
+# its keys are checked against DICOM's at start-up (annotator/checks.py) and by each pull.
 PACS_PULL_MINUTES = env_int("PACS_PULL_MINUTES", 0, minimum=0)
 PACS_PULL_PROJECT = env_str("PACS_PULL_PROJECT")
-PACS_PULL_QUERY = env_str("PACS_PULL_QUERY") or ""
+PACS_PULL_QUERY = os.environ.get("PACS_PULL_QUERY")         # None: every study
+if PACS_PULL_MINUTES and PACS_PULL_QUERY is not None and not PACS_PULL_QUERY.strip():
+    raise ImproperlyConfigured("PACS_PULL_QUERY is set but empty: unset it to pull every "
+                               "study, or give study filters such as Modality=CR")
 # Label Studio as a second labeling UI (README, "Label Studio"). SITE_URL is how Label
 # Studio (and its annotators' browsers) reach this site: image URLs, ML backend, webhook.
 LABEL_STUDIO_URL = env_str("LABEL_STUDIO_URL")
@@ -274,7 +301,9 @@ SPECTACULAR_SETTINGS = {
                              "annotator.api.schema.add_problem_responses"],
 }
 
-CELERY_BEAT_SCHEDULE = {}
+# Always: what waits in INCOMING_ROOT past its time goes (annotator/uploads.py incoming_sweep).
+CELERY_BEAT_SCHEDULE = {"incoming-sweep": {"task": "annotator.tasks.incoming_sweep",
+                                           "schedule": 15 * 60.0}}
 if RETRAIN_EVERY_HOURS:
     CELERY_BEAT_SCHEDULE["scheduled-retrain"] = {
         "task": "ml_backend.tasks.scheduled_retrain", "schedule": RETRAIN_EVERY_HOURS * 3600.0,
@@ -391,7 +420,9 @@ LOGGING = {
     # generic build): expected on most CPUs, and not a failure
     "loggers": {"faiss.loader": {"level": "WARNING", "propagate": True},
                 "pydicom": {"level": "ERROR", "propagate": True},
-                "PIL": {"level": "INFO", "propagate": True}},
+                "PIL": {"level": "INFO", "propagate": True},
+                # django-axes: each failed sign-in and lockout at WARNING, not its INFO chatter
+                "axes": {"level": "WARNING", "propagate": True}},
 }
 
 if not DEBUG:

@@ -24,6 +24,12 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # the site's own templates: the admin app ships registration/password_change_*.html,
+    # found first, which need the admin's context
+    path("accounts/password_change/", auth_views.PasswordChangeView.as_view(
+        template_name="registration/site_password_change.html"), name="password_change"),
+    path("accounts/password_change/done/", auth_views.PasswordChangeDoneView.as_view(
+        template_name="registration/site_password_changed.html"), name="password_change_done"),
     path("ml/", include("ml_backend.urls")),
     path("api/v1/", include("annotator.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),

@@ -50,13 +50,12 @@ def _forward_keeping(encoder: ResNetEncoder, x: torch.Tensor, min_side: int):
 
 
 def _forward_stages(encoder: ResNetEncoder, x: torch.Tensor):
-    """Pooled features and every stage's output (gradients kept)."""
+    """Pooled features and every stage's output (in the autograd graph when ``x`` is)."""
     net = encoder.net
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
     stages = []
     for name in STAGES:
         x = getattr(net, name)(x)
-        x.retain_grad()
         stages.append(x)
     return torch.flatten(net.avgpool(x), 1), stages
 
@@ -83,17 +82,23 @@ def gradcam(encoder: ResNetEncoder, image: np.ndarray, augment_config, score: Sc
     x = torch.from_numpy(image).float().div(255.0)
     x = (x.permute(2, 0, 1) if image.ndim == 3 else x[None])[None]
     x = eval_transform(augment_config)(x)
+    # the encoder is shared (one cached network per model version, many request threads):
+    # only this call's activations get gradients (``autograd.grad``), never the parameters'
+    # ``.grad``, so concurrent maps neither race nor leave anything on the module
+    x = x.to(next(encoder.parameters()).device).requires_grad_(True)
     with torch.enable_grad():
         pooled, outputs = _forward_stages(encoder, x)
         logits = score(pooled)
         if not 0 <= class_index < logits.shape[1]:
             raise ValueError(f"class index {class_index} out of range for {logits.shape[1]} classes")
-        encoder.zero_grad(set_to_none=True)
-        logits[0, class_index].backward()
+        grads = torch.autograd.grad(logits[0, class_index], outputs, allow_unused=True)
+    outputs = [stage.detach().cpu() for stage in outputs]
+    grads = [torch.zeros_like(stage) if grad is None else grad.detach().cpu()
+             for stage, grad in zip(outputs, grads)]
     if method == "layercam":
         maps = []
-        for stage in [outputs[i] for i in stages]:   # layer1 and layer2 by default
-            cam = (F.relu(stage.grad) * stage).sum(dim=1, keepdim=True).detach()
+        for stage, grad in [(outputs[i], grads[i]) for i in stages]:   # layer1 and layer2
+            cam = (F.relu(grad) * stage).sum(dim=1, keepdim=True)
             cam = F.interpolate(F.relu(cam), size=image.shape[:2], mode="bilinear",
                                 align_corners=False)[0, 0]
             unit = _unit(cam)
@@ -104,12 +109,12 @@ def gradcam(encoder: ResNetEncoder, image: np.ndarray, augment_config, score: Sc
         fused = _unit(torch.stack(maps).mean(dim=0))
         return (np.zeros(image.shape[:2], dtype=np.float32) if fused is None
                 else fused.numpy().astype(np.float32))
-    features = outputs[0]
-    for stage in outputs:
+    features, gradient = outputs[0], grads[0]
+    for stage, grad in zip(outputs, grads):
         if min(stage.shape[2:]) >= min_side:
-            features = stage
-    weights = features.grad.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * features).sum(dim=1, keepdim=True)).detach()
+            features, gradient = stage, grad
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * features).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     low, high = float(cam.min()), float(cam.max())
     if not np.isfinite(high) or high - low <= 1e-12 * max(1.0, abs(high)):

@@ -23,6 +23,13 @@ def isolated_storage(settings, tmp_path):
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def sign_in_lockout_off(settings):
+    """django-axes off: ``client.login()`` authenticates without a request, which axes refuses.
+    The lockout's own tests (tests/annotator/test_accounts.py) turn it back on."""
+    settings.AXES_ENABLED = False
+
+
 @pytest.fixture
 def users(db, django_user_model):
     make = django_user_model.objects.create_user

@@ -93,6 +93,7 @@ def test_broker_and_database_from_env():
     ({"MEDLABEL_EMBED_SCALES": "one"}, "MEDLABEL_EMBED_SCALES"),
     ({"MEDLABEL_EMBED_LAYERS": "2,3"}, "include 4"),
     ({"MEDLABEL_EMBED_LAYERS": "4,5"}, "MEDLABEL_EMBED_LAYERS"),
+    ({"PACS_PULL_MINUTES": "60", "PACS_PULL_QUERY": ""}, "PACS_PULL_QUERY is set but empty"),
 ])
 def test_bad_production_config_fails_at_start(env, message):
     result = _settings_in_subprocess(**env)

@@ -16,9 +16,7 @@ def problem_handler(exc, context):
         fields = None
     else:
         fields = data
-        detail = "; ".join(f"{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                           for k, v in (data.items() if isinstance(data, dict) else
-                                        [("request", data)]))
+        detail = _words(data if isinstance(data, dict) else {"request": data})
     title = {400: "Bad request", 401: "Not signed in", 403: "Not allowed", 404: "Not found",
              405: "Method not allowed", 409: "Conflict", 413: "Content too large",
              415: "Unsupported media type",
@@ -30,6 +28,17 @@ def problem_handler(exc, context):
     response.data = body
     response.content_type = "application/problem+json"
     return response
+
+
+def _words(errors) -> str:
+    """Validation errors as plain text, nested ones too (a findings answer's
+    ``{"shown_scores": {"13": ["A valid number is required."]}}`` reads
+    ``shown_scores: 13: A valid number is required.``), never a Python repr."""
+    if isinstance(errors, dict):
+        return "; ".join(f"{k}: {_words(v)}" for k, v in errors.items())
+    if isinstance(errors, (list, tuple)):
+        return " ".join(_words(v) for v in errors)
+    return str(errors)
 
 
 def problem(status: int, detail: str, title: str = "Conflict"):

@@ -228,16 +228,20 @@ def _finding_ids(scan: Scan, by_key: dict, field: str) -> dict[int, object]:
         raise ValidationError({field: f"scan {scan.pk} takes one class, not findings "
                                       "(use outcome=label with class_id)"})
     findings = {f.name: f.pk for f in findings_for_set(scan.label_set)}
-    out = {}
+    out, named = {}, {}
     for key, value in by_key.items():
         key = str(key)
         if re.fullmatch(r"-?[0-9]{1,18}", key):
-            out[int(key)] = value
+            finding = int(key)
         elif key in findings:
-            out[findings[key]] = value
+            finding = findings[key]
         else:
             raise ValidationError({field: f"{key!r} is not a finding of {scan.label_set.name!r}"
                                           f" (its findings: {', '.join(findings)})"})
+        if finding in out:        # "13" and "013", or a name and its id: one finding twice
+            raise ValidationError({field: f"{named[finding]!r} and {key!r} name the same "
+                                          "finding: give each finding once"})
+        out[finding], named[finding] = value, key
     return out
 
 

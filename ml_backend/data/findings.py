@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ml_backend.data.datasets import SourceError, SourceItem, _png_encoder, _reader
+from ml_backend.data.deid import identifier_reason
 
 __all__ = ["CHESTX_RAY14_FINDINGS", "FindingsListing", "is_findings_source",
            "read_findings_source"]
@@ -56,6 +57,7 @@ class FindingsListing:
     layout: str                             # chestxray14 | chexpert | npz
     notes: list[str] = field(default_factory=list)
     default_dataset_name: str = ""
+    hidden: int = 0     # finding names not used: they look like patient identifiers
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per finding: present / absent / uncertain / unknown counts."""
@@ -64,6 +66,11 @@ class FindingsListing:
                        "uncertain": int((t[:, f] == -1).sum()),
                        "unknown": int(np.isnan(t[:, f]).sum())}
                 for f, name in enumerate(self.findings)}
+
+
+def _clean(name: str) -> str:
+    """A finding name as the label set stores it (spaces collapsed; compared case-blind)."""
+    return " ".join(name.split())
 
 
 def _split_spec(spec: str) -> tuple[Path, str | None]:
@@ -130,33 +137,57 @@ def read_findings_source(spec: str | os.PathLike) -> FindingsListing:
     if image is None:
         raise SourceError(f"{path.name}: no image column (expected one of "
                           f"{', '.join(_IMAGE_COLUMNS)})")
+    hidden: set[str] = set()       # names that look like identifiers: never quoted, never used
     if "Finding Labels" in header:
         layout = "chestxray14"
-        found = sorted({name for r in rows for name in r["Finding Labels"].split("|")
-                        if name and name != NO_FINDING} - set(CHESTX_RAY14_FINDINGS))
+        # one spelling per finding: ChestX-ray14's own, else the first met ('effusion' is
+        # Effusion; the label set matches names case-blind too)
+        spelling = {n.casefold(): n for n in CHESTX_RAY14_FINDINGS + [NO_FINDING]}
+        for raw in sorted({_clean(n) for r in rows for n in r["Finding Labels"].split("|")}):
+            if raw and raw.casefold() not in spelling:
+                if identifier_reason(raw) is not None:
+                    hidden.add(raw.casefold())
+                else:
+                    spelling[raw.casefold()] = raw
+        found = sorted(set(spelling.values()) - set(CHESTX_RAY14_FINDINGS) - {NO_FINDING})
         findings = CHESTX_RAY14_FINDINGS + found
         column = {name: f for f, name in enumerate(findings)}
         targets = np.zeros((len(rows), len(findings)))
         for i, r in enumerate(rows):
-            names = [n for n in r["Finding Labels"].split("|") if n]
-            if not names:
+            given = {_clean(n).casefold() for n in r["Finding Labels"].split("|")} - {""}
+            if not given:
                 raise SourceError(f"{path.name}: {r[image]}: empty 'Finding Labels' (write "
                                   f"'{NO_FINDING}' for a scan without findings)")
+            names = {spelling[n] for n in given - hidden}   # a repeated name counts once
+            if not names:             # only identifier-looking names: the scan gets no answer
+                targets[i] = np.nan
+                continue
             if NO_FINDING in names and len(names) > 1:
                 raise SourceError(f"{path.name}: {r[image]}: '{NO_FINDING}' together with "
                                   "findings")
-            for n in names:
-                if n != NO_FINDING:
-                    targets[i, column[n]] = 1.0
+            for n in names - {NO_FINDING}:
+                targets[i, column[n]] = 1.0
         if found:
             notes.append(f"findings beyond ChestX-ray14's 14: {', '.join(found)}")
     else:
         layout = "chexpert"
-        answer_columns = _answer_columns(header, rows, image)
+        answer_columns = []
+        for c in _answer_columns(header, rows, image):
+            if identifier_reason(c) is None:
+                answer_columns.append(c)
+            else:                       # a column named after a patient (an MRN, Last^First)
+                hidden.add(c)
         findings = [c for c in answer_columns if c != NO_FINDING]
+        seen: dict[str, str] = {}
+        for c in findings:
+            if seen.setdefault(_clean(c).casefold(), c) != c:
+                raise SourceError(f"{path.name}: the columns {seen[_clean(c).casefold()]!r} "
+                                  f"and {c!r} name the same finding")
         if not findings:
             raise SourceError(f"{path.name}: no finding columns (a finding column holds only "
-                              "1, 0, -1 or blank)")
+                              "1, 0, -1 or blank)" + (
+                                  f"; {len(hidden)} column(s) not used: their names look "
+                                  "like patient identifiers" if hidden else ""))
         targets = np.array([[_ANSWERS[r[c]] for c in findings] for r in rows], dtype=np.float64)
         if NO_FINDING in answer_columns:
             empty = np.array([r[NO_FINDING] in ("1", "1.0") for r in rows])
@@ -167,7 +198,8 @@ def read_findings_source(spec: str | os.PathLike) -> FindingsListing:
                                   "present")
             targets[empty[:, None] & np.isnan(targets)] = 0.0
             notes.append(f"'{NO_FINDING}' rows: blank findings read as absent")
-        ignored = [h for h in header if h not in answer_columns and h not in (image, _SPLIT_COLUMN)]
+        ignored = [h for h in header if h not in answer_columns and h not in hidden
+                   and h not in (image, _SPLIT_COLUMN) and identifier_reason(h) is None]
         if ignored:
             notes.append(f"not findings (values other than 1/0/-1/blank): {', '.join(ignored)}")
         if np.isnan(targets).any():
@@ -187,7 +219,8 @@ def read_findings_source(spec: str | os.PathLike) -> FindingsListing:
         items.append(SourceItem(name=name, label=None, load=_reader(target, name)))
     return FindingsListing(items=items, findings=findings, targets=targets, layout=layout,
                            notes=notes, default_dataset_name=path.stem + (f"-{split}" if split
-                                                                          else ""))
+                                                                          else ""),
+                           hidden=len(hidden))
 
 
 def _read_npz(path: Path, split: str) -> FindingsListing:

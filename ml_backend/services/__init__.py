@@ -24,7 +24,7 @@ _EXPORTS = {
              "RunReporter", "LEASE"],
     "training": ["embed_with", "embed_part", "HANDLERS"],
     "versions": ["model_version_activate", "model_version_promote", "evaluate", "gate",
-                 "predictions_refresh", "publish", "eval_set"],
+                 "predictions_refresh", "publish", "eval_set", "gate_verdict"],
     "inference": ["cache", "predictor_for", "version_heads", "vectors_for", "head_inputs_for",
                   "embedding_table",
                   "vector_index", "encoder_network", "classifier_network", "allowed_classes",

@@ -486,11 +486,23 @@ def scan_gradcam(*, scan: Scan, class_id: int, model: ModelVersion | None = None
     """An RGBA overlay PNG (the preview's size) of where ``model`` sees ``class_id`` in
     ``scan`` (LayerCAM, see ml_backend/explain.py). Cached per scan, class and model version
     in the version's artifact folder: a version never changes, so neither does its map.
-    Raises TrainingError when there is no model or the class is not one of its."""
+    Raises TrainingError when there is no model, the class does not apply to the scan (a
+    class of another label set: refused as an answer with it is) or is not one of the model's."""
     from PIL import Image
 
     from ml_backend.explain import overlay_png
 
+    label_class = (LabelClass.objects.select_related("label_set")
+                   .filter(pk=class_id, project_id=scan.project_id).first())
+    if label_class is None:
+        raise TrainingError(f"class {class_id} is not a class of this project")
+    if label_class.label_set_id != scan.label_set_id:
+        if scan.label_set_id is None:
+            raise TrainingError("no label set applies to this scan: an admin must assign its "
+                                "dataset, modality or body part to a label set")
+        raise TrainingError(f"class {label_class.name!r} does not apply to this scan: it "
+                            f"belongs to the label set {label_class.label_set.name!r}, the "
+                            f"scan to {scan.label_set.name!r}")
     model = model or scan.project.active_model
     if model is None:
         raise TrainingError("no classifier yet: label some scans first")
@@ -503,7 +515,8 @@ def scan_gradcam(*, scan: Scan, class_id: int, model: ModelVersion | None = None
         width, height = preview.size
     png = overlay_png(explainer.cam(image, class_id), width, height)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".tmp-{os.getpid()}-{cached.name}")
+    # one temporary name per thread: two requests for the same map at once each write their own
+    tmp = cached.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{cached.name}")
     tmp.write_bytes(png)
     tmp.replace(cached)
     return png

@@ -834,8 +834,8 @@ def _finish_findings_only(run, model, verdict, findings_metrics: dict, report) -
     model.status, model.status_reason = ModelVersion.Status.READY, reason
     model.save(update_fields=["num_labels", "metrics", "status", "status_reason"])
     report.log(reason)
-    if promote:
-        model_version_activate(model, reason=reason)
+    if promote and not model_version_activate(model, reason=reason):
+        report.log(model.status_reason)      # a person chose another version meanwhile
 
 
 def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metrics, report, *,
@@ -871,6 +871,8 @@ def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metr
         mark = time.perf_counter()
         publish(model, predict=predict, classes=classes)
         timings["publish_s"] = time.perf_counter() - mark
+        if model.status != ModelVersion.Status.ACTIVE:   # a person chose another meanwhile
+            report.log(model.status_reason)
 
 
 def _calibrate_network(model: ModelVersion, predict: Predictor, classes: list[int],

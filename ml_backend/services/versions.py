@@ -8,6 +8,7 @@ live in the app that owns them."""
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 from django.db import transaction
@@ -17,7 +18,7 @@ from annotator.models import LabelClass, Project, Scan
 from annotator.selectors import class_label_sets, patient_overlap_words, training_labels
 from ml_backend import signals
 from ml_backend.errors import TrainingError
-from ml_backend.models import Evaluation, ModelVersion, Prediction
+from ml_backend.models import Evaluation, ModelVersion, Prediction, TrainingRun
 from ml_backend.services.artifacts import model_version_files_problem
 from ml_backend.services.inference import Predictor, predictor_for, scan_refs
 from ml_backend.services.queries import query_round_create
@@ -27,13 +28,23 @@ logger = logging.getLogger(__name__)
 WRITE_BATCH = 250      # prediction rows per transaction
 
 def model_version_activate(model: ModelVersion, *, reason: str = "", actor=None,
-                           rolled_back_from: ModelVersion | None = None) -> None:
+                           rolled_back_from: ModelVersion | None = None) -> bool:
     """Make ``model`` the project's active encoder or classifier; retire the previous one.
     Sends ``model_activated`` (the audit trail records it; ``actor`` None: the gate / the
-    system)."""
+    system). Returns whether it became active.
+
+    A person's choice stands against the runs already in flight: a choice by hand
+    (``actor``) is noted on the project's running runs, under the lock on the project row,
+    and a version such a run made is then kept but not activated (``READY``, the reason on
+    the version, ``model_not_activated`` for the audit trail). A run started after the
+    choice gates against it as usual."""
     field = "active_encoder" if model.kind == ModelVersion.Kind.ENCODER else "active_model"
     with transaction.atomic():
         project = Project.objects.select_for_update().get(pk=model.project_id)
+        if actor is None and _chosen_by_hand_while_running(model, field, project, reason):
+            return False
+        if actor is not None:
+            _note_choice_for_runs_in_flight(model, field, actor)
         previous_id = getattr(project, f"{field}_id")
         if previous_id and previous_id != model.pk:
             ModelVersion.objects.filter(pk=previous_id).update(status=ModelVersion.Status.RETIRED)
@@ -49,6 +60,65 @@ def model_version_activate(model: ModelVersion, *, reason: str = "", actor=None,
         signals.model_activated.send(sender=ModelVersion, model=model, project=project,
                                      previous=previous, actor=actor,
                                      rolled_back=rolled_back_from is not None)
+    return True
+
+
+CHOSEN_BY_HAND = "chosen_by_hand"       # TrainingRun.params key: {field: the choice}
+
+
+def _note_choice_for_runs_in_flight(model: ModelVersion, field: str, actor) -> None:
+    """Tell the project's running runs that a person chose ``model`` (caller holds the
+    project row's lock, as their activation does when it reads this)."""
+    choice = {"version": model.version, "by": actor.get_username(),
+              "at": timezone.now().isoformat()}
+    for run in TrainingRun.objects.filter(project_id=model.project_id,
+                                          status=TrainingRun.Status.RUNNING):
+        chosen = {**run.params.get(CHOSEN_BY_HAND, {}), field: choice}
+        TrainingRun.objects.filter(pk=run.pk).update(
+            params={**run.params, CHOSEN_BY_HAND: chosen})
+
+
+def _chosen_by_hand_while_running(model: ModelVersion, field: str, project: Project,
+                                  reason: str) -> bool:
+    """Whether a person chose the project's ``field`` while the run that made ``model`` ran
+    (caller holds the project row's lock). If so, ``model`` is kept, not activated, and
+    says why; the audit trail records it (``model_not_activated``)."""
+    run = (TrainingRun.objects.filter(model_version=model, status=TrainingRun.Status.RUNNING)
+           .order_by("-pk").first())
+    choice = (run.params.get(CHOSEN_BY_HAND) or {}).get(field) if run is not None else None
+    if not choice or choice.get("version") == model.version:
+        return False
+    current = getattr(project, f"{field}_id")
+    what = "encoder" if field == "active_encoder" else "classifier"
+    verdict = gate_verdict(reason or model.status_reason)[:300]
+    model.status = ModelVersion.Status.READY
+    model.status_reason = (
+        f"not activated: {choice['by']} chose {choice['version']} as the active {what} "
+        f"while this {run.kind} (run #{run.pk}) ran, and a person's choice stands; promote "
+        f"it by hand if it should replace it"
+        + (f" (the gate had said: {verdict})" if verdict and what == "classifier" else ""))
+    model.save(update_fields=["status", "status_reason"])
+    logger.info("%s not activated: %s chose %s while run %s ran", model.version, choice["by"],
+                choice["version"], run.pk)
+    signals.model_not_activated.send(
+        sender=ModelVersion, model=model, project=project, chosen=choice["version"],
+        chosen_by=choice["by"], active=ModelVersion.objects.filter(pk=current).values_list(
+            "version", flat=True).first() if current else None)
+    return True
+
+
+_PROMOTED_ANYWAY = re.compile(r"promoted anyway by \S+ \(the gate had said: ")
+
+
+def gate_verdict(reason: str) -> str:
+    """The gate's own verdict in a version's reason: a reason that already says "promoted
+    anyway by … (the gate had said: …)" is unwrapped, so promoting a version again keeps
+    the verdict once instead of nesting it."""
+    reason = reason or ""
+    while (match := _PROMOTED_ANYWAY.match(reason)):
+        reason = reason[match.end():]
+        reason = reason[:-1] if reason.endswith(")") else reason
+    return reason
 
 
 def model_version_promote(model: ModelVersion, *, actor, reason: str = "",
@@ -92,9 +162,10 @@ def publish(model: ModelVersion, *, predict: Predictor, classes: list[int]) -> N
     try:
         predictions_refresh(model, predict=predict, classes=classes)
     finally:
-        model_version_activate(model, reason=model.status_reason)
-        signals.classifier_published.send(sender=ModelVersion, model=model,
-                                          project_id=model.project_id)
+        # not activated when a person chose another version while its run ran
+        if model_version_activate(model, reason=model.status_reason):
+            signals.classifier_published.send(sender=ModelVersion, model=model,
+                                              project_id=model.project_id)
     predictions_prune(model.project_id)
 
 

@@ -15,6 +15,7 @@ from django.urls import reverse
 
 from annotator.uploads import (
     StagingRefused,
+    classify_decode,
     classify_stage,
     classify_staged,
     classify_staging_dir,
@@ -26,6 +27,14 @@ def client_for(user) -> Client:
     client = Client()
     assert client.login(username=user.username, password=PASSWORD)
     return client
+
+
+def stage(name: str, seed: int, user, project) -> str:
+    """``classify_stage`` as the classify page calls it: the upload's de-identified copy."""
+    decoded, not_kept = classify_decode(png_bytes(size=32, seed=seed), name=name)
+    assert not_kept is None
+    return classify_stage(decoded, name=name, sha256=f"{seed:064d}", user_id=user.pk,
+                          project_id=project.pk)
 
 
 def staged() -> list[str]:
@@ -89,31 +98,26 @@ def test_classifying_again_keeps_only_the_users_latest_upload(stand_in_classifie
 
 def test_the_kept_uploads_stay_under_a_cap(stand_in_classifier, users, settings):
     project = stand_in_classifier
-    size = len(png_bytes(size=32, seed=1))
+    size = len(classify_decode(png_bytes(size=32, seed=1), name="a.png")[0].stored_bytes)
     settings.CLASSIFY_STAGING_MAX_BYTES = 2 * size + size // 2      # room for two
-    old = classify_stage(SimpleUploadedFile("a.png", png_bytes(size=32, seed=1)),
-                         user_id=users["alice"].pk, project_id=project.pk)
+    old = stage("a.png", 1, users["alice"], project)
     past = time.time() - 60
     os.utime(classify_staging_dir() / old, (past, past))
-    newer = classify_stage(SimpleUploadedFile("b.png", png_bytes(size=32, seed=2)),
-                           user_id=users["bob"].pk, project_id=project.pk)
-    newest = classify_stage(SimpleUploadedFile("c.png", png_bytes(size=32, seed=3)),
-                            user_id=users["dora"].pk, project_id=project.pk)
+    newer = stage("b.png", 2, users["bob"], project)
+    newest = stage("c.png", 3, users["dora"], project)
     assert staged() == sorted([newer, newest])           # the oldest made room
     assert classify_staged(old) is None and classify_staged(newest) is not None
     # expired ones go whatever the room
     settings.CLASSIFY_STAGING_MAX_BYTES = 100 * size
     long_ago = time.time() - 7 * 3600
     os.utime(classify_staging_dir() / newer, (long_ago, long_ago))
-    latest = classify_stage(SimpleUploadedFile("d.png", png_bytes(size=32, seed=4)),
-                            user_id=users["alice"].pk, project_id=project.pk)
+    latest = stage("d.png", 4, users["alice"], project)
     assert staged() == sorted([newest, latest])
 
     # a file over the cap on its own is classified, not kept, and the page says why
     settings.CLASSIFY_STAGING_MAX_BYTES = size // 2
     with pytest.raises(StagingRefused, match="keeps at most"):
-        classify_stage(SimpleUploadedFile("e.png", png_bytes(size=32, seed=5)),
-                       user_id=users["alice"].pk, project_id=project.pk)
+        stage("e.png", 5, users["alice"], project)
     response = classify(client_for(users["bob"]), project, 6)
     assert response.context["token"] is None
     assert b'id="not-kept"' in response.content and b"import it on the upload page" in \

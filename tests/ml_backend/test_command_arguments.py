@@ -10,7 +10,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from annotator.models import Scan
-from ml_backend.models import QueryRound
+from ml_backend.models import QueryRound, TrainingRun
 from tests.base import FIXTURES, REPO
 from tests.conftest import run_import
 from tests.factories import model_version_with_files
@@ -114,3 +114,68 @@ def test_a_failed_export_leaves_no_half_file_or_folder(chest, tmp_path):
         call_command("export_labels", "--project", chest.name, "--format", "imagefolder",
                      "--out", str(out / "images"))
     assert sorted(p.name for p in out.iterdir()) == ["labels.csv"]
+
+
+# --- numbers the training commands take: checked up front, no run row made ---------------------
+
+BAD_NUMBERS = [
+    ("finetune", ["--backbone-lr-scale", "nan"], "--backbone-lr-scale: 'nan' is not a finite"),
+    ("finetune", ["--backbone-lr-scale", "1.5"],
+     "--backbone-lr-scale: 1.5 is out of range: use 0 to 1"),
+    ("finetune", ["--epochs", "0"], "--epochs: 0 is out of range: use 1 to 10000"),
+    ("finetune", ["--epochs", "-1"], "--epochs: -1 is out of range"),
+    ("finetune", ["--lr", "inf"], "--lr: 'inf' is not a finite number"),
+    ("finetune", ["--lr", "0"], "--lr: 0 is out of range: use more than 0"),
+    ("finetune", ["--batch-size", "0"], "--batch-size: 0 is out of range"),
+    ("finetune", ["--from-head-layer", "9"], "--from-head-layer: 9 is out of range: use 0 to 3"),
+    ("finetune", ["--seed", "-1"], "--seed: -1 is out of range"),
+    ("distill", ["--temperature", "nan"], "--temperature: 'nan' is not a finite number"),
+    ("distill", ["--teacher-temperature=-inf"], "--teacher-temperature: '-inf' is not a finite"),
+    ("distill", ["--labeled-weight", "NaN"], "--labeled-weight: 'NaN' is not a finite number"),
+    ("distill", ["--labeled-weight", "2"], "--labeled-weight: 2 is out of range: use 0 to 1"),
+    ("distill", ["--epochs", "0"], "--epochs: 0 is out of range"),
+    ("distill", ["--lr=-3e-4"], "--lr: -3e-4 is out of range"),
+    ("distill", ["--teacher", "0"], "--teacher: 0 is out of range"),
+    ("pretrain", ["--epochs", "-1"], "--epochs: -1 is out of range: use 0 to 10000"),
+    ("pretrain", ["--lr", "nan"], "--lr: 'nan' is not a finite number"),
+    ("pretrain", ["--temperature", "0"], "--temperature: 0 is out of range"),
+    ("pretrain", ["--batch-size", "1"], "--batch-size: 1 is out of range: use 2 to"),
+    ("pretrain", ["--image-size", "0"], "--image-size: 0 is out of range"),
+    ("pretrain", ["--queue-size", "-1"], "--queue-size: -1 is out of range"),
+    ("pretrain", ["--seed", "99999999999999999999"], "--seed: .* is out of range"),
+    ("retrain", ["--if-new-labels", "-5"], "--if-new-labels: -5 is out of range: use 0 to"),
+    ("retrain", ["--epochs", "0"], "--epochs: 0 is out of range"),
+    ("retrain", ["--epochs", "lots"], "--epochs: 'lots' is not a whole number"),
+]
+
+
+@pytest.mark.parametrize("command, args, said", BAD_NUMBERS,
+                         ids=[f"{c}{'_'.join(a)}" for c, a, _ in BAD_NUMBERS])
+def test_a_bad_number_for_a_training_command_makes_no_run(chest, command, args, said):
+    with pytest.raises(CommandError, match=f"argument {said}"):
+        call_command(command, "--project", chest.name, *args, "--no-progress")
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.parametrize("k", ["0", "-1", "1001", "nan"])
+def test_candidates_refuses_a_bad_k(chest, k):
+    with pytest.raises(CommandError, match="argument -k: .*(out of range|not a whole number)"):
+        call_command("candidates", "--project", chest.name, "--class", "normal", "-k", k)
+    assert not QueryRound.objects.filter(project=chest).exists()
+
+
+def test_a_nan_on_the_command_line_is_a_usage_line_not_a_traceback():
+    done = subprocess.run([sys.executable, "manage.py", "finetune", "--project", "x",
+                           "--backbone-lr-scale", "nan"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "argument --backbone-lr-scale: 'nan' is not a finite number" in done.stderr
+    assert "Traceback" not in done.stderr and "IntegrityError" not in done.stderr
+
+
+def test_finetune_names_its_run_a_finetune(chest):
+    """The run is a "retrain" row (the kind the scheduled retrain makes too); what the
+    command says names it as asked for. No encoder here: it fails at once, without training."""
+    with pytest.raises(CommandError, match=r"^finetune run #\d+ failed: .*no active encoder"):
+        call_command("finetune", "--project", chest.name, "--no-progress")
+    assert TrainingRun.objects.get().kind == "retrain"

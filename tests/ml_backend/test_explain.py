@@ -73,3 +73,52 @@ def test_overlay_is_rgba_at_the_preview_size_and_cropped_from_the_letterbox():
     assert overlay.mode == "RGBA" and overlay.size == (200, 100)
     alpha = np.asarray(overlay.getchannel("A"))
     assert alpha[:, :90].mean() > 100 and alpha[:, 110:].mean() < 5
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_concurrent_maps_on_one_shared_encoder_all_succeed_and_match_the_map_alone(method):
+    """The web process keeps ONE cached encoder per model version, and 8–10 Grad-CAM requests
+    at once ran on it: each call set the parameters' ``.grad`` to None while another's
+    ``backward()`` accumulated into them (``cannot call bump_version() on undefined tensor``,
+    then "corrupted double-linked list" and a segfault). Maps from 10 threads at once, many
+    rounds, on one encoder: every one succeeds and equals the map computed alone, and nothing
+    is left on the shared parameters. (Before the fix the last check failed every time; the
+    crash itself is a race, which one intra-op thread and small inputs make likely.)"""
+    import threading
+
+    torch.manual_seed(0)
+    encoder = ResNetEncoder("resnet18").eval()
+    config = PretrainConfig(image_size=32, small_input=False).augment_config()
+    base = np.zeros((32, 32), np.uint8)
+    base[4:12, 20:28] = 255
+    images = [np.roll(base, 3 * i, axis=i % 2) for i in range(10)]
+    alone = [gradcam(encoder, image, config, activation_score, 0, method=method)
+             for image in images]
+    rounds, results, errors = 20, {}, []
+    barrier = threading.Barrier(len(images))
+
+    def work(i: int) -> None:
+        try:
+            for r in range(rounds):
+                barrier.wait(timeout=60)
+                results[i, r] = gradcam(encoder, images[i], config, activation_score, 0,
+                                        method=method)
+        except Exception as exc:   # noqa: BLE001 - reported below, with its thread
+            errors.append((i, repr(exc)))
+            barrier.abort()
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(images))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert not errors, errors
+    assert len(results) == rounds * len(images)
+    for (i, _), cam in results.items():
+        np.testing.assert_allclose(cam, alone[i], rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in encoder.parameters())

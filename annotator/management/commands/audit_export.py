@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from annotator.audit import to_csv
 from annotator.models import AuditEvent, Project
+from annotator.storage import OutPathError, out_path_check, out_text_write
 
 
 class Command(BaseCommand):
@@ -17,9 +18,17 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--project", default=None)
         parser.add_argument("--since", default=None, help="YYYY-MM-DD")
-        parser.add_argument("--out", default="-", help="file path, or - for stdout")
+        parser.add_argument("--out", default="-", help="file path (a new file, or an existing "
+                            "regular file, which is replaced; in an existing folder), or - for "
+                            "stdout")
 
     def handle(self, *args, **opts):
+        out = None
+        if opts["out"] != "-":
+            try:    # before any work: a path the CSV may go to
+                out = out_path_check(opts["out"])
+            except OutPathError as exc:
+                raise CommandError(str(exc)) from None
         events = AuditEvent.objects.select_related("project").order_by("created_at", "pk")
         if opts["project"]:
             project = Project.objects.filter(name=opts["project"]).first()
@@ -33,9 +42,13 @@ class Command(BaseCommand):
                 raise CommandError("--since takes a date as YYYY-MM-DD") from None
             events = events.filter(created_at__gte=timezone.make_aware(since))
         text = to_csv(events)
-        if opts["out"] == "-":
+        if out is None:
             self.stdout.write(text, ending="")
         else:
-            with open(opts["out"], "w", newline="") as handle:
-                handle.write(text)
+            try:    # whole or not at all: an earlier file there stays until this one is done
+                out_text_write(out, text)
+            except OutPathError as exc:
+                raise CommandError(str(exc)) from None
+            except OSError as exc:
+                raise CommandError(f"cannot write {out}: {exc.strerror or exc}") from None
             self.stderr.write(f"{events.count()} events written to {opts['out']}")

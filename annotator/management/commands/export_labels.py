@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from annotator import exports
 from annotator.models import Project
+from annotator.storage import OutPathError, out_path_check, out_text_write
 
 
 class Command(BaseCommand):
@@ -57,38 +58,23 @@ class Command(BaseCommand):
 
 
 def _checked_out(out: Path, *, folder: bool) -> Path:
-    """``--out`` checked before anything is read or written: its folder exists; a file is
-    not a folder; an image folder is new or empty."""
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise CommandError(f"{parent} is not an existing folder: make it first, or give "
-                           "--out a path in one")
-    if folder:
-        if out.exists() and not out.is_dir():
-            raise CommandError(f"{out} is a file, not a folder: give --out a new folder for "
-                               "the image folder")
-        if out.is_dir() and any(out.iterdir()):
-            raise CommandError(f"{out} is not empty: export into a new folder")
-    elif out.is_dir():
-        raise CommandError(f"{out} is a folder: give --out a file name (or - for stdout)")
-    return out
+    """``--out`` checked before anything is read or written (``storage.out_path_check``): its
+    folder exists; a file is a new or regular file, never a link, device or fifo; an image
+    folder is new or empty."""
+    try:
+        return out_path_check(out, folder=folder)
+    except OutPathError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _write_file(out: Path, text: str) -> None:
     """Written under a temporary name beside ``out`` and renamed: a failed write leaves no
     half file (and an earlier file at ``out`` as it was)."""
-    partial = None
     try:
-        with tempfile.NamedTemporaryFile("w", dir=out.absolute().parent, prefix=f".{out.name}.",
-                                         suffix=".partial", delete=False,
-                                         encoding="utf-8") as handle:
-            partial = Path(handle.name)
-            handle.write(text)
-        os.chmod(partial, 0o666 & ~_umask())        # as a plain write would make it
-        os.replace(partial, out)
+        out_text_write(out, text)
+    except OutPathError as exc:
+        raise CommandError(str(exc)) from None
     except OSError as exc:
-        if partial is not None:
-            partial.unlink(missing_ok=True)
         raise CommandError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
@@ -103,10 +89,13 @@ def _write_folder(rows: list[dict], out: Path) -> dict[str, int]:
     try:
         os.chmod(work, 0o777 & ~_umask())          # as a plain mkdir would make it
         counts = exports.write_imagefolder(rows, work)
+        out_path_check(out, folder=True)    # again: still new or empty, and not a link
         if out.is_dir():
             out.rmdir()                  # empty (checked): the finished folder takes its place
         os.replace(work, out)
         return counts
+    except OutPathError as exc:
+        raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"cannot write the image folder {out}: {exc.strerror or exc}"
                            ) from None

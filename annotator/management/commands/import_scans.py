@@ -13,6 +13,13 @@ from annotator import services
 from annotator.models import ImportJob, Project
 
 
+def _folder_dataset(source: str) -> str:
+    """The dataset an import with no --dataset fills: the source's name, unless it looks like
+    it carries identifiers (then ``import``, as ``services._default_dataset_name`` decides)."""
+    name = Path(source.split("#")[0]).name
+    return "import" if services.dataset_name_refusal(name) else name
+
+
 class Command(BaseCommand):
     help = (
         "Import scans from a folder (DICOM, PNG/JPEG/TIFF, class sub-folders), a CSV "
@@ -59,6 +66,9 @@ class Command(BaseCommand):
             services.parse_split(opts["split"])       # refused before anything is made
         except services.ImportRequestError as exc:
             raise CommandError(str(exc)) from None
+        refusal = services.dataset_name_refusal(opts["dataset"])
+        if refusal is not None:
+            raise CommandError(f"--dataset refused: {refusal}")
         project = Project.objects.filter(name=opts["project"]).first()
         if project is None:
             if not opts["create_project"]:
@@ -77,7 +87,7 @@ class Command(BaseCommand):
             try:
                 services.dataset_acquisition_set(
                     project=project,
-                    name=opts["dataset"] or Path(opts["source"].split("#")[0]).name,
+                    name=opts["dataset"] or _folder_dataset(opts["source"]),
                     modality=opts["modality"], body_part=opts["body_part"])
             except services.DatasetMismatch as exc:
                 raise CommandError(str(exc)) from None

@@ -19,10 +19,11 @@ class Command(BaseCommand):
         parser.add_argument("--dicomweb", default=None,
                             help="the server's DICOMweb root, e.g. http://pacs:8042/dicom-web "
                             "(default: PACS_DICOMWEB_URL)")
-        parser.add_argument("--query", default="",
+        parser.add_argument("--query", default=None,
                             help="QIDO-RS study filters, e.g. 'Modality=CR&StudyDate="
-                            "20240101-20241231' (ModalitiesInStudy, StudyDate, StudyDescription, "
-                            "...); default: every study")
+                            "20240101-20241231' (DICOM keywords: ModalitiesInStudy, StudyDate, "
+                            "StudyDescription, ...; each once, each with a value); left out: "
+                            "every study (an empty --query is refused)")
         parser.add_argument("--limit", type=int, default=None, help="at most this many studies")
         parser.add_argument("--dataset", default="", help="dataset name (default: PACS <host>)")
         parser.add_argument("--split", default="pool", help="pool, eval or auto:0.2 (whole "
@@ -31,6 +32,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         try:
+            pacs.parse_query(opts["query"])         # a bad query is refused before anything
             project, url = pacs.command_target(opts["project"], opts["dicomweb"])
         except pacs.PacsError as exc:
             raise CommandError(str(exc)) from None

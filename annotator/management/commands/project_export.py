@@ -6,6 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from annotator.backup import BackupError, export_project
 from annotator.models import Project
+from annotator.storage import OutPathError, out_path_check
 
 
 class Command(BaseCommand):
@@ -15,9 +16,15 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--project", required=True)
-        parser.add_argument("--out", required=True, help="archive path (.tar.gz)")
+        parser.add_argument("--out", required=True,
+                            help="archive path (.tar.gz): a new file, or an existing regular "
+                            "file, which is replaced; in an existing folder")
 
     def handle(self, *args, **opts):
+        try:        # before any work: a path the archive may go to
+            out_path_check(opts["out"])
+        except OutPathError as exc:
+            raise CommandError(str(exc)) from None
         project = Project.objects.filter(name=opts["project"]).first()
         if project is None:
             raise CommandError(f"no project named {opts['project']!r}")

@@ -4,6 +4,7 @@ enqueue to Celery with --async."""
 from __future__ import annotations
 
 import argparse
+import math
 
 from django.core.management.base import CommandError
 from tqdm import tqdm
@@ -30,6 +31,45 @@ def int_between(low: int, high: int):
     return parse
 
 
+def float_between(low: float, high: float, *, above: bool = False):
+    """An argparse ``type``: a finite number from ``low`` (or, with ``above``, more than
+    ``low``) to ``high``; nan, inf and anything out of range are a usage error that says so
+    (a NaN would otherwise reach the run's JSON params and fail there, as a traceback)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if not (low < value if above else low <= value) or value > high:
+            span = f"more than {low:g} up to {high:g}" if above else f"{low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {span}")
+        return value
+
+    parse.__name__ = f"number {low:g}-{high:g}"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type``: any finite number (nan and inf refused); its range is checked
+    by the run's own config, built before the run is made (``distill``)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+MAX_SEED = 2 ** 32 - 1                  # numpy's seeds end here
+MAX_ID = 2 ** 63 - 1                    # a database primary key
+
+
 def get_project(name: str) -> Project:
     project = Project.objects.filter(name=name).first()
     if project is None:
@@ -44,14 +84,17 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def run(command, *, project: Project, kind: str, params: dict, opts: dict) -> TrainingRun:
+def run(command, *, project: Project, kind: str, params: dict, opts: dict,
+        label: str | None = None) -> TrainingRun:
     created = services.training_run_create(project=project, kind=kind, params=params)
-    return run_existing(command, created, opts)
+    return run_existing(command, created, opts, label=label)
 
 
-def run_existing(command, created: TrainingRun, opts: dict) -> TrainingRun:
-    """Execute a created run here (progress bar) or queue it for a worker (--async)."""
-    kind = created.kind
+def run_existing(command, created: TrainingRun, opts: dict, *,
+                 label: str | None = None) -> TrainingRun:
+    """Execute a created run here (progress bar) or queue it for a worker (--async).
+    ``label`` names the run in what is printed (``finetune`` makes a ``retrain`` run)."""
+    kind = label or created.kind
     if opts.get("run_async"):
         from ml_backend.tasks import run_training
 

@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from annotator.models import LabelClass
 from ml_backend import services
 from ml_backend.errors import TrainingError
-from ml_backend.management.commands._runs import get_project
+from ml_backend.management.commands._runs import get_project, int_between
 
 
 class Command(BaseCommand):
@@ -15,7 +15,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--project", required=True)
         parser.add_argument("--class", dest="label_class", required=True)
-        parser.add_argument("-k", type=int, default=10)
+        parser.add_argument("-k", type=int_between(1, 1000), default=10,
+                            help="how many candidates of each kind (1 to 1000; default 10)")
 
     def handle(self, *args, **opts):
         project = get_project(opts["project"])

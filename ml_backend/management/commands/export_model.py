@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
 from annotator.models import Project
+from annotator.storage import OutPathError, out_path_check
 from ml_backend.errors import TrainingError
 from ml_backend.models import ModelVersion
 
@@ -23,11 +27,14 @@ class Command(BaseCommand):
         parser.add_argument("--model-version", "--model", dest="model_version", default=None,
                             help="the version to export (default: the active classifier)")
         parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-        parser.add_argument("--out", required=True, help="a new (or empty) folder")
+        parser.add_argument("--out", required=True, help="a new (or empty) folder, in an "
+                            "existing folder")
 
     def handle(self, *args, **opts):
-        from ml_backend.services.export import model_export
-
+        try:        # before any work: a folder the export may go to
+            out = out_path_check(opts["out"], folder=True)
+        except OutPathError as exc:
+            raise CommandError(str(exc)) from None
         project = Project.objects.filter(name=opts["project"]).first()
         if project is None:
             raise CommandError(f"no project named {opts['project']!r}")
@@ -41,10 +48,7 @@ class Command(BaseCommand):
             if model is None:
                 raise CommandError(f"{project.name!r} has no active classifier yet: label and "
                                    "refit first")
-        try:
-            card = model_export(model, fmt=opts["format"], out=Path(opts["out"]))
-        except TrainingError as exc:
-            raise CommandError(str(exc)) from None
+        card = _export_into(model, fmt=opts["format"], out=out)
         for f in card["files"]:
             diff = "not checked" if f["max_difference"] is None else \
                 f"max difference {f['max_difference']:.1e} on {f['checked_on_scans']} scans"
@@ -52,3 +56,32 @@ class Command(BaseCommand):
                               f"({', '.join(f['classes'])}); {diff}")
         self.stdout.write(self.style.SUCCESS(f"{model.version} exported to {opts['out']} with "
                                              "model-card.md and model-card.json"))
+
+
+def _export_into(model: ModelVersion, *, fmt: str, out: Path) -> dict:
+    """The export made in a temporary folder beside ``out`` and renamed into place once it
+    is whole (``out`` checked again first): a failure leaves nothing behind."""
+    from ml_backend.services.export import model_export
+
+    try:
+        work = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.partial-"))
+    except OSError as exc:
+        raise CommandError(f"cannot write under {out.absolute().parent}: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(work, 0o777 & ~mask)               # as a plain mkdir would make it
+        card = model_export(model, fmt=fmt, out=work)
+        out_path_check(out, folder=True)            # again: still new or empty, not a link
+        if out.is_dir():
+            out.rmdir()                 # empty (checked): the finished folder takes its place
+        os.replace(work, out)
+        return card
+    except (TrainingError, OutPathError) as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)

@@ -2,7 +2,16 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from ml_backend.management.commands._runs import add_common_arguments, get_project, run
+from ml_backend.management.commands._runs import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_SEED,
+    add_common_arguments,
+    float_between,
+    get_project,
+    int_between,
+    run,
+)
 from ml_backend.ssl.config import SSL_METHODS, PretrainConfig
 
 
@@ -13,7 +22,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         add_common_arguments(parser)
-        parser.add_argument("--epochs", type=int, default=None,
+        parser.add_argument("--epochs", type=int_between(0, MAX_EPOCHS), default=None,
                             help="default: 3 when starting from the shipped starter encoder, "
                             "10 from scratch; 0: use the starter encoder as shipped (no "
                             "training, only embedding)")
@@ -22,20 +31,23 @@ class Command(BaseCommand):
                             help="auto (default): continue from the shipped starter encoder "
                             "(ml_backend/starter/) when it fits --arch and the stem, else from "
                             "scratch; starter: insist; scratch: random initial weights")
-        parser.add_argument("--image-size", type=int, default=64)
+        parser.add_argument("--image-size", type=int_between(8, 1024), default=64,
+                            help="pixels per side, 8 to 1024 (default 64)")
         parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
         parser.add_argument("--method", default=None, choices=list(SSL_METHODS),
                             help="self-supervised method (ml_backend/ssl/methods.py): SimCLRv2, "
                             "MoCo v2/v3, BYOL, SwAV or DINO; one training loop, heads and "
                             "losses from lightly. Default: the starter encoder's own method "
                             "when continuing from it (its head then continues too), else simclr")
-        parser.add_argument("--queue-size", type=int, default=PretrainConfig.queue_size,
+        parser.add_argument("--queue-size", type=int_between(0, 1_000_000),
+                            default=PretrainConfig.queue_size,
                             help="moco: 0 (default) = MoCo v3's symmetric loss with the "
                             "batch's keys as negatives; N = MoCo v2's queue of N negatives "
                             "(does not train in short CPU runs: docs/benchmarks.md)")
-        parser.add_argument("--batch-size", type=int, default=128)
-        parser.add_argument("--lr", type=float, default=1e-3)
-        parser.add_argument("--temperature", type=float, default=0.2)
+        parser.add_argument("--batch-size", type=int_between(2, MAX_BATCH), default=128)
+        parser.add_argument("--lr", type=float_between(0, 10, above=True), default=1e-3)
+        parser.add_argument("--temperature", type=float_between(0, 100, above=True),
+                            default=0.2)
         parser.add_argument("--init-checkpoint", default=None,
                             help="start from a saved encoder: a path (ours, or a torchvision "
                             "ResNet state dict), or 'active' for the project's active encoder")
@@ -49,7 +61,7 @@ class Command(BaseCommand):
                             help="colour projects only: H&E stain jitter in HED space plus "
                             "bounded hue/saturation (stain: tissue, smears), the bounded "
                             "hue/saturation jitter alone (jitter: photographs), or none")
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--seed", type=int_between(0, MAX_SEED), default=0)
         parser.add_argument("--resume", default=None, metavar="VERSION",
                             help="continue an unfinished or failed encoder version from its last "
                             "epoch checkpoint, with its own frozen config")

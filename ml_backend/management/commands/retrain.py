@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand
 
 from ml_backend import services
-from ml_backend.management.commands._runs import get_project, run_existing
+from ml_backend.management.commands._runs import MAX_EPOCHS, get_project, int_between, run_existing
 
 
 class Command(BaseCommand):
@@ -13,9 +13,10 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--project", required=True)
-        parser.add_argument("--if-new-labels", type=int, default=0,
-                            help="only retrain when at least N labels arrived since the last one")
-        parser.add_argument("--epochs", type=int, default=30)
+        parser.add_argument("--if-new-labels", type=int_between(0, 10 ** 9), default=0,
+                            help="only retrain when at least N labels arrived since the last one "
+                            "(default 0: retrain now)")
+        parser.add_argument("--epochs", type=int_between(1, MAX_EPOCHS), default=30)
         parser.add_argument("--async", dest="run_async", action="store_true")
         parser.add_argument("--no-progress", action="store_true")
 
