@@ -172,13 +172,16 @@ def incoming_sweep(*, now: float | None = None) -> dict[str, int]:
     (Celery beat runs it, and every upload and classify first). Goes: a classify page's
     copy older than CLASSIFY_STAGING_HOURS, and anything else no queued or running import
     reads that is older than INCOMING_ORPHAN_HOURS (an upload whose request died before its
-    import was queued, a folder an import could not remove). Returns what it removed."""
+    import was queued, a folder an import could not remove, the upload of an import that
+    can no longer run: ``services.import_jobs_fail_stale``). Returns what it removed."""
     from annotator.models import ImportJob
+    from annotator.services import import_jobs_fail_stale
 
     root = Path(settings.INCOMING_ROOT)
     removed = {"classify": 0, "orphaned": 0}
     if not root.is_dir():
         return removed
+    import_jobs_fail_stale()       # an import that can no longer run reads nothing
     now = time.time() if now is None else now
     staging = classify_staging_dir()
     if staging.is_dir():

@@ -189,6 +189,43 @@ def test_raw_uploads_that_no_import_reads_do_not_stay(project, users, settings):
     assert files_under(incoming) == ["queued/0000.dcm"]
 
 
+def test_an_upload_whose_import_can_no_longer_run_is_failed_and_removed(project, settings):
+    """A queued import whose task never reached a worker, or a running one whose worker was
+    lost (past the broker's hard time limit), would keep its raw upload for ever: the sweep
+    marks it failed, with the reason, and its files go. A queued import of today stays."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    incoming = settings.INCOMING_ROOT
+    jobs = {}
+    for name in ("lost-task", "lost-worker", "waiting"):
+        folder = incoming / name
+        folder.mkdir()
+        (folder / "0000.dcm").write_bytes(phi_dicom())
+        age(folder, 30)
+        jobs[name] = services.import_job_create(project=project, source=str(folder),
+                                                source_is_upload=True,
+                                                dataset_name="uploads", layout="flat")
+    now = timezone.now()
+    ImportJob.objects.filter(pk=jobs["lost-task"].pk).update(created_at=now - timedelta(hours=25))
+    ImportJob.objects.filter(pk=jobs["lost-worker"].pk).update(
+        status=ImportJob.Status.RUNNING,
+        started_at=now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 900))
+
+    settings.CELERY_TASK_ALWAYS_EAGER = False     # a broker's workers: hard time limits
+    assert incoming_sweep.delay().get() == {"classify": 0, "orphaned": 2}
+    assert files_under(incoming) == ["waiting/0000.dcm"]
+    states = {name: ImportJob.objects.get(pk=job.pk) for name, job in jobs.items()}
+    assert states["lost-task"].status == ImportJob.Status.FAILED
+    assert "never started within 24 h" in states["lost-task"].last_error
+    assert states["lost-worker"].status == ImportJob.Status.FAILED
+    assert "worker was lost" in states["lost-worker"].last_error
+    assert states["waiting"].status == ImportJob.Status.QUEUED
+    # a worker that gets the lost task's message after all finds nothing to do
+    assert services.import_job_run(job_id=jobs["lost-task"].pk) is None
+
+
 # --- 2. a typed dataset name that looks like it carries identifiers ------------------------
 
 
