@@ -179,3 +179,18 @@ def test_finetune_names_its_run_a_finetune(chest):
     with pytest.raises(CommandError, match=r"^finetune run #\d+ failed: .*no active encoder"):
         call_command("finetune", "--project", chest.name, "--no-progress")
     assert TrainingRun.objects.get().kind == "retrain"
+
+
+@pytest.mark.parametrize("command, args, said", [
+    ("pacs_pull", ["--project", "x", "--limit", "0"], "--limit: 0 is out of range"),
+    ("pacs_pull", ["--project", "x", "--limit", "-3"], "--limit: -3 is out of range"),
+    ("demo_setup", ["--pretrain-epochs", "-2"], "--pretrain-epochs: -2 is out of range"),
+    ("demo_setup", ["--image-size", "0"], "--image-size: 0 is out of range"),
+    ("demo_setup", ["--image-size", "huge"], "--image-size: 'huge' is not a whole number"),
+])
+def test_the_pull_and_the_demo_check_their_numbers_before_anything(db, command, args, said):
+    from annotator.models import Project
+
+    with pytest.raises(CommandError, match=f"argument {said}"):
+        call_command(command, *args)
+    assert not Project.objects.exists()

@@ -12,6 +12,7 @@ from django.core.management.base import BaseCommand
 
 from annotator import labeling, services
 from annotator.models import Membership, Project
+from ml_backend.management.commands._runs import MAX_EPOCHS, int_between
 
 DEMO_PROJECT = "Demo: chest X-ray + brain MRI"
 DATASETS = [
@@ -47,12 +48,12 @@ class Command(BaseCommand):
         parser.add_argument("--fixtures", default=str(Path(settings.BASE_DIR) / "fixtures"))
         parser.add_argument("--keep-passwords", action="store_true",
                             help="do not reset the demo users' passwords")
-        parser.add_argument("--pretrain-epochs", type=int, default=None,
+        parser.add_argument("--pretrain-epochs", type=int_between(-1, MAX_EPOCHS), default=None,
                             help="epochs of SimCLRv2 pretraining on the fixtures, continuing from "
                             "the shipped starter encoder (default 0: the starter as shipped, "
                             "only embedding; 4 from scratch when no starter is shipped); "
                             "-1: no encoder; skipped when the project already has one")
-        parser.add_argument("--image-size", type=int, default=64)
+        parser.add_argument("--image-size", type=int_between(8, 1024), default=64)
         parser.add_argument("--url", default="http://127.0.0.1:8000/",
                             help="where the demo will be served, for the last line (make demo "
                                  "passes its HOST and PORT)")

@@ -6,6 +6,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from annotator import pacs, services
+from ml_backend.management.commands._runs import int_between
 
 
 class Command(BaseCommand):
@@ -24,7 +25,8 @@ class Command(BaseCommand):
                             "20240101-20241231' (DICOM keywords: ModalitiesInStudy, StudyDate, "
                             "StudyDescription, ...; each once, each with a value); left out: "
                             "every study (an empty --query is refused)")
-        parser.add_argument("--limit", type=int, default=None, help="at most this many studies")
+        parser.add_argument("--limit", type=int_between(1, 1_000_000), default=None,
+                            help="at most this many studies (1 or more)")
         parser.add_argument("--dataset", default="", help="dataset name (default: PACS <host>)")
         parser.add_argument("--split", default="pool", help="pool, eval or auto:0.2 (whole "
                             "patients to eval, as import_scans)")
