@@ -60,6 +60,15 @@ def stack_series(slices: list[DecodedScan], digests: list[str]) -> SeriesStack:
     if len(slices) < 2:
         raise SeriesError("a series needs at least 2 slices to be stacked")
     order = slice_order(slices)
+    known = [round(float(p), 3) for p in (s.meta.get("slice_position") for s in slices)
+             if p is not None]
+    if len(set(known)) < len(known):
+        shared = len(known) - len(set(known)) + 1 if len(set(known)) == 1 else None
+        raise SeriesError(
+            (f"all {shared} of its slices share one position" if shared else
+             "some of its slices share a position") + " along the series (several "
+            "acquisitions, echoes or time points in one series?): a volume needs one slice "
+            "per position")
     datasets = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

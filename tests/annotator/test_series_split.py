@@ -139,3 +139,21 @@ def test_slices_that_cannot_share_a_stack_are_imported_one_by_one(project, tmp_p
     report = " ".join(job.warnings)
     assert job.imported == 3, job.errors
     assert "imported slice by slice: its slices differ in RescaleIntercept" in report
+
+
+def test_slices_that_share_one_position_are_not_stacked_as_a_volume(project, tmp_path):
+    """Several acquisitions (echoes, time points) in one series share positions: stacked,
+    they would read as a volume with a made-up spacing. They are imported one by one, and
+    the report says why."""
+    project.dicom_grouping = "series"
+    project.save(update_fields=["dicom_grouping"])
+    write_series(tmp_path / "ct", patients=1, slices=4)
+    for path in sorted((tmp_path / "ct").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [0.0, 0.0, 12.5]
+        ds.save_as(path)
+    job = run_import(project, tmp_path / "ct", layout="flat")
+    report = " ".join(job.warnings)
+    assert job.imported == 4, job.errors
+    assert "imported slice by slice: all 4 of its slices share one position" in report
+    assert all(s.num_frames == 1 for s in Scan.objects.filter(project=project))
