@@ -72,6 +72,10 @@ EMPTY_QUERY = ("the query is empty: give study filters such as 'Modality=CR', or
                "query out (no --query; PACS_PULL_QUERY unset) to pull every study")
 
 
+# QIDO-RS's own request options (PS3.18 8.3.4): not filters; the pull sets what it needs.
+QIDO_OPTIONS = ("limit", "offset", "includefield", "fuzzymatching")
+
+
 def parse_query(query: str | None) -> dict[str, str]:
     """``"Modality=CR&StudyDate=20240101-20241231"`` → QIDO-RS study search filters. Keys are
     DICOM keywords or tags (pydicom's data dictionary; ``Modality`` is asked as
@@ -100,6 +104,10 @@ def parse_query(query: str | None) -> dict[str, str]:
             keyword = keyword_for_tag(int(key, 16)) or key
         elif key.isidentifier() and tag_for_keyword(key) is not None:
             keyword = key
+        elif key.lower() in QIDO_OPTIONS:
+            problems.append(f"{key!r} is a QIDO-RS option, not a study filter"
+                            + (" (use --limit)" if key.lower() in ("limit", "offset") else ""))
+            continue
         else:
             problems.append(f"query key {key[:40]!r} is not a DICOM keyword or tag")
             continue
@@ -114,7 +122,7 @@ def parse_query(query: str | None) -> dict[str, str]:
                             f"{asked[keyword]} and {key} ask for the same attribute: name it once")
             continue
         asked[keyword] = key
-        filters["ModalitiesInStudy" if key == "Modality" else key] = value
+        filters[keyword] = value      # a tag number is sent as its keyword
     if problems:
         raise PacsError(f"query {query[:200]!r} refused: {'; '.join(problems)}")
     if not filters:

@@ -522,34 +522,34 @@ def auto_split(job: ImportJob, *, patient_key: str, study_key: str, sha256: str)
             else Split.POOL)
 
 
-# A browser upload's import still queued after this long never reached a worker (the broker
-# lost its task, or the site stopped before an in-process task ran): its raw files must not
-# wait for ever (``import_jobs_fail_stale``).
-IMPORT_QUEUED_STALE_HOURS = 24
+# A browser upload's (or a PACS study's) import still queued after this long never reached a
+# worker (the broker lost its task, or the site stopped before an in-process task ran); one
+# still running after this long lost its worker or process (a PACS study pulled by the
+# command runs in that process, without the workers' time limit: hours, never a day). Its
+# raw files must not wait for ever (``import_jobs_fail_stale``).
+IMPORT_STALE_HOURS = 24
 
 
 def import_jobs_fail_stale(*, now=None) -> int:
-    """Mark failed, with the reason, the browser uploads' imports that can no longer run:
-    queued for IMPORT_QUEUED_STALE_HOURS, or (with a broker, whose hard time limit stops
-    every task) running unchunked past CELERY_TASK_TIME_LIMIT plus ten minutes: its worker
-    was lost. Their raw files then go as any upload no import reads
-    (``uploads.incoming_sweep``). Conditional updates: a worker that claims the job at the
-    same moment wins, or finds it failed and does nothing. Returns how many were marked."""
+    """Mark failed, with the reason, the imports of uploaded files (the upload page, a PACS
+    pull) that can no longer run: queued, or running unchunked (a chunked job's chunks hold
+    their own leases), for IMPORT_STALE_HOURS. Their raw files then go as any upload no
+    import reads (``uploads.incoming_sweep``). Conditional updates: a worker that claims the
+    job at the same moment wins, or finds it failed and does nothing. Returns how many."""
     now = now or timezone.now()
     Status = ImportJob.Status
+    cutoff = now - timedelta(hours=IMPORT_STALE_HOURS)
     marked = ImportJob.objects.filter(
-        source_is_upload=True, status=Status.QUEUED,
-        created_at__lt=now - timedelta(hours=IMPORT_QUEUED_STALE_HOURS),
+        source_is_upload=True, status=Status.QUEUED, created_at__lt=cutoff,
     ).update(status=Status.FAILED, finished_at=now,
-             last_error=f"never started within {IMPORT_QUEUED_STALE_HOURS} h (its task did not "
-                        "reach a worker); the upload was removed: upload the files again")
-    if not settings.CELERY_TASK_ALWAYS_EAGER:     # in-process tasks have no time limit
-        marked += ImportJob.objects.filter(
-            source_is_upload=True, status=Status.RUNNING, chunks__isnull=True,
-            started_at__lt=now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 600),
-        ).update(status=Status.FAILED, finished_at=now,
-                 last_error="stopped without finishing (its worker was lost); the upload was "
-                            "removed: upload the files again")
+             last_error=f"never started within {IMPORT_STALE_HOURS} h (its task did not reach "
+                        "a worker); the upload was removed: upload the files again")
+    marked += ImportJob.objects.filter(
+        source_is_upload=True, status=Status.RUNNING, chunks__isnull=True,
+        started_at__lt=cutoff,
+    ).update(status=Status.FAILED, finished_at=now,
+             last_error=f"still running after {IMPORT_STALE_HOURS} h: its worker or process "
+                        "was lost; the upload was removed: upload the files again")
     if marked:
         logger.warning("%s upload import(s) that could no longer run marked failed", marked)
     return marked

@@ -190,9 +190,15 @@ def incoming_sweep(*, now: float | None = None) -> dict[str, int]:
             if modified is not None and modified < now - CLASSIFY_STAGING_HOURS * 3600:
                 _remove(entry)
                 removed["classify"] += 1
-    active = [os.path.abspath(source.partition("#")[0]) for source in ImportJob.objects.filter(
+    active = []
+    for source in ImportJob.objects.filter(
         status__in=[ImportJob.Status.QUEUED, ImportJob.Status.RUNNING],
-    ).values_list("source", flat=True)]
+    ).values_list("source", flat=True):
+        active.append(os.path.abspath(source))
+        # "file.npz#split": the file (a "#" inside a folder's name is kept as it is)
+        base, mark, tail = source.rpartition("#")
+        if mark and base and os.sep not in tail:
+            active.append(os.path.abspath(base))
     for entry in root.iterdir():
         path = os.path.abspath(entry)
         if entry == staging or any(a == path or a.startswith(path + os.sep) for a in active):
@@ -299,7 +305,11 @@ def classify_claim(folder: Path, token: str) -> Path:
     """Move a kept copy out of ``classify_staging_dir`` for its import, marked as new (its
     import, not yet committed, reads it: ``incoming_sweep`` leaves a new folder alone)."""
     claimed = Path(settings.INCOMING_ROOT) / f"add-{token}"
-    folder.rename(claimed)
+    try:
+        folder.rename(claimed)
+    except FileNotFoundError:    # a second click, or the sweep took it meanwhile
+        raise StagingRefused("this upload is no longer kept (it was added already, or "
+                             "expired): classify the file again") from None
     os.utime(claimed)
     return claimed
 

@@ -428,7 +428,11 @@ def classify_add(request, project_id: int):
         messages.error(request, f"{refusal[0].upper()}{refusal[1:]}: classify the scan again "
                                 "and name another dataset.")
         return redirect("annotator:classify", project.pk)
-    staged = classify_claim(folder, token)
+    try:
+        staged = classify_claim(folder, token)
+    except StagingRefused as exc:   # a double click: the first request took it
+        messages.error(request, f"{str(exc)[0].upper()}{str(exc)[1:]}.")
+        return redirect("annotator:classify", project.pk)
     try:
         with transaction.atomic():
             job = services.import_job_create(

@@ -132,19 +132,22 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "annotator:project_list"
 LOGOUT_REDIRECT_URL = "login"
 # Failed sign-ins (the login page, the admin's; django-axes): after LOGIN_FAILURE_LIMIT failures
-# for one username, or from one client IP, each within LOGIN_LOCKOUT_MINUTES of the last, that
-# username / IP is refused (429, "try again in N minutes") until LOGIN_LOCKOUT_MINUTES after
-# its last counted failure; tries while refused do not extend it. An admin clears one with
-# `manage.py axes_reset_username NAME` / `axes_reset_ip IP` or in the admin (Access attempts).
-# Behind a reverse proxy every request comes from the proxy, so the client is read from
-# X-Forwarded-For: LOGIN_PROXY_COUNT is the number of proxies in front of gunicorn that append
-# to it (production, DEBUG=0, is behind one TLS proxy: 1; 0: the socket's address).
+# for one username, each within LOGIN_LOCKOUT_MINUTES of the last, that username is refused
+# (429, "try again in N minutes") until LOGIN_LOCKOUT_MINUTES after its last counted failure;
+# tries while refused do not extend it. An admin clears one with
+# `manage.py axes_reset_username NAME` or in the admin (Access attempts). Each attempt records
+# the client's address; behind a reverse proxy every request comes from the proxy, so it is
+# read from X-Forwarded-For: LOGIN_PROXY_COUNT is the number of proxies in front of gunicorn
+# that append to it (production, DEBUG=0, is behind one TLS proxy: 1; 0: the socket's address).
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend",
                            "django.contrib.auth.backends.ModelBackend"]
 AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"   # shared by every web process
 AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
 AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
-AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+# Per username only: an address shared by a whole hospital (NAT) or a proxy that does not
+# forward the client's address would otherwise lock everyone out after anyone's five typos.
+# The address is recorded with each attempt (admin → Access attempts).
+AXES_LOCKOUT_PARAMETERS = ["username"]
 AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
 AXES_LOCKOUT_CALLABLE = "annotator.auth.lockout_response"
 AXES_CLIENT_IP_CALLABLE = "annotator.auth.client_ip"

@@ -191,8 +191,8 @@ def test_raw_uploads_that_no_import_reads_do_not_stay(project, users, settings):
 
 def test_an_upload_whose_import_can_no_longer_run_is_failed_and_removed(project, settings):
     """A queued import whose task never reached a worker, or a running one whose worker was
-    lost (past the broker's hard time limit), would keep its raw upload for ever: the sweep
-    marks it failed, with the reason, and its files go. A queued import of today stays."""
+    lost, would keep its raw upload for ever: after a day the sweep marks it failed, with the
+    reason, and its files go. An import running for hours keeps its files."""
     from datetime import timedelta
 
     from django.utils import timezone
@@ -210,18 +210,19 @@ def test_an_upload_whose_import_can_no_longer_run_is_failed_and_removed(project,
     now = timezone.now()
     ImportJob.objects.filter(pk=jobs["lost-task"].pk).update(created_at=now - timedelta(hours=25))
     ImportJob.objects.filter(pk=jobs["lost-worker"].pk).update(
-        status=ImportJob.Status.RUNNING,
-        started_at=now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 900))
+        status=ImportJob.Status.RUNNING, started_at=now - timedelta(hours=25))
+    # a long import still at work (a large PACS study in the pull command's own process)
+    ImportJob.objects.filter(pk=jobs["waiting"].pk).update(
+        status=ImportJob.Status.RUNNING, started_at=now - timedelta(hours=3))
 
-    settings.CELERY_TASK_ALWAYS_EAGER = False     # a broker's workers: hard time limits
     assert incoming_sweep.delay().get() == {"classify": 0, "orphaned": 2}
     assert files_under(incoming) == ["waiting/0000.dcm"]
     states = {name: ImportJob.objects.get(pk=job.pk) for name, job in jobs.items()}
     assert states["lost-task"].status == ImportJob.Status.FAILED
     assert "never started within 24 h" in states["lost-task"].last_error
     assert states["lost-worker"].status == ImportJob.Status.FAILED
-    assert "worker was lost" in states["lost-worker"].last_error
-    assert states["waiting"].status == ImportJob.Status.QUEUED
+    assert "still running after 24 h" in states["lost-worker"].last_error
+    assert states["waiting"].status == ImportJob.Status.RUNNING
     # a worker that gets the lost task's message after all finds nothing to do
     assert services.import_job_run(job_id=jobs["lost-task"].pk) is None
 
@@ -291,3 +292,17 @@ def test_a_typed_dataset_name_that_carries_identifiers_is_refused(
                     {"files": [SimpleUploadedFile("chest.png", png_bytes(seed=1))],
                      "dataset": "ward 7", "split": "pool"})
     assert ok.status_code == 302, ok.content[:500]
+
+
+def test_a_copy_claimed_twice_is_refused_in_words_not_a_server_error(settings):
+    """Two "add it to the pool" clicks both passed the check before the first moved the
+    copy: the second is told the copy is no longer kept."""
+    from annotator.uploads import StagingRefused, classify_claim
+
+    folder = classify_staging_dir() / "u1-p1-token"
+    folder.mkdir(parents=True)
+    (folder / "0000.dcm").write_bytes(b"x")
+    claimed = classify_claim(folder, "u1-p1-token")
+    assert (claimed / "0000.dcm").exists()
+    with pytest.raises(StagingRefused, match="no longer kept"):
+        classify_claim(folder, "u1-p1-token")

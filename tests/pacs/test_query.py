@@ -30,6 +30,8 @@ NOWHERE = "http://127.0.0.1:9/dicom-web"        # asked, it would fail "did not 
     ("", "the query is empty"),
     ("   ", "the query is empty"),
     ("&&&", "the query is empty"),
+    ("Modality=CR&limit=5", "'limit' is a QIDO-RS option, not a study filter \\(use --limit\\)"),
+    ("includefield=all&Modality=CR", "'includefield' is a QIDO-RS option"),
 ])
 def test_a_query_that_does_not_say_what_it_filters_is_refused(query, said):
     with pytest.raises(pacs.PacsError, match=said):
@@ -41,7 +43,9 @@ def test_a_good_query_and_no_query():
     assert pacs.parse_query("Modality=CR&StudyDate=20240101-20241231&StudyDescription=CT*"
                             ) == {"ModalitiesInStudy": "CR", "StudyDate": "20240101-20241231",
                                   "StudyDescription": "CT*"}
-    assert pacs.parse_query("00080020=20240101") == {"00080020": "20240101"}    # a tag
+    # a tag number is sent as its keyword (Modality's as the study-level ModalitiesInStudy)
+    assert pacs.parse_query("00080020=20240101") == {"StudyDate": "20240101"}
+    assert pacs.parse_query("00080060=MR") == {"ModalitiesInStudy": "MR"}
 
 
 @pytest.mark.django_db
