@@ -27,8 +27,17 @@ VENV = Path(os.environ.get("LABEL_STUDIO_VENV",
 ADMIN_EMAIL = "admin@example.com"
 
 
+# What label-studio's own requirements leave open and a newer release broke: sentry-sdk 3.0
+# dropped an option Label Studio 1.23.2 passes at start-up ("Unknown option
+# 'send_default_pii'"). Pinned here; a cached virtualenv made by another recipe is remade.
+PINNED = ["sentry-sdk==2.76.0"]
+RECIPE = " ".join([f"label-studio=={VERSION}", *PINNED])
+
+
 def _installed() -> bool:
-    return (VENV / "bin" / "label-studio").exists() and (VENV / ".medlabel-installed").exists()
+    marker = VENV / ".medlabel-installed"
+    return ((VENV / "bin" / "label-studio").exists() and marker.exists()
+            and marker.read_text().strip() == RECIPE)
 
 
 def _install() -> None:
@@ -39,13 +48,14 @@ def _install() -> None:
             return
         python = getattr(sys, "_base_executable", sys.executable)
         steps = [[python, "-m", "venv", "--clear", str(VENV)],
-                 [str(VENV / "bin" / "pip"), "install", "--quiet", f"label-studio=={VERSION}"]]
+                 [str(VENV / "bin" / "pip"), "install", "--quiet", f"label-studio=={VERSION}",
+                  *PINNED]]
         for step in steps:
             done = subprocess.run(step, capture_output=True, text=True, timeout=1200)
             if done.returncode != 0:
                 pytest.fail(f"could not install label-studio=={VERSION} into {VENV} "
                             f"({' '.join(step[:3])} …):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-        (VENV / ".medlabel-installed").write_text(VERSION)
+        (VENV / ".medlabel-installed").write_text(RECIPE)
 
 
 def _free_port() -> int:
