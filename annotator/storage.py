@@ -4,8 +4,10 @@ the check of a path a command writes its output to (``out_path_check``)."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from django.conf import settings
@@ -141,3 +143,23 @@ def out_text_write(path: Path, text: str, *, option: str = "--out") -> None:
     finally:
         if partial is not None:
             partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def out_folder_built(out: Path):
+    """A command's output folder, built in a temporary folder beside ``out`` (yielded) and
+    renamed into place once whole, ``out`` checked again first (still new or empty, not a
+    link): a failure leaves nothing behind. Raises OutPathError or OSError."""
+    work = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.partial-"))
+    try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(work, 0o777 & ~mask)               # as a plain mkdir would make it
+        yield work
+        out_path_check(out, folder=True)
+        if out.is_dir():
+            out.rmdir()                 # empty (checked): the finished folder takes its place
+        os.replace(work, out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
 from annotator import exports
 from annotator.models import Project
-from annotator.storage import OutPathError, out_path_check, out_text_write
+from annotator.storage import OutPathError, out_folder_built, out_path_check, out_text_write
 
 
 class Command(BaseCommand):
@@ -79,32 +76,14 @@ def _write_file(out: Path, text: str) -> None:
 
 
 def _write_folder(rows: list[dict], out: Path) -> dict[str, int]:
-    """The image folder made in a temporary folder beside ``out`` and renamed into place:
-    a failure leaves nothing behind."""
+    """The image folder made in a temporary folder beside ``out`` and renamed into place
+    (``storage.out_folder_built``): a failure leaves nothing behind."""
     try:
-        work = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.partial-"))
-    except OSError as exc:
-        raise CommandError(f"cannot write under {out.absolute().parent}: "
-                           f"{exc.strerror or exc}") from None
-    try:
-        os.chmod(work, 0o777 & ~_umask())          # as a plain mkdir would make it
-        counts = exports.write_imagefolder(rows, work)
-        out_path_check(out, folder=True)    # again: still new or empty, and not a link
-        if out.is_dir():
-            out.rmdir()                  # empty (checked): the finished folder takes its place
-        os.replace(work, out)
+        with out_folder_built(out) as work:
+            counts = exports.write_imagefolder(rows, work)
         return counts
     except OutPathError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"cannot write the image folder {out}: {exc.strerror or exc}"
                            ) from None
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -55,13 +55,7 @@ def float_between(low: float, high: float, *, above: bool = False):
 def finite_float(text: str) -> float:
     """An argparse ``type``: any finite number (nan and inf refused); its range is checked
     by the run's own config, built before the run is made (``distill``)."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
+    return float_between(-math.inf, math.inf)(text)
 
 
 MAX_EPOCHS = 10_000

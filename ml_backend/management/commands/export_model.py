@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
 from annotator.models import Project
-from annotator.storage import OutPathError, out_path_check
+from annotator.storage import OutPathError, out_folder_built, out_path_check
 from ml_backend.errors import TrainingError
 from ml_backend.models import ModelVersion
 
@@ -60,28 +57,14 @@ class Command(BaseCommand):
 
 def _export_into(model: ModelVersion, *, fmt: str, out: Path) -> dict:
     """The export made in a temporary folder beside ``out`` and renamed into place once it
-    is whole (``out`` checked again first): a failure leaves nothing behind."""
+    is whole (``storage.out_folder_built``): a failure leaves nothing behind."""
     from ml_backend.services.export import model_export
 
     try:
-        work = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.partial-"))
-    except OSError as exc:
-        raise CommandError(f"cannot write under {out.absolute().parent}: "
-                           f"{exc.strerror or exc}") from None
-    try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(work, 0o777 & ~mask)               # as a plain mkdir would make it
-        card = model_export(model, fmt=fmt, out=work)
-        out_path_check(out, folder=True)            # again: still new or empty, not a link
-        if out.is_dir():
-            out.rmdir()                 # empty (checked): the finished folder takes its place
-        os.replace(work, out)
+        with out_folder_built(out) as work:
+            card = model_export(model, fmt=fmt, out=work)
         return card
     except (TrainingError, OutPathError) as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
