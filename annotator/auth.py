@@ -15,10 +15,14 @@ from functools import wraps
 from axes.handlers.proxy import AxesProxyHandler
 from axes.helpers import get_client_username, get_cool_off, get_failure_limit
 from django.conf import settings
-from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth import user_login_failed
+from django.contrib.auth.forms import AuthenticationForm, PasswordChangeForm
+from django.contrib.auth.hashers import is_password_usable
+from django.contrib.auth.views import PasswordChangeView
 from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import ValidationError
 from django.db.models import Max, Sum
-from django.db.models.signals import post_save
+from django.db.models.signals import post_save, pre_save
 from django.dispatch import receiver
 from django.http import JsonResponse
 from django.shortcuts import render, resolve_url
@@ -97,11 +101,17 @@ def lockout_response(request, original_response=None, credentials=None):
     """A sign-in refused for too many failures (``AXES_LOCKOUT_CALLABLE``): 429 with the reason
     and when to try again, on the login page (or as JSON for a script), and Retry-After."""
     minutes = _lockout_minutes_left(request, credentials)
-    message = (f"Too many failed sign-ins; try again in {minutes} minute"
-               f"{'' if minutes == 1 else 's'} (or ask an admin to clear the lock).")
+    message = lockout_message(minutes)
+    match = getattr(request, "resolver_match", None)
     if wants_json(request):
         response = JsonResponse({"error": message, "retry_after_minutes": minutes},
                                 status=429)
+    elif (match is not None and match.url_name == "password_change"
+          and request.user.is_authenticated):
+        # the old password guessed wrong once too often on the page that changes it
+        response = render(request, SitePasswordChangeView.template_name, {
+            "form": ThrottledPasswordChangeForm(request.user, request=request),
+            "lockout": message}, status=429)
     else:
         form = AuthenticationForm(request, initial={
             "username": get_client_username(request, credentials) or ""})
@@ -112,14 +122,82 @@ def lockout_response(request, original_response=None, credentials=None):
     return response
 
 
+def lockout_message(minutes: int) -> str:
+    return (f"Too many failed sign-ins; try again in {minutes} minute"
+            f"{'' if minutes == 1 else 's'} (or ask an admin to clear the lock).")
+
+
+class ThrottledPasswordChangeForm(PasswordChangeForm):
+    """The password page's form: a wrong old password counts as a failed sign-in of that user
+    (django-axes, ``LOGIN_FAILURE_LIMIT``), so a session left open on a shared workstation
+    cannot be used to guess the password it was opened with; while the username is locked the
+    old password is not checked at all."""
+
+    def __init__(self, user, *args, request=None, **kwargs):
+        super().__init__(user, *args, **kwargs)
+        self.request = request
+
+    def _credentials(self) -> dict:
+        return {settings.AXES_USERNAME_FORM_FIELD: self.user.get_username()}
+
+    def clean_old_password(self):
+        throttled = self.request is not None and settings.AXES_ENABLED
+        if throttled and not AxesProxyHandler.is_allowed(self.request, self._credentials()):
+            raise ValidationError(
+                lockout_message(_lockout_minutes_left(self.request, self._credentials())),
+                code="locked")
+        try:
+            return super().clean_old_password()
+        except ValidationError:
+            if throttled:
+                user_login_failed.send(sender=__name__, credentials=self._credentials(),
+                                       request=self.request)
+            raise
+
+
+class SitePasswordChangeView(PasswordChangeView):
+    """``/accounts/password_change/`` on the site's own template (the admin app ships
+    ``registration/password_change_*.html``, found first, which need the admin's context)."""
+    template_name = "registration/site_password_change.html"
+    form_class = ThrottledPasswordChangeForm
+
+    def get_form_kwargs(self):
+        return {**super().get_form_kwargs(), "request": self.request}
+
+    def form_invalid(self, form):
+        locked = form.has_error("old_password", code="locked")
+        response = self.render_to_response(self.get_context_data(form=form))
+        if locked:
+            response.status_code = 429
+        return response
+
+
+@receiver(pre_save, sender=settings.AUTH_USER_MODEL,
+          dispatch_uid="annotator_note_password_disabled")
+def note_password_disabled(sender, instance, raw: bool = False, update_fields=None, **kwargs):
+    """``set_unusable_password`` (the admin's "disable password-based authentication", a
+    restored account) leaves no new password on the user for the hook below to see: where
+    the password being saved is unusable and the stored one was usable, say so for it (one
+    that was already disabled is not disabled again). One query, only on such saves."""
+    if raw or instance.pk is None or instance.has_usable_password():
+        return
+    if update_fields is not None and "password" not in update_fields:
+        return
+    stored = sender.objects.filter(pk=instance.pk).values_list("password", flat=True).first()
+    if stored is not None and is_password_usable(stored):
+        instance._password_disabled = True
+
+
 @receiver(post_save, sender=settings.AUTH_USER_MODEL,
           dispatch_uid="annotator_revoke_tokens_on_password_change")
 def revoke_tokens_on_password_change(sender, instance, raw: bool = False, **kwargs):
-    """A changed password revokes the user's API token (README "API"), whatever changed it:
-    the site's page, the admin, ``manage.py changepassword``, ``set_password`` + ``save``.
+    """A changed or disabled password revokes the user's API token (README "API"), whatever
+    changed it: the site's page, the admin (a new password, or password sign-in disabled),
+    ``manage.py changepassword``, ``set_password`` / ``set_unusable_password`` + ``save``.
     ``set_password`` keeps the new password on the user until the save that stores it (the
     hook Django's own ``password_changed`` runs from); a hash upgraded at sign-in does not."""
-    if raw or getattr(instance, "_password", None) is None:
+    disabled = instance.__dict__.pop("_password_disabled", False)
+    if raw or (getattr(instance, "_password", None) is None and not disabled):
         return
     revoked, _ = Token.objects.filter(user=instance).delete()
     if revoked:

@@ -155,6 +155,9 @@ AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
 AXES_LOCKOUT_CALLABLE = "annotator.auth.lockout_response"
 AXES_CLIENT_IP_CALLABLE = "annotator.auth.client_ip"
 AXES_VERBOSE = False   # no "AXES: BEGIN" line at every start; failures are still logged
+# what an attempt records of the form it came from: never a password, whichever form posted it
+AXES_SENSITIVE_PARAMETERS = ["username", "ip_address", "old_password", "new_password1",
+                             "new_password2", "password1", "password2"]
 LOGIN_PROXY_COUNT = env_int("LOGIN_PROXY_COUNT", 0 if DEBUG else 1, minimum=0)
 
 # Import limits. A decoded scan larger than IMPORT_MAX_PIXELS (width x height x

@@ -6,6 +6,8 @@ from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from annotator.auth import SitePasswordChangeView
+
 # The site's icon (a scan frame), for the pages that do not link one (Django admin): a
 # browser asks for /favicon.ico on every site, and a 404 there is noise in its console.
 ICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
@@ -26,8 +28,7 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     # the site's own templates: the admin app ships registration/password_change_*.html,
     # found first, which need the admin's context
-    path("accounts/password_change/", auth_views.PasswordChangeView.as_view(
-        template_name="registration/site_password_change.html"), name="password_change"),
+    path("accounts/password_change/", SitePasswordChangeView.as_view(), name="password_change"),
     path("accounts/password_change/done/", auth_views.PasswordChangeDoneView.as_view(
         template_name="registration/site_password_changed.html"), name="password_change_done"),
     path("ml/", include("ml_backend.urls")),

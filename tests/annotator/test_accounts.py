@@ -153,3 +153,53 @@ def test_an_admin_or_a_script_changing_the_password_revokes_the_token_too(users)
     alice.set_password(PASSWORD)                   # what `manage.py changepassword` does
     alice.save()
     assert api_status(key) == 401
+
+
+def test_disabling_password_sign_in_revokes_the_token(users):
+    """The admin's "disable password-based authentication" (``set_unusable_password``) ends
+    the API token as a new password does; a later save of the disabled user keeps a new one."""
+    charlie = users["charlie"]
+    key = Token.objects.create(user=charlie).key
+    admin = Client()
+    admin.force_login(users["dora"])
+    response = admin.post(f"/admin/auth/user/{charlie.pk}/password/",
+                          {"usable_password": "false", "unset-password": "1"})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    charlie.refresh_from_db()
+    assert not charlie.has_usable_password()
+    assert api_status(key) == 401
+    key = Token.objects.create(user=charlie).key
+    charlie.set_unusable_password()               # already disabled: nothing changes
+    charlie.save()
+    charlie.last_name = "Ch"
+    charlie.save(update_fields=["last_name"])
+    assert api_status(key) == 200
+
+
+def test_guessing_the_old_password_on_the_password_page_is_throttled(lockout_on, users):
+    """A session left open cannot be used to guess its user's password: a wrong old password
+    counts as a failed sign-in (the attempt records no password), the fifth locks the username
+    on the password page and the sign-in page alike, and the right one is then not checked."""
+    client = Client()
+    assert sign_in(client, "alice", PASSWORD).status_code == 302
+    url = reverse("password_change")
+    form = {"new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD}
+    for _ in range(4):
+        response = client.post(url, {"old_password": "guess", **form})
+        assert response.status_code == 200
+        assert "Your old password was entered incorrectly" in response.content.decode()
+    fifth = client.post(url, {"old_password": "guess", **form})
+    body = fifth.content.decode()
+    assert fifth.status_code == 429 and "Too many failed sign-ins" in body
+    assert 'name="old_password"' in body             # the password page, not the sign-in one
+    right = client.post(url, {"old_password": PASSWORD, **form})
+    assert right.status_code == 429 and "try again in 15 minutes" in right.content.decode()
+    users["alice"].refresh_from_db()
+    assert users["alice"].check_password(PASSWORD)
+    assert sign_in(Client(), "alice", PASSWORD).status_code == 429
+    attempt = AccessAttempt.objects.get(username="alice")
+    assert attempt.failures_since_start == 5
+    assert "guess" not in attempt.post_data and NEW_PASSWORD not in attempt.post_data
+    call_command("axes_reset_username", "alice")
+    done = client.post(url, {"old_password": PASSWORD, **form})
+    assert done.status_code == 302
