@@ -64,3 +64,17 @@ def pacs_pull_query(app_configs, **kwargs):
                            "PACS_PULL_QUERY='Modality=CR&StudyDate=20240101-', or unset it to "
                            "pull every study.", id="medlabel.E004")]
     return []
+
+
+@register(deploy=True)
+def shared_cache(app_configs, **kwargs):
+    """``check --deploy``: the API's throttle counts in Django's cache; a cache of each
+    process's own memory lets every user make API_THROTTLE_USER calls per web process."""
+    backend = settings.CACHES["default"]["BACKEND"]
+    if settings.DEBUG or not backend.endswith("LocMemCache"):
+        return []
+    return [Warning("The cache is each process's own memory (CACHE_URL unset)",
+                    hint="Set CACHE_URL=redis://host:6379/N (the broker's Redis will do) on every "
+                         "web server: the API's per-user limit (API_THROTTLE_USER) is counted "
+                         "there, and in each process's memory it is multiplied by the number "
+                         "of web processes.", id="medlabel.W002")]

@@ -8,7 +8,7 @@
 #
 # Configuration comes from the environment (README "Production"): at least DEBUG=0,
 # SECRET_KEY, DEID_SALT, ALLOWED_HOSTS, DATABASE_URL (PostgreSQL), CELERY_BROKER_URL
-# (Redis), MEDIA_ROOT / ARTIFACTS_ROOT / INCOMING_ROOT on storage every process shares.
+# (Redis; also CACHE_URL unless set), MEDIA_ROOT / ARTIFACTS_ROOT / INCOMING_ROOT on storage every process shares.
 # RUN_DIR holds pid files and logs (default var/run). PORT (8000), WEB_WORKERS (4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,10 @@ mkdir -p "$RUN_DIR"
 
 : "${DATABASE_URL:?set DATABASE_URL (postgres://...)}"
 : "${CELERY_BROKER_URL:?set CELERY_BROKER_URL (redis://...)}"
+# the API's per-user limit is counted in one place for every web process (README "Production")
+case "$CELERY_BROKER_URL" in
+  redis://*|rediss://*) export CACHE_URL=${CACHE_URL:-$CELERY_BROKER_URL} ;;
+esac
 
 start_one() {  # name, command...
   local name=$1; shift

@@ -267,6 +267,20 @@ ML_BACKEND_BASIC_AUTH = env_str("ML_BACKEND_BASIC_AUTH")
 
 # The REST API (annotator/api/, README "API"): per-user tokens or the browser session,
 # pages of API_PAGE_SIZE, throttled per user, errors as problem JSON.
+# Django's cache holds the API's throttle counts (API_THROTTLE_*), nothing the site cannot
+# lose. Every web process must count in one place, or a user gets API_THROTTLE_USER once
+# per process: CACHE_URL=redis://host:6379/N in production (deploy/run.sh uses the broker's
+# Redis when it is one; `check --deploy` warns without it). Unset or locmem://, each process
+# counts on its own (the one-process demo, the tests).
+CACHE_URL = env_str("CACHE_URL")
+if CACHE_URL and CACHE_URL.startswith(("redis://", "rediss://", "unix://")):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                          "LOCATION": CACHE_URL, "KEY_PREFIX": "medlabel"}}
+elif CACHE_URL in (None, "", "locmem://"):
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+else:
+    raise ImproperlyConfigured(f"CACHE_URL={CACHE_URL!r}: use redis://host:port/db (every web "
+                               "process counts API calls there) or locmem:// (each on its own)")
 API_PAGE_SIZE = env_int("API_PAGE_SIZE", 50, minimum=1)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

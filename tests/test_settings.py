@@ -94,6 +94,7 @@ def test_broker_and_database_from_env():
     ({"MEDLABEL_EMBED_LAYERS": "2,3"}, "include 4"),
     ({"MEDLABEL_EMBED_LAYERS": "4,5"}, "MEDLABEL_EMBED_LAYERS"),
     ({"PACS_PULL_MINUTES": "60", "PACS_PULL_QUERY": ""}, "PACS_PULL_QUERY is set but empty"),
+    ({"CACHE_URL": "memcached://127.0.0.1:11211"}, "CACHE_URL='memcached"),
 ])
 def test_bad_production_config_fails_at_start(env, message):
     result = _settings_in_subprocess(**env)
@@ -109,8 +110,13 @@ def test_check_deploy_with_production_settings_gives_no_warnings():
                           "LABEL_STUDIO_WEBHOOK_SECRET") and not k.startswith("DJANGO_ALLOW")}
     env = {**clean, "DEBUG": "0", "SECRET_KEY": "k" * 20 + "-Production-Secret-Key-0123456789",
            "DEID_SALT": "a-long-deid-salt-for-production", "ALLOWED_HOSTS": "labels.example.org",
-           "LABEL_STUDIO_WEBHOOK_SECRET": "w" * 40}
-    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level",
-                             "WARNING"], cwd=REPO, env=env, capture_output=True, text=True)
+           "LABEL_STUDIO_WEBHOOK_SECRET": "w" * 40, "CACHE_URL": "redis://127.0.0.1:6379/15"}
+    check = [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
+    result = subprocess.run(check, cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+    # each web process counting API calls on its own is flagged (the per-user limit would be
+    # multiplied by the number of processes)
+    env.pop("CACHE_URL")
+    result = subprocess.run(check, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "medlabel.W002" in result.stdout + result.stderr

@@ -172,3 +172,40 @@ def test_the_account_page_makes_and_revokes_a_token(client, users):
     assert key not in client.get("/account/").content.decode()   # … and not again
     client.post("/account/", {"action": "revoke"})
     assert not Token.objects.filter(user=users["alice"]).exists()
+
+
+def _redis_or_skip(url: str):
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"no Redis at {url} (CI runs one)")
+    return client
+
+
+def test_the_per_user_limit_is_counted_where_every_web_process_sees_it(
+        users, settings, monkeypatch):
+    """With CACHE_URL (production: deploy/run.sh) the API's throttle counts in Redis, so a
+    user's API_THROTTLE_USER holds across web processes instead of once per process."""
+    import uuid
+
+    from rest_framework.throttling import UserRateThrottle
+
+    url = "redis://127.0.0.1:6379/15"
+    redis_client = _redis_or_skip(url)
+    prefix = f"medlabel-test-{uuid.uuid4().hex[:8]}"
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": url, "KEY_PREFIX": prefix}}
+    monkeypatch.setattr(UserRateThrottle, "THROTTLE_RATES", {"user": "3/minute"})
+    key = Token.objects.create(user=users["alice"]).key
+    try:
+        statuses = [Client(HTTP_AUTHORIZATION=f"Token {key}").get("/api/v1/projects/").status_code
+                    for _ in range(4)]          # a new client (connection) each time
+        assert statuses == [200, 200, 200, 429]
+        stored = redis_client.keys(f"{prefix}:*throttle_user_{users['alice'].pk}")
+        assert len(stored) == 1                 # the count lives in Redis, not in this process
+    finally:
+        for name in redis_client.keys(f"{prefix}:*"):
+            redis_client.delete(name)
