@@ -15,7 +15,8 @@ the product's services, and one refit (predictions for the pool, a query round).
 
 It is served as deploy/run.sh serves it: ``gunicorn medsite.wsgi -w WORKERS --threads 4
 --timeout 120 --access-logfile -`` on a free loopback port, DEBUG=0, with one Celery worker
-beside it. The per-user throttle is raised (``--throttle-user``, default 10000/second: the
+beside it, and Django's cache (where the API's throttle counts) in the broker's Redis, as
+deploy/run.sh sets CACHE_URL. The per-user throttle is raised (``--throttle-user``, default 10000/second: the
 load measures the server, not the throttle, and the throttle's per-user history stays one
 second long at every level); a last run at the product's default throttle (API_THROTTLE_USER
 unset) checks that 429s arrive with Retry-After and problem JSON.
@@ -529,7 +530,9 @@ def main(argv=None) -> int:
     log = lambda text: print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)  # noqa: E731
     os.environ.pop("API_THROTTLE_USER", None)     # this process reads the product's default
     env = bench_env(_database(args.database, "medlabel_api_load"), args.broker, workdir,
-                    "api-load", IMPORT_CHUNK_SIZE=os.environ.get("IMPORT_CHUNK_SIZE", "250"))
+                    "api-load", IMPORT_CHUNK_SIZE=os.environ.get("IMPORT_CHUNK_SIZE", "250"),
+                    # as deploy/run.sh: every web process counts API calls in the broker's Redis
+                    CACHE_URL=args.broker)
     os.environ.update(env)
     import redis
 
@@ -612,9 +615,9 @@ def main(argv=None) -> int:
             check["API_THROTTLE_USER"] = args.throttle_rate or (
                 f"unset (the default, {settings.REST_FRAMEWORK['DEFAULT_THROTTLE_RATES']['user']})")
             check["note"] = ("the throttle counts in the default cache "
-                             f"({settings.CACHES['default']['BACKEND'].rsplit('.', 1)[-1]}): "
-                             "per gunicorn worker process when that is local memory; one "
-                             "keep-alive session stays on one worker")
+                             f"({settings.CACHES['default']['BACKEND'].rsplit('.', 1)[-1]}, "
+                             "CACHE_URL as deploy/run.sh sets it): one count for every "
+                             "gunicorn worker process")
             result["throttle"] = check
             log(f"throttle: {check['verdict']} {check['statuses']}")
             server.stop()
