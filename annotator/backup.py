@@ -14,7 +14,8 @@ A restore trusts nothing in the archive: the whole manifest is checked first (kn
 with the right types and choices, references that resolve, unique rows, safe file and
 version names, files present in the archive), and any problem refuses the restore with a
 ``BackupError`` naming it, before a row or a file is written. Rows are written in one
-transaction; files copied before it are removed again when it fails.
+transaction; files copied before it are removed again when it fails (only those this
+restore created). One restore runs at a time: a second one started meanwhile is refused.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from __future__ import annotations
 import filecmp
 import io
 import json
+import math
 import os
 import re
 import shutil
 import tarfile
 import tempfile
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone as dt_timezone
 from pathlib import Path, PurePosixPath
@@ -49,6 +52,7 @@ from annotator.models import (
     Membership,
     Project,
     Scan,
+    hotkey_error,
 )
 from annotator.storage import (
     OutPathError,
@@ -57,6 +61,7 @@ from annotator.storage import (
     preview_file_name,
     scan_file_name,
 )
+from medsite.locks import LockBusy, file_lock
 from ml_backend.models import Evaluation, ModelVersion
 
 FORMAT = "medlabel-project-backup"
@@ -72,6 +77,7 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 FILE_SUFFIX = re.compile(r"(\.[A-Za-z0-9]{1,10}){0,2}")
 RELEASED = AuditEvent.Action.SCAN_RELEASED
 IN_USE = ("active", "ready")    # model statuses that need their files to be usable
+RESTORE_LOCK = ".restore.lock"  # in ARTIFACTS_ROOT: one restore at a time (kept, empty)
 SECTIONS = {"format", "version", "exported_at", "project", "users", "datasets", "label_sets",
             "classes", "scans", "annotations", "models"}
 
@@ -331,12 +337,55 @@ def _read_archive(tar: tarfile.TarFile, archive: Path) -> tuple[dict[str, tarfil
         manifest = json.loads(tar.extractfile(info).read())
     except (ValueError, RecursionError) as exc:
         raise BackupError(f"{archive} has no valid manifest.json: {exc}") from None
+    # Infinity, NaN (which Python's json reads) or 1e999: no such number may be stored, as
+    # no JSON answer of the API could hold it
+    bad = _non_finite_numbers(manifest)
+    if bad:
+        more = " (and perhaps more)" if len(bad) >= MAX_PROBLEMS else ""
+        raise BackupError(f"the backup cannot be restored, nothing was changed. Problems{more}"
+                          ":\n" + "\n".join(f"  - {where} is {value}, not a finite number"
+                                      for where, value in bad))
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BackupError(f"{archive} is not a {FORMAT} archive")
     if manifest.get("version") not in READABLE_VERSIONS:
         raise BackupError(f"{archive} is a {FORMAT} of version {manifest.get('version')!r}; "
                           f"this system reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     return files, manifest
+
+
+SECTION_ROWS = {"scans": "scan", "annotations": "answer", "models": "model",
+                "classes": "class", "label_sets": "label set", "datasets": "dataset",
+                "users": "user"}
+
+
+def _non_finite_numbers(manifest) -> list[tuple[str, str]]:
+    """(where, 'Infinity' / '-Infinity' / 'NaN') of up to MAX_PROBLEMS numbers in the
+    manifest that are not finite; ``where`` as the checks name it: ``model 1:
+    evaluations[0].accuracy``."""
+    found = []
+    stack = [(manifest, ())]
+    while stack and len(found) < MAX_PROBLEMS:
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((v, (*path, str(k)[:40])) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((v, (*path, i)) for i, v in reversed(list(enumerate(item))))
+        elif isinstance(item, float) and not math.isfinite(item):
+            found.append((_where(path), "NaN" if math.isnan(item) else
+                          "Infinity" if item > 0 else "-Infinity"))
+    return found
+
+
+def _where(path: tuple) -> str:
+    """``("models", 0, "evaluations", 0, "accuracy")`` -> ``model 1: evaluations[0].accuracy``."""
+    head, rest = "the manifest", list(path)
+    if len(rest) >= 2 and rest[0] in SECTION_ROWS:
+        row = rest[1] + 1 if isinstance(rest[1], int) else repr(rest[1])
+        head, rest = f"{SECTION_ROWS[rest[0]]} {row}", rest[2:]
+    elif rest and rest[0] == "project":
+        head, rest = "the project", rest[1:]
+    tail = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest).lstrip(".")
+    return f"{head}: {tail}" if tail else head
 
 
 # --- checking a manifest ------------------------------------------------------------------
@@ -436,11 +485,15 @@ def _field_value(f: models.Field, value) -> tuple[str | None, object]:
         ok, kind = isinstance(value, bool), "true or false"
     elif isinstance(f, models.IntegerField):
         ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
-    elif isinstance(f, models.FloatField):
-        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(f, models.FloatField):     # not Infinity / NaN: JSON (the API) has none
+        ok, kind = _finite(value), "a finite number"
     elif isinstance(f, (models.CharField, models.TextField)):
         ok, kind = isinstance(value, str), "text"
     elif isinstance(f, models.JSONField):
+        where = _non_finite_in(value)
+        if where is not None:
+            return (f"holds a number that is not finite at {where}" if where else
+                    "is not a finite number") + " (Infinity and NaN cannot be stored)", None
         ok, kind = True, ""
     else:                                   # a field kind this module does not copy
         return "cannot be restored", None
@@ -450,6 +503,32 @@ def _field_value(f: models.Field, value) -> tuple[str | None, object]:
         return None, f.clean(value, None)
     except ValidationError as exc:
         return f"is not allowed ({shown}): {' '.join(exc.messages)}", None
+
+
+def _finite(value) -> bool:
+    """``value`` is a finite number (not a bool, not Infinity or NaN, not too big a whole
+    number for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _non_finite_in(value) -> str | None:
+    """Where (``['per_class'][0]``; '' for the value itself) a JSON value holds a number
+    that is not finite; None when none does."""
+    stack = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((v, f"{where}[{str(k)[:40]!r}]") for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            return where
+    return None
 
 
 def _is(value, names) -> bool:
@@ -565,7 +644,11 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
         set_names.append(values["name"])
         plan.label_sets.append({"values": values, "id": old, "datasets": sorted(set(names))})
 
-    class_names, class_ids = {}, set()
+    # the set a class or scan without one is restored into (as ``_restore_rows`` does)
+    multi = {ls["values"]["name"] for ls in plan.label_sets
+             if ls["values"].get("kind") == LabelSet.Kind.MULTI}
+    first_set = set_names[0] if set_names else None
+    class_names, class_ids, keys = {}, set(), {}
     for i, row in enumerate(c.section(manifest, "classes", list), 1):
         values = c.row(f"class {i}", row, LabelClass, CLASS_FIELDS,
                        extra=("id", "label_set", "created_by"), required=("name",))
@@ -580,7 +663,18 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
         class_ids.add(old)
         if set_name is not None and not _is(set_name, set_names):
             c.add(f"class {i}: its label set {str(set_name)[:40]!r} is not in the backup")
-        class_names[values["name"]] = set_name
+        # the class form's rules: a key the label page keeps for itself, or one another
+        # class of the set has, would answer the wrong class (LabelClass.clean lowercases)
+        values["hotkey"] = key = (values.get("hotkey") or "").lower()
+        in_set = set_name if _is(set_name, set_names) else first_set
+        problem = hotkey_error(key, findings=in_set in multi)
+        if problem is None and key and (in_set, key) in keys:
+            problem = (f"{key!r} already labels {keys[in_set, key]!r} in {in_set!r}: choose "
+                       "another letter or digit.")
+        if problem:
+            c.add(f"class {i} ({values['name'][:40]!r}): its hotkey {problem}")
+        keys.setdefault((in_set, key), values["name"])
+        class_names[values["name"]] = in_set
         plan.classes.append({"values": values, "id": old, "label_set": set_name,
                              "created_by": user(f"class {i}", row.get("created_by"))})
 
@@ -727,14 +821,27 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
         outcome = values.get("outcome", Annotation.Outcome.LABEL)
         if outcome == Annotation.Outcome.LABEL and label is None:
             c.add(f"{where}: a label answer without a class")
+        # what the answer path allows (annotation_create, findings_answer_create): a class of
+        # a single-label set, never a finding as the scan's class. The class's set may differ
+        # from the scan's: a live project holds such answers once a label set's rules move
+        # answered scans (label_sets_assign), and they count for their class's set there as
+        # they do after the restore (docs/reliability.md, fifth probe)
+        for what, value in (("class", label), ("shown suggestion", suggestion)):
+            if _is(value, class_names) and class_names[value] in multi:
+                c.add(f"{where}: its {what} {value!r} is a finding of the findings set "
+                      f"{class_names[value]!r}, not a class to answer a scan with")
+        confidence = values.get("shown_confidence")
+        if confidence is not None and not 0 <= confidence <= 1:
+            c.add(f"{where}: its shown_confidence {confidence!r} is not a probability from 0 "
+                  "to 1")
         shown = row.get("shown_model_version")
         if shown is not None and not _is(shown, plan_models):
             c.add(f"{where}: the model {str(shown)[:40]!r} it was shown is not in the backup")
         scores = values.get("shown_scores")
         if scores is not None and not (isinstance(scores, dict) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool)
-                for v in scores.values())):
-            c.add(f"{where}: its shown scores are not a mapping of class id to probability")
+                _finite(v) and 0 <= v <= 1 for v in scores.values())):
+            c.add(f"{where}: its shown_scores are not a mapping of class id to probability "
+                  "(a number from 0 to 1)")
         external = values.get("external_id", "")
         key = _external_key(values.get("source", Annotation.Source.WEB), str(row.get("reader")),
                             external)
@@ -758,6 +865,18 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
             c.add(f"{where}: a finding is answered twice")
         if findings and outcome != Annotation.Outcome.FINDINGS:
             c.add(f"{where}: findings on an answer that is not a findings answer")
+        if findings:
+            single = sorted({f["finding"] for f in findings
+                             if _is(f["finding"], class_names)
+                             and class_names[f["finding"]] not in multi})
+            sets = sorted({class_names[f["finding"]] for f in findings
+                           if _is(f["finding"], class_names)} - {None}, key=str)
+            if single:
+                c.add(f"{where}: its findings {', '.join(map(repr, single[:5]))} are classes "
+                      "of a single-label set, not findings")
+            elif len(sets) > 1:
+                c.add(f"{where}: its findings come from {len(sets)} findings sets "
+                      f"({', '.join(map(repr, sets[:5]))}); one answer holds one set's findings")
         plan.annotations.append({
             "values": values, "scan": row.get("scan"), "label": label,
             "reader": user(where, row.get("reader")), "shown_model_version": shown,
@@ -777,18 +896,25 @@ def import_project(archive: str | Path, *, name: str | None = None, embed: bool 
     members, then the whole manifest, then clashes with this database and its files); then
     files are copied, then every row is written in one transaction, and the copied files
     (and folders made for them) are removed again if the rows cannot be written. Any refusal
-    is a BackupError that names the problem and leaves nothing behind."""
+    is a BackupError that names the problem and leaves nothing behind.
+
+    One restore at a time (``_restore_lock``, taken once the manifest checks out and held
+    until its rows are written): a second one started meanwhile is refused. Files are
+    created new (``O_EXCL``) and only what this restore created is removed on failure,
+    never a file or folder something else wrote."""
     archive = Path(archive)
     if not archive.is_file():
         raise BackupError(f"{archive} does not exist")
     workdir = Path(tempfile.mkdtemp(prefix="medlabel-restore-"))
-    copied: list[Path] = []         # files and artifact folders this restore wrote
+    copied: list[Path] = []         # files and artifact folders this restore created
     made: list[Path] = []           # folders it made for them
+    held = ExitStack()              # the restore lock, from the database checks to the end
     try:
         try:
             with tarfile.open(archive, "r:gz") as tar:
                 files, manifest = _read_archive(tar, archive)
                 plan = _check(manifest, files, name)
+                _restore_lock(held)
                 _check_database(plan)
                 versions = {m["version"] for m in plan.models if m["has_files"]}
                 wanted = [files["manifest.json"]] + [files[n] for n in sorted(plan.media)] + [
@@ -812,13 +938,21 @@ def import_project(archive: str | Path, *, name: str | None = None, embed: bool 
         try:
             for source, target in media:
                 _make_parents(target.parent, made)
-                copied.append(target)
-                shutil.copy2(source, target)
-            for source, target in artifact_dirs.values():
+                if not _copy_new(source, target, copied) and not filecmp.cmp(
+                        source, target, shallow=False):
+                    raise BackupError(f"{target} was written by something else during the "
+                                      "restore, with other content: nothing was restored")
+            for version, (source, target) in artifact_dirs.items():
                 if source is not None:
                     _make_parents(target.parent, made)
+                    try:
+                        target.mkdir()
+                    except FileExistsError:
+                        raise BackupError(f"{target} was made by something else during the "
+                                          f"restore (model {version}): nothing was restored"
+                                          ) from None
                     copied.append(target)
-                    shutil.copytree(source, target)
+                    shutil.copytree(source, target, dirs_exist_ok=True)
         except OSError as exc:
             raise BackupError(f"the backup's files could not be copied ({exc}): nothing "
                               "was restored") from None
@@ -835,7 +969,7 @@ def import_project(archive: str | Path, *, name: str | None = None, embed: bool 
             f"{Annotation.objects.filter(scan__project=project).count()} annotations, "
             f"{project.model_versions.count()} model versions")
     except BaseException:
-        for path in reversed(copied):
+        for path in reversed(copied):       # (under the lock still: no other restore's)
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -848,6 +982,7 @@ def import_project(archive: str | Path, *, name: str | None = None, embed: bool 
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        held.close()                        # the lock: the re-embedding needs none
     if embed and project.active_encoder_id:
         from django.core.management import call_command
 
@@ -861,6 +996,38 @@ def import_project(archive: str | Path, *, name: str | None = None, embed: bool 
     return project
 
 
+def _restore_lock(held: ExitStack) -> None:
+    """Take the restore lock onto ``held``: the model export's ``flock`` (one per call, so
+    threads exclude each other as processes do; gone with a process that dies) on
+    ``ARTIFACTS_ROOT/.restore.lock``, not waited for. Two restores at once would each find
+    the other's files half copied, and the one that fails would remove them."""
+    root = Path(settings.ARTIFACTS_ROOT)
+    path = root / RESTORE_LOCK
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        held.enter_context(file_lock(path, wait=0))
+    except LockBusy:
+        raise BackupError(f"another restore is under way here (it holds {path}): nothing was "
+                          "restored; restore again once it has finished") from None
+    except OSError as exc:
+        raise BackupError(f"cannot take the restore lock {path}: {exc.strerror or exc}: "
+                          "nothing was restored") from None
+
+
+def _copy_new(source: Path, target: Path, copied: list[Path]) -> bool:
+    """Copy ``source`` to ``target`` as a new file (noted in ``copied`` once this call has
+    created it); False, with nothing written, when ``target`` exists already."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    copied.append(target)
+    with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+        shutil.copyfileobj(src, out, 1 << 20)
+    shutil.copystat(source, target)
+    return True
+
+
 def _size(n: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
@@ -869,13 +1036,19 @@ def _size(n: int) -> str:
 
 
 def _make_parents(folder: Path, made: list[Path]) -> None:
-    """``folder`` and its missing parents, each new one noted in ``made``."""
+    """``folder`` and its missing parents, each one this call made noted in ``made`` (one
+    something else made meanwhile is used, and not noted: never removed on failure)."""
     missing = []
     while not folder.exists():
         missing.append(folder)
         folder = folder.parent
     for path in reversed(missing):
-        path.mkdir()
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+            continue
         made.append(path)
 
 

@@ -4,6 +4,7 @@ from django import forms
 from django.conf import settings
 
 from annotator.models import Split, hotkey_error
+from annotator.services import name_refusal
 
 
 class MultipleFileInput(forms.ClearableFileInput):
@@ -121,6 +122,9 @@ class LabelClassForm(_LabelSetChoice):
         name = " ".join(self.cleaned_data["name"].split())
         if not name:
             raise forms.ValidationError("A class needs a name.")
+        refusal = name_refusal("class", name)
+        if refusal:
+            raise forms.ValidationError(refusal[0].upper() + refusal[1:] + ".")
         if self.project.label_classes.filter(name__iexact=name).exists():
             raise forms.ValidationError(f"This project already has a class called {name!r}.")
         return name

@@ -24,7 +24,7 @@ from annotator.selectors import (
     reads_blind,
     visible_label_names,
 )
-from annotator.services import AnnotationError, annotation_create
+from annotator.services import AnnotationError, annotation_create, answer_outcome_conflicts
 from medsite import jsonbody
 from ml_backend.models import ModelVersion, Prediction, QueryItem, QueryRound
 
@@ -500,10 +500,17 @@ def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[An
     if refusal is not None:
         raise AnswerRefused(refusal)
     outcome = str(data.get("outcome") or Annotation.Outcome.LABEL)
+    if outcome not in Annotation.Outcome.values:
+        raise AnnotationError(f"unknown outcome {outcome!r}: use label, findings, skip or unsure")
+    # a contradicting answer ({"outcome": "unsure", "class_id": 2}) is refused, never stored
+    # with the field dropped (the API's rule: services.answer_outcome_conflicts)
+    conflicts = answer_outcome_conflicts(
+        outcome=outcome, class_id=data.get("class_id"), findings=data.get("findings"),
+        no_finding=data.get("no_finding"))
+    if conflicts:
+        raise AnnotationError(" ".join(conflicts.values()))
     if outcome == Annotation.Outcome.FINDINGS:
         return _findings_submit(project=project, scan=scan, user=user, data=data)
-    if outcome not in Annotation.Outcome.values:
-        raise AnnotationError(f"unknown outcome {outcome!r}: use label, skip or unsure")
     label_class = None
     class_id = _optional_int(data, "class_id")
     if outcome == Annotation.Outcome.LABEL:

@@ -148,6 +148,38 @@ def _value(result: dict, tag: str):
     return values[0] if values else None
 
 
+QIDO_PAGE = 500       # studies asked for per QIDO-RS request; the server may answer fewer
+
+
+def find_studies(client, filters: dict, *, limit: int | None = None) -> list[dict]:
+    """Every study matching ``filters`` (at most ``limit``), asked for a page at a time
+    (QIDO-RS ``limit`` / ``offset``): a PACS that answers at most N per request (most cap
+    their answers) is asked again from where it stopped, until it answers nothing new. A
+    server that ignores ``offset`` (the same page again) ends the search rather than
+    looping. A PACS that caps the whole search (Orthanc's ``LimitFindResults``) cannot be
+    paged past its cap: narrow the query (README "PACS")."""
+    found, seen, offset = [], set(), 0
+    while limit is None or len(found) < limit:
+        ask = QIDO_PAGE if limit is None else min(QIDO_PAGE, limit - len(found))
+        page = client.search_for_studies(search_filters=filters, limit=ask, offset=offset,
+                                         fields=[STUDY_INSTANCES, MODALITIES_IN_STUDY])
+        new = [study for study in page if _value(study, STUDY_UID) not in seen]
+        if not new:
+            break
+        seen.update(_value(study, STUDY_UID) for study in new)
+        found.extend(new)
+        offset += len(page)
+    return found if limit is None else found[:limit]
+
+
+def instances_here(project: Project, study_key: str) -> int:
+    """How many of a study's DICOM instances the project's scans hold: one per scan, or one
+    per slice of a series imported as one scan (its ``slices``)."""
+    return sum(len(slices) if isinstance(slices, list) and slices else 1
+               for slices in Scan.objects.filter(project=project, study_key=study_key)
+               .values_list("slices", flat=True))
+
+
 def pacs_pull(*, project: Project, url: str, query: str | None = None, dataset_name: str = "",
               split: str = "pool", created_by=None, limit: int | None = None,
               log: Callable[[str], None] = lambda line: None, client=None) -> PullSummary:
@@ -164,8 +196,7 @@ def pacs_pull(*, project: Project, url: str, query: str | None = None, dataset_n
     client = client or client_for(url)
     summary = PullSummary()
     try:
-        studies = client.search_for_studies(search_filters=filters, limit=limit,
-                                            fields=[STUDY_INSTANCES, MODALITIES_IN_STUDY])
+        studies = find_studies(client, filters, limit=limit)
     except (RequestException, OSError, ValueError) as exc:
         raise PacsError(f"the PACS at {url} did not answer the study query "
                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
@@ -181,7 +212,7 @@ def pacs_pull(*, project: Project, url: str, query: str | None = None, dataset_n
         if not uid:
             continue
         key = study_pseudonym(str(uid), salt=settings.DEID_SALT)
-        have = Scan.objects.filter(project=project, study_key=key).count()
+        have = instances_here(project, key)
         held = _value(study, STUDY_INSTANCES)
         if have and (held is None or have >= int(held)):
             summary.studies_already_here += 1

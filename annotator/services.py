@@ -8,6 +8,7 @@ import re
 import logging
 import shutil
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,11 @@ class ImportRequestError(Exception):
 
 
 def project_create(*, name: str, description: str = "", created_by=None) -> Project:
+    """A project, its default label set, and its creator as its admin. Raises ValueError
+    for a name no one could type (``name_refusal``)."""
+    refusal = name_refusal("project", name)
+    if refusal is not None:
+        raise ValueError(refusal)
     project = Project.objects.create(name=name, description=description, created_by=created_by)
     label_set_default(project)
     if created_by is not None:
@@ -101,6 +107,9 @@ def label_set_create(*, project: Project, name: str, datasets=(), modalities: st
     clean = " ".join(name.split())
     if not clean or len(clean) > 100:
         raise ValueError("a label set needs a name of 1–100 characters")
+    refusal = name_refusal("label set", clean)
+    if refusal is not None:
+        raise ValueError(refusal)
     if kind is not None and kind not in LabelSet.Kind.values:
         raise ValueError(f"a label set's kind is single or multi, not {kind!r}")
     if uncertain_policy is not None and uncertain_policy not in LabelSet.UncertainPolicy.values:
@@ -208,6 +217,9 @@ def label_class_get_or_create(
         raise ValueError("a class name cannot be empty")
     if len(clean) > 100:
         raise ValueError("a class name is at most 100 characters")
+    refusal = name_refusal("class", clean)
+    if refusal is not None:
+        raise ValueError(refusal)
     existing = LabelClass.objects.filter(project=project, name__iexact=clean).first()
     if existing is not None:
         if label_set is not None and existing.label_set_id != label_set.pk:
@@ -337,6 +349,8 @@ def label_class_update(*, label_class: LabelClass, **fields) -> LabelClass:
             name = " ".join(str(fields["name"]).split())
             if not name or len(name) > 100:
                 raise ValueError("a class name is 1–100 characters")
+            if name_refusal("class", name):
+                raise ValueError(name_refusal("class", name))
             if LabelClass.objects.filter(project_id=label_class.project_id,
                                          name__iexact=name).exclude(pk=label_class.pk).exists():
                 raise ValueError(f"this project already has a class called {name!r}")
@@ -347,16 +361,61 @@ def label_class_update(*, label_class: LabelClass, **fields) -> LabelClass:
     return label_class
 
 
+# Characters no typed name may hold: Unicode's control characters (Cc: NUL, tab, newline,
+# DEL, C1 — those a query parameter may not hold either, medsite/middleware.py), format
+# characters (Cf: bidi overrides, zero-width ones) and the line / paragraph separators.
+UNTYPABLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def untypable_character(text: str) -> str | None:
+    """The first character of ``text`` that no name may hold, as ``U+0001``, or None."""
+    for char in text or "":
+        if unicodedata.category(char) in UNTYPABLE:
+            return f"U+{ord(char):04X}"
+    return None
+
+
+def name_refusal(what: str, name: str) -> str | None:
+    """Why a typed name (a project's, a label set's, a class's) is refused, or None: one
+    holding a control or invisible character could never be filtered on or read back."""
+    char = untypable_character(name)
+    if char is None:
+        return None
+    return (f"the {what} name holds a control or invisible character ({char}): type it with "
+            "letters, digits, spaces and punctuation only")
+
+
 def dataset_name_refusal(name: str) -> str | None:
     """Why a dataset name someone typed (upload page, API, ``import_scans --dataset``) is
-    refused, or None: one that looks like it carries a patient's identifiers, by the rule for
+    refused, or None: one holding a control or invisible character (``untypable_character``:
+    such a name could never be filtered on, a query parameter with a control character being
+    refused), or one that looks like it carries a patient's identifiers, by the rule for
     file and folder names (``deid.identifier_reason``: ``ward MRN987654``, a date, Doe^John).
     A dataset's name is shown on every page, report and export."""
+    char = untypable_character(name)
+    if char is not None:
+        return (f"the dataset name holds a control or invisible character ({char}): type it "
+                "with letters, digits, spaces and punctuation only")
     reason = identifier_reason(name or "", file_name=True)
     if reason is None:
         return None
     return (f"the dataset name looks like it carries patient identifiers ({reason}); "
             "name the site, scanner or collection instead")
+
+
+def answer_outcome_conflicts(*, outcome: str, class_id=None, findings=None,
+                             no_finding=False) -> dict[str, str]:
+    """The fields of a reader's answer that belong to another outcome than ``outcome``, each
+    with why (empty when none): a class is only for ``label``, findings and ``no_finding``
+    only for ``findings``, neither for ``skip`` / ``unsure``. A contradicting answer
+    (``{"outcome": "unsure", "class_id": 2}``) is refused naming the field, never stored
+    with the field dropped. None, ``{}`` and false say nothing."""
+    said = {"class_id": class_id is not None, "findings": bool(findings),
+            "no_finding": no_finding is True}
+    belongs = {"class_id": "label", "findings": "findings", "no_finding": "findings"}
+    return {field: (f"{field} is only for outcome={belongs[field]}, not {outcome}: leave it "
+                    "out (or send the outcome it belongs to)")
+            for field, given in said.items() if given and belongs[field] != outcome}
 
 
 def dataset_get_or_create(*, project: Project, name: str, **fields) -> Dataset:
@@ -572,6 +631,8 @@ def import_job_create(
     label_set = " ".join((label_set or "").split())
     if len(label_set) > 100:
         raise ImportRequestError("a label set name is at most 100 characters")
+    if name_refusal("label set", label_set):
+        raise ImportRequestError(name_refusal("label set", label_set))
     refusal = dataset_name_refusal(dataset_name)
     if refusal is not None:
         raise ImportRequestError(refusal)

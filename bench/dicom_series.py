@@ -42,5 +42,5 @@ def write_series(folder, *, patients: int, slices: int, seed: int = 0,
             ds.save_as(buffer)
             (folder / name).write_bytes(buffer.getvalue())
             written[name] = {"patient": ds.PatientID, "study": study, "series": series,
-                             "slice": s}
+                             "sop": ds.SOPInstanceUID, "slice": s}
     return written

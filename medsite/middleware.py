@@ -11,26 +11,40 @@ Django's HTML error page.
 - a body larger than DATA_UPLOAD_MAX_MEMORY_SIZE (multipart uploads aside: Django bounds
   their form fields and the upload views their files): 413, before it is read — and the
   same answer when Django raises ``RequestDataTooBig`` further in (a body with no length);
-- a multipart POST is parsed here, once (the CSRF check would parse it next, where a form
-  field over that size, more files than DATA_UPLOAD_MAX_NUMBER_FILES or a broken body
-  becomes Django's bare 400 page): 413 for a field too large, 400 with the reason for the
+- a multipart or urlencoded POST is parsed here, once (the CSRF check would parse it next,
+  where a form field over that size, more fields than DATA_UPLOAD_MAX_NUMBER_FIELDS, more
+  files than DATA_UPLOAD_MAX_NUMBER_FILES or a broken body becomes Django's bare 400 page
+  and an ERROR with a traceback): 413 for a field too large, 400 with the reason for the
   rest. The parsed form and files stay on the request for the view (DRF reads them too).
+  A query string, or an urlencoded body sent with another method (DRF's FormParser reads a
+  PUT's), of more than DATA_UPLOAD_MAX_NUMBER_FIELDS fields: the same 400. These refusals
+  are logged at WARNING (``django.security.<the exception>``, as Django names them), never
+  as an ERROR: the request is refused, nothing failed.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from urllib.parse import unquote_plus
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig, TooManyFilesSent
+from django.core.exceptions import (BadRequest, RequestDataTooBig, TooManyFieldsSent,
+                                    TooManyFilesSent)
 from django.http.multipartparser import MultiPartParserError
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpResponse, JsonResponse, QueryDict
 
 # Unicode's control characters (category Cc): C0, DEL and C1
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
-TITLES = {400: "Bad request", 413: "Content too large"}
+URLENCODED = "application/x-www-form-urlencoded"
+FORMS = ("multipart/form-data", URLENCODED)
+
+TITLES = {400: "Bad request", 404: "Not found", 413: "Content too large"}
+
+# the callers that read ``{"error": …}``: Label Studio (our ML backend, and the webhook it
+# calls on the site)
+JSON_PATHS = ("/ml/", "/labelstudio/")
 
 
 def refusal(request, status: int, detail: str) -> HttpResponse:
@@ -40,9 +54,16 @@ def refusal(request, status: int, detail: str) -> HttpResponse:
         return JsonResponse({"type": "about:blank", "title": TITLES.get(status, "Error"),
                              "status": status, "detail": detail}, status=status,
                             content_type="application/problem+json")
-    if path.startswith("/ml/") or _wants_json(request):
+    if reads_json(request):
         return JsonResponse({"error": detail}, status=status)
     return HttpResponse(detail, status=status, content_type="text/plain; charset=utf-8")
+
+
+def reads_json(request) -> bool:
+    """Whether the caller of ``request`` reads an error as JSON (the API, Label Studio, a
+    page's script) rather than as a page."""
+    path = request.path_info or ""
+    return path.startswith("/api/") or path.startswith(JSON_PATHS) or _wants_json(request)
 
 
 def _wants_json(request) -> bool:
@@ -59,19 +80,54 @@ def _too_big(request) -> HttpResponse:
                                  "accepted here")
 
 
+def _suspicious(request, exc: Exception, detail: str) -> HttpResponse:
+    """The 400 for a request Django calls suspicious (too many fields or files), logged where
+    Django logs it (``django.security.<class>``) but at WARNING: it was refused, nothing
+    failed, and there is no traceback to read."""
+    logging.getLogger(f"django.security.{type(exc).__name__}").warning(
+        "%s refused: %s", request.path, detail)
+    return refusal(request, 400, detail)
+
+
+def _too_many_fields(request, exc: TooManyFieldsSent, where: str) -> HttpResponse:
+    return _suspicious(request, exc, f"{where} has more than "
+                                     f"{settings.DATA_UPLOAD_MAX_NUMBER_FIELDS:,} fields, the "
+                                     "most accepted here: send fewer")
+
+
 def _parse_form(request) -> HttpResponse | None:
-    """Parse a multipart POST now; the refusal when it cannot be read."""
+    """Parse a multipart or urlencoded POST now; the refusal when it cannot be read."""
     try:
         request.POST  # noqa: B018 (reading it parses the body, files included)
     except RequestDataTooBig:
         return refusal(request, 413, "a form field is larger than the "
                                      f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes accepted "
                                      "here (files aside)")
-    except TooManyFilesSent:
-        return refusal(request, 400, f"at most {settings.DATA_UPLOAD_MAX_NUMBER_FILES} files "
-                                     "per upload: send them in several")
+    except TooManyFilesSent as exc:
+        return _suspicious(request, exc, f"at most {settings.DATA_UPLOAD_MAX_NUMBER_FILES} "
+                                         "files per upload: send them in several")
+    except TooManyFieldsSent as exc:
+        return _too_many_fields(request, exc, "the form")
     except MultiPartParserError as exc:
         return refusal(request, 400, f"the multipart body cannot be read ({exc})")
+    except BadRequest as exc:       # an urlencoded body declared in another charset than UTF-8
+        return refusal(request, 400, f"the form cannot be read ({exc})")
+    return None
+
+
+def _count_fields(request) -> HttpResponse | None:
+    """The query string's fields, and an urlencoded body's when it is not a POST (DRF parses
+    a PUT's itself, and would raise TooManyFieldsSent there), against
+    DATA_UPLOAD_MAX_NUMBER_FIELDS (Django's own count)."""
+    try:
+        request.GET  # noqa: B018 (reading it parses the query string)
+    except TooManyFieldsSent as exc:
+        return _too_many_fields(request, exc, "the query string")
+    if request.method != "POST" and request.content_type == URLENCODED:
+        try:
+            QueryDict(request.body, encoding="utf-8")    # the body stays cached for the view
+        except TooManyFieldsSent as exc:
+            return _too_many_fields(request, exc, "the form")
     return None
 
 
@@ -105,13 +161,15 @@ class RequestGuardMiddleware:
             multipart = request.META.get("CONTENT_TYPE", "").startswith("multipart/")
             if limit is not None and not multipart and int(length) > limit:
                 return _too_big(request)
-        if request.method == "POST" and request.META.get("CONTENT_TYPE", "").startswith(
-                "multipart/form-data"):
-            return _parse_form(request)
-        return None
+        refused = _count_fields(request)
+        if refused is None and request.method == "POST" and request.content_type in FORMS:
+            refused = _parse_form(request)
+        return refused
 
     def process_exception(self, request, exception):
         # a body Django found too big only while reading it (no Content-Length, or a form)
         if isinstance(exception, RequestDataTooBig):
             return _too_big(request)
+        if isinstance(exception, TooManyFieldsSent):    # a body parsed only by the view
+            return _too_many_fields(request, exception, "the request")
         return None

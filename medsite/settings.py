@@ -443,6 +443,12 @@ LOGGING = {
     # generic build): expected on most CPUs, and not a failure
     "loggers": {"faiss.loader": {"level": "WARNING", "propagate": True},
                 "pydicom": {"level": "ERROR", "propagate": True},
+                # the DICOM networking libraries name the original UIDs (identifiers,
+                # deid.PHI_KEYWORDS) at INFO: highdicom "copy Patient-related attributes
+                # from dataset <SOPInstanceUID>" for every report pushed, dicomweb-client
+                # each study it retrieves; our own lines say what happened without them
+                "highdicom": {"level": "ERROR", "propagate": True},
+                "dicomweb_client": {"level": "ERROR", "propagate": True},
                 "PIL": {"level": "INFO", "propagate": True},
                 # django-axes: each failed sign-in and lockout at WARNING, not its INFO chatter
                 "axes": {"level": "WARNING", "propagate": True}},

@@ -1,12 +1,15 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.http import HttpResponse
-from django.urls import include, path
+from django.http import HttpResponse, HttpResponseBadRequest
+from django.shortcuts import render
+from django.template import loader
+from django.urls import Resolver404, include, path
 from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from annotator.auth import SitePasswordChangeView
+from medsite.middleware import reads_json, refusal
 
 # The site's icon (a scan frame), for the pages that do not link one (Django admin): a
 # browser asks for /favicon.ico on every site, and a 404 there is noise in its console.
@@ -20,6 +23,47 @@ ICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
 def favicon(request):
     return HttpResponse(ICON, content_type="image/svg+xml")
 
+
+# What an address that leads nowhere means, by who asks (a view's own Http404 says more).
+NOT_FOUND = {
+    "/api/": "no such API path: see /api/schema/ or /api/docs/",
+    "/ml/": "no such ML backend address: it answers /ml/<project id>/ followed by health, "
+            "setup, predict, webhook or versions (no trailing slash)",
+}
+NOT_FOUND_ELSEWHERE = "no such page, or it belongs to a project you are not a member of"
+
+
+def not_found(request, exception=None):
+    """handler404 (DEBUG off): problem JSON on the API, ``{"error": …}`` to Label Studio and
+    a page's script, the 404 page elsewhere. It says what the view's ``Http404`` said; an
+    address no URL pattern matches (Django passes a ``Resolver404``, whose text is only a
+    dict of the patterns tried) gets the sentence for its part of the site."""
+    path = request.path_info or ""
+    said = ""
+    if exception is not None and not isinstance(exception, Resolver404):
+        message = exception.args[0] if exception.args else ""
+        said = message if isinstance(message, str) else ""
+    if reads_json(request):
+        generic = next((words for prefix, words in NOT_FOUND.items()
+                        if path.startswith(prefix)), NOT_FOUND_ELSEWHERE)
+        return refusal(request, 404, said or generic)
+    return render(request, "404.html", {"exception": said}, status=404)
+
+
+def bad_request(request, exception=None):
+    """handler400 (DEBUG off): a request Django could not read and no guard caught first
+    (medsite/middleware.py refuses the known ones with their reason). JSON for the callers
+    that read it, the 400 page elsewhere."""
+    if reads_json(request):
+        return refusal(request, 400, "the request was refused as malformed (a host name this "
+                                     "site does not serve, or a body that cannot be read): "
+                                     "nothing was saved")
+    # rendered without the request, as Django's own handler: it may be what is broken
+    return HttpResponseBadRequest(loader.render_to_string("400.html"))
+
+
+handler404 = not_found
+handler400 = bad_request
 
 urlpatterns = [
     path("favicon.ico", favicon, name="favicon"),

@@ -17,8 +17,12 @@ def problem_handler(exc, context):
     else:
         fields = data
         detail = _words(data if isinstance(data, dict) else {"request": data})
+    if response.status_code == 406:     # DRF: "Could not satisfy the request Accept header."
+        detail = (f"{detail.rstrip('.')}: this API answers JSON only (Accept: "
+                  "application/json, or no Accept header)")
     title = {400: "Bad request", 401: "Not signed in", 403: "Not allowed", 404: "Not found",
-             405: "Method not allowed", 409: "Conflict", 413: "Content too large",
+             405: "Method not allowed", 406: "Not acceptable", 409: "Conflict",
+             413: "Content too large",
              415: "Unsupported media type",
              429: "Too many requests"}.get(response.status_code, "Error")
     body = {"type": "about:blank", "title": title, "status": response.status_code,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from annotator.models import Annotation, Dataset, ImportJob, LabelClass, Project, Scan
+from annotator.services import answer_outcome_conflicts
 from ml_backend.models import Evaluation, ModelVersion, Prediction, TrainingRun
 
 
@@ -132,6 +133,20 @@ class AnswerSerializer(serializers.Serializer):
                                           help_text="Your key for this answer (unique among "
                                           "your answers in this project): a retried request "
                                           "with it is a no-op.")
+
+    def validate(self, attrs):
+        """An answer says one thing (``services.answer_outcome_conflicts``): a field of
+        another outcome is refused, naming it, never dropped. Without ``outcome``, findings
+        or no_finding make a findings answer (as the view reads it)."""
+        has_findings = bool(attrs.get("findings")) or attrs.get("no_finding") is True
+        outcome = (attrs.get("outcome") if "outcome" in self.initial_data
+                   else "findings" if has_findings else "label")
+        conflicts = answer_outcome_conflicts(
+            outcome=outcome, class_id=attrs.get("class_id"), findings=attrs.get("findings"),
+            no_finding=attrs.get("no_finding"))
+        if conflicts:
+            raise serializers.ValidationError(conflicts)
+        return attrs
 
 
 class WorklistItemSerializer(serializers.Serializer):

@@ -1,5 +1,6 @@
 from django.http import JsonResponse
-from django.urls import path, re_path, register_converter
+from django.urls import Resolver404, path, re_path, register_converter, resolve
+from django.views.decorators.csrf import csrf_exempt
 
 from annotator.api import views
 
@@ -20,10 +21,20 @@ class SignedInt:
 register_converter(SignedInt, "id")
 
 
+@csrf_exempt    # it writes nothing: a POST / PUT with a token gets this 404, not a CSRF 403
 def not_found(request, rest: str = ""):
+    detail = "no such API path: see /api/schema/ or /api/docs/"
+    path_info = request.path_info
+    if not path_info.endswith("/"):
+        try:
+            match = resolve(path_info + "/")
+        except Resolver404:
+            match = None
+        if match is not None and match.func is not not_found:
+            detail = (f"no such API path: add the trailing slash ({request.path}/); see "
+                      "/api/schema/ or /api/docs/")
     response = JsonResponse({"type": "about:blank", "title": "Not found", "status": 404,
-                             "detail": "no such API path: see /api/schema/ or /api/docs/"},
-                            status=404)
+                             "detail": detail}, status=404)
     response["Content-Type"] = "application/problem+json"
     return response
 

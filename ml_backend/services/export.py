@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from annotator.models import LabelClass, LabelSet, Scan
+from medsite.locks import LockBusy, file_lock
 from ml_backend.errors import TrainingError
 from ml_backend.models import ModelVersion
 from ml_backend.services.artifacts import images_for
@@ -150,26 +151,14 @@ def _export_zip(model: ModelVersion, *, fmt: str, folder: Path, target: Path) ->
 
 @contextmanager
 def _export_lock(path: Path, *, wait: float, what: str):
-    """Hold an exclusive ``flock`` on ``path`` (waiting up to ``wait`` seconds). Each call
-    opens the file itself, so two threads of one process exclude each other as two
-    processes do; the lock goes with the process if it dies."""
-    import fcntl
-
-    deadline = time.monotonic() + max(wait, 0.0)
-    with open(path, "a+b") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ExportBusy(f"{what} is being exported by another request right "
-                                     "now: try again in a moment") from None
-                time.sleep(0.2)
-        try:
+    """``medsite.locks.file_lock`` on ``path``; a second export of the same version and format
+    that waits longer than ``wait`` gets ``ExportBusy``."""
+    try:
+        with file_lock(path, wait=wait):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except LockBusy:
+        raise ExportBusy(f"{what} is being exported by another request right now: try again "
+                         "in a moment") from None
 
 
 def _class_networks(model: ModelVersion) -> list[dict]:

@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -18,10 +19,11 @@ import pydicom
 import pytest
 from django.apps import apps
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.test import Client
 from django.urls import reverse
 
-from annotator import backup, findings, services
+from annotator import backup, findings, services, storage
 from annotator.models import (
     Annotation,
     AuditEvent,
@@ -240,9 +242,13 @@ def test_every_field_is_backed_up_or_named_as_left_out():
 # --- hostile and broken backups ---------------------------------------------------------
 
 
+BIG = "__1e999__"       # a manifest value written as 1e999 (which json reads as Infinity)
+
+
 def repack(archive: Path, out: Path, mutate=None, extra=(), drop=()) -> Path:
     """A copy of ``archive`` with its manifest changed by ``mutate``, members named in
-    ``drop`` left out and the TarInfo/bytes pairs of ``extra`` added."""
+    ``drop`` left out and the TarInfo/bytes pairs of ``extra`` added. The manifest is written
+    as Python's json does (Infinity, NaN as such; ``BIG`` as 1e999)."""
     with tarfile.open(archive) as tar, tarfile.open(out, "w:gz") as new:
         for member in tar.getmembers():
             if member.name in drop:
@@ -251,7 +257,7 @@ def repack(archive: Path, out: Path, mutate=None, extra=(), drop=()) -> Path:
             if member.name == "manifest.json" and mutate is not None:
                 manifest = json.loads(data)
                 mutate(manifest)
-                data = json.dumps(manifest).encode()
+                data = json.dumps(manifest).replace(f'"{BIG}"', "1e999").encode()
                 member.size = len(data)
             new.addfile(member, io.BytesIO(data))
         for info, data in extra:
@@ -268,10 +274,12 @@ def member(name: str, data: bytes = b"x", **attrs) -> tuple[tarfile.TarInfo, byt
 
 
 def world(settings) -> dict:
-    """Every row count and every file and folder under MEDIA_ROOT and ARTIFACTS_ROOT."""
+    """Every row count and every file and folder under MEDIA_ROOT and ARTIFACTS_ROOT (but the
+    restore's lock file, empty, which stays once made, as the model export's do)."""
     counts = {m._meta.label: m.objects.count() for app in ("annotator", "ml_backend", "auth")
               for m in apps.get_app_config(app).get_models()}
-    tree = {str(root): sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
+    tree = {str(root): sorted(str(p.relative_to(root)) for p in Path(root).rglob("*")
+                              if p != Path(settings.ARTIFACTS_ROOT) / backup.RESTORE_LOCK)
             for root in (settings.MEDIA_ROOT, settings.ARTIFACTS_ROOT)}
     return {"rows": counts, "files": tree}
 
@@ -289,6 +297,56 @@ def hostile_model(version):
                         "metrics": {}, "created_at": None, "promoted_at": None,
                         "evaluations": []}]
     return mutate
+
+
+def a_model(**changes):
+    """The manifest's models: one encoder (no files), with ``changes``."""
+    def mutate(m):
+        hostile_model("enc-9")(m)
+        m["models"][0].update(changes)
+    return mutate
+
+
+def findings_answer_as(**changes):
+    """The backup's findings answer (alice's, on a Brain findings scan) with ``changes``."""
+    def mutate(m):
+        m["annotations"][0].update(changes)
+    return mutate
+
+
+def two_single_sets(label, suggestion, *, findings_scan_to=None):
+    """As the probe's project: two single-label sets beside the findings set, Chest X-ray
+    (normal, pneumonia) and Brain MRI (glioma_tumor, meningioma_tumor); one scan moved to
+    Chest X-ray and answered with ``label``, shown ``suggestion``. ``findings_scan_to``: the
+    findings answer's scan moved to that set too."""
+    def mutate(m):
+        m["label_sets"] += [{"id": 901, "name": "Chest X-ray", "kind": "single", "datasets": []},
+                            {"id": 902, "name": "Brain MRI", "kind": "single", "datasets": []}]
+        for i, (name, label_set) in enumerate((("normal", "Chest X-ray"),
+                                               ("pneumonia", "Chest X-ray"),
+                                               ("glioma_tumor", "Brain MRI"),
+                                               ("meningioma_tumor", "Brain MRI"))):
+            m["classes"].append({"id": 911 + i, "label_set": label_set, "name": name,
+                                 "hotkey": str(i % 2 + 1), "created_by": None})
+        answered = m["annotations"][0]
+        scan = next(s for s in m["scans"]
+                    if not s["quarantined"] and s["sha256"] != answered["scan"])
+        scan["label_set"] = "Chest X-ray"
+        m["annotations"].append(dict(
+            answered, scan=scan["sha256"], outcome="label", label=label,
+            shown_suggestion=suggestion, findings=[], shown_scores=None, shown_confidence=0.8))
+        if findings_scan_to:
+            next(s for s in m["scans"] if s["sha256"] == answered["scan"])["label_set"] = \
+                findings_scan_to
+    return mutate
+
+
+def another_findings_set(m):
+    m["label_sets"].append({"id": 903, "name": "Chest findings", "kind": "multi",
+                            "datasets": []})
+    m["classes"].append({"id": 931, "label_set": "Chest findings", "name": "effusion",
+                         "hotkey": "", "created_by": None})
+    m["annotations"][0]["findings"].append({"finding": "effusion", "state": "present"})
 
 
 def set_in(*path_and_value):
@@ -335,6 +393,42 @@ HOSTILE_MANIFESTS = {
     "scans not a list": (set_in("scans", {"a": 1}), "'scans' section is not a list"),
     "unknown section": (set_in("extra", 1), "unknown sections: 'extra'"),
     "a future format version": (set_in("version", 3), "of version 3"),
+    # numbers no JSON answer can hold (the API answered 500 on them)
+    "Infinity as an evaluation's accuracy": (
+        a_model(evaluations=[{"accuracy": float("inf"), "num_labels": 4}]),
+        "model 1: evaluations[0].accuracy is Infinity, not a finite number"),
+    "NaN as a shown confidence": (set_in("annotations", 0, "shown_confidence", float("nan")),
+                                  "answer 1: shown_confidence is NaN, not a finite number"),
+    "-Infinity in a scan's window": (first_scan("display", {"window": [40.0, float("-inf")]}),
+                                     "scan 1: display.window[1] is -Infinity"),
+    "1e999 in a model's metrics": (a_model(metrics={"macro_f1": BIG}),
+                                   "model 1: metrics.macro_f1 is Infinity"),
+    "1e999 as the gate tolerance": (set_in("project", "gate_tolerance", BIG),
+                                    "the project: gate_tolerance is Infinity"),
+    "a shown confidence above 1": (set_in("annotations", 0, "shown_confidence", 1.5),
+                                   "answer 1: its shown_confidence 1.5 is not a probability"),
+    "a shown score above 1": (set_in("annotations", 0, "shown_scores", {"1": 2.0}),
+                              "answer 1: its shown_scores are not a mapping of class id to "
+                              "probability"),
+    # answers the answer path refuses
+    "a finding as the scan's one class": (
+        findings_answer_as(outcome="label", label="mass", findings=[]),
+        "answer 1: its class 'mass' is a finding of the findings set 'Brain findings'"),
+    "a finding of another findings set": (
+        another_findings_set,
+        "answer 1: its findings come from 2 findings sets ('Brain findings', 'Chest "
+        "findings')"),
+    # class hotkeys the class form refuses
+    "the viewer's zoom key as a hotkey": (set_in("classes", 0, "hotkey", "n"),
+                                          "class 1 ('mass'): its hotkey 'n' is the label "
+                                          "page's key for 1:1 zoom"),
+    "an upper-case viewer key": (set_in("classes", 0, "hotkey", "G"),
+                                 "its hotkey 'g' is the label page's key for the Grad-CAM"),
+    "'no finding' as a finding's key": (set_in("classes", 0, "hotkey", "0"),
+                                        "its hotkey '0' answers 'no finding'"),
+    "one hotkey twice in a set": (set_in("classes", 1, "hotkey", "1"),
+                                  "class 2 ('oedema'): its hotkey '1' already labels 'mass' "
+                                  "in 'Brain findings'"),
 }
 
 
@@ -385,8 +479,8 @@ def test_a_failure_while_writing_rows_removes_the_copied_files(backed_up, settin
         call_command("project_import", str(crafted), name="Corrupt", no_embed=True,
                      stdout=io.StringIO())
     assert world(settings) == before
-    assert not any(settings.MEDIA_ROOT.iterdir()) and not any(
-        Path(settings.ARTIFACTS_ROOT).iterdir())
+    assert not any(settings.MEDIA_ROOT.iterdir()) and [
+        p.name for p in Path(settings.ARTIFACTS_ROOT).iterdir()] == [backup.RESTORE_LOCK]
 
 
 HOSTILE_MEMBERS = {
@@ -510,3 +604,113 @@ def test_a_copy_beside_the_original_keeps_answers_whose_ids_would_clash(backed_u
     with pytest.raises(CommandError, match="submission id 'ls-17' appears twice"):
         call_command("project_import", str(repack(archive, tmp_path / "twice.tar.gz", twice)),
                      name="Twice", no_embed=True)
+
+
+@pytest.mark.parametrize("label,suggestion,findings_scan_to", [
+    ("pneumonia", "normal", None),                   # each answer of its scan's own set
+    # what a live project holds once a label set's rules move answered scans
+    # (services.label_sets_assign): a class, a suggestion, findings of the scan's former set
+    ("glioma_tumor", "meningioma_tumor", "Chest X-ray"),
+])
+def test_answers_of_each_label_set_restore(backed_up, tmp_path, label, suggestion,
+                                            findings_scan_to):
+    """The control of the label-set refusals above: answers with classes of the project's
+    single-label sets and findings of one findings set restore, whichever set the scan is in
+    now — a backup of a project whose rules moved answered scans restores as it was."""
+    _, archive = backed_up
+    crafted = repack(archive, tmp_path / "sets.tar.gz",
+                     two_single_sets(label, suggestion, findings_scan_to=findings_scan_to))
+    copy, _ = restore(crafted, "Two sets")
+    answer = Annotation.objects.get(project=copy, outcome="label")
+    assert (answer.label_class.name, answer.shown_suggestion.name,
+            answer.scan.label_set.name) == (label, suggestion, "Chest X-ray")
+    findings = Annotation.objects.get(project=copy, outcome="findings")
+    assert findings.findings.count() >= 1
+
+
+# --- two restores at once -----------------------------------------------------------------
+
+
+def restore_files(project) -> list[Path]:
+    files = [storage.media_path(name) for scan in project.scans.all()
+             for name in (scan.file.name, scan.preview.name)]
+    for model in project.model_versions.all():
+        files += [p for p in Path(model.artifact_dir).rglob("*") if p.is_file()]
+    return files
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_second_restore_while_one_runs_is_refused_and_leaves_the_first_ones_files(
+        backed_up, settings, tmp_path):
+    """As the probe ran it (one archive, restored twice at once into empty storage): while the
+    first restore copies its files, a second one in another thread is refused with the
+    reason, and the first restores completely — every scan file, preview and model file
+    there."""
+    _, archive = backed_up
+    settings.MEDIA_ROOT = tmp_path / "fresh-media"
+    settings.MEDIA_ROOT.mkdir()
+    crafted = repack(archive, tmp_path / "twice.tar.gz", hostile_model("enc-7"),
+                     extra=[member("artifacts/enc-7/config.json", b"{}")])
+    second = {}
+
+    def run_second():
+        try:
+            backup.import_project(crafted, name="Restored", embed=False)
+            second["outcome"] = "restored"
+        except backup.BackupError as exc:
+            second["outcome"] = str(exc)
+        finally:
+            connection.close()
+
+    def start_second_meanwhile(line):
+        # the first restore says its first line once its files are planned, before it
+        # copies them: the second one runs then, from start to end
+        if not second:
+            second["started"] = line
+            thread = threading.Thread(target=run_second)
+            thread.start()
+            thread.join(120)
+
+    first = backup.import_project(crafted, name="Restored", embed=False,
+                                  log=start_second_meanwhile)
+    assert "another restore is under way here" in second["outcome"], second
+    assert "nothing was restored" in second["outcome"]
+    assert Project.objects.filter(name="Restored").count() == 1
+    files = restore_files(first)
+    assert len(files) == 2 * first.scans.count() + 1 and first.scans.count() == 5
+    assert [str(p) for p in files if not p.is_file()] == []
+    assert (Path(settings.ARTIFACTS_ROOT) / "models" / "enc-7" / "config.json").is_file()
+    # and the lock is free again: the next restore (under another name) is not refused
+    assert "exist" in pytest.raises(backup.BackupError, backup.import_project, crafted,
+                                    name="Again", embed=False).value.args[0]
+
+
+def test_a_failed_restore_removes_only_the_files_it_created(backed_up, settings, tmp_path):
+    """A scan file that appears in MEDIA_ROOT while a restore runs (another import storing the
+    same scan) is not this restore's: when the restore fails, that file stays, with the
+    folders it lies in; everything the restore created is gone."""
+    _, archive = backed_up
+    settings.MEDIA_ROOT = tmp_path / "fresh-media"
+    settings.MEDIA_ROOT.mkdir()
+    crafted = repack(archive, tmp_path / "corrupt.tar.gz", hostile_model("enc-5"),
+                     extra=[member("artifacts/enc-5/head.npz", b"not a numpy file")])
+    with tarfile.open(archive) as tar:
+        name = next(n for n in tar.getnames() if n.startswith("media/scans/"))
+        data = tar.extractfile(name).read()
+    theirs = storage.media_path(name[len("media/"):])
+
+    def store_it_meanwhile(line):
+        if not theirs.exists():
+            theirs.parent.mkdir(parents=True)
+            theirs.write_bytes(data)
+
+    with pytest.raises(backup.BackupError, match="its classifier file head.npz cannot be "
+                                                 "read"):
+        backup.import_project(crafted, name="Corrupt", embed=False, log=store_it_meanwhile)
+    assert theirs.read_bytes() == data
+    left = sorted(str(p.relative_to(settings.MEDIA_ROOT))
+                  for p in settings.MEDIA_ROOT.rglob("*"))
+    assert left == ["scans", str(Path(name[len("media/"):]).parent),
+                    name[len("media/"):]]
+    assert not (Path(settings.ARTIFACTS_ROOT) / "models").exists()
+    assert not Project.objects.filter(name="Corrupt").exists()

@@ -102,3 +102,47 @@ def test_the_scheduled_pull_takes_its_project_and_query_from_settings(pacs, proj
     assert pacs_pull_scheduled()["pulled"] == 0            # the next beat: nothing new
     settings.PACS_PULL_PROJECT = "no such project"
     assert "error" in pacs_pull_scheduled()
+
+
+def test_studies_are_asked_for_a_page_at_a_time(pacs, project, monkeypatch, capsys):
+    """A PACS answers at most so many studies per QIDO-RS request: the pull asks again from
+    where the answer stopped (``offset``) until nothing new comes, so no study is left out."""
+    from annotator import pacs as pacs_module
+
+    monkeypatch.setattr(pacs_module, "QIDO_PAGE", 2)
+    calls = []
+    real = pacs_module.client_for
+
+    def counting_client(url):
+        client = real(url)
+        search = client.search_for_studies
+
+        def counted(**kwargs):
+            calls.append((kwargs["limit"], kwargs["offset"]))
+            return search(**kwargs)
+        client.search_for_studies = counted
+        return client
+
+    monkeypatch.setattr(pacs_module, "client_for", counting_client)
+    call_command("pacs_pull", "--project", project.name, "--dicomweb", pacs["dicomweb"])
+    assert "3 studies found, 3 pulled" in capsys.readouterr().out
+    assert calls == [(2, 0), (2, 2), (2, 3)]
+    calls.clear()
+    call_command("pacs_pull", "--project", project.name, "--dicomweb", pacs["dicomweb"],
+                 "--limit", "2")
+    assert "2 studies found, 0 pulled (0 instances), 2 already here" in capsys.readouterr().out
+    assert calls == [(2, 0)]
+
+
+def test_a_series_read_as_one_scan_is_already_here_on_the_next_pull(pacs, project, capsys):
+    """Per-series projects hold a study's slices as one scan: the next pull counts the
+    slices, not the scans, and fetches nothing again."""
+    project.dicom_grouping = "series"
+    project.save(update_fields=["dicom_grouping"])
+    call_command("pacs_pull", "--project", project.name, "--dicomweb", pacs["dicomweb"],
+                 "--query", "Modality=CT")
+    assert "2 studies found, 2 pulled (6 instances)" in capsys.readouterr().out
+    assert Scan.objects.filter(project=project).count() == 2
+    call_command("pacs_pull", "--project", project.name, "--dicomweb", pacs["dicomweb"],
+                 "--query", "Modality=CT")
+    assert "2 studies found, 0 pulled (0 instances), 2 already here" in capsys.readouterr().out

@@ -6,6 +6,7 @@ key nothing is kept and nothing can be sent; the linkage never shows an identifi
 from __future__ import annotations
 
 import json
+import logging
 import urllib.request
 
 import pytest
@@ -22,8 +23,10 @@ KEY = "k" * 12 + "a-long-random-linkage-secret-for-tests"
 
 
 @pytest.fixture
-def pulled(orthanc_server, project, tmp_path, settings, users):
-    """Two CT studies in Orthanc, pulled into the project with the linkage on."""
+def pulled(orthanc_server, project, tmp_path, settings, users, caplog):
+    """Two CT studies in Orthanc, pulled into the project with the linkage on; every log
+    line (DEBUG up) is kept in ``caplog``."""
+    caplog.set_level(logging.DEBUG)
     settings.LINKAGE_KEY = KEY
     orthanc_delete_all(orthanc_server)
     written = write_series(tmp_path / "ct", patients=2, slices=2, first_patient=70)
@@ -106,6 +109,33 @@ def test_results_go_back_as_structured_reports_in_their_studies(pulled, project,
     call_command("pacs_push", "--project", project.name, "--dicomweb", server["dicomweb"])
     assert "1 report(s) sent, 1 unchanged" in capsys.readouterr().out
     assert len(_sr_in_orthanc(server)) == 3
+
+
+def test_no_identifier_reaches_the_logs_of_a_pull_or_a_push(pulled, project, users, caplog):
+    """The libraries under the pull and the push (dicomweb-client, highdicom) name the
+    original study and instance UIDs at INFO; the site's logging keeps them out at any
+    LOG_LEVEL, as it keeps pydicom's element values out."""
+    server, written = pulled
+    normal, _ = services.label_class_get_or_create(project=project, name="normal")
+    for scan in Scan.objects.filter(project=project):
+        services.annotation_create(scan=scan, reader=users["alice"], label_class=normal)
+    call_command("pacs_push", "--project", project.name, "--dicomweb", server["dicomweb"])
+    assert len(_sr_in_orthanc(server)) == 4
+    for name, ids in written.items():
+        for kind in ("patient", "study", "series", "sop"):
+            assert ids[kind] not in caplog.text, f"{kind} identifier of {name} in the logs"
+    # what the check above would catch: highdicom at INFO names the source instances
+    caplog.clear()
+    logging.getLogger("highdicom").setLevel(logging.INFO)
+    try:
+        scan = Scan.objects.filter(project=project).first()
+        nodule, _ = services.label_class_get_or_create(project=project, name="nodule")
+        services.annotation_create(scan=scan, reader=users["bob"], label_class=nodule,
+                                   source=Annotation.Source.ADJUDICATION)
+        call_command("pacs_push", "--project", project.name, "--dicomweb", server["dicomweb"])
+    finally:
+        logging.getLogger("highdicom").setLevel(logging.ERROR)
+    assert any(ids["sop"] in caplog.text for ids in written.values())
 
 
 def test_without_the_key_nothing_is_kept_or_sent(orthanc_server, project, tmp_path, settings):

@@ -67,7 +67,7 @@ class RecordingClient:
     def __init__(self):
         self.asked = []
 
-    def search_for_studies(self, *, search_filters, limit, fields):
+    def search_for_studies(self, *, search_filters, limit, fields, offset=0):
         self.asked.append(search_filters)
         return []
 

@@ -76,7 +76,10 @@ class Command(BaseCommand):
                     f"No project named {opts['project']!r}. Create it in the admin, or pass "
                     "--create-project."
                 )
-            project = services.project_create(name=opts["project"])
+            try:
+                project = services.project_create(name=opts["project"])
+            except ValueError as exc:
+                raise CommandError(f"--project refused: {exc}") from None
             self.stdout.write(f"Created project {project.name!r}.")
         reader = None
         if opts["reader"]:
