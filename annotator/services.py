@@ -7,10 +7,12 @@ import io
 import re
 import logging
 import shutil
+import threading
 import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -1635,10 +1637,35 @@ def annotation_create(
     return annotation
 
 
+_refit_asks = threading.local()
+
+
+@contextmanager
+def refit_asks_deferred():
+    """Within: each new label asks for no refit of its own; once the block is left, one ask
+    per project that got labels, after commit (a Label Studio bulk event: one refit asked
+    for, not one ask per answer)."""
+    outer = getattr(_refit_asks, "projects", None)
+    if outer is not None:              # nested: the outermost block asks
+        yield
+        return
+    _refit_asks.projects = {}
+    try:
+        yield
+    finally:
+        projects, _refit_asks.projects = _refit_asks.projects, None
+    for project in projects.values():
+        transaction.on_commit(lambda project=project: runs.refit_start_if_due(project=project))
+
+
 def label_saved(annotation: Annotation) -> None:
     """What a new label sets going, wherever it was made (the label page, the admin, an
     import, Label Studio): once committed, a refit if one is due (the ML adapter's one
-    trigger, ``refit_start_if_due``)."""
+    trigger, ``refit_start_if_due``); inside ``refit_asks_deferred``, one ask at its end."""
     if annotation.outcome in Annotation.LABELLING and annotation.scan.split == "pool":
         project = annotation.scan.project
+        deferred = getattr(_refit_asks, "projects", None)
+        if deferred is not None:
+            deferred[project.pk] = project
+            return
         transaction.on_commit(lambda: runs.refit_start_if_due(project=project))

@@ -167,10 +167,14 @@ def predict(request, project, body):
 
 @_endpoint(("POST",))
 def webhook(request, project, body):
-    """START_TRAINING queues a refit (never in the request). Annotation events are taken from
+    """START_TRAINING queues a refit (never in the request), or answers 409 with why it
+    could only fail (no encoder, labels of too few classes). Annotation events are taken from
     our own secret-carrying webhook (/labelstudio/<id>/webhook/), not from this one."""
     action = body.get("action")
     if action == "START_TRAINING":
+        refusal = runs.refit_refusal(project) if project.active_encoder_id else None
+        if refusal:     # labels of too few classes: the run could only fail, and says why
+            return JsonResponse({"error": refusal}, status=409)
         run = runs.refit_start_if_due(project=project, force=True,
                                       params={"requested_from": "label_studio"})
         where = f"{settings.SITE_URL}{project.get_absolute_url()}"

@@ -33,4 +33,8 @@ def add_problem_responses(result, generator, request, public):
             for code, words in codes.items():
                 responses.setdefault(code, {"description": words, "content": {
                     "application/problem+json": {"schema": reference}}})
+            # an error a view documents itself (a 409 with its reasons) is problem JSON too
+            for code, response in responses.items():
+                if str(code)[:1] in "45" and "application/json" in response.get("content", {}):
+                    response["content"] = {"application/problem+json": {"schema": reference}}
     return result

@@ -434,7 +434,9 @@ class RunList(ProjectScoped, generics.ListAPIView):
 
 
 class RefitStart(ProjectScoped, APIView):
-    """Start a refit now (as "start training" does): queued, never run in the request."""
+    """Start a refit now (as "start training" does): queued, never run in the request. 409
+    when it could only fail: no encoder yet, or labels of too few classes (the sentence its
+    run would fail with)."""
 
     @extend_schema(request=None, responses={201: s.RefitSerializer, 200: s.RefitSerializer,
                                             409: OpenApiTypes.OBJECT})
@@ -442,6 +444,9 @@ class RefitStart(ProjectScoped, APIView):
         from ml_backend.services import runs
 
         project = self.project()
+        refusal = runs.refit_refusal(project) if project.active_encoder_id else None
+        if refusal:
+            return problem(409, refusal)
         run = runs.refit_start_if_due(project=project, force=True,
                                       params={"requested_from": "api"})
         if run is not None:
@@ -456,16 +461,22 @@ class RefitStart(ProjectScoped, APIView):
 
 class RetrainStart(ProjectScoped, APIView):
     """Start a retrain (fine-tune the network on every label) now: queued. A project admin or
-    reviewer only (hours of compute)."""
+    reviewer only (hours of compute). 409 when one is queued or running, or when it could only
+    fail (no encoder, labels of fewer than two classes: the sentence its run would fail
+    with)."""
 
     @extend_schema(request=None, responses={201: s.RefitSerializer, 409: OpenApiTypes.OBJECT})
     def post(self, request, project_id: int):
         from ml_backend import services as ml
+        from ml_backend.services import runs
 
         project = self.project()
         if project.role_of(request.user) not in ("admin", "reviewer"):
             raise PermissionDenied("a retrain takes hours of compute: a project admin or "
                                    "reviewer starts it")
+        refusal = runs.retrain_refusal(project)
+        if refusal:
+            return problem(409, refusal)
         try:
             run = ml.retrain_start(project=project, params={"requested_from": "api"},
                                    enqueue=True)

@@ -16,7 +16,9 @@ logger = logging.getLogger(__name__)
 
 @shared_task(name="annotator.tasks.label_studio_ingest", acks_late=True)
 def label_studio_ingest(project_id: int, annotation: dict, task: dict) -> str:
-    """One annotation from Label Studio's webhook; idempotent by its Label Studio id."""
+    """One annotation from Label Studio's webhook; idempotent by its Label Studio id. (The
+    webhook now queues ``label_studio_ingest_payload``, one task per payload; this one stays
+    for messages queued before.)"""
     project = Project.objects.filter(pk=project_id).first()
     if project is None:
         return "ignored: project deleted"
@@ -31,6 +33,22 @@ def label_studio_ingest(project_id: int, annotation: dict, task: dict) -> str:
         logger.warning("Label Studio annotation %s for project %s %s",
                        str(annotation.get("id"))[:24], project.pk, outcome)
     return outcome
+
+
+@shared_task(name="annotator.tasks.label_studio_ingest_payload", acks_late=True)
+def label_studio_ingest_payload(project_id: int, items: list) -> dict:
+    """One webhook payload's annotations (``[annotation, task]`` pairs, a bulk event's
+    thousands as one task); idempotent by their Label Studio ids."""
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None:
+        return {"ignored": len(items)}
+    ls = None
+    if any(isinstance(annotation.get("completed_by"), int) for annotation, _ in items):
+        try:
+            ls = api.client()
+        except api.LabelStudioError:
+            ls = None   # not configured here: the readers stay unknown, reconcile fills them
+    return inbound.ingest_payload(project, items, ls=ls)
 
 
 @shared_task(name="annotator.tasks.label_studio_push", acks_late=True)

@@ -11,7 +11,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from annotator import background
 from annotator.label_studio import config, inbound
-from annotator.label_studio.tasks import label_studio_ingest
+from annotator.label_studio.tasks import label_studio_ingest_payload
 from annotator.models import Project
 from annotator.storage import media_path
 from medsite import jsonbody
@@ -43,7 +43,8 @@ def ls_webhook(request, project_id: int):
         return JsonResponse({"error": "missing or wrong webhook secret"}, status=403)
     project = Project.objects.filter(pk=project_id).first()
     if project is None:
-        raise Http404("No such project.")
+        return JsonResponse({"error": f"no project {project_id} on this site: check the "
+                                      "webhook URL in Label Studio"}, status=404)
     try:
         payload = jsonbody.parse_json(request.body, expect=dict)
     except jsonbody.BodyError as exc:
@@ -60,11 +61,7 @@ def ls_webhook(request, project_id: int):
                             status=409)
     # refused now, with their reasons: what may not land on this project's task scans
     pairs, refused = inbound.webhook_screen(project, payload)
-    for annotation, task in pairs:
-        # only what we need goes on the queue (the payload also carries the project token)
-        background.send(label_studio_ingest, project.pk, {k: annotation.get(k) for k in (
-            "id", "result", "was_cancelled", "completed_by", "lead_time", "prediction", "task")},
-            {"id": task.get("id"), "data": task.get("data") if isinstance(task.get("data"), dict)
-             else {}})
+    if pairs:       # one task for the payload, however many annotations a bulk event carries
+        background.send(label_studio_ingest_payload, project.pk, inbound.queued_items(pairs))
     return JsonResponse({"queued": len(pairs), "refused": refused,
                          "action": payload.get("action")})

@@ -239,3 +239,64 @@ def refit_busy(project: Project) -> TrainingRun | None:
     return TrainingRun.objects.filter(
         project=project, kind=TrainingRun.Kind.REFIT,
         status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).first()
+
+
+# --- whether a run could succeed on the labels there are (before it is created) -----------
+
+NO_ENCODER = "the project has no active encoder: run `manage.py pretrain` first"
+
+
+def refit_nothing_to_fit(labels: int, skipped: list[str]) -> str:
+    """The sentence a refit fails with when no label set has labels of two classes and no
+    findings set could be fitted: ``labels`` pool labels in all, ``skipped`` one phrase
+    per label set left out."""
+    return (f"a refit needs labeled pool scans of at least 2 classes in one label set, or "
+            f"findings answers (have {labels} labels; "
+            + "; ".join(skipped or ["no labels yet"]) + ")")
+
+
+def refit_refusal(project: Project) -> str | None:
+    """Why a refit of ``project`` could only fail on the labels it has now — the sentence
+    its run fails with (``training._refit``, which asks this first) — or None. Read the way
+    the refit reads its labels (``training_labels``: each reader's latest label, the
+    project's disagreement rule): a label set takes a head once its labels are of two
+    classes. Findings answers, or findings networks the active model could carry over, are
+    left to the run to judge (never refused here)."""
+    from annotator.selectors import class_label_sets, training_labels
+
+    scans, class_ids = training_labels(project, split="pool")
+    class_set = class_label_sets(project)
+    by_set: dict[int, set[int]] = {}
+    for class_id in class_ids:
+        by_set.setdefault(class_set[class_id], set()).add(class_id)
+    if any(len(classes) >= 2 for classes in by_set.values()):
+        return None
+    if Annotation.objects.filter(scan__project=project, scan__split="pool",
+                                 outcome=Annotation.Outcome.FINDINGS).exists():
+        return None
+    active = project.active_model
+    if active is not None and any("net" in entry for entry in
+                                  (active.config or {}).get("findings_sets") or []):
+        return None
+    names = dict(project.label_sets.values_list("pk", "name"))
+    return refit_nothing_to_fit(len(scans), [f"{names[set_id]}: labels of 1 class so far"
+                                             for set_id in sorted(by_set)])
+
+
+def retrain_refusal(project: Project, params: dict | None = None) -> str | None:
+    """Why a retrain (fine-tuning the network on every label) of ``project`` could only
+    fail now — the sentence its run fails with (``training._finetune``, which asks this
+    first) — or None. A findings set's network (``params["findings_set"]``) is judged by
+    its run."""
+    from annotator.selectors import training_labels
+
+    if not Project.objects.filter(pk=project.pk, active_encoder__isnull=False).exists():
+        return NO_ENCODER
+    if (params or {}).get("findings_set"):
+        return None
+    scans, class_ids = training_labels(project, split="pool")
+    classes = set(class_ids)
+    if len(classes) < 2:
+        return (f"fine-tuning needs labeled pool scans of at least 2 classes "
+                f"(have {len(scans)} labels in {len(classes)} class(es))")
+    return None

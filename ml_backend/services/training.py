@@ -43,7 +43,12 @@ from ml_backend.services.findings import (
     save_findings_heads,
 )
 from ml_backend.services.queries import query_round_create
-from ml_backend.services.runs import RunReporter
+from ml_backend.services.runs import (
+    RunReporter,
+    refit_nothing_to_fit,
+    refit_refusal,
+    retrain_refusal,
+)
 from ml_backend.services.versions import evaluate, gate, model_version_activate, publish
 from ml_backend.ssl import train as ssl
 
@@ -559,12 +564,12 @@ def _finetune(run: TrainingRun, report: RunReporter) -> None:
     if run.params.get("findings_set"):
         _finetune_findings(run, report, encoder)
         return
+    refusal = retrain_refusal(run.project, run.params)   # the check the endpoints answer 409 by
+    if refusal:
+        raise TrainingError(refusal)
     pretrained, pconfig = ssl.load_pretrained(checkpoint_path(encoder, "encoder.pt"))
     train_scans, class_ids = training_labels(run.project, split="pool")
     classes = sorted(set(class_ids))
-    if len(classes) < 2:
-        raise TrainingError(f"fine-tuning needs labeled pool scans of at least 2 classes "
-                            f"(have {len(train_scans)} labels in {len(classes)} class(es))")
     config = ssl.FinetuneConfig(**{"input_scale": CLASS_NETWORK_INPUT_SCALE,
                                    **{k: v for k, v in run.params.items()
                                       if k in ssl.FinetuneConfig.__dataclass_fields__}})
@@ -695,6 +700,9 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
     encoder = run.project.active_encoder
     if encoder is None:
         raise TrainingError("the project has no active encoder: run `manage.py pretrain` first")
+    refusal = None if networks else refit_refusal(run.project)   # as the endpoints answer 409
+    if refusal:
+        raise TrainingError(refusal)
     embed_with(run, encoder, report, full=False)          # new scans since the last embed
     timings = {"embed_new_s": time.perf_counter() - started}
     scans, class_ids = training_labels(run.project, split="pool")
@@ -749,9 +757,7 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
     findings_fits, carried = _carried_networks(run.project, findings_fits, report,
                                                fresh=set(networks))
     if not heads and not findings_fits:
-        raise TrainingError(f"a refit needs labeled pool scans of at least 2 classes in one "
-                            f"label set, or findings answers (have {len(scans)} labels; "
-                            + "; ".join(skipped or ["no labels yet"]) + ")")
+        raise TrainingError(refit_nothing_to_fit(len(scans), skipped))
     classes = [c for config in set_configs for c in config["classes"]]
     names = dict(LabelClass.objects.filter(pk__in=classes).values_list("pk", "name"))
     config = {

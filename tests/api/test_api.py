@@ -111,7 +111,10 @@ def test_unknown_filter_values_are_refused_not_ignored(project, users):
 
 
 def test_models_runs_and_a_refit_queued(encoded_project, users):
+    from tests.factories import label_brain_scans
+
     project = encoded_project
+    label_brain_scans(project, users["alice"])     # two classes: a refit has something to fit
     bob = api(users["bob"])
     models = bob.get(f"/api/v1/projects/{project.pk}/models/").json()["results"]
     assert models[0]["kind"] == "encoder" and models[0]["status"] == "active"
