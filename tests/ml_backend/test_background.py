@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import threading
 import time
 from pathlib import Path
@@ -175,6 +176,143 @@ def test_shutdown_abandons_runs_that_never_started(in_thread, monkeypatch, db, p
     assert second.status == TrainingRun.Status.ABANDONED
     assert "stopped before this run started" in second.last_error
     assert dispatch.wait_idle(1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_follow_up_queued_while_the_server_stops_is_abandoned_not_run_by_a_new_worker(
+        in_thread, monkeypatch, project):
+    """A refit that finishes during shutdown queues its follow-up from the worker thread:
+    the follow-up is abandoned with the reason; no executor is started inside the old
+    worker thread to run it."""
+    first = TrainingRun.objects.create(project=project, kind=TrainingRun.Kind.REFIT)
+    follow = TrainingRun.objects.create(project=project, kind=TrainingRun.Kind.REFIT)
+
+    def queue_follow_up(run_id, **kwargs):
+        if run_id == first.pk:
+            dispatch.enqueue_training_run(follow.pk)
+
+    started, release, calls = blocking_execute(monkeypatch, then=queue_follow_up)
+    dispatch.enqueue_training_run(first.pk)
+    assert started.wait(10)
+    threading.Timer(0.3, release.set).start()
+    dispatch.shutdown(wait=True)
+    assert [run_id for run_id, _ in calls] == [first.pk]
+    follow.refresh_from_db()
+    assert follow.status == TrainingRun.Status.ABANDONED
+    assert "stopped before this run started" in follow.last_error
+    assert dispatch._executor is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("ml-worker")]
+
+
+# --- the worker process (ML_TASKS_IN_PROCESS, `make demo`) -------------------------------
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(),
+                                reason="counts processes through /proc (Linux)")
+
+
+@pytest.fixture
+def in_process(settings, monkeypatch, tmp_path):
+    """Runs go to the real spawned worker process, as in `make demo`. Its Django has a
+    database of its own (an empty SQLite file: it cannot see the test's), so its run body
+    is tests/ml_backend/worker_runs.py's (``install_in_worker``). Stopped after: no process
+    is left behind."""
+    from medsite.celery import app
+
+    dispatch.shutdown()                 # an earlier test's worker thread
+    settings.ML_TASKS_IN_THREAD = True
+    settings.ML_TASKS_IN_PROCESS = True
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'worker.sqlite3'}")
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)     # the worker: no broker either
+    assert app.conf.task_always_eager
+    yield
+    assert dispatch.wait_idle(60), "a run in the worker process did not finish"
+    dispatch.shutdown()
+    assert multiprocessing.active_children() == []
+
+
+def install_in_worker(log: Path, **kwargs) -> int:
+    """The worker process (started now if there is none) runs worker_runs' body; its pid."""
+    from tests.ml_backend import worker_runs
+
+    return dispatch._worker_process().submit(worker_runs.install, str(log),
+                                             **kwargs).result(timeout=120)
+
+
+def runs_in(log: Path) -> list[tuple[int, int, float, float]]:
+    """(run id, pid, began, ended) per run the worker process executed, in order."""
+    if not log.exists():
+        return []
+    rows = [line.split() for line in log.read_text().splitlines()]
+    return [(int(run), int(pid), float(began), float(ended)) for run, pid, began, ended in rows]
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc: also those multiprocessing does
+    not know of, such as a pool started inside the worker)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:             # it ended meanwhile
+            continue
+        ppid = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+        if int(ppid) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+@needs_proc
+def test_a_follow_up_queued_in_the_worker_process_runs_there_after_it_one_worker_ever(
+        in_process, tmp_path):
+    """A refit that queues the next one (labels arrived while it ran) from inside the worker
+    process: the next one runs in the same process, after it, and the worker never starts a
+    worker of its own (the probe saw 13 nested ones of about 1 GB after a bulk import)."""
+    log = tmp_path / "runs.log"
+    worker = install_in_worker(log, follow_ups={9001: 9002, 9002: 9003})
+    dispatch.enqueue_training_run(9001)
+    assert dispatch.wait_idle(60)
+    runs = runs_in(log)
+    assert [run for run, *_ in runs] == [9001, 9002, 9003]
+    assert {pid for _, pid, *_ in runs} == {worker}
+    for (_, _, _, ended), (_, _, began, _) in zip(runs, runs[1:]):
+        assert began >= ended                       # one after the other, never two at once
+    assert [child.pid for child in multiprocessing.active_children()] == [worker]
+    assert children_of(worker) == []
+
+
+@needs_proc
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_process_that_dies_fails_its_run_with_the_reason_and_the_next_gets_a_new_one(
+        in_process, tmp_path, project):
+    """The worker killed while it ran a refit (as the out-of-memory killer does): the run
+    and the version it was making are marked with the reason (the project can refit
+    again), nothing raises into a request, and the next run goes to a new worker."""
+    log = tmp_path / "runs.log"
+    version = ModelVersion.objects.create(project=project, kind=ModelVersion.Kind.CLASSIFIER,
+                                          version="clf-2", status=ModelVersion.Status.TRAINING)
+    killed = TrainingRun.objects.create(    # as the worker left it: claimed, making clf-2
+        project=project, kind=TrainingRun.Kind.REFIT, status=TrainingRun.Status.RUNNING,
+        started_at=timezone.now(), model_version=version)
+    first = install_in_worker(log, die_on=killed.pk)
+    dispatch.enqueue_training_run(killed.pk)
+    assert dispatch.wait_idle(60)
+    killed.refresh_from_db()
+    version.refresh_from_db()
+    assert killed.status == TrainingRun.Status.ABANDONED
+    assert "worker process stopped" in killed.last_error
+    assert "out of memory" in killed.last_error
+    assert version.status == ModelVersion.Status.FAILED
+    assert version.status_reason == killed.last_error
+    assert multiprocessing.active_children() == []
+
+    second = install_in_worker(log)
+    assert second != first
+    dispatch.enqueue_training_run(9005)
+    assert dispatch.wait_idle(60)
+    assert [(run, pid) for run, pid, *_ in runs_in(log)] == [(9005, second)]
+    assert [child.pid for child in multiprocessing.active_children()] == [second]
 
 
 # --- the model-status endpoint ---------------------------------------------------------
