@@ -196,7 +196,8 @@ def revoke_tokens_on_password_change(sender, instance, raw: bool = False, **kwar
     ``manage.py changepassword``, ``set_password`` / ``set_unusable_password`` + ``save``.
     ``set_password`` keeps the new password on the user until the save that stores it (the
     hook Django's own ``password_changed`` runs from); a hash upgraded at sign-in does not."""
-    disabled = instance.__dict__.pop("_password_disabled", False)
+    disabled = (instance.__dict__.pop("_password_disabled", False)
+                and not instance.has_usable_password())
     if raw or (getattr(instance, "_password", None) is None and not disabled):
         return
     revoked, _ = Token.objects.filter(user=instance).delete()

@@ -672,8 +672,13 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
             problem = (f"{key!r} already labels {keys[in_set, key]!r} in {in_set!r}: choose "
                        "another letter or digit.")
         if problem:
-            c.add(f"class {i} ({values['name'][:40]!r}): its hotkey {problem}")
-        keys.setdefault((in_set, key), values["name"])
+            # a backup made before a rule (the viewer's keys came later) still restores: the
+            # class comes back without that key, and the restore says so
+            plan.warnings.append(f"class {i} ({values['name'][:40]!r}): its hotkey {problem} "
+                                 "It is restored without a hotkey: give it one on its page.")
+            values["hotkey"] = key = ""
+        if key:
+            keys.setdefault((in_set, key), values["name"])
         class_names[values["name"]] = in_set
         plan.classes.append({"values": values, "id": old, "label_set": set_name,
                              "created_by": user(f"class {i}", row.get("created_by"))})

@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 STUDY_UID = "0020000D"
 STUDY_INSTANCES = "00201208"
 MODALITIES_IN_STUDY = "00080061"
+MODALITY = "00080060"
+SERIES_INSTANCES = "00201209"
+# series that hold no image to import: reports (our own pushed results among them), key
+# object selections, presentation states, encapsulated documents
+NOT_IMAGES = frozenset({"SR", "KO", "PR", "DOC", "RWV", "AU"})
 
 
 class PacsError(Exception):
@@ -165,11 +170,35 @@ def find_studies(client, filters: dict, *, limit: int | None = None) -> list[dic
                                          fields=[STUDY_INSTANCES, MODALITIES_IN_STUDY])
         new = [study for study in page if _value(study, STUDY_UID) not in seen]
         if not new:
+            if page and len(page) >= ask:
+                logger.warning(
+                    "the PACS answered the same studies again at offset %d: it ignores "
+                    "QIDO-RS offset, so only the first %d studies were found; narrow the "
+                    "query (StudyDate ranges) to reach the others", offset, len(found))
             break
         seen.update(_value(study, STUDY_UID) for study in new)
         found.extend(new)
         offset += len(page)
     return found if limit is None else found[:limit]
+
+
+def images_held(client, study_uid: str, *, fallback: int) -> int:
+    """How many of a study's instances on the PACS are images (series of any modality but
+    ``NOT_IMAGES``), asked per series; ``fallback`` where the PACS will not say."""
+    from requests.exceptions import RequestException
+
+    try:
+        series = client.search_for_series(study_uid, fields=[MODALITY, SERIES_INSTANCES])
+    except (RequestException, OSError, ValueError):
+        return fallback
+    total = 0
+    for row in series:
+        count = _value(row, SERIES_INSTANCES)
+        if count is None:
+            return fallback
+        if str(_value(row, MODALITY) or "").upper() not in NOT_IMAGES:
+            total += int(count)
+    return total
 
 
 def instances_here(project: Project, study_key: str) -> int:
@@ -214,6 +243,10 @@ def pacs_pull(*, project: Project, url: str, query: str | None = None, dataset_n
         key = study_pseudonym(str(uid), salt=settings.DEID_SALT)
         have = instances_here(project, key)
         held = _value(study, STUDY_INSTANCES)
+        if have and held is not None and have < int(held):
+            # more instances there than scans here: are the others images, or reports
+            # (the results pushed back into this study, a radiologist's SR)?
+            held = images_held(client, str(uid), fallback=int(held))
         if have and (held is None or have >= int(held)):
             summary.studies_already_here += 1
             log(f"study {number}/{len(studies)}: already here ({have} scans)")

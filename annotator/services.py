@@ -377,6 +377,14 @@ def untypable_character(text: str) -> str | None:
     return None
 
 
+def without_untypable(text: str) -> str:
+    """``text`` without the characters no name may hold (``untypable_character``): a label
+    read from a folder name, a CSV or a findings column, where a zero-width space or a BOM
+    is an accident of the file, not something a person typed (the name that is left goes
+    through the same checks as a typed one)."""
+    return "".join(char for char in text or "" if unicodedata.category(char) not in UNTYPABLE)
+
+
 def name_refusal(what: str, name: str) -> str | None:
     """Why a typed name (a project's, a label set's, a class's) is refused, or None: one
     holding a control or invisible character could never be filtered on or read back."""
@@ -1232,8 +1240,8 @@ def _findings_import_setup(job: ImportJob, dataset: Dataset, listing, state: _Jo
     for column, finding in enumerate(listing.findings):
         try:
             label_class, created = label_class_get_or_create(
-                project=job.project, name=finding, created_by=job.created_by,
-                label_set=label_set)
+                project=job.project, name=without_untypable(finding),
+                created_by=job.created_by, label_set=label_set)
         except ValueError as exc:
             raise SourceError(f"finding {finding!r}: {exc}") from None
         if created:
@@ -1552,7 +1560,7 @@ def _not_stored_reason(exc: DatabaseError) -> str:
 def _add_import_label(*, job: ImportJob, scan: Scan, label: str) -> tuple[str | None, bool]:
     """Give ``scan`` an import label once. Returns (new class name or None, label added)."""
     label_class, created = label_class_get_or_create(
-        project=job.project, name=label, created_by=job.created_by,
+        project=job.project, name=without_untypable(label), created_by=job.created_by,
         label_set=scan.label_set if scan.label_set_id else None,
     )
     _, added = Annotation.objects.get_or_create(

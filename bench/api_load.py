@@ -71,7 +71,8 @@ MIX = {"projects": 5, "scans": 20, "scan": 20, "worklist": 15, "predictions": 15
 @dataclass
 class Site:
     """What the clients know of the site: ids and page counts, read once from the database
-    before a level (none of the counts shrinks during it, so every page asked for exists)."""
+    before a level (the scans' count does not shrink during it; the readers' own lists are
+    paged as each list's ``count`` says, ``Client.seen``)."""
 
     project: int
     scan_ids: list[int]
@@ -81,6 +82,7 @@ class Site:
     truth: dict[int, int]                   # pool scan id → the class id of its real label
     shown: dict[int, tuple[str, int, float]] = field(default_factory=dict)
     # ^ scan id → (model version, predicted class id, confidence): what the reader was shown
+    page_size: int = 50
 
 
 def pages(count: int, page_size: int) -> int:
@@ -103,9 +105,14 @@ def answer_target(worklist: list[dict], truth: dict[int, int], rng: random.Rando
 
 
 def request_for(op: str, site: Site, rng: random.Random, worklist: list[dict] | None = None,
-                round_id: int | None = None) -> tuple[str, str, dict | None]:
+                round_id: int | None = None, seen: dict[str, int] | None = None
+                ) -> tuple[str, str, dict | None]:
     """``(method, path, json body)`` of one call of the mix. An answer needs a worklist the
-    client has read: without one (or with nothing in it to answer) the call is the worklist."""
+    client has read: without one (or with nothing in it to answer) the call is the worklist.
+    ``seen``: the page counts this client's reader was last told (a list's ``count``); a
+    reader of a blind-reading project sees only their own answers and the predictions of the
+    scans they have not answered, fewer pages than the database holds."""
+    seen = seen or {}
     base = f"/api/v1/projects/{site.project}"
     if op == "answer":
         item = answer_target(worklist or [], site.truth, rng)
@@ -132,9 +139,11 @@ def request_for(op: str, site: Site, rng: random.Random, worklist: list[dict] | 
     if op == "worklist":
         return "GET", f"{base}/worklist/", None
     if op == "predictions":
-        return "GET", f"{base}/predictions/?page={rng.randint(1, site.prediction_pages)}", None
+        limit = seen.get("predictions", site.prediction_pages)
+        return "GET", f"{base}/predictions/?page={rng.randint(1, limit)}", None
     if op == "annotations":
-        return "GET", f"{base}/annotations/?page={rng.randint(1, site.annotation_pages)}", None
+        limit = seen.get("annotations", site.annotation_pages)
+        return "GET", f"{base}/annotations/?page={rng.randint(1, limit)}", None
     if op == "labels":
         return "GET", f"{base}/labels/?format=jsonl&split=all", None
     raise ValueError(f"unknown call {op!r}")
@@ -284,9 +293,12 @@ class Client:
         self.samples: list[tuple[str, int | str, float]] = []
         self.errors: list[dict] = []
         self.answers = {"open": 0, "read": 0}
+        # the paged lists as this reader sees them: page 1 until a list says its count
+        self.seen: dict[str, int] = {"predictions": 1, "annotations": 1}
 
     def call(self, op: str, site: Site, *, record: bool = True):
-        method, path, body = request_for(op, site, self.rng, self.worklist, self.round_id)
+        method, path, body = request_for(op, site, self.rng, self.worklist, self.round_id,
+                                         self.seen)
         if method == "GET" and path.endswith("/worklist/"):
             op = "worklist"
         target = None
@@ -312,6 +324,8 @@ class Client:
             if op == "worklist":
                 data = response.json()
                 self.worklist, self.round_id = data["items"], data["round"]
+            elif op in self.seen:
+                self.seen[op] = pages(response.json()["count"], site.page_size)
             elif target is not None:
                 self.answers["open" if target.get("state") == "open" else "read"] += 1
                 target["state"] = "answered"       # as the worklist will say when read again
@@ -459,7 +473,8 @@ def site_now(project, truth: dict[int, int]) -> Site:
     shown = {scan: (version, cls, conf) for scan, version, cls, conf in predictions.values_list(
         "scan_id", "model_version__version", "predicted_class_id", "confidence")
         if cls is not None}
-    return Site(project=project.pk, scan_ids=scan_ids, scan_pages=pages(len(scan_ids), size),
+    return Site(project=project.pk, page_size=size, scan_ids=scan_ids,
+                scan_pages=pages(len(scan_ids), size),
                 prediction_pages=pages(predictions.count(), size),
                 annotation_pages=pages(Annotation.objects.filter(
                     scan__project=project).count(), size),

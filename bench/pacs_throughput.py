@@ -31,7 +31,9 @@ and a fresh project on a throwaway PostgreSQL database (``--database``; dropped 
 4. every scan labeled (its source class; one reader), then ``pacs_push``: one DICOM
    structured report per scan, STOW-RS into its original study. Reports/s, split into the
    results (label export rules), reading the linkage, building the SR (highdicom), STOW-RS
-   and the rest; then a second push (nothing changed: nothing sent).
+   and the rest; then a second push (nothing changed: nothing sent);
+5. a pull after the push: the reports now in the studies are not images to fetch (the
+   next scheduled pull finds every study here).
 
 Checked on the side, and written to the JSON (exit status 1 if one does not hold): every
 study imported exactly once, by one import job, with all its instances and a linkage per
@@ -438,6 +440,18 @@ def run_size(args, size: int, start: int, images, labels, workdir: Path, databas
                                          settings))
         row["checks"].update(logs_checks("push", studies, logged))
         row["checks"]["push_again_sent_nothing"] = row["push_again"]["sent"] == 0
+        # 5. the next scheduled pull, with the reports now in the studies: nothing fetched
+        with CapturedLogs() as captured:
+            started = time.perf_counter()
+            summary = pacs.pacs_pull(project=project, url=orthanc.dicomweb, log=lines.append)
+            seconds = time.perf_counter() - started
+        row["pull_after_push"] = {"seconds": round(seconds, 3), "summary": summary.words(),
+                                  "studies_pulled": summary.studies_pulled,
+                                  "already_here": summary.studies_already_here}
+        log(f"{size}: pull_after_push: {summary.words()} in {seconds:.1f}s")
+        row["checks"]["pull_after_push_fetched_nothing"] = (
+            summary.studies_pulled == 0 and summary.studies_already_here == size)
+        row["checks"].update(logs_checks("pull_after_push", studies, captured.records))
         row["checks"]["linkages"] = DicomLinkage.objects.filter(scan__project=project).count()
         row["checks"]["reports_recorded"] = PacsReport.objects.filter(
             scan__project=project).count()
@@ -604,6 +618,8 @@ ROWS = (
      lambda r: " / ".join(f"{r['push']['phases_s'][k]:.2f}"
                           for k in ("results", "linkage", "build_sr", "stow", "other"))),
     ("push again (nothing changed): wall s", lambda r: f"{r['push_again']['seconds']:.2f}"),
+    ("pull after the push (its reports in the studies): wall s",
+     lambda r: f"{r['pull_after_push']['seconds']:.2f}" if "pull_after_push" in r else "–"),
     ("checks", lambda r: "all hold" if r["checks"].get("ok") else
      "FAILED: " + ", ".join(k for k, v in r["checks"].items() if v is False and k != "ok")),
 )

@@ -274,8 +274,11 @@ ML_BACKEND_BASIC_AUTH = env_str("ML_BACKEND_BASIC_AUTH")
 # counts on its own (the one-process demo, the tests).
 CACHE_URL = env_str("CACHE_URL")
 if CACHE_URL and CACHE_URL.startswith(("redis://", "rediss://", "unix://")):
+    # half a second to connect or answer: a Redis that is down or stalled lets the API's
+    # calls through (annotator/api/throttles.py) instead of holding them
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
-                          "LOCATION": CACHE_URL, "KEY_PREFIX": "medlabel"}}
+                          "LOCATION": CACHE_URL, "KEY_PREFIX": "medlabel",
+                          "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}}}
 elif CACHE_URL in (None, "", "locmem://"):
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 else:
@@ -289,8 +292,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": API_PAGE_SIZE,
-    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle",
-                                 "rest_framework.throttling.AnonRateThrottle"],
+    "DEFAULT_THROTTLE_CLASSES": ["annotator.api.throttles.SiteUserRateThrottle",
+                                 "annotator.api.throttles.SiteAnonRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {"user": env_str("API_THROTTLE_USER") or "5000/hour",
                                "anon": env_str("API_THROTTLE_ANON") or "60/hour"},
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",

@@ -67,6 +67,10 @@ handler400 = bad_request
 
 urlpatterns = [
     path("favicon.ico", favicon, name="favicon"),
+    # the admin's own password page too: a wrong old password counts as a failed sign-in
+    # there as on the site's (Django's admin form would let an open session guess freely)
+    path("admin/password_change/", SitePasswordChangeView.as_view(
+        success_url="/admin/password_change/done/"), name="admin_password_change_throttled"),
     path("admin/", admin.site.urls),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

@@ -317,3 +317,19 @@ def test_an_answer_whose_fields_belong_to_another_outcome_is_refused_on_the_labe
     labeling.answer_submit(project=project, scan=scan, user=users["dora"],
                            data={"outcome": "skip"})
     assert Annotation.objects.count() == before + 1
+
+
+def test_a_label_read_from_a_file_loses_its_invisible_characters_and_imports(
+        project, users, tmp_path):
+    """A folder named ``pneu<zero-width space>monia`` (an accident of the file, not typed)
+    imports as ``pneumonia`` rather than failing every file in it."""
+    from annotator.models import LabelClass
+    from tests.conftest import run_import
+
+    folder = tmp_path / "scans" / "pneu\u200bmonia"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(png_bytes(seed=5))
+    job = run_import(project, tmp_path / "scans")
+    assert job.imported == 1 and job.failed == 0
+    assert list(LabelClass.objects.filter(project=project).values_list("name", flat=True)) == [
+        "pneumonia"]

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -393,8 +393,16 @@ def ingest_payload(project: Project, pairs: list, *, ls=None) -> dict[str, int]:
     counts = {"created": 0, "updated": 0, "unchanged": 0, "ignored": 0}
     with transaction.atomic(), refit_asks_deferred():
         for annotation, task in pairs:
-            _, outcome = ingest(project, annotation=annotation, task=task, ls=ls,
-                                emails=emails, lookup=lookup)
+            try:
+                # one savepoint each: a fault of one annotation (a database error, a value
+                # the database refuses) loses that one, logged, never the payload's others
+                with transaction.atomic():
+                    _, outcome = ingest(project, annotation=annotation, task=task, ls=ls,
+                                        emails=emails, lookup=lookup)
+            except (DatabaseError, ValueError, KeyError, TypeError) as exc:
+                outcome = (f"ignored: annotation {str(annotation.get('id'))[:24]} could not be "
+                           f"stored ({type(exc).__name__}); `labelstudio_reconcile` fetches "
+                           "it again")
             key = outcome.split(":")[0]
             counts[key] = counts.get(key, 0) + 1
             if key == "ignored":     # the record of a refusal, where no one sees the result

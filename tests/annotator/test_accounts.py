@@ -203,3 +203,22 @@ def test_guessing_the_old_password_on_the_password_page_is_throttled(lockout_on,
     call_command("axes_reset_username", "alice")
     done = client.post(url, {"old_password": PASSWORD, **form})
     assert done.status_code == 302
+
+
+def test_the_admins_password_page_counts_wrong_old_passwords_too(lockout_on, users):
+    client = Client()
+    assert client.post("/admin/login/", {"username": "dora", "password": PASSWORD}
+                       ).status_code == 302
+    form = {"new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD}
+    for _ in range(4):
+        assert client.post("/admin/password_change/", {"old_password": "guess", **form}
+                           ).status_code == 200
+    assert client.post("/admin/password_change/", {"old_password": "guess", **form}
+                       ).status_code == 429
+    assert client.post("/admin/password_change/", {"old_password": PASSWORD, **form}
+                       ).status_code == 429
+    users["dora"].refresh_from_db()
+    assert users["dora"].check_password(PASSWORD)
+    call_command("axes_reset_username", "dora")
+    done = client.post("/admin/password_change/", {"old_password": PASSWORD, **form})
+    assert done.status_code == 302 and done["Location"] == "/admin/password_change/done/"

@@ -418,17 +418,6 @@ HOSTILE_MANIFESTS = {
         another_findings_set,
         "answer 1: its findings come from 2 findings sets ('Brain findings', 'Chest "
         "findings')"),
-    # class hotkeys the class form refuses
-    "the viewer's zoom key as a hotkey": (set_in("classes", 0, "hotkey", "n"),
-                                          "class 1 ('mass'): its hotkey 'n' is the label "
-                                          "page's key for 1:1 zoom"),
-    "an upper-case viewer key": (set_in("classes", 0, "hotkey", "G"),
-                                 "its hotkey 'g' is the label page's key for the Grad-CAM"),
-    "'no finding' as a finding's key": (set_in("classes", 0, "hotkey", "0"),
-                                        "its hotkey '0' answers 'no finding'"),
-    "one hotkey twice in a set": (set_in("classes", 1, "hotkey", "1"),
-                                  "class 2 ('oedema'): its hotkey '1' already labels 'mass' "
-                                  "in 'Brain findings'"),
 }
 
 
@@ -714,3 +703,23 @@ def test_a_failed_restore_removes_only_the_files_it_created(backed_up, settings,
                     name[len("media/"):]]
     assert not (Path(settings.ARTIFACTS_ROOT) / "models").exists()
     assert not Project.objects.filter(name="Corrupt").exists()
+
+
+@pytest.mark.parametrize("mutate,said", [
+    (set_in("classes", 0, "hotkey", "n"), "its hotkey 'n' is the label page's key for 1:1 zoom"),
+    (set_in("classes", 0, "hotkey", "G"), "its hotkey 'g' is the label page's key for the Grad-CAM"),
+    (set_in("classes", 0, "hotkey", "0"), "its hotkey '0' answers 'no finding'"),
+    (set_in("classes", 1, "hotkey", "1"), "class 2 ('oedema'): its hotkey '1' already labels "
+                                          "'mass' in 'Brain findings'"),
+])
+def test_a_hotkey_the_class_form_refuses_is_dropped_with_a_warning(backed_up, tmp_path,
+                                                                   mutate, said):
+    """A backup made before a hotkey rule existed (the viewer's keys came later) restores:
+    the class comes back without that key (no key answers the wrong class), and the restore
+    says which and why."""
+    _, archive = backed_up
+    copy, out = restore(repack(archive, tmp_path / "keys.tar.gz", mutate), "Keys")
+    assert said in out and "restored without a hotkey" in out
+    keys = list(copy.label_classes.values_list("hotkey", flat=True))
+    assert "" in keys and not {"n", "g", "G"} & set(keys)
+    assert len([k for k in keys if k]) == len({k for k in keys if k})

@@ -212,3 +212,20 @@ def test_the_per_user_limit_is_counted_where_every_web_process_sees_it(
     finally:
         for name in redis_client.keys(f"{prefix}:*"):
             redis_client.delete(name)
+
+
+def test_a_cache_that_does_not_answer_lets_api_calls_through(users, settings, caplog):
+    """Redis down (CACHE_URL pointing at nothing): the API's calls are let through within
+    the cache's half-second timeouts and the fault is logged, never a 500 on every call."""
+    import time
+
+    settings.CACHES = {"default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": "redis://127.0.0.1:1/0",
+        "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}}}
+    key = Token.objects.create(user=users["alice"]).key
+    started = time.monotonic()
+    statuses = [Client(HTTP_AUTHORIZATION=f"Token {key}").get("/api/v1/projects/").status_code
+                for _ in range(2)]
+    assert statuses == [200, 200] and time.monotonic() - started < 10
+    assert "could not be counted" in caplog.text

@@ -373,3 +373,31 @@ def test_a_bulk_event_brings_at_most_one_refit(brain, users):
     assert answer["queued"] == 12
     assert Annotation.objects.filter(external_id__startswith="98").count() == 12
     assert TrainingRun.objects.filter(project=project, kind="refit").count() == 1
+
+
+def test_a_fault_in_one_annotation_of_a_bulk_event_loses_only_that_one(
+        brain, users, other_project, monkeypatch):
+    """A database fault while storing one annotation (a deadlock, a value the database
+    refuses) rolls back that annotation's savepoint only: the payload's others are stored."""
+    from django.db import OperationalError
+
+    from annotator.label_studio import inbound
+
+    project = brain
+    cases = _bulk_cases(project, users, other_project)
+    pairs = [pair for pair, expected in cases if expected is None]
+    doomed = str(pairs[1][0]["id"])
+    real = inbound.ingest
+
+    def faulty(project, *, annotation, **kwargs):
+        result = real(project, annotation=annotation, **kwargs)   # written, then the fault
+        if str(annotation.get("id")) == doomed:
+            raise OperationalError("deadlock detected")
+        return result
+
+    monkeypatch.setattr(inbound, "ingest", faulty)
+    before = set(Annotation.objects.values_list("pk", flat=True))
+    counts = inbound.ingest_payload(project, pairs)
+    stored = set(Annotation.objects.exclude(pk__in=before).values_list("external_id", flat=True))
+    assert doomed not in stored and counts["ignored"] >= 1
+    assert stored == {str(a["id"]) for a, _ in pairs} - {doomed}

@@ -110,6 +110,10 @@ def test_results_go_back_as_structured_reports_in_their_studies(pulled, project,
     assert "1 report(s) sent, 1 unchanged" in capsys.readouterr().out
     assert len(_sr_in_orthanc(server)) == 3
 
+    # the next (scheduled) pull: the reports now in those studies are not images to fetch
+    call_command("pacs_pull", "--project", project.name, "--dicomweb", server["dicomweb"])
+    assert "2 studies found, 0 pulled (0 instances), 2 already here" in capsys.readouterr().out
+
 
 def test_no_identifier_reaches_the_logs_of_a_pull_or_a_push(pulled, project, users, caplog):
     """The libraries under the pull and the push (dicomweb-client, highdicom) name the
