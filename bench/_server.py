@@ -58,3 +58,27 @@ def open_label_page(playwright, *, chromium: str, base: str, username: str, pass
     page.goto(f"{base}/projects/{project_id}/next/")
     page.wait_for_function("window.medlabel && document.body.dataset.scan")
     return browser, page
+
+
+def add_site_options(parser, *, database_name: str, broker: str) -> None:
+    """The options of a benchmark that builds a throwaway site: its PostgreSQL server (a
+    database ``database_name`` is made on it), its Redis broker, its work folder, the JSON
+    it writes and ``--table`` (print the docs' table of a written JSON and exit)."""
+    parser.add_argument("--database", default="postgres://postgres@127.0.0.1:5432",
+                        help=f"PostgreSQL server (a database {database_name} is made on it "
+                        "and dropped after)")
+    parser.add_argument("--broker", default=broker)
+    parser.add_argument("--workdir", default=None, help="default: a temp folder, removed after")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--table", default=None, metavar="FILE",
+                        help="print the docs' table of a result file and exit")
+
+
+def write_result(out: str | None, result: dict) -> None:
+    """Write a benchmark's ``result`` as JSON to ``out`` (its folder made), if given."""
+    if out:
+        import json
+        from pathlib import Path
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))

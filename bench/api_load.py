@@ -56,7 +56,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench._server import free_port, wait_for_port
+from bench._server import add_site_options, free_port, wait_for_port, write_result
 from bench.scale import (ROOT, Worker, _database, _p, bench_env, import_with_workers,
                          load_source, refit)
 
@@ -524,13 +524,8 @@ def main(argv=None) -> int:
                         help="API_THROTTLE_USER for that run (default: unset, the product's "
                              "default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--database", default="postgres://postgres@127.0.0.1:5432",
-                        help="PostgreSQL server (a database medlabel_api_load is made on it)")
-    parser.add_argument("--broker", default="redis://127.0.0.1:6379/13")
-    parser.add_argument("--workdir", default=None, help="default: a temp folder, removed after")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--table", default=None, metavar="FILE",
-                        help="print the docs' table of a result file and exit")
+    add_site_options(parser, database_name="medlabel_api_load",
+                     broker="redis://127.0.0.1:6379/13")
     args = parser.parse_args(argv)
     if args.table:
         print(table(args.table))
@@ -667,9 +662,7 @@ def _cleanup(args, workdir: Path) -> None:
 
 
 def _write(args, result: dict) -> None:
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

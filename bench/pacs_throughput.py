@@ -66,6 +66,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._server import add_site_options, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 DATABASE_NAME = "medlabel_pacs_bench"
 
@@ -681,14 +683,7 @@ def main(argv=None) -> int:
     parser.add_argument("--orthanc-config", default="{}", metavar="JSON",
                         help='added to Orthanc\'s configuration, e.g. \'{"LimitFindResults": '
                         '100}\' for a PACS that caps its query answers')
-    parser.add_argument("--database", default="postgres://postgres@127.0.0.1:5432",
-                        help=f"PostgreSQL server (a database {DATABASE_NAME} is made on it "
-                        "and dropped after)")
-    parser.add_argument("--broker", default="redis://127.0.0.1:6379/13")
-    parser.add_argument("--workdir", default=None, help="default: a temp folder, removed after")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--table", default=None, metavar="FILE",
-                        help="print the docs' table of a result file and exit")
+    add_site_options(parser, database_name=DATABASE_NAME, broker="redis://127.0.0.1:6379/13")
     args = parser.parse_args(argv)
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
@@ -758,9 +753,7 @@ def main(argv=None) -> int:
 
 
 def _write(args, result: dict) -> None:
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

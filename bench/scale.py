@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._server import add_site_options, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -361,13 +363,7 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", type=int, default=200, help="pool labels before the refits")
     parser.add_argument("--answers", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=7, help="page loads per page and size")
-    parser.add_argument("--database", default="postgres://postgres@127.0.0.1:5432",
-                        help="PostgreSQL server (a database medlabel_scale is made on it)")
-    parser.add_argument("--broker", default="redis://127.0.0.1:6379/14")
-    parser.add_argument("--workdir", default=None, help="default: a temp folder, removed after")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--table", default=None, metavar="FILE",
-                        help="print the docs' table of a result file and exit")
+    add_site_options(parser, database_name="medlabel_scale", broker="redis://127.0.0.1:6379/14")
     args = parser.parse_args(argv)
     if args.table:
         print(table(args.table))
@@ -555,10 +551,8 @@ def _growth(rows: list[dict]) -> dict:
 
 
 def _write(args, rows, growth=None) -> None:
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "cpu_count": os.cpu_count(),
-                                              "rows": rows, "growth": growth}, indent=2))
+    write_result(args.out, {"args": vars(args), "cpu_count": os.cpu_count(), "rows": rows,
+                            "growth": growth})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def _let_through(exc: BaseException) -> bool:
     return True
 
 
-class SiteUserRateThrottle(UserRateThrottle):
+class _CountedOrLetThrough:
+    """A throttle whose cache fault lets the call through (logged) instead of failing it."""
+
     def allow_request(self, request, view):
         try:
             return super().allow_request(request, view)
@@ -36,9 +38,9 @@ class SiteUserRateThrottle(UserRateThrottle):
             return _let_through(exc)
 
 
-class SiteAnonRateThrottle(AnonRateThrottle):
-    def allow_request(self, request, view):
-        try:
-            return super().allow_request(request, view)
-        except _cache_faults() as exc:
-            return _let_through(exc)
+class SiteUserRateThrottle(_CountedOrLetThrough, UserRateThrottle):
+    pass
+
+
+class SiteAnonRateThrottle(_CountedOrLetThrough, AnonRateThrottle):
+    pass
