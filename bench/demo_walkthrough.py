@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._server import open_label_page, start_runserver
+from bench._server import open_label_page, start_runserver, throwaway_site_env
 from bench.label_latency import _summary, _wait
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,12 +56,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="demo-walkthrough-"))
-    env = {"DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
-           "MEDIA_ROOT": str(workdir / "media"), "ARTIFACTS_ROOT": str(workdir / "artifacts"),
-           "INCOMING_ROOT": str(workdir / "incoming"), "DJANGO_SETTINGS_MODULE": "medsite.settings",
-           "LOG_LEVEL": "WARNING", "DEBUG": "1"}
-    os.environ.update(env)
-    os.environ.pop("CELERY_BROKER_URL", None)
+    env = throwaway_site_env(workdir)
     server_env = {**os.environ, **env}        # the demo's own defaults for background work
     for name in ("ML_TASKS_IN_THREAD", "ML_TASKS_IN_PROCESS"):
         server_env.pop(name, None)

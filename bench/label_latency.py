@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._server import open_label_page, start_runserver
+from bench._server import open_label_page, start_runserver, throwaway_site_env
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "latency-bench-password"
@@ -135,12 +135,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="label-latency-"))
-    env = {"DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
-           "MEDIA_ROOT": str(workdir / "media"), "ARTIFACTS_ROOT": str(workdir / "artifacts"),
-           "INCOMING_ROOT": str(workdir / "incoming"), "DJANGO_SETTINGS_MODULE": "medsite.settings",
-           "LOG_LEVEL": "WARNING", "DEBUG": "1"}
-    os.environ.update(env)
-    os.environ.pop("CELERY_BROKER_URL", None)
+    env = throwaway_site_env(workdir)
     # this process builds the project with synchronous runs; the server gets its own mode
     os.environ["ML_TASKS_IN_THREAD"] = "0"
     server_env = {**os.environ, **env,

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench._server import throwaway_site_env
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,13 +35,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="refit-latency-"))
-    os.environ.update({
-        "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}", "MEDIA_ROOT": str(workdir / "media"),
-        "ARTIFACTS_ROOT": str(workdir / "artifacts"), "INCOMING_ROOT": str(workdir / "incoming"),
-        "DJANGO_SETTINGS_MODULE": "medsite.settings", "LOG_LEVEL": "WARNING",
-        # the clock runs while annotation_create refits inline (not in the background thread)
-        "ML_TASKS_IN_THREAD": "0"})
-    os.environ.pop("CELERY_BROKER_URL", None)
+    # the clock runs while annotation_create refits inline (not in the background thread)
+    throwaway_site_env(workdir, ML_TASKS_IN_THREAD="0")
     import django
 
     django.setup()

@@ -33,7 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench._server import start_runserver
+from bench._server import start_runserver, throwaway_site_env
 from bench.demo_walkthrough import fixture_truth
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,12 +139,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="webhook-latency-"))
-    env = {"DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
-           "MEDIA_ROOT": str(workdir / "media"), "ARTIFACTS_ROOT": str(workdir / "artifacts"),
-           "INCOMING_ROOT": str(workdir / "incoming"), "DJANGO_SETTINGS_MODULE": "medsite.settings",
-           "LOG_LEVEL": "WARNING", "DEBUG": "1", "LABEL_STUDIO_WEBHOOK_SECRET": SECRET}
-    os.environ.update(env)
-    for name in ("CELERY_BROKER_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY",
+    env = throwaway_site_env(workdir, LABEL_STUDIO_WEBHOOK_SECRET=SECRET)
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY",
                  "ML_TASKS_IN_THREAD", "ML_TASKS_IN_PROCESS"):
         os.environ.pop(name, None)
     base_env = {**os.environ, **env}
