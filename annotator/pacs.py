@@ -253,10 +253,13 @@ def pacs_pull(*, project: Project, url: str, query: str | None = None, dataset_n
             continue
         Path(settings.INCOMING_ROOT).mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="pacs-", dir=settings.INCOMING_ROOT))
+        retrieved = 0
         try:
-            instances = client.retrieve_study(str(uid))
-            for index, instance in enumerate(instances):
-                instance.save_as(folder / f"{index:06d}.dcm", enforce_file_format=True)
+            # streamed (chunked WADO-RS, one instance decoded at a time and written out):
+            # a CT study of a thousand slices never sits in memory whole
+            for instance in client.iter_study(str(uid)):
+                instance.save_as(folder / f"{retrieved:06d}.dcm", enforce_file_format=True)
+                retrieved += 1
         except (RequestException, OSError, ValueError) as exc:
             import shutil
 
@@ -265,7 +268,7 @@ def pacs_pull(*, project: Project, url: str, query: str | None = None, dataset_n
                                   f"({type(exc).__name__})")
             log(summary.errors[-1])
             continue
-        summary.instances_retrieved += len(instances)
+        summary.instances_retrieved += retrieved
         job = services.import_job_create(project=project, source=str(folder),
                                          dataset_name=dataset_name, split=split, layout="flat",
                                          created_by=created_by, source_is_upload=True)
@@ -275,7 +278,7 @@ def pacs_pull(*, project: Project, url: str, query: str | None = None, dataset_n
         summary.imported += job.imported
         summary.duplicates += job.duplicates
         summary.failed += job.failed
-        log(f"study {number}/{len(studies)}: {len(instances)} instances → import #{job.pk}: "
+        log(f"study {number}/{len(studies)}: {retrieved} instances → import #{job.pk}: "
             f"{job.imported} imported, {job.duplicates} duplicates, {job.failed} failed")
     return summary
 

@@ -186,6 +186,8 @@ def build_study(images: list[np.ndarray], identity: dict, *, modality: str = "CR
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
             ds.ImagePositionPatient = [0.0, 0.0, 5.0 * index]
             ds.SliceThickness = 5
+        if modality == "CT":
+            ds.RescaleIntercept, ds.RescaleSlope = -1024, 1       # stored values → HU
         spacing = round(350.0 / pixels.shape[0], 4)                 # a 35 cm field
         if modality in ("CR", "DX"):
             ds.ImagerPixelSpacing = [spacing, spacing]
@@ -238,7 +240,8 @@ def make_studies(images, labels, *, count: int, instances: int, start: int, moda
 class TimedClient:
     """The product's DICOMweb client, each request it makes timed (nothing else changed)."""
 
-    TIMED = ("search_for_studies", "retrieve_study", "store_instances")
+    TIMED = ("search_for_studies", "iter_study", "store_instances")
+    STREAMED = ("iter_study",)      # a generator: the time is spent while it is read
 
     def __init__(self, client, seconds: Counter):
         self._client, self._seconds = client, seconds
@@ -254,7 +257,19 @@ class TimedClient:
                 return attribute(*args, **kwargs)
             finally:
                 self._seconds[name] += time.perf_counter() - started
-        return timed
+
+        def streamed(*args, **kwargs):
+            items = iter(attribute(*args, **kwargs))
+            while True:
+                started = time.perf_counter()
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                finally:
+                    self._seconds[name] += time.perf_counter() - started
+                yield item
+        return streamed if name in self.STREAMED else timed
 
 
 @contextlib.contextmanager
@@ -315,6 +330,42 @@ class CapturedLogs:
         logging.getLogger().setLevel(level)
 
 
+class PeakMemory:
+    """This process's resident memory sampled every 20 ms while the block runs: the peak,
+    and how far it rose above where it started (the studies the bench built are already
+    held, so the rise is the pull's own working memory)."""
+
+    def __init__(self):
+        self.start_mb = self.peak_mb = 0.0
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    def __enter__(self):
+        import threading
+
+        self.start_mb = self.peak_mb = self.rss_mb()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.02):
+                self.peak_mb = max(self.peak_mb, self.rss_mb())
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+    def figures(self) -> dict:
+        return {"rss_start_mb": round(self.start_mb, 1), "rss_peak_mb": round(self.peak_mb, 1),
+                "rss_rise_mb": round(self.peak_mb - self.start_mb, 1)}
+
+
 def _rate(count: float, seconds: float) -> float | None:
     return round(count / seconds, 2) if seconds > 0 else None
 
@@ -372,7 +423,7 @@ def run_size(args, size: int, start: int, images, labels, workdir: Path, databas
         for name in ("pull", "pull_again"):
             seconds_by = Counter()
             job_before = ImportJob.objects.filter(project=project).count()
-            with CapturedLogs() as captured:
+            with CapturedLogs() as captured, PeakMemory() as memory:
                 started = time.perf_counter()
                 summary = pacs.pacs_pull(project=project, url=orthanc.dicomweb,
                                          log=lines.append,
@@ -383,7 +434,7 @@ def run_size(args, size: int, start: int, images, labels, workdir: Path, databas
             jobs = ImportJob.objects.filter(project=project).order_by("pk")[job_before:]
             import_s = sum((j.finished_at - j.started_at).total_seconds() for j in jobs
                            if j.finished_at and j.started_at)
-            qido, wado = seconds_by["search_for_studies"], seconds_by["retrieve_study"]
+            qido, wado = seconds_by["search_for_studies"], seconds_by["iter_study"]
             row[name] = {"seconds": round(seconds, 3), "summary": summary.words(),
                          "studies_found": summary.studies_found,
                          "studies_pulled": summary.studies_pulled,
@@ -395,7 +446,8 @@ def run_size(args, size: int, start: int, images, labels, workdir: Path, databas
                          "instances_per_s": _rate(summary.instances_retrieved, seconds),
                          "phases_s": {"qido": round(qido, 3), "wado": round(wado, 3),
                                       "import": round(import_s, 3),
-                                      "other": round(seconds - qido - wado - import_s, 3)}}
+                                      "other": round(seconds - qido - wado - import_s, 3)},
+                         "memory": memory.figures()}
             log(f"{size}: {name}: {summary.words()} in {seconds:.1f}s")
         row["checks"] = pull_checks(args, studies, project, lines, workdir, database_url,
                                     settings)
@@ -614,6 +666,9 @@ ROWS = (
     ("pull: QIDO-RS / WADO-RS / import / rest s",
      lambda r: " / ".join(f"{r['pull']['phases_s'][k]:.2f}"
                           for k in ("qido", "wado", "import", "other"))),
+    ("pull: resident memory, MB at the start → peak (rise)",
+     lambda r: "{rss_start_mb:.0f} → {rss_peak_mb:.0f} (+{rss_rise_mb:.0f})".format(
+         **r["pull"]["memory"])),
     ("pull again (nothing new): wall s", lambda r: f"{r['pull_again']['seconds']:.2f}"),
     ("push: reports/s", lambda r: f"{r['push']['reports_per_s']:.1f}"),
     ("push: results / linkage / SR build / STOW-RS / rest s",

@@ -267,7 +267,7 @@ def test_a_typed_dataset_name_that_carries_identifiers_is_refused(
         def search_for_studies(self, **query):
             return [{"0020000D": {"vr": "UI", "Value": ["1.2.826.0.1.3680043.8.498.9"]}}]
 
-        def retrieve_study(self, uid):
+        def iter_study(self, uid):
             raise AssertionError("retrieved a study for a refused dataset name")
 
     with pytest.raises(pacs.PacsError, match="patient identifiers"):

@@ -146,3 +146,46 @@ def test_a_series_read_as_one_scan_is_already_here_on_the_next_pull(pacs, projec
     call_command("pacs_pull", "--project", project.name, "--dicomweb", pacs["dicomweb"],
                  "--query", "Modality=CT")
     assert "2 studies found, 0 pulled (0 instances), 2 already here" in capsys.readouterr().out
+
+
+def test_a_study_is_written_out_as_it_streams_and_a_broken_stream_leaves_nothing(
+        pacs, project, monkeypatch, capsys):
+    """Each instance is on disk before the next is read (a CT study of a thousand slices is
+    never held in memory whole); a stream that breaks part way through reports the study,
+    imports none of it and leaves no file behind, and the other studies still come."""
+    from django.conf import settings
+    from requests.exceptions import ChunkedEncodingError
+
+    from annotator import pacs as pacs_module
+
+    real = pacs_module.client_for
+    seen = []       # (index in its study, instance files on disk as it arrives)
+
+    def streaming_client(url):
+        client = real(url)
+        stream = client.iter_study
+
+        def watched(uid):
+            for index, instance in enumerate(stream(uid)):
+                seen.append((index, len(list(Path(settings.INCOMING_ROOT).glob("pacs-*/*.dcm")))))
+                if instance.Modality == "CT" and index == 1 and instance.PatientID.endswith("40"):
+                    raise ChunkedEncodingError("connection broken: the PACS went away")
+                yield instance
+        client.iter_study = watched
+        return client
+
+    monkeypatch.setattr(pacs_module, "client_for", streaming_client)
+    call_command("pacs_pull", "--project", project.name, "--dicomweb", pacs["dicomweb"])
+    out = capsys.readouterr().out
+    assert "3 studies found, 2 pulled (4 instances)" in out
+    assert "could not be retrieved (ChunkedEncodingError)" in out
+    # the broken patient's study: nothing imported; the other CT study and the MR came
+    assert Scan.objects.filter(project=project, modality="CT").count() == 3
+    assert Scan.objects.filter(project=project, modality="MR").count() == 1
+    assert not list(Path(settings.INCOMING_ROOT).glob("pacs-*"))
+    # within a study each instance was written before the next one was read
+    assert len(seen) == 6 and all(on_disk == index for index, on_disk in seen)
+    # the pull again takes the study whose stream broke, and only it
+    monkeypatch.setattr(pacs_module, "client_for", real)
+    call_command("pacs_pull", "--project", project.name, "--dicomweb", pacs["dicomweb"])
+    assert "3 studies found, 1 pulled (3 instances), 2 already here" in capsys.readouterr().out
