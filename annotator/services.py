@@ -1349,9 +1349,10 @@ def _import_series(*, job: ImportJob, dataset: Dataset, group: list[tuple[int, S
     first = slices[0]
     rows, cols = first.height, first.width
     try:
-        if rows * cols * len(slices) > settings.IMPORT_MAX_PIXELS:
-            raise SeriesError(f"{len(slices)} slices of {cols}x{rows} are above the import "
-                              f"limit of {settings.IMPORT_MAX_PIXELS:,} pixels")
+        if rows * cols * len(slices) > settings.IMPORT_MAX_SERIES_PIXELS:
+            raise SeriesError(f"{len(slices)} slices of {cols}x{rows} are above the limit of "
+                              f"{settings.IMPORT_MAX_SERIES_PIXELS:,} pixels for a series "
+                              "(IMPORT_MAX_SERIES_PIXELS)")
         stack = stack_series(slices, digests)
     except SeriesError as exc:
         state.warnings.append(f"a series of {len(group)} files was imported slice by slice: "
@@ -1363,6 +1364,9 @@ def _import_series(*, job: ImportJob, dataset: Dataset, group: list[tuple[int, S
     middle = len(stack.positions) // 2
     representative = slices[slice_order(slices)[middle]]
     overrides = {
+        # the stack is made of the slices' de-identified copies: it is stored as it is, and
+        # read (not decoded frame by frame again) for its row and preview
+        "stacked": True,
         # the report sent back to the PACS references the representative slice
         "linkage": representative.linkage,
         "patient_key": first.patient_key,
@@ -1398,7 +1402,8 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
             reason = exc.strerror or (exc.args[0] if exc.args and isinstance(exc.args[0], str)
                                       else "unreadable")
             raise ScanDecodeError(f"cannot read file: {reason}") from None
-        if len(data) > settings.UPLOAD_MAX_FILE_BYTES:
+        if len(data) > settings.UPLOAD_MAX_FILE_BYTES and not (overrides or {}).get("stacked"):
+            # (a stack is bounded by IMPORT_MAX_SERIES_PIXELS, each of its files by this)
             raise ScanDecodeError(
                 f"file is {len(data):,} bytes, above the limit of {settings.UPLOAD_MAX_FILE_BYTES:,}"
             )
@@ -1435,10 +1440,15 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
 
         from annotator.linkage import linkage_enabled, linkage_store, linkage_store_sealed
 
+        stacked = bool(overrides and overrides.get("stacked"))
         decoded = decode_scan(
-            data, name=item.name, salt=settings.DEID_SALT, max_pixels=settings.IMPORT_MAX_PIXELS,
-            linkage=linkage_enabled() and not overrides,
+            data, name=item.name, salt=settings.DEID_SALT,
+            max_pixels=(settings.IMPORT_MAX_SERIES_PIXELS if stacked
+                        else settings.IMPORT_MAX_PIXELS),
+            linkage=linkage_enabled() and not overrides, keep_copy=not stacked,
         )
+        if stacked:      # already the de-identified copy (``_import_series``)
+            decoded.stored_bytes = data
         data = None  # the raw bytes may hold PHI; only de-identified bytes go further
         if overrides:   # a stacked series, a classify page's copy: the originals' identity
             decoded.patient_key = overrides["patient_key"]

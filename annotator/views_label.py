@@ -226,7 +226,9 @@ def scan_window(request, scan_id: int):
         with open(storage.media_path(scan.file.name), "rb") as handle:
             data = handle.read()
         decoded = decode_scan(data, salt=settings.DEID_SALT, keep_copy=False,
-                              max_pixels=settings.IMPORT_MAX_PIXELS, window=window,
+                              max_pixels=(settings.IMPORT_MAX_SERIES_PIXELS
+                                          if scan.num_frames > 1 else
+                                          settings.IMPORT_MAX_PIXELS), window=window,
                               frame=frame if scan.num_frames > 1 else None)
     except (OSError, ValueError):
         raise Http404("The stored file is missing.") from None

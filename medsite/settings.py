@@ -163,6 +163,12 @@ LOGIN_PROXY_COUNT = env_int("LOGIN_PROXY_COUNT", 0 if DEBUG else 1, minimum=0)
 # Import limits. A decoded scan larger than IMPORT_MAX_PIXELS (width x height x
 # frames) is refused before its pixels are decoded (decompression bombs).
 IMPORT_MAX_PIXELS = env_int("IMPORT_MAX_PIXELS", 64_000_000, minimum=1)
+# A DICOM series read as one scan (DICOM grouping "series") may hold up to this many pixels
+# in all its slices: 600 slices of 512 x 512 (a thin-slice chest CT). Its slices are checked
+# one by one against IMPORT_MAX_PIXELS; stacking one costs about 3 x 2 bytes a pixel of
+# memory at its peak (docs/benchmarks.md, "PACS pull and push"). A larger series is imported
+# slice by slice, with the reason in the import report.
+IMPORT_MAX_SERIES_PIXELS = env_int("IMPORT_MAX_SERIES_PIXELS", 600 * 512 * 512, minimum=1)
 # How long a scan served to one reader is held back from the others (seconds).
 LABEL_LEASE_SECONDS = env_int("LABEL_LEASE_SECONDS", 300, minimum=10)
 # How many scans one reader may hold at once in a project (the scan on screen, a second tab):

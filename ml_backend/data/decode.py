@@ -1000,6 +1000,10 @@ def _percentile_window(
 
 # --- DICOM -----------------------------------------------------------------
 
+DEFER_BYTES = 1 << 20
+"""Without a stored copy to write, values larger than this are read from the file only
+when used (pydicom's ``defer_size``)."""
+
 
 def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
                   keep_copy: bool = True, window=None, frame: int | None = None,
@@ -1013,14 +1017,18 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data if inflated is None else inflated), force=True)
+            # no stored copy to write: large values (the Pixel Data of a stacked series) are
+            # read only if asked for, so one frame of it costs one frame
+            ds = pydicom.dcmread(io.BytesIO(data if inflated is None else inflated), force=True,
+                                 defer_size=None if keep_copy else DEFER_BYTES)
             if inflated is not None:
                 ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, struct.error) as exc:
         raise ScanDecodeError(f"not a readable DICOM file: {type(exc).__name__}") from None
     except Exception as exc:  # pydicom raises assorted types on hostile input
         raise ScanDecodeError(f"not a readable DICOM file: {type(exc).__name__}") from None
-    del inflated  # the dataset holds its own copy of every value
+    one_source = inflated is None        # the bytes pydicom reads are the file itself
+    del inflated  # the dataset holds its own copy of every value (or reads it from data)
 
     has_pixels = any(keyword in ds for keyword in _PIXEL_KEYWORDS)
     if not has_pixels and not sure:
@@ -1062,12 +1070,29 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
     if encapsulated:  # the size each frame will really decode to, before the decoder runs
         _check_encapsulated(ds, rows=rows, cols=cols, frames=frames, samples=samples_declared,
                             transfer_syntax=transfer_syntax, ts_name=ts_name)
+    chosen = frames // 2 if frame is None else int(frame)
+    if frame is not None and not 0 <= chosen < frames:
+        raise ScanDecodeError(f"frame {chosen} asked of an image with {frames} frame(s)")
+    # Without a stored copy to write, a multi-frame image (a stacked CT series) decodes only
+    # the frame it shows: scrolling a 600-slice series reads one slice's pixels a step, not
+    # all of them.
+    one_frame = not keep_copy and frames > 1
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # frames beyond Number of Frames are not decoded (pydicom's default is to add them)
-            ds.pixel_array_options(allow_excess_frames=False)
-            raw = ds.pixel_array
+            raw = None
+            if one_frame and one_source and not photometric_notes:
+                # straight from the file: only that frame's bytes are read
+                from pydicom.pixels import pixel_array
+                try:
+                    raw = pixel_array(io.BytesIO(data), index=chosen, allow_excess_frames=False)
+                except Exception:  # noqa: BLE001 - the dataset's own decoder below says why
+                    raw = None
+            if raw is None:
+                ds.pixel_array_options(allow_excess_frames=False,
+                                       **({"index": chosen} if one_frame else {}))
+                raw = ds.pixel_array
     except NotImplementedError:
         raise ScanDecodeError(
             f"compressed DICOM ({ts_name or 'unknown transfer syntax'}) cannot be decoded: "
@@ -1105,10 +1130,9 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
 
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = photometric_of(ds, samples=samples)   # a made-up value is never kept
-    chosen = frames // 2 if frame is None else int(frame)
-    if frame is not None and not 0 <= chosen < frames:
-        raise ScanDecodeError(f"frame {chosen} asked of an image with {frames} frame(s)")
-    if frames > 1 and raw.ndim >= 3 and raw.shape[0] == frames:
+    if one_frame:
+        frame = raw
+    elif frames > 1 and raw.ndim >= 3 and raw.shape[0] == frames:
         frame = raw[chosen]
     else:
         frame = raw

@@ -53,7 +53,9 @@ def slice_order(slices: list[DecodedScan]) -> list[int]:
 
 def stack_series(slices: list[DecodedScan], digests: list[str]) -> SeriesStack:
     """Stack the de-identified slices (``DecodedScan.stored_bytes`` of single-frame DICOM)
-    of one series. ``digests``: each slice's content hash, for the stack's own."""
+    of one series. ``digests``: each slice's content hash, for the stack's own. Each slice's
+    ``stored_bytes`` is let go (emptied) once it is stacked; after a ``SeriesError`` the
+    caller imports the slices from their sources."""
     import numpy as np
     import pydicom
 
@@ -69,42 +71,51 @@ def stack_series(slices: list[DecodedScan], digests: list[str]) -> SeriesStack:
              "some of its slices share a position") + " along the series (several "
             "acquisitions, echoes or time points in one series?): a volume needs one slice "
             "per position")
-    datasets = []
+    # One slice at a time: its pixel data joins the stack and its copy is let go, so a
+    # series of N slices costs about 3 x its size at the end (the joined frames, the file
+    # written, its bytes), not 8 x (docs/benchmarks.md, "PACS pull and push").
+    first = None
+    pixels = bytearray()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for index in order:
-            stored = slices[index].stored_bytes
-            if not stored or slices[index].file_format != "dicom":
+            piece = slices[index]
+            if not piece.stored_bytes or piece.file_format != "dicom":
                 raise SeriesError("only DICOM slices can be stacked")
-            datasets.append(pydicom.dcmread(io.BytesIO(stored)))
-    if any("PixelData" not in ds for ds in datasets):
-        raise SeriesError("only slices of integer pixel data can be stacked (a slice holds "
-                          "float pixel data)")
-    first = datasets[0]
-    if int(first.get("NumberOfFrames", 1) or 1) != 1:
-        raise SeriesError("a slice is itself a multi-frame image")
-    for ds in datasets[1:]:
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise SeriesError("a slice is itself a multi-frame image")
-        for keyword in SHARED:
-            if str(ds.get(keyword, "")) != str(first.get(keyword, "")):
-                raise SeriesError(f"its slices differ in {keyword}")
-    frames = [ds.PixelData for ds in datasets]
-    if len({len(f) for f in frames}) != 1:
-        raise SeriesError("its slices' pixel data differ in length")
-    stacked = first.copy()
+            ds = pydicom.dcmread(io.BytesIO(piece.stored_bytes))
+            piece.stored_bytes = b""         # stacked: the slice's own copy is not needed
+            if "PixelData" not in ds:
+                raise SeriesError("only slices of integer pixel data can be stacked (a slice "
+                                  "holds float pixel data)")
+            if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+                raise SeriesError("a slice is itself a multi-frame image")
+            if first is None:
+                first, length = ds, len(ds.PixelData)
+            else:
+                for keyword in SHARED:
+                    if str(ds.get(keyword, "")) != str(first.get(keyword, "")):
+                        raise SeriesError(f"its slices differ in {keyword}")
+                if len(ds.PixelData) != length:
+                    raise SeriesError("its slices' pixel data differ in length")
+            pixels += ds.PixelData
+            del ds
+    stacked = first
     for keyword in PER_SLICE:
         if keyword in stacked:
             delattr(stacked, keyword)
-    stacked.NumberOfFrames = len(frames)
-    stacked.PixelData = b"".join(frames)
+    stacked.NumberOfFrames = len(order)
+    stacked.PixelData = bytes(pixels)
+    del pixels
     if hasattr(stacked, "_pixel_array"):
         stacked._pixel_array = None
     buffer = io.BytesIO()
     stacked.save_as(buffer, enforce_file_format=True)
+    del stacked, first
+    data = buffer.getvalue()
+    buffer.close()
     positions = [slices[i].meta.get("slice_position") for i in order]
     known = [p for p in positions if p is not None]
     spacing = float(np.median(np.abs(np.diff(known)))) if len(known) > 1 else None
     digest = hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
-    return SeriesStack(data=buffer.getvalue(), digest=digest,
+    return SeriesStack(data=data, digest=digest,
                        positions=positions, spacing=spacing if spacing else None)

@@ -3,6 +3,7 @@ patients on one side (issue 19), on DICOM files made from pydicom's real CT slic
 
 from __future__ import annotations
 
+import io
 
 import numpy as np
 import pydicom
@@ -157,3 +158,39 @@ def test_slices_that_share_one_position_are_not_stacked_as_a_volume(project, tmp
     assert job.imported == 4, job.errors
     assert "imported slice by slice: all 4 of its slices share one position" in report
     assert all(s.num_frames == 1 for s in Scan.objects.filter(project=project))
+
+
+def test_a_series_above_the_one_file_limit_stacks_under_the_series_limit(
+        project, tmp_path, client, users, settings):
+    """A CT series of hundreds of full-size slices is above the pixel limit of one file
+    (IMPORT_MAX_PIXELS, a decompression-bomb guard) but is still read as one scan: series are
+    bounded by IMPORT_MAX_SERIES_PIXELS, each slice by the file limit. The viewer pages
+    through its frames; a series above the series limit is imported slice by slice, and the
+    report names the setting."""
+    from annotator.storage import media_path
+
+    project.dicom_grouping = "series"
+    project.save(update_fields=["dicom_grouping"])
+    write_series(tmp_path / "ct", patients=1, slices=6)          # 6 slices of 128 x 128
+    settings.IMPORT_MAX_PIXELS = 50_000                           # one slice: 16,384
+    settings.IMPORT_MAX_SERIES_PIXELS = 100_000                   # the series: 98,304
+    job = run_import(project, tmp_path / "ct", layout="flat")
+    assert job.status == "succeeded" and job.imported == 1, (job.errors, job.warnings)
+    scan = Scan.objects.get(project=project)
+    assert scan.num_frames == 6
+    stored = media_path(scan.file.name).read_bytes()
+    assert pydicom.dcmread(io.BytesIO(stored)).NumberOfFrames == 6
+    client.force_login(users["alice"])
+    window = reverse("annotator:scan_window", args=[scan.pk])
+    frames = [client.get(window, {"frame": k}) for k in range(6)]
+    assert [r.status_code for r in frames] == [200] * 6
+    assert len({r.content for r in frames}) == 6
+    assert client.get(window, {"frame": 6}).status_code == 400
+
+    write_series(tmp_path / "ct2", patients=1, slices=6, first_patient=7)
+    settings.IMPORT_MAX_SERIES_PIXELS = 90_000
+    job = run_import(project, tmp_path / "ct2", layout="flat")
+    assert job.imported == 6, job.errors
+    assert ("a series of 6 files was imported slice by slice: 6 slices of 128x128 are above "
+            "the limit of 90,000 pixels for a series (IMPORT_MAX_SERIES_PIXELS)"
+            in " ".join(job.warnings))

@@ -192,3 +192,39 @@ def test_sniff_uses_content_not_name():
     assert sniff_format(png_bytes(), "scan.dcm") == "png"
     assert sniff_format(b"\xff\xd8\xff\xe0" + b"0" * 10, "a.png") == "jpeg"
     assert sniff_format(b"GIF89a....", "a.png") is None
+
+
+def test_one_frame_of_a_multi_frame_image_is_read_alone_when_no_copy_is_kept():
+    """The label page scrolls a stacked series a slice at a time (``keep_copy=False`` with a
+    frame): only that frame's bytes are read and decoded, and it is the same frame a full
+    decode gives, for native, compressed, big-endian and colour files alike."""
+    import tracemalloc
+
+    volume = np.stack([np.full((256, 256), 40 * k, np.uint16) + _ramp()[0, 0]
+                       for k in range(100)])                     # 100 frames, 12.5 MB
+    volume[:, :8, :8] = np.arange(100, dtype=np.uint16)[:, None, None] * 7
+    data = _dicom(volume, Modality="CT", RescaleIntercept=-1024, RescaleSlope=1)
+    for frame in (0, 37, 99):
+        full = decode_scan(data, salt=SALT, frame=frame, window=(40, 400))
+        alone = decode_scan(data, salt=SALT, frame=frame, window=(40, 400), keep_copy=False)
+        np.testing.assert_array_equal(alone.pixels, full.pixels)
+        assert alone.num_frames == 100 and alone.stored_bytes == b""
+    decode_scan(data, salt=SALT, frame=50, keep_copy=False)       # imports settle first
+    tracemalloc.start()
+    try:
+        decode_scan(data, salt=SALT, frame=50, keep_copy=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 2 ** 20, f"{peak / 2 ** 20:.1f} MB for one 128 KB frame of 12.5 MB"
+    with pytest.raises(ScanDecodeError, match="frame 100 asked of an image with 100"):
+        decode_scan(data, salt=SALT, frame=100, keep_copy=False)
+
+    files = {p.name: p for p in pydicom_test_files()}
+    for name, frames in (("rtdose.dcm", 15), ("rtdose_rle.dcm", 15), ("rtdose_expb.dcm", 15),
+                         ("SC_rgb_rle_2frame.dcm", 2), ("examples_ybr_color.dcm", 30)):
+        raw = files[name].read_bytes()
+        for frame in {0, frames // 2, frames - 1}:
+            full = decode_scan(raw, salt=SALT, frame=frame)
+            alone = decode_scan(raw, salt=SALT, frame=frame, keep_copy=False)
+            np.testing.assert_array_equal(alone.pixels, full.pixels, err_msg=f"{name} {frame}")
