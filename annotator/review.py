@@ -17,6 +17,13 @@ Reads (``disagreements``, ``agreement_by_class``, ``flagged``) and the one write
 An adjudication is an ``Annotation`` with ``source=adjudication``;
 ``annotator.selectors.training_labels`` prefers the latest one over the readers' votes, so
 the reviewer's answer is the label training uses.
+
+An adjudication is a decision on what the reviewer was shown: each review row carries a
+``seen`` token (the ids of the readers' latest answers and of the latest adjudication it
+showed) and ``adjudicate(seen=...)`` refuses (``AdjudicationConflict``, a 409 on the page)
+when the scan's answers or adjudication changed since, under a lock on the scan row: two
+reviewers deciding the same scan at once, or a reader changing their answer while the page
+was open, never store a decision made on what is no longer there.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from datetime import datetime
 from itertools import combinations
 
 from django.db import transaction
+from django.utils import timezone
 
 from annotator.models import Annotation, LabelClass, Membership, Project, Scan
 from annotator.services import annotation_create
@@ -42,6 +50,16 @@ REVIEW_ROLES = (Membership.Role.REVIEWER, Membership.Role.ADMIN)
 
 class ReviewError(Exception):
     """An adjudication cannot be recorded as asked (class of another project, wrong role)."""
+
+
+class AdjudicationConflict(ReviewError):
+    """The scan's answers or adjudication changed since the reviewer's page showed them:
+    nothing was stored. ``changes`` says what changed, one phrase each (who, what, when)."""
+
+    def __init__(self, changes: list[str]):
+        self.changes = changes
+        super().__init__("the answers on this scan changed since you opened this page: "
+                         f"{'; '.join(changes)}; reload to see them")
 
 
 # --- rows shown on the review page -------------------------------------------------------
@@ -76,6 +94,11 @@ class ReviewRow:
     last_adjudication: Annotation | None = None
     reason: dict = field(default_factory=dict)   # flagged rows: the label_review item's reason
     query_item: object | None = None             # flagged rows: the ml_backend QueryItem
+
+    @property
+    def seen(self) -> str:
+        """What this row shows, as the adjudication form sends it back (``Seen.token``)."""
+        return Seen.of([a.annotation for a in self.answers], self.last_adjudication).token
 
 
 @dataclass
@@ -300,17 +323,149 @@ def agreement_by_class(project: Project) -> Agreement:
 
 # --- the write ---------------------------------------------------------------------------
 
+#: A ``seen`` token longer than this is not one a review page wrote.
+SEEN_MAX_CHARS = 4000
 
-def adjudicate(*, scan: Scan, reviewer, label_class: LabelClass, note: str = "") -> Annotation:
+
+@dataclass(frozen=True)
+class Seen:
+    """What a review row showed: the ids of the readers' latest LABEL answers and of the
+    latest adjudication. Its token, ``"12,15;20"`` (answers ``;`` adjudication, which may
+    be empty), travels in the adjudication form."""
+
+    answer_ids: frozenset[int]
+    adjudication_id: int | None
+
+    @classmethod
+    def of(cls, answers, adjudication: Annotation | None) -> Seen:
+        return cls(frozenset(a.pk for a in answers),
+                   adjudication.pk if adjudication is not None else None)
+
+    @property
+    def token(self) -> str:
+        adjudication = "" if self.adjudication_id is None else str(self.adjudication_id)
+        return f"{','.join(map(str, sorted(self.answer_ids)))};{adjudication}"
+
+    @classmethod
+    def parse(cls, token: str) -> Seen:
+        def an_id(text: str) -> bool:          # a row id (a bigint), not any number
+            return text.isascii() and text.isdigit() and len(text) <= 18
+
+        answers, sep, adjudication = (token or "").strip().partition(";")
+        ids = answers.split(",") if answers else []
+        if (not sep or len(token) > SEEN_MAX_CHARS or not all(an_id(i) for i in ids)
+                or not (adjudication == "" or an_id(adjudication))):
+            raise ReviewError("the form did not say which answers it was decided on (its "
+                              "'seen' field is not one the review page writes); reload the "
+                              "page and decide again")
+        return cls(frozenset(int(i) for i in ids), int(adjudication) if adjudication else None)
+
+
+@dataclass
+class Adjudicated:
+    """A stored adjudication and the earlier one it replaces as the training label (None
+    when the scan had none)."""
+
+    annotation: Annotation
+    replaced: Annotation | None
+
+    @property
+    def replaced_in_words(self) -> str:
+        """E.g. "bob's adjudication as glioma of 2026-12-07 14:03:12"; empty if none."""
+        if self.replaced is None:
+            return ""
+        return (f"{_who(self.replaced)}'s adjudication as {_class_name(self.replaced)} of "
+                f"{_when(self.replaced)}")
+
+
+def _when(annotation: Annotation) -> str:
+    return timezone.localtime(annotation.created_at).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _who(annotation: Annotation) -> str:
+    if annotation.source == Annotation.Source.IMPORT:
+        return IMPORT_READER
+    return (annotation.reader.get_username() if annotation.reader_id
+            else annotation.get_source_display())
+
+
+def _class_name(annotation: Annotation) -> str:
+    return annotation.label_class.name if annotation.label_class_id else "?"
+
+
+def _changes(scan: Scan, seen: Seen, by_reader: dict[str, Annotation],
+             adjudication: Annotation | None) -> list[str]:
+    """What differs between what the page showed (``seen``) and the scan now, in words."""
+    ids = set(seen.answer_ids) | ({seen.adjudication_id} - {None})
+    shown = {a.pk: a for a in Annotation.objects.filter(scan=scan, pk__in=ids)
+             .select_related("label_class", "reader")}
+    shown_by_reader = {_reader_key(shown[i]): shown[i] for i in sorted(seen.answer_ids)
+                       if i in shown}
+    gone = [i for i in seen.answer_ids if i not in shown]
+    changes = []
+    for key, now in sorted(by_reader.items(), key=lambda kv: _stamp(kv[1])):
+        before = shown_by_reader.get(key)
+        if before is not None and before.pk == now.pk:
+            continue
+        if before is None:
+            verb = "'s latest answer is now" if gone else " answered"
+            changes.append(f"{_who(now)}{verb} {_class_name(now)} ({_when(now)})")
+        elif before.label_class_id == now.label_class_id:
+            changes.append(f"{_who(now)} answered {_class_name(now)} again ({_when(now)})")
+        else:
+            changes.append(f"{_who(now)} now answers {_class_name(now)} (was "
+                           f"{_class_name(before)}; {_when(now)})")
+    for key, before in shown_by_reader.items():
+        if key not in by_reader:
+            changes.append(f"{_who(before)}'s answer {_class_name(before)} was taken back")
+    if gone:
+        changes.append(f"{len(gone)} answer{'s' if len(gone) != 1 else ''} you saw "
+                       f"{'were' if len(gone) != 1 else 'was'} taken back or deleted")
+    current_id = adjudication.pk if adjudication is not None else None
+    if current_id != seen.adjudication_id:
+        if adjudication is not None:
+            changes.append(f"{_who(adjudication)} adjudicated it as {_class_name(adjudication)} "
+                           f"({_when(adjudication)})")
+        else:
+            earlier = shown.get(seen.adjudication_id)
+            changes.append("the adjudication you saw" + (
+                f" ({_who(earlier)}: {_class_name(earlier)})" if earlier else "")
+                + " was removed")
+    return changes or ["its answers are not the ones this page showed"]
+
+
+def adjudicate(*, scan: Scan, reviewer, label_class: LabelClass, note: str = "",
+               seen: str | Seen | None = None) -> Adjudicated:
     """Record the reviewer's decision as an adjudication: the label training uses from now
-    on (until a reader labels the scan again and a newer disagreement opens)."""
+    on (until a reader labels the scan again and a newer disagreement opens).
+
+    ``seen`` is what the reviewer decided on (a ``Seen`` or its token, from the review
+    row). Under a lock on the scan row (``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite
+    the write transaction, begun IMMEDIATE, is the lock), the scan's latest answers and
+    adjudication are compared with it: any difference raises ``AdjudicationConflict``
+    naming it, and nothing is stored. Of two reviewers deciding on the same page at once,
+    one is stored and the other is told who decided what. Without ``seen`` (a caller from
+    before the token) the adjudication is stored, serialized under the same lock, and the
+    result names the adjudication it replaces.
+    """
     if label_class.project_id != scan.project_id:
         raise ReviewError(f"class {label_class.name!r} is not a class of this project")
     if scan.project.role_of(reviewer) not in REVIEW_ROLES:
         raise ReviewError("only reviewers and project admins may adjudicate")
+    if isinstance(seen, str):
+        seen = Seen.parse(seen)
     with transaction.atomic():
-        return annotation_create(scan=scan, reader=reviewer, label_class=label_class,
-                                 source=Annotation.Source.ADJUDICATION, note=note.strip())
+        locked = Scan.objects.select_for_update().filter(pk=scan.pk).first()
+        if locked is None:
+            raise ReviewError(f"scan {scan.pk} was deleted meanwhile")
+        answers, adjudications = _latest_answers(scan.project, [scan.pk])
+        by_reader, current = answers.get(scan.pk, {}), adjudications.get(scan.pk)
+        if seen is not None and seen != Seen.of(by_reader.values(), current):
+            raise AdjudicationConflict(_changes(scan, seen, by_reader, current))
+        annotation = annotation_create(scan=locked, reader=reviewer, label_class=label_class,
+                                       source=Annotation.Source.ADJUDICATION,
+                                       note=note.strip())
+    return Adjudicated(annotation=annotation, replaced=current)
 
 
 # --- readers dashboard (project admins) ---------------------------------------------------

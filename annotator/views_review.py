@@ -36,6 +36,10 @@ class AdjudicationForm(forms.Form):
 @require_safe
 def review(request, project_id: int):
     project = selectors.project_get_for_user(request.user, project_id, roles=REVIEW_ROLES)
+    return _review_page(request, project)
+
+
+def _review_page(request, project, *, status: int = 200):
     return render(request, "annotator/review.html", {
         "held_out": selectors.held_out_disagreements(project),
         "project": project,
@@ -56,12 +60,17 @@ def review(request, project_id: int):
             {"label_set": label_set, **findings_agreement_all(label_set)}
             for label_set in project.label_sets.filter(kind="multi").order_by("order", "pk")],
         "min_pairs": reviews.MIN_PAIRS,
-    })
+    }, status=status)
 
 
 @login_required
 @require_POST
 def adjudicate(request, project_id: int, scan_id: int):
+    """Store the reviewer's decision. The form's ``seen`` (what its row showed) makes it a
+    decision on those answers: if the scan's answers or adjudication changed since, the
+    review page comes back as it is now, with a 409 and what changed, and nothing is stored.
+    A post without ``seen`` (a page from before it) is stored as before, and the message
+    names any adjudication it replaces."""
     project = selectors.project_get_for_user(request.user, project_id, roles=REVIEW_ROLES)
     scan = project.scans.select_related("project").filter(pk=scan_id).first()
     if scan is None:
@@ -79,13 +88,18 @@ def adjudicate(request, project_id: int, scan_id: int):
                                 "project's classes.")
         return redirect("annotator:review", project.pk)
     try:
-        reviews.adjudicate(scan=scan, reviewer=request.user, label_class=label_class,
-                          note=form.cleaned_data["note"])
+        done = reviews.adjudicate(scan=scan, reviewer=request.user, label_class=label_class,
+                                  note=form.cleaned_data["note"],
+                                  seen=request.POST.get("seen") or None)
+    except reviews.AdjudicationConflict as exc:
+        messages.error(request, f"Scan {scan.pk} was not adjudicated: {exc}.")
+        return _review_page(request, project, status=409)
     except (reviews.ReviewError, AnnotationError) as exc:
         messages.error(request, f"Scan {scan.pk} was not adjudicated: {exc}.")
     else:
+        replaces = f" (it replaces {done.replaced_in_words})" if done.replaced else ""
         messages.success(request, f"Scan {scan.pk} adjudicated as {label_class.name}: "
-                                  "training now uses this label.")
+                                  f"training now uses this label{replaces}.")
     return redirect("annotator:review", project.pk)
 
 
