@@ -26,9 +26,11 @@ from annotator.models import (
     hotkey_error,
 )
 from annotator.services import (
+    _learned_ids,
     colour_mode_locked,
     label_class_hotkey_problem,
     label_class_set_change_problem,
+    label_class_uses,
 )
 from ml_backend import services as ml
 from ml_backend.models import ModelVersion
@@ -107,6 +109,12 @@ class LabelClassInlineFormSet(forms.BaseInlineFormSet):
 
     def clean(self):
         super().clean()
+        # a row marked for deletion: refused while anything refers to its class
+        refusals = [label_class_delete_problem(form.instance) for form in self.forms
+                    if self.can_delete and form.instance.pk is not None
+                    and hasattr(form, "cleaned_data") and self._should_delete_form(form)]
+        if any(refusals):
+            raise ValidationError([r for r in refusals if r])
         if any(self.errors) or self.instance.pk is None:
             return
         final = {c.pk: (c.label_set_id, (c.hotkey or "").lower(), c.name)
@@ -136,6 +144,65 @@ class LabelClassInlineFormSet(forms.BaseInlineFormSet):
                     f"{seen[set_id, key]!r} and {name!r} would both answer to {key!r} in "
                     f"{names.get(set_id, 'one label set')!r}: give one of them another key.")
             seen[set_id, key] = name
+
+
+def _count(n: int, thing: str, verb: str) -> str:
+    """"1 answer gives", "3 answers give" (``verb`` as after a plural)."""
+    if n == 1:
+        return f"1 {thing} {verb[:-1] + 'ies' if verb.endswith('ry') else verb + 's'}"
+    return f"{n} {thing}s {verb}"
+
+
+def label_class_delete_refusals(label_class: LabelClass) -> list[str]:
+    """Why ``label_class`` may not be deleted, one reason a line (empty when it may): the
+    rule that keeps a class in its label set (``label_class_uses``: answers, findings
+    answers, suggestions shown, predictions, classifier versions that learned it) and a
+    Label Studio task carrying it as its suggestion. Deleted, the answers would stop it
+    (PROTECT), the suggestions and predictions would lose their class silently (SET_NULL),
+    and a version that learned it would name a class that no longer exists."""
+    if label_class.pk is None:
+        return []
+    uses = label_class_uses(label_class)
+    tasks = LabelStudioTask.objects.filter(shown_suggestion_id=label_class.pk).count()
+    reasons = []
+    if uses.get("model versions"):
+        versions = [version for version, config in ModelVersion.objects.filter(
+            project_id=label_class.project_id, kind=ModelVersion.Kind.CLASSIFIER
+        ).order_by("created_at", "pk").values_list("version", "config").iterator()
+            if label_class.pk in _learned_ids(config)]
+        those = "that version" if len(versions) == 1 else "those versions"
+        reasons.append(
+            f"model version{'s' if len(versions) > 1 else ''} {', '.join(versions)} learned "
+            f"it: retire and delete {those} first (roll back if one is active), or keep the "
+            "class")
+    if uses.get("answers"):
+        n = uses["answers"]
+        reasons.append(f"{_count(n, 'answer', 'give')} it: change or delete "
+                       f"{'that answer' if n == 1 else 'those answers'} first")
+    if uses.get("findings answers"):
+        n = uses["findings answers"]
+        reasons.append(f"{_count(n, 'findings answer', 'state')} it: change or delete "
+                       f"{'that answer' if n == 1 else 'those answers'} first")
+    if uses.get("shown suggestions"):
+        reasons.append(f"{_count(uses['shown suggestions'], 'answer', 'record')} it as the "
+                       "suggestion shown to the reader")
+    if uses.get("predictions"):
+        reasons.append(f"{_count(uses['predictions'], 'stored prediction', 'name')} it "
+                       "(predictions go with the version that made them)")
+    if tasks:
+        reasons.append(f"{_count(tasks, 'Label Studio task', 'carry')} it as its "
+                       "suggestion")
+    return reasons
+
+
+def label_class_delete_problem(label_class: LabelClass, reasons: list[str] | None = None
+                               ) -> str | None:
+    """The refusals of ``label_class_delete_refusals`` as one sentence (None: it may go)."""
+    reasons = label_class_delete_refusals(label_class) if reasons is None else reasons
+    if not reasons:
+        return None
+    return (f"{label_class.name!r} cannot be deleted: {'; '.join(reasons)}. A class that "
+            "anything refers to is kept: rename it, or leave it unused.")
 
 
 class LabelClassInline(admin.TabularInline):
@@ -451,6 +518,20 @@ class LabelClassAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(_labels=Count("annotations"))
+
+    def get_deleted_objects(self, objs, request):
+        """The delete page and the "delete selected" action refuse a class that anything
+        refers to (``label_class_delete_refusals``), as they refuse one with answers: each
+        reason is listed as what protects it, and said in one sentence above."""
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        protected = list(protected)
+        for label_class in objs:
+            reasons = label_class_delete_refusals(label_class)
+            if reasons:
+                protected += [f"{label_class.name}: {reason}" for reason in reasons]
+                self.message_user(request, label_class_delete_problem(label_class, reasons),
+                                  messages.ERROR)
+        return deleted, counts, perms_needed, protected
 
     @admin.display(ordering="_labels", description="labels")
     def label_count(self, obj):

@@ -152,12 +152,23 @@ def write_imagefolder(rows: list[dict], out: Path) -> dict[str, int]:
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty: export into a new folder")
     labelled = [row for row in rows if row["kind"] == "class" and row["label"]]
+    # every image is there before the first is copied (a missing one is the storage's
+    # fault, not the output's: say which scans)
+    missing = [row for row in labelled if not media_path(row["_preview"]).is_file()]
+    if missing:
+        raise ExportError(missing_previews_words(missing))
     folders = folder_names(row["label"] for row in labelled)
     counts: dict[str, int] = {}
     for row in labelled:
         folder = out / row["split"] / folders[row["label"]]
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(media_path(row["_preview"]), folder / f"{row['scan']}.png")
+        source = media_path(row["_preview"])
+        try:
+            shutil.copyfile(source, folder / f"{row['scan']}.png")
+        except FileNotFoundError:
+            if source.exists():                         # the output's side, then
+                raise
+            raise ExportError(missing_previews_words([row])) from None   # gone meanwhile
         counts[row["label"]] = counts.get(row["label"], 0) + 1
     out.mkdir(parents=True, exist_ok=True)
     mapping = io.StringIO()
@@ -168,6 +179,17 @@ def write_imagefolder(rows: list[dict], out: Path) -> dict[str, int]:
     (out / "classes.csv").write_text(mapping.getvalue())
     (out / "labels.csv").write_text(as_csv(rows))
     return counts
+
+
+def missing_previews_words(rows: list[dict]) -> str:
+    """Which scans' stored images (their de-identified previews) are missing, and what to
+    do about it."""
+    shown = ", ".join(str(row["scan"]) for row in rows[:10])
+    more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+    return (f"the stored image of {'scan' if len(rows) == 1 else 'scans'} {shown}{more} is "
+            f"missing from MEDIA_ROOT (e.g. {rows[0]['_preview']}): restore those files from "
+            "your backup of MEDIA_ROOT (a `manage.py project_export` archive holds them under "
+            "media/), then export again")
 
 
 def folder_names(names) -> dict[str, str]:

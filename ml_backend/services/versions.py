@@ -215,6 +215,8 @@ def evaluate(model: ModelVersion, *, predict: Predictor, classes: list[int],
         return None
     all_classes = list(classes) + sorted(set(class_ids) - set(classes))
     names_by_id = dict(LabelClass.objects.filter(pk__in=all_classes).values_list("pk", "name"))
+    for g in deleted_classes(all_classes, names_by_id, model):    # deleted during its run
+        names_by_id[g["id"]] = f"{g['name'] or 'class id ' + str(g['id'])} (deleted)"
     names = [names_by_id[c] for c in all_classes]
     labels = np.array([all_classes.index(c) for c in class_ids])
     class_set = class_label_sets(model.project)
@@ -283,11 +285,17 @@ def gate(model: ModelVersion, evaluation: Evaluation | None, *,
     scans, class_ids = eval_set(project)
     candidate_classes = [c["id"] for c in model.config["classes"]]
     active_classes = [c["id"] for c in active.config["classes"]]
-    space = sorted(set(candidate_classes) | set(active_classes))
+    known = sorted(set(candidate_classes) | set(active_classes))
+    names_by_id = dict(LabelClass.objects.filter(pk__in=known).values_list("pk", "name"))
+    # a class a version learned that was deleted since (behind the admin's back: it refuses
+    # that) is left out of the comparison, in words, never a KeyError
+    gone = deleted_classes(known, names_by_id, model, active)
+    space = [c for c in known if c in names_by_id]
     keep = [i for i, c in enumerate(class_ids) if c in space]
     if not keep:
         return True, (f"promoted: none of the eval scans is of a class {active.version} or "
-                      "this version knows"), {}
+                      "this version knows" + (f". {deleted_classes_words(gone, model, active)}"
+                                              if gone else "")), {}
     scans = [scans[i] for i in keep]
     y = np.array([space.index(class_ids[i]) for i in keep])
     try:
@@ -297,21 +305,30 @@ def gate(model: ModelVersion, evaluation: Evaluation | None, *,
                       f"({exc})"), {}
     predict = predict or predictor_for(model)
 
+    def existing(proba, columns: list[int]) -> np.ndarray:
+        """The probabilities of the classes that still exist (a deleted one's column: 0)."""
+        alive = np.array([c in names_by_id for c in columns], bool)
+        return np.where(alive[None, :], np.asarray(proba, np.float64), 0.0)
+
     def predicted(proba: np.ndarray, known: list[int]) -> np.ndarray:
         best = np.asarray(proba).argmax(axis=1)
         none = np.asarray(proba).max(axis=1) <= 0            # no head for the scan's set
-        return np.where(none, len(space), np.array([space.index(known[b]) for b in best]))
+        return np.where(none, len(space), np.array(
+            [space.index(known[b]) if known[b] in names_by_id else len(space) for b in best],
+            dtype=np.int64))
 
-    names_by_id = dict(LabelClass.objects.filter(pk__in=space).values_list("pk", "name"))
-    candidate_proba = np.asarray(predict(scans))
+    active_proba = existing(active_proba, active_classes)
+    candidate_proba = existing(predict(scans), candidate_classes)
     # Forgetting is judged on the classes both know, with the candidate's answer among those
     # classes (a scan the candidate now calls by a new class is that class's business: its
     # recall and precision are reported as newly learned, from the unrestricted answers).
     old = np.array([c in active_classes for c in candidate_classes])
     restricted = np.where(old[None, :], candidate_proba, 0.0)
     arguments = dict(class_names=[names_by_id[c] for c in space] + ["(no prediction)"],
-                     candidate_classes={space.index(c) for c in candidate_classes},
-                     active_classes={space.index(c) for c in active_classes},
+                     candidate_classes={space.index(c) for c in candidate_classes
+                                        if c in names_by_id},
+                     active_classes={space.index(c) for c in active_classes
+                                     if c in names_by_id},
                      tolerance=project.gate_tolerance)
     active_pred = predicted(active_proba, active_classes)
     comparison = compare_models(y, predicted(restricted, candidate_classes), active_pred,
@@ -324,11 +341,41 @@ def gate(model: ModelVersion, evaluation: Evaluation | None, *,
                                           "per_class": full["per_class"]}
     comparison["active_version"] = active.version
     reason = describe(comparison, candidate=model.version, active=active.version)
+    if gone:
+        comparison["deleted_classes"] = gone
+        reason = f"{reason} {deleted_classes_words(gone, model, active)}"
     overlap = patient_overlap_words(project)
     if overlap:
         comparison["patient_overlap"] = overlap
         reason = f"{reason} {overlap}"
     return not comparison["regression"], reason, comparison
+
+
+def deleted_classes(ids, names_by_id: dict, *versions: ModelVersion) -> list[dict]:
+    """The classes of ``ids`` that no longer exist (not in ``names_by_id``), each with the
+    name it had in the ``versions`` that learned it: ``{"id", "name", "learned_by"}``."""
+    gone = []
+    for class_id in ids:
+        if class_id in names_by_id:
+            continue
+        learned = [v for v in versions
+                   if any(c.get("id") == class_id for c in v.config.get("classes") or [])]
+        name = next((c.get("name") for v in learned for c in v.config["classes"]
+                     if c.get("id") == class_id and c.get("name")), None)
+        gone.append({"id": class_id, "name": name,
+                     "learned_by": [v.version for v in learned]})
+    return gone
+
+
+def deleted_classes_words(gone: list[dict], model: ModelVersion, active: ModelVersion) -> str:
+    """What the gate says of classes a version learned that were deleted since."""
+    said = "; ".join(
+        (f"{g['name']!r} (class id {g['id']})" if g["name"] else f"class id {g['id']}")
+        + (f", learned by {' and '.join(g['learned_by'])}" if g["learned_by"] else "")
+        for g in gone)
+    return (f"Left out of the comparison, no longer a class of this project: {said}; "
+            f"{model.version} and {active.version} were compared on the classes both know "
+            "that still exist.")
 
 
 def predictions_refresh(model: ModelVersion, *, predict: Predictor | None = None,

@@ -77,11 +77,14 @@ def _write_file(out: Path, text: str) -> None:
 
 def _write_folder(rows: list[dict], out: Path) -> dict[str, int]:
     """The image folder made in a temporary folder beside ``out`` and renamed into place
-    (``storage.out_folder_built``): a failure leaves nothing behind."""
+    (``storage.out_folder_built``): a failure leaves nothing behind (a scan whose stored
+    image is missing is named before anything is copied)."""
     try:
         with out_folder_built(out) as work:
             counts = exports.write_imagefolder(rows, work)
         return counts
+    except exports.ExportError as exc:
+        raise CommandError(f"{exc}. Nothing was written to {out}.") from None
     except OutPathError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:

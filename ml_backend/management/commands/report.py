@@ -81,7 +81,8 @@ class Command(BaseCommand):
                  f"macro-AUC {f(r.get('macro_auc'))} · kappa {f(r.get('cohen_kappa'))} · "
                  f"ECE {f(r.get('ece'))}"
                  + (f" (before temperature scaling {f(r['ece_before_scaling'])}, "
-                    f"T={r.get('temperature') or 1:.2f})" if "ece_before_scaling" in r else ""), "",
+                    f"{_temperature(r.get('temperature'))})" if "ece_before_scaling" in r
+                    else ""), "",
                  "| class | precision | recall | F1 | support | AUC | AP |",
                  "|---|---:|---:|---:|---:|---:|---:|"]
         # the matrix's order is class_names: a stored report's per_class mapping comes back
@@ -132,6 +133,17 @@ class Command(BaseCommand):
         lines += [f"| {p['labels']} | {p['version']} | {f(p['accuracy'])} | {f(p['macro_f1'])} | "
                   f"{p['status']} |" for p in curve]
         return "\n".join(lines)
+
+
+def _temperature(value) -> str:
+    """The report's temperature: one number (one network), or one per label set
+    ({"Chest X-ray": 11.2, "Brain MRI": 8.29}: refit heads, one per set)."""
+    def one(t) -> str:
+        return f"{t:.2f}" if isinstance(t, (int, float)) and not isinstance(t, bool) else "—"
+
+    if isinstance(value, dict):
+        return "T per label set: " + ", ".join(f"{name} {one(t)}" for name, t in value.items())
+    return f"T={one(1 if value is None else value)}"
 
 
 def _findings_reports(model: ModelVersion) -> dict:
