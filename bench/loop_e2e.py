@@ -50,8 +50,41 @@ in-process, on a throw-away SQLite database and media / artifact folders in a te
    per label set on the same labeled scans' stored embeddings) is scored the same way, and
    every stored Prediction is checked for a class outside its scan's label set.
 
+A **findings source** (several findings per scan: ``labels.csv#train`` of the NIH subset,
+a CheXpert or 0/1 CSV, a ChestMNIST-style npz; ``ml_backend.data.findings``) runs alone, the
+way a clinician uses a findings project (``bench.loop_e2e_findings`` holds its pure parts):
+
+    python -m bench.loop_e2e --train '../shared/data/nih_cxr14_subset/labels.csv#train' \
+        --eval '../shared/data/nih_cxr14_subset/labels.csv#val' \
+        --encoder-checkpoint ml_backend/starter/simclr-resnet18-64px.pt \
+        --budget 200 --step 10 --seeds 5 --vary-gate --strategies worklist,random
+
+- The gate eval split is whole patients (the NIH ``<patient>_<film>`` names, CheXpert's
+  ``patientNNNNN`` folders, and near-duplicate groups): about ``--gate-eval-per-class``
+  positives of each finding (never more than half of a finding's positives, so the pool
+  keeps some of each) and as many scans without a finding. It is imported as a 0/1 findings
+  CSV with ``split="eval"``, which makes the findings label set (``--label-sets`` or
+  "Findings") and its findings, as ``manage.py import_scans labels.csv#train`` does; the
+  pool is imported unlabeled into that set. ``--eval split:F`` holds out whole patients.
+- Reader1 answers each served scan as the findings label page sends it: the page's rows
+  (``label_page._findings_suggestion`` / ``_findings_rows``: each finding's probability and
+  threshold, preselected at or above it), then the true findings ("no finding" when all are
+  absent) with the scores shown, through the answer view's ``labeling.answer_submit``.
+  The refit fits the findings heads inline and the findings gate promotes or holds them;
+  the worklist ranks by ``FINDINGS_STRATEGY_FOR`` of the project's strategy.
+- After every step the ACTIVE version's findings heads are scored on ``--eval``: macro AUC
+  over the findings with an eval positive, over those with at least 5, any-finding AUC,
+  micro AUC, macro AP; with the newest held-back refit's gate comparison per finding. At the
+  end the offline probe (``fit_findings_head`` on the labeled scans' stored embeddings, the
+  product's targets and the true ones) is scored the same way; the suggestions are counted
+  (preselected findings present, present findings preselected, findings outside the set),
+  and every stored answer is checked against the findings the reader gave.
+- ``--promote-held-back`` (any source): an admin promotes every refit the gate holds back
+  by hand ("promote anyway", ``model_version_promote``) at the next step.
+
 Output: JSON (written after every run), a PNG of macro-F1 against labels (±sd over seeds,
-one panel per label set for a mixed project), and markdown tables on stdout.
+one panel per label set for a mixed project; for findings one panel per AUC measure), and
+markdown tables on stdout.
 """
 
 from __future__ import annotations
@@ -78,6 +111,35 @@ REPORT_COUNTS = (10, 20, 50, 100, 150, 200)
 STRATEGIES = ("worklist", "random")
 METRICS = ("macro_f1", "accuracy", "macro_auc", "ece")
 DROP_LIMIT = 0.05
+FINDINGS_SET = "Findings"       # a findings source's label set without --label-sets
+
+
+@dataclass(frozen=True)
+class Measures:
+    """What a run's curves, tables and plot read: the measures averaged over seeds, the
+    headline one (labels saved, the largest fall, the probe), the table's columns."""
+    metrics: tuple
+    headline: str
+    headline_words: str
+    columns: tuple                   # (metric, words) per table column group
+
+
+# a findings run's answers and suggestions, counted (``one_run``; summed over runs)
+FINDINGS_CHECKS = ("answers", "shown", "preselected", "preselected_present", "present_shown",
+                   "present_preselected", "exact", "outside_set", "head_outside_set",
+                   "stored_outside_set", "answers_unlike_truth")
+
+CLASS_MEASURES = Measures(METRICS, "macro_f1", "macro-F1",
+                          (("macro_f1", "macro-F1"), ("macro_auc", "AUC"), ("ece", "ECE")))
+
+
+def findings_measures() -> Measures:
+    from bench.loop_e2e_findings import FINDINGS_METRICS, MIN_POSITIVES
+
+    return Measures(FINDINGS_METRICS, "macro_auc", "macro AUC",
+                    (("macro_auc", "macro AUC"),
+                     ("macro_auc_min5", f"macro AUC (>={MIN_POSITIVES} pos.)"),
+                     ("any_finding_auc", "any-finding AUC")))
 
 
 def log(message: str) -> None:
@@ -133,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the project's query strategy (default: the product's default)")
     p.add_argument("--gate-tolerance", type=float, default=None,
                    help="the project's gate tolerance (default: the product's default)")
+    p.add_argument("--promote-held-back", action="store_true",
+                   help="an admin promotes every refit the gate holds back, by hand, at the "
+                        "next step (\"promote anyway\"): the loop as if the gate let every "
+                        "refit through")
     p.add_argument("--cache-dir", default="bench/cache", help="decoded-array cache (ssl_eval's)")
     p.add_argument("--workdir", default=None, help="default: a temp folder, removed at the end")
     p.add_argument("--keep-workdir", action="store_true")
@@ -159,6 +225,20 @@ def check_args(args) -> None:
         raise SystemExit("--gate-eval-per-class must be >= 1 (the gate needs an eval split)")
     if args.encoder_checkpoint and not Path(args.encoder_checkpoint).is_file():
         raise SystemExit(f"--encoder-checkpoint {args.encoder_checkpoint}: no such file")
+    from ml_backend.data.findings import is_findings_source
+
+    findings = [is_findings_source(spec) for spec in args.train]
+    if any(findings):
+        if len(args.train) > 1:
+            raise SystemExit("a findings source (several findings per scan) runs alone: give "
+                             "one --train for it (a project mixing findings and classes is "
+                             "not measured here)")
+        if args.second_reader_error is not None:
+            raise SystemExit("--second-reader-error is for class sources (a wrong class); a "
+                             "findings source has no second reader here")
+        if not args.eval[0].startswith("split:") and not is_findings_source(args.eval[0]):
+            raise SystemExit(f"--eval {args.eval[0]}: not a findings source (the --train is "
+                             "one): give its eval split, e.g. labels.csv#val, or split:F")
 
 
 # --- data: pool, gate eval and offline eval per source ----------------------------------
@@ -177,6 +257,9 @@ class Source:
     info: dict = field(default_factory=dict)
     # --vary-gate: per seed s >= 1, the names of its gate eval scans, drawn among gate + pool
     gates: dict = field(default_factory=dict)
+    # a findings source: its findings, in column order; each label above is then the scan's
+    # answer per finding (``loop_e2e_findings.truth_key``), not a class name
+    findings: list | None = None
 
 
 def pick_gate(labels: np.ndarray, groups: np.ndarray, candidates: np.ndarray, per_class: int,
@@ -217,8 +300,13 @@ def prepare_sources(args, group_size: int) -> list[Source]:
         stratified_subset
     from ml_backend.data.datasets import read_source
 
+    from ml_backend.data.findings import is_findings_source
+
     sources = []
     for i, (spec, eval_spec) in enumerate(zip(args.train, args.eval)):
+        if is_findings_source(spec):
+            sources.append(prepare_findings_source(args, i, spec, eval_spec, group_size))
+            continue
         listing = read_source(spec)
         by_name = {item.name: item for item in listing.items}
         data = load_spec(spec, group_size, Path(args.cache_dir))
@@ -276,6 +364,88 @@ def prepare_sources(args, group_size: int) -> list[Source]:
     return sources
 
 
+def prepare_findings_source(args, index: int, spec: str, eval_spec: str,
+                            group_size: int) -> Source:
+    """A findings source's gate eval, pool and --eval: whole patients (and near-duplicate
+    groups) never straddle them (``loop_e2e_findings``)."""
+    from bench.findings_eval import _align, load_findings
+    from bench.loop_e2e_findings import counts, patient_groups, pick_gate_findings, truth_key
+    from bench.ssl_eval import grouped_holdout, near_duplicate_groups
+    from ml_backend.data.findings import read_findings_source
+
+    listing = read_findings_source(spec)
+    names = [item.name for item in listing.items]
+    data = load_findings(spec, group_size, Path(args.cache_dir))
+    near = None
+    if not data["failed"]:
+        near = near_duplicate_groups(data["images"])
+    else:
+        log(f"warning: {spec}: {data['failed']} scans could not be decoded; grouped by "
+            "patient only (no near-duplicate groups)")
+    groups = patient_groups(names, near)
+    targets = listing.targets
+    keys = [truth_key(row) for row in targets]
+    sizes = np.bincount(groups)
+    info = {"spec": spec, "eval_spec": eval_spec, "kind": "findings", "layout": listing.layout,
+            "rows": len(names), "failed": int(data["failed"]), "grouping_image_size": group_size,
+            "patient_groups": int(len(sizes)), "largest_group": int(sizes.max()),
+            "notes": listing.notes}
+    if eval_spec.startswith("split:"):
+        try:
+            fraction = float(eval_spec.split(":", 1)[1])
+        except ValueError:
+            raise SystemExit(f"--eval {eval_spec!r}: expected split:FRACTION") from None
+        any_finding = (np.nan_to_num(targets) == 1).any(axis=1).astype(int)
+        train_idx, eval_idx = grouped_holdout(any_finding, groups, fraction)
+        evaluation = [(listing.items[j], keys[j]) for j in eval_idx]
+        info["split"] = fraction
+    else:
+        other = read_findings_source(eval_spec)
+        _, _, y_eval = _align({"findings": listing.findings, "targets": targets},
+                              {"findings": other.findings, "targets": other.targets})
+        train_idx = np.arange(len(names))
+        evaluation = [(item, truth_key(row)) for item, row in zip(other.items, y_eval)]
+        shared = ({p for p in map(_patient, other.items) if p}
+                  & {p for p in map(_patient, listing.items) if p})
+        info["eval_patients_also_in_train"] = len(shared)
+    gate_idx = pick_gate_findings(targets, groups, train_idx, args.gate_eval_per_class)
+    pool_idx = np.setdiff1d(train_idx, gate_idx)
+    info["pool_before_subset"] = int(len(pool_idx))
+    cap = _pool_cap(args.max_pool_per_source, index)
+    if cap and cap < len(pool_idx):
+        pool_idx = np.sort(np.random.default_rng(0).choice(pool_idx, size=cap, replace=False))
+    project_idx = np.concatenate([gate_idx, pool_idx])
+    gates = {seed: [names[j] for j in pick_gate_findings(
+        targets, groups, project_idx, args.gate_eval_per_class, seed=seed)]
+        for seed in range(1, args.seeds)} if args.vary_gate else {}
+    source = Source(index=index, spec=spec, eval_spec=eval_spec,
+                    set_name=args.label_sets[index] if args.label_sets else None,
+                    class_names=list(listing.findings),
+                    gate=[(listing.items[j], keys[j]) for j in gate_idx],
+                    pool=[(listing.items[j], keys[j]) for j in pool_idx],
+                    evaluation=evaluation, info=info, gates=gates,
+                    findings=list(listing.findings))
+    info.update({"findings": list(listing.findings),
+                 "gate_eval": counts([k for _, k in source.gate], source.findings),
+                 "pool": counts([k for _, k in source.pool], source.findings),
+                 "eval": counts([k for _, k in source.evaluation], source.findings),
+                 "gate_eval_scans": len(source.gate), "pool_scans": len(source.pool),
+                 "eval_scans": len(source.evaluation),
+                 "gate_eval_patients": int(len(set(groups[gate_idx].tolist()))),
+                 "groups_in_gate_and_pool": int(len(set(groups[gate_idx].tolist())
+                                                    & set(groups[pool_idx].tolist())))})
+    log(f"source {index} {spec} (findings, {len(source.findings)}): {len(sizes)} patient "
+        f"groups over {len(names)} scans; pool {len(source.pool)}, gate eval "
+        f"{len(source.gate)}, eval {len(source.evaluation)} ({eval_spec})")
+    return source
+
+
+def _patient(item) -> str | None:
+    from bench.loop_e2e_findings import patient_of
+
+    return patient_of(item.name)
+
+
 def _extension(data: bytes, name: str) -> str:
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return ".png"
@@ -287,15 +457,19 @@ def _extension(data: bytes, name: str) -> str:
     return suffix if suffix and len(suffix) <= 5 else ".dcm"
 
 
-def write_items(entries, folder: Path, *, class_folders: bool) -> tuple[dict, int]:
+def write_items(entries, folder: Path, *, class_folders: bool,
+                written: list | None = None) -> tuple[dict, int]:
     """Write the items' bytes (flat, or one folder per class). Returns ({sha256: label},
-    number of sha collisions with a different label)."""
+    number of sha collisions with a different label); ``written`` gets each file's name."""
     oracle, conflicts = {}, 0
     for k, (item, label) in enumerate(entries):
         data = item.load()
         target = (folder / label) if class_folders else folder
         target.mkdir(parents=True, exist_ok=True)
-        (target / f"{k:05d}{_extension(data, item.name)}").write_bytes(data)
+        name = f"{k:05d}{_extension(data, item.name)}"
+        (target / name).write_bytes(data)
+        if written is not None:
+            written.append(name)
         sha = hashlib.sha256(data).hexdigest()
         if sha in oracle and oracle[sha] != label:
             conflicts += 1
@@ -414,7 +588,9 @@ def _metric(point: dict, scope: str, metric: str):
     return None if data is None else data.get(metric)
 
 
-def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget: int) -> dict:
+def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget: int,
+              measures: Measures = CLASS_MEASURES) -> dict:
+    head = measures.headline
     curves = {}
     for strategy in strategies:
         rows = [r for r in runs if r["strategy"] == strategy]
@@ -422,7 +598,7 @@ def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget
         curve = {"labels": counts, "seeds": len(rows)}
         for scope in scopes:
             curve[scope] = {}
-            for metric in METRICS:
+            for metric in measures.metrics:
                 stats = [_mean_sd([_metric(p, scope, metric) for r in rows for p in r["points"]
                                    if p["labels"] == c]) for c in counts]
                 curve[scope][metric] = {k: [s[k] for s in stats] for k in ("mean", "sd", "n")}
@@ -431,15 +607,15 @@ def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget
     if "worklist" in curves and "random" in curves:
         saved = {}
         for scope in scopes:
-            rnd = curves["random"][scope]["macro_f1"]["mean"]
+            rnd = curves["random"][scope][head]["mean"]
             target = rnd[-1] if rnd else None
             reach = None
             wl = curves["worklist"]
-            for c, m in zip(wl["labels"], wl[scope]["macro_f1"]["mean"]):
+            for c, m in zip(wl["labels"], wl[scope][head]["mean"]):
                 if target is not None and m is not None and m >= target - 1e-12:
                     reach = c
                     break
-            saved[scope] = {"random_final_macro_f1": target, "worklist_labels_to_reach": reach,
+            saved[scope] = {f"random_final_{head}": target, "worklist_labels_to_reach": reach,
                             "labels_saved": None if reach is None else budget - reach}
         summary["labels_saved"] = saved
     finals = {}
@@ -447,15 +623,19 @@ def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget
         rows = [r for r in runs if r["strategy"] == strategy]
         finals[strategy] = {"runs": len(rows)}
         for scope in scopes:
-            finals[strategy][scope] = {
-                "active": _mean_sd([_metric(r["points"][-1], scope, "macro_f1") for r in rows]),
-                "probe": _mean_sd([(r["probe"]["overall"] if scope == "overall"
-                                    else r["probe"]["per_set"].get(scope, {})).get("macro_f1")
-                                   if r.get("probe") else None for r in rows]),
-                "probe_true_labels": _mean_sd([
-                    (r["probe_true_labels"]["overall"] if scope == "overall"
-                     else r["probe_true_labels"]["per_set"].get(scope, {})).get("macro_f1")
-                    if r.get("probe_true_labels") else None for r in rows])}
+            def final(metric: str) -> dict:
+                return {
+                    "active": _mean_sd([_metric(r["points"][-1], scope, metric) for r in rows]),
+                    "probe": _mean_sd([(r["probe"]["overall"] if scope == "overall"
+                                        else r["probe"]["per_set"].get(scope, {})).get(metric)
+                                       if r.get("probe") else None for r in rows]),
+                    "probe_true_labels": _mean_sd([
+                        (r["probe_true_labels"]["overall"] if scope == "overall"
+                         else r["probe_true_labels"]["per_set"].get(scope, {})).get(metric)
+                        if r.get("probe_true_labels") else None for r in rows])}
+            finals[strategy][scope] = final(head)
+            if measures is not CLASS_MEASURES:       # every measure, not the headline alone
+                finals[strategy][scope]["by_metric"] = {m: final(m) for m in measures.metrics}
         finals[strategy]["held_back_refits"] = [r["refits"]["held_back"] for r in rows]
         finals[strategy]["failed_refits"] = [r["refits"]["failed"] for r in rows]
         finals[strategy]["promoted_refits"] = [r["refits"]["promoted"] for r in rows]
@@ -464,6 +644,18 @@ def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget
         finals[strategy]["seconds"] = [r["seconds"] for r in rows]
         finals[strategy]["labels_per_set"] = [r["points"][-1].get("labels_per_set")
                                               for r in rows if r["points"]]
+        if measures is not CLASS_MEASURES:
+            # refits promoted / held back by each count of labels (mean over runs), and which
+            # findings the gate named when it held one back
+            finals[strategy]["refits_by_labels"] = {
+                c: {k: _mean_sd([p.get(k) for r in rows for p in r["points"]
+                                 if p["labels"] == c])
+                    for k in ("promoted", "held_back", "failed", "manual_rounds",
+                              "promoted_by_hand")}
+                for c in curves[strategy]["labels"]}
+            finals[strategy]["held_back_findings"] = dict(Counter(
+                finding for r in rows for finding in r.get("held_back_findings", [])
+            ).most_common())
     summary["final"] = finals
     checks = []          # each step whose newest refit was held back: right to hold it back?
     for r in runs:
@@ -472,8 +664,8 @@ def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget
                 checks.append({"strategy": r["strategy"], "seed": r["seed"],
                                "labels": point["labels"], "held_back": point["newest_version"],
                                "active": point["active_version"],
-                               "held_back_macro_f1": point["newest"]["overall"]["macro_f1"],
-                               "active_macro_f1": point["active"]["overall"]["macro_f1"]})
+                               f"held_back_{head}": point["newest"]["overall"][head],
+                               f"active_{head}": point["active"]["overall"][head]})
     summary["held_back_checks"] = checks
     summary["pixel_choices"] = [
         {"strategy": r["strategy"], "seed": r["seed"],
@@ -486,6 +678,9 @@ def summarise(runs: list[dict], strategies: list[str], scopes: list[str], budget
     summary["any_drop_over_limit"] = any(r["fell_more_than_limit"] for r in runs)
     worklists = [r["labeled_order_digest"] for r in runs if r["strategy"] == "worklist"]
     summary["worklist_runs_identical"] = len(set(worklists)) <= 1 if worklists else None
+    if measures is not CLASS_MEASURES:
+        summary["findings_suggestions"] = {
+            k: sum(r["findings_suggestions"][k] for r in runs) for k in FINDINGS_CHECKS}
     return summary
 
 
@@ -519,21 +714,22 @@ def pixel_choice_lines(summary: dict) -> list[str]:
     return lines
 
 
-def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
+def tables(summary: dict, strategies: list[str], scopes: list[str],
+           measures: Measures = CLASS_MEASURES) -> str:
     curves, lines = summary["curves"], []
+    key, words = measures.headline, measures.headline_words
     for scope in scopes:
         lines.append(f"\n**{scope}** — active model on --eval, mean ± sd over seeds")
-        head = "| labels | " + " | ".join(f"{s} macro-F1" for s in strategies) + " | " + \
-            " | ".join(f"{s} AUC" for s in strategies) + " | " + \
-            " | ".join(f"{s} ECE" for s in strategies) + " |"
-        lines += [head, "|---:|" + "---:|" * (3 * len(strategies))]
+        head = "| labels | " + " | ".join(" | ".join(f"{s} {w}" for s in strategies)
+                                         for _, w in measures.columns) + " |"
+        lines += [head, "|---:|" + "---:|" * (len(measures.columns) * len(strategies))]
         counts = sorted({c for s in strategies for c in curves[s]["labels"]})
         shown = [c for c in counts if c in REPORT_COUNTS] or counts
         if counts and counts[-1] not in shown:
             shown.append(counts[-1])
         for c in shown:
             cells = []
-            for metric in ("macro_f1", "macro_auc", "ece"):
+            for metric, _ in measures.columns:
                 for s in strategies:
                     cv = curves[s]
                     if c in cv["labels"]:
@@ -545,7 +741,7 @@ def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
                         cells.append("—")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines.append(f"\n**At {summary['budget']} labels: the active model vs the offline linear "
-                 "probe on the same labels** (macro-F1)")
+                 f"probe on the same labels** ({words})")
     lines += ["| strategy | scope | active model | offline probe | probe on true labels | "
               "refits promoted / held back / failed (per run) |", "|---|---|---:|---:|---:|---|"]
     for s in strategies:
@@ -553,16 +749,41 @@ def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
         refits = ", ".join(f"{a}/{b}/{c}" for a, b, c in zip(
             f["promoted_refits"], f["held_back_refits"], f["failed_refits"]))
         for scope in scopes:
-            lines.append(f"| {s} | {scope} | {_cell(f[scope]['active'])} | "
-                         f"{_cell(f[scope]['probe'])} | {_cell(f[scope]['probe_true_labels'])} "
-                         f"| {refits} |")
-    checks = summary.get("held_back_checks") or []
+            rows = [(words, f[scope])] if measures is CLASS_MEASURES else [
+                (w, f[scope]["by_metric"][m]) for m, w in measures.columns]
+            for w, cell in rows:
+                label = scope if measures is CLASS_MEASURES else f"{scope}, {w}"
+                lines.append(f"| {s} | {label} | {_cell(cell['active'])} | "
+                             f"{_cell(cell['probe'])} | {_cell(cell['probe_true_labels'])} "
+                             f"| {refits} |")
+    if measures is not CLASS_MEASURES:
+        lines.append("\n**Refits promoted / held back by then** (mean over runs)")
+        lines += ["| labels | " + " | ".join(f"{s} promoted | {s} held back"
+                                             for s in strategies) + " |",
+                  "|---:|" + "---:|" * (2 * len(strategies))]
+        counts = sorted({c for s in strategies for c in curves[s]["labels"]})
+        for c in [c for c in counts if c in REPORT_COUNTS] or counts:
+            cells = []
+            for s in strategies:
+                row = summary["final"][s]["refits_by_labels"].get(c)
+                hand = "" if row is None or not row["promoted_by_hand"]["n"] else \
+                    f" ({_cell(row['promoted_by_hand'], 1)} by hand)"
+                cells += ["—", "—"] if row is None else [
+                    _cell(row["promoted"], 1) + hand, _cell(row["held_back"], 1)]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        for s in strategies:
+            named = summary["final"][s]["held_back_findings"]
+            if named:
+                lines.append(f"Findings the gate named when it held a {s} refit back: "
+                             + ", ".join(f"{n} {k}" for n, k in named.items()))
+    checks = [c for c in summary.get("held_back_checks") or []
+              if c[f"held_back_{key}"] is not None and c[f"active_{key}"] is not None]
     if checks:
-        worse = sum(c["held_back_macro_f1"] < c["active_macro_f1"] for c in checks)
+        worse = sum(c[f"held_back_{key}"] < c[f"active_{key}"] for c in checks)
         lines.append(f"\nSteps whose newest refit was held back by the gate: {len(checks)}; the "
                      f"held-back version was worse on --eval than the active one in {worse}: "
                      + ", ".join(f"{c['strategy']}/{c['seed']}@{c['labels']} "
-                                 f"{c['held_back_macro_f1']:.3f} vs {c['active_macro_f1']:.3f}"
+                                 f"{c[f'held_back_{key}']:.3f} vs {c[f'active_{key}']:.3f}"
                                  for c in checks[:12]))
     if len(scopes) > 1:
         lines.append("\nLabels per label set at the budget (per run): " + "; ".join(
@@ -573,14 +794,14 @@ def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
         lines.append("\nThe active model's heads that kept the thumbnail (label set: steps "
                      "with it / steps with a head, per run): " + "; ".join(choices))
     if "labels_saved" in summary:
-        lines.append("\n**Labels the worklist needs to reach random's final macro-F1**")
+        lines.append(f"\n**Labels the worklist needs to reach random's final {words}**")
         for scope, row in summary["labels_saved"].items():
-            target = row["random_final_macro_f1"]
+            target = row[f"random_final_{key}"]
             reach = row["worklist_labels_to_reach"]
             lines.append(f"- {scope}: random@{summary['budget']} = "
                          f"{'—' if target is None else f'{target:.3f}'}; worklist reaches it at "
                          f"{reach if reach is not None else '>' + str(summary['budget'])} labels")
-    lines.append("\nLargest fall of the active model's macro-F1 between steps (positive = "
+    lines.append(f"\nLargest fall of the active model's {words} between steps (positive = "
                  "fell, negative = it only rose): "
                  + "; ".join(f"{s}: " + ", ".join(f"{d:+.3f}" if d is not None else "—"
                                                   for d in summary["final"][s]["max_drop"])
@@ -590,34 +811,58 @@ def tables(summary: dict, strategies: list[str], scopes: list[str]) -> str:
                  f"{summary['wrong_set_predictions']} of {summary['predictions_checked']} "
                  f"(probability keys outside the set: {summary['wrong_set_probability_keys']}; "
                  f"suggestions shown from another set: {summary['wrong_set_suggestions_shown']})")
+    if "findings_suggestions" in summary:
+        f = summary["findings_suggestions"]
+        lines.append(f"Findings suggestions: {f['shown']} of {f['answers']} answers were shown "
+                     f"the model's findings; preselected {f['preselected']} findings, "
+                     f"{f['preselected_present']} of them present (PPV "
+                     f"{_ratio_words(f['preselected_present'], f['preselected'])}); "
+                     f"{f['present_preselected']} of the {f['present_shown']} present findings "
+                     f"shown were preselected (sensitivity "
+                     f"{_ratio_words(f['present_preselected'], f['present_shown'])}); the "
+                     f"preselection was the whole answer on {f['exact']} scans. Findings "
+                     f"outside the scan's set: suggested {f['outside_set']}, in the active "
+                     f"version's heads {f['head_outside_set']}, in stored shown scores "
+                     f"{f['stored_outside_set']}; answers stored unlike the reader's "
+                     f"findings: {f['answers_unlike_truth']}")
     return "\n".join(lines)
 
 
-def plot(path: Path, summary: dict, strategies: list[str], scopes: list[str]) -> None:
+def _ratio_words(num: int, den: int) -> str:
+    return "—" if not den else f"{num / den:.2f}"
+
+
+def plot(path: Path, summary: dict, strategies: list[str], scopes: list[str],
+         measures: Measures = CLASS_MEASURES) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = scopes if len(scopes) > 1 else ["overall"]
+    # one panel per label set (macro-F1), or for a findings set one per measure
+    panels = ([(scope, measures.headline, measures.headline_words)
+               for scope in (scopes if len(scopes) > 1 else ["overall"])]
+              if measures is CLASS_MEASURES else
+              [("overall", m, w) for m, w in measures.columns])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     colours = {"worklist": "#4c78a8", "random": "#e45756"}
-    for ax, scope in zip(axes[0], panels):
+    for ax, (scope, metric, words) in zip(axes[0], panels):
         for s in strategies:
             cv = summary["curves"][s]
             x = np.array(cv["labels"], dtype=float)
-            m = np.array([np.nan if v is None else v for v in cv[scope]["macro_f1"]["mean"]])
-            sd = np.array([0.0 if v is None else v for v in cv[scope]["macro_f1"]["sd"]])
+            m = np.array([np.nan if v is None else v for v in cv[scope][metric]["mean"]])
+            sd = np.array([0.0 if v is None else v for v in cv[scope][metric]["sd"]])
             ax.plot(x, m, marker="o", ms=3, color=colours.get(s), label=f"{s} (active model)")
             ax.fill_between(x, m - sd, m + sd, color=colours.get(s), alpha=0.2)
-            probe = summary["final"][s][scope]["probe"]
+            final = summary["final"][s][scope]
+            probe = (final if measures is CLASS_MEASURES else final["by_metric"][metric])["probe"]
             if probe["mean"] is not None:
                 ax.errorbar([summary["budget"] * (1 + 0.015 * (1 if s == "random" else -1))],
                             [probe["mean"]], yerr=[probe["sd"] or 0], fmt="x",
                             color=colours.get(s), label=f"{s}: offline probe at the budget")
-        ax.set_title(f"{scope}: macro-F1 on --eval")
+        ax.set_title(f"{scope}: {words} on --eval")
         ax.set_xlabel("labels")
-        ax.set_ylabel("macro-F1")
+        ax.set_ylabel(words)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -673,7 +918,23 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
     from annotator import label_page, labeling, selectors
     from ml_backend.errors import ModelUnavailable
     from annotator import services as annotator_services
-    from annotator.models import Annotation, LabelClass, Membership, Project, Scan, ScanLease
+    from annotator.models import (
+        Annotation,
+        LabelClass,
+        LabelSet,
+        Membership,
+        Project,
+        Scan,
+        ScanLease,
+    )
+    from annotator.findings import findings_answer_create
+    from annotator.selectors import findings_for_set, findings_targets
+    from bench.loop_e2e_findings import (
+        findings_scores,
+        key_targets,
+        states_of,
+        write_findings_csv,
+    )
     from ml_backend import services as ml
     from ml_backend.active.features import PIXEL_SIDE, block_weights, thumbnails
     from ml_backend.active.refit import (
@@ -708,13 +969,23 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
     importer = User.objects.create_user("importer")
     reader1 = User.objects.create_user("reader1")
     reader2 = User.objects.create_user("reader2")
+    admin = User.objects.create_user("admin")        # --promote-held-back promotes as admin
     project = annotator_services.project_create(name="loop-e2e", created_by=importer)
     for reader in (reader1, reader2):
         annotator_services.membership_set(project=project, user=reader,
                                           role=Membership.Role.CLINICIAN)
+    if args.promote_held_back:
+        annotator_services.membership_set(project=project, user=admin,
+                                          role=Membership.Role.ADMIN)
 
+    # a findings source: its set and findings are made by the import of its labeled gate
+    # eval scans (a findings CSV), as ``manage.py import_scans labels.csv#train`` makes them
+    findings_mode = sources[0].findings is not None
+    measures = findings_measures() if findings_mode else CLASS_MEASURES
     set_of_source, classes = {}, {}
     for src in sources:
+        if src.findings is not None:
+            continue
         label_set = (annotator_services.label_set_create(project=project, name=src.set_name)
                      if src.set_name else annotator_services.label_set_default(project))
         set_of_source[src.index] = label_set
@@ -729,20 +1000,28 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
         tag = src.set_name or f"source {src.index}"
         gate_dir = workdir / f"src{src.index}" / "gate"
         pool_dir = workdir / f"src{src.index}" / "pool"
-        gate_oracle, _ = write_items(src.gate, gate_dir, class_folders=True)
+        written: list[str] = []
+        gate_oracle, _ = write_items(src.gate, gate_dir, class_folders=src.findings is None,
+                                     written=written)
         for sha, label in gate_oracle.items():
             oracle.setdefault(sha, label)
+        gate_source, gate_layout = str(gate_dir), "class-folders"
+        if src.findings is not None:
+            gate_source = str(write_findings_csv(gate_dir / "findings.csv", written,
+                                                 [k for _, k in src.gate], src.findings))
+            gate_layout = "auto"
         pool_oracle, conflicts = write_items(src.pool, pool_dir, class_folders=False)
         src.info["pool_sha_label_conflicts"] = conflicts
         for sha, label in pool_oracle.items():
             oracle.setdefault(sha, label)
         # the labeled eval split first: a pool file identical to one of them is then a
         # duplicate (not imported), never a pool scan that inherits the eval label
-        for split, folder, layout in (("eval", gate_dir, "class-folders"),
-                                      ("pool", pool_dir, "flat")):
+        for split, folder, layout in (("eval", gate_source, gate_layout),
+                                      ("pool", str(pool_dir), "flat")):
             job = annotator_services.import_job_create(
-                project=project, source=str(folder), dataset_name=f"{tag} {split}",
-                split=split, layout=layout, label_set=src.set_name or "", created_by=importer)
+                project=project, source=folder, dataset_name=f"{tag} {split}",
+                split=split, layout=layout, created_by=importer,
+                label_set=src.set_name or (FINDINGS_SET if src.findings is not None else ""))
             job = annotator_services.import_job_run(job_id=job.pk)
             row = {"source": src.index, "split": split, "status": job.status,
                    "imported": job.imported, "duplicates": job.duplicates, "failed": job.failed,
@@ -757,14 +1036,38 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
     if leaked:
         raise SystemExit(f"{leaked} pool scans came in labeled: the oracle would leak")
 
+    finding_columns: dict[int, list[LabelClass]] = {}     # findings set id: its findings
+    for src in sources:
+        if src.findings is None:
+            continue
+        name = src.set_name or FINDINGS_SET
+        label_set = LabelSet.objects.filter(project=project, name__iexact=name).first()
+        if label_set is None or not label_set.is_multi:
+            raise SystemExit(f"the findings import made no findings label set {name!r}")
+        set_of_source[src.index] = label_set
+        by_name = {f.name.casefold(): f for f in findings_for_set(label_set)}
+        missing = [f for f in src.findings
+                   if annotator_services.without_untypable(f).casefold() not in by_name]
+        if missing:
+            raise SystemExit(f"the import made no finding for {', '.join(missing[:5])} "
+                             f"(label set {label_set.name!r} has "
+                             f"{', '.join(sorted(by_name)[:8])}...)")
+        finding_columns[label_set.pk] = [
+            by_name[annotator_services.without_untypable(f).casefold()] for f in src.findings]
+
     every_scan = list(Scan.objects.filter(project=project).order_by("pk"))
     pool = [scan for scan in every_scan if scan.split == "pool"]
-    pool_by_id = {s.pk: s for s in every_scan}
-    truth: dict[int, LabelClass] = {}
+    # a class source: the scan's class; a findings source: its answer per finding (a tuple)
+    truth: dict = {}
     for scan in every_scan:
         label = oracle.get(scan.sha256)
         if label is None:
             raise SystemExit(f"scan {scan.pk} ({scan.source_name}) is not in the oracle")
+        if findings_mode:
+            truth[scan.pk] = label
+            if scan.label_set_id not in finding_columns:
+                raise SystemExit(f"scan {scan.pk} is not in the findings label set")
+            continue
         truth[scan.pk] = classes[label]
         if truth[scan.pk].label_set_id != scan.label_set_id:
             raise SystemExit(f"scan {scan.pk} is in the wrong label set")
@@ -777,6 +1080,7 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                        .values_list("sha256", flat=True))
     set_classes = {ls.pk: list(LabelClass.objects.filter(label_set=ls).order_by("order", "pk"))
                    for ls in set_of_source.values()}
+    set_classes.update(finding_columns)
     log(f"project ready: {len(pool)} pool scans, "
         f"{Scan.objects.filter(project=project, split='eval').count()} labeled eval scans, "
         f"label sets {[ls.name for ls in set_of_source.values()]}")
@@ -846,17 +1150,38 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
         label_set = set_of_source[src.index]
         paths, labels, failed = eval_previews(src.evaluation, workdir / f"eval{src.index}")
         src.info["eval_decode_failed"] = failed
-        cls = [c for c in set_classes[label_set.pk] if c.name in src.class_names]
-        names = [c.name for c in cls]
-        ev = EvalSet(name=label_set.name, set_id=label_set.pk, class_ids=[c.pk for c in cls],
-                     class_names=names, y=np.array([names.index(lab) for lab in labels]),
-                     paths=paths)
+        if src.findings is not None:
+            # (N, F) answers, uncertain read as unknown: it never scores a model, as the
+            # refit's own eval (``services.findings``) reads it
+            cls = set_classes[label_set.pk]
+            y = key_targets(labels) if labels else np.zeros((0, len(cls)))
+            y[y == -1] = np.nan
+            ev = EvalSet(name=label_set.name, set_id=label_set.pk,
+                         class_ids=[c.pk for c in cls], class_names=[c.name for c in cls],
+                         y=y, paths=paths)
+        else:
+            cls = [c for c in set_classes[label_set.pk] if c.name in src.class_names]
+            names = [c.name for c in cls]
+            ev = EvalSet(name=label_set.name, set_id=label_set.pk,
+                         class_ids=[c.pk for c in cls], class_names=names,
+                         y=np.array([names.index(lab) for lab in labels]), paths=paths)
         images = load_images(paths, pconfig.image_size, pconfig.channels)
         ev.vectors = embed(simclr.encoder, images, pconfig)
         ev.thumbs = thumbnails(images, PIXEL_SIDE)
         evals.append(ev)
     timings["eval_embed_s"] = time.perf_counter() - t0
     scopes = ["overall"] + ([ev.name for ev in evals] if len(evals) > 1 else [])
+    embedding_check = None
+    if findings_mode:
+        # the bench embeds --eval itself: does it read scans as the product's embed run did?
+        # (the gate eval scans, re-embedded from their previews, against their stored vectors)
+        sample = list(Scan.objects.filter(project=project, split="eval").order_by("pk")[:16])
+        again = embed(simclr.encoder, load_images([s.preview.path for s in sample],
+                                                  pconfig.image_size, pconfig.channels), pconfig)
+        stored = ml.vectors_for(encoder, sample)
+        embedding_check = {"scans": len(sample),
+                           "max_abs_difference": float(np.abs(again - stored).max())}
+        log(f"--eval embedded as the product embeds: {embedding_check}")
     log(f"eval sets embedded in {timings['eval_embed_s']:.0f}s: "
         + ", ".join(f"{ev.name} {len(ev.y)}" for ev in evals))
 
@@ -867,6 +1192,9 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
               "project_defaults": {}, "pool_scans": len(pool),
               "settings": {name: getattr(settings, name, None) for name in (
                   "REFIT_BALANCE", "QUERY_TYPICAL_BELOW", "STARTER_ENCODER")}}
+    if findings_mode:
+        config["kind"] = "findings"
+        config["eval_embedding_check"] = embedding_check
     runs: list[dict] = []
 
     def save(complete: bool) -> dict:
@@ -874,7 +1202,8 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                                                   "total_s": time.perf_counter() - started_all},
                    "complete": complete, "runs": runs}
         if runs:
-            payload["summary"] = summarise(runs, args.strategies, scopes, args.budget)
+            payload["summary"] = summarise(runs, args.strategies, scopes, args.budget,
+                                           measures)
         write_json(out, payload)
         return payload
 
@@ -883,9 +1212,43 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
 
     def score_model(model) -> dict:
         if model.pk not in score_cache:
-            score_cache[model.pk] = score_heads(ml.version_heads(model), evals,
-                                                model.config.get("pixels"))
+            score_cache[model.pk] = (score_findings(model) if findings_mode else score_heads(
+                ml.version_heads(model), evals, model.config.get("pixels")))
         return score_cache[model.pk]
+
+    def score_findings(model) -> dict:
+        """The version's findings heads on --eval (the heads the label page and the worklist
+        read); a finding of the set it has no head for scores 0 everywhere."""
+        from ml_backend.services.findings import findings_head
+
+        result: dict = {"per_set": {}}
+        for ev in evals:
+            head = findings_head(model, ev.set_id)
+            block = findings_scores(ev.y, None, ev.class_names)
+            if head is not None:
+                raw = head.predict_proba(ev.vectors)
+                column = {int(i): j for j, i in enumerate(head.finding_ids)}
+                proba = np.zeros((len(ev.y), len(ev.class_ids)))
+                for j, c in enumerate(ev.class_ids):
+                    if c in column:
+                        proba[:, j] = raw[:, column[c]]
+                block = findings_scores(ev.y, proba, ev.class_names)
+                block["head_outside_set"] = len(set(column) - set(ev.class_ids))
+                block["findings_without_head"] = len(set(ev.class_ids) - set(column))
+            result["per_set"][ev.name] = block
+        result["overall"] = result["per_set"][evals[0].name]     # one findings set
+        return result
+
+    def import_answer(scan: Scan) -> None:
+        """A gate eval scan's true answer, as its import stored it."""
+        if findings_mode:
+            states, _ = states_of(truth[scan.pk], [f.pk for f in set_classes[scan.label_set_id]])
+            findings_answer_create(scan=scan, reader=importer, states=states,
+                                   source=Annotation.Source.IMPORT)
+            return
+        Annotation.objects.create(scan=scan, label_class=truth[scan.pk],
+                                  source=Annotation.Source.IMPORT,
+                                  outcome=Annotation.Outcome.LABEL, reader=importer)
 
     def reset(project: Project, seed: int = 0) -> Project:
         if args.vary_gate:          # this seed's gate eval scans, labeled; the rest pool
@@ -898,9 +1261,7 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                 source=Annotation.Source.IMPORT).delete()
             for scan in Scan.objects.filter(project=project, split="eval",
                                             annotations__isnull=True):
-                Annotation.objects.create(scan=scan, label_class=truth[scan.pk],
-                                          source=Annotation.Source.IMPORT,
-                                          outcome=Annotation.Outcome.LABEL, reader=importer)
+                import_answer(scan)
         ScanLease.objects.filter(project=project).delete()
         QueryRound.objects.filter(project=project).delete()
         Project.objects.filter(pk=project.pk).update(active_model=None)
@@ -954,6 +1315,45 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
         labeling.lease_release(scan=scan, user=reader)
         idle()
 
+    def answer_findings(project: Project, scan: Scan, reader, key: tuple, item, stats):
+        """Reader1 answers a findings scan as the findings label page sends it: the page's
+        rows (each finding with the active version's probability and threshold, preselected
+        at or above it), then the reader's true findings with the scores shown
+        (``label.js`` ``findingsAnswer``) through the answer view's ``answer_submit``."""
+        project.refresh_from_db()
+        page_findings = label_page.scan_classes(scan)
+        try:
+            shown = label_page._findings_suggestion(project, scan, page_findings)
+        except (ModelUnavailable, OSError, ValueError):
+            shown = None
+        rows = label_page._findings_rows(page_findings, label_page.finding_hotkeys(
+            page_findings), shown, scan)
+        scores = {r["id"]: r["p"] for r in rows if r["p"] is not None}
+        preselected = {r["id"] for r in rows if r["preselected"]}
+        ids = [f.pk for f in set_classes[scan.label_set_id]]
+        states, no_finding = states_of(key, ids)
+        present = {fid for fid, state in states.items() if state == "present"}
+        stats["answers"] += 1
+        if shown is not None:
+            stats["shown"] += 1
+            stats["preselected"] += len(preselected)
+            stats["preselected_present"] += len(preselected & present)
+            stats["present_shown"] += len(present)
+            stats["present_preselected"] += len(present & preselected)
+            stats["exact"] += int(preselected == present)
+            stats["outside_set"] += len(set(shown["scores"]) - set(ids))
+        data = {"outcome": "findings", "shown_model_version": shown["model_version"]
+                if shown else "", "shown_scores": {str(k): v for k, v in scores.items()},
+                "shown_acquisition_score": "" if item is None else item.score,
+                "query_round": "" if item is None else item.query_round_id}
+        if no_finding:
+            data["no_finding"] = True
+        else:
+            data["findings"] = {str(k): v for k, v in states.items()}
+        with transaction.atomic():   # the answer view's request transaction
+            labeling.answer_submit(project=project, scan=scan, user=reader, data=data)
+        idle()
+
     def refit_state(project: Project, since) -> dict:
         versions = list(ModelVersion.objects.filter(project=project,
                                                     kind=ModelVersion.Kind.CLASSIFIER)
@@ -983,17 +1383,95 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
         return {entry["name"]: bool(entry.get("pixels"))
                 for entry in (model.config or {}).get("label_sets", [])}
 
+    def newest_findings_gate(project: Project) -> dict | None:
+        """The newest refit the gate held back (newer than the active version): its findings
+        gate comparison per finding, and its macro AUC on the gate eval scans."""
+        newest = (ModelVersion.objects.filter(project=project,
+                                              kind=ModelVersion.Kind.CLASSIFIER)
+                  .exclude(status=ModelVersion.Status.TRAINING)
+                  .order_by("-created_at", "-pk").first())
+        if newest is None or newest.pk == project.active_model_id or newest.promoted_at:
+            return None
+        metrics = newest.metrics or {}
+        name = evals[0].name
+        gate_rows = (metrics.get("findings_gate") or {}).get(name) or {}
+        return {"version": newest.version, "status": newest.status,
+                "regressed": gate_rows.get("regressed"),
+                "gate_eval_macro_auc": ((metrics.get("training") or {}).get("findings", {})
+                                        .get(name) or {}).get("macro_auc"),
+                "per_finding": {n: {k: r.get(k) for k in ("positives", "candidate_auc",
+                                                          "active_auc", "delta", "status")}
+                                for n, r in (gate_rows.get("per_finding") or {}).items()}}
+
+    def promote_held_back(project: Project) -> dict | None:
+        """--promote-held-back: an admin promotes the newest refit the gate held back by
+        hand ("promote anyway", ``model_version_promote``: its predictions and the next
+        round follow, as for a promotion by the gate)."""
+        active = project.active_model
+        newest = (ModelVersion.objects.filter(
+            project=project, kind=ModelVersion.Kind.CLASSIFIER,
+            status=ModelVersion.Status.READY, promoted_at=None)
+            .order_by("-created_at", "-pk").first())
+        if newest is None or (active is not None and newest.created_at < active.created_at):
+            return None
+        warning = ml.model_version_promote(newest, actor=admin)
+        idle()
+        return {"version": newest.version, "warning": warning}
+
+    def findings_probe(project: Project):
+        """The offline findings probe: ``fit_findings_head`` on the labeled pool scans' stored
+        embeddings with the product's targets (readers' votes, the set's uncertain policy),
+        and with the oracle's answers of the same scans, scored as the active model is.
+        Returns (probe, probe on true answers, labeled scans, stored answers unlike the
+        reader's findings)."""
+        from ml_backend.active.findings import fit_findings_head
+        from ml_backend.metrics.findings import uncertain_policy
+
+        probe = probe_true = None
+        labeled, unlike = 0, 0
+        for ev in evals:
+            label_set = LabelSet.objects.get(pk=ev.set_id)
+            scans, findings, raw = findings_targets(label_set, split="pool")
+            if not scans:
+                continue
+            labeled += len(scans)
+            ids = [f.pk for f in findings]
+            true = key_targets([truth[s.pk] for s in scans])
+            order = [ids.index(f.pk) for f in set_classes[ev.set_id]]
+            true_in_set_order = np.full(raw.shape, np.nan)
+            true_in_set_order[:, order] = true
+            unlike += int(np.sum(~((raw == true_in_set_order)
+                                   | (np.isnan(raw) & np.isnan(true_in_set_order))).all(axis=1)))
+            vectors = ml.vectors_for(encoder, scans)
+
+            def fit(targets):
+                head, _ = fit_findings_head(vectors, uncertain_policy(
+                    targets, label_set.uncertain_policy), np.array(ids), seed=0)
+                proba = head.predict_proba(ev.vectors)
+                column = {c: j for j, c in enumerate(ids)}
+                aligned = proba[:, [column[c] for c in ev.class_ids]]
+                block = findings_scores(ev.y, aligned, ev.class_names)
+                return {"per_set": {ev.name: block}, "overall": block}
+
+            probe, probe_true = fit(raw), fit(true_in_set_order)
+        return probe, probe_true, labeled, unlike
+
     def one_run(strategy: str, seed: int) -> dict:
         project = reset(Project.objects.get(pk=project_pk), seed)
         rng = random.Random(seed)
         noise = random.Random(1_000_003 + seed)
         pool = list(Scan.objects.filter(project=project, split="pool").order_by("pk"))
         unlabeled = [s.pk for s in pool]
+        # this run's scans as they are now (--vary-gate moved some between eval and pool)
+        pool_now = {s.pk: s for s in pool}
         labeled: list[int] = []
         per_set: Counter = Counter()
         points, stats = [], {"shown": 0, "correct": 0, "wrong_set": 0}
+        if findings_mode:
+            stats.update({k: 0 for k in FINDINGS_CHECKS})
         noise_stats = {"second_reader_labels": 0, "second_reader_wrong": 0}
         manual_rounds = 0
+        by_hand: list[dict] = []         # --promote-held-back: the versions an admin promoted
         run_started = time.perf_counter()
         step_started, step_since = time.perf_counter(), timezone.now()
         if strategy == "worklist":
@@ -1011,8 +1489,9 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                 scan, item = got
                 unlabeled.remove(scan.pk)
             else:
-                scan = pool_by_id[unlabeled.pop(rng.randrange(len(unlabeled)))]
-            answer(project, scan, reader1, truth[scan.pk], item, stats)
+                scan = pool_now[unlabeled.pop(rng.randrange(len(unlabeled)))]
+            (answer_findings if findings_mode else answer)(
+                project, scan, reader1, truth[scan.pk], item, stats)
             labeled.append(scan.pk)
             per_set[set_names[scan.label_set_id]] += 1
             if args.second_reader_error is not None:
@@ -1026,6 +1505,13 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                                                              "wrong_set": 0})
             if len(labeled) % args.step == 0 or len(labeled) == args.budget:
                 project.refresh_from_db()
+                # why the gate held the newest refit back, finding by finding
+                held_gate = newest_findings_gate(project) if findings_mode else None
+                if args.promote_held_back:
+                    promoted = promote_held_back(project)
+                    if promoted is not None:
+                        by_hand.append(promoted)
+                        project.refresh_from_db()
                 model = project.active_model
                 state = refit_state(project, step_since)
                 evaluation = (model.evaluations.order_by("-created_at").first()
@@ -1051,10 +1537,20 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                          "manual_rounds": manual_rounds,
                          "suggestions_shown": stats["shown"],
                          "suggestions_correct": stats["correct"], **state}
+                if args.promote_held_back:
+                    point["promoted_by_hand"] = len(by_hand)
+                if findings_mode:
+                    point["newest_findings_gate"] = held_gate
+                    # the preselection was the reader's whole answer (no finding to add or
+                    # clear), and the gate's own eval figure of the active version
+                    point["suggestions_correct"] = stats["exact"]
+                    point["gate_eval_macro_auc"] = (
+                        ((model.metrics or {}).get("training", {}).get("findings", {})
+                         .get(evals[0].name) or {}).get("macro_auc") if model else None)
                 points.append(point)
-                f1 = _metric(point, "overall", "macro_f1")
+                f1 = _metric(point, "overall", measures.headline)
                 log(f"  {strategy} seed {seed}: {len(labeled)} labels, active "
-                    f"{point['active_version']}, macro-F1 "
+                    f"{point['active_version']}, {measures.headline_words} "
                     f"{'—' if f1 is None else f'{f1:.3f}'}, refits {state['promoted']} promoted"
                     f" / {state['held_back']} held back / {state['failed']} failed, step "
                     f"{point['step_seconds']:.1f}s (refit {state['refit_seconds_this_step']:.1f}s)")
@@ -1064,8 +1560,14 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
 
         # the offline probe on the same labels (the product's vote resolution) and on the
         # oracle's labels of the same scans
-        scans, class_ids = selectors.training_labels(project, split="pool")
-        probe = probe_true = None
+        if findings_mode:
+            scans, class_ids = [], []
+            probe, probe_true, probe_labels, unlike = findings_probe(project)
+            stats["answers_unlike_truth"] = unlike
+        else:
+            scans, class_ids = selectors.training_labels(project, split="pool")
+            probe = probe_true = None
+            probe_labels = len(scans)
         if scans:
             # the product's head inputs: the embedding and, as the refit does, the thumbnail
             pixels = ({"side": PIXEL_SIDE, "weight": settings.REFIT_PIXEL_WEIGHT}
@@ -1104,11 +1606,31 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                 scan__project=project).values_list("scan__label_set_id", "predicted_class_id",
                                                    "probabilities").iterator():
             wrong["checked"] += 1
-            wrong["predicted_class"] += int(class_set.get(predicted) != scan_set)
+            if findings_mode and predicted is None:    # a findings row names no one class
+                pass
+            else:
+                wrong["predicted_class"] += int(class_set.get(predicted) != scan_set)
             wrong["probability_keys"] += int(any(class_set.get(int(k)) != scan_set
                                                  for k in probabilities))
+        held_back_findings = []
+        if findings_mode:
+            # every score shown with an answer: a finding of the scan's own set?
+            for scan_set, shown_scores in Annotation.objects.filter(
+                    scan__project=project, scan__split="pool").exclude(
+                    shown_scores=None).values_list("scan__label_set_id", "shown_scores"):
+                stats["stored_outside_set"] += sum(
+                    class_set.get(int(k)) != scan_set for k in shown_scores)
+            stats["head_outside_set"] = sum(
+                (p["active"] or {}).get("overall", {}).get("head_outside_set", 0)
+                for p in points)
+            # which findings the gate named for each refit it held back
+            for metrics in ModelVersion.objects.filter(
+                    project=project, kind=ModelVersion.Kind.CLASSIFIER, promoted_at=None,
+                    status=ModelVersion.Status.READY).values_list("metrics", flat=True):
+                for entry in ((metrics or {}).get("findings_gate") or {}).values():
+                    held_back_findings += list((entry or {}).get("regressed") or [])
         drops = []
-        values = [_metric(p, "overall", "macro_f1") for p in points]
+        values = [_metric(p, "overall", measures.headline) for p in points]
         defined = [v for v in values if v is not None]
         for a, b in zip(defined, defined[1:]):
             drops.append(a - b)
@@ -1116,7 +1638,9 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
         final_state = refit_state(project, timezone.now())
         return {"strategy": strategy, "seed": seed, "points": points, "seconds": seconds,
                 "probe": probe, "probe_true_labels": probe_true,
-                "probe_labels": len(scans), "wrong_set": wrong, "suggestions": stats,
+                "probe_labels": probe_labels, "wrong_set": wrong, "suggestions": stats,
+                **({"findings_suggestions": {k: stats[k] for k in FINDINGS_CHECKS},
+                    "held_back_findings": held_back_findings} if findings_mode else {}),
                 "second_reader": noise_stats if args.second_reader_error is not None else None,
                 "refits": {k: final_state[k] for k in ("runs", "promoted", "held_back",
                                                        "failed")},
@@ -1129,6 +1653,7 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
                 "max_drop": max_drop,
                 "fell_more_than_limit": bool(max_drop is not None and max_drop > DROP_LIMIT),
                 "manual_rounds": manual_rounds,
+                **({"promoted_by_hand": by_hand} if args.promote_held_back else {}),
                 "labeled_order_digest": hashlib.sha256(
                     ",".join(map(str, labeled)).encode()).hexdigest()[:16],
                 "gate_eval_digest": hashlib.sha256(",".join(sorted(
@@ -1144,11 +1669,11 @@ def _run(args, workdir: Path, out: Path, plot_path: Path, started_all: float) ->
             runs.append(result)
             payload = save(complete=False)
             log(f"run {strategy} seed {seed} done in {result['seconds']:.0f}s; JSON: {out}")
-            plot(plot_path, payload["summary"], args.strategies, scopes)
+            plot(plot_path, payload["summary"], args.strategies, scopes, measures)
 
     payload = save(complete=True)
-    plot(plot_path, payload["summary"], args.strategies, scopes)
-    print(tables(payload["summary"], args.strategies, scopes), flush=True)
+    plot(plot_path, payload["summary"], args.strategies, scopes, measures)
+    print(tables(payload["summary"], args.strategies, scopes, measures), flush=True)
     log(f"done in {time.perf_counter() - started_all:.0f}s: {out}, {plot_path}")
     return 0
 
