@@ -1,9 +1,12 @@
 """Signing in for the pages' JSON endpoints: a request from a page's script whose session has
 ended (signed out, expired) gets 401 with a reason and the sign-in URL, not a redirect to the
-login page that ``fetch`` follows and cannot read.
+login page that ``fetch`` follows and cannot read; one whose user is no longer a member of
+the project gets 404 with that reason (as JSON with DEBUG on too), and a removed member's
+scan leases are released at once.
 
 Also the site's side of django-axes (settings ``AXES_*``): the client's address behind the
-proxy, the 429 page of a refused sign-in; and the API tokens a password change revokes."""
+proxy, the 429 page of a refused sign-in; the API tokens a password change revokes, and
+making one (``token_make``) safe to click twice."""
 
 from __future__ import annotations
 
@@ -15,24 +18,37 @@ from functools import wraps
 from axes.handlers.proxy import AxesProxyHandler
 from axes.helpers import get_client_username, get_cool_off, get_failure_limit
 from django.conf import settings
-from django.contrib.auth import user_login_failed
+from django.contrib.auth import get_user_model, user_login_failed
 from django.contrib.auth.forms import AuthenticationForm, PasswordChangeForm
 from django.contrib.auth.hashers import is_password_usable
 from django.contrib.auth.views import PasswordChangeView
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.db.models import Max, Sum
-from django.db.models.signals import post_save, pre_save
+from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
-from django.http import JsonResponse
+from django.http import Http404, JsonResponse
 from django.shortcuts import render, resolve_url
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
+from annotator import labeling
+from annotator.models import Membership
+
 log = logging.getLogger(__name__)
+
+# A second "make token" within this time of the last token made (a double click, the form
+# sent from two tabs) keeps that token rather than replacing it: every one of the requests
+# then leads to the page showing the key that works.
+TOKEN_REPEAT_SECONDS = 10
 
 SESSION_ENDED = ("Your session has ended (you were signed out or it timed out): sign in "
                  "again, then repeat what you did. Nothing was saved from this request.")
+# The same words whether the project exists or not: a project's id does not leak to outsiders.
+NOT_A_MEMBER = ("You are not (or no longer) a member of this project, or it does not exist: "
+                "nothing was saved from this request. Ask the project's admin if you should "
+                "be reading it.")
 
 
 def wants_json(request) -> bool:
@@ -47,20 +63,43 @@ def wants_json(request) -> bool:
 def login_required_json(view):
     """``login_required`` for views a page's script calls: a signed-out request that wants
     JSON gets 401 ``{"error", "login"}`` (``login``: the sign-in page, to return to the page
-    the script runs on); any other is redirected to the sign-in page as usual."""
+    the script runs on); any other is redirected to the sign-in page as usual.
+
+    A signed-in one that wants JSON and that the view answers 404 gets ``{"error"}`` with
+    the reason, DEBUG on or off (DEBUG's own 404 is a page ``fetch`` cannot read): for a
+    user who is not a member of the URL's project (say, removed from it while the label
+    page was open) NOT_A_MEMBER, otherwise what the view's ``Http404`` said."""
 
     @wraps(view)
     def checked(request, *args, **kwargs):
         if request.user.is_authenticated:
-            return view(request, *args, **kwargs)
+            try:
+                return view(request, *args, **kwargs)
+            except Http404 as exc:
+                if not wants_json(request):
+                    raise
+                said = exc.args[0] if exc.args and isinstance(exc.args[0], str) else ""
+                if not _member(request.user, kwargs.get("project_id")):
+                    said = NOT_A_MEMBER
+                return _no_store(JsonResponse({"error": said or "not found"}, status=404))
         if wants_json(request):
-            response = JsonResponse({"error": SESSION_ENDED,
-                                     "login": resolve_url(settings.LOGIN_URL)}, status=401)
-            response["Cache-Control"] = "no-store"
-            return response
+            return _no_store(JsonResponse({"error": SESSION_ENDED,
+                                           "login": resolve_url(settings.LOGIN_URL)},
+                                          status=401))
         return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
 
     return checked
+
+
+def _member(user, project_id) -> bool:
+    """Whether ``user`` may open the project ``project_id`` (True where the URL names none)."""
+    return (project_id is None or user.is_superuser
+            or Membership.objects.filter(project_id=project_id, user=user).exists())
+
+
+def _no_store(response):
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 def client_ip(request) -> str | None:
@@ -203,3 +242,47 @@ def revoke_tokens_on_password_change(sender, instance, raw: bool = False, **kwar
     revoked, _ = Token.objects.filter(user=instance).delete()
     if revoked:
         log.info("password of user %s changed: API token revoked", instance.pk)
+
+
+@receiver(post_delete, sender=Membership, dispatch_uid="annotator_release_removed_member")
+def release_leases_of_removed_member(sender, instance: Membership, **kwargs):
+    """A member removed from a project (the admin, a script, any path that deletes the
+    membership) gives up the scans they hold there at once: other readers get them now, not
+    when the leases run out (LABEL_LEASE_SECONDS), and no page says they have them open.
+    In the deletion's transaction: undone with it."""
+    released = labeling.leases_release_member(project_id=instance.project_id,
+                                              user_id=instance.user_id)
+    if released:
+        log.info("user %s removed from project %s: %d scan lease(s) released",
+                 instance.user_id, instance.project_id, released)
+
+
+def _user_row_locked(user) -> None:
+    """Lock ``user``'s row until the transaction ends: their token requests run one at a
+    time (PostgreSQL; SQLite's IMMEDIATE transactions, settings ``transaction_mode``, already
+    run one writer at a time)."""
+    list(get_user_model().objects.select_for_update().filter(pk=user.pk)
+         .values_list("pk", flat=True))
+
+
+def token_make(*, user) -> tuple[Token, bool]:
+    """A new API token for ``user`` in place of the one they have (which stops working at
+    once), unless theirs was made under TOKEN_REPEAT_SECONDS ago: then that one is kept.
+    ``(token, made)``. Requests at once for one user run one after another (a lock on the
+    user's row), so they never collide on the one token a user may have."""
+    with transaction.atomic():
+        _user_row_locked(user)
+        token = Token.objects.filter(user=user).first()
+        if token is not None and (timezone.now() - token.created).total_seconds() \
+                < TOKEN_REPEAT_SECONDS:
+            return token, False
+        Token.objects.filter(user=user).delete()
+        return Token.objects.create(user=user), True
+
+
+def token_revoke(*, user) -> bool:
+    """Delete ``user``'s API token; whether they had one."""
+    with transaction.atomic():
+        _user_row_locked(user)
+        revoked, _ = Token.objects.filter(user=user).delete()
+    return bool(revoked)

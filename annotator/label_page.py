@@ -24,7 +24,7 @@ from annotator.models import VIEWER_KEYS, Annotation, LabelClass, Project, Scan,
 from annotator.selectors import visible_label_names
 from ml_backend.errors import ModelUnavailable, TrainingError
 from ml_backend.models import ModelVersion, Prediction, QueryRound
-from ml_backend.services import embeddings, inference
+from ml_backend.services import embeddings, inference, runs
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,10 @@ def _similar(scan: Scan, k: int = 6, user=None) -> tuple[list[dict], str | None]
         logger.warning("similar scans for scan %s: %s", scan.pk, exc)
         return [], f"Similar scans are unavailable: {exc}"
     except TrainingError:
-        return [], None
+        # not embedded yet is no failure; the encoder's files gone is, and says what to do
+        missing = (runs.encoder_files_refusal(scan.project)
+                   if scan.project.active_encoder_id else None)
+        return [], (f"Similar scans are unavailable: {missing}" if missing else None)
     except (OSError, ValueError) as exc:
         logger.warning("similar scans for scan %s failed: %s", scan.pk, exc)
         return [], f"Similar scans are unavailable: {type(exc).__name__}: {exc}"

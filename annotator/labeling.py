@@ -35,6 +35,12 @@ MAX_DURATION_MS = 6 * 60 * 60 * 1000
 # The same answer again by the same reader on the same scan within this time, with no
 # submission id (a double click, a script retrying), is stored once.
 REPEAT_WINDOW = timedelta(minutes=10)
+# The label page's script reports how long the scan's image was on screen before the answer
+# (``duration_ms``). Below this no one has read the scan (a choice reaction alone takes
+# longer): a double-pressed key. Such an answer is stored (it is what was pressed, and a
+# script may answer that fast), but never in silence: the page and the log say so
+# (``reading_too_quick``) and the reader can undo it.
+MIN_READING_MS = 150
 
 
 # --- rounds and leases -----------------------------------------------------------------
@@ -50,6 +56,19 @@ class AnswerRefused(AnnotationError):
     """The reader may not answer this scan at all (not a mistake in the answer): 403."""
 
     status = 403
+
+
+class SubmissionConflict(AnnotationError):
+    """The submission id names an answer already stored on this scan that says something
+    else: a replay must repeat the answer, a changed answer needs a new id (409). ``stored``
+    is that answer."""
+
+    status = 409
+    code = "submission_conflict"
+
+    def __init__(self, message: str, stored: Annotation):
+        super().__init__(message)
+        self.stored = stored
 
 
 def lease_acquire(*, scan: Scan, user) -> bool:
@@ -99,6 +118,13 @@ def lease_release(*, scan: Scan, user) -> None:
     ScanLease.objects.filter(scan=scan, user=user).delete()
 
 
+def leases_release_member(*, project_id: int, user_id: int) -> int:
+    """Release every lease the user holds in the project (they were removed from it); how
+    many there were."""
+    released, _ = ScanLease.objects.filter(project_id=project_id, user_id=user_id).delete()
+    return released
+
+
 def nothing_left_words(project: Project, user) -> str:
     """Why ``lease_next`` found no scan for ``user``: the round's scans left for them are all
     held by other readers (for now), or there is nothing left to read."""
@@ -116,6 +142,19 @@ def nothing_left_words(project: Project, user) -> str:
                 f"readers ({held} scan{'s' if held != 1 else ''} leased). A lease ends when "
                 f"they answer or after {minutes} minute{'s' if minutes != 1 else ''}: try "
                 "again shortly.")
+    # pool scans nobody has labeled and this reader has not answered: then a round could not
+    # be made (lease_next_or_new_round), and the reader is told why, not "nothing left"
+    left = (Scan.objects.filter(project=project, split="pool", quarantined=False)
+            .exclude(annotations__outcome__in=Annotation.LABELLING)
+            .exclude(annotations__reader=user).count())
+    if left:
+        from ml_backend.services.queries import query_refusal
+
+        why = query_refusal(project) or (
+            f"{left} pool scan{'s' if left != 1 else ''} {'are' if left != 1 else 'is'} "
+            "unlabeled, but choosing the next of them failed (the server log says why): "
+            "an admin can try \"Choose the next scans\" on the worklist")
+        return f"No round of scans to label could be made: {why}."
     return "No unlabeled scans left for you: every pool scan is labeled or answered by you."
 
 
@@ -228,9 +267,9 @@ def lease_next_or_new_round(*, project: Project, user):
                      .exclude(annotations__outcome__in=Annotation.LABELLING).exists())
         if not unlabeled:
             return None
-        try:
-            ml.query_round_create(project=project, created_by=user)
-        except (TrainingError, ValueError) as exc:
+        try:        # nothing to choose: refused, never stored as an empty round
+            ml.query_round_create(project=project, created_by=user, refuse_empty=True)
+        except (TrainingError, ValueError) as exc:   # nothing_left_words says why
             logger.warning("no next round for %s: %s", project, exc)
             return None
     found = lease_next(project=project, user=user)
@@ -490,7 +529,8 @@ def answer_submit(*, project: Project, scan: Scan, user, data: dict) -> tuple[An
     reader was shown: ``shown_model_version`` (version name), ``shown_suggestion`` (class
     id), ``shown_confidence``, ``shown_acquisition_score``, ``query_round``, ``duration_ms``;
     ``submission_id`` makes a double submit or a retried request a no-op, and so does the
-    same answer again within REPEAT_WINDOW without one (``_record_once``).
+    same answer again within REPEAT_WINDOW without one (``_record_once``); the same id with
+    another answer on the scan is refused (SubmissionConflict, 409, naming the stored one).
     Raises AnnotationError with a message for the reader (AnswerRefused, status 403, when
     they may not answer the scan at all: an eval scan and not a reviewer or admin).
     """
@@ -596,6 +636,53 @@ def _same_answer(a: Annotation, b: Annotation) -> bool:
             and (a.outcome != Annotation.Outcome.FINDINGS or _findings_of(a) == _findings_of(b)))
 
 
+def describe_answer(annotation: Annotation) -> str:
+    """An answer in a reader's words: the class, skip, unsure, or the findings marked."""
+    if annotation.outcome == Annotation.Outcome.LABEL:
+        return annotation.label_class.name if annotation.label_class_id else "a label"
+    if annotation.outcome == Annotation.Outcome.FINDINGS:
+        marked = [f"{name} {state}" for name, state in annotation.findings
+                  .exclude(state="absent").order_by("finding__name")
+                  .values_list("finding__name", "state")]
+        return "findings: " + ", ".join(marked) if marked else "no finding"
+    return annotation.outcome
+
+
+class _Compared(Exception):
+    """Rolls back the answer made only to compare it with a stored one."""
+
+    def __init__(self, same: bool, made: str):
+        super().__init__(same)
+        self.same, self.made = same, made
+
+
+def _replay_of(stored: Annotation, *, scan: Scan, submission: str, create,
+               fields: dict) -> Annotation:
+    """``stored`` when the request repeats it (a retried or double-submitted request: the
+    same outcome, class, findings and note; the reading time and what was shown may differ,
+    a retry measures them again). Another answer under the same submission id is refused
+    (SubmissionConflict), naming the stored one: returning it as if saved would drop the
+    reader's correction without a word. The request's answer is made and compared as
+    stored (a findings answer's states), then rolled back."""
+    if stored.scan_id != scan.pk:
+        raise AnnotationError(f"you used the submission id {submission!r} for your answer "
+                              f"on scan {stored.scan_id}: send a new id for a new answer")
+    try:
+        with transaction.atomic():
+            made = create(**{**fields, "external_id": ""})
+            raise _Compared(_same_answer(stored, made), describe_answer(made))
+    except _Compared as compared:
+        if compared.same:
+            return stored
+        made = compared.made
+    when = timezone.localtime(stored.created_at).strftime("%Y-%m-%d %H:%M:%S")
+    raise SubmissionConflict(
+        f"this answer was already saved as {describe_answer(stored)} (answer {stored.pk}, "
+        f"{when}) under the submission id {submission!r}; this request says {made}. "
+        "Nothing was changed: to change your answer, send it with a new submission id",
+        stored)
+
+
 def _record_once(*, project: Project, scan: Scan, user, data: dict, create
                  ) -> tuple[Annotation, bool]:
     """What every answer from the label page shares: the model version, round, reading time
@@ -623,12 +710,15 @@ def _record_once(*, project: Project, scan: Scan, user, data: dict, create
             source=Annotation.Source.WEB, reader=user, project=project,
             external_id=submission).first() if submission else None
 
+    fields = dict(source=Annotation.Source.WEB, duration_ms=duration,
+                  shown_model_version=shown_model,
+                  shown_acquisition_score=_optional_float(data, "shown_acquisition_score"),
+                  query_round=query_round, external_id=submission,
+                  note=str(data.get("note") or "")[:2000])
     existing = replayed()
     if existing is not None:
-        if existing.scan_id != scan.pk:
-            raise AnnotationError(f"you used the submission id {submission!r} for your answer "
-                                  f"on scan {existing.scan_id}: send a new id for a new answer")
-        return existing, False
+        return _replay_of(existing, scan=scan, submission=submission, create=create,
+                          fields=fields), False
     try:
         with transaction.atomic():
             # one answer on a scan at a time (PostgreSQL): two copies of a double submit
@@ -638,12 +728,7 @@ def _record_once(*, project: Project, scan: Scan, user, data: dict, create
                 Annotation.objects.filter(scan=scan, reader=user, source=Annotation.Source.WEB,
                                           created_at__gte=timezone.now() - REPEAT_WINDOW)
                 .order_by("-created_at", "-pk").first())
-            annotation = create(
-                source=Annotation.Source.WEB, duration_ms=duration,
-                shown_model_version=shown_model,
-                shown_acquisition_score=_optional_float(data, "shown_acquisition_score"),
-                query_round=query_round, external_id=submission,
-                note=str(data.get("note") or "")[:2000])
+            annotation = create(**fields)
             if previous is not None and _same_answer(previous, annotation):
                 # made and compared as stored (a findings answer's states), then undone:
                 # its refit trigger and audit row go with the rolled-back transaction
@@ -659,9 +744,24 @@ def _record_once(*, project: Project, scan: Scan, user, data: dict, create
             raise AnnotationError("the answer could not be stored: its class, a finding or "
                                   "what you were shown was removed meanwhile; reload the "
                                   "page") from None
-        return existing, False
+        return _replay_of(existing, scan=scan, submission=submission, create=create,
+                          fields=fields), False
     lease_release(scan=scan, user=user)
     return annotation, True
+
+
+def reading_too_quick(annotation: Annotation) -> str | None:
+    """Why a new answer from the label page looks like no reading (its reported time on
+    screen is below MIN_READING_MS), in words for the reader; None when it does not. Logged:
+    the answer is kept, and whoever checks answers can find it."""
+    if annotation.duration_ms is None or annotation.duration_ms >= MIN_READING_MS:
+        return None
+    logger.warning("answer %s by %s on scan %s came %s ms after the scan was shown",
+                   annotation.pk, annotation.reader_id, annotation.scan_id,
+                   annotation.duration_ms)
+    return (f"Your answer {describe_answer(annotation)} on scan #{annotation.scan_id} came "
+            f"{annotation.duration_ms} ms after the scan appeared, too soon to have read it. "
+            "If that was a double press, undo it (Backspace) and read the scan again.")
 
 
 def can_add_classes(project: Project, user) -> bool:

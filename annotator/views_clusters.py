@@ -20,6 +20,7 @@ from django.views.decorators.http import require_safe
 from annotator import selectors
 from ml_backend import charts
 from ml_backend import services as ml
+from ml_backend.services.runs import encoder_files_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def clusters(request, project_id: int):
         result = ml.scan_clusters(project=project, k=k,
                                   label_set_id=label_set.pk if label_set else None)
     except (ml.TrainingError, ml.ModelUnavailable) as exc:
-        error = str(exc)
+        # lost files are not "not embedded yet": embedding cannot help, restoring can
+        error = encoder_files_refusal(project) or str(exc)
     query = f"?k={k}" + (f"&set={label_set.pk}" if label_set else "")
     return render(request, "annotator/clusters.html", {
         "project": project, "result": result, "error": error, "k": k,

@@ -142,8 +142,22 @@ def answer(request, project_id: int, scan_id: int):
     try:
         annotation, created = labeling.answer_submit(project=project, scan=scan,
                                                      user=request.user, data=data)
-    except services.AnnotationError as exc:       # AnswerRefused: 403
-        return JsonResponse({"error": str(exc)}, status=getattr(exc, "status", 400))
+    except services.AnnotationError as exc:       # AnswerRefused: 403; conflicts: 409
+        refusal = {"error": str(exc)}
+        if getattr(exc, "code", None):
+            refusal["code"] = exc.code
+        if isinstance(exc, labeling.SubmissionConflict):     # the page offers to change it
+            refusal["stored"] = _answer_words(exc.stored)
+        return JsonResponse(refusal, status=getattr(exc, "status", 400))
+    # the reader's earlier answer on this scan, which this one replaces in training (a
+    # correction after an error whose first request was stored after all): the page says so
+    replaced, too_quick = None, None
+    if created:
+        earlier = (Annotation.objects.filter(scan=scan, reader=request.user)
+                   .exclude(pk=annotation.pk).order_by("-created_at", "-pk").first())
+        replaced = _answer_words(earlier) if earlier is not None else None
+        # an answer given sooner after the scan appeared than anyone reads: kept, said
+        too_quick = labeling.reading_too_quick(annotation)
     project.refresh_from_db()
     found = labeling.lease_next_or_new_round(project=project, user=request.user)
     next_payload, new_round = None, False
@@ -155,8 +169,9 @@ def answer(request, project_id: int, scan_id: int):
         messages.info(request, labeling.nothing_left_words(project, request.user))
     status = model_status(project)
     return JsonResponse({
-        "saved": {"id": annotation.pk, "created": created, "outcome": annotation.outcome,
-                  "label": annotation.label_class.name if annotation.label_class_id else None},
+        "saved": {**_answer_words(annotation), "created": created},
+        "replaced": replaced,
+        "too_quick": too_quick,
         "model_version": status["model_version"],
         # a refit this answer queued runs in the background: the page shows "Model updating…"
         "model_status": status,
@@ -166,6 +181,13 @@ def answer(request, project_id: int, scan_id: int):
         "worklist": reverse("annotator:worklist", args=[project.pk]),
         "server_ms": round((time.perf_counter() - started) * 1000, 1),
     }, status=201 if created else 200)
+
+
+def _answer_words(annotation: Annotation) -> dict:
+    return {"id": annotation.pk, "outcome": annotation.outcome,
+            "label": annotation.label_class.name if annotation.label_class_id else None,
+            "words": labeling.describe_answer(annotation),
+            "at": annotation.created_at.isoformat()}
 
 
 @login_required_json
@@ -295,6 +317,7 @@ def class_create(request, project_id: int):
 @login_required
 def class_detail(request, project_id: int, class_id: int):
     from ml_backend import services as ml
+    from ml_backend.services import runs
 
     project = selectors.project_get_for_user(request.user, project_id)
     label_class = LabelClass.objects.filter(project=project, pk=class_id).first()
@@ -307,7 +330,7 @@ def class_detail(request, project_id: int, class_id: int):
     try:
         candidates = ml.class_candidates(label_class=label_class, k=12)
     except (TrainingError, OSError) as exc:
-        error = str(exc)
+        error = runs.encoder_files_refusal(project) or str(exc)   # lost files: restore them
     if selectors.reads_blind(project, request.user):    # "like #245": an example of theirs?
         seen = set(visible.values_list("pk", flat=True))
         candidates["neighbours"] = [c if c.get("like") in seen else {**c, "like": None}

@@ -28,6 +28,7 @@ from annotator.models import LabelClass, Project
 from ml_backend import charts
 from ml_backend import services as ml
 from ml_backend.models import Evaluation, ModelVersion, Prediction
+from ml_backend.services.runs import encoder_files_missing
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +270,9 @@ def _page(project: Project, model: ModelVersion | None) -> dict:
                      macro_auc_s=_fmt(point["macro_auc"]))
     encoder = _encoder_for(project, model)
     embedded = _has_embeddings(encoder)
+    # lost files are not "no embeddings yet": `embed` cannot help, restoring them can
+    encoder_missing = (encoder_files_missing(encoder, project)
+                       if encoder is not None and not embedded else None)
     has_predictions = (model is not None
                        and Prediction.objects.filter(model_version=model).exists())
     temperature = report.get("temperature")
@@ -318,6 +322,7 @@ def _page(project: Project, model: ModelVersion | None) -> dict:
         "curve": curve,
         "encoder": encoder,
         "embedded": embedded,
+        "encoder_missing": encoder_missing,
         "has_predictions": has_predictions,
         "has_reliability": bool(report.get("reliability")),
         "findings": _findings_sections(project, model),

@@ -25,6 +25,7 @@ from ml_backend.errors import TrainingError
 from ml_backend.label_studio_protocol import findings_prediction_json, prediction_json
 from ml_backend.models import ModelVersion, Prediction, TrainingRun
 from ml_backend.services import inference, runs
+from ml_backend.services.artifacts import model_version_files_problem
 from ml_backend.services.findings import findings_predictions
 
 logger = logging.getLogger(__name__)
@@ -88,10 +89,25 @@ def _training(project: Project) -> dict | None:
             "finished_at": run.finished_at.isoformat() if run.finished_at else None}
 
 
+def _problems(project: Project) -> list[str]:
+    """What keeps the backend from doing all its work, in words (file checks only: health
+    has 1 s): the active encoder's or model's files missing. Stored predictions are still
+    served, so health stays UP; Label Studio shows the body to its operators."""
+    problems = [p for p in [runs.encoder_files_refusal(project)] if p]
+    if project.active_model is not None:
+        problem = model_version_files_problem(project.active_model)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 @_endpoint(("GET",))
 def health(request, project, body):
+    """Label Studio needs 200 JSON with ``status`` (UP) within 1 s, or marks the backend
+    disconnected; ``problems`` lists what it cannot do, in words ([] when none)."""
     return JsonResponse({"status": "UP", "model_class": MODEL_CLASS,
-                         "model_version": _version(project), "training": _training(project)})
+                         "model_version": _version(project), "training": _training(project),
+                         "problems": _problems(project)})
 
 
 @_endpoint(("POST",))

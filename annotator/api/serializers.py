@@ -132,7 +132,10 @@ class AnswerSerializer(serializers.Serializer):
     submission_id = serializers.CharField(required=False, max_length=64,
                                           help_text="Your key for this answer (unique among "
                                           "your answers in this project): a retried request "
-                                          "with it is a no-op.")
+                                          "with it is a no-op (200, the stored answer); the "
+                                          "same key with a different answer is refused (409, "
+                                          "naming the stored one): send a change with a new "
+                                          "key.")
 
     def validate(self, attrs):
         """An answer says one thing (``services.answer_outcome_conflicts``): a field of

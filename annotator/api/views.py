@@ -194,7 +194,8 @@ class AnnotationList(ProjectScoped, generics.ListCreateAPIView):
         return queryset
 
     @extend_schema(request=s.AnswerSerializer, responses={201: s.AnnotationSerializer,
-                                                          200: s.AnnotationSerializer})
+                                                          200: s.AnnotationSerializer,
+                                                          409: OpenApiTypes.OBJECT})
     def post(self, request, project_id: int):
         answer = s.AnswerSerializer(data=request.data)
         answer.is_valid(raise_exception=True)
@@ -213,6 +214,8 @@ class AnnotationList(ProjectScoped, generics.ListCreateAPIView):
                                                          user=request.user, data=data)
         except labeling.AnswerRefused as exc:      # e.g. an eval scan, and not a reviewer
             raise PermissionDenied(str(exc)) from None
+        except labeling.SubmissionConflict as exc:  # the id names another answer: not a no-op
+            return problem(409, str(exc))
         except services.AnnotationError as exc:
             raise ValidationError({"answer": str(exc)}) from None
         return Response(s.AnnotationSerializer(annotation).data,

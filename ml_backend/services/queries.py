@@ -26,18 +26,38 @@ from ml_backend.services.inference import (
 
 logger = logging.getLogger(__name__)
 
-def query_round_create(*, project: Project, n: int | None = None, strategy: str | None = None,
-                       created_by=None, neighbours: int = 3) -> QueryRound:
-    """Choose the next scans to label: unlabeled pool scans only (never eval), ranked by the
-    strategy, each with its score and reason (uncertainty, cluster, nearest labeled scans)."""
-    from ml_backend.active.strategies import QueryContext
 
-    project = Project.objects.select_related("active_model", "active_encoder").get(pk=project.pk)
-    strategy = strategy or project.query_strategy
-    if n is None:
-        n = project.query_batch_size
-    elif n < 1:                      # 0 is not "the default": a caller asked for nothing
-        raise ValueError(f"a query round takes at least one scan (asked for {n})")
+# What each strategy needs to rank scans (the CLI lists it; ``_lacks`` reads it): the
+# typical picks and coreset cluster the embeddings; hybrid takes a model's uncertainty, or
+# typical picks before there is a model; the uncertainty strategies need a model.
+STRATEGY_NEEDS = {"random": "nothing", "cold_start": "embeddings", "diversity": "embeddings",
+                  "coreset": "embeddings", "hybrid": "embeddings or a model",
+                  "least_confident": "a model", "margin": "a model", "entropy": "a model"}
+
+
+def strategy_needs_words() -> str:
+    """``STRATEGY_NEEDS`` in one line: "random: nothing; cold_start, diversity, coreset:
+    embeddings; …"."""
+    by_need: dict[str, list[str]] = {}
+    for name, need in STRATEGY_NEEDS.items():
+        by_need.setdefault(need, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {need}" for need, names in by_need.items())
+
+
+def _lacks(strategy: str, context) -> bool:
+    """Whether ``strategy`` cannot rank these candidates for want of embeddings (what a
+    project without an encoder, or not embedded yet, lacks). A missing model is not this:
+    an uncertainty strategy asked for before any model is refused, in words."""
+    if context.embeddings is not None or STRATEGY_NEEDS.get(strategy) not in (
+            "embeddings", "embeddings or a model"):
+        return False
+    return strategy != "hybrid" or context.proba is None
+
+
+def _pool_candidates(project: Project) -> tuple[list, set[int]]:
+    """The scans a round may choose from (unlabeled pool scans, not quarantined, in a label
+    set with classes, or any set while the project has no class), as ``scan_refs``, and the
+    ids of the scans labeled so far."""
     labeled_ids = set(Annotation.objects.filter(
         project=project, outcome__in=[Annotation.Outcome.LABEL,
                                             Annotation.Outcome.FINDINGS])
@@ -51,6 +71,77 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
                             .values_list("label_set_id", flat=True))
     candidates = [s for s in candidates if s.label_set_id is not None and (
         s.label_set_id in sets_with_classes or not sets_with_classes)]
+    return candidates, labeled_ids
+
+
+def _nothing_to_query(project: Project, labeled_ids: set[int]) -> str:
+    """Why a project has no scan a round could choose (``_pool_candidates`` found none), in
+    words with what to do."""
+    pool = Scan.objects.filter(project=project, split="pool", quarantined=False)
+    total = pool.count()
+    if not total:
+        others = Scan.objects.filter(project=project).exclude(split="pool").count()
+        return ("the project has no pool scans to choose from"
+                + (f" (its {others} other scan{'s' if others != 1 else ''} are eval scans, "
+                   "which measure the models and are never queried)" if others else "")
+                + ": import pool scans first (`manage.py import_scans … --split pool`)")
+    unlabeled = pool.exclude(pk__in=labeled_ids)
+    left = unlabeled.count()
+    if not left:
+        return f"every pool scan ({total}) is labeled: import more scans to go on"
+    no_set = unlabeled.filter(label_set__isnull=True).count()
+    parts = []
+    if no_set:
+        parts.append(f"{no_set} {'have' if no_set != 1 else 'has'} no label set")
+    if left - no_set:
+        parts.append(f"{left - no_set} {'are' if left - no_set != 1 else 'is'} in a label set "
+                     "with no classes: add its classes first")
+    return (f"the {left} unlabeled pool scan{'s' if left != 1 else ''} cannot be labeled yet ("
+            + "; ".join(parts) + ")")
+
+
+def query_refusal(project: Project) -> str | None:
+    """Why no round of scans to label can be made for ``project`` now — no scan to choose
+    (none in the pool, all labeled, none with classes to be labeled with), or the active
+    model's files cannot be read — or None. Asked before a round is stored where an empty
+    round would only mislead (``query_round_create(refuse_empty=True)``), and by the label
+    page to say why it has nothing to serve."""
+    candidates, labeled_ids = _pool_candidates(project)
+    if not candidates:
+        return _nothing_to_query(project, labeled_ids)
+    model = Project.objects.select_related("active_model").get(pk=project.pk).active_model
+    if model is not None:
+        try:
+            classifier_classes(model)
+        except ModelUnavailable as exc:
+            return str(exc)
+    return None
+
+
+def query_round_create(*, project: Project, n: int | None = None, strategy: str | None = None,
+                       created_by=None, neighbours: int = 3,
+                       refuse_empty: bool = False) -> QueryRound:
+    """Choose the next scans to label: unlabeled pool scans only (never eval), ranked by the
+    strategy, each with its score and reason (uncertainty, cluster, nearest labeled scans).
+
+    With the project's own strategy (``strategy`` None), scans the strategy cannot rank for
+    want of embeddings (no encoder yet, its files missing, not embedded yet) are picked at
+    random, as the worklist promises, and each such pick's reason says so (the round's
+    ``strategy`` is then ``random``). A strategy named by the caller is refused instead
+    (TrainingError). With ``refuse_empty`` a round with no scan to choose is refused with
+    ``query_refusal``'s words instead of stored empty."""
+    from ml_backend.active.strategies import QueryContext
+
+    project = Project.objects.select_related("active_model", "active_encoder").get(pk=project.pk)
+    fallback_allowed = strategy is None
+    strategy = strategy or project.query_strategy
+    if n is None:
+        n = project.query_batch_size
+    elif n < 1:                      # 0 is not "the default": a caller asked for nothing
+        raise ValueError(f"a query round takes at least one scan (asked for {n})")
+    candidates, labeled_ids = _pool_candidates(project)
+    if refuse_empty and not candidates:
+        raise TrainingError(_nothing_to_query(project, labeled_ids))
     model, encoder = project.active_model, project.active_encoder
     proba, class_names = None, []
     if model is not None:
@@ -83,20 +174,28 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
                            # the same sample of a headless set round after round
                            seed=len(labeled_ids))
     findings = _findings_contexts(model, candidates)
+    no_embeddings = _no_embeddings_words(project, encoder) if embeddings is None else None
+    fallback = (f"picked at random: {no_embeddings[0]}, so its {strategy!r} strategy cannot "
+                f"rank the scans ({no_embeddings[1]})"
+                if fallback_allowed and no_embeddings else None)
     try:
         selection = (_query_per_label_set(strategy, context, n, candidates, findings,
-                                          labeled_sets=labeled_sets)
+                                          labeled_sets=labeled_sets, fallback=fallback)
                      if candidates else None)
     except ValueError as exc:        # e.g. a strategy that needs embeddings, and none yet
-        needs = ("pretrain an encoder first (`manage.py pretrain`, or the demo's first model), "
-                 "or use the 'random' strategy until then" if encoder is None or embeddings is None
+        needs = (f"{no_embeddings[2]}, or use the 'random' strategy until then"
+                 if no_embeddings and STRATEGY_NEEDS.get(strategy, "").startswith("embeddings")
                  else "label scans of two classes first so a model exists, or choose a "
                  "strategy that needs none" if proba is None else "choose another strategy")
         raise TrainingError(f"the {strategy!r} strategy cannot choose scans here ({exc}): "
                             f"{needs}") from None
+    used = strategy
+    if selection is not None and len(selection.indices) and all(
+            "fallback_from" in reason for reason in selection.reasons):
+        used = "random"             # what chose them; each reason names what was asked
     with transaction.atomic():
         query_round = QueryRound.objects.create(
-            project=project, model_version=model, strategy=strategy, created_by=created_by,
+            project=project, model_version=model, strategy=used, created_by=created_by,
             size=0 if selection is None else len(selection.indices))
         items = []
         if selection is not None:
@@ -117,6 +216,22 @@ def query_round_create(*, project: Project, n: int | None = None, strategy: str 
             transaction.on_commit(lambda: signals.round_created.send(
                 sender=QueryRound, query_round=query_round, project_id=project.pk))
     return query_round
+
+
+def _no_embeddings_words(project: Project, encoder) -> tuple[str, str, str]:
+    """Why the candidates have no embeddings, as ``(cause, what to do in a pick's reason,
+    what to do in a refusal)``: no encoder, its files missing, or not embedded yet."""
+    from ml_backend.services.runs import encoder_files_refusal
+
+    if encoder is None:
+        return ("this project has no encoder yet", "pretrain one for better picks",
+                "pretrain an encoder first (`manage.py pretrain`, or the demo's first model)")
+    missing = encoder_files_refusal(project)
+    if missing:
+        return ("the active encoder's files are missing", "restore them from a backup, or "
+                "pretrain a new encoder", missing)
+    return ("the scans are not embedded yet", "run manage.py embed for better picks",
+            "embed the scans first (`manage.py embed`)")
 
 
 def _candidate_proba(model, classes: list[int], candidates) -> np.ndarray | None:
@@ -188,6 +303,23 @@ def _query_set(strategy: str, context, n: int, findings: dict | None):
     return query(strategy, context, n)
 
 
+def _query_set_or_random(strategy: str, context, n: int, findings: dict | None,
+                         fallback: str | None):
+    """``_query_set``; or — when the strategy lacks the embeddings it needs (and no findings
+    head scores the set instead) and ``fallback`` (the reason's words) is given — a random
+    pick, each reason saying why and naming the strategy asked for (``fallback_from``)."""
+    from ml_backend.active.findings import FINDINGS_STRATEGY_FOR
+    from ml_backend.active.strategies import Selection, query
+
+    scored = findings is not None and strategy in FINDINGS_STRATEGY_FOR
+    if fallback is None or scored or not _lacks(strategy, context):
+        return _query_set(strategy, context, n, findings)
+    picked = query("random", context, n)
+    return Selection(indices=picked.indices, scores=picked.scores,
+                     reasons=[{**reason, "why": fallback, "fallback_from": strategy}
+                              for reason in picked.reasons])
+
+
 # the strategies that take typical picks (cold_start), and so may read the thumbnails
 TYPICAL_STRATEGIES = {"hybrid", "cold_start", "diversity"}
 
@@ -207,7 +339,7 @@ def _typical_thumbs(encoder, strategy: str, candidates: list[Scan], labeled_scan
 
 def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
                          findings: dict[int, dict] | None = None, *,
-                         labeled_sets: np.ndarray | None = None):
+                         labeled_sets: np.ndarray | None = None, fallback: str | None = None):
     """One strategy run per label set, each given a share of the round in proportion to its
     number of classes (at least one pick each), interleaved by rank: with several label sets
     how many labels each anatomy gets is a decision, not a side effect of the score (an easy
@@ -246,7 +378,8 @@ def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
             context = replace(context, labeled_embeddings=own_labeled(present[0]),
                               labeled_thumbs=own_thumbs(present[0]) if joined else None,
                               thumbs=context.thumbs if joined else None)
-        return _query_set(strategy, context, n, findings.get(present[0]) if present else None)
+        return _query_set_or_random(strategy, context, n,
+                                    findings.get(present[0]) if present else None, fallback)
     weight = dict(LabelClass.objects.filter(label_set_id__in=present).values("label_set_id")
                   .annotate(k=Count("pk")).values_list("label_set_id", "k"))
     weights = np.array([max(weight.get(i, 0), 1) for i in present], dtype=float)
@@ -268,7 +401,8 @@ def _query_per_label_set(strategy: str, context, n: int, candidates: list[Scan],
                       else context.thumbs[rows],
                       labeled_embeddings=own_labeled(set_id),
                       labeled_thumbs=own_thumbs(set_id) if joined else None)
-        chosen = _query_set(strategy, sub, int(share), findings.get(set_id))
+        chosen = _query_set_or_random(strategy, sub, int(share), findings.get(set_id),
+                                      fallback)
         picks.append([(int(rows[i]), float(score), reason) for i, score, reason in
                       zip(chosen.indices, chosen.scores, chosen.reasons)])
     merged = [pick for position in range(max(map(len, picks)))

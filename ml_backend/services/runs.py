@@ -151,10 +151,14 @@ def runs_abandon_expired(*, project: Project | None = None) -> int:
 
 
 def retrain_start(*, project: Project, if_new_labels: int = 0, params: dict | None = None,
-                  enqueue: bool = False) -> TrainingRun:
+                  enqueue: bool = False, refuse: bool = False) -> TrainingRun:
     """Create a retrain run unless one is queued or running (a lock on the project row makes
     two cron invocations agree), or fewer than ``if_new_labels`` labels arrived since the last
-    successful retrain. Raises RetrainSkipped with the reason."""
+    successful retrain. Raises RetrainSkipped with the reason. With ``refuse`` (the command
+    and the beat schedule; the API asks ``retrain_refusal`` itself) a retrain that could only
+    fail is refused after those checks: TrainingError with the sentence its run would fail
+    with, and no run (a failed run does not count as a retrain: ``if_new_labels`` would let
+    one more through every time)."""
     runs_abandon_expired(project=project)
     with transaction.atomic():
         Project.objects.select_for_update().get(pk=project.pk)
@@ -175,6 +179,9 @@ def retrain_start(*, project: Project, if_new_labels: int = 0, params: dict | No
             if labels.count() < if_new_labels:
                 raise RetrainSkipped(f"{labels.count()} new labels since the last retrain; "
                                      f"waiting for {if_new_labels}")
+        refusal = retrain_refusal(project, params) if refuse else None
+        if refusal:
+            raise TrainingError(refusal)
         return training_run_create(project=project, kind=TrainingRun.Kind.RETRAIN,
                                    params=params or {}, enqueue=enqueue)
 
@@ -246,6 +253,58 @@ def refit_busy(project: Project) -> TrainingRun | None:
 NO_ENCODER = "the project has no active encoder: run `manage.py pretrain` first"
 
 
+def encoder_files_missing(encoder: ModelVersion, project: Project) -> str | None:
+    """Why ``encoder`` (of ``project``) cannot embed, be searched or be fitted on: its folder
+    or its ``encoder.pt`` is not there (moved away, a disk lost, a restore without its
+    files) — the sentence, with what to do — or None. Two file checks, no model loaded."""
+    from pathlib import Path
+
+    folder = Path(encoder.artifact_dir) if encoder.artifact_dir else None
+    if folder is None or not folder.is_dir():
+        where = f"its folder {folder} is not there" if folder else "it has no folder"
+    elif not (folder / "encoder.pt").is_file():
+        where = f"its folder {folder} has no encoder.pt"
+    else:
+        return None
+    role = "active encoder" if project.active_encoder_id == encoder.pk else "encoder"
+    return (f"the {role} {encoder.version}'s files are missing ({where}): restore its folder "
+            f"from a backup, or pretrain a new encoder (`manage.py pretrain --project "
+            f"\"{project.name}\"`)")
+
+
+def encoder_files_refusal(project: Project) -> str | None:
+    """``encoder_files_missing`` of the project's active encoder, or None (no encoder is not
+    this problem: ``NO_ENCODER``). Health asks it on every call: no model is loaded."""
+    project = Project.objects.select_related("active_encoder").get(pk=project.pk)
+    if project.active_encoder is None:
+        return None
+    return encoder_files_missing(project.active_encoder, project)
+
+
+def embed_refusal(project: Project) -> str | None:
+    """Why an embed of ``project`` could only fail now (no active encoder, or its files are
+    missing), or None."""
+    if not Project.objects.filter(pk=project.pk, active_encoder__isnull=False).exists():
+        return NO_ENCODER
+    return encoder_files_refusal(project)
+
+
+def run_refusal(project: Project, kind: str, params: dict | None = None) -> str | None:
+    """THE check before a refit, retrain or embed run is made, by any path (the API, Label
+    Studio's START_TRAINING, the commands, the beat schedule): the sentence the run would
+    fail with at once, or None. The runs ask the same checks first (``training``), so a
+    refused path and a failed run say the same thing."""
+    if kind == TrainingRun.Kind.REFIT:
+        if not Project.objects.filter(pk=project.pk, active_encoder__isnull=False).exists():
+            return NO_ENCODER
+        return refit_refusal(project)
+    if kind == TrainingRun.Kind.RETRAIN:
+        return retrain_refusal(project, params)
+    if kind == TrainingRun.Kind.EMBED:
+        return embed_refusal(project)
+    return None
+
+
 def refit_nothing_to_fit(labels: int, skipped: list[str]) -> str:
     """The sentence a refit fails with when no label set has labels of two classes and no
     findings set could be fitted: ``labels`` pool labels in all, ``skipped`` one phrase
@@ -264,6 +323,9 @@ def refit_refusal(project: Project) -> str | None:
     left to the run to judge (never refused here)."""
     from annotator.selectors import class_label_sets, training_labels
 
+    files = encoder_files_refusal(project)         # every head is fit on its embeddings
+    if files:
+        return files
     scans, class_ids = training_labels(project, split="pool")
     class_set = class_label_sets(project)
     by_set: dict[int, set[int]] = {}
@@ -292,6 +354,9 @@ def retrain_refusal(project: Project, params: dict | None = None) -> str | None:
 
     if not Project.objects.filter(pk=project.pk, active_encoder__isnull=False).exists():
         return NO_ENCODER
+    files = encoder_files_refusal(project)         # fine-tuning starts from its encoder.pt
+    if files:
+        return files
     if (params or {}).get("findings_set"):
         return None
     scans, class_ids = training_labels(project, split="pool")

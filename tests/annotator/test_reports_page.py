@@ -195,6 +195,8 @@ def test_empty_project_explains_what_to_do(client, users, project):
 
 def test_model_without_evaluation_and_encoder_without_embeddings(client, users, project,
                                                                  tmp_path):
+    (tmp_path / "enc").mkdir()                      # its files are there, its embeddings not
+    (tmp_path / "enc" / "encoder.pt").write_bytes(b"")
     encoder = ModelVersion.objects.create(project=project, kind="encoder", version="t-enc-1",
                                           status="active", artifact_dir=str(tmp_path / "enc"))
     project.active_encoder = encoder

@@ -107,10 +107,11 @@ def test_a_failed_export_leaves_no_half_file_or_folder(chest, tmp_path):
     call_command("export_labels", "--project", chest.name, "--format", "csv",
                  "--out", str(out / "labels.csv"))
     assert (out / "labels.csv").read_text().startswith("scan,")
-    # an image folder whose copy fails half-way: nothing left behind
+    # an image folder with a scan's stored image missing: refused naming the scan, nothing
+    # left behind
     scan = Scan.objects.filter(project=chest, split="eval").order_by("-pk").first()
     media_path(scan.preview.name).unlink()
-    with pytest.raises(CommandError, match="cannot write the image folder"):
+    with pytest.raises(CommandError, match=f"the stored image of scan {scan.pk} is missing"):
         call_command("export_labels", "--project", chest.name, "--format", "imagefolder",
                      "--out", str(out / "images"))
     assert sorted(p.name for p in out.iterdir()) == ["labels.csv"]

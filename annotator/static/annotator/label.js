@@ -3,6 +3,8 @@
 // the page swaps scans without reloading. Timings are kept in window.medlabel.timings.
 // A refit the answer queued runs in the background: the answer never waits for it; the status
 // line says "Model updating…", polls model-status every 2 s meanwhile, then says what came of it.
+// No answer is taken for a scan before its image is on screen (loaded, decoded, painted), nor
+// while the last one is saving, nor from a held key's auto-repeat; each refusal is said.
 (function () {
   "use strict";
   const $ = (id) => document.getElementById(id);
@@ -13,8 +15,17 @@
   const medlabel = (window.medlabel = {timings: [], saved: 0, payload: null});
   let payload = JSON.parse($("label-payload").textContent);
   let shownAt = performance.now();
-  let busy = false;
-  let submission = crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
+  // the scan's image: "loading" until it is on screen ("ready"), or "failed" (the page says
+  // why in words; the scan can then only be skipped). Answers wait for "ready".
+  let imageState = "loading";
+  let imageProblem = "";
+  let loadSeq = 0;            // a newer scan's load makes an older one's events stale
+  let saving = null;          // "answer" or "undo" while that request is in flight
+  let queued = null;          // "undo" or "back" pressed during a save: done once it is saved
+  // the submission id of the answer last sent for this scan, with what it said: a retry of
+  // the same answer reuses it (the server stores it once); another answer gets a new one
+  let attempt = null;
+  const newId = () => (crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2) + Date.now());
   // findings sets: {finding id: "present" | "uncertain"}; unmarked findings are absent
   let marks = {};
   const NEXT_MARK = {undefined: "present", present: "uncertain", uncertain: undefined};
@@ -274,15 +285,34 @@
     $("back").disabled = !answered.length;
     $("undo").disabled = !answered.length;
   }
+  // leaving the page on purpose (nothing in flight any more: no "leave the page?" question)
+  function leave(url) {
+    saving = null;
+    window.location.href = url;
+  }
   function goBack() {
+    if (saving === "answer") {       // after the save: the previous scan is the one saved
+      queued = "back";
+      say("Still saving the last answer… you go to the previous scan once it is saved.");
+      return;
+    }
+    if (saving === "undo") { say("Still undoing your last answer: it then shows that scan.", "error"); return; }
     const last = answered[answered.length - 1];
     if (!last) { say("No previous scan yet: this is the first one you read here."); return; }
-    window.location.href = last.url;
+    leave(last.url);
   }
   async function undoLast() {
+    if (saving === "answer") {       // the answer being saved is the one to take back
+      queued = "undo";
+      say("Still saving the last answer… it is undone once it is saved.");
+      return;
+    }
+    if (saving === "undo") { say("Still undoing your last answer…", "error"); return; }
     const last = answered[answered.length - 1];
-    if (!last || busy) { if (!last) say("Nothing to undo: you have not answered a scan here yet."); return; }
-    busy = true;
+    if (!last) { say("Nothing to undo: you have not answered a scan here yet."); return; }
+    saving = "undo";
+    updateAnswering();
+    say("undoing…");
     try {
       const response = await fetch(root.dataset.undo.replace("0/undo/", `${last.id}/undo/`), {
         method: "POST", credentials: "same-origin",
@@ -291,11 +321,12 @@
       if (sessionEnded(response)) { saySignIn(response.status === 401 ? data : null); return; }
       if (!response.ok) { say(data.error || "could not undo", "error"); return; }
       answered.pop();
-      window.location.href = data.scan_url;
+      leave(data.scan_url);
     } catch (err) {
       say("network error: nothing was changed, try again", "error");
     } finally {
-      busy = false;
+      if (saving === "undo") saving = null;
+      updateAnswering();
     }
   }
   $("back").addEventListener("click", goBack);
@@ -306,15 +337,27 @@
     payload = p;
     medlabel.payload = p;
     const img = $("scan-image");
+    const seq = ++loadSeq;
+    imageState = "loading";
+    imageProblem = "";
+    attempt = null;
     // The scan itself first; the Grad-CAM overlay, the similar scans' thumbnails and the
-    // next scan's image are fetched once it is on screen, so they never delay it.
-    img.onload = () => {
-      img.onload = null;        // once: a window or a comparison reloads the image later
+    // next scan's image are fetched once it is on screen, so they never delay it. Answers
+    // are taken from then on, and the reading time counts from then.
+    let loadedAt = null;
+    const shown = () => {
+      if (seq !== loadSeq) return;
+      shownAt = performance.now();
       if (measureFrom !== undefined) {
-        const ms = performance.now() - measureFrom;
+        // key → next image loaded (as bench/label_latency reports it), and → painted
+        const ms = loadedAt - measureFrom;
+        medlabel.shownTimings = medlabel.shownTimings || [];
+        medlabel.shownTimings.push(shownAt - measureFrom);
         medlabel.timings.push(ms);
         document.body.dataset.lastSwapMs = ms.toFixed(1);
       }
+      imageState = "ready";
+      updateAnswering();
       document.body.dataset.scan = String(p.scan.id);
       if (p.gradcam && view.cam) $("cam-image").src = p.gradcam;
       for (const thumb of document.querySelectorAll("#similar img[data-src]")) {
@@ -323,6 +366,42 @@
       }
       if (p.prefetch) (new Image()).src = p.prefetch;
     };
+    // the preview first; without it (its file lost), the scan rendered from its stored file
+    const fallback = `${p.scan.render}?frame=${Math.floor((p.scan.frames || 1) / 2)}`;
+    const problems = [];
+    img.onload = () => {
+      if (seq !== loadSeq) return;
+      if (!img.naturalWidth) { img.onerror(); return; }
+      img.onload = img.onerror = null;   // once: a window or a comparison reloads it later
+      loadedAt = performance.now();
+      // on screen = decoded, made visible and painted: the frame after the next one
+      const painted = () => {
+        if (seq !== loadSeq) return;
+        img.classList.remove("pending");
+        requestAnimationFrame(() => requestAnimationFrame(shown));
+      };
+      (img.decode ? img.decode() : Promise.resolve()).then(painted, painted);
+      if (img.getAttribute("src") === fallback) {
+        p.scan.preview = fallback;       // "reset" and the window go back to this one
+        say(`This scan's preview could not be loaded (${problems[0]}): it is shown rendered from its stored file.`);
+      }
+    };
+    img.onerror = async () => {
+      if (seq !== loadSeq) return;
+      const failed = img.getAttribute("src");
+      const why = await whyNotLoaded(failed);
+      if (seq !== loadSeq) return;
+      problems.push(why);
+      if (failed !== fallback) { img.src = fallback; return; }
+      img.onload = img.onerror = null;
+      imageState = "failed";
+      imageProblem = problems.length > 1 && problems[0] !== problems[1]
+        ? `the preview: ${problems[0]}; the stored file: ${problems[1]}` : problems[0];
+      updateAnswering();
+      document.body.dataset.scan = String(p.scan.id);
+      say("This scan's image could not be loaded (the viewer says why): it cannot be answered here. Press s to skip it, and tell an admin.", "error");
+    };
+    img.classList.add("pending");        // the last scan's image is not shown for this one
     img.src = p.scan.preview;
     compareIndex = -1;
     $("compare-note").hidden = true;
@@ -438,9 +517,10 @@
       if (c.key) b.append(el("kbd", c.key), " ");
       b.append(c.name);
       if (s && !ood && s.class_id === c.id) b.classList.add("suggested");
-      b.addEventListener("click", () => submit({outcome: "label", class_id: c.id}));
+      b.addEventListener("click", () => submit({outcome: "label", class_id: c.id}, c.name));
       buttons.append(b);
     }
+    updateAnswering();
     // similar
     const similar = $("similar");
     similar.replaceChildren();
@@ -456,9 +536,68 @@
       similar.append(a);
     }
     $("status").textContent = "";
+    $("status").className = "muted";
     resetView();
-    shownAt = performance.now();
-    submission = crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
+    updateAnswering();
+  }
+
+  // --- whether the scan can be answered now, shown on the page ---------------------------
+  function updateAnswering() {
+    const state = saving ? "saving" : imageState;     // loading | ready | failed | saving
+    document.body.dataset.answering = state;
+    const open = state === "ready";
+    for (const b of document.querySelectorAll("#class-buttons button, #findings-save, #no-finding, #unsure")) {
+      b.disabled = !open;
+    }
+    $("skip").disabled = !(open || state === "failed");
+    $("findings-list").classList.toggle("locked", !open);
+    const note = $("image-note");
+    note.hidden = imageState === "ready";
+    note.className = "image-note " + imageState;
+    note.setAttribute("role", imageState === "failed" ? "alert" : "status");
+    note.textContent = imageState === "loading" ? "Loading the scan… answers wait until it is shown."
+      : imageState === "failed" ? `This scan's image could not be loaded: ${imageProblem}. Answering is off for this scan (s skips it).` : "";
+  }
+  // Whether an answer (or a finding's mark) may be given now; if not, the page says why and
+  // that the key was not used. A skip is allowed for a scan whose image failed.
+  function mayAnswer(kind, label) {
+    const what = label ? `"${label}" was not used` : "that was not used";
+    if (saving === "answer") {
+      say(`Still saving the last answer… ${what}: press it again once the next scan is shown.`, "error");
+      return false;
+    }
+    if (saving === "undo") { say(`Still undoing your last answer… ${what}.`, "error"); return false; }
+    if (imageState === "failed") {
+      if (kind === "skip") return true;
+      say(`This scan's image could not be loaded (${imageProblem}), so it cannot be answered: ${what}. Press s to skip it.`, "error");
+      return false;
+    }
+    if (imageState !== "ready") {
+      say(`The scan is still loading: ${what}. Answer once it is shown.`, "error");
+      return false;
+    }
+    return true;
+  }
+  // Why an image did not load, in words: the server's own reason where it gave one.
+  async function whyNotLoaded(url) {
+    try {
+      const response = await fetch(url, {credentials: "same-origin", cache: "no-store",
+                                         headers: {Accept: "application/json"}});
+      if (sessionEnded(response)) return "your session has ended: sign in again";
+      if (response.ok) return "the file is not an image this browser can show";
+      const type = response.headers.get("Content-Type") || "";
+      let reason = "";
+      if (type.includes("json")) {
+        const data = await response.json().catch(() => ({}));
+        reason = data.error || data.detail || "";
+      } else if (type.startsWith("text/plain")) {
+        reason = (await response.text()).trim();
+      }
+      reason = reason.replace(/[.\s]+$/, "").slice(0, 300);
+      return reason ? `${reason} (the server answered ${response.status})` : `the server answered ${response.status}`;
+    } catch (err) {
+      return "the server could not be reached";
+    }
   }
 
   function renderFindings() {
@@ -478,11 +617,12 @@
         bar.style.width = Math.max(2, f.p * 100) + "%";
         li.append(bar, el("span", `${(f.p * 100).toFixed(0)}% (≥${(f.threshold * 100).toFixed(0)}%)`, "muted"));
       }
-      li.addEventListener("click", () => toggleFinding(f.id));
+      li.addEventListener("click", () => toggleFinding(f.id, f.name));
       list.append(li);
     }
   }
-  function toggleFinding(id) {
+  function toggleFinding(id, label) {
+    if (!mayAnswer("answer", label)) return;
     const next = NEXT_MARK[marks[id]];
     if (next) marks[id] = next; else delete marks[id];
     renderFindings();
@@ -504,15 +644,16 @@
     return Object.assign({outcome: "findings", findings: findings}, shown);
   }
   function saveFindings() {
+    if (!mayAnswer("answer", "Enter")) return;
     if (!Object.keys(marks).length) {
       $("status").textContent = "Nothing is marked: press 0 to record \"no finding\".";
       $("status").className = "error";
       return;
     }
-    submit(findingsAnswer(false));
+    submit(findingsAnswer(false), "Enter");
   }
   $("findings-save").addEventListener("click", saveFindings);
-  $("no-finding").addEventListener("click", () => submit(findingsAnswer(true)));
+  $("no-finding").addEventListener("click", () => submit(findingsAnswer(true), "no finding"));
 
   // --- model status ----------------------------------------------------------------------
   const statusUrl = root.dataset.modelStatus;
@@ -597,59 +738,123 @@
   }
 
   // --- answering --------------------------------------------------------------------------
-  async function submit(answer) {
-    if (busy) return;
-    busy = true;
+  // An answer in words, as the reader gave it.
+  function describe(answer) {
+    if (answer.outcome === "label") {
+      const c = payload.classes.find((k) => k.id === answer.class_id);
+      return c ? c.name : "that class";
+    }
+    if (answer.outcome === "findings") return answer.no_finding ? "no finding" : "these findings";
+    return answer.outcome;
+  }
+  function note(text, cls) {
+    $("answer-note").hidden = !text;
+    $("answer-note").textContent = text || "";
+    $("answer-note").className = cls || "info-line";
+  }
+  // The server has this scan's answer under this submission id, and it says something else
+  // (never from this page's own retries, which send a new id for a new answer): say what is
+  // stored, and offer to save what the reader pressed as their new answer.
+  function offerChange(answer, data, label) {
+    const status = $("status");
+    status.replaceChildren();
+    status.className = "error";
+    status.append(`${data.error}. `);
+    const change = el("button", `Save ${describe(answer)} instead`, "small");
+    change.type = "button";
+    change.id = "save-instead";
+    change.addEventListener("click", () => {
+      attempt = {key: JSON.stringify(answer), id: newId()};
+      submit(answer, label);
+    });
+    status.append(change);
+  }
+  async function submit(answer, label) {
+    if (!mayAnswer(answer.outcome === "skip" ? "skip" : "answer", label)) return;
+    const key = JSON.stringify(answer);
+    if (!attempt || attempt.key !== key) attempt = {key, id: newId()};
+    saving = "answer";
+    updateAnswering();
+    note("");
     const started = performance.now();
     const s = payload.suggestion;
+    const scanId = payload.scan.id;
     const body = Object.assign({
-      duration_ms: Math.round(started - shownAt),
+      duration_ms: imageState === "ready" ? Math.round(started - shownAt) : "",   // time on screen
       shown_model_version: s ? s.model_version : "",
       shown_suggestion: s ? s.class_id : "",
       shown_confidence: s ? s.confidence : "",
       shown_acquisition_score: payload.item ? payload.item.score : "",
       query_round: payload.item ? payload.item.round : "",
-      submission_id: submission,
+      submission_id: attempt.id,
     }, answer);
-    $("status").textContent = "saving…";
+    say("saving…");
     const statusSeq = ++statusIssued;
+    let saved = false;
     try {
       const response = await fetch(payload.scan.answer, {
         method: "POST", credentials: "same-origin",
         headers: {"Content-Type": "application/json", "X-CSRFToken": csrf(), Accept: "application/json"},
         body: JSON.stringify(body),
       });
-      const data = await response.json().catch(() => ({error: `server answered ${response.status}`}));
+      const data = await response.json().catch(() => ({error: `server answered ${response.status}`, unread: true}));
       if (sessionEnded(response)) { saySignIn(response.status === 401 ? data : null); return; }
       if (!response.ok) {
-        $("status").textContent = data.error || `could not save (${response.status})`;
-        $("status").className = "error";
+        if (data.code === "submission_conflict" && data.stored) offerChange(answer, data, label);
+        else if (data.unread || response.status >= 500) {
+          // the answer may have been stored before the error: pressing the same answer
+          // again sends the same submission id (stored once); another one is a new answer
+          say(`${data.error || `server answered ${response.status}`}: your answer (${describe(answer)}) may or may not have been saved. Press it again (it is never stored twice), or press another answer: that one is saved as yours.`, "error");
+        } else {
+          say(data.error || `could not save (${response.status})`, "error");
+        }
         return;
       }
+      saved = true;
       medlabel.saved += 1;
       answered.push({id: data.saved.id, url: payload.scan.url});
       updateHistoryButtons();
       medlabel.lastServerMs = data.server_ms;
       medlabel.lastUpdating = !!(data.model_status && data.model_status.updating);
       showModelStatus(data.model_status, statusSeq);
+      saving = null;
       $("status").className = "muted";
+      if (queued) return;                // undo / back, pressed during the save: below
       if (data.next) {
         history.replaceState({}, "", data.next.scan.url);
         render(data.next, started);
         // the round was done: the model chose the next batch, and this scan is its first
         if (data.new_round) $("status").textContent = "Round done: the model chose the next batch.";
+        const words = [];
+        if (!data.saved.created) words.push(`Saved: ${data.saved.words} on scan #${scanId} (the earlier request had reached the server).`);
+        else if (data.replaced) words.push(`Saved ${data.saved.words} on scan #${scanId}: it replaces your earlier answer there (${data.replaced.words}).`);
+        if (data.too_quick) words.push(data.too_quick);
+        note(words.join(" "), data.too_quick ? "warning-banner" : "info-line");
       } else {
-        window.location.href = data.worklist;
+        leave(data.worklist);
       }
     } catch (err) {
-      $("status").textContent = "network error: nothing was lost, try again";
-      $("status").className = "error";
+      say(`network error: your answer (${describe(answer)}) may or may not have reached the server. Press it again (it is never stored twice), or press another answer: that one is saved as yours.`, "error");
     } finally {
-      busy = false;
+      if (saving === "answer") saving = null;
+      updateAnswering();
+      const then = queued;
+      queued = null;
+      if (then && saved) {
+        if (then === "undo") undoLast(); else goBack();
+      } else if (then) {
+        $("status").append(` ${then === "undo" ? "The undo" : "Going to the previous scan"} you asked for during the save was not done: the answer was not saved.`);
+      }
     }
   }
-  $("skip").addEventListener("click", () => submit({outcome: "skip"}));
-  $("unsure").addEventListener("click", () => submit({outcome: "unsure"}));
+  $("skip").addEventListener("click", () => submit({outcome: "skip"}, "skip"));
+  $("unsure").addEventListener("click", () => submit({outcome: "unsure"}, "unsure"));
+  // a page left while an answer is in flight: the browser asks first
+  window.addEventListener("beforeunload", (e) => {
+    if (!saving) return;
+    e.preventDefault();
+    e.returnValue = "";
+  });
 
   function keyHelp() {
     const answers = payload.findings_mode
@@ -658,9 +863,15 @@
     const slices = (payload.scan.frames || 1) > 1 ? ", ↑ ↓ or the wheel: slices (Ctrl + wheel zooms)" : "";
     return `${answers}; s skip, u unsure, g heat map, c compare with similar scans, i invert, n 1:1, r reset, + − zoom${slices}, ← previous scan, Backspace undo`;
   }
+  // held down, only these repeat (zoom and slices); a held answer key answers once
+  const REPEATS = new Set(["ArrowUp", "ArrowDown", "PageUp", "PageDown", "+", "=", "-"]);
   document.addEventListener("keydown", (e) => {
     // typing in a text field is not a hotkey; a slider or button never keeps the keys
     if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("input:not([type=range]), textarea, select")) return;
+    if (e.repeat && !REPEATS.has(e.key) && !(e.target.closest("input[type=range]") && e.key.startsWith("Arrow"))) {
+      e.preventDefault();      // (a held Enter on a focused button would press it again too)
+      return;
+    }
     // Enter or Space on a focused button presses it (keyboard-only use); any other key on a
     // slider or button is a hotkey for the page
     if (e.target.closest("button, a") && (e.key === "Enter" || e.key === " ")) return;
@@ -673,14 +884,14 @@
     const key = e.key.toLowerCase();
     if (payload.findings_mode) {
       const f = payload.findings.find((k) => k.key && k.key === key);
-      if (f) { e.preventDefault(); toggleFinding(f.id); return; }
+      if (f) { e.preventDefault(); toggleFinding(f.id, f.key); return; }
       if (key === "enter") { e.preventDefault(); saveFindings(); return; }
-      if (key === "0") { e.preventDefault(); submit(findingsAnswer(true)); return; }
+      if (key === "0") { e.preventDefault(); submit(findingsAnswer(true), "0"); return; }
     }
     const c = payload.findings_mode ? null : payload.classes.find((k) => k.key && k.key === key);
-    if (c) { e.preventDefault(); submit({outcome: "label", class_id: c.id}); return; }
-    if (key === "s") submit({outcome: "skip"});
-    else if (key === "u") submit({outcome: "unsure"});
+    if (c) { e.preventDefault(); submit({outcome: "label", class_id: c.id}, c.key); return; }
+    if (key === "s") submit({outcome: "skip"}, "s");
+    else if (key === "u") submit({outcome: "unsure"}, "u");
     else if (key === "i") $("invert").click();
     else if (key === "g") $("toggle-cam").click();
     else if (key === "r") resetView();

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from ml_backend.management.commands._runs import add_common_arguments, get_project, run
+from ml_backend.services.runs import run_refusal
 
 
 class Command(BaseCommand):
@@ -16,5 +17,9 @@ class Command(BaseCommand):
                             help="index type for a new index (auto: exact up to 1M vectors)")
 
     def handle(self, *args, **opts):
-        run(self, project=get_project(opts["project"]), kind="embed",
+        project = get_project(opts["project"])
+        refusal = run_refusal(project, "embed")       # no run that could only fail
+        if refusal:
+            raise CommandError(f"Embed refused: {refusal}.")
+        run(self, project=project, kind="embed",
             params={"full": opts["full"], "index_kind": opts["index"]}, opts=opts)

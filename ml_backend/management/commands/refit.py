@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from ml_backend.management.commands._runs import add_common_arguments, get_project, run
+from ml_backend.services.runs import run_refusal
 
 
 class Command(BaseCommand):
@@ -15,5 +16,9 @@ class Command(BaseCommand):
                             help="do not create a new query round after the refit")
 
     def handle(self, *args, **opts):
-        run(self, project=get_project(opts["project"]), kind="refit",
+        project = get_project(opts["project"])
+        refusal = run_refusal(project, "refit")       # no run that could only fail
+        if refusal:
+            raise CommandError(f"Refit refused: {refusal}.")
+        run(self, project=project, kind="refit",
             params={"query": not opts["no_query"]}, opts=opts)

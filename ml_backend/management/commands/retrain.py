@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from ml_backend import services
 from ml_backend.management.commands._runs import MAX_EPOCHS, get_project, int_between, run_existing
@@ -22,10 +22,12 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         project = get_project(opts["project"])
-        try:
+        try:    # busy or too few new labels: skipped (cron-safe); could only fail: refused
             run = services.retrain_start(project=project, if_new_labels=opts["if_new_labels"],
-                                         params={"epochs": opts["epochs"]})
+                                         params={"epochs": opts["epochs"]}, refuse=True)
         except services.RetrainSkipped as exc:
             self.stdout.write(f"Retrain skipped: {exc}.")
             return
+        except services.TrainingError as exc:     # the API's 409, beat's skip: no run made
+            raise CommandError(f"Retrain refused: {exc}.") from None
         run_existing(self, run, opts)
