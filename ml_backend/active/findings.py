@@ -205,7 +205,10 @@ def findings_scores(proba: np.ndarray, strategy: str = "mean_entropy", *,
     the finding the model is least sure of; ``cardinality``: the mean entropy scaled up when
     the expected number of findings ``sum_f p_f`` departs from the labelled scans' mean
     number of findings (label-cardinality inconsistency, Li & Guo 2013), so scans the model
-    thinks unusually busy or empty come first.
+    thinks unusually busy or empty come first. Pass that mean as ``mean_cardinality`` (a
+    refit records it: ``config["findings_sets"][i]["mean_cardinality"]``, the scorer's
+    ``mean_cardinality``); without it the candidates' own mean expected count stands in,
+    which measures how unusual a scan is among the candidates, not against the labels.
     """
     p = np.asarray(proba, np.float64)
     if p.ndim != 2:

@@ -11,7 +11,12 @@ known (scan, finding) pairs pooled) and the "any finding" AUC (max probability a
 "at least one finding present", on the scans fully known). Undefined values are ``None``.
 
 ``choose_thresholds`` picks one threshold per finding on an evaluation split: the one that
-maximises F1, or the highest that keeps sensitivity at a target.
+maximises F1, or the highest that keeps sensitivity at a target; a finding whose scores
+cannot rank the scans (a constant head) gets ``NEVER``, above any probability.
+
+``compare_findings`` is the findings gate: a paired bootstrap over the eval scans of the
+macro AUC and of each finding with enough positives, against the project's tolerance; a
+finding the active version knew nothing of is new, never a bar.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ml_backend.metrics.reports import _clean, _mean_defined
 
-__all__ = ["UNCERTAIN", "binary_reliability", "check_findings", "choose_thresholds",
+__all__ = ["NEVER", "UNCERTAIN", "binary_reliability", "check_findings", "choose_thresholds",
            "compare_findings",
            "findings_report", "uncertain_policy"]
 
@@ -179,12 +184,27 @@ def findings_report(y_true, proba, finding_names: list[str], *,
     return _clean(report)
 
 
+# threshold that no probability reaches: a finding the page must never preselect
+NEVER = 1.001
+
+
+def _constant(column: np.ndarray) -> bool:
+    """True when a score column cannot rank scans: every value the same (a head that never
+    saw the finding present, or never absent, gives one probability to every scan)."""
+    column = np.asarray(column, np.float64)
+    return not len(column) or float(np.ptp(column)) <= 1e-12
+
+
 def choose_thresholds(y_true, proba, *, method: str = "f1", target_sensitivity: float = 0.9,
-                      default: float = 0.5) -> np.ndarray:
+                      default: float = 0.5, never: float = NEVER) -> np.ndarray:
     """One threshold per finding, from an evaluation split. ``f1``: the probability that
     maximises F1 (ties: the higher threshold); ``sensitivity``: the highest threshold whose
     sensitivity is at least ``target_sensitivity``. A finding without a known positive keeps
-    ``default``."""
+    ``default``. A finding whose scores are the same on every scan (a constant head: it
+    never saw the finding present, or never absent) gets ``never``, above any probability:
+    its only candidate threshold marks every scan present, which F1 favours whenever the
+    split has a positive (2P / (2P + N) > 0), yet it tells no scan from another — a
+    preselection on every scan is not a decision the eval split supports."""
     if method not in ("f1", "sensitivity"):
         raise ValueError("method must be f1 or sensitivity")
     if not 0 < target_sensitivity <= 1:
@@ -195,6 +215,9 @@ def choose_thresholds(y_true, proba, *, method: str = "f1", target_sensitivity: 
         known = ~np.isnan(y[:, f])
         positive = y[known, f] == 1
         score = p[known, f]
+        if _constant(p[:, f]):
+            out[f] = float(never)
+            continue
         if not positive.any():
             continue
         candidates = np.unique(score)[::-1]              # high → low
@@ -211,33 +234,106 @@ def choose_thresholds(y_true, proba, *, method: str = "f1", target_sensitivity: 
     return out
 
 
+def _weighted_auc(positive: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUC of one finding under each row of bootstrap ``weights`` ``(B, n)`` (how often each
+    scan was drawn): the weighted share of (positive, negative) pairs ranked right, ties
+    half. NaN for a resample without a positive or a negative."""
+    pos, neg = score[positive], score[~positive]
+    kernel = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    w_pos, w_neg = weights[:, positive], weights[:, ~positive]
+    pairs = w_pos.sum(axis=1) * w_neg.sum(axis=1)
+    right = ((w_pos @ kernel) * w_neg).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, right / np.where(pairs > 0, pairs, 1.0), np.nan)
+
+
 def compare_findings(y_true, proba_candidate, proba_active, finding_names: list[str], *,
-                     tolerance: float = 0.05, min_positives: int = 5) -> dict:
-    """The findings gate: both versions scored on the SAME evaluation scans. A finding with
-    at least ``min_positives`` known positives and as many negatives regresses when the
-    candidate's AUC is lower than the active version's by more than ``tolerance``; findings
-    with fewer are reported, not judged (their AUC is noise). ``promote`` is False on any
-    regression. ``proba_active`` may have NaN columns: findings the active version lacks
-    (reported as newly learned)."""
+                     tolerance: float = 0.02, min_positives: int = 5, n_boot: int = 1000,
+                     alpha: float = 0.05, seed: int = 0) -> dict:
+    """The findings gate: both versions scored on the SAME evaluation scans, judged as the
+    class gate judges (``ml_backend.metrics.gate``): a drop counts only when a paired
+    bootstrap says it is beyond ``tolerance`` (the project's gate tolerance), not noise.
+
+    - A finding the active version has no information on — a NaN column (it lacks the
+      finding), or one probability for every scan (a constant head: never seen present, or
+      never absent; its AUC is 0.5 by ties, not by skill) — is *new*: reported with the
+      candidate's AUC, never a bar.
+    - *Compared* findings: those whose AUC both versions have (a known positive and
+      negative). ``n_boot`` resamples of the scans (the same for both versions,
+      ``default_rng(seed)``) give the macro AUC delta (mean over the compared findings
+      defined in the resample); it regresses when its ``1 - alpha`` quantile is below
+      ``-tolerance``.
+    - *Judged* findings: compared ones with at least ``min_positives`` known positives and
+      as many negatives; each regresses when the ``1 - alpha / K`` quantile of its delta
+      (Bonferroni over the K judged) is below ``-tolerance``. Findings with fewer are
+      reported, not judged (their AUC is noise).
+
+    ``promote`` is False on a macro or a per-finding regression."""
     y, p = check_findings(y_true, proba_candidate)
     q = np.asarray(proba_active, dtype=np.float64)
     if q.shape != p.shape:
         raise ValueError("both versions must score the same scans and findings")
-    rows, regressions = {}, []
+    rows, compared, judged = {}, [], []
     for f, name in enumerate(finding_names):
         known = ~np.isnan(y[:, f])
         positive = y[known, f] == 1
-        judged = int(positive.sum()) >= min_positives and int((~positive).sum()) >= min_positives
-        new = bool(np.isnan(q[known, f]).any()) or not known.any()
+        uninformed = (bool(np.isnan(q[:, f]).any()) or not known.any()
+                      or _constant(q[known, f]))
         candidate = _auc(positive, p[known, f])
-        active = None if new else _auc(positive, q[known, f])
+        active = None if uninformed else _auc(positive, q[known, f])
         delta = None if candidate is None or active is None else candidate - active
-        status = ("new" if new and candidate is not None else
-                  "not judged" if not judged or delta is None else
-                  "regressed" if delta < -tolerance else "kept")
-        if status == "regressed":
-            regressions.append(name)
-        rows[name] = {"positives": int(positive.sum()), "candidate_auc": candidate,
-                      "active_auc": active, "delta": delta, "status": status}
-    return _clean({"promote": not regressions, "regressed": regressions,
-                   "tolerance": tolerance, "min_positives": min_positives, "per_finding": rows})
+        enough = (int(positive.sum()) >= min_positives
+                  and int((~positive).sum()) >= min_positives)
+        if uninformed:
+            status = "new"
+            why = ("the active version lacks it" if np.isnan(q[:, f]).any() else
+                   "the active version's head is constant (never seen present, or never "
+                   "absent): no bar to regress against")
+        elif delta is None:
+            status, why = "not judged", "no known positive and negative on the eval scans"
+        else:
+            compared.append(f)
+            status, why = ("judged", "") if enough else (
+                "not judged", f"fewer than {min_positives} eval positives or negatives")
+            if enough:
+                judged.append(f)
+        rows[name] = {"positives": int(positive.sum()), "negatives": int((~positive).sum()),
+                      "candidate_auc": candidate, "active_auc": active, "delta": delta,
+                      "status": status, **({"why": why} if why else {})}
+    macro = {"findings": len(compared), "delta": None, "lower": None, "upper": None,
+             "regression": False}
+    regressions = []
+    if compared:
+        rng = np.random.default_rng(seed)
+        n = len(y)
+        draws = rng.integers(0, n, size=(n_boot, n)) + (np.arange(n_boot) * n)[:, None]
+        weights = np.bincount(draws.ravel(), minlength=n_boot * n).reshape(n_boot, n)
+        weights = weights.astype(np.float64)
+        deltas = np.full((n_boot, len(compared)), np.nan)
+        for j, f in enumerate(compared):
+            known = ~np.isnan(y[:, f])
+            positive = y[known, f] == 1
+            deltas[:, j] = (_weighted_auc(positive, p[known, f], weights[:, known])
+                            - _weighted_auc(positive, q[known, f], weights[:, known]))
+        point = [rows[finding_names[f]]["delta"] for f in compared]
+        with np.errstate(invalid="ignore"):
+            macro_boot = np.nanmean(np.where(np.isnan(deltas).all(axis=1, keepdims=True), 0.0,
+                                             deltas), axis=1)
+        macro.update(delta=float(np.mean(point)),
+                     lower=float(np.quantile(macro_boot, alpha)),
+                     upper=float(np.quantile(macro_boot, 1.0 - alpha)))
+        macro["regression"] = macro["upper"] < -tolerance
+        level = 1.0 - alpha / max(len(judged), 1)
+        for j, f in enumerate(compared):
+            row = rows[finding_names[f]]
+            column = deltas[:, j][~np.isnan(deltas[:, j])]
+            row["upper"] = float(np.quantile(column, level)) if len(column) else None
+            if f in judged:
+                regressed = row["upper"] is not None and row["upper"] < -tolerance
+                row["status"] = "regressed" if regressed else "kept"
+                if regressed:
+                    regressions.append(finding_names[f])
+    return _clean({"promote": not regressions and not macro["regression"],
+                   "regressed": regressions, "macro_auc": macro,
+                   "tolerance": tolerance, "min_positives": min_positives, "n_boot": n_boot,
+                   "alpha": alpha, "per_finding": rows})

@@ -15,19 +15,31 @@ from pathlib import Path
 import numpy as np
 
 from annotator.selectors import findings_targets
-from annotator.models import LabelSet, Scan
+from annotator.models import LabelSet, Project, Scan
 from ml_backend.errors import TrainingError
 from ml_backend.models import ModelVersion
 from ml_backend.services.artifacts import checkpoint_path
 from ml_backend.services.inference import vectors_for
 
 __all__ = ["FindingsScorer", "findings_head", "findings_predictions", "findings_proba",
-           "findings_scorer",
+           "findings_scorer", "mean_cardinality",
            "fit_findings_sets", "save_findings_heads"]
 
 # Thresholds: the F1-optimal point on the eval split needs this many eval positives of the
-# finding; below, the finding keeps 0.5 on its calibrated probability.
+# finding; below, the finding keeps 0.5 on its calibrated probability. A finding whose head
+# is constant (never seen present, or never absent) is never preselected
+# (``metrics.findings.NEVER``, above any probability).
 MIN_THRESHOLD_POSITIVES = 3
+NO_THRESHOLD = "not enough positives to choose a threshold"
+
+
+def mean_cardinality(targets: np.ndarray) -> float | None:
+    """The labelled scans' mean number of findings present (unknown answers count as not
+    present), what the label-cardinality strategy departs from; None without a scan."""
+    targets = np.asarray(targets, dtype=np.float64)
+    if not len(targets):
+        return None
+    return float((targets == 1).sum(axis=1).mean())
 
 
 def _multi_sets(project) -> list[LabelSet]:
@@ -41,7 +53,7 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
     ``label_set``, ``head``, ``config`` (saved with the version), ``eval`` (targets, scans)
     and ``report``."""
     from ml_backend.active.findings import fit_findings_head
-    from ml_backend.metrics.findings import uncertain_policy
+    from ml_backend.metrics.findings import NEVER, uncertain_policy
 
     fitted = []
     for label_set in _multi_sets(project):
@@ -59,6 +71,8 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
             continue
         ids = np.array([f.pk for f in findings])
         head, details = fit_findings_head(vectors_for(encoder, scans), targets, ids, seed=seed)
+        constant = np.array([d["calibration"] == "constant" for d in details["findings"]])
+        head.thresholds = np.where(constant, NEVER, head.thresholds)   # until eval says more
         eval_scans, _, eval_raw = findings_targets(label_set, split="eval")
         eval_targets = uncertain_policy(eval_raw, "ignore")    # uncertain never scores a model
         names = [f.name for f in findings]
@@ -71,12 +85,14 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
                   "findings": [{"id": f.pk, "name": f.name} for f in findings],
                   "uncertain_policy": label_set.uncertain_policy,
                   "num_scans": len(scans), "learnable": learnable,
+                  "mean_cardinality": mean_cardinality(targets),
                   "thresholds": {n: float(t) for n, t in zip(names, head.thresholds)},
                   "threshold_rule": (
                       "F1-optimal" if label_set.threshold_rule == "f1" else
                       f"the highest with sensitivity >= {label_set.target_sensitivity:g}")
                   + f" on the eval split (findings with >= {MIN_THRESHOLD_POSITIVES} eval "
-                    "positives), else 0.5",
+                    "positives), else 0.5; a finding whose head is constant (never seen "
+                    "present, or never absent) is never preselected",
                   "fit": details["findings"]}
         fitted.append({"label_set": label_set, "head": head, "config": config,
                        "eval": (eval_scans, eval_targets), "report": result})
@@ -91,16 +107,34 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
 def eval_thresholds(label_set: LabelSet, eval_targets: np.ndarray, proba: np.ndarray,
                     names: list[str]) -> tuple[np.ndarray, dict]:
     """A findings model's thresholds, chosen on the labeled eval scans by the set's rule (F1,
-    or its target sensitivity), 0.5 for a finding with too few eval positives; and the
-    per-finding report at those thresholds. Heads and networks alike."""
-    from ml_backend.metrics.findings import choose_thresholds, findings_report
+    or its target sensitivity), 0.5 for a finding with too few eval positives, and
+    ``NEVER`` (above any probability: never preselected) for a finding whose probability is
+    the same on every scan (a constant head, which F1 would otherwise set at that very
+    probability: "present" on every scan); and the per-finding report at those thresholds,
+    each finding's ``threshold_note`` saying when the threshold was not chosen. Heads and
+    networks alike."""
+    from ml_backend.metrics.findings import NEVER, choose_thresholds, findings_report
 
-    enough = np.nansum(eval_targets == 1, axis=0) >= MIN_THRESHOLD_POSITIVES
+    positives = np.nansum(eval_targets == 1, axis=0).astype(int)
+    enough = positives >= MIN_THRESHOLD_POSITIVES
     target = min(max(float(label_set.target_sensitivity), 0.01), 1.0)
     chosen = choose_thresholds(eval_targets, proba, method=label_set.threshold_rule,
-                               target_sensitivity=target)
-    thresholds = np.where(enough, chosen, 0.5)
-    return thresholds, findings_report(eval_targets, proba, names, thresholds=thresholds)
+                               target_sensitivity=target, never=NEVER)
+    constant = chosen >= NEVER
+    thresholds = np.where(constant, NEVER, np.where(enough, chosen, 0.5))
+    report = findings_report(eval_targets, proba, names, thresholds=thresholds)
+    for f, name in enumerate(names):
+        if constant[f]:
+            note = (f"{NO_THRESHOLD}: the model gives every scan the same probability (it "
+                    "has not seen this finding both present and absent), so it is never "
+                    "preselected")
+        elif not enough[f]:
+            note = (f"{NO_THRESHOLD} ({positives[f]} eval positives, "
+                    f"{MIN_THRESHOLD_POSITIVES} needed): 0.5 on the calibrated probability")
+        else:
+            continue
+        report["per_finding"][name]["threshold_note"] = note
+    return thresholds, report
 
 
 def save_findings_heads(model: ModelVersion, fitted: list[dict]) -> None:
@@ -129,10 +163,13 @@ class FindingsScorer:
     or a fine-tuned network): ``finding_ids``, ``thresholds`` and ``predict(scans)`` →
     ``(N, F)`` probabilities in ``finding_ids`` order."""
 
-    def __init__(self, finding_ids, thresholds, predict):
+    def __init__(self, finding_ids, thresholds, predict, mean_cardinality=None):
         self.finding_ids = np.asarray(finding_ids)
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.predict = predict
+        # the labelled scans' mean number of findings (label-cardinality strategy); None
+        # for a version saved before it was recorded
+        self.mean_cardinality = mean_cardinality
 
 
 def findings_scorer(model: ModelVersion | None, label_set_id: int) -> FindingsScorer | None:
@@ -155,7 +192,8 @@ def findings_scorer(model: ModelVersion | None, label_set_id: int) -> FindingsSc
         ids = [f["id"] for f in entry["findings"]]
         thresholds = [entry["thresholds"].get(f["name"], 0.5) for f in entry["findings"]]
         return FindingsScorer(ids, thresholds, lambda scans: predict_findings(
-            network, images_for(scans, pconfig.image_size, pconfig.channels), pconfig))
+            network, images_for(scans, pconfig.image_size, pconfig.channels), pconfig),
+            entry.get("mean_cardinality"))
     head = findings_head(model, label_set_id)
     if head is None:
         return None
@@ -171,7 +209,8 @@ def findings_scorer(model: ModelVersion | None, label_set_id: int) -> FindingsSc
 
             vectors = embed_images(encoder, [s.preview.path for s in scans])
         return head.predict_proba(vectors)
-    return FindingsScorer(head.finding_ids, head.thresholds, predict)
+    return FindingsScorer(head.finding_ids, head.thresholds, predict,
+                          entry.get("mean_cardinality"))
 
 
 def findings_proba(model: ModelVersion, label_set: LabelSet, scans: list[Scan],
@@ -219,10 +258,15 @@ def findings_predictions(model: ModelVersion | None, scans: list[Scan]
 
 def findings_gate(candidate: ModelVersion, fitted: list[dict], active: ModelVersion | None
                   ) -> tuple[bool, str, dict]:
-    """Per set, the candidate and the active version on the same eval scans; any judged
-    finding whose AUC drops beyond the tolerance holds the candidate back."""
+    """Per set, the candidate and the active version on the same eval scans
+    (``metrics.findings.compare_findings``): the candidate is held back when a paired
+    bootstrap says the macro AUC, or a finding with enough eval positives, dropped beyond the
+    project's gate tolerance; a finding the active version knew nothing of (a constant
+    head) is new, not a bar."""
     from ml_backend.metrics.findings import compare_findings
 
+    tolerance = float(Project.objects.filter(pk=candidate.project_id)
+                      .values_list("gate_tolerance", flat=True).first() or 0.0)
     results, held = {}, []
     for entry in fitted:
         label_set, (scans, targets) = entry["label_set"], entry["eval"]
@@ -243,10 +287,17 @@ def findings_gate(candidate: ModelVersion, fitted: list[dict], active: ModelVers
             continue
         candidate_proba = (entry["head"].predict_proba(vectors_for(candidate.parent, scans))
                            if entry.get("head") is not None else entry["predict"](scans))
-        comparison = compare_findings(targets, candidate_proba, active_proba, names)
+        comparison = compare_findings(targets, candidate_proba, active_proba, names,
+                                      tolerance=tolerance)
         results[label_set.name] = comparison
-        held += [f"{label_set.name}: {name}" for name in comparison["regressed"]]
+        macro = comparison["macro_auc"]
+        if macro["regression"]:
+            held.append(f"{label_set.name}: macro AUC over {macro['findings']} findings "
+                        f"{macro['delta']:+.3f} (95% bound {macro['upper']:+.3f})")
+        held += [f"{label_set.name}: {name} {comparison['per_finding'][name]['delta']:+.3f} "
+                 f"(95% bound {comparison['per_finding'][name]['upper']:+.3f})"
+                 for name in comparison["regressed"]]
     if held:
-        return False, ("held back: per-finding AUC dropped beyond the tolerance on "
-                       + ", ".join(held)), results
+        return False, (f"held back: AUC dropped beyond the tolerance ({tolerance:g}, paired "
+                       "bootstrap on the eval scans) on " + "; ".join(held)), results
     return True, "", results

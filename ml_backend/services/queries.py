@@ -284,7 +284,10 @@ def _findings_contexts(model, candidates: list[Scan]) -> dict[int, dict]:
         rows = np.flatnonzero(set_ids == label_set.pk)
         out[label_set.pk] = {"proba": scorer.predict([candidates[i] for i in rows]),
                              "names": [names.get(int(i), str(i)) for i in scorer.finding_ids],
-                             "thresholds": scorer.thresholds}
+                             "thresholds": scorer.thresholds,
+                             # the labelled scans' mean number of findings (None: an older
+                             # version; the candidates' predicted mean stands in)
+                             "mean_cardinality": getattr(scorer, "mean_cardinality", None)}
     return out
 
 
@@ -298,7 +301,8 @@ def _query_set(strategy: str, context, n: int, findings: dict | None):
         indices, scores, reasons = query_findings(
             strategy, findings["proba"], findings["names"], min(n, len(findings["proba"])),
             thresholds=findings["thresholds"], groups=context.groups,
-            max_per_group=context.max_per_group)
+            max_per_group=context.max_per_group,
+            mean_cardinality=findings.get("mean_cardinality"))
         return Selection(indices=indices, scores=scores, reasons=reasons)
     return query(strategy, context, n)
 

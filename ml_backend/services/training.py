@@ -828,20 +828,34 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
 
 
 def _finish_findings_only(run, model, verdict, findings_metrics: dict, report) -> None:
-    """Gate and promote a version that holds findings heads only."""
+    """Gate and promote a version that holds findings heads only, with a class version's
+    consequences (``_finish_classifier`` then the refit's round): ``publish`` (its pool
+    predictions — none for classes: its findings are scored by the round — activation,
+    ``classifier_published``, pruning) and, unless the run says ``query=False``, the next
+    worklist round ranked by it."""
     promote, reason, comparison = verdict
     active = run.project.active_model
     model.num_labels = sum(e["num_scans"] for e in model.config["findings_sets"])
     model.metrics = {"training": {"findings": findings_metrics}, "findings_gate": comparison}
     if promote:
         reason = ("promoted: the first classifier of this project" if active is None else
-                  f"promoted: no finding's AUC dropped beyond the tolerance against "
-                  f"{active.version}")
+                  "promoted: neither the macro AUC nor any finding's AUC is confidently "
+                  f"below {active.version}'s beyond the tolerance (paired bootstrap on the "
+                  "eval scans)")
     model.status, model.status_reason = ModelVersion.Status.READY, reason
     model.save(update_fields=["num_labels", "metrics", "status", "status_reason"])
     report.log(reason)
-    if promote and not model_version_activate(model, reason=reason):
+    if not promote:
+        return
+    publish(model, predict=None, classes=[])
+    model.refresh_from_db(fields=["status", "status_reason"])
+    if model.status != ModelVersion.Status.ACTIVE:
         report.log(model.status_reason)      # a person chose another version meanwhile
+        return
+    if run.params.get("query", True):
+        query_round = query_round_create(project=run.project)
+        report.log(f"query round {query_round.pk}: {query_round.size} scans "
+                   f"({query_round.strategy})")
 
 
 def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metrics, report, *,

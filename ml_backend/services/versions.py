@@ -382,9 +382,16 @@ def predictions_refresh(model: ModelVersion, *, predict: Predictor | None = None
                         classes: list[int] | None = None) -> int:
     """Store the model's class probabilities for every pool scan it can score (one row per
     scan, over the classes of the scan's label set), in transactions of ``WRITE_BATCH`` rows
-    (see ``publish``)."""
+    (see ``publish``).
+
+    A findings-only version has no class probabilities to store: it stores none (0 rows,
+    and no array file) instead of failing on an ``(N, 0)`` array; its findings are scored
+    from its heads when a round is made (``queries._findings_contexts``) or a page shown."""
+    classes = classes or [c["id"] for c in (model.config or {}).get("classes") or []]
+    if not classes:
+        Prediction.objects.filter(model_version=model).delete()
+        return 0
     predict = predict or predictor_for(model)
-    classes = classes or [c["id"] for c in model.config["classes"]]
     scans = scan_refs(Scan.objects.filter(project=model.project, split="pool").order_by("pk"))
     if not scans:
         return 0

@@ -77,7 +77,9 @@ def test_thresholds_by_f1_and_by_sensitivity():
     assert all(f1(by_f1) >= f1(t) for t in np.unique(p))
     by_sensitivity = choose_thresholds(y, p, method="sensitivity", target_sensitivity=1.0)[0]
     assert by_sensitivity == pytest.approx(0.35)               # lowest positive score
-    assert choose_thresholds(np.zeros((3, 1)), np.full((3, 1), 0.2))[0] == 0.5   # no positive
+    assert choose_thresholds(np.zeros((3, 1)), np.array([[0.2], [0.3], [0.1]]))[0] == 0.5
+    # no positive: the default; one score for every scan (a constant head): never preselected
+    assert choose_thresholds(np.zeros((3, 1)), np.full((3, 1), 0.2))[0] > 1.0
 
 
 def test_head_learns_two_findings_from_few_labels_and_is_calibrated(tmp_path):
