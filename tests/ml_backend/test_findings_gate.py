@@ -164,7 +164,18 @@ def test_a_finding_never_seen_present_is_never_preselected_and_the_refit_makes_a
     assert rounds.count() == 1 and rounds.get().size > 0
     # label cardinality departs from the labelled scans' mean: 24 of 36 read scans show one
     assert entry["mean_cardinality"] == pytest.approx(24 / 36)
-    assert findings_scorer(model, label_set.pk).mean_cardinality == pytest.approx(24 / 36)
+    scorer = findings_scorer(model, label_set.pk)
+    assert scorer.mean_cardinality == pytest.approx(24 / 36)
+    # the project's hybrid strategy ranks the round by label cardinality from that mean
+    from ml_backend.active.findings import findings_scores
+
+    items = list(rounds.get().items.order_by("rank").select_related("scan"))
+    proba = scorer.predict([item.scan for item in items])
+    assert project.query_strategy == "hybrid"
+    assert [item.score for item in items] == pytest.approx(
+        findings_scores(proba, "cardinality", mean_cardinality=24 / 36).tolist(), abs=1e-6)
+    assert not np.allclose(findings_scores(proba, "cardinality"),
+                           findings_scores(proba, "cardinality", mean_cardinality=24 / 36))
     # ... and the round's label-cardinality scores are taken against it
     from ml_backend.active.findings import findings_scores
     from ml_backend.services.queries import _findings_contexts

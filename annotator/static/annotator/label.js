@@ -608,14 +608,19 @@
       li.dataset.findingId = f.id;
       li.dataset.state = marks[f.id] || "absent";
       li.style.borderLeftColor = f.color;
-      li.title = (f.description || f.name) + (f.threshold !== null && f.threshold !== undefined ? ` · preselected at ${(f.threshold * 100).toFixed(0)}% and above` : "");
+      // a threshold above 1: the model cannot tell scans apart on this finding (a constant
+      // head): never preselected, and said so rather than "≥100%"
+      const never = f.threshold !== null && f.threshold !== undefined && f.threshold > 1;
+      li.title = (f.description || f.name) + (never ? " · never preselected: the model cannot yet tell scans apart on it"
+        : f.threshold !== null && f.threshold !== undefined ? ` · preselected at ${(f.threshold * 100).toFixed(0)}% and above` : "");
       if (f.key) li.append(el("kbd", f.key), " ");
       li.append(el("span", f.name, "finding-name"));
       li.append(el("span", marks[f.id] || "", "finding-state"));
       if (f.p !== null && f.p !== undefined) {
         const bar = el("span", null, "bar");
         bar.style.width = Math.max(2, f.p * 100) + "%";
-        li.append(bar, el("span", `${(f.p * 100).toFixed(0)}% (≥${(f.threshold * 100).toFixed(0)}%)`, "muted"));
+        li.append(bar, el("span", never ? `${(f.p * 100).toFixed(0)}% (not learned yet)`
+          : `${(f.p * 100).toFixed(0)}% (≥${(f.threshold * 100).toFixed(0)}%)`, "muted"));
       }
       li.addEventListener("click", () => toggleFinding(f.id, f.name));
       list.append(li);
