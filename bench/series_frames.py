@@ -67,7 +67,7 @@ def measure(files: list[bytes], frames: int, trace: bool) -> dict:
     slices, digests = step("decode_slices", decode_slices)
     stack = step("stack", lambda: stack_series(slices, digests))
     data = stack.data
-    del slices, stack
+    slices = stack = None     # let the slices and the stack object go; the bytes stay
     step("read_stack", lambda: decode_scan(data, name="series", salt="bench", max_pixels=limit,
                                            keep_copy=False))
     # what the import did with a stack until the thirty-third session (and still does with a

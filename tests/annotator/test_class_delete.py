@@ -24,7 +24,7 @@ def _deleted(label_class) -> bool:
     return not LabelClass.objects.filter(pk=label_class.pk).exists()
 
 
-def test_the_admin_refuses_to_delete_a_class_anything_refers_to(client, users, two_sets):
+def test_the_admin_refuses_to_delete_a_class_anything_refers_to(client, users, two_sets):  # noqa: F811
     project = two_sets
     brain = project.sets[BRAIN]
     probe, _ = services.label_class_get_or_create(project=project, name="probe_x",
@@ -60,7 +60,7 @@ def test_the_admin_refuses_to_delete_a_class_anything_refers_to(client, users, t
     page = response.content.decode()
     assert response.status_code == 200 and said in page
     answers = Annotation.objects.filter(label_class=normal).count()
-    assert f"&#x27;normal&#x27; cannot be deleted: model version p1-clf-29 learned it" in page
+    assert "&#x27;normal&#x27; cannot be deleted: model version p1-clf-29 learned it" in page
     assert f"{answers} answers give it: change or delete those answers first" in page
     assert not _deleted(probe) and not _deleted(normal)
 
@@ -91,7 +91,7 @@ def test_the_admin_refuses_to_delete_a_class_anything_refers_to(client, users, t
 
 
 def test_a_refit_after_a_learned_class_was_deleted_behind_the_admin_compares_what_is_left(
-        mixed_project, users, client):
+        mixed_project, users, client):  # noqa: F811
     """The probe's steps: a class labeled on 4 scans, a refit that learns it, its answers
     deleted, the class deleted. The admin refuses the last step, naming the version; done
     from a shell anyway, the next refit succeeds and its gate says which class is gone."""

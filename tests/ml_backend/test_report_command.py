@@ -20,7 +20,7 @@ def _report(project, *args) -> str:
     return out.getvalue()
 
 
-def test_report_prints_each_label_sets_temperature(mixed_project):
+def test_report_prints_each_label_sets_temperature(mixed_project):  # noqa: F811
     project = mixed_project
     model = project.active_model
     per_set = {s["name"]: s["temperature"] for s in model.config["label_sets"]}
