@@ -22,6 +22,27 @@ Steps:
 3. Report learning curves (mean ± std over seeds), the labels each strategy needs to reach
    random's score at the budget (">budget" when never), and the cold-start gain over random
    at ``--start`` labels: a table on stdout, a JSON file and a PNG plot.
+
+A multi-label ("findings") train source (``ml_backend.data.findings``: the NIH CSV, a
+CheXpert or 0/1 CSV, a ChestMNIST-style npz) is replayed as the product queries a findings
+set (``services.queries._query_set``): the same cold start, then, once one finding has been
+seen both present and absent (``services.findings.fit_findings_sets``), the refit's
+findings head (``fit_findings_head``, one calibrated binary head per finding) scores the
+pool and a strategy of ``FINDINGS_STRATEGY_FOR`` queries by ``query_findings`` over all
+findings of a scan (entropy → mean_entropy, margin and least_confident → max_entropy, hybrid
+→ cardinality against the labeled scans' mean number of findings, at once: no typical picks
+once a head exists); random, diversity and coreset run as they are. Points: macro AUC over the findings with an eval positive, over those with
+at least ``MIN_POSITIVES`` eval positives, and the any-finding AUC
+(``metrics.findings.findings_report``), uncertain eval answers left out, uncertain train
+answers by ``--uncertain`` (the label set's policy; the product's default ignores them).
+Images are read in grey, as ``bench.findings_eval`` reads them. Scans carry no patient key
+here, as the product's PNG imports carry none: the patient rule (``max_per_group``) has
+nothing to act on, in the product or here.
+
+    python -m bench.al_sim --train ../shared/data/nih_cxr14_subset/labels.csv#train \\
+        --eval ../shared/data/nih_cxr14_subset/labels.csv#val \\
+        --encoder ml_backend/starter/simclr-resnet18-64px.pt \\
+        --strategies random,entropy+px1,margin+px1,hybrid+px1 --out bench/results/al_findings.json
 """
 
 from __future__ import annotations
@@ -37,6 +58,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from bench.findings_eval import _align, _at_size, _macro, load_findings
 from bench.ssl_eval import (
     embed_layers,
     embed_scales,
@@ -49,13 +71,25 @@ from bench.ssl_eval import (
     write_json,
 )
 from ml_backend.active.features import PIXEL_SIDE, PIXEL_WEIGHT, thumbnails
+from ml_backend.active.findings import FINDINGS_STRATEGY_FOR, fit_findings_head, query_findings
 from ml_backend.active.refit import PRODUCT_BALANCE, PRODUCT_PROTOTYPE_N0, fit_head
 from ml_backend.active.strategies import PRODUCT_TYPICAL_BELOW, STRATEGIES, QueryContext, query
+from ml_backend.data.datasets import SourceError
+from ml_backend.data.findings import is_findings_source
+from ml_backend.metrics.findings import POLICIES, findings_report, uncertain_policy
 from ml_backend.metrics.reports import classification_report
 from ml_backend.ssl.train import load_pretrained, pick_device
 
 METRICS = ("auc", "macro_f1", "accuracy")
 TARGET_METRICS = ("auc", "macro_f1")
+# what the table, the labels-to-reach and the plot's panels read: metric → (title, short name)
+TITLES = {"auc": ("AUC", "AUC"), "macro_f1": ("macro-F1", "F1")}
+# findings sources: every point records these three, and all three are targets
+MIN_POSITIVES = 5       # the data README's floor; bench.findings_eval's --min-positives
+FINDINGS_TITLES = {"macro_auc": ("macro AUC", "macro"),
+                   "macro_auc_min5": (f"macro AUC ({MIN_POSITIVES}+ pos)", f"{MIN_POSITIVES}+pos"),
+                   "any_finding_auc": ("any-finding AUC", "any")}
+FINDINGS_METRICS = tuple(FINDINGS_TITLES)
 BASELINE = "random"
 FALLBACK = "diversity"  # what non-random strategies query with while there is no head
 
@@ -136,9 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--max-train", type=int, default=None,
-                        help="stratified subsample of the train set")
+                        help="stratified subsample of the train set (findings: random)")
     parser.add_argument("--max-eval", type=int, default=None,
-                        help="stratified subsample of the eval set")
+                        help="stratified subsample of the eval set (findings: random)")
+    parser.add_argument("--uncertain", choices=POLICIES, default="ignore",
+                        help="findings sources: uncertain train answers (the label set's "
+                             "policy; default ignore, the product's); uncertain eval answers "
+                             "never score the head")
     parser.add_argument("--out", default="bench/results/al_sim.json")
     parser.add_argument("--plot", default=None,
                         help="PNG of the learning curves (default: --out with .png)")
@@ -179,6 +217,65 @@ def round_seed(seed: int, round_index: int) -> int:
     return seed * 1_000_003 + round_index
 
 
+def is_multi_label(y: np.ndarray) -> bool:
+    """Findings targets are ``(N, F)`` (1, 0, NaN); class labels ``(N,)``."""
+    return np.ndim(y) == 2
+
+
+def learnable_findings(targets: np.ndarray) -> int:
+    """How many findings the labeled scans show both present and absent: the product fits a
+    findings set's heads once there is one (``services.findings.fit_findings_sets``)."""
+    t = np.asarray(targets, dtype=np.float64)
+    return int(((t == 1).any(axis=0) & (t == 0).any(axis=0)).sum())
+
+
+def labeled_cardinality(targets: np.ndarray) -> float:
+    """The labeled scans' mean number of findings present (unknown answers count as not
+    present): what the product's refit records for the label-cardinality strategy
+    (``services.findings.mean_cardinality``, passed to ``query_findings`` by
+    ``services.queries._query_set``)."""
+    return float((np.asarray(targets, dtype=np.float64) == 1).sum(axis=1).mean())
+
+
+def evaluate_findings(head, x_eval: np.ndarray, y_eval: np.ndarray, names: list[str]) -> dict:
+    """Macro AUC over the findings with an eval positive (and negative), over those with at
+    least ``MIN_POSITIVES`` eval positives, and the any-finding AUC (``bench.findings_eval``)."""
+    report = findings_report(y_eval, head.predict_proba(x_eval), names)
+    return {"macro_auc": report["macro_auc"],
+            "macro_auc_min5": _macro(report, names, y_eval,
+                                     MIN_POSITIVES)["macro_auc_min_positives"],
+            "any_finding_auc": report["any_finding_auc"]}
+
+
+def what_is_labeled(y: np.ndarray) -> dict:
+    """What the labeled rows hold that decides whether the product has a head: the classes
+    labeled (two needed), or the findings seen both present and absent (one needed)."""
+    if is_multi_label(y):
+        return {"findings_learnable": learnable_findings(y)}
+    return {"classes_labeled": int(len(np.unique(y)))}
+
+
+def fit_round(emb: np.ndarray, y: np.ndarray, class_names: list[str], seed: int):
+    """The refit's head on the labeled rows as the product fits it, or None while the
+    product would have none (labels of one class; no finding seen both present and absent)."""
+    if is_multi_label(y):
+        if not learnable_findings(y):
+            return None
+        return fit_findings_head(emb, y, np.array(class_names), seed=seed)[0]
+    if len(np.unique(y)) < 2:
+        return None
+    return fit_head(emb, y, seed=seed, prototype_n0=PRODUCT_PROTOTYPE_N0,
+                    balance=PRODUCT_BALANCE)[0]
+
+
+def score_round(head, x_eval: np.ndarray, y_eval: np.ndarray, class_names: list[str]) -> dict:
+    """The head's metrics on the eval set (all None without a head)."""
+    findings = is_multi_label(y_eval)
+    if head is None:
+        return {m: None for m in (FINDINGS_METRICS if findings else METRICS)}
+    return (evaluate_findings if findings else evaluate)(head, x_eval, y_eval, class_names)
+
+
 def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarray,
              emb_eval: np.ndarray, y_eval: np.ndarray, class_names: list[str], *,
              start: int, step: int, budget: int, thumbs_train: np.ndarray | None = None) -> dict:
@@ -192,16 +289,28 @@ def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarra
     n_train = len(y_train)
     budget = min(budget, n_train)
     num_classes = len(class_names)
+    findings = is_multi_label(y_train)
     labeled: list[int] = []
     in_pool = np.ones(n_train, dtype=bool)
     points, queries = [], []
     fit_seconds = query_seconds = 0.0
 
-    def take(name: str, count: int, round_index: int, proba_pool=None) -> None:
+    def take(name: str, count: int, round_index: int, proba_pool=None,
+             findings_pool=None) -> None:
+        """Query ``count`` scans with ``name``; ``findings_pool``: the findings head's
+        probabilities on the pool, which a findings set's uncertainty strategies rank by."""
         nonlocal query_seconds
         pool = np.flatnonzero(in_pool)
         count = min(count, len(pool))
         if count < 1:
+            return
+        if findings_pool is not None:       # services.queries._query_set, with a head
+            started = time.perf_counter()
+            picked, _, _ = query_findings(name, findings_pool, class_names, count,
+                                          mean_cardinality=labeled_cardinality(
+                                              y_train[labeled]))
+            query_seconds += time.perf_counter() - started
+            record(FINDINGS_STRATEGY_FOR[name], pool[picked], round_index)
             return
         joined = bool(pixels) and (pixels is True or not labeled)   # "first": no label yet
         context = QueryContext(
@@ -215,7 +324,9 @@ def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarra
         started = time.perf_counter()
         selection = query(name, context, count)
         query_seconds += time.perf_counter() - started
-        chosen = pool[np.asarray(selection.indices, dtype=np.int64)]
+        record(name, pool[np.asarray(selection.indices, dtype=np.int64)], round_index)
+
+    def record(name: str, chosen: np.ndarray, round_index: int) -> None:
         if len(set(chosen.tolist())) != len(chosen) or not in_pool[chosen].all():
             raise RuntimeError(f"{name} returned a scan twice or one already labeled")
         in_pool[chosen] = False
@@ -228,23 +339,21 @@ def simulate(strategy: str, seed: int, emb_train: np.ndarray, y_train: np.ndarra
     while True:
         round_index += 1
         rows = np.array(labeled, dtype=np.int64)
-        head = None
-        if len(np.unique(y_train[rows])) >= 2:
-            started = time.perf_counter()
-            # the refit's head as the product fits it
-            head, _ = fit_head(emb_train[rows], y_train[rows], seed=seed,
-                               prototype_n0=PRODUCT_PROTOTYPE_N0, balance=PRODUCT_BALANCE)
+        started = time.perf_counter()
+        head = fit_round(emb_train[rows], y_train[rows], class_names, seed)
+        if head is not None:
             fit_seconds += time.perf_counter() - started
-            point = {"labels": len(labeled), **evaluate(head, emb_eval, y_eval, class_names)}
-        else:
-            point = {"labels": len(labeled), **{m: None for m in METRICS}}
-        point["classes_labeled"] = int(len(np.unique(y_train[rows])))
-        points.append(point)
+        points.append({"labels": len(labeled),
+                       **score_round(head, emb_eval, y_eval, class_names),
+                       **what_is_labeled(y_train[rows])})
         if len(labeled) >= budget or not in_pool.any():
             break
         count = min(step, budget - len(labeled))
         if head is None:
             take(BASELINE if strategy == BASELINE else FALLBACK, count, round_index)
+        elif findings:   # a findings set's head: its probabilities are no class probabilities
+            take(strategy, count, round_index, findings_pool=head.predict_proba(
+                emb_train[in_pool]) if strategy in FINDINGS_STRATEGY_FOR else None)
         else:
             proba_pool = full_proba(head, emb_train[in_pool], num_classes)
             take(strategy, count, round_index, proba_pool)
@@ -264,14 +373,15 @@ def _mean_std(values: list) -> tuple[float | None, float | None, int]:
     return float(np.mean(defined)), std, len(defined)
 
 
-def learning_curves(runs: list[dict], strategies: list[str]) -> dict:
+def learning_curves(runs: list[dict], strategies: list[str],
+                    metrics: tuple[str, ...] = METRICS) -> dict:
     """Per strategy: label counts and, per metric, mean / std / n (defined seeds) per count."""
     curves = {}
     for strategy in strategies:
         rows = [r for r in runs if r["strategy"] == strategy]
         counts = sorted({p["labels"] for r in rows for p in r["points"]})
         curve = {"labels": counts, "seeds": len(rows)}
-        for metric in METRICS:
+        for metric in metrics:
             stats = {"mean": [], "std": [], "n": []}
             for count in counts:
                 values = [p[metric] for r in rows for p in r["points"] if p["labels"] == count]
@@ -301,21 +411,22 @@ def value_at(curve: dict, metric: str, count: int) -> float | None:
     return curve[metric]["mean"][curve["labels"].index(count)]
 
 
-def summarise(curves: dict, start: int, budget: int) -> dict:
+def summarise(curves: dict, start: int, budget: int,
+              metrics: tuple[str, ...] = TARGET_METRICS) -> dict:
     """Random's score at the budget, labels needed to reach it, and the cold-start gain."""
     baseline = curves.get(BASELINE)
     end = max(baseline["labels"]) if baseline and baseline["labels"] else budget
-    targets = {m: value_at(baseline, m, end) if baseline else None for m in TARGET_METRICS}
+    targets = {m: value_at(baseline, m, end) if baseline else None for m in metrics}
     to_reach, gains = {}, {}
     for strategy, curve in curves.items():
         row = {}
-        for metric in TARGET_METRICS:
+        for metric in metrics:
             needed = labels_to_reach(curve["labels"], curve[metric]["mean"], targets[metric])
             row[metric] = needed if needed is not None else f">{end}"
             row[f"{metric}_fraction_of_budget"] = needed / end if needed is not None else None
         to_reach[strategy] = row
         gains[strategy] = {}
-        for metric in TARGET_METRICS:
+        for metric in metrics:
             mine = value_at(curve, metric, start)
             theirs = value_at(baseline, metric, start) if baseline else None
             gains[strategy][metric] = (mine - theirs if mine is not None and theirs is not None
@@ -333,10 +444,12 @@ def _cell(mean, std) -> str:
     return "     n/a     " if mean is None else f"{mean:.3f} ± {std:.3f}"
 
 
-def format_table(curves: dict, summary: dict, seeds: int) -> str:
+def format_table(curves: dict, summary: dict, seeds: int, titles: dict = TITLES) -> str:
+    """A table per metric of ``titles`` (metric → (title, short name)), then the labels to
+    reach random at the budget and the cold-start gain."""
     strategies = list(curves)
     lines = []
-    for metric, title in (("auc", "AUC"), ("macro_f1", "macro-F1")):
+    for metric, (title, _) in titles.items():
         lines.append(f"{title} (mean ± std over {seeds} seed{'s' if seeds != 1 else ''})")
         header = f"{'labels':>6}  " + "  ".join(f"{s:<13}" for s in strategies)
         lines += [header, "-" * len(header)]
@@ -358,15 +471,21 @@ def format_table(curves: dict, summary: dict, seeds: int) -> str:
     def fmt(v, signed=False):
         return "n/a" if v is None else (f"{v:+.3f}" if signed else f"{v:.3f}")
 
-    lines.append(f"labels to reach {BASELINE}@{end} (AUC {fmt(targets['auc'])}, "
-                 f"macro-F1 {fmt(targets['macro_f1'])}) and cold-start gain over {BASELINE}:")
-    header = (f"{'strategy':<16}  {'labels AUC':>10}  {'labels F1':>10}  "
-              f"{'gain AUC':>9}  {'gain F1':>9}")
+    reached = ", ".join(f"{title} {fmt(targets[m])}" for m, (title, _) in titles.items())
+    lines.append(f"labels to reach {BASELINE}@{end} ({reached}) and cold-start gain over "
+                 f"{BASELINE}:")
+    reach_cols = [(m, f"labels {short}") for m, (_, short) in titles.items()]
+    gain_cols = [(m, f"gain {short}") for m, (_, short) in titles.items()]
+    widths = {name: max(10 if name.startswith("labels") else 9, len(name))
+              for _, name in reach_cols + gain_cols}
+    header = "  ".join([f"{'strategy':<16}"] + [f"{name:>{widths[name]}}"
+                                                 for _, name in reach_cols + gain_cols])
     lines += [header, "-" * len(header)]
     for s in strategies:
         reach, gain = summary["labels_to_reach_baseline"][s], summary["cold_start_gain"][s]
-        lines.append(f"{s:<16}  {str(reach['auc']):>10}  {str(reach['macro_f1']):>10}  "
-                     f"{fmt(gain['auc'], True):>9}  {fmt(gain['macro_f1'], True):>9}")
+        lines.append("  ".join([f"{s:<16}"]
+                               + [f"{str(reach[m]):>{widths[n]}}" for m, n in reach_cols]
+                               + [f"{fmt(gain[m], True):>{widths[n]}}" for m, n in gain_cols]))
     return "\n".join(lines)
 
 
@@ -411,9 +530,11 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
     return box[2] - box[0], box[3] - box[1]
 
 
-def plot_curves(curves: dict, path: Path, *, title: str = "") -> None:
-    """Two panels (AUC and macro-F1 vs labels), a line per strategy with a ±std band."""
-    width, panel_height, legend_height = 1200, 480, 50
+def plot_curves(curves: dict, path: Path, *, title: str = "", titles: dict = TITLES) -> None:
+    """A panel per metric of ``titles`` (AUC and macro-F1 vs labels for classes), a line per
+    strategy with a ±std band."""
+    panels = [(metric, label) for metric, (label, _) in titles.items()]
+    width, panel_height, legend_height = 600 * len(panels), 480, 50
     height = panel_height + legend_height + (30 if title else 0)
     top_offset = 30 if title else 0
     image = Image.new("RGBA", (width, height), (255, 255, 255, 255))
@@ -431,9 +552,9 @@ def plot_curves(curves: dict, path: Path, *, title: str = "") -> None:
     if x_high == x_low:
         x_low, x_high = x_low - 1, x_high + 1
 
-    for panel, (metric, label) in enumerate((("auc", "AUC"), ("macro_f1", "macro-F1"))):
-        left = panel * width // 2 + 75
-        right = (panel + 1) * width // 2 - 25
+    for panel, (metric, label) in enumerate(panels):
+        left = panel * width // len(panels) + 75
+        right = (panel + 1) * width // len(panels) - 25
         top, bottom = top_offset + 35, top_offset + panel_height - 55
         values = []
         for curve in curves.values():
@@ -529,6 +650,67 @@ def plot_curves(curves: dict, path: Path, *, title: str = "") -> None:
 # --- main ------------------------------------------------------------------------------
 
 
+def random_rows(count: int | None, n: int) -> np.ndarray:
+    """A seeded random subset of ``count`` rows (all when ``count`` is None or too large)."""
+    if not count or count >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, size=count, replace=False))
+
+
+def load_findings_data(args) -> dict:
+    """A findings source as ``load_data`` gives one of classes (same keys), decoded as
+    ``bench.findings_eval`` decodes it (same cache): ``y_train`` / ``y_eval`` are ``(N, F)``
+    targets (1 present, 0 absent, NaN unknown), ``class_names`` the findings."""
+    if args.eval.startswith("split:"):
+        raise SystemExit(f"--eval {args.eval}: a findings source names its eval split "
+                         "(e.g. labels.csv#val); split:F is for single-label sources")
+    if str(getattr(args, "channels", "1")) != "1":
+        raise SystemExit("findings sources are read in grey: use a grey encoder")
+    cache_dir = Path(args.cache_dir)
+    try:
+        train = load_findings(args.train, args.image_size, cache_dir)
+        evaluation = load_findings(args.eval, args.image_size, cache_dir)
+    except SourceError as exc:
+        raise SystemExit(f"cannot read the findings source: {exc}") from None
+    names, y_train, y_eval = _align(train, evaluation)
+    y_train = uncertain_policy(y_train, args.uncertain)
+    y_eval = uncertain_policy(y_eval, "ignore")          # uncertain never scores the head
+    big = args.image_size * embed_scales(args)[-1]
+    x_big = ((train["images"], evaluation["images"]) if big == args.image_size else
+             _at_size(train, evaluation, (args.train, args.eval), big, cache_dir))
+    rows_train = random_rows(args.max_train, len(y_train))
+    rows_eval = random_rows(args.max_eval, len(y_eval))
+    y_train, y_eval = y_train[rows_train], y_eval[rows_eval]
+    eval_positives = np.nansum(y_eval == 1, axis=0).astype(int)
+    info = {"kind": "findings", "train_spec": args.train, "eval_spec": args.eval,
+            "layout": train["layout"], "notes": train["notes"], "findings": names,
+            "uncertain": args.uncertain, "num_train": int(len(y_train)),
+            "num_eval": int(len(y_eval)), "train_failed": train["failed"],
+            "eval_failed": evaluation["failed"],
+            "train_positives": np.nansum(y_train == 1, axis=0).astype(int).tolist(),
+            "eval_positives": eval_positives.tolist(),
+            "findings_with_eval_positive": [n for n, c in zip(names, eval_positives) if c],
+            "findings_min_positives": [n for n, c in zip(names, eval_positives)
+                                       if c >= MIN_POSITIVES]}
+    return {"x_train": train["images"][rows_train], "y_train": y_train,
+            "x_eval": evaluation["images"][rows_eval], "y_eval": y_eval,
+            "class_names": names, "info": info,
+            "x_train_big": x_big[0][rows_train], "x_eval_big": x_big[1][rows_eval]}
+
+
+def run_line(run: dict, titles: dict) -> str:
+    """One run's first and last points, for the log."""
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    first, last = run["points"][0], run["points"][-1]
+    parts = []
+    for i, (metric, (title, _)) in enumerate(titles.items()):
+        at = (f" @ {first['labels']}", f" @ {last['labels']}") if i == 0 else ("", "")
+        parts.append(f"{title} {fmt(first[metric])}{at[0]} → {fmt(last[metric])}{at[1]}")
+    return f"seed {run['seed']} {run['strategy']:<10} " + ", ".join(parts)
+
+
 def load_encoder(args, data: dict | None, cache_dir: Path):
     """``(model, config, info)`` from ``--encoder`` or the ssl_eval encoder cache."""
     if args.encoder:
@@ -560,12 +742,16 @@ def main(argv: list[str] | None = None) -> int:
         args.channels = str(config.channels)      # a colour encoder reads the scans in colour
     else:
         args.image_size = args.image_size or 32
-    data = load_data(args)
+    findings = is_findings_source(args.train)
+    data = load_findings_data(args) if findings else load_data(args)
+    titles = FINDINGS_TITLES if findings else TITLES
     if not args.encoder:
         model, config, encoder_info = load_encoder(args, data, cache_dir)
     class_names = data["class_names"]
-    log(f"classes {class_names}: {len(data['y_train'])} train (pool) / "
-        f"{len(data['y_eval'])} eval scans")
+    log(f"{'findings' if findings else 'classes'} {class_names}: {len(data['y_train'])} "
+        f"train (pool) / {len(data['y_eval'])} eval scans")
+    if findings:
+        log(f"eval positives {dict(zip(class_names, data['info']['eval_positives']))}")
     if args.budget > len(data["y_train"]):
         log(f"warning: --budget {args.budget} exceeds the pool; capped at "
             f"{len(data['y_train'])}")
@@ -587,23 +773,18 @@ def main(argv: list[str] | None = None) -> int:
                            thumbs_train=thumbs_train)
             run["seconds"] = time.perf_counter() - run_started
             runs.append(run)
-            first, last = run["points"][0], run["points"][-1]
+            log(f"{run_line(run, titles)}  ({run['seconds']:.1f}s)")
 
-            def fmt(v):
-                return "n/a" if v is None else f"{v:.3f}"
-
-            log(f"seed {seed} {strategy:<10} AUC {fmt(first['auc'])} @ {first['labels']} → "
-                f"{fmt(last['auc'])} @ {last['labels']}, macro-F1 {fmt(first['macro_f1'])} → "
-                f"{fmt(last['macro_f1'])}  ({run['seconds']:.1f}s)")
-
-    curves = learning_curves(runs, args.strategies)
-    summary = summarise(curves, args.start, min(args.budget, len(data["y_train"])))
+    curves = learning_curves(runs, args.strategies,
+                             FINDINGS_METRICS if findings else METRICS)
+    summary = summarise(curves, args.start, min(args.budget, len(data["y_train"])),
+                        tuple(titles))
     log("")
-    log(format_table(curves, summary, args.seeds))
+    log(format_table(curves, summary, args.seeds, titles))
 
     plot_path = Path(args.plot) if args.plot else Path(args.out).with_suffix(".png")
-    plot_curves(curves, plot_path, title=f"Active learning: {args.train} "
-                f"(mean ± std over {args.seeds} seeds)")
+    plot_curves(curves, plot_path, title=f"Active learning{' (findings)' if findings else ''}: "
+                f"{args.train} (mean ± std over {args.seeds} seeds)", titles=titles)
     log(f"wrote {plot_path}")
 
     payload = {
@@ -620,6 +801,10 @@ def main(argv: list[str] | None = None) -> int:
                     "simulate_seconds": sum(r["seconds"] for r in runs),
                     "total_seconds": time.perf_counter() - started},
     }
+    if findings:
+        payload = {"kind": "findings", "metrics": {m: t for m, (t, _) in titles.items()},
+                   "product_scores": {s: FINDINGS_STRATEGY_FOR.get(strategy_spec(s)[0])
+                                      for s in args.strategies}, **payload}
     out = Path(args.out)
     write_json(out, payload)
     log(f"wrote {out}")
