@@ -52,7 +52,8 @@ class Project(models.Model):
     gate_tolerance = models.FloatField(
         default=0.02,
         help_text="A new model is held back only when it is confidently worse (95% paired "
-        "bootstrap bound on the same eval scans) than the active one by more than this F1.",
+        "bootstrap bound on the same eval scans) than the active one by more than this: "
+        "macro-F1 for classes, each finding's F1 for findings (Bonferroni over findings).",
     )
     novelty_percentile = models.FloatField(
         default=99.0,

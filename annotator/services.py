@@ -13,7 +13,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -51,7 +51,8 @@ from ml_backend.data.decode import (
     render_preview,
     sniff_format,
 )
-from ml_backend.data.deid import file_name_identifiers, identifier_reason
+from ml_backend.data.deid import (file_name_identifiers, identifier_reason,
+                                  source_patient_pseudonym)
 from ml_backend.models import ModelVersion, Prediction
 from ml_backend.services import runs
 
@@ -787,7 +788,7 @@ def _default_dataset_name(listing: SourceListing, state: _JobState) -> str:
 
 def _with_default_label(job: ImportJob, item: SourceItem) -> SourceItem:
     if job.default_label and item.label is None:
-        return SourceItem(item.name, job.default_label, item.load, item.digest_hint)
+        return replace(item, label=job.default_label)
     return item
 
 
@@ -1321,7 +1322,6 @@ def _import_series(*, job: ImportJob, dataset: Dataset, group: list[tuple[int, S
     then the de-identified slices stacked in position order (``ml_backend.data.series``).
     Slices that cannot be stacked are imported one by one, with the reason in the report;
     a slice that cannot be read is reported and the rest is stacked."""
-    from dataclasses import replace
 
     from annotator.linkage import linkage_enabled
     from ml_backend.data.series import SeriesError, slice_order, stack_series
@@ -1413,7 +1413,7 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
         hidden = _hidden_name_reason(job, item.name, data)
         if item.label and identifier_reason(item.label) is not None:
             state.labels_hidden += 1      # a class folder named after its patient
-            item = SourceItem(item.name, None, item.load, item.digest_hint)
+            item = replace(item, label=None)
         existing = Scan.objects.filter(project=job.project, sha256=sha).first()
         if existing is not None and rerun and existing.import_job_id == job.pk:
             state.imported += 1      # stored by this chunk's first attempt (its worker was lost)
@@ -1455,6 +1455,9 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
             decoded.meta.update(overrides["meta"])
             decoded.linkage = overrides.get("linkage")
             decoded.file_format = overrides.get("file_format") or decoded.file_format
+        if not decoded.patient_key and item.patient:
+            # a file without DICOM identity whose source table names its patient
+            decoded.patient_key = source_patient_pseudonym(item.patient, salt=settings.DEID_SALT)
         is_colour = decoded.meta.get("colour") == "colour"
         preview = render_preview(decoded.pixels, max_side=settings.PREVIEW_MAX_SIDE)
         file_name = scan_file_name(sha, decoded.stored_ext)

@@ -70,14 +70,14 @@ def query_new(request, project_id: int):
 
     project = selectors.project_get_for_user(request.user, project_id)
     try:
-        query_round = ml.query_round_create(project=project, created_by=request.user)
+        # nothing to choose is said in words, not stored as an empty round that would
+        # replace the current one on the worklist
+        query_round = ml.query_round_create(project=project, created_by=request.user,
+                                            refuse_empty=True)
     except TrainingError as exc:
         messages.error(request, f"Could not choose scans: {exc}")
         return redirect("annotator:worklist", project.pk)
-    if query_round.size == 0:
-        messages.info(request, "Every pool scan is labeled: import more scans to go on.")
-    else:
-        messages.success(request, f"{query_round.size} scans chosen ({query_round.strategy}).")
+    messages.success(request, f"{query_round.size} scans chosen ({query_round.strategy}).")
     return redirect("annotator:worklist", project.pk)
 
 

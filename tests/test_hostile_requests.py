@@ -235,6 +235,24 @@ def test_asking_for_scans_without_an_encoder_says_what_to_do(brain, users):
     assert "Could not choose scans" in text or "scans chosen" in text
 
 
+def test_asking_for_scans_when_every_pool_scan_is_labeled_says_so_and_stores_no_round(
+        brain, users):
+    from ml_backend.models import QueryRound
+    from annotator.models import Scan
+
+    project = brain
+    for scan in Scan.objects.filter(project=project, split="pool"):
+        label = LabelClass.objects.get(project=project, name=brain_truth(scan))
+        services.annotation_create(scan=scan, reader=users["alice"], label_class=label)
+    before = QueryRound.objects.filter(project=project).count()
+    response = _client(users["alice"]).post(
+        reverse("annotator:query_new", args=[project.pk]), follow=True)
+    assert response.status_code == 200
+    text = response.content.decode()
+    assert "Could not choose scans" in text and "is labeled" in text
+    assert QueryRound.objects.filter(project=project).count() == before
+
+
 # --- races: one refit, however many callers ---------------------------------------------------
 
 

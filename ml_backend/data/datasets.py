@@ -25,7 +25,7 @@ import hashlib
 import io
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,10 @@ class SourceItem:
     label: str | None
     load: Callable[[], bytes] = field(repr=False, compare=False)
     digest_hint: str | None = field(default=None, compare=False)
+    # the patient as the source's table names them (a 'Patient ID' column, a ChestX-ray14 or
+    # CheXpert file name): never stored, only its keyed hash (``source_patient_pseudonym``)
+    # for files that carry no DICOM PatientID, so auto splits keep each patient on one side
+    patient: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -252,9 +256,7 @@ def _apply_labels_csv(listing: SourceListing, csv_path: Path) -> None:
             listing.unmatched_label_rows.append(filename)
             continue
         item = listing.items[index]
-        listing.items[index] = SourceItem(
-            name=item.name, label=label or None, load=item.load, digest_hint=item.digest_hint
-        )
+        listing.items[index] = replace(item, label=label or None)
 
 
 def _read_npz(path: Path, split: str, *, class_names: list[str] | None) -> SourceListing:

@@ -220,6 +220,14 @@ def patient_pseudonym(ds, *, salt: str) -> str:
     return _pseudonym(salt, "patient", issuer, patient_id) if patient_id else ""
 
 
+def source_patient_pseudonym(patient_id: str, *, salt: str) -> str:
+    """Keyed hash of a patient identifier a source's table gives for a file without DICOM
+    identity (a CSV's 'Patient ID' column, a ChestX-ray14 ``<patient>_<film>.png`` name): the
+    same key a DICOM file of that PatientID (no issuer) gets; ``""`` for an empty one."""
+    patient_id = str(patient_id or "").strip()
+    return _pseudonym(salt, "patient", "", patient_id) if patient_id else ""
+
+
 def study_series_pseudonyms(ds, *, salt: str) -> tuple[str, str]:
     """Keyed hashes of the StudyInstanceUID and SeriesInstanceUID (``""`` where absent):
     scans of one study or series share a key, and the UIDs themselves never leave here."""

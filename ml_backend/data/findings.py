@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,12 @@ NO_FINDING = "No Finding"
 _IMAGE_COLUMNS = ("Image Index", "Path", "path", "filename", "file", "image")
 _ANSWERS = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": np.nan}
 _SPLIT_COLUMN = "split"
+# a column naming each row's patient (ChestX-ray14's 'Patient ID', others' spellings)
+_PATIENT_COLUMNS = ("Patient ID", "PatientID", "patient_id", "patient")
+# ChestX-ray14 names its films <8-digit patient>_<3-digit follow-up>.png; CheXpert's paths
+# hold a patientNNNNN folder
+_CXR14_NAME = re.compile(r"(?:^|/)(\d{8})_\d{3}\.png$", re.IGNORECASE)
+_CHEXPERT_PATIENT = re.compile(r"(?:^|/)(patient\d+)/", re.IGNORECASE)
 
 
 @dataclass
@@ -96,7 +103,17 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def _answer_columns(header: list[str], rows: list[dict[str, str]], image: str) -> list[str]:
     return [h for h in header
-            if h not in (image, _SPLIT_COLUMN) and all(r.get(h, "") in _ANSWERS for r in rows)]
+            if h not in (image, _SPLIT_COLUMN) + _PATIENT_COLUMNS
+            and all(r.get(h, "") in _ANSWERS for r in rows)]
+
+
+def _patient_of(row: dict[str, str], name: str, column: str | None) -> str | None:
+    """The patient a row's scan belongs to, as the source names them: its patient column,
+    else a ChestX-ray14 film name's patient number or a CheXpert path's patient folder."""
+    if column is not None:
+        return (row.get(column) or "").strip() or None
+    match = _CXR14_NAME.search(name) or _CHEXPERT_PATIENT.search(name)
+    return match.group(1) if match else None
 
 
 def is_findings_source(spec: str | os.PathLike) -> bool:
@@ -199,13 +216,15 @@ def read_findings_source(spec: str | os.PathLike) -> FindingsListing:
             targets[empty[:, None] & np.isnan(targets)] = 0.0
             notes.append(f"'{NO_FINDING}' rows: blank findings read as absent")
         ignored = [h for h in header if h not in answer_columns and h not in hidden
-                   and h not in (image, _SPLIT_COLUMN) and identifier_reason(h) is None]
+                   and h not in (image, _SPLIT_COLUMN) + _PATIENT_COLUMNS
+                   and identifier_reason(h) is None]
         if ignored:
             notes.append(f"not findings (values other than 1/0/-1/blank): {', '.join(ignored)}")
         if np.isnan(targets).any():
             notes.append(f"{int(np.isnan(targets).sum())} blank answer(s) read as unknown")
     base = path.parent
     images_dir = base / "images"
+    patient_column = next((c for c in _PATIENT_COLUMNS if c in header), None)
     items = []
     for r in rows:
         name = r[image].replace("\\", "/")
@@ -216,7 +235,14 @@ def read_findings_source(spec: str | os.PathLike) -> FindingsListing:
             target = (images_dir / name).resolve()
         if base.resolve() not in target.parents:
             raise SourceError(f"{path.name}: {name!r} points outside the CSV's folder")
-        items.append(SourceItem(name=name, label=None, load=_reader(target, name)))
+        items.append(SourceItem(name=name, label=None, load=_reader(target, name),
+                                patient=_patient_of(r, name, patient_column)))
+    with_patient = sum(item.patient is not None for item in items)
+    if with_patient:
+        patients = len({item.patient for item in items if item.patient is not None})
+        where = f"the {patient_column!r} column" if patient_column else "the file names"
+        notes.append(f"patients from {where}: {patients} patient(s) for {with_patient} of "
+                     f"{len(items)} scan(s) (a keyed hash is stored, never the identifier)")
     return FindingsListing(items=items, findings=findings, targets=targets, layout=layout,
                            notes=notes, default_dataset_name=path.stem + (f"-{split}" if split
                                                                           else ""),

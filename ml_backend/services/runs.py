@@ -151,14 +151,15 @@ def runs_abandon_expired(*, project: Project | None = None) -> int:
 
 
 def retrain_start(*, project: Project, if_new_labels: int = 0, params: dict | None = None,
-                  enqueue: bool = False, refuse: bool = False) -> TrainingRun:
+                  enqueue: bool = False, refuse: bool = True) -> TrainingRun:
     """Create a retrain run unless one is queued or running (a lock on the project row makes
     two cron invocations agree), or fewer than ``if_new_labels`` labels arrived since the last
-    successful retrain. Raises RetrainSkipped with the reason. With ``refuse`` (the command
-    and the beat schedule; the API asks ``retrain_refusal`` itself) a retrain that could only
-    fail is refused after those checks: TrainingError with the sentence its run would fail
-    with, and no run (a failed run does not count as a retrain: ``if_new_labels`` would let
-    one more through every time)."""
+    successful retrain. Raises RetrainSkipped with the reason. A retrain that could only
+    fail is then refused (``refuse``, the default for every caller: the command, the beat
+    schedule, the API, scripts): TrainingError with the sentence its run would fail with,
+    and no run (a failed run does not count as a retrain: ``if_new_labels`` would let one
+    more through every time). ``refuse=False`` stores the run anyway, for the worker to fail
+    in words (tests of the worker's own checks)."""
     runs_abandon_expired(project=project)
     with transaction.atomic():
         Project.objects.select_for_update().get(pk=project.pk)

@@ -203,3 +203,29 @@ def test_review_page_reports_kappa_per_finding(client, project, users, tmp_path)
     assert "Reader agreement per finding: findings" in page
     assert 'data-kappa-finding="Edema"' in page
     assert 'data-kappa-class="Edema"' not in page           # findings are not classes there
+
+
+def test_a_findings_import_keys_each_patient_so_an_auto_split_keeps_them_whole(project,
+                                                                                 tmp_path):
+    """PNG films carry no DICOM identity: the ChestX-ray14 name's patient number is kept as
+    a keyed hash (never the number), and ``auto`` puts each patient's films on one side."""
+    rng = np.random.default_rng(1)
+    (tmp_path / "images").mkdir()
+    rows = ["Image Index,Finding Labels"]
+    for patient in range(1, 13):
+        for film in range(3):
+            name = f"{patient:08d}_{film:03d}.png"
+            Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(
+                tmp_path / "images" / name)
+            rows.append(f"{name},{'Mass' if film == 1 else 'No Finding'}")
+    (tmp_path / "nih.csv").write_text("\n".join(rows) + "\n")
+    job = run_import(project, tmp_path / "nih.csv", split="auto:0.5")
+    assert job.status == ImportJob.Status.SUCCEEDED, job.last_error
+    scans = list(Scan.objects.filter(project=project))
+    assert len(scans) == 36 and all(len(s.patient_key) == 32 for s in scans)
+    sides: dict[str, set[str]] = {}
+    for scan in scans:
+        sides.setdefault(scan.patient_key, set()).add(scan.split)
+    assert len(sides) == 12 and all(len(s) == 1 for s in sides.values())
+    assert {split for s in sides.values() for split in s} == {"pool", "eval"}
+    assert not any(s.patient_key.startswith("0000") for s in scans)

@@ -239,3 +239,37 @@ def test_plain_zero_one_csv_and_npz(tmp_path):
     np.savez(tmp_path / "single.npz", train_images=np.zeros((2, 4, 4), np.uint8),
              train_labels=np.zeros((2, 1), np.uint8))
     assert not is_findings_source(f"{tmp_path}/single.npz#train")    # one label: single-label
+
+
+def test_each_scans_patient_comes_from_the_patient_column_or_the_file_name(tmp_path):
+    """ChestX-ray14 films are <patient>_<film>.png, CheXpert paths hold a patientNNNNN
+    folder, and a 'Patient ID' column wins over both; the patient column is no finding."""
+    for name in ("00000001_000.png", "00000001_001.png", "00000002_000.png", "x.png"):
+        _png(tmp_path / "images" / name)
+    (tmp_path / "nih.csv").write_text(
+        "Image Index,Finding Labels\n00000001_000.png,Mass\n00000001_001.png,No Finding\n"
+        "00000002_000.png,Effusion\nx.png,No Finding\n")
+    listing = read_findings_source(tmp_path / "nih.csv")
+    assert [i.patient for i in listing.items] == ["00000001", "00000001", "00000002", None]
+    assert any("2 patient(s) for 3 of 4 scan(s)" in note for note in listing.notes)
+    assert "00000001" not in " ".join(listing.notes)          # counts, never identifiers
+    (tmp_path / "ids.csv").write_text(
+        "Image Index,Finding Labels,Patient ID\n00000001_000.png,Mass,7\n"
+        "00000002_000.png,No Finding,7\nx.png,Edema,1\n")
+    by_column = read_findings_source(tmp_path / "ids.csv")
+    assert [i.patient for i in by_column.items] == ["7", "7", "1"]
+    for name in ("patient00011/study1/view1_frontal.jpg", "patient00012/study1/view1_frontal.jpg"):
+        _png(tmp_path / "train" / name)
+    (tmp_path / "chexpert.csv").write_text(
+        "Path,patient_id,Edema,Pleural Effusion\n"
+        "train/patient00011/study1/view1_frontal.jpg,1,1,0\n"
+        "train/patient00012/study1/view1_frontal.jpg,0,0,1\n")
+    chexpert = read_findings_source(tmp_path / "chexpert.csv")
+    assert chexpert.findings == ["Edema", "Pleural Effusion"]   # 1/0 values, still no finding
+    assert [i.patient for i in chexpert.items] == ["1", "0"]
+    (tmp_path / "chexpert2.csv").write_text(
+        "Path,Edema,Pleural Effusion\n"
+        "train/patient00011/study1/view1_frontal.jpg,1,0\n"
+        "train/patient00012/study1/view1_frontal.jpg,0,1\n")
+    assert [i.patient for i in read_findings_source(tmp_path / "chexpert2.csv").items] == [
+        "patient00011", "patient00012"]

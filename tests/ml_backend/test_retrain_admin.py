@@ -45,7 +45,10 @@ def test_if_new_labels_waits_for_enough_labels(project, capsys):
     call_command("retrain", "--project", project.name, "--if-new-labels", "5")
     assert "0 new labels since the last retrain; waiting for 5" in capsys.readouterr().out
     Annotation.objects.update(created_at=timezone.now() + timedelta(seconds=5))
-    run = services.retrain_start(project=project, if_new_labels=5)
+    with pytest.raises(services.TrainingError, match="no active encoder"):
+        services.retrain_start(project=project, if_new_labels=5)   # refused: would fail
+    assert not TrainingRun.objects.filter(status="queued").exists()
+    run = services.retrain_start(project=project, if_new_labels=5, refuse=False)
     assert run.kind == "retrain" and run.status == "queued"
 
 
