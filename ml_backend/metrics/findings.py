@@ -27,8 +27,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from ml_backend.metrics.reports import _clean, _mean_defined
 
 __all__ = ["NEVER", "UNCERTAIN", "binary_reliability", "check_findings", "choose_thresholds",
-           "compare_findings",
-           "findings_report", "uncertain_policy"]
+           "compare_findings", "findings_report", "preselection_evidence",
+           "uncertain_policy"]
 
 UNCERTAIN = -1.0               # the value an uncertain answer carries before a policy applies
 POLICIES = ("ignore", "zeros", "ones")
@@ -231,6 +231,43 @@ def choose_thresholds(y_true, proba, *, method: str = "f1", target_sensitivity: 
         else:
             sensitivity = tp / positive.sum()
             out[f] = float(candidates[int(np.argmax(sensitivity >= target_sensitivity))])
+    return out
+
+
+def _wilson_low(hits: int, n: int, z: float) -> float:
+    """The lower end of the Wilson score interval of a proportion ``hits / n``."""
+    if n <= 0:
+        return 0.0
+    p = hits / n
+    centre = p + z * z / (2 * n)
+    spread = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float(max(0.0, (centre - spread) / (1 + z * z / n)))
+
+
+def preselection_evidence(y_true, proba, thresholds, *, z: float = 1.645) -> list[dict | None]:
+    """Whether each finding's threshold picks scans richer in the finding than the split
+    itself: the preselected scans' PPV, its one-sided 95% Wilson lower bound (``z``), and
+    the finding's prevalence among the scans whose answer is known. ``enriched`` is True when
+    the bound is above the prevalence: at an F1-best threshold that marks nearly every scan
+    present (a weakly learned head on a small eval split), the PPV is about the prevalence,
+    and a preselection would be a guess the reader must undo. None for a finding without a
+    known answer."""
+    y, p = check_findings(y_true, proba)
+    thresholds = np.asarray(thresholds, np.float64)
+    out: list[dict | None] = []
+    for f in range(y.shape[1]):
+        known = ~np.isnan(y[:, f])
+        if not known.any():
+            out.append(None)
+            continue
+        positive = y[known, f] == 1
+        flagged = p[known, f] >= thresholds[f]
+        hits, n = int((flagged & positive).sum()), int(flagged.sum())
+        prevalence = float(positive.mean())
+        low = _wilson_low(hits, n, z)
+        out.append({"flagged": n, "right": hits, "ppv": hits / n if n else None,
+                    "ppv_low": low, "prevalence": prevalence,
+                    "enriched": bool(n and low > prevalence)})
     return out
 
 

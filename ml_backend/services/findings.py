@@ -92,7 +92,9 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
                       f"the highest with sensitivity >= {label_set.target_sensitivity:g}")
                   + f" on the eval split (findings with >= {MIN_THRESHOLD_POSITIVES} eval "
                     "positives), else 0.5; a finding whose head is constant (never seen "
-                    "present, or never absent) is never preselected",
+                    "present, or never absent), or whose threshold picks eval scans no "
+                    "richer in it than its prevalence (95% Wilson bound), is never "
+                    "preselected",
                   "fit": details["findings"]}
         fitted.append({"label_set": label_set, "head": head, "config": config,
                        "eval": (eval_scans, eval_targets), "report": result})
@@ -110,10 +112,13 @@ def eval_thresholds(label_set: LabelSet, eval_targets: np.ndarray, proba: np.nda
     or its target sensitivity), 0.5 for a finding with too few eval positives, and
     ``NEVER`` (above any probability: never preselected) for a finding whose probability is
     the same on every scan (a constant head, which F1 would otherwise set at that very
-    probability: "present" on every scan); and the per-finding report at those thresholds,
-    each finding's ``threshold_note`` saying when the threshold was not chosen. Heads and
-    networks alike."""
-    from ml_backend.metrics.findings import NEVER, choose_thresholds, findings_report
+    probability: "present" on every scan) or whose chosen threshold picks scans no richer in
+    the finding than the eval split (``preselection_evidence``: a weakly learned head's
+    F1-best point marks nearly every scan present); and the per-finding report at those
+    thresholds, each finding's ``threshold_note`` saying when the threshold was not chosen.
+    Heads and networks alike."""
+    from ml_backend.metrics.findings import (NEVER, choose_thresholds, findings_report,
+                                             preselection_evidence)
 
     positives = np.nansum(eval_targets == 1, axis=0).astype(int)
     enough = positives >= MIN_THRESHOLD_POSITIVES
@@ -122,12 +127,23 @@ def eval_thresholds(label_set: LabelSet, eval_targets: np.ndarray, proba: np.nda
                                target_sensitivity=target, never=NEVER)
     constant = chosen >= NEVER
     thresholds = np.where(constant, NEVER, np.where(enough, chosen, 0.5))
+    evidence = preselection_evidence(eval_targets, proba, thresholds)
+    chance = np.array([bool(enough[f] and not constant[f] and e is not None
+                            and not e["enriched"]) for f, e in enumerate(evidence)])
+    thresholds = np.where(chance, NEVER, thresholds)
     report = findings_report(eval_targets, proba, names, thresholds=thresholds)
     for f, name in enumerate(names):
         if constant[f]:
             note = (f"{NO_THRESHOLD}: the model gives every scan the same probability (it "
                     "has not seen this finding both present and absent), so it is never "
                     "preselected")
+        elif chance[f]:
+            e = evidence[f]
+            note = (f"{NO_THRESHOLD}: at its {label_set.threshold_rule} threshold "
+                    f"({chosen[f]:.3f}) the model marks {e['flagged']} eval scans present, "
+                    f"{e['right']} rightly (PPV {e['ppv'] or 0:.2f}, 95% lower bound "
+                    f"{e['ppv_low']:.2f}), no better than the finding's prevalence "
+                    f"({e['prevalence']:.2f}): never preselected until labels teach it more")
         elif not enough[f]:
             note = (f"{NO_THRESHOLD} ({positives[f]} eval positives, "
                     f"{MIN_THRESHOLD_POSITIVES} needed): 0.5 on the calibrated probability")

@@ -123,6 +123,42 @@ def test_a_constant_score_never_becomes_a_threshold():
     assert choose_thresholds(np.zeros((20, 1)), p[:, 2:])[0] == 0.5
 
 
+def test_a_threshold_that_picks_scans_no_richer_than_the_split_is_never_preselected():
+    """A weakly learned head's F1-best point marks nearly every scan present: PPV about the
+    prevalence. It is never preselected, with the counts in words; a head that ranks keeps
+    its F1 threshold; so does a small but clean one (2 of 2 right, prevalence 0.03)."""
+    from types import SimpleNamespace
+
+    from ml_backend.metrics.findings import preselection_evidence
+    from ml_backend.services.findings import eval_thresholds
+
+    rng = np.random.default_rng(0)
+    n = 146
+    y = np.zeros((n, 3))
+    y[11:144:12, 0] = 1              # weak: positives spread evenly down the ranking
+    y[:12, 1] = 1                                   # learned: positives ranked first
+    y[:4, 2] = 1                                    # rare, learned
+    p = np.stack([np.linspace(0.4, 0.3, n),
+                  np.where(y[:, 1] == 1, 0.8, 0.2) + 0.05 * rng.random(n),
+                  np.where(y[:, 2] == 1, 0.7, 0.1) + 0.05 * rng.random(n)], 1)
+    chosen = choose_thresholds(y, p)
+    evidence = preselection_evidence(y, p, chosen)
+    assert evidence[0]["flagged"] > 100 and not evidence[0]["enriched"]
+    assert evidence[1]["enriched"] and evidence[1]["ppv"] == 1.0
+    assert evidence[2]["enriched"] and evidence[2]["right"] == 4
+    label_set = SimpleNamespace(threshold_rule="f1", target_sensitivity=0.9)
+    thresholds, report = eval_thresholds(label_set, y, p, ["weak", "learned", "rare"])
+    assert thresholds[0] == NEVER and thresholds[1] == chosen[1] and thresholds[2] == chosen[2]
+    note = report["per_finding"]["weak"]["threshold_note"]
+    assert "no better than the finding's prevalence (0.08)" in note and "PPV" in note
+    assert "threshold_note" not in report["per_finding"]["learned"]
+    # two positives rightly found out of two flagged is evidence enough on 146 scans
+    tiny = np.zeros((n, 1))
+    tiny[:2] = 1
+    score = np.where(tiny[:, 0] == 1, 0.9, 0.1)
+    assert preselection_evidence(tiny, score[:, None], [0.5])[0]["enriched"]
+
+
 # --- on a project -------------------------------------------------------------------------
 
 @pytest.fixture
