@@ -15,9 +15,10 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Count, Q
+from django.http import Http404
 from django.utils import timezone
 
-from annotator.models import Annotation, LabelClass, Project, Scan, ScanLease
+from annotator.models import Annotation, LabelClass, Membership, Project, Scan, ScanLease
 from annotator.selectors import (
     eval_answer_refusal,
     reader_key,
@@ -78,22 +79,34 @@ def lease_acquire(*, scan: Scan, user) -> bool:
     unique row is created, and a concurrent creator loses on the constraint. Both are
     atomic on SQLite and PostgreSQL. A reader holds at most LABEL_LEASES_PER_READER scans
     of a project: taking one releases their oldest beyond that (``_leases_trim``).
+
+    Only a member (or a superuser) takes a lease: their membership row is locked while the
+    lease is written, so a removal at the same moment either comes first (Http404 here, as
+    for any non-member) or waits, then releases this lease too
+    (``auth.release_leases_of_removed_member``): a request that passed its membership check
+    just before the removal holds nothing after it.
     """
     now = timezone.now()
     expires = now + timedelta(seconds=settings.LABEL_LEASE_SECONDS)
-    taken = (ScanLease.objects.filter(scan_id=scan.pk)
-             .filter(Q(user=user) | Q(expires_at__lte=now))
-             .update(user=user, expires_at=expires))
-    if not taken:
-        try:
-            with transaction.atomic():
-                # by id: a failed create must not leave this user's unsaved lease cached on
-                # ``scan`` (``scan.lease``) for the caller to read as the holder
-                ScanLease.objects.create(project_id=scan.project_id, scan_id=scan.pk, user=user,
-                                         expires_at=expires)
-        except IntegrityError:
-            return False
-    _leases_trim(project_id=scan.project_id, user=user, keep=scan.pk)
+    with transaction.atomic():
+        if not user.is_superuser and not list(
+                Membership.objects.select_for_update()
+                .filter(project_id=scan.project_id, user=user).values_list("pk", flat=True)):
+            # as the views answer a non-member (``auth.login_required_json``: NOT_A_MEMBER)
+            raise Http404("not a member of this project")
+        taken = (ScanLease.objects.filter(scan_id=scan.pk)
+                 .filter(Q(user=user) | Q(expires_at__lte=now))
+                 .update(user=user, expires_at=expires))
+        if not taken:
+            try:
+                with transaction.atomic():
+                    # by id: a failed create must not leave this user's unsaved lease cached
+                    # on ``scan`` (``scan.lease``) for the caller to read as the holder
+                    ScanLease.objects.create(project_id=scan.project_id, scan_id=scan.pk,
+                                             user=user, expires_at=expires)
+            except IntegrityError:
+                return False
+        _leases_trim(project_id=scan.project_id, user=user, keep=scan.pk)
     return True
 
 

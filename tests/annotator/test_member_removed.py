@@ -162,3 +162,22 @@ def test_a_members_own_not_found_keeps_the_views_words_as_json_with_debug_on(pro
     # a page (not a script) still gets the 404 page
     page = alice.get(reverse("annotator:label", args=[project.pk, missing]))
     assert page.status_code == 404 and "text/html" in page["Content-Type"]
+
+
+def test_a_request_that_passed_its_check_before_the_removal_takes_no_lease(project, users,
+                                                                             reading):
+    """The sixth probe's leftover: a label page request checked alice's membership, then she
+    was removed, then it took its lease. Now the lease is taken under a lock on her
+    membership row: after the removal it is refused as for any non-member, and nothing is
+    held; a superuser (no membership row) still takes one."""
+    from django.http import Http404
+
+    _, scan = reading
+    others = [item.scan for item in labeling.current_round(project).items.all()
+              if item.scan_id != scan.pk]
+    Membership.objects.filter(project=project, user=users["alice"]).delete()
+    with pytest.raises(Http404):
+        labeling.lease_acquire(scan=others[0], user=users["alice"])   # the in-flight request
+    assert not ScanLease.objects.filter(user=users["alice"]).exists()
+    assert users["dora"].is_superuser
+    assert labeling.lease_acquire(scan=others[0], user=users["dora"])
