@@ -909,7 +909,11 @@ def import_project(archive: str | Path, *, name: str | None = None, embed: bool 
     never a file or folder something else wrote."""
     archive = Path(archive)
     if not archive.is_file():
-        raise BackupError(f"{archive} does not exist")
+        raise BackupError(f"{archive} is a folder, not an archive: give the .tar.gz file "
+                          "`project_export` wrote" if archive.is_dir()
+                          else f"{archive} does not exist" if not archive.exists()
+                          else f"{archive} is not a regular file: give the .tar.gz file "
+                          "`project_export` wrote")
     workdir = Path(tempfile.mkdtemp(prefix="medlabel-restore-"))
     copied: list[Path] = []         # files and artifact folders this restore created
     made: list[Path] = []           # folders it made for them

@@ -272,7 +272,7 @@ def lease_next_or_new_round(*, project: Project, user):
 
     with transaction.atomic():
         # one reader makes the round; the others wait for it here, then lease from it
-        Project.objects.select_for_update().get(pk=project.pk)
+        Project.objects.select_for_update(no_key=True).get(pk=project.pk)
         found = lease_next(project=project, user=user)
         if found is not None:
             return (*found, False)

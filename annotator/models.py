@@ -4,10 +4,40 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MaxValueValidator, MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
+from django.utils.deconstruct import deconstructible
+
+
+# the most scans one worklist round chooses (project setting, ``query --n``, the API)
+MAX_ROUND_SCANS = 10_000
+# a class colour: what the pages' CSS and the charts (matplotlib) both draw
+COLOUR_VALIDATOR = RegexValidator(r"^#[0-9A-Fa-f]{6}$",
+                                  "a colour is #RRGGBB: '#' and six hex digits, e.g. #4c78a8")
+
+
+
+@deconstructible
+class TypedName:
+    """A name someone types (a project's, a label set's, a class's, a dataset's): refused
+    with ``services.name_refusal`` / ``dataset_name_refusal``'s words wherever a form or
+    serializer validates the model (the admin included), as the pages' own forms do."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __call__(self, value: str) -> None:
+        from annotator.services import dataset_name_refusal, name_refusal
+
+        refusal = (dataset_name_refusal(value) if self.what == "dataset"
+                   else name_refusal(self.what, value))
+        if refusal:
+            raise ValidationError(refusal[0].upper() + refusal[1:] + ".")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TypedName) and other.what == self.what
 
 
 class Project(models.Model):
@@ -21,7 +51,7 @@ class Project(models.Model):
         DIVERSITY = "diversity", "Diversity (clusters)"
         RANDOM = "random", "Random"
 
-    name = models.CharField(max_length=200, unique=True)
+    name = models.CharField(max_length=200, unique=True, validators=[TypedName("project")])
     description = models.TextField(blank=True)
     members = models.ManyToManyField(
         settings.AUTH_USER_MODEL, through="Membership", related_name="projects", blank=True
@@ -45,20 +75,26 @@ class Project(models.Model):
     query_strategy = models.CharField(
         max_length=32, choices=Strategy.choices, default=Strategy.HYBRID
     )
-    query_batch_size = models.PositiveIntegerField(default=20)
+    query_batch_size = models.PositiveIntegerField(
+        default=20, validators=[MinValueValidator(1), MaxValueValidator(MAX_ROUND_SCANS)],
+        help_text=f"Scans chosen in each worklist round (1–{MAX_ROUND_SCANS:,}).")
     refit_every = models.PositiveIntegerField(
-        default=5, help_text="Refit the classifier head after this many new labels."
+        default=5, validators=[MinValueValidator(1), MaxValueValidator(MAX_ROUND_SCANS)],
+        help_text="Refit the classifier head after this many new labels (1 refits after "
+        "every answer).",
     )
     gate_tolerance = models.FloatField(
-        default=0.02,
+        default=0.02, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
         help_text="A new model is held back only when it is confidently worse (95% paired "
         "bootstrap bound on the same eval scans) than the active one by more than this: "
-        "macro-F1 for classes, each finding's F1 for findings (Bonferroni over findings).",
+        "macro-F1 for classes, each finding's F1 for findings (Bonferroni over findings). "
+        "0–1: 0 holds back any confident drop, 1 never holds a version back.",
     )
     novelty_percentile = models.FloatField(
-        default=99.0,
+        default=99.0, validators=[MinValueValidator(50.0), MaxValueValidator(100.0)],
         help_text="A scan farther from its nearest project scans than this percentile of the "
-        "project's own distances is flagged as unlike the project's data.",
+        "project's own distances is flagged as unlike the project's data (50–100: below 50 "
+        "most of the project's own scans would be flagged).",
     )
     clinicians_can_add_classes = models.BooleanField(
         default=True,
@@ -158,7 +194,7 @@ class Dataset(models.Model):
     """Where scans came from: a site, scanner or collection. Drives per-site reports."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="datasets")
-    name = models.CharField(max_length=200)
+    name = models.CharField(max_length=200, validators=[TypedName("dataset")])
     site = models.CharField(max_length=200, blank=True)
     scanner = models.CharField(max_length=200, blank=True)
     modality = models.CharField(max_length=16, blank=True, help_text="e.g. CR, DX, MR, CT")
@@ -206,7 +242,7 @@ class LabelSet(models.Model):
         ONES = "ones", "Treat as present (U-Ones)"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="label_sets")
-    name = models.CharField(max_length=100)
+    name = models.CharField(max_length=100, validators=[TypedName("label set")])
     description = models.TextField(blank=True)
     kind = models.CharField(
         max_length=8, choices=Kind.choices, default=Kind.SINGLE,
@@ -223,8 +259,9 @@ class LabelSet(models.Model):
         help_text="Findings sets: how each finding's decision threshold is chosen on the eval "
         "split at every refit (saved with the version).")
     target_sensitivity = models.FloatField(
-        default=0.9, help_text="Findings sets with the target-sensitivity rule: the share of "
-        "eval positives each finding's threshold must catch (0–1).")
+        default=0.9, validators=[MinValueValidator(0.01), MaxValueValidator(1.0)],
+        help_text="Findings sets with the target-sensitivity rule: the share of "
+        "eval positives each finding's threshold must catch (0.01–1).")
     datasets = models.ManyToManyField(Dataset, blank=True, related_name="label_sets",
                                       help_text="Scans of these datasets use this set.")
     modalities = models.CharField(max_length=200, blank=True,
@@ -409,10 +446,11 @@ class LabelClass(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="label_classes")
     label_set = models.ForeignKey(LabelSet, on_delete=models.PROTECT, related_name="classes",
                                   help_text="The kind of scan this class applies to.")
-    name = models.CharField(max_length=100)
+    name = models.CharField(max_length=100, validators=[TypedName("class")])
     description = models.TextField(blank=True)
     hotkey = models.CharField(max_length=1, blank=True)
-    color = models.CharField(max_length=7, default="#4c78a8")
+    color = models.CharField(max_length=7, default="#4c78a8", validators=[COLOUR_VALIDATOR],
+                             help_text="#RRGGBB, e.g. #4c78a8")
     order = models.PositiveIntegerField(default=0)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"

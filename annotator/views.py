@@ -168,11 +168,19 @@ def model_promote(request, project_id: int, version_id: int):
                                         kind=ModelVersion.Kind.CLASSIFIER).first()
     if model is None:
         raise Http404("No such classifier in this project.")
+    # the active classifier the page showed: a page the project has moved past since (the
+    # gate promoted a newer version) is refused rather than replacing that version unseen
+    shown = request.POST.get("active", "")
+    expected = {"expected_active": int(shown) if shown.isdigit() else None} if (
+        "active" in request.POST) else {}
     try:
         warning = ml.model_version_promote(
             model, actor=request.user,
             reason=f"promoted anyway by {request.user.get_username()} "
-                   f"(the gate had said: {ml.gate_verdict(model.status_reason)[:300]})")
+                   f"(the gate had said: {ml.gate_verdict(model.status_reason)[:300]})",
+            **expected)
+    except ml.AlreadyActive as exc:
+        messages.info(request, str(exc)[0].upper() + str(exc)[1:] + ".")
     except ml.TrainingError as exc:
         messages.error(request, str(exc))
     else:

@@ -15,6 +15,11 @@ class ModelUnavailable(TrainingError):
     the message is shown to the user in words, the cause is logged."""
 
 
+class AlreadyActive(TrainingError):
+    """A version asked to be made active already is (a double click, a resubmitted form):
+    nothing was changed; the message says so."""
+
+
 class RetrainSkipped(Exception):
     """A retrain or refit was not started (one is running, or too few new labels); the
     message says why."""

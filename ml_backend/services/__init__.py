@@ -38,9 +38,11 @@ _EXPORTS = {
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 # the domain exceptions, re-exported for callers that catch them here
-from ml_backend.errors import ModelUnavailable, RetrainSkipped, TrainingError  # noqa: E402
+from ml_backend.errors import (AlreadyActive, ModelUnavailable, RetrainSkipped,  # noqa: E402
+                               TrainingError)
 
-__all__ = sorted(_WHERE) + ["ModelUnavailable", "RetrainSkipped", "TrainingError"]
+__all__ = sorted(_WHERE) + ["AlreadyActive", "ModelUnavailable", "RetrainSkipped",
+                            "TrainingError"]
 
 
 def __getattr__(name: str):

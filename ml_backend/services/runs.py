@@ -162,7 +162,7 @@ def retrain_start(*, project: Project, if_new_labels: int = 0, params: dict | No
     in words (tests of the worker's own checks)."""
     runs_abandon_expired(project=project)
     with transaction.atomic():
-        Project.objects.select_for_update().get(pk=project.pk)
+        Project.objects.select_for_update(no_key=True).get(pk=project.pk)
         busy = TrainingRun.objects.filter(
             project=project, kind=TrainingRun.Kind.RETRAIN,
             status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).first()
@@ -205,7 +205,7 @@ def refit_start_if_due(*, project: Project, force: bool = False,
         status=TrainingRun.Status.ABANDONED, finished_at=timezone.now(),
         last_error="never picked up by a worker (its server or worker stopped)")
     with transaction.atomic():
-        project = Project.objects.select_for_update().get(pk=project.pk)
+        project = Project.objects.select_for_update(no_key=True).get(pk=project.pk)
         refits = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.REFIT)
         if refits.filter(status__in=[TrainingRun.Status.QUEUED,
                                      TrainingRun.Status.RUNNING]).exists():

@@ -17,7 +17,7 @@ from django.utils import timezone
 from annotator.models import LabelClass, Project, Scan
 from annotator.selectors import class_label_sets, patient_overlap_words, training_labels
 from ml_backend import signals
-from ml_backend.errors import TrainingError
+from ml_backend.errors import AlreadyActive, TrainingError
 from ml_backend.models import Evaluation, ModelVersion, Prediction, TrainingRun
 from ml_backend.services.artifacts import model_version_files_problem
 from ml_backend.services.inference import Predictor, predictor_for, scan_refs
@@ -40,7 +40,7 @@ def model_version_activate(model: ModelVersion, *, reason: str = "", actor=None,
     choice gates against it as usual."""
     field = "active_encoder" if model.kind == ModelVersion.Kind.ENCODER else "active_model"
     with transaction.atomic():
-        project = Project.objects.select_for_update().get(pk=model.project_id)
+        project = Project.objects.select_for_update(no_key=True).get(pk=model.project_id)
         if actor is None and _chosen_by_hand_while_running(model, field, project, reason):
             return False
         if actor is not None:
@@ -121,19 +121,45 @@ def gate_verdict(reason: str) -> str:
     return reason
 
 
+_ANY = object()
+
+
 def model_version_promote(model: ModelVersion, *, actor, reason: str = "",
-                          rolled_back_from: ModelVersion | None = None) -> str | None:
+                          rolled_back_from: ModelVersion | None = None,
+                          expected_active=_ANY) -> str | None:
     """An admin makes a classifier active by hand ("promote anyway", roll back): the same
     consequences as a promotion by the gate — its predictions for the pool, the next
     worklist round and Label Studio follow. Returns a warning in words when the version is
-    active but its pool predictions could not be refreshed."""
+    active but its pool predictions could not be refreshed.
+
+    A version that already is active is left as it is (AlreadyActive: a double click or a
+    resubmitted form changes nothing, makes no round, writes no audit event). With
+    ``expected_active`` (the active version's id, or None, when the page was shown) a choice
+    made on a page the project has since moved past is refused (TrainingError): the gate may
+    have promoted a newer version meanwhile, which this click would replace unseen. Both are
+    decided under the lock on the project row, so two clicks at once promote once."""
     if model.status in (ModelVersion.Status.FAILED, ModelVersion.Status.TRAINING):
         raise TrainingError(f"{model.version} is {model.status}: it cannot be made active")
     problem = model_version_files_problem(model)   # e.g. restored without its files
     if problem:
         raise TrainingError(f"{problem}; it was not made active")
-    model_version_activate(model, reason=reason or f"promoted by {actor} (bypassing the gate)",
-                           actor=actor, rolled_back_from=rolled_back_from)
+    field = "active_encoder" if model.kind == ModelVersion.Kind.ENCODER else "active_model"
+    with transaction.atomic():
+        project = Project.objects.select_for_update(no_key=True).get(pk=model.project_id)
+        current = getattr(project, f"{field}_id")
+        if current == model.pk:
+            raise AlreadyActive(f"{model.version} already is the active "
+                                f"{model.kind}: nothing changed")
+        if expected_active is not _ANY and current != expected_active:
+            now = (ModelVersion.objects.filter(pk=current).values_list("version", flat=True)
+                   .first() if current else None)
+            raise TrainingError(
+                f"the active {model.kind} changed since this page was "
+                f"shown (it is now {now or 'none'}): {model.version} was not made active. "
+                "Reload the page and choose again.")
+        model_version_activate(model,
+                               reason=reason or f"promoted by {actor} (bypassing the gate)",
+                               actor=actor, rolled_back_from=rolled_back_from)
     if model.kind != ModelVersion.Kind.CLASSIFIER:
         return None
     try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from django.urls import reverse
 
 from annotator.models import AuditEvent
@@ -122,3 +123,50 @@ def test_promote_anyway_again_keeps_the_gate_verdict_once(client, users, project
         nested = f"promoted anyway by dora (the gate had said: {nested})"
     assert services.gate_verdict(nested) == verdict
     assert services.gate_verdict(verdict) == verdict
+
+
+def test_promoting_the_active_version_again_changes_nothing(client, users, project):
+    """The seventh probe: a double click on "Promote anyway" (or a resubmitted form) wrote a
+    second audit event, replaced the version's reason and made a second worklist round."""
+    from ml_backend.models import QueryRound
+
+    classes, clf3, clf10 = _versions(project)
+    assert client.login(username="dora", password=PASSWORD)
+    url = reverse("annotator:model_promote", args=[project.pk, clf3.pk])
+    first = client.post(url, {"active": str(clf10.pk)})
+    assert first.status_code == 302
+    project.refresh_from_db()
+    assert project.active_model_id == clf3.pk
+    state = (AuditEvent.objects.filter(action=AuditEvent.Action.MODEL_PROMOTED).count(),
+             QueryRound.objects.filter(project=project).count(),
+             ModelVersion.objects.get(pk=clf3.pk).status_reason)
+    again = client.post(url, {"active": str(clf10.pk)}, follow=True)    # the second click
+    assert "already is the active classifier: nothing changed" in again.content.decode()
+    assert state == (AuditEvent.objects.filter(action=AuditEvent.Action.MODEL_PROMOTED).count(),
+                     QueryRound.objects.filter(project=project).count(),
+                     ModelVersion.objects.get(pk=clf3.pk).status_reason)
+    with pytest.raises(services.AlreadyActive):
+        services.model_version_promote(clf3, actor=users["dora"])
+
+
+def test_a_promotion_from_a_page_the_gate_has_moved_past_is_refused(client, users, project):
+    """The page showed clf-10 active and clf-3 held back; the gate then promoted clf-12. The
+    old page's button must not replace clf-12 unseen."""
+    classes, clf3, clf10 = _versions(project)
+    ModelVersion.objects.filter(pk=clf3.pk).update(status="ready", status_reason="held back")
+    newer = model_version_with_files(project, "p-clf-12", status="ready", classes=classes)
+    services.model_version_activate(newer, reason="promoted: better than p-clf-10")
+    assert client.login(username="dora", password=PASSWORD)
+    page = client.post(reverse("annotator:model_promote", args=[project.pk, clf3.pk]),
+                       {"active": str(clf10.pk)}, follow=True)
+    text = page.content.decode()
+    assert "changed since this page was shown (it is now p-clf-12)" in text
+    project.refresh_from_db()
+    assert project.active_model_id == newer.pk
+    # the page as shown now carries the active version, and its button works
+    detail = client.get(reverse("annotator:project_detail", args=[project.pk])).content.decode()
+    assert f'name="active" value="{newer.pk}"' in detail or "promote-anyway" not in detail
+    client.post(reverse("annotator:model_promote", args=[project.pk, clf3.pk]),
+                {"active": str(newer.pk)})
+    project.refresh_from_db()
+    assert project.active_model_id == clf3.pk

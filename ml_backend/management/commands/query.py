@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
+from annotator.models import MAX_ROUND_SCANS
 from ml_backend import services
 from ml_backend.active.strategies import STRATEGIES
 from ml_backend.management.commands._runs import get_project, int_between
 from ml_backend.services.queries import query_refusal, strategy_needs_words
 
-MAX_N = 10_000     # scans in one round
+MAX_N = MAX_ROUND_SCANS     # scans in one round
 
 
 class Command(BaseCommand):
