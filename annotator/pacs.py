@@ -135,6 +135,10 @@ def parse_query(query: str | None) -> dict[str, str]:
     return filters
 
 
+PACS_TIMEOUT = (5, 30)     # seconds: to connect, and between two reads of an answer
+PACS_ATTEMPTS = 3
+
+
 def client_for(url: str):
     """A DICOMweb client for ``url`` with the environment's credentials (if any)."""
     from dicomweb_client.api import DICOMwebClient
@@ -145,7 +149,13 @@ def client_for(url: str):
         raise PacsError(f"{url[:80]!r} is not a DICOMweb URL (http:// or https://…/dicom-web)")
     user, password = settings.PACS_USERNAME, settings.PACS_PASSWORD
     session = create_session_from_auth(HTTPBasicAuth(user, password)) if user else None
-    return DICOMwebClient(url=url.rstrip("/"), session=session)
+    client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=PACS_TIMEOUT)
+    # dicomweb-client retries any failed request 5 times, waiting 2, 4, 8 and 16 s: a PACS
+    # that refuses the connection took 30 s to say so. A busy one (429/503) still gets two
+    # more tries, 0.5 and 1 s apart.
+    client.set_http_retry_params(retry=True, max_attempts=PACS_ATTEMPTS,
+                                 wait_exponential_multiplier=250)
+    return client
 
 
 def _value(result: dict, tag: str):

@@ -21,9 +21,14 @@ from tests.conftest import run_import
 CHEST, BRAIN = "Chest X-ray", "Brain MRI"
 
 
-def _two_sets(project, *, brain_classes=("no_tumor", "pituitary_tumor"), pools=True):
+def _two_sets(project, *, brain_classes=("no_tumor", "pituitary_tumor"), pools=True,
+              pool_limit: int | None = None):
     """Chest (normal, pneumonia) and brain scans in one project, eval labeled; the pool is
-    imported one class folder at a time so each pool scan's truth is known by its job."""
+    imported one class folder at a time so each pool scan's truth is known by its job
+    (``pool_limit``: only the first files of each pool folder, for tests that need a few)."""
+    import shutil
+    import tempfile
+
     truth: dict[int, str] = {}
     for folder, label_set, dataset, classes in (
             ("chest_xray", CHEST, "chest", ("normal", "pneumonia")),
@@ -31,10 +36,17 @@ def _two_sets(project, *, brain_classes=("no_tumor", "pituitary_tumor"), pools=T
         for name in classes:
             run_import(project, FIXTURES / folder / "eval" / name, layout="flat", split="eval",
                        default_label=name, dataset_name=dataset, label_set=label_set)
-            if pools:
-                job = run_import(project, FIXTURES / folder / "pool" / name, layout="flat",
-                                 dataset_name=dataset, label_set=label_set)
-                truth.update({pk: name for pk in job.scans.values_list("pk", flat=True)})
+            if not pools:
+                continue
+            with tempfile.TemporaryDirectory() as subset:
+                source = FIXTURES / folder / "pool" / name
+                if pool_limit is not None:
+                    for path in sorted(source.iterdir())[:pool_limit]:
+                        shutil.copy(path, subset)
+                    source = subset
+                job = run_import(project, source, layout="flat", dataset_name=dataset,
+                                 label_set=label_set)
+            truth.update({pk: name for pk in job.scans.values_list("pk", flat=True)})
     return truth
 
 
