@@ -257,14 +257,18 @@ def pytest_collection_modifyitems(config, items):
     the suite's database or its Celery broker, and the real-server ones. The rest (the
     pure-ML core, the benchmarks' own tests, the production example that starts its own
     PostgreSQL database in either pass) ran in the SQLite pass on the same code and would
-    run identically again. ``make test`` alone runs everything."""
+    run identically again; so did the ``sqlite_pass`` tests (network training end to end —
+    pretrain, fine-tune, distill, a class network's maps — whose minutes go to torch and
+    whose database use is plain ORM that the other PostgreSQL tests cover). ``make test``
+    alone runs everything."""
     for item in items:
         if _starts_real_servers(item):
             item.add_marker(pytest.mark.real_server)
     if os.environ.get("MEDLABEL_TESTS_DATABASE_ONLY") != "1":
         return
     kept = [item for item in items
-            if _uses_the_database(item) or item.get_closest_marker("real_server")]
+            if (_uses_the_database(item) or item.get_closest_marker("real_server"))
+            and item.get_closest_marker("sqlite_pass") is None]
     kept_ids = {id(item) for item in kept}
     dropped = [item for item in items if id(item) not in kept_ids]
     if dropped:

@@ -42,6 +42,7 @@ def brain_model(project):
     return project
 
 
+@pytest.mark.sqlite_pass
 def test_maps_land_on_the_central_tumours_more_than_chance(brain_model):
     project = brain_model
     explainer = _Explainer(project.active_model)
@@ -63,6 +64,7 @@ def test_maps_land_on_the_central_tumours_more_than_chance(brain_model):
     assert above["layercam"] >= 0.8 and above["layercam"] >= above["gradcam"], above
 
 
+@pytest.mark.sqlite_pass
 def test_overlay_is_cached_per_scan_class_and_version(brain_model, monkeypatch):
     from pathlib import Path
 

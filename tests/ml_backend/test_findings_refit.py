@@ -189,6 +189,7 @@ def test_thresholds_by_a_target_sensitivity_set_on_the_label_set(findings_projec
         assert report["per_finding"][finding]["sensitivity"] >= 0.95
 
 
+@pytest.mark.sqlite_pass
 def test_finetune_a_findings_network_and_serve_it(findings_project, users):
     """`finetune --label-set` trains per-finding sigmoid outputs on the findings set; the
     version carries its thresholds and per-finding report, and the label page and the
@@ -326,6 +327,7 @@ def test_findings_heads_export_as_onnx_with_their_thresholds(findings_project, t
     np.testing.assert_allclose(got, scorer.predict(scans), atol=1e-4)
 
 
+@pytest.mark.sqlite_pass
 def test_a_fine_tuned_findings_network_exports_as_onnx_and_torchscript(findings_project,
                                                                        tmp_path):
     import json
@@ -358,6 +360,7 @@ def test_a_fine_tuned_findings_network_exports_as_onnx_and_torchscript(findings_
     assert out.shape == (2, 3) and bool(((out >= 0) & (out <= 1)).all())
 
 
+@pytest.mark.sqlite_pass
 def test_findings_networks_beside_class_heads_in_a_mixed_project(findings_project, users,
                                                                 tmp_path):
     """A chest single-label set beside the brain findings set: fine-tuning (and distilling)

@@ -28,6 +28,7 @@ def brain_project(project, classes=("no_tumor", "pituitary_tumor")):
     return project
 
 
+@pytest.mark.sqlite_pass
 def test_an_encoder_embeds_at_the_scales_it_was_made_with(project, settings):
     settings.EMBED_SCALES = [1]                     # MEDLABEL_EMBED_SCALES=1: one size
     settings.EMBED_LAYERS = [4]                     # MEDLABEL_EMBED_LAYERS=4: its output
@@ -47,6 +48,7 @@ def test_an_encoder_embeds_at_the_scales_it_was_made_with(project, settings):
     assert len(services.similar_scans(scan=scan, k=3)) == 3
 
 
+@pytest.mark.sqlite_pass
 def test_pretrain_embed_similar_finetune_distill(project, settings, capsys):
     brain_project(project)
     call_command("pretrain", "--project", project.name, *TINY)

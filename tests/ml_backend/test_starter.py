@@ -122,6 +122,7 @@ def test_epochs_zero_adopts_the_starter_as_shipped(project, settings, tiny_start
     assert vectors.shape == (project.scans.count(), 1536) and np.isfinite(vectors).all()
 
 
+@pytest.mark.sqlite_pass
 def test_pretraining_continues_from_the_starter_by_default(project, settings, tiny_starter):
     settings.STARTER_ENCODER = str(tiny_starter)
     _import_brain(project)
@@ -133,6 +134,7 @@ def test_pretraining_continues_from_the_starter_by_default(project, settings, ti
     assert "initialised from encoder" in encoder.metrics["pretrain"]["note"]
 
 
+@pytest.mark.sqlite_pass
 def test_from_scratch_and_a_starter_that_does_not_fit(project, settings, tiny_starter):
     settings.STARTER_ENCODER = str(tiny_starter)
     _import_brain(project)
@@ -152,6 +154,7 @@ def test_from_scratch_and_a_starter_that_does_not_fit(project, settings, tiny_st
     assert run.status == TrainingRun.Status.FAILED and "--from scratch" in run.last_error
 
 
+@pytest.mark.sqlite_pass
 def test_pretraining_continues_the_starters_own_method_unless_told(project, settings,
                                                                     tmp_path):
     """A DINO starter (a site's choice: docs/benchmarks.md) goes on with DINO, its head
