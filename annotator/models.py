@@ -87,7 +87,7 @@ class Project(models.Model):
         default=0.02, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
         help_text="A new model is held back only when it is confidently worse (95% paired "
         "bootstrap bound on the same eval scans) than the active one by more than this: "
-        "macro-F1 for classes, each finding's F1 for findings (Bonferroni over findings). "
+        "macro-F1 for classes; for findings, the macro AUC and each finding's AUC (Bonferroni over findings). "
         "0–1: 0 holds back any confident drop, 1 never holds a version back.",
     )
     novelty_percentile = models.FloatField(

@@ -57,7 +57,7 @@ class Migration(migrations.Migration):
         migrations.AlterField(
             model_name='project',
             name='gate_tolerance',
-            field=models.FloatField(default=0.02, help_text="A new model is held back only when it is confidently worse (95% paired bootstrap bound on the same eval scans) than the active one by more than this: macro-F1 for classes, each finding's F1 for findings (Bonferroni over findings). 0–1: 0 holds back any confident drop, 1 never holds a version back.", validators=[django.core.validators.MinValueValidator(0.0), django.core.validators.MaxValueValidator(1.0)]),
+            field=models.FloatField(default=0.02, help_text="A new model is held back only when it is confidently worse (95% paired bootstrap bound on the same eval scans) than the active one by more than this: macro-F1 for classes; for findings, the macro AUC and each finding's AUC (Bonferroni over findings). 0–1: 0 holds back any confident drop, 1 never holds a version back.", validators=[django.core.validators.MinValueValidator(0.0), django.core.validators.MaxValueValidator(1.0)]),
         ),
         migrations.AlterField(
             model_name='project',
