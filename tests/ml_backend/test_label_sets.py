@@ -300,7 +300,11 @@ def test_a_real_regression_is_held_back_in_words_and_an_admin_can_promote_it(
     assert not promoted and reason.startswith("held back:"), reason
     assert comparison["regression"] and comparison["regressions"]
     assert "F1 fell from" in reason and "scans" in reason
+    # as the gate leaves it: the refit itself gated against the real predictions (and may
+    # have promoted its version); held back, the project keeps the active version
     ModelVersion.objects.filter(pk=candidate.pk).update(status="ready", status_reason=reason)
+    ModelVersion.objects.filter(pk=active.pk).update(status="active")
+    type(project).objects.filter(pk=project.pk).update(active_model=active)
 
     # the project page says so and offers the admin "promote anyway"; a clinician cannot
     url = reverse("annotator:model_promote", args=[project.pk, candidate.pk])
