@@ -10,6 +10,7 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils.deconstruct import deconstructible
 
+from annotator.names import dataset_name_refusal, name_refusal
 
 # the most scans one worklist round chooses (project setting, ``query --n``, the API)
 MAX_ROUND_SCANS = 10_000
@@ -23,14 +24,13 @@ COLOUR_VALIDATOR = RegexValidator(r"^#[0-9A-Fa-f]{6}$",
 class TypedName:
     """A name someone types (a project's, a label set's, a class's, a dataset's): refused
     with ``services.name_refusal`` / ``dataset_name_refusal``'s words wherever a form or
-    serializer validates the model (the admin included), as the pages' own forms do."""
+    serializer validates the model (the admin included), as the pages' own forms do
+    (``annotator.names``)."""
 
     def __init__(self, what: str):
         self.what = what
 
     def __call__(self, value: str) -> None:
-        from annotator.services import dataset_name_refusal, name_refusal
-
         refusal = (dataset_name_refusal(value) if self.what == "dataset"
                    else name_refusal(self.what, value))
         if refusal:

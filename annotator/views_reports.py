@@ -346,7 +346,10 @@ def _findings_sections(project: Project, model: ModelVersion | None) -> list[dic
                                                              "finding": finding}),
                  **{k: _fmt(r.get(k)) for k in (
                     "prevalence", "auc", "ap", "threshold", "sensitivity", "specificity", "ppv",
-                    "f1", "ece")}, "positives": r.get("positives")}
+                    "f1", "ece")}, "positives": r.get("positives"),
+                 # never preselected (a constant head, or a threshold no better than chance)
+                 "never": (r.get("threshold") or 0) > 1,
+                 "note": r.get("threshold_note") or r.get("preselection_note") or ""}
                 for finding, r in ((report or {}).get("per_finding") or {}).items()]
         gate = gates.get(name) or {}
         curve = []

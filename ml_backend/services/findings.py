@@ -128,8 +128,12 @@ def eval_thresholds(label_set: LabelSet, eval_targets: np.ndarray, proba: np.nda
     constant = chosen >= NEVER
     thresholds = np.where(constant, NEVER, np.where(enough, chosen, 0.5))
     evidence = preselection_evidence(eval_targets, proba, thresholds)
-    chance = np.array([bool(enough[f] and not constant[f] and e is not None
-                            and not e["enriched"]) for f, e in enumerate(evidence)])
+    weak = np.array([bool(enough[f] and not constant[f] and e is not None
+                          and not e["enriched"]) for f, e in enumerate(evidence)])
+    # the F1 rule asks for a balanced decision: one no better than chance is none. The
+    # target-sensitivity rule is the team's explicit choice of sensitivity over PPV: its
+    # threshold stands, and the report says what its preselection is worth.
+    chance = weak & (label_set.threshold_rule == "f1")
     thresholds = np.where(chance, NEVER, thresholds)
     report = findings_report(eval_targets, proba, names, thresholds=thresholds)
     for f, name in enumerate(names):
@@ -144,6 +148,14 @@ def eval_thresholds(label_set: LabelSet, eval_targets: np.ndarray, proba: np.nda
                     f"{e['right']} rightly (PPV {e['ppv'] or 0:.2f}, 95% lower bound "
                     f"{e['ppv_low']:.2f}), no better than the finding's prevalence "
                     f"({e['prevalence']:.2f}): never preselected until labels teach it more")
+        elif weak[f]:
+            e = evidence[f]
+            report["per_finding"][name]["preselection_note"] = (
+                f"at the target sensitivity the model marks {e['flagged']} eval scans "
+                f"present, {e['right']} rightly (PPV {e['ppv'] or 0:.2f}, 95% lower bound "
+                f"{e['ppv_low']:.2f}): no better than the finding's prevalence "
+                f"({e['prevalence']:.2f}), so its preselection tells few scans apart")
+            continue
         elif not enough[f]:
             note = (f"{NO_THRESHOLD} ({positives[f]} eval positives, "
                     f"{MIN_THRESHOLD_POSITIVES} needed): 0.5 on the calibrated probability")

@@ -168,7 +168,7 @@ def unseen_project(project, tmp_path):
 
 
 def test_a_finding_never_seen_present_is_never_preselected_and_the_refit_makes_a_round(
-        unseen_project):
+        unseen_project, client):
     from annotator.label_page import _findings_rows, _findings_suggestion
 
     project = unseen_project
@@ -183,6 +183,15 @@ def test_a_finding_never_seen_present_is_never_preselected_and_the_refit_makes_a
     assert report["pituitary_tumor"]["threshold_note"].startswith(
         "not enough positives to choose a threshold")
     assert "threshold_note" not in report["glioma_tumor"]
+    # the reports page says so in words, not as a threshold of 1.001
+    from django.urls import reverse
+
+    from tests.base import PASSWORD
+
+    assert client.login(username="dora", password=PASSWORD)
+    page = client.get(reverse("annotator:reports", args=[project.pk])).content.decode()
+    assert "not preselected" in page and "1.001" not in page
+    assert "pituitary_tumor: not enough positives to choose a threshold" in page
     label_set = LabelSet.objects.get(project=project, name="brain findings")
     findings = list(LabelClass.objects.filter(label_set=label_set).order_by("order", "pk"))
     pool = list(Scan.objects.filter(project=project, split="pool"))[:40]

@@ -407,6 +407,7 @@ def test_findings_networks_beside_class_heads_in_a_mixed_project(findings_projec
         ("brain findings", "findings"), ("chest x-ray", "classes")]
 
     # the network made active by hand; the next refit keeps whichever scores the set better
+    project.refresh_from_db()
     if project.active_model_id != model.pk:
         ml.model_version_promote(model, actor=users["dora"], reason="test: promoted by hand")
     project.refresh_from_db()
