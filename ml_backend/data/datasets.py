@@ -13,7 +13,10 @@ A *source spec* is one of:
 
 ``labels_csv`` (``filename,label``) adds or overrides labels for a folder;
 rows match a file's path relative to the folder, or its bare name when that
-is unique.
+is unique. A labels CSV (or a CSV source) with a header may also name each
+file's patient (a ``patient`` / ``patient_id`` / ``Patient ID`` column): files
+without DICOM identity are then grouped by patient (a keyed hash) in an
+automatic eval split.
 
 The same readers serve ``manage.py import_scans`` and the benchmarks.
 """
@@ -194,7 +197,16 @@ def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _read_label_rows(csv_path: Path) -> list[tuple[str, str]]:
+# a labels CSV's header may name each row's patient (never stored: its keyed hash groups the
+# patient's files in an automatic eval split, ``SourceItem.patient``)
+PATIENT_COLUMNS = ("patient", "patient_id", "patient id", "patientid")
+
+
+def _read_label_rows(csv_path: Path) -> list[tuple[str, str, str | None]]:
+    """``(filename, label, patient)`` rows of a labels CSV: ``filename,label`` with an
+    optional header, whose ``label`` (or ``class``) column and patient column (``patient``,
+    ``patient_id``, ``Patient ID``) are found by name; without a header the first two
+    columns, and no patient."""
     if not csv_path.is_file():
         raise SourceError(f"{csv_path}: labels CSV not found")
     try:
@@ -202,17 +214,24 @@ def _read_label_rows(csv_path: Path) -> list[tuple[str, str]]:
     except UnicodeDecodeError:
         raise SourceError(f"{csv_path}: labels CSV is not UTF-8 text") from None
     rows = []
+    label_at, patient_at = 1, None
     for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         if not row or all(not cell.strip() for cell in row):
             continue
         if len(row) < 2:
             raise SourceError(f"{csv_path.name} line {number}: expected 'filename,label'")
-        filename, label = row[0].strip(), row[1].strip()
+        filename = row[0].strip()
         if number == 1 and filename.lower() in ("filename", "file", "path", "image"):
-            continue  # header
+            header = [cell.strip().lower() for cell in row]
+            label_at = next((i for i, h in enumerate(header) if h in ("label", "class")), 1)
+            patient_at = next((i for i, h in enumerate(header) if h in PATIENT_COLUMNS), None)
+            continue
         if not filename:
             raise SourceError(f"{csv_path.name} line {number}: empty filename")
-        rows.append((filename.replace("\\", "/"), label))
+        label = row[label_at].strip() if label_at < len(row) else ""
+        patient = (row[patient_at].strip() or None) if (
+            patient_at is not None and patient_at < len(row)) else None
+        rows.append((filename.replace("\\", "/"), label, patient))
     if not rows:
         raise SourceError(f"{csv_path}: labels CSV has no rows")
     return rows
@@ -221,12 +240,13 @@ def _read_label_rows(csv_path: Path) -> list[tuple[str, str]]:
 def _read_csv_source(csv_path: Path) -> SourceListing:
     base = csv_path.parent
     items = []
-    for filename, label in _read_label_rows(csv_path):
+    for filename, label, patient in _read_label_rows(csv_path):
         target = (base / filename).resolve()
         if base.resolve() not in target.parents:
             raise SourceError(f"{csv_path.name}: {filename!r} points outside the CSV's folder")
         items.append(
-            SourceItem(name=filename, label=label or None, load=_reader(target, filename))
+            SourceItem(name=filename, label=label or None, load=_reader(target, filename),
+                       patient=patient)
         )
     return SourceListing(items=items, default_dataset_name=csv_path.stem)
 
@@ -247,7 +267,7 @@ def _apply_labels_csv(listing: SourceListing, csv_path: Path) -> None:
     by_base: dict[str, list[int]] = {}
     for i, item in enumerate(listing.items):
         by_base.setdefault(item.name.rsplit("/", 1)[-1], []).append(i)
-    for filename, label in rows:
+    for filename, label, patient in rows:
         index = by_name.get(filename)
         if index is None:
             candidates = by_base.get(filename.rsplit("/", 1)[-1], [])
@@ -256,7 +276,8 @@ def _apply_labels_csv(listing: SourceListing, csv_path: Path) -> None:
             listing.unmatched_label_rows.append(filename)
             continue
         item = listing.items[index]
-        listing.items[index] = replace(item, label=label or None)
+        listing.items[index] = replace(item, label=label or None,
+                                       patient=patient or item.patient)
 
 
 def _read_npz(path: Path, split: str, *, class_names: list[str] | None) -> SourceListing:

@@ -229,3 +229,4 @@ def test_a_findings_import_keys_each_patient_so_an_auto_split_keeps_them_whole(p
     assert len(sides) == 12 and all(len(s) == 1 for s in sides.values())
     assert {split for s in sides.values() for split in s} == {"pool", "eval"}
     assert not any(s.patient_key.startswith("0000") for s in scans)
+

@@ -186,3 +186,33 @@ def test_import_command_errors(project, tmp_path):
         call_command("import_scans", str(tmp_path), project="nope")
     with pytest.raises(CommandError, match="no such file or folder"):
         call_command("import_scans", str(tmp_path / "x"), project=project.name, no_progress=True)
+
+
+def test_a_labels_csv_with_a_patient_column_keeps_each_patient_on_one_side(project, tmp_path):
+    """A class import of PNG films with ``filename,label,patient``: the patient column keys
+    the films (a keyed hash), so ``--split auto`` never puts one patient on both sides; a
+    CSV source and a labels CSV beside a folder alike."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "films"
+    folder.mkdir()
+    rows = ["filename,label,patient_id"]
+    for patient in range(10):
+        for film in range(3):
+            name = f"film_{patient}_{film}.png"
+            Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(folder / name)
+            rows.append(f"{name},{'pneumonia' if patient % 2 else 'normal'},MRN-{patient:04d}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    job = run_import(project, folder / "labels.csv", split="auto:0.5")
+    assert job.status == ImportJob.Status.SUCCEEDED, job.last_error
+    scans = list(Scan.objects.filter(project=project))
+    assert len(scans) == 30 and all(len(s.patient_key) == 32 for s in scans)
+    sides: dict[str, set[str]] = {}
+    for scan in scans:
+        sides.setdefault(scan.patient_key, set()).add(scan.split)
+    assert len(sides) == 10 and all(len(s) == 1 for s in sides.values())
+    assert {split for s in sides.values() for split in s} == {"pool", "eval"}
+    assert Annotation.objects.filter(scan__project=project).count() == 30
+    assert not Scan.objects.filter(patient_key__icontains="MRN").exists()

@@ -43,7 +43,10 @@ class Command(BaseCommand):
                             "US, SM, XC, ...), for files that do not carry one (PNG, JPEG, TIFF)")
         parser.add_argument("--body-part", default="",
                             help="body part of the dataset's scans (CHEST, BRAIN, ...), likewise")
-        parser.add_argument("--labels", default="", help="CSV of filename,label")
+        parser.add_argument("--labels", default="", help="CSV of filename,label; with a "
+                            "header, an optional patient (or patient_id) column groups each "
+                            "patient's PNG/JPEG/TIFF files in --split auto (stored as a keyed "
+                            "hash, never the identifier)")
         parser.add_argument("--layout", default="auto", choices=["auto", "class-folders", "flat"],
                             help="auto: sub-folder names are labels when images sit one level "
                             "down; flat: ignore folder names")
