@@ -92,8 +92,8 @@ def fit_findings_sets(project, encoder: ModelVersion, *, seed: int = 0, report=N
                       f"the highest with sensitivity >= {label_set.target_sensitivity:g}")
                   + f" on the eval split (findings with >= {MIN_THRESHOLD_POSITIVES} eval "
                     "positives), else 0.5; a finding whose head is constant (never seen "
-                    "present, or never absent), or whose threshold picks eval scans no "
-                    "richer in it than its prevalence (95% Wilson bound), is never "
+                    "present, or never absent), or (F1 rule) whose threshold picks eval "
+                    "scans no richer in it than its prevalence (95% Wilson bound), is never "
                     "preselected",
                   "fit": details["findings"]}
         fitted.append({"label_set": label_set, "head": head, "config": config,
@@ -143,7 +143,7 @@ def eval_thresholds(label_set: LabelSet, eval_targets: np.ndarray, proba: np.nda
                     "preselected")
         elif chance[f]:
             e = evidence[f]
-            note = (f"{NO_THRESHOLD}: at its {label_set.threshold_rule} threshold "
+            note = (f"not preselected: at its F1-best threshold "
                     f"({chosen[f]:.3f}) the model marks {e['flagged']} eval scans present, "
                     f"{e['right']} rightly (PPV {e['ppv'] or 0:.2f}, 95% lower bound "
                     f"{e['ppv_low']:.2f}), no better than the finding's prevalence "
