@@ -68,3 +68,12 @@ def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
             return value
         time.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def patient_sides(scans) -> dict[str, set[str]]:
+    """Each patient key of ``scans`` with the splits its scans landed in: an automatic
+    eval split that keeps patients whole gives every key exactly one side."""
+    sides: dict[str, set[str]] = {}
+    for scan in scans:
+        sides.setdefault(scan.patient_key, set()).add(scan.split)
+    return sides

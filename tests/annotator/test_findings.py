@@ -12,7 +12,7 @@ from annotator import services
 from annotator.findings import findings_agreement, findings_answer_create, findings_targets
 from annotator.models import Annotation, FindingAnswer, ImportJob, LabelClass, LabelSet, Scan
 from annotator.services import AnnotationError
-from tests.base import FIXTURES, SHARED_DATA
+from tests.base import FIXTURES, SHARED_DATA, patient_sides
 from tests.conftest import run_import
 
 NIH = SHARED_DATA / "nih_cxr14_subset"
@@ -223,9 +223,7 @@ def test_a_findings_import_keys_each_patient_so_an_auto_split_keeps_them_whole(p
     assert job.status == ImportJob.Status.SUCCEEDED, job.last_error
     scans = list(Scan.objects.filter(project=project))
     assert len(scans) == 36 and all(len(s.patient_key) == 32 for s in scans)
-    sides: dict[str, set[str]] = {}
-    for scan in scans:
-        sides.setdefault(scan.patient_key, set()).add(scan.split)
+    sides = patient_sides(scans)
     assert len(sides) == 12 and all(len(s) == 1 for s in sides.values())
     assert {split for s in sides.values() for split in s} == {"pool", "eval"}
     assert not any(s.patient_key.startswith("0000") for s in scans)

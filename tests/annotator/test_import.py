@@ -8,7 +8,8 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from annotator.models import Annotation, Dataset, ImportJob, LabelClass, Scan
-from tests.base import FIXTURES, SHARED_DATA, media_files, png_bytes, png_header_only, pydicom_test_files
+from tests.base import (FIXTURES, SHARED_DATA, media_files, patient_sides, png_bytes,
+                        png_header_only, pydicom_test_files)
 from tests.conftest import run_import
 
 
@@ -209,9 +210,7 @@ def test_a_labels_csv_with_a_patient_column_keeps_each_patient_on_one_side(proje
     assert job.status == ImportJob.Status.SUCCEEDED, job.last_error
     scans = list(Scan.objects.filter(project=project))
     assert len(scans) == 30 and all(len(s.patient_key) == 32 for s in scans)
-    sides: dict[str, set[str]] = {}
-    for scan in scans:
-        sides.setdefault(scan.patient_key, set()).add(scan.split)
+    sides = patient_sides(scans)
     assert len(sides) == 10 and all(len(s) == 1 for s in sides.values())
     assert {split for s in sides.values() for split in s} == {"pool", "eval"}
     assert Annotation.objects.filter(scan__project=project).count() == 30
