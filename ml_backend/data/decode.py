@@ -10,10 +10,16 @@ What ``decode_scan`` returns for a file:
   ``(H, W, 3)`` RGB for a colour image. For greyscale DICOM: modality LUT
   (RescaleSlope/Intercept or Modality LUT Sequence), then VOI (WindowCenter/Width,
   LINEAR / LINEAR_EXACT / SIGMOID, or VOI LUT Sequence; percentile window when
-  absent), then MONOCHROME1 inversion; Float and Double Float Pixel Data (parametric
-  maps) too. A multi-frame image contributes its middle frame. Non-finite values (a
-  rescale to infinity, NaN pixels) are refused. A TIFF is its first page when the other
-  pages are smaller (thumbnails, pyramid levels); a stack of full-size pages is refused.
+  absent, pixel padding left out of it), then MONOCHROME1 or Presentation LUT Shape
+  INVERSE inversion; Float and Double Float Pixel Data (parametric maps) too. An
+  enhanced (multi-frame) image takes rescale, window and pixel spacing from the shown
+  frame's functional groups. A multi-frame image contributes its middle frame. A DICOM
+  without file meta (an old raw dataset) is read in the encoding of its dataset, one
+  whose preamble was cut off (starting 'DICM') as if it had one. Non-finite values (a
+  rescale to infinity, NaN pixels) are refused. A TIFF (or BigTIFF) is its first page when
+  the other pages are smaller (thumbnails, pyramid levels); a stack of full-size pages is
+  refused. A JPEG or PNG is turned upright as its EXIF orientation says (Pillow does the
+  same for a TIFF's Orientation tag), with a note; a JPEG of more than 8 bits is refused.
   Colour is kept where the source is colour: RGB / RGBA / palette PNG, JPEG, TIFF;
   DICOM RGB, YBR_* (converted to RGB) and PALETTE COLOR. A colour-encoded image whose
   channels agree (greyscale saved as RGB, like most MRI exported to JPEG) is detected
@@ -24,7 +30,8 @@ What ``decode_scan`` returns for a file:
 - ``stored_bytes``: what may be kept on disk, de-identified (``deid``): DICOM
   rewritten, uncompressed, from a whitelist of technical attributes with fresh
   UIDs; PNG and TIFF re-encoded losslessly as a PNG of pixels only; JPEG
-  reduced to the segments decoding needs, not re-compressed.
+  reduced to the segments decoding needs, not re-compressed, except one its EXIF
+  orientation turns: its upright pixels as a PNG (``stored_ext`` ".png").
 - ``meta``: only modality, manufacturer, model, body part, photometric
   interpretation, pixel spacing, bits stored, frame count, transfer syntax,
   the burned-in-annotation flag, and for DICOM the study and series pseudonyms (keyed
@@ -124,6 +131,8 @@ LINKAGE_FIELDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirth
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*")
+_BIGTIFF_MAGICS = (b"II+\x00", b"MM\x00+")   # BigTIFF: 64-bit offsets, read the same way
+_DICM_WITHOUT_PREAMBLE = b"DICM\x02\x00"   # 'DICM', then the file meta's group 0x0002
 DICOM_EXTENSIONS = {".dcm", ".dicom", ".dic", ""}
 RASTER_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
@@ -137,11 +146,13 @@ def sniff_format(data: bytes, name: str = "") -> str | None:
     """
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
+    if data.startswith(_DICM_WITHOUT_PREAMBLE):  # a Part 10 file whose preamble was cut off
+        return "dicom"
     if data.startswith(_PNG_MAGIC):
         return "png"
     if data.startswith(_JPEG_MAGIC):
         return "jpeg"
-    if data[:4] in _TIFF_MAGICS:
+    if data[:4] in _TIFF_MAGICS or data[:4] in _BIGTIFF_MAGICS:
         return "tiff"
     ext = _extension(name)
     if ext in DICOM_EXTENSIONS:
@@ -257,6 +268,7 @@ class _Codestream:
     min_bytes: int = 0  # the fewest bytes a complete stream of this size can have
     scan_bytes: int = 0  # bytes from the first scan on (entropy-coded data and after)
     tiles: int = 1
+    precision: int = 8  # bits per sample (a JPEG frame header's P)
 
     def check_complete(self) -> None:
         """Refuse a stream far smaller than any complete one of its declared size: a
@@ -302,12 +314,12 @@ def _jpeg_codestream(data: bytes) -> _Codestream:
         if length < 2:
             raise ScanDecodeError("JPEG structure is damaged (a segment of length < 2)")
         if marker in _SOF_MARKERS and sof is None and pos + 10 <= n:
-            _precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
-            sof = (marker, width, height, components)
+            precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
+            sof = (marker, width, height, components, precision)
         if marker == 0xDA:
             if sof is None:
                 break
-            marker, width, height, components = sof
+            marker, width, height, components, precision = sof
             if width == 0 or height == 0:
                 raise ScanDecodeError(
                     f"JPEG declares an empty or deferred size ({width}x{height}); "
@@ -317,7 +329,8 @@ def _jpeg_codestream(data: bytes) -> _Codestream:
             minimum = 0
             if marker in _HUFFMAN_SOF:  # arithmetic coding and JPEG-LS can go below a bit a block
                 minimum = -(-width * height // _JPEG_PIXELS_PER_BYTE)
-            return _Codestream(codec, width, height, components, minimum, scan_bytes=n - pos)
+            return _Codestream(codec, width, height, components, minimum, scan_bytes=n - pos,
+                               precision=precision)
         pos += 2 + length
     if sof is None:
         raise ScanDecodeError("JPEG has no frame header (SOF) before its image data")
@@ -612,9 +625,20 @@ def _tiff_pages(data: bytes) -> list[tuple[int, int]]:
     """``(width, height)`` of every page, from the directory chain walked once (Pillow's
     page count re-walks it per page), with loop detection and a cap on pages and entries."""
     order = "<" if data[:2] == b"II" else ">"
-    entry = np.dtype([("tag", order + "u2"), ("type", order + "u2"), ("count", order + "u4"),
-                      ("value", "V4")])
-    (offset,) = struct.unpack_from(order + "I", data, 4)
+    big = data[:4] in _BIGTIFF_MAGICS
+    if big:  # BigTIFF: 8-byte offsets and counts, 20-byte directory entries
+        if len(data) < 16 or struct.unpack_from(order + "HH", data, 4) != (8, 0):
+            raise ScanDecodeError("BigTIFF header is damaged (its offset size is not 8 bytes)")
+        entry = np.dtype([("tag", order + "u2"), ("type", order + "u2"),
+                          ("count", order + "u8"), ("value", "V8")])
+        offset_format, count_format, offset_size = order + "Q", order + "Q", 8
+        (offset,) = struct.unpack_from(offset_format, data, 8)
+    else:
+        entry = np.dtype([("tag", order + "u2"), ("type", order + "u2"),
+                          ("count", order + "u4"), ("value", "V4")])
+        offset_format, count_format, offset_size = order + "I", order + "H", 4
+        (offset,) = struct.unpack_from(offset_format, data, 4)
+    count_size = struct.calcsize(count_format)
     seen: set[int] = set()
     pages: list[tuple[int, int]] = []
     entries_seen = 0
@@ -630,13 +654,13 @@ def _tiff_pages(data: bytes) -> list[tuple[int, int]]:
                 f"TIFF has more than {MAX_FRAMES:,} pages, above the limit for one file"
             )
         seen.add(offset)
-        if offset + 2 > len(data):
+        if offset + count_size > len(data):
             if pages:
                 break  # a dangling pointer after the last page: the pages before it stand
             raise ScanDecodeError("TIFF is truncated: its first page directory is missing")
-        (count,) = struct.unpack_from(order + "H", data, offset)
-        end = offset + 2 + 12 * count
-        if end + 4 > len(data):
+        (count,) = struct.unpack_from(count_format, data, offset)
+        end = offset + count_size + entry.itemsize * count
+        if end + offset_size > len(data):
             if pages:
                 break
             raise ScanDecodeError("TIFF is truncated: its first page directory is cut short")
@@ -645,7 +669,7 @@ def _tiff_pages(data: bytes) -> list[tuple[int, int]]:
             raise ScanDecodeError(
                 "TIFF page directories hold too many entries (damaged or hostile)"
             )
-        table = np.frombuffer(data, dtype=entry, count=count, offset=offset + 2)
+        table = np.frombuffer(data, dtype=entry, count=count, offset=offset + count_size)
         size = [_tiff_number(table, tag, order) for tag in (256, 257)]
         if None in size:
             raise ScanDecodeError(
@@ -656,7 +680,7 @@ def _tiff_pages(data: bytes) -> list[tuple[int, int]]:
                 f"TIFF page {page:,} declares an empty image ({size[0]}x{size[1]})"
             )
         pages.append((size[0], size[1]))
-        (offset,) = struct.unpack_from(order + "I", data, end)
+        (offset,) = struct.unpack_from(offset_format, data, end)
     if not pages:
         raise ScanDecodeError("TIFF has no pages")
     return pages
@@ -671,7 +695,9 @@ def _tiff_number(table: np.ndarray, tag: int, order: str) -> int | None:
     if int(item["type"]) == 3:
         return struct.unpack(order + "H", raw[:2])[0]
     if int(item["type"]) == 4:
-        return struct.unpack(order + "I", raw)[0]
+        return struct.unpack(order + "I", raw[:4])[0]
+    if int(item["type"]) == 16:  # LONG8, BigTIFF only
+        return struct.unpack(order + "Q", raw[:8])[0]
     return None
 
 
@@ -781,6 +807,12 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
         info = _jpeg_codestream(data)
         budget.refuse(f"JPEG declares {info.width}x{info.height} pixels", info.width * info.height)
         info.check_complete()
+        if info.codec == "JPEG" and info.precision != 8:
+            # Pillow (libjpeg) reads 8-bit JPEG only; DICOM's decoders read the others
+            raise ScanDecodeError(
+                f"{info.precision}-bit JPEG files are not supported outside DICOM (only "
+                "8-bit JPEG can be read here): save the image as a 16-bit PNG or TIFF, or "
+                "as DICOM, and import that")
     elif kind == "tiff":
         pages = _tiff_pages(data)
         total = sum(w * h for w, h in pages)
@@ -821,6 +853,12 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
             ) from None
 
     notes = _pages_note(kind, pages, frames)
+    turned = None
+    if kind in ("jpeg", "png"):   # Pillow turns a TIFF by its Orientation tag itself
+        image, turned = _exif_upright(image)
+        if turned is not None:
+            width, height = image.size
+            notes.append(turned)
     values: dict = {}
     pixels, bits, colour, colour_reason, reduced = _raster_to_unit(image, window=window,
                                                                    values=values)
@@ -829,7 +867,7 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
                      "display and training (the stored copy keeps every pixel)")
     if not keep_copy:
         stored, ext = b"", ""
-    elif kind == "jpeg":
+    elif kind == "jpeg" and turned is None:
         try:
             stored, ext = strip_jpeg_metadata(data), ".jpg"
         except DeidentificationError as exc:
@@ -857,8 +895,43 @@ def _decode_raster(data: bytes, *, kind: str, budget: _Budget,
     )
 
 
+# EXIF Orientation (0x0112): how the stored rows must be turned to show the picture upright.
+_EXIF_ORIENTATION = 0x0112
+_EXIF_TURNS = {
+    2: "mirrored left to right",
+    3: "rotated 180°",
+    4: "mirrored top to bottom",
+    5: "mirrored across its diagonal (transposed)",
+    6: "rotated 90° clockwise",
+    7: "mirrored across its other diagonal (transversed)",
+    8: "rotated 90° counter-clockwise",
+}
+
+
+def _exif_upright(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """A JPEG or PNG turned upright as its EXIF Orientation says, and a note for the import
+    report; ``(image, None)`` when it says nothing or 1 (upright already). Cameras and phones
+    write the pixels as the sensor read them and the turn in EXIF, which the stored copy
+    cannot keep (EXIF is dropped as metadata): the pixels are turned here instead, so the
+    previews, the label page, the model and the stored copy all see the picture upright (a
+    mirrored orientation, 2/4/5/7, would otherwise swap left and right)."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - damaged EXIF: the pixels are shown as stored
+        return image, None
+    if orientation not in _EXIF_TURNS:
+        return image, None
+    from PIL import ImageOps
+
+    upright = ImageOps.exif_transpose(image)
+    return upright, (f"turned upright as its EXIF orientation ({orientation}: "
+                     f"{_EXIF_TURNS[orientation]}) says; the stored copy holds the upright "
+                     "pixels, losslessly as PNG")
+
+
 def _pages_note(kind: str, pages: list[tuple[int, int]] | None, frames: int) -> list[str]:
-    """A raster holding more than one image: what was imported of it, or a refusal.
+    """A raster holding more than one image: what is used of it (on import and on the
+    classify page alike), or a refusal.
 
     A TIFF whose later pages are all smaller than the first (the thumbnails and pyramid
     levels of a slide or a camera image, a slide's label and overview images) is its first,
@@ -877,11 +950,11 @@ def _pages_note(kind: str, pages: list[tuple[int, int]] | None, frames: int) -> 
                 "Save each page as its own TIFF or PNG file (or a CT/MR series as DICOM) "
                 "and import those")
         return [f"multi-page TIFF: only the first, full-resolution page ({width}x{height}) "
-                f"was imported; its {len(rest):,} smaller page(s) (thumbnails, pyramid levels "
+                f"is used; its {len(rest):,} smaller page(s) (thumbnails, pyramid levels "
                 "or a slide's label and overview images) were not kept"]
     if frames > 1:
         return [f"{kind.upper()} holds {frames:,} frames (animated): only its first frame "
-                "was imported"]
+                "is used"]
     return []
 
 
@@ -933,11 +1006,16 @@ def _raster_to_unit(image: Image.Image, *, window=None, values: dict | None = No
     return array, 8, False, reason, reduced
 
 
-def _describe_values(values: np.ndarray, out: dict, window=None) -> None:
+def _describe_values(values: np.ndarray, out: dict, window=None,
+                     exclude: np.ndarray | None = None) -> None:
     """A greyscale image's value range and its default window (the file's, else the
-    0.5–99.5 percentile one), in its own units, rounded for display."""
+    0.5–99.5 percentile one, without the pixels ``exclude`` marks), in its own units,
+    rounded for display."""
     step = max(1, int(np.ceil(np.sqrt(values.size / 262_144))))
     sample = values[::step, ::step]
+    if exclude is not None:
+        kept = sample[~exclude[::step, ::step]]
+        sample = kept if kept.size else sample
     low, high = float(np.min(values)), float(np.max(values))
     if not (np.isfinite(low) and np.isfinite(high)):   # NaN spreads to min and max
         raise ScanDecodeError(
@@ -968,14 +1046,18 @@ def _encode_png_lossless(image: Image.Image) -> bytes:
 
 
 def _percentile_window(
-    array: np.ndarray, low: float = 0.5, high: float = 99.5, *, in_place: bool = False
+    array: np.ndarray, low: float = 0.5, high: float = 99.5, *, in_place: bool = False,
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
     """``array`` mapped so its ``low`` / ``high`` percentiles become 0 / 1, as float32.
     ``in_place``: ``array`` is a float32 array of the caller's to overwrite (no copy);
-    the percentiles themselves need one temporary copy (0 / 100 need none)."""
+    the percentiles themselves need one temporary copy (0 / 100 need none). ``exclude``:
+    pixels left out of the percentiles (DICOM pixel padding), mapped like the others."""
     if not (in_place and array.dtype == np.float32 and array.flags.writeable):
         array = np.array(array, dtype=np.float32)
     finite_mask = np.isfinite(array)
+    if exclude is not None:
+        finite_mask &= ~exclude
     finite = array if finite_mask.all() else array[finite_mask]
     del finite_mask
     if finite.size == 0:
@@ -1011,6 +1093,11 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    file_notes = []
+    if data.startswith(_DICM_WITHOUT_PREAMBLE):
+        data = bytes(128) + data   # the 128-byte preamble pydicom looks for before 'DICM'
+        file_notes.append("DICOM file lacks its 128-byte preamble (it starts with 'DICM'): "
+                          "read as if it had one")
     # A deflated dataset is inflated here, under a cap, not by pydicom (which would
     # inflate all of it at once): pydicom reads the same file as Explicit VR LE.
     inflated = _undeflate(data, budget=budget)
@@ -1059,6 +1146,11 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
                   bomb=False)
 
     transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if not transfer_syntax:
+        transfer_syntax = _assumed_transfer_syntax(ds)
+        file_notes.append(f"DICOM has no file meta header (no preamble, no 'DICM', no "
+                          f"transfer syntax), as old systems write: read as "
+                          f"{transfer_syntax.name}, the encoding of its dataset")
     ts_name = clean_text(getattr(transfer_syntax, "name", "") or "", 80)
     try:
         encapsulated = bool(transfer_syntax) and transfer_syntax.is_compressed and not (
@@ -1073,6 +1165,7 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
     chosen = frames // 2 if frame is None else int(frame)
     if frame is not None and not 0 <= chosen < frames:
         raise ScanDecodeError(f"frame {chosen} asked of an image with {frames} frame(s)")
+    _frame_functional_groups(ds, chosen)
     # Without a stored copy to write, a multi-frame image (a stacked CT series) decodes only
     # the frame it shows: scrolling a 600-slice series reads one slice's pixels a step, not
     # all of them.
@@ -1158,7 +1251,7 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
     except DeidentificationError as exc:
         raise ScanDecodeError(str(exc)) from None
 
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    spacing = _spacing(ds.get("PixelSpacing")) or _spacing(ds.get("ImagerPixelSpacing"))
     study_key, series_key = study_series_pseudonyms(ds, salt=salt)
     meta = {
         "study_key": study_key,
@@ -1173,7 +1266,7 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         "manufacturer_model": kept_text(ds, "ManufacturerModelName"),
         "body_part": kept_text(ds, "BodyPartExamined"),
         "photometric": photometric,
-        "pixel_spacing": _spacing(spacing),
+        "pixel_spacing": spacing,
         "bits_stored": (raw.dtype.itemsize * 8 if raw.dtype.kind == "f"
                         else int(ds.get("BitsStored", 0) or 0)),
         "transfer_syntax": ts_name,
@@ -1182,7 +1275,7 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         "colour_reason": colour_reason,
         **values,
     }
-    notes = photometric_notes
+    notes = file_notes + photometric_notes
     if meta["burned_in_annotation"]:
         notes.append("DICOM flags burned-in annotation: text in the pixels may identify the patient")
     return DecodedScan(
@@ -1198,6 +1291,77 @@ def _decode_dicom(data: bytes, *, salt: str, budget: _Budget, sure: bool = True,
         warnings=notes,
         linkage=_linkage(ds) if linkage else None,
     )
+
+
+# What an enhanced (multi-frame) image's functional groups say of a frame's pixel values,
+# window and pixel size (PS3.3 C.7.6.16.2), and the attributes each sets.
+_FRAME_GROUPS = {
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+}
+
+
+def _frame_functional_groups(ds, index: int) -> None:
+    """An enhanced CT / MR / ... image keeps its rescale, window and pixel spacing in
+    functional groups, not at the top level: the frame's own per-frame group, else the
+    shared one, is set on ``ds`` at the top level (over what is there), so the frame is
+    decoded in its real units (HU, not stored values) with its own window. Each frame
+    gets its own values (per-frame rescale may differ from frame to frame); the stored copy
+    keeps these groups (``deid.ITEM_KEYWORDS``), so any frame of it decodes the same."""
+    groups = []
+    for keyword, position in (("PerFrameFunctionalGroupsSequence", index),
+                              ("SharedFunctionalGroupsSequence", 0)):
+        try:
+            items = ds[keyword].value if keyword in ds else None
+            if items is not None and 0 <= position < len(items):
+                groups.append(items[position])
+        except Exception:  # noqa: BLE001 - an unreadable group is not used
+            continue
+    for sequence, keywords in _FRAME_GROUPS.items():
+        for group in groups:
+            try:
+                items = group[sequence].value if sequence in group else None
+                if not items:
+                    continue
+                item = items[0]
+                found = {k: item[k].value for k in keywords
+                         if k in item and item[k].value not in (None, "")}
+            except Exception:  # noqa: BLE001 - a damaged group item is not used
+                continue
+            if not found:
+                continue
+            for keyword in keywords:
+                if keyword in ds:
+                    del ds[keyword]
+            for keyword, value in found.items():
+                setattr(ds, keyword, value)
+            break
+
+
+def _assumed_transfer_syntax(ds):
+    """The transfer syntax of a dataset without file meta (a raw dataset as old systems
+    write it): the encoding pydicom found reading it (``original_encoding``), set on the
+    dataset so its pixels can be read. Compressed (encapsulated) pixel data is refused:
+    which codec made it is written nowhere else."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    syntax = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
+              (False, False): ExplicitVRBigEndian}.get((implicit, little))
+    pixel = next((keyword for keyword in _PIXEL_KEYWORDS if keyword in ds), None)
+    undefined = pixel is not None and getattr(ds[pixel], "is_undefined_length", False)
+    if syntax is None or undefined:
+        raise ScanDecodeError(
+            "DICOM has no file meta header (transfer syntax unknown)"
+            + (": its pixel data is compressed, and the codec is not written anywhere else"
+               if undefined else "") + ". Re-export it from the PACS or viewer as a DICOM "
+            "Part 10 file")
+    if not isinstance(getattr(ds, "file_meta", None), FileMetaDataset):
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    return syntax
 
 
 # Samples per pixel each Photometric Interpretation takes (PS3.3 C.7.6.3.1.2)
@@ -1289,8 +1453,8 @@ def _spacing(value: object) -> list[float] | None:
         numbers = [float(v) for v in value][:2]
     except (TypeError, ValueError):
         return None
-    if len(numbers) != 2 or not all(np.isfinite(numbers)):
-        return None
+    if len(numbers) != 2 or not all(np.isfinite(numbers)) or min(numbers) <= 0:
+        return None   # a size of 0 or below is no size: the scan is shown without one
     return numbers
 
 
@@ -1332,8 +1496,13 @@ def _dicom_to_unit(ds, frame: np.ndarray, *, photometric: str, samples: int, win
 def _dicom_grey(ds, frame: np.ndarray, *, photometric: str, window=None,
                 info: dict | None = None) -> np.ndarray:
     """Modality LUT, then the VOI window (``window`` when given, linear, in modality units),
-    then MONOCHROME1 inversion; ``info`` receives the default window and value range."""
+    then MONOCHROME1 or Presentation LUT Shape INVERSE inversion; ``info`` receives the
+    default window and value range. Pixel padding (PixelPaddingValue, up to
+    PixelPaddingRangeLimit: the area outside a CT's field of view) is left out of the
+    automatic (percentile) window, which it would otherwise stretch over air and beyond."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    padding = _padding_mask(ds, frame)
 
     if "ModalityLUTSequence" in ds:
         values = apply_modality_lut(frame, ds).astype(np.float32)
@@ -1356,7 +1525,7 @@ def _dicom_grey(ds, frame: np.ndarray, *, photometric: str, window=None,
     function = clean_text(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
     has_window = center is not None and width is not None and width > 0
     _describe_values(values, {} if info is None else info,
-                     (center, width) if has_window else None)
+                     (center, width) if has_window else None, exclude=padding)
     if window is not None:
         # float pixel data (parametric maps) is windowed exactly (PS3.3 C.11.2.1.3.2)
         unit = _window(values, window[0], window[1],
@@ -1368,10 +1537,30 @@ def _dicom_grey(ds, frame: np.ndarray, *, photometric: str, window=None,
         lut = apply_voi_lut(frame, ds, prefer_lut=True).astype(np.float32)
         unit = _percentile_window(lut, 0.0, 100.0, in_place=True)
     else:
-        unit = _percentile_window(values, in_place=True)
-    if photometric == "MONOCHROME1":
+        unit = _percentile_window(values, in_place=True, exclude=padding)
+    shape = clean_text(ds.get("PresentationLUTShape", "")).upper()
+    # MONOCHROME1 shows low values bright; so does INVERSE, which DX and MG require beside
+    # MONOCHROME1 (the same inversion, not a second one)
+    if photometric == "MONOCHROME1" or shape == "INVERSE":
         np.subtract(1.0, unit, out=unit)
     return unit
+
+
+def _padding_mask(ds, frame: np.ndarray) -> np.ndarray | None:
+    """Where ``frame`` (stored values) holds pixel padding: PixelPaddingValue, or the range
+    from it to PixelPaddingRangeLimit (PS3.3 C.7.5.1.1.2); None when there is none."""
+    pad = _first_number(ds.get("PixelPaddingValue"))
+    if pad is None or frame.dtype.kind == "f":
+        return None
+    limit = _first_number(ds.get("PixelPaddingRangeLimit"))
+    if limit is None:
+        mask = frame == pad
+    else:
+        low, high = min(pad, limit), max(pad, limit)
+        mask = (frame >= low) & (frame <= high)
+    if not mask.any() or mask.all():   # padding everywhere: nothing else to window on
+        return None
+    return mask
 
 
 def _rescale_number(ds, keyword: str) -> float | None:

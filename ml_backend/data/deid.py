@@ -6,11 +6,14 @@ de-identification salt explicitly.
 - DICOM is rewritten from a whitelist of technical attributes (``KEEP_KEYWORDS``) with fresh
   UIDs (``deidentified_dicom``), so every attribute of the DICOM PS3.15 Annex E Basic Profile
   (names, IDs, dates, addresses, accession numbers, institutions, physicians, private tags,
-  ...) is dropped. Each element is copied fresh, only with its dictionary VR; the two LUT
-  sequences' items are rebuilt from their own whitelist (``ITEM_KEYWORDS``). A kept
-  attribute keeps only values its rule allows (``kept_value``): coded ones only terms the
-  standard defines (ImageType, Modality, Body Part Examined, ...), free text (Manufacturer,
-  model name) only when it does not look like an identifier, numbers only when finite.
+  ...) is dropped. Each element is copied fresh, only with its dictionary VR; the items of
+  the two LUT sequences and of an enhanced image's functional groups (pixel value
+  transformation, frame VOI LUT, pixel measures only) are rebuilt from their own whitelist
+  (``ITEM_KEYWORDS``). A kept attribute keeps only values its rule allows (``kept_value``):
+  coded ones only terms the standard defines (ImageType, Modality, Body Part Examined, ...),
+  free text (Manufacturer, model name) only when it does not look like an identifier (nor a
+  person by their title, nor a ward, room or bed), numbers only when finite. Kept text that
+  is not ASCII is written as UTF-8 (SpecificCharacterSet ISO_IR 192).
   Pixels are always written uncompressed from the decoded array, never as the original
   encapsulated stream (whose JPEG frames can hold comments and EXIF).
 - PNG and TIFF become a PNG of pixels only (``png_without_metadata``): no text chunks, no
@@ -71,7 +74,8 @@ class DeidentificationError(Exception):
 
 # The only attributes copied into the stored (de-identified) DICOM. Everything
 # else — every Basic Profile attribute, every private tag, every sequence that
-# is not a LUT — is dropped by construction.
+# is not a LUT or a functional group rebuilt from ITEM_KEYWORDS — is dropped by
+# construction.
 KEEP_KEYWORDS = (
     "SOPClassUID",
     "Modality",
@@ -114,6 +118,10 @@ KEEP_KEYWORDS = (
     "LossyImageCompressionRatio",
     "LossyImageCompressionMethod",
     "BurnedInAnnotation",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
 )
 
 # The items of the sequences above are rebuilt from these lists, element by element: free
@@ -121,7 +129,19 @@ KEEP_KEYWORDS = (
 ITEM_KEYWORDS = {
     "VOILUTSequence": ("LUTDescriptor", "LUTData"),
     "ModalityLUTSequence": ("LUTDescriptor", "ModalityLUTType", "LUTData"),
+    # An enhanced (multi-frame) image's functional groups keep only what its pixel values,
+    # window and pixel size need (PS3.3 C.7.6.16.2): no frame content, plane position,
+    # referenced images or anything else a group can hold.
+    "SharedFunctionalGroupsSequence": ("PixelValueTransformationSequence",
+                                       "FrameVOILUTSequence", "PixelMeasuresSequence"),
+    "PerFrameFunctionalGroupsSequence": ("PixelValueTransformationSequence",
+                                         "FrameVOILUTSequence", "PixelMeasuresSequence"),
+    "PixelValueTransformationSequence": ("RescaleIntercept", "RescaleSlope", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
 }
+# Sequences whose items stand for frames by their position: an emptied item stays.
+_ITEM_PER_POSITION = frozenset({"PerFrameFunctionalGroupsSequence"})
 
 # Attributes of the PS3.15 Annex E Basic Application Level Confidentiality
 # Profile that hold identifying values most often (the profile lists ~300; the
@@ -260,6 +280,7 @@ def deidentified_dicom(ds, raw: np.ndarray, *, salt: str, patient_key: str) -> b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warnings can quote element values
         new = _whitelisted(ds, KEEP_KEYWORDS)
+    _declare_character_set(new)
     _set_identity(new, ds, raw, salt=salt, patient_key=patient_key)
     _mark_lossy(new, getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None))
     try:
@@ -303,10 +324,27 @@ def _whitelisted(source, keywords):
         if keyword not in ITEM_KEYWORDS:
             continue
         items = [_whitelisted(item, ITEM_KEYWORDS[keyword]) for item in element.value]
-        items = [item for item in items if len(item)]
-        if items:
+        if keyword not in _ITEM_PER_POSITION:
+            items = [item for item in items if len(item)]
+        if any(len(item) for item in items):
             new.add(DataElement(element.tag, "SQ", Sequence(items)))
     return new
+
+
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+
+
+def _declare_character_set(new) -> None:
+    """The kept text as it reads (pydicom has decoded it from the original's character set,
+    Latin-1, GB18030, ...), written as UTF-8 (ISO_IR 192) when any of it is not ASCII: the
+    original's SpecificCharacterSet is not copied, and without one a reader takes the
+    bytes for ASCII (a Chinese manufacturer's name would be written as '??'). An all-ASCII
+    copy declares none, as before. Only the top level holds text: items keep numbers and
+    coded terms."""
+    for element in new:
+        if element.VR in _TEXT_VRS and not str(element.value).isascii():
+            new.SpecificCharacterSet = "ISO_IR 192"
+            return
 
 
 def _vr_fits(element) -> bool:
@@ -559,7 +597,7 @@ def kept_value(keyword: str, value):
             return None
         return terms if len(terms) > 1 else terms[0]
     if keyword in FREE_TEXT:
-        if not isinstance(value, str) or identifier_reason(value) is not None:
+        if not isinstance(value, str) or identifier_reason(value, attribute=True) is not None:
             return None
         return value
     if keyword in NUMBERS:
@@ -613,6 +651,17 @@ _DATE_NAMED = re.compile(rf"(?<![a-z])(?:\d{{1,2}}[-_. ]?{_MONTH}[-_. ]?\d{{2,4}
 _PERSON_NAME = re.compile(r"[A-Za-z]\^[A-Za-z]")
 _PERSON_NAME_COMMA = re.compile(r"[A-Za-z]{2},\s*[A-Za-z]{2}")
 _WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+# A person by their title: "Dr Smith", "Mrs Patel", "Prof. Brown", "DR. JONES". Without a
+# full stop the title must be written as one (Dr, not DR) and the name capitalised, so the
+# letters DR / MR / MS in scanner names ("AeroDR", "MR Solutions", "DR 600") do not count.
+_TITLE = r"(?:Dr|Mr|Mrs|Ms|Mx|Miss|Prof|Professor|Sr|Sister|Nurse)"
+_TITLED_PERSON = re.compile(
+    rf"(?<![A-Za-z]){_TITLE}\s+[A-Z][A-Za-z'’-]*[a-z]"
+    rf"|(?<![A-Za-z])(?i:{_TITLE})\.\s*[A-Za-z][A-Za-z'’-]*[A-Za-z]")
+# Where a patient lies: a ward (any), a room or bed with its number.
+_PLACE = re.compile(
+    r"(?<![A-Za-z])(?:ward(?![a-z])|(?:room|rm|bed)\s*[#:.-]?\s*(?:no\.?\s*)?\d)",
+    re.IGNORECASE)
 
 
 def _valid_date(year: int, month: int, day: int, *, short: bool = False) -> bool:
@@ -629,14 +678,18 @@ def _short_date(digits: str) -> bool:
     return any(_valid_date(y, m, d, short=True) for y, m, d in ((a, b, c), (c, b, a), (c, a, b)))
 
 
-def identifier_reason(text: str, *, file_name: bool = False) -> str | None:
+def identifier_reason(text: str, *, file_name: bool = False,
+                      attribute: bool = False) -> str | None:
     """Why ``text`` (a file name or path, or a free-text attribute) may carry a patient's
     identifiers, in words, or None. Looks for a number of 6+ digits (leading zeros not
     counted) or six digits that read as a date, a date with separators or a month's name,
-    a person name written ``Last^First`` (in a ``file_name`` also ``Last, First``), and
-    words that name an identifier (MRN, DOB, PID, SSN, NHS, patient, birth, accession,
-    name, ...), also inside camel case (``PatientName``) or glued to digits
-    (``MRN987654``)."""
+    a person name written ``Last^First`` (in a ``file_name`` also ``Last, First``) or after
+    a title (``Dr Smith``, ``Mrs. Patel``), and words that name an identifier (MRN, DOB,
+    PID, SSN, NHS, patient, birth, accession, name, ...), also inside camel case
+    (``PatientName``) or glued to digits (``MRN987654``). In a kept DICOM free-text
+    ``attribute`` (Manufacturer, model name) also a ward, room or bed (``Ward 3``,
+    ``Room 12``): no scanner is named so, it was typed in at the site and says where a
+    patient lies (a dataset or folder named ``ward 3`` is a collection's name, and stays)."""
     if not text:
         return None
     if _LONG_NUMBER.search(text):
@@ -657,6 +710,10 @@ def identifier_reason(text: str, *, file_name: bool = False) -> str | None:
         return "a date"
     if _PERSON_NAME.search(text) or (file_name and _PERSON_NAME_COMMA.search(text)):
         return "a person's name (Last^First or Last, First)"
+    if _TITLED_PERSON.search(text):
+        return "a person named by their title (Dr, Mr, Mrs, Ms, Prof, ...)"
+    if attribute and _PLACE.search(text):
+        return "a ward, room or bed (where a patient lies)"
     words = {word.lower() for word in _WORDS.findall(text)}
     found = sorted(words & _ID_WORDS)
     if found:

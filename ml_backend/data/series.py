@@ -24,7 +24,11 @@ from ml_backend.data.decode import DecodedScan
 # What every slice of one stack must share (a multi-frame DICOM has one of each).
 SHARED = ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
           "SamplesPerPixel", "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept")
-PER_SLICE = ("ImagePositionPatient", "SliceLocation", "InstanceNumber")
+# A slice's own per-frame functional groups (an enhanced single-frame slice) describe its
+# one frame, not the stack's: its rescale, window and spacing are also at the top level of
+# its de-identified copy (``decode._frame_functional_groups``), where SHARED compares them.
+PER_SLICE = ("ImagePositionPatient", "SliceLocation", "InstanceNumber",
+             "PerFrameFunctionalGroupsSequence")
 
 
 class SeriesError(Exception):

@@ -357,6 +357,6 @@ def test_a_multi_page_tiff_stack_is_refused_and_a_pyramid_is_its_first_page(proj
     assert "save each page as its own" in job.errors[0]["reason"].lower()
     scan = Scan.objects.get()
     assert (scan.width, scan.height, scan.num_frames) == (96, 64, 1)
-    assert any("only the first, full-resolution page (96x64) was imported" in w
+    assert any("only the first, full-resolution page (96x64) is used" in w
                and "2 smaller page(s)" in w for w in job.warnings), job.warnings
     assert media_files(settings.MEDIA_ROOT) == referenced_files()
