@@ -159,7 +159,19 @@ class ClassifyForm(_LabelSetChoice):
 
     def __init__(self, *args, project, **kwargs):
         super().__init__(*args, project=project, **kwargs)
-        self.fields["label_set"].label = "Kind of scan"
-        self.fields["label_set"].help_text = ("The label set to classify it with (the classes "
-                                              "that apply to this anatomy).")
+        field = self.fields["label_set"]
+        field.label = "Kind of scan"
+        field.help_text = ("The label set to classify it with (the classes that apply to this "
+                           "anatomy); by default the one the file's modality and body part "
+                           "pick, as an import would.")
+        if not isinstance(field.widget, forms.HiddenInput):
+            field.empty_label = "— by the file (its modality and body part) —"
+            field.initial = None
         self.order_fields(["file", "label_set"])
+
+    def clean_label_set(self):
+        """The chosen set, or None: the view picks the set the file's own modality and body
+        part resolve to (``services.label_set_resolve``), as its import would."""
+        if isinstance(self.fields["label_set"].widget, forms.HiddenInput):
+            return super().clean_label_set()
+        return self.cleaned_data.get("label_set")

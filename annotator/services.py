@@ -42,7 +42,13 @@ from annotator.storage import (
     write_atomic,
 )
 from annotator.uploads import HIDDEN_NAME, name_may_be_shown, staged_identities
-from ml_backend.data.datasets import SourceError, SourceItem, SourceListing, read_source
+from ml_backend.data.datasets import (
+    SourceError,
+    SourceItem,
+    SourceListing,
+    read_source,
+    storable_text,
+)
 from ml_backend.data.findings import is_findings_source, read_findings_source
 from ml_backend.data.decode import (
     ScanDecodeError,
@@ -472,7 +478,10 @@ class _JobState:
     series_slices: int = 0
     scan_ids: list = field(default_factory=list)   # the scans this run stored
     names_hidden: int = 0         # raster names not stored: they look like identifiers
+    names_dicom_like: int = 0     # raster names not stored: named as DICOM files are
     labels_hidden: int = 0        # labels not used: they look like identifiers
+    # scans no label set applies to: {(modality, body part): count}
+    no_label_set: dict = field(default_factory=dict)
 
     def to_report(self) -> dict:
         """What an import chunk keeps of its state (JSON) for the job's final report."""
@@ -480,7 +489,9 @@ class _JobState:
                 "classes_created": self.classes_created,
                 "colour": [[mode, why, n] for (mode, why), n in self.colour.items()],
                 "colour_into_grey": self.colour_into_grey, "colour_decided": self.colour_decided,
-                "names_hidden": self.names_hidden, "labels_hidden": self.labels_hidden}
+                "names_hidden": self.names_hidden, "labels_hidden": self.labels_hidden,
+                "names_dicom_like": self.names_dicom_like,
+                "no_label_set": [[m, b, n] for (m, b), n in self.no_label_set.items()]}
 
     def merge(self, chunk) -> None:
         """Add an import chunk's counters and report (``ImportChunk``) to this state."""
@@ -498,7 +509,11 @@ class _JobState:
         self.colour_into_grey += report.get("colour_into_grey", 0)
         self.colour_decided = self.colour_decided or report.get("colour_decided", "")
         self.names_hidden += report.get("names_hidden", 0)
+        self.names_dicom_like += report.get("names_dicom_like", 0)
         self.labels_hidden += report.get("labels_hidden", 0)
+        for modality, body_part, n in report.get("no_label_set", []):
+            key = (modality, body_part)
+            self.no_label_set[key] = self.no_label_set.get(key, 0) + n
 
 
 def parse_split(split: str) -> tuple[str, float | None]:
@@ -598,6 +613,12 @@ def import_job_create(
     refusal = dataset_name_refusal(dataset_name)
     if refusal is not None:
         raise ImportRequestError(refusal)
+    for what, path in (("source", source), ("labels CSV", labels_csv)):
+        if storable_text(path) != path:
+            raise ImportRequestError(
+                f"the {what} path {storable_text(path)!r} holds bytes that are not UTF-8 text "
+                "(a name written by another system's character set): rename that folder or "
+                "file, or import the folder above it (its files may have such names)")
     return ImportJob.objects.create(
         project=project,
         source=source,
@@ -611,6 +632,25 @@ def import_job_create(
         source_is_upload=source_is_upload,
         label_set=label_set,
     )
+
+
+def import_source_refusal(*, source: str, labels_csv: str = "", layout: str = "auto"
+                          ) -> str | None:
+    """Why the source (and its labels CSV) cannot be read, or None: the listing the job will
+    make, without reading a file's bytes. ``import_scans --create-project`` asks first, so a
+    CSV it cannot read leaves no empty project behind."""
+    for what, path in (("source", source), ("labels CSV", labels_csv)):
+        if storable_text(path) != path:
+            return (f"the {what} path {storable_text(path)!r} holds bytes that are not UTF-8 "
+                    "text: rename it")
+    try:
+        if is_findings_source(source):
+            read_findings_source(source)
+        else:
+            read_source(source, labels_csv=labels_csv or None, layout=layout)
+    except SourceError as exc:
+        return str(exc)
+    return None
 
 
 def import_chunking_pays() -> bool:
@@ -647,7 +687,8 @@ def import_job_run(
         if is_findings_source(job.source):     # several findings per scan (CSV, npz)
             findings = read_findings_source(job.source)
             listing = SourceListing(items=findings.items,
-                                    default_dataset_name=findings.default_dataset_name)
+                                    default_dataset_name=findings.default_dataset_name,
+                                    conflicting_label_rows=findings.conflicting_rows)
         else:
             listing = read_source(
                 job.source, labels_csv=job.labels_csv or None, layout=job.layout
@@ -661,11 +702,22 @@ def import_job_run(
             _dataset_join_label_set(job.project, dataset, job.label_set)
         resolve = _SetResolver(job.project)
         if listing.unmatched_label_rows:
-            shown = [n for n in listing.unmatched_label_rows if name_may_be_shown(n)][:5]
+            shown = _names_shown(listing.unmatched_label_rows)
             state.warnings.append(
                 f"{len(listing.unmatched_label_rows)} labels CSV rows matched no file"
-                + (f" (e.g. {', '.join(shown)})" if shown else "")
+                + (f" (e.g. {shown})" if shown else "")
             )
+        conflicting = listing.conflicting_label_rows
+        if conflicting:
+            shown = _names_shown(conflicting)
+            state.warnings.append(
+                f"{len(conflicting)} file(s) listed more than once in the "
+                f"{'findings' if findings is not None else 'labels'} CSV with different "
+                f"{'findings' if findings is not None else 'labels'} or patients"
+                + (f" (e.g. {shown})" if shown else "")
+                + ": the disagreeing values were not used (those scans are imported "
+                + ("with their findings unknown" if findings is not None else
+                   "without a label") + "); correct the CSV and import it again to add them")
         # a classify page's copy: the identity of the upload it was de-identified from
         staged = staged_identities(job.source) if job.source_is_upload else {}
         job.total = len(listing.items)
@@ -703,6 +755,7 @@ def import_job_run(
         _colour_report(job, dataset, state)
         _split_report(job, state)
         _names_report(state)
+        _label_sets_report(state)
         if state.series_stacked:
             state.warnings.append(
                 f"DICOM per series (project setting): {state.series_slices} slices became "
@@ -934,6 +987,7 @@ def _chunk_finish_once(chunk: ImportChunk, state: _JobState, done: int) -> None:
             _colour_report(job, dataset, total)
         _split_report(job, total)
         _names_report(total)
+        _label_sets_report(total)
         job.status = ImportJob.Status.SUCCEEDED
         _import_job_close(job, dataset, total, dataset_created=job.dataset_created)
     if total.imported:
@@ -1028,6 +1082,24 @@ def _split_report(job: ImportJob, state: _JobState) -> None:
         + "; ".join(parts) + ". A patient already in the project kept its side.")
 
 
+def _label_sets_report(state: _JobState) -> None:
+    """The import report's line on scans no label set of the project applies to: no class
+    is offered for them and no model suggests one, until a set's rules take them in."""
+    if not state.no_label_set:
+        return
+    total = sum(state.no_label_set.values())
+    kinds = "; ".join(
+        f"{n} with modality {modality or '(none)'}, body part {body_part or '(none)'}"
+        for (modality, body_part), n in sorted(state.no_label_set.items(),
+                                               key=lambda kv: -kv[1])[:5])
+    state.warnings.append(
+        f"{total} scan(s) match no label set of this project ({kinds}): no class is offered "
+        "for them and no model suggests one. Add their modality or body part (or their "
+        "dataset) to a label set on the project page; for PNG, JPEG and TIFF files, give "
+        "their body part when importing (the upload page's Body part, import_scans "
+        "--body-part or --label-set).")
+
+
 def _names_report(state: _JobState) -> None:
     """The import report's line on names not kept: raster file names (and labels) that look
     like they carry patient identifiers are stored as no name, as DICOM names always are."""
@@ -1038,6 +1110,12 @@ def _names_report(state: _JobState) -> None:
             "person's name as Last^First, or a word such as MRN, DOB, PID, SSN, patient or "
             "name), so those scans are stored with no name, as DICOM files are. Their scan "
             "numbers identify them.")
+    if state.names_dicom_like:
+        state.warnings.append(
+            f"{state.names_dicom_like} PNG, JPEG or TIFF file(s) named as DICOM files are "
+            "(.dcm, .dicom or no extension) were imported by their content; their names were "
+            "not kept, as a DICOM file's never is (it often carries the patient's name). "
+            "Their scan numbers identify them.")
     if state.labels_hidden:
         state.warnings.append(
             f"{state.labels_hidden} label(s) not used: a class folder or CSV label looked like "
@@ -1134,15 +1212,36 @@ def _novelty_warning(job: ImportJob) -> None:
     job.save(update_fields=["warnings"])
 
 
+def _names_shown(names: list[str], most: int = 5) -> str:
+    """Up to ``most`` file names a report may quote (``name_may_be_shown``), each on one
+    line with no control characters (a CSV's quoted name may hold a newline)."""
+    shown = [" ".join(without_untypable(" ".join(storable_text(n).split())).split())
+             for n in names if name_may_be_shown(n)][:most]
+    return ", ".join(n[:120] for n in shown if n)
+
+
+def _storable(value):
+    """A report value (text, or lists / dicts of it) as every database can store it and every
+    page show it: no surrogate escapes (a file name whose bytes are not UTF-8), no NUL."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _storable(v) for k, v in value.items()}
+    return value
+
+
 def _flush(job: ImportJob, state: _JobState, *, processed: int, final: bool = False) -> None:
     job.processed = max(processed, job.processed)
     job.imported = state.imported
     job.duplicates = state.duplicates
     job.failed = state.failed
     job.labels_added = state.labels_added
-    job.errors = state.errors
-    job.warnings = state.warnings
-    job.classes_created = state.classes_created
+    job.errors = state.errors = _storable(state.errors)
+    job.warnings = state.warnings = _storable(state.warnings)
+    job.classes_created = state.classes_created = _storable(state.classes_created)
+    job.last_error = _storable(job.last_error or "")
     fields = ["processed", "imported", "duplicates", "failed", "labels_added", "errors",
               "warnings", "classes_created"]
     if final:
@@ -1474,8 +1573,13 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
                 outcome = (None, True)
         _count_label(state, outcome)
         created_files.clear()  # committed: the files now belong to the row
+        if scan.label_set_id is None and resolve.sets:
+            key = (scan.modality, scan.body_part)
+            state.no_label_set[key] = state.no_label_set.get(key, 0) + 1
         state.imported += 1
-        if hidden and decoded.file_format != "dicom":
+        if hidden == "DICOM" and decoded.file_format != "dicom":
+            state.names_dicom_like += 1      # a PNG named .dcm (or with no extension)
+        elif hidden and decoded.file_format != "dicom":
             state.names_hidden += 1
         state.scan_ids.append(scan.pk)
         _count_colour(job, state, is_colour, meta.get("colour_reason", ""))

@@ -399,9 +399,9 @@ def classify(request, project_id: int):
         form.add_error("file", f"{shown_name}: {reason}")
         return render(request, "annotator/classify.html", context, status=400)
     preview = render_preview(decoded.pixels)
+    label_set, set_note = _classify_label_set(project, form.cleaned_data["label_set"], decoded)
     try:
-        result = ml.classify_image(project=project, preview_png=preview,
-                                   label_set=form.cleaned_data["label_set"])
+        result = ml.classify_image(project=project, preview_png=preview, label_set=label_set)
     except TrainingError as exc:
         form.add_error(None, str(exc))
         return render(request, "annotator/classify.html", context, status=409)
@@ -427,10 +427,30 @@ def classify(request, project_id: int):
         "result": result, "file_name": shown_name,
         "preview_b64": base64.b64encode(preview).decode(),
         "overlay_b64": base64.b64encode(result["overlay_png"]).decode(),
-        "warnings": decoded.warnings, "token": token,
+        "warnings": ([set_note] if set_note else []) + decoded.warnings,
+        "token": token,
         "datasets": project.datasets.all(),
     })
     return render(request, "annotator/classify.html", context)
+
+
+def _classify_label_set(project, chosen, decoded) -> tuple[object, str]:
+    """The label set a classify upload is read with, and a note when the file's own
+    modality and body part pick none: the chosen set, else the one an import of the file
+    would resolve to, else the project's first."""
+    if chosen is not None:
+        return chosen, ""
+    sets = list(project.label_sets.order_by("order", "pk"))
+    modality = decoded.meta.get("modality") or ""
+    body_part = decoded.meta.get("body_part") or ""
+    label_set = services.label_set_resolve(sets, dataset_id=None, modality=modality,
+                                           body_part=body_part)
+    if label_set is not None or not sets:
+        return label_set, ""
+    return sets[0], (
+        f"No label set of this project applies to this file (modality "
+        f"{modality or 'not given'}, body part {body_part or 'not given'}): it was read with "
+        f"{sets[0].name!r}; choose the kind of scan to read it with another.")
 
 
 @login_required

@@ -95,8 +95,53 @@ def _too_many_fields(request, exc: TooManyFieldsSent, where: str) -> HttpRespons
                                      "most accepted here: send fewer")
 
 
+# A part header of a multipart body (the line naming a field and its file): Django decodes
+# each as UTF-8 and silently drops one it cannot, so a file name sent in Latin-1 made its
+# file vanish ("choose at least one file") or its bytes read as headers ("max total header
+# size exceeded")
+_PART_HEADER = re.compile(rb"(?im)^content-(?:disposition|type):[^\r\n]*\r\n")
+NOT_UTF8_PART = ("a file name (or another part header) of the form is not UTF-8 text: it was "
+                 "sent in another character set (such as Latin-1). Send the name UTF-8 "
+                 "encoded, as browsers do (a script: filename*=UTF-8''…), or rename the file")
+
+
+class _PartHeaderWatch:
+    """The request's body stream, read through unchanged, noting a multipart part header
+    that is not UTF-8 text (``bad``)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._tail = b""
+        self.bad = False
+
+    def _scan(self, data: bytes) -> bytes:
+        if data and not self.bad:
+            buffer = self._tail + data
+            for match in _PART_HEADER.finditer(buffer):
+                try:
+                    match.group().decode("utf-8")
+                except UnicodeDecodeError:
+                    self.bad = True
+                    break
+            self._tail = buffer[-2048:]
+        return data
+
+    def read(self, *args, **kwargs):
+        return self._scan(self._stream.read(*args, **kwargs))
+
+    def readline(self, *args, **kwargs):
+        return self._scan(self._stream.readline(*args, **kwargs))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _parse_form(request) -> HttpResponse | None:
     """Parse a multipart or urlencoded POST now; the refusal when it cannot be read."""
+    watch = None
+    if request.META.get("CONTENT_TYPE", "").startswith("multipart/") and hasattr(
+            request, "_stream"):
+        watch = request._stream = _PartHeaderWatch(request._stream)
     try:
         request.POST  # noqa: B018 (reading it parses the body, files included)
     except RequestDataTooBig:
@@ -109,9 +154,13 @@ def _parse_form(request) -> HttpResponse | None:
     except TooManyFieldsSent as exc:
         return _too_many_fields(request, exc, "the form")
     except MultiPartParserError as exc:
+        if watch is not None and watch.bad:
+            return refusal(request, 400, NOT_UTF8_PART)
         return refusal(request, 400, f"the multipart body cannot be read ({exc})")
     except BadRequest as exc:       # an urlencoded body declared in another charset than UTF-8
         return refusal(request, 400, f"the form cannot be read ({exc})")
+    if watch is not None and watch.bad:
+        return refusal(request, 400, NOT_UTF8_PART)
     return None
 
 

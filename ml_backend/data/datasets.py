@@ -27,6 +27,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -102,6 +103,9 @@ class SourceListing:
     items: list[SourceItem]
     skipped: list[str] = field(default_factory=list)
     unmatched_label_rows: list[str] = field(default_factory=list)
+    # files the labels CSV lists more than once with different labels or patients: the
+    # disagreeing value is not used
+    conflicting_label_rows: list[str] = field(default_factory=list)
     layout: str = "flat"
     default_dataset_name: str = ""
 
@@ -150,6 +154,20 @@ def read_source(
     return listing
 
 
+def storable_text(text: str) -> str:
+    """``text`` as a database and a page can hold it: a file or folder name whose bytes are
+    not UTF-8 (``M\\xfcller.png`` written by an old system in Latin-1) reaches Python with
+    surrogate escapes, which no UTF-8 column, JSON value or page can store; each such byte
+    becomes U+FFFD. NUL (which PostgreSQL's text cannot hold) becomes U+FFFD too."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    try:
+        clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:      # a surrogate not made by surrogateescape
+        clean = text.encode("utf-8", "replace").decode("utf-8")
+    return clean.replace("\x00", "\ufffd")
+
+
 def _read_folder(root: Path, *, layout: str) -> SourceListing:
     files: list[Path] = []
     skipped: list[str] = []
@@ -181,7 +199,8 @@ def _read_folder(root: Path, *, layout: str) -> SourceListing:
     for p in files:
         label = None
         if class_folders and is_raster(p) and p.parent.parent == root:
-            label = p.parent.name
+            label = storable_text(p.parent.name)
+        # the name as stored and shown; the file is read by its path, whatever its bytes
         items.append(SourceItem(name=_rel(p, root), label=label, load=p.read_bytes))
     if not items and not skipped:
         raise SourceError(f"{root}: the folder holds no files")
@@ -189,58 +208,141 @@ def _read_folder(root: Path, *, layout: str) -> SourceListing:
         items=items,
         skipped=skipped,
         layout="class-folders" if class_folders else "flat",
-        default_dataset_name=root.name,
+        default_dataset_name=storable_text(root.name),
     )
 
 
 def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
+    return storable_text(path.relative_to(root).as_posix())
 
 
-# a labels CSV's header may name each row's patient (never stored: its keyed hash groups the
-# patient's files in an automatic eval split, ``SourceItem.patient``)
-PATIENT_COLUMNS = ("patient", "patient_id", "patient id", "patientid")
+def _header_word(cell: str) -> str:
+    """A header cell as compared: case-blind, spaces, '_' and '-' alike."""
+    return " ".join(re.split(r"[\s_\-]+", cell.strip().lower())).strip()
 
 
-def _read_label_rows(csv_path: Path) -> list[tuple[str, str, str | None]]:
-    """``(filename, label, patient)`` rows of a labels CSV: ``filename,label`` with an
-    optional header, whose ``label`` (or ``class``) column and patient column (``patient``,
-    ``patient_id``, ``Patient ID``) are found by name; without a header the first two
-    columns, and no patient."""
+# a labels CSV's header: which column names the file, its label and (optionally) its patient.
+# The patient (never stored: its keyed hash groups the patient's files in an automatic eval
+# split, ``SourceItem.patient``) is never read as a label.
+FILE_COLUMNS = ("filename", "file", "file name", "path", "file path", "image", "image name",
+                "image index", "image id", "image path")
+LABEL_COLUMNS = ("label", "class", "class name", "diagnosis", "finding", "category", "target")
+PATIENT_COLUMNS = ("patient", "patient id", "patientid", "patient name", "patientname",
+                   "mrn", "patient mrn", "subject", "subject id")
+# separators a spreadsheet writes where the comma is the decimal mark
+_SEPARATORS = (";", "\t")
+
+
+def csv_dialect(text: str) -> str:
+    """The separator of a CSV: a comma, unless its first line has none and has a ';' or a tab
+    (how spreadsheets in many locales save 'CSV')."""
+    first = text.lstrip("\ufeff").split("\n", 1)[0]
+    if "," not in first:
+        for separator in _SEPARATORS:
+            if separator in first:
+                return separator
+    return ","
+
+
+@dataclass
+class LabelRows:
+    """A labels CSV read: ``{filename: (label, patient)}`` in file order, and the files whose
+    rows disagree (their disagreeing label or patient is not used)."""
+
+    rows: dict[str, tuple[str, str | None]]
+    conflicts: list[str] = field(default_factory=list)
+
+
+def _label_columns(csv_name: str, header: list[str]) -> tuple[int, int, int | None]:
+    words = [_header_word(cell) for cell in header]
+    file_at = next((i for i, w in enumerate(words) if w in FILE_COLUMNS), 0)
+    patient_at = next((i for i, w in enumerate(words) if w in PATIENT_COLUMNS), None)
+    label_at = next((i for i, w in enumerate(words) if w in LABEL_COLUMNS), None)
+    if label_at is None:
+        others = [i for i in range(len(words)) if i not in (file_at, patient_at)]
+        if len(words) == 2 and len(others) == 1:
+            label_at = others[0]                # 'filename,tumour_type': unambiguous
+        else:
+            raise SourceError(
+                f"{csv_name}: its header ({', '.join(cell.strip() for cell in header)}) names "
+                "no label column: call it 'label' (or class, diagnosis)"
+                + (" — the patient column is never read as a label" if patient_at is not None
+                   else ""))
+    return file_at, label_at, patient_at
+
+
+def _is_header(row: list[str]) -> bool:
+    words = [_header_word(cell) for cell in row]
+    return words[0] in FILE_COLUMNS or any(
+        w in LABEL_COLUMNS or w in PATIENT_COLUMNS for w in words)
+
+
+def _read_label_rows(csv_path: Path) -> LabelRows:
+    """A labels CSV: ``filename,label`` rows with an optional header (comma, or ';' / tab
+    where the first line has no comma). A header's filename, label and patient columns are
+    found by name (``FILE_COLUMNS``, ``LABEL_COLUMNS``, ``PATIENT_COLUMNS``); a header with
+    no label column is refused unless it has just two columns. Without a header a row has
+    two columns, filename and label: more is refused (which column is the label?). A file
+    listed twice with different labels (or patients) gets neither, and is named in
+    ``conflicts``."""
     if not csv_path.is_file():
         raise SourceError(f"{csv_path}: labels CSV not found")
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise SourceError(f"{csv_path}: labels CSV is not UTF-8 text") from None
-    rows = []
-    label_at, patient_at = 1, None
-    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+    separator = csv_dialect(text)
+    seen: dict[str, list[tuple[str, str | None]]] = {}
+    columns = None
+    for number, row in enumerate(csv.reader(io.StringIO(text), delimiter=separator), start=1):
         if not row or all(not cell.strip() for cell in row):
             continue
+        if columns is None:
+            if _is_header(row):
+                columns = _label_columns(csv_path.name, row)
+                continue
+            columns = (0, 1, None)
         if len(row) < 2:
-            raise SourceError(f"{csv_path.name} line {number}: expected 'filename,label'")
-        filename = row[0].strip()
-        if number == 1 and filename.lower() in ("filename", "file", "path", "image"):
-            header = [cell.strip().lower() for cell in row]
-            label_at = next((i for i, h in enumerate(header) if h in ("label", "class")), 1)
-            patient_at = next((i for i, h in enumerate(header) if h in PATIENT_COLUMNS), None)
-            continue
+            raise SourceError(f"{csv_path.name} line {number}: expected 'filename,label'"
+                              + ("" if separator != "," else
+                                 " (columns separated by commas, or by ';' or tabs when the "
+                                 "first line has no comma)"))
+        if columns == (0, 1, None) and any(cell.strip() for cell in row[2:]):
+            raise SourceError(
+                f"{csv_path.name} line {number}: {len(row)} columns and no header: write a "
+                "first line naming the columns (filename, label and, if one names the "
+                "patient, patient), so that no other column is read as a label")
+        file_at, label_at, patient_at = columns
+        filename = row[file_at].strip() if file_at < len(row) else ""
         if not filename:
             raise SourceError(f"{csv_path.name} line {number}: empty filename")
+        filename = filename.replace("\\", "/")
         label = row[label_at].strip() if label_at < len(row) else ""
         patient = (row[patient_at].strip() or None) if (
             patient_at is not None and patient_at < len(row)) else None
-        rows.append((filename.replace("\\", "/"), label, patient))
-    if not rows:
+        seen.setdefault(filename, []).append((label, patient))
+    if not seen:
         raise SourceError(f"{csv_path}: labels CSV has no rows")
-    return rows
+    rows: dict[str, tuple[str, str | None]] = {}
+    conflicts = []
+    for filename, given in seen.items():
+        labels: dict[str, str] = {}
+        for label, _ in given:       # the first spelling of each (classes match case-blind)
+            if label:
+                labels.setdefault(label.casefold(), label)
+        patients = {patient for _, patient in given if patient}
+        if len(labels) > 1 or len(patients) > 1:
+            conflicts.append(filename)
+        rows[filename] = (next(iter(labels.values())) if len(labels) == 1 else "",
+                          next(iter(patients)) if len(patients) == 1 else None)
+    return LabelRows(rows=rows, conflicts=conflicts)
 
 
 def _read_csv_source(csv_path: Path) -> SourceListing:
     base = csv_path.parent
     items = []
-    for filename, label, patient in _read_label_rows(csv_path):
+    read = _read_label_rows(csv_path)
+    for filename, (label, patient) in read.rows.items():
         target = (base / filename).resolve()
         if base.resolve() not in target.parents:
             raise SourceError(f"{csv_path.name}: {filename!r} points outside the CSV's folder")
@@ -248,7 +350,8 @@ def _read_csv_source(csv_path: Path) -> SourceListing:
             SourceItem(name=filename, label=label or None, load=_reader(target, filename),
                        patient=patient)
         )
-    return SourceListing(items=items, default_dataset_name=csv_path.stem)
+    return SourceListing(items=items, default_dataset_name=csv_path.stem,
+                         conflicting_label_rows=read.conflicts)
 
 
 def _reader(path: Path, name: str) -> Callable[[], bytes]:
@@ -262,12 +365,13 @@ def _reader(path: Path, name: str) -> Callable[[], bytes]:
 
 
 def _apply_labels_csv(listing: SourceListing, csv_path: Path) -> None:
-    rows = _read_label_rows(csv_path)
+    read = _read_label_rows(csv_path)
     by_name = {item.name: i for i, item in enumerate(listing.items)}
     by_base: dict[str, list[int]] = {}
     for i, item in enumerate(listing.items):
         by_base.setdefault(item.name.rsplit("/", 1)[-1], []).append(i)
-    for filename, label, patient in rows:
+    conflicts = set(read.conflicts)
+    for filename, (label, patient) in read.rows.items():
         index = by_name.get(filename)
         if index is None:
             candidates = by_base.get(filename.rsplit("/", 1)[-1], [])
@@ -276,6 +380,8 @@ def _apply_labels_csv(listing: SourceListing, csv_path: Path) -> None:
             listing.unmatched_label_rows.append(filename)
             continue
         item = listing.items[index]
+        if filename in conflicts:
+            listing.conflicting_label_rows.append(filename)
         listing.items[index] = replace(item, label=label or None,
                                        patient=patient or item.patient)
 

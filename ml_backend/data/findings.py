@@ -27,12 +27,18 @@ import csv
 import io
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from ml_backend.data.datasets import SourceError, SourceItem, _png_encoder, _reader
+from ml_backend.data.datasets import (
+    SourceError,
+    SourceItem,
+    _png_encoder,
+    _reader,
+    csv_dialect,
+)
 from ml_backend.data.deid import identifier_reason
 
 __all__ = ["CHESTX_RAY14_FINDINGS", "FindingsListing", "is_findings_source",
@@ -65,6 +71,8 @@ class FindingsListing:
     notes: list[str] = field(default_factory=list)
     default_dataset_name: str = ""
     hidden: int = 0     # finding names not used: they look like patient identifiers
+    # scans listed more than once with different findings (or patients): those are unknown
+    conflicting_rows: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per finding: present / absent / uncertain / unknown counts."""
@@ -93,7 +101,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise SourceError(f"{path.name}: not UTF-8 text") from None
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text), delimiter=csv_dialect(text))
     header = [h.strip() for h in (reader.fieldnames or [])]
     rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
     if not header or not rows:
@@ -237,6 +245,10 @@ def read_findings_source(spec: str | os.PathLike) -> FindingsListing:
             raise SourceError(f"{path.name}: {name!r} points outside the CSV's folder")
         items.append(SourceItem(name=name, label=None, load=_reader(target, name),
                                 patient=_patient_of(r, name, patient_column)))
+    items, targets, conflicts, repeated = _one_row_per_scan(items, targets)
+    if repeated:
+        notes.append(f"{repeated} repeated row(s) for a scan already listed, with the same "
+                     "findings, read once")
     with_patient = sum(item.patient is not None for item in items)
     if with_patient:
         patients = len({item.patient for item in items if item.patient is not None})
@@ -246,7 +258,38 @@ def read_findings_source(spec: str | os.PathLike) -> FindingsListing:
     return FindingsListing(items=items, findings=findings, targets=targets, layout=layout,
                            notes=notes, default_dataset_name=path.stem + (f"-{split}" if split
                                                                           else ""),
-                           hidden=len(hidden))
+                           hidden=len(hidden), conflicting_rows=conflicts)
+
+
+def _one_row_per_scan(items: list[SourceItem], targets: np.ndarray
+                      ) -> tuple[list[SourceItem], np.ndarray, list[str], int]:
+    """One item per image name: rows repeating a scan with the same findings (and patient)
+    count once; rows that disagree leave the scan's findings unknown (NaN), the scan still
+    imported, and name it in the returned conflicts. Returns ``(items, targets, conflicts,
+    repeated)``."""
+    first: dict[str, int] = {}
+    keep: list[int] = []
+    conflicts: dict[str, None] = {}
+    repeated = 0
+    targets = targets.copy()
+    for i, item in enumerate(items):
+        j = first.get(item.name)
+        if j is None:
+            first[item.name] = i
+            keep.append(i)
+            continue
+        same = np.array_equal(targets[i], targets[j], equal_nan=True)
+        if same and (item.patient is None or items[j].patient in (None, item.patient)):
+            repeated += 1
+            if items[j].patient is None and item.patient is not None:
+                items[j] = replace(items[j], patient=item.patient)
+            continue
+        conflicts[item.name] = None
+        if not same:
+            targets[j] = np.nan
+        if item.patient is not None and items[j].patient not in (None, item.patient):
+            items[j] = replace(items[j], patient=None)
+    return [items[i] for i in keep], targets[keep], list(conflicts), repeated
 
 
 def _read_npz(path: Path, split: str) -> FindingsListing:

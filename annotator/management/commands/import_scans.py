@@ -79,6 +79,11 @@ class Command(BaseCommand):
                     f"No project named {opts['project']!r}. Create it in the admin, or pass "
                     "--create-project."
                 )
+            # a source that cannot be read leaves no empty project behind
+            refusal = services.import_source_refusal(
+                source=opts["source"], labels_csv=opts["labels"], layout=opts["layout"])
+            if refusal is not None:
+                raise CommandError(f"{refusal} (no project was created)")
             try:
                 project = services.project_create(name=opts["project"])
             except ValueError as exc:
