@@ -654,7 +654,7 @@ _WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
 # A person by their title: "Dr Smith", "Mrs Patel", "Prof. Brown", "DR. JONES". Without a
 # full stop the title must be written as one (Dr, not DR) and the name capitalised, so the
 # letters DR / MR / MS in scanner names ("AeroDR", "MR Solutions", "DR 600") do not count.
-_TITLE = r"(?:Dr|Mr|Mrs|Ms|Mx|Miss|Prof|Professor|Sr|Sister|Nurse)"
+_TITLE = r"(?:Dr|Mr|Mrs|Ms|Mx|Miss|Prof|Professor|Sister)"
 _TITLED_PERSON = re.compile(
     rf"(?<![A-Za-z]){_TITLE}\s+[A-Z][A-Za-z'’-]*[a-z]"
     rf"|(?<![A-Za-z])(?i:{_TITLE})\.\s*[A-Za-z][A-Za-z'’-]*[A-Za-z]")

@@ -381,3 +381,11 @@ REAL_MODEL_NAMES = [
 def test_real_scanner_model_names_are_kept(model):
     assert identifier_reason(model) is None, model
     assert kept_value("ManufacturerModelName", model) == model
+
+
+@pytest.mark.parametrize("name", ["Nurse Triage", "MS Lesion", "MR Brain", "Sr imaging",
+                                  "Drusen", "Mass", "DR follow-up"])
+def test_class_and_folder_names_that_only_look_titled_stay(name):
+    """A title rule for kept DICOM text also reads class folders and CSV labels: a class that
+    only starts like a title is not a person."""
+    assert identifier_reason(name) is None, name
