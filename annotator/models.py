@@ -847,6 +847,10 @@ class PacsReport(models.Model):
     result = models.CharField(max_length=400, help_text="The label or findings reported.")
     model_version = models.CharField(max_length=64, blank=True)
     sop_instance_uid = models.CharField(max_length=64)
+    series_instance_uid = models.CharField(
+        max_length=64, blank=True,
+        help_text="The report's series (made here): a later report for the scan names this one "
+                  "as its predecessor. Empty for reports sent before it was kept.")
     sent_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -63,6 +63,10 @@ def pacs_pull_scheduled() -> dict:
     except pacs.PacsError as exc:       # a bad PACS_PULL_QUERY is refused before any request
         logger.error("scheduled PACS pull into %r refused: %s", settings.PACS_PULL_PROJECT, exc)
         return {"error": str(exc)}
+    if summary.errors:           # studies that did not come: retried by the next pull
+        logger.warning("scheduled PACS pull into %r: %d stud(ies) not pulled: %s",
+                       settings.PACS_PULL_PROJECT, len(summary.errors),
+                       "; ".join(summary.errors[:5]))
     return {"pulled": summary.studies_pulled, "imported": summary.imported,
-            "words": summary.words()}
+            "failed_studies": len(summary.errors), "words": summary.words()}
 

@@ -242,6 +242,16 @@ RETRAIN_IF_NEW_LABELS = env_int("RETRAIN_IF_NEW_LABELS", 20, minimum=1)
 PACS_DICOMWEB_URL = env_str("PACS_DICOMWEB_URL")
 PACS_USERNAME = env_str("PACS_USERNAME")
 PACS_PASSWORD = env_str("PACS_PASSWORD") or ""
+# What one PACS answer may cost (annotator/pacs.py): a study search at most
+# PACS_MAX_ANSWER_BYTES (after decompression) within PACS_SEARCH_SECONDS; a study's retrieval
+# at most PACS_MAX_STUDY_BYTES within PACS_STUDY_SECONDS, each instance of it at most
+# UPLOAD_MAX_FILE_BYTES; a pull finds at most PACS_MAX_STUDIES studies (narrow the query for
+# more). A PACS that sends more, or longer, is cut off and the study fails in words.
+PACS_MAX_ANSWER_BYTES = env_int("PACS_MAX_ANSWER_BYTES", 32 * 1024 * 1024, minimum=1024)
+PACS_SEARCH_SECONDS = env_int("PACS_SEARCH_SECONDS", 120, minimum=1)
+PACS_MAX_STUDY_BYTES = env_int("PACS_MAX_STUDY_BYTES", 4 * 1024 ** 3, minimum=1024)
+PACS_STUDY_SECONDS = env_int("PACS_STUDY_SECONDS", 1800, minimum=1)
+PACS_MAX_STUDIES = env_int("PACS_MAX_STUDIES", 100_000, minimum=1)
 # The honest-broker linkage (annotator/linkage.py): with a key, a DICOM's original patient
 # and study identifiers are kept, encrypted, so results can go back to the PACS as structured
 # reports (`manage.py pacs_push`). Without it nothing is kept and nothing can be sent back.

@@ -175,7 +175,8 @@ def test_a_study_is_written_out_as_it_streams_and_a_broken_stream_leaves_nothing
         return client
 
     monkeypatch.setattr(pacs_module, "client_for", streaming_client)
-    call_command("pacs_pull", "--project", project.name, "--dicomweb", pacs["dicomweb"])
+    with pytest.raises(CommandError, match="1 study could not be pulled"):   # exit status 1
+        call_command("pacs_pull", "--project", project.name, "--dicomweb", pacs["dicomweb"])
     out = capsys.readouterr().out
     assert "3 studies found, 2 pulled (4 instances)" in out
     assert "could not be retrieved (ChunkedEncodingError)" in out

@@ -186,3 +186,90 @@ def test_a_short_linkage_key_is_refused_at_start_up(settings):
     assert "medlabel.E003" in {m.id for m in run_checks()}
     settings.LINKAGE_KEY = KEY
     assert "medlabel.E003" not in {m.id for m in run_checks()}
+
+
+def _sr_file(server, sop: str):
+    """The report ``sop`` as Orthanc stored it, read as DICOM (and its bytes)."""
+    import io
+
+    import pydicom
+
+    with urllib.request.urlopen(f"{server['url']}/tools/find", data=json.dumps({
+            "Level": "Instance", "Query": {"SOPInstanceUID": sop}}).encode(),
+            timeout=10) as response:
+        orthanc_id = json.loads(response.read())[0]
+    with urllib.request.urlopen(f"{server['url']}/instances/{orthanc_id}/file",
+                                timeout=10) as response:
+        data = response.read()
+    return pydicom.dcmread(io.BytesIO(data)), data
+
+
+def test_names_in_any_script_reach_the_pacs_as_they_are(orthanc_server, project, users,
+                                                         settings, tmp_path):
+    """The report is written in UTF-8 (ISO_IR 192): a patient's name in Latin and ideographic
+    form and a class name in two scripts arrive intact, not as '??'."""
+    import pydicom
+
+    from annotator.models import LabelClass
+
+    settings.LINKAGE_KEY = KEY
+    orthanc_delete_all(orthanc_server)
+    name = "ZQXPHI_Müller^Jürgen=山田^太郎"
+    write_series(tmp_path / "ct", patients=1, slices=1, first_patient=60)
+    for path in sorted((tmp_path / "ct").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = name
+        ds.save_as(path, enforce_file_format=True)
+        orthanc_store(orthanc_server, path.read_bytes())
+    call_command("pacs_pull", "--project", project.name, "--dicomweb",
+                 orthanc_server["dicomweb"])
+    scan = Scan.objects.get(project=project)
+    label = "épanchement 胸水"
+    effusion = LabelClass.objects.create(project=project, name=label, created_by=users["dora"])
+    Annotation.objects.create(scan=scan, label_class=effusion, reader=users["alice"])
+    from annotator import pacs
+
+    summary = pacs.pacs_push(project=project, url=orthanc_server["dicomweb"])
+    assert summary.sent == 1
+    sr, data = _sr_file(orthanc_server, PacsReport.objects.get(scan=scan).sop_instance_uid)
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    assert str(sr.PatientName) == name and "山田".encode() in data and b"??" not in data
+    meanings = [item.ConceptCodeSequence[0].CodeMeaning for item in sr.ContentSequence
+                if "ConceptCodeSequence" in item]
+    assert label in meanings
+    orthanc_delete_all(orthanc_server)
+
+
+def test_a_changed_result_replaces_the_earlier_report_in_one_series(pulled, project, users):
+    """A second report for a scan names the first in its Predecessor Documents Sequence,
+    and every report of a study, from any push, is in one MedLabel series."""
+    from annotator import pacs
+
+    server, written = pulled
+    scans = list(Scan.objects.filter(project=project).order_by("pk"))
+    normal, _ = services.label_class_get_or_create(project=project, name="normal")
+    nodule, _ = services.label_class_get_or_create(project=project, name="nodule")
+    services.annotation_create(scan=scans[0], reader=users["alice"], label_class=normal)
+    assert pacs.pacs_push(project=project, url=server["dicomweb"]).sent == 1
+    first = PacsReport.objects.get(scan=scans[0])
+    services.annotation_create(scan=scans[0], reader=users["bob"], label_class=nodule,
+                               source=Annotation.Source.ADJUDICATION)
+    same_study = next(s for s in scans[1:] if s.study_key == scans[0].study_key)
+    services.annotation_create(scan=same_study, reader=users["alice"], label_class=normal)
+    assert pacs.pacs_push(project=project, url=server["dicomweb"]).sent == 2
+    second = PacsReport.objects.filter(scan=scans[0]).exclude(pk=first.pk).get()
+    old, _ = _sr_file(server, first.sop_instance_uid)
+    new, _ = _sr_file(server, second.sop_instance_uid)
+    assert "PredecessorDocumentsSequence" not in old
+    study = new.PredecessorDocumentsSequence[0]
+    assert study.StudyInstanceUID == old.StudyInstanceUID == new.StudyInstanceUID
+    series = study.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == old.SeriesInstanceUID
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.SOPInstanceUID
+    assert series.ReferencedSOPSequence[0].ReferencedSOPClassUID == old.SOPClassUID
+    # one MedLabel series per study, whichever push sent its reports
+    other, _ = _sr_file(server, PacsReport.objects.get(scan=same_study).sop_instance_uid)
+    assert old.SeriesInstanceUID == new.SeriesInstanceUID == other.SeriesInstanceUID
+    serieses = {tags["SeriesInstanceUID"] for tags in _sr_in_orthanc(server)}
+    assert len(serieses) == 1

@@ -50,5 +50,10 @@ class Command(BaseCommand):
                                      log=self.stdout.write)
         except (pacs.PacsError, services.ImportRequestError) as exc:
             raise CommandError(str(exc)) from None
+        if summary.errors:       # a script (or cron) must see that a study was not pulled
+            self.stdout.write(f"PACS pull into {project.name!r}: {summary.words()}")
+            raise CommandError(f"{len(summary.errors)} stud{'y' if len(summary.errors) == 1 else 'ies'} "
+                               "could not be pulled (above); the others were. Run it again "
+                               "to retry them: studies already here are skipped")
         self.stdout.write(self.style.SUCCESS(f"PACS pull into {project.name!r}: "
                                              f"{summary.words()}"))
