@@ -151,3 +151,22 @@ def test_novelty_warning_and_model_notice(browser_page, round_project, users, mo
     assert page.inner_text("#suggestion-text").startswith("no_tumor")
     assert page.locator(".class-button.suggested").count() == 1
     assert not page.js_errors, page.js_errors
+
+
+def test_a_scan_no_label_set_applies_to_says_so_instead_of_no_model_yet(browser_page, project,
+                                                                       users):
+    """A slide in a project whose sets take chest and brain scans: the suggestion card said
+    "No model yet" (though a model may exist); it says why there is no suggestion."""
+    annotator_services.label_set_create(project=project, name="Chest X-ray", body_parts="CHEST")
+    annotator_services.label_set_create(project=project, name="Brain MRI", body_parts="BRAIN")
+    run_import(project, FIXTURES / "brain_mri" / "eval" / "no_tumor", layout="flat",
+               dataset_name="slides")
+    scan = project.scans.filter(label_set__isnull=True).first()
+    assert scan is not None
+    page = browser_page
+    login(page, "alice")
+    page.goto(f"/projects/{project.pk}/label/{scan.pk}/")
+    wait_ready(page)
+    assert "no label set applies to this scan" in page.inner_text("#suggestion-text")
+    assert "No model yet" not in page.inner_text("#suggestion-text")
+    assert "No label set applies" in page.inner_text("#label-set")

@@ -478,6 +478,10 @@
     } else if (p.blinded) {
       $("suggestion-text").textContent = "Hidden for a blind reading.";
       $("suggestion-text").className = "muted";
+    } else if (p.no_label_set) {
+      // no set's classes apply: nothing to suggest, whatever model the project has
+      $("suggestion-text").textContent = "No suggestion: no label set applies to this scan, so no class can be suggested for it (see below).";
+      $("suggestion-text").className = "muted";
     } else if (p.model_version) {
       $("suggestion-text").textContent = `The model has not learned the ${p.scan.label_set || "this scan's"} classes yet: label scans of at least two of them.`;
       $("suggestion-text").className = "muted";
