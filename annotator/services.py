@@ -613,12 +613,9 @@ def import_job_create(
     refusal = dataset_name_refusal(dataset_name)
     if refusal is not None:
         raise ImportRequestError(refusal)
-    for what, path in (("source", source), ("labels CSV", labels_csv)):
-        if storable_text(path) != path:
-            raise ImportRequestError(
-                f"the {what} path {storable_text(path)!r} holds bytes that are not UTF-8 text "
-                "(a name written by another system's character set): rename that folder or "
-                "file, or import the folder above it (its files may have such names)")
+    refusal = _path_refusal(source, labels_csv)
+    if refusal is not None:
+        raise ImportRequestError(refusal)
     return ImportJob.objects.create(
         project=project,
         source=source,
@@ -634,15 +631,26 @@ def import_job_create(
     )
 
 
+def _path_refusal(source: str, labels_csv: str) -> str | None:
+    """Why an import's source or labels CSV path cannot be stored (its bytes are not UTF-8
+    text: a job row holds the path), or None."""
+    for what, path in (("source", source), ("labels CSV", labels_csv)):
+        if storable_text(path) != path:
+            return (f"the {what} path {storable_text(path)!r} holds bytes that are not UTF-8 "
+                    "text (a name written by another system's character set): rename that "
+                    "folder or file, or import the folder above it (its files may have such "
+                    "names)")
+    return None
+
+
 def import_source_refusal(*, source: str, labels_csv: str = "", layout: str = "auto"
                           ) -> str | None:
     """Why the source (and its labels CSV) cannot be read, or None: the listing the job will
     make, without reading a file's bytes. ``import_scans --create-project`` asks first, so a
     CSV it cannot read leaves no empty project behind."""
-    for what, path in (("source", source), ("labels CSV", labels_csv)):
-        if storable_text(path) != path:
-            return (f"the {what} path {storable_text(path)!r} holds bytes that are not UTF-8 "
-                    "text: rename it")
+    refusal = _path_refusal(source, labels_csv)
+    if refusal is not None:
+        return refusal
     try:
         if is_findings_source(source):
             read_findings_source(source)
@@ -1215,7 +1223,7 @@ def _novelty_warning(job: ImportJob) -> None:
 def _names_shown(names: list[str], most: int = 5) -> str:
     """Up to ``most`` file names a report may quote (``name_may_be_shown``), each on one
     line with no control characters (a CSV's quoted name may hold a newline)."""
-    shown = [" ".join(without_untypable(" ".join(storable_text(n).split())).split())
+    shown = [without_untypable(" ".join(storable_text(n).split()))
              for n in names if name_may_be_shown(n)][:most]
     return ", ".join(n[:120] for n in shown if n)
 
