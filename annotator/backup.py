@@ -32,7 +32,7 @@ import tempfile
 import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timezone as dt_timezone
+from datetime import datetime, timedelta, timezone as dt_timezone
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -69,6 +69,7 @@ VERSION = 2
 READABLE_VERSIONS = (1, 2)      # version 1 lacks the settings below: they restore as defaults
 SKIP_ARTIFACTS = {"embeddings.npy", "thumbs.npy", "scan_ids.npy", "index.faiss",
                   "index.faiss.ids.npy"}
+EARLIEST = datetime(1970, 1, 1, tzinfo=dt_timezone.utc)   # no row of ours is older
 MAX_MEMBERS = 2_000_000         # two files a scan: a 100,000-scan project has 200,000
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_PROBLEMS = 10               # a refusal lists at most this many problems
@@ -469,10 +470,17 @@ class _Checker:
             return None
         try:
             moment = datetime.fromisoformat(value)
-        except ValueError:
+            moment = (moment if timezone.is_aware(moment)
+                      else moment.replace(tzinfo=dt_timezone.utc)).astimezone(dt_timezone.utc)
+        except (ValueError, OverflowError):      # 0001-01-01T00:00+14:00 is before year 1
             self.add(f"{where} is not a date and time: {value[:40]!r}")
             return None
-        return moment if timezone.is_aware(moment) else moment.replace(tzinfo=dt_timezone.utc)
+        # rows this site made: not before the Unix epoch, not after tomorrow (a clock that was
+        # wrong, or a hand edit, would otherwise be restored as a fact of the record)
+        if not EARLIEST <= moment <= timezone.now() + timedelta(days=1):
+            self.add(f"{where} is {value[:40]!r}: a date before 1970 or in the future")
+            return None
+        return moment
 
 
 def _field_value(f: models.Field, value) -> tuple[str | None, object]:

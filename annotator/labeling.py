@@ -27,6 +27,7 @@ from annotator.selectors import (
 )
 from annotator.services import AnnotationError, annotation_create, answer_outcome_conflicts
 from medsite import jsonbody
+from medsite.when import in_words
 from ml_backend.models import ModelVersion, Prediction, QueryItem, QueryRound
 
 logger = logging.getLogger(__name__)
@@ -688,7 +689,7 @@ def _replay_of(stored: Annotation, *, scan: Scan, submission: str, create,
         if compared.same:
             return stored
         made = compared.made
-    when = timezone.localtime(stored.created_at).strftime("%Y-%m-%d %H:%M:%S")
+    when = in_words(stored.created_at, seconds=True)
     raise SubmissionConflict(
         f"this answer was already saved as {describe_answer(stored)} (answer {stored.pk}, "
         f"{when}) under the submission id {submission!r}; this request says {made}. "

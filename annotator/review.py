@@ -35,10 +35,10 @@ from datetime import datetime
 from itertools import combinations
 
 from django.db import transaction
-from django.utils import timezone
 
 from annotator.models import Annotation, LabelClass, Membership, Project, Scan
 from annotator.services import annotation_create
+from medsite.when import in_words
 
 #: Fewer reader pairs than this and a kappa is not reported (it would mostly be noise).
 MIN_PAIRS = 5
@@ -379,7 +379,7 @@ class Adjudicated:
 
 
 def _when(annotation: Annotation) -> str:
-    return timezone.localtime(annotation.created_at).strftime("%Y-%m-%d %H:%M:%S")
+    return in_words(annotation.created_at, seconds=True)
 
 
 def _who(annotation: Annotation) -> str:
@@ -487,6 +487,9 @@ class ReaderStats:
     last: datetime | None = None
 
 
+IDLE_CAP_MEDIANS = 10
+
+
 def reader_stats(project: Project) -> list[ReaderStats]:
     """Per reader (web and Label Studio answers): how much, how fast, and how often their
     latest label agrees with the reviewer's adjudication of the same scan. ``per_hour`` is
@@ -515,8 +518,13 @@ def reader_stats(project: Project) -> list[ReaderStats]:
         stats.unsure = sum(a.outcome == Annotation.Outcome.UNSURE for a in answers)
         durations = sorted(a.duration_ms for a in answers if a.duration_ms)
         if durations:
-            stats.median_seconds = durations[len(durations) // 2] / 1000
-            stats.per_hour = len(durations) / (sum(durations) / 3_600_000)
+            median = durations[len(durations) // 2]
+            stats.median_seconds = median / 1000
+            # an answer on screen for more than ten times the reader's median counts as ten
+            # medians: a tab left open over lunch is not reading (the label page counts only
+            # active, visible time since the tenth probe; Label Studio's lead times do not)
+            reading = sum(min(d, IDLE_CAP_MEDIANS * median) for d in durations)
+            stats.per_hour = len(durations) / (reading / 3_600_000)
         latest = {a.scan_id: a for a in answers if a.outcome == Annotation.Outcome.LABEL}
         judged = [a for scan_id, a in latest.items() if scan_id in adjudicated]
         stats.adjudicated = len(judged)

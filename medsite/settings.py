@@ -8,6 +8,7 @@ and ``DEID_SALT``; see README.md ("Production").
 from __future__ import annotations
 
 import os
+import zoneinfo
 from datetime import timedelta
 from pathlib import Path
 
@@ -111,7 +112,17 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = env_str("TIME_ZONE", "UTC")
+CSRF_FAILURE_VIEW = "medsite.csrf.csrf_failure"   # JSON in words to pages that ask for JSON
+TIME_ZONE = env_str("TIME_ZONE", "UTC").strip() or "UTC"
+try:   # an IANA name ("Europe/London"), checked here so a typo is one line, not a traceback
+    if TIME_ZONE.startswith(("/", ".")) or ".." in TIME_ZONE:
+        raise ValueError(TIME_ZONE)
+    zoneinfo.ZoneInfo(TIME_ZONE)
+except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+    raise ImproperlyConfigured(
+        f"TIME_ZONE={TIME_ZONE!r} is not a time zone name: use an IANA name such as "
+        "'UTC', 'Europe/London' or 'America/New_York' (times on pages are shown in it)"
+    ) from None
 USE_I18N = True
 USE_TZ = True
 

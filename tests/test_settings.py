@@ -95,6 +95,9 @@ def test_broker_and_database_from_env():
     ({"MEDLABEL_EMBED_LAYERS": "4,5"}, "MEDLABEL_EMBED_LAYERS"),
     ({"PACS_PULL_MINUTES": "60", "PACS_PULL_QUERY": ""}, "PACS_PULL_QUERY is set but empty"),
     ({"CACHE_URL": "memcached://127.0.0.1:11211"}, "CACHE_URL='memcached"),
+    ({"TIME_ZONE": "Mars/Olympus"}, "TIME_ZONE='Mars/Olympus' is not a time zone name"),
+    ({"TIME_ZONE": "UTC+3"}, "TIME_ZONE='UTC+3'"),
+    ({"TIME_ZONE": "../../etc/passwd"}, "is not a time zone name"),
 ])
 def test_bad_production_config_fails_at_start(env, message):
     result = _settings_in_subprocess(**env)

@@ -10,7 +10,6 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Q
-from django.utils import timezone
 
 from annotator.findings import (
     findings_answer_create,
@@ -22,6 +21,7 @@ from annotator.label_studio.config import task_refusal
 from annotator.models import Annotation, LabelClass, LabelStudioTask, Project, Scan
 from annotator.services import AnnotationError, annotation_create, refit_asks_deferred
 from medsite import jsonbody
+from medsite.when import in_words
 from ml_backend.label_studio_protocol import FINDINGS_NAME, FROM_NAME, NO_FINDING, UNCERTAIN_NAME
 from ml_backend.models import ModelVersion
 
@@ -431,7 +431,7 @@ def _update(existing: Annotation, *, outcome: str, label_class: LabelClass | Non
                 # the reader was unknown when it first arrived (no API key then): fill it in
                 existing.reader = reader
                 existing.note = (existing.note + "\n" if existing.note else "") + \
-                    f"reader matched by e-mail {timezone.now():%Y-%m-%d %H:%M}"
+                    f"reader matched by e-mail {in_words()}"
                 existing.save(update_fields=["reader", "note"])
             if findings:
                 _, result = _update_findings(existing, outcome, states)
@@ -440,7 +440,7 @@ def _update(existing: Annotation, *, outcome: str, label_class: LabelClass | Non
             else:
                 existing.outcome, existing.label_class = outcome, label_class
                 existing.note = (existing.note + "\n" if existing.note else "") + \
-                    f"updated in Label Studio {timezone.now():%Y-%m-%d %H:%M}"
+                    f"updated in Label Studio {in_words()}"
                 existing.save(update_fields=["outcome", "label_class", "note"])
                 result = "updated"
     except AnnotationError as exc:
@@ -453,7 +453,7 @@ def _update_findings(existing: Annotation, outcome: str, states: dict[int, str] 
                      ) -> tuple[Annotation | None, str]:
     """A findings answer changed in Label Studio: its findings replaced (or, when it was a
     skip, the skip replaced by the answer's findings)."""
-    stamp = f"updated in Label Studio {timezone.now():%Y-%m-%d %H:%M}"
+    stamp = f"updated in Label Studio {in_words()}"
     if states is None:          # a findings answer turned into a skip
         if existing.outcome == outcome:
             return existing, "unchanged"

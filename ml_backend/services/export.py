@@ -7,11 +7,11 @@ from __future__ import annotations
 import html
 import json
 import re
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from django.utils import timezone
 
 from annotator.models import LabelClass, LabelSet, Scan
 from medsite.locks import LockBusy, file_lock
@@ -241,7 +241,7 @@ def _card(model: ModelVersion, fmt: str, files: list[dict]) -> dict:
     pretrain = (encoder.config or {}).get("pretrain") if encoder else None
     return {
         "model": model.version, "project": model.project.name, "format": fmt,
-        "exported": time.strftime("%Y-%m-%d %H:%M"), "files": files,
+        "exported": timezone.now().isoformat(timespec="seconds"), "files": files,
         "kind": model.config.get("kind"), "status": model.status,
         "status_reason": model.status_reason, "lineage": _lineage(model),
         "training": {"labels": model.num_labels, "config": {

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from annotator.models import Annotation, Project
 from ml_backend.errors import RetrainSkipped, TrainingError
+from medsite.when import in_words
 from ml_backend.models import ModelVersion, TrainingRun
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class RunReporter:
         self.run, self.echo, self.every, self.last = run, echo, every, 0.0
 
     def log(self, line: str) -> None:
-        self.run.log += f"{timezone.now():%H:%M:%S} {line}\n"
+        self.run.log += f"{in_words(seconds=True, date=False)} {line}\n"
         self.run.save(update_fields=["log"])
 
     def __call__(self, event: dict) -> None:

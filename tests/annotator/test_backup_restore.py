@@ -410,6 +410,16 @@ HOSTILE_MANIFESTS = {
     "a shown score above 1": (set_in("annotations", 0, "shown_scores", {"1": 2.0}),
                               "answer 1: its shown_scores are not a mapping of class id to "
                               "probability"),
+    # dates no row of ours can have (the first crashed in the conversion to UTC)
+    "an answer before year 1 in UTC": (set_in("annotations", 0, "created_at",
+                                              "0001-01-01T00:00:00+14:00"),
+                                       "answer 1: created_at is not a date and time"),
+    "an answer after year 9999 in UTC": (set_in("annotations", 0, "created_at",
+                                                "9999-12-31T23:59:59-12:00"),
+                                         "answer 1: created_at is not a date and time"),
+    "an answer in the year 2999": (set_in("annotations", 0, "created_at",
+                                          "2999-01-01T00:00:00+00:00"),
+                                   "a date before 1970 or in the future"),
     # answers the answer path refuses
     "a finding as the scan's one class": (
         findings_answer_as(outcome="label", label="mass", findings=[]),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
@@ -17,7 +18,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--project", default=None)
-        parser.add_argument("--since", default=None, help="YYYY-MM-DD")
+        parser.add_argument("--since", default=None,
+                            help="YYYY-MM-DD: events from that day's midnight in the site's "
+                                 "TIME_ZONE on (the CSV's times are UTC with their offset)")
         parser.add_argument("--out", default="-", help="file path (a new file, or an existing "
                             "regular file, which is replaced; in an existing folder), or - for "
                             "stdout")
@@ -36,11 +39,16 @@ class Command(BaseCommand):
                 raise CommandError(f"no project named {opts['project']!r}")
             events = events.filter(project=project)
         if opts["since"]:
-            try:
+            try:    # exactly YYYY-MM-DD in ASCII digits (strptime also takes 2026-1-7)
+                if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", opts["since"]):
+                    raise ValueError(opts["since"])
                 since = datetime.strptime(opts["since"], "%Y-%m-%d")
             except ValueError:
                 raise CommandError("--since takes a date as YYYY-MM-DD") from None
-            events = events.filter(created_at__gte=timezone.make_aware(since))
+            start = timezone.make_aware(since, timezone.get_current_timezone())
+            events = events.filter(created_at__gte=start)
+            self.stderr.write(f"events since {start:%Y-%m-%d %H:%M %Z} "
+                              f"({start.astimezone(UTC):%Y-%m-%d %H:%M} UTC, the CSV's zone)")
         text = to_csv(events)
         if out is None:
             self.stdout.write(text, ending="")
