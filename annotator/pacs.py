@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
-from pydicom.datadict import dictionary_has_tag, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import (
+    dictionary_has_tag, dictionary_VR, keyword_for_tag, tag_for_keyword,
+)
 
 from annotator.models import ImportJob, Project, Scan
 
@@ -134,12 +136,90 @@ def parse_query(query: str | None) -> dict[str, str]:
                             f"{asked[keyword]} and {key} ask for the same attribute: name it once")
             continue
         asked[keyword] = key
+        problem = _date_problem(keyword, value)
+        if problem:
+            problems.append(f"{key}={value[:40]!r}: {problem}")
+            continue
         filters[keyword] = value      # a tag number is sent as its keyword
     if problems:
         raise PacsError(f"query {query[:200]!r} refused: {'; '.join(problems)}")
     if not filters:
         raise PacsError(EMPTY_QUERY)
     return filters
+
+
+_DA = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})")
+_TM = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.[0-9]{1,6})?)?)?")
+_DT = re.compile(r"([0-9]{4})(?:([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})"
+                 r"(?:\.[0-9]{1,6})?)?)?)?)?)?(?:[+-](?:[01][0-9]|2[0-3])[0-5][0-9])?")
+_DATE_WORDS = {"DA": "a date as YYYYMMDD", "TM": "a time as HHMMSS (HH, HHMM also)",
+               "DT": "a date and time as YYYYMMDDHHMMSS (a prefix such as YYYYMMDD also)"}
+
+
+def _date_problem(keyword: str, value: str) -> str | None:
+    """Why a date, time or date-time filter (``StudyDate=20240101-20241231``) is not one a
+    PACS reads as meant, or None. DICOM writes dates without dashes and ranges with one
+    (PS3.4 C.2.2.2.5): an ISO date, a 30 February or a reversed range would be refused,
+    match nothing or be ignored, depending on the PACS."""
+    try:
+        vr = dictionary_VR(keyword)
+    except KeyError:
+        return None
+    if vr not in _DATE_WORDS:
+        return None
+    ends = value.split("-") if vr != "DT" else _dt_range(value)
+    if ends is None or len(ends) > 2 or not any(ends):
+        return f"not {_DATE_WORDS[vr]} or a range of them (A-B, A-, -B)"
+    for end in ends:
+        if end and not _valid_moment(vr, end):
+            return f"{end[:40]!r} is not {_DATE_WORDS[vr]}"
+    if len(ends) == 2 and all(ends) and _sortable(vr, ends[0]) > _sortable(vr, ends[1]):
+        return "the range ends before it starts"
+    return None
+
+
+def _dt_range(value: str) -> list[str] | None:
+    """A DT range splits at the dash that is not part of a -HHMM offset (one value that
+    reads whole, offset and all, is one value)."""
+    if _DT.fullmatch(value):
+        return [value]
+    for at in range(len(value) + 1):
+        if at == len(value) or value[at] == "-":
+            first, rest = value[:at], value[at + 1:]
+            if (not first or _DT.fullmatch(first)) and (not rest or _DT.fullmatch(rest)):
+                return [first, rest] if at < len(value) else [first]
+    return None
+
+
+def _valid_moment(vr: str, text: str) -> bool:
+    import datetime as dt
+
+    if vr == "DA":
+        match = _DA.fullmatch(text)
+        parts = match and [int(g) for g in match.groups()]
+    elif vr == "TM":
+        match = _TM.fullmatch(text)
+        return bool(match) and int(match[1]) < 24 and int(match[2] or 0) < 60 \
+            and int(match[3] or 0) < 61
+    else:
+        match = _DT.fullmatch(text)
+        if not match:
+            return False
+        if not (int(match[4] or 0) < 24 and int(match[5] or 0) < 60 and int(match[6] or 0) < 61):
+            return False
+        parts = [int(match[1]), int(match[2] or 1), int(match[3] or 1)]
+    if not match:
+        return False
+    try:
+        dt.date(*parts)
+    except ValueError:
+        return False
+    return True
+
+
+def _sortable(vr: str, text: str) -> str:
+    """Comparable text of one end (zone offsets aside)."""
+    return re.split(r"[+-]", text)[0].split(".")[0].ljust(14, "0") if vr == "DT" else text
 
 
 PACS_TIMEOUT = (5, 30)     # seconds: to connect, and between two reads of an answer

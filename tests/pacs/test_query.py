@@ -38,6 +38,33 @@ def test_a_query_that_does_not_say_what_it_filters_is_refused(query, said):
         pacs.parse_query(query)
 
 
+@pytest.mark.parametrize("query, said", [
+    # dates as DICOM writes them or not at all (tenth probe: these went to the PACS, which
+    # refused them, matched nothing or ignored the filter, depending on the PACS)
+    ("StudyDate=2026-02-30", "not a date as YYYYMMDD or a range"),
+    ("StudyDate=20260230", "'20260230' is not a date as YYYYMMDD"),
+    ("StudyDate=2024-01-01-2024-12-31", "not a date as YYYYMMDD or a range"),
+    ("StudyDate=-1", "'1' is not a date"),
+    ("StudyDate=2024*", "is not a date"),
+    ("StudyDate=20241231-20240101", "the range ends before it starts"),
+    ("StudyTime=250000", "'250000' is not a time as HHMMSS"),
+    ("StudyTime=1260", "is not a time"),
+    ("AcquisitionDateTime=20241301", "is not a date and time"),
+])
+def test_a_date_filter_is_a_dicom_date_or_range(query, said):
+    with pytest.raises(pacs.PacsError, match=said):
+        pacs.parse_query(query)
+
+
+def test_dicom_date_ranges_and_times_pass():
+    for value in ("20240101", "20240101-20241231", "20240101-", "-20241231", "20240229"):
+        assert pacs.parse_query(f"StudyDate={value}") == {"StudyDate": value}
+    for value in ("09", "0930", "093000.123", "0800-1730"):
+        assert pacs.parse_query(f"StudyTime={value}") == {"StudyTime": value}
+    for value in ("2024", "2024010112-0500", "20240101-20240102"):   # an offset, a range
+        assert pacs.parse_query(f"AcquisitionDateTime={value}") == {"AcquisitionDateTime": value}
+
+
 def test_a_good_query_and_no_query():
     assert pacs.parse_query(None) == {}                          # every study, on purpose
     assert pacs.parse_query("Modality=CR&StudyDate=20240101-20241231&StudyDescription=CT*"
