@@ -11,6 +11,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST, require_safe
 
 from annotator import review as reviews
@@ -23,6 +24,7 @@ REVIEW_ROLES = ("reviewer",)
 
 
 NOTE_MAX_CHARS = 2000
+SECTION_IDS = ("disagreements", "flagged")     # the review page's sections, in order
 
 
 class AdjudicationForm(forms.Form):
@@ -76,31 +78,37 @@ def adjudicate(request, project_id: int, scan_id: int):
     if scan is None:
         raise Http404("No such scan in this project.")
     form = AdjudicationForm(request.POST)
+    # back to the section the reviewer was in, with the message there (not at the top)
+    section = request.POST.get("section", "")
+    section = section if section in SECTION_IDS else ""
+    tags = f"section-{section}" if section else ""
+    back = redirect(reverse("annotator:review", args=[project.pk])
+                    + (f"#{section}" if section else ""))
     label_class = None
     if "note" in form.errors:            # the class may be fine: say what is wrong
         messages.error(request, f"Scan {scan.pk} was not adjudicated: "
-                                f"{' '.join(form.errors['note'])}.")
-        return redirect("annotator:review", project.pk)
+                                f"{' '.join(form.errors['note'])}.", extra_tags=tags)
+        return back
     if form.is_valid():
         label_class = LabelClass.objects.filter(pk=form.cleaned_data["label_class"]).first()
     if label_class is None:
         messages.error(request, f"Scan {scan.pk} was not adjudicated: choose one of the "
-                                "project's classes.")
-        return redirect("annotator:review", project.pk)
+                                "project's classes.", extra_tags=tags)
+        return back
     try:
         done = reviews.adjudicate(scan=scan, reviewer=request.user, label_class=label_class,
                                   note=form.cleaned_data["note"],
                                   seen=request.POST.get("seen") or None)
     except reviews.AdjudicationConflict as exc:
-        messages.error(request, f"Scan {scan.pk} was not adjudicated: {exc}.")
+        messages.error(request, f"Scan {scan.pk} was not adjudicated: {exc}.", extra_tags=tags)
         return _review_page(request, project, status=409)
     except (reviews.ReviewError, AnnotationError) as exc:
-        messages.error(request, f"Scan {scan.pk} was not adjudicated: {exc}.")
+        messages.error(request, f"Scan {scan.pk} was not adjudicated: {exc}.", extra_tags=tags)
     else:
         replaces = f" (it replaces {done.replaced_in_words})" if done.replaced else ""
         messages.success(request, f"Scan {scan.pk} adjudicated as {label_class.name}: "
-                                  f"training now uses this label{replaces}.")
-    return redirect("annotator:review", project.pk)
+                                  f"training now uses this label{replaces}.", extra_tags=tags)
+    return back
 
 
 @login_required
