@@ -385,11 +385,16 @@ def pca_2d(vectors: np.ndarray, *, max_points: int = 5000, seed: int = 0,
     return xy, rows
 
 
+# each class or cluster has its own shape as well as its colour: a reader who does not tell
+# the colours apart (or prints the map in grey) still tells the groups apart
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
 @_remembered
 def embedding_map_png(xy: np.ndarray, labels: Sequence[int], names: Sequence[str],
                       title: str, *, colors: Sequence[str] | None = None,
                       unlabeled_name: str = "unlabeled") -> bytes:
-    """Scatter of 2-D points coloured by class index (``labels[i]`` indexes ``names``, -1 is
+    """Scatter of 2-D points coloured and shaped by class index (``labels[i]`` indexes ``names``, -1 is
     unlabeled and drawn grey underneath). ``colors`` (one per name) default to
     ``class_color`` so the same class has the same colour in every map."""
     if colors is not None and len(colors) != len(names):
@@ -415,6 +420,7 @@ def embedding_map_png(xy: np.ndarray, labels: Sequence[int], names: Sequence[str
             continue
         handles.append(ax.scatter(points[members, 0], points[members, 1], s=size * 1.6,
                                   color=colors[index] if colors else class_color(index),
+                                  marker=MARKERS[index % len(MARKERS)],
                                   alpha=0.85, linewidths=0.3, edgecolors="white"))
         entries.append(f"{cut(name)} ({int(members.sum())})")
     ax.set_xlabel("principal component 1")

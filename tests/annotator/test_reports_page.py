@@ -266,6 +266,19 @@ def test_chart_functions_return_pngs():
                                         colors=["#111111", "#222222", "#333333", "#444444"]))
 
 
+def test_each_group_on_a_map_has_its_own_shape(monkeypatch):
+    """Not colour alone (tenth probe: eight clusters were eight identical circles)."""
+    from matplotlib.axes import Axes
+
+    shapes = []
+    scatter = Axes.scatter
+    monkeypatch.setattr(Axes, "scatter", lambda self, *a, **k: (
+        shapes.append(k.get("marker")), scatter(self, *a, **k))[1])
+    xy, _ = charts.pca_2d(np.random.default_rng(1).normal(size=(40, 8)))
+    charts.embedding_map_png(xy, [0, 1, 2, 3] * 10, CLASS_NAMES, "four groups")
+    assert len(shapes) == 4 and len(set(shapes)) == 4, shapes
+
+
 def test_chart_functions_handle_empty_and_reject_inconsistent_input():
     empty = classification_report(np.zeros(0, int), np.zeros((0, 4)), CLASS_NAMES)
     assert_png(charts.reliability_png(empty["reliability"], empty["ece"]))
