@@ -14,7 +14,6 @@
   const view = {scale: 1, x: 0, y: 0, invert: false, cam: false, window: null, frame: null};
   const medlabel = (window.medlabel = {timings: [], saved: 0, payload: null});
   let payload = JSON.parse($("label-payload").textContent);
-  let shownAt = performance.now();
   // the scan's image: "loading" until it is on screen ("ready"), or "failed" (the page says
   // why in words; the scan can then only be skipped). Answers wait for "ready".
   let imageState = "loading";
@@ -25,6 +24,38 @@
   // the submission id of the answer last sent for this scan, with what it said: a retry of
   // the same answer reuses it (the server stores it once); another answer gets a new one
   let attempt = null;
+  // The reading time sent as duration_ms: only while the page is visible and the reader is
+  // active. Two minutes without a pointer, key or wheel input stop the count (those two
+  // minutes count); the next input resumes it. A tab left open overnight is not read.
+  const IDLE_MS = 2 * 60 * 1000;
+  const reading = {counted: 0, since: null, lastInput: 0};
+  function readingMs(now = performance.now()) {
+    if (reading.since === null) return reading.counted;
+    return reading.counted + Math.max(0, Math.min(now, reading.lastInput + IDLE_MS) - reading.since);
+  }
+  function readingPause(now = performance.now()) {
+    reading.counted = readingMs(now);
+    reading.since = null;
+  }
+  function readingStart(now = performance.now()) {   // a new scan on screen
+    reading.counted = 0;
+    reading.lastInput = now;
+    reading.since = document.visibilityState === "hidden" ? null : now;
+  }
+  function readingInput() {
+    const now = performance.now();
+    if (document.visibilityState === "hidden") return;
+    if (reading.since !== null && now - reading.lastInput > IDLE_MS) readingPause(now);   // was idle
+    if (reading.since === null) reading.since = now;
+    reading.lastInput = now;
+  }
+  for (const type of ["pointerdown", "pointermove", "keydown", "wheel"]) {
+    document.addEventListener(type, readingInput, {capture: true, passive: true});
+  }
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "hidden") readingPause(); else readingInput();
+  });
+  medlabel.readingMs = readingMs;
   const newId = () => (crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2) + Date.now());
   // findings sets: {finding id: "present" | "uncertain"}; unmarked findings are absent
   let marks = {};
@@ -190,8 +221,15 @@
     applyView();
   });
   $("viewport").addEventListener("pointerup", () => { drag = null; });
-  // every control hands the keyboard back to the page, so hotkeys keep working after it
-  function giveBackFocus(e) { if (e.currentTarget && e.currentTarget.blur) e.currentTarget.blur(); }
+  // A control used with the mouse hands the keyboard back to the page, so hotkeys (and ↑ ↓ for
+  // slices) keep working after a drag or a click. A control reached and moved with keys keeps
+  // the focus while it is adjusted (its change events blur nothing); Escape hands it back.
+  let lastInputKind = "key";
+  document.addEventListener("pointerdown", () => { lastInputKind = "pointer"; }, true);
+  document.addEventListener("keydown", () => { lastInputKind = "key"; }, true);
+  function giveBackFocus(e) {
+    if (lastInputKind === "pointer" && e.currentTarget && e.currentTarget.blur) e.currentTarget.blur();
+  }
   for (const id of ["brightness", "contrast", "cam-opacity"]) {
     $(id).addEventListener("input", applyView);
     $(id).addEventListener("change", giveBackFocus);
@@ -202,6 +240,30 @@
     if (preset) setWindow({center: preset.center, width: preset.width}, {now: true});
     giveBackFocus(e);
   });
+  // The focused viewer, zoomed in beyond fit: an arrow moves the view a tenth of the viewer
+  // that way (Shift: a fiftieth), as scrolling would. At fit the arrows keep their page meaning.
+  function panKey(key, fine) {
+    const box = $("viewport").getBoundingClientRect();
+    const part = fine ? 0.02 : 0.1;
+    if (key === "ArrowLeft") view.x += box.width * part;
+    else if (key === "ArrowRight") view.x -= box.width * part;
+    else if (key === "ArrowUp") view.y += box.height * part;
+    else if (key === "ArrowDown") view.y -= box.height * part;
+    applyView();
+  }
+  // The window from the keyboard (greyscale scans), as right-drag does it: [ narrower, ] wider
+  // (10% a press); { and } (Shift+[ and Shift+]) move the level down / up a tenth of the width.
+  const WINDOW_KEYS = {"[": [0, 1 / 1.1], "]": [0, 1.1], "{": [-0.1, 1], "}": [0.1, 1]};
+  function windowKey(key) {
+    const step = WINDOW_KEYS[key];
+    if (!step) return false;
+    if (!payload.scan.window || !view.window) {
+      say(`"${key}" changes the window of greyscale scans; this one is in colour: use brightness and contrast.`);
+      return true;
+    }
+    setWindow({center: view.window.center + step[0] * view.window.width, width: view.window.width * step[1]});
+    return true;
+  }
   $("invert").addEventListener("click", () => { view.invert = !view.invert; applyView(); });
   $("toggle-cam").addEventListener("click", () => {
     if (!payload.gradcam) return;
@@ -317,8 +379,9 @@
       const response = await fetch(root.dataset.undo.replace("0/undo/", `${last.id}/undo/`), {
         method: "POST", credentials: "same-origin",
         headers: {"X-CSRFToken": csrf(), Accept: "application/json"}});
-      const data = await response.json().catch(() => ({error: `server answered ${response.status}`}));
+      const data = await response.json().catch(() => ({error: `server answered ${response.status}`, unread: true}));
       if (sessionEnded(response)) { saySignIn(response.status === 401 ? data : null); return; }
+      if (response.status === 403 && (data.csrf || data.unread)) { sayReload("Nothing was undone", data); return; }
       if (!response.ok) { say(data.error || "could not undo", "error"); return; }
       answered.pop();
       leave(data.scan_url);
@@ -347,7 +410,8 @@
     let loadedAt = null;
     const shown = () => {
       if (seq !== loadSeq) return;
-      shownAt = performance.now();
+      const shownAt = performance.now();
+      readingStart(shownAt);
       if (measureFrom !== undefined) {
         // key → next image loaded (as bench/label_latency reports it), and → painted
         const ms = loadedAt - measureFrom;
@@ -408,6 +472,7 @@
     view.window = null;
     view.frame = null;
     sliceReadout();
+    $("viewport").setAttribute("aria-label", viewerLabel());
     const info = p.scan.window;
     $("window-tools").hidden = !info;
     const presets = $("window-preset");
@@ -782,6 +847,8 @@
     if (!mayAnswer(answer.outcome === "skip" ? "skip" : "answer", label)) return;
     const key = JSON.stringify(answer);
     if (!attempt || attempt.key !== key) attempt = {key, id: newId()};
+    // where the keyboard was (a button pressed with Enter): before the save disables it
+    const focusWas = document.activeElement;
     saving = "answer";
     updateAnswering();
     note("");
@@ -789,7 +856,7 @@
     const s = payload.suggestion;
     const scanId = payload.scan.id;
     const body = Object.assign({
-      duration_ms: imageState === "ready" ? Math.round(started - shownAt) : "",   // time on screen
+      duration_ms: imageState === "ready" ? Math.round(readingMs(started)) : "",   // active time on screen
       shown_model_version: s ? s.model_version : "",
       shown_suggestion: s ? s.class_id : "",
       shown_confidence: s ? s.confidence : "",
@@ -808,6 +875,9 @@
       });
       const data = await response.json().catch(() => ({error: `server answered ${response.status}`, unread: true}));
       if (sessionEnded(response)) { saySignIn(response.status === 401 ? data : null); return; }
+      // a refused security check (CSRF), or a 403 that is not the view's JSON: the request
+      // never reached the answer, so it was not saved, and pressing again cannot fix it
+      if (response.status === 403 && (data.csrf || data.unread)) { sayReload(`Your answer (${describe(answer)}) was NOT saved`, data); return; }
       if (!response.ok) {
         if (data.code === "submission_conflict" && data.stored) offerChange(answer, data, label);
         else if (data.unread || response.status >= 500) {
@@ -832,14 +902,18 @@
       if (data.next) {
         history.replaceState({}, "", data.next.scan.url);
         render(data.next, started);
-        // the round was done: the model chose the next batch, and this scan is its first
-        if (data.new_round) $("status").textContent = "Round done: the model chose the next batch.";
+        // said in the status line (a polite live region): what was saved, and the scan now
+        // shown; the round was done: the model chose the next batch, and this scan is its first
+        say(`Saved ${data.saved.words || describe(answer)} on #${scanId}; now reading #${data.next.scan.id}.` +
+            (data.new_round ? " Round done: the model chose the next batch." : ""));
+        keepFocus(focusWas);
         const words = [];
         if (!data.saved.created) words.push(`Saved: ${data.saved.words} on scan #${scanId} (the earlier request had reached the server).`);
         else if (data.replaced) words.push(`Saved ${data.saved.words} on scan #${scanId}: it replaces your earlier answer there (${data.replaced.words}).`);
         if (data.too_quick) words.push(data.too_quick);
         note(words.join(" "), data.too_quick ? "warning-banner" : "info-line");
       } else {
+        say(`Saved ${data.saved.words || describe(answer)} on #${scanId}; no scans left: going to the worklist.`);
         leave(data.worklist);
       }
     } catch (err) {
@@ -856,6 +930,31 @@
       }
     }
   }
+  // After an answer the next scan is drawn: a focused control that is gone (the class button
+  // pressed) or was disabled meanwhile leaves the keyboard on the page's body. Focus goes back
+  // to that control where it still exists, else to the viewer (the new scan); focus that is
+  // still on something is left where it is.
+  function keepFocus(was) {
+    if (!was || was === document.body || was === document.documentElement) return;
+    const now = document.activeElement;
+    if (now && now !== document.body && now !== document.documentElement && !now.disabled) return;
+    if (was.isConnected && !was.disabled && !was.closest("[hidden]")) was.focus();
+    else $("viewport").focus({preventScroll: true});
+  }
+  // The security check refused the request (the CSRF cookie missing or expired): nothing was
+  // saved, and only a reload (which sets the cookie again) lets answers through.
+  function sayReload(what, data) {
+    const status = $("status");
+    status.replaceChildren();
+    status.className = "error";
+    const why = data && data.csrf && data.error ? ` (${data.error.replace(/[.\s]+$/, "")})` : "";
+    status.append(`${what}: the page's security cookie is missing or expired${why}. Reload the page, then answer again.`, " ");
+    const reload = el("button", "Reload the page", "small");
+    reload.type = "button";
+    reload.id = "reload-page";
+    reload.addEventListener("click", () => location.reload());
+    status.append(reload);
+  }
   $("skip").addEventListener("click", () => submit({outcome: "skip"}, "skip"));
   $("unsure").addEventListener("click", () => submit({outcome: "unsure"}, "unsure"));
   // a page left while an answer is in flight: the browser asks first
@@ -869,27 +968,64 @@
     const answers = payload.findings_mode
       ? "finding keys toggle present / uncertain, Enter saves, 0 no finding"
       : (payload.classes.filter((c) => c.key).map((c) => c.key).join(" ") || "no class keys") + " answer";
-    const slices = (payload.scan.frames || 1) > 1 ? ", ↑ ↓ or the wheel: slices (Ctrl + wheel zooms)" : "";
-    return `${answers}; s skip, u unsure, g heat map, c compare with similar scans, i invert, n 1:1, r reset, + − zoom${slices}, ← previous scan, Backspace undo`;
+    const slices = (payload.scan.frames || 1) > 1 ? ", ↑ ↓ PageUp PageDown or the wheel: slices (Ctrl + wheel zooms)" : "";
+    const windows = payload.scan.window ? ", [ ] window width, { } window level" : "";
+    return `${answers}; s skip, u unsure, g heat map, c compare with similar scans, i invert, n 1:1, r reset, + − zoom${windows}${slices}, ← previous scan, Backspace undo; ` +
+      "on the focused viewer (Tab to it), zoomed in: arrows pan (Shift: finer); Esc on a slider or list: back to these keys";
   }
-  // held down, only these repeat (zoom and slices); a held answer key answers once
-  const REPEATS = new Set(["ArrowUp", "ArrowDown", "PageUp", "PageDown", "+", "=", "-"]);
+  // The viewer's name for screen readers: what it does from the keyboard and with the mouse.
+  function viewerLabel() {
+    const windows = payload.scan.window ? "; [ and ] window width, { and } window level" : "";
+    const slices = (payload.scan.frames || 1) > 1 ? "; PageUp and PageDown slices (↑ ↓ too at fit)" : "";
+    return "Scan viewer. Keys when focused: + and − zoom, arrows pan once zoomed in (Shift: finer)" +
+      `${windows}${slices}. Mouse: drag to pan, wheel to zoom` +
+      ((payload.scan.frames || 1) > 1 ? " (slices in a series; Ctrl + wheel zooms)" : "") +
+      (payload.scan.window ? ", right-drag to change the window" : "") + ".";
+  }
+  // Single-key shortcuts can be turned off (WCAG 2.1.4, e.g. for speech input, where a spoken
+  // word would press its letters): then only buttons and controls take keys, and the focused
+  // viewer its own (zoom, pan, window), which act only while it has focus. Kept per browser.
+  const SHORTCUTS = "medlabel.shortcuts";
+  let shortcuts = true;
+  try { shortcuts = localStorage.getItem(SHORTCUTS) !== "off"; } catch (err) { /* storage off: on */ }
+  $("shortcuts").checked = shortcuts;
+  $("shortcuts").addEventListener("change", (e) => {
+    shortcuts = e.target.checked;
+    try { localStorage.setItem(SHORTCUTS, shortcuts ? "on" : "off"); } catch (err) { /* this visit only */ }
+    say(shortcuts ? "Single-key shortcuts are on." : "Single-key shortcuts are off: use the buttons (Tab, then Enter or Space).");
+  });
+  // the keys a focused slider keeps for itself, held down too
+  const SLIDER_KEYS = new Set(["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "PageUp", "PageDown", "Home", "End"]);
+  // the focused viewer's own keys, which work with single-key shortcuts off too
+  const VIEWER_KEYS = new Set(["+", "=", "-", "[", "]", "{", "}"]);
+  // held down, only these repeat (zoom, slices, window, panning); a held answer key answers once
+  const REPEATS = new Set(["ArrowUp", "ArrowDown", "PageUp", "PageDown", "+", "=", "-", "[", "]", "{", "}"]);
   document.addEventListener("keydown", (e) => {
-    // typing in a text field is not a hotkey; a slider or button never keeps the keys
-    if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("input:not([type=range]), textarea, select")) return;
-    if (e.repeat && !REPEATS.has(e.key) && !(e.target.closest("input[type=range]") && e.key.startsWith("Arrow"))) {
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    const target = e.target;
+    // Escape on a control hands the keyboard back to the page
+    const control = target.closest("input, select, textarea, button, a");
+    if (e.key === "Escape" && control) { e.preventDefault(); control.blur(); return; }
+    // a text field or a list keeps its keys; a slider keeps its own (arrows, PageUp/PageDown,
+    // Home/End) and a checkbox Space, and they leave the letters to the page
+    if (target.closest("input:not([type=range]):not([type=checkbox]), textarea, select")) return;
+    if (target.closest("input[type=range]") && SLIDER_KEYS.has(e.key)) return;
+    const onViewer = target === $("viewport");
+    if (onViewer && e.key.startsWith("Arrow") && view.scale > 1) { e.preventDefault(); panKey(e.key, e.shiftKey); return; }
+    if (e.repeat && !REPEATS.has(e.key)) {
       e.preventDefault();      // (a held Enter on a focused button would press it again too)
       return;
     }
-    // Enter or Space on a focused button presses it (keyboard-only use); any other key on a
-    // slider or button is a hotkey for the page
-    if (e.target.closest("button, a") && (e.key === "Enter" || e.key === " ")) return;
-    if (e.target.closest("input[type=range]") && e.key.startsWith("Arrow")) return;
-    if (e.target.closest("input[type=range], button")) e.target.blur();
+    // Enter or Space on a focused button presses it (keyboard-only use), Space ticks a
+    // checkbox; any other key on a slider, checkbox or button is a hotkey for the page
+    if (target.closest("button, a") && (e.key === "Enter" || e.key === " ")) return;
+    if (target.closest("input[type=checkbox]") && e.key === " ") return;
+    if (!shortcuts && !(onViewer && VIEWER_KEYS.has(e.key))) return;
     if (e.key === "ArrowLeft") { e.preventDefault(); goBack(); return; }
     if (e.key === "Backspace") { e.preventDefault(); undoLast(); return; }
     if (e.key === "ArrowDown" || e.key === "PageDown") { e.preventDefault(); stepSlice(1); return; }
     if (e.key === "ArrowUp" || e.key === "PageUp") { e.preventDefault(); stepSlice(-1); return; }
+    if (windowKey(e.key)) { e.preventDefault(); return; }
     const key = e.key.toLowerCase();
     if (payload.findings_mode) {
       const f = payload.findings.find((k) => k.key && k.key === key);
