@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from django.conf import settings
 from django.utils import timezone
 
 from annotator.models import LabelClass, LabelSet, Scan
@@ -234,6 +235,20 @@ def _lineage(model: ModelVersion) -> list[dict]:
     return chain
 
 
+# What a consumer must do to a scan to get the product's own numbers (the tenth probe found
+# "bilinear" here while the product enlarges with bicubic: up to 0.1 apart in probability).
+_PREPROCESSING = (
+    "Input: the scan's 8-bit preview as the site shows it (the file behind its preview URL; "
+    "to make one from a raw scan: a greyscale DICOM goes through its modality LUT and its "
+    "first VOI window, or the 0.5-99.5 percentile window when it has none, then MONOCHROME1 "
+    "is inverted; a 16-bit PNG or TIFF takes the same percentile window; the result is "
+    "scaled to 0-255 and, where its longest side is above {side} px, shrunk to {side} with "
+    "Pillow's Lanczos filter). Then: padded to a square with black (the image centred), "
+    "resized to the input size with Pillow's BICUBIC filter when enlarging and BILINEAR when "
+    "shrinking, as float32 divided by 255, shape (N, C, S, S): greyscale has 1 channel, "
+    "colour 3 (RGB). The network normalises itself.")
+
+
 def _card(model: ModelVersion, fmt: str, files: list[dict]) -> dict:
     evaluation = model.evaluations.order_by("-created_at").first()
     report = (evaluation.report if evaluation else None) or {}
@@ -257,10 +272,7 @@ def _card(model: ModelVersion, fmt: str, files: list[dict]) -> dict:
             "per_class": report.get("per_class"), "per_set": report.get("per_set"),
             "per_site": report.get("per_group")},
         "findings_evaluation": _findings_evaluation(model, files),
-        "preprocessing": "the scan's 8-bit preview as the site shows it (a DICOM windowed by "
-                         "its default window), padded to a square with black, resized to the "
-                         "input size (bilinear), divided by 255; greyscale has 1 channel, "
-                         "colour 3 (RGB). The network normalises itself.",
+        "preprocessing": _PREPROCESSING.format(side=settings.PREVIEW_MAX_SIDE),
         "intended_use": "Research and annotation support: ranking scans for expert reading "
                         "and suggesting a label a qualified reader confirms or corrects.",
         "limitations": [

@@ -3,8 +3,9 @@ calibrated class probabilities out, as ONNX (checked with onnxruntime) or TorchS
 no Django.
 
 Input ``image``: ``float32 (N, C, S, S)`` in ``[0, 1]`` — the scan's 8-bit preview (a DICOM
-already windowed), padded to a square with black, resized to ``S`` (bilinear) and divided by
-255; ``C`` is 1 (greyscale) or 3 (RGB). The network normalises with the training mean and
+already windowed), padded to a square with black (centred), resized to ``S`` with Pillow's
+bicubic filter when enlarging and bilinear when shrinking (``ml_backend.data.arrays.to_square``)
+and divided by 255; ``C`` is 1 (greyscale) or 3 (RGB). The network normalises with the training mean and
 standard deviation itself, then runs the encoder and the head:
 
 * a refit version (``LinearHead`` on frozen embeddings): ``softmax((((f - mean) / scale)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import io
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -197,8 +199,23 @@ def write(network: ExportedClassifier, path: Path, *, fmt: str, size: int,
         # trips on its own state): say so in words, not with the tracer's graph dump
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ExportError(f"the network could not be traced for {fmt} ({first})") from exc
-    path.write_bytes(buffer.getvalue())
+    data = buffer.getvalue() if fmt == "onnx" else _without_debug_records(buffer.getvalue())
+    path.write_bytes(data)
     return path
+
+
+def _without_debug_records(archive: bytes) -> bytes:
+    """A TorchScript archive without its ``*.debug_pkl`` records: they hold the tracer's call
+    stack, with this server's absolute paths (the repository, the virtualenv), which have no
+    place in a file that leaves the building. ``torch.jit.load`` does not need them (an error
+    inside the network then names no source line, which a consumer cannot read anyway)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive)) as source, \
+            zipfile.ZipFile(out, "w", allowZip64=True) as target:
+        for info in source.infolist():
+            if not info.filename.endswith("debug_pkl"):
+                target.writestr(info, source.read(info.filename))
+    return out.getvalue()
 
 
 def check(network: ExportedClassifier, path: Path, images: np.ndarray, *, fmt: str) -> float:

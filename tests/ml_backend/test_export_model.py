@@ -5,11 +5,13 @@ and a model card with the evaluation, lineage and limitations."""
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 
+from tests.base import REPO
 from tests.factories import trained_project
 
 
@@ -45,6 +47,9 @@ def test_onnx_matches_the_products_predictions_on_real_scans(trained, tmp_path):
     assert model.parent.config["embed_layers"] == [3, 4]       # and pools two stages
     assert size == 2 * model.parent.config["pretrain"]["image_size"]
     images = images_for(scans, size, 1).astype(np.float32)[:, None] / 255.0
+    # and as a consumer who reads only the card would make them, from the preview files
+    assert "BICUBIC filter when enlarging" in card["preprocessing"]
+    assert np.array_equal(images, _as_the_card_says(scans, size))
     session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / entry["file"]),
                                            providers=["CPUExecutionProvider"])
     got = session.run(["probabilities"], {"image": images})[0]
@@ -55,6 +60,26 @@ def test_onnx_matches_the_products_predictions_on_real_scans(trained, tmp_path):
     np.testing.assert_allclose(got, expected[:, columns], atol=1e-4)
 
 
+def _as_the_card_says(scans, size: int) -> np.ndarray:
+    """The card's recipe, written from its words with Pillow alone (no product code)."""
+    from PIL import Image
+
+    from annotator.storage import media_path
+
+    out = []
+    for scan in scans:
+        with Image.open(media_path(scan.preview.name)) as preview:
+            grey = preview.convert("L")
+        side = max(grey.size)
+        square = Image.new("L", (side, side), 0)
+        square.paste(grey, ((side - grey.width) // 2, (side - grey.height) // 2))
+        shrink = side > size
+        square = square.resize((size, size), Image.Resampling.BILINEAR if shrink
+                               else Image.Resampling.BICUBIC) if side != size else square
+        out.append(np.asarray(square, dtype=np.float32) / 255.0)
+    return np.stack(out)[:, None]
+
+
 def test_torchscript_and_clear_refusals(trained, tmp_path):
     import torch
 
@@ -62,7 +87,12 @@ def test_torchscript_and_clear_refusals(trained, tmp_path):
     call_command("export_model", "--project", project.name, "--format", "torchscript",
                  "--out", str(tmp_path / "ts"))
     card = json.loads((tmp_path / "ts" / "model-card.json").read_text())
-    network = torch.jit.load(str(tmp_path / "ts" / card["files"][0]["file"]))
+    written = tmp_path / "ts" / card["files"][0]["file"]
+    with zipfile.ZipFile(written) as archive:       # no call stack with this server's paths
+        assert not [n for n in archive.namelist() if n.endswith("debug_pkl")]
+        assert not [n for n in archive.namelist()
+                    if str(REPO).encode() in archive.read(n)]
+    network = torch.jit.load(str(written))
     size = card["files"][0]["input"]["shape"][2]
     out = network(torch.rand(3, 1, size, size))
     assert out.shape == (3, len(card["files"][0]["classes"]))
