@@ -23,3 +23,8 @@ class AlreadyActive(TrainingError):
 class RetrainSkipped(Exception):
     """A retrain or refit was not started (one is running, or too few new labels); the
     message says why."""
+
+
+class RunBusy(Exception):
+    """A command's run was not started: one of its kind is queued or running for the project
+    (the message names it)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "runs": ["training_run_create", "training_run_claim", "training_run_execute",
+    "runs": ["training_run_create", "training_run_start", "training_run_claim", "training_run_execute",
              "runs_abandon_expired", "retrain_start", "refit_start_if_due", "refit_busy",
              "RunReporter", "LEASE"],
     "training": ["embed_with", "embed_part", "HANDLERS"],
@@ -39,9 +39,9 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 # the domain exceptions, re-exported for callers that catch them here
 from ml_backend.errors import (AlreadyActive, ModelUnavailable, RetrainSkipped,  # noqa: E402
-                               TrainingError)
+                               RunBusy, TrainingError)
 
-__all__ = sorted(_WHERE) + ["AlreadyActive", "ModelUnavailable", "RetrainSkipped",
+__all__ = sorted(_WHERE) + ["AlreadyActive", "ModelUnavailable", "RetrainSkipped", "RunBusy",
                             "TrainingError"]
 
 

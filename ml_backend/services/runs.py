@@ -18,7 +18,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from annotator.models import Annotation, Project
-from ml_backend.errors import RetrainSkipped, TrainingError
+from ml_backend.errors import RetrainSkipped, RunBusy, TrainingError
 from medsite.when import in_words
 from ml_backend.models import ModelVersion, TrainingRun
 
@@ -101,6 +101,12 @@ def training_run_execute(run_id: int, *, progress: Progress | None = None) -> Tr
         HANDLERS[run.kind](run, reporter)
         run.status = TrainingRun.Status.SUCCEEDED
         run.progress = 1.0
+    except KeyboardInterrupt:
+        # Ctrl+C, or SIGTERM in a command (``_runs.run_existing`` turns it into this): the
+        # row says so now, rather than "running" until its lease runs out half an hour later
+        # and blocks the next run of its kind until then
+        _run_stopped(run, "stopped by a signal (SIGTERM or Ctrl+C) while it ran")
+        raise
     except TrainingError as exc:
         run.status, run.last_error = TrainingRun.Status.FAILED, str(exc)
     except Exception as exc:  # the run's boundary: the row must say what happened
@@ -128,6 +134,34 @@ def training_run_execute(run_id: int, *, progress: Progress | None = None) -> Tr
                 logger.info("refit run %s queued after run %s: labels arrived while it ran",
                             follow.pk, run.pk)
     return run
+
+
+def _run_stopped(run: TrainingRun, reason: str) -> None:
+    run.status, run.last_error = TrainingRun.Status.ABANDONED, reason
+    run.finished_at, run.lease_expires_at = timezone.now(), None
+    run.save(update_fields=["status", "last_error", "finished_at", "lease_expires_at"])
+    if run.model_version_id:
+        ModelVersion.objects.filter(pk=run.model_version_id).exclude(
+            status=ModelVersion.Status.ACTIVE).update(status=ModelVersion.Status.FAILED,
+                                                     status_reason=reason)
+
+
+def training_run_start(*, project: Project, kind: str, params: dict | None = None
+                       ) -> TrainingRun:
+    """A run made by a command (``refit``, ``pretrain``, ``embed``, ``finetune``,
+    ``distill``): unless one of its kind is queued or running for the project (RunBusy with
+    which one; a lock on the project row makes two commands started together agree). Two
+    refits at once were both gated against the same active version, and both queued a round."""
+    runs_abandon_expired(project=project)
+    with transaction.atomic():
+        Project.objects.select_for_update(no_key=True).get(pk=project.pk)
+        busy = TrainingRun.objects.filter(
+            project=project, kind=kind,
+            status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).first()
+        if busy is not None:
+            raise RunBusy(f"{kind} run #{busy.pk} is already {busy.status} "
+                          f"(since {in_words(busy.started_at or busy.created_at)})")
+        return training_run_create(project=project, kind=kind, params=params)
 
 
 def runs_abandon_expired(*, project: Project | None = None) -> int:
@@ -169,7 +203,7 @@ def retrain_start(*, project: Project, if_new_labels: int = 0, params: dict | No
             status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]).first()
         if busy is not None:
             raise RetrainSkipped(f"retrain run #{busy.pk} is already {busy.status} "
-                                 f"(since {busy.started_at or busy.created_at:%Y-%m-%d %H:%M})")
+                                 f"(since {in_words(busy.started_at or busy.created_at)})")
         if if_new_labels:
             last = TrainingRun.objects.filter(project=project, kind=TrainingRun.Kind.RETRAIN,
                                               status=TrainingRun.Status.SUCCEEDED
@@ -304,6 +338,11 @@ def run_refusal(project: Project, kind: str, params: dict | None = None) -> str 
         return retrain_refusal(project, params)
     if kind == TrainingRun.Kind.EMBED:
         return embed_refusal(project)
+    if kind == TrainingRun.Kind.PRETRAIN:
+        scans = project.scans.count()
+        if scans < 2:       # the run's own first check (``training._pretrain``)
+            return (f"pretraining needs at least 2 scans in the project (it has {scans}): "
+                    "import scans first")
     return None
 
 

@@ -815,10 +815,8 @@ def _refit(run: TrainingRun, report: RunReporter, *, model: ModelVersion | None 
                        findings=findings_verdict if findings_fits else None, timings=timings)
     if run.params.get("query", True) and model.status == ModelVersion.Status.ACTIVE:
         mark = time.perf_counter()
-        query_round = query_round_create(project=run.project)
+        _next_round(run, report)
         timings["query_s"] = time.perf_counter() - mark
-        report.log(f"query round {query_round.pk}: {query_round.size} scans "
-                   f"({query_round.strategy})")
     timings["total_s"] = time.perf_counter() - started
     model.metrics = {**model.metrics, **(network_metrics or {}),
                      "timings": {k: round(v, 3) for k, v in timings.items()}}
@@ -853,9 +851,19 @@ def _finish_findings_only(run, model, verdict, findings_metrics: dict, report) -
         report.log(model.status_reason)      # a person chose another version meanwhile
         return
     if run.params.get("query", True):
-        query_round = query_round_create(project=run.project)
-        report.log(f"query round {query_round.pk}: {query_round.size} scans "
-                   f"({query_round.strategy})")
+        _next_round(run, report)
+
+
+def _next_round(run, report) -> None:
+    """The round of scans to label after a new model; none when there is no scan left to
+    choose (every pool scan labeled: an empty round was stored and shown as the worklist)."""
+    try:
+        query_round = query_round_create(project=run.project, refuse_empty=True)
+    except TrainingError as exc:
+        report.log(f"no new query round: {exc}")
+        return
+    report.log(f"query round {query_round.pk}: {query_round.size} scans "
+               f"({query_round.strategy})")
 
 
 def _finish_classifier(run, model, predict: Predictor, classes, num_labels, metrics, report, *,

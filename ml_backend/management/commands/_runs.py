@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
+import threading
 
 from django.core.management.base import CommandError
 from tqdm import tqdm
@@ -58,6 +60,10 @@ def finite_float(text: str) -> float:
     return float_between(-math.inf, math.inf)(text)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 MAX_EPOCHS = 10_000
 MAX_BATCH = 65_536
 MAX_SEED = 2 ** 32 - 1                  # numpy's seeds end here
@@ -79,8 +85,15 @@ def add_common_arguments(parser) -> None:
 
 
 def run(command, *, project: Project, kind: str, params: dict, opts: dict,
-        label: str | None = None) -> TrainingRun:
-    created = services.training_run_create(project=project, kind=kind, params=params)
+        label: str | None = None) -> TrainingRun | None:
+    """Make the run and execute or queue it; a run of its kind already queued or running for
+    the project is said ("Refit skipped: …", exit 0, as ``retrain`` does for cron) and
+    nothing is made."""
+    try:
+        created = services.training_run_start(project=project, kind=kind, params=params)
+    except services.RunBusy as exc:
+        command.stdout.write(f"{(label or kind).capitalize()} skipped: {exc}.")
+        return None
     return run_existing(command, created, opts, label=label)
 
 
@@ -118,7 +131,19 @@ def run_existing(command, created: TrainingRun, opts: dict, *,
         bar.update(done - bar.n)
         bar.set_postfix({k: f"{event[k]:.3g}" for k in ("loss", "images_per_s") if k in event})
 
-    finished = services.training_run_execute(created.pk, progress=progress)
+    # SIGTERM (a cron timeout, `kill`, a container stop) as Ctrl+C: the run's row is marked
+    # stopped on the way out instead of "running" for the rest of its lease
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        finished = services.training_run_execute(created.pk, progress=progress)
+    except KeyboardInterrupt:
+        raise CommandError(f"{kind} run #{created.pk} stopped by a signal; it is marked "
+                           "abandoned and the next run may start") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
     if bar is not None:
         bar.close()
     command.stdout.write(finished.log.rstrip())

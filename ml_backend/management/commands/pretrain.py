@@ -12,6 +12,7 @@ from ml_backend.management.commands._runs import (
     int_between,
     run,
 )
+from ml_backend.services.runs import run_refusal
 from ml_backend.ssl.config import SSL_METHODS, PretrainConfig
 
 
@@ -85,4 +86,8 @@ class Command(BaseCommand):
                   "colour_augment": opts["colour_augment"],
                   "init_checkpoint": opts["init_checkpoint"], "activate": not opts["no_activate"],
                   "resume": opts["resume"]}
-        run(self, project=get_project(opts["project"]), kind="pretrain", params=params, opts=opts)
+        project = get_project(opts["project"])
+        refusal = run_refusal(project, "pretrain")      # no run that could only fail
+        if refusal:
+            raise CommandError(f"Pretrain refused: {refusal}.")
+        run(self, project=project, kind="pretrain", params=params, opts=opts)
