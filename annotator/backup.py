@@ -6,9 +6,29 @@ datasets, label sets, classes, scans (metadata with their quarantine and its rel
 content hash), annotations with who gave them, what they were shown and their findings, model
 versions' metadata and evaluations — plus the de-identified scan files and previews and every
 model version's artifact folder. Ids are not kept: scans are matched by content hash,
-classes by name, users by username, model versions by version name. Embedding files hold scan
-ids, so the restore re-embeds with the active encoder (``embed=False`` skips it; ``manage.py
-embed --full`` later does the same).
+classes by name, users by username, model versions by version name; the ids a model's files
+and config hold (classes, label sets, findings: ``head-<set>.npz``, ``findings-<set>.npz``,
+``config["findings_sets"]``) are rewritten to the new ones. Files keyed by the old site's scan
+ids are left out (embeddings, the pool predictions, Grad-CAM maps, embedding parts), so the
+restore re-embeds with the active encoder (``embed=False`` skips it; ``manage.py embed
+--full`` later does the same) and the next refit or promotion stores predictions anew.
+
+A user of the backup whose username is taken here by an account with another e-mail address
+refuses the restore, unless the caller says they are the same people (``same_users``).
+
+Values a site saved before this version checked them, and still holds (migration 0022 brought
+its settings into range, 0023 refuses new names with invisible characters but kept the old
+ones), are restored the way the upgrade treated them, each kind with a warning: settings out
+of range brought to the nearest allowed value, a class colour that is not #RRGGBB replaced, a
+name with invisible characters (or, for a dataset, one that looks like it carries patient
+identifiers, or none) renamed, a shown confidence that is no probability left out, a hotkey
+the class form refuses dropped. The export warns of each such value. A version-1 backup
+records no colour: each scan's colour is read from its preview, and the project's from its
+encoder (or its first scan), with a warning.
+
+A model version whose files are incomplete (``model_version_files_problem``: a head, a
+checkpoint, its encoder's checkpoint missing) is restored retired, with a warning naming what
+is missing, and never left as the project's active model or encoder.
 
 A restore trusts nothing in the archive: the whole manifest is checked first (known fields
 with the right types and choices, references that resolve, unique rows, safe file and
@@ -39,6 +59,7 @@ import numpy as np
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import DatabaseError, models, transaction
 from django.utils import timezone
 
@@ -54,6 +75,7 @@ from annotator.models import (
     Scan,
     hotkey_error,
 )
+from annotator.names import dataset_name_refusal, name_refusal, without_untypable
 from annotator.storage import (
     OutPathError,
     media_path,
@@ -67,13 +89,20 @@ from ml_backend.models import Evaluation, ModelVersion
 FORMAT = "medlabel-project-backup"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)      # version 1 lacks the settings below: they restore as defaults
+# a version's files keyed by the scan ids of the site that wrote them: in a restored project
+# those ids are other scans' (or none), so they are never carried (nor restored from an older
+# backup): the re-embedding and the next refit or promotion write them anew
 SKIP_ARTIFACTS = {"embeddings.npy", "thumbs.npy", "scan_ids.npy", "index.faiss",
-                  "index.faiss.ids.npy"}
+                  "index.faiss.ids.npy", "pool_predictions.npz"}
+# ... and folders of such files: Grad-CAM maps per scan (``cam/<scan id>-<class id>.png``),
+# an import chunk's embeddings (``parts``), the chunks of work spread over the workers
+SKIP_ARTIFACT_DIRS = {"cam", "parts", "spread"}
 EARLIEST = datetime(1970, 1, 1, tzinfo=dt_timezone.utc)   # no row of ours is older
 MAX_MEMBERS = 2_000_000         # two files a scan: a 100,000-scan project has 200,000
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_PROBLEMS = 10               # a refusal lists at most this many problems
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")   # a file a config names
 SHA256 = re.compile(r"[0-9a-f]{64}")
 FILE_SUFFIX = re.compile(r"(\.[A-Za-z0-9]{1,10}){0,2}")
 RELEASED = AuditEvent.Action.SCAN_RELEASED
@@ -105,6 +134,11 @@ ANNOTATION_FIELDS = ("outcome", "source", "duration_ms", "shown_confidence",
 MODEL_FIELDS = ("kind", "status", "status_reason", "config", "num_labels", "metrics")
 EVALUATION_FIELDS = ("num_labels", "num_eval", "accuracy", "macro_f1", "macro_auc",
                      "cohen_kappa", "ece", "report")
+# Settings this site bounds since migration 0022, which brought its own values out of range to
+# the nearest allowed one; a site may hold such values still in a backup written before, and
+# the restore does as the upgrade did (the bounds are the fields' own validators)
+CLAMPED = {Project: ("gate_tolerance", "novelty_percentile", "query_batch_size", "refit_every"),
+           LabelSet: ("target_sensitivity",)}
 # ... and every other field: how it is carried, or why not (tests/annotator/test_backup.py
 # fails when a model gains a field that is in neither list).
 OTHERWISE = {
@@ -245,6 +279,36 @@ def export_project(project: Project, out: str | Path) -> dict:
         "annotations": annotations,
         "models": models_,
     }
+    members = []                        # (file, its name in the archive)
+    for s in scans:
+        for name in (s.file.name, s.preview.name):
+            path = media_path(name)
+            if not path.is_file():
+                raise BackupError(f"scan {s.pk}: file {name} is missing from MEDIA_ROOT")
+            members.append((path, f"media/{name}"))
+    from ml_backend.services.artifacts import model_version_files_problem
+
+    for m in project.model_versions.select_related("parent").order_by("pk"):
+        folder = Path(m.artifact_dir) if m.artifact_dir else None
+        in_use = m.status in IN_USE or m.pk in (project.active_model_id,
+                                                 project.active_encoder_id)
+        if folder is None or not folder.is_dir():
+            if in_use:
+                warnings.append(f"model {m.version} has no files in {folder or '(none)'}:"
+                                " a restore brings it back retired, not in use")
+            continue
+        problem = model_version_files_problem(m) if in_use else None
+        if problem:
+            warnings.append(f"model {m.version} is incomplete ({problem}): a restore brings "
+                            "it back retired, not in use")
+        for path in sorted(folder.rglob("*")):
+            relative = PurePosixPath(path.relative_to(folder).as_posix())
+            if path.is_file() and not path.is_symlink() and _carried(relative):
+                members.append((path, f"artifacts/{m.version}/{relative}"))
+    data = json.dumps(manifest, indent=1, default=str).encode()
+    # what this site's own restore would change or refuse, said now, while the project that
+    # holds those values is here to be corrected
+    warnings += _restore_would_clean(data, {arcname for _, arcname in members})
     try:
         fd, tmp = tempfile.mkstemp(dir=out.absolute().parent, prefix=".tmp-", suffix=".tar.gz")
     except OSError as exc:
@@ -252,29 +316,11 @@ def export_project(project: Project, out: str | Path) -> dict:
     os.close(fd)
     try:
         with tarfile.open(tmp, "w:gz") as tar:
-            data = json.dumps(manifest, indent=1, default=str).encode()
             info = tarfile.TarInfo("manifest.json")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-            for s in scans:
-                for name in (s.file.name, s.preview.name):
-                    path = media_path(name)
-                    if not path.is_file():
-                        raise BackupError(f"scan {s.pk}: file {name} is missing from MEDIA_ROOT")
-                    tar.add(path, arcname=f"media/{name}", recursive=False)
-            for m in project.model_versions.order_by("pk"):
-                folder = Path(m.artifact_dir) if m.artifact_dir else None
-                if folder is None or not folder.is_dir():
-                    if m.status in IN_USE or m.pk in (project.active_model_id,
-                                                       project.active_encoder_id):
-                        warnings.append(f"model {m.version} has no files in {folder or '(none)'}:"
-                                        " a restore brings it back retired, not in use")
-                    continue
-                for path in sorted(folder.rglob("*")):
-                    if path.is_file() and not path.is_symlink() \
-                            and path.name not in SKIP_ARTIFACTS:
-                        tar.add(path, arcname=f"artifacts/{m.version}/"
-                                f"{path.relative_to(folder).as_posix()}", recursive=False)
+            for path, arcname in members:
+                _add_plain(tar, path, arcname)
         out_path_check(out)             # again: nothing put a link or a folder there since
         os.replace(tmp, out)
     except OutPathError as exc:
@@ -290,6 +336,39 @@ def export_project(project: Project, out: str | Path) -> dict:
         raise
     return {"scans": len(scans), "annotations": len(annotations), "classes": len(classes),
             "models": len(models_), "bytes": out.stat().st_size, "warnings": warnings}
+
+
+def _carried(relative: PurePosixPath) -> bool:
+    """Whether a file of a version's folder (its path in the folder) goes into a backup and
+    comes back from one: not the files keyed by the scan ids of the site that wrote them."""
+    return relative.name not in SKIP_ARTIFACTS and (
+        len(relative.parts) < 2 or relative.parts[0] not in SKIP_ARTIFACT_DIRS)
+
+
+def _add_plain(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
+    """Add ``path`` as a plain file, even when it is a second name of a file added before (a
+    refit links a findings network it keeps from the previous version): tarfile would store
+    it as a hard link, which a restore refuses as it refuses every link."""
+    info = tar.gettarinfo(path, arcname=arcname)
+    if not info.isreg():
+        info.type, info.linkname = tarfile.REGTYPE, ""
+        info.size = path.stat().st_size
+    with open(path, "rb") as handle:
+        tar.addfile(info, handle)
+
+
+def _restore_would_clean(data: bytes, names: set[str]) -> list[str]:
+    """What a restore of the manifest ``data`` (with the archive members ``names``) would
+    change, in the words the restore says it, or that it would refuse it."""
+    try:
+        plan = _check(json.loads(data), dict.fromkeys(names | {"manifest.json"}), None)
+    except BackupError as exc:
+        return [f"a restore of this backup would be refused as the project stands: {exc}"]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # a check that fails on a value of this database: said, and the backup is written
+        return [f"the backup could not be checked as a restore would check it "
+                f"({type(exc).__name__}: {str(exc)[:200]}): restore it on a test site first"]
+    return [f"a restore of this backup will change this: {line}" for line in plan.cleaned]
 
 
 # --- reading an archive -------------------------------------------------------------------
@@ -411,11 +490,24 @@ class _Plan:
     models: list = field(default_factory=list)
     media: set = field(default_factory=set)            # archive names of the scan files
     warnings: list = field(default_factory=list)
+    cleaned: list = field(default_factory=list)        # (of the warnings) values changed
+    version: int = VERSION                             # the archive's format version
+    # the backup's names -> the names restored (when this site's rules renamed one)
+    class_names: dict = field(default_factory=dict)
+    set_names: dict = field(default_factory=dict)
+
+    def clean(self, text: str) -> None:
+        """A value of the backup restored otherwise, and why (a warning, which the export
+        says too)."""
+        self.cleaned.append(text)
+        self.warnings.append(text)
 
 
 class _Checker:
     def __init__(self):
         self.problems: list[str] = []
+        # values restored otherwise than the backup holds them: {kind: [(where, old, new)]}
+        self.changed: dict[tuple, list] = {}
 
     def add(self, text: str) -> None:
         self.problems.append(text)
@@ -454,13 +546,34 @@ class _Checker:
                     self.add(f"{where} has no {name}")
                     ok = False
                 continue
-            problem, value = _field_value(model._meta.get_field(name), row[name])
+            f = model._meta.get_field(name)
+            problem, value = _field_value(f, self.legacy(where, model, f, row[name]))
             if problem:
                 self.add(f"{where}: {name} {problem}")
                 ok = False
             else:
                 values[name] = value
         return values if ok else None
+
+    def legacy(self, where: str, model: type[models.Model], f: models.Field, value):
+        """``value``, or what this site's upgrade made of such a value in its own rows (a
+        setting brought into its bounds, a class colour that is not #RRGGBB replaced), noted
+        in ``changed``. Values of the wrong type, or not finite, are left to be refused."""
+        number = (isinstance(value, int) and not isinstance(value, bool)
+                  if isinstance(f, models.IntegerField) else _finite(value))
+        if f.name in CLAMPED.get(model, ()) and number:
+            low, high = _bounds(f)
+            new = min(max(value, low), high)
+            if new != value:
+                self.changed.setdefault(("bounds", model.__name__, f.name, low, high),
+                                        []).append((where, value, new))
+                return new
+        elif model is LabelClass and f.name == "color" and isinstance(value, str) and (
+                not re.fullmatch(r"#[0-9A-Fa-f]{6}", value)):
+            self.changed.setdefault(("colour", f.default), []).append((where, value,
+                                                                      f.default))
+            return f.default
+        return value
 
     def when(self, where: str, value, *, optional: bool = False) -> datetime | None:
         if value is None and optional:
@@ -511,6 +624,45 @@ def _field_value(f: models.Field, value) -> tuple[str | None, object]:
         return None, f.clean(value, None)
     except ValidationError as exc:
         return f"is not allowed ({shown}): {' '.join(exc.messages)}", None
+
+
+def _bounds(f: models.Field) -> tuple:
+    """The (lowest, highest) value a number field's validators allow."""
+    low = max((v.limit_value for v in f.validators if isinstance(v, MinValueValidator)),
+              default=None)
+    high = min((v.limit_value for v in f.validators if isinstance(v, MaxValueValidator)),
+               default=None)
+    return low, high
+
+
+def _typed_name_problem(what: str, name: str) -> str | None:
+    """Why this site's forms refuse ``name`` as a name of ``what`` now, or None."""
+    if not name.strip():
+        return f"the {what} has no name"
+    return dataset_name_refusal(name) if what == "dataset" else name_refusal(what, name)
+
+
+def _restored_name(what: str, name, number: int, taken: set) -> tuple[str, str] | None:
+    """(the name to restore, why) for a name a site saved before its forms checked names
+    (migration 0023 refuses new ones and keeps the old): a name with control or invisible
+    characters loses them (a tab or a line break becomes a space); one left empty, or a
+    dataset's that looks like it carries patient identifiers, becomes ``<what> <number>``;
+    made unique among ``taken``. None when the name stays as it is (or is not text: the
+    checks refuse it)."""
+    if not isinstance(name, str):
+        return None
+    problem = _typed_name_problem(what, name)
+    if problem is None:
+        return None
+    text = without_untypable("".join(" " if ch.isspace() else ch for ch in name))
+    text = " ".join(text.split())[:90]
+    if not text or _typed_name_problem(what, text):
+        text = f"{what} {number}"
+    new, n = text, 1
+    while new in taken:
+        n += 1
+        new = f"{text} ({n})"
+    return new, problem
 
 
 def _finite(value) -> bool:
@@ -575,7 +727,17 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
     if unknown:
         c.add(f"the manifest has unknown sections: {', '.join(map(repr, unknown[:5]))}")
     spec = c.section(manifest, "project", dict)
-    name = name if name is not None else spec.get("name")
+    renamed = None
+    if name is not None:                # typed by whoever restores: refused as the forms do
+        refusal = name_refusal("project", name) if isinstance(name, str) else None
+        if refusal:
+            c.add(f"--name: {refusal}")
+            raise _Problems
+    else:
+        name = spec.get("name")
+        renamed = _restored_name("project", name, 1, set())
+        if renamed is not None and isinstance(name, str) and name.strip():
+            name = renamed[0]
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         c.add("the project needs a name of 1 to 200 characters (give one with --name)")
         raise _Problems
@@ -584,7 +746,10 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
                            "created_at"))
     if project is None:
         raise _Problems
-    plan = _Plan(name=name, project=project)
+    plan = _Plan(name=name, project=project, version=manifest["version"])
+    if renamed is not None:
+        plan.clean(f"the project's name {spec['name'][:60]!r} could not be kept ({renamed[1]}): "
+                   f"it is restored as {name!r} (or give one with --name)")
     plan.project["created_at"] = c.when("the project's created_at", spec.get("created_at"),
                                         optional=True)
 
@@ -620,61 +785,87 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
 
     plan.project["created_by"] = user("the project's created_by", spec.get("created_by"))
 
-    datasets = set()
+    # datasets, label sets and classes are referred to by name: the backup's name -> the
+    # name restored (``_restored_name``); names of rows refused are not said again where
+    # another row refers to them
+    renames: dict[str, list] = {}
+    datasets, refused_datasets = {}, set()
+    taken = _kept_names("dataset", manifest.get("datasets"))
     for i, row in enumerate(c.section(manifest, "datasets", list), 1):
+        old_name, row = _renamed(renames, "dataset", i, row, taken)
         values = c.row(f"dataset {i}", row, Dataset, DATASET_FIELDS, required=("name",))
         if values is None:
+            if isinstance(old_name, str):
+                refused_datasets.add(old_name)
             continue
-        if values["name"] in datasets:
-            c.add(f"dataset {i}: the name {values['name']!r} appears twice")
-        datasets.add(values["name"])
+        if old_name in datasets:
+            c.add(f"dataset {i}: the name {old_name!r} appears twice")
+            continue
+        datasets[old_name] = values["name"]
         plan.datasets.append(values)
 
-    set_names, set_ids = [], set()
+    set_names, set_ids, refused_sets = {}, set(), set()
     label_sets = c.section(manifest, "label_sets", list, default=[]) or [
         {"id": None, "name": "default", "datasets": []}]
+    taken = _kept_names("label set", label_sets)
     for i, row in enumerate(label_sets, 1):
+        old_name, row = _renamed(renames, "label set", i, row, taken)
         values = c.row(f"label set {i}", row, LabelSet, LABEL_SET_FIELDS,
                        extra=("id", "datasets"), required=("name",))
         if values is None:
+            if isinstance(old_name, str):
+                refused_sets.add(old_name)
             continue
         old, names = row.get("id"), row.get("datasets") or []
-        if values["name"] in set_names:
-            c.add(f"label set {i}: the name {values['name']!r} appears twice")
+        if old_name in set_names:
+            c.add(f"label set {i}: the name {old_name!r} appears twice")
         if old is not None and (not isinstance(old, int) or isinstance(old, bool)
                                 or old in set_ids):
             c.add(f"label set {i}: its id {str(old)[:20]!r} is not a unique whole number")
             continue
         set_ids.add(old)
-        if not isinstance(names, list) or any(not _is(n, datasets) for n in names):
+        if not isinstance(names, list) or any(
+                not _is(n, datasets) and not _is(n, refused_datasets) for n in names):
             c.add(f"label set {i}: its datasets {str(names)[:60]} are not the backup's datasets")
             continue
-        set_names.append(values["name"])
-        plan.label_sets.append({"values": values, "id": old, "datasets": sorted(set(names))})
+        set_names[old_name] = values["name"]
+        plan.label_sets.append({"values": values, "id": old, "datasets": sorted(
+            {datasets[n] for n in names if n in datasets})})
+    plan.set_names = set_names
 
     # the set a class or scan without one is restored into (as ``_restore_rows`` does)
     multi = {ls["values"]["name"] for ls in plan.label_sets
              if ls["values"].get("kind") == LabelSet.Kind.MULTI}
-    first_set = set_names[0] if set_names else None
-    class_names, class_ids, keys = {}, set(), {}
-    for i, row in enumerate(c.section(manifest, "classes", list), 1):
+    first_set = plan.label_sets[0]["values"]["name"] if plan.label_sets else None
+    class_names, class_ids, keys, refused_classes = {}, set(), {}, set()
+    classes = c.section(manifest, "classes", list)
+    taken = _kept_names("class", classes)
+    for i, row in enumerate(classes, 1):
+        old_name, row = _renamed(renames, "class", i, row, taken)
         values = c.row(f"class {i}", row, LabelClass, CLASS_FIELDS,
                        extra=("id", "label_set", "created_by"), required=("name",))
         if values is None:
+            if isinstance(old_name, str):
+                refused_classes.add(old_name)
             continue
         old, set_name = row.get("id"), row.get("label_set")
-        if values["name"] in class_names:
-            c.add(f"class {i}: the name {values['name']!r} appears twice")
+        if old_name in plan.class_names:
+            c.add(f"class {i}: the name {old_name!r} appears twice")
         if not isinstance(old, int) or isinstance(old, bool) or old in class_ids:
             c.add(f"class {i}: its id {str(old)[:20]!r} is not a unique whole number")
             continue
         class_ids.add(old)
-        if set_name is not None and not _is(set_name, set_names):
-            c.add(f"class {i}: its label set {str(set_name)[:40]!r} is not in the backup")
+        plan.class_names[old_name] = values["name"]
+        if _is(set_name, set_names):
+            set_name = set_names[set_name]
+        elif set_name is not None:
+            if not _is(set_name, refused_sets):
+                c.add(f"class {i}: its label set {str(set_name)[:40]!r} is not in the backup")
+            set_name = None
         # the class form's rules: a key the label page keeps for itself, or one another
         # class of the set has, would answer the wrong class (LabelClass.clean lowercases)
         values["hotkey"] = key = (values.get("hotkey") or "").lower()
-        in_set = set_name if _is(set_name, set_names) else first_set
+        in_set = set_name if set_name is not None else first_set
         problem = hotkey_error(key, findings=in_set in multi)
         if problem is None and key and (in_set, key) in keys:
             problem = (f"{key!r} already labels {keys[in_set, key]!r} in {in_set!r}: choose "
@@ -682,8 +873,8 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
         if problem:
             # a backup made before a rule (the viewer's keys came later) still restores: the
             # class comes back without that key, and the restore says so
-            plan.warnings.append(f"class {i} ({values['name'][:40]!r}): its hotkey {problem} "
-                                 "It is restored without a hotkey: give it one on its page.")
+            plan.clean(f"class {i} ({values['name'][:40]!r}): its hotkey {problem} "
+                       "It is restored without a hotkey: give it one on its page.")
             values["hotkey"] = key = ""
         if key:
             keys.setdefault((in_set, key), values["name"])
@@ -709,10 +900,13 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
             c.add(f"{where} appears twice")
             continue
         shas.add(sha)
-        if not _is(row.get("dataset"), datasets):
-            c.add(f"{where}: its dataset {str(row.get('dataset'))[:40]!r} is not in the backup")
+        dataset = row.get("dataset")
+        if not _is(dataset, datasets) and not _is(dataset, refused_datasets):
+            c.add(f"{where}: its dataset {str(dataset)[:40]!r} is not in the backup")
         set_name = row.get("label_set") or None
-        if set_name is not None and not _is(set_name, set_names):
+        if _is(set_name, set_names):
+            set_name = set_names[set_name]
+        elif set_name is not None and not _is(set_name, refused_sets):
             c.add(f"{where}: its label set {str(set_name)[:40]!r} is not in the backup")
         stem = scan_file_name(sha, "")
         file_, preview = row.get("file"), row.get("preview")
@@ -749,10 +943,12 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
             released = None
         plan.media.update({f"media/{file_}", f"media/{preview}"})
         plan.scans.append({"values": values | {"file": file_, "preview": preview},
-                           "dataset": row["dataset"], "label_set": set_name,
+                           "dataset": datasets.get(dataset), "label_set": set_name,
                            "created_at": created_at, "released": released})
 
     plan_models, versions = {}, []
+    with_files = {n.split("/")[1] for n in files if n.startswith("artifacts/")
+                  and n.count("/") >= 2 and _carried(PurePosixPath(*n.split("/")[2:]))}
     for i, row in enumerate(c.section(manifest, "models", list), 1):
         values = c.row(f"model {i}", row, ModelVersion, MODEL_FIELDS,
                        extra=("version", "parent", "created_at", "promoted_at", "evaluations"),
@@ -772,6 +968,8 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
         for key in ("config", "metrics"):
             if not isinstance(values.get(key, {}), dict):
                 c.add(f"{where}: its {key} is not a mapping")
+        for problem in _config_problems(values.get("config")):
+            c.add(f"{where}: {problem}")
         parent = row.get("parent")
         if parent is not None and not _is(parent, plan_models):
             c.add(f"{where}: its parent {str(parent)[:40]!r} is not an earlier model of the "
@@ -788,7 +986,7 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
                 evaluations.append({"values": e_values, "created_at": c.when(
                     f"{where}, evaluation {j}: created_at", e.get("created_at"),
                     optional=True)})
-        has_files = any(n.startswith(f"artifacts/{version}/") for n in files)
+        has_files = version in with_files
         plan_models[version] = {
             "version": version, "values": values, "parent": parent,
             "created_at": c.when(f"{where}: created_at", row.get("created_at"), optional=True),
@@ -803,18 +1001,6 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
                                     or plan_models[version]["values"]["kind"] != kind):
             c.add(f"the project's {key} {str(version)[:40]!r} is not a {kind} of the backup")
         plan.project[key] = version
-    for m in plan.models:
-        in_use = m["values"]["status"] in IN_USE or m["version"] in (
-            plan.project["active_model"], plan.project["active_encoder"])
-        if in_use and not m["has_files"]:
-            reason = "restored without its files (the backup has none for it): not usable"
-            m["values"].update(status="retired", status_reason=(
-                f"{m['values'].get('status_reason', '')} [{reason}]".strip()))
-            for key in ("active_model", "active_encoder"):
-                if plan.project[key] == m["version"]:
-                    plan.project[key] = None
-            plan.warnings.append(f"model {m['version']} has no files in the backup: it is "
-                                 "restored retired, not in use (train or pretrain anew)")
 
     seen_external, seen_import = set(), set()
     finding_states = set(FindingAnswer.State.values)
@@ -827,9 +1013,11 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
             continue
         if not _is(row.get("scan"), shas):
             c.add(f"{where}: its scan {str(row.get('scan'))[:16]!r} is not in the backup")
-        label, suggestion = row.get("label"), row.get("shown_suggestion")
+        label = _mapped(row.get("label"), plan.class_names)
+        suggestion = _mapped(row.get("shown_suggestion"), plan.class_names)
         for what, value in (("class", label), ("shown suggestion", suggestion)):
-            if value is not None and not _is(value, class_names):
+            if value is not None and not _is(value, class_names) \
+                    and not _is(value, refused_classes):
                 c.add(f"{where}: its {what} {str(value)[:40]!r} is not a class of the backup")
         outcome = values.get("outcome", Annotation.Outcome.LABEL)
         if outcome == Annotation.Outcome.LABEL and label is None:
@@ -845,8 +1033,10 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
                       f"{class_names[value]!r}, not a class to answer a scan with")
         confidence = values.get("shown_confidence")
         if confidence is not None and not 0 <= confidence <= 1:
-            c.add(f"{where}: its shown_confidence {confidence!r} is not a probability from 0 "
-                  "to 1")
+            # (a finite number: the others are refused) as the answer path records one now
+            # (annotation_create); an older version stored a Label Studio score as it came
+            values["shown_confidence"] = None
+            c.changed.setdefault(("confidence",), []).append((where, confidence, None))
         shown = row.get("shown_model_version")
         if shown is not None and not _is(shown, plan_models):
             c.add(f"{where}: the model {str(shown)[:40]!r} it was shown is not in the backup")
@@ -866,6 +1056,9 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
                 c.add(f"{where}: the import gave this scan the class {label!r} twice")
             seen_import.add((row.get("scan"), label))
         findings = row.get("findings") or []
+        if isinstance(findings, list):
+            findings = [dict(f, finding=_mapped(f["finding"], plan.class_names))
+                        if isinstance(f, dict) and "finding" in f else f for f in findings]
         ok = isinstance(findings, list) and all(
             isinstance(f, dict) and set(f) == {"finding", "state"}
             and _is(f["finding"], class_names) and _is(f["state"], finding_states)
@@ -897,19 +1090,107 @@ def _check_all(c: _Checker, manifest: dict, files: dict, name: str | None) -> _P
             "created_at": c.when(f"{where}: created_at", row.get("created_at"))})
     if c.problems:
         raise _Problems
+    _say_changed(plan, c.changed, renames)
     return plan
+
+
+def _mapped(value, names: dict):
+    """``value`` as restored, when it is one of the backup's ``names`` (a dict: the backup's
+    name -> the name restored); as it is otherwise (the checks refuse it if need be)."""
+    return names[value] if _is(value, names) else value
+
+
+def _renamed(renames: dict, what: str, number: int, row, taken: set) -> tuple[object, object]:
+    """(the row's name in the backup, the row to check: with the name to restore when this
+    site's rules refuse the backup's, noted in ``renames``). ``taken``: the section's names
+    so far and those that stay as they are."""
+    if not isinstance(row, dict):
+        return None, row
+    name = row.get("name")
+    restored = _restored_name(what, name, number, taken)
+    if restored is None:
+        return name, row
+    renames.setdefault(what, []).append((number, name, restored[0], restored[1]))
+    taken.add(restored[0])
+    return name, {**row, "name": restored[0]}
+
+
+def _kept_names(what: str, rows) -> set[str]:
+    """The names of a manifest section that stay as they are (none a renamed one may take)."""
+    if not isinstance(rows, list):
+        return set()
+    return {r["name"] for r in rows if isinstance(r, dict) and isinstance(r.get("name"), str)
+            and _typed_name_problem(what, r["name"]) is None}
+
+
+def _examples(items: list[str], limit: int = 5) -> str:
+    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+def _say_changed(plan: _Plan, changed: dict, renames: dict) -> None:
+    """One warning per kind of value restored otherwise than the backup holds it."""
+    for what, items in renames.items():
+        plan.clean(
+            f"{len(items)} {what} name(s) of the backup are refused by this site now (names "
+            "saved before it checked them): restored under another name: " + _examples([
+                f"{what} {number} {old[:60]!r} as {new!r} ({why})"
+                for number, old, new, why in items]) + ". An admin may rename them.")
+    for key, items in changed.items():
+        shown = [f"{where}: {old!r} as {new!r}" for where, old, new in items]
+        if key[0] == "bounds":
+            _, _, name, low, high = key
+            plan.clean(f"{len(items)} {name} value(s) outside {low:g} to {high:g} (saved "
+                       "before this site bounded the setting): restored as the nearest "
+                       "allowed value, as upgrading this site did to its own: "
+                       + _examples(shown))
+        elif key[0] == "colour":
+            plan.clean(f"{len(items)} class colour(s) are not #RRGGBB (saved before this site "
+                       f"checked colours): restored as {key[1]}, as upgrading this site did "
+                       "to its own; choose another on the class's page: " + _examples(shown))
+        elif key[0] == "confidence":
+            plan.clean(f"{len(items)} answer(s) recorded a shown confidence that is not a "
+                       "probability from 0 to 1 (an older version stored a Label Studio score "
+                       "as it came): restored without it, as this site records such answers "
+                       "now: " + _examples([f"{where}: {old!r}" for where, old, _ in items]))
+
+
+def _config_problems(config) -> list[str]:
+    """What makes a model config unusable as this site reads it, or hostile: the lists of
+    classes and sets that are no lists, a file it names that is not a plain file name of
+    the version's own folder (``../`` would read a file elsewhere)."""
+    if not isinstance(config, dict):
+        return []
+    problems = []
+    for key in ("classes", "label_sets", "findings_sets"):
+        if config.get(key) is not None and not isinstance(config[key], list):
+            problems.append(f"its config's {key} is not a list")
+    for key, names in (("label_sets", ("head",)), ("findings_sets", ("head", "net"))):
+        for entry in config.get(key) or [] if isinstance(config.get(key), list) else []:
+            for name in names:
+                value = entry.get(name) if isinstance(entry, dict) else None
+                if value is not None and not (isinstance(value, str) and ".." not in value
+                                              and ARTIFACT_NAME.fullmatch(value)):
+                    problems.append(f"its config names the file {str(value)[:60]!r}, not a file "
+                                    "of its own folder")
+    return problems
 
 
 # --- restoring ----------------------------------------------------------------------------
 
 
 def import_project(archive: str | Path, *, name: str | None = None, embed: bool = True,
-                   log=lambda line: None) -> Project:
+                   same_users: bool = False, log=lambda line: None) -> Project:
     """Restore an archive made by ``export_project``. The archive is checked first (its
-    members, then the whole manifest, then clashes with this database and its files); then
-    files are copied, then every row is written in one transaction, and the copied files
-    (and folders made for them) are removed again if the rows cannot be written. Any refusal
-    is a BackupError that names the problem and leaves nothing behind.
+    members, then the whole manifest, then clashes with this database and its files, then
+    each model version's files); then files are copied, then every row is written in one
+    transaction, and the copied files (and folders made for them) are removed again if the
+    rows cannot be written. Any refusal is a BackupError that names the problem and leaves
+    nothing behind.
+
+    ``same_users``: the backup's users whose usernames are taken here by accounts with other
+    e-mail addresses are the same people (their answers, roles and classes are credited to
+    the local accounts); without it such a backup is refused.
 
     One restore at a time (``_restore_lock``, taken once the manifest checks out and held
     until its rows are written): a second one started meanwhile is refused. Files are
@@ -932,12 +1213,13 @@ def import_project(archive: str | Path, *, name: str | None = None, embed: bool 
                 files, manifest = _read_archive(tar, archive)
                 plan = _check(manifest, files, name)
                 _restore_lock(held)
-                _check_database(plan)
+                _check_database(plan, same_users=same_users)
                 versions = {m["version"] for m in plan.models if m["has_files"]}
                 wanted = [files["manifest.json"]] + [files[n] for n in sorted(plan.media)] + [
                     member for n, member in files.items()
                     if n.startswith("artifacts/") and n.count("/") >= 2
-                    and n.split("/")[1] in versions]
+                    and n.split("/")[1] in versions
+                    and _carried(PurePosixPath(*n.split("/")[2:]))]
                 size = sum(m.size for m in wanted)
                 free = shutil.disk_usage(workdir).free
                 if size > free:
@@ -947,6 +1229,9 @@ def import_project(archive: str | Path, *, name: str | None = None, embed: bool 
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise BackupError(f"{archive} is not a readable backup (damaged or not a "
                               f".tar.gz): {exc}") from None
+        _check_model_files(plan, workdir)
+        if plan.version == 1:
+            _infer_colour(plan, workdir)
         media = _media_plan(plan, workdir)
         artifact_dirs = _artifact_plan(plan, workdir)
         for line in plan.warnings:
@@ -1001,15 +1286,24 @@ def import_project(archive: str | Path, *, name: str | None = None, embed: bool 
         shutil.rmtree(workdir, ignore_errors=True)
         held.close()                        # the lock: the re-embedding needs none
     if embed and project.active_encoder_id:
-        from django.core.management import call_command
+        from django.core.management import CommandError, call_command
+
+        from ml_backend.errors import TrainingError
 
         log(f"re-embedding with {project.active_encoder.version} ...")
-        call_command("embed", project=project.name, full=True, no_progress=True,
-                     stdout=open(os.devnull, "w"))
-        if project.active_model_id:
-            from ml_backend import services as ml
+        try:
+            with open(os.devnull, "w") as quiet:
+                call_command("embed", project=project.name, full=True, no_progress=True,
+                             stdout=quiet)
+            if project.active_model_id:
+                from ml_backend import services as ml
 
-            ml.predictions_refresh(project.active_model)
+                ml.predictions_refresh(project.active_model)
+        except (CommandError, TrainingError, OSError, ValueError) as exc:
+            # the rows and files are restored (checked complete): what failed can be run again
+            log(f"warning: the project is restored, but re-embedding its scans or storing its "
+                f"model's predictions failed ({str(exc)[:300]}): run `manage.py embed "
+                f"--project \"{project.name}\" --full`, then refit, once that is fixed")
     return project
 
 
@@ -1069,10 +1363,11 @@ def _make_parents(folder: Path, made: list[Path]) -> None:
         made.append(path)
 
 
-def _check_database(plan: _Plan) -> None:
+def _check_database(plan: _Plan, *, same_users: bool = False) -> None:
     """What the manifest cannot know: clashes with this database."""
     if Project.objects.filter(name=plan.name).exists():
         raise BackupError(f"a project named {plan.name!r} exists: restore with --name NEW")
+    _check_users(plan, same_users)
     clashes = list(ModelVersion.objects.filter(
         version__in=[m["version"] for m in plan.models]).values_list("version", flat=True))
     if clashes:
@@ -1104,6 +1399,38 @@ def _check_database(plan: _Plan) -> None:
                              "the original project)")
 
 
+def _check_users(plan: _Plan, same_users: bool) -> None:
+    """Users are matched by username: one whose account here has another e-mail address is
+    perhaps another person (another hospital's "clinician"), who would be credited with the
+    backup's answers and given its role. Refused, unless the caller says they are the same
+    people; an address left empty on either side says nothing, and is matched as before."""
+    User = get_user_model()
+    names, here = list(plan.users), {}
+    for start in range(0, len(names), 500):
+        here.update((u.get_username(), u.email or "") for u in User.objects.filter(
+            **{f"{User.USERNAME_FIELD}__in": names[start:start + 500]}))
+    other = sorted(u for u, email in here.items()
+                   if email.strip() and plan.users[u]["email"].strip()
+                   and email.strip().lower() != plan.users[u]["email"].strip().lower())
+    if not other:
+        return
+    listed = "; ".join(f"{u} ({plan.users[u]['email']} in the backup, {here[u]} here)"
+                       for u in other[:10]) + (f"; and {len(other) - 10} more"
+                                               if len(other) > 10 else "")
+    if not same_users:
+        raise BackupError(
+            f"the backup's user(s) {listed} have the username of an account here with another "
+            "e-mail address, so they may be other people: nothing was restored. If they are "
+            "the same people, restore with --same-users (their answers, roles and classes are "
+            "credited to the accounts here). If they are not, rename those accounts here "
+            "first: the restore then makes new accounts for the backup's users.")
+    roles = [f"{u}: {plan.users[u]['role']}" for u in other if plan.users[u]["role"]]
+    plan.warnings.append(
+        f"--same-users: the backup's user(s) {listed} are taken as the accounts here, with "
+        "their answers and classes" + (f", and their roles in the restored project "
+                                       f"({', '.join(roles[:10])})" if roles else ""))
+
+
 def _submission_ids_per_reader() -> bool:
     """Whether a web answer's submission id is unique per reader and project (a restored
     project's ids then never clash with another project's) rather than across the site."""
@@ -1116,6 +1443,113 @@ def _external_key(source: str, reader: str, external_id: str) -> tuple:
     if source == Annotation.Source.WEB and _submission_ids_per_reader():
         return source, reader, external_id
     return source, external_id
+
+
+def _check_model_files(plan: _Plan, workdir: Path) -> None:
+    """Each model version's files, unpacked in ``workdir``, checked as this site checks a
+    version before it is put in use (``model_version_files_problem``: an encoder's
+    checkpoint; a classifier's heads, network or findings heads, and a head's encoder's
+    checkpoint). A version in use that is incomplete — or whose encoder is — comes back
+    retired, with a warning saying what is missing, and is no longer the project's active
+    model or encoder: a restore never leaves a model in use that cannot run."""
+    from ml_backend.services.artifacts import model_version_files_problem
+
+    records, broken = {}, {}
+    for m in plan.models:
+        values = m["values"]
+        record = ModelVersion(version=m["version"], kind=values["kind"],
+                              config=values.get("config") or {},
+                              artifact_dir=str(workdir / "artifacts" / m["version"])
+                              if m["has_files"] else "")
+        parent = records.get(m["parent"])
+        if parent is not None:
+            record.parent = parent
+        records[m["version"]] = record
+        if not m["has_files"]:
+            broken[m["version"]] = None                 # (said as before: no files)
+        elif m["parent"] in broken and parent.kind == ModelVersion.Kind.ENCODER:
+            why = broken[m["parent"]] or "it has no files in the backup"
+            broken[m["version"]] = f"its encoder {m['parent']} is incomplete ({why})"
+        else:
+            problem = model_version_files_problem(record)
+            if problem is not None:
+                # the check names the files as this site would; the folder is ours, not theirs
+                broken[m["version"]] = problem.replace(str(workdir), "the backup")
+    active = (plan.project["active_model"], plan.project["active_encoder"])
+    for m in plan.models:
+        values = m["values"]
+        if m["version"] not in broken or not (values["status"] in IN_USE
+                                              or m["version"] in active):
+            continue
+        problem = broken[m["version"]]
+        reason = ("restored without its files (the backup has none for it): not usable"
+                  if problem is None else f"restored incomplete ({problem}): not usable")
+        values.update(status="retired", status_reason=(
+            f"{values.get('status_reason', '')} [{reason}]".strip()))
+        cleared = [key for key in ("active_model", "active_encoder")
+                   if plan.project[key] == m["version"]]
+        for key in cleared:
+            plan.project[key] = None
+        what = "classifier" if cleared == ["active_model"] else "encoder"
+        then = (f"; the project has no active {what} until one is promoted, trained or "
+                "pretrained" if cleared else "")
+        if problem is None:
+            plan.warnings.append(f"model {m['version']} has no files in the backup: it is "
+                                 f"restored retired, not in use (train or pretrain anew){then}")
+        else:
+            plan.warnings.append(f"model {m['version']} is incomplete in the backup "
+                                 f"({problem}): it is restored retired, not in use{then}")
+
+
+def _infer_colour(plan: _Plan, workdir: Path) -> None:
+    """A version-1 backup records no colour: each scan's is read from its preview (the
+    import renders a colour scan's preview in RGB and a greyscale one's in one channel), a
+    dataset's from its scans, and the project's from its encoder (the channels its networks
+    take) or else its first scan (as an import decides it), with a warning saying so."""
+    from PIL import Image
+
+    counts, unreadable = {}, 0
+    for row in plan.scans:
+        values = row["values"]
+        if "colour" in values:
+            continue
+        try:
+            with Image.open(workdir / "media" / values["preview"]) as image:
+                values["colour"] = image.mode in ("RGB", "RGBA")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            values["colour"] = False
+            unreadable += 1
+        seen = counts.setdefault(row["dataset"], set())
+        seen.add("colour" if values["colour"] else "grey")
+    for values in plan.datasets:
+        seen = counts.get(values["name"])
+        if "colour_mode" not in values and seen:
+            values["colour_mode"] = "mixed" if len(seen) > 1 else next(iter(seen))
+            values.setdefault("colour_note", "inferred by the restore of a version-1 backup "
+                                             "from the scans' previews")
+    if "colour_mode" in plan.project or not plan.scans:
+        return
+    colour = sum(1 for row in plan.scans if row["values"].get("colour"))
+    mode, why = None, ""
+    encoders = [m for m in plan.models if m["values"]["kind"] == ModelVersion.Kind.ENCODER]
+    encoders.sort(key=lambda m: m["version"] != plan.project["active_encoder"])
+    for m in encoders:
+        pretrain = (m["values"].get("config") or {}).get("pretrain")
+        channels = pretrain.get("channels") if isinstance(pretrain, dict) else None
+        if channels in (1, 3):
+            mode = "colour" if channels == 3 else "grey"
+            why = f"its encoder {m['version']} takes {channels} channel(s)"
+            break
+    if mode is None:
+        mode = "colour" if plan.scans[0]["values"]["colour"] else "grey"
+        why = "its first scan decides, as an import does"
+    plan.project["colour_mode"] = mode
+    plan.warnings.append(
+        f"this backup (version 1) does not record colour: by their previews {colour} of "
+        f"{len(plan.scans)} scan(s) are colour, and the project is restored as {mode} ({why})"
+        + (f"; {unreadable} preview(s) could not be read and count as greyscale"
+           if unreadable else "") + (". An admin may change it while the project has no model"
+                                      if not plan.models else ""))
 
 
 def _media_plan(plan: _Plan, workdir: Path) -> list[tuple[Path, Path]]:
@@ -1218,7 +1652,8 @@ def _restore_rows(plan: _Plan, artifact_dirs: dict[str, Path], log) -> Project:
     models_ = {}
     for m in plan.models:
         values = dict(m["values"])
-        values["config"] = _remap_classes(values.get("config") or {}, class_ids, set_ids)
+        values["config"], files = _remap_config(values.get("config") or {}, class_ids,
+                                                set_ids, plan.class_names, plan.set_names)
         model = ModelVersion.objects.create(
             project=project, version=m["version"], parent=models_.get(m["parent"]),
             artifact_dir=str(artifact_dirs[m["version"]]), promoted_at=m["promoted_at"],
@@ -1226,7 +1661,7 @@ def _restore_rows(plan: _Plan, artifact_dirs: dict[str, Path], log) -> Project:
         if m["created_at"]:
             ModelVersion.objects.filter(pk=model.pk).update(created_at=m["created_at"])
         if m["has_files"]:
-            _remap_head(artifact_dirs[m["version"]], class_ids, m["version"])
+            _remap_head(artifact_dirs[m["version"]], class_ids, m["version"], files)
         for e in m["evaluations"]:
             evaluation = Evaluation.objects.create(model_version=model, **e["values"])
             if e["created_at"]:
@@ -1262,33 +1697,110 @@ def _restore_rows(plan: _Plan, artifact_dirs: dict[str, Path], log) -> Project:
     return project
 
 
-def _remap_classes(config: dict, class_ids: dict, set_ids: dict | None = None) -> dict:
+def _remap_config(config: dict, class_ids: dict, set_ids: dict | None = None,
+                  class_names: dict | None = None, set_names: dict | None = None
+                  ) -> tuple[dict, dict[str, str]]:
+    """A model config as this database knows its classes, label sets and findings: every id
+    it holds rewritten (its classes, its single-label sets' heads, its findings sets
+    ``config["findings_sets"]`` with their findings — what ``findings_scorer``, the model
+    export and the refit read), and the names the restore changed. The files named by a
+    set's id (``head-<set>.npz``, ``findings-<set>.npz``, ``findings-net-<set>.pt``) take
+    the new id; returns (config, {old file name: new file name}) for ``_remap_head``."""
     config = json.loads(json.dumps(config))
-    set_ids = {str(k): v for k, v in (set_ids or {}).items()}
-    for c in config.get("classes", []) or []:
-        if isinstance(c, dict) and c.get("id") in class_ids:
-            c["id"] = class_ids[c["id"]]
-        if isinstance(c, dict) and str(c.get("label_set")) in set_ids:
-            c["label_set"] = set_ids[str(c["label_set"])]
-    for ls in config.get("label_sets", []) or []:
-        if isinstance(ls, dict):
-            ls["classes"] = [class_ids.get(c, c) for c in ls.get("classes", [])]
-            if str(ls.get("id")) in set_ids:
-                ls["id"] = set_ids[str(ls["id"])]
-    return config
+    set_ids = {str(k): v for k, v in (set_ids or {}).items() if k is not None}
+    class_names, set_names, files = class_names or {}, set_names or {}, {}
+
+    def class_id(value):
+        return class_ids.get(value, value) if _whole(value) else value
+
+    def set_id(value):
+        return set_ids.get(str(value), value) if _whole(value) or isinstance(value, str) \
+            else value
+
+    def renamed(value, names: dict):
+        return names.get(value, value) if isinstance(value, str) else value
+
+    def set_entry(entry: dict, patterns: tuple[str, ...]) -> None:
+        old = entry.get("id")
+        for key, pattern in zip(("head", "net"), patterns):
+            name = entry.get(key)
+            if _whole(old) and name == pattern.format(old) and set_id(old) != old:
+                entry[key] = files[name] = pattern.format(set_id(old))
+        if "id" in entry:
+            entry["id"] = set_id(old)
+        if "name" in entry:
+            entry["name"] = renamed(entry["name"], set_names)
+
+    for c in _dicts(config.get("classes")):
+        if "id" in c:
+            c["id"] = class_id(c["id"])
+        if "label_set" in c:
+            c["label_set"] = set_id(c["label_set"])
+        if "name" in c:
+            c["name"] = renamed(c["name"], class_names)
+    for entry in _dicts(config.get("label_sets")):
+        set_entry(entry, ("head-{}.npz",))
+        if isinstance(entry.get("classes"), list):
+            entry["classes"] = [class_id(c) for c in entry["classes"]]
+    for entry in _dicts(config.get("findings_sets")):
+        set_entry(entry, ("findings-{}.npz", "findings-net-{}.pt"))
+        for f in _dicts(entry.get("findings")):
+            if "id" in f:
+                f["id"] = class_id(f["id"])
+            if "name" in f:
+                f["name"] = renamed(f["name"], class_names)
+        if isinstance(entry.get("thresholds"), dict):
+            entry["thresholds"] = {renamed(k, class_names): v
+                                   for k, v in entry["thresholds"].items()}
+        if isinstance(entry.get("learnable"), list):
+            entry["learnable"] = [renamed(n, class_names) for n in entry["learnable"]]
+    if isinstance(config.get("findings_networks"), list):
+        config["findings_networks"] = [renamed(n, set_names)
+                                       for n in config["findings_networks"]]
+    return config, files
 
 
-def _remap_head(folder: Path, class_ids: dict, version: str = "") -> None:
-    """A linear head stores its LabelClass ids: rewrite them for this database (one head per
-    label set, ``head-<set>.npz``; ``head.npz`` before label sets)."""
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dicts(items) -> list[dict]:
+    """The mappings of a config's list (a config is the backup's: anything may be there)."""
+    return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+
+
+def _remap_head(folder: Path, class_ids: dict, version: str = "",
+                files: dict[str, str] | None = None) -> None:
+    """A version's heads store LabelClass ids: rewrite them for this database (a linear head
+    per label set, ``head-<set>.npz``, or ``head.npz`` before label sets; a findings head
+    per findings set, ``findings-<set>.npz``), after renaming the files named by a set's
+    id as ``_remap_config`` did in its config (``files``)."""
     import zipfile
 
+    from ml_backend.active.findings import FindingsHead
     from ml_backend.active.refit import LinearHead
 
-    for path in sorted(folder.glob("head*.npz")):
+    # in two steps: a set's new id may be another set's old one
+    moved = []
+    for i, (old, new) in enumerate(sorted((files or {}).items())):
+        if (folder / old).is_file():
+            step = folder / f".restore-{i}-{old}"
+            os.replace(folder / old, step)
+            moved.append((step, folder / new))
+    for step, target in moved:
+        os.replace(step, target)
+    for path in sorted(folder.glob("head*.npz")) + sorted(folder.glob("findings-*.npz")):
         try:
-            head = LinearHead.load(path)
-            head.class_ids = np.array([class_ids.get(int(c), int(c)) for c in head.class_ids])
+            if path.name.startswith("head"):
+                head = LinearHead.load(path)
+                head.class_ids = np.array([class_ids.get(int(c), int(c))
+                                           for c in head.class_ids])
+            else:
+                head = FindingsHead.load(path)
+                if head.finding_ids.dtype.kind not in "iu":    # (names, in an old head)
+                    continue
+                head.finding_ids = np.array([class_ids.get(int(c), int(c))
+                                             for c in head.finding_ids])
             head.save(path)
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
             raise BackupError(f"model {version}: its classifier file {path.name} cannot be "

@@ -32,8 +32,8 @@ class Command(BaseCommand):
             counts = export_project(project, opts["out"])
         except BackupError as exc:
             raise CommandError(str(exc)) from None
-        for line in counts["warnings"]:
-            self.stdout.write(self.style.WARNING(f"warning: {line}"))
+        for line in counts["warnings"]:         # on stderr: a script's log keeps them apart
+            self.stderr.write(self.style.WARNING(f"warning: {line}"))
         self.stdout.write(self.style.SUCCESS(
             f"{opts['out']}: {counts['scans']} scans, {counts['annotations']} annotations, "
             f"{counts['classes']} classes, {counts['models']} model versions "
