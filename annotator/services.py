@@ -1614,6 +1614,14 @@ def _import_item(*, job: ImportJob, dataset: Dataset, item: SourceItem, state: _
         state.failed += 1
         state.errors.append({"name": ref or _file_ref(number, item, data, sha),
                              "reason": str(exc)})
+    except OSError as exc:   # writing the stored copy: a full or read-only disk, said so
+        logger.warning("import of one file could not be written: %s", exc.strerror or
+                       type(exc).__name__)
+        state.failed += 1
+        state.errors.append({"name": ref or _file_ref(number, item, data, sha),
+                             "reason": "could not be written to the site's storage: "
+                                       f"{exc.strerror or type(exc).__name__} (ask the site's "
+                                       "administrator; import it again once that is fixed)"})
     except Exception as exc:  # one bad file never aborts the batch
         logger.warning("import of one file failed: %s", type(exc).__name__)
         state.failed += 1

@@ -83,6 +83,22 @@ def test_broker_and_database_from_env():
     assert result.stdout.split() == ["django.db.backends.postgresql", "False"], result.stderr
 
 
+def test_a_postgresql_that_does_not_answer_is_given_up_in_seconds():
+    """psycopg waits 130 s for a connection by default, and an open connection whose peer
+    vanished waited for ever (tenth probe): a connect timeout and TCP keepalives."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
+    code = ("import os; os.environ['DJANGO_SETTINGS_MODULE']='medsite.settings'; "
+            "from django.conf import settings; o = settings.DATABASES['default']['OPTIONS']; "
+            "print(o['connect_timeout'], o['keepalives'], o['keepalives_idle'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, env={**clean, "DATABASE_URL": "postgres://u@h:5432/x"})
+    assert result.stdout.split() == ["10", "1", "30"], result.stderr
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, env={**clean, "DATABASE_URL": "postgres://u@h:5432/x",
+                                            "DB_CONNECT_TIMEOUT": "3"})
+    assert result.stdout.split()[0] == "3", result.stderr
+
+
 @pytest.mark.parametrize("env,message", [
     ({"DEBUG": "0"}, "SECRET_KEY is required"),
     ({"DEBUG": "0", "SECRET_KEY": "x" * 50}, "DEID_SALT is required"),

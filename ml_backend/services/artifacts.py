@@ -51,9 +51,16 @@ def hflip_mask(scans: list[Scan]) -> np.ndarray:
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Whole or not at all; a write that fails (a full disk) leaves no partial temp file to
+    keep the disk full, and says why in words."""
     tmp = path.with_name(f".tmp-{path.name}")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TrainingError(f"could not write {path.name} to the model storage: "
+                            f"{exc.strerror or exc}") from None
 
 
 def model_artifacts_remove(model: ModelVersion) -> None:

@@ -156,8 +156,13 @@ def _adopt_starter(run: TrainingRun, report: RunReporter, scans: list[Scan],
                    "channels for this colour project; pretrain on its scans to learn colour")
     else:
         tmp = target.with_name(f".tmp-{target.name}")
-        shutil.copyfile(path, tmp)
-        tmp.replace(target)
+        try:
+            shutil.copyfile(path, tmp)
+            tmp.replace(target)
+        except OSError as exc:     # a full disk: no partial copy left behind, said in words
+            tmp.unlink(missing_ok=True)
+            raise TrainingError(f"could not copy the starter encoder into the model storage: "
+                                f"{exc.strerror or exc}") from None
     model.metrics = {"pretrain": {"epochs": 0, "history": card.get("history", []),
                                   "note": "the shipped starter encoder, used as is",
                                   "final_loss": card.get("final_loss"), "device": "cpu"}}
