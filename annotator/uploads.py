@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
+from django.utils import timezone
 
 from ml_backend.data.decode import (
     DICOM_EXTENSIONS,
@@ -24,6 +26,8 @@ from ml_backend.data.decode import (
 from ml_backend.data.deid import file_name_identifiers
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -364,8 +368,29 @@ def upload_import_start(*, project, user, cleaned: dict) -> tuple[object | None,
                 project=project, source=str(folder), source_is_upload=True,
                 dataset_name=cleaned["dataset"], split=cleaned["split"], layout="flat",
                 default_label=cleaned.get("label") or "", created_by=user)
-            transaction.on_commit(lambda: run_import_job.delay(job.pk))
+            transaction.on_commit(lambda: _send_import(run_import_job, job, folder))
     except Exception:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+    job.refresh_from_db(fields=["status", "last_error", "finished_at"])
     return job, rejected
+
+
+def _send_import(task, job, folder) -> None:
+    """Hand the committed import to a worker. A broker that does not answer (down, or
+    refusing) fails the job at once, in words, and removes the raw upload: the page says
+    so, rather than a 500 that claims nothing was half-saved beside a job "queued" for a day
+    (tenth probe)."""
+    if task.app.conf.task_always_eager:     # no broker: the import runs here, as it is
+        task.delay(job.pk)
+        return
+    try:
+        task.delay(job.pk)
+    except Exception as exc:       # noqa: BLE001 - kombu/redis errors: the send boundary
+        logger.warning("import %s could not be sent to a worker: %s", job.pk, type(exc).__name__)
+        type(job).objects.filter(pk=job.pk, status=type(job).Status.QUEUED).update(
+            status=type(job).Status.FAILED, finished_at=timezone.now(),
+            last_error="the import could not be handed to a worker (the task broker did "
+                       "not answer); nothing was imported and the upload was removed: "
+                       "upload the files again once the site's workers are back")
+        shutil.rmtree(folder, ignore_errors=True)

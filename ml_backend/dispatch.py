@@ -67,9 +67,37 @@ def enqueue_training_run(run_id: int) -> None:
         return
     if not eager:
         kind = TrainingRun.objects.filter(pk=run_id).values_list("kind", flat=True).first()
-        run_training.apply_async(args=[run_id], queue=queue_for(kind or ""))
+        try:
+            run_training.apply_async(args=[run_id], queue=queue_for(kind or ""))
+        except Exception as exc:       # noqa: BLE001 - kombu/redis errors: the send boundary
+            _not_sent(run_id, exc)
         return
     _submit(run_id)
+
+
+def _not_sent(run_id: int, exc: Exception) -> None:
+    """A run the broker would not take (down, refusing): marked abandoned now, in words, so
+    nothing waits on a "queued" run no worker will ever get — a retrain blocked every
+    retrain after it, and the label page said "Model updating…" for ever — and the answer or
+    request that asked for it is not a 500 (its own rows are committed; tenth probe). The
+    next answer that makes a refit due, or the next retrain, asks again."""
+    from django.utils import timezone
+
+    from ml_backend.models import ModelVersion, TrainingRun
+
+    logger.warning("training run %s could not be sent to a worker: %s", run_id,
+                   type(exc).__name__)
+    reason = ("could not be handed to a worker: the task broker did not answer "
+              f"({type(exc).__name__}); start it again once the site's workers are back")
+    run = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED).first()
+    if run is None:
+        return
+    TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED).update(
+        status=TrainingRun.Status.ABANDONED, last_error=reason, finished_at=timezone.now())
+    if run.model_version_id:
+        ModelVersion.objects.filter(pk=run.model_version_id).exclude(
+            status=ModelVersion.Status.ACTIVE).update(status=ModelVersion.Status.FAILED,
+                                                     status_reason=reason)
 
 
 def _submit(run_id: int) -> None:
