@@ -13,6 +13,7 @@ from the command line.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 import shutil
@@ -192,26 +193,18 @@ def _dt_range(value: str) -> list[str] | None:
 
 
 def _valid_moment(vr: str, text: str) -> bool:
-    import datetime as dt
-
-    if vr == "DA":
-        match = _DA.fullmatch(text)
-        parts = match and [int(g) for g in match.groups()]
-    elif vr == "TM":
+    if vr == "TM":
         match = _TM.fullmatch(text)
         return bool(match) and int(match[1]) < 24 and int(match[2] or 0) < 60 \
             and int(match[3] or 0) < 61
-    else:
-        match = _DT.fullmatch(text)
-        if not match:
-            return False
-        if not (int(match[4] or 0) < 24 and int(match[5] or 0) < 60 and int(match[6] or 0) < 61):
-            return False
-        parts = [int(match[1]), int(match[2] or 1), int(match[3] or 1)]
+    match = (_DA if vr == "DA" else _DT).fullmatch(text)
     if not match:
         return False
-    try:
-        dt.date(*parts)
+    if vr == "DT" and not (int(match[4] or 0) < 24 and int(match[5] or 0) < 60
+                           and int(match[6] or 0) < 61):
+        return False
+    try:     # a real calendar day (no 30 February); a DT's missing month or day is the first
+        datetime.date(int(match[1]), int(match[2] or 1), int(match[3] or 1))
     except ValueError:
         return False
     return True
